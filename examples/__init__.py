@@ -1,0 +1,1 @@
+"""Example handlers for netserver: echo, daytime and the Eliza chatbot."""

@@ -1,0 +1,46 @@
+"""netserver: write a TCP server as a function that reads stdin and writes stdout.
+
+import netserver
+
+def main() -> None:
+    for line in sys.stdin:
+        print(line.upper(), end="")
+
+netserver.serve(main, "127.0.0.1:7000", mode="fork")
+"""
+
+from .access import AccessPolicy, Decision, DnsResolver, SystemResolver
+from .aio import AsyncConnection
+from .connection import Connection
+from .endpoint import Endpoint
+from .errors import AccessSpecError, ConfigError, NetserverError, UsageError
+from .handlers import AsyncHandler, Command, ConnectionHandler, StdioHandler, load_handler
+from .limits import Limits
+from .modes.prefork import PoolSize
+from .server import MODES, Server, serve
+from .stdio import LineTooLong
+
+__all__ = [
+    "MODES",
+    "AccessPolicy",
+    "AccessSpecError",
+    "AsyncConnection",
+    "AsyncHandler",
+    "Command",
+    "ConfigError",
+    "Connection",
+    "ConnectionHandler",
+    "Decision",
+    "DnsResolver",
+    "Endpoint",
+    "Limits",
+    "LineTooLong",
+    "NetserverError",
+    "PoolSize",
+    "Server",
+    "StdioHandler",
+    "SystemResolver",
+    "UsageError",
+    "load_handler",
+    "serve",
+]

@@ -1,0 +1,549 @@
+"""Allow/deny access control for incoming connections.
+
+A policy is two ordered lists of rules, *deny* and *allow*.  A client is refused if
+it matches a deny rule, or if allow rules exist and it matches none of them; anything
+else is allowed.  Deny is checked first so that a broad allow rule (``ALL``) can never
+let a specifically denied client through.
+
+A rule is one of:
+
+* an IPv4 or IPv6 address, or a CIDR block (``10.0.0.0/8``, ``2001:db8::/32``); IPv6
+  may be bracketed (``[::1]``, ``[2001:db8::]/32``);
+* a host name (``host.example.com``), matched exactly and case-insensitively;
+* a domain suffix (``.example.com``), matching names strictly below that domain;
+* ``ALL``, matching every client.
+
+Name rules only ever see *forward-confirmed* names: the PTR records of the client's
+address give candidate names, and a candidate counts only if its own A/AAAA records
+lead back to the same address.  Without that check anyone who controls the reverse
+zone of their own addresses could claim to be ``trusted.example.com``.
+
+The deciding logic (`AccessPolicy.decide`) does no I/O; the server asks
+`AccessPolicy.needs_names` first and runs a `NameResolver` only when a name could
+change the outcome, so a policy made of address rules never touches DNS.
+
+An IPv4-mapped IPv6 address (``::ffff:192.0.2.1``), which a dual-stack socket reports
+for IPv4 clients, is judged as the IPv4 address it carries; otherwise an IPv4 deny rule
+could be dodged simply by the server listening on ``::``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+import dns.reversename
+from dns.rdtypes.ANY.PTR import PTR
+from dns.rdtypes.IN.A import A
+from dns.rdtypes.IN.AAAA import AAAA
+
+from netserver.errors import AccessSpecError, ConfigError
+
+__all__ = [
+    "AccessPolicy",
+    "Decision",
+    "DnsResolver",
+    "IPAddress",
+    "NameResolver",
+    "Rule",
+    "SystemResolver",
+    "normalize_ip",
+    "parse_rule",
+]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# ::ffff:0:0/96 holds the IPv4-mapped addresses (RFC 4291 2.5.5.2).
+_V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+# One DNS label in letter-digit-hyphen form (RFC 952/1123), already lowercased.
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_MAX_NAME_LENGTH = 253
+
+# A reverse zone is controlled by whoever owns the address, so it may list any number
+# of names; confirming each costs a query, so only the first few are tried.
+_MAX_PTR_NAMES = 8
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+def normalize_ip(value: str | IPAddress) -> IPAddress:
+    """Return the address a rule should judge: IPv4-mapped IPv6 becomes IPv4.
+
+    Strings may carry brackets (``[::1]``) and a zone id (``fe80::1%eth0``), both of
+    which are dropped: rules are about addresses, and a zone only says which interface
+    the address was seen on.  Raises ValueError for text that is not an address.
+    """
+    address = _parse_address_text(value) if isinstance(value, str) else value
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address.scope_id is not None:
+            return ipaddress.IPv6Address(int(address))
+    return address
+
+
+def _parse_address_text(text: str) -> IPAddress:
+    """Parse an address written the way servers and users write it (brackets, zone)."""
+    inner = text.strip()
+    if inner.startswith("[") and inner.endswith("]"):
+        inner = inner[1:-1]
+    inner = inner.split("%", 1)[0]
+    try:
+        return ipaddress.ip_address(inner)
+    except ValueError:
+        raise ValueError(f"not an IP address: {text!r}") from None
+
+
+# --------------------------------------------------------------------------- names
+
+
+def _canonical_name(text: str) -> str | None:
+    """Lowercase *text* and drop a trailing dot; None if it is not a usable host name.
+
+    Used both for rules and for names that come back from DNS, because a PTR record
+    can hold anything its owner likes, including text that looks like an IP address.
+    A name whose last label is all digits is refused for that reason: no real
+    top-level domain is numeric (RFC 3696 section 2).
+    """
+    name = text.lower()
+    if name.endswith("."):
+        name = name[:-1]
+    if not name or len(name) > _MAX_NAME_LENGTH:
+        return None
+    labels = name.split(".")
+    if not all(_LABEL.fullmatch(label) for label in labels):
+        return None
+    if labels[-1].isdigit():
+        return None
+    return name
+
+
+def _canonical_names(names: Iterable[str]) -> frozenset[str]:
+    """Canonical forms of the usable names in *names*, dropping the rest."""
+    result = (_canonical_name(name) for name in names)
+    return frozenset(name for name in result if name is not None)
+
+
+# --------------------------------------------------------------------------- matchers
+
+
+@dataclass(frozen=True)
+class _MatchAll:
+    """``ALL``: every client."""
+
+    is_name_rule = False
+
+    def matches(self, ip: IPAddress, names: frozenset[str]) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class _MatchNetwork:
+    """An address or CIDR block (an address is stored as a /32 or /128)."""
+
+    network: _IPNetwork
+    is_name_rule = False
+
+    def matches(self, ip: IPAddress, names: frozenset[str]) -> bool:
+        # Membership across families is simply False, which is what we want.
+        return ip in self.network
+
+
+@dataclass(frozen=True)
+class _MatchHost:
+    """One exact host name."""
+
+    name: str
+    is_name_rule = True
+
+    def matches(self, ip: IPAddress, names: frozenset[str]) -> bool:
+        return self.name in names
+
+
+@dataclass(frozen=True)
+class _MatchDomain:
+    """Names strictly below a domain; *suffix* keeps its leading dot.
+
+    Keeping the dot is what stops ``.example.com`` from matching ``badexample.com``,
+    and requiring something before it keeps ``example.com`` itself out.
+    """
+
+    suffix: str
+    is_name_rule = True
+
+    def matches(self, ip: IPAddress, names: frozenset[str]) -> bool:
+        return any(name.endswith(self.suffix) for name in names)
+
+
+_Matcher = _MatchAll | _MatchNetwork | _MatchHost | _MatchDomain
+
+
+# --------------------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One parsed allow/deny spec; build it with `parse_rule`.
+
+    *spec* is the text as written (minus surrounding blanks), so logs and decisions
+    quote the rule the way the administrator wrote it.
+    """
+
+    spec: str
+    matcher: _Matcher
+
+    @property
+    def is_name_rule(self) -> bool:
+        """True if matching needs the client's confirmed names (and hence DNS)."""
+        return self.matcher.is_name_rule
+
+    def matches(self, ip: IPAddress, names: frozenset[str]) -> bool:
+        """Whether a client at *ip* with confirmed *names* matches this rule."""
+        return self.matcher.matches(normalize_ip(ip), _canonical_names(names))
+
+
+def parse_rule(spec: str) -> Rule:
+    """Parse one spec; raise AccessSpecError with a one-line reason if it is malformed."""
+    text = spec.strip()
+    if not text:
+        raise AccessSpecError("empty access spec")
+    return Rule(text, _parse_matcher(text))
+
+
+def _spec_error(spec: str, why: str) -> AccessSpecError:
+    return AccessSpecError(f"bad access spec {spec!r}: {why}")
+
+
+def _parse_matcher(spec: str) -> _Matcher:
+    """Pick the kind of rule from its shape, then parse it strictly.
+
+    The shape decides, not trial and error: anything with ``/``, ``:`` or ``[`` is an
+    address or network, anything made of digits and dots is meant as IPv4, and only
+    the rest is a name.  That way ``1.2.3`` is reported as a bad address instead of
+    silently becoming a host name that never matches.
+    """
+    if spec.upper() == "ALL":
+        return _MatchAll()
+    if spec.startswith("[") or "/" in spec or ":" in spec or _looks_numeric(spec):
+        return _MatchNetwork(_parse_network(spec))
+    if spec.startswith("."):
+        return _MatchDomain("." + _parse_name(spec, spec[1:]))
+    return _MatchHost(_parse_name(spec, spec))
+
+
+def _looks_numeric(spec: str) -> bool:
+    return any(char.isdigit() for char in spec) and all(
+        char.isdigit() or char == "." for char in spec
+    )
+
+
+def _parse_name(spec: str, text: str) -> str:
+    name = _canonical_name(text)
+    if name is None:
+        raise _spec_error(
+            spec,
+            "not a valid host name (letters, digits, '-' and '.' only; "
+            "labels of 1-63 characters; not ending in a numeric label)",
+        )
+    return name
+
+
+def _parse_network(spec: str) -> _IPNetwork:
+    """Parse an address or CIDR block, rejecting set host bits and zone ids."""
+    address_text, prefix_text = _split_prefix(spec)
+    if "%" in address_text:
+        raise _spec_error(spec, "zone ids are not allowed in rules")
+    try:
+        address = ipaddress.ip_address(address_text)
+    except ValueError:
+        raise _spec_error(spec, f"not a valid IP address: {address_text!r}") from None
+    prefix: int = address.max_prefixlen
+    if prefix_text is not None:
+        prefix = _parse_prefix(spec, prefix_text, address.max_prefixlen)
+    try:
+        network = ipaddress.ip_network((address, prefix), strict=True)
+    except ValueError:
+        base = ipaddress.ip_network((address, prefix), strict=False).network_address
+        raise _spec_error(
+            spec, f"host bits set after /{prefix}; did you mean {base}/{prefix}?"
+        ) from None
+    return _unmap_network(network)
+
+
+def _split_prefix(spec: str) -> tuple[str, str | None]:
+    """Split ``addr[/len]`` or ``[addr][/len]``; brackets are for IPv6 only."""
+    address_text, slash, prefix_text = spec.partition("/")
+    if address_text.startswith("[") or address_text.endswith("]"):
+        if not (address_text.startswith("[") and address_text.endswith("]")):
+            raise _spec_error(spec, "unbalanced brackets")
+        address_text = address_text[1:-1]
+        if ":" not in address_text:
+            raise _spec_error(spec, "brackets are only for IPv6 addresses")
+    return address_text, (prefix_text if slash else None)
+
+
+def _parse_prefix(spec: str, text: str, max_prefix: int) -> int:
+    """A prefix length must be plain decimal within the family's range."""
+    if not (text.isascii() and text.isdigit()) or int(text) > max_prefix:
+        raise _spec_error(spec, f"prefix length must be a number from 0 to {max_prefix}")
+    return int(text)
+
+
+def _unmap_network(network: _IPNetwork) -> _IPNetwork:
+    """Turn a block inside ::ffff:0:0/96 into the IPv4 block it stands for.
+
+    Clients are unmapped by `normalize_ip`, so a rule written in the mapped form must
+    be unmapped the same way to ever match.  A wider IPv6 block that merely contains
+    the mapped range (``::/0``) stays IPv6 and so does not match IPv4 clients.
+    """
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_V4_MAPPED):
+        mapped = network.network_address.ipv4_mapped
+        assert mapped is not None
+        return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
+
+
+# --------------------------------------------------------------------------- decisions
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome for one client and why, for the connection log.
+
+    *rule* is the spec that decided, or None when the outcome is a default.
+    """
+
+    allowed: bool
+    rule: str | None
+    reason: str
+
+
+def _first_match(rules: Sequence[Rule], ip: IPAddress, names: frozenset[str]) -> Rule | None:
+    return next((rule for rule in rules if rule.matcher.matches(ip, names)), None)
+
+
+def _has_name_rule(rules: Sequence[Rule]) -> bool:
+    return any(rule.is_name_rule for rule in rules)
+
+
+def _as_rule(item: str | Rule) -> Rule:
+    return item if isinstance(item, Rule) else parse_rule(item)
+
+
+class AccessPolicy:
+    """Ordered deny and allow rules; immutable once built.
+
+    Rules may be given as spec strings (parsed here, so a bad spec fails at start-up)
+    or as already parsed `Rule` objects.
+    """
+
+    def __init__(self, allow: Iterable[str | Rule] = (), deny: Iterable[str | Rule] = ()) -> None:
+        self._allow = tuple(_as_rule(item) for item in allow)
+        self._deny = tuple(_as_rule(item) for item in deny)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> AccessPolicy:
+        """Read ``allow SPEC ...`` / ``deny SPEC ...`` lines; ``#`` starts a comment.
+
+        Errors name ``path:lineno`` so the administrator can go straight to the line.
+        """
+        allow: list[Rule] = []
+        deny: list[Rule] = []
+        for lineno, line in enumerate(_read_lines(path), start=1):
+            where = f"{os.fspath(path)}:{lineno}"
+            try:
+                parsed = _parse_line(line)
+            except AccessSpecError as exc:
+                raise AccessSpecError(f"{where}: {exc}") from exc
+            if parsed is not None:
+                keyword, rules = parsed
+                (allow if keyword == "allow" else deny).extend(rules)
+        return cls(allow=allow, deny=deny)
+
+    def merged(self, other: AccessPolicy) -> AccessPolicy:
+        """A policy holding this policy's rules followed by *other*'s."""
+        return AccessPolicy(allow=self._allow + other._allow, deny=self._deny + other._deny)
+
+    @property
+    def allow(self) -> tuple[Rule, ...]:
+        return self._allow
+
+    @property
+    def deny(self) -> tuple[Rule, ...]:
+        return self._deny
+
+    def needs_names(self, ip: IPAddress | None) -> bool:
+        """Whether the client's names could change the outcome for *ip*.
+
+        False means `decide` gives the same answer whatever the names are, so the
+        server can skip DNS: a deny rule already matches the address, no name rule
+        exists on the side that could still change things, or the client is a Unix
+        socket peer.
+        """
+        if ip is None:
+            return False
+        address = normalize_ip(ip)
+        if _first_match(self._deny, address, frozenset()) is not None:
+            return False
+        names_could_deny = _has_name_rule(self._deny)
+        if not self._allow or _first_match(self._allow, address, frozenset()) is not None:
+            return names_could_deny
+        # Refused unless a name is allowed (a name deny would only confirm that).
+        return _has_name_rule(self._allow)
+
+    def decide(self, ip: IPAddress | None, names: frozenset[str] = frozenset()) -> Decision:
+        """Judge a client; *names* must already be forward-confirmed.  No I/O here."""
+        if ip is None:
+            return Decision(True, None, "unix-socket peer; access rules apply to IP clients")
+        address = normalize_ip(ip)
+        confirmed = _canonical_names(names)
+        denied_by = _first_match(self._deny, address, confirmed)
+        if denied_by is not None:
+            return Decision(False, denied_by.spec, f"matched deny rule {denied_by.spec}")
+        if not self._allow:
+            return Decision(True, None, "no deny rule matched" if self._deny else "no rules")
+        allowed_by = _first_match(self._allow, address, confirmed)
+        if allowed_by is not None:
+            return Decision(True, allowed_by.spec, f"matched allow rule {allowed_by.spec}")
+        return Decision(False, None, "no allow rule matched")
+
+    def describe(self) -> str:
+        """One line listing the rules in evaluation order, for the startup log."""
+        parts = [
+            f"{label} {', '.join(rule.spec for rule in rules)}"
+            for label, rules in (("deny", self._deny), ("allow", self._allow))
+            if rules
+        ]
+        return "; ".join(parts) if parts else "no access rules (all clients allowed)"
+
+    def __repr__(self) -> str:
+        allow = [rule.spec for rule in self._allow]
+        deny = [rule.spec for rule in self._deny]
+        return f"AccessPolicy(allow={allow!r}, deny={deny!r})"
+
+
+def _read_lines(path: str | os.PathLike[str]) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as stream:
+            return stream.read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read access file {os.fspath(path)}: {exc}") from exc
+
+
+def _parse_line(line: str) -> tuple[str, list[Rule]] | None:
+    """One file line to (keyword, rules); None for a blank or comment-only line."""
+    words = line.split("#", 1)[0].split()
+    if not words:
+        return None
+    keyword = words[0].lower()
+    if keyword not in ("allow", "deny"):
+        raise AccessSpecError(f"expected 'allow' or 'deny', got {words[0]!r}")
+    if len(words) == 1:
+        raise AccessSpecError(f"{keyword!r} needs at least one spec")
+    return keyword, [parse_rule(word) for word in words[1:]]
+
+
+# --------------------------------------------------------------------------- resolvers
+
+
+class NameResolver(Protocol):
+    """Finds the forward-confirmed names of an address."""
+
+    def confirmed_names(self, ip: IPAddress) -> frozenset[str]:
+        """Names whose PTR and A/AAAA records agree with *ip*; lowercase, no final dot.
+
+        Must not raise on DNS failure: an unresolvable client simply has no names,
+        which name rules then treat as "does not match".
+        """
+        ...
+
+
+class SystemResolver:
+    """Confirms names through the C library (``/etc/hosts``, nsswitch, resolv.conf).
+
+    The calls block for as long as the system resolver's own timeouts allow; use
+    `DnsResolver` where a bounded wait matters.
+    """
+
+    def confirmed_names(self, ip: IPAddress) -> frozenset[str]:
+        address = normalize_ip(ip)
+        try:
+            primary, aliases, _ = socket.gethostbyaddr(str(address))
+        except (OSError, UnicodeError):
+            return frozenset()
+        candidates = _canonical_names([primary, *aliases])
+        return frozenset(
+            name
+            for name in sorted(candidates)[:_MAX_PTR_NAMES]
+            if address in self._addresses_of(name, address)
+        )
+
+    @staticmethod
+    def _addresses_of(name: str, like: IPAddress) -> set[IPAddress]:
+        """Addresses of *name* in the same family as *like*; empty on any failure."""
+        family = socket.AF_INET if like.version == 4 else socket.AF_INET6
+        try:
+            infos = socket.getaddrinfo(name, None, family, socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            return set()
+        return {normalize_ip(str(info[4][0])) for info in infos}
+
+
+class DnsResolver:
+    """Confirms names by querying the given DNS servers directly with dnspython.
+
+    Unlike `SystemResolver` it has an explicit timeout and can be pointed at a
+    test server; it ignores ``/etc/hosts`` and resolv.conf search domains.
+    """
+
+    def __init__(self, nameservers: Sequence[str], port: int = 53, timeout: float = 2.0) -> None:
+        if not nameservers:
+            raise ConfigError("DnsResolver needs at least one nameserver")
+        resolver = dns.resolver.Resolver(configure=False)
+        try:
+            resolver.nameservers = list(nameservers)
+        except ValueError as exc:
+            raise ConfigError(f"bad nameserver list {list(nameservers)!r}: {exc}") from exc
+        resolver.port = port
+        # timeout bounds one try at one server; lifetime bounds a whole query.
+        resolver.timeout = timeout
+        resolver.lifetime = timeout
+        self._resolver = resolver
+
+    def confirmed_names(self, ip: IPAddress) -> frozenset[str]:
+        address = normalize_ip(ip)
+        candidates = sorted(self._ptr_names(address))[:_MAX_PTR_NAMES]
+        return frozenset(
+            name for name in candidates if address in self._addresses_of(name, address)
+        )
+
+    def _ptr_names(self, address: IPAddress) -> frozenset[str]:
+        try:
+            answer = self._resolver.resolve(
+                dns.reversename.from_address(str(address)), dns.rdatatype.PTR, search=False
+            )
+        except dns.exception.DNSException:
+            return frozenset()
+        targets = [rdata.target for rdata in answer if isinstance(rdata, PTR)]
+        return _canonical_names(target.to_text(omit_final_dot=True) for target in targets)
+
+    def _addresses_of(self, name: str, like: IPAddress) -> set[IPAddress]:
+        """A or AAAA records of *name*, matching the family of *like*."""
+        rdtype = dns.rdatatype.A if like.version == 4 else dns.rdatatype.AAAA
+        try:
+            answer = self._resolver.resolve(dns.name.from_text(name), rdtype, search=False)
+        except dns.exception.DNSException:
+            return set()
+        return {normalize_ip(rdata.address) for rdata in answer if isinstance(rdata, A | AAAA)}

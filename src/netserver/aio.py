@@ -1,0 +1,188 @@
+"""`AsyncConnection`: the connection handed to ``async def`` handlers in event-loop mode.
+
+It is an asyncio Protocol with its own small buffer rather than a StreamReader/Writer
+pair: a line already buffered is returned without creating a future, which keeps the
+per-request cost close to a bare protocol. Lines are bounded (`LineTooLong`), reading
+pauses when the handler falls behind, and a connection with no traffic either way for
+`timeout` seconds is aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any, cast
+
+from .endpoint import Endpoint
+from .stdio import DEFAULT_MAX_LINE, LineTooLong
+
+READ_HIGH_WATER = 262144
+
+
+class AsyncConnection(asyncio.Protocol):
+    """A client connection with async reads, buffered writes and both endpoints."""
+
+    def __init__(self, *, max_line: int = DEFAULT_MAX_LINE, timeout: float | None = None) -> None:
+        self.max_line = max_line
+        self.timeout = timeout
+        self.peer = Endpoint()
+        self.local = Endpoint()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.transport: asyncio.Transport | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+        self._buf = bytearray()
+        self._eof = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._reading_paused = False
+        self._last = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    # -- Protocol callbacks -------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        sock: socket.socket = transport.get_extra_info("socket")
+        self.peer = Endpoint.from_sockaddr(sock.family, transport.get_extra_info("peername"))
+        self.local = Endpoint.from_sockaddr(sock.family, transport.get_extra_info("sockname"))
+        if self.timeout:
+            loop = asyncio.get_running_loop()
+            self._last = loop.time()
+            self._idle_timer = loop.call_at(self._last + self.timeout, self._check_idle)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self._buf += data
+        if self.timeout:
+            self._last = asyncio.get_running_loop().time()
+        if len(self._buf) > READ_HIGH_WATER and self.transport is not None:
+            self.transport.pause_reading()
+            self._reading_paused = True
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return True  # keep the write side open: the handler may still answer
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._error = exc
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._wake()
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._drain_waiter = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- internals ----------------------------------------------------------------------
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _check_idle(self) -> None:
+        assert self.timeout
+        loop = asyncio.get_running_loop()
+        due = self._last + self.timeout
+        if loop.time() >= due:
+            self.abort()
+        else:
+            self._idle_timer = loop.call_at(due, self._check_idle)
+
+    async def _wait(self) -> None:
+        if self._error is not None:
+            raise ConnectionResetError(str(self._error))
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        self._waiter = asyncio.get_running_loop().create_future()
+        await self._waiter
+
+    def _take(self, n: int) -> bytes:
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    # -- handler API --------------------------------------------------------------------
+    async def readline(self) -> bytes:
+        """One line with its LF; b"" at EOF; LineTooLong past `max_line` bytes."""
+        start = 0
+        while True:
+            idx = self._buf.find(b"\n", start)
+            if 0 <= idx < self.max_line:
+                return self._take(idx + 1)
+            if len(self._buf) >= self.max_line:
+                raise LineTooLong(f"line longer than {self.max_line} bytes")
+            if self._eof:
+                return self._take(len(self._buf))
+            start = len(self._buf)
+            await self._wait()
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to `n` bytes as soon as any are there (all until EOF when `n` < 0)."""
+        while not self._buf or n < 0:
+            if self._eof:
+                break
+            await self._wait()
+        return self._take(len(self._buf) if n < 0 else n)
+
+    async def readexactly(self, n: int) -> bytes:
+        """Exactly `n` bytes; asyncio.IncompleteReadError if EOF comes first."""
+        while len(self._buf) < n:
+            if self._eof:
+                partial = self._take(len(self._buf))
+                raise asyncio.IncompleteReadError(partial, n)
+            await self._wait()
+        return self._take(n)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue bytes for the client (await `drain` to respect flow control)."""
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("connection closed")
+        self.bytes_out += len(data)
+        self.transport.write(data)
+        if self.timeout:
+            self._last = asyncio.get_running_loop().time()
+
+    async def drain(self) -> None:
+        """Wait while the kernel and transport buffers are full."""
+        waiter = self._drain_waiter
+        if waiter is not None:
+            await waiter
+        if self._error is not None:
+            raise ConnectionResetError(str(self._error))
+
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
+        """`write` then `drain`."""
+        self.write(data)
+        if self._drain_waiter is not None:
+            await self.drain()
+
+    def get_extra_info(self, name: str) -> Any:
+        """Transport details (``socket``, ``ssl_object``, ...)."""
+        return None if self.transport is None else self.transport.get_extra_info(name)
+
+    def abort(self) -> None:
+        """Drop the connection now, discarding unsent data."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def close(self) -> None:
+        """Send what is queued, close, and wait until the transport is gone."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        await self.closed

@@ -1,0 +1,336 @@
+"""The ``netserver`` command: ``serve`` a handler or a command, ``check`` access rules.
+
+Errors in flags, addresses, rules or handlers print one line and exit with a sysexits
+code (64 usage, 78 configuration); nothing prints a traceback at the user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from . import errors
+from .access import AccessPolicy, DnsResolver, NameResolver, SystemResolver
+from .connlog import ServerLog
+from .endpoint import Endpoint, unmap
+from .handlers import Command, Handler, load_handler
+from .limits import Limits
+from .modes.prefork import PoolSize
+from .server import MODES, Server
+
+PROG = "netserver"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors exit 64 (EX_USAGE) instead of 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(errors.EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    return int(text)
+
+
+def _add_access_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "access control (deny rules first; then, if any allow rule exists, one must match)"
+    )
+    g.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="allow clients matching SPEC: 192.0.2.7, 10.0.0.0/8, [2001:db8::]/32, "
+        "host.example.com, .example.com, ALL",
+    )
+    g.add_argument(
+        "--deny", action="append", default=[], metavar="SPEC", help="refuse clients matching SPEC"
+    )
+    g.add_argument(
+        "--access-file",
+        metavar="FILE",
+        help="more rules, one per line: 'allow SPEC ...' or 'deny SPEC ...'; re-read on SIGHUP",
+    )
+    g.add_argument(
+        "--dns-server",
+        metavar="IP[:PORT]",
+        help="resolve client names with this DNS server instead of the system resolver",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Write a TCP server as a function that reads stdin and writes stdout, "
+        "or run a command per connection (like inetd, tcpserver).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    s = sub.add_parser(
+        "serve",
+        help="serve a Python handler or a command",
+        description="Serve connections with a Python handler (--handler MODULE:CALLABLE) or with "
+        "a command given after '--', run once per connection with the socket on stdin/stdout "
+        "and the ucspi-tcp environment (PROTO, TCPREMOTEIP, ...).",
+        epilog="examples:\n  netserver serve --listen 127.0.0.1:7000 --handler examples.echo:main\n"
+        "  netserver serve --listen :7000 --allow 10.0.0.0/8 -- /bin/cat\n"
+        "Signals: TERM/INT stop gracefully (twice: at once), HUP reloads access rules.\n"
+        "Exit codes: 0 ok, 64 usage, 69 unavailable, 78 configuration.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument(
+        "--listen",
+        action="append",
+        metavar="ADDR",
+        help="HOST:PORT, [IPV6]:PORT, :PORT (all, dual stack), unix:PATH, fd:N or systemd; "
+        "repeatable (default 127.0.0.1:7000)",
+    )
+    s.add_argument(
+        "--mode",
+        choices=MODES,
+        help="fork (default), prefork, thread, or async (for async handlers, the default for them)",
+    )
+    s.add_argument(
+        "--handler", metavar="MODULE:CALLABLE", help="the Python handler to run per connection"
+    )
+    _add_access_flags(s)
+    s.add_argument(
+        "--refuse-message", metavar="TEXT", help="line sent to a refused client before closing"
+    )
+    lim = s.add_argument_group("limits")
+    lim.add_argument(
+        "--max-conns",
+        type=_count,
+        default=1024,
+        metavar="N",
+        help="connections at once; more wait in the backlog (default 1024, 0 = no limit)",
+    )
+    lim.add_argument(
+        "--max-per-source",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="connections at once from one address (default no limit)",
+    )
+    lim.add_argument(
+        "--rate-per-source",
+        type=_positive_float,
+        default=0.0,
+        metavar="PER_SEC",
+        help="new connections per second from one address (default no limit)",
+    )
+    lim.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=300.0,
+        metavar="SECONDS",
+        help="close a connection idle this long (default 300, 0 = never)",
+    )
+    lim.add_argument(
+        "--max-line",
+        type=_count,
+        default=65536,
+        metavar="BYTES",
+        help="longest line a handler may read (default 65536)",
+    )
+    lim.add_argument(
+        "--grace",
+        type=_positive_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long a stop waits for running connections (default 10)",
+    )
+    pre = s.add_argument_group("prefork pool")
+    pre.add_argument(
+        "--workers-min",
+        type=_count,
+        default=2,
+        metavar="N",
+        help="workers kept running (default 2)",
+    )
+    pre.add_argument(
+        "--workers-max",
+        type=_count,
+        default=32,
+        metavar="N",
+        help="most workers under load (default 32)",
+    )
+    pre.add_argument(
+        "--recycle",
+        type=_count,
+        default=1000,
+        metavar="N",
+        help="replace a worker after N connections (default 1000)",
+    )
+    out = s.add_argument_group("logging and start-up")
+    out.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="one line per connection on stderr, as text or JSON",
+    )
+    out.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop for the supervisor (default: uvloop if installed)",
+    )
+    out.add_argument(
+        "--ready-fd",
+        type=_count,
+        metavar="FD",
+        help="when listening, write 'READY ADDR ...' to this descriptor and close it",
+    )
+
+    c = sub.add_parser(
+        "check",
+        help="show the access decision for an address (like tcpdmatch)",
+        description="Print whether ADDRESS would be allowed, and the rule that decides. "
+        "Exit 0 if allowed, 1 if refused.",
+    )
+    _add_access_flags(c)
+    c.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="treat NAME as the client's confirmed host name (skips the DNS lookup)",
+    )
+    c.add_argument("address", help="client IP address")
+    return parser
+
+
+def _split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    args = list(argv)
+    if "--" in args:
+        i = args.index("--")
+        return args[:i], args[i + 1 :]
+    return args, []
+
+
+def _resolver(spec: str | None) -> NameResolver:
+    if not spec:
+        return SystemResolver()
+    host, _, port = spec.rpartition(":") if spec.count(":") == 1 else (spec, "", "53")
+    if not port.isdigit():
+        raise errors.UsageError(f"--dns-server {spec!r}: expected IP or IP:PORT")
+    return DnsResolver([host.strip("[]")], int(port))
+
+
+def _access_loader(args: argparse.Namespace) -> AccessPolicy:
+    policy = AccessPolicy(args.allow, args.deny)
+    if args.access_file:
+        policy = policy.merged(AccessPolicy.from_file(args.access_file))
+    return policy
+
+
+def _handler(args: argparse.Namespace, command: list[str]) -> Handler:
+    if command and args.handler:
+        raise errors.UsageError("give either --handler or a command after '--', not both")
+    if command:
+        return Command(tuple(command))
+    if args.handler:
+        return load_handler(args.handler)
+    raise errors.UsageError("nothing to serve: give --handler MODULE:CALLABLE or '-- COMMAND ...'")
+
+
+def _ready_writer(fd: int | None) -> Callable[[list[Endpoint]], None]:
+    def ready(addresses: list[Endpoint]) -> None:
+        if fd is None:
+            return
+        line = "READY " + " ".join(str(a) for a in addresses) + "\n"
+        try:
+            os.write(fd, line.encode())
+            os.close(fd)
+        except OSError:
+            pass
+
+    if fd is not None:
+        try:
+            os.set_inheritable(fd, False)
+        except OSError:
+            raise errors.UsageError(f"--ready-fd {fd}: not an open descriptor") from None
+    return ready
+
+
+def cmd_serve(args: argparse.Namespace, command: list[str]) -> int:
+    handler = _handler(args, command)
+    limits = Limits(
+        max_conns=args.max_conns,
+        max_per_source=args.max_per_source,
+        rate_per_source=args.rate_per_source,
+        timeout=args.timeout or None,
+        max_line=args.max_line or 65536,
+        grace=args.grace,
+    )
+    pool = PoolSize(
+        max(1, args.workers_min), max(1, args.workers_max, args.workers_min), max(1, args.recycle)
+    )
+    server = Server(
+        handler,
+        args.listen or ["127.0.0.1:7000"],
+        mode=args.mode,
+        access=lambda: _access_loader(args),
+        limits=limits,
+        pool=pool,
+        resolver=_resolver(args.dns_server),
+        log=ServerLog(json_lines=args.log_format == "json"),
+        refuse_message=args.refuse_message,
+        loop=args.loop,
+        on_ready=_ready_writer(args.ready_fd),
+    )
+    server.run()
+    return errors.EX_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    policy = _access_loader(args)
+    try:
+        ip = unmap(ipaddress.ip_address(args.address.strip("[]")))
+    except ValueError:
+        raise errors.UsageError(f"{args.address!r} is not an IP address") from None
+    names = frozenset(n.lower().rstrip(".") for n in args.name)
+    if not names and policy.needs_names(ip):
+        names = _resolver(args.dns_server).confirmed_names(ip)
+    decision = policy.decide(ip, names)
+    verdict = "allowed" if decision.allowed else "refused"
+    print(f"client: {ip}" + (f" ({', '.join(sorted(names))})" if names else ""))
+    print(f"{verdict}: {decision.reason}")
+    return 0 if decision.allowed else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    own, command = _split_command(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(own)
+    try:
+        if args.command == "serve":
+            return cmd_serve(args, command)
+        if command:
+            raise errors.UsageError("'--' COMMAND is only for 'serve'")
+        return cmd_check(args)
+    except errors.NetserverError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

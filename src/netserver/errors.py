@@ -1,0 +1,41 @@
+"""Errors that carry the sysexits(3) code a command-line front end should exit with.
+
+The library raises these for bad configuration or usage; the CLI turns them into one
+line on stderr and the matching exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_OSERR = 71
+EX_CANTCREAT = 73
+EX_TEMPFAIL = 75
+EX_NOPERM = 77
+EX_CONFIG = 78
+
+
+class NetserverError(Exception):
+    """Base of the errors this package raises on purpose; `exit_code` is a sysexits value."""
+
+    exit_code = EX_SOFTWARE
+
+
+class UsageError(NetserverError):
+    """A flag or argument is malformed (EX_USAGE)."""
+
+    exit_code = EX_USAGE
+
+
+class ConfigError(NetserverError):
+    """A configuration value is wrong: an address, a rule, a handler (EX_CONFIG)."""
+
+    exit_code = EX_CONFIG
+
+
+class AccessSpecError(ConfigError):
+    """An allow/deny specification cannot be parsed."""

@@ -1,0 +1,95 @@
+"""Connection limits: how many at once, per source, how fast, and for how long idle.
+
+The supervisor asks `Admission.admit` before a connection reaches any handler and calls
+`release` when it ends. The global cap is applied by pausing accept (excess clients
+wait in the listen backlog, as with tcpserver -c), the per-source caps by refusing.
+Time is injected so the rate tests need not sleep.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .endpoint import Endpoint
+from .stdio import DEFAULT_MAX_LINE
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server limits; 0 or None means unlimited."""
+
+    max_conns: int = 1024
+    max_per_source: int = 0
+    rate_per_source: float = 0.0
+    rate_burst: int = 0
+    timeout: float | None = 300.0
+    max_line: int = DEFAULT_MAX_LINE
+    grace: float = 10.0
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    stamp: float
+
+
+@dataclass
+class Admission:
+    """Per-source bookkeeping: open connections and a token bucket for new ones."""
+
+    limits: Limits
+    clock: Callable[[], float] = time.monotonic
+    _open: dict[str, int] = field(default_factory=dict)
+    _buckets: dict[str, _Bucket] = field(default_factory=dict)
+    total: int = 0
+
+    def admit(self, peer: Endpoint) -> str | None:
+        """Count the connection in and return None, or return why it is refused."""
+        key = peer.host
+        if self.limits.max_per_source and self._open.get(key, 0) >= self.limits.max_per_source:
+            return f"more than {self.limits.max_per_source} connections from {key}"
+        if self.limits.rate_per_source and not self._take_token(key):
+            return f"more than {self.limits.rate_per_source:g} connections/s from {key}"
+        self._open[key] = self._open.get(key, 0) + 1
+        self.total += 1
+        return None
+
+    def release(self, peer: Endpoint) -> None:
+        """Count a connection out."""
+        key = peer.host
+        left = self._open.get(key, 0) - 1
+        if left > 0:
+            self._open[key] = left
+        else:
+            self._open.pop(key, None)
+        self.total -= 1
+
+    @property
+    def full(self) -> bool:
+        """True when the global cap is reached and accept should pause."""
+        return bool(self.limits.max_conns) and self.total >= self.limits.max_conns
+
+    def _take_token(self, key: str) -> bool:
+        rate = self.limits.rate_per_source
+        burst = float(self.limits.rate_burst or max(1, int(rate)))
+        now = self.clock()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = _Bucket(burst, now)
+        bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rate)
+        bucket.stamp = now
+        if len(self._buckets) > 65536:
+            self._forget_full(now, burst)
+        if bucket.tokens < 1.0:
+            return False
+        bucket.tokens -= 1.0
+        return True
+
+    def _forget_full(self, now: float, burst: float) -> None:
+        """Drop buckets that have refilled, so many sources cannot grow memory."""
+        rate = self.limits.rate_per_source
+        stale = [k for k, b in self._buckets.items() if b.tokens + (now - b.stamp) * rate >= burst]
+        for key in stale:
+            del self._buckets[key]

@@ -1,0 +1,1 @@
+"""One module per concurrency mode, all behind the `Mode` contract in `base`."""

@@ -1,0 +1,152 @@
+"""The contract between the supervisor and a mode, and what the sync modes share.
+
+The supervisor accepts, judges access and limits, and then hands the socket to a mode
+with `Mode.dispatch`. From then on the mode owns the socket and must call
+`ModeContext.finished` exactly once, whatever happens, so the limits are released and
+one log line is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..connection import Connection
+from ..connlog import ConnRecord, ServerLog
+from ..handlers import ConnectionHandler, Handler, StdioHandler
+from ..limits import Limits
+from ..stdio import LineTooLong
+
+# Signals a child process gets back at their default disposition. SIGPIPE matters most:
+# Python ignores it, and programs that inherit the ignore misbehave on a closed pipe.
+RESET_SIGNALS = (
+    signal.SIGPIPE,
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGCHLD,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGALRM,
+    signal.SIGXFSZ,
+    signal.SIGTSTP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGWINCH,
+)
+
+
+@dataclass
+class Accepted:
+    """A connection the supervisor admitted: the socket and its log record."""
+
+    sock: socket.socket
+    record: ConnRecord
+
+
+class FdRegistry:
+    """Descriptors the supervisor holds that a forked child must close at once.
+
+    Without this a child would keep the listening sockets, and other clients'
+    connections, open for as long as it runs (a defect of the 1998 module).
+    """
+
+    def __init__(self) -> None:
+        self._fds: set[int] = set()
+
+    def add(self, fd: int) -> None:
+        self._fds.add(fd)
+
+    def discard(self, fd: int) -> None:
+        self._fds.discard(fd)
+
+    def close_in_child(self, keep: int = -1) -> None:
+        """Close every registered descriptor but `keep` (call only in a forked child)."""
+        for fd in self._fds:
+            if fd != keep:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._fds.clear()
+
+
+@dataclass
+class ModeContext:
+    """What every mode gets from the supervisor."""
+
+    handler: Handler
+    limits: Limits
+    log: ServerLog
+    loop: asyncio.AbstractEventLoop
+    fds: FdRegistry
+    finished: Callable[[Accepted], None]
+    mode_name: str
+
+
+class Mode(Protocol):
+    """A way of running handlers: fork, prefork, thread, async (and exec for commands)."""
+
+    def start(self) -> None:
+        """Get ready to take connections (start a pool, say)."""
+
+    def dispatch(self, conn: Accepted) -> None:
+        """Take ownership of an admitted connection."""
+
+    def active(self) -> int:
+        """How many connections are being served."""
+
+    def terminate(self) -> None:
+        """Grace is over: make every running connection end now."""
+
+    async def closed(self) -> None:
+        """Wait until every connection has ended and the mode's resources are released."""
+
+
+# -- running a sync handler (fork, prefork and thread modes) ----------------------------
+
+EXIT_STATUS = {0: "ok", 65: "line-too-long", 74: "client-gone", 75: "idle-timeout", 70: "error"}
+
+
+def status_for_exit(code: int) -> str:
+    """Log text for a child's exit status (`waitstatus_to_exitcode` form)."""
+    if code < 0:
+        return "client-gone" if -code == 13 else f"signal-{-code}"
+    return EXIT_STATUS.get(code, f"exit-{code}")
+
+
+def run_sync(
+    handler: Handler, conn: Connection, bind_stdio: Callable[[Connection], None] | None
+) -> int:
+    """Run a stdio or connection handler on `conn`; return an exit code for the outcome."""
+    try:
+        if isinstance(handler, StdioHandler):
+            if bind_stdio is not None:
+                bind_stdio(conn)
+            handler.func()
+        elif isinstance(handler, ConnectionHandler):
+            handler.func(conn)
+        else:
+            raise TypeError(f"{type(handler).__name__} is not a sync handler")
+        conn.finish()
+        return 0
+    except SystemExit as exc:
+        with contextlib.suppress(OSError):
+            conn.finish()
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except LineTooLong:
+        return 65
+    except TimeoutError:
+        return 75
+    except (BrokenPipeError, ConnectionResetError):
+        return 74
+    except Exception:
+        traceback.print_exc(file=sys.stderr)
+        return 70

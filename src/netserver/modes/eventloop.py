@@ -1,0 +1,84 @@
+"""Event-loop mode: every connection is a task on the supervisor's own loop.
+
+Handlers are ``async def handler(conn: AsyncConnection)``. uvloop is used when it is
+installed (``pip install netserver[uvloop]``); the supervisor picks the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import traceback
+
+from ..aio import AsyncConnection
+from ..handlers import AsyncHandler
+from ..stdio import LineTooLong
+from .base import Accepted, ModeContext
+
+
+class EventLoopMode:
+    """Runs async handlers as tasks; cancels what is left when grace runs out."""
+
+    def __init__(self, ctx: ModeContext, handler: AsyncHandler) -> None:
+        self.ctx = ctx
+        self.func = handler.func
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    def start(self) -> None:
+        """Nothing to prepare."""
+
+    def dispatch(self, conn: Accepted) -> None:
+        task = self.ctx.loop.create_task(self._serve(conn))
+        self.tasks.add(task)
+        self._empty.clear()
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not self.tasks:
+            self._empty.set()
+
+    async def _serve(self, conn: Accepted) -> None:
+        record = conn.record
+        limits = self.ctx.limits
+        proto: AsyncConnection | None = None
+        try:
+            _transport, proto = await self.ctx.loop.connect_accepted_socket(
+                lambda: AsyncConnection(max_line=limits.max_line, timeout=limits.timeout),
+                conn.sock,
+            )
+            await self.func(proto)
+            await proto.close()
+        except asyncio.CancelledError:
+            record.status = "terminated"
+        except LineTooLong:
+            record.status = "line-too-long"
+        except (ConnectionError, asyncio.IncompleteReadError):
+            record.status = "client-gone"
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            record.status = "error"
+        finally:
+            if proto is not None:
+                if proto.transport is not None and not proto.closed.done():
+                    proto.abort()
+                record.bytes_in, record.bytes_out = proto.bytes_in, proto.bytes_out
+                if record.status == "ok" and proto._error is not None:
+                    record.status = "client-gone"
+            else:
+                with contextlib.suppress(OSError):
+                    conn.sock.close()
+            self.ctx.finished(conn)
+
+    def active(self) -> int:
+        return len(self.tasks)
+
+    def terminate(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+
+    async def closed(self) -> None:
+        await self._empty.wait()

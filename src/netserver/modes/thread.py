@@ -1,0 +1,85 @@
+"""Thread mode: a bounded pool of threads, each serving one connection at a time.
+
+The pool never holds more threads than ``max_conns`` and reuses them, so nothing grows
+per connection. In stdio form each thread sees its own connection as sys.stdin and
+sys.stdout (`ThreadStdio`); subprocesses cannot inherit a per-thread stdin, so a handler
+that runs programs on the socket wants fork mode or a command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+from ..connection import Connection
+from ..stdio import ThreadStdio
+from .base import Accepted, ModeContext, run_sync, status_for_exit
+
+
+class ThreadMode:
+    """Runs handlers on a thread pool, reporting each end back to the event loop."""
+
+    def __init__(self, ctx: ModeContext) -> None:
+        self.ctx = ctx
+        self.pool = ThreadPoolExecutor(
+            max_workers=max(1, ctx.limits.max_conns or 256), thread_name_prefix="netserver"
+        )
+        self.stdio = ThreadStdio()
+        self.running: dict[int, Accepted] = {}
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    def start(self) -> None:
+        self.stdio.install()
+
+    def dispatch(self, conn: Accepted) -> None:
+        self.running[id(conn)] = conn
+        self._empty.clear()
+        self.pool.submit(self._serve, conn)
+
+    def _bind(self, conn: Connection) -> None:
+        self.stdio.bind(conn.stdin, conn.stdout)
+
+    def _serve(self, conn: Accepted) -> None:
+        record = conn.record
+        connection = Connection(
+            conn.sock,
+            record.peer,
+            record.local,
+            timeout=self.ctx.limits.timeout,
+            max_line=self.ctx.limits.max_line,
+        )
+        code = 70
+        try:
+            code = run_sync(self.ctx.handler, connection, self._bind)
+        finally:
+            self.stdio.bind(None, None)
+            record.bytes_in, record.bytes_out = connection.bytes_in, connection.bytes_out
+            if record.status == "ok":
+                record.status = status_for_exit(code)
+            connection.close()
+            with contextlib.suppress(RuntimeError):
+                self.ctx.loop.call_soon_threadsafe(self._done, conn)
+
+    def _done(self, conn: Accepted) -> None:
+        self.running.pop(id(conn), None)
+        self.ctx.finished(conn)
+        if not self.running:
+            self._empty.set()
+
+    def active(self) -> int:
+        return len(self.running)
+
+    def terminate(self) -> None:
+        """Threads cannot be killed: shut their sockets so their I/O fails at once."""
+        for conn in list(self.running.values()):
+            conn.record.status = "terminated"
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+
+    async def closed(self) -> None:
+        await self._empty.wait()
+        self.pool.shutdown(wait=False)
+        self.stdio.uninstall()

@@ -1,0 +1,327 @@
+"""The supervisor: binds, accepts, judges access and limits, hands off, stops cleanly.
+
+Every mode shares this one path. A connection is accepted, checked against the access
+rules (a name lookup, when a rule needs one, runs in a thread, never on the accept
+path), counted against the limits, then given to the mode, which reports its end.
+SIGTERM/SIGINT stop accepting and wait `grace` seconds for running handlers before
+ending them; a second signal ends them at once. SIGHUP reloads the access rules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .accept import AcceptLoop
+from .access import AccessPolicy, NameResolver, SystemResolver
+from .connlog import ConnRecord, ServerLog
+from .endpoint import Endpoint
+from .errors import ConfigError, NetserverError
+from .execute import ExecMode
+from .handlers import AsyncHandler, Command, HandlerLike, as_handler, check_mode
+from .limits import Admission, Limits
+from .listeners import Listener, open_listeners, parse_listen
+from .modes.base import Accepted, FdRegistry, Mode, ModeContext
+from .modes.eventloop import EventLoopMode
+from .modes.fork import ForkMode
+from .modes.prefork import PoolSize, PreforkMode
+from .modes.thread import ThreadMode
+
+MODES = ("fork", "prefork", "thread", "async")
+LOOKUP_TIMEOUT = 5.0
+AccessLoader = Callable[[], AccessPolicy]
+
+
+class Server:
+    """A configured server; `run()` blocks, `await serve()` runs in a running loop."""
+
+    def __init__(
+        self,
+        handler: HandlerLike,
+        listen: str | Sequence[str] = "127.0.0.1:0",
+        *,
+        mode: str | None = None,
+        allow: Sequence[str] = (),
+        deny: Sequence[str] = (),
+        access: AccessLoader | None = None,
+        limits: Limits | None = None,
+        pool: PoolSize | None = None,
+        resolver: NameResolver | None = None,
+        log: ServerLog | None = None,
+        refuse_message: str | None = None,
+        loop: str = "auto",
+        on_ready: Callable[[list[Endpoint]], None] | None = None,
+    ) -> None:
+        self.handler = as_handler(handler)
+        self.mode_name = mode or ("async" if isinstance(self.handler, AsyncHandler) else "fork")
+        if self.mode_name not in MODES:
+            raise ConfigError(f"unknown mode {self.mode_name!r} (use: {', '.join(MODES)})")
+        check_mode(self.handler, self.mode_name)
+        if loop not in ("auto", "asyncio", "uvloop"):
+            raise ConfigError(f"unknown event loop {loop!r} (use: auto, asyncio, uvloop)")
+        self.specs = [parse_listen(s) for s in ([listen] if isinstance(listen, str) else listen)]
+        self.load_access: AccessLoader = access or (lambda: AccessPolicy(allow, deny))
+        self.access = self.load_access()
+        self.limits = limits or Limits()
+        self.pool = pool or PoolSize()
+        self.resolver = resolver or SystemResolver()
+        self.log = log or ServerLog()
+        self.refuse_message = refuse_message
+        self.loop_kind = loop
+        self.on_ready = on_ready
+        self.listeners: list[Listener] = []
+        self.ready = threading.Event()
+        self.admission = Admission(self.limits)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._signals = 0
+
+    # -- set-up ------------------------------------------------------------------------
+    def bind(self) -> list[Endpoint]:
+        """Open the listening sockets now (idempotent); returns the bound endpoints."""
+        if not self.listeners:
+            _ensure_standard_fds()
+            _close_on_exec_inherited()
+            self.listeners = open_listeners(self.specs)
+        return self.addresses
+
+    @property
+    def addresses(self) -> list[Endpoint]:
+        """Where the server listens, with the ports the kernel chose for port 0."""
+        return [listener.endpoint for listener in self.listeners]
+
+    def _make_mode(self, ctx: ModeContext) -> Mode:
+        handler = self.handler
+        if isinstance(handler, Command):
+            return ExecMode(ctx, handler)
+        if isinstance(handler, AsyncHandler):
+            return EventLoopMode(ctx, handler)
+        if self.mode_name == "thread":
+            return ThreadMode(ctx)
+        if self.mode_name == "prefork":
+            return PreforkMode(ctx, self.pool)
+        return ForkMode(ctx)
+
+    # -- running -----------------------------------------------------------------------
+    def run(self) -> None:
+        """Bind, serve until stopped by a signal or `stop()`, then clean up."""
+        self.bind()
+        runner = _loop_factory(self.loop_kind)
+        with asyncio.Runner(loop_factory=runner) as r:
+            r.run(self.serve())
+
+    async def serve(self) -> None:
+        """Serve on the running loop until `stop()` or SIGTERM/SIGINT."""
+        self.bind()
+        loop = self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        fds = FdRegistry()
+        ctx = ModeContext(
+            self.handler, self.limits, self.log, loop, fds, self._finished, self.mode_name
+        )
+        self.mode = self._make_mode(ctx)
+        self.acceptor = AcceptLoop(loop, self.listeners, self._accepted, self.log)
+        self.acceptor.gate = lambda: not self.admission.full
+        for listener in self.listeners:
+            fds.add(listener.sock.fileno())
+        self.mode.start()
+        installed = self._install_signals(loop)
+        self.acceptor.resume()
+        self._announce()
+        try:
+            await self._stop.wait()
+        finally:
+            await self._shutdown()
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    def stop(self) -> None:
+        """Ask for a graceful stop; safe from any thread."""
+        loop, event = self._loop, self._stop
+        if loop is not None and event is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(event.set)
+
+    def reload(self) -> None:
+        """Re-read the access rules; on an error keep the old ones and log why."""
+        try:
+            self.access = self.load_access()
+        except NetserverError as exc:
+            self.log.error("reload failed, keeping the previous rules", error=str(exc))
+            return
+        self.log.info("access rules reloaded", rules=self.access.describe())
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
+        if threading.current_thread() is not threading.main_thread():
+            return []
+        loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal)
+        loop.add_signal_handler(signal.SIGINT, self._on_stop_signal)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        return [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+
+    def _on_stop_signal(self) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            self.stop()
+        else:
+            self.log.info("second stop signal: ending connections now")
+            self.mode.terminate()
+
+    def _announce(self) -> None:
+        addresses = " ".join(str(a) for a in self.addresses)
+        self.log.info("listening", mode=self.mode_name, on=addresses)
+        self.ready.set()
+        if self.on_ready is not None:
+            self.on_ready(self.addresses)
+        _sd_notify(b"READY=1")
+
+    async def _shutdown(self) -> None:
+        self.acceptor.close()
+        active = self.mode.active()
+        if active:
+            self.log.info("stopping: waiting for connections", active=active)
+        try:
+            await asyncio.wait_for(self.mode.closed(), self.limits.grace)
+        except TimeoutError:
+            self.log.info("grace period over: ending connections", active=self.mode.active())
+            self.mode.terminate()
+            try:
+                await asyncio.wait_for(self.mode.closed(), 10.0)
+            except TimeoutError:
+                self.log.error("connections still running at exit", active=self.mode.active())
+        self.log.info("stopped")
+
+    # -- the accept path ---------------------------------------------------------------
+    def _accepted(self, sock: socket.socket, addr: object, listener: Listener) -> None:
+        peer = Endpoint.from_sockaddr(sock.family, addr)
+        try:
+            local = Endpoint.from_sockaddr(sock.family, sock.getsockname())
+        except OSError:
+            sock.close()
+            return
+        sock.setblocking(True)
+        policy = self.access
+        if not policy.needs_names(peer.ip):
+            decision = policy.decide(peer.ip)
+            if not decision.allowed:
+                self._refuse(sock, peer, decision.reason)
+                return
+        why = self.admission.admit(peer)
+        if why is not None:
+            self._refuse(sock, peer, why)
+            return
+        conn = Accepted(sock, ConnRecord(peer, local, self.mode_name))
+        if policy.needs_names(peer.ip):
+            assert self._loop is not None
+            self._loop.create_task(self._judge_by_name(conn, policy))
+        else:
+            self.mode.dispatch(conn)
+
+    async def _judge_by_name(self, conn: Accepted, policy: AccessPolicy) -> None:
+        """Look the client's name up in a thread, then decide; the accept loop goes on."""
+        ip = conn.record.peer.ip
+        assert ip is not None and self._loop is not None
+        names: frozenset[str] = frozenset()
+        with contextlib.suppress(TimeoutError):
+            names = await asyncio.wait_for(
+                self._loop.run_in_executor(None, self.resolver.confirmed_names, ip),
+                LOOKUP_TIMEOUT,
+            )
+        decision = policy.decide(ip, names)
+        if decision.allowed:
+            self.mode.dispatch(conn)
+            return
+        self.admission.release(conn.record.peer)
+        self._refuse(conn.sock, conn.record.peer, decision.reason)
+        self._resume_if_room()
+
+    def _refuse(self, sock: socket.socket, peer: Endpoint, reason: str) -> None:
+        """Tell the client (if a message is configured) and close; the server goes on."""
+        self.log.refused(peer, reason)
+        if self.refuse_message:
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.send(self.refuse_message.encode() + b"\r\n")
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
+    def _finished(self, conn: Accepted) -> None:
+        self.admission.release(conn.record.peer)
+        self.log.connection(conn.record)
+        self._resume_if_room()
+
+    def _resume_if_room(self) -> None:
+        if self.acceptor.paused and not self.admission.full:
+            self.acceptor.resume()
+
+
+def serve(
+    handler: HandlerLike, listen: str | Sequence[str] = "127.0.0.1:0", **options: Any
+) -> None:
+    """Run until SIGTERM/SIGINT: ``serve(main, "127.0.0.1:7000", mode="fork")``.
+
+    The options are those of `Server`.
+    """
+    Server(handler, listen, **options).run()
+
+
+def _loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    if kind in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                raise ConfigError(
+                    "uvloop is not installed: pip install netserver[uvloop]"
+                ) from None
+        else:
+            factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+            return factory
+    return asyncio.new_event_loop
+
+
+def _ensure_standard_fds() -> None:
+    """Open /dev/null on closed fds 0-2, so no socket can land there and be dup2'd onto itself."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
+def _close_on_exec_inherited() -> None:
+    """Mark every descriptor above 2 that we inherited close-on-exec.
+
+    A command run per connection must get only the socket and stderr; descriptors the
+    server's own parent leaked to it would otherwise pass straight through.
+    """
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return
+    for name in names:
+        fd = int(name)
+        if fd > 2:
+            with contextlib.suppress(OSError):
+                os.set_inheritable(fd, False)
+
+
+def _sd_notify(message: bytes) -> None:
+    """Tell a supervisor (systemd Type=notify) that we are ready; no-op without one."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(message, path)

@@ -1,0 +1,50 @@
+"""Byte counts and idle times read from the kernel (Linux ``TCP_INFO``).
+
+When a child process owns the connection (fork mode, a command), the server never sees
+the data, yet it still logs bytes each way and enforces the idle timeout: the kernel
+keeps both in ``struct tcp_info`` on the server's own copy of the socket.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+
+TCP_INFO = getattr(socket, "TCP_INFO", 11)
+_LAST_DATA = struct.Struct("=I4xI")  # tcpi_last_data_sent, (last_ack_sent), tcpi_last_data_recv
+_LAST_DATA_OFFSET = 44
+_BYTES = struct.Struct("=QQ")  # tcpi_bytes_acked, tcpi_bytes_received
+_BYTES_OFFSET = 120
+_SIZE = _BYTES_OFFSET + _BYTES.size
+# A FIN takes a sequence number, and the kernel's byte counters are sequence deltas.
+# States (include/net/tcp_states.h) in which the peer's FIN was received, and ours acked:
+_PEER_FIN = {6, 7, 8, 9, 11}  # TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, CLOSING
+_OUR_FIN_ACKED = {5, 6, 7}  # FIN_WAIT2, TIME_WAIT, CLOSE
+
+
+@dataclass(frozen=True)
+class TcpStats:
+    """What the kernel says about one TCP connection."""
+
+    bytes_sent: int
+    bytes_received: int
+    idle_ms: int
+
+
+def read(sock: socket.socket) -> TcpStats | None:
+    """TCP_INFO for `sock`, or None (not TCP, closed, or an older kernel)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _SIZE)
+    except OSError:
+        return None
+    if len(raw) < _SIZE:
+        return None
+    last_sent, last_recv = _LAST_DATA.unpack_from(raw, _LAST_DATA_OFFSET)
+    sent, received = _BYTES.unpack_from(raw, _BYTES_OFFSET)
+    state = raw[0]
+    received -= 1 if state in _PEER_FIN and received else 0
+    sent -= 1 if state in _OUR_FIN_ACKED and sent else 0
+    return TcpStats(sent, received, min(last_sent, last_recv))
