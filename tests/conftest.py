@@ -1,0 +1,102 @@
+"""Shared fixtures: run `netserver serve` as a real process and wait for its READY line.
+
+Readiness comes from the server itself (``--ready-fd``), never from sleeping: the
+server writes ``READY ADDR ...`` once its sockets listen, with the ports it really got.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT = 20.0
+
+
+@dataclass
+class RunningServer:
+    """A `netserver serve` process and where it listens."""
+
+    proc: subprocess.Popen[bytes]
+    addresses: list[str]
+    log_path: Path
+    _stopped: bool = field(default=False)
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        """The first address as (host, port) for socket.create_connection."""
+        host, _, port = self.addresses[0].rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def log(self) -> str:
+        """Everything the server wrote to stderr so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(timeout)
+
+
+def start_server(
+    args: list[str], tmp_path: Path, env: dict[str, str] | None = None
+) -> RunningServer:
+    """Start ``netserver serve ARGS`` with --ready-fd and return once it listens."""
+    read_fd, write_fd = os.pipe()
+    log_path = tmp_path / f"server-{len(list(tmp_path.glob('server-*.log')))}.log"
+    cmd = [sys.executable, "-m", "netserver.cli", "serve", "--ready-fd", str(write_fd), *args]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            pass_fds=(write_fd,),
+            env={**os.environ, **(env or {})},
+        )
+    os.close(write_fd)
+    try:
+        ready, _, _ = select.select([read_fd], [], [], READY_TIMEOUT)
+        line = os.read(read_fd, 4096).decode() if ready else ""
+    finally:
+        os.close(read_fd)
+    if not line.startswith("READY "):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"server did not start: {log_path.read_text(errors='replace')}")
+    return RunningServer(proc, line.split()[1:], log_path)
+
+
+ServerFactory = Callable[..., RunningServer]
+
+
+@pytest.fixture
+def netserver_proc(tmp_path: Path) -> Iterator[ServerFactory]:
+    """A factory: ``netserver_proc([...args])`` starts a server, stopped at teardown."""
+    started: list[RunningServer] = []
+
+    def factory(args: list[str], env: dict[str, str] | None = None) -> RunningServer:
+        server = start_server(args, tmp_path, env)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.stop()
