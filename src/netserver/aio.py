@@ -39,6 +39,7 @@ class AsyncConnection(asyncio.Protocol):
         self._reading_paused = False
         self._last = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
+        self.timed_out = False
 
     # -- Protocol callbacks -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -99,6 +100,7 @@ class AsyncConnection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         due = self._last + self.timeout
         if loop.time() >= due:
+            self.timed_out = True
             self.abort()
         else:
             self._idle_timer = loop.call_at(due, self._check_idle)
@@ -171,6 +173,11 @@ class AsyncConnection(asyncio.Protocol):
         self.write(data)
         if self._drain_waiter is not None:
             await self.drain()
+
+    @property
+    def lost_error(self) -> BaseException | None:
+        """Why the connection was lost, if it was lost by an error."""
+        return self._error
 
     def get_extra_info(self, name: str) -> Any:
         """Transport details (``socket``, ``ssl_object``, ...)."""

@@ -37,5 +37,11 @@ class ConfigError(NetserverError):
     exit_code = EX_CONFIG
 
 
+class UnavailableError(NetserverError):
+    """A resource the server needs is not available, e.g. the port is taken (EX_UNAVAILABLE)."""
+
+    exit_code = EX_UNAVAILABLE
+
+
 class AccessSpecError(ConfigError):
     """An allow/deny specification cannot be parsed."""

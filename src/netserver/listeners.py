@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .endpoint import Endpoint
-from .errors import ConfigError, UsageError
+from .errors import ConfigError, UnavailableError, UsageError
 
 SD_LISTEN_FDS_START = 3
 DEFAULT_BACKLOG = 1024
@@ -111,7 +111,7 @@ def _check_ip(host: str, spec: str) -> None:
 
 
 def open_listeners(specs: list[ListenSpec], backlog: int = DEFAULT_BACKLOG) -> list[Listener]:
-    """Bind every spec; on any failure close what was opened and raise ConfigError."""
+    """Bind every spec; on a failure close what was opened and raise (69 or 78)."""
     opened: list[Listener] = []
     try:
         for spec in specs:
@@ -164,7 +164,7 @@ def _bind_wildcard(spec: ListenSpec, backlog: int) -> socket.socket:
     if socket.has_ipv6:
         try:
             return _bind(socket.AF_INET6, ("::", spec.port), spec, backlog, v6only=False)
-        except ConfigError:
+        except UnavailableError:
             pass
     return _bind(socket.AF_INET, ("0.0.0.0", spec.port), spec, backlog, v6only=False)  # noqa: S104
 
@@ -181,7 +181,7 @@ def _bind(
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {spec.text}: {exc.strerror or exc}") from None
+        raise UnavailableError(f"cannot listen on {spec.text}: {exc.strerror or exc}") from None
     return sock
 
 
@@ -193,7 +193,7 @@ def _open_unix(spec: ListenSpec, backlog: int) -> Listener:
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"cannot listen on {spec.text}: {exc.strerror or exc}") from None
+        raise UnavailableError(f"cannot listen on {spec.text}: {exc.strerror or exc}") from None
     return _finish(sock, spec)
 
 
@@ -215,7 +215,7 @@ def _remove_stale_socket(path: str) -> None:
         return
     finally:
         probe.close()
-    raise ConfigError(f"cannot listen on unix:{path}: another server is listening there")
+    raise UnavailableError(f"cannot listen on unix:{path}: another server is listening there")
 
 
 def _adopt(spec: ListenSpec, fd: int) -> Listener:

@@ -66,7 +66,9 @@ class EventLoopMode:
                 if proto.transport is not None and not proto.closed.done():
                     proto.abort()
                 record.bytes_in, record.bytes_out = proto.bytes_in, proto.bytes_out
-                if record.status == "ok" and proto._error is not None:
+                if proto.timed_out:
+                    record.status = "idle-timeout"
+                elif record.status == "ok" and proto.lost_error is not None:
                     record.status = "client-gone"
             else:
                 with contextlib.suppress(OSError):
