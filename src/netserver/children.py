@@ -63,7 +63,6 @@ class ProcessConnections:
 
     def adopt(self, pid: int, conn: Accepted) -> None:
         """Track `pid` as serving `conn`; the parent keeps `conn.sock` open until exit."""
-        self.ctx.fds.add(conn.sock.fileno())
         pidfd = watch_child(self.ctx.loop, pid, lambda code: self._exited(pid, code))
         self.ctx.fds.add(pidfd)
         child = _Child(conn, pidfd)
@@ -83,7 +82,7 @@ class ProcessConnections:
             record.bytes_in, record.bytes_out = stats.bytes_received, stats.bytes_sent
         if record.status == "ok":
             record.status = status_for_exit(code)
-        self.ctx.fds.discard(child.conn.sock.fileno())
+        self.ctx.fds.discard(child.conn.fd)
         child.conn.sock.close()
         self.ctx.finished(child.conn)
         if not self.children:

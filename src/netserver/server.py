@@ -121,7 +121,7 @@ class Server:
         self.bind()
         loop = self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        fds = FdRegistry()
+        fds = self.fds = FdRegistry()
         ctx = ModeContext(
             self.handler, self.limits, self.log, loop, fds, self._finished, self.mode_name
         )
@@ -217,6 +217,8 @@ class Server:
             self._refuse(sock, peer, why)
             return
         conn = Accepted(sock, ConnRecord(peer, local, self.mode_name))
+        # Until it ends, no forked child (another client's, or a new worker) may keep it.
+        self.fds.add(conn.fd)
         if policy.needs_names(peer.ip):
             assert self._loop is not None
             self._loop.create_task(self._judge_by_name(conn, policy))
@@ -238,6 +240,7 @@ class Server:
             self.mode.dispatch(conn)
             return
         self.admission.release(conn.record.peer)
+        self.fds.discard(conn.fd)
         self._refuse(conn.sock, conn.record.peer, decision.reason)
         self._resume_if_room()
 
@@ -253,6 +256,7 @@ class Server:
         sock.close()
 
     def _finished(self, conn: Accepted) -> None:
+        self.fds.discard(conn.fd)
         self.admission.release(conn.record.peer)
         self.log.connection(conn.record)
         self._resume_if_room()

@@ -47,10 +47,18 @@ RESET_SIGNALS = (
 
 @dataclass
 class Accepted:
-    """A connection the supervisor admitted: the socket and its log record."""
+    """A connection the supervisor admitted: the socket and its log record.
+
+    `fd` is kept apart from the socket because the socket may be closed (handed to a
+    worker) while the supervisor still has to forget the number in its `FdRegistry`.
+    """
 
     sock: socket.socket
     record: ConnRecord
+    fd: int = -1
+
+    def __post_init__(self) -> None:
+        self.fd = self.sock.fileno()
 
 
 class FdRegistry:

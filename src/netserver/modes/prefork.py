@@ -155,6 +155,7 @@ class PreforkMode:
                 self.pending.appendleft(conn)
                 continue
             worker.conn = conn
+            self.ctx.fds.discard(conn.fd)
             conn.sock.close()
 
     def _report(self, worker: _Worker) -> None:
@@ -213,6 +214,7 @@ class PreforkMode:
         self.stopping = True
         for conn in self.pending:
             conn.record.status = "not-served"
+            self.ctx.fds.discard(conn.fd)
             conn.sock.close()
             self.ctx.finished(conn)
         self.pending.clear()
