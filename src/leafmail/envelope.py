@@ -1,0 +1,139 @@
+"""The envelope of a message: who sent it, to whom, and how it arrived.
+
+It is plain data with a strict mapping to and from JSON: the spool stores it as JSON, a
+format that cannot run code when loaded (the 1998 spool used a frozen Perl object).
+`from_json` refuses anything that is not exactly what `to_json` writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class EnvelopeError(ValueError):
+    """A stored envelope does not have the expected shape."""
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """One forward path and its DSN parameters (RFC 3461)."""
+
+    address: str
+    notify: tuple[str, ...] = ()
+    orcpt: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"address": self.address, "notify": list(self.notify), "orcpt": self.orcpt}
+
+    @classmethod
+    def from_json(cls, data: object) -> Recipient:
+        obj = _mapping(data, "recipient", {"address", "notify", "orcpt"})
+        notify = obj["notify"]
+        if not isinstance(notify, list) or not all(isinstance(n, str) for n in notify):
+            raise EnvelopeError("recipient notify must be a list of strings")
+        return cls(_str(obj, "address"), tuple(notify), _opt_str(obj, "orcpt"))
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """How the message arrived: the peer, its HELO name, TLS and AUTH facts."""
+
+    ip: str | None = None
+    port: int | None = None
+    helo: str | None = None
+    protocol: str = "ESMTP"
+    tls: str | None = None
+    auth: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ip": self.ip,
+            "port": self.port,
+            "helo": self.helo,
+            "protocol": self.protocol,
+            "tls": self.tls,
+            "auth": self.auth,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> ClientInfo:
+        keys = {"ip", "port", "helo", "protocol", "tls", "auth"}
+        obj = _mapping(data, "client", keys)
+        port = obj["port"]
+        if port is not None and (not isinstance(port, int) or isinstance(port, bool)):
+            raise EnvelopeError("client port must be an integer")
+        return cls(
+            _opt_str(obj, "ip"),
+            port,
+            _opt_str(obj, "helo"),
+            _str(obj, "protocol"),
+            _opt_str(obj, "tls"),
+            _opt_str(obj, "auth"),
+        )
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """Sender ("" for the null reverse path), recipients, MAIL parameters and origin."""
+
+    sender: str
+    recipients: tuple[Recipient, ...]
+    client: ClientInfo = field(default_factory=ClientInfo)
+    received: str = ""
+    body: str = "7BIT"
+    smtputf8: bool = False
+    ret: str | None = None
+    envid: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sender": self.sender,
+            "recipients": [r.to_json() for r in self.recipients],
+            "client": self.client.to_json(),
+            "received": self.received,
+            "body": self.body,
+            "smtputf8": self.smtputf8,
+            "ret": self.ret,
+            "envid": self.envid,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> Envelope:
+        keys = {"sender", "recipients", "client", "received", "body", "smtputf8", "ret", "envid"}
+        obj = _mapping(data, "envelope", keys)
+        rcpts = obj["recipients"]
+        if not isinstance(rcpts, list) or not rcpts:
+            raise EnvelopeError("envelope needs a non-empty recipient list")
+        if not isinstance(obj["smtputf8"], bool):
+            raise EnvelopeError("smtputf8 must be true or false")
+        return cls(
+            _str(obj, "sender"),
+            tuple(Recipient.from_json(r) for r in rcpts),
+            ClientInfo.from_json(obj["client"]),
+            _str(obj, "received"),
+            _str(obj, "body"),
+            obj["smtputf8"],
+            _opt_str(obj, "ret"),
+            _opt_str(obj, "envid"),
+        )
+
+
+def _mapping(data: object, what: str, keys: set[str]) -> dict[str, object]:
+    if not isinstance(data, dict) or set(data) != keys:
+        raise EnvelopeError(f"{what} record has the wrong fields")
+    return data
+
+
+def _str(obj: dict[str, object], key: str) -> str:
+    value = obj[key]
+    if not isinstance(value, str):
+        raise EnvelopeError(f"{key} must be a string")
+    return value
+
+
+def _opt_str(obj: dict[str, object], key: str) -> str | None:
+    value = obj[key]
+    if value is not None and not isinstance(value, str):
+        raise EnvelopeError(f"{key} must be a string or null")
+    return value

@@ -1,0 +1,367 @@
+"""The spool: the only module that knows spool paths, the file format and the commit.
+
+Layout (each state is a directory, as in Postfix's queue)::
+
+    SPOOL/tmp/       being written; leftovers are from a crash and were never answered 250
+    SPOOL/queue/     committed, waiting for delivery
+    SPOOL/deferred/  delivery tried and to be retried (queue runner)
+    SPOOL/hold/      held by the operator
+    SPOOL/corrupt/   files that failed their self-check; kept for a human, never parsed again
+
+The commit: write the file into tmp/ (mode 0600, O_EXCL|O_NOFOLLOW), make it durable,
+rename it into queue/, make the directory durable, and only then report success, so a
+250 is never given for mail a crash could lose. Many sessions commit at once, so
+`GroupCommitter` makes a whole batch durable with one syncfs(2) and one directory fsync
+instead of two fsyncs per message.
+
+A file is::
+
+    LEAFMAIL-SPOOL/1 <envelope length> <message length> <sha256 of envelope+message>\\n
+    <envelope JSON>\\n<message bytes>\\nLEAFMAIL-END\\n
+
+so a truncated, padded or altered file is detected before anything is trusted. JSON runs
+no code when loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import json
+import os
+import queue
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+from .envelope import Envelope, EnvelopeError
+
+MAGIC = b"LEAFMAIL-SPOOL/1"
+TRAILER = b"\nLEAFMAIL-END\n"
+STATES = ("queue", "deferred", "hold", "corrupt")
+_ID = re.compile(r"\A[0-9A-F]{16}[0-9A-F]{8}\Z")
+_OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class SpoolError(OSError):
+    """The spool could not take the message (disk full, permissions): answer 4xx."""
+
+
+class CorruptMessage(Exception):
+    """A spool file failed its self-check; it has been moved to corrupt/."""
+
+
+@dataclass(frozen=True)
+class SpooledMessage:
+    """A message loaded back from the spool ("unfrozen")."""
+
+    qid: str
+    state: str
+    envelope: Envelope
+    data: bytes
+
+
+def new_id() -> str:
+    """A queue id: arrival time (ns, hex) and randomness; sorts in arrival order."""
+    return f"{time.time_ns():016X}{secrets.randbits(32):08X}"
+
+
+def valid_id(qid: str) -> bool:
+    """True for a well-formed queue id (ids name files: nothing else may pass)."""
+    return bool(_ID.match(qid))
+
+
+def encode(envelope: Envelope, data: bytes) -> bytes:
+    """The bytes of a spool file for this message."""
+    env = json.dumps(envelope.to_json(), separators=(",", ":"), ensure_ascii=True).encode()
+    digest = hashlib.sha256(env + data).hexdigest()
+    header = b"%s %d %d %s\n" % (MAGIC, len(env), len(data), digest.encode())
+    return b"".join((header, env, b"\n", data, TRAILER))
+
+
+def decode(blob: bytes) -> tuple[Envelope, bytes]:
+    """Check and parse a spool file; ValueError says what is wrong with it."""
+    line_end = blob.find(b"\n", 0, 200)
+    if line_end < 0:
+        raise ValueError("no header line")
+    fields = blob[:line_end].split(b" ")
+    if len(fields) != 4 or fields[0] != MAGIC:
+        raise ValueError("not a leafmail spool file, or an unknown version")
+    if not (fields[1].isdigit() and fields[2].isdigit()):
+        raise ValueError("bad lengths in header")
+    env_len, data_len = int(fields[1]), int(fields[2])
+    start = line_end + 1
+    end = start + env_len + 1 + data_len
+    if len(blob) != end + len(TRAILER) or blob[end:] != TRAILER:
+        raise ValueError("truncated or padded (no end marker where the header says)")
+    env, data = blob[start : start + env_len], blob[start + env_len + 1 : end]
+    if blob[start + env_len : start + env_len + 1] != b"\n":
+        raise ValueError("envelope not terminated")
+    if hashlib.sha256(env + data).hexdigest().encode() != fields[3]:
+        raise ValueError("checksum mismatch")
+    try:
+        return Envelope.from_json(json.loads(env)), data
+    except (UnicodeDecodeError, json.JSONDecodeError, EnvelopeError) as exc:
+        raise ValueError(f"bad envelope: {exc}") from None
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    """libc's syncfs(2): one call makes every file written so far on the filesystem durable."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        return cast(Callable[[int], int], libc.syncfs)
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNCFS = _load_syncfs()
+
+
+class Spool:
+    """A spool directory: commit, list, load, move and remove messages."""
+
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.root = Path(root)
+        self.syncs = 0
+        if create:
+            for name in ("tmp", *STATES):
+                (self.root / name).mkdir(mode=0o700, parents=True, exist_ok=True)
+        elif not (self.root / "queue").is_dir():
+            raise FileNotFoundError(f"{self.root} is not a leafmail spool")
+
+    def path(self, state: str, qid: str) -> Path:
+        if state not in ("tmp", *STATES) or not valid_id(qid):
+            raise ValueError(f"bad spool state or queue id: {state}/{qid}")
+        return self.root / state / qid
+
+    # -- committing ----------------------------------------------------------------------
+    def write_tmp(self, qid: str, blob: bytes) -> int:
+        """Create tmp/QID (0600, never following a link, never reusing a name) and write it.
+
+        Returns the open descriptor, which the caller makes durable and closes.
+        """
+        path = self.path("tmp", qid)
+        fd = os.open(path, _OPEN_NEW, 0o600)
+        try:
+            view = memoryview(blob)
+            while view:
+                view = view[os.write(fd, view) :]
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        return fd
+
+    def make_durable(self, fds: list[int]) -> None:
+        """Flush the data of these files to stable storage, with one syncfs if possible."""
+        self.syncs += 1
+        if _SYNCFS is not None and fds:
+            if _SYNCFS(fds[0]) == 0:
+                return
+            err = ctypes.get_errno()
+            if err not in (errno.ENOSYS, errno.EINVAL):
+                raise OSError(err, os.strerror(err))
+        for fd in fds:
+            os.fsync(fd)
+
+    def publish(self, qids: list[str], state: str = "queue") -> None:
+        """Rename committed tmp files into `state` and make the renames durable."""
+        for qid in qids:
+            os.rename(self.path("tmp", qid), self.path(state, qid))
+        self.sync_dir(state)
+
+    def sync_dir(self, state: str) -> None:
+        fd = os.open(self.root / state, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def commit(self, envelope: Envelope, data: bytes) -> str:
+        """Durably spool one message now (the sendmail path); returns its queue id."""
+        qid = new_id()
+        fd = self.write_tmp(qid, encode(envelope, data))
+        try:
+            self.make_durable([fd])
+        except BaseException:
+            self.discard_tmp(qid)
+            raise
+        finally:
+            os.close(fd)
+        self.publish([qid])
+        return qid
+
+    def discard_tmp(self, qid: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path("tmp", qid))
+
+    def clean_tmp(self) -> int:
+        """Remove files left in tmp/ by a crash (none of them was answered 250)."""
+        count = 0
+        for entry in os.scandir(self.root / "tmp"):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                count += 1
+        return count
+
+    # -- reading ------------------------------------------------------------------------
+    def ids(self, state: str = "queue") -> list[str]:
+        """Queue ids in a state, oldest first."""
+        if state not in STATES:
+            raise ValueError(f"unknown spool state {state!r}")
+        return sorted(n for n in os.listdir(self.root / state) if valid_id(n))
+
+    def find(self, qid: str) -> str | None:
+        """The state a message is in, or None."""
+        for state in STATES:
+            if valid_id(qid) and self.path(state, qid).exists():
+                return state
+        return None
+
+    def get(self, qid: str) -> SpooledMessage:
+        """Load and check a message; a damaged file goes to corrupt/ (CorruptMessage)."""
+        state = self.find(qid)
+        if state is None or state == "corrupt":
+            raise KeyError(qid)
+        with os.fdopen(os.open(self.path(state, qid), _OPEN_READ), "rb") as f:
+            blob = f.read()
+        try:
+            envelope, data = decode(blob)
+        except ValueError as exc:
+            self.move(qid, state, "corrupt")
+            raise CorruptMessage(f"{qid}: {exc}") from None
+        return SpooledMessage(qid, state, envelope, data)
+
+    def messages(self, state: str = "queue") -> Iterator[SpooledMessage | CorruptMessage]:
+        """Every message in a state; damaged ones are yielded as CorruptMessage, not raised."""
+        for qid in self.ids(state):
+            try:
+                yield self.get(qid)
+            except CorruptMessage as exc:
+                yield exc
+            except (KeyError, FileNotFoundError):
+                continue
+
+    def move(self, qid: str, src: str, dst: str) -> None:
+        """Move a message between states, durably."""
+        os.rename(self.path(src, qid), self.path(dst, qid))
+        self.sync_dir(dst)
+
+    def remove(self, qid: str) -> None:
+        """Delete a message from whatever state it is in."""
+        state = self.find(qid)
+        if state is None:
+            raise KeyError(qid)
+        os.unlink(self.path(state, qid))
+        self.sync_dir(state)
+
+
+@dataclass
+class _Request:
+    envelope: Envelope
+    data: bytes
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[str]
+
+
+class GroupCommitter:
+    """Commits messages from many sessions in batches, one durability barrier per batch.
+
+    One thread takes every request waiting, writes each to tmp/, makes them all durable
+    with one syncfs(2), renames them into queue/ and fsyncs the directory once; then each
+    session's `commit` returns. While a batch syncs, the next one gathers.
+    """
+
+    def __init__(self, spool: Spool, max_batch: int = 256) -> None:
+        self.spool = spool
+        self.max_batch = max_batch
+        self.batches = 0
+        self.committed = 0
+        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="leafmail-commit", daemon=True)
+        self._thread.start()
+
+    async def commit(self, envelope: Envelope, data: bytes) -> str:
+        """Spool one message durably; returns its queue id or raises SpoolError."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[str] = loop.create_future()
+        self._queue.put(_Request(envelope, data, loop, future))
+        return await future
+
+    def close(self) -> None:
+        """Finish the requests already queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._commit_batch(batch)
+            if stop:
+                return
+
+    def _commit_batch(self, batch: list[_Request]) -> None:
+        written: list[tuple[_Request, str, int]] = []
+        for req in batch:
+            qid = new_id()
+            try:
+                fd = self.spool.write_tmp(qid, encode(req.envelope, req.data))
+            except OSError as exc:
+                _resolve(req, error=SpoolError(exc.errno, f"cannot spool: {exc.strerror}"))
+                continue
+            written.append((req, qid, fd))
+        if not written:
+            return
+        try:
+            self.spool.make_durable([fd for _req, _qid, fd in written])
+            for _req, _qid, fd in written:
+                os.close(fd)
+            self.spool.publish([qid for _req, qid, _fd in written])
+        except OSError as exc:
+            for req, qid, fd in written:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                self.spool.discard_tmp(qid)
+                _resolve(req, error=SpoolError(exc.errno, f"cannot spool: {exc.strerror}"))
+            return
+        self.batches += 1
+        self.committed += len(written)
+        for req, qid, _fd in written:
+            _resolve(req, qid=qid)
+
+
+def _resolve(req: _Request, *, qid: str = "", error: BaseException | None = None) -> None:
+    def settle() -> None:
+        if req.future.done():
+            return
+        if error is not None:
+            req.future.set_exception(error)
+        else:
+            req.future.set_result(qid)
+
+    with contextlib.suppress(RuntimeError):
+        req.loop.call_soon_threadsafe(settle)

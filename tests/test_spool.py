@@ -1,0 +1,160 @@
+"""The spool: format, self-check, permissions, and group commit over a real directory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from leafmail.envelope import ClientInfo, Envelope, EnvelopeError, Recipient
+from leafmail.spool import (
+    CorruptMessage,
+    GroupCommitter,
+    Spool,
+    SpoolError,
+    decode,
+    encode,
+    new_id,
+    valid_id,
+)
+
+ENV = Envelope(
+    sender="a@src.test",
+    recipients=(Recipient("b@example.test", ("SUCCESS", "FAILURE"), "rfc822;b@example.test"),),
+    client=ClientInfo("127.0.0.1", 40000, "client.test", "ESMTPS", "TLSv1.3", None),
+    received="2026-11-25T21:00:00Z",
+    body="8BITMIME",
+)
+DATA = b"Subject: hi\r\n\r\nbody \xc3\xa9\r\n"
+
+
+def test_commit_and_get_round_trip(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    qid = spool.commit(ENV, DATA)
+    msg = spool.get(qid)
+    assert (msg.qid, msg.state, msg.envelope, msg.data) == (qid, "queue", ENV, DATA)
+    assert spool.ids() == [qid]
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_files_are_private(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    qid = spool.commit(ENV, DATA)
+    assert stat.S_IMODE(os.stat(tmp_path / "queue" / qid).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "queue").st_mode) == 0o700
+
+
+def test_write_tmp_never_follows_a_link(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    target = tmp_path / "victim"
+    target.write_bytes(b"untouched")
+    qid = new_id()
+    os.symlink(target, tmp_path / "tmp" / qid)
+    with pytest.raises(FileExistsError):
+        spool.write_tmp(qid, b"x")
+    assert target.read_bytes() == b"untouched"
+
+
+def _damage(blob: bytes, how: str) -> bytes:
+    if how == "truncated":
+        return blob[:-5]
+    if how == "padded":
+        return blob + b"x"
+    if how == "flipped":
+        i = blob.index(b"body")
+        return blob[:i] + b"B" + blob[i + 1 :]
+    if how == "magic":
+        return b"PICKLE" + blob[16:]
+    if how == "empty":
+        return b""
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["truncated", "padded", "flipped", "magic", "empty"])
+def test_damaged_file_moves_to_corrupt(tmp_path: Path, how: str) -> None:
+    spool = Spool(tmp_path)
+    qid = spool.commit(ENV, DATA)
+    path = tmp_path / "queue" / qid
+    path.write_bytes(_damage(path.read_bytes(), how))
+    with pytest.raises(CorruptMessage):
+        spool.get(qid)
+    assert spool.ids("queue") == []
+    assert spool.ids("corrupt") == [qid]
+    with pytest.raises(KeyError):
+        spool.get(qid)
+
+
+def test_messages_reports_corrupt_files_without_raising(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    good = spool.commit(ENV, DATA)
+    bad = spool.commit(ENV, DATA)
+    (tmp_path / "queue" / bad).write_bytes(b"garbage")
+    results = list(spool.messages())
+    assert [r.qid for r in results if not isinstance(r, CorruptMessage)] == [good]
+    assert sum(isinstance(r, CorruptMessage) for r in results) == 1
+
+
+def test_envelope_json_is_strict() -> None:
+    data = ENV.to_json()
+    assert Envelope.from_json(data) == ENV
+    with pytest.raises(EnvelopeError):
+        Envelope.from_json({**data, "extra": 1})
+    with pytest.raises(EnvelopeError):
+        Envelope.from_json({**data, "recipients": []})
+    with pytest.raises(EnvelopeError):
+        Envelope.from_json({**data, "smtputf8": "yes"})
+
+
+def test_decode_rejects_bad_envelope_json() -> None:
+    blob = encode(ENV, DATA)
+    assert decode(blob) == (ENV, DATA)
+    with pytest.raises(ValueError):
+        decode(blob.replace(b'"sender"', b'"sendr!"'))
+
+
+def test_ids_are_safe_names() -> None:
+    assert valid_id(new_id())
+    for bad in ("../etc/passwd", "", "x" * 24, new_id() + "/"):
+        assert not valid_id(bad)
+
+
+def test_clean_tmp_removes_crash_leftovers(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    os.close(spool.write_tmp(new_id(), b"half a message"))
+    assert spool.clean_tmp() == 1
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_group_commit_shares_syncs(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    committer = GroupCommitter(spool)
+
+    async def many() -> list[str]:
+        return await asyncio.gather(*(committer.commit(ENV, DATA + b"%d" % i) for i in range(200)))
+
+    try:
+        qids = asyncio.run(many())
+    finally:
+        committer.close()
+    assert len(set(qids)) == 200
+    assert sorted(qids) == spool.ids()
+    assert committer.committed == 200
+    assert spool.syncs == committer.batches < 200
+    bodies = {spool.get(q).data for q in qids}
+    assert bodies == {DATA + b"%d" % i for i in range(200)}
+
+
+def test_group_commit_reports_failure(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    os.rmdir(tmp_path / "tmp")
+    (tmp_path / "tmp").write_bytes(b"not a directory")
+    committer = GroupCommitter(spool)
+    try:
+        with pytest.raises(SpoolError):
+            asyncio.run(committer.commit(ENV, DATA))
+    finally:
+        committer.close()
+    assert spool.ids() == []
