@@ -1,0 +1,33 @@
+"""Mail loop detection: too many Received headers (RFC 5321 6.3)."""
+
+from __future__ import annotations
+
+import re
+
+from netserver.smtp.replies import Reply
+
+from . import ACCEPT, Reject, Session, Verdict
+
+MAX_HOPS = 100
+LOOP_DETECTED = Reply(554, "5.4.6", "Too many hops: mail loop detected")
+_RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
+
+
+def header_section(data: bytes) -> bytes:
+    """The message's header section (up to the first empty line)."""
+    if data.startswith(b"\r\n"):
+        return b""
+    end = data.find(b"\r\n\r\n")
+    return data if end < 0 else data[: end + 2]
+
+
+def count_received(data: bytes) -> int:
+    """How many Received header fields the message carries."""
+    return len(_RECEIVED.findall(header_section(data)))
+
+
+def loop_check(session: Session) -> Verdict:
+    """End-of-data: refuse a message that has already made more than MAX_HOPS hops."""
+    if count_received(session.data) > MAX_HOPS:
+        return Reject(LOOP_DETECTED)
+    return ACCEPT

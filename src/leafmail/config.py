@@ -1,0 +1,249 @@
+"""leafmail's configuration: a TOML file, with LEAFMAIL_* variables and flags over it.
+
+Where it comes from: ``--config FILE``, else ``$LEAFMAIL_CONFIG``, else
+``$XDG_CONFIG_HOME/leafmail/leafmail.toml`` if that exists, else built-in defaults.
+Flags beat variables and variables beat the file. Unknown keys and wrong types are
+errors naming the key (exit 78), because a typo in a mail server's config should never
+silently fall back to a default such as an open relay.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from netserver.access import AccessPolicy
+from netserver.errors import AccessSpecError, ConfigError
+
+DEFAULT_LISTEN = ("127.0.0.1:2525",)
+DEFAULT_RELAY_NETWORKS = ("127.0.0.0/8", "::1")
+DEFAULT_MAX_SIZE = 25 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    """The ``[smtp]`` table."""
+
+    listen: tuple[str, ...] = DEFAULT_LISTEN
+    submission_listen: tuple[str, ...] = ()
+    smtps_listen: tuple[str, ...] = ()
+    tls_cert: str = ""
+    tls_key: str = ""
+    max_message_size: int = DEFAULT_MAX_SIZE
+    max_recipients: int = 100
+    max_errors: int = 10
+    max_sessions: int = 20000
+    allow_plaintext_auth: bool = False
+    bare_lf: str = "reject"
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """The ``[relay]`` table; empty `local_domains` means [hostname]."""
+
+    local_domains: tuple[str, ...] = ()
+    relay_networks: tuple[str, ...] = DEFAULT_RELAY_NETWORKS
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """The ``[auth]`` table."""
+
+    users_file: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything `leafmail serve` and the queue tools need."""
+
+    hostname: str = field(default_factory=socket.gethostname)
+    spool: str = ""
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    source: str = "defaults"
+
+    @property
+    def local_domains(self) -> tuple[str, ...]:
+        """Domains delivered here, lower-case; the hostname when none is configured."""
+        domains = self.relay.local_domains or (self.hostname,)
+        return tuple(d.lower().rstrip(".") for d in domains)
+
+    def relay_policy(self) -> AccessPolicy:
+        """The networks allowed to relay, as an allow-only access policy."""
+        return AccessPolicy(allow=self.relay.relay_networks or ("127.0.0.1/32",))
+
+
+def default_config_path(env: Mapping[str, str]) -> Path:
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "leafmail" / "leafmail.toml"
+
+
+def default_spool(env: Mapping[str, str]) -> str:
+    """The user's data directory, as the XDG base directory spec says."""
+    base = env.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "leafmail", "spool")
+
+
+def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read the config file (if any) and apply LEAFMAIL_* variables over it."""
+    env = os.environ if env is None else env
+    chosen = path or env.get("LEAFMAIL_CONFIG")
+    if chosen:
+        config = _from_file(Path(chosen))
+    elif default_config_path(env).exists():
+        config = _from_file(default_config_path(env))
+    else:
+        config = Config()
+    return _apply_env(config, env)
+
+
+def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
+    if env.get("LEAFMAIL_HOSTNAME"):
+        config = replace(config, hostname=env["LEAFMAIL_HOSTNAME"])
+    if env.get("LEAFMAIL_SPOOL"):
+        config = replace(config, spool=env["LEAFMAIL_SPOOL"])
+    if env.get("LEAFMAIL_LISTEN"):
+        listen = tuple(a.strip() for a in env["LEAFMAIL_LISTEN"].split(",") if a.strip())
+        config = replace(config, smtp=replace(config.smtp, listen=listen))
+    if not config.spool:
+        config = replace(config, spool=default_spool(env))
+    return config
+
+
+def _from_file(path: Path) -> Config:
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return _build(raw, str(path))
+
+
+def _build(raw: dict[str, Any], where: str) -> Config:
+    top = _Table(raw, where)
+    config = Config(
+        hostname=top.string("hostname", socket.gethostname()),
+        spool=top.string("spool", ""),
+        smtp=_smtp(top.table("smtp")),
+        relay=_relay(top.table("relay")),
+        auth=AuthConfig(users_file=top.table("auth").done_string("users_file", "")),
+        source=where,
+    )
+    top.finish()
+    _check(config, where)
+    return config
+
+
+def _smtp(t: _Table) -> SmtpConfig:
+    d = SmtpConfig()
+    smtp = SmtpConfig(
+        listen=t.strings("listen", d.listen),
+        submission_listen=t.strings("submission_listen", d.submission_listen),
+        smtps_listen=t.strings("smtps_listen", d.smtps_listen),
+        tls_cert=t.string("tls_cert", d.tls_cert),
+        tls_key=t.string("tls_key", d.tls_key),
+        max_message_size=t.integer("max_message_size", d.max_message_size),
+        max_recipients=t.integer("max_recipients", d.max_recipients),
+        max_errors=t.integer("max_errors", d.max_errors),
+        max_sessions=t.integer("max_sessions", d.max_sessions),
+        allow_plaintext_auth=t.boolean("allow_plaintext_auth", d.allow_plaintext_auth),
+        bare_lf=t.choice("bare_lf", d.bare_lf, ("reject", "replace")),
+    )
+    t.finish()
+    return smtp
+
+
+def _relay(t: _Table) -> RelayConfig:
+    relay = RelayConfig(
+        local_domains=t.strings("local_domains", ()),
+        relay_networks=t.strings("relay_networks", DEFAULT_RELAY_NETWORKS),
+    )
+    t.finish()
+    return relay
+
+
+def _check(config: Config, where: str) -> None:
+    """Cross-field rules: TLS needs both files, submission and smtps need TLS."""
+    smtp = config.smtp
+    if bool(smtp.tls_cert) != bool(smtp.tls_key):
+        raise ConfigError(f"{where}: smtp.tls_cert and smtp.tls_key go together")
+    if smtp.smtps_listen and not smtp.tls_cert:
+        raise ConfigError(f"{where}: smtp.smtps_listen needs smtp.tls_cert and smtp.tls_key")
+    if smtp.submission_listen and not config.auth.users_file:
+        raise ConfigError(f"{where}: smtp.submission_listen needs auth.users_file")
+    if smtp.max_message_size <= 0 or smtp.max_recipients <= 0:
+        raise ConfigError(f"{where}: smtp.max_message_size and max_recipients must be > 0")
+    try:
+        config.relay_policy()
+    except AccessSpecError as exc:
+        raise ConfigError(f"{where}: relay.relay_networks: {exc}") from None
+
+
+class _Table:
+    """Typed reads from one TOML table that remember which keys were used."""
+
+    def __init__(self, data: object, where: str, name: str = "") -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: {name or 'top level'} must be a table")
+        self.data: dict[str, Any] = data
+        self.where = where
+        self.name = name
+        self.used: set[str] = set()
+
+    def _key(self, key: str) -> str:
+        return f"{self.name}.{key}" if self.name else key
+
+    def _get(self, key: str, kind: type | tuple[type, ...], what: str) -> Any:
+        self.used.add(key)
+        value = self.data[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"{self.where}: {self._key(key)} must be {what}")
+        return value
+
+    def string(self, key: str, default: str) -> str:
+        return str(self._get(key, str, "a string")) if key in self.data else default
+
+    def done_string(self, key: str, default: str) -> str:
+        value = self.string(key, default)
+        self.finish()
+        return value
+
+    def integer(self, key: str, default: int) -> int:
+        return int(self._get(key, int, "an integer")) if key in self.data else default
+
+    def boolean(self, key: str, default: bool) -> bool:
+        return bool(self._get(key, bool, "true or false")) if key in self.data else default
+
+    def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = self.string(key, default)
+        if value not in allowed:
+            raise ConfigError(f"{self.where}: {self._key(key)} must be one of {', '.join(allowed)}")
+        return value
+
+    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        if key not in self.data:
+            return default
+        value = self._get(key, (list, str), "a list of strings")
+        items = [value] if isinstance(value, str) else value
+        if not all(isinstance(v, str) for v in items):
+            raise ConfigError(f"{self.where}: {self._key(key)} must be a list of strings")
+        return tuple(items)
+
+    def table(self, key: str) -> _Table:
+        self.used.add(key)
+        return _Table(self.data.get(key, {}), self.where, self._key(key))
+
+    def finish(self) -> None:
+        """Refuse keys nobody asked for: they are typos or options we do not have."""
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(f"{self.where}: unknown key {self._key(unknown[0])!r}")

@@ -1,0 +1,49 @@
+"""The Received header leafmail adds to every accepted message (RFC 5321 4.4).
+
+    Received: from client.example (client.example [192.0.2.1])
+            by mail.example (leafmail) with ESMTPS id 0123456789ABCDEF01234567
+            for <rcpt@example>; Wed, 25 Nov 2026 21:00:00 +0000
+
+The "from" name is what the client said in EHLO; the bracketed address is what the
+server saw, so a reader can tell a claimed name from the real origin. Text that came
+from the client is reduced to printable characters so it cannot fold or inject lines.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+from collections.abc import Sequence
+
+_UNSAFE = re.compile(r"[^\x21-\x7e\u00a0-\U0010ffff]")
+
+
+def _clean(text: str) -> str:
+    return _UNSAFE.sub("?", text)[:255] or "unknown"
+
+
+def received_header(
+    *,
+    helo: str | None,
+    client_ip: str | None,
+    hostname: str,
+    protocol: str,
+    qid: str,
+    recipients: Sequence[str],
+    tls: str | None = None,
+    timestamp: float | None = None,
+) -> bytes:
+    """The header field, folded, ending in CRLF; UTF-8 only if the client sent UTF-8."""
+    source = f"[{client_ip}]" if client_ip else "localhost"
+    lines = [f"Received: from {_clean(helo or 'unknown')} ({source})"]
+    via = f"by {_clean(hostname)} (leafmail) with {protocol} id {qid}"
+    if tls:
+        via += f" ({_clean(tls)})"
+    lines.append("\t" + via)
+    date = email.utils.formatdate(timestamp, localtime=False, usegmt=False)
+    if len(recipients) == 1:
+        lines.append(f"\tfor <{_clean(recipients[0])}>; {date}")
+    else:
+        lines[-1] += ";"
+        lines.append(f"\t{date}")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
