@@ -55,9 +55,15 @@ class RunningServer:
 
 
 def start_server(
-    args: list[str], tmp_path: Path, env: dict[str, str] | None = None
+    args: list[str],
+    tmp_path: Path,
+    env: dict[str, str] | None = None,
+    pass_fds: tuple[int, ...] = (),
 ) -> RunningServer:
-    """Start ``netserver serve ARGS`` with --ready-fd and return once it listens."""
+    """Start ``netserver serve ARGS`` with --ready-fd and return once it listens.
+
+    `pass_fds` are extra descriptors the server inherits (to show it does not leak them).
+    """
     read_fd, write_fd = os.pipe()
     log_path = tmp_path / f"server-{len(list(tmp_path.glob('server-*.log')))}.log"
     cmd = [sys.executable, "-m", "netserver.cli", "serve", "--ready-fd", str(write_fd), *args]
@@ -68,7 +74,7 @@ def start_server(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
-            pass_fds=(write_fd,),
+            pass_fds=(write_fd, *pass_fds),
             env={**os.environ, **(env or {})},
         )
     os.close(write_fd)

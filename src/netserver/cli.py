@@ -29,8 +29,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors exit 64 (EX_USAGE) instead of 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(errors.EX_USAGE, f"{self.prog}: error: {message}\n")
+        self.exit(errors.EX_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _positive_float(text: str) -> float:

@@ -24,7 +24,24 @@ from .errors import ConfigError
 from .handlers import Command
 from .modes.base import RESET_SIGNALS, Accepted, ModeContext
 
-_STALE = ("TCPLOCALHOST", "TCPREMOTEHOST", "TCPREMOTEINFO", "UNIXREMOTEPID", "UNIXREMOTEUID")
+# Every ucspi variable is dropped from the inherited environment first, so a command
+# never sees a stale value from the server's own environment or the other family.
+_UCSPI = frozenset(
+    [
+        "PROTO",
+        "TCPLOCALIP",
+        "TCPLOCALPORT",
+        "TCPLOCALHOST",
+        "TCPREMOTEIP",
+        "TCPREMOTEPORT",
+        "TCPREMOTEHOST",
+        "TCPREMOTEINFO",
+        "UNIXLOCALPATH",
+        "UNIXREMOTEPID",
+        "UNIXREMOTEUID",
+        "UNIXREMOTEGID",
+    ]
+)
 _PEERCRED = struct.Struct("3i")
 
 
@@ -32,7 +49,7 @@ def tcp_environ(
     base: Mapping[str, str], sock: socket.socket, peer: Endpoint, local: Endpoint
 ) -> dict[str, str]:
     """The environment of a per-connection command (ucspi-tcp names)."""
-    env = {k: v for k, v in base.items() if k not in _STALE}
+    env = {k: v for k, v in base.items() if k not in _UCSPI}
     env["PROTO"] = peer.proto
     if peer.ip is not None and local.ip is not None:
         env["TCPLOCALIP"] = str(local.ip)
@@ -79,10 +96,10 @@ def spawn(path: str, argv: tuple[str, ...], fd: int, env: Mapping[str, str]) -> 
 class ExecMode(ProcessMode):
     """Serves each connection with a fresh process running the command."""
 
-    def __init__(self, ctx: ModeContext, command: Command) -> None:
+    def __init__(self, ctx: ModeContext, command: Command, path: str) -> None:
         super().__init__(ctx)
         self.argv = command.argv
-        self.path = resolve_program(command.argv)
+        self.path = path
 
     def start_child(self, conn: Accepted) -> int:
         env = tcp_environ(os.environ, conn.sock, conn.record.peer, conn.record.local)

@@ -52,7 +52,9 @@ class Listener:
     endpoint: Endpoint
 
     def close(self) -> None:
-        """Close the socket and remove a unix socket file this process created."""
+        """Close the socket and remove a unix socket file this process created (once)."""
+        if self.sock.fileno() < 0:
+            return
         self.sock.close()
         if self.spec.kind == "unix":
             with contextlib.suppress(OSError):

@@ -23,7 +23,7 @@ from .access import AccessPolicy, NameResolver, SystemResolver
 from .connlog import ConnRecord, ServerLog
 from .endpoint import Endpoint
 from .errors import ConfigError, NetserverError
-from .execute import ExecMode
+from .execute import ExecMode, resolve_program
 from .handlers import AsyncHandler, Command, HandlerLike, as_handler, check_mode
 from .limits import Admission, Limits
 from .listeners import Listener, open_listeners, parse_listen
@@ -63,6 +63,10 @@ class Server:
         if self.mode_name not in MODES:
             raise ConfigError(f"unknown mode {self.mode_name!r} (use: {', '.join(MODES)})")
         check_mode(self.handler, self.mode_name)
+        # A missing program is a configuration error found before anything is bound.
+        self.program = (
+            resolve_program(self.handler.argv) if isinstance(self.handler, Command) else ""
+        )
         if loop not in ("auto", "asyncio", "uvloop"):
             raise ConfigError(f"unknown event loop {loop!r} (use: auto, asyncio, uvloop)")
         self.specs = [parse_listen(s) for s in ([listen] if isinstance(listen, str) else listen)]
@@ -80,6 +84,7 @@ class Server:
         self.admission = Admission(self.limits)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        self._stop_requested = threading.Event()
         self._signals = 0
 
     # -- set-up ------------------------------------------------------------------------
@@ -99,7 +104,7 @@ class Server:
     def _make_mode(self, ctx: ModeContext) -> Mode:
         handler = self.handler
         if isinstance(handler, Command):
-            return ExecMode(ctx, handler)
+            return ExecMode(ctx, handler, self.program)
         if isinstance(handler, AsyncHandler):
             return EventLoopMode(ctx, handler)
         if self.mode_name == "thread":
@@ -119,8 +124,18 @@ class Server:
     async def serve(self) -> None:
         """Serve on the running loop until `stop()` or SIGTERM/SIGINT."""
         self.bind()
-        loop = self._loop = asyncio.get_running_loop()
+        try:
+            await self._serve_bound()
+        finally:
+            for listener in self.listeners:
+                listener.close()
+
+    async def _serve_bound(self) -> None:
+        loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        self._loop = loop
+        if self._stop_requested.is_set():
+            self._stop.set()
         fds = self.fds = FdRegistry()
         ctx = ModeContext(
             self.handler, self.limits, self.log, loop, fds, self._finished, self.mode_name
@@ -142,7 +157,8 @@ class Server:
                 loop.remove_signal_handler(sig)
 
     def stop(self) -> None:
-        """Ask for a graceful stop; safe from any thread."""
+        """Ask for a graceful stop; safe from any thread, even before `run()`."""
+        self._stop_requested.set()
         loop, event = self._loop, self._stop
         if loop is not None and event is not None:
             with contextlib.suppress(RuntimeError):

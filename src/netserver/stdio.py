@@ -13,6 +13,7 @@ The 1998 module handed the handler STDIN/STDOUT and read lines without bound. He
 
 from __future__ import annotations
 
+import codecs
 import io
 import socket
 import sys
@@ -89,6 +90,8 @@ class BinaryReader(io.RawIOBase):
 
     def read(self, size: int | None = -1) -> bytes:
         """Read up to `size` bytes (all until EOF when negative); at least one unless EOF."""
+        if size == 0:
+            return b""
         if size is None or size < 0:
             while self._fill():
                 pass
@@ -135,15 +138,23 @@ class TextReader(io.TextIOBase):
     """UTF-8 text over a BinaryReader; CRLF and LF both end a line and read as "\\n".
 
     Undecodable bytes become surrogates (``surrogateescape``), so a handler that echoes
-    them through `TextWriter` sends the same bytes back.
+    them through `TextWriter` sends the same bytes back. `read(n)` counts characters and
+    never splits one; it may be mixed freely with `readline`.
     """
+
+    encoding = "utf-8"
+    errors = "surrogateescape"
 
     def __init__(self, raw: BinaryReader) -> None:
         super().__init__()
         self.raw = raw
+        self._decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+        self._text = ""  # decoded by read(n) but not yet returned
 
-    encoding = "utf-8"
-    errors = "surrogateescape"
+    @property
+    def buffer(self) -> BinaryReader:
+        """The binary stream underneath, as with sys.stdin.buffer."""
+        return self.raw
 
     def readable(self) -> bool:
         return True
@@ -151,18 +162,32 @@ class TextReader(io.TextIOBase):
     def fileno(self) -> int:
         return self.raw.fileno()
 
-    def _decode(self, data: bytes) -> str:
+    def readline(self, size: int | None = -1) -> str:  # type: ignore[override]
+        if self._text:
+            head, sep, tail = self._text.partition("\n")
+            if sep:
+                self._text = tail
+                return head + sep
+            self._text = ""
+            return head + self.readline(size)
+        held, _flag = self._decoder.getstate()
+        self._decoder.reset()
+        data = held + self.raw.readline(size)
         if data.endswith(b"\r\n"):
             data = data[:-2] + b"\n"
         return data.decode("utf-8", "surrogateescape")
 
-    def readline(self, size: int | None = -1) -> str:  # type: ignore[override]
-        return self._decode(self.raw.readline(size))
-
     def read(self, size: int | None = -1) -> str:
         if size is None or size < 0:
             return "".join(iter(self.readline, ""))
-        return self.raw.read(size).decode("utf-8", "surrogateescape")
+        while len(self._text) < size or self._text.endswith("\r"):
+            chunk = self.raw.read(CHUNK)
+            self._text += self._decoder.decode(chunk, final=not chunk)
+            if not chunk:
+                break
+            self._text = self._text.replace("\r\n", "\n")
+        out, self._text = self._text[:size], self._text[size:]
+        return out
 
 
 class TextWriter(io.TextIOBase):
@@ -174,6 +199,11 @@ class TextWriter(io.TextIOBase):
 
     encoding = "utf-8"
     errors = "surrogateescape"
+
+    @property
+    def buffer(self) -> BinaryWriter:
+        """The binary stream underneath, as with sys.stdout.buffer."""
+        return self.raw
 
     def writable(self) -> bool:
         return True
@@ -227,6 +257,21 @@ class _Delegate(io.TextIOBase):
 
     def flush(self) -> None:
         self.current().flush()
+
+    @property
+    def buffer(self) -> object:
+        """The calling thread's binary stream."""
+        return self.current().buffer
+
+    def close(self) -> None:
+        """Close the calling thread's stream only; the stand-in itself stays usable."""
+        stream: TextIO | None = getattr(self._local, self._name, None)
+        if stream is not None:
+            stream.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.current().closed
 
 
 class ThreadStdio:

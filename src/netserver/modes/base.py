@@ -153,8 +153,8 @@ def run_sync(
         return 65
     except TimeoutError:
         return 75
-    except (BrokenPipeError, ConnectionResetError):
-        return 74
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        return 74  # EOFError: input() found the client gone
     except Exception:
         traceback.print_exc(file=sys.stderr)
         return 70

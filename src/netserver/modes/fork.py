@@ -48,9 +48,12 @@ def serve_in_child(ctx: ModeContext, conn: Accepted) -> int:
         timeout=ctx.limits.timeout,
         max_line=ctx.limits.max_line,
     )
-    code = run_sync(ctx.handler, connection, bind_process_stdio)
-    flush_quietly(sys.stderr)
-    return code
+    try:
+        return run_sync(ctx.handler, connection, bind_process_stdio)
+    finally:
+        flush_quietly(sys.stdout)  # what the handler printed before it failed still goes out
+        connection.close()
+        flush_quietly(sys.stderr)
 
 
 def flush_quietly(stream: TextIO) -> None:

@@ -1,0 +1,74 @@
+"""netserver.smtp: a sans-I/O ESMTP server protocol core.
+
+`ServerProtocol` turns received bytes into events and queues reply bytes; it does no
+I/O itself (see `netserver.smtp.protocol` for the contract).  Addresses and parameters
+are parsed by `netserver.smtp.addresses`, replies are `Reply` values from
+`netserver.smtp.replies`.
+"""
+
+from .addresses import (
+    Body,
+    Mailbox,
+    MailParameters,
+    Notify,
+    OriginalRecipient,
+    RcptParameters,
+    Ret,
+    xtext_decode,
+    xtext_encode,
+)
+from .protocol import (
+    AuthRequest,
+    Closed,
+    DataStart,
+    Decision,
+    Envelope,
+    Event,
+    Helo,
+    LocalProtocolError,
+    MailFrom,
+    MessageReady,
+    RcptTo,
+    Recipient,
+    ServerConfig,
+    ServerProtocol,
+    Session,
+    StartTLS,
+    State,
+    received_protocol,
+)
+from .readers import BareNewline
+from .replies import RemoteProtocolError, Reply
+
+__all__ = [
+    "AuthRequest",
+    "BareNewline",
+    "Body",
+    "Closed",
+    "DataStart",
+    "Decision",
+    "Envelope",
+    "Event",
+    "Helo",
+    "LocalProtocolError",
+    "MailFrom",
+    "MailParameters",
+    "Mailbox",
+    "MessageReady",
+    "Notify",
+    "OriginalRecipient",
+    "RcptParameters",
+    "RcptTo",
+    "Recipient",
+    "RemoteProtocolError",
+    "Reply",
+    "Ret",
+    "ServerConfig",
+    "ServerProtocol",
+    "Session",
+    "StartTLS",
+    "State",
+    "received_protocol",
+    "xtext_decode",
+    "xtext_encode",
+]

@@ -1,0 +1,991 @@
+"""A sans-I/O ESMTP server: bytes in, events out; decisions in, reply bytes out.
+
+`ServerProtocol` owns no socket, no clock and no event loop, so the fork, thread and
+event-loop modes can all drive it.  The program that does the I/O (the *I/O layer*)
+follows this contract:
+
+1. Create ``ServerProtocol(config)``; the greeting is queued at once.
+2. Send whatever `ServerProtocol.data_to_send` returns, whenever it is not empty.
+3. Feed received bytes to `ServerProtocol.receive_data`; it returns a list of events.
+4. Processing stops at the first `Decision` event: `Helo`, `MailFrom`, `RcptTo`,
+   `DataStart`, `MessageReady` or `AuthRequest`.  It is always the *last* event of
+   the list and it is also `ServerProtocol.pending`.  Bytes that arrive meanwhile are
+   only buffered.  The I/O layer runs its policy (which may take time: a DNS lookup,
+   the spool's fsync before a 250), then calls `ServerProtocol.accept` (optionally
+   with its own 2xx reply, e.g. ``replies.queued(queue_id)``) or
+   `ServerProtocol.reject` with a 4xx/5xx reply.  A 421 closes the session.
+5. Then it calls `ServerProtocol.resume`, which processes what was buffered and
+   returns the next events, exactly like `receive_data`.
+
+This is how PIPELINING (RFC 2920) stays correct: commands are handled strictly in the
+order received, each gets exactly one reply, the replies are queued in that order,
+and a command whose answer depends on the policy holds back every later command.
+The I/O layer should stop reading from the socket while a decision is pending (the
+buffer is not bounded then) and may send queued replies whenever it likes; RFC 2920
+lets it wait until its input is drained.
+
+Two events need no decision but stop processing too:
+
+* `StartTLS`: the 220 is queued and the buffered plaintext after the STARTTLS line
+  has been discarded (RFC 3207 4.2; the CVE-2011-0411 class of command injection).
+  The I/O layer flushes the 220, performs the handshake and calls
+  `ServerProtocol.tls_started`, which forgets everything learnt from the client
+  (HELO name, transaction); the client must EHLO again, and STARTTLS is no longer
+  offered.  Plaintext that `receive_data` gets before that is dropped.
+* `Closed`: after QUIT (221) or a 421; send what is queued, then close.
+
+States are the `State` enum.  `TRANSITIONS` is the one table of state changes, and
+`ALLOWED` is the guard naming the states in which each command may be used; a
+command outside them gets 503.  The reader that cuts up the input is chosen by
+state (commands, SASL responses, DATA body, BDAT chunk; see `readers`).
+
+Things that are the I/O layer's job, not this module's: prepending a Received header
+to `MessageReady.data` (`received_protocol` gives the "with" keyword), counting
+Received headers for loops, relay and authentication policy, timeouts (the
+`ServerProtocol.read_timeout` hint says how long to wait, `ServerProtocol.close`
+with `replies.timed_out` says goodbye).
+
+Error accounting: every error reply caused by the client (syntax, sequence, unknown
+command, bad line, bad message content, failed or cancelled AUTH) counts; when more
+than ``max_errors`` have been counted the offending command is answered with 421 and
+the session ends.  Policy rejections of MAIL/RCPT and the size and recipient limits
+do not count: a policy that wants to end a session rejects with 421.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Final
+
+from . import replies, sasl
+from .addresses import (
+    Mailbox,
+    MailParameters,
+    RcptParameters,
+    mail_parameters,
+    parse_forward_path,
+    parse_parameters,
+    parse_reverse_path,
+    rcpt_parameters,
+    split_path,
+)
+from .readers import (
+    COMMAND_LINE_LIMIT,
+    EXTENDED_LINE_LIMITS,
+    SASL_LINE_LIMIT,
+    BareNewline,
+    ChunkEnd,
+    ChunkReader,
+    CommandLine,
+    CommandReader,
+    DataError,
+    DataReader,
+    LineError,
+    LineErrorKind,
+    MessageEnd,
+    MessageSink,
+    apply_newline_policy,
+)
+from .replies import RemoteProtocolError, Reply
+
+__all__ = [
+    "ALLOWED",
+    "TRANSITIONS",
+    "AuthRequest",
+    "Closed",
+    "DataStart",
+    "Decision",
+    "Envelope",
+    "Event",
+    "Helo",
+    "LocalProtocolError",
+    "MailFrom",
+    "MessageReady",
+    "RcptTo",
+    "Recipient",
+    "ServerConfig",
+    "ServerProtocol",
+    "Session",
+    "StartTLS",
+    "State",
+    "Step",
+    "Verb",
+    "received_protocol",
+]
+
+
+class LocalProtocolError(Exception):
+    """The I/O layer used the protocol wrongly (e.g. accept() with nothing pending)."""
+
+
+# --- configuration and session facts -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the server offers and the limits it enforces."""
+
+    hostname: str
+    max_message_size: int = 35 * 1024 * 1024
+    max_recipients: int = 100  # RFC 5321 4.5.3.1.8: at least 100 must be accepted
+    max_errors: int = 20  # 0 = unlimited
+    tls_available: bool = False
+    auth_enabled: bool = False
+    auth_plaintext_allowed: bool = False  # offer AUTH without TLS (tests, loopback)
+    bare_newline: BareNewline = BareNewline.REJECT
+    command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: at least 5 minutes
+    data_timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not self.hostname or not self.hostname.isprintable() or " " in self.hostname:
+            raise ValueError(f"bad hostname: {self.hostname!r}")
+        if self.max_message_size < 1:
+            raise ValueError("max_message_size must be positive")
+        if self.max_recipients < 1:
+            raise ValueError("max_recipients must be at least 1")
+        if self.max_errors < 0:
+            raise ValueError("max_errors must not be negative")
+        if self.command_timeout <= 0 or self.data_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+
+
+@dataclass(frozen=True)
+class Session:
+    """What is known about the client; reset by STARTTLS (RFC 3207 4.2)."""
+
+    helo: str | None = None
+    esmtp: bool = False
+    tls: bool = False
+    auth_user: str | None = None
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """An accepted recipient with its DSN parameters."""
+
+    mailbox: Mailbox
+    params: RcptParameters = field(default_factory=RcptParameters)
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The mail transaction so far: sender, its parameters, accepted recipients."""
+
+    sender: Mailbox | None
+    params: MailParameters = field(default_factory=MailParameters)
+    recipients: tuple[Recipient, ...] = ()
+
+
+def received_protocol(session: Session, envelope: Envelope) -> str:
+    """The "with" keyword of a Received header (RFC 3848, RFC 6531 3.7.3)."""
+    if not session.esmtp:
+        return "SMTP"
+    base = "UTF8SMTP" if envelope.params.smtputf8 else "ESMTP"
+    return base + ("S" if session.tls else "") + ("A" if session.auth_user else "")
+
+
+# --- events ------------------------------------------------------------------------
+
+
+class Event:
+    """Something the I/O layer must know about."""
+
+    __slots__ = ()
+
+
+class Decision(Event):
+    """An event that waits for `ServerProtocol.accept` or `ServerProtocol.reject`."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True)
+class Helo(Decision):
+    """HELO (``esmtp`` False) or EHLO; the helo stage of the policy."""
+
+    name: str
+    esmtp: bool
+
+
+@dataclass(frozen=True)
+class MailFrom(Decision):
+    """MAIL FROM with a valid path; ``sender`` None is the null sender ``<>``."""
+
+    sender: Mailbox | None
+    params: MailParameters
+
+
+@dataclass(frozen=True)
+class RcptTo(Decision):
+    """RCPT TO with a valid path, within the recipient limit."""
+
+    recipient: Mailbox
+    params: RcptParameters
+
+
+@dataclass(frozen=True)
+class DataStart(Decision):
+    """DATA, or the first BDAT of a transaction: the data stage of the policy."""
+
+    chunking: bool
+
+
+@dataclass(frozen=True)
+class MessageReady(Decision):
+    """A complete message: accept only once it is durably stored.
+
+    ``data`` is the message as received: unstuffed, CRLF line ends, no terminator.
+    A Received header, if wanted, is the I/O layer's to prepend.
+    """
+
+    envelope: Envelope
+    session: Session
+    data: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class AuthRequest(Decision):
+    """Credentials to verify; accept makes ``username`` the session's user."""
+
+    mechanism: str
+    authzid: str
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class StartTLS(Event):
+    """Start the TLS handshake now, then call `ServerProtocol.tls_started`."""
+
+    discarded: int  # plaintext octets that followed the STARTTLS line, thrown away
+
+
+@dataclass(frozen=True)
+class Closed(Event):
+    """The session is over; ``reply`` (221 or 421) is the last thing queued."""
+
+    reply: Reply
+
+
+# --- states, commands and the transition table -------------------------------------
+
+
+class State(Enum):
+    """Where the session is.  Each state has its reader (see `ServerProtocol._read`)."""
+
+    REFUSED = "refused"  # greeted with 554: only QUIT is accepted (RFC 5321 3.1)
+    CONNECTED = "connected"  # greeted, no HELO/EHLO yet
+    READY = "ready"  # HELO/EHLO done, no transaction
+    MAIL = "mail"  # sender accepted, no recipient yet
+    RCPT = "rcpt"  # at least one recipient accepted
+    DATA = "data"  # reading a DATA body
+    BDAT = "bdat"  # reading a BDAT chunk
+    CHUNKS = "chunks"  # between the chunks of a BDAT transaction
+    AUTH = "auth"  # a SASL exchange, or its verdict, is under way
+    TLS = "tls"  # 220 to STARTTLS queued; waiting for the handshake
+    CLOSED = "closed"
+
+
+class Verb(Enum):
+    """The commands this server knows."""
+
+    HELO = "HELO"
+    EHLO = "EHLO"
+    MAIL = "MAIL"
+    RCPT = "RCPT"
+    DATA = "DATA"
+    BDAT = "BDAT"
+    RSET = "RSET"
+    NOOP = "NOOP"
+    QUIT = "QUIT"
+    VRFY = "VRFY"
+    EXPN = "EXPN"
+    HELP = "HELP"
+    STARTTLS = "STARTTLS"
+    AUTH = "AUTH"
+
+
+class Step(Enum):
+    """What makes the state change; the keys of `TRANSITIONS` with the state."""
+
+    HELLO = "hello"  # HELO/EHLO accepted (also resets a transaction)
+    MAIL = "mail"  # MAIL accepted
+    RCPT = "rcpt"  # RCPT accepted
+    DATA = "data"  # DATA accepted: 354
+    CHUNK = "chunk"  # a BDAT chunk is to be read
+    CHUNK_DONE = "chunk done"  # a BDAT chunk other than the last was read
+    END = "end"  # the message was decided, or failed
+    RESET = "reset"  # RSET, or a refused DATA/BDAT ending the transaction
+    AUTH = "auth"  # AUTH begins an exchange
+    AUTH_DONE = "auth done"  # the exchange ended, whatever its outcome
+    STARTTLS = "starttls"  # 220 to STARTTLS
+    TLS_UP = "tls up"  # handshake done
+    CLOSE = "close"  # QUIT or 421
+
+
+_S = State
+_COMMAND_STATES: Final = frozenset({_S.CONNECTED, _S.READY, _S.MAIL, _S.RCPT, _S.CHUNKS})
+
+TRANSITIONS: Final[dict[tuple[State, Step], State]] = {
+    **{(state, Step.HELLO): _S.READY for state in _COMMAND_STATES},
+    (_S.READY, Step.MAIL): _S.MAIL,
+    (_S.MAIL, Step.RCPT): _S.RCPT,
+    (_S.RCPT, Step.RCPT): _S.RCPT,
+    (_S.RCPT, Step.DATA): _S.DATA,
+    (_S.RCPT, Step.CHUNK): _S.BDAT,
+    (_S.CHUNKS, Step.CHUNK): _S.BDAT,
+    (_S.BDAT, Step.CHUNK_DONE): _S.CHUNKS,
+    (_S.DATA, Step.END): _S.READY,
+    (_S.BDAT, Step.END): _S.READY,
+    (_S.CONNECTED, Step.RESET): _S.CONNECTED,
+    (_S.READY, Step.RESET): _S.READY,
+    (_S.MAIL, Step.RESET): _S.READY,
+    (_S.RCPT, Step.RESET): _S.READY,
+    (_S.CHUNKS, Step.RESET): _S.READY,
+    (_S.READY, Step.AUTH): _S.AUTH,
+    (_S.AUTH, Step.AUTH_DONE): _S.READY,
+    (_S.READY, Step.STARTTLS): _S.TLS,
+    (_S.TLS, Step.TLS_UP): _S.CONNECTED,
+    **{(state, Step.CLOSE): _S.CLOSED for state in State if state is not _S.CLOSED},
+}
+
+_ANY_TIME: Final = _COMMAND_STATES  # RFC 5321 4.1.4: NOOP, HELP, VRFY, RSET any time
+ALLOWED: Final[dict[Verb, frozenset[State]]] = {
+    Verb.HELO: _COMMAND_STATES,
+    Verb.EHLO: _COMMAND_STATES,
+    Verb.MAIL: frozenset({_S.READY}),
+    Verb.RCPT: frozenset({_S.MAIL, _S.RCPT}),
+    Verb.DATA: frozenset({_S.RCPT}),
+    Verb.BDAT: frozenset({_S.RCPT, _S.CHUNKS}),
+    Verb.RSET: _ANY_TIME,
+    Verb.NOOP: _ANY_TIME,
+    Verb.VRFY: _ANY_TIME,
+    Verb.EXPN: _ANY_TIME,
+    Verb.HELP: _ANY_TIME,
+    Verb.QUIT: _COMMAND_STATES | {_S.REFUSED},
+    Verb.STARTTLS: frozenset({_S.READY}),
+    Verb.AUTH: frozenset({_S.READY}),
+}
+
+_VERBS: Final = {verb.value: verb for verb in Verb}
+_HELLO: Final = frozenset({Verb.HELO, Verb.EHLO})
+_IN_TRANSACTION: Final = frozenset({_S.MAIL, _S.RCPT, _S.CHUNKS})
+# C0 controls, DEL and C1 controls; a command line has no use for any of them.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NO_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
+_PARAMS_NEED_EHLO = Reply(555, "5.5.4", "Parameters require EHLO")
+_DATA_ERRORS: Final = {
+    DataError.TOO_BIG: replies.MESSAGE_TOO_BIG,
+    DataError.LINE_TOO_LONG: replies.DATA_LINE_TOO_LONG,
+    DataError.BARE_NEWLINE: replies.BARE_NEWLINE_IN_DATA,
+}
+
+
+def _sequence_error(verb: Verb, state: State) -> Reply:
+    """The 503 (or 554) for a command used outside its `ALLOWED` states."""
+    if state is _S.REFUSED:
+        return replies.bad_sequence("Service refused; only QUIT is accepted")
+    if state is _S.CONNECTED:
+        return replies.bad_sequence("Send HELO or EHLO first")
+    if verb in (Verb.DATA, Verb.BDAT) and state is _S.MAIL:
+        return _NO_RECIPIENTS  # RFC 5321 3.3 allows 554 "no valid recipients"
+    if state is _S.CHUNKS:
+        return replies.bad_sequence(f"{verb.value} not allowed during BDAT")
+    if state in _IN_TRANSACTION:
+        return replies.bad_sequence(f"{verb.value} not allowed during a mail transaction")
+    return replies.bad_sequence(f"Send MAIL first; {verb.value} is out of sequence")
+
+
+def _bdat_arguments(arg: str) -> tuple[int | None, bool, bool]:
+    """Parse ``chunk-size [LAST]`` into (size or None, last, valid) (RFC 3030 2).
+
+    The size is returned even when the rest is wrong, so the chunk can be skipped.
+    """
+    parts = arg.split(" ")
+    size_text = parts[0]
+    if not (size_text.isascii() and size_text.isdigit() and len(size_text) <= 20):
+        return None, False, False
+    size = int(size_text)
+    if len(parts) == 1:
+        return size, False, True
+    valid = len(parts) == 2 and parts[1].upper() == "LAST"
+    return size, valid, valid
+
+
+def _declares_smtputf8(param_text: str) -> bool:
+    """True if SMTPUTF8 is among the MAIL parameters, which decides how to parse them."""
+    return any(item.upper().partition("=")[0] == "SMTPUTF8" for item in param_text.split(" "))
+
+
+# --- the protocol object -----------------------------------------------------------
+
+_Item = CommandLine | LineError | MessageEnd | ChunkEnd
+
+
+class ServerProtocol:
+    """One SMTP server session.  See the module docstring for the contract."""
+
+    def __init__(self, config: ServerConfig, greeting: Reply | None = None) -> None:
+        """Queue the greeting: 220 by default, or a 554 refusal or a 421 (RFC 5321 3.1)."""
+        self.config = config
+        self._state = _S.CONNECTED
+        self._session = Session()
+        self._envelope: Envelope | None = None
+        self._pending: Decision | None = None
+        self._events: list[Event] = []
+        self._buffer = bytearray()
+        self._out: list[bytes] = []
+        self._errors = 0
+        self._commands = CommandReader(
+            config.bare_newline, COMMAND_LINE_LIMIT, EXTENDED_LINE_LIMITS
+        )
+        self._sasl_lines: CommandReader | None = None
+        self._mechanism: sasl.Mechanism | None = None
+        self._data: DataReader | None = None
+        self._chunk: ChunkReader | None = None
+        self._sink: MessageSink | None = None
+        self._greet(greeting or replies.greeting(config.hostname))
+
+    def _greet(self, greeting: Reply) -> None:
+        greeting = greeting.plain()
+        if greeting.code == 220:
+            self._send(greeting)
+        elif greeting.code == 554:
+            self._send(greeting)
+            self._state = _S.REFUSED
+        elif greeting.code == 421:
+            self._close(greeting)
+        else:
+            raise ValueError("the greeting must be 220, 554 or 421")
+
+    # --- public API --------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def session(self) -> Session:
+        return self._session
+
+    @property
+    def envelope(self) -> Envelope | None:
+        """The transaction under way, None outside one."""
+        return self._envelope
+
+    @property
+    def pending(self) -> Decision | None:
+        """The decision the protocol waits for, if any."""
+        return self._pending
+
+    @property
+    def closed(self) -> bool:
+        return self._state is _S.CLOSED
+
+    @property
+    def errors(self) -> int:
+        """Client errors counted so far."""
+        return self._errors
+
+    @property
+    def read_timeout(self) -> float:
+        """How long the I/O layer should wait for the client's next bytes now."""
+        if self._state in (_S.DATA, _S.BDAT):
+            return self.config.data_timeout
+        return self.config.command_timeout
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Take bytes from the client; return the events they cause (see module doc)."""
+        if self._state in (_S.TLS, _S.CLOSED):
+            return []  # plaintext before the handshake, or anything after the end
+        self._buffer += data
+        return self.resume()
+
+    def resume(self) -> list[Event]:
+        """Process buffered input after a decision; same result as `receive_data`."""
+        while self._pending is None:
+            item = self._read()
+            if item is None:
+                break
+            self._handle(item)
+        events, self._events = self._events, []
+        return events
+
+    def data_to_send(self) -> bytes:
+        """Everything queued for the client since the last call."""
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def accept(self, reply: Reply | None = None) -> None:
+        """Accept the pending decision, with the default reply or a given 2xx one."""
+        if self._pending is not None and reply is not None:
+            self._check_accept_reply(self._pending, reply)
+        event = self._take_pending()
+        match event:
+            case Helo():
+                self._accept_helo(event)
+            case MailFrom():
+                self._envelope = Envelope(event.sender, event.params)
+                self._step(Step.MAIL)
+                self._send(reply or replies.MAIL_OK)
+            case RcptTo():
+                self._accept_rcpt(event, reply or replies.RCPT_OK)
+            case DataStart():
+                self._accept_data(event, reply or replies.START_DATA)
+            case MessageReady():
+                self._end_message()
+                self._send(reply or replies.MESSAGE_ACCEPTED)
+            case AuthRequest():
+                self._session = replace(self._session, auth_user=event.username)
+                self._end_auth()
+                self._send(reply or replies.AUTH_OK)
+
+    def reject(self, reply: Reply) -> None:
+        """Refuse the pending decision with a 4xx/5xx reply; 421 ends the session."""
+        if reply.code < 400:
+            raise LocalProtocolError(f"reject() needs a 4xx or 5xx reply, not {reply.code}")
+        event = self._take_pending()
+        if isinstance(event, Helo):
+            reply = reply.plain()
+        match event:
+            case DataStart():
+                if event.chunking and self._chunk is not None:
+                    self._commands.skip(self._chunk.remaining)
+                self._reset_transaction()
+            case MessageReady():
+                self._end_message()
+            case AuthRequest():
+                self._end_auth()
+                if not reply.closes:
+                    self._fail(reply)  # failed logins count toward the error limit
+                    return
+            case _:
+                pass
+        if reply.closes:
+            self._close(reply)
+        else:
+            self._send(reply)
+
+    def tls_started(self) -> None:
+        """The handshake after STARTTLS succeeded: start over, as RFC 3207 4.2 says."""
+        if self._state is not _S.TLS:
+            raise LocalProtocolError("tls_started() without a STARTTLS in progress")
+        self._session = Session(tls=True)
+        self._envelope = None
+        self._buffer.clear()
+        self._commands.reset()
+        self._step(Step.TLS_UP)
+
+    def close(self, reply: Reply) -> None:
+        """End the session from the server's side, e.g. ``replies.timed_out(host)``."""
+        if self._state is not _S.CLOSED:
+            self._pending = None
+            self._close(reply)
+
+    # --- plumbing ----------------------------------------------------------------
+
+    def _step(self, step: Step) -> None:
+        """Change state through `TRANSITIONS`; a missing entry is a bug here."""
+        try:
+            self._state = TRANSITIONS[(self._state, step)]
+        except KeyError:
+            raise LocalProtocolError(f"no transition {step} from {self._state}") from None
+
+    def _send(self, reply: Reply) -> None:
+        self._out.append(reply.to_bytes())
+
+    def _fail(self, reply: Reply) -> None:
+        """Send an error caused by the client, or 421 once there were too many."""
+        self._errors += 1
+        limit = self.config.max_errors
+        if limit and self._errors > limit:
+            closing = replies.too_many_errors(self.config.hostname)
+            self._close(closing if reply.enhanced else closing.plain())
+        else:
+            self._send(reply)
+
+    def _close(self, reply: Reply) -> None:
+        self._send(reply)
+        self._step(Step.CLOSE)
+        self._buffer.clear()
+        self._envelope = None
+        self._data = self._chunk = self._sink = None
+        self._events.append(Closed(reply))
+
+    def _decide(self, event: Decision) -> None:
+        self._pending = event
+        self._events.append(event)
+
+    def _take_pending(self) -> Decision:
+        event = self._pending
+        if event is None:
+            raise LocalProtocolError("no decision is pending")
+        self._pending = None
+        return event
+
+    @staticmethod
+    def _check_accept_reply(event: Decision, reply: Reply) -> None:
+        if isinstance(event, Helo):
+            raise LocalProtocolError("the HELO/EHLO reply is built by the protocol")
+        wanted = 3 if isinstance(event, DataStart) else 2
+        if reply.code // 100 != wanted:
+            raise LocalProtocolError(f"accept() needs a {wanted}xx reply, not {reply.code}")
+
+    def _read(self) -> _Item | None:
+        """Run the reader that belongs to the current state."""
+        reader: CommandReader | DataReader | ChunkReader | None
+        match self._state:
+            case _S.TLS | _S.CLOSED:
+                return None
+            case _S.DATA:
+                reader = self._data
+            case _S.BDAT:
+                reader = self._chunk
+            case _S.AUTH:
+                reader = self._sasl_lines
+            case _:
+                reader = self._commands
+        if reader is None:
+            raise LocalProtocolError(f"no reader in state {self._state}")
+        return reader.read(self._buffer)
+
+    def _handle(self, item: _Item) -> None:
+        match item:
+            case CommandLine() if self._state is _S.AUTH:
+                self._sasl_response(item.line)
+            case CommandLine():
+                self._command(item.line)
+            case LineError():
+                self._line_error(item)
+            case MessageEnd():
+                self._message_end(item)
+            case ChunkEnd():
+                self._chunk_end(item)
+
+    def _line_error(self, error: LineError) -> None:
+        if self._state is _S.AUTH:
+            self._end_auth()
+            if error.kind is LineErrorKind.TOO_LONG:
+                self._fail(replies.AUTH_LINE_TOO_LONG)
+                return
+        if error.kind is LineErrorKind.TOO_LONG:
+            self._fail(replies.LINE_TOO_LONG)
+        else:
+            self._fail(replies.BARE_NEWLINE_IN_COMMAND)
+
+    # --- commands ----------------------------------------------------------------
+
+    def _command(self, line: bytes) -> None:
+        """Decode, split and dispatch one command line, applying the `ALLOWED` guard."""
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            self._fail(replies.BAD_UTF8)
+            return
+        if _CONTROL.search(text):
+            self._fail(replies.CONTROL_CHARACTER)
+            return
+        word, _, arg = text.rstrip(" ").partition(" ")
+        verb = _VERBS.get(word.upper())
+        if verb is None:
+            self._fail(replies.UNKNOWN_COMMAND)
+            return
+        if self._state not in ALLOWED[verb]:
+            if verb is Verb.BDAT:
+                self._skip_chunk(arg)  # the chunk follows regardless (RFC 3030 2)
+            reply = _sequence_error(verb, self._state)
+            self._fail(reply.plain() if verb in _HELLO else reply)
+            return
+        try:
+            _HANDLERS[verb](self, arg.strip(" "))
+        except RemoteProtocolError as exc:
+            self._fail(exc.reply.plain() if verb in _HELLO else exc.reply)
+
+    def _hello(self, arg: str, *, esmtp: bool) -> None:
+        if not arg or " " in arg:
+            raise RemoteProtocolError(
+                replies.syntax_error(f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
+            )
+        self._decide(Helo(arg, esmtp))
+
+    def _helo(self, arg: str) -> None:
+        self._hello(arg, esmtp=False)
+
+    def _ehlo(self, arg: str) -> None:
+        self._hello(arg, esmtp=True)
+
+    def _accept_helo(self, event: Helo) -> None:
+        self._session = replace(self._session, helo=event.name, esmtp=event.esmtp)
+        self._reset_buffers()
+        self._step(Step.HELLO)
+        host = self.config.hostname
+        if event.esmtp:
+            self._send(replies.ehlo(host, event.name, self._extensions()))
+        else:
+            self._send(replies.helo(host, event.name))
+
+    def _extensions(self) -> tuple[str, ...]:
+        """The EHLO keywords for this session (STARTTLS and AUTH depend on it)."""
+        keywords = [
+            f"SIZE {self.config.max_message_size}",
+            "8BITMIME",
+            "PIPELINING",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+            "CHUNKING",
+            "DSN",
+        ]
+        if self.config.tls_available and not self._session.tls:
+            keywords.append("STARTTLS")
+        if self._auth_offered():
+            keywords.append("AUTH " + " ".join(sasl.MECHANISMS))
+        return tuple(keywords)
+
+    def _auth_offered(self) -> bool:
+        config = self.config
+        return config.auth_enabled and (self._session.tls or config.auth_plaintext_allowed)
+
+    def _mail(self, arg: str) -> None:
+        if arg[:5].upper() != "FROM:":
+            raise RemoteProtocolError(replies.syntax_error("Syntax: MAIL FROM:<address>"))
+        # RFC 5321 has no space after the colon, but enough clients send one.
+        path, param_text = split_path(arg[5:].lstrip(" "))
+        raw = parse_parameters(param_text, utf8=_declares_smtputf8(param_text))
+        if raw and not self._session.esmtp:
+            raise RemoteProtocolError(_PARAMS_NEED_EHLO)
+        params = mail_parameters(raw, allow_auth=self._auth_offered())
+        sender = parse_reverse_path(path, utf8=params.smtputf8)
+        if params.size is not None and params.size > self.config.max_message_size:
+            self._send(replies.MESSAGE_TOO_BIG)  # a limit, not a client error
+            return
+        self._decide(MailFrom(sender, params))
+
+    def _rcpt(self, arg: str) -> None:
+        if arg[:3].upper() != "TO:":
+            raise RemoteProtocolError(replies.syntax_error("Syntax: RCPT TO:<address>"))
+        envelope = self._envelope
+        utf8 = envelope is not None and envelope.params.smtputf8
+        path, param_text = split_path(arg[3:].lstrip(" "))
+        raw = parse_parameters(param_text, utf8=utf8)
+        if raw and not self._session.esmtp:
+            raise RemoteProtocolError(_PARAMS_NEED_EHLO)
+        params = rcpt_parameters(raw, utf8=utf8)
+        recipient = parse_forward_path(path, utf8=utf8)
+        if envelope is not None and len(envelope.recipients) >= self.config.max_recipients:
+            self._send(replies.TOO_MANY_RECIPIENTS)  # RFC 5321 4.5.3.1.10
+            return
+        self._decide(RcptTo(recipient, params))
+
+    def _accept_rcpt(self, event: RcptTo, reply: Reply) -> None:
+        envelope = self._envelope
+        if envelope is None:
+            raise LocalProtocolError("RCPT accepted outside a transaction")
+        recipient = Recipient(event.recipient, event.params)
+        self._envelope = replace(envelope, recipients=(*envelope.recipients, recipient))
+        self._step(Step.RCPT)
+        self._send(reply)
+
+    def _data_command(self, arg: str) -> None:
+        if arg:
+            raise RemoteProtocolError(replies.syntax_error("Syntax: DATA"))
+        self._decide(DataStart(chunking=False))
+
+    def _bdat(self, arg: str) -> None:
+        size, last, valid = _bdat_arguments(arg)
+        if size is None or not valid:
+            if size is not None:
+                self._commands.skip(size)
+            raise RemoteProtocolError(replies.syntax_error("Syntax: BDAT chunk-size [LAST]"))
+        if self._state is _S.RCPT:
+            self._sink = MessageSink(self.config.max_message_size)
+            self._chunk = ChunkReader(self._sink, size, last)
+            self._decide(DataStart(chunking=True))
+            return
+        if self._sink is None:
+            raise LocalProtocolError("BDAT between chunks without a message")
+        self._chunk = ChunkReader(self._sink, size, last)
+        self._step(Step.CHUNK)
+
+    def _skip_chunk(self, arg: str) -> None:
+        size, _, _ = _bdat_arguments(arg)
+        if size is not None:
+            self._commands.skip(size)
+
+    def _accept_data(self, event: DataStart, reply: Reply) -> None:
+        if event.chunking:
+            self._step(Step.CHUNK)
+            return  # a BDAT chunk is answered once it has been read
+        self._data = DataReader(self.config.bare_newline, self.config.max_message_size)
+        self._step(Step.DATA)
+        self._send(reply)
+
+    def _message_end(self, end: MessageEnd) -> None:
+        self._data = None
+        if end.error is None:
+            self._message_ready(end.data)
+        else:
+            self._message_failed(end.error)
+
+    def _chunk_end(self, end: ChunkEnd) -> None:
+        sink = self._sink
+        if sink is None:
+            raise LocalProtocolError("BDAT chunk without a message")
+        if sink.error is not None:
+            self._message_failed(sink.error)  # RFC 3030: later chunks get 503 until RSET
+        elif not end.last:
+            self._step(Step.CHUNK_DONE)
+            self._send(replies.chunk_received(end.size))
+        else:
+            data = apply_newline_policy(sink.getvalue(), self.config.bare_newline)
+            self._sink = None
+            if data is None:
+                self._message_failed(DataError.BARE_NEWLINE)
+            else:
+                self._message_ready(data)
+
+    def _message_ready(self, data: bytes) -> None:
+        envelope = self._envelope
+        if envelope is None or not envelope.recipients:
+            raise LocalProtocolError("a message without recipients")
+        self._decide(MessageReady(envelope, self._session, data))
+
+    def _message_failed(self, error: DataError) -> None:
+        self._end_message()
+        reply = _DATA_ERRORS[error]
+        if error is DataError.TOO_BIG:
+            self._send(reply)  # a limit, not a client error
+        else:
+            self._fail(reply)
+
+    def _end_message(self) -> None:
+        self._reset_buffers()
+        self._step(Step.END)
+
+    def _reset_buffers(self) -> None:
+        self._envelope = None
+        self._data = self._chunk = self._sink = None
+
+    def _reset_transaction(self) -> None:
+        self._reset_buffers()
+        self._step(Step.RESET)
+
+    def _rset(self, arg: str) -> None:
+        if arg:
+            raise RemoteProtocolError(replies.syntax_error("Syntax: RSET"))
+        self._reset_transaction()
+        self._send(replies.RESET_OK)
+
+    def _noop(self, arg: str) -> None:
+        self._send(replies.OK)  # NOOP may carry a string, which is ignored
+
+    def _quit(self, arg: str) -> None:
+        if arg:
+            raise RemoteProtocolError(replies.syntax_error("Syntax: QUIT"))
+        self._close(replies.closing(self.config.hostname))
+
+    def _vrfy(self, arg: str) -> None:
+        if not arg:
+            raise RemoteProtocolError(replies.syntax_error("Syntax: VRFY address"))
+        self._send(replies.VRFY_CANNOT)  # RFC 5321 3.5.3: 252, without disclosing
+
+    def _expn(self, arg: str) -> None:
+        # Mailing list expansion gives addresses away (RFC 5321 7.3); not offered.
+        self._fail(replies.EXPN_DISABLED)
+
+    def _help(self, arg: str) -> None:
+        self._send(replies.HELP)
+
+    def _starttls(self, arg: str) -> None:
+        if arg:
+            raise RemoteProtocolError(replies.syntax_error("Syntax: STARTTLS"))
+        if not self.config.tls_available:
+            raise RemoteProtocolError(replies.not_implemented("STARTTLS not available"))
+        if self._session.tls:
+            raise RemoteProtocolError(replies.bad_sequence("TLS already active"))
+        if not self._session.esmtp:
+            raise RemoteProtocolError(replies.bad_sequence("Send EHLO first"))
+        self._send(replies.READY_FOR_TLS)
+        # Whatever followed STARTTLS in the same read was sent in plaintext and must not
+        # be executed as if it came over TLS (RFC 3207 4.2).
+        discarded = len(self._buffer)
+        self._buffer.clear()
+        self._commands.reset()
+        self._step(Step.STARTTLS)
+        self._events.append(StartTLS(discarded))
+
+    # --- AUTH --------------------------------------------------------------------
+
+    def _auth(self, arg: str) -> None:
+        if not self._session.esmtp:
+            raise RemoteProtocolError(replies.bad_sequence("Send EHLO first"))
+        if not self.config.auth_enabled:
+            raise RemoteProtocolError(replies.not_implemented("AUTH not available"))
+        if not self._auth_offered():
+            raise RemoteProtocolError(replies.AUTH_ENCRYPTION_REQUIRED)
+        if self._session.auth_user is not None:
+            raise RemoteProtocolError(replies.ALREADY_AUTHENTICATED)
+        parts = arg.split(" ")
+        if not arg or len(parts) > 2:
+            raise RemoteProtocolError(
+                replies.syntax_error("Syntax: AUTH mechanism [initial-response]")
+            )
+        mechanism = sasl.start(parts[0])
+        if mechanism is None:
+            raise RemoteProtocolError(replies.AUTH_UNKNOWN_MECHANISM)
+        initial = None
+        if len(parts) == 2:
+            initial = b"" if parts[1] == "=" else sasl.decode_response(parts[1])
+        step = mechanism.begin(initial)
+        self._mechanism = mechanism
+        self._sasl_lines = CommandReader(self.config.bare_newline, SASL_LINE_LIMIT)
+        self._step(Step.AUTH)
+        self._sasl_step(step)
+
+    def _sasl_step(self, step: sasl.Challenge | sasl.Credentials) -> None:
+        if isinstance(step, sasl.Challenge):
+            self._send(replies.challenge(step.text))
+        else:
+            self._decide(AuthRequest(step.mechanism, step.authzid, step.username, step.password))
+
+    def _sasl_response(self, line: bytes) -> None:
+        """One client line during the exchange: base64, or ``*`` to cancel."""
+        mechanism = self._mechanism
+        text = line.decode("latin-1").strip(" ")
+        if mechanism is None or text == "*":
+            self._end_auth()
+            self._fail(replies.AUTH_CANCELLED)
+            return
+        try:
+            step = mechanism.respond(sasl.decode_response(text))
+        except RemoteProtocolError as exc:
+            self._end_auth()
+            self._fail(exc.reply)
+            return
+        self._sasl_step(step)
+
+    def _end_auth(self) -> None:
+        self._mechanism = None
+        self._sasl_lines = None
+        self._step(Step.AUTH_DONE)
+
+
+_HANDLERS: Final[dict[Verb, Callable[[ServerProtocol, str], None]]] = {
+    Verb.HELO: ServerProtocol._helo,
+    Verb.EHLO: ServerProtocol._ehlo,
+    Verb.MAIL: ServerProtocol._mail,
+    Verb.RCPT: ServerProtocol._rcpt,
+    Verb.DATA: ServerProtocol._data_command,
+    Verb.BDAT: ServerProtocol._bdat,
+    Verb.RSET: ServerProtocol._rset,
+    Verb.NOOP: ServerProtocol._noop,
+    Verb.QUIT: ServerProtocol._quit,
+    Verb.VRFY: ServerProtocol._vrfy,
+    Verb.EXPN: ServerProtocol._expn,
+    Verb.HELP: ServerProtocol._help,
+    Verb.STARTTLS: ServerProtocol._starttls,
+    Verb.AUTH: ServerProtocol._auth,
+}

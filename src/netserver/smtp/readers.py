@@ -1,0 +1,343 @@
+"""Readers: how the bytes in the receive buffer are cut up, chosen by protocol state.
+
+Three readers share one receive buffer (a ``bytearray`` the protocol appends to):
+
+* `CommandReader` cuts command lines (and SASL response lines).  A line ends at CRLF
+  and nowhere else.  A bare CR or LF inside a line is an error, or is replaced by a
+  space when `BareNewline.REPLACE` is configured; it is never a line end, so that a
+  client and this server can never disagree about where a command stops.  A line is at
+  most 512 octets with its CRLF (RFC 5321 4.5.3.1.4), or more for commands whose
+  extensions raise the limit; an over-long line is discarded as it arrives, so memory
+  stays bounded, and reported once its CRLF shows up.
+* `DataReader` reads a DATA body.  It removes dot-stuffing (RFC 5321 4.5.2) and ends
+  only at CRLF "." CRLF, where the first CRLF may be the one that ended the DATA
+  command.  ``LF.LF``, ``CR.CR`` or ``LF.CRLF`` end nothing.  Bare CR/LF, lines over
+  1000 octets (4.5.3.1.6) and an over-size message are *recorded* and answered after
+  the terminator, as 4.2.5 requires; from the first such error on the body is dropped,
+  so memory never grows past the maximum message size.
+* `ChunkReader` reads exactly the octets a BDAT command announced (RFC 3030); they are
+  raw, with no line structure and no stuffing.
+
+The DATA reader works on runs of bytes between line starts that begin with a dot,
+using ``bytes.find``/``count``, rather than on single lines, because a multi-megabyte
+body should cost a handful of C-level scans, not a Python loop per line.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+__all__ = [
+    "COMMAND_LINE_LIMIT",
+    "EXTENDED_LINE_LIMITS",
+    "SASL_LINE_LIMIT",
+    "TEXT_LINE_LIMIT",
+    "BareNewline",
+    "ChunkEnd",
+    "ChunkReader",
+    "CommandLine",
+    "CommandReader",
+    "DataError",
+    "DataReader",
+    "LineError",
+    "MessageEnd",
+    "MessageSink",
+    "apply_newline_policy",
+    "has_bare_newline",
+]
+
+COMMAND_LINE_LIMIT = 512  # octets with CRLF, RFC 5321 4.5.3.1.4
+TEXT_LINE_LIMIT = 1000  # octets with CRLF, RFC 5321 4.5.3.1.6
+SASL_LINE_LIMIT = 12288  # AUTH command and responses, RFC 4954 4
+# Extensions raise the command line limit for the commands that carry their
+# parameters: SIZE (+26, RFC 1870), ENVID/RET (RFC 3461), AUTH= (+500, RFC 4954 5),
+# ORCPT (+500) and NOTIFY.  2048 covers all of them with room to spare.
+EXTENDED_LINE_LIMITS: dict[bytes, int] = {
+    b"MAIL ": 2048,
+    b"RCPT ": 2048,
+    b"AUTH ": SASL_LINE_LIMIT,
+}
+
+_TERMINATOR = b".\r\n"
+_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+class BareNewline(Enum):
+    """What to do with a CR or LF that is not part of a CRLF pair."""
+
+    REJECT = "reject"
+    REPLACE = "replace"
+
+
+def has_bare_newline(data: bytes) -> bool:
+    """True if ``data`` holds a CR or LF outside a CRLF pair."""
+    pairs = data.count(b"\r\n")
+    return data.count(b"\r") != pairs or data.count(b"\n") != pairs
+
+
+def apply_newline_policy(data: bytes, policy: BareNewline) -> bytes | None:
+    """Enforce the bare-newline policy on a whole body: None means reject it.
+
+    With `BareNewline.REPLACE` each bare CR or LF becomes CRLF, the line end the
+    sender most likely meant.
+    """
+    if not has_bare_newline(data):
+        return data
+    if policy is BareNewline.REJECT:
+        return None
+    return _BARE.sub(b"\r\n", data)
+
+
+# --- command lines -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CommandLine:
+    """One complete line, without its CRLF."""
+
+    line: bytes
+
+
+class LineErrorKind(Enum):
+    TOO_LONG = "too long"
+    BARE_NEWLINE = "bare newline"
+
+
+@dataclass(frozen=True, slots=True)
+class LineError:
+    """A line that was read to its CRLF but cannot be used."""
+
+    kind: LineErrorKind
+
+
+class CommandReader:
+    """Cuts CRLF-terminated lines out of the buffer, within a length limit.
+
+    ``limit`` is the default maximum (CRLF included); ``extended`` maps upper-case line
+    prefixes to larger limits.  `skip` makes the reader drop a number of octets first:
+    that is how the octets of a refused BDAT chunk are consumed without being taken
+    for commands (RFC 3030 2).
+    """
+
+    def __init__(
+        self,
+        policy: BareNewline,
+        limit: int = COMMAND_LINE_LIMIT,
+        extended: dict[bytes, int] | None = None,
+    ) -> None:
+        self._policy = policy
+        self._limit = limit
+        self._extended = extended or {}
+        self._discarding = False
+        self._skip = 0
+
+    def skip(self, octets: int) -> None:
+        """Drop the next ``octets`` octets before looking for lines."""
+        self._skip += octets
+
+    def reset(self) -> None:
+        """Forget a half-read line and pending skips (after STARTTLS)."""
+        self._discarding = False
+        self._skip = 0
+
+    def read(self, buf: bytearray) -> CommandLine | LineError | None:
+        """Take one line from ``buf``; None means more input is needed."""
+        if self._skip:
+            taken = min(self._skip, len(buf))
+            del buf[:taken]
+            self._skip -= taken
+            if self._skip:
+                return None
+        end = buf.find(b"\r\n")
+        if self._discarding:
+            return self._discard(buf, end)
+        limit = self._limit_for(buf)
+        if end < 0:
+            if len(buf) >= limit:
+                self._discarding = True
+                return self._discard(buf, end)
+            return None
+        line = bytes(buf[:end])
+        del buf[: end + 2]
+        if end + 2 > limit:
+            return LineError(LineErrorKind.TOO_LONG)
+        if b"\r" in line or b"\n" in line:
+            if self._policy is BareNewline.REJECT:
+                return LineError(LineErrorKind.BARE_NEWLINE)
+            line = line.replace(b"\r", b" ").replace(b"\n", b" ")
+        return CommandLine(line)
+
+    def _limit_for(self, buf: bytearray) -> int:
+        prefix = bytes(buf[:5]).upper()
+        return self._extended.get(prefix, self._limit)
+
+    def _discard(self, buf: bytearray, end: int) -> LineError | None:
+        """Drop an over-long line as it arrives; report it once its CRLF is seen."""
+        if end >= 0:
+            del buf[: end + 2]
+            self._discarding = False
+            return LineError(LineErrorKind.TOO_LONG)
+        # Keep a trailing CR: it may be the first half of the CRLF.
+        keep = 1 if buf.endswith(b"\r") else 0
+        del buf[: len(buf) - keep]
+        return None
+
+
+# --- message bodies ----------------------------------------------------------------
+
+
+class DataError(Enum):
+    """Why a received message cannot be accepted, found while reading it."""
+
+    TOO_BIG = "too big"
+    LINE_TOO_LONG = "line too long"
+    BARE_NEWLINE = "bare newline"
+
+
+class MessageSink:
+    """Collects a message body up to ``max_size`` octets.
+
+    The first error drops what was collected and everything after it; the size keeps
+    being counted, but memory is never spent on a message that will be refused.
+    """
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self.size = 0
+        self.error: DataError | None = None
+        self._body = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.error is not None:
+            return
+        if self.size > self.max_size:
+            self.fail(DataError.TOO_BIG)
+            return
+        self._body += data
+
+    def fail(self, error: DataError) -> None:
+        """Record the first error and let go of the body."""
+        if self.error is None:
+            self.error = error
+            self._body = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Octets held in memory (never more than ``max_size``)."""
+        return len(self._body)
+
+    def getvalue(self) -> bytes:
+        return bytes(self._body)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageEnd:
+    """The DATA terminator was read: the body, or the error to answer with."""
+
+    data: bytes
+    size: int
+    error: DataError | None
+
+
+class DataReader:
+    """Reads one DATA body from the buffer until CRLF.CRLF, unstuffing dots."""
+
+    def __init__(self, policy: BareNewline, max_size: int) -> None:
+        self._policy = policy
+        self._sink = MessageSink(max_size)
+        self._line_start = True  # the DATA command's own CRLF opens the first line
+        self._line_len = 0  # octets of the current, unfinished line
+
+    def read(self, buf: bytearray) -> MessageEnd | None:
+        """Consume ``buf``; a `MessageEnd` once the terminator is read, else None."""
+        while buf:
+            if self._line_start:
+                if len(buf) < 3 and _TERMINATOR.startswith(buf):
+                    return None  # "." or ".\r": could still be the terminator
+                if buf.startswith(_TERMINATOR):
+                    del buf[:3]
+                    return self._finish()
+                if buf[0] == 0x2E:
+                    del buf[:1]  # a stuffed dot; it does not count toward the limit
+                self._line_start = False
+            # Everything up to the next line that starts with a dot needs no
+            # per-line handling; without such a line, take all but a trailing CR.
+            dot_line = buf.find(b"\r\n.")
+            if dot_line >= 0:
+                end = dot_line + 2
+            else:
+                end = len(buf) - 1 if buf.endswith(b"\r") else len(buf)
+            if end == 0:
+                return None
+            segment = bytes(buf[:end])
+            del buf[:end]
+            self._line_start = segment.endswith(b"\r\n")
+            self._take(segment)
+        return None
+
+    def _take(self, segment: bytes) -> None:
+        # Once the message is known to be refused, only its size is still counted.
+        if self._sink.error is None:
+            if has_bare_newline(segment):
+                if self._policy is BareNewline.REJECT:
+                    self._sink.fail(DataError.BARE_NEWLINE)
+                else:
+                    segment = _BARE.sub(b"\r\n", segment)
+            if self._too_long(segment):
+                self._sink.fail(DataError.LINE_TOO_LONG)
+        self._sink.write(segment)
+
+    def _too_long(self, segment: bytes) -> bool:
+        """Track line lengths across segments; True if any line passed 1000 octets."""
+        first = segment.find(b"\r\n")
+        if first < 0:
+            self._line_len += len(segment)
+            return self._line_len + 2 > TEXT_LINE_LIMIT
+        too_long = self._line_len + first + 2 > TEXT_LINE_LIMIT
+        last = segment.rfind(b"\r\n")
+        middle = segment[first + 2 : last]
+        if len(middle) + 2 > TEXT_LINE_LIMIT:
+            too_long = too_long or max(map(len, middle.split(b"\r\n"))) + 2 > TEXT_LINE_LIMIT
+        self._line_len = len(segment) - last - 2
+        return too_long or self._line_len + 2 > TEXT_LINE_LIMIT
+
+    def _finish(self) -> MessageEnd:
+        sink = self._sink
+        return MessageEnd(sink.getvalue(), sink.size, sink.error)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkEnd:
+    """All octets of a BDAT chunk were read."""
+
+    size: int
+    last: bool
+
+
+class ChunkReader:
+    """Reads the octets of one BDAT chunk into a `MessageSink` shared by all chunks."""
+
+    def __init__(self, sink: MessageSink, size: int, last: bool) -> None:
+        self._sink = sink
+        self._size = size
+        self._remaining = size
+        self._last = last
+
+    @property
+    def remaining(self) -> int:
+        """Octets of the chunk not read yet."""
+        return self._remaining
+
+    def read(self, buf: bytearray) -> ChunkEnd | None:
+        """Consume up to the rest of the chunk; a `ChunkEnd` when it is complete."""
+        taken = min(self._remaining, len(buf))
+        if taken:
+            self._sink.write(bytes(buf[:taken]))
+            del buf[:taken]
+            self._remaining -= taken
+        if self._remaining:
+            return None
+        return ChunkEnd(self._size, self._last)
