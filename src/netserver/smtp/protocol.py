@@ -13,7 +13,10 @@ follows this contract:
    only buffered.  The I/O layer runs its policy (which may take time: a DNS lookup,
    the spool's fsync before a 250), then calls `ServerProtocol.accept` (optionally
    with its own 2xx reply, e.g. ``replies.queued(queue_id)``) or
-   `ServerProtocol.reject` with a 4xx/5xx reply.  A 421 closes the session.
+   `ServerProtocol.reject` with a 4xx/5xx reply.  A 421 closes the session.  A
+   refused MAIL, RCPT or EHLO changes nothing else; a refused DATA/BDAT or message
+   ends the transaction (as RSET would), so a pipelining client cannot carry on
+   into a half-refused transaction.
 5. Then it calls `ServerProtocol.resume`, which processes what was buffered and
    returns the next events, exactly like `receive_data`.
 
@@ -422,17 +425,39 @@ def _declares_smtputf8(param_text: str) -> bool:
 
 # --- the protocol object -----------------------------------------------------------
 
+_NEW_SESSION: Final = Session()
+_TLS_SESSION: Final = Session(tls=True)
+
 _Item = CommandLine | LineError | MessageEnd | ChunkEnd
 
 
 class ServerProtocol:
     """One SMTP server session.  See the module docstring for the contract."""
 
+    # Slots keep an idle session small: thousands of them may be open at once.
+    __slots__ = (
+        "_buffer",
+        "_chunk",
+        "_commands",
+        "_data",
+        "_envelope",
+        "_errors",
+        "_events",
+        "_mechanism",
+        "_out",
+        "_pending",
+        "_sasl_lines",
+        "_session",
+        "_sink",
+        "_state",
+        "config",
+    )
+
     def __init__(self, config: ServerConfig, greeting: Reply | None = None) -> None:
         """Queue the greeting: 220 by default, or a 554 refusal or a 421 (RFC 5321 3.1)."""
         self.config = config
         self._state = _S.CONNECTED
-        self._session = Session()
+        self._session = _NEW_SESSION
         self._envelope: Envelope | None = None
         self._pending: Decision | None = None
         self._events: list[Event] = []
@@ -499,9 +524,10 @@ class ServerProtocol:
 
     def receive_data(self, data: bytes) -> list[Event]:
         """Take bytes from the client; return the events they cause (see module doc)."""
-        if self._state in (_S.TLS, _S.CLOSED):
-            return []  # plaintext before the handshake, or anything after the end
-        self._buffer += data
+        # Plaintext between STARTTLS and the handshake, and anything after the end,
+        # is dropped unseen.
+        if self._state not in (_S.TLS, _S.CLOSED):
+            self._buffer += data
         return self.resume()
 
     def resume(self) -> list[Event]:
@@ -574,7 +600,7 @@ class ServerProtocol:
         """The handshake after STARTTLS succeeded: start over, as RFC 3207 4.2 says."""
         if self._state is not _S.TLS:
             raise LocalProtocolError("tls_started() without a STARTTLS in progress")
-        self._session = Session(tls=True)
+        self._session = _TLS_SESSION
         self._envelope = None
         self._buffer.clear()
         self._commands.reset()

@@ -61,6 +61,7 @@ EXTENDED_LINE_LIMITS: dict[bytes, int] = {
 }
 
 _TERMINATOR = b".\r\n"
+_NO_EXTENSIONS: dict[bytes, int] = {}
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 
@@ -121,6 +122,8 @@ class CommandReader:
     for commands (RFC 3030 2).
     """
 
+    __slots__ = ("_discarding", "_extended", "_limit", "_policy", "_skip")
+
     def __init__(
         self,
         policy: BareNewline,
@@ -129,7 +132,7 @@ class CommandReader:
     ) -> None:
         self._policy = policy
         self._limit = limit
-        self._extended = extended or {}
+        self._extended = extended or _NO_EXTENSIONS
         self._discarding = False
         self._skip = 0
 
@@ -203,6 +206,8 @@ class MessageSink:
     being counted, but memory is never spent on a message that will be refused.
     """
 
+    __slots__ = ("_body", "error", "max_size", "size")
+
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
         self.size = 0
@@ -244,6 +249,8 @@ class MessageEnd:
 
 class DataReader:
     """Reads one DATA body from the buffer until CRLF.CRLF, unstuffing dots."""
+
+    __slots__ = ("_line_len", "_line_start", "_policy", "_sink")
 
     def __init__(self, policy: BareNewline, max_size: int) -> None:
         self._policy = policy
@@ -319,6 +326,8 @@ class ChunkEnd:
 
 class ChunkReader:
     """Reads the octets of one BDAT chunk into a `MessageSink` shared by all chunks."""
+
+    __slots__ = ("_last", "_remaining", "_sink", "_size")
 
     def __init__(self, sink: MessageSink, size: int, last: bool) -> None:
         self._sink = sink

@@ -151,14 +151,20 @@ def greeting(hostname: str) -> Reply:
     return Reply(220, None, f"{hostname} ESMTP ready")
 
 
+def _greets(hostname: str, client: str) -> str:
+    # The client's name is echoed only while it is no longer than a domain can be, so
+    # the reply line stays within 512 octets (RFC 5321 4.5.3.1.5).
+    return f"{hostname} greets {client if len(client.encode()) <= 255 else 'you'}"
+
+
 def helo(hostname: str, client: str) -> Reply:
     """The 250 answer to HELO."""
-    return Reply(250, None, f"{hostname} greets {client}")
+    return Reply(250, None, _greets(hostname, client))
 
 
 def ehlo(hostname: str, client: str, keywords: tuple[str, ...]) -> Reply:
     """The multi-line 250 answer to EHLO: the greeting line, then one extension a line."""
-    return Reply(250, None, (f"{hostname} greets {client}", *keywords))
+    return Reply(250, None, (_greets(hostname, client), *keywords))
 
 
 def closing(hostname: str) -> Reply:

@@ -73,6 +73,7 @@ class Plain:
     """PLAIN: one message, ``[authzid] NUL authcid NUL passwd`` (RFC 4616 2)."""
 
     name = "PLAIN"
+    __slots__ = ()
 
     def begin(self, initial: bytes | None) -> Challenge | Credentials:
         # Without an initial response the server sends an empty challenge.
@@ -93,6 +94,7 @@ class Login:
     """
 
     name = "LOGIN"
+    __slots__ = ("_username",)
 
     def __init__(self) -> None:
         self._username: str | None = None
