@@ -269,6 +269,7 @@ class Spool:
 
 @dataclass
 class _Request:
+    qid: str
     envelope: Envelope
     data: bytes
     loop: asyncio.AbstractEventLoop
@@ -292,11 +293,15 @@ class GroupCommitter:
         self._thread = threading.Thread(target=self._run, name="leafmail-commit", daemon=True)
         self._thread.start()
 
-    async def commit(self, envelope: Envelope, data: bytes) -> str:
-        """Spool one message durably; returns its queue id or raises SpoolError."""
+    async def commit(self, envelope: Envelope, data: bytes, qid: str | None = None) -> str:
+        """Spool one message durably; returns its queue id or raises SpoolError.
+
+        Pass `qid` (from `new_id`) when the id must be known before the commit, e.g. for
+        the message's own Received header.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
-        self._queue.put(_Request(envelope, data, loop, future))
+        self._queue.put(_Request(qid or new_id(), envelope, data, loop, future))
         return await future
 
     def close(self) -> None:
@@ -327,7 +332,7 @@ class GroupCommitter:
     def _commit_batch(self, batch: list[_Request]) -> None:
         written: list[tuple[_Request, str, int]] = []
         for req in batch:
-            qid = new_id()
+            qid = req.qid
             try:
                 fd = self.spool.write_tmp(qid, encode(req.envelope, req.data))
             except OSError as exc:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from .connlog import ServerLog
 from .listeners import Listener
 
-_RESOURCE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_RESOURCE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EAGAIN}
 _BATCH = 64
 _MIN_DELAY = 0.05
 _MAX_DELAY = 1.0
@@ -82,8 +82,14 @@ class AcceptLoop:
                     self._back_off(exc)
                     return
                 continue  # ECONNABORTED, EPROTO, EPERM (firewall): that client only
+            try:
+                self.on_accept(sock, addr, listener)
+            except OSError as exc:  # the mode ran out of descriptors or processes
+                if exc.errno not in _RESOURCE:
+                    raise
+                self._back_off(exc)
+                return
             self._delay = _MIN_DELAY
-            self.on_accept(sock, addr, listener)
 
     def _back_off(self, exc: OSError) -> None:
         if self._delay == _MIN_DELAY:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -20,6 +21,17 @@ from . import tcpinfo
 from .modes.base import Accepted, ModeContext, status_for_exit
 
 KILL_AFTER = 5.0
+
+
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EAGAIN})
+
+
+def kill_and_reap(pid: int) -> None:
+    """End a child we cannot watch, and collect it so it is no zombie."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 def watch_child(loop: asyncio.AbstractEventLoop, pid: int, on_exit: Callable[[int], None]) -> int:
@@ -145,15 +157,24 @@ class ProcessMode:
         """Nothing to prepare: each connection gets its own process."""
 
     def dispatch(self, conn: Accepted) -> None:
+        """Start the child and watch it; on failure end the connection cleanly.
+
+        A resource error (EMFILE after the fork, say) is raised again once the
+        connection is accounted for, so the accept loop backs off.
+        """
+        pid = 0
         try:
             pid = self.start_child(conn)
+            self.table.adopt(pid, conn)
         except OSError as exc:
+            if pid > 0:
+                kill_and_reap(pid)
             self.ctx.log.error("cannot start a process", error=str(exc))
             conn.record.status = "spawn-failed"
             conn.sock.close()
             self.ctx.finished(conn)
-            return
-        self.table.adopt(pid, conn)
+            if exc.errno in RESOURCE_ERRNOS:
+                raise
 
     def active(self) -> int:
         return self.table.active()

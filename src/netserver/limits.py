@@ -43,6 +43,7 @@ class Admission:
     clock: Callable[[], float] = time.monotonic
     _open: dict[str, int] = field(default_factory=dict)
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
+    _prune_at: int = 65536
     total: int = 0
 
     def admit(self, peer: Endpoint) -> str | None:
@@ -80,8 +81,10 @@ class Admission:
             bucket = self._buckets[key] = _Bucket(burst, now)
         bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rate)
         bucket.stamp = now
-        if len(self._buckets) > 65536:
+        if len(self._buckets) > self._prune_at:
             self._forget_full(now, burst)
+            # Scan again only when the table has doubled: O(1) amortised per admission.
+            self._prune_at = max(65536, 2 * len(self._buckets))
         if bucket.tokens < 1.0:
             return False
         bucket.tokens -= 1.0

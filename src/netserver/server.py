@@ -145,10 +145,11 @@ class Server:
         self.acceptor.gate = lambda: not self.admission.full
         for listener in self.listeners:
             fds.add(listener.sock.fileno())
-        self.mode.start()
         installed = self._install_signals(loop)
-        self.acceptor.resume()
+        # Announce before the mode starts: prefork workers must not inherit --ready-fd.
         self._announce()
+        self.mode.start()
+        self.acceptor.resume()
         try:
             await self._stop.wait()
         finally:

@@ -17,6 +17,9 @@ _LAST_DATA_OFFSET = 44
 _BYTES = struct.Struct("=QQ")  # tcpi_bytes_acked, tcpi_bytes_received
 _BYTES_OFFSET = 120
 _SIZE = _BYTES_OFFSET + _BYTES.size
+_SENT = struct.Struct("=QQ")  # tcpi_bytes_sent, tcpi_bytes_retrans (Linux 4.19+)
+_SENT_OFFSET = 200
+_FULL_SIZE = _SENT_OFFSET + _SENT.size
 # A FIN takes a sequence number, and the kernel's byte counters are sequence deltas.
 # States (include/net/tcp_states.h) in which the peer's FIN was received, and ours acked:
 _PEER_FIN = {6, 7, 8, 9, 11}  # TIME_WAIT, CLOSE, CLOSE_WAIT, LAST_ACK, CLOSING
@@ -37,14 +40,19 @@ def read(sock: socket.socket) -> TcpStats | None:
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return None
     try:
-        raw = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _SIZE)
+        raw = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _FULL_SIZE)
     except OSError:
         return None
     if len(raw) < _SIZE:
         return None
     last_sent, last_recv = _LAST_DATA.unpack_from(raw, _LAST_DATA_OFFSET)
-    sent, received = _BYTES.unpack_from(raw, _BYTES_OFFSET)
+    acked, received = _BYTES.unpack_from(raw, _BYTES_OFFSET)
     state = raw[0]
     received -= 1 if state in _PEER_FIN and received else 0
-    sent -= 1 if state in _OUR_FIN_ACKED and sent else 0
+    if len(raw) >= _FULL_SIZE:
+        # Data octets only: no SYN, no FIN, retransmissions taken out.
+        sent_total, retrans = _SENT.unpack_from(raw, _SENT_OFFSET)
+        sent = sent_total - retrans
+    else:
+        sent = acked - (1 if state in _OUR_FIN_ACKED and acked else 0)
     return TcpStats(sent, received, min(last_sent, last_recv))

@@ -19,7 +19,7 @@ import sys
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..children import watch_child
+from ..children import kill_and_reap, watch_child
 from ..connection import Connection
 from ..endpoint import Endpoint
 from .base import Accepted, ModeContext, run_sync, status_for_exit
@@ -27,6 +27,7 @@ from .fork import bind_process_stdio, flush_quietly, reset_child_signals
 
 _REPORT = struct.Struct("=cQQi")  # kind, bytes in, bytes out, exit code
 _DONE, _RETIRING, _QUIT, _CONN = b"D", b"R", b"Q", b"C"
+RETRY_SPAWN = 1.0  # seconds before trying again to start a worker when none runs
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class PreforkMode:
         self.idle: deque[_Worker] = deque()
         self.pending: deque[Accepted] = deque()
         self.stopping = False
+        self._retry_pending = False
         self._empty = asyncio.Event()
 
     def start(self) -> None:
@@ -110,13 +112,18 @@ class PreforkMode:
             self._spawn()
 
     def _spawn(self) -> _Worker | None:
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        """Start a worker; None (logged, retried later) when the system says no."""
+        try:
+            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:
+            self._cannot_spawn(exc)
+            return None
         try:
             pid = os.fork()
         except OSError as exc:
-            self.ctx.log.error("fork failed", error=str(exc))
             parent_end.close()
             child_end.close()
+            self._cannot_spawn(exc)
             return None
         if pid == 0:
             code = 70
@@ -127,14 +134,33 @@ class PreforkMode:
                 os._exit(code)
         child_end.close()
         worker = _Worker(pid, parent_end)
+        try:
+            worker.pidfd = watch_child(self.ctx.loop, pid, lambda code: self._exited(worker, code))
+        except OSError as exc:
+            kill_and_reap(pid)
+            parent_end.close()
+            self._cannot_spawn(exc)
+            return None
         self.ctx.fds.add(parent_end.fileno())
-        worker.pidfd = watch_child(self.ctx.loop, pid, lambda code: self._exited(worker, code))
         self.ctx.fds.add(worker.pidfd)
         self.ctx.loop.add_reader(parent_end.fileno(), self._report, worker)
         self.workers[pid] = worker
         self.idle.append(worker)
         self._empty.clear()
         return worker
+
+    def _cannot_spawn(self, exc: OSError) -> None:
+        self.ctx.log.error("cannot start a worker", error=str(exc))
+        if not self.workers and not self._retry_pending:
+            self._retry_pending = True
+            self.ctx.loop.call_later(RETRY_SPAWN, self._retry_spawn)
+
+    def _retry_spawn(self) -> None:
+        self._retry_pending = False
+        if not self.stopping:
+            while len(self.workers) < self.size.minimum and self._spawn():
+                pass
+            self._assign()
 
     def dispatch(self, conn: Accepted) -> None:
         self.pending.append(conn)
