@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/netserver serve --listen 127.0.0.1:2525 --mode thread --handler examples.eliza:main
+	$(BIN)/leafmail serve --listen 127.0.0.1:2525 --spool ./spool --hostname localhost
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests examples bench

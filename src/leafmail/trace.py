@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import email.utils
 import re
+import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 _UNSAFE = re.compile(r"[^\x21-\x7e\u00a0-\U0010ffff]")
 
@@ -40,7 +42,8 @@ def received_header(
     if tls:
         via += f" ({_clean(tls)})"
     lines.append("\t" + via)
-    date = email.utils.formatdate(timestamp, localtime=False, usegmt=False)
+    when = datetime.fromtimestamp(time.time() if timestamp is None else timestamp, UTC)
+    date = email.utils.format_datetime(when)  # "+0000": UTC, not the "-0000" of unknown
     if len(recipients) == 1:
         lines.append(f"\tfor <{_clean(recipients[0])}>; {date}")
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from typing import Any, cast
 
 from .endpoint import Endpoint
@@ -178,6 +179,23 @@ class AsyncConnection(asyncio.Protocol):
     def lost_error(self) -> BaseException | None:
         """Why the connection was lost, if it was lost by an error."""
         return self._error
+
+    async def start_tls(self, context: ssl.SSLContext, timeout: float = 60.0) -> None:
+        """Become the TLS server on this connection (STARTTLS).
+
+        Plaintext the client sent after the command that asked for TLS is discarded
+        unread: it cannot be trusted to come from the party that will hold the session.
+        """
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("connection closed")
+        self._buf.clear()
+        loop = asyncio.get_running_loop()
+        transport = await loop.start_tls(
+            self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
+        )
+        if transport is None:
+            raise ConnectionResetError("connection closed during the TLS handshake")
+        self.transport = transport
 
     def get_extra_info(self, name: str) -> Any:
         """Transport details (``socket``, ``ssl_object``, ...)."""

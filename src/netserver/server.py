@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -57,6 +58,8 @@ class Server:
         refuse_message: str | None = None,
         loop: str = "auto",
         on_ready: Callable[[list[Endpoint]], None] | None = None,
+        tls: ssl.SSLContext | None = None,
+        signals: bool = True,
     ) -> None:
         self.handler = as_handler(handler)
         self.mode_name = mode or ("async" if isinstance(self.handler, AsyncHandler) else "fork")
@@ -79,6 +82,10 @@ class Server:
         self.refuse_message = refuse_message
         self.loop_kind = loop
         self.on_ready = on_ready
+        if tls is not None and not isinstance(self.handler, AsyncHandler):
+            raise ConfigError("implicit TLS needs an async handler (event-loop mode)")
+        self.tls = tls
+        self.handle_signals = signals
         self.listeners: list[Listener] = []
         self.ready = threading.Event()
         self.admission = Admission(self.limits)
@@ -117,7 +124,7 @@ class Server:
     def run(self) -> None:
         """Bind, serve until stopped by a signal or `stop()`, then clean up."""
         self.bind()
-        runner = _loop_factory(self.loop_kind)
+        runner = loop_factory(self.loop_kind)
         with asyncio.Runner(loop_factory=runner) as r:
             r.run(self.serve())
 
@@ -138,7 +145,7 @@ class Server:
             self._stop.set()
         fds = self.fds = FdRegistry()
         ctx = ModeContext(
-            self.handler, self.limits, self.log, loop, fds, self._finished, self.mode_name
+            self.handler, self.limits, self.log, loop, fds, self._finished, self.mode_name, self.tls
         )
         self.mode = self._make_mode(ctx)
         self.acceptor = AcceptLoop(loop, self.listeners, self._accepted, self.log)
@@ -175,7 +182,7 @@ class Server:
         self.log.info("access rules reloaded", rules=self.access.describe())
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
-        if threading.current_thread() is not threading.main_thread():
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
             return []
         loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal)
         loop.add_signal_handler(signal.SIGINT, self._on_stop_signal)
@@ -293,7 +300,7 @@ def serve(
     Server(handler, listen, **options).run()
 
 
-def _loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
+def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
     if kind in ("auto", "uvloop"):
         try:
             import uvloop

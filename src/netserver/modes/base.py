@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import sys
 import traceback
 from collections.abc import Callable
@@ -97,6 +98,7 @@ class ModeContext:
     fds: FdRegistry
     finished: Callable[[Accepted], None]
     mode_name: str
+    tls: ssl.SSLContext | None = None  # implicit TLS on every connection (event-loop mode)
 
 
 class Mode(Protocol):

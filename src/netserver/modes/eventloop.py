@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import sys
 import traceback
 
@@ -49,6 +50,7 @@ class EventLoopMode:
             _transport, proto = await self.ctx.loop.connect_accepted_socket(
                 lambda: AsyncConnection(max_line=limits.max_line, timeout=limits.timeout),
                 conn.sock,
+                ssl=self.ctx.tls,
             )
             await self.func(proto)
             await proto.close()
@@ -56,6 +58,8 @@ class EventLoopMode:
             record.status = "terminated"
         except LineTooLong:
             record.status = "line-too-long"
+        except ssl.SSLError:
+            record.status = "tls-failed"
         except (ConnectionError, asyncio.IncompleteReadError):
             record.status = "client-gone"
         except Exception:

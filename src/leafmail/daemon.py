@@ -1,0 +1,174 @@
+"""`leafmail serve`: the listeners, the shared group committer, signals and readiness.
+
+Up to three kinds of listener share one event loop and one spool: plain SMTP
+(``smtp.listen``), submission with AUTH required (``smtp.submission_listen``) and
+implicit TLS (``smtp.smtps_listen``). SIGTERM/SIGINT stop them all gracefully; mail
+already answered 250 is in the spool by then, and a commit in progress finishes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from netserver import AsyncHandler, Endpoint, Limits, Server
+from netserver.connlog import ServerLog
+from netserver.errors import ConfigError
+from netserver.smtp import BareNewline, ServerConfig
+
+from .auth import Users, load_users
+from .checks import Stage
+from .checks.loops import loop_check
+from .checks.relay import relay_check
+from .config import Config
+from .receive import Policy, ReceiveService
+from .spool import GroupCommitter, Spool
+
+SESSION_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: at least five minutes between commands
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """The server TLS context from smtp.tls_cert/tls_key, or None when not configured."""
+    if not config.smtp.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.smtp.tls_cert, config.smtp.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS certificate or key: {exc}") from None
+    return context
+
+
+def policy_for(config: Config) -> Policy:
+    """The checks leafmail runs: relay control at RCPT, loop detection at end of data."""
+    return Policy(
+        {
+            Stage.RCPT: [relay_check(config.local_domains, config.relay_policy())],
+            Stage.END_OF_DATA: [loop_check],
+        }
+    )
+
+
+@dataclass
+class _Role:
+    name: str
+    listen: tuple[str, ...]
+    service: ReceiveService
+    implicit_tls: bool = False
+
+
+class Daemon:
+    """Everything `leafmail serve` runs, built from a `Config`."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        log: ServerLog | None = None,
+        on_ready: Callable[[list[Endpoint]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.log = log or ServerLog()
+        self.on_ready = on_ready
+        self.tls = tls_context(config)
+        self.users: Users | None = (
+            load_users(config.auth.users_file) if config.auth.users_file else None
+        )
+        self.spool = Spool(config.spool)
+        self.servers: list[Server] = []
+        self._ready: list[Endpoint] = []
+
+    def _smtp_config(self, *, tls_active_offer: bool) -> ServerConfig:
+        smtp = self.config.smtp
+        return ServerConfig(
+            hostname=self.config.hostname,
+            max_message_size=smtp.max_message_size,
+            max_recipients=smtp.max_recipients,
+            max_errors=smtp.max_errors,
+            tls_available=tls_active_offer,
+            auth_enabled=self.users is not None,
+            auth_plaintext_allowed=smtp.allow_plaintext_auth,
+            bare_newline=BareNewline.REPLACE if smtp.bare_lf == "replace" else BareNewline.REJECT,
+        )
+
+    def _roles(self, committer: GroupCommitter) -> list[_Role]:
+        smtp, policy = self.config.smtp, policy_for(self.config)
+
+        def service(*, offer_tls: bool, require_auth: bool) -> ReceiveService:
+            return ReceiveService(
+                self._smtp_config(tls_active_offer=offer_tls),
+                committer,
+                policy,
+                users=self.users,
+                tls=self.tls,
+                require_auth=require_auth,
+            )
+
+        has_tls = self.tls is not None
+        roles = [
+            _Role("smtp", smtp.listen, service(offer_tls=has_tls, require_auth=False)),
+            _Role(
+                "submission",
+                smtp.submission_listen,
+                service(offer_tls=has_tls, require_auth=True),
+            ),
+            _Role(
+                "smtps",
+                smtp.smtps_listen,
+                service(offer_tls=False, require_auth=False),
+                implicit_tls=True,
+            ),
+        ]
+        return [role for role in roles if role.listen]
+
+    def _server(self, role: _Role) -> Server:
+        limits = Limits(max_conns=self.config.smtp.max_sessions, timeout=SESSION_TIMEOUT)
+        return Server(
+            AsyncHandler(role.service.handle),
+            list(role.listen),
+            mode="async",
+            limits=limits,
+            log=self.log,
+            tls=self.tls if role.implicit_tls else None,
+            signals=False,
+            on_ready=self._one_ready,
+        )
+
+    def _one_ready(self, addresses: list[Endpoint]) -> None:
+        self._ready.extend(addresses)
+        if len(self._ready) == sum(len(s.addresses) for s in self.servers) and self.on_ready:
+            self.on_ready(self._ready)
+
+    def bind(self) -> list[Endpoint]:
+        """Open every listener now (errors surface before anything runs)."""
+        return [a for server in self.servers for a in server.bind()]
+
+    async def serve(self) -> None:
+        """Run until SIGTERM/SIGINT (or `stop`)."""
+        removed = self.spool.clean_tmp()
+        if removed:
+            self.log.info("removed unanswered partial messages from tmp/", count=removed)
+        committer = GroupCommitter(self.spool)
+        try:
+            self.servers = [self._server(role) for role in self._roles(committer)]
+            if not self.servers:
+                raise ConfigError("nothing to listen on: smtp.listen is empty")
+            self.bind()
+            self._install_signals()
+            await asyncio.gather(*(server.serve() for server in self.servers))
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, committer.close)
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+
+    def stop(self) -> None:
+        """Stop every listener gracefully."""
+        for server in self.servers:
+            server.stop()

@@ -1,0 +1,231 @@
+"""leafmail's SMTP service: drives the sans-I/O protocol, runs the checks, spools.
+
+One `ReceiveService` serves one kind of listener (plain SMTP, submission with AUTH
+required, or implicit TLS). Each connection is an async netserver handler: bytes from
+the socket go into `ServerProtocol`; each decision event runs the checks of its stage;
+a complete message gets its Received header and is committed to the spool through the
+group committer, and only when the commit returned does the client get its 250.
+The service never delivers mail: delivery reads the spool (DESIGN.md data flow).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from netserver.aio import AsyncConnection
+from netserver.smtp import (
+    AuthRequest,
+    DataStart,
+    Decision,
+    Event,
+    Helo,
+    MailFrom,
+    MessageReady,
+    RcptTo,
+    ServerConfig,
+    ServerProtocol,
+    StartTLS,
+    received_protocol,
+    replies,
+)
+from netserver.smtp.protocol import Envelope as SmtpEnvelope
+from netserver.smtp.protocol import Session as SmtpSession
+from netserver.smtp.replies import Reply
+
+from .auth import Users
+from .checks import Accept, Check, Session, Stage, Verdict, run_checks
+from .envelope import ClientInfo, Envelope, Recipient
+from .spool import GroupCommitter, SpoolError, new_id
+from .trace import received_header
+
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+SPOOL_FAILED = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+READ_SIZE = 65536
+
+
+@dataclass
+class Policy:
+    """The checks to run at each stage."""
+
+    stages: dict[Stage, list[Check]] = field(default_factory=dict)
+
+    def judge(self, stage: Stage, session: Session) -> Verdict:
+        return run_checks(self.stages.get(stage, ()), session)
+
+
+@dataclass
+class ReceiveService:
+    """The SMTP handler for one listener role, and what it shares with the others."""
+
+    smtp: ServerConfig
+    committer: GroupCommitter
+    policy: Policy
+    users: Users | None = None
+    tls: ssl.SSLContext | None = None
+    require_auth: bool = False
+
+    async def handle(self, conn: AsyncConnection) -> None:
+        """Serve one SMTP session on `conn` until QUIT, 421 or the client leaves."""
+        proto = ServerProtocol(self.smtp)
+        facts = Session(conn.peer.ip)
+        conn.write(proto.data_to_send())
+        while not proto.closed:
+            data = await conn.read(READ_SIZE)
+            if not data:
+                return
+            events = proto.receive_data(data)
+            while events:
+                decided = await self._dispatch(conn, proto, facts, events)
+                out = proto.data_to_send()
+                if out:
+                    conn.write(out)
+                events = proto.resume() if decided else []
+            await conn.drain()
+        await conn.close()
+
+    async def _dispatch(
+        self,
+        conn: AsyncConnection,
+        proto: ServerProtocol,
+        facts: Session,
+        events: Sequence[Event],
+    ) -> bool:
+        """Act on a batch of events; True if a decision was made (so `resume`)."""
+        for event in events:
+            if isinstance(event, StartTLS):
+                await self._start_tls(conn, proto)
+                facts.tls, facts.helo = True, None
+            elif isinstance(event, Decision):
+                await self._decision(conn, proto, facts, event)
+                return True  # a decision is always the last event of a batch
+        return False
+
+    async def _decision(
+        self, conn: AsyncConnection, proto: ServerProtocol, facts: Session, event: Decision
+    ) -> None:
+        """Run the stage's checks for one decision event and answer it."""
+        match event:
+            case Helo():
+                facts.helo = event.name
+                self._decide(proto, self.policy.judge(Stage.HELO, facts))
+            case MailFrom():
+                self._mail(proto, facts, event)
+            case RcptTo():
+                facts.recipient = event.recipient
+                verdict = self.policy.judge(Stage.RCPT, facts)
+                if isinstance(verdict, Accept):
+                    facts.recipients.append(event.recipient)
+                self._decide(proto, verdict)
+            case DataStart():
+                self._decide(proto, self.policy.judge(Stage.DATA, facts))
+            case MessageReady():
+                await self._message(conn, proto, facts, event)
+            case AuthRequest():
+                await self._auth(proto, facts, event)
+            case _:
+                raise TypeError(f"unexpected decision {event!r}")
+
+    @staticmethod
+    def _decide(proto: ServerProtocol, verdict: Verdict, ok: Reply | None = None) -> None:
+        if isinstance(verdict, Accept):
+            proto.accept(ok)
+        else:
+            proto.reject(verdict.reply)
+
+    def _mail(self, proto: ServerProtocol, facts: Session, event: MailFrom) -> None:
+        if self.require_auth and facts.user is None:
+            proto.reject(AUTH_REQUIRED)
+            return
+        facts.sender = event.sender
+        facts.recipients = []
+        self._decide(proto, self.policy.judge(Stage.MAIL, facts))
+
+    async def _start_tls(self, conn: AsyncConnection, proto: ServerProtocol) -> None:
+        assert self.tls is not None
+        conn.write(proto.data_to_send())
+        await conn.start_tls(self.tls)
+        proto.tls_started()
+
+    async def _auth(self, proto: ServerProtocol, facts: Session, event: AuthRequest) -> None:
+        users = self.users
+        ok = False
+        if users is not None and (not event.authzid or event.authzid == event.username):
+            loop = asyncio.get_running_loop()
+            ok = await loop.run_in_executor(None, users.verify, event.username, event.password)
+        if ok:
+            facts.user = event.username
+            proto.accept()
+        else:
+            proto.reject(replies.AUTH_FAILED)
+
+    async def _message(
+        self, conn: AsyncConnection, proto: ServerProtocol, facts: Session, event: MessageReady
+    ) -> None:
+        facts.data = event.data
+        verdict = self.policy.judge(Stage.END_OF_DATA, facts)
+        facts.data = b""
+        if not isinstance(verdict, Accept):
+            proto.reject(verdict.reply)
+            return
+        envelope = self._envelope(conn, event.session, event.envelope)
+        qid = new_id()
+        header = received_header(
+            helo=event.session.helo,
+            client_ip=envelope.client.ip,
+            hostname=self.smtp.hostname,
+            protocol=envelope.client.protocol,
+            qid=qid,
+            recipients=[r.address for r in envelope.recipients],
+            tls=envelope.client.tls,
+        )
+        try:
+            await self.committer.commit(envelope, header + event.data, qid=qid)
+        except SpoolError:
+            proto.reject(SPOOL_FAILED)
+            return
+        proto.accept(replies.queued(qid))
+
+    def _envelope(
+        self, conn: AsyncConnection, session: SmtpSession, smtp: SmtpEnvelope
+    ) -> Envelope:
+        """The spool's envelope for this transaction."""
+        params = smtp.params
+        tls = _tls_text(conn)
+        return Envelope(
+            sender=str(smtp.sender) if smtp.sender else "",
+            recipients=tuple(
+                Recipient(
+                    str(r.mailbox),
+                    tuple(sorted(n.value for n in r.params.notify or ())),
+                    f"{r.params.orcpt.addr_type};{r.params.orcpt.address}"
+                    if r.params.orcpt
+                    else None,
+                )
+                for r in smtp.recipients
+            ),
+            client=ClientInfo(
+                ip=conn.peer.host or None,
+                port=conn.peer.port,
+                helo=session.helo,
+                protocol=received_protocol(session, smtp),
+                tls=tls,
+                auth=session.auth_user,
+            ),
+            received=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            body=params.body.value if params.body else "7BIT",
+            smtputf8=params.smtputf8,
+            ret=params.ret.value if params.ret else None,
+            envid=params.envid,
+        )
+
+
+def _tls_text(conn: AsyncConnection) -> str | None:
+    obj = conn.get_extra_info("ssl_object")
+    if obj is None:
+        return None
+    cipher = obj.cipher()
+    return f"{obj.version()} {cipher[0] if cipher else ''}".strip()
