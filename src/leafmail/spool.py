@@ -34,8 +34,8 @@ import hashlib
 import json
 import os
 import queue
+import random
 import re
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -72,8 +72,12 @@ class SpooledMessage:
 
 
 def new_id() -> str:
-    """A queue id: arrival time (ns, hex) and randomness; sorts in arrival order."""
-    return f"{time.time_ns():016X}{secrets.randbits(32):08X}"
+    """A queue id: arrival time (ns, hex) and 32 random bits; sorts in arrival order.
+
+    Ids need to be unique, not secret (O_EXCL catches the impossible clash), so the
+    cheap PRNG does; secrets would cost a getrandom(2) call per message.
+    """
+    return f"{time.time_ns():016X}{random.getrandbits(32):08X}"
 
 
 def valid_id(qid: str) -> bool:
@@ -164,8 +168,11 @@ class Spool:
         return fd
 
     def make_durable(self, fds: list[int]) -> None:
-        """Flush the data of these files to stable storage, with one syncfs if possible."""
+        """Flush these files' data to stable storage: one syncfs(2) for a batch."""
         self.syncs += 1
+        if len(fds) == 1:
+            os.fdatasync(fds[0])  # one file: cheaper than flushing the whole filesystem
+            return
         if _SYNCFS is not None and fds:
             if _SYNCFS(fds[0]) == 0:
                 return
