@@ -9,7 +9,7 @@ def main() -> None:
 netserver.serve(main, "127.0.0.1:7000", mode="fork")
 """
 
-from .access import AccessPolicy, Decision, DnsResolver, SystemResolver
+from .access import AccessPolicy, Decision, SystemResolver
 from .aio import AsyncConnection
 from .connection import Connection
 from .endpoint import Endpoint
@@ -31,7 +31,6 @@ __all__ = [
     "Connection",
     "ConnectionHandler",
     "Decision",
-    "DnsResolver",
     "Endpoint",
     "Limits",
     "LineTooLong",

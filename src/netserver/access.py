@@ -37,21 +37,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import dns.exception
-import dns.name
-import dns.rdatatype
-import dns.resolver
-import dns.reversename
-from dns.rdtypes.ANY.PTR import PTR
-from dns.rdtypes.IN.A import A
-from dns.rdtypes.IN.AAAA import AAAA
-
 from netserver.errors import AccessSpecError, ConfigError
 
 __all__ = [
     "AccessPolicy",
     "Decision",
-    "DnsResolver",
     "IPAddress",
     "NameResolver",
     "Rule",
@@ -72,7 +62,7 @@ _MAX_NAME_LENGTH = 253
 
 # A reverse zone is controlled by whoever owns the address, so it may list any number
 # of names; confirming each costs a query, so only the first few are tried.
-_MAX_PTR_NAMES = 8
+MAX_PTR_NAMES = 8
 
 
 # --------------------------------------------------------------------------- addresses
@@ -130,7 +120,7 @@ def _canonical_name(text: str) -> str | None:
     return name
 
 
-def _canonical_names(names: Iterable[str]) -> frozenset[str]:
+def canonical_names(names: Iterable[str]) -> frozenset[str]:
     """Canonical forms of the usable names in *names*, dropping the rest."""
     result = (_canonical_name(name) for name in names)
     return frozenset(name for name in result if name is not None)
@@ -211,7 +201,7 @@ class Rule:
 
     def matches(self, ip: IPAddress, names: frozenset[str]) -> bool:
         """Whether a client at *ip* with confirmed *names* matches this rule."""
-        return self.matcher.matches(normalize_ip(ip), _canonical_names(names))
+        return self.matcher.matches(normalize_ip(ip), canonical_names(names))
 
 
 def parse_rule(spec: str) -> Rule:
@@ -408,7 +398,7 @@ class AccessPolicy:
         if ip is None:
             return Decision(True, None, "unix-socket peer; access rules apply to IP clients")
         address = normalize_ip(ip)
-        confirmed = _canonical_names(names)
+        confirmed = canonical_names(names)
         denied_by = _first_match(self._deny, address, confirmed)
         if denied_by is not None:
             return Decision(False, denied_by.spec, f"matched deny rule {denied_by.spec}")
@@ -483,10 +473,10 @@ class SystemResolver:
             primary, aliases, _ = socket.gethostbyaddr(str(address))
         except (OSError, UnicodeError):
             return frozenset()
-        candidates = _canonical_names([primary, *aliases])
+        candidates = canonical_names([primary, *aliases])
         return frozenset(
             name
-            for name in sorted(candidates)[:_MAX_PTR_NAMES]
+            for name in sorted(candidates)[:MAX_PTR_NAMES]
             if address in self._addresses_of(name, address)
         )
 
@@ -499,51 +489,3 @@ class SystemResolver:
         except (OSError, UnicodeError):
             return set()
         return {normalize_ip(str(info[4][0])) for info in infos}
-
-
-class DnsResolver:
-    """Confirms names by querying the given DNS servers directly with dnspython.
-
-    Unlike `SystemResolver` it has an explicit timeout and can be pointed at a
-    test server; it ignores ``/etc/hosts`` and resolv.conf search domains.
-    """
-
-    def __init__(self, nameservers: Sequence[str], port: int = 53, timeout: float = 2.0) -> None:
-        if not nameservers:
-            raise ConfigError("DnsResolver needs at least one nameserver")
-        resolver = dns.resolver.Resolver(configure=False)
-        try:
-            resolver.nameservers = list(nameservers)
-        except ValueError as exc:
-            raise ConfigError(f"bad nameserver list {list(nameservers)!r}: {exc}") from exc
-        resolver.port = port
-        # timeout bounds one try at one server; lifetime bounds a whole query.
-        resolver.timeout = timeout
-        resolver.lifetime = timeout
-        self._resolver = resolver
-
-    def confirmed_names(self, ip: IPAddress) -> frozenset[str]:
-        address = normalize_ip(ip)
-        candidates = sorted(self._ptr_names(address))[:_MAX_PTR_NAMES]
-        return frozenset(
-            name for name in candidates if address in self._addresses_of(name, address)
-        )
-
-    def _ptr_names(self, address: IPAddress) -> frozenset[str]:
-        try:
-            answer = self._resolver.resolve(
-                dns.reversename.from_address(str(address)), dns.rdatatype.PTR, search=False
-            )
-        except dns.exception.DNSException:
-            return frozenset()
-        targets = [rdata.target for rdata in answer if isinstance(rdata, PTR)]
-        return _canonical_names(target.to_text(omit_final_dot=True) for target in targets)
-
-    def _addresses_of(self, name: str, like: IPAddress) -> set[IPAddress]:
-        """A or AAAA records of *name*, matching the family of *like*."""
-        rdtype = dns.rdatatype.A if like.version == 4 else dns.rdatatype.AAAA
-        try:
-            answer = self._resolver.resolve(dns.name.from_text(name), rdtype, search=False)
-        except dns.exception.DNSException:
-            return set()
-        return {normalize_ip(rdata.address) for rdata in answer if isinstance(rdata, A | AAAA)}

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from . import errors
-from .access import AccessPolicy, DnsResolver, NameResolver, SystemResolver
+from .access import AccessPolicy, NameResolver, SystemResolver
 from .connlog import ServerLog
 from .endpoint import Endpoint, unmap
 from .handlers import Command, Handler, load_handler
@@ -230,6 +230,8 @@ def _resolver(spec: str | None) -> NameResolver:
     host, _, port = spec.rpartition(":") if spec.count(":") == 1 else (spec, "", "53")
     if not port.isdigit():
         raise errors.UsageError(f"--dns-server {spec!r}: expected IP or IP:PORT")
+    from .dnsresolver import DnsResolver  # dnspython is loaded only when asked for
+
     return DnsResolver([host.strip("[]")], int(port))
 
 
