@@ -23,17 +23,47 @@ READ_HIGH_WATER = 262144
 class AsyncConnection(asyncio.Protocol):
     """A client connection with async reads, buffered writes and both endpoints."""
 
-    def __init__(self, *, max_line: int = DEFAULT_MAX_LINE, timeout: float | None = None) -> None:
+    # Slots, not a __dict__: an idle session should cost as little memory as possible.
+    __slots__ = (
+        "_buf",
+        "_drain_waiter",
+        "_eof",
+        "_error",
+        "_idle_timer",
+        "_last",
+        "_lost",
+        "_lost_waiter",
+        "_reading_paused",
+        "_waiter",
+        "bytes_in",
+        "bytes_out",
+        "local",
+        "max_line",
+        "peer",
+        "timed_out",
+        "timeout",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        *,
+        max_line: int = DEFAULT_MAX_LINE,
+        timeout: float | None = None,
+        peer: Endpoint | None = None,
+        local: Endpoint | None = None,
+    ) -> None:
         self.max_line = max_line
         self.timeout = timeout
-        self.peer = Endpoint()
-        self.local = Endpoint()
+        self.peer = peer or Endpoint()
+        self.local = local or Endpoint()
         self.bytes_in = 0
         self.bytes_out = 0
         self.transport: asyncio.Transport | None = None
-        self.closed = asyncio.get_running_loop().create_future()
         self._buf = bytearray()
         self._eof = False
+        self._lost = False
+        self._lost_waiter: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -45,9 +75,10 @@ class AsyncConnection(asyncio.Protocol):
     # -- Protocol callbacks -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        sock: socket.socket = transport.get_extra_info("socket")
-        self.peer = Endpoint.from_sockaddr(sock.family, transport.get_extra_info("peername"))
-        self.local = Endpoint.from_sockaddr(sock.family, transport.get_extra_info("sockname"))
+        if self.peer.ip is None and self.peer.path is None:  # not given by the server
+            sock: socket.socket = transport.get_extra_info("socket")
+            self.peer = Endpoint.from_sockaddr(sock.family, transport.get_extra_info("peername"))
+            self.local = Endpoint.from_sockaddr(sock.family, transport.get_extra_info("sockname"))
         if self.timeout:
             loop = asyncio.get_running_loop()
             self._last = loop.time()
@@ -77,8 +108,10 @@ class AsyncConnection(asyncio.Protocol):
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        if not self.closed.done():
-            self.closed.set_result(None)
+        self._lost = True
+        lost = self._lost_waiter
+        if lost is not None and not lost.done():
+            lost.set_result(None)
 
     def pause_writing(self) -> None:
         self._drain_waiter = asyncio.get_running_loop().create_future()
@@ -176,6 +209,11 @@ class AsyncConnection(asyncio.Protocol):
             await self.drain()
 
     @property
+    def is_lost(self) -> bool:
+        """True once the transport is gone."""
+        return self._lost
+
+    @property
     def lost_error(self) -> BaseException | None:
         """Why the connection was lost, if it was lost by an error."""
         return self._error
@@ -208,6 +246,10 @@ class AsyncConnection(asyncio.Protocol):
 
     async def close(self) -> None:
         """Send what is queued, close, and wait until the transport is gone."""
-        if self.transport is not None and not self.transport.is_closing():
+        if self.transport is None or self._lost:
+            return
+        if not self.transport.is_closing():
             self.transport.close()
-        await self.closed
+        if not self._lost:
+            self._lost_waiter = asyncio.get_running_loop().create_future()
+            await self._lost_waiter

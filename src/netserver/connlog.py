@@ -15,7 +15,7 @@ from typing import TextIO
 from .endpoint import Endpoint
 
 
-@dataclass
+@dataclass(slots=True)
 class ConnRecord:
     """The facts about one connection, filled in as it goes."""
 

@@ -43,7 +43,7 @@ class Admission:
     clock: Callable[[], float] = time.monotonic
     _open: dict[str, int] = field(default_factory=dict)
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
-    _prune_at: int = 65536
+    _next_prune: float = 0.0
     total: int = 0
 
     def admit(self, peer: Endpoint) -> str | None:
@@ -81,10 +81,11 @@ class Admission:
             bucket = self._buckets[key] = _Bucket(burst, now)
         bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rate)
         bucket.stamp = now
-        if len(self._buckets) > self._prune_at:
+        if len(self._buckets) > 65536 and now >= self._next_prune:
             self._forget_full(now, burst)
-            # Scan again only when the table has doubled: O(1) amortised per admission.
-            self._prune_at = max(65536, 2 * len(self._buckets))
+            # Every bucket refills within burst/rate seconds, so one scan per such period
+            # forgets all idle sources while costing O(1) per admission on average.
+            self._next_prune = now + burst / rate
         if bucket.tokens < 1.0:
             return False
         bucket.tokens -= 1.0

@@ -51,7 +51,7 @@ Verdict = Accept | Reject | Defer
 ACCEPT = Accept()
 
 
-@dataclass
+@dataclass(slots=True)
 class Session:
     """What the checks may look at: the client and the transaction so far."""
 

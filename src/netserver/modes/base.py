@@ -46,7 +46,7 @@ RESET_SIGNALS = (
 )
 
 
-@dataclass
+@dataclass(slots=True)
 class Accepted:
     """A connection the supervisor admitted: the socket and its log record.
 

@@ -48,7 +48,12 @@ class EventLoopMode:
         proto: AsyncConnection | None = None
         try:
             _transport, proto = await self.ctx.loop.connect_accepted_socket(
-                lambda: AsyncConnection(max_line=limits.max_line, timeout=limits.timeout),
+                lambda: AsyncConnection(
+                    max_line=limits.max_line,
+                    timeout=limits.timeout,
+                    peer=record.peer,
+                    local=record.local,
+                ),
                 conn.sock,
                 ssl=self.ctx.tls,
             )
@@ -67,7 +72,7 @@ class EventLoopMode:
             record.status = "error"
         finally:
             if proto is not None:
-                if proto.transport is not None and not proto.closed.done():
+                if proto.transport is not None and not proto.is_lost:
                     proto.abort()
                 record.bytes_in, record.bytes_out = proto.bytes_in, proto.bytes_out
                 if proto.timed_out:
