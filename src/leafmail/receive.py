@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from netserver.aio import AsyncConnection
+from netserver.aio import AsyncConnection, ServerStopping
 from netserver.smtp import (
     AuthRequest,
     DataStart,
@@ -70,20 +70,31 @@ class ReceiveService:
 
     async def handle(self, conn: AsyncConnection) -> None:
         """Serve one SMTP session on `conn` until QUIT, 421 or the client leaves."""
-        proto = ServerProtocol(self.smtp)
-        facts = Session(conn.peer.ip)
+        encrypted = conn.get_extra_info("ssl_object") is not None
+        proto = ServerProtocol(self.smtp, tls=encrypted)
+        facts = Session(conn.peer.ip, tls=encrypted)
         conn.write(proto.data_to_send())
+        conn.interrupt_on_stop = True
         while not proto.closed:
-            data = await conn.read(READ_SIZE)
+            try:
+                data = await conn.read(READ_SIZE)
+            except ServerStopping:
+                if proto.envelope is None:  # between transactions: say goodbye now
+                    proto.close(replies.shutting_down(self.smtp.hostname))
+                    conn.write(proto.data_to_send())
+                    break
+                continue  # a transaction is under way: let it finish within the grace time
             if not data:
                 return
             events = proto.receive_data(data)
-            while events:
+            while True:
                 decided = await self._dispatch(conn, proto, facts, events)
-                out = proto.data_to_send()
+                out = proto.data_to_send()  # replies with no event (NOOP, errors) too
                 if out:
                     conn.write(out)
-                events = proto.resume() if decided else []
+                if not decided:
+                    break
+                events = proto.resume()
             await conn.drain()
         await conn.close()
 
@@ -98,7 +109,7 @@ class ReceiveService:
         for event in events:
             if isinstance(event, StartTLS):
                 await self._start_tls(conn, proto)
-                facts.tls, facts.helo = True, None
+                facts.reset_for_tls()
             elif isinstance(event, Decision):
                 await self._decision(conn, proto, facts, event)
                 return True  # a decision is always the last event of a batch

@@ -40,7 +40,7 @@ def received_header(
     lines = [f"Received: from {_clean(helo or 'unknown')} ({source})"]
     via = f"by {_clean(hostname)} (leafmail) with {protocol} id {qid}"
     if tls:
-        via += f" ({_clean(tls)})"
+        via += " (" + " ".join(_clean(word) for word in tls.split()) + ")"
     lines.append("\t" + via)
     when = datetime.fromtimestamp(time.time() if timestamp is None else timestamp, UTC)
     date = email.utils.format_datetime(when)  # "+0000": UTC, not the "-0000" of unknown

@@ -20,6 +20,14 @@ from .stdio import DEFAULT_MAX_LINE, LineTooLong
 READ_HIGH_WATER = 262144
 
 
+class ServerStopping(Exception):
+    """Raised once into a read of a connection whose handler asked to hear of a stop.
+
+    A handler sets ``conn.interrupt_on_stop = True`` when it can end a session politely
+    (an SMTP server says 421); other handlers are left to finish within the grace time.
+    """
+
+
 class AsyncConnection(asyncio.Protocol):
     """A client connection with async reads, buffered writes and both endpoints."""
 
@@ -37,9 +45,11 @@ class AsyncConnection(asyncio.Protocol):
         "_waiter",
         "bytes_in",
         "bytes_out",
+        "interrupt_on_stop",
         "local",
         "max_line",
         "peer",
+        "stop_requested",
         "timed_out",
         "timeout",
         "transport",
@@ -71,6 +81,8 @@ class AsyncConnection(asyncio.Protocol):
         self._last = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
         self.timed_out = False
+        self.interrupt_on_stop = False
+        self.stop_requested = False
 
     # -- Protocol callbacks -------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -139,9 +151,21 @@ class AsyncConnection(asyncio.Protocol):
         else:
             self._idle_timer = loop.call_at(due, self._check_idle)
 
+    def request_stop(self) -> None:
+        """The server is stopping: interrupt a waiting read if the handler asked for it."""
+        self.stop_requested = True
+        waiter = self._waiter
+        if self.interrupt_on_stop and waiter is not None and not waiter.done():
+            self._waiter = None
+            self.interrupt_on_stop = False
+            waiter.set_exception(ServerStopping())
+
     async def _wait(self) -> None:
         if self._error is not None:
             raise ConnectionResetError(str(self._error))
+        if self.stop_requested and self.interrupt_on_stop:
+            self.interrupt_on_stop = False
+            raise ServerStopping()
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()

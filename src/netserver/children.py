@@ -179,6 +179,9 @@ class ProcessMode:
     def active(self) -> int:
         return self.table.active()
 
+    def begin_stop(self) -> None:
+        """Children run to their end within the grace period; nothing to tell them."""
+
     def terminate(self) -> None:
         self.table.terminate()
 

@@ -207,6 +207,7 @@ class Server:
 
     async def _shutdown(self) -> None:
         self.acceptor.close()
+        self.mode.begin_stop()
         active = self.mode.active()
         if active:
             self.log.info("stopping: waiting for connections", active=active)

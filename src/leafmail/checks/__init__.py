@@ -64,6 +64,12 @@ class Session:
     recipients: list[Mailbox] = field(default_factory=list)
     data: bytes = b""
 
+    def reset_for_tls(self) -> None:
+        """Forget what the client said before STARTTLS (RFC 3207 4.2), login included."""
+        self.tls = True
+        self.helo = self.user = self.sender = self.recipient = None
+        self.recipients = []
+
 
 Check = Callable[[Session], Verdict]
 

@@ -113,6 +113,9 @@ class Mode(Protocol):
     def active(self) -> int:
         """How many connections are being served."""
 
+    def begin_stop(self) -> None:
+        """The server stopped accepting: let running connections know, if the mode can."""
+
     def terminate(self) -> None:
         """Grace is over: make every running connection end now."""
 

@@ -25,6 +25,8 @@ class EventLoopMode:
         self.ctx = ctx
         self.func = handler.func
         self.tasks: set[asyncio.Task[None]] = set()
+        self.live: set[AsyncConnection] = set()
+        self.stopping = False
         self._empty = asyncio.Event()
         self._empty.set()
 
@@ -45,18 +47,16 @@ class EventLoopMode:
     async def _serve(self, conn: Accepted) -> None:
         record = conn.record
         limits = self.ctx.limits
-        proto: AsyncConnection | None = None
+        proto = AsyncConnection(
+            max_line=limits.max_line, timeout=limits.timeout, peer=record.peer, local=record.local
+        )
+        self.live.add(proto)
         try:
-            _transport, proto = await self.ctx.loop.connect_accepted_socket(
-                lambda: AsyncConnection(
-                    max_line=limits.max_line,
-                    timeout=limits.timeout,
-                    peer=record.peer,
-                    local=record.local,
-                ),
-                conn.sock,
-                ssl=self.ctx.tls,
-            )
+            # With ssl= the loop returns its own TLS protocol (uvloop does), so the
+            # handler gets the object made here, not what connect_accepted_socket returns.
+            await self.ctx.loop.connect_accepted_socket(lambda: proto, conn.sock, ssl=self.ctx.tls)
+            if self.stopping:
+                proto.request_stop()
             await self.func(proto)
             await proto.close()
         except asyncio.CancelledError:
@@ -71,21 +71,27 @@ class EventLoopMode:
             traceback.print_exc(file=sys.stderr)
             record.status = "error"
         finally:
-            if proto is not None:
-                if proto.transport is not None and not proto.is_lost:
-                    proto.abort()
-                record.bytes_in, record.bytes_out = proto.bytes_in, proto.bytes_out
-                if proto.timed_out:
-                    record.status = "idle-timeout"
-                elif record.status == "ok" and proto.lost_error is not None:
-                    record.status = "client-gone"
-            else:
+            self.live.discard(proto)
+            if proto.transport is not None and not proto.is_lost:
+                proto.abort()
+            elif proto.transport is None:
                 with contextlib.suppress(OSError):
                     conn.sock.close()
+            record.bytes_in, record.bytes_out = proto.bytes_in, proto.bytes_out
+            if proto.timed_out:
+                record.status = "idle-timeout"
+            elif record.status == "ok" and proto.lost_error is not None:
+                record.status = "client-gone"
             self.ctx.finished(conn)
 
     def active(self) -> int:
         return len(self.tasks)
+
+    def begin_stop(self) -> None:
+        """Tell every connection the server is stopping (see `AsyncConnection.request_stop`)."""
+        self.stopping = True
+        for proto in list(self.live):
+            proto.request_stop()
 
     def terminate(self) -> None:
         for task in list(self.tasks):

@@ -72,6 +72,9 @@ class ThreadMode:
     def active(self) -> int:
         return len(self.running)
 
+    def begin_stop(self) -> None:
+        """Threads run to their end within the grace period; nothing to tell them."""
+
     def terminate(self) -> None:
         """Threads cannot be killed: shut their sockets so their I/O fails at once."""
         for conn in list(self.running.values()):

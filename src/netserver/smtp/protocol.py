@@ -453,11 +453,17 @@ class ServerProtocol:
         "config",
     )
 
-    def __init__(self, config: ServerConfig, greeting: Reply | None = None) -> None:
-        """Queue the greeting: 220 by default, or a 554 refusal or a 421 (RFC 5321 3.1)."""
+    def __init__(
+        self, config: ServerConfig, greeting: Reply | None = None, *, tls: bool = False
+    ) -> None:
+        """Queue the greeting: 220 by default, or a 554 refusal or a 421 (RFC 5321 3.1).
+
+        ``tls=True`` for a connection that is encrypted from the start (implicit TLS,
+        RFC 8314): the session counts as TLS and STARTTLS is not offered.
+        """
         self.config = config
         self._state = _S.CONNECTED
-        self._session = _NEW_SESSION
+        self._session = _TLS_SESSION if tls else _NEW_SESSION
         self._envelope: Envelope | None = None
         self._pending: Decision | None = None
         self._events: list[Event] = []
