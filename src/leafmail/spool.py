@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TypeVar, cast
 
 from .envelope import Envelope, EnvelopeError
 
@@ -284,11 +284,14 @@ class _Request:
 
 
 class GroupCommitter:
-    """Commits messages from many sessions in batches, one durability barrier per batch.
+    """Commits messages from many sessions in batches that share their durability barriers.
 
-    One thread takes every request waiting, writes each to tmp/, makes them all durable
-    with one syncfs(2), renames them into queue/ and fsyncs the directory once; then each
-    session's `commit` returns. While a batch syncs, the next one gathers.
+    Two threads form a pipeline. The first takes every request waiting, writes each to
+    tmp/ and makes the whole batch's data durable with one sync; the second renames the
+    files of every batch that is ready into queue/ and makes the renames durable with one
+    directory fsync, then lets each session's `commit` return. So while one batch's
+    renames are being synced, the next batch's data already is: the two barriers of
+    consecutive batches overlap instead of queueing behind each other.
     """
 
     def __init__(self, spool: Spool, max_batch: int = 256) -> None:
@@ -297,8 +300,13 @@ class GroupCommitter:
         self.batches = 0
         self.committed = 0
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="leafmail-commit", daemon=True)
-        self._thread.start()
+        self._written: queue.SimpleQueue[list[_Request] | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._write_stage, name="leafmail-write", daemon=True),
+            threading.Thread(target=self._publish_stage, name="leafmail-publish", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
 
     async def commit(self, envelope: Envelope, data: bytes, qid: str | None = None) -> str:
         """Spool one message durably; returns its queue id or raises SpoolError.
@@ -312,58 +320,86 @@ class GroupCommitter:
         return await future
 
     def close(self) -> None:
-        """Finish the requests already queued, then stop the thread."""
+        """Finish the requests already queued, then stop both threads."""
         self._queue.put(None)
-        self._thread.join()
+        for thread in self._threads:
+            thread.join()
 
-    def _run(self) -> None:
+    def _write_stage(self) -> None:
         while True:
-            first = self._queue.get()
-            if first is None:
+            batch, stop = _drain(self._queue, self.max_batch)
+            if batch:
+                self._written.put(self._write_batch(batch))
+            if stop:
+                self._written.put(None)
                 return
-            batch = [first]
-            stop = False
-            while len(batch) < self.max_batch:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-            self._commit_batch(batch)
+
+    def _write_batch(self, batch: list[_Request]) -> list[_Request]:
+        """Write and sync the data of a batch; returns the requests that made it."""
+        written: list[tuple[_Request, int]] = []
+        for req in batch:
+            try:
+                written.append((req, self.spool.write_tmp(req.qid, encode(req.envelope, req.data))))
+            except OSError as exc:
+                _fail([req], self.spool, exc)
+        try:
+            if written:
+                self.spool.make_durable([fd for _req, fd in written])
+        except OSError as exc:
+            _fail([req for req, _fd in written], self.spool, exc)
+            written = []
+        finally:
+            for _req, fd in written:
+                os.close(fd)
+        if written:
+            self.batches += 1
+        return [req for req, _fd in written]
+
+    def _publish_stage(self) -> None:
+        while True:
+            batches, stop = _drain(self._written, self.max_batch)
+            ready = [req for batch in batches for req in batch]
+            if ready:
+                self._publish(ready)
             if stop:
                 return
 
-    def _commit_batch(self, batch: list[_Request]) -> None:
-        written: list[tuple[_Request, str, int]] = []
-        for req in batch:
-            qid = req.qid
-            try:
-                fd = self.spool.write_tmp(qid, encode(req.envelope, req.data))
-            except OSError as exc:
-                _resolve(req, error=SpoolError(exc.errno, f"cannot spool: {exc.strerror}"))
-                continue
-            written.append((req, qid, fd))
-        if not written:
-            return
+    def _publish(self, ready: list[_Request]) -> None:
         try:
-            self.spool.make_durable([fd for _req, _qid, fd in written])
-            for _req, _qid, fd in written:
-                os.close(fd)
-            self.spool.publish([qid for _req, qid, _fd in written])
+            self.spool.publish([req.qid for req in ready])
         except OSError as exc:
-            for req, qid, fd in written:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-                self.spool.discard_tmp(qid)
-                _resolve(req, error=SpoolError(exc.errno, f"cannot spool: {exc.strerror}"))
+            _fail(ready, self.spool, exc)
             return
-        self.batches += 1
-        self.committed += len(written)
-        for req, qid, _fd in written:
-            _resolve(req, qid=qid)
+        self.committed += len(ready)
+        for req in ready:
+            _resolve(req, qid=req.qid)
+
+
+_T = TypeVar("_T")
+
+
+def _drain(source: queue.SimpleQueue[_T | None], most: int) -> tuple[list[_T], bool]:
+    """Block for one item, then take whatever else is waiting; True once None was seen."""
+    first = source.get()
+    if first is None:
+        return [], True
+    items = [first]
+    while len(items) < most:
+        try:
+            item = source.get_nowait()
+        except queue.Empty:
+            break
+        if item is None:
+            return items, True
+        items.append(item)
+    return items, False
+
+
+def _fail(requests: list[_Request], spool: Spool, exc: OSError) -> None:
+    """Answer these sessions 4xx and remove what they left in tmp/."""
+    for req in requests:
+        spool.discard_tmp(req.qid)
+        _resolve(req, error=SpoolError(exc.errno, f"cannot spool: {exc.strerror}"))
 
 
 def _resolve(req: _Request, *, qid: str = "", error: BaseException | None = None) -> None:
