@@ -100,6 +100,9 @@ def _config(args: argparse.Namespace) -> configuration.Config:
         config = dataclasses.replace(config, spool=args.spool)
     hostname = getattr(args, "hostname", None)
     if hostname:
+        problem = configuration.hostname_problem(hostname)
+        if problem:
+            raise UsageError(f"--hostname {hostname!r}: {problem}")
         config = dataclasses.replace(config, hostname=hostname)
     listen = getattr(args, "listen", None)
     if listen:

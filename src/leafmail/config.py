@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from netserver.access import AccessPolicy
-from netserver.errors import AccessSpecError, ConfigError
+from netserver.errors import AccessSpecError, ConfigError, UsageError
+from netserver.listeners import parse_listen
 
 DEFAULT_LISTEN = ("127.0.0.1:2525",)
 DEFAULT_RELAY_NETWORKS = ("127.0.0.0/8", "::1")
@@ -171,6 +172,15 @@ def _relay(t: _Table) -> RelayConfig:
     return relay
 
 
+def hostname_problem(name: str) -> str | None:
+    """Why `name` cannot be this server's name in greetings and headers, or None."""
+    if not name:
+        return "empty"
+    if not name.isprintable() or any(c.isspace() for c in name) or len(name) > 253:
+        return "must be one printable word of at most 253 characters"
+    return None
+
+
 def _check(config: Config, where: str) -> None:
     """Cross-field rules: TLS needs both files, submission and smtps need TLS."""
     smtp = config.smtp
@@ -182,6 +192,22 @@ def _check(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: smtp.submission_listen needs auth.users_file")
     if smtp.max_message_size <= 0 or smtp.max_recipients <= 0:
         raise ConfigError(f"{where}: smtp.max_message_size and max_recipients must be > 0")
+    if smtp.max_errors < 0 or smtp.max_sessions <= 0:
+        raise ConfigError(f"{where}: smtp.max_errors must be >= 0 and max_sessions > 0")
+    problem = hostname_problem(config.hostname)
+    if problem:
+        raise ConfigError(f"{where}: hostname {config.hostname!r}: {problem}")
+    listeners = {
+        "listen": smtp.listen,
+        "submission_listen": smtp.submission_listen,
+        "smtps_listen": smtp.smtps_listen,
+    }
+    for key, addresses in listeners.items():
+        for address in addresses:
+            try:
+                parse_listen(address)
+            except UsageError as exc:
+                raise ConfigError(f"{where}: smtp.{key}: {exc}") from None
     try:
         config.relay_policy()
     except AccessSpecError as exc:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from netserver import AsyncHandler, Endpoint, Limits, Server
 from netserver.connlog import ServerLog
-from netserver.errors import ConfigError
+from netserver.errors import CantCreateError, ConfigError
 from netserver.smtp import BareNewline, ServerConfig
 
 from .auth import Users, load_users
@@ -78,7 +78,10 @@ class Daemon:
         self.users: Users | None = (
             load_users(config.auth.users_file) if config.auth.users_file else None
         )
-        self.spool = Spool(config.spool)
+        try:
+            self.spool = Spool(config.spool)
+        except OSError as exc:
+            raise CantCreateError(f"cannot use spool {config.spool}: {exc.strerror}") from None
         self.servers: list[Server] = []
         self._ready: list[Endpoint] = []
 

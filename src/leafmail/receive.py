@@ -95,6 +95,10 @@ class ReceiveService:
                 if not decided:
                     break
                 events = proto.resume()
+            if conn.stop_requested and proto.envelope is None and not proto.closed:
+                # The server is stopping and the transaction under way has ended.
+                proto.close(replies.shutting_down(self.smtp.hostname))
+                conn.write(proto.data_to_send())
             await conn.drain()
         await conn.close()
 

@@ -18,10 +18,11 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 _UNSAFE = re.compile(r"[^\x21-\x7e\u00a0-\U0010ffff]")
+_UNSAFE_KEEP_SPACE = re.compile(r"[^\x20-\x7e\u00a0-\U0010ffff]")
 
 
-def _clean(text: str) -> str:
-    return _UNSAFE.sub("?", text)[:255] or "unknown"
+def _clean(text: str, pattern: re.Pattern[str] = _UNSAFE) -> str:
+    return pattern.sub("?", text)[:255] or "unknown"
 
 
 def received_header(
@@ -45,7 +46,8 @@ def received_header(
     when = datetime.fromtimestamp(time.time() if timestamp is None else timestamp, UTC)
     date = email.utils.format_datetime(when)  # "+0000": UTC, not the "-0000" of unknown
     if len(recipients) == 1:
-        lines.append(f"\tfor <{_clean(recipients[0])}>; {date}")
+        # A quoted local part may hold a space; control characters still go.
+        lines.append(f"\tfor <{_clean(recipients[0], _UNSAFE_KEEP_SPACE)}>; {date}")
     else:
         lines[-1] += ";"
         lines.append(f"\t{date}")

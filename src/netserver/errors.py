@@ -43,5 +43,11 @@ class UnavailableError(NetserverError):
     exit_code = EX_UNAVAILABLE
 
 
+class CantCreateError(NetserverError):
+    """A file or directory the program must write cannot be created (EX_CANTCREAT)."""
+
+    exit_code = EX_CANTCREAT
+
+
 class AccessSpecError(ConfigError):
     """An allow/deny specification cannot be parsed."""

@@ -1,0 +1,584 @@
+"""`leafmail serve` with TLS (STARTTLS and implicit) and SMTP AUTH, with real clients.
+
+Certificates come from `trustme` (a throw-away CA and a certificate for mx.test and
+the loopback listeners), the users file from `leafmail.auth.hash_password` or the
+``leafmail passwd`` command. The client is always outside ``relay_networks`` (it is
+127.0.0.2/32, the client is 127.0.0.1), so relaying works only once authenticated.
+Listeners are told apart by address: plain SMTP on 127.0.0.1, submission on
+127.0.0.3, implicit TLS on 127.0.0.4.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import smtplib
+import ssl
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+from leafmail_fixtures import (
+    CLIENT,
+    IO_TIMEOUT,
+    PASSWORD,
+    Leafmail,
+    LeafmailFactory,
+    RawSMTP,
+    TLSFiles,
+    check_spooled,
+    clean_env,
+    extensions,
+    leafmail_command,
+    leafmail_servers,
+    make_tls,
+    queued_id,
+    smtp_client,
+    smtplib_send,
+    toml_string,
+    users_file,
+)
+
+from leafmail.auth import load_users
+
+pytestmark = pytest.mark.timeout(30)
+
+MESSAGE = b"From: alice@example.test\r\nSubject: tls\r\n\r\nover TLS\r\n"
+SUBMISSION = "127.0.0.3"
+SMTPS = "127.0.0.4"
+
+
+@pytest.fixture(scope="module")
+def material(tmp_path_factory: pytest.TempPathFactory) -> tuple[TLSFiles, Path]:
+    """The CA, the server certificate and a users file (alice, bob), made once per module."""
+    directory = tmp_path_factory.mktemp("tls")
+    return make_tls(directory), users_file(directory, {"alice": PASSWORD, "bob": "bobs pw"})
+
+
+@pytest.fixture
+def tls(material: tuple[TLSFiles, Path]) -> TLSFiles:
+    return material[0]
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[LeafmailFactory]:
+    yield from leafmail_servers(tmp_path)
+
+
+def config(
+    material: tuple[TLSFiles, Path],
+    *,
+    users: Path | None = None,
+    extra_smtp: str = "",
+    submission: bool = True,
+    smtps: bool = True,
+) -> str:
+    tls, default_users = material
+    smtp = [f"tls_cert = {toml_string(tls.cert)}", f"tls_key = {toml_string(tls.key)}"]
+    if submission:
+        smtp.append(f'submission_listen = ["{SUBMISSION}:0"]')
+    if smtps:
+        smtp.append(f'smtps_listen = ["{SMTPS}:0"]')
+    return (
+        "[smtp]\n"
+        + "\n".join(smtp)
+        + "\n"
+        + extra_smtp
+        + f"[auth]\nusers_file = {toml_string(users or default_users)}\n"
+        + '[relay]\nrelay_networks = ["127.0.0.2/32"]\n'
+    )
+
+
+@pytest.fixture
+def server(servers: LeafmailFactory, material: tuple[TLSFiles, Path]) -> Leafmail:
+    return servers(config(material))
+
+
+def starttls_client(server: Leafmail, tls: TLSFiles, host: str = "127.0.0.1") -> smtplib.SMTP:
+    client = smtp_client(server, host)
+    client.ehlo()
+    assert client.has_extn("starttls")
+    code, _ = client.starttls(context=tls.client_context())
+    assert code == 220
+    client.ehlo()
+    return client
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+# --- STARTTLS ---------------------------------------------------------------------------
+
+
+def test_starttls_offered_once_and_received_says_esmtps(server: Leafmail, tls: TLSFiles) -> None:
+    with smtp_client(server) as client:
+        client.ehlo()
+        assert client.has_extn("starttls")
+        assert not client.has_extn("auth")  # never AUTH in plaintext by default
+        code, _ = client.starttls(context=tls.client_context())
+        assert code == 220
+        assert isinstance(client.sock, ssl.SSLSocket)
+        client.ehlo()
+        assert not client.has_extn("starttls")
+        assert client.has_extn("auth")
+        assert set(client.esmtp_features["auth"].upper().split()) == {"PLAIN", "LOGIN"}
+        qid = smtplib_send(client, "a@example.test", ["bob@mx.test"], MESSAGE)
+    msg = server.message(qid)
+    received = check_spooled(
+        msg,
+        MESSAGE,
+        qid=qid,
+        protocol="ESMTPS",
+        sender="a@example.test",
+        recipients=["bob@mx.test"],
+        tls=True,
+    )
+    assert received.tls is not None and received.tls.startswith(("TLSv1.2", "TLSv1.3"))
+
+
+def test_starttls_forgets_the_plaintext_ehlo(server: Leafmail, tls: TLSFiles) -> None:
+    with smtp_client(server) as client:
+        client.ehlo("before.test")
+        client.starttls(context=tls.client_context())
+        client.ehlo("after.test")
+        qid = smtplib_send(client, "a@example.test", ["bob@mx.test"], MESSAGE)
+    check_spooled(
+        server.message(qid),
+        MESSAGE,
+        qid=qid,
+        protocol="ESMTPS",
+        helo="after.test",
+        sender="a@example.test",
+        recipients=["bob@mx.test"],
+        tls=True,
+    )
+
+
+def test_starttls_when_active_and_mail_before_ehlo_are_refused(
+    server: Leafmail, tls: TLSFiles
+) -> None:
+    with RawSMTP(server.address()) as client:
+        client.greeting()
+        client.ehlo()
+        assert client.command("STARTTLS").code == 220
+        client.start_tls(tls.client_context())
+        # RFC 3207 4.2: everything is forgotten, the client must EHLO again.
+        assert client.command("MAIL FROM:<a@example.test>").code == 503
+        assert "STARTTLS" not in extensions(client.ehlo())
+        assert client.command("STARTTLS").code == 503
+
+
+@pytest.mark.parametrize(
+    "injected",
+    [b"RSET\r\n", b"MAIL FROM:<evil@elsewhere.test>\r\nRCPT TO:<victim@elsewhere.test>\r\n"],
+)
+def test_plaintext_injected_after_starttls_is_discarded(
+    server: Leafmail, tls: TLSFiles, injected: bytes
+) -> None:
+    with RawSMTP(server.address()) as client:
+        client.greeting()
+        client.ehlo()
+        client.send(b"STARTTLS\r\n" + injected)
+        ready = client.reply()
+        assert (ready.code, ready.enhanced) == (220, "2.0.0")
+        client.start_tls(tls.client_context())  # asserts nothing else came in plaintext
+        # The first reply under TLS is the one to our own EHLO, not to the injection.
+        reply = client.ehlo("tls.client.test")
+        assert reply.lines[0] == "mx.test greets tls.client.test"
+        assert "AUTH" in extensions(reply)
+        # No transaction was smuggled in: a MAIL now is the first one (no 503).
+        assert client.command("MAIL FROM:<good@example.test>").code == 250
+        assert client.command("RCPT TO:<bob@mx.test>").code == 250
+        assert client.command("DATA").code == 354
+        done = client.command(MESSAGE + b".")
+        assert done.code == 250
+        qid = queued_id(done.text)
+    assert server.queue_ids() == [qid]
+    check_spooled(
+        server.message(qid),
+        MESSAGE,
+        qid=qid,
+        protocol="ESMTPS",
+        helo="tls.client.test",
+        sender="good@example.test",
+        recipients=["bob@mx.test"],
+        tls=True,
+    )
+
+
+def test_starttls_handshake_with_an_untrusted_client_fails_cleanly(
+    server: Leafmail,
+) -> None:
+    """A client that does not trust the certificate aborts; the server keeps serving."""
+    with smtp_client(server) as client:
+        client.ehlo()
+        with pytest.raises(ssl.SSLCertVerificationError):
+            client.starttls(context=ssl.create_default_context())
+    with smtp_client(server) as client:
+        qid = smtplib_send(client, "a@example.test", ["bob@mx.test"], MESSAGE)
+    assert server.queue_ids() == [qid]
+
+
+# --- implicit TLS -----------------------------------------------------------------------
+
+
+def _has_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "loop",
+    [
+        "asyncio",
+        pytest.param(
+            "uvloop",
+            marks=pytest.mark.skipif(not _has_uvloop(), reason="uvloop is not installed"),
+        ),
+    ],
+)
+def test_implicit_tls_with_aiosmtplib(
+    servers: LeafmailFactory, material: tuple[TLSFiles, Path], loop: str
+) -> None:
+    tls = material[0]
+    server = servers(config(material, submission=False), args=["--loop", loop])
+    host, port = server.address(SMTPS)
+
+    async def send() -> tuple[str, set[str]]:
+        client = aiosmtplib.SMTP(
+            hostname=host,
+            port=port,
+            use_tls=True,
+            tls_context=tls.client_context(),
+            local_hostname=CLIENT,
+            timeout=3,
+        )
+        async with client:
+            await client.ehlo()
+            offered = set(client.esmtp_extensions)
+            errors, text = await client.sendmail("a@example.test", ["bob@mx.test"], MESSAGE)
+            assert errors == {}
+            return queued_id(text), offered
+
+    qid, offered = asyncio.run(send())
+    assert "starttls" not in offered
+    check_spooled(
+        server.message(qid),
+        MESSAGE,
+        qid=qid,
+        protocol="ESMTPS",
+        sender="a@example.test",
+        recipients=["bob@mx.test"],
+        tls=True,
+    )
+
+
+@pytest.fixture
+def smtps_server(servers: LeafmailFactory, material: tuple[TLSFiles, Path]) -> Leafmail:
+    """Plain SMTP and implicit TLS, no submission listener."""
+    return servers(config(material, submission=False))
+
+
+def test_implicit_tls_session_is_esmtps_and_offers_auth(
+    smtps_server: Leafmail, tls: TLSFiles
+) -> None:
+    server = smtps_server
+    host, port = server.address(SMTPS)
+    with smtplib.SMTP_SSL(
+        host, port, local_hostname=CLIENT, timeout=IO_TIMEOUT, context=tls.client_context()
+    ) as client:
+        client.ehlo()
+        assert not client.has_extn("starttls")
+        assert client.has_extn("auth")
+        client.login("alice", PASSWORD)
+        qid = smtplib_send(client, "alice@example.test", ["x@elsewhere.test"], MESSAGE)
+    check_spooled(
+        server.message(qid),
+        MESSAGE,
+        qid=qid,
+        protocol="ESMTPSA",
+        sender="alice@example.test",
+        recipients=["x@elsewhere.test"],
+        tls=True,
+        auth="alice",
+    )
+
+
+def test_implicit_tls_without_auth_cannot_relay(smtps_server: Leafmail, tls: TLSFiles) -> None:
+    host, port = smtps_server.address(SMTPS)
+    with smtplib.SMTP_SSL(
+        host, port, local_hostname=CLIENT, timeout=IO_TIMEOUT, context=tls.client_context()
+    ) as client:
+        client.ehlo()
+        client.mail("a@example.test")
+        code, text = client.rcpt("x@elsewhere.test")
+        assert (code, text[:5]) == (554, b"5.7.1")
+
+
+# --- AUTH -------------------------------------------------------------------------------
+
+
+def test_auth_plain_over_starttls_allows_relaying(server: Leafmail, tls: TLSFiles) -> None:
+    with starttls_client(server, tls) as client:
+        code, text = client.login("alice", PASSWORD)  # smtplib picks PLAIN
+        assert (code, text[:5]) == (235, b"2.7.0")
+        qid = smtplib_send(
+            client, "alice@example.test", ["x@elsewhere.test", "bob@mx.test"], MESSAGE
+        )
+    check_spooled(
+        server.message(qid),
+        MESSAGE,
+        qid=qid,
+        protocol="ESMTPSA",
+        sender="alice@example.test",
+        recipients=["x@elsewhere.test", "bob@mx.test"],
+        tls=True,
+        auth="alice",
+    )
+
+
+def test_auth_plain_with_aiosmtplib_starttls(server: Leafmail, tls: TLSFiles) -> None:
+    async def send() -> str:
+        client = aiosmtplib.SMTP(
+            hostname="127.0.0.1",
+            port=server.port,
+            start_tls=True,
+            tls_context=tls.client_context(),
+            local_hostname=CLIENT,
+            timeout=IO_TIMEOUT,
+        )
+        async with client:
+            await client.ehlo()  # the EHLO of the TLS session, which offers AUTH
+            assert client.supports_extension("auth")
+            await client.auth_plain("alice", PASSWORD)
+            errors, text = await client.sendmail(
+                "alice@example.test", ["x@elsewhere.test"], MESSAGE
+            )
+            assert errors == {}
+            return queued_id(text)
+
+    qid = asyncio.run(send())
+    check_spooled(
+        server.message(qid),
+        MESSAGE,
+        qid=qid,
+        protocol="ESMTPSA",
+        sender="alice@example.test",
+        recipients=["x@elsewhere.test"],
+        tls=True,
+        auth="alice",
+    )
+
+
+@pytest.mark.parametrize("initial_response", [False, True])
+def test_auth_login_over_starttls(server: Leafmail, tls: TLSFiles, initial_response: bool) -> None:
+    with starttls_client(server, tls) as client:
+        client.user, client.password = "bob", "bobs pw"
+        code, _ = client.auth("LOGIN", client.auth_login, initial_response_ok=initial_response)
+        assert code == 235
+        qid = smtplib_send(client, "bob@example.test", ["x@elsewhere.test"], MESSAGE)
+    check_spooled(
+        server.message(qid),
+        MESSAGE,
+        qid=qid,
+        protocol="ESMTPSA",
+        sender="bob@example.test",
+        recipients=["x@elsewhere.test"],
+        tls=True,
+        auth="bob",
+    )
+
+
+@pytest.mark.parametrize(
+    ("user", "password"),
+    [("alice", "wrong"), ("nobody", PASSWORD), ("alice", PASSWORD.upper()), ("Alice", PASSWORD)],
+)
+def test_auth_with_wrong_credentials_gets_535(
+    server: Leafmail, tls: TLSFiles, user: str, password: str
+) -> None:
+    with starttls_client(server, tls) as client:
+        client.user, client.password = user, password
+        with pytest.raises(smtplib.SMTPAuthenticationError) as failed:
+            client.auth("PLAIN", client.auth_plain)
+        assert failed.value.smtp_code == 535
+        error: object = failed.value.smtp_error  # bytes at run time, typed str
+        assert isinstance(error, bytes) and error.startswith(b"5.7.8")
+        # Not authenticated: relaying is still refused ...
+        client.mail("a@example.test")
+        code, _ = client.rcpt("x@elsewhere.test")
+        assert code == 554
+
+
+def test_failed_auth_then_right_password(server: Leafmail, tls: TLSFiles) -> None:
+    with RawSMTP(server.address()) as client:
+        client.greeting()
+        client.ehlo()
+        assert client.command("STARTTLS").code == 220
+        client.start_tls(tls.client_context())
+        client.ehlo()
+        bad = client.command("AUTH PLAIN " + b64("\0alice\0nope"))
+        assert (bad.code, bad.enhanced) == (535, "5.7.8")
+        other_authzid = client.command("AUTH PLAIN " + b64(f"bob\0alice\0{PASSWORD}"))
+        assert other_authzid.code == 535
+        good = client.command("AUTH PLAIN " + b64(f"alice\0alice\0{PASSWORD}"))
+        assert (good.code, good.enhanced) == (235, "2.7.0")
+        assert client.command("MAIL FROM:<alice@example.test>").code == 250
+        assert client.command("RCPT TO:<x@elsewhere.test>").code == 250
+
+
+def test_failed_logins_count_toward_the_error_limit(
+    servers: LeafmailFactory, material: tuple[TLSFiles, Path]
+) -> None:
+    server = servers(config(material, extra_smtp="max_errors = 2\n", smtps=False))
+    with RawSMTP(server.address()) as client:
+        client.greeting()
+        client.ehlo()
+        assert client.command("STARTTLS").code == 220
+        client.start_tls(material[0].client_context())
+        client.ehlo()
+        guesses = [client.command("AUTH PLAIN " + b64(f"\0alice\0guess{i}")) for i in range(3)]
+        assert [r.code for r in guesses] == [535, 535, 421]
+        assert client.at_eof()
+
+
+def test_auth_refused_on_plaintext_by_default(server: Leafmail) -> None:
+    with RawSMTP(server.address()) as client:
+        client.greeting()
+        offered = extensions(client.ehlo())
+        assert "AUTH" not in offered and "STARTTLS" in offered
+        reply = client.command("AUTH PLAIN " + b64(f"\0alice\0{PASSWORD}"))
+        assert (reply.code, reply.enhanced) == (538, "5.7.11")
+        assert client.command("MAIL FROM:<alice@example.test>").code == 250
+        assert client.command("RCPT TO:<x@elsewhere.test>").code == 554
+
+
+def test_plaintext_auth_when_allowed_gives_esmtpa(
+    servers: LeafmailFactory, material: tuple[TLSFiles, Path]
+) -> None:
+    server = servers(config(material, extra_smtp="allow_plaintext_auth = true\n", submission=False))
+    with smtp_client(server) as client:
+        client.ehlo()
+        assert client.has_extn("auth")
+        client.login("alice", PASSWORD)
+        qid = smtplib_send(client, "alice@example.test", ["x@elsewhere.test"], MESSAGE)
+    check_spooled(
+        server.message(qid),
+        MESSAGE,
+        qid=qid,
+        protocol="ESMTPA",
+        sender="alice@example.test",
+        recipients=["x@elsewhere.test"],
+        auth="alice",
+    )
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", SUBMISSION], ids=["smtp", "submission"])
+def test_starttls_forgets_a_plaintext_login(
+    servers: LeafmailFactory, material: tuple[TLSFiles, Path], host: str
+) -> None:
+    tls = material[0]
+    server = servers(config(material, extra_smtp="allow_plaintext_auth = true\n", smtps=False))
+    with RawSMTP(server.address(host)) as client:
+        client.greeting()
+        client.ehlo()
+        assert client.command("AUTH PLAIN " + b64(f"\0alice\0{PASSWORD}")).code == 235
+        assert client.command("STARTTLS").code == 220
+        client.start_tls(tls.client_context())
+        assert "AUTH" in extensions(client.ehlo())  # offered again: the login is gone
+        mail = client.command("MAIL FROM:<alice@example.test>")
+        if host == SUBMISSION:
+            assert (mail.code, mail.enhanced) == (530, "5.7.0"), mail
+            return
+        assert mail.code == 250
+        rcpt = client.command("RCPT TO:<x@elsewhere.test>")
+        assert (rcpt.code, rcpt.enhanced) == (554, "5.7.1"), rcpt
+
+
+# --- submission -------------------------------------------------------------------------
+
+
+def test_submission_needs_auth_before_mail(server: Leafmail, tls: TLSFiles) -> None:
+    with smtp_client(server, SUBMISSION) as client:
+        client.ehlo()
+        assert client.has_extn("starttls") and not client.has_extn("auth")
+        code, text = client.mail("alice@example.test")
+        assert (code, text[:5]) == (530, b"5.7.0")
+        client.starttls(context=tls.client_context())
+        client.ehlo()
+        code, text = client.mail("alice@example.test")
+        assert (code, text[:5]) == (530, b"5.7.0")  # TLS alone is not enough
+        client.login("alice", PASSWORD)
+        qid = smtplib_send(client, "alice@example.test", ["x@elsewhere.test"], MESSAGE)
+    check_spooled(
+        server.message(qid),
+        MESSAGE,
+        qid=qid,
+        protocol="ESMTPSA",
+        sender="alice@example.test",
+        recipients=["x@elsewhere.test"],
+        tls=True,
+        auth="alice",
+    )
+
+
+def test_submission_without_users_file_is_a_config_error(
+    tmp_path: Path, material: tuple[TLSFiles, Path]
+) -> None:
+    tls = material[0]
+    path = tmp_path / "no-users.toml"
+    path.write_text(
+        f"[smtp]\ntls_cert = {toml_string(tls.cert)}\ntls_key = {toml_string(tls.key)}\n"
+        f'submission_listen = ["{SUBMISSION}:0"]\n',
+        encoding="utf-8",
+    )
+    done = subprocess.run(
+        leafmail_command("serve", "--config", str(path), "--spool", str(tmp_path / "s")),
+        env=clean_env(tmp_path),
+        capture_output=True,
+        timeout=15,
+        check=False,
+    )
+    assert done.returncode == 78
+    assert done.stderr.count(b"\n") == 1
+    assert b"submission_listen needs auth.users_file" in done.stderr
+
+
+def test_users_file_from_leafmail_passwd(
+    servers: LeafmailFactory, tmp_path: Path, material: tuple[TLSFiles, Path]
+) -> None:
+    done = subprocess.run(
+        leafmail_command("passwd", "carol"),
+        input=b"carols secret\n",
+        env=clean_env(tmp_path),
+        capture_output=True,
+        timeout=15,
+        check=True,
+    )
+    line = done.stdout.decode()
+    assert line.startswith("carol:scrypt$") and line.endswith("\n") and line.count("\n") == 1
+    assert "carols secret" not in line
+    path = tmp_path / "users-from-cli"
+    path.write_text(line, encoding="utf-8")
+    assert load_users(path).verify("carol", "carols secret")
+    server = servers(config(material, users=path, smtps=False))
+    with starttls_client(server, material[0], SUBMISSION) as client:
+        client.login("carol", "carols secret")
+        qid = smtplib_send(client, "carol@example.test", ["x@elsewhere.test"], MESSAGE)
+    assert server.message(qid).envelope.client.auth == "carol"
+
+
+def test_auth_login_challenge_is_sent(server: Leafmail, tls: TLSFiles) -> None:
+    with RawSMTP(server.address()) as client:
+        client.greeting()
+        client.ehlo()
+        assert client.command("STARTTLS").code == 220
+        client.start_tls(tls.client_context())
+        client.ehlo()
+        reply = client.command("AUTH LOGIN")
+        assert reply.code == 334
