@@ -54,28 +54,28 @@ class RunningServer:
             return self.proc.wait(timeout)
 
 
-def start_server(
-    args: list[str],
-    tmp_path: Path,
-    env: dict[str, str] | None = None,
+def launch_with_ready_fd(
+    argv_for: Callable[[int], list[str]],
+    log_path: Path,
+    env: dict[str, str],
     pass_fds: tuple[int, ...] = (),
-) -> RunningServer:
-    """Start ``netserver serve ARGS`` with --ready-fd and return once it listens.
+) -> tuple[subprocess.Popen[bytes], list[str]]:
+    """Start ``argv_for(fd)`` with stdout/stderr to `log_path`; wait for its READY line.
 
-    `pass_fds` are extra descriptors the server inherits (to show it does not leak them).
+    The program is given the write end of a pipe as ``--ready-fd``; returns the process
+    and the addresses the READY line names. A program that dies or stays silent for
+    READY_TIMEOUT seconds is killed and its log raised.
     """
     read_fd, write_fd = os.pipe()
-    log_path = tmp_path / f"server-{len(list(tmp_path.glob('server-*.log')))}.log"
-    cmd = [sys.executable, "-m", "netserver.cli", "serve", "--ready-fd", str(write_fd), *args]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            cmd,
+            argv_for(write_fd),
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
             pass_fds=(write_fd, *pass_fds),
-            env={**os.environ, **(env or {})},
+            env=env,
         )
     os.close(write_fd)
     try:
@@ -87,7 +87,27 @@ def start_server(
         proc.kill()
         proc.wait()
         raise RuntimeError(f"server did not start: {log_path.read_text(errors='replace')}")
-    return RunningServer(proc, line.split()[1:], log_path)
+    return proc, line.split()[1:]
+
+
+def start_server(
+    args: list[str],
+    tmp_path: Path,
+    env: dict[str, str] | None = None,
+    pass_fds: tuple[int, ...] = (),
+) -> RunningServer:
+    """Start ``netserver serve ARGS`` with --ready-fd and return once it listens.
+
+    `pass_fds` are extra descriptors the server inherits (to show it does not leak them).
+    """
+    log_path = tmp_path / f"server-{len(list(tmp_path.glob('server-*.log')))}.log"
+    proc, addresses = launch_with_ready_fd(
+        lambda fd: [sys.executable, "-m", "netserver.cli", "serve", "--ready-fd", str(fd), *args],
+        log_path,
+        {**os.environ, **(env or {})},
+        pass_fds,
+    )
+    return RunningServer(proc, addresses, log_path)
 
 
 ServerFactory = Callable[..., RunningServer]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import email.utils
 import os
 import re
-import select
 import signal
 import smtplib
 import socket
@@ -31,14 +30,13 @@ from pathlib import Path
 
 import pytest
 import trustme
+from conftest import launch_with_ready_fd
 
 from leafmail.auth import hash_password
 from leafmail.spool import CorruptMessage, Spool, SpooledMessage
 
-ROOT = Path(__file__).resolve().parent.parent
 HOSTNAME = "mx.test"
 CLIENT = "client.test"
-READY_TIMEOUT = 10.0
 IO_TIMEOUT = 5.0
 PASSWORD = "correct horse battery staple"  # noqa: S105 (a test account)
 
@@ -191,30 +189,13 @@ def spawn_leafmail(
     """
     count = len(list(tmp_path.glob("leafmail-*.log")))
     log_path = tmp_path / f"leafmail-{count}.log"
-    read_fd, write_fd = os.pipe()
-    cmd = leafmail_command("serve", *argv, "--ready-fd", str(write_fd))
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            pass_fds=(write_fd,),
-            env=clean_env(tmp_path, env),
-        )
-    os.close(write_fd)
-    try:
-        ready, _, _ = select.select([read_fd], [], [], READY_TIMEOUT)
-        line = os.read(read_fd, 4096).decode() if ready else ""
-    finally:
-        os.close(read_fd)
-    if not line.startswith("READY "):
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"leafmail did not start: {log_path.read_text(errors='replace')}")
+    proc, words = launch_with_ready_fd(
+        lambda fd: leafmail_command("serve", *argv, "--ready-fd", str(fd)),
+        log_path,
+        clean_env(tmp_path, env),
+    )
     addresses = []
-    for word in line.split()[1:]:
+    for word in words:
         host, _, port = word.rpartition(":")
         addresses.append((host.strip("[]"), int(port)))
     return Leafmail(proc, addresses, spool_path, log_path)

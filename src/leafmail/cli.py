@@ -12,14 +12,13 @@ import argparse
 import asyncio
 import dataclasses
 import getpass
-import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import NoReturn
+from collections.abc import Sequence
 
-from netserver import Endpoint
+from netserver.cli import UsageParser
 from netserver.connlog import ServerLog
-from netserver.errors import EX_OK, EX_USAGE, NetserverError, UsageError
+from netserver.errors import EX_OK, NetserverError, UsageError
+from netserver.readiness import ready_fd_writer
 from netserver.server import loop_factory
 
 from . import config as configuration
@@ -29,28 +28,21 @@ from .daemon import Daemon
 PROG = "leafmail"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors exit 64 (EX_USAGE) with one line."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EX_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = UsageParser(
         prog=PROG,
         description="leafmail: a durable store-and-forward mail spooler.",
         epilog="Exit codes: 0 ok, 64 usage, 69 unavailable, 75 temporary failure, "
         "78 configuration.",
     )
-    common = _Parser(add_help=False)
+    common = UsageParser(add_help=False)
     common.add_argument(
         "--config",
         metavar="FILE",
         help="TOML config (default: $LEAFMAIL_CONFIG, else ~/.config/leafmail/leafmail.toml)",
     )
     common.add_argument("--spool", metavar="DIR", help="spool directory (over $LEAFMAIL_SPOOL)")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=UsageParser)
     s = sub.add_parser(
         "serve",
         parents=[common],
@@ -112,30 +104,11 @@ def _config(args: argparse.Namespace) -> configuration.Config:
     return config
 
 
-def _ready_writer(fd: int | None) -> Callable[[list[Endpoint]], None] | None:
-    if fd is None:
-        return None
-    try:
-        os.set_inheritable(fd, False)
-    except OSError:
-        raise UsageError(f"--ready-fd {fd}: not an open descriptor") from None
-
-    def ready(addresses: list[Endpoint]) -> None:
-        line = "READY " + " ".join(str(a) for a in addresses) + "\n"
-        try:
-            os.write(fd, line.encode())
-            os.close(fd)
-        except OSError:
-            pass
-
-    return ready
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     daemon = Daemon(
         _config(args),
         log=ServerLog(json_lines=args.log_format == "json"),
-        on_ready=_ready_writer(args.ready_fd),
+        on_ready=ready_fd_writer(args.ready_fd),
     )
     with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
         runner.run(daemon.serve())

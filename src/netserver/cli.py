@@ -8,24 +8,24 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NoReturn
 
 from . import errors
 from .access import AccessPolicy, NameResolver, SystemResolver
 from .connlog import ServerLog
-from .endpoint import Endpoint, unmap
+from .endpoint import unmap
 from .handlers import Command, Handler, load_handler
 from .limits import Limits
 from .modes.prefork import PoolSize
+from .readiness import ready_fd_writer
 from .server import MODES, Server
 
 PROG = "netserver"
 
 
-class _Parser(argparse.ArgumentParser):
+class UsageParser(argparse.ArgumentParser):
     """argparse, but usage errors exit 64 (EX_USAGE) instead of 2."""
 
     def error(self, message: str) -> NoReturn:
@@ -76,12 +76,12 @@ def _add_access_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = UsageParser(
         prog=PROG,
         description="Write a TCP server as a function that reads stdin and writes stdout, "
         "or run a command per connection (like inetd, tcpserver).",
     )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=UsageParser)
     s = sub.add_parser(
         "serve",
         help="serve a Python handler or a command",
@@ -252,25 +252,6 @@ def _handler(args: argparse.Namespace, command: list[str]) -> Handler:
     raise errors.UsageError("nothing to serve: give --handler MODULE:CALLABLE or '-- COMMAND ...'")
 
 
-def _ready_writer(fd: int | None) -> Callable[[list[Endpoint]], None]:
-    def ready(addresses: list[Endpoint]) -> None:
-        if fd is None:
-            return
-        line = "READY " + " ".join(str(a) for a in addresses) + "\n"
-        try:
-            os.write(fd, line.encode())
-            os.close(fd)
-        except OSError:
-            pass
-
-    if fd is not None:
-        try:
-            os.set_inheritable(fd, False)
-        except OSError:
-            raise errors.UsageError(f"--ready-fd {fd}: not an open descriptor") from None
-    return ready
-
-
 def cmd_serve(args: argparse.Namespace, command: list[str]) -> int:
     handler = _handler(args, command)
     limits = Limits(
@@ -295,7 +276,7 @@ def cmd_serve(args: argparse.Namespace, command: list[str]) -> int:
         log=ServerLog(json_lines=args.log_format == "json"),
         refuse_message=args.refuse_message,
         loop=args.loop,
-        on_ready=_ready_writer(args.ready_fd),
+        on_ready=ready_fd_writer(args.ready_fd),
     )
     server.run()
     return errors.EX_OK

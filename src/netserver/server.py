@@ -33,6 +33,7 @@ from .modes.eventloop import EventLoopMode
 from .modes.fork import ForkMode
 from .modes.prefork import PoolSize, PreforkMode
 from .modes.thread import ThreadMode
+from .readiness import sd_notify
 
 MODES = ("fork", "prefork", "thread", "async")
 LOOKUP_TIMEOUT = 5.0
@@ -203,7 +204,7 @@ class Server:
         self.ready.set()
         if self.on_ready is not None:
             self.on_ready(self.addresses)
-        _sd_notify(b"READY=1")
+        sd_notify(b"READY=1")
 
     async def _shutdown(self) -> None:
         self.acceptor.close()
@@ -343,14 +344,3 @@ def _close_on_exec_inherited() -> None:
         if fd > 2:
             with contextlib.suppress(OSError):
                 os.set_inheritable(fd, False)
-
-
-def _sd_notify(message: bytes) -> None:
-    """Tell a supervisor (systemd Type=notify) that we are ready; no-op without one."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.sendto(message, path)
