@@ -27,8 +27,11 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
+# Benchmarks against the peers (tcpserver, bare asyncio/uvloop, Postfix, aiosmtpd); they
+# install ucspi-tcp and postfix with apt-get when missing. Results: bench/RESULTS.md.
 bench: $(STAMP)
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.smtp_bench
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -973,3 +973,53 @@ def test_sigterm_lets_a_transaction_finish_then_says_421(servers: LeafmailFactor
         assert busy.at_eof()
     assert wait_exit(server.proc, 5.0) == 0
     assert server.queue_ids() == [qid]
+
+
+def test_connect_stage_refusal_is_the_greeting() -> None:
+    """A connect-stage check that rejects turns the greeting into its 554."""
+    import asyncio
+
+    from leafmail.checks import Reject, Session, Stage
+    from leafmail.receive import Policy, ReceiveService
+    from netserver.aio import AsyncConnection
+    from netserver.smtp import ServerConfig
+    from netserver.smtp.replies import Reply
+
+    refusal = Reply(554, "5.7.1", "No SMTP service here")
+
+    def refuse_all(session: Session) -> Reject:
+        return Reject(refusal)
+
+    async def scenario() -> bytes:
+        service = ReceiveService(
+            ServerConfig(hostname="mx.test"),
+            committer=None,  # type: ignore[arg-type]  # never reached: nothing is accepted
+            policy=Policy({Stage.CONNECT: [refuse_all]}),
+        )
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _Runner(service), host="127.0.0.1", port=0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        greeting = await reader.readline()
+        writer.write(b"EHLO client.test\r\n")
+        ehlo = await reader.readline()
+        writer.write(b"QUIT\r\n")
+        bye = await reader.readline()
+        writer.close()
+        server.close()
+        return greeting + ehlo + bye
+
+    class _Runner(AsyncConnection):
+        def __init__(self, service: ReceiveService) -> None:
+            super().__init__()
+            self.service = service
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            asyncio.get_running_loop().create_task(self.service.handle(self))
+
+    out = asyncio.run(asyncio.wait_for(scenario(), 10))
+    lines = out.split(b"\r\n")
+    assert lines[0].startswith(b"554 ")
+    assert lines[1].startswith(b"503 ")
+    assert lines[2].startswith(b"221 ")

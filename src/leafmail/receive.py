@@ -71,8 +71,11 @@ class ReceiveService:
     async def handle(self, conn: AsyncConnection) -> None:
         """Serve one SMTP session on `conn` until QUIT, 421 or the client leaves."""
         encrypted = conn.get_extra_info("ssl_object") is not None
-        proto = ServerProtocol(self.smtp, tls=encrypted)
         facts = Session(conn.peer.ip, tls=encrypted)
+        verdict = self.policy.judge(Stage.CONNECT, facts)
+        # A refused client is greeted with the refusal: 554 (then only QUIT) or 421.
+        greeting = None if isinstance(verdict, Accept) else verdict.reply
+        proto = ServerProtocol(self.smtp, greeting, tls=encrypted)
         conn.write(proto.data_to_send())
         conn.interrupt_on_stop = True
         while not proto.closed:
