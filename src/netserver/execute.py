@@ -100,7 +100,9 @@ class ExecMode(ProcessMode):
         super().__init__(ctx)
         self.argv = command.argv
         self.path = path
+        # Filtered once: copying the whole environment per connection was measurable.
+        self.base_env = {k: v for k, v in os.environ.items() if k not in _UCSPI}
 
     def start_child(self, conn: Accepted) -> int:
-        env = tcp_environ(os.environ, conn.sock, conn.record.peer, conn.record.local)
+        env = tcp_environ(self.base_env, conn.sock, conn.record.peer, conn.record.local)
         return spawn(self.path, self.argv, conn.sock.fileno(), env)

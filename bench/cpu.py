@@ -1,0 +1,99 @@
+"""CPU seconds a process (and its reaped children) used, read from /proc/PID/stat.
+
+Throughput alone is ambiguous on a 2-core machine shared by server and client: a lower
+req/s can mean a slower server or a busier client. CPU seconds the server burned per
+request or per connection separate the two, so the load generators sample them at the
+start and end of their measuring window, along with the whole machine's CPU time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+_TICK = float(os.sysconf("SC_CLK_TCK"))
+
+
+def process_cpu(pid: int) -> float | None:
+    """utime + stime + cutime + cstime of `pid`, in seconds; None if it is gone.
+
+    The children's share (cutime, cstime) counts only children already waited for,
+    which is what a forking server's per-connection processes are once they end.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ")".
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + stime + cutime + cstime) / _TICK
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, steal): CPU seconds, summed over all CPUs, since boot, from /proc/stat.
+
+    Busy is user + nice + system + irq + softirq: everything any process on this machine
+    (or VM) ran. Subtracting the server's and the client's share leaves what *other*
+    processes took during a measurement, which on a shared machine says how much to
+    trust it. Steal is time the hypervisor gave our virtual CPUs to someone else.
+    """
+    with open("/proc/stat", "rb") as f:
+        fields = f.readline().split()
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    return (user + nice + system + irq + softirq) / _TICK, steal / _TICK
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Clocks read at one instant: wall, this process, the server, the whole machine."""
+
+    wall: float
+    client: float
+    server: float | None
+    busy: float
+    steal: float
+
+
+def snapshot(server_pid: int | None) -> Snapshot:
+    """Read every clock now (the server's only if `server_pid` is given)."""
+    busy, steal = machine_cpu()
+    return Snapshot(
+        time.perf_counter(),
+        time.process_time(),
+        process_cpu(server_pid) if server_pid else None,
+        busy,
+        steal,
+    )
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What a load generator reports: operations done in a window and what it cost.
+
+    CPU figures are seconds over the window; `machine_busy` is all CPUs together.
+    """
+
+    ops: int
+    errors: int
+    elapsed: float
+    client_cpu: float
+    server_cpu: float | None
+    machine_busy: float
+    steal: float
+
+
+def measured(ops: int, errors: int, start: Snapshot, end: Snapshot) -> Measured:
+    """The window between two snapshots, with `ops` done and `errors` seen in it."""
+    server = None if start.server is None or end.server is None else end.server - start.server
+    return Measured(
+        ops,
+        errors,
+        end.wall - start.wall,
+        end.client - start.client,
+        server,
+        end.busy - start.busy,
+        end.steal - start.steal,
+    )

@@ -1,0 +1,127 @@
+"""Benchmark 1: echo requests per second, netserver's event-loop mode against bare protocols.
+
+Three servers, each its own process on 127.0.0.1 port 0:
+
+* netserver: ``netserver serve --mode async --handler examples.echo:async_main`` with
+  its defaults (uvloop, 300 s idle timeout, 64 KiB line limit, a log line per connection);
+* bare asyncio: `bench.echo_server` on the default asyncio loop;
+* bare uvloop: the same protocol on uvloop.
+
+The same load generator (`bench.echo_load`) drives all three. Rounds are interleaved and
+the server order rotates each round, so slow drift of a noisy machine spreads over all
+servers instead of landing on one; the report takes medians.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .clients import Sample, combine, probe_echo, run_load
+from .procs import ServerSpec, python_module, running
+from .quiet import QuietGate
+
+NETSERVER = "netserver async"
+BARE_ASYNCIO = "bare asyncio"
+BARE_UVLOOP = "bare uvloop"
+
+
+def echo_servers() -> list[ServerSpec]:
+    """The three servers, in the order of the first round."""
+    return [
+        ServerSpec(
+            NETSERVER,
+            lambda fd: python_module(
+                "netserver.cli",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--mode",
+                "async",
+                "--handler",
+                "examples.echo:async_main",
+                "--ready-fd",
+                str(fd),
+            ),
+        ),
+        ServerSpec(
+            BARE_ASYNCIO,
+            lambda fd: python_module(
+                "bench.echo_server", "--loop", "asyncio", "--ready-fd", str(fd)
+            ),
+        ),
+        ServerSpec(
+            BARE_UVLOOP,
+            lambda fd: python_module(
+                "bench.echo_server", "--loop", "uvloop", "--ready-fd", str(fd)
+            ),
+        ),
+    ]
+
+
+@dataclass(frozen=True)
+class EchoLoad:
+    """The load: connections, requests in flight per connection, timing, client processes."""
+
+    conns: int = 50
+    depth: int = 1
+    warmup: float = 1.0
+    seconds: float = 5.0
+    clients: int = 1
+
+    def argvs(self, port: int, server_pid: int) -> list[list[str]]:
+        """Command lines of the load processes, the connections split between them."""
+        shares = [
+            self.conns // self.clients + (i < self.conns % self.clients)
+            for i in range(self.clients)
+        ]
+        return [
+            python_module(
+                "bench.echo_load",
+                "--port",
+                str(port),
+                "--conns",
+                str(share),
+                "--depth",
+                str(self.depth),
+                "--warmup",
+                str(self.warmup),
+                "--seconds",
+                str(self.seconds),
+                "--server-pid",
+                str(server_pid),
+            )
+            for share in shares
+        ]
+
+
+Progress = Callable[[str], None]
+
+
+def run_echo(
+    load: EchoLoad, rounds: int, log_dir: Path, progress: Progress, gate: QuietGate
+) -> dict[str, list[Sample]]:
+    """Every server once per round, order rotated per round; samples by server name.
+
+    `gate` is asked before each measurement to wait (within its budget) for a quiet
+    machine.
+    """
+    servers = echo_servers()
+    samples: dict[str, list[Sample]] = {spec.name: [] for spec in servers}
+    for r in range(rounds):
+        order = servers[r % len(servers) :] + servers[: r % len(servers)]
+        for spec in order:
+            busy = gate.wait()
+            with running(spec, log_dir) as server:
+                probe_echo(server.port)
+                results = run_load(
+                    load.argvs(server.port, server.proc.pid), load.warmup + load.seconds + 30
+                )
+            sample = combine(results)
+            samples[spec.name].append(sample)
+            progress(
+                f"  round {r + 1}/{rounds} {spec.name:<16} {sample.rate:>10,.0f} req/s"
+                f"  (machine {busy:.0%} busy before, others {sample.other_util:.2f} cores during)"
+            )
+    return samples

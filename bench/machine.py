@@ -1,0 +1,66 @@
+"""The facts about the machine a run happened on, printed with every result.
+
+Benchmark figures mean nothing without them: core count and CPU model bound what is
+possible, the kernel sets the cost of loopback TCP and of fork/exec, and the versions
+say what was measured.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+
+
+def cpu_model() -> str:
+    """The first "model name" in /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def package_version(name: str) -> str:
+    """An installed Python distribution's version, or "not installed"."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def tcpserver_version() -> str:
+    """ucspi-tcp's Debian package version (tcpserver itself has no --version)."""
+    if shutil.which("tcpserver") is None:
+        return "not installed"
+    if shutil.which("dpkg-query") is not None:
+        done = subprocess.run(
+            ["dpkg-query", "-W", "-f", "${Version}", "ucspi-tcp"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode == 0 and done.stdout:
+            return f"ucspi-tcp {done.stdout}"
+    return "installed, version unknown"
+
+
+def describe() -> list[tuple[str, str]]:
+    """(label, value) pairs for the report header."""
+    load = os.getloadavg()
+    return [
+        ("cpus", str(os.cpu_count())),
+        ("cpu model", cpu_model()),
+        ("kernel", f"{platform.system()} {platform.release()}"),
+        ("python", f"{platform.python_implementation()} {sys.version.split()[0]}"),
+        ("uvloop", package_version("uvloop")),
+        ("netserver", package_version("netserver")),
+        ("tcpserver", tcpserver_version()),
+        ("load average at start", " ".join(f"{x:.2f}" for x in load)),
+    ]
