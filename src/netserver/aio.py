@@ -44,6 +44,7 @@ class AsyncConnection(asyncio.Protocol):
         "_loop",
         "_lost",
         "_lost_waiter",
+        "_out",
         "_reading_paused",
         "_waiter",
         "bytes_in",
@@ -75,6 +76,7 @@ class AsyncConnection(asyncio.Protocol):
         self.bytes_out = 0
         self.transport: asyncio.Transport | None = None
         self._buf = bytearray()
+        self._out: list[bytes] = []
         self._eof = False
         self._lost = False
         self._lost_waiter: asyncio.Future[None] | None = None
@@ -227,10 +229,26 @@ class AsyncConnection(asyncio.Protocol):
             raise ConnectionResetError("connection closed")
         self.bytes_out += len(data)
         self._active = True
-        self.transport.write(data)
+        out = self._out
+        if not out and not self._buf:
+            self.transport.write(data)  # nothing more to answer yet: send now
+            return
+        # More input is already here (pipelined requests): answer them all with one send.
+        if not out:
+            self._loop.call_soon(self._flush)
+        out.append(bytes(data))
+
+    def _flush(self) -> None:
+        """Send the answers gathered by `write` in one transport write."""
+        out = self._out
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
 
     async def drain(self) -> None:
         """Wait while the kernel and transport buffers are full."""
+        if len(self._out) > 64:
+            self._flush()
         waiter = self._drain_waiter
         if waiter is not None:
             await waiter
@@ -261,6 +279,7 @@ class AsyncConnection(asyncio.Protocol):
         """
         if self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("connection closed")
+        self._flush()  # the reply that agreed to TLS goes out in plaintext, first
         self._buf.clear()
         loop = self._loop
         transport = await loop.start_tls(
@@ -281,6 +300,7 @@ class AsyncConnection(asyncio.Protocol):
 
     async def close(self) -> None:
         """Send what is queued, close, and wait until the transport is gone."""
+        self._flush()
         if self.transport is None or self._lost:
             return
         if not self.transport.is_closing():
