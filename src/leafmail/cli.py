@@ -15,7 +15,7 @@ import getpass
 import sys
 from collections.abc import Sequence
 
-from netserver.cli import UsageParser
+from netserver.cli import UsageParser, add_runtime_flags
 from netserver.connlog import ServerLog
 from netserver.errors import EX_OK, NetserverError, UsageError
 from netserver.readiness import ready_fd_writer
@@ -58,24 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="SMTP listener, repeatable (default 127.0.0.1:2525)",
     )
     s.add_argument("--hostname", help="this server's name in the greeting and Received headers")
-    s.add_argument(
-        "--loop",
-        choices=("auto", "asyncio", "uvloop"),
-        default="auto",
-        help="event loop (default: uvloop if installed)",
-    )
-    s.add_argument(
-        "--log-format",
-        choices=("text", "json"),
-        default="text",
-        help="one line per connection on stderr, as text or JSON",
-    )
-    s.add_argument(
-        "--ready-fd",
-        type=int,
-        metavar="FD",
-        help="when listening, write 'READY ADDR ...' to this descriptor and close it",
-    )
+    add_runtime_flags(s)
     p = sub.add_parser(
         "passwd",
         help="print a users-file line for SMTP AUTH",

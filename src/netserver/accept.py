@@ -9,14 +9,13 @@ the episode is logged once. Errors that concern only one aborted client are skip
 from __future__ import annotations
 
 import asyncio
-import errno
 import socket
 from collections.abc import Callable, Sequence
 
 from .connlog import ServerLog
+from .errors import RESOURCE_ERRNOS
 from .listeners import Listener
 
-_RESOURCE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EAGAIN}
 _BATCH = 64
 _MIN_DELAY = 0.05
 _MAX_DELAY = 1.0
@@ -78,14 +77,14 @@ class AcceptLoop:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno in _RESOURCE:
+                if exc.errno in RESOURCE_ERRNOS:
                     self._back_off(exc)
                     return
                 continue  # ECONNABORTED, EPROTO, EPERM (firewall): that client only
             try:
                 self.on_accept(sock, addr, listener)
             except OSError as exc:  # the mode ran out of descriptors or processes
-                if exc.errno not in _RESOURCE:
+                if exc.errno not in RESOURCE_ERRNOS:
                     raise
                 self._back_off(exc)
                 return

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import signal
 import socket
@@ -18,12 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import tcpinfo
+from .errors import RESOURCE_ERRNOS
 from .modes.base import Accepted, ModeContext, status_for_exit
 
 KILL_AFTER = 5.0
-
-
-RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EAGAIN})
 
 
 def kill_and_reap(pid: int) -> None:

@@ -75,6 +75,28 @@ def _add_access_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_runtime_flags(group: argparse._ActionsContainer) -> None:
+    """--log-format, --loop and --ready-fd, which every serving command shares."""
+    group.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="one line per connection on stderr, as text or JSON",
+    )
+    group.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="event loop (default: uvloop if installed)",
+    )
+    group.add_argument(
+        "--ready-fd",
+        type=_count,
+        metavar="FD",
+        help="when listening, write 'READY ADDR ...' to this descriptor and close it",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = UsageParser(
         prog=PROG,
@@ -178,25 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="replace a worker after N connections (default 1000)",
     )
-    out = s.add_argument_group("logging and start-up")
-    out.add_argument(
-        "--log-format",
-        choices=("text", "json"),
-        default="text",
-        help="one line per connection on stderr, as text or JSON",
-    )
-    out.add_argument(
-        "--loop",
-        choices=("auto", "asyncio", "uvloop"),
-        default="auto",
-        help="event loop for the supervisor (default: uvloop if installed)",
-    )
-    out.add_argument(
-        "--ready-fd",
-        type=_count,
-        metavar="FD",
-        help="when listening, write 'READY ADDR ...' to this descriptor and close it",
-    )
+    add_runtime_flags(s.add_argument_group("logging and start-up"))
 
     c = sub.add_parser(
         "check",

@@ -6,6 +6,8 @@ line on stderr and the matching exit status, never a traceback.
 
 from __future__ import annotations
 
+import errno
+
 EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
@@ -17,6 +19,10 @@ EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
 EX_NOPERM = 77
 EX_CONFIG = 78
+
+# errno values that mean "the system is out of descriptors, processes or memory": the
+# server backs off and retries rather than failing one client or spinning.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EAGAIN})
 
 
 class NetserverError(Exception):

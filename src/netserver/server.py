@@ -233,7 +233,8 @@ class Server:
             return
         sock.setblocking(True)
         policy = self.access
-        if not policy.needs_names(peer.ip):
+        by_name = policy.needs_names(peer.ip)
+        if not by_name:
             decision = policy.decide(peer.ip)
             if not decision.allowed:
                 self._refuse(sock, peer, decision.reason)
@@ -245,7 +246,7 @@ class Server:
         conn = Accepted(sock, ConnRecord(peer, local, self.mode_name))
         # Until it ends, no forked child (another client's, or a new worker) may keep it.
         self.fds.add(conn.fd)
-        if policy.needs_names(peer.ip):
+        if by_name:
             assert self._loop is not None
             self._loop.create_task(self._judge_by_name(conn, policy))
         else:
