@@ -1,9 +1,11 @@
 """The ``leafmail`` command.
 
-``leafmail serve`` accepts mail by SMTP and spools it durably; ``leafmail passwd USER``
-prints a users-file line for SMTP AUTH. Configuration comes from ``--config``, else
-``$LEAFMAIL_CONFIG``, else the default location; flags beat LEAFMAIL_* variables, which
-beat the file. Errors print one line and exit with a sysexits code.
+``serve`` accepts mail by SMTP, spools it durably and (with a smarthost) delivers it;
+``flush`` delivers everything now; ``queue``, ``show``, ``delete``, ``hold`` and
+``release`` look after the spool; ``passwd USER`` prints a users-file line for SMTP AUTH.
+Configuration comes from ``--config``, else ``$LEAFMAIL_CONFIG``, else the default
+location; flags beat LEAFMAIL_* variables, which beat the file. Errors print one line and
+exit with a sysexits code.
 """
 
 from __future__ import annotations
@@ -12,18 +14,22 @@ import argparse
 import asyncio
 import dataclasses
 import getpass
+import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from netserver.cli import UsageParser, add_runtime_flags
 from netserver.connlog import ServerLog
-from netserver.errors import EX_OK, NetserverError, UsageError
+from netserver.errors import EX_OK, CantCreateError, NetserverError, UsageError
 from netserver.readiness import ready_fd_writer
 from netserver.server import loop_factory
 
 from . import config as configuration
+from . import tools
 from .auth import hash_password
 from .daemon import Daemon
+from .flush import flush
+from .spool import Spool
 
 PROG = "leafmail"
 
@@ -32,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = UsageParser(
         prog=PROG,
         description="leafmail: a durable store-and-forward mail spooler.",
-        epilog="Exit codes: 0 ok, 64 usage, 69 unavailable, 75 temporary failure, "
+        epilog="Exit codes: 0 ok, 64 usage, 65 bad data (e.g. a malformed queue id), "
+        "67 no such message, 69 unavailable, 75 temporary failure (mail still queued), "
         "78 configuration.",
     )
     common = UsageParser(add_help=False)
@@ -58,7 +65,58 @@ def build_parser() -> argparse.ArgumentParser:
         help="SMTP listener, repeatable (default 127.0.0.1:2525)",
     )
     s.add_argument("--hostname", help="this server's name in the greeting and Received headers")
+    s.add_argument(
+        "--offline",
+        action="store_true",
+        help="only spool; deliver when `leafmail flush` says so (delivery.mode = offline)",
+    )
     add_runtime_flags(s)
+    f = sub.add_parser(
+        "flush",
+        parents=[common],
+        help="deliver everything queued now",
+        description="Deliver every queued and deferred message now, ignoring retry times "
+        "(run it from a network-up hook). If a leafmail daemon runs on the spool it does "
+        "the work; otherwise flush delivers by itself. Exit 0 when nothing is left "
+        "deferred, 75 when something is (it stays queued and will be retried).",
+    )
+    f.add_argument(
+        "--smarthost", metavar="HOST:PORT", help="deliver here (over delivery.smarthost)"
+    )
+    f.add_argument("--tls", choices=configuration.TLS_MODES, help="over delivery.tls")
+    f.add_argument("--ca-file", metavar="FILE", help="CA certificates to verify the smarthost")
+    f.add_argument(
+        "--no-daemon",
+        action="store_true",
+        help="deliver in this process even if a daemon runs "
+        "(implied by --smarthost, --tls and --ca-file)",
+    )
+    q = sub.add_parser(
+        "queue",
+        parents=[common],
+        help="list queued mail (like mailq)",
+        description="List every message in the spool: id, state (active, deferred, held, "
+        "corrupt), size, age, sender, each recipient's state and the last error.",
+    )
+    q.add_argument("--json", action="store_true", help="print a JSON list instead")
+    sh = sub.add_parser(
+        "show",
+        parents=[common],
+        help="print a message's envelope, status and content",
+        description="Print the envelope and delivery status (as JSON), a blank line, then "
+        "the message exactly as spooled.",
+    )
+    sh.add_argument("id")
+    sh.add_argument("--envelope", action="store_true", help="only the envelope and status")
+    for name, what in (
+        ("delete", "remove messages from the spool (no bounce is sent)"),
+        ("hold", "hold messages: they stay queued but are not delivered"),
+        ("release", "release held messages for delivery now"),
+    ):
+        tool = sub.add_parser(
+            name, parents=[common], help=what, description=what.capitalize() + "."
+        )
+        tool.add_argument("ids", nargs="+", metavar="ID")
     p = sub.add_parser(
         "passwd",
         help="print a users-file line for SMTP AUTH",
@@ -88,8 +146,13 @@ def _config(args: argparse.Namespace) -> configuration.Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if args.offline:
+        config = dataclasses.replace(
+            config, delivery=dataclasses.replace(config.delivery, mode="offline")
+        )
     daemon = Daemon(
-        _config(args),
+        config,
         log=ServerLog(json_lines=args.log_format == "json"),
         on_ready=ready_fd_writer(args.ready_fd),
     )
@@ -111,12 +174,87 @@ def cmd_passwd(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmd_flush(args: argparse.Namespace) -> int:
+    config = _config(args)
+    delivery = config.delivery
+    if args.smarthost:
+        delivery = dataclasses.replace(delivery, smarthost=args.smarthost)
+    if args.tls:
+        delivery = dataclasses.replace(delivery, tls=args.tls)
+    if args.ca_file:
+        delivery = dataclasses.replace(delivery, ca_file=args.ca_file)
+    alone = args.no_daemon or bool(args.smarthost or args.tls or args.ca_file)
+    return flush(dataclasses.replace(config, delivery=delivery), use_daemon=not alone)
+
+
+def _spool(args: argparse.Namespace) -> Spool:
+    config = _config(args)
+    try:
+        return Spool(config.spool, create=False)
+    except FileNotFoundError:
+        raise CantCreateError(f"no leafmail spool at {config.spool}") from None
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    entries = tools.list_queue(_spool(args))
+    if args.json:
+        print(json.dumps([e.to_json() for e in entries], indent=2))
+    else:
+        sys.stdout.write(tools.format_queue(entries))
+    return EX_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    info, data = tools.show(_spool(args), args.id)
+    sys.stdout.write(json.dumps(info, indent=2) + "\n")
+    if not args.envelope:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(b"\n" + data)
+    return EX_OK
+
+
+DONE = {"delete": "deleted", "hold": "held", "release": "released"}
+
+
+def cmd_change(args: argparse.Namespace) -> int:
+    """delete / hold / release each id; every id is tried, the first failure sets the exit."""
+    spool = _spool(args)
+    action: Callable[[Spool, str], bool | None] = {
+        "delete": tools.delete,
+        "hold": tools.hold,
+        "release": tools.release,
+    }[args.command]
+    status = EX_OK
+    for qid in args.ids:
+        try:
+            changed = action(spool, qid)
+        except NetserverError as exc:
+            print(f"{PROG}: {exc}", file=sys.stderr)
+            status = status or exc.exit_code
+            continue
+        if changed is False:
+            print(f"{qid}: already {'held' if args.command == 'hold' else 'not held'}")
+        else:
+            print(f"{qid}: {DONE[args.command]}")
+    return status
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": cmd_serve,
+    "flush": cmd_flush,
+    "queue": cmd_queue,
+    "show": cmd_show,
+    "delete": cmd_change,
+    "hold": cmd_change,
+    "release": cmd_change,
+    "passwd": cmd_passwd,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "serve":
-            return cmd_serve(args)
-        return cmd_passwd(args)
+        return COMMANDS[args.command](args)
     except NetserverError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return exc.exit_code

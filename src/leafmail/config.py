@@ -10,6 +10,7 @@ silently fall back to a default such as an open relay.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -58,6 +59,58 @@ class AuthConfig:
     users_file: str = ""
 
 
+TLS_MODES = ("starttls", "smtps", "opportunistic", "none")
+DELIVERY_MODES = ("offline", "smarthost")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """The ``[delivery]`` table: where spooled mail goes, and the retry schedule.
+
+    `mode` "" means "smarthost" when a smarthost is set, else "offline". With "offline"
+    the daemon only spools, and `leafmail flush` still delivers to the smarthost: that is
+    the dial-up set-up. The password is never part of the config object (see
+    `smarthost_password`), so it cannot end up in a repr or a log line.
+    """
+
+    mode: str = ""
+    smarthost: str = ""
+    tls: str = "starttls"
+    ca_file: str = ""
+    username: str = ""
+    password_file: str = ""
+    concurrency: int = 4
+    retry_initial: float = 300.0
+    retry_max: float = 4 * 3600.0
+    max_queue_lifetime: float = 5 * 86400.0
+    delay_warning: float = 0.0
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    deadline: float = 900.0
+
+    @property
+    def effective_mode(self) -> str:
+        return self.mode or ("smarthost" if self.smarthost else "offline")
+
+
+def parse_duration(value: object, what: str) -> float:
+    """Seconds from an integer/float or a string such as "90s", "5m", "4h", "5d"."""
+    if isinstance(value, bool):
+        raise ConfigError(f'{what} must be a duration such as 300, "5m" or "4h"')
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*[smhd]?\s*", value):
+        text = value.strip()
+        unit = text[-1] if text[-1] in _UNITS else "s"
+        seconds = float(text.rstrip("smhd").strip()) * _UNITS[unit]
+    else:
+        raise ConfigError(f'{what} must be a duration such as 300, "5m" or "4h"')
+    if seconds < 0:
+        raise ConfigError(f"{what} must not be negative")
+    return seconds
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything `leafmail serve` and the queue tools need."""
@@ -67,6 +120,7 @@ class Config:
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     source: str = "defaults"
 
     @property
@@ -112,9 +166,27 @@ def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
     if env.get("LEAFMAIL_LISTEN"):
         listen = tuple(a.strip() for a in env["LEAFMAIL_LISTEN"].split(",") if a.strip())
         config = replace(config, smtp=replace(config.smtp, listen=listen))
+    if env.get("LEAFMAIL_SMARTHOST"):
+        config = replace(
+            config, delivery=replace(config.delivery, smarthost=env["LEAFMAIL_SMARTHOST"])
+        )
     if not config.spool:
         config = replace(config, spool=default_spool(env))
     return config
+
+
+def smarthost_password(delivery: DeliveryConfig, env: Mapping[str, str] | None = None) -> str:
+    """The smarthost password: $LEAFMAIL_SMARTHOST_PASSWORD, else delivery.password_file."""
+    env = os.environ if env is None else env
+    if env.get("LEAFMAIL_SMARTHOST_PASSWORD"):
+        return env["LEAFMAIL_SMARTHOST_PASSWORD"]
+    if not delivery.password_file:
+        return ""
+    try:
+        with open(delivery.password_file, encoding="utf-8") as f:
+            return f.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"delivery.password_file: cannot read: {exc}") from None
 
 
 def _from_file(path: Path) -> Config:
@@ -137,6 +209,7 @@ def _build(raw: dict[str, Any], where: str) -> Config:
         smtp=_smtp(top.table("smtp")),
         relay=_relay(top.table("relay")),
         auth=AuthConfig(users_file=top.table("auth").done_string("users_file", "")),
+        delivery=_delivery(top.table("delivery")),
         source=where,
     )
     top.finish()
@@ -170,6 +243,65 @@ def _relay(t: _Table) -> RelayConfig:
     )
     t.finish()
     return relay
+
+
+def _delivery(t: _Table) -> DeliveryConfig:
+    d = DeliveryConfig()
+    delivery = DeliveryConfig(
+        mode=t.choice("mode", d.mode, ("", *DELIVERY_MODES)),
+        smarthost=t.string("smarthost", d.smarthost),
+        tls=t.choice("tls", d.tls, TLS_MODES),
+        ca_file=t.string("ca_file", d.ca_file),
+        username=t.string("username", d.username),
+        password_file=t.string("password_file", d.password_file),
+        concurrency=t.integer("concurrency", d.concurrency),
+        retry_initial=t.duration("retry_initial", d.retry_initial),
+        retry_max=t.duration("retry_max", d.retry_max),
+        max_queue_lifetime=t.duration("max_queue_lifetime", d.max_queue_lifetime),
+        delay_warning=t.duration("delay_warning", d.delay_warning),
+        connect_timeout=t.duration("connect_timeout", d.connect_timeout),
+        command_timeout=t.duration("command_timeout", d.command_timeout),
+        deadline=t.duration("deadline", d.deadline),
+    )
+    t.finish()
+    return delivery
+
+
+def delivery_problem(delivery: DeliveryConfig) -> str | None:
+    """Why these delivery settings cannot work or would be unsafe, or None."""
+    if delivery.mode == "smarthost" and not delivery.smarthost:
+        return "delivery.mode = smarthost needs delivery.smarthost"
+    if delivery.smarthost:
+        try:
+            split_hostport(delivery.smarthost, delivery.tls)
+        except ValueError as exc:
+            return f"delivery.smarthost: {exc}"
+    if delivery.username and delivery.tls in ("none", "opportunistic"):
+        return (
+            f"delivery.username with tls = {delivery.tls} would send the password "
+            "unprotected; use tls = starttls or smtps"
+        )
+    if delivery.concurrency <= 0:
+        return "delivery.concurrency must be > 0"
+    if delivery.retry_initial <= 0 or delivery.retry_max < delivery.retry_initial:
+        return "delivery.retry_initial must be > 0 and <= retry_max"
+    if min(delivery.connect_timeout, delivery.command_timeout, delivery.deadline) <= 0:
+        return "delivery timeouts must be > 0"
+    return None
+
+
+def split_hostport(text: str, tls: str = "starttls") -> tuple[str, int]:
+    """("host", port) from "host:port", "[v6]:port" or "host" (port from the TLS mode)."""
+    default = 465 if tls == "smtps" else 587 if tls == "starttls" else 25
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([^\s:\[\]]+)(?::(\d+))?", text)
+    if not match:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    host = match.group(1) or match.group(3)
+    port_text = match.group(2) or match.group(4)
+    port = int(port_text) if port_text else default
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range")
+    return host, port
 
 
 def hostname_problem(name: str) -> str | None:
@@ -212,6 +344,9 @@ def _check(config: Config, where: str) -> None:
         config.relay_policy()
     except AccessSpecError as exc:
         raise ConfigError(f"{where}: relay.relay_networks: {exc}") from None
+    problem = delivery_problem(config.delivery)
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
 
 
 class _Table:
@@ -245,6 +380,12 @@ class _Table:
 
     def integer(self, key: str, default: int) -> int:
         return int(self._get(key, int, "an integer")) if key in self.data else default
+
+    def duration(self, key: str, default: float) -> float:
+        if key not in self.data:
+            return default
+        self.used.add(key)
+        return parse_duration(self.data[key], f"{self.where}: {self._key(key)}")
 
     def boolean(self, key: str, default: bool) -> bool:
         return bool(self._get(key, bool, "true or false")) if key in self.data else default

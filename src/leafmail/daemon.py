@@ -1,18 +1,23 @@
-"""`leafmail serve`: the listeners, the shared group committer, signals and readiness.
+"""`leafmail serve`: the listeners, the shared group committer, the queue runner, signals.
 
 Up to three kinds of listener share one event loop and one spool: plain SMTP
 (``smtp.listen``), submission with AUTH required (``smtp.submission_listen``) and
-implicit TLS (``smtp.smtps_listen``). SIGTERM/SIGINT stop them all gracefully; mail
-already answered 250 is in the spool by then, and a commit in progress finishes first.
+implicit TLS (``smtp.smtps_listen``). With a smarthost configured, the queue runner
+delivers on the same loop (mode "smarthost"), or waits for `leafmail flush` (mode
+"offline"), which reaches it through the control socket in the spool. SIGTERM/SIGINT
+stop everything gracefully; mail already answered 250 is in the spool by then, a commit
+in progress finishes first, and a delivery cut short is simply tried again later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from netserver import AsyncHandler, Endpoint, Limits, Server
 from netserver.connlog import ServerLog
@@ -24,6 +29,9 @@ from .checks import Stage
 from .checks.loops import loop_check
 from .checks.relay import relay_check
 from .config import Config
+from .control import ControlServer, Reply
+from .flush import runner_for
+from .queue import QueueRunner
 from .receive import Policy, ReceiveService
 from .spool import GroupCommitter, Spool
 
@@ -82,8 +90,17 @@ class Daemon:
             self.spool = Spool(config.spool)
         except OSError as exc:
             raise CantCreateError(f"cannot use spool {config.spool}: {exc.strerror}") from None
+        self.runner: QueueRunner | None = (
+            runner_for(config, self.spool, log=self.log) if config.delivery.smarthost else None
+        )
         self.servers: list[Server] = []
         self._ready: list[Endpoint] = []
+        self._stopping = asyncio.Event()
+
+    @property
+    def delivering(self) -> bool:
+        """True when the runner delivers by itself (mode smarthost), not only on flush."""
+        return self.runner is not None and self.config.delivery.effective_mode == "smarthost"
 
     def _smtp_config(self, *, tls_active_offer: bool) -> ServerConfig:
         smtp = self.config.smtp
@@ -109,6 +126,7 @@ class Daemon:
                 users=self.users,
                 tls=self.tls,
                 require_auth=require_auth,
+                on_spooled=self.runner.notify if self.runner and self.delivering else None,
             )
 
         has_tls = self.tls is not None
@@ -155,16 +173,53 @@ class Daemon:
         removed = self.spool.clean_tmp()
         if removed:
             self.log.info("removed unanswered partial messages from tmp/", count=removed)
+        self.spool.clean_status()
         committer = GroupCommitter(self.spool)
+        control = ControlServer(self.spool.control_path, self._control, self.log)
+        delivery: asyncio.Task[None] | None = None
         try:
             self.servers = [self._server(role) for role in self._roles(committer)]
             if not self.servers:
                 raise ConfigError("nothing to listen on: smtp.listen is empty")
             self.bind()
             self._install_signals()
+            await control.start()
+            if self.runner is not None and self.delivering:
+                delivery = asyncio.create_task(self.runner.serve(self._stopping))
             await asyncio.gather(*(server.serve() for server in self.servers))
         finally:
+            self._stopping.set()
+            await control.close()
+            if delivery is not None:
+                delivery.cancel()  # a delivery cut short is tried again: at least once
+                with contextlib.suppress(asyncio.CancelledError):
+                    await delivery
             await asyncio.get_running_loop().run_in_executor(None, committer.close)
+
+    async def _control(self, command: str, reply: Reply) -> None:
+        """Serve one control request (leafmail.control)."""
+        if self.runner is None:
+            reply({"error": "no smarthost configured (delivery.smarthost)"})
+            return
+        if command == "wake":
+            self.runner.notify_scan()
+            reply({"done": True})
+            return
+
+        def progress(done: Any) -> None:
+            reply({"qid": done.qid, "verdict": done.verdict.value, "error": done.error})
+
+        summary = await self.runner.run_once(
+            force=True, progress=progress, on_total=lambda n: reply({"total": n})
+        )
+        reply(
+            {
+                "done": True,
+                "deferred": summary.deferred,
+                "counts": dict(summary.counts),
+                "link_error": summary.link_error,
+            }
+        )
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -172,6 +227,7 @@ class Daemon:
             loop.add_signal_handler(sig, self.stop)
 
     def stop(self) -> None:
-        """Stop every listener gracefully."""
+        """Stop every listener gracefully, and the queue runner."""
+        self._stopping.set()
         for server in self.servers:
             server.stop()

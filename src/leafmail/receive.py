@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from netserver.aio import AsyncConnection, ServerStopping
@@ -67,6 +67,7 @@ class ReceiveService:
     users: Users | None = None
     tls: ssl.SSLContext | None = None
     require_auth: bool = False
+    on_spooled: Callable[[str], None] | None = None  # the queue runner's notify
 
     async def handle(self, conn: AsyncConnection) -> None:
         """Serve one SMTP session on `conn` until QUIT, 421 or the client leaves."""
@@ -206,6 +207,8 @@ class ReceiveService:
             proto.reject(SPOOL_FAILED)
             return
         proto.accept(replies.queued(qid))
+        if self.on_spooled is not None:
+            self.on_spooled(qid)
 
     def _envelope(
         self, conn: AsyncConnection, session: SmtpSession, smtp: SmtpEnvelope

@@ -7,6 +7,12 @@ Layout (each state is a directory, as in Postfix's queue)::
     SPOOL/deferred/  delivery tried and to be retried (queue runner)
     SPOOL/hold/      held by the operator
     SPOOL/corrupt/   files that failed their self-check; kept for a human, never parsed again
+    SPOOL/status/    per-recipient delivery state of a message (leafmail.status), once tried
+
+A message file never changes after the commit; what delivery learns goes into its status
+record, replaced atomically (write, fsync, rename). Whoever delivers, holds, releases or
+deletes a message first takes an exclusive flock(2) on its file (`Spool.locked`), so the
+daemon's queue runner, `leafmail flush` and the queue tools can run at the same time.
 
 The commit: write the file into tmp/ (mode 0600, O_EXCL|O_NOFOLLOW), make it durable,
 rename it into queue/, make the directory durable, and only then report success, so a
@@ -30,6 +36,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -138,10 +145,15 @@ class Spool:
         self.root = Path(root)
         self.syncs = 0
         if create:
-            for name in ("tmp", *STATES):
+            for name in ("tmp", "status", *STATES):
                 (self.root / name).mkdir(mode=0o700, parents=True, exist_ok=True)
         elif not (self.root / "queue").is_dir():
             raise FileNotFoundError(f"{self.root} is not a leafmail spool")
+
+    @property
+    def control_path(self) -> Path:
+        """The running daemon's control socket (leafmail.control)."""
+        return self.root / "control"
 
     def path(self, state: str, qid: str) -> Path:
         if state not in ("tmp", *STATES) or not valid_id(qid):
@@ -265,13 +277,107 @@ class Spool:
         os.rename(self.path(src, qid), self.path(dst, qid))
         self.sync_dir(dst)
 
-    def remove(self, qid: str) -> None:
-        """Delete a message from whatever state it is in."""
+    def remove(self, qid: str, *, durable: bool = True) -> None:
+        """Delete a message (and its status) from whatever state it is in.
+
+        `durable=False` skips the directory fsync: for a message delivered to every
+        recipient, a crash that undoes the unlink only means it is sent again (at least
+        once), so the fsync would buy nothing but cost a disk flush per message.
+        """
         state = self.find(qid)
         if state is None:
             raise KeyError(qid)
         os.unlink(self.path(state, qid))
-        self.sync_dir(state)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.root / "status" / qid)
+        if durable:
+            self.sync_dir(state)
+
+    # -- delivery state -----------------------------------------------------------------
+    def read_status(self, qid: str) -> bytes | None:
+        """The status record of a message, or None before its first delivery attempt."""
+        if not valid_id(qid):
+            raise ValueError(f"bad queue id {qid!r}")
+        try:
+            fd = os.open(self.root / "status" / qid, _OPEN_READ)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+
+    def write_status(self, qid: str, blob: bytes) -> None:
+        """Replace a message's status record atomically and durably (hold its lock)."""
+        if not valid_id(qid):
+            raise ValueError(f"bad queue id {qid!r}")
+        final = self.root / "status" / qid
+        new = final.with_name(qid + ".new")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(new)  # left by a crash; only the lock holder writes here
+        fd = os.open(new, _OPEN_NEW, 0o600)
+        try:
+            view = memoryview(blob)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        os.rename(new, final)
+        self.sync_dir("status")
+
+    def clean_status(self) -> int:
+        """Remove status records whose message is gone (left by a crash or a delete)."""
+        count = 0
+        for entry in os.scandir(self.root / "status"):
+            if valid_id(entry.name) and self.find(entry.name) is None:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    count += 1
+        return count
+
+    @contextlib.contextmanager
+    def locked(self, qid: str, *, wait: bool = False) -> Iterator[str | None]:
+        """Hold a message's lock; yields its state, or None if it is gone (or busy).
+
+        With `wait=False` a message someone else holds counts as busy and yields None
+        (the runner skips it); with `wait=True` this blocks until the holder is done,
+        which the queue runner's per-attempt deadline bounds.
+        """
+        held = self._acquire(qid, wait)
+        if held is None:
+            yield None
+            return
+        fd, state = held
+        try:
+            yield state
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
+
+    def _acquire(self, qid: str, wait: bool) -> tuple[int, str] | None:
+        """Lock the file, then check it is still where it was: it may move meanwhile."""
+        for _ in range(8):
+            state = self.find(qid)
+            if state is None or state == "corrupt":
+                return None
+            path = self.path(state, qid)
+            try:
+                fd = os.open(path, _OPEN_READ)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    return fd, state
+            os.close(fd)
+        return None
+
+
+def arrival_time(qid: str) -> float:
+    """When a message was spooled: its id starts with the arrival time in nanoseconds."""
+    return int(qid[:16], 16) / 1e9
 
 
 @dataclass

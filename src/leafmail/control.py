@@ -1,0 +1,149 @@
+"""The daemon's control socket: how `leafmail flush` makes a running daemon deliver now.
+
+A Unix stream socket in the spool directory (`Spool.control_path`), so only the spool's
+owner can reach it (the spool is mode 0700). The protocol is one JSON request line and
+JSON reply lines:
+
+    -> {"command": "flush"}
+    <- {"total": 12}
+    <- {"qid": "...", "verdict": "delivered", "error": ""}     (one per message)
+    <- {"done": true, "deferred": 0, "counts": {...}, "link_error": ""}
+
+    -> {"command": "wake"}          (new mail was spooled by another process)
+    <- {"done": true}
+
+Errors are a line {"error": "..."}. Nothing from the socket is ever run or evaluated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from netserver.connlog import ServerLog
+
+REQUEST_LIMIT = 4096
+REQUEST_TIMEOUT = 10.0
+
+Reply = Callable[[dict[str, Any]], None]
+Handler = Callable[[str, Reply], Awaitable[None]]
+
+
+class ControlServer:
+    """Serves control requests on a Unix socket for as long as the daemon runs."""
+
+    def __init__(self, path: Path, handler: Handler, log: ServerLog) -> None:
+        self.path = path
+        self.handler = handler
+        self.log = log
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> bool:
+        """Listen; False (logged) if another daemon owns the socket or the path is unusable."""
+        if self.path.exists() or self.path.is_symlink():
+            if _answers(self.path):
+                self.log.info(
+                    "another leafmail runs on this spool; no control socket", path=str(self.path)
+                )
+                return False
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._client, str(self.path), limit=REQUEST_LIMIT
+            )
+        except OSError as exc:
+            self.log.info("cannot create the control socket", path=str(self.path), error=str(exc))
+            return False
+        finally:
+            os.umask(old_umask)
+        return True
+
+    async def close(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        self._server = None
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        def reply(obj: dict[str, Any]) -> None:
+            if writer.is_closing():  # the client went away; the work goes on regardless
+                return
+            writer.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                line = await reader.readline()
+            command = _command(line)
+            if command is None:
+                reply({"error": 'bad request: expected {"command": "flush"|"wake"}'})
+            else:
+                await self.handler(command, reply)
+            await writer.drain()
+        except (TimeoutError, ValueError, OSError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+def _command(line: bytes) -> str | None:
+    try:
+        request = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    command = request.get("command") if isinstance(request, dict) else None
+    return command if command in ("flush", "wake") else None
+
+
+def _answers(path: Path) -> bool:
+    """True if a live daemon listens on `path` (a stale socket refuses the connection)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2.0)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def request(
+    path: Path, command: str, on_line: Callable[[dict[str, Any]], None]
+) -> dict[str, Any] | None:
+    """Send `command` to the daemon and pass each reply line to `on_line`.
+
+    Returns the final line ({"done": ...} or {"error": ...}), or None when no daemon
+    listens (then the caller does the work itself). A flush can take as long as the
+    queue takes, so there is no overall timeout: the runner's deadlines bound it.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(5.0)
+        try:
+            sock.connect(str(path))
+        except OSError:  # no daemon (or an unusable path): the caller works alone
+            return None
+        sock.settimeout(None)
+        sock.sendall(json.dumps({"command": command}).encode() + b"\n")
+        with sock.makefile("rb") as lines:
+            for raw in lines:
+                obj = json.loads(raw)
+                if not isinstance(obj, dict):
+                    continue
+                if "qid" in obj or "total" in obj:
+                    on_line(obj)
+                else:
+                    return obj  # {"done": ...} or {"error": ...}
+    finally:
+        sock.close()
+    return {"error": "the daemon closed the control connection early"}

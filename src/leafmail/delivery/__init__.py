@@ -1,0 +1,98 @@
+"""Delivery agents: what they return and the one contract they share.
+
+An agent takes a message and the recipients still open, and answers one `Result` per
+recipient: delivered, deferred (try again later) or failed (bounce). When it cannot reach
+its next hop at all (connection refused, TLS or AUTH failure) it raises `LinkDown`
+instead, so the queue runner can stop trying other messages until the link is back,
+rather than count a failure against each of them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from ..envelope import Envelope
+from ..status import RcptState
+
+_ENHANCED = re.compile(r"\A([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|\Z)")
+
+
+class Outcome(StrEnum):
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+
+    @property
+    def state(self) -> RcptState:
+        return RcptState(self.value)
+
+
+@dataclass(frozen=True)
+class Result:
+    """One recipient's result: outcome, SMTP code, enhanced status (RFC 3463) and text."""
+
+    outcome: Outcome
+    code: int
+    status: str
+    text: str
+    remote: str = ""
+
+    @classmethod
+    def from_reply(cls, code: int, message: str, remote: str = "") -> Result:
+        """Classify a server reply; the enhanced code comes from the text when present."""
+        outcome = (
+            Outcome.DELIVERED
+            if 200 <= code < 400
+            else Outcome.FAILED
+            if 500 <= code < 600
+            else Outcome.DEFERRED
+        )
+        text = " ".join(message.split())
+        match = _ENHANCED.match(text)
+        if match and match.group(1) == str(code)[0]:
+            status, text = f"{match[1]}.{match[2]}.{match[3]}", text[match.end() :]
+        else:
+            status = {Outcome.DELIVERED: "2.0.0", Outcome.FAILED: "5.0.0"}.get(outcome, "4.0.0")
+        return cls(outcome, code, status, text, remote)
+
+    @classmethod
+    def deferred(cls, status: str, text: str, remote: str = "") -> Result:
+        """A temporary failure that is ours, not a server's (timeout, lost connection)."""
+        return cls(Outcome.DEFERRED, 451, status, text, remote)
+
+    @classmethod
+    def failed(cls, status: str, text: str, remote: str = "") -> Result:
+        """A permanent failure that is ours (expired, next hop cannot take it)."""
+        return cls(Outcome.FAILED, 554, status, text, remote)
+
+    @property
+    def line(self) -> str:
+        """The reply as one line, e.g. "550 5.1.1 no such user"."""
+        return f"{self.code} {self.status} {self.text}".rstrip()
+
+
+class LinkDown(Exception):
+    """The next hop could not be reached or would not talk to us; nothing was tried."""
+
+
+class Agent(Protocol):
+    """A delivery agent (smarthost now; MX and local later)."""
+
+    async def deliver(
+        self, envelope: Envelope, data: bytes, rcpts: Sequence[int]
+    ) -> dict[int, Result]:
+        """Try envelope.recipients[i] for each i in `rcpts`; a Result for each of them."""
+        ...
+
+    async def close(self) -> None:
+        """Close idle connections."""
+        ...
+
+
+def all_results(rcpts: Sequence[int], result: Result) -> dict[int, Result]:
+    """The same result for every recipient (a reply to MAIL or DATA, a lost connection)."""
+    return dict.fromkeys(rcpts, result)

@@ -1,0 +1,124 @@
+"""`leafmail flush`: deliver everything queued now, with progress.
+
+If a daemon runs on the spool, flush asks it through the control socket (so the
+daemon's one connection pool and link state are used, and nothing is tried twice at
+once); otherwise it runs one forced pass itself. Either way it reports each message as
+it goes: a progress bar on a terminal, one line per message otherwise (for logs and
+network-up hooks). Exit 0 when nothing is left deferred, 75 when something is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections import Counter
+from typing import Any, TextIO
+
+from netserver.errors import EX_OK, EX_TEMPFAIL, ConfigError, UnavailableError
+
+from . import control
+from .config import Config
+from .delivery.smarthost import SmarthostAgent, SmarthostSettings
+from .message import Attempt, Verdict
+from .queue import PassSummary, QueueRunner
+from .retry import RetryPolicy
+from .spool import Spool
+
+
+class Reporter:
+    """Shows flush progress: rich's bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, out: TextIO, *, tty: bool) -> None:
+        self.out = out
+        self.counts: Counter[str] = Counter()
+        self._progress: Any = None
+        self._task: Any = None
+        if tty:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            self._progress = Progress(
+                TextColumn("flushing"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.description}"),
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("", total=None)
+
+    def total(self, count: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, total=count)
+
+    def message(self, qid: str, verdict: str, error: str) -> None:
+        if verdict == Verdict.SKIPPED.value:
+            return
+        self.counts[verdict] += 1
+        if self._progress is not None:
+            summary = ", ".join(f"{n} {v}" for v, n in sorted(self.counts.items()))
+            self._progress.update(self._task, advance=1, description=summary)
+        else:
+            tail = f": {error}" if error and verdict != Verdict.DELIVERED.value else ""
+            print(f"{qid} {verdict}{tail}", file=self.out, flush=True)
+
+    def attempt(self, done: Attempt) -> None:
+        self.message(done.qid, done.verdict.value, done.error)
+
+    def line(self, obj: dict[str, Any]) -> None:
+        """A reply line from the daemon's control socket."""
+        if "total" in obj and isinstance(obj["total"], int):
+            self.total(obj["total"])
+        elif isinstance(obj.get("qid"), str):
+            self.message(obj["qid"], str(obj.get("verdict", "")), str(obj.get("error", "")))
+
+    def finish(self, link_error: str) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        parts = [f"{n} {v}" for v, n in sorted(self.counts.items())] or ["nothing to deliver"]
+        print("flush: " + ", ".join(parts), file=sys.stderr)
+        if link_error:
+            print(f"flush: next hop unreachable: {link_error}", file=sys.stderr)
+
+
+def flush(config: Config, *, use_daemon: bool = True, out: TextIO = sys.stdout) -> int:
+    """Deliver everything now; EX_OK if nothing stays deferred, else EX_TEMPFAIL."""
+    try:
+        spool = Spool(config.spool, create=False)
+    except FileNotFoundError:
+        print(f"flush: no spool at {config.spool}: nothing to deliver", file=sys.stderr)
+        return EX_OK
+    reporter = Reporter(out, tty=out.isatty())
+    final = control.request(spool.control_path, "flush", reporter.line) if use_daemon else None
+    if final is not None:
+        reporter.finish(str(final.get("link_error", "")))
+        if "error" in final:
+            raise UnavailableError(f"the running daemon says: {final['error']}")
+        return EX_TEMPFAIL if final.get("deferred") else EX_OK
+    try:
+        summary = asyncio.run(_flush_alone(config, spool, reporter))
+    finally:
+        reporter.finish("")
+    if summary.link_error:
+        print(f"flush: next hop unreachable: {summary.link_error}", file=sys.stderr)
+    return EX_TEMPFAIL if summary.deferred else EX_OK
+
+
+def runner_for(config: Config, spool: Spool, **kwargs: Any) -> QueueRunner:
+    """The smarthost queue runner for this config; ConfigError if there is no smarthost."""
+    try:
+        settings = SmarthostSettings.from_config(config)
+        agent = SmarthostAgent(settings)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return QueueRunner(
+        spool,
+        agent,
+        RetryPolicy.from_config(config.delivery),
+        hostname=config.hostname,
+        concurrency=config.delivery.concurrency,
+        **kwargs,
+    )
+
+
+async def _flush_alone(config: Config, spool: Spool, reporter: Reporter) -> PassSummary:
+    runner = runner_for(config, spool)
+    return await runner.run_once(force=True, progress=reporter.attempt, on_total=reporter.total)

@@ -1,0 +1,307 @@
+"""A spooled message brought back to life ("unfrozen") and sent: one delivery attempt.
+
+The 1998 leafmail thawed a frozen object and called its send() method. Here
+`unfreeze(spool, qid)` loads the message with its delivery status, and `send()` makes one
+attempt through a delivery agent, records every recipient's result durably and returns
+them. The queue runner uses the same `attempt()` for each message it works on.
+
+Order of the durable steps, so that nothing is ever lost:
+
+1. the agent delivers to the recipients still open (or they expire);
+2. DSNs for the recipients that failed now are committed to the spool, as new messages;
+3. the status record is replaced (write, fsync, rename, fsync the directory);
+4. only when every recipient has a final result is the message removed.
+
+A crash before 3 means the attempt is made again: a recipient can get the message
+twice, never zero times (at least once). A crash between 2 and 3 can repeat a bounce.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from .delivery import Agent, LinkDown, Outcome, Result
+from .delivery.bounce import Notice, build_dsn, wants_dsn
+from .envelope import Envelope, EnvelopeError
+from .retry import RetryPolicy
+from .spool import CorruptMessage, Spool, SpooledMessage, arrival_time
+from .status import MessageStatus, RcptState, RcptStatus
+
+
+class Verdict(StrEnum):
+    """What one attempt left a message as."""
+
+    DELIVERED = "delivered"  # every recipient delivered; removed
+    BOUNCED = "bounced"  # all final, some failed; DSN queued; removed
+    DEFERRED = "deferred"  # some recipients still open; scheduled again
+    SKIPPED = "skipped"  # held, gone, locked by someone else, or not due yet
+    WAITING = "waiting"  # not tried: the next hop was found unreachable in this pass
+    CORRUPT = "corrupt"  # failed its self-check; moved to corrupt/
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The result of one attempt: a verdict and the per-recipient results."""
+
+    qid: str
+    verdict: Verdict
+    results: dict[int, Result]
+    error: str = ""
+    dsns: tuple[str, ...] = ()  # queue ids of the DSNs this attempt spooled
+
+
+class UnknownMessage(KeyError):
+    """No message with that id is in the spool."""
+
+
+@dataclass
+class Message:
+    """An unfrozen message: envelope, bytes and delivery status."""
+
+    spool: Spool
+    stored: SpooledMessage
+    status: MessageStatus
+
+    @property
+    def qid(self) -> str:
+        return self.stored.qid
+
+    @property
+    def envelope(self) -> Envelope:
+        return self.stored.envelope
+
+    @property
+    def data(self) -> bytes:
+        return self.stored.data
+
+    def send(
+        self,
+        agent: Agent,
+        *,
+        policy: RetryPolicy | None = None,
+        hostname: str = "localhost",
+        now: float | None = None,
+    ) -> dict[str, Result]:
+        """Deliver now (blocking); results by recipient address, recorded before returning."""
+
+        async def run() -> Attempt:
+            try:
+                return await attempt(
+                    self.spool,
+                    self.qid,
+                    agent,
+                    policy or RetryPolicy(),
+                    hostname=hostname,
+                    now=time.time() if now is None else now,
+                    force=True,
+                    wait=True,
+                )
+            finally:
+                await agent.close()
+
+        done = asyncio.run(run())
+        rcpts = self.envelope.recipients
+        return {rcpts[i].address: result for i, result in done.results.items()}
+
+
+def unfreeze(spool: Spool | str | os.PathLike[str], qid: str) -> Message:
+    """Load message `qid` with its status; UnknownMessage or CorruptMessage if it cannot."""
+    spool = spool if isinstance(spool, Spool) else Spool(spool, create=False)
+    try:
+        stored = spool.get(qid)
+    except (KeyError, ValueError):
+        raise UnknownMessage(qid) from None
+    return Message(spool, stored, load_status(spool, stored))
+
+
+def load_status(spool: Spool, stored: SpooledMessage) -> MessageStatus:
+    """The stored status, or a fresh one; a damaged status restarts from fresh (logged by
+    the caller via `last_error`), which can only repeat a delivery, never skip one."""
+    blob = spool.read_status(stored.qid)
+    fresh = MessageStatus.fresh(stored.envelope, arrival_time(stored.qid))
+    if blob is None:
+        return fresh
+    try:
+        return MessageStatus.from_bytes(blob, stored.envelope)
+    except EnvelopeError as exc:
+        return replace(fresh, last_error=f"status record was damaged ({exc}); starting over")
+
+
+async def attempt(
+    spool: Spool,
+    qid: str,
+    agent: Agent | None,
+    policy: RetryPolicy,
+    *,
+    hostname: str,
+    now: float,
+    force: bool = False,
+    wait: bool = False,
+) -> Attempt:
+    """One delivery attempt for `qid` under its lock; `agent=None` only expires.
+
+    Without `force`, a deferred message whose next attempt is still ahead is skipped.
+    LinkDown from the agent is recorded as a deferral of this message and raised again,
+    so the runner can stop trying others.
+    """
+    with spool.locked(qid, wait=wait) as state:
+        if state is None or state == "hold":
+            return Attempt(qid, Verdict.SKIPPED, {})
+        try:
+            message = await asyncio.to_thread(unfreeze, spool, qid)
+        except UnknownMessage:
+            return Attempt(qid, Verdict.SKIPPED, {})
+        except CorruptMessage as exc:  # Spool.get moved it to corrupt/
+            return Attempt(qid, Verdict.CORRUPT, {}, str(exc))
+        status = message.status
+        if not force and state == "deferred" and status.next_attempt > now:
+            return Attempt(qid, Verdict.SKIPPED, {})
+        open_rcpts = status.open
+        link_error: LinkDown | None = None
+        if not open_rcpts:
+            results = {}  # all final already (a crash before the removal): just remove
+        elif policy.expired(status.arrival, now):
+            results = expire(open_rcpts, status, policy)
+        elif agent is None:
+            return Attempt(qid, Verdict.SKIPPED, {})
+        else:
+            try:
+                results = await agent.deliver(message.envelope, message.data, open_rcpts)
+            except LinkDown as exc:
+                link_error = exc
+                results = dict.fromkeys(open_rcpts, Result.deferred("4.4.1", str(exc)))
+        done = await record(message, state, results, policy, hostname=hostname, now=now)
+        if link_error is not None:
+            raise link_error
+        return done
+
+
+def expire(
+    open_rcpts: Sequence[int], status: MessageStatus, policy: RetryPolicy
+) -> dict[int, Result]:
+    """Fail every open recipient with 4.4.7, quoting the last error it had."""
+    days = policy.lifetime / 86400
+    results = {}
+    for i in open_rcpts:
+        last = status.recipients[i].reply or status.last_error or "no attempt succeeded"
+        text = f"message expired after {days:g} days in the queue; last error: {last}"
+        results[i] = Result(Outcome.FAILED, 451, "4.4.7", text, status.recipients[i].remote)
+    return results
+
+
+async def record(
+    message: Message,
+    state: str,
+    results: dict[int, Result],
+    policy: RetryPolicy,
+    *,
+    hostname: str,
+    now: float,
+) -> Attempt:
+    """Apply `results` to the status and make it durable (see the module doc for the order)."""
+    status = apply_results(message.status, results, policy, now)
+    notices = [
+        Notice(message.envelope.recipients[i], r)
+        for i, r in results.items()
+        if r.outcome is Outcome.FAILED
+        and wants_dsn(message.envelope.sender, message.envelope.recipients[i], "FAILURE")
+    ]
+    dsns = []
+    if notices:
+        dsns.append(dsn_for(message, notices, hostname=hostname, now=now))
+    if not status.done and not status.warned and policy.warn_due(status.arrival, now):
+        status = replace(status, warned=True)
+        delayed = [
+            Notice(message.envelope.recipients[i], results[i])
+            for i in status.open
+            if i in results
+            and wants_dsn(message.envelope.sender, message.envelope.recipients[i], "DELAY")
+        ]
+        if delayed:
+            dsns.append(
+                dsn_for(
+                    message,
+                    delayed,
+                    hostname=hostname,
+                    now=now,
+                    delayed=True,
+                    retry_until=policy.expires(status.arrival),
+                )
+            )
+    message.status = status
+    dsn_ids: list[str] = []
+    if status.done and not dsns:
+        message.spool.remove(message.qid, durable=False)  # a lost unlink only resends
+    else:
+        dsn_ids = await asyncio.to_thread(_store, message, state, dsns)
+    return Attempt(message.qid, verdict_of(status), results, status.last_error, tuple(dsn_ids))
+
+
+def dsn_for(
+    message: Message,
+    notices: list[Notice],
+    *,
+    hostname: str,
+    now: float,
+    delayed: bool = False,
+    retry_until: float | None = None,
+) -> tuple[Envelope, bytes]:
+    return build_dsn(
+        hostname=hostname,
+        qid=message.qid,
+        envelope=message.envelope,
+        data=message.data,
+        notices=notices,
+        arrival=message.status.arrival,
+        now=now,
+        delayed=delayed,
+        retry_until=retry_until,
+    )
+
+
+def _store(message: Message, state: str, dsns: list[tuple[Envelope, bytes]]) -> list[str]:
+    """Commit the DSNs, then the status (or the removal); returns the DSNs' queue ids."""
+    spool, qid = message.spool, message.qid
+    dsn_ids = [spool.commit(envelope, data) for envelope, data in dsns]
+    if message.status.done:
+        spool.remove(qid, durable=False)
+    else:
+        spool.write_status(qid, message.status.to_bytes())
+        if state == "queue":
+            spool.move(qid, "queue", "deferred")
+    return dsn_ids
+
+
+def apply_results(
+    status: MessageStatus, results: dict[int, Result], policy: RetryPolicy, now: float
+) -> MessageStatus:
+    """The status after an attempt: recipient states, attempt counts and next retry."""
+    for i, result in results.items():
+        old = status.recipients[i]
+        status = status.with_recipient(
+            i, RcptStatus(result.outcome.state, old.attempts + 1, result.line, result.remote)
+        )
+    attempts = status.attempts + 1
+    # The reason it is still queued matters most, so deferrals come before failures.
+    errors = [r.line for r in results.values() if r.outcome is Outcome.DEFERRED]
+    errors += [r.line for r in results.values() if r.outcome is Outcome.FAILED]
+    return replace(
+        status,
+        attempts=attempts,
+        last_attempt=now,
+        last_error=errors[0] if errors else status.last_error,
+        next_attempt=0.0 if status.done else policy.next_attempt(status.arrival, attempts, now),
+    )
+
+
+def verdict_of(status: MessageStatus) -> Verdict:
+    if not status.done:
+        return Verdict.DEFERRED
+    if any(r.state is RcptState.FAILED for r in status.recipients):
+        return Verdict.BOUNCED
+    return Verdict.DELIVERED

@@ -1,0 +1,237 @@
+"""The queue runner: which messages to try, how many at once, and what to do when the link is down.
+
+A *pass* takes every message in queue/ and every deferred message whose time has come,
+and works through them with `concurrency` workers, each making one `message.attempt`.
+Mail that arrives during a pass joins it (`notify`). Passes never overlap: a flush asked
+for while a scheduled pass runs waits for it, then runs its own.
+
+When the next hop cannot be reached at all (`LinkDown`), the message that found out is
+deferred, the pass stops taking new messages, and the runner leaves the link alone for
+a while that doubles each time it is still down (from one minute, or retry_initial if
+shorter, up to retry_max): the laptop that is offline does not spin. Expired messages
+still bounce while the link is down. `flush` (a network-up hook) ignores that wait.
+
+Time comes from an injected clock, and `run_once` is one pass, so tests drive the
+schedule without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from netserver.connlog import ServerLog
+
+from .delivery import Agent, LinkDown
+from .message import Attempt, Verdict, attempt
+from .retry import RetryPolicy
+from .spool import Spool, arrival_time
+from .status import peek_next_attempt
+
+LINK_RETRY_FIRST = 60.0
+SCAN_INTERVAL = 60.0  # how often a waiting runner looks for mail other processes spooled
+
+Progress = Callable[[Attempt], None]
+
+
+@dataclass
+class PassSummary:
+    """What a pass did, message by message."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    link_error: str = ""
+
+    def add(self, done: Attempt) -> None:
+        self.counts[done.verdict.value] += 1
+
+    @property
+    def deferred(self) -> int:
+        """Messages still queued after this pass (tried and deferred, or not tried)."""
+        return self.counts[Verdict.DEFERRED.value] + self.counts[Verdict.WAITING.value]
+
+
+class QueueRunner:
+    """Runs passes over the spool with one delivery agent."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        agent: Agent | None,
+        policy: RetryPolicy,
+        *,
+        hostname: str,
+        concurrency: int = 4,
+        clock: Callable[[], float] = time.time,
+        log: ServerLog | None = None,
+    ) -> None:
+        self.spool = spool
+        self.agent = agent
+        self.policy = policy
+        self.hostname = hostname
+        self.concurrency = concurrency
+        self.clock = clock
+        self.log = log
+        self.link_down_until = 0.0
+        self.link_wait = 0.0
+        self._pass_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._arrived: deque[str] = deque()
+
+    # -- what is due --------------------------------------------------------------------
+    def due(self, now: float, *, force: bool = False) -> list[str]:
+        """New messages first (oldest first), then deferred ones whose time has come."""
+        ready = self.spool.ids("queue")
+        for qid in self.spool.ids("deferred"):
+            if force or self.next_attempt(qid) <= now:
+                ready.append(qid)
+        return ready
+
+    def next_attempt(self, qid: str) -> float:
+        """When a deferred message may be tried again (0 when unknown: try it)."""
+        try:
+            blob = self.spool.read_status(qid)
+        except OSError:
+            return 0.0
+        return 0.0 if blob is None else peek_next_attempt(blob)
+
+    def next_wakeup(self, now: float) -> float:
+        """Seconds until something may be due: the earliest retry, capped by the scan interval."""
+        times = [self.next_attempt(qid) for qid in self.spool.ids("deferred")]
+        soonest = min(times, default=now + SCAN_INTERVAL)
+        soonest = max(soonest, self.link_down_until)
+        return max(0.0, min(soonest - now, SCAN_INTERVAL))
+
+    # -- passes -------------------------------------------------------------------------
+    def notify(self, qid: str) -> None:
+        """A message was just spooled: take it in the running pass, or start one."""
+        self._arrived.append(qid)
+        self._wake.set()
+
+    def notify_scan(self) -> None:
+        """Something changed in the spool behind our back (a release, a sendmail): look."""
+        self._wake.set()
+
+    async def run_once(
+        self,
+        *,
+        force: bool = False,
+        progress: Progress | None = None,
+        on_total: Callable[[int], None] | None = None,
+    ) -> PassSummary:
+        """One pass over what is due now (everything, with `force`)."""
+        async with self._pass_lock:
+            self._wake.clear()
+            self._arrived.clear()
+            now = self.clock()
+            if force:
+                self.link_down_until = 0.0
+            link_up = now >= self.link_down_until
+            work = deque(self.due(now, force=force))
+            if not link_up:  # only expiries can happen while the link rests
+                work = deque(q for q in work if self.policy.expired(arrival_time(q), now))
+            seen = set(work)
+            if on_total is not None:
+                on_total(len(work))
+            summary = PassSummary()
+            workers = max(1, min(self.concurrency, len(work)))
+            await asyncio.gather(
+                *(
+                    self._worker(work, seen, summary, progress, force, link_up)
+                    for _ in range(workers)
+                )
+            )
+            if self.agent is not None:
+                await self.agent.close()
+            return summary
+
+    async def _worker(
+        self,
+        work: deque[str],
+        seen: set[str],
+        summary: PassSummary,
+        progress: Progress | None,
+        force: bool,
+        link_up: bool,
+    ) -> None:
+        while True:
+            if not work:
+                self._take_arrivals(work, seen)
+            if not work:
+                return
+            qid = work.popleft()
+            now = self.clock()
+            usable = link_up and not summary.link_error and now >= self.link_down_until
+            if not usable and not self.policy.expired(arrival_time(qid), now):
+                reason = summary.link_error or "next hop unreachable earlier; waiting"
+                done = Attempt(qid, Verdict.WAITING, {}, f"not tried: {reason}")
+            else:
+                done = await self._attempt(qid, now, summary, force, usable)
+            self._arrived.extend(done.dsns)  # bounces go out in this same pass
+            summary.add(done)
+            self._report(done)
+            if progress is not None:
+                progress(done)
+
+    async def _attempt(
+        self, qid: str, now: float, summary: PassSummary, force: bool, usable: bool
+    ) -> Attempt:
+        try:
+            done = await attempt(
+                self.spool,
+                qid,
+                self.agent if usable else None,
+                self.policy,
+                hostname=self.hostname,
+                now=now,
+                force=force,
+            )
+        except LinkDown as exc:
+            self._link_failed(str(exc), now)
+            summary.link_error = str(exc)
+            return Attempt(qid, Verdict.DEFERRED, {}, str(exc))
+        if usable and done.verdict is not Verdict.SKIPPED:
+            self.link_wait = 0.0
+        return done
+
+    def _take_arrivals(self, work: deque[str], seen: set[str]) -> None:
+        while self._arrived:
+            qid = self._arrived.popleft()
+            if qid not in seen:
+                seen.add(qid)
+                work.append(qid)
+
+    def _link_failed(self, reason: str, now: float) -> None:
+        first = min(LINK_RETRY_FIRST, self.policy.initial)
+        self.link_wait = min(self.link_wait * 2 if self.link_wait else first, self.policy.maximum)
+        self.link_down_until = now + self.link_wait
+        if self.log is not None:
+            self.log.info(
+                "next hop unreachable; holding the queue", error=reason, retry_in=self.link_wait
+            )
+
+    def _report(self, done: Attempt) -> None:
+        if self.log is None or done.verdict in (Verdict.SKIPPED, Verdict.WAITING):
+            return
+        self.log.info("delivery", qid=done.qid, result=done.verdict.value, error=done.error)
+
+    # -- the daemon's loop --------------------------------------------------------------
+    async def serve(self, stopping: asyncio.Event) -> None:
+        """Run passes until `stopping` is set: at once, then whenever mail arrives or is due."""
+        while not stopping.is_set():
+            await self.run_once()
+            if self._arrived:
+                continue
+            delay = self.next_wakeup(self.clock())
+            waits = {
+                asyncio.ensure_future(self._wake.wait()),
+                asyncio.ensure_future(stopping.wait()),
+            }
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for task in waits:
+                task.cancel()

@@ -1,0 +1,175 @@
+"""Delivery state of a spooled message, per recipient, kept in the spool beside it.
+
+The message file is written once and never changed (its checksum covers it); what
+changes as delivery goes on lives in a small status record: each recipient's state,
+attempt count and last reply, and the message's next retry time. The queue runner
+reads it to decide what to do, writes it durably after every attempt, and a restarted
+runner picks up from it, so no schedule lives only in memory. It is strict JSON, like the
+envelope: no format that can run code when loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Any
+
+from .envelope import Envelope, EnvelopeError
+
+
+class RcptState(StrEnum):
+    """Where one recipient stands. DELIVERED and FAILED are final."""
+
+    PENDING = "pending"
+    DEFERRED = "deferred"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+    @property
+    def final(self) -> bool:
+        return self in (RcptState.DELIVERED, RcptState.FAILED)
+
+
+@dataclass(frozen=True)
+class RcptStatus:
+    """One recipient: its state, how often it was tried, and the last reply (or error)."""
+
+    state: RcptState = RcptState.PENDING
+    attempts: int = 0
+    reply: str = ""
+    remote: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "attempts": self.attempts,
+            "reply": self.reply,
+            "remote": self.remote,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> RcptStatus:
+        obj = _fields(data, {"state", "attempts", "reply", "remote"})
+        try:
+            state = RcptState(str(obj["state"]))
+        except ValueError:
+            raise EnvelopeError("bad recipient state") from None
+        return cls(state, _int(obj, "attempts"), _text(obj, "reply"), _text(obj, "remote"))
+
+
+@dataclass(frozen=True)
+class MessageStatus:
+    """The delivery state of a whole message.
+
+    `arrival` is when it was spooled (epoch seconds); `next_attempt` when the runner may
+    try it again; `warned` whether a delay warning went out already (at most one).
+    """
+
+    arrival: float
+    recipients: tuple[RcptStatus, ...]
+    next_attempt: float = 0.0
+    last_attempt: float = 0.0
+    attempts: int = 0
+    last_error: str = ""
+    warned: bool = False
+
+    @classmethod
+    def fresh(cls, envelope: Envelope, arrival: float) -> MessageStatus:
+        return cls(arrival, tuple(RcptStatus() for _ in envelope.recipients))
+
+    @property
+    def open(self) -> list[int]:
+        """Indexes of recipients still to be delivered."""
+        return [i for i, r in enumerate(self.recipients) if not r.state.final]
+
+    @property
+    def done(self) -> bool:
+        return not self.open
+
+    def with_recipient(self, index: int, rcpt: RcptStatus) -> MessageStatus:
+        rcpts = list(self.recipients)
+        rcpts[index] = rcpt
+        return replace(self, recipients=tuple(rcpts))
+
+    def to_bytes(self) -> bytes:
+        data = {
+            "version": 1,
+            "arrival": self.arrival,
+            "next_attempt": self.next_attempt,
+            "last_attempt": self.last_attempt,
+            "attempts": self.attempts,
+            "last_error": self.last_error,
+            "warned": self.warned,
+            "recipients": [r.to_json() for r in self.recipients],
+        }
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=True).encode() + b"\n"
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, envelope: Envelope) -> MessageStatus:
+        """Parse a status record; EnvelopeError if it is damaged or not for `envelope`."""
+        try:
+            data = json.loads(blob)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EnvelopeError(f"status is not JSON: {exc}") from None
+        keys = {"version", "arrival", "next_attempt", "last_attempt", "attempts"}
+        obj = _fields(data, keys | {"last_error", "warned", "recipients"})
+        if obj["version"] != 1:
+            raise EnvelopeError("unknown status version")
+        rcpts = obj["recipients"]
+        if not isinstance(rcpts, list) or len(rcpts) != len(envelope.recipients):
+            raise EnvelopeError("status does not match the envelope's recipients")
+        if not isinstance(obj["warned"], bool):
+            raise EnvelopeError("warned must be true or false")
+        return cls(
+            arrival=_number(obj, "arrival"),
+            recipients=tuple(RcptStatus.from_json(r) for r in rcpts),
+            next_attempt=_number(obj, "next_attempt"),
+            last_attempt=_number(obj, "last_attempt"),
+            attempts=_int(obj, "attempts"),
+            last_error=_text(obj, "last_error"),
+            warned=obj["warned"],
+        )
+
+
+def peek_next_attempt(blob: bytes) -> float:
+    """A status record's next attempt time without the envelope (0.0 if unreadable).
+
+    The runner checks this for every deferred message when it looks for due work, so it
+    must not load the messages themselves; a damaged record reads as "due now", and the
+    attempt then deals with it.
+    """
+    try:
+        value = json.loads(blob).get("next_attempt")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return 0.0
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return 0.0
+
+
+def _fields(data: object, keys: set[str]) -> dict[str, object]:
+    if not isinstance(data, dict) or set(data) != keys:
+        raise EnvelopeError("status record has the wrong fields")
+    return data
+
+
+def _int(obj: dict[str, object], key: str) -> int:
+    value = obj[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise EnvelopeError(f"{key} must be a non-negative integer")
+    return value
+
+
+def _number(obj: dict[str, object], key: str) -> float:
+    value = obj[key]
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise EnvelopeError(f"{key} must be a number")
+    return float(value)
+
+
+def _text(obj: dict[str, object], key: str) -> str:
+    value = obj[key]
+    if not isinstance(value, str):
+        raise EnvelopeError(f"{key} must be a string")
+    return value

@@ -1,0 +1,221 @@
+"""A real SMTP server to deliver to: aiosmtpd on loopback, told how to answer.
+
+`Smarthost` runs aiosmtpd's SMTP protocol on its own event loop in a thread, bound to
+127.0.0.1 port 0 (the port is read back from the socket, so there is no race and no
+sleep). It records every message it accepts with the envelope, ESMTP parameters, TLS
+and AUTH facts, and can be told to refuse a sender, recipients or DATA with any reply,
+to drop the connection at DATA, or to hang in DATA until released. TLS comes from a
+`trustme` CA (STARTTLS, or implicit TLS for an smtps port) and AUTH from a dict of
+users, as a provider's submission server would have them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import trustme
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+SINK_NAME = "smarthost.test"
+
+
+@dataclass
+class Received:
+    """One message the smarthost accepted."""
+
+    sender: str
+    recipients: list[str]
+    mail_options: list[str]
+    rcpt_options: list[list[str]]
+    content: bytes
+    tls: bool
+    login: str | None
+
+
+@dataclass
+class Behaviour:
+    """How the smarthost answers; change it between deliveries (from the test thread)."""
+
+    mail_reply: str | None = None
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    data_reply: str | None = None
+    drop_at_data: bool = False
+    hang_at_data: bool = False
+
+
+class Smarthost:
+    """A controllable aiosmtpd server on 127.0.0.1:<ephemeral>."""
+
+    def __init__(
+        self,
+        *,
+        tls: ssl.SSLContext | None = None,
+        implicit_tls: bool = False,
+        require_starttls: bool = False,
+        users: dict[str, str] | None = None,
+        smtputf8: bool = True,
+        size_limit: int | None = 33554432,
+    ) -> None:
+        self.behaviour = Behaviour()
+        self.received: list[Received] = []
+        self.connections = 0
+        self.auth_attempts: list[tuple[str, str]] = []  # (mechanism, login)
+        self._tls = tls
+        self._implicit = implicit_tls
+        self._require_starttls = require_starttls
+        self._users = users
+        self._smtputf8 = smtputf8
+        self._size_limit = size_limit
+        self._loop = asyncio.new_event_loop()
+        self._release = asyncio.Event()
+        self._server: asyncio.AbstractServer | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> Smarthost:
+        self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(self._listen(), self._loop)
+        self.port = future.result(10)
+        return self
+
+    def stop(self) -> None:
+        async def shutdown() -> None:
+            self._release.set()
+            if self._server is not None:
+                self._server.close()
+                await self._server.wait_closed()
+
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+    def release_hung(self) -> None:
+        """Let sessions hanging in DATA (hang_at_data) go on."""
+        self._loop.call_soon_threadsafe(self._release.set)
+
+    async def _listen(self) -> int:
+        self._server = await self._loop.create_server(
+            self._protocol,
+            "127.0.0.1",
+            0,
+            ssl=self._tls if self._implicit else None,
+        )
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    def _protocol(self) -> SMTP:
+        self.connections += 1
+        return SMTP(
+            _Handler(self),
+            hostname=SINK_NAME,
+            ident="test smarthost",
+            data_size_limit=self._size_limit,
+            enable_SMTPUTF8=self._smtputf8,
+            tls_context=None if self._implicit else self._tls,
+            require_starttls=self._require_starttls,
+            auth_required=self._users is not None,
+            auth_require_tls=True,
+            authenticator=self._authenticate if self._users is not None else None,
+            auth_exclude_mechanism=[],
+            timeout=30,
+        )
+
+    def _authenticate(
+        self, server: SMTP, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        if not isinstance(auth_data, LoginPassword) or self._users is None:
+            return AuthResult(success=False, handled=False)
+        login = auth_data.login.decode()
+        self.auth_attempts.append((mechanism, login))
+        ok = self._users.get(login) == auth_data.password.decode()
+        return AuthResult(success=ok, handled=False, auth_data=login if ok else None)
+
+
+class _Handler:
+    """aiosmtpd's hooks, answering as `Smarthost.behaviour` says."""
+
+    def __init__(self, host: Smarthost) -> None:
+        self.host = host
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if self.host.behaviour.mail_reply:
+            return self.host.behaviour.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        envelope.rcpt_options_list = []
+        return "250 OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        reply = self.host.behaviour.rcpt_replies.get(address)
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options_list.append(list(options))
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:
+        behaviour = self.host.behaviour
+        if behaviour.drop_at_data:
+            server.transport.close()
+            return "421 4.3.0 dropping"  # never seen: the connection is gone
+        if behaviour.hang_at_data:
+            await self.host._release.wait()
+        if behaviour.data_reply:
+            return behaviour.data_reply
+        login = session.auth_data if isinstance(session.auth_data, str) else None
+        self.host.received.append(
+            Received(
+                sender=envelope.mail_from,
+                recipients=list(envelope.rcpt_tos),
+                mail_options=list(envelope.mail_options),
+                rcpt_options=list(envelope.rcpt_options_list),
+                content=bytes(envelope.original_content or envelope.content),
+                tls=session.ssl is not None,
+                login=login,
+            )
+        )
+        return "250 2.0.0 accepted"
+
+
+@dataclass(frozen=True)
+class SinkTLS:
+    """A CA and a certificate for 127.0.0.1 (names would need a resolver)."""
+
+    ca: trustme.CA
+    server_context: ssl.SSLContext
+    ca_file: str
+
+
+def make_sink_tls(directory: Any) -> SinkTLS:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(context)
+    ca_file = str(directory / "smarthost-ca.pem")
+    ca.cert_pem.write_to_path(ca_file)
+    return SinkTLS(ca, context, ca_file)
+
+
+@pytest.fixture
+def smarthost() -> Iterator[Smarthost]:
+    """A plain smarthost (no TLS, no AUTH)."""
+    host = Smarthost().start()
+    try:
+        yield host
+    finally:
+        host.stop()
