@@ -150,3 +150,19 @@ def test_eliza_main_ends_at_eof(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdout", out)
     examples.eliza.main()
     assert out.getvalue().endswith("\r\n> ")
+
+
+def test_dialup_example_config_is_the_documented_setup() -> None:
+    """examples/leafmail-dialup.toml loads, only spools, and sends with STARTTLS and AUTH."""
+    from leafmail import config
+
+    loaded = config.load(str(ROOT / "examples" / "leafmail-dialup.toml"), env={})
+    assert loaded.delivery.effective_mode == "offline"
+    assert loaded.delivery.smarthost == "smtp.provider.example:587"
+    assert loaded.delivery.tls == "starttls"
+    assert loaded.delivery.username and loaded.delivery.password_file
+    assert loaded.smtp.listen == ("127.0.0.1:2525",)
+    assert config.split_hostport(loaded.delivery.smarthost, loaded.delivery.tls) == (
+        "smtp.provider.example",
+        587,
+    )

@@ -183,7 +183,7 @@ def smarthost_password(delivery: DeliveryConfig, env: Mapping[str, str] | None =
     if not delivery.password_file:
         return ""
     try:
-        with open(delivery.password_file, encoding="utf-8") as f:
+        with open(os.path.expanduser(delivery.password_file), encoding="utf-8") as f:
             return f.readline().rstrip("\r\n")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"delivery.password_file: cannot read: {exc}") from None

@@ -22,7 +22,7 @@ import contextlib
 import json
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +56,10 @@ class ControlServer:
                 self.path.unlink()
         old_umask = os.umask(0o177)
         try:
-            self._server = await asyncio.start_unix_server(
-                self._client, str(self.path), limit=REQUEST_LIMIT
-            )
+            with socket_name(self.path) as name:
+                self._server = await asyncio.start_unix_server(
+                    self._client, name, limit=REQUEST_LIMIT
+                )
         except OSError as exc:
             self.log.info("cannot create the control socket", path=str(self.path), error=str(exc))
             return False
@@ -106,12 +107,35 @@ def _command(line: bytes) -> str | None:
     return command if command in ("flush", "wake") else None
 
 
+@contextlib.contextmanager
+def socket_name(path: Path) -> Iterator[str]:
+    """A name for `path` that fits in a Unix socket address (at most 107 bytes).
+
+    A deep spool directory makes a longer path; then the socket is reached through a
+    descriptor of its directory, /proc/self/fd/N/control, which is short and resolves
+    to the same place for bind(2) and connect(2).
+    """
+    if len(os.fsencode(path)) < 100:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+def _connect(sock: socket.socket, path: Path) -> None:
+    with socket_name(path) as name:
+        sock.connect(name)
+
+
 def _answers(path: Path) -> bool:
     """True if a live daemon listens on `path` (a stale socket refuses the connection)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(2.0)
         try:
-            sock.connect(str(path))
+            _connect(sock, path)
         except OSError:
             return False
     return True
@@ -130,7 +154,7 @@ def request(
     try:
         sock.settimeout(5.0)
         try:
-            sock.connect(str(path))
+            _connect(sock, path)
         except OSError:  # no daemon (or an unusable path): the caller works alone
             return None
         sock.settimeout(None)

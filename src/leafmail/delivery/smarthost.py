@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -81,7 +82,8 @@ def client_tls_context(settings: SmarthostSettings) -> ssl.SSLContext:
     with a password by the config check.
     """
     try:
-        context = ssl.create_default_context(cafile=settings.ca_file or None)
+        cafile = os.path.expanduser(settings.ca_file) if settings.ca_file else None
+        context = ssl.create_default_context(cafile=cafile)
     except (OSError, ssl.SSLError) as exc:
         raise ValueError(f"delivery.ca_file {settings.ca_file}: {exc}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -239,24 +241,27 @@ async def _transaction(
         return True
     utf8 = envelope.smtputf8 and needs_smtputf8(envelope, data)
     encoding = "utf-8" if utf8 else "ascii"
-    try:
-        await smtp.mail(
-            envelope.sender,
-            options=mail_options(smtp, envelope, data, utf8=utf8),
-            encoding=encoding,
-        )
-    except aiosmtplib.SMTPSenderRefused as exc:
-        results.update(all_results(rcpts, Result.from_reply(exc.code, exc.message, remote)))
+    reply = await _path_command(
+        smtp,
+        b"MAIL",
+        b"FROM:",
+        envelope.sender,
+        mail_options(smtp, envelope, data, utf8=utf8),
+        encoding,
+    )
+    if reply.code != 250:
+        results.update(all_results(rcpts, Result.from_reply(reply.code, reply.message, remote)))
         return await _reset(smtp)
     dsn = smtp.supports_extension("dsn")
     accepted = []
     for index in rcpts:
         rcpt = envelope.recipients[index]
-        try:
-            await smtp.rcpt(rcpt.address, options=rcpt_options(rcpt, dsn), encoding=encoding)
+        options = rcpt_options(rcpt, dsn)
+        reply = await _path_command(smtp, b"RCPT", b"TO:", rcpt.address, options, encoding)
+        if reply.code in (250, 251):
             accepted.append(index)
-        except aiosmtplib.SMTPRecipientRefused as exc:
-            results[index] = Result.from_reply(exc.code, exc.message, remote)
+        else:
+            results[index] = Result.from_reply(reply.code, reply.message, remote)
     if not accepted:
         return await _reset(smtp)
     try:
@@ -266,6 +271,24 @@ async def _transaction(
         return await _reset(smtp)
     results.update(all_results(accepted, Result.from_reply(reply.code, reply.message, remote)))
     return True
+
+
+async def _path_command(
+    smtp: aiosmtplib.SMTP,
+    verb: bytes,
+    keyword: bytes,
+    address: str,
+    options: list[str],
+    encoding: str,
+) -> aiosmtplib.SMTPResponse:
+    """MAIL FROM:<path> or RCPT TO:<path>, with the path exactly as it was received.
+
+    aiosmtplib's mail() and rcpt() re-parse the address as an RFC 5322 header address,
+    which can rewrite a valid RFC 5321 path (quoted local parts, comments); the spool
+    holds paths our server already checked, so they are sent as they are.
+    """
+    path = b"<" + address.encode(encoding) + b">"
+    return await smtp.execute_command(verb, keyword + path, *(o.encode("ascii") for o in options))
 
 
 async def _reset(smtp: aiosmtplib.SMTP) -> bool:
