@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from smarthost import sink, spool  # noqa: F401 (fixtures: pytest finds them here)
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 20.0

@@ -16,11 +16,14 @@ import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+from leafmail.spool import Spool
 
 SINK_NAME = "smarthost.test"
 
@@ -61,10 +64,13 @@ class Smarthost:
         users: dict[str, str] | None = None,
         smtputf8: bool = True,
         size_limit: int | None = 33554432,
+        port: int = 0,
+        eightbitmime: bool = True,
     ) -> None:
         self.behaviour = Behaviour()
         self.received: list[Received] = []
         self.connections = 0
+        self.data_sessions = 0  # sessions that reached handle_DATA (before any hang)
         self.auth_attempts: list[tuple[str, str]] = []  # (mechanism, login)
         self._tls = tls
         self._implicit = implicit_tls
@@ -72,11 +78,12 @@ class Smarthost:
         self._users = users
         self._smtputf8 = smtputf8
         self._size_limit = size_limit
+        self._eightbitmime = eightbitmime  # False: no 8BITMIME in EHLO (aiosmtpd decode_data)
         self._loop = asyncio.new_event_loop()
         self._release = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self.port = 0
+        self.port = port  # 0: an ephemeral port, read back in start()
 
     @property
     def address(self) -> str:
@@ -108,7 +115,7 @@ class Smarthost:
         self._server = await self._loop.create_server(
             self._protocol,
             "127.0.0.1",
-            0,
+            self.port,
             ssl=self._tls if self._implicit else None,
         )
         port: int = self._server.sockets[0].getsockname()[1]
@@ -122,6 +129,7 @@ class Smarthost:
             ident="test smarthost",
             data_size_limit=self._size_limit,
             enable_SMTPUTF8=self._smtputf8,
+            decode_data=not self._eightbitmime,
             tls_context=None if self._implicit else self._tls,
             require_starttls=self._require_starttls,
             auth_required=self._users is not None,
@@ -170,7 +178,9 @@ class _Handler:
 
     async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:
         behaviour = self.host.behaviour
+        self.host.data_sessions += 1
         if behaviour.drop_at_data:
+            assert server.transport is not None  # handle_DATA runs on a live connection
             server.transport.close()
             return "421 4.3.0 dropping"  # never seen: the connection is gone
         if behaviour.hang_at_data:
@@ -212,10 +222,17 @@ def make_sink_tls(directory: Any) -> SinkTLS:
 
 
 @pytest.fixture
-def smarthost() -> Iterator[Smarthost]:
-    """A plain smarthost (no TLS, no AUTH)."""
+def sink() -> Iterator[Smarthost]:
+    """A plain smarthost (no TLS, no AUTH); sessions left hanging in DATA are released."""
     host = Smarthost().start()
     try:
         yield host
     finally:
+        host.release_hung()
         host.stop()
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    """An empty spool in the test's directory."""
+    return Spool(tmp_path / "spool")

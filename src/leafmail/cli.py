@@ -25,7 +25,7 @@ from netserver.readiness import ready_fd_writer
 from netserver.server import loop_factory
 
 from . import config as configuration
-from . import tools
+from . import control, tools
 from .auth import hash_password
 from .daemon import Daemon
 from .flush import flush
@@ -225,6 +225,7 @@ def cmd_change(args: argparse.Namespace) -> int:
         "release": tools.release,
     }[args.command]
     status = EX_OK
+    released = False
     for qid in args.ids:
         try:
             changed = action(spool, qid)
@@ -233,9 +234,12 @@ def cmd_change(args: argparse.Namespace) -> int:
             status = status or exc.exit_code
             continue
         if changed is False:
-            print(f"{qid}: already {'held' if args.command == 'hold' else 'not held'}")
+            print(f"{qid}: {'already held' if args.command == 'hold' else 'not held'}")
         else:
             print(f"{qid}: {DONE[args.command]}")
+            released = released or args.command == "release"
+    if released:  # a running daemon takes released mail at once, not at its next scan
+        control.request(spool.control_path, "wake", lambda _line: None)
     return status
 
 

@@ -9,6 +9,7 @@ silently fall back to a default such as an open relay.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -106,6 +107,8 @@ def parse_duration(value: object, what: str) -> float:
         seconds = float(text.rstrip("smhd").strip()) * _UNITS[unit]
     else:
         raise ConfigError(f'{what} must be a duration such as 300, "5m" or "4h"')
+    if not math.isfinite(seconds):
+        raise ConfigError(f"{what} must be a finite duration")
     if seconds < 0:
         raise ConfigError(f"{what} must not be negative")
     return seconds
@@ -150,12 +153,14 @@ def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Confi
     env = os.environ if env is None else env
     chosen = path or env.get("LEAFMAIL_CONFIG")
     if chosen:
-        config = _from_file(Path(chosen))
+        config = _from_file(Path(chosen), check=False)
     elif default_config_path(env).exists():
-        config = _from_file(default_config_path(env))
+        config = _from_file(default_config_path(env), check=False)
     else:
         config = Config()
-    return _apply_env(config, env)
+    config = _apply_env(config, env)
+    _check(config, config.source)  # again: variables may have changed what the file said
+    return config
 
 
 def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
@@ -189,7 +194,7 @@ def smarthost_password(delivery: DeliveryConfig, env: Mapping[str, str] | None =
         raise ConfigError(f"delivery.password_file: cannot read: {exc}") from None
 
 
-def _from_file(path: Path) -> Config:
+def _from_file(path: Path, *, check: bool = True) -> Config:
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -198,10 +203,10 @@ def _from_file(path: Path) -> Config:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    return _build(raw, str(path))
+    return _build(raw, str(path), check=check)
 
 
-def _build(raw: dict[str, Any], where: str) -> Config:
+def _build(raw: dict[str, Any], where: str, *, check: bool = True) -> Config:
     top = _Table(raw, where)
     config = Config(
         hostname=top.string("hostname", socket.gethostname()),
@@ -213,7 +218,8 @@ def _build(raw: dict[str, Any], where: str) -> Config:
         source=where,
     )
     top.finish()
-    _check(config, where)
+    if check:
+        _check(config, where)
     return config
 
 

@@ -20,7 +20,7 @@ from . import control
 from .config import Config
 from .delivery.smarthost import SmarthostAgent, SmarthostSettings
 from .message import Attempt, Verdict
-from .queue import PassSummary, QueueRunner
+from .queue import QueueRunner
 from .retry import RetryPolicy
 from .spool import Spool
 
@@ -81,11 +81,14 @@ class Reporter:
 
 def flush(config: Config, *, use_daemon: bool = True, out: TextIO = sys.stdout) -> int:
     """Deliver everything now; EX_OK if nothing stays deferred, else EX_TEMPFAIL."""
+    if not config.delivery.smarthost:
+        raise ConfigError("no smarthost configured: set delivery.smarthost or pass --smarthost")
     try:
         spool = Spool(config.spool, create=False)
     except FileNotFoundError:
         print(f"flush: no spool at {config.spool}: nothing to deliver", file=sys.stderr)
         return EX_OK
+    runner = runner_for(config, spool)  # a ConfigError comes before any output
     reporter = Reporter(out, tty=out.isatty())
     final = control.request(spool.control_path, "flush", reporter.line) if use_daemon else None
     if final is not None:
@@ -94,7 +97,9 @@ def flush(config: Config, *, use_daemon: bool = True, out: TextIO = sys.stdout) 
             raise UnavailableError(f"the running daemon says: {final['error']}")
         return EX_TEMPFAIL if final.get("deferred") else EX_OK
     try:
-        summary = asyncio.run(_flush_alone(config, spool, reporter))
+        summary = asyncio.run(
+            runner.run_once(force=True, progress=reporter.attempt, on_total=reporter.total)
+        )
     finally:
         reporter.finish("")
     if summary.link_error:
@@ -117,8 +122,3 @@ def runner_for(config: Config, spool: Spool, **kwargs: Any) -> QueueRunner:
         concurrency=config.delivery.concurrency,
         **kwargs,
     )
-
-
-async def _flush_alone(config: Config, spool: Spool, reporter: Reporter) -> PassSummary:
-    runner = runner_for(config, spool)
-    return await runner.run_once(force=True, progress=reporter.attempt, on_total=reporter.total)

@@ -53,6 +53,7 @@ class Attempt:
     results: dict[int, Result]
     error: str = ""
     dsns: tuple[str, ...] = ()  # queue ids of the DSNs this attempt spooled
+    link_down: bool = False  # the next hop could not be reached: stop trying others
 
 
 class UnknownMessage(KeyError):
@@ -104,7 +105,7 @@ class Message:
             finally:
                 await agent.close()
 
-        done = asyncio.run(run())
+        done = asyncio.run(run())  # a LinkDown is a recorded 4.4.1 deferral here
         rcpts = self.envelope.recipients
         return {rcpts[i].address: result for i, result in done.results.items()}
 
@@ -146,8 +147,8 @@ async def attempt(
     """One delivery attempt for `qid` under its lock; `agent=None` only expires.
 
     Without `force`, a deferred message whose next attempt is still ahead is skipped.
-    LinkDown from the agent is recorded as a deferral of this message and raised again,
-    so the runner can stop trying others.
+    LinkDown from the agent is recorded as a deferral of this message (4.4.1) and
+    reported with `link_down`, so the runner can stop trying others.
     """
     with spool.locked(qid, wait=wait) as state:
         if state is None or state == "hold":
@@ -177,7 +178,7 @@ async def attempt(
                 results = dict.fromkeys(open_rcpts, Result.deferred("4.4.1", str(exc)))
         done = await record(message, state, results, policy, hostname=hostname, now=now)
         if link_error is not None:
-            raise link_error
+            return replace(done, link_down=True, error=str(link_error))
         return done
 
 

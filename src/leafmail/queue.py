@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from netserver.connlog import ServerLog
 
-from .delivery import Agent, LinkDown
+from .delivery import Agent
 from .message import Attempt, Verdict, attempt
 from .retry import RetryPolicy
 from .spool import Spool, arrival_time
@@ -179,20 +179,20 @@ class QueueRunner:
     async def _attempt(
         self, qid: str, now: float, summary: PassSummary, force: bool, usable: bool
     ) -> Attempt:
-        try:
-            done = await attempt(
-                self.spool,
-                qid,
-                self.agent if usable else None,
-                self.policy,
-                hostname=self.hostname,
-                now=now,
-                force=force,
-            )
-        except LinkDown as exc:
-            self._link_failed(str(exc), now)
-            summary.link_error = str(exc)
-            return Attempt(qid, Verdict.DEFERRED, {}, str(exc))
+        done = await attempt(
+            self.spool,
+            qid,
+            self.agent if usable else None,
+            self.policy,
+            hostname=self.hostname,
+            now=now,
+            force=force,
+        )
+        if done.link_down:
+            if not summary.link_error:  # once per pass, however many workers found out
+                self._link_failed(done.error, now)
+                summary.link_error = done.error
+            return done
         if usable and done.verdict is not Verdict.SKIPPED:
             self.link_wait = 0.0
         return done

@@ -62,10 +62,12 @@ class QueueEntry:
 def list_queue(spool: Spool) -> list[QueueEntry]:
     """Every message in the spool, oldest first within each state."""
     entries = []
+    seen: set[str] = set()  # a file found damaged in queue/ moves to corrupt/ as we list
     for state in LISTED_STATES:
         for qid in spool.ids(state):
-            entry = _entry(spool, state, qid)
+            entry = None if qid in seen else _entry(spool, state, qid)
             if entry is not None:
+                seen.add(qid)
                 entries.append(entry)
     return sorted(entries, key=lambda e: e.qid)
 
@@ -118,9 +120,9 @@ def format_queue(entries: list[QueueEntry], now: float | None = None) -> str:
     now = time.time() if now is None else now
     lines = [f"{'Queue ID':<24} {'State':<8} {'Size':>8} {'Age':>6}  Sender"]
     for e in entries:
-        lines.append(
-            f"{e.qid:<24} {e.state:<8} {e.size:>8} {_age(now - e.arrival):>6}  <{e.sender}>"
-        )
+        sender = "?" if e.state == "corrupt" else f"<{e.sender}>"
+        age = _age(now - e.arrival)
+        lines.append(f"{e.qid:<24} {e.state:<8} {e.size:>8} {age:>6}  {sender}")
         if e.last_error:
             lines.append(f"    ({e.last_error})")
         for r in e.recipients:
@@ -151,7 +153,8 @@ def check_id(spool: Spool, qid: str) -> str:
 
 def show(spool: Spool, qid: str) -> tuple[dict[str, Any], bytes]:
     """The envelope and status as JSON-ready data, and the message bytes."""
-    check_id(spool, qid)
+    if check_id(spool, qid) == "corrupt":
+        raise BadQueueId(f"{qid} failed its self-check; the file is kept in {spool.root}/corrupt")
     try:
         message = unfreeze(spool, qid)
     except UnknownMessage:

@@ -60,6 +60,18 @@ class Result:
         return cls(outcome, code, status, text, remote)
 
     @classmethod
+    def refused(cls, code: int, message: str, remote: str = "") -> Result:
+        """A reply that did not do what the command needed (e.g. 252 to RCPT, 250 to DATA).
+
+        Classifying it by its code alone would count a success code the client could
+        not act on as delivered, and lose the recipient; it is deferred instead.
+        """
+        if code >= 400:
+            return cls.from_reply(code, message, remote)
+        text = f"unexpected reply {code} {' '.join(message.split())}"
+        return cls.deferred("4.5.0", text, remote)
+
+    @classmethod
     def deferred(cls, status: str, text: str, remote: str = "") -> Result:
         """A temporary failure that is ours, not a server's (timeout, lost connection)."""
         return cls(Outcome.DEFERRED, 451, status, text, remote)

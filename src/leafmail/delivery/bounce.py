@@ -74,7 +74,7 @@ def build_dsn(
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
         f"To: {_angle(envelope.sender)}",
         f"Subject: {subject}",
-        f"Date: {formatdate(now, localtime=False)}",
+        f"Date: {formatdate(now, usegmt=True)}",
         f"Message-ID: {make_msgid(domain=hostname)}",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
@@ -116,7 +116,8 @@ def _explanation(hostname: str, notices: Sequence[Notice], delayed: bool) -> byt
             "retried for them.\r\n"
         )
     lines = [f"<{n.recipient.address}>: {n.result.line}" for n in notices]
-    return (lead + "\r\n" + "\r\n".join(_clean(line) for line in lines) + "\r\n").encode()
+    text = "\r\n".join(_clean(line, utf8=True) for line in lines)
+    return (lead + "\r\n" + text + "\r\n").encode()
 
 
 def _status(
@@ -129,16 +130,21 @@ def _status(
     delayed: bool,
     retry_until: float | None,
 ) -> bytes:
+    utf8 = envelope.smtputf8
+
+    def clean(text: str) -> str:
+        return _clean(text, utf8=utf8)
+
     fields = [f"Reporting-MTA: dns; {hostname}", f"X-Leafmail-Queue-ID: {qid}"]
     if envelope.envid:
-        fields.append(f"Original-Envelope-Id: {_clean(envelope.envid)}")
+        fields.append(f"Original-Envelope-Id: {clean(envelope.envid)}")
     fields.append(f"Arrival-Date: {_date(arrival)}")
     blocks = [_lines(fields)]
     for notice in notices:
         rcpt, result = notice.recipient, notice.result
         block = []
         if rcpt.orcpt:
-            block.append(f"Original-Recipient: {_clean(rcpt.orcpt)}")
+            block.append(f"Original-Recipient: {clean(rcpt.orcpt)}")
         addr_type = "utf-8" if not rcpt.address.isascii() else "rfc822"
         block += [
             f"Final-Recipient: {addr_type}; {rcpt.address}",
@@ -146,10 +152,10 @@ def _status(
             f"Status: {result.status}",
         ]
         if result.remote:
-            block.append(f"Remote-MTA: dns; {_clean(result.remote)}")
-            block.append(f"Diagnostic-Code: smtp; {_clean(result.line)}")
+            block.append(f"Remote-MTA: dns; {clean(_host_of(result.remote))}")
+            block.append(f"Diagnostic-Code: smtp; {clean(result.line)}")
         else:
-            block.append(f"Diagnostic-Code: X-Leafmail; {_clean(result.line)}")
+            block.append(f"Diagnostic-Code: X-Leafmail; {clean(result.line)}")
         block.append(f"Last-Attempt-Date: {_date(now)}")
         if delayed and retry_until is not None:
             block.append(f"Will-Retry-Until: {_date(retry_until)}")
@@ -181,9 +187,24 @@ def _lines(lines: list[str]) -> bytes:
     return "".join(line + "\r\n" for line in lines).encode()
 
 
-def _clean(text: str) -> str:
-    """One line of printable text: a server's reply must not inject fields or parts."""
-    return "".join(c if c.isprintable() else " " for c in text)[:900]
+def _clean(text: str, *, utf8: bool) -> str:
+    """One printable line of at most 900 octets: a reply must not inject fields or parts.
+
+    A message/delivery-status part is ASCII (RFC 3464); only the message/global-*
+    form of an SMTPUTF8 message may carry UTF-8 (RFC 6533), so anything else becomes "?".
+    The cut is by octets, keeping the line far under SMTP's 1000-octet limit.
+    """
+    line = "".join(c if c.isprintable() else " " for c in text)
+    if not utf8:
+        line = line.encode("ascii", "replace").decode("ascii")
+    return line.encode("utf-8")[:900].decode("utf-8", "ignore")
+
+
+def _host_of(remote: str) -> str:
+    """The host of "host:port" or "[v6]:port", for Remote-MTA (a name, not an address:port)."""
+    if remote.startswith("["):
+        return remote[1 : remote.find("]")] if "]" in remote else remote
+    return remote.rsplit(":", 1)[0] if remote.count(":") == 1 else remote
 
 
 def _angle(address: str) -> str:

@@ -250,7 +250,7 @@ async def _transaction(
         encoding,
     )
     if reply.code != 250:
-        results.update(all_results(rcpts, Result.from_reply(reply.code, reply.message, remote)))
+        results.update(all_results(rcpts, Result.refused(reply.code, reply.message, remote)))
         return await _reset(smtp)
     dsn = smtp.supports_extension("dsn")
     accepted = []
@@ -261,13 +261,13 @@ async def _transaction(
         if reply.code in (250, 251):
             accepted.append(index)
         else:
-            results[index] = Result.from_reply(reply.code, reply.message, remote)
+            results[index] = Result.refused(reply.code, reply.message, remote)
     if not accepted:
         return await _reset(smtp)
     try:
         reply = await smtp.data(data)
     except aiosmtplib.SMTPDataError as exc:
-        results.update(all_results(accepted, Result.from_reply(exc.code, exc.message, remote)))
+        results.update(all_results(accepted, Result.refused(exc.code, exc.message, remote)))
         return await _reset(smtp)
     results.update(all_results(accepted, Result.from_reply(reply.code, reply.message, remote)))
     return True
