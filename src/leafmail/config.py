@@ -61,7 +61,10 @@ class AuthConfig:
 
 
 TLS_MODES = ("starttls", "smtps", "opportunistic", "none")
-DELIVERY_MODES = ("offline", "smarthost")
+DELIVERY_MODES = ("offline", "smarthost", "mx")
+ROUTES = ("smarthost", "mx", "local")
+CHECK_ACTIONS = ("off", "tag", "reject")
+MAILBOX_KINDS = ("maildir", "mbox")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -115,6 +118,66 @@ def parse_duration(value: object, what: str) -> float:
 
 
 @dataclass(frozen=True)
+class DnsConfig:
+    """The ``[dns]`` table: the resolver for MX, SPF, DKIM and DNSBL lookups.
+
+    No nameservers means the system's (/etc/resolv.conf); tests point it at a server
+    of their own on loopback.
+    """
+
+    nameservers: tuple[str, ...] = ()
+    port: int = 53
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class MxConfig:
+    """The ``[mx]`` table: direct delivery to the recipient domain's MX hosts."""
+
+    port: int = 25
+    mta_sts: bool = True  # honour RFC 8461 policies
+    https_port: int = 443  # where MTA-STS policies are fetched
+    ca_file: str = ""  # CAs for MTA-STS (policy host and MX certificates); default system
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    """The ``[local]`` table; its presence turns on local delivery for local_domains.
+
+    `path` is a template with {user} (and {home}, the account's home directory); the
+    default is {home}/Maildir for maildir and /var/mail/{user} for mbox. `users` lists
+    the mailboxes that exist; empty means this system's accounts (passwd).
+    """
+
+    enabled: bool = False
+    mailbox: str = "maildir"
+    path: str = ""
+    users: tuple[str, ...] = ()
+    aliases: str = ""
+    command_timeout: float = 60.0
+
+    @property
+    def path_template(self) -> str:
+        if self.path:
+            return self.path
+        return "{home}/Maildir" if self.mailbox == "maildir" else "/var/mail/{user}"
+
+
+@dataclass(frozen=True)
+class ChecksConfig:
+    """The ``[checks]`` table: each check is "off", "tag" (add a header) or "reject"."""
+
+    rfc5322: str = "tag"
+    received: str = "tag"
+    dnsbl: str = "off"
+    spf: str = "tag"
+    dkim: str = "tag"
+    dnsbl_zones: tuple[str, ...] = ()
+    dnswl_zones: tuple[str, ...] = ()
+    authserv_id: str = ""  # default: the hostname
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything `leafmail serve` and the queue tools need."""
 
@@ -124,6 +187,11 @@ class Config:
     relay: RelayConfig = field(default_factory=RelayConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    mx: MxConfig = field(default_factory=MxConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
+    routes: tuple[tuple[str, str], ...] = ()  # (domain or .suffix, route), as written
     source: str = "defaults"
 
     @property
@@ -131,6 +199,24 @@ class Config:
         """Domains delivered here, lower-case; the hostname when none is configured."""
         domains = self.relay.local_domains or (self.hostname,)
         return tuple(d.lower().rstrip(".") for d in domains)
+
+    def route_for(self, domain: str) -> str:
+        """The route of a recipient domain: [routes], else local, else delivery.mode.
+
+        A route key "example.org" matches that domain only; ".example.org" matches its
+        subdomains. Local domains go to local delivery when [local] is configured. The
+        default for everything else is the delivery mode ("offline" delivers through
+        the smarthost when flushed).
+        """
+        domain = domain.lower().rstrip(".")
+        for key, route in self.routes:
+            key = key.lower().rstrip(".")
+            if domain == key or (key.startswith(".") and domain.endswith(key)):
+                return route
+        if self.local.enabled and domain in self.local_domains:
+            return "local"
+        mode = self.delivery.effective_mode
+        return "smarthost" if mode == "offline" else mode
 
     def relay_policy(self) -> AccessPolicy:
         """The networks allowed to relay, as an allow-only access policy."""
@@ -215,6 +301,11 @@ def _build(raw: dict[str, Any], where: str, *, check: bool = True) -> Config:
         relay=_relay(top.table("relay")),
         auth=AuthConfig(users_file=top.table("auth").done_string("users_file", "")),
         delivery=_delivery(top.table("delivery")),
+        dns=_dns(top.table("dns")),
+        mx=_mx(top.table("mx")),
+        local=_local(top.table("local"), enabled="local" in raw),
+        checks=_checks(top.table("checks")),
+        routes=_routes(top.table("routes")),
         source=where,
     )
     top.finish()
@@ -271,6 +362,65 @@ def _delivery(t: _Table) -> DeliveryConfig:
     )
     t.finish()
     return delivery
+
+
+def _dns(t: _Table) -> DnsConfig:
+    d = DnsConfig()
+    dns = DnsConfig(
+        nameservers=t.strings("nameservers", d.nameservers),
+        port=t.integer("port", d.port),
+        timeout=t.duration("timeout", d.timeout),
+    )
+    t.finish()
+    return dns
+
+
+def _mx(t: _Table) -> MxConfig:
+    d = MxConfig()
+    mx = MxConfig(
+        port=t.integer("port", d.port),
+        mta_sts=t.boolean("mta_sts", d.mta_sts),
+        https_port=t.integer("https_port", d.https_port),
+        ca_file=t.string("ca_file", d.ca_file),
+    )
+    t.finish()
+    return mx
+
+
+def _local(t: _Table, *, enabled: bool) -> LocalConfig:
+    d = LocalConfig()
+    local = LocalConfig(
+        enabled=enabled,
+        mailbox=t.choice("mailbox", d.mailbox, MAILBOX_KINDS),
+        path=t.string("path", d.path),
+        users=t.strings("users", d.users),
+        aliases=t.string("aliases", d.aliases),
+        command_timeout=t.duration("command_timeout", d.command_timeout),
+    )
+    t.finish()
+    return local
+
+
+def _checks(t: _Table) -> ChecksConfig:
+    d = ChecksConfig()
+    checks = ChecksConfig(
+        rfc5322=t.choice("rfc5322", d.rfc5322, CHECK_ACTIONS),
+        received=t.choice("received", d.received, CHECK_ACTIONS),
+        dnsbl=t.choice("dnsbl", d.dnsbl, CHECK_ACTIONS),
+        spf=t.choice("spf", d.spf, CHECK_ACTIONS),
+        dkim=t.choice("dkim", d.dkim, CHECK_ACTIONS),
+        dnsbl_zones=t.strings("dnsbl_zones", d.dnsbl_zones),
+        dnswl_zones=t.strings("dnswl_zones", d.dnswl_zones),
+        authserv_id=t.string("authserv_id", d.authserv_id),
+    )
+    t.finish()
+    return checks
+
+
+def _routes(t: _Table) -> tuple[tuple[str, str], ...]:
+    routes = tuple((domain, t.choice(domain, "", ROUTES)) for domain in list(t.data))
+    t.finish()
+    return routes
 
 
 def delivery_problem(delivery: DeliveryConfig) -> str | None:
@@ -350,9 +500,24 @@ def _check(config: Config, where: str) -> None:
         config.relay_policy()
     except AccessSpecError as exc:
         raise ConfigError(f"{where}: relay.relay_networks: {exc}") from None
-    problem = delivery_problem(config.delivery)
+    problem = delivery_problem(config.delivery) or routing_problem(config)
     if problem:
         raise ConfigError(f"{where}: {problem}")
+
+
+def routing_problem(config: Config) -> str | None:
+    """Routes that name a way of delivery that is not set up, and bad ports."""
+    used = {route for _key, route in config.routes} | {config.delivery.effective_mode}
+    if "local" in used and not config.local.enabled:
+        return "a route is local but there is no [local] table"
+    if "smarthost" in {route for _key, route in config.routes} and not config.delivery.smarthost:
+        return "a route is smarthost but delivery.smarthost is not set"
+    for name, port in (("dns.port", config.dns.port), ("mx.port", config.mx.port)):
+        if not 0 < port < 65536:
+            return f"{name} {port} out of range"
+    if not 0 < config.mx.https_port < 65536:
+        return f"mx.https_port {config.mx.https_port} out of range"
+    return None
 
 
 class _Table:

@@ -30,7 +30,7 @@ from .checks.loops import loop_check
 from .checks.relay import relay_check
 from .config import Config
 from .control import ControlServer, Reply
-from .flush import runner_for
+from .flush import build_runner
 from .queue import QueueRunner
 from .receive import Policy, ReceiveService
 from .spool import GroupCommitter, Spool
@@ -90,9 +90,7 @@ class Daemon:
             self.spool = Spool(config.spool)
         except OSError as exc:
             raise CantCreateError(f"cannot use spool {config.spool}: {exc.strerror}") from None
-        self.runner: QueueRunner | None = (
-            runner_for(config, self.spool, log=self.log) if config.delivery.smarthost else None
-        )
+        self.runner: QueueRunner | None = build_runner(config, self.spool, log=self.log)
         self.servers: list[Server] = []
         self._ready: list[Endpoint] = []
         self._stopping = asyncio.Event()

@@ -18,7 +18,7 @@ from netserver.errors import EX_OK, EX_TEMPFAIL, ConfigError, UnavailableError
 
 from . import control
 from .config import Config
-from .delivery.smarthost import SmarthostAgent, SmarthostSettings
+from .delivery.router import build_agent
 from .message import Attempt, Verdict
 from .queue import QueueRunner
 from .retry import RetryPolicy
@@ -81,8 +81,6 @@ class Reporter:
 
 def flush(config: Config, *, use_daemon: bool = True, out: TextIO = sys.stdout) -> int:
     """Deliver everything now; EX_OK if nothing stays deferred, else EX_TEMPFAIL."""
-    if not config.delivery.smarthost:
-        raise ConfigError("no smarthost configured: set delivery.smarthost or pass --smarthost")
     try:
         spool = Spool(config.spool, create=False)
     except FileNotFoundError:
@@ -108,12 +106,22 @@ def flush(config: Config, *, use_daemon: bool = True, out: TextIO = sys.stdout) 
 
 
 def runner_for(config: Config, spool: Spool, **kwargs: Any) -> QueueRunner:
-    """The smarthost queue runner for this config; ConfigError if there is no smarthost."""
+    """The queue runner for this config; ConfigError if there is nowhere to deliver."""
+    runner = build_runner(config, spool, **kwargs)
+    if runner is None:
+        raise ConfigError("no smarthost configured: set delivery.smarthost or pass --smarthost")
+    return runner
+
+
+def build_runner(config: Config, spool: Spool, **kwargs: Any) -> QueueRunner | None:
+    """The queue runner, None when nothing is configured to deliver to; ConfigError if
+    the delivery settings cannot work (a bad CA file, an unreadable password file)."""
     try:
-        settings = SmarthostSettings.from_config(config)
-        agent = SmarthostAgent(settings)
+        agent = build_agent(config, spool)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if agent is None:
+        return None
     return QueueRunner(
         spool,
         agent,

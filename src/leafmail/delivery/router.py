@@ -1,0 +1,101 @@
+"""Routing: which delivery agent takes each recipient (smarthost, MX or local).
+
+`Config.route_for` names the route of a recipient's domain; `RoutingAgent` splits a
+message's open recipients by route and hands each group to its agent, all groups at
+once. A `LinkDown` from one agent (the smarthost is unreachable) defers only its own
+recipients when the message also had others; when every recipient went that way it is
+passed on, so the queue runner still rests the link instead of spinning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+
+from ..config import Config
+from ..envelope import Envelope
+from ..spool import Spool
+from . import Agent, LinkDown, Result, all_results
+
+
+def domain_of(address: str) -> str:
+    """The domain of a forward path ("" for a bare local part such as postmaster)."""
+    local, at, domain = address.rpartition("@")
+    return domain.lower().rstrip(".") if at and local else ""
+
+
+def route_of(config: Config, address: str) -> str:
+    domain = domain_of(address)
+    if not domain:  # RCPT TO:<postmaster> and other bare names are ours (RFC 5321 4.1.1.3)
+        return "local" if config.local.enabled else config.route_for(config.hostname)
+    return config.route_for(domain)
+
+
+class RoutingAgent:
+    """Dispatch recipients to the agent of their route."""
+
+    def __init__(self, config: Config, agents: Mapping[str, Agent]) -> None:
+        self.config = config
+        self.agents = dict(agents)
+
+    async def deliver(
+        self, envelope: Envelope, data: bytes, rcpts: Sequence[int]
+    ) -> dict[int, Result]:
+        groups: dict[str, list[int]] = {}
+        for index in rcpts:
+            route = route_of(self.config, envelope.recipients[index].address)
+            groups.setdefault(route, []).append(index)
+        parts = await asyncio.gather(
+            *(
+                self._one_route(route, envelope, data, idx, alone=len(groups) == 1)
+                for route, idx in groups.items()
+            )
+        )
+        return {index: result for part in parts for index, result in part.items()}
+
+    async def _one_route(
+        self, route: str, envelope: Envelope, data: bytes, rcpts: list[int], *, alone: bool
+    ) -> dict[int, Result]:
+        agent = self.agents.get(route)
+        if agent is None:
+            text = f"no {route} delivery is configured for these recipients"
+            return all_results(rcpts, Result.deferred("4.3.5", text))
+        try:
+            return await agent.deliver(envelope, data, rcpts)
+        except LinkDown as exc:
+            if alone:
+                raise
+            return all_results(rcpts, Result.deferred("4.4.1", str(exc)))
+
+    async def close(self) -> None:
+        for agent in self.agents.values():
+            await agent.close()
+
+
+def build_agent(config: Config, spool: Spool) -> Agent | None:
+    """The agent for this config, or None when there is nowhere to deliver.
+
+    Agents are made only for routes in use, so a smarthost-only set-up never loads the
+    MX or local machinery. ValueError for settings that cannot work.
+    """
+    used = {route for _key, route in config.routes} | {route_of(config, "x@" + config.hostname)}
+    default = config.delivery.effective_mode
+    used.add("smarthost" if default == "offline" else default)
+    if config.local.enabled:
+        used.add("local")
+    agents: dict[str, Agent] = {}
+    if "smarthost" in used and config.delivery.smarthost:
+        from .smarthost import SmarthostAgent, SmarthostSettings
+
+        agents["smarthost"] = SmarthostAgent(SmarthostSettings.from_config(config))
+    if "mx" in used:
+        from .mx import MxAgent
+
+        agents["mx"] = MxAgent(config)
+    if "local" in used and config.local.enabled:
+        from .local import LocalAgent
+
+        agents["local"] = LocalAgent(config, spool)  # aliases to remote addresses re-spool
+    if not agents:
+        return None
+    return RoutingAgent(config, agents)
