@@ -32,6 +32,7 @@ test: lint typecheck unit
 bench: $(STAMP)
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.smtp_bench
+	$(BIN)/python -m bench.relay_bench
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -37,7 +37,6 @@ import platform
 import resource
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,11 +46,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from types import FrameType
 
 from . import smtp_idle
 from .cpu import machine_cpu, process_cpu
 from .procs import RunningServer, running
+from .report import fmt_or_na, median_known, progress, unwind_on_sigterm, write_section
 from .smtp_idle import descendants
 from .smtp_peers import (
     SMTP_SOURCE,
@@ -312,10 +311,10 @@ def run_rounds(
                             gate.wait()
                             sample = run_load(target, load, messages or load.messages, round_ + 1)
                             samples.append(sample)
-                            _progress(_line(sample))
+                            progress(_line(sample))
                 except RuntimeError as exc:
                     why = " | ".join(line for line in str(exc).splitlines() if line.strip())
-                    _progress(f"round {round_ + 1} {name}: could not start: {why}")
+                    progress(f"round {round_ + 1} {name}: could not start: {why}")
                     for load in loads:
                         samples.append(Sample(name, load.name, round_ + 1, 1, 1, None, 0, 0,
                                               [f"did not start: {why}"]))  # fmt: skip
@@ -329,26 +328,19 @@ def _line(s: Sample) -> str:
     return (
         f"round {s.round} {s.server:17} {s.load:8} {s.messages} msgs in {s.seconds:6.2f}s: "
         f"{rate}{cpu}, smtp-source {s.client_cpu / s.seconds:.2f} cores, "
-        f"others {_fmt(s.others, '.2f')} cores{problems}"
+        f"others {fmt_or_na(s.others, '.2f')} cores{problems}"
     )
 
 
 # --- the report ----------------------------------------------------------------------
 
 
-def _median(values: Sequence[float | None]) -> float | None:
-    known = [v for v in values if v is not None]
-    return statistics.median(known) if known else None
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def medians(samples: Sequence[Sample]) -> dict[tuple[str, str], float | None]:
     """Median msgs/s per (server, load) over the runs that passed their checks."""
     keys = {(s.server, s.load) for s in samples}
-    return {key: _median([s.rate for s in samples if (s.server, s.load) == key]) for key in keys}
+    return {
+        key: median_known([s.rate for s in samples if (s.server, s.load) == key]) for key in keys
+    }
 
 
 def load_table(samples: Sequence[Sample], load: str, servers: Sequence[str]) -> list[str]:
@@ -361,12 +353,12 @@ def load_table(samples: Sequence[Sample], load: str, servers: Sequence[str]) -> 
     for name, runs in rows.items():
         if not runs:
             continue
-        cells = [name, _fmt(_median([s.rate for s in runs]), ",.0f")]
+        cells = [name, fmt_or_na(median_known([s.rate for s in runs]), ",.0f")]
         cells += [_round_cell(s) for s in runs] + [""] * (rounds - len(runs))
         cells += [
-            _fmt(_median([s.server_us for s in runs]), ",.0f"),
-            _fmt(_median([s.client_cpu / s.seconds for s in runs]), ".2f"),
-            _fmt(_median([s.others for s in runs]), ".2f"),
+            fmt_or_na(median_known([s.server_us for s in runs]), ",.0f"),
+            fmt_or_na(median_known([s.client_cpu / s.seconds for s in runs]), ".2f"),
+            fmt_or_na(median_known([s.others for s in runs]), ".2f"),
             str(sum(bool(s.problems) for s in runs)),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -376,7 +368,7 @@ def load_table(samples: Sequence[Sample], load: str, servers: Sequence[str]) -> 
 def _round_cell(s: Sample) -> str:
     """A round's rate, starred when other processes took over NOISY_CORES during it."""
     noisy = s.others is not None and s.others > NOISY_CORES
-    return _fmt(s.rate, ",.0f") + ("*" if noisy else "")
+    return fmt_or_na(s.rate, ",.0f") + ("*" if noisy else "")
 
 
 def ratio_lines(samples: Sequence[Sample], load: str) -> list[str]:
@@ -393,7 +385,7 @@ def ratio_lines(samples: Sequence[Sample], load: str) -> list[str]:
             continue
         verdict = "meets" if a / b >= target else "BELOW"
         paired = [
-            _fmt(None if x.rate is None or not y.rate else x.rate / y.rate, ".2f")
+            fmt_or_na(None if x.rate is None or not y.rate else x.rate / y.rate, ".2f")
             for x in samples
             for y in samples
             if (x.server, y.server, x.load, y.load) == ("leafmail", peer, load, load)
@@ -521,28 +513,7 @@ def report(
     return out
 
 
-def write_section(path: Path, lines: Sequence[str]) -> None:
-    """Replace this benchmark's section of `path` (or append it), leaving the rest alone."""
-    old = path.read_text().splitlines() if path.exists() else []
-    start = next((i for i, line in enumerate(old) if line.strip() == SECTION), None)
-    if start is None:
-        new = [*old, *([""] if old and old[-1] else []), *lines]
-    else:
-        end = next((i for i in range(start + 1, len(old)) if old[i].startswith("## ")), len(old))
-        new = [*old[:start], *lines, *old[end:]]
-    path.write_text("\n".join(new).rstrip("\n") + "\n")
-
-
 # --- command line --------------------------------------------------------------------
-
-
-def _progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM unwinds like Ctrl-C, so every `finally` stops its server."""
-    raise KeyboardInterrupt
 
 
 def _names(text: str, known: Sequence[str], what: str) -> list[str]:
@@ -584,13 +555,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run, print the Markdown section, optionally write it; exit 1 if any check failed."""
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, unwind_on_sigterm)
     servers = _names(args.only, SERVERS, "server")
     loads = [LOADS[n] for n in _names(args.loads, list(LOADS), "load")]
     notes = []
     if "leafmail" in servers and (missing := leafmail_missing()):
         notes.append(f"leafmail skipped: {missing}")
-        _progress(f"skipping leafmail: {missing}")
+        progress(f"skipping leafmail: {missing}")
         servers.remove("leafmail")
     ensure_postfix()
     gate = QuietGate(args.quiet_wait)
@@ -603,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = report(samples, servers, loads, idle, disk, notes)
     print("\n".join(lines))
     if args.results:
-        write_section(args.results, lines)
+        write_section(args.results, SECTION, lines)
     return 1 if problem_lines(samples) else 0
 
 

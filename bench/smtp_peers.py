@@ -299,20 +299,22 @@ def disk_probe(scratch: Path, messages: int = 1000) -> dict[str, float]:
 LEAFMAIL = Path(sys.executable).parent / "leafmail"
 
 
-def leafmail_missing() -> str | None:
-    """Why `leafmail serve` cannot be benchmarked here, or None if it can."""
+def leafmail_missing(
+    command: str = "serve", flags: tuple[str, ...] = ("--spool", "--ready-fd")
+) -> str | None:
+    """Why `leafmail COMMAND` cannot be benchmarked here, or None if it can."""
     try:
         done = subprocess.run(
-            [str(LEAFMAIL), "serve", "--help"], capture_output=True, text=True, timeout=30
+            [str(LEAFMAIL), command, "--help"], capture_output=True, text=True, timeout=30
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"{LEAFMAIL} serve --help: {exc}"
+        return f"{LEAFMAIL} {command} --help: {exc}"
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return f"{LEAFMAIL} serve --help exited {done.returncode}: {last}"
-    lacking = [flag for flag in ("--spool", "--ready-fd") if flag not in done.stdout]
+        return f"{LEAFMAIL} {command} --help exited {done.returncode}: {last}"
+    lacking = [flag for flag in flags if flag not in done.stdout]
     if lacking:
-        return f"{LEAFMAIL} serve has no {' or '.join(lacking)} yet"
+        return f"{LEAFMAIL} {command} has no {' or '.join(lacking)} yet"
     return None
 
 

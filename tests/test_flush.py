@@ -10,6 +10,8 @@ DATA at the smarthost) the tests poll the condition with a bounded deadline.
 from __future__ import annotations
 
 import json
+import os
+import pty
 import signal
 import socket
 import subprocess
@@ -418,3 +420,41 @@ def test_control_socket_reports_json_lines(
     assert replies[3]["deferred"] == 0
     assert replies[3]["counts"] == {"delivered": 2}
     assert len(replies) == 4
+
+
+def test_flush_on_a_terminal_shows_a_progress_bar(sink: Smarthost, tmp_path: Path) -> None:
+    """On a terminal flush draws rich's bar (N/N done) instead of one line per message."""
+    config = make_config(tmp_path, smarthost=sink.address)
+    qids = spool_commit(tmp_path / "spool", 3)
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            leafmail_command("flush", "--config", str(config)),
+            cwd=ROOT,
+            env={**clean_env(tmp_path), "COLUMNS": "100", "TERM": "xterm"},
+            stdin=subprocess.DEVNULL,
+            stdout=terminal,
+            stderr=subprocess.PIPE,
+        )
+        os.close(terminal)
+        screen = b""
+        while chunk := _read_pty(controller):
+            screen += chunk
+        assert proc.wait(FLUSH_TIMEOUT) == 0
+        assert proc.stderr is not None
+        summary = proc.stderr.read().decode()
+    finally:
+        os.close(controller)
+    text = screen.decode(errors="replace")
+    assert "flushing" in text and "3/3" in text, text
+    assert not any(qid in text for qid in qids)  # no per-message lines on a terminal
+    assert "3 delivered" in summary
+    assert queued(tmp_path / "spool") == []
+
+
+def _read_pty(fd: int) -> bytes:
+    """What the terminal shows next; b"" once the writer has closed it (EIO on Linux)."""
+    try:
+        return os.read(fd, 65536)
+    except OSError:
+        return b""

@@ -15,6 +15,7 @@ from collections import Counter
 from typing import Any, TextIO
 
 from netserver.errors import EX_OK, EX_TEMPFAIL, ConfigError, UnavailableError
+from netserver.server import loop_factory
 
 from . import control
 from .config import Config
@@ -95,9 +96,10 @@ def flush(config: Config, *, use_daemon: bool = True, out: TextIO = sys.stdout) 
             raise UnavailableError(f"the running daemon says: {final['error']}")
         return EX_TEMPFAIL if final.get("deferred") else EX_OK
     try:
-        summary = asyncio.run(
-            runner.run_once(force=True, progress=reporter.attempt, on_total=reporter.total)
-        )
+        with asyncio.Runner(loop_factory=loop_factory("auto")) as loop:  # uvloop if there
+            summary = loop.run(
+                runner.run_once(force=True, progress=reporter.attempt, on_total=reporter.total)
+            )
     finally:
         reporter.finish("")
     if summary.link_error:

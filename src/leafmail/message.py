@@ -32,6 +32,8 @@ from .retry import RetryPolicy
 from .spool import CorruptMessage, Spool, SpooledMessage, arrival_time
 from .status import MessageStatus, RcptState, RcptStatus
 
+INLINE_LOAD_LIMIT = 256 * 1024  # bytes: reading and checking this much takes < 1 ms
+
 
 class Verdict(StrEnum):
     """What one attempt left a message as."""
@@ -110,11 +112,11 @@ class Message:
         return {rcpts[i].address: result for i, result in done.results.items()}
 
 
-def unfreeze(spool: Spool | str | os.PathLike[str], qid: str) -> Message:
+def unfreeze(spool: Spool | str | os.PathLike[str], qid: str, state: str | None = None) -> Message:
     """Load message `qid` with its status; UnknownMessage or CorruptMessage if it cannot."""
     spool = spool if isinstance(spool, Spool) else Spool(spool, create=False)
     try:
-        stored = spool.get(qid)
+        stored = spool.get(qid, state)
     except (KeyError, ValueError):
         raise UnknownMessage(qid) from None
     return Message(spool, stored, load_status(spool, stored))
@@ -154,7 +156,7 @@ async def attempt(
         if state is None or state == "hold":
             return Attempt(qid, Verdict.SKIPPED, {})
         try:
-            message = await asyncio.to_thread(unfreeze, spool, qid)
+            message = await _load(spool, qid, state)
         except UnknownMessage:
             return Attempt(qid, Verdict.SKIPPED, {})
         except CorruptMessage as exc:  # Spool.get moved it to corrupt/
@@ -180,6 +182,13 @@ async def attempt(
         if link_error is not None:
             return replace(done, link_down=True, error=str(link_error))
         return done
+
+
+async def _load(spool: Spool, qid: str, state: str) -> Message:
+    """Unfreeze on the loop when small (a thread hop costs more), in a thread when large."""
+    if os.path.getsize(spool.path(state, qid)) <= INLINE_LOAD_LIMIT:
+        return unfreeze(spool, qid, state)
+    return await asyncio.to_thread(unfreeze, spool, qid, state)
 
 
 def expire(
@@ -237,7 +246,7 @@ async def record(
     message.status = status
     dsn_ids: list[str] = []
     if status.done and not dsns:
-        message.spool.remove(message.qid, durable=False)  # a lost unlink only resends
+        message.spool.discard_delivered(message.qid, state)
     else:
         dsn_ids = await asyncio.to_thread(_store, message, state, dsns)
     return Attempt(message.qid, verdict_of(status), results, status.last_error, tuple(dsn_ids))

@@ -144,6 +144,8 @@ class Spool:
     def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
         self.root = Path(root)
         self.syncs = 0
+        self._held: dict[str, int] = {}  # qid -> descriptor holding its lock
+        self._dirs = {state: str(self.root / state) for state in ("tmp", *STATES)}
         if create:
             for name in ("tmp", "status", *STATES):
                 (self.root / name).mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -156,9 +158,14 @@ class Spool:
         return self.root / "control"
 
     def path(self, state: str, qid: str) -> Path:
-        if state not in ("tmp", *STATES) or not valid_id(qid):
+        return Path(self._file(state, qid))
+
+    def _file(self, state: str, qid: str) -> str:
+        """The file of `qid` in `state`, as a string (the hot path avoids pathlib)."""
+        directory = self._dirs.get(state)
+        if directory is None or not valid_id(qid):
             raise ValueError(f"bad spool state or queue id: {state}/{qid}")
-        return self.root / state / qid
+        return f"{directory}/{qid}"
 
     # -- committing ----------------------------------------------------------------------
     def write_tmp(self, qid: str, blob: bytes) -> int:
@@ -243,17 +250,22 @@ class Spool:
 
     def find(self, qid: str) -> str | None:
         """The state a message is in, or None."""
+        if not valid_id(qid):
+            return None
         for state in STATES:
-            if valid_id(qid) and self.path(state, qid).exists():
+            if os.path.exists(self._file(state, qid)):
                 return state
         return None
 
-    def get(self, qid: str) -> SpooledMessage:
-        """Load and check a message; a damaged file goes to corrupt/ (CorruptMessage)."""
-        state = self.find(qid)
+    def get(self, qid: str, state: str | None = None) -> SpooledMessage:
+        """Load and check a message; a damaged file goes to corrupt/ (CorruptMessage).
+
+        Pass `state` when it is known (under the message's lock) to skip the lookup.
+        """
+        state = state or self.find(qid)
         if state is None or state == "corrupt":
             raise KeyError(qid)
-        with os.fdopen(os.open(self.path(state, qid), _OPEN_READ), "rb") as f:
+        with os.fdopen(os.open(self._file(state, qid), _OPEN_READ), "rb") as f:
             blob = f.read()
         try:
             envelope, data = decode(blob)
@@ -292,6 +304,18 @@ class Spool:
             os.unlink(self.root / "status" / qid)
         if durable:
             self.sync_dir(state)
+
+    def discard_delivered(self, qid: str, state: str) -> None:
+        """Remove a message whose every recipient has a final result; hold its lock.
+
+        Like `remove(durable=False)` it skips the directory fsync (a crash that undoes
+        the unlink only sends the message again), and it knows the state, so it costs
+        no lookups. It runs on the caller's thread on purpose: handing the unlinks to a
+        helper thread measured slower, because the event loop then waits for the GIL
+        after each of its own system calls.
+        """
+        fd = self._held.pop(qid, None)
+        _unlink_and_close((self._file(state, qid), str(self.root / "status" / qid)), fd)
 
     # -- delivery state -----------------------------------------------------------------
     def read_status(self, qid: str) -> bytes | None:
@@ -347,10 +371,13 @@ class Spool:
             yield None
             return
         fd, state = held
+        self._held[qid] = fd
         try:
             yield state
         finally:
-            os.close(fd)  # closing the descriptor releases the flock
+            fd_left = self._held.pop(qid, None)
+            if fd_left is not None:  # not handed to discard_delivered
+                os.close(fd_left)  # closing the descriptor releases the flock
 
     def _acquire(self, qid: str, wait: bool) -> tuple[int, str] | None:
         """Lock the file, then check it is still where it was: it may move meanwhile."""
@@ -373,6 +400,16 @@ class Spool:
                     return fd, state
             os.close(fd)
         return None
+
+
+def _unlink_and_close(paths: tuple[str, ...], fd: int | None) -> None:
+    try:
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def arrival_time(qid: str) -> float:
