@@ -647,3 +647,28 @@ def test_mail_spooled_during_a_pass_joins_it(sink: Smarthost, spool: Spool) -> N
     assert seen == [first, late[0]]
     assert [r.recipients for r in sink.received] == [["first@dst.test"], ["late@dst.test"]]
     assert spool_is_empty(spool)
+
+
+def test_a_status_that_cannot_be_written_does_not_stop_the_pass(
+    sink: Smarthost, spool: Spool
+) -> None:
+    """A write error for one message (here a directory in the way of its new status
+    record) leaves it as it was, and the pass goes on with the others; once the spool is
+    whole again it is tried as usual."""
+    sink.behaviour.rcpt_replies["later@dst.test"] = "451 4.3.0 try later"
+    stuck = put(spool, ["later@dst.test"], "stuck")
+    fine = put(spool, ["bob@dst.test"], "fine")
+    in_the_way = spool.root / "status" / f"{stuck}.new"
+    in_the_way.mkdir()
+    clock = FakeClock(1_000_000.0)
+    runner = make_runner(spool, sink.port, clock, concurrency=1)
+
+    summary = run(runner)
+
+    assert counts(summary) == {"deferred": 1, "delivered": 1}
+    assert spool.ids("queue") == [stuck]  # untouched: no status, not moved
+    assert spool.find(fine) is None
+    in_the_way.rmdir()
+    sink.behaviour.rcpt_replies.clear()
+    assert counts(run(runner)) == {"delivered": 1}
+    assert spool_is_empty(spool)

@@ -179,15 +179,23 @@ class QueueRunner:
     async def _attempt(
         self, qid: str, now: float, summary: PassSummary, force: bool, usable: bool
     ) -> Attempt:
-        done = await attempt(
-            self.spool,
-            qid,
-            self.agent if usable else None,
-            self.policy,
-            hostname=self.hostname,
-            now=now,
-            force=force,
-        )
+        try:
+            done = await attempt(
+                self.spool,
+                qid,
+                self.agent if usable else None,
+                self.policy,
+                hostname=self.hostname,
+                now=now,
+                force=force,
+            )
+        except Exception as exc:  # one message must not stop the queue
+            # E.g. the disk is full and its status cannot be written. The message stays
+            # where it is, unchanged, and is tried again on the next pass.
+            error = f"not recorded, will retry: {type(exc).__name__}: {exc}"
+            if self.log is not None:
+                self.log.info("delivery error", qid=qid, error=error)
+            return Attempt(qid, Verdict.DEFERRED, {}, error)
         if done.link_down:
             if not summary.link_error:  # once per pass, however many workers found out
                 self._link_failed(done.error, now)
@@ -222,10 +230,15 @@ class QueueRunner:
     async def serve(self, stopping: asyncio.Event) -> None:
         """Run passes until `stopping` is set: at once, then whenever mail arrives or is due."""
         while not stopping.is_set():
-            await self.run_once()
-            if self._arrived:
+            try:
+                await self.run_once()
+                delay = 0.0 if self._arrived else self.next_wakeup(self.clock())
+            except OSError as exc:  # the spool itself failed (listing, reading statuses)
+                if self.log is not None:
+                    self.log.info("queue run failed; retrying", error=str(exc))
+                delay = SCAN_INTERVAL
+            if delay == 0.0:
                 continue
-            delay = self.next_wakeup(self.clock())
             waits = {
                 asyncio.ensure_future(self._wake.wait()),
                 asyncio.ensure_future(stopping.wait()),

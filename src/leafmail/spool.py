@@ -315,7 +315,14 @@ class Spool:
         after each of its own system calls.
         """
         fd = self._held.pop(qid, None)
-        _unlink_and_close((self._file(state, qid), str(self.root / "status" / qid)), fd)
+        try:
+            os.unlink(self._file(state, qid))
+        finally:
+            if fd is not None:
+                os.close(fd)
+        # A status left behind (the unlink failed) is an orphan that clean_status removes.
+        with contextlib.suppress(OSError):
+            os.unlink(self.root / "status" / qid)
 
     # -- delivery state -----------------------------------------------------------------
     def read_status(self, qid: str) -> bytes | None:
@@ -400,16 +407,6 @@ class Spool:
                     return fd, state
             os.close(fd)
         return None
-
-
-def _unlink_and_close(paths: tuple[str, ...], fd: int | None) -> None:
-    try:
-        for path in paths:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-    finally:
-        if fd is not None:
-            os.close(fd)
 
 
 def arrival_time(qid: str) -> float:
