@@ -258,7 +258,7 @@ def test_cross_checks(table: str, message: str) -> None:
         ("smarthost = 25", r"delivery\.smarthost must be a string"),
         ('tls = "ssl"', r"delivery\.tls must be one of starttls, smtps, opportunistic, none"),
         ('tls = "STARTTLS"', r"delivery\.tls must be one of"),
-        ('mode = "mx"', r"delivery\.mode must be one of"),
+        ('mode = "local"', r"delivery\.mode must be one of"),
         ("username = []", r"delivery\.username must be a string"),
     ],
 )

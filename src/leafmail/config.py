@@ -500,9 +500,27 @@ def _check(config: Config, where: str) -> None:
         config.relay_policy()
     except AccessSpecError as exc:
         raise ConfigError(f"{where}: relay.relay_networks: {exc}") from None
-    problem = delivery_problem(config.delivery) or routing_problem(config)
+    problem = (
+        delivery_problem(config.delivery) or routing_problem(config) or local_problem(config.local)
+    )
     if problem:
         raise ConfigError(f"{where}: {problem}")
+
+
+def local_problem(local: LocalConfig) -> str | None:
+    """A [local] table that could only fail at delivery time, every time."""
+    if not local.enabled:
+        return None
+    if local.command_timeout <= 0:
+        return "local.command_timeout must be > 0"
+    template = local.path_template
+    if not template.startswith(("/", "{home}")):
+        return f"local.path {template!r} must be absolute or start with {{home}}"
+    try:
+        template.format(user="u", home="/h")
+    except (KeyError, IndexError, ValueError) as exc:
+        return f"local.path {template!r}: only {{user}} and {{home}} may be used ({exc})"
+    return None
 
 
 def routing_problem(config: Config) -> str | None:

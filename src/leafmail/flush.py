@@ -118,17 +118,16 @@ def runner_for(config: Config, spool: Spool, **kwargs: Any) -> QueueRunner:
 def build_runner(config: Config, spool: Spool, **kwargs: Any) -> QueueRunner | None:
     """The queue runner, None when nothing is configured to deliver to; ConfigError if
     the delivery settings cannot work (a bad CA file, an unreadable password file)."""
-    try:
-        agent = build_agent(config, spool)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    if agent is None:
-        return None
-    return QueueRunner(
+    runner = QueueRunner(
         spool,
-        agent,
+        None,
         RetryPolicy.from_config(config.delivery),
         hostname=config.hostname,
         concurrency=config.delivery.concurrency,
         **kwargs,
     )
+    try:  # forwarded copies (aliases to other domains) join the pass that made them
+        runner.agent = build_agent(config, spool, notify=runner.notify)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return None if runner.agent is None else runner

@@ -10,7 +10,7 @@ passed on, so the queue runner still rests the link instead of spinning.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ..config import Config
 from ..envelope import Envelope
@@ -72,7 +72,9 @@ class RoutingAgent:
             await agent.close()
 
 
-def build_agent(config: Config, spool: Spool) -> Agent | None:
+def build_agent(
+    config: Config, spool: Spool, *, notify: Callable[[str], None] | None = None
+) -> Agent | None:
     """The agent for this config, or None when there is nowhere to deliver.
 
     Agents are made only for routes in use, so a smarthost-only set-up never loads the
@@ -95,7 +97,8 @@ def build_agent(config: Config, spool: Spool) -> Agent | None:
     if "local" in used and config.local.enabled:
         from .local import LocalAgent
 
-        agents["local"] = LocalAgent(config, spool)  # aliases to remote addresses re-spool
+        # Aliases to other domains are spooled anew; `notify` hands them to the runner.
+        agents["local"] = LocalAgent(config, spool, notify=notify)
     if not agents:
         return None
     return RoutingAgent(config, agents)

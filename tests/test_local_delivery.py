@@ -1,0 +1,770 @@
+"""Local delivery: Maildir, mbox, aliases (commands, files, forwards), the RCPT check.
+
+Everything is real: files in tmp_path, read back with Python's `mailbox` module; other
+processes that append to the same mbox or hold its lock; commands run as python scripts
+(sys.executable). Waiting is on real events (a lock holder prints a line when it holds
+the lock), never a sleep. Tests marked `root` check the ownership rules and run only as
+root; everything else runs as any user (commands and files named in the aliases run as
+the current user, via `default_user`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import mailbox
+import os
+import pwd
+import re
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from leafmail.checks import ACCEPT, Defer, Reject, Session
+from leafmail.config import Config, _build
+from leafmail.delivery import Outcome, Result
+from leafmail.delivery.local import (
+    Copy,
+    LocalAgent,
+    LockPolicy,
+    append_mbox,
+    local_recipient_check,
+    mbox_entry,
+)
+from leafmail.delivery.router import build_agent
+from leafmail.envelope import Envelope, Recipient
+from leafmail.queue import QueueRunner
+from leafmail.retry import RetryPolicy
+from leafmail.spool import Spool
+from netserver.errors import ConfigError
+from netserver.smtp.addresses import Mailbox
+
+HOST = "mx.test"
+SENDER = "sender@remote.example"
+ME = pwd.getpwuid(os.geteuid()).pw_name
+ROOT = os.geteuid() == 0
+root_only = pytest.mark.skipif(not ROOT, reason="ownership rules apply only to root")
+MESSAGE = (
+    b"Received: from client.test ([127.0.0.1])\r\n\tby mx.test (leafmail) with ESMTP id X;"
+    b" Thu, 1 Jan 2026 00:00:00 +0000\r\n"
+    b"From: <sender@remote.example>\r\n"
+    b"Subject: hello\r\n"
+    b"\r\n"
+    b"First line.\r\n"
+    b"From the beginning\r\n"
+    b">From a quoted line\r\n"
+    b">>From twice\r\n"
+    b"Fromage is not quoted\r\n"
+    b" From indented is not quoted\r\n"
+)
+
+
+def make_config(
+    tmp_path: Path,
+    *,
+    mailbox_kind: str = "maildir",
+    users: Sequence[str] = ("alice", "bob"),
+    aliases: str | None = None,
+    path: str | None = None,
+    timeout: float = 20.0,
+    **top: Any,
+) -> Config:
+    """A config with a [local] table; aliases (if any) written to tmp_path/aliases."""
+    suffix = "maildir" if mailbox_kind == "maildir" else "mbox"
+    local: dict[str, Any] = {
+        "mailbox": mailbox_kind,
+        "path": path or f"{tmp_path}/{{user}}.{suffix}",
+        "users": list(users),
+        "command_timeout": timeout,
+    }
+    if aliases is not None:
+        (tmp_path / "aliases").write_text(aliases, encoding="utf-8")
+        local["aliases"] = str(tmp_path / "aliases")
+    return _build({"hostname": HOST, "local": local, **top}, "test")
+
+
+def make_agent(config: Config, tmp_path: Path, **kwargs: Any) -> LocalAgent:
+    kwargs.setdefault("default_user", ME)
+    return LocalAgent(config, Spool(tmp_path / "spool"), **kwargs)
+
+
+def deliver(
+    agent: LocalAgent, rcpts: Sequence[str], data: bytes = MESSAGE, sender: str = SENDER
+) -> list[Result]:
+    envelope = Envelope(sender, tuple(Recipient(r) for r in rcpts))
+    results = asyncio.run(agent.deliver(envelope, data, range(len(rcpts))))
+    return [results[i] for i in range(len(rcpts))]
+
+
+def maildir_messages(path: Path) -> list[bytes]:
+    box = mailbox.Maildir(str(path), factory=None, create=False)
+    return sorted(box.get_bytes(key) for key in box.iterkeys())
+
+
+def mbox_messages(path: Path) -> list[mailbox.mboxMessage]:
+    return list(mailbox.mbox(str(path), create=False))
+
+
+def unquote_mboxrd(body: bytes) -> bytes:
+    return re.sub(rb"(?m)^>(>*From )", rb"\1", body)
+
+
+def outcomes(results: Sequence[Result]) -> list[tuple[Outcome, str]]:
+    return [(r.outcome, r.status) for r in results]
+
+
+DELIVERED = (Outcome.DELIVERED, "2.0.0")
+
+
+# --- Maildir -----------------------------------------------------------------------
+
+
+def test_maildir_delivery_with_trace_headers(tmp_path: Path) -> None:
+    agent = make_agent(make_config(tmp_path), tmp_path)
+    assert outcomes(deliver(agent, ["alice@mx.test"])) == [DELIVERED]
+    box = tmp_path / "alice.maildir"
+    (stored,) = maildir_messages(box)
+    assert stored == (
+        b"Return-Path: <sender@remote.example>\r\nDelivered-To: alice@mx.test\r\n" + MESSAGE
+    )
+    for sub in ("", "tmp", "new", "cur"):
+        assert stat.S_IMODE(os.stat(box / sub).st_mode) == 0o700
+    (name,) = os.listdir(box / "new")
+    assert stat.S_IMODE(os.stat(box / "new" / name).st_mode) == 0o600
+    assert os.listdir(box / "tmp") == []
+    assert re.fullmatch(r"\d+\.M\d+P\d+Q\d+R[0-9a-f]{8}\..+", name)
+    parsed = mailbox.Maildir(str(box), create=False)
+    (message,) = parsed
+    assert message["Return-Path"] == "<sender@remote.example>"
+    assert message["Delivered-To"] == "alice@mx.test"
+
+
+def test_many_messages_get_unique_names(tmp_path: Path) -> None:
+    agent = make_agent(make_config(tmp_path), tmp_path)
+    for i in range(20):
+        deliver(agent, ["alice@mx.test"], MESSAGE + b"%d\r\n" % i)
+    assert len(os.listdir(tmp_path / "alice.maildir" / "new")) == 20
+
+
+def test_no_descriptors_leak_on_success_or_failure(tmp_path: Path) -> None:
+    (tmp_path / "bob.maildir").symlink_to(tmp_path)  # refused every time
+    (tmp_path / "alice.mbox.lock").write_text("1\n")  # held every time
+    maildir = make_agent(make_config(tmp_path), tmp_path)
+    mbox = make_agent(
+        make_config(tmp_path, mailbox_kind="mbox"), tmp_path, locks=LockPolicy(timeout=0.01)
+    )
+    deliver(maildir, ["alice@mx.test"])  # warm up (imports, first directory creation)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(10):
+        assert outcomes(deliver(maildir, ["alice@mx.test"])) == [DELIVERED]
+        assert deliver(maildir, ["bob@mx.test"])[0].outcome is Outcome.DEFERRED
+        assert deliver(mbox, ["alice@mx.test"])[0].outcome is Outcome.DEFERRED
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_null_sender_and_extension(tmp_path: Path) -> None:
+    agent = make_agent(make_config(tmp_path), tmp_path)
+    assert outcomes(deliver(agent, ["Alice+Lists@mx.test"], sender="")) == [DELIVERED]
+    (stored,) = maildir_messages(tmp_path / "alice.maildir")
+    assert stored.startswith(b"Return-Path: <>\r\nDelivered-To: Alice+Lists@mx.test\r\n")
+
+
+def test_two_recipients_for_one_mailbox_get_one_copy(tmp_path: Path) -> None:
+    agent = make_agent(make_config(tmp_path), tmp_path)
+    results = deliver(agent, ["alice@mx.test", "ALICE+x@mx.test", "bob@mx.test"])
+    assert outcomes(results) == [DELIVERED] * 3
+    assert len(maildir_messages(tmp_path / "alice.maildir")) == 1
+    assert len(maildir_messages(tmp_path / "bob.maildir")) == 1
+
+
+def test_symlinked_maildir_is_refused_and_deferred(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "alice.maildir").symlink_to(elsewhere)
+    agent = make_agent(make_config(tmp_path), tmp_path)
+    (result,) = deliver(agent, ["alice@mx.test"])
+    assert result.outcome is Outcome.DEFERRED and result.status == "4.2.0"
+    assert "symbolic link" in result.text
+    assert os.listdir(elsewhere) == []
+
+
+def test_missing_parent_directory_defers(tmp_path: Path) -> None:
+    config = make_config(tmp_path, path=f"{tmp_path}/missing/{{user}}/Maildir")
+    (result,) = deliver(make_agent(config, tmp_path), ["alice@mx.test"])
+    assert result.outcome is Outcome.DEFERRED and result.status == "4.3.0"
+
+
+# --- mbox --------------------------------------------------------------------------
+
+
+def test_mbox_delivery_appends_with_from_line_and_trace_headers(tmp_path: Path) -> None:
+    agent = make_agent(make_config(tmp_path, mailbox_kind="mbox"), tmp_path)
+    assert outcomes(deliver(agent, ["bob@mx.test"])) == [DELIVERED]
+    assert outcomes(deliver(agent, ["bob@mx.test"], sender="")) == [DELIVERED]
+    path = tmp_path / "bob.mbox"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    first, second = mbox_messages(path)
+    assert first.get_from().startswith("sender@remote.example ")
+    assert second.get_from().startswith("MAILER-DAEMON ")
+    assert first["Return-Path"] == "<sender@remote.example>"
+    assert first["Delivered-To"] == "bob@mx.test"
+    assert second["Return-Path"] == "<>"
+    raw = path.read_bytes()
+    assert b"\r" not in raw
+    assert raw.startswith(b"From sender@remote.example ")
+    assert raw.endswith(b"not quoted\n\n")
+    assert not os.path.exists(f"{path}.lock")
+
+
+def test_mboxrd_quoting_round_trips(tmp_path: Path) -> None:
+    agent = make_agent(make_config(tmp_path, mailbox_kind="mbox"), tmp_path)
+    deliver(agent, ["bob@mx.test"])
+    (message,) = mbox_messages(tmp_path / "bob.mbox")
+    stored = message.as_bytes()
+    assert b"\n>From the beginning\n>>From a quoted line\n>>>From twice\n" in stored
+    assert b"\nFromage is not quoted\n From indented is not quoted\n" in stored
+    expected = b"Return-Path: <sender@remote.example>\nDelivered-To: bob@mx.test\n"
+    expected += MESSAGE.replace(b"\r\n", b"\n")
+    assert unquote_mboxrd(stored) == expected
+
+
+def test_message_without_final_newline_and_foreign_mbox_tail(tmp_path: Path) -> None:
+    path = tmp_path / "bob.mbox"
+    path.write_bytes(b"From x Thu Jan  1 00:00:00 2026\nSubject: old\n\nno blank line after")
+    agent = make_agent(make_config(tmp_path, mailbox_kind="mbox"), tmp_path)
+    deliver(agent, ["bob@mx.test"], b"Subject: new\r\n\r\nno newline at the end")
+    old, new = mbox_messages(path)
+    assert old["Subject"] == "old" and new["Subject"] == "new"
+    assert path.read_bytes().endswith(b"no newline at the end\n\n")
+
+
+APPENDER = """
+import sys
+from leafmail.delivery.local import Copy, LockPolicy, append_mbox, mbox_entry
+path, who, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for i in range(count):
+    head = "Subject: %s-%d\\r\\n\\r\\n" % (who, i)
+    body = head.encode() + b"From a line that needs quoting\\r\\n" * 300
+    append_mbox(path, mbox_entry(Copy("s@x.test", "r@y.test", body), 0.0), None, LockPolicy(60))
+"""
+
+
+def test_concurrent_appends_from_processes_and_tasks_stay_intact(tmp_path: Path) -> None:
+    path = tmp_path / "bob.mbox"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", APPENDER, str(path), f"proc{n}", "15"])
+        for n in range(4)
+    ]
+    agent = make_agent(make_config(tmp_path, mailbox_kind="mbox"), tmp_path)
+
+    async def many() -> list[dict[int, Result]]:
+        body = b"Subject: task\r\n\r\n" + b"From a line that needs quoting\r\n" * 300
+        envelope = Envelope(SENDER, (Recipient("bob@mx.test"),))
+        return await asyncio.gather(*(agent.deliver(envelope, body, [0]) for _ in range(15)))
+
+    task_results = asyncio.run(many())
+    assert all(proc.wait(60) == 0 for proc in procs)
+    assert all(r[0].outcome is Outcome.DELIVERED for r in task_results)
+    messages = mbox_messages(path)
+    subjects = sorted(str(m["Subject"]) for m in messages)
+    expected = sorted([f"proc{n}-{i}" for n in range(4) for i in range(15)] + ["task"] * 15)
+    assert subjects == expected
+    for message in messages:
+        payload = message.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        assert payload == b">From a line that needs quoting\n" * 300
+
+
+def test_held_dotlock_defers_within_the_bound_and_is_left_alone(tmp_path: Path) -> None:
+    lock = tmp_path / "bob.mbox.lock"
+    lock.write_text("12345\n")
+    config = make_config(tmp_path, mailbox_kind="mbox")
+    agent = make_agent(config, tmp_path, locks=LockPolicy(timeout=0.2))
+    (result,) = deliver(agent, ["bob@mx.test"])
+    assert result.outcome is Outcome.DEFERRED and result.status == "4.2.0"
+    assert "bob.mbox.lock is held" in result.text
+    assert not (tmp_path / "bob.mbox").exists()
+    assert lock.read_text() == "12345\n"
+
+
+def test_stale_dotlock_is_broken(tmp_path: Path) -> None:
+    lock = tmp_path / "bob.mbox.lock"
+    lock.write_text("12345\n")
+    past = os.stat(lock).st_mtime - 3600
+    os.utime(lock, (past, past))
+    agent = make_agent(make_config(tmp_path, mailbox_kind="mbox"), tmp_path)
+    assert outcomes(deliver(agent, ["bob@mx.test"])) == [DELIVERED]
+    assert not lock.exists()
+    assert len(mbox_messages(tmp_path / "bob.mbox")) == 1
+
+
+HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_fcntl_lock_of_another_process_is_honoured(tmp_path: Path) -> None:
+    path = tmp_path / "bob.mbox"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert holder.stdout is not None and holder.stdin is not None
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        config = make_config(tmp_path, mailbox_kind="mbox")
+        agent = make_agent(config, tmp_path, locks=LockPolicy(timeout=0.2))
+        (result,) = deliver(agent, ["bob@mx.test"])
+        assert result.outcome is Outcome.DEFERRED and result.status == "4.2.0"
+        assert path.read_bytes() == b""
+        assert not (tmp_path / "bob.mbox.lock").exists()  # our dotlock was let go
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    assert outcomes(deliver(agent, ["bob@mx.test"])) == [DELIVERED]
+
+
+PATIENT_HOLDER = """
+import fcntl, os, sys, time
+path = sys.argv[1]
+fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+deadline = time.monotonic() + 30
+while not os.path.exists(path + ".lock") and time.monotonic() < deadline:
+    time.sleep(0.002)  # the deliverer has its dotlock and now waits for our fcntl lock
+print("size", os.fstat(fd).st_size, flush=True)
+"""
+
+
+def test_delivery_waits_for_a_lock_that_is_let_go(tmp_path: Path) -> None:
+    path = tmp_path / "bob.mbox"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", PATIENT_HOLDER, str(path)], stdout=subprocess.PIPE
+    )
+    assert holder.stdout is not None
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        config = make_config(tmp_path, mailbox_kind="mbox")
+        agent = make_agent(config, tmp_path, locks=LockPolicy(timeout=30))
+        assert outcomes(deliver(agent, ["bob@mx.test"])) == [DELIVERED]
+        assert holder.stdout.read() == b"size 0\n"  # nothing was written while it held it
+    finally:
+        holder.kill()
+        holder.wait(10)
+    assert len(mbox_messages(path)) == 1
+
+
+def test_hard_linked_or_symlinked_mbox_is_refused(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    os.link(victim, tmp_path / "bob.mbox")
+    (tmp_path / "alice.mbox").symlink_to(victim)
+    agent = make_agent(make_config(tmp_path, mailbox_kind="mbox"), tmp_path)
+    results = deliver(agent, ["bob@mx.test", "alice@mx.test"])
+    assert [r.status for r in results] == ["4.2.0", "4.2.0"]
+    assert "hard links" in results[0].text and "symbolic link" in results[1].text
+    assert victim.read_bytes() == b"precious\n"
+
+
+FILLER = """
+import resource, signal, sys
+from leafmail.delivery.local import Copy, append_mbox, mbox_entry
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+path = sys.argv[1]
+limit = len(open(path, "rb").read()) + 1000
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+try:
+    append_mbox(path, mbox_entry(Copy("s@x.test", "r@y.test", b"x" * 100000), 0.0))
+except OSError as exc:
+    print(exc.errno)
+"""
+
+
+def test_a_failed_append_leaves_the_mbox_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "bob.mbox"
+    agent = make_agent(make_config(tmp_path, mailbox_kind="mbox"), tmp_path)
+    deliver(agent, ["bob@mx.test"])
+    before = path.read_bytes()
+    done = subprocess.run(
+        [sys.executable, "-c", FILLER, str(path)], capture_output=True, check=True
+    )
+    assert done.stdout.strip() == b"27"  # EFBIG: the file size limit cut the write short
+    assert path.read_bytes() == before
+    assert not (tmp_path / "bob.mbox.lock").exists()
+
+
+# --- who exists ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["zed@mx.test", '"../etc"@mx.test', '".hidden"@mx.test', '"a/b"@mx.test', "-rf@mx.test"],
+)
+def test_unknown_or_unsafe_users_fail_5_1_1(tmp_path: Path, address: str) -> None:
+    agent = make_agent(make_config(tmp_path), tmp_path)
+    (result,) = deliver(agent, [address])
+    assert (result.outcome, result.status) == (Outcome.FAILED, "5.1.1")
+    assert sorted(os.listdir(tmp_path)) == ["spool"]
+
+
+def test_postmaster_is_always_deliverable(tmp_path: Path) -> None:
+    agent = make_agent(make_config(tmp_path, users=["alice"]), tmp_path)
+    results = deliver(agent, ["postmaster", "PostMaster@mx.test"])
+    assert outcomes(results) == [DELIVERED] * 2
+    assert len(maildir_messages(tmp_path / "postmaster.maildir")) == 1
+
+
+def test_postmaster_alias_wins(tmp_path: Path) -> None:
+    config = make_config(tmp_path, users=["alice"], aliases="postmaster: alice\n")
+    assert outcomes(deliver(make_agent(config, tmp_path), ["postmaster"])) == [DELIVERED]
+    assert len(maildir_messages(tmp_path / "alice.maildir")) == 1
+    assert not (tmp_path / "postmaster.maildir").exists()
+
+
+def test_system_accounts_when_no_users_are_listed(tmp_path: Path) -> None:
+    config = make_config(tmp_path, users=())
+    agent = make_agent(config, tmp_path)
+    results = deliver(agent, [f"{ME}@mx.test", "no-such-account-here@mx.test"])
+    assert outcomes(results) == [DELIVERED, (Outcome.FAILED, "5.1.1")]
+    assert len(maildir_messages(tmp_path / f"{ME}.maildir")) == 1
+
+
+def test_forwarding_loop_is_detected(tmp_path: Path) -> None:
+    agent = make_agent(make_config(tmp_path), tmp_path)
+    looped = b"Delivered-To: ALICE@mx.test\r\n" + MESSAGE
+    results = deliver(agent, ["alice@mx.test", "bob@mx.test"], looped)
+    assert outcomes(results) == [(Outcome.FAILED, "5.4.6"), DELIVERED]
+
+
+@root_only
+def test_as_root_mailboxes_belong_to_the_account(tmp_path: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    config = make_config(tmp_path, users=())
+    assert outcomes(deliver(make_agent(config, tmp_path), ["nobody@mx.test"])) == [DELIVERED]
+    box = tmp_path / "nobody.maildir"
+    for path in (box, box / "new", box / "cur", box / "tmp", *(box / "new").iterdir()):
+        assert (os.stat(path).st_uid, os.stat(path).st_gid) == (nobody.pw_uid, nobody.pw_gid)
+    mbox_config = make_config(tmp_path, users=(), mailbox_kind="mbox")
+    assert outcomes(deliver(make_agent(mbox_config, tmp_path), ["nobody@mx.test"])) == [DELIVERED]
+    assert os.stat(tmp_path / "nobody.mbox").st_uid == nobody.pw_uid
+
+
+@root_only
+def test_as_root_someone_elses_mailbox_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "nobody.mbox").write_bytes(b"")  # owned by root, not by nobody
+    config = make_config(tmp_path, users=(), mailbox_kind="mbox")
+    (result,) = deliver(make_agent(config, tmp_path), ["nobody@mx.test"])
+    assert result.outcome is Outcome.DEFERRED and "belongs to uid 0" in result.text
+
+
+@root_only
+def test_as_root_home_template_without_a_home_defers(tmp_path: Path) -> None:
+    config = make_config(tmp_path, users=(), path="{home}/Maildir")
+    (result,) = deliver(make_agent(config, tmp_path), ["nobody@mx.test"])
+    assert result.outcome is Outcome.DEFERRED  # nobody's home, /nonexistent, is missing
+
+
+# --- aliases: commands ---------------------------------------------------------------
+
+RECORDER = """
+import json, os, sys
+data = sys.stdin.buffer.read()
+env = {k: os.environ.get(k) for k in ("SENDER", "RECIPIENT", "LOCAL", "DOMAIN", "PATH")}
+with open(sys.argv[1], "w") as f:
+    json.dump({"argv": sys.argv[2:], "stdin": data.decode("latin-1"), "env": env}, f)
+"""
+EXITER = """
+import sys
+sys.stdout.write("o" * 300000)
+sys.stderr.write(sys.argv[2] + "\\n" + "e" * 300000)
+sys.exit(int(sys.argv[1]))
+"""
+HANGER = """
+import os, sys, threading
+open(sys.argv[1], "w").write(str(os.getpid()))
+threading.Event().wait()
+"""
+
+
+def script(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return f"{sys.executable} {path}"
+
+
+def test_command_gets_the_message_on_stdin_and_no_shell(tmp_path: Path) -> None:
+    out, pwned = tmp_path / "out.json", tmp_path / "pwned"
+    recorder = script(tmp_path, "recorder.py", RECORDER)
+    aliases = f"tickets: \"|{recorder} {out} a;b $(touch {pwned}) `touch {pwned}` 'x y' |\"\n"
+    agent = make_agent(make_config(tmp_path, aliases=aliases), tmp_path)
+    assert outcomes(deliver(agent, ["tickets@mx.test"])) == [DELIVERED]
+    seen = json.loads(out.read_text())
+    assert seen["argv"] == ["a;b", "$(touch", f"{pwned})", "`touch", f"{pwned}`", "x y", "|"]
+    assert not pwned.exists()
+    expected = b"Return-Path: <sender@remote.example>\nDelivered-To: tickets@mx.test\n"
+    assert seen["stdin"].encode("latin-1") == expected + MESSAGE.replace(b"\r\n", b"\n")
+    assert seen["env"]["SENDER"] == SENDER and seen["env"]["RECIPIENT"] == "tickets@mx.test"
+    assert seen["env"]["LOCAL"] == "tickets" and seen["env"]["DOMAIN"] == "mx.test"
+
+
+@pytest.mark.parametrize(
+    ("code", "expected", "needle"),
+    [
+        (0, DELIVERED, "delivered to command"),
+        (75, (Outcome.DEFERRED, "4.3.0"), "try later: busy now"),
+        (1, (Outcome.FAILED, "5.3.0"), "(exit 1): busy now"),
+    ],
+)
+def test_command_exit_codes(
+    tmp_path: Path, code: int, expected: tuple[Outcome, str], needle: str
+) -> None:
+    exiter = script(tmp_path, "exiter.py", EXITER)
+    aliases = f"run: \"|{exiter} {code} 'busy now'\"\n"
+    agent = make_agent(make_config(tmp_path, aliases=aliases), tmp_path)
+    (result,) = deliver(agent, ["run@mx.test"])
+    assert (result.outcome, result.status) == expected
+    assert needle in result.text
+    assert len(result.text) < 400  # the rest of the output was dropped
+
+
+def test_command_timeout_defers_and_kills_it(tmp_path: Path) -> None:
+    pidfile = tmp_path / "pid"
+    hanger = script(tmp_path, "hanger.py", HANGER)
+    config = make_config(tmp_path, aliases=f"slow: |{hanger} {pidfile}\n", timeout=0.5)
+    (result,) = deliver(make_agent(config, tmp_path), ["slow@mx.test"])
+    assert (result.outcome, result.status) == (Outcome.DEFERRED, "4.3.0")
+    assert "timed out" in result.text
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pidfile.read_text()), 0)
+
+
+def test_missing_command_defers(tmp_path: Path) -> None:
+    config = make_config(tmp_path, aliases=f"x: |{tmp_path}/no-such-program\n")
+    (result,) = deliver(make_agent(config, tmp_path), ["x@mx.test"])
+    assert (result.outcome, result.status) == (Outcome.DEFERRED, "4.3.0")
+
+
+@root_only
+def test_as_root_commands_and_files_of_root_aliases_run_as_nobody(tmp_path: Path) -> None:
+    aliases = "who: \"|/bin/sh -c 'id -u >&2; exit 1'\"\nfile: " + f"{tmp_path}/archive\n"
+    agent = LocalAgent(make_config(tmp_path, aliases=aliases), Spool(tmp_path / "spool"))
+    who, file = deliver(agent, ["who@mx.test", "file@mx.test"])
+    assert who.status == "5.3.0" and who.text.endswith(str(pwd.getpwnam("nobody").pw_uid))
+    assert file.outcome is Outcome.DEFERRED and "may not create" in file.text
+    assert not (tmp_path / "archive").exists()
+
+
+# --- aliases: chains, files, includes, forwards --------------------------------------
+
+
+def test_alias_chain_loop_and_include(tmp_path: Path) -> None:
+    members = tmp_path / "members.txt"
+    members.write_text("# the list\nbob\n", encoding="utf-8")
+    aliases = (
+        "postmaster: admins\nadmins: alice, team\n"
+        f"team: :include:{members}\nloop1: loop2\nloop2: loop1\n"
+    )
+    agent = make_agent(make_config(tmp_path, aliases=aliases), tmp_path)
+    results = deliver(agent, ["postmaster@mx.test", "loop1@mx.test", "team@mx.test"])
+    assert outcomes(results) == [DELIVERED, (Outcome.FAILED, "5.4.6"), DELIVERED]
+    assert len(maildir_messages(tmp_path / "alice.maildir")) == 1
+    assert len(maildir_messages(tmp_path / "bob.maildir")) == 1  # shared by two recipients
+
+
+def test_partly_failing_alias_fails_with_the_reason(tmp_path: Path) -> None:
+    config = make_config(tmp_path, aliases="team: alice, ghost\n")
+    (result,) = deliver(make_agent(config, tmp_path), ["team@mx.test"])
+    assert (result.outcome, result.status) == (Outcome.FAILED, "5.1.1")
+    assert "1 of 2 copies delivered" in result.text and "ghost" in result.text
+
+
+def test_partly_deferred_alias_defers(tmp_path: Path) -> None:
+    config = make_config(tmp_path, aliases=f"team: alice, |{tmp_path}/missing\n")
+    (result,) = deliver(make_agent(config, tmp_path), ["team@mx.test"])
+    assert (result.outcome, result.status) == (Outcome.DEFERRED, "4.3.0")
+
+
+def test_file_target_is_appended_as_mbox(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    config = make_config(tmp_path, aliases=f"archive: {archive}, alice\n")
+    agent = make_agent(config, tmp_path)
+    assert outcomes(deliver(agent, ["archive@mx.test"])) == [DELIVERED]
+    (message,) = mbox_messages(archive)
+    assert message["Delivered-To"] == "archive@mx.test"
+    assert len(maildir_messages(tmp_path / "alice.maildir")) == 1
+
+
+def test_remote_targets_are_forwarded_through_the_spool(tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path, aliases="alice: \\alice, carol@remote.example, dave@other.example\n"
+    )
+    queued: list[str] = []
+    agent = make_agent(config, tmp_path, notify=queued.append)
+    envelope = Envelope(SENDER, (Recipient("alice@mx.test", ("FAILURE",), None),), body="8BITMIME")
+    results = asyncio.run(agent.deliver(envelope, MESSAGE, [0]))
+    assert results[0].outcome is Outcome.DELIVERED
+    assert len(maildir_messages(tmp_path / "alice.maildir")) == 1
+    spool = agent.spool
+    assert spool.ids("queue") == queued and len(queued) == 1
+    forwarded = spool.get(queued[0])
+    assert forwarded.envelope.sender == SENDER
+    assert forwarded.envelope.body == "8BITMIME"
+    assert forwarded.envelope.recipients == (
+        Recipient("carol@remote.example", ("FAILURE",), "rfc822;alice@mx.test"),
+        Recipient("dave@other.example", ("FAILURE",), "rfc822;alice@mx.test"),
+    )
+    assert forwarded.data == b"Delivered-To: alice@mx.test\r\n" + MESSAGE
+
+
+def test_forwarded_copy_coming_back_is_a_loop(tmp_path: Path) -> None:
+    config = make_config(tmp_path, aliases="alice: carol@remote.example\n")
+    agent = make_agent(config, tmp_path)
+    deliver(agent, ["alice@mx.test"])
+    (qid,) = agent.spool.ids("queue")
+    back = agent.spool.get(qid).data
+    (result,) = deliver(agent, ["alice@mx.test"], back)
+    assert (result.outcome, result.status) == (Outcome.FAILED, "5.4.6")
+
+
+def test_broken_aliases_file_is_a_config_error_then_defers(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"aliases:1: "):
+        make_agent(make_config(tmp_path, aliases="oops\n"), tmp_path)
+    agent = make_agent(make_config(tmp_path, aliases="x: alice\n"), tmp_path)
+    path = tmp_path / "aliases"
+    path.write_text("x: alice\ny\n", encoding="utf-8")
+    (result,) = deliver(agent, ["x@mx.test"])
+    assert (result.outcome, result.status) == (Outcome.DEFERRED, "4.3.5")
+    assert "aliases:2:" in result.text
+
+
+# --- the queue runner, end to end ----------------------------------------------------
+
+
+def test_queue_runner_delivers_to_a_maildir_once(tmp_path: Path) -> None:
+    config = make_config(tmp_path, path=f"{tmp_path}/boxes/{{user}}")
+    spool = Spool(tmp_path / "spool")
+    agent = build_agent(config, spool)
+    assert agent is not None
+    now = [time.time()]
+    runner = QueueRunner(spool, agent, RetryPolicy(), hostname=HOST, clock=lambda: now[0])
+    envelope = Envelope(SENDER, (Recipient("alice@mx.test"), Recipient("bob@mx.test")))
+    qid = spool.commit(envelope, MESSAGE)
+    (tmp_path / "boxes").mkdir()
+    (tmp_path / "boxes" / "bob").mkdir()
+    (tmp_path / "boxes" / "bob").chmod(0o500)  # bob's maildir cannot take tmp/ yet
+    if ROOT:  # root ignores modes: make bob's box a symbolic link instead (refused)
+        (tmp_path / "boxes" / "bob").rmdir()
+        (tmp_path / "boxes" / "bob").symlink_to(tmp_path)
+    first = asyncio.run(runner.run_once())
+    assert first.counts["deferred"] == 1
+    assert spool.ids("deferred") == [qid]
+    assert len(maildir_messages(tmp_path / "boxes" / "alice")) == 1
+    bob = tmp_path / "boxes" / "bob"
+    if bob.is_symlink():
+        bob.unlink()
+    else:
+        bob.chmod(0o700)
+    now[0] += 3600
+    second = asyncio.run(runner.run_once(force=True))
+    assert second.counts["delivered"] == 1
+    assert spool.ids("deferred") == [] and spool.ids("queue") == []
+    assert len(maildir_messages(tmp_path / "boxes" / "alice")) == 1  # not again
+    assert len(maildir_messages(bob)) == 1
+
+
+def test_unknown_recipient_bounces_through_the_runner(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    spool = Spool(tmp_path / "spool")
+    agent = build_agent(config, spool)
+    runner = QueueRunner(spool, agent, RetryPolicy(), hostname=HOST, clock=time.time)
+    qid = spool.commit(Envelope(SENDER, (Recipient("zed@mx.test"),)), MESSAGE)
+    summary = asyncio.run(runner.run_once())
+    assert summary.counts["bounced"] == 1
+    assert qid not in spool.ids("queue") + spool.ids("deferred")
+    dsns = [spool.get(q) for q in spool.ids("queue") + spool.ids("deferred")]
+    assert [d.envelope.recipients[0].address for d in dsns] == [SENDER]
+    assert b"5.1.1" in dsns[0].data
+
+
+# --- the RCPT check ------------------------------------------------------------------
+
+
+def rcpt(local: str, domain: str = HOST) -> Session:
+    return Session(client_ip=None, recipient=Mailbox(local, domain))
+
+
+def test_local_recipient_check(tmp_path: Path) -> None:
+    config = make_config(tmp_path, aliases="staff: alice\n")
+    check = local_recipient_check(config)
+    for ok in (
+        rcpt("alice"),
+        rcpt("Alice+tag"),
+        rcpt("staff"),
+        rcpt("Postmaster", ""),
+        rcpt("postmaster"),
+        rcpt("zed", "elsewhere.example"),
+        Session(client_ip=None),
+    ):
+        assert check(ok) is ACCEPT
+    for bad in (rcpt("zed"), rcpt('"../alice"'), rcpt("ZED", "MX.TEST.")):
+        verdict = check(bad)
+        assert isinstance(verdict, Reject)
+        assert (verdict.reply.code, verdict.reply.enhanced) == (550, "5.1.1")
+    (tmp_path / "aliases").write_text("broken\n", encoding="utf-8")
+    verdict = check(rcpt("staff"))
+    assert isinstance(verdict, Defer) and verdict.reply.code == 451
+
+
+def test_local_recipient_check_leaves_other_routes_alone(tmp_path: Path) -> None:
+    routed = make_config(
+        tmp_path,
+        routes={HOST: "smarthost"},
+        delivery={"smarthost": "smart.example:25", "tls": "none"},
+    )
+    assert local_recipient_check(routed)(rcpt("zed")) is ACCEPT
+    no_local = _build({"hostname": HOST}, "test")
+    assert local_recipient_check(no_local)(rcpt("zed")) is ACCEPT
+
+
+def test_mbox_entry_sender_without_spaces() -> None:
+    entry = mbox_entry(Copy('"a b"@x.test', "r@y.test", b"Subject: s\r\n\r\nx\r\n"), 0.0)
+    assert entry.split(b"\n", 1)[0].startswith(b'From "a_b"@x.test ')
+
+
+def test_fifo_or_directory_in_place_of_the_mbox_defers_without_hanging(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "bob.mbox")
+    (tmp_path / "alice.mbox").mkdir()
+    agent = make_agent(make_config(tmp_path, mailbox_kind="mbox"), tmp_path)
+    bob, alice = deliver(agent, ["bob@mx.test", "alice@mx.test"])
+    assert (bob.outcome, bob.status) == (Outcome.DEFERRED, "4.2.0")
+    assert "not a regular file" in bob.text
+    assert (alice.outcome, alice.status) == (Outcome.DEFERRED, "4.3.0")
+    with pytest.raises(IsADirectoryError):
+        append_mbox(str(tmp_path / "alice.mbox"), b"From x\n\n")
+
+
+# --- bugs found elsewhere (config.py): strict xfails until fixed ----------------------
+
+
+def test_zero_command_timeout_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="command_timeout"):
+        _build({"hostname": HOST, "local": {"command_timeout": 0}}, "test")
+
+
+@pytest.mark.parametrize("path", ["Maildir/{user}", "/var/mail/{usr}"])
+def test_bad_local_path_template_is_a_config_error(path: str) -> None:
+    with pytest.raises(ConfigError, match=r"local\.path"):
+        _build({"hostname": HOST, "local": {"path": path}}, "test")
