@@ -2,7 +2,8 @@
 
 ``serve`` accepts mail by SMTP, spools it durably and (with a smarthost) delivers it;
 ``flush`` delivers everything now; ``queue``, ``show``, ``delete``, ``hold`` and
-``release`` look after the spool; ``passwd USER`` prints a users-file line for SMTP AUTH.
+``release`` look after the spool; ``passwd USER`` prints a users-file line for SMTP AUTH;
+``sendmail`` is the sendmail(8) command (also run by that name, e.g. through a symlink).
 Configuration comes from ``--config``, else ``$LEAFMAIL_CONFIG``, else the default
 location; flags beat LEAFMAIL_* variables, which beat the file. Errors print one line and
 exit with a sysexits code.
@@ -15,6 +16,7 @@ import asyncio
 import dataclasses
 import getpass
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -25,7 +27,7 @@ from netserver.readiness import ready_fd_writer
 from netserver.server import loop_factory
 
 from . import config as configuration
-from . import control, tools
+from . import control, sendmail, tools
 from .auth import hash_password
 from .daemon import Daemon
 from .flush import flush
@@ -124,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
         "USER:HASH for auth.users_file. The password itself is never stored.",
     )
     p.add_argument("user")
+    sm = sub.add_parser(
+        "sendmail",
+        add_help=False,
+        help="submit a message like sendmail(8) (-t, -i, -f, -bs, -bp, -q ...)",
+        description="sendmail(8)-compatible submission, straight into the spool. "
+        "Run `leafmail sendmail --help` for its options.",
+    )
+    # Never parsed here: main() hands sendmail's getopt-style words over before argparse.
+    sm.add_argument("words", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -256,7 +267,12 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    if argv is None and os.path.basename(sys.argv[0]) == "sendmail":
+        return sendmail.main(sys.argv[1:], prog="sendmail")  # installed as sendmail
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["sendmail"]:  # argparse cannot parse -fADDR, -oi, -bs and friends
+        return sendmail.main(words[1:], prog="leafmail sendmail")
+    args = build_parser().parse_args(words)
     try:
         return COMMANDS[args.command](args)
     except NetserverError as exc:

@@ -147,6 +147,7 @@ class Spool:
         self._held: dict[str, int] = {}  # qid -> descriptor holding its lock
         self._dirs = {state: str(self.root / state) for state in ("tmp", *STATES)}
         if create:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # the spool is private
             for name in ("tmp", "status", *STATES):
                 (self.root / name).mkdir(mode=0o700, parents=True, exist_ok=True)
         elif not (self.root / "queue").is_dir():
@@ -214,9 +215,12 @@ class Spool:
         finally:
             os.close(fd)
 
-    def commit(self, envelope: Envelope, data: bytes) -> str:
-        """Durably spool one message now (the sendmail path); returns its queue id."""
-        qid = new_id()
+    def commit(self, envelope: Envelope, data: bytes, qid: str | None = None) -> str:
+        """Durably spool one message now (the sendmail path); returns its queue id.
+
+        Pass `qid` (from `new_id`) when the message's own headers must carry it.
+        """
+        qid = qid or new_id()
         fd = self.write_tmp(qid, encode(envelope, data))
         try:
             self.make_durable([fd])
