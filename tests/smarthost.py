@@ -53,7 +53,7 @@ class Behaviour:
 
 
 class Smarthost:
-    """A controllable aiosmtpd server on 127.0.0.1:<ephemeral>."""
+    """A controllable aiosmtpd server on 127.0.0.1:<ephemeral> (or `host`, `port`)."""
 
     def __init__(
         self,
@@ -66,6 +66,7 @@ class Smarthost:
         size_limit: int | None = 33554432,
         port: int = 0,
         eightbitmime: bool = True,
+        host: str = "127.0.0.1",
     ) -> None:
         self.behaviour = Behaviour()
         self.received: list[Received] = []
@@ -84,10 +85,11 @@ class Smarthost:
         self._server: asyncio.AbstractServer | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self.port = port  # 0: an ephemeral port, read back in start()
+        self.host = host  # another loopback address (127.0.0.2) stands for another MX
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def start(self) -> Smarthost:
         self._thread.start()
@@ -106,6 +108,8 @@ class Smarthost:
             asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+        if not self._thread.is_alive() and not self._loop.is_closed():
+            self._loop.close()
 
     def release_hung(self) -> None:
         """Let sessions hanging in DATA (hang_at_data) go on."""
@@ -114,7 +118,7 @@ class Smarthost:
     async def _listen(self) -> int:
         self._server = await self._loop.create_server(
             self._protocol,
-            "127.0.0.1",
+            self.host,
             self.port,
             ssl=self._tls if self._implicit else None,
         )

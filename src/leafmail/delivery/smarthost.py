@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 
-from netserver.smtp.addresses import xtext_encode
-
 from ..config import Config, delivery_problem, smarthost_password, split_hostport
-from ..envelope import Envelope, Recipient
+from ..envelope import Envelope
 from . import LinkDown, Result, all_results
+from .session import drop, greet, transaction, why
 
 MAX_USES = 1000  # messages per connection before a fresh one (bounds any server-side state)
 
@@ -117,12 +116,12 @@ class SmarthostAgent:
         remote = self.settings.remote
         try:
             async with asyncio.timeout(self.settings.deadline):
-                reusable = await _transaction(conn.smtp, envelope, data, rcpts, results, remote)
+                reusable = await transaction(conn.smtp, envelope, data, rcpts, results, remote)
         except TimeoutError:
             lost = Result.deferred("4.4.2", f"{remote} did not finish within the deadline", remote)
             results = {**all_results(rcpts, lost), **results}
         except (aiosmtplib.SMTPException, OSError) as exc:
-            lost = Result.deferred("4.4.2", f"connection to {remote} lost: {_why(exc)}", remote)
+            lost = Result.deferred("4.4.2", f"connection to {remote} lost: {why(exc)}", remote)
             results = {**all_results(rcpts, lost), **results}
         finally:
             self._release(conn, reusable)
@@ -132,10 +131,11 @@ class SmarthostAgent:
         """Say QUIT on every idle connection (briefly: a dead peer must not hold us)."""
         idle, self._idle = self._idle, []
         for conn in idle:
+            transport = conn.smtp.transport  # the TLS one after STARTTLS; QUIT forgets it
             with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
                 async with asyncio.timeout(5):
                     await conn.smtp.quit()
-            conn.smtp.close()
+            drop(conn.smtp, transport)
 
     async def _acquire(self) -> _Conn:
         while self._idle:
@@ -167,7 +167,7 @@ class SmarthostAgent:
         try:
             async with asyncio.timeout(s.connect_timeout):
                 await smtp.connect()
-                await _greet(smtp)
+                await greet(smtp)
                 await self._secure(smtp)
                 await self._login(smtp)
         except LinkDown:
@@ -178,7 +178,7 @@ class SmarthostAgent:
             raise LinkDown(f"{s.remote}: no answer within {s.connect_timeout:g}s") from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             smtp.close()
-            raise LinkDown(f"{s.remote}: {_why(exc)}") from None
+            raise LinkDown(f"{s.remote}: {why(exc)}") from None
         self.connections += 1
         return _Conn(smtp)
 
@@ -191,7 +191,7 @@ class SmarthostAgent:
                 raise LinkDown(f"{s.remote} does not offer STARTTLS, which tls = starttls requires")
             return
         await smtp.starttls(tls_context=self.tls_context, server_hostname=s.host)
-        await _greet(smtp)
+        await greet(smtp)
 
     async def _login(self, smtp: aiosmtplib.SMTP) -> None:
         s = self.settings
@@ -208,176 +208,4 @@ class SmarthostAgent:
             else:
                 raise LinkDown(f"{s.remote} offers neither AUTH PLAIN nor AUTH LOGIN")
         except aiosmtplib.SMTPAuthenticationError as exc:
-            raise LinkDown(
-                f"{s.remote} refused the login for {s.username!r}: {_why(exc)}"
-            ) from None
-
-
-async def _greet(smtp: aiosmtplib.SMTP) -> None:
-    """EHLO, falling back to HELO for a server that does not know EHLO."""
-    try:
-        await smtp.ehlo()
-    except aiosmtplib.SMTPHeloError:
-        await smtp.helo()
-
-
-async def _transaction(
-    smtp: aiosmtplib.SMTP,
-    envelope: Envelope,
-    data: bytes,
-    rcpts: Sequence[int],
-    results: dict[int, Result],
-    remote: str,
-) -> bool:
-    """MAIL, RCPT for each recipient, DATA; fills `results`; True if the connection is reusable.
-
-    A recipient's result is recorded as soon as it is final for this attempt (a RCPT
-    refusal), and the accepted ones after the reply to DATA, so if the connection dies
-    half-way the caller defers exactly the recipients that have no result yet.
-    """
-    refusal = cannot_carry(smtp, envelope, data, remote)
-    if refusal is not None:
-        results.update(all_results(rcpts, refusal))
-        return True
-    utf8 = envelope.smtputf8 and needs_smtputf8(envelope, data)
-    encoding = "utf-8" if utf8 else "ascii"
-    reply = await _path_command(
-        smtp,
-        b"MAIL",
-        b"FROM:",
-        envelope.sender,
-        mail_options(smtp, envelope, data, utf8=utf8),
-        encoding,
-    )
-    if reply.code != 250:
-        results.update(all_results(rcpts, Result.refused(reply.code, reply.message, remote)))
-        return await _reset(smtp)
-    dsn = smtp.supports_extension("dsn")
-    accepted = []
-    for index in rcpts:
-        rcpt = envelope.recipients[index]
-        options = rcpt_options(rcpt, dsn)
-        reply = await _path_command(smtp, b"RCPT", b"TO:", rcpt.address, options, encoding)
-        if reply.code in (250, 251):
-            accepted.append(index)
-        else:
-            results[index] = Result.refused(reply.code, reply.message, remote)
-    if not accepted:
-        return await _reset(smtp)
-    try:
-        reply = await smtp.data(data)
-    except aiosmtplib.SMTPDataError as exc:
-        results.update(all_results(accepted, Result.refused(exc.code, exc.message, remote)))
-        return await _reset(smtp)
-    results.update(all_results(accepted, Result.from_reply(reply.code, reply.message, remote)))
-    return True
-
-
-async def _path_command(
-    smtp: aiosmtplib.SMTP,
-    verb: bytes,
-    keyword: bytes,
-    address: str,
-    options: list[str],
-    encoding: str,
-) -> aiosmtplib.SMTPResponse:
-    """MAIL FROM:<path> or RCPT TO:<path>, with the path exactly as it was received.
-
-    aiosmtplib's mail() and rcpt() re-parse the address as an RFC 5322 header address,
-    which can rewrite a valid RFC 5321 path (quoted local parts, comments); the spool
-    holds paths our server already checked, so they are sent as they are.
-    """
-    path = b"<" + address.encode(encoding) + b">"
-    return await smtp.execute_command(verb, keyword + path, *(o.encode("ascii") for o in options))
-
-
-async def _reset(smtp: aiosmtplib.SMTP) -> bool:
-    """RSET after a transaction that did not end with DATA; False if that failed too."""
-    try:
-        await smtp.rset()
-    except (aiosmtplib.SMTPException, OSError):
-        return False
-    return True
-
-
-def cannot_carry(
-    smtp: aiosmtplib.SMTP, envelope: Envelope, data: bytes, remote: str
-) -> Result | None:
-    """A permanent failure when the next hop lacks an extension this message needs.
-
-    Nothing is ever downgraded silently: an internationalized message to a server
-    without SMTPUTF8 bounces 5.6.7 (RFC 6531 3.2), 8-bit content to a server without
-    8BITMIME bounces 5.6.3 (RFC 6152 3 allows only conversion or a bounce), and a
-    message over the server's declared SIZE bounces 5.3.4 (RFC 1870).
-    """
-    utf8 = envelope.smtputf8 and needs_smtputf8(envelope, data)
-    if utf8 and not smtp.supports_extension("smtputf8"):
-        return Result.failed(
-            "5.6.7", f"{remote} does not support SMTPUTF8, which this message needs", remote
-        )
-    if not smtp.supports_extension("8bitmime") and has_8bit(data):
-        return Result.failed(
-            "5.6.3", f"{remote} does not support 8BITMIME and the message has 8-bit data", remote
-        )
-    limit = smtp.esmtp_extensions.get("size", "").strip()
-    if limit.isdigit() and int(limit) > 0 and len(data) > int(limit):
-        return Result.failed(
-            "5.3.4",
-            f"message of {len(data)} bytes exceeds the {limit} bytes {remote} takes",
-            remote,
-        )
-    return None
-
-
-def mail_options(
-    smtp: aiosmtplib.SMTP, envelope: Envelope, data: bytes, *, utf8: bool
-) -> list[str]:
-    """MAIL FROM parameters passed onward: SIZE, BODY, SMTPUTF8, and DSN's RET/ENVID."""
-    options = []
-    if smtp.supports_extension("size"):
-        options.append(f"SIZE={len(data)}")
-    if envelope.body.upper() != "7BIT" and smtp.supports_extension("8bitmime"):
-        options.append("BODY=8BITMIME")
-    if utf8:
-        options.append("SMTPUTF8")
-    if smtp.supports_extension("dsn"):
-        if envelope.ret:
-            options.append(f"RET={envelope.ret}")
-        if envelope.envid:
-            options.append(f"ENVID={xtext_encode(envelope.envid)}")
-    return options
-
-
-def rcpt_options(rcpt: Recipient, dsn: bool) -> list[str]:
-    """RCPT TO parameters passed onward when the next hop speaks DSN: NOTIFY and ORCPT."""
-    if not dsn:
-        return []
-    options = []
-    if rcpt.notify:
-        options.append("NOTIFY=" + ",".join(rcpt.notify))
-    if rcpt.orcpt:
-        addr_type, _, address = rcpt.orcpt.partition(";")
-        if address.isascii():
-            options.append(f"ORCPT={addr_type};{xtext_encode(address)}")
-    return options
-
-
-def needs_smtputf8(envelope: Envelope, data: bytes) -> bool:
-    """True when an address or the header section is not ASCII (RFC 6531's test)."""
-    addresses = [envelope.sender, *(r.address for r in envelope.recipients)]
-    if not all(a.isascii() for a in addresses):
-        return True
-    end = data.find(b"\r\n\r\n")
-    return not data[: end if end >= 0 else len(data)].isascii()
-
-
-def has_8bit(data: bytes) -> bool:
-    return not data.isascii()
-
-
-def _why(exc: BaseException) -> str:
-    """A one-line reason for a log or a DSN, never including credentials."""
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return f"{exc.code} {' '.join(exc.message.split())}"
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+            raise LinkDown(f"{s.remote} refused the login for {s.username!r}: {why(exc)}") from None
