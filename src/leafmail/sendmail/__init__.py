@@ -1,0 +1,125 @@
+"""`leafmail sendmail`: the sendmail(8) command line, spooling straight to the spool.
+
+Programs that send mail (cron, mail(1), git send-email, PHP's mail()) run ``sendmail``
+with the message on stdin; this accepts the options they use, the way Postfix and dma
+do, and commits the message with `Spool.commit`'s steps (write, fsync, rename, fsync
+the directory) before it exits 0. No daemon is needed: a running one is only woken
+through the control socket so that it delivers at once.
+
+Modes: ``-bm`` (the default: read a message), ``-bs`` (an SMTP dialogue on stdin and
+stdout, through the same `ServerProtocol` as the network service), ``-bp`` (list the
+queue) and ``-q`` (flush it). Sendmail's options leave no room for ``--config``, so the
+config comes from ``$LEAFMAIL_CONFIG`` (else the default location) and the spool from
+``$LEAFMAIL_SPOOL`` (else the config). Errors print one line and exit with a sysexits
+code: 64 usage, 65 bad data, 73 the spool cannot be created, 75 try again later.
+
+Roles, one module each: `options` (the command line), `context` (config and user),
+`reading` (stdin), `addresses` (address lists and paths), `headers` (the header
+section and what is added to it), `spooling` (build and commit), `smtp_session` (-bs).
+This module dispatches and holds the -bm flow.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import BinaryIO
+
+from netserver.errors import EX_OK, NetserverError, UsageError
+
+from .. import config as configuration
+from .. import tools
+from ..envelope import ClientInfo, Envelope, Recipient
+from ..flush import flush
+from ..spool import Spool
+from .addresses import address_list, recipients_from, sender_address
+from .context import Context, Identity
+from .errors import BadInput, TryLater
+from .headers import Message, header_recipients
+from .options import USAGE, Options, parse_options
+from .reading import read_message
+from .smtp_session import SmtpSession
+from .spooling import _spool_error, build, commit, now, open_spool, wake
+
+__all__ = [
+    "BadInput",
+    "Options",
+    "TryLater",
+    "_spool_error",  # the tests check its errno table directly
+    "address_list",
+    "list_queue",
+    "main",
+    "parse_options",
+    "read_message",
+    "run",
+    "submit",
+]
+
+
+def submit(opts: Options, ctx: Context, stdin: BinaryIO) -> int:
+    """-bm: read one message from stdin and spool it."""
+    hostname = ctx.hostname
+    sender = sender_address(opts.sender, ctx.identity, hostname)
+    recipients = recipients_from(opts.recipients, hostname)
+    if not recipients and not opts.extract:
+        raise UsageError("no recipients given (name them, or use -t)")
+    limit = ctx.config.smtp.max_message_size
+    message = Message.parse(read_message(stdin, dots_end=opts.dots_end, limit=limit))
+    if opts.extract:
+        from_headers = recipients_from(header_recipients(message), hostname)
+        recipients += [r for r in from_headers if r not in recipients]
+    if not recipients:
+        raise UsageError("no recipients: none given and none in To, Cc or Bcc")
+    envelope = Envelope(
+        sender=sender,
+        recipients=tuple(Recipient(r, opts.notify) for r in recipients),
+        client=ClientInfo(protocol="local"),
+        received=now(),
+        ret=opts.ret,
+        envid=opts.envid,
+    )
+    item = build(message, ctx, envelope=envelope, full_name=opts.full_name, protocol=None)
+    spool = open_spool(ctx.config)
+    commit(spool, item)
+    wake(spool)
+    return EX_OK
+
+
+def list_queue(ctx: Context) -> int:
+    """-bp: what `leafmail queue` prints; no spool yet is an empty queue."""
+    try:
+        spool = Spool(ctx.config.spool, create=False)
+    except FileNotFoundError:
+        sys.stdout.write(tools.format_queue([]))
+        return EX_OK
+    sys.stdout.write(tools.format_queue(tools.list_queue(spool)))
+    return EX_OK
+
+
+def run(opts: Options) -> int:
+    """Dispatch on the mode, with the config from the environment."""
+    ctx = Context(configuration.load(), Identity.current())
+    match opts.mode:
+        case "queue":
+            return list_queue(ctx)
+        case "flush":
+            return flush(ctx.config)
+        case "smtp":
+            return SmtpSession(ctx, sys.stdin.fileno(), sys.stdout.fileno()).run()
+        case _:
+            return submit(opts, ctx, sys.stdin.buffer)
+
+
+def main(argv: Sequence[str], prog: str = "sendmail") -> int:
+    """Run as sendmail(8); errors are one line on stderr and a sysexits status."""
+    try:
+        opts = parse_options(argv)
+        if opts.help:
+            sys.stdout.write(USAGE.replace("sendmail", prog, 1))
+            return EX_OK
+        return run(opts)
+    except NetserverError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,49 @@
+"""What every sendmail mode needs: the config, and the local user who is submitting."""
+
+from __future__ import annotations
+
+import os
+import pwd
+from dataclasses import dataclass
+
+from .. import config as configuration
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The local user that runs this command, as the Received and From headers name it."""
+
+    login: str
+    uid: int
+    gecos: str
+
+    @classmethod
+    def current(cls) -> Identity:
+        """From the password database by real uid, which the user cannot forge as they
+        could $USER; $LOGNAME only for a uid with no entry (as in some containers)."""
+        uid = os.getuid()
+        try:
+            entry = pwd.getpwuid(uid)
+        except KeyError:  # a container uid with no passwd entry
+            return cls(os.environ.get("LOGNAME") or f"uid{uid}", uid, "")
+        return cls(entry.pw_name, uid, entry.pw_gecos)
+
+    def full_name(self, given: str | None) -> str:
+        """-F, else $NAME, else the first GECOS field with BSD's "&" for the login."""
+        if given is not None:
+            return given
+        if os.environ.get("NAME"):
+            return os.environ["NAME"]
+        return self.gecos.split(",", 1)[0].replace("&", self.login.capitalize())
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every mode needs: the config, and who is submitting."""
+
+    config: configuration.Config
+    identity: Identity
+
+    @property
+    def hostname(self) -> str:
+        return self.config.hostname

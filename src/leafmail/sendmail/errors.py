@@ -1,0 +1,17 @@
+"""The errors of `leafmail sendmail` that are its own: each carries its sysexits status."""
+
+from __future__ import annotations
+
+from netserver.errors import EX_DATAERR, EX_TEMPFAIL, NetserverError
+
+
+class BadInput(NetserverError):
+    """The message or an address is malformed (EX_DATAERR)."""
+
+    exit_code = EX_DATAERR
+
+
+class TryLater(NetserverError):
+    """The spool could not take the message now (EX_TEMPFAIL); nothing was queued."""
+
+    exit_code = EX_TEMPFAIL

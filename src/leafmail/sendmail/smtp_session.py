@@ -1,0 +1,152 @@
+"""-bs: an SMTP dialogue on stdin and stdout, through the same `ServerProtocol` as the
+network service.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from netserver.errors import EX_OK, NetserverError
+from netserver.smtp import (
+    AuthRequest,
+    BareNewline,
+    DataStart,
+    Decision,
+    Helo,
+    MailFrom,
+    MessageReady,
+    RcptTo,
+    Reply,
+    ServerConfig,
+    ServerProtocol,
+    received_protocol,
+    replies,
+)
+
+from ..envelope import ClientInfo, Envelope, Recipient
+from ..receive import SPOOL_FAILED
+from ..spool import Spool
+from .context import Context
+from .errors import BadInput
+from .headers import Message
+from .reading import READ_CHUNK, crlf_lines
+from .spooling import build, commit, now, open_spool, wake
+
+
+class SmtpSession:
+    """Drives `ServerProtocol` on a pipe pair for a local, already trusted user.
+
+    The user could run -bm with any sender and recipients, so every HELO, MAIL, RCPT
+    and DATA is accepted; what the engine still enforces is the syntax, the size
+    limit and the order of commands. Each message is durable before its 250.
+    """
+
+    def __init__(self, ctx: Context, stdin_fd: int, stdout_fd: int) -> None:
+        self.ctx = ctx
+        self.stdin_fd = stdin_fd
+        self.stdout_fd = stdout_fd
+        self.spool: Spool | None = None
+        smtp = ctx.config.smtp
+        self.proto_config = ServerConfig(
+            hostname=ctx.hostname,
+            max_message_size=smtp.max_message_size,
+            max_recipients=smtp.max_recipients,
+            max_errors=smtp.max_errors,
+            bare_newline=BareNewline.REPLACE if smtp.bare_lf == "replace" else BareNewline.REJECT,
+        )
+
+    def run(self) -> int:
+        """Serve until QUIT or end of input; the exit status is about the spool only."""
+        status, greeting = EX_OK, None
+        try:
+            self.spool = open_spool(self.ctx.config)
+        except NetserverError as exc:
+            print(f"sendmail: {exc}", file=sys.stderr)
+            status = exc.exit_code
+            greeting = Reply(421, "4.3.0", f"{self.ctx.hostname} spool unavailable")
+        proto = ServerProtocol(self.proto_config, greeting)
+        try:
+            self._send(proto)
+            while not proto.closed:
+                data = os.read(self.stdin_fd, READ_CHUNK)  # unbuffered: nothing read before
+                if not data:
+                    break
+                self._process(proto, proto.receive_data(data))
+        except BrokenPipeError:
+            pass  # the client went away; what was answered 250 is spooled
+        return status
+
+    def _process(self, proto: ServerProtocol, events: Sequence[object]) -> None:
+        """Answer decisions until the input is used up, replying after each batch."""
+        while True:
+            decision = next((e for e in events if isinstance(e, Decision)), None)
+            if decision is not None:
+                self._decide(proto, decision)
+            self._send(proto)
+            if decision is None:
+                return
+            events = proto.resume()
+
+    def _decide(self, proto: ServerProtocol, event: Decision) -> None:
+        match event:
+            case Helo() | MailFrom() | RcptTo() | DataStart():
+                proto.accept()
+            case MessageReady():
+                self._message(proto, event)
+            case AuthRequest():
+                proto.reject(replies.not_implemented("AUTH not available"))
+            case _:
+                raise TypeError(f"unexpected decision {event!r}")
+
+    def _message(self, proto: ServerProtocol, event: MessageReady) -> None:
+        assert self.spool is not None
+        try:
+            item = build(
+                Message.parse(crlf_lines(event.data)),
+                self.ctx,
+                envelope=self._envelope(event),
+                full_name="",  # the sender is the client's choice: no name of ours
+                protocol=received_protocol(event.session, event.envelope),
+            )
+            commit(self.spool, item)
+        except BadInput as exc:
+            proto.reject(Reply(554, "5.6.0", f"Message refused: {exc}"))
+            return
+        except NetserverError as exc:
+            print(f"sendmail: {exc}", file=sys.stderr)
+            proto.reject(SPOOL_FAILED)
+            return
+        proto.accept(replies.queued(item.qid))
+        wake(self.spool)
+
+    def _envelope(self, event: MessageReady) -> Envelope:
+        """The spool envelope; ``<Postmaster>`` becomes postmaster@HOSTNAME."""
+        smtp = event.envelope
+        params = smtp.params
+        return Envelope(
+            sender=str(smtp.sender) if smtp.sender else "",
+            recipients=tuple(
+                Recipient(
+                    str(r.mailbox) if r.mailbox.domain else f"postmaster@{self.ctx.hostname}",
+                    tuple(sorted(n.value for n in r.params.notify or ())),
+                    f"{r.params.orcpt.addr_type};{r.params.orcpt.address}"
+                    if r.params.orcpt
+                    else None,
+                )
+                for r in smtp.recipients
+            ),
+            client=ClientInfo(protocol="local", helo=event.session.helo),
+            received=now(),
+            body=params.body.value if params.body else "7BIT",
+            smtputf8=params.smtputf8,
+            ret=params.ret.value if params.ret else None,
+            envid=params.envid,
+        )
+
+    def _send(self, proto: ServerProtocol) -> None:
+        """Write the queued replies straight to the descriptor: no buffer to lose."""
+        view = memoryview(proto.data_to_send())
+        while view:
+            view = view[os.write(self.stdout_fd, view) :]
