@@ -1,0 +1,218 @@
+"""mbox delivery: append one mboxrd entry under a dotlock and an fcntl lock, or nothing.
+
+Mail readers lock an mbox in one of two ways, so both are taken: NAME.lock made with
+O_EXCL in the mailbox's directory (a stale one is broken, as Postfix does after 500s) and
+an fcntl lock on the file. ``From`` lines in the message are quoted the mboxrd way, so a
+reader can always undo the quoting. The entry is fsynced, and on any failure the file is
+truncated back to its old size, so it is never left half-written.
+
+The file is never opened through a symbolic link, and must be a regular file with one
+hard link; as root it must belong to the mailbox's owner, and one we make is given to
+them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import stat
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from .local_common import (
+    CREATE,
+    Copy,
+    Identity,
+    MailboxLocked,
+    UnsafeMailbox,
+    open_error,
+    unix_text,
+    write_all,
+)
+
+_FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
+_MBOX = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class LockPolicy:
+    """How long to wait for a mailbox lock, and when a dotlock is stale (Postfix: 500s)."""
+
+    timeout: float = 20.0
+    stale_after: float = 500.0
+    max_breaks: int = 3  # stale dotlocks removed per delivery, at most
+
+
+def mbox_entry(copy: Copy, now: float) -> bytes:
+    """One mboxrd entry: the From_ line, the quoted message and a blank line after it."""
+    sender = re.sub(r"\s", "_", copy.sender) or "MAILER-DAEMON"
+    from_line = f"From {sender} {time.asctime(time.localtime(now))}\n".encode()
+    text = _FROM_LINE.sub(rb">\1", unix_text(copy))
+    if not text.endswith(b"\n"):
+        text += b"\n"
+    return from_line + text + b"\n"
+
+
+def append_mbox(
+    path: str,
+    entry: bytes,
+    owner: Identity | None = None,
+    locks: LockPolicy | None = None,
+    *,
+    strict: bool = False,
+) -> None:
+    """Append one mbox entry under a dotlock and an fcntl lock; all of it or nothing.
+
+    With `strict` (a file named in an aliases file) `owner` may only create the file in
+    a directory of their own, as if the kernel checked their permissions.
+    """
+    locks = locks or LockPolicy()
+    parent, base = os.path.split(os.path.normpath(path))
+    if not base or not parent:
+        raise UnsafeMailbox(f"{path!r} is not a file path")
+    deadline = time.monotonic() + locks.timeout
+    with contextlib.ExitStack() as stack:
+        dirfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        stack.callback(os.close, dirfd)
+        stack.enter_context(dotlock(dirfd, base + ".lock", deadline, locks))
+        fd = _open_mbox(dirfd, base, owner, strict=strict)
+        stack.callback(os.close, fd)  # closing releases the fcntl lock
+        _wait_for(lambda: _try_lockf(fd), deadline, f"{base} is locked by another program")
+        _append(fd, entry)
+
+
+@contextlib.contextmanager
+def dotlock(dirfd: int, name: str, deadline: float, locks: LockPolicy) -> Iterator[None]:
+    """Hold NAME.lock (made with O_EXCL) in the mailbox's directory, as MUAs expect.
+
+    A lock older than `stale_after` is removed, at most `max_breaks` times. Only our own
+    lock (same inode) is removed at the end.
+    """
+    taker = _Dotlock(dirfd, name, locks)
+    _wait_for(taker.try_take, deadline, f"{name} is held by another program")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_ino == taker.inode:
+                os.unlink(name, dir_fd=dirfd)
+
+
+class _Dotlock:
+    def __init__(self, dirfd: int, name: str, locks: LockPolicy) -> None:
+        self.dirfd = dirfd
+        self.name = name
+        self.locks = locks
+        self.breaks = 0
+        self.inode = -1
+
+    def try_take(self) -> bool:
+        try:
+            fd = os.open(self.name, CREATE, 0o600, dir_fd=self.dirfd)
+        except FileExistsError:
+            if self.breaks < self.locks.max_breaks and self._stale():
+                self.breaks += 1
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.name, dir_fd=self.dirfd)
+            return False
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self.inode = os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+        return True
+
+    def _stale(self) -> bool:
+        try:
+            info = os.stat(self.name, dir_fd=self.dirfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return time.time() - info.st_mtime > self.locks.stale_after
+
+
+def _try_lockf(fd: int) -> bool:
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EAGAIN):
+            return False
+        raise
+    return True
+
+
+def _open_mbox(dirfd: int, name: str, owner: Identity | None, *, strict: bool) -> int:
+    """The mbox opened for appending (made 0600 when missing), checked to be safe."""
+    for _ in range(3):
+        try:
+            fd = os.open(name, _MBOX, dir_fd=dirfd)
+        except FileNotFoundError:
+            created = _create_mbox(dirfd, name, owner, strict=strict)
+            if created is None:
+                continue  # someone made it meanwhile: open theirs
+            return created
+        except OSError as exc:
+            raise open_error(exc, name) from None
+        try:
+            _check_mbox(fd, name, owner)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+    raise UnsafeMailbox(f"{name} keeps appearing and disappearing")
+
+
+def _create_mbox(dirfd: int, name: str, owner: Identity | None, *, strict: bool) -> int | None:
+    if owner is not None and strict and os.fstat(dirfd).st_uid != owner.uid:
+        raise UnsafeMailbox(f"{owner.name} may not create {name} in that directory")
+    try:
+        fd = os.open(name, _MBOX | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dirfd)
+    except FileExistsError:
+        return None
+    try:
+        if owner is not None:
+            os.fchown(fd, owner.uid, owner.gid)
+        os.fsync(dirfd)  # the new file's name, durable like what is appended to it
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_mbox(fd: int, name: str, owner: Identity | None) -> None:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        raise UnsafeMailbox(f"{name} is not a regular file")
+    if info.st_nlink != 1:
+        raise UnsafeMailbox(f"{name} has {info.st_nlink} hard links")
+    if owner is not None and info.st_uid != owner.uid:
+        raise UnsafeMailbox(f"{name} belongs to uid {info.st_uid}, not to {owner.name}")
+
+
+def _append(fd: int, entry: bytes) -> None:
+    """Write the entry after a blank line, fsync; on failure cut back to the old size."""
+    size = os.fstat(fd).st_size
+    tail = os.pread(fd, 2, max(0, size - 2)) if size else b"\n\n"
+    gap = b"" if tail == b"\n\n" else b"\n" if tail.endswith(b"\n") else b"\n\n"
+    try:
+        write_all(fd, gap + entry)
+        os.fsync(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        raise
+
+
+def _wait_for(attempt: Callable[[], bool], deadline: float, what: str) -> None:
+    """Call `attempt` until it succeeds; MailboxLocked once `deadline` (monotonic) passes."""
+    delay = 0.005
+    while not attempt():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise MailboxLocked(what)
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 0.2)
