@@ -2,9 +2,10 @@
 
 Up to three kinds of listener share one event loop and one spool: plain SMTP
 (``smtp.listen``), submission with AUTH required (``smtp.submission_listen``) and
-implicit TLS (``smtp.smtps_listen``). With a smarthost configured, the queue runner
-delivers on the same loop (mode "smarthost"), or waits for `leafmail flush` (mode
-"offline"), which reaches it through the control socket in the spool. SIGTERM/SIGINT
+implicit TLS (``smtp.smtps_listen``). When there is somewhere to deliver, the queue
+runner delivers on the same loop (modes "smarthost" and "mx"); in mode "offline" only
+local delivery goes by itself, and the rest waits for `leafmail flush`, which reaches
+the daemon through the control socket in the spool. SIGTERM/SIGINT
 stop everything gracefully; mail already answered 250 is in the spool by then, a commit
 in progress finishes first, and a delivery cut short is simply tried again later.
 """
@@ -25,14 +26,12 @@ from netserver.errors import CantCreateError, ConfigError
 from netserver.smtp import BareNewline, ServerConfig
 
 from .auth import Users, load_users
-from .checks import Stage
-from .checks.loops import loop_check
-from .checks.relay import relay_check
 from .config import Config
 from .control import ControlServer, Reply
 from .flush import build_runner
+from .policy import policy_for
 from .queue import QueueRunner
-from .receive import Policy, ReceiveService
+from .receive import ReceiveService
 from .spool import GroupCommitter, Spool
 
 SESSION_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: at least five minutes between commands
@@ -49,16 +48,6 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load TLS certificate or key: {exc}") from None
     return context
-
-
-def policy_for(config: Config) -> Policy:
-    """The checks leafmail runs: relay control at RCPT, loop detection at end of data."""
-    return Policy(
-        {
-            Stage.RCPT: [relay_check(config.local_domains, config.relay_policy())],
-            Stage.END_OF_DATA: [loop_check],
-        }
-    )
 
 
 @dataclass
@@ -90,15 +79,20 @@ class Daemon:
             self.spool = Spool(config.spool)
         except OSError as exc:
             raise CantCreateError(f"cannot use spool {config.spool}: {exc.strerror}") from None
+        # `runner` does flushes; `auto` delivers by itself. Offline, only local delivery
+        # goes by itself. They share one pass lock: a flush never overlaps a pass.
         self.runner: QueueRunner | None = build_runner(config, self.spool, log=self.log)
+        self.auto: QueueRunner | None = self.runner
+        if config.delivery.effective_mode == "offline":
+            self.auto = None
+            if config.local.enabled and self.runner is not None:
+                local_only = frozenset({"local"})
+                self.auto = build_runner(config, self.spool, routes=local_only, log=self.log)
+                if self.auto is not None:
+                    self.auto.share_passes_with(self.runner)
         self.servers: list[Server] = []
         self._ready: list[Endpoint] = []
         self._stopping = asyncio.Event()
-
-    @property
-    def delivering(self) -> bool:
-        """True when the runner delivers by itself (mode smarthost), not only on flush."""
-        return self.runner is not None and self.config.delivery.effective_mode == "smarthost"
 
     def _smtp_config(self, *, tls_active_offer: bool) -> ServerConfig:
         smtp = self.config.smtp
@@ -124,7 +118,7 @@ class Daemon:
                 users=self.users,
                 tls=self.tls,
                 require_auth=require_auth,
-                on_spooled=self.runner.notify if self.runner and self.delivering else None,
+                on_spooled=self.auto.notify if self.auto is not None else None,
             )
 
         has_tls = self.tls is not None
@@ -182,8 +176,8 @@ class Daemon:
             self.bind()
             self._install_signals()
             await control.start()
-            if self.runner is not None and self.delivering:
-                delivery = asyncio.create_task(self.runner.serve(self._stopping))
+            if self.auto is not None:
+                delivery = asyncio.create_task(self.auto.serve(self._stopping))
             await asyncio.gather(*(server.serve() for server in self.servers))
         finally:
             self._stopping.set()
@@ -200,7 +194,7 @@ class Daemon:
             reply({"error": "no smarthost configured (delivery.smarthost)"})
             return
         if command == "wake":
-            self.runner.notify_scan()
+            (self.auto or self.runner).notify_scan()
             reply({"done": True})
             return
 

@@ -115,9 +115,14 @@ def runner_for(config: Config, spool: Spool, **kwargs: Any) -> QueueRunner:
     return runner
 
 
-def build_runner(config: Config, spool: Spool, **kwargs: Any) -> QueueRunner | None:
+def build_runner(
+    config: Config, spool: Spool, *, routes: frozenset[str] | None = None, **kwargs: Any
+) -> QueueRunner | None:
     """The queue runner, None when nothing is configured to deliver to; ConfigError if
-    the delivery settings cannot work (a bad CA file, an unreadable password file)."""
+    the delivery settings cannot work (a bad CA file, an unreadable password file).
+
+    `routes` limits it to some routes (offline: "local" only); the others wait.
+    """
     runner = QueueRunner(
         spool,
         None,
@@ -127,7 +132,7 @@ def build_runner(config: Config, spool: Spool, **kwargs: Any) -> QueueRunner | N
         **kwargs,
     )
     try:  # forwarded copies (aliases to other domains) join the pass that made them
-        runner.agent = build_agent(config, spool, notify=runner.notify)
+        runner.agent = build_agent(config, spool, notify=runner.notify, routes=routes)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return None if runner.agent is None else runner

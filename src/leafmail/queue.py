@@ -111,6 +111,10 @@ class QueueRunner:
         self._arrived.append(qid)
         self._wake.set()
 
+    def share_passes_with(self, other: QueueRunner) -> None:
+        """Never run a pass at the same time as `other` (a flush waits for a pass)."""
+        self._pass_lock = other._pass_lock
+
     def notify_scan(self) -> None:
         """Something changed in the spool behind our back (a release, a sendmail): look."""
         self._wake.set()

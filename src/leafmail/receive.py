@@ -37,7 +37,19 @@ from netserver.smtp.protocol import Session as SmtpSession
 from netserver.smtp.replies import Reply
 
 from .auth import Users
-from .checks import Accept, Check, Session, Stage, Verdict, run_checks
+from .checks import (
+    Accept,
+    AsyncCheck,
+    Check,
+    Session,
+    Stage,
+    Tag,
+    Verdict,
+    merge_tags,
+    run_async_checks,
+    run_checks,
+)
+from .checks.headers import drop_fields
 from .envelope import ClientInfo, Envelope, Recipient
 from .spool import GroupCommitter, SpoolError, new_id
 from .trace import received_header
@@ -49,12 +61,29 @@ READ_SIZE = 65536
 
 @dataclass
 class Policy:
-    """The checks to run at each stage."""
+    """The checks to run at each stage: plain ones, then those that wait for DNS.
+
+    The plain checks run first because they are cheap and a refusal from one of them
+    saves the lookups.
+    """
 
     stages: dict[Stage, list[Check]] = field(default_factory=dict)
+    async_stages: dict[Stage, list[AsyncCheck]] = field(default_factory=dict)
 
     def judge(self, stage: Stage, session: Session) -> Verdict:
+        """The plain checks' verdict (what a caller without an event loop can run)."""
         return run_checks(self.stages.get(stage, ()), session)
+
+    async def judge_async(self, stage: Stage, session: Session) -> Verdict:
+        """Every check of the stage; the tags of all of them when they all accept."""
+        verdict = self.judge(stage, session)
+        waiting = self.async_stages.get(stage, ())
+        if not waiting or not isinstance(verdict, Accept):
+            return verdict
+        later = await run_async_checks(waiting, session)
+        if not isinstance(later, Accept):
+            return later
+        return merge_tags((verdict, later))
 
 
 @dataclass
@@ -73,7 +102,7 @@ class ReceiveService:
         """Serve one SMTP session on `conn` until QUIT, 421 or the client leaves."""
         encrypted = conn.get_extra_info("ssl_object") is not None
         facts = Session(conn.peer.ip, tls=encrypted)
-        verdict = self.policy.judge(Stage.CONNECT, facts)
+        verdict = await self._judge(Stage.CONNECT, facts)
         # A refused client is greeted with the refusal: 554 (then only QUIT) or 421.
         greeting = None if isinstance(verdict, Accept) else verdict.reply
         proto = ServerProtocol(self.smtp, greeting, tls=encrypted)
@@ -130,23 +159,31 @@ class ReceiveService:
         match event:
             case Helo():
                 facts.helo = event.name
-                self._decide(proto, self.policy.judge(Stage.HELO, facts))
+                facts.tags.pop(Stage.HELO, None)
+                self._decide(proto, await self._judge(Stage.HELO, facts))
             case MailFrom():
-                self._mail(proto, facts, event)
+                await self._mail(proto, facts, event)
             case RcptTo():
                 facts.recipient = event.recipient
-                verdict = self.policy.judge(Stage.RCPT, facts)
+                verdict = await self._judge(Stage.RCPT, facts)
                 if isinstance(verdict, Accept):
                     facts.recipients.append(event.recipient)
                 self._decide(proto, verdict)
             case DataStart():
-                self._decide(proto, self.policy.judge(Stage.DATA, facts))
+                self._decide(proto, await self._judge(Stage.DATA, facts))
             case MessageReady():
                 await self._message(conn, proto, facts, event)
             case AuthRequest():
                 await self._auth(proto, facts, event)
             case _:
                 raise TypeError(f"unexpected decision {event!r}")
+
+    async def _judge(self, stage: Stage, facts: Session) -> Verdict:
+        """The stage's verdict; its tags are kept for the message (`_tagged`)."""
+        verdict = await self.policy.judge_async(stage, facts)
+        if isinstance(verdict, Tag):
+            facts.tags.setdefault(stage, []).append(verdict)
+        return verdict
 
     @staticmethod
     def _decide(proto: ServerProtocol, verdict: Verdict, ok: Reply | None = None) -> None:
@@ -155,13 +192,15 @@ class ReceiveService:
         else:
             proto.reject(verdict.reply)
 
-    def _mail(self, proto: ServerProtocol, facts: Session, event: MailFrom) -> None:
+    async def _mail(self, proto: ServerProtocol, facts: Session, event: MailFrom) -> None:
         if self.require_auth and facts.user is None:
             proto.reject(AUTH_REQUIRED)
             return
         facts.sender = event.sender
+        facts.params = event.params
         facts.recipients = []
-        self._decide(proto, self.policy.judge(Stage.MAIL, facts))
+        facts.start_transaction()
+        self._decide(proto, await self._judge(Stage.MAIL, facts))
 
     async def _start_tls(self, conn: AsyncConnection, proto: ServerProtocol) -> None:
         assert self.tls is not None
@@ -185,11 +224,12 @@ class ReceiveService:
         self, conn: AsyncConnection, proto: ServerProtocol, facts: Session, event: MessageReady
     ) -> None:
         facts.data = event.data
-        verdict = self.policy.judge(Stage.END_OF_DATA, facts)
+        verdict = await self._judge(Stage.END_OF_DATA, facts)
         facts.data = b""
         if not isinstance(verdict, Accept):
             proto.reject(verdict.reply)
             return
+        added, data = _tagged(event.data, facts.all_tags())
         envelope = self._envelope(conn, event.session, event.envelope)
         qid = new_id()
         header = received_header(
@@ -202,7 +242,7 @@ class ReceiveService:
             tls=envelope.client.tls,
         )
         try:
-            await self.committer.commit(envelope, header + event.data, qid=qid)
+            await self.committer.commit(envelope, added + header + data, qid=qid)
         except SpoolError:
             proto.reject(SPOOL_FAILED)
             return
@@ -242,6 +282,13 @@ class ReceiveService:
             ret=params.ret.value if params.ret else None,
             envid=params.envid,
         )
+
+
+def _tagged(data: bytes, tag: Accept) -> tuple[bytes, bytes]:
+    """The header fields the checks add, and the message without those they drop."""
+    if not isinstance(tag, Tag):
+        return b"", data
+    return b"".join(tag.fields), drop_fields(data, tag.drop)
 
 
 def _tls_text(conn: AsyncConnection) -> str | None:

@@ -2,18 +2,27 @@
 
 The stages follow the SMTP dialogue (Postfix's smtpd_*_restrictions): connect, helo,
 mail, rcpt, data and end-of-data. A check looks at the `Session` facts it needs and
-returns ACCEPT, a `Reject` carrying the 5xx reply, or a `Defer` carrying the 4xx reply.
-The first check that does not accept decides; checks never do I/O on the network.
+returns ACCEPT, a `Tag` (accept, and add these header fields to the message), a
+`Reject` carrying the 5xx reply, or a `Defer` carrying the 4xx reply. The first check
+that does not accept decides; the tags of the checks that accepted are merged.
+
+A `Check` is a plain function and never does I/O. Checks that must ask the DNS
+(DNSBL, reverse DNS, SPF, DKIM) are an `AsyncCheck`: a coroutine function, kept in a
+list of its own so the caller awaits exactly those, each bounded in time by itself.
+Facts that only depend on the client (its address) are looked up once per connection
+and kept in `Session.cache`, so a client sending ten messages costs one set of lookups.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
+from netserver.access import AccessPolicy
 from netserver.endpoint import IPAddress
-from netserver.smtp.addresses import Mailbox
+from netserver.smtp.addresses import Mailbox, MailParameters
 from netserver.smtp.replies import Reply
 
 
@@ -34,6 +43,19 @@ class Accept:
 
 
 @dataclass(frozen=True)
+class Tag(Accept):
+    """Go on, and change the message: add `fields` on top, remove the `drop` fields.
+
+    A tag is an accept, so code that only asks "accepted?" keeps working. Each field
+    is a complete header field ending in CRLF (build it with `header_field`); each
+    dropped field is the exact raw text of a field of the message as received.
+    """
+
+    fields: tuple[bytes, ...] = ()
+    drop: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
 class Reject:
     """Refuse for good (5xx)."""
 
@@ -49,11 +71,21 @@ class Defer:
 
 Verdict = Accept | Reject | Defer
 ACCEPT = Accept()
+_TRANSACTION_STAGES = (Stage.MAIL, Stage.RCPT, Stage.DATA, Stage.END_OF_DATA)
 
 
 @dataclass(slots=True)
 class Session:
-    """What the checks may look at: the client and the transaction so far."""
+    """What the checks may look at: the client and the transaction so far.
+
+    `params` are the MAIL FROM parameters (BODY=, SMTPUTF8). `tags` keeps the tags of
+    each stage until the message they belong to is accepted: those of MAIL and later
+    stages are forgotten at the next MAIL, those of HELO at the next HELO.
+    `auth_results` holds RFC 8601 results found so far ("spf=pass smtp.mailfrom=..."),
+    which the end-of-data check writes into one Authentication-Results field.
+    `cache` and `dnswl` are about the client, not the transaction: they live as long
+    as the connection.
+    """
 
     client_ip: IPAddress | None
     helo: str | None = None
@@ -63,21 +95,98 @@ class Session:
     recipient: Mailbox | None = None
     recipients: list[Mailbox] = field(default_factory=list)
     data: bytes = b""
+    params: MailParameters | None = None
+    tags: dict[Stage, list[Tag]] = field(default_factory=dict)
+    auth_results: list[str] = field(default_factory=list)
+    dnswl: str | None = None  # the DNSWL zone that lists the client
+    cache: dict[str, Verdict] = field(default_factory=dict)
 
     def reset_for_tls(self) -> None:
         """Forget what the client said before STARTTLS (RFC 3207 4.2), login included."""
         self.tls = True
-        self.helo = self.user = self.sender = self.recipient = None
+        self.helo = self.user = self.sender = self.recipient = self.params = None
         self.recipients = []
+        self.tags.pop(Stage.HELO, None)
+        self.start_transaction()
+
+    def start_transaction(self) -> None:
+        """Forget the tags and results of the previous transaction (at MAIL FROM)."""
+        for stage in _TRANSACTION_STAGES:
+            self.tags.pop(stage, None)
+        self.auth_results = []
+
+    def all_tags(self) -> Accept:
+        """Every tag kept so far, merged, in the order of the dialogue."""
+        return merge_tags(tag for stage in Stage for tag in self.tags.get(stage, ()))
 
 
 Check = Callable[[Session], Verdict]
+AsyncCheck = Callable[[Session], Awaitable[Verdict]]
 
 
 def run_checks(checks: Sequence[Check], session: Session) -> Verdict:
-    """The verdict of the first check that does not accept, else ACCEPT."""
+    """The verdict of the first check that does not accept, else ACCEPT or the tags."""
+    tags: list[Accept] = []
     for check in checks:
         verdict = check(session)
         if not isinstance(verdict, Accept):
             return verdict
-    return ACCEPT
+        tags.append(verdict)
+    return merge_tags(tags)
+
+
+async def run_async_checks(checks: Sequence[AsyncCheck], session: Session) -> Verdict:
+    """`run_checks` for checks that must wait for the network, one after the other.
+
+    One after the other, not all at once, because an earlier check may record a fact a
+    later one needs (a DNSWL listing relaxes the DNSBL and SPF checks).
+    """
+    tags: list[Accept] = []
+    for check in checks:
+        verdict = await check(session)
+        if not isinstance(verdict, Accept):
+            return verdict
+        tags.append(verdict)
+    return merge_tags(tags)
+
+
+def merge_tags(verdicts: Iterable[Accept]) -> Accept:
+    """One accept carrying every field to add and to drop, in order; ACCEPT if none."""
+    fields: list[bytes] = []
+    drop: list[bytes] = []
+    for verdict in verdicts:
+        if isinstance(verdict, Tag):
+            fields.extend(verdict.fields)
+            drop.extend(verdict.drop)
+    return Tag(tuple(fields), tuple(drop)) if fields or drop else ACCEPT
+
+
+def is_trusted(session: Session, relay_networks: AccessPolicy) -> bool:
+    """True for an authenticated client or one in relay_networks: our own users.
+
+    Their mail is neither tagged nor refused by the content and origin checks (the
+    Postfix permit_mynetworks, permit_sasl_authenticated idiom), so local programs
+    need no DNS at all and a submission client on a listed dial-up address still works.
+    A peer on a unix socket has no address to judge and is a local program: trusted.
+    """
+    if session.user is not None or session.client_ip is None:
+        return True
+    return relay_networks.decide(session.client_ip).allowed
+
+
+_UNSAFE = re.compile(r"[^\x20-\x7e]")
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """Client-supplied text made safe for a header field or a reply: ASCII, one line."""
+    return _UNSAFE.sub("?", text)[:limit]
+
+
+def header_field(name: str, value: str) -> bytes:
+    """``Name: value`` CRLF, with anything but printable ASCII replaced by "?"."""
+    return f"{name}: {printable(value, 900)}\r\n".encode("ascii")
+
+
+def tag_or_reject(mode: str, field_: bytes, reply: Reply) -> Verdict:
+    """What a failed check answers: a `Tag` in "tag" mode, a `Reject` in "reject" mode."""
+    return Reject(reply) if mode == "reject" else Tag((field_,))

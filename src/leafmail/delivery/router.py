@@ -34,9 +34,12 @@ def route_of(config: Config, address: str) -> str:
 class RoutingAgent:
     """Dispatch recipients to the agent of their route."""
 
-    def __init__(self, config: Config, agents: Mapping[str, Agent]) -> None:
+    def __init__(
+        self, config: Config, agents: Mapping[str, Agent], *, waiting: frozenset[str] = frozenset()
+    ) -> None:
         self.config = config
         self.agents = dict(agents)
+        self.waiting = waiting  # routes held back (offline) until `leafmail flush`
 
     async def deliver(
         self, envelope: Envelope, data: bytes, rcpts: Sequence[int]
@@ -57,6 +60,9 @@ class RoutingAgent:
         self, route: str, envelope: Envelope, data: bytes, rcpts: list[int], *, alone: bool
     ) -> dict[int, Result]:
         agent = self.agents.get(route)
+        if agent is None and route in self.waiting:
+            text = f"offline: {route} delivery waits for `leafmail flush`"
+            return all_results(rcpts, Result.deferred("4.4.1", text))
         if agent is None:
             text = f"no {route} delivery is configured for these recipients"
             return all_results(rcpts, Result.deferred("4.3.5", text))
@@ -73,7 +79,11 @@ class RoutingAgent:
 
 
 def build_agent(
-    config: Config, spool: Spool, *, notify: Callable[[str], None] | None = None
+    config: Config,
+    spool: Spool,
+    *,
+    notify: Callable[[str], None] | None = None,
+    routes: frozenset[str] | None = None,
 ) -> Agent | None:
     """The agent for this config, or None when there is nowhere to deliver.
 
@@ -85,6 +95,9 @@ def build_agent(
     used.add("smarthost" if default == "offline" else default)
     if config.local.enabled:
         used.add("local")
+    waiting = frozenset() if routes is None else frozenset(used - routes)
+    if routes is not None:
+        used &= routes
     agents: dict[str, Agent] = {}
     if "smarthost" in used and config.delivery.smarthost:
         from .smarthost import SmarthostAgent, SmarthostSettings
@@ -101,4 +114,4 @@ def build_agent(
         agents["local"] = LocalAgent(config, spool, notify=notify)
     if not agents:
         return None
-    return RoutingAgent(config, agents)
+    return RoutingAgent(config, agents, waiting=waiting)

@@ -1,0 +1,181 @@
+"""RFC 5322 compliance, at end of data: is this a well-formed Internet message?
+
+What is checked, and why each matters:
+
+* exactly one From and one Date (RFC 5322 3.6), at most one of the other singleton
+  fields: a second From is how a forged author hides behind a signed one;
+* the address fields (From, Sender, Reply-To, To, Cc, Bcc) parse strictly, with
+  `email.headerregistry` (obsolete syntax is accepted, as section 4 requires of
+  readers; outright invalid syntax is not), From names at least one mailbox and a
+  From with several mailboxes comes with a Sender;
+* no line longer than 998 octets (2.1.1): the DATA reader already refuses longer
+  lines, but a BDAT chunk has no line structure, so they can still arrive that way;
+* no bare CR or LF, and no NUL (2.3): the SMTP readers refuse or replace bare ones
+  (smtp.bare_lf), so this only fires for what got past them;
+* no 8-bit octets unless the client declared them: BODY=8BITMIME (RFC 6152) for the
+  body, SMTPUTF8 (RFC 6531/6532) for the header, which also covers the body.
+
+Trusted clients (relay_networks, authenticated) are not checked: their mail comes
+from our own programs and users, whose messages we deliver rather than judge.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from email.errors import InvalidHeaderDefect, NonASCIILocalPartDefect
+from email.headerregistry import AddressHeader, HeaderRegistry
+
+from netserver.access import AccessPolicy
+from netserver.smtp.addresses import Body, MailParameters
+from netserver.smtp.readers import has_bare_newline
+from netserver.smtp.replies import Reply
+
+from . import ACCEPT, Check, Session, Verdict, header_field, is_trusted, printable, tag_or_reject
+from .headers import Header, RawField, header_section, parse_header
+
+TAG_FIELD = "X-Leafmail-RFC5322"
+MAX_LINE = 998  # octets without the CRLF, RFC 5322 2.1.1
+REQUIRED = ("from", "date")
+SINGLETONS = (
+    "from",
+    "date",
+    "sender",
+    "reply-to",
+    "to",
+    "cc",
+    "bcc",
+    "message-id",
+    "in-reply-to",
+    "references",
+    "subject",
+)
+ADDRESS_FIELDS = ("from", "sender", "reply-to", "to", "cc", "bcc")
+_REGISTRY = HeaderRegistry()
+
+
+def rfc5322_check(mode: str, relay_networks: AccessPolicy) -> Check:
+    """The end-of-data check for mode "tag" or "reject" ("off" installs nothing)."""
+
+    def check(session: Session) -> Verdict:
+        if is_trusted(session, relay_networks):
+            return ACCEPT
+        found = problems(session.data, session.params)
+        if not found:
+            return ACCEPT
+        reasons = "; ".join(found)
+        reply = Reply(550, "5.6.0", printable(f"Message does not conform to RFC 5322: {reasons}"))
+        return tag_or_reject(mode, header_field(TAG_FIELD, f"fail ({reasons})"), reply)
+
+    return check
+
+
+def problems(data: bytes, params: MailParameters | None = None) -> list[str]:
+    """Every way `data` breaks the rules above, as short reasons; empty if none."""
+    header = parse_header(data)
+    utf8 = params is not None and params.smtputf8
+    return [
+        *count_problems(header),
+        *syntax_problems(header, utf8=utf8),
+        *line_problems(data, header),
+        *eight_bit_problems(data, params),
+    ]
+
+
+def count_problems(header: Header) -> list[str]:
+    """Missing required fields and repeated singletons (RFC 5322 3.6)."""
+    found = []
+    for key in SINGLETONS:
+        count = len(header.named(key))
+        if count == 0 and key in REQUIRED:
+            found.append(f"no {_title(key)} field")
+        elif count > 1:
+            found.append(f"{count} {_title(key)} fields")
+    return found
+
+
+def syntax_problems(header: Header, *, utf8: bool) -> list[str]:
+    """Address fields that do not parse, and a Date that is not a date."""
+    found = []
+    for field in header.fields:
+        if field.key in ADDRESS_FIELDS and not address_field_ok(field, utf8=utf8):
+            found.append(f"bad {_title(field.key)} syntax")
+        elif field.key == "date" and not date_ok(field.value):
+            found.append("bad Date syntax")
+    if header.malformed:
+        found.append("malformed header line")
+    froms = header.named("from")
+    if len(froms) == 1 and _mailbox_count(froms[0]) > 1 and not header.named("sender"):
+        found.append("several From mailboxes without Sender")
+    return found
+
+
+def address_field_ok(field: RawField, *, utf8: bool) -> bool:
+    """True when the field parses without invalid syntax; From/Sender need mailboxes."""
+    try:
+        parsed = _REGISTRY(field.name, field.value)
+    except Exception:  # the email package may raise on odd input
+        return False
+    if not isinstance(parsed, AddressHeader) or "\ufffd" in field.value:
+        return False
+    for defect in parsed.defects:
+        if isinstance(defect, NonASCIILocalPartDefect):
+            if utf8:
+                continue  # RFC 6532: UTF-8 local parts are fine under SMTPUTF8
+            return False
+        if isinstance(defect, InvalidHeaderDefect):
+            return False
+    count = len(parsed.addresses)
+    if field.key == "from":
+        return count >= 1
+    if field.key == "sender":
+        return count == 1
+    return True
+
+
+def date_ok(value: str) -> bool:
+    """True when `value` is a date-time RFC 5322 3.3 (or its obsolete forms) allows."""
+    try:
+        email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return False
+    return True
+
+
+def line_problems(data: bytes, header: Header) -> list[str]:
+    """Over-long lines, bare CR or LF, NUL octets."""
+    found = []
+    if max(map(len, data.split(b"\r\n")), default=0) > MAX_LINE:
+        found.append(f"line longer than {MAX_LINE} octets")
+    if has_bare_newline(data):
+        found.append("bare CR or LF")
+    if b"\0" in data:
+        found.append("NUL octet")
+    return found
+
+
+def eight_bit_problems(data: bytes, params: MailParameters | None) -> list[str]:
+    """8-bit octets the client did not announce with BODY=8BITMIME or SMTPUTF8."""
+    if data.isascii():
+        return []
+    smtputf8 = params is not None and params.smtputf8
+    eight_bit_mime = params is not None and params.body is Body.EIGHTBITMIME
+    head = header_section(data)
+    found = []
+    if not head.isascii() and not smtputf8:
+        found.append("8-bit header without SMTPUTF8")
+    if not data[len(head) :].isascii() and not (eight_bit_mime or smtputf8):
+        found.append("8-bit data without BODY=8BITMIME")
+    return found
+
+
+def _mailbox_count(field: RawField) -> int:
+    try:
+        parsed = _REGISTRY(field.name, field.value)
+    except Exception:  # already reported as bad syntax
+        return 0
+    return len(parsed.addresses) if isinstance(parsed, AddressHeader) else 0
+
+
+def _title(key: str) -> str:
+    """ "reply-to" -> "Reply-To", "message-id" -> "Message-ID"."""
+    return "-".join("ID" if part == "id" else part.capitalize() for part in key.split("-"))

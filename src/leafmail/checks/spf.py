@@ -1,0 +1,168 @@
+"""SPF with pyspf (RFC 7208), at MAIL: verified, and remembered for the results field.
+
+The identity is MAIL FROM, or the HELO name for the null sender (RFC 7208 2.4). The
+result goes into `Session.auth_results`, which `auth.auth_results_check` writes into
+the Authentication-Results field at end of data. In "reject" mode a fail is refused
+at MAIL with 550 5.7.23 and a temperror deferred with 451 4.7.24 (RFC 7372), unless
+a DNSWL lists the client; softfail, neutral and permerror are only reported.
+
+pyspf is blocking and does its own DNS through its module-level `DNSLookup`, with no
+per-query hook. So the check runs in a worker thread, and `DNSLookup` is replaced
+once, at import, by a function that uses the resolver of the current thread (set
+around each evaluation: a synchronous dnspython resolver built from ``[dns]``) and
+falls back to pyspf's own lookup for anyone else in the process. The evaluation is
+bounded by the DNS timeout, by pyspf's querytime and again around the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import dns.exception
+import dns.resolver
+import spf
+
+from netserver.access import AccessPolicy
+from netserver.endpoint import unmap
+from netserver.smtp.addresses import Mailbox
+from netserver.smtp.replies import Reply
+
+from . import ACCEPT, AsyncCheck, Defer, Reject, Session, Verdict, is_trusted, printable
+from .lookup import within
+
+SPF_FAIL = Reply(550, "5.7.23", "SPF validation failed")
+SPF_TEMPERROR = Reply(451, "4.7.24", "SPF validation error, try again later")
+
+
+class _ThisThread(threading.local):
+    """The resolver of the SPF evaluation running in this thread, if any."""
+
+    resolver: dns.resolver.Resolver | None = None
+
+
+_thread = _ThisThread()
+_PYSPF_LOOKUP: Callable[..., Any] = spf.DNSLookup
+
+
+def _spf_lookup(name: str, qtype: str, strict: object = True, timeout: float = 30) -> list[Any]:
+    """pyspf's DNSLookup, through the resolver of this thread's check (if any)."""
+    resolver = _thread.resolver
+    if resolver is None:
+        return list(_PYSPF_LOOKUP(name, qtype, strict, timeout))
+    try:
+        answer = resolver.resolve(
+            name, qtype, search=False, lifetime=min(timeout, resolver.lifetime)
+        )
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return []
+    except dns.exception.DNSException as exc:
+        raise spf.TempError(f"DNS {exc}") from None
+    return [((name, qtype), _spf_value(qtype, rdata)) for rdata in answer]
+
+
+def _spf_value(qtype: str, rdata: Any) -> Any:
+    """A record in the shape pyspf's own dnspython lookup gives it."""
+    if qtype in ("A", "AAAA"):
+        return rdata.address
+    if qtype == "MX":
+        return (rdata.preference, rdata.exchange)
+    if qtype == "PTR":
+        return rdata.target.to_text(True)
+    return rdata.strings  # TXT, SPF
+
+
+spf.DNSLookup = _spf_lookup
+
+
+@dataclass(frozen=True)
+class SpfResult:
+    """One SPF evaluation: the result word and the identity it was about."""
+
+    result: str  # pass, fail, softfail, neutral, none, temperror, permerror
+    ptype: str  # "smtp.mailfrom" or "smtp.helo"
+    identity: str
+
+    @property
+    def resinfo(self) -> str:
+        return f"spf={self.result} {self.ptype}={self.identity}"
+
+
+def evaluate_spf(
+    resolver: dns.resolver.Resolver, session: Session, timeout: float
+) -> SpfResult | None:
+    """Run pyspf for this client and sender (blocking: call it in a thread)."""
+    sender, helo, ip = session.sender, session.helo or "", session.client_ip
+    if ip is None or (sender is None and not helo):
+        return None
+    ptype, identity = ("smtp.mailfrom", pvalue(sender)) if sender else ("smtp.helo", hvalue(helo))
+    _thread.resolver = resolver
+    try:
+        query = spf.query(
+            i=str(unmap(ip)), s=str(sender) if sender else "", h=helo, querytime=timeout
+        )
+        result: str = query.check()[0]
+    except Exception:  # a pyspf bug (DNS trouble is its TempError, caught inside)
+        result = "permerror"
+    finally:
+        _thread.resolver = None
+    return SpfResult(result, ptype, printable(identity))
+
+
+def spf_check(
+    mode: str, resolver: dns.resolver.Resolver, timeout: float, relay_networks: AccessPolicy
+) -> AsyncCheck:
+    """The MAIL-stage SPF check: remembers the result; refuses a fail in "reject" mode."""
+
+    async def check(session: Session) -> Verdict:
+        if is_trusted(session, relay_networks):
+            return ACCEPT
+        work = asyncio.to_thread(evaluate_spf, resolver, session, timeout)
+        found = await within(timeout + 1.0, work, _timed_out(session))
+        if found is None:
+            return ACCEPT
+        session.auth_results.append(found.resinfo)
+        if mode != "reject" or session.dnswl is not None:
+            return ACCEPT
+        if found.result == "fail":
+            return Reject(SPF_FAIL)
+        if found.result == "temperror":
+            return Defer(SPF_TEMPERROR)
+        return ACCEPT
+
+    return check
+
+
+def _timed_out(session: Session) -> SpfResult | None:
+    if session.sender is not None:
+        return SpfResult("temperror", "smtp.mailfrom", printable(pvalue(session.sender)))
+    return SpfResult("temperror", "smtp.helo", hvalue(session.helo)) if session.helo else None
+
+
+def pvalue(mailbox: Mailbox | None) -> str:
+    """The address as an RFC 8601 pvalue: local@domain, or @domain if the local part
+    would need more than a plain dot-atom (quoting, UTF-8)."""
+    if mailbox is None:
+        return ""
+    domain = mailbox.domain
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            domain = printable(domain)
+    if re.fullmatch(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+", mailbox.local):
+        return f"{mailbox.local}@{domain}"
+    return f"@{domain}"
+
+
+def hvalue(helo: str) -> str:
+    """The HELO name as an RFC 8601 value: as is if it is a name or an address
+    literal, else a quoted-string (a lying client may send anything)."""
+    if re.fullmatch(r"[A-Za-z0-9.:\[\]-]+", helo):
+        return helo
+    text = printable(helo, 100).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'

@@ -1,0 +1,86 @@
+"""Which checks `leafmail serve` runs at each stage, from the ``[checks]`` table.
+
+Relay control and loop detection always run; the rest as configured. Kept apart from
+the daemon so the policy can be read (and tested) as one list per stage.
+"""
+
+from __future__ import annotations
+
+from netserver.access import AccessPolicy
+
+from .checks import AsyncCheck, Check, Stage
+from .checks.auth import auth_results_check
+from .checks.dnsbl import dnsbl_check, dnswl_check
+from .checks.lookup import async_resolver, sync_resolver
+from .checks.loops import loop_check
+from .checks.received import chain_check, helo_check, rdns_check
+from .checks.relay import relay_check
+from .checks.rfc5322 import rfc5322_check
+from .checks.spf import spf_check
+from .config import Config
+from .receive import Policy
+
+
+def policy_for(config: Config) -> Policy:
+    """The checks leafmail runs, as the ``[checks]`` table turns them on.
+
+    Relay control at RCPT and loop detection at end of data, always. The origin
+    checks (HELO, DNSWL, DNSBL, reverse DNS, SPF) run at MAIL, once a login is known;
+    the content checks (RFC 5322, Received chain, DKIM and Authentication-Results) at
+    end of data. Trusted clients (relay_networks, authenticated) skip all of them.
+    """
+    relay = config.relay_policy()
+    mail: list[Check] = []
+    end: list[Check] = [loop_check]
+    checks = config.checks
+    if checks.received != "off":
+        mail.append(helo_check(checks.received, config.hostname, config.local_domains, relay))
+        end.append(chain_check(checks.received, config.hostname, relay))
+    if checks.rfc5322 != "off":
+        end.append(rfc5322_check(checks.rfc5322, relay))
+    return Policy(
+        {
+            Stage.MAIL: mail,
+            Stage.RCPT: _rcpt_checks(config, relay),
+            Stage.END_OF_DATA: end,
+        },
+        _dns_checks(config),
+    )
+
+
+def _dns_checks(config: Config) -> dict[Stage, list[AsyncCheck]]:
+    """The checks that ask the DNS; no resolver is even built when all are off."""
+    checks, relay, timeout = config.checks, config.relay_policy(), config.dns.timeout
+    wanted = (checks.received, checks.dnsbl, checks.spf, checks.dkim)
+    if all(mode == "off" for mode in wanted):
+        return {}
+    resolver = async_resolver(config.dns)
+    mail: list[AsyncCheck] = []
+    end: list[AsyncCheck] = []
+    if checks.dnswl_zones and (checks.dnsbl != "off" or checks.spf != "off"):
+        mail.append(dnswl_check(checks.dnswl_zones, resolver, timeout, relay))
+    if checks.dnsbl != "off" and checks.dnsbl_zones:
+        mail.append(dnsbl_check(checks.dnsbl, checks.dnsbl_zones, resolver, timeout, relay))
+    if checks.received != "off":
+        mail.append(rdns_check(checks.received, resolver, timeout, relay))
+    if checks.spf != "off" or checks.dkim != "off":
+        blocking = sync_resolver(config.dns)
+        if checks.spf != "off":
+            mail.append(spf_check(checks.spf, blocking, timeout, relay))
+        authserv_id = checks.authserv_id or config.hostname
+        end.append(auth_results_check(authserv_id, checks.dkim, blocking, timeout, relay))
+    return {Stage.MAIL: mail, Stage.END_OF_DATA: end}
+
+
+def _rcpt_checks(config: Config, relay: AccessPolicy) -> list[Check]:
+    """Relay control, then (with local delivery) unknown local users refused at RCPT.
+
+    Refusing an unknown user during the dialogue, rather than bouncing later, keeps
+    leafmail from sending backscatter to forged senders.
+    """
+    checks = [relay_check(config.local_domains, relay)]
+    if config.local.enabled:
+        from .delivery.local import local_recipient_check
+
+        checks.append(local_recipient_check(config))
+    return checks
