@@ -1,5 +1,8 @@
 """The ``netserver`` command: ``serve`` a handler or a command, ``check`` access rules.
 
+``check ADDRESS`` judges the --allow/--deny rules; ``check DAEMON CLIENT`` prints what
+tcpdmatch(8) would for hosts.allow/hosts.deny (and exits 0 whatever the verdict).
+
 Errors in flags, addresses, rules or handlers print one line and exit with a sysexits
 code (64 usage, 78 configuration); nothing prints a traceback at the user.
 """
@@ -17,6 +20,9 @@ from .access import AccessPolicy, NameResolver, SystemResolver
 from .connlog import ServerLog
 from .endpoint import unmap
 from .handlers import Command, Handler, load_handler
+from .hosts_access import DEFAULT_ALLOW, DEFAULT_DENY, HostsAccess, HostsLoader, load_hosts
+from .hosts_check import check_lines
+from .hosts_names import HostNames, SystemHostNames
 from .limits import Limits
 from .modes.prefork import PoolSize
 from .readiness import ready_fd_writer
@@ -72,6 +78,22 @@ def _add_access_flags(p: argparse.ArgumentParser) -> None:
         "--dns-server",
         metavar="IP[:PORT]",
         help="resolve client names with this DNS server instead of the system resolver",
+    )
+
+
+def _add_hosts_flags(p: argparse.ArgumentParser, defaults: str) -> None:
+    g = p.add_argument_group(
+        "hosts.allow / hosts.deny (hosts_access(5), as tcpd; checked after --allow/--deny)"
+    )
+    g.add_argument(
+        "--hosts-allow",
+        metavar="FILE",
+        help=f"grant access to clients a rule matches; re-read on SIGHUP ({defaults})",
+    )
+    g.add_argument(
+        "--hosts-deny",
+        metavar="FILE",
+        help=f"then deny access to clients a rule matches; else grant ({defaults})",
     )
 
 
@@ -132,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--handler", metavar="MODULE:CALLABLE", help="the Python handler to run per connection"
     )
     _add_access_flags(s)
+    _add_hosts_flags(s, "default: not used")
+    s.add_argument(
+        "--daemon-name",
+        metavar="NAME",
+        help="the daemon name hosts.allow/hosts.deny rules see (default: the command's "
+        "basename, or the handler's module)",
+    )
     s.add_argument(
         "--refuse-message", metavar="TEXT", help="line sent to a refused client before closing"
     )
@@ -205,10 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "check",
         help="show the access decision for an address (like tcpdmatch)",
-        description="Print whether ADDRESS would be allowed, and the rule that decides. "
-        "Exit 0 if allowed, 1 if refused.",
+        description="With one argument, print whether the client address would be allowed "
+        "by --allow/--deny/--access-file, and the rule that decides; exit 0 if allowed, "
+        "1 if refused. With DAEMON[@SERVER] and [USER@]CLIENT, print what tcpdmatch(8) "
+        "would for hosts.allow and hosts.deny (a client address is judged as if its name "
+        "lookup failed, unless --name gives the name) and exit 0.",
+        usage="%(prog)s [options] address\n       %(prog)s [options] DAEMON[@SERVER] [USER@]CLIENT",
     )
     _add_access_flags(c)
+    _add_hosts_flags(c, f"default: {DEFAULT_ALLOW}, {DEFAULT_DENY}")
     c.add_argument(
         "--name",
         action="append",
@@ -216,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="treat NAME as the client's confirmed host name (skips the DNS lookup)",
     )
-    c.add_argument("address", help="client IP address")
+    c.add_argument("address", help="client IP address (or DAEMON, with CLIENT after it)")
+    c.add_argument("client", nargs="?", help=argparse.SUPPRESS)
     return parser
 
 
@@ -231,12 +266,35 @@ def _split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 def _resolver(spec: str | None) -> NameResolver:
     if not spec:
         return SystemResolver()
+    host, port = _dns_server(spec)
+    from .dnsresolver import DnsResolver  # dnspython is loaded only when asked for
+
+    return DnsResolver([host], port)
+
+
+def _host_names(spec: str | None) -> HostNames:
+    """tcpd-style names: from --dns-server if given, else the system resolver."""
+    if not spec:
+        return SystemHostNames()
+    host, port = _dns_server(spec)
+    from .hosts_dns import DnsHostNames  # dnspython is loaded only when asked for
+
+    return DnsHostNames(host, port)
+
+
+def _dns_server(spec: str) -> tuple[str, int]:
     host, _, port = spec.rpartition(":") if spec.count(":") == 1 else (spec, "", "53")
     if not port.isdigit():
         raise errors.UsageError(f"--dns-server {spec!r}: expected IP or IP:PORT")
-    from .dnsresolver import DnsResolver  # dnspython is loaded only when asked for
+    return host.strip("[]"), int(port)
 
-    return DnsResolver([host.strip("[]")], int(port))
+
+def _hosts_loader(args: argparse.Namespace) -> HostsLoader | None:
+    """A loader for --hosts-allow/--hosts-deny, or None when neither is given."""
+    allow, deny = args.hosts_allow, args.hosts_deny
+    if allow is None and deny is None:
+        return None
+    return lambda: load_hosts(allow, deny)
 
 
 def _access_loader(args: argparse.Namespace) -> AccessPolicy:
@@ -269,6 +327,7 @@ def cmd_serve(args: argparse.Namespace, command: list[str]) -> int:
     pool = PoolSize(
         max(1, args.workers_min), max(1, args.workers_max, args.workers_min), max(1, args.recycle)
     )
+    hosts = _hosts_loader(args)
     server = Server(
         handler,
         args.listen or ["127.0.0.1:7000"],
@@ -281,12 +340,19 @@ def cmd_serve(args: argparse.Namespace, command: list[str]) -> int:
         refuse_message=args.refuse_message,
         loop=args.loop,
         on_ready=ready_fd_writer(args.ready_fd),
+        hosts=hosts,
+        daemon_name=args.daemon_name,
+        host_names=_host_names(args.dns_server) if hosts is not None else None,
     )
     server.run()
     return errors.EX_OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    if args.client is not None:
+        return cmd_check_hosts(args)
+    if args.hosts_allow is not None or args.hosts_deny is not None:
+        raise errors.UsageError("with --hosts-allow/--hosts-deny, give DAEMON and CLIENT")
     policy = _access_loader(args)
     try:
         ip = unmap(ipaddress.ip_address(args.address.strip("[]")))
@@ -300,6 +366,32 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"client: {ip}" + (f" ({', '.join(sorted(names))})" if names else ""))
     print(f"{verdict}: {decision.reason}")
     return 0 if decision.allowed else 1
+
+
+def cmd_check_hosts(args: argparse.Namespace) -> int:
+    """tcpdmatch-style: the --allow/--deny verdict first (if any rule), then the files."""
+    hosts: HostsAccess = load_hosts(
+        args.hosts_allow or DEFAULT_ALLOW, args.hosts_deny or DEFAULT_DENY
+    )
+    policy = _access_loader(args)
+    lines = check_lines(hosts, args.address, args.client, _host_names(args.dns_server), args.name)
+    if policy.allow or policy.deny:
+        ip = _client_ip(args.client)
+        decision = policy.decide(ip, frozenset(n.lower().rstrip(".") for n in args.name))
+        if not decision.allowed:
+            lines = [line for line in lines if not line.startswith(("matched:", "option:"))]
+            lines[-1:] = [f"rules:    {decision.reason}", "access:   denied"]
+    print("\n".join(lines))
+    return errors.EX_OK
+
+
+def _client_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address part of [USER@]CLIENT if it is an address (for --allow/--deny)."""
+    host = text.rpartition("@")[2].strip("[]")
+    try:
+        return unmap(ipaddress.ip_address(host))
+    except ValueError:
+        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,6 +5,10 @@ rules (a name lookup, when a rule needs one, runs in a thread, never on the acce
 path), counted against the limits, then given to the mode, which reports its end.
 SIGTERM/SIGINT stop accepting and wait `grace` seconds for running handlers before
 ending them; a second signal ends them at once. SIGHUP reloads the access rules.
+
+With hosts.allow/hosts.deny (`hosts`), a `HostsGate` decides after the allow/deny
+rules: a verdict that needs nothing is taken on the accept path, anything that needs a
+lookup, a banner, a spawned command or a twist is done in a task (see hosts_serve).
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from .endpoint import Endpoint
 from .errors import ConfigError, NetserverError
 from .execute import ExecMode, resolve_program
 from .handlers import AsyncHandler, Command, HandlerLike, as_handler, check_mode
+from .hosts_access import HostsLoader, Plan, Request, default_daemon_name
+from .hosts_names import HostNames, SystemHostNames
+from .hosts_serve import HostsExecMode, HostsGate, TwistMode
 from .limits import Admission, Limits
 from .listeners import Listener, open_listeners, parse_listen
 from .modes.base import Accepted, FdRegistry, Mode, ModeContext
@@ -61,6 +68,9 @@ class Server:
         on_ready: Callable[[list[Endpoint]], None] | None = None,
         tls: ssl.SSLContext | None = None,
         signals: bool = True,
+        hosts: HostsLoader | None = None,
+        daemon_name: str | None = None,
+        host_names: HostNames | None = None,
     ) -> None:
         self.handler = as_handler(handler)
         self.mode_name = mode or ("async" if isinstance(self.handler, AsyncHandler) else "fork")
@@ -87,6 +97,12 @@ class Server:
             raise ConfigError("implicit TLS needs an async handler (event-loop mode)")
         self.tls = tls
         self.handle_signals = signals
+        self.hosts: HostsGate | None = None
+        if hosts is not None:
+            daemon = daemon_name or default_daemon_name(self.handler)
+            names = host_names or SystemHostNames()
+            self.hosts = HostsGate(hosts, daemon, names, self.log)
+        self.twist: TwistMode | None = None
         self.listeners: list[Listener] = []
         self.ready = threading.Event()
         self.admission = Admission(self.limits)
@@ -112,6 +128,8 @@ class Server:
     def _make_mode(self, ctx: ModeContext) -> Mode:
         handler = self.handler
         if isinstance(handler, Command):
+            if self.hosts is not None:
+                return HostsExecMode(ctx, handler, self.program)
             return ExecMode(ctx, handler, self.program)
         if isinstance(handler, AsyncHandler):
             return EventLoopMode(ctx, handler)
@@ -145,10 +163,13 @@ class Server:
         if self._stop_requested.is_set():
             self._stop.set()
         fds = self.fds = FdRegistry()
-        ctx = ModeContext(
+        ctx = self.mode_context = ModeContext(
             self.handler, self.limits, self.log, loop, fds, self._finished, self.mode_name, self.tls
         )
         self.mode = self._make_mode(ctx)
+        if self.hosts is not None:
+            self.twist = TwistMode(ctx)
+            self.hosts.announce()
         self.acceptor = AcceptLoop(loop, self.listeners, self._accepted, self.log)
         self.acceptor.gate = lambda: not self.admission.full
         for listener in self.listeners:
@@ -175,6 +196,8 @@ class Server:
 
     def reload(self) -> None:
         """Re-read the access rules; on an error keep the old ones and log why."""
+        if self.hosts is not None:
+            self.hosts.reload()
         try:
             self.access = self.load_access()
         except NetserverError as exc:
@@ -196,7 +219,8 @@ class Server:
             self.stop()
         else:
             self.log.info("second stop signal: ending connections now")
-            self.mode.terminate()
+            for mode in self._modes():
+                mode.terminate()
 
     def _announce(self) -> None:
         addresses = " ".join(str(a) for a in self.addresses)
@@ -206,21 +230,34 @@ class Server:
             self.on_ready(self.addresses)
         sd_notify(b"READY=1")
 
+    def _modes(self) -> list[Mode]:
+        """The mode, and the twist mode that serves connections a hosts rule twisted."""
+        return [self.mode] if self.twist is None else [self.mode, self.twist]
+
+    def _active(self) -> int:
+        return sum(mode.active() for mode in self._modes())
+
+    async def _all_closed(self) -> None:
+        for mode in self._modes():
+            await mode.closed()
+
     async def _shutdown(self) -> None:
         self.acceptor.close()
-        self.mode.begin_stop()
-        active = self.mode.active()
+        for mode in self._modes():
+            mode.begin_stop()
+        active = self._active()
         if active:
             self.log.info("stopping: waiting for connections", active=active)
         try:
-            await asyncio.wait_for(self.mode.closed(), self.limits.grace)
+            await asyncio.wait_for(self._all_closed(), self.limits.grace)
         except TimeoutError:
-            self.log.info("grace period over: ending connections", active=self.mode.active())
-            self.mode.terminate()
+            self.log.info("grace period over: ending connections", active=self._active())
+            for mode in self._modes():
+                mode.terminate()
             try:
-                await asyncio.wait_for(self.mode.closed(), 10.0)
+                await asyncio.wait_for(self._all_closed(), 10.0)
             except TimeoutError:
-                self.log.error("connections still running at exit", active=self.mode.active())
+                self.log.error("connections still running at exit", active=self._active())
         self.log.info("stopped")
 
     # -- the accept path ---------------------------------------------------------------
@@ -239,6 +276,11 @@ class Server:
             if not decision.allowed:
                 self._refuse(sock, peer, decision.reason)
                 return
+        request, plan = self._hosts_quick(peer, local)
+        if plan is not None and not plan.granted and self.hosts is not None:
+            self.hosts.record(peer, plan)
+            self._refuse(sock, peer, self.hosts.reason(plan))
+            return
         why = self.admission.admit(peer)
         if why is not None:
             self._refuse(sock, peer, why)
@@ -246,14 +288,41 @@ class Server:
         conn = Accepted(sock, ConnRecord(peer, local, self.mode_name))
         # Until it ends, no forked child (another client's, or a new worker) may keep it.
         self.fds.add(conn.fd)
-        if by_name:
+        if by_name or (request is not None and plan is None):
             assert self._loop is not None
-            self._loop.create_task(self._judge_by_name(conn, policy))
-        else:
-            self.mode.dispatch(conn)
+            self._loop.create_task(self._judge(conn, policy, by_name, request))
+            return
+        if plan is not None and self.hosts is not None:
+            self.hosts.record(peer, plan)
+        self.mode.dispatch(conn)
 
-    async def _judge_by_name(self, conn: Accepted, policy: AccessPolicy) -> None:
-        """Look the client's name up in a thread, then decide; the accept loop goes on."""
+    def _hosts_quick(self, peer: Endpoint, local: Endpoint) -> tuple[Request | None, Plan | None]:
+        """The hosts request and, if it needs no lookup or side effect, its plan."""
+        if self.hosts is None or peer.ip is None:
+            return None, None
+        request = self.hosts.request(peer, local)
+        return request, self.hosts.quick(request)
+
+    async def _judge(
+        self, conn: Accepted, policy: AccessPolicy, by_name: bool, request: Request | None
+    ) -> None:
+        """Names, hosts options and the hand-off, in a task; the accept loop goes on."""
+        plan: Plan | None = None
+        try:
+            if by_name and not await self._judge_by_name(conn, policy):
+                return
+            if request is not None and self.hosts is not None:
+                plan = await self._judge_by_hosts(conn, request, self.hosts)
+        except Exception as exc:  # never leak an admitted connection
+            self.log.error("access check failed", peer=str(conn.record.peer), error=repr(exc))
+            self._drop(conn, "access check failed")
+            return
+        # The mode accounts for the connection even when starting it fails.
+        with contextlib.suppress(OSError):
+            self._hand_off(conn, plan)
+
+    async def _judge_by_name(self, conn: Accepted, policy: AccessPolicy) -> bool:
+        """Look the client's name up in a thread, then decide; False if refused."""
         ip = conn.record.peer.ip
         assert ip is not None and self._loop is not None
         names: frozenset[str] = frozenset()
@@ -263,12 +332,37 @@ class Server:
                 LOOKUP_TIMEOUT,
             )
         decision = policy.decide(ip, names)
-        if decision.allowed:
+        if not decision.allowed:
+            self._drop(conn, decision.reason)
+        return decision.allowed
+
+    async def _judge_by_hosts(self, conn: Accepted, request: Request, gate: HostsGate) -> Plan:
+        """Decide by hosts.allow/hosts.deny and carry out the options before the hand-off."""
+        plan = await gate.judge(request, gate.access)
+        gate.record(conn.record.peer, plan)
+        await gate.prepare(plan, conn.sock, self.mode_context)
+        return plan
+
+    def _hand_off(self, conn: Accepted, plan: Plan | None) -> None:
+        """Serve the connection as the plan says: the service, a twist, or a refusal."""
+        if plan is None:
             self.mode.dispatch(conn)
-            return
+        elif plan.twist is not None and self.twist is not None:
+            self.twist.twist(conn, plan.twist, dict(plan.env))
+        elif not plan.granted and self.hosts is not None:
+            self._drop(conn, self.hosts.reason(plan))
+        else:
+            if plan.env and isinstance(self.mode, HostsExecMode):
+                self.mode.set_env(conn, dict(plan.env))
+            elif plan.env:
+                self.log.info("setenv applies only to commands", peer=str(conn.record.peer))
+            self.mode.dispatch(conn)
+
+    def _drop(self, conn: Accepted, reason: str) -> None:
+        """Refuse a connection that was already admitted and registered."""
         self.admission.release(conn.record.peer)
         self.fds.discard(conn.fd)
-        self._refuse(conn.sock, conn.record.peer, decision.reason)
+        self._refuse(conn.sock, conn.record.peer, reason)
         self._resume_if_room()
 
     def _refuse(self, sock: socket.socket, peer: Endpoint, reason: str) -> None:
