@@ -46,7 +46,6 @@ import platform
 import re
 import resource
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -71,14 +70,12 @@ from .smtp_peers import (
     SMTP_SOURCE,
     PostfixPeer,
     _main_cf,
-    _master_cf,
-    _postfix,
     _trouble,
-    _wait_listening,
     ensure_postfix,
     free_port,
     leafmail_missing,
     port_open,
+    postfix_instance,
 )
 
 SECTION = "## Relay drain (issue 4)"
@@ -291,24 +288,10 @@ def _relay_main_cf(root: Path, sink_port: int, concurrency: int) -> str:
 @contextlib.contextmanager
 def postfix_relay(scratch: Path, sink_port: int, concurrency: int) -> Iterator[PostfixPeer]:
     """A private Postfix relaying example.test to the sink, deliveries deferred for now."""
-    root = scratch / "postfix"
-    for name in ("etc", "queue", "data"):
-        (root / name).mkdir(parents=True, exist_ok=True)
-    os.chmod(scratch, 0o711)  # noqa: S103 - search only, for the postfix user
-    os.chmod(root, 0o711)  # noqa: S103
-    shutil.chown(root / "data", "postfix", "postfix")
-    port = free_port()
-    etc = root / "etc"
-    (etc / "main.cf").write_text(_relay_main_cf(root, sink_port, concurrency))
-    (etc / "master.cf").write_text(_master_cf(port))
-    subprocess.run([POSTCONF, "-c", str(etc), "-F", "*/*/chroot = n"], check=True)
-    peer = PostfixPeer(etc, root / "queue", root / "maillog", port)
-    try:
-        _postfix(etc, "start")
-        _wait_listening(port, peer)
+    with postfix_instance(
+        scratch, lambda root: _relay_main_cf(root, sink_port, concurrency)
+    ) as peer:
         yield peer
-    finally:
-        _postfix(etc, "stop")
 
 
 def _qmgr_pids(peer: PostfixPeer) -> set[int]:

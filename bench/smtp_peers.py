@@ -35,7 +35,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,8 +209,13 @@ def _master_cf(port: int) -> str:
 
 
 @contextlib.contextmanager
-def postfix_instance(scratch: Path) -> Iterator[PostfixPeer]:
-    """Start a private Postfix instance under `scratch`; stop it however the block ends."""
+def postfix_instance(
+    scratch: Path, main_cf: Callable[[Path], str] | None = None
+) -> Iterator[PostfixPeer]:
+    """Start a private Postfix instance under `scratch`; stop it however the block ends.
+
+    `main_cf(root)` gives its main.cf (default: the discarding receiver of BENCH-NOTES).
+    """
     root = scratch / "postfix"
     for name in ("etc", "queue", "data"):
         (root / name).mkdir(parents=True, exist_ok=True)
@@ -221,7 +226,7 @@ def postfix_instance(scratch: Path) -> Iterator[PostfixPeer]:
     shutil.chown(root / "data", "postfix", "postfix")
     port = free_port()
     etc = root / "etc"
-    (etc / "main.cf").write_text(_main_cf(root))
+    (etc / "main.cf").write_text((main_cf or _main_cf)(root))
     (etc / "master.cf").write_text(_master_cf(port))
     subprocess.run([POSTCONF, "-c", str(etc), "-F", "*/*/chroot = n"], check=True)
     peer = PostfixPeer(etc, root / "queue", root / "maillog", port)
