@@ -30,8 +30,8 @@ from leafmail_fixtures import (
 )
 
 from leafmail.checks.dkim import verify_dkim
-from leafmail.checks.lookup import sync_resolver
 from leafmail.config import DnsConfig
+from leafmail.dns import make_sync_resolver
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -145,7 +145,7 @@ def test_outsider_mail_carries_the_results(
         "sel._domainkey.example.org",
     }
     # What we stored still verifies: the signed part was not rewritten.
-    resolver = sync_resolver(DnsConfig(nameservers=("127.0.0.1",), port=dns.port))
+    resolver = make_sync_resolver(DnsConfig(nameservers=("127.0.0.1",), port=dns.port))
     assert verify_dkim(server.message(first).data, resolver, 3.0) == [
         "dkim=pass header.d=example.org header.s=sel"
     ]

@@ -15,14 +15,35 @@ from .config import DnsConfig
 
 
 def make_resolver(settings: DnsConfig) -> dns.asyncresolver.Resolver:
-    """An async resolver for these settings; ValueError for a bad nameserver list."""
-    if settings.nameservers:
+    """An async resolver for these settings; ValueError for a bad nameserver list.
+
+    On a host with no resolver configured (a dial-up machine offline, a bare container)
+    it is one that fails every query: lookups then see temporary errors and mail is
+    deferred, instead of leafmail refusing to start.
+    """
+    try:
+        resolver = dns.asyncresolver.Resolver(configure=not settings.nameservers)
+    except dns.resolver.NoResolverConfiguration:
         resolver = dns.asyncresolver.Resolver(configure=False)
-        resolver.nameservers = list(settings.nameservers)
-        resolver.port = settings.port
-    else:
-        resolver = dns.asyncresolver.Resolver(configure=True)
-    resolver.timeout = settings.timeout
-    resolver.lifetime = settings.timeout
+    _configure(resolver, settings)
     resolver.cache = dns.resolver.Cache()
     return resolver
+
+
+def make_sync_resolver(settings: DnsConfig) -> dns.resolver.Resolver:
+    """The same, blocking, for pyspf and dkimpy (which run in worker threads)."""
+    try:
+        resolver = dns.resolver.Resolver(configure=not settings.nameservers)
+    except dns.resolver.NoResolverConfiguration:
+        resolver = dns.resolver.Resolver(configure=False)
+    _configure(resolver, settings)
+    resolver.cache = dns.resolver.LRUCache()
+    return resolver
+
+
+def _configure(resolver: dns.resolver.BaseResolver, settings: DnsConfig) -> None:
+    if settings.nameservers:
+        resolver.nameservers = list(settings.nameservers)
+        resolver.port = settings.port
+    resolver.timeout = settings.timeout
+    resolver.lifetime = settings.timeout

@@ -11,13 +11,13 @@ from netserver.access import AccessPolicy
 from .checks import AsyncCheck, Check, Stage
 from .checks.auth import auth_results_check
 from .checks.dnsbl import dnsbl_check, dnswl_check
-from .checks.lookup import async_resolver, sync_resolver
 from .checks.loops import loop_check
 from .checks.received import chain_check, helo_check, rdns_check
 from .checks.relay import relay_check
 from .checks.rfc5322 import rfc5322_check
 from .checks.spf import spf_check
 from .config import Config
+from .dns import make_resolver, make_sync_resolver
 from .receive import Policy
 
 
@@ -54,7 +54,7 @@ def _dns_checks(config: Config) -> dict[Stage, list[AsyncCheck]]:
     wanted = (checks.received, checks.dnsbl, checks.spf, checks.dkim)
     if all(mode == "off" for mode in wanted):
         return {}
-    resolver = async_resolver(config.dns)
+    resolver = make_resolver(config.dns)
     mail: list[AsyncCheck] = []
     end: list[AsyncCheck] = []
     if checks.dnswl_zones and (checks.dnsbl != "off" or checks.spf != "off"):
@@ -64,7 +64,7 @@ def _dns_checks(config: Config) -> dict[Stage, list[AsyncCheck]]:
     if checks.received != "off":
         mail.append(rdns_check(checks.received, resolver, timeout, relay))
     if checks.spf != "off" or checks.dkim != "off":
-        blocking = sync_resolver(config.dns)
+        blocking = make_sync_resolver(config.dns)
         if checks.spf != "off":
             mail.append(spf_check(checks.spf, blocking, timeout, relay))
         authserv_id = checks.authserv_id or config.hostname

@@ -24,39 +24,8 @@ from dns.rdtypes.IN.AAAA import AAAA
 
 from netserver.endpoint import IPAddress, unmap
 
-from ..config import DnsConfig
-from ..dns import make_resolver
-
 T = TypeVar("T")
 Resolver = dns.asyncresolver.Resolver
-
-
-def async_resolver(settings: DnsConfig) -> Resolver:
-    """The shared resolver of `leafmail.dns`, or, on a host with no resolver configured
-    (a dial-up machine offline, a bare container), one that fails every query: the
-    checks then see temporary errors, instead of leafmail refusing to start."""
-    try:
-        return make_resolver(settings)
-    except dns.resolver.NoResolverConfiguration:
-        resolver = dns.asyncresolver.Resolver(configure=False)
-        resolver.timeout = resolver.lifetime = settings.timeout
-        return resolver
-
-
-def sync_resolver(settings: DnsConfig) -> dns.resolver.Resolver:
-    """A blocking resolver with the same servers and bounds, for pyspf and dkimpy
-    (which run in worker threads); the same fallback as `async_resolver`."""
-    try:
-        resolver = dns.resolver.Resolver(configure=not settings.nameservers)
-    except dns.resolver.NoResolverConfiguration:
-        resolver = dns.resolver.Resolver(configure=False)
-    if settings.nameservers:
-        resolver.nameservers = list(settings.nameservers)
-        resolver.port = settings.port
-    resolver.timeout = settings.timeout
-    resolver.lifetime = settings.timeout
-    resolver.cache = dns.resolver.LRUCache()
-    return resolver
 
 
 async def lookup(resolver: Resolver, name: str | dns.name.Name, rdtype: str) -> list[Rdata] | None:
