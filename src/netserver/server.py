@@ -9,6 +9,11 @@ ending them; a second signal ends them at once. SIGHUP reloads the access rules.
 With hosts.allow/hosts.deny (`hosts`), a `HostsGate` decides after the allow/deny
 rules: a verdict that needs nothing is taken on the accept path, anything that needs a
 lookup, a banner, a spawned command or a twist is done in a task (see hosts_serve).
+
+Behind a load balancer (`proxy_from`), a trusted source's connection starts with a PROXY
+header, read in a task before anything else (see proxy); from then on the connection is
+judged, limited, logged and served as the client the header names. With `tls`, the
+handshake comes after access and limits (see tlsterm), and reloads on SIGHUP.
 """
 
 from __future__ import annotations
@@ -40,10 +45,15 @@ from .modes.eventloop import EventLoopMode
 from .modes.fork import ForkMode
 from .modes.prefork import PoolSize, PreforkMode
 from .modes.thread import ThreadMode
+from .proxy import ProxyError, ProxyTrust, read_header
+from .proxy import apply as proxy_endpoints
 from .readiness import sd_notify
+from .tlsterm import TlsTerminator, harden
 
 MODES = ("fork", "prefork", "thread", "async")
 LOOKUP_TIMEOUT = 5.0
+PROXY_TIMEOUT = 5.0  # for the whole PROXY header (or the idle timeout, if shorter)
+RELAY_FLUSH = 2.0  # at exit, how long TLS relays may go on flushing to their clients
 AccessLoader = Callable[[], AccessPolicy]
 
 
@@ -67,6 +77,8 @@ class Server:
         loop: str = "auto",
         on_ready: Callable[[list[Endpoint]], None] | None = None,
         tls: ssl.SSLContext | None = None,
+        tls_loader: Callable[[], ssl.SSLContext] | None = None,
+        proxy_from: Sequence[str] = (),
         signals: bool = True,
         hosts: HostsLoader | None = None,
         daemon_name: str | None = None,
@@ -93,9 +105,13 @@ class Server:
         self.refuse_message = refuse_message
         self.loop_kind = loop
         self.on_ready = on_ready
-        if tls is not None and not isinstance(self.handler, AsyncHandler):
-            raise ConfigError("implicit TLS needs an async handler (event-loop mode)")
-        self.tls = tls
+        # TLS is terminated in every mode (see tlsterm); `tls_loader` re-reads on SIGHUP.
+        self.tls_loader = tls_loader
+        if tls is None and tls_loader is not None:
+            tls = tls_loader()
+        self.tls = harden(tls) if tls is not None else None
+        self.proxy = ProxyTrust(proxy_from)
+        self._proxying = 0  # connections whose PROXY header is being read
         self.handle_signals = signals
         self.hosts: HostsGate | None = None
         if hosts is not None:
@@ -171,7 +187,10 @@ class Server:
             self.twist = TwistMode(ctx)
             self.hosts.announce()
         self.acceptor = AcceptLoop(loop, self.listeners, self._accepted, self.log)
-        self.acceptor.gate = lambda: not self.admission.full
+        self.acceptor.gate = lambda: not self._full()
+        self.terminator = TlsTerminator(fds, self.limits, self.log)
+        # Thread and event-loop modes terminate TLS themselves; processes need the relay.
+        self._relay_tls = not isinstance(self.mode, ThreadMode | EventLoopMode)
         for listener in self.listeners:
             fds.add(listener.sock.fileno())
         installed = self._install_signals(loop)
@@ -195,7 +214,14 @@ class Server:
                 loop.call_soon_threadsafe(event.set)
 
     def reload(self) -> None:
-        """Re-read the access rules; on an error keep the old ones and log why."""
+        """Re-read the TLS files and access rules; on an error keep the old ones, log why."""
+        if self.tls_loader is not None:
+            try:
+                self.reload_tls(self.tls_loader())
+            except NetserverError as exc:
+                self.log.error(
+                    "TLS reload failed, keeping the previous certificate", error=str(exc)
+                )
         if self.hosts is not None:
             self.hosts.reload()
         try:
@@ -204,6 +230,13 @@ class Server:
             self.log.error("reload failed, keeping the previous rules", error=str(exc))
             return
         self.log.info("access rules reloaded", rules=self.access.describe())
+
+    def reload_tls(self, context: ssl.SSLContext) -> None:
+        """Serve new connections with `context` (connections already running keep theirs)."""
+        self.tls = harden(context)
+        if hasattr(self, "mode_context"):
+            self.mode_context.tls = self.tls
+        self.log.info("TLS context reloaded")
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
         if not self.handle_signals or threading.current_thread() is not threading.main_thread():
@@ -258,6 +291,7 @@ class Server:
                 await asyncio.wait_for(self._all_closed(), 10.0)
             except TimeoutError:
                 self.log.error("connections still running at exit", active=self._active())
+        await self.terminator.closed(RELAY_FLUSH)
         self.log.info("stopped")
 
     # -- the accept path ---------------------------------------------------------------
@@ -268,7 +302,45 @@ class Server:
         except OSError:
             sock.close()
             return
+        if self.proxy and self.proxy.trusts(peer):
+            self._proxying += 1
+            sock.setblocking(False)  # read_header peeks after readiness; never block the loop
+            self.fds.add(sock.fileno())
+            assert self._loop is not None
+            self._loop.create_task(self._read_proxy(sock, peer, local))
+            return
         sock.setblocking(True)
+        self._admit(sock, peer, local)
+
+    async def _read_proxy(self, sock: socket.socket, peer: Endpoint, local: Endpoint) -> None:
+        """Take the PROXY header off, then judge the connection as the client it names.
+
+        Every rule, limit and log line after this sees the real client; a trusted
+        source that sends no valid header in time is dropped (and logged as itself).
+        """
+        fd = sock.fileno()
+        try:
+            info = await read_header(sock, min(PROXY_TIMEOUT, self.limits.timeout or PROXY_TIMEOUT))
+        except (ProxyError, OSError) as exc:
+            self.log.refused(peer, f"PROXY protocol: {exc}")
+            sock.close()
+            return
+        finally:
+            self._proxying -= 1
+            self.fds.discard(fd)
+            self._resume_if_room()
+        real, dest = proxy_endpoints(info, peer, local)
+        sock.setblocking(True)
+        with contextlib.suppress(OSError):  # the mode accounts for a connection it failed
+            self._admit(sock, real, dest)
+
+    def _full(self) -> bool:
+        """True when accept should pause: admitted plus PROXY-pending reach max_conns."""
+        cap = self.limits.max_conns
+        return self.admission.full or bool(cap and self.admission.total + self._proxying >= cap)
+
+    def _admit(self, sock: socket.socket, peer: Endpoint, local: Endpoint) -> None:
+        """Judge a connection by its client's address, then hand it to the mode."""
         policy = self.access
         by_name = policy.needs_names(peer.ip)
         if not by_name:
@@ -294,7 +366,7 @@ class Server:
             return
         if plan is not None and self.hosts is not None:
             self.hosts.record(peer, plan)
-        self.mode.dispatch(conn)
+        self._start(conn, self.mode.dispatch, self._relay_tls)
 
     def _hosts_quick(self, peer: Endpoint, local: Endpoint) -> tuple[Request | None, Plan | None]:
         """The hosts request and, if it needs no lookup or side effect, its plan."""
@@ -346,9 +418,10 @@ class Server:
     def _hand_off(self, conn: Accepted, plan: Plan | None) -> None:
         """Serve the connection as the plan says: the service, a twist, or a refusal."""
         if plan is None:
-            self.mode.dispatch(conn)
+            self._start(conn, self.mode.dispatch, self._relay_tls)
         elif plan.twist is not None and self.twist is not None:
-            self.twist.twist(conn, plan.twist, dict(plan.env))
+            twist, command, env = self.twist, plan.twist, dict(plan.env)
+            self._start(conn, lambda c: twist.twist(c, command, env), True)
         elif not plan.granted and self.hosts is not None:
             self._drop(conn, self.hosts.reason(plan))
         else:
@@ -356,7 +429,28 @@ class Server:
                 self.mode.set_env(conn, dict(plan.env))
             elif plan.env:
                 self.log.info("setenv applies only to commands", peer=str(conn.record.peer))
-            self.mode.dispatch(conn)
+            self._start(conn, self.mode.dispatch, self._relay_tls)
+
+    def _start(self, conn: Accepted, start: Callable[[Accepted], None], relay: bool) -> None:
+        """Hand over to the mode; with TLS for a process, through a relay (tlsterm)."""
+        tls = self.tls
+        if tls is None or not relay:
+            start(conn)
+            return
+        assert self._loop is not None
+        self._loop.create_task(self._start_relayed(conn, tls, start))
+
+    async def _start_relayed(
+        self, conn: Accepted, tls: ssl.SSLContext, start: Callable[[Accepted], None]
+    ) -> None:
+        """Handshake first; only a client that completes it reaches the mode."""
+        relayed = await self.terminator.terminate(conn, tls)
+        if relayed is None:
+            self._finished(conn)
+            return
+        self.fds.add(relayed.fd)
+        with contextlib.suppress(OSError):  # the mode accounts for a connection it failed
+            start(relayed)
 
     def _drop(self, conn: Accepted, reason: str) -> None:
         """Refuse a connection that was already admitted and registered."""

@@ -98,7 +98,9 @@ class ModeContext:
     fds: FdRegistry
     finished: Callable[[Accepted], None]
     mode_name: str
-    tls: ssl.SSLContext | None = None  # implicit TLS on every connection (event-loop mode)
+    # TLS on every connection: the thread and event-loop modes use it themselves; for
+    # processes the supervisor relays plaintext instead (see tlsterm). Reloaded on SIGHUP.
+    tls: ssl.SSLContext | None = None
 
 
 class Mode(Protocol):

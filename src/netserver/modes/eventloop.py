@@ -15,6 +15,7 @@ import traceback
 from ..aio import AsyncConnection
 from ..handlers import AsyncHandler
 from ..stdio import LineTooLong
+from ..tlsterm import handshake_timeout
 from .base import Accepted, ModeContext
 
 
@@ -54,7 +55,8 @@ class EventLoopMode:
         try:
             # With ssl= the loop returns its own TLS protocol (uvloop does), so the
             # handler gets the object made here, not what connect_accepted_socket returns.
-            await self.ctx.loop.connect_accepted_socket(lambda: proto, conn.sock, ssl=self.ctx.tls)
+            if not await self._connect(proto, conn):
+                return
             if self.stopping:
                 proto.request_stop()
             await self.func(proto)
@@ -83,6 +85,25 @@ class EventLoopMode:
             elif record.status == "ok" and proto.lost_error is not None:
                 record.status = "client-gone"
             self.ctx.finished(conn)
+
+    async def _connect(self, proto: AsyncConnection, conn: Accepted) -> bool:
+        """Attach the protocol; False if the TLS handshake failed or was too slow."""
+        tls, loop = self.ctx.tls, self.ctx.loop
+        if tls is None:
+            await loop.connect_accepted_socket(lambda: proto, conn.sock)
+            return True
+        try:
+            await loop.connect_accepted_socket(
+                lambda: proto,
+                conn.sock,
+                ssl=tls,
+                ssl_handshake_timeout=handshake_timeout(self.ctx.limits),
+            )
+        except (OSError, ssl.SSLError) as exc:
+            conn.record.status = "tls-failed"
+            self.ctx.log.error("TLS handshake failed", peer=str(conn.record.peer), error=str(exc))
+            return False
+        return True
 
     def active(self) -> int:
         return len(self.tasks)

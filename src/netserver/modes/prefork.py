@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import json
 import os
 import socket
 import struct
@@ -27,6 +29,7 @@ from .fork import bind_process_stdio, flush_quietly, reset_child_signals
 
 _REPORT = struct.Struct("=cQQi")  # kind, bytes in, bytes out, exit code
 _DONE, _RETIRING, _QUIT, _CONN = b"D", b"R", b"Q", b"C"
+_MAX_MSG = 2048  # a connection message: kind and two endpoints (a unix path is < 108 bytes)
 RETRY_SPAWN = 1.0  # seconds before trying again to start a worker when none runs
 
 
@@ -59,12 +62,12 @@ def worker_main(ctx: ModeContext, chan: socket.socket, recycle: int) -> int:
     devnull = os.open(os.devnull, os.O_RDWR)
     for served in range(1, recycle + 1):
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(chan, 1, 1)
+            msg, fds, _flags, _addr = socket.recv_fds(chan, _MAX_MSG, 1)
         except OSError:
             return 0
-        if msg != _CONN or not fds:
+        if msg[:1] != _CONN or not fds:
             return 0
-        code, bytes_in, bytes_out = serve_one(ctx, fds[0])
+        code, bytes_in, bytes_out = serve_one(ctx, fds[0], decode_endpoints(msg[1:]))
         for fd in (0, 1):
             os.dup2(devnull, fd)
         kind = _RETIRING if served >= recycle else _DONE
@@ -75,15 +78,27 @@ def worker_main(ctx: ModeContext, chan: socket.socket, recycle: int) -> int:
     return 0
 
 
-def serve_one(ctx: ModeContext, fd: int) -> tuple[int, int, int]:
+def encode_endpoints(peer: Endpoint, local: Endpoint) -> bytes:
+    """The endpoints the supervisor judged, for the worker.
+
+    The worker cannot ask the socket: behind a PROXY header the client is not the
+    socket's peer, and behind TLS termination the socket is a socketpair.
+    """
+    return json.dumps([[e.host if e.ip else None, e.port, e.path] for e in (peer, local)]).encode()
+
+
+def decode_endpoints(data: bytes) -> tuple[Endpoint, Endpoint]:
+    """The inverse of `encode_endpoints`."""
+    (pip, pport, ppath), (lip, lport, lpath) = json.loads(data)
+    peer = Endpoint(ipaddress.ip_address(pip) if pip else None, pport, ppath)
+    local = Endpoint(ipaddress.ip_address(lip) if lip else None, lport, lpath)
+    return peer, local
+
+
+def serve_one(ctx: ModeContext, fd: int, ends: tuple[Endpoint, Endpoint]) -> tuple[int, int, int]:
     """Serve one passed descriptor; returns (exit code, bytes in, bytes out)."""
     sock = socket.socket(fileno=fd)
-    try:
-        peer = Endpoint.from_sockaddr(sock.family, sock.getpeername())
-    except OSError:
-        sock.close()
-        return (74, 0, 0)
-    local = Endpoint.from_sockaddr(sock.family, sock.getsockname())
+    peer, local = ends
     conn = Connection(sock, peer, local, timeout=ctx.limits.timeout, max_line=ctx.limits.max_line)
     code = run_sync(ctx.handler, conn, bind_process_stdio)
     conn.close()
@@ -176,7 +191,8 @@ class PreforkMode:
             worker = self.idle.popleft()
             conn = self.pending.popleft()
             try:
-                socket.send_fds(worker.chan, [_CONN], [conn.sock.fileno()])
+                ends = encode_endpoints(conn.record.peer, conn.record.local)
+                socket.send_fds(worker.chan, [_CONN + ends], [conn.sock.fileno()])
             except OSError:
                 self.pending.appendleft(conn)
                 continue

@@ -3,7 +3,8 @@
 The pool never holds more threads than ``max_conns`` and reuses them, so nothing grows
 per connection. In stdio form each thread sees its own connection as sys.stdin and
 sys.stdout (`ThreadStdio`); subprocesses cannot inherit a per-thread stdin, so a handler
-that runs programs on the socket wants fork mode or a command.
+that runs programs on the socket wants fork mode or a command. With TLS the handshake
+runs in the worker thread, under a deadline, before the handler is called.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..connection import Connection
 from ..stdio import ThreadStdio
+from ..tlsterm import TlsConnection, accept_in_thread, handshake_timeout
 from .base import Accepted, ModeContext, run_sync, status_for_exit
 
 
@@ -42,24 +44,45 @@ class ThreadMode:
     def _bind(self, conn: Connection) -> None:
         self.stdio.bind(conn.stdin, conn.stdout)
 
+    def _connect(self, conn: Accepted) -> Connection | None:
+        """The handler's connection; with TLS, after a handshake in this thread."""
+        record, limits, tls = conn.record, self.ctx.limits, self.ctx.tls
+        if tls is None:
+            return Connection(
+                conn.sock,
+                record.peer,
+                record.local,
+                timeout=limits.timeout,
+                max_line=limits.max_line,
+            )
+        try:
+            conn.sock = accept_in_thread(tls, conn.sock, handshake_timeout(limits))
+        except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
+            record.status = "tls-failed"
+            self.ctx.log.error("TLS handshake failed", peer=str(record.peer), error=str(exc))
+            return None
+        return TlsConnection(
+            conn.sock, record.peer, record.local, timeout=limits.timeout, max_line=limits.max_line
+        )
+
     def _serve(self, conn: Accepted) -> None:
         record = conn.record
-        connection = Connection(
-            conn.sock,
-            record.peer,
-            record.local,
-            timeout=self.ctx.limits.timeout,
-            max_line=self.ctx.limits.max_line,
-        )
         code = 70
+        connection: Connection | None = None
         try:
+            connection = self._connect(conn)
+            if connection is None:
+                return
             code = run_sync(self.ctx.handler, connection, self._bind)
         finally:
             self.stdio.bind(None, None)
-            record.bytes_in, record.bytes_out = connection.bytes_in, connection.bytes_out
+            if connection is not None:
+                record.bytes_in, record.bytes_out = connection.bytes_in, connection.bytes_out
+                connection.close()
+            else:
+                conn.sock.close()
             if record.status == "ok":
                 record.status = status_for_exit(code)
-            connection.close()
             with contextlib.suppress(RuntimeError):
                 self.ctx.loop.call_soon_threadsafe(self._done, conn)
 
