@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from . import errors
 from .access import AccessPolicy, NameResolver, SystemResolver
+from .cli_inetd import COMMANDS as INETD_COMMANDS
+from .cli_inetd import add_inetd_commands, add_user_flags, drop_for_serve, run_inetd_command
 from .connlog import ServerLog
 from .endpoint import unmap
 from .handlers import Command, Handler, load_handler
@@ -27,6 +30,7 @@ from .limits import Limits
 from .modes.prefork import PoolSize
 from .readiness import ready_fd_writer
 from .server import MODES, Server
+from .tlsterm import load_context
 
 PROG = "netserver"
 
@@ -97,6 +101,30 @@ def _add_hosts_flags(p: argparse.ArgumentParser, defaults: str) -> None:
     )
 
 
+def _add_tls_proxy_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("TLS termination and PROXY protocol")
+    g.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate chain")
+    g.add_argument("--tls-key", metavar="FILE", help="the key for --tls-cert (both reload on HUP)")
+    g.add_argument(
+        "--proxy-from",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="clients at SPEC (address or network; repeatable) must start with a PROXY "
+        "v1/v2 header, and are then seen as the client it names",
+    )
+
+
+def _tls_loader(args: argparse.Namespace) -> Callable[[], ssl.SSLContext] | None:
+    """A loader for --tls-cert/--tls-key (re-run on SIGHUP), or None without them."""
+    cert, key = args.tls_cert, args.tls_key
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise errors.UsageError("give both --tls-cert and --tls-key")
+    return lambda: load_context(cert, key)
+
+
 def add_runtime_flags(group: argparse._ActionsContainer) -> None:
     """--log-format, --loop and --ready-fd, which every serving command shares."""
     group.add_argument(
@@ -134,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and the ucspi-tcp environment (PROTO, TCPREMOTEIP, ...).",
         epilog="examples:\n  netserver serve --listen 127.0.0.1:7000 --handler examples.echo:main\n"
         "  netserver serve --listen :7000 --allow 10.0.0.0/8 -- /bin/cat\n"
-        "Signals: TERM/INT stop gracefully (twice: at once), HUP reloads access rules.\n"
+        "Signals: TERM/INT stop gracefully (twice: at once), HUP reloads access rules and TLS.\n"
         "Exit codes: 0 ok, 64 usage, 69 unavailable, 78 configuration.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -164,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--refuse-message", metavar="TEXT", help="line sent to a refused client before closing"
     )
+    _add_tls_proxy_flags(s)
     lim = s.add_argument_group("limits")
     lim.add_argument(
         "--max-conns",
@@ -230,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace a worker after N connections (default 1000)",
     )
     add_runtime_flags(s.add_argument_group("logging and start-up"))
+    add_user_flags(s)
 
     c = sub.add_parser(
         "check",
@@ -252,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("address", help="client IP address (or DAEMON, with CLIENT after it)")
     c.add_argument("client", nargs="?", help=argparse.SUPPRESS)
+    add_inetd_commands(sub, add_runtime_flags)
     return parser
 
 
@@ -343,7 +374,10 @@ def cmd_serve(args: argparse.Namespace, command: list[str]) -> int:
         hosts=hosts,
         daemon_name=args.daemon_name,
         host_names=_host_names(args.dns_server) if hosts is not None else None,
+        tls_loader=_tls_loader(args),
+        proxy_from=args.proxy_from,
     )
+    drop_for_serve(args, server)
     server.run()
     return errors.EX_OK
 
@@ -402,6 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_serve(args, command)
         if command:
             raise errors.UsageError("'--' COMMAND is only for 'serve'")
+        if args.command in INETD_COMMANDS:
+            return run_inetd_command(args)
         return cmd_check(args)
     except errors.NetserverError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)

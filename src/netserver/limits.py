@@ -24,6 +24,10 @@ class Limits:
     max_per_source: int = 0
     rate_per_source: float = 0.0
     rate_burst: int = 0
+    # xinetd's ``cps = N WAIT``: more than N new connections within one second, from
+    # anyone, refuses every new one for WAIT seconds (a brake on floods and loops).
+    service_rate: float = 0.0
+    service_pause: float = 0.0
     timeout: float | None = 300.0
     max_line: int = DEFAULT_MAX_LINE
     grace: float = 10.0
@@ -44,11 +48,15 @@ class Admission:
     _open: dict[str, int] = field(default_factory=dict)
     _buckets: dict[str, _Bucket] = field(default_factory=dict)
     _next_prune: float = 0.0
+    _window: tuple[float, int] = (float("-inf"), 0)
+    _paused_until: float = float("-inf")
     total: int = 0
 
     def admit(self, peer: Endpoint) -> str | None:
         """Count the connection in and return None, or return why it is refused."""
         key = peer.host
+        if self.limits.service_rate and (why := self._service_over_rate()):
+            return why
         if self.limits.max_per_source and self._open.get(key, 0) >= self.limits.max_per_source:
             return f"more than {self.limits.max_per_source} connections from {key}"
         if self.limits.rate_per_source and not self._take_token(key):
@@ -71,6 +79,22 @@ class Admission:
     def full(self) -> bool:
         """True when the global cap is reached and accept should pause."""
         return bool(self.limits.max_conns) and self.total >= self.limits.max_conns
+
+    def _service_over_rate(self) -> str | None:
+        """xinetd cps: count this second's connections; past the rate, pause the service."""
+        rate, pause = self.limits.service_rate, self.limits.service_pause
+        now = self.clock()
+        if now < self._paused_until:
+            return f"service paused ({rate:g} connections/s exceeded)"
+        start, count = self._window
+        if now - start >= 1.0:
+            start, count = now, 0
+        self._window = (start, count + 1)
+        if count + 1 > rate:
+            self._paused_until = now + pause
+            self._window = (float("-inf"), 0)
+            return f"more than {rate:g} connections/s: service paused for {pause:g}s"
+        return None
 
     def _take_token(self, key: str) -> bool:
         rate = self.limits.rate_per_source

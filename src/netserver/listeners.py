@@ -8,7 +8,9 @@ Accepted forms (``--listen``):
   (falls back to IPv4 where the kernel has no IPv6);
 * ``localhost:7000`` -- a name, bound on every address it resolves to;
 * ``unix:/run/x.sock`` or a path starting with ``/`` or ``./`` -- a unix stream socket;
-* ``fd:3`` -- an already listening descriptor; ``systemd`` -- all of ``$LISTEN_FDS``.
+* ``fd:3`` -- an already listening descriptor; ``systemd`` -- all of ``$LISTEN_FDS``;
+  ``systemd:NAME`` -- only those whose ``$LISTEN_FDNAMES`` entry is NAME (a socket
+  unit's ``FileDescriptorName=``), so one process can tell several services' sockets apart.
 
 Every socket is non-inheritable (close-on-exec), so a command run per connection never
 holds a listener open.
@@ -41,6 +43,7 @@ class ListenSpec:
     port: int = 0
     path: str = ""
     fd: int = -1
+    name: str = ""
 
 
 @dataclass
@@ -78,6 +81,11 @@ def parse_listen(spec: str) -> ListenSpec:
         return ListenSpec(text, "unix", path=text)
     if text == "systemd":
         return ListenSpec(text, "systemd")
+    if text.startswith("systemd:"):
+        name = text[8:]
+        if not name or ":" in name:
+            raise UsageError(f"bad listen address {spec!r}: expected systemd:NAME")
+        return ListenSpec(text, "systemd", name=name)
     if text.startswith("fd:"):
         fd_text = text[3:]
         if not fd_text.isdigit():
@@ -133,7 +141,7 @@ def _open(spec: ListenSpec, backlog: int) -> Iterator[Listener]:
     elif spec.kind == "fd":
         yield _adopt(spec, spec.fd)
     else:
-        for fd in inherited_fds():
+        for fd in systemd_fds(spec.name):
             yield _adopt(spec, fd)
 
 
@@ -233,13 +241,47 @@ def _adopt(spec: ListenSpec, fd: int) -> Listener:
     return _finish(sock, spec)
 
 
-def inherited_fds() -> list[int]:
-    """The descriptors passed by socket activation (sd_listen_fds(3) protocol)."""
+# The sd_listen_fds(3) hand-over, read once: the variables are removed from the
+# environment (children must not adopt them), yet several services may each ask for
+# their named descriptors afterwards.
+_inherited: list[tuple[int, str]] | None = None
+
+
+def inherited_fds() -> list[tuple[int, str]]:
+    """The descriptors passed by socket activation and their LISTEN_FDNAMES names.
+
+    Empty when $LISTEN_PID names another process (the variables were meant for it).
+    A descriptor without a name gets systemd's default, ``unknown``.
+    """
+    global _inherited
+    if _inherited is None:
+        _inherited = _read_listen_env()
+    return list(_inherited)
+
+
+def _read_listen_env() -> list[tuple[int, str]]:
     if os.environ.get("LISTEN_PID", str(os.getpid())) != str(os.getpid()):
         return []
     count = os.environ.get("LISTEN_FDS", "0")
-    if not count.isdigit() or int(count) == 0:
+    names = os.environ.get("LISTEN_FDNAMES", "")
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    if not count.isdigit():
+        return []
+    labels = names.split(":") if names else []
+    fds = range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count))
+    return [(fd, labels[i] if i < len(labels) else "unknown") for i, fd in enumerate(fds)]
+
+
+def systemd_fds(name: str = "") -> list[int]:
+    """The inherited descriptors named `name` (all of them for ""); ConfigError if none."""
+    fds = [fd for fd, label in inherited_fds() if not name or label == name]
+    if fds:
+        return fds
+    if not name:
         raise ConfigError("listen address 'systemd' given, but $LISTEN_FDS names no descriptor")
-    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        os.environ.pop(name, None)
-    return list(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)))
+    known = ", ".join(sorted({label for _fd, label in inherited_fds()})) or "none"
+    raise ConfigError(
+        f"listen address 'systemd:{name}': no descriptor named {name!r} in "
+        f"$LISTEN_FDNAMES (names: {known})"
+    )
