@@ -55,10 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "serve",
         parents=[common],
-        help="accept mail by SMTP and spool it",
+        help="accept mail by SMTP, spool it, and deliver it as [delivery] says",
         description="Accept mail by SMTP and spool it; each message is on disk (fsync'd) "
         "before the client gets its 250. Never an open relay: mail for other domains is "
-        "taken only from relay_networks (default loopback) or authenticated clients.",
+        "taken only from relay_networks (default loopback) or authenticated clients. "
+        "With delivery.mode smarthost or mx it also delivers, retrying on a schedule; "
+        "offline it delivers only locally and waits for `leafmail flush`.",
     )
     s.add_argument(
         "--listen",
