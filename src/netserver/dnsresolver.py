@@ -21,6 +21,25 @@ from .access import MAX_PTR_NAMES, IPAddress, canonical_names, normalize_ip
 from .errors import ConfigError
 
 
+def explicit_resolver(
+    nameservers: Sequence[str], port: int = 53, timeout: float = 2.0
+) -> dns.resolver.Resolver:
+    """A resolver that asks only these servers (no resolv.conf), every query bounded.
+
+    ConfigError for a nameserver that is not an address.
+    """
+    resolver = dns.resolver.Resolver(configure=False)
+    try:
+        resolver.nameservers = list(nameservers)
+    except ValueError as exc:
+        raise ConfigError(f"bad nameserver list {list(nameservers)!r}: {exc}") from exc
+    resolver.port = port
+    # timeout bounds one try at one server; lifetime bounds a whole query.
+    resolver.timeout = timeout
+    resolver.lifetime = timeout
+    return resolver
+
+
 class DnsResolver:
     """Confirms names by querying the given DNS servers directly with dnspython.
 
@@ -31,16 +50,7 @@ class DnsResolver:
     def __init__(self, nameservers: Sequence[str], port: int = 53, timeout: float = 2.0) -> None:
         if not nameservers:
             raise ConfigError("DnsResolver needs at least one nameserver")
-        resolver = dns.resolver.Resolver(configure=False)
-        try:
-            resolver.nameservers = list(nameservers)
-        except ValueError as exc:
-            raise ConfigError(f"bad nameserver list {list(nameservers)!r}: {exc}") from exc
-        resolver.port = port
-        # timeout bounds one try at one server; lifetime bounds a whole query.
-        resolver.timeout = timeout
-        resolver.lifetime = timeout
-        self._resolver = resolver
+        self._resolver = explicit_resolver(nameservers, port, timeout)
 
     def confirmed_names(self, ip: IPAddress) -> frozenset[str]:
         address = normalize_ip(ip)

@@ -18,7 +18,7 @@ from dns.rdtypes.IN.A import A
 from dns.rdtypes.IN.AAAA import AAAA
 
 from .access import IPAddress, normalize_ip
-from .errors import ConfigError
+from .dnsresolver import explicit_resolver
 from .hosts_names import verified_name
 
 __all__ = ["DnsHostNames"]
@@ -28,15 +28,7 @@ class DnsHostNames:
     """Reverse lookup, then a forward lookup of the first PTR name, with a timeout."""
 
     def __init__(self, nameserver: str, port: int = 53, timeout: float = 2.0) -> None:
-        resolver = dns.resolver.Resolver(configure=False)
-        try:
-            resolver.nameservers = [nameserver]
-        except ValueError as exc:
-            raise ConfigError(f"bad nameserver {nameserver!r}: {exc}") from exc
-        resolver.port = port
-        resolver.timeout = timeout
-        resolver.lifetime = timeout
-        self._resolver = resolver
+        self._resolver = explicit_resolver([nameserver], port, timeout)
 
     def hostname(self, ip: IPAddress) -> str:
         address = normalize_ip(ip)
