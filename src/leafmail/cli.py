@@ -20,7 +20,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from netserver.cli import UsageParser, add_runtime_flags
+from netserver.cli import UsageParser, add_runtime_flags, exit_status
 from netserver.connlog import ServerLog
 from netserver.errors import EX_OK, CantCreateError, NetserverError, UsageError
 from netserver.readiness import ready_fd_writer
@@ -275,13 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if words[:1] == ["sendmail"]:  # argparse cannot parse -fADDR, -oi, -bs and friends
         return sendmail.main(words[1:], prog="leafmail sendmail")
     args = build_parser().parse_args(words)
-    try:
-        return COMMANDS[args.command](args)
-    except NetserverError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+    return exit_status(PROG, lambda: COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":

@@ -428,10 +428,23 @@ def _client_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
         return None
 
 
+def exit_status(prog: str, run: Callable[[], int]) -> int:
+    """Run a command's body: a NetserverError becomes one line on stderr and its sysexits
+    code, Ctrl-C becomes 130; never a traceback for something the user can fix."""
+    try:
+        return run()
+    except errors.NetserverError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     own, command = _split_command(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(own)
-    try:
+
+    def dispatch() -> int:
         if args.command == "serve":
             return cmd_serve(args, command)
         if command:
@@ -439,11 +452,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in INETD_COMMANDS:
             return run_inetd_command(args)
         return cmd_check(args)
-    except errors.NetserverError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+
+    return exit_status(PROG, dispatch)
 
 
 if __name__ == "__main__":

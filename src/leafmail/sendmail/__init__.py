@@ -25,7 +25,8 @@ import sys
 from collections.abc import Sequence
 from typing import BinaryIO
 
-from netserver.errors import EX_OK, NetserverError, UsageError
+from netserver.cli import exit_status
+from netserver.errors import EX_OK, UsageError
 
 from .. import config as configuration
 from .. import tools
@@ -112,14 +113,12 @@ def run(opts: Options) -> int:
 
 def main(argv: Sequence[str], prog: str = "sendmail") -> int:
     """Run as sendmail(8); errors are one line on stderr and a sysexits status."""
-    try:
+
+    def body() -> int:
         opts = parse_options(argv)
         if opts.help:
             sys.stdout.write(USAGE.replace("sendmail", prog, 1))
             return EX_OK
         return run(opts)
-    except NetserverError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+
+    return exit_status(prog, body)
