@@ -12,6 +12,8 @@ users, as a provider's submission server would have them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl
 import threading
 from collections.abc import Iterator
@@ -204,6 +206,51 @@ class _Handler:
             )
         )
         return "250 2.0.0 accepted"
+
+
+class Greeter:
+    """A server that greets every connection with one fixed line and hangs up (or never greets).
+
+    With `line=b""` it hangs up at once: a next hop that is down (no greeting), whose
+    `accepts` count proves whether a client tried to connect at all.
+
+    It stands for an MX that is overloaded ("421 ...") or one that accepted the TCP
+    connection and then went silent (`line=None`).
+    """
+
+    def __init__(self, host: str, port: int, line: bytes | None) -> None:
+        self.line = line
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(8)
+        self.port: int = self.sock.getsockname()[1]
+        self.accepts = 0
+        self._held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed by stop()
+                return
+            self.accepts += 1
+            if self.line is None:
+                self._held.append(conn)  # silent: keep it open, say nothing
+                continue
+            with contextlib.suppress(OSError):
+                conn.sendall(self.line)
+            conn.close()
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self._thread.join(5)
+        for conn in self._held:
+            conn.close()
 
 
 @dataclass(frozen=True)

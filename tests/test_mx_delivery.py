@@ -14,12 +14,10 @@ for a server that never greets, which is the behaviour under test.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import random
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -28,8 +26,9 @@ from typing import Any
 
 import pytest
 import trustme
+from conftest import FakeClock
 from dnsserver import LoopbackDNS
-from smarthost import Smarthost
+from smarthost import Greeter, Smarthost
 
 from leafmail.config import Config, DeliveryConfig, DnsConfig, MxConfig
 from leafmail.delivery import Outcome, Result
@@ -64,47 +63,6 @@ def server_tls(ca: trustme.CA, *names: str) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert(*names).configure_cert(context)
     return context
-
-
-class Greeter:
-    """A server that greets every connection with one fixed line and hangs up (or never greets).
-
-    It stands for an MX that is overloaded ("421 ...") or one that accepted the TCP
-    connection and then went silent (`line=None`).
-    """
-
-    def __init__(self, host: str, port: int, line: bytes | None) -> None:
-        self.line = line
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.sock.listen(8)
-        self.accepts = 0
-        self._held: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:  # closed by stop()
-                return
-            self.accepts += 1
-            if self.line is None:
-                self._held.append(conn)  # silent: keep it open, say nothing
-                continue
-            with contextlib.suppress(OSError):
-                conn.sendall(self.line)
-            conn.close()
-
-    def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self._thread.join(5)
-        for conn in self._held:
-            conn.close()
 
 
 class MxWorld:
@@ -578,14 +536,6 @@ def test_the_deadline_bounds_the_whole_domain_attempt(world: MxWorld) -> None:
 
 
 # --- end to end: spool, queue runner, build_agent -------------------------------------------------
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def spool_is_empty(spool: Spool) -> bool:

@@ -10,16 +10,15 @@ the test (with real-time ids) are young, as they would be in production.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
 import socket
-import threading
 import time
 from collections import Counter
 
 import pytest
-from smarthost import Smarthost
+from conftest import FakeClock
+from smarthost import Greeter, Smarthost
 
 from leafmail import tools
 from leafmail.delivery.smarthost import SmarthostAgent, SmarthostSettings
@@ -27,7 +26,7 @@ from leafmail.envelope import ClientInfo, Envelope, Recipient
 from leafmail.message import Attempt, Verdict
 from leafmail.queue import SCAN_INTERVAL, PassSummary, QueueRunner
 from leafmail.retry import RetryPolicy
-from leafmail.spool import STATES, Spool, encode
+from leafmail.spool import STATES, Spool
 from leafmail.status import MessageStatus, RcptState
 
 HELO = "leaf.test"
@@ -38,55 +37,6 @@ POLICY = RetryPolicy(initial=300.0, maximum=2400.0, lifetime=5 * DAY)
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-class FakeClock:
-    """The runner's clock: it only moves when the test says so."""
-
-    def __init__(self, start: float | None = None) -> None:
-        self.now = time.time() if start is None else start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-class Acceptor:
-    """A TCP listener that accepts each connection and closes it at once, counting them.
-
-    To an SMTP client this is a next hop that is down (no greeting: LinkDown), and the
-    count proves whether the runner tried to connect at all.
-    """
-
-    def __init__(self, port: int = 0) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(16)
-        self.port: int = self.sock.getsockname()[1]
-        self.accepts = 0
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:  # shut down
-                return
-            with self._lock:
-                self.accepts += 1
-            conn.close()
-
-    def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() on Linux
-        self.sock.close()
-        self._thread.join(5)
-        assert not self._thread.is_alive()
 
 
 def body(subject: str) -> bytes:
@@ -110,13 +60,7 @@ def put_old(spool: Spool, rcpts: list[str], age: float, subject: str = "old") ->
     """Spool a message that arrived `age` seconds ago (its id says so), committed properly."""
     arrival_ns = time.time_ns() - int(age * 1e9)
     qid = f"{arrival_ns:016X}{random.getrandbits(32):08X}"
-    fd = spool.write_tmp(qid, encode(envelope(rcpts), body(subject)))
-    try:
-        spool.make_durable([fd])
-    finally:
-        os.close(fd)
-    spool.publish([qid])
-    return qid
+    return spool.commit(envelope(rcpts), body(subject), qid)
 
 
 def agent_for(port: int, *, connect_timeout: float = 5.0) -> SmarthostAgent:
@@ -342,7 +286,7 @@ def test_expired_message_bounces_with_the_last_error(sink: Smarthost, spool: Spo
 
 def test_expiry_happens_while_the_link_is_down(spool: Spool) -> None:
     policy = RetryPolicy(initial=300.0, maximum=3600.0, lifetime=1 * DAY)
-    down = Acceptor()
+    down = Greeter("127.0.0.1", 0, b"")
     try:
         qid = put_old(spool, ["bob@dst.test"], age=DAY - 30.0)
         clock = FakeClock()
@@ -433,7 +377,7 @@ def test_no_delay_warning_when_disabled(sink: Smarthost, spool: Spool) -> None:
 
 
 def test_link_down_defers_one_and_rests(spool: Spool) -> None:
-    down = Acceptor()
+    down = Greeter("127.0.0.1", 0, b"")
     port = down.port
     back: Smarthost | None = None
     try:
@@ -502,7 +446,7 @@ def test_link_down_defers_one_and_rests(spool: Spool) -> None:
 
 def test_link_wait_after_a_scheduled_pass_lets_mail_go(spool: Spool) -> None:
     """Once link_down_until has passed, a plain (not forced) pass delivers again."""
-    down = Acceptor()
+    down = Greeter("127.0.0.1", 0, b"")
     port = down.port
     back: Smarthost | None = None
     try:
@@ -525,7 +469,7 @@ def test_link_wait_after_a_scheduled_pass_lets_mail_go(spool: Spool) -> None:
 
 def test_link_down_with_concurrency_stops_taking_new_messages(spool: Spool) -> None:
     """Workers already connecting find out too; nobody takes a new message after that."""
-    down = Acceptor()
+    down = Greeter("127.0.0.1", 0, b"")
     try:
         for i in range(8):
             put(spool, [f"bob{i}@dst.test"])

@@ -28,7 +28,7 @@ from leafmail.delivery.smarthost import SmarthostAgent, SmarthostSettings
 from leafmail.envelope import ClientInfo, Envelope, Recipient
 from leafmail.queue import QueueRunner
 from leafmail.retry import RetryPolicy
-from leafmail.spool import STATES, Spool, encode
+from leafmail.spool import STATES, Spool
 
 SENDER = "alice@src.test"
 HOUR = 3600.0
@@ -54,13 +54,7 @@ def put(spool: Spool, rcpts: list[str], subject: str = "test", age: float = 0.0)
     if not age:
         return spool.commit(envelope(rcpts), body(subject))
     qid = f"{time.time_ns() - int(age * 1e9):016X}{random.getrandbits(32):08X}"
-    fd = spool.write_tmp(qid, encode(envelope(rcpts), body(subject)))
-    try:
-        spool.make_durable([fd])
-    finally:
-        os.close(fd)
-    spool.publish([qid])
-    return qid
+    return spool.commit(envelope(rcpts), body(subject), qid)
 
 
 def deliver_pass(spool: Spool, port: int) -> None:
