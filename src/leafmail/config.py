@@ -215,6 +215,12 @@ class Config:
                 return route
         if self.local.enabled and domain in self.local_domains:
             return "local"
+        return self.default_route
+
+    @property
+    def default_route(self) -> str:
+        """Where mail with no route of its own goes ("offline" means the smarthost, once
+        flushed)."""
         mode = self.delivery.effective_mode
         return "smarthost" if mode == "offline" else mode
 

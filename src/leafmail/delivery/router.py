@@ -90,9 +90,7 @@ def build_agent(
     Agents are made only for routes in use, so a smarthost-only set-up never loads the
     MX or local machinery. ValueError for settings that cannot work.
     """
-    used = {route for _key, route in config.routes} | {route_of(config, "x@" + config.hostname)}
-    default = config.delivery.effective_mode
-    used.add("smarthost" if default == "offline" else default)
+    used = {route for _key, route in config.routes} | {config.default_route}
     if config.local.enabled:
         used.add("local")
     waiting = frozenset() if routes is None else frozenset(used - routes)
