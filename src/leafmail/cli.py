@@ -252,7 +252,7 @@ def cmd_change(args: argparse.Namespace) -> int:
             print(f"{qid}: {DONE[args.command]}")
             released = released or args.command == "release"
     if released:  # a running daemon takes released mail at once, not at its next scan
-        control.request(spool.control_path, "wake", lambda _line: None)
+        control.wake(spool.control_path)
     return status
 
 

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import time
 from dataclasses import dataclass, replace
@@ -87,10 +86,8 @@ def _spool_error(exc: OSError, what: str) -> NetserverError:
 
 
 def wake(spool: Spool) -> None:
-    """Tell a running daemon that mail is waiting; no daemon, or a busy one, is fine."""
-    # No daemon, or one that answers oddly: its next queue scan picks the mail up.
-    with contextlib.suppress(OSError, ValueError):
-        control.request(spool.control_path, "wake", lambda _line: None)
+    """Tell a running daemon that mail is waiting (see control.wake)."""
+    control.wake(spool.control_path)
 
 
 def now() -> str:
