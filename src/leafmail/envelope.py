@@ -28,11 +28,11 @@ class Recipient:
 
     @classmethod
     def from_json(cls, data: object) -> Recipient:
-        obj = _mapping(data, "recipient", {"address", "notify", "orcpt"})
+        obj = record_fields(data, "recipient", {"address", "notify", "orcpt"})
         notify = obj["notify"]
         if not isinstance(notify, list) or not all(isinstance(n, str) for n in notify):
             raise EnvelopeError("recipient notify must be a list of strings")
-        return cls(_str(obj, "address"), tuple(notify), _opt_str(obj, "orcpt"))
+        return cls(string_field(obj, "address"), tuple(notify), _opt_str(obj, "orcpt"))
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class ClientInfo:
     @classmethod
     def from_json(cls, data: object) -> ClientInfo:
         keys = {"ip", "port", "helo", "protocol", "tls", "auth"}
-        obj = _mapping(data, "client", keys)
+        obj = record_fields(data, "client", keys)
         port = obj["port"]
         if port is not None and (not isinstance(port, int) or isinstance(port, bool)):
             raise EnvelopeError("client port must be an integer")
@@ -67,7 +67,7 @@ class ClientInfo:
             _opt_str(obj, "ip"),
             port,
             _opt_str(obj, "helo"),
-            _str(obj, "protocol"),
+            string_field(obj, "protocol"),
             _opt_str(obj, "tls"),
             _opt_str(obj, "auth"),
         )
@@ -101,31 +101,32 @@ class Envelope:
     @classmethod
     def from_json(cls, data: object) -> Envelope:
         keys = {"sender", "recipients", "client", "received", "body", "smtputf8", "ret", "envid"}
-        obj = _mapping(data, "envelope", keys)
+        obj = record_fields(data, "envelope", keys)
         rcpts = obj["recipients"]
         if not isinstance(rcpts, list) or not rcpts:
             raise EnvelopeError("envelope needs a non-empty recipient list")
         if not isinstance(obj["smtputf8"], bool):
             raise EnvelopeError("smtputf8 must be true or false")
         return cls(
-            _str(obj, "sender"),
+            string_field(obj, "sender"),
             tuple(Recipient.from_json(r) for r in rcpts),
             ClientInfo.from_json(obj["client"]),
-            _str(obj, "received"),
-            _str(obj, "body"),
+            string_field(obj, "received"),
+            string_field(obj, "body"),
             obj["smtputf8"],
             _opt_str(obj, "ret"),
             _opt_str(obj, "envid"),
         )
 
 
-def _mapping(data: object, what: str, keys: set[str]) -> dict[str, object]:
+def record_fields(data: object, what: str, keys: set[str]) -> dict[str, object]:
+    """`data` as a dict with exactly these keys (the spool's strict JSON records)."""
     if not isinstance(data, dict) or set(data) != keys:
         raise EnvelopeError(f"{what} record has the wrong fields")
     return data
 
 
-def _str(obj: dict[str, object], key: str) -> str:
+def string_field(obj: dict[str, object], key: str) -> str:
     value = obj[key]
     if not isinstance(value, str):
         raise EnvelopeError(f"{key} must be a string")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
-from .envelope import Envelope, EnvelopeError
+from .envelope import Envelope, EnvelopeError, record_fields, string_field
 
 
 class RcptState(StrEnum):
@@ -50,12 +50,14 @@ class RcptStatus:
 
     @classmethod
     def from_json(cls, data: object) -> RcptStatus:
-        obj = _fields(data, {"state", "attempts", "reply", "remote"})
+        obj = record_fields(data, "recipient status", {"state", "attempts", "reply", "remote"})
         try:
             state = RcptState(str(obj["state"]))
         except ValueError:
             raise EnvelopeError("bad recipient state") from None
-        return cls(state, _int(obj, "attempts"), _text(obj, "reply"), _text(obj, "remote"))
+        return cls(
+            state, _int(obj, "attempts"), string_field(obj, "reply"), string_field(obj, "remote")
+        )
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ class MessageStatus:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise EnvelopeError(f"status is not JSON: {exc}") from None
         keys = {"version", "arrival", "next_attempt", "last_attempt", "attempts"}
-        obj = _fields(data, keys | {"last_error", "warned", "recipients"})
+        obj = record_fields(data, "status", keys | {"last_error", "warned", "recipients"})
         if obj["version"] != 1:
             raise EnvelopeError("unknown status version")
         rcpts = obj["recipients"]
@@ -127,7 +129,7 @@ class MessageStatus:
             next_attempt=_number(obj, "next_attempt"),
             last_attempt=_number(obj, "last_attempt"),
             attempts=_int(obj, "attempts"),
-            last_error=_text(obj, "last_error"),
+            last_error=string_field(obj, "last_error"),
             warned=obj["warned"],
         )
 
@@ -148,12 +150,6 @@ def peek_next_attempt(blob: bytes) -> float:
     return 0.0
 
 
-def _fields(data: object, keys: set[str]) -> dict[str, object]:
-    if not isinstance(data, dict) or set(data) != keys:
-        raise EnvelopeError("status record has the wrong fields")
-    return data
-
-
 def _int(obj: dict[str, object], key: str) -> int:
     value = obj[key]
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -166,10 +162,3 @@ def _number(obj: dict[str, object], key: str) -> float:
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise EnvelopeError(f"{key} must be a number")
     return float(value)
-
-
-def _text(obj: dict[str, object], key: str) -> str:
-    value = obj[key]
-    if not isinstance(value, str):
-        raise EnvelopeError(f"{key} must be a string")
-    return value
