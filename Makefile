@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench clean
+.PHONY: run test lint typecheck unit bench soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,17 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.smtp_bench
 	$(BIN)/python -m bench.relay_bench
+
+# The reliability suite (tests/reliability/) at full size: crash, disk-full, smarthost
+# faults, attacks, fuzzing and load; `make test` runs its short form. The figures go to
+# bench/reliability.jsonl and into the tables of bench/RELIABILITY.md (written even when a
+# test fails, so the failure's figures are kept; the exit status is pytest's).
+FIGURES := $(CURDIR)/bench/reliability.jsonl
+soak: $(STAMP)
+	rm -f $(FIGURES)
+	SOAK=1 RELIABILITY_RECORD=$(FIGURES) $(BIN)/pytest -q -p no:cacheprovider \
+	  --timeout 3600 tests/reliability; status=$$?; \
+	  $(BIN)/python -m bench.reliability_report $(FIGURES) bench/RELIABILITY.md && exit $$status
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
