@@ -304,8 +304,7 @@ class Spool:
         if state is None:
             raise KeyError(qid)
         os.unlink(self.path(state, qid))
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.root / "status" / qid)
+        self._unlink_status(qid)
         if durable:
             self.sync_dir(state)
 
@@ -324,9 +323,16 @@ class Spool:
         finally:
             if fd is not None:
                 os.close(fd)
-        # A status left behind (the unlink failed) is an orphan that clean_status removes.
-        with contextlib.suppress(OSError):
-            os.unlink(self.root / "status" / qid)
+        self._unlink_status(qid)
+
+    def _unlink_status(self, qid: str) -> None:
+        """Remove a message's status record and a QID.new a killed write_status left.
+
+        A status left behind (an unlink failed) is an orphan that clean_status removes.
+        """
+        for name in (qid, qid + ".new"):
+            with contextlib.suppress(OSError):
+                os.unlink(self.root / "status" / name)
 
     # -- delivery state -----------------------------------------------------------------
     def read_status(self, qid: str) -> bytes | None:
@@ -350,20 +356,30 @@ class Spool:
             os.unlink(new)  # left by a crash; only the lock holder writes here
         fd = os.open(new, _OPEN_NEW, 0o600)
         try:
-            view = memoryview(blob)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        os.rename(new, final)
+            try:
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            os.rename(new, final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(new)  # a full disk must not leave a half record behind
+            raise
         self.sync_dir("status")
 
     def clean_status(self) -> int:
-        """Remove status records whose message is gone (left by a crash or a delete)."""
+        """Remove status records whose message is gone (left by a crash or a delete).
+
+        That includes the QID.new of a write_status a SIGKILL cut short: no later
+        write or removal of that message will come to take it away.
+        """
         count = 0
         for entry in os.scandir(self.root / "status"):
-            if valid_id(entry.name) and self.find(entry.name) is None:
+            qid = entry.name.removesuffix(".new")
+            if valid_id(qid) and self.find(qid) is None:
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
                     count += 1
