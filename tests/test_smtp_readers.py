@@ -22,6 +22,7 @@ from netserver.smtp.readers import (
     MessageSink,
     apply_newline_policy,
     has_bare_newline,
+    has_long_line,
 )
 
 TOO_LONG = LineError(LineErrorKind.TOO_LONG)
@@ -269,3 +270,18 @@ def test_apply_newline_policy() -> None:
     assert apply_newline_policy(b"a\r\n", BareNewline.REJECT) == b"a\r\n"
     assert apply_newline_policy(b"a\n", BareNewline.REJECT) is None
     assert apply_newline_policy(b"a\nb\rc\r\n", BareNewline.REPLACE) == b"a\r\nb\r\nc\r\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "long"),
+    [
+        (b"x" * 998 + b"\r\n", False),  # 1000 octets with CRLF: the limit itself
+        (b"x" * 999 + b"\r\n", True),
+        (b"a\r\n" + b"x" * 998, False),  # the last line, without its CRLF yet
+        (b"a\r\n" + b"x" * 999, True),
+        ((b"x" * 900 + b"\r\n") * 3, False),  # many lines near the limit add nothing up
+        (b"", False),
+    ],
+)
+def test_has_long_line_counts_octets_per_line(data: bytes, long: bool) -> None:
+    assert has_long_line(data) is long

@@ -240,6 +240,7 @@ class ReceiveService:
             qid=qid,
             recipients=[r.address for r in envelope.recipients],
             tls=envelope.client.tls,
+            utf8=envelope.smtputf8,
         )
         try:
             await self.committer.commit(envelope, added + header + data, qid=qid)

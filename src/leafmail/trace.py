@@ -19,6 +19,9 @@ from datetime import UTC, datetime
 
 _UNSAFE = re.compile(r"[^\x21-\x7e\u00a0-\U0010ffff]")
 _UNSAFE_KEEP_SPACE = re.compile(r"[^\x20-\x7e\u00a0-\U0010ffff]")
+# Without SMTPUTF8 the message is ASCII (or 8BITMIME), and a UTF-8 EHLO name must not
+# make it need SMTPUTF8 at the next hop (RFC 6531), so the name loses what is not ASCII.
+_UNSAFE_ASCII = re.compile(r"[^\x21-\x7e]")
 
 
 def _clean(text: str, pattern: re.Pattern[str] = _UNSAFE) -> str:
@@ -35,10 +38,12 @@ def received_header(
     recipients: Sequence[str],
     tls: str | None = None,
     timestamp: float | None = None,
+    utf8: bool = False,
 ) -> bytes:
-    """The header field, folded, ending in CRLF; UTF-8 only if the client sent UTF-8."""
+    """The header field, folded, ending in CRLF; UTF-8 only in an SMTPUTF8 message."""
     source = f"[{client_ip}]" if client_ip else "localhost"
-    lines = [f"Received: from {_clean(helo or 'unknown')} ({source})"]
+    name = _clean(helo or "unknown", _UNSAFE if utf8 else _UNSAFE_ASCII)
+    lines = [f"Received: from {name} ({source})"]
     via = f"by {_clean(hostname)} (leafmail) with {protocol} id {qid}"
     if tls:
         via += " (" + " ".join(_clean(word) for word in tls.split()) + ")"

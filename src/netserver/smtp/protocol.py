@@ -91,6 +91,7 @@ from .readers import (
     MessageEnd,
     MessageSink,
     apply_newline_policy,
+    has_long_line,
 )
 from .replies import RemoteProtocolError, Reply
 
@@ -876,6 +877,9 @@ class ServerProtocol:
             self._sink = None
             if data is None:
                 self._message_failed(DataError.BARE_NEWLINE)
+            elif has_long_line(data):
+                # BINARYMIME is not offered, so BDAT carries text: the limit DATA has.
+                self._message_failed(DataError.LINE_TOO_LONG)
             else:
                 self._message_ready(data)
 

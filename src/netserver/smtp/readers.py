@@ -46,6 +46,7 @@ __all__ = [
     "MessageSink",
     "apply_newline_policy",
     "has_bare_newline",
+    "has_long_line",
 ]
 
 COMMAND_LINE_LIMIT = 512  # octets with CRLF, RFC 5321 4.5.3.1.4
@@ -76,6 +77,15 @@ def has_bare_newline(data: bytes) -> bool:
     """True if ``data`` holds a CR or LF outside a CRLF pair."""
     pairs = data.count(b"\r\n")
     return data.count(b"\r") != pairs or data.count(b"\n") != pairs
+
+
+# 999 octets without CR or LF: a text line longer than TEXT_LINE_LIMIT with its CRLF.
+_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (TEXT_LINE_LIMIT - 1))
+
+
+def has_long_line(data: bytes) -> bool:
+    """True if a line of a whole body (CRLF line ends) is over RFC 5321's 1000 octets."""
+    return _LONG_LINE.search(data) is not None
 
 
 def apply_newline_policy(data: bytes, policy: BareNewline) -> bytes | None:
