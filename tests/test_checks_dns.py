@@ -139,7 +139,7 @@ def test_listed_client_is_refused_naming_the_zone(servers: Callable[..., Loopbac
     verdict = run(dnsbl(server, "reject")(client(LISTED)))
     assert isinstance(verdict, Reject)
     assert str(verdict.reply) == (
-        "554 5.7.1 Service unavailable; client [192.0.2.66] blocked using bl.test"
+        "550 5.7.1 Service unavailable; client [192.0.2.66] blocked using bl.test"
     )
     assert server.queries == [("66.2.0.192.bl.test", "A")]
 

@@ -157,7 +157,7 @@ def test_a_listed_client_is_refused_at_mail(servers: LeafmailFactory, dns: Loopb
         client.greeting()
         client.ehlo()
         reply = client.command("MAIL FROM:<alice@example.org>")
-        assert (reply.code, reply.enhanced) == (554, "5.7.1")
+        assert (reply.code, reply.enhanced) == (550, "5.7.1")
         assert reply.text == "5.7.1 Service unavailable; client [127.0.0.3] blocked using bl.test"
         assert client.command("QUIT").code == 221
     assert server.queue_ids() == []

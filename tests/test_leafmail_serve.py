@@ -407,7 +407,7 @@ def test_pipelined_group_with_refused_recipient(outside: Leafmail) -> None:
             b"DATA\r\n"
         )
         got = [(r.code, r.enhanced) for r in client.replies(5)]
-        assert got == [(250, "2.1.0"), (554, "5.7.1"), (250, "2.1.5"), (554, "5.7.1"), (354, None)]
+        assert got == [(250, "2.1.0"), (550, "5.7.1"), (250, "2.1.5"), (550, "5.7.1"), (354, None)]
         client.send(MESSAGE + b".\r\n")
         qid = queued_id(client.reply().text)
     check_spooled(
@@ -420,7 +420,7 @@ def test_pipelined_data_without_valid_recipients_is_refused(outside: Leafmail) -
     with raw(outside.address()) as client:
         client.send(b"MAIL FROM:<a@example.test>\r\nRCPT TO:<x@elsewhere.test>\r\nDATA\r\nNOOP\r\n")
         replies = client.replies(4)
-        assert [r.code for r in replies] == [250, 554, 554, 250]
+        assert [r.code for r in replies] == [250, 550, 554, 250]
         assert replies[2].enhanced == "5.5.1"
     assert outside.queue_ids() == before
 
@@ -761,7 +761,7 @@ def test_client_outside_relay_networks_cannot_relay(servers: LeafmailFactory) ->
         client.ehlo()
         client.mail(SENDER)
         code, text = client.rcpt("x@elsewhere.test")
-        assert (code, text[:5]) == (554, b"5.7.1")
+        assert (code, text[:5]) == (550, b"5.7.1")
         assert client.rset()[0] == 250
         with pytest.raises(smtplib.SMTPRecipientsRefused):
             client.sendmail(SENDER, ["x@elsewhere.test", "y@example.test"], MESSAGE)
@@ -831,7 +831,7 @@ def test_foreign_addresses_are_refused_from_outside(outside: Leafmail, address: 
     with raw(outside.address()) as client:
         assert client.command("MAIL FROM:<a@example.test>").code == 250
         reply = client.command(f"RCPT TO:<{address}>")
-        assert (reply.code, reply.enhanced) == (554, "5.7.1"), reply
+        assert (reply.code, reply.enhanced) == (550, "5.7.1"), reply
         assert client.command("RCPT TO:<bob@mx.test>").code == 250
         # Even a pipelined DATA cannot carry the message to the refused recipient.
         assert client.command("DATA").code == 354
@@ -846,7 +846,7 @@ def test_relay_denials_do_not_count_as_client_errors(servers: LeafmailFactory) -
     with raw(server.address()) as client:
         assert client.command("MAIL FROM:<a@example.test>").code == 250
         for i in range(5):
-            assert client.command(f"RCPT TO:<x{i}@elsewhere.test>").code == 554
+            assert client.command(f"RCPT TO:<x{i}@elsewhere.test>").code == 550
         assert client.command("RCPT TO:<bob@mx.test>").code == 250
         assert client.command("DATA").code == 354
         assert client.command(MESSAGE + b".").code == 250
@@ -876,7 +876,7 @@ def test_local_domains_config(servers: LeafmailFactory) -> None:
         assert client.command("RCPT TO:<a@example.org>").code == 250
         assert client.command("RCPT TO:<b@MAIL.example.org>").code == 250
         # local_domains replaces the hostname default.
-        assert client.command("RCPT TO:<c@mx.test>").code == 554
+        assert client.command("RCPT TO:<c@mx.test>").code == 550
 
 
 # --- 8. the spool on disk, and stopping -------------------------------------------------

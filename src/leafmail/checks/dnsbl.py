@@ -92,7 +92,7 @@ def dnsbl_check(
     timeout: float,
     relay_networks: AccessPolicy,
 ) -> AsyncCheck:
-    """The MAIL-stage DNSBL check: 554 5.7.1 naming the zone, or a tag."""
+    """The MAIL-stage DNSBL check: 550 5.7.1 naming the zone, or a tag."""
 
     async def check(session: Session) -> Verdict:
         ip = session.client_ip
@@ -109,5 +109,5 @@ def dnsbl_check(
 def listed(mode: str, ip: IPAddress, zone: str) -> Verdict:
     """The verdict for a client `zone` lists."""
     text = f"Service unavailable; client [{ip}] blocked using {zone}"
-    reply = Reply(554, "5.7.1", printable(text))
+    reply = Reply(550, "5.7.1", printable(text))
     return tag_or_reject(mode, header_field(TAG_FIELD, f"listed ({zone})"), reply)

@@ -16,7 +16,9 @@ from netserver.smtp.replies import Reply
 
 from . import ACCEPT, Check, Reject, Session, Verdict
 
-RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+# 550, not the 554 some MTAs send: RFC 5321 4.3.2 lists no 554 for RCPT, and 3.6
+# names 550 for a recipient refused by policy.
+RELAY_DENIED = Reply(550, "5.7.1", "Relay access denied")
 
 
 def relay_check(local_domains: Iterable[str], relay_networks: AccessPolicy) -> Check:
