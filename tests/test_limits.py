@@ -129,6 +129,17 @@ def test_a_v4_mapped_peer_is_the_same_source() -> None:
     assert adm.admit(mapped) is not None
 
 
+def test_exempt_sources_skip_the_per_source_caps_but_not_the_global_one() -> None:
+    trusted = peer("192.0.2.7")
+    adm = admission(
+        max_per_source=1, rate_per_source=1, max_conns=3, exempt=lambda p: p.ip == trusted.ip
+    )
+    assert [adm.admit(peer("192.0.2.7", port=n)) for n in range(3)] == [None, None, None]
+    assert adm.full  # exempt connections still count towards max_conns
+    assert adm.admit(peer("192.0.2.1")) is None  # the global cap pauses accept, no refusal
+    assert adm.admit(peer("192.0.2.1", port=2)) == "more than 1 connections from 192.0.2.1"
+
+
 def test_global_cap_is_full_and_frees_up() -> None:
     adm = admission(max_conns=2)
     assert not adm.full

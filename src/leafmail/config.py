@@ -41,8 +41,18 @@ class SmtpConfig:
     max_recipients: int = 100
     max_errors: int = 10
     max_sessions: int = 20000
+    # None: 50 (Postfix's smtpd_client_connection_count_limit), at most half of
+    # max_sessions, so that no one address can take every session.
+    max_sessions_per_source: int | None = None
     allow_plaintext_auth: bool = False
     bare_lf: str = "reject"
+
+    @property
+    def per_source_sessions(self) -> int:
+        """Sessions one client address may hold at once (0: no limit)."""
+        if self.max_sessions_per_source is not None:
+            return self.max_sessions_per_source
+        return min(50, max(1, self.max_sessions // 2))
 
 
 @dataclass(frozen=True)
@@ -225,8 +235,14 @@ class Config:
         return "smarthost" if mode == "offline" else mode
 
     def relay_policy(self) -> AccessPolicy:
-        """The networks allowed to relay, as an allow-only access policy."""
-        return AccessPolicy(allow=self.relay.relay_networks or ("127.0.0.1/32",))
+        """The networks allowed to relay, as an allow-only access policy.
+
+        An empty list trusts nobody (relaying needs AUTH). AccessPolicy reads "no allow
+        rules" as "allow all", so that case is spelled out as a deny.
+        """
+        if not self.relay.relay_networks:
+            return AccessPolicy(deny=("ALL",))
+        return AccessPolicy(allow=self.relay.relay_networks)
 
 
 def default_config_path(env: Mapping[str, str]) -> Path:
@@ -332,6 +348,7 @@ def _smtp(t: _Table) -> SmtpConfig:
         max_recipients=t.integer("max_recipients", d.max_recipients),
         max_errors=t.integer("max_errors", d.max_errors),
         max_sessions=t.integer("max_sessions", d.max_sessions),
+        max_sessions_per_source=t.optional_integer("max_sessions_per_source"),
         allow_plaintext_auth=t.boolean("allow_plaintext_auth", d.allow_plaintext_auth),
         bare_lf=t.choice("bare_lf", d.bare_lf, ("reject", "replace")),
     )
@@ -488,6 +505,8 @@ def _check(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: smtp.max_message_size and max_recipients must be > 0")
     if smtp.max_errors < 0 or smtp.max_sessions <= 0:
         raise ConfigError(f"{where}: smtp.max_errors must be >= 0 and max_sessions > 0")
+    if smtp.max_sessions_per_source is not None and smtp.max_sessions_per_source < 0:
+        raise ConfigError(f"{where}: smtp.max_sessions_per_source must be >= 0 (0: no limit)")
     problem = hostname_problem(config.hostname)
     if problem:
         raise ConfigError(f"{where}: hostname {config.hostname!r}: {problem}")
@@ -575,6 +594,9 @@ class _Table:
 
     def integer(self, key: str, default: int) -> int:
         return int(self._get(key, int, "an integer")) if key in self.data else default
+
+    def optional_integer(self, key: str) -> int | None:
+        return int(self._get(key, int, "an integer")) if key in self.data else None
 
     def duration(self, key: str, default: float) -> float:
         if key not in self.data:

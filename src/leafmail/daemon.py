@@ -139,12 +139,23 @@ class Daemon:
         return [role for role in roles if role.listen]
 
     def _server(self, role: _Role) -> Server:
-        limits = Limits(max_conns=self.config.smtp.max_sessions, timeout=SESSION_TIMEOUT)
+        smtp = self.config.smtp
+        trusted = self.config.relay_policy()
+        limits = Limits(
+            max_conns=smtp.max_sessions,
+            max_per_source=smtp.per_source_sessions,
+            timeout=SESSION_TIMEOUT,
+            # relay_networks are ours (a web app, a NAT): exempt, as Postfix exempts
+            # mynetworks from its per-client limits.
+            exempt=lambda peer: peer.ip is not None and trusted.decide(peer.ip).allowed,
+        )
         return Server(
             AsyncHandler(role.service.handle),
             list(role.listen),
             mode="async",
             limits=limits,
+            refuse_message=f"421 4.7.0 {self.config.hostname} Too many connections "
+            "from your address, try again later",
             log=self.log,
             tls=self.tls if role.implicit_tls else None,
             signals=False,

@@ -31,6 +31,9 @@ class Limits:
     timeout: float | None = 300.0
     max_line: int = DEFAULT_MAX_LINE
     grace: float = 10.0
+    # Clients the per-source caps do not apply to (say, a mail server's own networks,
+    # whose one address may stand for many users); the global cap still does.
+    exempt: Callable[[Endpoint], bool] | None = None
 
 
 @dataclass
@@ -57,12 +60,19 @@ class Admission:
         key = peer.host
         if self.limits.service_rate and (why := self._service_over_rate()):
             return why
-        if self.limits.max_per_source and self._open.get(key, 0) >= self.limits.max_per_source:
-            return f"more than {self.limits.max_per_source} connections from {key}"
-        if self.limits.rate_per_source and not self._take_token(key):
-            return f"more than {self.limits.rate_per_source:g} connections/s from {key}"
+        exempt = self.limits.exempt is not None and self.limits.exempt(peer)
+        if not exempt and (why := self._over_source_limits(key)) is not None:
+            return why
         self._open[key] = self._open.get(key, 0) + 1
         self.total += 1
+        return None
+
+    def _over_source_limits(self, key: str) -> str | None:
+        limits = self.limits
+        if limits.max_per_source and self._open.get(key, 0) >= limits.max_per_source:
+            return f"more than {limits.max_per_source} connections from {key}"
+        if limits.rate_per_source and not self._take_token(key):
+            return f"more than {limits.rate_per_source:g} connections/s from {key}"
         return None
 
     def release(self, peer: Endpoint) -> None:
