@@ -208,6 +208,15 @@ class _Handler:
         return "250 2.0.0 accepted"
 
 
+def delivery_counts(host: Smarthost) -> dict[str, int]:
+    """How often each recipient got a message at the smarthost (at-least-once checks)."""
+    counts: dict[str, int] = {}
+    for got in host.received:
+        for rcpt in got.recipients:
+            counts[rcpt] = counts.get(rcpt, 0) + 1
+    return counts
+
+
 class Greeter:
     """A server that greets every connection with one fixed line and hangs up (or never greets).
 

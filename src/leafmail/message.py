@@ -19,6 +19,7 @@ twice, never zero times (at least once). A crash between 2 and 3 can repeat a bo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Sequence
@@ -275,16 +276,40 @@ def dsn_for(
 
 
 def _store(message: Message, state: str, dsns: list[tuple[Envelope, bytes]]) -> list[str]:
-    """Commit the DSNs, then the status (or the removal); returns the DSNs' queue ids."""
+    """Commit the DSNs, then the status (or the removal); returns the DSNs' queue ids.
+
+    DSNs come first so that a crash can only repeat a bounce, never lose one. A status
+    write that fails (a full disk) is not a crash: the attempt counts as not made and
+    will be repeated, so the DSNs it committed are taken back, or the sender would get
+    one more copy per failed attempt.
+    """
     spool, qid = message.spool, message.qid
-    dsn_ids = [spool.commit(envelope, data) for envelope, data in dsns]
-    if message.status.done:
-        spool.remove(qid, durable=False)
-    else:
-        spool.write_status(qid, message.status.to_bytes())
-        if state == "queue":
-            spool.move(qid, "queue", "deferred")
+    dsn_ids: list[str] = []
+    try:
+        for envelope, data in dsns:
+            dsn_ids.append(spool.commit(envelope, data))
+        if message.status.done:
+            spool.remove(qid, durable=False)
+        else:
+            spool.write_status(qid, message.status.to_bytes())
+    except OSError:
+        _withdraw(spool, dsn_ids)
+        raise
+    if not message.status.done and state == "queue":
+        spool.move(qid, "queue", "deferred")
     return dsn_ids
+
+
+def _withdraw(spool: Spool, dsn_ids: list[str]) -> None:
+    """Remove DSNs of an attempt that could not be recorded (best effort).
+
+    A DSN some runner already holds is left alone: delivering it twice is the
+    at-least-once case, taking it from under a delivery is not allowed.
+    """
+    for dsn in dsn_ids:
+        with contextlib.suppress(OSError, KeyError), spool.locked(dsn) as state:
+            if state is not None:
+                spool.remove(dsn)
 
 
 def apply_results(

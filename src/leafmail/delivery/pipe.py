@@ -16,7 +16,7 @@ import contextlib
 import os
 import pwd
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import Result
 from .local_common import Copy, Identity, clean, delivered
@@ -36,7 +36,6 @@ async def run_command(
 ) -> Result:
     """Run argv (no shell) with the message on stdin: exit 0 delivered, 75 or a timeout
     deferred, a signal deferred, anything else failed with the first line of stderr."""
-    switch = identity is not None
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -46,9 +45,7 @@ async def run_command(
             cwd="/",
             env=env,
             start_new_session=True,  # its own process group: a timeout kills all of it
-            user=identity.uid if identity is not None else None,
-            group=identity.gid if identity is not None else None,
-            extra_groups=[] if switch else None,
+            preexec_fn=None if identity is None else _become(identity),
         )
     except OSError as exc:
         return Result.deferred("4.3.0", f"cannot run {argv[0]}: {exc.strerror or exc}")
@@ -63,6 +60,22 @@ async def run_command(
         _kill(proc)
         raise
     return _command_result(argv[0], code, err)
+
+
+def _become(identity: Identity) -> Callable[[], None]:
+    """What the child runs before exec to take on `identity`.
+
+    Not the user=/group=/extra_groups= arguments: uvloop, the daemon's event loop,
+    refuses them, and every command delivery would fail. Supplementary groups go first,
+    then the group, then the user, while we may still change them.
+    """
+
+    def switch() -> None:
+        os.setgroups([])
+        os.setgid(identity.gid)
+        os.setuid(identity.uid)
+
+    return switch
 
 
 async def _converse(proc: asyncio.subprocess.Process, data: bytes) -> tuple[bytes, int]:

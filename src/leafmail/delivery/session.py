@@ -68,7 +68,7 @@ async def transaction(
         if reply.code in (250, 251):
             accepted.append(index)
         else:
-            results[index] = Result.refused(reply.code, reply.message, remote)
+            results[index] = rcpt_refused(reply, remote)
     if not accepted:
         return await reset(smtp)
     try:
@@ -78,6 +78,18 @@ async def transaction(
         return await reset(smtp)
     results.update(all_results(accepted, Result.from_reply(reply.code, reply.message, remote)))
     return True
+
+
+def rcpt_refused(reply: aiosmtplib.SMTPResponse, remote: str) -> Result:
+    """The result of a refused RCPT.
+
+    552 is deferred, not bounced: RFC 5321 4.5.3.1.10 has clients treat it as 452 (too
+    many recipients), because old servers sent 552 for that; Postfix does the same.
+    """
+    if reply.code == 552:
+        text = " ".join(reply.message.split())
+        return Result.deferred("4.5.3", f"552 {text} (taken as 452, too many recipients)", remote)
+    return Result.refused(reply.code, reply.message, remote)
 
 
 async def path_command(
