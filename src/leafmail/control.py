@@ -28,6 +28,8 @@ from typing import Any
 
 from netserver.connlog import ServerLog
 
+from .envelope import EnvelopeError, load_json
+
 REQUEST_LIMIT = 4096
 REQUEST_TIMEOUT = 10.0
 
@@ -100,8 +102,8 @@ class ControlServer:
 
 def _command(line: bytes) -> str | None:
     try:
-        request = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        request = load_json(line, "request")
+    except EnvelopeError:
         return None
     command = request.get("command") if isinstance(request, dict) else None
     return command if command in ("flush", "wake") else None

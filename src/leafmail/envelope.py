@@ -7,6 +7,8 @@ format that cannot run code when loaded (the 1998 spool used a frozen Perl objec
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +119,39 @@ class Envelope:
             _opt_str(obj, "ret"),
             _opt_str(obj, "envid"),
         )
+
+
+def load_json(blob: bytes | str, what: str) -> object:
+    """Parse strict JSON; EnvelopeError (a ValueError) for anything wrong with it.
+
+    json.loads has more ways to fail than JSONDecodeError: RecursionError for deep
+    nesting, ValueError for an integer past the digit limit, and it accepts NaN and
+    Infinity. A damaged spool record must give the one error its readers handle, or a
+    single bad file would stop every queue run that meets it.
+    """
+    try:
+        return json.loads(blob, parse_constant=_no_constant)
+    except EnvelopeError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise EnvelopeError(f"{what} is not JSON: {exc}") from None
+
+
+def _no_constant(name: str) -> object:
+    raise EnvelopeError(f"{name} is not a JSON number")
+
+
+def finite_number(value: object, key: str) -> float:
+    """A JSON number field as a finite float (EnvelopeError otherwise)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise EnvelopeError(f"{key} must be a number")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise EnvelopeError(f"{key} is out of range") from None
+    if not math.isfinite(number):
+        raise EnvelopeError(f"{key} must be finite")
+    return number
 
 
 def record_fields(data: object, what: str, keys: set[str]) -> dict[str, object]:

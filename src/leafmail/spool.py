@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar, cast
 
-from .envelope import Envelope, EnvelopeError
+from .envelope import Envelope, EnvelopeError, load_json
 
 MAGIC = b"LEAFMAIL-SPOOL/1"
 TRAILER = b"\nLEAFMAIL-END\n"
@@ -121,8 +121,8 @@ def decode(blob: bytes) -> tuple[Envelope, bytes]:
     if hashlib.sha256(env + data).hexdigest().encode() != fields[3]:
         raise ValueError("checksum mismatch")
     try:
-        return Envelope.from_json(json.loads(env)), data
-    except (UnicodeDecodeError, json.JSONDecodeError, EnvelopeError) as exc:
+        return Envelope.from_json(load_json(env, "envelope")), data
+    except EnvelopeError as exc:
         raise ValueError(f"bad envelope: {exc}") from None
 
 

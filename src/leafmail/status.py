@@ -15,7 +15,14 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
-from .envelope import Envelope, EnvelopeError, record_fields, string_field
+from .envelope import (
+    Envelope,
+    EnvelopeError,
+    finite_number,
+    load_json,
+    record_fields,
+    string_field,
+)
 
 
 class RcptState(StrEnum):
@@ -110,10 +117,7 @@ class MessageStatus:
     @classmethod
     def from_bytes(cls, blob: bytes, envelope: Envelope) -> MessageStatus:
         """Parse a status record; EnvelopeError if it is damaged or not for `envelope`."""
-        try:
-            data = json.loads(blob)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise EnvelopeError(f"status is not JSON: {exc}") from None
+        data = load_json(blob, "status")
         keys = {"version", "arrival", "next_attempt", "last_attempt", "attempts"}
         obj = record_fields(data, "status", keys | {"last_error", "warned", "recipients"})
         if obj["version"] != 1:
@@ -142,12 +146,12 @@ def peek_next_attempt(blob: bytes) -> float:
     attempt then deals with it.
     """
     try:
-        value = json.loads(blob).get("next_attempt")
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        data = load_json(blob, "status")
+        if not isinstance(data, dict):
+            return 0.0
+        return finite_number(data.get("next_attempt"), "next_attempt")
+    except EnvelopeError:
         return 0.0
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    return 0.0
 
 
 def _int(obj: dict[str, object], key: str) -> int:
@@ -158,7 +162,4 @@ def _int(obj: dict[str, object], key: str) -> int:
 
 
 def _number(obj: dict[str, object], key: str) -> float:
-    value = obj[key]
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise EnvelopeError(f"{key} must be a number")
-    return float(value)
+    return finite_number(obj[key], key)

@@ -24,18 +24,27 @@ def address_list(text: str) -> list[str]:
     clearly an address list raises BadInput: a recipient is never guessed.
     """
     items: list[list[str]] = [[]]
-    angle = False
+    angle = in_group = False
     for part in _tokens(text):
         if part == "<":
             angle = True
         elif part == ">":
             angle = False
-        if not angle and part in (",", ";"):
-            items.append([])
-        elif not angle and part == ":":
-            items[-1] = []  # a group name: what follows are its members
-        else:
+        if angle or part not in (",", ";", ":"):
             items[-1].append(part)
+        elif part == ",":
+            items.append([])
+        elif part == ";":
+            if not in_group:  # "a@b;c@d" is not a list: guessing could add a recipient
+                raise BadInput(f"bad address {text!r}: ';' outside a group")
+            in_group = False
+            items.append([])
+        else:
+            if in_group or any(t in ("@", "<", ">") for t in items[-1]):
+                # "a@b\nBcc: c@d" must not become c@d: only a phrase names a group
+                raise BadInput(f"bad address {text!r}: ':' after an address")
+            in_group = True
+            items[-1] = []  # a group name: what follows are its members
     if angle:
         raise BadInput(f"bad address {text!r}: missing '>'")
     return [_addr_spec(item, text) for item in items if any(t != " " for t in item)]

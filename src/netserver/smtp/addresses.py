@@ -74,8 +74,9 @@ MAX_ORCPT = 500  # characters of the value, RFC 3461 4.2
 _LETTERS_DIGITS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 _ATEXT = frozenset(_LETTERS_DIGITS + "!#$%&'*+-/=?^_`{|}~")
 _LDH = frozenset(_LETTERS_DIGITS + "-")
-# C0, DEL and the C1 controls (which UTF-8 could otherwise smuggle in with SMTPUTF8).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# C0, DEL and the C1 controls (which UTF-8 could otherwise smuggle in with SMTPUTF8),
+# and lone surrogates: what surrogateescape made of bytes that were not UTF-8.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _IPV4 = re.compile(r"([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})\.([0-9]{1,3})")
 _IPV6_CHARS = re.compile(r"[0-9A-Fa-f:.]+")
@@ -335,6 +336,16 @@ def _check_ipv6(text: str) -> None:
         ipaddress.IPv6Address(text)
     except ValueError:
         raise _Invalid("bad IPv6 address literal") from None
+    if "::" in text and _ipv6_groups(text) > 6:
+        # RFC 5321 4.1.3: "::" stands for at least 2 groups, so 6 more at most;
+        # ipaddress also lets it stand for one.
+        raise _Invalid("bad IPv6 address literal")
+
+
+def _ipv6_groups(text: str) -> int:
+    """The 16-bit groups written out (an IPv4 tail is two)."""
+    parts = [p for p in text.replace("::", ":").split(":") if p]
+    return sum(2 if "." in p else 1 for p in parts)
 
 
 # --- parameters --------------------------------------------------------------------
@@ -408,7 +419,8 @@ def parse_parameters(text: str, *, utf8: bool) -> dict[str, str | None]:
             continue
         keyword, equals, value = item.partition("=")
         if not _KEYWORD.fullmatch(keyword):
-            raise RemoteProtocolError(syntax_error(f"Bad parameter syntax: {item[:40]}"))
+            # repr: the item may hold what a reply line must not (a control character)
+            raise RemoteProtocolError(syntax_error(f"Bad parameter syntax: {item[:40]!r}"))
         if equals and not _valid_value(value, utf8=utf8):
             raise RemoteProtocolError(syntax_error(f"Bad value for parameter {keyword}"))
         key = keyword.upper()
