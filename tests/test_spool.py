@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -158,3 +161,34 @@ def test_group_commit_reports_failure(tmp_path: Path) -> None:
     finally:
         committer.close()
     assert spool.ids() == []
+
+
+# A status write that fails at write(2): RLIMIT_FSIZE makes the kernel refuse the bytes
+# past 64 (EFBIG, with SIGXFSZ ignored), after open(2) has created status/QID.new; a
+# full disk does the same with ENOSPC, but not at a point a test can choose.
+_FAILING_STATUS_WRITE = """
+import resource, signal, sys
+from leafmail.spool import Spool
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+spool = Spool(sys.argv[1], create=False)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+try:
+    spool.write_status(sys.argv[2], b"x" * 4096)
+except OSError as exc:
+    print(exc.errno)
+"""
+
+
+def test_a_status_write_that_fails_leaves_no_file(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    qid = spool.commit(Envelope("a@b.example", (Recipient("c@d.example"),)), b"x\r\n")
+    done = subprocess.run(
+        [sys.executable, "-c", _FAILING_STATUS_WRITE, str(spool.root), qid],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert done.stdout.strip() == str(errno.EFBIG), done.stderr
+    assert sorted(os.listdir(spool.root / "status")) == []  # no half record, no QID.new
+    assert spool.read_status(qid) is None
