@@ -140,6 +140,20 @@ def test_exempt_sources_skip_the_per_source_caps_but_not_the_global_one() -> Non
     assert adm.admit(peer("192.0.2.1", port=2)) == "more than 1 connections from 192.0.2.1"
 
 
+def test_ipv6_sources_can_be_counted_per_network() -> None:
+    adm = admission(max_per_source=1, ipv6_source_prefix=64)
+    assert adm.admit(peer("2001:db8:1:2::1")) is None
+    refused = adm.admit(peer("2001:db8:1:2:ffff::9"))  # same /64, another address
+    assert refused == "more than 1 connections from 2001:db8:1:2::/64"
+    assert adm.admit(peer("2001:db8:1:3::1")) is None  # the next /64 is someone else
+    assert adm.admit(peer("192.0.2.1")) is None  # IPv4 is per address
+    adm.release(peer("2001:db8:1:2::1"))
+    assert adm.admit(peer("2001:db8:1:2:ffff::9")) is None
+    per_address = admission(max_per_source=1)  # the default: every address its own
+    assert per_address.admit(peer("2001:db8::1")) is None
+    assert per_address.admit(peer("2001:db8::2")) is None
+
+
 def test_global_cap_is_full_and_frees_up() -> None:
     adm = admission(max_conns=2)
     assert not adm.full

@@ -148,6 +148,7 @@ class Daemon:
             # relay_networks are ours (a web app, a NAT): exempt, as Postfix exempts
             # mynetworks from its per-client limits.
             exempt=lambda peer: peer.ip is not None and trusted.decide(peer.ip).allowed,
+            ipv6_source_prefix=64,
         )
         return Server(
             AsyncHandler(role.service.handle),

@@ -8,6 +8,7 @@ Time is injected so the rate tests need not sleep.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +35,9 @@ class Limits:
     # Clients the per-source caps do not apply to (say, a mail server's own networks,
     # whose one address may stand for many users); the global cap still does.
     exempt: Callable[[Endpoint], bool] | None = None
+    # IPv6 clients are counted per network of this length: one host usually has a whole
+    # /64 to pick addresses from (Postfix's anvil groups them likewise, by /84).
+    ipv6_source_prefix: int = 128
 
 
 @dataclass
@@ -57,7 +61,7 @@ class Admission:
 
     def admit(self, peer: Endpoint) -> str | None:
         """Count the connection in and return None, or return why it is refused."""
-        key = peer.host
+        key = self._source(peer)
         if self.limits.service_rate and (why := self._service_over_rate()):
             return why
         exempt = self.limits.exempt is not None and self.limits.exempt(peer)
@@ -66,6 +70,13 @@ class Admission:
         self._open[key] = self._open.get(key, 0) + 1
         self.total += 1
         return None
+
+    def _source(self, peer: Endpoint) -> str:
+        """Who a connection counts against: its address, or its IPv6 network."""
+        prefix = self.limits.ipv6_source_prefix
+        if peer.ip is None or peer.ip.version == 4 or prefix >= 128:
+            return peer.host
+        return str(ipaddress.ip_network((peer.ip, prefix), strict=False))
 
     def _over_source_limits(self, key: str) -> str | None:
         limits = self.limits
@@ -77,7 +88,7 @@ class Admission:
 
     def release(self, peer: Endpoint) -> None:
         """Count a connection out."""
-        key = peer.host
+        key = self._source(peer)
         left = self._open.get(key, 0) - 1
         if left > 0:
             self._open[key] = left
