@@ -1096,6 +1096,29 @@ def test_error_limit_closes_with_421() -> None:
     assert isinstance(talk.events[-1], Closed)
 
 
+def test_junk_commands_past_their_limit_count_as_errors() -> None:
+    config = ServerConfig(HOST, max_errors=2, max_junk_commands=3)
+    talk = converse(crlf("NOOP", "RSET", "VRFY x", "NOOP", "RSET", "NOOP", "NOOP"), config)
+    assert talk.output == crlf(
+        "250 2.0.0 OK",
+        "250 2.0.0 Reset OK",
+        str(replies.VRFY_CANNOT),
+        "250 2.0.0 OK",  # the 4th junk command: answered, and error 1
+        "250 2.0.0 Reset OK",  # error 2
+        "421 4.7.0 mx.example too many errors, closing connection",
+    )
+    assert isinstance(talk.events[-1], Closed)
+
+
+def test_an_accepted_message_resets_the_junk_count() -> None:
+    config = ServerConfig(HOST, max_errors=1, max_junk_commands=2)
+    message = ("MAIL FROM:<a@b.example>", "RCPT TO:<c@d.example>", "DATA", "hi", ".")
+    talk = converse(crlf(EHLO, "NOOP", "NOOP", *message, "NOOP", "NOOP", "NOOP"), config)
+    assert not talk.protocol.closed  # 2 free, a message, 2 free, then the 1 error allowed
+    talk = converse(crlf(EHLO, "NOOP", "NOOP", "NOOP", "NOOP"), config)
+    assert talk.protocol.closed
+
+
 def test_error_limit_on_ehlo_has_no_enhanced_code() -> None:
     talk = converse(crlf("EHLO", "EHLO"), ServerConfig(HOST, max_errors=1))
     assert talk.output == crlf(
@@ -1132,6 +1155,7 @@ def test_close_from_the_server_side() -> None:
         {"hostname": "h", "max_message_size": 0},
         {"hostname": "h", "max_recipients": 0},
         {"hostname": "h", "max_errors": -1},
+        {"hostname": "h", "max_junk_commands": -1},
         {"hostname": "h", "command_timeout": 0},
     ],
 )

@@ -40,6 +40,7 @@ class SmtpConfig:
     max_message_size: int = DEFAULT_MAX_SIZE
     max_recipients: int = 100
     max_errors: int = 10
+    max_junk_commands: int = 100
     max_sessions: int = 20000
     # None: 50 (Postfix's smtpd_client_connection_count_limit), at most half of
     # max_sessions, so that no one address can take every session.
@@ -347,6 +348,7 @@ def _smtp(t: _Table) -> SmtpConfig:
         max_message_size=t.integer("max_message_size", d.max_message_size),
         max_recipients=t.integer("max_recipients", d.max_recipients),
         max_errors=t.integer("max_errors", d.max_errors),
+        max_junk_commands=t.integer("max_junk_commands", d.max_junk_commands),
         max_sessions=t.integer("max_sessions", d.max_sessions),
         max_sessions_per_source=t.optional_integer("max_sessions_per_source"),
         allow_plaintext_auth=t.boolean("allow_plaintext_auth", d.allow_plaintext_auth),
@@ -503,8 +505,10 @@ def _check(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: smtp.submission_listen needs auth.users_file")
     if smtp.max_message_size <= 0 or smtp.max_recipients <= 0:
         raise ConfigError(f"{where}: smtp.max_message_size and max_recipients must be > 0")
-    if smtp.max_errors < 0 or smtp.max_sessions <= 0:
-        raise ConfigError(f"{where}: smtp.max_errors must be >= 0 and max_sessions > 0")
+    if smtp.max_errors < 0 or smtp.max_junk_commands < 0 or smtp.max_sessions <= 0:
+        raise ConfigError(
+            f"{where}: smtp.max_errors and max_junk_commands must be >= 0, max_sessions > 0"
+        )
     if smtp.max_sessions_per_source is not None and smtp.max_sessions_per_source < 0:
         raise ConfigError(f"{where}: smtp.max_sessions_per_source must be >= 0 (0: no limit)")
     problem = hostname_problem(config.hostname)

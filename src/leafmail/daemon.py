@@ -101,6 +101,7 @@ class Daemon:
             max_message_size=smtp.max_message_size,
             max_recipients=smtp.max_recipients,
             max_errors=smtp.max_errors,
+            max_junk_commands=smtp.max_junk_commands,
             tls_available=tls_active_offer,
             auth_enabled=self.users is not None,
             auth_plaintext_allowed=smtp.allow_plaintext_auth,

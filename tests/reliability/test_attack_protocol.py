@@ -298,20 +298,28 @@ def test_pipelined_group_after_helo(plain: Leafmail) -> None:
 CYCLE = [(b"NOOP\r\n", 250), (b"HELP\r\n", 214), (b"VRFY someone\r\n", 252), (b"RSET\r\n", 250)]
 
 
-def test_thousands_of_pipelined_commands_in_one_write(plain: Leafmail) -> None:
-    """Every command answered once, in order; read while writing, as RFC 2920 clients must."""
+@pytest.fixture(scope="module")
+def junk_allowed(shared: LeafmailFactory) -> Leafmail:
+    return shared(config("reject", "max_junk_commands = 0"))
+
+
+def test_thousands_of_pipelined_commands_in_one_write(junk_allowed: Leafmail) -> None:
+    """Every command answered once, in order; read while writing, as RFC 2920 clients must.
+
+    The junk-command limit is off here: this is about buffering and order, not policy.
+    """
     commands = [CYCLE[i % len(CYCLE)] for i in range(PIPELINED)]
     stream = b"".join(c for c, _ in commands) + b"QUIT\r\n"
-    rss_before = peak_rss_kib(plain.proc.pid)
+    rss_before = peak_rss_kib(junk_allowed.proc.pid)
     started = time.monotonic()
-    with session(plain) as client:
+    with session(junk_allowed) as client:
         writer = threading.Thread(target=client.send, args=(stream,), daemon=True)
         writer.start()
         got = codes(replies_until_close(client))
         writer.join(IO_TIMEOUT)
     elapsed = time.monotonic() - started
     assert got == [code for _, code in commands] + [221]
-    growth = peak_rss_kib(plain.proc.pid) - rss_before
+    growth = peak_rss_kib(junk_allowed.proc.pid) - rss_before
     assert growth < 32 * 1024, f"peak RSS grew by {growth} KiB"
     record(
         "thousands of pipelined commands",
@@ -320,6 +328,17 @@ def test_thousands_of_pipelined_commands_in_one_write(plain: Leafmail) -> None:
         seconds=round(elapsed, 2),
         peak_rss_growth_kib=growth,
     )
+
+
+def test_a_session_of_only_junk_commands_is_closed(plain: Leafmail) -> None:
+    """NOOP/HELP/VRFY/RSET keep-alives: 100 free, then each is an error, and past
+    max_errors (10 by default) the session ends with 421, as Postfix's junk limit does."""
+    commands = [CYCLE[i % len(CYCLE)] for i in range(1000)]
+    with session(plain) as client:
+        client.send(b"".join(c for c, _ in commands))
+        got = codes(replies_until_close(client))
+    assert got == [code for _, code in commands[:110]] + [421]
+    record("only junk commands", "421 after 100 free and 10 counted", answered=len(got))
 
 
 def test_client_that_never_reads_replies_is_not_buffered_without_bound(plain: Leafmail) -> None:

@@ -54,6 +54,7 @@ class SmtpSession:
             max_message_size=smtp.max_message_size,
             max_recipients=smtp.max_recipients,
             max_errors=smtp.max_errors,
+            max_junk_commands=smtp.max_junk_commands,
             bare_newline=BareNewline.REPLACE if smtp.bare_lf == "replace" else BareNewline.REJECT,
         )
 

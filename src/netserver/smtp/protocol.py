@@ -53,6 +53,11 @@ command, bad line, bad message content, failed or cancelled AUTH) counts; when m
 than ``max_errors`` have been counted the offending command is answered with 421 and
 the session ends.  Policy rejections of MAIL/RCPT and the size and recipient limits
 do not count: a policy that wants to end a session rejects with 421.
+
+Junk commands (NOOP, RSET, VRFY, HELP) are free up to ``max_junk_commands`` per
+accepted message; past that each one also counts as an error, so a client that only
+keeps its session alive, or probes addresses with RCPT and RSET, is closed at
+``max_errors`` (Postfix's smtpd_junk_command_limit works the same way).
 """
 
 from __future__ import annotations
@@ -136,6 +141,7 @@ class ServerConfig:
     max_message_size: int = 35 * 1024 * 1024
     max_recipients: int = 100  # RFC 5321 4.5.3.1.8: at least 100 must be accepted
     max_errors: int = 20  # 0 = unlimited
+    max_junk_commands: int = 100  # NOOP/RSET/VRFY/HELP before they count as errors; 0 = unlimited
     tls_available: bool = False
     auth_enabled: bool = False
     auth_plaintext_allowed: bool = False  # offer AUTH without TLS (tests, loopback)
@@ -150,8 +156,8 @@ class ServerConfig:
             raise ValueError("max_message_size must be positive")
         if self.max_recipients < 1:
             raise ValueError("max_recipients must be at least 1")
-        if self.max_errors < 0:
-            raise ValueError("max_errors must not be negative")
+        if self.max_errors < 0 or self.max_junk_commands < 0:
+            raise ValueError("max_errors and max_junk_commands must not be negative")
         if self.command_timeout <= 0 or self.data_timeout <= 0:
             raise ValueError("timeouts must be positive")
 
@@ -444,6 +450,7 @@ class ServerProtocol:
         "_envelope",
         "_errors",
         "_events",
+        "_junk",
         "_mechanism",
         "_out",
         "_pending",
@@ -471,6 +478,7 @@ class ServerProtocol:
         self._buffer = bytearray()
         self._out: list[bytes] = []
         self._errors = 0
+        self._junk = 0
         self._commands = CommandReader(
             config.bare_newline, COMMAND_LINE_LIMIT, EXTENDED_LINE_LIMITS
         )
@@ -571,6 +579,7 @@ class ServerProtocol:
                 self._accept_data(event, reply or replies.START_DATA)
             case MessageReady():
                 self._end_message()
+                self._junk = 0  # a client doing real work may RSET between messages
                 self._send(reply or replies.MESSAGE_ACCEPTED)
             case AuthRequest():
                 self._session = replace(self._session, auth_user=event.username)
@@ -913,10 +922,19 @@ class ServerProtocol:
         if arg:
             raise RemoteProtocolError(replies.syntax_error("Syntax: RSET"))
         self._reset_transaction()
-        self._send(replies.RESET_OK)
+        self._junk_reply(replies.RESET_OK)
 
     def _noop(self, arg: str) -> None:
-        self._send(replies.OK)  # NOOP may carry a string, which is ignored
+        self._junk_reply(replies.OK)  # NOOP may carry a string, which is ignored
+
+    def _junk_reply(self, reply: Reply) -> None:
+        """Answer a junk command; past max_junk_commands it also counts as an error."""
+        self._junk += 1
+        limit = self.config.max_junk_commands
+        if limit and self._junk > limit:
+            self._fail(reply)  # the usual answer, or 421 once max_errors is passed
+        else:
+            self._send(reply)
 
     def _quit(self, arg: str) -> None:
         if arg:
@@ -926,14 +944,14 @@ class ServerProtocol:
     def _vrfy(self, arg: str) -> None:
         if not arg:
             raise RemoteProtocolError(replies.syntax_error("Syntax: VRFY address"))
-        self._send(replies.VRFY_CANNOT)  # RFC 5321 3.5.3: 252, without disclosing
+        self._junk_reply(replies.VRFY_CANNOT)  # RFC 5321 3.5.3: 252, without disclosing
 
     def _expn(self, arg: str) -> None:
         # Mailing list expansion gives addresses away (RFC 5321 7.3); not offered.
         self._fail(replies.EXPN_DISABLED)
 
     def _help(self, arg: str) -> None:
-        self._send(replies.HELP)
+        self._junk_reply(replies.HELP)
 
     def _starttls(self, arg: str) -> None:
         if arg:
