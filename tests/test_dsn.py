@@ -399,6 +399,21 @@ def test_hostile_envid_and_orcpt_cannot_inject_fields() -> None:
     assert bare_newlines(blob) == []
 
 
+@pytest.mark.parametrize(
+    ("smtputf8", "want"),
+    [
+        (False, "utf-8;j\\x{FC}rg\\x{2B}x\\x{2028}y\\x{20}z@example.test"),  # xtext
+        (True, "utf-8;j\u00fcrg\\x{2B}x\\x{2028}y\\x{20}z@example.test"),  # unitext
+    ],
+)
+def test_a_utf8_orcpt_is_written_with_rfc6533_escapes(smtputf8: bool, want: str) -> None:
+    r"""U+2028 is no line break and no space either: it goes in as \x{2028}."""
+    orcpt = "utf-8;j\u00fcrg+x\u2028y z@example.test"
+    env = envelope(Recipient("bob@example.test", (), orcpt), smtputf8=smtputf8)
+    _, blob = dsn(env)
+    assert field(status_blocks(blob)[1], "Original-Recipient") == want
+
+
 def test_boundary_never_occurs_in_the_original(monkeypatch: pytest.MonkeyPatch) -> None:
     """When the random boundary happens to be in the original, another one is drawn."""
     first, second = "a" * 24, "b" * 24

@@ -144,7 +144,7 @@ def _status(
         rcpt, result = notice.recipient, notice.result
         block = []
         if rcpt.orcpt:
-            block.append(f"Original-Recipient: {clean(rcpt.orcpt)}")
+            block.append(f"Original-Recipient: {_original_recipient(rcpt.orcpt, utf8=utf8)}")
         addr_type = "utf-8" if not rcpt.address.isascii() else "rfc822"
         block += [
             f"Final-Recipient: {addr_type}; {rcpt.address}",
@@ -198,6 +198,28 @@ def _clean(text: str, *, utf8: bool) -> str:
     if not utf8:
         line = line.encode("ascii", "replace").decode("ascii")
     return line.encode("utf-8")[:900].decode("utf-8", "ignore")
+
+
+def _original_recipient(orcpt: str, *, utf8: bool) -> str:
+    r"""ORCPT as Original-Recipient: a utf-8 address in RFC 6533's escaped form.
+
+    In utf-8-addr-xtext (ASCII DSNs) every character outside QCHAR is written
+    ``\x{HEX}``; the utf-8-addr-unitext of a global DSN keeps printable UTF-8 as it is.
+    Other address types were ASCII without controls when accepted; they are cleaned.
+    """
+    addr_type, semicolon, address = orcpt.partition(";")
+    if not semicolon or addr_type.lower() != "utf-8":
+        return _clean(orcpt, utf8=utf8)
+    return f"{addr_type};" + "".join(_qchar(c, utf8) for c in address)[:900]
+
+
+def _qchar(char: str, utf8: bool) -> str:
+    point = ord(char)
+    if (0x21 <= point <= 0x7E and char not in "+=\\") or (
+        utf8 and point > 0x7F and char.isprintable()
+    ):
+        return char
+    return f"\\x{{{point:X}}}"
 
 
 def _host_of(remote: str) -> str:
