@@ -62,13 +62,26 @@ def cell(value: object) -> str:
 
 
 def section_table(rows: Sequence[Row]) -> list[str]:
-    """One Markdown table: a row per record, a column per figure any record has."""
-    columns: list[str] = []
+    """One Markdown table: a row per record.
+
+    Figures most records of the section have get a column each; the rest go into one
+    "other figures" column as ``key=value``, so a section whose tests record different
+    things (the attacks) stays readable.
+    """
+    counts: dict[str, int] = {}
     for row in rows:
-        columns += [key for key in row if key not in ("section", "soak") and key not in columns]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        for key in row:
+            if key not in ("section", "soak"):
+                counts[key] = counts.get(key, 0) + 1
+    columns = [key for key, n in counts.items() if key == "name" or 2 * n >= len(rows)]
+    rest = [key for key in counts if key not in columns]
+    header = columns + (["other figures"] if rest else [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        lines.append("| " + " | ".join(cell(row.get(key, "")) for key in columns) + " |")
+        cells = [cell(row.get(key, "")) for key in columns]
+        if rest:
+            cells.append("; ".join(f"{k}={cell(row[k])}" for k in rest if k in row))
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
