@@ -1114,9 +1114,11 @@ def test_an_accepted_message_resets_the_junk_count() -> None:
     config = ServerConfig(HOST, max_errors=1, max_junk_commands=2)
     message = ("MAIL FROM:<a@b.example>", "RCPT TO:<c@d.example>", "DATA", "hi", ".")
     talk = converse(crlf(EHLO, "NOOP", "NOOP", *message, "NOOP", "NOOP", "NOOP"), config)
+    assert talk.protocol is not None
     assert not talk.protocol.closed  # 2 free, a message, 2 free, then the 1 error allowed
+    assert len(talk.messages) == 1
     talk = converse(crlf(EHLO, "NOOP", "NOOP", "NOOP", "NOOP"), config)
-    assert talk.protocol.closed
+    assert talk.protocol is not None and talk.protocol.closed
 
 
 def test_error_limit_on_ehlo_has_no_enhanced_code() -> None:
