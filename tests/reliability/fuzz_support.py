@@ -17,6 +17,7 @@ from typing import ParamSpec, TypeVar
 
 import soak
 from hypothesis import HealthCheck, settings
+from hypothesis.errors import StopTest, UnsatisfiedAssumption
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -55,6 +56,8 @@ class Tally:
             self.executions += 1
             try:
                 return body(*args, **kwargs)
+            except (UnsatisfiedAssumption, StopTest):
+                raise  # hypothesis's own control flow (assume(), end of data): no crash
             except BaseException:
                 self.crashes += 1
                 raise
