@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 import trustme
-from conftest import launch_with_ready_fd
+from conftest import ROOT, launch_with_ready_fd
 
 from leafmail.auth import hash_password
 from leafmail.spool import CorruptMessage, Spool, SpooledMessage
@@ -64,6 +64,24 @@ def clean_env(tmp_path: Path, extra: dict[str, str] | None = None) -> dict[str, 
     env["XDG_DATA_HOME"] = str(tmp_path / "xdg-data")
     env.update(extra or {})
     return env
+
+
+FLUSH_TIMEOUT = 30.0
+
+
+def run_flush(
+    tmp_path: Path, config: Path, *args: str, timeout: float = FLUSH_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    """``leafmail flush --config CONFIG ARGS`` as its own process, in a clean environment."""
+    return subprocess.run(
+        leafmail_command("flush", "--config", str(config), *args),
+        cwd=ROOT,
+        env=clean_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def write_config(tmp_path: Path, text: str) -> Path:

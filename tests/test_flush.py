@@ -27,6 +27,7 @@ from leafmail_fixtures import (
     clean_env,
     leafmail_command,
     leafmail_servers,
+    run_flush,
     smtp_client,
     smtplib_send,
     spawn_leafmail,
@@ -77,15 +78,7 @@ def send(server: Leafmail, count: int, rcpt: str = "bob@dst.test") -> list[str]:
 
 
 def flush(tmp_path: Path, config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        leafmail_command("flush", "--config", str(config), *args),
-        cwd=ROOT,
-        env=clean_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=FLUSH_TIMEOUT,
-        check=False,
-    )
+    return run_flush(tmp_path, config, *args, timeout=FLUSH_TIMEOUT)
 
 
 def queued(spool: Path) -> list[str]:

@@ -20,13 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import soak
-from conftest import ROOT
 from leafmail_fixtures import (
     Leafmail,
     RawSMTP,
     Reply,
-    clean_env,
-    leafmail_command,
+    run_flush,
     toml_string,
     write_config,
 )
@@ -130,15 +128,7 @@ def flush(tmp_path: Path, server: Leafmail, smarthost: str) -> subprocess.Comple
         f'hostname = "mx.test"\nspool = {spool}\n\n'
         '[delivery]\nmode = "offline"\ntls = "none"\nretry_initial = 300\n',
     )
-    return subprocess.run(
-        leafmail_command("flush", "--config", str(path), "--smarthost", smarthost, "--tls", "none"),
-        cwd=ROOT,
-        env=clean_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=FLUSH_TIMEOUT,
-        check=False,
-    )
+    return run_flush(tmp_path, path, "--smarthost", smarthost, "--tls", "none")
 
 
 def peak_rss_kib(pid: int) -> int:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 import soak
-from conftest import ROOT
 from leafmail_fixtures import (
     PASSWORD,
     Leafmail,
@@ -30,12 +29,11 @@ from leafmail_fixtures import (
     RawSMTP,
     Reply,
     TLSFiles,
-    clean_env,
     extensions,
-    leafmail_command,
     leafmail_servers,
     make_tls,
     queued_id,
+    run_flush,
     toml_string,
     users_file,
     write_config,
@@ -288,15 +286,7 @@ def test_relay_denial_is_550_as_rfc5321_asks(target: Leafmail) -> None:
 
 
 def flush(config: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        leafmail_command("flush", "--config", str(config)),
-        cwd=ROOT,
-        env=clean_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    return run_flush(tmp_path, config)
 
 
 def start(

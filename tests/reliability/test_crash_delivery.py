@@ -30,7 +30,14 @@ import pytest
 import soak
 from conftest import ROOT
 from crash_support import audit, message_bytes, seeded_rng, sequence_number, sigkill
-from leafmail_fixtures import clean_env, leafmail_command, spawn_leafmail, toml_string, write_config
+from leafmail_fixtures import (
+    clean_env,
+    leafmail_command,
+    run_flush,
+    spawn_leafmail,
+    toml_string,
+    write_config,
+)
 from smarthost import Smarthost
 from test_flush import wait_for
 
@@ -200,15 +207,7 @@ def test_every_recipient_gets_every_message_despite_sigkills(
 
 
 def flush(tmp_path: Path, config: Path) -> int:
-    done = subprocess.run(
-        leafmail_command("flush", "--config", str(config), "--no-daemon"),
-        cwd=ROOT,
-        env=clean_env(tmp_path),
-        capture_output=True,
-        timeout=RUN_TIMEOUT,
-        check=False,
-    )
-    return done.returncode
+    return run_flush(tmp_path, config, "--no-daemon", timeout=RUN_TIMEOUT).returncode
 
 
 def recipient_states(spool: Path, qid: str) -> list[RcptState]:

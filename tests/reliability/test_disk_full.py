@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 import soak
-from conftest import ROOT, launch_with_ready_fd
+from conftest import launch_with_ready_fd
 from leafmail_fixtures import (
     HOSTNAME,
     Leafmail,
@@ -52,6 +52,7 @@ from leafmail_fixtures import (
     leafmail_command,
     leafmail_servers,
     queued_id,
+    run_flush,
     smtp_client,
     toml_string,
     write_config,
@@ -68,7 +69,6 @@ SENDER = "alice@src.test"
 NULL = "<>"  # how aiosmtpd records MAIL FROM:<> (the null reverse path)
 TMPFS_SIZE = 2 * 1024 * 1024
 FILLER = "filler"
-FLUSH_TIMEOUT = 30.0
 EX_TEMPFAIL = 75
 ROUNDS = soak.scaled(2, 20)
 EMPTY: dict[str, list[str]] = {
@@ -325,16 +325,7 @@ def flush_through_daemon(
 ) -> subprocess.CompletedProcess[str]:
     """`leafmail flush`, which finds the daemon's control socket in the spool and asks it."""
     text = f"spool = {toml_string(small.inner)}\n{delivery_config(sink)}"
-    config = write_config(tmp_path, text)
-    return subprocess.run(
-        leafmail_command("flush", "--config", str(config)),
-        cwd=ROOT,
-        env=clean_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=FLUSH_TIMEOUT,
-        check=False,
-    )
+    return run_flush(tmp_path, write_config(tmp_path, text))
 
 
 def bounced_recipients(sink: Smarthost) -> list[str]:

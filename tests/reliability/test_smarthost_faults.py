@@ -27,9 +27,8 @@ from pathlib import Path
 import pytest
 import soak
 import trustme
-from conftest import ROOT
 from fault_servers import Fault, FaultServer
-from leafmail_fixtures import clean_env, leafmail_command, toml_string, write_config
+from leafmail_fixtures import run_flush, toml_string, write_config
 from smarthost import Smarthost, delivery_counts
 
 from leafmail.envelope import Envelope, Recipient
@@ -39,7 +38,6 @@ from leafmail.status import MessageStatus, RcptState
 SENDER = "alice@src.test"
 NULL = "<>"  # how aiosmtpd records MAIL FROM:<>
 EX_TEMPFAIL = 75
-FLUSH_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 0.5
 DEADLINE = 1.0
 LINK = "link"  # the next hop was not reachable: first message deferred, others wait
@@ -67,15 +65,7 @@ def config(
 
 
 def flush(tmp_path: Path, config_path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        leafmail_command("flush", "--config", str(config_path), "--no-daemon"),
-        cwd=ROOT,
-        env=clean_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=FLUSH_TIMEOUT,
-        check=False,
-    )
+    return run_flush(tmp_path, config_path, "--no-daemon")
 
 
 def body(n: int, size: int = 0) -> bytes:
