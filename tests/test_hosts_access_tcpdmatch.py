@@ -207,6 +207,21 @@ def in_namespace() -> list[str]:
     return ["unshare", "-n"] if probe.returncode == 0 else []
 
 
+def tcpdmatch_lines(work: Path, prefix: list[str], daemon: str, client: str) -> list[str]:
+    """What `tcpdmatch -d DAEMON CLIENT` prints, run in `work` (its hosts.* files)."""
+    assert TCPDMATCH is not None
+    done = subprocess.run(
+        [*prefix, TCPDMATCH, "-d", daemon, client],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.replace("\r", "").splitlines()
+
+
 def run_tcpdmatch(case: Case, work: Path, prefix: list[str]) -> tuple[list[str], str | None]:
     """tcpdmatch's report lines and the rule its banner named ("allow3"), if any."""
     assert TCPDMATCH is not None
@@ -218,16 +233,7 @@ def run_tcpdmatch(case: Case, work: Path, prefix: list[str]) -> tuple[list[str],
             banner_dir = work.parent / f"{table}{number}"
             banner_dir.mkdir(exist_ok=True)
             (banner_dir / daemon).write_text(f"RULE {table}{number}\n")
-    done = subprocess.run(
-        [*prefix, TCPDMATCH, "-d", case.daemon, case.client],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.replace("\r", "").splitlines()
+    lines = tcpdmatch_lines(work, prefix, case.daemon, case.client)
     rule = next((line.split()[1] for line in lines if line.startswith("RULE ")), None)
     return [line for line in lines if not line.startswith("RULE ")], rule
 

@@ -17,8 +17,6 @@
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,7 @@ import soak
 from fuzz_support import Tally, budget
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from test_hosts_access_tcpdmatch import TCPDMATCH, in_namespace, tcpdmatch_lines
 
 from netserver.errors import NetserverError
 from netserver.hosts_access import HostsSyntaxError, load_hosts
@@ -33,9 +32,6 @@ from netserver.hosts_check import check_lines
 from netserver.hosts_names import FixedHostNames
 from netserver.hosts_parse import parse_table, read_table
 
-TCPDMATCH = shutil.which("tcpdmatch") or (
-    "/usr/sbin/tcpdmatch" if Path("/usr/sbin/tcpdmatch").exists() else None
-)
 # Pattern files named in a rule are read at load time: keep arbitrary text away from
 # device and kernel files.
 _SYSTEM_PATH = re.compile(r"/(dev|proc|sys|run|var|etc)\b")
@@ -154,26 +150,6 @@ def test_any_text_gives_a_table_or_syntax_error() -> None:
 # --- differential: tcpdmatch -------------------------------------------------------------
 
 
-def in_namespace() -> list[str]:
-    """A prefix running tcpdmatch without a network, so no lookup leaves the machine."""
-    probe = subprocess.run(["unshare", "-n", "true"], capture_output=True, check=False)
-    return ["unshare", "-n"] if probe.returncode == 0 else []
-
-
-def tcpdmatch(work: Path, prefix: list[str], daemon: str, client: str) -> list[str]:
-    assert TCPDMATCH is not None
-    done = subprocess.run(
-        [*prefix, TCPDMATCH, "-d", daemon, client],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout.replace("\r", "").splitlines()
-
-
 def ours(work: Path, daemon: str, client: str) -> list[str] | None:
     """Our report without the lines Debian's tcpdmatch no longer prints; None: refused."""
     try:
@@ -198,7 +174,7 @@ def _fuzz_against_tcpdmatch(work: Path, allow: str, deny: str, request: tuple[st
     mine = ours(work, *request)
     if mine is None:
         return
-    theirs = tcpdmatch(work, PREFIX, *request)
+    theirs = tcpdmatch_lines(work, PREFIX, *request)
     assert mine == theirs, f"--- hosts.allow\n{allow}--- hosts.deny\n{deny}{request}"
     COMPARED[0] += 1
 
