@@ -47,11 +47,12 @@ TCPD_SAFE = re.compile(r"[A-Za-z0-9!@%\-_=+:,./ \n]*")
 
 DUMP = """\
 import json, os, sys, uuid
-out = os.path.join(sys.argv[1], uuid.uuid4().hex + ".json")
+out = os.path.join(sys.argv[1], uuid.uuid4().hex)
 keep = ("SENDER", "RECIPIENT", "LOCAL", "DOMAIN", "TCPREMOTEIP", "TCPLOCALIP", "PROTO")
-with open(out, "w") as f:
+with open(out + ".tmp", "w") as f:
     json.dump({"argv": sys.argv, "env": {k: os.environ.get(k) for k in keep},
                "stdin": sys.stdin.buffer.read().decode("utf-8", "replace")}, f)
+os.rename(out + ".tmp", out + ".json")  # the test never reads a half-written dump
 """
 
 
@@ -243,7 +244,7 @@ def test_pipe_alias_gets_hostile_envelopes_verbatim_in_its_environment(
             assert client.command(f"RCPT TO:{rcpt}").code == 250, rcpt
             assert client.command("DATA").code == 354
             queued_id(client.command(b"Subject: x\r\n\r\nbody\r\n.").text)
-    assert wait_until(lambda: len(dumps(out)) == len(cases), 2), server.log()
+    assert wait_until(lambda: len(dumps(out)) == len(cases), 10), server.log()
     seen = {(d["env"]["SENDER"], d["env"]["RECIPIENT"]) for d in dumps(out)}  # type: ignore[index]
     assert seen == {(s[1:-1], r[1:-1]) for s, r in cases}
     for got in dumps(out):
