@@ -597,7 +597,8 @@ class _Table:
         return value
 
     def integer(self, key: str, default: int) -> int:
-        return int(self._get(key, int, "an integer")) if key in self.data else default
+        value = self.optional_integer(key)
+        return default if value is None else value
 
     def optional_integer(self, key: str) -> int | None:
         return int(self._get(key, int, "an integer")) if key in self.data else None
