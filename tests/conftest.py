@@ -61,8 +61,9 @@ def launch_with_ready_fd(
     log_path: Path,
     env: dict[str, str],
     pass_fds: tuple[int, ...] = (),
+    cwd: Path = ROOT,
 ) -> tuple[subprocess.Popen[bytes], list[str]]:
-    """Start ``argv_for(fd)`` with stdout/stderr to `log_path`; wait for its READY line.
+    """Start ``argv_for(fd)`` in `cwd`, stdout/stderr to `log_path`; wait for its READY line.
 
     The program is given the write end of a pipe as ``--ready-fd``; returns the process
     and the addresses the READY line names. A program that dies or stays silent for
@@ -72,7 +73,7 @@ def launch_with_ready_fd(
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             argv_for(write_fd),
-            cwd=ROOT,
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

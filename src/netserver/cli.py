@@ -22,7 +22,7 @@ from .cli_inetd import COMMANDS as INETD_COMMANDS
 from .cli_inetd import add_inetd_commands, add_user_flags, drop_for_serve, run_inetd_command
 from .connlog import ServerLog
 from .endpoint import unmap
-from .handlers import Command, Handler, load_handler
+from .handlers import Command, Handler, cwd_searched_last, load_handler
 from .hosts_access import DEFAULT_ALLOW, DEFAULT_DENY, HostsAccess, HostsLoader, load_hosts
 from .hosts_check import check_lines
 from .hosts_names import HostNames, SystemHostNames
@@ -441,6 +441,7 @@ def exit_status(prog: str, run: Callable[[], int]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    cwd_searched_last()  # before anything is imported lazily (uvloop, dnspython)
     own, command = _split_command(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(own)
 

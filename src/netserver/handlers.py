@@ -87,13 +87,25 @@ def _required_params(func: Callable[..., object]) -> int:
     return sum(1 for p in params if p.kind in kinds and p.default is inspect.Parameter.empty)
 
 
+def cwd_searched_last() -> None:
+    """Put the current directory at the end of ``sys.path`` (and only there).
+
+    A handler module may live in the current directory, but a file there must never
+    shadow an installed module: a ``uvloop.py`` or ``ssl.py`` planted in the directory a
+    root server was started from would otherwise run as root. ``python -m`` puts the
+    directory first (as "" or its path); it is moved to the end, after site-packages.
+    """
+    cwd = os.getcwd()
+    sys.path[:] = [entry for entry in sys.path if entry not in ("", cwd)]
+    sys.path.append(cwd)
+
+
 def load_handler(spec: str) -> Handler:
-    """Import ``module:callable`` (the current directory is searchable, as with -m)."""
+    """Import ``module:callable``; the current directory is searched after everything else."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"handler {spec!r}: expected MODULE:CALLABLE")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    cwd_searched_last()
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
