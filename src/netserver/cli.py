@@ -30,6 +30,7 @@ from .limits import Limits
 from .modes.prefork import PoolSize
 from .readiness import ready_fd_writer
 from .server import MODES, Server
+from .tcpnames import NameOptions
 from .tlsterm import load_context
 
 PROG = "netserver"
@@ -98,6 +99,24 @@ def _add_hosts_flags(p: argparse.ArgumentParser, defaults: str) -> None:
         "--hosts-deny",
         metavar="FILE",
         help=f"then deny access to clients a rule matches; else grant ({defaults})",
+    )
+
+
+def _add_name_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "host names for commands (TCPREMOTEHOST, TCPLOCALHOST; set only when known)"
+    )
+    g.add_argument(
+        "--lookup-names",
+        action="store_true",
+        help="look up the client's and the local address's names per connection, "
+        "forward-confirmed (as tcpserver -h -p; the default is no lookup, as tcpserver -H); "
+        "asks --dns-server if given. A name an access rule confirmed is always passed on",
+    )
+    g.add_argument(
+        "--local-name",
+        metavar="NAME",
+        help="TCPLOCALHOST for every connection, without a lookup (as tcpserver -l)",
     )
 
 
@@ -183,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_access_flags(s)
     _add_hosts_flags(s, "default: not used")
+    _add_name_flags(s)
     s.add_argument(
         "--daemon-name",
         metavar="NAME",
@@ -373,7 +393,8 @@ def cmd_serve(args: argparse.Namespace, command: list[str]) -> int:
         on_ready=ready_fd_writer(args.ready_fd),
         hosts=hosts,
         daemon_name=args.daemon_name,
-        host_names=_host_names(args.dns_server) if hosts is not None else None,
+        host_names=_host_names(args.dns_server) if hosts or args.lookup_names else None,
+        names=NameOptions(args.lookup_names, args.local_name),
         tls_loader=_tls_loader(args),
         proxy_from=args.proxy_from,
     )

@@ -26,6 +26,9 @@ class ConnRecord:
     bytes_in: int | None = None
     bytes_out: int | None = None
     status: str = "ok"
+    # Confirmed host names for TCPREMOTEHOST / TCPLOCALHOST, when known (see tcpnames).
+    remote_host: str | None = None
+    local_host: str | None = None
 
 
 class ServerLog:

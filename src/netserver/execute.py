@@ -19,7 +19,7 @@ import struct
 from collections.abc import Mapping
 
 from .children import ProcessMode
-from .endpoint import Endpoint
+from .connlog import ConnRecord
 from .errors import ConfigError
 from .handlers import Command
 from .modes.base import RESET_SIGNALS, Accepted, ModeContext
@@ -45,17 +45,23 @@ _UCSPI = frozenset(
 _PEERCRED = struct.Struct("3i")
 
 
-def tcp_environ(
-    base: Mapping[str, str], sock: socket.socket, peer: Endpoint, local: Endpoint
-) -> dict[str, str]:
-    """The environment of a per-connection command (ucspi-tcp names)."""
+def tcp_environ(base: Mapping[str, str], sock: socket.socket, record: ConnRecord) -> dict[str, str]:
+    """The environment of a per-connection command (ucspi-tcp names).
+
+    TCPREMOTEHOST and TCPLOCALHOST are set only when the name is known (see tcpnames).
+    """
     env = {k: v for k, v in base.items() if k not in _UCSPI}
+    peer, local = record.peer, record.local
     env["PROTO"] = peer.proto
     if peer.ip is not None and local.ip is not None:
         env["TCPLOCALIP"] = str(local.ip)
         env["TCPLOCALPORT"] = str(local.port)
         env["TCPREMOTEIP"] = str(peer.ip)
         env["TCPREMOTEPORT"] = str(peer.port)
+        if record.remote_host is not None:
+            env["TCPREMOTEHOST"] = record.remote_host
+        if record.local_host is not None:
+            env["TCPLOCALHOST"] = record.local_host
     else:
         env["UNIXLOCALPATH"] = local.path or ""
         pid, uid, gid = _peer_credentials(sock)
@@ -104,5 +110,5 @@ class ExecMode(ProcessMode):
         self.base_env = {k: v for k, v in os.environ.items() if k not in _UCSPI}
 
     def start_child(self, conn: Accepted) -> int:
-        env = tcp_environ(self.base_env, conn.sock, conn.record.peer, conn.record.local)
+        env = tcp_environ(self.base_env, conn.sock, conn.record)
         return spawn(self.path, self.argv, conn.sock.fileno(), env)

@@ -224,8 +224,7 @@ class TwistMode(ProcessMode):
 
     def twist(self, conn: Accepted, command: str, extra_env: Mapping[str, str]) -> None:
         """Run *command* on the connection; it is tracked, logged and reaped like any."""
-        record = conn.record
-        env = tcp_environ(os.environ, conn.sock, record.peer, record.local)
+        env = tcp_environ(os.environ, conn.sock, conn.record)
         env.update(extra_env)
         self._next = (command, env)
         try:
@@ -254,6 +253,6 @@ class HostsExecMode(ExecMode):
         extra = self.extra_env.pop(conn.fd, None)
         if not extra:
             return super().start_child(conn)
-        env = tcp_environ(self.base_env, conn.sock, conn.record.peer, conn.record.local)
+        env = tcp_environ(self.base_env, conn.sock, conn.record)
         env.update(extra)
         return spawn(self.path, self.argv, conn.sock.fileno(), env)

@@ -48,6 +48,7 @@ from .modes.thread import ThreadMode
 from .proxy import ProxyError, ProxyTrust, read_header
 from .proxy import apply as proxy_endpoints
 from .readiness import sd_notify
+from .tcpnames import ConnNames, NameOptions, confirmed_choice
 from .tlsterm import TlsTerminator, harden
 
 MODES = ("fork", "prefork", "thread", "async")
@@ -83,6 +84,7 @@ class Server:
         hosts: HostsLoader | None = None,
         daemon_name: str | None = None,
         host_names: HostNames | None = None,
+        names: NameOptions | None = None,
     ) -> None:
         self.handler = as_handler(handler)
         self.mode_name = mode or ("async" if isinstance(self.handler, AsyncHandler) else "fork")
@@ -114,10 +116,14 @@ class Server:
         self._proxying = 0  # connections whose PROXY header is being read
         self.handle_signals = signals
         self.hosts: HostsGate | None = None
+        host_names = host_names or SystemHostNames()
         if hosts is not None:
             daemon = daemon_name or default_daemon_name(self.handler)
-            names = host_names or SystemHostNames()
-            self.hosts = HostsGate(hosts, daemon, names, self.log)
+            self.hosts = HostsGate(hosts, daemon, host_names, self.log)
+        names = names or NameOptions()
+        if names != NameOptions() and not isinstance(self.handler, Command):
+            raise ConfigError("host name lookups and local names are for commands (TCPREMOTEHOST)")
+        self.names = ConnNames(names, host_names)
         self.twist: TwistMode | None = None
         self.listeners: list[Listener] = []
         self.ready = threading.Event()
@@ -358,6 +364,7 @@ class Server:
             self._refuse(sock, peer, why)
             return
         conn = Accepted(sock, ConnRecord(peer, local, self.mode_name))
+        self.names.start(conn.record)
         # Until it ends, no forked child (another client's, or a new worker) may keep it.
         self.fds.add(conn.fd)
         if by_name or (request is not None and plan is None):
@@ -366,6 +373,10 @@ class Server:
             return
         if plan is not None and self.hosts is not None:
             self.hosts.record(peer, plan)
+        if self.names.wanted(peer):  # decided; only the names to look up, in a task
+            assert self._loop is not None
+            self._loop.create_task(self._judge(conn, policy, False, None))
+            return
         self._start(conn, self.mode.dispatch, self._relay_tls)
 
     def _hosts_quick(self, peer: Endpoint, local: Endpoint) -> tuple[Request | None, Plan | None]:
@@ -385,6 +396,9 @@ class Server:
                 return
             if request is not None and self.hosts is not None:
                 plan = await self._judge_by_hosts(conn, request, self.hosts)
+            self.names.take(conn.record, request)
+            if plan is None or plan.granted:
+                await self.names.fill(conn.record)
         except Exception as exc:  # never leak an admitted connection
             self.log.error("access check failed", peer=str(conn.record.peer), error=repr(exc))
             self._drop(conn, "access check failed")
@@ -406,6 +420,7 @@ class Server:
         decision = policy.decide(ip, names)
         if not decision.allowed:
             self._drop(conn, decision.reason)
+        conn.record.remote_host = confirmed_choice(names)
         return decision.allowed
 
     async def _judge_by_hosts(self, conn: Accepted, request: Request, gate: HostsGate) -> Plan:
