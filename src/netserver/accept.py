@@ -9,6 +9,7 @@ the episode is logged once. Errors that concern only one aborted client are skip
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 from collections.abc import Callable, Sequence
 
@@ -80,6 +81,9 @@ class AcceptLoop:
                 if exc.errno in RESOURCE_ERRNOS:
                     self._back_off(exc)
                     return
+                if exc.errno == errno.EINVAL:
+                    self._stopped_listening(listener)
+                    return
                 continue  # ECONNABORTED, EPROTO, EPERM (firewall): that client only
             try:
                 self.on_accept(sock, addr, listener)
@@ -89,6 +93,17 @@ class AcceptLoop:
                 self._back_off(exc)
                 return
             self._delay = _MIN_DELAY
+
+    def _stopped_listening(self, listener: Listener) -> None:
+        """The socket no longer listens: `netserver run` shut it down in a reload.
+
+        Linux then wakes every process that shares it with EINVAL from accept; without
+        this, each would spin until the TERM that retires it arrives.
+        """
+        if listener in self.listeners:
+            self.listeners.remove(listener)
+            if not self.paused:
+                self.loop.remove_reader(listener.sock.fileno())
 
     def _back_off(self, exc: OSError) -> None:
         if self._delay == _MIN_DELAY:

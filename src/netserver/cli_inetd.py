@@ -32,7 +32,9 @@ def add_inetd_commands(
         help="run many services from one TOML file (like inetd/xinetd)",
         description="Bind every [[service]] in CONFIG.toml, then run each in its own "
         "process as its user; a crashed service is restarted, one that cannot start does "
-        "not stop the others. HUP reloads every service, TERM/INT stop them.",
+        "not stop the others. HUP re-reads CONFIG.toml: new services start, removed ones stop, "
+        "changed ones restart (open connections finish), unchanged ones keep running; a file "
+        "that does not load changes nothing. TERM/INT stop every service.",
         epilog="Exit codes: 0 ok, 64 usage, 69 nothing could be bound, 78 configuration.",
     )
     r.add_argument("config", metavar="CONFIG.toml", help="the services")

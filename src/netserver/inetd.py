@@ -7,10 +7,14 @@ a service that crashes is restarted (with backoff) on the same sockets and clien
 queue in the backlog meanwhile. A service that cannot bind, or that keeps crashing, is
 logged and left out; the others go on.
 
-Signals: HUP is forwarded (each service reloads its rules and certificate), TERM/INT
-are forwarded as TERM and the supervisor exits once every service has stopped.
+Signals: HUP re-reads CONFIG.toml (see inetd_reload: services are added, removed and
+changed; unchanged ones keep running, and get the HUP to reload their rules and
+certificate); a file that does not load changes nothing, with a log line. TERM/INT are
+forwarded as TERM and the supervisor exits once every service has stopped.
 Readiness: once every service has bound and reported ready (or failed), one
-``READY ADDR ...`` line on --ready-fd and ``READY=1`` to systemd.
+``READY ADDR ...`` line on --ready-fd and ``READY=1`` to systemd; a reload says
+``RELOADING=1`` to systemd, and ``READY=1`` with a "reload done" log line once every
+service it started is ready (or failed), as ``Type=notify-reload`` expects.
 
 Waiting is one `select` over a signal wake-up pipe and the services' ready pipes, so
 a signal, a ready service or a restart that falls due each wake the loop at once.
@@ -31,6 +35,7 @@ from .connlog import ServerLog
 from .endpoint import Endpoint
 from .errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE, ConfigError, NetserverError
 from .inetd_config import RunConfig, ServiceConfig, load_run_config
+from .inetd_reload import ListenerPool, compare
 from .inetd_service import FORWARDED, build_server, run_child
 from .readiness import sd_notify
 from .server import Server
@@ -79,10 +84,14 @@ class Supervisor:
     ) -> None:
         check_users(config)
         self.log = log
+        self.path = config.path
+        self.loop = loop
         self.services = [Service(c, build_server(c, log, loop)) for c in config.services]
         for c in config.services:
             if c.identity is not None and c.identity.uid == 0:
                 log.info("service runs as root, as its config says", service=c.name)
+        self.retiring: list[Service] = []  # replaced or removed, finishing their connections
+        self.reloading = False  # a reload's new services have not all reported yet
         self.on_ready = on_ready
         self.keep_out: list[int] = []  # descriptors no service process may keep
         self.parent_fds: list[int] = []  # the caller's (--ready-fd): emptied once closed
@@ -147,7 +156,7 @@ class Supervisor:
 
     # -- the loop ------------------------------------------------------------------------
     def _loop(self, wake_r: int) -> None:
-        while not (self.stopping and not any(s.pid for s in self.services)):
+        while not (self.stopping and not any(s.pid for s in [*self.services, *self.retiring])):
             for key, _ in self.selector.select(self._timeout()):
                 if key.data is None:
                     self._signals(_drain(wake_r))
@@ -155,6 +164,7 @@ class Supervisor:
                     self._ready_report(key.data)
             self._start_due()
             self._maybe_announce()
+            self._maybe_reloaded()
 
     def _timeout(self) -> float | None:
         due = [s.restart_at for s in self.services if s.restart_at is not None]
@@ -164,23 +174,24 @@ class Supervisor:
         for number in numbers:
             if number == signal.SIGCHLD:
                 self._reap()
-            elif number == signal.SIGHUP:
-                self.log.info("reload: forwarding SIGHUP to the services")
-                self._forward(signal.SIGHUP)
+            elif number == signal.SIGHUP and not self.stopping:
+                self.reload()
             elif number in (signal.SIGTERM, signal.SIGINT):
                 self._stop()
 
     def _stop(self) -> None:
-        if not self.stopping:
+        again = self.stopping
+        if not again:
             self.log.info("stopping: forwarding SIGTERM to the services")
             sd_notify(b"STOPPING=1")
         self.stopping = True
         for service in self.services:
             service.restart_at = None
-        self._forward(signal.SIGTERM)  # a second stop makes the services end connections
+        # A second stop makes the services end connections; retired ones had their first.
+        self._forward(signal.SIGTERM, self.services + (self.retiring if again else []))
 
-    def _forward(self, sig: int) -> None:
-        for service in self.services:
+    def _forward(self, sig: int, services: list[Service]) -> None:
+        for service in services:
             if service.pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(service.pid, sig)
@@ -208,6 +219,68 @@ class Supervisor:
             self.on_ready(up)
         sd_notify(b"READY=1")
 
+    # -- reloading ---------------------------------------------------------------------
+    def reload(self) -> None:
+        """Re-read the file and apply it; if it does not load, change nothing and say why."""
+        sd_notify(b"RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
+        self.log.info("reload: reading the configuration", path=self.path)
+        try:
+            config = load_run_config(self.path)
+            check_users(config)
+            failed = [s.config.name for s in self.services if s.failed]
+            changes = compare([s.config for s in self.services], config.services, failed)
+            built = {
+                c.name: Service(c, build_server(c, self.log, self.loop))
+                for c in config.services
+                if c.name in changes.started
+            }
+        except NetserverError as exc:
+            self.log.error("reload failed, the services run as before", error=str(exc))
+            if not self.reloading:  # READY=1 must follow RELOADING=1 all the same
+                sd_notify(b"READY=1")
+            return
+        self.log.info("reload", **changes.describe())
+        kept = {s.config.name: s for s in self.services if s.config.name in changes.kept}
+        retired = [s for s in self.services if s.config.name in changes.retired]
+        self._retire(retired, list(built.values()))
+        for c in config.services:
+            if c.name in kept:
+                kept[c.name].config = c  # the same table; its lines may have moved
+        self.services = [kept.get(c.name) or built[c.name] for c in config.services]
+        for service in built.values():
+            if not service.failed:
+                self.start(service, with_ready=True)
+        self._forward(signal.SIGHUP, list(kept.values()))
+        self.reloading = True
+
+    def _retire(self, retired: list[Service], starting: list[Service]) -> None:
+        """Hand retired services' sockets on, bind the rest, TERM the retired processes."""
+        pool = ListenerPool((s.config.name, s.server.listeners) for s in retired)
+        for service in retired:
+            service.server.listeners = []  # no longer theirs: never closed in a new child
+            service.restart_at = None
+            if service.ready_fd >= 0:
+                self.selector.unregister(service.ready_fd)
+                os.close(service.ready_fd)
+                service.ready_fd = -1
+        for service in starting:
+            try:
+                service.addresses = pool.bind(service.config.name, service.server)
+            except NetserverError as exc:
+                service.failed = service.settled = True
+                self.log.error("service not started", service=service.config.name, error=str(exc))
+        pool.close()
+        self.retiring += [service for service in retired if service.pid]
+        self._forward(signal.SIGTERM, retired)
+
+    def _maybe_reloaded(self) -> None:
+        if not self.reloading or not all(s.settled for s in self.services):
+            return
+        self.reloading = False
+        up = [a for s in self.services if not s.failed for a in s.addresses]
+        self.log.info("reload done", on=" ".join(str(a) for a in up))
+        sd_notify(b"READY=1")
+
     # -- children that end -----------------------------------------------------------------
     def _reap(self) -> None:
         while True:
@@ -217,13 +290,17 @@ class Supervisor:
                 return
             if pid == 0:
                 return
-            for service in self.services:
+            for service in [*self.services, *self.retiring]:
                 if service.pid == pid:
                     self._ended(service, os.waitstatus_to_exitcode(status))
 
     def _ended(self, service: Service, code: int) -> None:
         name = service.config.name
         service.pid = 0
+        if service in self.retiring:
+            self.retiring.remove(service)
+            self.log.info("retired service stopped", service=name, status=code)
+            return
         if self.stopping:
             self.log.info("service stopped", service=name, status=code)
             return
