@@ -8,6 +8,7 @@ test never sleeps or polls.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import signal
@@ -171,19 +172,26 @@ def short_dir() -> Iterator[Path]:
         yield Path(name)
 
 
-def test_retired_listener_stops_listening_in_every_process(tmp_path: Path) -> None:
-    """What the supervisor relies on: shutdown() of a shared listener refuses clients."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        address = f"127.0.0.1:{listener.getsockname()[1]}"
-        pid = os.fork()
-        if pid == 0:  # the child keeps its copy open and never accepts
-            os.read(os.open(os.devnull, os.O_RDONLY), 1)
-            os._exit(0)
-        try:
-            listener.shutdown(socket.SHUT_RDWR)
-            assert refused(address)
-        finally:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+def test_accept_stops_watching_a_listener_shut_down_under_it() -> None:
+    """A retired service's process sees EINVAL from accept: it must not spin on it."""
+    from netserver.accept import AcceptLoop
+    from netserver.connlog import ServerLog
+    from netserver.listeners import open_listeners, parse_listen
+
+    (listener,) = open_listeners([parse_listen("127.0.0.1:0")])
+    accepted: list[object] = []
+    loop = asyncio.new_event_loop()
+    try:
+        acceptor = AcceptLoop(loop, [listener], lambda *a: accepted.append(a), ServerLog())
+        acceptor.resume()
+        listener.sock.shutdown(socket.SHUT_RDWR)  # what the supervisor does on a reload
+        for _ in range(100):  # loop turns, not time: readiness is immediate
+            if listener not in acceptor.listeners:
+                break
+            loop.run_until_complete(asyncio.sleep(0))
+        assert listener not in acceptor.listeners
+        assert not loop.remove_reader(listener.sock.fileno())  # no longer watched
+        assert accepted == []
+    finally:
+        listener.close()
+        loop.close()
