@@ -35,7 +35,7 @@ from .connlog import ServerLog
 from .endpoint import Endpoint
 from .errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE, ConfigError, NetserverError
 from .inetd_config import RunConfig, ServiceConfig, load_run_config
-from .inetd_reload import ListenerPool, compare
+from .inetd_reload import Changes, ListenerPool, compare
 from .inetd_service import FORWARDED, build_server, run_child
 from .readiness import sd_notify
 from .server import Server
@@ -225,15 +225,7 @@ class Supervisor:
         sd_notify(b"RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
         self.log.info("reload: reading the configuration", path=self.path)
         try:
-            config = load_run_config(self.path)
-            check_users(config)
-            failed = [s.config.name for s in self.services if s.failed]
-            changes = compare([s.config for s in self.services], config.services, failed)
-            built = {
-                c.name: Service(c, build_server(c, self.log, self.loop))
-                for c in config.services
-                if c.name in changes.started
-            }
+            config, changes, built = self._read_again()
         except NetserverError as exc:
             self.log.error("reload failed, the services run as before", error=str(exc))
             if not self.reloading:  # READY=1 must follow RELOADING=1 all the same
@@ -241,17 +233,30 @@ class Supervisor:
             return
         self.log.info("reload", **changes.describe())
         kept = {s.config.name: s for s in self.services if s.config.name in changes.kept}
-        retired = [s for s in self.services if s.config.name in changes.retired]
-        self._retire(retired, list(built.values()))
+        self._retire([s for s in self.services if s.config.name in changes.retired], built)
         for c in config.services:
             if c.name in kept:
                 kept[c.name].config = c  # the same table; its lines may have moved
-        self.services = [kept.get(c.name) or built[c.name] for c in config.services]
-        for service in built.values():
+        by_name = {**kept, **{s.config.name: s for s in built}}
+        self.services = [by_name[c.name] for c in config.services]
+        for service in built:
             if not service.failed:
                 self.start(service, with_ready=True)
         self._forward(signal.SIGHUP, list(kept.values()))
         self.reloading = True
+
+    def _read_again(self) -> tuple[RunConfig, Changes, list[Service]]:
+        """The file, what it changes, and the services to start; nothing is touched yet."""
+        config = load_run_config(self.path)
+        check_users(config)
+        failed = [s.config.name for s in self.services if s.failed]
+        changes = compare([s.config for s in self.services], config.services, failed)
+        built = [
+            Service(c, build_server(c, self.log, self.loop))
+            for c in config.services
+            if c.name in changes.started
+        ]
+        return config, changes, built
 
     def _retire(self, retired: list[Service], starting: list[Service]) -> None:
         """Hand retired services' sockets on, bind the rest, TERM the retired processes."""
