@@ -166,6 +166,23 @@ def test_reload_retries_a_service_that_could_not_bind(tmp_path: Path, notify: No
     assert "reload kept=up started=busy retired=busy" in server.log()
 
 
+def test_a_service_may_take_the_port_a_retired_one_held(tmp_path: Path, notify: Notify) -> None:
+    """The same port in another spelling: the retired socket is closed before the bind."""
+    config = write_config(tmp_path, service("old", ECHO))
+    server = start(config, tmp_path, notify)
+    try:
+        (address,) = server.addresses
+        with Client(address) as held:  # its process keeps running, with the socket
+            config.write_text(service("new", says("new"), address))
+            reload(server, notify)
+            assert exchange(address) == b"new\n"
+            held.send(b"still\n")
+            assert held.read_line() == b"still\n"
+    finally:
+        assert server.stop() == 0
+    assert "service not started" not in server.log()
+
+
 @pytest.fixture
 def short_dir() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="ns-") as name:

@@ -268,13 +268,14 @@ class Supervisor:
                 self.selector.unregister(service.ready_fd)
                 os.close(service.ready_fd)
                 service.ready_fd = -1
-        for service in starting:
+        claims = [(s, pool.claim(s.config.name, s.server)) for s in starting]
+        pool.close()
+        for service, claim in claims:
             try:
-                service.addresses = pool.bind(service.config.name, service.server)
+                service.addresses = claim.bind()
             except NetserverError as exc:
                 service.failed = service.settled = True
                 self.log.error("service not started", service=service.config.name, error=str(exc))
-        pool.close()
         self.retiring += [service for service in retired if service.pid]
         self._forward(signal.SIGTERM, retired)
 

@@ -31,7 +31,7 @@ from .inetd_config import ServiceConfig
 from .listeners import Listener, ListenSpec, open_listeners
 from .server import Server
 
-__all__ = ["Changes", "ListenerPool", "compare", "same_service"]
+__all__ = ["Changes", "Claim", "ListenerPool", "compare", "same_service"]
 
 
 def same_service(a: ServiceConfig, b: ServiceConfig) -> bool:
@@ -76,7 +76,12 @@ def _key(spec: ListenSpec, service: str) -> _Key:
 
 
 class ListenerPool:
-    """Retired services' listening sockets, taken over by a service on the same address."""
+    """Retired services' listening sockets, taken over by a service on the same address.
+
+    First every starting service claims the sockets it shares with a retired one; then
+    the rest are shut down and closed; only then are new sockets opened, so a service
+    may bind an address a retired socket held in another spelling.
+    """
 
     def __init__(self, retired: Iterable[tuple[str, Sequence[Listener]]]) -> None:
         self._free: dict[_Key, list[Listener]] = {}
@@ -84,35 +89,49 @@ class ListenerPool:
             for listener in listeners:
                 self._free.setdefault(_key(listener.spec, service), []).append(listener)
 
-    def bind(self, service: str, server: Server) -> list[Endpoint]:
-        """Give `server` its listeners: the pool's where the address is the same, else new.
-
-        On an error (the address is taken) the sockets opened here are closed, those
-        taken from the pool go back, and the error is raised.
-        """
-        reused: dict[_Key, list[Listener]] = {}
-        opened: dict[_Key, list[Listener]] = {}
+    def claim(self, service: str, server: Server) -> Claim:
+        """Take the sockets for the addresses `server` shares with a retired service."""
         keys = [_key(spec, service) for spec in server.specs]
+        return Claim(server, keys, {key: self._free.pop(key) for key in keys if key in self._free})
+
+    def close(self) -> None:
+        """Shut down and close every socket nobody claimed."""
+        _shut(one for group in self._free.values() for one in group)
+        self._free.clear()
+
+
+@dataclass
+class Claim:
+    """A starting service's sockets: those taken over, and the addresses still to bind."""
+
+    server: Server
+    keys: list[_Key]
+    reused: dict[_Key, list[Listener]]
+
+    def bind(self) -> list[Endpoint]:
+        """Open the rest and give the server all its listeners, in its order.
+
+        On an error (the address is taken) every socket of the claim is closed -- the
+        taken-over ones stop listening too, as no service has them now -- and it is raised.
+        """
+        opened: dict[_Key, list[Listener]] = {}
         try:
-            for key in keys:
-                if key in self._free:
-                    reused[key] = self._free.pop(key)
-                else:
+            for key in self.keys:
+                if key not in self.reused:
                     opened[key] = open_listeners([key[1]])
         except BaseException:
             for listener in (one for group in opened.values() for one in group):
                 listener.close()
-            self._free.update(reused)
+            _shut(one for group in self.reused.values() for one in group)
             raise
-        chosen = {**reused, **opened}
-        server.listeners = [one for key in keys for one in chosen[key]]
-        return server.addresses
+        chosen = {**self.reused, **opened}
+        self.server.listeners = [one for key in self.keys for one in chosen[key]]
+        return self.server.addresses
 
-    def close(self) -> None:
-        """Stop listening (in every process that shares a socket), then close."""
-        for listeners in self._free.values():
-            for listener in listeners:
-                with contextlib.suppress(OSError):
-                    listener.sock.shutdown(socket.SHUT_RDWR)
-                listener.close()
-        self._free.clear()
+
+def _shut(listeners: Iterable[Listener]) -> None:
+    """Stop listening in every process that shares each socket, then close our copy."""
+    for listener in listeners:
+        with contextlib.suppress(OSError):
+            listener.sock.shutdown(socket.SHUT_RDWR)
+        listener.close()
