@@ -173,6 +173,8 @@ def test_a_service_may_take_the_port_a_retired_one_held(tmp_path: Path, notify: 
     try:
         (address,) = server.addresses
         with Client(address) as held:  # its process keeps running, with the socket
+            held.send(b"accepted\n")  # not just waiting in the backlog: that would be reset
+            assert held.read_line() == b"accepted\n"
             config.write_text(service("new", says("new"), address))
             reload(server, notify)
             assert exchange(address) == b"new\n"

@@ -14,7 +14,9 @@ forwarded as TERM and the supervisor exits once every service has stopped.
 Readiness: once every service has bound and reported ready (or failed), one
 ``READY ADDR ...`` line on --ready-fd and ``READY=1`` to systemd; a reload says
 ``RELOADING=1`` to systemd, and ``READY=1`` with a "reload done" log line once every
-service it started is ready (or failed), as ``Type=notify-reload`` expects.
+service it started is ready (or failed) and every process it retired has closed its
+listeners (a byte on the process's stop pipe, or its end), as ``Type=notify-reload``
+expects: from then on, the new configuration alone answers new clients.
 
 Waiting is one `select` over a signal wake-up pipe and the services' ready pipes, so
 a signal, a ready service or a restart that falls due each wake the loop at once.
@@ -58,6 +60,7 @@ class Service:
     quick_exits: int = 0
     restart_at: float | None = None
     ready_fd: int = -1
+    stop_fd: int = -1  # a byte comes once the process no longer accepts (see _retire)
     settled: bool = False  # reported ready, or failed, at start-up
     failed: bool = False
     addresses: list[Endpoint] = field(default_factory=list)
@@ -137,13 +140,17 @@ class Supervisor:
     def start(self, service: Service, *, with_ready: bool = False) -> None:
         """Fork the service's process; `with_ready` gives it a pipe to report ready on."""
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC) if with_ready else (-1, -1)
+        stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
         others = [fd for s in self.services if s is not service for fd in _socket_fds(s.server)]
-        close = [*self.keep_out, *self.parent_fds, *others, *self._ready_fds(), ready_r]
+        close = [*self.keep_out, *self.parent_fds, *others, *self._pipe_fds(), ready_r, stop_r]
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         pid = os.fork()
         if pid == 0:
-            run_child(service.config, service.server, close, _ready_writer(ready_w))
+            on_ready, on_stopping = _ready_writer(ready_w), _byte_writer(stop_w, b"S")
+            run_child(service.config, service.server, close, on_ready, on_stopping)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        os.close(stop_w)
+        service.stop_fd = stop_r
         service.pid, service.started, service.restart_at = pid, time.monotonic(), None
         self.log.info("service started", service=service.config.name, pid=pid)
         if with_ready:
@@ -151,8 +158,10 @@ class Supervisor:
             service.ready_fd = ready_r
             self.selector.register(ready_r, selectors.EVENT_READ, service)
 
-    def _ready_fds(self) -> list[int]:
-        return [s.ready_fd for s in self.services if s.ready_fd >= 0]
+    def _pipe_fds(self) -> list[int]:
+        """The supervisor's ends of every process's ready and stop pipes."""
+        services = [*self.services, *self.retiring]
+        return [fd for s in services for fd in (s.ready_fd, s.stop_fd) if fd >= 0]
 
     # -- the loop ------------------------------------------------------------------------
     def _loop(self, wake_r: int) -> None:
@@ -160,8 +169,10 @@ class Supervisor:
             for key, _ in self.selector.select(self._timeout()):
                 if key.data is None:
                     self._signals(_drain(wake_r))
-                else:
+                elif key.fd == key.data.ready_fd:
                     self._ready_report(key.data)
+                else:
+                    self._stop_report(key.data)
             self._start_due()
             self._maybe_announce()
             self._maybe_reloaded()
@@ -277,10 +288,30 @@ class Supervisor:
                 service.failed = service.settled = True
                 self.log.error("service not started", service=service.config.name, error=str(exc))
         self.retiring += [service for service in retired if service.pid]
+        for service in self.retiring:
+            if service.stop_fd >= 0 and service.stop_fd not in self.selector.get_map():
+                self.selector.register(service.stop_fd, selectors.EVENT_READ, service)
         self._forward(signal.SIGTERM, retired)
 
+    def _stop_report(self, service: Service) -> None:
+        """A retired process closed its listeners (a byte), or ended (end of file)."""
+        with contextlib.suppress(OSError):
+            os.read(service.stop_fd, 16)
+        self._close_stop_fd(service)
+
+    def _close_stop_fd(self, service: Service) -> None:
+        if service.stop_fd < 0:
+            return
+        if service.stop_fd in self.selector.get_map():
+            self.selector.unregister(service.stop_fd)
+        os.close(service.stop_fd)
+        service.stop_fd = -1
+
     def _maybe_reloaded(self) -> None:
+        """Done once every new service listens and every retired one stopped accepting."""
         if not self.reloading or not all(s.settled for s in self.services):
+            return
+        if any(s.stop_fd >= 0 for s in self.retiring):
             return
         self.reloading = False
         up = [a for s in self.services if not s.failed for a in s.addresses]
@@ -303,6 +334,7 @@ class Supervisor:
     def _ended(self, service: Service, code: int) -> None:
         name = service.config.name
         service.pid = 0
+        self._close_stop_fd(service)
         if service in self.retiring:
             self.retiring.remove(service)
             self.log.info("retired service stopped", service=name, status=code)
@@ -330,7 +362,7 @@ class Supervisor:
         for service in self.services:
             for listener in service.server.listeners:
                 listener.close()
-        for fd in [*self.keep_out, *self._ready_fds()]:
+        for fd in [*self.keep_out, *self._pipe_fds()]:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -343,13 +375,22 @@ def _ready_writer(fd: int) -> ReadyCallback | None:
     """In the service: one byte on its ready pipe once its Server listens."""
     if fd < 0:
         return None
+    write = _byte_writer(fd, b"R")
+    return lambda _addresses: write()
 
-    def ready(_addresses: list[Endpoint]) -> None:
-        with contextlib.suppress(OSError):
-            os.write(fd, b"R")
-            os.close(fd)
 
-    return ready
+def _byte_writer(fd: int, byte: bytes) -> Callable[[], None]:
+    """In the service: write `byte` to `fd` and close it, the first time it is called."""
+    pending = [fd]
+
+    def write() -> None:
+        if pending:
+            out = pending.pop()
+            with contextlib.suppress(OSError):
+                os.write(out, byte)
+            os.close(out)
+
+    return write
 
 
 def _drain(fd: int) -> list[int]:

@@ -90,12 +90,14 @@ def run_child(
     server: Server,
     close_fds: Iterable[int],
     on_ready: Callable[[list[Endpoint]], None] | None,
+    on_stopping: Callable[[], None],
 ) -> None:
     """The body of a service's process: never returns, exits with a sysexits code."""
     code = EX_SOFTWARE
     try:
         _become_service(service, server, close_fds)
         server.on_ready = on_ready
+        server.on_stopping = on_stopping
         server.run()
         code = 0
     except NetserverError as exc:

@@ -107,6 +107,7 @@ class Server:
         self.refuse_message = refuse_message
         self.loop_kind = loop
         self.on_ready = on_ready
+        self.on_stopping: Callable[[], None] | None = None  # the listeners are closed
         # TLS is terminated in every mode (see tlsterm); `tls_loader` re-reads on SIGHUP.
         self.tls_loader = tls_loader
         if tls is None and tls_loader is not None:
@@ -282,6 +283,8 @@ class Server:
 
     async def _shutdown(self) -> None:
         self.acceptor.close()
+        if self.on_stopping is not None:  # `netserver run` waits for this in a reload
+            self.on_stopping()
         for mode in self._modes():
             mode.begin_stop()
         active = self._active()
