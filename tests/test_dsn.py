@@ -327,13 +327,35 @@ def test_smtputf8_dsn_with_hdrs_uses_global_headers() -> None:
     assert parts(blob)[2].get_content_type() == "message/global-headers"
 
 
-def test_8bit_original_is_declared_8bit() -> None:
+def test_8bit_original_is_returned_as_7bit_headers_only() -> None:
+    """Issue 13.3: the bounce of an 8-bit original must pass where 8-bit cannot."""
     data = "Subject: x\r\n\r\ncaf\u00e9\r\n".encode()
-    dsn_env, blob = dsn(envelope(), data=data)
-    head, body = raw_parts(blob)[2]
-    assert b"Content-Transfer-Encoding: 8bit" in head
-    assert body == data
-    assert dsn_env.body == "8BITMIME"
+    for ret in (None, "FULL"):
+        dsn_env, blob = dsn(envelope(ret=ret), data=data)
+        head, body = raw_parts(blob)[2]
+        assert b"Content-Type: text/rfc822-headers" in head
+        assert body == b"Subject: x\r\n"
+        assert blob.isascii()
+        assert dsn_env.body == "7BIT"
+
+
+def test_8bit_headers_are_returned_quoted_printable() -> None:
+    data = "Subject: caf\u00e9\r\nFrom: a@example.test\r\n\r\nbody\r\n".encode()
+    _, blob = dsn(envelope(), data=data)
+    assert blob.isascii()
+    original = parts(blob)[2]
+    assert original.get_content_type() == "text/rfc822-headers"
+    assert original["Content-Transfer-Encoding"] == "quoted-printable"
+    decoded = original.get_payload(decode=True)
+    assert isinstance(decoded, bytes)
+    assert decoded.replace(b"\r\n", b"\n") == data[: data.index(b"\r\n\r\n") + 2].replace(
+        b"\r\n", b"\n"
+    )
+
+
+def test_non_ascii_reply_keeps_a_plain_dsn_7bit() -> None:
+    _, blob = dsn(envelope(), [failure("5.1.1 unbekannter Empf\u00e4nger")])
+    assert blob.isascii()
 
 
 # --- wire format and hostile input ---------------------------------------------------

@@ -10,6 +10,7 @@ the test (with real-time ids) are young, as they would be in production.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import random
 import socket
@@ -28,6 +29,7 @@ from leafmail.queue import SCAN_INTERVAL, PassSummary, QueueRunner
 from leafmail.retry import RetryPolicy
 from leafmail.spool import STATES, Spool
 from leafmail.status import MessageStatus, RcptState
+from netserver.connlog import ServerLog
 
 HELO = "leaf.test"
 SENDER = "alice@src.test"
@@ -228,28 +230,66 @@ def test_permanent_failure_bounces_in_the_same_pass(sink: Smarthost, spool: Spoo
     assert "Final-Recipient: rfc822; ok@dst.test" not in text  # it was delivered
 
 
-def test_a_bounce_that_fails_is_not_bounced_again(sink: Smarthost, spool: Spool) -> None:
+def test_a_bounce_that_fails_goes_to_the_postmaster(sink: Smarthost, spool: Spool) -> None:
+    """Issue 13.4: a double bounce is reported to the postmaster and logged, not dropped.
+
+    (Before, this test asserted that the failed bounce simply vanished.)
+    """
     sink.behaviour.rcpt_replies["nobody@dst.test"] = "550 5.1.1 no such user"
     sink.behaviour.rcpt_replies[SENDER] = "550 5.1.1 the sender is gone too"
     qid = put(spool, ["nobody@dst.test"])
+    stream = io.StringIO()
     runner = make_runner(spool, sink.port, FakeClock())
+    runner.log = ServerLog(stream)
     seen: list[Attempt] = []
 
     summary = asyncio.run(runner.run_once(progress=seen.append))
 
-    assert counts(summary) == {"bounced": 2}  # the message and its DSN; nothing more
+    # the message, its bounce (refused), and the postmaster's copy (delivered)
+    assert counts(summary) == {"bounced": 2, "delivered": 1}
     assert seen[0].qid == qid
-    assert len(seen) == 2
+    bounce = seen[1]
+    assert bounce.double_bounce == f"postmaster@{HELO}" and not bounce.dropped_bounce
+    (notice,) = sink.received
+    assert (notice.sender, notice.recipients) == (NULL, [f"postmaster@{HELO}"])
+    text = notice.content.decode()
+    assert "Subject: Postmaster Copy: Undeliverable Bounce" in text
+    assert f"Final-Recipient: rfc822; {SENDER}" in text
+    assert "550 5.1.1 the sender is gone too" in text
+    assert "Action: failed" in text
+    assert spool_is_empty(spool)
+    assert "undeliverable bounce reported to the postmaster" in stream.getvalue()
+
+
+def test_a_double_bounce_that_fails_is_dropped_loudly(sink: Smarthost, spool: Spool) -> None:
+    """No loop: when the postmaster cannot be reached either, the report is dropped and
+    an error line says so (Postfix does the same)."""
+    sink.behaviour.rcpt_replies["nobody@dst.test"] = "550 5.1.1 no such user"
+    sink.behaviour.rcpt_replies[SENDER] = "550 5.1.1 the sender is gone too"
+    sink.behaviour.rcpt_replies[f"postmaster@{HELO}"] = "550 5.1.1 no postmaster either"
+    put(spool, ["nobody@dst.test"])
+    stream = io.StringIO()
+    runner = make_runner(spool, sink.port, FakeClock())
+    runner.log = ServerLog(stream)
+    seen: list[Attempt] = []
+
+    summary = asyncio.run(runner.run_once(progress=seen.append))
+
+    assert counts(summary) == {"bounced": 3}  # message, bounce, postmaster copy; no more
+    assert [a.dropped_bounce for a in seen] == [False, False, True]
     assert sink.received == []
     assert spool_is_empty(spool)
+    log = stream.getvalue()
+    assert "undeliverable bounce DROPPED" in log and "no postmaster either" in log
 
 
 def test_mail_from_the_null_sender_gets_no_bounce(sink: Smarthost, spool: Spool) -> None:
+    """Nothing goes back to <>; the postmaster is told instead (issue 13.4)."""
     sink.behaviour.rcpt_replies["nobody@dst.test"] = "550 5.1.1 no such user"
     put(spool, ["nobody@dst.test"], sender="")
     summary = run(make_runner(spool, sink.port, FakeClock()))
-    assert counts(summary) == {"bounced": 1}
-    assert sink.received == []
+    assert counts(summary) == {"bounced": 1, "delivered": 1}
+    assert [r.recipients for r in sink.received] == [[f"postmaster@{HELO}"]]
     assert spool_is_empty(spool)
 
 

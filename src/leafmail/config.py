@@ -103,6 +103,7 @@ class DeliveryConfig:
     connect_timeout: float = 30.0
     command_timeout: float = 300.0
     deadline: float = 900.0
+    double_bounce_to: str = "postmaster"  # "": undeliverable bounces are dropped (logged)
 
     @property
     def effective_mode(self) -> str:
@@ -210,6 +211,15 @@ class Config:
         """Domains delivered here, lower-case; the hostname when none is configured."""
         domains = self.relay.local_domains or (self.hostname,)
         return tuple(d.lower().rstrip(".") for d in domains)
+
+    @property
+    def double_bounce_address(self) -> str:
+        """Where undeliverable bounces go: delivery.double_bounce_to, a bare name
+        qualified with our first local domain ("" when switched off)."""
+        target = self.delivery.double_bounce_to.strip()
+        if not target or "@" in target:
+            return target
+        return f"{target}@{self.local_domains[0]}"
 
     def route_for(self, domain: str) -> str:
         """The route of a recipient domain: [routes], else local, else delivery.mode.
@@ -384,6 +394,7 @@ def _delivery(t: _Table) -> DeliveryConfig:
         connect_timeout=t.duration("connect_timeout", d.connect_timeout),
         command_timeout=t.duration("command_timeout", d.command_timeout),
         deadline=t.duration("deadline", d.deadline),
+        double_bounce_to=t.string("double_bounce_to", d.double_bounce_to),
     )
     t.finish()
     return delivery
@@ -530,7 +541,10 @@ def _check(config: Config, where: str) -> None:
     except AccessSpecError as exc:
         raise ConfigError(f"{where}: relay.relay_networks: {exc}") from None
     problem = (
-        delivery_problem(config.delivery) or routing_problem(config) or local_problem(config.local)
+        delivery_problem(config.delivery)
+        or routing_problem(config)
+        or local_domains_problem(config)
+        or local_problem(config.local)
     )
     if problem:
         raise ConfigError(f"{where}: {problem}")
@@ -549,6 +563,29 @@ def local_problem(local: LocalConfig) -> str | None:
         template.format(user="u", home="/h")
     except (KeyError, IndexError, ValueError) as exc:
         return f"local.path {template!r}: only {{user}} and {{home}} may be used ({exc})"
+    return None
+
+
+def local_domains_problem(config: Config) -> str | None:
+    """A local domain that would be delivered by MX without a [local] table.
+
+    relay.local_domains says "mail for these is ours": it is accepted from anyone. With
+    no [local] table and no route of its own it takes the default route, and by MX our
+    own domain's MX is this host (or whoever it points to): the mail loops back or
+    leaves for a host that did not expect it. That is never what was meant, so it is
+    refused here, as Postfix refuses mail for $mydestination it has no local transport
+    for. Through a smarthost it is the null-client set-up (the provider's server holds
+    the mailboxes), which is allowed.
+    """
+    if config.local.enabled or not config.relay.local_domains:
+        return None
+    for domain in config.local_domains:
+        if config.route_for(domain) == "mx":
+            return (
+                f"relay.local_domains has {domain!r} but there is no [local] table, so its "
+                "mail would go out by MX (to ourselves); add [local], or give it a route "
+                f'such as [routes] "{domain}" = "smarthost"'
+            )
     return None
 
 

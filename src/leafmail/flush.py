@@ -129,6 +129,7 @@ def build_runner(
         RetryPolicy.from_config(config.delivery),
         hostname=config.hostname,
         concurrency=config.delivery.concurrency,
+        postmaster=config.double_bounce_address,
         **kwargs,
     )
     try:  # forwarded copies (aliases to other domains) join the pass that made them

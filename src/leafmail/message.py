@@ -7,13 +7,20 @@ them. The queue runner uses the same `attempt()` for each message it works on.
 
 Order of the durable steps, so that nothing is ever lost:
 
-1. the agent delivers to the recipients still open (or they expire);
-2. DSNs for the recipients that failed now are committed to the spool, as new messages;
+1. the agent delivers to the recipients still open (or they expire); an alias's
+   targets are recorded as they go (`leafmail.expansion`), so a forwarded copy is
+   made exactly once;
+2. DSNs for the recipients that failed now (and success reports that were asked for)
+   are committed to the spool, as new messages;
 3. the status record is replaced (write, fsync, rename, fsync the directory);
 4. only when every recipient has a final result is the message removed.
 
 A crash before 3 means the attempt is made again: a recipient can get the message
 twice, never zero times (at least once). A crash between 2 and 3 can repeat a bounce.
+
+Mail from <> (a bounce) gets no bounce; when it fails, a report goes to the postmaster
+instead (a "double bounce"), unless it was already going to the postmaster: then it is
+dropped and the runner logs that loudly, as Postfix does, which ends any loop.
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from .delivery import Agent, LinkDown, Outcome, Result
-from .delivery.bounce import Notice, build_dsn, wants_dsn
+from .delivery import Agent, Handoff, LinkDown, Outcome, Result
+from .delivery.bounce import Action, Notice, build_dsn, wants_dsn
 from .envelope import Envelope, EnvelopeError
+from .expansion import RecordedExpansions
 from .retry import RetryPolicy
 from .spool import CorruptMessage, Spool, SpooledMessage, arrival_time
 from .status import MessageStatus, RcptState, RcptStatus
@@ -55,8 +63,10 @@ class Attempt:
     verdict: Verdict
     results: dict[int, Result]
     error: str = ""
-    dsns: tuple[str, ...] = ()  # queue ids of the DSNs this attempt spooled
+    dsns: tuple[str, ...] = ()  # queue ids of the DSNs and forwarded copies it spooled
     link_down: bool = False  # the next hop could not be reached: stop trying others
+    double_bounce: str = ""  # mail from <> failed: where the report about it went
+    dropped_bounce: bool = False  # ... and that report itself failed: dropped (logged)
 
 
 class UnknownMessage(KeyError):
@@ -90,6 +100,7 @@ class Message:
         policy: RetryPolicy | None = None,
         hostname: str = "localhost",
         now: float | None = None,
+        postmaster: str = "",
     ) -> dict[str, Result]:
         """Deliver now (blocking); results by recipient address, recorded before returning."""
 
@@ -104,6 +115,7 @@ class Message:
                     now=time.time() if now is None else now,
                     force=True,
                     wait=True,
+                    postmaster=postmaster,
                 )
             finally:
                 await agent.close()
@@ -146,12 +158,14 @@ async def attempt(
     now: float,
     force: bool = False,
     wait: bool = False,
+    postmaster: str = "",
 ) -> Attempt:
     """One delivery attempt for `qid` under its lock; `agent=None` only expires.
 
     Without `force`, a deferred message whose next attempt is still ahead is skipped.
     LinkDown from the agent is recorded as a deferral of this message (4.4.1) and
-    reported with `link_down`, so the runner can stop trying others.
+    reported with `link_down`, so the runner can stop trying others. `postmaster`
+    gets the report about mail from <> that failed ("": dropped, and logged).
     """
     with spool.locked(qid, wait=wait) as state:
         if state is None or state == "hold":
@@ -165,6 +179,8 @@ async def attempt(
         status = message.status
         if not force and state == "deferred" and status.next_attempt > now:
             return Attempt(qid, Verdict.SKIPPED, {})
+        expansions = RecordedExpansions(spool, qid, status)
+        await expansions.recover()  # copies a crash left in hold/ go out now
         open_rcpts = status.open
         link_error: LinkDown | None = None
         if not open_rcpts:
@@ -172,14 +188,25 @@ async def attempt(
         elif policy.expired(status.arrival, now):
             results = expire(open_rcpts, status, policy)
         elif agent is None:
-            return Attempt(qid, Verdict.SKIPPED, {})
+            return Attempt(qid, Verdict.SKIPPED, {}, dsns=tuple(expansions.released))
         else:
             try:
-                results = await agent.deliver(message.envelope, message.data, open_rcpts)
+                results = await agent.deliver(
+                    message.envelope, message.data, open_rcpts, expansions
+                )
             except LinkDown as exc:
                 link_error = exc
                 results = dict.fromkeys(open_rcpts, Result.deferred("4.4.1", str(exc)))
-        done = await record(message, state, results, policy, hostname=hostname, now=now)
+        done = await record(
+            message,
+            state,
+            results,
+            policy,
+            hostname=hostname,
+            now=now,
+            expansions=expansions,
+            postmaster=postmaster,
+        )
         if link_error is not None:
             return replace(done, link_down=True, error=str(link_error))
         return done
@@ -213,25 +240,37 @@ async def record(
     *,
     hostname: str,
     now: float,
+    expansions: RecordedExpansions | None = None,
+    postmaster: str = "",
 ) -> Attempt:
     """Apply `results` to the status and make it durable (see the module doc for the order)."""
-    status = apply_results(message.status, results, policy, now)
-    notices = [
-        Notice(message.envelope.recipients[i], r)
-        for i, r in results.items()
-        if r.outcome is Outcome.FAILED
-        and wants_dsn(message.envelope.sender, message.envelope.recipients[i], "FAILURE")
-    ]
+    before = message.status if expansions is None else expansions.merged(message.status)
+    status = apply_results(before, results, policy, now)
+    if expansions is not None:
+        status = expansions.merged(status)  # a recipient now final drops its marks
+    envelope = message.envelope
+    sizes = {} if expansions is None else expansions.sizes
     dsns = []
+    failed = [
+        Notice(envelope.recipients[i], r) for i, r in results.items() if r.outcome is Outcome.FAILED
+    ]
+    notices = [n for n in failed if wants_dsn(envelope.sender, n.recipient, "FAILURE")]
     if notices:
         dsns.append(dsn_for(message, notices, hostname=hostname, now=now))
+    successes = success_notices(envelope, results, sizes)
+    if successes:
+        dsns.append(dsn_for(message, successes, hostname=hostname, now=now))
+    bounce_to, dropped = "", False
+    if envelope.sender == "" and failed:
+        bounce_to, dropped = double_bounce_target(envelope, failed, postmaster)
+        if bounce_to:
+            dsns.append(dsn_for(message, failed, hostname=hostname, now=now, to=bounce_to))
     if not status.done and not status.warned and policy.warn_due(status.arrival, now):
         status = replace(status, warned=True)
         delayed = [
-            Notice(message.envelope.recipients[i], results[i])
+            Notice(envelope.recipients[i], results[i])
             for i in status.open
-            if i in results
-            and wants_dsn(message.envelope.sender, message.envelope.recipients[i], "DELAY")
+            if i in results and wants_dsn(envelope.sender, envelope.recipients[i], "DELAY")
         ]
         if delayed:
             dsns.append(
@@ -250,7 +289,63 @@ async def record(
         message.spool.discard_delivered(message.qid, state)
     else:
         dsn_ids = await asyncio.to_thread(_store, message, state, dsns)
-    return Attempt(message.qid, verdict_of(status), results, status.last_error, tuple(dsn_ids))
+    spooled = tuple(dsn_ids) + (() if expansions is None else tuple(expansions.released))
+    return Attempt(
+        message.qid,
+        verdict_of(status),
+        results,
+        status.last_error,
+        spooled,
+        double_bounce=bounce_to,
+        dropped_bounce=dropped,
+    )
+
+
+def success_notices(
+    envelope: Envelope, results: dict[int, Result], sizes: dict[int, int]
+) -> list[Notice]:
+    """Success reports asked for with NOTIFY=SUCCESS (RFC 3461 5.2.2, 6.2.7).
+
+    `sizes` says how many targets an alias expanded each recipient to: several make an
+    "expanded" report (their copies no longer ask for success, `notify_after_expansion`),
+    and a single forward passes NOTIFY on with the copy, which reports for itself.
+    """
+    notices = []
+    for i, result in results.items():
+        rcpt = envelope.recipients[i]
+        if result.outcome is not Outcome.DELIVERED or not wants_dsn(
+            envelope.sender, rcpt, "SUCCESS"
+        ):
+            continue
+        action = success_action(result, sizes.get(i, 0))
+        if action is not None:
+            notices.append(Notice(rcpt, result, action))
+    return notices
+
+
+def success_action(result: Result, targets: int) -> Action | None:
+    """The Action of a delivered recipient, or None when someone else reports it."""
+    if targets > 1:
+        return Action.EXPANDED
+    if result.handoff is Handoff.PASSED:
+        return None  # the next hop, or the forwarded copy, carries NOTIFY on
+    return Action.RELAYED if result.handoff is Handoff.RELAYED else Action.DELIVERED
+
+
+def double_bounce_target(
+    envelope: Envelope, failed: list[Notice], postmaster: str
+) -> tuple[str, bool]:
+    """Where the report about failed mail from <> goes, and whether it is dropped.
+
+    It goes to the postmaster, unless the postmaster is whom it failed to reach (it was
+    a double bounce already, or a bounce to the postmaster): another report would go
+    the same way and could loop, so it is dropped and logged instead.
+    """
+    if not postmaster:
+        return "", True
+    if any(n.recipient.address.lower() == postmaster.lower() for n in failed):
+        return "", True
+    return postmaster, False
 
 
 def dsn_for(
@@ -261,6 +356,7 @@ def dsn_for(
     now: float,
     delayed: bool = False,
     retry_until: float | None = None,
+    to: str | None = None,
 ) -> tuple[Envelope, bytes]:
     return build_dsn(
         hostname=hostname,
@@ -272,6 +368,7 @@ def dsn_for(
         now=now,
         delayed=delayed,
         retry_until=retry_until,
+        to=to,
     )
 
 

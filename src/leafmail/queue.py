@@ -13,6 +13,10 @@ still bounce while the link is down. `flush` (a network-up hook) ignores that wa
 
 Time comes from an injected clock, and `run_once` is one pass, so tests drive the
 schedule without sleeping.
+
+Bounces that cannot be delivered go to `postmaster` (`[delivery] double_bounce_to`,
+default postmaster at our first local domain), and each one is logged; one that
+fails on its way to the postmaster as well is dropped with an error line.
 """
 
 from __future__ import annotations
@@ -67,8 +71,10 @@ class QueueRunner:
         concurrency: int = 4,
         clock: Callable[[], float] = time.time,
         log: ServerLog | None = None,
+        postmaster: str | None = None,
     ) -> None:
         self.spool = spool
+        self.postmaster = f"postmaster@{hostname}" if postmaster is None else postmaster
         self.agent = agent
         self.policy = policy
         self.hostname = hostname
@@ -192,6 +198,7 @@ class QueueRunner:
                 hostname=self.hostname,
                 now=now,
                 force=force,
+                postmaster=self.postmaster,
             )
         except Exception as exc:  # one message must not stop the queue
             # E.g. the disk is full and its status cannot be written. The message stays
@@ -229,6 +236,20 @@ class QueueRunner:
         if self.log is None or done.verdict in (Verdict.SKIPPED, Verdict.WAITING):
             return
         self.log.info("delivery", qid=done.qid, result=done.verdict.value, error=done.error)
+        if done.double_bounce:
+            self.log.info(
+                "undeliverable bounce reported to the postmaster",
+                qid=done.qid,
+                to=done.double_bounce,
+                error=done.error,
+            )
+        if done.dropped_bounce:
+            self.log.error(
+                "undeliverable bounce DROPPED: the postmaster cannot be reached either",
+                qid=done.qid,
+                postmaster=self.postmaster or "(none: delivery.double_bounce_to is empty)",
+                error=done.error,
+            )
 
     # -- the daemon's loop --------------------------------------------------------------
     async def serve(self, stopping: asyncio.Event) -> None:

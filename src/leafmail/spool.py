@@ -215,10 +215,14 @@ class Spool:
         finally:
             os.close(fd)
 
-    def commit(self, envelope: Envelope, data: bytes, qid: str | None = None) -> str:
+    def commit(
+        self, envelope: Envelope, data: bytes, qid: str | None = None, *, state: str = "queue"
+    ) -> str:
         """Durably spool one message now (the sendmail path); returns its queue id.
 
-        Pass `qid` (from `new_id`) when the message's own headers must carry it.
+        Pass `qid` (from `new_id`) when the message's own headers must carry it, or when
+        the id was recorded before the commit (a forwarded copy, `leafmail.expansion`),
+        which also commits into "hold" until that record says it may go.
         """
         qid = qid or new_id()
         fd = self.write_tmp(qid, encode(envelope, data))
@@ -229,7 +233,11 @@ class Spool:
             raise
         finally:
             os.close(fd)
-        self.publish([qid])
+        try:
+            self.publish([qid], state)
+        except BaseException:
+            self.discard_tmp(qid)
+            raise
         return qid
 
     def discard_tmp(self, qid: str) -> None:

@@ -6,6 +6,11 @@ attempt count and last reply, and the message's next retry time. The queue runne
 reads it to decide what to do, writes it durably after every attempt, and a restarted
 runner picks up from it, so no schedule lives only in memory. It is strict JSON, like the
 envelope: no format that can run code when loaded.
+
+A recipient that local delivery expanded (an alias) also keeps one mark per target:
+what each mailbox, file, command or forwarded copy already got, so a retry gives each
+target the message once (`leafmail.expansion` writes them). Version 1 records, from
+before these marks, are still read.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from .envelope import (
     record_fields,
     string_field,
 )
+from .spool import valid_id
 
 
 class RcptState(StrEnum):
@@ -38,14 +44,60 @@ class RcptState(StrEnum):
         return self in (RcptState.DELIVERED, RcptState.FAILED)
 
 
+class TargetState(StrEnum):
+    """Where one target of an expanded recipient stands.
+
+    A forwarded copy goes STAGED (its id chosen, nothing spooled yet), then FORWARDED
+    (spooled into hold/, where no runner takes it), then DELIVERED once released into
+    the queue. Each step is durable before the next starts, so after a crash the mark
+    and the copy's place in the spool say what happened (`leafmail.expansion`).
+    """
+
+    STAGED = "staged"
+    FORWARDED = "forwarded"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+    @property
+    def final(self) -> bool:
+        return self in (TargetState.DELIVERED, TargetState.FAILED)
+
+
+@dataclass(frozen=True)
+class TargetMark:
+    """One target of an expanded recipient: its key, state, result line and copy id."""
+
+    key: str
+    state: TargetState
+    reply: str = ""
+    qid: str = ""  # the forwarded copy, for a forward
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "state": self.state.value, "reply": self.reply, "qid": self.qid}
+
+    @classmethod
+    def from_json(cls, data: object) -> TargetMark:
+        obj = record_fields(data, "target", {"key", "state", "reply", "qid"})
+        try:
+            state = TargetState(str(obj["state"]))
+        except ValueError:
+            raise EnvelopeError("bad target state") from None
+        qid = string_field(obj, "qid")
+        if qid and not valid_id(qid):
+            raise EnvelopeError("bad queue id in a target")
+        return cls(string_field(obj, "key"), state, string_field(obj, "reply"), qid)
+
+
 @dataclass(frozen=True)
 class RcptStatus:
-    """One recipient: its state, how often it was tried, and the last reply (or error)."""
+    """One recipient: its state, how often it was tried, the last reply (or error), and
+    the marks of its targets when it is an alias."""
 
     state: RcptState = RcptState.PENDING
     attempts: int = 0
     reply: str = ""
     remote: str = ""
+    targets: tuple[TargetMark, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -53,17 +105,26 @@ class RcptStatus:
             "attempts": self.attempts,
             "reply": self.reply,
             "remote": self.remote,
+            "targets": [t.to_json() for t in self.targets],
         }
 
     @classmethod
-    def from_json(cls, data: object) -> RcptStatus:
-        obj = record_fields(data, "recipient status", {"state", "attempts", "reply", "remote"})
+    def from_json(cls, data: object, version: int = 2) -> RcptStatus:
+        keys = {"state", "attempts", "reply", "remote"} | ({"targets"} if version > 1 else set())
+        obj = record_fields(data, "recipient status", keys)
         try:
             state = RcptState(str(obj["state"]))
         except ValueError:
             raise EnvelopeError("bad recipient state") from None
+        targets = obj.get("targets", [])
+        if not isinstance(targets, list):
+            raise EnvelopeError("targets must be a list")
         return cls(
-            state, _int(obj, "attempts"), string_field(obj, "reply"), string_field(obj, "remote")
+            state,
+            _int(obj, "attempts"),
+            string_field(obj, "reply"),
+            string_field(obj, "remote"),
+            tuple(TargetMark.from_json(t) for t in targets),
         )
 
 
@@ -103,7 +164,7 @@ class MessageStatus:
 
     def to_bytes(self) -> bytes:
         data = {
-            "version": 1,
+            "version": 2,
             "arrival": self.arrival,
             "next_attempt": self.next_attempt,
             "last_attempt": self.last_attempt,
@@ -120,7 +181,8 @@ class MessageStatus:
         data = load_json(blob, "status")
         keys = {"version", "arrival", "next_attempt", "last_attempt", "attempts"}
         obj = record_fields(data, "status", keys | {"last_error", "warned", "recipients"})
-        if obj["version"] != 1:
+        version = obj["version"]
+        if version not in (1, 2) or isinstance(version, bool):
             raise EnvelopeError("unknown status version")
         rcpts = obj["recipients"]
         if not isinstance(rcpts, list) or len(rcpts) != len(envelope.recipients):
@@ -129,7 +191,7 @@ class MessageStatus:
             raise EnvelopeError("warned must be true or false")
         return cls(
             arrival=_number(obj, "arrival"),
-            recipients=tuple(RcptStatus.from_json(r) for r in rcpts),
+            recipients=tuple(RcptStatus.from_json(r, int(version)) for r in rcpts),
             next_attempt=_number(obj, "next_attempt"),
             last_attempt=_number(obj, "last_attempt"),
             attempts=_int(obj, "attempts"),

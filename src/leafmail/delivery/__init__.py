@@ -21,6 +21,19 @@ from ..status import RcptState
 _ENHANCED = re.compile(r"\A([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|\Z)")
 
 
+class Handoff(StrEnum):
+    """Who reports a delivered recipient's success, if the sender asked (RFC 3461 5.2).
+
+    FINAL: delivered here (a mailbox, a file, a command), so we report "delivered".
+    RELAYED: passed to a next hop that does not speak DSN, so we report "relayed".
+    PASSED: passed to a next hop that speaks DSN, with NOTIFY and ORCPT: it reports.
+    """
+
+    FINAL = "final"
+    RELAYED = "relayed"
+    PASSED = "passed"
+
+
 class Outcome(StrEnum):
     DELIVERED = "delivered"
     DEFERRED = "deferred"
@@ -40,6 +53,7 @@ class Result:
     status: str
     text: str
     remote: str = ""
+    handoff: Handoff = Handoff.FINAL
 
     @classmethod
     def from_reply(cls, code: int, message: str, remote: str = "") -> Result:
@@ -91,13 +105,50 @@ class LinkDown(Exception):
     """The next hop could not be reached or would not talk to us; nothing was tried."""
 
 
+class Expansions(Protocol):
+    """Where an agent that expands aliases records what each target already got.
+
+    A recipient that expands to several targets stays open while any of them defers;
+    without a record, the retry would give the targets that succeeded a second copy.
+    The queue hands one of these to every attempt (`leafmail.expansion`), backed by the
+    message's status record, so each target gets the message once whatever happens to
+    the others, across retries and crashes. Keys name a target (see
+    `leafmail.delivery.local.target_key`).
+    """
+
+    def expanding(self, index: int, keys: Sequence[str]) -> None:
+        """Recipient `index` expands to these targets in this attempt."""
+        ...
+
+    def result(self, index: int, key: str) -> Result | None:
+        """The final result a target of recipient `index` already has, or None."""
+        ...
+
+    def record(self, index: int, key: str, result: Result) -> None:
+        """A target's result in this attempt (kept with the attempt's status)."""
+        ...
+
+    async def forward(
+        self, index: int, keys: Sequence[str], envelope: Envelope, data: bytes
+    ) -> str:
+        """Spool the copy for remote targets exactly once; its queue id (OSError: defer)."""
+        ...
+
+
 class Agent(Protocol):
-    """A delivery agent (smarthost now; MX and local later)."""
+    """A delivery agent (smarthost, MX or local)."""
 
     async def deliver(
-        self, envelope: Envelope, data: bytes, rcpts: Sequence[int]
+        self,
+        envelope: Envelope,
+        data: bytes,
+        rcpts: Sequence[int],
+        expansions: Expansions | None = None,
     ) -> dict[int, Result]:
-        """Try envelope.recipients[i] for each i in `rcpts`; a Result for each of them."""
+        """Try envelope.recipients[i] for each i in `rcpts`; a Result for each of them.
+
+        `expansions` matters only to agents that expand aliases (local delivery).
+        """
         ...
 
     async def close(self) -> None:

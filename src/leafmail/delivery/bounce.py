@@ -1,28 +1,55 @@
-"""Delivery status notifications (RFC 3464): failure bounces and delay warnings.
+"""Delivery status notifications (RFC 3464): bounces, delay warnings and success reports.
 
 A DSN is a multipart/report with three parts: a short human-readable explanation, the
 machine-readable message/delivery-status, and the original message (or only its header
-section when the sender asked for RET=HDRS or the message is large). It goes from the
-null sender `<>` to the original sender, so it can never cause another DSN (RFC 5321
-4.5.5); mail from `<>` never gets one, and a recipient whose NOTIFY excludes FAILURE
-(or DELAY) gets none either. One DSN covers all the recipients of a message that
-failed in the same attempt, so a message to fifty bad addresses makes one bounce.
+section when the sender asked for RET=HDRS, the message is large, or the report is a
+success report without RET=FULL). It goes from the null sender `<>` to the original
+sender, so it can never cause another DSN (RFC 5321 4.5.5); mail from `<>` never gets
+one, and a recipient whose NOTIFY excludes FAILURE (or DELAY) gets none either. A
+success report (`Action: delivered`, `relayed` or `expanded`) goes only to a recipient
+that asked for it with NOTIFY=SUCCESS (RFC 3461 4.1). One DSN covers all the recipients
+of a message with the same kind of news in the same attempt, so a message to fifty bad
+addresses makes one bounce.
 
-Internationalized mail (SMTPUTF8) gets the RFC 6533 types, message/global-* .
+A DSN must be deliverable wherever the original was not. An original with 8-bit content
+is often refused exactly because the next hop lacks 8BITMIME (5.6.3), and the bounce
+goes back through the same hop; so a DSN about an 8-bit original returns only its
+header section (text/rfc822-headers, quoted-printable when the headers themselves are
+8-bit) and is 7-bit throughout. Internationalized mail (SMTPUTF8) gets the RFC 6533
+types, message/global-*, which are 8-bit by definition.
+
+A bounce that cannot be delivered itself (a "double bounce") is not dropped: the queue
+sends a report about it to the postmaster (`build_dsn(to=...)`), as sendmail's
+DoubleBounceAddress and Postfix's notify_classes = bounce do.
 """
 
 from __future__ import annotations
 
+import quopri
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate, make_msgid
+from enum import StrEnum
 
 from ..envelope import ClientInfo, Envelope, Recipient
 from . import Result
 
 FULL_MESSAGE_LIMIT = 256 * 1024  # larger originals are returned as headers only
+
+
+class Action(StrEnum):
+    """The Action field of one recipient in a DSN (RFC 3464 2.3.3)."""
+
+    FAILED = "failed"
+    DELAYED = "delayed"
+    DELIVERED = "delivered"  # final delivery here
+    RELAYED = "relayed"  # to a next hop that does not speak DSN: it will not report
+    EXPANDED = "expanded"  # an alias made several copies
+
+
+SUCCESS_ACTIONS = frozenset({Action.DELIVERED, Action.RELAYED, Action.EXPANDED})
 
 
 @dataclass(frozen=True)
@@ -31,18 +58,32 @@ class Notice:
 
     recipient: Recipient
     result: Result
+    action: Action = Action.FAILED
 
 
 def wants_dsn(sender: str, rcpt: Recipient, kind: str) -> bool:
-    """Whether a DSN of `kind` ("FAILURE" or "DELAY") goes out for this recipient.
+    """Whether a DSN of `kind` ("FAILURE", "DELAY" or "SUCCESS") goes out for this recipient.
 
-    Without NOTIFY the default is failures and delays (RFC 3461 4.1 leaves it to us).
+    Without NOTIFY the default is failures and delays (RFC 3461 4.1 leaves it to us);
+    success is reported only when asked for.
     """
     if sender == "":
         return False
     if not rcpt.notify:
-        return True
+        return kind != "SUCCESS"
     return kind in rcpt.notify and "NEVER" not in rcpt.notify
+
+
+def notify_after_expansion(notify: tuple[str, ...]) -> tuple[str, ...]:
+    """NOTIFY for the addresses an alias expands to: SUCCESS removed (RFC 3461 6.2.7.3).
+
+    The "expanded" DSN already told the sender; every copy reporting success as well
+    would tell them again, once per target. Nothing left means NEVER.
+    """
+    if not notify:
+        return notify
+    kept = tuple(n for n in notify if n != "SUCCESS")
+    return kept or ("NEVER",)
 
 
 def build_dsn(
@@ -56,45 +97,45 @@ def build_dsn(
     now: float,
     delayed: bool = False,
     retry_until: float | None = None,
+    to: str | None = None,
 ) -> tuple[Envelope, bytes]:
-    """The envelope and bytes of a DSN about `notices` for message `qid`."""
+    """The envelope and bytes of a DSN about `notices` for message `qid`.
+
+    It goes to the envelope's sender, or to `to`: the postmaster, when the message was
+    a bounce that could not be delivered (a "double bounce"; the queue sends no second
+    one about it, which ends any loop). With `delayed` every notice is a delay;
+    otherwise each notice's own action counts.
+    """
     utf8 = envelope.smtputf8
+    recipient = envelope.sender if to is None else to
+    kind = _kind(notices, delayed)
     boundary = _boundary(data)
-    headers_only = envelope.ret == "HDRS" or len(data) > FULL_MESSAGE_LIMIT
-    original = _header_section(data) if headers_only else data
+    original, original_type, encoding = _returned(envelope, data, full=_full(envelope, data, kind))
     status_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
-    if headers_only:
-        original_type = "message/global-headers" if utf8 else "text/rfc822-headers"
-    else:
-        original_type = "message/global" if utf8 else "message/rfc822"
-    subject = (
-        "Delayed Mail (still being retried)" if delayed else "Undelivered Mail Returned to Sender"
-    )
     head = [
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
-        f"To: {_angle(envelope.sender)}",
-        f"Subject: {subject}",
+        f"To: {_angle(recipient)}",
+        f"Subject: {_SUBJECTS[kind] if to is None else _DOUBLE_SUBJECT}",
         f"Date: {formatdate(now, usegmt=True)}",
         f"Message-ID: {make_msgid(domain=hostname)}",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
         f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
     ]
+    explanation = _explanation(hostname, notices, kind, utf8=utf8)
+    actions = [Action.DELAYED if delayed else n.action for n in notices]
+    report = _status(hostname, qid, envelope, notices, actions, arrival, now, retry_until)
     parts = [
-        _part("text/plain; charset=utf-8", "8bit", _explanation(hostname, notices, delayed)),
-        _part(
-            status_type,
-            "8bit" if utf8 else "7bit",
-            _status(hostname, qid, envelope, notices, arrival, now, delayed, retry_until),
-        ),
-        _part(original_type, "8bit" if not original.isascii() else "7bit", original),
+        _part("text/plain; charset=utf-8", _cte(explanation), explanation),
+        _part(status_type, "8bit" if utf8 else "7bit", report),
+        _part(original_type, encoding, original),
     ]
     body = b"".join(b"--%s\r\n%s\r\n" % (boundary.encode(), p) for p in parts)
     blob = _lines(head) + b"\r\n" + b"This is a MIME-encapsulated message.\r\n\r\n" + body
     blob += b"--%s--\r\n" % boundary.encode()
     dsn_envelope = Envelope(
         sender="",
-        recipients=(Recipient(envelope.sender),),
+        recipients=(Recipient(recipient),),
         client=ClientInfo(protocol="local", helo=hostname),
         body="8BITMIME" if not blob.isascii() else "7BIT",
         smtputf8=utf8,
@@ -102,22 +143,86 @@ def build_dsn(
     return dsn_envelope, blob
 
 
-def _explanation(hostname: str, notices: Sequence[Notice], delayed: bool) -> bytes:
+_SUBJECTS = {
+    "failure": "Undelivered Mail Returned to Sender",
+    "delay": "Delayed Mail (still being retried)",
+    "success": "Successful Mail Delivery Report",
+}
+_DOUBLE_SUBJECT = "Postmaster Copy: Undeliverable Bounce"
+
+
+def _kind(notices: Sequence[Notice], delayed: bool) -> str:
     if delayed:
-        lead = (
-            f"This is the mail system at {hostname}.\r\n\r\n"
-            "Your message has not yet been delivered to the recipients below. It is still\r\n"
-            "queued and will be retried; you do not need to resend it.\r\n"
-        )
-    else:
-        lead = (
-            f"This is the mail system at {hostname}.\r\n\r\n"
-            "Your message could not be delivered to the recipients below. It will not be\r\n"
-            "retried for them.\r\n"
-        )
-    lines = [f"<{n.recipient.address}>: {n.result.line}" for n in notices]
-    text = "\r\n".join(_clean(line, utf8=True) for line in lines)
+        return "delay"
+    if notices and all(n.action in SUCCESS_ACTIONS for n in notices):
+        return "success"
+    return "failure"
+
+
+def _full(envelope: Envelope, data: bytes, kind: str) -> bool:
+    """Whether the whole original goes back, or only its header section.
+
+    Headers only for RET=HDRS, for a large original, for a success report unless
+    RET=FULL asked for the content (nobody needs their own message back to learn it
+    arrived), and for 8-bit content outside SMTPUTF8, which the return path may not
+    carry (see the module doc).
+    """
+    if envelope.ret == "HDRS" or len(data) > FULL_MESSAGE_LIMIT:
+        return False
+    if kind == "success" and envelope.ret != "FULL":
+        return False
+    return envelope.smtputf8 or data.isascii()
+
+
+def _returned(envelope: Envelope, data: bytes, *, full: bool) -> tuple[bytes, str, str]:
+    """The returned part: its bytes, content type and transfer encoding."""
+    if envelope.smtputf8:
+        if full:
+            return data, "message/global", _cte(data)
+        headers = _header_section(data)
+        return headers, "message/global-headers", _cte(headers)
+    if full:
+        return data, "message/rfc822", "7bit"
+    headers = _header_section(data)
+    if headers.isascii():
+        return headers, "text/rfc822-headers", "7bit"
+    # 8-bit header bytes (no SMTPUTF8 was asked for): quoted-printable keeps the DSN 7-bit.
+    encoded = quopri.encodestring(headers.replace(b"\r\n", b"\n")).replace(b"\n", b"\r\n")
+    return encoded, "text/rfc822-headers", "quoted-printable"
+
+
+def _cte(payload: bytes) -> str:
+    return "7bit" if payload.isascii() else "8bit"
+
+
+def _explanation(hostname: str, notices: Sequence[Notice], kind: str, *, utf8: bool) -> bytes:
+    lead = f"This is the mail system at {hostname}.\r\n\r\n" + _LEADS[kind]
+    lines = [f"<{n.recipient.address}>: {_why(n)}" for n in notices]
+    text = "\r\n".join(_clean(line, utf8=utf8) for line in lines)
     return (lead + "\r\n" + text + "\r\n").encode()
+
+
+_LEADS = {
+    "failure": (
+        "Your message could not be delivered to the recipients below. It will not be\r\n"
+        "retried for them.\r\n"
+    ),
+    "delay": (
+        "Your message has not yet been delivered to the recipients below. It is still\r\n"
+        "queued and will be retried; you do not need to resend it.\r\n"
+    ),
+    "success": (
+        "Your message was delivered to the recipients below, as you asked to be told\r\n"
+        "(NOTIFY=SUCCESS). Relayed means it went on to a system that does not report\r\n"
+        "delivery; expanded means an alias passed it on to several addresses.\r\n"
+    ),
+}
+
+
+def _why(notice: Notice) -> str:
+    if notice.action in SUCCESS_ACTIONS:
+        return f"{notice.action.value}: {notice.result.line}"
+    return notice.result.line
 
 
 def _status(
@@ -125,9 +230,9 @@ def _status(
     qid: str,
     envelope: Envelope,
     notices: Sequence[Notice],
+    actions: Sequence[Action],
     arrival: float,
     now: float,
-    delayed: bool,
     retry_until: float | None,
 ) -> bytes:
     utf8 = envelope.smtputf8
@@ -140,7 +245,7 @@ def _status(
         fields.append(f"Original-Envelope-Id: {clean(envelope.envid)}")
     fields.append(f"Arrival-Date: {_date(arrival)}")
     blocks = [_lines(fields)]
-    for notice in notices:
+    for notice, action in zip(notices, actions, strict=True):
         rcpt, result = notice.recipient, notice.result
         block = []
         if rcpt.orcpt:
@@ -148,7 +253,7 @@ def _status(
         addr_type = "utf-8" if not rcpt.address.isascii() else "rfc822"
         block += [
             f"Final-Recipient: {addr_type}; {rcpt.address}",
-            f"Action: {'delayed' if delayed else 'failed'}",
+            f"Action: {action.value}",
             f"Status: {result.status}",
         ]
         if result.remote:
@@ -157,7 +262,7 @@ def _status(
         else:
             block.append(f"Diagnostic-Code: X-Leafmail; {clean(result.line)}")
         block.append(f"Last-Attempt-Date: {_date(now)}")
-        if delayed and retry_until is not None:
+        if action is Action.DELAYED and retry_until is not None:
             block.append(f"Will-Retry-Until: {_date(retry_until)}")
         blocks.append(_lines(block))
     return b"\r\n".join(blocks)

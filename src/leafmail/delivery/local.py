@@ -25,8 +25,9 @@ can edit only ever does what that user could.
 Results: unknown users fail (5.1.1). Anything that can be fixed on this host (disk
 full, permissions, a held lock, a broken aliases file, a missing command) defers, so no
 mail is lost to a local mistake. When an alias has several targets, one copy each is
-made; a deferral of one of them defers the recipient, and the retry may give the others
-a second copy (at least once, never zero times).
+made; a deferral of one of them defers the recipient, and each target's result is
+recorded (`leafmail.delivery.Expansions`, kept in the status by `leafmail.expansion`),
+so the retry gives only the targets that have none yet their copy.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import pwd
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 
 from netserver.errors import ConfigError
 from netserver.smtp.addresses import parse_forward_path
@@ -58,8 +60,9 @@ from ..checks import ACCEPT, Check, Defer, Reject, Session, Verdict
 from ..checks.loops import header_section
 from ..config import Config
 from ..envelope import Envelope, Recipient
+from ..expansion import UnrecordedExpansions
 from ..spool import Spool
-from . import Outcome, Result
+from . import Expansions, Handoff, Outcome, Result
 from .local_common import (
     Copy,
     Identity,
@@ -198,6 +201,17 @@ def combine(address: str, results: list[Result]) -> Result:
     return delivered(f"delivered {total} copies")
 
 
+def target_key(target: Target) -> str:
+    """A stable name for a target, under which its result is recorded between attempts."""
+    if isinstance(target, UserTarget):
+        return f"user:{target.name}"
+    if isinstance(target, FileTarget):
+        return f"file:{target.path}"
+    if isinstance(target, CommandTarget):
+        return "command:" + " ".join(target.argv)
+    return f"forward:{target.address}"
+
+
 def describe(target: Target) -> str:
     if isinstance(target, UserTarget):
         return f"mailbox of {target.name}"
@@ -231,13 +245,22 @@ class LocalAgent:
         self.notify = notify  # told the queue id of each forwarded copy (QueueRunner.notify)
 
     async def deliver(
-        self, envelope: Envelope, data: bytes, rcpts: Sequence[int]
+        self,
+        envelope: Envelope,
+        data: bytes,
+        rcpts: Sequence[int],
+        expansions: Expansions | None = None,
     ) -> dict[int, Result]:
-        """One result per recipient; a mailbox two recipients share gets one copy."""
+        """One result per recipient; a mailbox two recipients share gets one copy.
+
+        `expansions` holds what each alias target got in earlier attempts; without it
+        (an agent used on its own) forwarded copies are simply spooled.
+        """
         memo: dict[Target, asyncio.Task[Result]] = {}
         loops = delivered_to(data)
+        known = expansions or UnrecordedExpansions(self.spool, self.notify)
         results = await asyncio.gather(
-            *(self._recipient(envelope, data, i, loops, memo) for i in rcpts)
+            *(self._recipient(envelope, data, i, loops, memo, known) for i in rcpts)
         )
         return dict(zip(rcpts, results, strict=True))
 
@@ -251,6 +274,7 @@ class LocalAgent:
         index: int,
         loops: frozenset[str],
         memo: dict[Target, asyncio.Task[Result]],
+        known: Expansions,
     ) -> Result:
         address = envelope.recipients[index].address
         if address.lower() in loops:
@@ -260,17 +284,30 @@ class LocalAgent:
         except ConfigError as exc:
             return Result.deferred("4.3.5", clean(str(exc)))
         copy = Copy(envelope.sender, address, data)
+        known.expanding(index, [target_key(t) for t in expansion.targets])
+        done: list[Result] = []
         waits: list[Awaitable[Result]] = []
         remote: list[RemoteTarget] = []
         for target in expansion.targets:
-            if isinstance(target, RemoteTarget):
+            earlier = known.result(index, target_key(target))
+            if earlier is not None:
+                done.append(earlier)  # this target got it (or failed) in an earlier attempt
+            elif isinstance(target, RemoteTarget):
                 remote.append(target)
             else:
-                waits.append(self._once(memo, target, copy))
+                waits.append(self._recorded(known, index, target, self._once(memo, target, copy)))
         if remote:
-            waits.append(self._forward(envelope, index, data, remote))
-        results = list(await asyncio.gather(*waits))
+            waits.append(self._forward(envelope, index, data, remote, known))
+        results = done + list(await asyncio.gather(*waits))
         return combine(address, results + [from_problem(p) for p in expansion.problems])
+
+    @staticmethod
+    async def _recorded(
+        known: Expansions, index: int, target: Target, delivery: Awaitable[Result]
+    ) -> Result:
+        result = await delivery
+        known.record(index, target_key(target), result)
+        return result
 
     def _once(
         self, memo: dict[Target, asyncio.Task[Result]], target: Target, copy: Copy
@@ -359,9 +396,14 @@ class LocalAgent:
         )
 
     async def _forward(
-        self, envelope: Envelope, index: int, data: bytes, targets: list[RemoteTarget]
+        self,
+        envelope: Envelope,
+        index: int,
+        data: bytes,
+        targets: list[RemoteTarget],
+        known: Expansions,
     ) -> Result:
-        """Spool a new message to the remote targets; durable once commit returns."""
+        """Spool a new message to the remote targets, once (`known.forward` sees to it)."""
         original = envelope.recipients[index]
         orcpt = original.orcpt or (
             f"rfc822;{original.address}" if original.address.isascii() else None
@@ -378,13 +420,12 @@ class LocalAgent:
         )
         marked = b"Delivered-To: %s\r\n" % header_value(original.address) + data
         try:
-            qid = await asyncio.to_thread(self.spool.commit, forward, marked)
+            qid = await known.forward(index, [target_key(t) for t in targets], forward, marked)
         except OSError as exc:
             return trouble(exc, "spooling the forwarded copy")
-        if self.notify is not None:
-            self.notify(qid)
         names = ", ".join(t.address for t in targets)
-        return delivered(f"forwarded to {names} as {qid}")
+        # The copy carries NOTIFY and ORCPT on: its own delivery reports success.
+        return replace(delivered(f"forwarded to {names} as {qid}"), handoff=Handoff.PASSED)
 
 
 def _as_root_for(found: pwd.struct_passwd | None) -> Identity | None:

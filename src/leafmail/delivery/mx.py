@@ -45,7 +45,7 @@ from netserver.connlog import ServerLog
 from ..config import Config
 from ..dns import make_resolver
 from ..envelope import Envelope
-from . import Result, all_results
+from . import Expansions, Result, all_results
 from .mta_sts import Mode, Policy, PolicyCache, verified_context
 from .router import domain_of
 from .session import drop, greet, transaction, why
@@ -250,7 +250,11 @@ class MxAgent:
             )
 
     async def deliver(
-        self, envelope: Envelope, data: bytes, rcpts: Sequence[int]
+        self,
+        envelope: Envelope,
+        data: bytes,
+        rcpts: Sequence[int],
+        expansions: Expansions | None = None,  # no aliases on this route
     ) -> dict[int, Result]:
         groups: dict[str, list[int]] = {}
         for index in rcpts:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from ..config import Config
 from ..envelope import Envelope
 from ..spool import Spool
-from . import Agent, LinkDown, Result, all_results
+from . import Agent, Expansions, LinkDown, Result, all_results
 
 
 def domain_of(address: str) -> str:
@@ -42,7 +42,11 @@ class RoutingAgent:
         self.waiting = waiting  # routes held back (offline) until `leafmail flush`
 
     async def deliver(
-        self, envelope: Envelope, data: bytes, rcpts: Sequence[int]
+        self,
+        envelope: Envelope,
+        data: bytes,
+        rcpts: Sequence[int],
+        expansions: Expansions | None = None,
     ) -> dict[int, Result]:
         groups: dict[str, list[int]] = {}
         for index in rcpts:
@@ -50,14 +54,21 @@ class RoutingAgent:
             groups.setdefault(route, []).append(index)
         parts = await asyncio.gather(
             *(
-                self._one_route(route, envelope, data, idx, alone=len(groups) == 1)
+                self._one_route(route, envelope, data, idx, expansions, alone=len(groups) == 1)
                 for route, idx in groups.items()
             )
         )
         return {index: result for part in parts for index, result in part.items()}
 
     async def _one_route(
-        self, route: str, envelope: Envelope, data: bytes, rcpts: list[int], *, alone: bool
+        self,
+        route: str,
+        envelope: Envelope,
+        data: bytes,
+        rcpts: list[int],
+        expansions: Expansions | None,
+        *,
+        alone: bool,
     ) -> dict[int, Result]:
         agent = self.agents.get(route)
         if agent is None and route in self.waiting:
@@ -67,7 +78,7 @@ class RoutingAgent:
             text = f"no {route} delivery is configured for these recipients"
             return all_results(rcpts, Result.deferred("4.3.5", text))
         try:
-            return await agent.deliver(envelope, data, rcpts)
+            return await agent.deliver(envelope, data, rcpts, expansions)
         except LinkDown as exc:
             if alone:
                 raise

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import replace
 
 import aiosmtplib
 
 from netserver.smtp.addresses import xtext_encode
 
 from ..envelope import Envelope, Recipient
-from . import Result, all_results
+from . import Handoff, Result, all_results
 
 
 async def greet(smtp: aiosmtplib.SMTP) -> None:
@@ -76,7 +77,11 @@ async def transaction(
     except aiosmtplib.SMTPDataError as exc:
         results.update(all_results(accepted, Result.refused(exc.code, exc.message, remote)))
         return await reset(smtp)
-    results.update(all_results(accepted, Result.from_reply(reply.code, reply.message, remote)))
+    done = Result.from_reply(reply.code, reply.message, remote)
+    # RFC 3461 5.2.2: a next hop with DSN took NOTIFY and ORCPT and reports success
+    # itself; one without it leaves us to report "relayed" to whoever asked.
+    done = replace(done, handoff=Handoff.PASSED if dsn else Handoff.RELAYED)
+    results.update(all_results(accepted, done))
     return True
 
 

@@ -24,7 +24,7 @@ import aiosmtplib
 
 from ..config import Config, delivery_problem, smarthost_password, split_hostport
 from ..envelope import Envelope
-from . import LinkDown, Result, all_results
+from . import Expansions, LinkDown, Result, all_results
 from .session import drop, greet, transaction, why
 
 MAX_USES = 1000  # messages per connection before a fresh one (bounds any server-side state)
@@ -108,7 +108,11 @@ class SmarthostAgent:
         self.connections = 0  # opened so far; tests and benchmarks read it
 
     async def deliver(
-        self, envelope: Envelope, data: bytes, rcpts: Sequence[int]
+        self,
+        envelope: Envelope,
+        data: bytes,
+        rcpts: Sequence[int],
+        expansions: Expansions | None = None,  # no aliases on this route
     ) -> dict[int, Result]:
         conn = await self._acquire()
         results: dict[int, Result] = {}
