@@ -1,0 +1,230 @@
+"""Delivery reports end to end: success DSNs, bounces of 8-bit mail, local domains.
+
+Real processes throughout: `leafmail serve`, smtplib as the client, aiosmtpd as the
+smarthost (it does not speak DSN, and can be told not to offer 8BITMIME), Maildirs in
+tmp_path, and a second `leafmail serve` as a next hop that does speak DSN.
+"""
+
+from __future__ import annotations
+
+import email
+import email.message
+import email.policy
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from leafmail_fixtures import (
+    Leafmail,
+    LeafmailFactory,
+    clean_env,
+    leafmail_command,
+    leafmail_servers,
+    smtp_client,
+    smtplib_send,
+    toml_string,
+    write_config,
+)
+from smarthost import Received, Smarthost
+from test_flush import wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+SENDER = "carol@src.test"
+NULL = "<>"
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[LeafmailFactory]:
+    yield from leafmail_servers(tmp_path)
+
+
+def start(
+    servers: LeafmailFactory, tmp_path: Path, smarthost: str, *, local: bool = True
+) -> Leafmail:
+    """leaf.test delivering by itself: local mail to Maildirs, the rest to `smarthost`."""
+    (tmp_path / "mail").mkdir(mode=0o700, exist_ok=True)
+    (tmp_path / "aliases").write_text("team: alice, dave@far.test\n", encoding="utf-8")
+    text = (
+        f'hostname = "leaf.test"\nspool = {toml_string(tmp_path / "spool")}\n'
+        '[relay]\nlocal_domains = ["leaf.test"]\n'
+        '[delivery]\nmode = "smarthost"\ntls = "none"\n'
+        f'smarthost = "{smarthost}"\nretry_initial = "1h"\n'
+    )
+    if local:
+        text += (
+            "[local]\n"
+            f"path = {toml_string(str(tmp_path / 'mail' / '{user}'))}\n"
+            'users = ["alice"]\n'
+            f"aliases = {toml_string(tmp_path / 'aliases')}\n"
+        )
+    config = write_config(tmp_path, text)
+    return servers.spawn(
+        ["--config", str(config), "--listen", "127.0.0.1:0"], spool_path=tmp_path / "spool"
+    )
+
+
+def reports_to(sink: Smarthost, sender: str) -> list[Received]:
+    return [r for r in sink.received if r.sender == NULL and r.recipients == [sender]]
+
+
+def status_blocks(content: bytes) -> list[dict[str, str]]:
+    """The delivery-status part's blocks as dicts (parsed by the email package)."""
+    msg = email.message_from_bytes(content, policy=email.policy.default)
+    assert msg.get_content_type() == "multipart/report"
+    for part in msg.walk():
+        if part.get_content_type() == "message/delivery-status":
+            blocks = part.get_payload()
+            assert isinstance(blocks, list)
+            found = []
+            for block in blocks:
+                assert isinstance(block, email.message.Message)
+                found.append({k: str(v) for k, v in block.items()})
+            return found
+    raise AssertionError("no message/delivery-status part")
+
+
+# --- issue 13.5: NOTIFY=SUCCESS ----------------------------------------------------------
+
+
+def test_notify_success_gives_delivered_relayed_and_expanded_reports(
+    servers: LeafmailFactory, sink: Smarthost, tmp_path: Path
+) -> None:
+    server = start(servers, tmp_path, sink.address)
+    body = b"From: <carol@src.test>\r\nSubject: tell me\r\n\r\nPlease confirm.\r\n"
+    with smtp_client(server) as client:
+        client.ehlo()
+        assert client.has_extn("dsn")
+        assert client.mail(SENDER, ["RET=HDRS", "ENVID=env-42"])[0] == 250
+        for rcpt in ("alice@leaf.test", "bob@far.test", "team@leaf.test"):
+            options = ["NOTIFY=SUCCESS,FAILURE", f"ORCPT=rfc822;orig-{rcpt}"]
+            assert client.rcpt(rcpt, options)[0] == 250
+        assert client.data(body)[0] == 250
+
+    wait_for("the success report", lambda: len(reports_to(sink, SENDER)) >= 1)
+    wait_for("dave's copy", lambda: any("dave@far.test" in r.recipients for r in sink.received))
+    (report,) = reports_to(sink, SENDER)
+    text = report.content.decode()
+    assert "Subject: Successful Mail Delivery Report" in text
+    blocks = status_blocks(report.content)
+    assert blocks[0]["Original-Envelope-Id"] == "env-42"
+    actions = {b["Final-Recipient"]: (b["Action"], b["Original-Recipient"]) for b in blocks[1:]}
+    assert actions == {
+        "rfc822; alice@leaf.test": ("delivered", "rfc822;orig-alice@leaf.test"),
+        "rfc822; bob@far.test": ("relayed", "rfc822;orig-bob@far.test"),
+        "rfc822; team@leaf.test": ("expanded", "rfc822;orig-team@leaf.test"),
+    }
+    assert "Please confirm." not in text  # a success report returns headers only
+    # The copy for dave asks for no second success report (the expansion was it),
+    # and still carries the ORCPT of the alias; aiosmtpd has no DSN, so it is not
+    # passed on, but no further report arrives either.
+    assert len(reports_to(sink, SENDER)) == 1
+
+
+def test_no_success_report_without_notify_success(
+    servers: LeafmailFactory, sink: Smarthost, tmp_path: Path
+) -> None:
+    server = start(servers, tmp_path, sink.address)
+    with smtp_client(server) as client:
+        smtplib_send(client, SENDER, ["bob@far.test"], b"Subject: quiet\r\n\r\nx\r\n")
+    wait_for("bob's copy", lambda: len(sink.received) == 1)
+    server.stop()
+    assert reports_to(sink, SENDER) == []
+
+
+def test_a_next_hop_with_dsn_gets_notify_orcpt_envid_and_reports_itself(
+    servers: LeafmailFactory, sink: Smarthost, tmp_path: Path
+) -> None:
+    """Relayed to a next hop that speaks DSN (another leafmail): no report from us."""
+    hop_dir = tmp_path / "hop"
+    hop_dir.mkdir()
+    hop_config = write_config(
+        hop_dir,
+        f'hostname = "hop.test"\nspool = {toml_string(hop_dir / "spool")}\n'
+        '[relay]\nlocal_domains = ["far.test"]\n[delivery]\nmode = "offline"\n'
+        f'smarthost = "{sink.address}"\ntls = "none"\n',
+    )
+    hop = servers.spawn(
+        ["--config", str(hop_config), "--listen", "127.0.0.1:0"], spool_path=hop_dir / "spool"
+    )
+    server = start(servers, tmp_path, f"127.0.0.1:{hop.port}", local=False)
+    with smtp_client(server) as client:
+        smtplib_send(
+            client,
+            SENDER,
+            ["bob@far.test"],
+            b"Subject: hop\r\n\r\nx\r\n",
+            mail_options=["ENVID=env-7"],
+            rcpt_options=["NOTIFY=SUCCESS", "ORCPT=rfc822;bob@far.test"],
+        )
+    wait_for("the hop to spool it", lambda: len(hop.spool().ids("queue")) >= 1)
+    server.stop()  # its queue is empty once the hop took the message; nothing else comes
+    messages = hop.messages()
+    assert [m.envelope.sender for m in messages] == [SENDER]  # no report from leaf.test
+    (rcpt,) = messages[0].envelope.recipients
+    assert (rcpt.notify, rcpt.orcpt) == (("SUCCESS",), "rfc822;bob@far.test")
+    assert messages[0].envelope.envid == "env-7"
+
+
+# --- issue 13.3: the bounce of 8-bit mail through a 7-bit smarthost ----------------------
+
+
+def test_bounce_of_8bit_mail_passes_a_smarthost_without_8bitmime(
+    servers: LeafmailFactory, hosts_7bit: Smarthost, tmp_path: Path
+) -> None:
+    server = start(servers, tmp_path, hosts_7bit.address, local=False)
+    body = (
+        b"From: <carol@src.test>\r\nSubject: caf\xc3\xa9\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\nCaf\xc3\xa9 au lait.\r\n"
+    )
+    with smtp_client(server) as client:
+        smtplib_send(client, SENDER, ["bob@far.test"], body, mail_options=["BODY=8BITMIME"])
+    wait_for("the bounce", lambda: len(reports_to(hosts_7bit, SENDER)) == 1)
+    (bounce,) = reports_to(hosts_7bit, SENDER)
+    assert bounce.content.isascii()
+    blocks = status_blocks(bounce.content)
+    assert (blocks[1]["Action"], blocks[1]["Status"]) == ("failed", "5.6.3")
+    msg = email.message_from_bytes(bounce.content, policy=email.policy.default)
+    returned = [p for p in msg.walk() if p.get_content_type() == "text/rfc822-headers"]
+    assert len(returned) == 1
+    headers = returned[0].get_payload(decode=True)
+    assert isinstance(headers, bytes)
+    assert "Subject: café".encode() in headers  # quoted-printable on the wire, decoded here
+    assert b"au lait" not in headers
+
+
+@pytest.fixture
+def hosts_7bit() -> Iterator[Smarthost]:
+    """A smarthost that does not offer 8BITMIME (aiosmtpd with decode_data)."""
+    host = Smarthost(eightbitmime=False).start()
+    try:
+        yield host
+    finally:
+        host.stop()
+
+
+# --- issue 13.4: local_domains without [local] ---------------------------------------------
+
+
+def test_local_domain_without_local_table_by_mx_is_a_config_error(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path,
+        f'hostname = "leaf.test"\nspool = {toml_string(tmp_path / "spool")}\n'
+        '[relay]\nlocal_domains = ["leaf.test"]\n[delivery]\nmode = "mx"\n',
+    )
+    done = subprocess.run(
+        leafmail_command("serve", "--config", str(config), "--listen", "127.0.0.1:0"),
+        cwd=ROOT,
+        env=clean_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert done.returncode == 78, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "relay.local_domains has 'leaf.test' but there is no [local] table" in lines[0]
