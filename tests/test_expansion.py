@@ -22,7 +22,7 @@ from smarthost import Smarthost, delivery_counts
 from leafmail.config import Config, _build
 from leafmail.delivery.router import build_agent
 from leafmail.envelope import Envelope, Recipient
-from leafmail.message import unfreeze
+from leafmail.message import Attempt, unfreeze
 from leafmail.queue import QueueRunner
 from leafmail.retry import RetryPolicy
 from leafmail.spool import STATES, Spool, new_id
@@ -194,3 +194,30 @@ def test_status_records_of_version_1_are_still_read(tmp_path: Path) -> None:
     )
     status = unfreeze(spool, qid).status
     assert status.attempts == 1 and status.recipients[0].targets == ()
+
+
+def test_a_double_bounce_forwarded_by_the_postmaster_alias_does_not_loop(
+    sink: Smarthost, tmp_path: Path
+) -> None:
+    """postmaster is an alias to another domain, and that fails too: the copy of the
+    report is dropped (logged), not reported to the postmaster again, and again."""
+    sink.behaviour.rcpt_replies["nobody@far.example"] = "550 5.1.1 no such user"
+    sink.behaviour.rcpt_replies[SENDER] = "550 5.1.1 the sender is gone"
+    sink.behaviour.rcpt_replies["admin@far.example"] = "550 5.1.1 no admin either"
+    config = config_for(tmp_path, sink, "postmaster: admin@far.example\n")
+    spool = Spool(tmp_path / "spool")
+    runner = runner_for(config, spool, FakeClock())
+    seen: list[Attempt] = []
+
+    def progress(done: Attempt) -> None:
+        seen.append(done)
+        assert len(seen) < 20, "the double bounce loops"
+
+    spool.commit(Envelope(SENDER, (Recipient("nobody@far.example"),)), MESSAGE)
+    asyncio.run(runner.run_once(progress=progress))
+
+    # message, bounce, report to postmaster (forwarded), the forwarded copy (dropped)
+    assert [a.verdict.value for a in seen] == ["bounced", "bounced", "delivered", "bounced"]
+    assert [a.dropped_bounce for a in seen] == [False, False, False, True]
+    assert sink.received == []
+    assert in_spool(spool) == []

@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from .delivery import Agent, Handoff, LinkDown, Outcome, Result
-from .delivery.bounce import Action, Notice, build_dsn, wants_dsn
+from .delivery.bounce import Action, Notice, build_dsn, is_double_bounce, wants_dsn
 from .envelope import Envelope, EnvelopeError
 from .expansion import RecordedExpansions
 from .retry import RetryPolicy
@@ -337,11 +337,11 @@ def double_bounce_target(
 ) -> tuple[str, bool]:
     """Where the report about failed mail from <> goes, and whether it is dropped.
 
-    It goes to the postmaster, unless the postmaster is whom it failed to reach (it was
-    a double bounce already, or a bounce to the postmaster): another report would go
-    the same way and could loop, so it is dropped and logged instead.
+    It goes to the postmaster, unless it was such a report already (or a copy the
+    postmaster's alias forwarded), or the postmaster is whom it failed to reach:
+    another report would go the same way and could loop, so it is dropped and logged.
     """
-    if not postmaster:
+    if not postmaster or is_double_bounce(envelope):
         return "", True
     if any(n.recipient.address.lower() == postmaster.lower() for n in failed):
         return "", True

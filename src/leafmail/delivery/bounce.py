@@ -37,6 +37,10 @@ from ..envelope import ClientInfo, Envelope, Recipient
 from . import Result
 
 FULL_MESSAGE_LIMIT = 256 * 1024  # larger originals are returned as headers only
+# The ENVID of a report to the postmaster about an undeliverable bounce. Mail from <>
+# gets no DSN, so ENVID means nothing else there; local forwarding keeps it, so a
+# report that the postmaster's alias sends on elsewhere is still known as one.
+DOUBLE_BOUNCE_ENVID = "leafmail-double-bounce"
 
 
 class Action(StrEnum):
@@ -139,8 +143,14 @@ def build_dsn(
         client=ClientInfo(protocol="local", helo=hostname),
         body="8BITMIME" if not blob.isascii() else "7BIT",
         smtputf8=utf8,
+        envid=None if to is None else DOUBLE_BOUNCE_ENVID,
     )
     return dsn_envelope, blob
+
+
+def is_double_bounce(envelope: Envelope) -> bool:
+    """Whether this is a report to the postmaster about a bounce (or a copy of one)."""
+    return envelope.sender == "" and envelope.envid == DOUBLE_BOUNCE_ENVID
 
 
 _SUBJECTS = {
