@@ -100,9 +100,12 @@ class Message:
         policy: RetryPolicy | None = None,
         hostname: str = "localhost",
         now: float | None = None,
-        postmaster: str = "",
+        postmaster: str | None = None,
     ) -> dict[str, Result]:
-        """Deliver now (blocking); results by recipient address, recorded before returning."""
+        """Deliver now (blocking); results by recipient address, recorded before returning.
+
+        An undeliverable bounce is reported to `postmaster` (default postmaster@hostname).
+        """
 
         async def run() -> Attempt:
             try:
@@ -115,7 +118,7 @@ class Message:
                     now=time.time() if now is None else now,
                     force=True,
                     wait=True,
-                    postmaster=postmaster,
+                    postmaster=f"postmaster@{hostname}" if postmaster is None else postmaster,
                 )
             finally:
                 await agent.close()
