@@ -206,7 +206,29 @@ def hosts_7bit() -> Iterator[Smarthost]:
         host.stop()
 
 
-# --- issue 13.4: local_domains without [local] ---------------------------------------------
+# --- issue 13.4: double bounces and local_domains without [local] --------------------------
+
+
+def test_an_undeliverable_bounce_reaches_the_local_postmaster(
+    servers: LeafmailFactory, sink: Smarthost, tmp_path: Path
+) -> None:
+    sink.behaviour.rcpt_replies["bob@far.test"] = "550 5.1.1 no bob here"
+    sink.behaviour.rcpt_replies[SENDER] = "550 5.1.1 and no carol either"
+    server = start(servers, tmp_path, sink.address)
+    with smtp_client(server) as client:
+        smtplib_send(client, SENDER, ["bob@far.test"], b"Subject: lost\r\n\r\nx\r\n")
+    box = tmp_path / "mail" / "postmaster"
+    wait_for(
+        "the postmaster's copy", lambda: (box / "new").is_dir() and any((box / "new").iterdir())
+    )
+    (path,) = (box / "new").iterdir()
+    report = path.read_bytes()
+    assert b"Subject: Postmaster Copy: Undeliverable Bounce" in report
+    assert b"550 5.1.1 and no carol either" in report
+    assert sink.received == []
+    server.stop()
+    assert "undeliverable bounce reported to the postmaster" in server.log()
+    assert "postmaster@leaf.test" in server.log()
 
 
 def test_local_domain_without_local_table_by_mx_is_a_config_error(tmp_path: Path) -> None:
