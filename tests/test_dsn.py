@@ -23,7 +23,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from leafmail.delivery import Outcome, Result
-from leafmail.delivery.bounce import FULL_MESSAGE_LIMIT, Notice, build_dsn, wants_dsn
+from leafmail.delivery.bounce import (
+    FULL_MESSAGE_LIMIT,
+    Action,
+    Notice,
+    build_dsn,
+    notify_after_expansion,
+    wants_dsn,
+)
 from leafmail.envelope import ClientInfo, Envelope, Recipient
 
 HOSTNAME = "mx.test"
@@ -549,3 +556,72 @@ def test_wants_dsn(
     rcpt = Recipient("bob@example.test", notify)
     assert wants_dsn(sender, rcpt, "FAILURE") is failure_dsn
     assert wants_dsn(sender, rcpt, "DELAY") is delay_dsn
+
+
+@pytest.mark.parametrize(
+    ("sender", "notify", "success_dsn"),
+    [
+        ("", ("SUCCESS",), False),
+        (SENDER, (), False),  # success only when asked for (RFC 3461 4.1)
+        (SENDER, ("SUCCESS",), True),
+        (SENDER, ("FAILURE", "SUCCESS"), True),
+        (SENDER, ("NEVER",), False),
+    ],
+)
+def test_wants_dsn_for_success(sender: str, notify: tuple[str, ...], success_dsn: bool) -> None:
+    assert wants_dsn(sender, Recipient("bob@example.test", notify), "SUCCESS") is success_dsn
+
+
+@pytest.mark.parametrize(
+    ("notify", "after"),
+    [
+        ((), ()),
+        (("SUCCESS",), ("NEVER",)),
+        (("SUCCESS", "FAILURE"), ("FAILURE",)),
+        (("DELAY", "FAILURE"), ("DELAY", "FAILURE")),
+    ],
+)
+def test_notify_after_expansion_drops_success(
+    notify: tuple[str, ...], after: tuple[str, ...]
+) -> None:
+    assert notify_after_expansion(notify) == after
+
+
+# --- success reports (RFC 3461 / 3464) ------------------------------------------------
+
+
+def test_success_report_fields_and_headers_only() -> None:
+    rcpts = (
+        Recipient("alice@example.test", ("SUCCESS",), "rfc822;a@orig.test"),
+        Recipient("bob@example.test", ("SUCCESS",), "rfc822;b@orig.test"),
+        Recipient("team@example.test", ("SUCCESS",), "rfc822;t@orig.test"),
+    )
+    env = envelope(*rcpts, envid="env-1")
+    local = Result(Outcome.DELIVERED, 250, "2.0.0", "delivered to the maildir of alice")
+    relayed = Result.from_reply(250, "2.0.0 accepted", REMOTE)
+    actions = (Action.DELIVERED, Action.RELAYED, Action.EXPANDED)
+    notices = [
+        Notice(r, res, a) for r, res, a in zip(rcpts, (local, relayed, local), actions, strict=True)
+    ]
+    for ret, whole in ((None, False), ("HDRS", False), ("FULL", True)):
+        _, blob = build_dsn(
+            hostname=HOSTNAME,
+            qid=QID,
+            envelope=replace(env, ret=ret),
+            data=ORIGINAL,
+            notices=notices,
+            arrival=ARRIVAL,
+            now=NOW,
+        )
+        assert parse(blob)["Subject"] == "Successful Mail Delivery Report"
+        blocks = status_blocks(blob)
+        assert field(blocks[0], "Original-Envelope-Id") == "env-1"
+        assert [field(b, "Action") for b in blocks[1:]] == ["delivered", "relayed", "expanded"]
+        assert [field(b, "Original-Recipient") for b in blocks[1:]] == [
+            "rfc822;a@orig.test",
+            "rfc822;b@orig.test",
+            "rfc822;t@orig.test",
+        ]
+        assert [field(b, "Status") for b in blocks[1:]] == ["2.0.0"] * 3
+        assert field(blocks[2], "Remote-MTA") == "dns; smarthost.test"
+        assert (b"The body of the original." in blob) is whole

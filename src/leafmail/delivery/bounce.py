@@ -56,6 +56,14 @@ class Action(StrEnum):
 SUCCESS_ACTIONS = frozenset({Action.DELIVERED, Action.RELAYED, Action.EXPANDED})
 
 
+class Report(StrEnum):
+    """What a whole DSN is about: it picks the subject, the explanation and the return."""
+
+    FAILURE = "failure"
+    DELAY = "delay"
+    SUCCESS = "success"
+
+
 @dataclass(frozen=True)
 class Notice:
     """One recipient's line in a DSN."""
@@ -154,22 +162,22 @@ def is_double_bounce(envelope: Envelope) -> bool:
 
 
 _SUBJECTS = {
-    "failure": "Undelivered Mail Returned to Sender",
-    "delay": "Delayed Mail (still being retried)",
-    "success": "Successful Mail Delivery Report",
+    Report.FAILURE: "Undelivered Mail Returned to Sender",
+    Report.DELAY: "Delayed Mail (still being retried)",
+    Report.SUCCESS: "Successful Mail Delivery Report",
 }
 _DOUBLE_SUBJECT = "Postmaster Copy: Undeliverable Bounce"
 
 
-def _kind(notices: Sequence[Notice], delayed: bool) -> str:
+def _kind(notices: Sequence[Notice], delayed: bool) -> Report:
     if delayed:
-        return "delay"
+        return Report.DELAY
     if notices and all(n.action in SUCCESS_ACTIONS for n in notices):
-        return "success"
-    return "failure"
+        return Report.SUCCESS
+    return Report.FAILURE
 
 
-def _full(envelope: Envelope, data: bytes, kind: str) -> bool:
+def _full(envelope: Envelope, data: bytes, kind: Report) -> bool:
     """Whether the whole original goes back, or only its header section.
 
     Headers only for RET=HDRS, for a large original, for a success report unless
@@ -179,7 +187,7 @@ def _full(envelope: Envelope, data: bytes, kind: str) -> bool:
     """
     if envelope.ret == "HDRS" or len(data) > FULL_MESSAGE_LIMIT:
         return False
-    if kind == "success" and envelope.ret != "FULL":
+    if kind is Report.SUCCESS and envelope.ret != "FULL":
         return False
     return envelope.smtputf8 or data.isascii()
 
@@ -205,7 +213,7 @@ def _cte(payload: bytes) -> str:
     return "7bit" if payload.isascii() else "8bit"
 
 
-def _explanation(hostname: str, notices: Sequence[Notice], kind: str, *, utf8: bool) -> bytes:
+def _explanation(hostname: str, notices: Sequence[Notice], kind: Report, *, utf8: bool) -> bytes:
     lead = f"This is the mail system at {hostname}.\r\n\r\n" + _LEADS[kind]
     lines = [f"<{n.recipient.address}>: {_why(n)}" for n in notices]
     text = "\r\n".join(_clean(line, utf8=utf8) for line in lines)
@@ -213,15 +221,15 @@ def _explanation(hostname: str, notices: Sequence[Notice], kind: str, *, utf8: b
 
 
 _LEADS = {
-    "failure": (
+    Report.FAILURE: (
         "Your message could not be delivered to the recipients below. It will not be\r\n"
         "retried for them.\r\n"
     ),
-    "delay": (
+    Report.DELAY: (
         "Your message has not yet been delivered to the recipients below. It is still\r\n"
         "queued and will be retried; you do not need to resend it.\r\n"
     ),
-    "success": (
+    Report.SUCCESS: (
         "Your message was delivered to the recipients below, as you asked to be told\r\n"
         "(NOTIFY=SUCCESS). Relayed means it went on to a system that does not report\r\n"
         "delivery; expanded means an alias passed it on to several addresses.\r\n"
