@@ -235,6 +235,9 @@ def expire(
     return results
 
 
+DsnMessage = tuple[Envelope, bytes]  # a DSN to commit: its envelope and bytes
+
+
 async def record(
     message: Message,
     state: str,
@@ -251,41 +254,21 @@ async def record(
     status = apply_results(before, results, policy, now)
     if expansions is not None:
         status = expansions.merged(status)  # a recipient now final drops its marks
-    envelope = message.envelope
     sizes = {} if expansions is None else expansions.sizes
-    dsns = []
     failed = [
-        Notice(envelope.recipients[i], r) for i, r in results.items() if r.outcome is Outcome.FAILED
+        Notice(message.envelope.recipients[i], r)
+        for i, r in results.items()
+        if r.outcome is Outcome.FAILED
     ]
-    notices = [n for n in failed if wants_dsn(envelope.sender, n.recipient, "FAILURE")]
-    if notices:
-        dsns.append(dsn_for(message, notices, hostname=hostname, now=now))
-    successes = success_notices(envelope, results, sizes)
-    if successes:
-        dsns.append(dsn_for(message, successes, hostname=hostname, now=now))
+    dsns = reports(message, results, failed, sizes, hostname=hostname, now=now)
     bounce_to, dropped = "", False
-    if envelope.sender == "" and failed:
-        bounce_to, dropped = double_bounce_target(envelope, failed, postmaster)
+    if message.envelope.sender == "" and failed:
+        bounce_to, dropped = double_bounce_target(message.envelope, failed, postmaster)
         if bounce_to:
             dsns.append(dsn_for(message, failed, hostname=hostname, now=now, to=bounce_to))
     if not status.done and not status.warned and policy.warn_due(status.arrival, now):
         status = replace(status, warned=True)
-        delayed = [
-            Notice(envelope.recipients[i], results[i])
-            for i in status.open
-            if i in results and wants_dsn(envelope.sender, envelope.recipients[i], "DELAY")
-        ]
-        if delayed:
-            dsns.append(
-                dsn_for(
-                    message,
-                    delayed,
-                    hostname=hostname,
-                    now=now,
-                    delayed=True,
-                    retry_until=policy.expires(status.arrival),
-                )
-            )
+        dsns += delay_warning(message, status, results, policy, hostname=hostname, now=now)
     message.status = status
     dsn_ids: list[str] = []
     if status.done and not dsns:
@@ -302,6 +285,51 @@ async def record(
         double_bounce=bounce_to,
         dropped_bounce=dropped,
     )
+
+
+def reports(
+    message: Message,
+    results: dict[int, Result],
+    failed: list[Notice],
+    sizes: dict[int, int],
+    *,
+    hostname: str,
+    now: float,
+) -> list[DsnMessage]:
+    """The bounce and the success report this attempt owes the sender (none for <>)."""
+    sender = message.envelope.sender
+    found = []
+    notices = [n for n in failed if wants_dsn(sender, n.recipient, "FAILURE")]
+    if notices:
+        found.append(dsn_for(message, notices, hostname=hostname, now=now))
+    successes = success_notices(message.envelope, results, sizes)
+    if successes:
+        found.append(dsn_for(message, successes, hostname=hostname, now=now))
+    return found
+
+
+def delay_warning(
+    message: Message,
+    status: MessageStatus,
+    results: dict[int, Result],
+    policy: RetryPolicy,
+    *,
+    hostname: str,
+    now: float,
+) -> list[DsnMessage]:
+    """The one "still trying" DSN, for the open recipients that want delay notices."""
+    envelope = message.envelope
+    delayed = [
+        Notice(envelope.recipients[i], results[i])
+        for i in status.open
+        if i in results and wants_dsn(envelope.sender, envelope.recipients[i], "DELAY")
+    ]
+    if not delayed:
+        return []
+    retry_until = policy.expires(status.arrival)
+    return [
+        dsn_for(message, delayed, hostname=hostname, now=now, delayed=True, retry_until=retry_until)
+    ]
 
 
 def success_notices(
@@ -360,7 +388,7 @@ def dsn_for(
     delayed: bool = False,
     retry_until: float | None = None,
     to: str | None = None,
-) -> tuple[Envelope, bytes]:
+) -> DsnMessage:
     return build_dsn(
         hostname=hostname,
         qid=message.qid,
@@ -375,7 +403,7 @@ def dsn_for(
     )
 
 
-def _store(message: Message, state: str, dsns: list[tuple[Envelope, bytes]]) -> list[str]:
+def _store(message: Message, state: str, dsns: list[DsnMessage]) -> list[str]:
     """Commit the DSNs, then the status (or the removal); returns the DSNs' queue ids.
 
     DSNs come first so that a crash can only repeat a bounce, never lose one. A status
