@@ -30,7 +30,14 @@ from leafmail.envelope import ClientInfo, Envelope, EnvelopeError, Recipient
 from leafmail.queue import QueueRunner
 from leafmail.retry import RetryPolicy
 from leafmail.spool import MAGIC, TRAILER, CorruptMessage, Spool, decode, encode, new_id
-from leafmail.status import MessageStatus, RcptState, RcptStatus, peek_next_attempt
+from leafmail.status import (
+    MessageStatus,
+    RcptState,
+    RcptStatus,
+    TargetMark,
+    TargetState,
+    peek_next_attempt,
+)
 
 # --- strategies ------------------------------------------------------------------------
 
@@ -212,12 +219,20 @@ def test_reader_moves_damaged_files_to_corrupt(tmp_path: Path) -> None:
 
 # --- status records ----------------------------------------------------------------------
 
+marks = st.builds(
+    TargetMark,
+    odd_text,
+    st.sampled_from(list(TargetState)),
+    odd_text,
+    st.just("") | st.from_regex(r"\A[0-9A-F]{24}\Z"),
+)
 statuses = st.builds(
     RcptStatus,
     st.sampled_from(list(RcptState)),
     st.integers(0, 10**6),
     odd_text,
     odd_text,
+    st.lists(marks, max_size=3).map(tuple),
 )
 
 
