@@ -30,6 +30,9 @@ from leafmail_fixtures import (
 from smarthost import Received, Smarthost
 from test_flush import wait_for
 
+from leafmail.config import _build
+from netserver.errors import ConfigError
+
 pytestmark = pytest.mark.timeout(60)
 
 SENDER = "carol@src.test"
@@ -250,3 +253,35 @@ def test_local_domain_without_local_table_by_mx_is_a_config_error(tmp_path: Path
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "relay.local_domains has 'leaf.test' but there is no [local] table" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("value", "address"),
+    [
+        (None, "postmaster@leaf.test"),  # the default: qualified with the first local domain
+        ("hostmaster", "hostmaster@leaf.test"),
+        ("ops@example.org", "ops@example.org"),
+        ("", ""),  # switched off: dropped, and logged as an error
+    ],
+)
+def test_double_bounce_to(value: str | None, address: str) -> None:
+    delivery = {} if value is None else {"double_bounce_to": value}
+    raw = {"hostname": "mx.leaf.test", "relay": {"local_domains": ["leaf.test"]}}
+    config = _build({**raw, "delivery": delivery}, "test")
+    assert config.double_bounce_address == address
+
+
+@pytest.mark.parametrize("value", ["a b", "x@", "<x@y.test>"])
+def test_double_bounce_to_must_be_an_address(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"double_bounce_to .* is not an address"):
+        _build({"hostname": "h.test", "delivery": {"double_bounce_to": value}}, "test")
+
+
+def test_local_domain_without_local_table_through_a_smarthost_is_allowed() -> None:
+    """The null client: the provider's server holds the mailboxes of our domain."""
+    raw = {
+        "hostname": "leaf.test",
+        "relay": {"local_domains": ["leaf.test"]},
+        "delivery": {"mode": "smarthost", "smarthost": "smtp.provider.test:587"},
+    }
+    assert _build(raw, "test").route_for("leaf.test") == "smarthost"

@@ -22,6 +22,8 @@ from typing import Any
 from netserver.access import AccessPolicy
 from netserver.errors import AccessSpecError, ConfigError, UsageError
 from netserver.listeners import parse_listen
+from netserver.smtp.addresses import parse_forward_path
+from netserver.smtp.replies import RemoteProtocolError
 
 DEFAULT_LISTEN = ("127.0.0.1:2525",)
 DEFAULT_RELAY_NETWORKS = ("127.0.0.0/8", "::1")
@@ -542,6 +544,7 @@ def _check(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: relay.relay_networks: {exc}") from None
     problem = (
         delivery_problem(config.delivery)
+        or double_bounce_problem(config)
         or routing_problem(config)
         or local_domains_problem(config)
         or local_problem(config.local)
@@ -563,6 +566,18 @@ def local_problem(local: LocalConfig) -> str | None:
         template.format(user="u", home="/h")
     except (KeyError, IndexError, ValueError) as exc:
         return f"local.path {template!r}: only {{user}} and {{home}} may be used ({exc})"
+    return None
+
+
+def double_bounce_problem(config: Config) -> str | None:
+    """delivery.double_bounce_to must be an address mail can be sent to (or "")."""
+    address = config.double_bounce_address
+    if not address:
+        return None
+    try:
+        parse_forward_path(f"<{address}>", utf8=False)
+    except RemoteProtocolError:
+        return f"delivery.double_bounce_to {config.delivery.double_bounce_to!r} is not an address"
     return None
 
 
