@@ -22,6 +22,7 @@ from leafmail_fixtures import (
     clean_env,
     leafmail_command,
     leafmail_servers,
+    run_flush,
     smtp_client,
     smtplib_send,
     toml_string,
@@ -169,6 +170,29 @@ def test_a_next_hop_with_dsn_gets_notify_orcpt_envid_and_reports_itself(
     (rcpt,) = messages[0].envelope.recipients
     assert (rcpt.notify, rcpt.orcpt) == (("SUCCESS",), "rfc822;bob@far.test")
     assert messages[0].envelope.envid == "env-7"
+
+
+# --- issue 13.2: an alias's forward is made once however often the alias is retried -------
+
+
+def test_forward_of_a_partly_deferred_alias_is_sent_once(
+    servers: LeafmailFactory, sink: Smarthost, tmp_path: Path
+) -> None:
+    server = start(servers, tmp_path, sink.address)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "mail" / "alice").symlink_to(elsewhere)  # refused: alice's copy defers
+    with smtp_client(server) as client:
+        smtplib_send(client, SENDER, ["team@leaf.test"], b"Subject: team\r\n\r\nhi\r\n")
+    wait_for("dave's copy", lambda: len(sink.received) == 1)
+    config = sorted(tmp_path.glob("leafmail-*.toml"))[-1]
+    for _ in range(3):  # forced passes: alice defers each time
+        assert run_flush(tmp_path, config).returncode == 75
+    assert [r.recipients for r in sink.received] == [["dave@far.test"]]
+    (tmp_path / "mail" / "alice").unlink()
+    assert run_flush(tmp_path, config).returncode == 0
+    assert len(list((tmp_path / "mail" / "alice" / "new").iterdir())) == 1
+    assert [r.recipients for r in sink.received] == [["dave@far.test"]]
 
 
 # --- issue 13.3: the bounce of 8-bit mail through a 7-bit smarthost ----------------------
