@@ -32,6 +32,7 @@ from .auth import hash_password
 from .daemon import Daemon
 from .flush import flush
 from .spool import Spool
+from .spoolcheck import check_spool
 
 PROG = "leafmail"
 
@@ -203,6 +204,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
 def _spool(args: argparse.Namespace) -> Spool:
     config = _config(args)
     try:
+        check_spool(config.spool, os.geteuid(), create=False)  # the daemon's user: see daemon
         return Spool(config.spool, create=False)
     except FileNotFoundError:
         raise CantCreateError(f"no leafmail spool at {config.spool}") from None

@@ -1,7 +1,8 @@
 """leafmail's configuration: a TOML file, with LEAFMAIL_* variables and flags over it.
 
 Where it comes from: ``--config FILE``, else ``$LEAFMAIL_CONFIG``, else
-``$XDG_CONFIG_HOME/leafmail/leafmail.toml`` if that exists, else built-in defaults.
+``$XDG_CONFIG_HOME/leafmail/leafmail.toml`` if that exists, else
+``/etc/leafmail/leafmail.toml`` if that exists, else built-in defaults.
 Flags beat variables and variables beat the file. Unknown keys and wrong types are
 errors naming the key (exit 78), because a typo in a mail server's config should never
 silently fall back to a default such as an open relay.
@@ -71,6 +72,18 @@ class AuthConfig:
     """The ``[auth]`` table."""
 
     users_file: str = ""
+
+
+@dataclass(frozen=True)
+class PickupConfig:
+    """The ``[pickup]`` table: the local submission socket (leafmail.pickup).
+
+    `enabled` None means: on when `leafmail serve` starts as root (a system daemon, whose
+    spool other users cannot write), off for an ordinary user's own daemon, whose
+    smarthost account other local users must not get to use.
+    """
+
+    enabled: bool | None = None
 
 
 TLS_MODES = ("starttls", "smtps", "opportunistic", "none")
@@ -204,6 +217,7 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     mx: MxConfig = field(default_factory=MxConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
+    pickup: PickupConfig = field(default_factory=PickupConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
     routes: tuple[tuple[str, str], ...] = ()  # (domain or .suffix, route), as written
     source: str = "defaults"
@@ -258,6 +272,9 @@ class Config:
         return AccessPolicy(allow=self.relay.relay_networks)
 
 
+SYSTEM_CONFIG = Path("/etc/leafmail/leafmail.toml")
+
+
 def default_config_path(env: Mapping[str, str]) -> Path:
     base = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
     return Path(base) / "leafmail" / "leafmail.toml"
@@ -269,14 +286,28 @@ def default_spool(env: Mapping[str, str]) -> str:
     return os.path.join(base, "leafmail", "spool")
 
 
-def load(path: str | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """Read the config file (if any) and apply LEAFMAIL_* variables over it."""
+def load(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    system: Path = SYSTEM_CONFIG,
+) -> Config:
+    """Read the config file (if any) and apply LEAFMAIL_* variables over it.
+
+    The file: `path` (--config), else $LEAFMAIL_CONFIG, else the user's own
+    (~/.config/leafmail/leafmail.toml), else the system's (/etc/leafmail/leafmail.toml),
+    else none. The system file comes last so that a user's `sendmail` on a machine with
+    a system daemon reaches that daemon (and its spool) instead of filling a personal
+    spool nobody delivers, while a user who set up their own leafmail keeps it.
+    """
     env = os.environ if env is None else env
     chosen = path or env.get("LEAFMAIL_CONFIG")
     if chosen:
         config = _from_file(Path(chosen), check=False)
     elif default_config_path(env).exists():
         config = _from_file(default_config_path(env), check=False)
+    elif system.exists():
+        config = _from_file(system, check=False)
     else:
         config = Config()
     config = _apply_env(config, env)
@@ -339,6 +370,7 @@ def _build(raw: dict[str, Any], where: str, *, check: bool = True) -> Config:
         dns=_dns(top.table("dns")),
         mx=_mx(top.table("mx")),
         local=_local(top.table("local"), enabled="local" in raw),
+        pickup=_pickup(top.table("pickup")),
         checks=_checks(top.table("checks")),
         routes=_routes(top.table("routes")),
         source=where,
@@ -437,6 +469,12 @@ def _local(t: _Table, *, enabled: bool) -> LocalConfig:
     )
     t.finish()
     return local
+
+
+def _pickup(t: _Table) -> PickupConfig:
+    enabled = t.boolean("enabled", False) if "enabled" in t.data else None
+    t.finish()
+    return PickupConfig(enabled=enabled)
 
 
 def _checks(t: _Table) -> ChecksConfig:

@@ -44,38 +44,16 @@ class ControlServer:
         self.path = path
         self.handler = handler
         self.log = log
-        self._server: asyncio.AbstractServer | None = None
+        self._listener = UnixListener(path)
 
     async def start(self) -> bool:
         """Listen; False (logged) if another daemon owns the socket or the path is unusable."""
-        if self.path.exists() or self.path.is_symlink():
-            if _answers(self.path):
-                self.log.info(
-                    "another leafmail runs on this spool; no control socket", path=str(self.path)
-                )
-                return False
-            with contextlib.suppress(OSError):
-                self.path.unlink()
-        old_umask = os.umask(0o177)
-        try:
-            with socket_name(self.path) as name:
-                self._server = await asyncio.start_unix_server(
-                    self._client, name, limit=REQUEST_LIMIT
-                )
-        except OSError as exc:
-            self.log.info("cannot create the control socket", path=str(self.path), error=str(exc))
-            return False
-        finally:
-            os.umask(old_umask)
-        return True
+        return await self._listener.open(
+            self._client, limit=REQUEST_LIMIT, log=self.log, what="control socket"
+        )
 
     async def close(self) -> None:
-        if self._server is None:
-            return
-        self._server.close()
-        with contextlib.suppress(OSError):
-            self.path.unlink()
-        self._server = None
+        await self._listener.close()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         def reply(obj: dict[str, Any]) -> None:
@@ -98,6 +76,54 @@ class ControlServer:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+
+Client = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class UnixListener:
+    """A Unix stream socket of the daemon's at a path in the spool, and its removal."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._server: asyncio.AbstractServer | None = None
+
+    async def open(
+        self, client: Client, *, limit: int, log: ServerLog, what: str, mode: int = 0o600
+    ) -> bool:
+        """Listen with this mode; False (logged) if another daemon answers there or the
+        path is unusable. A stale socket left by a crash is replaced.
+
+        The socket is created 0600 (umask) and only then opened up to `mode`, so it is
+        never reachable by others before it is meant to be.
+        """
+        path = self.path
+        if path.exists() or path.is_symlink():
+            if _answers(path):
+                log.info(f"another leafmail runs on this spool; no {what}", path=str(path))
+                return False
+            with contextlib.suppress(OSError):
+                path.unlink()
+        old_umask = os.umask(0o177)
+        try:
+            with socket_name(path) as name:
+                self._server = await asyncio.start_unix_server(client, name, limit=limit)
+                if mode != 0o600:
+                    os.chmod(name, mode)
+        except OSError as exc:
+            log.info(f"cannot create the {what}", path=str(path), error=str(exc))
+            return False
+        finally:
+            os.umask(old_umask)
+        return True
+
+    async def close(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+        self._server = None
 
 
 def _command(line: bytes) -> str | None:

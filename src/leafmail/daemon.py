@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import ssl
 from collections.abc import Callable
@@ -29,10 +30,12 @@ from .auth import Users, load_users
 from .config import Config
 from .control import ControlServer, Reply
 from .flush import build_runner
+from .pickup import PickupServer
 from .policy import policy_for
 from .queue import QueueRunner
 from .receive import ReceiveService
 from .spool import GroupCommitter, Spool
+from .spoolcheck import check_spool
 
 SESSION_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: at least five minutes between commands
 
@@ -76,9 +79,14 @@ class Daemon:
             load_users(config.auth.users_file) if config.auth.users_file else None
         )
         try:
+            # The spool's owner is the user the daemon runs as (its euid until the
+            # privileged parent drops to [process] user; then pass that user's uid).
+            repaired = check_spool(config.spool, os.geteuid())
             self.spool = Spool(config.spool)
         except OSError as exc:
             raise CantCreateError(f"cannot use spool {config.spool}: {exc.strerror}") from None
+        for note in repaired:
+            self.log.info(f"spool repaired: {note}")
         # `runner` does flushes; `auto` delivers by itself. Offline, only local delivery
         # goes by itself. They share one pass lock: a flush never overlaps a pass.
         self.runner: QueueRunner | None = build_runner(config, self.spool, log=self.log)
@@ -181,6 +189,7 @@ class Daemon:
         self.spool.clean_status()
         committer = GroupCommitter(self.spool)
         control = ControlServer(self.spool.control_path, self._control, self.log)
+        pickup = self._pickup(committer)
         delivery: asyncio.Task[None] | None = None
         try:
             self.servers = [self._server(role) for role in self._roles(committer)]
@@ -189,17 +198,33 @@ class Daemon:
             self.bind()
             self._install_signals()
             await control.start()
+            if pickup is not None:
+                await pickup.start()
             if self.auto is not None:
                 delivery = asyncio.create_task(self.auto.serve(self._stopping))
             await asyncio.gather(*(server.serve() for server in self.servers))
         finally:
             self._stopping.set()
             await control.close()
+            if pickup is not None:
+                await pickup.close()
             if delivery is not None:
                 delivery.cancel()  # a delivery cut short is tried again: at least once
                 with contextlib.suppress(asyncio.CancelledError):
                     await delivery
             await asyncio.get_running_loop().run_in_executor(None, committer.close)
+
+    def _pickup(self, committer: GroupCommitter) -> PickupServer | None:
+        """The local submission socket (leafmail.pickup), if [pickup] wants it.
+
+        It reads bytes from any local user, so its process must be an unprivileged one
+        that can commit to the spool (an smtpd worker's role), never the root parent.
+        """
+        enabled = self.config.pickup.enabled
+        if not (os.geteuid() == 0 if enabled is None else enabled):
+            return None
+        notify = self.auto.notify if self.auto is not None else None
+        return PickupServer(self.config, committer, self.log, on_spooled=notify)
 
     async def _control(self, command: str, reply: Reply) -> None:
         """Serve one control request (leafmail.control)."""

@@ -10,6 +10,7 @@ network-up hooks). Exit 0 when nothing is left deferred, 75 when something is.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections import Counter
 from typing import Any, TextIO
@@ -24,6 +25,7 @@ from .message import Attempt, Verdict
 from .queue import QueueRunner
 from .retry import RetryPolicy
 from .spool import Spool
+from .spoolcheck import check_spool
 
 
 class Reporter:
@@ -83,6 +85,7 @@ class Reporter:
 def flush(config: Config, *, use_daemon: bool = True, out: TextIO = sys.stdout) -> int:
     """Deliver everything now; EX_OK if nothing stays deferred, else EX_TEMPFAIL."""
     try:
+        check_spool(config.spool, os.geteuid(), create=False)  # the daemon's user: see daemon
         spool = Spool(config.spool, create=False)
     except FileNotFoundError:
         print(f"flush: no spool at {config.spool}: nothing to deliver", file=sys.stderr)

@@ -58,6 +58,7 @@ STATES = ("queue", "deferred", "hold", "corrupt")
 _ID = re.compile(r"\A[0-9A-F]{16}[0-9A-F]{8}\Z")
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class SpoolError(OSError):
@@ -245,12 +246,18 @@ class Spool:
             os.unlink(self.path("tmp", qid))
 
     def clean_tmp(self) -> int:
-        """Remove files left in tmp/ by a crash (none of them was answered 250)."""
+        """Remove files left in tmp/ by a crash (none of them was answered 250).
+
+        Never through a symbolic link: tmp/ itself is opened with O_NOFOLLOW (a link
+        there is an error, not a directory to empty), and an entry is unlinked by name
+        relative to that descriptor, which removes a link, never what it names.
+        """
         count = 0
-        for entry in os.scandir(self.root / "tmp"):
-            with contextlib.suppress(OSError):
-                os.unlink(entry.path)
-                count += 1
+        with _state_dir(self.root, "tmp") as fd:
+            for name in _plain_entries(fd):
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=fd)
+                    count += 1
         return count
 
     # -- reading ------------------------------------------------------------------------
@@ -385,12 +392,13 @@ class Spool:
         write or removal of that message will come to take it away.
         """
         count = 0
-        for entry in os.scandir(self.root / "status"):
-            qid = entry.name.removesuffix(".new")
-            if valid_id(qid) and self.find(qid) is None:
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
-                    count += 1
+        with _state_dir(self.root, "status") as fd:
+            for name in _plain_entries(fd):
+                qid = name.removesuffix(".new")
+                if valid_id(qid) and self.find(qid) is None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(name, dir_fd=fd)
+                        count += 1
         return count
 
     @contextlib.contextmanager
@@ -435,6 +443,33 @@ class Spool:
                     return fd, state
             os.close(fd)
         return None
+
+
+@contextlib.contextmanager
+def _state_dir(root: Path, name: str) -> Iterator[int]:
+    """A descriptor of the state directory `name`, refusing a symbolic link there."""
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fd = os.open(name, _OPEN_DIR_NOFOLLOW, dir_fd=root_fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                what = f"{root}/{name} is not a directory (a symlink?)"
+                raise SpoolError(exc.errno, what) from None
+            raise
+    finally:
+        os.close(root_fd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _plain_entries(dir_fd: int) -> list[str]:
+    """Names in a directory that are not directories (links count as plain: they are
+    unlinked themselves); scandir on a descriptor never follows a link to list it."""
+    with os.scandir(dir_fd) as entries:
+        return [e.name for e in entries if not e.is_dir(follow_symlinks=False)]
 
 
 def arrival_time(qid: str) -> float:

@@ -2,9 +2,12 @@
 
 Programs that send mail (cron, mail(1), git send-email, PHP's mail()) run ``sendmail``
 with the message on stdin; this accepts the options they use, the way Postfix and dma
-do, and commits the message with `Spool.commit`'s steps (write, fsync, rename, fsync
-the directory) before it exits 0. No daemon is needed: a running one is only woken
-through the control socket so that it delivers at once.
+do, and exits 0 only once the message is durable (file and directory fsync'd). When the
+spool is this user's own (a personal leafmail, or the daemon's user), it commits the
+message itself with `Spool.commit`'s steps, and no daemon is needed: a running one is
+only woken through the control socket so that it delivers at once. When the spool is
+someone else's (a system daemon's), the message goes through the daemon's submission
+socket (leafmail.pickup); with no daemon answering, it exits 75 and claims nothing.
 
 Modes: ``-bm`` (the default: read a message), ``-bs`` (an SMTP dialogue on stdin and
 stdout, through the same `ServerProtocol` as the network service), ``-bp`` (list the
@@ -40,7 +43,7 @@ from .headers import Message, header_recipients
 from .options import USAGE, Options, parse_options
 from .reading import read_message
 from .smtp_session import SmtpSession
-from .spooling import _spool_error, build, commit, now, open_spool, wake
+from .spooling import _spool_error, choose_submitter, now
 
 __all__ = [
     "BadInput",
@@ -65,7 +68,8 @@ def submit(opts: Options, ctx: Context, stdin: BinaryIO) -> int:
     if not recipients and not opts.extract:
         raise UsageError("no recipients given (name them, or use -t)")
     limit = ctx.config.smtp.max_message_size
-    message = Message.parse(read_message(stdin, dots_end=opts.dots_end, limit=limit))
+    lines = read_message(stdin, dots_end=opts.dots_end, limit=limit)
+    message = Message.parse(lines)
     if opts.extract:
         from_headers = recipients_from(header_recipients(message), hostname)
         recipients += [r for r in from_headers if r not in recipients]
@@ -79,10 +83,9 @@ def submit(opts: Options, ctx: Context, stdin: BinaryIO) -> int:
         ret=opts.ret,
         envid=opts.envid,
     )
-    item = build(message, ctx, envelope=envelope, full_name=opts.full_name, protocol=None)
-    spool = open_spool(ctx.config)
-    commit(spool, item)
-    wake(spool)
+    data = b"".join(line + b"\r\n" for line in lines)
+    submitter = choose_submitter(ctx)
+    submitter.submit(data, envelope, full_name=opts.full_name, protocol=None)
     return EX_OK
 
 

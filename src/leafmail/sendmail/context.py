@@ -21,11 +21,17 @@ class Identity:
     def current(cls) -> Identity:
         """From the password database by real uid, which the user cannot forge as they
         could $USER; $LOGNAME only for a uid with no entry (as in some containers)."""
-        uid = os.getuid()
+        return cls.for_uid(os.getuid(), os.environ.get("LOGNAME"))
+
+    @classmethod
+    def for_uid(cls, uid: int, login_fallback: str | None = None) -> Identity:
+        """The user `uid` from the password database; without an entry (a container's
+        uid), `login_fallback` or "uidN". The daemon passes no fallback: a submitter's
+        environment is not evidence (leafmail.pickup)."""
         try:
             entry = pwd.getpwuid(uid)
-        except KeyError:  # a container uid with no passwd entry
-            return cls(os.environ.get("LOGNAME") or f"uid{uid}", uid, "")
+        except KeyError:
+            return cls(login_fallback or f"uid{uid}", uid, "")
         return cls(entry.pw_name, uid, entry.pw_gecos)
 
     def full_name(self, given: str | None) -> str:

@@ -27,12 +27,10 @@ from netserver.smtp import (
 
 from ..envelope import ClientInfo, Envelope, Recipient
 from ..receive import SPOOL_FAILED
-from ..spool import Spool
 from .context import Context
 from .errors import BadInput
-from .headers import Message
-from .reading import READ_CHUNK, crlf_lines
-from .spooling import build, commit, now, open_spool, wake
+from .reading import READ_CHUNK
+from .spooling import SocketSubmitter, SpoolSubmitter, choose_submitter, now
 
 
 class SmtpSession:
@@ -47,7 +45,7 @@ class SmtpSession:
         self.ctx = ctx
         self.stdin_fd = stdin_fd
         self.stdout_fd = stdout_fd
-        self.spool: Spool | None = None
+        self.submitter: SpoolSubmitter | SocketSubmitter | None = None
         smtp = ctx.config.smtp
         self.proto_config = ServerConfig(
             hostname=ctx.hostname,
@@ -62,7 +60,9 @@ class SmtpSession:
         """Serve until QUIT or end of input; the exit status is about the spool only."""
         status, greeting = EX_OK, None
         try:
-            self.spool = open_spool(self.ctx.config)
+            self.submitter = choose_submitter(self.ctx)
+            if isinstance(self.submitter, SocketSubmitter):
+                self.submitter.probe()  # no 220 when nobody can take the mail
         except NetserverError as exc:
             print(f"sendmail: {exc}", file=sys.stderr)
             status = exc.exit_code
@@ -102,16 +102,14 @@ class SmtpSession:
                 raise TypeError(f"unexpected decision {event!r}")
 
     def _message(self, proto: ServerProtocol, event: MessageReady) -> None:
-        assert self.spool is not None
+        assert self.submitter is not None
         try:
-            item = build(
-                Message.parse(crlf_lines(event.data)),
-                self.ctx,
-                envelope=self._envelope(event),
+            qid = self.submitter.submit(
+                event.data,
+                self._envelope(event),
                 full_name="",  # the sender is the client's choice: no name of ours
                 protocol=received_protocol(event.session, event.envelope),
             )
-            commit(self.spool, item)
         except BadInput as exc:
             proto.reject(Reply(554, "5.6.0", f"Message refused: {exc}"))
             return
@@ -119,8 +117,7 @@ class SmtpSession:
             print(f"sendmail: {exc}", file=sys.stderr)
             proto.reject(SPOOL_FAILED)
             return
-        proto.accept(replies.queued(item.qid))
-        wake(self.spool)
+        proto.accept(replies.queued(qid))
 
     def _envelope(self, event: MessageReady) -> Envelope:
         """The spool envelope; ``<Postmaster>`` becomes postmaster@HOSTNAME."""

@@ -5,18 +5,22 @@
 from __future__ import annotations
 
 import errno
+import os
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
-from netserver.errors import CantCreateError, NetserverError
+from netserver.errors import CantCreateError, NetserverError, UsageError
 
 from .. import config as configuration
-from .. import control
+from .. import control, submitwire
 from ..envelope import Envelope
 from ..spool import Spool, new_id
+from ..spoolcheck import check_spool
 from .context import Context
-from .errors import TryLater
+from .errors import BadInput, TryLater
 from .headers import Message, complete, local_received
+from .reading import crlf_lines
 
 # errno values that mean "this spool cannot be written at all" rather than "not now".
 _CANTCREAT_ERRNOS = frozenset(
@@ -59,11 +63,99 @@ def build(
 
 
 def open_spool(config: configuration.Config) -> Spool:
-    """The spool, created if needed; CantCreateError / TryLater say why not."""
+    """The spool, checked and created if needed; CantCreateError / TryLater say why not,
+    ConfigError (78) refuses an unsafe one (leafmail.spoolcheck)."""
     try:
+        check_spool(config.spool, os.geteuid())
         return Spool(config.spool)
     except OSError as exc:
         raise _spool_error(exc, f"cannot use the spool {config.spool}") from None
+
+
+@dataclass(frozen=True)
+class SpoolSubmitter:
+    """Write the spool ourselves: it is ours (a personal leafmail, or the daemon's user)."""
+
+    ctx: Context
+    spool: Spool
+
+    def submit(
+        self, data: bytes, envelope: Envelope, *, full_name: str | None, protocol: str | None
+    ) -> str:
+        message = Message.parse(crlf_lines(data))
+        item = build(message, self.ctx, envelope=envelope, full_name=full_name, protocol=protocol)
+        commit(self.spool, item)
+        wake(self.spool)
+        return item.qid
+
+
+@dataclass(frozen=True)
+class SocketSubmitter:
+    """Hand the message to the daemon through its submission socket (leafmail.pickup)."""
+
+    ctx: Context
+    path: Path
+
+    def probe(self) -> None:
+        """TryLater unless a daemon listens (for -bs, before its greeting)."""
+        try:
+            submitwire.probe(self.path)
+        except submitwire.NoDaemon as exc:
+            raise self._no_daemon(exc) from None
+
+    def submit(
+        self, data: bytes, envelope: Envelope, *, full_name: str | None, protocol: str | None
+    ) -> str:
+        name = self.ctx.identity.full_name(full_name)  # -F, $NAME or GECOS: ours to say
+        try:
+            return submitwire.submit(self.path, envelope, data, full_name=name, protocol=protocol)
+        except submitwire.NoDaemon as exc:
+            raise self._no_daemon(exc) from None
+        except submitwire.Refused as exc:
+            raise _refusal(exc) from None
+
+    def _no_daemon(self, exc: OSError) -> TryLater:
+        reason = exc.strerror or str(exc)
+        return TryLater(
+            f"the spool {self.ctx.config.spool} is not ours to write and no leafmail daemon "
+            f"answers on {self.path} ({reason}); nothing was queued, try again later"
+        )
+
+
+def choose_submitter(ctx: Context) -> SpoolSubmitter | SocketSubmitter:
+    """Write the spool if it is ours (or may become ours), else go through the daemon.
+
+    Ours: it exists and this user owns it, or it does not exist yet and this user may
+    create it (a personal leafmail). Anything else is someone else's spool (a system
+    daemon's): even root goes through the socket then, so that every spool file stays
+    the daemon user's.
+    """
+    path = Path(ctx.config.spool)
+    try:
+        owner: int | None = path.stat().st_uid
+    except (FileNotFoundError, NotADirectoryError):
+        owner = None
+    except OSError:  # cannot even look (a private parent directory): not ours
+        owner = -1
+    if owner == os.geteuid() or (owner is None and _may_create(path)):
+        return SpoolSubmitter(ctx, open_spool(ctx.config))
+    return SocketSubmitter(ctx, submitwire.socket_path(path))
+
+
+def _may_create(path: Path) -> bool:
+    """True if the nearest existing ancestor of `path` lets this user add to it."""
+    for parent in path.parents:
+        if parent.exists():
+            return not parent.is_dir() or os.access(parent, os.W_OK | os.X_OK)
+    return False
+
+
+def _refusal(exc: submitwire.Refused) -> NetserverError:
+    if exc.status == BadInput.exit_code:
+        return BadInput(str(exc))
+    if exc.status == UsageError.exit_code:
+        return UsageError(str(exc))
+    return TryLater(f"the daemon did not queue the message: {exc}")
 
 
 def commit(spool: Spool, item: Submission) -> None:
