@@ -73,8 +73,15 @@ def run_flush(
     tmp_path: Path, config: Path, *args: str, timeout: float = FLUSH_TIMEOUT
 ) -> subprocess.CompletedProcess[str]:
     """``leafmail flush --config CONFIG ARGS`` as its own process, in a clean environment."""
+    return run_leafmail(tmp_path, "flush", "--config", str(config), *args, timeout=timeout)
+
+
+def run_leafmail(
+    tmp_path: Path, *args: str, timeout: float = FLUSH_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    """``leafmail ARGS`` to completion (bounded), in a clean environment; text output."""
     return subprocess.run(
-        leafmail_command("flush", "--config", str(config), *args),
+        leafmail_command(*args),
         cwd=ROOT,
         env=clean_env(tmp_path),
         capture_output=True,

@@ -120,8 +120,7 @@ def submit(
     with _Connection(path) as sock:
         try:
             sock.settimeout(REPLY_TIMEOUT)
-            sock.sendall(request)
-            sock.shutdown(socket.SHUT_WR)
+            _send_all(sock, request)
             line = _read_line(sock)
         except OSError as exc:
             raise NoDaemon(exc.errno, f"the daemon did not answer: {exc.strerror or exc}") from None
@@ -147,6 +146,16 @@ class _Connection:
 
     def __exit__(self, *exc: object) -> None:
         self.sock.close()
+
+
+def _send_all(sock: socket.socket, request: bytes) -> None:
+    """Send the request; a daemon that refuses early (a size over its limit) stops
+    reading and answers at once, so a broken pipe here still leaves a reply to read."""
+    try:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
 
 
 def _read_line(sock: socket.socket) -> bytes:

@@ -1,0 +1,78 @@
+"""Real unprivileged users for tests that need a second local user (root only).
+
+`ensure_user` creates a system account whose name starts with ``lmt`` the first time and
+finds it afterwards, so reruns and parallel tests share it. `run_as` runs a `leafmail`
+command as that user through tests/run_as.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+IS_ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (a second real user)")
+RUN_AS = ROOT / "tests" / "run_as.py"
+_LOCKED = 10  # useradd: cannot lock /etc/passwd (another useradd runs)
+
+
+def ensure_user(name: str) -> pwd.struct_passwd:
+    """The account `name` (created without a home or a login shell if missing)."""
+    assert name.startswith("lmt"), name
+    for _ in range(20):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            pass
+        done = subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if done.returncode not in (0, 9, _LOCKED):  # 9: it exists (made meanwhile)
+            raise RuntimeError(f"useradd {name}: {done.stderr.strip()}")
+    return pwd.getpwnam(name)
+
+
+def run_as(
+    user: str,
+    args: list[str],
+    *,
+    env: dict[str, str],
+    stdin: bytes = b"",
+    timeout: float = 30.0,
+) -> subprocess.CompletedProcess[bytes]:
+    """``leafmail ARGS`` as `user` (every uid and gid that user's, no way back)."""
+    return subprocess.run(
+        [sys.executable, str(RUN_AS), user, *args],
+        input=stdin,
+        cwd="/",
+        env=env,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@contextlib.contextmanager
+def shared_dir() -> Iterator[Path]:
+    """A fresh directory other users may traverse and read, removed afterwards
+    (pytest's tmp_path lies under root's private 0700 directory)."""
+    path = Path(tempfile.mkdtemp(prefix="lmt-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

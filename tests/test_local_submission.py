@@ -1,0 +1,253 @@
+"""Local submission by ordinary users, without setuid (issue 12.4).
+
+A real `leafmail serve` runs as root on a spool that a real second user (``lmtsubmit``)
+cannot write; that user's `leafmail sendmail` goes through the daemon's submission
+socket (SPOOL/public/submit), and the Received line names the uid the kernel gave
+(SO_PEERCRED). With no daemon answering, sendmail exits 75 and claims nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from leafmail_fixtures import (
+    Leafmail,
+    LeafmailFactory,
+    clean_env,
+    leafmail_servers,
+    spawn_leafmail,
+    toml_string,
+)
+from system_users import ensure_user, needs_root, run_as, shared_dir
+
+from leafmail import config as configuration
+from leafmail.envelope import ClientInfo, Envelope, Recipient
+from leafmail.spool import CorruptMessage, Spool, SpooledMessage
+from leafmail.submitwire import NoDaemon, Refused, socket_path, submit
+
+USER = "lmtsubmit"
+HOST = "leaf.test"
+EX_DATAERR, EX_TEMPFAIL = 65, 75
+_RECEIVED = re.compile(
+    rb"\AReceived: by leaf\.test \(leafmail, from userid (?P<uid>\d+)\)\r\n"
+    rb"\t(?:with (?P<proto>[A-Z]+) )?id (?P<qid>[0-9A-F]{24})"
+)
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[LeafmailFactory]:
+    yield from leafmail_servers(tmp_path)
+
+
+@pytest.fixture
+def box() -> Iterator[Path]:
+    """A directory the second user can read: the config and the spool live there."""
+    with shared_dir() as path:
+        text = f'hostname = "{HOST}"\nspool = {toml_string(path / "spool")}\n'
+        (path / "leafmail.toml").write_text(text + "[smtp]\nmax_message_size = 4000\n")
+        (path / "leafmail.toml").chmod(0o644)
+        yield path
+
+
+def start(servers: LeafmailFactory, box: Path, *extra: str) -> Leafmail:
+    argv = ["--config", str(box / "leafmail.toml"), "--listen", "127.0.0.1:0", *extra]
+    return servers.spawn(argv, spool_path=box / "spool")
+
+
+def sendmail_as_user(
+    tmp_path: Path, box: Path, *args: str, stdin: bytes
+) -> tuple[int, bytes, bytes]:
+    env = clean_env(tmp_path, {"LEAFMAIL_CONFIG": str(box / "leafmail.toml")})
+    done = run_as(USER, ["sendmail", *args], env=env, stdin=stdin)
+    return done.returncode, done.stdout, done.stderr
+
+
+def queued(box: Path) -> list[SpooledMessage]:
+    found = []
+    for item in Spool(box / "spool", create=False).messages("queue"):
+        assert not isinstance(item, CorruptMessage), item
+        found.append(item)
+    return found
+
+
+def trace_uid(msg: SpooledMessage) -> int:
+    match = _RECEIVED.match(msg.data)
+    assert match is not None, msg.data[:200]
+    assert match["qid"].decode() == msg.qid
+    return int(match["uid"])
+
+
+# --- through the socket, as a real second user ---------------------------------------------
+
+
+@needs_root
+def test_a_user_who_cannot_write_the_spool_submits_through_the_daemon(
+    tmp_path: Path, box: Path, servers: LeafmailFactory
+) -> None:
+    user = ensure_user(USER)
+    start(servers, box)
+    spool = box / "spool"
+    assert spool.stat().st_uid == 0 and stat.S_IMODE(spool.stat().st_mode) == 0o711
+    assert stat.S_IMODE((spool / "queue").stat().st_mode) == 0o700  # not the user's to write
+    assert stat.S_IMODE(socket_path(spool).stat().st_mode) == 0o666
+
+    forged = b"Received: from trusted.example by mx.example; Mon, 1 Jan 2024 00:00:00 +0000\n"
+    code, out, err = sendmail_as_user(
+        tmp_path, box, "-t", stdin=forged + b"To: bob@dst.test\nSubject: cron\n\nhello\n"
+    )
+    assert (code, out, err) == (0, b"", b""), err
+
+    (msg,) = queued(box)  # durable before the exit 0: no waiting
+    assert trace_uid(msg) == user.pw_uid  # the kernel's uid, first, before the forged one
+    assert msg.envelope.sender == f"{USER}@{HOST}"
+    assert [r.address for r in msg.envelope.recipients] == ["bob@dst.test"]
+    assert msg.envelope.client == ClientInfo(protocol="local")
+    assert f"\r\nFrom: {USER}@{HOST}\r\n".encode() in msg.data
+    assert msg.data.endswith(b"\r\n\r\nhello\r\n")
+    assert stat.S_IMODE((spool / "queue" / msg.qid).stat().st_mode) == 0o600
+
+
+@needs_root
+def test_with_the_daemon_stopped_sendmail_exits_75_and_claims_nothing(
+    tmp_path: Path, box: Path, servers: LeafmailFactory
+) -> None:
+    ensure_user(USER)
+    start(servers, box).stop()
+    code, out, err = sendmail_as_user(tmp_path, box, "bob@dst.test", stdin=b"Subject: x\n\nx\n")
+    assert code == EX_TEMPFAIL
+    assert out == b""
+    text = err.decode()
+    assert len(text.splitlines()) == 1 and "Traceback" not in text, text
+    assert "no leafmail daemon answers" in text and "nothing was queued" in text
+    assert queued(box) == []
+
+
+@needs_root
+def test_a_killed_daemon_leaves_a_socket_that_answers_75(tmp_path: Path, box: Path) -> None:
+    ensure_user(USER)
+    argv = ["--config", str(box / "leafmail.toml"), "--listen", "127.0.0.1:0"]
+    daemon = spawn_leafmail(tmp_path, argv, spool_path=box / "spool")
+    daemon.proc.kill()
+    daemon.proc.wait()
+    assert socket_path(box / "spool").is_socket()  # stale: nobody accepts on it
+    code, _out, err = sendmail_as_user(tmp_path, box, "bob@dst.test", stdin=b"x\n")
+    assert code == EX_TEMPFAIL, err
+    assert b"Connection refused" in err
+    assert queued(box) == []
+
+
+@needs_root
+def test_bs_as_a_user_goes_through_the_daemon(
+    tmp_path: Path, box: Path, servers: LeafmailFactory
+) -> None:
+    user = ensure_user(USER)
+    start(servers, box)
+    dialogue = (
+        b"EHLO cron.test\r\nMAIL FROM:<job@src.test>\r\nRCPT TO:<bob@dst.test>\r\nDATA\r\n"
+        b"Subject: bs\r\n\r\nvia -bs\r\n.\r\nQUIT\r\n"
+    )
+    code, out, err = sendmail_as_user(tmp_path, box, "-bs", stdin=dialogue)
+    assert code == 0, err
+    (msg,) = queued(box)
+    assert f"250 2.0.0 OK queued as {msg.qid}\r\n".encode() in out, out
+    assert trace_uid(msg) == user.pw_uid
+    assert _RECEIVED.match(msg.data)["proto"] == b"ESMTP"  # type: ignore[index]
+    assert msg.envelope.sender == "job@src.test"
+    assert msg.envelope.client == ClientInfo(protocol="local", helo="cron.test")
+
+
+@needs_root
+def test_bs_with_no_daemon_greets_421_and_exits_75(tmp_path: Path, box: Path) -> None:
+    ensure_user(USER)
+    code, out, _err = sendmail_as_user(tmp_path, box, "-bs", stdin=b"QUIT\r\n")
+    assert code == EX_TEMPFAIL
+    assert out.startswith(b"421 ")
+
+
+@needs_root
+def test_an_ordinary_users_daemon_offers_no_socket_unless_asked(
+    tmp_path: Path, box: Path, servers: LeafmailFactory
+) -> None:
+    """[pickup] enabled = false (the default for a daemon not started as root)."""
+    ensure_user(USER)
+    with (box / "leafmail.toml").open("a") as f:
+        f.write("[pickup]\nenabled = false\n")
+    start(servers, box)
+    assert not socket_path(box / "spool").exists()
+    assert stat.S_IMODE((box / "spool").stat().st_mode) == 0o700
+    code, _out, _err = sendmail_as_user(tmp_path, box, "bob@dst.test", stdin=b"x\n")
+    assert code == EX_TEMPFAIL
+
+
+# --- the daemon checks what it is told (as root: the uid is then 0) --------------------------
+
+
+def envelope(**changes: object) -> Envelope:
+    fields: dict[str, object] = {
+        "sender": "me@src.test",
+        "recipients": (Recipient("bob@dst.test"),),
+        "client": ClientInfo(ip="203.0.113.9", port=25, protocol="ESMTPSA", auth="admin"),
+        "received": "1999-01-01T00:00:00Z",
+    }
+    fields.update(changes)
+    return Envelope(**fields)  # type: ignore[arg-type]
+
+
+def test_what_only_the_daemon_knows_is_never_taken_from_the_request(
+    box: Path, servers: LeafmailFactory
+) -> None:
+    start(servers, box)
+    path = socket_path(box / "spool")
+    qid = submit(path, envelope(), b"Subject: x\r\n\r\nbody\r\n", full_name=None, protocol=None)
+    (msg,) = queued(box)
+    assert msg.qid == qid
+    assert trace_uid(msg) == os.geteuid()
+    assert msg.envelope.client == ClientInfo(protocol="local")  # no ip, no AUTH, no ESMTPSA
+    assert msg.envelope.received != "1999-01-01T00:00:00Z"
+
+
+@pytest.mark.parametrize(
+    ("env", "data", "says"),
+    [
+        (envelope(recipients=(Recipient("bob smith@dst.test"),)), b"x\r\n", "bad recipient"),
+        (envelope(sender="a@b@c"), b"x\r\n", "bad sender"),
+        (envelope(ret="ALL"), b"x\r\n", "bad RET"),
+        (envelope(), b"x" * 4001, "larger than the limit of 4000"),
+        (envelope(), b"Subject: " + b"y" * 1000 + b"\r\n\r\nx\r\n", "over 998"),
+    ],
+)
+def test_the_daemon_refuses_what_sendmail_refuses(
+    box: Path, servers: LeafmailFactory, env: Envelope, data: bytes, says: str
+) -> None:
+    start(servers, box)
+    with pytest.raises(Refused, match=says) as refused:
+        submit(socket_path(box / "spool"), env, data, full_name=None, protocol=None)
+    assert refused.value.status == EX_DATAERR
+    assert queued(box) == []
+
+
+def test_no_daemon_is_no_daemon(box: Path) -> None:
+    with pytest.raises(NoDaemon):
+        submit(socket_path(box / "spool"), envelope(), b"x\r\n", full_name=None, protocol=None)
+
+
+# --- which config sendmail reads ------------------------------------------------------------
+
+
+def test_the_system_config_comes_after_the_users_own(tmp_path: Path) -> None:
+    system = tmp_path / "etc-leafmail.toml"
+    system.write_text('spool = "/var/spool/leafmail-test"\n')
+    env = {"HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    assert configuration.load(env=env, system=system).spool == "/var/spool/leafmail-test"
+    own = tmp_path / "xdg" / "leafmail" / "leafmail.toml"
+    own.parent.mkdir(parents=True)
+    own.write_text('spool = "/home/me/spool"\n')
+    assert configuration.load(env=env, system=system).spool == "/home/me/spool"
+    chosen = tmp_path / "chosen.toml"
+    chosen.write_text('spool = "/chosen"\n')
+    assert configuration.load(env={**env, "LEAFMAIL_CONFIG": str(chosen)}).spool == "/chosen"
