@@ -32,7 +32,7 @@ from leafmail.submitwire import NoDaemon, Refused, socket_path, submit
 
 USER = "lmtsubmit"
 HOST = "leaf.test"
-EX_DATAERR, EX_TEMPFAIL = 65, 75
+EX_DATAERR, EX_UNAVAILABLE, EX_TEMPFAIL = 65, 69, 75
 _RECEIVED = re.compile(
     rb"\AReceived: by leaf\.test \(leafmail, from userid (?P<uid>\d+)\)\r\n"
     rb"\t(?:with (?P<proto>[A-Z]+) )?id (?P<qid>[0-9A-F]{24})"
@@ -167,6 +167,20 @@ def test_bs_with_no_daemon_greets_421_and_exits_75(tmp_path: Path, box: Path) ->
     code, out, _err = sendmail_as_user(tmp_path, box, "-bs", stdin=b"QUIT\r\n")
     assert code == EX_TEMPFAIL
     assert out.startswith(b"421 ")
+
+
+@needs_root
+def test_bp_as_a_user_says_the_queue_is_private(
+    tmp_path: Path, box: Path, servers: LeafmailFactory
+) -> None:
+    ensure_user(USER)
+    start(servers, box)
+    code, out, err = sendmail_as_user(tmp_path, box, "-bp", stdin=b"")
+    assert (code, out) == (EX_UNAVAILABLE, b"")
+    assert err.decode().endswith(
+        "is private to the daemon's user; ask root or that user to run `leafmail queue`\n"
+    ), err
+    assert len(err.splitlines()) == 1
 
 
 @needs_root

@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--config",
         metavar="FILE",
-        help="TOML config (default: $LEAFMAIL_CONFIG, else ~/.config/leafmail/leafmail.toml)",
+        help="TOML config (default: $LEAFMAIL_CONFIG, else ~/.config/leafmail/leafmail.toml, "
+        "else /etc/leafmail/leafmail.toml)",
     )
     common.add_argument("--spool", metavar="DIR", help="spool directory (over $LEAFMAIL_SPOOL)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=UsageParser)
@@ -133,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         "sendmail",
         add_help=False,
         help="submit a message like sendmail(8) (-t, -i, -f, -bs, -bp, -q ...)",
-        description="sendmail(8)-compatible submission, straight into the spool. "
+        description="sendmail(8)-compatible submission: into the spool if it is this "
+        "user's, else through the running daemon's submission socket. "
         "Run `leafmail sendmail --help` for its options.",
     )
     # Never parsed here: main() hands sendmail's getopt-style words over before argparse.

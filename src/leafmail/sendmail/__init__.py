@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import BinaryIO
 
 from netserver.cli import exit_status
-from netserver.errors import EX_OK, UsageError
+from netserver.errors import EX_OK, UnavailableError, UsageError
 
 from .. import config as configuration
 from .. import tools
@@ -96,7 +96,14 @@ def list_queue(ctx: Context) -> int:
     except FileNotFoundError:
         sys.stdout.write(tools.format_queue([]))
         return EX_OK
-    sys.stdout.write(tools.format_queue(tools.list_queue(spool)))
+    try:
+        text = tools.format_queue(tools.list_queue(spool))  # (a listing may be lazy)
+    except PermissionError:  # a system daemon's spool, seen by an ordinary user
+        raise UnavailableError(
+            f"the queue in {spool.root} is private to the daemon's user; "
+            "ask root or that user to run `leafmail queue`"
+        ) from None
+    sys.stdout.write(text)
     return EX_OK
 
 

@@ -21,9 +21,12 @@ usage: sendmail [OPTION ...] [--] [RECIPIENT ...]
   -bp       list the queue;  -q  deliver everything queued now
   -oX, -v, -m, -n, -U, -G, -B TYPE, -h N, -L LABEL, -O OPT, -X FILE: accepted, ignored
 
-Config: $LEAFMAIL_CONFIG, else the default location; spool: $LEAFMAIL_SPOOL, else the
-config. Exit codes: 0 ok, 64 usage, 65 bad data, 73 spool not writable, 75 try later,
-78 configuration.
+Config: $LEAFMAIL_CONFIG, else ~/.config/leafmail/leafmail.toml, else
+/etc/leafmail/leafmail.toml; spool: $LEAFMAIL_SPOOL, else the config. A spool of
+this user's is written directly; anyone else's (a system daemon's) is reached through
+the daemon's socket SPOOL/public/submit. Exit codes: 0 ok (the message is queued),
+64 usage, 65 bad data, 73 spool cannot be created, 75 try later (e.g. no daemon
+answers: nothing was queued), 78 configuration or an unsafe spool.
 """
 
 _VALUE_OPTIONS = frozenset("fFrbNRVoBhLOXq")  # options that take a value
