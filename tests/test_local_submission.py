@@ -8,8 +8,11 @@ socket (SPOOL/public/submit), and the Received line names the uid the kernel gav
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
+import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +31,7 @@ from system_users import ensure_user, needs_root, run_as, shared_dir
 from leafmail import config as configuration
 from leafmail.envelope import ClientInfo, Envelope, Recipient
 from leafmail.spool import CorruptMessage, Spool, SpooledMessage
-from leafmail.submitwire import NoDaemon, Refused, socket_path, submit
+from leafmail.submitwire import NoDaemon, Refused, encode_request, socket_path, submit
 
 USER = "lmtsubmit"
 HOST = "leaf.test"
@@ -242,6 +245,39 @@ def test_the_daemon_refuses_what_sendmail_refuses(
     with pytest.raises(Refused, match=says) as refused:
         submit(socket_path(box / "spool"), env, data, full_name=None, protocol=None)
     assert refused.value.status == EX_DATAERR
+    assert queued(box) == []
+
+
+def raw_request(path: Path, request: bytes) -> dict[str, object]:
+    """Send bytes no sendmail would send, half-close, and read the daemon's one reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        with contextlib.suppress(BrokenPipeError):  # refused before it read everything
+            sock.sendall(request)
+            sock.shutdown(socket.SHUT_WR)
+        reply = sock.makefile("rb").readline()
+    answer = json.loads(reply)
+    assert isinstance(answer, dict), reply
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "says"),
+    [
+        (b"not json\n", 64, "bad request"),
+        (b'{"envelope": {}, "full_name": null, "protocol": null, "size": 1}\n', 64, "fields"),
+        (b"[" * 100_000 + b"\n", 64, "not JSON"),
+        (encode_request(envelope(), b"12345", full_name=None, protocol=None)[:-2], 65, "incompl"),
+        (b"x" * (2 << 20) + b"\n", 65, "over-long"),
+    ],
+)
+def test_malformed_requests_get_one_answer_and_queue_nothing(
+    box: Path, servers: LeafmailFactory, request_bytes: bytes, status: int, says: str
+) -> None:
+    start(servers, box)
+    answer = raw_request(socket_path(box / "spool"), request_bytes)
+    assert answer["status"] == status and says in str(answer["error"]), answer
     assert queued(box) == []
 
 

@@ -12,8 +12,9 @@ does when it spools by itself: the same address checks, the same header completi
 ``{"queued": QID}`` is sent only once the file and its directory are fsync'd.
 
 Costs are bounded: the request line (1 MiB) and the message (smtp.max_message_size),
-a deadline for reading them, at most MAX_ACTIVE requests at once, and the parsing runs
-in a thread, never on the event loop. This runs in an unprivileged process: whoever
+one deadline for waiting, reading and preparing them, at most MAX_ACTIVE requests
+being read at once and MAX_OPEN connections open, and the parsing runs in a thread,
+never on the event loop. This runs in an unprivileged process: whoever
 serves it reads bytes from any local user.
 """
 
@@ -42,7 +43,8 @@ from .spool import GroupCommitter, SpoolError
 from .spoolcheck import PUBLIC_DIR
 from .submitwire import HEADER_LIMIT, Request, encode_reply, parse_request, socket_path
 
-MAX_ACTIVE = 8  # requests read and spooled at once; more wait for their turn
+MAX_ACTIVE = 8  # requests read and prepared at once; more wait for their turn
+MAX_OPEN = 64  # connections at once; past it they are closed unanswered
 READ_TIMEOUT = 60.0  # the client has the whole message in memory before it connects
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _NOTIFY = frozenset({"NEVER", "SUCCESS", "FAILURE", "DELAY"})
@@ -72,6 +74,7 @@ class PickupServer:
         self.on_spooled = on_spooled
         self.path = socket_path(config.spool)
         self._active = asyncio.Semaphore(MAX_ACTIVE)
+        self._open = 0
         self._listener = UnixListener(self.path)
 
     async def start(self) -> bool:
@@ -93,33 +96,37 @@ class PickupServer:
         await self._listener.close()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open += 1
         try:
-            uid = _peer_uid(writer)
-            async with self._active:
-                reply = await self._serve(uid, reader)
+            if self._open > MAX_OPEN:  # the submitter sees no answer: exit 75, nothing lost
+                self.log.info("local submission refused: too many connections")
+                return
+            reply = await self._serve(_peer_uid(writer), reader)
             if reply is not None:
                 writer.write(encode_reply(reply))
                 await writer.drain()
         except OSError:
             pass  # the submitter went away; it was never told "queued"
         finally:
+            self._open -= 1
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
     async def _serve(self, uid: int, reader: asyncio.StreamReader) -> dict[str, object] | None:
         """One request: the reply to send, or None for a connection that sent nothing."""
+        loop = asyncio.get_running_loop()
+        limit = self.config.smtp.max_message_size
         try:
-            async with asyncio.timeout(READ_TIMEOUT):
+            async with asyncio.timeout(READ_TIMEOUT), self._active:
                 line = await reader.readline()
                 if not line:
                     return None  # a probe (sendmail -bs asks whether anyone listens)
-                request = _request(line, self.config.smtp.max_message_size)
+                request = await loop.run_in_executor(None, _request, line, limit)
                 data = await reader.readexactly(request.size)
-            identity = Identity.for_uid(uid)
-            ctx = Context(self.config, identity)
-            loop = asyncio.get_running_loop()
-            item = await loop.run_in_executor(None, prepare, request, data, ctx)
+                identity = Identity.for_uid(uid)
+                ctx = Context(self.config, identity)
+                item = await loop.run_in_executor(None, prepare, request, data, ctx)
             qid = await self.committer.commit(item.envelope, item.data, item.qid)
         except Rejected as exc:
             self.log.info("local submission refused", uid=uid, reason=str(exc))
