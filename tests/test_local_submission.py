@@ -14,6 +14,8 @@ import os
 import re
 import socket
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from leafmail_fixtures import (
     spawn_leafmail,
     toml_string,
 )
-from system_users import ensure_user, needs_root, run_as, shared_dir
+from system_users import RUN_AS, ensure_user, needs_root, run_as, shared_dir
 
 from leafmail import config as configuration
 from leafmail.envelope import ClientInfo, Envelope, Recipient
@@ -199,6 +201,79 @@ def test_an_ordinary_users_daemon_offers_no_socket_unless_asked(
     assert stat.S_IMODE((box / "spool").stat().st_mode) == 0o700
     code, _out, _err = sendmail_as_user(tmp_path, box, "bob@dst.test", stdin=b"x\n")
     assert code == EX_TEMPFAIL
+
+
+_WITH_SYSTEM_CONFIG = (
+    "mount --make-rprivate / && "
+    'mount -t overlay overlay -o lowerdir=/etc,upperdir="$0/upper",workdir="$0/work" /etc && '
+    'mkdir -p /etc/leafmail && cp "$1" /etc/leafmail/leafmail.toml && chmod "$2" /etc/leafmail '
+    '&& shift 2 && exec "$@"'
+)
+
+
+def sendmail_with_system_config(
+    tmp_path: Path, config: Path, mode: str, *args: str, stdin: bytes
+) -> subprocess.CompletedProcess[bytes]:
+    """sendmail as the user, with no LEAFMAIL_* or XDG_* variables, in a mount namespace
+    where /etc/leafmail/leafmail.toml is `config` (an overlay over /etc) and
+    /etc/leafmail has this mode; skips where such a mount is impossible."""
+    layers = tmp_path / "etc-overlay"
+    (layers / "upper").mkdir(parents=True)
+    (layers / "work").mkdir()
+    command = [sys.executable, str(RUN_AS), USER, "sendmail", *args]
+    done = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            _WITH_SYSTEM_CONFIG,
+            str(layers),
+            str(config),
+            mode,
+            *command,
+        ],
+        input=stdin,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    if done.returncode != 0 and b"mount" in done.stderr:
+        pytest.skip(f"cannot mount an overlay over /etc here: {done.stderr.decode().strip()}")
+    assert not Path("/etc/leafmail").exists()  # nothing leaked out of the namespace
+    return done
+
+
+@needs_root
+def test_without_leafmail_config_a_user_reaches_the_system_daemon(
+    tmp_path: Path, box: Path, servers: LeafmailFactory
+) -> None:
+    """The case that used to exit 0 with the mail in ~/.local/share/leafmail/spool,
+    which no daemon reads: with /etc/leafmail/leafmail.toml in place (in a mount
+    namespace of the test's own, over /etc), sendmail finds the system daemon."""
+    user = ensure_user(USER)
+    start(servers, box)
+    done = sendmail_with_system_config(
+        tmp_path, box / "leafmail.toml", "0755", "bob@dst.test", stdin=b"Subject: x\n\nx\n"
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
+    (msg,) = queued(box)
+    assert trace_uid(msg) == user.pw_uid
+
+
+@needs_root
+def test_a_system_config_the_user_cannot_read_is_an_error_not_skipped(
+    tmp_path: Path, box: Path
+) -> None:
+    """/etc/leafmail 0750 (it holds keys): one line and 78, never a personal spool."""
+    ensure_user(USER)
+    done = sendmail_with_system_config(
+        tmp_path, box / "leafmail.toml", "0750", "bob@dst.test", stdin=b"x\n"
+    )
+    assert done.returncode == 78
+    err = done.stderr.decode()
+    assert "/etc/leafmail/leafmail.toml: cannot read" in err and len(err.splitlines()) == 1, err
 
 
 # --- the daemon checks what it is told (as root: the uid is then 0) --------------------------

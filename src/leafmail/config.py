@@ -304,15 +304,27 @@ def load(
     chosen = path or env.get("LEAFMAIL_CONFIG")
     if chosen:
         config = _from_file(Path(chosen), check=False)
-    elif default_config_path(env).exists():
+    elif _present(default_config_path(env)):
         config = _from_file(default_config_path(env), check=False)
-    elif system.exists():
+    elif _present(system):
         config = _from_file(system, check=False)
     else:
         config = Config()
     config = _apply_env(config, env)
     _check(config, config.source)  # again: variables may have changed what the file said
     return config
+
+
+def _present(path: Path) -> bool:
+    """True if `path` exists, or may: one in a directory this user cannot search
+    (/etc/leafmail 0750) is reported by the read that follows, never skipped silently."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _apply_env(config: Config, env: Mapping[str, str]) -> Config:
