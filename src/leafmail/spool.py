@@ -445,6 +445,11 @@ class Spool:
         return None
 
 
+def arrival_time(qid: str) -> float:
+    """When a message was spooled: its id starts with the arrival time in nanoseconds."""
+    return int(qid[:16], 16) / 1e9
+
+
 @contextlib.contextmanager
 def _state_dir(root: Path, name: str) -> Iterator[int]:
     """A descriptor of the state directory `name`, refusing a symbolic link there."""
@@ -470,11 +475,6 @@ def _plain_entries(dir_fd: int) -> list[str]:
     unlinked themselves); scandir on a descriptor never follows a link to list it."""
     with os.scandir(dir_fd) as entries:
         return [e.name for e in entries if not e.is_dir(follow_symlinks=False)]
-
-
-def arrival_time(qid: str) -> float:
-    """When a message was spooled: its id starts with the arrival time in nanoseconds."""
-    return int(qid[:16], 16) / 1e9
 
 
 @dataclass
