@@ -58,7 +58,6 @@ STATES = ("queue", "deferred", "hold", "corrupt")
 _ID = re.compile(r"\A[0-9A-F]{16}[0-9A-F]{8}\Z")
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-_OPEN_DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class SpoolError(OSError):
@@ -453,10 +452,11 @@ def arrival_time(qid: str) -> float:
 @contextlib.contextmanager
 def _state_dir(root: Path, name: str) -> Iterator[int]:
     """A descriptor of the state directory `name`, refusing a symbolic link there."""
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    opening = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    root_fd = os.open(root, opening)
     try:
         try:
-            fd = os.open(name, _OPEN_DIR_NOFOLLOW, dir_fd=root_fd)
+            fd = os.open(name, opening | os.O_NOFOLLOW, dir_fd=root_fd)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                 what = f"{root}/{name} is not a directory (a symlink?)"

@@ -24,6 +24,7 @@ This module dispatches and holds the -bm flow.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from typing import BinaryIO
@@ -96,15 +97,19 @@ def list_queue(ctx: Context) -> int:
     except FileNotFoundError:
         sys.stdout.write(tools.format_queue([]))
         return EX_OK
-    try:
-        text = tools.format_queue(tools.list_queue(spool))  # (a listing may be lazy)
-    except PermissionError:  # a system daemon's spool, seen by an ordinary user
-        raise UnavailableError(
-            f"the queue in {spool.root} is private to the daemon's user; "
-            "ask root or that user to run `leafmail queue`"
-        ) from None
-    sys.stdout.write(text)
+    sys.stdout.write(tools.format_queue(tools.list_queue(spool)))
     return EX_OK
+
+
+def readable_queue(config: configuration.Config) -> None:
+    """UnavailableError for a queue this user cannot read: a system daemon's, seen by an
+    ordinary user (a traceback half-way through the listing otherwise)."""
+    queue = os.path.join(config.spool, "queue")
+    if os.path.isdir(queue) and not os.access(queue, os.R_OK | os.X_OK):
+        raise UnavailableError(
+            f"the queue in {config.spool} is private to the daemon's user; "
+            "ask root or that user to run `leafmail queue`"
+        )
 
 
 def run(opts: Options) -> int:
@@ -112,6 +117,7 @@ def run(opts: Options) -> int:
     ctx = Context(configuration.load(), Identity.current())
     match opts.mode:
         case "queue":
+            readable_queue(ctx.config)
             return list_queue(ctx)
         case "flush":
             return flush(ctx.config)
