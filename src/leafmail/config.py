@@ -483,12 +483,6 @@ def _local(t: _Table, *, enabled: bool) -> LocalConfig:
     return local
 
 
-def _pickup(t: _Table) -> PickupConfig:
-    enabled = t.boolean("enabled", False) if "enabled" in t.data else None
-    t.finish()
-    return PickupConfig(enabled=enabled)
-
-
 def _checks(t: _Table) -> ChecksConfig:
     d = ChecksConfig()
     checks = ChecksConfig(
@@ -509,6 +503,12 @@ def _routes(t: _Table) -> tuple[tuple[str, str], ...]:
     routes = tuple((domain, t.choice(domain, "", ROUTES)) for domain in list(t.data))
     t.finish()
     return routes
+
+
+def _pickup(t: _Table) -> PickupConfig:
+    enabled = t.boolean("enabled", False) if "enabled" in t.data else None
+    t.finish()
+    return PickupConfig(enabled=enabled)
 
 
 def delivery_problem(delivery: DeliveryConfig) -> str | None:
