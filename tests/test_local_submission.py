@@ -32,6 +32,7 @@ from system_users import RUN_AS, ensure_user, needs_root, run_as, shared_dir
 
 from leafmail import config as configuration
 from leafmail.envelope import ClientInfo, Envelope, Recipient
+from leafmail.pickup import MAX_OPEN
 from leafmail.spool import CorruptMessage, Spool, SpooledMessage
 from leafmail.submitwire import NoDaemon, Refused, encode_request, socket_path, submit
 
@@ -354,6 +355,31 @@ def test_malformed_requests_get_one_answer_and_queue_nothing(
     answer = raw_request(socket_path(box / "spool"), request_bytes)
     assert answer["status"] == status and says in str(answer["error"]), answer
     assert queued(box) == []
+
+
+def test_past_64_open_connections_a_new_one_is_closed_and_the_open_ones_are_served(
+    box: Path, servers: LeafmailFactory
+) -> None:
+    start(servers, box)
+    path = socket_path(box / "spool")
+    idle = []
+    try:
+        for _ in range(MAX_OPEN):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(10)
+            sock.connect(str(path))
+            idle.append(sock)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as extra:
+            extra.settimeout(10)
+            extra.connect(str(path))
+            assert extra.recv(1) == b""  # closed unanswered: that sendmail exits 75
+        last = idle[-1]  # the connections already open are still served
+        last.sendall(encode_request(envelope(), b"x\r\n", full_name=None, protocol=None))
+        answer = json.loads(last.makefile("rb").readline())
+    finally:
+        for sock in idle:
+            sock.close()
+    assert [m.qid for m in queued(box)] == [answer["queued"]]
 
 
 def test_no_daemon_is_no_daemon(box: Path) -> None:

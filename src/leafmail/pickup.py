@@ -12,7 +12,7 @@ does when it spools by itself: the same address checks, the same header completi
 ``{"queued": QID}`` is sent only once the file and its directory are fsync'd.
 
 Costs are bounded: the request line (1 MiB) and the message (smtp.max_message_size),
-one deadline for waiting, reading and preparing them, at most MAX_ACTIVE requests
+one deadline for waiting, reading and preparing them, at most MAX_ACTIVE messages
 being read at once and MAX_OPEN connections open, and the parsing runs in a thread,
 never on the event loop. This runs in an unprivileged process: whoever
 serves it reads bytes from any local user.
@@ -43,7 +43,7 @@ from .spool import GroupCommitter, SpoolError
 from .spoolcheck import PUBLIC_DIR
 from .submitwire import HEADER_LIMIT, Request, encode_reply, parse_request, socket_path
 
-MAX_ACTIVE = 8  # requests read and prepared at once; more wait for their turn
+MAX_ACTIVE = 8  # messages read and prepared at once; more wait for their turn
 MAX_OPEN = 64  # connections at once; past it they are closed unanswered
 READ_TIMEOUT = 60.0  # the client has the whole message in memory before it connects
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -118,15 +118,16 @@ class PickupServer:
         loop = asyncio.get_running_loop()
         limit = self.config.smtp.max_message_size
         try:
-            async with asyncio.timeout(READ_TIMEOUT), self._active:
+            async with asyncio.timeout(READ_TIMEOUT):
                 line = await reader.readline()
                 if not line:
                     return None  # a probe (sendmail -bs asks whether anyone listens)
-                request = await loop.run_in_executor(None, _request, line, limit)
-                data = await reader.readexactly(request.size)
-                identity = Identity.for_uid(uid)
-                ctx = Context(self.config, identity)
-                item = await loop.run_in_executor(None, prepare, request, data, ctx)
+                async with self._active:  # the message itself: MAX_ACTIVE at once
+                    request = await loop.run_in_executor(None, _request, line, limit)
+                    data = await reader.readexactly(request.size)
+                    identity = Identity.for_uid(uid)
+                    ctx = Context(self.config, identity)
+                    item = await loop.run_in_executor(None, prepare, request, data, ctx)
             qid = await self.committer.commit(item.envelope, item.data, item.qid)
         except Rejected as exc:
             self.log.info("local submission refused", uid=uid, reason=str(exc))
