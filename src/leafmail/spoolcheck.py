@@ -89,7 +89,7 @@ def _check_entry(
     if stat.S_ISLNK(info.st_mode):
         target = os.readlink(name, dir_fd=root_fd)
         raise ConfigError(
-            f"spool {root}: {name}/ is a symbolic link (to {target}); refusing a spool "
+            f"spool {root}: {name}/ is a symbolic link (to {target!r}); refusing a spool "
             "whose state directories lead elsewhere"
         )
     if not stat.S_ISDIR(info.st_mode):
