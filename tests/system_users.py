@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def ensure_user(name: str) -> pwd.struct_passwd:
         )
         if done.returncode not in (0, 9, _LOCKED):  # 9: it exists (made meanwhile)
             raise RuntimeError(f"useradd {name}: {done.stderr.strip()}")
+        if done.returncode == _LOCKED:  # another test's useradd holds the lock: a moment
+            time.sleep(0.1)
     return pwd.getpwnam(name)
 
 
