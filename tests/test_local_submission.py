@@ -98,8 +98,9 @@ def test_a_user_who_cannot_write_the_spool_submits_through_the_daemon(
     user = ensure_user(USER)
     start(servers, box)
     spool = box / "spool"
-    assert spool.stat().st_uid == 0 and stat.S_IMODE(spool.stat().st_mode) == 0o711
-    assert stat.S_IMODE((spool / "queue").stat().st_mode) == 0o700  # not the user's to write
+    assert spool.stat().st_uid != user.pw_uid and stat.S_IMODE(spool.stat().st_mode) == 0o711
+    queue = spool / "queue"  # not the user's to write: the daemon's, 0700
+    assert queue.stat().st_uid != user.pw_uid and stat.S_IMODE(queue.stat().st_mode) == 0o700
     assert stat.S_IMODE(socket_path(spool).stat().st_mode) == 0o666
 
     forged = b"Received: from trusted.example by mx.example; Mon, 1 Jan 2024 00:00:00 +0000\n"
