@@ -24,6 +24,7 @@ from leafmail_fixtures import (
     Leafmail,
     LeafmailFactory,
     clean_env,
+    leafmail_command,
     leafmail_servers,
     spawn_leafmail,
     toml_string,
@@ -34,6 +35,7 @@ from leafmail import config as configuration
 from leafmail.envelope import ClientInfo, Envelope, Recipient
 from leafmail.pickup import MAX_OPEN
 from leafmail.spool import CorruptMessage, Spool, SpooledMessage
+from leafmail.spoolcheck import check_spool
 from leafmail.submitwire import NoDaemon, Refused, encode_request, socket_path, submit
 
 USER = "lmtsubmit"
@@ -146,6 +148,27 @@ def test_a_killed_daemon_leaves_a_socket_that_answers_75(tmp_path: Path, box: Pa
     assert code == EX_TEMPFAIL, err
     assert b"Connection refused" in err
     assert queued(box) == []
+
+
+@needs_root
+def test_root_goes_through_the_socket_too_when_the_spool_is_the_daemon_users(
+    tmp_path: Path, box: Path
+) -> None:
+    """Root could write the spool, but its files would be root's, which the daemon's
+    unprivileged processes could not read: so root is a submitter like anyone else."""
+    user = ensure_user(USER)
+    check_spool(box / "spool", user.pw_uid)  # a spool that belongs to the daemon's user
+    done = subprocess.run(
+        leafmail_command("sendmail", "bob@dst.test"),
+        input=b"x\n",
+        env=clean_env(tmp_path, {"LEAFMAIL_CONFIG": str(box / "leafmail.toml")}),
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == EX_TEMPFAIL, done.stderr  # no daemon: nothing written by root
+    assert b"no leafmail daemon answers" in done.stderr
+    assert queued(box) == [] and list((box / "spool" / "tmp").iterdir()) == []
 
 
 @needs_root
