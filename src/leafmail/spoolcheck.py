@@ -33,7 +33,9 @@ from pathlib import Path
 
 from netserver.errors import ConfigError
 
-STATE_DIRS = ("tmp", "status", "queue", "deferred", "hold", "corrupt")
+from .spool import STATES
+
+STATE_DIRS = ("tmp", "status", *STATES)  # every directory Spool makes
 PUBLIC_DIR = "public"  # the submission socket's directory, 0755 (leafmail.pickup)
 ROOT_MODE_MAX = 0o711  # others may traverse the spool to reach public/, nothing more
 STATE_MODE = 0o700
