@@ -62,7 +62,9 @@ def start(servers: LeafmailFactory, tmp_path: Path, smarthost: str) -> tuple[Lea
 
 def maildir_messages(tmp_path: Path, user: str) -> list[bytes]:
     path = tmp_path / "mail" / user
-    if not path.exists():
+    # Delivery creates the Maildir's subdirectories one by one: until all three are
+    # there, no message can have been delivered into it.
+    if not all((path / sub).is_dir() for sub in ("tmp", "new", "cur")):
         return []
     return [m.as_bytes() for m in mailbox.Maildir(str(path), create=False)]
 
