@@ -15,6 +15,7 @@ from .checks.loops import loop_check
 from .checks.received import chain_check, helo_check, rdns_check
 from .checks.relay import relay_check
 from .checks.rfc5322 import rfc5322_check
+from .checks.senders import SenderLogins, sender_login_check
 from .checks.spf import spf_check
 from .config import Config
 from .dns import make_resolver, make_sync_resolver
@@ -24,13 +25,16 @@ from .receive import Policy
 def policy_for(config: Config) -> Policy:
     """The checks leafmail runs, as the ``[checks]`` table turns them on.
 
-    Relay control at RCPT and loop detection at end of data, always. The origin
+    Sender ownership for logged-in users at MAIL, relay control at RCPT and loop
+    detection at end of data, always. The origin
     checks (HELO, DNSWL, DNSBL, reverse DNS, SPF) run at MAIL, once a login is known;
     the content checks (RFC 5322, Received chain, DKIM and Authentication-Results) at
     end of data. Trusted clients (relay_networks, authenticated) skip all of them.
     """
     relay = config.relay_policy()
-    mail: list[Check] = []
+    mail: list[Check] = [
+        sender_login_check(SenderLogins(config.auth.senders, config.local_domains))
+    ]
     end: list[Check] = [loop_check]
     checks = config.checks
     if checks.received != "off":
