@@ -113,6 +113,17 @@ def starttls_client(server: Leafmail, tls: TLSFiles, host: str = "127.0.0.1") ->
     return client
 
 
+def raw_starttls(server: Leafmail, tls: TLSFiles, source: str | None = None) -> RawSMTP:
+    """A raw session after EHLO, STARTTLS and the second EHLO."""
+    client = RawSMTP(server.address(), source=source)
+    client.greeting()
+    client.ehlo()
+    assert client.command("STARTTLS").code == 220
+    client.start_tls(tls.client_context())
+    client.ehlo()
+    return client
+
+
 def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
@@ -423,12 +434,7 @@ def test_auth_with_wrong_credentials_gets_535(
 
 
 def test_failed_auth_then_right_password(server: Leafmail, tls: TLSFiles) -> None:
-    with RawSMTP(server.address()) as client:
-        client.greeting()
-        client.ehlo()
-        assert client.command("STARTTLS").code == 220
-        client.start_tls(tls.client_context())
-        client.ehlo()
+    with raw_starttls(server, tls) as client:
         bad = client.command("AUTH PLAIN " + b64("\0alice\0nope"))
         assert (bad.code, bad.enhanced) == (535, "5.7.8")
         other_authzid = client.command("AUTH PLAIN " + b64(f"bob\0alice\0{PASSWORD}"))
@@ -443,12 +449,7 @@ def test_failed_logins_count_toward_the_error_limit(
     servers: LeafmailFactory, material: tuple[TLSFiles, Path]
 ) -> None:
     server = servers(config(material, extra_smtp="max_errors = 2\n", smtps=False))
-    with RawSMTP(server.address()) as client:
-        client.greeting()
-        client.ehlo()
-        assert client.command("STARTTLS").code == 220
-        client.start_tls(material[0].client_context())
-        client.ehlo()
+    with raw_starttls(server, material[0]) as client:
         guesses = [client.command("AUTH PLAIN " + b64(f"\0alice\0guess{i}")) for i in range(3)]
         assert [r.code for r in guesses] == [535, 535, 421]
         assert client.at_eof()
@@ -581,12 +582,7 @@ def test_users_file_from_leafmail_passwd(
 
 
 def test_auth_login_challenge_is_sent(server: Leafmail, tls: TLSFiles) -> None:
-    with RawSMTP(server.address()) as client:
-        client.greeting()
-        client.ehlo()
-        assert client.command("STARTTLS").code == 220
-        client.start_tls(tls.client_context())
-        client.ehlo()
+    with raw_starttls(server, tls) as client:
         reply = client.command("AUTH LOGIN")
         assert reply.code == 334
 
@@ -621,12 +617,7 @@ def test_a_logged_in_user_sends_only_as_addresses_they_own(
 ) -> None:
     users = users_file(tmp_path, {"alice": PASSWORD, "bob": "bobs pw", "dave": "daves pw"})
     server = servers(config(material, users=users, smtps=False, submission=False))
-    with RawSMTP(server.address()) as client:
-        client.greeting()
-        client.ehlo()
-        assert client.command("STARTTLS").code == 220
-        client.start_tls(material[0].client_context())
-        client.ehlo()
+    with raw_starttls(server, material[0]) as client:
         assert client.command("AUTH PLAIN " + b64(f"\0{user}\0{password}")).code == 235
         reply = client.command(f"MAIL FROM:{sender}")
         assert reply.code == code, reply

@@ -580,8 +580,7 @@ def _check(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: smtp.max_sessions_per_source must be >= 0 (0: no limit)")
     if smtp.max_header_size <= 0 or smtp.max_header_fields <= 0 or smtp.min_data_rate < 0:
         raise ConfigError(
-            f"{where}: smtp.max_header_size and max_header_fields must be > 0, "
-            "min_data_rate >= 0"
+            f"{where}: smtp.max_header_size and max_header_fields must be > 0, min_data_rate >= 0"
         )
     if config.auth.max_failures <= 0:
         raise ConfigError(f"{where}: auth.max_failures must be > 0")

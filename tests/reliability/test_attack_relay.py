@@ -74,7 +74,8 @@ ROUTED = [
     '<"u@other.test"@mx.test>',
     '<"u@other.test"@MX.test>',
 ]
-RELAY = ROUTED + [
+RELAY = [
+    *ROUTED,
     "<u@other.test>",
     "<u@OTHER.test>",
     "<@mx.test:u@other.test>",
