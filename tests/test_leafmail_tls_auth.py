@@ -74,7 +74,7 @@ def config(
     extra_smtp: str = "",
     submission: bool = True,
     smtps: bool = True,
-    auth: str = "",
+    auth: str = "failure_delay = 0.01\n",  # the AUTH throttle has tests of its own
 ) -> str:
     tls, default_users = material
     smtp = [f"tls_cert = {toml_string(tls.cert)}", f"tls_key = {toml_string(tls.key)}"]

@@ -33,6 +33,7 @@ from .policy import policy_for
 from .queue import QueueRunner
 from .receive import ReceiveService
 from .spool import GroupCommitter, Spool
+from .throttle import AuthThrottle
 
 SESSION_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: at least five minutes between commands
 
@@ -48,6 +49,17 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load TLS certificate or key: {exc}") from None
     return context
+
+
+def auth_throttle(config: Config) -> AuthThrottle:
+    """The AUTH failure throttle every listener of one smtpd process shares."""
+    auth, trusted = config.auth, config.relay_policy()
+    return AuthThrottle(
+        failure_delay=auth.failure_delay,
+        max_failures=auth.max_failures,
+        block_time=auth.block_time,
+        exempt=lambda ip: trusted.decide(ip).allowed,
+    )
 
 
 @dataclass
@@ -110,6 +122,7 @@ class Daemon:
 
     def _roles(self, committer: GroupCommitter) -> list[_Role]:
         smtp, policy = self.config.smtp, policy_for(self.config)
+        throttle = auth_throttle(self.config)
 
         def service(*, offer_tls: bool, require_auth: bool) -> ReceiveService:
             return ReceiveService(
@@ -120,6 +133,8 @@ class Daemon:
                 tls=self.tls,
                 require_auth=require_auth,
                 on_spooled=self.auto.notify if self.auto is not None else None,
+                throttle=throttle,
+                log=self.log,
             )
 
         has_tls = self.tls is not None

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from netserver.aio import AsyncConnection, ServerStopping
+from netserver.connlog import ServerLog
 from netserver.smtp import (
     AuthRequest,
     DataStart,
@@ -52,6 +53,7 @@ from .checks import (
 from .checks.headers import drop_fields
 from .envelope import ClientInfo, Envelope, Recipient
 from .spool import GroupCommitter, SpoolError, new_id
+from .throttle import AuthThrottle, blocked_reply
 from .trace import received_header
 
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
@@ -97,6 +99,8 @@ class ReceiveService:
     tls: ssl.SSLContext | None = None
     require_auth: bool = False
     on_spooled: Callable[[str], None] | None = None  # the queue runner's notify
+    throttle: AuthThrottle | None = None  # AUTH failures per source (shared by roles)
+    log: ServerLog | None = None
 
     async def handle(self, conn: AsyncConnection) -> None:
         """Serve one SMTP session on `conn` until QUIT, 421 or the client leaves."""
@@ -105,6 +109,10 @@ class ReceiveService:
         verdict = await self._judge(Stage.CONNECT, facts)
         # A refused client is greeted with the refusal: 554 (then only QUIT) or 421.
         greeting = None if isinstance(verdict, Accept) else verdict.reply
+        ip = conn.peer.ip
+        if greeting is None and self.throttle and ip and self.throttle.is_blocked(ip):
+            greeting = blocked_reply(self.smtp.hostname)
+            self._log("auth blocked", client=str(ip))
         proto = ServerProtocol(self.smtp, greeting, tls=encrypted)
         conn.write(proto.data_to_send())
         conn.interrupt_on_stop = True
@@ -217,8 +225,22 @@ class ReceiveService:
         if ok:
             facts.user = event.username
             proto.accept()
-        else:
-            proto.reject(replies.AUTH_FAILED)
+            return
+        # One line per failure, client first: contrib/fail2ban/leafmail.conf matches it.
+        ip = facts.client_ip
+        self._log("auth failed", client=str(ip), user=event.username, mechanism=event.mechanism)
+        delay = self.throttle.failed(ip) if self.throttle and ip else 0.0
+        if delay is None:
+            self._log("auth blocked", client=str(ip))
+            proto.reject(blocked_reply(self.smtp.hostname))
+            return
+        if delay:
+            await asyncio.sleep(delay)
+        proto.reject(replies.AUTH_FAILED)
+
+    def _log(self, message: str, **fields: object) -> None:
+        if self.log is not None:
+            self.log.info(message, **fields)
 
     async def _message(
         self, conn: AsyncConnection, proto: ServerProtocol, facts: Session, event: MessageReady
