@@ -29,6 +29,7 @@ from leafmail_fixtures import (
     toml_string,
     users_file,
 )
+from test_leafmail_tls_auth import raw_starttls
 
 from leafmail.throttle import AuthThrottle, source_key
 
@@ -63,16 +64,6 @@ def start(
     return servers(text, args=args)
 
 
-def tls_session(server: Leafmail, tls: TLSFiles, source: str = "127.0.0.1") -> RawSMTP:
-    client = RawSMTP(server.address(), source=source)
-    client.greeting()
-    client.ehlo()
-    assert client.command("STARTTLS").code == 220
-    client.start_tls(tls.client_context())
-    client.ehlo()
-    return client
-
-
 def auth_plain(client: RawSMTP, user: str, password: str) -> int:
     token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
     return client.command(f"AUTH PLAIN {token}").code
@@ -105,7 +96,7 @@ def test_failed_auth_is_one_line_the_fail2ban_filter_matches(
     servers: LeafmailFactory, material: tuple[TLSFiles, Path], log_format: str
 ) -> None:
     server = start(servers, material, "failure_delay = 0\n", log_format)
-    with tls_session(server, material[0]) as client:
+    with raw_starttls(server, material[0]) as client:
         assert auth_plain(client, "alice", "wrong") == 535
         assert auth_plain(client, FORGING_USER, "guess") == 535
         assert auth_plain(client, "alice", PASSWORD) == 235
@@ -136,7 +127,7 @@ def test_failures_are_slowed_then_the_source_is_blocked(
     auth = 'failure_delay = 0.2\nmax_failures = 3\nblock_time = "1h"\n'
     server = start(servers, material, auth)
     tls = material[0]
-    with tls_session(server, tls) as client:
+    with raw_starttls(server, tls) as client:
         waited = []
         for _ in range(2):
             started = time.monotonic()
@@ -152,7 +143,7 @@ def test_failures_are_slowed_then_the_source_is_blocked(
         assert greeting.code == 421 and "failed logins" in greeting.text, greeting
     # Other addresses are not blocked, and relay_networks are exempt.
     for source in ("127.0.0.3", TRUSTED):
-        with tls_session(server, tls, source) as other:
+        with raw_starttls(server, tls, source) as other:
             assert auth_plain(other, "alice", PASSWORD) == 235
     assert "auth blocked" in server.log()
 
