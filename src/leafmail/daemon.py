@@ -29,7 +29,7 @@ from .auth import Users, load_users
 from .config import Config
 from .control import ControlServer, Reply
 from .flush import build_runner
-from .policy import policy_for
+from .policy import check_pool, policy_for
 from .queue import QueueRunner
 from .receive import ReceiveService
 from .spool import GroupCommitter, Spool
@@ -102,6 +102,7 @@ class Daemon:
                 self.auto = build_runner(config, self.spool, routes=local_only, log=self.log)
                 if self.auto is not None:
                     self.auto.share_passes_with(self.runner)
+        self.pool = check_pool(config)  # one per smtpd process; workers start on demand
         self.servers: list[Server] = []
         self._ready: list[Endpoint] = []
         self._stopping = asyncio.Event()
@@ -121,7 +122,7 @@ class Daemon:
         )
 
     def _roles(self, committer: GroupCommitter) -> list[_Role]:
-        smtp, policy = self.config.smtp, policy_for(self.config)
+        smtp, policy = self.config.smtp, policy_for(self.config, self.pool)
         throttle = auth_throttle(self.config)
 
         def service(*, offer_tls: bool, require_auth: bool) -> ReceiveService:
@@ -210,6 +211,7 @@ class Daemon:
         finally:
             self._stopping.set()
             await control.close()
+            await self.pool.close()
             if delivery is not None:
                 delivery.cancel()  # a delivery cut short is tried again: at least once
                 with contextlib.suppress(asyncio.CancelledError):

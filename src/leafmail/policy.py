@@ -11,10 +11,12 @@ from netserver.access import AccessPolicy
 from .checks import AsyncCheck, Check, Stage
 from .checks.auth import auth_results_check
 from .checks.dnsbl import dnsbl_check, dnswl_check
+from .checks.limits import header_limit_check
 from .checks.loops import loop_check
+from .checks.pool import CheckPool, dns_args
 from .checks.received import chain_check, helo_check, rdns_check
 from .checks.relay import relay_check
-from .checks.rfc5322 import rfc5322_check
+from .checks.rfc5322 import rfc5322_check, rfc5322_pool_check
 from .checks.senders import SenderLogins, sender_login_check
 from .checks.spf import spf_check
 from .config import Config
@@ -22,7 +24,13 @@ from .dns import make_resolver, make_sync_resolver
 from .receive import Policy
 
 
-def policy_for(config: Config) -> Policy:
+def check_pool(config: Config) -> CheckPool:
+    """The pool of check processes, with [checks]' budget (started by its first job)."""
+    checks = config.checks
+    return CheckPool(checks.workers, checks.cpu_limit, checks.time_limit)
+
+
+def policy_for(config: Config, pool: CheckPool | None = None) -> Policy:
     """The checks leafmail runs, as the ``[checks]`` table turns them on.
 
     Sender ownership for logged-in users at MAIL, relay control at RCPT and loop
@@ -35,24 +43,34 @@ def policy_for(config: Config) -> Policy:
     mail: list[Check] = [
         sender_login_check(SenderLogins(config.auth.senders, config.local_domains))
     ]
-    end: list[Check] = [loop_check]
+    smtp = config.smtp
+    end: list[Check] = [
+        header_limit_check(smtp.max_header_size, smtp.max_header_fields),
+        loop_check,
+    ]
     checks = config.checks
     if checks.received != "off":
         mail.append(helo_check(checks.received, config.hostname, config.local_domains, relay))
         end.append(chain_check(checks.received, config.hostname, relay))
+    later = _dns_checks(config, pool)
     if checks.rfc5322 != "off":
-        end.append(rfc5322_check(checks.rfc5322, relay))
+        if pool is None:
+            end.append(rfc5322_check(checks.rfc5322, relay))
+        else:  # first of the end-of-data checks that wait
+            later.setdefault(Stage.END_OF_DATA, []).insert(
+                0, rfc5322_pool_check(checks.rfc5322, relay, pool)
+            )
     return Policy(
         {
             Stage.MAIL: mail,
             Stage.RCPT: _rcpt_checks(config, relay),
             Stage.END_OF_DATA: end,
         },
-        _dns_checks(config),
+        later,
     )
 
 
-def _dns_checks(config: Config) -> dict[Stage, list[AsyncCheck]]:
+def _dns_checks(config: Config, pool: CheckPool | None) -> dict[Stage, list[AsyncCheck]]:
     """The checks that ask the DNS; no resolver is even built when all are off."""
     checks, relay, timeout = config.checks, config.relay_policy(), config.dns.timeout
     wanted = (checks.received, checks.dnsbl, checks.spf, checks.dkim)
@@ -72,7 +90,10 @@ def _dns_checks(config: Config) -> dict[Stage, list[AsyncCheck]]:
         if checks.spf != "off":
             mail.append(spf_check(checks.spf, blocking, timeout, relay))
         authserv_id = checks.authserv_id or config.hostname
-        end.append(auth_results_check(authserv_id, checks.dkim, blocking, timeout, relay))
+        dns = dns_args(config.dns.nameservers, config.dns.port, timeout)
+        end.append(
+            auth_results_check(authserv_id, checks.dkim, blocking, timeout, relay, pool, dns)
+        )
     return {Stage.MAIL: mail, Stage.END_OF_DATA: end}
 
 

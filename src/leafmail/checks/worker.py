@@ -1,0 +1,89 @@
+"""A check pool worker process: runs one bounded check at a time (``python -m``).
+
+It reads requests (`wire`) from stdin and answers on stdout. Before each job it sets
+RLIMIT_CPU to the CPU it has used plus the job's budget, so a job that runs away is
+killed by the kernel (SIGXCPU, then SIGKILL at the hard limit) even if the parent
+were slow to notice; the parent also kills it at its wall-clock limit. Either way
+the parent sees the process end, answers the check with a temporary error and starts
+a fresh worker. Jobs take plain data only: the message octets and JSON arguments.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from netserver.smtp.addresses import Body, MailParameters
+
+from ..config import DnsConfig
+from ..dns import make_sync_resolver
+from .auth import forged_results
+from .dkim import verify_dkim
+from .rfc5322 import problems
+from .wire import decode, encode, frame, read_part
+
+Job = Callable[[dict[str, Any], bytes], dict[str, Any]]
+
+
+def _resolver(args: dict[str, Any]) -> Any:
+    dns = args["dns"]
+    return make_sync_resolver(
+        DnsConfig(nameservers=tuple(dns["nameservers"]), port=dns["port"], timeout=dns["timeout"])
+    )
+
+
+def rfc5322_job(args: dict[str, Any], data: bytes) -> dict[str, Any]:
+    body = args.get("body")
+    params = MailParameters(body=Body(body) if body else None, smtputf8=bool(args["smtputf8"]))
+    return {"problems": problems(data, params)}
+
+
+def dkim_job(args: dict[str, Any], data: bytes) -> dict[str, Any]:
+    results = ["dkim=none"]
+    if args["verify"]:
+        results = verify_dkim(data, _resolver(args), float(args["dns"]["timeout"]))
+    forged = forged_results(data, args["authserv_id"])
+    return {"results": results, "forged": [f.decode("latin-1") for f in forged]}
+
+
+def busy_job(args: dict[str, Any], data: bytes) -> dict[str, Any]:
+    """Burns CPU until killed: how the tests prove the budget holds."""
+    while True:
+        pass
+
+
+JOBS: dict[str, Job] = {
+    "rfc5322": rfc5322_job,
+    "dkim": dkim_job,
+    "busy": busy_job,
+}
+
+
+def _limit_cpu(seconds: float) -> None:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    soft = math.ceil(usage.ru_utime + usage.ru_stime + seconds)
+    resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
+
+
+def main() -> int:
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    while True:
+        head = read_part(stdin)
+        data = read_part(stdin) if head is not None else None
+        if head is None or data is None:
+            return 0
+        request = decode(head)
+        _limit_cpu(float(request["cpu"]))
+        try:
+            reply = JOBS[request["job"]](request.get("args", {}), data)
+        except Exception as exc:  # a library bug: the check treats it as temporary
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        stdout.write(frame(encode(reply)))
+        stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Bounded per-message work (issue 12.6): the check pool's budget and the header limits.
+
+The pool is driven directly (a job that burns CPU is killed by RLIMIT_CPU, one that
+outlasts the wall-clock limit is killed by the parent; both are reaped and replaced),
+and through a real `leafmail serve`: while a hostile message (a To: field of 30,000
+RFC 2047 encoded words, 420 KB) is being checked, another client still gets its 220
+within a second, and the hostile message gets the temporary answer (451 under
+``rfc5322 = "reject"``). With the default header limits the same message is refused
+at once, before any parsing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from leafmail_fixtures import CLIENT, Leafmail, LeafmailFactory, leafmail_servers
+
+from leafmail.checks.limits import HEADER_TOO_BIG, TOO_MANY_FIELDS, header_limit_problem
+from leafmail.checks.pool import CheckPool
+
+pytestmark = pytest.mark.timeout(60)
+
+GOOD = b"From: a@example.test\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\nhi\r\n"
+WORDS = 30_000
+LINE = b" ".join([b"=?utf-8?q?a?="] * 50)  # folded, so no line passes 1000 octets
+HOSTILE_TO = b"To: " + b"\r\n ".join([LINE] * (WORDS // 50)) + b" <v@mx.test>"
+HOSTILE = (
+    b"From: a@example.test\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n"
+    + HOSTILE_TO
+    + b"\r\nSubject: x\r\n\r\nbody\r\n"
+)
+
+
+# --- the pool itself ------------------------------------------------------------------
+
+
+def test_a_job_over_its_cpu_budget_is_killed_reaped_and_replaced() -> None:
+    async def run() -> None:
+        pool = CheckPool(workers=1, cpu_limit=1.0, time_limit=20.0)
+        try:
+            started = time.monotonic()
+            assert await pool.run("busy", {}, b"") is None
+            assert time.monotonic() - started < 10  # the kernel, not the wall clock
+            assert pool.killed == 1 and not pool._idle
+            answer = await pool.run("rfc5322", {"body": None, "smtputf8": False}, GOOD)
+            assert answer == {"problems": []}
+        finally:
+            await pool.close()
+
+    asyncio.run(run())
+
+
+def test_a_job_over_its_time_budget_is_killed_by_the_parent() -> None:
+    async def run() -> None:
+        pool = CheckPool(workers=1, cpu_limit=60.0, time_limit=0.5)
+        try:
+            assert await pool.run("busy", {}, b"") is None
+            assert pool.killed == 1
+            answer = await pool.run("rfc5322", {"body": None, "smtputf8": False}, b"x\r\n")
+            assert answer is not None and "no From field" in answer["problems"]
+        finally:
+            await pool.close()
+
+    asyncio.run(run())
+
+
+# --- header limits, before parsing ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "size", "fields", "reply"),
+    [
+        (GOOD, 100, 10, None),
+        (GOOD, 20, 10, HEADER_TOO_BIG),
+        (GOOD, 100, 1, TOO_MANY_FIELDS),
+        (b"A: 1\r\n 2\r\n\t3\r\nB: 4\r\n\r\n", 100, 2, None),  # folded lines are one field
+        (b"A: 1\r\n" * 3, 100, 2, TOO_MANY_FIELDS),  # no body at all
+        (b"A: " + b"x" * 200, 100, 10, HEADER_TOO_BIG),
+        (HOSTILE, 102400, 1000, HEADER_TOO_BIG),
+    ],
+)
+def test_header_limits(data: bytes, size: int, fields: int, reply: object) -> None:
+    assert header_limit_problem(data, size, fields) == reply
+
+
+# --- through a real server ------------------------------------------------------------
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[LeafmailFactory]:
+    yield from leafmail_servers(tmp_path)
+
+
+CONFIG = (
+    "[relay]\nrelay_networks = []\n[smtp]\nmax_header_size = 1048576\n"
+    '[checks]\nrfc5322 = "reject"\nreceived = "off"\nspf = "off"\ndkim = "off"\n'
+    'workers = 1\ncpu_limit = "2s"\ntime_limit = "4s"\n'
+)
+
+
+def send(server: Leafmail, message: bytes) -> tuple[int, bytes]:
+    with smtplib.SMTP(*server.address(), local_hostname=CLIENT, timeout=30) as client:
+        client.ehlo()
+        client.mail("a@example.test")
+        client.rcpt("v@mx.test")
+        return client.data(message)
+
+
+def greeting_time(server: Leafmail) -> float:
+    started = time.monotonic()
+    with socket.create_connection(server.address(), timeout=10) as sock:
+        banner = sock.recv(512)
+    assert banner.startswith(b"220 "), banner
+    return time.monotonic() - started
+
+
+def test_hostile_header_is_bounded_and_others_are_served(servers: LeafmailFactory) -> None:
+    server = servers(CONFIG)
+    assert send(server, GOOD)[0] == 250  # the pool works, and has its worker
+    result: list[tuple[int, bytes]] = []
+    hostile = threading.Thread(target=lambda: result.append(send(server, HOSTILE)))
+    started = time.monotonic()
+    hostile.start()
+    waits = []
+    while hostile.is_alive() and time.monotonic() - started < 30:
+        waits.append(greeting_time(server))
+    hostile.join(30)
+    assert result, "the hostile message got no answer"
+    code, text = result[0]
+    assert (code, text[:5]) == (451, b"4.7.0"), result
+    assert waits, "the hostile message was answered before any other client connected"
+    assert max(waits) < 1.0, waits  # generous: a greeting normally takes milliseconds
+    assert send(server, GOOD)[0] == 250  # a fresh worker checks the next message
+
+
+def test_default_header_limit_refuses_the_hostile_header(servers: LeafmailFactory) -> None:
+    server = servers('[checks]\nrfc5322 = "reject"\n')
+    code, text = send(server, HOSTILE)
+    assert (code, text[:5]) == (552, b"5.3.4"), (code, text)
