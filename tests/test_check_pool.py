@@ -24,6 +24,7 @@ from leafmail_fixtures import CLIENT, Leafmail, LeafmailFactory, leafmail_server
 
 from leafmail.checks.limits import HEADER_TOO_BIG, TOO_MANY_FIELDS, header_limit_problem
 from leafmail.checks.pool import CheckPool
+from leafmail.datarate import DataRate
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -144,3 +145,44 @@ def test_default_header_limit_refuses_the_hostile_header(servers: LeafmailFactor
     server = servers('[checks]\nrfc5322 = "reject"\n')
     code, text = send(server, HOSTILE)
     assert (code, text[:5]) == (552, b"5.3.4"), (code, text)
+
+
+# --- minimum data rate (smtpd_min_data_rate) --------------------------------------------
+
+
+def test_data_rate_deadline_with_an_injected_clock() -> None:
+    now = [100.0]
+    rate = DataRate(min_rate=500, grace=10.0, clock=lambda: now[0])
+    assert rate.remaining() is None
+    rate.track(True)
+    rate.add(1000)  # buys 2 s
+    now[0] += 11.0
+    assert rate.remaining() == pytest.approx(1.0)
+    now[0] += 2.0
+    remaining = rate.remaining()
+    assert remaining is not None and remaining < 0
+    rate.track(False)
+    assert rate.remaining() is None
+
+
+def test_a_client_trickling_data_is_cut_with_421(servers: LeafmailFactory) -> None:
+    server = servers("[smtp]\nmin_data_rate = 1000\ndata_rate_grace = 0.3\n")
+    with socket.create_connection(server.address(), timeout=10) as sock:
+        reader = sock.makefile("rb", buffering=0)
+        assert reader.readline().startswith(b"220")
+        sock.sendall(b"EHLO c\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<v@mx.test>\r\nDATA\r\n")
+        lines: list[bytes] = []
+        while not lines or not lines[-1].startswith(b"354"):
+            lines.append(reader.readline())
+        started = time.monotonic()
+        reply = b""
+        sock.settimeout(0.05)
+        for _ in range(100):  # 10 octets every 0.05 s: 200 octets/s, below 1000
+            try:
+                sock.sendall(b"x" * 8 + b"\r\n")
+                reply = sock.recv(512)
+                break
+            except TimeoutError:
+                continue
+        assert reply.startswith(b"421 4.4.2"), reply
+        assert time.monotonic() - started < 3.0

@@ -136,6 +136,8 @@ class Daemon:
                 on_spooled=self.auto.notify if self.auto is not None else None,
                 throttle=throttle,
                 log=self.log,
+                min_data_rate=smtp.min_data_rate,
+                data_rate_grace=smtp.data_rate_grace,
             )
 
         has_tls = self.tls is not None

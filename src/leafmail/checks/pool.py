@@ -29,6 +29,7 @@ from netserver.smtp.replies import Reply
 from .wire import LENGTH_SIZE, decode, encode, frame, length_of
 
 WORKER = (sys.executable, "-I", "-m", "leafmail.checks.worker")
+START_TIMEOUT = 60.0  # a worker's imports, before its first job; not the job's budget
 # What a check answers under "reject" when its job broke the budget: try again later.
 OVER_BUDGET = Reply(451, "4.7.0", "Message checks exceeded their time budget, try again later")
 
@@ -38,9 +39,13 @@ class _Worker:
     proc: asyncio.subprocess.Process
 
     async def ask(self, request: bytes) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert self.proc.stdin is not None
         self.proc.stdin.write(request)
         await self.proc.stdin.drain()
+        return await self.answer()
+
+    async def answer(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
         head = await self.proc.stdout.readexactly(LENGTH_SIZE)
         return decode(await self.proc.stdout.readexactly(length_of(head)))
 
@@ -75,6 +80,8 @@ class CheckPool:
         request = frame(encode({"job": job, "cpu": self.cpu_limit, "args": args}), data)
         async with self._slots:
             worker = self._idle.pop() if self._idle else await self._start()
+            if worker is None:
+                return None
             self._busy.add(worker)
             try:
                 async with asyncio.timeout(self.time_limit):
@@ -91,14 +98,28 @@ class CheckPool:
             self._idle.append(worker)
         return None if "error" in answer else answer
 
-    async def _start(self) -> _Worker:
-        proc = await asyncio.create_subprocess_exec(
-            *WORKER,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            cwd="/",
-        )
-        return _Worker(proc)
+    async def _start(self) -> _Worker | None:
+        """A new worker once it said it is ready; None if it could not start."""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *WORKER,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                cwd="/",
+            )
+        except OSError:
+            return None
+        worker = _Worker(proc)
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                await worker.answer()
+        except (TimeoutError, asyncio.IncompleteReadError, ValueError):
+            await worker.kill()
+            return None
+        except BaseException:
+            await worker.kill()
+            raise
+        return worker
 
     async def close(self) -> None:
         """Stop every worker (idle ones by closing their input, busy ones by kill)."""

@@ -70,6 +70,8 @@ def _limit_cpu(seconds: float) -> None:
 
 def main() -> int:
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    stdout.write(frame(encode({"ready": True})))  # imports done: budgets start now
+    stdout.flush()
     while True:
         head = read_part(stdin)
         data = read_part(stdin) if head is not None else None
