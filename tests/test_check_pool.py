@@ -19,8 +19,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import dkim
 import pytest
+from dnsserver import LoopbackDNS
 from leafmail_fixtures import CLIENT, Leafmail, LeafmailFactory, leafmail_servers
+from test_checks_serve import make_dkim_key
 
 from leafmail.checks.limits import HEADER_TOO_BIG, TOO_MANY_FIELDS, header_limit_problem
 from leafmail.checks.pool import CheckPool
@@ -122,23 +125,55 @@ def greeting_time(server: Leafmail) -> float:
     return time.monotonic() - started
 
 
-def test_hostile_header_is_bounded_and_others_are_served(servers: LeafmailFactory) -> None:
-    server = servers(CONFIG)
+def check_bounded(server: Leafmail, hostile: bytes, answer: tuple[int, bytes]) -> None:
+    """While `hostile` is checked, others get their 220 in time; it gets `answer`."""
     assert send(server, GOOD)[0] == 250  # the pool works, and has its worker
     result: list[tuple[int, bytes]] = []
-    hostile = threading.Thread(target=lambda: result.append(send(server, HOSTILE)))
+    sender = threading.Thread(target=lambda: result.append(send(server, hostile)))
     started = time.monotonic()
-    hostile.start()
+    sender.start()
     waits = []
-    while hostile.is_alive() and time.monotonic() - started < 30:
+    while sender.is_alive() and time.monotonic() - started < 30:
         waits.append(greeting_time(server))
-    hostile.join(30)
+    sender.join(30)
     assert result, "the hostile message got no answer"
     code, text = result[0]
-    assert (code, text[:5]) == (451, b"4.7.0"), result
+    assert (code, text[:5]) == answer, result
     assert waits, "the hostile message was answered before any other client connected"
     assert max(waits) < 1.0, waits  # generous: a greeting normally takes milliseconds
     assert send(server, GOOD)[0] == 250  # a fresh worker checks the next message
+
+
+def test_hostile_header_is_bounded_and_others_are_served(servers: LeafmailFactory) -> None:
+    check_bounded(servers(CONFIG), HOSTILE, (451, b"4.7.0"))
+
+
+@pytest.fixture(scope="module")
+def dkim_key() -> tuple[bytes, str]:
+    return make_dkim_key()
+
+
+def dkim_bomb(pem: bytes) -> bytes:
+    """Five signatures whose h= names 6,000 absent fields, over 900 present ones."""
+    fields = b"".join(b"X-F%d: v\r\n" % i for i in range(900))
+    message = GOOD.replace(b"\r\n\r\n", b"\r\n" + fields + b"\r\n", 1)
+    names = [b"from"] + [b"x-absent-%d" % i for i in range(6000)]
+    signature: bytes = dkim.sign(message, b"sel", b"example.test", pem, include_headers=names)
+    return signature * 5 + message
+
+
+def test_dkim_with_thousands_of_absent_fields_is_bounded(
+    servers: LeafmailFactory, dkim_key: tuple[bytes, str]
+) -> None:
+    with LoopbackDNS({("sel._domainkey.example.test", "TXT"): [dkim_key[1]]}) as dns:
+        # Only DKIM on: the temporary answer can come from nothing else.
+        config = CONFIG.replace('dkim = "off"', 'dkim = "reject"')
+        config = config.replace('rfc5322 = "reject"', 'rfc5322 = "off"').replace(
+            "max_header_size = 1048576", "max_header_size = 4194304\nmax_header_fields = 5000"
+        )
+        config += f'[dns]\nnameservers = ["127.0.0.1"]\nport = {dns.port}\ntimeout = 3\n'
+        check_bounded(servers(config), dkim_bomb(dkim_key[0]), (451, b"4.7.0"))
+        assert any(name == "sel._domainkey.example.test" for name, _ in dns.queries)
 
 
 def test_default_header_limit_refuses_the_hostile_header(servers: LeafmailFactory) -> None:

@@ -26,11 +26,11 @@ import dns.resolver
 
 from netserver.access import AccessPolicy
 
-from . import ACCEPT, AsyncCheck, Session, Tag, Verdict, is_trusted, printable
+from . import ACCEPT, AsyncCheck, Defer, Session, Tag, Verdict, is_trusted, printable
 from .dkim import dkim_refusal, verify_dkim
 from .headers import parse_header, without_comments
 from .lookup import within
-from .pool import CheckPool
+from .pool import OVER_BUDGET, CheckPool
 
 FIELD = "Authentication-Results"
 
@@ -77,11 +77,13 @@ def auth_results_check(
             results = await within(timeout + 1.0, work, ["dkim=temperror"])
         return results, forged_results(session.data, authserv_id)
 
-    async def in_pool(pool: CheckPool, session: Session) -> tuple[list[str], tuple[bytes, ...]]:
+    async def in_pool(
+        pool: CheckPool, session: Session
+    ) -> tuple[list[str], tuple[bytes, ...]] | None:
         args = {"authserv_id": authserv_id, "verify": dkim_mode != "off", "dns": dns}
         answer = await pool.run("dkim", args, session.data)
         if answer is None:
-            return ["dkim=temperror"], ()
+            return None
         forged = tuple(str(f).encode("latin-1") for f in answer["forged"])
         return [str(r) for r in answer["results"]], forged
 
@@ -89,10 +91,13 @@ def auth_results_check(
         if is_trusted(session, relay_networks):
             return ACCEPT
         results = list(session.auth_results)
-        if pool is not None:
-            dkim_results, forged = await in_pool(pool, session)
-        else:
+        if pool is None:
             dkim_results, forged = await in_thread(session)
+        else:
+            found = await in_pool(pool, session)
+            if found is None and dkim_mode == "reject":
+                return Defer(OVER_BUDGET)  # over budget: try again later
+            dkim_results, forged = found or (["dkim=temperror"], ())
         if dkim_mode != "off":
             refusal = dkim_refusal(dkim_mode, dkim_results)
             if refusal is not None:
