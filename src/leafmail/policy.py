@@ -87,10 +87,10 @@ def _dns_checks(config: Config, pool: CheckPool | None) -> dict[Stage, list[Asyn
         mail.append(rdns_check(checks.received, resolver, timeout, relay))
     if checks.spf != "off" or checks.dkim != "off":
         blocking = make_sync_resolver(config.dns)
-        if checks.spf != "off":
-            mail.append(spf_check(checks.spf, blocking, timeout, relay))
-        authserv_id = checks.authserv_id or config.hostname
         dns = dns_args(config.dns.nameservers, config.dns.port, timeout)
+        if checks.spf != "off":
+            mail.append(spf_check(checks.spf, blocking, timeout, relay, pool, dns))
+        authserv_id = checks.authserv_id or config.hostname
         end.append(
             auth_results_check(authserv_id, checks.dkim, blocking, timeout, relay, pool, dns)
         )

@@ -10,19 +10,22 @@ a fresh worker. Jobs take plain data only: the message octets and JSON arguments
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import resource
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from netserver.smtp.addresses import Body, MailParameters
+from netserver.smtp.addresses import Body, Mailbox, MailParameters
 
 from ..config import DnsConfig
 from ..dns import make_sync_resolver
+from . import Session
 from .auth import forged_results
 from .dkim import verify_dkim
 from .rfc5322 import problems
+from .spf import evaluate_spf
 from .wire import decode, encode, frame, read_part
 
 Job = Callable[[dict[str, Any], bytes], dict[str, Any]]
@@ -49,6 +52,18 @@ def dkim_job(args: dict[str, Any], data: bytes) -> dict[str, Any]:
     return {"results": results, "forged": [f.decode("latin-1") for f in forged]}
 
 
+def spf_job(args: dict[str, Any], data: bytes) -> dict[str, Any]:
+    sender = args["sender"]
+    ip = args["ip"]
+    session = Session(
+        ipaddress.ip_address(ip) if ip else None,
+        helo=args["helo"],
+        sender=Mailbox(sender[0], sender[1]) if sender else None,
+    )
+    found = evaluate_spf(_resolver(args), session, float(args["dns"]["timeout"]))
+    return {"spf": [found.result, found.ptype, found.identity] if found else None}
+
+
 def busy_job(args: dict[str, Any], data: bytes) -> dict[str, Any]:
     """Burns CPU until killed: how the tests prove the budget holds."""
     while True:
@@ -58,6 +73,7 @@ def busy_job(args: dict[str, Any], data: bytes) -> dict[str, Any]:
 JOBS: dict[str, Job] = {
     "rfc5322": rfc5322_job,
     "dkim": dkim_job,
+    "spf": spf_job,
     "busy": busy_job,
 }
 
