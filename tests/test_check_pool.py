@@ -12,6 +12,7 @@ at once, before any parsing.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import smtplib
 import socket
 import threading
@@ -23,11 +24,15 @@ import dkim
 import pytest
 from dnsserver import LoopbackDNS
 from leafmail_fixtures import CLIENT, Leafmail, LeafmailFactory, leafmail_servers
+from test_checks_received import RECEIVED_MX, hops
 from test_checks_serve import make_dkim_key
 
+from leafmail.checks import ACCEPT, Session, Stage
 from leafmail.checks.limits import HEADER_TOO_BIG, TOO_MANY_FIELDS, header_limit_problem
 from leafmail.checks.pool import CheckPool
+from leafmail.config import ChecksConfig, Config, RelayConfig
 from leafmail.datarate import DataRate
+from leafmail.policy import policy_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -221,3 +226,32 @@ def test_a_client_trickling_data_is_cut_with_421(servers: LeafmailFactory) -> No
                 continue
         assert reply.startswith(b"421 4.4.2"), reply
         assert time.monotonic() - started < 3.0
+
+
+# --- the pooled checks judge as the in-process ones ------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["tag", "reject"])
+def test_pooled_content_checks_give_the_in_process_verdicts(mode: str) -> None:
+    config = Config(
+        hostname="mx.test",
+        relay=RelayConfig(relay_networks=("127.0.0.1/32",)),
+        checks=ChecksConfig(rfc5322=mode, received=mode, spf="off", dkim="off"),
+    )
+    messages = [GOOD, RECEIVED_MX + GOOD, hops(45) + GOOD, b"x\r\n", HOSTILE[:2000] + b"\r\n\r\n"]
+
+    async def compare() -> None:
+        pool = CheckPool(workers=1)
+        pooled, local = policy_for(config, pool), policy_for(config)
+        try:
+            for data in messages:
+                verdicts = []
+                for policy in (pooled, local):
+                    facts = Session(ipaddress.ip_address("192.0.2.1"), data=data)
+                    verdicts.append(await policy.judge_async(Stage.END_OF_DATA, facts))
+                assert verdicts[0] == verdicts[1], data[:80]
+                assert verdicts[0] != ACCEPT or data == GOOD
+        finally:
+            await pool.close()
+
+    asyncio.run(compare())

@@ -14,7 +14,7 @@ from .checks.dnsbl import dnsbl_check, dnswl_check
 from .checks.limits import header_limit_check
 from .checks.loops import loop_check
 from .checks.pool import CheckPool, dns_args
-from .checks.received import chain_check, helo_check, rdns_check
+from .checks.received import chain_check, chain_pool_check, helo_check, rdns_check
 from .checks.relay import relay_check
 from .checks.rfc5322 import rfc5322_check, rfc5322_pool_check
 from .checks.senders import SenderLogins, sender_login_check
@@ -33,6 +33,9 @@ def check_pool(config: Config) -> CheckPool:
 def policy_for(config: Config, pool: CheckPool | None = None) -> Policy:
     """The checks leafmail runs, as the ``[checks]`` table turns them on.
 
+    With a check `pool` (the daemon's), every check that parses the message runs in
+    it, within its budget; without one (tests, tools) they run here.
+
     Sender ownership for logged-in users at MAIL, relay control at RCPT and loop
     detection at end of data, always. The origin
     checks (HELO, DNSWL, DNSBL, reverse DNS, SPF) run at MAIL, once a login is known;
@@ -49,17 +52,21 @@ def policy_for(config: Config, pool: CheckPool | None = None) -> Policy:
         loop_check,
     ]
     checks = config.checks
+    pooled: list[AsyncCheck] = []  # content checks run in the pool, first of those that wait
     if checks.received != "off":
         mail.append(helo_check(checks.received, config.hostname, config.local_domains, relay))
-        end.append(chain_check(checks.received, config.hostname, relay))
-    later = _dns_checks(config, pool)
+        if pool is None:
+            end.append(chain_check(checks.received, config.hostname, relay))
+        else:
+            pooled.append(chain_pool_check(checks.received, config.hostname, relay, pool))
     if checks.rfc5322 != "off":
         if pool is None:
             end.append(rfc5322_check(checks.rfc5322, relay))
-        else:  # first of the end-of-data checks that wait
-            later.setdefault(Stage.END_OF_DATA, []).insert(
-                0, rfc5322_pool_check(checks.rfc5322, relay, pool)
-            )
+        else:
+            pooled.append(rfc5322_pool_check(checks.rfc5322, relay, pool))
+    later = _dns_checks(config, pool)
+    if pooled:
+        later[Stage.END_OF_DATA] = [*pooled, *later.get(Stage.END_OF_DATA, ())]
     return Policy(
         {
             Stage.MAIL: mail,

@@ -24,6 +24,7 @@ from ..dns import make_sync_resolver
 from . import Session
 from .auth import forged_results
 from .dkim import verify_dkim
+from .received import chain_problems
 from .rfc5322 import problems
 from .spf import evaluate_spf
 from .wire import decode, encode, frame, read_part
@@ -64,6 +65,10 @@ def spf_job(args: dict[str, Any], data: bytes) -> dict[str, Any]:
     return {"spf": [found.result, found.ptype, found.identity] if found else None}
 
 
+def received_job(args: dict[str, Any], data: bytes) -> dict[str, Any]:
+    return {"problems": chain_problems(data, str(args["hostname"]))}
+
+
 def busy_job(args: dict[str, Any], data: bytes) -> dict[str, Any]:
     """Burns CPU until killed: how the tests prove the budget holds."""
     while True:
@@ -74,6 +79,7 @@ JOBS: dict[str, Job] = {
     "rfc5322": rfc5322_job,
     "dkim": dkim_job,
     "spf": spf_job,
+    "received": received_job,
     "busy": busy_job,
 }
 
