@@ -12,6 +12,7 @@ at once, before any parsing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import smtplib
 import socket
@@ -50,6 +51,17 @@ HOSTILE = (
 # --- the pool itself ------------------------------------------------------------------
 
 
+def worker_children() -> list[int]:
+    """The pids of this process's children that are check workers, alive or zombie."""
+    found = []
+    for task in Path("/proc/self/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            with contextlib.suppress(OSError):
+                if b"leafmail.checks.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(int(pid))
+    return found
+
+
 def test_a_job_over_its_cpu_budget_is_killed_reaped_and_replaced() -> None:
     async def run() -> None:
         pool = CheckPool(workers=1, cpu_limit=1.0, time_limit=20.0)
@@ -58,8 +70,10 @@ def test_a_job_over_its_cpu_budget_is_killed_reaped_and_replaced() -> None:
             assert await pool.run("busy", {}, b"") is None
             assert time.monotonic() - started < 10  # the kernel, not the wall clock
             assert pool.killed == 1 and not pool._idle
+            assert worker_children() == []  # killed and reaped, not left behind
             answer = await pool.run("rfc5322", {"body": None, "smtputf8": False}, GOOD)
             assert answer == {"problems": []}
+            assert len(worker_children()) == 1
         finally:
             await pool.close()
 
@@ -147,6 +161,7 @@ def check_bounded(server: Leafmail, hostile: bytes, answer: tuple[int, bytes]) -
     assert waits, "the hostile message was answered before any other client connected"
     assert max(waits) < 1.0, waits  # generous: a greeting normally takes milliseconds
     assert send(server, GOOD)[0] == 250  # a fresh worker checks the next message
+    assert "check over budget" in server.log()
 
 
 def test_hostile_header_is_bounded_and_others_are_served(servers: LeafmailFactory) -> None:

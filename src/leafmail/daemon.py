@@ -102,7 +102,7 @@ class Daemon:
                 self.auto = build_runner(config, self.spool, routes=local_only, log=self.log)
                 if self.auto is not None:
                     self.auto.share_passes_with(self.runner)
-        self.pool = check_pool(config)  # one per smtpd process; workers start on demand
+        self.pool = check_pool(config, self.log)  # one per smtpd process; workers start on demand
         self.servers: list[Server] = []
         self._ready: list[Endpoint] = []
         self._stopping = asyncio.Event()

@@ -7,6 +7,7 @@ the daemon so the policy can be read (and tested) as one list per stage.
 from __future__ import annotations
 
 from netserver.access import AccessPolicy
+from netserver.connlog import ServerLog
 
 from .checks import AsyncCheck, Check, Stage
 from .checks.auth import auth_results_check
@@ -24,10 +25,10 @@ from .dns import make_resolver, make_sync_resolver
 from .receive import Policy
 
 
-def check_pool(config: Config) -> CheckPool:
+def check_pool(config: Config, log: ServerLog | None = None) -> CheckPool:
     """The pool of check processes, with [checks]' budget (started by its first job)."""
     checks = config.checks
-    return CheckPool(checks.workers, checks.cpu_limit, checks.time_limit)
+    return CheckPool(checks.workers, checks.cpu_limit, checks.time_limit, log=log)
 
 
 def policy_for(config: Config, pool: CheckPool | None = None) -> Policy:

@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from netserver.connlog import ServerLog
 from netserver.smtp.replies import Reply
 
 from .wire import LENGTH_SIZE, decode, encode, frame, length_of
@@ -72,6 +73,7 @@ class CheckPool:
     _slots: asyncio.Semaphore | None = None
     _busy: set[_Worker] = field(default_factory=set)
     killed: int = 0  # workers killed over budget (for the log and the tests)
+    log: ServerLog | None = None
 
     async def run(self, job: str, args: dict[str, Any], data: bytes) -> dict[str, Any] | None:
         """The job's answer, or None when it broke its budget or its worker died."""
@@ -86,9 +88,12 @@ class CheckPool:
             try:
                 async with asyncio.timeout(self.time_limit):
                     answer = await worker.ask(request)
-            except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError):
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError) as exc:
                 self.killed += 1
                 await worker.kill()
+                if self.log is not None:
+                    why = "time" if isinstance(exc, TimeoutError) else "cpu or crash"
+                    self.log.info("check over budget", job=job, limit=why, pid=worker.proc.pid)
                 return None
             except BaseException:  # cancelled mid-job: the worker's state is unknown
                 await worker.kill()
