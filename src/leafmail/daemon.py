@@ -33,7 +33,7 @@ from .policy import check_pool, policy_for
 from .queue import QueueRunner
 from .receive import ReceiveService
 from .spool import GroupCommitter, Spool
-from .throttle import AuthThrottle
+from .throttle import auth_throttle
 
 SESSION_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: at least five minutes between commands
 
@@ -49,17 +49,6 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load TLS certificate or key: {exc}") from None
     return context
-
-
-def auth_throttle(config: Config) -> AuthThrottle:
-    """The AUTH failure throttle every listener of one smtpd process shares."""
-    auth, trusted = config.auth, config.relay_policy()
-    return AuthThrottle(
-        failure_delay=auth.failure_delay,
-        max_failures=auth.max_failures,
-        block_time=auth.block_time,
-        exempt=lambda ip: trusted.decide(ip).allowed,
-    )
 
 
 @dataclass

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from netserver.endpoint import IPAddress, unmap
 from netserver.smtp.replies import Reply
 
+from .config import Config
+
 MAX_SOURCES = 100_000
 MAX_DELAY = 30.0  # seconds: never hold a session longer than this for one failure
 
@@ -99,3 +101,14 @@ class AuthThrottle:
             del self._failures[next(iter(self._failures))]
         while len(self._blocked) > MAX_SOURCES // 2:
             del self._blocked[next(iter(self._blocked))]
+
+
+def auth_throttle(config: Config) -> AuthThrottle:
+    """The throttle ``[auth]`` describes; one per smtpd process, shared by its listeners."""
+    auth, trusted = config.auth, config.relay_policy()
+    return AuthThrottle(
+        failure_delay=auth.failure_delay,
+        max_failures=auth.max_failures,
+        block_time=auth.block_time,
+        exempt=lambda ip: trusted.decide(ip).allowed,
+    )
