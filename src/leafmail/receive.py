@@ -240,10 +240,11 @@ class ReceiveService:
             return
         # One line per failure, client first: contrib/fail2ban/leafmail.conf matches it.
         ip = facts.client_ip
-        self._log("auth failed", client=str(ip), user=event.username, mechanism=event.mechanism)
+        client = str(ip) if ip else None  # a unix-socket peer has no address
+        self._log("auth failed", client=client, user=event.username, mechanism=event.mechanism)
         delay = self.throttle.failed(ip) if self.throttle and ip else 0.0
         if delay is None:
-            self._log("auth blocked", client=str(ip))
+            self._log("auth blocked", client=client)
             proto.reject(blocked_reply(self.smtp.hostname))
             return
         if delay:

@@ -81,7 +81,7 @@ class CheckPool:
             self._slots = asyncio.Semaphore(self.workers)
         request = frame(encode({"job": job, "cpu": self.cpu_limit, "args": args}), data)
         async with self._slots:
-            worker = self._idle.pop() if self._idle else await self._start()
+            worker = await self._take()
             if worker is None:
                 return None
             self._busy.add(worker)
@@ -102,6 +102,15 @@ class CheckPool:
                 self._busy.discard(worker)
             self._idle.append(worker)
         return None if "error" in answer else answer
+
+    async def _take(self) -> _Worker | None:
+        """An idle worker that is still alive, else a new one."""
+        while self._idle:
+            worker = self._idle.pop()
+            if worker.proc.returncode is None:
+                return worker
+            await worker.kill()  # died while idle (killed from outside): reap it
+        return await self._start()
 
     async def _start(self) -> _Worker | None:
         """A new worker once it said it is ready; None if it could not start."""
