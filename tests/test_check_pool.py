@@ -272,3 +272,17 @@ def test_pooled_content_checks_give_the_in_process_verdicts(mode: str) -> None:
             await pool.close()
 
     asyncio.run(compare())
+
+
+def test_a_worker_that_cannot_allocate_gives_a_temporary_result() -> None:
+    async def run() -> None:
+        pool = CheckPool(workers=1, cpu_limit=10.0, time_limit=20.0)
+        try:
+            assert await pool.run("allocate", {"octets": 4 << 30}, b"") is None
+            answer = await pool.run("rfc5322", {"body": None, "smtputf8": False}, GOOD)
+            assert answer == {"problems": []}  # the same worker goes on
+            assert pool.killed == 0
+        finally:
+            await pool.close()
+
+    asyncio.run(run())

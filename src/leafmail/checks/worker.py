@@ -30,6 +30,9 @@ from .spf import evaluate_spf
 from .wire import decode, encode, frame, read_part
 
 Job = Callable[[dict[str, Any], bytes], dict[str, Any]]
+# Address space of a worker: ample for a 25 MiB message parsed several times over, and
+# a bound on what a hostile one can make it allocate (MemoryError: a temporary result).
+MEMORY_LIMIT = 2 << 30
 
 
 def _resolver(args: dict[str, Any]) -> Any:
@@ -69,6 +72,11 @@ def received_job(args: dict[str, Any], data: bytes) -> dict[str, Any]:
     return {"problems": chain_problems(data, str(args["hostname"]))}
 
 
+def allocate_job(args: dict[str, Any], data: bytes) -> dict[str, Any]:
+    """Asks for more memory than a worker may have: how the tests prove the bound."""
+    return {"allocated": len(bytearray(int(args["octets"])))}
+
+
 def busy_job(args: dict[str, Any], data: bytes) -> dict[str, Any]:
     """Burns CPU until killed: how the tests prove the budget holds."""
     while True:
@@ -81,6 +89,7 @@ JOBS: dict[str, Job] = {
     "spf": spf_job,
     "received": received_job,
     "busy": busy_job,
+    "allocate": allocate_job,
 }
 
 
@@ -92,6 +101,7 @@ def _limit_cpu(seconds: float) -> None:
 
 def main() -> int:
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
     stdout.write(frame(encode({"ready": True})))  # imports done: budgets start now
     stdout.flush()
     while True:
