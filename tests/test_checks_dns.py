@@ -40,7 +40,7 @@ from leafmail.checks.headers import drop_fields
 from leafmail.checks.lookup import lookup
 from leafmail.checks.received import rdns_check
 from leafmail.checks.spf import hvalue, pvalue, spf_check
-from leafmail.config import ChecksConfig, Config, DnsConfig, RelayConfig
+from leafmail.config import AuthConfig, ChecksConfig, Config, DnsConfig, RelayConfig
 from leafmail.dns import make_resolver, make_sync_resolver
 from leafmail.policy import policy_for
 from netserver.access import AccessPolicy
@@ -639,6 +639,7 @@ def all_on(server: LoopbackDNS | int, timeout: float = TIMEOUT) -> Config:
     return Config(
         hostname="mx.test",
         relay=RelayConfig(relay_networks=("127.0.0.1/32",)),
+        auth=AuthConfig(senders=(("alice", ("@example.org",)),)),  # sender ownership
         dns=settings(server, timeout),
         checks=ChecksConfig(
             rfc5322="reject",

@@ -51,6 +51,10 @@ FOREIGN = b"Authentication-Results: relay.example.net; dkim=pass header.d=exampl
 
 @pytest.fixture(scope="module")
 def key() -> tuple[bytes, str]:
+    return make_dkim_key()
+
+
+def make_dkim_key() -> tuple[bytes, str]:
     """A DKIM signing key (PEM) and its TXT record."""
     private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = private.private_bytes(

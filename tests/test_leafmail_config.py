@@ -202,7 +202,9 @@ def test_load_full_file(tmp_path: Path) -> None:
         'local_domains = ["Example.ORG.", "mx.example.org"]\n'
         'relay_networks = ["192.0.2.0/24", "2001:db8::/32"]\n'
         "[auth]\n"
-        'users_file = "/etc/leafmail/users"\n',
+        'users_file = "/etc/leafmail/users"\n'
+        'failure_delay = "2s"\nmax_failures = 3\nblock_time = "1h"\n'
+        '[auth.senders]\nalice = ["alice@example.org", "@example.net"]\n',
     )
     config = configuration.load(str(path), base_env(tmp_path))
     smtp = config.smtp
@@ -213,6 +215,9 @@ def test_load_full_file(tmp_path: Path) -> None:
     assert smtp.allow_plaintext_auth and smtp.bare_lf == "replace"
     assert config.local_domains == ("example.org", "mx.example.org")
     assert config.auth.users_file == "/etc/leafmail/users"
+    assert config.auth.senders == (("alice", ("alice@example.org", "@example.net")),)
+    assert (config.auth.failure_delay, config.auth.max_failures) == (2.0, 3)
+    assert config.auth.block_time == 3600.0
     policy = config.relay_policy()
     assert policy.decide(ip_address("192.0.2.77")).allowed
     assert policy.decide(ip_address("2001:db8::5")).allowed
@@ -242,6 +247,11 @@ BAD_CONFIGS = {
     "zero size": ("[smtp]\nmax_message_size = 0\n", "max_message_size"),
     "zero recipients": ("[smtp]\nmax_recipients = 0\n", "max_recipients"),
     "bad bare_lf": ('[smtp]\nbare_lf = "maybe"\n', "bare_lf"),
+    "sender not an address": ('[auth.senders]\nbob = ["bob"]\n', "auth.senders.bob"),
+    "senders not a list": ("[auth.senders]\nbob = 1\n", "auth.senders.bob"),
+    "zero max_failures": ("[auth]\nmax_failures = 0\n", "auth.max_failures"),
+    "zero header size": ("[smtp]\nmax_header_size = 0\n", "max_header_size"),
+    "zero check workers": ("[checks]\nworkers = 0\n", "checks.workers"),
 }
 
 

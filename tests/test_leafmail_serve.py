@@ -771,13 +771,25 @@ def test_client_outside_relay_networks_cannot_relay(servers: LeafmailFactory) ->
 TRICKY_LOCAL = [
     "user@mx.test",
     "USER@MX.TEST",
-    '"x@elsewhere.test"@mx.test',
-    "x%elsewhere.test@mx.test",
-    "x!elsewhere.test@mx.test",
     "@elsewhere.test:x@mx.test",
     "@a.test,@elsewhere.test:x@mx.test",
     "Postmaster",
 ]
+# Local, but a next hop may read the local part as a route (issue 13.15): refused to
+# outsiders as Postfix does (allow_untrusted_routing = no).
+ROUTED_LOCAL = [
+    '"x@elsewhere.test"@mx.test',
+    "x%elsewhere.test@mx.test",
+    "x!elsewhere.test@mx.test",
+]
+
+
+@pytest.mark.parametrize("address", ROUTED_LOCAL)
+def test_routed_local_addresses_are_refused_from_outside(outside: Leafmail, address: str) -> None:
+    with raw(outside.address()) as client:
+        assert client.command("MAIL FROM:<a@example.test>").code == 250
+        reply = client.command(f"RCPT TO:<{address}>")
+        assert (reply.code, reply.enhanced) == (550, "5.7.1"), reply
 
 
 @pytest.mark.parametrize("address", TRICKY_LOCAL)

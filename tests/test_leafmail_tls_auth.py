@@ -74,6 +74,7 @@ def config(
     extra_smtp: str = "",
     submission: bool = True,
     smtps: bool = True,
+    auth: str = "failure_delay = 0.01\n",  # the AUTH throttle has tests of its own
 ) -> str:
     tls, default_users = material
     smtp = [f"tls_cert = {toml_string(tls.cert)}", f"tls_key = {toml_string(tls.key)}"]
@@ -87,6 +88,10 @@ def config(
         + "\n"
         + extra_smtp
         + f"[auth]\nusers_file = {toml_string(users or default_users)}\n"
+        + auth
+        # The tests send as <user>@example.test, which is not a local domain here.
+        + '[auth.senders]\nalice = ["@example.test"]\nbob = ["bob@example.test"]\n'
+        + 'carol = ["carol@example.test"]\n'
         + '[relay]\nrelay_networks = ["127.0.0.2/32"]\n'
         # An outsider for relay control only; the message checks have their own tests.
         + '[checks]\nrfc5322 = "off"\nreceived = "off"\nspf = "off"\ndkim = "off"\n'
@@ -104,6 +109,17 @@ def starttls_client(server: Leafmail, tls: TLSFiles, host: str = "127.0.0.1") ->
     assert client.has_extn("starttls")
     code, _ = client.starttls(context=tls.client_context())
     assert code == 220
+    client.ehlo()
+    return client
+
+
+def raw_starttls(server: Leafmail, tls: TLSFiles, source: str | None = None) -> RawSMTP:
+    """A raw session after EHLO, STARTTLS and the second EHLO."""
+    client = RawSMTP(server.address(), source=source)
+    client.greeting()
+    client.ehlo()
+    assert client.command("STARTTLS").code == 220
+    client.start_tls(tls.client_context())
     client.ehlo()
     return client
 
@@ -418,12 +434,7 @@ def test_auth_with_wrong_credentials_gets_535(
 
 
 def test_failed_auth_then_right_password(server: Leafmail, tls: TLSFiles) -> None:
-    with RawSMTP(server.address()) as client:
-        client.greeting()
-        client.ehlo()
-        assert client.command("STARTTLS").code == 220
-        client.start_tls(tls.client_context())
-        client.ehlo()
+    with raw_starttls(server, tls) as client:
         bad = client.command("AUTH PLAIN " + b64("\0alice\0nope"))
         assert (bad.code, bad.enhanced) == (535, "5.7.8")
         other_authzid = client.command("AUTH PLAIN " + b64(f"bob\0alice\0{PASSWORD}"))
@@ -438,12 +449,7 @@ def test_failed_logins_count_toward_the_error_limit(
     servers: LeafmailFactory, material: tuple[TLSFiles, Path]
 ) -> None:
     server = servers(config(material, extra_smtp="max_errors = 2\n", smtps=False))
-    with RawSMTP(server.address()) as client:
-        client.greeting()
-        client.ehlo()
-        assert client.command("STARTTLS").code == 220
-        client.start_tls(material[0].client_context())
-        client.ehlo()
+    with raw_starttls(server, material[0]) as client:
         guesses = [client.command("AUTH PLAIN " + b64(f"\0alice\0guess{i}")) for i in range(3)]
         assert [r.code for r in guesses] == [535, 535, 421]
         assert client.at_eof()
@@ -576,11 +582,57 @@ def test_users_file_from_leafmail_passwd(
 
 
 def test_auth_login_challenge_is_sent(server: Leafmail, tls: TLSFiles) -> None:
-    with RawSMTP(server.address()) as client:
-        client.greeting()
-        client.ehlo()
-        assert client.command("STARTTLS").code == 220
-        client.start_tls(tls.client_context())
-        client.ehlo()
+    with raw_starttls(server, tls) as client:
         reply = client.command("AUTH LOGIN")
         assert reply.code == 334
+
+
+# --- sender ownership (smtpd_sender_login_maps + reject_sender_login_mismatch) ---------
+
+
+@pytest.mark.parametrize(
+    ("user", "password", "sender", "code"),
+    [
+        ("alice", PASSWORD, "<alice@example.test>", 250),  # listed domain
+        ("alice", PASSWORD, "<anyone@EXAMPLE.test>", 250),
+        ("alice", PASSWORD, "<alice@mx.test>", 553),  # listed: only the list counts
+        ("alice", PASSWORD, "<>", 250),  # the null sender forges nobody
+        ("bob", "bobs pw", "<bob@example.test>", 250),  # listed address
+        ("bob", "bobs pw", "<Bob@Example.Test>", 250),
+        ("bob", "bobs pw", "<alice@example.test>", 553),
+        ("bob", "bobs pw", "<bob@other.test>", 553),
+        ("dave", "daves pw", "<dave@mx.test>", 250),  # not listed: user@local domain
+        ("dave", "daves pw", "<dave@example.test>", 553),
+        ("dave", "daves pw", "<alice@mx.test>", 553),
+    ],
+)
+def test_a_logged_in_user_sends_only_as_addresses_they_own(
+    servers: LeafmailFactory,
+    material: tuple[TLSFiles, Path],
+    tmp_path: Path,
+    user: str,
+    password: str,
+    sender: str,
+    code: int,
+) -> None:
+    users = users_file(tmp_path, {"alice": PASSWORD, "bob": "bobs pw", "dave": "daves pw"})
+    server = servers(config(material, users=users, smtps=False, submission=False))
+    with raw_starttls(server, material[0]) as client:
+        assert client.command("AUTH PLAIN " + b64(f"\0{user}\0{password}")).code == 235
+        reply = client.command(f"MAIL FROM:{sender}")
+        assert reply.code == code, reply
+        if code == 553:
+            assert reply.enhanced == "5.7.1"
+            assert f"not owned by user {user}" in reply.text
+
+
+def test_a_login_that_is_an_address_owns_only_itself(
+    servers: LeafmailFactory, material: tuple[TLSFiles, Path], tmp_path: Path
+) -> None:
+    users = users_file(tmp_path, {"erin@example.test": "erins pw"})
+    server = servers(config(material, users=users, smtps=False, submission=False))
+    with starttls_client(server, material[0]) as client:
+        client.login("erin@example.test", "erins pw")
+        assert client.mail("erin@example.test")[0] == 250
+        client.rset()
+        assert client.mail("erin@mx.test")[0] == 553

@@ -499,6 +499,7 @@ DATA_CASES = [
     (b"a\r.\rQUIT\r\n.\r\n", None, "554 5.6.0 Message contains bare CR or LF"),
     (b"a\n.\r\nRSET\r\n.\r\n", None, "554 5.6.0 Message contains bare CR or LF"),
     (b"a\r\n.\nRSET\r\n.\r\n", None, "554 5.6.0 Message contains bare CR or LF"),
+    (b"a\r\n\x00.\r\nRSET\r\n.\r\n", None, "554 5.6.0 Message contains a NUL octet"),
     (
         (b"y" * 78 + b"\r\n") * 30 + b".\r\n",
         None,
@@ -659,6 +660,16 @@ BDAT_CASES = [
         [],
         ["554 5.6.0 Message contains bare CR or LF"],
         id="bdat-bare-lf",
+    ),
+    pytest.param(
+        b"BDAT 5\r\nab\x00cdBDAT 1 LAST\r\neRSET\r\n",
+        [],
+        [
+            "554 5.6.0 Message contains a NUL octet",
+            SEQ + "Send MAIL first; BDAT is out of sequence",
+            "250 2.0.0 Reset OK",
+        ],
+        id="bdat-nul",
     ),
     pytest.param(
         b"BDAT 2\r\nabNOOP\r\nBDAT 2 LAST\r\ncd",

@@ -148,6 +148,9 @@ DATA_CASES = [
     (b"x" * 999 + b"\r\n.\r\n", b"", DataError.LINE_TOO_LONG, b""),
     (b"a\r\n" + b"x" * 999 + b"\r\nb\r\n.\r\n", b"", DataError.LINE_TOO_LONG, b""),
     (b"a\r\n" * 400 + b"x" * 999 + b"\r\n.\r\n", b"", DataError.LINE_TOO_LONG, b""),
+    # NUL is text in no RFC; CRLF NUL "." CRLF is an end for a next hop that drops NULs.
+    (b"a\r\n\x00.\r\nMAIL\r\n.\r\n", b"", DataError.NUL, b""),
+    (b"a\x00b\r\n.\r\nQUIT\r\n", b"", DataError.NUL, b"QUIT\r\n"),
 ]
 
 
@@ -241,6 +244,14 @@ def test_chunk_reader_takes_exact_octets_raw() -> None:
     assert reader.read(buf) == ChunkEnd(7, False)
     assert buf == b"NOOP\r\n"
     assert sink.getvalue() == b".\r\na\nbc"
+
+
+def test_chunk_with_a_nul_is_refused_and_dropped() -> None:
+    sink = MessageSink(100)
+    reader = ChunkReader(sink, 8, last=True)
+    assert reader.read(bytearray(b"a\r\n\x00.\r\nb")) == ChunkEnd(8, True)
+    assert sink.error is DataError.NUL
+    assert sink.getvalue() == b""
 
 
 def test_chunk_of_zero_octets_ends_at_once() -> None:

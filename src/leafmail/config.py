@@ -50,6 +50,13 @@ class SmtpConfig:
     max_sessions_per_source: int | None = None
     allow_plaintext_auth: bool = False
     bare_lf: str = "reject"
+    # Postfix's header_size_limit; a field count limit too, both applied before parsing.
+    max_header_size: int = 102400
+    max_header_fields: int = 1000
+    # Postfix's smtpd_min_data_rate: DATA/BDAT must average this many octets a second
+    # once `data_rate_grace` has passed (0: no minimum).
+    min_data_rate: int = 500
+    data_rate_grace: float = 30.0
 
     @property
     def per_source_sessions(self) -> int:
@@ -69,9 +76,21 @@ class RelayConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    """The ``[auth]`` table."""
+    """The ``[auth]`` table.
+
+    `senders` maps a login to the sender addresses (``a@b``) and domains (``@b``) it
+    may use in MAIL FROM; a login not listed owns its own name at each local domain
+    (or itself, when the login is an address). The throttle keys bound password
+    guessing per client address: each failure waits longer (`failure_delay`, doubled
+    each time), and `max_failures` within `block_time` block the address for
+    `block_time`.
+    """
 
     users_file: str = ""
+    senders: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    failure_delay: float = 1.0
+    max_failures: int = 5
+    block_time: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -202,6 +221,10 @@ class ChecksConfig:
     dnsbl_zones: tuple[str, ...] = ()
     dnswl_zones: tuple[str, ...] = ()
     authserv_id: str = ""  # default: the hostname
+    # The check pool: worker processes, and each message's CPU and wall-clock budget.
+    workers: int = 2
+    cpu_limit: float = 10.0
+    time_limit: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -377,7 +400,7 @@ def _build(raw: dict[str, Any], where: str, *, check: bool = True) -> Config:
         spool=top.string("spool", ""),
         smtp=_smtp(top.table("smtp")),
         relay=_relay(top.table("relay")),
-        auth=AuthConfig(users_file=top.table("auth").done_string("users_file", "")),
+        auth=_auth(top.table("auth")),
         delivery=_delivery(top.table("delivery")),
         dns=_dns(top.table("dns")),
         mx=_mx(top.table("mx")),
@@ -409,9 +432,37 @@ def _smtp(t: _Table) -> SmtpConfig:
         max_sessions_per_source=t.optional_integer("max_sessions_per_source"),
         allow_plaintext_auth=t.boolean("allow_plaintext_auth", d.allow_plaintext_auth),
         bare_lf=t.choice("bare_lf", d.bare_lf, ("reject", "replace")),
+        max_header_size=t.integer("max_header_size", d.max_header_size),
+        max_header_fields=t.integer("max_header_fields", d.max_header_fields),
+        min_data_rate=t.integer("min_data_rate", d.min_data_rate),
+        data_rate_grace=t.duration("data_rate_grace", d.data_rate_grace),
     )
     t.finish()
     return smtp
+
+
+def _auth(t: _Table) -> AuthConfig:
+    d = AuthConfig()
+    senders = t.table("senders")
+    owned = tuple((user, senders.strings(user, ())) for user in list(senders.data))
+    senders.finish()
+    for user, addresses in owned:
+        for address in addresses:
+            local, at, domain = address.rpartition("@")
+            if not at or not domain or "@" in local:
+                raise ConfigError(
+                    f"{t.where}: auth.senders.{user}: {address!r} is not an address "
+                    "(local@domain) or a domain (@domain)"
+                )
+    auth = AuthConfig(
+        users_file=t.string("users_file", d.users_file),
+        senders=owned,
+        failure_delay=t.duration("failure_delay", d.failure_delay),
+        max_failures=t.integer("max_failures", d.max_failures),
+        block_time=t.duration("block_time", d.block_time),
+    )
+    t.finish()
+    return auth
 
 
 def _relay(t: _Table) -> RelayConfig:
@@ -494,6 +545,9 @@ def _checks(t: _Table) -> ChecksConfig:
         dnsbl_zones=t.strings("dnsbl_zones", d.dnsbl_zones),
         dnswl_zones=t.strings("dnswl_zones", d.dnswl_zones),
         authserv_id=t.string("authserv_id", d.authserv_id),
+        workers=t.integer("workers", d.workers),
+        cpu_limit=t.duration("cpu_limit", d.cpu_limit),
+        time_limit=t.duration("time_limit", d.time_limit),
     )
     t.finish()
     return checks
@@ -574,6 +628,15 @@ def _check(config: Config, where: str) -> None:
         )
     if smtp.max_sessions_per_source is not None and smtp.max_sessions_per_source < 0:
         raise ConfigError(f"{where}: smtp.max_sessions_per_source must be >= 0 (0: no limit)")
+    if smtp.max_header_size <= 0 or smtp.max_header_fields <= 0 or smtp.min_data_rate < 0:
+        raise ConfigError(
+            f"{where}: smtp.max_header_size and max_header_fields must be > 0, min_data_rate >= 0"
+        )
+    if config.auth.max_failures <= 0:
+        raise ConfigError(f"{where}: auth.max_failures must be > 0")
+    checks = config.checks
+    if checks.workers <= 0 or checks.cpu_limit <= 0 or checks.time_limit <= 0:
+        raise ConfigError(f"{where}: checks.workers, cpu_limit and time_limit must be > 0")
     problem = hostname_problem(config.hostname)
     if problem:
         raise ConfigError(f"{where}: hostname {config.hostname!r}: {problem}")

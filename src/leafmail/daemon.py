@@ -31,11 +31,12 @@ from .config import Config
 from .control import ControlServer, Reply
 from .flush import build_runner
 from .pickup import PickupServer
-from .policy import policy_for
+from .policy import check_pool, policy_for
 from .queue import QueueRunner
 from .receive import ReceiveService
 from .spool import GroupCommitter, Spool
 from .spoolcheck import check_spool
+from .throttle import auth_throttle
 
 SESSION_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: at least five minutes between commands
 
@@ -98,6 +99,7 @@ class Daemon:
                 self.auto = build_runner(config, self.spool, routes=local_only, log=self.log)
                 if self.auto is not None:
                     self.auto.share_passes_with(self.runner)
+        self.pool = check_pool(config, self.log)  # one per smtpd process; workers start on demand
         self.servers: list[Server] = []
         self._ready: list[Endpoint] = []
         self._stopping = asyncio.Event()
@@ -117,7 +119,8 @@ class Daemon:
         )
 
     def _roles(self, committer: GroupCommitter) -> list[_Role]:
-        smtp, policy = self.config.smtp, policy_for(self.config)
+        smtp, policy = self.config.smtp, policy_for(self.config, self.pool)
+        throttle = auth_throttle(self.config)
 
         def service(*, offer_tls: bool, require_auth: bool) -> ReceiveService:
             return ReceiveService(
@@ -128,6 +131,10 @@ class Daemon:
                 tls=self.tls,
                 require_auth=require_auth,
                 on_spooled=self.auto.notify if self.auto is not None else None,
+                throttle=throttle,
+                log=self.log,
+                min_data_rate=smtp.min_data_rate,
+                data_rate_grace=smtp.data_rate_grace,
             )
 
         has_tls = self.tls is not None
@@ -208,6 +215,7 @@ class Daemon:
             await control.close()
             if pickup is not None:
                 await pickup.close()
+            await self.pool.close()
             if delivery is not None:
                 delivery.cancel()  # a delivery cut short is tried again: at least once
                 with contextlib.suppress(asyncio.CancelledError):

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from netserver.aio import AsyncConnection, ServerStopping
+from netserver.connlog import ServerLog
 from netserver.smtp import (
     AuthRequest,
     DataStart,
@@ -34,6 +35,7 @@ from netserver.smtp import (
 )
 from netserver.smtp.protocol import Envelope as SmtpEnvelope
 from netserver.smtp.protocol import Session as SmtpSession
+from netserver.smtp.protocol import State
 from netserver.smtp.replies import Reply
 
 from .auth import Users
@@ -50,13 +52,16 @@ from .checks import (
     run_checks,
 )
 from .checks.headers import drop_fields
+from .datarate import DataRate, too_slow
 from .envelope import ClientInfo, Envelope, Recipient
 from .spool import GroupCommitter, SpoolError, new_id
+from .throttle import AuthThrottle, blocked_reply
 from .trace import received_header
 
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 SPOOL_FAILED = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 READ_SIZE = 65536
+_DATA_STATES = frozenset({State.DATA, State.BDAT, State.CHUNKS})
 
 
 @dataclass
@@ -97,6 +102,10 @@ class ReceiveService:
     tls: ssl.SSLContext | None = None
     require_auth: bool = False
     on_spooled: Callable[[str], None] | None = None  # the queue runner's notify
+    throttle: AuthThrottle | None = None  # AUTH failures per source (shared by roles)
+    log: ServerLog | None = None
+    min_data_rate: int = 0  # octets a second during DATA/BDAT (0: no minimum)
+    data_rate_grace: float = 30.0
 
     async def handle(self, conn: AsyncConnection) -> None:
         """Serve one SMTP session on `conn` until QUIT, 421 or the client leaves."""
@@ -105,12 +114,22 @@ class ReceiveService:
         verdict = await self._judge(Stage.CONNECT, facts)
         # A refused client is greeted with the refusal: 554 (then only QUIT) or 421.
         greeting = None if isinstance(verdict, Accept) else verdict.reply
+        ip = conn.peer.ip
+        if greeting is None and self.throttle and ip and self.throttle.is_blocked(ip):
+            greeting = blocked_reply(self.smtp.hostname)
+            self._log("auth blocked", client=str(ip))
         proto = ServerProtocol(self.smtp, greeting, tls=encrypted)
         conn.write(proto.data_to_send())
         conn.interrupt_on_stop = True
+        rate = DataRate(self.min_data_rate, self.data_rate_grace)
         while not proto.closed:
+            rate.track(proto.state in _DATA_STATES)
             try:
-                data = await conn.read(READ_SIZE)
+                data = await _read(conn, rate.remaining())
+            except TimeoutError:
+                proto.close(too_slow(self.smtp.hostname))
+                conn.write(proto.data_to_send())
+                break
             except ServerStopping:
                 if proto.envelope is None:  # between transactions: say goodbye now
                     proto.close(replies.shutting_down(self.smtp.hostname))
@@ -119,6 +138,7 @@ class ReceiveService:
                 continue  # a transaction is under way: let it finish within the grace time
             if not data:
                 return
+            rate.add(len(data))
             events = proto.receive_data(data)
             while True:
                 decided = await self._dispatch(conn, proto, facts, events)
@@ -217,8 +237,23 @@ class ReceiveService:
         if ok:
             facts.user = event.username
             proto.accept()
-        else:
-            proto.reject(replies.AUTH_FAILED)
+            return
+        # One line per failure, client first: contrib/fail2ban/leafmail.conf matches it.
+        ip = facts.client_ip
+        client = str(ip) if ip else None  # a unix-socket peer has no address
+        self._log("auth failed", client=client, user=event.username, mechanism=event.mechanism)
+        delay = self.throttle.failed(ip) if self.throttle and ip else 0.0
+        if delay is None:
+            self._log("auth blocked", client=client)
+            proto.reject(blocked_reply(self.smtp.hostname))
+            return
+        if delay:
+            await asyncio.sleep(delay)
+        proto.reject(replies.AUTH_FAILED)
+
+    def _log(self, message: str, **fields: object) -> None:
+        if self.log is not None:
+            self.log.info(message, **fields)
 
     async def _message(
         self, conn: AsyncConnection, proto: ServerProtocol, facts: Session, event: MessageReady
@@ -283,6 +318,16 @@ class ReceiveService:
             ret=params.ret.value if params.ret else None,
             envid=params.envid,
         )
+
+
+async def _read(conn: AsyncConnection, limit: float | None) -> bytes:
+    """The next bytes from the client; TimeoutError past `limit` seconds (if any)."""
+    if limit is None:
+        return await conn.read(READ_SIZE)
+    if limit <= 0:
+        raise TimeoutError
+    async with asyncio.timeout(limit):
+        return await conn.read(READ_SIZE)
 
 
 def _tagged(data: bytes, tag: Accept) -> tuple[bytes, bytes]:

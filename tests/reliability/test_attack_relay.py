@@ -53,12 +53,6 @@ SENDERS = ["<>", "<u@mx.test>", "<postmaster@mx.test>", "<u@other.test>"]
 # Outcome classes: "local" (250, and it must stay on mx.test), "relay" (5xx 5.7.1),
 # "syntax" (any 5xx: the path is not an RFC 5321 forward-path at all).
 LOCAL = [
-    "<u%other.test@mx.test>",
-    '<"u%other.test"@mx.test>',
-    "<other.test!u@mx.test>",
-    '<"other.test!u"@mx.test>',
-    '<"u@other.test"@mx.test>',
-    '<"u@other.test"@MX.test>',
     "<u@MX.TEST>",
     "<Postmaster>",
     "<postmaster>",
@@ -66,7 +60,22 @@ LOCAL = [
     "<PostMaster@Mx.Test>",
     "<\u00fc@mx.test>",
 ]
+# Sender-specified routing to our own domain: leafmail reads it as a local part, but a
+# next hop may not, so untrusted clients get the relay refusal (Postfix's
+# allow_untrusted_routing = no). The first three are nmap smtp-open-relay's forms.
+ROUTED = [
+    "<relaytest%nmap.scanme.org@mx.test>",
+    "<nmap.scanme.org!relaytest@mx.test>",
+    '<"relaytest@nmap.scanme.org"@mx.test>',
+    "<u%other.test@mx.test>",
+    '<"u%other.test"@mx.test>',
+    "<other.test!u@mx.test>",
+    '<"other.test!u"@mx.test>',
+    '<"u@other.test"@mx.test>',
+    '<"u@other.test"@MX.test>',
+]
 RELAY = [
+    *ROUTED,
     "<u@other.test>",
     "<u@OTHER.test>",
     "<@mx.test:u@other.test>",
@@ -274,6 +283,19 @@ def test_failed_auth_over_tls_does_not_relay(target: Leafmail, material: Materia
     soak.record("attack", "relay after failed AUTH over TLS", relayed=False)
 
 
+@pytest.mark.parametrize("rcpt", ROUTED[:3])
+def test_routed_local_parts_stay_open_to_trusted_clients(
+    target: Leafmail, material: Material, rcpt: str
+) -> None:
+    """Our own networks and logged-in users may still use them (Postfix does the same)."""
+    for qid in (
+        send_one(target, INSIDER, "<a@mx.test>", rcpt),
+        send_authenticated(target, material, rcpt),
+    ):
+        [got] = target.message(qid).envelope.recipients
+        assert stays_local(got.address), got.address
+
+
 def test_relay_denial_is_550_as_rfc5321_asks(target: Leafmail) -> None:
     """RFC 5321 4.3.2 lists no 554 for RCPT; 3.6 says a policy refusal there is 550."""
     with session(target) as client:
@@ -368,21 +390,28 @@ def maildir_files(root: Path) -> list[Path]:
 def test_local_delivery_never_reads_percent_bang_or_quoted_at_as_a_route(
     servers: LeafmailFactory, material: Material, sink: Smarthost, tmp_path: Path
 ) -> None:
-    """With [local], tricky local parts are unknown users (550) or land in u's Maildir."""
+    """With [local], tricky local parts are refused to outsiders as routing (5.7.1);
+    from a trusted client they are unknown users (550 5.1.1) or land in u's Maildir."""
     mail = tmp_path / "mail"
     mail.mkdir()
     local = LOCAL_USERS.format(path=toml_string(f"{mail}/{{user}}"))
     server, config = start(servers, material, sink, tmp_path, local=local)
     refused = ["<u%other.test@mx.test>", "<other.test!u@mx.test>", '<"u@other.test"@mx.test>']
-    with session(server) as client:
-        for rcpt in refused:
-            mail_from(client, "<a@other.test>", rcpt)
-            reply = client.command(f"RCPT TO:{rcpt}")
-            assert (reply.code, reply.enhanced) == (550, "5.1.1"), (rcpt, reply)
-            assert client.command("RSET").code == 250
-    kept = ["<u+x%other.test@mx.test>", '<"u+a@other.test"@mx.test>', "<Postmaster>"]
+    kept = ["<u+x%other.test@mx.test>", '<"u+a@other.test"@mx.test>']
+    for source, rcpts, want in (
+        (OUTSIDER, refused + kept, (550, "5.7.1")),
+        (INSIDER, refused, (550, "5.1.1")),
+    ):
+        with session(server, source) as client:
+            for rcpt in rcpts:
+                mail_from(client, "<a@other.test>", rcpt)
+                reply = client.command(f"RCPT TO:{rcpt}")
+                assert (reply.code, reply.enhanced) == want, (source, rcpt, reply)
+                assert client.command("RSET").code == 250
     for rcpt in kept:
-        send_one(server, OUTSIDER, "<a@other.test>", rcpt)
+        send_one(server, INSIDER, "<a@other.test>", rcpt)
+    kept.append("<Postmaster>")
+    send_one(server, OUTSIDER, "<a@other.test>", "<Postmaster>")
     wait_for("three local deliveries", lambda: len(maildir_files(mail)) == 3)
     delivered_to = sorted(
         line
@@ -394,7 +423,7 @@ def test_local_delivery_never_reads_percent_bang_or_quoted_at_as_a_route(
     result = flush(config, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert sink.received == [], sink.received
-    soak.record("attack", "relay: tricky local parts with [local]", refused=3, local=3, relayed=0)
+    soak.record("attack", "relay: tricky local parts with [local]", refused=5, local=3, relayed=0)
 
 
 @pytest.fixture(scope="module")

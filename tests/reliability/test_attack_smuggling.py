@@ -58,6 +58,7 @@ FAKE_ENDS = {
     "crlf.lf": b"\r\n.\n",
     "cr.crlf": b"\r.\r\n",
 }
+NUL_END = b"\r\n\x00.\r\n"  # not a fake end here, but one for a NUL-dropping next hop
 SMUGGLED = (
     f"MAIL FROM:<{EVIL}>\r\nRCPT TO:<{VICTIM}>\r\nDATA\r\n"
     f"From: <{EVIL}>\r\nTo: <{VICTIM}>\r\nSubject: smuggled\r\n\r\nowned\r\n"
@@ -136,6 +137,24 @@ def test_fake_end_with_bare_lf_replace_is_one_repaired_message(
     record(f"smuggling {name} (bare_lf=replace)", "one message", tries=SPLITS, spooled=SPLITS)
 
 
+@pytest.mark.parametrize("policy", ["reject", "replace"])
+def test_nul_dot_fake_end_is_refused_under_both_policies(
+    rejecting: Leafmail, replacing: Leafmail, policy: str
+) -> None:
+    """CRLF NUL "." CRLF: the scanner's end for next hops that drop NUL octets.
+
+    leafmail is not fooled by it, but it must not store it either, or it would hand
+    the sequence to such a next hop: NUL is refused whatever bare_lf says.
+    """
+    server = rejecting if policy == "reject" else replacing
+    before = set(server.queue_ids())
+    for rng in rngs(f"nul/{policy}"):
+        got = smuggle(server, NUL_END, f"nul {policy}", rng)
+        assert got == [554, 250, 221], (policy, got)
+    assert new_messages(server, before) == []
+    record(f"smuggling crlf.nul.dot (bare_lf={policy})", "rejected 554 5.6.0", spooled=0)
+
+
 def check_one_repaired(msg: SpooledMessage, tag: str) -> None:
     """The original envelope; the smuggled text is data with CRLF line ends only."""
     assert msg.envelope.sender == SENDER
@@ -210,6 +229,17 @@ def test_bdat_bare_newline_follows_the_policy(
         assert [r.address for r in msg.envelope.recipients] == [RCPT]
     outcome = "rejected 554" if policy == "reject" else "one repaired message"
     record(f"bdat bare {bare!r} (bare_lf={policy})", outcome, spooled=len(spooled))
+
+
+def test_bdat_chunk_with_nul_is_refused(replacing: Leafmail) -> None:
+    before = set(replacing.queue_ids())
+    chunk = b"Subject: nul in bdat\r\n\r\nbody" + NUL_END + SMUGGLED
+    with session(replacing) as client:
+        open_transaction(client, data=False)
+        client.send(bdat(chunk) + b"NOOP\r\nQUIT\r\n")
+        assert codes(replies_until_close(client)) == [554, 250, 221]
+    assert new_messages(replacing, before) == []
+    record("bdat chunk with crlf.nul.dot", "rejected 554 5.6.0", spooled=0)
 
 
 def test_bdat_size_larger_than_sent_swallows_the_commands(rejecting: Leafmail) -> None:

@@ -26,10 +26,11 @@ import dns.resolver
 
 from netserver.access import AccessPolicy
 
-from . import ACCEPT, AsyncCheck, Session, Tag, Verdict, is_trusted, printable
+from . import ACCEPT, AsyncCheck, Defer, Session, Tag, Verdict, is_trusted, printable
 from .dkim import dkim_refusal, verify_dkim
 from .headers import parse_header, without_comments
 from .lookup import within
+from .pool import OVER_BUDGET, CheckPool
 
 FIELD = "Authentication-Results"
 
@@ -59,21 +60,49 @@ def auth_results_check(
     resolver: dns.resolver.Resolver,
     timeout: float,
     relay_networks: AccessPolicy,
+    pool: CheckPool | None = None,
+    dns: dict[str, object] | None = None,
 ) -> AsyncCheck:
-    """The end-of-data check: verify DKIM, add our field, drop forged ones."""
+    """The end-of-data check: verify DKIM, add our field, drop forged ones.
+
+    With a `pool` (and `dns`, its resolver settings as plain data) the DKIM work and
+    the header parsing run there, within its budget; past it the result is
+    dkim=temperror and nothing is dropped.
+    """
+
+    async def in_thread(session: Session) -> tuple[list[str], tuple[bytes, ...]]:
+        results = ["dkim=none"]
+        if dkim_mode != "off":
+            work = asyncio.to_thread(verify_dkim, session.data, resolver, timeout)
+            results = await within(timeout + 1.0, work, ["dkim=temperror"])
+        return results, forged_results(session.data, authserv_id)
+
+    async def in_pool(
+        pool: CheckPool, session: Session
+    ) -> tuple[list[str], tuple[bytes, ...]] | None:
+        args = {"authserv_id": authserv_id, "verify": dkim_mode != "off", "dns": dns}
+        answer = await pool.run("dkim", args, session.data)
+        if answer is None:
+            return None
+        forged = tuple(str(f).encode("latin-1") for f in answer["forged"])
+        return [str(r) for r in answer["results"]], forged
 
     async def check(session: Session) -> Verdict:
         if is_trusted(session, relay_networks):
             return ACCEPT
         results = list(session.auth_results)
+        if pool is None:
+            dkim_results, forged = await in_thread(session)
+        else:
+            found = await in_pool(pool, session)
+            if found is None and dkim_mode == "reject":
+                return Defer(OVER_BUDGET)  # over budget: try again later
+            dkim_results, forged = found or (["dkim=temperror"], ())
         if dkim_mode != "off":
-            work = asyncio.to_thread(verify_dkim, session.data, resolver, timeout)
-            dkim_results = await within(timeout + 1.0, work, ["dkim=temperror"])
             refusal = dkim_refusal(dkim_mode, dkim_results)
             if refusal is not None:
                 return refusal
             results.extend(dkim_results)
-        field = results_field(authserv_id, results)
-        return Tag((field,), forged_results(session.data, authserv_id))
+        return Tag((results_field(authserv_id, results),), forged)
 
     return check

@@ -37,7 +37,9 @@ from . import (
     ACCEPT,
     AsyncCheck,
     Check,
+    Defer,
     Session,
+    Tag,
     Verdict,
     header_field,
     is_trusted,
@@ -46,6 +48,7 @@ from . import (
 )
 from .headers import Header, parse_header, without_comments
 from .lookup import Resolver, address_of, lookup, within
+from .pool import OVER_BUDGET, CheckPool
 
 TAG_FIELD = "X-Leafmail-Received"
 HOP_TAG_THRESHOLD = 30
@@ -138,15 +141,36 @@ def chain_check(mode: str, hostname: str, relay_networks: AccessPolicy) -> Check
     def check(session: Session) -> Verdict:
         if is_trusted(session, relay_networks):
             return ACCEPT
-        found = chain_problems(session.data, hostname)
-        if not found:
-            return ACCEPT
-        forged = [f for f in found if f.startswith("Received")]
-        if not forged:  # a long chain alone is only ever tagged
-            return _taint("tag", found, "", (550, "5.7.1"))
-        return _taint(mode, found, forged[0], (550, "5.7.1"))
+        return _chain_verdict(mode, chain_problems(session.data, hostname))
 
     return check
+
+
+def chain_pool_check(
+    mode: str, hostname: str, relay_networks: AccessPolicy, pool: CheckPool
+) -> AsyncCheck:
+    """`chain_check` with the header parsed in the check pool, within its budget."""
+
+    async def check(session: Session) -> Verdict:
+        if is_trusted(session, relay_networks):
+            return ACCEPT
+        answer = await pool.run("received", {"hostname": hostname}, session.data)
+        if answer is None:  # over budget: a temporary result
+            if mode == "reject":
+                return Defer(OVER_BUDGET)
+            return Tag((header_field(TAG_FIELD, "temperror (over budget)"),))
+        return _chain_verdict(mode, [str(p) for p in answer["problems"]])
+
+    return check
+
+
+def _chain_verdict(mode: str, found: list[str]) -> Verdict:
+    if not found:
+        return ACCEPT
+    forged = [f for f in found if f.startswith("Received")]
+    if not forged:  # a long chain alone is only ever tagged
+        return _taint("tag", found, "", (550, "5.7.1"))
+    return _taint(mode, found, forged[0], (550, "5.7.1"))
 
 
 # --- reverse DNS (at MAIL) -----------------------------------------------------------

@@ -30,8 +30,21 @@ from netserver.smtp.addresses import Body, MailParameters
 from netserver.smtp.readers import has_bare_newline
 from netserver.smtp.replies import Reply
 
-from . import ACCEPT, Check, Session, Verdict, header_field, is_trusted, printable, tag_or_reject
+from . import (
+    ACCEPT,
+    AsyncCheck,
+    Check,
+    Defer,
+    Session,
+    Tag,
+    Verdict,
+    header_field,
+    is_trusted,
+    printable,
+    tag_or_reject,
+)
 from .headers import Header, RawField, header_section, parse_header
+from .pool import OVER_BUDGET, CheckPool
 
 TAG_FIELD = "X-Leafmail-RFC5322"
 MAX_LINE = 998  # octets without the CRLF, RFC 5322 2.1.1
@@ -59,14 +72,38 @@ def rfc5322_check(mode: str, relay_networks: AccessPolicy) -> Check:
     def check(session: Session) -> Verdict:
         if is_trusted(session, relay_networks):
             return ACCEPT
-        found = problems(session.data, session.params)
-        if not found:
-            return ACCEPT
-        reasons = "; ".join(found)
-        reply = Reply(550, "5.6.0", printable(f"Message does not conform to RFC 5322: {reasons}"))
-        return tag_or_reject(mode, header_field(TAG_FIELD, f"fail ({reasons})"), reply)
+        return _verdict(mode, problems(session.data, session.params))
 
     return check
+
+
+def rfc5322_pool_check(mode: str, relay_networks: AccessPolicy, pool: CheckPool) -> AsyncCheck:
+    """`rfc5322_check` run in the check pool, within its CPU and time budget."""
+
+    async def check(session: Session) -> Verdict:
+        if is_trusted(session, relay_networks):
+            return ACCEPT
+        params = session.params
+        args = {
+            "body": params.body.value if params and params.body else None,
+            "smtputf8": bool(params and params.smtputf8),
+        }
+        answer = await pool.run("rfc5322", args, session.data)
+        if answer is None:  # over budget: a temporary result
+            if mode == "reject":
+                return Defer(OVER_BUDGET)
+            return Tag((header_field(TAG_FIELD, "temperror (over budget)"),))
+        return _verdict(mode, [str(p) for p in answer["problems"]])
+
+    return check
+
+
+def _verdict(mode: str, found: list[str]) -> Verdict:
+    if not found:
+        return ACCEPT
+    reasons = "; ".join(found)
+    reply = Reply(550, "5.6.0", printable(f"Message does not conform to RFC 5322: {reasons}"))
+    return tag_or_reject(mode, header_field(TAG_FIELD, f"fail ({reasons})"), reply)
 
 
 def problems(data: bytes, params: MailParameters | None = None) -> list[str]:

@@ -34,6 +34,7 @@ from netserver.smtp.replies import Reply
 
 from . import ACCEPT, AsyncCheck, Defer, Reject, Session, Verdict, is_trusted, printable
 from .lookup import within
+from .pool import CheckPool
 
 SPF_FAIL = Reply(550, "5.7.23", "SPF validation failed")
 SPF_TEMPERROR = Reply(451, "4.7.24", "SPF validation error, try again later")
@@ -114,15 +115,41 @@ def evaluate_spf(
 
 
 def spf_check(
-    mode: str, resolver: dns.resolver.Resolver, timeout: float, relay_networks: AccessPolicy
+    mode: str,
+    resolver: dns.resolver.Resolver,
+    timeout: float,
+    relay_networks: AccessPolicy,
+    pool: CheckPool | None = None,
+    dns_settings: dict[str, object] | None = None,
 ) -> AsyncCheck:
-    """The MAIL-stage SPF check: remembers the result; refuses a fail in "reject" mode."""
+    """The MAIL-stage SPF check: remembers the result; refuses a fail in "reject" mode.
+
+    With a `pool` the evaluation runs there (`dns_settings` is the resolver's [dns]
+    as plain data); past its budget the result is a temperror.
+    """
+
+    async def in_pool(pool: CheckPool, session: Session) -> SpfResult | None:
+        ip, sender = session.client_ip, session.sender
+        args = {
+            "ip": str(ip) if ip is not None else None,
+            "helo": session.helo,
+            "sender": [sender.local, sender.domain] if sender else None,
+            "dns": dns_settings,
+        }
+        answer = await pool.run("spf", args, b"")
+        if answer is None:
+            return _timed_out(session)
+        found = answer["spf"]
+        return SpfResult(str(found[0]), str(found[1]), str(found[2])) if found else None
 
     async def check(session: Session) -> Verdict:
         if is_trusted(session, relay_networks):
             return ACCEPT
-        work = asyncio.to_thread(evaluate_spf, resolver, session, timeout)
-        found = await within(timeout + 1.0, work, _timed_out(session))
+        if pool is not None:
+            found = await in_pool(pool, session)
+        else:
+            work = asyncio.to_thread(evaluate_spf, resolver, session, timeout)
+            found = await within(timeout + 1.0, work, _timed_out(session))
         if found is None:
             return ACCEPT
         session.auth_results.append(found.resinfo)

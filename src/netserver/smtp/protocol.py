@@ -391,6 +391,7 @@ _DATA_ERRORS: Final = {
     DataError.TOO_BIG: replies.MESSAGE_TOO_BIG,
     DataError.LINE_TOO_LONG: replies.DATA_LINE_TOO_LONG,
     DataError.BARE_NEWLINE: replies.BARE_NEWLINE_IN_DATA,
+    DataError.NUL: replies.NUL_IN_DATA,
 }
 
 

@@ -12,11 +12,17 @@ Three readers share one receive buffer (a ``bytearray`` the protocol appends to)
 * `DataReader` reads a DATA body.  It removes dot-stuffing (RFC 5321 4.5.2) and ends
   only at CRLF "." CRLF, where the first CRLF may be the one that ended the DATA
   command.  ``LF.LF``, ``CR.CR`` or ``LF.CRLF`` end nothing.  Bare CR/LF, lines over
-  1000 octets (4.5.3.1.6) and an over-size message are *recorded* and answered after
-  the terminator, as 4.2.5 requires; from the first such error on the body is dropped,
-  so memory never grows past the maximum message size.
+  1000 octets (4.5.3.1.6), NUL octets and an over-size message are *recorded* and
+  answered after the terminator, as 4.2.5 requires; from the first such error on the
+  body is dropped, so memory never grows past the maximum message size.
 * `ChunkReader` reads exactly the octets a BDAT command announced (RFC 3030); they are
   raw, with no line structure and no stuffing.
+
+NUL is refused in DATA and BDAT alike (by `MessageSink`, which both feed): RFC 5321
+4.5.2 and RFC 5322 2.3 allow it in no text, and a next hop that silently drops NUL
+octets would read ``CRLF NUL "." CRLF`` as the end of DATA and run what follows as
+commands (the SMTP-smuggling scanners send exactly that), so no NUL is ever stored or
+relayed.  Stripping it instead would change a message we cannot know the meaning of.
 
 The DATA reader works on runs of bytes between line starts that begin with a dot,
 using ``bytes.find``/``count``, rather than on single lines, because a multi-megabyte
@@ -207,10 +213,11 @@ class DataError(Enum):
     TOO_BIG = "too big"
     LINE_TOO_LONG = "line too long"
     BARE_NEWLINE = "bare newline"
+    NUL = "NUL octet"
 
 
 class MessageSink:
-    """Collects a message body up to ``max_size`` octets.
+    """Collects a message body up to ``max_size`` octets, refusing NUL octets.
 
     The first error drops what was collected and everything after it; the size keeps
     being counted, but memory is never spent on a message that will be refused.
@@ -230,6 +237,9 @@ class MessageSink:
             return
         if self.size > self.max_size:
             self.fail(DataError.TOO_BIG)
+            return
+        if b"\0" in data:
+            self.fail(DataError.NUL)
             return
         self._body += data
 

@@ -253,6 +253,9 @@ NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 BARE_NEWLINE_IN_DATA = Reply(554, "5.6.0", "Message contains bare CR or LF")
+# 554 as for the other content errors found while reading (RFC 5321 4.3.2 lists 554
+# for DATA's end; 550 is about mailboxes); 5.6.0, "other media error" (RFC 3463).
+NUL_IN_DATA = Reply(554, "5.6.0", "Message contains a NUL octet")
 DATA_LINE_TOO_LONG = Reply(554, "5.6.0", "Message contains a line longer than 1000 octets")
 
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
