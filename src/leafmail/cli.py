@@ -56,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = UsageParser(
         prog=PROG,
         description="leafmail: a durable store-and-forward mail spooler.",
-        epilog="Exit codes: 0 ok, 64 usage, 65 bad data (e.g. a malformed queue id), "
-        "67 no such message, 69 unavailable, 75 temporary failure (mail still queued), "
-        "78 configuration.",
+        epilog="Exit codes: 0 ok, 64 usage, 65 bad data (e.g. a malformed queue id or a "
+        "mistake in the aliases file), 67 no such message, 69 unavailable, 73 cannot "
+        "create (e.g. no spool), 75 temporary failure (mail still queued), 78 "
+        "configuration, 141 the reader of the output went away.",
     )
     common = UsageParser(add_help=False)
     common.add_argument(
