@@ -35,7 +35,7 @@ def schema_keys(kind: type, prefix: str = "") -> set[str]:
         if name in NOT_KEYS:
             continue
         value_type = hints[field.name]
-        if dataclasses.is_dataclass(value_type):
+        if isinstance(value_type, type) and dataclasses.is_dataclass(value_type):
             keys |= schema_keys(value_type, f"{name}.")
         else:
             keys.add(name)
