@@ -12,8 +12,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# `make run`: leafmail serve in the foreground, its spool in ./spool. The README's next
+# commands reach it from a second shell after the export line it prints (a test runs them).
+RUN_SPOOL ?= $(CURDIR)/spool
+RUN_LISTEN ?= 127.0.0.1:2525
+RUN_FLAGS ?=
 run: $(STAMP)
-	$(BIN)/leafmail serve --listen 127.0.0.1:2525 --spool ./spool --hostname localhost
+	@echo 'make run: in a second shell, in this checkout:'
+	@echo '  export PATH="$$PWD/.venv/bin:$$PATH" LEAFMAIL_SPOOL="$$PWD/spool"'
+	$(BIN)/leafmail serve --listen $(RUN_LISTEN) --spool $(RUN_SPOOL) --hostname localhost $(RUN_FLAGS)
 
 # leafmail(8) and netserver(8), generated from the argparse definitions by argparse-manpage
 # (man/*.include adds ENVIRONMENT, FILES, EXIT STATUS ...); the pages are committed and
