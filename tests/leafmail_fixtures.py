@@ -72,11 +72,20 @@ CLI_TIMEOUT = 20.0
 
 
 def run_argv(
-    tmp_path: Path, argv: Sequence[str], *, timeout: float = CLI_TIMEOUT
+    tmp_path: Path,
+    argv: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = CLI_TIMEOUT,
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run `argv` to completion (bounded) in the checkout, in a clean environment."""
+    """Run `argv` to completion (bounded) in the checkout, in a clean environment + `env`."""
     return subprocess.run(
-        argv, cwd=ROOT, env=clean_env(tmp_path), capture_output=True, timeout=timeout, check=False
+        argv,
+        cwd=ROOT,
+        env=clean_env(tmp_path, env),
+        capture_output=True,
+        timeout=timeout,
+        check=False,
     )
 
 

@@ -118,6 +118,12 @@ def test_an_envelope_with_control_characters_is_escaped_everywhere(
     assert b"<ev\\x1b[2Jil@src.test>" in listing.stdout
     assert b"<bob\\x1b]0;owned\\x07@dst.test>" in listing.stdout
 
+    # sendmail -bp is the same listing.
+    env = {"LEAFMAIL_SPOOL": str(spool.root)}
+    bp = run_argv(tmp_path, leafmail_command("sendmail", "-bp"), env=env, timeout=TIMEOUT)
+    assert bp.returncode == 0, bp.stderr
+    assert b"<ev\\x1b[2Jil@src.test>" in bp.stdout and b"\x1b" not in bp.stdout
+
     # Piped, `show` gives the message exactly (for saving it); its JSON part is escaped.
     piped = cli(tmp_path, "show", qid, "--spool", str(spool.root))
     assert piped.returncode == 0, piped.stderr
@@ -210,6 +216,19 @@ def test_mailq_into_head_ends_quietly(tmp_path: Path, crowded: Spool) -> None:
     )
     assert len(shown) == 100 and shown.startswith(b"[")
     assert (status, errors) == (EX_PIPE, b"")
+
+
+def test_flush_into_head_goes_quiet_and_delivers_everything(
+    tmp_path: Path, spool: Spool, sink: Smarthost
+) -> None:
+    qids = [commit(spool, [f"bob{n}@dst.test"]) for n in range(5)]
+    config = flush_config(tmp_path, spool, sink.address)
+    argv = leafmail_command("flush", "--config", str(config))
+    status, errors, shown = piped_into_head(tmp_path, argv, "-n", "1")
+    assert shown.decode() in {f"{qid} delivered\n" for qid in qids}
+    assert (status, errors) == (0, b"flush: 5 delivered\n")
+    assert len(sink.received) == 5
+    assert not any(spool.ids(state) for state in ("queue", "deferred"))
 
 
 # --- mailq and newaliases by name ---------------------------------------------------------
