@@ -194,17 +194,18 @@ def test_a_missing_tls_file_is_named(tmp_path: Path) -> None:
     cert, key = tls_files(tmp_path)
     gone = tmp_path / "nope.pem"
     assert context_error(gone, key) == (
-        f"smtp.tls_cert {gone}: cannot read: No such file or directory"
+        f"smtp.tls_cert {gone}: cannot read the TLS certificate: No such file or directory"
     )
     assert (
-        context_error(cert, gone) == f"smtp.tls_key {gone}: cannot read: No such file or directory"
+        context_error(cert, gone)
+        == f"smtp.tls_key {gone}: cannot read the TLS private key: No such file or directory"
     )
 
 
 def test_tls_files_of_the_wrong_kind_are_named(tmp_path: Path) -> None:
     cert, key = tls_files(tmp_path)
-    assert context_error(key, key) == f"smtp.tls_cert {key}: no PEM certificate in it"
-    assert context_error(cert, cert) == f"smtp.tls_key {cert}: no PEM private key in it"
+    assert context_error(key, key) == f"smtp.tls_cert {key}: no PEM TLS certificate in it"
+    assert context_error(cert, cert) == f"smtp.tls_key {cert}: no PEM TLS private key in it"
 
 
 def test_a_key_that_does_not_match_names_both_files(tmp_path: Path) -> None:
@@ -226,5 +227,6 @@ def test_serve_exits_78_naming_the_tls_file(tmp_path: Path) -> None:
     done = run_leafmail(tmp_path, "serve", "--config", str(config), "--listen", "127.0.0.1:0")
     assert done.returncode == 78
     assert done.stderr.decode() == (
-        f"leafmail: smtp.tls_cert {gone}: cannot read: No such file or directory\n"
+        f"leafmail: smtp.tls_cert {gone}: cannot read the TLS certificate: "
+        "No such file or directory\n"
     )

@@ -46,8 +46,8 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     # OpenSSL's errors name neither file, so each is checked first for what can be told
     # apart: it cannot be read, or holds no PEM block of the kind it should.
-    _check_pem("smtp.tls_cert", cert, b"CERTIFICATE-----")
-    _check_pem("smtp.tls_key", key or cert, b"PRIVATE KEY-----")
+    _check_pem("smtp.tls_cert", cert, "TLS certificate", b"CERTIFICATE-----")
+    _check_pem("smtp.tls_key", key or cert, "TLS private key", b"PRIVATE KEY-----")
     try:
         context.load_cert_chain(cert, key or None)
     except (OSError, ssl.SSLError) as exc:
@@ -58,15 +58,14 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
-def _check_pem(setting: str, path: str, marker: bytes) -> None:
+def _check_pem(setting: str, path: str, kind: str, marker: bytes) -> None:
     """ConfigError naming `setting` and `path` if the file cannot be read or lacks `marker`."""
     try:
         with open(path, "rb") as f:
             data = f.read(1 << 20)
     except OSError as exc:
-        raise ConfigError(f"{setting} {path}: cannot read: {exc.strerror or exc}") from None
+        raise ConfigError(f"{setting} {path}: cannot read the {kind}: {exc.strerror}") from None
     if marker not in data:
-        kind = "certificate" if marker.startswith(b"CERT") else "private key"
         raise ConfigError(f"{setting} {path}: no PEM {kind} in it")
 
 
