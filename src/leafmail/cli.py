@@ -61,13 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "create (e.g. no spool), 75 temporary failure (mail still queued), 78 "
         "configuration, 141 the reader of the output went away.",
     )
-    common = UsageParser(add_help=False)
-    common.add_argument(
-        "--config",
-        metavar="FILE",
-        help="TOML config (default: $LEAFMAIL_CONFIG, else ~/.config/leafmail/leafmail.toml)",
-    )
-    common.add_argument("--spool", metavar="DIR", help="spool directory (over $LEAFMAIL_SPOOL)")
+    common = common_flags()
     sub = parser.add_subparsers(dest="command", required=True, parser_class=UsageParser)
     s = sub.add_parser(
         "serve",
@@ -178,6 +172,18 @@ NEWALIASES_DESCRIPTION = (
 )
 
 
+def common_flags() -> UsageParser:
+    """The parent parser of every command's --config and --spool."""
+    common = UsageParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML config (default: $LEAFMAIL_CONFIG, else ~/.config/leafmail/leafmail.toml)",
+    )
+    common.add_argument("--spool", metavar="DIR", help="spool directory (over $LEAFMAIL_SPOOL)")
+    return common
+
+
 def add_queue_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `leafmail queue`, which `mailq` shares."""
     parser.add_argument("--json", action="store_true", help="print a JSON list instead")
@@ -185,9 +191,7 @@ def add_queue_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _mailq_parser() -> argparse.ArgumentParser:
     """`mailq`, run by that name: `leafmail queue` with the same flags."""
-    parser = UsageParser(prog="mailq", description=QUEUE_DESCRIPTION)
-    parser.add_argument("--config", metavar="FILE", help="TOML config (over $LEAFMAIL_CONFIG)")
-    parser.add_argument("--spool", metavar="DIR", help="spool directory (over $LEAFMAIL_SPOOL)")
+    parser = UsageParser(prog="mailq", description=QUEUE_DESCRIPTION, parents=[common_flags()])
     add_queue_arguments(parser)
     parser.set_defaults(command="queue")
     return parser
@@ -195,9 +199,10 @@ def _mailq_parser() -> argparse.ArgumentParser:
 
 def _newaliases_parser() -> argparse.ArgumentParser:
     """`newaliases`, run by that name."""
-    parser = UsageParser(prog="newaliases", description=NEWALIASES_DESCRIPTION)
-    parser.add_argument("--config", metavar="FILE", help="TOML config (over $LEAFMAIL_CONFIG)")
-    parser.set_defaults(command="newaliases", spool=None)
+    parser = UsageParser(
+        prog="newaliases", description=NEWALIASES_DESCRIPTION, parents=[common_flags()]
+    )
+    parser.set_defaults(command="newaliases")
     return parser
 
 
