@@ -277,24 +277,41 @@ def _spool(args: argparse.Namespace) -> Spool:
 def cmd_queue(args: argparse.Namespace) -> int:
     entries = tools.list_queue(_spool(args))
     if args.json:
-        print(json.dumps([e.to_json() for e in entries], indent=2))
+        write_out(json.dumps([e.to_json() for e in entries], indent=2) + "\n")
     else:
-        sys.stdout.write(printable(tools.format_queue(entries), lines=True))
+        write_out(printable(tools.format_queue(entries), lines=True))
     return EX_OK
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     info, data = tools.show(_spool(args), args.id)
-    sys.stdout.write(json.dumps(info, indent=2) + "\n")  # ASCII: JSON escapes the rest
+    head = json.dumps(info, indent=2) + "\n"  # ASCII: JSON escapes the rest
     if args.envelope:
-        return EX_OK
-    if sys.stdout.isatty():
+        write_out(head)
+    elif sys.stdout.isatty():
         text = data.decode("utf-8", errors="backslashreplace")
-        sys.stdout.write("\n" + printable(text, lines=True))
+        write_out(head + "\n" + printable(text, lines=True))
     else:
-        sys.stdout.flush()
-        sys.stdout.buffer.write(b"\n" + data)
+        write_out(head.encode() + b"\n" + data)
     return EX_OK
+
+
+PIECE = 1 << 16
+
+
+def write_out(output: str | bytes) -> None:
+    """Write to stdout in pieces of 64 KiB.
+
+    When the reader goes away during one large write, the kernel returns a short count
+    that CPython does not always report; only a write after it fails. In pieces, a
+    closed pipe is always found (and ends the command with EX_PIPE), whatever the size.
+    """
+    data = output.encode() if isinstance(output, str) else output
+    sys.stdout.flush()
+    out = sys.stdout.buffer
+    for start in range(0, len(data), PIECE):
+        out.write(data[start : start + PIECE])
+        out.flush()
 
 
 def cmd_newaliases(args: argparse.Namespace) -> int:
