@@ -188,7 +188,7 @@ def test_flush_no_daemon_bypasses_a_running_daemon(
     assert sorted(done.stdout.splitlines()) == sorted(f"{q} delivered" for q in qids)
     assert queued(tmp_path / "spool") == []
     assert len(sink.received) == 2
-    assert "msg=delivery" not in daemon.log()  # the daemon was not asked
+    assert "leafmail: delivery " not in daemon.log()  # the daemon was not asked
 
 
 def test_flush_with_a_451_recipient_exits_75_and_keeps_the_message(
