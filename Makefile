@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench soak clean
+.PHONY: run test lint typecheck unit bench soak clean man
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,8 +12,32 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# `make run`: leafmail serve in the foreground, its spool in ./spool. The README's next
+# commands reach it from a second shell after the export line it prints (a test runs them).
+RUN_SPOOL ?= $(CURDIR)/spool
+RUN_LISTEN ?= 127.0.0.1:2525
+RUN_FLAGS ?=
 run: $(STAMP)
-	$(BIN)/leafmail serve --listen 127.0.0.1:2525 --spool ./spool --hostname localhost
+	@echo 'make run: in a second shell, in this checkout:'
+	@echo '  export PATH="$$PWD/.venv/bin:$$PATH" LEAFMAIL_SPOOL="$$PWD/spool"'
+	$(BIN)/leafmail serve --listen $(RUN_LISTEN) --spool $(RUN_SPOOL) --hostname localhost $(RUN_FLAGS)
+
+# leafmail(8) and netserver(8), generated from the argparse definitions by argparse-manpage
+# (man/*.include adds ENVIRONMENT, FILES, EXIT STATUS ...); the pages are committed and
+# installed with the package (share/man/man8); a test checks they are up to date.
+MANDIR ?= man
+MANDATE := $(shell git log -1 --format=%ct 2>/dev/null || date +%s)
+man: $(STAMP)
+	SOURCE_DATE_EPOCH=$(MANDATE) $(BIN)/argparse-manpage --module leafmail.cli \
+	  --function build_parser --prog leafmail --manual-section 8 \
+	  --manual-title "System Manager's Manual" --project-name leafmail \
+	  --description "a durable store-and-forward mail spooler" \
+	  --include man/leafmail.include --output $(MANDIR)/leafmail.8
+	SOURCE_DATE_EPOCH=$(MANDATE) $(BIN)/argparse-manpage --module netserver.cli \
+	  --function build_parser --prog netserver --manual-section 8 \
+	  --manual-title "System Manager's Manual" --project-name netserver \
+	  --description "write a TCP server as a function of stdin and stdout" \
+	  --include man/netserver.include --output $(MANDIR)/netserver.8
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests examples bench

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import email.utils
 import os
+import pty
 import re
 import signal
 import smtplib
@@ -67,16 +68,77 @@ def clean_env(tmp_path: Path, extra: dict[str, str] | None = None) -> dict[str, 
 
 
 FLUSH_TIMEOUT = 30.0
+CLI_TIMEOUT = 20.0
+
+
+def run_argv(
+    tmp_path: Path,
+    argv: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = CLI_TIMEOUT,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run `argv` to completion (bounded) in the checkout, in a clean environment + `env`."""
+    return subprocess.run(
+        argv,
+        cwd=ROOT,
+        env=clean_env(tmp_path, env),
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def run_leafmail(
+    tmp_path: Path, *args: str, timeout: float = CLI_TIMEOUT
+) -> subprocess.CompletedProcess[bytes]:
+    """`leafmail ARGS` to completion (bounded), in a clean environment."""
+    return run_argv(tmp_path, leafmail_command(*args), timeout=timeout)
+
+
+def run_on_terminal(
+    tmp_path: Path, argv: Sequence[str], *, timeout: float = CLI_TIMEOUT
+) -> tuple[int, str, str]:
+    """Run `argv` with its stdout on a pseudo-terminal: (status, screen, stderr)."""
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env={**clean_env(tmp_path), "COLUMNS": "100", "TERM": "xterm"},
+            stdin=subprocess.DEVNULL,
+            stdout=terminal,
+            stderr=subprocess.PIPE,
+        )
+        os.close(terminal)
+        screen = b""
+        while chunk := _read_pty(controller):
+            screen += chunk
+        status = proc.wait(timeout)
+        assert proc.stderr is not None
+        errors = proc.stderr.read().decode(errors="replace")
+        proc.stderr.close()
+    finally:
+        os.close(controller)
+    return status, screen.decode(errors="replace"), errors
+
+
+def _read_pty(fd: int) -> bytes:
+    """What the terminal shows next; b"" once the writer has closed it (EIO on Linux)."""
+    try:
+        return os.read(fd, 65536)
+    except OSError:
+        return b""
 
 
 def run_flush(
     tmp_path: Path, config: Path, *args: str, timeout: float = FLUSH_TIMEOUT
 ) -> subprocess.CompletedProcess[str]:
     """``leafmail flush --config CONFIG ARGS`` as its own process, in a clean environment."""
-    return run_leafmail(tmp_path, "flush", "--config", str(config), *args, timeout=timeout)
+    return run_leafmail_text(tmp_path, "flush", "--config", str(config), *args, timeout=timeout)
 
 
-def run_leafmail(
+def run_leafmail_text(
     tmp_path: Path, *args: str, timeout: float = FLUSH_TIMEOUT
 ) -> subprocess.CompletedProcess[str]:
     """``leafmail ARGS`` to completion (bounded), in a clean environment; text output."""

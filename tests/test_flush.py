@@ -10,8 +10,6 @@ DATA at the smarthost) the tests poll the condition with a bounded deadline.
 from __future__ import annotations
 
 import json
-import os
-import pty
 import signal
 import socket
 import subprocess
@@ -28,6 +26,7 @@ from leafmail_fixtures import (
     leafmail_command,
     leafmail_servers,
     run_flush,
+    run_on_terminal,
     smtp_client,
     smtplib_send,
     spawn_leafmail,
@@ -139,7 +138,7 @@ def test_offline_daemon_spools_and_flush_makes_it_deliver(
     assert sorted(received_bodies(sink)) == sorted(message(n) for n in range(3))
     assert all((r.sender, r.recipients) == (SENDER, ["bob@dst.test"]) for r in sink.received)
     log = daemon.log()  # the daemon did the work, not the flush process
-    assert all(f"msg=delivery qid={q} result=delivered" in log for q in qids), log
+    assert all(f"delivery qid={q} result=delivered" in log for q in qids), log
 
 
 def test_flush_through_the_daemon_exits_75_when_mail_stays(
@@ -189,7 +188,7 @@ def test_flush_no_daemon_bypasses_a_running_daemon(
     assert sorted(done.stdout.splitlines()) == sorted(f"{q} delivered" for q in qids)
     assert queued(tmp_path / "spool") == []
     assert len(sink.received) == 2
-    assert "msg=delivery" not in daemon.log()  # the daemon was not asked
+    assert "leafmail: delivery " not in daemon.log()  # the daemon was not asked
 
 
 def test_flush_with_a_451_recipient_exits_75_and_keeps_the_message(
@@ -288,7 +287,7 @@ def test_smarthost_mode_daemon_delivers_by_itself(
     config = make_config(tmp_path, smarthost=sink.address, mode="smarthost")
     daemon = start_daemon(servers, tmp_path, config)
     qids = send(daemon, 2)
-    lines = [f"msg=delivery qid={q} result=delivered" for q in qids]
+    lines = [f"delivery qid={q} result=delivered" for q in qids]
     # The daemon logs a delivery once the message is recorded and removed.
     wait_for("both deliveries", lambda: all(line in daemon.log() for line in lines))
     assert queued(tmp_path / "spool") == []
@@ -349,7 +348,7 @@ def test_daemon_killed_mid_delivery_delivers_after_restart(
     sink.behaviour.hang_at_data = False
     sink.release_hung()
     second = start_daemon(servers, tmp_path, config)  # same spool: picks the message up
-    line = f"msg=delivery qid={qid} result=delivered"
+    line = f"delivery qid={qid} result=delivered"
     wait_for("the restarted daemon to deliver", lambda: line in second.log())
     assert queued(tmp_path / "spool") == []
     assert 1 <= len(sink.received) <= 2
@@ -373,7 +372,7 @@ def test_released_mail_goes_at_once_with_a_running_daemon(
     config = make_config(tmp_path, smarthost=sink.address, mode="smarthost")
     daemon = start_daemon(servers, tmp_path, config)
     (marker,) = send(daemon, 1)  # once this is delivered, the daemon's pass has run
-    line = f"msg=delivery qid={marker} result=delivered"
+    line = f"delivery qid={marker} result=delivered"
     wait_for("the daemon's first delivery", lambda: line in daemon.log())
     assert Spool(spool, create=False).ids("hold") == [held]
 
@@ -419,35 +418,10 @@ def test_flush_on_a_terminal_shows_a_progress_bar(sink: Smarthost, tmp_path: Pat
     """On a terminal flush draws rich's bar (N/N done) instead of one line per message."""
     config = make_config(tmp_path, smarthost=sink.address)
     qids = spool_commit(tmp_path / "spool", 3)
-    controller, terminal = pty.openpty()
-    try:
-        proc = subprocess.Popen(
-            leafmail_command("flush", "--config", str(config)),
-            cwd=ROOT,
-            env={**clean_env(tmp_path), "COLUMNS": "100", "TERM": "xterm"},
-            stdin=subprocess.DEVNULL,
-            stdout=terminal,
-            stderr=subprocess.PIPE,
-        )
-        os.close(terminal)
-        screen = b""
-        while chunk := _read_pty(controller):
-            screen += chunk
-        assert proc.wait(FLUSH_TIMEOUT) == 0
-        assert proc.stderr is not None
-        summary = proc.stderr.read().decode()
-    finally:
-        os.close(controller)
-    text = screen.decode(errors="replace")
+    argv = leafmail_command("flush", "--config", str(config))
+    status, text, summary = run_on_terminal(tmp_path, argv, timeout=FLUSH_TIMEOUT)
+    assert status == 0
     assert "flushing" in text and "3/3" in text, text
     assert not any(qid in text for qid in qids)  # no per-message lines on a terminal
     assert "3 delivered" in summary
     assert queued(tmp_path / "spool") == []
-
-
-def _read_pty(fd: int) -> bytes:
-    """What the terminal shows next; b"" once the writer has closed it (EIO on Linux)."""
-    try:
-        return os.read(fd, 65536)
-    except OSError:
-        return b""

@@ -321,7 +321,7 @@ def test_expired_message_bounces_with_the_last_error(sink: Smarthost, spool: Spo
     assert "Action: failed" in text
     assert "Status: 4.4.7" in text
     assert "Final-Recipient: rfc822; busy@dst.test" in text
-    assert "expired after 1 days in the queue; last error: 451 4.2.1 mailbox busy" in text
+    assert "expired after 1 day in the queue; last error: 451 4.2.1 mailbox busy" in text
 
 
 def test_expiry_happens_while_the_link_is_down(spool: Spool) -> None:

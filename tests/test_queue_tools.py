@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from leafmail_fixtures import clean_env, leafmail_command
+from leafmail_fixtures import clean_env, leafmail_command, run_leafmail
 from smarthost import Smarthost
 
 from leafmail import tools
@@ -87,14 +87,7 @@ def populate(spool: Spool, sink: Smarthost) -> Populated:
 
 def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
     """Run `leafmail ARGS` to completion (bounded) and return what it did."""
-    return subprocess.run(
-        leafmail_command(*args),
-        cwd=ROOT,
-        env=clean_env(tmp_path),
-        capture_output=True,
-        timeout=CLI_TIMEOUT,
-        check=False,
-    )
+    return run_leafmail(tmp_path, *args, timeout=CLI_TIMEOUT)
 
 
 def spool_cli(tmp_path: Path, spool: Spool, *args: str) -> subprocess.CompletedProcess[bytes]:

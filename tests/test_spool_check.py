@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from leafmail_fixtures import run_leafmail
+from leafmail_fixtures import run_leafmail_text
 from system_users import ensure_user, needs_root
 
 from leafmail.spool import Spool, SpoolError
@@ -59,7 +59,7 @@ def with_link(spool: Path, target: Path, name: str = "tmp") -> None:
 
 def serve(tmp_path: Path, spool: Path) -> subprocess.CompletedProcess[str]:
     """`leafmail serve` on `spool`; it must refuse, so it never runs long."""
-    return run_leafmail(tmp_path, "serve", "--spool", str(spool), "--listen", "127.0.0.1:0")
+    return run_leafmail_text(tmp_path, "serve", "--spool", str(spool), "--listen", "127.0.0.1:0")
 
 
 def refused(done: subprocess.CompletedProcess[str], *words: str) -> None:
@@ -246,4 +246,4 @@ def test_daemon_refuses_a_world_writable_queue(tmp_path: Path) -> None:
 def test_queue_tools_refuse_a_world_writable_queue(tmp_path: Path, tool: list[str]) -> None:
     spool = make_spool(tmp_path / "spool")
     (spool / "queue").chmod(0o777)
-    refused(run_leafmail(tmp_path, *tool, "--spool", str(spool)), "group- or world-writable")
+    refused(run_leafmail_text(tmp_path, *tool, "--spool", str(spool)), "group- or world-writable")

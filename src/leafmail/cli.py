@@ -3,10 +3,16 @@
 ``serve`` accepts mail by SMTP, spools it durably and (with a smarthost) delivers it;
 ``flush`` delivers everything now; ``queue``, ``show``, ``delete``, ``hold`` and
 ``release`` look after the spool; ``passwd USER`` prints a users-file line for SMTP AUTH;
-``sendmail`` is the sendmail(8) command (also run by that name, e.g. through a symlink).
-Configuration comes from ``--config``, else ``$LEAFMAIL_CONFIG``, else the default
-location; flags beat LEAFMAIL_* variables, which beat the file. Errors print one line and
-exit with a sysexits code.
+``sendmail`` is the sendmail(8) command; ``newaliases`` checks the aliases file. Run by
+the name ``sendmail``, ``mailq`` or ``newaliases`` (a symlink to leafmail, as Postfix
+installs them), it is that command. Configuration comes from ``--config``, else
+``$LEAFMAIL_CONFIG``, else the default location; flags beat LEAFMAIL_* variables, which
+beat the file. Errors print one line and exit with a sysexits code.
+
+Output that came from elsewhere (smarthost replies, envelopes, message text on a
+terminal) goes through `printable`, so no control sequence reaches the terminal;
+``--json`` stays exact. A reader that goes away (``leafmail queue | head``) ends the
+command quietly with status 141, as the shell reports for a tool killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -22,36 +28,41 @@ from collections.abc import Callable, Sequence
 
 from netserver.cli import UsageParser, add_runtime_flags, exit_status
 from netserver.connlog import ServerLog
-from netserver.errors import EX_OK, CantCreateError, NetserverError, UsageError
+from netserver.errors import (
+    EX_DATAERR,
+    EX_OK,
+    CantCreateError,
+    ConfigError,
+    NetserverError,
+    UsageError,
+)
 from netserver.readiness import ready_fd_writer
 from netserver.server import loop_factory
 
 from . import config as configuration
 from . import control, sendmail, tools
+from .aliases import Aliases
 from .auth import hash_password
 from .daemon import Daemon
 from .flush import flush
+from .printable import printable
 from .spool import Spool
 from .spoolcheck import check_spool
 
 PROG = "leafmail"
+EX_PIPE = 128 + 13  # the status a shell shows for a process killed by SIGPIPE
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = UsageParser(
         prog=PROG,
         description="leafmail: a durable store-and-forward mail spooler.",
-        epilog="Exit codes: 0 ok, 64 usage, 65 bad data (e.g. a malformed queue id), "
-        "67 no such message, 69 unavailable, 75 temporary failure (mail still queued), "
-        "78 configuration.",
+        epilog="Exit codes: 0 ok, 64 usage, 65 bad data (e.g. a malformed queue id or a "
+        "mistake in the aliases file), 67 no such message, 69 unavailable, 73 cannot "
+        "create (e.g. no spool), 75 temporary failure (mail still queued), 78 "
+        "configuration, 141 the reader of the output went away.",
     )
-    common = UsageParser(add_help=False)
-    common.add_argument(
-        "--config",
-        metavar="FILE",
-        help="TOML config (default: $LEAFMAIL_CONFIG, else ~/.config/leafmail/leafmail.toml)",
-    )
-    common.add_argument("--spool", metavar="DIR", help="spool directory (over $LEAFMAIL_SPOOL)")
+    common = common_flags()
     sub = parser.add_subparsers(dest="command", required=True, parser_class=UsageParser)
     s = sub.add_parser(
         "serve",
@@ -96,20 +107,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="deliver in this process even if a daemon runs "
         "(implied by --smarthost, --tls and --ca-file)",
     )
-    q = sub.add_parser(
-        "queue",
-        parents=[common],
-        help="list queued mail (like mailq)",
-        description="List every message in the spool: id, state (active, deferred, held, "
-        "corrupt), size, age, sender, each recipient's state and the last error.",
+    add_queue_arguments(
+        sub.add_parser(
+            "queue",
+            parents=[common],
+            help="list queued mail (also run as mailq)",
+            description=QUEUE_DESCRIPTION,
+        )
     )
-    q.add_argument("--json", action="store_true", help="print a JSON list instead")
+    sub.add_parser(
+        "newaliases",
+        parents=[common],
+        help="check the aliases file (also run as newaliases)",
+        description=NEWALIASES_DESCRIPTION,
+    )
     sh = sub.add_parser(
         "show",
         parents=[common],
         help="print a message's envelope, status and content",
         description="Print the envelope and delivery status (as JSON), a blank line, then "
-        "the message exactly as spooled.",
+        "the message: exactly as spooled when the output is a file or a pipe, with control "
+        "characters escaped (\\x1b) when it is a terminal, as ls(1) does.",
     )
     sh.add_argument("id")
     sh.add_argument("--envelope", action="store_true", help="only the envelope and status")
@@ -142,6 +160,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+QUEUE_DESCRIPTION = (
+    "List every message in the spool: id, state (active, deferred, held, corrupt), size, "
+    "age, sender, each recipient's state and the last error. Control characters in them "
+    "are shown escaped (\\x1b); --json gives them exactly, JSON-escaped."
+)
+NEWALIASES_DESCRIPTION = (
+    "Check the aliases file named by local.aliases and print how many aliases it has. "
+    "leafmail reads the file again whenever it changes, so there is no database to "
+    "rebuild: this only finds mistakes before mail does. Exit 0 when it is good, 65 "
+    "with FILE:LINE and the problem when it is not, 78 when there is none to check or "
+    "it cannot be read."
+)
+
+
+def common_flags() -> UsageParser:
+    """The parent parser of every command's --config and --spool."""
+    common = UsageParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML config (default: $LEAFMAIL_CONFIG, else ~/.config/leafmail/leafmail.toml)",
+    )
+    common.add_argument("--spool", metavar="DIR", help="spool directory (over $LEAFMAIL_SPOOL)")
+    return common
+
+
+def add_queue_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `leafmail queue`, which `mailq` shares."""
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead")
+
+
+def _mailq_parser() -> argparse.ArgumentParser:
+    """`mailq`, run by that name: `leafmail queue` with the same flags."""
+    parser = UsageParser(prog="mailq", description=QUEUE_DESCRIPTION, parents=[common_flags()])
+    add_queue_arguments(parser)
+    parser.set_defaults(command="queue")
+    return parser
+
+
+def _newaliases_parser() -> argparse.ArgumentParser:
+    """`newaliases`, run by that name."""
+    parser = UsageParser(
+        prog="newaliases", description=NEWALIASES_DESCRIPTION, parents=[common_flags()]
+    )
+    parser.set_defaults(command="newaliases")
+    return parser
+
+
 def _config(args: argparse.Namespace) -> configuration.Config:
     config = configuration.load(args.config)
     if args.spool:
@@ -168,7 +234,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     daemon = Daemon(
         config,
-        log=ServerLog(json_lines=args.log_format == "json"),
+        log=ServerLog(json_lines=args.log_format == "json", program=PROG),
         on_ready=ready_fd_writer(args.ready_fd),
     )
     with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
@@ -214,19 +280,67 @@ def _spool(args: argparse.Namespace) -> Spool:
 def cmd_queue(args: argparse.Namespace) -> int:
     entries = tools.list_queue(_spool(args))
     if args.json:
-        print(json.dumps([e.to_json() for e in entries], indent=2))
+        write_out(json.dumps([e.to_json() for e in entries], indent=2) + "\n")
     else:
-        sys.stdout.write(tools.format_queue(entries))
+        write_out(printable(tools.format_queue(entries), lines=True))
     return EX_OK
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     info, data = tools.show(_spool(args), args.id)
-    sys.stdout.write(json.dumps(info, indent=2) + "\n")
-    if not args.envelope:
-        sys.stdout.flush()
-        sys.stdout.buffer.write(b"\n" + data)
+    head = json.dumps(info, indent=2) + "\n"  # ASCII: JSON escapes the rest
+    if args.envelope:
+        write_out(head)
+    elif sys.stdout.isatty():
+        text = data.decode("utf-8", errors="backslashreplace")
+        write_out(head + "\n" + printable(text, lines=True))
+    else:
+        write_out(head.encode() + b"\n" + data)
     return EX_OK
+
+
+PIECE = 1 << 16
+
+
+def write_out(output: str | bytes) -> None:
+    """Write to stdout in pieces of 64 KiB.
+
+    When the reader goes away during one large write, the kernel returns a short count
+    that CPython does not always report; only a write after it fails. In pieces, a
+    closed pipe is always found (and ends the command with EX_PIPE), whatever the size.
+    """
+    data = output.encode() if isinstance(output, str) else output
+    sys.stdout.flush()
+    out = sys.stdout.buffer
+    for start in range(0, len(data), PIECE):
+        out.write(data[start : start + PIECE])
+        out.flush()
+
+
+def cmd_newaliases(args: argparse.Namespace) -> int:
+    """Parse the aliases file as delivery would: 65 and FILE:LINE for a mistake in it."""
+    config = _config(args)
+    path = config.local.aliases
+    if not path:
+        raise ConfigError(f"{config.source}: local.aliases is not set: no aliases file to check")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        table = Aliases(path, config.local_domains).table()
+    except ConfigError as exc:  # readable, so the mistake is in its text
+        raise AliasesError(str(exc)) from None
+    count = len(table)
+    print(printable(f"{path}: {count} alias{'es' if count != 1 else ''}"))
+    return EX_OK
+
+
+class AliasesError(NetserverError):
+    """A mistake in the aliases file's text (EX_DATAERR), unlike one in the config."""
+
+    exit_code = EX_DATAERR
 
 
 DONE = {"delete": "deleted", "hold": "held", "release": "released"}
@@ -268,17 +382,52 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "hold": cmd_change,
     "release": cmd_change,
     "passwd": cmd_passwd,
+    "newaliases": cmd_newaliases,
+}
+
+# Run by these names (symlinks to leafmail), the program is that command, as with Postfix.
+OTHER_NAMES: dict[str, Callable[[], argparse.ArgumentParser]] = {
+    "mailq": _mailq_parser,
+    "newaliases": _newaliases_parser,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if argv is None and os.path.basename(sys.argv[0]) == "sendmail":
-        return sendmail.main(sys.argv[1:], prog="sendmail")  # installed as sendmail
+    """Run one command; a reader that went away ends it quietly (see `closed_pipe`)."""
+    try:
+        return _dispatch(argv)
+    except BrokenPipeError:
+        return closed_pipe()
+
+
+def _dispatch(argv: Sequence[str] | None) -> int:
+    name = os.path.basename(sys.argv[0]) if argv is None else PROG
     words = list(sys.argv[1:] if argv is None else argv)
+    if name == "sendmail":
+        return sendmail.main(words, prog="sendmail")  # installed as sendmail
+    if name in OTHER_NAMES:
+        args = OTHER_NAMES[name]().parse_args(words)
+        return exit_status(name, lambda: COMMANDS[args.command](args))
     if words[:1] == ["sendmail"]:  # argparse cannot parse -fADDR, -oi, -bs and friends
         return sendmail.main(words[1:], prog="leafmail sendmail")
     args = build_parser().parse_args(words)
     return exit_status(PROG, lambda: COMMANDS[args.command](args))
+
+
+def closed_pipe() -> int:
+    """EX_PIPE after pointing stdout at /dev/null, where Python's final flush of what is
+    still buffered goes instead of raising BrokenPipeError again at exit.
+
+    Python ignores SIGPIPE, so a write to a closed pipe raises instead of ending the
+    process as it ends a C program; this gives the same end (nothing on stderr, the
+    status a shell shows for SIGPIPE), and `set -o pipefail` scripts see it as they would
+    for cat(1). Nothing is lost by it: the listing tools change nothing, and a command
+    that changes the spool has made each change durable before it prints about it.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EX_PIPE
 
 
 if __name__ == "__main__":

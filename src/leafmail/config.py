@@ -163,6 +163,22 @@ def parse_duration(value: object, what: str) -> float:
     return seconds
 
 
+_SPANS = (("day", 86400), ("h", 3600), ("min", 60), ("s", 1))
+
+
+def format_duration(seconds: float) -> str:
+    """A duration for people, at most two units: "3 s", "1 min 30 s", "5 days", "1 day 6 h"."""
+    left = max(0, round(seconds))
+    parts: list[str] = []
+    for unit, size in _SPANS:
+        count, left = divmod(left, size)
+        if count and len(parts) < 2:
+            parts.append(f"{count} {unit}{'s' if unit == 'day' and count != 1 else ''}")
+        elif parts:
+            break  # "1 day 0 h 5 min" would mislead; two adjacent units or one
+    return " ".join(parts) or "0 s"
+
+
 @dataclass(frozen=True)
 class DnsConfig:
     """The ``[dns]`` table: the resolver for MX, SPF, DKIM and DNSBL lookups.

@@ -45,13 +45,32 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     """The server TLS context from smtp.tls_cert/tls_key, or None when not configured."""
     if not config.smtp.tls_cert:
         return None
+    cert, key = config.smtp.tls_cert, config.smtp.tls_key
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # OpenSSL's errors name neither file, so each is checked first for what can be told
+    # apart: it cannot be read, or holds no PEM block of the kind it should.
+    _check_pem("smtp.tls_cert", cert, "TLS certificate", b"CERTIFICATE-----")
+    _check_pem("smtp.tls_key", key or cert, "TLS private key", b"PRIVATE KEY-----")
     try:
-        context.load_cert_chain(config.smtp.tls_cert, config.smtp.tls_key)
+        context.load_cert_chain(cert, key or None)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load TLS certificate or key: {exc}") from None
+        reason = getattr(exc, "reason", None) or exc
+        raise ConfigError(
+            f"cannot load TLS certificate {cert} with key {key or cert}: {reason}"
+        ) from None
     return context
+
+
+def _check_pem(setting: str, path: str, kind: str, marker: bytes) -> None:
+    """ConfigError naming `setting` and `path` if the file cannot be read or lacks `marker`."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)
+    except OSError as exc:
+        raise ConfigError(f"{setting} {path}: cannot read the {kind}: {exc.strerror}") from None
+    if marker not in data:
+        raise ConfigError(f"{setting} {path}: no PEM {kind} in it")
 
 
 @dataclass
@@ -73,7 +92,7 @@ class Daemon:
         on_ready: Callable[[list[Endpoint]], None] | None = None,
     ) -> None:
         self.config = config
-        self.log = log or ServerLog()
+        self.log = log or ServerLog(program="leafmail")
         self.on_ready = on_ready
         self.tls = tls_context(config)
         self.users: Users | None = (

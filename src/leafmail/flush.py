@@ -5,6 +5,11 @@ daemon's one connection pool and link state are used, and nothing is tried twice
 once); otherwise it runs one forced pass itself. Either way it reports each message as
 it goes: a progress bar on a terminal, one line per message otherwise (for logs and
 network-up hooks). Exit 0 when nothing is left deferred, 75 when something is.
+
+What it prints came partly from the next hop (its replies), so it goes through
+`printable` (and, for the bar, is escaped for rich's markup). A reader that goes away
+(``leafmail flush | head -1``) only silences the report: delivery goes on to the end, as
+stopping it half-way would help nobody.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from . import control
 from .config import Config
 from .delivery.router import build_agent
 from .message import Attempt, Verdict
+from .printable import printable
 from .queue import QueueRunner
 from .retry import RetryPolicy
 from .spool import Spool
@@ -34,6 +40,7 @@ class Reporter:
     def __init__(self, out: TextIO, *, tty: bool) -> None:
         self.out = out
         self.counts: Counter[str] = Counter()
+        self.closed = False  # the reader of `out` went away
         self._progress: Any = None
         self._task: Any = None
         if tty:
@@ -57,11 +64,22 @@ class Reporter:
             return
         self.counts[verdict] += 1
         if self._progress is not None:
+            from rich.markup import escape
+
             summary = ", ".join(f"{n} {v}" for v, n in sorted(self.counts.items()))
-            self._progress.update(self._task, advance=1, description=summary)
+            self._progress.update(self._task, advance=1, description=escape(printable(summary)))
         else:
             tail = f": {error}" if error and verdict != Verdict.DELIVERED.value else ""
-            print(f"{qid} {verdict}{tail}", file=self.out, flush=True)
+            self._print(printable(f"{qid} {verdict}{tail}"))
+
+    def _print(self, line: str) -> None:
+        """One line to `out`; once the reader has gone, nothing more (delivery goes on)."""
+        if self.closed:
+            return
+        try:
+            print(line, file=self.out, flush=True)
+        except BrokenPipeError:
+            self.closed = True
 
     def attempt(self, done: Attempt) -> None:
         self.message(done.qid, done.verdict.value, done.error)
@@ -77,9 +95,9 @@ class Reporter:
         if self._progress is not None:
             self._progress.stop()
         parts = [f"{n} {v}" for v, n in sorted(self.counts.items())] or ["nothing to deliver"]
-        print("flush: " + ", ".join(parts), file=sys.stderr)
+        print(printable("flush: " + ", ".join(parts)), file=sys.stderr)
         if link_error:
-            print(f"flush: next hop unreachable: {link_error}", file=sys.stderr)
+            print(printable(f"flush: next hop unreachable: {link_error}"), file=sys.stderr)
 
 
 def flush(config: Config, *, use_daemon: bool = True, out: TextIO = sys.stdout) -> int:
@@ -96,7 +114,7 @@ def flush(config: Config, *, use_daemon: bool = True, out: TextIO = sys.stdout) 
     if final is not None:
         reporter.finish(str(final.get("link_error", "")))
         if "error" in final:
-            raise UnavailableError(f"the running daemon says: {final['error']}")
+            raise UnavailableError(printable(f"the running daemon says: {final['error']}"))
         return EX_TEMPFAIL if final.get("deferred") else EX_OK
     try:
         with asyncio.Runner(loop_factory=loop_factory("auto")) as loop:  # uvloop if there
@@ -106,7 +124,7 @@ def flush(config: Config, *, use_daemon: bool = True, out: TextIO = sys.stdout) 
     finally:
         reporter.finish("")
     if summary.link_error:
-        print(f"flush: next hop unreachable: {summary.link_error}", file=sys.stderr)
+        print(printable(f"flush: next hop unreachable: {summary.link_error}"), file=sys.stderr)
     return EX_TEMPFAIL if summary.deferred else EX_OK
 
 

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
+from .config import format_duration
 from .delivery import Agent, Handoff, LinkDown, Outcome, Result
 from .delivery.bounce import Action, Notice, build_dsn, is_double_bounce, wants_dsn
 from .envelope import Envelope, EnvelopeError
@@ -226,11 +227,11 @@ def expire(
     open_rcpts: Sequence[int], status: MessageStatus, policy: RetryPolicy
 ) -> dict[int, Result]:
     """Fail every open recipient with 4.4.7, quoting the last error it had."""
-    days = policy.lifetime / 86400
+    lifetime = format_duration(policy.lifetime)
     results = {}
     for i in open_rcpts:
         last = status.recipients[i].reply or status.last_error or "no attempt succeeded"
-        text = f"message expired after {days:g} days in the queue; last error: {last}"
+        text = f"message expired after {lifetime} in the queue; last error: {last}"
         results[i] = Result(Outcome.FAILED, 451, "4.4.7", text, status.recipients[i].remote)
     return results
 
@@ -276,11 +277,14 @@ async def record(
     else:
         dsn_ids = await asyncio.to_thread(_store, message, state, dsns)
     spooled = tuple(dsn_ids) + (() if expansions is None else tuple(expansions.released))
+    verdict = verdict_of(status)
+    # status.last_error outlives the attempt that set it: a delivery has no error to report.
+    error = "" if verdict is Verdict.DELIVERED else status.last_error
     return Attempt(
         message.qid,
-        verdict_of(status),
+        verdict,
         results,
-        status.last_error,
+        error,
         spooled,
         double_bounce=bounce_to,
         dropped_bounce=dropped,

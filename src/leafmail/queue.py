@@ -235,7 +235,8 @@ class QueueRunner:
     def _report(self, done: Attempt) -> None:
         if self.log is None or done.verdict in (Verdict.SKIPPED, Verdict.WAITING):
             return
-        self.log.info("delivery", qid=done.qid, result=done.verdict.value, error=done.error)
+        error = {"error": done.error} if done.error else {}
+        self.log.event("delivery", qid=done.qid, result=done.verdict.value, **error)
         if done.double_bounce:
             self.log.info(
                 "undeliverable bounce reported to the postmaster",

@@ -2,6 +2,11 @@
 
 A line carries the peer, mode, duration, bytes each way and how the connection ended,
 which is what an operator greps for; refusals and server events get lines of their own.
+
+Text lines are ``PROGRAM: EVENT key=value ...`` (the program is "netserver" unless the
+application names itself, as leafmail does), with no time stamp: journald and syslog add
+their own, as they do for Postfix. JSON lines carry a ``time`` in RFC 3339 (UTC, in
+milliseconds), because they usually go to a file or a collector that does not.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TextIO
 
 from .endpoint import Endpoint
@@ -32,18 +38,29 @@ class ConnRecord:
 
 
 class ServerLog:
-    """Writes log lines to a stream (stderr by default); ``json=True`` for JSON lines."""
+    """Writes log lines to a stream (stderr by default); ``json_lines=True`` for JSON.
 
-    def __init__(self, stream: TextIO | None = None, *, json_lines: bool = False) -> None:
+    `program` starts each text line and is the ``program`` of each JSON line.
+    """
+
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        *,
+        json_lines: bool = False,
+        program: str = "netserver",
+    ) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.json_lines = json_lines
+        self.program = program
 
     def _emit(self, event: str, fields: dict[str, object]) -> None:
         if self.json_lines:
-            line = json.dumps({"event": event, **fields}, separators=(",", ":"))
+            head = {"time": rfc3339(time.time()), "program": self.program, "event": event}
+            line = json.dumps({**head, **fields}, separators=(",", ":"))
         else:
             parts = [f"{key}={_text(value)}" for key, value in fields.items()]
-            line = f"netserver: {event} " + " ".join(parts)
+            line = f"{self.program}: {event} " + " ".join(parts)
         try:
             self.stream.write(line + "\n")
             self.stream.flush()
@@ -69,6 +86,11 @@ class ServerLog:
         """A client turned away before any handler ran."""
         self._emit("refused", {"peer": str(peer), "reason": reason})
 
+    def event(self, name: str, **fields: object) -> None:
+        """An event with a line format of its own (``delivery qid=... result=...``),
+        for what an operator greps for by name rather than by message text."""
+        self._emit(name, fields)
+
     def info(self, message: str, **fields: object) -> None:
         """A server event (start, stop, reload)."""
         self._emit("info", {"msg": message, **fields})
@@ -76,6 +98,12 @@ class ServerLog:
     def error(self, message: str, **fields: object) -> None:
         """Something went wrong in the server itself."""
         self._emit("error", {"msg": message, **fields})
+
+
+def rfc3339(when: float) -> str:
+    """A Unix time as RFC 3339 in UTC with milliseconds: 2026-12-06T19:00:19.123Z."""
+    stamp = datetime.fromtimestamp(when, UTC)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
 
 
 def _text(value: object) -> str:

@@ -233,7 +233,7 @@ class MxAgent:
     ) -> None:
         self.config = config
         self.rng = rng or random.SystemRandom()
-        self.log = log if log is not None else ServerLog()
+        self.log = log if log is not None else ServerLog(program="leafmail")
         self.resolver = make_resolver(config.dns)
         self.port = config.mx.port
         self.verified = verified_context(config.mx.ca_file)

@@ -36,6 +36,7 @@ from .. import config as configuration
 from .. import tools
 from ..envelope import ClientInfo, Envelope, Recipient
 from ..flush import flush
+from ..printable import printable
 from ..spool import Spool
 from .addresses import address_list, recipients_from, sender_address
 from .context import Context, Identity
@@ -97,7 +98,7 @@ def list_queue(ctx: Context) -> int:
     except FileNotFoundError:
         sys.stdout.write(tools.format_queue([]))
         return EX_OK
-    sys.stdout.write(tools.format_queue(tools.list_queue(spool)))
+    sys.stdout.write(printable(tools.format_queue(tools.list_queue(spool)), lines=True))
     return EX_OK
 
 
