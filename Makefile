@@ -4,12 +4,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench soak clean man
+.PHONY: run test check fast lint typecheck unit bench soak clean man
 
-$(STAMP): pyproject.toml
+# Both distributions, editable, in one venv: netserver (the root pyproject.toml, with the
+# developer tools) and leafmail (packages/leafmail), whose dependency on netserver is
+# the editable one installed beside it.
+$(STAMP): pyproject.toml packages/leafmail/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' -e ./packages/leafmail
 	touch $(STAMP)
 
 # `make run`: leafmail serve in the foreground, its spool in ./spool. The README's next
@@ -48,6 +51,14 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest -q
+
+# The fast layer: tests that stay in this process (no subprocess, no daemon, no fork);
+# tests/conftest.py marks every other test `slow` by rule and fails a fast test that
+# starts a process. `make check` is the one to run before each commit (under a minute).
+fast: $(STAMP)
+	$(BIN)/pytest -q -m 'not slow'
+
+check: lint typecheck fast
 
 test: lint typecheck unit
 

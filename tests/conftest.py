@@ -2,6 +2,8 @@
 
 Readiness comes from the server itself (``--ready-fd``), never from sleeping: the
 server writes ``READY ADDR ...`` once its sockets listen, with the ports it really got.
+
+The test layers (fast, slow) are a plugin of their own: tests/layers.py.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import pytest
 from smarthost import sink, spool  # noqa: F401 (fixtures: pytest finds them here)
+
+pytest_plugins = ["layers", "pytester"]  # the test layers (tests/layers.py); pytester
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 20.0

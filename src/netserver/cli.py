@@ -10,10 +10,11 @@ code (64 usage, 78 configuration); nothing prints a traceback at the user.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import ssl
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
 from . import errors
@@ -318,7 +319,8 @@ def _resolver(spec: str | None) -> NameResolver:
     if not spec:
         return SystemResolver()
     host, port = _dns_server(spec)
-    from .dnsresolver import DnsResolver  # dnspython is loaded only when asked for
+    with _needs_dnspython():
+        from .dnsresolver import DnsResolver  # dnspython is loaded only when asked for
 
     return DnsResolver([host], port)
 
@@ -328,9 +330,24 @@ def _host_names(spec: str | None) -> HostNames:
     if not spec:
         return SystemHostNames()
     host, port = _dns_server(spec)
-    from .hosts_dns import DnsHostNames  # dnspython is loaded only when asked for
+    with _needs_dnspython():
+        from .hosts_dns import DnsHostNames  # dnspython is loaded only when asked for
 
     return DnsHostNames(host, port)
+
+
+@contextlib.contextmanager
+def _needs_dnspython() -> Iterator[None]:
+    """--dns-server needs dnspython, an optional dependency (netserver[dns]): without it,
+    one line that says what to install (exit 69), not an ImportError traceback."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.partition(".")[0] != "dns":
+            raise
+        raise errors.UnavailableError(
+            "--dns-server needs dnspython: pip install 'netserver[dns]'"
+        ) from None
 
 
 def _dns_server(spec: str) -> tuple[str, int]:
