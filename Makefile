@@ -56,7 +56,7 @@ unit: $(STAMP)
 # tests/conftest.py marks every other test `slow` by rule and fails a fast test that
 # starts a process. `make check` is the one to run before each commit (under a minute).
 fast: $(STAMP)
-	$(BIN)/pytest -q -m 'not slow'
+	$(BIN)/pytest -q -m fast
 
 check: lint typecheck fast
 
