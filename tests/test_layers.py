@@ -41,6 +41,33 @@ PROCESS_WAYS = {
 }
 
 
+# A helper module of a test tree: a launcher two calls deep, a class whose method starts
+# one, and helpers that only use the subprocess module to wait or to name a type.
+HELPERS = """
+import subprocess
+
+def _start():
+    return subprocess.Popen(['true'])
+
+def launch():
+    return _start()
+
+class Launcher:
+    def go(self):
+        return launch()
+
+class Handle:
+    def stop(self, proc):
+        try:
+            proc.wait(1)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+def pure():
+    return 1
+"""
+
+
 def sneaky_test(body: str) -> str:
     """A test module whose test starts a process and swallows whatever that raises; the
     import sits inside the function, so the module rule sees nothing."""
@@ -91,16 +118,26 @@ def test_the_guard_also_covers_fixtures(pytester: pytest.Pytester) -> None:
         "import subprocess\n",
         "from subprocess import run\n",
         "from multiprocessing import Process\n",
-        "def start_leafmail(): ...\n",
+        "from helpers import launch\n",
+        "from helpers import Launcher\n",
     ],
 )
 def test_a_module_that_can_start_processes_is_slow(pytester: pytest.Pytester, source: str) -> None:
     pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(helpers=HELPERS)
     pytester.makepyfile(test_mod=f"{source}\ndef test_a():\n    pass\n\ndef test_b():\n    pass\n")
     fast = pytester.runpytest("-m", "fast", "-p", "no:cacheprovider")
     fast.assert_outcomes(deselected=2)
     slow = pytester.runpytest("-m", "slow", "-p", "no:cacheprovider")
     slow.assert_outcomes(passed=2)
+
+
+def test_a_module_with_helpers_that_start_nothing_is_fast(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(helpers=HELPERS)
+    pytester.makepyfile(test_mod="from helpers import pure, Handle\n\ndef test_a():\n    pass\n")
+    result = pytester.runpytest("-m", "fast", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
 
 
 def test_a_test_using_the_process_fixture_is_slow(pytester: pytest.Pytester) -> None:
