@@ -1,18 +1,14 @@
-"""leafmail(8) and netserver(8): generated from the argparse definitions, kept up to date,
-mentioning every subcommand, and installed with the package.
+"""leafmail(8) and netserver(8): generated from the argparse definitions, kept up to date
+and mentioning every subcommand (tests/test_packaging.py checks each is installed with its
+distribution).
 
-`make man MANDIR=DIR` runs argparse-manpage as the Makefile does for the committed pages;
-the wheel is built offline (no build isolation) from a copy of the checkout, so nothing
-is written into the tree.
+`make man MANDIR=DIR` runs argparse-manpage as the Makefile does for the committed pages.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -23,9 +19,6 @@ from netserver import cli as netserver_cli
 
 PAGES = {"leafmail": leafmail_cli.build_parser, "netserver": netserver_cli.build_parser}
 BUILD_TIMEOUT = 120.0
-# Offline, with the venv's setuptools and wheel (the dev extras pin them).
-PIP_WHEEL = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
-PIP_WHEEL += ["--no-index"]
 
 
 def subcommands(parser: argparse.ArgumentParser) -> list[str]:
@@ -79,29 +72,3 @@ def test_leafmail_page_tells_the_other_names_and_exit_codes() -> None:
     page = (ROOT / "man" / "leafmail.8").read_text(encoding="utf-8")
     for text in ("mailq", "newaliases", ".SH ENVIRONMENT", "LEAFMAIL_CONFIG", ".SH EXIT STATUS"):
         assert text in page
-
-
-def test_the_pages_are_installed_with_the_package(tmp_path: Path) -> None:
-    source = tmp_path / "source"
-    for name in ("src", "man"):
-        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("*.egg-info"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, source / name)
-    done = subprocess.run(
-        [*PIP_WHEEL, "-w", str(tmp_path / "dist"), str(source)],
-        capture_output=True,
-        text=True,
-        timeout=BUILD_TIMEOUT,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    (wheel,) = (tmp_path / "dist").glob("*.whl")
-    with zipfile.ZipFile(wheel) as archive:
-        pages = {
-            Path(name).name: archive.read(name)
-            for name in archive.namelist()
-            if "/data/share/man/man8/" in name
-        }
-    assert sorted(pages) == ["leafmail.8", "netserver.8"]
-    for name, data in pages.items():
-        assert data == (ROOT / "man" / name).read_bytes()

@@ -122,6 +122,7 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ignore = shutil.ignore_patterns("*.egg-info", "__pycache__", "build")
     shutil.copytree(SRC, source / "src", ignore=ignore)
     shutil.copytree(ROOT / "packages", source / "packages", ignore=ignore)
+    shutil.copytree(ROOT / "man", source / "man")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, source / name)
     out = tmp / "dist"
@@ -178,6 +179,18 @@ def test_each_wheel_holds_its_own_package_and_py_typed(wheels: dict[str, Path]) 
         for r in wheel_metadata(wheels["netserver"]).get_all("Requires-Dist") or []
         if "extra ==" not in r
     ]
+
+
+@pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
+def test_each_wheel_installs_its_man_page(wheels: dict[str, Path], name: str) -> None:
+    with zipfile.ZipFile(wheels[name]) as archive:
+        pages = {
+            Path(member).name: archive.read(member)
+            for member in archive.namelist()
+            if "/data/share/man/man8/" in member
+        }
+    assert list(pages) == [f"{name}.8"]
+    assert pages[f"{name}.8"] == (ROOT / "man" / f"{name}.8").read_bytes()
 
 
 def netserver_modules(wheel: Path) -> list[str]:
