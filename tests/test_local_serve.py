@@ -8,6 +8,7 @@ and the Maildir read back with Python's `mailbox`.
 from __future__ import annotations
 
 import mailbox
+import os
 import smtplib
 import subprocess
 from collections.abc import Iterator
@@ -26,10 +27,13 @@ from leafmail_fixtures import (
     toml_string,
     write_config,
 )
+from localusers import ensure_user, scratch
 from smarthost import Smarthost
 from test_flush import wait_for
 
 SENDER = "carol@src.test"
+ROOT_USER = os.geteuid() == 0
+VIRTUAL = "lmtvirt"
 MESSAGE = b"From: <carol@src.test>\r\nSubject: local\r\n\r\nHello Alice.\r\n"
 
 
@@ -42,17 +46,26 @@ def start(servers: LeafmailFactory, tmp_path: Path, smarthost: str) -> tuple[Lea
     """An offline daemon for leaf.test with alice's Maildir under tmp_path; its config.
 
     The directory that holds the mailboxes exists, as /var/mail or a home would; the
-    Maildir itself is created on first delivery.
+    Maildir itself is created on first delivery. alice has no account: as root she is
+    written as a real unprivileged user (virtual_user), in a directory of that user's
+    that tmp_path/mail points to (pytest's tmp_path is closed to other users).
     """
-    (tmp_path / "mail").mkdir(mode=0o700)
+    virtual = ""
+    if ROOT_USER:
+        owner = ensure_user(VIRTUAL)
+        (tmp_path / "mail").symlink_to(scratch(owner, mode=0o700))
+        virtual = f'virtual_user = "{VIRTUAL}"\n'
+    else:
+        (tmp_path / "mail").mkdir(mode=0o700)
+    mail = (tmp_path / "mail").resolve()
     config = write_config(
         tmp_path,
         f'hostname = "leaf.test"\nspool = {toml_string(tmp_path / "spool")}\n'
         '[delivery]\nmode = "offline"\ntls = "none"\n'
         f'smarthost = "{smarthost}"\n'
         "[local]\n"
-        f"path = {toml_string(str(tmp_path / 'mail' / '{user}'))}\n"
-        'users = ["alice"]\n',
+        f"path = {toml_string(str(mail / '{user}'))}\n"
+        'users = ["alice"]\n' + virtual,
     )
     server = servers.spawn(
         ["--config", str(config), "--listen", "127.0.0.1:0"], spool_path=tmp_path / "spool"

@@ -17,11 +17,22 @@ user), ``\\user`` (that user's mailbox, never looked up as an alias), ``|command
 address: one in a local domain is a local name again, any other is forwarded. A target
 with commas or blanks in it is written in double quotes.
 
-Expansion is recursive, loop-safe and depth-limited; a name met again inside its own
-expansion is delivered to that user's mailbox when it is one (the ``alice: alice, bob``
-idiom), else it is a loop. Commands and files remember the owner of the file that named
-them: the local agent runs them as that user (never as root, see `leafmail.delivery.local`),
-so an ``:include:`` file a user owns can only do what that user could.
+Expansion is recursive, loop-safe and bounded: MAX_DEPTH levels, MAX_FANOUT targets in
+all (Postfix's duplicate_filter_limit), each include file read once per rights (as
+Postfix's been_here) and MAX_INCLUDE_SIZE bytes at most. A name met again inside its
+own expansion is delivered to that user's mailbox when it is one (the ``alice: alice,
+bob`` idiom), else it is a loop.
+
+Rights, as Postfix's local(8) has them. Every target remembers whose rights it carries:
+the owner of the aliases file, or of the include file it came from. A command or file
+runs with those rights (root's become `default_user`, see `leafmail.delivery.local`). An
+include named with root's rights (in a root-owned aliases file) is read as root, and what
+it names gets its owner's rights when that owner is not root; an include named with a
+user's rights is read as that user (the `IncludeReader` switches, in a child process)
+and keeps that user's rights, so including a victim's file gains nothing, and a file the
+user cannot read is an error that never shows its content. Include files must be regular
+files, not world-writable, and are opened with O_NOFOLLOW|O_NONBLOCK (a FIFO is refused
+without waiting on it).
 
 The file is parsed when it changes (its inode, size or mtime); an error is a ConfigError
 naming the file and line, because a typo in an aliases file must never quietly drop mail.
@@ -29,9 +40,11 @@ naming the file and line, because a typo in an aliases file must never quietly d
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shlex
+import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TypeVar, cast
@@ -41,6 +54,9 @@ from netserver.smtp.addresses import parse_forward_path
 from netserver.smtp.replies import RemoteProtocolError
 
 MAX_DEPTH = 10  # sendmail's MaxAliasRecursion
+MAX_FANOUT = 1000  # targets and includes per expansion (Postfix's duplicate_filter_limit)
+MAX_INCLUDE_SIZE = 1 << 20  # bytes of one :include: file
+_OPEN = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
 INCLUDE = ":include:"
 _NAME = re.compile(r"\A[^\s:\"\\@,#]+\Z")
 _T = TypeVar("_T")
@@ -102,9 +118,25 @@ class RemoteTarget:
 
 @dataclass(frozen=True)
 class Include:
-    """``:include:/path``: more targets from that file."""
+    """``:include:/path``: more targets from that file, read with the rights (uid, gid)
+    of the file that named it."""
 
     path: str
+    uid: int = 0
+    gid: int = 0
+
+
+@dataclass(frozen=True)
+class IncludeFile:
+    """An include file's text, and its owner (whose rights what it names may get)."""
+
+    text: str
+    uid: int
+    gid: int
+
+
+IncludeReader = Callable[[str, int, int], IncludeFile]
+"""Reads an include file (path) with the rights of (uid, gid); OSError when it cannot."""
 
 
 Target = UserTarget | CommandTarget | FileTarget | RemoteTarget
@@ -177,7 +209,7 @@ def parse_target(text: str, origin: Origin, local_domains: frozenset[str]) -> Pa
         path = text[len(INCLUDE) :].strip()
         if not os.path.isabs(path):
             raise origin.error(f"{INCLUDE} needs an absolute path, not {path!r}")
-        return Include(os.path.normpath(path))
+        return Include(os.path.normpath(path), origin.uid, origin.gid)
     if text.startswith("/"):
         return FileTarget(os.path.normpath(text), origin.uid, origin.gid, origin)
     if any(char.isspace() for char in text) or not text:
@@ -281,9 +313,7 @@ class _FileCache:
             cached = self._entries.get(path)
             if cached is not None and cached[0] == key:
                 return cast(_T, cached[1])  # stored by this same `parse`
-            with open(path, "rb") as f:
-                info = os.fstat(f.fileno())
-                raw = f.read()
+            raw, info = read_regular(path, limit=None)
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
         try:
@@ -295,6 +325,45 @@ class _FileCache:
         return value
 
 
+def read_regular(path: str, limit: int | None) -> tuple[bytes, os.stat_result]:
+    """A regular file's bytes and status, opened so that a FIFO, a device or a symbolic
+    link (last component) is refused at once instead of waited on or followed."""
+    fd = os.open(path, _OPEN)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        if limit is not None and info.st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes", path)
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+            size += len(chunk)
+            if limit is not None and size > limit:
+                raise OSError(errno.EFBIG, f"larger than {limit} bytes", path)
+        return b"".join(chunks), info
+    finally:
+        os.close(fd)
+
+
+def read_include(path: str) -> IncludeFile:
+    """An include file as whoever we are now: regular, not world-writable, bounded."""
+    raw, info = read_regular(path, MAX_INCLUDE_SIZE)
+    if info.st_mode & stat.S_IWOTH:
+        raise OSError(errno.EPERM, "world-writable", path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OSError(errno.EILSEQ, f"not UTF-8 text ({exc.reason})", path) from None
+    return IncludeFile(text, info.st_uid, info.st_gid)
+
+
+def _in_process(path: str, uid: int, gid: int) -> IncludeFile:
+    """The reader for callers that switch nothing (tests, checks): as we are."""
+    return read_include(path)
+
+
 def _stat_key(info: os.stat_result) -> tuple[int, ...]:
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
@@ -302,11 +371,13 @@ def _stat_key(info: os.stat_result) -> tuple[int, ...]:
 class Aliases:
     """An aliases file, read again whenever it changes, and its expansion."""
 
-    def __init__(self, path: str, local_domains: Iterable[str]) -> None:
+    def __init__(
+        self, path: str, local_domains: Iterable[str], reader: IncludeReader = _in_process
+    ) -> None:
         self.path = path
         self.local_domains = frozenset(d.lower().rstrip(".") for d in local_domains)
+        self.reader = reader
         self._tables = _FileCache()
-        self._includes = _FileCache()
 
     def table(self) -> dict[str, tuple[Parsed, ...]]:
         """The current entries; ConfigError when the file is missing or wrong."""
@@ -314,11 +385,17 @@ class Aliases:
             self.path, lambda text, origin: parse_aliases(text, origin, self.local_domains)
         )
 
-    def include(self, path: str) -> tuple[Parsed, ...]:
-        """The targets of an include file; ConfigError when it is missing or wrong."""
-        return self._includes.load(
-            path, lambda text, origin: parse_include(text, origin, self.local_domains)
-        )
+    def include(self, include: Include) -> tuple[Parsed, ...]:
+        """The targets of an include file, read and given rights as the module says.
+
+        OSError when it cannot be read (the text never names its content); ConfigError
+        naming file and line when what was read is wrong.
+        """
+        found = self.reader(include.path, include.uid, include.gid)
+        uid, gid = include.uid, include.gid
+        if uid == 0 and found.uid != 0:
+            uid, gid = found.uid, found.gid  # a root-named include: its owner's rights
+        return parse_include(found.text, Origin(include.path, 0, uid, gid), self.local_domains)
 
     def __contains__(self, name: str) -> bool:
         return lookup_name(name) in self.table()
@@ -344,6 +421,8 @@ class _Expander:
         self.is_user = is_user
         self.targets: dict[Target, None] = {}  # an ordered set
         self.problems: list[Problem] = []
+        self.included: set[tuple[int, str]] = set()  # (rights uid, path): read once
+        self.work = 0  # targets and includes met, bounded by MAX_FANOUT
 
     def name(self, name: str, chain: tuple[str, ...], depth: int) -> None:
         if depth > MAX_DEPTH:
@@ -365,22 +444,34 @@ class _Expander:
             self.problems.append(Problem("5.1.1", f"no such user: {name}"))
 
     def target(self, target: Parsed, chain: tuple[str, ...], depth: int) -> None:
+        self.work += 1
+        if self.work > MAX_FANOUT:
+            if self.work == MAX_FANOUT + 1:
+                self.problems.append(Problem("5.3.5", f"expands to over {MAX_FANOUT} targets"))
+            return
         if isinstance(target, LocalName):
             self.name(target.name, chain, depth)
         elif isinstance(target, UserTarget):
             self.user(target.name)
         elif isinstance(target, Include):
-            self.include(target.path, chain, depth)
+            self.include(target, chain, depth)
         else:
             self.targets[target] = None
 
-    def include(self, path: str, chain: tuple[str, ...], depth: int) -> None:
-        key = INCLUDE + path
+    def include(self, include: Include, chain: tuple[str, ...], depth: int) -> None:
+        key = INCLUDE + include.path
         if key in chain or depth > MAX_DEPTH:
             self.problems.append(Problem("5.4.6", f"{INCLUDE} loop or nesting too deep"))
             return
+        if (include.uid, include.path) in self.included:
+            return  # already expanded with these rights: a duplicate, not a loop
+        self.included.add((include.uid, include.path))
         try:
-            items = self.aliases.include(path)
+            items = self.aliases.include(include)
+        except OSError as exc:  # never the content: the reader may not have been allowed
+            why = exc.strerror or type(exc).__name__
+            self.problems.append(Problem("4.3.5", f"cannot read {key}: {why}"))
+            return
         except ConfigError as exc:  # fixable by the admin: keep the mail meanwhile
             self.problems.append(Problem("4.3.5", str(exc)))
             return

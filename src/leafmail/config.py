@@ -208,7 +208,9 @@ class LocalConfig:
 
     `path` is a template with {user} (and {home}, the account's home directory); the
     default is {home}/Maildir for maildir and /var/mail/{user} for mbox. `users` lists
-    the mailboxes that exist; empty means this system's accounts (passwd).
+    the mailboxes that exist; empty means this system's accounts (passwd). A listed
+    user without an account is written, when we are root, as `virtual_user` (an account
+    name or "uid:gid", never root), as Postfix's virtual_uid_maps does.
     """
 
     enabled: bool = False
@@ -217,6 +219,7 @@ class LocalConfig:
     users: tuple[str, ...] = ()
     aliases: str = ""
     command_timeout: float = 60.0
+    virtual_user: str = "leafmail"
 
     @property
     def path_template(self) -> str:
@@ -545,6 +548,7 @@ def _local(t: _Table, *, enabled: bool) -> LocalConfig:
         users=t.strings("users", d.users),
         aliases=t.string("aliases", d.aliases),
         command_timeout=t.duration("command_timeout", d.command_timeout),
+        virtual_user=t.string("virtual_user", d.virtual_user),
     )
     t.finish()
     return local

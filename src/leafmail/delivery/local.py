@@ -11,16 +11,28 @@ the aliases (`leafmail.aliases`), and every target it expands to gets one copy:
 - ``user@elsewhere``: forwarded, by committing a new message to the spool. Once the
   commit returns the copy is durable, so the recipient counts as delivered.
 
-Mailbox copies start with ``Return-Path`` and ``Delivered-To`` (the recipient address);
-a forwarded copy starts with ``Delivered-To``, and a message that already carries a
-Delivered-To for its recipient is a forwarding loop (5.4.6), as in Postfix.
+Mailbox copies start with ``Return-Path`` and ``Delivered-To`` (the recipient address)
+and have LF line ends; a forwarded copy starts with ``Delivered-To``, and a message that
+already carries a Delivered-To for its recipient is a forwarding loop (5.4.6), as in
+Postfix.
 
-Who writes: as an ordinary user, everything happens as that user. As root, a user's
-mailbox files and directories are made owned by the user's account (when it has one),
-and are never opened through a symbolic link, a hard link or a non-regular file. Commands
-and files named in an aliases or include file run as the owner of that file, and as
-`default_user` ("nobody", Postfix's default_privs) when root owns it, so a file a user
-can edit only ever does what that user could.
+Who writes (the model is Postfix's local(8)): every mailbox write, file append, command
+and include read happens in a child process that has first become the user it is for
+(`leafmail.delivery.asuser`), so the kernel decides what may be created or read:
+
+- a user's mailbox: as that account (uid, gid, supplementary groups). In a shared spool
+  directory (a path template whose directory has no {user}/{home}), a group-writable
+  directory such as Debian's /var/mail (root:mail 2775) lends its group, as Postfix
+  does; unlike Postfix, nothing is ever created as root and given away. root's own
+  mailbox is written as root, as Postfix does (alias root away, as its docs advise);
+- a name in ``[local] users`` without a system account (a virtual mailbox): as
+  ``[local] virtual_user`` (default "leafmail"; a name or "uid:gid"; never root),
+  Postfix's virtual_uid_maps;
+- a command or file: as the owner of the aliases or include file that names it, and as
+  `default_user` ("nobody", Postfix's default_privs; never root) when root owns it;
+- an ``:include:`` file: see `leafmail.aliases`.
+
+When we are not root nothing is switched and everything happens as the current user.
 
 Results: unknown users fail (5.1.1). Anything that can be fixed on this host (disk
 full, permissions, a held lock, a broken aliases file, a missing command) defers, so no
@@ -37,11 +49,14 @@ import errno
 import os
 import pwd
 import re
+import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from functools import partial
 
 from netserver.errors import ConfigError
+from netserver.privileges import Identity
 from netserver.smtp.addresses import parse_forward_path
 from netserver.smtp.replies import RemoteProtocolError, Reply
 
@@ -50,11 +65,14 @@ from ..aliases import (
     CommandTarget,
     Expansion,
     FileTarget,
+    IncludeFile,
+    IncludeReader,
     Problem,
     RemoteTarget,
     Target,
     UserTarget,
     lookup_name,
+    read_include,
 )
 from ..checks import ACCEPT, Check, Defer, Reject, Session, Verdict
 from ..checks.loops import header_section
@@ -63,15 +81,15 @@ from ..envelope import Envelope, Recipient
 from ..expansion import UnrecordedExpansions
 from ..spool import Spool
 from . import Expansions, Handoff, Outcome, Result
+from .asuser import Payload, StepError, run_as, run_as_blocking
 from .local_common import (
     Copy,
-    Identity,
     MailboxLocked,
     UnsafeMailbox,
     clean,
     delivered,
     header_value,
-    trace_headers,
+    identity_of,
     unix_text,
 )
 from .maildir import write_maildir
@@ -92,6 +110,8 @@ POSTMASTER = "postmaster"
 _USER = re.compile(r"\A[a-z0-9_][a-z0-9_.-]{0,63}\Z")
 _DELIVERED_TO = re.compile(rb"^delivered-to:[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
 
+INCLUDE_TIMEOUT = 30.0  # seconds to read one :include: file (a hung NFS server)
+FILE_GRACE = 60.0  # seconds a mailbox write may take beyond waiting for its locks
 UNKNOWN_USER = Reply(550, "5.1.1", "Recipient address rejected: no such user here")
 ALIASES_BROKEN = Reply(451, "4.3.5", "Recipient lookup failed: the aliases file is broken")
 
@@ -125,11 +145,13 @@ def local_part(address: str) -> str:
 class Directory:
     """Who receives mail here: the configured users (else passwd), aliases, postmaster."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reader: IncludeReader | None = None) -> None:
         self.users = frozenset(user.lower() for user in config.local.users)
         self.aliases: Aliases | None = None
         if config.local.aliases:
             self.aliases = Aliases(config.local.aliases, config.local_domains)
+            if reader is not None:
+                self.aliases.reader = reader
             self.aliases.table()  # a broken file is a ConfigError at start-up, not later
 
     def is_user(self, name: str) -> bool:
@@ -175,9 +197,14 @@ def trouble(exc: Exception, where: str) -> Result:
         return Result.deferred("4.2.0", clean(f"{where}: {exc}"))
     if isinstance(exc, ConfigError):
         return Result.deferred("4.3.5", clean(f"{where}: {exc}"))
+    if isinstance(exc, TimeoutError):
+        return Result.deferred("4.3.0", clean(f"{where}: took too long"))
     if isinstance(exc, OSError):
         status = {errno.ENOSPC: "4.3.1", errno.EDQUOT: "4.2.2"}.get(exc.errno or 0, "4.3.0")
-        return Result.deferred(status, clean(f"{where}: {exc.strerror or exc}"))
+        why = exc.strerror or str(exc)
+        if isinstance(exc.filename, str) and exc.filename not in why:
+            why = f"{exc.filename}: {why}"
+        return Result.deferred(status, clean(f"{where}: {why}"))
     return Result.deferred("4.3.0", clean(f"{where}: {type(exc).__name__}: {exc}"))
 
 
@@ -226,7 +253,12 @@ def describe(target: Target) -> str:
 
 
 class LocalAgent:
-    """Delivers to this host's mailboxes, files, commands, and forwards by re-spooling."""
+    """Delivers to this host's mailboxes, files, commands, and forwards by re-spooling.
+
+    The entry point of the local delivery process: `deliver` (the `Agent` contract).
+    As root it switches to each recipient per delivery step; otherwise it writes as
+    the current user. Alias expansion runs in a worker thread, never on the loop.
+    """
 
     def __init__(
         self,
@@ -239,10 +271,13 @@ class LocalAgent:
     ) -> None:
         self.config = config
         self.spool = spool
-        self.directory = Directory(config)
+        self.directory = Directory(config, self.read_include)
         self.locks = locks or LockPolicy()
         self.default_user = default_user
         self.notify = notify  # told the queue id of each forwarded copy (QueueRunner.notify)
+        self.virtual: Identity | None = None
+        if os.geteuid() == 0 and any(account(u) is None for u in self.directory.users):
+            self.virtual = virtual_identity(config.local.virtual_user)  # 78 at start-up
 
     async def deliver(
         self,
@@ -280,7 +315,8 @@ class LocalAgent:
         if address.lower() in loops:
             return Result.failed("5.4.6", clean(f"mail forwarding loop for {address}"))
         try:
-            expansion = self.directory.expand(lookup_name(local_part(address)))
+            name = lookup_name(local_part(address))
+            expansion = await asyncio.to_thread(self.directory.expand, name)
         except ConfigError as exc:
             return Result.deferred("4.3.5", clean(str(exc)))
         copy = Copy(envelope.sender, address, data)
@@ -331,15 +367,14 @@ class LocalAgent:
             return trouble(exc, describe(target))
 
     # -- mailboxes ----------------------------------------------------------------------
-    def mailbox(self, name: str) -> tuple[str, Identity | None] | Result:
-        """The mailbox path of user `name` and who owns it, or why there is none."""
+    def mailbox(self, name: str) -> Mailbox | Result:
+        """The mailbox path of user `name` and who writes it, or why there is none."""
         if not valid_user(name):
             return Result.failed("5.1.1", clean(f"no such user: {name}"))
         template = self.config.local.path_template
         found = account(name)
         if "{home}" in template and found is None and name == POSTMASTER:
             found = account("root")  # postmaster without an account: root's mailbox
-        owner = _as_root_for(found)
         path = template.replace("{user}", name)
         if "{home}" in template:
             if found is None:
@@ -347,19 +382,33 @@ class LocalAgent:
             path = path.replace("{home}", found.pw_dir)
         if not os.path.isabs(path):
             return Result.deferred("4.3.5", clean(f"mailbox path {path} is not absolute"))
-        return os.path.normpath(path), owner
+        path = os.path.normpath(path)
+        return Mailbox(path, *self._mailbox_writer(found, shared_directory(template, path)))
+
+    def _mailbox_writer(
+        self, found: pwd.struct_passwd | None, shared: os.stat_result | None
+    ) -> tuple[Identity | None, int | None]:
+        """Who writes a mailbox, and the uid it must belong to (None, None: as we are)."""
+        if os.geteuid() != 0:
+            return None, None
+        if found is None:  # a virtual mailbox (or postmaster without an account)
+            virtual = self.virtual or virtual_identity(self.config.local.virtual_user)
+            return virtual, virtual.uid
+        if found.pw_uid == 0:
+            return None, 0  # root's own mailbox, as Postfix writes it
+        return identity_of(found, spool_group(found, shared)), found.pw_uid
 
     async def _to_mailbox(self, name: str, copy: Copy) -> Result:
-        found = self.mailbox(name)
-        if isinstance(found, Result):
-            return found
-        path, owner = found
+        box = self.mailbox(name)
+        if isinstance(box, Result):
+            return box
+        text = unix_text(copy)
         if self.config.local.mailbox == "maildir":
-            message = trace_headers(copy, b"\r\n") + copy.data
-            await asyncio.to_thread(write_maildir, path, message, owner)
+            step = partial(_maildir_step, box.path, text, box.owner)
         else:
             entry = mbox_entry(copy, time.time())
-            await asyncio.to_thread(append_mbox, path, entry, owner, self.locks)
+            step = partial(_mbox_step, box.path, entry, box.owner, self.locks)
+        await run_as(box.writer, step, timeout=self.locks.timeout + FILE_GRACE)
         return delivered(f"delivered to the {self.config.local.mailbox} of {name}")
 
     # -- what the aliases name ------------------------------------------------------
@@ -368,21 +417,29 @@ class LocalAgent:
         if os.geteuid() != 0:
             return None
         if uid == 0:
-            try:
-                found = pwd.getpwnam(self.default_user)
-            except KeyError:
-                raise ConfigError(f"default user {self.default_user!r} does not exist") from None
-        else:
-            try:
-                found = pwd.getpwuid(uid)
-            except KeyError:
-                return Identity(uid, gid, str(uid), "/")
-        return _as_root_for(found)
+            return default_identity(self.default_user)
+        try:
+            return identity_of(pwd.getpwuid(uid))
+        except KeyError:
+            return Identity(str(uid), uid, gid, (gid,), "/")
+
+    def read_include(self, path: str, uid: int, gid: int) -> IncludeFile:
+        """An include file read with the rights of (uid, gid), in a child (see aliases).
+
+        Called from the expansion's worker thread, never on the event loop.
+        """
+        reader = None if uid == 0 else self.runs_as(uid, gid)
+        try:
+            payload = run_as_blocking(reader, partial(_include_step, path), timeout=INCLUDE_TIMEOUT)
+        except StepError as exc:
+            raise OSError(errno.EIO, str(exc), path) from None
+        return IncludeFile(str(payload["text"]), int(payload["uid"]), int(payload["gid"]))
 
     async def _to_file(self, target: FileTarget, copy: Copy) -> Result:
-        owner = self.runs_as(target.uid, target.gid)
+        writer = self.runs_as(target.uid, target.gid)
         entry = mbox_entry(copy, time.time())
-        await asyncio.to_thread(append_mbox, target.path, entry, owner, self.locks, strict=True)
+        step = partial(_mbox_step, target.path, entry, None, self.locks)
+        await run_as(writer, step, timeout=self.locks.timeout + FILE_GRACE)
         return delivered(f"appended to {target.path}")
 
     async def _to_command(self, target: CommandTarget, copy: Copy) -> Result:
@@ -428,11 +485,83 @@ class LocalAgent:
         return replace(delivered(f"forwarded to {names} as {qid}"), handoff=Handoff.PASSED)
 
 
-def _as_root_for(found: pwd.struct_passwd | None) -> Identity | None:
-    """The identity to give files to: only when we are root and the account is not."""
-    if found is None or os.geteuid() != 0 or found.pw_uid == 0:
+@dataclass(frozen=True)
+class Mailbox:
+    """Where a user's mail goes, who writes it (None: as we are) and whose it must be."""
+
+    path: str
+    writer: Identity | None
+    owner: int | None
+
+
+# --- who writes -----------------------------------------------------------------------
+
+
+def virtual_identity(spec: str) -> Identity:
+    """`[local] virtual_user`: an account name or "uid:gid"; never root (ConfigError)."""
+    uid_text, colon, gid_text = spec.partition(":")
+    if colon and uid_text.isdigit() and gid_text.isdigit():
+        uid, gid = int(uid_text), int(gid_text)
+        found = Identity(spec, uid, gid, (gid,), "/")
+    else:
+        entry = account(spec) if not spec.isdigit() else None
+        if entry is None:
+            raise ConfigError(
+                f"local.virtual_user {spec!r} does not exist: create it "
+                f"(useradd --system {spec}) or name another account or a uid:gid"
+            )
+        found = identity_of(entry)
+    if found.uid == 0 or found.gid == 0:
+        raise ConfigError(f"local.virtual_user {spec!r} must not be root")
+    return found
+
+
+def default_identity(name: str) -> Identity:
+    """`default_user` (Postfix's default_privs): commands and files of root's files."""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise ConfigError(f"default user {name!r} does not exist") from None
+    if entry.pw_uid == 0:
+        raise ConfigError(f"default user {name!r} must not be root")
+    return identity_of(entry)
+
+
+def shared_directory(template: str, path: str) -> os.stat_result | None:
+    """The status of a shared mail spool directory (/var/mail): the mailbox's directory
+    when the template names no {user} or {home} there; None otherwise, so a directory a
+    user controls can never lend its group."""
+    if "{" in os.path.dirname(template):
         return None
-    return Identity.of(found)
+    try:
+        return os.stat(os.path.dirname(path))
+    except OSError:
+        return None
+
+
+def spool_group(found: pwd.struct_passwd, shared: os.stat_result | None) -> int | None:
+    """The group to write with: a group-writable shared spool's (not world-writable),
+    as Postfix's local(8) does for /var/mail; else the account's login group (None)."""
+    if shared is None or shared.st_mode & stat.S_IWOTH or not shared.st_mode & stat.S_IWGRP:
+        return None
+    return shared.st_gid
+
+
+# --- the steps (run in the delivery child, as the writer) -------------------------------
+
+
+def _maildir_step(path: str, message: bytes, owner: int | None) -> Payload:
+    return {"name": write_maildir(path, message, owner)}
+
+
+def _mbox_step(path: str, entry: bytes, owner: int | None, locks: LockPolicy) -> Payload:
+    append_mbox(path, entry, owner, locks)
+    return {}
+
+
+def _include_step(path: str) -> Payload:
+    found = read_include(path)
+    return {"text": found.text, "uid": found.uid, "gid": found.gid}
 
 
 # --- the RCPT check -----------------------------------------------------------------

@@ -1,10 +1,11 @@
 """What the local delivery modules share: the copy, who writes it, and how it ends.
 
 Every local target (a mailbox, a file named in an aliases file, a command) gets a `Copy`
-that starts with ``Return-Path`` and ``Delivered-To`` (the recipient address). As root,
-what is written belongs to an `Identity`, never to root. The errors and the file helpers
-here are the ones the Maildir and the mbox writer both need, and `delivered` is the one
-way a local target reports success.
+that starts with ``Return-Path`` and ``Delivered-To`` (the recipient address), with LF
+line ends, as Postfix, Dovecot and procmail write them. As root, each target is written
+by a `netserver.privileges.Identity` (`identity_of` makes one from a passwd entry). The
+errors and the file helpers here are the ones the Maildir and the mbox writer both need,
+and `delivered` is the one way a local target reports success.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import os
 import pwd
 import re
 from dataclasses import dataclass
+
+from netserver.privileges import Identity
 
 from . import Outcome, Result
 
@@ -28,18 +31,17 @@ class UnsafeMailbox(Exception):
     """The mailbox is a symbolic or hard link, not a regular file, or someone else's."""
 
 
-@dataclass(frozen=True)
-class Identity:
-    """The account a delivery runs as when we are root (and it is not root)."""
+def identity_of(account: pwd.struct_passwd, gid: int | None = None) -> Identity:
+    """Who to become for this account: its uid, `gid` (else its login group), and its
+    supplementary groups from the group database, as initgroups(3) gives at login.
 
-    uid: int
-    gid: int
-    name: str
-    home: str
-
-    @classmethod
-    def of(cls, account: pwd.struct_passwd) -> Identity:
-        return cls(account.pw_uid, account.pw_gid, account.pw_name, account.pw_dir)
+    Looked up here, in the parent: the delivery child must not use NSS after fork.
+    """
+    group = account.pw_gid if gid is None else gid
+    groups = os.getgrouplist(account.pw_name, account.pw_gid)
+    if group not in groups:
+        groups.append(group)
+    return Identity(account.pw_name, account.pw_uid, group, tuple(groups), account.pw_dir)
 
 
 @dataclass(frozen=True)

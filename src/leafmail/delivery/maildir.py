@@ -1,10 +1,12 @@
 """Maildir delivery: a unique file in tmp/, fsync, link into new/, fsync new/.
 
 That is the Maildir spec's recipe: a reader only ever sees complete messages in new/, and
-once new/ is synced the mail survives a crash. Directories that are missing are made
-(0700); as root they, and the message, are given to the mailbox's owner, and nothing is
-ever opened through a symbolic link. A directory that was already there must belong to
-the owner.
+once new/ is synced the mail survives a crash. This runs as the mailbox's user
+(`leafmail.delivery.asuser`), so what it makes belongs to them and the kernel decides
+where they may make it. Directories that are missing are made (0700), the parents of
+the Maildir too, as Postfix's local(8) does; one that cannot be made is named in the
+error. Nothing is opened through a symbolic link, and when the caller says whose the
+mailbox is (`owner`, a uid), a directory that was already there must be theirs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import secrets
 import socket
 import time
 
-from .local_common import CREATE, Identity, UnsafeMailbox, open_error, write_all
+from .local_common import CREATE, UnsafeMailbox, open_error, write_all
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _COUNTER = itertools.count(1)
@@ -32,23 +34,24 @@ def maildir_name() -> str:
     return f"{seconds}.M{micro}{unique}.{host}"
 
 
-def write_maildir(path: str, message: bytes, owner: Identity | None = None) -> str:
+def write_maildir(path: str, message: bytes, owner: int | None = None) -> str:
     """Deliver `message` into the Maildir at `path` (made when missing); its name in new/."""
     fds: list[int] = []
     try:
+        make_parents(os.path.dirname(os.path.normpath(path)))
         fds.append(top := _ensure_dir(path, owner))
         fds.append(_ensure_dir("cur", owner, top))
         fds.append(tmp := _ensure_dir("tmp", owner, top))
         fds.append(new := _ensure_dir("new", owner, top))
-        return _publish(tmp, new, message, owner)
+        return _publish(tmp, new, message)
     finally:
         for fd in fds:
             os.close(fd)
 
 
-def _publish(tmp: int, new: int, message: bytes, owner: Identity | None) -> str:
+def _publish(tmp: int, new: int, message: bytes) -> str:
     """tmp/NAME written and synced, linked to new/NAME, tmp/NAME removed, new/ synced."""
-    name = _write_unique(tmp, message, owner)
+    name = _write_unique(tmp, message)
     try:
         try:
             os.link(name, name, src_dir_fd=tmp, dst_dir_fd=new)
@@ -63,7 +66,7 @@ def _publish(tmp: int, new: int, message: bytes, owner: Identity | None) -> str:
     return name
 
 
-def _write_unique(tmp: int, message: bytes, owner: Identity | None) -> str:
+def _write_unique(tmp: int, message: bytes) -> str:
     for _ in range(5):
         name = maildir_name()
         try:
@@ -71,8 +74,6 @@ def _write_unique(tmp: int, message: bytes, owner: Identity | None) -> str:
         except FileExistsError:
             continue
         try:
-            if owner is not None:
-                os.fchown(fd, owner.uid, owner.gid)
             write_all(fd, message)
             os.fsync(fd)
         except BaseException:
@@ -88,6 +89,25 @@ def _write_unique(tmp: int, message: bytes, owner: Identity | None) -> str:
 # --- directories --------------------------------------------------------------------
 
 
+def make_parents(path: str) -> None:
+    """Make the missing directories of `path` (0700), each as who we are, or say which
+    one could not be made (OSError with its name)."""
+    missing: list[str] = []
+    while not os.path.lexists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot create {directory}: {exc.strerror}") from None
+
+
 def _open_dir(name: str, dir_fd: int | None = None) -> int:
     try:
         return os.open(name, _DIR, dir_fd=dir_fd)
@@ -95,15 +115,16 @@ def _open_dir(name: str, dir_fd: int | None = None) -> int:
         raise open_error(exc, name) from None
 
 
-def _ensure_dir(name: str, owner: Identity | None, dir_fd: int | None = None) -> int:
-    """Open directory `name`, made (0700, for `owner`) when missing; never via a symlink."""
+def _ensure_dir(name: str, owner: int | None, dir_fd: int | None = None) -> int:
+    """Open directory `name`, made (0700) when missing; never via a symlink."""
     created = False
     with contextlib.suppress(FileExistsError):
         os.mkdir(name, 0o700, dir_fd=dir_fd)
         created = True
     fd = _open_dir(name, dir_fd)
     try:
-        _check_owner(fd, name, owner, fix=created)
+        if not created:
+            _check_owner(fd, name, owner)
         if created:  # the new entry must survive a crash as much as the mail in it
             _sync_parent(name, dir_fd)
     except BaseException:
@@ -123,13 +144,8 @@ def _sync_parent(name: str, dir_fd: int | None) -> None:
         os.close(parent)
 
 
-def _check_owner(fd: int, name: str, owner: Identity | None, *, fix: bool) -> None:
-    """As root: what we just made is given to `owner`; what was there must be theirs."""
-    if owner is None:
-        return
+def _check_owner(fd: int, name: str, owner: int | None) -> None:
+    """A directory that was already there must belong to the mailbox's user."""
     uid = os.fstat(fd).st_uid
-    if uid == owner.uid:
-        return
-    if not fix:
-        raise UnsafeMailbox(f"{name} belongs to uid {uid}, not to {owner.name}")
-    os.fchown(fd, owner.uid, owner.gid)
+    if owner is not None and uid != owner:
+        raise UnsafeMailbox(f"{name} belongs to uid {uid}, not to uid {owner}")

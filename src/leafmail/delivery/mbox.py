@@ -7,8 +7,9 @@ reader can always undo the quoting. The entry is fsynced, and on any failure the
 truncated back to its old size, so it is never left half-written.
 
 The file is never opened through a symbolic link, and must be a regular file with one
-hard link; as root it must belong to the mailbox's owner, and one we make is given to
-them.
+hard link. This runs as the mailbox's user (`leafmail.delivery.asuser`), so a file we
+make is theirs and the kernel decides where they may make it; when the caller says whose
+the mailbox is (`owner`, a uid), a file that was already there must be theirs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from dataclasses import dataclass
 from .local_common import (
     CREATE,
     Copy,
-    Identity,
     MailboxLocked,
     UnsafeMailbox,
     open_error,
@@ -58,18 +58,9 @@ def mbox_entry(copy: Copy, now: float) -> bytes:
 
 
 def append_mbox(
-    path: str,
-    entry: bytes,
-    owner: Identity | None = None,
-    locks: LockPolicy | None = None,
-    *,
-    strict: bool = False,
+    path: str, entry: bytes, owner: int | None = None, locks: LockPolicy | None = None
 ) -> None:
-    """Append one mbox entry under a dotlock and an fcntl lock; all of it or nothing.
-
-    With `strict` (a file named in an aliases file) `owner` may only create the file in
-    a directory of their own, as if the kernel checked their permissions.
-    """
+    """Append one mbox entry under a dotlock and an fcntl lock; all of it or nothing."""
     locks = locks or LockPolicy()
     parent, base = os.path.split(os.path.normpath(path))
     if not base or not parent:
@@ -79,7 +70,7 @@ def append_mbox(
         dirfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         stack.callback(os.close, dirfd)
         stack.enter_context(dotlock(dirfd, base + ".lock", deadline, locks))
-        fd = _open_mbox(dirfd, base, owner, strict=strict)
+        fd = _open_mbox(dirfd, base, owner)
         stack.callback(os.close, fd)  # closing releases the fcntl lock
         _wait_for(lambda: _try_lockf(fd), deadline, f"{base} is locked by another program")
         _append(fd, entry)
@@ -144,13 +135,13 @@ def _try_lockf(fd: int) -> bool:
     return True
 
 
-def _open_mbox(dirfd: int, name: str, owner: Identity | None, *, strict: bool) -> int:
+def _open_mbox(dirfd: int, name: str, owner: int | None) -> int:
     """The mbox opened for appending (made 0600 when missing), checked to be safe."""
     for _ in range(3):
         try:
             fd = os.open(name, _MBOX, dir_fd=dirfd)
         except FileNotFoundError:
-            created = _create_mbox(dirfd, name, owner, strict=strict)
+            created = _create_mbox(dirfd, name)
             if created is None:
                 continue  # someone made it meanwhile: open theirs
             return created
@@ -165,16 +156,12 @@ def _open_mbox(dirfd: int, name: str, owner: Identity | None, *, strict: bool) -
     raise UnsafeMailbox(f"{name} keeps appearing and disappearing")
 
 
-def _create_mbox(dirfd: int, name: str, owner: Identity | None, *, strict: bool) -> int | None:
-    if owner is not None and strict and os.fstat(dirfd).st_uid != owner.uid:
-        raise UnsafeMailbox(f"{owner.name} may not create {name} in that directory")
+def _create_mbox(dirfd: int, name: str) -> int | None:
     try:
         fd = os.open(name, _MBOX | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dirfd)
     except FileExistsError:
         return None
     try:
-        if owner is not None:
-            os.fchown(fd, owner.uid, owner.gid)
         os.fsync(dirfd)  # the new file's name, durable like what is appended to it
     except BaseException:
         os.close(fd)
@@ -182,14 +169,14 @@ def _create_mbox(dirfd: int, name: str, owner: Identity | None, *, strict: bool)
     return fd
 
 
-def _check_mbox(fd: int, name: str, owner: Identity | None) -> None:
+def _check_mbox(fd: int, name: str, owner: int | None) -> None:
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         raise UnsafeMailbox(f"{name} is not a regular file")
     if info.st_nlink != 1:
         raise UnsafeMailbox(f"{name} has {info.st_nlink} hard links")
-    if owner is not None and info.st_uid != owner.uid:
-        raise UnsafeMailbox(f"{name} belongs to uid {info.st_uid}, not to {owner.name}")
+    if owner is not None and info.st_uid != owner:
+        raise UnsafeMailbox(f"{name} belongs to uid {info.st_uid}, not to uid {owner}")
 
 
 def _append(fd: int, entry: bytes) -> None:

@@ -1,25 +1,29 @@
 """``|command`` deliveries: run an argument list (never a shell), the message on stdin.
 
-The command gets its own process group, a small fixed environment, ``/`` as its working
-directory and, as root, the identity of whoever owns the aliases or include file that
-names it. Only the first MAX_OUTPUT bytes of what it prints are kept (the rest is read
-and dropped, so its pipes never fill and it never blocks on us), and a command that runs
-past the timeout is killed with its whole process group. The exit code says what
-happened (sysexits.h): 0 delivered, EX_TEMPFAIL (75) try again later, anything else
-failed; a command killed by a signal is tried again later.
+The command runs in a delivery child (`leafmail.delivery.asuser`) that has already
+taken the identity of whoever owns the aliases or include file that names it (never
+root), so the command starts with exactly that user's rights. It gets a small fixed
+environment and ``/`` as its working directory, and shares the child's process group:
+a command that runs past the timeout is killed with the child and everything they
+started. Only the first MAX_OUTPUT bytes of what it prints are kept (the rest is read
+and dropped, so its pipes never fill and it never blocks on us). The exit code says
+what happened (sysexits.h): 0 delivered, EX_TEMPFAIL (75) try again later, anything
+else failed; a command killed by a signal is tried again later.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import pwd
-import signal
-from collections.abc import Callable, Sequence
+import selectors
+import subprocess
+from collections.abc import Sequence
+
+from netserver.privileges import Identity
 
 from . import Result
-from .local_common import Copy, Identity, clean, delivered
+from .asuser import Payload, run_as
+from .local_common import Copy, clean, delivered
 
 EX_TEMPFAIL = 75
 MAX_OUTPUT = 4096  # bytes of a command's stdout/stderr kept; the rest is read and dropped
@@ -34,92 +38,89 @@ async def run_command(
     timeout: float,
     env: dict[str, str],
 ) -> Result:
-    """Run argv (no shell) with the message on stdin: exit 0 delivered, 75 or a timeout
-    deferred, a signal deferred, anything else failed with the first line of stderr."""
+    """Run argv (no shell) as `identity` with the message on stdin: exit 0 delivered, 75
+    or a timeout deferred, a signal deferred, anything else failed with the first line
+    of stderr."""
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd="/",
-            env=env,
-            start_new_session=True,  # its own process group: a timeout kills all of it
-            preexec_fn=None if identity is None else _become(identity),
-        )
+        payload = await run_as(identity, lambda: converse(argv, stdin, env), timeout=timeout)
+    except TimeoutError:
+        return Result.deferred("4.3.0", f"command {argv[0]} timed out after {timeout:g}s")
     except OSError as exc:
         return Result.deferred("4.3.0", f"cannot run {argv[0]}: {exc.strerror or exc}")
-    try:
-        async with asyncio.timeout(timeout):
-            err, code = await _converse(proc, stdin)
-    except TimeoutError:
-        _kill(proc)
-        await proc.wait()
-        return Result.deferred("4.3.0", f"command {argv[0]} timed out after {timeout:g}s")
-    except BaseException:  # cancelled (shutdown): leave no command running behind us
-        _kill(proc)
-        raise
-    return _command_result(argv[0], code, err)
+    return _command_result(argv[0], int(payload["code"]), str(payload["err"]))
 
 
-def _become(identity: Identity) -> Callable[[], None]:
-    """What the child runs before exec to take on `identity`.
-
-    Not the user=/group=/extra_groups= arguments: uvloop, the daemon's event loop,
-    refuses them, and every command delivery would fail. Supplementary groups go first,
-    then the group, then the user, while we may still change them.
-    """
-
-    def switch() -> None:
-        os.setgroups([])
-        os.setgid(identity.gid)
-        os.setuid(identity.uid)
-
-    return switch
-
-
-async def _converse(proc: asyncio.subprocess.Process, data: bytes) -> tuple[bytes, int]:
-    if proc.stdin is None or proc.stdout is None or proc.stderr is None:
-        raise RuntimeError("subprocess pipes missing")
-    _out, err, _ = await asyncio.gather(
-        _drain(proc.stdout), _drain(proc.stderr), _feed(proc.stdin, data)
+def converse(argv: Sequence[str], data: bytes, env: dict[str, str]) -> Payload:
+    """In the delivery child: start the command, feed it, drain it, wait for it."""
+    proc = subprocess.Popen(
+        list(argv),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd="/",
+        env=env,
+        close_fds=True,
     )
-    return err, await proc.wait()
+    with proc:
+        err = _pump(proc, data)
+        code = proc.wait()
+    return {"code": code, "err": err.decode("utf-8", "replace")}
 
 
-async def _feed(stream: asyncio.StreamWriter, data: bytes) -> None:
-    """Write the message; a command that stops reading early is judged by its exit code."""
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        stream.write(data)
-        await stream.drain()
-    stream.close()
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        await stream.wait_closed()
+def _pump(proc: subprocess.Popen[bytes], data: bytes) -> bytes:
+    """Write `data` to stdin while reading both outputs to their end; the start of stderr.
 
-
-async def _drain(stream: asyncio.StreamReader) -> bytes:
-    """Read to the end, keeping the first MAX_OUTPUT bytes (so the pipe never fills)."""
+    A command that stops reading early is judged by its exit code, so EPIPE only ends
+    the writing.
+    """
+    stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
+    if stdin is None or stdout is None or stderr is None:
+        raise RuntimeError("subprocess pipes missing")
+    view = memoryview(data)
     kept = bytearray()
-    while chunk := await stream.read(65536):
-        kept += chunk[: max(0, MAX_OUTPUT - len(kept))]
+    with selectors.DefaultSelector() as selector:
+        for stream in (stdout, stderr):
+            os.set_blocking(stream.fileno(), False)
+            selector.register(stream, selectors.EVENT_READ)
+        if view:
+            os.set_blocking(stdin.fileno(), False)
+            selector.register(stdin, selectors.EVENT_WRITE)
+        else:
+            stdin.close()
+        while selector.get_map():
+            for key, _ in selector.select():
+                if key.fileobj is stdin:
+                    view = _write_some(stdin.fileno(), view)
+                    if not view:
+                        selector.unregister(stdin)
+                        stdin.close()
+                    continue
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    selector.unregister(key.fileobj)
+                elif key.fileobj is stderr:
+                    kept += chunk[: max(0, MAX_OUTPUT - len(kept))]
     return bytes(kept)
 
 
-def _kill(proc: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()
+def _write_some(fd: int, view: memoryview) -> memoryview:
+    """What is left to write after one non-blocking write (nothing once the pipe broke)."""
+    try:
+        return view[os.write(fd, view[:65536]) :]
+    except BlockingIOError:
+        return view
+    except BrokenPipeError:
+        return view[:0]
 
 
-def _first_line(output: bytes) -> str:
-    for line in output.decode("utf-8", "replace").splitlines():
+def _first_line(output: str) -> str:
+    for line in output.splitlines():
         if line.strip():
             return clean(line, 200)
     return "no error message"
 
 
-def _command_result(name: str, code: int, err: bytes) -> Result:
+def _command_result(name: str, code: int, err: str) -> Result:
     if code == 0:
         return delivered(f"delivered to command {name}")
     if code == EX_TEMPFAIL:
@@ -136,8 +137,8 @@ def command_env(copy: Copy, identity: Identity | None) -> dict[str, str]:
     return {
         "PATH": COMMAND_PATH,
         "HOME": me.home,
-        "USER": me.name,
-        "LOGNAME": me.name,
+        "USER": me.user,
+        "LOGNAME": me.user,
         "SHELL": "/bin/sh",
         "SENDER": copy.sender,
         "RECIPIENT": copy.recipient,
@@ -149,6 +150,7 @@ def command_env(copy: Copy, identity: Identity | None) -> dict[str, str]:
 def _current_identity() -> Identity:
     uid = os.geteuid()
     try:
-        return Identity.of(pwd.getpwuid(uid))
+        entry = pwd.getpwuid(uid)
     except KeyError:
-        return Identity(uid, os.getegid(), str(uid), "/")
+        return Identity(str(uid), uid, os.getegid(), (), "/")
+    return Identity(entry.pw_name, uid, entry.pw_gid, (), entry.pw_dir)

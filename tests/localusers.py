@@ -1,0 +1,71 @@
+"""Real system users for the local delivery tests that run as root (CI runs as root).
+
+Users are made with useradd, idempotently, with names that start with ``lmt`` and
+homes under HOMES, a directory only root may write. Nothing here fakes /etc/passwd.
+`scratch` makes a per-test directory that these users can reach (pytest's own tmp_path
+sits under a 0700 directory of root's, which no other user may enter).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = os.geteuid() == 0
+# Commands run as other users need an interpreter they can reach: the test's own may sit
+# under /root (pyenv), which only root may enter. The scripts use the stdlib only.
+PYTHON = "/usr/bin/python3" if ROOT and os.access("/usr/bin/python3", os.X_OK) else sys.executable
+HOMES = Path("/tmp/lmt-homes")
+SCRATCH = Path("/tmp/lmt-scratch")
+
+
+def ensure_user(name: str) -> pwd.struct_passwd:
+    """The account `name` (lmt...), made with useradd if missing; its home is HOMES/name."""
+    assert name.startswith("lmt") and ROOT
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        pass
+    _root_dir(HOMES)
+    command = ["useradd", "--system", "--no-create-home", "--user-group"]
+    command += ["--home-dir", str(HOMES / name), "--shell", "/usr/sbin/nologin", name]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode not in (0, 9):  # 9: made meanwhile by another test run
+        raise RuntimeError(f"useradd {name}: {done.stderr.strip()}")
+    return pwd.getpwnam(name)
+
+
+def fresh_home(entry: pwd.struct_passwd) -> Path:
+    """An empty home (0755, the user's own) at the account's home directory."""
+    home = Path(entry.pw_dir)
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(mode=0o755)
+    os.chown(home, entry.pw_uid, entry.pw_gid)
+    return home
+
+
+def scratch(owner: pwd.struct_passwd | None = None, mode: int = 0o755) -> Path:
+    """A new directory under SCRATCH that every user can enter; `owner`'s when given."""
+    _root_dir(SCRATCH)
+    path = Path(tempfile.mkdtemp(dir=SCRATCH))
+    path.chmod(mode)
+    if owner is not None:
+        os.chown(path, owner.pw_uid, owner.pw_gid)
+    return path
+
+
+def _root_dir(path: Path) -> None:
+    """A directory of root's that others may traverse but not write (0755)."""
+    path.mkdir(mode=0o755, exist_ok=True)
+    os.chown(path, 0, 0)
+    path.chmod(0o755)
+
+
+def owner_of(path: Path) -> tuple[int, int]:
+    info = os.lstat(path)
+    return info.st_uid, info.st_gid
