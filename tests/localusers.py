@@ -24,20 +24,34 @@ HOMES = Path("/tmp/lmt-homes")
 SCRATCH = Path("/tmp/lmt-scratch")
 
 
-def ensure_user(name: str) -> pwd.struct_passwd:
-    """The account `name` (lmt...), made with useradd if missing; its home is HOMES/name."""
+def ensure_user(
+    name: str, home: Path | None = None, groups: tuple[str, ...] = ()
+) -> pwd.struct_passwd:
+    """The account `name` (lmt...), made with useradd if missing; its home is HOMES/name
+    unless `home` says otherwise; also a member of `groups` (made with groupadd)."""
     assert name.startswith("lmt") and ROOT
+    for group in groups:
+        assert group.startswith("lmt")
+        _run(["groupadd", "-f", group])
     try:
-        return pwd.getpwnam(name)
+        entry = pwd.getpwnam(name)
     except KeyError:
-        pass
-    _root_dir(HOMES)
-    command = ["useradd", "--system", "--no-create-home", "--user-group"]
-    command += ["--home-dir", str(HOMES / name), "--shell", "/usr/sbin/nologin", name]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode not in (0, 9):  # 9: made meanwhile by another test run
-        raise RuntimeError(f"useradd {name}: {done.stderr.strip()}")
+        _root_dir(HOMES)
+        command = ["useradd", "--system", "--no-create-home", "--user-group"]
+        command += ["--home-dir", str(home or HOMES / name), "--shell", "/usr/sbin/nologin"]
+        _run([*command, name], ok=(0, 9))  # 9: made meanwhile by another test run
+        entry = pwd.getpwnam(name)
+    if home is not None and entry.pw_dir != str(home):
+        _run(["usermod", "--home", str(home), name])
+    for group in groups:
+        _run(["usermod", "-a", "-G", group, name])
     return pwd.getpwnam(name)
+
+
+def _run(command: list[str], ok: tuple[int, ...] = (0,)) -> None:
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode not in ok:
+        raise RuntimeError(f"{' '.join(command)}: {done.stderr.strip()}")
 
 
 def fresh_home(entry: pwd.struct_passwd) -> Path:

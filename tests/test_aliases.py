@@ -6,17 +6,21 @@ aliases (commands, files, forwards) is tested in test_local_delivery.py.
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from leafmail.aliases import (
     MAX_DEPTH,
+    MAX_INCLUDE_SIZE,
     Aliases,
     CommandTarget,
     Expansion,
     FileTarget,
+    IncludeFile,
     LocalName,
     Problem,
     RemoteTarget,
@@ -219,3 +223,57 @@ def test_the_file_is_read_again_when_it_changes(tmp_path: Path) -> None:
 def test_unchanged_file_is_not_parsed_again(tmp_path: Path) -> None:
     aliases = aliases_file(tmp_path, "x: alice\n")
     assert aliases.table() is aliases.table()
+
+
+# --- include files: bounded, de-duplicated, regular files only (issue 12 item 3) ------
+
+
+def test_includes_that_name_each_other_many_times_are_read_once(tmp_path: Path) -> None:
+    """Five files each naming the next 60 times froze the daemon (60**4 reads)."""
+    reads: list[str] = []
+    files = [tmp_path / f"level{i}" for i in range(5)]
+    files[-1].write_text("alice\n", encoding="utf-8")
+    for here, below in itertools.pairwise(files):
+        here.write_text(f":include:{below}\n" * 60, encoding="utf-8")
+    aliases = aliases_file(tmp_path, f"list: :include:{files[0]}\n")
+    reader = aliases.reader
+
+    def counting(path: str, uid: int, gid: int) -> IncludeFile:
+        reads.append(path)
+        return reader(path, uid, gid)
+
+    aliases.reader = counting
+    result = expand(aliases, "list")
+    assert users(result) == ["alice"] and result.problems == ()
+    assert sorted(reads) == sorted(str(f) for f in files)  # each file once
+
+
+def test_fan_out_is_bounded(tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    big.write_text("".join(f"u{i}@remote.example\n" for i in range(5000)), encoding="utf-8")
+    aliases = aliases_file(tmp_path, f"list: :include:{big}\n")
+    result = expand(aliases, "list")
+    assert len(result.targets) < 1000
+    assert result.problems == (Problem("5.3.5", "expands to over 1000 targets"),)
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda p: os.mkfifo(p), "not a regular file"),
+        (lambda p: p.mkdir(), "not a regular file"),
+        (lambda p: p.write_bytes(b"alice\n" * (MAX_INCLUDE_SIZE // 6 + 1)), "larger than"),
+        (lambda p: (p.write_text("alice\n"), p.chmod(0o666)), "world-writable"),
+        (lambda p: p.symlink_to("/etc/passwd"), "Too many levels of symbolic links"),
+    ],
+)
+def test_unsafe_include_files_are_refused_without_waiting(
+    tmp_path: Path, make: Callable[[Path], object], needle: str
+) -> None:
+    target = tmp_path / "include"
+    make(target)
+    aliases = aliases_file(tmp_path, f"list: bob, :include:{target}\n")
+    result = expand(aliases, "list")
+    assert users(result) == ["bob"]
+    (problem,) = result.problems
+    assert problem.status == "4.3.5" and needle in problem.text
