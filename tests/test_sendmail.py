@@ -319,6 +319,73 @@ def test_t_takes_to_cc_bcc_and_arguments_and_drops_bcc(box: Box) -> None:
     assert rest.endswith(b"Subject: -t\r\nDate: " + rest.split(b"Date: ")[1])
 
 
+def test_bare_names_in_address_headers_get_the_origin(box: Box) -> None:
+    """Issue 13 item 9: ``To: root`` was spooled as it was; Postfix's cleanup adds
+    @myorigin (append_at_myorigin). Names, comments, groups and folding stay."""
+    message = (
+        b"From: cron\n"
+        b"To: root, Bob <bob>, carol@dst.test\n"
+        b'Cc: "Q x" (quoted),\n  team: dave, erin@dst.test;\n'
+        b"Reply-To: <@relay.test:frank>\n"
+        b"Subject: root's mail\n"
+        b"\n"
+        b"To: root in the body is not a header\n"
+    )
+    ok(run(box, "-t", stdin=message))
+    msg = only(box)
+    assert rcpts(msg) == [
+        f"root@{HOST}",
+        f"bob@{HOST}",
+        "carol@dst.test",
+        f'"Q x"@{HOST}',
+        f"dave@{HOST}",
+        "erin@dst.test",
+    ]
+    rest = split_trace(msg)[1]
+    assert rest.startswith(
+        f"From: cron@{HOST}\r\n"
+        f"To: root@{HOST}, Bob <bob@{HOST}>, carol@dst.test\r\n"
+        f'Cc: "Q x"@{HOST} (quoted),\r\n  team: dave@{HOST}, erin@dst.test;\r\n'
+        f"Reply-To: <@relay.test:frank@{HOST}>\r\n"
+        "Subject: root's mail\r\n".encode()
+    )
+    assert rest.endswith(b"\r\n\r\nTo: root in the body is not a header\r\n")
+
+
+def test_origin_and_masquerade_domains(tmp_path: Path) -> None:
+    """[sendmail] origin is what bare names get; masquerade_domains hides host names in
+    the envelope sender and the headers, not in envelope recipients (as Postfix)."""
+    box = make_box(
+        tmp_path,
+        '[sendmail]\norigin = "Example.ORG."\nmasquerade_domains = ["example.org"]\n',
+    )
+    head = b"From: Ops <ops@build1.example.org>\n"
+    head += b"To: root, alice@mail.example.org, bob@dst.test, eve@notexample.org\n"
+    ok(run(box, "-t", "-f", "cron@host1.example.org", stdin=head + b"\nx\n"))
+    msg = only(box)
+    assert msg.envelope.sender == "cron@example.org"
+    assert rcpts(msg) == [
+        "root@example.org",
+        "alice@mail.example.org",
+        "bob@dst.test",
+        "eve@notexample.org",
+    ]
+    fields = dict(headers(split_trace(msg)[1]))
+    assert fields["from"] == "Ops <ops@example.org>"
+    assert fields["to"] == "root@example.org, alice@example.org, bob@dst.test, eve@notexample.org"
+    ok(run(box, "-f", "", "someone@dst.test", stdin=b"Subject: no From\n\nx\n"))
+    added = next(m for m in messages(box) if m.envelope.sender == "")
+    assert f"<{LOGIN}@example.org>" in dict(headers(split_trace(added)[1]))["from"]
+
+
+@pytest.mark.parametrize("origin", ["a b", "x@y.test", "-bad.test"])
+def test_a_bad_origin_is_a_config_error(tmp_path: Path, origin: str) -> None:
+    box = make_box(tmp_path, f'[sendmail]\norigin = "{origin}"\n')
+    done = run(box, "root", stdin=b"Subject: x\n\nx\n")
+    assert done.returncode == EX_CONFIG and b"not a domain name" in done.stderr
+    assert messages(box) == []
+
+
 def test_t_uses_resent_headers_when_there_are_any(box: Box) -> None:
     message = b"To: original@dst.test\nResent-To: new@dst.test\nResent-Bcc: quiet@dst.test\n\nx\n"
     ok(run(box, "-t", stdin=message))

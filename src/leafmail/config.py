@@ -229,6 +229,21 @@ class LocalConfig:
 
 
 @dataclass(frozen=True)
+class SendmailConfig:
+    """The ``[sendmail]`` table: how locally submitted addresses are completed.
+
+    `origin` is the domain added to bare names (``root``) in the envelope and in the
+    address headers, as Postfix's myorigin with append_at_myorigin (default: the
+    hostname). `masquerade_domains` hides host names: ``user@host.example.org``
+    becomes ``user@example.org`` in the envelope sender and the address headers, as
+    Postfix's masquerade_domains (the first listed domain that matches wins).
+    """
+
+    origin: str = ""
+    masquerade_domains: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ChecksConfig:
     """The ``[checks]`` table: each check is "off", "tag" (add a header) or "reject"."""
 
@@ -261,6 +276,7 @@ class Config:
     local: LocalConfig = field(default_factory=LocalConfig)
     pickup: PickupConfig = field(default_factory=PickupConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
+    sendmail: SendmailConfig = field(default_factory=SendmailConfig)
     routes: tuple[tuple[str, str], ...] = ()  # (domain or .suffix, route), as written
     source: str = "defaults"
 
@@ -426,6 +442,7 @@ def _build(raw: dict[str, Any], where: str, *, check: bool = True) -> Config:
         local=_local(top.table("local"), enabled="local" in raw),
         pickup=_pickup(top.table("pickup")),
         checks=_checks(top.table("checks")),
+        sendmail=_sendmail(top.table("sendmail")),
         routes=_routes(top.table("routes")),
         source=where,
     )
@@ -552,6 +569,23 @@ def _local(t: _Table, *, enabled: bool) -> LocalConfig:
     )
     t.finish()
     return local
+
+
+_DOMAIN = re.compile(r"\A[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\Z")
+
+
+def _sendmail(t: _Table) -> SendmailConfig:
+    sendmail = SendmailConfig(
+        origin=t.string("origin", "").strip().rstrip(".").lower(),
+        masquerade_domains=tuple(
+            d.strip().strip(".").lower() for d in t.strings("masquerade_domains", ())
+        ),
+    )
+    for domain in (sendmail.origin, *sendmail.masquerade_domains):
+        if domain and not _DOMAIN.match(domain):
+            raise ConfigError(f"{t.where}: sendmail: {domain!r} is not a domain name")
+    t.finish()
+    return sendmail
 
 
 def _checks(t: _Table) -> ChecksConfig:

@@ -38,12 +38,13 @@ from ..envelope import ClientInfo, Envelope, Recipient
 from ..flush import flush
 from ..printable import printable
 from ..spool import Spool
-from .addresses import address_list, recipients_from, sender_address
+from .addresses import address_list, masquerade, recipients_from, sender_address
 from .context import Context, Identity
 from .errors import BadInput, TryLater
 from .headers import Message, header_recipients
 from .options import USAGE, Options, parse_options
 from .reading import read_message
+from .rewrite import rewrite_headers
 from .smtp_session import SmtpSession
 from .spooling import _spool_error, choose_submitter, now
 
@@ -64,19 +65,20 @@ __all__ = [
 
 def submit(opts: Options, ctx: Context, stdin: BinaryIO) -> int:
     """-bm: read one message from stdin and spool it."""
-    hostname = ctx.hostname
-    sender = sender_address(opts.sender, ctx.identity, hostname)
-    recipients = recipients_from(opts.recipients, hostname)
+    origin = ctx.origin
+    sender = masquerade(sender_address(opts.sender, ctx.identity, origin), ctx.masquerade_domains)
+    recipients = recipients_from(opts.recipients, origin)
     if not recipients and not opts.extract:
         raise UsageError("no recipients given (name them, or use -t)")
     limit = ctx.config.smtp.max_message_size
     lines = read_message(stdin, dots_end=opts.dots_end, limit=limit)
     message = Message.parse(lines)
     if opts.extract:
-        from_headers = recipients_from(header_recipients(message), hostname)
+        from_headers = recipients_from(header_recipients(message), origin)
         recipients += [r for r in from_headers if r not in recipients]
     if not recipients:
         raise UsageError("no recipients: none given and none in To, Cc or Bcc")
+    rewrite_headers(message, origin, ctx.masquerade_domains)
     envelope = Envelope(
         sender=sender,
         recipients=tuple(Recipient(r, opts.notify) for r in recipients),

@@ -53,3 +53,12 @@ class Context:
     @property
     def hostname(self) -> str:
         return self.config.hostname
+
+    @property
+    def origin(self) -> str:
+        """The domain bare names get: [sendmail] origin, else the hostname (myorigin)."""
+        return self.config.sendmail.origin or self.config.hostname
+
+    @property
+    def masquerade_domains(self) -> tuple[str, ...]:
+        return self.config.sendmail.masquerade_domains

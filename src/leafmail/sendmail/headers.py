@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from .addresses import mailbox
+from .addresses import mailbox, masquerade
 from .context import Context
 from .errors import BadInput
 
@@ -133,7 +133,8 @@ def complete(message: Message, ctx: Context, *, qid: str, sender: str, name: str
     if not message.has("message-id"):
         message.add(f"Message-ID: <{qid}@{ctx.hostname}>")
     if not message.has("from"):
-        address = sender or mailbox(ctx.identity.login, ctx.hostname, role="sender")
+        own = mailbox(ctx.identity.login, ctx.origin, role="sender")
+        address = sender or masquerade(own, ctx.masquerade_domains)
         message.add(from_header(ctx.identity.full_name(name), address))
 
 
