@@ -38,6 +38,8 @@ from leafmail_fixtures import (
     users_file,
     write_config,
 )
+from localusers import ROOT as AS_ROOT
+from localusers import ensure_user, scratch
 from smarthost import Smarthost
 from test_flush import wait_for
 
@@ -380,6 +382,7 @@ LOCAL_USERS = """
 mailbox = "maildir"
 path = {path}
 users = ["u"]
+virtual_user = "lmtvirt"
 """
 
 
@@ -392,8 +395,10 @@ def test_local_delivery_never_reads_percent_bang_or_quoted_at_as_a_route(
 ) -> None:
     """With [local], tricky local parts are refused to outsiders as routing (5.7.1);
     from a trusted client they are unknown users (550 5.1.1) or land in u's Maildir."""
-    mail = tmp_path / "mail"
-    mail.mkdir()
+    # u has no account: as root her Maildir is written by virtual_user, a real user
+    # (useradd) who owns the mail directory (pytest's tmp_path is closed to others).
+    mail = scratch(ensure_user("lmtvirt")) if AS_ROOT else tmp_path / "mail"
+    mail.mkdir(exist_ok=True)
     local = LOCAL_USERS.format(path=toml_string(f"{mail}/{{user}}"))
     server, config = start(servers, material, sink, tmp_path, local=local)
     refused = ["<u%other.test@mx.test>", "<other.test!u@mx.test>", '<"u@other.test"@mx.test>']
@@ -416,7 +421,7 @@ def test_local_delivery_never_reads_percent_bang_or_quoted_at_as_a_route(
     delivered_to = sorted(
         line
         for path in maildir_files(mail)
-        for line in path.read_bytes().split(b"\r\n")
+        for line in path.read_bytes().splitlines()
         if line.startswith(b"Delivered-To:")
     )
     assert delivered_to == sorted(b"Delivered-To: " + r[1:-1].encode() for r in kept)

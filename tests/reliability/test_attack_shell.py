@@ -37,6 +37,8 @@ from leafmail_fixtures import (
     write_config,
 )
 from lifecycle_handlers import connect, read_to_end, wait_until
+from localusers import ROOT as AS_ROOT
+from localusers import ensure_user
 
 from leafmail.spool import Spool
 
@@ -208,10 +210,13 @@ def pipe_config(tmp_path: Path, script: Path, out: Path) -> str:
     aliases = tmp_path / "aliases"
     aliases.write_text(f'tickets: "|{PYTHON} {script} {out}"\n')
     (tmp_path / "mail").mkdir()
+    # u has no account: as root, a real unprivileged user (useradd) stands in for her
+    virtual = f'virtual_user = "{ensure_user("lmtvirt").pw_name}"\n' if AS_ROOT else ""
     return (
         f'[local]\nmailbox = "maildir"\npath = {toml_string(tmp_path / "mail" / "{user}")}\n'
         f'users = ["u"]\naliases = {toml_string(aliases)}\ncommand_timeout = "10s"\n'
-        '[checks]\nrfc5322 = "off"\nreceived = "off"\nspf = "off"\ndkim = "off"\n'
+        + virtual
+        + '[checks]\nrfc5322 = "off"\nreceived = "off"\nspf = "off"\ndkim = "off"\n'
     )
 
 
