@@ -110,6 +110,7 @@ POSTMASTER = "postmaster"
 _USER = re.compile(r"\A[a-z0-9_][a-z0-9_.-]{0,63}\Z")
 _DELIVERED_TO = re.compile(rb"^delivered-to:[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
 
+CHILDREN = 8  # delivery children at once per message (a long alias list waits its turn)
 INCLUDE_TIMEOUT = 30.0  # seconds to read one :include: file (a hung NFS server)
 FILE_GRACE = 60.0  # seconds a mailbox write may take beyond waiting for its locks
 UNKNOWN_USER = Reply(550, "5.1.1", "Recipient address rejected: no such user here")
@@ -291,7 +292,7 @@ class LocalAgent:
         `expansions` holds what each alias target got in earlier attempts; without it
         (an agent used on its own) forwarded copies are simply spooled.
         """
-        memo: dict[Target, asyncio.Task[Result]] = {}
+        memo = _Memo({}, asyncio.Semaphore(CHILDREN))
         loops = delivered_to(data)
         known = expansions or UnrecordedExpansions(self.spool, self.notify)
         results = await asyncio.gather(
@@ -308,7 +309,7 @@ class LocalAgent:
         data: bytes,
         index: int,
         loops: frozenset[str],
-        memo: dict[Target, asyncio.Task[Result]],
+        memo: _Memo,
         known: Expansions,
     ) -> Result:
         address = envelope.recipients[index].address
@@ -345,16 +346,19 @@ class LocalAgent:
         known.record(index, target_key(target), result)
         return result
 
-    def _once(
-        self, memo: dict[Target, asyncio.Task[Result]], target: Target, copy: Copy
-    ) -> asyncio.Task[Result]:
-        task = memo.get(target)
+    def _once(self, memo: _Memo, target: Target, copy: Copy) -> asyncio.Task[Result]:
+        task = memo.tasks.get(target)
         if task is None:
-            task = memo[target] = asyncio.ensure_future(self._guarded(target, copy))
+            task = asyncio.ensure_future(self._guarded(target, copy, memo.children))
+            memo.tasks[target] = task
         return task
 
-    async def _guarded(self, target: Target, copy: Copy) -> Result:
+    async def _guarded(self, target: Target, copy: Copy, children: asyncio.Semaphore) -> Result:
         """Deliver to one target; whatever goes wrong defers it rather than lose the mail."""
+        async with children:
+            return await self._target(target, copy)
+
+    async def _target(self, target: Target, copy: Copy) -> Result:
         try:
             if isinstance(target, UserTarget):
                 return await self._to_mailbox(target.name, copy)
@@ -483,6 +487,14 @@ class LocalAgent:
         names = ", ".join(t.address for t in targets)
         # The copy carries NOTIFY and ORCPT on: its own delivery reports success.
         return replace(delivered(f"forwarded to {names} as {qid}"), handoff=Handoff.PASSED)
+
+
+@dataclass(frozen=True)
+class _Memo:
+    """One message's targets: each delivered once, by at most CHILDREN children at once."""
+
+    tasks: dict[Target, asyncio.Task[Result]]
+    children: asyncio.Semaphore
 
 
 @dataclass(frozen=True)
