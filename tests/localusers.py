@@ -63,14 +63,25 @@ def fresh_home(entry: pwd.struct_passwd) -> Path:
     return home
 
 
+_MADE: list[Path] = []
+
+
 def scratch(owner: pwd.struct_passwd | None = None, mode: int = 0o755) -> Path:
-    """A new directory under SCRATCH that every user can enter; `owner`'s when given."""
+    """A new directory under SCRATCH that every user can enter; `owner`'s when given.
+    `remove_scratch` removes them all."""
     _root_dir(SCRATCH)
     path = Path(tempfile.mkdtemp(dir=SCRATCH))
+    _MADE.append(path)
     path.chmod(mode)
     if owner is not None:
         os.chown(path, owner.pw_uid, owner.pw_gid)
     return path
+
+
+def remove_scratch() -> None:
+    """Remove every directory `scratch` made (the tests' fixtures call it at teardown)."""
+    while _MADE:
+        shutil.rmtree(_MADE.pop(), ignore_errors=True)
 
 
 def _root_dir(path: Path) -> None:

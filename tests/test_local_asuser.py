@@ -16,12 +16,12 @@ import pwd
 import signal
 import stat
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from localusers import PYTHON, ROOT, ensure_user, fresh_home, owner_of, scratch
+from localusers import PYTHON, ROOT, ensure_user, fresh_home, owner_of, remove_scratch, scratch
 
 from leafmail.config import Config, _build
 from leafmail.delivery import Outcome, Result
@@ -55,11 +55,13 @@ def deliver(agent: LocalAgent, *rcpts: str) -> list[Result]:
 
 
 @pytest.fixture
-def tmp() -> Path:
-    """A directory of root's (0755) that every user can enter and none may write."""
+def tmp() -> Iterator[Path]:
+    """A directory of root's (0755) that every user can enter and none may write; it
+    and every other scratch directory of the test are removed afterwards."""
     for name in (VIRTUAL, DEFAULT):
         ensure_user(name)
-    return scratch()
+    yield scratch()
+    remove_scratch()
 
 
 def tree(path: Path) -> list[Path]:

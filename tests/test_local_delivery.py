@@ -24,12 +24,12 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from localusers import PYTHON, ensure_user, scratch
+from localusers import PYTHON, ensure_user, remove_scratch, scratch
 
 from leafmail.checks import ACCEPT, Defer, Reject, Session
 from leafmail.config import Config, _build
@@ -112,11 +112,13 @@ def mine(*paths: Path) -> None:
 
 
 @pytest.fixture
-def tmp_path(tmp_path: Path) -> Path:
+def tmp_path(tmp_path: Path) -> Iterator[Path]:
     """pytest's tmp_path, or as root one that VIRTUAL owns and every user can reach."""
     if not ROOT:
-        return tmp_path
-    return scratch(ensure_user(VIRTUAL))
+        yield tmp_path
+        return
+    yield scratch(ensure_user(VIRTUAL))
+    remove_scratch()
 
 
 def deliver(

@@ -27,7 +27,11 @@ from leafmail_fixtures import (
     toml_string,
     write_config,
 )
-from localusers import ensure_user, scratch
+from localusers import (
+    ensure_user,
+    remove_scratch,
+    scratch,
+)
 from smarthost import Smarthost
 from test_flush import wait_for
 
@@ -40,6 +44,7 @@ MESSAGE = b"From: <carol@src.test>\r\nSubject: local\r\n\r\nHello Alice.\r\n"
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[LeafmailFactory]:
     yield from leafmail_servers(tmp_path)
+    remove_scratch()  # the mail directory of start(), once the daemon has stopped
 
 
 def start(servers: LeafmailFactory, tmp_path: Path, smarthost: str) -> tuple[Leafmail, Path]:

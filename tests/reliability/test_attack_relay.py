@@ -39,7 +39,11 @@ from leafmail_fixtures import (
     write_config,
 )
 from localusers import ROOT as AS_ROOT
-from localusers import ensure_user, scratch
+from localusers import (
+    ensure_user,
+    remove_scratch,
+    scratch,
+)
 from smarthost import Smarthost
 from test_flush import wait_for
 
@@ -164,6 +168,7 @@ def target(shared: LeafmailFactory, material: Material) -> Leafmail:
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[LeafmailFactory]:
     yield from leafmail_servers(tmp_path)
+    remove_scratch()  # a test's mail directory (as root), once its daemon has stopped
 
 
 def session(server: Leafmail, source: str = OUTSIDER) -> RawSMTP:
