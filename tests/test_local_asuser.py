@@ -208,6 +208,22 @@ def test_commands_run_as_the_include_owner_with_their_groups(tmp: Path) -> None:
     assert (dflt_out / "root.txt").read_text().splitlines()[0] == f"{dflt.pw_uid} {dflt.pw_gid}"
 
 
+@pytest.mark.parametrize("name", [DEFAULT, "root"])
+def test_default_user_comes_from_the_config_and_is_never_root(tmp: Path, name: str) -> None:
+    out = scratch(pwd.getpwnam(DEFAULT), mode=0o700)
+    (tmp / "aliases").write_text(f'who: "|{whoami(tmp)} {out}/who.txt"\n', encoding="utf-8")
+    table = {"path": f"{tmp}/{{user}}", "aliases": str(tmp / "aliases"), "default_user": name}
+    agent = LocalAgent(_build({"hostname": HOST, "local": table}, "test"), Spool(tmp / "s"))
+    (result,) = deliver(agent, f"who@{HOST}")
+    if name == "root":
+        assert (result.outcome, result.status) == (Outcome.DEFERRED, "4.3.5")
+        assert "must not be root" in result.text and not (out / "who.txt").exists()
+    else:
+        dflt = pwd.getpwnam(DEFAULT)
+        assert result.outcome is Outcome.DELIVERED, result.text
+        assert (out / "who.txt").read_text().splitlines()[0] == f"{dflt.pw_uid} {dflt.pw_gid}"
+
+
 def via_include(tmp: Path, owner: pwd.struct_passwd, directory: Path, text: str) -> Result:
     """Deliver to "list", which root's aliases file expands through an include file
     that `owner` owns (in `directory`) and that holds `text`."""

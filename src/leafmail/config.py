@@ -210,7 +210,9 @@ class LocalConfig:
     default is {home}/Maildir for maildir and /var/mail/{user} for mbox. `users` lists
     the mailboxes that exist; empty means this system's accounts (passwd). A listed
     user without an account is written, when we are root, as `virtual_user` (an account
-    name or "uid:gid", never root), as Postfix's virtual_uid_maps does.
+    name or "uid:gid", never root), as Postfix's virtual_uid_maps does. Commands and
+    files named in a root-owned aliases or include file run as `default_user` (never
+    root), Postfix's default_privs.
     """
 
     enabled: bool = False
@@ -220,6 +222,7 @@ class LocalConfig:
     aliases: str = ""
     command_timeout: float = 60.0
     virtual_user: str = "leafmail"
+    default_user: str = "nobody"
 
     @property
     def path_template(self) -> str:
@@ -566,6 +569,7 @@ def _local(t: _Table, *, enabled: bool) -> LocalConfig:
         aliases=t.string("aliases", d.aliases),
         command_timeout=t.duration("command_timeout", d.command_timeout),
         virtual_user=t.string("virtual_user", d.virtual_user),
+        default_user=t.string("default_user", d.default_user),
     )
     t.finish()
     return local

@@ -29,7 +29,8 @@ and include read happens in a child process that has first become the user it is
   ``[local] virtual_user`` (default "leafmail"; a name or "uid:gid"; never root),
   Postfix's virtual_uid_maps;
 - a command or file: as the owner of the aliases or include file that names it, and as
-  `default_user` ("nobody", Postfix's default_privs; never root) when root owns it;
+  ``[local] default_user`` ("nobody", Postfix's default_privs; never root) when root
+  owns it;
 - an ``:include:`` file: see `leafmail.aliases`.
 
 When we are not root nothing is switched and everything happens as the current user.
@@ -267,14 +268,14 @@ class LocalAgent:
         spool: Spool,
         *,
         locks: LockPolicy | None = None,
-        default_user: str = "nobody",
+        default_user: str | None = None,
         notify: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self.spool = spool
         self.directory = Directory(config, self.read_include)
         self.locks = locks or LockPolicy()
-        self.default_user = default_user
+        self.default_user = default_user or config.local.default_user
         self.notify = notify  # told the queue id of each forwarded copy (QueueRunner.notify)
         self.virtual: Identity | None = None
         if os.geteuid() == 0 and any(account(u) is None for u in self.directory.users):
