@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mailbox
 import os
+import pwd
 import smtplib
 import subprocess
 from collections.abc import Iterator
@@ -111,6 +112,11 @@ def test_offline_delivers_locally_at_once_and_remote_mail_waits_for_flush(
     wait_for("alice's copy", lambda: len(maildir_messages(tmp_path, "alice")) == 1)
     stored = maildir_messages(tmp_path, "alice")[0]
     assert b"Delivered-To: alice@leaf.test" in stored and stored.endswith(b"Hello Alice.\n")
+    if ROOT_USER:  # the daemon is root; alice's mail was written by virtual_user, not root
+        writer = pwd.getpwnam(VIRTUAL)
+        box = (tmp_path / "mail" / "alice").resolve()
+        for path in [box, *box.rglob("*")]:
+            assert (path.stat().st_uid, path.stat().st_gid) == (writer.pw_uid, writer.pw_gid)
     assert sink.received == []  # offline: the remote copy waits
 
     done = subprocess.run(
