@@ -16,9 +16,10 @@ and have LF line ends; a forwarded copy starts with ``Delivered-To``, and a mess
 already carries a Delivered-To for its recipient is a forwarding loop (5.4.6), as in
 Postfix.
 
-Who writes (the model is Postfix's local(8)): every mailbox write, file append, command
-and include read happens in a child process that has first become the user it is for
-(`leafmail.delivery.asuser`), so the kernel decides what may be created or read:
+Who writes (the model is Postfix's local(8); the rules are `leafmail.delivery.local_rights`):
+every mailbox write, file append, command and include read happens in a child process
+that has first become the user it is for (`leafmail.delivery.asuser`), so the kernel
+decides what may be created or read:
 
 - a user's mailbox: as that account (uid, gid, supplementary groups). In a shared spool
   directory (a path template whose directory has no {user}/{home}), a group-writable
@@ -50,7 +51,6 @@ import errno
 import os
 import pwd
 import re
-import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -92,6 +92,13 @@ from .local_common import (
     header_value,
     identity_of,
     unix_text,
+)
+from .local_rights import (
+    Mailbox,
+    default_identity,
+    mailbox_writer,
+    shared_directory,
+    virtual_identity,
 )
 from .maildir import write_maildir
 from .mbox import LockPolicy, append_mbox, mbox_entry
@@ -388,20 +395,11 @@ class LocalAgent:
         if not os.path.isabs(path):
             return Result.deferred("4.3.5", clean(f"mailbox path {path} is not absolute"))
         path = os.path.normpath(path)
-        return Mailbox(path, *self._mailbox_writer(found, shared_directory(template, path)))
+        shared = shared_directory(template, path)
+        return Mailbox(path, *mailbox_writer(found, shared, self._virtual))
 
-    def _mailbox_writer(
-        self, found: pwd.struct_passwd | None, shared: os.stat_result | None
-    ) -> tuple[Identity | None, int | None]:
-        """Who writes a mailbox, and the uid it must belong to (None, None: as we are)."""
-        if os.geteuid() != 0:
-            return None, None
-        if found is None:  # a virtual mailbox (or postmaster without an account)
-            virtual = self.virtual or virtual_identity(self.config.local.virtual_user)
-            return virtual, virtual.uid
-        if found.pw_uid == 0:
-            return None, 0  # root's own mailbox, as Postfix writes it
-        return identity_of(found, spool_group(found, shared)), found.pw_uid
+    def _virtual(self) -> Identity:
+        return self.virtual or virtual_identity(self.config.local.virtual_user)
 
     async def _to_mailbox(self, name: str, copy: Copy) -> Result:
         box = self.mailbox(name)
@@ -496,68 +494,6 @@ class _Memo:
 
     tasks: dict[Target, asyncio.Task[Result]]
     children: asyncio.Semaphore
-
-
-@dataclass(frozen=True)
-class Mailbox:
-    """Where a user's mail goes, who writes it (None: as we are) and whose it must be."""
-
-    path: str
-    writer: Identity | None
-    owner: int | None
-
-
-# --- who writes -----------------------------------------------------------------------
-
-
-def virtual_identity(spec: str) -> Identity:
-    """`[local] virtual_user`: an account name or "uid:gid"; never root (ConfigError)."""
-    uid_text, colon, gid_text = spec.partition(":")
-    if colon and uid_text.isdigit() and gid_text.isdigit():
-        uid, gid = int(uid_text), int(gid_text)
-        found = Identity(spec, uid, gid, (gid,), "/")
-    else:
-        entry = account(spec) if not spec.isdigit() else None
-        if entry is None:
-            raise ConfigError(
-                f"local.virtual_user {spec!r} does not exist: create it "
-                f"(useradd --system {spec}) or name another account or a uid:gid"
-            )
-        found = identity_of(entry)
-    if found.uid == 0 or found.gid == 0:
-        raise ConfigError(f"local.virtual_user {spec!r} must not be root")
-    return found
-
-
-def default_identity(name: str) -> Identity:
-    """`default_user` (Postfix's default_privs): commands and files of root's files."""
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        raise ConfigError(f"default user {name!r} does not exist") from None
-    if entry.pw_uid == 0:
-        raise ConfigError(f"default user {name!r} must not be root")
-    return identity_of(entry)
-
-
-def shared_directory(template: str, path: str) -> os.stat_result | None:
-    """The status of a shared mail spool directory (/var/mail): the mailbox's directory
-    when the template names no {user} or {home} there; None otherwise, so a directory a
-    user controls can never lend its group."""
-    if "{" in os.path.dirname(template):
-        return None
-    try:
-        return os.stat(os.path.dirname(path))
-    except OSError:
-        return None
-
-
-def spool_group(found: pwd.struct_passwd, shared: os.stat_result | None) -> int | None:
-    """The group to write with: a group-writable shared spool's (not world-writable),
-    as Postfix's local(8) does for /var/mail; else the account's login group (None)."""
-    if shared is None or shared.st_mode & stat.S_IWOTH or not shared.st_mode & stat.S_IWGRP:
-        return None
-    return shared.st_gid
 
 
 # --- the steps (run in the delivery child, as the writer) -------------------------------
