@@ -39,7 +39,7 @@ from ..flush import flush
 from ..printable import printable
 from ..spool import Spool
 from .addresses import address_list, masquerade, recipients_from, sender_address
-from .context import Context, Identity
+from .context import Context, Submitter
 from .errors import BadInput, TryLater
 from .headers import Message, header_recipients
 from .options import USAGE, Options, parse_options
@@ -117,7 +117,7 @@ def readable_queue(config: configuration.Config) -> None:
 
 def run(opts: Options) -> int:
     """Dispatch on the mode, with the config from the environment."""
-    ctx = Context(configuration.load(), Identity.current())
+    ctx = Context(configuration.load(), Submitter.current())
     match opts.mode:
         case "queue":
             readable_queue(ctx.config)

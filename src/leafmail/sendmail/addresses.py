@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 from netserver.smtp import RemoteProtocolError
 from netserver.smtp.addresses import parse_forward_path, parse_reverse_path
 
-from .context import Identity
+from .context import Submitter
 from .errors import BadInput
 
 _TOKEN = re.compile(r'[^\s()<>\[\]:;@,"]+')
@@ -187,7 +187,7 @@ def masquerade(address: str, domains: Sequence[str]) -> str:
     return address
 
 
-def sender_address(given: str | None, identity: Identity, hostname: str) -> str:
+def sender_address(given: str | None, identity: Submitter, hostname: str) -> str:
     """The envelope sender: -f/-r ("" for ``<>``), else LOGIN@HOSTNAME."""
     if given is None:
         return mailbox(identity.login, hostname, role="sender")

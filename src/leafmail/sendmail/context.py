@@ -10,7 +10,7 @@ from .. import config as configuration
 
 
 @dataclass(frozen=True)
-class Identity:
+class Submitter:
     """The local user that runs this command, as the Received and From headers name it."""
 
     login: str
@@ -18,7 +18,7 @@ class Identity:
     gecos: str
 
     @classmethod
-    def current(cls) -> Identity:
+    def current(cls) -> Submitter:
         """From the password database by real uid, which the user cannot forge as they
         could $USER; $LOGNAME only for a uid with no entry (as in some containers)."""
         return cls.for_uid(os.getuid(), os.environ.get("LOGNAME"))
@@ -48,7 +48,7 @@ class Context:
     """What every mode needs: the config, and who is submitting."""
 
     config: configuration.Config
-    identity: Identity
+    identity: Submitter
 
     @property
     def hostname(self) -> str:
