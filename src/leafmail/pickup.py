@@ -35,8 +35,8 @@ from .config import Config
 from .control import UnixListener
 from .envelope import ClientInfo, Envelope, EnvelopeError, Recipient
 from .sendmail.addresses import mailbox
-from .sendmail.context import Context, Identity
-from .sendmail.headers import Message
+from .sendmail.context import Context, Submitter
+from .sendmail.headers import Draft
 from .sendmail.reading import crlf_lines
 from .sendmail.spooling import Submission, build, now
 from .spool import GroupCommitter, SpoolError
@@ -125,7 +125,7 @@ class PickupServer:
                 async with self._active:  # the message itself: MAX_ACTIVE at once
                     request = await loop.run_in_executor(None, _request, line, limit)
                     data = await reader.readexactly(request.size)
-                    identity = Identity.for_uid(uid)
+                    identity = Submitter.for_uid(uid)
                     ctx = Context(self.config, identity)
                     item = await loop.run_in_executor(None, prepare, request, data, ctx)
             qid = await self.committer.commit(item.envelope, item.data, item.qid)
@@ -160,7 +160,7 @@ def prepare(request: Request, data: bytes, ctx: Context) -> Submission:
     envelope = checked_envelope(request.envelope, ctx.hostname)
     try:
         return build(
-            Message.parse(crlf_lines(data)),
+            Draft.parse(crlf_lines(data)),
             ctx,
             envelope=envelope,
             full_name=request.full_name or "",

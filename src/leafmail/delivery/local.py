@@ -94,7 +94,7 @@ from .local_common import (
     unix_text,
 )
 from .local_rights import (
-    Mailbox,
+    UserMailbox,
     default_identity,
     mailbox_writer,
     shared_directory,
@@ -379,7 +379,7 @@ class LocalAgent:
             return trouble(exc, describe(target))
 
     # -- mailboxes ----------------------------------------------------------------------
-    def mailbox(self, name: str) -> Mailbox | Result:
+    def mailbox(self, name: str) -> UserMailbox | Result:
         """The mailbox path of user `name` and who writes it, or why there is none."""
         if not valid_user(name):
             return Result.failed("5.1.1", clean(f"no such user: {name}"))
@@ -396,7 +396,7 @@ class LocalAgent:
             return Result.deferred("4.3.5", clean(f"mailbox path {path} is not absolute"))
         path = os.path.normpath(path)
         shared = shared_directory(template, path)
-        return Mailbox(path, *mailbox_writer(found, shared, self._virtual))
+        return UserMailbox(path, *mailbox_writer(found, shared, self._virtual))
 
     def _virtual(self) -> Identity:
         return self.virtual or virtual_identity(self.config.local.virtual_user)

@@ -22,7 +22,7 @@ from .local_common import identity_of
 
 
 @dataclass(frozen=True)
-class Mailbox:
+class UserMailbox:
     """Where a user's mail goes, who writes it (None: as we are) and whose it must be."""
 
     path: str

@@ -41,7 +41,7 @@ from ..spool import Spool
 from .addresses import address_list, masquerade, recipients_from, sender_address
 from .context import Context, Submitter
 from .errors import BadInput, TryLater
-from .headers import Message, header_recipients
+from .headers import Draft, header_recipients
 from .options import USAGE, Options, parse_options
 from .reading import read_message
 from .rewrite import rewrite_headers
@@ -72,7 +72,7 @@ def submit(opts: Options, ctx: Context, stdin: BinaryIO) -> int:
         raise UsageError("no recipients given (name them, or use -t)")
     limit = ctx.config.smtp.max_message_size
     lines = read_message(stdin, dots_end=opts.dots_end, limit=limit)
-    message = Message.parse(lines)
+    message = Draft.parse(lines)
     if opts.extract:
         from_headers = recipients_from(header_recipients(message), origin)
         recipients += [r for r in from_headers if r not in recipients]

@@ -24,7 +24,7 @@ class Submitter:
         return cls.for_uid(os.getuid(), os.environ.get("LOGNAME"))
 
     @classmethod
-    def for_uid(cls, uid: int, login_fallback: str | None = None) -> Identity:
+    def for_uid(cls, uid: int, login_fallback: str | None = None) -> Submitter:
         """The user `uid` from the password database; without an entry (a container's
         uid), `login_fallback` or "uidN". The daemon passes no fallback: a submitter's
         environment is not evidence (leafmail.pickup)."""

@@ -38,14 +38,15 @@ class Field:
 
 
 @dataclass
-class Message:
-    """A message split into header fields and body lines."""
+class Draft:
+    """A submitted message split into header fields and body lines (what sendmail reads,
+    completes and spools; `leafmail.message.Message` is the spooled one)."""
 
     fields: list[Field]
     body: list[bytes]
 
     @classmethod
-    def parse(cls, lines: list[bytes]) -> Message:
+    def parse(cls, lines: list[bytes]) -> Draft:
         """Header fields up to the first empty line; a line that is neither a field nor
         a continuation starts the body there (an empty line is put before it)."""
         fields: list[Field] = []
@@ -86,7 +87,7 @@ class Message:
         return b"\r\n".join(lines) + b"\r\n"
 
 
-def header_recipients(message: Message) -> list[str]:
+def header_recipients(message: Draft) -> list[str]:
     """The address lists -t reads: Resent-To/Cc/Bcc if there are any, else To/Cc/Bcc."""
     resent = ("resent-to", "resent-cc", "resent-bcc")
     if any(message.has(name) for name in resent):
@@ -125,7 +126,7 @@ def local_received(
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 
-def complete(message: Message, ctx: Context, *, qid: str, sender: str, name: str | None) -> None:
+def complete(message: Draft, ctx: Context, *, qid: str, sender: str, name: str | None) -> None:
     """Remove Bcc; add Date, Message-ID and From when missing (as Postfix's cleanup)."""
     message.remove(("bcc", "resent-bcc"))
     if not message.has("date"):

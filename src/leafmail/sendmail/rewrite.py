@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 from .addresses import address_spans, has_domain, masquerade
 from .errors import BadInput
-from .headers import Field, Message
+from .headers import Draft, Field
 
 ADDRESS_HEADERS = frozenset(
     {
@@ -50,7 +50,7 @@ def complete_address(spec: str, origin: str, domains: Sequence[str]) -> str:
     return masquerade(qualified, domains)
 
 
-def rewrite_headers(message: Message, origin: str, domains: Sequence[str]) -> None:
+def rewrite_headers(message: Draft, origin: str, domains: Sequence[str]) -> None:
     """Qualify and masquerade the addresses of every address header, in place."""
     for field in message.fields:
         if field.name in ADDRESS_HEADERS:

@@ -19,7 +19,7 @@ from ..spool import Spool, new_id
 from ..spoolcheck import check_spool
 from .context import Context
 from .errors import BadInput, TryLater
-from .headers import Message, complete, local_received
+from .headers import Draft, complete, local_received
 from .reading import crlf_lines
 
 # errno values that mean "this spool cannot be written at all" rather than "not now".
@@ -38,7 +38,7 @@ class Submission:
 
 
 def build(
-    message: Message,
+    message: Draft,
     ctx: Context,
     *,
     envelope: Envelope,
@@ -82,7 +82,7 @@ class SpoolSubmitter:
     def submit(
         self, data: bytes, envelope: Envelope, *, full_name: str | None, protocol: str | None
     ) -> str:
-        message = Message.parse(crlf_lines(data))
+        message = Draft.parse(crlf_lines(data))
         item = build(message, self.ctx, envelope=envelope, full_name=full_name, protocol=protocol)
         commit(self.spool, item)
         wake(self.spool)
