@@ -277,3 +277,12 @@ def test_unsafe_include_files_are_refused_without_waiting(
     assert users(result) == ["bob"]
     (problem,) = result.problems
     assert problem.status == "4.3.5" and needle in problem.text
+
+
+def test_the_aliases_file_itself_may_be_a_symlink_but_not_a_fifo(tmp_path: Path) -> None:
+    aliases_file(tmp_path, "x: alice\n", name="real")
+    (tmp_path / "aliases").symlink_to(tmp_path / "real")  # /etc/aliases -> ... is common
+    assert users(expand(Aliases(str(tmp_path / "aliases"), DOMAINS), "x")) == ["alice"]
+    os.mkfifo(tmp_path / "fifo")  # a FIFO would block whoever opens it: refused at once
+    with pytest.raises(ConfigError, match="not a regular file"):
+        Aliases(str(tmp_path / "fifo"), DOMAINS).table()

@@ -56,7 +56,7 @@ from netserver.smtp.replies import RemoteProtocolError
 MAX_DEPTH = 10  # sendmail's MaxAliasRecursion
 MAX_FANOUT = 1000  # targets and includes per expansion (Postfix's duplicate_filter_limit)
 MAX_INCLUDE_SIZE = 1 << 20  # bytes of one :include: file
-_OPEN = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+_OPEN = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 INCLUDE = ":include:"
 _NAME = re.compile(r"\A[^\s:\"\\@,#]+\Z")
 _T = TypeVar("_T")
@@ -313,7 +313,7 @@ class _FileCache:
             cached = self._entries.get(path)
             if cached is not None and cached[0] == key:
                 return cast(_T, cached[1])  # stored by this same `parse`
-            raw, info = read_regular(path, limit=None)
+            raw, info = read_regular(path, limit=None, follow=True)  # the admin's path
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
         try:
@@ -325,10 +325,10 @@ class _FileCache:
         return value
 
 
-def read_regular(path: str, limit: int | None) -> tuple[bytes, os.stat_result]:
-    """A regular file's bytes and status, opened so that a FIFO, a device or a symbolic
-    link (last component) is refused at once instead of waited on or followed."""
-    fd = os.open(path, _OPEN)
+def read_regular(path: str, limit: int | None, *, follow: bool) -> tuple[bytes, os.stat_result]:
+    """A regular file's bytes and status, opened so that a FIFO or a device is refused
+    at once instead of waited on; a symbolic link (last component) too unless `follow`."""
+    fd = os.open(path, _OPEN if follow else _OPEN | os.O_NOFOLLOW)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -349,7 +349,7 @@ def read_regular(path: str, limit: int | None) -> tuple[bytes, os.stat_result]:
 
 def read_include(path: str) -> IncludeFile:
     """An include file as whoever we are now: regular, not world-writable, bounded."""
-    raw, info = read_regular(path, MAX_INCLUDE_SIZE)
+    raw, info = read_regular(path, MAX_INCLUDE_SIZE, follow=False)
     if info.st_mode & stat.S_IWOTH:
         raise OSError(errno.EPERM, "world-writable", path)
     try:
