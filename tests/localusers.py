@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = os.geteuid() == 0
@@ -94,3 +95,32 @@ def _root_dir(path: Path) -> None:
 def owner_of(path: Path) -> tuple[int, int]:
     info = os.lstat(path)
     return info.st_uid, info.st_gid
+
+
+# --- local delivery tests whose users have no account ---------------------------------
+# As root, such users are written by [local] virtual_user (never root): VIRTUAL, a real
+# user, who must be able to reach and write the test's directory.
+
+VIRTUAL = "lmtvirt"
+
+
+def virtual_tmp(tmp_path: Path) -> Iterator[Path]:
+    """For a `tmp_path` fixture: pytest's, or as root a scratch directory VIRTUAL owns."""
+    if not ROOT:
+        yield tmp_path
+        return
+    yield scratch(ensure_user(VIRTUAL))
+    remove_scratch()
+
+
+def virtual_user_toml() -> str:
+    """The [local] line that names VIRTUAL as virtual_user (as root; nothing otherwise)."""
+    return f'virtual_user = "{VIRTUAL}"\n' if ROOT else ""
+
+
+def give_to_virtual(*paths: Path) -> None:
+    """As root: give what the test made to VIRTUAL, whose mailboxes it stands for."""
+    if ROOT:
+        entry = ensure_user(VIRTUAL)
+        for path in paths:
+            os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)

@@ -28,6 +28,7 @@ from leafmail_fixtures import (
     toml_string,
     write_config,
 )
+from localusers import give_to_virtual, virtual_tmp, virtual_user_toml
 from smarthost import Received, Smarthost
 from test_flush import wait_for
 
@@ -41,6 +42,12 @@ NULL = "<>"
 
 
 @pytest.fixture
+def tmp_path(tmp_path: Path) -> Iterator[Path]:
+    """As root, a directory the virtual user (who writes alice's mail) can reach."""
+    yield from virtual_tmp(tmp_path)
+
+
+@pytest.fixture
 def servers(tmp_path: Path) -> Iterator[LeafmailFactory]:
     yield from leafmail_servers(tmp_path)
 
@@ -50,6 +57,7 @@ def start(
 ) -> Leafmail:
     """leaf.test delivering by itself: local mail to Maildirs, the rest to `smarthost`."""
     (tmp_path / "mail").mkdir(mode=0o700, exist_ok=True)
+    give_to_virtual(tmp_path / "mail")  # as root, alice's and postmaster's writer (12.3)
     (tmp_path / "aliases").write_text("team: alice, dave@far.test\n", encoding="utf-8")
     text = (
         f'hostname = "leaf.test"\nspool = {toml_string(tmp_path / "spool")}\n'
@@ -62,7 +70,7 @@ def start(
             "[local]\n"
             f"path = {toml_string(str(tmp_path / 'mail' / '{user}'))}\n"
             'users = ["alice"]\n'
-            f"aliases = {toml_string(tmp_path / 'aliases')}\n"
+            f"aliases = {toml_string(tmp_path / 'aliases')}\n" + virtual_user_toml()
         )
     config = write_config(tmp_path, text)
     return servers.spawn(

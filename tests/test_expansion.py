@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import mailbox
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from conftest import FakeClock
+from localusers import ROOT, VIRTUAL, virtual_tmp
 from smarthost import Smarthost, delivery_counts
 
 from leafmail.config import Config, _build
@@ -46,10 +49,18 @@ def config_for(tmp_path: Path, sink: Smarthost, aliases: str) -> Config:
                 "path": f"{tmp_path}/{{user}}.maildir",
                 "users": ["alice", "carol"],
                 "aliases": str(tmp_path / "aliases"),
+                **({"virtual_user": VIRTUAL} if ROOT else {}),
             },
         },
         "test",
     )
+
+
+@pytest.fixture
+def tmp_path(tmp_path: Path) -> Iterator[Path]:
+    """As root, alice and carol (no accounts) are written by VIRTUAL, a real user (issue
+    12.3): the directory is one that user owns, as pytest's is closed to others."""
+    yield from virtual_tmp(tmp_path)
 
 
 def runner_for(config: Config, spool: Spool, clock: FakeClock) -> QueueRunner:

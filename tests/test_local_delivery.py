@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from localusers import PYTHON, ensure_user, remove_scratch, scratch
+from localusers import PYTHON, VIRTUAL, give_to_virtual, virtual_tmp
 
 from leafmail.checks import ACCEPT, Defer, Reject, Session
 from leafmail.config import Config, _build
@@ -55,7 +55,6 @@ SENDER = "sender@remote.example"
 ME = pwd.getpwuid(os.geteuid()).pw_name
 ROOT = os.geteuid() == 0
 root_only = pytest.mark.skipif(not ROOT, reason="ownership rules apply only to root")
-VIRTUAL = "lmtvirt"  # as root: who writes the mailboxes of users without an account
 RUNS_AS = VIRTUAL if ROOT else ME  # who commands and files of root's aliases run as
 MESSAGE = (
     b"Received: from client.test ([127.0.0.1])\r\n\tby mx.test (leafmail) with ESMTP id X;"
@@ -103,22 +102,10 @@ def make_agent(config: Config, tmp_path: Path, **kwargs: Any) -> LocalAgent:
     return LocalAgent(config, Spool(tmp_path / "spool"), **kwargs)
 
 
-def mine(*paths: Path) -> None:
-    """As root: give files the test made to VIRTUAL, whose mailboxes they stand for."""
-    if ROOT:
-        entry = pwd.getpwnam(VIRTUAL)
-        for path in paths:
-            os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
-
-
 @pytest.fixture
 def tmp_path(tmp_path: Path) -> Iterator[Path]:
     """pytest's tmp_path, or as root one that VIRTUAL owns and every user can reach."""
-    if not ROOT:
-        yield tmp_path
-        return
-    yield scratch(ensure_user(VIRTUAL))
-    remove_scratch()
+    yield from virtual_tmp(tmp_path)
 
 
 def deliver(
@@ -278,7 +265,7 @@ def test_mboxrd_quoting_round_trips(tmp_path: Path) -> None:
 def test_message_without_final_newline_and_foreign_mbox_tail(tmp_path: Path) -> None:
     path = tmp_path / "bob.mbox"
     path.write_bytes(b"From x Thu Jan  1 00:00:00 2026\nSubject: old\n\nno blank line after")
-    mine(path)
+    give_to_virtual(path)
     agent = make_agent(make_config(tmp_path, mailbox_kind="mbox"), tmp_path)
     deliver(agent, ["bob@mx.test"], b"Subject: new\r\n\r\nno newline at the end")
     old, new = mbox_messages(path)
@@ -358,7 +345,7 @@ sys.stdin.read()
 def test_fcntl_lock_of_another_process_is_honoured(tmp_path: Path) -> None:
     path = tmp_path / "bob.mbox"
     path.touch(0o600)
-    mine(path)
+    give_to_virtual(path)
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(path)],
         stdin=subprocess.PIPE,
@@ -395,7 +382,7 @@ print("size", os.fstat(fd).st_size, flush=True)
 def test_delivery_waits_for_a_lock_that_is_let_go(tmp_path: Path) -> None:
     path = tmp_path / "bob.mbox"
     path.touch(0o600)
-    mine(path)
+    give_to_virtual(path)
     holder = subprocess.Popen(
         [sys.executable, "-c", PATIENT_HOLDER, str(path)], stdout=subprocess.PIPE
     )
@@ -415,7 +402,7 @@ def test_delivery_waits_for_a_lock_that_is_let_go(tmp_path: Path) -> None:
 def test_hard_linked_or_symlinked_mbox_is_refused(tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious\n")
-    mine(victim)
+    give_to_virtual(victim)
     os.link(victim, tmp_path / "bob.mbox")
     (tmp_path / "alice.mbox").symlink_to(victim)
     agent = make_agent(make_config(tmp_path, mailbox_kind="mbox"), tmp_path)
@@ -684,7 +671,7 @@ def test_queue_runner_delivers_to_a_maildir_once(tmp_path: Path) -> None:
     qid = spool.commit(envelope, MESSAGE)
     (tmp_path / "boxes").mkdir()
     (tmp_path / "boxes" / "bob").mkdir()
-    mine(tmp_path / "boxes", tmp_path / "boxes" / "bob")
+    give_to_virtual(tmp_path / "boxes", tmp_path / "boxes" / "bob")
     (tmp_path / "boxes" / "bob").chmod(0o500)  # bob's maildir cannot take tmp/ yet
     first = asyncio.run(runner.run_once())
     assert first.counts["deferred"] == 1
@@ -761,7 +748,7 @@ def test_mbox_entry_sender_without_spaces() -> None:
 
 def test_fifo_or_directory_in_place_of_the_mbox_defers_without_hanging(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "bob.mbox")
-    mine(tmp_path / "bob.mbox")
+    give_to_virtual(tmp_path / "bob.mbox")
     (tmp_path / "alice.mbox").mkdir()
     agent = make_agent(make_config(tmp_path, mailbox_kind="mbox"), tmp_path)
     bob, alice = deliver(agent, ["bob@mx.test", "alice@mx.test"])
