@@ -87,7 +87,7 @@ def submit(opts: Options, ctx: Context, stdin: BinaryIO) -> int:
         ret=opts.ret,
         envid=opts.envid,
     )
-    data = b"".join(line + b"\r\n" for line in lines)
+    data = message.to_bytes()  # with the headers' addresses completed (rewrite_headers)
     submitter = choose_submitter(ctx)
     submitter.submit(data, envelope, full_name=opts.full_name, protocol=None)
     return EX_OK
