@@ -1,7 +1,8 @@
 """Real system users for the local delivery tests that run as root (CI runs as root).
 
-Users are made with useradd, idempotently, with names that start with ``lmt`` and
-homes under HOMES, a directory only root may write. Nothing here fakes /etc/passwd.
+Users are made with useradd (`system_users.ensure_user`), idempotently, with names that
+start with ``lmt`` and homes under HOMES, a directory only root may write. Nothing here
+fakes /etc/passwd.
 `scratch` makes a per-test directory that these users can reach (pytest's own tmp_path
 sits under a 0700 directory of root's, which no other user may enter).
 """
@@ -11,11 +12,12 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+import system_users
 
 ROOT = os.geteuid() == 0
 # Commands run as other users need an interpreter they can reach: the test's own may sit
@@ -28,31 +30,9 @@ SCRATCH = Path("/tmp/lmt-scratch")
 def ensure_user(
     name: str, home: Path | None = None, groups: tuple[str, ...] = ()
 ) -> pwd.struct_passwd:
-    """The account `name` (lmt...), made with useradd if missing; its home is HOMES/name
-    unless `home` says otherwise; also a member of `groups` (made with groupadd)."""
-    assert name.startswith("lmt") and ROOT
-    for group in groups:
-        assert group.startswith("lmt")
-        _run(["groupadd", "-f", group])
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        _root_dir(HOMES)
-        command = ["useradd", "--system", "--no-create-home", "--user-group"]
-        command += ["--home-dir", str(home or HOMES / name), "--shell", "/usr/sbin/nologin"]
-        _run([*command, name], ok=(0, 9))  # 9: made meanwhile by another test run
-        entry = pwd.getpwnam(name)
-    if home is not None and entry.pw_dir != str(home):
-        _run(["usermod", "--home", str(home), name])
-    for group in groups:
-        _run(["usermod", "-a", "-G", group, name])
-    return pwd.getpwnam(name)
-
-
-def _run(command: list[str], ok: tuple[int, ...] = (0,)) -> None:
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode not in ok:
-        raise RuntimeError(f"{' '.join(command)}: {done.stderr.strip()}")
+    """`system_users.ensure_user`, with the home under HOMES unless `home` says where."""
+    _root_dir(HOMES)
+    return system_users.ensure_user(name, home or HOMES / name, groups)
 
 
 def fresh_home(entry: pwd.struct_passwd) -> Path:

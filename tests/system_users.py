@@ -27,26 +27,43 @@ RUN_AS = ROOT / "tests" / "run_as.py"
 _LOCKED = 10  # useradd: cannot lock /etc/passwd (another useradd runs)
 
 
-def ensure_user(name: str) -> pwd.struct_passwd:
-    """The account `name` (created without a home or a login shell if missing)."""
-    assert name.startswith("lmt"), name
+def ensure_user(
+    name: str, home: Path | None = None, groups: tuple[str, ...] = ()
+) -> pwd.struct_passwd:
+    """The account `name` (created without a home or a login shell if missing). With
+    `home`, that is its home directory (the directory is not made here); with `groups`
+    (lmt..., made with groupadd if missing) it is a member of them too."""
+    assert name.startswith("lmt") and all(g.startswith("lmt") for g in groups), name
+    for group in groups:
+        _admin(["groupadd", "-f", group])
+    entry = _account(name, ["--home-dir", str(home)] if home is not None else [])
+    if home is not None and entry.pw_dir != str(home):
+        _admin(["usermod", "--home", str(home), name])
+    for group in groups:
+        _admin(["usermod", "-a", "-G", group, name])
+    return pwd.getpwnam(name)
+
+
+def _account(name: str, extra: list[str]) -> pwd.struct_passwd:
+    """The account, found or made with useradd (again while another holds the lock)."""
     for _ in range(20):
         try:
             return pwd.getpwnam(name)
         except KeyError:
             pass
-        done = subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        if done.returncode not in (0, 9, _LOCKED):  # 9: it exists (made meanwhile)
-            raise RuntimeError(f"useradd {name}: {done.stderr.strip()}")
-        if done.returncode == _LOCKED:  # another test's useradd holds the lock: a moment
-            time.sleep(0.1)
+        command = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"]
+        if _admin([*command, *extra, name], ok=(0, 9, _LOCKED)) == _LOCKED:
+            time.sleep(0.1)  # another test's useradd holds /etc/passwd: a moment
     return pwd.getpwnam(name)
+
+
+def _admin(command: list[str], ok: tuple[int, ...] = (0,)) -> int:
+    """Run a user-administration command; its exit status, which must be in `ok`
+    (useradd's 9: the account exists, made meanwhile)."""
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    if done.returncode not in ok:
+        raise RuntimeError(f"{' '.join(command)}: {done.stderr.strip()}")
+    return done.returncode
 
 
 def run_as(
