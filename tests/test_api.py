@@ -81,6 +81,11 @@ def test_line_ends_become_crlf_and_an_email_message_is_accepted(spool: leafmail.
     assert stored.envelope.body == ("7BIT" if stored.data.isascii() else "8BITMIME")
 
 
+def test_nul_octets_are_not_spooled(spool: leafmail.Spool) -> None:
+    qid = leafmail.submit(spool, SENDER, ["bob@dst.test"], b"Subject: n\r\n\r\nx\r\n\x00.\r\n")
+    assert leafmail.unfreeze(spool, qid).data == b"Subject: n\r\n\r\nx\r\n.\r\n"
+
+
 def test_an_utf8_address_sets_smtputf8(spool: leafmail.Spool) -> None:
     qid = leafmail.submit(spool, SENDER, ["jürgen@dst.test"], TEXT)
     assert leafmail.unfreeze(spool, qid).envelope.smtputf8 is True

@@ -229,6 +229,17 @@ def test_plain_message_to_argument_recipients(box: Box) -> None:
     assert fields["from"] == (f'"{gecos}" <{ME}>' if gecos else ME)
 
 
+def test_nul_octets_never_reach_the_spool(box: Box) -> None:
+    """CRLF NUL "." CRLF is an end of DATA to a next hop that drops NULs (SMTP
+    smuggling); a locally submitted message loses its NULs before it is stored."""
+    smuggled = b"Subject: nul\n\nbefore\n\x00.\nMAIL FROM:<x@evil.test>\nmid\x00dle\n"
+    ok(run(box, "-i", "bob@dst.test", stdin=smuggled))
+
+    _trace, rest = split_trace(only(box))
+    assert b"\0" not in rest
+    assert rest.endswith(b"before\r\n.\r\nMAIL FROM:<x@evil.test>\r\nmiddle\r\n")
+
+
 def test_one_recipient_is_named_in_the_received_header(box: Box) -> None:
     ok(run(box, "bob@dst.test", stdin=b"Subject: x\n\nx\n"))
     trace, _ = split_trace(only(box))

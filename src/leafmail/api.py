@@ -26,6 +26,7 @@ from . import control
 from .config import TLS_MODES
 from .delivery import Agent
 from .envelope import ClientInfo, Envelope, Recipient
+from .sendmail.reading import without_nul
 from .spool import Spool
 from .tools import QueueEntry
 from .tools import list_queue as _entries
@@ -121,10 +122,11 @@ def _check_addresses(sender: str, recipients: Sequence[str], *, utf8: bool) -> N
 
 
 def _wire_form(message: bytes | email.message.Message) -> bytes:
-    """The message with CRLF line ends (a lone CR or LF becomes CRLF), ending in one."""
+    """The message with CRLF line ends (a lone CR or LF becomes CRLF), ending in one, and
+    without NUL octets (which no next hop may be sent)."""
     if isinstance(message, email.message.Message):
         message = message.as_bytes(policy=email.policy.SMTP)
-    lines = message.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    lines = without_nul(message).replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
     if lines[-1] == b"":
         lines.pop()
     return b"".join(line + b"\r\n" for line in lines)

@@ -14,7 +14,8 @@ def read_message(stream: BinaryIO, *, dots_end: bool, limit: int) -> list[bytes]
 
     LF and CRLF both end a line (CRs before the LF go). A CR anywhere else becomes a
     space: it would be a bare CR on the wire, which SMTP forbids, and turning it into
-    a line break could make an empty line that ends the header section early.
+    a line break could make an empty line that ends the header section early. NUL
+    octets are dropped (see `without_nul`).
     """
     lines: list[bytes] = []
     size = 0  # octets so far with CRLF line ends: what the limit is about
@@ -32,18 +33,30 @@ def read_message(stream: BinaryIO, *, dots_end: bool, limit: int) -> list[bytes]
         size += len(line) + 2
         if size > limit:
             raise BadInput(f"message larger than the limit of {limit} octets")
-        lines.append(line.replace(b"\r", b" "))
+        lines.append(without_nul(line.replace(b"\r", b" ")))
     last = bytes(pending).rstrip(b"\r")
     if pending and not (dots_end and last == b"."):
         if size + len(last) + 2 > limit:
             raise BadInput(f"message larger than the limit of {limit} octets")
-        lines.append(last.replace(b"\r", b" "))
+        lines.append(without_nul(last.replace(b"\r", b" ")))
     return lines
 
 
+def without_nul(data: bytes) -> bytes:
+    """`data` without NUL octets.
+
+    RFC 5321 and 5322 allow NUL nowhere in a message, and a next hop that drops them
+    would read CRLF NUL "." CRLF as the end of DATA (SMTP smuggling). The SMTP server
+    refuses such a message; a local submitter (a cron job's output, say) cannot be
+    asked again, so its NULs are removed before the message is stored.
+    """
+    return data.replace(b"\0", b"")
+
+
 def crlf_lines(data: bytes) -> list[bytes]:
-    """The lines of a message that arrived by SMTP (CRLF line ends, final one included)."""
-    lines = data.split(b"\r\n")
+    """The lines of a message that arrived by SMTP or the submission socket (CRLF line
+    ends, final one included), without NUL octets."""
+    lines = without_nul(data).split(b"\r\n")
     if lines and lines[-1] == b"":
         lines.pop()
     return lines
