@@ -188,7 +188,10 @@ def test_dkim_with_thousands_of_absent_fields_is_bounded(
 ) -> None:
     with LoopbackDNS({("sel._domainkey.example.test", "TXT"): [dkim_key[1]]}) as dns:
         # Only DKIM on: the temporary answer can come from nothing else.
+        # The five signatures cost about 2 s of CPU on this machine's kind: the budget
+        # must be well below that on a fast core too, or the bomb is simply verified.
         config = CONFIG.replace('dkim = "off"', 'dkim = "reject"')
+        config = config.replace('cpu_limit = "2s"', 'cpu_limit = "0.4s"')
         config = config.replace('rfc5322 = "reject"', 'rfc5322 = "off"').replace(
             "max_header_size = 1048576", "max_header_size = 4194304\nmax_header_fields = 5000"
         )
@@ -280,8 +283,8 @@ def test_a_worker_that_cannot_allocate_gives_a_temporary_result() -> None:
         try:
             assert await pool.run("allocate", {"octets": 4 << 30}, b"") is None
             answer = await pool.run("rfc5322", {"body": None, "smtputf8": False}, GOOD)
-            assert answer == {"problems": []}  # the same worker goes on
-            assert pool.killed == 0
+            assert answer == {"problems": []}  # a fresh worker takes the next job
+            assert pool.killed == 0  # retiring after MemoryError is not a budget kill
         finally:
             await pool.close()
 

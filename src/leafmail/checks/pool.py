@@ -100,7 +100,12 @@ class CheckPool:
                 raise
             finally:
                 self._busy.discard(worker)
-            self._idle.append(worker)
+            if answer.get("retire"):
+                await worker.kill()  # it ends by itself (see worker.main); reap it now
+                if self.log is not None:
+                    self.log.info("check over budget", job=job, limit="memory", pid=worker.proc.pid)
+            else:
+                self._idle.append(worker)
         return None if "error" in answer else answer
 
     async def _take(self) -> _Worker | None:

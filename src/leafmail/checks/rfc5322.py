@@ -150,6 +150,8 @@ def address_field_ok(field: RawField, *, utf8: bool) -> bool:
     """True when the field parses without invalid syntax; From/Sender need mailboxes."""
     try:
         parsed = _REGISTRY(field.name, field.value)
+    except MemoryError:
+        raise  # over the worker's memory budget: a temporary answer, not bad syntax
     except Exception:  # the email package may raise on odd input
         return False
     if not isinstance(parsed, AddressHeader) or "\ufffd" in field.value:
@@ -208,6 +210,8 @@ def eight_bit_problems(data: bytes, params: MailParameters | None) -> list[str]:
 def _mailbox_count(field: RawField) -> int:
     try:
         parsed = _REGISTRY(field.name, field.value)
+    except MemoryError:
+        raise  # over the worker's memory budget: a temporary answer
     except Exception:  # already reported as bad syntax
         return 0
     return len(parsed.addresses) if isinstance(parsed, AddressHeader) else 0

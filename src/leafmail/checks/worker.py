@@ -31,7 +31,8 @@ from .wire import decode, encode, frame, read_part
 
 Job = Callable[[dict[str, Any], bytes], dict[str, Any]]
 # Address space of a worker: ample for a 25 MiB message parsed several times over, and
-# a bound on what a hostile one can make it allocate (MemoryError: a temporary result).
+# a bound on what a hostile one can make it allocate (MemoryError: a temporary result,
+# after which the worker ends and is replaced).
 MEMORY_LIMIT = 2 << 30
 
 
@@ -111,12 +112,20 @@ def main() -> int:
             return 0
         request = decode(head)
         _limit_cpu(float(request["cpu"]))
+        exhausted = False
         try:
             reply = JOBS[request["job"]](request.get("args", {}), data)
+        except MemoryError:
+            reply = {"error": "MemoryError: over the memory budget", "retire": True}
+            exhausted = True
         except Exception as exc:  # a library bug: the check treats it as temporary
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         stdout.write(frame(encode(reply)))
         stdout.flush()
+        if exhausted:
+            # The heap a hostile message grew stays fragmented near the limit, so the
+            # next message would fail too: end here, and the pool starts a fresh worker.
+            return 0
 
 
 if __name__ == "__main__":
