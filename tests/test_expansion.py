@@ -31,6 +31,9 @@ from leafmail.retry import RetryPolicy
 from leafmail.spool import STATES, Spool, new_id
 from leafmail.status import TargetMark, TargetState
 
+# As root, local delivery forks a child per mailbox write to take the user's ids.
+pytestmark = pytest.mark.slow
+
 HOST = "mx.test"
 SENDER = "sender@src.example"
 BOB = "bob@far.example"
