@@ -234,3 +234,39 @@ def test_the_runner_passes_over_a_symlink(spool: Spool, sink: Smarthost, secret:
     assert spool.find(good) is None
     assert [got.recipients for got in sink.received] == [["bob@dst.test"]]
     assert secret.read_bytes() == b"not for the spool\n"
+
+
+def test_json_lines_are_exact_json() -> None:
+    """The hand-written JSON line is what json.dumps writes, odd characters included."""
+    odd = 'q"uote\\back\x1b[31m\u00e9\u2028\udcff'
+    rcpts = [{"address": f"{odd}@dst.test", "state": "deferred", "reply": odd}]
+    for entry, expected in (
+        (
+            listing.QueueEntry("A" * 24, "deferred", 12, 1.5, odd, rcpts, odd, 2.25),
+            {
+                "id": "A" * 24,
+                "state": "deferred",
+                "size": 12,
+                "arrival": 1.5,
+                "sender": odd,
+                "recipients": rcpts,
+                "last_error": odd,
+                "next_attempt": 2.25,
+            },
+        ),
+        (
+            listing.QueueEntry("queue/x", "junk", 0, 1e9, "", [], "", 0),
+            {
+                "id": "queue/x",
+                "state": "junk",
+                "size": 0,
+                "arrival": 1e9,
+                "sender": "",
+                "recipients": [],
+                "last_error": "",
+                "next_attempt": None,
+            },
+        ),
+    ):
+        assert entry.json() == json.dumps(expected)
+        assert json.loads(entry.json()) == expected

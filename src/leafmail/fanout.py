@@ -33,7 +33,6 @@ from .listing import (
     Writer,
     footer,
     iter_queue,
-    json_line,
     text_block,
     write_json,
     write_queue,
@@ -128,7 +127,7 @@ def _work(fd: int, entries: Iterator[QueueEntry], as_json: bool, now: float) -> 
     pending: list[str] = []
     size = 0
     for entry in entries:
-        pending.append(json_line(entry) if as_json else text_block(entry, now))
+        pending.append(entry.json() if as_json else text_block(entry, now))
         size += entry.size
         if len(pending) >= CHUNK:
             _send_chunk(fd, pending, size, as_json)

@@ -20,7 +20,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol, TextIO
+from typing import Protocol, TextIO
 
 from .printable import printable
 from .selection import STATE_NAMES, Selection
@@ -29,6 +29,7 @@ from .spool import CorruptMessage, Junk, MessageSummary, Spool, arrival_time
 LISTED_STATES = ("queue", "deferred", "hold", "corrupt")
 OPEN_STATES = ("pending", "deferred")
 _JSON = json.JSONDecoder()
+_str = json.encoder.encode_basestring_ascii
 
 
 @dataclass(frozen=True)
@@ -44,17 +45,25 @@ class QueueEntry:
     last_error: str
     next_attempt: float
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.qid,
-            "state": self.state,
-            "size": self.size,
-            "arrival": self.arrival,
-            "sender": self.sender,
-            "recipients": self.recipients,
-            "last_error": self.last_error,
-            "next_attempt": self.next_attempt or None,
-        }
+    def json(self) -> str:
+        """The entry as one line of JSON: id, state, size, arrival, sender, recipients
+        (address, state, reply), last_error and next_attempt (null when none).
+
+        Written by hand with the json module's C string encoder: one json.dumps per
+        message was a sixth of a long listing's time.
+        """
+        rcpts = ", ".join(
+            f'{{"address": {_str(r["address"])}, "state": {_str(r["state"])}, '
+            f'"reply": {_str(r["reply"])}}}'
+            for r in self.recipients
+        )
+        after = repr(float(self.next_attempt)) if self.next_attempt else "null"
+        return (
+            f'{{"id": {_str(self.qid)}, "state": {_str(self.state)}, "size": {self.size:d}, '
+            f'"arrival": {float(self.arrival)!r}, "sender": {_str(self.sender)}, '
+            f'"recipients": [{rcpts}], "last_error": {_str(self.last_error)}, '
+            f'"next_attempt": {after}}}'
+        )
 
     @property
     def open_recipients(self) -> Iterator[str]:
@@ -248,10 +257,6 @@ def text_block(e: QueueEntry, now: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def json_line(e: QueueEntry) -> str:
-    return json.dumps(e.to_json())
-
-
 def footer(count: int, total: int) -> str:
     if not count:
         return "Mail queue is empty\n"
@@ -278,7 +283,7 @@ def write_json(entries: Iterable[QueueEntry], out: Writer) -> int:
     count = 0
     with Batched(out) as write:
         for e in entries:
-            write(("[\n" if not count else ",\n") + json_line(e))
+            write(("[\n" if not count else ",\n") + e.json())
             count += 1
     out.write("\n]\n" if count else "[]\n")
     return count
