@@ -20,8 +20,8 @@ run, on the same machine, with the same number of messages:
 
 Every command's output goes to /dev/null; an untimed run first checks that each side
 lists all N messages. Rounds interleave the commands, with the order rotated each round;
-the time is wall-clock from spawn to exit and the memory is the child's peak RSS from
-wait4(2). Medians are reported, and the ratios postfix/leafmail (above 1.0: leafmail
+the time is wall-clock from spawn to exit and the memory is the command's peak RSS
+as GNU time reports it. Medians are reported, and the ratios postfix/leafmail (above 1.0: leafmail
 faster) are medians of the per-round ratios.
 
     python -m bench.queue_bench [--messages 50000] [--rounds 5] [--size 1024]
@@ -35,6 +35,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -50,11 +51,12 @@ from leafmail.status import MessageStatus, RcptState, RcptStatus
 
 from . import machine
 from .relay_bench import fill
-from .report import progress, write_section
+from .report import progress, unwind_on_sigterm, write_section
 from .smtp_bench import _revision
 from .smtp_peers import LEAFMAIL, PostfixPeer, _main_cf, ensure_postfix, postfix_instance
 
 POSTQUEUE = "/usr/sbin/postqueue"
+TIME = "/usr/bin/time"
 SECTION = "## Queue listing: leafmail queue against postqueue (issue 13 item 13)"
 FILL_TIMEOUT = 900.0
 SENDER, RCPT = "a@src.test", "b@example.test"
@@ -127,17 +129,33 @@ def wait_deferred(peer: PostfixPeer, messages: int) -> None:
 
 
 def timed(argv: Sequence[str]) -> Run:
-    """Run `argv` with stdout to /dev/null; wall time and peak RSS from wait4."""
-    with open(os.devnull, "wb") as sink:
+    """Run `argv` with stdout to /dev/null; wall time, and peak RSS as GNU time reports it.
+
+    The peak is taken by /usr/bin/time, not by wait4 here: Linux carries a process's
+    peak RSS across exec, so a child forked from this (large) Python process would
+    report this process's size, not its own.
+    """
+    with tempfile.NamedTemporaryFile("r") as report, open(os.devnull, "wb") as sink:
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(proc.pid, 0)
+        done = subprocess.run(
+            [TIME, "-f", "%M", "-o", report.name, *argv],
+            stdout=sink,
+            stderr=subprocess.PIPE,
+            check=False,
+        )
         seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if proc.returncode != 0:
-        raise RuntimeError(f"{shlex.join(argv)} exited {proc.returncode}: {err.strip()}")
-    return Run(seconds, usage.ru_maxrss)
+        peak = report.read().split()
+    if done.returncode != 0:
+        err = done.stderr.decode(errors="replace").strip()
+        raise RuntimeError(f"{shlex.join(argv)} exited {done.returncode}: {err}")
+    return Run(seconds, int(peak[-1]))
+
+
+def ensure_time() -> None:
+    """GNU time (Debian package `time`) measures each command's peak RSS."""
+    if not Path(TIME).exists():
+        progress("installing time (GNU time, for peak RSS) ...")
+        subprocess.run(["apt-get", "install", "-y", "-qq", "time"], check=True)
 
 
 def showq_hwm_kib(peer: PostfixPeer) -> int | None:
@@ -230,7 +248,7 @@ def report(
         "",
         f"{args.messages:,} messages of {args.size} bytes, all deferred, on each side "
         f"(Postfix filled by smtp-source in {fill_seconds:.0f} s). {args.rounds} interleaved "
-        "rounds; medians; peak RSS from wait4(2); output to /dev/null.",
+        "rounds; medians; peak RSS by GNU time; output to /dev/null.",
         "",
         "| command | wall s | peak RSS MB |",
         "|---|---:|---:|",
@@ -269,7 +287,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, unwind_on_sigterm)  # stop the Postfix instance on kill
     ensure_postfix()
+    ensure_time()
     with tempfile.TemporaryDirectory(prefix="queue-bench-") as scratch_name:
         scratch = Path(scratch_name)
         progress(f"building a leafmail spool of {args.messages} messages ...")

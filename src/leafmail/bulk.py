@@ -99,16 +99,14 @@ def run(
 ) -> tuple[int, int]:
     """Apply the action to what `words` and `selection` name; (exit status, changed).
 
-    `junk` (delete only) also removes every junk entry of the selected states.
+    `junk` (delete only) also removes every junk entry of every state directory.
     """
     action = ACTIONS[action_name]
     report = Report(out, err, Counter())
     wanted = words or selection.filtered or not junk
     chosen = targets(spool, action, words, selection, stdin) if wanted else iter(())
     for target in itertools.chain(chosen, _junk(spool) if junk else ()):
-        if isinstance(target, NetserverError):
-            report.failed(prog, str(target), target.exit_code)
-        elif isinstance(target, Junk):
+        if isinstance(target, Junk):
             _remove_junk(spool, action, target, report, prog)
         else:
             qid, named = target
@@ -148,13 +146,13 @@ def _remove_junk(spool: Spool, action: Action, junk: Junk, report: Report, prog:
     report.done(junk.ref, "deleted")
 
 
-Target = tuple[str, bool] | Junk | NetserverError
+Target = tuple[str, bool] | Junk
 
 
 def targets(
     spool: Spool, action: Action, words: list[str], selection: Selection, stdin: TextIO
 ) -> Iterator[Target]:
-    """What to act on: (queue id, named on the command line?), junk, or an error to report."""
+    """What to act on: (queue id, named on the command line?) or a junk entry."""
     if ALL in words:
         if len(words) > 1:
             raise UsageError(f"{ALL} selects every message; give it alone (with filters)")

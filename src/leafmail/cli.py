@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
             description=what[0].upper() + what[1:] + ". " + SELECT_HELP,
             epilog=f"Examples: leafmail {name} ID ID ...; leafmail {name} ALL; "
             f"leafmail {name} --to @dead.example --older-than 2d; "
-            f"leafmail queue --json | jq -r '.id' | leafmail {name} -",
+            f"leafmail queue --json | jq -r '.[].id' | leafmail {name} -",
         )
         tool.add_argument(
             "ids", nargs="*", metavar="ID", help="queue ids, ALL, or - to read ids from stdin"

@@ -8,7 +8,7 @@ counts recipients still to be delivered (a message to three people at one domain
 three there), and the sender view counts messages; the null sender is shown as
 ``MAILER-DAEMON``. The age is the time since arrival.
 
-The messages are read one at a time (`tools.iter_queue`); what is kept is one row per
+The messages are read one at a time (`listing.iter_queue`); what is kept is one row per
 domain, so memory grows with the number of domains, never with the queue.
 """
 
