@@ -463,10 +463,10 @@ def test_cli_queue_lists_a_corrupt_file_and_delete_removes_it(tmp_path: Path, sp
 
     proc = spool_cli(tmp_path, spool, "queue", "--json")
     assert proc.returncode == 0, proc.stderr
-    listed = json.loads(proc.stdout)
-    assert [(m["id"], m["state"]) for m in listed] == [(good, "active"), (bad, "corrupt")]
-    assert listed[1]["last_error"]
-    assert listed[1]["size"] == (spool.root / "corrupt" / bad).stat().st_size
+    listed = {m["id"]: m for m in json.loads(proc.stdout)}  # in no particular order
+    assert {qid: m["state"] for qid, m in listed.items()} == {good: "active", bad: "corrupt"}
+    assert listed[bad]["last_error"]
+    assert listed[bad]["size"] == (spool.root / "corrupt" / bad).stat().st_size
 
     proc = spool_cli(tmp_path, spool, "hold", bad)
     assert proc.returncode == EX_DATAERR
