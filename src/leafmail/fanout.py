@@ -17,6 +17,7 @@ A frame is a header (kind, payload length, entries, their total size) and the pa
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import selectors
 import signal
@@ -66,6 +67,7 @@ def write_listing(
         entries = iter_queue(spool, selection, now)
         return write_json(entries, out) if as_json else write_queue(entries, out, now)
     out.flush()  # a forked child must not inherit buffered output
+    gc.freeze()  # the children share the parent's objects instead of copying them on GC
     children: list[_Child] = []
     try:
         for k in range(workers):
@@ -107,6 +109,7 @@ def _spawn(
             for sibling in siblings:
                 os.close(sibling.fd)  # or a dead parent would leave a sibling blocked
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            gc.disable()  # listing makes no cycles; collections would only cost time
             _work(write_fd, iter_queue(spool, selection, now, _share(k, n)), as_json, now)
             status = 0
         except BaseException as exc:  # report, never unwind into the parent's code
