@@ -62,12 +62,14 @@ check: lint typecheck fast
 
 test: lint typecheck unit
 
-# Benchmarks against the peers (tcpserver, bare asyncio/uvloop, Postfix, aiosmtpd); they
-# install ucspi-tcp and postfix with apt-get when missing. Results: bench/RESULTS.md.
+# Benchmarks against the peers (tcpserver, bare asyncio/uvloop, Postfix, aiosmtpd, and
+# postqueue for the queue listing); they install ucspi-tcp and postfix with apt-get when
+# missing. Results: bench/RESULTS.md.
 bench: $(STAMP)
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.smtp_bench
 	$(BIN)/python -m bench.relay_bench
+	$(BIN)/python -m bench.queue_bench --results
 
 # The reliability suite (tests/reliability/) at full size: crash, disk-full, smarthost
 # faults, attacks, fuzzing and load; `make test` runs its short form. The figures go to

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import sys
 
-from leafmail import cli
+from leafmail import cli, daemon, flush, sendmail  # cli loads the last three on demand
 from netserver import privileges
+
+PRELOADED = (daemon, flush, sendmail)
 
 
 def main() -> int:

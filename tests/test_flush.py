@@ -368,7 +368,7 @@ def test_released_mail_goes_at_once_with_a_running_daemon(
         timeout=FLUSH_TIMEOUT,
         check=True,
     )
-    assert hold.stdout == f"{held}: held\n".encode()
+    assert hold.stdout == f"{held}: held\n-- 1 message held\n".encode()
     config = make_config(tmp_path, smarthost=sink.address, mode="smarthost")
     daemon = start_daemon(servers, tmp_path, config)
     (marker,) = send(daemon, 1)  # once this is delivered, the daemon's pass has run
@@ -384,7 +384,7 @@ def test_released_mail_goes_at_once_with_a_running_daemon(
         timeout=FLUSH_TIMEOUT,
         check=True,
     )
-    assert release.stdout == f"{held}: released\n".encode()
+    assert release.stdout == f"{held}: released\n-- 1 message released\n".encode()
 
     # "release held messages for delivery now": well before the 60 s rescan.
     wait_for("the released message", lambda: len(sink.received) == 2, timeout=3.0)

@@ -23,7 +23,7 @@ from conftest import ROOT
 from leafmail_fixtures import clean_env, leafmail_command, run_leafmail
 from smarthost import Smarthost
 
-from leafmail import tools
+from leafmail import listing, tools
 from leafmail.delivery.smarthost import SmarthostAgent, SmarthostSettings
 from leafmail.envelope import ClientInfo, Envelope, Recipient
 from leafmail.queue import QueueRunner
@@ -103,14 +103,14 @@ def no_traceback(proc: subprocess.CompletedProcess[bytes]) -> None:
 
 
 def test_list_queue_on_an_empty_spool(spool: Spool) -> None:
-    assert tools.list_queue(spool) == []
-    assert tools.format_queue([]) == "Mail queue is empty\n"
+    assert list(listing.iter_queue(spool)) == []
+    assert listing.format_queue([]) == "Mail queue is empty\n"
 
 
 def test_list_queue_reports_every_fact(spool: Spool, sink: Smarthost) -> None:
     msgs = populate(spool, sink)
-    entries = {e.qid: e for e in tools.list_queue(spool)}
-    assert list(entries) == sorted([msgs.deferred, msgs.held, msgs.active])
+    entries = {e.qid: e for e in listing.iter_queue(spool)}
+    assert sorted(entries) == sorted([msgs.deferred, msgs.held, msgs.active])
 
     deferred = entries[msgs.deferred]
     assert deferred.state == "deferred"
@@ -132,7 +132,7 @@ def test_list_queue_reports_every_fact(spool: Spool, sink: Smarthost) -> None:
     assert active.state == "active"
     assert [r["address"] for r in active.recipients] == ["new@dst.test", "other@dst.test"]
 
-    text = tools.format_queue(list(entries.values()), now=deferred.arrival + 2 * HOUR + 301)
+    text = listing.format_queue(list(entries.values()), now=deferred.arrival + 2 * HOUR + 301)
     assert f"{msgs.deferred} deferred {len(body('deferred')):>8}     2h  <{SENDER}>" in text
     assert "    (451 4.2.1 mailbox busy)\n" in text
     assert "    delivered <ok@dst.test>  250 2.0.0 accepted\n" in text
@@ -217,7 +217,7 @@ def test_cli_queue_lists_states_recipients_and_errors(
     proc = spool_cli(tmp_path, spool, "queue")
     assert proc.returncode == 0, proc.stderr
     listing = parse_queue(proc.stdout.decode())
-    assert list(listing) == sorted([msgs.deferred, msgs.held, msgs.active])
+    assert sorted(listing) == sorted([msgs.deferred, msgs.held, msgs.active])
 
     deferred = listing[msgs.deferred]
     assert deferred["state"] == "deferred"
@@ -247,7 +247,7 @@ def test_cli_queue_lists_states_recipients_and_errors(
     proc = spool_cli(tmp_path, spool, "queue", "--json")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
-    assert [m["id"] for m in data] == list(listing)
+    assert sorted(m["id"] for m in data) == sorted(listing)
     for item in data:
         text = listing[item["id"]]
         assert item["state"] == text["state"]
@@ -335,12 +335,15 @@ def test_cli_delete_hold_release_several_ids(tmp_path: Path, spool: Spool) -> No
 
     proc = spool_cli(tmp_path, spool, "hold", a, b)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.decode().splitlines() == [f"{a}: held", f"{b}: held"]
+    assert proc.stdout.decode().splitlines() == [f"{a}: held", f"{b}: held", "-- 2 messages held"]
     assert (spool.find(a), spool.find(b), spool.find(c)) == ("hold", "hold", "queue")
 
     proc = spool_cli(tmp_path, spool, "hold", a)
     assert proc.returncode == 0
-    assert proc.stdout.decode().splitlines() == [f"{a}: already held"]
+    assert proc.stdout.decode().splitlines() == [
+        f"{a}: already held",
+        "-- 0 messages held, 1 already held",
+    ]
     assert spool.find(a) == "hold"
 
     proc = spool_cli(tmp_path, spool, "release", a, c)
@@ -348,11 +351,16 @@ def test_cli_delete_hold_release_several_ids(tmp_path: Path, spool: Spool) -> No
     out = proc.stdout.decode().splitlines()
     assert out[0] == f"{a}: released"
     assert out[1].startswith(f"{c}: ") and "not held" in out[1]
+    assert out[2] == "-- 1 message released, 1 not held"
     assert (spool.find(a), spool.find(b), spool.find(c)) == ("queue", "hold", "queue")
 
     proc = spool_cli(tmp_path, spool, "delete", a, b)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.decode().splitlines() == [f"{a}: deleted", f"{b}: deleted"]
+    assert proc.stdout.decode().splitlines() == [
+        f"{a}: deleted",
+        f"{b}: deleted",
+        "-- 2 messages deleted",
+    ]
     assert (spool.find(a), spool.find(b), spool.find(c)) == (None, None, "queue")
     assert spool.ids("queue") == [c]
 
@@ -371,7 +379,8 @@ def test_cli_unknown_id_exits_67_after_doing_the_rest(
     assert stderr.startswith(f"leafmail: {UNKNOWN_ID}: no such message")
     no_traceback(proc)
     done = {"delete": "deleted", "hold": "held", "release": "released"}[command]
-    assert proc.stdout.decode() == f"{qid}: {done}\n"  # the good id was still acted on
+    # the good id was still acted on, and the summary counts the failure
+    assert proc.stdout.decode() == f"{qid}: {done}\n-- 1 message {done}, 1 failed\n"
     assert spool.find(qid) == {"delete": None, "hold": "hold", "release": "queue"}[command]
 
 
@@ -411,7 +420,7 @@ def test_cli_tools_wait_for_the_message_lock(tmp_path: Path, spool: Spool) -> No
             raise
     out, err = proc.communicate(timeout=CLI_TIMEOUT)
     assert proc.returncode == 0, err
-    assert out.decode() == f"{qid}: deleted\n"
+    assert out.decode() == f"{qid}: deleted\n-- 1 message deleted\n"
     assert spool.find(qid) is None
 
 
@@ -454,10 +463,10 @@ def test_cli_queue_lists_a_corrupt_file_and_delete_removes_it(tmp_path: Path, sp
 
     proc = spool_cli(tmp_path, spool, "queue", "--json")
     assert proc.returncode == 0, proc.stderr
-    listed = json.loads(proc.stdout)
-    assert [(m["id"], m["state"]) for m in listed] == [(good, "active"), (bad, "corrupt")]
-    assert listed[1]["last_error"]
-    assert listed[1]["size"] == (spool.root / "corrupt" / bad).stat().st_size
+    listed = {m["id"]: m for m in json.loads(proc.stdout)}  # in no particular order
+    assert {qid: m["state"] for qid, m in listed.items()} == {good: "active", bad: "corrupt"}
+    assert listed[bad]["last_error"]
+    assert listed[bad]["size"] == (spool.root / "corrupt" / bad).stat().st_size
 
     proc = spool_cli(tmp_path, spool, "hold", bad)
     assert proc.returncode == EX_DATAERR

@@ -9,9 +9,9 @@ on the spool directly.
 from .api import list_queue, smarthost, submit
 from .delivery import Agent, Outcome, Result
 from .envelope import ClientInfo, Envelope, Recipient
+from .listing import QueueEntry
 from .message import Message, UnknownMessage, unfreeze
 from .spool import CorruptMessage, GroupCommitter, Spool, SpooledMessage
-from .tools import QueueEntry
 
 __all__ = [
     "Agent",

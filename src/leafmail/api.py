@@ -26,10 +26,9 @@ from . import control
 from .config import TLS_MODES
 from .delivery import Agent
 from .envelope import ClientInfo, Envelope, Recipient
+from .listing import QueueEntry, iter_queue
 from .sendmail.reading import without_nul
 from .spool import Spool
-from .tools import QueueEntry
-from .tools import list_queue as _entries
 
 SpoolLike = Spool | str | os.PathLike[str]
 
@@ -80,8 +79,9 @@ def submit(
 def list_queue(spool: SpoolLike) -> list[QueueEntry]:
     """Every message in the spool (queued, deferred, held, corrupt), as `leafmail queue`
     lists them: id, state, size, arrival, sender, recipients with their state, last
-    error and next attempt."""
-    return _entries(open_spool(spool))
+    error and next attempt. A list, so all in memory: `leafmail.listing.iter_queue` gives
+    them one at a time."""
+    return list(iter_queue(open_spool(spool)))
 
 
 def smarthost(

@@ -1,8 +1,9 @@
 """The ``leafmail`` command.
 
 ``serve`` accepts mail by SMTP, spools it durably and (with a smarthost) delivers it;
-``flush`` delivers everything now; ``queue``, ``show``, ``delete``, ``hold`` and
-``release`` look after the spool; ``passwd USER`` prints a users-file line for SMTP AUTH;
+``flush`` delivers everything now; ``queue``, ``show``, ``delete``, ``hold``,
+``release``, ``requeue`` and ``qshape`` look after the spool; ``passwd USER`` prints a
+users-file line for SMTP AUTH;
 ``sendmail`` is the sendmail(8) command; ``newaliases`` checks the aliases file. Run by
 the name ``sendmail``, ``mailq`` or ``newaliases`` (a symlink to leafmail, as Postfix
 installs them), it is that command. Configuration comes from ``--config``, else
@@ -39,13 +40,12 @@ from netserver.errors import (
 from netserver.readiness import ready_fd_writer
 from netserver.server import loop_factory
 
+from . import bulk, control, fanout, listing, qshape, tools
 from . import config as configuration
-from . import control, sendmail, tools
 from .aliases import Aliases
 from .auth import hash_password
-from .daemon import Daemon
-from .flush import flush
 from .printable import printable
+from .selection import STATE_DIRS, Selection
 from .spool import Spool
 from .spoolcheck import check_spool
 
@@ -131,15 +131,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sh.add_argument("id")
     sh.add_argument("--envelope", action="store_true", help="only the envelope and status")
-    for name, what in (
-        ("delete", "remove messages from the spool (no bounce is sent)"),
-        ("hold", "hold messages: they stay queued but are not delivered"),
-        ("release", "release held messages for delivery now"),
+    for name, what, states in (
+        ("delete", "remove messages from the spool (no bounce is sent)", "active, deferred, held"),
+        ("hold", "hold messages: they stay queued but are not delivered", "active, deferred"),
+        ("release", "release held messages for delivery now", "held"),
+        (
+            "requeue",
+            "make messages due now with a fresh retry schedule (postsuper -r); "
+            "recipients delivered already are not sent to again; held ones are released",
+            "active, deferred, held",
+        ),
     ):
         tool = sub.add_parser(
-            name, parents=[common], help=what, description=what.capitalize() + "."
+            name,
+            parents=[common],
+            help=what,
+            description=what[0].upper() + what[1:] + ". " + SELECT_HELP,
+            epilog=f"Examples: leafmail {name} ID ID ...; leafmail {name} ALL; "
+            f"leafmail {name} --to @dead.example --older-than 2d; "
+            f"leafmail queue --json | jq -r '.[].id' | leafmail {name} -",
         )
-        tool.add_argument("ids", nargs="+", metavar="ID")
+        tool.add_argument(
+            "ids", nargs="*", metavar="ID", help="queue ids, ALL, or - to read ids from stdin"
+        )
+        if name == "delete":
+            tool.add_argument(
+                "--junk",
+                action="store_true",
+                help="also remove every junk entry (symlinks, stray files) in the spool's "
+                "state directories; a symlink is removed itself, never its target",
+            )
+        add_selection(tool, states)
+    qs = sub.add_parser(
+        "qshape",
+        parents=[common],
+        help="the queue by destination domain and age (like Postfix's qshape)",
+        description="Count the recipients still to be delivered by domain (rows) and age "
+        "(columns: buckets that double, 5, 10, 20 ... minutes, and one for older), with "
+        "totals, as Postfix's qshape does. By default active and deferred mail is counted.",
+    )
+    qs.add_argument("--sender", action="store_true", help="count messages by sender domain instead")
+    qs.add_argument(
+        "--bucket-minutes",
+        type=_positive(float),
+        default=5.0,
+        metavar="MIN",
+        help="the first bucket's length (default 5)",
+    )
+    qs.add_argument(
+        "--buckets",
+        type=_positive(int),
+        default=10,
+        metavar="N",
+        help="how many buckets, the last open-ended (default 10)",
+    )
+    qs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_selection(qs, "active, deferred")
     p = sub.add_parser(
         "passwd",
         help="print a users-file line for SMTP AUTH",
@@ -161,9 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 QUEUE_DESCRIPTION = (
-    "List every message in the spool: id, state (active, deferred, held, corrupt), size, "
+    "List the messages in the spool: id, state (active, deferred, held, corrupt), size, "
     "age, sender, each recipient's state and the last error. Control characters in them "
-    "are shown escaped (\\x1b); --json gives them exactly, JSON-escaped."
+    "are shown escaped (\\x1b); --json gives them exactly, JSON-escaped. The listing "
+    "streams in directory order (not sorted), as postqueue's does, so it starts at once "
+    "and needs little memory however long the queue is. Anything in the spool's state "
+    "directories that is not a message file (a symlink, a stray file) is listed as junk "
+    "under STATE/NAME; it is never followed, and `leafmail delete STATE/NAME` removes it."
 )
 NEWALIASES_DESCRIPTION = (
     "Check the aliases file named by local.aliases and print how many aliases it has. "
@@ -188,7 +239,17 @@ def common_flags() -> UsageParser:
 
 def add_queue_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `leafmail queue`, which `mailq` shares."""
-    parser.add_argument("--json", action="store_true", help="print a JSON list instead")
+    parser.add_argument(
+        "--json", action="store_true", help="print a JSON array instead, one message a line"
+    )
+    parser.add_argument(
+        "--jobs",
+        type=_positive(int),
+        metavar="N",
+        help="list with N worker processes (default: one per CPU, at most "
+        f"{fanout.MAX_WORKERS}; 1 lists in this process)",
+    )
+    add_selection(parser, "every state")
 
 
 def _mailq_parser() -> argparse.ArgumentParser:
@@ -206,6 +267,59 @@ def _newaliases_parser() -> argparse.ArgumentParser:
     )
     parser.set_defaults(command="newaliases")
     return parser
+
+
+SELECT_HELP = (
+    "Name messages by queue id, ALL for every message in the default states, - to read "
+    "ids from stdin (one a line), or by filters alone: --from, --to, --older-than, "
+    "--younger-than, --state (as Postfix's postsuper and exim's exiqgrep). All filters "
+    "given must match; a repeated one matches any of its values. Each message gets a "
+    "line, then a summary line; the exit status is the first failure's (65 bad id, 67 "
+    "no such message), else 0."
+)
+
+
+def add_selection(parser: argparse.ArgumentParser, default_states: str) -> None:
+    """The filters shared by queue, qshape and the changing tools (leafmail.selection)."""
+    group = parser.add_argument_group("selecting messages")
+    group.add_argument(
+        "--from",
+        dest="senders",
+        action="append",
+        metavar="ADDR|@DOMAIN",
+        help="the sender is ADDR or in DOMAIN; <> for bounces (repeatable)",
+    )
+    group.add_argument(
+        "--to",
+        dest="recipients",
+        action="append",
+        metavar="ADDR|@DOMAIN",
+        help="a recipient still to be delivered is ADDR or in DOMAIN (repeatable)",
+    )
+    group.add_argument(
+        "--older-than", metavar="AGE", help="arrived more than AGE ago: 90s, 15m, 2h, 2d, 1w"
+    )
+    group.add_argument("--younger-than", metavar="AGE", help="arrived less than AGE ago")
+    group.add_argument(
+        "--state",
+        dest="states",
+        action="append",
+        choices=list(STATE_DIRS),
+        help=f"only this state (repeatable; default: {default_states})",
+    )
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+        return value
+
+    return parse
 
 
 def _config(args: argparse.Namespace) -> configuration.Config:
@@ -232,6 +346,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = dataclasses.replace(
             config, delivery=dataclasses.replace(config.delivery, mode="offline")
         )
+    from .daemon import Daemon  # here, not at the top: the queue tools start faster
+
     daemon = Daemon(
         config,
         log=ServerLog(json_lines=args.log_format == "json", program=PROG),
@@ -256,6 +372,8 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
+    from .flush import flush  # here, not at the top: the queue tools start faster
+
     config = _config(args)
     delivery = config.delivery
     if args.smarthost:
@@ -277,12 +395,35 @@ def _spool(args: argparse.Namespace) -> Spool:
         raise CantCreateError(f"no leafmail spool at {config.spool}") from None
 
 
+def _selection(args: argparse.Namespace, default_states: tuple[str, ...]) -> Selection:
+    return Selection.build(
+        states=args.states,
+        default_states=default_states,
+        senders=args.senders or (),
+        recipients=args.recipients or (),
+        older_than=args.older_than,
+        younger_than=args.younger_than,
+    )
+
+
 def cmd_queue(args: argparse.Namespace) -> int:
-    entries = tools.list_queue(_spool(args))
+    """Stream the listing; text goes through `printable`, JSON is exact."""
+    selection = _selection(args, listing.LISTED_STATES)
+    workers = args.jobs or fanout.default_workers()
+    out = sys.stdout if args.json else listing.Printable(sys.stdout)
+    fanout.write_listing(_spool(args), selection, out, as_json=args.json, workers=workers)
+    return EX_OK
+
+
+def cmd_qshape(args: argparse.Namespace) -> int:
+    entries = listing.iter_queue(_spool(args), _selection(args, ("queue", "deferred")))
+    result = qshape.shape(
+        entries, minutes=args.bucket_minutes, count=args.buckets, by_sender=args.sender
+    )
     if args.json:
-        write_out(json.dumps([e.to_json() for e in entries], indent=2) + "\n")
+        qshape.write_json(result, sys.stdout)
     else:
-        write_out(printable(tools.format_queue(entries), lines=True))
+        qshape.write_text(result, listing.Printable(sys.stdout))
     return EX_OK
 
 
@@ -343,33 +484,22 @@ class AliasesError(NetserverError):
     exit_code = EX_DATAERR
 
 
-DONE = {"delete": "deleted", "hold": "held", "release": "released"}
-
-
 def cmd_change(args: argparse.Namespace) -> int:
-    """delete / hold / release each id; every id is tried, the first failure sets the exit."""
+    """delete / hold / release / requeue what the ids and filters select (leafmail.bulk)."""
     spool = _spool(args)
-    action: Callable[[Spool, str], bool | None] = {
-        "delete": tools.delete,
-        "hold": tools.hold,
-        "release": tools.release,
-    }[args.command]
-    status = EX_OK
-    released = False
-    for qid in args.ids:
-        try:
-            changed = action(spool, qid)
-        except NetserverError as exc:
-            print(f"{PROG}: {exc}", file=sys.stderr)
-            status = status or exc.exit_code
-            continue
-        if changed is False:
-            print(f"{qid}: {'already held' if args.command == 'hold' else 'not held'}")
-        else:
-            print(f"{qid}: {DONE[args.command]}")
-            released = released or args.command == "release"
-    if released:  # a running daemon takes released mail at once, not at its next scan
-        control.wake(spool.control_path)
+    status, changed = bulk.run(
+        args.command,
+        spool,
+        args.ids,
+        _selection(args, bulk.ACTIONS[args.command].default_states),
+        stdin=sys.stdin,
+        out=sys.stdout,
+        err=sys.stderr,
+        prog=PROG,
+        junk=getattr(args, "junk", False),
+    )
+    if changed and args.command in ("release", "requeue"):
+        control.wake(spool.control_path)  # a running daemon takes them at once
     return status
 
 
@@ -381,6 +511,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "delete": cmd_change,
     "hold": cmd_change,
     "release": cmd_change,
+    "requeue": cmd_change,
+    "qshape": cmd_qshape,
     "passwd": cmd_passwd,
     "newaliases": cmd_newaliases,
 }
@@ -401,6 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(argv: Sequence[str] | None) -> int:
+    from . import sendmail  # here, not at the top: the queue tools start faster
+
     name = os.path.basename(sys.argv[0]) if argv is None else PROG
     words = list(sys.argv[1:] if argv is None else argv)
     if name == "sendmail":

@@ -43,6 +43,7 @@ import os
 import queue
 import random
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -58,6 +59,8 @@ STATES = ("queue", "deferred", "hold", "corrupt")
 _ID = re.compile(r"\A[0-9A-F]{16}[0-9A-F]{8}\Z")
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FIRST_READ = 64 * 1024  # most messages and every status record fit in one read
+_MAX_READ = 16 * 1024 * 1024
 
 
 class SpoolError(OSError):
@@ -76,6 +79,17 @@ class SpooledMessage:
     state: str
     envelope: Envelope
     data: bytes
+
+
+@dataclass(frozen=True)
+class MessageSummary:
+    """What a queue listing shows of a message (`Spool.summary`); `size` is the message's."""
+
+    qid: str
+    state: str
+    sender: str
+    recipients: tuple[str, ...]
+    size: int
 
 
 def new_id() -> str:
@@ -102,6 +116,16 @@ def encode(envelope: Envelope, data: bytes) -> bytes:
 
 def decode(blob: bytes) -> tuple[Envelope, bytes]:
     """Check and parse a spool file; ValueError says what is wrong with it."""
+    env, start, end = _checked(blob)
+    try:
+        return Envelope.from_json(load_json(env, "envelope")), blob[start:end]
+    except EnvelopeError as exc:
+        raise ValueError(f"bad envelope: {exc}") from None
+
+
+def _checked(blob: bytes) -> tuple[bytes, int, int]:
+    """The envelope bytes and where the message starts and ends, once the header, the
+    lengths, the end marker and the checksum agree (ValueError says which does not)."""
     line_end = blob.find(b"\n", 0, 200)
     if line_end < 0:
         raise ValueError("no header line")
@@ -115,15 +139,37 @@ def decode(blob: bytes) -> tuple[Envelope, bytes]:
     end = start + env_len + 1 + data_len
     if len(blob) != end + len(TRAILER) or blob[end:] != TRAILER:
         raise ValueError("truncated or padded (no end marker where the header says)")
-    env, data = blob[start : start + env_len], blob[start + env_len + 1 : end]
     if blob[start + env_len : start + env_len + 1] != b"\n":
         raise ValueError("envelope not terminated")
-    if hashlib.sha256(env + data).hexdigest().encode() != fields[3]:
+    env = blob[start : start + env_len]
+    digest = hashlib.sha256(env)
+    digest.update(memoryview(blob)[start + env_len + 1 : end])
+    if digest.hexdigest().encode() != fields[3]:
         raise ValueError("checksum mismatch")
+    return env, start + env_len + 1, end
+
+
+_JSON = json.JSONDecoder()
+
+
+def _peek_envelope(env: bytes) -> tuple[str, tuple[str, ...]]:
+    """Sender and recipient addresses from envelope JSON, without building an Envelope.
+
+    A listing needs only these; the full check (`Envelope.from_json`) runs when the
+    message is delivered or shown. Whatever this refuses, the full check refuses too.
+    """
     try:
-        return Envelope.from_json(load_json(env, "envelope")), data
-    except EnvelopeError as exc:
-        raise ValueError(f"bad envelope: {exc}") from None
+        obj = _JSON.decode(env.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"bad envelope: not JSON: {exc}") from None
+    sender = obj.get("sender") if isinstance(obj, dict) else None
+    rcpts = obj.get("recipients") if isinstance(obj, dict) else None
+    if not isinstance(sender, str) or not isinstance(rcpts, list) or not rcpts:
+        raise ValueError("bad envelope: no sender or recipients")
+    addresses = tuple(r.get("address") if isinstance(r, dict) else None for r in rcpts)
+    if not all(isinstance(a, str) for a in addresses):
+        raise ValueError("bad envelope: a recipient without an address")
+    return sender, cast(tuple[str, ...], addresses)
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
@@ -146,6 +192,7 @@ class Spool:
         self.syncs = 0
         self._held: dict[str, int] = {}  # qid -> descriptor holding its lock
         self._dirs = {state: str(self.root / state) for state in ("tmp", *STATES)}
+        self._status_dir = str(self.root / "status")
         if create:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # the spool is private
             for name in ("tmp", "status", *STATES):
@@ -261,18 +308,58 @@ class Spool:
 
     # -- reading ------------------------------------------------------------------------
     def ids(self, state: str = "queue") -> list[str]:
-        """Queue ids in a state, oldest first."""
+        """Queue ids in a state, oldest first (junk and symlinks are left out)."""
+        return sorted(name for name in self.scan(state) if isinstance(name, str))
+
+    def scan(self, state: str) -> Iterator[str | Junk]:
+        """What a state directory holds, in directory order, as it is read.
+
+        A regular file with a queue id for a name yields that id; anything else (a
+        symlink, a directory, a stray file) yields a `Junk`. Nothing is sorted or kept,
+        so listing a queue of any size costs constant memory. A symlink is never
+        followed: its target is not the spool's, and reading or deleting through it
+        would touch a file someone else chose.
+        """
         if state not in STATES:
             raise ValueError(f"unknown spool state {state!r}")
-        return sorted(n for n in os.listdir(self.root / state) if valid_id(n))
+        with os.scandir(self._dirs[state]) as entries:
+            for entry in entries:
+                yield _classify(state, entry)
+
+    def junk(self, state: str, name: str) -> Junk | None:
+        """The entry `state/name` if it is junk (not a message file), else None."""
+        if state not in STATES or name in ("", ".", "..") or "/" in name or "\0" in name:
+            return None
+        try:
+            info = os.lstat(f"{self._dirs[state]}/{name}")
+        except (OSError, ValueError):
+            return None
+        if stat.S_ISREG(info.st_mode) and valid_id(name):
+            return None
+        return Junk(state, name, _junk_reason(info.st_mode, name), info.st_size, info.st_mtime)
+
+    def remove_junk(self, junk: Junk) -> None:
+        """Unlink a junk entry itself: a symlink goes, never its target.
+
+        A directory is removed only when empty (rmdir); anything in it is for a human.
+        """
+        path = f"{self._dirs[junk.state]}/{junk.name}"
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            os.rmdir(path)
+        else:
+            os.unlink(path)
+        self.sync_dir(junk.state)
 
     def find(self, qid: str) -> str | None:
-        """The state a message is in, or None."""
+        """The state a message is in, or None; only a regular file is a message."""
         if not valid_id(qid):
             return None
         for state in STATES:
-            if os.path.exists(self._file(state, qid)):
-                return state
+            try:
+                if stat.S_ISREG(os.lstat(self._file(state, qid)).st_mode):
+                    return state
+            except FileNotFoundError:
+                continue
         return None
 
     def get(self, qid: str, state: str | None = None) -> SpooledMessage:
@@ -283,14 +370,29 @@ class Spool:
         state = state or self.find(qid)
         if state is None or state == "corrupt":
             raise KeyError(qid)
-        with os.fdopen(os.open(self._file(state, qid), _OPEN_READ), "rb") as f:
-            blob = f.read()
+        blob = _read_all(self._file(state, qid))
         try:
             envelope, data = decode(blob)
         except ValueError as exc:
             self.move(qid, state, "corrupt")
             raise CorruptMessage(f"{qid}: {exc}") from None
         return SpooledMessage(qid, state, envelope, data)
+
+    def summary(self, qid: str, state: str) -> MessageSummary:
+        """What a listing shows of a message: sender, recipients and size.
+
+        The file is checked as `get` checks it (a damaged one goes to corrupt/, raising
+        CorruptMessage), but the envelope is only peeked at, which makes listing a long
+        queue several times cheaper than loading every message.
+        """
+        blob = _read_all(self._file(state, qid))
+        try:
+            env, start, end = _checked(blob)
+            sender, rcpts = _peek_envelope(env)
+        except ValueError as exc:
+            self.move(qid, state, "corrupt")
+            raise CorruptMessage(f"{qid}: {exc}") from None
+        return MessageSummary(qid, state, sender, rcpts, end - start)
 
     def messages(self, state: str = "queue") -> Iterator[SpooledMessage | CorruptMessage]:
         """Every message in a state; damaged ones are yielded as CorruptMessage, not raised."""
@@ -354,11 +456,9 @@ class Spool:
         if not valid_id(qid):
             raise ValueError(f"bad queue id {qid!r}")
         try:
-            fd = os.open(self.root / "status" / qid, _OPEN_READ)
+            return _read_all(f"{self._status_dir}/{qid}")
         except FileNotFoundError:
             return None
-        with os.fdopen(fd, "rb") as f:
-            return f.read()
 
     def write_status(self, qid: str, blob: bytes) -> None:
         """Replace a message's status record atomically and durably (hold its lock)."""
@@ -442,6 +542,69 @@ class Spool:
                     return fd, state
             os.close(fd)
         return None
+
+
+@dataclass(frozen=True)
+class Junk:
+    """Something in a state directory that is not a message file, and why.
+
+    `size` and `mtime` are the entry's own (lstat), never a symlink target's.
+    """
+
+    state: str
+    name: str
+    why: str
+    size: int = 0
+    mtime: float = 0.0
+
+    @property
+    def ref(self) -> str:
+        """How the queue tools name it: STATE/NAME (a queue id has no slash)."""
+        return f"{self.state}/{self.name}"
+
+
+def _classify(state: str, entry: os.DirEntry[str]) -> str | Junk:
+    """A queue id for a message file, a Junk for anything else (d_type; no stat)."""
+    name = entry.name
+    if valid_id(name) and entry.is_file(follow_symlinks=False):
+        return name
+    try:
+        info = entry.stat(follow_symlinks=False)
+    except OSError:
+        return Junk(state, name, "vanished while listed")
+    return Junk(state, name, _junk_reason(info.st_mode, name), info.st_size, info.st_mtime)
+
+
+def _junk_reason(mode: int, name: str) -> str:
+    if stat.S_ISLNK(mode):
+        return "a symbolic link, never followed"
+    if stat.S_ISDIR(mode):
+        return "a directory, not a message file"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    return "not a queue file name"
+
+
+def _read_all(path: str) -> bytes:
+    """A whole file, never through a symlink, in as few system calls as it takes.
+
+    Listing a long queue reads two small files per message, so the buffered-file layer
+    (an fdopen, an fstat, a read and a read that finds the end) is skipped: a read that
+    returns less than asked is the end of a regular file.
+    """
+    fd = os.open(path, _OPEN_READ)
+    try:
+        size = _FIRST_READ
+        chunks = []
+        while True:
+            chunk = os.read(fd, size)
+            if chunk:
+                chunks.append(chunk)
+            if len(chunk) < size:
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            size = min(size * 4, _MAX_READ)
+    finally:
+        os.close(fd)
 
 
 def arrival_time(qid: str) -> float:

@@ -1,28 +1,31 @@
-"""The queue tools: list, show, delete, hold and release spooled messages.
+"""The queue tools for one message: show, delete, hold, release and requeue.
 
 They are safe while the daemon runs: every change takes the message's lock first
 (`Spool.locked`), so it waits for a delivery in progress instead of racing it, and a
 message the runner has just finished is reported as gone rather than half-changed.
+Listing is `leafmail.listing`; many messages at once, `leafmail.bulk`. A name in a state
+directory that is not a message file (junk, a symlink) is never read through: only
+`leafmail delete STATE/NAME` acts on it, and removes the entry itself.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 from netserver.errors import EX_DATAERR, EX_NOUSER, NetserverError
 
-from .message import UnknownMessage, load_status, unfreeze
-from .spool import CorruptMessage, Spool, SpooledMessage, arrival_time, valid_id
+from .envelope import EnvelopeError
+from .listing import LISTED_STATES
+from .message import UnknownMessage, unfreeze
+from .printable import printable
+from .selection import STATE_NAMES
+from .spool import CorruptMessage, Junk, Spool, valid_id
 from .status import MessageStatus
-
-LISTED_STATES = ("queue", "deferred", "hold", "corrupt")
-STATE_NAMES = {"queue": "active", "deferred": "deferred", "hold": "held", "corrupt": "corrupt"}
 
 
 class BadQueueId(NetserverError):
-    """Not a queue id at all (EX_DATAERR)."""
+    """Not a queue id at all, or not a message (EX_DATAERR)."""
 
     exit_code = EX_DATAERR
 
@@ -33,122 +36,38 @@ class NoSuchMessage(NetserverError):
     exit_code = EX_NOUSER
 
 
-@dataclass(frozen=True)
-class QueueEntry:
-    """One line of `leafmail queue`."""
-
-    qid: str
-    state: str
-    size: int
-    arrival: float
-    sender: str
-    recipients: list[dict[str, str]]
-    last_error: str
-    next_attempt: float
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.qid,
-            "state": self.state,
-            "size": self.size,
-            "arrival": self.arrival,
-            "sender": self.sender,
-            "recipients": self.recipients,
-            "last_error": self.last_error,
-            "next_attempt": self.next_attempt or None,
-        }
-
-
-def list_queue(spool: Spool) -> list[QueueEntry]:
-    """Every message in the spool, oldest first within each state."""
-    entries = []
-    seen: set[str] = set()  # a file found damaged in queue/ moves to corrupt/ as we list
-    for state in LISTED_STATES:
-        for qid in spool.ids(state):
-            entry = None if qid in seen else _entry(spool, state, qid)
-            if entry is not None:
-                seen.add(qid)
-                entries.append(entry)
-    return sorted(entries, key=lambda e: e.qid)
-
-
-def _entry(spool: Spool, state: str, qid: str) -> QueueEntry | None:
-    if state == "corrupt":
-        return _corrupt(spool, qid, "failed its self-check")
-    try:
-        stored = spool.get(qid)
-    except (KeyError, FileNotFoundError):
-        return None  # delivered or deleted while we looked
-    except CorruptMessage as exc:
-        return _corrupt(spool, qid, str(exc))
-    status = load_status(spool, stored)
-    return QueueEntry(
-        qid=qid,
-        state=STATE_NAMES[stored.state],
-        size=len(stored.data),
-        arrival=status.arrival,
-        sender=stored.envelope.sender,
-        recipients=_recipients(stored, status),
-        last_error=status.last_error,
-        next_attempt=status.next_attempt,
-    )
-
-
-def _corrupt(spool: Spool, qid: str, why: str) -> QueueEntry:
-    size = _size(spool, "corrupt", qid)
-    return QueueEntry(qid, "corrupt", size, arrival_time(qid), "", [], why, 0)
-
-
-def _recipients(stored: SpooledMessage, status: MessageStatus) -> list[dict[str, str]]:
-    return [
-        {"address": r.address, "state": s.state.value, "reply": s.reply}
-        for r, s in zip(stored.envelope.recipients, status.recipients, strict=True)
-    ]
-
-
-def _size(spool: Spool, state: str, qid: str) -> int:
-    try:
-        return spool.path(state, qid).stat().st_size
-    except OSError:
-        return 0
-
-
-def format_queue(entries: list[QueueEntry], now: float | None = None) -> str:
-    """A mailq-like listing: one block per message, recipients indented under it."""
-    if not entries:
-        return "Mail queue is empty\n"
-    now = time.time() if now is None else now
-    lines = [f"{'Queue ID':<24} {'State':<8} {'Size':>8} {'Age':>6}  Sender"]
-    for e in entries:
-        sender = "?" if e.state == "corrupt" else f"<{e.sender}>"
-        age = _age(now - e.arrival)
-        lines.append(f"{e.qid:<24} {e.state:<8} {e.size:>8} {age:>6}  {sender}")
-        if e.last_error:
-            lines.append(f"    ({e.last_error})")
-        for r in e.recipients:
-            note = f"  {r['reply']}" if r["reply"] and r["state"] != "pending" else ""
-            lines.append(f"    {r['state']:<9} <{r['address']}>{note}")
-    total = sum(e.size for e in entries)
-    lines.append(f"-- {total} bytes in {len(entries)} message{'s' if len(entries) != 1 else ''}")
-    return "\n".join(lines) + "\n"
-
-
-def _age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
+# --- one message ---------------------------------------------------------------------------
 
 
 def check_id(spool: Spool, qid: str) -> str:
-    """The message's state, or BadQueueId / NoSuchMessage."""
+    """The message's state, or BadQueueId (junk too) / NoSuchMessage."""
     if not valid_id(qid):
         raise BadQueueId(f"{qid!r} is not a queue id (24 hex digits, as `leafmail queue` shows)")
     state = spool.find(qid)
     if state is None:
+        junk = find_junk(spool, qid)
+        if junk is not None:
+            raise not_a_message(junk)
         raise NoSuchMessage(f"{qid}: no such message in {spool.root} (delivered or deleted?)")
     return state
+
+
+def not_a_message(junk: Junk) -> BadQueueId:
+    """The error for a tool other than delete pointed at junk."""
+    ref = printable(junk.ref)
+    return BadQueueId(f"{ref} is {junk.why}, not a message; `leafmail delete {ref}` removes it")
+
+
+def find_junk(spool: Spool, word: str) -> Junk | None:
+    """`word` as a junk entry: STATE/NAME as listed, or a bare name in any state."""
+    if "/" in word:
+        state, _, name = word.partition("/")
+        return spool.junk(state, name)
+    for state in LISTED_STATES:
+        junk = spool.junk(state, word)
+        if junk is not None:
+            return junk
+    return None
 
 
 def show(spool: Spool, qid: str) -> tuple[dict[str, Any], bytes]:
@@ -198,6 +117,42 @@ def hold(spool: Spool, qid: str) -> bool:
 def release(spool: Spool, qid: str) -> bool:
     """Move from hold/ to queue/, where the runner takes it at once; False if not held."""
     return _move(spool, qid, ("hold",), "queue")
+
+
+def requeue(spool: Spool, qid: str) -> bool:
+    """Make a message due now with a fresh retry schedule (Postfix's ``postsuper -r``).
+
+    Its status keeps every recipient's result, so a recipient delivered already is not
+    sent the message again; only the message's attempt count (which sets the back-off)
+    and its next attempt time are reset. Like ``postsuper -r`` it also takes a held
+    message back into the queue. The arrival time stays, so the queue lifetime still
+    counts from the real arrival. Always True.
+    """
+    if check_id(spool, qid) == "corrupt":
+        raise BadQueueId(f"{qid} is corrupt; inspect it in {spool.root}/corrupt or delete it")
+    with spool.locked(qid, wait=True) as state:
+        if state is None:
+            raise NoSuchMessage(f"{qid}: no such message (delivered or deleted meanwhile)")
+        _reset_schedule(spool, qid, state)
+        if state != "queue":
+            spool.move(qid, state, "queue")
+        return True
+
+
+def _reset_schedule(spool: Spool, qid: str, state: str) -> None:
+    """Rewrite the status with attempts 0 and no next attempt (hold the lock)."""
+    blob = spool.read_status(qid)
+    if blob is None:
+        return  # never tried: nothing is scheduled
+    try:
+        stored = spool.get(qid, state)
+    except CorruptMessage as exc:
+        raise BadQueueId(f"{exc}; the file is kept in corrupt/") from None
+    try:
+        status = MessageStatus.from_bytes(blob, stored.envelope)
+    except EnvelopeError:
+        return  # the runner starts a damaged record over anyway (load_status)
+    spool.write_status(qid, replace(status, attempts=0, next_attempt=0.0).to_bytes())
 
 
 def _move(spool: Spool, qid: str, sources: tuple[str, ...], target: str) -> bool:

@@ -33,10 +33,9 @@ from netserver.cli import exit_status
 from netserver.errors import EX_OK, UnavailableError, UsageError
 
 from .. import config as configuration
-from .. import tools
+from .. import listing
 from ..envelope import ClientInfo, Envelope, Recipient
 from ..flush import flush
-from ..printable import printable
 from ..spool import Spool
 from .addresses import address_list, masquerade, recipients_from, sender_address
 from .context import Context, Submitter
@@ -98,9 +97,9 @@ def list_queue(ctx: Context) -> int:
     try:
         spool = Spool(ctx.config.spool, create=False)
     except FileNotFoundError:
-        sys.stdout.write(tools.format_queue([]))
+        sys.stdout.write(listing.format_queue([]))
         return EX_OK
-    sys.stdout.write(printable(tools.format_queue(tools.list_queue(spool)), lines=True))
+    listing.write_queue(listing.iter_queue(spool), listing.Printable(sys.stdout))
     return EX_OK
 
 
