@@ -226,16 +226,22 @@ def _config(args: argparse.Namespace) -> configuration.Config:
     return config
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def _serve_config(args: argparse.Namespace) -> configuration.Config:
     config = _config(args)
     if args.offline:
         config = dataclasses.replace(
             config, delivery=dataclasses.replace(config.delivery, mode="offline")
         )
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
     daemon = Daemon(
-        config,
+        _serve_config(args),
         log=ServerLog(json_lines=args.log_format == "json", program=PROG),
         on_ready=ready_fd_writer(args.ready_fd),
+        reload=lambda: _serve_config(args),  # SIGHUP: the same flags over the file again
+        loop=args.loop,
     )
     with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
         runner.run(daemon.serve())

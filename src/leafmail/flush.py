@@ -25,6 +25,7 @@ from netserver.server import loop_factory
 
 from . import control
 from .config import Config
+from .delivery import Agent
 from .delivery.router import build_agent
 from .message import Attempt, Verdict
 from .printable import printable
@@ -137,7 +138,12 @@ def runner_for(config: Config, spool: Spool, **kwargs: Any) -> QueueRunner:
 
 
 def build_runner(
-    config: Config, spool: Spool, *, routes: frozenset[str] | None = None, **kwargs: Any
+    config: Config,
+    spool: Spool,
+    *,
+    routes: frozenset[str] | None = None,
+    local: Agent | None = None,
+    **kwargs: Any,
 ) -> QueueRunner | None:
     """The queue runner, None when nothing is configured to deliver to; ConfigError if
     the delivery settings cannot work (a bad CA file, an unreadable password file).
@@ -154,7 +160,7 @@ def build_runner(
         **kwargs,
     )
     try:  # forwarded copies (aliases to other domains) join the pass that made them
-        runner.agent = build_agent(config, spool, notify=runner.notify, routes=routes)
+        runner.agent = build_agent(config, spool, notify=runner.notify, routes=routes, local=local)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return None if runner.agent is None else runner
