@@ -46,6 +46,7 @@ from .auth import hash_password
 from .daemon import Daemon
 from .flush import flush
 from .printable import printable
+from .privsep import spool_owner
 from .spool import Spool
 from .spoolcheck import check_spool
 
@@ -277,7 +278,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
 def _spool(args: argparse.Namespace) -> Spool:
     config = _config(args)
     try:
-        check_spool(config.spool, os.geteuid(), create=False)  # the daemon's user: see daemon
+        check_spool(config.spool, spool_owner(config), create=False)
         return Spool(config.spool, create=False)
     except FileNotFoundError:
         raise CantCreateError(f"no leafmail spool at {config.spool}") from None

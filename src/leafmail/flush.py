@@ -15,7 +15,6 @@ stopping it half-way would help nobody.
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from collections import Counter
 from typing import Any, TextIO
@@ -29,6 +28,7 @@ from .delivery import Agent
 from .delivery.router import build_agent
 from .message import Attempt, Verdict
 from .printable import printable
+from .privsep import spool_owner
 from .queue import QueueRunner
 from .retry import RetryPolicy
 from .spool import Spool
@@ -104,7 +104,7 @@ class Reporter:
 def flush(config: Config, *, use_daemon: bool = True, out: TextIO = sys.stdout) -> int:
     """Deliver everything now; EX_OK if nothing stays deferred, else EX_TEMPFAIL."""
     try:
-        check_spool(config.spool, os.geteuid(), create=False)  # the daemon's user: see daemon
+        check_spool(config.spool, spool_owner(config), create=False)
         spool = Spool(config.spool, create=False)
     except FileNotFoundError:
         print(f"flush: no spool at {config.spool}: nothing to deliver", file=sys.stderr)

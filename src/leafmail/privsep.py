@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import pwd
 import socket
-import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ from netserver.errors import ConfigError
 from netserver.privileges import Identity
 
 from .config import Config
+from .spoolcheck import check_spool
 
 USERADD = "useradd --system --home-dir /var/spool/leafmail --shell /usr/sbin/nologin {user}"
 
@@ -51,6 +52,20 @@ def process_identity(config: Config) -> Identity | None:
     return identity
 
 
+def spool_owner(config: Config) -> int:
+    """The uid the spool must belong to for a tool run now: ours; as root, root for a
+    spool root still owns (no daemon has taken it yet), else the daemon's user."""
+    if os.geteuid() != 0:
+        return os.geteuid()
+    with contextlib.suppress(OSError):
+        if os.stat(config.spool).st_uid == 0:
+            return 0
+    try:
+        return pwd.getpwnam(config.process.user).pw_uid
+    except KeyError:
+        return 0
+
+
 def become(identity: Identity | None) -> None:
     """Drop to `identity` for good (no-op for None): groups, gid, uid, then verified."""
     if identity is not None:
@@ -61,19 +76,18 @@ def adopt_spool(root: Path, identity: Identity) -> bool:
     """Give a root-owned spool (from an older, root-run leafmail) to the daemon's user,
     never following a symbolic link; True if it was changed.
 
-    A spool owned by root and closed to writers was written only by root, so handing it
-    over is safe. Anything else (another owner, a directory others could write) is left
-    as it is, for the start check (leafmail.spoolcheck) to refuse with the reason.
+    A spool owned by root that passes the start check as root's (no writable or
+    symlinked directory: leafmail.spoolcheck raises ConfigError with the reason) was
+    written only by root, so handing it over is safe. Another owner is left alone.
     """
     try:
-        info = os.lstat(root)
+        info = os.stat(root)
     except FileNotFoundError:
         return False  # the start check creates it, owned by the daemon's user
-    if info.st_uid != 0 or not stat.S_ISDIR(info.st_mode):
+    if info.st_uid != 0:
         return False
+    check_spool(root, 0, create=False)
     tree = list(os.walk(root, followlinks=False))
-    if any(os.lstat(top).st_mode & 0o022 for top, _dirs, _files in tree):
-        return False
     for top, dirs, files in tree:
         for name in (*dirs, *files):
             with contextlib.suppress(FileNotFoundError):

@@ -105,6 +105,7 @@ class Qmgr:
     async def _count_backlog(self) -> None:
         """Publish how many messages wait in queue/ (offline they wait on purpose: 0)."""
         if self.config.delivery.effective_mode == "offline":
+            await self._stopping.wait()  # the queue manager lives on, for flush and pickup
             return
         while True:
             with contextlib.suppress(OSError):

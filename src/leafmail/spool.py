@@ -157,7 +157,7 @@ class Spool:
     def _own(self, fd: int) -> None:
         """Root writing into the daemon user's spool makes the file that user's (or the
         unprivileged queue manager could not read it)."""
-        if self.owner is not None:
+        if self.owner is not None and os.geteuid() == 0:  # (not after a drop to the owner)
             os.fchown(fd, *self.owner)
 
     @property

@@ -123,13 +123,10 @@ class Worker:
                 return
             except OSError:
                 data, fds = b"", []
-            if not data:  # the supervisor is gone: stop at once, serve nobody unsupervised
-                for fd in fds:
-                    os.close(fd)
-                self._terminate()
-                self._leave(True)
-                asyncio.get_running_loop().remove_reader(self.chan.fileno())
-                return
+            if not data:
+                # The supervisor is gone: end now, as the PR_SET_PDEATHSIG kill would
+                # (no clean-up either way: serve nobody, unsupervised, a moment longer).
+                os._exit(0)
             self._handle(data, fds)
 
     def _handle(self, data: bytes, fds: list[int]) -> None:
