@@ -82,8 +82,8 @@ def adopt_spool(root: Path, identity: Identity) -> bool:
     """
     try:
         info = os.stat(root)
-    except FileNotFoundError:
-        return False  # the start check creates it, owned by the daemon's user
+    except OSError:
+        return False  # missing: the start check creates it; unusable: it says why
     if info.st_uid != 0:
         return False
     check_spool(root, 0, create=False)
