@@ -21,6 +21,9 @@ RUN_SPOOL ?= $(CURDIR)/spool
 RUN_LISTEN ?= 127.0.0.1:2525
 RUN_FLAGS ?=
 run: $(STAMP)
+	@# As root the workers run as the leafmail user (leafmail.privsep); make it once.
+	@if [ "$$(id -u)" = 0 ] && ! id leafmail >/dev/null 2>&1; then \
+	  useradd --system --home-dir /var/spool/leafmail --shell /usr/sbin/nologin leafmail; fi
 	@echo 'make run: in a second shell, in this checkout:'
 	@echo '  export PATH="$$PWD/.venv/bin:$$PATH" LEAFMAIL_SPOOL="$$PWD/spool"'
 	$(BIN)/leafmail serve --listen $(RUN_LISTEN) --spool $(RUN_SPOOL) --hostname localhost $(RUN_FLAGS)

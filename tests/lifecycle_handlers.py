@@ -212,3 +212,12 @@ def cpu_seconds(pid: int) -> float:
 def log_count(read_log: Callable[[], str], text: str) -> int:
     """How many lines of the log contain *text*."""
     return sum(1 for line in read_log().splitlines() if text in line)
+
+
+async def async_pid(conn: AsyncConnection) -> None:
+    """Async form that answers with the pid of the process serving it, then echoes."""
+    conn.write(f"{os.getpid()}\n".encode())
+    await conn.drain()
+    while line := await conn.readline():
+        conn.write(line)
+        await conn.drain()

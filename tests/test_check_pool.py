@@ -30,7 +30,7 @@ from test_checks_serve import make_dkim_key
 
 from leafmail.checks import ACCEPT, Session, Stage
 from leafmail.checks.limits import HEADER_TOO_BIG, TOO_MANY_FIELDS, header_limit_problem
-from leafmail.checks.pool import CheckPool
+from leafmail.checks.pool import WORKER_NAME, CheckPool
 from leafmail.config import ChecksConfig, Config, RelayConfig
 from leafmail.datarate import DataRate
 from leafmail.policy import policy_for
@@ -57,7 +57,7 @@ def worker_children() -> list[int]:
     for task in Path("/proc/self/task").iterdir():
         for pid in (task / "children").read_text().split():
             with contextlib.suppress(OSError):
-                if b"leafmail.checks.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                if Path(f"/proc/{pid}/comm").read_bytes().strip() == WORKER_NAME:
                     found.append(int(pid))
     return found
 

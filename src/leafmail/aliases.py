@@ -308,12 +308,18 @@ class _FileCache:
         self._entries: dict[str, tuple[tuple[int, ...], object]] = {}
 
     def load(self, path: str, parse: Callable[[str, Origin], _T]) -> _T:
+        cached = self._entries.get(path)
         try:
             key = _stat_key(os.stat(path))
-            cached = self._entries.get(path)
             if cached is not None and cached[0] == key:
                 return cast(_T, cached[1])  # stored by this same `parse`
             raw, info = read_regular(path, limit=None, follow=True)  # the admin's path
+        except PermissionError as exc:
+            # An smtpd worker read the file as root before it dropped privileges; it
+            # keeps that table until a reload starts new workers (leafmail.smtpd).
+            if cached is not None:
+                return cast(_T, cached[1])
+            raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
         try:

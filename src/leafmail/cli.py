@@ -45,6 +45,7 @@ from . import config as configuration
 from .aliases import Aliases
 from .auth import hash_password
 from .printable import printable
+from .privsep import spool_owner
 from .selection import STATE_DIRS, Selection
 from .spool import Spool
 from .spoolcheck import check_spool
@@ -340,18 +341,24 @@ def _config(args: argparse.Namespace) -> configuration.Config:
     return config
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def _serve_config(args: argparse.Namespace) -> configuration.Config:
     config = _config(args)
     if args.offline:
         config = dataclasses.replace(
             config, delivery=dataclasses.replace(config.delivery, mode="offline")
         )
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
     from .daemon import Daemon  # here, not at the top: the queue tools start faster
 
     daemon = Daemon(
-        config,
+        _serve_config(args),
         log=ServerLog(json_lines=args.log_format == "json", program=PROG),
         on_ready=ready_fd_writer(args.ready_fd),
+        reload=lambda: _serve_config(args),  # SIGHUP: the same flags over the file again
+        loop=args.loop,
     )
     with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
         runner.run(daemon.serve())
@@ -389,7 +396,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
 def _spool(args: argparse.Namespace) -> Spool:
     config = _config(args)
     try:
-        check_spool(config.spool, os.geteuid(), create=False)  # the daemon's user: see daemon
+        check_spool(config.spool, spool_owner(config), create=False)
         return Spool(config.spool, create=False)
     except FileNotFoundError:
         raise CantCreateError(f"no leafmail spool at {config.spool}") from None

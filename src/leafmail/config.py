@@ -265,6 +265,25 @@ class ChecksConfig:
 
 
 @dataclass(frozen=True)
+class ProcessConfig:
+    """``[process]``: how `leafmail serve` splits into processes (see leafmail.daemon).
+
+    `user` is whom the processes that read the network run as when started as root
+    (Postfix's mail_owner); `workers` how many SMTP worker processes (0: one per CPU).
+    `in_flow_queue` is the queue size above which acceptance slows down (0: never); it
+    applies while the queue manager delivers (not offline, where mail waits on purpose).
+    """
+
+    user: str = "leafmail"
+    workers: int = 0
+    in_flow_queue: int = 200
+
+    @property
+    def worker_count(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything `leafmail serve` and the queue tools need."""
 
@@ -280,6 +299,7 @@ class Config:
     pickup: PickupConfig = field(default_factory=PickupConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
     sendmail: SendmailConfig = field(default_factory=SendmailConfig)
+    process: ProcessConfig = field(default_factory=ProcessConfig)
     routes: tuple[tuple[str, str], ...] = ()  # (domain or .suffix, route), as written
     source: str = "defaults"
 
@@ -446,6 +466,7 @@ def _build(raw: dict[str, Any], where: str, *, check: bool = True) -> Config:
         pickup=_pickup(top.table("pickup")),
         checks=_checks(top.table("checks")),
         sendmail=_sendmail(top.table("sendmail")),
+        process=_process(top.table("process")),
         routes=_routes(top.table("routes")),
         source=where,
     )
@@ -453,6 +474,19 @@ def _build(raw: dict[str, Any], where: str, *, check: bool = True) -> Config:
     if check:
         _check(config, where)
     return config
+
+
+def _process(t: _Table) -> ProcessConfig:
+    d = ProcessConfig()
+    process = ProcessConfig(
+        user=t.string("user", d.user),
+        workers=t.integer("workers", d.workers),
+        in_flow_queue=t.integer("in_flow_queue", d.in_flow_queue),
+    )
+    t.finish()
+    if not process.user or process.workers < 0 or process.in_flow_queue < 0:
+        raise ConfigError(f"{t.where}: [process] needs a user and counts of 0 or more")
+    return process
 
 
 def _smtp(t: _Table) -> SmtpConfig:

@@ -1,42 +1,61 @@
-"""`leafmail serve`: the listeners, the shared group committer, the queue runner, signals.
+"""`leafmail serve`: the privileged parent, its smtpd workers and its queue manager.
 
-Up to three kinds of listener share one event loop and one spool: plain SMTP
-(``smtp.listen``), submission with AUTH required (``smtp.submission_listen``) and
-implicit TLS (``smtp.smtps_listen``). When there is somewhere to deliver, the queue
-runner delivers on the same loop (modes "smarthost" and "mx"); in mode "offline" only
-local delivery goes by itself, and the rest waits for `leafmail flush`, which reaches
-the daemon through the control socket in the spool. SIGTERM/SIGINT
-stop everything gracefully; mail already answered 250 is in the spool by then, a commit
-in progress finishes first, and a delivery cut short is simply tried again later.
+The model is Postfix's and OpenSMTPD's privilege separation (see DESIGN.md, Processes):
+
+    parent   reads the config, binds every listener, opens the spool, forks and
+             supervises; it accepts connections and applies the session limits, but
+             never reads a byte a client sends
+    smtpd xN one event loop each ([process] workers, default one per CPU): sessions,
+             checks and their own group commit (leafmail.smtpd)
+    qmgr     the queue runner, remote delivery and the control socket (leafmail.qmgr)
+
+Up to three kinds of listener are served: plain SMTP (``smtp.listen``), submission with
+AUTH required (``smtp.submission_listen``) and implicit TLS (``smtp.smtps_listen``); one
+pool of workers serves them all. Started as root, the workers and the queue manager run
+as ``[process] user``; otherwise everything runs as the user who started it.
+
+SIGTERM/SIGINT stop everything gracefully: mail already answered 250 is in the spool, a
+commit in progress finishes first, and a delivery cut short is tried again later. SIGHUP
+reloads: the parent reads the config again and, if it is valid, starts new workers with
+it (TLS files, users, aliases, relay networks and checks) while the old ones finish
+their sessions; what needs a restart is logged.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
+import functools
 import os
 import signal
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
 
-from netserver import AsyncHandler, Endpoint, Limits, Server
+from netserver import AsyncConnection, AsyncHandler, Endpoint, Limits, Server
 from netserver.connlog import ServerLog
-from netserver.errors import CantCreateError, ConfigError
-from netserver.smtp import BareNewline, ServerConfig
+from netserver.errors import CantCreateError, ConfigError, NetserverError
+from netserver.modes.base import FdRegistry
+from netserver.modes.workers import WorkerApp, WorkerPool
+from netserver.server import loop_factory
+from netserver.tlsterm import harden
 
 from .auth import Users, load_users
 from .config import Config
-from .control import ControlServer, Reply
 from .flush import build_runner
-from .pickup import PickupServer
-from .policy import check_pool, policy_for
-from .queue import QueueRunner
-from .receive import ReceiveService
-from .spool import GroupCommitter, Spool
+from .localsvc import LocalClient, LocalService, LocalSocket, client_uid
+from .privsep import (
+    Announcer,
+    Backlog,
+    Inherited,
+    SpoolHandle,
+    adopt_spool,
+    process_identity,
+)
+from .qmgr import Qmgr
+from .smtpd import Role, Smtpd, SmtpdSettings, roles
+from .spool import Spool
 from .spoolcheck import check_spool
-from .throttle import auth_throttle
 
 SESSION_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: at least five minutes between commands
 
@@ -73,16 +92,12 @@ def _check_pem(setting: str, path: str, kind: str, marker: bytes) -> None:
         raise ConfigError(f"{setting} {path}: no PEM {kind} in it")
 
 
-@dataclass
-class _Role:
-    name: str
-    listen: tuple[str, ...]
-    service: ReceiveService
-    implicit_tls: bool = False
+def _users(config: Config) -> Users | None:
+    return load_users(config.auth.users_file) if config.auth.users_file else None
 
 
 class Daemon:
-    """Everything `leafmail serve` runs, built from a `Config`."""
+    """The parent of `leafmail serve`, built from a `Config`."""
 
     def __init__(
         self,
@@ -90,93 +105,76 @@ class Daemon:
         *,
         log: ServerLog | None = None,
         on_ready: Callable[[list[Endpoint]], None] | None = None,
+        reload: Callable[[], Config] | None = None,
+        loop: str = "auto",
     ) -> None:
         self.config = config
         self.log = log or ServerLog(program="leafmail")
         self.on_ready = on_ready
-        self.tls = tls_context(config)
-        self.users: Users | None = (
-            load_users(config.auth.users_file) if config.auth.users_file else None
+        self.reload_config = reload
+        self.loop_kind = loop
+        self.identity = process_identity(config)
+        self.settings = SmtpdSettings(config, tls_context(config), _users(config))
+        self.fds = FdRegistry()  # no child keeps another's channel, nor a listener
+        pool = functools.partial(
+            WorkerPool,
+            log=self.log,
+            limits=self._limits(config),
+            loop_factory=loop_factory(loop),
+            fds=self.fds,
         )
+        self.pool = pool(config.process.worker_count, self._setup_smtpd, name="smtpd")
+        self.qmgr_pool = pool(1, self._setup_qmgr, name="qmgr")
+        # Local delivery stays root (it becomes each recipient): only with [local].
+        self.local_pool = pool(1, self._setup_local, name="local")
+        self._ready: list[Endpoint] = []
+        self._bound = asyncio.Event()
+        self._reloading: asyncio.Future[None] | None = None
+        # The listeners first: a bad or taken address is the one line the user sees.
+        has_tls = self.settings.tls is not None
+        self.servers = [self._server(role) for role in roles(config, has_tls=has_tls)]
+        if not self.servers:
+            raise ConfigError("nothing to listen on: smtp.listen is empty")
+        self.bind()
+        for server in self.servers:
+            for listener in server.listeners:
+                self.fds.add(listener.sock.fileno())
+        if self.identity is not None and adopt_spool(Path(config.spool), self.identity):
+            self.log.info("spool given to the daemon user", path=config.spool)
+        owner = self.identity.uid if self.identity is not None else os.geteuid()
         try:
-            # The spool's owner is the user the daemon runs as (its euid until the
-            # privileged parent drops to [process] user; then pass that user's uid).
-            repaired = check_spool(config.spool, os.geteuid())
-            self.spool = Spool(config.spool)
+            repaired = check_spool(config.spool, owner)  # refused: ConfigError, exit 78
+            spool = Spool(config.spool)
         except OSError as exc:
             raise CantCreateError(f"cannot use spool {config.spool}: {exc.strerror}") from None
         for note in repaired:
             self.log.info(f"spool repaired: {note}")
-        # `runner` does flushes; `auto` delivers by itself. Offline, only local delivery
-        # goes by itself. They share one pass lock: a flush never overlaps a pass.
-        self.runner: QueueRunner | None = build_runner(config, self.spool, log=self.log)
-        self.auto: QueueRunner | None = self.runner
-        if config.delivery.effective_mode == "offline":
-            self.auto = None
-            if config.local.enabled and self.runner is not None:
-                local_only = frozenset({"local"})
-                self.auto = build_runner(config, self.spool, routes=local_only, log=self.log)
-                if self.auto is not None:
-                    self.auto.share_passes_with(self.runner)
-        self.pool = check_pool(config, self.log)  # one per smtpd process; workers start on demand
-        self.servers: list[Server] = []
-        self._ready: list[Endpoint] = []
-        self._stopping = asyncio.Event()
+        self.spool = spool
+        build_runner(config, spool)  # delivery settings that cannot work fail here, at start
+        self.handle = SpoolHandle(spool.root)
+        inherited = Inherited(self.handle.path, self.identity, Announcer(), Backlog(), self.log)
+        self.smtpd = Smtpd(self.settings, inherited)
+        local = LocalSocket()
+        self.qmgr = Qmgr(config, inherited, LocalClient(local.name))
+        self.local = LocalService(config, inherited, local, client_uid(inherited))
 
-    def _smtp_config(self, *, tls_active_offer: bool) -> ServerConfig:
-        smtp = self.config.smtp
-        return ServerConfig(
-            hostname=self.config.hostname,
-            max_message_size=smtp.max_message_size,
-            max_recipients=smtp.max_recipients,
-            max_errors=smtp.max_errors,
-            max_junk_commands=smtp.max_junk_commands,
-            tls_available=tls_active_offer,
-            auth_enabled=self.users is not None,
-            auth_plaintext_allowed=smtp.allow_plaintext_auth,
-            bare_newline=BareNewline.REPLACE if smtp.bare_lf == "replace" else BareNewline.REJECT,
-        )
+    async def _handle(self, role: str, conn: AsyncConnection) -> None:
+        """A session, in a worker (its services were made by `Smtpd.setup` there)."""
+        await self.smtpd.handle(role, conn)
 
-    def _roles(self, committer: GroupCommitter) -> list[_Role]:
-        smtp, policy = self.config.smtp, policy_for(self.config, self.pool)
-        throttle = auth_throttle(self.config)
+    def _setup_smtpd(self) -> WorkerApp:
+        return self.smtpd.setup()
 
-        def service(*, offer_tls: bool, require_auth: bool) -> ReceiveService:
-            return ReceiveService(
-                self._smtp_config(tls_active_offer=offer_tls),
-                committer,
-                policy,
-                users=self.users,
-                tls=self.tls,
-                require_auth=require_auth,
-                on_spooled=self.auto.notify if self.auto is not None else None,
-                throttle=throttle,
-                log=self.log,
-                min_data_rate=smtp.min_data_rate,
-                data_rate_grace=smtp.data_rate_grace,
-            )
+    def _setup_qmgr(self) -> WorkerApp:
+        return self.qmgr.setup()
 
-        has_tls = self.tls is not None
-        roles = [
-            _Role("smtp", smtp.listen, service(offer_tls=has_tls, require_auth=False)),
-            _Role(
-                "submission",
-                smtp.submission_listen,
-                service(offer_tls=has_tls, require_auth=True),
-            ),
-            _Role(
-                "smtps",
-                smtp.smtps_listen,
-                service(offer_tls=False, require_auth=False),
-                implicit_tls=True,
-            ),
-        ]
-        return [role for role in roles if role.listen]
+    def _setup_local(self) -> WorkerApp:
+        return self.local.setup()
 
-    def _server(self, role: _Role) -> Server:
-        smtp = self.config.smtp
-        trusted = self.config.relay_policy()
-        limits = Limits(
+    def _limits(self, config: Config) -> Limits:
+        smtp = config.smtp
+        trusted = config.relay_policy()
+        return Limits(
             max_conns=smtp.max_sessions,
             max_per_source=smtp.per_source_sessions,
             timeout=SESSION_TIMEOUT,
@@ -185,23 +183,27 @@ class Daemon:
             exempt=lambda peer: peer.ip is not None and trusted.decide(peer.ip).allowed,
             ipv6_source_prefix=64,
         )
+
+    def _server(self, role: Role) -> Server:
         return Server(
-            AsyncHandler(role.service.handle),
+            AsyncHandler(functools.partial(self._handle, role.name)),
             list(role.listen),
             mode="async",
-            limits=limits,
+            limits=self._limits(self.config),
             refuse_message=f"421 4.7.0 {self.config.hostname} Too many connections "
             "from your address, try again later",
             log=self.log,
-            tls=self.tls if role.implicit_tls else None,
+            tls=self.settings.tls if role.implicit_tls else None,
             signals=False,
             on_ready=self._one_ready,
+            workers=self.pool,
+            service=role.name,
         )
 
     def _one_ready(self, addresses: list[Endpoint]) -> None:
         self._ready.extend(addresses)
-        if len(self._ready) == sum(len(s.addresses) for s in self.servers) and self.on_ready:
-            self.on_ready(self._ready)
+        if len(self._ready) == sum(len(s.addresses) for s in self.servers):
+            self._bound.set()
 
     def bind(self) -> list[Endpoint]:
         """Open every listener now (errors surface before anything runs)."""
@@ -213,78 +215,105 @@ class Daemon:
         if removed:
             self.log.info("removed unanswered partial messages from tmp/", count=removed)
         self.spool.clean_status()
-        committer = GroupCommitter(self.spool)
-        control = ControlServer(self.spool.control_path, self._control, self.log)
-        pickup = self._pickup(committer)
-        delivery: asyncio.Task[None] | None = None
+        loop = asyncio.get_running_loop()
+        self._install_signals(loop)
+        self.qmgr_pool.start(loop)
+        if self.config.local.enabled:
+            self.local_pool.start(loop)
+        announce = asyncio.ensure_future(self._announce_when_ready())
         try:
-            self.servers = [self._server(role) for role in self._roles(committer)]
-            if not self.servers:
-                raise ConfigError("nothing to listen on: smtp.listen is empty")
-            self.bind()
-            self._install_signals()
-            await control.start()
-            if pickup is not None:
-                await pickup.start()
-            if self.auto is not None:
-                delivery = asyncio.create_task(self.auto.serve(self._stopping))
             await asyncio.gather(*(server.serve() for server in self.servers))
         finally:
-            self._stopping.set()
-            await control.close()
-            if pickup is not None:
-                await pickup.close()
-            await self.pool.close()
-            if delivery is not None:
-                delivery.cancel()  # a delivery cut short is tried again: at least once
-                with contextlib.suppress(asyncio.CancelledError):
-                    await delivery
-            await asyncio.get_running_loop().run_in_executor(None, committer.close)
+            announce.cancel()
+            await self.pool.closed()
+            await self.qmgr_pool.closed()
+            await self.local_pool.closed()
 
-    def _pickup(self, committer: GroupCommitter) -> PickupServer | None:
-        """The local submission socket (leafmail.pickup), if [pickup] wants it.
-
-        It reads bytes from any local user, so its process must be an unprivileged one
-        that can commit to the spool (an smtpd worker's role), never the root parent.
-        """
-        enabled = self.config.pickup.enabled
-        if not (os.geteuid() == 0 if enabled is None else enabled):
-            return None
-        notify = self.auto.notify if self.auto is not None else None
-        return PickupServer(self.config, committer, self.log, on_spooled=notify)
-
-    async def _control(self, command: str, reply: Reply) -> None:
-        """Serve one control request (leafmail.control)."""
-        if self.runner is None:
-            reply({"error": "no smarthost configured (delivery.smarthost)"})
-            return
-        if command == "wake":
-            (self.auto or self.runner).notify_scan()
-            reply({"done": True})
-            return
-
-        def progress(done: Any) -> None:
-            reply({"qid": done.qid, "verdict": done.verdict.value, "error": done.error})
-
-        summary = await self.runner.run_once(
-            force=True, progress=progress, on_total=lambda n: reply({"total": n})
+    async def _announce_when_ready(self) -> None:
+        """READY once the listeners are bound and every worker has dropped privileges."""
+        await self._bound.wait()
+        self.pool.start(asyncio.get_running_loop())  # every role's server is set up now
+        await self.pool.wait_ready()
+        await self.qmgr_pool.wait_ready()
+        if self.config.local.enabled:
+            await self.local_pool.wait_ready()
+        self.log.info(
+            "processes ready",
+            smtpd=" ".join(map(str, self.pool.pids)),
+            qmgr=" ".join(map(str, self.qmgr_pool.pids)),
+            local=" ".join(map(str, self.local_pool.pids)),
+            user=self.identity.user if self.identity else "(unchanged)",
         )
-        reply(
-            {
-                "done": True,
-                "deferred": summary.deferred,
-                "counts": dict(summary.counts),
-                "link_error": summary.link_error,
-            }
-        )
+        if self.on_ready is not None:
+            self.on_ready(self._ready)
 
-    def _install_signals(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
 
     def stop(self) -> None:
-        """Stop every listener gracefully, and the queue runner."""
-        self._stopping.set()
+        """Stop every listener gracefully; the workers finish, then the queue manager."""
         for server in self.servers:
             server.stop()
+
+    # -- SIGHUP ----------------------------------------------------------------------------
+    def reload(self) -> None:
+        """Read the config again; if it is valid, replace the workers with ones using it."""
+        if self.reload_config is None:
+            self.log.info("reload: nothing to reload from")
+            return
+        try:
+            config = self.reload_config()
+            settings = SmtpdSettings(config, tls_context(config), _users(config))
+        except (NetserverError, OSError) as exc:
+            self.log.error("reload failed, keeping the running configuration", error=str(exc))
+            return
+        for name in _restart_needed(self.config, config):
+            self.log.info("reload: this setting changes only with a restart", setting=name)
+        config = _keep_restart_settings(self.config, config)
+        self.config = config
+        self.settings = settings
+        self.smtpd.settings = settings
+        self.qmgr.config = config
+        self.local.config = config
+        limits = self._limits(config)
+        for server in self.servers:
+            server.limits = server.admission.limits = limits
+            if server.tls is not None and settings.tls is not None:  # smtps
+                server.tls = harden(settings.tls)
+                self.pool.set_tls(server.service, server.tls)
+        self.pool.limits = self.qmgr_pool.limits = limits
+        self.pool.replace()
+        self.qmgr_pool.replace(overlap=False)  # one queue manager at a time, always
+        self.local_pool.replace()
+        self._reloading = asyncio.ensure_future(self._reloaded(config.source))
+
+    async def _reloaded(self, source: str) -> None:
+        """Log once every new worker has started (the old ones drain meanwhile)."""
+        for pool in (self.pool, self.qmgr_pool, self.local_pool):
+            await pool.wait_ready()
+        self.log.info("reloaded", config=source, smtpd=" ".join(map(str, self.pool.pids)))
+
+
+def _restart_needed(old: Config, new: Config) -> list[str]:
+    """The settings that differ but cannot change while running."""
+    pairs: dict[str, tuple[object, object]] = {
+        "spool": (old.spool, new.spool),
+        "smtp.listen": (old.smtp.listen, new.smtp.listen),
+        "smtp.submission_listen": (old.smtp.submission_listen, new.smtp.submission_listen),
+        "smtp.smtps_listen": (old.smtp.smtps_listen, new.smtp.smtps_listen),
+        "process": (old.process, new.process),
+    }
+    return [name for name, (before, after) in pairs.items() if before != after]
+
+
+def _keep_restart_settings(old: Config, new: Config) -> Config:
+    """`new`, with what needs a restart kept as it runs now."""
+    smtp = dataclasses.replace(
+        new.smtp,
+        listen=old.smtp.listen,
+        submission_listen=old.smtp.submission_listen,
+        smtps_listen=old.smtp.smtps_listen,
+    )
+    return dataclasses.replace(new, spool=old.spool, smtp=smtp, process=old.process)

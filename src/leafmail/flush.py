@@ -15,7 +15,6 @@ stopping it half-way would help nobody.
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from collections import Counter
 from typing import Any, TextIO
@@ -25,9 +24,11 @@ from netserver.server import loop_factory
 
 from . import control
 from .config import Config
+from .delivery import Agent
 from .delivery.router import build_agent
 from .message import Attempt, Verdict
 from .printable import printable
+from .privsep import spool_owner
 from .queue import QueueRunner
 from .retry import RetryPolicy
 from .spool import Spool
@@ -103,7 +104,7 @@ class Reporter:
 def flush(config: Config, *, use_daemon: bool = True, out: TextIO = sys.stdout) -> int:
     """Deliver everything now; EX_OK if nothing stays deferred, else EX_TEMPFAIL."""
     try:
-        check_spool(config.spool, os.geteuid(), create=False)  # the daemon's user: see daemon
+        check_spool(config.spool, spool_owner(config), create=False)
         spool = Spool(config.spool, create=False)
     except FileNotFoundError:
         print(f"flush: no spool at {config.spool}: nothing to deliver", file=sys.stderr)
@@ -137,7 +138,12 @@ def runner_for(config: Config, spool: Spool, **kwargs: Any) -> QueueRunner:
 
 
 def build_runner(
-    config: Config, spool: Spool, *, routes: frozenset[str] | None = None, **kwargs: Any
+    config: Config,
+    spool: Spool,
+    *,
+    routes: frozenset[str] | None = None,
+    local: Agent | None = None,
+    **kwargs: Any,
 ) -> QueueRunner | None:
     """The queue runner, None when nothing is configured to deliver to; ConfigError if
     the delivery settings cannot work (a bad CA file, an unreadable password file).
@@ -154,7 +160,7 @@ def build_runner(
         **kwargs,
     )
     try:  # forwarded copies (aliases to other domains) join the pass that made them
-        runner.agent = build_agent(config, spool, notify=runner.notify, routes=routes)
+        runner.agent = build_agent(config, spool, notify=runner.notify, routes=routes, local=local)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return None if runner.agent is None else runner

@@ -199,6 +199,13 @@ class Spool:
                 (self.root / name).mkdir(mode=0o700, parents=True, exist_ok=True)
         elif not (self.root / "queue").is_dir():
             raise FileNotFoundError(f"{self.root} is not a leafmail spool")
+        self.owner = _foreign_owner(self.root)
+
+    def _own(self, fd: int) -> None:
+        """Root writing into the daemon user's spool makes the file that user's (or the
+        unprivileged queue manager could not read it)."""
+        if self.owner is not None and os.geteuid() == 0:  # (not after a drop to the owner)
+            os.fchown(fd, *self.owner)
 
     @property
     def control_path(self) -> Path:
@@ -224,6 +231,7 @@ class Spool:
         path = self.path("tmp", qid)
         fd = os.open(path, _OPEN_NEW, 0o600)
         try:
+            self._own(fd)
             view = memoryview(blob)
             while view:
                 view = view[os.write(fd, view) :]
@@ -471,6 +479,7 @@ class Spool:
         fd = os.open(new, _OPEN_NEW, 0o600)
         try:
             try:
+                self._own(fd)
                 view = memoryview(blob)
                 while view:
                     view = view[os.write(fd, view) :]
@@ -605,6 +614,17 @@ def _read_all(path: str) -> bytes:
             size = min(size * 4, _MAX_READ)
     finally:
         os.close(fd)
+
+
+def _foreign_owner(root: Path) -> tuple[int, int] | None:
+    """(uid, gid) of a spool root owned by someone else, when we are root; else None."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        info = os.stat(root)
+    except OSError:
+        return None
+    return None if info.st_uid == 0 else (info.st_uid, info.st_gid)
 
 
 def arrival_time(qid: str) -> float:

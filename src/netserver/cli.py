@@ -257,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long a stop waits for running connections (default 10)",
     )
+    s.add_argument(
+        "--workers",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="async mode: serve in N worker processes, one event loop each, so a handler "
+        "uses N cores; the supervisor still applies every limit (default 0: one process)",
+    )
     pre = s.add_argument_group("prefork pool")
     pre.add_argument(
         "--workers-min",
@@ -414,6 +422,7 @@ def cmd_serve(args: argparse.Namespace, command: list[str]) -> int:
         names=NameOptions(args.lookup_names, args.local_name),
         tls_loader=_tls_loader(args),
         proxy_from=args.proxy_from,
+        workers=args.workers,
     )
     drop_for_serve(args, server)
     server.run()

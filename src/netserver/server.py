@@ -45,6 +45,7 @@ from .modes.eventloop import EventLoopMode
 from .modes.fork import ForkMode
 from .modes.prefork import PoolSize, PreforkMode
 from .modes.thread import ThreadMode
+from .modes.workers import PoolMode, WorkerPool
 from .proxy import ProxyError, ProxyTrust, read_header
 from .proxy import apply as proxy_endpoints
 from .readiness import sd_notify
@@ -85,6 +86,8 @@ class Server:
         daemon_name: str | None = None,
         host_names: HostNames | None = None,
         names: NameOptions | None = None,
+        workers: int | WorkerPool = 0,
+        service: str = "main",
     ) -> None:
         self.handler = as_handler(handler)
         self.mode_name = mode or ("async" if isinstance(self.handler, AsyncHandler) else "fork")
@@ -129,6 +132,12 @@ class Server:
         self.listeners: list[Listener] = []
         self.ready = threading.Event()
         self.admission = Admission(self.limits)
+        # Async mode with worker processes (modes.workers): a count makes a pool of our
+        # own; a pool may also be shared by several servers, each as a named service.
+        if workers and self.mode_name != "async":
+            raise ConfigError("worker processes (--workers) need the async mode")
+        self.workers = workers
+        self.service = service
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._stop_requested = threading.Event()
@@ -154,6 +163,13 @@ class Server:
             if self.hosts is not None:
                 return HostsExecMode(ctx, handler, self.program)
             return ExecMode(ctx, handler, self.program)
+        if isinstance(handler, AsyncHandler) and self.workers:
+            pool, owned = self.workers, False
+            if not isinstance(pool, WorkerPool):
+                factory = loop_factory(self.loop_kind)
+                pool = WorkerPool(pool, log=self.log, limits=self.limits, loop_factory=factory)
+                owned = True
+            return PoolMode(ctx, pool, self.service, owned=owned)
         if isinstance(handler, AsyncHandler):
             return EventLoopMode(ctx, handler)
         if self.mode_name == "thread":
@@ -197,7 +213,7 @@ class Server:
         self.acceptor.gate = lambda: not self._full()
         self.terminator = TlsTerminator(fds, self.limits, self.log)
         # Thread and event-loop modes terminate TLS themselves; processes need the relay.
-        self._relay_tls = not isinstance(self.mode, ThreadMode | EventLoopMode)
+        self._relay_tls = not isinstance(self.mode, ThreadMode | EventLoopMode | PoolMode)
         for listener in self.listeners:
             fds.add(listener.sock.fileno())
         installed = self._install_signals(loop)
@@ -243,6 +259,10 @@ class Server:
         self.tls = harden(context)
         if hasattr(self, "mode_context"):
             self.mode_context.tls = self.tls
+        mode = getattr(self, "mode", None)
+        if isinstance(mode, PoolMode):
+            mode.pool.set_tls(self.service, self.tls)
+            mode.pool.replace()  # workers hold the context: new ones get the new one
         self.log.info("TLS context reloaded")
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:

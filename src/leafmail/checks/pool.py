@@ -12,15 +12,23 @@ one; the job's answer is None, which each check turns into its temporary result
 The pool is one object the smtpd side owns: started lazily by the first job in the
 event loop of the process that uses it, so it works the same in a single process and
 in each of several smtpd processes (each owns its pool; the workers inherit that
-process's unprivileged identity). Workers are started as ``python -I -m``: isolated
-mode, so neither the working directory nor PYTHON* variables can shadow a module.
+process's unprivileged identity). Workers are forked, not executed: the smtpd process
+runs as the daemon's user, which may not be able to read the interpreter or the
+checkout (a virtualenv under /root, say), and a fork needs neither. The child keeps
+only its end of a socket pair (as fd 0 and 1) and stderr, so it holds no client
+connection open, and runs `leafmail.checks.worker.main` until its input ends. The
+worker module is imported by the process that forks the smtpd processes
+(`preload`), before privileges are dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
+import ctypes
+import os
+import signal
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +37,8 @@ from netserver.smtp.replies import Reply
 
 from .wire import LENGTH_SIZE, decode, encode, frame, length_of
 
-WORKER = (sys.executable, "-I", "-m", "leafmail.checks.worker")
+WORKER_NAME = b"leafmail-check"  # the workers' /proc/PID/comm
+_PR_SET_NAME = 15
 START_TIMEOUT = 60.0  # a worker's imports, before its first job; not the job's budget
 # What a check answers under "reject" when its job broke the budget: try again later.
 OVER_BUDGET = Reply(451, "4.7.0", "Message checks exceeded their time budget, try again later")
@@ -37,24 +46,90 @@ OVER_BUDGET = Reply(451, "4.7.0", "Message checks exceeded their time budget, tr
 
 @dataclass(eq=False)  # hashed by identity: kept in the busy set
 class _Worker:
-    proc: asyncio.subprocess.Process
+    """A forked check worker, spoken to over a socket pair; reaped through its pidfd."""
+
+    pid: int
+    pidfd: int
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    returncode: int | None = None
 
     async def ask(self, request: bytes) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(request)
-        await self.proc.stdin.drain()
+        self.writer.write(request)
+        await self.writer.drain()
         return await self.answer()
 
     async def answer(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        head = await self.proc.stdout.readexactly(LENGTH_SIZE)
-        return decode(await self.proc.stdout.readexactly(length_of(head)))
+        head = await self.reader.readexactly(LENGTH_SIZE)
+        return decode(await self.reader.readexactly(length_of(head)))
+
+    def alive(self) -> bool:
+        """False once the process has ended (it is then reaped)."""
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by someone else: ended all the same
+                pid, status = self.pid, 0
+            if pid == self.pid:
+                self._ended(status)
+        return self.returncode is None
+
+    def close_input(self) -> None:
+        """End of jobs: the worker's read finds the end and it exits by itself."""
+        self.writer.close()
 
     async def kill(self) -> None:
         """Kill and reap: the process is gone when this returns."""
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
-        await self.proc.wait()
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        await self.wait()
+
+    async def wait(self) -> None:
+        """Until the process has ended and is reaped (its pidfd turns readable)."""
+        if self.returncode is not None:
+            return
+        loop = asyncio.get_running_loop()
+        ended = asyncio.Event()
+        loop.add_reader(self.pidfd, ended.set)
+        try:
+            await ended.wait()
+        finally:
+            loop.remove_reader(self.pidfd)
+        try:
+            _pid, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:  # reaped by someone else
+            status = 0
+        self._ended(status)
+
+    def _ended(self, status: int) -> None:
+        self.returncode = os.waitstatus_to_exitcode(status)
+        os.close(self.pidfd)
+        self.writer.close()
+
+
+def preload() -> None:
+    """Import the worker's code now, while this process can still read it all."""
+    from . import worker  # noqa: F401 (the import is the point)
+
+
+def _child(end: socket.socket) -> None:
+    """In the forked child: become a check worker on `end`; never returns."""
+    status = 1
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(_PR_SET_NAME, WORKER_NAME, 0, 0, 0)
+        os.dup2(end.fileno(), 0)
+        os.dup2(end.fileno(), 1)
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        from . import worker
+
+        with open(0, "rb", closefd=False) as stdin, open(1, "wb", closefd=False) as stdout:
+            status = worker.main(stdin, stdout)
+    finally:
+        os._exit(status)
 
 
 def dns_args(nameservers: tuple[str, ...], port: int, timeout: float) -> dict[str, Any]:
@@ -75,6 +150,11 @@ class CheckPool:
     killed: int = 0  # workers killed over budget (for the log and the tests)
     log: ServerLog | None = None
 
+    def __post_init__(self) -> None:
+        # Made before privileges are dropped (leafmail.smtpd): load what the forked
+        # workers run while every file can still be read.
+        preload()
+
     async def run(self, job: str, args: dict[str, Any], data: bytes) -> dict[str, Any] | None:
         """The job's answer, or None when it broke its budget or its worker died."""
         if self._slots is None:
@@ -93,7 +173,7 @@ class CheckPool:
                 await worker.kill()
                 if self.log is not None:
                     why = "time" if isinstance(exc, TimeoutError) else "cpu or crash"
-                    self.log.info("check over budget", job=job, limit=why, pid=worker.proc.pid)
+                    self.log.info("check over budget", job=job, limit=why, pid=worker.pid)
                 return None
             except BaseException:  # cancelled mid-job: the worker's state is unknown
                 await worker.kill()
@@ -103,7 +183,7 @@ class CheckPool:
             if answer.get("retire"):
                 await worker.kill()  # it ends by itself (see worker.main); reap it now
                 if self.log is not None:
-                    self.log.info("check over budget", job=job, limit="memory", pid=worker.proc.pid)
+                    self.log.info("check over budget", job=job, limit="memory", pid=worker.pid)
             else:
                 self._idle.append(worker)
         return None if "error" in answer else answer
@@ -112,7 +192,7 @@ class CheckPool:
         """An idle worker that is still alive, else a new one."""
         while self._idle:
             worker = self._idle.pop()
-            if worker.proc.returncode is None:
+            if worker.alive():
                 return worker
             await worker.kill()  # died while idle (killed from outside): reap it
         return await self._start()
@@ -120,15 +200,9 @@ class CheckPool:
     async def _start(self) -> _Worker | None:
         """A new worker once it said it is ready; None if it could not start."""
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *WORKER,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                cwd="/",
-            )
+            worker = await _fork_worker()
         except OSError:
             return None
-        worker = _Worker(proc)
         try:
             async with asyncio.timeout(START_TIMEOUT):
                 await worker.answer()
@@ -144,11 +218,34 @@ class CheckPool:
         """Stop every worker (idle ones by closing their input, busy ones by kill)."""
         idle, self._idle = self._idle, []
         for worker in idle:
-            if worker.proc.stdin is not None:
-                worker.proc.stdin.close()
+            worker.close_input()
         for worker in [*idle, *self._busy]:
             try:
                 async with asyncio.timeout(2.0):
-                    await worker.proc.wait()
+                    await worker.wait()
             except TimeoutError:
                 await worker.kill()
+
+
+async def _fork_worker() -> _Worker:
+    """Fork a check worker; the pool talks to it over the parent's end of a socket pair."""
+    mine, theirs = socket.socketpair()
+    try:
+        pid = os.fork()
+    except OSError:
+        mine.close()
+        theirs.close()
+        raise
+    if pid == 0:
+        mine.close()
+        _child(theirs)
+    theirs.close()
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        mine.close()
+        raise
+    reader, writer = await asyncio.open_connection(sock=mine, limit=2**16)
+    return _Worker(pid, pidfd, reader, writer)

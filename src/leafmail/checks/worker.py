@@ -15,7 +15,7 @@ import math
 import resource
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 from netserver.smtp.addresses import Body, Mailbox, MailParameters
 
@@ -100,8 +100,8 @@ def _limit_cpu(seconds: float) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
 
 
-def main() -> int:
-    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+def main(stdin: BinaryIO, stdout: BinaryIO) -> int:
+    """Answer jobs from `stdin` on `stdout` until the input ends (see leafmail.checks.pool)."""
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
     stdout.write(frame(encode({"ready": True})))  # imports done: budgets start now
     stdout.flush()
@@ -129,4 +129,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.stdin.buffer, sys.stdout.buffer))

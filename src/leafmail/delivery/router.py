@@ -95,11 +95,13 @@ def build_agent(
     *,
     notify: Callable[[str], None] | None = None,
     routes: frozenset[str] | None = None,
+    local: Agent | None = None,
 ) -> Agent | None:
     """The agent for this config, or None when there is nowhere to deliver.
 
     Agents are made only for routes in use, so a smarthost-only set-up never loads the
-    MX or local machinery. ValueError for settings that cannot work.
+    MX or local machinery. ValueError for settings that cannot work. `local` replaces
+    the local agent (the unprivileged queue manager asks a root-side service).
     """
     used = {route for _key, route in config.routes} | {config.default_route}
     if config.local.enabled:
@@ -116,7 +118,9 @@ def build_agent(
         from .mx import MxAgent
 
         agents["mx"] = MxAgent(config)
-    if "local" in used and config.local.enabled:
+    if "local" in used and config.local.enabled and local is not None:
+        agents["local"] = local
+    elif "local" in used and config.local.enabled:
         from .local import LocalAgent
 
         # Aliases to other domains are spooled anew; `notify` hands them to the runner.

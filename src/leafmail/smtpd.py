@@ -1,0 +1,165 @@
+"""The smtpd worker processes of `leafmail serve`: SMTP sessions, checks and group commit.
+
+The parent builds one `Smtpd` from the config and hands its `handle` to the servers of
+every listener role; the servers pass each connection to a worker process (netserver's
+`WorkerPool`). `setup` runs in each new worker, still as root, and makes what a
+worker needs before it reads a byte: the policy (aliases, resolvers), then it drops
+privileges, then opens its own `GroupCommitter` and the sessions' services. Per-worker
+objects that must not exist as root (a check process pool, AUTH throttling state) are
+made in `_services`, after the drop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+
+from netserver import AsyncConnection
+from netserver.connlog import ServerLog
+from netserver.modes.workers import WorkerApp
+from netserver.smtp import BareNewline, ServerConfig
+
+from .auth import Users
+from .config import Config
+from .envelope import Envelope
+from .policy import check_pool, policy_for
+from .privsep import Backlog, Inherited, become
+from .receive import Policy, ReceiveService
+from .spool import GroupCommitter, Spool
+from .throttle import auth_throttle
+
+IN_FLOW_DELAY = 1.0  # Postfix's in_flow_delay: the most a reply waits for the queue to drain
+
+
+@dataclass(frozen=True)
+class Role:
+    """A listener role: its name, addresses, and how its sessions behave."""
+
+    name: str
+    listen: tuple[str, ...]
+    offer_tls: bool
+    require_auth: bool
+    implicit_tls: bool = False
+
+
+def roles(config: Config, *, has_tls: bool) -> list[Role]:
+    """smtp, submission (AUTH required) and smtps (implicit TLS), those configured."""
+    smtp = config.smtp
+    every = [
+        Role("smtp", smtp.listen, offer_tls=has_tls, require_auth=False),
+        Role("submission", smtp.submission_listen, offer_tls=has_tls, require_auth=True),
+        Role("smtps", smtp.smtps_listen, offer_tls=False, require_auth=False, implicit_tls=True),
+    ]
+    return [role for role in every if role.listen]
+
+
+class PacedCommitter(GroupCommitter):
+    """A group committer that slows acceptance while the queue is over its threshold.
+
+    As Postfix's in_flow_delay: when mail arrives faster than it leaves, the reply to
+    each message waits (up to IN_FLOW_DELAY) instead of letting the backlog grow without
+    end. The message is already durable; only the client's next message is slowed.
+    """
+
+    def __init__(self, spool: Spool, backlog: Backlog, threshold: int, log: ServerLog) -> None:
+        super().__init__(spool)
+        self.backlog = backlog
+        self.threshold = threshold
+        self.log = log
+        self.slowing = False
+
+    async def commit(self, envelope: Envelope, data: bytes, qid: str | None = None) -> str:
+        done = await super().commit(envelope, data, qid)
+        queued = self.backlog.get()
+        over = bool(self.threshold) and queued > self.threshold
+        if over != self.slowing:  # one line per change, not per message
+            self.slowing = over
+            what = "queue over in_flow_queue: slowing acceptance" if over else "queue drained"
+            self.log.info(what, queued=queued, threshold=self.threshold)
+        if over:
+            # From 0.1 s just over the threshold up to IN_FLOW_DELAY at twice it.
+            await asyncio.sleep(min(IN_FLOW_DELAY, 0.1 + queued / self.threshold - 1.0))
+        return done
+
+
+@dataclass
+class SmtpdSettings:
+    """What the parent read (as root) for the workers; replaced whole on a reload."""
+
+    config: Config
+    tls: ssl.SSLContext | None
+    users: Users | None
+
+
+class Smtpd:
+    """The SMTP side, one instance per worker process (built by `setup` after fork)."""
+
+    def __init__(self, settings: SmtpdSettings, inherited: Inherited) -> None:
+        self.settings = settings
+        self.inherited = inherited
+        self.services: dict[str, ReceiveService] = {}
+
+    async def handle(self, role: str, conn: AsyncConnection) -> None:
+        """One session on `conn`, served by this worker's service for `role`."""
+        await self.services[role].handle(conn)
+
+    def setup(self) -> WorkerApp:
+        """In a new worker: prepare as root, drop privileges, then open the services."""
+        inherited, settings = self.inherited, self.settings
+        inherited.announcer.receiver.close()  # only the queue manager reads announcements
+        # The check pool object now, its processes at its first job, after the drop; the
+        # policy (aliases, resolvers) is read before the drop.
+        pool = check_pool(settings.config, inherited.log)
+        policy = policy_for(settings.config, pool)
+        become(inherited.identity)
+        spool = Spool(inherited.spool_path, create=False)
+        threshold = settings.config.process.in_flow_queue
+        committer = PacedCommitter(spool, inherited.backlog, threshold, inherited.log)
+        self.services = self._services(settings, committer, policy)
+
+        async def close() -> None:
+            await pool.close()
+            await asyncio.get_running_loop().run_in_executor(None, committer.close)
+
+        return WorkerApp(close=close)
+
+    def _services(
+        self, settings: SmtpdSettings, committer: GroupCommitter, policy: Policy
+    ) -> dict[str, ReceiveService]:
+        """The services of each role (the place for per-worker, unprivileged objects)."""
+        has_tls = settings.tls is not None
+        throttle = auth_throttle(settings.config)  # AUTH failures, counted per worker
+        smtp = settings.config.smtp
+        return {
+            role.name: ReceiveService(
+                _smtp_config(settings, tls_active_offer=role.offer_tls),
+                committer,
+                policy,
+                users=settings.users,
+                tls=settings.tls,
+                require_auth=role.require_auth,
+                on_spooled=self.inherited.announcer.announce,
+                throttle=throttle,
+                log=self.inherited.log,
+                min_data_rate=smtp.min_data_rate,
+                data_rate_grace=smtp.data_rate_grace,
+            )
+            for role in roles(settings.config, has_tls=has_tls)
+        }
+
+
+def _smtp_config(settings: SmtpdSettings, *, tls_active_offer: bool) -> ServerConfig:
+    config = settings.config
+    smtp = config.smtp
+    return ServerConfig(
+        hostname=config.hostname,
+        max_message_size=smtp.max_message_size,
+        max_recipients=smtp.max_recipients,
+        max_errors=smtp.max_errors,
+        max_junk_commands=smtp.max_junk_commands,
+        tls_available=tls_active_offer,
+        auth_enabled=settings.users is not None,
+        auth_plaintext_allowed=smtp.allow_plaintext_auth,
+        bare_newline=BareNewline.REPLACE if smtp.bare_lf == "replace" else BareNewline.REJECT,
+    )

@@ -1,0 +1,209 @@
+"""Inside one worker process of `WorkerPool` (see modes.workers): serve what arrives.
+
+The supervisor sends descriptors with a small header over a SOCK_SEQPACKET channel and
+short commands (stop, retire, terminate); the worker serves each connection with the
+event-loop mode on its own loop and reports each end. The end of the channel means the
+supervisor is gone: the worker then stops at once, as it does when the kernel's
+PR_SET_PDEATHSIG signal arrives first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import socket
+import ssl
+import struct
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from ..connlog import ConnRecord, ServerLog
+from ..endpoint import Endpoint
+from ..handlers import AsyncHandler
+from ..limits import Limits
+from .base import Accepted, FdRegistry, ModeContext
+from .eventloop import EventLoopMode
+from .prefork import decode_endpoints, encode_endpoints
+
+CONN, STOP, RETIRE, TERMINATE, END, READY = b"C", b"S", b"R", b"T", b"E", b"Y"
+END_HEAD = struct.Struct("=cQQQ")  # kind, connection id, bytes in, bytes out; then status
+MAX_MSG = 4096
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class WorkerApp:
+    """What a pool's `setup` returns in a new worker, all run on the worker's own loop.
+
+    `start` before the worker says it is ready; `run` as a task for the worker's life (a
+    queue manager's work; if it ends, so does the worker); `close` at the end.
+    """
+
+    start: Callable[[], Awaitable[None]] | None = None
+    run: Callable[[], Awaitable[None]] | None = None
+    close: Callable[[], Awaitable[None]] | None = None
+
+
+@dataclass
+class Service:
+    """A server whose connections a pool serves: its handler, TLS and descriptors."""
+
+    handler: AsyncHandler
+    tls: ssl.SSLContext | None
+    fds: FdRegistry
+
+
+class Worker:
+    """One worker process: takes descriptors from its channel and serves them."""
+
+    def __init__(
+        self,
+        chan: socket.socket,
+        app: WorkerApp,
+        services: Mapping[str, Service],
+        limits: Limits,
+        log: ServerLog,
+    ) -> None:
+        self.chan = chan
+        self.app = app
+        self.services = services
+        self.limits = limits
+        self.log = log
+        self.modes: dict[str, EventLoopMode] = {}
+        self.ids: dict[int, int] = {}
+        self.done = asyncio.Event()
+        self.leaving = False
+        self.failed = False
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        registry = FdRegistry()
+        for name, service in self.services.items():
+            ctx = ModeContext(
+                service.handler, self.limits, self.log, loop, registry, self._finished, "async",
+                service.tls,
+            )  # fmt: skip
+            self.modes[name] = EventLoopMode(ctx, service.handler)
+        self.chan.setblocking(False)
+        loop.add_reader(self.chan.fileno(), self._message)
+        loop.add_signal_handler(signal.SIGTERM, self._leave, True)
+        loop.add_signal_handler(signal.SIGINT, self._leave, True)
+        task: asyncio.Task[None] | None = None
+        try:
+            if self.app.start is not None:
+                await self.app.start()
+            self.chan.send(READY)
+            if self.app.run is not None:
+                task = asyncio.ensure_future(self.app.run())
+                task.add_done_callback(lambda _t: self._leave(True))
+            await self.done.wait()
+            for mode in self.modes.values():
+                await mode.closed()
+        finally:
+            loop.remove_reader(self.chan.fileno())
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            elif task is not None and not task.cancelled() and task.exception() is not None:
+                self.log.error("worker task failed", error=repr(task.exception()))
+                self.failed = True
+            if self.app.close is not None:
+                await self.app.close()
+
+    def _message(self) -> None:
+        while True:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.chan, MAX_MSG, 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                # The supervisor is gone: end now, as the PR_SET_PDEATHSIG kill would
+                # (no clean-up either way: serve nobody, unsupervised, a moment longer).
+                os._exit(0)
+            self._handle(data, fds)
+
+    def _handle(self, data: bytes, fds: list[int]) -> None:
+        kind = data[:1]
+        if kind == CONN and fds:
+            self._serve(data[1:], fds[0])
+            return
+        for fd in fds:
+            os.close(fd)
+        if kind == STOP:
+            self._leave(True)
+        elif kind == RETIRE:
+            self._leave(False)
+        elif kind == TERMINATE:
+            self._terminate()
+
+    def _serve(self, header: bytes, fd: int) -> None:
+        cid, service, peer, local = decode(header)
+        mode = self.modes.get(service)
+        sock = socket.socket(fileno=fd)
+        conn = Accepted(sock, ConnRecord(peer, local, "async"))
+        if mode is None or self.leaving:
+            sock.close()
+            conn.record.status = "not-served"
+            self._send_end(cid, conn)
+            return
+        self.ids[id(conn)] = cid
+        mode.dispatch(conn)
+
+    def _finished(self, conn: Accepted) -> None:
+        cid = self.ids.pop(id(conn), None)
+        if cid is not None:
+            self._send_end(cid, conn)
+        if self.leaving and not self.ids:
+            self.done.set()
+
+    def _send_end(self, cid: int, conn: Accepted) -> None:
+        record = conn.record
+        head = END_HEAD.pack(END, cid, record.bytes_in or 0, record.bytes_out or 0)
+        with contextlib.suppress(OSError):
+            self.chan.setblocking(True)
+            self.chan.send(head + record.status.encode("ascii", "replace")[:200])
+            self.chan.setblocking(False)
+
+    def _leave(self, stop_sessions: bool) -> None:
+        """No more connections; with `stop_sessions`, ask the running ones to end."""
+        self.leaving = True
+        if stop_sessions:
+            for mode in self.modes.values():
+                mode.begin_stop()
+        if not self.ids:
+            self.done.set()
+
+    def _terminate(self) -> None:
+        for mode in self.modes.values():
+            mode.terminate()
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux prctl).
+
+    If the parent died before the request was made, the kernel will never send it, so
+    the parent is checked afterwards: a worker must never serve unsupervised.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
+def encode(cid: int, service: str, peer: Endpoint, local: Endpoint) -> bytes:
+    return json.dumps([cid, service]).encode() + b"\n" + encode_endpoints(peer, local)
+
+
+def decode(data: bytes) -> tuple[int, str, Endpoint, Endpoint]:
+    head, _, ends = data.partition(b"\n")
+    cid, service = json.loads(head)
+    peer, local = decode_endpoints(ends)
+    return int(cid), str(service), peer, local

@@ -1,0 +1,447 @@
+"""Async mode with worker processes: every core serves connections, one supervisor decides.
+
+The supervisor (`Server`) still accepts every connection and judges access and limits
+in one place, so per-source caps, rates and the global cap hold exactly across workers.
+It then passes the descriptor (SCM_RIGHTS) to the worker process with the fewest
+connections; each worker runs its own event loop and serves the connection with the
+async handler, and reports the end (bytes, outcome) so the supervisor counts it out.
+Passing descriptors was chosen over workers that accept and ask the supervisor (an
+anvil, as in Postfix): both cost one message per connection, but here the supervisor's
+counters are the only ones, nothing can disagree, and the load goes to the least busy
+worker instead of to whichever process the kernel wakes first.
+
+A worker is started with `fork` from the supervisor: `setup` runs in the child before it
+takes a connection (drop privileges there, open per-process resources); connections
+carry the name of the server they came to, so one pool serves several servers (leafmail's
+smtp, submission and smtps listeners), each with its own handler. A worker that dies is
+replaced, with a back-off that grows while workers keep dying young, so a crash loop
+does not spin. A worker dies with its supervisor, even one killed by SIGKILL: the kernel
+sends it SIGKILL (PR_SET_PDEATHSIG), and the end of its channel tells it too.
+
+`replace` starts a new generation of workers (a reload: new TLS files, new settings)
+and lets the old ones finish the connections they have, then exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import signal
+import socket
+import ssl
+import sys
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..children import kill_and_reap, watch_child
+from ..connlog import ServerLog
+from ..handlers import AsyncHandler
+from ..limits import Limits
+from .base import Accepted, FdRegistry, ModeContext, status_for_exit
+from .fork import reset_child_signals
+from .worker import (
+    CONN,
+    END_HEAD,
+    MAX_MSG,
+    READY,
+    RETIRE,
+    STOP,
+    TERMINATE,
+    Service,
+    Worker,
+    WorkerApp,
+    die_with_parent,
+    encode,
+)
+
+__all__ = ["PoolMode", "WorkerApp", "WorkerPool"]
+
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+RESTART_FIRST = 0.1  # seconds before replacing a worker that died young
+RESTART_MAX = 30.0
+YOUNG = 10.0  # a worker that dies before this age counts towards the back-off
+
+
+Setup = Callable[[], WorkerApp]
+
+
+@dataclass
+class _Live:
+    conn: Accepted
+    finished: Callable[[Accepted], None]
+    service: str
+
+
+@dataclass
+class _Proc:
+    pid: int
+    chan: socket.socket
+    generation: int
+    started: float
+    pidfd: int = -1
+    conns: dict[int, _Live] = field(default_factory=dict)
+    retiring: bool = False
+    ready: bool = False
+
+
+class WorkerPool:
+    """N worker processes with an event loop each; connections go to the least busy."""
+
+    def __init__(
+        self,
+        count: int,
+        setup: Setup | None = None,
+        *,
+        log: ServerLog,
+        limits: Limits,
+        loop_factory: LoopFactory,
+        name: str = "worker",
+        fds: FdRegistry | None = None,
+    ) -> None:
+        self.count = max(1, count)
+        self.setup = setup
+        self.log = log
+        self.limits = limits
+        self.loop_factory = loop_factory
+        self.name = name
+        self.procs: dict[int, _Proc] = {}
+        self.services: dict[str, Service] = {}
+        self.pending: deque[tuple[int, _Live]] = deque()
+        self.generation = 0
+        self.stopping = False
+        self.started = False
+        # Descriptors no worker may keep: our channels and pidfds, and (shared with
+        # other pools of the same supervisor) theirs and the listeners.
+        self._fds = fds if fds is not None else FdRegistry()
+        self._other_fds: list[FdRegistry] = []
+        self._ready = asyncio.Event()
+        self._next_id = 0
+        self._young_deaths = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._empty = asyncio.Event()
+        self._changed = asyncio.Event()  # a connection ended (see service_closed)
+
+    # -- set-up ------------------------------------------------------------------------
+    def add_service(
+        self, name: str, handler: AsyncHandler, tls: ssl.SSLContext | None, fds: FdRegistry
+    ) -> None:
+        """A server that hands its connections to this pool (its fds close in workers)."""
+        self.services[name] = Service(handler, tls, fds)
+
+    def set_tls(self, name: str, tls: ssl.SSLContext | None) -> None:
+        """New workers serve `name` with this context (see `replace`)."""
+        self.services[name].tls = tls
+
+    def close_in_workers(self, registry: FdRegistry) -> None:
+        """Descriptors of another server that workers of this pool must close too."""
+        self._other_fds.append(registry)
+
+    async def wait_ready(self) -> None:
+        """Until every worker now running has finished its set-up (at once if none)."""
+        if self.started:
+            await self._ready.wait()
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fork the workers (once; later calls do nothing)."""
+        if self.started:
+            return
+        self.started = True
+        self._loop = loop
+        for _ in range(self.count):
+            self._spawn()
+        self._drain_pending()
+
+    @property
+    def pids(self) -> list[int]:
+        return sorted(self.procs)
+
+    # -- the worker processes -------------------------------------------------------------
+    def _spawn(self) -> _Proc | None:
+        assert self._loop is not None
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:
+            self._cannot_spawn(exc)
+            return None
+        parent_pid = os.getpid()
+        # Objects made so far stay out of the collector's way in both processes, so a
+        # collection does not touch (and copy) the pages the child shares with us.
+        gc.freeze()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            ours.close()
+            theirs.close()
+            self._cannot_spawn(exc)
+            return None
+        if pid == 0:  # never returns: the child must not unwind into the parent's loop
+            code = 70
+            try:
+                ours.close()
+                code = self._child(theirs, parent_pid)
+            except BaseException:  # whatever it is: report it, then exit
+                traceback.print_exc(file=sys.stderr)
+            finally:
+                with contextlib.suppress(BaseException):
+                    sys.stderr.flush()
+                os._exit(code)
+        theirs.close()
+        ours.setblocking(False)
+        proc = _Proc(pid, ours, self.generation, time.monotonic())
+        try:
+            proc.pidfd = watch_child(self._loop, pid, lambda code: self._exited(proc, code))
+        except OSError as exc:
+            kill_and_reap(pid)
+            ours.close()
+            self._cannot_spawn(exc)
+            return None
+        self._fds.add(ours.fileno())
+        self._fds.add(proc.pidfd)
+        self._loop.add_reader(ours.fileno(), self._report, proc)
+        self.procs[pid] = proc
+        self._empty.clear()
+        self._ready.clear()
+        self.log.info(f"{self.name} started", pid=pid)
+        return proc
+
+    def _child(self, chan: socket.socket, parent_pid: int) -> int:
+        """In the new process: detach from the parent's loop, set up, then serve."""
+        reset_child_signals()
+        asyncio.events._set_running_loop(None)
+        die_with_parent(parent_pid)
+        self._fds.close_in_child(keep=chan.fileno())
+        for registry in [s.fds for s in self.services.values()] + self._other_fds:
+            registry.close_in_child()
+        app = self.setup() if self.setup is not None else WorkerApp()
+        worker = Worker(chan, app, self.services, self.limits, self.log)
+        with asyncio.Runner(loop_factory=self.loop_factory) as runner:
+            runner.run(worker.run())
+        return 70 if worker.failed else 0
+
+    def _cannot_spawn(self, exc: OSError) -> None:
+        self.log.error(f"cannot start a {self.name}", error=str(exc))
+        self._young_deaths += 1  # the system said no: try again later, not at once
+        self._schedule_restart()
+
+    def _exited(self, proc: _Proc, code: int) -> None:
+        self.procs.pop(proc.pid, None)
+        self._fds.discard(proc.pidfd)
+        self._fds.discard(proc.chan.fileno())
+        assert self._loop is not None
+        self._loop.remove_reader(proc.chan.fileno())
+        proc.chan.close()
+        for live in proc.conns.values():
+            if live.conn.record.status == "ok":
+                live.conn.record.status = status_for_exit(code)
+            live.finished(live.conn)
+        proc.conns.clear()
+        self._changed.set()
+        expected = self.stopping or proc.retiring
+        if expected and not self.stopping and self._current() < self.count:
+            self._schedule_restart()  # a replacement without overlap: the old one is gone
+        if not expected:
+            self.log.error(f"{self.name} died; replacing it", pid=proc.pid, status=code)
+            if time.monotonic() - proc.started < YOUNG:
+                self._young_deaths += 1
+            else:
+                self._young_deaths = 0
+            self._schedule_restart()
+        if not self.procs and self.stopping:
+            self._empty.set()
+        if all(p.ready for p in self.procs.values()):
+            self._ready.set()
+        self._drain_pending()
+
+    def _schedule_restart(self) -> None:
+        """Start the missing workers now, or later when workers keep dying young."""
+        if self.stopping or self._loop is None:
+            return
+        delay = 0.0
+        if self._young_deaths > 1:
+            delay = min(RESTART_MAX, RESTART_FIRST * 2 ** (self._young_deaths - 2))
+        self._loop.call_later(delay, self._restart)
+
+    def _restart(self) -> None:
+        if self.stopping:
+            return
+        while self._current() < self.count:
+            if self._spawn() is None:
+                return
+        self._drain_pending()
+
+    def _current(self) -> int:
+        return sum(1 for p in self.procs.values() if not p.retiring)
+
+    # -- connections ------------------------------------------------------------------------
+    def dispatch(self, conn: Accepted, service: str, finished: Callable[[Accepted], None]) -> None:
+        """Hand `conn` to the least busy worker; it is queued while none can take it."""
+        self._next_id += 1
+        self.pending.append((self._next_id, _Live(conn, finished, service)))
+        self._drain_pending()
+
+    def _drain_pending(self) -> None:
+        while self.pending and not self.stopping:
+            ready = [p for p in self.procs.values() if not p.retiring]
+            if not ready:
+                return
+            cid, live = self.pending[0]
+            if not self._send(cid, live, sorted(ready, key=lambda p: len(p.conns))):
+                return
+            self.pending.popleft()
+
+    def _send(self, cid: int, live: _Live, procs: list[_Proc]) -> bool:
+        record = live.conn.record
+        message = CONN + encode(cid, live.service, record.peer, record.local)
+        for proc in procs:
+            try:
+                socket.send_fds(proc.chan, [message], [live.conn.sock.fileno()])
+            except OSError:
+                continue  # full or gone: the next one
+            proc.conns[cid] = live
+            self._release_parent_copy(live.conn)
+            return True
+        return False
+
+    def _release_parent_copy(self, conn: Accepted) -> None:
+        for service in self.services.values():
+            service.fds.discard(conn.fd)
+        conn.sock.close()
+
+    def _report(self, proc: _Proc) -> None:
+        """A worker's message: a connection ended."""
+        while True:
+            try:
+                data = proc.chan.recv(MAX_MSG)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if data == READY:
+                proc.ready = True
+                if all(p.ready for p in self.procs.values()):
+                    self._ready.set()
+                continue
+            if len(data) < END_HEAD.size:
+                assert self._loop is not None
+                self._loop.remove_reader(proc.chan.fileno())
+                return
+            _kind, cid, bytes_in, bytes_out = END_HEAD.unpack_from(data)
+            live = proc.conns.pop(cid, None)
+            if live is None:
+                continue
+            record = live.conn.record
+            record.bytes_in, record.bytes_out = bytes_in, bytes_out
+            record.status = data[END_HEAD.size :].decode("ascii", "replace") or "ok"
+            live.finished(live.conn)
+            self._changed.set()
+            if proc.retiring and not proc.conns:
+                self._tell(proc, STOP)
+
+    def active(self, service: str | None = None) -> int:
+        """Connections being served (or waiting for a worker), of `service` or all."""
+        lives = [live for p in self.procs.values() for live in p.conns.values()]
+        lives += [live for _cid, live in self.pending]
+        return sum(1 for live in lives if service is None or live.service == service)
+
+    # -- reload and stop ---------------------------------------------------------------------
+    def replace(self, *, overlap: bool = True) -> None:
+        """Start a new generation; the old one serves what it has, then exits.
+
+        Without `overlap` the new workers start only once the old ones are gone (a
+        queue manager: two must never run at once).
+        """
+        if self.stopping or self._loop is None:
+            return
+        old = [p for p in self.procs.values() if not p.retiring]
+        self.generation += 1
+        for proc in old:
+            proc.retiring = True
+        if overlap or not old:
+            for _ in range(self.count):
+                self._spawn()
+        for proc in old:
+            self._tell(proc, RETIRE if proc.conns else STOP)
+        self._drain_pending()
+
+    def _tell(self, proc: _Proc, what: bytes) -> None:
+        with contextlib.suppress(OSError):
+            proc.chan.send(what)
+
+    def begin_stop(self) -> None:
+        """Stop handing out connections and ask every worker to end its sessions."""
+        if self.stopping:
+            return
+        self.stopping = True
+        while self.pending:
+            _cid, live = self.pending.popleft()
+            live.conn.record.status = "not-served"
+            self._release_parent_copy(live.conn)
+            live.finished(live.conn)
+        self._changed.set()
+        for proc in self.procs.values():
+            self._tell(proc, STOP)
+        if not self.procs:
+            self._empty.set()
+
+    def terminate(self) -> None:
+        """Grace is over: workers cancel what they still serve."""
+        for proc in self.procs.values():
+            self._tell(proc, TERMINATE)
+
+    async def closed(self, timeout: float = 10.0) -> None:
+        """Wait for every worker to exit (SIGKILL for one that is still there)."""
+        self.begin_stop()
+        try:
+            await asyncio.wait_for(self._empty.wait(), timeout)
+        except TimeoutError:
+            for pid in list(self.procs):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            await self._empty.wait()
+
+    async def service_closed(self, service: str) -> None:
+        """Wait until no connection of `service` is being served."""
+        while self.active(service):
+            self._changed.clear()
+            await self._changed.wait()
+
+
+class PoolMode:
+    """The `Mode` a `Server` uses to hand its connections to a (maybe shared) pool."""
+
+    def __init__(self, ctx: ModeContext, pool: WorkerPool, service: str, *, owned: bool) -> None:
+        self.ctx = ctx
+        self.pool = pool
+        self.service = service
+        self.owned = owned
+        assert isinstance(ctx.handler, AsyncHandler)
+        pool.add_service(service, ctx.handler, ctx.tls, ctx.fds)
+
+    def start(self) -> None:
+        """Start our own pool; a shared one is started by its owner once every server
+        sharing it has registered its service (workers know only what was there)."""
+        if self.owned:
+            self.pool.start(self.ctx.loop)
+
+    def dispatch(self, conn: Accepted) -> None:
+        self.pool.dispatch(conn, self.service, self.ctx.finished)
+
+    def active(self) -> int:
+        return self.pool.active(self.service)
+
+    def begin_stop(self) -> None:
+        self.pool.begin_stop()
+
+    def terminate(self) -> None:
+        self.pool.terminate()
+
+    async def closed(self) -> None:
+        await self.pool.service_closed(self.service)
+        if self.owned:
+            await self.pool.closed()

@@ -1,0 +1,108 @@
+"""`netserver serve --mode async --workers N`: any async handler on N processes.
+
+A real server process; the handler answers with the pid of the process serving the
+connection, so the test sees which worker took it. The supervisor still counts every
+connection: a per-source cap holds across workers, a killed worker is replaced, and
+killing the supervisor ends every worker.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import time
+from pathlib import Path
+
+from conftest import RunningServer, ServerFactory
+from lifecycle_handlers import HANDLER_ENV, IO_TIMEOUT
+
+DEADLINE = 15.0
+
+
+def serve(netserver_proc: ServerFactory, *extra: str) -> tuple[RunningServer, tuple[str, int]]:
+    server = netserver_proc(
+        [
+            "--mode", "async", "--workers", "2", "--listen", "127.0.0.1:0",
+            "--handler", "lifecycle_handlers:async_pid", *extra,
+        ],
+        env=HANDLER_ENV,
+    )  # fmt: skip
+    return server, server.host_port
+
+
+def connect(address: tuple[str, int]) -> tuple[socket.socket, int]:
+    """Connect and read the serving pid (first line)."""
+    sock = socket.create_connection(address, timeout=IO_TIMEOUT)
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(64)
+        assert chunk, f"closed before the pid line: {data!r}"
+        data += chunk
+    return sock, int(data)
+
+
+def children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def test_connections_are_spread_over_the_workers(netserver_proc: ServerFactory) -> None:
+    server, address = serve(netserver_proc)
+    held = [connect(address) for _ in range(4)]  # served: the workers have started
+    pids = {pid for _sock, pid in held}
+    assert len(pids) == 2  # the least busy worker takes each new connection
+    assert pids == set(children(server.proc.pid))
+    for sock, _pid in held:
+        sock.sendall(b"echo\n")
+        assert sock.recv(16) == b"echo\n"
+        sock.close()
+
+
+def test_per_source_cap_counts_across_workers(netserver_proc: ServerFactory) -> None:
+    _server, address = serve(netserver_proc, "--max-per-source", "2")
+    first, second = connect(address), connect(address)
+    assert first[1] != second[1]
+    third = socket.create_connection(address, timeout=IO_TIMEOUT)
+    assert third.recv(64) == b""  # refused by the supervisor, which counts for all
+    third.close()
+    first[0].close()
+    deadline = time.monotonic() + DEADLINE
+    while True:  # the end is reported by the worker; the slot comes back
+        sock = socket.create_connection(address, timeout=IO_TIMEOUT)
+        got = sock.recv(64)
+        sock.close()
+        if got:
+            break
+        assert time.monotonic() < deadline, "the slot never came back"
+        time.sleep(0.02)
+    second[0].close()
+
+
+def test_a_killed_worker_is_replaced_and_the_supervisor_takes_them_all_down(
+    netserver_proc: ServerFactory,
+) -> None:
+    server, address = serve(netserver_proc)
+    parent = server.proc.pid
+    connect(address)[0].close()  # served, so the workers have started
+    old = children(parent)
+    os.kill(old[0], signal.SIGKILL)
+    deadline = time.monotonic() + DEADLINE
+    while len(set(children(parent)) - {old[0]}) < 2:
+        assert time.monotonic() < deadline, "no replacement worker"
+        time.sleep(0.02)
+    workers = children(parent)
+    fds = [os.pidfd_open(pid) for pid in workers]
+    os.kill(parent, signal.SIGKILL)
+    server.proc.wait(IO_TIMEOUT)
+    end = time.monotonic() + DEADLINE
+    left = list(fds)
+    while left and time.monotonic() < end:
+        ready, _, _ = select.select(left, [], [], end - time.monotonic())
+        left = [fd for fd in left if fd not in ready]
+    for fd in fds:
+        os.close(fd)
+    assert not left, "a worker outlived its supervisor"
