@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import os
 import re
 import shutil
 import subprocess
@@ -31,7 +32,7 @@ from leafmail_fixtures import (
 )
 from test_leafmail_tls_auth import raw_starttls
 
-from leafmail.throttle import AuthThrottle, source_key
+from leafmail.throttle import AuthThrottle, SourceTable, source_key
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -195,6 +196,31 @@ def test_ipv6_counts_per_64_and_mapped_v4_as_v4() -> None:
     throttle.failed(a)
     assert throttle.failed(b) is None
     assert throttle.is_blocked(ipaddress.ip_address("2001:db8::99"))
+
+
+def test_processes_forked_after_the_table_count_together() -> None:
+    """The parent makes the table before it forks the smtpd workers: a guesser whose
+    connections go to different workers is counted once (failures in a child count)."""
+    clock, table = Clock(), SourceTable()
+    parent = AuthThrottle(max_failures=3, clock=clock, table=table)
+    pid = os.fork()
+    if pid == 0:  # another smtpd worker
+        child = AuthThrottle(max_failures=3, clock=clock, table=table)
+        os._exit(0 if child.failed(IP) == 1.0 and child.failed(IP) == 2.0 else 1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    assert parent.failed(IP) is None  # the third failure, whichever process saw it
+    assert parent.is_blocked(IP)
+
+
+def test_an_address_flood_cannot_grow_the_table_or_lift_a_block() -> None:
+    clock = Clock()
+    throttle = AuthThrottle(max_failures=2, clock=clock, table=SourceTable(slots=64))
+    throttle.failed(IP)
+    assert throttle.failed(IP) is None
+    for n in range(5000):  # one failure each from 5,000 other addresses, over 5 s
+        clock.now += 0.001
+        throttle.failed(ipaddress.ip_address(f"198.51.{n // 250}.{n % 250}"))
+    assert throttle.is_blocked(IP)  # its record is the newest in its slots
 
 
 def test_exempt_sources_are_never_delayed_or_blocked() -> None:

@@ -56,6 +56,7 @@ from .qmgr import Qmgr
 from .smtpd import Role, Smtpd, SmtpdSettings, roles
 from .spool import Spool
 from .spoolcheck import check_spool
+from .throttle import SourceTable
 
 SESSION_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: at least five minutes between commands
 
@@ -152,7 +153,9 @@ class Daemon:
         self.spool = spool
         build_runner(config, spool)  # delivery settings that cannot work fail here, at start
         self.handle = SpoolHandle(spool.root)
-        inherited = Inherited(self.handle.path, self.identity, Announcer(), Backlog(), self.log)
+        inherited = Inherited(
+            self.handle.path, self.identity, Announcer(), Backlog(), self.log, SourceTable()
+        )
         self.smtpd = Smtpd(self.settings, inherited)
         local = LocalSocket()
         self.qmgr = Qmgr(config, inherited, LocalClient(local.name))

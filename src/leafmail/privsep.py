@@ -29,6 +29,7 @@ from netserver.privileges import Identity
 
 from .config import Config
 from .spoolcheck import check_spool
+from .throttle import SourceTable
 
 USERADD = "useradd --system --home-dir /var/spool/leafmail --shell /usr/sbin/nologin {user}"
 
@@ -168,3 +169,4 @@ class Inherited:
     announcer: Announcer
     backlog: Backlog
     log: ServerLog
+    auth_failures: SourceTable

@@ -129,7 +129,8 @@ class Smtpd:
     ) -> dict[str, ReceiveService]:
         """The services of each role (the place for per-worker, unprivileged objects)."""
         has_tls = settings.tls is not None
-        throttle = auth_throttle(settings.config)  # AUTH failures, counted per worker
+        # AUTH failures, counted in the parent's table: every worker counts together.
+        throttle = auth_throttle(settings.config, self.inherited.auth_failures)
         smtp = settings.config.smtp
         return {
             role.name: ReceiveService(

@@ -11,15 +11,22 @@ limits count it):
   from it is greeted with 421 at once;
 * `relay_networks` are exempt, as Postfix exempts mynetworks from anvil's limits.
 
-The state lives in memory, per smtpd process, and is bounded: failures older than
-`block_time` are forgotten, and at most `MAX_SOURCES` addresses are tracked.
-A blocked client is logged once per blocked connection; each failure is logged by
-the caller with the address and user name (contrib/fail2ban reads those lines).
+The state is one table in shared memory (`SourceTable`), made by the parent before it
+forks the smtpd workers, so a guesser whose connections the parent spreads over the
+workers is counted once, as Postfix's anvil counts for all its smtpd processes. It is
+bounded: a fixed number of slots; a source's failures count within a window of
+`block_time` from its first one. A blocked client is logged once per blocked
+connection; each failure is logged by the caller with the address and user name
+(contrib/fail2ban reads those lines).
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import mmap
+import multiprocessing
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +36,8 @@ from netserver.smtp.replies import Reply
 
 from .config import Config
 
-MAX_SOURCES = 100_000
+SLOTS = 1 << 14  # sources tracked at once (32 bytes each: 512 KiB)
+PROBES = 8  # slots a source may take, from its hash on
 MAX_DELAY = 30.0  # seconds: never hold a session longer than this for one failure
 
 
@@ -47,68 +55,105 @@ def source_key(ip: IPAddress) -> str:
     return str(ip)
 
 
+class SourceTable:
+    """Per-source failure counts and blocks, shared by every process forked after it.
+
+    A slot is (key digest, blocked until, failures, first failure), on an anonymous
+    shared mapping; a lock made with it (a semaphore in shared memory) makes each
+    update whole. A source takes the first of PROBES slots from its hash that holds it,
+    else an idle one, else the one whose record is oldest: memory never grows, and an
+    address flood can only make the table forget, never fill it.
+    """
+
+    _SLOT = struct.Struct("=8sdqd")
+
+    def __init__(self, slots: int = SLOTS) -> None:
+        self.slots = slots
+        self._map = mmap.mmap(-1, slots * self._SLOT.size)
+        self._lock = multiprocessing.Lock()
+
+    def update(
+        self, key: str, change: Callable[[float, int, float], tuple[float, int, float]]
+    ) -> None:
+        """Replace a source's (blocked until, failures, first failure) by `change` of it."""
+        digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+        with self._lock:
+            index = self._find(digest)
+            _d, until, count, first = self._SLOT.unpack_from(self._map, index * self._SLOT.size)
+            if _d != digest:
+                until, count, first = 0.0, 0, 0.0
+            self._SLOT.pack_into(
+                self._map, index * self._SLOT.size, digest, *change(until, count, first)
+            )
+
+    def read(self, key: str) -> tuple[float, int, float]:
+        """A source's (blocked until, failures, first failure); zeros if unknown."""
+        digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+        with self._lock:
+            index = self._find(digest)
+            found, until, count, first = self._SLOT.unpack_from(self._map, index * self._SLOT.size)
+        return (until, count, first) if found == digest else (0.0, 0, 0.0)
+
+    def _find(self, digest: bytes) -> int:
+        start = int.from_bytes(digest, "little") % self.slots
+        candidates = [(start + i) % self.slots for i in range(PROBES)]
+        records = [self._SLOT.unpack_from(self._map, i * self._SLOT.size) for i in candidates]
+        for index, record in zip(candidates, records, strict=True):
+            if record[0] == digest:
+                return index
+        # Else the slot whose latest event is oldest (an empty one is all zeros).
+        return min(zip(candidates, records, strict=True), key=lambda c: max(c[1][1], c[1][3]))[0]
+
+
 @dataclass
 class AuthThrottle:
-    """Failed logins per source, and the blocks they earned."""
+    """Failed logins per source, and the blocks they earned (state in a SourceTable)."""
 
     failure_delay: float = 1.0
     max_failures: int = 5
     block_time: float = 600.0
-    clock: Callable[[], float] = time.monotonic
+    clock: Callable[[], float] = time.monotonic  # CLOCK_MONOTONIC: one clock for all
     exempt: Callable[[IPAddress], bool] = lambda ip: False
-    _failures: dict[str, list[float]] = field(default_factory=dict)
-    _blocked: dict[str, float] = field(default_factory=dict)
+    table: SourceTable = field(default_factory=SourceTable)
 
     def is_blocked(self, ip: IPAddress) -> bool:
         """True while `ip` serves a block."""
         if self.exempt(ip):
             return False
-        key = source_key(ip)
-        until = self._blocked.get(key)
-        if until is None:
-            return False
-        if self.clock() < until:
-            return True
-        del self._blocked[key]
-        return False
+        until, _count, _first = self.table.read(source_key(ip))
+        return self.clock() < until
 
     def failed(self, ip: IPAddress) -> float | None:
         """Record one failure; the delay before answering 535, or None: block now (421)."""
         if self.exempt(ip):
             return 0.0
         now = self.clock()
-        key = source_key(ip)
-        recent = [t for t in self._failures.get(key, ()) if now - t < self.block_time]
-        recent.append(now)
-        if len(recent) >= self.max_failures:
-            self._failures.pop(key, None)
-            self._blocked[key] = now + self.block_time
-            self._prune(now)
+        seen: list[int] = []
+
+        def count_one(until: float, count: int, first: float) -> tuple[float, int, float]:
+            if count == 0 or now - first >= self.block_time:
+                count, first = 0, now  # a new window
+            count += 1
+            if count >= self.max_failures:
+                seen.append(count)
+                return now + self.block_time, 0, 0.0
+            seen.append(count)
+            return until, count, first
+
+        self.table.update(source_key(ip), count_one)
+        if seen[0] >= self.max_failures:
             return None
-        self._failures[key] = recent
-        self._prune(now)
-        return min(self.failure_delay * (1 << (len(recent) - 1)), MAX_DELAY)
-
-    def _prune(self, now: float) -> None:
-        """Keep memory bounded: forget stale entries, then the oldest ones."""
-        if len(self._failures) + len(self._blocked) <= MAX_SOURCES:
-            return
-        for key in [k for k, until in self._blocked.items() if until <= now]:
-            del self._blocked[key]
-        for key in [k for k, times in self._failures.items() if now - times[-1] >= self.block_time]:
-            del self._failures[key]
-        while len(self._failures) > MAX_SOURCES // 2:
-            del self._failures[next(iter(self._failures))]
-        while len(self._blocked) > MAX_SOURCES // 2:
-            del self._blocked[next(iter(self._blocked))]
+        return min(self.failure_delay * (1 << (seen[0] - 1)), MAX_DELAY)
 
 
-def auth_throttle(config: Config) -> AuthThrottle:
-    """The throttle ``[auth]`` describes; one per smtpd process, shared by its listeners."""
+def auth_throttle(config: Config, table: SourceTable | None = None) -> AuthThrottle:
+    """The throttle ``[auth]`` describes, counting in `table` (made by the parent before
+    it forks the smtpd workers, so all of them count together), else a table of its own."""
     auth, trusted = config.auth, config.relay_policy()
     return AuthThrottle(
         failure_delay=auth.failure_delay,
         max_failures=auth.max_failures,
         block_time=auth.block_time,
         exempt=lambda ip: trusted.decide(ip).allowed,
+        table=table or SourceTable(),
     )
