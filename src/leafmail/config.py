@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from netserver.access import AccessPolicy
+from netserver.access import AccessPolicy, parse_rule
 from netserver.errors import AccessSpecError, ConfigError, UsageError
 from netserver.listeners import parse_listen
 from netserver.smtp.addresses import parse_forward_path
@@ -57,6 +57,11 @@ class SmtpConfig:
     # once `data_rate_grace` has passed (0: no minimum).
     min_data_rate: int = 500
     data_rate_grace: float = 30.0
+    # Load balancers whose connections start with a PROXY v1/v2 header naming the real
+    # client (netserver's --proxy-from); nobody else is ever asked for one.
+    proxy_from: tuple[str, ...] = ()
+    # On SIGTERM: how long sessions in a transaction may go on after accept stops.
+    shutdown_grace: float = 30.0
 
     @property
     def per_source_sessions(self) -> int:
@@ -509,6 +514,8 @@ def _smtp(t: _Table) -> SmtpConfig:
         max_header_fields=t.integer("max_header_fields", d.max_header_fields),
         min_data_rate=t.integer("min_data_rate", d.min_data_rate),
         data_rate_grace=t.duration("data_rate_grace", d.data_rate_grace),
+        proxy_from=t.strings("proxy_from", d.proxy_from),
+        shutdown_grace=t.duration("shutdown_grace", d.shutdown_grace),
     )
     t.finish()
     return smtp
@@ -747,6 +754,9 @@ def _check(config: Config, where: str) -> None:
         config.relay_policy()
     except AccessSpecError as exc:
         raise ConfigError(f"{where}: relay.relay_networks: {exc}") from None
+    problem = proxy_problem(smtp.proxy_from)
+    if problem:
+        raise ConfigError(f"{where}: smtp.proxy_from: {problem}")
     problem = (
         delivery_problem(config.delivery)
         or double_bounce_problem(config)
@@ -756,6 +766,18 @@ def _check(config: Config, where: str) -> None:
     )
     if problem:
         raise ConfigError(f"{where}: {problem}")
+
+
+def proxy_problem(specs: tuple[str, ...]) -> str | None:
+    """What is wrong with the trusted balancers' addresses (names are not allowed)."""
+    for spec in specs:
+        try:
+            rule = parse_rule(spec)
+        except AccessSpecError as exc:
+            return str(exc)
+        if rule.is_name_rule:
+            return f"{spec!r}: give an address or network, not a name"
+    return None
 
 
 def local_problem(local: LocalConfig) -> str | None:

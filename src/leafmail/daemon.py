@@ -185,6 +185,7 @@ class Daemon:
             # mynetworks from its per-client limits.
             exempt=lambda peer: peer.ip is not None and trusted.decide(peer.ip).allowed,
             ipv6_source_prefix=64,
+            grace=smtp.shutdown_grace,
         )
 
     def _server(self, role: Role) -> Server:
@@ -197,6 +198,9 @@ class Daemon:
             "from your address, try again later",
             log=self.log,
             tls=self.settings.tls if role.implicit_tls else None,
+            # Behind a balancer the header names the client (read in the worker, never
+            # here): limits, checks and logs see that client (modes.workers).
+            proxy_from=self.config.smtp.proxy_from,
             signals=False,
             on_ready=self._one_ready,
             workers=self.pool,

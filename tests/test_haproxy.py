@@ -1,0 +1,166 @@
+"""leafmail behind the real HAProxy (issue 15): the client is judged as itself.
+
+Two leafmail nodes, each with its own spool, trust the balancer's address
+(`haproxy.BALANCER_IP`) in ``[smtp] proxy_from``; HAProxy sends them a PROXY v2 header
+and checks them with ``option smtpchk``. Clients bind chosen loopback addresses
+(127.0.0.x) and connect to HAProxy: relay control, the per-source cap and the Received
+header must see those addresses, never the balancer's.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from haproxy import BALANCER_IP, Balancer
+from leafmail_fixtures import (
+    CLIENT,
+    IO_TIMEOUT,
+    Leafmail,
+    LeafmailFactory,
+    check_spooled,
+    leafmail_servers,
+    make_tls,
+    queued_id,
+    toml_string,
+)
+
+RELAYER = "127.0.0.5"  # in relay_networks
+STRANGER = "127.0.0.6"  # not
+OTHER = "127.0.0.7"
+
+
+def node_config(name: str, extra: str = "") -> str:
+    return f"""\
+hostname = "{name}"
+
+[smtp]
+proxy_from = ["{BALANCER_IP}"]
+max_sessions_per_source = 2
+{extra}
+[relay]
+local_domains = ["mx.test"]
+relay_networks = ["{RELAYER}"]
+"""
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[LeafmailFactory]:
+    yield from leafmail_servers(tmp_path)
+
+
+@pytest.fixture
+def balanced(tmp_path: Path, servers: LeafmailFactory) -> Iterator[tuple[Balancer, Leafmail]]:
+    """One node behind HAProxy (the per-source tests need to know where sessions go)."""
+    node = servers(node_config("mx.test"))
+    balancer = Balancer(tmp_path, [node.address()])
+    yield balancer, node
+    balancer.stop()
+
+
+def client(balancer: Balancer, source: str) -> smtplib.SMTP:
+    """smtplib from `source` (a loopback address) to HAProxy."""
+    return smtplib.SMTP(
+        *balancer.address, local_hostname=CLIENT, timeout=IO_TIMEOUT, source_address=(source, 0)
+    )
+
+
+def test_relay_is_judged_by_the_client_behind_the_balancer(
+    balanced: tuple[Balancer, Leafmail],
+) -> None:
+    balancer, node = balanced
+    body = b"Subject: relayed\r\n\r\nthrough the balancer\r\n"
+    with client(balancer, RELAYER) as smtp:
+        smtp.ehlo()
+        assert smtp.mail("a@sender.test")[0] == 250
+        assert smtp.rcpt("b@elsewhere.test")[0] == 250
+        code, text = smtp.data(body)
+        assert code == 250, text
+        qid = queued_id(text)
+    with client(balancer, STRANGER) as smtp:
+        smtp.ehlo()
+        assert smtp.mail("a@sender.test")[0] == 250
+        code, text = smtp.rcpt("b@elsewhere.test")
+        assert code == 550, text  # relay denied: the stranger is not in relay_networks
+        assert smtp.rcpt("local@mx.test")[0] == 250  # but may send to our domain
+    check_spooled(
+        node.message(qid),
+        body,
+        qid=qid,
+        sender="a@sender.test",
+        recipients=["b@elsewhere.test"],
+        ip=RELAYER,
+    )
+    assert BALANCER_IP not in node.message(qid).data.decode()
+
+
+def test_per_source_cap_counts_the_client_not_the_balancer(
+    balanced: tuple[Balancer, Leafmail],
+) -> None:
+    balancer, node = balanced
+    held = [client(balancer, STRANGER) for _ in range(2)]
+    try:
+        for smtp in held:
+            assert smtp.noop()[0] == 250
+        with pytest.raises(smtplib.SMTPConnectError) as refused:
+            client(balancer, STRANGER)
+        assert refused.value.smtp_code == 421
+        # Another client behind the same balancer is not held back by the first one.
+        with client(balancer, OTHER) as smtp:
+            assert smtp.noop()[0] == 250
+    finally:
+        for smtp in held:
+            smtp.close()
+    assert f"more than 2 connections from {STRANGER}" in node.log()
+
+
+def test_direct_clients_are_never_asked_for_a_header(
+    balanced: tuple[Balancer, Leafmail],
+) -> None:
+    """A client that is not the balancer gets the greeting at once, as itself."""
+    _balancer, node = balanced
+    with socket.create_connection(node.address(), timeout=IO_TIMEOUT) as sock:
+        assert sock.recv(512).startswith(b"220 mx.test ")
+
+
+def test_implicit_tls_reads_the_header_before_the_handshake(
+    tmp_path: Path, servers: LeafmailFactory
+) -> None:
+    """smtps behind the balancer: PROXY v2 in clear, then TLS, then SMTP as the client."""
+    tls = make_tls(tmp_path)
+    extra = (
+        f"tls_cert = {toml_string(tls.cert)}\ntls_key = {toml_string(tls.key)}\n"
+        'smtps_listen = ["127.0.0.3:0"]\n'
+    )
+    node = servers(node_config("mx.test", extra))
+    balancer = Balancer(tmp_path, [node.address("127.0.0.3")], smtpchk=False)
+    body = b"Subject: over tls\r\n\r\nbehind the balancer\r\n"
+    try:
+        with smtplib.SMTP_SSL(
+            *balancer.address,
+            local_hostname=CLIENT,
+            timeout=IO_TIMEOUT,
+            source_address=(RELAYER, 0),
+            context=tls.client_context(),
+        ) as smtp:
+            smtp.ehlo()
+            assert smtp.mail("a@sender.test")[0] == 250
+            assert smtp.rcpt("b@elsewhere.test")[0] == 250  # relayed: judged as RELAYER
+            code, text = smtp.data(body)
+            assert code == 250, text
+            qid = queued_id(text)
+    finally:
+        balancer.stop()
+    check_spooled(
+        node.message(qid),
+        body,
+        qid=qid,
+        protocol="ESMTPS",
+        sender="a@sender.test",
+        recipients=["b@elsewhere.test"],
+        ip=RELAYER,
+        tls=True,
+    )
