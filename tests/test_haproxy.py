@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import smtplib
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from haproxy import BALANCER_IP, Balancer
+from conftest import ROOT
+from haproxy import BALANCER_IP, HAPROXY, Balancer, need_haproxy
 from leafmail_fixtures import (
     CLIENT,
     IO_TIMEOUT,
@@ -164,3 +166,16 @@ def test_implicit_tls_reads_the_header_before_the_handshake(
         ip=RELAYER,
         tls=True,
     )
+
+
+def test_contrib_config_is_valid_haproxy() -> None:
+    """contrib/haproxy/haproxy.cfg as shipped: HAProxy's own check accepts it."""
+    need_haproxy()
+    config = ROOT / "contrib" / "haproxy" / "haproxy.cfg"
+    text = config.read_text()
+    for needed in ("mode tcp", "send-proxy-v2", "option smtpchk", "check-send-proxy"):
+        assert needed in text, needed
+    done = subprocess.run(
+        [HAPROXY, "-c", "-f", str(config)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

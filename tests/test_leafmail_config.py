@@ -252,6 +252,9 @@ BAD_CONFIGS = {
     "zero max_failures": ("[auth]\nmax_failures = 0\n", "auth.max_failures"),
     "zero header size": ("[smtp]\nmax_header_size = 0\n", "max_header_size"),
     "zero check workers": ("[checks]\nworkers = 0\n", "checks.workers"),
+    "proxy_from name": ('[smtp]\nproxy_from = ["lb.example"]\n', "smtp.proxy_from"),
+    "proxy_from bad net": ('[smtp]\nproxy_from = ["10.0.0.0/40"]\n', "smtp.proxy_from"),
+    "bad shutdown_grace": ('[smtp]\nshutdown_grace = "soon"\n', "smtp.shutdown_grace"),
 }
 
 
