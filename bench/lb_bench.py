@@ -191,6 +191,13 @@ def table(samples: Sequence[Sample], load: str) -> list[str]:
             and x.round == y.round
         ]
         lines += ["", f"- haproxy / direct: **{a / b:.2f}x**; per round {', '.join(paired)}"]
+    cpu = {w: median_known([s.server_us for s in samples if (s.load, s.server) == (load, w)])
+           for w in WAYS}  # fmt: skip
+    if cpu["haproxy"] is not None and cpu["direct"]:
+        lines.append(
+            f"- node CPU per message, haproxy / direct: {cpu['haproxy'] / cpu['direct']:.2f}x "
+            "(the PROXY header's cost on the node; steadier than msgs/s on a busy machine)"
+        )
     return lines
 
 
@@ -207,7 +214,8 @@ def report(samples: Sequence[Sample], loads: Sequence[Load]) -> list[str]:
         f'`proxy_from = ["{BALANCER_IP}"]`: direct from 127.0.0.1, and through HAProxy '
         f"(`mode tcp`, `send-proxy-v2`, `source {BALANCER_IP}`), alternately in each round "
         "on the same node. Node µs/msg counts leafmail's CPU only; HAProxy's is in "
-        "'others'.",
+        "'others'. On a shared machine msgs/s follow the other processes' load (the "
+        "'others' column): read the ratios with it.",
         "",
     ]
     for load in loads:
