@@ -21,13 +21,16 @@ from haproxy import BALANCER_IP, HAPROXY, Balancer, need_haproxy
 from leafmail_fixtures import (
     CLIENT,
     IO_TIMEOUT,
+    PASSWORD,
     Leafmail,
     LeafmailFactory,
+    TLSFiles,
     check_spooled,
     leafmail_servers,
     make_tls,
-    queued_id,
+    smtplib_send,
     toml_string,
+    users_file,
 )
 
 RELAYER = "127.0.0.5"  # in relay_networks
@@ -76,12 +79,7 @@ def test_relay_is_judged_by_the_client_behind_the_balancer(
     balancer, node = balanced
     body = b"Subject: relayed\r\n\r\nthrough the balancer\r\n"
     with client(balancer, RELAYER) as smtp:
-        smtp.ehlo()
-        assert smtp.mail("a@sender.test")[0] == 250
-        assert smtp.rcpt("b@elsewhere.test")[0] == 250
-        code, text = smtp.data(body)
-        assert code == 250, text
-        qid = queued_id(text)
+        qid = smtplib_send(smtp, "a@sender.test", ["b@elsewhere.test"], body)
     with client(balancer, STRANGER) as smtp:
         smtp.ehlo()
         assert smtp.mail("a@sender.test")[0] == 250
@@ -128,43 +126,53 @@ def test_direct_clients_are_never_asked_for_a_header(
         assert sock.recv(512).startswith(b"220 mx.test ")
 
 
-def test_implicit_tls_reads_the_header_before_the_handshake(
-    tmp_path: Path, servers: LeafmailFactory
-) -> None:
-    """smtps behind the balancer: PROXY v2 in clear, then TLS, then SMTP as the client."""
-    tls = make_tls(tmp_path)
-    extra = (
-        f"tls_cert = {toml_string(tls.cert)}\ntls_key = {toml_string(tls.key)}\n"
-        'smtps_listen = ["127.0.0.3:0"]\n'
-    )
-    node = servers(node_config("mx.test", extra))
-    balancer = Balancer(tmp_path, [node.address("127.0.0.3")], smtpchk=False)
-    body = b"Subject: over tls\r\n\r\nbehind the balancer\r\n"
-    try:
-        with smtplib.SMTP_SSL(
+def tls_session(balancer: Balancer, role: str, tls: TLSFiles) -> smtplib.SMTP:
+    """smtps from RELAYER (relays by address), or submission from STRANGER with AUTH."""
+    if role == "smtps":
+        return smtplib.SMTP_SSL(
             *balancer.address,
             local_hostname=CLIENT,
             timeout=IO_TIMEOUT,
             source_address=(RELAYER, 0),
             context=tls.client_context(),
-        ) as smtp:
-            smtp.ehlo()
-            assert smtp.mail("a@sender.test")[0] == 250
-            assert smtp.rcpt("b@elsewhere.test")[0] == 250  # relayed: judged as RELAYER
-            code, text = smtp.data(body)
-            assert code == 250, text
-            qid = queued_id(text)
+        )
+    smtp = client(balancer, STRANGER)
+    smtp.starttls(context=tls.client_context())
+    smtp.login("alice", PASSWORD)
+    return smtp
+
+
+@pytest.mark.parametrize("role", ["smtps", "submission"])
+def test_tls_listeners_behind_the_balancer_see_the_client(
+    tmp_path: Path, servers: LeafmailFactory, role: str
+) -> None:
+    """smtps: PROXY v2 in clear, then the TLS handshake, then SMTP as the client;
+    submission: the header, then STARTTLS and AUTH; both relay and record the client."""
+    tls = make_tls(tmp_path)
+    users = users_file(tmp_path, {"alice": PASSWORD})
+    extra = (
+        f"tls_cert = {toml_string(tls.cert)}\ntls_key = {toml_string(tls.key)}\n"
+        f'{role}_listen = ["127.0.0.3:0"]\n'
+    )
+    node = servers(node_config("mx.test", extra) + f"[auth]\nusers_file = {toml_string(users)}\n")
+    # An implicit-TLS port cannot answer EHLO in clear: HAProxy only connects to check it.
+    balancer = Balancer(tmp_path, [node.address("127.0.0.3")], smtpchk=role != "smtps")
+    body = b"Subject: over tls\r\n\r\nbehind the balancer\r\n"
+    try:
+        with tls_session(balancer, role, tls) as smtp:
+            qid = smtplib_send(smtp, "a@sender.test", ["b@elsewhere.test"], body)
     finally:
         balancer.stop()
     check_spooled(
         node.message(qid),
         body,
         qid=qid,
-        protocol="ESMTPS",
+        protocol="ESMTPS" if role == "smtps" else "ESMTPSA",
         sender="a@sender.test",
         recipients=["b@elsewhere.test"],
-        ip=RELAYER,
+        ip=RELAYER if role == "smtps" else STRANGER,
         tls=True,
+        auth=None if role == "smtps" else "alice",
     )
 
 
