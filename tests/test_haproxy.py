@@ -32,6 +32,7 @@ from leafmail_fixtures import (
     toml_string,
     users_file,
 )
+from lifecycle_handlers import wait_until
 
 RELAYER = "127.0.0.5"  # in relay_networks
 STRANGER = "127.0.0.6"  # not
@@ -115,6 +116,8 @@ def test_per_source_cap_counts_the_client_not_the_balancer(
         for smtp in held:
             smtp.close()
     assert f"more than 2 connections from {STRANGER}" in node.log()
+    # The connection log names the client too (the line is written when a session ends).
+    assert wait_until(lambda: f"conn peer={OTHER}:" in node.log()), node.log()
 
 
 def test_direct_clients_are_never_asked_for_a_header(
