@@ -9,6 +9,7 @@ header must see those addresses, never the balancer's.
 
 from __future__ import annotations
 
+import re
 import smtplib
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from leafmail_fixtures import (
     PASSWORD,
     Leafmail,
     LeafmailFactory,
+    RawSMTP,
     TLSFiles,
     check_spooled,
     leafmail_servers,
@@ -127,6 +129,25 @@ def test_direct_clients_are_never_asked_for_a_header(
     _balancer, node = balanced
     with socket.create_connection(node.address(), timeout=IO_TIMEOUT) as sock:
         assert sock.recv(512).startswith(b"220 mx.test ")
+
+
+def test_a_v1_header_names_the_client_and_a_missing_one_is_dropped(
+    balanced: tuple[Balancer, Leafmail],
+) -> None:
+    """The balancer's address without HAProxy: a v1 header works as v2 does, and a
+    trusted peer that sends none is never greeted (the header is required from it)."""
+    _balancer, node = balanced
+    with RawSMTP(node.address(), source=BALANCER_IP) as raw:
+        raw.send(f"PROXY TCP4 {RELAYER} 127.0.0.1 40000 25\r\n".encode())
+        assert raw.greeting().code == 220
+        raw.ehlo()
+        assert raw.command("MAIL FROM:<a@sender.test>").code == 250
+        assert raw.command("RCPT TO:<b@elsewhere.test>").code == 250  # judged as RELAYER
+    with RawSMTP(node.address(), source=BALANCER_IP) as raw:
+        raw.send(b"EHLO no.header.test\r\n")
+        assert raw.at_eof()  # dropped at once: not a PROXY header
+    refused = re.compile(rf'refused peer={re.escape(BALANCER_IP)}:\d+ reason="PROXY protocol: no')
+    assert wait_until(lambda: refused.search(node.log()) is not None), node.log()
 
 
 def tls_session(balancer: Balancer, role: str, tls: TLSFiles) -> smtplib.SMTP:
