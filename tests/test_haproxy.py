@@ -150,6 +150,32 @@ def test_a_v1_header_names_the_client_and_a_missing_one_is_dropped(
     assert wait_until(lambda: refused.search(node.log()) is not None), node.log()
 
 
+def test_auth_throttle_counts_the_client_behind_the_balancer(
+    tmp_path: Path, servers: LeafmailFactory
+) -> None:
+    """Failed logins block the client the header names, not the balancer (or others)."""
+    users = users_file(tmp_path, {"alice": PASSWORD})
+    config = node_config("mx.test", "allow_plaintext_auth = true\n") + (
+        f"[auth]\nusers_file = {toml_string(users)}\nfailure_delay = 0\nmax_failures = 2\n"
+    )
+    node = servers(config)
+    balancer = Balancer(tmp_path, [node.address()])
+    try:
+        with client(balancer, STRANGER) as smtp:
+            smtp.ehlo()
+            for want in (535, 421):  # the second failure blocks the address
+                code, _text = smtp.docmd("AUTH", "PLAIN AGFsaWNlAHdyb25n")  # alice/wrong
+                assert code == want
+        with pytest.raises(smtplib.SMTPConnectError) as blocked:
+            client(balancer, STRANGER)
+        assert blocked.value.smtp_code == 421
+        with client(balancer, OTHER) as smtp:  # the balancer itself is not blocked
+            assert smtp.noop()[0] == 250
+    finally:
+        balancer.stop()
+    assert f"client={STRANGER} " in node.log()  # the line contrib/fail2ban reads
+
+
 def tls_session(balancer: Balancer, role: str, tls: TLSFiles) -> smtplib.SMTP:
     """smtps from RELAYER (relays by address), or submission from STRANGER with AUTH."""
     if role == "smtps":
@@ -182,9 +208,10 @@ def test_tls_listeners_behind_the_balancer_see_the_client(
     # An implicit-TLS port cannot answer EHLO in clear: HAProxy only connects to check it.
     balancer = Balancer(tmp_path, [node.address("127.0.0.3")], smtpchk=role != "smtps")
     body = b"Subject: over tls\r\n\r\nbehind the balancer\r\n"
+    sender = "a@sender.test" if role == "smtps" else "alice@mx.test"  # alice's own
     try:
         with tls_session(balancer, role, tls) as smtp:
-            qid = smtplib_send(smtp, "a@sender.test", ["b@elsewhere.test"], body)
+            qid = smtplib_send(smtp, sender, ["b@elsewhere.test"], body)
     finally:
         balancer.stop()
     check_spooled(
@@ -192,7 +219,7 @@ def test_tls_listeners_behind_the_balancer_see_the_client(
         body,
         qid=qid,
         protocol="ESMTPS" if role == "smtps" else "ESMTPSA",
-        sender="a@sender.test",
+        sender=sender,
         recipients=["b@elsewhere.test"],
         ip=RELAYER if role == "smtps" else STRANGER,
         tls=True,
