@@ -73,6 +73,25 @@ class Admission:
         self.total += 1
         return None
 
+    def hold(self) -> None:
+        """Count in a connection whose client is not known yet (a PROXY header a worker
+        will read): the global cap counts it now, the per-source caps once `name`d."""
+        self.total += 1
+
+    def name(self, peer: Endpoint) -> str | None:
+        """Account a held connection to `peer`; None, or why `peer` is over its caps
+        (the connection then stays held until `release_held`)."""
+        key = self._source(peer)
+        why = self._over_source_limits(key)
+        if why is not None and not (self.limits.exempt and self.limits.exempt(peer)):
+            return why
+        self._open[key] = self._open.get(key, 0) + 1
+        return None
+
+    def release_held(self) -> None:
+        """Count out a held connection that was never named."""
+        self.total -= 1
+
     def _source(self, peer: Endpoint) -> str:
         """Who a connection counts against: its address, or its IPv6 network."""
         prefix = self.limits.ipv6_source_prefix

@@ -206,6 +206,8 @@ class Server:
             self.handler, self.limits, self.log, loop, fds, self._finished, self.mode_name, self.tls
         )
         self.mode = self._make_mode(ctx)
+        if isinstance(self.mode, PoolMode):
+            self.mode.namer = self._name_proxied
         if self.hosts is not None:
             self.twist = TwistMode(ctx)
             self.hosts.announce()
@@ -331,6 +333,9 @@ class Server:
         except OSError:
             sock.close()
             return
+        if self.proxy and self.proxy.trusts(peer) and isinstance(self.mode, PoolMode):
+            self._hand_to_worker_unnamed(sock, peer, local)
+            return
         if self.proxy and self.proxy.trusts(peer):
             self._proxying += 1
             sock.setblocking(False)  # read_header peeks after readiness; never block the loop
@@ -362,6 +367,37 @@ class Server:
         sock.setblocking(True)
         with contextlib.suppress(OSError):  # the mode accounts for a connection it failed
             self._admit(sock, real, dest)
+
+    def _hand_to_worker_unnamed(self, sock: socket.socket, peer: Endpoint, local: Endpoint) -> None:
+        """A balancer's connection, with worker processes: the worker reads the header.
+
+        The supervisor never reads client bytes (it may be root). It counts the
+        connection against the global cap now and hands it over as the balancer; the
+        worker reads the PROXY header and asks `_name_proxied` before serving.
+        """
+        sock.setblocking(True)
+        self.admission.hold()
+        conn = Accepted(sock, ConnRecord(peer, local, self.mode_name), awaiting_proxy=True)
+        self.fds.add(conn.fd)
+        with contextlib.suppress(OSError):  # the mode accounts for a connection it failed
+            self.mode.dispatch(conn)
+
+    def _name_proxied(self, conn: Accepted, peer: Endpoint, local: Endpoint) -> str | None:
+        """A worker read the header: judge and count the client it names, as `_admit` would.
+
+        Returns None (serve it as `peer`), or for a refusal (logged here) the line the
+        worker sends before it closes ("" for none). Rules that need the client's host
+        name are decided without one (no lookup on this path).
+        """
+        decision = self.access.decide(peer.ip) if peer.ip is not None else None
+        why = decision.reason if decision is not None and not decision.allowed else None
+        why = why or self.admission.name(peer)
+        if why is not None:
+            self.log.refused(peer, why)
+            return self.refuse_message or ""
+        conn.record.peer, conn.record.local = peer, local
+        conn.awaiting_proxy = False
+        return None
 
     def _full(self) -> bool:
         """True when accept should pause: admitted plus PROXY-pending reach max_conns."""
@@ -510,7 +546,10 @@ class Server:
 
     def _finished(self, conn: Accepted) -> None:
         self.fds.discard(conn.fd)
-        self.admission.release(conn.record.peer)
+        if conn.awaiting_proxy:
+            self.admission.release_held()
+        else:
+            self.admission.release(conn.record.peer)
         self.log.connection(conn.record)
         self._resume_if_room()
 

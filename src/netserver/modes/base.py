@@ -57,6 +57,9 @@ class Accepted:
     sock: socket.socket
     record: ConnRecord
     fd: int = -1
+    # A PROXY header is still to be read (by the worker that serves it): until the
+    # supervisor learns the client it names, `record.peer` is the balancer.
+    awaiting_proxy: bool = False
 
     def __post_init__(self) -> None:
         self.fd = self.sock.fileno()

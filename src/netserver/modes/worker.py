@@ -25,11 +25,17 @@ from ..connlog import ConnRecord, ServerLog
 from ..endpoint import Endpoint
 from ..handlers import AsyncHandler
 from ..limits import Limits
+from ..proxy import ProxyError, read_header
+from ..proxy import apply as proxy_endpoints
 from .base import Accepted, FdRegistry, ModeContext
 from .eventloop import EventLoopMode
 from .prefork import decode_endpoints, encode_endpoints
 
 CONN, STOP, RETIRE, TERMINATE, END, READY = b"C", b"S", b"R", b"T", b"E", b"Y"
+# A balancer's connection: the worker reads its PROXY header, asks the supervisor to
+# NAME the client it names, and is told the VERDICT (serve it, or the line to refuse with).
+PROXIED, NAME, VERDICT = b"P", b"N", b"V"
+PROXY_TIMEOUT = 5.0
 END_HEAD = struct.Struct("=cQQQ")  # kind, connection id, bytes in, bytes out; then status
 MAX_MSG = 4096
 _PR_SET_PDEATHSIG = 1
@@ -75,6 +81,8 @@ class Worker:
         self.log = log
         self.modes: dict[str, EventLoopMode] = {}
         self.ids: dict[int, int] = {}
+        self.verdicts: dict[int, asyncio.Future[str | None]] = {}
+        self.reading: set[asyncio.Task[None]] = set()
         self.done = asyncio.Event()
         self.leaving = False
         self.failed = False
@@ -131,8 +139,14 @@ class Worker:
 
     def _handle(self, data: bytes, fds: list[int]) -> None:
         kind = data[:1]
-        if kind == CONN and fds:
-            self._serve(data[1:], fds[0])
+        if kind in (CONN, PROXIED) and fds:
+            self._serve(data[1:], fds[0], proxied=kind == PROXIED)
+            return
+        if kind == VERDICT:
+            cid, refusal = json.loads(data[1:])
+            waiting = self.verdicts.pop(int(cid), None)
+            if waiting is not None and not waiting.done():
+                waiting.set_result(None if refusal is None else str(refusal))
             return
         for fd in fds:
             os.close(fd)
@@ -143,7 +157,7 @@ class Worker:
         elif kind == TERMINATE:
             self._terminate()
 
-    def _serve(self, header: bytes, fd: int) -> None:
+    def _serve(self, header: bytes, fd: int, *, proxied: bool = False) -> None:
         cid, service, peer, local = decode(header)
         mode = self.modes.get(service)
         sock = socket.socket(fileno=fd)
@@ -154,7 +168,47 @@ class Worker:
             self._send_end(cid, conn)
             return
         self.ids[id(conn)] = cid
+        if proxied:
+            task = asyncio.get_running_loop().create_task(self._serve_proxied(cid, mode, conn))
+            self.reading.add(task)
+            task.add_done_callback(self.reading.discard)
+            return
         mode.dispatch(conn)
+
+    async def _serve_proxied(self, cid: int, mode: EventLoopMode, conn: Accepted) -> None:
+        """Read the balancer's PROXY header here (never in the supervisor), have the
+        supervisor judge and count the client it names, then serve it as that client."""
+        record, sock = conn.record, conn.sock
+        timeout = min(PROXY_TIMEOUT, self.limits.timeout or PROXY_TIMEOUT)
+        sock.setblocking(False)
+        try:
+            info = await read_header(sock, timeout)
+        except (ProxyError, OSError) as exc:
+            self.log.refused(record.peer, f"PROXY protocol: {exc}")
+            self._drop(conn, "proxy-error", None)
+            return
+        peer, local = proxy_endpoints(info, record.peer, record.local)
+        waiting: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self.verdicts[cid] = waiting
+        self._send(NAME + encode(cid, "", peer, local))
+        refusal = await waiting
+        if refusal is not None:
+            self._drop(conn, "refused", refusal)
+            return
+        record.peer, record.local = peer, local
+        sock.setblocking(True)
+        mode.dispatch(conn)
+
+    def _drop(self, conn: Accepted, status: str, line: str | None) -> None:
+        """End a connection that is not served: say `line` if any, close, report it."""
+        if line:
+            with contextlib.suppress(OSError):
+                conn.sock.send(line.encode() + b"\r\n")
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.sock.close()
+        conn.record.status = status
+        self._finished(conn)
 
     def _finished(self, conn: Accepted) -> None:
         cid = self.ids.pop(id(conn), None)
@@ -166,9 +220,12 @@ class Worker:
     def _send_end(self, cid: int, conn: Accepted) -> None:
         record = conn.record
         head = END_HEAD.pack(END, cid, record.bytes_in or 0, record.bytes_out or 0)
+        self._send(head + record.status.encode("ascii", "replace")[:200])
+
+    def _send(self, message: bytes) -> None:
         with contextlib.suppress(OSError):
             self.chan.setblocking(True)
-            self.chan.send(head + record.status.encode("ascii", "replace")[:200])
+            self.chan.send(message)
             self.chan.setblocking(False)
 
     def _leave(self, stop_sessions: bool) -> None:

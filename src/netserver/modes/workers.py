@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import os
 import signal
 import socket
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 
 from ..children import kill_and_reap, watch_child
 from ..connlog import ServerLog
+from ..endpoint import Endpoint
 from ..handlers import AsyncHandler
 from ..limits import Limits
 from .base import Accepted, FdRegistry, ModeContext, status_for_exit
@@ -48,13 +50,17 @@ from .worker import (
     CONN,
     END_HEAD,
     MAX_MSG,
+    NAME,
+    PROXIED,
     READY,
     RETIRE,
     STOP,
     TERMINATE,
+    VERDICT,
     Service,
     Worker,
     WorkerApp,
+    decode,
     die_with_parent,
     encode,
 )
@@ -62,6 +68,9 @@ from .worker import (
 __all__ = ["PoolMode", "WorkerApp", "WorkerPool"]
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+# Judges the client a worker read from a PROXY header: None to serve it, else the line
+# (maybe "") to refuse it with (Server._name_proxied).
+Namer = Callable[[Accepted, Endpoint, Endpoint], "str | None"]
 
 RESTART_FIRST = 0.1  # seconds before replacing a worker that died young
 RESTART_MAX = 30.0
@@ -76,6 +85,7 @@ class _Live:
     conn: Accepted
     finished: Callable[[Accepted], None]
     service: str
+    name: Namer | None = None  # for a connection whose PROXY header the worker reads
 
 
 @dataclass
@@ -279,10 +289,20 @@ class WorkerPool:
         return sum(1 for p in self.procs.values() if not p.retiring)
 
     # -- connections ------------------------------------------------------------------------
-    def dispatch(self, conn: Accepted, service: str, finished: Callable[[Accepted], None]) -> None:
-        """Hand `conn` to the least busy worker; it is queued while none can take it."""
+    def dispatch(
+        self,
+        conn: Accepted,
+        service: str,
+        finished: Callable[[Accepted], None],
+        name: Namer | None = None,
+    ) -> None:
+        """Hand `conn` to the least busy worker; it is queued while none can take it.
+
+        With `name`, the worker first reads a PROXY header and asks `name(conn, client,
+        local)` whether to serve the client it names (None) or the line to refuse with.
+        """
         self._next_id += 1
-        self.pending.append((self._next_id, _Live(conn, finished, service)))
+        self.pending.append((self._next_id, _Live(conn, finished, service, name)))
         self._drain_pending()
 
     def _drain_pending(self) -> None:
@@ -297,7 +317,8 @@ class WorkerPool:
 
     def _send(self, cid: int, live: _Live, procs: list[_Proc]) -> bool:
         record = live.conn.record
-        message = CONN + encode(cid, live.service, record.peer, record.local)
+        kind = PROXIED if live.name is not None else CONN
+        message = kind + encode(cid, live.service, record.peer, record.local)
         for proc in procs:
             try:
                 socket.send_fds(proc.chan, [message], [live.conn.sock.fileno()])
@@ -322,6 +343,9 @@ class WorkerPool:
                 return
             except OSError:
                 data = b""
+            if data[:1] == NAME:
+                self._name(proc, data[1:])
+                continue
             if data == READY:
                 proc.ready = True
                 if all(p.ready for p in self.procs.values()):
@@ -342,6 +366,15 @@ class WorkerPool:
             self._changed.set()
             if proc.retiring and not proc.conns:
                 self._tell(proc, STOP)
+
+    def _name(self, proc: _Proc, data: bytes) -> None:
+        """A worker read a PROXY header: the supervisor judges the client it names."""
+        cid, _service, peer, local = decode(data)
+        live = proc.conns.get(cid)
+        refusal: str | None = ""
+        if live is not None and live.name is not None:
+            refusal = live.name(live.conn, peer, local)
+        self._tell(proc, VERDICT + json.dumps([cid, refusal]).encode())
 
     def active(self, service: str | None = None) -> int:
         """Connections being served (or waiting for a worker), of `service` or all."""
@@ -420,6 +453,7 @@ class PoolMode:
         self.pool = pool
         self.service = service
         self.owned = owned
+        self.namer: Namer | None = None  # set by a Server with proxy_from (see server.py)
         assert isinstance(ctx.handler, AsyncHandler)
         pool.add_service(service, ctx.handler, ctx.tls, ctx.fds)
 
@@ -430,7 +464,8 @@ class PoolMode:
             self.pool.start(self.ctx.loop)
 
     def dispatch(self, conn: Accepted) -> None:
-        self.pool.dispatch(conn, self.service, self.ctx.finished)
+        name = self.namer if conn.awaiting_proxy else None
+        self.pool.dispatch(conn, self.service, self.ctx.finished, name)
 
     def active(self) -> int:
         return self.pool.active(self.service)

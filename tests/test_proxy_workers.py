@@ -1,0 +1,66 @@
+"""PROXY protocol with worker processes: the worker reads the header, never the supervisor.
+
+The supervisor of ``--mode async --workers N`` may be root, and no process with
+privilege reads client bytes. A trusted balancer's connection is therefore handed to a
+worker as it is; the worker reads the header and asks the supervisor to judge and count
+the client it names, so per-source caps still hold across workers, for that client.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from conftest import RunningServer, ServerFactory
+from lifecycle_handlers import HANDLER_ENV, IO_TIMEOUT, children, socket_fds, wait_until
+
+HEADER = "PROXY TCP4 {client} 127.0.0.1 5555 25\r\n"
+
+
+def serve(netserver_proc: ServerFactory) -> RunningServer:
+    return netserver_proc(
+        [
+            "--mode", "async", "--workers", "2", "--listen", "127.0.0.1:0",
+            "--proxy-from", "127.0.0.1", "--max-per-source", "1",
+            "--refuse-message", "421 too many", "--handler", "proxy_tls_handlers:async_peer_held",
+        ],
+        env=HANDLER_ENV,
+    )  # fmt: skip
+
+
+def first_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(256)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_a_worker_reads_the_header_and_the_cap_counts_the_named_client(
+    netserver_proc: ServerFactory,
+) -> None:
+    server = serve(netserver_proc)
+    parent = server.proc.pid
+    assert wait_until(lambda: len(children(parent)) == 2)
+    workers = list(children(parent))
+    baseline = socket_fds(parent)
+    in_workers = sum(socket_fds(pid) for pid in workers)
+    first = socket.create_connection(server.host_port, timeout=IO_TIMEOUT)
+    try:
+        # Nothing sent yet: the connection is in a worker, the supervisor kept no copy.
+        assert wait_until(lambda: sum(socket_fds(pid) for pid in workers) == in_workers + 1)
+        assert wait_until(lambda: socket_fds(parent) == baseline)
+        first.sendall(HEADER.format(client="10.9.8.7").encode())
+        assert first_line(first).startswith(b"10.9.8.7:5555 127.0.0.1:25")
+        # The same client again, through the same balancer: over its cap of 1.
+        with socket.create_connection(server.host_port, timeout=IO_TIMEOUT) as second:
+            second.sendall(HEADER.format(client="10.9.8.7").encode())
+            assert first_line(second) == b"421 too many\r\n"
+        # Another client behind the balancer is served.
+        with socket.create_connection(server.host_port, timeout=IO_TIMEOUT) as third:
+            third.sendall(HEADER.format(client="10.9.8.6").encode())
+            assert first_line(third).startswith(b"10.9.8.6:5555 ")
+    finally:
+        first.close()
+    assert "more than 1 connections from 10.9.8.7" in server.log()
