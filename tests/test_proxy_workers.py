@@ -11,7 +11,14 @@ from __future__ import annotations
 import socket
 
 from conftest import RunningServer, ServerFactory
-from lifecycle_handlers import HANDLER_ENV, IO_TIMEOUT, children, socket_fds, wait_until
+from lifecycle_handlers import (
+    HANDLER_ENV,
+    IO_TIMEOUT,
+    children,
+    recv_line,
+    socket_fds,
+    wait_until,
+)
 
 HEADER = "PROXY TCP4 {client} 127.0.0.1 5555 25\r\n"
 
@@ -25,16 +32,6 @@ def serve(netserver_proc: ServerFactory) -> RunningServer:
         ],
         env=HANDLER_ENV,
     )  # fmt: skip
-
-
-def first_line(sock: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(256)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def test_a_worker_reads_the_header_and_the_cap_counts_the_named_client(
@@ -52,15 +49,15 @@ def test_a_worker_reads_the_header_and_the_cap_counts_the_named_client(
         assert wait_until(lambda: sum(socket_fds(pid) for pid in workers) == in_workers + 1)
         assert wait_until(lambda: socket_fds(parent) == baseline)
         first.sendall(HEADER.format(client="10.9.8.7").encode())
-        assert first_line(first).startswith(b"10.9.8.7:5555 127.0.0.1:25")
+        assert recv_line(first).startswith(b"10.9.8.7:5555 127.0.0.1:25")
         # The same client again, through the same balancer: over its cap of 1.
         with socket.create_connection(server.host_port, timeout=IO_TIMEOUT) as second:
             second.sendall(HEADER.format(client="10.9.8.7").encode())
-            assert first_line(second) == b"421 too many\r\n"
+            assert recv_line(second) == b"421 too many\r\n"
         # Another client behind the balancer is served.
         with socket.create_connection(server.host_port, timeout=IO_TIMEOUT) as third:
             third.sendall(HEADER.format(client="10.9.8.6").encode())
-            assert first_line(third).startswith(b"10.9.8.6:5555 ")
+            assert recv_line(third).startswith(b"10.9.8.6:5555 ")
     finally:
         first.close()
     assert "more than 1 connections from 10.9.8.7" in server.log()
