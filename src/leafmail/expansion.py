@@ -175,12 +175,9 @@ class RecordedExpansions:
             await asyncio.to_thread(self.spool.write_status, self.qid, blob)
 
 
-class UnrecordedExpansions:
-    """Expansions with no record: each forward is spooled at once and announced."""
-
-    def __init__(self, spool: Spool, notify: Callable[[str], None] | None = None) -> None:
-        self.spool = spool
-        self.notify = notify
+class NoRecord:
+    """Expansions for an attempt that keeps none (the agent used on its own): nothing
+    is remembered, and forwarded copies cannot be spooled from here, so they defer."""
 
     def expanding(self, index: int, keys: Sequence[str]) -> None:
         """Nothing to remember."""
@@ -190,6 +187,19 @@ class UnrecordedExpansions:
 
     def record(self, index: int, key: str, result: Result) -> None:
         """Nothing to remember."""
+
+    async def forward(
+        self, index: int, keys: Sequence[str], envelope: Envelope, data: bytes
+    ) -> str:
+        raise OSError("no expansion record to forward with")
+
+
+class UnrecordedExpansions(NoRecord):
+    """Expansions with no record: each forward is spooled at once and announced."""
+
+    def __init__(self, spool: Spool, notify: Callable[[str], None] | None = None) -> None:
+        self.spool = spool
+        self.notify = notify
 
     async def forward(
         self, index: int, keys: Sequence[str], envelope: Envelope, data: bytes

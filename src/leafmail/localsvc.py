@@ -39,7 +39,7 @@ from .config import Config
 from .delivery import Agent, Expansions, Outcome, Result, all_results
 from .delivery.router import build_agent
 from .envelope import Envelope, EnvelopeError, load_json
-from .expansion import RecordedExpansions
+from .expansion import NoRecord, RecordedExpansions
 from .privsep import Inherited
 from .spool import Spool
 
@@ -223,25 +223,6 @@ class LocalClient:
 
     async def close(self) -> None:
         """Nothing is kept open between deliveries."""
-
-
-class NoRecord:
-    """Expansions for an attempt that keeps none (the agent used on its own): forwarded
-    copies cannot be spooled from here, so they defer."""
-
-    def expanding(self, index: int, keys: Sequence[str]) -> None:
-        """Nothing to remember."""
-
-    def result(self, index: int, key: str) -> Result | None:
-        return None
-
-    def record(self, index: int, key: str, result: Result) -> None:
-        """Nothing to remember."""
-
-    async def forward(
-        self, index: int, keys: Sequence[str], envelope: Envelope, data: bytes
-    ) -> str:
-        raise OSError("no expansion record to forward with")
 
 
 def _known(record: Expansions, rcpts: Sequence[int]) -> dict[str, dict[str, list[Any]]]:
