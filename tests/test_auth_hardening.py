@@ -13,6 +13,7 @@ import ipaddress
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ from leafmail_fixtures import (
 )
 from test_leafmail_tls_auth import raw_starttls
 
-from leafmail.throttle import AuthThrottle, SourceTable, source_key
+from leafmail.throttle import LOCK_WAIT, AuthThrottle, SourceTable, source_key
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -210,6 +211,29 @@ def test_processes_forked_after_the_table_count_together() -> None:
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
     assert parent.failed(IP) is None  # the third failure, whichever process saw it
     assert parent.is_blocked(IP)
+
+
+def test_a_worker_killed_inside_an_update_does_not_freeze_the_others() -> None:
+    """The lock dies with a worker SIGKILLed while holding it: the table must still work,
+    waiting at most LOCK_WAIT per update and never for a read (it runs on event loops)."""
+    clock, table = Clock(), SourceTable()
+    throttle = AuthThrottle(max_failures=2, clock=clock, table=table)
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        table._lock.acquire()  # the update a SIGKILL cut short
+        os.write(ready_w, b"x")
+        signal.pause()
+    os.read(ready_r, 1)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    started = time.monotonic()
+    assert throttle.failed(IP) == 1.0
+    assert throttle.failed(IP) is None
+    assert throttle.is_blocked(IP)
+    assert time.monotonic() - started < 10 * LOCK_WAIT
+    os.close(ready_r)
+    os.close(ready_w)
 
 
 def test_an_address_flood_cannot_grow_the_table_or_lift_a_block() -> None:

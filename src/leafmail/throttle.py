@@ -38,6 +38,7 @@ from .config import Config
 
 SLOTS = 1 << 14  # sources tracked at once (32 bytes each: 512 KiB)
 PROBES = 8  # slots a source may take, from its hash on
+LOCK_WAIT = 0.05  # seconds an update waits for the table's lock (see SourceTable)
 MAX_DELAY = 30.0  # seconds: never hold a session longer than this for one failure
 
 
@@ -60,9 +61,13 @@ class SourceTable:
 
     A slot is (key digest, blocked until, failures, first failure), on an anonymous
     shared mapping; a lock made with it (a semaphore in shared memory) makes each
-    update whole. A source takes the first of PROBES slots from its hash that holds it,
-    else an idle one, else the one whose record is oldest: memory never grows, and an
-    address flood can only make the table forget, never fill it.
+    update whole. This runs on the workers' event loops, and a worker killed inside an
+    update would leave the lock taken for good, so an update waits at most LOCK_WAIT
+    for it and then goes ahead unlocked (at worst one lost count), and a read takes no
+    lock (a torn slot reads as another source's: unknown). A source takes the first of
+    PROBES slots from its hash that holds it, else an idle one, else the one whose
+    record is oldest: memory never grows, and an address flood can only make the table
+    forget, never fill it.
     """
 
     _SLOT = struct.Struct("=8sdqd")
@@ -77,7 +82,8 @@ class SourceTable:
     ) -> None:
         """Replace a source's (blocked until, failures, first failure) by `change` of it."""
         digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-        with self._lock:
+        held = self._lock.acquire(timeout=LOCK_WAIT)
+        try:
             index = self._find(digest)
             _d, until, count, first = self._SLOT.unpack_from(self._map, index * self._SLOT.size)
             if _d != digest:
@@ -85,13 +91,15 @@ class SourceTable:
             self._SLOT.pack_into(
                 self._map, index * self._SLOT.size, digest, *change(until, count, first)
             )
+        finally:
+            if held:
+                self._lock.release()
 
     def read(self, key: str) -> tuple[float, int, float]:
         """A source's (blocked until, failures, first failure); zeros if unknown."""
         digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-        with self._lock:
-            index = self._find(digest)
-            found, until, count, first = self._SLOT.unpack_from(self._map, index * self._SLOT.size)
+        index = self._find(digest)
+        found, until, count, first = self._SLOT.unpack_from(self._map, index * self._SLOT.size)
         return (until, count, first) if found == digest else (0.0, 0, 0.0)
 
     def _find(self, digest: bytes) -> int:
