@@ -54,6 +54,23 @@ def watch_child(loop: asyncio.AbstractEventLoop, pid: int, on_exit: Callable[[in
     return pidfd
 
 
+async def reaped(pid: int) -> int:
+    """`pid`'s exit code once it has ended and been reaped (negative: killed by that
+    signal), waited for on the running loop through its pidfd (see `watch_child`).
+
+    Cancelled, it stops watching and leaves the child alone: the caller kills and reaps.
+    """
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[int] = loop.create_future()
+    pidfd = watch_child(loop, pid, ended.set_result)
+    try:
+        return await ended
+    finally:
+        if not ended.done():
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+
+
 @dataclass
 class _Child:
     conn: Accepted

@@ -32,6 +32,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from netserver.children import kill_and_reap, watch_child
 from netserver.connlog import ServerLog
 from netserver.smtp.replies import Reply
 
@@ -46,13 +47,12 @@ OVER_BUDGET = Reply(451, "4.7.0", "Message checks exceeded their time budget, tr
 
 @dataclass(eq=False)  # hashed by identity: kept in the busy set
 class _Worker:
-    """A forked check worker, spoken to over a socket pair; reaped through its pidfd."""
+    """A forked check worker, spoken to over a socket pair; reaped by the event loop."""
 
     pid: int
-    pidfd: int
+    ended: asyncio.Future[int]  # its exit code, set once it is reaped (watch_child)
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
-    returncode: int | None = None
 
     async def ask(self, request: bytes) -> dict[str, Any]:
         self.writer.write(request)
@@ -64,15 +64,7 @@ class _Worker:
         return decode(await self.reader.readexactly(length_of(head)))
 
     def alive(self) -> bool:
-        """False once the process has ended (it is then reaped)."""
-        if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:  # reaped by someone else: ended all the same
-                pid, status = self.pid, 0
-            if pid == self.pid:
-                self._ended(status)
-        return self.returncode is None
+        return not self.ended.done()
 
     def close_input(self) -> None:
         """End of jobs: the worker's read finds the end and it exits by itself."""
@@ -80,31 +72,15 @@ class _Worker:
 
     async def kill(self) -> None:
         """Kill and reap: the process is gone when this returns."""
-        if self.returncode is None:
+        if self.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
         await self.wait()
 
     async def wait(self) -> None:
-        """Until the process has ended and is reaped (its pidfd turns readable)."""
-        if self.returncode is not None:
-            return
-        loop = asyncio.get_running_loop()
-        ended = asyncio.Event()
-        loop.add_reader(self.pidfd, ended.set)
-        try:
-            await ended.wait()
-        finally:
-            loop.remove_reader(self.pidfd)
-        try:
-            _pid, status = os.waitpid(self.pid, 0)
-        except ChildProcessError:  # reaped by someone else
-            status = 0
-        self._ended(status)
-
-    def _ended(self, status: int) -> None:
-        self.returncode = os.waitstatus_to_exitcode(status)
-        os.close(self.pidfd)
+        """Until the process has ended and is reaped (a timeout around this leaves the
+        watch in place: the future is shielded)."""
+        await asyncio.shield(self.ended)
         self.writer.close()
 
 
@@ -240,12 +216,13 @@ async def _fork_worker() -> _Worker:
         mine.close()
         _child(theirs)
     theirs.close()
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[int] = loop.create_future()
     try:
-        pidfd = os.pidfd_open(pid)
+        watch_child(loop, pid, ended.set_result)
     except OSError:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        kill_and_reap(pid)
         mine.close()
         raise
     reader, writer = await asyncio.open_connection(sock=mine, limit=2**16)
-    return _Worker(pid, pidfd, reader, writer)
+    return _Worker(pid, ended, reader, writer)

@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from netserver.children import reaped
 from netserver.errors import ConfigError
 from netserver.privileges import Identity, drop
 
@@ -72,8 +73,8 @@ async def run_as(identity: Identity | None, step: Step, *, timeout: float) -> Pa
     with _spawned(identity, step) as (pid, reply):
         async with asyncio.timeout(timeout):
             raw = await _read_async(reply)
-            status = await _reap_async(pid)
-    return _decode(raw, status)
+            code = await reaped(pid)
+    return _decode(raw, code)
 
 
 def run_as_blocking(identity: Identity | None, step: Step, *, timeout: float) -> Payload:
@@ -81,8 +82,8 @@ def run_as_blocking(identity: Identity | None, step: Step, *, timeout: float) ->
     deadline = time.monotonic() + timeout
     with _spawned(identity, step) as (pid, reply):
         raw = _read_blocking(reply, deadline)
-        _, status = os.waitpid(pid, 0)
-    return _decode(raw, status)
+        code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return _decode(raw, code)
 
 
 # --- the child --------------------------------------------------------------------------
@@ -156,14 +157,14 @@ def _describe(exc: BaseException) -> Payload:
 # --- the parent -------------------------------------------------------------------------
 
 
-def _decode(raw: bytes, status: int) -> Payload:
+def _decode(raw: bytes, code: int) -> Payload:
     """The child's payload, or its error raised here with its type."""
     try:
         outcome = json.loads(raw) if raw else None
     except ValueError:
         outcome = None
     if not isinstance(outcome, dict):
-        raise StepError(f"the delivery process ended without an answer ({_status(status)})")
+        raise StepError(f"the delivery process ended without an answer ({_ending(code)})")
     if "ok" in outcome and isinstance(outcome["ok"], dict):
         return outcome["ok"]
     raise _rebuild(outcome.get("error"))
@@ -183,10 +184,9 @@ def _rebuild(error: object) -> Exception:
     return known(text) if known is not None else StepError(f"{kind}: {text}")
 
 
-def _status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"killed by signal {os.WTERMSIG(status)}"
-    return f"exit {os.waitstatus_to_exitcode(status)}"
+def _ending(code: int) -> str:
+    """An exit code as os.waitstatus_to_exitcode gives it, in words."""
+    return f"killed by signal {-code}" if code < 0 else f"exit {code}"
 
 
 async def _read_async(fd: int) -> bytes:
@@ -206,21 +206,6 @@ async def _read_async(fd: int) -> bytes:
 
     await _until(fd, more)
     return bytes(chunks)
-
-
-async def _reap_async(pid: int) -> int:
-    """The child's wait status, waited for through a pidfd (a thread where there is none)."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        _, status = await asyncio.to_thread(os.waitpid, pid, 0)
-        return status
-    try:
-        await _until(pidfd, lambda: True)  # a pidfd is readable once the process exits
-    finally:
-        os.close(pidfd)
-    _, status = os.waitpid(pid, 0)
-    return status
 
 
 async def _until(fd: int, ready: Callable[[], bool]) -> None:
