@@ -54,6 +54,27 @@ def watch_child(loop: asyncio.AbstractEventLoop, pid: int, on_exit: Callable[[in
     return pidfd
 
 
+def fork_with_channel(kind: int = socket.SOCK_STREAM) -> tuple[int, socket.socket]:
+    """Fork, with a Unix socket pair between parent and child.
+
+    Returns (0, the child's end) in the child and (pid, the parent's end) in the parent;
+    each side has closed the other's end. OSError, with nothing left open, when the
+    system refuses the pair or the fork.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, kind)
+    try:
+        pid = os.fork()
+    except OSError:
+        ours.close()
+        theirs.close()
+        raise
+    if pid == 0:
+        ours.close()
+        return 0, theirs
+    theirs.close()
+    return pid, ours
+
+
 async def reaped(pid: int) -> int:
     """`pid`'s exit code once it has ended and been reaped (negative: killed by that
     signal), waited for on the running loop through its pidfd (see `watch_child`).

@@ -32,7 +32,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from netserver.children import kill_and_reap, watch_child
+from netserver.children import fork_with_channel, kill_and_reap, watch_child
 from netserver.connlog import ServerLog
 from netserver.smtp.replies import Reply
 
@@ -205,17 +205,9 @@ class CheckPool:
 
 async def _fork_worker() -> _Worker:
     """Fork a check worker; the pool talks to it over the parent's end of a socket pair."""
-    mine, theirs = socket.socketpair()
-    try:
-        pid = os.fork()
-    except OSError:
-        mine.close()
-        theirs.close()
-        raise
+    pid, mine = fork_with_channel()
     if pid == 0:
-        mine.close()
-        _child(theirs)
-    theirs.close()
+        _child(mine)
     loop = asyncio.get_running_loop()
     ended: asyncio.Future[int] = loop.create_future()
     try:

@@ -21,7 +21,7 @@ import sys
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..children import kill_and_reap, watch_child
+from ..children import fork_with_channel, kill_and_reap, watch_child
 from ..connection import Connection
 from ..endpoint import Endpoint
 from .base import Accepted, ModeContext, run_sync, status_for_exit
@@ -129,36 +129,27 @@ class PreforkMode:
     def _spawn(self) -> _Worker | None:
         """Start a worker; None (logged, retried later) when the system says no."""
         try:
-            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            pid, channel = fork_with_channel(socket.SOCK_SEQPACKET)
         except OSError as exc:
-            self._cannot_spawn(exc)
-            return None
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            parent_end.close()
-            child_end.close()
             self._cannot_spawn(exc)
             return None
         if pid == 0:
             code = 70
             try:
-                parent_end.close()
-                code = worker_main(self.ctx, child_end, self.size.recycle)
+                code = worker_main(self.ctx, channel, self.size.recycle)
             finally:
                 os._exit(code)
-        child_end.close()
-        worker = _Worker(pid, parent_end)
+        worker = _Worker(pid, channel)
         try:
             worker.pidfd = watch_child(self.ctx.loop, pid, lambda code: self._exited(worker, code))
         except OSError as exc:
             kill_and_reap(pid)
-            parent_end.close()
+            channel.close()
             self._cannot_spawn(exc)
             return None
-        self.ctx.fds.add(parent_end.fileno())
+        self.ctx.fds.add(channel.fileno())
         self.ctx.fds.add(worker.pidfd)
-        self.ctx.loop.add_reader(parent_end.fileno(), self._report, worker)
+        self.ctx.loop.add_reader(channel.fileno(), self._report, worker)
         self.workers[pid] = worker
         self.idle.append(worker)
         self._empty.clear()

@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..children import kill_and_reap, watch_child
+from ..children import fork_with_channel, kill_and_reap, watch_child
 from ..connlog import ServerLog
 from ..endpoint import Endpoint
 from ..handlers import AsyncHandler
@@ -174,46 +174,37 @@ class WorkerPool:
     # -- the worker processes -------------------------------------------------------------
     def _spawn(self) -> _Proc | None:
         assert self._loop is not None
-        try:
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        except OSError as exc:
-            self._cannot_spawn(exc)
-            return None
         parent_pid = os.getpid()
         # Objects made so far stay out of the collector's way in both processes, so a
         # collection does not touch (and copy) the pages the child shares with us.
         gc.freeze()
         try:
-            pid = os.fork()
+            pid, channel = fork_with_channel(socket.SOCK_SEQPACKET)
         except OSError as exc:
-            ours.close()
-            theirs.close()
             self._cannot_spawn(exc)
             return None
         if pid == 0:  # never returns: the child must not unwind into the parent's loop
             code = 70
             try:
-                ours.close()
-                code = self._child(theirs, parent_pid)
+                code = self._child(channel, parent_pid)
             except BaseException:  # whatever it is: report it, then exit
                 traceback.print_exc(file=sys.stderr)
             finally:
                 with contextlib.suppress(BaseException):
                     sys.stderr.flush()
                 os._exit(code)
-        theirs.close()
-        ours.setblocking(False)
-        proc = _Proc(pid, ours, self.generation, time.monotonic())
+        channel.setblocking(False)
+        proc = _Proc(pid, channel, self.generation, time.monotonic())
         try:
             proc.pidfd = watch_child(self._loop, pid, lambda code: self._exited(proc, code))
         except OSError as exc:
             kill_and_reap(pid)
-            ours.close()
+            channel.close()
             self._cannot_spawn(exc)
             return None
-        self._fds.add(ours.fileno())
+        self._fds.add(channel.fileno())
         self._fds.add(proc.pidfd)
-        self._loop.add_reader(ours.fileno(), self._report, proc)
+        self._loop.add_reader(channel.fileno(), self._report, proc)
         self.procs[pid] = proc
         self._empty.clear()
         self._ready.clear()
