@@ -21,13 +21,13 @@ from dnsserver import LoopbackDNS, Records, reverse_name
 from netserver.access import (
     AccessPolicy,
     Decision,
-    IPAddress,
     NameResolver,
     SystemResolver,
     normalize_ip,
     parse_rule,
 )
 from netserver.dnsresolver import DnsResolver
+from netserver.endpoint import IPAddress
 from netserver.errors import AccessSpecError, ConfigError
 
 NO_NAMES: frozenset[str] = frozenset()

@@ -28,7 +28,7 @@ from leafmail_fixtures import CLIENT, Leafmail, LeafmailFactory, leafmail_server
 from test_checks_received import RECEIVED_MX, hops
 from test_checks_serve import make_dkim_key
 
-from leafmail.checks import ACCEPT, Session, Stage
+from leafmail.checks import ACCEPT, CheckContext, Stage
 from leafmail.checks.limits import HEADER_TOO_BIG, TOO_MANY_FIELDS, header_limit_problem
 from leafmail.checks.pool import WORKER_NAME, CheckPool
 from leafmail.config import ChecksConfig, Config, RelayConfig
@@ -267,7 +267,7 @@ def test_pooled_content_checks_give_the_in_process_verdicts(mode: str) -> None:
             for data in messages:
                 verdicts = []
                 for policy in (pooled, local):
-                    facts = Session(ipaddress.ip_address("192.0.2.1"), data=data)
+                    facts = CheckContext(ipaddress.ip_address("192.0.2.1"), data=data)
                     verdicts.append(await policy.judge_async(Stage.END_OF_DATA, facts))
                 assert verdicts[0] == verdicts[1], data[:80]
                 assert verdicts[0] != ACCEPT or data == GOOD

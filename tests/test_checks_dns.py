@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from dnsserver import LoopbackDNS, Records, reverse_name
 
-from leafmail.checks import ACCEPT, Accept, Defer, Reject, Session, Stage, Tag, Verdict
+from leafmail.checks import ACCEPT, Accept, CheckContext, Defer, Reject, Stage, Tag, Verdict
 from leafmail.checks.auth import (
     auth_results_check,
     authserv_id_of,
@@ -90,11 +90,11 @@ def settings(server: LoopbackDNS | int, timeout: float = TIMEOUT) -> DnsConfig:
     return DnsConfig(nameservers=("127.0.0.1",), port=port, timeout=timeout)
 
 
-def client(ip: str, **facts: object) -> Session:
-    return Session(ipaddress.ip_address(ip), **facts)  # type: ignore[arg-type]
+def client(ip: str, **facts: object) -> CheckContext:
+    return CheckContext(ipaddress.ip_address(ip), **facts)  # type: ignore[arg-type]
 
 
-def alice(ip: str = CLEAN, **facts: object) -> Session:
+def alice(ip: str = CLEAN, **facts: object) -> CheckContext:
     return client(ip, helo="client.example.org", sender=Mailbox("alice", "example.org"), **facts)
 
 
@@ -130,7 +130,7 @@ BL_RECORDS: Records = {
 
 def dnsbl(
     server: LoopbackDNS, mode: str, zones: Sequence[str] = ("bl.test",)
-) -> Callable[[Session], Awaitable[Verdict]]:
+) -> Callable[[CheckContext], Awaitable[Verdict]]:
     return dnsbl_check(mode, zones, make_resolver(settings(server)), TIMEOUT, RELAY)
 
 
@@ -243,7 +243,7 @@ RDNS_RECORDS: Records = {
 
 def rdns(
     server: LoopbackDNS | int, mode: str, timeout: float = TIMEOUT
-) -> Callable[[Session], Awaitable[Verdict]]:
+) -> Callable[[CheckContext], Awaitable[Verdict]]:
     return rdns_check(mode, make_resolver(settings(server, timeout)), timeout, RELAY)
 
 
@@ -291,7 +291,7 @@ SPF_RECORDS: Records = {
 
 def spf_for(
     server: LoopbackDNS | int, mode: str, timeout: float = TIMEOUT
-) -> Callable[[Session], Awaitable[Verdict]]:
+) -> Callable[[CheckContext], Awaitable[Verdict]]:
     return spf_check(mode, make_sync_resolver(settings(server, timeout)), timeout, RELAY)
 
 
@@ -507,7 +507,7 @@ def test_ed25519_signatures_verify(
     ]
 
 
-def results(server: LoopbackDNS, dkim_mode: str) -> Callable[[Session], Awaitable[Verdict]]:
+def results(server: LoopbackDNS, dkim_mode: str) -> Callable[[CheckContext], Awaitable[Verdict]]:
     return auth_results_check(
         "mx.test", dkim_mode, make_sync_resolver(settings(server)), TIMEOUT, RELAY
     )
@@ -653,7 +653,7 @@ def all_on(server: LoopbackDNS | int, timeout: float = TIMEOUT) -> Config:
     )
 
 
-async def transaction(config: Config, facts: Session, data: bytes) -> tuple[Verdict, Verdict]:
+async def transaction(config: Config, facts: CheckContext, data: bytes) -> tuple[Verdict, Verdict]:
     """Judge MAIL, then end of data, as ReceiveService does."""
     policy = policy_for(config)
     facts.start_transaction()

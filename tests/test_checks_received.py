@@ -11,7 +11,7 @@ import ipaddress
 
 import pytest
 
-from leafmail.checks import ACCEPT, Reject, Session, Stage, Tag
+from leafmail.checks import ACCEPT, CheckContext, Reject, Stage, Tag
 from leafmail.checks.headers import parse_header
 from leafmail.checks.received import (
     HOP_TAG_THRESHOLD,
@@ -131,8 +131,8 @@ def test_chain_problems(message: bytes, expected: list[str]) -> None:
 
 def session(
     ip: str = "192.0.2.1", *, helo: str | None = None, data: bytes = b"", user: str | None = None
-) -> Session:
-    return Session(ipaddress.ip_address(ip), helo=helo, data=data, user=user)
+) -> CheckContext:
+    return CheckContext(ipaddress.ip_address(ip), helo=helo, data=data, user=user)
 
 
 def test_helo_check_tags_in_tag_mode() -> None:

@@ -10,7 +10,7 @@ import ipaddress
 
 import pytest
 
-from leafmail.checks import ACCEPT, Reject, Session, Stage, Tag
+from leafmail.checks import ACCEPT, CheckContext, Reject, Stage, Tag
 from leafmail.checks.rfc5322 import TAG_FIELD, problems, rfc5322_check
 from leafmail.config import ChecksConfig, Config, RelayConfig
 from leafmail.policy import policy_for
@@ -196,8 +196,8 @@ INSIDER = ipaddress.ip_address("127.0.0.1")
 BROKEN = without(b"Date")
 
 
-def session(data: bytes, ip: str = "192.0.2.1", user: str | None = None) -> Session:
-    return Session(ipaddress.ip_address(ip), user=user, data=data)
+def session(data: bytes, ip: str = "192.0.2.1", user: str | None = None) -> CheckContext:
+    return CheckContext(ipaddress.ip_address(ip), user=user, data=data)
 
 
 def test_tag_mode_adds_one_field_naming_every_reason() -> None:

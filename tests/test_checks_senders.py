@@ -6,7 +6,7 @@ import ipaddress
 
 import pytest
 
-from leafmail.checks import ACCEPT, Reject, Session
+from leafmail.checks import ACCEPT, CheckContext, Reject
 from leafmail.checks.relay import ROUTING_DENIED, is_routed, relay_check
 from leafmail.checks.senders import SenderLogins, sender_login_check
 from netserver.access import AccessPolicy
@@ -44,9 +44,9 @@ def test_owns(user: str, sender: Mailbox, owned: bool) -> None:
 def test_check_judges_only_logged_in_users_and_allows_the_null_sender() -> None:
     check = sender_login_check(LOGINS)
     ip = ipaddress.ip_address("192.0.2.1")
-    assert check(Session(ip, sender=Mailbox("x", "y.test"))) is ACCEPT  # no login
-    assert check(Session(ip, user="carol", sender=None)) is ACCEPT  # <>
-    verdict = check(Session(ip, user="carol", sender=Mailbox("x", "y.test")))
+    assert check(CheckContext(ip, sender=Mailbox("x", "y.test"))) is ACCEPT  # no login
+    assert check(CheckContext(ip, user="carol", sender=None)) is ACCEPT  # <>
+    verdict = check(CheckContext(ip, user="carol", sender=Mailbox("x", "y.test")))
     assert isinstance(verdict, Reject)
     assert (verdict.reply.code, verdict.reply.enhanced) == (553, "5.7.1")
 
@@ -63,7 +63,9 @@ def test_is_routed(local: str, routed: bool) -> None:
 def test_routed_local_recipient_refused_only_to_untrusted() -> None:
     check = relay_check(["mx.test"], AccessPolicy(allow=["127.0.0.1"]))
     rcpt = Mailbox("u%other.test", "MX.test.")
-    outsider = Session(ipaddress.ip_address("192.0.2.1"), recipient=rcpt)
+    outsider = CheckContext(ipaddress.ip_address("192.0.2.1"), recipient=rcpt)
     assert check(outsider) == Reject(ROUTING_DENIED)
-    assert check(Session(ipaddress.ip_address("127.0.0.1"), recipient=rcpt)) is ACCEPT
-    assert check(Session(ipaddress.ip_address("192.0.2.1"), user="a", recipient=rcpt)) is ACCEPT
+    assert check(CheckContext(ipaddress.ip_address("127.0.0.1"), recipient=rcpt)) is ACCEPT
+    assert (
+        check(CheckContext(ipaddress.ip_address("192.0.2.1"), user="a", recipient=rcpt)) is ACCEPT
+    )

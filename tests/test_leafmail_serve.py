@@ -984,7 +984,7 @@ def test_connect_stage_refusal_is_the_greeting() -> None:
     """A connect-stage check that rejects turns the greeting into its 554."""
     import asyncio
 
-    from leafmail.checks import Reject, Session, Stage
+    from leafmail.checks import CheckContext, Reject, Stage
     from leafmail.receive import Policy, ReceiveService
     from netserver.aio import AsyncConnection
     from netserver.smtp import ServerConfig
@@ -992,7 +992,7 @@ def test_connect_stage_refusal_is_the_greeting() -> None:
 
     refusal = Reply(554, "5.7.1", "No SMTP service here")
 
-    def refuse_all(session: Session) -> Reject:
+    def refuse_all(session: CheckContext) -> Reject:
         return Reject(refusal)
 
     async def scenario() -> bytes:

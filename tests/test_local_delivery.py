@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 from localusers import PYTHON, VIRTUAL, give_to_virtual, virtual_tmp
 
-from leafmail.checks import ACCEPT, Defer, Reject, Session
+from leafmail.checks import ACCEPT, CheckContext, Defer, Reject
 from leafmail.config import Config, _build
 from leafmail.delivery import Outcome, Result
 from leafmail.delivery.local import (
@@ -704,8 +704,8 @@ def test_unknown_recipient_bounces_through_the_runner(tmp_path: Path) -> None:
 # --- the RCPT check ------------------------------------------------------------------
 
 
-def rcpt(local: str, domain: str = HOST) -> Session:
-    return Session(client_ip=None, recipient=Mailbox(local, domain))
+def rcpt(local: str, domain: str = HOST) -> CheckContext:
+    return CheckContext(client_ip=None, recipient=Mailbox(local, domain))
 
 
 def test_local_recipient_check(tmp_path: Path) -> None:
@@ -718,7 +718,7 @@ def test_local_recipient_check(tmp_path: Path) -> None:
         rcpt("Postmaster", ""),
         rcpt("postmaster"),
         rcpt("zed", "elsewhere.example"),
-        Session(client_ip=None),
+        CheckContext(client_ip=None),
     ):
         assert check(ok) is ACCEPT
     for bad in (rcpt("zed"), rcpt('"../alice"'), rcpt("ZED", "MX.TEST.")):

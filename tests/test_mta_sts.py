@@ -28,10 +28,10 @@ from leafmail.delivery import Outcome, mta_sts
 from leafmail.delivery.mta_sts import (
     FETCH_RETRY,
     MAX_POLICY_BYTES,
-    Mode,
-    Policy,
     PolicyCache,
     PolicyError,
+    StsMode,
+    StsPolicy,
     mx_matches,
     parse_policy,
     parse_txt,
@@ -178,7 +178,9 @@ def test_parse_txt(records: list[str], expect: str | None) -> None:
 
 def test_parse_policy_reads_every_field_and_ignores_unknown_ones() -> None:
     text = "version: STSv1\nmode: enforce\nmx: mx1.a.test\nmx: *.a.test\nmax_age: 600\nx: y\n"
-    assert parse_policy(text, "id1") == Policy("id1", Mode.ENFORCE, ("mx1.a.test", "*.a.test"), 600)
+    assert parse_policy(text, "id1") == StsPolicy(
+        "id1", StsMode.ENFORCE, ("mx1.a.test", "*.a.test"), 600
+    )
 
 
 def test_parse_policy_caps_max_age_at_about_a_year() -> None:
@@ -204,7 +206,7 @@ def test_parse_policy_refuses_invalid_policies(text: str) -> None:
 
 
 def test_a_none_policy_needs_no_mx() -> None:
-    assert parse_policy("version: STSv1\nmode: none\nmax_age: 60\n", "i").mode is Mode.NONE
+    assert parse_policy("version: STSv1\nmode: none\nmax_age: 60\n", "i").mode is StsMode.NONE
 
 
 @pytest.mark.parametrize(

@@ -58,7 +58,7 @@ def _defined_by(stmt: ast.stmt) -> str | None:
         return stmt.name
     type_alias = getattr(ast, "TypeAlias", None)  # ``type X = ...``, Python 3.12+
     if type_alias is not None and isinstance(stmt, type_alias):
-        name: str = stmt.name.id  # type: ignore[attr-defined]
+        name: str = stmt.name.id
         return name
     if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
         return stmt.target.id if _last_name(stmt.annotation) == "TypeAlias" else None

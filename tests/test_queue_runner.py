@@ -24,7 +24,7 @@ from smarthost import Greeter, Smarthost
 from leafmail import tools
 from leafmail.delivery.smarthost import SmarthostAgent, SmarthostSettings
 from leafmail.envelope import ClientInfo, Envelope, Recipient
-from leafmail.message import Attempt, Verdict
+from leafmail.message import Attempt, AttemptOutcome
 from leafmail.queue import SCAN_INTERVAL, PassSummary, QueueRunner
 from leafmail.retry import RetryPolicy
 from leafmail.spool import STATES, Spool
@@ -430,9 +430,9 @@ def test_link_down_defers_one_and_rests(spool: Spool) -> None:
         summary = asyncio.run(runner.run_once(progress=seen.append))
 
         assert [(a.qid, a.verdict) for a in seen] == [
-            (qids[0], Verdict.DEFERRED),
-            (qids[1], Verdict.WAITING),
-            (qids[2], Verdict.WAITING),
+            (qids[0], AttemptOutcome.DEFERRED),
+            (qids[1], AttemptOutcome.WAITING),
+            (qids[2], AttemptOutcome.WAITING),
         ]
         assert summary.deferred == 3
         assert summary.link_error
@@ -455,14 +455,14 @@ def test_link_down_defers_one_and_rests(spool: Spool) -> None:
         # After it, one try; still down, so the wait doubles.
         clock.now = t0 + 61.0
         second = run(runner)
-        assert second.counts[Verdict.DEFERRED.value] == 1
+        assert second.counts[AttemptOutcome.DEFERRED.value] == 1
         assert down.accepts == 2
         assert runner.link_wait == 120.0
         assert runner.link_down_until == pytest.approx(clock.now + 120.0)
 
         # A forced pass (flush, a network-up hook) ignores the wait.
         forced = run(runner, force=True)
-        assert forced.counts[Verdict.DEFERRED.value] == 1
+        assert forced.counts[AttemptOutcome.DEFERRED.value] == 1
         assert down.accepts == 3
         assert runner.link_wait == 240.0
 
@@ -517,10 +517,10 @@ def test_link_down_with_concurrency_stops_taking_new_messages(spool: Spool) -> N
         seen: list[Attempt] = []
         summary = asyncio.run(runner.run_once(progress=seen.append))
         verdicts = Counter(a.verdict for a in seen)
-        assert set(verdicts) == {Verdict.DEFERRED, Verdict.WAITING}
-        assert 1 <= verdicts[Verdict.DEFERRED] <= 4  # only those in flight at the time
-        assert verdicts[Verdict.WAITING] == 8 - verdicts[Verdict.DEFERRED]
-        assert down.accepts == verdicts[Verdict.DEFERRED]
+        assert set(verdicts) == {AttemptOutcome.DEFERRED, AttemptOutcome.WAITING}
+        assert 1 <= verdicts[AttemptOutcome.DEFERRED] <= 4  # only those in flight at the time
+        assert verdicts[AttemptOutcome.WAITING] == 8 - verdicts[AttemptOutcome.DEFERRED]
+        assert down.accepts == verdicts[AttemptOutcome.DEFERRED]
         assert summary.deferred == 8
         assert len(spool.ids("queue")) + len(spool.ids("deferred")) == 8
     finally:
@@ -551,7 +551,10 @@ def test_link_wait_doubles_once_per_pass_with_concurrency(spool: Spool) -> None:
         seen: list[Attempt] = []
         summary = asyncio.run(runner.run_once(progress=seen.append))
         assert "no answer within 0.5s" in summary.link_error
-        assert Counter(a.verdict for a in seen) == {Verdict.DEFERRED: 4, Verdict.WAITING: 4}
+        assert Counter(a.verdict for a in seen) == {
+            AttemptOutcome.DEFERRED: 4,
+            AttemptOutcome.WAITING: 4,
+        }
         assert runner.link_wait == 60.0  # the first wait, as with one worker
         assert runner.link_down_until == pytest.approx(clock.now + 60.0)
     finally:
@@ -606,7 +609,7 @@ def test_corrupt_file_is_set_aside_and_the_rest_delivered(sink: Smarthost, spool
     summary = asyncio.run(make_runner(spool, sink.port, FakeClock()).run_once(progress=seen.append))
 
     assert counts(summary) == {"delivered": 2, "corrupt": 1}
-    assert {a.qid: a.verdict for a in seen}[qids[1]] is Verdict.CORRUPT
+    assert {a.qid: a.verdict for a in seen}[qids[1]] is AttemptOutcome.CORRUPT
     assert spool.ids("corrupt") == [qids[1]]
     assert (spool.root / "corrupt" / qids[1]).read_bytes() == bytes(blob)
     assert spool.ids("queue") == [] and spool.ids("deferred") == []

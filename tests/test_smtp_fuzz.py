@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from netserver.smtp import (
     Closed,
-    Decision,
+    DecisionEvent,
     Event,
     MessageReady,
     RcptTo,
@@ -135,7 +135,7 @@ VERDICTS = ["accept"] * 6 + ["reject", "defer", "close"]
 def decide(protocol: ServerProtocol, events: list[Event], data: st.DataObject) -> list[Event]:
     """Answer decisions randomly until the protocol wants input; return all events."""
     seen = list(events)
-    while events and isinstance(events[-1], Decision):
+    while events and isinstance(events[-1], DecisionEvent):
         check_invariants(protocol)
         verdict = data.draw(st.sampled_from(VERDICTS))
         if verdict == "accept":
@@ -299,7 +299,7 @@ def deliver(wire: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted(set(cuts))
     for a, b in zip([0, *points], [*points, len(wire)], strict=True):
         events = protocol.receive_data(wire[a:b])
-        while events and isinstance(events[-1], Decision):
+        while events and isinstance(events[-1], DecisionEvent):
             if isinstance(events[-1], MessageReady):
                 messages.append(events[-1].data)
             protocol.accept()
@@ -347,7 +347,7 @@ def test_only_crlf_dot_crlf_ends_data(noise: bytes) -> None:
         return
     protocol = ServerProtocol(CONFIG)
     events = protocol.receive_data(PREFIX + b"DATA\r\n")
-    while events and isinstance(events[-1], Decision):
+    while events and isinstance(events[-1], DecisionEvent):
         protocol.accept()
         events = protocol.resume()
     assert protocol.state is State.DATA

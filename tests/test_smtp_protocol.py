@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 
 from netserver.smtp import (
+    AcceptedRecipient,
     AuthRequest,
     BareNewline,
     Closed,
     DataStart,
-    Decision,
-    Envelope,
+    DecisionEvent,
     Event,
     Helo,
     LocalProtocolError,
@@ -31,13 +31,13 @@ from netserver.smtp import (
     Notify,
     RcptParameters,
     RcptTo,
-    Recipient,
     Reply,
     ServerConfig,
     ServerProtocol,
     Session,
     StartTLS,
     State,
+    Transaction,
     received_protocol,
     replies,
 )
@@ -48,10 +48,10 @@ CONFIG = ServerConfig(HOST, max_message_size=2000, max_recipients=3, max_errors=
 AUTH_CONFIG = ServerConfig(HOST, auth_enabled=True, auth_plaintext_allowed=True)
 TLS_CONFIG = ServerConfig(HOST, tls_available=True, auth_enabled=True)
 
-Policy = Callable[[Decision], Reply | None]
+Policy = Callable[[DecisionEvent], Reply | None]
 
 
-def accept_all(event: Decision) -> Reply | None:
+def accept_all(event: DecisionEvent) -> Reply | None:
     return None
 
 
@@ -72,7 +72,7 @@ def drive(protocol: ServerProtocol, events: list[Event], policy: Policy, seen: l
     """Answer decisions until the protocol needs more input."""
     while True:
         seen.extend(events)
-        if not events or not isinstance(events[-1], Decision):
+        if not events or not isinstance(events[-1], DecisionEvent):
             return
         verdict = policy(events[-1])
         if verdict is not None and verdict.code >= 400:
@@ -549,8 +549,10 @@ def test_message_event_carries_envelope_and_session() -> None:
     assert message.envelope.sender == Mailbox("s", "example.org")
     assert message.envelope.params.envid == "abc"
     assert message.envelope.recipients == (
-        Recipient(Mailbox("a", "example.net"), RcptParameters(notify=frozenset({Notify.NEVER}))),
-        Recipient(Mailbox("b", "example.net")),
+        AcceptedRecipient(
+            Mailbox("a", "example.net"), RcptParameters(notify=frozenset({Notify.NEVER}))
+        ),
+        AcceptedRecipient(Mailbox("b", "example.net")),
     )
     assert received_protocol(message.session, message.envelope) == "ESMTP"
     assert "data" not in repr(message)
@@ -703,7 +705,7 @@ def test_bdat_out_of_sequence_skips_the_chunk() -> None:
 
 
 def test_bdat_data_start_is_a_decision() -> None:
-    def refuse_data(event: Decision) -> Reply | None:
+    def refuse_data(event: DecisionEvent) -> Reply | None:
         return Reply(554, "5.7.1", "no data today") if isinstance(event, DataStart) else None
 
     talk = converse(BDAT_START + b"BDAT 4 LAST\r\nNOOPRSET\r\n", policy=refuse_data)
@@ -739,7 +741,7 @@ def test_processing_stops_at_each_decision() -> None:
 
 
 def test_pipelined_rejections_keep_replies_in_order() -> None:
-    def policy(event: Decision) -> Reply | None:
+    def policy(event: DecisionEvent) -> Reply | None:
         if isinstance(event, RcptTo) and event.recipient.local == "nobody":
             return Reply(550, "5.1.1", "no such user")
         return None
@@ -801,7 +803,7 @@ def test_message_commit_holds_back_pipelined_commands() -> None:
         (MessageReady, Reply(451, "4.3.0", "spool trouble"), "451 4.3.0 spool trouble"),
     ],
 )
-def test_policy_rejections(event_type: type[Decision], reply: Reply, after: str) -> None:
+def test_policy_rejections(event_type: type[DecisionEvent], reply: Reply, after: str) -> None:
     talk = converse(
         crlf(EHLO, MAIL, RCPT, "DATA", "x", ".", "NOOP"),
         policy=lambda e: reply if isinstance(e, event_type) else None,
@@ -1207,7 +1209,7 @@ def test_transition_table_covers_every_state() -> None:
     ],
 )
 def test_received_protocol(session: Session, smtputf8: bool, keyword: str) -> None:
-    envelope = Envelope(None, MailParameters(smtputf8=smtputf8))
+    envelope = Transaction(None, MailParameters(smtputf8=smtputf8))
     assert received_protocol(session, envelope) == keyword
 
 

@@ -36,7 +36,7 @@ STDIN = "-"
 
 
 @dataclass(frozen=True)
-class Action:
+class QueueTool:
     """A queue tool: what it does to one message, and the words of its report."""
 
     name: str
@@ -50,16 +50,16 @@ class Action:
 ACTIONS = {
     a.name: a
     for a in (
-        Action("delete", "deleted", "", tools.delete, ("queue", "deferred", "hold"), None),
-        Action("hold", "held", "already held", tools.hold, ("queue", "deferred"), "hold"),
-        Action("release", "released", "not held", tools.release, ("hold",), "queue"),
-        Action("requeue", "requeued", "", tools.requeue, ("queue", "deferred", "hold"), "queue"),
+        QueueTool("delete", "deleted", "", tools.delete, ("queue", "deferred", "hold"), None),
+        QueueTool("hold", "held", "already held", tools.hold, ("queue", "deferred"), "hold"),
+        QueueTool("release", "released", "not held", tools.release, ("hold",), "queue"),
+        QueueTool("requeue", "requeued", "", tools.requeue, ("queue", "deferred", "hold"), "queue"),
     )
 }
 
 
 @dataclass
-class Report:
+class ToolReport:
     """Counts per outcome and the first failure's exit status."""
 
     out: TextIO
@@ -76,7 +76,7 @@ class Report:
         self.err.write(f"{prog}: {message}\n")
         self.status = self.status or code
 
-    def summary(self, action: Action) -> str:
+    def summary(self, action: QueueTool) -> str:
         changed = self.counts.pop(action.done, 0)
         if not changed and not self.counts:
             return "-- no messages selected\n"
@@ -102,7 +102,7 @@ def run(
     `junk` (delete only) also removes every junk entry of every state directory.
     """
     action = ACTIONS[action_name]
-    report = Report(out, err, Counter())
+    report = ToolReport(out, err, Counter())
     wanted = words or selection.filtered or not junk
     chosen = targets(spool, action, words, selection, stdin) if wanted else iter(())
     for target in itertools.chain(chosen, _junk(spool) if junk else ()):
@@ -116,7 +116,9 @@ def run(
     return report.status, changed
 
 
-def _apply(spool: Spool, action: Action, qid: str, named: bool, report: Report, prog: str) -> None:
+def _apply(
+    spool: Spool, action: QueueTool, qid: str, named: bool, report: ToolReport, prog: str
+) -> None:
     try:
         changed = action.run(spool, qid)
     except tools.NoSuchMessage as exc:
@@ -132,7 +134,9 @@ def _apply(spool: Spool, action: Action, qid: str, named: bool, report: Report, 
     report.done(qid, action.unchanged if changed is False else action.done)
 
 
-def _remove_junk(spool: Spool, action: Action, junk: Junk, report: Report, prog: str) -> None:
+def _remove_junk(
+    spool: Spool, action: QueueTool, junk: Junk, report: ToolReport, prog: str
+) -> None:
     if action.name != "delete":
         error = tools.not_a_message(junk)
         report.failed(prog, str(error), error.exit_code)
@@ -146,12 +150,12 @@ def _remove_junk(spool: Spool, action: Action, junk: Junk, report: Report, prog:
     report.done(junk.ref, "deleted")
 
 
-Target = tuple[str, bool] | Junk
+ToolTarget = tuple[str, bool] | Junk
 
 
 def targets(
-    spool: Spool, action: Action, words: list[str], selection: Selection, stdin: TextIO
-) -> Iterator[Target]:
+    spool: Spool, action: QueueTool, words: list[str], selection: Selection, stdin: TextIO
+) -> Iterator[ToolTarget]:
     """What to act on: (queue id, named on the command line?) or a junk entry."""
     if ALL in words:
         if len(words) > 1:
@@ -178,7 +182,7 @@ def _words(words: list[str], stdin: TextIO) -> Iterator[str]:
             yield word
 
 
-def _named(spool: Spool, word: str, selection: Selection, now: float) -> Iterator[Target]:
+def _named(spool: Spool, word: str, selection: Selection, now: float) -> Iterator[ToolTarget]:
     """A word of the command line: STATE/NAME of junk as `leafmail queue` lists it, a
     queue id whose file is junk (a symlink), or a queue id for the action to check."""
     if "/" in word or (valid_id(word) and spool.find(word) is None):
@@ -208,7 +212,7 @@ def _envelope_matches(spool: Spool, qid: str, state: str, selection: Selection) 
     return entry is not None and entry.state not in ("junk", "corrupt")
 
 
-def _scan(spool: Spool, action: Action, selection: Selection) -> Iterator[Target]:
+def _scan(spool: Spool, action: QueueTool, selection: Selection) -> Iterator[ToolTarget]:
     """Every selected message, streamed; the action's target state is read first, so a
     message it moves there is never met twice."""
     states = sorted(selection.states, key=lambda s: s != action.target)

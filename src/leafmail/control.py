@@ -33,14 +33,14 @@ from .envelope import EnvelopeError, load_json
 REQUEST_LIMIT = 4096
 REQUEST_TIMEOUT = 10.0
 
-Reply = Callable[[dict[str, Any]], None]
-Handler = Callable[[str, Reply], Awaitable[None]]
+Respond = Callable[[dict[str, Any]], None]
+ControlHandler = Callable[[str, Respond], Awaitable[None]]
 
 
 class ControlServer:
     """Serves control requests on a Unix socket for as long as the daemon runs."""
 
-    def __init__(self, path: Path, handler: Handler, log: ServerLog) -> None:
+    def __init__(self, path: Path, handler: ControlHandler, log: ServerLog) -> None:
         self.path = path
         self.handler = handler
         self.log = log

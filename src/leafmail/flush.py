@@ -26,7 +26,7 @@ from . import control
 from .config import Config
 from .delivery import Agent
 from .delivery.router import build_agent
-from .message import Attempt, Verdict
+from .message import Attempt, AttemptOutcome
 from .printable import printable
 from .privsep import spool_owner
 from .queue import QueueRunner
@@ -61,7 +61,7 @@ class Reporter:
             self._progress.update(self._task, total=count)
 
     def message(self, qid: str, verdict: str, error: str) -> None:
-        if verdict == Verdict.SKIPPED.value:
+        if verdict == AttemptOutcome.SKIPPED.value:
             return
         self.counts[verdict] += 1
         if self._progress is not None:
@@ -70,7 +70,7 @@ class Reporter:
             summary = ", ".join(f"{n} {v}" for v, n in sorted(self.counts.items()))
             self._progress.update(self._task, advance=1, description=escape(printable(summary)))
         else:
-            tail = f": {error}" if error and verdict != Verdict.DELIVERED.value else ""
+            tail = f": {error}" if error and verdict != AttemptOutcome.DELIVERED.value else ""
             self._print(printable(f"{qid} {verdict}{tail}"))
 
     def _print(self, line: str) -> None:

@@ -45,7 +45,7 @@ from .status import MessageStatus, RcptState, RcptStatus
 INLINE_LOAD_LIMIT = 256 * 1024  # bytes: reading and checking this much takes < 1 ms
 
 
-class Verdict(StrEnum):
+class AttemptOutcome(StrEnum):
     """What one attempt left a message as."""
 
     DELIVERED = "delivered"  # every recipient delivered; removed
@@ -61,7 +61,7 @@ class Attempt:
     """The result of one attempt: a verdict and the per-recipient results."""
 
     qid: str
-    verdict: Verdict
+    verdict: AttemptOutcome
     results: dict[int, Result]
     error: str = ""
     dsns: tuple[str, ...] = ()  # queue ids of the DSNs and forwarded copies it spooled
@@ -173,16 +173,16 @@ async def attempt(
     """
     with spool.locked(qid, wait=wait) as state:
         if state is None or state == "hold":
-            return Attempt(qid, Verdict.SKIPPED, {})
+            return Attempt(qid, AttemptOutcome.SKIPPED, {})
         try:
             message = await _load(spool, qid, state)
         except UnknownMessage:
-            return Attempt(qid, Verdict.SKIPPED, {})
+            return Attempt(qid, AttemptOutcome.SKIPPED, {})
         except CorruptMessage as exc:  # Spool.get moved it to corrupt/
-            return Attempt(qid, Verdict.CORRUPT, {}, str(exc))
+            return Attempt(qid, AttemptOutcome.CORRUPT, {}, str(exc))
         status = message.status
         if not force and state == "deferred" and status.next_attempt > now:
-            return Attempt(qid, Verdict.SKIPPED, {})
+            return Attempt(qid, AttemptOutcome.SKIPPED, {})
         expansions = RecordedExpansions(spool, qid, status)
         await expansions.recover()  # copies a crash left in hold/ go out now
         open_rcpts = status.open
@@ -192,7 +192,7 @@ async def attempt(
         elif policy.expired(status.arrival, now):
             results = expire(open_rcpts, status, policy)
         elif agent is None:
-            return Attempt(qid, Verdict.SKIPPED, {}, dsns=tuple(expansions.released))
+            return Attempt(qid, AttemptOutcome.SKIPPED, {}, dsns=tuple(expansions.released))
         else:
             try:
                 results = await agent.deliver(
@@ -279,7 +279,7 @@ async def record(
     spooled = tuple(dsn_ids) + (() if expansions is None else tuple(expansions.released))
     verdict = verdict_of(status)
     # status.last_error outlives the attempt that set it: a delivery has no error to report.
-    error = "" if verdict is Verdict.DELIVERED else status.last_error
+    error = "" if verdict is AttemptOutcome.DELIVERED else status.last_error
     return Attempt(
         message.qid,
         verdict,
@@ -466,9 +466,9 @@ def apply_results(
     )
 
 
-def verdict_of(status: MessageStatus) -> Verdict:
+def verdict_of(status: MessageStatus) -> AttemptOutcome:
     if not status.done:
-        return Verdict.DEFERRED
+        return AttemptOutcome.DEFERRED
     if any(r.state is RcptState.FAILED for r in status.recipients):
-        return Verdict.BOUNCED
-    return Verdict.DELIVERED
+        return AttemptOutcome.BOUNCED
+    return AttemptOutcome.DELIVERED

@@ -41,7 +41,7 @@ from .sendmail.reading import crlf_lines
 from .sendmail.spooling import Submission, build, now
 from .spool import GroupCommitter, SpoolError
 from .spoolcheck import PUBLIC_DIR
-from .submitwire import HEADER_LIMIT, Request, encode_reply, parse_request, socket_path
+from .submitwire import HEADER_LIMIT, SubmitRequest, encode_reply, parse_request, socket_path
 
 MAX_ACTIVE = 8  # messages read and prepared at once; more wait for their turn
 MAX_OPEN = 64  # connections at once; past it they are closed unanswered
@@ -142,7 +142,7 @@ class PickupServer:
         return {"queued": qid}
 
 
-def _request(line: bytes, limit: int) -> Request:
+def _request(line: bytes, limit: int) -> SubmitRequest:
     if not line.endswith(b"\n"):
         raise Rejected("the request line is incomplete")
     try:
@@ -154,7 +154,7 @@ def _request(line: bytes, limit: int) -> Request:
     return request
 
 
-def prepare(request: Request, data: bytes, ctx: Context) -> Submission:
+def prepare(request: SubmitRequest, data: bytes, ctx: Context) -> Submission:
     """What sendmail would spool for this user: checked envelope, completed headers,
     a Received line with the kernel's uid. Rejected says what is wrong (in a thread)."""
     envelope = checked_envelope(request.envelope, ctx.hostname)

@@ -18,7 +18,7 @@ from typing import Any
 from netserver.modes.workers import WorkerApp
 
 from .config import Config
-from .control import ControlServer, Reply
+from .control import ControlServer, Respond
 from .flush import build_runner
 from .localsvc import LocalClient
 from .pickup import PickupServer
@@ -121,7 +121,7 @@ class Qmgr:
         if self.committer is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.committer.close)
 
-    async def _control(self, command: str, reply: Reply) -> None:
+    async def _control(self, command: str, reply: Respond) -> None:
         """Serve one control request (leafmail.control)."""
         if self.runner is None:
             reply({"error": "no smarthost configured (delivery.smarthost)"})

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from netserver.connlog import ServerLog
 
 from .delivery import Agent
-from .message import Attempt, Verdict, attempt
+from .message import Attempt, AttemptOutcome, attempt
 from .retry import RetryPolicy
 from .spool import Spool, arrival_time
 from .status import peek_next_attempt
@@ -55,7 +55,9 @@ class PassSummary:
     @property
     def deferred(self) -> int:
         """Messages still queued after this pass (tried and deferred, or not tried)."""
-        return self.counts[Verdict.DEFERRED.value] + self.counts[Verdict.WAITING.value]
+        return (
+            self.counts[AttemptOutcome.DEFERRED.value] + self.counts[AttemptOutcome.WAITING.value]
+        )
 
 
 class QueueRunner:
@@ -177,7 +179,7 @@ class QueueRunner:
             usable = link_up and not summary.link_error and now >= self.link_down_until
             if not usable and not self.policy.expired(arrival_time(qid), now):
                 reason = summary.link_error or "next hop unreachable earlier; waiting"
-                done = Attempt(qid, Verdict.WAITING, {}, f"not tried: {reason}")
+                done = Attempt(qid, AttemptOutcome.WAITING, {}, f"not tried: {reason}")
             else:
                 done = await self._attempt(qid, now, summary, force, usable)
             self._arrived.extend(done.dsns)  # bounces go out in this same pass
@@ -206,13 +208,13 @@ class QueueRunner:
             error = f"not recorded, will retry: {type(exc).__name__}: {exc}"
             if self.log is not None:
                 self.log.info("delivery error", qid=qid, error=error)
-            return Attempt(qid, Verdict.DEFERRED, {}, error)
+            return Attempt(qid, AttemptOutcome.DEFERRED, {}, error)
         if done.link_down:
             if not summary.link_error:  # once per pass, however many workers found out
                 self._link_failed(done.error, now)
                 summary.link_error = done.error
             return done
-        if usable and done.verdict is not Verdict.SKIPPED:
+        if usable and done.verdict is not AttemptOutcome.SKIPPED:
             self.link_wait = 0.0
         return done
 
@@ -233,7 +235,7 @@ class QueueRunner:
             )
 
     def _report(self, done: Attempt) -> None:
-        if self.log is None or done.verdict in (Verdict.SKIPPED, Verdict.WAITING):
+        if self.log is None or done.verdict in (AttemptOutcome.SKIPPED, AttemptOutcome.WAITING):
             return
         error = {"error": done.error} if done.error else {}
         self.log.event("delivery", qid=done.qid, result=done.verdict.value, **error)

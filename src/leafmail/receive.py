@@ -21,7 +21,7 @@ from netserver.connlog import ServerLog
 from netserver.smtp import (
     AuthRequest,
     DataStart,
-    Decision,
+    DecisionEvent,
     Event,
     Helo,
     MailFrom,
@@ -29,12 +29,12 @@ from netserver.smtp import (
     RcptTo,
     ServerConfig,
     ServerProtocol,
+    Session,
     StartTLS,
+    Transaction,
     received_protocol,
     replies,
 )
-from netserver.smtp.protocol import Envelope as SmtpEnvelope
-from netserver.smtp.protocol import Session as SmtpSession
 from netserver.smtp.protocol import State
 from netserver.smtp.replies import Reply
 
@@ -43,7 +43,7 @@ from .checks import (
     Accept,
     AsyncCheck,
     Check,
-    Session,
+    CheckContext,
     Stage,
     Tag,
     Verdict,
@@ -75,11 +75,11 @@ class Policy:
     stages: dict[Stage, list[Check]] = field(default_factory=dict)
     async_stages: dict[Stage, list[AsyncCheck]] = field(default_factory=dict)
 
-    def judge(self, stage: Stage, session: Session) -> Verdict:
+    def judge(self, stage: Stage, session: CheckContext) -> Verdict:
         """The plain checks' verdict (what a caller without an event loop can run)."""
         return run_checks(self.stages.get(stage, ()), session)
 
-    async def judge_async(self, stage: Stage, session: Session) -> Verdict:
+    async def judge_async(self, stage: Stage, session: CheckContext) -> Verdict:
         """Every check of the stage; the tags of all of them when they all accept."""
         verdict = self.judge(stage, session)
         waiting = self.async_stages.get(stage, ())
@@ -110,7 +110,7 @@ class ReceiveService:
     async def handle(self, conn: AsyncConnection) -> None:
         """Serve one SMTP session on `conn` until QUIT, 421 or the client leaves."""
         encrypted = conn.get_extra_info("ssl_object") is not None
-        facts = Session(conn.peer.ip, tls=encrypted)
+        facts = CheckContext(conn.peer.ip, tls=encrypted)
         verdict = await self._judge(Stage.CONNECT, facts)
         # A refused client is greeted with the refusal: 554 (then only QUIT) or 421.
         greeting = None if isinstance(verdict, Accept) else verdict.reply
@@ -159,7 +159,7 @@ class ReceiveService:
         self,
         conn: AsyncConnection,
         proto: ServerProtocol,
-        facts: Session,
+        facts: CheckContext,
         events: Sequence[Event],
     ) -> bool:
         """Act on a batch of events; True if a decision was made (so `resume`)."""
@@ -167,13 +167,17 @@ class ReceiveService:
             if isinstance(event, StartTLS):
                 await self._start_tls(conn, proto)
                 facts.reset_for_tls()
-            elif isinstance(event, Decision):
+            elif isinstance(event, DecisionEvent):
                 await self._decision(conn, proto, facts, event)
                 return True  # a decision is always the last event of a batch
         return False
 
     async def _decision(
-        self, conn: AsyncConnection, proto: ServerProtocol, facts: Session, event: Decision
+        self,
+        conn: AsyncConnection,
+        proto: ServerProtocol,
+        facts: CheckContext,
+        event: DecisionEvent,
     ) -> None:
         """Run the stage's checks for one decision event and answer it."""
         match event:
@@ -198,7 +202,7 @@ class ReceiveService:
             case _:
                 raise TypeError(f"unexpected decision {event!r}")
 
-    async def _judge(self, stage: Stage, facts: Session) -> Verdict:
+    async def _judge(self, stage: Stage, facts: CheckContext) -> Verdict:
         """The stage's verdict; its tags are kept for the message (`_tagged`)."""
         verdict = await self.policy.judge_async(stage, facts)
         if isinstance(verdict, Tag):
@@ -212,7 +216,7 @@ class ReceiveService:
         else:
             proto.reject(verdict.reply)
 
-    async def _mail(self, proto: ServerProtocol, facts: Session, event: MailFrom) -> None:
+    async def _mail(self, proto: ServerProtocol, facts: CheckContext, event: MailFrom) -> None:
         if self.require_auth and facts.user is None:
             proto.reject(AUTH_REQUIRED)
             return
@@ -228,7 +232,7 @@ class ReceiveService:
         await conn.start_tls(self.tls)
         proto.tls_started()
 
-    async def _auth(self, proto: ServerProtocol, facts: Session, event: AuthRequest) -> None:
+    async def _auth(self, proto: ServerProtocol, facts: CheckContext, event: AuthRequest) -> None:
         users = self.users
         ok = False
         if users is not None and (not event.authzid or event.authzid == event.username):
@@ -256,7 +260,7 @@ class ReceiveService:
             self.log.info(message, **fields)
 
     async def _message(
-        self, conn: AsyncConnection, proto: ServerProtocol, facts: Session, event: MessageReady
+        self, conn: AsyncConnection, proto: ServerProtocol, facts: CheckContext, event: MessageReady
     ) -> None:
         facts.data = event.data
         verdict = await self._judge(Stage.END_OF_DATA, facts)
@@ -286,9 +290,7 @@ class ReceiveService:
         if self.on_spooled is not None:
             self.on_spooled(qid)
 
-    def _envelope(
-        self, conn: AsyncConnection, session: SmtpSession, smtp: SmtpEnvelope
-    ) -> Envelope:
+    def _envelope(self, conn: AsyncConnection, session: Session, smtp: Transaction) -> Envelope:
         """The spool's envelope for this transaction."""
         params = smtp.params
         tls = _tls_text(conn)

@@ -57,7 +57,7 @@ class Refused(Exception):
 
 
 @dataclass(frozen=True)
-class Request:
+class SubmitRequest:
     """A parsed request header: what the submitter asks for."""
 
     envelope: Envelope
@@ -78,7 +78,7 @@ def encode_request(
     return json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode() + b"\n" + data
 
 
-def parse_request(line: bytes) -> Request:
+def parse_request(line: bytes) -> SubmitRequest:
     """The request line; EnvelopeError (a ValueError) says what is wrong with it."""
     obj = load_json(line, "request")
     if not isinstance(obj, dict) or set(obj) != _HEADER_KEYS:
@@ -89,7 +89,9 @@ def parse_request(line: bytes) -> Request:
     for key in ("full_name", "protocol"):
         if obj[key] is not None and not isinstance(obj[key], str):
             raise EnvelopeError(f"{key} must be a string or null")
-    return Request(Envelope.from_json(obj["envelope"]), obj["full_name"], obj["protocol"], size)
+    return SubmitRequest(
+        Envelope.from_json(obj["envelope"]), obj["full_name"], obj["protocol"], size
+    )
 
 
 def encode_reply(reply: dict[str, Any]) -> bytes:

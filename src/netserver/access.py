@@ -37,12 +37,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from netserver.endpoint import IPAddress
 from netserver.errors import AccessSpecError, ConfigError
 
 __all__ = [
     "AccessPolicy",
     "Decision",
-    "IPAddress",
     "NameResolver",
     "Rule",
     "SystemResolver",
@@ -50,7 +50,6 @@ __all__ = [
     "parse_rule",
 ]
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # ::ffff:0:0/96 holds the IPv4-mapped addresses (RFC 4291 2.5.5.2).

@@ -17,7 +17,8 @@ from dns.rdtypes.ANY.PTR import PTR
 from dns.rdtypes.IN.A import A
 from dns.rdtypes.IN.AAAA import AAAA
 
-from .access import MAX_PTR_NAMES, IPAddress, canonical_names, normalize_ip
+from .access import MAX_PTR_NAMES, canonical_names, normalize_ip
+from .endpoint import IPAddress
 from .errors import ConfigError
 
 

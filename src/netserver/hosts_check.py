@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from .access import IPAddress, normalize_ip
+from .access import normalize_ip
+from .endpoint import IPAddress
 from .errors import UnavailableError
 from .hosts_access import HostsAccess, Request
 from .hosts_match import UNKNOWN, HostInfo, hostname_known, not_inaddr

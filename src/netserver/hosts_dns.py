@@ -17,8 +17,9 @@ from dns.rdtypes.ANY.PTR import PTR
 from dns.rdtypes.IN.A import A
 from dns.rdtypes.IN.AAAA import AAAA
 
-from .access import IPAddress, normalize_ip
+from .access import normalize_ip
 from .dnsresolver import explicit_resolver
+from .endpoint import IPAddress
 from .hosts_names import verified_name
 
 __all__ = ["DnsHostNames"]

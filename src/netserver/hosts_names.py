@@ -20,7 +20,8 @@ import socket
 from collections.abc import Mapping
 from typing import Protocol
 
-from .access import IPAddress, canonical_names, normalize_ip
+from .access import canonical_names, normalize_ip
+from .endpoint import IPAddress
 from .hosts_match import PARANOID, UNKNOWN
 
 __all__ = ["FixedHostNames", "HostNames", "SystemHostNames", "looks_numeric", "verified_name"]

@@ -25,9 +25,9 @@ __all__ = [
     "Banner",
     "Keepalive",
     "Linger",
+    "OptionStep",
     "Plan",
     "Spawn",
-    "Step",
     "percent_x",
     "plan_options",
     "sanitize",
@@ -70,7 +70,7 @@ class Linger:
     seconds: int
 
 
-Step = Spawn | Banner | Keepalive | Linger
+OptionStep = Spawn | Banner | Keepalive | Linger
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class Plan:
     verdict: str
     rule: HostsRule | None = None
     table: str | None = None
-    steps: tuple[Step, ...] = ()
+    steps: tuple[OptionStep, ...] = ()
     twist: str | None = None
     env: tuple[tuple[str, str], ...] = ()
     severity: str | None = None
@@ -171,7 +171,7 @@ class _Run:
     request: Request
     read_banner: BannerReader
     verdict: str
-    steps: list[Step] = field(default_factory=list)
+    steps: list[OptionStep] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     shown: list[str] = field(default_factory=list)
     twist: str | None = None

@@ -43,7 +43,7 @@ from .hosts_access import (
 )
 from .hosts_match import UNKNOWN
 from .hosts_names import HostNames
-from .hosts_options import Banner, Keepalive, Linger, Spawn, Step
+from .hosts_options import Banner, Keepalive, Linger, OptionStep, Spawn
 from .modes.base import RESET_SIGNALS, Accepted, ModeContext
 
 __all__ = ["HostsExecMode", "HostsGate", "TwistMode", "spawn_shell"]
@@ -153,7 +153,7 @@ class HostsGate:
         for step in plan.steps:
             await self._step(step, sock, ctx)
 
-    async def _step(self, step: Step, sock: socket.socket, ctx: ModeContext) -> None:
+    async def _step(self, step: OptionStep, sock: socket.socket, ctx: ModeContext) -> None:
         if isinstance(step, Banner):
             await asyncio.get_running_loop().run_in_executor(None, send_banner, sock, step.data)
         elif isinstance(step, Keepalive):

@@ -39,14 +39,13 @@ from .errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE, ConfigError, Ne
 from .inetd_config import RunConfig, ServiceConfig, load_run_config
 from .inetd_reload import Changes, ListenerPool, compare
 from .inetd_service import FORWARDED, build_server, run_child
-from .readiness import sd_notify
+from .readiness import ReadyCallback, sd_notify
 from .server import Server
 
 QUICK_EXIT = 10.0  # a service that ran less than this long counts as a crash loop
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 30.0
 NOT_RESTARTED = frozenset({EX_CONFIG, EX_NOPERM})  # restarting cannot fix these
-ReadyCallback = Callable[[list[Endpoint]], None]
 
 
 @dataclass

@@ -20,9 +20,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from .access import IPAddress
 from .connlog import ConnRecord
-from .endpoint import Endpoint
+from .endpoint import Endpoint, IPAddress
 from .hosts_access import Request
 from .hosts_match import HostInfo, hostname_known
 from .hosts_names import HostNames

@@ -35,7 +35,7 @@ from netserver.smtp import (
     AuthRequest,
     Closed,
     DataStart,
-    Decision,
+    DecisionEvent,
     Event,
     Helo,
     MailFrom,
@@ -154,7 +154,7 @@ class Session(RuleBasedStateMachine):
 
     def decide(self, events: list[Event], data: st.DataObject) -> list[Event]:
         seen = list(events)
-        while events and isinstance(events[-1], Decision):
+        while events and isinstance(events[-1], DecisionEvent):
             event = events[-1]
             self.check_allowed(event)
             verdict = data.draw(st.sampled_from(VERDICTS))
@@ -173,7 +173,7 @@ class Session(RuleBasedStateMachine):
 
     # -- the model ------------------------------------------------------------------------
 
-    def check_allowed(self, event: Decision) -> None:
+    def check_allowed(self, event: DecisionEvent) -> None:
         """A decision only where the RFCs allow the command that caused it."""
         in_transaction = self.sender is not None
         if isinstance(event, MailFrom):
@@ -189,7 +189,7 @@ class Session(RuleBasedStateMachine):
             assert len(event.envelope.recipients) == len(self.rcpts)
             assert event.envelope.sender == getattr(self.sender, "sender", object())
 
-    def accepted(self, event: Decision) -> None:
+    def accepted(self, event: DecisionEvent) -> None:
         if isinstance(event, Helo):
             self.helo, self.esmtp = True, event.esmtp
             self.end_transaction()
@@ -204,7 +204,7 @@ class Session(RuleBasedStateMachine):
         elif isinstance(event, AuthRequest):
             self.authed = True
 
-    def refused(self, event: Decision, code: int) -> None:
+    def refused(self, event: DecisionEvent, code: int) -> None:
         if code == 421:
             self.closed = True
         if isinstance(event, DataStart | MessageReady):

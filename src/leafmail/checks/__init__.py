@@ -1,7 +1,7 @@
 """Policy checks at named stages, as small functions returning a `Verdict`.
 
 The stages follow the SMTP dialogue (Postfix's smtpd_*_restrictions): connect, helo,
-mail, rcpt, data and end-of-data. A check looks at the `Session` facts it needs and
+mail, rcpt, data and end-of-data. A check looks at the `CheckContext` facts it needs and
 returns ACCEPT, a `Tag` (accept, and add these header fields to the message), a
 `Reject` carrying the 5xx reply, or a `Defer` carrying the 4xx reply. The first check
 that does not accept decides; the tags of the checks that accepted are merged.
@@ -10,7 +10,7 @@ A `Check` is a plain function and never does I/O. Checks that must ask the DNS
 (DNSBL, reverse DNS, SPF, DKIM) are an `AsyncCheck`: a coroutine function, kept in a
 list of its own so the caller awaits exactly those, each bounded in time by itself.
 Facts that only depend on the client (its address) are looked up once per connection
-and kept in `Session.cache`, so a client sending ten messages costs one set of lookups.
+and kept in `CheckContext.cache`, so a client sending ten messages costs one set of lookups.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ _TRANSACTION_STAGES = (Stage.MAIL, Stage.RCPT, Stage.DATA, Stage.END_OF_DATA)
 
 
 @dataclass(slots=True)
-class Session:
+class CheckContext:
     """What the checks may look at: the client and the transaction so far.
 
     `params` are the MAIL FROM parameters (BODY=, SMTPUTF8). `tags` keeps the tags of
@@ -120,11 +120,11 @@ class Session:
         return merge_tags(tag for stage in Stage for tag in self.tags.get(stage, ()))
 
 
-Check = Callable[[Session], Verdict]
-AsyncCheck = Callable[[Session], Awaitable[Verdict]]
+Check = Callable[[CheckContext], Verdict]
+AsyncCheck = Callable[[CheckContext], Awaitable[Verdict]]
 
 
-def run_checks(checks: Sequence[Check], session: Session) -> Verdict:
+def run_checks(checks: Sequence[Check], session: CheckContext) -> Verdict:
     """The verdict of the first check that does not accept, else ACCEPT or the tags."""
     tags: list[Accept] = []
     for check in checks:
@@ -135,7 +135,7 @@ def run_checks(checks: Sequence[Check], session: Session) -> Verdict:
     return merge_tags(tags)
 
 
-async def run_async_checks(checks: Sequence[AsyncCheck], session: Session) -> Verdict:
+async def run_async_checks(checks: Sequence[AsyncCheck], session: CheckContext) -> Verdict:
     """`run_checks` for checks that must wait for the network, one after the other.
 
     One after the other, not all at once, because an earlier check may record a fact a
@@ -161,7 +161,7 @@ def merge_tags(verdicts: Iterable[Accept]) -> Accept:
     return Tag(tuple(fields), tuple(drop)) if fields or drop else ACCEPT
 
 
-def is_trusted(session: Session, relay_networks: AccessPolicy) -> bool:
+def is_trusted(session: CheckContext, relay_networks: AccessPolicy) -> bool:
     """True for an authenticated client or one in relay_networks: our own users.
 
     Their mail is neither tagged nor refused by the content and origin checks (the

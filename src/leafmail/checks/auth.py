@@ -1,6 +1,6 @@
 """Authentication-Results (RFC 8601): one field with the SPF and DKIM results.
 
-SPF ran at MAIL (`spf`) and left its result in `Session.auth_results`; at end of
+SPF ran at MAIL (`spf`) and left its result in `CheckContext.auth_results`; at end of
 data `auth_results_check` verifies the DKIM signatures (`dkim`) and writes every
 result into one field, prepended to the message::
 
@@ -26,7 +26,7 @@ import dns.resolver
 
 from netserver.access import AccessPolicy
 
-from . import ACCEPT, AsyncCheck, Defer, Session, Tag, Verdict, is_trusted, printable
+from . import ACCEPT, AsyncCheck, CheckContext, Defer, Tag, Verdict, is_trusted, printable
 from .dkim import dkim_refusal, verify_dkim
 from .headers import parse_header, without_comments
 from .lookup import within
@@ -70,7 +70,7 @@ def auth_results_check(
     dkim=temperror and nothing is dropped.
     """
 
-    async def in_thread(session: Session) -> tuple[list[str], tuple[bytes, ...]]:
+    async def in_thread(session: CheckContext) -> tuple[list[str], tuple[bytes, ...]]:
         results = ["dkim=none"]
         if dkim_mode != "off":
             work = asyncio.to_thread(verify_dkim, session.data, resolver, timeout)
@@ -78,7 +78,7 @@ def auth_results_check(
         return results, forged_results(session.data, authserv_id)
 
     async def in_pool(
-        pool: CheckPool, session: Session
+        pool: CheckPool, session: CheckContext
     ) -> tuple[list[str], tuple[bytes, ...]] | None:
         args = {"authserv_id": authserv_id, "verify": dkim_mode != "off", "dns": dns}
         answer = await pool.run("dkim", args, session.data)
@@ -87,7 +87,7 @@ def auth_results_check(
         forged = tuple(str(f).encode("latin-1") for f in answer["forged"])
         return [str(r) for r in answer["results"]], forged
 
-    async def check(session: Session) -> Verdict:
+    async def check(session: CheckContext) -> Verdict:
         if is_trusted(session, relay_networks):
             return ACCEPT
         results = list(session.auth_results)

@@ -6,7 +6,7 @@ listings but error codes some lists return to refused queriers (Spamhaus: "open
 resolver", "over the limit"), so they count as not listed.
 
 The DNSWL check runs first and remembers the zone that lists the client in
-`Session.dnswl`; a whitelisted client is then not looked up in any DNSBL and is not
+`CheckContext.dnswl`; a whitelisted client is then not looked up in any DNSBL and is not
 refused by SPF. A DNS failure or timeout is "not listed": a blocklist that cannot
 be reached must never stop the mail. Zones are asked concurrently, and the whole
 lookup is bounded by the resolver timeout. Both run at MAIL so that an authenticated
@@ -26,7 +26,7 @@ from netserver.smtp.replies import Reply
 from . import (
     ACCEPT,
     AsyncCheck,
-    Session,
+    CheckContext,
     Verdict,
     header_field,
     is_trusted,
@@ -72,9 +72,9 @@ async def first_listing(
 def dnswl_check(
     zones: Sequence[str], resolver: Resolver, timeout: float, relay_networks: AccessPolicy
 ) -> AsyncCheck:
-    """The MAIL-stage DNSWL lookup; it only records `Session.dnswl`, and always accepts."""
+    """The MAIL-stage DNSWL lookup; it only records `CheckContext.dnswl`, and always accepts."""
 
-    async def check(session: Session) -> Verdict:
+    async def check(session: CheckContext) -> Verdict:
         ip = session.client_ip
         if ip is None or "dnswl" in session.cache or is_trusted(session, relay_networks):
             return ACCEPT
@@ -94,7 +94,7 @@ def dnsbl_check(
 ) -> AsyncCheck:
     """The MAIL-stage DNSBL check: 550 5.7.1 naming the zone, or a tag."""
 
-    async def check(session: Session) -> Verdict:
+    async def check(session: CheckContext) -> Verdict:
         ip = session.client_ip
         if ip is None or session.dnswl is not None or is_trusted(session, relay_networks):
             return ACCEPT

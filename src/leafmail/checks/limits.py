@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from netserver.smtp.replies import Reply
 
-from . import ACCEPT, Check, Reject, Session, Verdict
+from . import ACCEPT, Check, CheckContext, Reject, Verdict
 
 HEADER_TOO_BIG = Reply(552, "5.3.4", "Message header exceeds the maximum header size")
 TOO_MANY_FIELDS = Reply(552, "5.3.4", "Message header has too many fields")
@@ -38,7 +38,7 @@ def header_limit_problem(data: bytes, max_size: int, max_fields: int) -> Reply |
 def header_limit_check(max_size: int, max_fields: int) -> Check:
     """The first end-of-data check: refuse headers over the limits."""
 
-    def check(session: Session) -> Verdict:
+    def check(session: CheckContext) -> Verdict:
         reply = header_limit_problem(session.data, max_size, max_fields)
         return ACCEPT if reply is None else Reject(reply)
 

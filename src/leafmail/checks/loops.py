@@ -6,7 +6,7 @@ import re
 
 from netserver.smtp.replies import Reply
 
-from . import ACCEPT, Reject, Session, Verdict
+from . import ACCEPT, CheckContext, Reject, Verdict
 
 MAX_HOPS = 100
 LOOP_DETECTED = Reply(554, "5.4.6", "Too many hops: mail loop detected")
@@ -26,7 +26,7 @@ def count_received(data: bytes) -> int:
     return len(_RECEIVED.findall(header_section(data)))
 
 
-def loop_check(session: Session) -> Verdict:
+def loop_check(session: CheckContext) -> Verdict:
     """End-of-data: refuse a message that has already made more than MAX_HOPS hops."""
     if count_received(session.data) > MAX_HOPS:
         return Reject(LOOP_DETECTED)

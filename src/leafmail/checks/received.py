@@ -37,8 +37,8 @@ from . import (
     ACCEPT,
     AsyncCheck,
     Check,
+    CheckContext,
     Defer,
-    Session,
     Tag,
     Verdict,
     header_field,
@@ -100,7 +100,7 @@ def helo_check(
     """The MAIL-stage check of the HELO name."""
     ours = _names(hostname, local_domains)
 
-    def check(session: Session) -> Verdict:
+    def check(session: CheckContext) -> Verdict:
         if is_trusted(session, relay_networks):
             return ACCEPT
         found = helo_problems(session.helo, session.client_ip, ours)
@@ -138,7 +138,7 @@ def chain_problems(data: bytes, hostname: str) -> list[str]:
 def chain_check(mode: str, hostname: str, relay_networks: AccessPolicy) -> Check:
     """The end-of-data check of the message's Received fields."""
 
-    def check(session: Session) -> Verdict:
+    def check(session: CheckContext) -> Verdict:
         if is_trusted(session, relay_networks):
             return ACCEPT
         return _chain_verdict(mode, chain_problems(session.data, hostname))
@@ -151,7 +151,7 @@ def chain_pool_check(
 ) -> AsyncCheck:
     """`chain_check` with the header parsed in the check pool, within its budget."""
 
-    async def check(session: Session) -> Verdict:
+    async def check(session: CheckContext) -> Verdict:
         if is_trusted(session, relay_networks):
             return ACCEPT
         answer = await pool.run("received", {"hostname": hostname}, session.data)
@@ -200,7 +200,7 @@ def rdns_check(
 ) -> AsyncCheck:
     """The MAIL-stage reverse-DNS check; one lookup per connection, bounded by timeout."""
 
-    async def check(session: Session) -> Verdict:
+    async def check(session: CheckContext) -> Verdict:
         ip = session.client_ip
         if ip is None or is_trusted(session, relay_networks):
             return ACCEPT

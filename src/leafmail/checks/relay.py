@@ -22,7 +22,7 @@ from netserver.access import AccessPolicy
 from netserver.smtp.addresses import Mailbox
 from netserver.smtp.replies import Reply
 
-from . import ACCEPT, Check, Reject, Session, Verdict
+from . import ACCEPT, Check, CheckContext, Reject, Verdict
 
 # 550, not the 554 some MTAs send: RFC 5321 4.3.2 lists no 554 for RCPT, and 3.6
 # names 550 for a recipient refused by policy.
@@ -42,13 +42,13 @@ def relay_check(local_domains: Iterable[str], relay_networks: AccessPolicy) -> C
     """The RCPT-stage check for these domains and networks."""
     local = frozenset(d.lower().rstrip(".") for d in local_domains)
 
-    def trusted(session: Session) -> bool:
+    def trusted(session: CheckContext) -> bool:
         if session.user is not None:
             return True
         ip = session.client_ip
         return ip is not None and relay_networks.decide(ip).allowed
 
-    def check(session: Session) -> Verdict:
+    def check(session: CheckContext) -> Verdict:
         rcpt = session.recipient
         if rcpt is None or not rcpt.domain:
             return ACCEPT  # <Postmaster> without a domain is ours (RFC 5321 4.1.1.3)

@@ -34,8 +34,8 @@ from . import (
     ACCEPT,
     AsyncCheck,
     Check,
+    CheckContext,
     Defer,
-    Session,
     Tag,
     Verdict,
     header_field,
@@ -69,7 +69,7 @@ _REGISTRY = HeaderRegistry()
 def rfc5322_check(mode: str, relay_networks: AccessPolicy) -> Check:
     """The end-of-data check for mode "tag" or "reject" ("off" installs nothing)."""
 
-    def check(session: Session) -> Verdict:
+    def check(session: CheckContext) -> Verdict:
         if is_trusted(session, relay_networks):
             return ACCEPT
         return _verdict(mode, problems(session.data, session.params))
@@ -80,7 +80,7 @@ def rfc5322_check(mode: str, relay_networks: AccessPolicy) -> Check:
 def rfc5322_pool_check(mode: str, relay_networks: AccessPolicy, pool: CheckPool) -> AsyncCheck:
     """`rfc5322_check` run in the check pool, within its CPU and time budget."""
 
-    async def check(session: Session) -> Verdict:
+    async def check(session: CheckContext) -> Verdict:
         if is_trusted(session, relay_networks):
             return ACCEPT
         params = session.params

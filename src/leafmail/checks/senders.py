@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from netserver.smtp.addresses import Mailbox
 from netserver.smtp.replies import Reply
 
-from . import ACCEPT, Check, Reject, Session, Verdict, printable
+from . import ACCEPT, Check, CheckContext, Reject, Verdict, printable
 
 
 def _norm_domain(domain: str) -> str:
@@ -70,7 +70,7 @@ def not_owned(user: str) -> Reply:
 def sender_login_check(logins: SenderLogins) -> Check:
     """The MAIL-stage check: 553 5.7.1 for a logged-in user's sender they do not own."""
 
-    def check(session: Session) -> Verdict:
+    def check(session: CheckContext) -> Verdict:
         user, sender = session.user, session.sender
         if user is None or sender is None or logins.owns(user, sender):
             return ACCEPT

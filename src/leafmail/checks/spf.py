@@ -1,7 +1,7 @@
 """SPF with pyspf (RFC 7208), at MAIL: verified, and remembered for the results field.
 
 The identity is MAIL FROM, or the HELO name for the null sender (RFC 7208 2.4). The
-result goes into `Session.auth_results`, which `auth.auth_results_check` writes into
+result goes into `CheckContext.auth_results`, which `auth.auth_results_check` writes into
 the Authentication-Results field at end of data. In "reject" mode a fail is refused
 at MAIL with 550 5.7.23 and a temperror deferred with 451 4.7.24 (RFC 7372), unless
 a DNSWL lists the client; softfail, neutral and permerror are only reported.
@@ -32,7 +32,7 @@ from netserver.endpoint import unmap
 from netserver.smtp.addresses import Mailbox
 from netserver.smtp.replies import Reply
 
-from . import ACCEPT, AsyncCheck, Defer, Reject, Session, Verdict, is_trusted, printable
+from . import ACCEPT, AsyncCheck, CheckContext, Defer, Reject, Verdict, is_trusted, printable
 from .lookup import within
 from .pool import CheckPool
 
@@ -94,7 +94,7 @@ class SpfResult:
 
 
 def evaluate_spf(
-    resolver: dns.resolver.Resolver, session: Session, timeout: float
+    resolver: dns.resolver.Resolver, session: CheckContext, timeout: float
 ) -> SpfResult | None:
     """Run pyspf for this client and sender (blocking: call it in a thread)."""
     sender, helo, ip = session.sender, session.helo or "", session.client_ip
@@ -128,7 +128,7 @@ def spf_check(
     as plain data); past its budget the result is a temperror.
     """
 
-    async def in_pool(pool: CheckPool, session: Session) -> SpfResult | None:
+    async def in_pool(pool: CheckPool, session: CheckContext) -> SpfResult | None:
         ip, sender = session.client_ip, session.sender
         args = {
             "ip": str(ip) if ip is not None else None,
@@ -142,7 +142,7 @@ def spf_check(
         found = answer["spf"]
         return SpfResult(str(found[0]), str(found[1]), str(found[2])) if found else None
 
-    async def check(session: Session) -> Verdict:
+    async def check(session: CheckContext) -> Verdict:
         if is_trusted(session, relay_networks):
             return ACCEPT
         if pool is not None:
@@ -164,7 +164,7 @@ def spf_check(
     return check
 
 
-def _timed_out(session: Session) -> SpfResult | None:
+def _timed_out(session: CheckContext) -> SpfResult | None:
     if session.sender is not None:
         return SpfResult("temperror", "smtp.mailfrom", printable(pvalue(session.sender)))
     return SpfResult("temperror", "smtp.helo", hvalue(session.helo)) if session.helo else None

@@ -21,7 +21,7 @@ from netserver.smtp.addresses import Body, Mailbox, MailParameters
 
 from ..config import DnsConfig
 from ..dns import make_sync_resolver
-from . import Session
+from . import CheckContext
 from .auth import forged_results
 from .dkim import verify_dkim
 from .received import chain_problems
@@ -60,7 +60,7 @@ def dkim_job(args: dict[str, Any], data: bytes) -> dict[str, Any]:
 def spf_job(args: dict[str, Any], data: bytes) -> dict[str, Any]:
     sender = args["sender"]
     ip = args["ip"]
-    session = Session(
+    session = CheckContext(
         ipaddress.ip_address(ip) if ip else None,
         helo=args["helo"],
         sender=Mailbox(sender[0], sender[1]) if sender else None,

@@ -47,10 +47,10 @@ from netserver.privileges import Identity, drop
 
 from .local_common import MailboxLocked, UnsafeMailbox, write_all
 
-__all__ = ["Payload", "Step", "StepError", "run_as", "run_as_blocking"]
+__all__ = ["Payload", "StepError", "UserStep", "run_as", "run_as_blocking"]
 
 Payload = dict[str, Any]
-Step = Callable[[], Payload]
+UserStep = Callable[[], Payload]
 MAX_REPLY = 8 << 20  # bytes of JSON a step may send back (an include file is 1 MiB at most)
 _RESET = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1)
 _KNOWN: dict[str, type[Exception]] = {
@@ -64,7 +64,7 @@ class StepError(Exception):
     """A step failed in the child in a way that has no better type (or died silently)."""
 
 
-async def run_as(identity: Identity | None, step: Step, *, timeout: float) -> Payload:
+async def run_as(identity: Identity | None, step: UserStep, *, timeout: float) -> Payload:
     """Run `step` in a child as `identity` (None: as we are); its payload, or its error.
 
     The event loop is never blocked: the reply is read through the loop's reader
@@ -77,7 +77,7 @@ async def run_as(identity: Identity | None, step: Step, *, timeout: float) -> Pa
     return _decode(raw, code)
 
 
-def run_as_blocking(identity: Identity | None, step: Step, *, timeout: float) -> Payload:
+def run_as_blocking(identity: Identity | None, step: UserStep, *, timeout: float) -> Payload:
     """`run_as` for code that already runs in a worker thread (never on the loop)."""
     deadline = time.monotonic() + timeout
     with _spawned(identity, step) as (pid, reply):
@@ -90,7 +90,7 @@ def run_as_blocking(identity: Identity | None, step: Step, *, timeout: float) ->
 
 
 @contextlib.contextmanager
-def _spawned(identity: Identity | None, step: Step) -> Iterator[tuple[int, int]]:
+def _spawned(identity: Identity | None, step: UserStep) -> Iterator[tuple[int, int]]:
     """(pid, reply fd) of a child running `step`; killed and reaped if the caller fails
     (a timeout, a cancellation), and the reply fd closed either way."""
     pid, reply = _spawn(identity, step)
@@ -103,7 +103,7 @@ def _spawned(identity: Identity | None, step: Step) -> Iterator[tuple[int, int]]
         os.close(reply)
 
 
-def _spawn(identity: Identity | None, step: Step) -> tuple[int, int]:
+def _spawn(identity: Identity | None, step: UserStep) -> tuple[int, int]:
     """Fork; the child runs the step and never returns. The parent gets (pid, reply fd)."""
     if identity is not None and os.geteuid() != 0:
         identity = None  # not root: nothing to switch, run as we are
@@ -116,7 +116,7 @@ def _spawn(identity: Identity | None, step: Step) -> tuple[int, int]:
     return pid, reply
 
 
-def _child(identity: Identity | None, step: Step, write: int) -> None:  # pragma: no cover
+def _child(identity: Identity | None, step: UserStep, write: int) -> None:  # pragma: no cover
     """Take the identity, run the step, send the outcome, exit; nothing returns."""
     try:
         os.setsid()

@@ -75,7 +75,7 @@ from ..aliases import (
     lookup_name,
     read_include,
 )
-from ..checks import ACCEPT, Check, Defer, Reject, Session, Verdict
+from ..checks import ACCEPT, Check, CheckContext, Defer, Reject, Verdict
 from ..checks.loops import header_section
 from ..config import Config
 from ..envelope import Envelope, Recipient
@@ -524,7 +524,7 @@ def local_recipient_check(config: Config) -> Check:
     """
     directory = Directory(config) if config.local.enabled else None
 
-    def check(session: Session) -> Verdict:
+    def check(session: CheckContext) -> Verdict:
         rcpt = session.recipient
         if directory is None or rcpt is None:
             return ACCEPT

@@ -53,7 +53,7 @@ _K = TypeVar("_K")
 _V = TypeVar("_V")
 
 
-class Mode(StrEnum):
+class StsMode(StrEnum):
     ENFORCE = "enforce"
     TESTING = "testing"
     NONE = "none"
@@ -64,11 +64,11 @@ class PolicyError(Exception):
 
 
 @dataclass(frozen=True)
-class Policy:
+class StsPolicy:
     """A parsed policy file, tagged with the TXT id it was fetched for."""
 
     id: str
-    mode: Mode
+    mode: StsMode
     mx: tuple[str, ...]
     max_age: int
 
@@ -105,8 +105,8 @@ def parse_txt(records: Iterable[str]) -> str | None:
     return policy_id if _ID.fullmatch(policy_id) else None
 
 
-def parse_policy(text: str, policy_id: str) -> Policy:
-    """A Policy from the policy file's text (RFC 8461 3.2), or PolicyError naming the fault.
+def parse_policy(text: str, policy_id: str) -> StsPolicy:
+    """A StsPolicy from the policy file's text (RFC 8461 3.2), or PolicyError naming the fault.
 
     Keys are "key: value" lines ending in CRLF or LF; unknown keys are ignored so a
     future version of the format can add some; mx may repeat.
@@ -125,15 +125,15 @@ def parse_policy(text: str, policy_id: str) -> Policy:
     if values.get("version") != "STSv1":
         raise PolicyError("policy version is not STSv1")
     try:
-        mode = Mode(values.get("mode", ""))
+        mode = StsMode(values.get("mode", ""))
     except ValueError:
         raise PolicyError(f"policy mode {values.get('mode', '')!r} is not valid") from None
     age = values.get("max_age", "")
     if not age.isdigit() or len(age) > 10:
         raise PolicyError(f"policy max_age {age!r} is not a number of seconds")
-    if mode is not Mode.NONE and not patterns:
+    if mode is not StsMode.NONE and not patterns:
         raise PolicyError(f"a {mode} policy without mx patterns")
-    return Policy(policy_id, mode, tuple(patterns), min(int(age), MAX_AGE_LIMIT))
+    return StsPolicy(policy_id, mode, tuple(patterns), min(int(age), MAX_AGE_LIMIT))
 
 
 def verified_context(ca_file: str) -> ssl.SSLContext:
@@ -148,7 +148,7 @@ def verified_context(ca_file: str) -> ssl.SSLContext:
 
 @dataclass
 class _Cached:
-    policy: Policy
+    policy: StsPolicy
     expires: float
 
 
@@ -177,7 +177,7 @@ class PolicyCache:
         self._cache: dict[str, _Cached] = {}
         self._failed: dict[tuple[str, str], float] = {}  # (domain, id) -> when to try again
 
-    async def policy(self, domain: str) -> Policy | None:
+    async def policy(self, domain: str) -> StsPolicy | None:
         """The policy in force for `domain`, or None to deliver as without one.
 
         A mode "none" policy is returned as it is (the caller treats it as none); it
@@ -211,7 +211,7 @@ class PolicyCache:
             del table[next(iter(table))]
         table[key] = value
 
-    def _valid(self, domain: str) -> Policy | None:
+    def _valid(self, domain: str) -> StsPolicy | None:
         entry = self._cache.get(domain)
         if entry is None:
             return None
@@ -220,7 +220,7 @@ class PolicyCache:
             return None
         return entry.policy
 
-    def _note(self, domain: str, text: str, cached: Policy | None) -> None:
+    def _note(self, domain: str, text: str, cached: StsPolicy | None) -> None:
         if self.log is not None:
             kept = f"cached {cached.mode} policy {cached.id}" if cached else "no policy"
             self.log.info(text, domain=domain, using=kept)
@@ -237,7 +237,7 @@ class PolicyCache:
                 strings.append(b"".join(rdata.strings).decode("ascii", "replace"))
         return parse_txt(strings)
 
-    async def _fetch(self, domain: str, policy_id: str) -> Policy:
+    async def _fetch(self, domain: str, policy_id: str) -> StsPolicy:
         """Fetch and parse the policy file, bounded by `timeout` as a whole."""
         self.fetches += 1
         host = f"mta-sts.{domain}"

@@ -46,7 +46,7 @@ from ..config import Config
 from ..dns import make_resolver
 from ..envelope import Envelope
 from . import Expansions, Result, all_results
-from .mta_sts import Mode, Policy, PolicyCache, verified_context
+from .mta_sts import PolicyCache, StsMode, StsPolicy, verified_context
 from .router import domain_of
 from .session import drop, greet, transaction, why
 
@@ -76,7 +76,7 @@ class MxHost:
 
 
 @dataclass(frozen=True)
-class Target:
+class MxTarget:
     """One connection attempt: a host of `domain`, one of its addresses, the TLS level."""
 
     domain: str
@@ -205,7 +205,7 @@ class _Attempt:
     reasons: list[str] = field(default_factory=list)
     dns_trouble: bool = False
     policy_refused: bool = False  # an MTA-STS enforce requirement was not met
-    fallback: list[Target] = field(default_factory=list)
+    fallback: list[MxTarget] = field(default_factory=list)
 
     def leftover(self) -> Result:
         """The result of recipients that have none: why no host took them (first reasons).
@@ -306,14 +306,14 @@ class MxAgent:
             return attempt.leftover()
         return await self._try_plan(attempt, plan)
 
-    async def _policy(self, domain: str) -> Policy | None:
+    async def _policy(self, domain: str) -> StsPolicy | None:
         if self.policies is None:
             return None
         policy = await self.policies.policy(domain)
-        return None if policy is None or policy.mode is Mode.NONE else policy
+        return None if policy is None or policy.mode is StsMode.NONE else policy
 
     def _plan(
-        self, attempt: _Attempt, hosts: list[MxHost], policy: Policy | None
+        self, attempt: _Attempt, hosts: list[MxHost], policy: StsPolicy | None
     ) -> list[tuple[MxHost, TlsLevel]]:
         """Which hosts to try, and how, under the domain's MTA-STS policy (if any)."""
         if policy is None:
@@ -321,12 +321,12 @@ class MxAgent:
         for host in hosts:
             if not policy.allows(host.name):
                 reason = f"{host.name} does not match the MTA-STS policy {policy.id}"
-                if policy.mode is Mode.TESTING:
+                if policy.mode is StsMode.TESTING:
                     self._sts_report(attempt.domain, host.name, reason)
                 else:
                     attempt.reasons.append(reason)
                     attempt.policy_refused = True
-        if policy.mode is Mode.TESTING:
+        if policy.mode is StsMode.TESTING:
             return [(host, TlsLevel.TEST) for host in hosts]
         return [(host, TlsLevel.VERIFY) for host in hosts if policy.allows(host.name)]
 
@@ -339,7 +339,7 @@ class MxAgent:
             if addresses is None:
                 return Result.failed("5.1.2", f"{host.name} has no MX and no address records")
             for address in addresses[:MAX_ADDRESSES]:
-                if await self._try(attempt, Target(attempt.domain, host, address, level)):
+                if await self._try(attempt, MxTarget(attempt.domain, host, address, level)):
                     return attempt.leftover()
         for target in attempt.fallback:
             if await self._try(attempt, target):
@@ -360,7 +360,7 @@ class MxAgent:
             attempt.reasons.append(f"{host.name} has no address")
         return addresses
 
-    async def _try(self, attempt: _Attempt, target: Target) -> bool:
+    async def _try(self, attempt: _Attempt, target: MxTarget) -> bool:
         """One connection attempt; True when a server took the transaction."""
         if attempt.connections >= MAX_CONNECTIONS:
             return False
@@ -372,7 +372,7 @@ class MxAgent:
         await self._send(attempt, smtp, target)
         return True
 
-    async def _unusable(self, attempt: _Attempt, target: Target, exc: Unusable) -> bool:
+    async def _unusable(self, attempt: _Attempt, target: MxTarget, exc: Unusable) -> bool:
         """Record why, and queue what a TLS failure still allows (never under enforce)."""
         attempt.reasons.append(f"{target.where}: {exc}")
         self.log.info("mx host unusable", domain=target.domain, host=target.where, reason=str(exc))
@@ -386,7 +386,7 @@ class MxAgent:
         return False
 
     # -- one connection -----------------------------------------------------------------
-    async def _open(self, target: Target) -> aiosmtplib.SMTP:
+    async def _open(self, target: MxTarget) -> aiosmtplib.SMTP:
         """Connect, greet and secure within connect_timeout, or Unusable."""
         timeout = self.config.delivery.connect_timeout
         smtp = aiosmtplib.SMTP(
@@ -412,7 +412,7 @@ class MxAgent:
             if not ready:
                 drop(smtp, smtp.transport)
 
-    async def _secure(self, smtp: aiosmtplib.SMTP, target: Target) -> None:
+    async def _secure(self, smtp: aiosmtplib.SMTP, target: MxTarget) -> None:
         """STARTTLS as the target's level says; Unusable(tls=True) when it fails."""
         level = target.tls
         if level is TlsLevel.NONE:
@@ -431,7 +431,7 @@ class MxAgent:
         except (aiosmtplib.SMTPException, OSError) as exc:  # ssl.SSLError is an OSError
             raise Unusable(f"STARTTLS failed: {why(exc)}", tls=True) from None
 
-    async def _send(self, attempt: _Attempt, smtp: aiosmtplib.SMTP, target: Target) -> None:
+    async def _send(self, attempt: _Attempt, smtp: aiosmtplib.SMTP, target: MxTarget) -> None:
         """The transaction; recipients left without a result when it breaks defer 4.4.2."""
         remote = f"{target.host.name}:{self.port}"
         attempt.began = True

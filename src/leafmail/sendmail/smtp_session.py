@@ -13,7 +13,7 @@ from netserver.smtp import (
     AuthRequest,
     BareNewline,
     DataStart,
-    Decision,
+    DecisionEvent,
     Helo,
     MailFrom,
     MessageReady,
@@ -82,7 +82,7 @@ class SmtpSession:
     def _process(self, proto: ServerProtocol, events: Sequence[object]) -> None:
         """Answer decisions until the input is used up, replying after each batch."""
         while True:
-            decision = next((e for e in events if isinstance(e, Decision)), None)
+            decision = next((e for e in events if isinstance(e, DecisionEvent)), None)
             if decision is not None:
                 self._decide(proto, decision)
             self._send(proto)
@@ -90,7 +90,7 @@ class SmtpSession:
                 return
             events = proto.resume()
 
-    def _decide(self, proto: ServerProtocol, event: Decision) -> None:
+    def _decide(self, proto: ServerProtocol, event: DecisionEvent) -> None:
         match event:
             case Helo() | MailFrom() | RcptTo() | DataStart():
                 proto.accept()

@@ -55,7 +55,7 @@ class WorkerApp:
 
 
 @dataclass
-class Service:
+class PoolService:
     """A server whose connections a pool serves: its handler, TLS and descriptors."""
 
     handler: AsyncHandler
@@ -70,7 +70,7 @@ class Worker:
         self,
         chan: socket.socket,
         app: WorkerApp,
-        services: Mapping[str, Service],
+        services: Mapping[str, PoolService],
         limits: Limits,
         log: ServerLog,
     ) -> None:

@@ -57,7 +57,7 @@ from .worker import (
     STOP,
     TERMINATE,
     VERDICT,
-    Service,
+    PoolService,
     Worker,
     WorkerApp,
     decode,
@@ -121,7 +121,7 @@ class WorkerPool:
         self.loop_factory = loop_factory
         self.name = name
         self.procs: dict[int, _Proc] = {}
-        self.services: dict[str, Service] = {}
+        self.services: dict[str, PoolService] = {}
         self.pending: deque[tuple[int, _Live]] = deque()
         self.generation = 0
         self.stopping = False
@@ -142,7 +142,7 @@ class WorkerPool:
         self, name: str, handler: AsyncHandler, tls: ssl.SSLContext | None, fds: FdRegistry
     ) -> None:
         """A server that hands its connections to this pool (its fds close in workers)."""
-        self.services[name] = Service(handler, tls, fds)
+        self.services[name] = PoolService(handler, tls, fds)
 
     def set_tls(self, name: str, tls: ssl.SSLContext | None) -> None:
         """New workers serve `name` with this context (see `replace`)."""

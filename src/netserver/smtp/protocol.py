@@ -7,7 +7,7 @@ follows this contract:
 1. Create ``ServerProtocol(config)``; the greeting is queued at once.
 2. Send whatever `ServerProtocol.data_to_send` returns, whenever it is not empty.
 3. Feed received bytes to `ServerProtocol.receive_data`; it returns a list of events.
-4. Processing stops at the first `Decision` event: `Helo`, `MailFrom`, `RcptTo`,
+4. Processing stops at the first `DecisionEvent`: `Helo`, `MailFrom`, `RcptTo`,
    `DataStart`, `MessageReady` or `AuthRequest`.  It is always the *last* event of
    the list and it is also `ServerProtocol.pending`.  Bytes that arrive meanwhile are
    only buffered.  The I/O layer runs its policy (which may take time: a DNS lookup,
@@ -103,24 +103,24 @@ from .replies import RemoteProtocolError, Reply
 __all__ = [
     "ALLOWED",
     "TRANSITIONS",
+    "AcceptedRecipient",
     "AuthRequest",
     "Closed",
     "DataStart",
-    "Decision",
-    "Envelope",
+    "DecisionEvent",
     "Event",
     "Helo",
     "LocalProtocolError",
     "MailFrom",
     "MessageReady",
     "RcptTo",
-    "Recipient",
     "ServerConfig",
     "ServerProtocol",
     "Session",
     "StartTLS",
     "State",
     "Step",
+    "Transaction",
     "Verb",
     "received_protocol",
 ]
@@ -173,7 +173,7 @@ class Session:
 
 
 @dataclass(frozen=True)
-class Recipient:
+class AcceptedRecipient:
     """An accepted recipient with its DSN parameters."""
 
     mailbox: Mailbox
@@ -181,15 +181,15 @@ class Recipient:
 
 
 @dataclass(frozen=True)
-class Envelope:
+class Transaction:
     """The mail transaction so far: sender, its parameters, accepted recipients."""
 
     sender: Mailbox | None
     params: MailParameters = field(default_factory=MailParameters)
-    recipients: tuple[Recipient, ...] = ()
+    recipients: tuple[AcceptedRecipient, ...] = ()
 
 
-def received_protocol(session: Session, envelope: Envelope) -> str:
+def received_protocol(session: Session, envelope: Transaction) -> str:
     """The "with" keyword of a Received header (RFC 3848, RFC 6531 3.7.3)."""
     if not session.esmtp:
         return "SMTP"
@@ -206,14 +206,14 @@ class Event:
     __slots__ = ()
 
 
-class Decision(Event):
+class DecisionEvent(Event):
     """An event that waits for `ServerProtocol.accept` or `ServerProtocol.reject`."""
 
     __slots__ = ()
 
 
 @dataclass(frozen=True)
-class Helo(Decision):
+class Helo(DecisionEvent):
     """HELO (``esmtp`` False) or EHLO; the helo stage of the policy."""
 
     name: str
@@ -221,7 +221,7 @@ class Helo(Decision):
 
 
 @dataclass(frozen=True)
-class MailFrom(Decision):
+class MailFrom(DecisionEvent):
     """MAIL FROM with a valid path; ``sender`` None is the null sender ``<>``."""
 
     sender: Mailbox | None
@@ -229,7 +229,7 @@ class MailFrom(Decision):
 
 
 @dataclass(frozen=True)
-class RcptTo(Decision):
+class RcptTo(DecisionEvent):
     """RCPT TO with a valid path, within the recipient limit."""
 
     recipient: Mailbox
@@ -237,27 +237,27 @@ class RcptTo(Decision):
 
 
 @dataclass(frozen=True)
-class DataStart(Decision):
+class DataStart(DecisionEvent):
     """DATA, or the first BDAT of a transaction: the data stage of the policy."""
 
     chunking: bool
 
 
 @dataclass(frozen=True)
-class MessageReady(Decision):
+class MessageReady(DecisionEvent):
     """A complete message: accept only once it is durably stored.
 
     ``data`` is the message as received: unstuffed, CRLF line ends, no terminator.
     A Received header, if wanted, is the I/O layer's to prepend.
     """
 
-    envelope: Envelope
+    envelope: Transaction
     session: Session
     data: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)
-class AuthRequest(Decision):
+class AuthRequest(DecisionEvent):
     """Credentials to verify; accept makes ``username`` the session's user."""
 
     mechanism: str
@@ -473,8 +473,8 @@ class ServerProtocol:
         self.config = config
         self._state = _S.CONNECTED
         self._session = _TLS_SESSION if tls else _NEW_SESSION
-        self._envelope: Envelope | None = None
-        self._pending: Decision | None = None
+        self._envelope: Transaction | None = None
+        self._pending: DecisionEvent | None = None
         self._events: list[Event] = []
         self._buffer = bytearray()
         self._out: list[bytes] = []
@@ -513,12 +513,12 @@ class ServerProtocol:
         return self._session
 
     @property
-    def envelope(self) -> Envelope | None:
+    def envelope(self) -> Transaction | None:
         """The transaction under way, None outside one."""
         return self._envelope
 
     @property
-    def pending(self) -> Decision | None:
+    def pending(self) -> DecisionEvent | None:
         """The decision the protocol waits for, if any."""
         return self._pending
 
@@ -571,7 +571,7 @@ class ServerProtocol:
             case Helo():
                 self._accept_helo(event)
             case MailFrom():
-                self._envelope = Envelope(event.sender, event.params)
+                self._envelope = Transaction(event.sender, event.params)
                 self._step(Step.MAIL)
                 self._send(reply or replies.MAIL_OK)
             case RcptTo():
@@ -659,11 +659,11 @@ class ServerProtocol:
         self._data = self._chunk = self._sink = None
         self._events.append(Closed(reply))
 
-    def _decide(self, event: Decision) -> None:
+    def _decide(self, event: DecisionEvent) -> None:
         self._pending = event
         self._events.append(event)
 
-    def _take_pending(self) -> Decision:
+    def _take_pending(self) -> DecisionEvent:
         event = self._pending
         if event is None:
             raise LocalProtocolError("no decision is pending")
@@ -671,7 +671,7 @@ class ServerProtocol:
         return event
 
     @staticmethod
-    def _check_accept_reply(event: Decision, reply: Reply) -> None:
+    def _check_accept_reply(event: DecisionEvent, reply: Reply) -> None:
         if isinstance(event, Helo):
             raise LocalProtocolError("the HELO/EHLO reply is built by the protocol")
         wanted = 3 if isinstance(event, DataStart) else 2
@@ -827,7 +827,7 @@ class ServerProtocol:
         envelope = self._envelope
         if envelope is None:
             raise LocalProtocolError("RCPT accepted outside a transaction")
-        recipient = Recipient(event.recipient, event.params)
+        recipient = AcceptedRecipient(event.recipient, event.params)
         self._envelope = replace(envelope, recipients=(*envelope.recipients, recipient))
         self._step(Step.RCPT)
         self._send(reply)
