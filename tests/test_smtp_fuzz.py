@@ -26,7 +26,7 @@ from netserver.smtp import (
     StartTLS,
     State,
 )
-from netserver.smtp.protocol import TRANSITIONS
+from netserver.smtp.states import TRANSITIONS
 
 FUZZ = settings(
     max_examples=200,

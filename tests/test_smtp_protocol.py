@@ -41,7 +41,7 @@ from netserver.smtp import (
     received_protocol,
     replies,
 )
-from netserver.smtp.protocol import ALLOWED, TRANSITIONS, Step, Verb
+from netserver.smtp.states import ALLOWED, TRANSITIONS, Step, Verb
 
 HOST = "mx.example"
 CONFIG = ServerConfig(HOST, max_message_size=2000, max_recipients=3, max_errors=10)

@@ -35,8 +35,8 @@ from netserver.smtp import (
     received_protocol,
     replies,
 )
-from netserver.smtp.protocol import State
 from netserver.smtp.replies import Reply
+from netserver.smtp.states import State
 
 from .auth import Users
 from .checks import (

@@ -1,9 +1,10 @@
 """netserver.smtp: a sans-I/O ESMTP server protocol core.
 
-`ServerProtocol` turns received bytes into events and queues reply bytes; it does no
-I/O itself (see `netserver.smtp.protocol` for the contract).  Addresses and parameters
-are parsed by `netserver.smtp.addresses`, replies are `Reply` values from
-`netserver.smtp.replies`.
+`ServerProtocol` (the engine, `protocol`) turns received bytes into `events` and queues
+reply bytes; it does no I/O itself (see `netserver.smtp.protocol` for the contract). Its
+`ServerConfig` is in `config`, its states and transition tables in `states`, the input
+readers in `readers`.  Addresses and parameters are parsed by `netserver.smtp.addresses`,
+replies are `Reply` values from `netserver.smtp.replies`.
 """
 
 from .addresses import (
@@ -17,7 +18,8 @@ from .addresses import (
     xtext_decode,
     xtext_encode,
 )
-from .protocol import (
+from .config import ServerConfig
+from .events import (
     AcceptedRecipient,
     AuthRequest,
     Closed,
@@ -25,20 +27,18 @@ from .protocol import (
     DecisionEvent,
     Event,
     Helo,
-    LocalProtocolError,
     MailFrom,
     MessageReady,
     RcptTo,
-    ServerConfig,
-    ServerProtocol,
     Session,
     StartTLS,
-    State,
     Transaction,
     received_protocol,
 )
+from .protocol import LocalProtocolError, ServerProtocol
 from .readers import BareNewline
 from .replies import RemoteProtocolError, Reply
+from .states import State
 
 __all__ = [
     "AcceptedRecipient",

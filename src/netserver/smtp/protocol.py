@@ -39,7 +39,8 @@ Two events need no decision but stop processing too:
 
 States are the `State` enum.  `TRANSITIONS` is the one table of state changes, and
 `ALLOWED` is the guard naming the states in which each command may be used; a
-command outside them gets 503.  The reader that cuts up the input is chosen by
+command outside them gets 503 (both in `states`; the events are in `events`, the
+configuration in `config`).  The reader that cuts up the input is chosen by
 state (commands, SASL responses, DATA body, BDAT chunk; see `readers`).
 
 Things that are the I/O layer's job, not this module's: prepending a Received header
@@ -64,15 +65,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from enum import Enum
+from dataclasses import replace
 from typing import Final
 
 from . import replies, sasl
 from .addresses import (
-    Mailbox,
-    MailParameters,
-    RcptParameters,
     mail_parameters,
     parse_forward_path,
     parse_parameters,
@@ -80,11 +77,26 @@ from .addresses import (
     rcpt_parameters,
     split_path,
 )
+from .config import ServerConfig
+from .events import (
+    AcceptedRecipient,
+    AuthRequest,
+    Closed,
+    DataStart,
+    DecisionEvent,
+    Event,
+    Helo,
+    MailFrom,
+    MessageReady,
+    RcptTo,
+    Session,
+    StartTLS,
+    Transaction,
+)
 from .readers import (
     COMMAND_LINE_LIMIT,
     EXTENDED_LINE_LIMITS,
     SASL_LINE_LIMIT,
-    BareNewline,
     ChunkEnd,
     ChunkReader,
     CommandLine,
@@ -99,287 +111,16 @@ from .readers import (
     has_long_line,
 )
 from .replies import RemoteProtocolError, Reply
+from .states import ALLOWED, TRANSITIONS, State, Step, Verb
 
-__all__ = [
-    "ALLOWED",
-    "TRANSITIONS",
-    "AcceptedRecipient",
-    "AuthRequest",
-    "Closed",
-    "DataStart",
-    "DecisionEvent",
-    "Event",
-    "Helo",
-    "LocalProtocolError",
-    "MailFrom",
-    "MessageReady",
-    "RcptTo",
-    "ServerConfig",
-    "ServerProtocol",
-    "Session",
-    "StartTLS",
-    "State",
-    "Step",
-    "Transaction",
-    "Verb",
-    "received_protocol",
-]
+__all__ = ["LocalProtocolError", "ServerProtocol"]
 
 
 class LocalProtocolError(Exception):
     """The I/O layer used the protocol wrongly (e.g. accept() with nothing pending)."""
 
 
-# --- configuration and session facts -----------------------------------------------
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """What the server offers and the limits it enforces."""
-
-    hostname: str
-    max_message_size: int = 35 * 1024 * 1024
-    max_recipients: int = 100  # RFC 5321 4.5.3.1.8: at least 100 must be accepted
-    max_errors: int = 20  # 0 = unlimited
-    max_junk_commands: int = 100  # NOOP/RSET/VRFY/HELP before they count as errors; 0 = unlimited
-    tls_available: bool = False
-    auth_enabled: bool = False
-    auth_plaintext_allowed: bool = False  # offer AUTH without TLS (tests, loopback)
-    bare_newline: BareNewline = BareNewline.REJECT
-    command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: at least 5 minutes
-    data_timeout: float = 300.0
-
-    def __post_init__(self) -> None:
-        if not self.hostname or not self.hostname.isprintable() or " " in self.hostname:
-            raise ValueError(f"bad hostname: {self.hostname!r}")
-        if self.max_message_size < 1:
-            raise ValueError("max_message_size must be positive")
-        if self.max_recipients < 1:
-            raise ValueError("max_recipients must be at least 1")
-        if self.max_errors < 0 or self.max_junk_commands < 0:
-            raise ValueError("max_errors and max_junk_commands must not be negative")
-        if self.command_timeout <= 0 or self.data_timeout <= 0:
-            raise ValueError("timeouts must be positive")
-
-
-@dataclass(frozen=True)
-class Session:
-    """What is known about the client; reset by STARTTLS (RFC 3207 4.2)."""
-
-    helo: str | None = None
-    esmtp: bool = False
-    tls: bool = False
-    auth_user: str | None = None
-
-
-@dataclass(frozen=True)
-class AcceptedRecipient:
-    """An accepted recipient with its DSN parameters."""
-
-    mailbox: Mailbox
-    params: RcptParameters = field(default_factory=RcptParameters)
-
-
-@dataclass(frozen=True)
-class Transaction:
-    """The mail transaction so far: sender, its parameters, accepted recipients."""
-
-    sender: Mailbox | None
-    params: MailParameters = field(default_factory=MailParameters)
-    recipients: tuple[AcceptedRecipient, ...] = ()
-
-
-def received_protocol(session: Session, envelope: Transaction) -> str:
-    """The "with" keyword of a Received header (RFC 3848, RFC 6531 3.7.3)."""
-    if not session.esmtp:
-        return "SMTP"
-    base = "UTF8SMTP" if envelope.params.smtputf8 else "ESMTP"
-    return base + ("S" if session.tls else "") + ("A" if session.auth_user else "")
-
-
-# --- events ------------------------------------------------------------------------
-
-
-class Event:
-    """Something the I/O layer must know about."""
-
-    __slots__ = ()
-
-
-class DecisionEvent(Event):
-    """An event that waits for `ServerProtocol.accept` or `ServerProtocol.reject`."""
-
-    __slots__ = ()
-
-
-@dataclass(frozen=True)
-class Helo(DecisionEvent):
-    """HELO (``esmtp`` False) or EHLO; the helo stage of the policy."""
-
-    name: str
-    esmtp: bool
-
-
-@dataclass(frozen=True)
-class MailFrom(DecisionEvent):
-    """MAIL FROM with a valid path; ``sender`` None is the null sender ``<>``."""
-
-    sender: Mailbox | None
-    params: MailParameters
-
-
-@dataclass(frozen=True)
-class RcptTo(DecisionEvent):
-    """RCPT TO with a valid path, within the recipient limit."""
-
-    recipient: Mailbox
-    params: RcptParameters
-
-
-@dataclass(frozen=True)
-class DataStart(DecisionEvent):
-    """DATA, or the first BDAT of a transaction: the data stage of the policy."""
-
-    chunking: bool
-
-
-@dataclass(frozen=True)
-class MessageReady(DecisionEvent):
-    """A complete message: accept only once it is durably stored.
-
-    ``data`` is the message as received: unstuffed, CRLF line ends, no terminator.
-    A Received header, if wanted, is the I/O layer's to prepend.
-    """
-
-    envelope: Transaction
-    session: Session
-    data: bytes = field(repr=False)
-
-
-@dataclass(frozen=True)
-class AuthRequest(DecisionEvent):
-    """Credentials to verify; accept makes ``username`` the session's user."""
-
-    mechanism: str
-    authzid: str
-    username: str
-    password: str = field(repr=False)
-
-
-@dataclass(frozen=True)
-class StartTLS(Event):
-    """Start the TLS handshake now, then call `ServerProtocol.tls_started`."""
-
-    discarded: int  # plaintext octets that followed the STARTTLS line, thrown away
-
-
-@dataclass(frozen=True)
-class Closed(Event):
-    """The session is over; ``reply`` (221 or 421) is the last thing queued."""
-
-    reply: Reply
-
-
-# --- states, commands and the transition table -------------------------------------
-
-
-class State(Enum):
-    """Where the session is.  Each state has its reader (see `ServerProtocol._read`)."""
-
-    REFUSED = "refused"  # greeted with 554: only QUIT is accepted (RFC 5321 3.1)
-    CONNECTED = "connected"  # greeted, no HELO/EHLO yet
-    READY = "ready"  # HELO/EHLO done, no transaction
-    MAIL = "mail"  # sender accepted, no recipient yet
-    RCPT = "rcpt"  # at least one recipient accepted
-    DATA = "data"  # reading a DATA body
-    BDAT = "bdat"  # reading a BDAT chunk
-    CHUNKS = "chunks"  # between the chunks of a BDAT transaction
-    AUTH = "auth"  # a SASL exchange, or its verdict, is under way
-    TLS = "tls"  # 220 to STARTTLS queued; waiting for the handshake
-    CLOSED = "closed"
-
-
-class Verb(Enum):
-    """The commands this server knows."""
-
-    HELO = "HELO"
-    EHLO = "EHLO"
-    MAIL = "MAIL"
-    RCPT = "RCPT"
-    DATA = "DATA"
-    BDAT = "BDAT"
-    RSET = "RSET"
-    NOOP = "NOOP"
-    QUIT = "QUIT"
-    VRFY = "VRFY"
-    EXPN = "EXPN"
-    HELP = "HELP"
-    STARTTLS = "STARTTLS"
-    AUTH = "AUTH"
-
-
-class Step(Enum):
-    """What makes the state change; the keys of `TRANSITIONS` with the state."""
-
-    HELLO = "hello"  # HELO/EHLO accepted (also resets a transaction)
-    MAIL = "mail"  # MAIL accepted
-    RCPT = "rcpt"  # RCPT accepted
-    DATA = "data"  # DATA accepted: 354
-    CHUNK = "chunk"  # a BDAT chunk is to be read
-    CHUNK_DONE = "chunk done"  # a BDAT chunk other than the last was read
-    END = "end"  # the message was decided, or failed
-    RESET = "reset"  # RSET, or a refused DATA/BDAT ending the transaction
-    AUTH = "auth"  # AUTH begins an exchange
-    AUTH_DONE = "auth done"  # the exchange ended, whatever its outcome
-    STARTTLS = "starttls"  # 220 to STARTTLS
-    TLS_UP = "tls up"  # handshake done
-    CLOSE = "close"  # QUIT or 421
-
-
 _S = State
-_COMMAND_STATES: Final = frozenset({_S.CONNECTED, _S.READY, _S.MAIL, _S.RCPT, _S.CHUNKS})
-
-TRANSITIONS: Final[dict[tuple[State, Step], State]] = {
-    **{(state, Step.HELLO): _S.READY for state in _COMMAND_STATES},
-    (_S.READY, Step.MAIL): _S.MAIL,
-    (_S.MAIL, Step.RCPT): _S.RCPT,
-    (_S.RCPT, Step.RCPT): _S.RCPT,
-    (_S.RCPT, Step.DATA): _S.DATA,
-    (_S.RCPT, Step.CHUNK): _S.BDAT,
-    (_S.CHUNKS, Step.CHUNK): _S.BDAT,
-    (_S.BDAT, Step.CHUNK_DONE): _S.CHUNKS,
-    (_S.DATA, Step.END): _S.READY,
-    (_S.BDAT, Step.END): _S.READY,
-    (_S.CONNECTED, Step.RESET): _S.CONNECTED,
-    (_S.READY, Step.RESET): _S.READY,
-    (_S.MAIL, Step.RESET): _S.READY,
-    (_S.RCPT, Step.RESET): _S.READY,
-    (_S.CHUNKS, Step.RESET): _S.READY,
-    (_S.READY, Step.AUTH): _S.AUTH,
-    (_S.AUTH, Step.AUTH_DONE): _S.READY,
-    (_S.READY, Step.STARTTLS): _S.TLS,
-    (_S.TLS, Step.TLS_UP): _S.CONNECTED,
-    **{(state, Step.CLOSE): _S.CLOSED for state in State if state is not _S.CLOSED},
-}
-
-_ANY_TIME: Final = _COMMAND_STATES  # RFC 5321 4.1.4: NOOP, HELP, VRFY, RSET any time
-ALLOWED: Final[dict[Verb, frozenset[State]]] = {
-    Verb.HELO: _COMMAND_STATES,
-    Verb.EHLO: _COMMAND_STATES,
-    Verb.MAIL: frozenset({_S.READY}),
-    Verb.RCPT: frozenset({_S.MAIL, _S.RCPT}),
-    Verb.DATA: frozenset({_S.RCPT}),
-    Verb.BDAT: frozenset({_S.RCPT, _S.CHUNKS}),
-    Verb.RSET: _ANY_TIME,
-    Verb.NOOP: _ANY_TIME,
-    Verb.VRFY: _ANY_TIME,
-    Verb.EXPN: _ANY_TIME,
-    Verb.HELP: _ANY_TIME,
-    Verb.QUIT: _COMMAND_STATES | {_S.REFUSED},
-    Verb.STARTTLS: frozenset({_S.READY}),
-    Verb.AUTH: frozenset({_S.READY}),
-}
-
 _VERBS: Final = {verb.value: verb for verb in Verb}
 _HELLO: Final = frozenset({Verb.HELO, Verb.EHLO})
 _IN_TRANSACTION: Final = frozenset({_S.MAIL, _S.RCPT, _S.CHUNKS})

@@ -1,0 +1,43 @@
+"""What an SMTP server offers and the limits it enforces: the engine's configuration.
+
+A `ServerConfig` is built once per listener by the program that runs the engine and
+handed to each `netserver.smtp.protocol.ServerProtocol`; it is checked when it is made,
+so a session never meets a bad limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .readers import BareNewline
+
+__all__ = ["ServerConfig"]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the server offers and the limits it enforces."""
+
+    hostname: str
+    max_message_size: int = 35 * 1024 * 1024
+    max_recipients: int = 100  # RFC 5321 4.5.3.1.8: at least 100 must be accepted
+    max_errors: int = 20  # 0 = unlimited
+    max_junk_commands: int = 100  # NOOP/RSET/VRFY/HELP before they count as errors; 0 = unlimited
+    tls_available: bool = False
+    auth_enabled: bool = False
+    auth_plaintext_allowed: bool = False  # offer AUTH without TLS (tests, loopback)
+    bare_newline: BareNewline = BareNewline.REJECT
+    command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: at least 5 minutes
+    data_timeout: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not self.hostname or not self.hostname.isprintable() or " " in self.hostname:
+            raise ValueError(f"bad hostname: {self.hostname!r}")
+        if self.max_message_size < 1:
+            raise ValueError("max_message_size must be positive")
+        if self.max_recipients < 1:
+            raise ValueError("max_recipients must be at least 1")
+        if self.max_errors < 0 or self.max_junk_commands < 0:
+            raise ValueError("max_errors and max_junk_commands must not be negative")
+        if self.command_timeout <= 0 or self.data_timeout <= 0:
+            raise ValueError("timeouts must be positive")
