@@ -15,7 +15,7 @@ from leafmail.checks.rfc5322 import TAG_FIELD, problems, rfc5322_check
 from leafmail.config import ChecksConfig, Config, RelayConfig
 from leafmail.policy import policy_for
 from netserver.access import AccessPolicy
-from netserver.smtp.addresses import Body, MailParameters
+from netserver.smtp.parameters import Body, MailParameters
 
 GOOD_HEADER = (
     b"From: Alice <alice@example.test>\r\n"

@@ -1,23 +1,20 @@
-"""Tables for netserver.smtp.addresses: paths, mailboxes, limits, parameters, xtext."""
+"""Tables for netserver.smtp.addresses (paths, mailboxes, limits) and .parameters (xtext too)."""
 
 from __future__ import annotations
 
 import pytest
 
-from netserver.smtp.addresses import (
+from netserver.smtp.addresses import Mailbox, parse_forward_path, parse_reverse_path, split_path
+from netserver.smtp.parameters import (
     Body,
-    Mailbox,
     MailParameters,
     Notify,
     OriginalRecipient,
     RcptParameters,
     Ret,
     mail_parameters,
-    parse_forward_path,
     parse_parameters,
-    parse_reverse_path,
     rcpt_parameters,
-    split_path,
     xtext_decode,
     xtext_encode,
 )

@@ -35,12 +35,14 @@ from netserver.smtp.addresses import (
     MAX_LOCAL_PART,
     MAX_PATH,
     Mailbox,
-    mail_parameters,
     parse_forward_path,
-    parse_parameters,
     parse_reverse_path,
-    rcpt_parameters,
     split_path,
+)
+from netserver.smtp.parameters import (
+    mail_parameters,
+    parse_parameters,
+    rcpt_parameters,
     xtext_decode,
     xtext_encode,
 )

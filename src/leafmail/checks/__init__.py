@@ -22,7 +22,8 @@ from enum import Enum
 
 from netserver.access import AccessPolicy
 from netserver.endpoint import IPAddress
-from netserver.smtp.addresses import Mailbox, MailParameters
+from netserver.smtp.addresses import Mailbox
+from netserver.smtp.parameters import MailParameters
 from netserver.smtp.replies import Reply
 
 

@@ -26,7 +26,7 @@ from email.errors import InvalidHeaderDefect, NonASCIILocalPartDefect
 from email.headerregistry import AddressHeader, HeaderRegistry
 
 from netserver.access import AccessPolicy
-from netserver.smtp.addresses import Body, MailParameters
+from netserver.smtp.parameters import Body, MailParameters
 from netserver.smtp.readers import has_bare_newline
 from netserver.smtp.replies import Reply
 

@@ -17,7 +17,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from netserver.smtp.addresses import Body, Mailbox, MailParameters
+from netserver.smtp.addresses import Mailbox
+from netserver.smtp.parameters import Body, MailParameters
 
 from ..config import DnsConfig
 from ..dns import make_sync_resolver

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import aiosmtplib
 
-from netserver.smtp.addresses import xtext_encode
+from netserver.smtp.parameters import xtext_encode
 
 from ..envelope import Envelope, Recipient
 from . import Handoff, Result, all_results

@@ -3,21 +3,11 @@
 `ServerProtocol` (the engine, `protocol`) turns received bytes into `events` and queues
 reply bytes; it does no I/O itself (see `netserver.smtp.protocol` for the contract). Its
 `ServerConfig` is in `config`, its states and transition tables in `states`, the input
-readers in `readers`.  Addresses and parameters are parsed by `netserver.smtp.addresses`,
+readers in `readers`.  Paths are parsed by `addresses`, their parameters by `parameters`,
 replies are `Reply` values from `netserver.smtp.replies`.
 """
 
-from .addresses import (
-    Body,
-    Mailbox,
-    MailParameters,
-    Notify,
-    OriginalRecipient,
-    RcptParameters,
-    Ret,
-    xtext_decode,
-    xtext_encode,
-)
+from .addresses import Mailbox
 from .config import ServerConfig
 from .events import (
     AcceptedRecipient,
@@ -34,6 +24,16 @@ from .events import (
     StartTLS,
     Transaction,
     received_protocol,
+)
+from .parameters import (
+    Body,
+    MailParameters,
+    Notify,
+    OriginalRecipient,
+    RcptParameters,
+    Ret,
+    xtext_decode,
+    xtext_encode,
 )
 from .protocol import LocalProtocolError, ServerProtocol
 from .readers import BareNewline

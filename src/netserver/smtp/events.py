@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .addresses import Mailbox, MailParameters, RcptParameters
+from .addresses import Mailbox
+from .parameters import MailParameters, RcptParameters
 from .replies import Reply
 
 __all__ = [

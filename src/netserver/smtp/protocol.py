@@ -69,14 +69,7 @@ from dataclasses import replace
 from typing import Final
 
 from . import replies, sasl
-from .addresses import (
-    mail_parameters,
-    parse_forward_path,
-    parse_parameters,
-    parse_reverse_path,
-    rcpt_parameters,
-    split_path,
-)
+from .addresses import parse_forward_path, parse_reverse_path, split_path
 from .config import ServerConfig
 from .events import (
     AcceptedRecipient,
@@ -93,6 +86,7 @@ from .events import (
     StartTLS,
     Transaction,
 )
+from .parameters import mail_parameters, parse_parameters, rcpt_parameters
 from .readers import (
     COMMAND_LINE_LIMIT,
     EXTENDED_LINE_LIMITS,
