@@ -1197,6 +1197,15 @@ def test_transition_table_covers_every_state() -> None:
     assert all(ALLOWED[verb] for verb in Verb)
 
 
+def test_a_session_has_only_slots() -> None:
+    """No per-instance dict: the engine is split over two classes (core.ProtocolCore
+    holds the slots), and an idle session must stay as small as one object of slots."""
+    protocol = ServerProtocol(CONFIG)
+    assert not hasattr(protocol, "__dict__")
+    with pytest.raises(AttributeError):
+        protocol.extra = 1  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize(
     ("session", "smtputf8", "keyword"),
     [

@@ -2,13 +2,15 @@
 
 `ServerProtocol` (the engine, `protocol`) turns received bytes into `events` and queues
 reply bytes; it does no I/O itself (see `netserver.smtp.protocol` for the contract). Its
-`ServerConfig` is in `config`, its states and transition tables in `states`, the input
-readers in `readers`.  Paths are parsed by `addresses`, their parameters by `parameters`,
-replies are `Reply` values from `netserver.smtp.replies`.
+`ServerConfig` is in `config`, its states and transition tables in `states`, the
+session's machinery under the dialogue in `core`, the input readers in `readers`.
+Paths are parsed by `addresses`, their parameters by `parameters`, replies are `Reply`
+values from `netserver.smtp.replies`.
 """
 
 from .addresses import Mailbox
 from .config import ServerConfig
+from .core import LocalProtocolError
 from .events import (
     AcceptedRecipient,
     AuthRequest,
@@ -35,7 +37,7 @@ from .parameters import (
     xtext_decode,
     xtext_encode,
 )
-from .protocol import LocalProtocolError, ServerProtocol
+from .protocol import ServerProtocol
 from .readers import BareNewline
 from .replies import RemoteProtocolError, Reply
 from .states import State

@@ -42,6 +42,8 @@ States are the `State` enum.  `TRANSITIONS` is the one table of state changes, a
 command outside them gets 503 (both in `states`; the events are in `events`, the
 configuration in `config`).  The reader that cuts up the input is chosen by
 state (commands, SASL responses, DATA body, BDAT chunk; see `readers`).
+`ServerProtocol` is the SMTP dialogue; the state, buffers, queued replies and error
+count it works through are its base, `core.ProtocolCore`.
 
 Things that are the I/O layer's job, not this module's: prepending a Received header
 to `MessageReady.data` (`received_protocol` gives the "with" keyword), counting
@@ -70,26 +72,21 @@ from typing import Final
 
 from . import replies, sasl
 from .addresses import parse_forward_path, parse_reverse_path, split_path
-from .config import ServerConfig
+from .core import _TLS_SESSION, LocalProtocolError, ProtocolCore, _Item
 from .events import (
     AcceptedRecipient,
     AuthRequest,
-    Closed,
     DataStart,
-    DecisionEvent,
     Event,
     Helo,
     MailFrom,
     MessageReady,
     RcptTo,
-    Session,
     StartTLS,
     Transaction,
 )
 from .parameters import mail_parameters, parse_parameters, rcpt_parameters
 from .readers import (
-    COMMAND_LINE_LIMIT,
-    EXTENDED_LINE_LIMITS,
     SASL_LINE_LIMIT,
     ChunkEnd,
     ChunkReader,
@@ -105,13 +102,9 @@ from .readers import (
     has_long_line,
 )
 from .replies import RemoteProtocolError, Reply
-from .states import ALLOWED, TRANSITIONS, State, Step, Verb
+from .states import ALLOWED, State, Step, Verb
 
-__all__ = ["LocalProtocolError", "ServerProtocol"]
-
-
-class LocalProtocolError(Exception):
-    """The I/O layer used the protocol wrongly (e.g. accept() with nothing pending)."""
+__all__ = ["ServerProtocol"]
 
 
 _S = State
@@ -168,110 +161,13 @@ def _declares_smtputf8(param_text: str) -> bool:
 
 # --- the protocol object -----------------------------------------------------------
 
-_NEW_SESSION: Final = Session()
-_TLS_SESSION: Final = Session(tls=True)
 
-_Item = CommandLine | LineError | MessageEnd | ChunkEnd
-
-
-class ServerProtocol:
+class ServerProtocol(ProtocolCore):
     """One SMTP server session.  See the module docstring for the contract."""
 
-    # Slots keep an idle session small: thousands of them may be open at once.
-    __slots__ = (
-        "_buffer",
-        "_chunk",
-        "_commands",
-        "_data",
-        "_envelope",
-        "_errors",
-        "_events",
-        "_junk",
-        "_mechanism",
-        "_out",
-        "_pending",
-        "_sasl_lines",
-        "_session",
-        "_sink",
-        "_state",
-        "config",
-    )
+    __slots__ = ()  # every slot is in ProtocolCore
 
-    def __init__(
-        self, config: ServerConfig, greeting: Reply | None = None, *, tls: bool = False
-    ) -> None:
-        """Queue the greeting: 220 by default, or a 554 refusal or a 421 (RFC 5321 3.1).
-
-        ``tls=True`` for a connection that is encrypted from the start (implicit TLS,
-        RFC 8314): the session counts as TLS and STARTTLS is not offered.
-        """
-        self.config = config
-        self._state = _S.CONNECTED
-        self._session = _TLS_SESSION if tls else _NEW_SESSION
-        self._envelope: Transaction | None = None
-        self._pending: DecisionEvent | None = None
-        self._events: list[Event] = []
-        self._buffer = bytearray()
-        self._out: list[bytes] = []
-        self._errors = 0
-        self._junk = 0
-        self._commands = CommandReader(
-            config.bare_newline, COMMAND_LINE_LIMIT, EXTENDED_LINE_LIMITS
-        )
-        self._sasl_lines: CommandReader | None = None
-        self._mechanism: sasl.Mechanism | None = None
-        self._data: DataReader | None = None
-        self._chunk: ChunkReader | None = None
-        self._sink: MessageSink | None = None
-        self._greet(greeting or replies.greeting(config.hostname))
-
-    def _greet(self, greeting: Reply) -> None:
-        greeting = greeting.plain()
-        if greeting.code == 220:
-            self._send(greeting)
-        elif greeting.code == 554:
-            self._send(greeting)
-            self._state = _S.REFUSED
-        elif greeting.code == 421:
-            self._close(greeting)
-        else:
-            raise ValueError("the greeting must be 220, 554 or 421")
-
-    # --- public API --------------------------------------------------------------
-
-    @property
-    def state(self) -> State:
-        return self._state
-
-    @property
-    def session(self) -> Session:
-        return self._session
-
-    @property
-    def envelope(self) -> Transaction | None:
-        """The transaction under way, None outside one."""
-        return self._envelope
-
-    @property
-    def pending(self) -> DecisionEvent | None:
-        """The decision the protocol waits for, if any."""
-        return self._pending
-
-    @property
-    def closed(self) -> bool:
-        return self._state is _S.CLOSED
-
-    @property
-    def errors(self) -> int:
-        """Client errors counted so far."""
-        return self._errors
-
-    @property
-    def read_timeout(self) -> float:
-        """How long the I/O layer should wait for the client's next bytes now."""
-        if self._state in (_S.DATA, _S.BDAT):
-            return self.config.data_timeout
-        return self.config.command_timeout
+    # --- public API (see also ProtocolCore) -------------------------------------
 
     def receive_data(self, data: bytes) -> list[Event]:
         """Take bytes from the client; return the events they cause (see module doc)."""
@@ -290,12 +186,6 @@ class ServerProtocol:
             self._handle(item)
         events, self._events = self._events, []
         return events
-
-    def data_to_send(self) -> bytes:
-        """Everything queued for the client since the last call."""
-        out = b"".join(self._out)
-        self._out.clear()
-        return out
 
     def accept(self, reply: Reply | None = None) -> None:
         """Accept the pending decision, with the default reply or a given 2xx one."""
@@ -357,79 +247,6 @@ class ServerProtocol:
         self._buffer.clear()
         self._commands.reset()
         self._step(Step.TLS_UP)
-
-    def close(self, reply: Reply) -> None:
-        """End the session from the server's side, e.g. ``replies.timed_out(host)``."""
-        if self._state is not _S.CLOSED:
-            self._pending = None
-            self._close(reply)
-
-    # --- plumbing ----------------------------------------------------------------
-
-    def _step(self, step: Step) -> None:
-        """Change state through `TRANSITIONS`; a missing entry is a bug here."""
-        try:
-            self._state = TRANSITIONS[(self._state, step)]
-        except KeyError:
-            raise LocalProtocolError(f"no transition {step} from {self._state}") from None
-
-    def _send(self, reply: Reply) -> None:
-        self._out.append(reply.to_bytes())
-
-    def _fail(self, reply: Reply) -> None:
-        """Send an error caused by the client, or 421 once there were too many."""
-        self._errors += 1
-        limit = self.config.max_errors
-        if limit and self._errors > limit:
-            closing = replies.too_many_errors(self.config.hostname)
-            self._close(closing if reply.enhanced else closing.plain())
-        else:
-            self._send(reply)
-
-    def _close(self, reply: Reply) -> None:
-        self._send(reply)
-        self._step(Step.CLOSE)
-        self._buffer.clear()
-        self._envelope = None
-        self._data = self._chunk = self._sink = None
-        self._events.append(Closed(reply))
-
-    def _decide(self, event: DecisionEvent) -> None:
-        self._pending = event
-        self._events.append(event)
-
-    def _take_pending(self) -> DecisionEvent:
-        event = self._pending
-        if event is None:
-            raise LocalProtocolError("no decision is pending")
-        self._pending = None
-        return event
-
-    @staticmethod
-    def _check_accept_reply(event: DecisionEvent, reply: Reply) -> None:
-        if isinstance(event, Helo):
-            raise LocalProtocolError("the HELO/EHLO reply is built by the protocol")
-        wanted = 3 if isinstance(event, DataStart) else 2
-        if reply.code // 100 != wanted:
-            raise LocalProtocolError(f"accept() needs a {wanted}xx reply, not {reply.code}")
-
-    def _read(self) -> _Item | None:
-        """Run the reader that belongs to the current state."""
-        reader: CommandReader | DataReader | ChunkReader | None
-        match self._state:
-            case _S.TLS | _S.CLOSED:
-                return None
-            case _S.DATA:
-                reader = self._data
-            case _S.BDAT:
-                reader = self._chunk
-            case _S.AUTH:
-                reader = self._sasl_lines
-            case _:
-                reader = self._commands
-        if reader is None:
-            raise LocalProtocolError(f"no reader in state {self._state}")
-        return reader.read(self._buffer)
 
     def _handle(self, item: _Item) -> None:
         match item:

@@ -15,7 +15,7 @@ the client, or from a policy, inject extra reply lines.  The constructor refuses
 
 `RemoteProtocolError` is how parsers report that the *client* got something wrong: it
 carries the reply to send.  Errors of the program driving the protocol are
-`netserver.smtp.protocol.LocalProtocolError`.
+`netserver.smtp.core.LocalProtocolError`.
 """
 
 from __future__ import annotations
