@@ -28,7 +28,8 @@ from leafmail.envelope import Envelope, Recipient
 from leafmail.message import Attempt, unfreeze
 from leafmail.queue import QueueRunner
 from leafmail.retry import RetryPolicy
-from leafmail.spool import STATES, Spool, new_id
+from leafmail.spool import Spool, new_id
+from leafmail.states import QueueState
 from leafmail.status import TargetMark, TargetState
 
 # As root, local delivery forks a child per mailbox write to take the user's ids.
@@ -86,7 +87,7 @@ def maildir_count(path: Path) -> int:
 
 
 def in_spool(spool: Spool) -> list[str]:
-    return [q for state in STATES for q in spool.ids(state)]
+    return [q for state in QueueState for q in spool.ids(state)]
 
 
 def test_forwarded_target_gets_one_copy_while_another_target_defers(

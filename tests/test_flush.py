@@ -36,7 +36,8 @@ from leafmail_fixtures import (
 from smarthost import Smarthost
 
 from leafmail.envelope import Envelope, Recipient
-from leafmail.spool import STATES, Spool
+from leafmail.spool import Spool
+from leafmail.states import QueueState
 from leafmail.status import MessageStatus, RcptState
 
 SENDER = "alice@src.test"
@@ -82,7 +83,7 @@ def flush(tmp_path: Path, config: Path, *args: str) -> subprocess.CompletedProce
 
 def queued(spool: Path) -> list[str]:
     s = Spool(spool, create=False)
-    return sorted(q for state in STATES for q in s.ids(state))
+    return sorted(q for state in QueueState for q in s.ids(state))
 
 
 def wait_for(what: str, condition: Callable[[], bool], timeout: float = 10.0) -> None:

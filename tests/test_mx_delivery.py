@@ -44,7 +44,8 @@ from leafmail.delivery.router import build_agent
 from leafmail.envelope import ClientInfo, Envelope, Recipient
 from leafmail.queue import QueueRunner
 from leafmail.retry import RetryPolicy
-from leafmail.spool import STATES, Spool
+from leafmail.spool import Spool
+from leafmail.states import QueueState
 from netserver.connlog import ServerLog
 
 pytestmark = pytest.mark.timeout(30)
@@ -539,7 +540,7 @@ def test_the_deadline_bounds_the_whole_domain_attempt(world: MxWorld) -> None:
 
 
 def spool_is_empty(spool: Spool) -> bool:
-    return not any(spool.ids(state) for state in STATES)
+    return not any(spool.ids(state) for state in QueueState)
 
 
 def run_pass(runner: QueueRunner) -> None:

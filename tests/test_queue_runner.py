@@ -27,7 +27,8 @@ from leafmail.envelope import ClientInfo, Envelope, Recipient
 from leafmail.message import Attempt, AttemptOutcome
 from leafmail.queue import SCAN_INTERVAL, PassSummary, QueueRunner
 from leafmail.retry import RetryPolicy
-from leafmail.spool import STATES, Spool
+from leafmail.spool import Spool
+from leafmail.states import QueueState
 from leafmail.status import MessageStatus, RcptState
 from netserver.connlog import ServerLog
 
@@ -103,7 +104,9 @@ def status_of(spool: Spool, qid: str) -> MessageStatus:
 
 
 def spool_is_empty(spool: Spool) -> bool:
-    return not any(spool.ids(state) for state in STATES) and not os.listdir(spool.root / "status")
+    return not any(spool.ids(state) for state in QueueState) and not os.listdir(
+        spool.root / "status"
+    )
 
 
 def counts(summary: PassSummary) -> dict[str, int]:

@@ -28,7 +28,8 @@ from leafmail.delivery.smarthost import SmarthostAgent, SmarthostSettings
 from leafmail.envelope import ClientInfo, Envelope, Recipient
 from leafmail.queue import QueueRunner
 from leafmail.retry import RetryPolicy
-from leafmail.spool import STATES, Spool
+from leafmail.spool import Spool
+from leafmail.states import QueueState
 
 SENDER = "alice@src.test"
 HOUR = 3600.0
@@ -531,8 +532,8 @@ def test_cli_help(tmp_path: Path) -> None:
 def test_cli_spool_states_are_untouched_by_listing(tmp_path: Path, spool: Spool) -> None:
     """Listing and showing never change the spool (only corrupt files are set aside)."""
     qids = [put(spool, [f"u{i}@dst.test"]) for i in range(3)]
-    before = {state: spool.ids(state) for state in STATES}
+    before = {state: spool.ids(state) for state in QueueState}
     assert spool_cli(tmp_path, spool, "queue").returncode == 0
     assert spool_cli(tmp_path, spool, "show", qids[0]).returncode == 0
-    assert {state: spool.ids(state) for state in STATES} == before
+    assert {state: spool.ids(state) for state in QueueState} == before
     assert os.listdir(spool.root / "status") == []

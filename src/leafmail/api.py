@@ -25,7 +25,7 @@ from netserver.smtp.replies import RemoteProtocolError
 from . import control
 from .config import TLS_MODES
 from .delivery import Agent
-from .envelope import ClientInfo, Envelope, Recipient
+from .envelope import LOCAL_PROTOCOL, ClientInfo, Envelope, Recipient
 from .listing import QueueEntry, iter_queue
 from .sendmail.reading import without_nul
 from .spool import Spool
@@ -65,7 +65,7 @@ def submit(
     envelope = Envelope(
         sender,
         tuple(Recipient(address) for address in recipients),
-        client=ClientInfo(protocol="local"),
+        client=ClientInfo(protocol=LOCAL_PROTOCOL),
         body="7BIT" if data.isascii() else "8BITMIME",
         smtputf8=utf8,
     )

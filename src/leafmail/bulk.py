@@ -30,6 +30,7 @@ from . import listing, tools
 from .printable import printable
 from .selection import Selection
 from .spool import Junk, Spool, valid_id
+from .states import QueueState
 
 ALL = "ALL"
 STDIN = "-"
@@ -43,17 +44,19 @@ class QueueTool:
     done: str  # the word for a message it changed
     unchanged: str  # the word for a message that was already so
     run: Callable[[Spool, str], bool | None]
-    default_states: tuple[str, ...]
-    target: str | None  # the state it moves messages to (scanned first)
+    default_states: tuple[QueueState, ...]
+    target: QueueState | None  # the state it moves messages to (scanned first)
 
 
+_Q = QueueState
+_READABLE = (_Q.QUEUE, _Q.DEFERRED, _Q.HOLD)  # every state but corrupt/
 ACTIONS = {
     a.name: a
     for a in (
-        QueueTool("delete", "deleted", "", tools.delete, ("queue", "deferred", "hold"), None),
-        QueueTool("hold", "held", "already held", tools.hold, ("queue", "deferred"), "hold"),
-        QueueTool("release", "released", "not held", tools.release, ("hold",), "queue"),
-        QueueTool("requeue", "requeued", "", tools.requeue, ("queue", "deferred", "hold"), "queue"),
+        QueueTool("delete", "deleted", "", tools.delete, _READABLE, None),
+        QueueTool("hold", "held", "already held", tools.hold, (_Q.QUEUE, _Q.DEFERRED), _Q.HOLD),
+        QueueTool("release", "released", "not held", tools.release, (_Q.HOLD,), _Q.QUEUE),
+        QueueTool("requeue", "requeued", "", tools.requeue, _READABLE, _Q.QUEUE),
     )
 }
 
@@ -199,8 +202,8 @@ def _matches(spool: Spool, qid: str, selection: Selection, now: float) -> bool:
     state = spool.find(qid)
     if state is None:
         return True  # the action says what is wrong with it
-    if state == "corrupt":
-        return "corrupt" in selection.states and not selection.by_envelope
+    if state == QueueState.CORRUPT:
+        return QueueState.CORRUPT in selection.states and not selection.by_envelope
     if state not in selection.states or not selection.id_matches(qid, now):
         return False
     return not selection.by_envelope or _envelope_matches(spool, qid, state, selection)
@@ -209,7 +212,7 @@ def _matches(spool: Spool, qid: str, selection: Selection, now: float) -> bool:
 def _envelope_matches(spool: Spool, qid: str, state: str, selection: Selection) -> bool:
     """As the listing would show it (gone, corrupt or unreadable: no match)."""
     entry = listing.entry_for(spool, state, qid, selection)
-    return entry is not None and entry.state not in ("junk", "corrupt")
+    return entry is not None and entry.state not in (listing.JUNK, listing.CORRUPT)
 
 
 def _scan(spool: Spool, action: QueueTool, selection: Selection) -> Iterator[ToolTarget]:
@@ -222,7 +225,7 @@ def _scan(spool: Spool, action: QueueTool, selection: Selection) -> Iterator[Too
 
 def _junk(spool: Spool) -> Iterator[Junk]:
     """Every junk entry of every state directory (what `leafmail queue` lists as junk)."""
-    for state in listing.LISTED_STATES:
+    for state in QueueState:
         for item in spool.scan(state):
             if isinstance(item, Junk):
                 yield item

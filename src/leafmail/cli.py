@@ -49,6 +49,7 @@ from .privsep import spool_owner
 from .selection import STATE_DIRS, Selection
 from .spool import Spool
 from .spoolcheck import check_spool
+from .states import DeliveryMode, QueueState
 
 PROG = "leafmail"
 EX_PIPE = 128 + 13  # the status a shell shows for a process killed by SIGPIPE
@@ -345,7 +346,7 @@ def _serve_config(args: argparse.Namespace) -> configuration.Config:
     config = _config(args)
     if args.offline:
         config = dataclasses.replace(
-            config, delivery=dataclasses.replace(config.delivery, mode="offline")
+            config, delivery=dataclasses.replace(config.delivery, mode=DeliveryMode.OFFLINE)
         )
     return config
 
@@ -415,7 +416,7 @@ def _selection(args: argparse.Namespace, default_states: tuple[str, ...]) -> Sel
 
 def cmd_queue(args: argparse.Namespace) -> int:
     """Stream the listing; text goes through `printable`, JSON is exact."""
-    selection = _selection(args, listing.LISTED_STATES)
+    selection = _selection(args, tuple(QueueState))
     workers = args.jobs or fanout.default_workers()
     out = sys.stdout if args.json else listing.Printable(sys.stdout)
     fanout.write_listing(_spool(args), selection, out, as_json=args.json, workers=workers)
@@ -423,7 +424,9 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def cmd_qshape(args: argparse.Namespace) -> int:
-    entries = listing.iter_queue(_spool(args), _selection(args, ("queue", "deferred")))
+    entries = listing.iter_queue(
+        _spool(args), _selection(args, (QueueState.QUEUE, QueueState.DEFERRED))
+    )
     result = qshape.shape(
         entries, minutes=args.bucket_minutes, count=args.buckets, by_sender=args.sender
     )

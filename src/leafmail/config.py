@@ -26,6 +26,8 @@ from netserver.listeners import parse_listen
 from netserver.smtp.addresses import parse_forward_path
 from netserver.smtp.replies import RemoteProtocolError
 
+from .states import DeliveryMode, Route
+
 DEFAULT_LISTEN = ("127.0.0.1:2525",)
 DEFAULT_RELAY_NETWORKS = ("127.0.0.0/8", "::1")
 DEFAULT_MAX_SIZE = 25 * 1024 * 1024
@@ -111,8 +113,6 @@ class PickupConfig:
 
 
 TLS_MODES = ("starttls", "smtps", "opportunistic", "none")
-DELIVERY_MODES = ("offline", "smarthost", "mx")
-ROUTES = ("smarthost", "mx", "local")
 CHECK_ACTIONS = ("off", "tag", "reject")
 MAILBOX_KINDS = ("maildir", "mbox")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -145,8 +145,10 @@ class DeliveryConfig:
     double_bounce_to: str = "postmaster"  # "": undeliverable bounces are dropped (logged)
 
     @property
-    def effective_mode(self) -> str:
-        return self.mode or ("smarthost" if self.smarthost else "offline")
+    def effective_mode(self) -> DeliveryMode:
+        if self.mode:
+            return DeliveryMode(self.mode)
+        return DeliveryMode.SMARTHOST if self.smarthost else DeliveryMode.OFFLINE
 
 
 def parse_duration(value: object, what: str) -> float:
@@ -323,7 +325,7 @@ class Config:
             return target
         return f"{target}@{self.local_domains[0]}"
 
-    def route_for(self, domain: str) -> str:
+    def route_for(self, domain: str) -> Route:
         """The route of a recipient domain: [routes], else local, else delivery.mode.
 
         A route key "example.org" matches that domain only; ".example.org" matches its
@@ -335,17 +337,16 @@ class Config:
         for key, route in self.routes:
             key = key.lower().rstrip(".")
             if domain == key or (key.startswith(".") and domain.endswith(key)):
-                return route
+                return Route(route)
         if self.local.enabled and domain in self.local_domains:
-            return "local"
+            return Route.LOCAL
         return self.default_route
 
     @property
-    def default_route(self) -> str:
+    def default_route(self) -> Route:
         """Where mail with no route of its own goes ("offline" means the smarthost, once
         flushed)."""
-        mode = self.delivery.effective_mode
-        return "smarthost" if mode == "offline" else mode
+        return self.delivery.effective_mode.route
 
     def relay_policy(self) -> AccessPolicy:
         """The networks allowed to relay, as an allow-only access policy.
@@ -557,7 +558,7 @@ def _relay(t: _Table) -> RelayConfig:
 def _delivery(t: _Table) -> DeliveryConfig:
     d = DeliveryConfig()
     delivery = DeliveryConfig(
-        mode=t.choice("mode", d.mode, ("", *DELIVERY_MODES)),
+        mode=t.choice("mode", d.mode, ("", *DeliveryMode)),
         smarthost=t.string("smarthost", d.smarthost),
         tls=t.choice("tls", d.tls, TLS_MODES),
         ca_file=t.string("ca_file", d.ca_file),
@@ -653,7 +654,7 @@ def _checks(t: _Table) -> ChecksConfig:
 
 
 def _routes(t: _Table) -> tuple[tuple[str, str], ...]:
-    routes = tuple((domain, t.choice(domain, "", ROUTES)) for domain in list(t.data))
+    routes = tuple((domain, t.choice(domain, "", tuple(Route))) for domain in list(t.data))
     t.finish()
     return routes
 
@@ -666,7 +667,7 @@ def _pickup(t: _Table) -> PickupConfig:
 
 def delivery_problem(delivery: DeliveryConfig) -> str | None:
     """Why these delivery settings cannot work or would be unsafe, or None."""
-    if delivery.mode == "smarthost" and not delivery.smarthost:
+    if delivery.mode == DeliveryMode.SMARTHOST and not delivery.smarthost:
         return "delivery.mode = smarthost needs delivery.smarthost"
     if delivery.smarthost:
         try:
@@ -822,7 +823,7 @@ def local_domains_problem(config: Config) -> str | None:
     if config.local.enabled or not config.relay.local_domains:
         return None
     for domain in config.local_domains:
-        if config.route_for(domain) == "mx":
+        if config.route_for(domain) is Route.MX:
             return (
                 f"relay.local_domains has {domain!r} but there is no [local] table, so its "
                 "mail would go out by MX (to ourselves); add [local], or give it a route "
@@ -834,9 +835,12 @@ def local_domains_problem(config: Config) -> str | None:
 def routing_problem(config: Config) -> str | None:
     """Routes that name a way of delivery that is not set up, and bad ports."""
     used = {route for _key, route in config.routes} | {config.delivery.effective_mode}
-    if "local" in used and not config.local.enabled:
+    if Route.LOCAL in used and not config.local.enabled:
         return "a route is local but there is no [local] table"
-    if "smarthost" in {route for _key, route in config.routes} and not config.delivery.smarthost:
+    if (
+        Route.SMARTHOST in {route for _key, route in config.routes}
+        and not config.delivery.smarthost
+    ):
         return "a route is smarthost but delivery.smarthost is not set"
     for name, port in (("dns.port", config.dns.port), ("mx.port", config.mx.port)):
         if not 0 < port < 65536:

@@ -42,7 +42,6 @@ from netserver.tlsterm import harden
 
 from .auth import Users, load_users
 from .config import Config
-from .flush import build_runner
 from .localsvc import LocalClient, LocalService, LocalSocket, client_uid
 from .privsep import (
     Announcer,
@@ -53,6 +52,7 @@ from .privsep import (
     process_identity,
 )
 from .qmgr import Qmgr
+from .queue import build_runner
 from .smtpd import Role, Smtpd, SmtpdSettings, roles
 from .spool import Spool
 from .spoolcheck import check_spool

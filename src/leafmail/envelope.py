@@ -37,6 +37,11 @@ class Recipient:
         return cls(string_field(obj, "address"), tuple(notify), _opt_str(obj, "orcpt"))
 
 
+# `ClientInfo.protocol` of mail made on this host (sendmail, pickup, the API, bounces):
+# the word a Received field gives after "with", never a route.
+LOCAL_PROTOCOL = "local"
+
+
 @dataclass(frozen=True)
 class ClientInfo:
     """How the message arrived: the peer, its HELO name, TLS and AUTH facts."""

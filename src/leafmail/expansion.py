@@ -38,6 +38,7 @@ from .delivery import Outcome, Result
 from .delivery.bounce import notify_after_expansion
 from .envelope import Envelope
 from .spool import Spool, new_id
+from .states import QueueState
 from .status import MessageStatus, TargetMark, TargetState
 
 Marks = dict[str, TargetMark]
@@ -93,7 +94,7 @@ class RecordedExpansions:
         await self._save()
         # A failure from here on leaves the marks STAGED: the next attempt's `recover`
         # looks for the copy and either releases it or forgets it.
-        await asyncio.to_thread(self.spool.commit, envelope, data, copy, state="hold")
+        await asyncio.to_thread(self.spool.commit, envelope, data, copy, state=QueueState.HOLD)
         for key in keys:
             marks[key] = TargetMark(key, TargetState.FORWARDED, qid=copy)
         await self._save()
@@ -120,7 +121,7 @@ class RecordedExpansions:
         changed = False
         for index, mark in pending:
             where = self.spool.find(mark.qid)
-            if where == "hold":
+            if where == QueueState.HOLD:
                 if mark.state is TargetState.STAGED:
                     self.marks[index][mark.key] = replace(mark, state=TargetState.FORWARDED)
                     changed = True
@@ -145,7 +146,7 @@ class RecordedExpansions:
         """Release a copy from hold/ into the queue; False if it was released already
         (by the copy's other targets, or by the operator)."""
         try:
-            self.spool.move(copy, "hold", "queue")
+            self.spool.move(copy, QueueState.HOLD, QueueState.QUEUE)
         except FileNotFoundError:
             return False
         return True

@@ -24,13 +24,10 @@ from netserver.server import loop_factory
 
 from . import control
 from .config import Config
-from .delivery import Agent
-from .delivery.router import build_agent
 from .message import Attempt, AttemptOutcome
 from .printable import printable
 from .privsep import spool_owner
-from .queue import QueueRunner
-from .retry import RetryPolicy
+from .queue import QueueRunner, build_runner
 from .spool import Spool
 from .spoolcheck import check_spool
 
@@ -135,32 +132,3 @@ def runner_for(config: Config, spool: Spool, **kwargs: Any) -> QueueRunner:
     if runner is None:
         raise ConfigError("no smarthost configured: set delivery.smarthost or pass --smarthost")
     return runner
-
-
-def build_runner(
-    config: Config,
-    spool: Spool,
-    *,
-    routes: frozenset[str] | None = None,
-    local: Agent | None = None,
-    **kwargs: Any,
-) -> QueueRunner | None:
-    """The queue runner, None when nothing is configured to deliver to; ConfigError if
-    the delivery settings cannot work (a bad CA file, an unreadable password file).
-
-    `routes` limits it to some routes (offline: "local" only); the others wait.
-    """
-    runner = QueueRunner(
-        spool,
-        None,
-        RetryPolicy.from_config(config.delivery),
-        hostname=config.hostname,
-        concurrency=config.delivery.concurrency,
-        postmaster=config.double_bounce_address,
-        **kwargs,
-    )
-    try:  # forwarded copies (aliases to other domains) join the pass that made them
-        runner.agent = build_agent(config, spool, notify=runner.notify, routes=routes, local=local)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    return None if runner.agent is None else runner

@@ -23,11 +23,14 @@ from dataclasses import dataclass
 from typing import Protocol, TextIO
 
 from .printable import printable
-from .selection import STATE_NAMES, Selection
+from .selection import Selection
 from .spool import CorruptMessage, Junk, MessageSummary, Spool, arrival_time
+from .states import QueueState
+from .status import RcptState
 
-LISTED_STATES = ("queue", "deferred", "hold", "corrupt")
-OPEN_STATES = ("pending", "deferred")
+JUNK = "junk"  # what an entry that is not a message file shows as its state
+CORRUPT = QueueState.CORRUPT.shown
+OPEN_STATES = (RcptState.PENDING, RcptState.DEFERRED)
 _JSON = json.JSONDecoder()
 _str = json.encoder.encode_basestring_ascii
 
@@ -98,7 +101,7 @@ def iter_queue(
                 continue
             entry = entry_for(spool, state, item, selection)
             if entry is not None:
-                if entry.state == "corrupt" and state != "corrupt":
+                if entry.state == CORRUPT and state != QueueState.CORRUPT:
                     set_aside.add(item)
                 yield entry
 
@@ -108,7 +111,7 @@ def entry_for(
 ) -> QueueEntry | None:
     """The listing entry of one message, or None if it is gone or does not match."""
     by_envelope = selection is not None and selection.by_envelope
-    if state == "corrupt":
+    if state == QueueState.CORRUPT:
         return None if by_envelope else _corrupt(spool, qid, "failed its self-check")
     try:
         summary = spool.summary(qid, state)
@@ -186,10 +189,12 @@ def _entry(
     next_attempt: float = 0.0,
 ) -> QueueEntry:
     if rcpts is None:
-        rcpts = [{"address": a, "state": "pending", "reply": ""} for a in summary.recipients]
+        rcpts = [
+            {"address": a, "state": RcptState.PENDING, "reply": ""} for a in summary.recipients
+        ]
     return QueueEntry(
         summary.qid,
-        STATE_NAMES[summary.state],
+        QueueState(summary.state).shown,
         summary.size,
         arrival,
         summary.sender,
@@ -200,15 +205,15 @@ def _entry(
 
 
 def junk_entry(junk: Junk) -> QueueEntry:
-    return QueueEntry(junk.ref, "junk", junk.size, junk.mtime, "", [], junk.why, 0)
+    return QueueEntry(junk.ref, JUNK, junk.size, junk.mtime, "", [], junk.why, 0)
 
 
 def _corrupt(spool: Spool, qid: str, why: str) -> QueueEntry:
     try:
-        size = spool.path("corrupt", qid).lstat().st_size
+        size = spool.path(QueueState.CORRUPT, qid).lstat().st_size
     except OSError:
         size = 0
-    return QueueEntry(qid, "corrupt", size, arrival_time(qid), "", [], why, 0)
+    return QueueEntry(qid, CORRUPT, size, arrival_time(qid), "", [], why, 0)
 
 
 # --- rendering -----------------------------------------------------------------------------
@@ -244,15 +249,15 @@ HEADER = f"{'Queue ID':<24} {'State':<8} {'Size':>8} {'Age':>6}  Sender"
 
 def text_block(e: QueueEntry, now: float) -> str:
     """One message of the mailq-like listing: its line, its error, its recipients."""
-    if e.state == "junk":
+    if e.state == JUNK:
         name = printable(e.qid)
-        return f"{name:<24} {'junk':<8} {e.size:>8} {'-':>6}  ?\n    ({e.last_error})\n"
-    sender = "?" if e.state == "corrupt" else f"<{e.sender}>"
+        return f"{name:<24} {JUNK:<8} {e.size:>8} {'-':>6}  ?\n    ({e.last_error})\n"
+    sender = "?" if e.state == CORRUPT else f"<{e.sender}>"
     lines = [f"{e.qid:<24} {e.state:<8} {e.size:>8} {_age(now - e.arrival):>6}  {sender}"]
     if e.last_error:
         lines.append(f"    ({e.last_error})")
     for r in e.recipients:
-        note = f"  {r['reply']}" if r["reply"] and r["state"] != "pending" else ""
+        note = f"  {r['reply']}" if r["reply"] and r["state"] != RcptState.PENDING else ""
         lines.append(f"    {r['state']:<9} <{r['address']}>{note}")
     return "\n".join(lines) + "\n"
 

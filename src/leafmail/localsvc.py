@@ -42,6 +42,7 @@ from .envelope import Envelope, EnvelopeError, load_json
 from .expansion import NoRecord, RecordedExpansions
 from .privsep import Inherited
 from .spool import Spool
+from .states import Route
 
 _LENGTH = struct.Struct("!I")
 HEADER_LIMIT = 16 * 1024 * 1024  # the envelope of a message with many recipients
@@ -81,7 +82,7 @@ class LocalService:
             self.config,
             spool,
             notify=self.inherited.announcer.announce,
-            routes=frozenset({"local"}),
+            routes=frozenset({Route.LOCAL}),
         )
         return WorkerApp(start=self._start, close=self._close)
 

@@ -40,6 +40,7 @@ from .envelope import Envelope, EnvelopeError
 from .expansion import RecordedExpansions
 from .retry import RetryPolicy
 from .spool import CorruptMessage, Spool, SpooledMessage, arrival_time
+from .states import QueueState
 from .status import MessageStatus, RcptState, RcptStatus
 
 INLINE_LOAD_LIMIT = 256 * 1024  # bytes: reading and checking this much takes < 1 ms
@@ -172,7 +173,7 @@ async def attempt(
     gets the report about mail from <> that failed ("": dropped, and logged).
     """
     with spool.locked(qid, wait=wait) as state:
-        if state is None or state == "hold":
+        if state is None or state == QueueState.HOLD:
             return Attempt(qid, AttemptOutcome.SKIPPED, {})
         try:
             message = await _load(spool, qid, state)
@@ -181,7 +182,7 @@ async def attempt(
         except CorruptMessage as exc:  # Spool.get moved it to corrupt/
             return Attempt(qid, AttemptOutcome.CORRUPT, {}, str(exc))
         status = message.status
-        if not force and state == "deferred" and status.next_attempt > now:
+        if not force and state == QueueState.DEFERRED and status.next_attempt > now:
             return Attempt(qid, AttemptOutcome.SKIPPED, {})
         expansions = RecordedExpansions(spool, qid, status)
         await expansions.recover()  # copies a crash left in hold/ go out now
@@ -427,8 +428,8 @@ def _store(message: Message, state: str, dsns: list[DsnMessage]) -> list[str]:
     except OSError:
         _withdraw(spool, dsn_ids)
         raise
-    if not message.status.done and state == "queue":
-        spool.move(qid, "queue", "deferred")
+    if not message.status.done and state == QueueState.QUEUE:
+        spool.move(qid, QueueState.QUEUE, QueueState.DEFERRED)
     return dsn_ids
 
 

@@ -33,7 +33,7 @@ from netserver.errors import EX_DATAERR, EX_TEMPFAIL, EX_USAGE, NetserverError
 
 from .config import Config
 from .control import UnixListener
-from .envelope import ClientInfo, Envelope, EnvelopeError, Recipient
+from .envelope import LOCAL_PROTOCOL, ClientInfo, Envelope, EnvelopeError, Recipient
 from .sendmail.addresses import mailbox
 from .sendmail.context import Context, Submitter
 from .sendmail.headers import Draft
@@ -191,7 +191,7 @@ def checked_envelope(claimed: Envelope, hostname: str) -> Envelope:
     return Envelope(
         sender=sender,
         recipients=recipients,
-        client=ClientInfo(protocol="local", helo=helo if helo and _printable(helo, 255) else None),
+        client=ClientInfo(protocol=LOCAL_PROTOCOL, helo=helo if helo and _printable(helo, 255) else None),
         received=now(),
         body=claimed.body,
         smtputf8=claimed.smtputf8,

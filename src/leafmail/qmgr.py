@@ -19,12 +19,12 @@ from netserver.modes.workers import WorkerApp
 
 from .config import Config
 from .control import ControlServer, Respond
-from .flush import build_runner
 from .localsvc import LocalClient
 from .pickup import PickupServer
 from .privsep import Inherited, become
-from .queue import QueueRunner
+from .queue import QueueRunner, build_runner
 from .spool import GroupCommitter, Spool
+from .states import DeliveryMode, QueueState, Route
 
 BACKLOG_INTERVAL = 0.5  # seconds between counts of queue/ for the in-flow delay
 
@@ -55,10 +55,10 @@ class Qmgr:
         # goes by itself. They share one pass lock: a flush never overlaps a pass.
         self.runner = build_runner(config, spool, log=self.log, local=self.local)
         self.auto = self.runner
-        if config.delivery.effective_mode == "offline":
+        if config.delivery.effective_mode is DeliveryMode.OFFLINE:
             self.auto = None
             if config.local.enabled and self.runner is not None:
-                local_only = frozenset({"local"})
+                local_only = frozenset({Route.LOCAL})
                 self.auto = build_runner(
                     config, spool, routes=local_only, log=self.log, local=self.local
                 )
@@ -76,7 +76,7 @@ class Qmgr:
             reachable = dataclasses.replace(config, spool=self.inherited.spool_path)
             notify = self.auto.notify if self.auto is not None else None
             self.pickup = PickupServer(reachable, self.committer, self.log, on_spooled=notify)
-        self._queue_dir = str(spool.path("queue", "0" * 24).parent)
+        self._queue_dir = str(spool.path(QueueState.QUEUE, "0" * 24).parent)
         return WorkerApp(start=self._start, run=self._run, close=self._close)
 
     async def _start(self) -> None:
@@ -104,7 +104,7 @@ class Qmgr:
 
     async def _count_backlog(self) -> None:
         """Publish how many messages wait in queue/ (offline they wait on purpose: 0)."""
-        if self.config.delivery.effective_mode == "offline":
+        if self.config.delivery.effective_mode is DeliveryMode.OFFLINE:
             await self._stopping.wait()  # the queue manager lives on, for flush and pickup
             return
         while True:

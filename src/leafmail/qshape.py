@@ -20,12 +20,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from .listing import QueueEntry, Writer
+from .listing import CORRUPT, JUNK, QueueEntry, Writer
 from .printable import printable
+from .status import RcptState
 
 NULL_SENDER_NAME = "MAILER-DAEMON"
 NO_DOMAIN = "(no domain)"
-FINAL_STATES = ("delivered", "failed")
+FINAL_STATES = (RcptState.DELIVERED, RcptState.FAILED)
 
 
 @dataclass
@@ -75,7 +76,7 @@ def shape(
     now = time.time() if now is None else now
     result = Shape.buckets(minutes, count)
     for entry in entries:
-        if entry.state in ("junk", "corrupt"):
+        if entry.state in (JUNK, CORRUPT):
             continue
         age = now - entry.arrival
         if by_sender:

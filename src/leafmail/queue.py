@@ -27,13 +27,18 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from netserver.connlog import ServerLog
+from netserver.errors import ConfigError
 
+from .config import Config
 from .delivery import Agent
+from .delivery.router import build_agent
 from .message import Attempt, AttemptOutcome, attempt
 from .retry import RetryPolicy
 from .spool import Spool, arrival_time
+from .states import QueueState, Route
 from .status import peek_next_attempt
 
 LINK_RETRY_FIRST = 60.0
@@ -92,8 +97,8 @@ class QueueRunner:
     # -- what is due --------------------------------------------------------------------
     def due(self, now: float, *, force: bool = False) -> list[str]:
         """New messages first (oldest first), then deferred ones whose time has come."""
-        ready = self.spool.ids("queue")
-        for qid in self.spool.ids("deferred"):
+        ready = self.spool.ids(QueueState.QUEUE)
+        for qid in self.spool.ids(QueueState.DEFERRED):
             if force or self.next_attempt(qid) <= now:
                 ready.append(qid)
         return ready
@@ -108,7 +113,7 @@ class QueueRunner:
 
     def next_wakeup(self, now: float) -> float:
         """Seconds until something may be due: the earliest retry, capped by the scan interval."""
-        times = [self.next_attempt(qid) for qid in self.spool.ids("deferred")]
+        times = [self.next_attempt(qid) for qid in self.spool.ids(QueueState.DEFERRED)]
         soonest = min(times, default=now + SCAN_INTERVAL)
         soonest = max(soonest, self.link_down_until)
         return max(0.0, min(soonest - now, SCAN_INTERVAL))
@@ -276,3 +281,32 @@ class QueueRunner:
                     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             for task in waits:
                 task.cancel()
+
+
+def build_runner(
+    config: Config,
+    spool: Spool,
+    *,
+    routes: frozenset[Route] | None = None,
+    local: Agent | None = None,
+    **kwargs: Any,
+) -> QueueRunner | None:
+    """The queue runner, None when nothing is configured to deliver to; ConfigError if
+    the delivery settings cannot work (a bad CA file, an unreadable password file).
+
+    `routes` limits it to some routes (offline: "local" only); the others wait.
+    """
+    runner = QueueRunner(
+        spool,
+        None,
+        RetryPolicy.from_config(config.delivery),
+        hostname=config.hostname,
+        concurrency=config.delivery.concurrency,
+        postmaster=config.double_bounce_address,
+        **kwargs,
+    )
+    try:  # forwarded copies (aliases to other domains) join the pass that made them
+        runner.agent = build_agent(config, spool, notify=runner.notify, routes=routes, local=local)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return None if runner.agent is None else runner

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from netserver.errors import UsageError
 
 from .spool import arrival_time
+from .states import QueueState
 
-# What the listing shows -> the spool directory that holds it.
-STATE_DIRS = {"active": "queue", "deferred": "deferred", "held": "hold", "corrupt": "corrupt"}
-STATE_NAMES = {directory: name for name, directory in STATE_DIRS.items()}
+# What the listing shows (and `--state` takes) -> the spool directory that holds it.
+STATE_DIRS = {state.shown: state for state in QueueState}
 NULL_SENDER = "<>"
 
 _AGE = re.compile(r"\A(\d+(?:\.\d+)?)([smhdw]?)\Z")
@@ -67,7 +67,7 @@ def address_matches(address: str, patterns: Sequence[str]) -> bool:
 class Selection:
     """The filters of one command; the empty Selection selects every message."""
 
-    states: tuple[str, ...] = ("queue", "deferred", "hold", "corrupt")
+    states: tuple[str, ...] = tuple(QueueState)
     senders: tuple[str, ...] = ()
     recipients: tuple[str, ...] = ()
     older_than: float | None = None

@@ -52,10 +52,13 @@ from pathlib import Path
 from typing import TypeVar, cast
 
 from .envelope import Envelope, EnvelopeError, load_json
+from .states import QueueState
 
 MAGIC = b"LEAFMAIL-SPOOL/1"
 TRAILER = b"\nLEAFMAIL-END\n"
-STATES = ("queue", "deferred", "hold", "corrupt")
+TMP = "tmp"  # not a queue state: what is there was never committed
+STATUS = "status"  # delivery records (leafmail.status), beside the states
+_QUEUE_STATES = frozenset(QueueState)  # what `scan` accepts: a str may be given
 _ID = re.compile(r"\A[0-9A-F]{16}[0-9A-F]{8}\Z")
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -191,13 +194,13 @@ class Spool:
         self.root = Path(root)
         self.syncs = 0
         self._held: dict[str, int] = {}  # qid -> descriptor holding its lock
-        self._dirs = {state: str(self.root / state) for state in ("tmp", *STATES)}
-        self._status_dir = str(self.root / "status")
+        self._dirs = {state: str(self.root / state) for state in (TMP, *QueueState)}
+        self._status_dir = str(self.root / STATUS)
         if create:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # the spool is private
-            for name in ("tmp", "status", *STATES):
+            for name in (TMP, STATUS, *QueueState):
                 (self.root / name).mkdir(mode=0o700, parents=True, exist_ok=True)
-        elif not (self.root / "queue").is_dir():
+        elif not (self.root / QueueState.QUEUE).is_dir():
             raise FileNotFoundError(f"{self.root} is not a leafmail spool")
         self.owner = _foreign_owner(self.root)
 
@@ -228,7 +231,7 @@ class Spool:
 
         Returns the open descriptor, which the caller makes durable and closes.
         """
-        path = self.path("tmp", qid)
+        path = self.path(TMP, qid)
         fd = os.open(path, _OPEN_NEW, 0o600)
         try:
             self._own(fd)
@@ -257,10 +260,10 @@ class Spool:
         for fd in fds:
             os.fsync(fd)
 
-    def publish(self, qids: list[str], state: str = "queue") -> None:
+    def publish(self, qids: list[str], state: str = QueueState.QUEUE) -> None:
         """Rename committed tmp files into `state` and make the renames durable."""
         for qid in qids:
-            os.rename(self.path("tmp", qid), self.path(state, qid))
+            os.rename(self.path(TMP, qid), self.path(state, qid))
         self.sync_dir(state)
 
     def sync_dir(self, state: str) -> None:
@@ -271,13 +274,18 @@ class Spool:
             os.close(fd)
 
     def commit(
-        self, envelope: Envelope, data: bytes, qid: str | None = None, *, state: str = "queue"
+        self,
+        envelope: Envelope,
+        data: bytes,
+        qid: str | None = None,
+        *,
+        state: str = QueueState.QUEUE,
     ) -> str:
         """Durably spool one message now (the sendmail path); returns its queue id.
 
         Pass `qid` (from `new_id`) when the message's own headers must carry it, or when
         the id was recorded before the commit (a forwarded copy, `leafmail.expansion`),
-        which also commits into "hold" until that record says it may go.
+        which also commits into hold/ until that record says it may go.
         """
         qid = qid or new_id()
         fd = self.write_tmp(qid, encode(envelope, data))
@@ -297,7 +305,7 @@ class Spool:
 
     def discard_tmp(self, qid: str) -> None:
         with contextlib.suppress(OSError):
-            os.unlink(self.path("tmp", qid))
+            os.unlink(self.path(TMP, qid))
 
     def clean_tmp(self) -> int:
         """Remove files left in tmp/ by a crash (none of them was answered 250).
@@ -307,7 +315,7 @@ class Spool:
         relative to that descriptor, which removes a link, never what it names.
         """
         count = 0
-        with _state_dir(self.root, "tmp") as fd:
+        with _state_dir(self.root, TMP) as fd:
             for name in _plain_entries(fd):
                 with contextlib.suppress(OSError):
                     os.unlink(name, dir_fd=fd)
@@ -315,7 +323,7 @@ class Spool:
         return count
 
     # -- reading ------------------------------------------------------------------------
-    def ids(self, state: str = "queue") -> list[str]:
+    def ids(self, state: str = QueueState.QUEUE) -> list[str]:
         """Queue ids in a state, oldest first (junk and symlinks are left out)."""
         return sorted(name for name in self.scan(state) if isinstance(name, str))
 
@@ -328,7 +336,7 @@ class Spool:
         followed: its target is not the spool's, and reading or deleting through it
         would touch a file someone else chose.
         """
-        if state not in STATES:
+        if state not in _QUEUE_STATES:
             raise ValueError(f"unknown spool state {state!r}")
         with os.scandir(self._dirs[state]) as entries:
             for entry in entries:
@@ -336,7 +344,7 @@ class Spool:
 
     def junk(self, state: str, name: str) -> Junk | None:
         """The entry `state/name` if it is junk (not a message file), else None."""
-        if state not in STATES or name in ("", ".", "..") or "/" in name or "\0" in name:
+        if state not in _QUEUE_STATES or name in ("", ".", "..") or "/" in name or "\0" in name:
             return None
         try:
             info = os.lstat(f"{self._dirs[state]}/{name}")
@@ -358,11 +366,11 @@ class Spool:
             os.unlink(path)
         self.sync_dir(junk.state)
 
-    def find(self, qid: str) -> str | None:
+    def find(self, qid: str) -> QueueState | None:
         """The state a message is in, or None; only a regular file is a message."""
         if not valid_id(qid):
             return None
-        for state in STATES:
+        for state in QueueState:
             try:
                 if stat.S_ISREG(os.lstat(self._file(state, qid)).st_mode):
                     return state
@@ -376,13 +384,13 @@ class Spool:
         Pass `state` when it is known (under the message's lock) to skip the lookup.
         """
         state = state or self.find(qid)
-        if state is None or state == "corrupt":
+        if state is None or state == QueueState.CORRUPT:
             raise KeyError(qid)
         blob = _read_all(self._file(state, qid))
         try:
             envelope, data = decode(blob)
         except ValueError as exc:
-            self.move(qid, state, "corrupt")
+            self.move(qid, state, QueueState.CORRUPT)
             raise CorruptMessage(f"{qid}: {exc}") from None
         return SpooledMessage(qid, state, envelope, data)
 
@@ -398,11 +406,11 @@ class Spool:
             env, start, end = _checked(blob)
             sender, rcpts = _peek_envelope(env)
         except ValueError as exc:
-            self.move(qid, state, "corrupt")
+            self.move(qid, state, QueueState.CORRUPT)
             raise CorruptMessage(f"{qid}: {exc}") from None
         return MessageSummary(qid, state, sender, rcpts, end - start)
 
-    def messages(self, state: str = "queue") -> Iterator[SpooledMessage | CorruptMessage]:
+    def messages(self, state: str = QueueState.QUEUE) -> Iterator[SpooledMessage | CorruptMessage]:
         """Every message in a state; damaged ones are yielded as CorruptMessage, not raised."""
         for qid in self.ids(state):
             try:
@@ -456,7 +464,7 @@ class Spool:
         """
         for name in (qid, qid + ".new"):
             with contextlib.suppress(OSError):
-                os.unlink(self.root / "status" / name)
+                os.unlink(self.root / STATUS / name)
 
     # -- delivery state -----------------------------------------------------------------
     def read_status(self, qid: str) -> bytes | None:
@@ -472,7 +480,7 @@ class Spool:
         """Replace a message's status record atomically and durably (hold its lock)."""
         if not valid_id(qid):
             raise ValueError(f"bad queue id {qid!r}")
-        final = self.root / "status" / qid
+        final = self.root / STATUS / qid
         new = final.with_name(qid + ".new")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(new)  # left by a crash; only the lock holder writes here
@@ -491,7 +499,7 @@ class Spool:
             with contextlib.suppress(OSError):
                 os.unlink(new)  # a full disk must not leave a half record behind
             raise
-        self.sync_dir("status")
+        self.sync_dir(STATUS)
 
     def clean_status(self) -> int:
         """Remove status records whose message is gone (left by a crash or a delete).
@@ -500,7 +508,7 @@ class Spool:
         write or removal of that message will come to take it away.
         """
         count = 0
-        with _state_dir(self.root, "status") as fd:
+        with _state_dir(self.root, STATUS) as fd:
             for name in _plain_entries(fd):
                 qid = name.removesuffix(".new")
                 if valid_id(qid) and self.find(qid) is None:
@@ -534,7 +542,7 @@ class Spool:
         """Lock the file, then check it is still where it was: it may move meanwhile."""
         for _ in range(8):
             state = self.find(qid)
-            if state is None or state == "corrupt":
+            if state is None or state == QueueState.CORRUPT:
                 return None
             path = self.path(state, qid)
             try:

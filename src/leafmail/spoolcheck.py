@@ -33,9 +33,10 @@ from pathlib import Path
 
 from netserver.errors import ConfigError
 
-from .spool import STATES
+from .spool import STATUS, TMP
+from .states import QueueState
 
-STATE_DIRS = ("tmp", "status", *STATES)  # every directory Spool makes
+STATE_DIRS = (TMP, STATUS, *QueueState)  # every directory Spool makes
 PUBLIC_DIR = "public"  # the submission socket's directory, 0755 (leafmail.pickup)
 ROOT_MODE_MAX = 0o711  # others may traverse the spool to reach public/, nothing more
 STATE_MODE = 0o700

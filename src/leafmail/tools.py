@@ -16,11 +16,10 @@ from typing import Any
 from netserver.errors import EX_DATAERR, EX_NOUSER, NetserverError
 
 from .envelope import EnvelopeError
-from .listing import LISTED_STATES
 from .message import UnknownMessage, unfreeze
 from .printable import printable
-from .selection import STATE_NAMES
 from .spool import CorruptMessage, Junk, Spool, valid_id
+from .states import QueueState
 from .status import MessageStatus
 
 
@@ -39,7 +38,7 @@ class NoSuchMessage(NetserverError):
 # --- one message ---------------------------------------------------------------------------
 
 
-def check_id(spool: Spool, qid: str) -> str:
+def check_id(spool: Spool, qid: str) -> QueueState:
     """The message's state, or BadQueueId (junk too) / NoSuchMessage."""
     if not valid_id(qid):
         raise BadQueueId(f"{qid!r} is not a queue id (24 hex digits, as `leafmail queue` shows)")
@@ -63,7 +62,7 @@ def find_junk(spool: Spool, word: str) -> Junk | None:
     if "/" in word:
         state, _, name = word.partition("/")
         return spool.junk(state, name)
-    for state in LISTED_STATES:
+    for state in QueueState:
         junk = spool.junk(state, word)
         if junk is not None:
             return junk
@@ -72,7 +71,7 @@ def find_junk(spool: Spool, word: str) -> Junk | None:
 
 def show(spool: Spool, qid: str) -> tuple[dict[str, Any], bytes]:
     """The envelope and status as JSON-ready data, and the message bytes."""
-    if check_id(spool, qid) == "corrupt":
+    if check_id(spool, qid) is QueueState.CORRUPT:
         raise BadQueueId(f"{qid} failed its self-check; the file is kept in {spool.root}/corrupt")
     try:
         message = unfreeze(spool, qid)
@@ -82,7 +81,7 @@ def show(spool: Spool, qid: str) -> tuple[dict[str, Any], bytes]:
         raise BadQueueId(f"{exc}; the file is kept in corrupt/") from None
     info = {
         "id": qid,
-        "state": STATE_NAMES[message.stored.state],
+        "state": QueueState(message.stored.state).shown,
         "envelope": message.envelope.to_json(),
         "status": _status_json(message.status),
     }
@@ -100,7 +99,7 @@ def _status_json(status: MessageStatus) -> dict[str, Any]:
 
 
 def delete(spool: Spool, qid: str) -> None:
-    if check_id(spool, qid) == "corrupt":
+    if check_id(spool, qid) is QueueState.CORRUPT:
         spool.remove(qid)
         return
     with spool.locked(qid, wait=True) as state:
@@ -111,12 +110,12 @@ def delete(spool: Spool, qid: str) -> None:
 
 def hold(spool: Spool, qid: str) -> bool:
     """Move to hold/; False if it was held already."""
-    return _move(spool, qid, ("queue", "deferred"), "hold")
+    return _move(spool, qid, (QueueState.QUEUE, QueueState.DEFERRED), QueueState.HOLD)
 
 
 def release(spool: Spool, qid: str) -> bool:
     """Move from hold/ to queue/, where the runner takes it at once; False if not held."""
-    return _move(spool, qid, ("hold",), "queue")
+    return _move(spool, qid, (QueueState.HOLD,), QueueState.QUEUE)
 
 
 def requeue(spool: Spool, qid: str) -> bool:
@@ -128,14 +127,14 @@ def requeue(spool: Spool, qid: str) -> bool:
     message back into the queue. The arrival time stays, so the queue lifetime still
     counts from the real arrival. Always True.
     """
-    if check_id(spool, qid) == "corrupt":
+    if check_id(spool, qid) is QueueState.CORRUPT:
         raise BadQueueId(f"{qid} is corrupt; inspect it in {spool.root}/corrupt or delete it")
     with spool.locked(qid, wait=True) as state:
         if state is None:
             raise NoSuchMessage(f"{qid}: no such message (delivered or deleted meanwhile)")
         _reset_schedule(spool, qid, state)
-        if state != "queue":
-            spool.move(qid, state, "queue")
+        if state != QueueState.QUEUE:
+            spool.move(qid, state, QueueState.QUEUE)
         return True
 
 
@@ -155,8 +154,8 @@ def _reset_schedule(spool: Spool, qid: str, state: str) -> None:
     spool.write_status(qid, replace(status, attempts=0, next_attempt=0.0).to_bytes())
 
 
-def _move(spool: Spool, qid: str, sources: tuple[str, ...], target: str) -> bool:
-    if check_id(spool, qid) == "corrupt":
+def _move(spool: Spool, qid: str, sources: tuple[QueueState, ...], target: QueueState) -> bool:
+    if check_id(spool, qid) is QueueState.CORRUPT:
         raise BadQueueId(f"{qid} is corrupt; inspect it in {spool.root}/corrupt or delete it")
     with spool.locked(qid, wait=True) as state:
         if state is None:

@@ -22,7 +22,8 @@ from pathlib import Path
 from leafmail_fixtures import Leafmail, spawn_leafmail
 
 from leafmail.envelope import Envelope
-from leafmail.spool import STATES, decode, valid_id
+from leafmail.spool import decode, valid_id
+from leafmail.states import QueueState
 
 SEQ_HEADER = re.compile(rb"\r\nX-Crash-Seq: (\d+)\r\n")
 KILL_WAIT = 10.0  # seconds for a SIGKILLed process to be reaped (it is immediate)
@@ -90,7 +91,7 @@ def audit(root: Path) -> SpoolAudit:
     """Read every file of every state of the spool at `root` without changing anything."""
     messages: list[SpoolFile] = []
     damaged: list[str] = []
-    for state in STATES:
+    for state in QueueState:
         if state == "corrupt":
             continue
         for name in sorted(os.listdir(root / state)):

@@ -48,7 +48,8 @@ from load_client import Plan, plan_for, source_for
 from smarthost import Smarthost
 from test_flush import wait_for
 
-from leafmail.spool import STATES, SpooledMessage
+from leafmail.spool import SpooledMessage
+from leafmail.states import QueueState
 
 GENERATOR = Path(__file__).with_name("load_client.py")
 SESSIONS = soak.scaled(300, 5000)
@@ -338,7 +339,7 @@ def delivered_ids(sink: Smarthost) -> list[str]:
 def queued_anywhere(server: Leafmail) -> set[str]:
     """Every id still in the spool, whatever its state."""
     spool = server.spool()
-    return {qid for state in STATES for qid in spool.ids(state)}
+    return {qid for state in QueueState for qid in spool.ids(state)}
 
 
 def check_delivered(sink: Smarthost, load: LoadRun, run: str) -> None:

@@ -32,7 +32,8 @@ from leafmail_fixtures import run_flush, toml_string, write_config
 from smarthost import Smarthost, delivery_counts
 
 from leafmail.envelope import Envelope, Recipient
-from leafmail.spool import STATES, Spool
+from leafmail.spool import Spool
+from leafmail.states import QueueState
 from leafmail.status import MessageStatus, RcptState
 
 SENDER = "alice@src.test"
@@ -84,7 +85,7 @@ def commit(tmp_path: Path, plan: list[list[str]], size: int = 0) -> list[str]:
 
 def spool_ids(tmp_path: Path) -> list[str]:
     spool = Spool(tmp_path / "spool", create=False)
-    return sorted(q for state in STATES for q in spool.ids(state))
+    return sorted(q for state in QueueState for q in spool.ids(state))
 
 
 def status(tmp_path: Path, qid: str) -> MessageStatus | None:

@@ -159,3 +159,13 @@ class Agent(Protocol):
 def all_results(rcpts: Sequence[int], result: Result) -> dict[int, Result]:
     """The same result for every recipient (a reply to MAIL or DATA, a lost connection)."""
     return dict.fromkeys(rcpts, result)
+
+
+def domain_of(address: str) -> str:
+    """The domain of a forward path ("" for a bare local part such as postmaster).
+
+    Here, under every agent, because routing groups recipients by it and the MX agent
+    looks it up: neither of them imports the other.
+    """
+    local, at, domain = address.rpartition("@")
+    return domain.lower().rstrip(".") if at and local else ""

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime, formatdate, make_msgid
 from enum import StrEnum
 
-from ..envelope import ClientInfo, Envelope, Recipient
+from ..envelope import LOCAL_PROTOCOL, ClientInfo, Envelope, Recipient
 from . import Result
 
 FULL_MESSAGE_LIMIT = 256 * 1024  # larger originals are returned as headers only
@@ -148,7 +148,7 @@ def build_dsn(
     dsn_envelope = Envelope(
         sender="",
         recipients=(Recipient(recipient),),
-        client=ClientInfo(protocol="local", helo=hostname),
+        client=ClientInfo(protocol=LOCAL_PROTOCOL, helo=hostname),
         body="8BITMIME" if not blob.isascii() else "7BIT",
         smtputf8=utf8,
         envid=None if to is None else DOUBLE_BOUNCE_ENVID,

@@ -81,6 +81,7 @@ from ..config import Config
 from ..envelope import Envelope, Recipient
 from ..expansion import UnrecordedExpansions
 from ..spool import Spool
+from ..states import Route
 from . import Expansions, Handoff, Outcome, Result
 from .asuser import Payload, StepError, run_as, run_as_blocking
 from .local_common import (
@@ -528,7 +529,7 @@ def local_recipient_check(config: Config) -> Check:
         rcpt = session.recipient
         if directory is None or rcpt is None:
             return ACCEPT
-        if rcpt.domain and config.route_for(rcpt.domain) != "local":
+        if rcpt.domain and config.route_for(rcpt.domain) != Route.LOCAL:
             return ACCEPT
         try:
             known = directory.knows(lookup_name(rcpt.local_unquoted))

@@ -45,9 +45,8 @@ from netserver.connlog import ServerLog
 from ..config import Config
 from ..dns import make_resolver
 from ..envelope import Envelope
-from . import Expansions, Result, all_results
+from . import Expansions, Result, all_results, domain_of
 from .mta_sts import PolicyCache, StsMode, StsPolicy, verified_context
-from .router import domain_of
 from .session import drop, greet, transaction, why
 
 MAX_MX_HOSTS = 10  # MX hosts considered per domain (the rest are never resolved)

@@ -15,19 +15,14 @@ from collections.abc import Callable, Mapping, Sequence
 from ..config import Config
 from ..envelope import Envelope
 from ..spool import Spool
-from . import Agent, Expansions, LinkDown, Result, all_results
+from ..states import Route
+from . import Agent, Expansions, LinkDown, Result, all_results, domain_of
 
 
-def domain_of(address: str) -> str:
-    """The domain of a forward path ("" for a bare local part such as postmaster)."""
-    local, at, domain = address.rpartition("@")
-    return domain.lower().rstrip(".") if at and local else ""
-
-
-def route_of(config: Config, address: str) -> str:
+def route_of(config: Config, address: str) -> Route:
     domain = domain_of(address)
     if not domain:  # RCPT TO:<postmaster> and other bare names are ours (RFC 5321 4.1.1.3)
-        return "local" if config.local.enabled else config.route_for(config.hostname)
+        return Route.LOCAL if config.local.enabled else config.route_for(config.hostname)
     return config.route_for(domain)
 
 
@@ -35,7 +30,11 @@ class RoutingAgent:
     """Dispatch recipients to the agent of their route."""
 
     def __init__(
-        self, config: Config, agents: Mapping[str, Agent], *, waiting: frozenset[str] = frozenset()
+        self,
+        config: Config,
+        agents: Mapping[Route, Agent],
+        *,
+        waiting: frozenset[Route] = frozenset(),
     ) -> None:
         self.config = config
         self.agents = dict(agents)
@@ -48,7 +47,7 @@ class RoutingAgent:
         rcpts: Sequence[int],
         expansions: Expansions | None = None,
     ) -> dict[int, Result]:
-        groups: dict[str, list[int]] = {}
+        groups: dict[Route, list[int]] = {}
         for index in rcpts:
             route = route_of(self.config, envelope.recipients[index].address)
             groups.setdefault(route, []).append(index)
@@ -62,7 +61,7 @@ class RoutingAgent:
 
     async def _one_route(
         self,
-        route: str,
+        route: Route,
         envelope: Envelope,
         data: bytes,
         rcpts: list[int],
@@ -94,7 +93,7 @@ def build_agent(
     spool: Spool,
     *,
     notify: Callable[[str], None] | None = None,
-    routes: frozenset[str] | None = None,
+    routes: frozenset[Route] | None = None,
     local: Agent | None = None,
 ) -> Agent | None:
     """The agent for this config, or None when there is nowhere to deliver.
@@ -103,28 +102,28 @@ def build_agent(
     MX or local machinery. ValueError for settings that cannot work. `local` replaces
     the local agent (the unprivileged queue manager asks a root-side service).
     """
-    used = {route for _key, route in config.routes} | {config.default_route}
+    used = {Route(route) for _key, route in config.routes} | {config.default_route}
     if config.local.enabled:
-        used.add("local")
+        used.add(Route.LOCAL)
     waiting = frozenset() if routes is None else frozenset(used - routes)
     if routes is not None:
         used &= routes
-    agents: dict[str, Agent] = {}
-    if "smarthost" in used and config.delivery.smarthost:
+    agents: dict[Route, Agent] = {}
+    if Route.SMARTHOST in used and config.delivery.smarthost:
         from .smarthost import SmarthostAgent, SmarthostSettings
 
-        agents["smarthost"] = SmarthostAgent(SmarthostSettings.from_config(config))
-    if "mx" in used:
+        agents[Route.SMARTHOST] = SmarthostAgent(SmarthostSettings.from_config(config))
+    if Route.MX in used:
         from .mx import MxAgent
 
-        agents["mx"] = MxAgent(config)
-    if "local" in used and config.local.enabled and local is not None:
-        agents["local"] = local
-    elif "local" in used and config.local.enabled:
+        agents[Route.MX] = MxAgent(config)
+    if Route.LOCAL in used and config.local.enabled and local is not None:
+        agents[Route.LOCAL] = local
+    elif Route.LOCAL in used and config.local.enabled:
         from .local import LocalAgent
 
         # Aliases to other domains are spooled anew; `notify` hands them to the runner.
-        agents["local"] = LocalAgent(config, spool, notify=notify)
+        agents[Route.LOCAL] = LocalAgent(config, spool, notify=notify)
     if not agents:
         return None
     return RoutingAgent(config, agents, waiting=waiting)

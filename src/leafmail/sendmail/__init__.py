@@ -34,9 +34,10 @@ from netserver.errors import EX_OK, UnavailableError, UsageError
 
 from .. import config as configuration
 from .. import listing
-from ..envelope import ClientInfo, Envelope, Recipient
+from ..envelope import LOCAL_PROTOCOL, ClientInfo, Envelope, Recipient
 from ..flush import flush
 from ..spool import Spool
+from ..states import QueueState
 from .addresses import address_list, masquerade, recipients_from, sender_address
 from .context import Context, Submitter
 from .errors import BadInput, TryLater
@@ -81,7 +82,7 @@ def submit(opts: Options, ctx: Context, stdin: BinaryIO) -> int:
     envelope = Envelope(
         sender=sender,
         recipients=tuple(Recipient(r, opts.notify) for r in recipients),
-        client=ClientInfo(protocol="local"),
+        client=ClientInfo(protocol=LOCAL_PROTOCOL),
         received=now(),
         ret=opts.ret,
         envid=opts.envid,
@@ -106,7 +107,7 @@ def list_queue(ctx: Context) -> int:
 def readable_queue(config: configuration.Config) -> None:
     """UnavailableError for a queue this user cannot read: a system daemon's, seen by an
     ordinary user (a traceback half-way through the listing otherwise)."""
-    queue = os.path.join(config.spool, "queue")
+    queue = os.path.join(config.spool, QueueState.QUEUE)
     if os.path.isdir(queue) and not os.access(queue, os.R_OK | os.X_OK):
         raise UnavailableError(
             f"the queue in {config.spool} is private to the daemon's user; "

@@ -25,7 +25,7 @@ from netserver.smtp import (
     replies,
 )
 
-from ..envelope import ClientInfo, Envelope, Recipient
+from ..envelope import LOCAL_PROTOCOL, ClientInfo, Envelope, Recipient
 from ..receive import SPOOL_FAILED
 from .context import Context
 from .errors import BadInput
@@ -135,7 +135,7 @@ class SmtpSession:
                 )
                 for r in smtp.recipients
             ),
-            client=ClientInfo(protocol="local", helo=event.session.helo),
+            client=ClientInfo(protocol=LOCAL_PROTOCOL, helo=event.session.helo),
             received=now(),
             body=params.body.value if params.body else "7BIT",
             smtputf8=params.smtputf8,
