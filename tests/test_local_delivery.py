@@ -32,6 +32,7 @@ import pytest
 from localusers import PYTHON, VIRTUAL, give_to_virtual, virtual_tmp
 
 from leafmail.checks import ACCEPT, CheckContext, Defer, Reject
+from leafmail.checks.recipients import local_recipient_check
 from leafmail.config import Config, _build
 from leafmail.delivery import Outcome, Result
 from leafmail.delivery.local import (
@@ -39,7 +40,6 @@ from leafmail.delivery.local import (
     LocalAgent,
     LockPolicy,
     append_mbox,
-    local_recipient_check,
     mbox_entry,
 )
 from leafmail.delivery.router import build_agent

@@ -191,7 +191,9 @@ def checked_envelope(claimed: Envelope, hostname: str) -> Envelope:
     return Envelope(
         sender=sender,
         recipients=recipients,
-        client=ClientInfo(protocol=LOCAL_PROTOCOL, helo=helo if helo and _printable(helo, 255) else None),
+        client=ClientInfo(
+            protocol=LOCAL_PROTOCOL, helo=helo if helo and _printable(helo, 255) else None
+        ),
         received=now(),
         body=claimed.body,
         smtputf8=claimed.smtputf8,

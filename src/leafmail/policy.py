@@ -113,7 +113,7 @@ def _rcpt_checks(config: Config, relay: AccessPolicy) -> list[Check]:
     """
     checks = [relay_check(config.local_domains, relay)]
     if config.local.enabled:
-        from .delivery.local import local_recipient_check
+        from .checks.recipients import local_recipient_check
 
         checks.append(local_recipient_check(config))
     return checks

@@ -1,4 +1,4 @@
-"""The Received header leafmail adds to every accepted message (RFC 5321 4.4).
+"""Trace fields (RFC 5321 4.4): the Received field leafmail adds to every accepted message.
 
     Received: from client.example (client.example [192.0.2.1])
             by mail.example (leafmail) with ESMTPS id 0123456789ABCDEF01234567
@@ -7,6 +7,10 @@
 The "from" name is what the client said in EHLO; the bracketed address is what the
 server saw, so a reader can tell a claimed name from the real origin. Text that came
 from the client is reduced to printable characters so it cannot fold or inject lines.
+
+`header_section` is where trace fields are read back: the loop checks count Received
+fields at the end of DATA and look for Delivered-To in local delivery, on both sides of
+the spool, so it lives here rather than with either.
 """
 
 from __future__ import annotations
@@ -26,6 +30,14 @@ _UNSAFE_ASCII = re.compile(r"[^\x21-\x7e]")
 
 def _clean(text: str, pattern: re.Pattern[str] = _UNSAFE) -> str:
     return pattern.sub("?", text)[:255] or "unknown"
+
+
+def header_section(data: bytes) -> bytes:
+    """The header section with its last CRLF, up to the empty line (all of it if none)."""
+    if data.startswith(b"\r\n"):
+        return b""
+    end = data.find(b"\r\n\r\n")
+    return data if end < 0 else data[: end + 2]
 
 
 def received_header(

@@ -29,8 +29,8 @@ from netserver.access import AccessPolicy
 from . import ACCEPT, AsyncCheck, CheckContext, Defer, Tag, Verdict, is_trusted, printable
 from .dkim import dkim_refusal, verify_dkim
 from .headers import parse_header, without_comments
+from .jobs import OVER_BUDGET, JobRunner
 from .lookup import within
-from .pool import OVER_BUDGET, CheckPool
 
 FIELD = "Authentication-Results"
 
@@ -60,7 +60,7 @@ def auth_results_check(
     resolver: dns.resolver.Resolver,
     timeout: float,
     relay_networks: AccessPolicy,
-    pool: CheckPool | None = None,
+    pool: JobRunner | None = None,
     dns: dict[str, object] | None = None,
 ) -> AsyncCheck:
     """The end-of-data check: verify DKIM, add our field, drop forged ones.
@@ -78,7 +78,7 @@ def auth_results_check(
         return results, forged_results(session.data, authserv_id)
 
     async def in_pool(
-        pool: CheckPool, session: CheckContext
+        pool: JobRunner, session: CheckContext
     ) -> tuple[list[str], tuple[bytes, ...]] | None:
         args = {"authserv_id": authserv_id, "verify": dkim_mode != "off", "dns": dns}
         answer = await pool.run("dkim", args, session.data)

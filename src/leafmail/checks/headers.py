@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..trace import header_section
+
 # RFC 5322 2.2: a field name is printable ASCII but the colon; obs-syntax allows
 # white space before the colon (4.5).
 _FIELD_START = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
@@ -58,14 +60,6 @@ def without_comments(text: str) -> str:
         if not count:
             break
     return text
-
-
-def header_section(data: bytes) -> bytes:
-    """The header section with its last CRLF, up to the empty line (all of it if none)."""
-    if data.startswith(b"\r\n"):
-        return b""
-    end = data.find(b"\r\n\r\n")
-    return data if end < 0 else data[: end + 2]
 
 
 def parse_header(data: bytes) -> Header:

@@ -6,19 +6,12 @@ import re
 
 from netserver.smtp.replies import Reply
 
+from ..trace import header_section
 from . import ACCEPT, CheckContext, Reject, Verdict
 
 MAX_HOPS = 100
 LOOP_DETECTED = Reply(554, "5.4.6", "Too many hops: mail loop detected")
 _RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
-
-
-def header_section(data: bytes) -> bytes:
-    """The message's header section (up to the first empty line)."""
-    if data.startswith(b"\r\n"):
-        return b""
-    end = data.find(b"\r\n\r\n")
-    return data if end < 0 else data[: end + 2]
 
 
 def count_received(data: bytes) -> int:

@@ -34,15 +34,12 @@ from typing import Any
 
 from netserver.children import fork_with_channel, kill_and_reap, watch_child
 from netserver.connlog import ServerLog
-from netserver.smtp.replies import Reply
 
 from .wire import LENGTH_SIZE, decode, encode, frame, length_of
 
 WORKER_NAME = b"leafmail-check"  # the workers' /proc/PID/comm
 _PR_SET_NAME = 15
 START_TIMEOUT = 60.0  # a worker's imports, before its first job; not the job's budget
-# What a check answers under "reject" when its job broke the budget: try again later.
-OVER_BUDGET = Reply(451, "4.7.0", "Message checks exceeded their time budget, try again later")
 
 
 @dataclass(eq=False)  # hashed by identity: kept in the busy set
@@ -115,7 +112,10 @@ def dns_args(nameservers: tuple[str, ...], port: int, timeout: float) -> dict[st
 
 @dataclass
 class CheckPool:
-    """At most `workers` processes; each job bounded by `cpu_limit` and `time_limit`."""
+    """At most `workers` processes; each job bounded by `cpu_limit` and `time_limit`.
+
+    It is the `checks.jobs.JobRunner` the pooled checks are given.
+    """
 
     workers: int = 2
     cpu_limit: float = 10.0

@@ -47,8 +47,8 @@ from . import (
     tag_or_reject,
 )
 from .headers import Header, parse_header, without_comments
+from .jobs import OVER_BUDGET, JobRunner
 from .lookup import Resolver, address_of, lookup, within
-from .pool import OVER_BUDGET, CheckPool
 
 TAG_FIELD = "X-Leafmail-Received"
 HOP_TAG_THRESHOLD = 30
@@ -147,7 +147,7 @@ def chain_check(mode: str, hostname: str, relay_networks: AccessPolicy) -> Check
 
 
 def chain_pool_check(
-    mode: str, hostname: str, relay_networks: AccessPolicy, pool: CheckPool
+    mode: str, hostname: str, relay_networks: AccessPolicy, pool: JobRunner
 ) -> AsyncCheck:
     """`chain_check` with the header parsed in the check pool, within its budget."""
 

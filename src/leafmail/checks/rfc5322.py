@@ -30,6 +30,7 @@ from netserver.smtp.parameters import Body, MailParameters
 from netserver.smtp.readers import has_bare_newline
 from netserver.smtp.replies import Reply
 
+from ..trace import header_section
 from . import (
     ACCEPT,
     AsyncCheck,
@@ -43,8 +44,8 @@ from . import (
     printable,
     tag_or_reject,
 )
-from .headers import Header, RawField, header_section, parse_header
-from .pool import OVER_BUDGET, CheckPool
+from .headers import Header, RawField, parse_header
+from .jobs import OVER_BUDGET, JobRunner
 
 TAG_FIELD = "X-Leafmail-RFC5322"
 MAX_LINE = 998  # octets without the CRLF, RFC 5322 2.1.1
@@ -77,7 +78,7 @@ def rfc5322_check(mode: str, relay_networks: AccessPolicy) -> Check:
     return check
 
 
-def rfc5322_pool_check(mode: str, relay_networks: AccessPolicy, pool: CheckPool) -> AsyncCheck:
+def rfc5322_pool_check(mode: str, relay_networks: AccessPolicy, pool: JobRunner) -> AsyncCheck:
     """`rfc5322_check` run in the check pool, within its CPU and time budget."""
 
     async def check(session: CheckContext) -> Verdict:

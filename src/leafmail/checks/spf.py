@@ -7,11 +7,13 @@ at MAIL with 550 5.7.23 and a temperror deferred with 451 4.7.24 (RFC 7372), unl
 a DNSWL lists the client; softfail, neutral and permerror are only reported.
 
 pyspf is blocking and does its own DNS through its module-level `DNSLookup`, with no
-per-query hook. So the check runs in a worker thread, and `DNSLookup` is replaced
-once, at import, by a function that uses the resolver of the current thread (set
-around each evaluation: a synchronous dnspython resolver built from ``[dns]``) and
+per-query hook. So the check runs off the event loop, in a check pool worker process
+(`leafmail.checks.pool`; in a thread when no pool is given), and `DNSLookup` is
+replaced once, at import, by a function that uses the resolver of the current thread
+(set around each evaluation: a synchronous dnspython resolver built from ``[dns]``) and
 falls back to pyspf's own lookup for anyone else in the process. The evaluation is
-bounded by the DNS timeout, by pyspf's querytime and again around the thread.
+bounded by the DNS timeout, by pyspf's querytime, and again around the thread or by
+the pool's budget.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from netserver.smtp.addresses import Mailbox
 from netserver.smtp.replies import Reply
 
 from . import ACCEPT, AsyncCheck, CheckContext, Defer, Reject, Verdict, is_trusted, printable
+from .jobs import JobRunner
 from .lookup import within
-from .pool import CheckPool
 
 SPF_FAIL = Reply(550, "5.7.23", "SPF validation failed")
 SPF_TEMPERROR = Reply(451, "4.7.24", "SPF validation error, try again later")
@@ -96,7 +98,7 @@ class SpfResult:
 def evaluate_spf(
     resolver: dns.resolver.Resolver, session: CheckContext, timeout: float
 ) -> SpfResult | None:
-    """Run pyspf for this client and sender (blocking: call it in a thread)."""
+    """Run pyspf for this client and sender (blocking: never on the event loop)."""
     sender, helo, ip = session.sender, session.helo or "", session.client_ip
     if ip is None or (sender is None and not helo):
         return None
@@ -119,7 +121,7 @@ def spf_check(
     resolver: dns.resolver.Resolver,
     timeout: float,
     relay_networks: AccessPolicy,
-    pool: CheckPool | None = None,
+    pool: JobRunner | None = None,
     dns_settings: dict[str, object] | None = None,
 ) -> AsyncCheck:
     """The MAIL-stage SPF check: remembers the result; refuses a fail in "reject" mode.
@@ -128,7 +130,7 @@ def spf_check(
     as plain data); past its budget the result is a temperror.
     """
 
-    async def in_pool(pool: CheckPool, session: CheckContext) -> SpfResult | None:
+    async def in_pool(pool: JobRunner, session: CheckContext) -> SpfResult | None:
         ip, sender = session.client_ip, session.sender
         args = {
             "ip": str(ip) if ip is not None else None,

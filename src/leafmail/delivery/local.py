@@ -59,15 +59,12 @@ from functools import partial
 from netserver.errors import ConfigError
 from netserver.privileges import Identity
 from netserver.smtp.addresses import parse_forward_path
-from netserver.smtp.replies import RemoteProtocolError, Reply
+from netserver.smtp.replies import RemoteProtocolError
 
 from ..aliases import (
-    Aliases,
     CommandTarget,
-    Expansion,
     FileTarget,
     IncludeFile,
-    IncludeReader,
     Problem,
     RemoteTarget,
     Target,
@@ -75,13 +72,12 @@ from ..aliases import (
     lookup_name,
     read_include,
 )
-from ..checks import ACCEPT, Check, CheckContext, Defer, Reject, Verdict
-from ..checks.loops import header_section
 from ..config import Config
+from ..directory import POSTMASTER, Directory, account, valid_user
 from ..envelope import Envelope, Recipient
 from ..expansion import UnrecordedExpansions
 from ..spool import Spool
-from ..states import Route
+from ..trace import header_section
 from . import Expansions, Handoff, Outcome, Result
 from .asuser import Payload, StepError, run_as, run_as_blocking
 from .local_common import (
@@ -107,41 +103,20 @@ from .pipe import command_env, run_command
 
 __all__ = [
     "Copy",
-    "Directory",
     "LocalAgent",
     "LockPolicy",
     "append_mbox",
-    "local_recipient_check",
     "mbox_entry",
 ]
 
-POSTMASTER = "postmaster"
-_USER = re.compile(r"\A[a-z0-9_][a-z0-9_.-]{0,63}\Z")
 _DELIVERED_TO = re.compile(rb"^delivered-to:[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
 
 CHILDREN = 8  # delivery children at once per message (a long alias list waits its turn)
 INCLUDE_TIMEOUT = 30.0  # seconds to read one :include: file (a hung NFS server)
 FILE_GRACE = 60.0  # seconds a mailbox write may take beyond waiting for its locks
-UNKNOWN_USER = Reply(550, "5.1.1", "Recipient address rejected: no such user here")
-ALIASES_BROKEN = Reply(451, "4.3.5", "Recipient lookup failed: the aliases file is broken")
 
 
 # --- who is here ----------------------------------------------------------------------
-
-
-def valid_user(name: str) -> bool:
-    """A name safe to use in a path: no '/', no leading '.' or '-', no NUL, short."""
-    return bool(_USER.match(name))
-
-
-def account(name: str) -> pwd.struct_passwd | None:
-    """The passwd entry of a (valid) user name, or None."""
-    if not valid_user(name):
-        return None
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        return None
 
 
 def local_part(address: str) -> str:
@@ -150,39 +125,6 @@ def local_part(address: str) -> str:
         return parse_forward_path(f"<{address}>", utf8=True).local_unquoted
     except RemoteProtocolError:
         return address.rpartition("@")[0] or address
-
-
-class Directory:
-    """Who receives mail here: the configured users (else passwd), aliases, postmaster."""
-
-    def __init__(self, config: Config, reader: IncludeReader | None = None) -> None:
-        self.users = frozenset(user.lower() for user in config.local.users)
-        self.aliases: Aliases | None = None
-        if config.local.aliases:
-            self.aliases = Aliases(config.local.aliases, config.local_domains)
-            if reader is not None:
-                self.aliases.reader = reader
-            self.aliases.table()  # a broken file is a ConfigError at start-up, not later
-
-    def is_user(self, name: str) -> bool:
-        """A mailbox exists for `name` (postmaster always has one: RFC 5321 4.5.1)."""
-        if name == POSTMASTER:
-            return True
-        if not valid_user(name):
-            return False
-        return name in self.users if self.users else account(name) is not None
-
-    def knows(self, name: str) -> bool:
-        """Mail for this lookup name can be taken (a user, an alias or postmaster)."""
-        return self.is_user(name) or (self.aliases is not None and name in self.aliases.table())
-
-    def expand(self, name: str) -> Expansion:
-        """Where mail for this lookup name goes; ConfigError if the aliases file is wrong."""
-        if self.aliases is not None:
-            return self.aliases.expand(name, self.is_user)
-        if self.is_user(name):
-            return Expansion((UserTarget(name),), ())
-        return Expansion((), (Problem("5.1.1", f"no such user: {name}"),))
 
 
 def delivered_to(data: bytes) -> frozenset[str]:
@@ -512,29 +454,3 @@ def _mbox_step(path: str, entry: bytes, owner: int | None, locks: LockPolicy) ->
 def _include_step(path: str) -> Payload:
     found = read_include(path)
     return {"text": found.text, "uid": found.uid, "gid": found.gid}
-
-
-# --- the RCPT check -----------------------------------------------------------------
-
-
-def local_recipient_check(config: Config) -> Check:
-    """RCPT stage: refuse (550 5.1.1) local recipients nobody here would take.
-
-    Recipients routed elsewhere pass untouched; users, aliases and postmaster pass. A
-    broken aliases file defers (451 4.3.5) instead of refusing good mail.
-    """
-    directory = Directory(config) if config.local.enabled else None
-
-    def check(session: CheckContext) -> Verdict:
-        rcpt = session.recipient
-        if directory is None or rcpt is None:
-            return ACCEPT
-        if rcpt.domain and config.route_for(rcpt.domain) != Route.LOCAL:
-            return ACCEPT
-        try:
-            known = directory.knows(lookup_name(rcpt.local_unquoted))
-        except ConfigError:
-            return Defer(ALIASES_BROKEN)
-        return ACCEPT if known else Reject(UNKNOWN_USER)
-
-    return check
