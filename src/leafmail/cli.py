@@ -1,10 +1,10 @@
 """The ``leafmail`` command.
 
-``serve`` accepts mail by SMTP, spools it durably and (with a smarthost) delivers it;
-``flush`` delivers everything now; ``queue``, ``show``, ``delete``, ``hold``,
-``release``, ``requeue`` and ``qshape`` look after the spool; ``passwd USER`` prints a
-users-file line for SMTP AUTH;
-``sendmail`` is the sendmail(8) command; ``newaliases`` checks the aliases file. Run by
+``serve`` accepts mail by SMTP, spools it durably and (with a smarthost, MX or local
+delivery configured) delivers it; ``flush`` delivers everything now; ``queue``, ``show``,
+``delete``, ``hold``, ``release``, ``requeue`` and ``qshape`` look after the spool;
+``passwd USER`` prints a users-file line for SMTP AUTH; ``sendmail`` is the sendmail(8)
+command; ``newaliases`` checks the aliases file. Run by
 the name ``sendmail``, ``mailq`` or ``newaliases`` (a symlink to leafmail, as Postfix
 installs them), it is that command. Configuration comes from ``--config``, else
 ``$LEAFMAIL_CONFIG``, else the default location; flags beat LEAFMAIL_* variables, which

@@ -1,13 +1,16 @@
 """`leafmail serve`: the privileged parent, its smtpd workers and its queue manager.
 
-The model is Postfix's and OpenSMTPD's privilege separation (see DESIGN.md, Processes):
+The model is Postfix's and OpenSMTPD's privilege separation (README, "Processes"):
 
     parent   reads the config, binds every listener, opens the spool, forks and
              supervises; it accepts connections and applies the session limits, but
              never reads a byte a client sends
     smtpd xN one event loop each ([process] workers, default one per CPU): sessions,
-             checks and their own group commit (leafmail.smtpd)
+             checks and their own group commit (leafmail.smtpd); each forks its check
+             pool's workers (leafmail.checks.pool) at its first pooled check
     qmgr     the queue runner, remote delivery and the control socket (leafmail.qmgr)
+    local    only with [local]: stays root, and delivers the local recipients the
+             queue manager hands it as each recipient's user (leafmail.localsvc)
 
 Up to three kinds of listener are served: plain SMTP (``smtp.listen``), submission with
 AUTH required (``smtp.submission_listen``) and implicit TLS (``smtp.smtps_listen``); one

@@ -31,7 +31,7 @@ def make_resolver(settings: DnsConfig) -> dns.asyncresolver.Resolver:
 
 
 def make_sync_resolver(settings: DnsConfig) -> dns.resolver.Resolver:
-    """The same, blocking, for pyspf and dkimpy (which run in worker threads)."""
+    """The same, blocking, for pyspf and dkimpy (in a check pool worker, or a thread)."""
     try:
         resolver = dns.resolver.Resolver(configure=not settings.nameservers)
     except dns.resolver.NoResolverConfiguration:

@@ -14,6 +14,10 @@ still bounce while the link is down. `flush` (a network-up hook) ignores that wa
 Time comes from an injected clock, and `run_once` is one pass, so tests drive the
 schedule without sleeping.
 
+`build_runner` makes the runner a config asks for, with an agent per route in use: the
+queue manager of `leafmail serve` and `leafmail flush` without a daemon both get theirs
+from it.
+
 Bounces that cannot be delivered go to `postmaster` (`[delivery] double_bounce_to`,
 default postmaster at our first local domain), and each one is logged; one that
 fails on its way to the postmaster as well is dropped with an error line.

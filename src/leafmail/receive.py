@@ -5,7 +5,8 @@ required, or implicit TLS). Each connection is an async netserver handler: bytes
 the socket go into `ServerProtocol`; each decision event runs the checks of its stage;
 a complete message gets its Received header and is committed to the spool through the
 group committer, and only when the commit returned does the client get its 250.
-The service never delivers mail: delivery reads the spool (DESIGN.md data flow).
+The service never delivers mail: it only commits to the spool, which the queue manager
+(`leafmail.qmgr`) reads and delivers from; no import joins the two sides.
 """
 
 from __future__ import annotations

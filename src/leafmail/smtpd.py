@@ -4,9 +4,11 @@ The parent builds one `Smtpd` from the config and hands its `handle` to the serv
 every listener role; the servers pass each connection to a worker process (netserver's
 `WorkerPool`). `setup` runs in each new worker, still as root, and makes what a
 worker needs before it reads a byte: the policy (aliases, resolvers), then it drops
-privileges, then opens its own `GroupCommitter` and the sessions' services. Per-worker
-objects that must not exist as root (a check process pool, AUTH throttling state) are
-made in `_services`, after the drop.
+privileges, then opens its own `GroupCommitter` and the sessions' services. The check
+pool object is made before the drop (it loads the code its workers run while every file
+can still be read) but forks its workers only at its first job, after the drop, so they
+run unprivileged; AUTH failures are counted in the table the parent made before it
+forked, so all workers count together (`leafmail.throttle`).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Layout (each state is a directory, as in Postfix's queue)::
     SPOOL/tmp/       being written; leftovers are from a crash and were never answered 250
     SPOOL/queue/     committed, waiting for delivery
     SPOOL/deferred/  delivery tried and to be retried (queue runner)
-    SPOOL/hold/      held by the operator
+    SPOOL/hold/      held by the operator, or a forwarded copy not yet released (expansion)
     SPOOL/corrupt/   files that failed their self-check; kept for a human, never parsed again
     SPOOL/status/    per-recipient delivery state of a message (leafmail.status), once tried
 

@@ -7,8 +7,9 @@ temperror when the key lookup failed for now; "none" for an unsigned message. In
 "reject" mode mail whose signatures failed, with none passing, is refused with 550
 5.7.20 (RFC 7372); a signature nobody can check proves as little as none at all.
 
-dkimpy is blocking: `verify_dkim` runs in a worker thread, and fetches keys through
-a ``dnsfunc`` over a synchronous dnspython resolver built from ``[dns]``.
+dkimpy is blocking: `verify_dkim` runs in a check pool worker process within its
+budget (`leafmail.checks.pool`; in a thread when no pool is given), and fetches keys
+through a ``dnsfunc`` over a synchronous dnspython resolver built from ``[dns]``.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class _KeyLookup:
 
 
 def verify_dkim(data: bytes, resolver: dns.resolver.Resolver, timeout: float) -> list[str]:
-    """The RFC 8601 result of each DKIM signature (blocking: call it in a thread)."""
+    """The RFC 8601 result of each DKIM signature (blocking: never on the event loop)."""
     signatures = parse_header(data).named("dkim-signature")
     if not signatures:
         return ["dkim=none"]
