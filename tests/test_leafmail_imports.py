@@ -119,3 +119,24 @@ def test_an_import_inside_a_function_counts(tmp_path: Path) -> None:
 def test_the_reexport_edges_are_the_only_ones_dropped() -> None:
     graph = {"p": {"p.sub", "q"}, "p.sub": {"p"}, "q": set[str]()}
     assert without_reexports(graph) == {"p": {"q"}, "p.sub": {"p"}, "q": set()}
+
+
+# --- commands are entry points, never libraries -----------------------------------------
+
+COMMANDS = ("leafmail.flush", "leafmail.cli", "leafmail.sendmail")
+
+
+def importers(graph: Graph, module: str) -> set[str]:
+    return {mod for mod, deps in graph.items() if module in deps}
+
+
+def test_only_commands_import_the_flush_command(graph: Graph) -> None:
+    """The daemon and its queue manager build their runner from `leafmail.queue`, as
+    `leafmail flush` does; they never reach into a command's module for it."""
+    assert {m for m in importers(graph, "leafmail.flush") if not on_side(m, COMMANDS)} == set()
+    assert "leafmail.queue" in graph["leafmail.daemon"] & graph["leafmail.qmgr"]
+
+
+def test_a_daemon_importing_flush_is_caught(graph: Graph) -> None:
+    old = {**graph, "leafmail.daemon": {*graph["leafmail.daemon"], "leafmail.flush"}}
+    assert importers(old, "leafmail.flush") - set(COMMANDS) == {"leafmail.daemon"}
