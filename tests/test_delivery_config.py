@@ -20,13 +20,13 @@ from leafmail.config import (
     _build,
     delivery_problem,
     load,
-    parse_duration,
     smarthost_password,
     split_hostport,
 )
 from leafmail.delivery.smarthost import SmarthostSettings
 from leafmail.retry import RetryPolicy
 from netserver.errors import ConfigError
+from netserver.strictconf import parse_duration
 
 WHERE = "test.toml"
 SECRET = "s3cret-from-the-environment"  # noqa: S105 (a test value)
@@ -376,7 +376,7 @@ def test_leafmail_smarthost_without_a_file(tmp_path: Path) -> None:
     config = load(None, {**no_env(tmp_path), "LEAFMAIL_SMARTHOST": "smtp.example.test"})
     assert config.delivery.smarthost == "smtp.example.test"
     assert config.delivery.effective_mode == "smarthost"
-    settings = SmarthostSettings.from_config(config, env={})
+    settings = SmarthostSettings.from_config(config.delivery, config.hostname, env={})
     assert (settings.host, settings.port, settings.tls) == ("smtp.example.test", 587, "starttls")
 
 
@@ -457,7 +457,7 @@ def test_settings_from_config_read_the_password_only_with_a_username(tmp_path: P
     env = {**no_env(tmp_path), "LEAFMAIL_SMARTHOST_PASSWORD": SECRET}
     config = load(str(path), env)
     assert SECRET not in repr(config), "the password is never part of the config"
-    settings = SmarthostSettings.from_config(config, env)
+    settings = SmarthostSettings.from_config(config.delivery, config.hostname, env)
     assert (settings.host, settings.port, settings.helo) == ("::1", 2525, "mx.test")
     assert settings.remote == "[::1]:2525"
     assert (settings.tls, settings.ca_file, settings.username) == ("smtps", "/etc/ca.pem", "alice")
@@ -470,7 +470,7 @@ def test_settings_from_config_read_the_password_only_with_a_username(tmp_path: P
     assert SECRET not in repr(settings)
 
     anonymous = load(str(write(tmp_path, '[delivery]\nsmarthost = "s.example.test"\n')), env)
-    assert SmarthostSettings.from_config(anonymous, env).password == ""
+    assert SmarthostSettings.from_config(anonymous.delivery, anonymous.hostname, env).password == ""
 
 
 def test_settings_from_config_with_an_unreadable_password_file(tmp_path: Path) -> None:
@@ -481,12 +481,12 @@ def test_settings_from_config_with_an_unreadable_password_file(tmp_path: Path) -
     )
     config = load(str(path), no_env(tmp_path))
     with pytest.raises(ConfigError, match=r"delivery\.password_file"):
-        SmarthostSettings.from_config(config, {})
+        SmarthostSettings.from_config(config.delivery, config.hostname, {})
 
 
 def test_settings_from_config_without_a_smarthost() -> None:
     with pytest.raises(ValueError, match="no smarthost configured"):
-        SmarthostSettings.from_config(build(""), env={})
+        SmarthostSettings.from_config(build("").delivery, "mx.test", env={})
 
 
 def test_settings_from_config_rechecks_what_bypassed_the_file() -> None:
@@ -496,4 +496,4 @@ def test_settings_from_config_rechecks_what_bypassed_the_file() -> None:
         delivery=DeliveryConfig(smarthost="s.example.test", tls="none", username="alice"),
     )
     with pytest.raises(ValueError, match="unprotected"):
-        SmarthostSettings.from_config(config, env={})
+        SmarthostSettings.from_config(config.delivery, config.hostname, env={})

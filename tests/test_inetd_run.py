@@ -234,3 +234,22 @@ def test_cps_window_and_pause_with_a_fake_clock() -> None:
     assert admission.admit(peer) is not None
     now[0] += 0.2
     assert admission.admit(peer) is None
+
+
+def test_netserver_run_serves_with_durations_written_with_units(tmp_path: Path) -> None:
+    """The real supervisor: "5m" starts a service, and a "1s" idle timeout closes."""
+    config = write_config(
+        tmp_path,
+        f'[[service]]\nname = "slow"\nlisten = ["127.0.0.1:0"]\nuser = "{ME}"\n{ECHO}\n'
+        'timeout = "5m"\ncps = 100\ncps_wait = "30s"\n'
+        f'[[service]]\nname = "quick"\nlisten = ["127.0.0.1:0"]\nuser = "{ME}"\n{ECHO}\n'
+        'timeout = "1s"\n',
+    )
+    server = start_run(config, tmp_path)
+    try:
+        slow, quick = server.addresses
+        assert exchange(slow, b"five minutes\n") == b"five minutes\n"
+        with Client(quick) as idle:  # says nothing: closed by the 1 s idle timeout
+            assert idle.read_all() == b""
+    finally:
+        assert server.stop() == 0

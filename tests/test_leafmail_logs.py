@@ -180,14 +180,14 @@ def tls_files(tmp_path: Path) -> tuple[Path, Path]:
 def context_error(cert: Path, key: Path) -> str:
     config = Config(hostname="leaf.test", smtp=SmtpConfig(tls_cert=str(cert), tls_key=str(key)))
     with pytest.raises(ConfigError) as caught:
-        tls_context(config)
+        tls_context(config.smtp)
     return str(caught.value)
 
 
 def test_tls_files_that_load(tmp_path: Path) -> None:
     cert, key = tls_files(tmp_path)
     config = Config(hostname="leaf.test", smtp=SmtpConfig(tls_cert=str(cert), tls_key=str(key)))
-    assert isinstance(tls_context(config), ssl.SSLContext)
+    assert isinstance(tls_context(config.smtp), ssl.SSLContext)
 
 
 def test_a_missing_tls_file_is_named(tmp_path: Path) -> None:

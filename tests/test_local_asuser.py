@@ -45,7 +45,9 @@ def agent_for(tmp: Path, *, path: str, users: Sequence[str] = (), **local: Any) 
     table: dict[str, Any] = {"path": path, "users": list(users), "virtual_user": VIRTUAL}
     table.update(local)
     config: Config = _build({"hostname": HOST, "local": table}, "test")
-    return LocalAgent(config, Spool(tmp / "spool"), default_user=DEFAULT)
+    return LocalAgent(
+        config.local, config.local_domains, Spool(tmp / "spool"), default_user=DEFAULT
+    )
 
 
 def deliver(agent: LocalAgent, *rcpts: str) -> list[Result]:
@@ -213,7 +215,8 @@ def test_default_user_comes_from_the_config_and_is_never_root(tmp: Path, name: s
     out = scratch(pwd.getpwnam(DEFAULT), mode=0o700)
     (tmp / "aliases").write_text(f'who: "|{whoami(tmp)} {out}/who.txt"\n', encoding="utf-8")
     table = {"path": f"{tmp}/{{user}}", "aliases": str(tmp / "aliases"), "default_user": name}
-    agent = LocalAgent(_build({"hostname": HOST, "local": table}, "test"), Spool(tmp / "s"))
+    config = _build({"hostname": HOST, "local": table}, "test")
+    agent = LocalAgent(config.local, config.local_domains, Spool(tmp / "s"))
     (result,) = deliver(agent, f"who@{HOST}")
     if name == "root":
         assert (result.outcome, result.status) == (Outcome.DEFERRED, "4.3.5")

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 from localusers import PYTHON, VIRTUAL, give_to_virtual, virtual_tmp
 
-from leafmail.checks import ACCEPT, CheckContext, Defer, Reject
+from leafmail.checks import ACCEPT, Check, CheckContext, Defer, Reject
 from leafmail.checks.recipients import local_recipient_check
 from leafmail.config import Config, _build
 from leafmail.delivery import Outcome, Result
@@ -99,7 +99,7 @@ def make_config(
 
 def make_agent(config: Config, tmp_path: Path, **kwargs: Any) -> LocalAgent:
     kwargs.setdefault("default_user", RUNS_AS)
-    return LocalAgent(config, Spool(tmp_path / "spool"), **kwargs)
+    return LocalAgent(config.local, config.local_domains, Spool(tmp_path / "spool"), **kwargs)
 
 
 @pytest.fixture
@@ -704,13 +704,17 @@ def test_unknown_recipient_bounces_through_the_runner(tmp_path: Path) -> None:
 # --- the RCPT check ------------------------------------------------------------------
 
 
+def recipient_check(config: Config) -> Check:
+    return local_recipient_check(config.local, config.local_domains, config.route_for)
+
+
 def rcpt(local: str, domain: str = HOST) -> CheckContext:
     return CheckContext(client_ip=None, recipient=Mailbox(local, domain))
 
 
 def test_local_recipient_check(tmp_path: Path) -> None:
     config = make_config(tmp_path, aliases="staff: alice\n")
-    check = local_recipient_check(config)
+    check = recipient_check(config)
     for ok in (
         rcpt("alice"),
         rcpt("Alice+tag"),
@@ -736,9 +740,9 @@ def test_local_recipient_check_leaves_other_routes_alone(tmp_path: Path) -> None
         routes={HOST: "smarthost"},
         delivery={"smarthost": "smart.example:25", "tls": "none"},
     )
-    assert local_recipient_check(routed)(rcpt("zed")) is ACCEPT
+    assert recipient_check(routed)(rcpt("zed")) is ACCEPT
     no_local = _build({"hostname": HOST}, "test")
-    assert local_recipient_check(no_local)(rcpt("zed")) is ACCEPT
+    assert recipient_check(no_local)(rcpt("zed")) is ACCEPT
 
 
 def test_mbox_entry_sender_without_spaces() -> None:

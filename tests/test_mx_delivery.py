@@ -137,8 +137,15 @@ class MxWorld:
     def agent(
         self, seed: int = 0, clock: Callable[[], float] = time.monotonic, **kw: Any
     ) -> MxAgent:
+        config = self.config(**kw)
         return MxAgent(
-            self.config(**kw), rng=random.Random(seed), log=ServerLog(self.log), clock=clock
+            config.mx,
+            config.delivery,
+            dns=config.dns,
+            helo=config.hostname,
+            rng=random.Random(seed),
+            log=ServerLog(self.log),
+            clock=clock,
         )
 
     def queried(self, name: str) -> bool:

@@ -397,7 +397,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
 def _spool(args: argparse.Namespace) -> Spool:
     config = _config(args)
     try:
-        check_spool(config.spool, spool_owner(config), create=False)
+        check_spool(config.spool, spool_owner(config.spool, config.process), create=False)
         return Spool(config.spool, create=False)
     except FileNotFoundError:
         raise CantCreateError(f"no leafmail spool at {config.spool}") from None

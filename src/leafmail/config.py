@@ -6,64 +6,174 @@ Where it comes from: ``--config FILE``, else ``$LEAFMAIL_CONFIG``, else
 Flags beat variables and variables beat the file. Unknown keys and wrong types are
 errors naming the key (exit 78), because a typo in a mail server's config should never
 silently fall back to a default such as an open relay.
+
+Each TOML table is one frozen dataclass (a section), and each part of leafmail is
+handed the sections it needs, not the whole `Config`. A setting is written once: a
+field made by `setting(kind, default)`, which one generic loader (`read_section`)
+reads with netserver's strict reader (netserver.strictconf), the same that reads
+`netserver run` files, so durations ("5m") and sizes ("25M") mean the same in both.
+A table is written once too: a field of `Config` with metadata TABLE. Adding a setting
+is one line in its section, plus its use. What relates two settings (TLS needs both
+files, a route needs its table) is checked once the sections are built, in `_check`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import socket
-import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast, overload
 
 from netserver.access import AccessPolicy, parse_rule
 from netserver.errors import AccessSpecError, ConfigError, UsageError
 from netserver.listeners import parse_listen
+from netserver.smtp import BareNewline, ServerConfig
 from netserver.smtp.addresses import parse_forward_path
 from netserver.smtp.replies import RemoteProtocolError
+from netserver.strictconf import (
+    Invalid,
+    Kind,
+    Table,
+    Unfit,
+    at_least,
+    boolean,
+    choice,
+    duration,
+    integer,
+    positive,
+    read_file,
+    size,
+    string,
+    strings,
+)
 
 from .states import DeliveryMode, Route
+
+T = TypeVar("T")
+S = TypeVar("S")
 
 DEFAULT_LISTEN = ("127.0.0.1:2525",)
 DEFAULT_RELAY_NETWORKS = ("127.0.0.0/8", "::1")
 DEFAULT_MAX_SIZE = 25 * 1024 * 1024
 
 
+@overload
+def setting(kind: Kind[T], default: T) -> T: ...
+@overload
+def setting(kind: Kind[T], *, factory: Callable[[], T]) -> T: ...
+def setting(kind: Kind[T], default: Any = None, *, factory: Callable[[], T] | None = None) -> T:
+    """A field that is a key of the file: how it is read, and its default (or the
+    function that makes the default, when it depends on the machine).
+
+    This is the only place a setting is written: the generic loader (`read_section`)
+    reads every field made by `setting` with its kind and refuses keys that are not
+    one; a field made otherwise (`enabled` of [local], `senders` of [auth]) is not a
+    key of its table and is filled by that table's own reader.
+    """
+    if factory is not None:
+        return field(default_factory=factory, metadata={_KIND: kind})
+    return cast(T, field(default=default, metadata={_KIND: kind}))
+
+
+_KIND = "leafmail.config.kind"
+# The metadata of a field of `Config` that is a TOML table, its default_factory the
+# section's class: `read_section` reads that class from the table of the field's name.
+TABLE = {"leafmail.config.table": True}
+_COUNT = at_least(integer, 0)
+_POSITIVE = positive(integer)
+_DOMAIN = re.compile(r"\A[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\Z")
+
+
+def _port(value: object) -> int:
+    port = integer(value)
+    if not 0 < port < 65536:
+        raise Unfit(f"{port} out of range")
+    return port
+
+
+def _domain_name(text: str) -> str:
+    """`text` lower-case; Unfit unless it is a domain name (or "")."""
+    domain = text.lower()
+    if domain and not _DOMAIN.match(domain):
+        raise Unfit(f"{domain!r} is not a domain name")
+    return domain
+
+
+def _origin(value: object) -> str:
+    """A domain name without the final dot ("" stays "")."""
+    return _domain_name(string(value).strip().rstrip("."))
+
+
+def _domains(value: object) -> tuple[str, ...]:
+    """Domain names; a leading dot (".example.org", as in Postfix) is dropped too."""
+    return tuple(_domain_name(item.strip().strip(".")) for item in strings(value))
+
+
+def _user(value: object) -> str:
+    name = string(value)
+    if not name:
+        raise Unfit("must not be empty")
+    return name
+
+
+def read_section(kind: type[S], table: Table, **others: Any) -> S:
+    """`kind` from its TOML table: each `setting` field read with its kind (absent: its
+    default), each field marked TABLE from its own table, the rest from `others`.
+
+    Keys of the table that are neither are refused (UnknownKey).
+    """
+    values = dict(others)
+    names = []
+    for item in fields(cast(Any, kind)):
+        reader = item.metadata.get(_KIND)
+        if item.name in others:
+            continue
+        if item.metadata == TABLE:
+            section = cast(type[Any], item.default_factory)
+            values[item.name] = read_section(section, table.table(item.name))
+        elif reader is None:
+            continue
+        elif item.name in table:
+            values[item.name] = table.read(item.name, reader)
+        names.append(item.name)
+    table.finish(names)
+    return kind(**values)
+
+
 @dataclass(frozen=True)
 class SmtpConfig:
     """The ``[smtp]`` table."""
 
-    listen: tuple[str, ...] = DEFAULT_LISTEN
-    submission_listen: tuple[str, ...] = ()
-    smtps_listen: tuple[str, ...] = ()
-    tls_cert: str = ""
-    tls_key: str = ""
-    max_message_size: int = DEFAULT_MAX_SIZE
-    max_recipients: int = 100
-    max_errors: int = 10
-    max_junk_commands: int = 100
-    max_sessions: int = 20000
+    listen: tuple[str, ...] = setting(strings, DEFAULT_LISTEN)
+    submission_listen: tuple[str, ...] = setting(strings, ())
+    smtps_listen: tuple[str, ...] = setting(strings, ())
+    tls_cert: str = setting(string, "")
+    tls_key: str = setting(string, "")
+    max_message_size: int = setting(positive(size), DEFAULT_MAX_SIZE)
+    max_recipients: int = setting(_POSITIVE, 100)
+    max_errors: int = setting(_COUNT, 10)
+    max_junk_commands: int = setting(_COUNT, 100)
+    max_sessions: int = setting(_POSITIVE, 20000)
     # None: 50 (Postfix's smtpd_client_connection_count_limit), at most half of
     # max_sessions, so that no one address can take every session.
-    max_sessions_per_source: int | None = None
-    allow_plaintext_auth: bool = False
-    bare_lf: str = "reject"
+    max_sessions_per_source: int | None = setting(_COUNT, None)
+    allow_plaintext_auth: bool = setting(boolean, False)
+    bare_lf: str = setting(choice("reject", "replace"), "reject")
     # Postfix's header_size_limit; a field count limit too, both applied before parsing.
-    max_header_size: int = 102400
-    max_header_fields: int = 1000
+    max_header_size: int = setting(positive(size), 102400)
+    max_header_fields: int = setting(_POSITIVE, 1000)
     # Postfix's smtpd_min_data_rate: DATA/BDAT must average this many octets a second
     # once `data_rate_grace` has passed (0: no minimum).
-    min_data_rate: int = 500
-    data_rate_grace: float = 30.0
+    min_data_rate: int = setting(_COUNT, 500)
+    data_rate_grace: float = setting(duration, 30.0)
     # Load balancers whose connections start with a PROXY v1/v2 header naming the real
     # client (netserver's --proxy-from); nobody else is ever asked for one.
-    proxy_from: tuple[str, ...] = ()
+    proxy_from: tuple[str, ...] = setting(strings, ())
     # On SIGTERM: how long sessions in a transaction may go on after accept stops.
-    shutdown_grace: float = 30.0
+    shutdown_grace: float = setting(duration, 30.0)
 
     @property
     def per_source_sessions(self) -> int:
@@ -72,13 +182,30 @@ class SmtpConfig:
             return self.max_sessions_per_source
         return min(50, max(1, self.max_sessions // 2))
 
+    def server_config(
+        self, hostname: str, *, tls_available: bool = False, auth_enabled: bool = False
+    ) -> ServerConfig:
+        """The SMTP engine's settings from this table: the one place they are mapped,
+        for the network service and for `sendmail -bs` alike."""
+        return ServerConfig(
+            hostname=hostname,
+            max_message_size=self.max_message_size,
+            max_recipients=self.max_recipients,
+            max_errors=self.max_errors,
+            max_junk_commands=self.max_junk_commands,
+            tls_available=tls_available,
+            auth_enabled=auth_enabled,
+            auth_plaintext_allowed=self.allow_plaintext_auth,
+            bare_newline=BareNewline.REPLACE if self.bare_lf == "replace" else BareNewline.REJECT,
+        )
+
 
 @dataclass(frozen=True)
 class RelayConfig:
     """The ``[relay]`` table; empty `local_domains` means [hostname]."""
 
-    local_domains: tuple[str, ...] = ()
-    relay_networks: tuple[str, ...] = DEFAULT_RELAY_NETWORKS
+    local_domains: tuple[str, ...] = setting(strings, ())
+    relay_networks: tuple[str, ...] = setting(strings, DEFAULT_RELAY_NETWORKS)
 
 
 @dataclass(frozen=True)
@@ -93,11 +220,11 @@ class AuthConfig:
     `block_time`.
     """
 
-    users_file: str = ""
-    senders: tuple[tuple[str, tuple[str, ...]], ...] = ()
-    failure_delay: float = 1.0
-    max_failures: int = 5
-    block_time: float = 600.0
+    users_file: str = setting(string, "")
+    senders: tuple[tuple[str, tuple[str, ...]], ...] = ()  # [auth.senders]: see _senders
+    failure_delay: float = setting(duration, 1.0)
+    max_failures: int = setting(_POSITIVE, 5)
+    block_time: float = setting(duration, 600.0)
 
 
 @dataclass(frozen=True)
@@ -109,13 +236,13 @@ class PickupConfig:
     smarthost account other local users must not get to use.
     """
 
-    enabled: bool | None = None
+    enabled: bool | None = setting(boolean, None)
 
 
 TLS_MODES = ("starttls", "smtps", "opportunistic", "none")
 CHECK_ACTIONS = ("off", "tag", "reject")
 MAILBOX_KINDS = ("maildir", "mbox")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_CHECK = choice(*CHECK_ACTIONS)
 
 
 @dataclass(frozen=True)
@@ -125,49 +252,32 @@ class DeliveryConfig:
     `mode` "" means "smarthost" when a smarthost is set, else "offline". With "offline"
     the daemon only spools, and `leafmail flush` still delivers to the smarthost: that is
     the dial-up set-up. The password is never part of the config object (see
-    `smarthost_password`), so it cannot end up in a repr or a log line.
+    `smarthost_password`), so it cannot end up in a repr or a log line. The rules
+    between these keys (checked again when the CLI changed them) are `delivery_problem`.
     """
 
-    mode: str = ""
-    smarthost: str = ""
-    tls: str = "starttls"
-    ca_file: str = ""
-    username: str = ""
-    password_file: str = ""
-    concurrency: int = 4
-    retry_initial: float = 300.0
-    retry_max: float = 4 * 3600.0
-    max_queue_lifetime: float = 5 * 86400.0
-    delay_warning: float = 0.0
-    connect_timeout: float = 30.0
-    command_timeout: float = 300.0
-    deadline: float = 900.0
-    double_bounce_to: str = "postmaster"  # "": undeliverable bounces are dropped (logged)
+    mode: str = setting(choice("", *DeliveryMode), "")
+    smarthost: str = setting(string, "")
+    tls: str = setting(choice(*TLS_MODES), "starttls")
+    ca_file: str = setting(string, "")
+    username: str = setting(string, "")
+    password_file: str = setting(string, "")
+    concurrency: int = setting(integer, 4)
+    retry_initial: float = setting(duration, 300.0)
+    retry_max: float = setting(duration, 4 * 3600.0)
+    max_queue_lifetime: float = setting(duration, 5 * 86400.0)
+    delay_warning: float = setting(duration, 0.0)
+    connect_timeout: float = setting(duration, 30.0)
+    command_timeout: float = setting(duration, 300.0)
+    deadline: float = setting(duration, 900.0)
+    # "": undeliverable bounces are dropped (logged)
+    double_bounce_to: str = setting(string, "postmaster")
 
     @property
     def effective_mode(self) -> DeliveryMode:
         if self.mode:
             return DeliveryMode(self.mode)
         return DeliveryMode.SMARTHOST if self.smarthost else DeliveryMode.OFFLINE
-
-
-def parse_duration(value: object, what: str) -> float:
-    """Seconds from an integer/float or a string such as "90s", "5m", "4h", "5d"."""
-    if isinstance(value, bool):
-        raise ConfigError(f'{what} must be a duration such as 300, "5m" or "4h"')
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*[smhd]?\s*", value):
-        text = value.strip()
-        unit = text[-1] if text[-1] in _UNITS else "s"
-        seconds = float(text.rstrip("smhd").strip()) * _UNITS[unit]
-    else:
-        raise ConfigError(f'{what} must be a duration such as 300, "5m" or "4h"')
-    if not math.isfinite(seconds):
-        raise ConfigError(f"{what} must be a finite duration")
-    if seconds < 0:
-        raise ConfigError(f"{what} must not be negative")
-    return seconds
 
 
 _SPANS = (("day", 86400), ("h", 3600), ("min", 60), ("s", 1))
@@ -177,8 +287,8 @@ def format_duration(seconds: float) -> str:
     """A duration for people, at most two units: "3 s", "1 min 30 s", "5 days", "1 day 6 h"."""
     left = max(0, round(seconds))
     parts: list[str] = []
-    for unit, size in _SPANS:
-        count, left = divmod(left, size)
+    for unit, span in _SPANS:
+        count, left = divmod(left, span)
         if count and len(parts) < 2:
             parts.append(f"{count} {unit}{'s' if unit == 'day' and count != 1 else ''}")
         elif parts:
@@ -194,19 +304,20 @@ class DnsConfig:
     of their own on loopback.
     """
 
-    nameservers: tuple[str, ...] = ()
-    port: int = 53
-    timeout: float = 5.0
+    nameservers: tuple[str, ...] = setting(strings, ())
+    port: int = setting(_port, 53)
+    timeout: float = setting(duration, 5.0)
 
 
 @dataclass(frozen=True)
 class MxConfig:
     """The ``[mx]`` table: direct delivery to the recipient domain's MX hosts."""
 
-    port: int = 25
-    mta_sts: bool = True  # honour RFC 8461 policies
-    https_port: int = 443  # where MTA-STS policies are fetched
-    ca_file: str = ""  # CAs for MTA-STS (policy host and MX certificates); default system
+    port: int = setting(_port, 25)
+    mta_sts: bool = setting(boolean, True)  # honour RFC 8461 policies
+    https_port: int = setting(_port, 443)  # where MTA-STS policies are fetched
+    # CAs for MTA-STS (policy host and MX certificates); default: the system's
+    ca_file: str = setting(string, "")
 
 
 @dataclass(frozen=True)
@@ -222,14 +333,14 @@ class LocalConfig:
     root), Postfix's default_privs.
     """
 
-    enabled: bool = False
-    mailbox: str = "maildir"
-    path: str = ""
-    users: tuple[str, ...] = ()
-    aliases: str = ""
-    command_timeout: float = 60.0
-    virtual_user: str = "leafmail"
-    default_user: str = "nobody"
+    enabled: bool = False  # the table is there (see _build)
+    mailbox: str = setting(choice(*MAILBOX_KINDS), "maildir")
+    path: str = setting(string, "")
+    users: tuple[str, ...] = setting(strings, ())
+    aliases: str = setting(string, "")
+    command_timeout: float = setting(positive(duration), 60.0)
+    virtual_user: str = setting(string, "leafmail")
+    default_user: str = setting(string, "nobody")
 
     @property
     def path_template(self) -> str:
@@ -249,26 +360,26 @@ class SendmailConfig:
     Postfix's masquerade_domains (the first listed domain that matches wins).
     """
 
-    origin: str = ""
-    masquerade_domains: tuple[str, ...] = ()
+    origin: str = setting(_origin, "")
+    masquerade_domains: tuple[str, ...] = setting(_domains, ())
 
 
 @dataclass(frozen=True)
 class ChecksConfig:
     """The ``[checks]`` table: each check is "off", "tag" (add a header) or "reject"."""
 
-    rfc5322: str = "tag"
-    received: str = "tag"
-    dnsbl: str = "off"
-    spf: str = "tag"
-    dkim: str = "tag"
-    dnsbl_zones: tuple[str, ...] = ()
-    dnswl_zones: tuple[str, ...] = ()
-    authserv_id: str = ""  # default: the hostname
+    rfc5322: str = setting(_CHECK, "tag")
+    received: str = setting(_CHECK, "tag")
+    dnsbl: str = setting(_CHECK, "off")
+    spf: str = setting(_CHECK, "tag")
+    dkim: str = setting(_CHECK, "tag")
+    dnsbl_zones: tuple[str, ...] = setting(strings, ())
+    dnswl_zones: tuple[str, ...] = setting(strings, ())
+    authserv_id: str = setting(string, "")  # default: the hostname
     # The check pool: worker processes, and each message's CPU and wall-clock budget.
-    workers: int = 2
-    cpu_limit: float = 10.0
-    time_limit: float = 30.0
+    workers: int = setting(_POSITIVE, 2)
+    cpu_limit: float = setting(positive(duration), 10.0)
+    time_limit: float = setting(positive(duration), 30.0)
 
 
 @dataclass(frozen=True)
@@ -281,9 +392,9 @@ class ProcessConfig:
     applies while the queue manager delivers (not offline, where mail waits on purpose).
     """
 
-    user: str = "leafmail"
-    workers: int = 0
-    in_flow_queue: int = 200
+    user: str = setting(_user, "leafmail")
+    workers: int = setting(_COUNT, 0)
+    in_flow_queue: int = setting(_COUNT, 200)
 
     @property
     def worker_count(self) -> int:
@@ -292,21 +403,27 @@ class ProcessConfig:
 
 @dataclass(frozen=True)
 class Config:
-    """Everything `leafmail serve` and the queue tools need."""
+    """The whole file: the top-level keys, one section per table, and where it came from.
 
-    hostname: str = field(default_factory=socket.gethostname)
-    spool: str = ""
-    smtp: SmtpConfig = field(default_factory=SmtpConfig)
-    relay: RelayConfig = field(default_factory=RelayConfig)
-    auth: AuthConfig = field(default_factory=AuthConfig)
-    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
-    dns: DnsConfig = field(default_factory=DnsConfig)
-    mx: MxConfig = field(default_factory=MxConfig)
-    local: LocalConfig = field(default_factory=LocalConfig)
-    pickup: PickupConfig = field(default_factory=PickupConfig)
-    checks: ChecksConfig = field(default_factory=ChecksConfig)
-    sendmail: SendmailConfig = field(default_factory=SendmailConfig)
-    process: ProcessConfig = field(default_factory=ProcessConfig)
+    Only the entry points (the daemon and its process builders, the CLI, sendmail) hold
+    it whole; they hand each part the sections it needs (a delivery agent its
+    [delivery] table, the check pool its [checks] table). What derives from several
+    tables (local domains, routes) is computed here, once.
+    """
+
+    hostname: str = setting(string, factory=socket.gethostname)
+    spool: str = setting(string, "")
+    smtp: SmtpConfig = field(default_factory=SmtpConfig, metadata=TABLE)
+    relay: RelayConfig = field(default_factory=RelayConfig, metadata=TABLE)
+    auth: AuthConfig = field(default_factory=AuthConfig)  # with [auth.senders]: see _auth
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig, metadata=TABLE)
+    dns: DnsConfig = field(default_factory=DnsConfig, metadata=TABLE)
+    mx: MxConfig = field(default_factory=MxConfig, metadata=TABLE)
+    local: LocalConfig = field(default_factory=LocalConfig)  # on when present: see _build
+    pickup: PickupConfig = field(default_factory=PickupConfig, metadata=TABLE)
+    checks: ChecksConfig = field(default_factory=ChecksConfig, metadata=TABLE)
+    sendmail: SendmailConfig = field(default_factory=SendmailConfig, metadata=TABLE)
+    process: ProcessConfig = field(default_factory=ProcessConfig, metadata=TABLE)
     routes: tuple[tuple[str, str], ...] = ()  # (domain or .suffix, route), as written
     source: str = "defaults"
 
@@ -446,223 +563,51 @@ def smarthost_password(delivery: DeliveryConfig, env: Mapping[str, str] | None =
 
 
 def _from_file(path: Path, *, check: bool = True) -> Config:
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    _text, raw = read_file(path)
     return _build(raw, str(path), check=check)
 
 
 def _build(raw: dict[str, Any], where: str, *, check: bool = True) -> Config:
-    top = _Table(raw, where)
-    config = Config(
-        hostname=top.string("hostname", socket.gethostname()),
-        spool=top.string("spool", ""),
-        smtp=_smtp(top.table("smtp")),
-        relay=_relay(top.table("relay")),
-        auth=_auth(top.table("auth")),
-        delivery=_delivery(top.table("delivery")),
-        dns=_dns(top.table("dns")),
-        mx=_mx(top.table("mx")),
-        local=_local(top.table("local"), enabled="local" in raw),
-        pickup=_pickup(top.table("pickup")),
-        checks=_checks(top.table("checks")),
-        sendmail=_sendmail(top.table("sendmail")),
-        process=_process(top.table("process")),
-        routes=_routes(top.table("routes")),
-        source=where,
-    )
-    top.finish()
+    """The Config of a parsed file; ConfigError starting with `where` on any problem."""
+    top = Table(raw)
+    try:
+        config = read_section(
+            Config,
+            top,
+            auth=_auth(top.table("auth")),
+            local=read_section(LocalConfig, top.table("local"), enabled="local" in top),
+            routes=_routes(top.table("routes")),
+            source=where,
+        )
+    except Invalid as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     if check:
         _check(config, where)
     return config
 
 
-def _process(t: _Table) -> ProcessConfig:
-    d = ProcessConfig()
-    process = ProcessConfig(
-        user=t.string("user", d.user),
-        workers=t.integer("workers", d.workers),
-        in_flow_queue=t.integer("in_flow_queue", d.in_flow_queue),
-    )
-    t.finish()
-    if not process.user or process.workers < 0 or process.in_flow_queue < 0:
-        raise ConfigError(f"{t.where}: [process] needs a user and counts of 0 or more")
-    return process
+def _auth(auth: Table) -> AuthConfig:
+    return read_section(AuthConfig, auth, senders=_senders(auth.table("senders")))
 
 
-def _smtp(t: _Table) -> SmtpConfig:
-    d = SmtpConfig()
-    smtp = SmtpConfig(
-        listen=t.strings("listen", d.listen),
-        submission_listen=t.strings("submission_listen", d.submission_listen),
-        smtps_listen=t.strings("smtps_listen", d.smtps_listen),
-        tls_cert=t.string("tls_cert", d.tls_cert),
-        tls_key=t.string("tls_key", d.tls_key),
-        max_message_size=t.integer("max_message_size", d.max_message_size),
-        max_recipients=t.integer("max_recipients", d.max_recipients),
-        max_errors=t.integer("max_errors", d.max_errors),
-        max_junk_commands=t.integer("max_junk_commands", d.max_junk_commands),
-        max_sessions=t.integer("max_sessions", d.max_sessions),
-        max_sessions_per_source=t.optional_integer("max_sessions_per_source"),
-        allow_plaintext_auth=t.boolean("allow_plaintext_auth", d.allow_plaintext_auth),
-        bare_lf=t.choice("bare_lf", d.bare_lf, ("reject", "replace")),
-        max_header_size=t.integer("max_header_size", d.max_header_size),
-        max_header_fields=t.integer("max_header_fields", d.max_header_fields),
-        min_data_rate=t.integer("min_data_rate", d.min_data_rate),
-        data_rate_grace=t.duration("data_rate_grace", d.data_rate_grace),
-        proxy_from=t.strings("proxy_from", d.proxy_from),
-        shutdown_grace=t.duration("shutdown_grace", d.shutdown_grace),
-    )
-    t.finish()
-    return smtp
-
-
-def _auth(t: _Table) -> AuthConfig:
-    d = AuthConfig()
-    senders = t.table("senders")
-    owned = tuple((user, senders.strings(user, ())) for user in list(senders.data))
-    senders.finish()
+def _senders(table: Table) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """[auth.senders]: LOGIN = [ADDRESS or @DOMAIN, ...]."""
+    owned = tuple((user, table.read(user, strings)) for user in list(table.data))
     for user, addresses in owned:
         for address in addresses:
             local, at, domain = address.rpartition("@")
             if not at or not domain or "@" in local:
-                raise ConfigError(
-                    f"{t.where}: auth.senders.{user}: {address!r} is not an address "
-                    "(local@domain) or a domain (@domain)"
+                raise Invalid(
+                    table.dotted(user),
+                    f"must list addresses (local@domain) or domains (@domain), not {address!r}",
                 )
-    auth = AuthConfig(
-        users_file=t.string("users_file", d.users_file),
-        senders=owned,
-        failure_delay=t.duration("failure_delay", d.failure_delay),
-        max_failures=t.integer("max_failures", d.max_failures),
-        block_time=t.duration("block_time", d.block_time),
-    )
-    t.finish()
-    return auth
+    return owned
 
 
-def _relay(t: _Table) -> RelayConfig:
-    relay = RelayConfig(
-        local_domains=t.strings("local_domains", ()),
-        relay_networks=t.strings("relay_networks", DEFAULT_RELAY_NETWORKS),
-    )
-    t.finish()
-    return relay
-
-
-def _delivery(t: _Table) -> DeliveryConfig:
-    d = DeliveryConfig()
-    delivery = DeliveryConfig(
-        mode=t.choice("mode", d.mode, ("", *DeliveryMode)),
-        smarthost=t.string("smarthost", d.smarthost),
-        tls=t.choice("tls", d.tls, TLS_MODES),
-        ca_file=t.string("ca_file", d.ca_file),
-        username=t.string("username", d.username),
-        password_file=t.string("password_file", d.password_file),
-        concurrency=t.integer("concurrency", d.concurrency),
-        retry_initial=t.duration("retry_initial", d.retry_initial),
-        retry_max=t.duration("retry_max", d.retry_max),
-        max_queue_lifetime=t.duration("max_queue_lifetime", d.max_queue_lifetime),
-        delay_warning=t.duration("delay_warning", d.delay_warning),
-        connect_timeout=t.duration("connect_timeout", d.connect_timeout),
-        command_timeout=t.duration("command_timeout", d.command_timeout),
-        deadline=t.duration("deadline", d.deadline),
-        double_bounce_to=t.string("double_bounce_to", d.double_bounce_to),
-    )
-    t.finish()
-    return delivery
-
-
-def _dns(t: _Table) -> DnsConfig:
-    d = DnsConfig()
-    dns = DnsConfig(
-        nameservers=t.strings("nameservers", d.nameservers),
-        port=t.integer("port", d.port),
-        timeout=t.duration("timeout", d.timeout),
-    )
-    t.finish()
-    return dns
-
-
-def _mx(t: _Table) -> MxConfig:
-    d = MxConfig()
-    mx = MxConfig(
-        port=t.integer("port", d.port),
-        mta_sts=t.boolean("mta_sts", d.mta_sts),
-        https_port=t.integer("https_port", d.https_port),
-        ca_file=t.string("ca_file", d.ca_file),
-    )
-    t.finish()
-    return mx
-
-
-def _local(t: _Table, *, enabled: bool) -> LocalConfig:
-    d = LocalConfig()
-    local = LocalConfig(
-        enabled=enabled,
-        mailbox=t.choice("mailbox", d.mailbox, MAILBOX_KINDS),
-        path=t.string("path", d.path),
-        users=t.strings("users", d.users),
-        aliases=t.string("aliases", d.aliases),
-        command_timeout=t.duration("command_timeout", d.command_timeout),
-        virtual_user=t.string("virtual_user", d.virtual_user),
-        default_user=t.string("default_user", d.default_user),
-    )
-    t.finish()
-    return local
-
-
-_DOMAIN = re.compile(r"\A[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\Z")
-
-
-def _sendmail(t: _Table) -> SendmailConfig:
-    sendmail = SendmailConfig(
-        origin=t.string("origin", "").strip().rstrip(".").lower(),
-        masquerade_domains=tuple(
-            d.strip().strip(".").lower() for d in t.strings("masquerade_domains", ())
-        ),
-    )
-    for domain in (sendmail.origin, *sendmail.masquerade_domains):
-        if domain and not _DOMAIN.match(domain):
-            raise ConfigError(f"{t.where}: sendmail: {domain!r} is not a domain name")
-    t.finish()
-    return sendmail
-
-
-def _checks(t: _Table) -> ChecksConfig:
-    d = ChecksConfig()
-    checks = ChecksConfig(
-        rfc5322=t.choice("rfc5322", d.rfc5322, CHECK_ACTIONS),
-        received=t.choice("received", d.received, CHECK_ACTIONS),
-        dnsbl=t.choice("dnsbl", d.dnsbl, CHECK_ACTIONS),
-        spf=t.choice("spf", d.spf, CHECK_ACTIONS),
-        dkim=t.choice("dkim", d.dkim, CHECK_ACTIONS),
-        dnsbl_zones=t.strings("dnsbl_zones", d.dnsbl_zones),
-        dnswl_zones=t.strings("dnswl_zones", d.dnswl_zones),
-        authserv_id=t.string("authserv_id", d.authserv_id),
-        workers=t.integer("workers", d.workers),
-        cpu_limit=t.duration("cpu_limit", d.cpu_limit),
-        time_limit=t.duration("time_limit", d.time_limit),
-    )
-    t.finish()
-    return checks
-
-
-def _routes(t: _Table) -> tuple[tuple[str, str], ...]:
-    routes = tuple((domain, t.choice(domain, "", tuple(Route))) for domain in list(t.data))
+def _routes(t: Table) -> tuple[tuple[str, str], ...]:
+    routes = tuple((domain, t.read(domain, choice(*Route))) for domain in list(t.data))
     t.finish()
     return routes
-
-
-def _pickup(t: _Table) -> PickupConfig:
-    enabled = t.boolean("enabled", False) if "enabled" in t.data else None
-    t.finish()
-    return PickupConfig(enabled=enabled)
 
 
 def delivery_problem(delivery: DeliveryConfig) -> str | None:
@@ -712,7 +657,8 @@ def hostname_problem(name: str) -> str | None:
 
 
 def _check(config: Config, where: str) -> None:
-    """Cross-field rules: TLS needs both files, submission and smtps need TLS."""
+    """Rules between settings (TLS needs both files, submission and smtps need TLS ...),
+    and the values LEAFMAIL_* variables may have changed after the file was read."""
     smtp = config.smtp
     if bool(smtp.tls_cert) != bool(smtp.tls_key):
         raise ConfigError(f"{where}: smtp.tls_cert and smtp.tls_key go together")
@@ -720,23 +666,6 @@ def _check(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: smtp.smtps_listen needs smtp.tls_cert and smtp.tls_key")
     if smtp.submission_listen and not config.auth.users_file:
         raise ConfigError(f"{where}: smtp.submission_listen needs auth.users_file")
-    if smtp.max_message_size <= 0 or smtp.max_recipients <= 0:
-        raise ConfigError(f"{where}: smtp.max_message_size and max_recipients must be > 0")
-    if smtp.max_errors < 0 or smtp.max_junk_commands < 0 or smtp.max_sessions <= 0:
-        raise ConfigError(
-            f"{where}: smtp.max_errors and max_junk_commands must be >= 0, max_sessions > 0"
-        )
-    if smtp.max_sessions_per_source is not None and smtp.max_sessions_per_source < 0:
-        raise ConfigError(f"{where}: smtp.max_sessions_per_source must be >= 0 (0: no limit)")
-    if smtp.max_header_size <= 0 or smtp.max_header_fields <= 0 or smtp.min_data_rate < 0:
-        raise ConfigError(
-            f"{where}: smtp.max_header_size and max_header_fields must be > 0, min_data_rate >= 0"
-        )
-    if config.auth.max_failures <= 0:
-        raise ConfigError(f"{where}: auth.max_failures must be > 0")
-    checks = config.checks
-    if checks.workers <= 0 or checks.cpu_limit <= 0 or checks.time_limit <= 0:
-        raise ConfigError(f"{where}: checks.workers, cpu_limit and time_limit must be > 0")
     problem = hostname_problem(config.hostname)
     if problem:
         raise ConfigError(f"{where}: hostname {config.hostname!r}: {problem}")
@@ -785,8 +714,6 @@ def local_problem(local: LocalConfig) -> str | None:
     """A [local] table that could only fail at delivery time, every time."""
     if not local.enabled:
         return None
-    if local.command_timeout <= 0:
-        return "local.command_timeout must be > 0"
     template = local.path_template
     if not template.startswith(("/", "{home}")):
         return f"local.path {template!r} must be absolute or start with {{home}}"
@@ -833,7 +760,7 @@ def local_domains_problem(config: Config) -> str | None:
 
 
 def routing_problem(config: Config) -> str | None:
-    """Routes that name a way of delivery that is not set up, and bad ports."""
+    """Routes that name a way of delivery that is not set up."""
     used = {route for _key, route in config.routes} | {config.delivery.effective_mode}
     if Route.LOCAL in used and not config.local.enabled:
         return "a route is local but there is no [local] table"
@@ -842,80 +769,4 @@ def routing_problem(config: Config) -> str | None:
         and not config.delivery.smarthost
     ):
         return "a route is smarthost but delivery.smarthost is not set"
-    for name, port in (("dns.port", config.dns.port), ("mx.port", config.mx.port)):
-        if not 0 < port < 65536:
-            return f"{name} {port} out of range"
-    if not 0 < config.mx.https_port < 65536:
-        return f"mx.https_port {config.mx.https_port} out of range"
     return None
-
-
-class _Table:
-    """Typed reads from one TOML table that remember which keys were used."""
-
-    def __init__(self, data: object, where: str, name: str = "") -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where}: {name or 'top level'} must be a table")
-        self.data: dict[str, Any] = data
-        self.where = where
-        self.name = name
-        self.used: set[str] = set()
-
-    def _key(self, key: str) -> str:
-        return f"{self.name}.{key}" if self.name else key
-
-    def _get(self, key: str, kind: type | tuple[type, ...], what: str) -> Any:
-        self.used.add(key)
-        value = self.data[key]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigError(f"{self.where}: {self._key(key)} must be {what}")
-        return value
-
-    def string(self, key: str, default: str) -> str:
-        return str(self._get(key, str, "a string")) if key in self.data else default
-
-    def done_string(self, key: str, default: str) -> str:
-        value = self.string(key, default)
-        self.finish()
-        return value
-
-    def integer(self, key: str, default: int) -> int:
-        value = self.optional_integer(key)
-        return default if value is None else value
-
-    def optional_integer(self, key: str) -> int | None:
-        return int(self._get(key, int, "an integer")) if key in self.data else None
-
-    def duration(self, key: str, default: float) -> float:
-        if key not in self.data:
-            return default
-        self.used.add(key)
-        return parse_duration(self.data[key], f"{self.where}: {self._key(key)}")
-
-    def boolean(self, key: str, default: bool) -> bool:
-        return bool(self._get(key, bool, "true or false")) if key in self.data else default
-
-    def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
-        value = self.string(key, default)
-        if value not in allowed:
-            raise ConfigError(f"{self.where}: {self._key(key)} must be one of {', '.join(allowed)}")
-        return value
-
-    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        if key not in self.data:
-            return default
-        value = self._get(key, (list, str), "a list of strings")
-        items = [value] if isinstance(value, str) else value
-        if not all(isinstance(v, str) for v in items):
-            raise ConfigError(f"{self.where}: {self._key(key)} must be a list of strings")
-        return tuple(items)
-
-    def table(self, key: str) -> _Table:
-        self.used.add(key)
-        return _Table(self.data.get(key, {}), self.where, self._key(key))
-
-    def finish(self) -> None:
-        """Refuse keys nobody asked for: they are typos or options we do not have."""
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise ConfigError(f"{self.where}: unknown key {self._key(unknown[0])!r}")

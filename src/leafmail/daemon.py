@@ -44,7 +44,7 @@ from netserver.server import loop_factory
 from netserver.tlsterm import harden
 
 from .auth import Users, load_users
-from .config import Config
+from .config import AuthConfig, Config, SmtpConfig
 from .localsvc import LocalClient, LocalService, LocalSocket, client_uid
 from .privsep import (
     Announcer,
@@ -64,11 +64,11 @@ from .throttle import SourceTable
 SESSION_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: at least five minutes between commands
 
 
-def tls_context(config: Config) -> ssl.SSLContext | None:
+def tls_context(smtp: SmtpConfig) -> ssl.SSLContext | None:
     """The server TLS context from smtp.tls_cert/tls_key, or None when not configured."""
-    if not config.smtp.tls_cert:
+    if not smtp.tls_cert:
         return None
-    cert, key = config.smtp.tls_cert, config.smtp.tls_key
+    cert, key = smtp.tls_cert, smtp.tls_key
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     # OpenSSL's errors name neither file, so each is checked first for what can be told
@@ -96,8 +96,8 @@ def _check_pem(setting: str, path: str, kind: str, marker: bytes) -> None:
         raise ConfigError(f"{setting} {path}: no PEM {kind} in it")
 
 
-def _users(config: Config) -> Users | None:
-    return load_users(config.auth.users_file) if config.auth.users_file else None
+def _users(auth: AuthConfig) -> Users | None:
+    return load_users(auth.users_file) if auth.users_file else None
 
 
 class Daemon:
@@ -117,8 +117,8 @@ class Daemon:
         self.on_ready = on_ready
         self.reload_config = reload
         self.loop_kind = loop
-        self.identity = process_identity(config)
-        self.settings = SmtpdSettings(config, tls_context(config), _users(config))
+        self.identity = process_identity(config.process)
+        self.settings = SmtpdSettings(config, tls_context(config.smtp), _users(config.auth))
         self.fds = FdRegistry()  # no child keeps another's channel, nor a listener
         pool = functools.partial(
             WorkerPool,
@@ -136,7 +136,7 @@ class Daemon:
         self._reloading: asyncio.Future[None] | None = None
         # The listeners first: a bad or taken address is the one line the user sees.
         has_tls = self.settings.tls is not None
-        self.servers = [self._server(role) for role in roles(config, has_tls=has_tls)]
+        self.servers = [self._server(role) for role in roles(config.smtp, has_tls=has_tls)]
         if not self.servers:
             raise ConfigError("nothing to listen on: smtp.listen is empty")
         self.bind()
@@ -275,7 +275,7 @@ class Daemon:
             return
         try:
             config = self.reload_config()
-            settings = SmtpdSettings(config, tls_context(config), _users(config))
+            settings = SmtpdSettings(config, tls_context(config.smtp), _users(config.auth))
         except (NetserverError, OSError) as exc:
             self.log.error("reload failed, keeping the running configuration", error=str(exc))
             return

@@ -12,7 +12,7 @@ import pwd
 import re
 
 from .aliases import Aliases, Expansion, IncludeReader, Problem, UserTarget
-from .config import Config
+from .config import LocalConfig
 
 POSTMASTER = "postmaster"
 _USER = re.compile(r"\A[a-z0-9_][a-z0-9_.-]{0,63}\Z")
@@ -36,11 +36,16 @@ def account(name: str) -> pwd.struct_passwd | None:
 class Directory:
     """Who receives mail here: the configured users (else passwd), aliases, postmaster."""
 
-    def __init__(self, config: Config, reader: IncludeReader | None = None) -> None:
-        self.users = frozenset(user.lower() for user in config.local.users)
+    def __init__(
+        self,
+        local: LocalConfig,
+        local_domains: tuple[str, ...],
+        reader: IncludeReader | None = None,
+    ) -> None:
+        self.users = frozenset(user.lower() for user in local.users)
         self.aliases: Aliases | None = None
-        if config.local.aliases:
-            self.aliases = Aliases(config.local.aliases, config.local_domains)
+        if local.aliases:
+            self.aliases = Aliases(local.aliases, local_domains)
             if reader is not None:
                 self.aliases.reader = reader
             self.aliases.table()  # a broken file is a ConfigError at start-up, not later

@@ -101,7 +101,7 @@ class Reporter:
 def flush(config: Config, *, use_daemon: bool = True, out: TextIO = sys.stdout) -> int:
     """Deliver everything now; EX_OK if nothing stays deferred, else EX_TEMPFAIL."""
     try:
-        check_spool(config.spool, spool_owner(config), create=False)
+        check_spool(config.spool, spool_owner(config.spool, config.process), create=False)
         spool = Spool(config.spool, create=False)
     except FileNotFoundError:
         print(f"flush: no spool at {config.spool}: nothing to deliver", file=sys.stderr)

@@ -20,14 +20,13 @@ from .checks.relay import relay_check
 from .checks.rfc5322 import rfc5322_check, rfc5322_pool_check
 from .checks.senders import SenderLogins, sender_login_check
 from .checks.spf import spf_check
-from .config import Config
+from .config import ChecksConfig, Config, DnsConfig
 from .dns import make_resolver, make_sync_resolver
 from .receive import Policy
 
 
-def check_pool(config: Config, log: ServerLog | None = None) -> CheckPool:
+def check_pool(checks: ChecksConfig, log: ServerLog | None = None) -> CheckPool:
     """The pool of check processes, with [checks]' budget (started by its first job)."""
-    checks = config.checks
     return CheckPool(checks.workers, checks.cpu_limit, checks.time_limit, log=log)
 
 
@@ -65,7 +64,7 @@ def policy_for(config: Config, pool: CheckPool | None = None) -> Policy:
             end.append(rfc5322_check(checks.rfc5322, relay))
         else:
             pooled.append(rfc5322_pool_check(checks.rfc5322, relay, pool))
-    later = _dns_checks(config, pool)
+    later = _dns_checks(checks, config.dns, config.hostname, relay, pool)
     if pooled:
         later[Stage.END_OF_DATA] = [*pooled, *later.get(Stage.END_OF_DATA, ())]
     return Policy(
@@ -78,13 +77,19 @@ def policy_for(config: Config, pool: CheckPool | None = None) -> Policy:
     )
 
 
-def _dns_checks(config: Config, pool: CheckPool | None) -> dict[Stage, list[AsyncCheck]]:
+def _dns_checks(
+    checks: ChecksConfig,
+    dns_config: DnsConfig,
+    hostname: str,
+    relay: AccessPolicy,
+    pool: CheckPool | None,
+) -> dict[Stage, list[AsyncCheck]]:
     """The checks that ask the DNS; no resolver is even built when all are off."""
-    checks, relay, timeout = config.checks, config.relay_policy(), config.dns.timeout
+    timeout = dns_config.timeout
     wanted = (checks.received, checks.dnsbl, checks.spf, checks.dkim)
     if all(mode == "off" for mode in wanted):
         return {}
-    resolver = make_resolver(config.dns)
+    resolver = make_resolver(dns_config)
     mail: list[AsyncCheck] = []
     end: list[AsyncCheck] = []
     if checks.dnswl_zones and (checks.dnsbl != "off" or checks.spf != "off"):
@@ -94,11 +99,11 @@ def _dns_checks(config: Config, pool: CheckPool | None) -> dict[Stage, list[Asyn
     if checks.received != "off":
         mail.append(rdns_check(checks.received, resolver, timeout, relay))
     if checks.spf != "off" or checks.dkim != "off":
-        blocking = make_sync_resolver(config.dns)
-        dns = dns_args(config.dns.nameservers, config.dns.port, timeout)
+        blocking = make_sync_resolver(dns_config)
+        dns = dns_args(dns_config.nameservers, dns_config.port, timeout)
         if checks.spf != "off":
             mail.append(spf_check(checks.spf, blocking, timeout, relay, pool, dns))
-        authserv_id = checks.authserv_id or config.hostname
+        authserv_id = checks.authserv_id or hostname
         end.append(
             auth_results_check(authserv_id, checks.dkim, blocking, timeout, relay, pool, dns)
         )
@@ -115,5 +120,5 @@ def _rcpt_checks(config: Config, relay: AccessPolicy) -> list[Check]:
     if config.local.enabled:
         from .checks.recipients import local_recipient_check
 
-        checks.append(local_recipient_check(config))
+        checks.append(local_recipient_check(config.local, config.local_domains, config.route_for))
     return checks

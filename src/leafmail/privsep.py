@@ -27,21 +27,21 @@ from netserver.connlog import ServerLog
 from netserver.errors import ConfigError
 from netserver.privileges import Identity
 
-from .config import Config
+from .config import ProcessConfig
 from .spoolcheck import check_spool
 from .throttle import SourceTable
 
 USERADD = "useradd --system --home-dir /var/spool/leafmail --shell /usr/sbin/nologin {user}"
 
 
-def process_identity(config: Config) -> Identity | None:
+def process_identity(process: ProcessConfig) -> Identity | None:
     """The identity to drop to, or None when not running as root (nothing to drop).
 
     ConfigError (exit 78) when the user does not exist, saying how to create it.
     """
     if os.geteuid() != 0:
         return None
-    user = config.process.user
+    user = process.user
     try:
         identity = privileges.resolve(user)
     except ConfigError:
@@ -53,16 +53,16 @@ def process_identity(config: Config) -> Identity | None:
     return identity
 
 
-def spool_owner(config: Config) -> int:
+def spool_owner(spool: str, process: ProcessConfig) -> int:
     """The uid the spool must belong to for a tool run now: ours; as root, root for a
     spool root still owns (no daemon has taken it yet), else the daemon's user."""
     if os.geteuid() != 0:
         return os.geteuid()
     with contextlib.suppress(OSError):
-        if os.stat(config.spool).st_uid == 0:
+        if os.stat(spool).st_uid == 0:
             return 0
     try:
-        return pwd.getpwnam(config.process.user).pw_uid
+        return pwd.getpwnam(process.user).pw_uid
     except KeyError:
         return 0
 

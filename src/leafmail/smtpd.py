@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from netserver import AsyncConnection
 from netserver.connlog import ServerLog
 from netserver.modes.workers import WorkerApp
-from netserver.smtp import BareNewline, ServerConfig
 
 from .auth import Users
-from .config import Config
+from .config import Config, SmtpConfig
 from .envelope import Envelope
 from .policy import check_pool, policy_for
 from .privsep import Backlog, Inherited, become
@@ -45,9 +44,8 @@ class Role:
     implicit_tls: bool = False
 
 
-def roles(config: Config, *, has_tls: bool) -> list[Role]:
+def roles(smtp: SmtpConfig, *, has_tls: bool) -> list[Role]:
     """smtp, submission (AUTH required) and smtps (implicit TLS), those configured."""
-    smtp = config.smtp
     every = [
         Role("smtp", smtp.listen, offer_tls=has_tls, require_auth=False),
         Role("submission", smtp.submission_listen, offer_tls=has_tls, require_auth=True),
@@ -112,7 +110,7 @@ class Smtpd:
         inherited.announcer.receiver.close()  # only the queue manager reads announcements
         # The check pool object now, its processes at its first job, after the drop; the
         # policy (aliases, resolvers) is read before the drop.
-        pool = check_pool(settings.config, inherited.log)
+        pool = check_pool(settings.config.checks, inherited.log)
         policy = policy_for(settings.config, pool)
         become(inherited.identity)
         spool = Spool(inherited.spool_path, create=False)
@@ -132,11 +130,16 @@ class Smtpd:
         """The services of each role (the place for per-worker, unprivileged objects)."""
         has_tls = settings.tls is not None
         # AUTH failures, counted in the parent's table: every worker counts together.
-        throttle = auth_throttle(settings.config, self.inherited.auth_failures)
-        smtp = settings.config.smtp
+        config = settings.config
+        throttle = auth_throttle(config.auth, config.relay_policy(), self.inherited.auth_failures)
+        smtp = config.smtp
         return {
             role.name: ReceiveService(
-                _smtp_config(settings, tls_active_offer=role.offer_tls),
+                smtp.server_config(
+                    config.hostname,
+                    tls_available=role.offer_tls,
+                    auth_enabled=settings.users is not None,
+                ),
                 committer,
                 policy,
                 users=settings.users,
@@ -148,21 +151,5 @@ class Smtpd:
                 min_data_rate=smtp.min_data_rate,
                 data_rate_grace=smtp.data_rate_grace,
             )
-            for role in roles(settings.config, has_tls=has_tls)
+            for role in roles(smtp, has_tls=has_tls)
         }
-
-
-def _smtp_config(settings: SmtpdSettings, *, tls_active_offer: bool) -> ServerConfig:
-    config = settings.config
-    smtp = config.smtp
-    return ServerConfig(
-        hostname=config.hostname,
-        max_message_size=smtp.max_message_size,
-        max_recipients=smtp.max_recipients,
-        max_errors=smtp.max_errors,
-        max_junk_commands=smtp.max_junk_commands,
-        tls_available=tls_active_offer,
-        auth_enabled=settings.users is not None,
-        auth_plaintext_allowed=smtp.allow_plaintext_auth,
-        bare_newline=BareNewline.REPLACE if smtp.bare_lf == "replace" else BareNewline.REJECT,
-    )

@@ -31,10 +31,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from netserver.access import AccessPolicy
 from netserver.endpoint import IPAddress, unmap
 from netserver.smtp.replies import Reply
 
-from .config import Config
+from .config import AuthConfig
 
 SLOTS = 1 << 14  # sources tracked at once (32 bytes each: 512 KiB)
 PROBES = 8  # slots a source may take, from its hash on
@@ -154,10 +155,12 @@ class AuthThrottle:
         return min(self.failure_delay * (1 << (seen[0] - 1)), MAX_DELAY)
 
 
-def auth_throttle(config: Config, table: SourceTable | None = None) -> AuthThrottle:
+def auth_throttle(
+    auth: AuthConfig, trusted: AccessPolicy, table: SourceTable | None = None
+) -> AuthThrottle:
     """The throttle ``[auth]`` describes, counting in `table` (made by the parent before
-    it forks the smtpd workers, so all of them count together), else a table of its own."""
-    auth, trusted = config.auth, config.relay_policy()
+    it forks the smtpd workers, so all of them count together), else a table of its own.
+    Clients `trusted` (relay_networks) are exempt."""
     return AuthThrottle(
         failure_delay=auth.failure_delay,
         max_failures=auth.max_failures,

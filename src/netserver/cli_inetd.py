@@ -34,7 +34,9 @@ def add_inetd_commands(
         "process as its user; a crashed service is restarted, one that cannot start does "
         "not stop the others. HUP re-reads CONFIG.toml: new services start, removed ones stop, "
         "changed ones restart (open connections finish), unchanged ones keep running; a file "
-        "that does not load changes nothing. TERM/INT stop every service.",
+        "that does not load changes nothing. TERM/INT stop every service. Durations "
+        '(timeout, cps_wait) are seconds or a string with a unit: "30s", "5m", "1h", "1d", '
+        "read as leafmail reads its own.",
         epilog="Exit codes: 0 ok, 64 usage, 69 nothing could be bound, 78 configuration.",
     )
     r.add_argument("config", metavar="CONFIG.toml", help="the services")

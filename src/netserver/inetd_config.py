@@ -12,11 +12,9 @@ inline table is reported without a line.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,16 @@ from .limits import Limits
 from .listeners import parse_listen
 from .privileges import Identity, resolve
 from .server import MODES
+from .strictconf import (
+    Invalid,
+    Unfit,
+    at_least,
+    duration,
+    integer,
+    read_file,
+    refuse_unknown,
+    value_of,
+)
 
 SERVICE_KEYS = frozenset(
     {
@@ -39,15 +47,6 @@ SERVICE_KEYS = frozenset(
 )  # fmt: skip
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 DEFAULT_CPS_WAIT = 10.0
-
-
-class _Bad(Exception):
-    """A problem with one key of a service; turned into a ConfigError with its place."""
-
-    def __init__(self, key: str, reason: str) -> None:
-        super().__init__(reason)
-        self.key = key
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -92,16 +91,7 @@ class RunConfig:
 def load_run_config(path: str | os.PathLike[str]) -> RunConfig:
     """Read and check CONFIG.toml; ConfigError (one line, exit 78) on any problem."""
     name = os.fspath(path)
-    try:
-        text = Path(name).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{name}: cannot read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{name}: not UTF-8 text") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{name}: {exc}") from None
+    text, data = read_file(name)
     return RunConfig(name, parse_services(name, text, data))
 
 
@@ -136,9 +126,9 @@ def _service(path: str, index: int, table: object, lines: _KeyLines, base: Path)
         label = repr(table["name"])
     try:
         if not isinstance(table, dict):
-            raise _Bad("service", "must be a table")
+            raise Invalid("service", "must be a table")
         return _build(table, base, path, lines.keys_of(index))
-    except _Bad as bad:
+    except Invalid as bad:
         where = _where(path, lines, index, bad.key)
         raise ConfigError(f"{where}: service {label}: {bad.key}: {bad.reason}") from None
 
@@ -149,13 +139,10 @@ def _where(path: str, lines: _KeyLines, index: int, key: str = "") -> str:
 
 
 def _build(t: dict[str, Any], base: Path, path: str, lines: Mapping[str, int]) -> ServiceConfig:
-    for key in t:
-        if key not in SERVICE_KEYS:
-            near = difflib.get_close_matches(key, SERVICE_KEYS, 1)
-            raise _Bad(key, "unknown key" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    refuse_unknown(t, SERVICE_KEYS)
     name = _str(t, "name", required=True)
     if not NAME_RE.match(name):
-        raise _Bad("name", "use letters, digits, '.', '_' and '-'")
+        raise Invalid("name", "use letters, digits, '.', '_' and '-'")
     handler, command = _handler(t)
     return ServiceConfig(
         name=name,
@@ -185,31 +172,31 @@ def _str(t: Mapping[str, Any], key: str, *, required: bool = False) -> str:
     value = t.get(key)
     if value is None:
         if required:
-            raise _Bad(key, "missing")
+            raise Invalid(key, "missing")
         return ""
     if not isinstance(value, str) or not value:
-        raise _Bad(key, "must be a non-empty string")
+        raise Invalid(key, "must be a non-empty string")
     return value
 
 
 def _str_list(t: Mapping[str, Any], key: str) -> tuple[str, ...]:
     value = t.get(key, [])
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise _Bad(key, "must be a list of non-empty strings")
+        raise Invalid(key, "must be a list of non-empty strings")
     return tuple(value)
 
 
 def _listen(t: Mapping[str, Any]) -> tuple[str, ...]:
     if "listen" not in t:
-        raise _Bad("listen", "missing")
+        raise Invalid("listen", "missing")
     addresses = _str_list(t, "listen")
     if not addresses:
-        raise _Bad("listen", "give at least one address")
+        raise Invalid("listen", "give at least one address")
     for address in addresses:
         try:
             parse_listen(address)
         except NetserverError as exc:
-            raise _Bad("listen", str(exc)) from None
+            raise Invalid("listen", str(exc)) from None
     return addresses
 
 
@@ -217,18 +204,18 @@ def _handler(t: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
     handler = _str(t, "handler")
     command = _str_list(t, "command")
     if handler and command:
-        raise _Bad("command", "give either handler or command, not both")
+        raise Invalid("command", "give either handler or command, not both")
     if not handler and not command:
-        raise _Bad("handler", "missing (give handler = 'MODULE:CALLABLE' or command = [...])")
+        raise Invalid("handler", "missing (give handler = 'MODULE:CALLABLE' or command = [...])")
     if handler and ":" not in handler:
-        raise _Bad("handler", f"{handler!r}: expected MODULE:CALLABLE")
+        raise Invalid("handler", f"{handler!r}: expected MODULE:CALLABLE")
     return handler, command
 
 
 def _mode(t: Mapping[str, Any]) -> str | None:
     mode = _str(t, "mode")
     if mode and mode not in MODES:
-        raise _Bad("mode", f"{mode!r} is not one of {', '.join(MODES)}")
+        raise Invalid("mode", f"{mode!r} is not one of {', '.join(MODES)}")
     return mode or None
 
 
@@ -238,56 +225,55 @@ def _identity(t: Mapping[str, Any]) -> Identity | None:
     if not user:
         for key in ("group", "groups"):
             if key in t:
-                raise _Bad(key, "needs user as well")
+                raise Invalid(key, "needs user as well")
         return None
     try:
         return resolve(user, group or None, groups)
     except ConfigError as exc:
         key = "user" if "user" in str(exc) else ("group" if group else "groups")
-        raise _Bad(key, str(exc)) from None
+        raise Invalid(key, str(exc)) from None
+
+
+_COUNT = at_least(integer, 0)
 
 
 def _count(t: Mapping[str, Any], key: str) -> int:
-    value = t.get(key, 0)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _Bad(key, "must be a whole number >= 0")
-    return value
+    return value_of(_COUNT, t.get(key, 0), key)
 
 
-def _seconds(value: object, key: str) -> float:
+def _rate(value: object) -> float:
+    """Connections a second: a number > 0."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _Bad(key, "must be a number of seconds")
-    if not math.isfinite(value) or value < 0:
-        raise _Bad(key, "must be >= 0")
+        raise Unfit("must be a number")
+    if not math.isfinite(value) or value <= 0:
+        raise Unfit("must be more than 0")
     return float(value)
 
 
 def _cps(t: Mapping[str, Any]) -> tuple[float, float]:
     """``cps = "50 10"`` (xinetd) or ``cps = 50`` with ``cps_wait = 10``."""
     value = t.get("cps")
-    wait = _seconds(t["cps_wait"], "cps_wait") if "cps_wait" in t else None
+    wait = value_of(duration, t["cps_wait"], "cps_wait") if "cps_wait" in t else None
     if value is None:
         if wait is not None:
-            raise _Bad("cps_wait", "needs cps as well")
+            raise Invalid("cps_wait", "needs cps as well")
         return 0.0, 0.0
     if isinstance(value, str):
         parts = value.split()
         if len(parts) not in (1, 2) or (len(parts) == 2 and wait is not None):
-            raise _Bad("cps", 'expected "RATE WAIT", e.g. "50 10"')
+            raise Invalid("cps", 'expected "RATE WAIT", e.g. "50 10"')
         try:
             numbers = [float(p) for p in parts]
         except ValueError:
-            raise _Bad("cps", f'{value!r}: expected numbers, e.g. "50 10"') from None
+            raise Invalid("cps", f'{value!r}: expected numbers, e.g. "50 10"') from None
         value, wait = numbers[0], numbers[1] if len(numbers) == 2 else wait
-    rate = _seconds(value, "cps")
-    if rate <= 0:
-        raise _Bad("cps", "must be more than 0")
-    return rate, DEFAULT_CPS_WAIT if wait is None else _seconds(wait, "cps")
+    rate = value_of(_rate, value, "cps")
+    return rate, DEFAULT_CPS_WAIT if wait is None else value_of(duration, wait, "cps")
 
 
 def _limits(t: Mapping[str, Any]) -> Limits:
     rate, wait = _cps(t)
-    timeout = _seconds(t["timeout"], "timeout") if "timeout" in t else 300.0
+    timeout = value_of(duration, t["timeout"], "timeout") if "timeout" in t else 300.0
     return Limits(
         max_conns=_count(t, "instances"),
         max_per_source=_count(t, "per_source"),
@@ -302,7 +288,7 @@ def _rules(t: Mapping[str, Any], key: str) -> tuple[str, ...]:
     try:
         AccessPolicy(rules)
     except NetserverError as exc:
-        raise _Bad(key, str(exc)) from None
+        raise Invalid(key, str(exc)) from None
     return rules
 
 
@@ -312,16 +298,16 @@ def _file(t: Mapping[str, Any], key: str, base: Path) -> str | None:
         return None
     path = base / name
     if not path.is_file():
-        raise _Bad(key, f"{str(path)!r}: no such file")
+        raise Invalid(key, f"{str(path)!r}: no such file")
     if not os.access(path, os.R_OK):
-        raise _Bad(key, f"{str(path)!r}: not readable")
+        raise Invalid(key, f"{str(path)!r}: not readable")
     return str(path)
 
 
 def _banner(t: Mapping[str, Any], base: Path) -> str | None:
     """The line a refused client gets: ``banner`` text, or ``banner_file``'s text."""
     if "banner" in t and "banner_file" in t:
-        raise _Bad("banner_file", "give either banner or banner_file, not both")
+        raise Invalid("banner_file", "give either banner or banner_file, not both")
     if "banner" in t:
         return _str(t, "banner")
     path = _file(t, "banner_file", base)
@@ -330,16 +316,16 @@ def _banner(t: Mapping[str, Any], base: Path) -> str | None:
     try:
         return Path(path).read_text(encoding="utf-8").rstrip("\r\n").replace("\n", "\r\n")
     except (OSError, UnicodeDecodeError) as exc:
-        raise _Bad("banner_file", f"{path!r}: {exc}") from None
+        raise Invalid("banner_file", f"{path!r}: {exc}") from None
 
 
 def _env(t: Mapping[str, Any]) -> dict[str, str]:
     value = t.get("env", {})
     if not isinstance(value, dict):
-        raise _Bad("env", "must be a table of NAME = 'value'")
+        raise Invalid("env", "must be a table of NAME = 'value'")
     for name, item in value.items():
         if not isinstance(item, str) or not name or "=" in name or "\0" in item:
-            raise _Bad(f"env.{name}", "must be a string (and the name must not contain '=')")
+            raise Invalid(f"env.{name}", "must be a string (and the name must not contain '=')")
     return dict(value)
 
 

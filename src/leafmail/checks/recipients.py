@@ -7,11 +7,13 @@ a forged sender. It asks `leafmail.directory`, as local delivery does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from netserver.errors import ConfigError
 from netserver.smtp.replies import Reply
 
 from ..aliases import lookup_name
-from ..config import Config
+from ..config import LocalConfig
 from ..directory import Directory
 from ..states import Route
 from . import ACCEPT, Check, CheckContext, Defer, Reject, Verdict
@@ -20,19 +22,22 @@ UNKNOWN_USER = Reply(550, "5.1.1", "Recipient address rejected: no such user her
 ALIASES_BROKEN = Reply(451, "4.3.5", "Recipient lookup failed: the aliases file is broken")
 
 
-def local_recipient_check(config: Config) -> Check:
+def local_recipient_check(
+    local: LocalConfig, local_domains: tuple[str, ...], route_for: Callable[[str], Route]
+) -> Check:
     """RCPT stage: refuse (550 5.1.1) local recipients nobody here would take.
 
-    Recipients routed elsewhere pass untouched; users, aliases and postmaster pass. A
-    broken aliases file defers (451 4.3.5) instead of refusing good mail.
+    Recipients routed elsewhere (`route_for` of their domain is not local) pass
+    untouched; users, aliases and postmaster pass. A broken aliases file defers
+    (451 4.3.5) instead of refusing good mail.
     """
-    directory = Directory(config) if config.local.enabled else None
+    directory = Directory(local, local_domains) if local.enabled else None
 
     def check(session: CheckContext) -> Verdict:
         rcpt = session.recipient
         if directory is None or rcpt is None:
             return ACCEPT
-        if rcpt.domain and config.route_for(rcpt.domain) != Route.LOCAL:
+        if rcpt.domain and route_for(rcpt.domain) != Route.LOCAL:
             return ACCEPT
         try:
             known = directory.knows(lookup_name(rcpt.local_unquoted))

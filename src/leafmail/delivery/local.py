@@ -72,7 +72,7 @@ from ..aliases import (
     lookup_name,
     read_include,
 )
-from ..config import Config
+from ..config import LocalConfig
 from ..directory import POSTMASTER, Directory, account, valid_user
 from ..envelope import Envelope, Recipient
 from ..expansion import UnrecordedExpansions
@@ -214,22 +214,23 @@ class LocalAgent:
 
     def __init__(
         self,
-        config: Config,
+        local: LocalConfig,
+        local_domains: tuple[str, ...],
         spool: Spool,
         *,
         locks: LockPolicy | None = None,
         default_user: str | None = None,
         notify: Callable[[str], None] | None = None,
     ) -> None:
-        self.config = config
+        self.local = local
         self.spool = spool
-        self.directory = Directory(config, self.read_include)
+        self.directory = Directory(local, local_domains, self.read_include)
         self.locks = locks or LockPolicy()
-        self.default_user = default_user or config.local.default_user
+        self.default_user = default_user or local.default_user
         self.notify = notify  # told the queue id of each forwarded copy (QueueRunner.notify)
         self.virtual: Identity | None = None
         if os.geteuid() == 0 and any(account(u) is None for u in self.directory.users):
-            self.virtual = virtual_identity(config.local.virtual_user)  # 78 at start-up
+            self.virtual = virtual_identity(local.virtual_user)  # 78 at start-up
 
     async def deliver(
         self,
@@ -326,7 +327,7 @@ class LocalAgent:
         """The mailbox path of user `name` and who writes it, or why there is none."""
         if not valid_user(name):
             return Result.failed("5.1.1", clean(f"no such user: {name}"))
-        template = self.config.local.path_template
+        template = self.local.path_template
         found = account(name)
         if "{home}" in template and found is None and name == POSTMASTER:
             found = account("root")  # postmaster without an account: root's mailbox
@@ -342,20 +343,20 @@ class LocalAgent:
         return UserMailbox(path, *mailbox_writer(found, shared, self._virtual))
 
     def _virtual(self) -> Identity:
-        return self.virtual or virtual_identity(self.config.local.virtual_user)
+        return self.virtual or virtual_identity(self.local.virtual_user)
 
     async def _to_mailbox(self, name: str, copy: Copy) -> Result:
         box = self.mailbox(name)
         if isinstance(box, Result):
             return box
         text = unix_text(copy)
-        if self.config.local.mailbox == "maildir":
+        if self.local.mailbox == "maildir":
             step = partial(_maildir_step, box.path, text, box.owner)
         else:
             entry = mbox_entry(copy, time.time())
             step = partial(_mbox_step, box.path, entry, box.owner, self.locks)
         await run_as(box.writer, step, timeout=self.locks.timeout + FILE_GRACE)
-        return delivered(f"delivered to the {self.config.local.mailbox} of {name}")
+        return delivered(f"delivered to the {self.local.mailbox} of {name}")
 
     # -- what the aliases name ------------------------------------------------------
     def runs_as(self, uid: int, gid: int) -> Identity | None:
@@ -394,7 +395,7 @@ class LocalAgent:
             target.argv,
             unix_text(copy),
             identity=identity,
-            timeout=self.config.local.command_timeout,
+            timeout=self.local.command_timeout,
             env=command_env(copy, identity),
         )
 

@@ -42,7 +42,7 @@ import dns.resolver
 
 from netserver.connlog import ServerLog
 
-from ..config import Config
+from ..config import DeliveryConfig, DnsConfig, MxConfig
 from ..dns import make_resolver
 from ..envelope import Envelope
 from . import Expansions, Result, all_results, domain_of
@@ -224,25 +224,29 @@ class MxAgent:
 
     def __init__(
         self,
-        config: Config,
+        mx: MxConfig,
+        delivery: DeliveryConfig,
         *,
+        dns: DnsConfig,
+        helo: str,
         rng: random.Random | None = None,
         log: ServerLog | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.config = config
+        self.delivery = delivery  # its timeouts
+        self.helo = helo
         self.rng = rng or random.SystemRandom()
         self.log = log if log is not None else ServerLog(program="leafmail")
-        self.resolver = make_resolver(config.dns)
-        self.port = config.mx.port
-        self.verified = verified_context(config.mx.ca_file)
+        self.resolver = make_resolver(dns)
+        self.port = mx.port
+        self.verified = verified_context(mx.ca_file)
         self.opportunistic = _opportunistic_context()
         self.policies: PolicyCache | None = None
-        if config.mx.mta_sts:
+        if mx.mta_sts:
             self.policies = PolicyCache(
                 self.resolver,
                 self._addresses,
-                https_port=config.mx.https_port,
+                https_port=mx.https_port,
                 context=self.verified,
                 clock=clock,
                 log=self.log,
@@ -257,7 +261,7 @@ class MxAgent:
     ) -> dict[int, Result]:
         groups: dict[str, list[int]] = {}
         for index in rcpts:
-            domain = domain_of(envelope.recipients[index].address) or self.config.hostname
+            domain = domain_of(envelope.recipients[index].address) or self.helo
             groups.setdefault(domain.lower().rstrip("."), []).append(index)
         slots = asyncio.Semaphore(DOMAIN_CONCURRENCY)  # per call: no loop binding to outlive
         parts = await asyncio.gather(
@@ -277,7 +281,7 @@ class MxAgent:
     # -- one domain ---------------------------------------------------------------------
     async def _domain(self, attempt: _Attempt, slots: asyncio.Semaphore) -> dict[int, Result]:
         """Every recipient's result for one domain, all within the delivery deadline."""
-        deadline = self.config.delivery.deadline
+        deadline = self.delivery.deadline
         async with slots:
             try:
                 async with asyncio.timeout(deadline):
@@ -296,7 +300,7 @@ class MxAgent:
         found = await find_hosts(self.resolver, name, self.rng)
         if isinstance(found, Result):
             return found
-        hosts = before_self(found, self.config.hostname)
+        hosts = before_self(found, self.helo)
         if not hosts:
             return Result.failed("5.4.6", f"mail for {attempt.domain} loops back to myself")
         policy = await self._policy(attempt.domain)
@@ -387,12 +391,12 @@ class MxAgent:
     # -- one connection -----------------------------------------------------------------
     async def _open(self, target: MxTarget) -> aiosmtplib.SMTP:
         """Connect, greet and secure within connect_timeout, or Unusable."""
-        timeout = self.config.delivery.connect_timeout
+        timeout = self.delivery.connect_timeout
         smtp = aiosmtplib.SMTP(
             hostname=target.address,
             port=self.port,
-            local_hostname=self.config.hostname,
-            timeout=self.config.delivery.command_timeout,
+            local_hostname=self.helo,
+            timeout=self.delivery.command_timeout,
             start_tls=False,
         )
         ready = False

@@ -112,18 +112,19 @@ def build_agent(
     if Route.SMARTHOST in used and config.delivery.smarthost:
         from .smarthost import SmarthostAgent, SmarthostSettings
 
-        agents[Route.SMARTHOST] = SmarthostAgent(SmarthostSettings.from_config(config))
+        settings = SmarthostSettings.from_config(config.delivery, config.hostname)
+        agents[Route.SMARTHOST] = SmarthostAgent(settings)
     if Route.MX in used:
         from .mx import MxAgent
 
-        agents[Route.MX] = MxAgent(config)
+        agents[Route.MX] = MxAgent(config.mx, config.delivery, dns=config.dns, helo=config.hostname)
     if Route.LOCAL in used and config.local.enabled and local is not None:
         agents[Route.LOCAL] = local
     elif Route.LOCAL in used and config.local.enabled:
         from .local import LocalAgent
 
         # Aliases to other domains are spooled anew; `notify` hands them to the runner.
-        agents[Route.LOCAL] = LocalAgent(config, spool, notify=notify)
+        agents[Route.LOCAL] = LocalAgent(config.local, config.local_domains, spool, notify=notify)
     if not agents:
         return None
     return RoutingAgent(config, agents, waiting=waiting)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import aiosmtplib
 
-from ..config import Config, delivery_problem, smarthost_password, split_hostport
+from ..config import DeliveryConfig, delivery_problem, smarthost_password, split_hostport
 from ..envelope import Envelope
 from . import Expansions, LinkDown, Result, all_results
 from .session import drop, greet, transaction, why
@@ -46,9 +46,11 @@ class SmarthostSettings:
     deadline: float = 900.0
 
     @classmethod
-    def from_config(cls, config: Config, env: Mapping[str, str] | None = None) -> SmarthostSettings:
-        """Settings from the [delivery] table; ValueError if there is no usable smarthost."""
-        d = config.delivery
+    def from_config(
+        cls, d: DeliveryConfig, helo: str, env: Mapping[str, str] | None = None
+    ) -> SmarthostSettings:
+        """Settings from the [delivery] table, greeting as `helo`; ValueError if there is
+        no usable smarthost."""
         if not d.smarthost:
             raise ValueError("no smarthost configured (delivery.smarthost or --smarthost)")
         problem = delivery_problem(d)
@@ -58,7 +60,7 @@ class SmarthostSettings:
         return cls(
             host=host,
             port=port,
-            helo=config.hostname,
+            helo=helo,
             tls=d.tls,
             ca_file=d.ca_file,
             username=d.username,

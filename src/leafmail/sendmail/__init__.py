@@ -104,13 +104,13 @@ def list_queue(ctx: Context) -> int:
     return EX_OK
 
 
-def readable_queue(config: configuration.Config) -> None:
+def readable_queue(spool: str) -> None:
     """UnavailableError for a queue this user cannot read: a system daemon's, seen by an
     ordinary user (a traceback half-way through the listing otherwise)."""
-    queue = os.path.join(config.spool, QueueState.QUEUE)
+    queue = os.path.join(spool, QueueState.QUEUE)
     if os.path.isdir(queue) and not os.access(queue, os.R_OK | os.X_OK):
         raise UnavailableError(
-            f"the queue in {config.spool} is private to the daemon's user; "
+            f"the queue in {spool} is private to the daemon's user; "
             "ask root or that user to run `leafmail queue`"
         )
 
@@ -120,7 +120,7 @@ def run(opts: Options) -> int:
     ctx = Context(configuration.load(), Submitter.current())
     match opts.mode:
         case "queue":
-            readable_queue(ctx.config)
+            readable_queue(ctx.config.spool)
             return list_queue(ctx)
         case "flush":
             return flush(ctx.config)

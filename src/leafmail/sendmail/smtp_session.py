@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from netserver.errors import EX_OK, NetserverError
 from netserver.smtp import (
     AuthRequest,
-    BareNewline,
     DataStart,
     DecisionEvent,
     Helo,
@@ -19,7 +18,6 @@ from netserver.smtp import (
     MessageReady,
     RcptTo,
     Reply,
-    ServerConfig,
     ServerProtocol,
     received_protocol,
     replies,
@@ -46,15 +44,7 @@ class SmtpSession:
         self.stdin_fd = stdin_fd
         self.stdout_fd = stdout_fd
         self.submitter: SpoolSubmitter | SocketSubmitter | None = None
-        smtp = ctx.config.smtp
-        self.proto_config = ServerConfig(
-            hostname=ctx.hostname,
-            max_message_size=smtp.max_message_size,
-            max_recipients=smtp.max_recipients,
-            max_errors=smtp.max_errors,
-            max_junk_commands=smtp.max_junk_commands,
-            bare_newline=BareNewline.REPLACE if smtp.bare_lf == "replace" else BareNewline.REJECT,
-        )
+        self.proto_config = ctx.config.smtp.server_config(ctx.hostname)
 
     def run(self) -> int:
         """Serve until QUIT or end of input; the exit status is about the spool only."""

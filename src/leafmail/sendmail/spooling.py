@@ -12,7 +12,6 @@ from pathlib import Path
 
 from netserver.errors import CantCreateError, NetserverError, UsageError
 
-from .. import config as configuration
 from .. import control, submitwire
 from ..envelope import Envelope
 from ..spool import Spool, new_id
@@ -62,14 +61,14 @@ def build(
     return Submission(qid, replace(envelope, body=body, smtputf8=utf8), data)
 
 
-def open_spool(config: configuration.Config) -> Spool:
-    """The spool, checked and created if needed; CantCreateError / TryLater say why not,
-    ConfigError (78) refuses an unsafe one (leafmail.spoolcheck)."""
+def open_spool(path: str) -> Spool:
+    """The spool at `path`, checked and created if needed; CantCreateError / TryLater say
+    why not, ConfigError (78) refuses an unsafe one (leafmail.spoolcheck)."""
     try:
-        check_spool(config.spool, os.geteuid())
-        return Spool(config.spool)
+        check_spool(path, os.geteuid())
+        return Spool(path)
     except OSError as exc:
-        raise _spool_error(exc, f"cannot use the spool {config.spool}") from None
+        raise _spool_error(exc, f"cannot use the spool {path}") from None
 
 
 @dataclass(frozen=True)
@@ -138,7 +137,7 @@ def choose_submitter(ctx: Context) -> SpoolSubmitter | SocketSubmitter:
     except OSError:  # cannot even look (a private parent directory): not ours
         owner = -1
     if owner == os.geteuid() or (owner is None and _may_create(path)):
-        return SpoolSubmitter(ctx, open_spool(ctx.config))
+        return SpoolSubmitter(ctx, open_spool(ctx.config.spool))
     return SocketSubmitter(ctx, submitwire.socket_path(path))
 
 
