@@ -1,4 +1,4 @@
-"""Tests for netserver.access: rule parsing, decisions, policy files, name confirmation.
+"""Tests for netserver.admit.access: rule parsing, decisions, policy files, name confirmation.
 
 DNS is only ever answered by `LoopbackDNS` on 127.0.0.1; `SystemResolver` is tested
 with the socket functions replaced, so nothing here asks the machine's resolver.
@@ -18,7 +18,7 @@ import dns.rcode
 import pytest
 from dnsserver import LoopbackDNS, Records, reverse_name
 
-from netserver.access import (
+from netserver.admit.access import (
     AccessPolicy,
     Decision,
     NameResolver,
@@ -26,7 +26,7 @@ from netserver.access import (
     normalize_ip,
     parse_rule,
 )
-from netserver.dnsresolver import DnsResolver
+from netserver.admit.dnsresolver import DnsResolver
 from netserver.endpoint import IPAddress
 from netserver.errors import AccessSpecError, ConfigError
 

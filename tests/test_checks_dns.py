@@ -43,7 +43,7 @@ from leafmail.checks.spf import hvalue, pvalue, spf_check
 from leafmail.config import AuthConfig, ChecksConfig, Config, DnsConfig, RelayConfig
 from leafmail.dns import make_resolver, make_sync_resolver
 from leafmail.policy import policy_for
-from netserver.access import AccessPolicy
+from netserver.admit.access import AccessPolicy
 from netserver.smtp.addresses import Mailbox
 
 T = TypeVar("T")

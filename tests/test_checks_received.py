@@ -25,7 +25,7 @@ from leafmail.checks.received import (
 )
 from leafmail.config import ChecksConfig, Config, RelayConfig
 from leafmail.policy import policy_for
-from netserver.access import AccessPolicy
+from netserver.admit.access import AccessPolicy
 
 OURS = frozenset({"mx.test", "example.test", "mail.example.test"})
 RELAY = AccessPolicy(allow=["127.0.0.1/32"])

@@ -14,7 +14,7 @@ from leafmail.checks import ACCEPT, CheckContext, Reject, Stage, Tag
 from leafmail.checks.rfc5322 import TAG_FIELD, problems, rfc5322_check
 from leafmail.config import ChecksConfig, Config, RelayConfig
 from leafmail.policy import policy_for
-from netserver.access import AccessPolicy
+from netserver.admit.access import AccessPolicy
 from netserver.smtp.parameters import Body, MailParameters
 
 GOOD_HEADER = (

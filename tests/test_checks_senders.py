@@ -9,7 +9,7 @@ import pytest
 from leafmail.checks import ACCEPT, CheckContext, Reject
 from leafmail.checks.relay import ROUTING_DENIED, is_routed, relay_check
 from leafmail.checks.senders import SenderLogins, sender_login_check
-from netserver.access import AccessPolicy
+from netserver.admit.access import AccessPolicy
 from netserver.smtp.addresses import Mailbox
 
 LOGINS = SenderLogins(

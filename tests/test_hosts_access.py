@@ -29,13 +29,13 @@ from lifecycle_handlers import (
 
 from netserver import cli
 from netserver.handlers import Command, StdioHandler
-from netserver.hosts_access import HostsAccess, default_daemon_name, load_hosts
-from netserver.hosts_check import check_lines
-from netserver.hosts_dns import DnsHostNames
-from netserver.hosts_match import HostInfo, NameNeeded, Request
-from netserver.hosts_names import FixedHostNames, verified_name
-from netserver.hosts_options import Banner, Spawn, percent_x, sanitize
-from netserver.hosts_parse import HostsSyntaxError, parse_table, split_at
+from netserver.tcpd.access import HostsAccess, default_daemon_name, load_hosts
+from netserver.tcpd.check import check_lines
+from netserver.tcpd.dns import DnsHostNames
+from netserver.tcpd.match import HostInfo, NameNeeded, Request
+from netserver.tcpd.names import FixedHostNames, verified_name
+from netserver.tcpd.options import Banner, Spawn, percent_x, sanitize
+from netserver.tcpd.parse import HostsSyntaxError, parse_table, split_at
 
 EX_CONFIG = 78
 
@@ -382,7 +382,7 @@ def test_percent_letters() -> None:
 def test_verified_name(
     ptr: str | None, canonical: str | None, addresses: list[str], expected: str
 ) -> None:
-    from netserver.access import normalize_ip
+    from netserver.admit.access import normalize_ip
 
     found = [normalize_ip(a) for a in addresses]
     assert verified_name(ptr, canonical, found, normalize_ip("192.0.2.1")) == expected
@@ -399,7 +399,7 @@ def test_dns_host_names_from_a_loopback_server() -> None:
     }
     with LoopbackDNS(records) as dns:
         names = DnsHostNames("127.0.0.1", dns.port, timeout=2.0)
-        from netserver.access import normalize_ip
+        from netserver.admit.access import normalize_ip
 
         got = [names.hostname(normalize_ip(f"192.0.2.{n}")) for n in (10, 11, 12, 13)]
         assert got == ["good.example.test", "paranoid", "paranoid", "unknown"]

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from netserver.hosts_access import load_hosts
-from netserver.hosts_check import check_lines
-from netserver.hosts_names import FixedHostNames
+from netserver.tcpd.access import load_hosts
+from netserver.tcpd.check import check_lines
+from netserver.tcpd.names import FixedHostNames
 
 TCPDMATCH = shutil.which("tcpdmatch") or (
     "/usr/sbin/tcpdmatch" if Path("/usr/sbin/tcpdmatch").exists() else None

@@ -193,9 +193,9 @@ def short_dir() -> Iterator[Path]:
 
 def test_accept_stops_watching_a_listener_shut_down_under_it() -> None:
     """A retired service's process sees EINVAL from accept: it must not spin on it."""
-    from netserver.accept import AcceptLoop
     from netserver.connlog import ServerLog
-    from netserver.listeners import open_listeners, parse_listen
+    from netserver.listen.accept import AcceptLoop
+    from netserver.listen.listeners import open_listeners, parse_listen
 
     (listener,) = open_listeners([parse_listen("127.0.0.1:0")])
     accepted: list[object] = []

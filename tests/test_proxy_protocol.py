@@ -19,7 +19,7 @@ from conftest import RunningServer, ServerFactory
 from lifecycle_handlers import HANDLER_ENV, connect, read_to_end, wait_until
 
 from netserver.endpoint import Endpoint
-from netserver.proxy import V2_SIGNATURE, ProxyError, ProxyInfo, header_length, parse
+from netserver.listen.proxy import V2_SIGNATURE, ProxyError, ProxyInfo, header_length, parse
 
 SHOW_AND_ECHO = [
     "--",

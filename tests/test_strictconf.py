@@ -21,7 +21,7 @@ from inetd_support import current_user, write_config
 
 from leafmail.config import Config, _build, read_section, setting
 from netserver.errors import ConfigError
-from netserver.inetd_config import load_run_config
+from netserver.inetd.config import load_run_config
 from netserver.smtp import BareNewline
 from netserver.strictconf import Invalid, Table, Unfit, duration, size, string
 

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast, overload
 
-from netserver.access import AccessPolicy, parse_rule
+from netserver.admit.access import AccessPolicy, parse_rule
 from netserver.errors import AccessSpecError, ConfigError, UsageError
-from netserver.listeners import parse_listen
+from netserver.listen.listeners import parse_listen
 from netserver.smtp import BareNewline, ServerConfig
 from netserver.smtp.addresses import parse_forward_path
 from netserver.smtp.replies import RemoteProtocolError

@@ -38,10 +38,10 @@ from pathlib import Path
 from netserver import AsyncConnection, AsyncHandler, Endpoint, Limits, Server
 from netserver.connlog import ServerLog
 from netserver.errors import CantCreateError, ConfigError, NetserverError
+from netserver.listen.tls import harden
 from netserver.modes.base import FdRegistry
 from netserver.modes.workers import WorkerApp, WorkerPool
 from netserver.server import loop_factory
-from netserver.tlsterm import harden
 
 from .auth import Users, load_users
 from .config import AuthConfig, Config, SmtpConfig

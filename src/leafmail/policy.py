@@ -6,7 +6,7 @@ the daemon so the policy can be read (and tested) as one list per stage.
 
 from __future__ import annotations
 
-from netserver.access import AccessPolicy
+from netserver.admit.access import AccessPolicy
 from netserver.connlog import ServerLog
 
 from .checks import AsyncCheck, Check, Stage

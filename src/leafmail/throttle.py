@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from netserver.access import AccessPolicy
+from netserver.admit.access import AccessPolicy
 from netserver.endpoint import IPAddress, unmap
 from netserver.smtp.replies import Reply
 

@@ -18,21 +18,21 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
 from . import errors
-from .access import AccessPolicy, NameResolver, SystemResolver
-from .cli_inetd import COMMANDS as INETD_COMMANDS
-from .cli_inetd import add_inetd_commands, add_user_flags, drop_for_serve, run_inetd_command
+from .admit.access import AccessPolicy, NameResolver, SystemResolver
+from .admit.limits import Limits
 from .connlog import ServerLog
 from .endpoint import unmap
 from .handlers import Command, Handler, cwd_searched_last, load_handler
-from .hosts_access import DEFAULT_ALLOW, DEFAULT_DENY, HostsAccess, HostsLoader, load_hosts
-from .hosts_check import check_lines
-from .hosts_names import HostNames, SystemHostNames
-from .limits import Limits
+from .inetd.cli import COMMANDS as INETD_COMMANDS
+from .inetd.cli import add_inetd_commands, add_user_flags, drop_for_serve, run_inetd_command
+from .listen.tls import load_context
 from .modes.prefork import PoolSize
 from .readiness import ready_fd_writer
 from .server import MODES, Server
-from .tcpnames import NameOptions
-from .tlsterm import load_context
+from .tcpd.access import DEFAULT_ALLOW, DEFAULT_DENY, HostsAccess, HostsLoader, load_hosts
+from .tcpd.check import check_lines
+from .tcpd.envnames import NameOptions
+from .tcpd.names import HostNames, SystemHostNames
 
 PROG = "netserver"
 
@@ -328,7 +328,7 @@ def _resolver(spec: str | None) -> NameResolver:
         return SystemResolver()
     host, port = _dns_server(spec)
     with _needs_dnspython():
-        from .dnsresolver import DnsResolver  # dnspython is loaded only when asked for
+        from .admit.dnsresolver import DnsResolver  # dnspython is loaded only when asked for
 
     return DnsResolver([host], port)
 
@@ -339,7 +339,7 @@ def _host_names(spec: str | None) -> HostNames:
         return SystemHostNames()
     host, port = _dns_server(spec)
     with _needs_dnspython():
-        from .hosts_dns import DnsHostNames  # dnspython is loaded only when asked for
+        from .tcpd.dns import DnsHostNames  # dnspython is loaded only when asked for
 
     return DnsHostNames(host, port)
 

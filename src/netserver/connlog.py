@@ -32,7 +32,7 @@ class ConnRecord:
     bytes_in: int | None = None
     bytes_out: int | None = None
     status: str = "ok"
-    # Confirmed host names for TCPREMOTEHOST / TCPLOCALHOST, when known (see tcpnames).
+    # Confirmed host names for TCPREMOTEHOST / TCPLOCALHOST, when known (see tcpd.envnames).
     remote_host: str | None = None
     local_host: str | None = None
 

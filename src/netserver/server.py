@@ -8,12 +8,12 @@ ending them; a second signal ends them at once. SIGHUP reloads the access rules.
 
 With hosts.allow/hosts.deny (`hosts`), a `HostsGate` decides after the allow/deny
 rules: a verdict that needs nothing is taken on the accept path, anything that needs a
-lookup, a banner, a spawned command or a twist is done in a task (see hosts_serve).
+lookup, a banner, a spawned command or a twist is done in a task (see tcpd.gate).
 
 Behind a load balancer (`proxy_from`), a trusted source's connection starts with a PROXY
 header, read in a task before anything else (see proxy); from then on the connection is
 judged, limited, logged and served as the client the header names. With `tls`, the
-handshake comes after access and limits (see tlsterm), and reloads on SIGHUP.
+handshake comes after access and limits (see listen.tls), and reloads on SIGHUP.
 """
 
 from __future__ import annotations
@@ -28,29 +28,29 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .accept import AcceptLoop
-from .access import AccessPolicy, NameResolver, SystemResolver
+from .admit.access import AccessPolicy, NameResolver, SystemResolver
+from .admit.limits import Admission, Limits
 from .connlog import ConnRecord, ServerLog
 from .endpoint import Endpoint
 from .errors import ConfigError, NetserverError
-from .execute import ExecMode, resolve_program
 from .handlers import AsyncHandler, Command, HandlerLike, as_handler, check_mode
-from .hosts_access import HostsLoader, Plan, Request, default_daemon_name
-from .hosts_names import HostNames, SystemHostNames
-from .hosts_serve import HostsExecMode, HostsGate, TwistMode
-from .limits import Admission, Limits
-from .listeners import Listener, open_listeners, parse_listen
+from .listen.accept import AcceptLoop
+from .listen.listeners import Listener, open_listeners, parse_listen
+from .listen.proxy import ProxyError, ProxyTrust, read_header
+from .listen.proxy import apply as proxy_endpoints
+from .listen.tls import TlsTerminator, harden
 from .modes.base import Accepted, FdRegistry, Mode, ModeContext
 from .modes.eventloop import EventLoopMode
+from .modes.execute import ExecMode, resolve_program
 from .modes.fork import ForkMode
 from .modes.prefork import PoolSize, PreforkMode
 from .modes.thread import ThreadMode
 from .modes.workers import PoolMode, WorkerPool
-from .proxy import ProxyError, ProxyTrust, read_header
-from .proxy import apply as proxy_endpoints
 from .readiness import sd_notify
-from .tcpnames import ConnNames, NameOptions, confirmed_choice
-from .tlsterm import TlsTerminator, harden
+from .tcpd.access import HostsLoader, Plan, Request, default_daemon_name
+from .tcpd.envnames import ConnNames, NameOptions, confirmed_choice
+from .tcpd.gate import HostsExecMode, HostsGate, TwistMode
+from .tcpd.names import HostNames, SystemHostNames
 
 MODES = ("fork", "prefork", "thread", "async")
 LOOKUP_TIMEOUT = 5.0
@@ -111,7 +111,7 @@ class Server:
         self.loop_kind = loop
         self.on_ready = on_ready
         self.on_stopping: Callable[[], None] | None = None  # the listeners are closed
-        # TLS is terminated in every mode (see tlsterm); `tls_loader` re-reads on SIGHUP.
+        # TLS is terminated in every mode (see listen.tls); `tls_loader` re-reads on SIGHUP.
         self.tls_loader = tls_loader
         if tls is None and tls_loader is not None:
             tls = tls_loader()
@@ -506,7 +506,7 @@ class Server:
             self._start(conn, self.mode.dispatch, self._relay_tls)
 
     def _start(self, conn: Accepted, start: Callable[[Accepted], None], relay: bool) -> None:
-        """Hand over to the mode; with TLS for a process, through a relay (tlsterm)."""
+        """Hand over to the mode; with TLS for a process, through a relay (listen.tls)."""
         tls = self.tls
         if tls is None or not relay:
             start(conn)

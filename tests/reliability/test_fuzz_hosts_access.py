@@ -27,10 +27,10 @@ from hypothesis import strategies as st
 from test_hosts_access_tcpdmatch import TCPDMATCH, in_namespace, tcpdmatch_lines
 
 from netserver.errors import NetserverError
-from netserver.hosts_access import HostsSyntaxError, load_hosts
-from netserver.hosts_check import check_lines
-from netserver.hosts_names import FixedHostNames
-from netserver.hosts_parse import parse_table, read_table
+from netserver.tcpd.access import HostsSyntaxError, load_hosts
+from netserver.tcpd.check import check_lines
+from netserver.tcpd.names import FixedHostNames
+from netserver.tcpd.parse import parse_table, read_table
 
 # Pattern files named in a rule are read at load time: keep arbitrary text away from
 # device and kernel files.
@@ -40,7 +40,7 @@ _SYSTEM_PATH = re.compile(r"/(dev|proc|sys|run|var|etc)\b")
 
 V4 = ["10.0.0.1", "10.0.0.2", "10.1.2.3", "192.168.1.10", "127.0.0.1", "8.8.8.8", "0.0.0.0"]
 # No IPv4-mapped IPv6 clients: netserver judges ::ffff:a.b.c.d as a.b.c.d on purpose
-# (netserver.access.normalize_ip: dual-stack sockets report IPv4 peers that way).
+# (netserver.admit.access.normalize_ip: dual-stack sockets report IPv4 peers that way).
 V6 = ["::1", "2001:db8::1", "2001:db8:1::5", "fe80::1", "2001:db9::1"]
 HOSTS = [
     *V4, *(f"[{a}]" for a in V6), "10.", "10.0.", "192.168.", "10.0.0.0/8", "10.0.0.0/255.0.0.0",

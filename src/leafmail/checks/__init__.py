@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from netserver.access import AccessPolicy
+from netserver.admit.access import AccessPolicy
 from netserver.endpoint import IPAddress
 from netserver.smtp.addresses import Mailbox
 from netserver.smtp.parameters import MailParameters

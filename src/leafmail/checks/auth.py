@@ -24,7 +24,7 @@ import asyncio
 
 import dns.resolver
 
-from netserver.access import AccessPolicy
+from netserver.admit.access import AccessPolicy
 
 from . import ACCEPT, AsyncCheck, CheckContext, Defer, Tag, Verdict, is_trusted, printable
 from .dkim import dkim_refusal, verify_dkim

@@ -19,7 +19,7 @@ import asyncio
 import ipaddress
 from collections.abc import Sequence
 
-from netserver.access import AccessPolicy
+from netserver.admit.access import AccessPolicy
 from netserver.endpoint import IPAddress
 from netserver.smtp.replies import Reply
 

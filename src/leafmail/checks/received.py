@@ -29,7 +29,7 @@ from collections.abc import Iterable
 import dns.reversename
 from dns.rdtypes.ANY.PTR import PTR
 
-from netserver.access import AccessPolicy
+from netserver.admit.access import AccessPolicy
 from netserver.endpoint import IPAddress, unmap
 from netserver.smtp.replies import Reply
 

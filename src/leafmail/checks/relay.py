@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from netserver.access import AccessPolicy
+from netserver.admit.access import AccessPolicy
 from netserver.smtp.addresses import Mailbox
 from netserver.smtp.replies import Reply
 

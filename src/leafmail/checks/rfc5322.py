@@ -25,7 +25,7 @@ import email.utils
 from email.errors import InvalidHeaderDefect, NonASCIILocalPartDefect
 from email.headerregistry import AddressHeader, HeaderRegistry
 
-from netserver.access import AccessPolicy
+from netserver.admit.access import AccessPolicy
 from netserver.smtp.parameters import Body, MailParameters
 from netserver.smtp.readers import has_bare_newline
 from netserver.smtp.replies import Reply

@@ -29,7 +29,7 @@ import dns.exception
 import dns.resolver
 import spf
 
-from netserver.access import AccessPolicy
+from netserver.admit.access import AccessPolicy
 from netserver.endpoint import unmap
 from netserver.smtp.addresses import Mailbox
 from netserver.smtp.replies import Reply

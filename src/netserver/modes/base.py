@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..admit.limits import Limits
 from ..connection import Connection
 from ..connlog import ConnRecord, ServerLog
 from ..handlers import ConnectionHandler, Handler, StdioHandler
-from ..limits import Limits
 from ..stdio import LineTooLong
 
 # Signals a child process gets back at their default disposition. SIGPIPE matters most:
@@ -102,7 +102,7 @@ class ModeContext:
     finished: Callable[[Accepted], None]
     mode_name: str
     # TLS on every connection: the thread and event-loop modes use it themselves; for
-    # processes the supervisor relays plaintext instead (see tlsterm). Reloaded on SIGHUP.
+    # processes the supervisor relays plaintext instead (see listen.tls). Reloaded on SIGHUP.
     tls: ssl.SSLContext | None = None
 
 

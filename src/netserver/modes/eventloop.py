@@ -14,8 +14,8 @@ import traceback
 
 from ..aio import AsyncConnection
 from ..handlers import AsyncHandler
+from ..listen.tls import handshake_timeout
 from ..stdio import LineTooLong
-from ..tlsterm import handshake_timeout
 from .base import Accepted, ModeContext
 
 

@@ -15,8 +15,8 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 
 from ..connection import Connection
+from ..listen.tls import TlsConnection, accept_in_thread, handshake_timeout
 from ..stdio import ThreadStdio
-from ..tlsterm import TlsConnection, accept_in_thread, handshake_timeout
 from .base import Accepted, ModeContext, run_sync, status_for_exit
 
 

@@ -21,12 +21,12 @@ import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
+from ..admit.limits import Limits
 from ..connlog import ConnRecord, ServerLog
 from ..endpoint import Endpoint
 from ..handlers import AsyncHandler
-from ..limits import Limits
-from ..proxy import ProxyError, read_header
-from ..proxy import apply as proxy_endpoints
+from ..listen.proxy import ProxyError, read_header
+from ..listen.proxy import apply as proxy_endpoints
 from .base import Accepted, FdRegistry, ModeContext
 from .eventloop import EventLoopMode
 from .prefork import decode_endpoints, encode_endpoints

@@ -26,8 +26,8 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .endpoint import Endpoint
-from .errors import ConfigError, UnavailableError, UsageError
+from ..endpoint import Endpoint
+from ..errors import ConfigError, UnavailableError, UsageError
 
 SD_LISTEN_FDS_START = 3
 DEFAULT_BACKLOG = 1024

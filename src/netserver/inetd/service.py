@@ -17,15 +17,15 @@ import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
-from . import privileges
-from .connlog import ServerLog
-from .endpoint import Endpoint
-from .errors import EX_SOFTWARE, ConfigError, NetserverError
-from .handlers import Command, Handler, load_handler
-from .hosts_access import HostsLoader, load_hosts
-from .inetd_config import ServiceConfig
-from .server import Server
-from .tlsterm import load_context
+from .. import privileges
+from ..connlog import ServerLog
+from ..endpoint import Endpoint
+from ..errors import EX_SOFTWARE, ConfigError, NetserverError
+from ..handlers import Command, Handler, load_handler
+from ..listen.tls import load_context
+from ..server import Server
+from ..tcpd.access import HostsLoader, load_hosts
+from .config import ServiceConfig
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 

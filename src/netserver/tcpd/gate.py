@@ -26,13 +26,14 @@ import socket
 import struct
 from collections.abc import Mapping
 
-from .children import ProcessMode, watch_child
-from .connlog import ServerLog
-from .endpoint import Endpoint
-from .errors import NetserverError
-from .execute import ExecMode, spawn, tcp_environ
-from .handlers import Command
-from .hosts_access import (
+from ..children import ProcessMode, watch_child
+from ..connlog import ServerLog
+from ..endpoint import Endpoint
+from ..errors import NetserverError
+from ..handlers import Command
+from ..modes.base import RESET_SIGNALS, Accepted, ModeContext
+from ..modes.execute import ExecMode, spawn, tcp_environ
+from .access import (
     HostsAccess,
     HostsLoader,
     NameNeeded,
@@ -41,10 +42,9 @@ from .hosts_access import (
     make_request,
     read_banner_file,
 )
-from .hosts_match import UNKNOWN
-from .hosts_names import HostNames
-from .hosts_options import Banner, Keepalive, Linger, OptionStep, Spawn
-from .modes.base import RESET_SIGNALS, Accepted, ModeContext
+from .match import UNKNOWN
+from .names import HostNames
+from .options import Banner, Keepalive, Linger, OptionStep, Spawn
 
 __all__ = ["HostsExecMode", "HostsGate", "TwistMode", "spawn_shell"]
 

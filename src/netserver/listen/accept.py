@@ -13,8 +13,8 @@ import errno
 import socket
 from collections.abc import Callable, Sequence
 
-from .connlog import ServerLog
-from .errors import RESOURCE_ERRNOS
+from ..connlog import ServerLog
+from ..errors import RESOURCE_ERRNOS
 from .listeners import Listener
 
 _BATCH = 64

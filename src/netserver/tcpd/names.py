@@ -8,7 +8,7 @@ records -- gives "paranoid", which the PARANOID pattern matches.
 
 `SystemHostNames` asks the C library (``/etc/hosts``, nsswitch, resolv.conf); it can
 block as long as the system resolver's own timeouts allow, so the server runs it in a
-thread under a deadline.  `netserver.hosts_dns.DnsHostNames` asks a named DNS server
+thread under a deadline.  `netserver.tcpd.dns.DnsHostNames` asks a named DNS server
 with an explicit timeout.  `FixedHostNames` answers from a table (``netserver check``
 and tests).
 """
@@ -20,9 +20,9 @@ import socket
 from collections.abc import Mapping
 from typing import Protocol
 
-from .access import canonical_names, normalize_ip
-from .endpoint import IPAddress
-from .hosts_match import PARANOID, UNKNOWN
+from ..admit.access import canonical_names, normalize_ip
+from ..endpoint import IPAddress
+from .match import PARANOID, UNKNOWN
 
 __all__ = ["FixedHostNames", "HostNames", "SystemHostNames", "looks_numeric", "verified_name"]
 

@@ -5,7 +5,7 @@ and, in order, the side effects to carry out (banners to send, shell commands to
 spawn, socket options), the command a ``twist`` replaces the service with, and the
 ``setenv`` variables.  It performs no I/O except through the *read_banner* callback, so
 the same plan serves ``netserver check`` (which only shows it) and the server (which
-carries it out, see `netserver.hosts_serve`).
+carries it out, see `netserver.tcpd.gate`).
 
 Expansions are tcpd's percent_x: every character of an expanded value outside
 ``[A-Za-z0-9!@%-_=+:,./]`` becomes ``_``.  That is what keeps a PTR record such as
@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .hosts_match import UNKNOWN, Request
-from .hosts_parse import HostsRule, Option, c_strip
+from .match import UNKNOWN, Request
+from .parse import HostsRule, Option, c_strip
 
 __all__ = [
     "Banner",

@@ -24,11 +24,11 @@ import socket
 import ssl
 from typing import cast
 
-from .connection import Connection
-from .connlog import ServerLog
-from .errors import ConfigError
-from .limits import Limits
-from .modes.base import Accepted, FdRegistry
+from ..admit.limits import Limits
+from ..connection import Connection
+from ..connlog import ServerLog
+from ..errors import ConfigError
+from ..modes.base import Accepted, FdRegistry
 
 HANDSHAKE_TIMEOUT = 10.0
 

@@ -20,11 +20,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from .connlog import ConnRecord
-from .endpoint import Endpoint, IPAddress
-from .hosts_access import Request
-from .hosts_match import HostInfo, hostname_known
-from .hosts_names import HostNames
+from ..connlog import ConnRecord
+from ..endpoint import Endpoint, IPAddress
+from .access import Request
+from .match import HostInfo, hostname_known
+from .names import HostNames
 
 __all__ = ["ConnNames", "NameOptions", "confirmed_choice"]
 

@@ -26,10 +26,10 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
-from .endpoint import Endpoint
-from .inetd_config import ServiceConfig
-from .listeners import Listener, ListenSpec, open_listeners
-from .server import Server
+from ..endpoint import Endpoint
+from ..listen.listeners import Listener, ListenSpec, open_listeners
+from ..server import Server
+from .config import ServiceConfig
 
 __all__ = ["Changes", "Claim", "ListenerPool", "compare", "same_service"]
 

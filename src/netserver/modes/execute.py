@@ -18,11 +18,11 @@ import socket
 import struct
 from collections.abc import Mapping
 
-from .children import ProcessMode
-from .connlog import ConnRecord
-from .errors import ConfigError
-from .handlers import Command
-from .modes.base import RESET_SIGNALS, Accepted, ModeContext
+from ..children import ProcessMode
+from ..connlog import ConnRecord
+from ..errors import ConfigError
+from ..handlers import Command
+from .base import RESET_SIGNALS, Accepted, ModeContext
 
 # Every ucspi variable is dropped from the inherited environment first, so a command
 # never sees a stale value from the server's own environment or the other family.
@@ -48,7 +48,7 @@ _PEERCRED = struct.Struct("3i")
 def tcp_environ(base: Mapping[str, str], sock: socket.socket, record: ConnRecord) -> dict[str, str]:
     """The environment of a per-connection command (ucspi-tcp names).
 
-    TCPREMOTEHOST and TCPLOCALHOST are set only when the name is known (see tcpnames).
+    TCPREMOTEHOST and TCPLOCALHOST are set only when the name is known (see tcpd.envnames).
     """
     env = {k: v for k, v in base.items() if k not in _UCSPI}
     peer, local = record.peer, record.local

@@ -19,14 +19,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from .access import normalize_ip
-from .endpoint import IPAddress
-from .errors import UnavailableError
-from .hosts_access import HostsAccess, Request
-from .hosts_match import UNKNOWN, HostInfo, hostname_known, not_inaddr
-from .hosts_names import HostNames
-from .hosts_options import Plan, percent_x
-from .hosts_parse import split_at
+from ..admit.access import normalize_ip
+from ..endpoint import IPAddress
+from ..errors import UnavailableError
+from .access import HostsAccess, Request
+from .match import UNKNOWN, HostInfo, hostname_known, not_inaddr
+from .names import HostNames
+from .options import Plan, percent_x
+from .parse import split_at
 
 __all__ = ["check_lines", "describe_plan"]
 

@@ -20,9 +20,9 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .access import Rule, parse_rule
-from .endpoint import Endpoint, IPAddress, unmap
-from .errors import ConfigError
+from ..admit.access import Rule, parse_rule
+from ..endpoint import Endpoint, IPAddress, unmap
+from ..errors import ConfigError
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_PREFIX = b"PROXY "

@@ -16,7 +16,7 @@ import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 TCPD = "/usr/sbin/tcpd"
 TCPD_DIR = "/usr/sbin"  # tcpd's REAL_DAEMON_DIR, for a server named without a path

@@ -11,13 +11,13 @@ import os
 import sys
 from collections.abc import Callable
 
-from . import errors, privileges
-from .connlog import ServerLog
-from .endpoint import Endpoint
-from .inetd import run_config
-from .inetd_import import ImportOptions, import_inetd, read_services, render
-from .readiness import ready_fd_writer
-from .server import Server
+from .. import errors, privileges
+from ..connlog import ServerLog
+from ..endpoint import Endpoint
+from ..readiness import ready_fd_writer
+from ..server import Server
+from .conf_import import ImportOptions, import_inetd, read_services, render
+from .supervisor import run_config
 
 COMMANDS = ("run", "import-inetd")
 

@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .endpoint import Endpoint
-from .stdio import DEFAULT_MAX_LINE
+from ..endpoint import Endpoint
+from ..stdio import DEFAULT_MAX_LINE
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "HostsRule",

@@ -30,7 +30,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .hosts_parse import fold, split_at
+from .parse import fold, split_at
 
 __all__ = [
     "PARANOID",

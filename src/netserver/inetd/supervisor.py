@@ -7,7 +7,7 @@ a service that crashes is restarted (with backoff) on the same sockets and clien
 queue in the backlog meanwhile. A service that cannot bind, or that keeps crashing, is
 logged and left out; the others go on.
 
-Signals: HUP re-reads CONFIG.toml (see inetd_reload: services are added, removed and
+Signals: HUP re-reads CONFIG.toml (see inetd.reload: services are added, removed and
 changed; unchanged ones keep running, and get the HUP to reload their rules and
 certificate); a file that does not load changes nothing, with a log line. TERM/INT are
 forwarded as TERM and the supervisor exits once every service has stopped.
@@ -33,14 +33,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .connlog import ServerLog
-from .endpoint import Endpoint
-from .errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE, ConfigError, NetserverError
-from .inetd_config import RunConfig, ServiceConfig, load_run_config
-from .inetd_reload import Changes, ListenerPool, compare
-from .inetd_service import FORWARDED, build_server, run_child
-from .readiness import ReadyCallback, sd_notify
-from .server import Server
+from ..connlog import ServerLog
+from ..endpoint import Endpoint
+from ..errors import EX_CONFIG, EX_NOPERM, EX_OK, EX_UNAVAILABLE, ConfigError, NetserverError
+from ..readiness import ReadyCallback, sd_notify
+from ..server import Server
+from .config import RunConfig, ServiceConfig, load_run_config
+from .reload import Changes, ListenerPool, compare
+from .service import FORWARDED, build_server, run_child
 
 QUICK_EXIT = 10.0  # a service that ran less than this long counts as a crash loop
 BACKOFF_FIRST = 0.1

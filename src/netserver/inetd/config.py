@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .access import AccessPolicy
-from .errors import ConfigError, NetserverError
-from .limits import Limits
-from .listeners import parse_listen
-from .privileges import Identity, resolve
-from .server import MODES
-from .strictconf import (
+from ..admit.access import AccessPolicy
+from ..admit.limits import Limits
+from ..errors import ConfigError, NetserverError
+from ..listen.listeners import parse_listen
+from ..privileges import Identity, resolve
+from ..server import MODES
+from ..strictconf import (
     Invalid,
     Unfit,
     at_least,

@@ -1,6 +1,6 @@
 """`DnsHostNames`: tcpd-style host names from a DNS server named explicitly.
 
-The same verdicts as `netserver.hosts_names.SystemHostNames` (a name, "unknown",
+The same verdicts as `netserver.tcpd.names.SystemHostNames` (a name, "unknown",
 "paranoid"), but with dnspython against ``--dns-server``, so every query has a deadline
 and tests can point it at a loopback server.  Kept apart so that dnspython is imported
 only by servers that ask for a DNS server.
@@ -17,10 +17,10 @@ from dns.rdtypes.ANY.PTR import PTR
 from dns.rdtypes.IN.A import A
 from dns.rdtypes.IN.AAAA import AAAA
 
-from .access import normalize_ip
-from .dnsresolver import explicit_resolver
-from .endpoint import IPAddress
-from .hosts_names import verified_name
+from ..admit.access import normalize_ip
+from ..admit.dnsresolver import explicit_resolver
+from ..endpoint import IPAddress
+from .names import verified_name
 
 __all__ = ["DnsHostNames"]
 

@@ -1,6 +1,6 @@
 """`DnsResolver`: forward-confirmed client names from DNS servers named explicitly.
 
-Kept apart from `netserver.access` so that dnspython, a large import, is loaded only by
+Kept apart from `netserver.admit.access` so that dnspython, a large import, is loaded only by
 servers that configure a DNS server (``--dns-server``), not by every netserver process.
 """
 
@@ -17,9 +17,9 @@ from dns.rdtypes.ANY.PTR import PTR
 from dns.rdtypes.IN.A import A
 from dns.rdtypes.IN.AAAA import AAAA
 
+from ..endpoint import IPAddress
+from ..errors import ConfigError
 from .access import MAX_PTR_NAMES, canonical_names, normalize_ip
-from .endpoint import IPAddress
-from .errors import ConfigError
 
 
 def explicit_resolver(

@@ -7,10 +7,10 @@ commands, send a banner or replace the service (``twist``).
 
 The pieces:
 
-* `netserver.hosts_parse` reads the files (`HostsSyntaxError` names FILE:LINE);
-* `netserver.hosts_match` matches patterns, looking names up lazily (`NameNeeded`);
-* `netserver.hosts_options` turns the matching rule's options into a `Plan`;
-* `netserver.hosts_serve` carries a plan out for a real connection.
+* `netserver.tcpd.parse` reads the files (`HostsSyntaxError` names FILE:LINE);
+* `netserver.tcpd.match` matches patterns, looking names up lazily (`NameNeeded`);
+* `netserver.tcpd.options` turns the matching rule's options into a `Plan`;
+* `netserver.tcpd.gate` carries a plan out for a real connection.
 
 This module ties them together: `HostsAccess.load` is the loader API (the CLI uses it,
 and so can a config file); `HostsAccess.decide` runs one evaluation pass.  Decisions are
@@ -25,11 +25,11 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from .endpoint import Endpoint
-from .handlers import Command, Handler
-from .hosts_match import HostInfo, NameNeeded, Request, client_match, list_match, server_match
-from .hosts_options import BannerReader, Plan, plan_options
-from .hosts_parse import HostsRule, HostsSyntaxError, HostsTable, read_table
+from ..endpoint import Endpoint
+from ..handlers import Command, Handler
+from .match import HostInfo, NameNeeded, Request, client_match, list_match, server_match
+from .options import BannerReader, Plan, plan_options
+from .parse import HostsRule, HostsSyntaxError, HostsTable, read_table
 
 __all__ = [
     "DEFAULT_ALLOW",

@@ -1,0 +1,1 @@
+"""``netserver run``: many services from one TOML config, inetd style, and inetd.conf import."""

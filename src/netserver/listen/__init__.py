@@ -1,0 +1,1 @@
+"""Listening: binding addresses, inherited sockets, accept, PROXY protocol, TLS termination."""
