@@ -222,8 +222,9 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
 
 def test_cps_window_and_pause_with_a_fake_clock() -> None:
     """xinetd cps: a 3rd connection within a second pauses the service for WAIT seconds."""
-    from netserver.admit.limits import Admission, Limits
+    from netserver.admit.limits import Admission
     from netserver.endpoint import Endpoint
+    from netserver.limits import Limits
 
     now = [100.0]
     admission = Admission(Limits(service_rate=2, service_pause=10), lambda: now[0])

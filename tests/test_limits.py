@@ -28,8 +28,9 @@ from lifecycle_handlers import (
     wait_until,
 )
 
-from netserver.admit.limits import Admission, Limits
+from netserver.admit.limits import Admission
 from netserver.endpoint import Endpoint
+from netserver.limits import Limits
 
 SYNC_MODES = ["fork", "prefork", "thread"]
 ALL_MODES = [*SYNC_MODES, "async"]

@@ -13,8 +13,8 @@ import socket
 import time
 from collections.abc import Callable
 
-from netserver.admit.limits import Limits
 from netserver.connlog import ServerLog
+from netserver.limits import Limits
 from netserver.modes.workers import RESTART_FIRST, RESTART_MAX, WorkerPool, _Proc
 
 

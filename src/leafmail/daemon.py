@@ -36,12 +36,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from netserver import AsyncConnection, AsyncHandler, Endpoint, Limits, Server
+from netserver.accepted import FdRegistry
+from netserver.admit.proxy import ProxyGate
 from netserver.connlog import ServerLog
 from netserver.errors import CantCreateError, ConfigError, NetserverError
 from netserver.listen.tls import harden
-from netserver.modes.base import FdRegistry
 from netserver.modes.workers import WorkerApp, WorkerPool
-from netserver.server import loop_factory
+from netserver.server import ModeSpec, RunOptions, loop_factory
 
 from .auth import Users, load_users
 from .config import AuthConfig, Config, SmtpConfig
@@ -192,22 +193,23 @@ class Daemon:
         )
 
     def _server(self, role: Role) -> Server:
+        # Behind a balancer the header names the client (read in the worker, never
+        # here): limits, checks and logs see that client (modes.workers).
+        proxy = self.config.smtp.proxy_from
         return Server(
             AsyncHandler(functools.partial(self._handle, role.name)),
             list(role.listen),
-            mode="async",
-            limits=self._limits(self.config),
-            refuse_message=f"421 4.7.0 {self.config.hostname} Too many connections "
-            "from your address, try again later",
-            log=self.log,
+            mode=ModeSpec("async", workers=self.pool, service=role.name),
+            gates=[ProxyGate(proxy)] if proxy else [],
             tls=self.settings.tls if role.implicit_tls else None,
-            # Behind a balancer the header names the client (read in the worker, never
-            # here): limits, checks and logs see that client (modes.workers).
-            proxy_from=self.config.smtp.proxy_from,
-            signals=False,
-            on_ready=self._one_ready,
-            workers=self.pool,
-            service=role.name,
+            limits=self._limits(self.config),
+            log=self.log,
+            options=RunOptions(
+                on_ready=self._one_ready,
+                signals=False,
+                refuse_message=f"421 4.7.0 {self.config.hostname} Too many connections "
+                "from your address, try again later",
+            ),
         )
 
     def _one_ready(self, addresses: list[Endpoint]) -> None:

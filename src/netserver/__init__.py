@@ -10,12 +10,12 @@ netserver.serve(main, "127.0.0.1:7000", mode="fork")
 """
 
 from .admit.access import AccessPolicy, Decision, SystemResolver
-from .admit.limits import Limits
 from .aio import AsyncConnection
 from .connection import Connection
 from .endpoint import Endpoint
 from .errors import AccessSpecError, ConfigError, NetserverError, UsageError
 from .handlers import AsyncHandler, Command, ConnectionHandler, StdioHandler, load_handler
+from .limits import Limits
 from .modes.prefork import PoolSize
 from .server import MODES, Server, serve
 from .stdio import LineTooLong

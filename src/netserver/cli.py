@@ -19,16 +19,17 @@ from typing import NoReturn
 
 from . import errors
 from .admit.access import AccessPolicy, NameResolver, SystemResolver
-from .admit.limits import Limits
 from .connlog import ServerLog
 from .endpoint import unmap
+from .gates import standard_gates
 from .handlers import Command, Handler, cwd_searched_last, load_handler
 from .inetd.cli import COMMANDS as INETD_COMMANDS
 from .inetd.cli import add_inetd_commands, add_user_flags, drop_for_serve, run_inetd_command
+from .limits import Limits
 from .listen.tls import load_context
 from .modes.prefork import PoolSize
 from .readiness import ready_fd_writer
-from .server import MODES, Server
+from .server import MODES, ModeSpec, RunOptions, Server
 from .tcpd.access import DEFAULT_ALLOW, DEFAULT_DENY, HostsAccess, HostsLoader, load_hosts
 from .tcpd.check import check_lines
 from .tcpd.envnames import NameOptions
@@ -404,25 +405,29 @@ def cmd_serve(args: argparse.Namespace, command: list[str]) -> int:
         max(1, args.workers_min), max(1, args.workers_max, args.workers_min), max(1, args.recycle)
     )
     hosts = _hosts_loader(args)
-    server = Server(
+    gates = standard_gates(
         handler,
-        args.listen or ["127.0.0.1:7000"],
-        mode=args.mode,
-        access=lambda: _access_loader(args),
-        limits=limits,
-        pool=pool,
+        lambda: _access_loader(args),
         resolver=_resolver(args.dns_server),
-        log=ServerLog(json_lines=args.log_format == "json"),
-        refuse_message=args.refuse_message,
-        loop=args.loop,
-        on_ready=ready_fd_writer(args.ready_fd),
+        proxy_from=args.proxy_from,
         hosts=hosts,
         daemon_name=args.daemon_name,
         host_names=_host_names(args.dns_server) if hosts or args.lookup_names else None,
         names=NameOptions(args.lookup_names, args.local_name),
-        tls_loader=_tls_loader(args),
-        proxy_from=args.proxy_from,
-        workers=args.workers,
+    )
+    server = Server(
+        handler,
+        args.listen or ["127.0.0.1:7000"],
+        mode=ModeSpec(args.mode, pool, args.workers),
+        gates=gates,
+        tls=_tls_loader(args),
+        limits=limits,
+        log=ServerLog(json_lines=args.log_format == "json"),
+        options=RunOptions(
+            loop=args.loop,
+            on_ready=ready_fd_writer(args.ready_fd),
+            refuse_message=args.refuse_message,
+        ),
     )
     drop_for_serve(args, server)
     server.run()

@@ -1,19 +1,19 @@
-"""The supervisor: binds, accepts, judges access and limits, hands off, stops cleanly.
+"""The supervisor: binds, accepts, asks the gates, hands off, stops cleanly.
 
-Every mode shares this one path. A connection is accepted, checked against the access
-rules (a name lookup, when a rule needs one, runs in a thread, never on the accept
-path), counted against the limits, then given to the mode, which reports its end.
-SIGTERM/SIGINT stop accepting and wait `grace` seconds for running handlers before
-ending them; a second signal ends them at once. SIGHUP reloads the access rules.
+`Server` is listeners + gates + a mode + TLS + limits. Every mode shares one accept
+path: a connection is accepted and passed to the gates in order (netserver.admit.gate):
+each gate's cheap `quick` on the accept path, then the limits gate, which counts it in;
+the gates that could not tell without a lookup or a side effect `judge` it in one task,
+off the accept path. Then it is given to the mode (or to the mode a gate diverted it
+to), which reports its end. SIGTERM/SIGINT stop accepting and wait `limits.grace`
+seconds for running handlers before ending them; a second signal ends them at once.
+SIGHUP reloads the gates' rules and the TLS context.
 
-With hosts.allow/hosts.deny (`hosts`), a `HostsGate` decides after the allow/deny
-rules: a verdict that needs nothing is taken on the accept path, anything that needs a
-lookup, a banner, a spawned command or a twist is done in a task (see tcpd.gate).
-
-Behind a load balancer (`proxy_from`), a trusted source's connection starts with a PROXY
-header, read in a task before anything else (see proxy); from then on the connection is
-judged, limited, logged and served as the client the header names. With `tls`, the
-handshake comes after access and limits (see listen.tls), and reloads on SIGHUP.
+Behind a load balancer, a `ProxyGate` among the gates is asked before all others:
+a trusted source's connection starts with a PROXY header, read in a task before
+anything else (see admit.proxy); from then on the connection is judged, limited,
+logged and served as the client the header names. With `tls`, the handshake comes
+after the gates (see listen.tls), and reloads on SIGHUP.
 """
 
 from __future__ import annotations
@@ -26,20 +26,22 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from .admit.access import AccessPolicy, NameResolver, SystemResolver
-from .admit.limits import Admission, Limits
+from .accepted import Accepted, FdRegistry
+from .admit.gate import PASS, Divert, Gate, Refusal
+from .admit.limits import Admission
+from .admit.proxy import ProxyGate
 from .connlog import ConnRecord, ServerLog
 from .endpoint import Endpoint
 from .errors import ConfigError, NetserverError
 from .handlers import AsyncHandler, Command, HandlerLike, as_handler, check_mode
+from .limits import Limits
 from .listen.accept import AcceptLoop
 from .listen.listeners import Listener, open_listeners, parse_listen
-from .listen.proxy import ProxyError, ProxyTrust, read_header
-from .listen.proxy import apply as proxy_endpoints
 from .listen.tls import TlsTerminator, harden
-from .modes.base import Accepted, FdRegistry, Mode, ModeContext
+from .modes.base import Mode, ModeContext
 from .modes.eventloop import EventLoopMode
 from .modes.execute import ExecMode, resolve_program
 from .modes.fork import ForkMode
@@ -47,50 +49,61 @@ from .modes.prefork import PoolSize, PreforkMode
 from .modes.thread import ThreadMode
 from .modes.workers import PoolMode, WorkerPool
 from .readiness import sd_notify
-from .tcpd.access import HostsLoader, Plan, Request, default_daemon_name
-from .tcpd.envnames import ConnNames, NameOptions, confirmed_choice
-from .tcpd.gate import HostsExecMode, HostsGate, TwistMode
-from .tcpd.names import HostNames, SystemHostNames
 
 MODES = ("fork", "prefork", "thread", "async")
-LOOKUP_TIMEOUT = 5.0
-PROXY_TIMEOUT = 5.0  # for the whole PROXY header (or the idle timeout, if shorter)
 RELAY_FLUSH = 2.0  # at exit, how long TLS relays may go on flushing to their clients
-AccessLoader = Callable[[], AccessPolicy]
+TlsSource = ssl.SSLContext | Callable[[], ssl.SSLContext]
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """How handlers run: the mode's name (None: async for an async handler, else fork),
+    the prefork pool's size, and for async handlers, worker processes -- a count makes
+    a pool of the server's own; a `WorkerPool` may be shared by several servers, each
+    as a named `service`."""
+
+    name: str | None = None
+    pool: PoolSize | None = None
+    workers: int | WorkerPool = 0
+    service: str = "main"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the server runs in its process: the event loop ("auto": uvloop if installed),
+    a callback once it listens, whether it handles TERM/INT/HUP itself, and the line a
+    refused client is sent before it is closed (none by default)."""
+
+    loop: str = "auto"
+    on_ready: Callable[[list[Endpoint]], None] | None = None
+    signals: bool = True
+    refuse_message: str | None = None
 
 
 class Server:
-    """A configured server; `run()` blocks, `await serve()` runs in a running loop."""
+    """A configured server; `run()` blocks, `await serve()` runs in a running loop.
+
+    ``Server(handler, ["127.0.0.1:7000"], mode="thread", gates=[AccessGate(policy)])``;
+    `tls` is a context, or a function that loads one (called again on SIGHUP).
+    """
 
     def __init__(
         self,
         handler: HandlerLike,
         listen: str | Sequence[str] = "127.0.0.1:0",
         *,
-        mode: str | None = None,
-        allow: Sequence[str] = (),
-        deny: Sequence[str] = (),
-        access: AccessLoader | None = None,
+        mode: str | ModeSpec | None = None,
+        gates: Sequence[Gate] = (),
+        tls: TlsSource | None = None,
         limits: Limits | None = None,
-        pool: PoolSize | None = None,
-        resolver: NameResolver | None = None,
         log: ServerLog | None = None,
-        refuse_message: str | None = None,
-        loop: str = "auto",
-        on_ready: Callable[[list[Endpoint]], None] | None = None,
-        tls: ssl.SSLContext | None = None,
-        tls_loader: Callable[[], ssl.SSLContext] | None = None,
-        proxy_from: Sequence[str] = (),
-        signals: bool = True,
-        hosts: HostsLoader | None = None,
-        daemon_name: str | None = None,
-        host_names: HostNames | None = None,
-        names: NameOptions | None = None,
-        workers: int | WorkerPool = 0,
-        service: str = "main",
+        options: RunOptions | None = None,
     ) -> None:
         self.handler = as_handler(handler)
-        self.mode_name = mode or ("async" if isinstance(self.handler, AsyncHandler) else "fork")
+        spec = mode if isinstance(mode, ModeSpec) else ModeSpec(mode)
+        self.mode_name = spec.name or (
+            "async" if isinstance(self.handler, AsyncHandler) else "fork"
+        )
         if self.mode_name not in MODES:
             raise ConfigError(f"unknown mode {self.mode_name!r} (use: {', '.join(MODES)})")
         check_mode(self.handler, self.mode_name)
@@ -98,46 +111,36 @@ class Server:
         self.program = (
             resolve_program(self.handler.argv) if isinstance(self.handler, Command) else ""
         )
-        if loop not in ("auto", "asyncio", "uvloop"):
-            raise ConfigError(f"unknown event loop {loop!r} (use: auto, asyncio, uvloop)")
+        self.options = options or RunOptions()
+        if self.options.loop not in ("auto", "asyncio", "uvloop"):
+            raise ConfigError(
+                f"unknown event loop {self.options.loop!r} (use: auto, asyncio, uvloop)"
+            )
         self.specs = [parse_listen(s) for s in ([listen] if isinstance(listen, str) else listen)]
-        self.load_access: AccessLoader = access or (lambda: AccessPolicy(allow, deny))
-        self.access = self.load_access()
         self.limits = limits or Limits()
-        self.pool = pool or PoolSize()
-        self.resolver = resolver or SystemResolver()
+        self.pool = spec.pool or PoolSize()
         self.log = log or ServerLog()
-        self.refuse_message = refuse_message
-        self.loop_kind = loop
-        self.on_ready = on_ready
         self.on_stopping: Callable[[], None] | None = None  # the listeners are closed
-        # TLS is terminated in every mode (see listen.tls); `tls_loader` re-reads on SIGHUP.
-        self.tls_loader = tls_loader
-        if tls is None and tls_loader is not None:
-            tls = tls_loader()
-        self.tls = harden(tls) if tls is not None else None
-        self.proxy = ProxyTrust(proxy_from)
+        # TLS is terminated in every mode (see listen.tls); a loader re-reads on SIGHUP.
+        self.tls_loader = None if tls is None or isinstance(tls, ssl.SSLContext) else tls
+        context = self.tls_loader() if self.tls_loader is not None else tls
+        assert context is None or isinstance(context, ssl.SSLContext)
+        self.tls = harden(context) if context is not None else None
+        # The PROXY gate says who the client is, so it comes first (and at most once).
+        self.proxy = next((g for g in gates if isinstance(g, ProxyGate) and g), None)
+        self.gates = [g for g in gates if not isinstance(g, ProxyGate)]
         self._proxying = 0  # connections whose PROXY header is being read
-        self.handle_signals = signals
-        self.hosts: HostsGate | None = None
-        host_names = host_names or SystemHostNames()
-        if hosts is not None:
-            daemon = daemon_name or default_daemon_name(self.handler)
-            self.hosts = HostsGate(hosts, daemon, host_names, self.log)
-        names = names or NameOptions()
-        if names != NameOptions() and not isinstance(self.handler, Command):
-            raise ConfigError("host name lookups and local names are for commands (TCPREMOTEHOST)")
-        self.names = ConnNames(names, host_names)
-        self.twist: TwistMode | None = None
         self.listeners: list[Listener] = []
         self.ready = threading.Event()
         self.admission = Admission(self.limits)
+        self._quick = (*self.gates, self.admission)  # the limits gate is asked last
         # Async mode with worker processes (modes.workers): a count makes a pool of our
         # own; a pool may also be shared by several servers, each as a named service.
-        if workers and self.mode_name != "async":
+        if spec.workers and self.mode_name != "async":
             raise ConfigError("worker processes (--workers) need the async mode")
-        self.workers = workers
-        self.service = service
+        self.workers = spec.workers
+        self.service = spec.service
+        self._extra: list[Mode] = []  # modes the gates divert connections to
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._stop_requested = threading.Event()
@@ -160,13 +163,11 @@ class Server:
     def _make_mode(self, ctx: ModeContext) -> Mode:
         handler = self.handler
         if isinstance(handler, Command):
-            if self.hosts is not None:
-                return HostsExecMode(ctx, handler, self.program)
             return ExecMode(ctx, handler, self.program)
         if isinstance(handler, AsyncHandler) and self.workers:
             pool, owned = self.workers, False
             if not isinstance(pool, WorkerPool):
-                factory = loop_factory(self.loop_kind)
+                factory = loop_factory(self.options.loop)
                 pool = WorkerPool(pool, log=self.log, limits=self.limits, loop_factory=factory)
                 owned = True
             return PoolMode(ctx, pool, self.service, owned=owned)
@@ -182,7 +183,7 @@ class Server:
     def run(self) -> None:
         """Bind, serve until stopped by a signal or `stop()`, then clean up."""
         self.bind()
-        runner = loop_factory(self.loop_kind)
+        runner = loop_factory(self.options.loop)
         with asyncio.Runner(loop_factory=runner) as r:
             r.run(self.serve())
 
@@ -208,9 +209,8 @@ class Server:
         self.mode = self._make_mode(ctx)
         if isinstance(self.mode, PoolMode):
             self.mode.namer = self._name_proxied
-        if self.hosts is not None:
-            self.twist = TwistMode(ctx)
-            self.hosts.announce()
+        for gate in (*([self.proxy] if self.proxy else []), *self.gates):
+            self._extra.extend(gate.start(ctx, self.mode))
         self.acceptor = AcceptLoop(loop, self.listeners, self._accepted, self.log)
         self.acceptor.gate = lambda: not self._full()
         self.terminator = TlsTerminator(fds, self.limits, self.log)
@@ -247,14 +247,10 @@ class Server:
                 self.log.error(
                     "TLS reload failed, keeping the previous certificate", error=str(exc)
                 )
-        if self.hosts is not None:
-            self.hosts.reload()
-        try:
-            self.access = self.load_access()
-        except NetserverError as exc:
-            self.log.error("reload failed, keeping the previous rules", error=str(exc))
-            return
-        self.log.info("access rules reloaded", rules=self.access.describe())
+        # Last gate first: the allow/deny gate's "access rules reloaded" line, which
+        # operators and scripts wait for, then still ends a reload, as it always has.
+        for gate in reversed(self.gates):
+            gate.reload(self.log)
 
     def reload_tls(self, context: ssl.SSLContext) -> None:
         """Serve new connections with `context` (connections already running keep theirs)."""
@@ -268,7 +264,7 @@ class Server:
         self.log.info("TLS context reloaded")
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
-        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+        if not self.options.signals or threading.current_thread() is not threading.main_thread():
             return []
         loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal)
         loop.add_signal_handler(signal.SIGINT, self._on_stop_signal)
@@ -288,13 +284,13 @@ class Server:
         addresses = " ".join(str(a) for a in self.addresses)
         self.log.info("listening", mode=self.mode_name, on=addresses)
         self.ready.set()
-        if self.on_ready is not None:
-            self.on_ready(self.addresses)
+        if self.options.on_ready is not None:
+            self.options.on_ready(self.addresses)
         sd_notify(b"READY=1")
 
     def _modes(self) -> list[Mode]:
-        """The mode, and the twist mode that serves connections a hosts rule twisted."""
-        return [self.mode] if self.twist is None else [self.mode, self.twist]
+        """The mode, and the modes the gates divert connections to (tcpd's twist)."""
+        return [self.mode, *self._extra]
 
     def _active(self) -> int:
         return sum(mode.active() for mode in self._modes())
@@ -333,68 +329,80 @@ class Server:
         except OSError:
             sock.close()
             return
-        if self.proxy and self.proxy.trusts(peer) and isinstance(self.mode, PoolMode):
-            self._hand_to_worker_unnamed(sock, peer, local)
-            return
-        if self.proxy and self.proxy.trusts(peer):
-            self._proxying += 1
-            sock.setblocking(False)  # read_header peeks after readiness; never block the loop
-            self.fds.add(sock.fileno())
-            assert self._loop is not None
-            self._loop.create_task(self._read_proxy(sock, peer, local))
+        proxy = self.proxy
+        if proxy is not None and proxy.quick(peer, local) is None:
+            self._proxied(sock, peer, local, proxy)
             return
         sock.setblocking(True)
         self._admit(sock, peer, local)
 
-    async def _read_proxy(self, sock: socket.socket, peer: Endpoint, local: Endpoint) -> None:
+    def _proxied(
+        self, sock: socket.socket, peer: Endpoint, local: Endpoint, proxy: ProxyGate
+    ) -> None:
+        """A trusted balancer's connection: its PROXY header first, then the other gates.
+
+        With worker processes the worker reads the header: the supervisor never reads
+        client bytes (it may be root). It counts the connection against the global cap
+        now and hands it over as the balancer; the worker asks `_name_proxied` before
+        serving.
+        """
+        if isinstance(self.mode, PoolMode):
+            sock.setblocking(True)
+            self.admission.hold()
+            conn = Accepted(sock, ConnRecord(peer, local, self.mode_name), awaiting_proxy=True)
+            self.fds.add(conn.fd)
+            with contextlib.suppress(OSError):  # the mode accounts for a connection it failed
+                self.mode.dispatch(conn)
+            return
+        self._proxying += 1
+        sock.setblocking(False)  # read_header peeks after readiness; never block the loop
+        self.fds.add(sock.fileno())
+        assert self._loop is not None
+        self._loop.create_task(
+            self._read_proxy(Accepted(sock, ConnRecord(peer, local, self.mode_name)), proxy)
+        )
+
+    async def _read_proxy(self, conn: Accepted, proxy: ProxyGate) -> None:
         """Take the PROXY header off, then judge the connection as the client it names.
 
         Every rule, limit and log line after this sees the real client; a trusted
         source that sends no valid header in time is dropped (and logged as itself).
         """
-        fd = sock.fileno()
+        sock, peer = conn.sock, conn.record.peer
         try:
-            info = await read_header(sock, min(PROXY_TIMEOUT, self.limits.timeout or PROXY_TIMEOUT))
-        except (ProxyError, OSError) as exc:
-            self.log.refused(peer, f"PROXY protocol: {exc}")
-            sock.close()
-            return
+            ruling = await proxy.judge(conn)
         finally:
             self._proxying -= 1
-            self.fds.discard(fd)
+            self.fds.discard(conn.fd)
             self._resume_if_room()
-        real, dest = proxy_endpoints(info, peer, local)
+        if isinstance(ruling, Refusal):
+            self.log.refused(peer, ruling.reason)
+            sock.close()
+            return
         sock.setblocking(True)
         with contextlib.suppress(OSError):  # the mode accounts for a connection it failed
-            self._admit(sock, real, dest)
-
-    def _hand_to_worker_unnamed(self, sock: socket.socket, peer: Endpoint, local: Endpoint) -> None:
-        """A balancer's connection, with worker processes: the worker reads the header.
-
-        The supervisor never reads client bytes (it may be root). It counts the
-        connection against the global cap now and hands it over as the balancer; the
-        worker reads the PROXY header and asks `_name_proxied` before serving.
-        """
-        sock.setblocking(True)
-        self.admission.hold()
-        conn = Accepted(sock, ConnRecord(peer, local, self.mode_name), awaiting_proxy=True)
-        self.fds.add(conn.fd)
-        with contextlib.suppress(OSError):  # the mode accounts for a connection it failed
-            self.mode.dispatch(conn)
+            self._admit(sock, conn.record.peer, conn.record.local)
 
     def _name_proxied(self, conn: Accepted, peer: Endpoint, local: Endpoint) -> str | None:
-        """A worker read the header: judge and count the client it names, as `_admit` would.
+        """A worker read the header: ask the gates and count the client it names.
 
         Returns None (serve it as `peer`), or for a refusal (logged here) the line the
-        worker sends before it closes ("" for none). Rules that need the client's host
-        name are decided without one (no lookup on this path).
+        worker sends before it closes ("" for none). There is no lookup on this path: a
+        gate that cannot decide without one refuses (fail closed).
         """
-        decision = self.access.decide(peer.ip) if peer.ip is not None else None
-        why = decision.reason if decision is not None and not decision.allowed else None
+        why: str | None = None
+        for gate in self.gates:
+            ruling = gate.quick(peer, local)
+            if ruling is None:
+                why = "needs a name lookup, which a client named by a worker does not get"
+            elif isinstance(ruling, Refusal):
+                why = ruling.reason
+            if why is not None:
+                break
         why = why or self.admission.name(peer)
         if why is not None:
             self.log.refused(peer, why)
-            return self.refuse_message or ""
+            return self.options.refuse_message or ""
         conn.record.peer, conn.record.local = peer, local
         conn.awaiting_proxy = False
         return None
@@ -405,105 +413,48 @@ class Server:
         return self.admission.full or bool(cap and self.admission.total + self._proxying >= cap)
 
     def _admit(self, sock: socket.socket, peer: Endpoint, local: Endpoint) -> None:
-        """Judge a connection by its client's address, then hand it to the mode."""
-        policy = self.access
-        by_name = policy.needs_names(peer.ip)
-        if not by_name:
-            decision = policy.decide(peer.ip)
-            if not decision.allowed:
-                self._refuse(sock, peer, decision.reason)
+        """Ask every gate's `quick`, the limits last; judge the undecided in a task."""
+        later: list[Gate] | None = None
+        for gate in self._quick:
+            ruling = gate.quick(peer, local)
+            if ruling is PASS:
+                continue
+            if ruling is None:
+                later = [gate] if later is None else [*later, gate]
+            elif isinstance(ruling, Refusal):
+                self._refuse(sock, peer, ruling.reason)
                 return
-        request, plan = self._hosts_quick(peer, local)
-        if plan is not None and not plan.granted and self.hosts is not None:
-            self.hosts.record(peer, plan)
-            self._refuse(sock, peer, self.hosts.reason(plan))
-            return
-        why = self.admission.admit(peer)
-        if why is not None:
-            self._refuse(sock, peer, why)
-            return
         conn = Accepted(sock, ConnRecord(peer, local, self.mode_name))
-        self.names.start(conn.record)
         # Until it ends, no forked child (another client's, or a new worker) may keep it.
         self.fds.add(conn.fd)
-        if by_name or (request is not None and plan is None):
+        if later is not None:
             assert self._loop is not None
-            self._loop.create_task(self._judge(conn, policy, by_name, request))
-            return
-        if plan is not None and self.hosts is not None:
-            self.hosts.record(peer, plan)
-        if self.names.wanted(peer):  # decided; only the names to look up, in a task
-            assert self._loop is not None
-            self._loop.create_task(self._judge(conn, policy, False, None))
+            self._loop.create_task(self._judge(conn, later))
             return
         self._start(conn, self.mode.dispatch, self._relay_tls)
 
-    def _hosts_quick(self, peer: Endpoint, local: Endpoint) -> tuple[Request | None, Plan | None]:
-        """The hosts request and, if it needs no lookup or side effect, its plan."""
-        if self.hosts is None or peer.ip is None:
-            return None, None
-        request = self.hosts.request(peer, local)
-        return request, self.hosts.quick(request)
-
-    async def _judge(
-        self, conn: Accepted, policy: AccessPolicy, by_name: bool, request: Request | None
-    ) -> None:
-        """Names, hosts options and the hand-off, in a task; the accept loop goes on."""
-        plan: Plan | None = None
+    async def _judge(self, conn: Accepted, gates: list[Gate]) -> None:
+        """The gates that need lookups or side effects, in order; then the hand-off."""
+        divert: Divert | None = None
         try:
-            if by_name and not await self._judge_by_name(conn, policy):
-                return
-            if request is not None and self.hosts is not None:
-                plan = await self._judge_by_hosts(conn, request, self.hosts)
-            self.names.take(conn.record, request)
-            if plan is None or plan.granted:
-                await self.names.fill(conn.record)
+            for gate in gates:
+                ruling = await gate.judge(conn)
+                if isinstance(ruling, Refusal):
+                    self._drop(conn, ruling.reason)
+                    return
+                if isinstance(ruling, Divert):
+                    divert = ruling
+                    break
         except Exception as exc:  # never leak an admitted connection
             self.log.error("access check failed", peer=str(conn.record.peer), error=repr(exc))
             self._drop(conn, "access check failed")
             return
         # The mode accounts for the connection even when starting it fails.
         with contextlib.suppress(OSError):
-            self._hand_off(conn, plan)
-
-    async def _judge_by_name(self, conn: Accepted, policy: AccessPolicy) -> bool:
-        """Look the client's name up in a thread, then decide; False if refused."""
-        ip = conn.record.peer.ip
-        assert ip is not None and self._loop is not None
-        names: frozenset[str] = frozenset()
-        with contextlib.suppress(TimeoutError):
-            names = await asyncio.wait_for(
-                self._loop.run_in_executor(None, self.resolver.confirmed_names, ip),
-                LOOKUP_TIMEOUT,
-            )
-        decision = policy.decide(ip, names)
-        if not decision.allowed:
-            self._drop(conn, decision.reason)
-        conn.record.remote_host = confirmed_choice(names)
-        return decision.allowed
-
-    async def _judge_by_hosts(self, conn: Accepted, request: Request, gate: HostsGate) -> Plan:
-        """Decide by hosts.allow/hosts.deny and carry out the options before the hand-off."""
-        plan = await gate.judge(request, gate.access)
-        gate.record(conn.record.peer, plan)
-        await gate.prepare(plan, conn.sock, self.mode_context)
-        return plan
-
-    def _hand_off(self, conn: Accepted, plan: Plan | None) -> None:
-        """Serve the connection as the plan says: the service, a twist, or a refusal."""
-        if plan is None:
-            self._start(conn, self.mode.dispatch, self._relay_tls)
-        elif plan.twist is not None and self.twist is not None:
-            twist, command, env = self.twist, plan.twist, dict(plan.env)
-            self._start(conn, lambda c: twist.twist(c, command, env), True)
-        elif not plan.granted and self.hosts is not None:
-            self._drop(conn, self.hosts.reason(plan))
-        else:
-            if plan.env and isinstance(self.mode, HostsExecMode):
-                self.mode.set_env(conn, dict(plan.env))
-            elif plan.env:
-                self.log.info("setenv applies only to commands", peer=str(conn.record.peer))
-            self._start(conn, self.mode.dispatch, self._relay_tls)
+            if divert is None:
+                self._start(conn, self.mode.dispatch, self._relay_tls)
+            else:
+                self._start(conn, divert.start, True)
 
     def _start(self, conn: Accepted, start: Callable[[Accepted], None], relay: bool) -> None:
         """Hand over to the mode; with TLS for a process, through a relay (listen.tls)."""
@@ -536,10 +487,11 @@ class Server:
     def _refuse(self, sock: socket.socket, peer: Endpoint, reason: str) -> None:
         """Tell the client (if a message is configured) and close; the server goes on."""
         self.log.refused(peer, reason)
-        if self.refuse_message:
+        message = self.options.refuse_message
+        if message:
             sock.setblocking(False)
             with contextlib.suppress(OSError):
-                sock.send(self.refuse_message.encode() + b"\r\n")
+                sock.send(message.encode() + b"\r\n")
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
         sock.close()

@@ -63,6 +63,7 @@ from leafmail.checks import Stage
 from leafmail.receive import Policy, ReceiveService
 from leafmail.spool import GroupCommitter, Spool
 from netserver import AsyncHandler, Server
+from netserver.server import RunOptions
 from netserver.smtp import ServerConfig
 
 SENDER = "alice@src.test"
@@ -529,7 +530,12 @@ def in_process_server(spool: Spool) -> Iterator[tuple[str, int]]:
     """leafmail's receive service on a real netserver listener, in a thread of this process."""
     committer = GroupCommitter(spool)
     service = ReceiveService(ServerConfig(hostname=HOSTNAME), committer, Policy({Stage.MAIL: []}))
-    server = Server(AsyncHandler(service.handle), ["127.0.0.1:0"], mode="async", signals=False)
+    server = Server(
+        AsyncHandler(service.handle),
+        ["127.0.0.1:0"],
+        mode="async",
+        options=RunOptions(signals=False),
+    )
     (endpoint,) = server.bind()  # listening now: connections wait in the backlog
     assert endpoint.port is not None
     thread = threading.Thread(target=server.run, daemon=True)

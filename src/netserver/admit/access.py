@@ -46,6 +46,7 @@ __all__ = [
     "NameResolver",
     "Rule",
     "SystemResolver",
+    "confirmed_choice",
     "normalize_ip",
     "parse_rule",
 ]
@@ -317,6 +318,11 @@ class Decision:
     allowed: bool
     rule: str | None
     reason: str
+
+
+def confirmed_choice(names: frozenset[str]) -> str | None:
+    """The one confirmed name a connection is known by (the first in order), or None."""
+    return min(names) if names else None
 
 
 def _first_match(rules: Sequence[Rule], ip: IPAddress, names: frozenset[str]) -> Rule | None:

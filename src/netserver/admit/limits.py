@@ -1,8 +1,9 @@
-"""Connection limits: how many at once, per source, how fast, and for how long idle.
+"""The limits gate: how many connections at once, per source, and how fast.
 
-The supervisor asks `Admission.admit` before a connection reaches any handler and calls
-`release` when it ends. The global cap is applied by pausing accept (excess clients
-wait in the listen backlog, as with tcpserver -c), the per-source caps by refusing.
+`Admission` is the server's last gate (see gate.py): its `quick` counts a connection in
+before it reaches any handler, and the server calls `release` when it ends. The global
+cap is applied by pausing accept (excess clients wait in the listen backlog, as with
+tcpserver -c), the per-source caps by refusing.
 Time is injected so the rate tests need not sleep.
 """
 
@@ -10,34 +11,15 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from ..accepted import Accepted
+from ..connlog import ServerLog
 from ..endpoint import Endpoint
-from ..stdio import DEFAULT_MAX_LINE
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Server limits; 0 or None means unlimited."""
-
-    max_conns: int = 1024
-    max_per_source: int = 0
-    rate_per_source: float = 0.0
-    rate_burst: int = 0
-    # xinetd's ``cps = N WAIT``: more than N new connections within one second, from
-    # anyone, refuses every new one for WAIT seconds (a brake on floods and loops).
-    service_rate: float = 0.0
-    service_pause: float = 0.0
-    timeout: float | None = 300.0
-    max_line: int = DEFAULT_MAX_LINE
-    grace: float = 10.0
-    # Clients the per-source caps do not apply to (say, a mail server's own networks,
-    # whose one address may stand for many users); the global cap still does.
-    exempt: Callable[[Endpoint], bool] | None = None
-    # IPv6 clients are counted per network of this length: one host usually has a whole
-    # /64 to pick addresses from (Postfix's anvil groups them likewise, by /84).
-    ipv6_source_prefix: int = 128
+from ..limits import Limits
+from ..modes.base import Mode, ModeContext
+from .gate import PASS, Pass, Refusal, Ruling
 
 
 @dataclass
@@ -58,6 +40,21 @@ class Admission:
     _window: tuple[float, int] = (float("-inf"), 0)
     _paused_until: float = float("-inf")
     total: int = 0
+
+    # -- the Gate contract (see gate.py): the server asks this gate after all others --
+    def start(self, ctx: ModeContext, mode: Mode) -> Sequence[Mode]:
+        return ()
+
+    def reload(self, log: ServerLog) -> None:
+        """Limits are fixed at start-up."""
+
+    def quick(self, peer: Endpoint, local: Endpoint) -> Pass | Refusal | None:
+        """Count the connection in, or refuse it; never undecided."""
+        why = self.admit(peer)
+        return PASS if why is None else Refusal(why)
+
+    async def judge(self, conn: Accepted) -> Ruling:
+        return PASS
 
     def admit(self, peer: Endpoint) -> str | None:
         """Count the connection in and return None, or return why it is refused."""

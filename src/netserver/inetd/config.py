@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ..admit.access import AccessPolicy
-from ..admit.limits import Limits
 from ..errors import ConfigError, NetserverError
+from ..limits import Limits
 from ..listen.listeners import parse_listen
 from ..privileges import Identity, resolve
 from ..server import MODES

@@ -9,6 +9,7 @@ to the service's user, sets the service's environment and calls `Server.run()`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import ssl
@@ -18,12 +19,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from .. import privileges
+from ..admit.access import AccessPolicy
 from ..connlog import ServerLog
 from ..endpoint import Endpoint
 from ..errors import EX_SOFTWARE, ConfigError, NetserverError
+from ..gates import standard_gates
 from ..handlers import Command, Handler, load_handler
 from ..listen.tls import load_context
-from ..server import Server
+from ..server import RunOptions, Server
 from ..tcpd.access import HostsLoader, load_hosts
 from .config import ServiceConfig
 
@@ -33,20 +36,24 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 def build_server(service: ServiceConfig, log: ServerLog, loop: str) -> Server:
     """The service's Server, unbound; ConfigError naming the service and key if it cannot be."""
     try:
-        return Server(
-            _handler(service),
-            list(service.listen),
-            mode=service.mode,
-            allow=service.allow,
-            deny=service.deny,
-            limits=service.limits,
-            log=log,
-            refuse_message=service.banner,
-            loop=loop,
-            tls_loader=_tls_loader(service),
+        handler = _handler(service)
+        policy = AccessPolicy(service.allow, service.deny)
+        gates = standard_gates(
+            handler,
+            lambda: policy,
             proxy_from=service.proxy_from,
             hosts=_hosts(service),
             daemon_name=service.daemon_name,
+        )
+        return Server(
+            handler,
+            list(service.listen),
+            mode=service.mode,
+            gates=gates,
+            tls=_tls_loader(service),
+            limits=service.limits,
+            log=log,
+            options=RunOptions(loop=loop, refuse_message=service.banner),
         )
     except NetserverError as exc:
         raise service.error(_key_of(service, str(exc)), str(exc)) from None
@@ -96,7 +103,7 @@ def run_child(
     code = EX_SOFTWARE
     try:
         _become_service(service, server, close_fds)
-        server.on_ready = on_ready
+        server.options = dataclasses.replace(server.options, on_ready=on_ready)
         server.on_stopping = on_stopping
         server.run()
         code = 0

@@ -2,9 +2,9 @@
 
 A load balancer in front of the server opens the connection itself, so the peer the
 kernel reports is the balancer; the balancer says who the real client is in a header
-sent before any payload. The header is trusted only from configured sources
-(`ProxyTrust`): from anyone else it would let a client pick the address that access
-rules, limits and logs see.
+sent before any payload. The header is trusted only from configured sources (the
+PROXY trust gate, `netserver.admit.proxy`): from anyone else it would let a client pick
+the address that access rules, limits and logs see.
 
 The parser is pure (`header_length`, `parse`); `read_header` does the I/O on the
 supervisor's loop. It never reads past the header -- it peeks, then receives exactly the
@@ -17,12 +17,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..admit.access import Rule, parse_rule
 from ..endpoint import Endpoint, IPAddress, unmap
-from ..errors import ConfigError
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_PREFIX = b"PROXY "
@@ -143,28 +140,6 @@ def _parse_v2(header: bytes) -> ProxyInfo:
 
 def _endpoint(ip: IPAddress, port: int) -> Endpoint:
     return Endpoint(ip=unmap(ip), port=port)
-
-
-# -- trust --------------------------------------------------------------------------------
-
-
-class ProxyTrust:
-    """The sources allowed to send a PROXY header: addresses and networks, as --allow."""
-
-    def __init__(self, specs: Sequence[str]) -> None:
-        rules: list[Rule] = [parse_rule(spec) for spec in specs]
-        for rule in rules:
-            if rule.is_name_rule:
-                raise ConfigError(f"--proxy-from {rule.spec!r}: give an address or network")
-        self.rules = tuple(rules)
-
-    def __bool__(self) -> bool:
-        return bool(self.rules)
-
-    def trusts(self, peer: Endpoint) -> bool:
-        """True if `peer` must (and may) send a PROXY header."""
-        ip = peer.ip
-        return ip is not None and any(rule.matches(ip, frozenset()) for rule in self.rules)
 
 
 def apply(info: ProxyInfo, peer: Endpoint, local: Endpoint) -> tuple[Endpoint, Endpoint]:

@@ -24,11 +24,11 @@ import socket
 import ssl
 from typing import cast
 
-from ..admit.limits import Limits
+from ..accepted import Accepted, FdRegistry
 from ..connection import Connection
 from ..connlog import ServerLog
 from ..errors import ConfigError
-from ..modes.base import Accepted, FdRegistry
+from ..limits import Limits
 
 HANDSHAKE_TIMEOUT = 10.0
 

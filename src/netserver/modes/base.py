@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
-import socket
 import ssl
 import sys
 import traceback
@@ -20,10 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..admit.limits import Limits
+from ..accepted import Accepted, FdRegistry
 from ..connection import Connection
-from ..connlog import ConnRecord, ServerLog
+from ..connlog import ServerLog
 from ..handlers import ConnectionHandler, Handler, StdioHandler
+from ..limits import Limits
 from ..stdio import LineTooLong
 
 # Signals a child process gets back at their default disposition. SIGPIPE matters most:
@@ -44,50 +43,6 @@ RESET_SIGNALS = (
     signal.SIGTTOU,
     signal.SIGWINCH,
 )
-
-
-@dataclass(slots=True)
-class Accepted:
-    """A connection the supervisor admitted: the socket and its log record.
-
-    `fd` is kept apart from the socket because the socket may be closed (handed to a
-    worker) while the supervisor still has to forget the number in its `FdRegistry`.
-    """
-
-    sock: socket.socket
-    record: ConnRecord
-    fd: int = -1
-    # A PROXY header is still to be read (by the worker that serves it): until the
-    # supervisor learns the client it names, `record.peer` is the balancer.
-    awaiting_proxy: bool = False
-
-    def __post_init__(self) -> None:
-        self.fd = self.sock.fileno()
-
-
-class FdRegistry:
-    """Descriptors the supervisor holds that a forked child must close at once.
-
-    Without this a child would keep the listening sockets, and other clients'
-    connections, open for as long as it runs (a defect of the 1998 module).
-    """
-
-    def __init__(self) -> None:
-        self._fds: set[int] = set()
-
-    def add(self, fd: int) -> None:
-        self._fds.add(fd)
-
-    def discard(self, fd: int) -> None:
-        self._fds.discard(fd)
-
-    def close_in_child(self, keep: int = -1) -> None:
-        """Close every registered descriptor but `keep` (call only in a forked child)."""
-        for fd in self._fds:
-            if fd != keep:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._fds.clear()
 
 
 @dataclass

@@ -12,11 +12,12 @@ import ssl
 import sys
 import traceback
 
+from ..accepted import Accepted
 from ..aio import AsyncConnection
 from ..handlers import AsyncHandler
 from ..listen.tls import handshake_timeout
 from ..stdio import LineTooLong
-from .base import Accepted, ModeContext
+from .base import ModeContext
 
 
 class EventLoopMode:

@@ -18,11 +18,12 @@ import socket
 import struct
 from collections.abc import Mapping
 
-from ..children import ProcessMode
+from ..accepted import Accepted
 from ..connlog import ConnRecord
 from ..errors import ConfigError
 from ..handlers import Command
-from .base import RESET_SIGNALS, Accepted, ModeContext
+from .base import RESET_SIGNALS, ModeContext
+from .process import ProcessMode
 
 # Every ucspi variable is dropped from the inherited environment first, so a command
 # never sees a stale value from the server's own environment or the other family.

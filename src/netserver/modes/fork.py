@@ -14,9 +14,10 @@ import signal
 import sys
 from typing import TextIO
 
-from ..children import ProcessMode
+from ..accepted import Accepted
 from ..connection import Connection
-from .base import RESET_SIGNALS, Accepted, ModeContext, run_sync
+from .base import RESET_SIGNALS, ModeContext, run_sync
+from .process import ProcessMode
 
 
 def reset_child_signals() -> None:

@@ -21,10 +21,11 @@ import sys
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..accepted import Accepted
 from ..children import fork_with_channel, kill_and_reap, watch_child
 from ..connection import Connection
 from ..endpoint import Endpoint
-from .base import Accepted, ModeContext, run_sync, status_for_exit
+from .base import ModeContext, run_sync, status_for_exit
 from .fork import bind_process_stdio, flush_quietly, reset_child_signals
 
 _REPORT = struct.Struct("=cQQi")  # kind, bytes in, bytes out, exit code

@@ -14,10 +14,11 @@ import contextlib
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
+from ..accepted import Accepted
 from ..connection import Connection
 from ..listen.tls import TlsConnection, accept_in_thread, handshake_timeout
 from ..stdio import ThreadStdio
-from .base import Accepted, ModeContext, run_sync, status_for_exit
+from .base import ModeContext, run_sync, status_for_exit
 
 
 class ThreadMode:

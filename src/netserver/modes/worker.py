@@ -21,13 +21,14 @@ import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
-from ..admit.limits import Limits
+from ..accepted import Accepted, FdRegistry
 from ..connlog import ConnRecord, ServerLog
 from ..endpoint import Endpoint
 from ..handlers import AsyncHandler
+from ..limits import Limits
 from ..listen.proxy import ProxyError, read_header
 from ..listen.proxy import apply as proxy_endpoints
-from .base import Accepted, FdRegistry, ModeContext
+from .base import ModeContext
 from .eventloop import EventLoopMode
 from .prefork import decode_endpoints, encode_endpoints
 

@@ -39,12 +39,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..admit.limits import Limits
+from ..accepted import Accepted, FdRegistry
 from ..children import fork_with_channel, kill_and_reap, watch_child
 from ..connlog import ServerLog
 from ..endpoint import Endpoint
 from ..handlers import AsyncHandler
-from .base import Accepted, FdRegistry, ModeContext, status_for_exit
+from ..limits import Limits
+from .base import ModeContext, status_for_exit
 from .fork import reset_child_signals
 from .worker import (
     CONN,

@@ -18,15 +18,18 @@ a second lookup. A variable whose name is not known is not set, as tcp-environ(5
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..connlog import ConnRecord
+from ..accepted import Accepted
+from ..admit.gate import PASS, Pass, Refusal, Ruling
+from ..connlog import ConnRecord, ServerLog
 from ..endpoint import Endpoint, IPAddress
-from .access import Request
-from .match import HostInfo, hostname_known
-from .names import HostNames
+from ..modes.base import Mode, ModeContext
+from .match import hostname_known
+from .names import HostNames, SystemHostNames
 
-__all__ = ["ConnNames", "NameOptions", "confirmed_choice"]
+__all__ = ["NameOptions", "NamesGate"]
 
 LOOKUP_TIMEOUT = 5.0
 
@@ -39,47 +42,40 @@ class NameOptions:
     local_name: str | None = None
 
 
-def confirmed_choice(names: frozenset[str]) -> str | None:
-    """One of the names an allow/deny rule confirmed (the first in order), or None."""
-    return min(names) if names else None
-
-
-def _known(host: HostInfo) -> str | None:
-    """The name hosts.allow looked up for one end, if it is a confirmed name."""
-    if host.resolved is not None and hostname_known(host.resolved):
-        return host.resolved
-    return None
-
-
-class ConnNames:
-    """Fills a connection record's names: from the access rules, then by lookup."""
+class NamesGate:
+    """Fills a connection record's names before a command runs: ``local_name``, then by
+    lookup (names an access rule or a hosts rule confirmed first are kept)."""
 
     def __init__(
-        self, options: NameOptions, names: HostNames, timeout: float = LOOKUP_TIMEOUT
+        self, options: NameOptions, names: HostNames | None = None, timeout: float = LOOKUP_TIMEOUT
     ) -> None:
         self.options = options
-        self.names = names
+        self.names = names or SystemHostNames()
         self.timeout = timeout
 
-    def start(self, record: ConnRecord) -> None:
-        """Names known before anything is looked up (``local_name``)."""
-        if record.peer.ip is not None and self.options.local_name is not None:
+    def start(self, ctx: ModeContext, mode: Mode) -> Sequence[Mode]:
+        return ()
+
+    def reload(self, log: ServerLog) -> None:
+        """Nothing to re-read."""
+
+    def quick(self, peer: Endpoint, local: Endpoint) -> Pass | Refusal | None:
+        """Undecided (a task sets the names) for an IP client when there is a name to set."""
+        options = self.options
+        if peer.ip is None or (not options.lookup and options.local_name is None):
+            return PASS
+        return None
+
+    async def judge(self, conn: Accepted) -> Ruling:
+        record = conn.record
+        if self.options.local_name is not None:
             record.local_host = self.options.local_name
-
-    def wanted(self, peer: Endpoint) -> bool:
-        """Whether a connection from *peer* needs a lookup task before it is served."""
-        return self.options.lookup and peer.ip is not None
-
-    def take(self, record: ConnRecord, request: Request | None) -> None:
-        """Names that hosts.allow rules looked up while deciding."""
-        if request is None:
-            return
-        record.remote_host = record.remote_host or _known(request.client)
-        record.local_host = record.local_host or _known(request.server)
+        await self.fill(record)
+        return PASS
 
     async def fill(self, record: ConnRecord) -> None:
         """Look up, concurrently and each within the timeout, the names still missing."""
-        if not self.wanted(record.peer):
+        if not (self.options.lookup and record.peer.ip is not None):
             return
         remote, local = await asyncio.gather(
             self._lookup(record.peer.ip if record.remote_host is None else None),

@@ -1,19 +1,18 @@
-"""Carrying out hosts_access decisions for real connections.
+"""The tcpd gate: hosts_access decisions carried out for real connections.
 
-`HostsGate` is what the server holds: the loaded tables (reloaded on SIGHUP, keeping
-the old ones on an error), the daemon name, and the name resolver.  On the accept path
-the server asks `HostsGate.quick` for a verdict that needs no lookup, no disk and no
-side effect; anything else -- a name to look up, a banner to read, a command to spawn --
-is done by `HostsGate.judge` and `HostsGate.prepare` in a task, off the accept path,
-with every lookup bounded by a deadline (a lookup that does not finish counts as
-failed: the name is "unknown", as for tcpd).
+`HostsGate` holds the loaded tables (reloaded on SIGHUP, keeping the old ones on an
+error), the daemon name, and the host-name resolver. Its `quick` gives a ruling when the
+tables need no lookup, no disk and no side effect; anything else -- a name to look up,
+a banner to read, a command to spawn -- is done by `judge`, in the server's task off the
+accept path, with every lookup bounded by a deadline (a lookup that does not finish
+counts as failed: the name is "unknown", as for tcpd).
 
 ``spawn`` runs ``/bin/sh -c COMMAND`` with stdin, stdout and stderr on /dev/null, and
 the service starts once it has finished (tcpd waits too; end the command with ``&``
-not to wait), but never waits longer than `SPAWN_WAIT`.  ``twist`` hands the client to
-``/bin/sh -c COMMAND`` with the socket on all three descriptors (`TwistMode`).
-``setenv`` reaches spawned and twisted commands and, through `HostsExecMode`, the
-command a server runs per connection.
+not to wait), but never waits longer than `SPAWN_WAIT`. ``twist`` diverts the client to
+``/bin/sh -c COMMAND`` (`netserver.modes.divert.TwistMode`). ``setenv`` reaches spawned
+and twisted commands and, through `HostsExecMode`, the command a server runs per
+connection. A name a rule looked up becomes TCPREMOTEHOST/TCPLOCALHOST.
 """
 
 from __future__ import annotations
@@ -24,15 +23,18 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Mapping
+from collections.abc import Sequence
 
-from ..children import ProcessMode, watch_child
-from ..connlog import ServerLog
+from ..accepted import Accepted
+from ..admit.gate import PASS, Divert, Pass, Refusal, Ruling
+from ..children import watch_child
+from ..connlog import ConnRecord, ServerLog
 from ..endpoint import Endpoint
 from ..errors import NetserverError
 from ..handlers import Command
-from ..modes.base import RESET_SIGNALS, Accepted, ModeContext
-from ..modes.execute import ExecMode, spawn, tcp_environ
+from ..modes.base import Mode, ModeContext
+from ..modes.divert import HostsExecMode, TwistMode, spawn_shell
+from ..modes.execute import ExecMode
 from .access import (
     HostsAccess,
     HostsLoader,
@@ -42,16 +44,15 @@ from .access import (
     make_request,
     read_banner_file,
 )
-from .match import UNKNOWN
-from .names import HostNames
+from .match import UNKNOWN, HostInfo, hostname_known
+from .names import HostNames, SystemHostNames
 from .options import Banner, Keepalive, Linger, OptionStep, Spawn
 
-__all__ = ["HostsExecMode", "HostsGate", "TwistMode", "spawn_shell"]
+__all__ = ["HostsGate", "send_banner"]
 
 LOOKUP_TIMEOUT = 5.0
 SPAWN_WAIT = 30.0
 BANNER_TIMEOUT = 10.0
-SHELL = "/bin/sh"
 MAX_PASSES = 4
 
 
@@ -62,16 +63,76 @@ class HostsGate:
         self,
         load: HostsLoader,
         daemon: str,
-        names: HostNames,
-        log: ServerLog,
+        names: HostNames | None = None,
         lookup_timeout: float = LOOKUP_TIMEOUT,
     ) -> None:
         self.load = load
         self.access: HostsAccess = load()
         self.daemon = daemon
-        self.names = names
-        self.log = log
+        self.names = names or SystemHostNames()
         self.lookup_timeout = lookup_timeout
+        self.log = ServerLog()
+        self._ctx: ModeContext | None = None
+        self._twist: TwistMode | None = None
+        self._setenv: HostsExecMode | None = None
+
+    # -- the Gate contract (netserver.admit.gate) ---------------------------------------
+    def start(self, ctx: ModeContext, mode: Mode) -> Sequence[Mode]:
+        """Log what was loaded; make the modes for twisted and ``setenv`` connections."""
+        self.log, self._ctx = ctx.log, ctx
+        self.announce()
+        self._twist = TwistMode(ctx)
+        if not isinstance(mode, ExecMode):
+            return [self._twist]
+        self._setenv = HostsExecMode(ctx, Command(mode.argv), mode.path)
+        return [self._twist, self._setenv]
+
+    def reload(self, log: ServerLog) -> None:
+        """Re-read both files; on an error keep the old rules and say where it is."""
+        try:
+            self.access = self.load()
+        except NetserverError as exc:
+            log.error("hosts reload failed, keeping the previous rules", error=str(exc))
+            return
+        log.info("hosts access reloaded", tables=self.access.describe())
+        for warning in self.access.warnings:
+            log.info("hosts access warning", warning=warning)
+
+    def quick(self, peer: Endpoint, local: Endpoint) -> Pass | Refusal | None:
+        """A ruling without lookups or side effects, or None: then `judge` decides."""
+        if peer.ip is None:
+            return PASS
+        plan = self.access.quick(make_request(self.daemon, peer, local))
+        if plan is None:
+            return None
+        self.record(peer, plan)
+        return PASS if plan.granted else Refusal(self.reason(plan))
+
+    async def judge(self, conn: Accepted) -> Ruling:
+        """Decide with lookups, carry out the rule's options, then pass, refuse or divert."""
+        record = conn.record
+        if record.peer.ip is None:
+            return PASS
+        request = make_request(self.daemon, record.peer, record.local)
+        plan = await self.decide(request, self.access)
+        self.record(record.peer, plan)
+        assert self._ctx is not None, "start() comes before any connection"
+        await self.prepare(plan, conn.sock, self._ctx)
+        _take_names(record, request)
+        return self._ruling(conn, plan)
+
+    def _ruling(self, conn: Accepted, plan: Plan) -> Ruling:
+        if plan.twist is not None and self._twist is not None:
+            twist, command, env = self._twist, plan.twist, dict(plan.env)
+            return Divert(lambda c: twist.twist(c, command, env))
+        if not plan.granted:
+            return Refusal(self.reason(plan))
+        if plan.env and self._setenv is not None:
+            setenv, extra = self._setenv, dict(plan.env)
+            return Divert(lambda c: setenv.serve_with(c, extra))
+        if plan.env:
+            self.log.info("setenv applies only to commands", peer=str(conn.record.peer))
+        return PASS
 
     def announce(self) -> None:
         """Log what was loaded, and every warning (netgroups, missing files, ...)."""
@@ -79,26 +140,8 @@ class HostsGate:
         for warning in self.access.warnings:
             self.log.info("hosts access warning", warning=warning)
 
-    def reload(self) -> None:
-        """Re-read both files; on an error keep the old rules and say where it is."""
-        try:
-            self.access = self.load()
-        except NetserverError as exc:
-            self.log.error("hosts reload failed, keeping the previous rules", error=str(exc))
-            return
-        self.log.info("hosts access reloaded", tables=self.access.describe())
-        for warning in self.access.warnings:
-            self.log.info("hosts access warning", warning=warning)
-
     # -- deciding ------------------------------------------------------------------------
-    def request(self, peer: Endpoint, local: Endpoint) -> Request:
-        return make_request(self.daemon, peer, local)
-
-    def quick(self, request: Request) -> Plan | None:
-        """A verdict without lookups or side effects, or None: then use `judge`."""
-        return self.access.quick(request)
-
-    async def judge(self, request: Request, access: HostsAccess) -> Plan:
+    async def decide(self, request: Request, access: HostsAccess) -> Plan:
         """Decide with lookups as needed (each bounded); banners are read here too."""
         loop = asyncio.get_running_loop()
         for _ in range(MAX_PASSES):
@@ -198,61 +241,14 @@ def send_banner(sock: socket.socket, data: bytes) -> None:
             sock.setblocking(True)
 
 
-def spawn_shell(command: str, env: Mapping[str, str], fd: int | None = None) -> int:
-    """``/bin/sh -c COMMAND``: stdio on *fd* (twist) or /dev/null (spawn); its pid."""
-    actions: list[tuple[int | str, ...]]
-    if fd is None:
-        actions = [(os.POSIX_SPAWN_OPEN, n, os.devnull, os.O_RDWR, 0) for n in (0, 1, 2)]
-    else:
-        actions = [(os.POSIX_SPAWN_DUP2, fd, n) for n in (0, 1, 2)]
-    return os.posix_spawn(
-        SHELL,
-        ["sh", "-c", command],
-        env,
-        file_actions=actions,
-        setsigdef=RESET_SIGNALS,
-        setsigmask=(),
-    )
+def _known(host: HostInfo) -> str | None:
+    """The name a rule looked up for one end, if it is a confirmed name."""
+    if host.resolved is not None and hostname_known(host.resolved):
+        return host.resolved
+    return None
 
 
-class TwistMode(ProcessMode):
-    """Connections whose service a ``twist`` option replaced by a shell command."""
-
-    def __init__(self, ctx: ModeContext) -> None:
-        super().__init__(ctx)
-        self._next: tuple[str, dict[str, str]] | None = None
-
-    def twist(self, conn: Accepted, command: str, extra_env: Mapping[str, str]) -> None:
-        """Run *command* on the connection; it is tracked, logged and reaped like any."""
-        env = tcp_environ(os.environ, conn.sock, conn.record)
-        env.update(extra_env)
-        self._next = (command, env)
-        try:
-            self.dispatch(conn)
-        finally:
-            self._next = None
-
-    def start_child(self, conn: Accepted) -> int:
-        assert self._next is not None
-        command, env = self._next
-        return spawn_shell(command, env, conn.sock.fileno())
-
-
-class HostsExecMode(ExecMode):
-    """`ExecMode` that adds a connection's ``setenv`` variables to its command."""
-
-    def __init__(self, ctx: ModeContext, command: Command, path: str) -> None:
-        super().__init__(ctx, command, path)
-        self.extra_env: dict[int, dict[str, str]] = {}
-
-    def set_env(self, conn: Accepted, env: Mapping[str, str]) -> None:
-        """Variables for the next start of *conn*'s command (setenv applies last)."""
-        self.extra_env[conn.fd] = dict(env)
-
-    def start_child(self, conn: Accepted) -> int:
-        extra = self.extra_env.pop(conn.fd, None)
-        if not extra:
-            return super().start_child(conn)
-        env = tcp_environ(self.base_env, conn.sock, conn.record)
-        env.update(extra)
-        return spawn(self.path, self.argv, conn.sock.fileno(), env)
+def _take_names(record: ConnRecord, request: Request) -> None:
+    """Names the rules looked up while deciding serve as TCPREMOTEHOST/TCPLOCALHOST."""
+    record.remote_host = record.remote_host or _known(request.client)
+    record.local_host = record.local_host or _known(request.server)

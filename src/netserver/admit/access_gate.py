@@ -1,0 +1,72 @@
+"""The allow/deny gate: `AccessPolicy` rules carried out on the accept path.
+
+A policy of address rules is decided in `quick`, with no lookup. When a name could
+change the outcome, `judge` asks the resolver for the client's forward-confirmed names
+in a thread (bounded by `LOOKUP_TIMEOUT`: a lookup that does not finish gives no
+names), then decides; the name it confirmed becomes the connection's TCPREMOTEHOST.
+The rules are re-read on SIGHUP from the loader, keeping the old ones on an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+
+from ..accepted import Accepted
+from ..connlog import ServerLog
+from ..endpoint import Endpoint
+from ..errors import NetserverError
+from ..modes.base import Mode, ModeContext
+from .access import AccessPolicy, NameResolver, SystemResolver, confirmed_choice
+from .gate import PASS, Pass, Refusal, Ruling
+
+__all__ = ["LOOKUP_TIMEOUT", "AccessGate", "AccessLoader"]
+
+LOOKUP_TIMEOUT = 5.0
+AccessLoader = Callable[[], AccessPolicy]
+
+
+class AccessGate:
+    """--allow/--deny/--access-file: refuse by address at once, by name after a lookup."""
+
+    def __init__(
+        self, rules: AccessPolicy | AccessLoader, resolver: NameResolver | None = None
+    ) -> None:
+        self.load: AccessLoader = rules if callable(rules) else (lambda: rules)
+        self.policy = self.load()
+        self.resolver = resolver or SystemResolver()
+
+    def start(self, ctx: ModeContext, mode: Mode) -> Sequence[Mode]:
+        return ()
+
+    def reload(self, log: ServerLog) -> None:
+        try:
+            self.policy = self.load()
+        except NetserverError as exc:
+            log.error("reload failed, keeping the previous rules", error=str(exc))
+            return
+        log.info("access rules reloaded", rules=self.policy.describe())
+
+    def quick(self, peer: Endpoint, local: Endpoint) -> Pass | Refusal | None:
+        policy = self.policy
+        if policy.needs_names(peer.ip):
+            return None
+        decision = policy.decide(peer.ip)
+        return PASS if decision.allowed else Refusal(decision.reason)
+
+    async def judge(self, conn: Accepted) -> Ruling:
+        """Look the client's names up in a thread, then decide with them."""
+        policy = self.policy
+        ip = conn.record.peer.ip
+        if ip is None:
+            return PASS
+        names: frozenset[str] = frozenset()
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(TimeoutError):
+            names = await asyncio.wait_for(
+                loop.run_in_executor(None, self.resolver.confirmed_names, ip), LOOKUP_TIMEOUT
+            )
+        decision = policy.decide(ip, names)
+        conn.record.remote_host = confirmed_choice(names)
+        return PASS if decision.allowed else Refusal(decision.reason)

@@ -1,0 +1,37 @@
+"""Connection limits: how many at once, per source, how fast, and for how long idle.
+
+The settings every layer reads: the limits gate (`netserver.admit.limits`) counts
+connections against them, TLS termination and the modes apply the timeouts and the
+longest line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .endpoint import Endpoint
+from .stdio import DEFAULT_MAX_LINE
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server limits; 0 or None means unlimited."""
+
+    max_conns: int = 1024
+    max_per_source: int = 0
+    rate_per_source: float = 0.0
+    rate_burst: int = 0
+    # xinetd's ``cps = N WAIT``: more than N new connections within one second, from
+    # anyone, refuses every new one for WAIT seconds (a brake on floods and loops).
+    service_rate: float = 0.0
+    service_pause: float = 0.0
+    timeout: float | None = 300.0
+    max_line: int = DEFAULT_MAX_LINE
+    grace: float = 10.0
+    # Clients the per-source caps do not apply to (say, a mail server's own networks,
+    # whose one address may stand for many users); the global cap still does.
+    exempt: Callable[[Endpoint], bool] | None = None
+    # IPv6 clients are counted per network of this length: one host usually has a whole
+    # /64 to pick addresses from (Postfix's anvil groups them likewise, by /84).
+    ipv6_source_prefix: int = 128
