@@ -6,6 +6,7 @@ with the socket functions replaced, so nothing here asks the machine's resolver.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -18,19 +19,18 @@ import dns.rcode
 import pytest
 from dnsserver import LoopbackDNS, Records, reverse_name
 
-from netserver.admit.access import (
-    AccessPolicy,
-    Decision,
-    NameResolver,
-    SystemResolver,
-    normalize_ip,
-    parse_rule,
-)
-from netserver.admit.dnsresolver import DnsResolver
+from netserver.admit.access import AccessPolicy, Decision, parse_rule
+from netserver.dnsresolver import DnsResolver
 from netserver.endpoint import IPAddress
 from netserver.errors import AccessSpecError, ConfigError
+from netserver.resolver import Resolver, SystemResolver, confirmed_names, normalize_ip
 
 NO_NAMES: frozenset[str] = frozenset()
+
+
+def names_of(resolver: Resolver, client: IPAddress) -> frozenset[str]:
+    """The confirmed names, as the access gate takes them (none when DNS cannot tell)."""
+    return asyncio.run(confirmed_names(resolver, client)) or NO_NAMES
 
 
 def ip(text: str) -> IPAddress:
@@ -484,9 +484,9 @@ def resolver(dns_server: LoopbackDNS) -> DnsResolver:
     return DnsResolver(["127.0.0.1"], port=dns_server.port)
 
 
-def check(policy: AccessPolicy, resolver: NameResolver, client: IPAddress) -> Decision:
+def check(policy: AccessPolicy, resolver: Resolver, client: IPAddress) -> Decision:
     """What the server does per connection: look names up only if they could matter."""
-    found = resolver.confirmed_names(client) if policy.needs_names(client) else NO_NAMES
+    found = names_of(resolver, client) if policy.needs_names(client) else NO_NAMES
     return policy.decide(client, found)
 
 
@@ -508,7 +508,7 @@ def check(policy: AccessPolicy, resolver: NameResolver, client: IPAddress) -> De
 def test_dns_resolver_confirmed_names(
     resolver: DnsResolver, client: str, expected: set[str]
 ) -> None:
-    assert resolver.confirmed_names(ip(client)) == expected
+    assert names_of(resolver, ip(client)) == expected
 
 
 def test_forward_confirmed_name_is_allowed(resolver: DnsResolver) -> None:
@@ -570,7 +570,7 @@ def test_dns_resolver_without_a_server_returns_no_names() -> None:
     with LoopbackDNS({(reverse_name(CLIENT), "PTR"): ["trusted.example.test"]}) as server:
         port = server.port
     # Nothing listens there now, so the query times out (kept short): no names, no error.
-    assert DnsResolver(["127.0.0.1"], port=port, timeout=0.2).confirmed_names(ip(CLIENT)) == set()
+    assert names_of(DnsResolver(["127.0.0.1"], port=port, timeout=0.2), ip(CLIENT)) == set()
 
 
 @pytest.mark.parametrize("nameservers", [[], ["not-an-address"]])
@@ -596,7 +596,13 @@ class FakeSocketResolver:
         return primary, aliases, [address]
 
     def getaddrinfo(
-        self, host: str, port: object, family: int = 0, type: int = 0
+        self,
+        host: str,
+        port: object,
+        family: int = 0,
+        type: int = 0,
+        proto: int = 0,
+        flags: int = 0,
     ) -> list[tuple[int, int, int, str, tuple[str, int]]]:
         if host not in self.forward:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
@@ -634,7 +640,7 @@ def fake_socket(monkeypatch: pytest.MonkeyPatch) -> FakeSocketResolver:
     ],
 )
 def test_system_resolver(fake_socket: FakeSocketResolver, client: str, expected: set[str]) -> None:
-    assert SystemResolver().confirmed_names(ip(client)) == expected
+    assert names_of(SystemResolver(), ip(client)) == expected
 
 
 # --------------------------------------------------------------------------- the test server

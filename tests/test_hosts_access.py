@@ -8,6 +8,7 @@ from `FixedHostNames` or from `LoopbackDNS`, never from the machine's resolver.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -28,12 +29,12 @@ from lifecycle_handlers import (
 )
 
 from netserver import cli
+from netserver.dnsresolver import DnsResolver
 from netserver.handlers import Command, StdioHandler
 from netserver.tcpd.access import HostsAccess, default_daemon_name, load_hosts
 from netserver.tcpd.check import check_lines
-from netserver.tcpd.dns import DnsHostNames
 from netserver.tcpd.match import HostInfo, NameNeeded, Request
-from netserver.tcpd.names import FixedHostNames, verified_name
+from netserver.tcpd.names import FixedHostNames, ResolverNames, verified_name
 from netserver.tcpd.options import Banner, Spawn, percent_x, sanitize
 from netserver.tcpd.parse import HostsSyntaxError, parse_table, split_at
 
@@ -382,7 +383,7 @@ def test_percent_letters() -> None:
 def test_verified_name(
     ptr: str | None, canonical: str | None, addresses: list[str], expected: str
 ) -> None:
-    from netserver.admit.access import normalize_ip
+    from netserver.resolver import normalize_ip
 
     found = [normalize_ip(a) for a in addresses]
     assert verified_name(ptr, canonical, found, normalize_ip("192.0.2.1")) == expected
@@ -398,12 +399,13 @@ def test_dns_host_names_from_a_loopback_server() -> None:
         ("alias.example.test", "CNAME"): ["good.example.test"],
     }
     with LoopbackDNS(records) as dns:
-        names = DnsHostNames("127.0.0.1", dns.port, timeout=2.0)
-        from netserver.admit.access import normalize_ip
+        names = ResolverNames(DnsResolver(["127.0.0.1"], dns.port, timeout=2.0))
+        from netserver.resolver import normalize_ip
 
-        got = [names.hostname(normalize_ip(f"192.0.2.{n}")) for n in (10, 11, 12, 13)]
+        got = [asyncio.run(names.hostname(normalize_ip(f"192.0.2.{n}"))) for n in (10, 11, 12, 13)]
         assert got == ["good.example.test", "paranoid", "paranoid", "unknown"]
-        assert [str(a) for a in names.addresses("good.example.test")] == ["192.0.2.10"]
+        found = asyncio.run(names.addresses("good.example.test"))
+        assert [str(a) for a in found] == ["192.0.2.10"]
 
 
 def test_default_daemon_names() -> None:

@@ -3,7 +3,8 @@
 netserver imports nothing from leafmail, has no import cycle, and no module imports from
 a higher layer than its own. The layers, lowest first:
 
-core      the shared primitives at the top level (endpoint, errors, connlog, accepted ...)
+core      the shared primitives at the top level (endpoint, errors, connlog, accepted,
+          the resolver protocol ...)
 listen    binding, inherited sockets, accept, the PROXY header, TLS termination
 modes     every way of running handlers (fork, prefork, thread, async, exec, twist)
 admit     the Gate contract and the gates: allow/deny, limits, PROXY trust
@@ -35,12 +36,14 @@ CORE = frozenset(
         "children",
         "connection",
         "connlog",
+        "dnsresolver",
         "endpoint",
         "errors",
         "handlers",
         "limits",
         "privileges",
         "readiness",
+        "resolver",
         "stdio",
         "tcpinfo",
     }

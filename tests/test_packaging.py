@@ -40,7 +40,7 @@ PROVIDERS = {
 }
 MAIL_MODULES = ("dns", "aiosmtplib", "rich", "spf", "dkim", "leafmail")
 # netserver modules that need an extra (netserver[dns]); the CLI imports them lazily.
-NEEDS_DNSPYTHON = frozenset({"netserver.admit.dnsresolver", "netserver.tcpd.dns"})
+NEEDS_DNSPYTHON = frozenset({"netserver.dnsresolver"})
 
 
 def project(name: str) -> dict[str, object]:

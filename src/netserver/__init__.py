@@ -9,7 +9,7 @@ def main() -> None:
 netserver.serve(main, "127.0.0.1:7000", mode="fork")
 """
 
-from .admit.access import AccessPolicy, Decision, SystemResolver
+from .admit.access import AccessPolicy, Decision
 from .aio import AsyncConnection
 from .connection import Connection
 from .endpoint import Endpoint
@@ -17,6 +17,7 @@ from .errors import AccessSpecError, ConfigError, NetserverError, UsageError
 from .handlers import AsyncHandler, Command, ConnectionHandler, StdioHandler, load_handler
 from .limits import Limits
 from .modes.prefork import PoolSize
+from .resolver import SystemResolver
 from .server import MODES, Server, serve
 from .stdio import LineTooLong
 

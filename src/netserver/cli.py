@@ -10,6 +10,7 @@ code (64 usage, 78 configuration); nothing prints a traceback at the user.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import ipaddress
 import ssl
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
 from . import errors
-from .admit.access import AccessPolicy, NameResolver, SystemResolver
+from .admit.access import AccessPolicy
 from .connlog import ServerLog
 from .endpoint import unmap
 from .gates import standard_gates
@@ -29,11 +30,12 @@ from .limits import Limits
 from .listen.tls import load_context
 from .modes.prefork import PoolSize
 from .readiness import ready_fd_writer
+from .resolver import Resolver, SystemResolver, confirmed_names
 from .server import MODES, ModeSpec, RunOptions, Server
 from .tcpd.access import DEFAULT_ALLOW, DEFAULT_DENY, HostsAccess, HostsLoader, load_hosts
 from .tcpd.check import check_lines
 from .tcpd.envnames import NameOptions
-from .tcpd.names import HostNames, SystemHostNames
+from .tcpd.names import ResolverNames
 
 PROG = "netserver"
 
@@ -324,25 +326,15 @@ def _split_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return args, []
 
 
-def _resolver(spec: str | None) -> NameResolver:
+def _resolver(spec: str | None) -> Resolver:
+    """--dns-server if given (dnspython is loaded only then), else the system resolver."""
     if not spec:
         return SystemResolver()
     host, port = _dns_server(spec)
     with _needs_dnspython():
-        from .admit.dnsresolver import DnsResolver  # dnspython is loaded only when asked for
+        from .dnsresolver import DnsResolver
 
     return DnsResolver([host], port)
-
-
-def _host_names(spec: str | None) -> HostNames:
-    """tcpd-style names: from --dns-server if given, else the system resolver."""
-    if not spec:
-        return SystemHostNames()
-    host, port = _dns_server(spec)
-    with _needs_dnspython():
-        from .tcpd.dns import DnsHostNames  # dnspython is loaded only when asked for
-
-    return DnsHostNames(host, port)
 
 
 @contextlib.contextmanager
@@ -405,14 +397,15 @@ def cmd_serve(args: argparse.Namespace, command: list[str]) -> int:
         max(1, args.workers_min), max(1, args.workers_max, args.workers_min), max(1, args.recycle)
     )
     hosts = _hosts_loader(args)
+    resolver = _resolver(args.dns_server)
     gates = standard_gates(
         handler,
         lambda: _access_loader(args),
-        resolver=_resolver(args.dns_server),
+        resolver=resolver,
         proxy_from=args.proxy_from,
         hosts=hosts,
         daemon_name=args.daemon_name,
-        host_names=_host_names(args.dns_server) if hosts or args.lookup_names else None,
+        host_names=ResolverNames(resolver) if hosts or args.lookup_names else None,
         names=NameOptions(args.lookup_names, args.local_name),
     )
     server = Server(
@@ -444,9 +437,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         ip = unmap(ipaddress.ip_address(args.address.strip("[]")))
     except ValueError:
         raise errors.UsageError(f"{args.address!r} is not an IP address") from None
-    names = frozenset(n.lower().rstrip(".") for n in args.name)
+    names: frozenset[str] | None = frozenset(n.lower().rstrip(".") for n in args.name)
     if not names and policy.needs_names(ip):
-        names = _resolver(args.dns_server).confirmed_names(ip)
+        names = asyncio.run(confirmed_names(_resolver(args.dns_server), ip))
+    names = names or frozenset()  # none confirmed, or DNS could not tell
     decision = policy.decide(ip, names)
     verdict = "allowed" if decision.allowed else "refused"
     print(f"client: {ip}" + (f" ({', '.join(sorted(names))})" if names else ""))
@@ -460,7 +454,8 @@ def cmd_check_hosts(args: argparse.Namespace) -> int:
         args.hosts_allow or DEFAULT_ALLOW, args.hosts_deny or DEFAULT_DENY
     )
     policy = _access_loader(args)
-    lines = check_lines(hosts, args.address, args.client, _host_names(args.dns_server), args.name)
+    names = ResolverNames(_resolver(args.dns_server))
+    lines = check_lines(hosts, args.address, args.client, names, args.name)
     if policy.allow or policy.deny:
         ip = _client_ip(args.client)
         decision = policy.decide(ip, frozenset(n.lower().rstrip(".") for n in args.name))

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .admit.access import NameResolver
 from .admit.access_gate import AccessGate, AccessLoader
 from .admit.gate import Gate
 from .admit.proxy import ProxyGate
 from .errors import ConfigError
 from .handlers import Command, Handler
+from .resolver import Resolver
 from .tcpd.access import HostsLoader, default_daemon_name
 from .tcpd.envnames import NameOptions, NamesGate
 from .tcpd.gate import HostsGate
@@ -28,7 +28,7 @@ def standard_gates(
     handler: Handler,
     access: AccessLoader,
     *,
-    resolver: NameResolver | None = None,
+    resolver: Resolver | None = None,
     proxy_from: Sequence[str] = (),
     hosts: HostsLoader | None = None,
     daemon_name: str | None = None,

@@ -33,7 +33,7 @@ from . import (
     printable,
     tag_or_reject,
 )
-from .lookup import Resolver, address_of, lookup, reverse_octets, within
+from .lookup import DnsClient, address_of, lookup, reverse_octets, within
 
 TAG_FIELD = "X-Leafmail-DNSBL"
 _LISTED = ipaddress.ip_network("127.0.0.0/8")
@@ -45,7 +45,7 @@ def query_name(ip: IPAddress, zone: str) -> str:
     return f"{reverse_octets(ip)}.{zone.strip().rstrip('.')}."
 
 
-async def listed_in(resolver: Resolver, ip: IPAddress, zone: str) -> bool:
+async def listed_in(resolver: DnsClient, ip: IPAddress, zone: str) -> bool:
     """True when `zone` lists `ip`; a failed lookup counts as not listed."""
     records = await lookup(resolver, query_name(ip, zone), "A")
     for rdata in records or ():
@@ -56,7 +56,7 @@ async def listed_in(resolver: Resolver, ip: IPAddress, zone: str) -> bool:
 
 
 async def first_listing(
-    resolver: Resolver, ip: IPAddress, zones: Sequence[str], timeout: float
+    resolver: DnsClient, ip: IPAddress, zones: Sequence[str], timeout: float
 ) -> str | None:
     """The first zone, in configured order, that lists `ip`; None if none (in time)."""
     if not zones:
@@ -70,7 +70,7 @@ async def first_listing(
 
 
 def dnswl_check(
-    zones: Sequence[str], resolver: Resolver, timeout: float, relay_networks: AccessPolicy
+    zones: Sequence[str], resolver: DnsClient, timeout: float, relay_networks: AccessPolicy
 ) -> AsyncCheck:
     """The MAIL-stage DNSWL lookup; it only records `CheckContext.dnswl`, and always accepts."""
 
@@ -88,7 +88,7 @@ def dnswl_check(
 def dnsbl_check(
     mode: str,
     zones: Sequence[str],
-    resolver: Resolver,
+    resolver: DnsClient,
     timeout: float,
     relay_networks: AccessPolicy,
 ) -> AsyncCheck:

@@ -25,10 +25,12 @@ from dns.rdtypes.IN.AAAA import AAAA
 from netserver.endpoint import IPAddress, unmap
 
 T = TypeVar("T")
-Resolver = dns.asyncresolver.Resolver
+# The dnspython client the record lookups use; the basics (PTR, then forward
+# confirmation) go through netserver.resolver, which leafmail extends with these.
+DnsClient = dns.asyncresolver.Resolver
 
 
-async def lookup(resolver: Resolver, name: str | dns.name.Name, rdtype: str) -> list[Rdata] | None:
+async def lookup(resolver: DnsClient, name: str | dns.name.Name, rdtype: str) -> list[Rdata] | None:
     """The records of `name`, [] if there are none, None on a temporary failure."""
     try:
         answer = await resolver.resolve(name, rdtype, search=False)

@@ -26,11 +26,10 @@ import ipaddress
 import re
 from collections.abc import Iterable
 
-import dns.reversename
-from dns.rdtypes.ANY.PTR import PTR
-
 from netserver.admit.access import AccessPolicy
+from netserver.dnsresolver import DnsResolver
 from netserver.endpoint import IPAddress, unmap
+from netserver.resolver import Resolver, confirmed_names
 from netserver.smtp.replies import Reply
 
 from . import (
@@ -48,7 +47,7 @@ from . import (
 )
 from .headers import Header, parse_header, without_comments
 from .jobs import OVER_BUDGET, JobRunner
-from .lookup import Resolver, address_of, lookup, within
+from .lookup import DnsClient, within
 
 TAG_FIELD = "X-Leafmail-Received"
 HOP_TAG_THRESHOLD = 30
@@ -178,34 +177,23 @@ def _chain_verdict(mode: str, found: list[str]) -> Verdict:
 
 async def forward_confirmed(resolver: Resolver, ip: IPAddress) -> bool | None:
     """True if a PTR name of `ip` resolves back to `ip`; None if DNS could not tell."""
-    ip = unmap(ip)
-    names = await lookup(resolver, dns.reversename.from_address(str(ip)), "PTR")
-    if names is None:
-        return None
-    unsure = False
-    rdtype = "A" if ip.version == 4 else "AAAA"
-    for rdata in names[:MAX_PTR_NAMES]:
-        if not isinstance(rdata, PTR):
-            continue
-        addresses = await lookup(resolver, rdata.target, rdtype)
-        if addresses is None:
-            unsure = True
-        elif any(address_of(a) == ip for a in addresses):
-            return True
-    return None if unsure else False
+    names = await confirmed_names(resolver, unmap(ip), MAX_PTR_NAMES)
+    return None if names is None else bool(names)
 
 
 def rdns_check(
-    mode: str, resolver: Resolver, timeout: float, relay_networks: AccessPolicy
+    mode: str, resolver: DnsClient, timeout: float, relay_networks: AccessPolicy
 ) -> AsyncCheck:
     """The MAIL-stage reverse-DNS check; one lookup per connection, bounded by timeout."""
+
+    lookups = DnsResolver.using(resolver)
 
     async def check(session: CheckContext) -> Verdict:
         ip = session.client_ip
         if ip is None or is_trusted(session, relay_networks):
             return ACCEPT
         if "rdns" not in session.cache:
-            confirmed = await within(timeout, forward_confirmed(resolver, ip), None)
+            confirmed = await within(timeout, forward_confirmed(lookups, ip), None)
             session.cache["rdns"] = _rdns_verdict(mode, ip, confirmed)
         return session.cache["rdns"]
 

@@ -31,100 +31,19 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
-import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
-from netserver.endpoint import IPAddress
-from netserver.errors import AccessSpecError, ConfigError
+from ..endpoint import IPAddress
+from ..errors import AccessSpecError, ConfigError
+from ..resolver import canonical_name, canonical_names, normalize_ip
 
-__all__ = [
-    "AccessPolicy",
-    "Decision",
-    "NameResolver",
-    "Rule",
-    "SystemResolver",
-    "confirmed_choice",
-    "normalize_ip",
-    "parse_rule",
-]
+__all__ = ["AccessPolicy", "Decision", "Rule", "confirmed_choice", "parse_rule"]
 
 _IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # ::ffff:0:0/96 holds the IPv4-mapped addresses (RFC 4291 2.5.5.2).
 _V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
-
-# One DNS label in letter-digit-hyphen form (RFC 952/1123), already lowercased.
-_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-_MAX_NAME_LENGTH = 253
-
-# A reverse zone is controlled by whoever owns the address, so it may list any number
-# of names; confirming each costs a query, so only the first few are tried.
-MAX_PTR_NAMES = 8
-
-
-# --------------------------------------------------------------------------- addresses
-
-
-def normalize_ip(value: str | IPAddress) -> IPAddress:
-    """Return the address a rule should judge: IPv4-mapped IPv6 becomes IPv4.
-
-    Strings may carry brackets (``[::1]``) and a zone id (``fe80::1%eth0``), both of
-    which are dropped: rules are about addresses, and a zone only says which interface
-    the address was seen on.  Raises ValueError for text that is not an address.
-    """
-    address = _parse_address_text(value) if isinstance(value, str) else value
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return address.ipv4_mapped
-        if address.scope_id is not None:
-            return ipaddress.IPv6Address(int(address))
-    return address
-
-
-def _parse_address_text(text: str) -> IPAddress:
-    """Parse an address written the way servers and users write it (brackets, zone)."""
-    inner = text.strip()
-    if inner.startswith("[") and inner.endswith("]"):
-        inner = inner[1:-1]
-    inner = inner.split("%", 1)[0]
-    try:
-        return ipaddress.ip_address(inner)
-    except ValueError:
-        raise ValueError(f"not an IP address: {text!r}") from None
-
-
-# --------------------------------------------------------------------------- names
-
-
-def _canonical_name(text: str) -> str | None:
-    """Lowercase *text* and drop a trailing dot; None if it is not a usable host name.
-
-    Used both for rules and for names that come back from DNS, because a PTR record
-    can hold anything its owner likes, including text that looks like an IP address.
-    A name whose last label is all digits is refused for that reason: no real
-    top-level domain is numeric (RFC 3696 section 2).
-    """
-    name = text.lower()
-    if name.endswith("."):
-        name = name[:-1]
-    if not name or len(name) > _MAX_NAME_LENGTH:
-        return None
-    labels = name.split(".")
-    if not all(_LABEL.fullmatch(label) for label in labels):
-        return None
-    if labels[-1].isdigit():
-        return None
-    return name
-
-
-def canonical_names(names: Iterable[str]) -> frozenset[str]:
-    """Canonical forms of the usable names in *names*, dropping the rest."""
-    result = (_canonical_name(name) for name in names)
-    return frozenset(name for name in result if name is not None)
-
 
 # --------------------------------------------------------------------------- matchers
 
@@ -240,7 +159,7 @@ def _looks_numeric(spec: str) -> bool:
 
 
 def _parse_name(spec: str, text: str) -> str:
-    name = _canonical_name(text)
+    name = canonical_name(text)
     if name is None:
         raise _spec_error(
             spec,
@@ -448,49 +367,3 @@ def _parse_line(line: str) -> tuple[str, list[Rule]] | None:
     if len(words) == 1:
         raise AccessSpecError(f"{keyword!r} needs at least one spec")
     return keyword, [parse_rule(word) for word in words[1:]]
-
-
-# --------------------------------------------------------------------------- resolvers
-
-
-class NameResolver(Protocol):
-    """Finds the forward-confirmed names of an address."""
-
-    def confirmed_names(self, ip: IPAddress) -> frozenset[str]:
-        """Names whose PTR and A/AAAA records agree with *ip*; lowercase, no final dot.
-
-        Must not raise on DNS failure: an unresolvable client simply has no names,
-        which name rules then treat as "does not match".
-        """
-        ...
-
-
-class SystemResolver:
-    """Confirms names through the C library (``/etc/hosts``, nsswitch, resolv.conf).
-
-    The calls block for as long as the system resolver's own timeouts allow; use
-    `DnsResolver` where a bounded wait matters.
-    """
-
-    def confirmed_names(self, ip: IPAddress) -> frozenset[str]:
-        address = normalize_ip(ip)
-        try:
-            primary, aliases, _ = socket.gethostbyaddr(str(address))
-        except (OSError, UnicodeError):
-            return frozenset()
-        candidates = canonical_names([primary, *aliases])
-        return frozenset(
-            name
-            for name in sorted(candidates)[:MAX_PTR_NAMES]
-            if address in self._addresses_of(name, address)
-        )
-
-    @staticmethod
-    def _addresses_of(name: str, like: IPAddress) -> set[IPAddress]:
-        """Addresses of *name* in the same family as *like*; empty on any failure."""
-        family = socket.AF_INET if like.version == 4 else socket.AF_INET6
-        try:
-            infos = socket.getaddrinfo(name, None, family, socket.SOCK_STREAM)
-        except (OSError, UnicodeError):
-            return set()
-        return {normalize_ip(str(info[4][0])) for info in infos}

@@ -2,8 +2,8 @@
 
 A policy of address rules is decided in `quick`, with no lookup. When a name could
 change the outcome, `judge` asks the resolver for the client's forward-confirmed names
-in a thread (bounded by `LOOKUP_TIMEOUT`: a lookup that does not finish gives no
-names), then decides; the name it confirmed becomes the connection's TCPREMOTEHOST.
+(bounded by `LOOKUP_TIMEOUT`: a lookup that does not finish gives no names), then
+decides; the name it confirmed becomes the connection's TCPREMOTEHOST.
 The rules are re-read on SIGHUP from the loader, keeping the old ones on an error.
 """
 
@@ -18,7 +18,8 @@ from ..connlog import ServerLog
 from ..endpoint import Endpoint
 from ..errors import NetserverError
 from ..modes.base import Mode, ModeContext
-from .access import AccessPolicy, NameResolver, SystemResolver, confirmed_choice
+from ..resolver import Resolver, SystemResolver, confirmed_names
+from .access import AccessPolicy, confirmed_choice
 from .gate import PASS, Pass, Refusal, Ruling
 
 __all__ = ["LOOKUP_TIMEOUT", "AccessGate", "AccessLoader"]
@@ -31,11 +32,11 @@ class AccessGate:
     """--allow/--deny/--access-file: refuse by address at once, by name after a lookup."""
 
     def __init__(
-        self, rules: AccessPolicy | AccessLoader, resolver: NameResolver | None = None
+        self, rules: AccessPolicy | AccessLoader, resolver: Resolver | None = None
     ) -> None:
         self.load: AccessLoader = rules if callable(rules) else (lambda: rules)
         self.policy = self.load()
-        self.resolver = resolver or SystemResolver()
+        self.resolver: Resolver = resolver or SystemResolver()
 
     def start(self, ctx: ModeContext, mode: Mode) -> Sequence[Mode]:
         return ()
@@ -56,17 +57,15 @@ class AccessGate:
         return PASS if decision.allowed else Refusal(decision.reason)
 
     async def judge(self, conn: Accepted) -> Ruling:
-        """Look the client's names up in a thread, then decide with them."""
+        """Look the client's names up, then decide with them."""
         policy = self.policy
         ip = conn.record.peer.ip
         if ip is None:
             return PASS
-        names: frozenset[str] = frozenset()
-        loop = asyncio.get_running_loop()
+        names: frozenset[str] | None = None
         with contextlib.suppress(TimeoutError):
-            names = await asyncio.wait_for(
-                loop.run_in_executor(None, self.resolver.confirmed_names, ip), LOOKUP_TIMEOUT
-            )
+            names = await asyncio.wait_for(confirmed_names(self.resolver, ip), LOOKUP_TIMEOUT)
+        names = names or frozenset()  # none confirmed, or DNS could not tell
         decision = policy.decide(ip, names)
         conn.record.remote_host = confirmed_choice(names)
         return PASS if decision.allowed else Refusal(decision.reason)

@@ -16,12 +16,13 @@ prints for the matching rule and its options::
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Sequence
 
-from ..admit.access import normalize_ip
 from ..endpoint import IPAddress
 from ..errors import UnavailableError
+from ..resolver import normalize_ip
 from .access import HostsAccess, Request
 from .match import UNKNOWN, HostInfo, hostname_known, not_inaddr
 from .names import HostNames
@@ -47,7 +48,7 @@ def _address(text: str) -> IPAddress | None:
         return None
 
 
-def _server(text: str | None, names: HostNames) -> HostInfo:
+async def _server(text: str | None, names: HostNames) -> HostInfo:
     """The server end: unknown, a literal unknown/paranoid, an address or a name."""
     host = HostInfo("server", resolved=UNKNOWN)
     if text is None:
@@ -56,14 +57,14 @@ def _server(text: str | None, names: HostNames) -> HostInfo:
     if address is None and not_inaddr(text) and not hostname_known(text):
         host.resolved = text
         return host
-    found = [address] if address is not None else names.addresses(text)
+    found = [address] if address is not None else await names.addresses(text)
     if len(found) != 1:
         raise UnavailableError(f"{text}: server must have exactly one address, has {len(found)}")
-    host.addr, host.resolved = str(found[0]), names.hostname(found[0])
+    host.addr, host.resolved = str(found[0]), await names.hostname(found[0])
     return host
 
 
-def _clients(text: str, names: HostNames, given: Sequence[str]) -> list[HostInfo]:
+async def _clients(text: str, names: HostNames, given: Sequence[str]) -> list[HostInfo]:
     """One HostInfo per client address to judge (several for a multi-homed name)."""
     address = _address(text)
     if address is not None:
@@ -71,10 +72,10 @@ def _clients(text: str, names: HostNames, given: Sequence[str]) -> list[HostInfo
         return [HostInfo("client", str(address), resolved=name)]
     if not hostname_known(text):
         return [HostInfo("client", resolved=text)]
-    found = names.addresses(text)
+    found = await names.addresses(text)
     if not found:
         raise UnavailableError(f"{text}: host address lookup failed")
-    return [HostInfo("client", str(ip), resolved=names.hostname(ip)) for ip in found]
+    return [HostInfo("client", str(ip), resolved=await names.hostname(ip)) for ip in found]
 
 
 def _daemon(text: str) -> tuple[str, str | None]:
@@ -90,15 +91,28 @@ def check_lines(
     names: HostNames,
     given_names: Sequence[str] = (),
 ) -> list[str]:
-    """The full tcpdmatch-style report; blocks for several addresses are blank-separated."""
+    """The full tcpdmatch-style report; blocks for several addresses are blank-separated.
+
+    For ``netserver check`` and tests: it runs its own event loop for the lookups.
+    """
+    return asyncio.run(_check(access, daemon_arg, client_arg, names, given_names))
+
+
+async def _check(
+    access: HostsAccess,
+    daemon_arg: str,
+    client_arg: str,
+    names: HostNames,
+    given_names: Sequence[str],
+) -> list[str]:
     daemon, server_text = _daemon(daemon_arg)
     split = split_at(client_arg, "@")
     user, client_text = (UNKNOWN, client_arg) if split is None else split
     lines: list[str] = []
-    for client in _clients(client_text, names, given_names):
+    for client in await _clients(client_text, names, given_names):
         if lines:
             lines.append("")
-        request = Request(daemon, client, _server(server_text, names), user, os.getpid())
+        request = Request(daemon, client, await _server(server_text, names), user, os.getpid())
         request.names_first = True
         lines.extend(_report(access, request))
     return lines

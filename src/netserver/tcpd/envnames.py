@@ -27,7 +27,7 @@ from ..connlog import ConnRecord, ServerLog
 from ..endpoint import Endpoint, IPAddress
 from ..modes.base import Mode, ModeContext
 from .match import hostname_known
-from .names import HostNames, SystemHostNames
+from .names import HostNames, ResolverNames
 
 __all__ = ["NameOptions", "NamesGate"]
 
@@ -50,7 +50,7 @@ class NamesGate:
         self, options: NameOptions, names: HostNames | None = None, timeout: float = LOOKUP_TIMEOUT
     ) -> None:
         self.options = options
-        self.names = names or SystemHostNames()
+        self.names = names or ResolverNames()
         self.timeout = timeout
 
     def start(self, ctx: ModeContext, mode: Mode) -> Sequence[Mode]:
@@ -87,12 +87,8 @@ class NamesGate:
     async def _lookup(self, ip: IPAddress | None) -> str | None:
         if ip is None:
             return None
-        loop = asyncio.get_running_loop()
         try:
-            name = await asyncio.wait_for(
-                loop.run_in_executor(None, self.names.hostname, ip),
-                self.timeout,
-            )
+            name = await asyncio.wait_for(self.names.hostname(ip), self.timeout)
         except TimeoutError:
             return None
         return name if hostname_known(name) else None

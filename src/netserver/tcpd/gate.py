@@ -45,7 +45,7 @@ from .access import (
     read_banner_file,
 )
 from .match import UNKNOWN, HostInfo, hostname_known
-from .names import HostNames, SystemHostNames
+from .names import HostNames, ResolverNames
 from .options import Banner, Keepalive, Linger, OptionStep, Spawn
 
 __all__ = ["HostsGate", "send_banner"]
@@ -69,7 +69,7 @@ class HostsGate:
         self.load = load
         self.access: HostsAccess = load()
         self.daemon = daemon
-        self.names = names or SystemHostNames()
+        self.names = names or ResolverNames()
         self.lookup_timeout = lookup_timeout
         self.log = ServerLog()
         self._ctx: ModeContext | None = None
@@ -157,11 +157,8 @@ class HostsGate:
             ip = ipaddress.ip_address(address)
         except ValueError:
             return UNKNOWN
-        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.wait_for(
-                loop.run_in_executor(None, self.names.hostname, ip), self.lookup_timeout
-            )
+            return await asyncio.wait_for(self.names.hostname(ip), self.lookup_timeout)
         except TimeoutError:
             return UNKNOWN
 

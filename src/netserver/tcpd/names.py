@@ -6,35 +6,33 @@ name counts only if the forward answer's canonical name is the same name (or
 that fails the forward check -- or that looks like an address, a trick played with PTR
 records -- gives "paranoid", which the PARANOID pattern matches.
 
-`SystemHostNames` asks the C library (``/etc/hosts``, nsswitch, resolv.conf); it can
-block as long as the system resolver's own timeouts allow, so the server runs it in a
-thread under a deadline.  `netserver.tcpd.dns.DnsHostNames` asks a named DNS server
-with an explicit timeout.  `FixedHostNames` answers from a table (``netserver check``
-and tests).
+`ResolverNames` gives these verdicts from any `netserver.resolver.Resolver` (the C
+library's, or a named DNS server's with an explicit timeout); the server awaits them under
+a deadline. `FixedHostNames` answers from a
+table (``netserver check`` and tests).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import socket
 from collections.abc import Mapping
 from typing import Protocol
 
-from ..admit.access import canonical_names, normalize_ip
 from ..endpoint import IPAddress
+from ..resolver import Forward, Resolver, SystemResolver, canonical_names, normalize_ip
 from .match import PARANOID, UNKNOWN
 
-__all__ = ["FixedHostNames", "HostNames", "SystemHostNames", "looks_numeric", "verified_name"]
+__all__ = ["FixedHostNames", "HostNames", "ResolverNames", "looks_numeric", "verified_name"]
 
 
 class HostNames(Protocol):
     """Reverse lookups with forward confirmation, and forward lookups."""
 
-    def hostname(self, ip: IPAddress) -> str:
+    async def hostname(self, ip: IPAddress) -> str:
         """The confirmed name of *ip*, "unknown" or "paranoid"; never raises."""
         ...
 
-    def addresses(self, name: str) -> list[IPAddress]:
+    async def addresses(self, name: str) -> list[IPAddress]:
         """The addresses of *name* (for ``netserver check DAEMON HOSTNAME``); [] if none."""
         ...
 
@@ -68,37 +66,24 @@ def verified_name(
     return name if normalize_ip(ip) in {normalize_ip(a) for a in addresses} else PARANOID
 
 
-class SystemHostNames:
-    """getnameinfo, then getaddrinfo with AI_CANONNAME, as tcpd's sock_hostname does."""
+class ResolverNames:
+    """tcpd's view of any `Resolver`: the first PTR name, then its forward lookup, as
+    tcpd's sock_hostname does (`SystemResolver` by default)."""
 
-    def hostname(self, ip: IPAddress) -> str:
+    def __init__(self, resolver: Resolver | None = None) -> None:
+        self.resolver: Resolver = resolver or SystemResolver()
+
+    async def hostname(self, ip: IPAddress) -> str:
         address = normalize_ip(ip)
-        try:
-            ptr_name, _ = socket.getnameinfo((str(address), 0), socket.NI_NAMEREQD)
-        except (OSError, UnicodeError):
-            return UNKNOWN
-        canonical, found = self._forward(ptr_name, address.version)
-        return verified_name(ptr_name, canonical, found, address)
+        found = await self.resolver.reverse(address)
+        if not found:
+            return verified_name(None, None, [], address)
+        answer = await self.resolver.forward(found[0], address.version) or Forward()
+        return verified_name(found[0], answer.canonical, list(answer.addresses), address)
 
-    def addresses(self, name: str) -> list[IPAddress]:
-        return self._forward(name, 0)[1]
-
-    @staticmethod
-    def _forward(name: str, version: int) -> tuple[str | None, list[IPAddress]]:
-        family = {4: socket.AF_INET, 6: socket.AF_INET6}.get(version, socket.AF_UNSPEC)
-        try:
-            infos = socket.getaddrinfo(
-                name, None, family, socket.SOCK_STREAM, 0, socket.AI_CANONNAME
-            )
-        except (OSError, UnicodeError):
-            return None, []
-        canonical = infos[0][3] if infos else None
-        found: list[IPAddress] = []
-        for info in infos:
-            address = normalize_ip(str(info[4][0]))
-            if address not in found:
-                found.append(address)
-        return canonical or None, found
+    async def addresses(self, name: str) -> list[IPAddress]:
+        answer = await self.resolver.forward(name) or Forward()
+        return list(answer.addresses)
 
 
 class FixedHostNames:
@@ -115,8 +100,8 @@ class FixedHostNames:
             for name, found in (addresses or {}).items()
         }
 
-    def hostname(self, ip: IPAddress) -> str:
+    async def hostname(self, ip: IPAddress) -> str:
         return self._names.get(normalize_ip(ip), UNKNOWN)
 
-    def addresses(self, name: str) -> list[IPAddress]:
+    async def addresses(self, name: str) -> list[IPAddress]:
         return list(self._addresses.get(name.lower().rstrip("."), []))
