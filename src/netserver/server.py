@@ -209,8 +209,11 @@ class Server:
         self.mode = self._make_mode(ctx)
         if isinstance(self.mode, PoolMode):
             self.mode.namer = self._name_proxied
-        for gate in (*([self.proxy] if self.proxy else []), *self.gates):
-            self._extra.extend(gate.start(ctx, self.mode))
+        self._extra = [
+            mode
+            for gate in (*([self.proxy] if self.proxy else []), *self.gates)
+            for mode in gate.start(ctx, self.mode)
+        ]
         self.acceptor = AcceptLoop(loop, self.listeners, self._accepted, self.log)
         self.acceptor.gate = lambda: not self._full()
         self.terminator = TlsTerminator(fds, self.limits, self.log)
@@ -221,7 +224,8 @@ class Server:
         installed = self._install_signals(loop)
         # Announce before the mode starts: prefork workers must not inherit --ready-fd.
         self._announce()
-        self.mode.start()
+        for mode in self._modes():
+            mode.start()
         self.acceptor.resume()
         try:
             await self._stop.wait()

@@ -18,9 +18,9 @@ address give candidate names, and a candidate counts only if its own A/AAAA reco
 lead back to the same address.  Without that check anyone who controls the reverse
 zone of their own addresses could claim to be ``trusted.example.com``.
 
-The deciding logic (`AccessPolicy.decide`) does no I/O; the server asks
-`AccessPolicy.needs_names` first and runs a `NameResolver` only when a name could
-change the outcome, so a policy made of address rules never touches DNS.
+The deciding logic (`AccessPolicy.decide`) does no I/O; the access gate asks
+`AccessPolicy.needs_names` first and a `netserver.resolver.Resolver` only when a name
+could change the outcome, so a policy made of address rules never touches DNS.
 
 An IPv4-mapped IPv6 address (``::ffff:192.0.2.1``), which a dual-stack socket reports
 for IPv4 clients, is judged as the IPv4 address it carries; otherwise an IPv4 deny rule
