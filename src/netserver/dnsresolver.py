@@ -4,7 +4,7 @@ It asks DNS servers named explicitly: every query is bounded (``timeout`` per tr
 the whole query), it ignores ``/etc/hosts`` and resolv.conf search domains, and tests
 point it at a loopback server.
 leafmail wraps the resolver it configured from its ``[dns]`` table the same way
-(`DnsResolver.using`). Kept apart from `netserver.resolver` so that dnspython, a large
+(``DnsResolver(client=...)``). Kept apart from `netserver.resolver` so that dnspython, a large
 import, is loaded only by servers that configure a DNS server (``--dns-server``).
 """
 
@@ -53,17 +53,19 @@ def explicit_resolver(
 class DnsResolver:
     """Reverse and forward lookups with dnspython (see `netserver.resolver.Resolver`)."""
 
-    def __init__(self, nameservers: Sequence[str], port: int = 53, timeout: float = 2.0) -> None:
-        if not nameservers:
+    def __init__(
+        self,
+        nameservers: Sequence[str] = (),
+        port: int = 53,
+        timeout: float = 2.0,
+        *,
+        client: dns.asyncresolver.Resolver | None = None,
+    ) -> None:
+        """Ask `nameservers` (see `explicit_resolver`), or through `client`, a dnspython
+        resolver configured elsewhere (leafmail's, from its ``[dns]`` table)."""
+        if client is None and not nameservers:
             raise ConfigError("DnsResolver needs at least one nameserver")
-        self._resolver = explicit_resolver(nameservers, port, timeout)
-
-    @classmethod
-    def using(cls, resolver: dns.asyncresolver.Resolver) -> DnsResolver:
-        """Lookups through a dnspython resolver configured elsewhere (leafmail's)."""
-        self = cls.__new__(cls)
-        self._resolver = resolver
-        return self
+        self._resolver = client or explicit_resolver(nameservers, port, timeout)
 
     async def reverse(self, ip: IPAddress) -> list[str] | None:
         query = dns.reversename.from_address(str(normalize_ip(ip)))

@@ -186,7 +186,7 @@ def rdns_check(
 ) -> AsyncCheck:
     """The MAIL-stage reverse-DNS check; one lookup per connection, bounded by timeout."""
 
-    lookups = DnsResolver.using(resolver)
+    lookups = DnsResolver(client=resolver)
 
     async def check(session: CheckContext) -> Verdict:
         ip = session.client_ip
