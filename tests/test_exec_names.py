@@ -117,6 +117,23 @@ def test_name_a_hosts_rule_looked_up_is_passed_on(
     assert names(env) == ("client.example.test", None)
 
 
+def test_a_twisted_command_gets_the_local_name_and_no_lookup(
+    netserver_proc: ServerFactory, dns: LoopbackDNS, tmp_path: Path
+) -> None:
+    """As before the gates: --local-name reaches a command a hosts rule twisted to, and
+    --lookup-names does not (the twist replaces the service before the names are filled)."""
+    allow, deny = tmp_path / "hosts.allow", tmp_path / "hosts.deny"
+    allow.write_text("ALL: ALL: twist /usr/bin/env\n")
+    deny.write_text("")
+    hosts = ["--hosts-allow", str(allow), "--hosts-deny", str(deny)]
+    args = [*LISTEN, *dns_flag(dns), *hosts, "--lookup-names", "--local-name", "mx.example"]
+    server = netserver_proc([*args, *ENV_COMMAND])
+    env = env_from(server.addresses[0], CLIENT)
+    assert env["TCPREMOTEIP"] == CLIENT
+    assert names(env) == (None, "mx.example")
+    assert [q for q in dns.queries if q[1] == "PTR"] == []
+
+
 def test_lookup_names_is_refused_for_python_handlers() -> None:
     result = netserver("serve", "--lookup-names", "--handler", "examples.echo:main")
     assert result.returncode == 78, result.stderr

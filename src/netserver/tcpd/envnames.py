@@ -29,7 +29,7 @@ from ..modes.base import Mode, ModeContext
 from .match import hostname_known
 from .names import HostNames, ResolverNames
 
-__all__ = ["NameOptions", "NamesGate"]
+__all__ = ["LocalNameGate", "NameOptions", "NamesGate"]
 
 LOOKUP_TIMEOUT = 5.0
 
@@ -42,14 +42,33 @@ class NameOptions:
     local_name: str | None = None
 
 
-class NamesGate:
-    """Fills a connection record's names before a command runs: ``local_name``, then by
-    lookup (names an access rule or a hosts rule confirmed first are kept)."""
+class LocalNameGate:
+    """TCPLOCALHOST from ``local_name``, without a lookup. Asked before the tcpd gate, so
+    a command a hosts rule twisted gets it too."""
 
-    def __init__(
-        self, options: NameOptions, names: HostNames | None = None, timeout: float = LOOKUP_TIMEOUT
-    ) -> None:
-        self.options = options
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def start(self, ctx: ModeContext, mode: Mode) -> Sequence[Mode]:
+        return ()
+
+    def reload(self, log: ServerLog) -> None:
+        """Nothing to re-read."""
+
+    def quick(self, peer: Endpoint, local: Endpoint) -> Pass | Refusal | None:
+        """Undecided for an IP client: the task that judges it sets the name."""
+        return PASS if peer.ip is None else None
+
+    async def judge(self, conn: Accepted) -> Ruling:
+        conn.record.local_host = self.name
+        return PASS
+
+
+class NamesGate:
+    """Looks up the names still missing before a command runs (names an access rule or
+    a hosts rule confirmed, or ``local_name``, are kept): tcpserver -h -p."""
+
+    def __init__(self, names: HostNames | None = None, timeout: float = LOOKUP_TIMEOUT) -> None:
         self.names = names or ResolverNames()
         self.timeout = timeout
 
@@ -60,22 +79,16 @@ class NamesGate:
         """Nothing to re-read."""
 
     def quick(self, peer: Endpoint, local: Endpoint) -> Pass | Refusal | None:
-        """Undecided (a task sets the names) for an IP client when there is a name to set."""
-        options = self.options
-        if peer.ip is None or (not options.lookup and options.local_name is None):
-            return PASS
-        return None
+        """Undecided (a task looks the names up) for an IP client."""
+        return PASS if peer.ip is None else None
 
     async def judge(self, conn: Accepted) -> Ruling:
-        record = conn.record
-        if self.options.local_name is not None:
-            record.local_host = self.options.local_name
-        await self.fill(record)
+        await self.fill(conn.record)
         return PASS
 
     async def fill(self, record: ConnRecord) -> None:
         """Look up, concurrently and each within the timeout, the names still missing."""
-        if not (self.options.lookup and record.peer.ip is not None):
+        if record.peer.ip is None:
             return
         remote, local = await asyncio.gather(
             self._lookup(record.peer.ip if record.remote_host is None else None),
