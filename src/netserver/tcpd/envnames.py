@@ -42,45 +42,39 @@ class NameOptions:
     local_name: str | None = None
 
 
-class LocalNameGate:
+class _IpNameGate:
+    """A gate that sets a name for every IP client, in the task that judges it."""
+
+    def start(self, ctx: ModeContext, mode: Mode) -> Sequence[Mode]:
+        return ()
+
+    def reload(self, log: ServerLog) -> None:
+        """Nothing to re-read."""
+
+    def quick(self, peer: Endpoint, local: Endpoint) -> Pass | Refusal | None:
+        """Undecided for an IP client: `judge` sets the name; a Unix client has none."""
+        return PASS if peer.ip is None else None
+
+
+class LocalNameGate(_IpNameGate):
     """TCPLOCALHOST from ``local_name``, without a lookup. Asked before the tcpd gate, so
     a command a hosts rule twisted gets it too."""
 
     def __init__(self, name: str) -> None:
         self.name = name
 
-    def start(self, ctx: ModeContext, mode: Mode) -> Sequence[Mode]:
-        return ()
-
-    def reload(self, log: ServerLog) -> None:
-        """Nothing to re-read."""
-
-    def quick(self, peer: Endpoint, local: Endpoint) -> Pass | Refusal | None:
-        """Undecided for an IP client: the task that judges it sets the name."""
-        return PASS if peer.ip is None else None
-
     async def judge(self, conn: Accepted) -> Ruling:
         conn.record.local_host = self.name
         return PASS
 
 
-class NamesGate:
+class NamesGate(_IpNameGate):
     """Looks up the names still missing before a command runs (names an access rule or
     a hosts rule confirmed, or ``local_name``, are kept): tcpserver -h -p."""
 
     def __init__(self, names: HostNames | None = None, timeout: float = LOOKUP_TIMEOUT) -> None:
         self.names = names or ResolverNames()
         self.timeout = timeout
-
-    def start(self, ctx: ModeContext, mode: Mode) -> Sequence[Mode]:
-        return ()
-
-    def reload(self, log: ServerLog) -> None:
-        """Nothing to re-read."""
-
-    def quick(self, peer: Endpoint, local: Endpoint) -> Pass | Refusal | None:
-        """Undecided (a task looks the names up) for an IP client."""
-        return PASS if peer.ip is None else None
 
     async def judge(self, conn: Accepted) -> Ruling:
         await self.fill(conn.record)
