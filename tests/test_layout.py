@@ -45,6 +45,7 @@ CORE = frozenset(
         "readiness",
         "resolver",
         "stdio",
+        "strictconf",
         "tcpinfo",
     }
 )
