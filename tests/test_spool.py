@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,41 @@ def test_group_commit_shares_syncs(tmp_path: Path) -> None:
     assert spool.syncs == committer.batches < 200
     bodies = {spool.get(q).data for q in qids}
     assert bodies == {DATA + b"%d" % i for i in range(200)}
+
+
+class _WatchedSpool(Spool):
+    """Records which thread writes each file and the files each data barrier covers."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.writers: set[str] = set()
+        self.barriers: list[int] = []
+
+    def write_tmp(self, qid: str, blob: bytes) -> int:
+        self.writers.add(threading.current_thread().name)
+        return super().write_tmp(qid, blob)
+
+    def make_durable(self, fds: list[int]) -> None:
+        self.barriers.append(len(fds))
+        super().make_durable(fds)
+
+
+def test_group_commit_writes_in_the_loop_and_syncs_per_batch(tmp_path: Path) -> None:
+    """The session's loop writes the file (its threads would take the interpreter lock
+    once per message); the thread makes a whole batch durable with one call."""
+    spool = _WatchedSpool(tmp_path)
+    committer = GroupCommitter(spool)
+
+    async def many() -> list[str]:
+        return await asyncio.gather(*(committer.commit(ENV, DATA + b"%d" % i) for i in range(50)))
+
+    try:
+        qids = asyncio.run(many())
+    finally:
+        committer.close()
+    assert spool.writers == {threading.main_thread().name}
+    assert sum(spool.barriers) == 50 and len(spool.barriers) == committer.batches < 50
+    assert sorted(qids) == spool.ids() and os.listdir(tmp_path / "tmp") == []
 
 
 def test_group_commit_reports_failure(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ import functools
 import os
 import signal
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 
 from netserver import AsyncConnection, AsyncHandler, Endpoint, Limits, Server
@@ -57,7 +57,7 @@ from .privsep import (
 )
 from .qmgr import Qmgr
 from .queue import build_runner
-from .smtpd import Role, Smtpd, SmtpdSettings, roles
+from .smtpd import Role, Smtpd, roles, smtpd_settings
 from .spool import Spool
 from .spoolcheck import check_spool
 from .throttle import SourceTable
@@ -119,7 +119,9 @@ class Daemon:
         self.reload_config = reload
         self.loop_kind = loop
         self.identity = process_identity(config.process)
-        self.settings = SmtpdSettings(config, tls_context(config.smtp), _users(config.auth))
+        self.settings = smtpd_settings(
+            config, tls_context(config.smtp), _users(config.auth), self.log
+        )
         self.fds = FdRegistry()  # no child keeps another's channel, nor a listener
         pool = functools.partial(
             WorkerPool,
@@ -165,9 +167,13 @@ class Daemon:
         self.qmgr = Qmgr(config, inherited, LocalClient(local.name))
         self.local = LocalService(config, inherited, local, client_uid(inherited))
 
-    async def _handle(self, role: str, conn: AsyncConnection) -> None:
-        """A session, in a worker (its services were made by `Smtpd.setup` there)."""
-        await self.smtpd.handle(role, conn)
+    def _handle(self, role: str, conn: AsyncConnection) -> Coroutine[None, None, None]:
+        """A session, in a worker (its services were made by `Smtpd.setup` there).
+
+        The session's coroutine itself, not one that awaits it: each idle session keeps
+        its chain of coroutine frames alive, so a layer less is memory saved per session.
+        """
+        return self.smtpd.handle(role, conn)
 
     def _setup_smtpd(self) -> WorkerApp:
         return self.smtpd.setup()
@@ -277,7 +283,9 @@ class Daemon:
             return
         try:
             config = self.reload_config()
-            settings = SmtpdSettings(config, tls_context(config.smtp), _users(config.auth))
+            settings = smtpd_settings(
+                config, tls_context(config.smtp), _users(config.auth), self.log
+            )
         except (NetserverError, OSError) as exc:
             self.log.error("reload failed, keeping the running configuration", error=str(exc))
             return

@@ -21,7 +21,7 @@ def too_slow(hostname: str) -> Reply:
     return Reply(421, "4.4.2", f"{hostname} Data rate too low, closing connection")
 
 
-@dataclass
+@dataclass(slots=True)
 class DataRate:
     """The deadline of the message data being read, if any."""
 

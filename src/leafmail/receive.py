@@ -126,7 +126,10 @@ class ReceiveService:
         while not proto.closed:
             rate.track(proto.state in _DATA_STATES)
             try:
-                data = await _read(conn, rate.remaining())
+                limit = rate.remaining()
+                # Awaited here, not through a helper: an idle session keeps every frame
+                # of its await chain, so a helper would cost memory per session.
+                data = await (conn.read(READ_SIZE) if limit is None else _read(conn, limit))
             except TimeoutError:
                 proto.close(too_slow(self.smtp.hostname))
                 conn.write(proto.data_to_send())
@@ -323,10 +326,8 @@ class ReceiveService:
         )
 
 
-async def _read(conn: AsyncConnection, limit: float | None) -> bytes:
-    """The next bytes from the client; TimeoutError past `limit` seconds (if any)."""
-    if limit is None:
-        return await conn.read(READ_SIZE)
+async def _read(conn: AsyncConnection, limit: float) -> bytes:
+    """The next bytes from the client; TimeoutError past `limit` seconds."""
     if limit <= 0:
         raise TimeoutError
     async with asyncio.timeout(limit):

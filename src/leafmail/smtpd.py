@@ -2,19 +2,20 @@
 
 The parent builds one `Smtpd` from the config and hands its `handle` to the servers of
 every listener role; the servers pass each connection to a worker process (netserver's
-`WorkerPool`). `setup` runs in each new worker, still as root, and makes what a
-worker needs before it reads a byte: the policy (aliases, resolvers), then it drops
-privileges, then opens its own `GroupCommitter` and the sessions' services. The check
-pool object is made before the drop (it loads the code its workers run while every file
-can still be read) but forks its workers only at its first job, after the drop, so they
-run unprivileged; AUTH failures are counted in the table the parent made before it
-forked, so all workers count together (`leafmail.throttle`).
+`WorkerPool`). The policy (aliases, resolvers) and the check pool object are built
+by the parent (`smtpd_settings`), so every worker shares them; the pool loads the code
+its workers run there, while every file can still be read. `setup` runs in each new
+worker, still as root: it drops privileges, then opens its own `GroupCommitter` and the
+sessions' services. The check pool forks its workers only at its first job, after the
+drop, so they run unprivileged; AUTH failures are counted in the table the parent made
+before it forked, so all workers count together (`leafmail.throttle`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Coroutine
 from dataclasses import dataclass
 
 from netserver import AsyncConnection
@@ -22,6 +23,7 @@ from netserver.connlog import ServerLog
 from netserver.modes.workers import WorkerApp
 
 from .auth import Users
+from .checks.pool import CheckPool
 from .config import Config, SmtpConfig
 from .envelope import Envelope
 from .policy import check_pool, policy_for
@@ -85,11 +87,27 @@ class PacedCommitter(GroupCommitter):
 
 @dataclass
 class SmtpdSettings:
-    """What the parent read (as root) for the workers; replaced whole on a reload."""
+    """What the parent read (as root) for the workers; replaced whole on a reload.
+
+    The policy and the check pool object are made here too, in the parent, before any
+    worker is forked: the workers share them with it. A worker that ran that code
+    itself would copy every page the code touched (about 1.5 MiB each); the pool's
+    processes are started by each worker, at its first job, after the drop.
+    """
 
     config: Config
     tls: ssl.SSLContext | None
     users: Users | None
+    pool: CheckPool
+    policy: Policy
+
+
+def smtpd_settings(
+    config: Config, tls: ssl.SSLContext | None, users: Users | None, log: ServerLog
+) -> SmtpdSettings:
+    """The workers' settings, with their check pool and policy built from `config`."""
+    pool = check_pool(config.checks, log)
+    return SmtpdSettings(config, tls, users, pool, policy_for(config, pool))
 
 
 class Smtpd:
@@ -100,18 +118,16 @@ class Smtpd:
         self.inherited = inherited
         self.services: dict[str, ReceiveService] = {}
 
-    async def handle(self, role: str, conn: AsyncConnection) -> None:
-        """One session on `conn`, served by this worker's service for `role`."""
-        await self.services[role].handle(conn)
+    def handle(self, role: str, conn: AsyncConnection) -> Coroutine[None, None, None]:
+        """One session on `conn`, served by this worker's service for `role` (the
+        service's coroutine, not a frame around it: see `Daemon._handle`)."""
+        return self.services[role].handle(conn)
 
     def setup(self) -> WorkerApp:
         """In a new worker: prepare as root, drop privileges, then open the services."""
         inherited, settings = self.inherited, self.settings
         inherited.announcer.receiver.close()  # only the queue manager reads announcements
-        # The check pool object now, its processes at its first job, after the drop; the
-        # policy (aliases, resolvers) is read before the drop.
-        pool = check_pool(settings.config.checks, inherited.log)
-        policy = policy_for(settings.config, pool)
+        pool, policy = settings.pool, settings.policy  # made by the parent (see above)
         become(inherited.identity)
         spool = Spool(inherited.spool_path, create=False)
         threshold = settings.config.process.in_flow_queue

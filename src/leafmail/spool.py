@@ -37,6 +37,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -62,6 +63,7 @@ _QUEUE_STATES = frozenset(QueueState)  # what `scan` accepts: a str may be given
 _ID = re.compile(r"\A[0-9A-F]{16}[0-9A-F]{8}\Z")
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+CLOSE_WAIT = 10.0  # seconds `GroupCommitter.close` waits for a loop to rename a batch
 _FIRST_READ = 64 * 1024  # most messages and every status record fit in one read
 _MAX_READ = 16 * 1024 * 1024
 
@@ -668,11 +670,12 @@ def _plain_entries(dir_fd: int) -> list[str]:
         return [e.name for e in entries if not e.is_dir(follow_symlinks=False)]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Request:
+    """One message on its way: written to tmp/QID (`fd` still open), not yet answered."""
+
     qid: str
-    envelope: Envelope
-    data: bytes
+    fd: int
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[str]
 
@@ -680,23 +683,29 @@ class _Request:
 class GroupCommitter:
     """Commits messages from many sessions in batches that share their durability barriers.
 
-    Two threads form a pipeline. The first takes every request waiting, writes each to
-    tmp/ and makes the whole batch's data durable with one sync; the second renames the
-    files of every batch that is ready into queue/ and makes the renames durable with one
-    directory fsync, then lets each session's `commit` return. So while one batch's
-    renames are being synced, the next batch's data already is: the two barriers of
-    consecutive batches overlap instead of queueing behind each other.
+    The session's own loop writes the file into tmp/ (page cache only: no wait for the
+    disk), so the threads never take the interpreter lock once per message. Two threads
+    form a pipeline of barriers: the first makes every file waiting durable with one
+    sync; the loop then renames that batch into queue/; the second makes the renames
+    durable with one directory fsync, and only then do the batch's `commit` calls
+    return. While one batch's renames are being synced, the next batch's data already
+    is. Each thread wakes the loop once per batch, not once per message: under load the
+    loop holds the lock, and every hand-over costs two context switches.
     """
 
-    def __init__(self, spool: Spool, max_batch: int = 256) -> None:
+    def __init__(self, spool: Spool, max_batch: int = 256, state: str = "queue") -> None:
         self.spool = spool
         self.max_batch = max_batch
+        self.state = state
         self.batches = 0
         self.committed = 0
+        self._dir = os.open(spool.root / state, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._written: queue.SimpleQueue[list[_Request] | None] = queue.SimpleQueue()
+        self._renaming = 0  # batches handed to a loop to rename, not yet back (see close)
+        self._renamed = threading.Condition()
         self._threads = [
-            threading.Thread(target=self._write_stage, name="leafmail-write", daemon=True),
+            threading.Thread(target=self._sync_stage, name="leafmail-write", daemon=True),
             threading.Thread(target=self._publish_stage, name="leafmail-publish", daemon=True),
         ]
         for thread in self._threads:
@@ -708,47 +717,68 @@ class GroupCommitter:
         Pass `qid` (from `new_id`) when the id must be known before the commit, e.g. for
         the message's own Received header.
         """
+        qid = qid or new_id()
+        try:
+            fd = self.spool.write_tmp(qid, encode(envelope, data))
+        except OSError as exc:  # write_tmp removed what it had written
+            raise _spool_error(exc) from None
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
-        self._queue.put(_Request(qid or new_id(), envelope, data, loop, future))
+        self._queue.put(_Request(qid, fd, loop, future))
         return await future
 
     def close(self) -> None:
         """Finish the requests already queued, then stop both threads."""
         self._queue.put(None)
-        for thread in self._threads:
-            thread.join()
+        self._threads[0].join()
+        with self._renamed:  # a batch its loop still has to rename goes first
+            self._renamed.wait_for(lambda: self._renaming == 0, timeout=CLOSE_WAIT)
+        self._written.put(None)
+        self._threads[1].join()
+        os.close(self._dir)
 
-    def _write_stage(self) -> None:
+    # -- the data barrier (thread) ------------------------------------------------------------
+    def _sync_stage(self) -> None:
         while True:
             batch, stop = _drain(self._queue, self.max_batch)
             if batch:
-                self._written.put(self._write_batch(batch))
+                self._sync_batch(batch)
             if stop:
-                self._written.put(None)
                 return
 
-    def _write_batch(self, batch: list[_Request]) -> list[_Request]:
-        """Write and sync the data of a batch; returns the requests that made it."""
-        written: list[tuple[_Request, int]] = []
-        for req in batch:
-            try:
-                written.append((req, self.spool.write_tmp(req.qid, encode(req.envelope, req.data))))
-            except OSError as exc:
-                _fail([req], self.spool, exc)
+    def _sync_batch(self, batch: list[_Request]) -> None:
+        """Make a batch's data durable, then have its loop rename it into the queue."""
         try:
-            if written:
-                self.spool.make_durable([fd for _req, fd in written])
+            self.spool.make_durable([req.fd for req in batch])
         except OSError as exc:
-            _fail([req for req, _fd in written], self.spool, exc)
-            written = []
-        finally:
-            for _req, fd in written:
-                os.close(fd)
-        if written:
-            self.batches += 1
-        return [req for req, _fd in written]
+            _in_loops(batch, functools.partial(self._fail, error=exc))
+            return
+        self.batches += 1
+        with self._renamed:
+            self._renaming += _in_loops(batch, self._rename)
 
+    # -- the renames (each request's loop) ----------------------------------------------
+    def _rename(self, batch: list[_Request]) -> None:
+        """Rename the synced files into the queue (metadata only: no wait for the disk)."""
+        done: list[_Request] = []
+        try:
+            for req in batch:
+                os.close(req.fd)
+                req.fd = -1
+                try:
+                    os.rename(self.spool.path("tmp", req.qid), self.spool.path(self.state, req.qid))
+                except OSError as exc:
+                    self._fail([req], exc)
+                    continue
+                done.append(req)
+        finally:
+            if done:
+                self._written.put(done)
+            with self._renamed:
+                self._renaming -= 1
+                self._renamed.notify_all()
+
+    # -- the directory barrier (thread) -----------------------------------------------------
     def _publish_stage(self) -> None:
         while True:
             batches, stop = _drain(self._written, self.max_batch)
@@ -760,13 +790,22 @@ class GroupCommitter:
 
     def _publish(self, ready: list[_Request]) -> None:
         try:
-            self.spool.publish([req.qid for req in ready])
+            os.fsync(self._dir)
         except OSError as exc:
-            _fail(ready, self.spool, exc)
+            _in_loops(ready, functools.partial(self._fail, error=exc))
             return
         self.committed += len(ready)
-        for req in ready:
-            _resolve(req, qid=req.qid)
+        _in_loops(ready, _answer)
+
+    def _fail(self, requests: list[_Request], error: OSError) -> None:
+        """Answer these sessions 4xx and remove what they left in tmp/ (in their loop)."""
+        for req in requests:
+            if req.fd >= 0:
+                os.close(req.fd)
+                req.fd = -1
+            self.spool.discard_tmp(req.qid)
+            if not req.future.done():
+                req.future.set_exception(_spool_error(error))
 
 
 _T = TypeVar("_T")
@@ -789,21 +828,31 @@ def _drain(source: queue.SimpleQueue[_T | None], most: int) -> tuple[list[_T], b
     return items, False
 
 
-def _fail(requests: list[_Request], spool: Spool, exc: OSError) -> None:
-    """Answer these sessions 4xx and remove what they left in tmp/."""
+def _spool_error(exc: OSError) -> SpoolError:
+    return SpoolError(exc.errno, f"cannot spool: {exc.strerror}")
+
+
+def _answer(requests: list[_Request]) -> None:
     for req in requests:
-        spool.discard_tmp(req.qid)
-        _resolve(req, error=SpoolError(exc.errno, f"cannot spool: {exc.strerror}"))
+        if not req.future.done():
+            req.future.set_result(req.qid)
 
 
-def _resolve(req: _Request, *, qid: str = "", error: BaseException | None = None) -> None:
-    def settle() -> None:
-        if req.future.done():
-            return
-        if error is not None:
-            req.future.set_exception(error)
-        else:
-            req.future.set_result(qid)
-
-    with contextlib.suppress(RuntimeError):
-        req.loop.call_soon_threadsafe(settle)
+def _in_loops(requests: list[_Request], then: Callable[[list[_Request]], None]) -> int:
+    """Run `then(part)` in each request's loop, one call per loop (from a thread);
+    returns how many calls were scheduled (a closed loop has nobody waiting)."""
+    parts: dict[asyncio.AbstractEventLoop, list[_Request]] = {}
+    for req in requests:
+        parts.setdefault(req.loop, []).append(req)
+    scheduled = 0
+    for loop, part in parts.items():
+        try:
+            loop.call_soon_threadsafe(then, part)
+        except RuntimeError:
+            for req in part:  # its loop is closed: nobody waits, leave no descriptor
+                if req.fd >= 0:
+                    os.close(req.fd)
+                    req.fd = -1
+            continue
+        scheduled += 1
+    return scheduled

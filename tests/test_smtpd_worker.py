@@ -1,0 +1,61 @@
+"""What an smtpd worker makes itself, and what it shares with the parent (issue 12).
+
+The policy and the check pool object are built by the parent before it forks, so the
+workers share those pages; a worker that built them would copy every page the code
+touched. Each idle session keeps its chain of coroutine frames, so the worker hands
+the service's own coroutine to the event loop, with no frame around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import leafmail.smtpd
+from leafmail.config import Config
+from leafmail.privsep import Announcer, Backlog, Inherited
+from leafmail.receive import ReceiveService
+from leafmail.smtpd import Smtpd, smtpd_settings
+from leafmail.spool import Spool
+from leafmail.throttle import SourceTable
+from netserver.connlog import ServerLog
+
+
+def _smtpd(tmp_path: Path) -> Smtpd:
+    config = Config(spool=str(tmp_path / "spool"), hostname="mx.test")
+    Spool(config.spool)
+    log = ServerLog(io.StringIO(), program="leafmail")
+    inherited = Inherited(config.spool, None, Announcer(), Backlog(), log, SourceTable())
+    return Smtpd(smtpd_settings(config, None, None, log), inherited)
+
+
+def test_a_worker_uses_the_policy_the_parent_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    smtpd = _smtpd(tmp_path)  # the parent's part
+
+    def built_in_the_worker(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the worker built a policy or check pool of its own")
+
+    monkeypatch.setattr(leafmail.smtpd, "policy_for", built_in_the_worker)
+    monkeypatch.setattr(leafmail.smtpd, "check_pool", built_in_the_worker)
+    app = smtpd.setup()  # the worker's part
+    try:
+        assert all(s.policy is smtpd.settings.policy for s in smtpd.services.values())
+        session = smtpd.handle("smtp", object())  # type: ignore[arg-type]
+        assert isinstance(session, types.CoroutineType)
+        assert session.cr_code is ReceiveService.handle.__code__  # no frame around it
+        session.close()
+    finally:
+        close = app.close
+        assert close is not None
+
+        async def closed() -> None:
+            await close()
+
+        asyncio.run(closed())
