@@ -233,7 +233,7 @@ class Spool:
 
         Returns the open descriptor, which the caller makes durable and closes.
         """
-        path = self.path(TMP, qid)
+        path = self._file(TMP, qid)
         fd = os.open(path, _OPEN_NEW, 0o600)
         try:
             self._own(fd)
@@ -693,7 +693,9 @@ class GroupCommitter:
     loop holds the lock, and every hand-over costs two context switches.
     """
 
-    def __init__(self, spool: Spool, max_batch: int = 256, state: str = "queue") -> None:
+    def __init__(
+        self, spool: Spool, max_batch: int = 256, state: str = QueueState.QUEUE
+    ) -> None:
         self.spool = spool
         self.max_batch = max_batch
         self.state = state
@@ -766,7 +768,8 @@ class GroupCommitter:
                 os.close(req.fd)
                 req.fd = -1
                 try:
-                    os.rename(self.spool.path("tmp", req.qid), self.spool.path(self.state, req.qid))
+                    spool = self.spool
+                    os.rename(spool._file(TMP, req.qid), spool._file(self.state, req.qid))
                 except OSError as exc:
                     self._fail([req], exc)
                     continue

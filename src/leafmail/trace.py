@@ -28,6 +28,19 @@ _UNSAFE_KEEP_SPACE = re.compile(r"[^\x20-\x7e\u00a0-\U0010ffff]")
 _UNSAFE_ASCII = re.compile(r"[^\x21-\x7e]")
 
 
+_last_date: tuple[int, str] = (-1, "")
+
+
+def _date(second: int) -> str:
+    """The RFC 5322 date of `second`, made once a second (every message in it shares it)."""
+    global _last_date
+    if _last_date[0] != second:
+        when = datetime.fromtimestamp(second, UTC)
+        # "+0000": UTC, not the "-0000" of an unknown zone.
+        _last_date = (second, email.utils.format_datetime(when))
+    return _last_date[1]
+
+
 def _clean(text: str, pattern: re.Pattern[str] = _UNSAFE) -> str:
     return pattern.sub("?", text)[:255] or "unknown"
 
@@ -60,8 +73,7 @@ def received_header(
     if tls:
         via += " (" + " ".join(_clean(word) for word in tls.split()) + ")"
     lines.append("\t" + via)
-    when = datetime.fromtimestamp(time.time() if timestamp is None else timestamp, UTC)
-    date = email.utils.format_datetime(when)  # "+0000": UTC, not the "-0000" of unknown
+    date = _date(int(time.time() if timestamp is None else timestamp))
     if len(recipients) == 1:
         # A quoted local part may hold a space; control characters still go.
         lines.append(f"\tfor <{_clean(recipients[0], _UNSAFE_KEEP_SPACE)}>; {date}")

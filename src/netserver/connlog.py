@@ -12,6 +12,7 @@ milliseconds), because they usually go to a file or a collector that does not.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -106,10 +107,13 @@ def rfc3339(when: float) -> str:
     return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
 
 
+_QUOTE = re.compile(r'[ "=\\]')  # a value holding one of these is written quoted
+
+
 def _text(value: object) -> str:
     if value is None:
         return "-"
     text = str(value)
-    if not text or any(c in text for c in ' "=\\') or not text.isprintable():
+    if not text or _QUOTE.search(text) or not text.isprintable():
         return json.dumps(text)
     return text

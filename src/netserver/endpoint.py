@@ -22,6 +22,34 @@ def unmap(ip: IPAddress) -> IPAddress:
     return ip
 
 
+# Addresses already parsed and printed, shared: a server sees the same few clients and
+# its own addresses over and over, and parsing or printing one costs microseconds.
+KNOWN_ADDRESSES = 4096
+_parsed: dict[str, IPAddress] = {}
+_printed: dict[IPAddress, str] = {}
+
+
+def parse_ip(host: str) -> IPAddress:
+    """`host` (an address as text, no scope) as an address, IPv4-mapped ones unmapped;
+    ValueError if it is none."""
+    ip = _parsed.get(host)
+    if ip is None:
+        ip = unmap(ipaddress.ip_address(host))
+        if len(_parsed) >= KNOWN_ADDRESSES:  # bounded, whoever connects
+            _parsed.clear()
+        _parsed[host] = ip
+    return ip
+
+
+def _ip_text(ip: IPAddress) -> str:
+    text = _printed.get(ip)
+    if text is None:
+        if len(_printed) >= KNOWN_ADDRESSES:
+            _printed.clear()
+        text = _printed[ip] = str(ip)
+    return text
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """An address as the server reports it: `ip`/`port` for TCP, `path` for unix sockets."""
@@ -35,7 +63,7 @@ class Endpoint:
         """Build from what accept()/getsockname() return for `family`."""
         if family in (socket.AF_INET, socket.AF_INET6):
             host = str(sockaddr[0]).split("%", 1)[0]
-            return cls(ip=unmap(ipaddress.ip_address(host)), port=int(sockaddr[1]))
+            return cls(ip=parse_ip(host), port=int(sockaddr[1]))
         if isinstance(sockaddr, bytes):
             sockaddr = sockaddr.decode("utf-8", "surrogateescape")
         return cls(path=str(sockaddr or ""))
@@ -55,11 +83,11 @@ class Endpoint:
     @property
     def host(self) -> str:
         """The address alone, as text (the path for a unix socket)."""
-        return str(self.ip) if self.ip is not None else (self.path or "")
+        return _ip_text(self.ip) if self.ip is not None else (self.path or "")
 
     def __str__(self) -> str:
         if self.ip is None:
             return f"unix:{self.path or ''}"
         if self.ip.version == 6:
-            return f"[{self.ip}]:{self.port}"
-        return f"{self.ip}:{self.port}"
+            return f"[{_ip_text(self.ip)}]:{self.port}"
+        return f"{_ip_text(self.ip)}:{self.port}"

@@ -45,6 +45,8 @@ _IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # ::ffff:0:0/96 holds the IPv4-mapped addresses (RFC 4291 2.5.5.2).
 _V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
+KNOWN_DECISIONS = 4096  # addresses an AccessPolicy remembers its decision for
+
 # --------------------------------------------------------------------------- matchers
 
 
@@ -266,6 +268,9 @@ class AccessPolicy:
     def __init__(self, allow: Iterable[str | Rule] = (), deny: Iterable[str | Rule] = ()) -> None:
         self._allow = tuple(_as_rule(item) for item in allow)
         self._deny = tuple(_as_rule(item) for item in deny)
+        # Decisions on an address alone, remembered: an SMTP server asks the same
+        # question of one client at every stage of every message (relay control).
+        self._known: dict[IPAddress, Decision] = {}
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> AccessPolicy:
@@ -321,6 +326,16 @@ class AccessPolicy:
         """Judge a client; *names* must already be forward-confirmed.  No I/O here."""
         if ip is None:
             return Decision(True, None, "unix-socket peer; access rules apply to IP clients")
+        if not names:
+            known = self._known.get(ip)
+            if known is None:
+                if len(self._known) >= KNOWN_DECISIONS:  # bounded, whoever connects
+                    self._known.clear()
+                known = self._known[ip] = self._decide(ip, frozenset())
+            return known
+        return self._decide(ip, names)
+
+    def _decide(self, ip: IPAddress, names: frozenset[str]) -> Decision:
         address = normalize_ip(ip)
         confirmed = canonical_names(names)
         denied_by = _first_match(self._deny, address, confirmed)

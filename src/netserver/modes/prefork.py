@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import os
 import socket
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from ..accepted import Accepted
 from ..children import fork_with_channel, kill_and_reap, watch_child
 from ..connection import Connection
-from ..endpoint import Endpoint
+from ..endpoint import Endpoint, parse_ip
 from .base import ModeContext, run_sync, status_for_exit
 from .fork import bind_process_stdio, flush_quietly, reset_child_signals
 
@@ -91,8 +90,8 @@ def encode_endpoints(peer: Endpoint, local: Endpoint) -> bytes:
 def decode_endpoints(data: bytes) -> tuple[Endpoint, Endpoint]:
     """The inverse of `encode_endpoints`."""
     (pip, pport, ppath), (lip, lport, lpath) = json.loads(data)
-    peer = Endpoint(ipaddress.ip_address(pip) if pip else None, pport, ppath)
-    local = Endpoint(ipaddress.ip_address(lip) if lip else None, lport, lpath)
+    peer = Endpoint(parse_ip(pip) if pip else None, pport, ppath)
+    local = Endpoint(parse_ip(lip) if lip else None, lport, lpath)
     return peer, local
 
 

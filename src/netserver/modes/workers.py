@@ -81,7 +81,7 @@ YOUNG = 10.0  # a worker that dies before this age counts towards the back-off
 Setup = Callable[[], WorkerApp]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Live:
     conn: Accepted
     finished: Callable[[Accepted], None]

@@ -20,8 +20,9 @@ carries the reply to send.  Errors of the program driving the protocol are
 
 from __future__ import annotations
 
+import functools
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 __all__ = [
     "ALREADY_AUTHENTICATED",
@@ -90,6 +91,9 @@ class Reply:
     code: int
     enhanced: str | None
     text: str | tuple[str, ...]
+    # The rendered reply, made at the first `to_bytes`: most replies are constants sent
+    # to every client, so they are rendered once.
+    _wire: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 200 <= self.code <= 599 or self.code % 100 > 59:
@@ -122,14 +126,18 @@ class Reply:
 
     def to_bytes(self) -> bytes:
         """Render the reply, one ``code[-| ][enhanced ]text CRLF`` per line."""
-        prefix = f"{self.enhanced} " if self.enhanced else ""
-        lines = self.lines
-        last = len(lines) - 1
-        out = [
-            f"{self.code}{' ' if i == last else '-'}{prefix}{line}\r\n"
-            for i, line in enumerate(lines)
-        ]
-        return "".join(out).encode("utf-8")
+        wire = self._wire
+        if wire is None:
+            prefix = f"{self.enhanced} " if self.enhanced else ""
+            lines = self.lines
+            last = len(lines) - 1
+            out = [
+                f"{self.code}{' ' if i == last else '-'}{prefix}{line}\r\n"
+                for i, line in enumerate(lines)
+            ]
+            wire = "".join(out).encode("utf-8")
+            object.__setattr__(self, "_wire", wire)  # frozen: set once, as a cache
+        return wire
 
     def __str__(self) -> str:
         return self.to_bytes().decode("utf-8").rstrip("\r\n")
@@ -146,6 +154,7 @@ class RemoteProtocolError(Exception):
 # --- replies that depend on the session --------------------------------------------
 
 
+@functools.lru_cache(maxsize=16)  # one a server name: made and rendered once
 def greeting(hostname: str) -> Reply:
     """The 220 opening reply (no enhanced code: RFC 2034 exempts the greeting)."""
     return Reply(220, None, f"{hostname} ESMTP ready")
@@ -167,6 +176,7 @@ def ehlo(hostname: str, client: str, keywords: tuple[str, ...]) -> Reply:
     return Reply(250, None, (_greets(hostname, client), *keywords))
 
 
+@functools.lru_cache(maxsize=16)
 def closing(hostname: str) -> Reply:
     """The 221 answer to QUIT."""
     return Reply(221, "2.0.0", f"{hostname} closing connection")
