@@ -1,0 +1,69 @@
+"""What the SMTP path computes once instead of once a message (issue 12, CPU a message).
+
+Each cache must give what a fresh computation gives, and stay bounded whoever connects.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import ipaddress
+import socket
+from datetime import UTC, datetime
+
+import netserver.endpoint as endpoint
+from leafmail.trace import received_header
+from netserver.access import KNOWN_DECISIONS, AccessPolicy
+from netserver.endpoint import Endpoint, parse_ip
+from netserver.smtp import replies
+from netserver.smtp.replies import Reply
+
+
+def test_a_reply_is_rendered_once_and_equal_replies_stay_equal() -> None:
+    assert replies.OK.to_bytes() is replies.OK.to_bytes()
+    fresh = Reply(250, "2.0.0", "OK")
+    assert fresh == replies.OK and hash(fresh) == hash(replies.OK)
+    assert fresh.to_bytes() == b"250 2.0.0 OK\r\n"
+    many = Reply(250, None, ("mx.test greets c", "PIPELINING"))
+    assert many.to_bytes() == b"250-mx.test greets c\r\n250 PIPELINING\r\n"
+    assert replies.greeting("mx.test") is replies.greeting("mx.test")
+    assert replies.closing("mx.test").to_bytes() == b"221 2.0.0 mx.test closing connection\r\n"
+
+
+def test_access_decisions_are_remembered_per_address_and_bounded() -> None:
+    policy = AccessPolicy(allow=["127.0.0.0/8"])
+    ip = ipaddress.ip_address("127.0.0.1")
+    first = policy.decide(ip)
+    assert policy.decide(ip) is first and first.allowed
+    assert not policy.decide(ipaddress.ip_address("192.0.2.1")).allowed
+    for n in range(KNOWN_DECISIONS + 10):  # many clients: the memory stays bounded
+        policy.decide(ipaddress.ip_address(0x0A000000 + n))
+    assert len(policy._known) <= KNOWN_DECISIONS
+    assert policy.decide(ip) == first
+    # Names are judged afresh each time: they are not part of the remembered key.
+    named = AccessPolicy(allow=[".example.test"])
+    assert not named.decide(ip).allowed
+    assert named.decide(ip, frozenset({"host.example.test"})).allowed
+
+
+def test_addresses_are_parsed_and_printed_once_and_bounded() -> None:
+    one = Endpoint.from_sockaddr(socket.AF_INET, ("192.0.2.7", 25))
+    two = Endpoint.from_sockaddr(socket.AF_INET, ("192.0.2.7", 26))
+    assert one.ip is two.ip and one.host is two.host == "192.0.2.7"
+    mapped = Endpoint.from_sockaddr(socket.AF_INET6, ("::ffff:192.0.2.7", 25, 0, 0))
+    assert mapped.ip == one.ip and str(mapped) == "192.0.2.7:25"
+    assert str(Endpoint.from_sockaddr(socket.AF_INET6, ("2001:db8::1", 25, 0, 0))) == (
+        "[2001:db8::1]:25"
+    )
+    for n in range(endpoint.KNOWN_ADDRESSES + 10):
+        parse_ip(str(ipaddress.ip_address(0x0A000000 + n)))
+    assert len(endpoint._parsed) <= endpoint.KNOWN_ADDRESSES
+
+
+def test_the_received_date_is_the_date_of_its_second() -> None:
+    for stamp in (1_800_000_000.2, 1_800_000_000.9, 1_800_000_001.0):
+        header = received_header(
+            helo="c.test", client_ip="192.0.2.1", hostname="mx.test", protocol="ESMTP",
+            qid="0" * 24, recipients=["a@b.test"], timestamp=stamp,
+        )  # fmt: skip
+        expected = email.utils.format_datetime(datetime.fromtimestamp(int(stamp), UTC))
+        assert header.endswith(f"; {expected}\r\n".encode())
