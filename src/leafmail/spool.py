@@ -722,7 +722,8 @@ class GroupCommitter:
         qid = qid or new_id()
         try:
             fd = self.spool.write_tmp(qid, encode(envelope, data))
-        except OSError as exc:  # write_tmp removed what it had written
+        except OSError as exc:
+            self.spool.discard_tmp(qid)  # a partial file, if one was left: never answered
             raise _spool_error(exc) from None
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
