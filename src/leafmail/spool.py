@@ -693,9 +693,7 @@ class GroupCommitter:
     loop holds the lock, and every hand-over costs two context switches.
     """
 
-    def __init__(
-        self, spool: Spool, max_batch: int = 256, state: str = QueueState.QUEUE
-    ) -> None:
+    def __init__(self, spool: Spool, max_batch: int = 256, state: str = QueueState.QUEUE) -> None:
         self.spool = spool
         self.max_batch = max_batch
         self.state = state
