@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 import netserver.endpoint as endpoint
 from leafmail.trace import received_header
-from netserver.access import KNOWN_DECISIONS, AccessPolicy
+from netserver.admit.access import KNOWN_DECISIONS, AccessPolicy
 from netserver.endpoint import Endpoint, parse_ip
 from netserver.smtp import replies
 from netserver.smtp.replies import Reply
