@@ -130,6 +130,9 @@ class Server:
         self.proxy = next((g for g in gates if isinstance(g, ProxyGate) and g), None)
         self.gates = [g for g in gates if not isinstance(g, ProxyGate)]
         self._proxying = 0  # connections whose PROXY header is being read
+        # The local end is the same for every connection to a listener: connections
+        # share one Endpoint (a log record lives as long as its connection).
+        self._local = Endpoint()
         self.listeners: list[Listener] = []
         self.ready = threading.Event()
         self.admission = Admission(self.limits)
@@ -333,6 +336,10 @@ class Server:
         except OSError:
             sock.close()
             return
+        if local == self._local:
+            local = self._local
+        else:
+            self._local = local
         proxy = self.proxy
         if proxy is not None and proxy.quick(peer, local) is None:
             self._proxied(sock, peer, local, proxy)

@@ -82,6 +82,7 @@ class Worker:
         self.log = log
         self.modes: dict[str, EventLoopMode] = {}
         self.ids: dict[int, int] = {}
+        self._local = Endpoint()  # shared by the connections to one listener (as server.py)
         self.verdicts: dict[int, asyncio.Future[str | None]] = {}
         self.reading: set[asyncio.Task[None]] = set()
         self.done = asyncio.Event()
@@ -160,6 +161,10 @@ class Worker:
 
     def _serve(self, header: bytes, fd: int, *, proxied: bool = False) -> None:
         cid, service, peer, local = decode(header)
+        if local == self._local:
+            local = self._local
+        else:
+            self._local = local
         mode = self.modes.get(service)
         sock = socket.socket(fileno=fd)
         conn = Accepted(sock, ConnRecord(peer, local, "async"))

@@ -80,6 +80,17 @@ YOUNG = 10.0  # a worker that dies before this age counts towards the back-off
 
 Setup = Callable[[], WorkerApp]
 
+_HANDED_OFF: list[socket.socket] = []
+
+
+def _handed_off() -> socket.socket:
+    """The closed socket that stands for every connection handed to a worker."""
+    if not _HANDED_OFF:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.close()
+        _HANDED_OFF.append(sock)
+    return _HANDED_OFF[0]
+
 
 @dataclass(slots=True)
 class _Live:
@@ -322,9 +333,16 @@ class WorkerPool:
         return False
 
     def _release_parent_copy(self, conn: Accepted) -> None:
+        """Close our descriptor; the record stays until the worker reports the end.
+
+        The closed socket object is replaced by one shared closed socket: the
+        supervisor holds a record per connection for as long as it lasts, and the
+        socket object was most of that (about 120 bytes a connection).
+        """
         for service in self.services.values():
             service.fds.discard(conn.fd)
         conn.sock.close()
+        conn.sock = _handed_off()
 
     def _report(self, proc: _Proc) -> None:
         """A worker's message: a connection ended."""

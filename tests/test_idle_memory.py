@@ -1,0 +1,95 @@
+"""What a server keeps per idle connection (issue 12: 10,000 idle sessions in 90 MB).
+
+Objects that every connection shares are checked here by identity: a per-connection
+copy costs its size 10,000 times (bench/smtp_idle.py measures the whole). Real
+servers, real sockets on loopback; the worker processes are real forks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+
+import pytest
+from conftest import ROOT
+
+from netserver import Server
+from netserver.modes.eventloop import TASK_NAME, EventLoopMode
+from netserver.modes.workers import PoolMode
+from netserver.server import ModeSpec, RunOptions
+
+if str(ROOT) not in sys.path:  # the examples package lives at the project root
+    sys.path.insert(0, str(ROOT))
+import examples.echo
+
+CLIENTS = 3
+IO_TIMEOUT = 10.0
+
+
+async def _echo_clients(port: int) -> list[socket.socket]:
+    """Open CLIENTS connections, each answered once (so each is being served)."""
+    loop = asyncio.get_running_loop()
+    socks = []
+    for _ in range(CLIENTS):
+        sock = socket.socket()
+        sock.setblocking(False)
+        socks.append(sock)
+        async with asyncio.timeout(IO_TIMEOUT):
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            await loop.sock_sendall(sock, b"ping\r\n")
+            assert await loop.sock_recv(sock, 100) == b"ping\r\n"
+    return socks
+
+
+def _server(spec: ModeSpec, ready: asyncio.Event) -> Server:
+    """The echo example on port 0; `ready` is set once it listens (its readiness signal)."""
+    options = RunOptions(loop="asyncio", signals=False, on_ready=lambda _ends: ready.set())
+    return Server(examples.echo.async_main, "127.0.0.1:0", mode=spec, options=options)
+
+
+def _run(spec: ModeSpec, check: Callable[[Server], Awaitable[None]]) -> None:
+    async def main() -> None:
+        ready = asyncio.Event()
+        server = _server(spec, ready)
+        serving = asyncio.create_task(server.serve())
+        async with asyncio.timeout(IO_TIMEOUT):
+            await ready.wait()
+        port = server.addresses[0].port
+        assert port is not None
+        socks = await _echo_clients(port)
+        try:
+            await check(server)
+        finally:
+            for sock in socks:
+                sock.close()
+            server.stop()
+            await serving
+
+    asyncio.run(main())
+
+
+def test_event_loop_tasks_share_their_name_and_done_callback() -> None:
+    async def check(server: Server) -> None:
+        mode = server.mode
+        assert isinstance(mode, EventLoopMode)
+        assert len(mode.tasks) == CLIENTS
+        assert {task.get_name() for task in mode.tasks} == {TASK_NAME}
+
+    _run(ModeSpec("async"), check)
+
+
+@pytest.mark.slow  # forks a worker process
+def test_the_supervisor_keeps_no_socket_or_local_endpoint_per_handed_off_connection() -> None:
+    async def check(server: Server) -> None:
+        mode = server.mode
+        assert isinstance(mode, PoolMode)
+        lives = [live for proc in mode.pool.procs.values() for live in proc.conns.values()]
+        assert len(lives) == CLIENTS
+        assert len({id(live.conn.sock) for live in lives}) == 1
+        assert all(live.conn.sock.fileno() == -1 for live in lives)  # closed here
+        assert len({id(live.conn.record.local) for live in lives}) == 1
+        assert len({id(live.conn.record.peer) for live in lives}) == CLIENTS
+
+    _run(ModeSpec("async", workers=1), check)
