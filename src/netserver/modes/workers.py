@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -80,16 +81,13 @@ YOUNG = 10.0  # a worker that dies before this age counts towards the back-off
 
 Setup = Callable[[], WorkerApp]
 
-_HANDED_OFF: list[socket.socket] = []
 
-
+@functools.cache
 def _handed_off() -> socket.socket:
     """The closed socket that stands for every connection handed to a worker."""
-    if not _HANDED_OFF:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.close()
-        _HANDED_OFF.append(sock)
-    return _HANDED_OFF[0]
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.close()
+    return sock
 
 
 @dataclass(slots=True)
