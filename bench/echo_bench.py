@@ -1,9 +1,12 @@
 """Benchmark 1: echo requests per second, netserver's event-loop mode against bare protocols.
 
-Three servers, each its own process on 127.0.0.1 port 0:
+Four servers, each its own process on 127.0.0.1 port 0:
 
-* netserver: ``netserver serve --mode async --handler examples.echo:async_main`` with
-  its defaults (uvloop, 300 s idle timeout, 64 KiB line limit, a log line per connection);
+* netserver async: ``netserver serve --mode async --handler examples.echo:async_main``
+  (the coroutine form, line by line) with its defaults (uvloop, 300 s idle timeout,
+  64 KiB line limit, a log line per connection);
+* netserver callback: the same with ``--handler examples.echo:Echo`` (the callback form,
+  chunks back as they arrive, as the bare servers do);
 * bare asyncio: `bench.echo_server` on the default asyncio loop;
 * bare uvloop: the same protocol on uvloop.
 
@@ -23,28 +26,32 @@ from .procs import ServerSpec, python_module, running
 from .quiet import QuietGate
 
 NETSERVER = "netserver async"
+NETSERVER_CALLBACK = "netserver callback"
 BARE_ASYNCIO = "bare asyncio"
 BARE_UVLOOP = "bare uvloop"
 
 
+def netserver_argv(handler: str, fd: int) -> list[str]:
+    """``netserver serve`` in event-loop mode with `handler`, its defaults otherwise."""
+    return python_module(
+        "netserver.cli",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--mode",
+        "async",
+        "--handler",
+        handler,
+        "--ready-fd",
+        str(fd),
+    )
+
+
 def echo_servers() -> list[ServerSpec]:
-    """The three servers, in the order of the first round."""
+    """The four servers, in the order of the first round."""
     return [
-        ServerSpec(
-            NETSERVER,
-            lambda fd: python_module(
-                "netserver.cli",
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--mode",
-                "async",
-                "--handler",
-                "examples.echo:async_main",
-                "--ready-fd",
-                str(fd),
-            ),
-        ),
+        ServerSpec(NETSERVER, lambda fd: netserver_argv("examples.echo:async_main", fd)),
+        ServerSpec(NETSERVER_CALLBACK, lambda fd: netserver_argv("examples.echo:Echo", fd)),
         ServerSpec(
             BARE_ASYNCIO,
             lambda fd: python_module(

@@ -1,10 +1,14 @@
-"""Echo: every line comes back, in each handler form (RFC 862 over TCP, line-wise)."""
+"""Echo: every line comes back, in each handler form (RFC 862 over TCP, line-wise).
+
+`Echo` is the callback form (event-loop mode): it sends each chunk back as it arrives,
+which is RFC 862 exactly and the cheapest way netserver can serve it.
+"""
 
 from __future__ import annotations
 
 import sys
 
-from netserver import AsyncConnection, Connection
+from netserver import AsyncConnection, Callbacks, Connection
 
 
 def main() -> None:
@@ -24,3 +28,10 @@ async def async_main(conn: AsyncConnection) -> None:
     while line := await conn.readline():
         conn.write(line)
         await conn.drain()
+
+
+class Echo(Callbacks):
+    """Callback form, for event-loop mode: bytes back as they arrive, in the same chunks."""
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.write(data)

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 
-from netserver import Connection
+from netserver import CallbackConnection, Callbacks, Connection
 
 
 def ask() -> None:
@@ -75,3 +75,32 @@ def close_streams() -> None:
             sys.stdin.close()
             return
         sys.stdout.write(line)
+
+
+class ShowPeer(Callbacks):
+    """Callback form: greets with the client's address as netserver sees it, then echoes."""
+
+    def __init__(self, conn: CallbackConnection) -> None:
+        super().__init__(conn)
+        conn.write(f"{conn.peer.host} {conn.peer.port}\n".encode())
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.write(data)
+
+
+class FailingCallbacks(Callbacks):
+    """Callback form: the first chunk raises."""
+
+    def data_received(self, data: bytes) -> None:
+        raise RuntimeError("callback failed on purpose")
+
+
+class ByeOnStop(Callbacks):
+    """Callback form: echoes, and says bye and closes when the server stops."""
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.write(data)
+
+    def stop_requested(self) -> None:
+        self.conn.write(b"bye\n")
+        self.conn.close()

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 
-from netserver.aio import AsyncConnection, _IdleSweep
+from netserver.aio import AsyncConnection
+from netserver.loopconn import _IdleSweep
 
 TIMEOUT = 0.4
 CLIENTS = 21  # 20 silent, 1 talking

@@ -33,6 +33,7 @@ CORE = frozenset(
     {
         "accepted",
         "aio",
+        "callbacks",
         "children",
         "connection",
         "connlog",
@@ -41,6 +42,7 @@ CORE = frozenset(
         "errors",
         "handlers",
         "limits",
+        "loopconn",
         "privileges",
         "readiness",
         "resolver",

@@ -307,6 +307,19 @@ def test_an_endless_line_is_cut_off(netserver_proc: ServerFactory, mode: str) ->
     assert served(server.host_port)
 
 
+def test_a_line_longer_than_the_read_buffer_is_served_when_the_limit_allows(
+    netserver_proc: ServerFactory,
+) -> None:
+    """Async mode pauses reading past READ_HIGH_WATER, but never while a read waits for
+    the rest of a line: that would stall the connection for good."""
+    server = netserver_proc(serve_args("async", "--max-line", str(4 << 20)), env=HANDLER_ENV)
+    line = b"w" * (1 << 20) + b"\n"
+    with connect(server.host_port) as sock:
+        sock.sendall(line)
+        sock.shutdown(socket.SHUT_WR)
+        assert read_to_end(sock) == line
+
+
 @pytest.mark.parametrize("mode", ["thread", "async"])
 def test_a_line_at_the_limit_is_served(netserver_proc: ServerFactory, mode: str) -> None:
     server = netserver_proc(serve_args(mode, "--max-line", "100"), env=HANDLER_ENV)

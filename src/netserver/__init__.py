@@ -11,10 +11,18 @@ netserver.serve(main, "127.0.0.1:7000", mode="fork")
 
 from .admit.access import AccessPolicy, Decision
 from .aio import AsyncConnection
+from .callbacks import CallbackConnection, Callbacks
 from .connection import Connection
 from .endpoint import Endpoint
 from .errors import AccessSpecError, ConfigError, NetserverError, UsageError
-from .handlers import AsyncHandler, Command, ConnectionHandler, StdioHandler, load_handler
+from .handlers import (
+    AsyncHandler,
+    CallbackHandler,
+    Command,
+    ConnectionHandler,
+    StdioHandler,
+    load_handler,
+)
 from .limits import Limits
 from .modes.prefork import PoolSize
 from .resolver import SystemResolver
@@ -27,6 +35,9 @@ __all__ = [
     "AccessSpecError",
     "AsyncConnection",
     "AsyncHandler",
+    "CallbackConnection",
+    "CallbackHandler",
+    "Callbacks",
     "Command",
     "ConfigError",
     "Connection",

@@ -1,27 +1,47 @@
 """`AsyncConnection`: the connection handed to ``async def`` handlers in event-loop mode.
 
 It is an asyncio Protocol with its own small buffer rather than a StreamReader/Writer
-pair: a line already buffered is returned without creating a future, which keeps the
-per-request cost close to a bare protocol. Lines are bounded (`LineTooLong`), reading
-pauses when the handler falls behind, and a connection with no traffic either way for
-`timeout` seconds is aborted (checked every timeout/4, so it ends within 1.25 x timeout;
-traffic only sets a flag, which keeps clock reads off the per-request path). One timer
-per loop and timeout checks every connection (`_IdleSweep`): a timer per connection
-would cost each idle connection about 600 bytes.
+pair. A line (or chunk) already buffered is returned without creating a future; a read
+that has to wait gets its bytes from ``data_received`` itself, so the handler's task
+wakes once per line and never to find half of one. Lines are bounded (`LineTooLong`),
+reading pauses when the handler falls behind, and answers to pipelined requests go out
+in one send. Endpoints, byte counts and the idle timeout are `LoopConnection`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 import weakref
-from typing import Any, cast
+from collections.abc import Awaitable
+from typing import Any
 
 from .endpoint import Endpoint
+from .loopconn import LoopConnection
 from .stdio import DEFAULT_MAX_LINE, LineTooLong
 
 READ_HIGH_WATER = 262144
+# What the pending read waits for (`AsyncConnection._want`).
+_WAKE, _LINE, _CHUNK = 0, 1, 2
+
+
+def ready_future(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+    """A future of `loop` that is already done, shared by every connection on it.
+
+    Awaiting a done future returns at once and changes nothing, so one serves every
+    `AsyncConnection.drain` that has nothing to wait for.
+    """
+    done = _READY.get(loop)
+    if done is None:
+        done = _READY[loop] = loop.create_future()
+        done.set_result(None)
+    return done
+
+
+# Each loop's done future; forgotten with the loop.
+_READY: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[None]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class ServerStopping(Exception):
@@ -32,34 +52,24 @@ class ServerStopping(Exception):
     """
 
 
-class AsyncConnection(asyncio.Protocol):
+class AsyncConnection(LoopConnection):
     """A client connection with async reads, buffered writes and both endpoints."""
 
-    # Slots, not a __dict__: an idle session should cost as little memory as possible.
     __slots__ = (
-        "_active",
         "_buf",
         "_drain_waiter",
         "_eof",
-        "_error",
-        "_idle",
-        "_last",
-        "_loop",
-        "_lost",
         "_lost_waiter",
         "_out",
         "_reading_paused",
+        "_ready",
+        "_scan",
         "_waiter",
-        "bytes_in",
-        "bytes_out",
+        "_want",
+        "_want_n",
         "interrupt_on_stop",
-        "local",
         "max_line",
-        "peer",
         "stop_requested",
-        "timed_out",
-        "timeout",
-        "transport",
     )
 
     def __init__(
@@ -70,50 +80,49 @@ class AsyncConnection(asyncio.Protocol):
         peer: Endpoint | None = None,
         local: Endpoint | None = None,
     ) -> None:
+        super().__init__(timeout=timeout, peer=peer, local=local)
         self.max_line = max_line
-        self.timeout = timeout
-        self.peer = peer or Endpoint()
-        self.local = local or Endpoint()
-        self._loop = asyncio.get_running_loop()
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.transport: asyncio.Transport | None = None
+        self._ready = ready_future(self._loop)
         self._buf = bytearray()
         self._out: list[bytes] = []
         self._eof = False
-        self._lost = False
         self._lost_waiter: asyncio.Future[None] | None = None
-        self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[Any] | None = None
+        self._want = _WAKE
+        self._want_n = 0
+        self._scan = 0
         self._drain_waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
-        self._last = 0.0
-        self._active = False
-        self._idle: _IdleSweep | None = None
-        self.timed_out = False
         self.interrupt_on_stop = False
         self.stop_requested = False
 
     # -- Protocol callbacks -------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        if self.peer.ip is None and self.peer.path is None:  # not given by the server
-            sock: socket.socket = transport.get_extra_info("socket")
-            self.peer = Endpoint.from_sockaddr(sock.family, transport.get_extra_info("peername"))
-            self.local = Endpoint.from_sockaddr(sock.family, transport.get_extra_info("sockname"))
-        if self.timeout:
-            self._last = self._loop.time()
-            self._idle = _IdleSweep.of(self._loop, self.timeout)
-            self._idle.add(self)
-
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        self._buf += data
-        self._active = True
-        if len(self._buf) > READ_HIGH_WATER and self.transport is not None:
+        buf = self._buf
+        waiter = self._waiter
+        if waiter is not None and not buf:
+            # A read waits, nothing is buffered, and if this read is exactly what it
+            # wants (one line, or at most the chunk asked for), the bytes go over as they
+            # are, never copied through the buffer. `_wake` does every other case.
+            want = self._want
+            if (
+                want == _LINE and data.find(b"\n") == len(data) - 1 and len(data) <= self.max_line
+            ) or (want == _CHUNK and len(data) <= self._want_n):
+                self._waiter = None
+                try:
+                    waiter.set_result(data)
+                except asyncio.InvalidStateError:  # cancelled with its task: keep them
+                    buf += data
+                return
+        buf += data
+        if waiter is not None:
+            self._wake()
+        # Pause while the handler falls behind; not while a read waits for more (a long
+        # line): that read resumes it anyway (`_wait`).
+        if len(buf) > READ_HIGH_WATER and self._waiter is None and self.transport is not None:
             self.transport.pause_reading()
             self._reading_paused = True
-        self._wake()
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -121,16 +130,12 @@ class AsyncConnection(asyncio.Protocol):
         return True  # keep the write side open: the handler may still answer
 
     def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
         self._eof = True
-        self._error = exc
-        if self._idle is not None:
-            self._idle.conns.discard(self)
-            self._idle = None
         self._wake()
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        self._lost = True
         lost = self._lost_waiter
         if lost is not None and not lost.done():
             lost.set_result(None)
@@ -145,21 +150,58 @@ class AsyncConnection(asyncio.Protocol):
 
     # -- internals ----------------------------------------------------------------------
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        """Complete the pending read if what it waits for is here (or EOF, or an error).
 
-    def _check_idle(self, now: float) -> None:
-        """Called by the sweep every timeout/4: abort if nothing moved for `timeout`."""
-        assert self.timeout
-        if self._active:
-            self._active = False
-            self._last = now
-        elif now - self._last >= self.timeout:
-            self.timed_out = True
-            self.abort()
+        A line read is answered here, from ``data_received``, with the line itself: the
+        handler's task wakes once per line, never for a part of one.
+        """
+        waiter = self._waiter
+        if waiter is None:
+            return
+        if waiter.done():  # cancelled with its task: the bytes stay for the next read
+            self._waiter = None
+            return
+        want = self._want
+        if want == _LINE:
+            try:
+                result: bytes | None = self._line()
+            except LineTooLong as exc:
+                self._waiter = None
+                waiter.set_exception(exc)
+                return
+            if result is None:
+                return
+        elif want == _CHUNK:
+            buf = self._buf
+            if not buf and not self._eof:
+                return
+            result = self._take(min(self._want_n, len(buf)))
+        else:
+            result = None
+        self._waiter = None
+        waiter.set_result(result)
+
+    def _line(self) -> bytes | None:
+        """Take the next line from the buffer; None if it has not all come yet.
+
+        The search resumes where the last one stopped (`_scan`), so a line arriving in
+        many pieces is scanned once. At EOF the rest is the last line, b"" when empty.
+        """
+        buf = self._buf
+        idx = buf.find(b"\n", self._scan)
+        if 0 <= idx < self.max_line:
+            if idx + 1 == len(buf):  # the usual case: the whole buffer is the line
+                line = bytes(buf)
+                buf.clear()
+                return line
+            return self._take(idx + 1)
+        size = len(buf)
+        if size >= self.max_line:
+            raise LineTooLong(f"line longer than {self.max_line} bytes")
+        if self._eof:
+            return self._take(size)
+        self._scan = size
+        return None
 
     def request_stop(self) -> None:
         """The server is stopping: interrupt a waiting read if the handler asked for it."""
@@ -170,7 +212,8 @@ class AsyncConnection(asyncio.Protocol):
             self.interrupt_on_stop = False
             waiter.set_exception(ServerStopping())
 
-    def _wait(self) -> asyncio.Future[None]:
+    def _wait(self, want: int = _WAKE) -> asyncio.Future[Any]:
+        """A future for `_wake` to complete; it resumes reading if the buffer had paused it."""
         if self._error is not None:
             raise ConnectionResetError(str(self._error))
         if self.stop_requested and self.interrupt_on_stop:
@@ -179,8 +222,16 @@ class AsyncConnection(asyncio.Protocol):
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
-        waiter = self._waiter = self._loop.create_future()
+        waiter: asyncio.Future[Any] = self._loop.create_future()
+        self._waiter = waiter
+        self._want = want
         return waiter
+
+    def _now(self, data: bytes) -> asyncio.Future[bytes]:
+        """A future already holding `data`, for a read the buffer answers at once."""
+        done: asyncio.Future[bytes] = self._loop.create_future()
+        done.set_result(data)
+        return done
 
     def _take(self, n: int) -> bytes:
         buf = self._buf
@@ -193,27 +244,42 @@ class AsyncConnection(asyncio.Protocol):
         return out
 
     # -- handler API --------------------------------------------------------------------
+    # A read the buffer cannot answer yet registers what it wants (`_want`) and awaits
+    # a future that `data_received` (through `_wake`) completes with the bytes. read(n)
+    # is a plain method returning that future, or a done one when the buffer answers.
     async def readline(self) -> bytes:
         """One line with its LF; b"" at EOF; LineTooLong past `max_line` bytes."""
-        start = 0
-        while True:
-            idx = self._buf.find(b"\n", start)
-            if 0 <= idx < self.max_line:
+        buf = self._buf
+        if buf:
+            idx = buf.find(b"\n")
+            if 0 <= idx < self.max_line:  # buffered: `_line`, inlined
                 return self._take(idx + 1)
-            if len(self._buf) >= self.max_line:
-                raise LineTooLong(f"line longer than {self.max_line} bytes")
-            if self._eof:
-                return self._take(len(self._buf))
-            start = len(self._buf)
-            await self._wait()
+        self._scan = 0
+        if buf or self._eof:
+            line = self._line()
+            if line is not None:
+                return line
+        if self._error is None and not self.stop_requested and not self._reading_paused:
+            waiter: asyncio.Future[bytes] = self._loop.create_future()  # `_wait`, inlined
+            self._waiter = waiter
+            self._want = _LINE
+            return await waiter
+        return await self._wait(_LINE)  # type: ignore[no-any-return]
 
-    async def read(self, n: int = -1) -> bytes:
+    def read(self, n: int = -1) -> Awaitable[bytes]:
         """Up to `n` bytes as soon as any are there (all until EOF when `n` < 0)."""
-        while not self._buf or n < 0:
-            if self._eof:
-                break
+        if n < 0:
+            return self._read_all()
+        buf = self._buf
+        if buf or self._eof:
+            return self._now(self._take(min(n, len(buf))))
+        self._want_n = n
+        return self._wait(_CHUNK)
+
+    async def _read_all(self) -> bytes:
+        while not self._eof:
             await self._wait()
-        return self._take(len(self._buf) if n < 0 else n)
+        return self._take(len(self._buf))
 
     async def readexactly(self, n: int) -> bytes:
         """Exactly `n` bytes; asyncio.IncompleteReadError if EOF comes first."""
@@ -226,13 +292,13 @@ class AsyncConnection(asyncio.Protocol):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Queue bytes for the client (await `drain` to respect flow control)."""
-        if self.transport is None or self.transport.is_closing():
+        transport = self.transport
+        if transport is None or transport.is_closing():
             raise ConnectionResetError("connection closed")
         self.bytes_out += len(data)
-        self._active = True
         out = self._out
         if not out and not self._buf:
-            self.transport.write(data)  # nothing more to answer yet: send now
+            transport.write(data)  # nothing more to answer yet: send now
             return
         # More input is already here (pipelined requests): answer them all with one send.
         if not out:
@@ -246,8 +312,17 @@ class AsyncConnection(asyncio.Protocol):
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
         out.clear()
 
-    async def drain(self) -> None:
-        """Wait while the kernel and transport buffers are full."""
+    def drain(self) -> Awaitable[None]:
+        """Wait while the kernel and transport buffers are full (``await conn.drain()``).
+
+        Not a coroutine: when there is nothing to wait for (nearly always) it returns a
+        future that is already done, which costs far less to await than a new coroutine.
+        """
+        if self._drain_waiter is None and self._error is None and len(self._out) <= 64:
+            return self._ready
+        return self._drain()
+
+    async def _drain(self) -> None:
         if len(self._out) > 64:
             self._flush()
         waiter = self._drain_waiter
@@ -261,16 +336,6 @@ class AsyncConnection(asyncio.Protocol):
         self.write(data)
         if self._drain_waiter is not None:
             await self.drain()
-
-    @property
-    def is_lost(self) -> bool:
-        """True once the transport is gone."""
-        return self._lost
-
-    @property
-    def lost_error(self) -> BaseException | None:
-        """Why the connection was lost, if it was lost by an error."""
-        return self._error
 
     async def start_tls(self, context: ssl.SSLContext, timeout: float = 60.0) -> None:
         """Become the TLS server on this connection (STARTTLS).
@@ -290,15 +355,6 @@ class AsyncConnection(asyncio.Protocol):
             raise ConnectionResetError("connection closed during the TLS handshake")
         self.transport = transport
 
-    def get_extra_info(self, name: str) -> Any:
-        """Transport details (``socket``, ``ssl_object``, ...)."""
-        return None if self.transport is None else self.transport.get_extra_info(name)
-
-    def abort(self) -> None:
-        """Drop the connection now, discarding unsent data."""
-        if self.transport is not None:
-            self.transport.abort()
-
     async def close(self) -> None:
         """Send what is queued, close, and wait until the transport is gone."""
         self._flush()
@@ -309,46 +365,3 @@ class AsyncConnection(asyncio.Protocol):
         if not self._lost:
             self._lost_waiter = self._loop.create_future()
             await self._lost_waiter
-
-
-class _IdleSweep:
-    """The connections of one loop that share one idle timeout, checked by one timer.
-
-    The timer runs every timeout/4 while there are connections, and stops with the last.
-    """
-
-    __slots__ = ("conns", "loop", "timeout", "timer")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
-        self.loop = loop
-        self.timeout = timeout
-        self.conns: set[AsyncConnection] = set()
-        self.timer: asyncio.TimerHandle | None = None
-
-    @classmethod
-    def of(cls, loop: asyncio.AbstractEventLoop, timeout: float) -> _IdleSweep:
-        """The sweep of `loop` for `timeout` (made at its first connection)."""
-        sweeps = _SWEEPS.setdefault(loop, {})
-        sweep = sweeps.get(timeout)
-        if sweep is None:
-            sweep = sweeps[timeout] = cls(loop, timeout)
-        return sweep
-
-    def add(self, conn: AsyncConnection) -> None:
-        self.conns.add(conn)
-        if self.timer is None:
-            self.timer = self.loop.call_later(self.timeout / 4, self._sweep)
-
-    def _sweep(self) -> None:
-        now = self.loop.time()
-        for conn in list(self.conns):  # an abort may end a connection (and remove it)
-            conn._check_idle(now)
-        self.timer = None
-        if self.conns:
-            self.timer = self.loop.call_later(self.timeout / 4, self._sweep)
-
-
-# Each loop's sweeps, by timeout; forgotten with the loop.
-_SWEEPS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[float, _IdleSweep]] = (
-    weakref.WeakKeyDictionary()
-)

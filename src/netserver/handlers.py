@@ -1,12 +1,15 @@
-"""The four handler forms, and how a name on the command line becomes one.
+"""The five handler forms, and how a name on the command line becomes one.
 
 (a) `StdioHandler`: ``def main(): ...`` reading ``sys.stdin``, writing ``sys.stdout``;
 (b) `ConnectionHandler`: ``def main(conn: Connection): ...``;
 (c) `AsyncHandler`: ``async def main(conn: AsyncConnection): ...`` (event-loop mode);
-(d) `Command`: an argv run once per connection, the socket on its stdin and stdout.
+(d) `CallbackHandler`: a `Callbacks` subclass, one object per connection whose
+    ``data_received`` the loop calls (event-loop mode; see `netserver.callbacks`);
+(e) `Command`: an argv run once per connection, the socket on its stdin and stdout.
 
-`as_handler` picks the form of a plain callable from its signature once, at start-up;
-wrap a callable in the class explicitly to skip that guess.
+`as_handler` picks the form of a plain callable from its signature once, at start-up
+(a `Callbacks` subclass by its type); wrap a callable in the class explicitly to skip
+that guess.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from .aio import AsyncConnection
+from .callbacks import CallbackConnection, Callbacks
 from .connection import Connection
 from .errors import ConfigError
 
@@ -48,6 +52,14 @@ class AsyncHandler:
 
 
 @dataclass(frozen=True)
+class CallbackHandler:
+    """A `Callbacks` class (or any callable making one from a `CallbackConnection`)."""
+
+    factory: Callable[[CallbackConnection], Callbacks]
+    modes = frozenset({"async"})
+
+
+@dataclass(frozen=True)
 class Command:
     """A program to run per connection (no shell is involved)."""
 
@@ -59,13 +71,15 @@ class Command:
             raise ConfigError("empty command")
 
 
-Handler = StdioHandler | ConnectionHandler | AsyncHandler | Command
+Handler = StdioHandler | ConnectionHandler | AsyncHandler | CallbackHandler | Command
+LoopHandler = AsyncHandler | CallbackHandler
+"""The forms event-loop mode runs."""
 HandlerLike = Handler | Sequence[str] | Callable[..., object]
 
 
 def as_handler(obj: HandlerLike) -> Handler:
-    """Return `obj` as one of the four forms; ConfigError if it fits none."""
-    if isinstance(obj, StdioHandler | ConnectionHandler | AsyncHandler | Command):
+    """Return `obj` as one of the five forms; ConfigError if it fits none."""
+    if isinstance(obj, Handler):
         return obj
     if isinstance(obj, str):
         raise ConfigError(f"handler {obj!r} is a string: use load_handler() or Command([...])")
@@ -73,6 +87,8 @@ def as_handler(obj: HandlerLike) -> Handler:
         return Command(tuple(str(arg) for arg in obj))
     if not callable(obj):
         raise ConfigError(f"handler {obj!r} is not callable")
+    if isinstance(obj, type) and issubclass(obj, Callbacks):
+        return CallbackHandler(obj)
     if inspect.iscoroutinefunction(obj):
         return AsyncHandler(obj)
     return ConnectionHandler(obj) if _required_params(obj) >= 1 else StdioHandler(obj)

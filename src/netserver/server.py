@@ -36,7 +36,7 @@ from .admit.proxy import ProxyGate
 from .connlog import ConnRecord, ServerLog
 from .endpoint import Endpoint
 from .errors import ConfigError, NetserverError
-from .handlers import AsyncHandler, Command, HandlerLike, as_handler, check_mode
+from .handlers import Command, HandlerLike, LoopHandler, as_handler, check_mode
 from .limits import Limits
 from .listen.accept import AcceptLoop
 from .listen.listeners import Listener, open_listeners, parse_listen
@@ -101,9 +101,7 @@ class Server:
     ) -> None:
         self.handler = as_handler(handler)
         spec = mode if isinstance(mode, ModeSpec) else ModeSpec(mode)
-        self.mode_name = spec.name or (
-            "async" if isinstance(self.handler, AsyncHandler) else "fork"
-        )
+        self.mode_name = spec.name or ("async" if isinstance(self.handler, LoopHandler) else "fork")
         if self.mode_name not in MODES:
             raise ConfigError(f"unknown mode {self.mode_name!r} (use: {', '.join(MODES)})")
         check_mode(self.handler, self.mode_name)
@@ -167,14 +165,14 @@ class Server:
         handler = self.handler
         if isinstance(handler, Command):
             return ExecMode(ctx, handler, self.program)
-        if isinstance(handler, AsyncHandler) and self.workers:
+        if isinstance(handler, LoopHandler) and self.workers:
             pool, owned = self.workers, False
             if not isinstance(pool, WorkerPool):
                 factory = loop_factory(self.options.loop)
                 pool = WorkerPool(pool, log=self.log, limits=self.limits, loop_factory=factory)
                 owned = True
             return PoolMode(ctx, pool, self.service, owned=owned)
-        if isinstance(handler, AsyncHandler):
+        if isinstance(handler, LoopHandler):
             return EventLoopMode(ctx, handler)
         if self.mode_name == "thread":
             return ThreadMode(ctx)

@@ -1,7 +1,9 @@
 """Event-loop mode: every connection is a task on the supervisor's own loop.
 
-Handlers are ``async def handler(conn: AsyncConnection)``. uvloop is used when it is
-installed (``pip install netserver[uvloop]``); the supervisor picks the loop.
+Handlers are ``async def handler(conn: AsyncConnection)``, or a `Callbacks` subclass
+whose methods the loop calls (the task then only waits for the connection to end and
+does the same bookkeeping). uvloop is used when it is installed (``pip install
+netserver[uvloop]``); the supervisor picks the loop.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import traceback
 
 from ..accepted import Accepted
 from ..aio import AsyncConnection
-from ..handlers import AsyncHandler
+from ..callbacks import CallbackConnection
+from ..handlers import AsyncHandler, LoopHandler
 from ..listen.tls import handshake_timeout
 from ..stdio import LineTooLong
 from .base import ModeContext
@@ -30,13 +33,13 @@ _CALLBACK_CONTEXT = contextvars.Context()
 
 
 class EventLoopMode:
-    """Runs async handlers as tasks; cancels what is left when grace runs out."""
+    """Runs loop handlers, a task per connection; cancels what is left when grace runs out."""
 
-    def __init__(self, ctx: ModeContext, handler: AsyncHandler) -> None:
+    def __init__(self, ctx: ModeContext, handler: LoopHandler) -> None:
         self.ctx = ctx
-        self.func = handler.func
+        self.handler = handler
         self.tasks: set[asyncio.Task[None]] = set()
-        self.live: set[AsyncConnection] = set()
+        self.live: set[AsyncConnection | CallbackConnection] = set()
         self.stopping = False
         self._empty = asyncio.Event()
         self._empty.set()
@@ -58,10 +61,7 @@ class EventLoopMode:
 
     async def _serve(self, conn: Accepted) -> None:
         record = conn.record
-        limits = self.ctx.limits
-        proto = AsyncConnection(
-            max_line=limits.max_line, timeout=limits.timeout, peer=record.peer, local=record.local
-        )
+        proto = self._protocol(conn)
         self.live.add(proto)
         try:
             # With ssl= the loop returns its own TLS protocol (uvloop does), so the
@@ -70,8 +70,12 @@ class EventLoopMode:
                 return
             if self.stopping:
                 proto.request_stop()
-            await self.func(proto)
-            await proto.close()
+            if isinstance(proto, CallbackConnection):
+                await proto.finished()
+            else:
+                assert isinstance(self.handler, AsyncHandler)
+                await self.handler.func(proto)
+                await proto.close()
         except asyncio.CancelledError:
             record.status = "terminated"
         except LineTooLong:
@@ -97,7 +101,21 @@ class EventLoopMode:
                 record.status = "client-gone"
             self.ctx.finished(conn)
 
-    async def _connect(self, proto: AsyncConnection, conn: Accepted) -> bool:
+    def _protocol(self, conn: Accepted) -> AsyncConnection | CallbackConnection:
+        """The connection object the handler form needs, with the server's limits."""
+        limits, record = self.ctx.limits, conn.record
+        if isinstance(self.handler, AsyncHandler):
+            return AsyncConnection(
+                max_line=limits.max_line,
+                timeout=limits.timeout,
+                peer=record.peer,
+                local=record.local,
+            )
+        return CallbackConnection(
+            self.handler.factory, timeout=limits.timeout, peer=record.peer, local=record.local
+        )
+
+    async def _connect(self, proto: AsyncConnection | CallbackConnection, conn: Accepted) -> bool:
         """Attach the protocol; False if the TLS handshake failed or was too slow."""
         tls, loop = self.ctx.tls, self.ctx.loop
         if tls is None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ..accepted import Accepted, FdRegistry
 from ..connlog import ConnRecord, ServerLog
 from ..endpoint import Endpoint
-from ..handlers import AsyncHandler
+from ..handlers import LoopHandler
 from ..limits import Limits
 from ..listen.proxy import ProxyError, read_header
 from ..listen.proxy import apply as proxy_endpoints
@@ -59,7 +59,7 @@ class WorkerApp:
 class PoolService:
     """A server whose connections a pool serves: its handler, TLS and descriptors."""
 
-    handler: AsyncHandler
+    handler: LoopHandler
     tls: ssl.SSLContext | None
     fds: FdRegistry
 

@@ -44,7 +44,7 @@ from ..accepted import Accepted, FdRegistry
 from ..children import fork_with_channel, kill_and_reap, watch_child
 from ..connlog import ServerLog
 from ..endpoint import Endpoint
-from ..handlers import AsyncHandler
+from ..handlers import LoopHandler
 from ..limits import Limits
 from .base import ModeContext, status_for_exit
 from .fork import reset_child_signals
@@ -149,7 +149,7 @@ class WorkerPool:
 
     # -- set-up ------------------------------------------------------------------------
     def add_service(
-        self, name: str, handler: AsyncHandler, tls: ssl.SSLContext | None, fds: FdRegistry
+        self, name: str, handler: LoopHandler, tls: ssl.SSLContext | None, fds: FdRegistry
     ) -> None:
         """A server that hands its connections to this pool (its fds close in workers)."""
         self.services[name] = PoolService(handler, tls, fds)
@@ -462,7 +462,7 @@ class PoolMode:
         self.service = service
         self.owned = owned
         self.namer: Namer | None = None  # set by a Server with proxy_from (see server.py)
-        assert isinstance(ctx.handler, AsyncHandler)
+        assert isinstance(ctx.handler, LoopHandler)
         pool.add_service(service, ctx.handler, ctx.tls, ctx.fds)
 
     def start(self) -> None:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..endpoint import Endpoint
-from ..handlers import Command, Handler
+from ..handlers import CallbackHandler, Command, Handler
 from .match import HostInfo, NameNeeded, Request, client_match, list_match, server_match
 from .options import BannerReader, Plan, plan_options
 from .parse import HostsRule, HostsSyntaxError, HostsTable, read_table
@@ -162,5 +162,6 @@ def default_daemon_name(handler: Handler) -> str:
     """
     if isinstance(handler, Command):
         return os.path.basename(handler.argv[0]) or handler.argv[0]
-    module = getattr(handler.func, "__module__", None) or "netserver"
+    target = handler.factory if isinstance(handler, CallbackHandler) else handler.func
+    module = getattr(target, "__module__", None) or "netserver"
     return module.rsplit(".", 1)[-1]

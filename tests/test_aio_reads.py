@@ -1,0 +1,99 @@
+"""AsyncConnection's reads on a real socket pair: what the fast paths must not lose.
+
+A waiting read is answered from ``data_received`` (a read that is exactly one line, or
+at most the chunk asked for, goes over without a copy); these check that bytes are
+never lost or reordered on the way, including when the waiting read was cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+
+import pytest
+import uvloop
+
+from netserver.aio import AsyncConnection
+
+Body = Callable[[AsyncConnection, socket.socket], Awaitable[None]]
+
+
+def run(body: Body, loop_kind: str) -> None:
+    """Run `body` with a connection on one end of a socket pair and a plain socket on the other."""
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        conn = AsyncConnection(timeout=None)
+        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(lambda: conn, ours)
+        try:
+            await asyncio.wait_for(body(conn, theirs), 10)
+        finally:
+            transport.close()
+            theirs.close()
+
+    factory = uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())
+
+
+async def waiting(task: asyncio.Task[bytes]) -> None:
+    """Let `task` run until it waits for bytes."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not task.done()
+
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+async def arrived(conn: AsyncConnection, total: int) -> None:
+    """Let the loop run until `total` bytes have come in (a bounded number of turns)."""
+    for _ in range(10_000):
+        if conn.bytes_in >= total:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{conn.bytes_in} of {total} bytes arrived")
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+@pytest.mark.parametrize(("kind", "sent"), [("readline", b"hello\n"), ("read", b"chunk")])
+def test_a_cancelled_read_loses_no_bytes(loop_kind: str, kind: str, sent: bytes) -> None:
+    """The bytes that arrive for a read cancelled meanwhile wait for the next read."""
+
+    async def body(conn: AsyncConnection, peer: socket.socket) -> None:
+        def read() -> Awaitable[bytes]:
+            return conn.readline() if kind == "readline" else conn.read(100)
+
+        first = asyncio.ensure_future(read())
+        await waiting(first)
+        first.cancel()
+        peer.send(sent)
+        await arrived(conn, len(sent))  # they come in while no read waits
+        assert await read() == sent
+
+    run(body, loop_kind)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_reads_split_and_join_the_stream_in_order(loop_kind: str) -> None:
+    async def body(conn: AsyncConnection, peer: socket.socket) -> None:
+        waiter = asyncio.ensure_future(conn.read(3))
+        await waiting(waiter)
+        peer.send(b"abcdef")  # more than the waiting read wants
+        assert await waiter == b"abc"
+        assert await conn.read(10) == b"def"
+        line = asyncio.ensure_future(conn.readline())
+        await waiting(line)
+        peer.send(b"one ")  # half a line: the read goes on waiting
+        await waiting(line)
+        peer.send(b"line\ntwo\nthr")
+        assert await line == b"one line\n"
+        assert await conn.readline() == b"two\n"
+        peer.send(b"ee\n")
+        assert await conn.readline() == b"three\n"
+        peer.shutdown(socket.SHUT_WR)
+        assert await conn.readline() == b""
+
+    run(body, loop_kind)
