@@ -58,33 +58,41 @@ def warmed_up(server: RunningServer) -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "count"),
+    ("args", "count", "helpers"),
     [
-        pytest.param(serve_args("fork"), 500, id="fork-stdio"),
+        pytest.param(serve_args("fork"), 500, 0, id="fork-stdio"),
         pytest.param(
             serve_args("fork", "--handler", "lifecycle_handlers:conn_echo"),
             200,
+            0,
             id="fork-connection",
         ),
-        pytest.param(["--listen", "127.0.0.1:0", "--", "/bin/cat"], 500, id="command"),
+        pytest.param(["--listen", "127.0.0.1:0", "--", "/bin/cat"], 500, 1, id="command"),
         pytest.param(
             ["--listen", "127.0.0.1:0", "--mode", "async", "--", "/bin/cat"],
             100,
+            1,
             id="command-async",
         ),
     ],
 )
 def test_process_per_connection_leaves_nothing_behind(
-    netserver_proc: ServerFactory, args: list[str], count: int
+    netserver_proc: ServerFactory, args: list[str], count: int, helpers: int
 ) -> None:
+    """Commands are started and reaped by a spawner process, the server's one lasting
+    child: it must look as it did after the first connection too, with no child left."""
     server = netserver_proc(args, env=HANDLER_ENV)
     pid = server.proc.pid
     warmed_up(server)
-    fds = fd_count(pid)
+    lasting = children(pid)
+    assert len(lasting) == helpers
+    fds = {process: fd_count(process) for process in (pid, *lasting)}
     run_clients(server, count)
     assert zombies(pid) == []
-    assert children(pid) == {}, "a child outlived its connection"
-    assert fd_count(pid) == fds
+    assert children(pid) == lasting, "a child outlived its connection"
+    for spawner in lasting:
+        assert children(spawner) == {}, "a command outlived its connection"
+    assert {process: fd_count(process) for process in fds} == fds
     assert log_count(server.log, "status=ok") == count + 1
 
 

@@ -13,7 +13,10 @@ import contextlib
 import os
 import signal
 import socket
+import sys
+import traceback
 from collections.abc import Callable
+from typing import NoReturn
 
 
 def kill_and_reap(pid: int) -> None:
@@ -66,6 +69,20 @@ def fork_with_channel(kind: int = socket.SOCK_STREAM) -> tuple[int, socket.socke
         return 0, theirs
     theirs.close()
     return pid, ours
+
+
+def run_child(main: Callable[[], int]) -> NoReturn:
+    """In a forked child: run `main` and exit with its code, never unwinding into the
+    parent's code (its event loop, its `finally` blocks); 70 if `main` raised."""
+    code = 70
+    try:
+        code = main()
+    except BaseException:  # whatever it is: report it, then exit
+        traceback.print_exc(file=sys.stderr)
+    finally:
+        with contextlib.suppress(BaseException):
+            sys.stderr.flush()
+        os._exit(code)
 
 
 async def reaped(pid: int) -> int:

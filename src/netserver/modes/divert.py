@@ -1,9 +1,10 @@
-"""Modes a gate diverts connections to: tcpd's ``twist``, and a command with ``setenv``.
+"""The mode a gate diverts connections to: tcpd's ``twist``.
 
 ``twist`` hands the client to ``/bin/sh -c COMMAND`` with the socket on all three
-descriptors (`TwistMode`); ``setenv`` variables reach the command a server runs per
-connection through `HostsExecMode`. The tcpd gate (`netserver.tcpd.gate`) decides which
-connection goes where; these only start the processes, tracked like any other.
+descriptors (`TwistMode`). (``setenv`` variables reach the command a server runs per
+connection through `ExecMode.dispatch` itself.) The tcpd gate (`netserver.tcpd.gate`)
+decides which connection goes where; this only starts the processes, tracked like any
+other.
 """
 
 from __future__ import annotations
@@ -12,12 +13,11 @@ import os
 from collections.abc import Mapping
 
 from ..accepted import Accepted
-from ..handlers import Command
 from .base import RESET_SIGNALS, ModeContext
-from .execute import ExecMode, spawn, tcp_environ
+from .execute import tcp_environ
 from .process import ProcessMode
 
-__all__ = ["SHELL", "HostsExecMode", "TwistMode", "spawn_shell"]
+__all__ = ["SHELL", "TwistMode", "spawn_shell"]
 
 SHELL = "/bin/sh"
 
@@ -60,24 +60,3 @@ class TwistMode(ProcessMode):
         assert self._next is not None
         command, env = self._next
         return spawn_shell(command, env, conn.sock.fileno())
-
-
-class HostsExecMode(ExecMode):
-    """`ExecMode` that adds a connection's ``setenv`` variables to its command."""
-
-    def __init__(self, ctx: ModeContext, command: Command, path: str) -> None:
-        super().__init__(ctx, command, path)
-        self._next: Mapping[str, str] = {}
-
-    def serve_with(self, conn: Accepted, env: Mapping[str, str]) -> None:
-        """Run the command on *conn* with *env* added (setenv applies last)."""
-        self._next = env
-        try:
-            self.dispatch(conn)
-        finally:
-            self._next = {}
-
-    def start_child(self, conn: Accepted) -> int:
-        env = tcp_environ(self.base_env, conn.sock, conn.record)
-        env.update(self._next)
-        return spawn(self.path, self.argv, conn.sock.fileno(), env)

@@ -6,24 +6,50 @@ every signal at its default disposition (SIGPIPE included), and no other descrip
 everything the server opens is close-on-exec. Its environment is the server's plus the
 ucspi-tcp variables, so programs written for tcpserver run unchanged.
 
-A command is spawned directly by the supervisor in every mode: forking a Python worker
-only to exec would cost a process copy and buy nothing.
+The spawning, watching and reaping is done by a spawner process (see spawner), not by
+the supervisor: the supervisor sends it each admitted socket and closes its own copy,
+and writes the log line and counts the connection out when the spawner reports the end.
+That keeps posix_spawn's wait for the exec off the accept path. A spawner that dies is
+replaced at once; its connections are logged as ``spawner-died``. If none can be
+started, the connection is refused and the accept loop backs off (a resource error):
+the server never takes connections it cannot serve.
+
+A command is run this way in every mode: forking a Python worker only to exec would
+cost a process copy and buy nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
+import gc
 import os
 import shutil
+import signal
 import socket
-import struct
-from collections.abc import Mapping
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping
 
 from ..accepted import Accepted
+from ..children import fork_with_channel, kill_and_reap, run_child, watch_child
 from ..connlog import ConnRecord
 from ..errors import ConfigError
 from ..handlers import Command
-from .base import RESET_SIGNALS, ModeContext
-from .process import ProcessMode
+from .base import ModeContext, status_for_exit
+from .spawner import (
+    CONN_HEAD,
+    CONN_TCP,
+    CONN_UNIX,
+    END,
+    FD,
+    OUTCOMES,
+    TERMINATE,
+    Program,
+    peer_credentials,
+    spawner_main,
+)
 
 # Every ucspi variable is dropped from the inherited environment first, so a command
 # never sees a stale value from the server's own environment or the other family.
@@ -43,41 +69,43 @@ _UCSPI = frozenset(
         "UNIXREMOTEGID",
     ]
 )
-_PEERCRED = struct.Struct("3i")
+_UCSPI_BYTES = frozenset(os.fsencode(name) for name in _UCSPI)
+YOUNG = 1.0  # a spawner that dies sooner than this after its start died young
+RESTART_MAX = 5.0  # the longest wait before starting a spawner again
+REPORTS = 65536
+STOP_WAIT = 10.0
+_SPAWNER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED, errno.ENOTCONN})
+
+
+def ucspi_variables(record: ConnRecord) -> str:
+    """The ucspi-tcp variables of a connection, as NAME=value separated by NUL.
+
+    TCPREMOTEHOST and TCPLOCALHOST are set only when the name is known (see tcpd.envnames);
+    the UNIXREMOTE* credentials are read from the socket by whoever spawns.
+    """
+    peer, local = record.peer, record.local
+    if peer.ip is None or local.ip is None:
+        return f"PROTO=UNIX\0UNIXLOCALPATH={local.path or ''}"
+    text = (
+        f"PROTO={peer.proto}\0TCPLOCALIP={local.host}\0TCPLOCALPORT={local.port}"
+        f"\0TCPREMOTEIP={peer.host}\0TCPREMOTEPORT={peer.port}"
+    )
+    if record.remote_host is not None:
+        text += f"\0TCPREMOTEHOST={record.remote_host}"
+    if record.local_host is not None:
+        text += f"\0TCPLOCALHOST={record.local_host}"
+    return text
 
 
 def tcp_environ(base: Mapping[str, str], sock: socket.socket, record: ConnRecord) -> dict[str, str]:
-    """The environment of a per-connection command (ucspi-tcp names).
-
-    TCPREMOTEHOST and TCPLOCALHOST are set only when the name is known (see tcpd.envnames).
-    """
+    """The whole environment of a command run on `sock` (ucspi-tcp names)."""
     env = {k: v for k, v in base.items() if k not in _UCSPI}
-    peer, local = record.peer, record.local
-    env["PROTO"] = peer.proto
-    if peer.ip is not None and local.ip is not None:
-        env["TCPLOCALIP"] = str(local.ip)
-        env["TCPLOCALPORT"] = str(local.port)
-        env["TCPREMOTEIP"] = str(peer.ip)
-        env["TCPREMOTEPORT"] = str(peer.port)
-        if record.remote_host is not None:
-            env["TCPREMOTEHOST"] = record.remote_host
-        if record.local_host is not None:
-            env["TCPLOCALHOST"] = record.local_host
-    else:
-        env["UNIXLOCALPATH"] = local.path or ""
-        pid, uid, gid = _peer_credentials(sock)
-        if pid > 0:
-            env.update(UNIXREMOTEPID=str(pid), UNIXREMOTEUID=str(uid), UNIXREMOTEGID=str(gid))
+    for item in ucspi_variables(record).split("\0"):
+        name, _, value = item.partition("=")
+        env[name] = value
+    if record.peer.ip is None or record.local.ip is None:
+        env.update({os.fsdecode(k): os.fsdecode(v) for k, v in peer_credentials(sock).items()})
     return env
-
-
-def _peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    except OSError:
-        return (0, -1, -1)
-    pid, uid, gid = _PEERCRED.unpack(raw)
-    return (pid, uid, gid)
 
 
 def resolve_program(argv: tuple[str, ...]) -> str:
@@ -88,28 +116,228 @@ def resolve_program(argv: tuple[str, ...]) -> str:
     return path
 
 
-def spawn(path: str, argv: tuple[str, ...], fd: int, env: Mapping[str, str]) -> int:
-    """Start the command on socket `fd`; return its pid."""
-    return os.posix_spawn(
-        path,
-        argv,
-        env,
-        file_actions=[(os.POSIX_SPAWN_DUP2, fd, 0), (os.POSIX_SPAWN_DUP2, fd, 1)],
-        setsigdef=RESET_SIGNALS,
-        setsigmask=(),
-    )
+def packets(chan: socket.socket) -> Iterator[bytes]:
+    """What a non-blocking SOCK_SEQPACKET channel holds now, a packet at a time;
+    b"" (last) when the other end is gone."""
+    while True:
+        try:
+            data = chan.recv(REPORTS)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        yield data
+        if not data:
+            return
 
 
-class ExecMode(ProcessMode):
-    """Serves each connection with a fresh process running the command."""
+class _SpawnerProc:
+    """The supervisor's handle on one spawner process: pid, pidfd, channel."""
+
+    def __init__(self, pid: int, chan: socket.socket, pidfd: int) -> None:
+        self.pid = pid
+        self.chan = chan
+        self.pidfd = pidfd
+        self.started = time.monotonic()
+        self.sent: dict[int, Accepted] = {}  # connections it serves, by id
+
+
+class ExecMode:
+    """Serves each connection with a fresh process running the command (via the spawner)."""
 
     def __init__(self, ctx: ModeContext, command: Command, path: str) -> None:
-        super().__init__(ctx)
-        self.argv = command.argv
-        self.path = path
+        self.ctx = ctx
         # Filtered once: copying the whole environment per connection was measurable.
-        self.base_env = {k: v for k, v in os.environ.items() if k not in _UCSPI}
+        env = {k: v for k, v in os.environb.items() if k not in _UCSPI_BYTES}
+        self.program = Program(path, command.argv, env, ctx.limits.timeout)
+        self.spawner: _SpawnerProc | None = None
+        self.pending: deque[tuple[int, bytes, Accepted]] = deque()  # id, message, conn
+        self.stopping = False
+        self._next_id = 0
+        self._young_deaths = 0
+        self._restart_at = 0.0
+        self._empty = asyncio.Event()
+        self._empty.set()
+        self._gone: asyncio.Event | None = None  # set when a closed spawner has exited
 
-    def start_child(self, conn: Accepted) -> int:
-        env = tcp_environ(self.base_env, conn.sock, conn.record)
-        return spawn(self.path, self.argv, conn.sock.fileno(), env)
+    # -- the spawner process ---------------------------------------------------------------
+    def start(self) -> None:
+        """Fork the spawner now, before any connection (OSError if the system refuses)."""
+        self._start_spawner()
+
+    def _start_spawner(self) -> _SpawnerProc:
+        loop = self.ctx.loop
+        gc.freeze()  # keep the collector off the pages the spawner shares with us
+        pid, chan = fork_with_channel(socket.SOCK_SEQPACKET)
+        if pid == 0:
+            asyncio.events._set_running_loop(None)
+            run_child(lambda: spawner_main(chan, self.program, self.ctx.log))
+        chan.setblocking(False)
+        try:
+            pidfd = watch_child(loop, pid, lambda code: self._spawner_exited(proc, code))
+        except OSError:
+            kill_and_reap(pid)
+            chan.close()
+            raise
+        proc = _SpawnerProc(pid, chan, pidfd)
+        self.ctx.fds.add(pidfd)
+        self.ctx.fds.add(chan.fileno())
+        loop.add_reader(chan.fileno(), self._reports, proc)
+        self.spawner = proc
+        return proc
+
+    def _spawner_exited(self, proc: _SpawnerProc, code: int) -> None:
+        """The spawner ended: expected at the stop, a failure otherwise (restart it)."""
+        self._reports(proc)  # what it reported before it went
+        self.ctx.loop.remove_reader(proc.chan.fileno())
+        self.ctx.loop.remove_writer(proc.chan.fileno())
+        self.ctx.fds.discard(proc.pidfd)
+        self.ctx.fds.discard(proc.chan.fileno())
+        proc.chan.close()
+        if self.spawner is proc:
+            self.spawner = None
+        if self._gone is not None and not proc.sent:
+            self._gone.set()
+            return
+        self.ctx.log.error(
+            "spawner process died; its commands are no longer watched",
+            pid=proc.pid,
+            status=status_for_exit(code),
+            connections=len(proc.sent),
+        )
+        for conn in proc.sent.values():
+            conn.record.status = "spawner-died"
+            self._finish(conn)
+        proc.sent.clear()
+        young = time.monotonic() - proc.started < YOUNG
+        self._young_deaths = self._young_deaths + 1 if young else 0
+        delay = min(RESTART_MAX, 0.1 * 2**self._young_deaths) if self._young_deaths > 1 else 0.0
+        self._restart_at = time.monotonic() + delay
+        if self.pending and not self.stopping:
+            self.ctx.loop.call_later(delay, self._drain)
+
+    def _available(self) -> _SpawnerProc | None:
+        """The spawner, started again if it died (and not dying young in a loop)."""
+        if self.spawner is None and not self.stopping and time.monotonic() >= self._restart_at:
+            try:
+                self._start_spawner()
+            except OSError as exc:
+                self.ctx.log.error("cannot start the spawner process", error=str(exc))
+                self._restart_at = time.monotonic() + 1.0
+        return self.spawner
+
+    # -- connections ------------------------------------------------------------------------
+    def dispatch(self, conn: Accepted, setenv: Mapping[str, str] | None = None) -> None:
+        """Send the connection to the spawner and close our copy of the socket.
+
+        `setenv`: variables a hosts.allow rule adds to the command's environment (last).
+        With no spawner to send it to, the connection is refused (logged as
+        ``spawn-failed``) and a resource error is raised, so the accept loop backs off.
+        """
+        self._next_id += 1
+        cid = self._next_id
+        kind = CONN_UNIX if conn.record.peer.ip is None else CONN_TCP
+        text = ucspi_variables(conn.record)
+        if setenv:
+            text += "\0" + "\0".join(f"{name}={value}" for name, value in setenv.items())
+        message = CONN_HEAD.pack(kind, cid, conn.sock.family) + os.fsencode(text)
+        self._empty.clear()
+        self.pending.append((cid, message, conn))
+        if len(self.pending) == 1:
+            self._drain()
+        if self.pending and self.spawner is None:
+            self._drop_pending("spawn-failed")
+            raise OSError(errno.EAGAIN, "no spawner process to start commands")
+
+    def _drain(self) -> None:
+        """Send the waiting connections, in order, while the channel takes them."""
+        proc = self._available()
+        while proc is not None and self.pending:
+            cid, message, conn = self.pending[0]
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, FD.pack(conn.sock.fileno()))]
+            try:
+                proc.chan.sendmsg([message], rights)
+            except BlockingIOError:
+                self.ctx.loop.add_writer(proc.chan.fileno(), self._writable, proc)
+                return
+            except OSError as exc:
+                if exc.errno in _SPAWNER_GONE:
+                    return  # its pidfd says so soon, and another one is started
+                self.pending.popleft()  # this connection cannot be passed on: drop it
+                self.ctx.log.error("cannot pass a connection to the spawner", error=str(exc))
+                self._end_unsent(conn, "spawn-failed")
+                continue
+            self.pending.popleft()
+            proc.sent[cid] = conn
+            self.ctx.fds.discard(conn.fd)
+            conn.sock.close()
+            conn.fd = -1  # the number is free for others: nothing of ours to forget
+
+    def _writable(self, proc: _SpawnerProc) -> None:
+        self.ctx.loop.remove_writer(proc.chan.fileno())
+        self._drain()
+
+    def _drop_pending(self, status: str) -> None:
+        """End every connection not yet sent to a spawner, logged with `status`."""
+        while self.pending:
+            self._end_unsent(self.pending.popleft()[2], status)
+
+    def _end_unsent(self, conn: Accepted, status: str) -> None:
+        conn.record.status = status
+        conn.sock.close()
+        self._finish(conn)
+
+    def _reports(self, proc: _SpawnerProc) -> None:
+        """The spawner's END records: fill in the log record, count the connection out."""
+        for data in packets(proc.chan):
+            if not data:  # the spawner is gone; its pidfd tells the rest
+                self.ctx.loop.remove_reader(proc.chan.fileno())
+                return
+            for cid, code, bytes_in, bytes_out, outcome in END.iter_unpack(data):
+                conn = proc.sent.pop(cid, None)
+                if conn is None:
+                    continue
+                record = conn.record
+                if bytes_in >= 0:
+                    record.bytes_in, record.bytes_out = bytes_in, bytes_out
+                if record.status == "ok":
+                    record.status = OUTCOMES[outcome] or status_for_exit(code)
+                self._finish(conn)
+
+    def _finish(self, conn: Accepted) -> None:
+        self.ctx.finished(conn)
+        if not self.pending and (self.spawner is None or not self.spawner.sent):
+            self._empty.set()
+
+    # -- the Mode contract -------------------------------------------------------------------
+    def active(self) -> int:
+        running = len(self.spawner.sent) if self.spawner is not None else 0
+        return running + len(self.pending)
+
+    def begin_stop(self) -> None:
+        """Commands run to their end within the grace period; nothing to tell them."""
+
+    def terminate(self) -> None:
+        """End every command now: TERM, then KILL a few seconds later (in the spawner)."""
+        self.stopping = True
+        self._drop_pending("terminated")
+        if self.spawner is not None:
+            with contextlib.suppress(OSError):
+                self.spawner.chan.send(TERMINATE)
+
+    async def closed(self) -> None:
+        """Once every connection has ended, close the channel and wait for the spawner."""
+        await self._empty.wait()
+        self.stopping = True
+        proc = self.spawner
+        if proc is None:
+            return
+        self._gone = asyncio.Event()
+        with contextlib.suppress(OSError):
+            proc.chan.shutdown(socket.SHUT_WR)
+        try:
+            await asyncio.wait_for(self._gone.wait(), STOP_WAIT)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            await self._gone.wait()

@@ -33,15 +33,13 @@ import os
 import signal
 import socket
 import ssl
-import sys
 import time
-import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..accepted import Accepted, FdRegistry
-from ..children import fork_with_channel, kill_and_reap, watch_child
+from ..children import fork_with_channel, kill_and_reap, run_child, watch_child
 from ..connlog import ServerLog
 from ..endpoint import Endpoint
 from ..handlers import LoopHandler
@@ -193,16 +191,8 @@ class WorkerPool:
         except OSError as exc:
             self._cannot_spawn(exc)
             return None
-        if pid == 0:  # never returns: the child must not unwind into the parent's loop
-            code = 70
-            try:
-                code = self._child(channel, parent_pid)
-            except BaseException:  # whatever it is: report it, then exit
-                traceback.print_exc(file=sys.stderr)
-            finally:
-                with contextlib.suppress(BaseException):
-                    sys.stderr.flush()
-                os._exit(code)
+        if pid == 0:
+            run_child(lambda: self._child(channel, parent_pid))
         channel.setblocking(False)
         proc = _Proc(pid, channel, self.generation, time.monotonic())
         try:

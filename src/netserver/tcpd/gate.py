@@ -11,7 +11,7 @@ counts as failed: the name is "unknown", as for tcpd).
 the service starts once it has finished (tcpd waits too; end the command with ``&``
 not to wait), but never waits longer than `SPAWN_WAIT`. ``twist`` diverts the client to
 ``/bin/sh -c COMMAND`` (`netserver.modes.divert.TwistMode`). ``setenv`` reaches spawned
-and twisted commands and, through `HostsExecMode`, the command a server runs per
+and twisted commands and, through `ExecMode.dispatch`, the command a server runs per
 connection. A name a rule looked up becomes TCPREMOTEHOST/TCPLOCALHOST.
 """
 
@@ -31,9 +31,8 @@ from ..children import watch_child
 from ..connlog import ConnRecord, ServerLog
 from ..endpoint import Endpoint
 from ..errors import NetserverError
-from ..handlers import Command
 from ..modes.base import Mode, ModeContext
-from ..modes.divert import HostsExecMode, TwistMode, spawn_shell
+from ..modes.divert import TwistMode, spawn_shell
 from ..modes.execute import ExecMode
 from .access import (
     HostsAccess,
@@ -74,7 +73,7 @@ class HostsGate:
         self.log = ServerLog()
         self._ctx: ModeContext | None = None
         self._twist: TwistMode | None = None
-        self._setenv: HostsExecMode | None = None
+        self._setenv: ExecMode | None = None
 
     # -- the Gate contract (netserver.admit.gate) ---------------------------------------
     def start(self, ctx: ModeContext, mode: Mode) -> Sequence[Mode]:
@@ -84,8 +83,8 @@ class HostsGate:
         self._twist = TwistMode(ctx)
         if not isinstance(mode, ExecMode):
             return [self._twist]
-        self._setenv = HostsExecMode(ctx, Command(mode.argv), mode.path)
-        return [self._twist, self._setenv]
+        self._setenv = mode  # its dispatch takes the setenv variables
+        return [self._twist]
 
     def reload(self, log: ServerLog) -> None:
         """Re-read both files; on an error keep the old rules and say where it is."""
@@ -129,7 +128,7 @@ class HostsGate:
             return Refusal(self.reason(plan))
         if plan.env and self._setenv is not None:
             setenv, extra = self._setenv, dict(plan.env)
-            return Divert(lambda c: setenv.serve_with(c, extra))
+            return Divert(lambda c: setenv.dispatch(c, extra))
         if plan.env:
             self.log.info("setenv applies only to commands", peer=str(conn.record.peer))
         return PASS
