@@ -32,6 +32,34 @@ def process_cpu(pid: int) -> float | None:
     return (utime + stime + cutime + cstime) / _TICK
 
 
+def children_of(pid: int) -> list[int]:
+    """The live child processes of `pid` (from /proc/PID/task/*/children)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", "rb") as f:
+                found += [int(child) for child in f.read().split()]
+        except OSError:
+            continue
+    return found
+
+
+def tree_cpu(pid: int) -> float | None:
+    """`process_cpu` of `pid` plus that of its live children.
+
+    A server whose long-lived helper (netserver's spawner) starts and reaps the
+    per-connection processes has their time in the helper's cutime, not its own.
+    """
+    own = process_cpu(pid)
+    if own is None:
+        return None
+    return own + sum(t for t in map(process_cpu, children_of(pid)) if t is not None)
+
+
 def machine_cpu() -> tuple[float, float]:
     """(busy, steal): CPU seconds, summed over all CPUs, since boot, from /proc/stat.
 
@@ -63,7 +91,7 @@ def snapshot(server_pid: int | None) -> Snapshot:
     return Snapshot(
         time.perf_counter(),
         time.process_time(),
-        process_cpu(server_pid) if server_pid else None,
+        tree_cpu(server_pid) if server_pid else None,
         busy,
         steal,
     )

@@ -15,6 +15,11 @@ Flags, chosen to give both servers the same job:
 
 tcpserver prints nothing per connection by default (no ``-v``), so netserver does
 strictly more work per connection here.
+
+netserver starts its commands from a spawner process (see netserver.modes.spawner), whose
+CPU, and that of the commands it reaped, the server CPU figures include (bench.cpu
+counts the server's live children). ``python -m bench.exec_cpu`` splits it: server,
+spawner, commands.
 """
 
 from __future__ import annotations
