@@ -47,7 +47,7 @@ def test_commands_are_children_of_the_spawner(netserver_proc: ServerFactory) -> 
         assert round_trip(sock) == b"ping\n"
         (command,) = children(spawner)
         assert os.readlink(f"/proc/{command}/exe") == os.path.realpath("/bin/cat")
-        assert children(server.proc.pid) == {spawner: "S"}
+        assert set(children(server.proc.pid)) == {spawner}
     assert wait_until(lambda: children(spawner) == {})
 
 
@@ -118,7 +118,8 @@ def test_a_copy_of_the_socket_is_kept_only_for_the_idle_timeout(
     server_sockets = socket_fds(server.proc.pid)
     with connect(server.host_port) as sock:
         assert round_trip(sock) == b"ping\n"
-        assert socket_fds(spawner) == 1 + copies
+        # (It lets go just after the spawn, which may be after the command answered.)
+        assert wait_until(lambda: socket_fds(spawner) == 1 + copies)
         assert socket_fds(server.proc.pid) == server_sockets  # the server let go of it
     assert wait_until(lambda: log_count(server.log, "status=ok") == 1)
     assert log_count(server.log, counts) == 1
