@@ -61,9 +61,10 @@ def test_a_dead_spawner_is_replaced_and_its_connections_logged(
         os.kill(first, signal.SIGKILL)
         assert wait_until(lambda: "status=spawner-died" in server.log())
     assert "spawner process died" in server.log()
-    assert served(server.host_port)  # a new spawner serves the next client
-    second = the_spawner(server.proc.pid)
-    assert second != first and gone(first)
+    assert wait_until(lambda: gone(first) and len(children(server.proc.pid)) == 1)
+    second = the_spawner(server.proc.pid)  # started at once, before any new client
+    assert second != first
+    assert served(server.host_port)
     assert server.stop() == 0
     assert gone(second)
 

@@ -213,7 +213,7 @@ class ExecMode:
         self._young_deaths = self._young_deaths + 1 if young else 0
         delay = min(RESTART_MAX, 0.1 * 2**self._young_deaths) if self._young_deaths > 1 else 0.0
         self._restart_at = time.monotonic() + delay
-        if self.pending and not self.stopping:
+        if not self.stopping:  # at once (or after the back-off), not on the next accept
             self.ctx.loop.call_later(delay, self._drain)
 
     def _available(self) -> _SpawnerProc | None:
