@@ -7,6 +7,7 @@ connection out when its command ends, and leave with the server.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 from pathlib import Path
@@ -143,3 +144,17 @@ def test_a_command_that_cannot_start_is_logged_and_the_spawner_goes_on(
     with connect(server.host_port) as sock:
         assert read_to_end(sock) == b"hello\n"
     assert the_spawner(server.proc.pid) == spawner
+
+
+def test_a_spawner_that_keeps_dying_is_replaced_after_a_back_off(
+    netserver_proc: ServerFactory,
+) -> None:
+    """Each death is logged; young deaths in a row delay the next start (no fork loop),
+    and while there is no spawner a client is refused, never left waiting."""
+    server = netserver_proc(["--listen", "127.0.0.1:0", *CAT])
+    for _ in range(3):
+        spawner = the_spawner(server.proc.pid)
+        os.kill(spawner, signal.SIGKILL)
+        assert wait_until(functools.partial(gone, spawner))
+    assert wait_until(lambda: served(server.host_port))
+    assert log_count(server.log, "spawner process died") == 3
