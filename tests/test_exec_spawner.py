@@ -1,6 +1,6 @@
-"""The spawner process that starts and reaps a server's commands (see netserver.modes.spawner).
+"""The spawner processes that start and reap a server's commands (netserver.modes.spawner).
 
-The server's one lasting child for commands: it must be replaced when it dies (and the
+A command service's lasting children: each must be replaced when it dies (and the
 connections it served logged as such), never leave a command behind, count each
 connection out when its command ends, and leave with the server.
 """
@@ -26,14 +26,22 @@ from lifecycle_handlers import (
     wait_until,
 )
 
+from netserver.modes.execute import SPAWNERS
+
 CAT = ["--", "/bin/cat"]
 
 
-def the_spawner(server_pid: int) -> int:
-    """The server's one child (forked as the mode starts, just after readiness)."""
-    assert wait_until(lambda: len(children(server_pid)) == 1)
-    (pid,) = children(server_pid)
-    return pid
+def the_spawners(server_pid: int) -> set[int]:
+    """The server's children (forked as the mode starts, just after readiness)."""
+    assert wait_until(lambda: len(children(server_pid)) == SPAWNERS)
+    return set(children(server_pid))
+
+
+def serving(server_pid: int) -> int:
+    """The spawner whose command serves the one connection open now."""
+    assert wait_until(lambda: sum(len(children(p)) for p in children(server_pid)) == 1)
+    (spawner,) = [p for p in children(server_pid) if children(p)]
+    return spawner
 
 
 def gone(pid: int) -> bool:
@@ -41,14 +49,19 @@ def gone(pid: int) -> bool:
     return not os.path.exists(f"/proc/{pid}")
 
 
-def test_commands_are_children_of_the_spawner(netserver_proc: ServerFactory) -> None:
+def all_gone(pids: set[int]) -> bool:
+    return all(gone(pid) for pid in pids)
+
+
+def test_commands_are_children_of_a_spawner(netserver_proc: ServerFactory) -> None:
     server = netserver_proc(["--listen", "127.0.0.1:0", *CAT])
-    spawner = the_spawner(server.proc.pid)
+    spawners = the_spawners(server.proc.pid)
     with connect(server.host_port) as sock:
         assert round_trip(sock) == b"ping\n"
+        spawner = serving(server.proc.pid)
         (command,) = children(spawner)
         assert os.readlink(f"/proc/{command}/exe") == os.path.realpath("/bin/cat")
-        assert set(children(server.proc.pid)) == {spawner}
+        assert set(children(server.proc.pid)) == spawners
     assert wait_until(lambda: children(spawner) == {})
 
 
@@ -56,18 +69,19 @@ def test_a_dead_spawner_is_replaced_and_its_connections_logged(
     netserver_proc: ServerFactory,
 ) -> None:
     server = netserver_proc(["--listen", "127.0.0.1:0", *CAT])
-    first = the_spawner(server.proc.pid)
+    before = the_spawners(server.proc.pid)
     with connect(server.host_port) as sock:
         assert round_trip(sock) == b"ping\n"
+        first = serving(server.proc.pid)
         os.kill(first, signal.SIGKILL)
         assert wait_until(lambda: "status=spawner-died" in server.log())
     assert "spawner process died" in server.log()
-    assert wait_until(lambda: gone(first) and len(children(server.proc.pid)) == 1)
-    second = the_spawner(server.proc.pid)  # started at once, before any new client
-    assert second != first
+    assert wait_until(lambda: gone(first) and len(children(server.proc.pid)) == SPAWNERS)
+    after = the_spawners(server.proc.pid)  # replaced at once, before any new client
+    assert first not in after and after - before
     assert served(server.host_port)
     assert server.stop() == 0
-    assert gone(second)
+    assert all(gone(pid) for pid in after)
 
 
 def test_the_per_source_count_drops_when_the_command_ends(netserver_proc: ServerFactory) -> None:
@@ -79,28 +93,29 @@ def test_the_per_source_count_drops_when_the_command_ends(netserver_proc: Server
     assert served(server.host_port)
 
 
-def test_the_spawner_leaves_with_the_server(netserver_proc: ServerFactory) -> None:
+def test_the_spawners_leave_with_the_server(netserver_proc: ServerFactory) -> None:
     server = netserver_proc(["--listen", "127.0.0.1:0", "--grace", "0.5", *CAT])
-    spawner = the_spawner(server.proc.pid)
+    spawners = the_spawners(server.proc.pid)
     with connect(server.host_port) as sock:
         assert round_trip(sock) == b"ping\n"
-        (command,) = children(spawner)
+        (command,) = children(serving(server.proc.pid))
         server.signal(signal.SIGTERM)
         assert closed_by_peer(sock, 8.0)
         assert server.proc.wait(20) == 0
-    assert gone(spawner) and gone(command)
+    assert all(gone(pid) for pid in spawners) and gone(command)
     assert "status=terminated" in server.log()
 
 
-def test_the_spawner_ignores_a_terminal_interrupt(netserver_proc: ServerFactory) -> None:
-    """SIGINT/SIGTERM/SIGHUP sent to the whole group must not end it: the supervisor
+def test_the_spawners_ignore_a_terminal_interrupt(netserver_proc: ServerFactory) -> None:
+    """SIGINT/SIGTERM/SIGHUP sent to the whole group must not end them: the supervisor
     decides when commands end."""
     server = netserver_proc(["--listen", "127.0.0.1:0", *CAT])
-    spawner = the_spawner(server.proc.pid)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        os.kill(spawner, sig)
+    spawners = the_spawners(server.proc.pid)
+    for spawner in spawners:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            os.kill(spawner, sig)
     assert served(server.host_port)
-    assert the_spawner(server.proc.pid) == spawner
+    assert the_spawners(server.proc.pid) == spawners
     assert "spawner process died" not in server.log()
 
 
@@ -114,12 +129,13 @@ def test_a_copy_of_the_socket_is_kept_only_for_the_idle_timeout(
     sees the end when the command exits; the log has no byte counts); with one it keeps
     a copy, to read the idle time and, at the end, the byte counts from TCP_INFO."""
     server = netserver_proc(["--listen", "127.0.0.1:0", "--timeout", timeout, *CAT])
-    spawner = the_spawner(server.proc.pid)
-    # Once started it holds one socket, its channel: nothing inherited from the server.
-    assert wait_until(lambda: socket_fds(spawner) == 1)
+    spawners = the_spawners(server.proc.pid)
+    # Once started each holds one socket, its channel: nothing inherited from the server.
+    assert wait_until(lambda: all(socket_fds(p) == 1 for p in spawners))
     server_sockets = socket_fds(server.proc.pid)
     with connect(server.host_port) as sock:
         assert round_trip(sock) == b"ping\n"
+        spawner = serving(server.proc.pid)
         # (It lets go just after the spawn, which may be after the command answered.)
         assert wait_until(lambda: socket_fds(spawner) == 1 + copies)
         assert socket_fds(server.proc.pid) == server_sockets  # the server let go of it
@@ -134,16 +150,17 @@ def test_a_command_that_cannot_start_is_logged_and_the_spawner_goes_on(
     script.write_text("#!/bin/sh\necho hello\n")
     script.chmod(0o755)
     server = netserver_proc(["--listen", "127.0.0.1:0", "--", str(script)])
-    spawner = the_spawner(server.proc.pid)
+    spawners = the_spawners(server.proc.pid)
     script.chmod(0o644)  # no longer executable: posix_spawn fails in the spawner
     with connect(server.host_port) as sock:
         assert closed_by_peer(sock)
     assert wait_until(lambda: "status=spawn-failed" in server.log())
     assert "cannot start a process" in server.log()
     script.chmod(0o755)
-    with connect(server.host_port) as sock:
-        assert read_to_end(sock) == b"hello\n"
-    assert the_spawner(server.proc.pid) == spawner
+    for _ in range(SPAWNERS):  # each spawner in turn
+        with connect(server.host_port) as sock:
+            assert read_to_end(sock) == b"hello\n"
+    assert the_spawners(server.proc.pid) == spawners
 
 
 def test_a_spawner_that_keeps_dying_is_replaced_after_a_back_off(
@@ -153,8 +170,9 @@ def test_a_spawner_that_keeps_dying_is_replaced_after_a_back_off(
     and while there is no spawner a client is refused, never left waiting."""
     server = netserver_proc(["--listen", "127.0.0.1:0", *CAT])
     for _ in range(3):
-        spawner = the_spawner(server.proc.pid)
-        os.kill(spawner, signal.SIGKILL)
-        assert wait_until(functools.partial(gone, spawner))
+        spawners = the_spawners(server.proc.pid)
+        for spawner in spawners:
+            os.kill(spawner, signal.SIGKILL)
+        assert wait_until(functools.partial(all_gone, spawners))
     assert wait_until(lambda: served(server.host_port))
-    assert log_count(server.log, "spawner process died") == 3
+    assert log_count(server.log, "spawner process died") == 3 * SPAWNERS

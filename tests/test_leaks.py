@@ -32,6 +32,8 @@ from lifecycle_handlers import (
     zombies,
 )
 
+from netserver.modes.execute import SPAWNERS
+
 CONN_LINE = "netserver: conn "
 
 
@@ -67,11 +69,11 @@ def warmed_up(server: RunningServer) -> None:
             0,
             id="fork-connection",
         ),
-        pytest.param(["--listen", "127.0.0.1:0", "--", "/bin/cat"], 500, 1, id="command"),
+        pytest.param(["--listen", "127.0.0.1:0", "--", "/bin/cat"], 500, SPAWNERS, id="command"),
         pytest.param(
             ["--listen", "127.0.0.1:0", "--mode", "async", "--", "/bin/cat"],
             100,
-            1,
+            SPAWNERS,
             id="command-async",
         ),
     ],
@@ -79,8 +81,8 @@ def warmed_up(server: RunningServer) -> None:
 def test_process_per_connection_leaves_nothing_behind(
     netserver_proc: ServerFactory, args: list[str], count: int, helpers: int
 ) -> None:
-    """Commands are started and reaped by a spawner process, the server's one lasting
-    child: it must look as it did after the first connection too, with no child left."""
+    """Commands are started and reaped by spawner processes, the server's lasting
+    children: they must look as they did after the first connection too, no child left."""
     server = netserver_proc(args, env=HANDLER_ENV)
     pid = server.proc.pid
     warmed_up(server)

@@ -6,9 +6,9 @@ sat on the accept path of every connection (67 % of its wall time under load, se
 bench/RESULTS.md); here it stalls only this process, while the supervisor goes on
 accepting and judging. tcpserver's `fork()` returns at once; this is the same split.
 
-The supervisor forks the spawner when the mode starts. The spawner closes every
-descriptor but its channel and stdio (it holds nothing of the supervisor's: no listener,
-no other client's socket), then serves the channel, a SOCK_SEQPACKET pair:
+The supervisor forks its spawners (execute.SPAWNERS) when the mode starts. Each closes
+every descriptor but its channel and stdio (it holds nothing of the supervisor's: no
+listener, no other client's socket), then serves the channel, a SOCK_SEQPACKET pair:
 
 * supervisor -> spawner: `CONN_TCP`/`CONN_UNIX` + connection id + the ucspi variables
   as ``NAME=value`` separated by NUL, with the socket attached (SCM_RIGHTS);
