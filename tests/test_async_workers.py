@@ -106,3 +106,27 @@ def test_a_killed_worker_is_replaced_and_the_supervisor_takes_them_all_down(
     for fd in fds:
         os.close(fd)
     assert not left, "a worker outlived its supervisor"
+
+
+def test_a_worker_holds_every_socket_close_on_exec(netserver_proc: ServerFactory) -> None:
+    """A descriptor passed to a worker is close-on-exec from the moment it arrives.
+
+    A worker serves many clients at once: a command that one handler runs must not
+    inherit another client's connection (`socket.recv_fds` would install it inheritable).
+    """
+    _server, address = serve(netserver_proc)
+    held = [connect(address) for _ in range(3)]
+    for pid in {pid for _sock, pid in held}:
+        sockets = [
+            fd for fd in Path(f"/proc/{pid}/fd").iterdir() if os.readlink(fd).startswith("socket:")
+        ]
+        assert len(sockets) >= 2  # the channel to the supervisor and a client at least
+        for fd in sockets:
+            flags = next(
+                line.split()[1]
+                for line in (Path(f"/proc/{pid}/fdinfo") / fd.name).read_text().splitlines()
+                if line.startswith("flags:")
+            )
+            assert int(flags, 8) & os.O_CLOEXEC, f"worker {pid} fd {fd.name} is inheritable"
+    for sock, _pid in held:
+        sock.close()

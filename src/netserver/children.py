@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import socket
+import struct
 import sys
 import traceback
 from collections.abc import Callable
@@ -100,3 +101,22 @@ async def reaped(pid: int) -> int:
         if not ended.done():
             loop.remove_reader(pidfd)
             os.close(pidfd)
+
+
+_FD = struct.Struct("i")  # one descriptor number in SCM_RIGHTS data
+
+
+def receive_fds(chan: socket.socket, max_msg: int, max_fds: int) -> tuple[bytes, list[int]]:
+    """One message from `chan` and the descriptors it carries, close-on-exec from the start.
+
+    `socket.recv_fds` installs them inheritable, so a command that any handler of the
+    process runs while one is open would inherit another client's connection.
+    """
+    data, ancdata, _flags, _addr = chan.recvmsg(
+        max_msg, socket.CMSG_SPACE(_FD.size * max_fds), socket.MSG_CMSG_CLOEXEC
+    )
+    fds: list[int] = []
+    for level, kind, raw in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds += [fd for (fd,) in _FD.iter_unpack(raw[: len(raw) - len(raw) % _FD.size])]
+    return data, fds

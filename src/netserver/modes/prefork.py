@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..accepted import Accepted
-from ..children import fork_with_channel, kill_and_reap, watch_child
+from ..children import fork_with_channel, kill_and_reap, receive_fds, watch_child
 from ..connection import Connection
 from ..endpoint import Endpoint, parse_ip
 from .base import ModeContext, run_sync, status_for_exit
@@ -62,7 +62,7 @@ def worker_main(ctx: ModeContext, chan: socket.socket, recycle: int) -> int:
     devnull = os.open(os.devnull, os.O_RDWR)
     for served in range(1, recycle + 1):
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(chan, _MAX_MSG, 1)
+            msg, fds = receive_fds(chan, _MAX_MSG, 1)
         except OSError:
             return 0
         if msg[:1] != _CONN or not fds:

@@ -46,7 +46,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .. import tcpinfo
-from ..children import kill_and_reap
+from ..children import kill_and_reap, receive_fds
 from ..connlog import ServerLog
 from .base import RESET_SIGNALS
 
@@ -116,7 +116,7 @@ class Spawner:
     def _messages(self) -> None:
         while self.listening:
             try:
-                data, fds = receive(self.chan)
+                data, fds = receive_fds(self.chan, MAX_MSG, 2)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -273,22 +273,6 @@ class Spawner:
         for run in self.running.values():
             run.outcome = TERMINATED
             self._end(run)
-
-
-def receive(chan: socket.socket) -> tuple[bytes, list[int]]:
-    """One message and the descriptors it carries, close-on-exec from the start.
-
-    `socket.recv_fds` leaves them inheritable: every command spawned while one is open
-    would get another client's connection.
-    """
-    data, ancdata, _flags, _addr = chan.recvmsg(
-        MAX_MSG, socket.CMSG_SPACE(FD.size * 2), socket.MSG_CMSG_CLOEXEC
-    )
-    fds: list[int] = []
-    for level, kind, raw in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds += [fd for (fd,) in FD.iter_unpack(raw[: len(raw) - len(raw) % FD.size])]
-    return data, fds
 
 
 def peer_credentials(sock: socket.socket) -> dict[bytes, bytes]:

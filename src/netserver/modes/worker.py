@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from ..accepted import Accepted, FdRegistry
+from ..children import receive_fds
 from ..connlog import ConnRecord, ServerLog
 from ..endpoint import Endpoint
 from ..handlers import LoopHandler
@@ -128,7 +129,7 @@ class Worker:
     def _message(self) -> None:
         while True:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self.chan, MAX_MSG, 1)
+                data, fds = receive_fds(self.chan, MAX_MSG, 1)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
