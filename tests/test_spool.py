@@ -228,3 +228,27 @@ def test_a_status_write_that_fails_leaves_no_file(tmp_path: Path) -> None:
     assert done.stdout.strip() == str(errno.EFBIG), done.stderr
     assert sorted(os.listdir(spool.root / "status")) == []  # no half record, no QID.new
     assert spool.read_status(qid) is None
+
+
+def test_a_locked_message_is_read_through_its_lock(tmp_path: Path) -> None:
+    """What is delivered is the file that is locked, even if its name is taken meanwhile
+    (no second open by name), and its size is known without asking the file system."""
+    spool = Spool(tmp_path)
+    qid = spool.commit(ENV, DATA)
+    other = spool.commit(ENV, b"Subject: other\r\n\r\nanother\r\n")
+    size = os.path.getsize(spool.path("queue", qid))
+    with spool.locked(qid) as state:
+        assert state == "queue"
+        os.rename(spool.path("queue", other), spool.path("queue", qid))
+        assert spool.size(qid, "queue") == size
+        assert spool.get(qid, state).data == DATA
+    assert spool.get(qid).data == b"Subject: other\r\n\r\nanother\r\n"  # by name: the new file
+
+
+def test_a_large_locked_message_is_read_whole(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    data = b"".join(b"line %07d\r\n" % i for i in range(200_000))  # 2.4 MB: several reads
+    qid = spool.commit(ENV, data)
+    with spool.locked(qid) as state:
+        assert state is not None
+        assert spool.get(qid, state).data == data

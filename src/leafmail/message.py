@@ -219,7 +219,7 @@ async def attempt(
 
 async def _load(spool: Spool, qid: str, state: str) -> Message:
     """Unfreeze on the loop when small (a thread hop costs more), in a thread when large."""
-    if os.path.getsize(spool.path(state, qid)) <= INLINE_LOAD_LIMIT:
+    if spool.size(qid, state) <= INLINE_LOAD_LIMIT:
         return unfreeze(spool, qid, state)
     return await asyncio.to_thread(unfreeze, spool, qid, state)
 

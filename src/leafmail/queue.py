@@ -36,6 +36,7 @@ from typing import Any
 from netserver.connlog import ServerLog
 from netserver.errors import ConfigError
 
+from . import reaper
 from .config import Config
 from .delivery import Agent
 from .delivery.router import build_agent
@@ -85,6 +86,8 @@ class QueueRunner:
         postmaster: str | None = None,
     ) -> None:
         self.spool = spool
+        if spool.reaper is None:  # delivered files are freed off the event loop
+            spool.reaper = reaper.shared()
         self.postmaster = f"postmaster@{hostname}" if postmaster is None else postmaster
         self.agent = agent
         self.policy = policy

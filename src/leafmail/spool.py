@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import TypeVar, cast
 
 from .envelope import Envelope, EnvelopeError, load_json
+from .reaper import Reaper
 from .states import QueueState
 
 MAGIC = b"LEAFMAIL-SPOOL/1"
@@ -196,6 +197,10 @@ class Spool:
         self.root = Path(root)
         self.syncs = 0
         self._held: dict[str, int] = {}  # qid -> descriptor holding its lock
+        self._sizes: dict[str, int] = {}  # qid -> its file's size, while it is held
+        # Closes removed messages' descriptors off the caller's thread (the queue
+        # runner sets one: see leafmail.reaper); None closes them at once.
+        self.reaper: Reaper | None = None
         self._dirs = {state: str(self.root / state) for state in (TMP, *QueueState)}
         self._status_dir = str(self.root / STATUS)
         if create:
@@ -388,7 +393,8 @@ class Spool:
         state = state or self.find(qid)
         if state is None or state == QueueState.CORRUPT:
             raise KeyError(qid)
-        blob = _read_all(self._file(state, qid))
+        fd = self._held.get(qid)  # locked: read through the lock's descriptor
+        blob = _read_all(self._file(state, qid)) if fd is None else _read_fd(fd, self._sizes[qid])
         try:
             envelope, data = decode(blob)
         except ValueError as exc:
@@ -447,15 +453,22 @@ class Spool:
 
         Like `remove(durable=False)` it skips the directory fsync (a crash that undoes
         the unlink only sends the message again), and it knows the state, so it costs
-        no lookups. It runs on the caller's thread on purpose: handing the unlinks to a
-        helper thread measured slower, because the event loop then waits for the GIL
-        after each of its own system calls.
+        no lookups. The unlinks run on the caller's thread (handing each to a helper
+        thread measured slower: the event loop then waits for the GIL after each of its
+        own system calls), but the last close, which frees the file's blocks and can wait
+        for the disk, goes to the `reaper` when there is one.
         """
         fd = self._held.pop(qid, None)
         try:
             os.unlink(self._file(state, qid))
-        finally:
+        except BaseException:
             if fd is not None:
+                os.close(fd)
+            raise
+        if fd is not None:
+            if self.reaper is not None:
+                self.reaper.close(fd)
+            else:
                 os.close(fd)
         self._unlink_status(qid)
 
@@ -531,17 +544,27 @@ class Spool:
         if held is None:
             yield None
             return
-        fd, state = held
+        fd, state, size = held
         self._held[qid] = fd
+        self._sizes[qid] = size
         try:
             yield state
         finally:
+            self._sizes.pop(qid, None)
             fd_left = self._held.pop(qid, None)
             if fd_left is not None:  # not handed to discard_delivered
                 os.close(fd_left)  # closing the descriptor releases the flock
 
-    def _acquire(self, qid: str, wait: bool) -> tuple[int, str] | None:
-        """Lock the file, then check it is still where it was: it may move meanwhile."""
+    def size(self, qid: str, state: str) -> int:
+        """The size of a message's file (known without a system call while it is locked)."""
+        size = self._sizes.get(qid)
+        return os.stat(self._file(state, qid)).st_size if size is None else size
+
+    def _acquire(self, qid: str, wait: bool) -> tuple[int, str, int] | None:
+        """Lock the file, then check it is still where it was: it may move meanwhile.
+
+        Returns the locked descriptor, the state and the file's size (a committed file
+        never changes, so the size stays true while the lock is held)."""
         for _ in range(8):
             state = self.find(qid)
             if state is None or state == QueueState.CORRUPT:
@@ -557,8 +580,9 @@ class Spool:
                 os.close(fd)
                 return None
             with contextlib.suppress(FileNotFoundError):
-                if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                    return fd, state
+                info = os.fstat(fd)
+                if os.stat(path).st_ino == info.st_ino:
+                    return fd, state, info.st_size
             os.close(fd)
         return None
 
@@ -624,6 +648,21 @@ def _read_all(path: str) -> bytes:
             size = min(size * 4, _MAX_READ)
     finally:
         os.close(fd)
+
+
+def _read_fd(fd: int, size: int) -> bytes:
+    """`size` bytes from the start of an open file (pread: the offset is left alone).
+
+    A short read is returned as it is: the self-check then reports the file truncated.
+    """
+    chunks, offset = [], 0
+    while offset < size:
+        chunk = os.pread(fd, min(size - offset, _MAX_READ), offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _foreign_owner(root: Path) -> tuple[int, int] | None:

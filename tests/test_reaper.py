@@ -1,0 +1,118 @@
+"""The reaper: delivered spool files are freed off the event loop, and nothing leaks.
+
+Closing the last descriptor of an unlinked file frees its blocks, which on a file system
+mounted with ``discard`` waits for the disk; the queue runner hands that close to the
+reaper's thread. These tests check what the hand-off must keep: every descriptor given
+is closed, the number waiting is bounded, a forked child has a thread of its own, and a
+queue run leaves no descriptor of a removed message open once the reaper is stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+from conftest import FakeClock
+from smarthost import Smarthost
+from test_queue_runner import make_runner, put, spool_is_empty
+
+from leafmail import reaper
+from leafmail.reaper import Reaper
+from leafmail.spool import Spool
+
+
+def closed(read_end: int) -> bool:
+    """True when the write end of this pipe is closed everywhere (the read sees EOF)."""
+    os.set_blocking(read_end, False)
+    try:
+        return os.read(read_end, 1) == b""
+    except BlockingIOError:
+        return False
+
+
+def test_every_descriptor_handed_over_is_closed_by_stop() -> None:
+    pipes = [os.pipe() for _ in range(50)]
+    closer = Reaper()
+    for _r, w in pipes:
+        closer.close(w)
+    closer.stop()
+    assert all(closed(r) for r, _w in pipes)
+    for r, _w in pipes:
+        os.close(r)
+
+
+def test_past_the_limit_the_caller_closes_at_once() -> None:
+    r, w = os.pipe()
+    closer = Reaper(limit=0)
+    closer.close(w)
+    assert closed(r)  # no stop(): it was closed before close() returned
+    closer.stop()
+    os.close(r)
+
+
+def test_a_stopped_reaper_starts_again_on_use() -> None:
+    closer = Reaper()
+    first = os.pipe()
+    closer.close(first[1])
+    closer.stop()
+    second = os.pipe()
+    closer.close(second[1])
+    closer.stop()
+    assert closed(first[0]) and closed(second[0])
+    os.close(first[0])
+    os.close(second[0])
+
+
+@pytest.mark.slow  # forks
+def test_a_forked_child_closes_on_a_thread_of_its_own() -> None:
+    closer = Reaper()
+    warm = os.pipe()
+    closer.close(warm[1])  # the parent's thread is running
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's thread does not exist here
+        try:
+            os.close(r)
+            closer.close(w)
+            closer.stop()
+            os._exit(0)
+        finally:
+            os._exit(1)
+    os.close(w)  # the parent's copy; EOF then depends on the child's close
+    _pid, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert closed(r)
+    closer.stop()
+    assert closed(warm[0])
+    os.close(r)
+    os.close(warm[0])
+
+
+def open_removed_files(spool: Spool) -> list[str]:
+    """This process's descriptors still open on a removed file of `spool`."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(spool.root)) and target.endswith("(deleted)"):
+            found.append(target)
+    return found
+
+
+def test_a_queue_run_frees_what_it_removed(sink: Smarthost, tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    for i in range(20):
+        put(spool, [f"bob{i}@dst.test"], f"m{i}")
+    runner = make_runner(spool, sink.port, FakeClock())
+    assert spool.reaper is reaper.shared()  # the runner frees files off its loop
+
+    summary = asyncio.run(runner.run_once())
+
+    assert summary.counts["delivered"] == 20
+    assert spool_is_empty(spool)  # names go at once, whatever the reaper still holds
+    reaper.shared().stop()
+    assert open_removed_files(spool) == []
