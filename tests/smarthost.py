@@ -69,6 +69,7 @@ class Smarthost:
         port: int = 0,
         eightbitmime: bool = True,
         host: str = "127.0.0.1",
+        pipelining: bool = True,
     ) -> None:
         self.behaviour = Behaviour()
         self.received: list[Received] = []
@@ -82,6 +83,9 @@ class Smarthost:
         self._smtputf8 = smtputf8
         self._size_limit = size_limit
         self._eightbitmime = eightbitmime  # False: no 8BITMIME in EHLO (aiosmtpd decode_data)
+        # aiosmtpd reads pipelined commands but does not say so; PIPELINING in EHLO
+        # lets the clients under test send MAIL, RCPT and DATA in one write.
+        self.pipelining = pipelining
         self._loop = asyncio.new_event_loop()
         self._release = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
@@ -161,6 +165,14 @@ class _Handler:
 
     def __init__(self, host: Smarthost) -> None:
         self.host = host
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.host.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_MAIL(
         self, server: SMTP, session: Any, envelope: Any, address: str, options: list[str]

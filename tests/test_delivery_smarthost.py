@@ -210,10 +210,14 @@ class ScriptedServer:
 
     For replies no real server (and so not aiosmtpd) gives; `replies` maps a verb ("MAIL",
     "RCPT", "DATA", "." for the end of data) to a reply line. It records the commands.
+    With `pipelining` it offers PIPELINING and holds its replies to MAIL and RCPT until
+    DATA has come, as RFC 2920 lets a server do: a client that waited for each reply
+    would wait forever.
     """
 
-    def __init__(self, replies: dict[str, str]) -> None:
+    def __init__(self, replies: dict[str, str], *, pipelining: bool = False) -> None:
         self.replies = replies
+        self.pipelining = pipelining
         self.commands: list[str] = []
         self.content = bytearray()
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -234,6 +238,7 @@ class ScriptedServer:
             reader = conn.makefile("rb")
             conn.sendall(b"220 scripted.test ESMTP\r\n")
             in_data = False
+            held = b""
             for raw_line in reader:
                 line = raw_line.rstrip(b"\r\n").decode("utf-8", "replace")
                 if in_data:
@@ -246,13 +251,17 @@ class ScriptedServer:
                 self.commands.append(line)
                 verb = line.split(" ", 1)[0].split(":", 1)[0].upper()
                 if verb == "EHLO":
-                    conn.sendall(b"250-scripted.test\r\n250 8BITMIME\r\n")
+                    offer = b"250-PIPELINING\r\n" if self.pipelining else b""
+                    conn.sendall(b"250-scripted.test\r\n" + offer + b"250 8BITMIME\r\n")
                 elif verb == "QUIT":
                     conn.sendall(b"221 bye\r\n")
                     return
                 else:
                     reply = self.replies.get(verb, "354 go on" if verb == "DATA" else "250 ok")
-                    conn.sendall(reply.encode() + b"\r\n")
+                    held += reply.encode() + b"\r\n"
+                    if not self.pipelining or verb not in ("MAIL", "RCPT"):
+                        conn.sendall(held)
+                        held = b""
                     in_data = reply.startswith("354")
 
     def close(self) -> None:
@@ -447,9 +456,13 @@ def test_data_refused_applies_to_the_accepted_recipients(
     assert host.received == []
 
 
-def test_refusals_keep_the_connection_for_the_next_message(hosts: MakeHost) -> None:
-    """MAIL, RCPT and DATA refusals end with RSET (or nothing); the connection is reused."""
-    host = hosts()
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_refusals_keep_the_connection_for_the_next_message(
+    hosts: MakeHost, pipelining: bool
+) -> None:
+    """MAIL, RCPT and DATA refusals end with RSET (or nothing); the connection is reused,
+    whether the replies came one by one or together (PIPELINING)."""
+    host = hosts(pipelining=pipelining)
     agent = SmarthostAgent(settings(host.port))
     env = envelope("a@example.test")
 
@@ -511,6 +524,40 @@ def test_scripted_server_final_reply_after_content() -> None:
     assert results[0].line == "250 2.6.0 queued as X1"
     assert bytes(server.content) == data
     assert server.commands[1] == f"MAIL FROM:<{SENDER}>"  # no SIZE: not offered
+
+
+def test_pipelining_sends_mail_rcpt_and_data_before_any_reply() -> None:
+    """Against a server that offers PIPELINING, MAIL, every RCPT and DATA go together and
+    the replies are read as they come (a multi-line final reply included)."""
+    server = ScriptedServer({".": "250-2.6.0 queued\r\n250 2.6.0 as X1"}, pipelining=True)
+    data = mail("piped", b".leading dot\r\nbody\r\n")
+    env = envelope("a@example.test", "b@example.test")
+    try:
+        results = deliver(SmarthostAgent(settings(server.port, command_timeout=3.0)), env, data)
+    finally:
+        server.close()
+    assert [r.outcome for r in results.values()] == [Outcome.DELIVERED, Outcome.DELIVERED]
+    assert "as X1" in results[0].text
+    assert server.commands[1:5] == [
+        f"MAIL FROM:<{SENDER}>",
+        "RCPT TO:<a@example.test>",
+        "RCPT TO:<b@example.test>",
+        "DATA",
+    ]
+    assert bytes(server.content) == data.replace(b"\r\n.", b"\r\n..")  # dot-stuffed
+
+
+def test_pipelined_refusals_are_read_in_order() -> None:
+    """With every reply held until DATA, a refused RCPT is matched to its recipient."""
+    server = ScriptedServer({"RCPT": "550 5.1.1 no such user"}, pipelining=True)
+    env = envelope("a@example.test", "b@example.test")
+    try:
+        results = deliver(SmarthostAgent(settings(server.port, command_timeout=3.0)), env, mail())
+    finally:
+        server.close()
+    assert [r.status for r in results.values()] == ["5.1.1", "5.1.1"]
+    assert bytes(server.content) == b""  # the 354 to a pipelined DATA got no message
+    assert "RSET" in server.commands
 
 
 def test_bounce_of_a_long_utf8_refusal_can_itself_be_delivered(

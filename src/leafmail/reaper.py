@@ -12,8 +12,10 @@ once it has the lock, that the path no longer names its file, and lets it be
 (`Spool._acquire`). A crash leaves the file on the file system's orphan list, which the
 kernel frees at the next mount, as for any file open when a process dies.
 
-One long-lived thread takes the descriptors from a queue and closes them. It blocks in
-close(2) without the GIL; the loop pays a queue put per message. At most `limit`
+A few long-lived threads take the descriptors from a queue and close them. They block
+in close(2) without the GIL; the loop pays a queue put per message. There are several
+because the disk serves TRIMs side by side: on this machine, busy with other work, one
+thread managed 500 closes a second and four several thousand. At most `limit`
 descriptors wait; past that, the caller closes its own, so the descriptor table stays
 bounded however slow the disk is.
 """
@@ -25,21 +27,23 @@ import os
 import queue
 import threading
 
-PENDING_LIMIT = 256  # descriptors waiting for the thread; beyond, closed by the caller
+PENDING_LIMIT = 256  # descriptors waiting for the threads; beyond, closed by the caller
+THREADS = 4
 
 
 class Reaper:
-    """Closes descriptors on a daemon thread started on first use (in each process)."""
+    """Closes descriptors on daemon threads started on first use (in each process)."""
 
-    def __init__(self, limit: int = PENDING_LIMIT) -> None:
+    def __init__(self, limit: int = PENDING_LIMIT, threads: int = THREADS) -> None:
         self.limit = limit
+        self.size = threads
         self._fds: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._pid = os.getpid()
 
     def close(self, fd: int) -> None:
-        """Close `fd` soon, on the thread; at once when too many already wait."""
-        if self._thread is None or self._pid != os.getpid():
+        """Close `fd` soon, on a thread; at once when too many already wait."""
+        if not self._threads or self._pid != os.getpid():
             self._start()
         if self._fds.qsize() >= self.limit:
             os.close(fd)
@@ -47,18 +51,25 @@ class Reaper:
             self._fds.put(fd)
 
     def stop(self) -> None:
-        """Close everything queued, then end the thread (idempotent)."""
-        thread, self._thread = self._thread, None
-        if thread is not None and self._pid == os.getpid():
+        """Close everything queued, then end the threads (idempotent)."""
+        threads, self._threads = self._threads, []
+        if self._pid != os.getpid():
+            return  # a forked child's copy: those threads are not ours
+        for _thread in threads:
             self._fds.put(None)
+        for thread in threads:
             thread.join()
 
     def _start(self) -> None:
-        """A thread of this process's own (a forked child inherits none that runs)."""
+        """Threads of this process's own (a forked child inherits none that run)."""
         self._pid = os.getpid()
         self._fds = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="leafmail-reaper", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name="leafmail-reaper", daemon=True)
+            for _ in range(self.size)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def _run(self) -> None:
         fds = self._fds

@@ -477,9 +477,9 @@ class Spool:
 
         A status left behind (an unlink failed) is an orphan that clean_status removes.
         """
-        for name in (qid, qid + ".new"):
+        for path in (f"{self._status_dir}/{qid}", f"{self._status_dir}/{qid}.new"):
             with contextlib.suppress(OSError):
-                os.unlink(self.root / STATUS / name)
+                os.unlink(path)
 
     # -- delivery state -----------------------------------------------------------------
     def read_status(self, qid: str) -> bytes | None:
@@ -569,7 +569,7 @@ class Spool:
             state = self.find(qid)
             if state is None or state == QueueState.CORRUPT:
                 return None
-            path = self.path(state, qid)
+            path = self._file(state, qid)
             try:
                 fd = os.open(path, _OPEN_READ)
             except FileNotFoundError:

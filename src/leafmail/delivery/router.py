@@ -51,6 +51,9 @@ class RoutingAgent:
         for index in rcpts:
             route = route_of(self.config, envelope.recipients[index].address)
             groups.setdefault(route, []).append(index)
+        if len(groups) == 1:  # the common case needs no task per route
+            ((route, indexes),) = groups.items()
+            return await self._one_route(route, envelope, data, indexes, expansions, alone=True)
         parts = await asyncio.gather(
             *(
                 self._one_route(route, envelope, data, idx, expansions, alone=len(groups) == 1)

@@ -4,14 +4,15 @@ The smarthost agent and the MX agent differ in how they find and secure a connec
 but once a server has greeted them they run the same MAIL/RCPT/DATA exchange: the same
 refusal to downgrade a message the next hop cannot carry (SMTPUTF8, 8BITMIME, SIZE), the
 same DSN parameters passed onward, and the same per-recipient results. Keeping that in
-one module means a fix to the transaction reaches every route.
+one module means a fix to the transaction reaches every route. The commands go out
+through `leafmail.delivery.wire`, pipelined when the server offers PIPELINING.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import aiosmtplib
 
@@ -19,6 +20,7 @@ from netserver.smtp.parameters import xtext_encode
 
 from ..envelope import Envelope, Recipient
 from . import Handoff, Result, all_results
+from .wire import Wire, command, data_block, taken_over
 
 
 async def greet(smtp: aiosmtplib.SMTP) -> None:
@@ -49,38 +51,76 @@ async def transaction(
         return True
     utf8 = envelope.smtputf8 and needs_smtputf8(envelope, data)
     encoding = "utf-8" if utf8 else "ascii"
-    reply = await path_command(
-        smtp,
-        b"MAIL",
-        b"FROM:",
-        envelope.sender,
-        mail_options(smtp, envelope, data, utf8=utf8),
-        encoding,
-    )
-    if reply.code != 250:
-        results.update(all_results(rcpts, Result.refused(reply.code, reply.message, remote)))
-        return await reset(smtp)
     dsn = smtp.supports_extension("dsn")
+    options = mail_options(smtp, envelope, data, utf8=utf8)
+    plan = Plan(
+        mail=path_line(b"MAIL", b"FROM:", envelope.sender, options, encoding),
+        rcpts=[(i, rcpt_line(envelope.recipients[i], dsn, encoding)) for i in rcpts],
+        data=data,
+        handoff=Handoff.PASSED if dsn else Handoff.RELAYED,
+        pipelining=smtp.supports_extension("pipelining"),
+    )
+    with taken_over(smtp) as wire:
+        finished = await exchange(wire, plan, results, remote)
+    return finished or await reset(smtp)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The command lines of one transaction, and how to send them."""
+
+    mail: bytes
+    rcpts: list[tuple[int, bytes]]  # (recipient index, its RCPT line)
+    data: bytes
+    handoff: Handoff  # RFC 3461 5.2.2: with DSN the next hop reports success itself
+    pipelining: bool  # the server offers PIPELINING: MAIL, RCPTs and DATA in one write
+
+
+async def exchange(wire: Wire, plan: Plan, results: dict[int, Result], remote: str) -> bool:
+    """Send the transaction and read its replies; False when it must be reset (RSET).
+
+    Without pipelining a command goes only when the one before it succeeded, as
+    before; with it, every reply is read, even those after a refused MAIL.
+    """
+    piped = plan.pipelining
+    lines = [plan.mail, *(line for _i, line in plan.rcpts), b"DATA\r\n"]
+    wire.write(b"".join(lines) if piped else plan.mail)
+    reply = await wire.reply()
+    mail_ok = reply.code == 250
+    if not mail_ok:
+        rcpts = [i for i, _line in plan.rcpts]
+        results.update(all_results(rcpts, Result.refused(reply.code, reply.message, remote)))
+        if not piped:
+            return False
     accepted = []
-    for index in rcpts:
-        rcpt = envelope.recipients[index]
-        options = rcpt_options(rcpt, dsn)
-        reply = await path_command(smtp, b"RCPT", b"TO:", rcpt.address, options, encoding)
+    for index, line in plan.rcpts:
+        if not piped:
+            wire.write(line)
+        reply = await wire.reply()
+        if not mail_ok:
+            continue  # refused with MAIL already
         if reply.code in (250, 251):
             accepted.append(index)
         else:
             results[index] = rcpt_refused(reply, remote)
-    if not accepted:
-        return await reset(smtp)
-    try:
-        reply = await smtp.data(data)
-    except aiosmtplib.SMTPDataError as exc:
-        results.update(all_results(accepted, Result.refused(exc.code, exc.message, remote)))
-        return await reset(smtp)
-    done = Result.from_reply(reply.code, reply.message, remote)
-    # RFC 3461 5.2.2: a next hop with DSN took NOTIFY and ORCPT and reports success
-    # itself; one without it leaves us to report "relayed" to whoever asked.
-    done = replace(done, handoff=Handoff.PASSED if dsn else Handoff.RELAYED)
+    if not piped and not accepted:
+        return False
+    if not piped:
+        wire.write(b"DATA\r\n")
+    reply = await wire.reply()
+    if reply.code != 354:
+        results.update(all_results(accepted, Result.refused(reply.code, reply.message, remote)))
+        return False
+    if not accepted:  # a pipelined DATA taken although no recipient was: send nothing
+        wire.write(b".\r\n")
+        await wire.reply()
+        return False
+    wire.write(data_block(plan.data))
+    reply = await wire.reply()
+    if reply.code != 250:
+        results.update(all_results(accepted, Result.refused(reply.code, reply.message, remote)))
+        return False
+    done = replace(Result.from_reply(reply.code, reply.message, remote), handoff=plan.handoff)
     results.update(all_results(accepted, done))
     return True
 
@@ -97,14 +137,13 @@ def rcpt_refused(reply: aiosmtplib.SMTPResponse, remote: str) -> Result:
     return Result.refused(reply.code, reply.message, remote)
 
 
-async def path_command(
-    smtp: aiosmtplib.SMTP,
-    verb: bytes,
-    keyword: bytes,
-    address: str,
-    options: list[str],
-    encoding: str,
-) -> aiosmtplib.SMTPResponse:
+def rcpt_line(rcpt: Recipient, dsn: bool, encoding: str) -> bytes:
+    return path_line(b"RCPT", b"TO:", rcpt.address, rcpt_options(rcpt, dsn), encoding)
+
+
+def path_line(
+    verb: bytes, keyword: bytes, address: str, options: list[str], encoding: str
+) -> bytes:
     """MAIL FROM:<path> or RCPT TO:<path>, with the path exactly as it was received.
 
     aiosmtplib's mail() and rcpt() re-parse the address as an RFC 5322 header address,
@@ -112,7 +151,7 @@ async def path_command(
     holds paths our server already checked, so they are sent as they are.
     """
     path = b"<" + address.encode(encoding) + b">"
-    return await smtp.execute_command(verb, keyword + path, *(o.encode("ascii") for o in options))
+    return command(verb, keyword + path, *(o.encode("ascii") for o in options))
 
 
 async def reset(smtp: aiosmtplib.SMTP) -> bool:
