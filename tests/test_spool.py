@@ -252,3 +252,19 @@ def test_a_large_locked_message_is_read_whole(tmp_path: Path) -> None:
     with spool.locked(qid) as state:
         assert state is not None
         assert spool.get(qid, state).data == data
+
+
+def test_a_status_written_under_the_lock_goes_with_the_message(tmp_path: Path) -> None:
+    """Removal skips the status unlinks only for a message read with no status record
+    and none written since: one written meanwhile is removed with the message."""
+    spool = Spool(tmp_path)
+    fresh, recorded = spool.commit(ENV, DATA), spool.commit(ENV, DATA)
+    for qid in (fresh, recorded):
+        with spool.locked(qid) as state:
+            assert state == "queue"
+            assert spool.read_status(qid) is None
+            if qid == recorded:
+                spool.write_status(qid, b"status")
+            spool.discard_delivered(qid, state)
+    assert spool.find(fresh) is None and spool.find(recorded) is None
+    assert os.listdir(tmp_path / "status") == []

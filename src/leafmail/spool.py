@@ -198,6 +198,7 @@ class Spool:
         self.syncs = 0
         self._held: dict[str, int] = {}  # qid -> descriptor holding its lock
         self._sizes: dict[str, int] = {}  # qid -> its file's size, while it is held
+        self._unrecorded: set[str] = set()  # held, and found with no status record
         # Closes removed messages' descriptors off the caller's thread (the queue
         # runner sets one: see leafmail.reaper); None closes them at once.
         self.reaper: Reaper | None = None
@@ -470,6 +471,12 @@ class Spool:
                 self.reaper.close(fd)
             else:
                 os.close(fd)
+        if qid in self._unrecorded:
+            # Read under this lock and found absent, never written since: nothing to
+            # unlink. (A QID.new alone, from a first write killed half-way, is an
+            # orphan clean_status removes at the next start, as any crash leftover.)
+            self._unrecorded.discard(qid)
+            return
         self._unlink_status(qid)
 
     def _unlink_status(self, qid: str) -> None:
@@ -489,12 +496,15 @@ class Spool:
         try:
             return _read_all(f"{self._status_dir}/{qid}")
         except FileNotFoundError:
+            if qid in self._held:  # under the lock, so it stays absent until we write one
+                self._unrecorded.add(qid)
             return None
 
     def write_status(self, qid: str, blob: bytes) -> None:
         """Replace a message's status record atomically and durably (hold its lock)."""
         if not valid_id(qid):
             raise ValueError(f"bad queue id {qid!r}")
+        self._unrecorded.discard(qid)
         final = self.root / STATUS / qid
         new = final.with_name(qid + ".new")
         with contextlib.suppress(FileNotFoundError):
@@ -551,6 +561,7 @@ class Spool:
             yield state
         finally:
             self._sizes.pop(qid, None)
+            self._unrecorded.discard(qid)
             fd_left = self._held.pop(qid, None)
             if fd_left is not None:  # not handed to discard_delivered
                 os.close(fd_left)  # closing the descriptor releases the flock
