@@ -2,7 +2,8 @@
 
 Issue 4 asks: drain 5,000 spooled messages to a sink smarthost and report msgs/s;
 measure Postfix relaying the same messages to the same sink in the same run; leafmail
-should reach at least 1.0x Postfix.
+should reach at least 1.0x Postfix. Issue 12 (the process split) asks the daemon's drain
+to stay at 1.2x or better.
 
 The sink is Postfix's ``smtp-sink`` on 127.0.0.1 (it accepts everything and stores
 nothing), started fresh for every run with ``-c``, so its running ``mesg=`` counter says
@@ -80,7 +81,8 @@ from .smtp_peers import (
 
 SECTION = "## Relay drain (issue 4)"
 SIDES = ("postfix", "leafmail-flush", "leafmail-daemon")
-TARGET = 1.0
+# Issue 4 asked for 1.0x; issue 12 asks the daemon's drain to stay at 1.2x or better.
+TARGETS = {"leafmail-flush": 1.0, "leafmail-daemon": 1.2}
 SMTP_SINK = Path("/usr/sbin/smtp-sink")
 POSTQUEUE = "/usr/sbin/postqueue"
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -628,7 +630,8 @@ def ratio_lines(samples: Sequence[Sample], sides: Sequence[str]) -> list[str]:
         runs = [s for s in samples if s.side == side]
         rate = median_known([s.rate for s in runs])
         headline = None if rate is None or not base_rate else rate / base_rate
-        verdict = "n/a" if headline is None else ("meets" if headline >= TARGET else "BELOW")
+        target = TARGETS[side]
+        verdict = "n/a" if headline is None else ("meets" if headline >= target else "BELOW")
         paired = [
             fmt_or_na(None if x.rate is None or not y.rate else x.rate / y.rate, ".2f")
             for x in runs
@@ -638,7 +641,7 @@ def ratio_lines(samples: Sequence[Sample], sides: Sequence[str]) -> list[str]:
         us = median_known([s.side_us for s in runs])
         by_cpu = None if us is None or base_us is None or not us else base_us / us
         lines.append(
-            f"- {side} / postfix: **{fmt_or_na(headline, '.2f')}x** (target ≥ {TARGET:.1f}x: "
+            f"- {side} / postfix: **{fmt_or_na(headline, '.2f')}x** (target ≥ {target:.1f}x: "
             f"{verdict}); per round {', '.join(paired) or 'n/a'}; "
             f"by CPU per message {fmt_or_na(by_cpu, '.2f')}x"
         )

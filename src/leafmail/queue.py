@@ -170,6 +170,8 @@ class QueueRunner:
             )
             if self.agent is not None:
                 await self.agent.close()
+            if self.spool.reaper is not None:
+                await self.spool.reaper.settle()  # what the pass removed is freed
             return summary
 
     async def _worker(
