@@ -53,7 +53,7 @@ async def transaction(
     encoding = "utf-8" if utf8 else "ascii"
     dsn = smtp.supports_extension("dsn")
     options = mail_options(smtp, envelope, data, utf8=utf8)
-    plan = Plan(
+    plan = Commands(
         mail=path_line(b"MAIL", b"FROM:", envelope.sender, options, encoding),
         rcpts=[(i, rcpt_line(envelope.recipients[i], dsn, encoding)) for i in rcpts],
         data=data,
@@ -66,7 +66,7 @@ async def transaction(
 
 
 @dataclass(frozen=True)
-class Plan:
+class Commands:
     """The command lines of one transaction, and how to send them."""
 
     mail: bytes
@@ -76,7 +76,7 @@ class Plan:
     pipelining: bool  # the server offers PIPELINING: MAIL, RCPTs and DATA in one write
 
 
-async def exchange(wire: Wire, plan: Plan, results: dict[int, Result], remote: str) -> bool:
+async def exchange(wire: Wire, plan: Commands, results: dict[int, Result], remote: str) -> bool:
     """Send the transaction and read its replies; False when it must be reset (RSET).
 
     Without pipelining a command goes only when the one before it succeeded, as
