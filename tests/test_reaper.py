@@ -5,8 +5,8 @@ mounted with ``discard`` waits for the disk; the queue runner hands that close t
 reaper, which sends descriptors in batches to its threads. These tests check what the
 hand-off must keep: every descriptor given is closed, a batch holds its files until a
 thread frees them, the number waiting is bounded, no batch is stranded by a loop that
-ended, a forked child has threads of its own, and a queue run leaves no descriptor of a
-removed message open once the reaper is stopped.
+ended, a forked child has threads of its own, and no descriptor of a removed message
+is left open once a flush has ended.
 """
 
 from __future__ import annotations
@@ -153,15 +153,15 @@ def open_removed_files(spool: Spool) -> list[str]:
     return found
 
 
-def test_a_queue_run_frees_what_it_removed(sink: Smarthost, tmp_path: Path) -> None:
+def test_a_flush_frees_what_it_removed_before_it_ends(sink: Smarthost, tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     for i in range(20):
         put(spool, [f"bob{i}@dst.test"], f"m{i}")
     runner = make_runner(spool, sink.port, FakeClock())
     assert spool.reaper is reaper.shared()  # the runner frees files off its loop
 
-    summary = asyncio.run(runner.run_once())
+    summary = asyncio.run(runner.run_once(force=True))  # a flush
 
     assert summary.counts["delivered"] == 20
     assert spool_is_empty(spool)
-    assert open_removed_files(spool) == []  # the pass ended once its batches were freed
+    assert open_removed_files(spool) == []  # the flush ended once its batches were freed

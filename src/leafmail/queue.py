@@ -170,8 +170,10 @@ class QueueRunner:
             )
             if self.agent is not None:
                 await self.agent.close()
-            if self.spool.reaper is not None:
-                await self.spool.reaper.settle()  # what the pass removed is freed
+            if force and self.spool.reaper is not None:
+                # A flush reports done only once the space of what it removed is free
+                # again; the daemon's own passes go on at once (it is freed meanwhile).
+                await self.spool.reaper.settle()
             return summary
 
     async def _worker(

@@ -110,8 +110,8 @@ class Reaper:
     async def settle(self) -> None:
         """Send what is pending and wait, off the loop, until every batch is freed.
 
-        A queue pass ends with it, so once a pass is over (a flush reports done) the
-        space of every message it removed is free again, as when the loop closed them.
+        A forced pass (a flush) ends with it, so once a flush reports done the space
+        of every message it removed is free again, as when the loop closed them.
         """
         self.flush()
         with self._freed:
