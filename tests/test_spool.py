@@ -15,6 +15,7 @@ import pytest
 
 from leafmail.envelope import ClientInfo, Envelope, EnvelopeError, Recipient
 from leafmail.spool import (
+    LOOP_WRITE_MAX,
     CorruptMessage,
     GroupCommitter,
     Spool,
@@ -184,6 +185,20 @@ def test_group_commit_writes_in_the_loop_and_syncs_per_batch(tmp_path: Path) -> 
     assert spool.writers == {threading.main_thread().name}
     assert sum(spool.barriers) == 50 and len(spool.barriers) == committer.batches < 50
     assert sorted(qids) == spool.ids() and os.listdir(tmp_path / "tmp") == []
+
+
+def test_group_commit_writes_a_big_message_off_the_loop(tmp_path: Path) -> None:
+    """Checksumming and writing grow with what the client sent: past LOOP_WRITE_MAX they
+    run in a thread, so the loop's other sessions do not wait for them."""
+    spool = _WatchedSpool(tmp_path)
+    committer = GroupCommitter(spool)
+    big = b"x" * (LOOP_WRITE_MAX + 1)
+    try:
+        qid = asyncio.run(committer.commit(ENV, big))
+    finally:
+        committer.close()
+    assert threading.main_thread().name not in spool.writers and len(spool.writers) == 1
+    assert spool.ids() == [qid] and spool.get(qid).data == big
 
 
 def test_group_commit_reports_failure(tmp_path: Path) -> None:
