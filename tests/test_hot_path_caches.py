@@ -10,10 +10,13 @@ import ipaddress
 import socket
 from datetime import UTC, datetime
 
+import pytest
+
 import netserver.endpoint as endpoint
 from leafmail.trace import received_header
 from netserver.admit.access import KNOWN_DECISIONS, AccessPolicy
 from netserver.endpoint import Endpoint, parse_ip
+from netserver.memo import BoundedMemo
 from netserver.smtp import replies
 from netserver.smtp.replies import Reply
 
@@ -67,3 +70,23 @@ def test_the_received_date_is_the_date_of_its_second() -> None:
         )  # fmt: skip
         expected = email.utils.format_datetime(datetime.fromtimestamp(int(stamp), UTC))
         assert header.endswith(f"; {expected}\r\n".encode())
+
+
+def test_a_memo_remembers_no_failure_and_stays_within_its_limit() -> None:
+    calls: list[str] = []
+
+    def make(key: str) -> int:
+        calls.append(key)
+        if key == "bad":
+            raise ValueError(key)
+        return len(key)
+
+    memo = BoundedMemo(make, limit=3)
+    assert memo("ab") == memo("ab") == 2 and calls == ["ab"]
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            memo("bad")
+    assert calls.count("bad") == 2  # a failure is asked again, never remembered
+    for key in ("c", "dd", "eee", "ffff"):
+        memo(key)
+    assert len(memo) <= 3

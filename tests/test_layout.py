@@ -43,6 +43,7 @@ CORE = frozenset(
         "handlers",
         "limits",
         "loopconn",
+        "memo",
         "privileges",
         "readiness",
         "resolver",

@@ -12,6 +12,8 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from .memo import BoundedMemo
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -25,29 +27,16 @@ def unmap(ip: IPAddress) -> IPAddress:
 # Addresses already parsed and printed, shared: a server sees the same few clients and
 # its own addresses over and over, and parsing or printing one costs microseconds.
 KNOWN_ADDRESSES = 4096
-_parsed: dict[str, IPAddress] = {}
-_printed: dict[IPAddress, str] = {}
+_parsed = BoundedMemo[str, IPAddress](
+    lambda host: unmap(ipaddress.ip_address(host)), KNOWN_ADDRESSES
+)
+_ip_text = BoundedMemo[IPAddress, str](str, KNOWN_ADDRESSES)
 
 
 def parse_ip(host: str) -> IPAddress:
     """`host` (an address as text, no scope) as an address, IPv4-mapped ones unmapped;
     ValueError if it is none."""
-    ip = _parsed.get(host)
-    if ip is None:
-        ip = unmap(ipaddress.ip_address(host))
-        if len(_parsed) >= KNOWN_ADDRESSES:  # bounded, whoever connects
-            _parsed.clear()
-        _parsed[host] = ip
-    return ip
-
-
-def _ip_text(ip: IPAddress) -> str:
-    text = _printed.get(ip)
-    if text is None:
-        if len(_printed) >= KNOWN_ADDRESSES:
-            _printed.clear()
-        text = _printed[ip] = str(ip)
-    return text
+    return _parsed(host)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from ..endpoint import IPAddress
 from ..errors import AccessSpecError, ConfigError
+from ..memo import BoundedMemo
 from ..resolver import canonical_name, canonical_names, normalize_ip
 
 __all__ = ["AccessPolicy", "Decision", "Rule", "confirmed_choice", "parse_rule"]
@@ -270,7 +271,7 @@ class AccessPolicy:
         self._deny = tuple(_as_rule(item) for item in deny)
         # Decisions on an address alone, remembered: an SMTP server asks the same
         # question of one client at every stage of every message (relay control).
-        self._known: dict[IPAddress, Decision] = {}
+        self._known = BoundedMemo[IPAddress, Decision](self._decide_by_address, KNOWN_DECISIONS)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> AccessPolicy:
@@ -327,13 +328,11 @@ class AccessPolicy:
         if ip is None:
             return Decision(True, None, "unix-socket peer; access rules apply to IP clients")
         if not names:
-            known = self._known.get(ip)
-            if known is None:
-                if len(self._known) >= KNOWN_DECISIONS:  # bounded, whoever connects
-                    self._known.clear()
-                known = self._known[ip] = self._decide(ip, frozenset())
-            return known
+            return self._known(ip)
         return self._decide(ip, names)
+
+    def _decide_by_address(self, ip: IPAddress) -> Decision:
+        return self._decide(ip, frozenset())
 
     def _decide(self, ip: IPAddress, names: frozenset[str]) -> Decision:
         address = normalize_ip(ip)
