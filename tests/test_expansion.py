@@ -69,7 +69,7 @@ def tmp_path(tmp_path: Path) -> Iterator[Path]:
 
 def runner_for(config: Config, spool: Spool, clock: FakeClock) -> QueueRunner:
     runner = QueueRunner(spool, None, POLICY, hostname=HOST, clock=clock)
-    runner.agent = build_agent(config, spool, notify=runner.notify)
+    runner.agent = build_agent(config.queue, spool, notify=runner.notify)
     return runner
 
 

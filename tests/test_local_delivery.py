@@ -663,7 +663,7 @@ def test_broken_aliases_file_is_a_config_error_then_defers(tmp_path: Path) -> No
 def test_queue_runner_delivers_to_a_maildir_once(tmp_path: Path) -> None:
     config = make_config(tmp_path, path=f"{tmp_path}/boxes/{{user}}")
     spool = Spool(tmp_path / "spool")
-    agent = build_agent(config, spool)
+    agent = build_agent(config.queue, spool)
     assert agent is not None
     now = [time.time()]
     runner = QueueRunner(spool, agent, RetryPolicy(), hostname=HOST, clock=lambda: now[0])
@@ -690,7 +690,7 @@ def test_queue_runner_delivers_to_a_maildir_once(tmp_path: Path) -> None:
 def test_unknown_recipient_bounces_through_the_runner(tmp_path: Path) -> None:
     config = make_config(tmp_path)
     spool = Spool(tmp_path / "spool")
-    agent = build_agent(config, spool)
+    agent = build_agent(config.queue, spool)
     runner = QueueRunner(spool, agent, RetryPolicy(), hostname=HOST, clock=time.time)
     qid = spool.commit(Envelope(SENDER, (Recipient("zed@mx.test"),)), MESSAGE)
     summary = asyncio.run(runner.run_once())

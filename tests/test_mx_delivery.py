@@ -565,7 +565,7 @@ def test_queue_runner_delivers_by_mx_retries_and_bounces(world: MxWorld) -> None
     mx_src = world.mx("mx.src.test", "127.0.0.4")
     config = world.config()
     spool = Spool(Path(config.spool))
-    agent = build_agent(config, spool)
+    agent = build_agent(config.queue, spool)
     assert agent is not None
     clock = FakeClock()
     policy = RetryPolicy(initial=300.0, maximum=2400.0, lifetime=5 * 86400.0)
@@ -596,7 +596,7 @@ def test_build_agent_with_mx_routes_only_the_routed_domain(world: MxWorld, sink:
         delivery={"mode": "smarthost", "smarthost": sink.address, "tls": "none"},
         routes=(("a.test", "mx"),),
     )
-    agent = build_agent(config, Spool(Path(config.spool)))
+    agent = build_agent(config.queue, Spool(Path(config.spool)))
     assert agent is not None
     env = envelope("x@a.test", "y@elsewhere.test")
 

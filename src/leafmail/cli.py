@@ -391,7 +391,8 @@ def cmd_flush(args: argparse.Namespace) -> int:
     if args.ca_file:
         delivery = dataclasses.replace(delivery, ca_file=args.ca_file)
     alone = args.no_daemon or bool(args.smarthost or args.tls or args.ca_file)
-    return flush(dataclasses.replace(config, delivery=delivery), use_daemon=not alone)
+    config = dataclasses.replace(config, delivery=delivery)
+    return flush(config.queue, config.spool, config.process, use_daemon=not alone)
 
 
 def _spool(args: argparse.Namespace) -> Spool:

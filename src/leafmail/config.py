@@ -443,21 +443,39 @@ class Config:
         return f"{target}@{self.local_domains[0]}"
 
     def route_for(self, domain: str) -> Route:
-        """The route of a recipient domain: [routes], else local, else delivery.mode.
+        """The route of a recipient domain (see `Routing.route_for`)."""
+        return self.routing.route_for(domain)
 
-        A route key "example.org" matches that domain only; ".example.org" matches its
-        subdomains. Local domains go to local delivery when [local] is configured. The
-        default for everything else is the delivery mode ("offline" delivers through
-        the smarthost when flushed).
-        """
-        domain = domain.lower().rstrip(".")
-        for key, route in self.routes:
-            key = key.lower().rstrip(".")
-            if domain == key or (key.startswith(".") and domain.endswith(key)):
-                return Route(route)
-        if self.local.enabled and domain in self.local_domains:
-            return Route.LOCAL
-        return self.default_route
+    @property
+    def routing(self) -> Routing:
+        """Which route each recipient domain takes, for the router and the RCPT check."""
+        return Routing(
+            hostname=self.hostname,
+            local_domains=self.local_domains,
+            local_enabled=self.local.enabled,
+            default=self.default_route,
+            routes=self.routes,
+        )
+
+    @property
+    def queue(self) -> QueueConfig:
+        """The sections the queue manager's side is built from (runner, router, agents)."""
+        return QueueConfig(
+            hostname=self.hostname,
+            postmaster=self.double_bounce_address,
+            routing=self.routing,
+            delivery=self.delivery,
+            mx=self.mx,
+            dns=self.dns,
+            local=self.local,
+        )
+
+    @property
+    def submit(self) -> SubmitConfig:
+        """The sections local submission is built from (sendmail, the pickup socket)."""
+        return SubmitConfig(
+            hostname=self.hostname, spool=self.spool, smtp=self.smtp, sendmail=self.sendmail
+        )
 
     @property
     def default_route(self) -> Route:
@@ -474,6 +492,76 @@ class Config:
         if not self.relay.relay_networks:
             return AccessPolicy(deny=("ALL",))
         return AccessPolicy(allow=self.relay.relay_networks)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which route each recipient domain takes (`Config.routing`).
+
+    It derives from four tables ([routes], [local], relay.local_domains, the delivery
+    mode) and the hostname, so it is computed once, here, and handed whole to the parts
+    that route (the router, the RCPT check) instead of the whole `Config`.
+    """
+
+    hostname: str
+    local_domains: tuple[str, ...]  # lower-case, without the final dot
+    local_enabled: bool  # a [local] table is there
+    default: Route  # the delivery mode's route ("offline": the smarthost, once flushed)
+    routes: tuple[tuple[str, str], ...] = ()  # (domain or .suffix, route), as written
+
+    def route_for(self, domain: str) -> Route:
+        """The route of a recipient domain: [routes], else local, else delivery.mode.
+
+        A route key "example.org" matches that domain only; ".example.org" matches its
+        subdomains. Local domains go to local delivery when [local] is configured. The
+        default for everything else is the delivery mode ("offline" delivers through
+        the smarthost when flushed).
+        """
+        domain = domain.lower().rstrip(".")
+        for key, route in self.routes:
+            key = key.lower().rstrip(".")
+            if domain == key or (key.startswith(".") and domain.endswith(key)):
+                return Route(route)
+        if self.local_enabled and domain in self.local_domains:
+            return Route.LOCAL
+        return self.default
+
+    @property
+    def in_use(self) -> set[Route]:
+        """Every route some recipient can take: those of [routes], the default, local."""
+        used = {Route(route) for _key, route in self.routes} | {self.default}
+        if self.local_enabled:
+            used.add(Route.LOCAL)
+        return used
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """What the queue manager's side is built from (`Config.queue`): the queue runner,
+    the router and its agents, in `leafmail serve` and in `leafmail flush` alike.
+
+    Each agent then takes its own tables from it (the smarthost agent [delivery], the
+    MX agent [mx], [delivery] and [dns], the local agent [local]).
+    """
+
+    hostname: str  # HELO name and bounce sender's domain
+    postmaster: str  # where undeliverable bounces go ("" to drop them)
+    routing: Routing
+    delivery: DeliveryConfig
+    mx: MxConfig
+    dns: DnsConfig
+    local: LocalConfig
+
+
+@dataclass(frozen=True)
+class SubmitConfig:
+    """What local submission is built from (`Config.submit`): `leafmail sendmail` and the
+    daemon's pickup socket complete and spool a message with the same settings."""
+
+    hostname: str
+    spool: str
+    smtp: SmtpConfig  # the size limit, and the engine's settings for sendmail -bs
+    sendmail: SendmailConfig
 
 
 SYSTEM_CONFIG = Path("/etc/leafmail/leafmail.toml")

@@ -157,15 +157,18 @@ class Daemon:
         for note in repaired:
             self.log.info(f"spool repaired: {note}")
         self.spool = spool
-        build_runner(config, spool)  # delivery settings that cannot work fail here, at start
+        build_runner(config.queue, spool)  # delivery settings that cannot work fail here, at start
         self.handle = SpoolHandle(spool.root)
         inherited = Inherited(
             self.handle.path, self.identity, Announcer(), Backlog(), self.log, SourceTable()
         )
         self.smtpd = Smtpd(self.settings, inherited)
         local = LocalSocket()
-        self.qmgr = Qmgr(config, inherited, LocalClient(local.name))
-        self.local = LocalService(config, inherited, local, client_uid(inherited))
+        self.qmgr = Qmgr(
+            config.queue, config.submit, config.pickup, inherited, LocalClient(local.name)
+        )
+        max_size = config.smtp.max_message_size
+        self.local = LocalService(config.queue, max_size, inherited, local, client_uid(inherited))
 
     def _handle(self, role: str, conn: AsyncConnection) -> Coroutine[None, None, None]:
         """A session, in a worker (its services were made by `Smtpd.setup` there).
@@ -295,8 +298,7 @@ class Daemon:
         self.config = config
         self.settings = settings
         self.smtpd.settings = settings
-        self.qmgr.config = config
-        self.local.config = config
+        self._hand_sections(config)
         limits = self._limits(config)
         for server in self.servers:
             server.limits = server.admission.limits = limits
@@ -308,6 +310,13 @@ class Daemon:
         self.qmgr_pool.replace(overlap=False)  # one queue manager at a time, always
         self.local_pool.replace()
         self._reloading = asyncio.ensure_future(self._reloaded(config.source))
+
+    def _hand_sections(self, config: Config) -> None:
+        """Give the queue manager and the local service their sections of `config`
+        (the workers started next are built from them)."""
+        self.qmgr.queue, self.qmgr.submit = config.queue, config.submit
+        self.qmgr.pickup_config = config.pickup
+        self.local.queue, self.local.max_message_size = config.queue, config.smtp.max_message_size
 
     async def _reloaded(self, source: str) -> None:
         """Log once every new worker has started (the old ones drain meanwhile)."""

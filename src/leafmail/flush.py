@@ -23,7 +23,7 @@ from netserver.errors import EX_OK, EX_TEMPFAIL, ConfigError, UnavailableError
 from netserver.server import loop_factory
 
 from . import control
-from .config import Config
+from .config import ProcessConfig, QueueConfig
 from .message import Attempt, AttemptOutcome
 from .printable import printable
 from .privsep import spool_owner
@@ -98,15 +98,23 @@ class Reporter:
             print(printable(f"flush: next hop unreachable: {link_error}"), file=sys.stderr)
 
 
-def flush(config: Config, *, use_daemon: bool = True, out: TextIO = sys.stdout) -> int:
-    """Deliver everything now; EX_OK if nothing stays deferred, else EX_TEMPFAIL."""
+def flush(
+    queue: QueueConfig,
+    spool_path: str,
+    process: ProcessConfig,
+    *,
+    use_daemon: bool = True,
+    out: TextIO = sys.stdout,
+) -> int:
+    """Deliver everything in `spool_path` now; EX_OK if nothing stays deferred, else
+    EX_TEMPFAIL. `process` names the spool's owner (the daemon's user)."""
     try:
-        check_spool(config.spool, spool_owner(config.spool, config.process), create=False)
-        spool = Spool(config.spool, create=False)
+        check_spool(spool_path, spool_owner(spool_path, process), create=False)
+        spool = Spool(spool_path, create=False)
     except FileNotFoundError:
-        print(f"flush: no spool at {config.spool}: nothing to deliver", file=sys.stderr)
+        print(f"flush: no spool at {spool_path}: nothing to deliver", file=sys.stderr)
         return EX_OK
-    runner = runner_for(config, spool)  # a ConfigError comes before any output
+    runner = runner_for(queue, spool)  # a ConfigError comes before any output
     reporter = Reporter(out, tty=out.isatty())
     final = control.request(spool.control_path, "flush", reporter.line) if use_daemon else None
     if final is not None:
@@ -126,9 +134,9 @@ def flush(config: Config, *, use_daemon: bool = True, out: TextIO = sys.stdout) 
     return EX_TEMPFAIL if summary.deferred else EX_OK
 
 
-def runner_for(config: Config, spool: Spool, **kwargs: Any) -> QueueRunner:
-    """The queue runner for this config; ConfigError if there is nowhere to deliver."""
-    runner = build_runner(config, spool, **kwargs)
+def runner_for(queue: QueueConfig, spool: Spool, **kwargs: Any) -> QueueRunner:
+    """The queue runner for these sections; ConfigError if there is nowhere to deliver."""
+    runner = build_runner(queue, spool, **kwargs)
     if runner is None:
         raise ConfigError("no smarthost configured: set delivery.smarthost or pass --smarthost")
     return runner

@@ -35,7 +35,7 @@ from typing import Any
 from netserver.connlog import ServerLog
 from netserver.modes.workers import WorkerApp
 
-from .config import Config
+from .config import QueueConfig
 from .delivery import Agent, Expansions, Outcome, Result, all_results
 from .delivery.router import build_agent
 from .envelope import Envelope, EnvelopeError, load_json
@@ -61,12 +61,22 @@ class LocalSocket:
 
 
 class LocalService:
-    """The root-side process: runs the local delivery agent for the queue manager."""
+    """The root-side process: runs the local delivery agent for the queue manager.
+
+    It is given the queue sections (for its agent) and smtp.max_message_size (the
+    largest message it reads); the daemon replaces both on a reload.
+    """
 
     def __init__(
-        self, config: Config, inherited: Inherited, listening: LocalSocket, client_uid: int
+        self,
+        queue: QueueConfig,
+        max_message_size: int,
+        inherited: Inherited,
+        listening: LocalSocket,
+        client_uid: int,
     ) -> None:
-        self.config = config
+        self.queue = queue
+        self.max_message_size = max_message_size
         self.inherited = inherited
         self.listening = listening
         self.client_uid = client_uid
@@ -79,7 +89,7 @@ class LocalService:
         self.inherited.announcer.receiver.close()
         spool = Spool(self.inherited.spool_path, create=False)
         self.agent = build_agent(
-            self.config,
+            self.queue,
             spool,
             notify=self.inherited.announcer.announce,
             routes=frozenset({Route.LOCAL}),
@@ -130,7 +140,7 @@ class LocalService:
             for i, targets in dict(head.get("known") or {}).items()
         }
         (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
-        if length > self.config.smtp.max_message_size + DATA_SLACK:
+        if length > self.max_message_size + DATA_SLACK:
             raise ValueError("message too large")
         return envelope, rcpts, known, await reader.readexactly(length)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from netserver.connlog import ServerLog
 from netserver.errors import EX_DATAERR, EX_TEMPFAIL, EX_USAGE, NetserverError
 
-from .config import Config
+from .config import SubmitConfig
 from .control import UnixListener
 from .envelope import LOCAL_PROTOCOL, ClientInfo, Envelope, EnvelopeError, Recipient
 from .sendmail.addresses import mailbox
@@ -59,11 +59,12 @@ class Rejected(Exception):
 
 
 class PickupServer:
-    """Serves ``SPOOL/public/submit`` for as long as the daemon runs."""
+    """Serves ``SPOOL/public/submit`` for as long as the daemon runs, with the settings
+    `leafmail sendmail` spools by (`SubmitConfig`)."""
 
     def __init__(
         self,
-        config: Config,
+        config: SubmitConfig,
         committer: GroupCommitter,
         log: ServerLog,
         on_spooled: Callable[[str], None] | None = None,

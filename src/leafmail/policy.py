@@ -120,5 +120,7 @@ def _rcpt_checks(config: Config, relay: AccessPolicy) -> list[Check]:
     if config.local.enabled:
         from .checks.recipients import local_recipient_check
 
-        checks.append(local_recipient_check(config.local, config.local_domains, config.route_for))
+        checks.append(
+            local_recipient_check(config.local, config.local_domains, config.routing.route_for)
+        )
     return checks

@@ -17,7 +17,7 @@ from typing import Any
 
 from netserver.modes.workers import WorkerApp
 
-from .config import Config
+from .config import PickupConfig, QueueConfig, SubmitConfig
 from .control import ControlServer, Respond
 from .localsvc import LocalClient
 from .pickup import PickupServer
@@ -30,10 +30,23 @@ BACKLOG_INTERVAL = 0.5  # seconds between counts of queue/ for the in-flow delay
 
 
 class Qmgr:
-    """Everything the queue manager process runs; `setup` builds it in that process."""
+    """Everything the queue manager process runs; `setup` builds it in that process.
 
-    def __init__(self, config: Config, inherited: Inherited, local: LocalClient) -> None:
-        self.config = config
+    It is given the sections it needs: `queue` for its runners, `submit` and `pickup`
+    for the local submission socket (the daemon replaces them on a reload).
+    """
+
+    def __init__(
+        self,
+        queue: QueueConfig,
+        submit: SubmitConfig,
+        pickup: PickupConfig,
+        inherited: Inherited,
+        local: LocalClient,
+    ) -> None:
+        self.queue = queue
+        self.submit = submit
+        self.pickup_config = pickup
         self.local = local
         self.inherited = inherited
         self.announcer = inherited.announcer
@@ -50,21 +63,21 @@ class Qmgr:
         root), drop privileges, then serve."""
         self.announcer.sender.close()
         spool = Spool(self.inherited.spool_path, create=False)
-        config = self.config
+        queue = self.queue
         # `runner` does flushes; `auto` delivers by itself. Offline, only local delivery
         # goes by itself. They share one pass lock: a flush never overlaps a pass.
-        self.runner = build_runner(config, spool, log=self.log, local=self.local)
+        self.runner = build_runner(queue, spool, log=self.log, local=self.local)
         self.auto = self.runner
-        if config.delivery.effective_mode is DeliveryMode.OFFLINE:
+        if queue.delivery.effective_mode is DeliveryMode.OFFLINE:
             self.auto = None
-            if config.local.enabled and self.runner is not None:
+            if queue.local.enabled and self.runner is not None:
                 local_only = frozenset({Route.LOCAL})
                 self.auto = build_runner(
-                    config, spool, routes=local_only, log=self.log, local=self.local
+                    queue, spool, routes=local_only, log=self.log, local=self.local
                 )
                 if self.auto is not None:
                     self.auto.share_passes_with(self.runner)
-        pickup_wanted = config.pickup.enabled
+        pickup_wanted = self.pickup_config.enabled
         if pickup_wanted is None:  # by default when the daemon started as root
             pickup_wanted = os.geteuid() == 0
         become(self.inherited.identity)
@@ -73,7 +86,7 @@ class Qmgr:
             # Local users' submissions (leafmail.pickup): bytes from anyone on the host,
             # so served here, unprivileged, with a group committer of its own.
             self.committer = GroupCommitter(spool)
-            reachable = dataclasses.replace(config, spool=self.inherited.spool_path)
+            reachable = dataclasses.replace(self.submit, spool=self.inherited.spool_path)
             notify = self.auto.notify if self.auto is not None else None
             self.pickup = PickupServer(reachable, self.committer, self.log, on_spooled=notify)
         self._queue_dir = str(spool.path(QueueState.QUEUE, "0" * 24).parent)
@@ -104,7 +117,7 @@ class Qmgr:
 
     async def _count_backlog(self) -> None:
         """Publish how many messages wait in queue/ (offline they wait on purpose: 0)."""
-        if self.config.delivery.effective_mode is DeliveryMode.OFFLINE:
+        if self.queue.delivery.effective_mode is DeliveryMode.OFFLINE:
             await self._stopping.wait()  # the queue manager lives on, for flush and pickup
             return
         while True:

@@ -14,9 +14,9 @@ still bounce while the link is down. `flush` (a network-up hook) ignores that wa
 Time comes from an injected clock, and `run_once` is one pass, so tests drive the
 schedule without sleeping.
 
-`build_runner` makes the runner a config asks for, with an agent per route in use: the
-queue manager of `leafmail serve` and `leafmail flush` without a daemon both get theirs
-from it.
+`build_runner` makes the runner the config's queue sections (`QueueConfig`) ask for,
+with an agent per route in use: the queue manager of `leafmail serve` and `leafmail
+flush` without a daemon both get theirs from it.
 
 Bounces that cannot be delivered go to `postmaster` (`[delivery] double_bounce_to`,
 default postmaster at our first local domain), and each one is logged; one that
@@ -37,7 +37,7 @@ from netserver.connlog import ServerLog
 from netserver.errors import ConfigError
 
 from . import reaper
-from .config import Config
+from .config import QueueConfig
 from .delivery import Agent
 from .delivery.router import build_agent
 from .message import Attempt, AttemptOutcome, attempt
@@ -295,7 +295,7 @@ class QueueRunner:
 
 
 def build_runner(
-    config: Config,
+    config: QueueConfig,
     spool: Spool,
     *,
     routes: frozenset[Route] | None = None,
@@ -313,7 +313,7 @@ def build_runner(
         RetryPolicy.from_config(config.delivery),
         hostname=config.hostname,
         concurrency=config.delivery.concurrency,
-        postmaster=config.double_bounce_address,
+        postmaster=config.postmaster,
         **kwargs,
     )
     try:  # forwarded copies (aliases to other domains) join the pass that made them

@@ -1,6 +1,6 @@
 """Routing: which delivery agent takes each recipient (smarthost, MX or local).
 
-`Config.route_for` names the route of a recipient's domain; `RoutingAgent` splits a
+`Routing.route_for` names the route of a recipient's domain; `RoutingAgent` splits a
 message's open recipients by route and hands each group to its agent, all groups at
 once. A `LinkDown` from one agent (the smarthost is unreachable) defers only its own
 recipients when the message also had others; when every recipient went that way it is
@@ -12,18 +12,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
 
-from ..config import Config
+from ..config import QueueConfig, Routing
 from ..envelope import Envelope
 from ..spool import Spool
 from ..states import Route
 from . import Agent, Expansions, LinkDown, Result, all_results, domain_of
 
 
-def route_of(config: Config, address: str) -> Route:
+def route_of(routing: Routing, address: str) -> Route:
     domain = domain_of(address)
     if not domain:  # RCPT TO:<postmaster> and other bare names are ours (RFC 5321 4.1.1.3)
-        return Route.LOCAL if config.local.enabled else config.route_for(config.hostname)
-    return config.route_for(domain)
+        return Route.LOCAL if routing.local_enabled else routing.route_for(routing.hostname)
+    return routing.route_for(domain)
 
 
 class RoutingAgent:
@@ -31,12 +31,12 @@ class RoutingAgent:
 
     def __init__(
         self,
-        config: Config,
+        routing: Routing,
         agents: Mapping[Route, Agent],
         *,
         waiting: frozenset[Route] = frozenset(),
     ) -> None:
-        self.config = config
+        self.routing = routing
         self.agents = dict(agents)
         self.waiting = waiting  # routes held back (offline) until `leafmail flush`
 
@@ -49,7 +49,7 @@ class RoutingAgent:
     ) -> dict[int, Result]:
         groups: dict[Route, list[int]] = {}
         for index in rcpts:
-            route = route_of(self.config, envelope.recipients[index].address)
+            route = route_of(self.routing, envelope.recipients[index].address)
             groups.setdefault(route, []).append(index)
         if len(groups) == 1:  # the common case needs no task per route
             ((route, indexes),) = groups.items()
@@ -92,22 +92,20 @@ class RoutingAgent:
 
 
 def build_agent(
-    config: Config,
+    config: QueueConfig,
     spool: Spool,
     *,
     notify: Callable[[str], None] | None = None,
     routes: frozenset[Route] | None = None,
     local: Agent | None = None,
 ) -> Agent | None:
-    """The agent for this config, or None when there is nowhere to deliver.
+    """The agent for these sections, or None when there is nowhere to deliver.
 
     Agents are made only for routes in use, so a smarthost-only set-up never loads the
     MX or local machinery. ValueError for settings that cannot work. `local` replaces
     the local agent (the unprivileged queue manager asks a root-side service).
     """
-    used = {Route(route) for _key, route in config.routes} | {config.default_route}
-    if config.local.enabled:
-        used.add(Route.LOCAL)
+    used = config.routing.in_use
     waiting = frozenset() if routes is None else frozenset(used - routes)
     if routes is not None:
         used &= routes
@@ -127,7 +125,8 @@ def build_agent(
         from .local import LocalAgent
 
         # Aliases to other domains are spooled anew; `notify` hands them to the runner.
-        agents[Route.LOCAL] = LocalAgent(config.local, config.local_domains, spool, notify=notify)
+        local_domains = config.routing.local_domains
+        agents[Route.LOCAL] = LocalAgent(config.local, local_domains, spool, notify=notify)
     if not agents:
         return None
-    return RoutingAgent(config, agents, waiting=waiting)
+    return RoutingAgent(config.routing, agents, waiting=waiting)

@@ -117,13 +117,14 @@ def readable_queue(spool: str) -> None:
 
 def run(opts: Options) -> int:
     """Dispatch on the mode, with the config from the environment."""
-    ctx = Context(configuration.load(), Submitter.current())
+    config = configuration.load()
+    ctx = Context(config.submit, Submitter.current())
     match opts.mode:
         case "queue":
-            readable_queue(ctx.config.spool)
+            readable_queue(config.spool)
             return list_queue(ctx)
         case "flush":
-            return flush(ctx.config)
+            return flush(config.queue, config.spool, config.process)
         case "smtp":
             return SmtpSession(ctx, sys.stdin.fileno(), sys.stdout.fileno()).run()
         case _:

@@ -1,4 +1,4 @@
-"""What every sendmail mode needs: the config, and the local user who is submitting."""
+"""What every sendmail mode needs: its config sections, and the local user who is submitting."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import pwd
 from dataclasses import dataclass
 
-from .. import config as configuration
+from ..config import SubmitConfig
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,10 @@ class Submitter:
 
 @dataclass(frozen=True)
 class Context:
-    """What every mode needs: the config, and who is submitting."""
+    """What every mode needs: the submission sections (`Config.submit`), and who is
+    submitting. The daemon's pickup socket builds one per request from the same sections."""
 
-    config: configuration.Config
+    config: SubmitConfig
     identity: Submitter
 
     @property
