@@ -407,8 +407,9 @@ class Config:
 
     Only the entry points (the daemon and its process builders, the CLI, sendmail) hold
     it whole; they hand each part the sections it needs (a delivery agent its
-    [delivery] table, the check pool its [checks] table). What derives from several
-    tables (local domains, routes) is computed here, once.
+    [delivery] table, the check pool its [checks] table, the queue side `queue`, local
+    submission `submit`). What derives from several tables (local domains, routes) is
+    computed here, once (`routing`).
     """
 
     hostname: str = setting(string, factory=socket.gethostname)
