@@ -47,6 +47,7 @@ from pathlib import Path
 
 from leafmail.envelope import ClientInfo, Envelope, Recipient
 from leafmail.spool import Spool, encode, new_id
+from leafmail.states import QueueState
 from leafmail.status import MessageStatus, RcptState, RcptStatus
 
 from . import machine
@@ -93,7 +94,7 @@ def build_spool(root: Path, messages: int, size: int, batch: int = 500) -> Spool
                 last_error="451 4.3.2 try later",
             )
             (status_dir / qid).write_bytes(status.to_bytes())
-        spool.publish(qids, "deferred")
+        spool.publish(qids, QueueState.DEFERRED)
     return spool
 
 

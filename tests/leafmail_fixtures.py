@@ -35,6 +35,7 @@ from conftest import ROOT, launch_with_ready_fd
 
 from leafmail.auth import hash_password
 from leafmail.spool import CorruptMessage, Spool, SpooledMessage
+from leafmail.states import QueueState
 
 HOSTNAME = "mx.test"
 CLIENT = "client.test"
@@ -197,12 +198,12 @@ class Leafmail:
         return Spool(self.spool_path, create=False)
 
     def queue_ids(self) -> list[str]:
-        return self.spool().ids("queue")
+        return self.spool().ids(QueueState.QUEUE)
 
     def messages(self) -> list[SpooledMessage]:
         """Every message in queue/, oldest first; a corrupt file fails the test."""
         found: list[SpooledMessage] = []
-        for item in self.spool().messages("queue"):
+        for item in self.spool().messages(QueueState.QUEUE):
             assert not isinstance(item, CorruptMessage), f"corrupt spool file: {item}"
             found.append(item)
         return found

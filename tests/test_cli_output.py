@@ -30,6 +30,7 @@ from smarthost import Greeter, Smarthost
 from leafmail.envelope import ClientInfo, Envelope, Recipient
 from leafmail.printable import printable
 from leafmail.spool import Spool
+from leafmail.states import QueueState
 
 SENDER = "alice@src.test"
 CLEAR = "\x1b[2J"  # what a hostile smarthost would like the operator's terminal to do
@@ -225,7 +226,7 @@ def test_flush_into_head_goes_quiet_and_delivers_everything(
     assert shown.decode() in {f"{qid} delivered\n" for qid in qids}
     assert (status, errors) == (0, b"flush: 5 delivered\n")
     assert len(sink.received) == 5
-    assert not any(spool.ids(state) for state in ("queue", "deferred"))
+    assert not any(spool.ids(state) for state in (QueueState.QUEUE, QueueState.DEFERRED))
 
 
 # --- mailq and newaliases by name ---------------------------------------------------------

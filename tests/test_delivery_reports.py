@@ -33,6 +33,7 @@ from smarthost import Received, Smarthost
 from test_flush import wait_for
 
 from leafmail.config import _build
+from leafmail.states import QueueState
 from netserver.errors import ConfigError
 
 pytestmark = pytest.mark.timeout(60)
@@ -171,7 +172,7 @@ def test_a_next_hop_with_dsn_gets_notify_orcpt_envid_and_reports_itself(
             mail_options=["ENVID=env-7"],
             rcpt_options=["NOTIFY=SUCCESS", "ORCPT=rfc822;bob@far.test"],
         )
-    wait_for("the hop to spool it", lambda: len(hop.spool().ids("queue")) >= 1)
+    wait_for("the hop to spool it", lambda: len(hop.spool().ids(QueueState.QUEUE)) >= 1)
     server.stop()  # its queue is empty once the hop took the message; nothing else comes
     messages = hop.messages()
     assert [m.envelope.sender for m in messages] == [SENDER]  # no report from leaf.test

@@ -35,6 +35,7 @@ from leafmail.envelope import ClientInfo, Envelope, Recipient
 from leafmail.message import unfreeze
 from leafmail.retry import RetryPolicy
 from leafmail.spool import Spool, SpooledMessage, arrival_time
+from leafmail.states import QueueState
 from leafmail.status import MessageStatus, RcptState
 
 pytestmark = pytest.mark.timeout(30)
@@ -158,7 +159,7 @@ def status_of(spool: Spool, qid: str) -> MessageStatus:
 def bounces(spool: Spool) -> list[SpooledMessage]:
     """Messages from the null sender in queue/ (the DSNs an attempt spooled)."""
     found = []
-    for qid in spool.ids("queue"):
+    for qid in spool.ids(QueueState.QUEUE):
         msg = spool.get(qid)
         if msg.envelope.sender == "":
             found.append(msg)
@@ -349,7 +350,7 @@ def test_mixed_recipient_outcomes_and_the_retry(hosts: MakeHost, spool: Spool) -
 
     # The status record says where each recipient stands, and why.
     assert spool.find(qid) == "deferred"
-    assert qid not in spool.ids("queue")
+    assert qid not in spool.ids(QueueState.QUEUE)
     status = status_of(spool, qid)
     states = [(r.state, r.attempts, r.reply) for r in status.recipients]
     assert states == [

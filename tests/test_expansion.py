@@ -147,14 +147,14 @@ def marked(spool: Spool, qid: str, mark: TargetMark) -> None:
     spool.write_status(qid, status.to_bytes())
 
 
-def forwarded_copy(spool: Spool, copy: str, state: str) -> None:
+def forwarded_copy(spool: Spool, copy: str, state: QueueState) -> None:
     """The forwarded copy as the crashed attempt committed it."""
     envelope = Envelope(SENDER, (Recipient(BOB, (), f"rfc822;team@{HOST}"),))
     spool.commit(envelope, b"Delivered-To: team@mx.test\r\n" + MESSAGE, copy, state=state)
 
 
 def crash_case(
-    sink: Smarthost, tmp_path: Path, mark_state: TargetState, copy_state: str | None
+    sink: Smarthost, tmp_path: Path, mark_state: TargetState, copy_state: QueueState | None
 ) -> Spool:
     """A message to team (alias: bob only) after a crash mid-forward; one pass after it."""
     config = config_for(tmp_path, sink, f"team: {BOB}\n")
@@ -170,7 +170,7 @@ def crash_case(
 
 def test_crash_after_the_copy_was_spooled_but_not_recorded(sink: Smarthost, tmp_path: Path) -> None:
     """STAGED, and the copy complete in hold/: it is released, and no second copy made."""
-    spool = crash_case(sink, tmp_path, TargetState.STAGED, "hold")
+    spool = crash_case(sink, tmp_path, TargetState.STAGED, QueueState.HOLD)
     assert delivery_counts(sink) == {BOB: 1}
     assert in_spool(spool) == []
 
@@ -193,7 +193,7 @@ def test_crash_after_release_when_the_copy_is_already_delivered(
 
 
 def test_crash_after_recording_but_before_release(sink: Smarthost, tmp_path: Path) -> None:
-    spool = crash_case(sink, tmp_path, TargetState.FORWARDED, "hold")
+    spool = crash_case(sink, tmp_path, TargetState.FORWARDED, QueueState.HOLD)
     assert delivery_counts(sink) == {BOB: 1}
     assert in_spool(spool) == []
 

@@ -157,7 +157,7 @@ def test_flush_through_the_daemon_exits_75_when_mail_stays(
     assert sorted(done.stdout.splitlines()) == sorted(
         [f"{ok} delivered", f"{busy} deferred: 451 4.2.1 mailbox busy"]
     )
-    assert daemon.spool().ids("deferred") == [busy]
+    assert daemon.spool().ids(QueueState.DEFERRED) == [busy]
     assert queued(tmp_path / "spool") == [busy]
 
 
@@ -206,7 +206,7 @@ def test_flush_with_a_451_recipient_exits_75_and_keeps_the_message(
     assert done.stdout == f"{qid} deferred: 451 4.2.1 mailbox busy\n"
     assert "flush: 1 deferred" in done.stderr
     s = Spool(spool, create=False)
-    assert s.ids("deferred") == [qid]
+    assert s.ids(QueueState.DEFERRED) == [qid]
     blob = s.read_status(qid)
     assert blob is not None
     status = MessageStatus.from_bytes(blob, s.get(qid).envelope)
@@ -375,7 +375,7 @@ def test_released_mail_goes_at_once_with_a_running_daemon(
     (marker,) = send(daemon, 1)  # once this is delivered, the daemon's pass has run
     line = f"delivery qid={marker} result=delivered"
     wait_for("the daemon's first delivery", lambda: line in daemon.log())
-    assert Spool(spool, create=False).ids("hold") == [held]
+    assert Spool(spool, create=False).ids(QueueState.HOLD) == [held]
 
     release = subprocess.run(
         leafmail_command("release", "--spool", str(spool), held),

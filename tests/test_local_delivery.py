@@ -47,6 +47,7 @@ from leafmail.envelope import Envelope, Recipient
 from leafmail.queue import QueueRunner
 from leafmail.retry import RetryPolicy
 from leafmail.spool import Spool
+from leafmail.states import QueueState
 from netserver.errors import ConfigError
 from netserver.smtp.addresses import Mailbox
 
@@ -625,7 +626,7 @@ def test_remote_targets_are_forwarded_through_the_spool(tmp_path: Path) -> None:
     assert results[0].outcome is Outcome.DELIVERED
     assert len(maildir_messages(tmp_path / "alice.maildir")) == 1
     spool = agent.spool
-    assert spool.ids("queue") == queued and len(queued) == 1
+    assert spool.ids(QueueState.QUEUE) == queued and len(queued) == 1
     forwarded = spool.get(queued[0])
     assert forwarded.envelope.sender == SENDER
     assert forwarded.envelope.body == "8BITMIME"
@@ -640,7 +641,7 @@ def test_forwarded_copy_coming_back_is_a_loop(tmp_path: Path) -> None:
     config = make_config(tmp_path, aliases="alice: carol@remote.example\n")
     agent = make_agent(config, tmp_path)
     deliver(agent, ["alice@mx.test"])
-    (qid,) = agent.spool.ids("queue")
+    (qid,) = agent.spool.ids(QueueState.QUEUE)
     back = agent.spool.get(qid).data
     (result,) = deliver(agent, ["alice@mx.test"], back)
     assert (result.outcome, result.status) == (Outcome.FAILED, "5.4.6")
@@ -675,14 +676,14 @@ def test_queue_runner_delivers_to_a_maildir_once(tmp_path: Path) -> None:
     (tmp_path / "boxes" / "bob").chmod(0o500)  # bob's maildir cannot take tmp/ yet
     first = asyncio.run(runner.run_once())
     assert first.counts["deferred"] == 1
-    assert spool.ids("deferred") == [qid]
+    assert spool.ids(QueueState.DEFERRED) == [qid]
     assert len(maildir_messages(tmp_path / "boxes" / "alice")) == 1
     bob = tmp_path / "boxes" / "bob"
     bob.chmod(0o700)
     now[0] += 3600
     second = asyncio.run(runner.run_once(force=True))
     assert second.counts["delivered"] == 1
-    assert spool.ids("deferred") == [] and spool.ids("queue") == []
+    assert spool.ids(QueueState.DEFERRED) == [] and spool.ids(QueueState.QUEUE) == []
     assert len(maildir_messages(tmp_path / "boxes" / "alice")) == 1  # not again
     assert len(maildir_messages(bob)) == 1
 
@@ -695,8 +696,8 @@ def test_unknown_recipient_bounces_through_the_runner(tmp_path: Path) -> None:
     qid = spool.commit(Envelope(SENDER, (Recipient("zed@mx.test"),)), MESSAGE)
     summary = asyncio.run(runner.run_once())
     assert summary.counts["bounced"] == 1
-    assert qid not in spool.ids("queue") + spool.ids("deferred")
-    dsns = [spool.get(q) for q in spool.ids("queue") + spool.ids("deferred")]
+    assert qid not in spool.ids(QueueState.QUEUE) + spool.ids(QueueState.DEFERRED)
+    dsns = [spool.get(q) for q in spool.ids(QueueState.QUEUE) + spool.ids(QueueState.DEFERRED)]
     assert [d.envelope.recipients[0].address for d in dsns] == [SENDER]
     assert b"5.1.1" in dsns[0].data
 

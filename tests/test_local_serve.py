@@ -36,6 +36,8 @@ from localusers import (
 from smarthost import Smarthost
 from test_flush import wait_for
 
+from leafmail.states import QueueState
+
 SENDER = "carol@src.test"
 ROOT_USER = os.geteuid() == 0
 VIRTUAL = "lmtvirt"
@@ -141,4 +143,4 @@ def test_smtp_client_sees_a_clean_refusal_not_a_bounce(
     with smtp_client(server) as client, pytest.raises(smtplib.SMTPRecipientsRefused):
         client.sendmail(SENDER, ["ghost@leaf.test"], MESSAGE)
     spool = server.spool()
-    assert spool.ids("queue") == [] and spool.ids("deferred") == []
+    assert spool.ids(QueueState.QUEUE) == [] and spool.ids(QueueState.DEFERRED) == []

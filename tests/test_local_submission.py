@@ -36,6 +36,7 @@ from leafmail.envelope import ClientInfo, Envelope, Recipient
 from leafmail.pickup import MAX_OPEN
 from leafmail.spool import CorruptMessage, Spool, SpooledMessage
 from leafmail.spoolcheck import check_spool
+from leafmail.states import QueueState
 from leafmail.submitwire import NoDaemon, Refused, encode_request, socket_path, submit
 
 USER = "lmtsubmit"
@@ -77,7 +78,7 @@ def sendmail_as_user(
 
 def queued(box: Path) -> list[SpooledMessage]:
     found = []
-    for item in Spool(box / "spool", create=False).messages("queue"):
+    for item in Spool(box / "spool", create=False).messages(QueueState.QUEUE):
         assert not isinstance(item, CorruptMessage), item
         found.append(item)
     return found

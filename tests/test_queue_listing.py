@@ -20,11 +20,12 @@ from test_queue_tools import deliver_pass, envelope, no_traceback, put, spool_cl
 from leafmail import fanout, listing
 from leafmail.selection import Selection
 from leafmail.spool import Spool, encode, new_id
+from leafmail.states import QueueState
 
 EX_DATAERR, EX_CANTCREAT = 65, 73
 
 
-def fill(spool: Spool, count: int, state: str = "queue") -> list[str]:
+def fill(spool: Spool, count: int, state: QueueState = QueueState.QUEUE) -> list[str]:
     """`count` real messages, written and published in batches (one sync per batch)."""
     qids: list[str] = []
     blob = encode(envelope(["bob@dst.test", "carol@dst.test"]), b"Subject: s\r\n\r\nhi\r\n")
@@ -88,18 +89,20 @@ def test_output_starts_before_the_last_file_is_read(tmp_path: Path, workers: int
 
     def delete_everything() -> None:
         for qid in qids:
-            spool.path("queue", qid).unlink()
+            spool.path(QueueState.QUEUE, qid).unlink()
 
     sink = Sink(on_first_write=delete_everything)
     count = fanout.write_listing(
         spool, Selection(), cast(TextIO, sink), as_json=True, workers=workers
     )
     assert 0 < count < len(qids) * 0.75, count
-    assert spool.ids("queue") == []
+    assert spool.ids(QueueState.QUEUE) == []
 
 
 def test_workers_list_exactly_what_one_process_lists(tmp_path: Path, spool: Spool) -> None:
-    qids = fill(spool, 700) + fill(spool, 300, "deferred") + fill(spool, 50, "hold")
+    qids = (
+        fill(spool, 700) + fill(spool, 300, QueueState.DEFERRED) + fill(spool, 50, QueueState.HOLD)
+    )
     outputs = []
     for jobs in ("1", "3"):
         proc = spool_cli(tmp_path, spool, "queue", "--json", "--jobs", jobs)
@@ -148,9 +151,9 @@ def test_spool_never_takes_a_symlink_for_a_message(spool: Spool, secret: Path) -
     good = put(spool, ["bob@dst.test"])
     link = next(ref for ref in plant(spool, secret) if ref.startswith("queue/1"))
     link_id = link.partition("/")[2]
-    assert spool.ids("queue") == [good]
+    assert spool.ids(QueueState.QUEUE) == [good]
     assert spool.find(link_id) is None
-    junk = spool.junk("queue", link_id)
+    junk = spool.junk(QueueState.QUEUE, link_id)
     assert junk is not None and "symbolic link" in junk.why
     assert junk.size == len(str(secret))  # the link's own size, not the target's
 

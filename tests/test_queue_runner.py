@@ -349,7 +349,7 @@ def test_expiry_happens_while_the_link_is_down(spool: Spool) -> None:
         assert down.accepts == 1  # no connection: the link is resting
         assert counts(summary) == {"bounced": 1, "waiting": 1}  # the DSN waits for the link
         assert spool.find(qid) is None
-        (dsn_id,) = spool.ids("queue")
+        (dsn_id,) = spool.ids(QueueState.QUEUE)
         dsn = spool.get(dsn_id)
         assert (dsn.envelope.sender, [r.address for r in dsn.envelope.recipients]) == (
             "",
@@ -398,7 +398,7 @@ def test_one_delay_warning_per_message(sink: Smarthost, spool: Spool) -> None:
         assert "Action: delayed" in text
         assert "Status: 4.2.1" in text
         assert "Will-Retry-Until: " in text
-    assert spool.ids("deferred") == sorted([qid, other])
+    assert spool.ids(QueueState.DEFERRED) == sorted([qid, other])
     assert status_of(spool, qid).warned
     assert all(r.recipients == [SENDER] for r in sink.received)
 
@@ -446,7 +446,7 @@ def test_link_down_defers_one_and_rests(spool: Spool) -> None:
         first = status_of(spool, qids[0])
         assert first.recipients[0].state is RcptState.DEFERRED
         assert first.recipients[0].reply.startswith("451 4.4.1 ")
-        assert spool.ids("queue") == qids[1:]
+        assert spool.ids(QueueState.QUEUE) == qids[1:]
         assert spool.read_status(qids[1]) is None  # never tried
         assert runner.next_wakeup(clock.now) == pytest.approx(60.0)
 
@@ -525,7 +525,7 @@ def test_link_down_with_concurrency_stops_taking_new_messages(spool: Spool) -> N
         assert verdicts[AttemptOutcome.WAITING] == 8 - verdicts[AttemptOutcome.DEFERRED]
         assert down.accepts == verdicts[AttemptOutcome.DEFERRED]
         assert summary.deferred == 8
-        assert len(spool.ids("queue")) + len(spool.ids("deferred")) == 8
+        assert len(spool.ids(QueueState.QUEUE)) + len(spool.ids(QueueState.DEFERRED)) == 8
     finally:
         down.stop()
 
@@ -613,9 +613,9 @@ def test_corrupt_file_is_set_aside_and_the_rest_delivered(sink: Smarthost, spool
 
     assert counts(summary) == {"delivered": 2, "corrupt": 1}
     assert {a.qid: a.verdict for a in seen}[qids[1]] is AttemptOutcome.CORRUPT
-    assert spool.ids("corrupt") == [qids[1]]
+    assert spool.ids(QueueState.CORRUPT) == [qids[1]]
     assert (spool.root / "corrupt" / qids[1]).read_bytes() == bytes(blob)
-    assert spool.ids("queue") == [] and spool.ids("deferred") == []
+    assert spool.ids(QueueState.QUEUE) == [] and spool.ids(QueueState.DEFERRED) == []
     assert sorted(r.recipients[0] for r in sink.received) == ["bob0@dst.test", "bob2@dst.test"]
 
 
@@ -656,7 +656,7 @@ def test_a_status_that_cannot_be_written_does_not_stop_the_pass(
     summary = run(runner)
 
     assert counts(summary) == {"deferred": 1, "delivered": 1}
-    assert spool.ids("queue") == [stuck]  # untouched: no status, not moved
+    assert spool.ids(QueueState.QUEUE) == [stuck]  # untouched: no status, not moved
     assert spool.find(fine) is None
     in_the_way.rmdir()
     sink.behaviour.rcpt_replies.clear()

@@ -33,6 +33,7 @@ from leafmail.envelope import ClientInfo, Envelope, Recipient
 from leafmail.message import load_status
 from leafmail.selection import Selection, parse_age
 from leafmail.spool import Spool
+from leafmail.states import QueueState
 from leafmail.status import RcptState
 
 DAY = 86400.0
@@ -70,11 +71,15 @@ def test_ages_and_their_units() -> None:
 
 
 def test_address_filters_match_addresses_domains_and_the_null_sender() -> None:
-    sel = Selection.build(states=None, default_states=("queue",), senders=["<>", "Bob@Src.TEST"])
+    sel = Selection.build(
+        states=None, default_states=(QueueState.QUEUE,), senders=["<>", "Bob@Src.TEST"]
+    )
     assert sel.envelope_matches("", [])
     assert sel.envelope_matches("bob@src.test", [])
     assert not sel.envelope_matches("alice@src.test", [])
-    sel = Selection.build(states=None, default_states=("queue",), recipients=["@dead.example"])
+    sel = Selection.build(
+        states=None, default_states=(QueueState.QUEUE,), recipients=["@dead.example"]
+    )
     assert sel.envelope_matches("x@y", ["a@live.example", "b@DEAD.example"])
     assert not sel.envelope_matches("x@y", ["a@live.example", "b@sub.dead.example"])
     assert not sel.envelope_matches("x@y", [])
@@ -89,12 +94,12 @@ def test_hold_all_then_release_all(tmp_path: Path, spool: Spool) -> None:
     assert proc.returncode == 0, proc.stderr
     assert sorted(lines(proc)[:-1]) == sorted(f"{q}: held" for q in qids)
     assert lines(proc)[-1] == "-- 5 messages held"
-    assert spool.ids("hold") == sorted(qids)
+    assert spool.ids(QueueState.HOLD) == sorted(qids)
 
     proc = spool_cli(tmp_path, spool, "release", "ALL")
     assert proc.returncode == 0, proc.stderr
     assert lines(proc)[-1] == "-- 5 messages released"
-    assert spool.ids("queue") == sorted(qids) and spool.ids("hold") == []
+    assert spool.ids(QueueState.QUEUE) == sorted(qids) and spool.ids(QueueState.HOLD) == []
 
     proc = spool_cli(tmp_path, spool, "release", "ALL")  # nothing held: nothing to say
     assert (proc.returncode, lines(proc)) == (0, ["-- no messages selected"])
@@ -132,8 +137,8 @@ def test_hold_by_sender_and_age(tmp_path: Path, spool: Spool) -> None:
 
     proc = spool_cli(tmp_path, spool, "hold", "--from", SENDER, "--younger-than", "1h")
     assert lines(proc) == [f"{young}: held", "-- 1 message held"]
-    assert spool.ids("hold") == sorted([old_bounce, young])
-    assert spool.ids("queue") == sorted([new_bounce, old_alice])
+    assert spool.ids(QueueState.HOLD) == sorted([old_bounce, young])
+    assert spool.ids(QueueState.QUEUE) == sorted([new_bounce, old_alice])
 
     # Ids and filters: the filters narrow the ids.
     proc = spool_cli(tmp_path, spool, "delete", new_bounce, old_alice, "--older-than", "1d")
@@ -154,7 +159,7 @@ def test_ids_from_stdin_as_postsuper_reads_them(tmp_path: Path, spool: Spool) ->
     )
     assert proc.returncode == 0, proc.stderr
     assert lines(proc) == [f"{qids[0]}: deleted", f"{qids[2]}: deleted", "-- 2 messages deleted"]
-    assert spool.ids("queue") == [qids[1]]
+    assert spool.ids(QueueState.QUEUE) == [qids[1]]
 
 
 def test_queue_listing_takes_the_same_filters(tmp_path: Path, spool: Spool) -> None:
@@ -162,7 +167,7 @@ def test_queue_listing_takes_the_same_filters(tmp_path: Path, spool: Spool) -> N
     put(spool, ["b@near.example"], age=2 * HOUR)
     put(spool, ["c@far.example"])
     held = put(spool, ["d@far.example"], age=2 * HOUR)
-    spool.move(held, "queue", "hold")
+    spool.move(held, QueueState.QUEUE, QueueState.HOLD)
     proc = spool_cli(
         tmp_path, spool, "queue", "--json", "--to", "@far.example", "--older-than", "1h"
     )
@@ -231,13 +236,13 @@ def test_requeue_makes_it_due_now_and_keeps_delivered_marks(
 
 def test_requeue_all_takes_held_mail_back_like_postsuper_r(tmp_path: Path, spool: Spool) -> None:
     held = put(spool, ["a@dst.test"])
-    spool.move(held, "queue", "hold")
+    spool.move(held, QueueState.QUEUE, QueueState.HOLD)
     active = put(spool, ["b@dst.test"])
     proc = spool_cli(tmp_path, spool, "requeue", "ALL")
     assert proc.returncode == 0, proc.stderr
     assert sorted(lines(proc)[:-1]) == sorted([f"{held}: requeued", f"{active}: requeued"])
     assert lines(proc)[-1] == "-- 2 messages requeued"
-    assert spool.ids("queue") == sorted([held, active])
+    assert spool.ids(QueueState.QUEUE) == sorted([held, active])
 
 
 def test_requeue_after_a_backoff_retries_from_the_first_interval(
@@ -302,7 +307,7 @@ def test_cli_qshape(tmp_path: Path, spool: Spool) -> None:
         put(spool, ["a@far.example", "b@far.example"], age=2 * HOUR)
     put(spool, ["c@near.example"])
     held = put(spool, ["d@far.example"])
-    spool.move(held, "queue", "hold")  # not counted by default
+    spool.move(held, QueueState.QUEUE, QueueState.HOLD)  # not counted by default
     proc = spool_cli(tmp_path, spool, "qshape")
     assert proc.returncode == 0, proc.stderr
     table = {row[0]: row[1:] for row in (line.split() for line in lines(proc)[1:])}

@@ -363,7 +363,7 @@ def test_cli_delete_hold_release_several_ids(tmp_path: Path, spool: Spool) -> No
         "-- 2 messages deleted",
     ]
     assert (spool.find(a), spool.find(b), spool.find(c)) == (None, None, "queue")
-    assert spool.ids("queue") == [c]
+    assert spool.ids(QueueState.QUEUE) == [c]
 
 
 @pytest.mark.parametrize("command", ["delete", "hold", "release"])
@@ -401,7 +401,7 @@ def test_cli_malformed_id_exits_65(tmp_path: Path, spool: Spool, command: str, b
 def test_cli_tools_wait_for_the_message_lock(tmp_path: Path, spool: Spool) -> None:
     """`leafmail delete` blocks on a message someone is delivering, then deletes it."""
     qid = put(spool, ["bob@dst.test"])
-    inode = os.stat(spool.path("queue", qid)).st_ino
+    inode = os.stat(spool.path(QueueState.QUEUE, qid)).st_ino
     with spool.locked(qid) as state:
         assert state == "queue"
         proc = subprocess.Popen(
@@ -446,7 +446,7 @@ def wait_blocked_on_flock(proc: subprocess.Popen[bytes], inode: int) -> None:
 
 
 def corrupt(spool: Spool, qid: str) -> None:
-    path = spool.path("queue", qid)
+    path = spool.path(QueueState.QUEUE, qid)
     blob = bytearray(path.read_bytes())
     blob[blob.index(b"Hello")] ^= 0x20
     path.write_bytes(bytes(blob))

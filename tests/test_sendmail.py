@@ -45,6 +45,7 @@ from smarthost import Smarthost
 
 from leafmail import sendmail
 from leafmail.spool import CorruptMessage, Spool, SpooledMessage
+from leafmail.states import QueueState
 from netserver.errors import CantCreateError, NetserverError, UsageError
 
 HOST = "leaf.test"
@@ -125,7 +126,7 @@ def messages(box: Box) -> list[SpooledMessage]:
     if not box.spool.exists():
         return []
     found = []
-    for item in Spool(box.spool, create=False).messages("queue"):
+    for item in Spool(box.spool, create=False).messages(QueueState.QUEUE):
         assert not isinstance(item, CorruptMessage), f"corrupt spool file: {item}"
         found.append(item)
     return found

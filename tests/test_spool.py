@@ -25,6 +25,7 @@ from leafmail.spool import (
     new_id,
     valid_id,
 )
+from leafmail.states import QueueState
 
 ENV = Envelope(
     sender="a@src.test",
@@ -86,8 +87,8 @@ def test_damaged_file_moves_to_corrupt(tmp_path: Path, how: str) -> None:
     path.write_bytes(_damage(path.read_bytes(), how))
     with pytest.raises(CorruptMessage):
         spool.get(qid)
-    assert spool.ids("queue") == []
-    assert spool.ids("corrupt") == [qid]
+    assert spool.ids(QueueState.QUEUE) == []
+    assert spool.ids(QueueState.CORRUPT) == [qid]
     with pytest.raises(KeyError):
         spool.get(qid)
 
@@ -251,11 +252,11 @@ def test_a_locked_message_is_read_through_its_lock(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     qid = spool.commit(ENV, DATA)
     other = spool.commit(ENV, b"Subject: other\r\n\r\nanother\r\n")
-    size = os.path.getsize(spool.path("queue", qid))
+    size = os.path.getsize(spool.path(QueueState.QUEUE, qid))
     with spool.locked(qid) as state:
         assert state == "queue"
-        os.rename(spool.path("queue", other), spool.path("queue", qid))
-        assert spool.size(qid, "queue") == size
+        os.rename(spool.path(QueueState.QUEUE, other), spool.path(QueueState.QUEUE, qid))
+        assert spool.size(qid, QueueState.QUEUE) == size
         assert spool.get(qid, state).data == DATA
     assert spool.get(qid).data == b"Subject: other\r\n\r\nanother\r\n"  # by name: the new file
 

@@ -11,9 +11,12 @@ reason, each with the most times it may occur in its module.
 from __future__ import annotations
 
 import ast
+import inspect
 import json
 import os
+import typing
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,15 @@ from leafmail import tools
 from leafmail.config import Config, DeliveryConfig, _build
 from leafmail.envelope import Envelope, Recipient
 from leafmail.listing import iter_queue
-from leafmail.spool import STATUS, TMP, Spool
+from leafmail.spool import (
+    STATUS,
+    TMP,
+    GroupCommitter,
+    Junk,
+    MessageSummary,
+    Spool,
+    SpooledMessage,
+)
 from leafmail.states import DeliveryMode, QueueState, Route
 from netserver.errors import ConfigError
 
@@ -170,7 +181,8 @@ def test_a_message_moves_through_the_directories_the_states_name(tmp_path: Path)
     assert tools.hold(spool, qid)
     assert (spool.root / "hold" / qid).is_file()
     assert spool.find(qid) is QueueState.HOLD
-    assert spool.ids("hold") == spool.ids(QueueState.HOLD) == [qid]
+    # The type asks for a QueueState; a bare string still works at run time (StrEnum).
+    assert spool.ids("hold") == spool.ids(QueueState.HOLD) == [qid]  # type: ignore[arg-type]
     (entry,) = iter_queue(spool)
     assert json.loads(entry.json())["state"] == "held" == QueueState.HOLD.shown
     assert entry.recipients[0]["state"] == "pending"
@@ -206,3 +218,39 @@ def test_offline_mail_goes_to_the_smarthost_once_flushed() -> None:
 def test_an_unknown_route_is_refused_with_the_words_it_takes() -> None:
     with pytest.raises(ConfigError, match="must be one of smarthost, mx, local"):
         _build({"routes": {"a.test": "uucp"}}, "test")
+
+
+# --- the spool's API takes and gives QueueState, not any str --------------------------------
+
+STATE_PARAMETERS = frozenset({"state", "src", "dst"})
+STATE_TYPES = (QueueState, QueueState | None)
+
+
+def _state_hints(function: object) -> dict[str, object]:
+    hints = typing.get_type_hints(function)
+    return {name: hint for name, hint in hints.items() if name in STATE_PARAMETERS}
+
+
+def test_spool_methods_take_a_queue_state_not_a_bare_str() -> None:
+    """mypy then refuses `spool.ids("qeueu")` or tmp/ where a queue state belongs."""
+    methods = [
+        getattr(cls, name)
+        for cls in (Spool, GroupCommitter)
+        for name in dir(cls)
+        if not name.startswith("_") or name == "__init__"
+    ]
+    checked = {
+        f"{function.__qualname__}({name})": hint
+        for function in methods
+        if inspect.isfunction(function)
+        for name, hint in _state_hints(function).items()
+    }
+    assert len(checked) >= 14, sorted(checked)  # every method that names a state
+    assert {where: hint for where, hint in checked.items() if hint not in STATE_TYPES} == {}
+
+
+def test_what_the_spool_hands_back_names_its_state_with_a_queue_state() -> None:
+    for record in (SpooledMessage, MessageSummary, Junk):
+        assert typing.get_type_hints(record)["state"] is QueueState, record
+    hints = typing.get_type_hints(Spool.locked)
+    assert hints["return"] == Iterator[QueueState | None]

@@ -209,7 +209,7 @@ def _matches(spool: Spool, qid: str, selection: Selection, now: float) -> bool:
     return not selection.by_envelope or _envelope_matches(spool, qid, state, selection)
 
 
-def _envelope_matches(spool: Spool, qid: str, state: str, selection: Selection) -> bool:
+def _envelope_matches(spool: Spool, qid: str, state: QueueState, selection: Selection) -> bool:
     """As the listing would show it (gone, corrupt or unreadable: no match)."""
     entry = listing.entry_for(spool, state, qid, selection)
     return entry is not None and entry.state not in (listing.JUNK, listing.CORRUPT)

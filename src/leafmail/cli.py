@@ -404,7 +404,7 @@ def _spool(args: argparse.Namespace) -> Spool:
         raise CantCreateError(f"no leafmail spool at {config.spool}") from None
 
 
-def _selection(args: argparse.Namespace, default_states: tuple[str, ...]) -> Selection:
+def _selection(args: argparse.Namespace, default_states: tuple[QueueState, ...]) -> Selection:
     return Selection.build(
         states=args.states,
         default_states=default_states,

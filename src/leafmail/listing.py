@@ -107,7 +107,7 @@ def iter_queue(
 
 
 def entry_for(
-    spool: Spool, state: str, qid: str, selection: Selection | None = None
+    spool: Spool, state: QueueState, qid: str, selection: Selection | None = None
 ) -> QueueEntry | None:
     """The listing entry of one message, or None if it is gone or does not match."""
     by_envelope = selection is not None and selection.by_envelope

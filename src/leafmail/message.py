@@ -130,7 +130,9 @@ class Message:
         return {rcpts[i].address: result for i, result in done.results.items()}
 
 
-def unfreeze(spool: Spool | str | os.PathLike[str], qid: str, state: str | None = None) -> Message:
+def unfreeze(
+    spool: Spool | str | os.PathLike[str], qid: str, state: QueueState | None = None
+) -> Message:
     """Load message `qid` with its status; UnknownMessage or CorruptMessage if it cannot."""
     spool = spool if isinstance(spool, Spool) else Spool(spool, create=False)
     try:
@@ -217,7 +219,7 @@ async def attempt(
         return done
 
 
-async def _load(spool: Spool, qid: str, state: str) -> Message:
+async def _load(spool: Spool, qid: str, state: QueueState) -> Message:
     """Unfreeze on the loop when small (a thread hop costs more), in a thread when large."""
     if spool.size(qid, state) <= INLINE_LOAD_LIMIT:
         return unfreeze(spool, qid, state)
@@ -242,7 +244,7 @@ DsnMessage = tuple[Envelope, bytes]  # a DSN to commit: its envelope and bytes
 
 async def record(
     message: Message,
-    state: str,
+    state: QueueState,
     results: dict[int, Result],
     policy: RetryPolicy,
     *,
@@ -408,7 +410,7 @@ def dsn_for(
     )
 
 
-def _store(message: Message, state: str, dsns: list[DsnMessage]) -> list[str]:
+def _store(message: Message, state: QueueState, dsns: list[DsnMessage]) -> list[str]:
     """Commit the DSNs, then the status (or the removal); returns the DSNs' queue ids.
 
     DSNs come first so that a crash can only repeat a bounce, never lose one. A status

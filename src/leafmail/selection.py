@@ -67,7 +67,7 @@ def address_matches(address: str, patterns: Sequence[str]) -> bool:
 class Selection:
     """The filters of one command; the empty Selection selects every message."""
 
-    states: tuple[str, ...] = tuple(QueueState)
+    states: tuple[QueueState, ...] = tuple(QueueState)
     senders: tuple[str, ...] = ()
     recipients: tuple[str, ...] = ()
     older_than: float | None = None
@@ -78,7 +78,7 @@ class Selection:
         cls,
         *,
         states: Iterable[str] | None,
-        default_states: Sequence[str],
+        default_states: Sequence[QueueState],
         senders: Iterable[str] = (),
         recipients: Iterable[str] = (),
         older_than: str | None = None,

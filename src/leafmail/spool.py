@@ -60,7 +60,7 @@ MAGIC = b"LEAFMAIL-SPOOL/1"
 TRAILER = b"\nLEAFMAIL-END\n"
 TMP = "tmp"  # not a queue state: what is there was never committed
 STATUS = "status"  # delivery records (leafmail.status), beside the states
-_QUEUE_STATES = frozenset(QueueState)  # what `scan` accepts: a str may be given
+_QUEUE_STATES = frozenset(QueueState)  # `scan` refuses anything else at run time (tmp/ too)
 _ID = re.compile(r"\A[0-9A-F]{16}[0-9A-F]{8}\Z")
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -87,7 +87,7 @@ class SpooledMessage:
     """A message loaded back from the spool ("unfrozen")."""
 
     qid: str
-    state: str
+    state: QueueState
     envelope: Envelope
     data: bytes
 
@@ -97,7 +97,7 @@ class MessageSummary:
     """What a queue listing shows of a message (`Spool.summary`); `size` is the message's."""
 
     qid: str
-    state: str
+    state: QueueState
     sender: str
     recipients: tuple[str, ...]
     size: int
@@ -228,14 +228,15 @@ class Spool:
         """The running daemon's control socket (leafmail.control)."""
         return self.root / "control"
 
-    def path(self, state: str, qid: str) -> Path:
+    def path(self, state: QueueState, qid: str) -> Path:
         return Path(self._file(state, qid))
 
-    def _file(self, state: str, qid: str) -> str:
-        """The file of `qid` in `state`, as a string (the hot path avoids pathlib)."""
-        directory = self._dirs.get(state)
+    def _file(self, where: str, qid: str) -> str:
+        """The file of `qid` in a queue state or tmp/, as a string (the hot path avoids
+        pathlib); `where` is a directory name, so tmp/ (not a queue state) goes too."""
+        directory = self._dirs.get(where)
         if directory is None or not valid_id(qid):
-            raise ValueError(f"bad spool state or queue id: {state}/{qid}")
+            raise ValueError(f"bad spool state or queue id: {where}/{qid}")
         return f"{directory}/{qid}"
 
     # -- committing ----------------------------------------------------------------------
@@ -273,14 +274,19 @@ class Spool:
         for fd in fds:
             os.fsync(fd)
 
-    def publish(self, qids: list[str], state: str = QueueState.QUEUE) -> None:
+    def publish(self, qids: list[str], state: QueueState = QueueState.QUEUE) -> None:
         """Rename committed tmp files into `state` and make the renames durable."""
         for qid in qids:
-            os.rename(self.path(TMP, qid), self.path(state, qid))
+            os.rename(self._file(TMP, qid), self._file(state, qid))
         self.sync_dir(state)
 
-    def sync_dir(self, state: str) -> None:
-        fd = os.open(self.root / state, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    def sync_dir(self, state: QueueState) -> None:
+        """Make the renames and unlinks in a state directory durable."""
+        self._sync(state)
+
+    def _sync(self, name: str) -> None:
+        """fsync a directory under the root: a queue state, or status/ (not a state)."""
+        fd = os.open(self.root / name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
         finally:
@@ -292,7 +298,7 @@ class Spool:
         data: bytes,
         qid: str | None = None,
         *,
-        state: str = QueueState.QUEUE,
+        state: QueueState = QueueState.QUEUE,
     ) -> str:
         """Durably spool one message now (the sendmail path); returns its queue id.
 
@@ -318,7 +324,7 @@ class Spool:
 
     def discard_tmp(self, qid: str) -> None:
         with contextlib.suppress(OSError):
-            os.unlink(self.path(TMP, qid))
+            os.unlink(self._file(TMP, qid))
 
     def clean_tmp(self) -> int:
         """Remove files left in tmp/ by a crash (none of them was answered 250).
@@ -336,11 +342,11 @@ class Spool:
         return count
 
     # -- reading ------------------------------------------------------------------------
-    def ids(self, state: str = QueueState.QUEUE) -> list[str]:
+    def ids(self, state: QueueState = QueueState.QUEUE) -> list[str]:
         """Queue ids in a state, oldest first (junk and symlinks are left out)."""
         return sorted(name for name in self.scan(state) if isinstance(name, str))
 
-    def scan(self, state: str) -> Iterator[str | Junk]:
+    def scan(self, state: QueueState) -> Iterator[str | Junk]:
         """What a state directory holds, in directory order, as it is read.
 
         A regular file with a queue id for a name yields that id; anything else (a
@@ -355,7 +361,7 @@ class Spool:
             for entry in entries:
                 yield _classify(state, entry)
 
-    def junk(self, state: str, name: str) -> Junk | None:
+    def junk(self, state: QueueState, name: str) -> Junk | None:
         """The entry `state/name` if it is junk (not a message file), else None."""
         if state not in _QUEUE_STATES or name in ("", ".", "..") or "/" in name or "\0" in name:
             return None
@@ -391,7 +397,7 @@ class Spool:
                 continue
         return None
 
-    def get(self, qid: str, state: str | None = None) -> SpooledMessage:
+    def get(self, qid: str, state: QueueState | None = None) -> SpooledMessage:
         """Load and check a message; a damaged file goes to corrupt/ (CorruptMessage).
 
         Pass `state` when it is known (under the message's lock) to skip the lookup.
@@ -408,7 +414,7 @@ class Spool:
             raise CorruptMessage(f"{qid}: {exc}") from None
         return SpooledMessage(qid, state, envelope, data)
 
-    def summary(self, qid: str, state: str) -> MessageSummary:
+    def summary(self, qid: str, state: QueueState) -> MessageSummary:
         """What a listing shows of a message: sender, recipients and size.
 
         The file is checked as `get` checks it (a damaged one goes to corrupt/, raising
@@ -424,7 +430,9 @@ class Spool:
             raise CorruptMessage(f"{qid}: {exc}") from None
         return MessageSummary(qid, state, sender, rcpts, end - start)
 
-    def messages(self, state: str = QueueState.QUEUE) -> Iterator[SpooledMessage | CorruptMessage]:
+    def messages(
+        self, state: QueueState = QueueState.QUEUE
+    ) -> Iterator[SpooledMessage | CorruptMessage]:
         """Every message in a state; damaged ones are yielded as CorruptMessage, not raised."""
         for qid in self.ids(state):
             try:
@@ -434,7 +442,7 @@ class Spool:
             except (KeyError, FileNotFoundError):
                 continue
 
-    def move(self, qid: str, src: str, dst: str) -> None:
+    def move(self, qid: str, src: QueueState, dst: QueueState) -> None:
         """Move a message between states, durably."""
         os.rename(self.path(src, qid), self.path(dst, qid))
         self.sync_dir(dst)
@@ -454,7 +462,7 @@ class Spool:
         if durable:
             self.sync_dir(state)
 
-    def discard_delivered(self, qid: str, state: str) -> None:
+    def discard_delivered(self, qid: str, state: QueueState) -> None:
         """Remove a message whose every recipient has a final result; hold its lock.
 
         Like `remove(durable=False)` it skips the directory fsync (a crash that undoes
@@ -529,7 +537,7 @@ class Spool:
             with contextlib.suppress(OSError):
                 os.unlink(new)  # a full disk must not leave a half record behind
             raise
-        self.sync_dir(STATUS)
+        self._sync(STATUS)
 
     def clean_status(self) -> int:
         """Remove status records whose message is gone (left by a crash or a delete).
@@ -548,7 +556,7 @@ class Spool:
         return count
 
     @contextlib.contextmanager
-    def locked(self, qid: str, *, wait: bool = False) -> Iterator[str | None]:
+    def locked(self, qid: str, *, wait: bool = False) -> Iterator[QueueState | None]:
         """Hold a message's lock; yields its state, or None if it is gone (or busy).
 
         With `wait=False` a message someone else holds counts as busy and yields None
@@ -571,12 +579,12 @@ class Spool:
             if fd_left is not None:  # not handed to discard_delivered
                 os.close(fd_left)  # closing the descriptor releases the flock
 
-    def size(self, qid: str, state: str) -> int:
+    def size(self, qid: str, state: QueueState) -> int:
         """The size of a message's file (known without a system call while it is locked)."""
         size = self._sizes.get(qid)
         return os.stat(self._file(state, qid)).st_size if size is None else size
 
-    def _acquire(self, qid: str, wait: bool) -> tuple[int, str, int] | None:
+    def _acquire(self, qid: str, wait: bool) -> tuple[int, QueueState, int] | None:
         """Lock the file, then check it is still where it was: it may move meanwhile.
 
         Returns the locked descriptor, the state and the file's size (a committed file
@@ -610,7 +618,7 @@ class Junk:
     `size` and `mtime` are the entry's own (lstat), never a symlink target's.
     """
 
-    state: str
+    state: QueueState
     name: str
     why: str
     size: int = 0
@@ -622,7 +630,7 @@ class Junk:
         return f"{self.state}/{self.name}"
 
 
-def _classify(state: str, entry: os.DirEntry[str]) -> str | Junk:
+def _classify(state: QueueState, entry: os.DirEntry[str]) -> str | Junk:
     """A queue id for a message file, a Junk for anything else (d_type; no stat)."""
     name = entry.name
     if valid_id(name) and entry.is_file(follow_symlinks=False):
@@ -749,7 +757,9 @@ class GroupCommitter:
     loop holds the lock, and every hand-over costs two context switches.
     """
 
-    def __init__(self, spool: Spool, max_batch: int = 256, state: str = QueueState.QUEUE) -> None:
+    def __init__(
+        self, spool: Spool, max_batch: int = 256, state: QueueState = QueueState.QUEUE
+    ) -> None:
         self.spool = spool
         self.max_batch = max_batch
         self.state = state

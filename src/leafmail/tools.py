@@ -60,7 +60,11 @@ def not_a_message(junk: Junk) -> BadQueueId:
 def find_junk(spool: Spool, word: str) -> Junk | None:
     """`word` as a junk entry: STATE/NAME as listed, or a bare name in any state."""
     if "/" in word:
-        state, _, name = word.partition("/")
+        where, _, name = word.partition("/")
+        try:
+            state = QueueState(where)  # the directory name, as Junk.ref writes it
+        except ValueError:
+            return None
         return spool.junk(state, name)
     for state in QueueState:
         junk = spool.junk(state, word)
@@ -138,7 +142,7 @@ def requeue(spool: Spool, qid: str) -> bool:
         return True
 
 
-def _reset_schedule(spool: Spool, qid: str, state: str) -> None:
+def _reset_schedule(spool: Spool, qid: str, state: QueueState) -> None:
     """Rewrite the status with attempts 0 and no next attempt (hold the lock)."""
     blob = spool.read_status(qid)
     if blob is None:

@@ -67,7 +67,7 @@ def sequence_number(data: bytes) -> int:
 class SpoolFile:
     """One message file found in a spool state directory, checked and parsed."""
 
-    state: str
+    state: QueueState
     qid: str
     envelope: Envelope
     data: bytes

@@ -41,6 +41,7 @@ from localusers import ROOT as AS_ROOT
 from localusers import ensure_user
 
 from leafmail.spool import Spool
+from leafmail.states import QueueState
 
 pytestmark = pytest.mark.timeout(soak.scaled(60, 300))
 
@@ -289,7 +290,7 @@ def test_sendmail_arguments_are_data(tmp_path: Path, canary_dir: Path) -> None:
         "--", *rcpts, stdin=b"Subject: hi\n\nhello\n",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    [msg] = Spool(tmp_path / "spool", create=False).messages("queue")
+    [msg] = Spool(tmp_path / "spool", create=False).messages(QueueState.QUEUE)
     assert not hasattr(msg, "reason"), msg
     envelope = msg.envelope  # type: ignore[union-attr]
     assert envelope.sender == sender

@@ -62,6 +62,7 @@ from smarthost import Smarthost, delivery_counts
 from leafmail.checks import Stage
 from leafmail.receive import Policy, ReceiveService
 from leafmail.spool import GroupCommitter, Spool
+from leafmail.states import QueueState
 from netserver import AsyncHandler, Server
 from netserver.server import RunOptions
 from netserver.smtp import ServerConfig
@@ -255,7 +256,7 @@ def test_data_and_bdat_get_452_and_nothing_is_half_accepted(
             assert small.spool().get(queued_id(text)).data.endswith(big)
             accepted += [qid, queued_id(text)]
     assert small.server.proc.poll() is None
-    assert small.spool().ids("queue") == sorted(accepted)
+    assert small.spool().ids(QueueState.QUEUE) == sorted(accepted)
     assert small.leftovers()["tmp"] == []
     soak.record(
         "disk",
@@ -263,7 +264,7 @@ def test_data_and_bdat_get_452_and_nothing_is_half_accepted(
         sent=refused + len(accepted),
         refused_452=refused,
         acknowledged=len(accepted),
-        spooled=len(small.spool().ids("queue")),
+        spooled=len(small.spool().ids(QueueState.QUEUE)),
         lost=0,
         half_accepted=0,
     )
@@ -298,7 +299,7 @@ def test_concurrent_sessions_on_a_full_disk_all_get_452(
     with smtp_client(small.server) as client:
         code, text = data_reply(client, "late@dst.test", message(99, 20_000))
     assert code == 250, text
-    assert small.spool().ids("queue") == [queued_id(text)]
+    assert small.spool().ids(QueueState.QUEUE) == [queued_id(text)]
     soak.record(
         "disk",
         "tmpfs: concurrent sessions on a full disk",
@@ -400,7 +401,9 @@ def test_delivery_on_a_full_disk_loses_nothing(
         assert done.returncode == EX_TEMPFAIL, done.stderr
         assert small.server.proc.poll() is None, small.server.log()
         # Only the message that needed nothing written is gone; the others are untouched.
-        assert small.spool().ids("queue") == sorted(qids[n] for n in ("busy", "bad", "mixed"))
+        assert small.spool().ids(QueueState.QUEUE) == sorted(
+            qids[n] for n in ("busy", "bad", "mixed")
+        )
         assert small.leftovers()["tmp"] == []
     assert bounced_recipients(sink) == []  # no DSN could be spooled, so none went out
 
@@ -451,12 +454,12 @@ def test_a_bounce_whose_status_cannot_be_recorded_is_not_sent_twice(
     small.fill(leave=4096)
     done = flush_through_daemon(tmp_path, small, sink)
     assert done.returncode == EX_TEMPFAIL, done.stderr
-    assert qids["mixed"] in small.spool().ids("queue")
+    assert qids["mixed"] in small.spool().ids(QueueState.QUEUE)
     small.release()
     del sink.behaviour.rcpt_replies["busy2@dst.test"]  # bad2 is still refused
     done = flush_through_daemon(tmp_path, small, sink)
     assert done.returncode == 0, done.stderr
-    assert small.spool().ids("queue") == []
+    assert small.spool().ids(QueueState.QUEUE) == []
     soak.record(
         "disk",
         "tmpfs: DSN committed but status not",
@@ -568,13 +571,13 @@ def test_injected_enospc_gets_452_and_leaves_nothing(tmp_path: Path, where: str)
                 assert is_452(*bdat_reply(raw, "bob@dst.test", body))
                 refused += 2
                 assert os.listdir(spool.root / "tmp") == []
-                assert spool.ids("queue") == []
+                assert spool.ids(QueueState.QUEUE) == []
             spool.free, spool.fail_sync = None, False
             code, text = data_reply(client, "bob@dst.test", body)
             assert code == 250, text
             code, text = bdat_reply(raw, "carol@dst.test", body)
             assert code == 250, text
-    assert len(spool.ids("queue")) == 2
+    assert len(spool.ids(QueueState.QUEUE)) == 2
     assert all(m.data.endswith(body) for m in spool.messages() if not isinstance(m, Exception))
     soak.record(
         "disk",
@@ -610,7 +613,7 @@ def test_injected_enospc_in_one_batch_spares_the_others(tmp_path: Path) -> None:
     ok = [queued_id(text) for code, text in results if code == 250]
     assert len(results) == CLIENTS * 5
     assert all(code == 250 or is_452(code, text) for code, text in results), results
-    assert sorted(ok) == spool.ids("queue")
+    assert sorted(ok) == spool.ids(QueueState.QUEUE)
     assert 0 < len(ok) < len(results)
     assert os.listdir(spool.root / "tmp") == []
     soak.record(
@@ -619,6 +622,6 @@ def test_injected_enospc_in_one_batch_spares_the_others(tmp_path: Path) -> None:
         sent=len(results),
         acknowledged=len(ok),
         refused_452=len(results) - len(ok),
-        spooled=len(spool.ids("queue")),
+        spooled=len(spool.ids(QueueState.QUEUE)),
         lost=0,
     )

@@ -30,6 +30,7 @@ from leafmail.envelope import ClientInfo, Envelope, EnvelopeError, Recipient
 from leafmail.queue import QueueRunner
 from leafmail.retry import RetryPolicy
 from leafmail.spool import MAGIC, TRAILER, CorruptMessage, Spool, decode, encode, new_id
+from leafmail.states import QueueState
 from leafmail.status import (
     MessageStatus,
     RcptState,
@@ -194,7 +195,7 @@ def _fuzz_spool_dir(root: Path, files: list[tuple[bytes, bytes, str]], keep: lis
         (spool.root / "queue" / qid).write_bytes(blob)
         written[qid] = blob
     seen: set[str] = set()
-    for item in spool.messages("queue"):
+    for item in spool.messages(QueueState.QUEUE):
         if isinstance(item, CorruptMessage):
             qid = str(item).split(":")[0]
             assert (spool.root / "corrupt" / qid).read_bytes() == written[qid]
@@ -205,8 +206,8 @@ def _fuzz_spool_dir(root: Path, files: list[tuple[bytes, bytes, str]], keep: lis
             assert (spool.root / "queue" / qid).read_bytes() == written[qid]
         seen.add(qid)
     assert seen == set(written), "a message vanished from the listing"
-    assert set(spool.ids("queue")) | set(spool.ids("corrupt")) == set(written)
-    for qid in spool.ids("corrupt"):
+    assert set(spool.ids(QueueState.QUEUE)) | set(spool.ids(QueueState.CORRUPT)) == set(written)
+    for qid in spool.ids(QueueState.CORRUPT):
         with pytest.raises(KeyError):
             spool.get(qid)  # corrupt/ is never parsed again
 
@@ -348,7 +349,7 @@ def test_runner_scan_survives_a_damaged_status(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     bad, good = spool.commit(ONE_RCPT, b"x"), spool.commit(ONE_RCPT, b"y")
     for qid in (bad, good):
-        spool.move(qid, "queue", "deferred")
+        spool.move(qid, QueueState.QUEUE, QueueState.DEFERRED)
     spool.write_status(bad, status_with("next_attempt", HUGE))
     spool.write_status(good, status_with("next_attempt", b"5"))
     runner = QueueRunner(spool, None, RetryPolicy(), hostname="mx.test")

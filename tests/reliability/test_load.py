@@ -309,7 +309,9 @@ def test_concurrent_sessions_spool_every_message(servers: LeafmailFactory, tmp_p
     expect("messages in queue/", len(spooled), len(load.acked) + 1)
     spool = server.spool()
     for session, number, qid in load.acked:
-        check_spooled_plan(spool.get(qid, "queue"), plan_for("spool", session, number), qid)
+        check_spooled_plan(
+            spool.get(qid, QueueState.QUEUE), plan_for("spool", session, number), qid
+        )
     record(
         "offline spool",
         load,
