@@ -310,6 +310,16 @@ def test_original_without_a_body_is_returned_whole_with_hdrs() -> None:
     assert raw_parts(blob)[2][1] == headers_only
 
 
+@pytest.mark.parametrize("smtputf8", [False, True])
+def test_an_original_with_no_header_section_returns_no_body_lines(smtputf8: bool) -> None:
+    """A message that starts with its empty line has no header fields (RFC 5322 2.1):
+    a blank line further down its body is no header section's end."""
+    no_headers = b"\r\nfirst paragraph of the body\r\n\r\nthe second, private\r\n"
+    _, blob = dsn(envelope(ret="HDRS", smtputf8=smtputf8), data=no_headers)
+    assert raw_parts(blob)[2][1] == b"\r\n"
+    assert b"first paragraph" not in blob and b"private" not in blob
+
+
 def test_smtputf8_dsn_uses_the_global_types() -> None:
     env = envelope(Recipient("jösé@example.test"), sender="ålice@example.test", smtputf8=True)
     data = "Subject: Grüße\r\nFrom: ålice@example.test\r\n\r\nHallo\r\n".encode()

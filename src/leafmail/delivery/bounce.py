@@ -34,6 +34,7 @@ from email.utils import format_datetime, formatdate, make_msgid
 from enum import StrEnum
 
 from ..envelope import LOCAL_PROTOCOL, ClientInfo, Envelope, Recipient
+from ..trace import header_section
 from . import Result
 
 FULL_MESSAGE_LIMIT = 256 * 1024  # larger originals are returned as headers only
@@ -197,11 +198,11 @@ def _returned(envelope: Envelope, data: bytes, *, full: bool) -> tuple[bytes, st
     if envelope.smtputf8:
         if full:
             return data, "message/global", _cte(data)
-        headers = _header_section(data)
+        headers = header_section(data)
         return headers, "message/global-headers", _cte(headers)
     if full:
         return data, "message/rfc822", "7bit"
-    headers = _header_section(data)
+    headers = header_section(data)
     if headers.isascii():
         return headers, "text/rfc822-headers", "7bit"
     # 8-bit header bytes (no SMTPUTF8 was asked for): quoted-printable keeps the DSN 7-bit.
@@ -291,11 +292,6 @@ def _part(content_type: str, encoding: str, payload: bytes) -> bytes:
     if not payload.endswith(b"\r\n"):
         payload += b"\r\n"
     return head.encode() + payload
-
-
-def _header_section(data: bytes) -> bytes:
-    end = data.find(b"\r\n\r\n")
-    return data if end < 0 else data[: end + 2]
 
 
 def _boundary(data: bytes) -> str:
