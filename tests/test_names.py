@@ -191,3 +191,27 @@ def test_a_renamed_import_of_a_type_is_found(tmp_path: Path) -> None:
     )
     src = _tree(tmp_path, source, "")
     assert renamed_type_imports(src, ("pkg",)) == ["pkg/one.py: Transaction as SmtpTransaction"]
+
+
+# Function names once defined twice with two meanings; each now names one function.
+ONE_MEANING = {
+    "domain_of": "delivery's routing domain; qshape's row label is qshape.row_name",
+    "lookup_name": "aliases' key for a local part; MX's DNS query name is mx.dns_name",
+}
+
+
+def function_modules(name: str, src: Path = SRC, packages: tuple[str, ...] = PACKAGES) -> list[str]:
+    """The modules that define a top-level function called `name`."""
+    found: list[str] = []
+    for package in packages:
+        for path in sorted((src / package).rglob("*.py")):
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            kinds = (ast.FunctionDef, ast.AsyncFunctionDef)
+            if any(isinstance(stmt, kinds) and stmt.name == name for stmt in tree.body):
+                found.append(str(path.relative_to(src)))
+    return found
+
+
+@pytest.mark.parametrize("name", ONE_MEANING)
+def test_a_function_name_that_had_two_meanings_now_has_one(name: str) -> None:
+    assert len(function_modules(name)) == 1, (function_modules(name), ONE_MEANING[name])

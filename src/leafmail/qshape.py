@@ -58,7 +58,10 @@ class Shape:
         return ["T", *ends, f"{ends[-1]}+" if ends else "all"]
 
 
-def domain_of(address: str) -> str:
+def row_name(address: str) -> str:
+    """The row an address is counted in: its domain as written (trailing dot kept, as
+    qshape shows it), MAILER-DAEMON for the null sender, "(no domain)" for a bare local
+    part. Not `delivery.domain_of`, which gives the routing domain ("" for those)."""
     if not address:
         return NULL_SENDER_NAME
     return address.rpartition("@")[2].lower() if "@" in address else NO_DOMAIN
@@ -80,11 +83,11 @@ def shape(
             continue
         age = now - entry.arrival
         if by_sender:
-            result.add(domain_of(entry.sender), age)
+            result.add(row_name(entry.sender), age)
             continue
         for rcpt in entry.recipients:
             if rcpt["state"] not in FINAL_STATES:
-                result.add(domain_of(rcpt["address"]), age)
+                result.add(row_name(rcpt["address"]), age)
     return result
 
 

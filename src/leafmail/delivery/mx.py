@@ -126,7 +126,7 @@ def before_self(hosts: list[MxHost], own_name: str) -> list[MxHost]:
     return [h for h in hosts if h.preference < min(mine)] if mine else hosts
 
 
-def lookup_name(domain: str) -> dns.name.Name | None:
+def dns_name(domain: str) -> dns.name.Name | None:
     """The domain as an absolute DNS name (IDNA for Unicode), or None if it is not one.
 
     Address literals ("[192.0.2.1]") are not routed by MX: they would let any client
@@ -294,7 +294,7 @@ class MxAgent:
 
     async def _route(self, attempt: _Attempt) -> Result:
         """Find the hosts, apply the policy and try them; the result for recipients left over."""
-        name = lookup_name(attempt.domain)
+        name = dns_name(attempt.domain)
         if name is None:
             return Result.failed("5.1.2", f"{attempt.domain!r} is not a domain MX can route")
         found = await find_hosts(self.resolver, name, self.rng)
