@@ -19,6 +19,7 @@ import pytest
 from leafmail_fixtures import run_leafmail_text
 from system_users import ensure_user, needs_root
 
+from leafmail.pickup import _open_public
 from leafmail.spool import Spool, SpoolError
 from leafmail.spoolcheck import STATE_DIRS, check_spool
 from netserver.errors import ConfigError
@@ -139,6 +140,21 @@ def test_modes_that_only_let_others_read_are_tightened_and_said(tmp_path: Path) 
     assert mode(spool / "queue") == 0o700
     assert any("from 0755 to 0711" in n for n in notes), notes
     assert any("queue/ from 0750 to 0700" in n for n in notes), notes
+
+
+def test_the_submission_sockets_modes_pass_the_start_check_as_they_are(tmp_path: Path) -> None:
+    """The spool is 0700 until the daemon opens its submission socket (leafmail.pickup):
+    then 0711, so that other users reach public/submit (public/ 0755) through it but can
+    list nothing, as OpenSMTPD's 0711 spool. The start check must take those modes as
+    they are, or each restart would tighten what the socket needs and loosen it again."""
+    spool = make_spool(tmp_path / "spool")
+    assert mode(spool) == 0o700
+    _open_public(spool)
+    assert (mode(spool), mode(spool / "public")) == (0o711, 0o755)
+    assert check_spool(spool, ME) == []
+    _open_public(spool)  # the next start
+    assert (mode(spool), mode(spool / "public")) == (0o711, 0o755)
+    assert check_spool(spool, ME) == []
 
 
 def test_a_writable_public_directory_is_refused(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ from .sendmail.headers import Draft
 from .sendmail.reading import crlf_lines
 from .sendmail.spooling import Submission, build, now
 from .spool import GroupCommitter, SpoolError
-from .spoolcheck import PUBLIC_DIR
+from .spoolcheck import PUBLIC_DIR, PUBLIC_MODE, TRAVERSE
 from .submitwire import HEADER_LIMIT, SubmitRequest, encode_reply, parse_request, socket_path
 
 MAX_ACTIVE = 8  # messages read and prepared at once; more wait for their turn
@@ -237,20 +237,21 @@ def _peer_uid(writer: asyncio.StreamWriter) -> int:
 
 def _open_public(spool: Path) -> None:
     """public/ 0755 and a spool others may traverse (0711), so users reach the socket;
-    the start check (leafmail.spoolcheck) has refused them if they were unsafe."""
+    the start check (leafmail.spoolcheck) has refused them if they were unsafe, and
+    accepts these modes as they are (its ROOT_MODE_MAX), so no restart flips them."""
     root_fd = os.open(spool, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         with contextlib.suppress(FileExistsError):
-            os.mkdir(PUBLIC_DIR, 0o755, dir_fd=root_fd)
+            os.mkdir(PUBLIC_DIR, PUBLIC_MODE, dir_fd=root_fd)
         fd = os.open(
             PUBLIC_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd
         )
         try:
-            os.fchmod(fd, 0o755)
+            os.fchmod(fd, PUBLIC_MODE)
         finally:
             os.close(fd)
         mode = os.fstat(root_fd).st_mode & 0o777
-        if mode & 0o011 != 0o011:
-            os.fchmod(root_fd, (mode & 0o700) | 0o011)
+        if mode & TRAVERSE != TRAVERSE:
+            os.fchmod(root_fd, (mode & 0o700) | TRAVERSE)
     finally:
         os.close(root_fd)

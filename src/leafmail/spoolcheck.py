@@ -37,9 +37,11 @@ from .spool import STATUS, TMP
 from .states import QueueState
 
 STATE_DIRS = (TMP, STATUS, *QueueState)  # every directory Spool makes
-PUBLIC_DIR = "public"  # the submission socket's directory, 0755 (leafmail.pickup)
-ROOT_MODE_MAX = 0o711  # others may traverse the spool to reach public/, nothing more
+PUBLIC_DIR = "public"  # the submission socket's directory (leafmail.pickup)
+PUBLIC_MODE = 0o755  # anyone may look up the socket in it; only the daemon's user writes
 STATE_MODE = 0o700
+TRAVERSE = 0o011  # group and others may pass through the spool to public/, not list it
+ROOT_MODE_MAX = STATE_MODE | TRAVERSE  # 0711: the most the start check lets the spool have
 _WRITABLE = stat.S_IWGRP | stat.S_IWOTH
 _DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
