@@ -28,7 +28,8 @@ from leafmail_fixtures import CLIENT, Leafmail, LeafmailFactory, leafmail_server
 from test_checks_received import RECEIVED_MX, hops
 from test_checks_serve import make_dkim_key
 
-from leafmail.checks import ACCEPT, CheckContext, Stage
+from leafmail.checks import ACCEPT, CheckContext, Defer, Stage, Tag
+from leafmail.checks.jobs import OVER_BUDGET
 from leafmail.checks.limits import HEADER_TOO_BIG, TOO_MANY_FIELDS, header_limit_problem
 from leafmail.checks.pool import WORKER_NAME, CheckPool
 from leafmail.config import ChecksConfig, Config, RelayConfig
@@ -289,3 +290,32 @@ def test_a_worker_that_cannot_allocate_gives_a_temporary_result() -> None:
             await pool.close()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("mode", ["tag", "reject"])
+def test_pooled_content_checks_over_budget_defer_or_tag_temperror(mode: str) -> None:
+    """A budget no job can meet (a microsecond): under "reject" each content check says
+    451 4.7.0, under "tag" the message goes on with a temperror in each check's field."""
+    config = Config(
+        hostname="mx.test",
+        relay=RelayConfig(relay_networks=("127.0.0.1/32",)),
+        checks=ChecksConfig(rfc5322=mode, received=mode, spf="off", dkim="off"),
+    )
+
+    async def judge() -> object:
+        pool = CheckPool(workers=1, time_limit=1e-6)
+        try:
+            facts = CheckContext(ipaddress.ip_address("192.0.2.1"), data=GOOD)
+            return await policy_for(config, pool).judge_async(Stage.END_OF_DATA, facts)
+        finally:
+            await pool.close()
+
+    verdict = asyncio.run(judge())
+    if mode == "reject":
+        assert verdict == Defer(OVER_BUDGET)
+        return
+    assert isinstance(verdict, Tag)
+    assert sorted(verdict.fields) == [
+        b"X-Leafmail-RFC5322: temperror (over budget)\r\n",
+        b"X-Leafmail-Received: temperror (over budget)\r\n",
+    ]

@@ -13,8 +13,19 @@ from typing import Any, Protocol
 
 from netserver.smtp.replies import Reply
 
+from . import Defer, Tag, Verdict, header_field
+
 # What a check answers under "reject" when its job broke the budget: try again later.
 OVER_BUDGET = Reply(451, "4.7.0", "Message checks exceeded their time budget, try again later")
+
+
+def over_budget(mode: str, tag_field: str) -> Verdict:
+    """The verdict of a content check whose job broke its budget: under "reject" a 451
+    (the sender retries, nothing is lost), else the message goes on, tagged temperror
+    in the check's own field so that a filter downstream can tell."""
+    if mode == "reject":
+        return Defer(OVER_BUDGET)
+    return Tag((header_field(tag_field, "temperror (over budget)"),))
 
 
 class JobRunner(Protocol):

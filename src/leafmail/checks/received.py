@@ -37,8 +37,6 @@ from . import (
     AsyncCheck,
     Check,
     CheckContext,
-    Defer,
-    Tag,
     Verdict,
     header_field,
     is_trusted,
@@ -46,7 +44,7 @@ from . import (
     tag_or_reject,
 )
 from .headers import Header, parse_header, without_comments
-from .jobs import OVER_BUDGET, JobRunner
+from .jobs import JobRunner, over_budget
 from .lookup import DnsClient, within
 
 TAG_FIELD = "X-Leafmail-Received"
@@ -154,10 +152,8 @@ def chain_pool_check(
         if is_trusted(session, relay_networks):
             return ACCEPT
         answer = await pool.run("received", {"hostname": hostname}, session.data)
-        if answer is None:  # over budget: a temporary result
-            if mode == "reject":
-                return Defer(OVER_BUDGET)
-            return Tag((header_field(TAG_FIELD, "temperror (over budget)"),))
+        if answer is None:
+            return over_budget(mode, TAG_FIELD)
         return _chain_verdict(mode, [str(p) for p in answer["problems"]])
 
     return check

@@ -36,8 +36,6 @@ from . import (
     AsyncCheck,
     Check,
     CheckContext,
-    Defer,
-    Tag,
     Verdict,
     header_field,
     is_trusted,
@@ -45,7 +43,7 @@ from . import (
     tag_or_reject,
 )
 from .headers import Header, RawField, parse_header
-from .jobs import OVER_BUDGET, JobRunner
+from .jobs import JobRunner, over_budget
 
 TAG_FIELD = "X-Leafmail-RFC5322"
 MAX_LINE = 998  # octets without the CRLF, RFC 5322 2.1.1
@@ -90,10 +88,8 @@ def rfc5322_pool_check(mode: str, relay_networks: AccessPolicy, pool: JobRunner)
             "smtputf8": bool(params and params.smtputf8),
         }
         answer = await pool.run("rfc5322", args, session.data)
-        if answer is None:  # over budget: a temporary result
-            if mode == "reject":
-                return Defer(OVER_BUDGET)
-            return Tag((header_field(TAG_FIELD, "temperror (over budget)"),))
+        if answer is None:
+            return over_budget(mode, TAG_FIELD)
         return _verdict(mode, [str(p) for p in answer["problems"]])
 
     return check
