@@ -73,6 +73,29 @@ def received_header(
     if tls:
         via += " (" + " ".join(_clean(word) for word in tls.split()) + ")"
     lines.append("\t" + via)
+    return _finished(lines, recipients, timestamp)
+
+
+def local_received_header(
+    *,
+    hostname: str,
+    uid: int,
+    qid: str,
+    recipients: Sequence[str],
+    protocol: str | None,
+    timestamp: float | None = None,
+) -> bytes:
+    """The field of a local submission (sendmail, the submission socket), as Postfix's
+    pickup writes it. There is no client host: the trace is the user id, which the
+    kernel vouches for (RFC 5321 4.4 lets the "from" clause go; the comment names it)."""
+    lines = [f"Received: by {_clean(hostname)} (leafmail, from userid {uid})"]
+    lines.append(f"\twith {protocol} id {qid}" if protocol else f"\tid {qid}")
+    return _finished(lines, recipients, timestamp)
+
+
+def _finished(lines: list[str], recipients: Sequence[str], timestamp: float | None) -> bytes:
+    """The field's last line: "for <rcpt>" only when there is one recipient (naming
+    several would tell each who else got it), then the date; folded with CRLF TAB."""
     date = _date(int(time.time() if timestamp is None else timestamp))
     if len(recipients) == 1:
         # A quoted local part may hold a space; control characters still go.

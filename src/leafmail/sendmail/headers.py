@@ -7,9 +7,8 @@ from __future__ import annotations
 import email.header
 import email.utils
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from .addresses import mailbox, masquerade
 from .context import Context
@@ -105,25 +104,6 @@ def from_header(full_name: str, address: str) -> str:
     else:
         quoted = email.header.Header(name, "utf-8").encode()
     return f"From: {quoted} <{address}>"
-
-
-def local_received(
-    *, hostname: str, uid: int, qid: str, recipients: Sequence[str], protocol: str | None
-) -> bytes:
-    """The Received header of a local submission, as Postfix's pickup writes it.
-
-    There is no client host: the trace is the user id, which the kernel vouches for
-    (RFC 5321 4.4 lets the "from" clause go; the comment names the uid).
-    """
-    lines = [f"Received: by {hostname} (leafmail, from userid {uid})"]
-    lines.append(f"\twith {protocol} id {qid}" if protocol else f"\tid {qid}")
-    date = email.utils.format_datetime(datetime.now(UTC))
-    if len(recipients) == 1:
-        lines.append(f"\tfor <{recipients[0]}>; {date}")
-    else:
-        lines[-1] += ";"
-        lines.append(f"\t{date}")
-    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
 
 def complete(message: Draft, ctx: Context, *, qid: str, sender: str, name: str | None) -> None:

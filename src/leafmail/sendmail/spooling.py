@@ -16,9 +16,10 @@ from .. import control, submitwire
 from ..envelope import Envelope
 from ..spool import Spool, new_id
 from ..spoolcheck import check_spool
+from ..trace import local_received_header
 from .context import Context
 from .errors import BadInput, TryLater
-from .headers import Draft, complete, local_received
+from .headers import Draft, complete
 from .reading import crlf_lines
 
 # errno values that mean "this spool cannot be written at all" rather than "not now".
@@ -48,7 +49,7 @@ def build(
     qid = new_id()
     complete(message, ctx, qid=qid, sender=envelope.sender, name=full_name)
     addresses = [r.address for r in envelope.recipients]
-    trace = local_received(
+    trace = local_received_header(
         hostname=ctx.hostname,
         uid=ctx.identity.uid,
         qid=qid,

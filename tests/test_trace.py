@@ -1,0 +1,77 @@
+"""`leafmail.trace`: the Received fields leafmail writes (RFC 5321 4.4), both kinds.
+
+The SMTP one and the local-submission one end the same way (one `for <rcpt>` only for
+a single recipient, then the date), written by one helper; text that is not leafmail's
+own is reduced to printable characters so that it can neither fold nor add a field.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+
+from leafmail.trace import header_section, local_received_header, received_header
+
+WHEN = 1_798_761_600  # Wed, 01 Jan 2027 00:00:00 +0000
+QID = "0123456789ABCDEF01234567"
+
+
+def fields(blob: bytes) -> list[tuple[str, str]]:
+    message = email.message_from_bytes(blob + b"\r\n", policy=email.policy.compat32)
+    return [(name, str(value)) for name, value in message.items()]
+
+
+def test_a_local_submission_for_one_recipient_names_it() -> None:
+    blob = local_received_header(
+        hostname="leaf.test",
+        uid=1000,
+        qid=QID,
+        recipients=["bob@dst.test"],
+        protocol=None,
+        timestamp=WHEN,
+    )
+    assert blob == (
+        b"Received: by leaf.test (leafmail, from userid 1000)\r\n"
+        b"\tid 0123456789ABCDEF01234567\r\n"
+        b"\tfor <bob@dst.test>; Fri, 01 Jan 2027 00:00:00 +0000\r\n"
+    )
+
+
+def test_a_local_submission_for_several_names_none_and_says_its_protocol() -> None:
+    blob = local_received_header(
+        hostname="leaf.test",
+        uid=0,
+        qid=QID,
+        recipients=["a@x.test", "b@x.test"],
+        protocol="ESMTP",
+        timestamp=WHEN,
+    )
+    assert blob == (
+        b"Received: by leaf.test (leafmail, from userid 0)\r\n"
+        b"\twith ESMTP id 0123456789ABCDEF01234567;\r\n"
+        b"\tFri, 01 Jan 2027 00:00:00 +0000\r\n"
+    )
+
+
+def test_no_kind_of_received_field_lets_a_recipient_add_a_field() -> None:
+    hostile = "bob@dst.test>\r\nX-Injected: yes\r\n\r\nbody<"
+    local = local_received_header(
+        hostname="leaf.test",
+        uid=1000,
+        qid=QID,
+        recipients=[hostile],
+        protocol=None,
+        timestamp=WHEN,
+    )
+    smtp = received_header(
+        helo="client.test",
+        client_ip="192.0.2.1",
+        hostname="leaf.test",
+        protocol="ESMTP",
+        qid=QID,
+        recipients=[hostile],
+        timestamp=WHEN,
+    )
+    for blob in (local, smtp):
+        assert header_section(blob + b"\r\n") == blob
+        assert [name for name, _ in fields(blob)] == ["Received"], blob
