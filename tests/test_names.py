@@ -197,6 +197,7 @@ def test_a_renamed_import_of_a_type_is_found(tmp_path: Path) -> None:
 ONE_MEANING = {
     "domain_of": "delivery's routing domain; qshape's row label is qshape.row_name",
     "lookup_name": "aliases' key for a local part; MX's DNS query name is mx.dns_name",
+    "printable": "escaped for a terminal; checks' ASCII line for a reply is ascii_line",
 }
 
 

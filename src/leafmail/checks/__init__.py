@@ -178,14 +178,16 @@ def is_trusted(session: CheckContext, relay_networks: AccessPolicy) -> bool:
 _UNSAFE = re.compile(r"[^\x20-\x7e]")
 
 
-def printable(text: str, limit: int = 200) -> str:
-    """Client-supplied text made safe for a header field or a reply: ASCII, one line."""
+def ascii_line(text: str, limit: int = 200) -> str:
+    """Client-supplied text made safe for a header field or a reply: ASCII, one line,
+    anything else replaced by "?" and cut at `limit` (not `leafmail.printable`, which
+    escapes text for a terminal and keeps all of it)."""
     return _UNSAFE.sub("?", text)[:limit]
 
 
 def header_field(name: str, value: str) -> bytes:
     """``Name: value`` CRLF, with anything but printable ASCII replaced by "?"."""
-    return f"{name}: {printable(value, 900)}\r\n".encode("ascii")
+    return f"{name}: {ascii_line(value, 900)}\r\n".encode("ascii")
 
 
 def tag_or_reject(mode: str, field_: bytes, reply: Reply) -> Verdict:

@@ -26,7 +26,7 @@ import dns.resolver
 
 from netserver.admit.access import AccessPolicy
 
-from . import ACCEPT, AsyncCheck, CheckContext, Defer, Tag, Verdict, is_trusted, printable
+from . import ACCEPT, AsyncCheck, CheckContext, Defer, Tag, Verdict, ascii_line, is_trusted
 from .dkim import dkim_refusal, verify_dkim
 from .headers import parse_header, without_comments
 from .jobs import OVER_BUDGET, JobRunner
@@ -50,8 +50,8 @@ def forged_results(data: bytes, authserv_id: str) -> tuple[bytes, ...]:
 
 def results_field(authserv_id: str, results: list[str]) -> bytes:
     """The Authentication-Results field, one result per line."""
-    body = ";\r\n\t".join(printable(r, 900) for r in results) if results else "none"
-    return f"{FIELD}: {printable(authserv_id)};\r\n\t{body}\r\n".encode("ascii")
+    body = ";\r\n\t".join(ascii_line(r, 900) for r in results) if results else "none"
+    return f"{FIELD}: {ascii_line(authserv_id)};\r\n\t{body}\r\n".encode("ascii")
 
 
 def auth_results_check(

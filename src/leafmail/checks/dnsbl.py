@@ -28,9 +28,9 @@ from . import (
     AsyncCheck,
     CheckContext,
     Verdict,
+    ascii_line,
     header_field,
     is_trusted,
-    printable,
     tag_or_reject,
 )
 from .lookup import DnsClient, address_of, lookup, reverse_octets, within
@@ -109,5 +109,5 @@ def dnsbl_check(
 def listed(mode: str, ip: IPAddress, zone: str) -> Verdict:
     """The verdict for a client `zone` lists."""
     text = f"Service unavailable; client [{ip}] blocked using {zone}"
-    reply = Reply(550, "5.7.1", printable(text))
+    reply = Reply(550, "5.7.1", ascii_line(text))
     return tag_or_reject(mode, header_field(TAG_FIELD, f"listed ({zone})"), reply)

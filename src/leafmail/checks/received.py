@@ -38,9 +38,9 @@ from . import (
     Check,
     CheckContext,
     Verdict,
+    ascii_line,
     header_field,
     is_trusted,
-    printable,
     tag_or_reject,
 )
 from .headers import Header, parse_header, without_comments
@@ -69,12 +69,12 @@ def helo_problems(helo: str | None, client_ip: IPAddress | None, ours: frozenset
     if not helo:
         return []
     if _norm(helo) in ours:
-        return [f"HELO {printable(helo, 100)} claims to be us"]
+        return [f"HELO {ascii_line(helo, 100)} claims to be us"]
     literal = helo_address(helo)
     if literal is None and not helo.strip().startswith("["):
         return []  # a name, not an address
     if client_ip is None or literal != unmap(client_ip):
-        return [f"HELO {printable(helo, 100)} is not the client's address"]
+        return [f"HELO {ascii_line(helo, 100)} is not the client's address"]
     return []
 
 
@@ -125,7 +125,7 @@ def chain_problems(data: bytes, hostname: str) -> list[str]:
     header = parse_header(data)
     found = []
     if forged_received(header, hostname):
-        found.append(f"Received field claims to be by {printable(hostname, 100)}")
+        found.append(f"Received field claims to be by {ascii_line(hostname, 100)}")
     hops = len(header.named("received"))
     if hops > HOP_TAG_THRESHOLD:
         found.append(f"{hops} hops")
@@ -206,5 +206,5 @@ def _rdns_verdict(mode: str, ip: IPAddress, confirmed: bool | None) -> Verdict:
 def _taint(mode: str, reasons: list[str], refusal: str, code: tuple[int, str]) -> Verdict:
     """Tag with every reason, or refuse naming the one that decided."""
     field = header_field(TAG_FIELD, f"tainted ({'; '.join(reasons)})")
-    reply = Reply(code[0], code[1], printable(f"Refused: {refusal}"))
+    reply = Reply(code[0], code[1], ascii_line(f"Refused: {refusal}"))
     return tag_or_reject(mode, field, reply)

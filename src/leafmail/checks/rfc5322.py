@@ -37,9 +37,9 @@ from . import (
     Check,
     CheckContext,
     Verdict,
+    ascii_line,
     header_field,
     is_trusted,
-    printable,
     tag_or_reject,
 )
 from .headers import Header, RawField, parse_header
@@ -99,7 +99,7 @@ def _verdict(mode: str, found: list[str]) -> Verdict:
     if not found:
         return ACCEPT
     reasons = "; ".join(found)
-    reply = Reply(550, "5.6.0", printable(f"Message does not conform to RFC 5322: {reasons}"))
+    reply = Reply(550, "5.6.0", ascii_line(f"Message does not conform to RFC 5322: {reasons}"))
     return tag_or_reject(mode, header_field(TAG_FIELD, f"fail ({reasons})"), reply)
 
 

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from netserver.smtp.addresses import Mailbox
 from netserver.smtp.replies import Reply
 
-from . import ACCEPT, Check, CheckContext, Reject, Verdict, printable
+from . import ACCEPT, Check, CheckContext, Reject, Verdict, ascii_line
 
 
 def _norm_domain(domain: str) -> str:
@@ -64,7 +64,7 @@ class SenderLogins:
 
 
 def not_owned(user: str) -> Reply:
-    return Reply(553, "5.7.1", printable(f"Sender address rejected: not owned by user {user}"))
+    return Reply(553, "5.7.1", ascii_line(f"Sender address rejected: not owned by user {user}"))
 
 
 def sender_login_check(logins: SenderLogins) -> Check:

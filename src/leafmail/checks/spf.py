@@ -34,7 +34,7 @@ from netserver.endpoint import unmap
 from netserver.smtp.addresses import Mailbox
 from netserver.smtp.replies import Reply
 
-from . import ACCEPT, AsyncCheck, CheckContext, Defer, Reject, Verdict, is_trusted, printable
+from . import ACCEPT, AsyncCheck, CheckContext, Defer, Reject, Verdict, ascii_line, is_trusted
 from .jobs import JobRunner
 from .lookup import within
 
@@ -113,7 +113,7 @@ def evaluate_spf(
         result = "permerror"
     finally:
         _thread.resolver = None
-    return SpfResult(result, ptype, printable(identity))
+    return SpfResult(result, ptype, ascii_line(identity))
 
 
 def spf_check(
@@ -168,7 +168,7 @@ def spf_check(
 
 def _timed_out(session: CheckContext) -> SpfResult | None:
     if session.sender is not None:
-        return SpfResult("temperror", "smtp.mailfrom", printable(pvalue(session.sender)))
+        return SpfResult("temperror", "smtp.mailfrom", ascii_line(pvalue(session.sender)))
     return SpfResult("temperror", "smtp.helo", hvalue(session.helo)) if session.helo else None
 
 
@@ -182,7 +182,7 @@ def pvalue(mailbox: Mailbox | None) -> str:
         try:
             domain = domain.encode("idna").decode("ascii")
         except UnicodeError:
-            domain = printable(domain)
+            domain = ascii_line(domain)
     if re.fullmatch(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+", mailbox.local):
         return f"{mailbox.local}@{domain}"
     return f"@{domain}"
@@ -193,5 +193,5 @@ def hvalue(helo: str) -> str:
     literal, else a quoted-string (a lying client may send anything)."""
     if re.fullmatch(r"[A-Za-z0-9.:\[\]-]+", helo):
         return helo
-    text = printable(helo, 100).replace("\\", "\\\\").replace('"', '\\"')
+    text = ascii_line(helo, 100).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{text}"'
