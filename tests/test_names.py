@@ -193,26 +193,36 @@ def test_a_renamed_import_of_a_type_is_found(tmp_path: Path) -> None:
     assert renamed_type_imports(src, ("pkg",)) == ["pkg/one.py: Transaction as SmtpTransaction"]
 
 
-# Function names once defined twice with two meanings; each now names one function.
+# Names once defined at the top level of two modules with two meanings; now of one.
 ONE_MEANING = {
     "domain_of": "delivery's routing domain; qshape's row label is qshape.row_name",
     "lookup_name": "aliases' key for a local part; MX's DNS query name is mx.dns_name",
     "printable": "escaped for a terminal; checks' ASCII line for a reply is ascii_line",
+    "STATE_DIRS": "the spool's directories; the tools' state names are STATE_BY_SHOWN_NAME",
 }
 
 
-def function_modules(name: str, src: Path = SRC, packages: tuple[str, ...] = PACKAGES) -> list[str]:
-    """The modules that define a top-level function called `name`."""
+def _top_level_names(stmt: ast.stmt) -> list[str]:
+    """The names a top-level statement binds: a function, or a plain assignment."""
+    if isinstance(stmt, ast.FunctionDef | ast.AsyncFunctionDef):
+        return [stmt.name]
+    targets = stmt.targets if isinstance(stmt, ast.Assign) else []
+    if isinstance(stmt, ast.AnnAssign):
+        targets = [stmt.target]
+    return [target.id for target in targets if isinstance(target, ast.Name)]
+
+
+def defining_modules(name: str, src: Path = SRC, packages: tuple[str, ...] = PACKAGES) -> list[str]:
+    """The modules that bind `name` at their top level (a function or a constant)."""
     found: list[str] = []
     for package in packages:
         for path in sorted((src / package).rglob("*.py")):
             tree = ast.parse(path.read_text(encoding="utf-8"))
-            kinds = (ast.FunctionDef, ast.AsyncFunctionDef)
-            if any(isinstance(stmt, kinds) and stmt.name == name for stmt in tree.body):
+            if any(name in _top_level_names(stmt) for stmt in tree.body):
                 found.append(str(path.relative_to(src)))
     return found
 
 
 @pytest.mark.parametrize("name", ONE_MEANING)
-def test_a_function_name_that_had_two_meanings_now_has_one(name: str) -> None:
-    assert len(function_modules(name)) == 1, (function_modules(name), ONE_MEANING[name])
+def test_a_name_that_had_two_meanings_now_has_one(name: str) -> None:
+    assert len(defining_modules(name)) == 1, (defining_modules(name), ONE_MEANING[name])

@@ -46,7 +46,7 @@ from .aliases import Aliases
 from .auth import hash_password
 from .printable import printable
 from .privsep import spool_owner
-from .selection import STATE_DIRS, Selection
+from .selection import STATE_BY_SHOWN_NAME, Selection
 from .spool import Spool
 from .spoolcheck import check_spool
 from .states import DeliveryMode, QueueState
@@ -306,7 +306,7 @@ def add_selection(parser: argparse.ArgumentParser, default_states: str) -> None:
         "--state",
         dest="states",
         action="append",
-        choices=list(STATE_DIRS),
+        choices=list(STATE_BY_SHOWN_NAME),
         help=f"only this state (repeatable; default: {default_states})",
     )
 

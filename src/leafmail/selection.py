@@ -23,7 +23,7 @@ from .spool import arrival_time
 from .states import QueueState
 
 # What the listing shows (and `--state` takes) -> the spool directory that holds it.
-STATE_DIRS = {state.shown: state for state in QueueState}
+STATE_BY_SHOWN_NAME = {state.shown: state for state in QueueState}
 NULL_SENDER = "<>"
 
 _AGE = re.compile(r"\A(\d+(?:\.\d+)?)([smhdw]?)\Z")
@@ -85,7 +85,7 @@ class Selection:
         younger_than: str | None = None,
     ) -> Selection:
         """From command-line words (state names as the listing shows them)."""
-        chosen = tuple(STATE_DIRS[s] for s in states) if states else tuple(default_states)
+        chosen = tuple(STATE_BY_SHOWN_NAME[s] for s in states) if states else tuple(default_states)
         return cls(
             states=tuple(dict.fromkeys(chosen)),
             senders=tuple(_address_pattern(s) for s in senders),
