@@ -16,9 +16,12 @@ deferrals or bounces, and an empty queue. A run that fails a check is reported, 
 out of the medians.
 
 Rounds are interleaved and the server order rotates each round, so slow drift of a
-shared VM spreads over all servers. Each server starts fresh for each round and takes the
-loads in order; ``sync`` runs before each run, so no run pays for an earlier one's
-write-back, and each run waits (within a budget) for the machine to be quiet. Ratios are
+shared VM spreads over all servers. Each server starts fresh for each round, in a scratch
+directory kept until the benchmark ends, and takes the loads in order; ``sync`` runs
+before each run, so no run pays for an earlier one's write-back, and each run waits
+(within a budget) for the machine to be quiet. On ext4 without a journal a server also
+starts only a minute after the last run that deleted files (`bench.inodes`: the kernel
+makes each new file walk past recently freed inodes, and whoever ran next paid for it). Ratios are
 of medians. The report also gives the disk's own rates (`smtp_peers.disk_probe`), since
 the fsync'd peers' figures follow the disk of the day, and the RSS of idle sessions
 (`smtp_idle`).
@@ -49,6 +52,7 @@ from pathlib import Path
 
 from . import smtp_idle
 from .cpu import machine_cpu, process_cpu
+from .inodes import Cooldown
 from .procs import RunningServer, running
 from .report import fmt_or_na, median_known, progress, unwind_on_sigterm, write_section
 from .smtp_idle import descendants
@@ -72,6 +76,9 @@ QUIET_CORES = 0.25
 QUIET_PROBE = 0.5
 QUIET_PER_RUN = 30.0
 NOISY_CORES = 0.3
+# Servers whose runs delete files: Postfix removes each queue file once it has discarded
+# the message. leafmail (no delivery configured) and aiosmtpd keep what they stored.
+DELETES_FILES = frozenset({"postfix"})
 
 
 @dataclass(frozen=True)
@@ -298,26 +305,38 @@ def run_rounds(
     rounds: int,
     messages: int | None,
     gate: QuietGate,
+    scratch: Path,
+    cooldown: Cooldown,
 ) -> list[Sample]:
-    """Every server, every load, `rounds` times; server order rotates each round."""
+    """Every server, every load, `rounds` times; server order rotates each round.
+
+    Each server gets a fresh directory under `scratch`, which is deleted only when the
+    benchmark ends, and starts once the deletions of earlier runs no longer cost it
+    (`bench.inodes`): otherwise whoever runs next pays, in system CPU per file created,
+    for the previous server's deleted files.
+    """
     samples: list[Sample] = []
     for round_ in range(rounds):
         order = [*servers[round_ % len(servers) :], *servers[: round_ % len(servers)]]
         for name in order:
-            with tempfile.TemporaryDirectory(prefix=f"smtp-bench-{name}-") as tmp:
-                try:
-                    with serving(name, Path(tmp)) as target:
-                        for load in loads:
-                            gate.wait()
-                            sample = run_load(target, load, messages or load.messages, round_ + 1)
-                            samples.append(sample)
-                            progress(_line(sample))
-                except RuntimeError as exc:
-                    why = " | ".join(line for line in str(exc).splitlines() if line.strip())
-                    progress(f"round {round_ + 1} {name}: could not start: {why}")
+            cooldown.wait()
+            tmp = tempfile.mkdtemp(prefix=f"{name}-", dir=scratch)
+            try:
+                with serving(name, Path(tmp)) as target:
                     for load in loads:
-                        samples.append(Sample(name, load.name, round_ + 1, 1, 1, None, 0, 0,
-                                              [f"did not start: {why}"]))  # fmt: skip
+                        gate.wait()
+                        sample = run_load(target, load, messages or load.messages, round_ + 1)
+                        samples.append(sample)
+                        progress(_line(sample))
+            except RuntimeError as exc:
+                why = " | ".join(line for line in str(exc).splitlines() if line.strip())
+                progress(f"round {round_ + 1} {name}: could not start: {why}")
+                for load in loads:
+                    samples.append(Sample(name, load.name, round_ + 1, 1, 1, None, 0, 0,
+                                          [f"did not start: {why}"]))  # fmt: skip
+            finally:
+                if name in DELETES_FILES:
+                    cooldown.deleted()
     return samples
 
 
@@ -465,7 +484,9 @@ METHOD = [
     "nostore = 250 at once. Postfix: a private instance (`postfix -c DIR start`) per "
     "BENCH-NOTES: smtpd (127.0.0.1:PORT, limit 100, no chroot) -> cleanup -> fsync'd "
     "queue file -> discard, logging through postlogd to a file. Each server starts fresh "
-    "each round; rounds interleave with the order rotated; `sync` before each run.",
+    "each round in a scratch directory deleted only at the end; rounds interleave with the "
+    "order rotated; `sync` before each run; on ext4 without a journal, a server starts a "
+    "minute after the last run that deleted files (bench/inodes.py).",
     "",
     "Checked after every run: smtp-source exit 0 and silent; leafmail's spool `queue/` "
     "and aiosmtpd's `new/` grew by exactly M files; Postfix logged M discards "
@@ -565,10 +586,24 @@ def main(argv: list[str] | None = None) -> int:
         servers.remove("leafmail")
     ensure_postfix()
     gate = QuietGate(args.quiet_wait)
-    samples = run_rounds(servers, loads, args.rounds, args.messages, gate) if servers else []
-    gate.wait()
-    with tempfile.TemporaryDirectory(prefix="smtp-bench-disk-") as tmp:
-        disk = disk_probe(Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="smtp-bench-") as tmp:
+        scratch = Path(tmp)
+        cooldown = Cooldown.for_path(scratch)
+        cooldown.deleted()  # what ran before the benchmark is unknown: start as after it
+        samples = (
+            run_rounds(servers, loads, args.rounds, args.messages, gate, scratch, cooldown)
+            if servers
+            else []
+        )
+        cooldown.wait()
+        gate.wait()
+        disk = disk_probe(scratch)
+    if cooldown.waited:
+        notes.append(
+            f"waited {cooldown.waited:.0f} s in all before servers started, so that files "
+            "deleted by earlier runs (ext4 without a journal) did not tax the next server; "
+            "see bench/inodes.py"
+        )
     idle_names = [n for n in ("leafmail", "aiosmtpd") if n in servers]
     idle = smtp_idle.run_idle(idle_names, args.idle) if args.idle and idle_names else []
     lines = report(samples, servers, loads, idle, disk, notes)
