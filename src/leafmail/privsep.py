@@ -13,6 +13,7 @@ announced to the queue manager on a datagram socket pair: one queue id per datag
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import mmap
 import os
@@ -31,6 +32,8 @@ from .config import ProcessConfig
 from .spoolcheck import check_spool
 from .throttle import SourceTable
 
+ANNOUNCE_BATCH = 128  # queue ids in one datagram at most
+ANNOUNCE_BYTES = ANNOUNCE_BATCH * 65  # room for ids of up to 64 bytes and separators
 USERADD = "useradd --system --home-dir /var/spool/leafmail --shell /usr/sbin/nologin {user}"
 
 
@@ -110,10 +113,16 @@ class SpoolHandle:
 
 
 class Announcer:
-    """New mail from the smtpd workers to the queue manager: one datagram per queue id.
+    """New mail from the smtpd workers to the queue manager: queue ids in datagrams.
+
+    Ids announced in one turn of an event loop travel together, in one datagram sent at
+    the end of the turn: a group commit answers its whole batch in one turn, so the
+    queue manager wakes once per batch instead of once per message (one send and one
+    receive a message cost the pair about 40 µs of CPU in the SMTP benchmark). Off an
+    event loop, or from a second loop of the same process, an id goes at once, alone.
 
     Sends never block a session: if the queue manager is so far behind that its socket
-    is full, the id is dropped, and its next scan of the queue finds the message.
+    is full, the ids are dropped, and its next scan of the queue finds the messages.
     """
 
     def __init__(self) -> None:
@@ -121,24 +130,49 @@ class Announcer:
         self.sender.setblocking(False)
         self.receiver.setblocking(False)
         self.dropped = 0
+        self._pending: list[str] = []
+        self._loop: asyncio.AbstractEventLoop | None = None  # whose turn `_pending` waits for
 
     def announce(self, qid: str) -> None:
+        """Tell the queue manager about `qid` (at the end of this loop turn)."""
         try:
-            self.sender.send(qid.encode("ascii"))
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._send([qid])
+            return
+        if self._pending and loop is not self._loop:
+            self._send([qid])  # another loop's batch is waiting: do not mix them
+            return
+        self._pending.append(qid)
+        if len(self._pending) == 1:
+            self._loop = loop
+            loop.call_soon(self.flush)
+        elif len(self._pending) >= ANNOUNCE_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send the ids waiting for the end of the turn now."""
+        ids, self._pending = self._pending, []
+        if ids:
+            self._send(ids)
+
+    def _send(self, ids: list[str]) -> None:
+        try:
+            self.sender.send("\n".join(ids).encode("ascii"))
         except OSError:
-            self.dropped += 1
+            self.dropped += len(ids)
 
     def receive(self) -> list[str]:
         """Every queue id waiting (call when the receiver is readable)."""
         found: list[str] = []
         while True:
             try:
-                data = self.receiver.recv(64)
+                data = self.receiver.recv(ANNOUNCE_BYTES)
             except (BlockingIOError, InterruptedError):
                 return found
             if not data:
                 return found
-            found.append(data.decode("ascii", "replace"))
+            found += data.decode("ascii", "replace").split("\n")
 
 
 class Backlog:
