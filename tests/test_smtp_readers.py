@@ -7,6 +7,8 @@ offset: where the input is cut must never change the result.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from netserver.smtp.readers import (
     BareNewline,
@@ -221,6 +223,27 @@ def test_data_first_error_wins() -> None:
     end, _ = feed_data([b"a\nb\r\n" + b"x" * 2000 + b"\r\n.\r\n"], max_size=100)
     assert end is not None
     assert end.error is DataError.BARE_NEWLINE
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lines=st.lists(st.sampled_from([0, 1, 70, 997, 998, 999, 1000, 2500]), min_size=1, max_size=8),
+    cuts=st.lists(st.integers(min_value=1, max_value=4000), max_size=3),
+)
+def test_line_limit_holds_however_lines_and_reads_fall(lines: list[int], cuts: list[int]) -> None:
+    """LINE_TOO_LONG exactly when some line has more than 998 octets before its CRLF,
+    whatever the line lengths and wherever the reads cut the body."""
+    body = b"".join(b"x" * n + b"\r\n" for n in lines)
+    wire = body + b".\r\n"
+    chunks, start = [], 0
+    for cut in sorted(cuts):
+        if start < cut < len(wire):
+            chunks.append(wire[start:cut])
+            start = cut
+    chunks.append(wire[start:])
+    end, _ = feed_data(chunks, max_size=100_000)
+    assert end is not None
+    assert (end.error is DataError.LINE_TOO_LONG) == (max(lines) > 998)
 
 
 def test_a_long_line_without_crlf_is_caught_before_it_ends() -> None:

@@ -258,6 +258,22 @@ class MessageSink:
         return bytes(self._body)
 
 
+def _long_line_between(data: bytes, start: int, end: int) -> bool:
+    """True if a line of ``data[start:end]`` (lines split at CRLF) is over the limit.
+
+    It jumps from the last CRLF of each window of TEXT_LINE_LIMIT octets to the next
+    window, so a body of ordinary lines costs one ``rfind`` per kilobyte. Splitting
+    the body into lines cost a bytes object per line: about 100 µs for a 10 KiB
+    message, and more the shorter its lines (a client chooses them).
+    """
+    while end - start > TEXT_LINE_LIMIT - 2:
+        crlf = data.rfind(b"\r\n", start, start + TEXT_LINE_LIMIT)
+        if crlf < 0:
+            return True  # TEXT_LINE_LIMIT - 1 octets or more before the next CRLF
+        start = crlf + 2
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class MessageEnd:
     """The DATA terminator was read: the body, or the error to answer with."""
@@ -325,9 +341,7 @@ class DataReader:
             return self._line_len + 2 > TEXT_LINE_LIMIT
         too_long = self._line_len + first + 2 > TEXT_LINE_LIMIT
         last = segment.rfind(b"\r\n")
-        middle = segment[first + 2 : last]
-        if len(middle) + 2 > TEXT_LINE_LIMIT:
-            too_long = too_long or max(map(len, middle.split(b"\r\n"))) + 2 > TEXT_LINE_LIMIT
+        too_long = too_long or _long_line_between(segment, first + 2, last)
         self._line_len = len(segment) - last - 2
         return too_long or self._line_len + 2 > TEXT_LINE_LIMIT
 
