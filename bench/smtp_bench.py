@@ -588,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     gate = QuietGate(args.quiet_wait)
     with tempfile.TemporaryDirectory(prefix="smtp-bench-") as tmp:
         scratch = Path(tmp)
+        # Search permission only, so that Postfix's own user reaches its instance below.
+        os.chmod(scratch, 0o711)  # noqa: S103
         cooldown = Cooldown.for_path(scratch)
         cooldown.deleted()  # what ran before the benchmark is unknown: start as after it
         samples = (
