@@ -1,0 +1,101 @@
+"""leafmail alone for several rounds: CPU per message, process by process, user and system.
+
+`smtp_bench` gives one CPU figure per server; finding where a change in it comes from
+needs the split: which process (supervisor, smtpd workers, queue manager), and user or
+system time. Each round starts a fresh `leafmail serve` under a scratch directory and
+drives it with smtp-source, as `smtp_bench` does. With ``--delete`` each round's
+scratch tree is deleted as soon as the round ends (what `smtp_bench` did before
+`bench.inodes`), which reproduces the rise of system time on ext4 without a journal;
+without it, the trees are kept until the end.
+
+    python -m bench.smtp_alone [--rounds 4] [--loads s20-10K] [--delete]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .smtp_bench import LOADS, Load, serving
+from .smtp_idle import descendants
+
+_TICK = float(os.sysconf("SC_CLK_TCK"))
+Times = dict[int, tuple[str, float, float]]  # pid -> (name, user, system) in seconds
+
+
+def times(root: int) -> Times:
+    """User and system seconds (with reaped children's) of `root` and its descendants."""
+    found: Times = {}
+    for pid in descendants(root):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            continue
+        fields = raw[raw.rindex(b")") + 2 :].split()
+        utime, stime, cutime, cstime = (int(x) / _TICK for x in fields[11:15])
+        found[pid] = (_role(pid, root), utime + cutime, stime + cstime)
+    return found
+
+
+def _role(pid: int, root: int) -> str:
+    """ "parent" for the server itself, else its pid (the workers share one command line)."""
+    return "parent" if pid == root else f"pid {pid}"
+
+
+def run(load: Load, port: int, root: int) -> tuple[float, dict[str, tuple[float, float]]]:
+    """One smtp-source run: msgs/s, and (user, system) µs/msg of each process that ran."""
+    before = times(root)
+    start = time.perf_counter()
+    subprocess.run(load.argv(port, load.messages), check=True, capture_output=True)
+    rate = load.messages / (time.perf_counter() - start)
+    per_message: dict[str, tuple[float, float]] = {}
+    for pid, (name, user, system) in times(root).items():
+        _, user0, system0 = before.get(pid, (name, 0.0, 0.0))
+        used = ((user - user0) / load.messages * 1e6, (system - system0) / load.messages * 1e6)
+        if sum(used) > 0:
+            per_message[name] = used
+    return rate, per_message
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the rounds and print one line per load and round."""
+    p = argparse.ArgumentParser(prog="python -m bench.smtp_alone", description=__doc__)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--rounds", type=int, default=4, choices=range(1, 11), metavar="1..10")
+    p.add_argument("--loads", default="s20-10K", help=f"comma-separated, of {', '.join(LOADS)}")
+    p.add_argument("--delete", action="store_true", help="delete each round's tree at once")
+    args = p.parse_args(argv)
+    loads = [LOADS[name] for name in args.loads.split(",") if name in LOADS]
+    if not loads:
+        p.error(f"no known load in {args.loads!r}")
+    with tempfile.TemporaryDirectory(prefix="smtp-alone-") as tmp:
+        for round_ in range(1, args.rounds + 1):
+            scratch = Path(tempfile.mkdtemp(dir=tmp))
+            with serving("leafmail", scratch) as target:
+                for load in loads:
+                    os.sync()
+                    rate, used = run(load, target.port, target.pid)
+                    total = sum(user + system for user, system in used.values())
+                    split = "; ".join(
+                        f"{name}: user {user:,.0f} sys {system:,.0f}"
+                        for name, (user, system) in used.items()
+                    )
+                    print(
+                        f"round {round_} {load.name}: {rate:,.0f} msg/s, "
+                        f"{total:,.0f} µs/msg ({split})",
+                        flush=True,
+                    )
+            if args.delete:
+                shutil.rmtree(scratch)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
