@@ -986,7 +986,7 @@ def test_connect_stage_refusal_is_the_greeting() -> None:
 
     from leafmail.checks import CheckContext, Reject, Stage
     from leafmail.receive import Policy, ReceiveService
-    from netserver.aio import AsyncConnection
+    from netserver.callbacks import CallbackConnection
     from netserver.smtp import ServerConfig
     from netserver.smtp.replies import Reply
 
@@ -1002,7 +1002,9 @@ def test_connect_stage_refusal_is_the_greeting() -> None:
             policy=Policy({Stage.CONNECT: [refuse_all]}),
         )
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: _Runner(service), host="127.0.0.1", port=0)
+        server = await loop.create_server(
+            lambda: CallbackConnection(service.session), host="127.0.0.1", port=0
+        )
         port = server.sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         greeting = await reader.readline()
@@ -1013,15 +1015,6 @@ def test_connect_stage_refusal_is_the_greeting() -> None:
         writer.close()
         server.close()
         return greeting + ehlo + bye
-
-    class _Runner(AsyncConnection):
-        def __init__(self, service: ReceiveService) -> None:
-            super().__init__()
-            self.service = service
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            super().connection_made(transport)
-            asyncio.get_running_loop().create_task(self.service.handle(self))
 
     out = asyncio.run(asyncio.wait_for(scenario(), 10))
     lines = out.split(b"\r\n")

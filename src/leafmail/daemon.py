@@ -32,10 +32,10 @@ import functools
 import os
 import signal
 import ssl
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 
-from netserver import AsyncConnection, AsyncHandler, Endpoint, Limits, Server
+from netserver import CallbackConnection, CallbackHandler, Callbacks, Endpoint, Limits, Server
 from netserver.accepted import FdRegistry
 from netserver.admit.proxy import ProxyGate
 from netserver.connlog import ServerLog
@@ -170,13 +170,10 @@ class Daemon:
         max_size = config.smtp.max_message_size
         self.local = LocalService(config.queue, max_size, inherited, local, client_uid(inherited))
 
-    def _handle(self, role: str, conn: AsyncConnection) -> Coroutine[None, None, None]:
-        """A session, in a worker (its services were made by `Smtpd.setup` there).
-
-        The session's coroutine itself, not one that awaits it: each idle session keeps
-        its chain of coroutine frames alive, so a layer less is memory saved per session.
-        """
-        return self.smtpd.handle(role, conn)
+    def _session(self, role: str, conn: CallbackConnection) -> Callbacks:
+        """A session, in a worker (its services were made by `Smtpd.setup` there): a
+        callback handler, so an idle session holds no task (`leafmail.session`)."""
+        return self.smtpd.session(role, conn)
 
     def _setup_smtpd(self) -> WorkerApp:
         return self.smtpd.setup()
@@ -206,7 +203,7 @@ class Daemon:
         # here): limits, checks and logs see that client (modes.workers).
         proxy = self.config.smtp.proxy_from
         return Server(
-            AsyncHandler(functools.partial(self._handle, role.name)),
+            CallbackHandler(functools.partial(self._session, role.name)),
             list(role.listen),
             mode=ModeSpec("async", workers=self.pool, service=role.name),
             gates=[ProxyGate(proxy)] if proxy else [],

@@ -12,18 +12,20 @@ The service never delivers mail: it only commits to the spool, which the queue m
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
-from netserver.aio import AsyncConnection, ServerStopping
+from netserver.callbacks import CallbackConnection
 from netserver.connlog import ServerLog
+from netserver.loopconn import LoopConnection
 from netserver.smtp import (
     AuthRequest,
     DataStart,
     DecisionEvent,
-    Event,
     Helo,
     MailFrom,
     MessageReady,
@@ -31,13 +33,11 @@ from netserver.smtp import (
     ServerConfig,
     ServerProtocol,
     Session,
-    StartTLS,
     Transaction,
     received_protocol,
     replies,
 )
 from netserver.smtp.replies import Reply
-from netserver.smtp.states import State
 
 from .auth import Users
 from .checks import (
@@ -53,16 +53,15 @@ from .checks import (
     run_checks,
 )
 from .checks.headers import drop_fields
-from .datarate import DataRate, too_slow
 from .envelope import ClientInfo, Envelope, Recipient
+from .session import SmtpSession
 from .spool import GroupCommitter, SpoolError, new_id
 from .throttle import AuthThrottle, blocked_reply
 from .trace import received_header
 
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 SPOOL_FAILED = Reply(452, "4.3.1", "Insufficient system storage, try again later")
-READ_SIZE = 65536
-_DATA_STATES = frozenset({State.DATA, State.BDAT, State.CHUNKS})
+Failure = BaseException | None  # how a session's task ended
 
 
 @dataclass
@@ -79,6 +78,10 @@ class Policy:
     def judge(self, stage: Stage, session: CheckContext) -> Verdict:
         """The plain checks' verdict (what a caller without an event loop can run)."""
         return run_checks(self.stages.get(stage, ()), session)
+
+    def waits(self, stage: Stage) -> bool:
+        """True if a check of `stage` waits for the network (the session needs a task)."""
+        return bool(self.async_stages.get(stage))
 
     async def judge_async(self, stage: Stage, session: CheckContext) -> Verdict:
         """Every check of the stage; the tags of all of them when they all accept."""
@@ -108,97 +111,86 @@ class ReceiveService:
     min_data_rate: int = 0  # octets a second during DATA/BDAT (0: no minimum)
     data_rate_grace: float = 30.0
 
-    async def handle(self, conn: AsyncConnection) -> None:
-        """Serve one SMTP session on `conn` until QUIT, 421 or the client leaves."""
-        encrypted = conn.get_extra_info("ssl_object") is not None
-        facts = CheckContext(conn.peer.ip, tls=encrypted)
-        verdict = await self._judge(Stage.CONNECT, facts)
-        # A refused client is greeted with the refusal: 554 (then only QUIT) or 421.
-        greeting = None if isinstance(verdict, Accept) else verdict.reply
-        ip = conn.peer.ip
-        if greeting is None and self.throttle and ip and self.throttle.is_blocked(ip):
-            greeting = blocked_reply(self.smtp.hostname)
-            self._log("auth blocked", client=str(ip))
-        proto = ServerProtocol(self.smtp, greeting, tls=encrypted)
-        conn.write(proto.data_to_send())
-        conn.interrupt_on_stop = True
-        rate = DataRate(self.min_data_rate, self.data_rate_grace)
-        while not proto.closed:
-            rate.track(proto.state in _DATA_STATES)
-            try:
-                limit = rate.remaining()
-                # Awaited here, not through a helper: an idle session keeps every frame
-                # of its await chain, so a helper would cost memory per session.
-                data = await (conn.read(READ_SIZE) if limit is None else _read(conn, limit))
-            except TimeoutError:
-                proto.close(too_slow(self.smtp.hostname))
-                conn.write(proto.data_to_send())
-                break
-            except ServerStopping:
-                if proto.envelope is None:  # between transactions: say goodbye now
-                    proto.close(replies.shutting_down(self.smtp.hostname))
-                    conn.write(proto.data_to_send())
-                    break
-                continue  # a transaction is under way: let it finish within the grace time
-            if not data:
-                return
-            rate.add(len(data))
-            events = proto.receive_data(data)
-            while True:
-                decided = await self._dispatch(conn, proto, facts, events)
-                out = proto.data_to_send()  # replies with no event (NOOP, errors) too
-                if out:
-                    conn.write(out)
-                if not decided:
-                    break
-                events = proto.resume()
-            if conn.stop_requested and proto.envelope is None and not proto.closed:
-                # The server is stopping and the transaction under way has ended.
-                proto.close(replies.shutting_down(self.smtp.hostname))
-                conn.write(proto.data_to_send())
-            await conn.drain()
-        await conn.close()
+    running: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
 
-    async def _dispatch(
-        self,
-        conn: AsyncConnection,
-        proto: ServerProtocol,
-        facts: CheckContext,
-        events: Sequence[Event],
-    ) -> bool:
-        """Act on a batch of events; True if a decision was made (so `resume`)."""
-        for event in events:
-            if isinstance(event, StartTLS):
-                await self._start_tls(conn, proto)
-                facts.reset_for_tls()
-            elif isinstance(event, DecisionEvent):
-                await self._decision(conn, proto, facts, event)
-                return True  # a decision is always the last event of a batch
-        return False
+    def session(self, conn: CallbackConnection) -> SmtpSession:
+        """The session on a new connection (netserver's callback handler form)."""
+        return SmtpSession(self, conn)
 
-    async def _decision(
+    def start(self, work: Coroutine[Any, Any, None], done: Callable[[Failure], None]) -> None:
+        """Run a session's `work` as a task; `done` gets its exception, or None.
+
+        The service keeps the task (the session keeps none) until it ends, so `settle`
+        can wait for the commits under way before the spool is closed.
+        """
+        task = asyncio.get_running_loop().create_task(work)
+        self.running.add(task)
+        task.add_done_callback(functools.partial(self._ended, done))
+
+    def _ended(self, done: Callable[[Failure], None], task: asyncio.Task[None]) -> None:
+        self.running.discard(task)
+        done(asyncio.CancelledError() if task.cancelled() else task.exception())
+
+    async def settle(self) -> None:
+        """Wait for the sessions' tasks under way (a commit, a check) to end."""
+        while self.running:
+            await asyncio.wait(list(self.running))
+
+    def judge_now(self, stage: Stage, facts: CheckContext) -> Verdict | None:
+        """The stage's verdict if no check of it waits for the network; else None."""
+        if self.policy.waits(stage):
+            return None
+        return self._kept(stage, self.policy.judge(stage, facts), facts)
+
+    def decide_now(self, proto: ServerProtocol, facts: CheckContext, event: DecisionEvent) -> bool:
+        """Answer `event` now if nothing has to wait; False when `decide` must (a task).
+
+        HELO, MAIL, RCPT and DATA whose stages have only plain checks are answered here,
+        on the loop's callback; a message (the commit), AUTH and the stages that wait
+        for DNS are not.
+        """
+        waits = self.policy.waits
+        match event:
+            case Helo() if not waits(Stage.HELO):
+                facts.helo = event.name
+                facts.tags.pop(Stage.HELO, None)
+                self._decide(proto, self._now(Stage.HELO, facts))
+            case MailFrom() if not waits(Stage.MAIL):
+                if self._mail_starts(proto, facts, event):
+                    self._decide(proto, self._now(Stage.MAIL, facts))
+            case RcptTo() if not waits(Stage.RCPT):
+                facts.recipient = event.recipient
+                self._rcpt(proto, facts, event, self._now(Stage.RCPT, facts))
+            case DataStart() if not waits(Stage.DATA):
+                self._decide(proto, self._now(Stage.DATA, facts))
+            case _:
+                return False
+        return True
+
+    def _now(self, stage: Stage, facts: CheckContext) -> Verdict:
+        return self._kept(stage, self.policy.judge(stage, facts), facts)
+
+    async def decide(
         self,
-        conn: AsyncConnection,
+        conn: LoopConnection,
         proto: ServerProtocol,
         facts: CheckContext,
         event: DecisionEvent,
     ) -> None:
-        """Run the stage's checks for one decision event and answer it."""
+        """Run the stage's checks for one decision event and answer it (in a task)."""
         match event:
             case Helo():
                 facts.helo = event.name
                 facts.tags.pop(Stage.HELO, None)
-                self._decide(proto, await self._judge(Stage.HELO, facts))
+                self._decide(proto, await self.judge(Stage.HELO, facts))
             case MailFrom():
-                await self._mail(proto, facts, event)
+                if self._mail_starts(proto, facts, event):
+                    self._decide(proto, await self.judge(Stage.MAIL, facts))
             case RcptTo():
                 facts.recipient = event.recipient
-                verdict = await self._judge(Stage.RCPT, facts)
-                if isinstance(verdict, Accept):
-                    facts.recipients.append(event.recipient)
-                self._decide(proto, verdict)
+                self._rcpt(proto, facts, event, await self.judge(Stage.RCPT, facts))
             case DataStart():
-                self._decide(proto, await self._judge(Stage.DATA, facts))
+                self._decide(proto, await self.judge(Stage.DATA, facts))
             case MessageReady():
                 await self._message(conn, proto, facts, event)
             case AuthRequest():
@@ -206,12 +198,20 @@ class ReceiveService:
             case _:
                 raise TypeError(f"unexpected decision {event!r}")
 
-    async def _judge(self, stage: Stage, facts: CheckContext) -> Verdict:
+    async def judge(self, stage: Stage, facts: CheckContext) -> Verdict:
         """The stage's verdict; its tags are kept for the message (`_tagged`)."""
-        verdict = await self.policy.judge_async(stage, facts)
+        return self._kept(stage, await self.policy.judge_async(stage, facts), facts)
+
+    @staticmethod
+    def _kept(stage: Stage, verdict: Verdict, facts: CheckContext) -> Verdict:
         if isinstance(verdict, Tag):
             facts.tags.setdefault(stage, []).append(verdict)
         return verdict
+
+    def _rcpt(self, proto: ServerProtocol, facts: CheckContext, event: RcptTo, v: Verdict) -> None:
+        if isinstance(v, Accept):
+            facts.recipients.append(event.recipient)
+        self._decide(proto, v)
 
     @staticmethod
     def _decide(proto: ServerProtocol, verdict: Verdict, ok: Reply | None = None) -> None:
@@ -220,21 +220,16 @@ class ReceiveService:
         else:
             proto.reject(verdict.reply)
 
-    async def _mail(self, proto: ServerProtocol, facts: CheckContext, event: MailFrom) -> None:
+    def _mail_starts(self, proto: ServerProtocol, facts: CheckContext, event: MailFrom) -> bool:
+        """Begin a transaction's facts; False (and 530) if AUTH is required first."""
         if self.require_auth and facts.user is None:
             proto.reject(AUTH_REQUIRED)
-            return
+            return False
         facts.sender = event.sender
         facts.params = event.params
         facts.recipients = []
         facts.start_transaction()
-        self._decide(proto, await self._judge(Stage.MAIL, facts))
-
-    async def _start_tls(self, conn: AsyncConnection, proto: ServerProtocol) -> None:
-        assert self.tls is not None
-        conn.write(proto.data_to_send())
-        await conn.start_tls(self.tls)
-        proto.tls_started()
+        return True
 
     async def _auth(self, proto: ServerProtocol, facts: CheckContext, event: AuthRequest) -> None:
         users = self.users
@@ -249,25 +244,26 @@ class ReceiveService:
         # One line per failure, client first: contrib/fail2ban/leafmail.conf matches it.
         ip = facts.client_ip
         client = str(ip) if ip else None  # a unix-socket peer has no address
-        self._log("auth failed", client=client, user=event.username, mechanism=event.mechanism)
+        self.note("auth failed", client=client, user=event.username, mechanism=event.mechanism)
         delay = self.throttle.failed(ip) if self.throttle and ip else 0.0
         if delay is None:
-            self._log("auth blocked", client=client)
+            self.note("auth blocked", client=client)
             proto.reject(blocked_reply(self.smtp.hostname))
             return
         if delay:
             await asyncio.sleep(delay)
         proto.reject(replies.AUTH_FAILED)
 
-    def _log(self, message: str, **fields: object) -> None:
+    def note(self, message: str, **fields: object) -> None:
+        """One log line, if the service has a log."""
         if self.log is not None:
             self.log.info(message, **fields)
 
     async def _message(
-        self, conn: AsyncConnection, proto: ServerProtocol, facts: CheckContext, event: MessageReady
+        self, conn: LoopConnection, proto: ServerProtocol, facts: CheckContext, event: MessageReady
     ) -> None:
         facts.data = event.data
-        verdict = await self._judge(Stage.END_OF_DATA, facts)
+        verdict = await self.judge(Stage.END_OF_DATA, facts)
         facts.data = b""
         if not isinstance(verdict, Accept):
             proto.reject(verdict.reply)
@@ -294,7 +290,7 @@ class ReceiveService:
         if self.on_spooled is not None:
             self.on_spooled(qid)
 
-    def _envelope(self, conn: AsyncConnection, session: Session, smtp: Transaction) -> Envelope:
+    def _envelope(self, conn: LoopConnection, session: Session, smtp: Transaction) -> Envelope:
         """The spool's envelope for this transaction."""
         params = smtp.params
         tls = _tls_text(conn)
@@ -326,14 +322,6 @@ class ReceiveService:
         )
 
 
-async def _read(conn: AsyncConnection, limit: float) -> bytes:
-    """The next bytes from the client; TimeoutError past `limit` seconds."""
-    if limit <= 0:
-        raise TimeoutError
-    async with asyncio.timeout(limit):
-        return await conn.read(READ_SIZE)
-
-
 def _tagged(data: bytes, tag: Accept) -> tuple[bytes, bytes]:
     """The header fields the checks add, and the message without those they drop."""
     if not isinstance(tag, Tag):
@@ -341,7 +329,7 @@ def _tagged(data: bytes, tag: Accept) -> tuple[bytes, bytes]:
     return b"".join(tag.fields), drop_fields(data, tag.drop)
 
 
-def _tls_text(conn: AsyncConnection) -> str | None:
+def _tls_text(conn: LoopConnection) -> str | None:
     obj = conn.get_extra_info("ssl_object")
     if obj is None:
         return None

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Coroutine
 from dataclasses import dataclass
 
-from netserver import AsyncConnection
+from netserver.callbacks import CallbackConnection
 from netserver.connlog import ServerLog
 from netserver.modes.workers import WorkerApp
 
@@ -29,6 +28,7 @@ from .envelope import Envelope
 from .policy import check_pool, policy_for
 from .privsep import Backlog, Inherited, become
 from .receive import Policy, ReceiveService
+from .session import SmtpSession
 from .spool import GroupCommitter, Spool
 from .throttle import auth_throttle
 
@@ -118,10 +118,10 @@ class Smtpd:
         self.inherited = inherited
         self.services: dict[str, ReceiveService] = {}
 
-    def handle(self, role: str, conn: AsyncConnection) -> Coroutine[None, None, None]:
-        """One session on `conn`, served by this worker's service for `role` (the
-        service's coroutine, not a frame around it: see `Daemon._handle`)."""
-        return self.services[role].handle(conn)
+    def session(self, role: str, conn: CallbackConnection) -> SmtpSession:
+        """The session on `conn`, served by this worker's service for `role`: an object
+        the loop's callbacks drive, with no task while it waits (`leafmail.session`)."""
+        return self.services[role].session(conn)
 
     def setup(self) -> WorkerApp:
         """In a new worker: prepare as root, drop privileges, then open the services."""
@@ -135,6 +135,8 @@ class Smtpd:
         self.services = self._services(settings, committer, policy)
 
         async def close() -> None:
+            for service in self.services.values():
+                await service.settle()  # commits under way end before the spool closes
             await pool.close()
             await asyncio.get_running_loop().run_in_executor(None, committer.close)
 

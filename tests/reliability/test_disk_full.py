@@ -63,7 +63,7 @@ from leafmail.checks import Stage
 from leafmail.receive import Policy, ReceiveService
 from leafmail.spool import GroupCommitter, Spool
 from leafmail.states import QueueState
-from netserver import AsyncHandler, Server
+from netserver import CallbackHandler, Server
 from netserver.server import RunOptions
 from netserver.smtp import ServerConfig
 
@@ -534,7 +534,7 @@ def in_process_server(spool: Spool) -> Iterator[tuple[str, int]]:
     committer = GroupCommitter(spool)
     service = ReceiveService(ServerConfig(hostname=HOSTNAME), committer, Policy({Stage.MAIL: []}))
     server = Server(
-        AsyncHandler(service.handle),
+        CallbackHandler(service.session),
         ["127.0.0.1:0"],
         mode="async",
         options=RunOptions(signals=False),

@@ -40,10 +40,13 @@ class EventLoopMode:
         self.handler = handler
         self.tasks: set[asyncio.Task[None]] = set()
         self.live: set[AsyncConnection | CallbackConnection] = set()
+        # Callback connections past their start: no task, their end is a callback.
+        self.parked: dict[CallbackConnection, Accepted] = {}
         self.stopping = False
         self._empty = asyncio.Event()
         self._empty.set()
         self._forget_task = self._forget  # bound once: see TASK_NAME
+        self._parked_end = self._unpark  # bound once, shared by every parked connection
 
     def start(self) -> None:
         """Nothing to prepare."""
@@ -56,13 +59,14 @@ class EventLoopMode:
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
-        if not self.tasks:
+        if not self.tasks and not self.parked:
             self._empty.set()
 
     async def _serve(self, conn: Accepted) -> None:
         record = conn.record
         proto = self._protocol(conn)
         self.live.add(proto)
+        parked = False
         try:
             # With ssl= the loop returns its own TLS protocol (uvloop does), so the
             # handler gets the object made here, not what connect_accepted_socket returns.
@@ -71,35 +75,48 @@ class EventLoopMode:
             if self.stopping:
                 proto.request_stop()
             if isinstance(proto, CallbackConnection):
-                await proto.finished()
-            else:
-                assert isinstance(self.handler, AsyncHandler)
-                await self.handler.func(proto)
-                await proto.close()
+                # The task ends here; the loop's callbacks drive the connection, and
+                # its end does the bookkeeping below (`_unpark`). An idle callback
+                # connection then costs no task, coroutine or future.
+                self.parked[proto] = conn
+                parked = True
+                proto.on_end(self._parked_end)
+                return
+            assert isinstance(self.handler, AsyncHandler)
+            await self.handler.func(proto)
+            await proto.close()
         except asyncio.CancelledError:
             record.status = "terminated"
-        except LineTooLong:
-            record.status = "line-too-long"
-        except ssl.SSLError:
-            record.status = "tls-failed"
-        except (ConnectionError, asyncio.IncompleteReadError):
-            record.status = "client-gone"
-        except Exception:
-            traceback.print_exc(file=sys.stderr)
-            record.status = "error"
+        except Exception as exc:  # every failure ends in a status
+            record.status = _status_of(exc)
         finally:
-            self.live.discard(proto)
-            if proto.transport is not None and not proto.is_lost:
-                proto.abort()
-            elif proto.transport is None:
-                with contextlib.suppress(OSError):
-                    conn.sock.close()
-            record.bytes_in, record.bytes_out = proto.bytes_in, proto.bytes_out
-            if proto.timed_out:
-                record.status = "idle-timeout"
-            elif record.status == "ok" and proto.lost_error is not None:
-                record.status = "client-gone"
-            self.ctx.finished(conn)
+            if not parked:
+                self._end(conn, proto)
+
+    def _unpark(self, proto: CallbackConnection) -> None:
+        """A callback connection ended: its status, then the same end as a task's."""
+        conn = self.parked.pop(proto)
+        if proto.failure is not None:
+            conn.record.status = _status_of(proto.failure)
+        self._end(conn, proto)
+        if not self.tasks and not self.parked:
+            self._empty.set()
+
+    def _end(self, conn: Accepted, proto: AsyncConnection | CallbackConnection) -> None:
+        """Close what is left of the connection, complete its record, report its end."""
+        record = conn.record
+        self.live.discard(proto)
+        if proto.transport is not None and not proto.is_lost:
+            proto.abort()
+        elif proto.transport is None:
+            with contextlib.suppress(OSError):
+                conn.sock.close()
+        record.bytes_in, record.bytes_out = proto.bytes_in, proto.bytes_out
+        if proto.timed_out:
+            record.status = "idle-timeout"
+        elif record.status == "ok" and proto.lost_error is not None:
+            record.status = "client-gone"
+        self.ctx.finished(conn)
 
     def _protocol(self, conn: Accepted) -> AsyncConnection | CallbackConnection:
         """The connection object the handler form needs, with the server's limits."""
@@ -135,7 +152,7 @@ class EventLoopMode:
         return True
 
     def active(self) -> int:
-        return len(self.tasks)
+        return len(self.tasks) + len(self.parked)
 
     def begin_stop(self) -> None:
         """Tell every connection the server is stopping (see `AsyncConnection.request_stop`)."""
@@ -146,6 +163,23 @@ class EventLoopMode:
     def terminate(self) -> None:
         for task in list(self.tasks):
             task.cancel()
+        for proto, conn in list(self.parked.items()):
+            conn.record.status = "terminated"
+            proto.abort()
 
     async def closed(self) -> None:
         await self._empty.wait()
+
+
+def _status_of(exc: BaseException) -> str:
+    """The log status of a connection that `exc` ended (a traceback if unexpected)."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "terminated"
+    if isinstance(exc, LineTooLong):
+        return "line-too-long"
+    if isinstance(exc, ssl.SSLError):
+        return "tls-failed"
+    if isinstance(exc, (ConnectionError, asyncio.IncompleteReadError)):
+        return "client-gone"
+    traceback.print_exception(exc, file=sys.stderr)
+    return "error"

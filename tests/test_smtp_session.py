@@ -1,0 +1,172 @@
+"""leafmail's SMTP session as loop callbacks (issue 12: 10,000 idle sessions in 90 MB).
+
+An idle session must hold no task: a task, its coroutine frames and the future it
+waits on cost about 1.5 KB a session. A task exists only while something waits (a check
+that waits for the network, the spool's commit); input that arrives meanwhile is held
+and answered in order. These run leafmail's `ReceiveService` on a real netserver
+listener (event-loop mode) with real SMTP clients on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from leafmail.checks import ACCEPT, AsyncCheck, CheckContext, Reject, Stage, Verdict
+from leafmail.receive import Policy, ReceiveService
+from leafmail.session import SmtpSession
+from leafmail.spool import GroupCommitter, Spool
+from netserver import CallbackHandler, Server
+from netserver.modes.eventloop import EventLoopMode
+from netserver.server import RunOptions
+from netserver.smtp import ServerConfig
+from netserver.smtp.replies import Reply
+
+IO_TIMEOUT = 10.0
+SESSIONS = 5
+REFUSED = Reply(550, "5.1.1", "No such user here")
+
+
+async def _reply(reader: asyncio.StreamReader) -> bytes:
+    """One whole reply (every line of a multiline one)."""
+    lines = b""
+    while True:
+        line = await reader.readline()
+        assert line, "connection closed while a reply was expected"
+        lines += line
+        if line[3:4] != b"-":
+            return lines
+
+
+def _serve(service: ReceiveService, check: Callable[[Server, int], Awaitable[None]]) -> None:
+    """Serve `service` on port 0 in this loop, run `check`, then stop the server."""
+
+    async def main() -> None:
+        ready = asyncio.Event()
+        options = RunOptions(loop="asyncio", signals=False, on_ready=lambda _ends: ready.set())
+        server = Server(
+            CallbackHandler(service.session), "127.0.0.1:0", mode="async", options=options
+        )
+        serving = asyncio.create_task(server.serve())
+        try:
+            async with asyncio.timeout(IO_TIMEOUT):
+                await ready.wait()
+            port = server.addresses[0].port
+            assert port is not None
+            async with asyncio.timeout(IO_TIMEOUT):
+                await check(server, port)
+        finally:
+            server.stop()
+            await serving
+
+    asyncio.run(main())
+
+
+def test_idle_sessions_hold_no_task() -> None:
+    """After the greeting and EHLO, no task is left for any session: each is parked."""
+    service = ReceiveService(ServerConfig(hostname="mx.test"), None, Policy())  # type: ignore[arg-type]
+
+    async def check(server: Server, port: int) -> None:
+        before = asyncio.all_tasks()  # the server's own, and this one
+        clients = []
+        for _ in range(SESSIONS):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            clients.append(writer)
+            assert (await _reply(reader)).startswith(b"220 ")
+            writer.write(b"EHLO client.test\r\n")
+            assert (await _reply(reader)).startswith(b"250-mx.test")
+        mode = server.mode
+        assert isinstance(mode, EventLoopMode)
+        assert mode.active() == SESSIONS
+        assert len(mode.parked) == SESSIONS
+        assert not mode.tasks
+        assert not service.running
+        assert asyncio.all_tasks() == before
+        for writer in clients:
+            writer.close()
+
+    _serve(service, check)
+
+
+def test_a_check_that_waits_holds_pipelined_commands_and_answers_in_order(
+    tmp_path: Path,
+) -> None:
+    """A RCPT check that waits (as a DNS lookup does) runs in a task; the commands that
+    arrive meanwhile are held, then answered in order; the message is spooled."""
+    judged: list[str] = []
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def waiting_recipients(facts: CheckContext) -> Verdict:
+        started.set()
+        await release.wait()  # a lookup's wait, until the test has sent more
+        judged.append(str(facts.recipient))
+        return Reject(REFUSED) if str(facts.recipient).startswith("nobody@") else ACCEPT
+
+    checks: list[AsyncCheck] = [waiting_recipients]
+    spool = Spool(tmp_path / "spool")
+    committer = GroupCommitter(spool)
+    service = ReceiveService(
+        ServerConfig(hostname="mx.test"), committer, Policy(async_stages={Stage.RCPT: checks})
+    )
+
+    async def check(server: Server, port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await _reply(reader)
+        writer.write(b"EHLO client.test\r\n")
+        assert b"PIPELINING" in await _reply(reader)
+        writer.write(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<one@mx.test>\r\n")
+        await started.wait()
+        writer.write(b"RCPT TO:<nobody@mx.test>\r\nRCPT TO:<two@mx.test>\r\nDATA\r\n")
+        mode = server.mode
+        assert isinstance(mode, EventLoopMode)
+        (conn,) = mode.parked
+        session = conn.callbacks
+        assert isinstance(session, SmtpSession)
+        while not session.held:  # until the server has read them (bounded by the timeout)
+            await asyncio.sleep(0)
+        assert session.busy and service.running
+        release.set()
+        codes = [(await _reply(reader))[:3] for _ in range(5)]
+        assert codes == [b"250", b"250", b"550", b"250", b"354"]
+        writer.write(b"Subject: held\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        assert (await _reply(reader)).startswith(b"250 ")
+        assert (await _reply(reader)).startswith(b"221 ")
+        assert await reader.read() == b""
+        writer.close()
+        assert judged == ["one@mx.test", "nobody@mx.test", "two@mx.test"]
+        assert not service.running
+
+    try:
+        _serve(service, check)
+    finally:
+        committer.close()
+    (queued,) = list(spool.root.joinpath("queue").iterdir())
+    assert b"Subject: held" in queued.read_bytes()
+
+
+def test_a_stop_says_421_to_an_idle_session_and_waits_for_a_transaction() -> None:
+    """At a stop an idle session hears 421 at once; one in a transaction finishes it
+    first, and hears 421 when it ends."""
+    service = ReceiveService(ServerConfig(hostname="mx.test"), None, Policy())  # type: ignore[arg-type]
+
+    async def check(server: Server, port: int) -> None:
+        idle_r, idle_w = await asyncio.open_connection("127.0.0.1", port)
+        busy_r, busy_w = await asyncio.open_connection("127.0.0.1", port)
+        for reader, writer in ((idle_r, idle_w), (busy_r, busy_w)):
+            await _reply(reader)
+            writer.write(b"EHLO client.test\r\n")
+            await _reply(reader)
+        busy_w.write(b"MAIL FROM:<a@client.test>\r\n")
+        assert (await _reply(busy_r)).startswith(b"250 ")
+        server.stop()
+        assert (await _reply(idle_r)).startswith(b"421 ")
+        assert await idle_r.read() == b""
+        busy_w.write(b"RSET\r\n")
+        assert (await _reply(busy_r)).startswith(b"250 ")
+        assert (await _reply(busy_r)).startswith(b"421 ")
+        assert await busy_r.read() == b""
+        for writer in (idle_w, busy_w):
+            writer.close()
+
+    _serve(service, check)
