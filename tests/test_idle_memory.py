@@ -89,6 +89,9 @@ def test_the_supervisor_keeps_no_socket_or_local_endpoint_per_handed_off_connect
         assert len(lives) == CLIENTS
         assert len({id(live.conn.sock) for live in lives}) == 1
         assert all(live.conn.sock.fileno() == -1 for live in lives)  # closed here
+        # ... and its number forgotten: the kernel gives it to the next client, whose
+        # registration the end of this one must not undo (nor keep an int for it).
+        assert all(live.conn.fd == -1 for live in lives)
         assert len({id(live.conn.record.local) for live in lives}) == 1
         assert len({id(live.conn.record.peer) for live in lives}) == CLIENTS
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from leafmail.checks import ACCEPT, AsyncCheck, CheckContext, Reject, Stage, Verdict
 from leafmail.receive import Policy, ReceiveService
-from leafmail.session import SmtpSession
+from leafmail.session import ReceiveSession
 from leafmail.spool import GroupCommitter, Spool
 from netserver import CallbackHandler, Server
 from netserver.modes.eventloop import EventLoopMode
@@ -122,7 +122,7 @@ def test_a_check_that_waits_holds_pipelined_commands_and_answers_in_order(
         assert isinstance(mode, EventLoopMode)
         (conn,) = mode.parked
         session = conn.callbacks
-        assert isinstance(session, SmtpSession)
+        assert isinstance(session, ReceiveSession)
         while not session.held:  # until the server has read them (bounded by the timeout)
             await asyncio.sleep(0)
         assert session.busy and service.running

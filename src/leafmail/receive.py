@@ -54,7 +54,7 @@ from .checks import (
 )
 from .checks.headers import drop_fields
 from .envelope import ClientInfo, Envelope, Recipient
-from .session import SmtpSession
+from .session import ReceiveSession
 from .spool import GroupCommitter, SpoolError, new_id
 from .throttle import AuthThrottle, blocked_reply
 from .trace import received_header
@@ -113,9 +113,9 @@ class ReceiveService:
 
     running: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
 
-    def session(self, conn: CallbackConnection) -> SmtpSession:
+    def session(self, conn: CallbackConnection) -> ReceiveSession:
         """The session on a new connection (netserver's callback handler form)."""
-        return SmtpSession(self, conn)
+        return ReceiveSession(self, conn)
 
     def start(self, work: Coroutine[Any, Any, None], done: Callable[[Failure], None]) -> None:
         """Run a session's `work` as a task; `done` gets its exception, or None.
@@ -153,7 +153,7 @@ class ReceiveService:
         match event:
             case Helo() if not waits(Stage.HELO):
                 facts.helo = event.name
-                facts.tags.pop(Stage.HELO, None)
+                facts.forget_tags(Stage.HELO)
                 self._decide(proto, self._now(Stage.HELO, facts))
             case MailFrom() if not waits(Stage.MAIL):
                 if self._mail_starts(proto, facts, event):
@@ -181,7 +181,7 @@ class ReceiveService:
         match event:
             case Helo():
                 facts.helo = event.name
-                facts.tags.pop(Stage.HELO, None)
+                facts.forget_tags(Stage.HELO)
                 self._decide(proto, await self.judge(Stage.HELO, facts))
             case MailFrom():
                 if self._mail_starts(proto, facts, event):
@@ -210,7 +210,7 @@ class ReceiveService:
 
     def _rcpt(self, proto: ServerProtocol, facts: CheckContext, event: RcptTo, v: Verdict) -> None:
         if isinstance(v, Accept):
-            facts.recipients.append(event.recipient)
+            facts.recipients += (event.recipient,)
         self._decide(proto, v)
 
     @staticmethod
@@ -227,7 +227,7 @@ class ReceiveService:
             return False
         facts.sender = event.sender
         facts.params = event.params
-        facts.recipients = []
+        facts.recipients = ()
         facts.start_transaction()
         return True
 

@@ -38,7 +38,7 @@ HOLD_HIGH_WATER = 262144  # bytes held during a task before reading pauses
 _DATA_STATES = frozenset({State.DATA, State.BDAT, State.CHUNKS})
 
 
-class SmtpSession(Callbacks):
+class ReceiveSession(Callbacks):
     """The SMTP dialogue on one connection, for one `ReceiveService`."""
 
     __slots__ = ("busy", "eof", "facts", "held", "paused", "proto", "rate", "service", "timer")

@@ -28,7 +28,7 @@ from .envelope import Envelope
 from .policy import check_pool, policy_for
 from .privsep import Backlog, Inherited, become
 from .receive import Policy, ReceiveService
-from .session import SmtpSession
+from .session import ReceiveSession
 from .spool import GroupCommitter, Spool
 from .throttle import auth_throttle
 
@@ -118,7 +118,7 @@ class Smtpd:
         self.inherited = inherited
         self.services: dict[str, ReceiveService] = {}
 
-    def session(self, role: str, conn: CallbackConnection) -> SmtpSession:
+    def session(self, role: str, conn: CallbackConnection) -> ReceiveSession:
         """The session on `conn`, served by this worker's service for `role`: an object
         the loop's callbacks drive, with no task while it waits (`leafmail.session`)."""
         return self.services[role].session(conn)

@@ -29,6 +29,8 @@ class Accepted:
     # A PROXY header is still to be read (by the worker that serves it): until the
     # supervisor learns the client it names, `record.peer` is the balancer.
     awaiting_proxy: bool = False
+    # The supervisor's number for it, in a pool's worker (-1: none, or reported).
+    cid: int = -1
 
     def __post_init__(self) -> None:
         self.fd = self.sock.fileno()

@@ -85,7 +85,8 @@ class CheckContext:
     `auth_results` holds RFC 8601 results found so far ("spf=pass smtp.mailfrom=..."),
     which the end-of-data check writes into one Authentication-Results field.
     `cache` and `dnswl` are about the client, not the transaction: they live as long
-    as the connection.
+    as the connection. `recipients` and `auth_results` start as the shared empty tuple
+    and are replaced as they grow: most sessions are idle, and a list each would cost.
     """
 
     client_ip: IPAddress | None
@@ -94,31 +95,52 @@ class CheckContext:
     user: str | None = None
     sender: Mailbox | None = None
     recipient: Mailbox | None = None
-    recipients: list[Mailbox] = field(default_factory=list)
+    recipients: tuple[Mailbox, ...] = ()
     data: bytes = b""
     params: MailParameters | None = None
-    tags: dict[Stage, list[Tag]] = field(default_factory=dict)
-    auth_results: list[str] = field(default_factory=list)
+    auth_results: Sequence[str] = ()
     dnswl: str | None = None  # the DNSWL zone that lists the client
-    cache: dict[str, Verdict] = field(default_factory=dict)
+    # `tags` and `cache`, made at first use: most sessions never need them.
+    _tags: dict[Stage, list[Tag]] | None = field(default=None, repr=False)
+    _cache: dict[str, Verdict] | None = field(default=None, repr=False)
+
+    @property
+    def tags(self) -> dict[Stage, list[Tag]]:
+        """Each stage's tags, kept until the message they belong to is accepted."""
+        if self._tags is None:
+            self._tags = {}
+        return self._tags
+
+    @property
+    def cache(self) -> dict[str, Verdict]:
+        """Verdicts about the client (DNSBL, rDNS), kept for the connection's life."""
+        if self._cache is None:
+            self._cache = {}
+        return self._cache
+
+    def forget_tags(self, *stages: Stage) -> None:
+        """Drop the tags of `stages` (without making the dict when there is none)."""
+        if self._tags:
+            for stage in stages:
+                self._tags.pop(stage, None)
 
     def reset_for_tls(self) -> None:
         """Forget what the client said before STARTTLS (RFC 3207 4.2), login included."""
         self.tls = True
         self.helo = self.user = self.sender = self.recipient = self.params = None
-        self.recipients = []
-        self.tags.pop(Stage.HELO, None)
+        self.recipients = ()
+        self.forget_tags(Stage.HELO)
         self.start_transaction()
 
     def start_transaction(self) -> None:
         """Forget the tags and results of the previous transaction (at MAIL FROM)."""
-        for stage in _TRANSACTION_STAGES:
-            self.tags.pop(stage, None)
-        self.auth_results = []
+        self.forget_tags(*_TRANSACTION_STAGES)
+        self.auth_results = ()
 
     def all_tags(self) -> Accept:
         """Every tag kept so far, merged, in the order of the dialogue."""
-        return merge_tags(tag for stage in Stage for tag in self.tags.get(stage, ()))
+        kept = self._tags or {}
+        return merge_tags(tag for stage in Stage for tag in kept.get(stage, ()))
 
 
 Check = Callable[[CheckContext], Verdict]

@@ -154,7 +154,7 @@ def spf_check(
             found = await within(timeout + 1.0, work, _timed_out(session))
         if found is None:
             return ACCEPT
-        session.auth_results.append(found.resinfo)
+        session.auth_results = [*session.auth_results, found.resinfo]
         if mode != "reject" or session.dnswl is not None:
             return ACCEPT
         if found.result == "fail":

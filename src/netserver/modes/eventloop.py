@@ -39,8 +39,9 @@ class EventLoopMode:
         self.ctx = ctx
         self.handler = handler
         self.tasks: set[asyncio.Task[None]] = set()
+        # Connections being started or served by a task (told of a stop by begin_stop)...
         self.live: set[AsyncConnection | CallbackConnection] = set()
-        # Callback connections past their start: no task, their end is a callback.
+        # ... and callback connections past their start: no task, their end is a callback.
         self.parked: dict[CallbackConnection, Accepted] = {}
         self.stopping = False
         self._empty = asyncio.Event()
@@ -78,7 +79,8 @@ class EventLoopMode:
                 # The task ends here; the loop's callbacks drive the connection, and
                 # its end does the bookkeeping below (`_unpark`). An idle callback
                 # connection then costs no task, coroutine or future.
-                self.parked[proto] = conn
+                self.parked[proto] = conn  # `live` needs them no more (begin_stop)
+                self.live.discard(proto)
                 parked = True
                 proto.on_end(self._parked_end)
                 return
@@ -157,7 +159,7 @@ class EventLoopMode:
     def begin_stop(self) -> None:
         """Tell every connection the server is stopping (see `AsyncConnection.request_stop`)."""
         self.stopping = True
-        for proto in list(self.live):
+        for proto in [*self.live, *self.parked]:
             proto.request_stop()
 
     def terminate(self) -> None:

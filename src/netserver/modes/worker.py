@@ -82,7 +82,7 @@ class Worker:
         self.limits = limits
         self.log = log
         self.modes: dict[str, EventLoopMode] = {}
-        self.ids: dict[int, int] = {}
+        self.serving = 0  # connections taken and not yet reported (their `cid` is set)
         self._local = Endpoint()  # shared by the connections to one listener (as server.py)
         self.verdicts: dict[int, asyncio.Future[str | None]] = {}
         self.reading: set[asyncio.Task[None]] = set()
@@ -169,12 +169,14 @@ class Worker:
         mode = self.modes.get(service)
         sock = socket.socket(fileno=fd)
         conn = Accepted(sock, ConnRecord(peer, local, "async"))
+        conn.fd = -1  # no registry here keeps the number; the socket object has it
         if mode is None or self.leaving:
             sock.close()
             conn.record.status = "not-served"
             self._send_end(cid, conn)
             return
-        self.ids[id(conn)] = cid
+        conn.cid = cid  # a field, not a map: an idle connection should cost little
+        self.serving += 1
         if proxied:
             task = asyncio.get_running_loop().create_task(self._serve_proxied(cid, mode, conn))
             self.reading.add(task)
@@ -218,10 +220,12 @@ class Worker:
         self._finished(conn)
 
     def _finished(self, conn: Accepted) -> None:
-        cid = self.ids.pop(id(conn), None)
-        if cid is not None:
+        cid = conn.cid
+        if cid >= 0:
+            conn.cid = -1
+            self.serving -= 1
             self._send_end(cid, conn)
-        if self.leaving and not self.ids:
+        if self.leaving and not self.serving:
             self.done.set()
 
     def _send_end(self, cid: int, conn: Accepted) -> None:
@@ -241,7 +245,7 @@ class Worker:
         if stop_sessions:
             for mode in self.modes.values():
                 mode.begin_stop()
-        if not self.ids:
+        if not self.serving:
             self.done.set()
 
     def _terminate(self) -> None:

@@ -331,6 +331,9 @@ class WorkerPool:
             service.fds.discard(conn.fd)
         conn.sock.close()
         conn.sock = _handed_off()
+        # The number is free now (the kernel may give it to the next client), and a
+        # number past 256 is an object of its own: forget it.
+        conn.fd = -1
 
     def _report(self, proc: _Proc) -> None:
         """A worker's message: a connection ended."""

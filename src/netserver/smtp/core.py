@@ -82,9 +82,11 @@ class ProtocolCore:
         self._session = _TLS_SESSION if tls else _NEW_SESSION
         self._envelope: Transaction | None = None
         self._pending: DecisionEvent | None = None
-        self._events: list[Event] = []
+        # Both empty most of the time, so neither is a container then: an idle session
+        # should cost as little as possible (no list made per session and per batch).
+        self._events: list[Event] | None = None
         self._buffer = bytearray()
-        self._out: list[bytes] = []
+        self._out: list[bytes] | None = None  # the replies queued
         self._errors = 0
         self._junk = 0
         self._commands = CommandReader(
@@ -147,9 +149,10 @@ class ProtocolCore:
 
     def data_to_send(self) -> bytes:
         """Everything queued for the client since the last call."""
-        out = b"".join(self._out)
-        self._out.clear()
-        return out
+        out, self._out = self._out, None
+        if out is None:
+            return b""
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def close(self, reply: Reply) -> None:
         """End the session from the server's side, e.g. ``replies.timed_out(host)``."""
@@ -167,7 +170,17 @@ class ProtocolCore:
             raise LocalProtocolError(f"no transition {step} from {self._state}") from None
 
     def _send(self, reply: Reply) -> None:
-        self._out.append(reply.to_bytes())
+        if self._out is None:
+            self._out = [reply.to_bytes()]
+        else:
+            self._out.append(reply.to_bytes())
+
+    def _emit(self, event: Event) -> None:
+        """Queue an event for the caller (`ServerProtocol.resume` hands them over)."""
+        if self._events is None:
+            self._events = [event]
+        else:
+            self._events.append(event)
 
     def _fail(self, reply: Reply) -> None:
         """Send an error caused by the client, or 421 once there were too many."""
@@ -185,11 +198,11 @@ class ProtocolCore:
         self._buffer.clear()
         self._envelope = None
         self._data = self._chunk = self._sink = None
-        self._events.append(Closed(reply))
+        self._emit(Closed(reply))
 
     def _decide(self, event: DecisionEvent) -> None:
         self._pending = event
-        self._events.append(event)
+        self._emit(event)
 
     def _take_pending(self) -> DecisionEvent:
         event = self._pending

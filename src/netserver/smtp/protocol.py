@@ -184,8 +184,8 @@ class ServerProtocol(ProtocolCore):
             if item is None:
                 break
             self._handle(item)
-        events, self._events = self._events, []
-        return events
+        events, self._events = self._events, None
+        return [] if events is None else events
 
     def accept(self, reply: Reply | None = None) -> None:
         """Accept the pending decision, with the default reply or a given 2xx one."""
@@ -522,7 +522,7 @@ class ServerProtocol(ProtocolCore):
         self._buffer.clear()
         self._commands.reset()
         self._step(Step.STARTTLS)
-        self._events.append(StartTLS(discarded))
+        self._emit(StartTLS(discarded))
 
     # --- AUTH --------------------------------------------------------------------
 
