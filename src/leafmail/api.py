@@ -101,7 +101,7 @@ def smarthost(
     the system CAs or `ca_file`. ValueError for an unknown mode, or a password that would
     go without TLS. The same agent `leafmail serve` uses with [delivery] smarthost.
     """
-    from .delivery.smarthost import SmarthostAgent, SmarthostSettings  # aiosmtplib: on use
+    from .delivery.smarthost import SmarthostAgent, SmarthostSettings  # TLS contexts: on use
 
     if tls not in TLS_MODES:
         raise ValueError(f"tls must be one of {', '.join(TLS_MODES)}, not {tls!r}")

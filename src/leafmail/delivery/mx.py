@@ -25,7 +25,6 @@ address (which RFC 5321 forbids) is just a name that does not resolve.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import ssl
 import time
@@ -33,7 +32,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
-import aiosmtplib
 import dns.asyncresolver
 import dns.exception
 import dns.name
@@ -47,7 +45,8 @@ from ..dns import make_resolver
 from ..envelope import Envelope
 from . import Expansions, Result, all_results, domain_of
 from .mta_sts import PolicyCache, StsMode, StsPolicy, verified_context
-from .session import drop, greet, transaction, why
+from .session import greet, quit_and_drop, transaction, why
+from .wire import Connection, WireError, open_connection
 
 MAX_MX_HOSTS = 10  # MX hosts considered per domain (the rest are never resolved)
 MAX_ADDRESSES = 4  # addresses tried per MX host
@@ -369,10 +368,10 @@ class MxAgent:
             return False
         attempt.connections += 1
         try:
-            smtp = await self._open(target)
+            link = await self._open(target)
         except Unusable as exc:
             return await self._unusable(attempt, target, exc)
-        await self._send(attempt, smtp, target)
+        await self._send(attempt, link, target)
         return True
 
     async def _unusable(self, attempt: _Attempt, target: MxTarget, exc: Unusable) -> bool:
@@ -389,38 +388,34 @@ class MxAgent:
         return False
 
     # -- one connection -----------------------------------------------------------------
-    async def _open(self, target: MxTarget) -> aiosmtplib.SMTP:
+    async def _open(self, target: MxTarget) -> Connection:
         """Connect, greet and secure within connect_timeout, or Unusable."""
         timeout = self.delivery.connect_timeout
-        smtp = aiosmtplib.SMTP(
-            hostname=target.address,
-            port=self.port,
-            local_hostname=self.helo,
-            timeout=self.delivery.command_timeout,
-            start_tls=False,
-        )
+        link: Connection | None = None
         ready = False
         try:
             async with asyncio.timeout(timeout):
-                await smtp.connect()
-                await greet(smtp)
-                await self._secure(smtp, target)
+                link = await open_connection(
+                    target.address, self.port, timeout=self.delivery.command_timeout
+                )
+                await greet(link, self.helo)
+                await self._secure(link, target)
             ready = True
-            return smtp
+            return link
         except TimeoutError:
             raise Unusable(f"no answer within {timeout:g}s") from None
-        except (aiosmtplib.SMTPException, OSError) as exc:
+        except (WireError, OSError) as exc:
             raise Unusable(why(exc)) from None
         finally:
-            if not ready:
-                drop(smtp, smtp.transport)
+            if not ready and link is not None:
+                link.abort()
 
-    async def _secure(self, smtp: aiosmtplib.SMTP, target: MxTarget) -> None:
+    async def _secure(self, link: Connection, target: MxTarget) -> None:
         """STARTTLS as the target's level says; Unusable(tls=True) when it fails."""
         level = target.tls
         if level is TlsLevel.NONE:
             return
-        if not smtp.supports_extension("starttls"):
+        if not link.supports("starttls"):
             if level is TlsLevel.VERIFY:
                 raise Unusable("no STARTTLS, which the MTA-STS policy requires", tls=True)
             if level is TlsLevel.TEST:
@@ -429,29 +424,26 @@ class MxAgent:
         verify = level in (TlsLevel.VERIFY, TlsLevel.TEST)
         context = self.verified if verify else self.opportunistic
         try:  # with TLS 1.3 a refused handshake only shows at the first reply: EHLO's
-            await smtp.starttls(tls_context=context, server_hostname=target.host.name)
-            await greet(smtp)
-        except (aiosmtplib.SMTPException, OSError) as exc:  # ssl.SSLError is an OSError
+            await link.starttls(context, target.host.name)
+            await greet(link, self.helo)
+        except (WireError, OSError) as exc:  # ssl.SSLError is an OSError
             raise Unusable(f"STARTTLS failed: {why(exc)}", tls=True) from None
 
-    async def _send(self, attempt: _Attempt, smtp: aiosmtplib.SMTP, target: MxTarget) -> None:
+    async def _send(self, attempt: _Attempt, link: Connection, target: MxTarget) -> None:
         """The transaction; recipients left without a result when it breaks defer 4.4.2."""
         remote = f"{target.host.name}:{self.port}"
         attempt.began = True
-        transport = smtp.transport  # the TLS one after STARTTLS; QUIT forgets it
         try:
             await transaction(
-                smtp, attempt.envelope, attempt.data, attempt.rcpts, attempt.results, remote
+                link, attempt.envelope, attempt.data, attempt.rcpts, attempt.results, remote
             )
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
-                async with asyncio.timeout(QUIT_TIMEOUT):
-                    await smtp.quit()
-        except (aiosmtplib.SMTPException, OSError) as exc:
+            await quit_and_drop(link, QUIT_TIMEOUT)
+        except (WireError, OSError) as exc:
             lost = Result.deferred("4.4.2", f"connection to {remote} lost: {why(exc)}", remote)
             for index in attempt.rcpts:
                 attempt.results.setdefault(index, lost)
         finally:
-            drop(smtp, transport)
+            link.abort()
 
     def _sts_report(self, domain: str, host: str, reason: str) -> None:
         """MTA-STS testing mode: what enforce would have refused, for the operator."""

@@ -1,38 +1,63 @@
-"""One SMTP transaction on an open aiosmtplib connection, shared by the remote agents.
+"""One SMTP transaction on an open client connection, shared by the remote agents.
 
 The smarthost agent and the MX agent differ in how they find and secure a connection,
 but once a server has greeted them they run the same MAIL/RCPT/DATA exchange: the same
 refusal to downgrade a message the next hop cannot carry (SMTPUTF8, 8BITMIME, SIZE), the
 same DSN parameters passed onward, and the same per-recipient results. Keeping that in
-one module means a fix to the transaction reaches every route. The commands go out
-through `leafmail.delivery.wire`, pipelined when the server offers PIPELINING.
+one module means a fix to the transaction reaches every route. Which command goes when
+(pipelined when the server offers PIPELINING) is `netserver.smtp.mailexchange`'s
+decision; the bytes travel over `leafmail.delivery.wire`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-import aiosmtplib
-
+from netserver.smtp.client import Answered, Awaited
+from netserver.smtp.mailexchange import MailCommands, MailExchange
 from netserver.smtp.parameters import xtext_encode
+from netserver.smtp.replies import Reply
 
 from ..envelope import Envelope, Recipient
 from . import Handoff, Result, all_results
-from .wire import Wire, command, data_block, taken_over
+from .wire import Connection, WireError, describe, message_of
+
+_FORBIDDEN = re.compile(rb"[\x00-\x1f\x7f]")  # never inside a command's arguments
 
 
-async def greet(smtp: aiosmtplib.SMTP) -> None:
+def command(*args: bytes) -> bytes:
+    """One command line; ValueError for a control character (no command injection)."""
+    for arg in args:
+        if _FORBIDDEN.search(arg):
+            raise ValueError("command argument contains a control character")
+    return b" ".join(args) + b"\r\n"
+
+
+async def greet(conn: Connection, helo: str) -> None:
     """EHLO, falling back to HELO for a server that does not know EHLO."""
-    try:
-        await smtp.ehlo()
-    except aiosmtplib.SMTPHeloError:
-        await smtp.helo()
+    name = helo.encode("ascii", "replace")
+    reply = await conn.command(Awaited.EHLO, command(b"EHLO", name))
+    if reply.code == 250:
+        return
+    reply = await conn.command(Awaited.HELO, command(b"HELO", name))
+    if reply.code != 250:
+        raise WireError(f"HELO refused: {describe(reply)}")
+
+
+async def quit_and_drop(conn: Connection, timeout: float) -> None:
+    """QUIT, briefly (a dead peer must not hold us), then close whatever happened."""
+    with contextlib.suppress(WireError, OSError, TimeoutError):
+        async with asyncio.timeout(timeout):
+            await conn.command(Awaited.QUIT, b"QUIT\r\n")
+    conn.abort()
 
 
 async def transaction(
-    smtp: aiosmtplib.SMTP,
+    conn: Connection,
     envelope: Envelope,
     data: bytes,
     rcpts: Sequence[int],
@@ -45,96 +70,73 @@ async def transaction(
     refusal), and the accepted ones after the reply to DATA, so if the connection dies
     half-way the caller defers exactly the recipients that have no result yet.
     """
-    refusal = cannot_carry(smtp, envelope, data, remote)
+    refusal = cannot_carry(conn, envelope, data, remote)
     if refusal is not None:
         results.update(all_results(rcpts, refusal))
         return True
     utf8 = envelope.smtputf8 and needs_smtputf8(envelope, data)
     encoding = "utf-8" if utf8 else "ascii"
-    dsn = smtp.supports_extension("dsn")
-    options = mail_options(smtp, envelope, data, utf8=utf8)
-    plan = Commands(
-        mail=path_line(b"MAIL", b"FROM:", envelope.sender, options, encoding),
-        rcpts=[(i, rcpt_line(envelope.recipients[i], dsn, encoding)) for i in rcpts],
-        data=data,
-        handoff=Handoff.PASSED if dsn else Handoff.RELAYED,
-        pipelining=smtp.supports_extension("pipelining"),
+    dsn = conn.supports("dsn")
+    options = mail_options(conn, envelope, data, utf8=utf8)
+    exchange = MailExchange(
+        MailCommands(
+            mail=path_line(b"MAIL", b"FROM:", envelope.sender, options, encoding),
+            rcpts=tuple(rcpt_line(envelope.recipients[i], dsn, encoding) for i in rcpts),
+            message=data,
+            pipelining=conn.supports("pipelining"),
+        )
     )
-    with taken_over(smtp) as wire:
-        finished = await exchange(wire, plan, results, remote)
-    return finished or await reset(smtp)
+    handoff = Handoff.PASSED if dsn else Handoff.RELAYED  # RFC 3461 5.2.2
+    conn.send(exchange.start())
+    while not exchange.finished:
+        progress = exchange.receive(await conn.reply())
+        record(exchange, progress.answered, progress.position, rcpts, results, remote, handoff)
+        if progress.send:
+            conn.send(progress.send)
+    return exchange.delivered or await reset(conn)
 
 
-@dataclass(frozen=True)
-class Commands:
-    """The command lines of one transaction, and how to send them."""
-
-    mail: bytes
-    rcpts: list[tuple[int, bytes]]  # (recipient index, its RCPT line)
-    data: bytes
-    handoff: Handoff  # RFC 3461 5.2.2: with DSN the next hop reports success itself
-    pipelining: bool  # the server offers PIPELINING: MAIL, RCPTs and DATA in one write
-
-
-async def exchange(wire: Wire, plan: Commands, results: dict[int, Result], remote: str) -> bool:
-    """Send the transaction and read its replies; False when it must be reset (RSET).
-
-    Without pipelining a command goes only when the one before it succeeded, as
-    before; with it, every reply is read, even those after a refused MAIL.
-    """
-    piped = plan.pipelining
-    lines = [plan.mail, *(line for _i, line in plan.rcpts), b"DATA\r\n"]
-    wire.write(b"".join(lines) if piped else plan.mail)
-    reply = await wire.reply()
-    mail_ok = reply.code == 250
-    if not mail_ok:
-        rcpts = [i for i, _line in plan.rcpts]
-        results.update(all_results(rcpts, Result.refused(reply.code, reply.message, remote)))
-        if not piped:
-            return False
-    accepted = []
-    for index, line in plan.rcpts:
-        if not piped:
-            wire.write(line)
-        reply = await wire.reply()
-        if not mail_ok:
-            continue  # refused with MAIL already
-        if reply.code in (250, 251):
-            accepted.append(index)
+def record(
+    exchange: MailExchange,
+    answered: Answered,
+    position: int | None,
+    rcpts: Sequence[int],
+    results: dict[int, Result],
+    remote: str,
+    handoff: Handoff,
+) -> None:
+    """The results one reply of the transaction decides."""
+    reply, awaited = answered.reply, answered.awaited
+    accepted = [rcpts[p] for p in exchange.accepted]
+    if awaited is Awaited.MAIL and reply.code != 250:
+        results.update(all_results(rcpts, refused(reply, remote)))
+    elif awaited is Awaited.RCPT and exchange.mail_ok and position is not None:
+        if reply.code not in (250, 251):
+            results[rcpts[position]] = rcpt_refused(reply, remote)
+    elif awaited is Awaited.DATA and reply.code != 354:
+        results.update(all_results(accepted, refused(reply, remote)))
+    elif awaited is Awaited.MESSAGE and accepted:
+        if exchange.delivered:
+            done = Result.from_reply(reply.code, message_of(reply), remote)
+            results.update(all_results(accepted, replace(done, handoff=handoff)))
         else:
-            results[index] = rcpt_refused(reply, remote)
-    if not piped and not accepted:
-        return False
-    if not piped:
-        wire.write(b"DATA\r\n")
-    reply = await wire.reply()
-    if reply.code != 354:
-        results.update(all_results(accepted, Result.refused(reply.code, reply.message, remote)))
-        return False
-    if not accepted:  # a pipelined DATA taken although no recipient was: send nothing
-        wire.write(b".\r\n")
-        await wire.reply()
-        return False
-    wire.write(data_block(plan.data))
-    reply = await wire.reply()
-    if reply.code != 250:
-        results.update(all_results(accepted, Result.refused(reply.code, reply.message, remote)))
-        return False
-    done = replace(Result.from_reply(reply.code, reply.message, remote), handoff=plan.handoff)
-    results.update(all_results(accepted, done))
-    return True
+            results.update(all_results(accepted, refused(reply, remote)))
 
 
-def rcpt_refused(reply: aiosmtplib.SMTPResponse, remote: str) -> Result:
+def refused(reply: Reply, remote: str) -> Result:
+    return Result.refused(reply.code, message_of(reply), remote)
+
+
+def rcpt_refused(reply: Reply, remote: str) -> Result:
     """The result of a refused RCPT.
 
     552 is deferred, not bounced: RFC 5321 4.5.3.1.10 has clients treat it as 452 (too
     many recipients), because old servers sent 552 for that; Postfix does the same.
     """
     if reply.code == 552:
-        text = " ".join(reply.message.split())
-        return Result.deferred("4.5.3", f"552 {text} (taken as 452, too many recipients)", remote)
-    return Result.refused(reply.code, reply.message, remote)
+        text = describe(reply)
+        return Result.deferred("4.5.3", f"{text} (taken as 452, too many recipients)", remote)
+    return refused(reply, remote)
 
 
 def rcpt_line(rcpt: Recipient, dsn: bool, encoding: str) -> bytes:
@@ -146,26 +148,26 @@ def path_line(
 ) -> bytes:
     """MAIL FROM:<path> or RCPT TO:<path>, with the path exactly as it was received.
 
-    aiosmtplib's mail() and rcpt() re-parse the address as an RFC 5322 header address,
-    which can rewrite a valid RFC 5321 path (quoted local parts, comments); the spool
-    holds paths our server already checked, so they are sent as they are.
+    The spool holds paths our server already checked, so they are sent as they are,
+    never re-parsed as RFC 5322 header addresses (which can rewrite a valid RFC 5321
+    path: quoted local parts, comments).
     """
     path = b"<" + address.encode(encoding) + b">"
     return command(verb, keyword + path, *(o.encode("ascii") for o in options))
 
 
-async def reset(smtp: aiosmtplib.SMTP) -> bool:
+async def reset(conn: Connection) -> bool:
     """RSET after a transaction that did not end with DATA; False if that failed too."""
-    try:
-        await smtp.rset()
-    except (aiosmtplib.SMTPException, OSError):
+    if not conn.is_connected:
         return False
-    return True
+    try:
+        reply = await conn.command(Awaited.RSET, b"RSET\r\n")
+    except (WireError, OSError):
+        return False
+    return reply.code == 250
 
 
-def cannot_carry(
-    smtp: aiosmtplib.SMTP, envelope: Envelope, data: bytes, remote: str
-) -> Result | None:
+def cannot_carry(conn: Connection, envelope: Envelope, data: bytes, remote: str) -> Result | None:
     """A permanent failure when the next hop lacks an extension this message needs.
 
     Nothing is ever downgraded silently: an internationalized message to a server
@@ -174,15 +176,15 @@ def cannot_carry(
     message over the server's declared SIZE bounces 5.3.4 (RFC 1870).
     """
     utf8 = envelope.smtputf8 and needs_smtputf8(envelope, data)
-    if utf8 and not smtp.supports_extension("smtputf8"):
+    if utf8 and not conn.supports("smtputf8"):
         return Result.failed(
             "5.6.7", f"{remote} does not support SMTPUTF8, which this message needs", remote
         )
-    if not smtp.supports_extension("8bitmime") and has_8bit(data):
+    if not conn.supports("8bitmime") and has_8bit(data):
         return Result.failed(
             "5.6.3", f"{remote} does not support 8BITMIME and the message has 8-bit data", remote
         )
-    limit = smtp.esmtp_extensions.get("size", "").strip()
+    limit = conn.engine.extensions.get("size", "").strip()
     if limit.isdigit() and int(limit) > 0 and len(data) > int(limit):
         return Result.failed(
             "5.3.4",
@@ -192,18 +194,16 @@ def cannot_carry(
     return None
 
 
-def mail_options(
-    smtp: aiosmtplib.SMTP, envelope: Envelope, data: bytes, *, utf8: bool
-) -> list[str]:
+def mail_options(conn: Connection, envelope: Envelope, data: bytes, *, utf8: bool) -> list[str]:
     """MAIL FROM parameters passed onward: SIZE, BODY, SMTPUTF8, and DSN's RET/ENVID."""
     options = []
-    if smtp.supports_extension("size"):
+    if conn.supports("size"):
         options.append(f"SIZE={len(data)}")
-    if envelope.body.upper() != "7BIT" and smtp.supports_extension("8bitmime"):
+    if envelope.body.upper() != "7BIT" and conn.supports("8bitmime"):
         options.append("BODY=8BITMIME")
     if utf8:
         options.append("SMTPUTF8")
-    if smtp.supports_extension("dsn"):
+    if conn.supports("dsn"):
         if envelope.ret:
             options.append(f"RET={envelope.ret}")
         if envelope.envid:
@@ -240,19 +240,5 @@ def has_8bit(data: bytes) -> bool:
 
 def why(exc: BaseException) -> str:
     """A one-line reason for a log or a DSN, never including credentials."""
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
-        return f"{exc.code} {' '.join(exc.message.split())}"
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
-
-
-def drop(smtp: aiosmtplib.SMTP, transport: asyncio.BaseTransport | None) -> None:
-    """Close the connection now, without waiting for a TLS close_notify from the peer.
-
-    Nothing is left to say once QUIT is answered (or the attempt failed), and a graceful
-    TLS shutdown would leave the socket open until the peer answers it, which a
-    hostile or broken MX may never do.
-    """
-    smtp.close()
-    if isinstance(transport, asyncio.WriteTransport):
-        transport.abort()

@@ -1,4 +1,4 @@
-"""Delivery to one smarthost (a provider's submission server), with aiosmtplib.
+"""Delivery to one smarthost (a provider's submission server).
 
 A small pool of connections is kept while there is work: each message borrows one,
 runs MAIL/RCPT/DATA on it and gives it back, so a queue run costs one TCP, TLS and AUTH
@@ -14,18 +14,19 @@ that stops answering cannot hold a worker for longer than that.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import base64
 import os
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import aiosmtplib
+from netserver.smtp.client import Awaited
 
 from ..config import DeliveryConfig, delivery_problem, smarthost_password, split_hostport
 from ..envelope import Envelope
 from . import Expansions, LinkDown, Result, all_results
-from .session import drop, greet, transaction, why
+from .session import command, greet, quit_and_drop, transaction, why
+from .wire import Connection, WireError, describe, open_connection
 
 MAX_USES = 1000  # messages per connection before a fresh one (bounds any server-side state)
 
@@ -96,7 +97,7 @@ def client_tls_context(settings: SmarthostSettings) -> ssl.SSLContext:
 
 @dataclass
 class _Conn:
-    smtp: aiosmtplib.SMTP
+    link: Connection
     uses: int = 0
 
 
@@ -122,11 +123,11 @@ class SmarthostAgent:
         remote = self.settings.remote
         try:
             async with asyncio.timeout(self.settings.deadline):
-                reusable = await transaction(conn.smtp, envelope, data, rcpts, results, remote)
+                reusable = await transaction(conn.link, envelope, data, rcpts, results, remote)
         except TimeoutError:
             lost = Result.deferred("4.4.2", f"{remote} did not finish within the deadline", remote)
             results = {**all_results(rcpts, lost), **results}
-        except (aiosmtplib.SMTPException, OSError) as exc:
+        except (WireError, OSError) as exc:
             lost = Result.deferred("4.4.2", f"connection to {remote} lost: {why(exc)}", remote)
             results = {**all_results(rcpts, lost), **results}
         finally:
@@ -137,81 +138,83 @@ class SmarthostAgent:
         """Say QUIT on every idle connection (briefly: a dead peer must not hold us)."""
         idle, self._idle = self._idle, []
         for conn in idle:
-            transport = conn.smtp.transport  # the TLS one after STARTTLS; QUIT forgets it
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
-                async with asyncio.timeout(5):
-                    await conn.smtp.quit()
-            drop(conn.smtp, transport)
+            await quit_and_drop(conn.link, 5)
 
     async def _acquire(self) -> _Conn:
         while self._idle:
             conn = self._idle.pop()
-            if conn.smtp.is_connected and conn.uses < MAX_USES:
+            if conn.link.is_connected and conn.uses < MAX_USES:
                 return conn
-            conn.smtp.close()
+            conn.link.abort()
         return await self._connect()
 
     def _release(self, conn: _Conn, reusable: bool) -> None:
         conn.uses += 1
-        if reusable and conn.smtp.is_connected:
+        if reusable and conn.link.is_connected:
             self._idle.append(conn)
         else:
-            conn.smtp.close()
+            conn.link.abort()
 
     async def _connect(self) -> _Conn:
         """Connect, greet, secure and log in, all within connect_timeout, or LinkDown."""
         s = self.settings
-        smtp = aiosmtplib.SMTP(
-            hostname=s.host,
-            port=s.port,
-            local_hostname=s.helo,
-            timeout=s.command_timeout,
-            use_tls=s.tls == "smtps",
-            start_tls=False,
-            tls_context=self.tls_context if s.tls == "smtps" else None,
-        )
+        link: Connection | None = None
         try:
             async with asyncio.timeout(s.connect_timeout):
-                await smtp.connect()
-                await greet(smtp)
-                await self._secure(smtp)
-                await self._login(smtp)
-        except LinkDown:
-            smtp.close()
+                link = await open_connection(
+                    s.host,
+                    s.port,
+                    timeout=s.command_timeout,
+                    context=self.tls_context if s.tls == "smtps" else None,
+                )
+                await greet(link, s.helo)
+                await self._secure(link)
+                await self._login(link)
+        except BaseException as exc:
+            if link is not None:
+                link.abort()
+            if isinstance(exc, TimeoutError):
+                raise LinkDown(f"{s.remote}: no answer within {s.connect_timeout:g}s") from None
+            if isinstance(exc, (WireError, OSError)):
+                raise LinkDown(f"{s.remote}: {why(exc)}") from None
             raise
-        except TimeoutError:
-            smtp.close()
-            raise LinkDown(f"{s.remote}: no answer within {s.connect_timeout:g}s") from None
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            smtp.close()
-            raise LinkDown(f"{s.remote}: {why(exc)}") from None
         self.connections += 1
-        return _Conn(smtp)
+        return _Conn(link)
 
-    async def _secure(self, smtp: aiosmtplib.SMTP) -> None:
+    async def _secure(self, link: Connection) -> None:
         s = self.settings
         if s.tls not in ("starttls", "opportunistic"):
             return
-        if not smtp.supports_extension("starttls"):
+        if not link.supports("starttls"):
             if s.tls == "starttls":
                 raise LinkDown(f"{s.remote} does not offer STARTTLS, which tls = starttls requires")
             return
-        await smtp.starttls(tls_context=self.tls_context, server_hostname=s.host)
-        await greet(smtp)
+        await link.starttls(self.tls_context, s.host)
+        await greet(link, s.helo)
 
-    async def _login(self, smtp: aiosmtplib.SMTP) -> None:
+    async def _login(self, link: Connection) -> None:
+        """AUTH PLAIN (RFC 4616) or LOGIN, over TLS only; LinkDown when refused."""
         s = self.settings
         if not s.username:
             return
-        if smtp.get_transport_info("sslcontext") is None:
+        if not link.encrypted:
             raise LinkDown(f"{s.remote}: not sending a password without TLS")
-        methods = {m.lower() for m in smtp.server_auth_methods}
-        try:
-            if "plain" in methods:
-                await smtp.auth_plain(s.username, s.password)
-            elif "login" in methods:
-                await smtp.auth_login(s.username, s.password)
-            else:
-                raise LinkDown(f"{s.remote} offers neither AUTH PLAIN nor AUTH LOGIN")
-        except aiosmtplib.SMTPAuthenticationError as exc:
-            raise LinkDown(f"{s.remote} refused the login for {s.username!r}: {why(exc)}") from None
+        methods = set(link.engine.extensions.get("auth", "").upper().split())
+        if "PLAIN" in methods:
+            token = f"\0{s.username}\0{s.password}".encode()
+            steps = [command(b"AUTH", b"PLAIN", base64.b64encode(token))]
+        elif "LOGIN" in methods:
+            steps = [b"AUTH LOGIN\r\n", *(_b64_line(v) for v in (s.username, s.password))]
+        else:
+            raise LinkDown(f"{s.remote} offers neither AUTH PLAIN nor AUTH LOGIN")
+        for number, line in enumerate(steps, start=1):
+            reply = await link.command(Awaited.AUTH, line)
+            if reply.code != 334 or number == len(steps):
+                break  # 334 asks for the next step; anything else ends the exchange
+        if reply.code != 235:
+            refusal = describe(reply)
+            raise LinkDown(f"{s.remote} refused the login for {s.username!r}: {refusal}")
+
+
+def _b64_line(value: str) -> bytes:
+    return base64.b64encode(value.encode()) + b"\r\n"

@@ -1,90 +1,88 @@
-"""The commands of one transaction, written and answered on aiosmtplib's connection.
+"""The asyncio side of an SMTP client connection: bytes to and from `ClientProtocol`.
 
-aiosmtplib sends a command and waits for its reply, and cannot read replies that
-arrive together, so a transaction costs it four round trips (MAIL, RCPT, DATA, the
-message) and four writes, each with its wake-ups. Against a server that offers
-PIPELINING (RFC 2920), Postfix's smtp client sends MAIL, every RCPT and DATA in one
-write and reads their replies as they come, then sends the message: two round trips
-and two writes, whatever the number of recipients. On a queue drain that halves the
-system calls and event-loop turns spent per message.
+The dialogue's rules (what may be sent when, pipelining, pairing replies with commands,
+the reply syntax and its bounds) are `netserver.smtp.client`'s, which does no I/O; this
+module only moves bytes: `Connection` is the transport's protocol, feeds what arrives to
+the engine and hands the replies to whoever awaits them, one `Answered` at a time, in
+order. A pipelined group is one write (`send`), its replies arrive as they come.
 
-`Wire` does that for one transaction at a time: it takes the transport from
-aiosmtplib's protocol (asyncio's `set_protocol`) for the duration, parses replies
-itself, and gives the transport back afterwards, so aiosmtplib carries on (RSET, QUIT,
-the next transaction, or its own clean-up when the connection was lost meanwhile) as
-if it had sent the commands itself. Replies are bounded as aiosmtplib bounds them, and
-its exceptions are raised, so callers handle one set of errors.
+Every failure that ends the connection, whatever its cause (the peer closed it, a reply
+broke the protocol, no reply within the command timeout), is a `WireError`, so the
+agents catch one exception (with OSError, which connecting and TLS raise) and say why.
+A timer handle bounds each wait; it is cheaper than an asyncio.timeout() per reply.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import re
+import ssl
 from collections import deque
-from collections.abc import Iterator
-from typing import cast
 
-import aiosmtplib
-
-MAX_LINE = 8192  # bytes in one reply line (aiosmtplib's limit)
-MAX_REPLY = MAX_LINE * 4  # bytes in one multi-line reply
-_FORBIDDEN = re.compile(rb"[\x00-\x1f\x7f]")  # never inside a command's arguments
-_BARE = re.compile(rb"\r\n|\n|\r(?!\n)")
+from netserver.smtp.client import Answered, Awaited, ClientProtocol, ClientState
+from netserver.smtp.core import LocalProtocolError
+from netserver.smtp.replies import Reply
+from netserver.smtp.replyreader import BadReply
 
 
-def command(*args: bytes) -> bytes:
-    """One command line; ValueError (as aiosmtplib raises it) for a control character."""
-    for arg in args:
-        if _FORBIDDEN.search(arg):
-            raise ValueError("Command arg contains a prohibited control character")
-    return b" ".join(args) + b"\r\n"
+class WireError(Exception):
+    """The connection cannot go on; the text says why in one line."""
 
 
-def data_block(message: bytes) -> bytes:
-    """The message as DATA carries it: CRLF line ends, dot-stuffed, then ".".
-
-    The spool holds CRLF text already, so the regular expression that fixes bare CR
-    and LF runs only when a count shows one (the counts are C loops over the bytes).
-    """
-    crlf = message.count(b"\r\n")
-    if message.count(b"\n") != crlf or message.count(b"\r") != crlf:
-        message = _BARE.sub(b"\r\n", message)
-    if not message.endswith(b"\r\n"):
-        message += b"\r\n"
-    message = message.replace(b"\n.", b"\n..")
-    if message.startswith(b"."):
-        message = b"." + message
-    return message + b".\r\n"
+def describe(reply: Reply) -> str:
+    """A reply as one line of text ("550 5.1.1 no such user"), for errors and logs."""
+    text = " ".join(" ".join(reply.lines).split())
+    return " ".join(part for part in (str(reply.code), reply.enhanced or "", text) if part)
 
 
-class Wire(asyncio.Protocol):
-    """The transport's protocol while a transaction runs: writes, and replies in order."""
+def message_of(reply: Reply) -> str:
+    """The reply's text after its code, enhanced code first, as `Result.from_reply` reads it."""
+    text = " ".join(reply.lines)
+    return f"{reply.enhanced} {text}" if reply.enhanced else text
 
-    def __init__(self, transport: asyncio.WriteTransport, timeout: float | None) -> None:
-        self.transport = transport
-        self.timeout = timeout
-        self.lost: tuple[Exception | None] | None = None  # connection_lost's argument
-        self._buffer = bytearray()
-        self._lines: list[bytes] = []  # of the reply being read
-        self._size = 0
-        self._replies: deque[aiosmtplib.SMTPResponse] = deque()
-        self._error: aiosmtplib.SMTPException | None = None
+
+class Connection(asyncio.Protocol):
+    """One SMTP client connection; make it with `open_connection`."""
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout  # seconds to wait for one reply
+        self.engine = ClientProtocol()
+        self.transport: asyncio.Transport | None = None
+        self._answers: deque[Answered] = deque()
+        self._error: WireError | None = None
         self._waiter: asyncio.Future[None] | None = None
 
-    def write(self, data: bytes) -> None:
+    @property
+    def is_connected(self) -> bool:
+        t = self.transport
+        usable = self.engine.state is ClientState.COMMANDS
+        return self._error is None and usable and t is not None and not t.is_closing()
+
+    @property
+    def encrypted(self) -> bool:
+        t = self.transport
+        return t is not None and t.get_extra_info("sslcontext") is not None
+
+    def supports(self, keyword: str) -> bool:
+        return self.engine.supports(keyword)
+
+    def send(self, sends: tuple[tuple[Awaited, bytes], ...] | list[tuple[Awaited, bytes]]) -> None:
+        """Write a group of commands in one write (the engine checks it may go)."""
         if self._error is not None:
             raise self._error
+        try:
+            data = b"".join(self.engine.send(awaited, line) for awaited, line in sends)
+        except LocalProtocolError as exc:
+            raise WireError(f"not sent: {exc}") from None
+        assert self.transport is not None
         self.transport.write(data)
 
-    async def reply(self) -> aiosmtplib.SMTPResponse:
+    async def reply(self) -> Answered:
         """The next reply, in the order the commands were sent."""
-        while not self._replies:
+        while not self._answers:
             if self._error is not None:
                 raise self._error
             loop = asyncio.get_running_loop()
             self._waiter = waiter = loop.create_future()
-            # A timer handle, cheaper than an asyncio.timeout() per reply.
             timer = None if self.timeout is None else loop.call_later(self.timeout, _late, waiter)
             try:
                 await waiter
@@ -92,56 +90,58 @@ class Wire(asyncio.Protocol):
                 self._waiter = None
                 if timer is not None:
                     timer.cancel()
-        return self._replies.popleft()
+        return self._answers.popleft()
+
+    async def command(self, awaited: Awaited, line: bytes) -> Reply:
+        """Send one command and return its reply."""
+        self.send([(awaited, line)])
+        return (await self.reply()).reply
+
+    async def starttls(self, context: ssl.SSLContext, server_hostname: str) -> None:
+        """STARTTLS, then the handshake; WireError when refused, OSError when it fails."""
+        reply = await self.command(Awaited.STARTTLS, b"STARTTLS\r\n")
+        if reply.code != 220:
+            raise WireError(f"STARTTLS refused: {describe(reply)}")
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        tls = await loop.start_tls(
+            self.transport, self, context, server_hostname=server_hostname or None
+        )
+        if tls is None:
+            raise WireError("connection lost during the TLS handshake")
+        self.transport = tls
+        self.engine.tls_started()
+
+    def abort(self) -> None:
+        """Close now, without waiting for the peer (nor a TLS close_notify)."""
+        if self.transport is not None:
+            self.transport.abort()
 
     # -- asyncio.Protocol ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a stream transport
+
     def data_received(self, data: bytes) -> None:
         if self._error is not None:
             return
-        self._buffer += data
         try:
-            self._parse()
-        except aiosmtplib.SMTPResponseException as exc:
-            self._fail(exc)
+            self._answers.extend(self.engine.receive_data(data))
+        except BadReply as exc:
+            self._fail(WireError(f"bad reply: {exc}"))
+            self.abort()
         self._wake()
 
     def eof_received(self) -> bool:
-        self._fail(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
+        self._fail(WireError("connection closed by the server"))
         return False  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = (exc,)
-        self._fail(aiosmtplib.SMTPServerDisconnected("Connection lost"))
+        why = f": {exc}" if exc is not None else ""
+        self._fail(WireError(f"connection lost{why}"))
 
-    # -- replies ------------------------------------------------------------------------
-    def _parse(self) -> None:
-        buffer = self._buffer
-        start = 0
-        while (end := buffer.find(b"\n", start)) >= 0:
-            line = bytes(buffer[start : end + 1])
-            start = end + 1
-            self._line(line)
-        del buffer[:start]
-        if len(buffer) > MAX_LINE:
-            raise _malformed("Response too long")
-
-    def _line(self, line: bytes) -> None:
-        code = line[:3]
-        if len(line) > MAX_LINE or not code.isdigit():
-            raise _malformed(f"Malformed SMTP response line: {line[:80]!r}")
-        self._lines.append(line[4:].strip(b" \t\r\n"))
-        self._size += len(line)
-        if self._size > MAX_REPLY:
-            raise _malformed("Response too long")
-        if line[3:4] == b"-":
-            return
-        text = b"\n".join(self._lines).decode("utf-8", "surrogateescape")
-        self._replies.append(aiosmtplib.SMTPResponse(int(code), text))
-        self._lines, self._size = [], 0
-
-    def _fail(self, exc: aiosmtplib.SMTPException) -> None:
+    def _fail(self, error: WireError) -> None:
         if self._error is None:
-            self._error = exc
+            self._error = error
         self._wake()
 
     def _wake(self) -> None:
@@ -151,27 +151,38 @@ class Wire(asyncio.Protocol):
 
 def _late(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
-        waiter.set_exception(
-            aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response")
+        waiter.set_exception(WireError("timed out waiting for the server's reply"))
+
+
+async def open_connection(
+    host: str,
+    port: int,
+    *,
+    timeout: float | None,
+    context: ssl.SSLContext | None = None,
+    server_hostname: str = "",
+) -> Connection:
+    """Connect (with TLS from the start when `context` is given) and read the greeting.
+
+    WireError when the greeting is not 220 (a 554 greeting means "no service here",
+    RFC 5321 3.1) or does not come; OSError when the connection or handshake fails.
+    """
+    loop = asyncio.get_running_loop()
+    if context is None:
+        _transport, conn = await loop.create_connection(lambda: Connection(timeout), host, port)
+    else:
+        _transport, conn = await loop.create_connection(
+            lambda: Connection(timeout),
+            host,
+            port,
+            ssl=context,
+            server_hostname=server_hostname or host,
         )
-
-
-def _malformed(text: str) -> aiosmtplib.SMTPResponseException:
-    return aiosmtplib.SMTPResponseException(-1, text)
-
-
-@contextlib.contextmanager
-def taken_over(smtp: aiosmtplib.SMTP) -> Iterator[Wire]:
-    """The connection's transport, read and written by a `Wire` within the block."""
-    protocol = smtp.protocol
-    transport = protocol.transport if protocol is not None else None
-    if protocol is None or transport is None or transport.is_closing():
-        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    wire = Wire(cast(asyncio.WriteTransport, transport), smtp.timeout)
-    transport.set_protocol(wire)
     try:
-        yield wire
-    finally:
-        transport.set_protocol(protocol)
-        if wire.lost is not None:  # aiosmtplib learns of it as if it had been reading
-            protocol.connection_lost(wire.lost[0])
+        greeting = (await conn.reply()).reply
+        if greeting.code != 220:
+            raise WireError(f"greeting {describe(greeting)}")
+    except BaseException:
+        conn.abort()
+        raise
+    return conn
