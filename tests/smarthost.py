@@ -16,10 +16,10 @@ import contextlib
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 import trustme
@@ -272,6 +272,40 @@ class Greeter:
         self._thread.join(5)
         for conn in self._held:
             conn.close()
+
+
+Script = Callable[[socket.socket, BinaryIO], None]
+
+
+class OneConnection:
+    """A server for replies no real server (and so not aiosmtpd) gives: one connection
+    on 127.0.0.1 port 0, handled by `script(conn, reader)` in a thread.
+
+    `reader` reads the client's lines (conn.makefile); the script writes whatever it
+    likes with conn.sendall. An OSError (the client cut it short) just ends it, and
+    `close` returns once the script has.
+    """
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self._listener.settimeout(10)
+        try:
+            conn, _ = self._listener.accept()
+        except OSError:
+            return
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(10)
+            self.script(conn, conn.makefile("rb"))
+
+    def close(self) -> None:
+        self._listener.close()
+        self._thread.join(15)
 
 
 @dataclass(frozen=True)

@@ -17,17 +17,16 @@ import email.message
 import email.policy
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 import trustme
 from leafmail_fixtures import LeafmailFactory, leafmail_servers, split_received
-from smarthost import SinkTLS, Smarthost, make_sink_tls
+from smarthost import OneConnection, SinkTLS, Smarthost, make_sink_tls
 
 from leafmail.delivery import LinkDown, Outcome, Result
 from leafmail.delivery.smarthost import SmarthostAgent, SmarthostSettings
@@ -221,53 +220,40 @@ class ScriptedServer:
         self.pipelining = pipelining
         self.commands: list[str] = []
         self.content = bytearray()
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(1)
-        self.port: int = self._listener.getsockname()[1]
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        self._server = OneConnection(self._serve)
+        self.port = self._server.port
 
-    def _serve(self) -> None:
-        self._listener.settimeout(10)
-        try:
-            conn, _ = self._listener.accept()
-        except OSError:
-            return
-        with conn:
-            conn.settimeout(10)
-            reader = conn.makefile("rb")
-            conn.sendall(b"220 scripted.test ESMTP\r\n")
-            in_data = False
-            held = b""
-            for raw_line in reader:
-                line = raw_line.rstrip(b"\r\n").decode("utf-8", "replace")
-                if in_data:
-                    if line == ".":
-                        in_data = False
-                        conn.sendall(self.replies.get(".", "250 2.0.0 ok").encode() + b"\r\n")
-                    else:
-                        self.content += raw_line
-                    continue
-                self.commands.append(line)
-                verb = line.split(" ", 1)[0].split(":", 1)[0].upper()
-                if verb == "EHLO":
-                    offer = b"250-PIPELINING\r\n" if self.pipelining else b""
-                    conn.sendall(b"250-scripted.test\r\n" + offer + b"250 8BITMIME\r\n")
-                elif verb == "QUIT":
-                    conn.sendall(b"221 bye\r\n")
-                    return
+    def _serve(self, conn: socket.socket, reader: BinaryIO) -> None:
+        conn.sendall(b"220 scripted.test ESMTP\r\n")
+        in_data = False
+        held = b""
+        for raw_line in reader:
+            line = raw_line.rstrip(b"\r\n").decode("utf-8", "replace")
+            if in_data:
+                if line == ".":
+                    in_data = False
+                    conn.sendall(self.replies.get(".", "250 2.0.0 ok").encode() + b"\r\n")
                 else:
-                    reply = self.replies.get(verb, "354 go on" if verb == "DATA" else "250 ok")
-                    held += reply.encode() + b"\r\n"
-                    if not self.pipelining or verb not in ("MAIL", "RCPT"):
-                        conn.sendall(held)
-                        held = b""
-                    in_data = reply.startswith("354")
+                    self.content += raw_line
+                continue
+            self.commands.append(line)
+            verb = line.split(" ", 1)[0].split(":", 1)[0].upper()
+            if verb == "EHLO":
+                offer = b"250-PIPELINING\r\n" if self.pipelining else b""
+                conn.sendall(b"250-scripted.test\r\n" + offer + b"250 8BITMIME\r\n")
+            elif verb == "QUIT":
+                conn.sendall(b"221 bye\r\n")
+                return
+            else:
+                reply = self.replies.get(verb, "354 go on" if verb == "DATA" else "250 ok")
+                held += reply.encode() + b"\r\n"
+                if not self.pipelining or verb not in ("MAIL", "RCPT"):
+                    conn.sendall(held)
+                    held = b""
+                in_data = reply.startswith("354")
 
     def close(self) -> None:
-        self._listener.close()
-        self._thread.join(15)
+        self._server.close()
 
 
 # --- plain delivery ------------------------------------------------------------------

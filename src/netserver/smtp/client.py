@@ -187,20 +187,22 @@ class ClientProtocol:
         that nothing asked for, or when bytes come between STARTTLS's 220 and the
         handshake.
         """
-        self._no_data_before_handshake(data)
+        if data:
+            self._refuse_before_handshake()
         events: list[Answered] = []
         for reply in self._reader.feed(data):
+            self._refuse_before_handshake()  # a reply after STARTTLS's 220, in one read
             if not self._pending:
                 raise BadReply(f"a reply nothing asked for: {reply}")
             event = Answered(self._pending.popleft(), reply)
             self._answered(event)
             events.append(event)
         if self._reader.pending:
-            self._no_data_before_handshake(data)
+            self._refuse_before_handshake()
         return events
 
-    def _no_data_before_handshake(self, data: bytes) -> None:
-        if data and self.state is ClientState.TLS:
+    def _refuse_before_handshake(self) -> None:
+        if self.state is ClientState.TLS:
             raise BadReply("data after the reply to STARTTLS, before the TLS handshake")
 
     def tls_started(self) -> None:
