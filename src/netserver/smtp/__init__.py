@@ -6,6 +6,12 @@ reply bytes; it does no I/O itself (see `netserver.smtp.protocol` for the contra
 session's machinery under the dialogue in `core`, the input readers in `readers`.
 Paths are parsed by `addresses`, their parameters by `parameters`, replies are `Reply`
 values from `netserver.smtp.replies`.
+
+The client role is here too, sans I/O as well: `replyreader` reads a server's replies
+incrementally and bounded, `client.ClientProtocol` pairs them with the commands sent and
+keeps the pipelining and STARTTLS rules, and `mailexchange.MailExchange` decides the
+commands of one mail transaction. They are imported from their modules, not from this
+package, so a server process never loads them.
 """
 
 from .addresses import Mailbox
