@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from netserver.smtp.client import Answered, Awaited
@@ -26,6 +26,8 @@ from ..envelope import Envelope, Recipient
 from . import Handoff, Result, all_results
 from .wire import Connection, WireError, describe, message_of
 
+# Bound once: Enum attribute access is slow on CPython 3.11 (see netserver.smtp.client).
+_MAIL, _RCPT, _DATA, _MESSAGE = Awaited.MAIL, Awaited.RCPT, Awaited.DATA, Awaited.MESSAGE
 _FORBIDDEN = re.compile(rb"[\x00-\x1f\x7f]")  # never inside a command's arguments
 
 
@@ -70,20 +72,21 @@ async def transaction(
     refusal), and the accepted ones after the reply to DATA, so if the connection dies
     half-way the caller defers exactly the recipients that have no result yet.
     """
-    refusal = cannot_carry(conn, envelope, data, remote)
+    offered = conn.engine.extensions  # from EHLO: keyword (lower case) -> parameters
+    refusal = cannot_carry(offered, envelope, data, remote)
     if refusal is not None:
         results.update(all_results(rcpts, refusal))
         return True
     utf8 = envelope.smtputf8 and needs_smtputf8(envelope, data)
     encoding = "utf-8" if utf8 else "ascii"
-    dsn = conn.supports("dsn")
-    options = mail_options(conn, envelope, data, utf8=utf8)
+    dsn = "dsn" in offered
+    options = mail_options(offered, envelope, data, utf8=utf8)
     exchange = MailExchange(
         MailCommands(
             mail=path_line(b"MAIL", b"FROM:", envelope.sender, options, encoding),
             rcpts=tuple(rcpt_line(envelope.recipients[i], dsn, encoding) for i in rcpts),
             message=data,
-            pipelining=conn.supports("pipelining"),
+            pipelining="pipelining" in offered,
         )
     )
     handoff = Handoff.PASSED if dsn else Handoff.RELAYED  # RFC 3461 5.2.2
@@ -107,15 +110,16 @@ def record(
 ) -> None:
     """The results one reply of the transaction decides."""
     reply, awaited = answered.reply, answered.awaited
-    accepted = [rcpts[p] for p in exchange.accepted]
-    if awaited is Awaited.MAIL and reply.code != 250:
+    if awaited is _MAIL and reply.code != 250:
         results.update(all_results(rcpts, refused(reply, remote)))
-    elif awaited is Awaited.RCPT and exchange.mail_ok and position is not None:
+    elif awaited is _RCPT and exchange.mail_ok and position is not None:
         if reply.code not in (250, 251):
             results[rcpts[position]] = rcpt_refused(reply, remote)
-    elif awaited is Awaited.DATA and reply.code != 354:
+        return
+    accepted = [rcpts[p] for p in exchange.accepted]
+    if awaited is _DATA and reply.code != 354:
         results.update(all_results(accepted, refused(reply, remote)))
-    elif awaited is Awaited.MESSAGE and accepted:
+    elif awaited is _MESSAGE and accepted:
         if exchange.delivered:
             done = Result.from_reply(reply.code, message_of(reply), remote)
             results.update(all_results(accepted, replace(done, handoff=handoff)))
@@ -167,7 +171,9 @@ async def reset(conn: Connection) -> bool:
     return reply.code == 250
 
 
-def cannot_carry(conn: Connection, envelope: Envelope, data: bytes, remote: str) -> Result | None:
+def cannot_carry(
+    offered: Mapping[str, str], envelope: Envelope, data: bytes, remote: str
+) -> Result | None:
     """A permanent failure when the next hop lacks an extension this message needs.
 
     Nothing is ever downgraded silently: an internationalized message to a server
@@ -176,15 +182,15 @@ def cannot_carry(conn: Connection, envelope: Envelope, data: bytes, remote: str)
     message over the server's declared SIZE bounces 5.3.4 (RFC 1870).
     """
     utf8 = envelope.smtputf8 and needs_smtputf8(envelope, data)
-    if utf8 and not conn.supports("smtputf8"):
+    if utf8 and "smtputf8" not in offered:
         return Result.failed(
             "5.6.7", f"{remote} does not support SMTPUTF8, which this message needs", remote
         )
-    if not conn.supports("8bitmime") and has_8bit(data):
+    if "8bitmime" not in offered and has_8bit(data):
         return Result.failed(
             "5.6.3", f"{remote} does not support 8BITMIME and the message has 8-bit data", remote
         )
-    limit = conn.engine.extensions.get("size", "").strip()
+    limit = offered.get("size", "").strip()
     if limit.isdigit() and int(limit) > 0 and len(data) > int(limit):
         return Result.failed(
             "5.3.4",
@@ -194,16 +200,18 @@ def cannot_carry(conn: Connection, envelope: Envelope, data: bytes, remote: str)
     return None
 
 
-def mail_options(conn: Connection, envelope: Envelope, data: bytes, *, utf8: bool) -> list[str]:
+def mail_options(
+    offered: Mapping[str, str], envelope: Envelope, data: bytes, *, utf8: bool
+) -> list[str]:
     """MAIL FROM parameters passed onward: SIZE, BODY, SMTPUTF8, and DSN's RET/ENVID."""
     options = []
-    if conn.supports("size"):
+    if "size" in offered:
         options.append(f"SIZE={len(data)}")
-    if envelope.body.upper() != "7BIT" and conn.supports("8bitmime"):
+    if envelope.body.upper() != "7BIT" and "8bitmime" in offered:
         options.append("BODY=8BITMIME")
     if utf8:
         options.append("SMTPUTF8")
-    if conn.supports("dsn"):
+    if "dsn" in offered:
         if envelope.ret:
             options.append(f"RET={envelope.ret}")
         if envelope.envid:
