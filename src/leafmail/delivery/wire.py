@@ -71,8 +71,9 @@ class Connection(asyncio.Protocol):
         """Write a group of commands in one write (the engine checks it may go)."""
         if self._error is not None:
             raise self._error
+        engine = self.engine
         try:
-            data = b"".join(self.engine.send(awaited, line) for awaited, line in sends)
+            data = b"".join([engine.send(awaited, line) for awaited, line in sends])
         except LocalProtocolError as exc:
             raise WireError(f"not sent: {exc}") from None
         assert self.transport is not None

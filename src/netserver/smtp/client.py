@@ -107,6 +107,7 @@ GROUP_ENDS: Final = frozenset(
 _GROUP_END_VALUES: Final = frozenset(awaited._value_ for awaited in GROUP_ENDS)
 _GREETING, _EHLO, _QUIT, _STARTTLS = Awaited.GREETING, Awaited.EHLO, Awaited.QUIT, Awaited.STARTTLS
 _COMMANDS, _TLS = ClientState.COMMANDS, ClientState.TLS
+_EARLY: Final = "data after the reply to STARTTLS, before the TLS handshake"
 
 _KEYWORD: Final = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:[ =](.*))?\Z")
 _BARE: Final = re.compile(rb"\r\n|\n|\r(?!\n)")
@@ -192,23 +193,21 @@ class ClientProtocol:
         that nothing asked for, or when bytes come between STARTTLS's 220 and the
         handshake.
         """
-        if data:
-            self._refuse_before_handshake()
+        if data and self.state is _TLS:
+            raise BadReply(_EARLY)
         events: list[Answered] = []
+        pending = self._pending
         for reply in self._reader.feed(data):
-            self._refuse_before_handshake()  # a reply after STARTTLS's 220, in one read
-            if not self._pending:
+            if self.state is _TLS:  # a reply after STARTTLS's 220, in the same read
+                raise BadReply(_EARLY)
+            if not pending:
                 raise BadReply(f"a reply nothing asked for: {reply}")
-            event = Answered(self._pending.popleft(), reply)
+            event = Answered(pending.popleft(), reply)
             self._answered(event)
             events.append(event)
-        if self._reader.pending:
-            self._refuse_before_handshake()
+        if self.state is _TLS and self._reader.pending:
+            raise BadReply(_EARLY)
         return events
-
-    def _refuse_before_handshake(self) -> None:
-        if self.state is _TLS:
-            raise BadReply("data after the reply to STARTTLS, before the TLS handshake")
 
     def tls_started(self) -> None:
         """The I/O layer finished the TLS handshake; what came before is forgotten."""

@@ -70,7 +70,7 @@ class MailExchange:
         c = self.commands
         if not c.pipelining:
             return self._queue((_MAIL, c.mail, None))
-        rcpts = ((_RCPT, line, i) for i, line in enumerate(c.rcpts))
+        rcpts = [(_RCPT, line, i) for i, line in enumerate(c.rcpts)]
         return self._queue((_MAIL, c.mail, None), *rcpts, (_DATA, _DATA_LINE, None))
 
     def receive(self, answered: Answered) -> Progress:
@@ -129,5 +129,9 @@ class MailExchange:
         return self._queue((_MESSAGE, content, None))
 
     def _queue(self, *sends: tuple[Awaited, bytes, int | None]) -> tuple[Send, ...]:
-        self._expect.extend((awaited, position) for awaited, _line, position in sends)
-        return tuple((awaited, line) for awaited, line, _position in sends)
+        out = []
+        expect = self._expect
+        for awaited, line, position in sends:  # a loop, not two comprehensions: hot path
+            expect.append((awaited, position))
+            out.append((awaited, line))
+        return tuple(out)
