@@ -70,8 +70,10 @@ class Smarthost:
         eightbitmime: bool = True,
         host: str = "127.0.0.1",
         pipelining: bool = True,
+        auth_exclude: tuple[str, ...] = (),
     ) -> None:
         self.behaviour = Behaviour()
+        self._auth_exclude = list(auth_exclude)  # AUTH mechanisms not offered, e.g. PLAIN
         self.received: list[Received] = []
         self.connections = 0
         self.data_sessions = 0  # sessions that reached handle_DATA (before any hang)
@@ -145,7 +147,7 @@ class Smarthost:
             auth_required=self._users is not None,
             auth_require_tls=True,
             authenticator=self._authenticate if self._users is not None else None,
-            auth_exclude_mechanism=[],
+            auth_exclude_mechanism=self._auth_exclude,
             timeout=30,
         )
 

@@ -816,6 +816,32 @@ def test_auth_plain_over_starttls(hosts: MakeHost, sink_tls: SinkTLS) -> None:
     assert (got.login, got.tls) == (USER, True)
 
 
+@pytest.mark.parametrize("password", [PASSWORD, "wrong-" + PASSWORD])
+def test_auth_login_when_plain_is_not_offered(
+    hosts: MakeHost, sink_tls: SinkTLS, password: str
+) -> None:
+    """AUTH LOGIN's two 334 steps, right or wrong password; the password never in the error."""
+    host = hosts(
+        tls=sink_tls.server_context,
+        require_starttls=True,
+        users={USER: PASSWORD},
+        auth_exclude=("PLAIN",),
+    )
+    agent = SmarthostAgent(
+        settings(
+            host.port, tls="starttls", ca_file=sink_tls.ca_file, username=USER, password=password
+        )
+    )
+    if password == PASSWORD:
+        assert deliver(agent, envelope("a@example.test"), mail())[0].outcome is Outcome.DELIVERED
+        assert host.received[0].login == USER
+    else:
+        error = str(link_down(agent, envelope("a@example.test"), mail()))
+        assert "refused the login" in error and "535" in error
+        assert password not in error and PASSWORD not in error
+    assert host.auth_attempts == [("LOGIN", USER)]
+
+
 def test_wrong_password_is_link_down_and_the_message_stays(
     hosts: MakeHost, sink_tls: SinkTLS, spool: Spool
 ) -> None:
