@@ -154,6 +154,15 @@ def test_replies_pair_with_commands_in_order() -> None:
     assert engine.waiting == 0
 
 
+@pytest.mark.parametrize(
+    "line", [b"RCPT TO:<a@b>", b"RCPT TO:<a@b>\r\nDATA\r\n", b"RSET\n", b"NO\rOP\r\n", b"\r\n"]
+)
+def test_a_command_is_exactly_one_crlf_line(line: bytes) -> None:
+    """A second line hidden in a command would be an injected command."""
+    with pytest.raises(LocalProtocolError, match="one command line"):
+        greeted().send(Awaited.RCPT, line)
+
+
 def test_without_pipelining_one_command_at_a_time() -> None:
     engine = greeted(b"250-mx.test\r\n250 8BITMIME\r\n")
     engine.send(Awaited.MAIL, b"MAIL FROM:<a@b>\r\n")

@@ -106,11 +106,13 @@ GROUP_ENDS: Final = frozenset(
 # several times the cost of a plain lookup; `_value_` strings hash in C.
 _GROUP_END_VALUES: Final = frozenset(awaited._value_ for awaited in GROUP_ENDS)
 _GREETING, _EHLO, _QUIT, _STARTTLS = Awaited.GREETING, Awaited.EHLO, Awaited.QUIT, Awaited.STARTTLS
+_MESSAGE = Awaited.MESSAGE
 _COMMANDS, _TLS = ClientState.COMMANDS, ClientState.TLS
 _EARLY: Final = "data after the reply to STARTTLS, before the TLS handshake"
 
 _KEYWORD: Final = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:[ =](.*))?\Z")
 _BARE: Final = re.compile(rb"\r\n|\n|\r(?!\n)")
+_ONE_LINE: Final = re.compile(rb"[^\r\n]+\r\n")  # a command: one line, CRLF only at its end
 
 
 class Answered(NamedTuple):
@@ -178,6 +180,8 @@ class ClientProtocol:
         is not the time (see the pipelining and state rules above)."""
         if self.state is not _COMMANDS or awaited is _GREETING:
             raise LocalProtocolError(f"cannot send {awaited.value} in state {self.state.value}")
+        if awaited is not _MESSAGE and _ONE_LINE.fullmatch(line) is None:
+            raise LocalProtocolError(f"not one command line: {line[:80]!r}")  # no injection
         if self._pending:
             if self._pending[-1]._value_ in _GROUP_END_VALUES:
                 raise LocalProtocolError(f"{self._pending[-1].value} must be answered first")
