@@ -46,7 +46,7 @@ from ..envelope import Envelope
 from . import Expansions, Result, all_results, domain_of
 from .mta_sts import PolicyCache, StsMode, StsPolicy, verified_context
 from .session import greet, quit_and_drop, transaction, why
-from .wire import Connection, WireError, open_connection
+from .wire import ClientLink, WireError, open_connection
 
 MAX_MX_HOSTS = 10  # MX hosts considered per domain (the rest are never resolved)
 MAX_ADDRESSES = 4  # addresses tried per MX host
@@ -388,10 +388,10 @@ class MxAgent:
         return False
 
     # -- one connection -----------------------------------------------------------------
-    async def _open(self, target: MxTarget) -> Connection:
+    async def _open(self, target: MxTarget) -> ClientLink:
         """Connect, greet and secure within connect_timeout, or Unusable."""
         timeout = self.delivery.connect_timeout
-        link: Connection | None = None
+        link: ClientLink | None = None
         ready = False
         try:
             async with asyncio.timeout(timeout):
@@ -410,7 +410,7 @@ class MxAgent:
             if not ready and link is not None:
                 link.abort()
 
-    async def _secure(self, link: Connection, target: MxTarget) -> None:
+    async def _secure(self, link: ClientLink, target: MxTarget) -> None:
         """STARTTLS as the target's level says; Unusable(tls=True) when it fails."""
         level = target.tls
         if level is TlsLevel.NONE:
@@ -429,7 +429,7 @@ class MxAgent:
         except (WireError, OSError) as exc:  # ssl.SSLError is an OSError
             raise Unusable(f"STARTTLS failed: {why(exc)}", tls=True) from None
 
-    async def _send(self, attempt: _Attempt, link: Connection, target: MxTarget) -> None:
+    async def _send(self, attempt: _Attempt, link: ClientLink, target: MxTarget) -> None:
         """The transaction; recipients left without a result when it breaks defer 4.4.2."""
         remote = f"{target.host.name}:{self.port}"
         attempt.began = True

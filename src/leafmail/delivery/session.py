@@ -24,7 +24,7 @@ from netserver.smtp.replies import Reply
 
 from ..envelope import Envelope, Recipient
 from . import Handoff, Result, all_results
-from .wire import Connection, WireError, describe, message_of
+from .wire import ClientLink, WireError, describe, message_of
 
 # Bound once: Enum attribute access is slow on CPython 3.11 (see netserver.smtp.client).
 _MAIL, _RCPT, _DATA, _MESSAGE = Awaited.MAIL, Awaited.RCPT, Awaited.DATA, Awaited.MESSAGE
@@ -39,7 +39,7 @@ def command(*args: bytes) -> bytes:
     return b" ".join(args) + b"\r\n"
 
 
-async def greet(conn: Connection, helo: str) -> None:
+async def greet(conn: ClientLink, helo: str) -> None:
     """EHLO, falling back to HELO for a server that does not know EHLO."""
     name = helo.encode("ascii", "replace")
     reply = await conn.command(Awaited.EHLO, command(b"EHLO", name))
@@ -50,7 +50,7 @@ async def greet(conn: Connection, helo: str) -> None:
         raise WireError(f"HELO refused: {describe(reply)}")
 
 
-async def quit_and_drop(conn: Connection, timeout: float) -> None:
+async def quit_and_drop(conn: ClientLink, timeout: float) -> None:
     """QUIT, briefly (a dead peer must not hold us), then close whatever happened."""
     with contextlib.suppress(WireError, OSError, TimeoutError):
         async with asyncio.timeout(timeout):
@@ -59,7 +59,7 @@ async def quit_and_drop(conn: Connection, timeout: float) -> None:
 
 
 async def transaction(
-    conn: Connection,
+    conn: ClientLink,
     envelope: Envelope,
     data: bytes,
     rcpts: Sequence[int],
@@ -160,7 +160,7 @@ def path_line(
     return command(verb, keyword + path, *(o.encode("ascii") for o in options))
 
 
-async def reset(conn: Connection) -> bool:
+async def reset(conn: ClientLink) -> bool:
     """RSET after a transaction that did not end with DATA; False if that failed too."""
     if not conn.is_connected:
         return False

@@ -26,7 +26,7 @@ from ..config import DeliveryConfig, delivery_problem, smarthost_password, split
 from ..envelope import Envelope
 from . import Expansions, LinkDown, Result, all_results
 from .session import command, greet, quit_and_drop, transaction, why
-from .wire import Connection, WireError, describe, open_connection
+from .wire import ClientLink, WireError, describe, open_connection
 
 MAX_USES = 1000  # messages per connection before a fresh one (bounds any server-side state)
 
@@ -97,7 +97,7 @@ def client_tls_context(settings: SmarthostSettings) -> ssl.SSLContext:
 
 @dataclass
 class _Conn:
-    link: Connection
+    link: ClientLink
     uses: int = 0
 
 
@@ -158,7 +158,7 @@ class SmarthostAgent:
     async def _connect(self) -> _Conn:
         """Connect, greet, secure and log in, all within connect_timeout, or LinkDown."""
         s = self.settings
-        link: Connection | None = None
+        link: ClientLink | None = None
         try:
             async with asyncio.timeout(s.connect_timeout):
                 link = await open_connection(
@@ -181,7 +181,7 @@ class SmarthostAgent:
         self.connections += 1
         return _Conn(link)
 
-    async def _secure(self, link: Connection) -> None:
+    async def _secure(self, link: ClientLink) -> None:
         s = self.settings
         if s.tls not in ("starttls", "opportunistic"):
             return
@@ -192,7 +192,7 @@ class SmarthostAgent:
         await link.starttls(self.tls_context, s.host)
         await greet(link, s.helo)
 
-    async def _login(self, link: Connection) -> None:
+    async def _login(self, link: ClientLink) -> None:
         """AUTH PLAIN (RFC 4616) or LOGIN, over TLS only; LinkDown when refused."""
         s = self.settings
         if not s.username:

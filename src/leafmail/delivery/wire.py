@@ -2,7 +2,7 @@
 
 The dialogue's rules (what may be sent when, pipelining, pairing replies with commands,
 the reply syntax and its bounds) are `netserver.smtp.client`'s, which does no I/O; this
-module only moves bytes: `Connection` is the transport's protocol, feeds what arrives to
+module only moves bytes: `ClientLink` is the transport's protocol, feeds what arrives to
 the engine and hands the replies to whoever awaits them, one `Answered` at a time, in
 order. A pipelined group is one write (`send`), its replies arrive as they come.
 
@@ -42,7 +42,7 @@ def message_of(reply: Reply) -> str:
     return f"{reply.enhanced} {text}" if reply.enhanced else text
 
 
-class Connection(asyncio.Protocol):
+class ClientLink(asyncio.Protocol):
     """One SMTP client connection; make it with `open_connection`."""
 
     def __init__(self, timeout: float | None) -> None:
@@ -164,7 +164,7 @@ async def open_connection(
     timeout: float | None,
     context: ssl.SSLContext | None = None,
     server_hostname: str = "",
-) -> Connection:
+) -> ClientLink:
     """Connect (with TLS from the start when `context` is given) and read the greeting.
 
     WireError when the greeting is not 220 (a 554 greeting means "no service here",
@@ -172,10 +172,10 @@ async def open_connection(
     """
     loop = asyncio.get_running_loop()
     if context is None:
-        _transport, conn = await loop.create_connection(lambda: Connection(timeout), host, port)
+        _transport, conn = await loop.create_connection(lambda: ClientLink(timeout), host, port)
     else:
         _transport, conn = await loop.create_connection(
-            lambda: Connection(timeout),
+            lambda: ClientLink(timeout),
             host,
             port,
             ssl=context,

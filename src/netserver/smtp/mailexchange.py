@@ -23,7 +23,7 @@ from typing import Final, NamedTuple
 from .client import Answered, Awaited, message_bytes
 from .core import LocalProtocolError
 
-__all__ = ["MailCommands", "MailExchange", "Progress"]
+__all__ = ["ExchangeStep", "MailCommands", "MailExchange"]
 
 _DATA_LINE: Final = b"DATA\r\n"
 _EMPTY_MESSAGE: Final = b".\r\n"
@@ -44,7 +44,7 @@ class MailCommands:
     pipelining: bool  # the server offered PIPELINING
 
 
-class Progress(NamedTuple):
+class ExchangeStep(NamedTuple):
     """What one reply did: the reply, the recipient it judged, and what goes next."""
 
     answered: Answered
@@ -73,7 +73,7 @@ class MailExchange:
         rcpts = [(_RCPT, line, i) for i, line in enumerate(c.rcpts)]
         return self._queue((_MAIL, c.mail, None), *rcpts, (_DATA, _DATA_LINE, None))
 
-    def receive(self, answered: Answered) -> Progress:
+    def receive(self, answered: Answered) -> ExchangeStep:
         """Take the next reply; LocalProtocolError if it answers something else."""
         if not self._expect:
             raise LocalProtocolError("no reply is awaited by the transaction")
@@ -92,7 +92,7 @@ class MailExchange:
             self.finished = True
             self.delivered = code == 250 and bool(self.accepted)
             send = ()
-        return Progress(answered, position, send)
+        return ExchangeStep(answered, position, send)
 
     @property
     def needs_reset(self) -> bool:
