@@ -1,8 +1,9 @@
 """``python -m bench`` (``make bench``): netserver against other servers, in one run.
 
-1. Echo requests per second in event-loop mode: netserver's two handler forms (a
-   coroutine reading lines, a callback object echoing chunks) against a bare asyncio
-   Protocol echo server on the default loop and on uvloop; ping-pong, then pipelined.
+1. Echo requests per second in event-loop mode: netserver's handler forms (a coroutine
+   reading lines, a coroutine echoing chunks, a callback object echoing chunks) against
+   a bare asyncio Protocol echo server on the default loop and on uvloop; ping-pong,
+   then pipelined.
 2. Connections per second running a command per connection: netserver against
    ucspi-tcp's tcpserver, both running ``/bin/echo hi``.
 
@@ -107,6 +108,9 @@ def echo_section(args: argparse.Namespace, log_dir: Path, gate: QuietGate) -> li
             "",
             *report.ratio(samples, echo_bench.NETSERVER, echo_bench.BARE_UVLOOP, ECHO_TARGET),
             *report.ratio(samples, echo_bench.NETSERVER, echo_bench.BARE_ASYNCIO, ECHO_TARGET),
+            *report.ratio(
+                samples, echo_bench.NETSERVER_CHUNKS, echo_bench.BARE_UVLOOP, ECHO_TARGET
+            ),
             *report.ratio(
                 samples, echo_bench.NETSERVER_CALLBACK, echo_bench.BARE_UVLOOP, ECHO_TARGET
             ),

@@ -1,16 +1,19 @@
 """Benchmark 1: echo requests per second, netserver's event-loop mode against bare protocols.
 
-Four servers, each its own process on 127.0.0.1 port 0:
+Five servers, each its own process on 127.0.0.1 port 0:
 
 * netserver async: ``netserver serve --mode async --handler examples.echo:async_main``
   (the coroutine form, line by line) with its defaults (uvloop, 300 s idle timeout,
   64 KiB line limit, a log line per connection);
+* netserver async chunks: the same with ``--handler examples.echo:async_chunks`` (the
+  coroutine form echoing each read as it came, the work the bare servers do: pipelined,
+  the line-by-line handler answers 8 lines where they answer one chunk);
 * netserver callback: the same with ``--handler examples.echo:Echo`` (the callback form,
   chunks back as they arrive, as the bare servers do);
 * bare asyncio: `bench.echo_server` on the default asyncio loop;
 * bare uvloop: the same protocol on uvloop.
 
-The same load generator (`bench.echo_load`) drives all three. Rounds are interleaved and
+The same load generator (`bench.echo_load`) drives them all. Rounds are interleaved and
 the server order rotates each round, so slow drift of a noisy machine spreads over all
 servers instead of landing on one; the report takes medians.
 """
@@ -26,6 +29,7 @@ from .procs import ServerSpec, python_module, running
 from .quiet import QuietGate
 
 NETSERVER = "netserver async"
+NETSERVER_CHUNKS = "netserver async chunks"
 NETSERVER_CALLBACK = "netserver callback"
 BARE_ASYNCIO = "bare asyncio"
 BARE_UVLOOP = "bare uvloop"
@@ -48,9 +52,10 @@ def netserver_argv(handler: str, fd: int) -> list[str]:
 
 
 def echo_servers() -> list[ServerSpec]:
-    """The four servers, in the order of the first round."""
+    """The five servers, in the order of the first round."""
     return [
         ServerSpec(NETSERVER, lambda fd: netserver_argv("examples.echo:async_main", fd)),
+        ServerSpec(NETSERVER_CHUNKS, lambda fd: netserver_argv("examples.echo:async_chunks", fd)),
         ServerSpec(NETSERVER_CALLBACK, lambda fd: netserver_argv("examples.echo:Echo", fd)),
         ServerSpec(
             BARE_ASYNCIO,

@@ -12,6 +12,7 @@ feeds the next batch to ``data_received`` through ``call_soon`` (as a read would
 
 The netserver variants are the objects event-loop mode builds: ``coroutine`` is
 ``examples.echo:async_main`` on an `AsyncConnection` (default limits) in a task,
+``chunks`` the same with ``examples.echo:async_chunks`` (each read echoed whole),
 ``callback`` is ``examples.echo:Echo`` on a `CallbackConnection`. ``floor`` is the
 cheapest coroutine-per-connection echo there can be (one future per read, nothing else),
 the limit of the coroutine form whatever netserver does.
@@ -23,11 +24,11 @@ import argparse
 import asyncio
 import ipaddress
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from examples.echo import Echo as CallbackEcho
-from examples.echo import async_main
+from examples.echo import async_chunks, async_main
 from netserver.aio import AsyncConnection
 from netserver.callbacks import CallbackConnection
 from netserver.endpoint import Endpoint
@@ -37,6 +38,7 @@ from .echo_server import Echo
 from .loops import loop_factory
 
 REQUEST = b"request\n"
+CoroutineHandler = Callable[[AsyncConnection], Coroutine[object, object, None]]
 PEER = Endpoint(ip=ipaddress.ip_address("127.0.0.1"), port=40000)
 LOCAL = Endpoint(ip=ipaddress.ip_address("127.0.0.1"), port=7)
 
@@ -106,10 +108,19 @@ def bare(transport: FakeTransport) -> None:
 
 def coroutine(transport: FakeTransport) -> None:
     """netserver's coroutine form: AsyncConnection and examples.echo:async_main as a task."""
+    _task(transport, async_main)
+
+
+def chunks(transport: FakeTransport) -> None:
+    """The coroutine form echoing chunks: examples.echo:async_chunks."""
+    _task(transport, async_chunks)
+
+
+def _task(transport: FakeTransport, handler: CoroutineHandler) -> None:
     limits = Limits()
     conn = AsyncConnection(max_line=limits.max_line, timeout=limits.timeout, peer=PEER, local=LOCAL)
     transport.start(conn)
-    asyncio.get_running_loop().create_task(async_main(conn))
+    asyncio.get_running_loop().create_task(handler(conn))
 
 
 def callback(transport: FakeTransport) -> None:
@@ -161,6 +172,7 @@ VARIANTS: dict[str, Callable[[FakeTransport], None]] = {
     "bare": bare,
     "floor": floor,
     "coroutine": coroutine,
+    "chunks": chunks,
     "callback": callback,
 }
 

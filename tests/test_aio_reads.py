@@ -8,11 +8,14 @@ never lost or reordered on the way, including when the waiting read was cancelle
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 from collections.abc import Awaitable, Callable
 
 import pytest
 import uvloop
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from netserver.aio import AsyncConnection
 
@@ -97,3 +100,88 @@ def test_reads_split_and_join_the_stream_in_order(loop_kind: str) -> None:
         assert await conn.readline() == b""
 
     run(body, loop_kind)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_a_line_split_after_a_partly_read_chunk_comes_whole(loop_kind: str) -> None:
+    """Lines are sliced out of the read that brought them; the rest of a read joins the next.
+
+    Each send is waited for, so the reads see exactly these chunks: a chunk partly read
+    by lines, then by `read` and `readexactly`, then the rest of a line in the next one.
+    """
+
+    async def body(conn: AsyncConnection, peer: socket.socket) -> None:
+        sent = 0
+
+        async def send(data: bytes) -> None:
+            nonlocal sent
+            peer.send(data)
+            sent += len(data)
+            await arrived(conn, sent)
+
+        await send(b"a\nbb")
+        assert await conn.readline() == b"a\n"
+        await send(b"b\ncc")  # "bb" left of the first chunk joins this one
+        assert await conn.readline() == b"bbb\n"
+        assert await conn.read(1) == b"c"
+        await send(b"\nabcdef")
+        assert await conn.readline() == b"c\n"
+        assert await conn.read(2) == b"ab"
+        assert await conn.readexactly(3) == b"cde"
+        await send(b"g\nx\ny")
+        assert await conn.readline() == b"fg\n"
+        peer.shutdown(socket.SHUT_WR)
+        assert await conn.readline() == b"x\n"
+        assert await conn.readline() == b"y"
+        assert await conn.readline() == b""
+
+    run(body, loop_kind)
+
+
+def one_line(data: bytes) -> bytes:
+    """`data` as one line: its LFs dropped, one added at the end."""
+    return data.replace(b"\n", b"") + b"\n"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lines=st.lists(st.binary(max_size=12).map(one_line), max_size=12),
+    cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=8),
+    sizes=st.lists(st.integers(min_value=1, max_value=9), min_size=1, max_size=4),
+    by_line=st.booleans(),
+)
+def test_any_split_of_the_stream_reads_back_the_same(
+    lines: list[bytes], cuts: list[int], sizes: list[int], by_line: bool
+) -> None:
+    """Whatever chunks the bytes arrive in, a reader gets the same lines (or bytes) in order."""
+    stream = b"".join(lines)
+    bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    chunks = [stream[a:b] for a, b in itertools.pairwise(bounds)]
+
+    async def reader(conn: AsyncConnection) -> list[bytes]:
+        got: list[bytes] = []
+        turn = 0
+        while True:
+            if by_line:
+                part = await conn.readline()
+            else:
+                part = await conn.read(sizes[turn % len(sizes)])
+                turn += 1
+            if not part:
+                return got
+            got.append(part)
+
+    async def body(conn: AsyncConnection, peer: socket.socket) -> None:
+        task = asyncio.ensure_future(reader(conn))
+        sent = 0
+        for chunk in chunks:
+            peer.send(chunk)
+            sent += len(chunk)
+            await arrived(conn, sent)
+        peer.shutdown(socket.SHUT_WR)
+        got = await task
+        assert b"".join(got) == stream
+        if by_line:
+            assert got == lines
+
+    run(body, "uvloop")

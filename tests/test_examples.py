@@ -42,6 +42,7 @@ def conversation_start(client: Client) -> bytes:
         *[("main", mode, b"one\r\ntwo\n", b"one\ntwo\n") for mode in SYNC_MODES],
         *[("binary", mode, b"one\r\ntwo\n", b"one\r\ntwo\n") for mode in SYNC_MODES],
         ("async_main", "async", b"one\r\ntwo\n", b"one\r\ntwo\n"),
+        ("async_chunks", "async", b"one\r\ntwo\n", b"one\r\ntwo\n"),
     ],
 )
 def test_echo(

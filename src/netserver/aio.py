@@ -3,7 +3,10 @@
 It is an asyncio Protocol with its own small buffer rather than a StreamReader/Writer
 pair. A line (or chunk) already buffered is returned without creating a future; a read
 that has to wait gets its bytes from ``data_received`` itself, so the handler's task
-wakes once per line and never to find half of one. Lines are bounded (`LineTooLong`),
+wakes once per line and never to find half of one. What a read brought is kept as the
+bytes object it came in, and lines are sliced out of it where they lie (one copy per
+line, none for a read that is one line); only a line split between reads is gathered in
+a bytearray. Lines are bounded (`LineTooLong`),
 reading pauses when the handler falls behind, and answers to pipelined requests go out
 in one send. Endpoints, byte counts and the idle timeout are `LoopConnection`'s.
 """
@@ -61,6 +64,7 @@ class AsyncConnection(LoopConnection):
         "_eof",
         "_lost_waiter",
         "_out",
+        "_pos",
         "_reading_paused",
         "_ready",
         "_scan",
@@ -83,7 +87,11 @@ class AsyncConnection(LoopConnection):
         super().__init__(timeout=timeout, peer=peer, local=local)
         self.max_line = max_line
         self._ready = ready_future(self._loop)
-        self._buf = bytearray()
+        # What has come and not been read: a read's own bytes, unread from `_pos` on,
+        # or (once a line spans reads) a bytearray gathering it, unread from its start.
+        # Empty (falsy) when all is read; `_pos` means something only for bytes.
+        self._buf: bytes | bytearray = b""
+        self._pos = 0
         self._out: list[bytes] = []
         self._eof = False
         self._lost_waiter: asyncio.Future[None] | None = None
@@ -101,26 +109,36 @@ class AsyncConnection(LoopConnection):
         self.bytes_in += len(data)
         buf = self._buf
         waiter = self._waiter
-        if waiter is not None and not buf:
-            # A read waits, nothing is buffered, and if this read is exactly what it
-            # wants (one line, or at most the chunk asked for), the bytes go over as they
-            # are, never copied through the buffer. `_wake` does every other case.
-            want = self._want
-            if (
-                want == _LINE and data.find(b"\n") == len(data) - 1 and len(data) <= self.max_line
-            ) or (want == _CHUNK and len(data) <= self._want_n):
-                self._waiter = None
-                try:
-                    waiter.set_result(data)
-                except asyncio.InvalidStateError:  # cancelled with its task: keep them
-                    buf += data
-                return
-        buf += data
+        if not buf:
+            if waiter is not None:
+                # A read waits, and if these bytes are exactly what it wants (one line,
+                # or at most the chunk asked for), they go over as they are.
+                want = self._want
+                if (
+                    want == _LINE
+                    and data.find(b"\n") == len(data) - 1
+                    and len(data) <= self.max_line
+                ) or (want == _CHUNK and len(data) <= self._want_n):
+                    self._waiter = None
+                    try:
+                        waiter.set_result(data)
+                        return
+                    except asyncio.InvalidStateError:  # cancelled with its task: keep them
+                        pass
+            # Kept as they came (never a caller's mutable buffer): reads slice them.
+            self._buf = data if type(data) is bytes else bytes(data)
+            self._pos = 0
+        elif type(buf) is bytes:  # a line spans two reads: gather from here on
+            grown = bytearray(memoryview(buf)[self._pos :])
+            grown += data
+            self._buf = grown
+        else:
+            buf += data
         if waiter is not None:
             self._wake()
         # Pause while the handler falls behind; not while a read waits for more (a long
         # line): that read resumes it anyway (`_wait`).
-        if len(buf) > READ_HIGH_WATER and self._waiter is None and self.transport is not None:
+        if len(self._buf) > READ_HIGH_WATER and self._waiter is None and self.transport is not None:
             self.transport.pause_reading()
             self._reading_paused = True
 
@@ -172,10 +190,9 @@ class AsyncConnection(LoopConnection):
             if result is None:
                 return
         elif want == _CHUNK:
-            buf = self._buf
-            if not buf and not self._eof:
+            if not self._buf and not self._eof:
                 return
-            result = self._take(min(self._want_n, len(buf)))
+            result = self._take(self._want_n)
         else:
             result = None
         self._waiter = None
@@ -187,13 +204,9 @@ class AsyncConnection(LoopConnection):
         The search resumes where the last one stopped (`_scan`), so a line arriving in
         many pieces is scanned once. At EOF the rest is the last line, b"" when empty.
         """
-        buf = self._buf
+        buf = self._own()
         idx = buf.find(b"\n", self._scan)
         if 0 <= idx < self.max_line:
-            if idx + 1 == len(buf):  # the usual case: the whole buffer is the line
-                line = bytes(buf)
-                buf.clear()
-                return line
             return self._take(idx + 1)
         size = len(buf)
         if size >= self.max_line:
@@ -233,9 +246,26 @@ class AsyncConnection(LoopConnection):
         done.set_result(data)
         return done
 
-    def _take(self, n: int) -> bytes:
+    def _own(self) -> bytes | bytearray:
+        """The unread bytes from index 0 (what the buffer holds past `_pos`, moved)."""
         buf = self._buf
-        if n == len(buf):
+        if self._pos and type(buf) is bytes and buf:
+            buf = self._buf = bytearray(memoryview(buf)[self._pos :])
+        return buf
+
+    def _take(self, n: int) -> bytes:
+        """The next `n` unread bytes (all of them if fewer), as bytes."""
+        buf = self._buf
+        if type(buf) is bytes:  # a slice of what came; the very object when it is all
+            pos = self._pos
+            end = pos + n
+            if end >= len(buf):
+                self._buf = b""
+                return buf[pos:] if pos else buf
+            self._pos = end
+            return buf[pos:end]
+        assert isinstance(buf, bytearray)
+        if n >= len(buf):
             out = bytes(buf)
             buf.clear()
             return out
@@ -250,10 +280,21 @@ class AsyncConnection(LoopConnection):
     async def readline(self) -> bytes:
         """One line with its LF; b"" at EOF; LineTooLong past `max_line` bytes."""
         buf = self._buf
-        if buf:
-            idx = buf.find(b"\n")
-            if 0 <= idx < self.max_line:  # buffered: `_line`, inlined
-                return self._take(idx + 1)
+        if buf:  # buffered: `_line` and `_take`, inlined
+            if type(buf) is bytes:
+                pos = self._pos
+                idx = buf.find(b"\n", pos)
+                if 0 <= idx < pos + self.max_line:
+                    idx += 1
+                    if idx == len(buf):
+                        self._buf = b""
+                        return buf[pos:] if pos else buf
+                    self._pos = idx
+                    return buf[pos:idx]
+            else:
+                idx = buf.find(b"\n")
+                if 0 <= idx < self.max_line:
+                    return self._take(idx + 1)
         self._scan = 0
         if buf or self._eof:
             line = self._line()
@@ -270,20 +311,24 @@ class AsyncConnection(LoopConnection):
         """Up to `n` bytes as soon as any are there (all until EOF when `n` < 0)."""
         if n < 0:
             return self._read_all()
-        buf = self._buf
-        if buf or self._eof:
-            return self._now(self._take(min(n, len(buf))))
+        if self._buf or self._eof:
+            return self._now(self._take(n))
         self._want_n = n
+        if self._error is None and not self.stop_requested and not self._reading_paused:
+            waiter: asyncio.Future[bytes] = self._loop.create_future()  # `_wait`, inlined
+            self._waiter = waiter
+            self._want = _CHUNK
+            return waiter
         return self._wait(_CHUNK)
 
     async def _read_all(self) -> bytes:
         while not self._eof:
             await self._wait()
-        return self._take(len(self._buf))
+        return self._take(len(self._own()))
 
     async def readexactly(self, n: int) -> bytes:
         """Exactly `n` bytes; asyncio.IncompleteReadError if EOF comes first."""
-        while len(self._buf) < n:
+        while len(self._own()) < n:
             if self._eof:
                 partial = self._take(len(self._buf))
                 raise asyncio.IncompleteReadError(partial, n)
@@ -297,12 +342,15 @@ class AsyncConnection(LoopConnection):
             raise ConnectionResetError("connection closed")
         self.bytes_out += len(data)
         out = self._out
-        if not out and not self._buf:
+        if out:  # answers are being gathered: this one joins them
+            out.append(bytes(data))
+            return
+        if not self._buf:
             transport.write(data)  # nothing more to answer yet: send now
             return
-        # More input is already here (pipelined requests): answer them all with one send.
-        if not out:
-            self._loop.call_soon(self._flush)
+        # More input is already here (pipelined requests): answer them all with one send,
+        # once the handler has answered what is buffered or waits for something else.
+        self._loop.call_soon(self._flush)
         out.append(bytes(data))
 
     def _flush(self) -> None:
@@ -346,7 +394,7 @@ class AsyncConnection(LoopConnection):
         if self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("connection closed")
         self._flush()  # the reply that agreed to TLS goes out in plaintext, first
-        self._buf.clear()
+        self._buf = b""
         loop = self._loop
         transport = await loop.start_tls(
             self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
