@@ -11,7 +11,7 @@ Every server is its own process on 127.0.0.1 port 0 and is stopped when its
 measurement ends, error or not. The output is Markdown (progress goes to stderr), so a
 run can be pasted into bench/RESULTS.md as it is.
 
-    python -m bench                      # everything, 4 to 5 minutes
+    python -m bench                      # everything, 5 to 6 minutes
     python -m bench --only echo --rounds 1 --seconds 2     # a quick look
 """
 
