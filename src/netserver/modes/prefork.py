@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import socket
 import struct
@@ -23,9 +22,10 @@ from dataclasses import dataclass, field
 from ..accepted import Accepted
 from ..children import fork_with_channel, kill_and_reap, receive_fds, watch_child
 from ..connection import Connection
-from ..endpoint import Endpoint, parse_ip
+from ..endpoint import Endpoint
 from .base import ModeContext, run_sync, status_for_exit
 from .fork import bind_process_stdio, flush_quietly, reset_child_signals
+from .handoff import decode_endpoints, encode_endpoints
 
 _REPORT = struct.Struct("=cQQi")  # kind, bytes in, bytes out, exit code
 _DONE, _RETIRING, _QUIT, _CONN = b"D", b"R", b"Q", b"C"
@@ -76,23 +76,6 @@ def worker_main(ctx: ModeContext, chan: socket.socket, recycle: int) -> int:
         except OSError:
             return 0
     return 0
-
-
-def encode_endpoints(peer: Endpoint, local: Endpoint) -> bytes:
-    """The endpoints the supervisor judged, for the worker.
-
-    The worker cannot ask the socket: behind a PROXY header the client is not the
-    socket's peer, and behind TLS termination the socket is a socketpair.
-    """
-    return json.dumps([[e.host if e.ip else None, e.port, e.path] for e in (peer, local)]).encode()
-
-
-def decode_endpoints(data: bytes) -> tuple[Endpoint, Endpoint]:
-    """The inverse of `encode_endpoints`."""
-    (pip, pport, ppath), (lip, lport, lpath) = json.loads(data)
-    peer = Endpoint(parse_ip(pip) if pip else None, pport, ppath)
-    local = Endpoint(parse_ip(lip) if lip else None, lport, lpath)
-    return peer, local
 
 
 def serve_one(ctx: ModeContext, fd: int, ends: tuple[Endpoint, Endpoint]) -> tuple[int, int, int]:

@@ -31,7 +31,7 @@ from ..listen.proxy import ProxyError, read_header
 from ..listen.proxy import apply as proxy_endpoints
 from .base import ModeContext
 from .eventloop import EventLoopMode
-from .prefork import decode_endpoints, encode_endpoints
+from .handoff import decode_conn, encode_conn
 
 CONN, STOP, RETIRE, TERMINATE, END, READY = b"C", b"S", b"R", b"T", b"E", b"Y"
 # A balancer's connection: the worker reads its PROXY header, asks the supervisor to
@@ -161,7 +161,7 @@ class Worker:
             self._terminate()
 
     def _serve(self, header: bytes, fd: int, *, proxied: bool = False) -> None:
-        cid, service, peer, local = decode(header)
+        cid, service, peer, local = decode_conn(header)
         if local == self._local:
             local = self._local
         else:
@@ -199,7 +199,7 @@ class Worker:
         peer, local = proxy_endpoints(info, record.peer, record.local)
         waiting: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self.verdicts[cid] = waiting
-        self._send(NAME + encode(cid, "", peer, local))
+        self._send(NAME + encode_conn(cid, "", peer, local))
         refusal = await waiting
         if refusal is not None:
             self._drop(conn, "refused", refusal)
@@ -264,14 +264,3 @@ def die_with_parent(parent_pid: int) -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:
         os._exit(0)
-
-
-def encode(cid: int, service: str, peer: Endpoint, local: Endpoint) -> bytes:
-    return json.dumps([cid, service]).encode() + b"\n" + encode_endpoints(peer, local)
-
-
-def decode(data: bytes) -> tuple[int, str, Endpoint, Endpoint]:
-    head, _, ends = data.partition(b"\n")
-    cid, service = json.loads(head)
-    peer, local = decode_endpoints(ends)
-    return int(cid), str(service), peer, local

@@ -46,6 +46,7 @@ from ..handlers import LoopHandler
 from ..limits import Limits
 from .base import ModeContext, status_for_exit
 from .fork import reset_child_signals
+from .handoff import decode_conn, encode_conn
 from .worker import (
     CONN,
     END_HEAD,
@@ -60,9 +61,7 @@ from .worker import (
     PoolService,
     Worker,
     WorkerApp,
-    decode,
     die_with_parent,
-    encode,
 )
 
 __all__ = ["PoolMode", "WorkerApp", "WorkerPool"]
@@ -309,7 +308,7 @@ class WorkerPool:
     def _send(self, cid: int, live: _Live, procs: list[_Proc]) -> bool:
         record = live.conn.record
         kind = PROXIED if live.name is not None else CONN
-        message = kind + encode(cid, live.service, record.peer, record.local)
+        message = kind + encode_conn(cid, live.service, record.peer, record.local)
         for proc in procs:
             try:
                 socket.send_fds(proc.chan, [message], [live.conn.sock.fileno()])
@@ -370,7 +369,7 @@ class WorkerPool:
 
     def _name(self, proc: _Proc, data: bytes) -> None:
         """A worker read a PROXY header: the supervisor judges the client it names."""
-        cid, _service, peer, local = decode(data)
+        cid, _service, peer, local = decode_conn(data)
         live = proc.conns.get(cid)
         refusal: str | None = ""
         if live is not None and live.name is not None:
