@@ -234,10 +234,24 @@ class Worker:
         self._send(head + record.status.encode("ascii", "replace")[:200])
 
     def _send(self, message: bytes) -> None:
+        """Send now; only when the channel is full, wait for room (never drop a report).
+
+        One send per report: switching the channel to blocking and back around every
+        send cost two more system calls per connection.
+        """
+        try:
+            self.chan.send(message)
+            return
+        except BlockingIOError:
+            pass
+        except OSError:
+            return  # the supervisor is gone: the channel's end tells us (see _message)
         with contextlib.suppress(OSError):
             self.chan.setblocking(True)
-            self.chan.send(message)
-            self.chan.setblocking(False)
+            try:
+                self.chan.send(message)
+            finally:
+                self.chan.setblocking(False)
 
     def _leave(self, stop_sessions: bool) -> None:
         """No more connections; with `stop_sessions`, ask the running ones to end."""

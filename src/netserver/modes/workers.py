@@ -297,27 +297,39 @@ class WorkerPool:
 
     def _drain_pending(self) -> None:
         while self.pending and not self.stopping:
-            ready = [p for p in self.procs.values() if not p.retiring]
-            if not ready:
-                return
             cid, live = self.pending[0]
-            if not self._send(cid, live, sorted(ready, key=lambda p: len(p.conns))):
+            least = self._least_busy()
+            if least is None:
+                return
+            # The least busy first; the others (most connections last) only when it
+            # cannot take one (its channel full), which is rare: no sort per connection.
+            if not self._send(cid, live, least) and not self._send_elsewhere(cid, live, least):
                 return
             self.pending.popleft()
 
-    def _send(self, cid: int, live: _Live, procs: list[_Proc]) -> bool:
+    def _least_busy(self) -> _Proc | None:
+        least: _Proc | None = None
+        for proc in self.procs.values():
+            if not proc.retiring and (least is None or len(proc.conns) < len(least.conns)):
+                least = proc
+        return least
+
+    def _send_elsewhere(self, cid: int, live: _Live, tried: _Proc) -> bool:
+        others = [p for p in self.procs.values() if not p.retiring and p is not tried]
+        return any(self._send(cid, live, p) for p in sorted(others, key=lambda p: len(p.conns)))
+
+    def _send(self, cid: int, live: _Live, proc: _Proc) -> bool:
+        """Hand `live` to `proc`; False when its channel is full or gone."""
         record = live.conn.record
         kind = PROXIED if live.name is not None else CONN
         message = kind + encode_conn(cid, live.service, record.peer, record.local)
-        for proc in procs:
-            try:
-                socket.send_fds(proc.chan, [message], [live.conn.sock.fileno()])
-            except OSError:
-                continue  # full or gone: the next one
-            proc.conns[cid] = live
-            self._release_parent_copy(live.conn)
-            return True
-        return False
+        try:
+            socket.send_fds(proc.chan, [message], [live.conn.sock.fileno()])
+        except OSError:
+            return False
+        proc.conns[cid] = live
+        self._release_parent_copy(live.conn)
+        return True
 
     def _release_parent_copy(self, conn: Accepted) -> None:
         """Close our descriptor; the record stays until the worker reports the end.
