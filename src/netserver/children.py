@@ -106,6 +106,15 @@ async def reaped(pid: int) -> int:
 _FD = struct.Struct("i")  # one descriptor number in SCM_RIGHTS data
 
 
+def send_fd(chan: socket.socket, message: bytes, fd: int) -> None:
+    """Send `message` with descriptor `fd` attached (SCM_RIGHTS), in one system call.
+
+    `socket.send_fds` does the same through an array it builds per call; the
+    supervisor sends one per connection.
+    """
+    chan.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _FD.pack(fd))])
+
+
 def receive_fds(chan: socket.socket, max_msg: int, max_fds: int) -> tuple[bytes, list[int]]:
     """One message from `chan` and the descriptors it carries, close-on-exec from the start.
 

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..accepted import Accepted, FdRegistry
-from ..children import fork_with_channel, kill_and_reap, run_child, watch_child
+from ..children import fork_with_channel, kill_and_reap, run_child, send_fd, watch_child
 from ..connlog import ServerLog
 from ..endpoint import Endpoint
 from ..handlers import LoopHandler
@@ -324,7 +324,7 @@ class WorkerPool:
         kind = PROXIED if live.name is not None else CONN
         message = kind + encode_conn(cid, live.service, record.peer, record.local)
         try:
-            socket.send_fds(proc.chan, [message], [live.conn.sock.fileno()])
+            send_fd(proc.chan, message, live.conn.sock.fileno())
         except OSError:
             return False
         proc.conns[cid] = live
