@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import socket
 from pathlib import Path
 
 import pytest
@@ -65,23 +66,61 @@ def test_commands_are_children_of_a_spawner(netserver_proc: ServerFactory) -> No
     assert wait_until(lambda: children(spawner) == {})
 
 
-def test_a_dead_spawner_is_replaced_and_its_connections_logged(
+def ended(pid: int) -> bool:
+    """True once `pid` has exited (a zombie that nobody has reaped yet counts)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return True
+    return raw[raw.rindex(b")") + 2 :].split()[0] == b"Z"
+
+
+def kill_the_serving_spawner(server_pid: int, sock: socket.socket) -> tuple[int, int]:
+    """SIGKILL the spawner whose command serves `sock` (open, answering); (spawner, command)."""
+    assert round_trip(sock) == b"ping\n"
+    spawner = serving(server_pid)
+    (command,) = children(spawner)
+    os.kill(spawner, signal.SIGKILL)
+    return spawner, command
+
+
+def test_a_dead_spawner_is_replaced_and_its_commands_still_counted(
     netserver_proc: ServerFactory,
 ) -> None:
-    server = netserver_proc(["--listen", "127.0.0.1:0", *CAT])
+    """The commands a dead spawner leaves go on; the server watches them itself, so
+    their connections stay counted (here against --max-per-source 1) until they end,
+    and only then are they logged (``spawner-died``: the exit code went with it)."""
+    server = netserver_proc(["--listen", "127.0.0.1:0", "--max-per-source", "1", *CAT])
     before = the_spawners(server.proc.pid)
     with connect(server.host_port) as sock:
-        assert round_trip(sock) == b"ping\n"
-        first = serving(server.proc.pid)
-        os.kill(first, signal.SIGKILL)
-        assert wait_until(lambda: "status=spawner-died" in server.log())
-    assert "spawner process died" in server.log()
-    assert wait_until(lambda: gone(first) and len(children(server.proc.pid)) == SPAWNERS)
-    after = the_spawners(server.proc.pid)  # replaced at once, before any new client
-    assert first not in after and after - before
-    assert served(server.host_port)
+        first, command = kill_the_serving_spawner(server.proc.pid, sock)
+        assert wait_until(lambda: "spawner process died" in server.log())
+        assert wait_until(lambda: gone(first) and len(children(server.proc.pid)) == SPAWNERS)
+        after = the_spawners(server.proc.pid)  # replaced at once, before any new client
+        assert first not in after and after - before
+        assert round_trip(sock) == b"ping\n"  # its command still serves it
+        assert not served(server.host_port)  # and it still counts: one per source
+        assert "status=spawner-died" not in server.log()
+    assert wait_until(lambda: log_count(server.log, "status=spawner-died") == 1)
+    assert ended(command)
+    assert wait_until(lambda: served(server.host_port))  # counted out when it ended
     assert server.stop() == 0
     assert all(gone(pid) for pid in after)
+
+
+def test_a_dead_spawners_command_is_ended_at_the_stop(netserver_proc: ServerFactory) -> None:
+    """After --grace the server ends the commands it adopted too (TERM), and waits for
+    them before it exits: none is left running with a client's socket."""
+    server = netserver_proc(["--listen", "127.0.0.1:0", "--grace", "0.5", *CAT])
+    with connect(server.host_port) as sock:
+        _spawner, command = kill_the_serving_spawner(server.proc.pid, sock)
+        assert wait_until(lambda: "spawner process died" in server.log())
+        server.signal(signal.SIGTERM)
+        assert closed_by_peer(sock, 8.0)
+        assert server.proc.wait(20) == 0
+    assert ended(command)
+    assert log_count(server.log, "status=terminated") == 1
 
 
 def test_the_per_source_count_drops_when_the_command_ends(netserver_proc: ServerFactory) -> None:

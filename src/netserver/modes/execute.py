@@ -11,9 +11,12 @@ the supervisor: the supervisor sends each admitted socket to one of them, in tur
 closes its own copy, and writes the log line and counts the connection out when the
 spawner reports the end.
 That keeps posix_spawn's wait for the exec off the accept path. A spawner that dies is
-replaced at once; its connections are logged as ``spawner-died``. If none can be
-started, the connection is refused and the accept loop backs off (a resource error):
-the server never takes connections it cannot serve.
+replaced at once, and the commands it left behind are adopted: the supervisor finds them
+in the dead spawner's roster (spawner.Roster) and watches each through a pidfd until it
+ends, so its connection stays counted against the limits, is ended at the stop like any
+other, and is logged (``spawner-died``: the exit code went with the spawner) when it
+really ends. If no spawner can be started, the connection is refused and the accept loop
+backs off (a resource error): the server never takes connections it cannot serve.
 
 A command is run this way in every mode: forking a Python worker only to exec would
 cost a process copy and buy nothing.
@@ -45,9 +48,12 @@ from .spawner import (
     CONN_UNIX,
     END,
     FD,
+    KILL_AFTER,
     OUTCOMES,
     TERMINATE,
+    UNBOUNDED_SLOTS,
     Program,
+    Roster,
     peer_credentials,
     spawner_main,
 )
@@ -137,14 +143,24 @@ def packets(chan: socket.socket) -> Iterator[bytes]:
 
 
 class _SpawnerProc:
-    """The supervisor's handle on one spawner process: pid, pidfd, channel."""
+    """The supervisor's handle on one spawner process: pid, pidfd, channel, roster."""
 
-    def __init__(self, pid: int, chan: socket.socket, pidfd: int) -> None:
+    def __init__(self, pid: int, chan: socket.socket, pidfd: int, roster: Roster) -> None:
         self.pid = pid
         self.chan = chan
         self.pidfd = pidfd
+        self.roster = roster
         self.started = time.monotonic()
         self.sent: dict[int, Accepted] = {}  # connections it serves, by id
+
+
+class _Orphan:
+    """A command whose spawner died, watched by the supervisor through its pidfd."""
+
+    def __init__(self, conn: Accepted, pidfd: int) -> None:
+        self.conn = conn
+        self.pidfd = pidfd
+        self.kill: asyncio.TimerHandle | None = None
 
 
 class ExecMode:
@@ -156,6 +172,8 @@ class ExecMode:
         env = {k: v for k, v in os.environb.items() if k not in _UCSPI_BYTES}
         self.program = Program(path, command.argv, env, ctx.limits.timeout)
         self.spawners: list[_SpawnerProc] = []
+        self.orphans: dict[int, _Orphan] = {}  # by pidfd
+        self._slots = ctx.limits.max_conns or UNBOUNDED_SLOTS
         self._turn = 0  # round robin over the spawners
         self.pending: deque[tuple[int, bytes, Accepted]] = deque()  # id, message, conn
         self.stopping = False
@@ -175,18 +193,24 @@ class ExecMode:
     def _start_spawner(self) -> _SpawnerProc:
         loop = self.ctx.loop
         gc.freeze()  # keep the collector off the pages the spawner shares with us
-        pid, chan = fork_with_channel(socket.SOCK_SEQPACKET)
+        roster = Roster(self._slots)
+        try:
+            pid, chan = fork_with_channel(socket.SOCK_SEQPACKET)
+        except OSError:
+            roster.close()
+            raise
         if pid == 0:
             asyncio.events._set_running_loop(None)
-            run_child(lambda: spawner_main(chan, self.program, self.ctx.log))
+            run_child(lambda: spawner_main(chan, self.program, self.ctx.log, roster))
         chan.setblocking(False)
         try:
             pidfd = watch_child(loop, pid, lambda code: self._spawner_exited(proc, code))
         except OSError:
             kill_and_reap(pid)
             chan.close()
+            roster.close()
             raise
-        proc = _SpawnerProc(pid, chan, pidfd)
+        proc = _SpawnerProc(pid, chan, pidfd, roster)
         self.ctx.fds.add(pidfd)
         self.ctx.fds.add(chan.fileno())
         loop.add_reader(chan.fileno(), self._reports, proc)
@@ -204,16 +228,20 @@ class ExecMode:
         if proc in self.spawners:
             self.spawners.remove(proc)
         if self._gone is not None and not proc.sent:
+            proc.roster.close()
             if not self.spawners:
                 self._gone.set()
             return
+        connections = len(proc.sent)
+        self._adopt(proc)
         self.ctx.log.error(
-            "spawner process died; its commands are no longer watched",
+            "spawner process died; the server watches its commands until they end",
             pid=proc.pid,
             status=status_for_exit(code),
-            connections=len(proc.sent),
+            connections=connections,
+            unwatched=len(proc.sent),
         )
-        for conn in proc.sent.values():
+        for conn in proc.sent.values():  # not listed: ended, or never started
             conn.record.status = "spawner-died"
             self._finish(conn)
         proc.sent.clear()
@@ -223,6 +251,50 @@ class ExecMode:
         self._restart_at = time.monotonic() + delay
         if not self.stopping:  # at once (or after the back-off), not on the next accept
             self.ctx.loop.call_later(delay, self._drain)
+
+    def _adopt(self, proc: _SpawnerProc) -> None:
+        """Watch the commands a dead spawner lists, and take their connections off it.
+
+        Its roster lists a command from its spawn until just before its reap, so a
+        listed pid is that command's (alive, or a zombie init has not reaped yet): a
+        pidfd on it is readable once it has ended, whoever reaps it.
+        """
+        for cid, pid in proc.roster.entries():
+            conn = proc.sent.get(cid)
+            if conn is None:
+                continue
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:  # reaped already (by init): it has ended
+                continue
+            del proc.sent[cid]
+            conn.record.status = "spawner-died"  # its exit code went with the spawner
+            orphan = self.orphans[pidfd] = _Orphan(conn, pidfd)
+            self.ctx.fds.add(pidfd)
+            self.ctx.loop.add_reader(pidfd, self._orphan_ended, orphan)
+            if self.stopping:
+                self._end_orphan(orphan)
+        proc.roster.close()
+
+    def _orphan_ended(self, orphan: _Orphan) -> None:
+        self.ctx.loop.remove_reader(orphan.pidfd)
+        self.ctx.fds.discard(orphan.pidfd)
+        os.close(orphan.pidfd)
+        del self.orphans[orphan.pidfd]
+        if orphan.kill is not None:
+            orphan.kill.cancel()
+        self._finish(orphan.conn)
+
+    def _end_orphan(self, orphan: _Orphan) -> None:
+        """TERM now, KILL after KILL_AFTER seconds (as the spawner does for its own)."""
+        orphan.conn.record.status = "terminated"
+        self._signal(orphan, signal.SIGTERM)
+        orphan.kill = self.ctx.loop.call_later(KILL_AFTER, self._signal, orphan, signal.SIGKILL)
+
+    @staticmethod
+    def _signal(orphan: _Orphan, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):  # ended (its pidfd says so soon)
+            signal.pidfd_send_signal(orphan.pidfd, sig)
 
     def _available(self) -> _SpawnerProc | None:
         """The next spawner in turn; missing ones started again (unless dying young)."""
@@ -319,12 +391,13 @@ class ExecMode:
 
     def _finish(self, conn: Accepted) -> None:
         self.ctx.finished(conn)
-        if not self.pending and not any(proc.sent for proc in self.spawners):
+        if not (self.pending or self.orphans or any(proc.sent for proc in self.spawners)):
             self._empty.set()
 
     # -- the Mode contract -------------------------------------------------------------------
     def active(self) -> int:
-        return sum(len(proc.sent) for proc in self.spawners) + len(self.pending)
+        running = sum(len(proc.sent) for proc in self.spawners)
+        return running + len(self.orphans) + len(self.pending)
 
     def begin_stop(self) -> None:
         """Commands run to their end within the grace period; nothing to tell them."""
@@ -336,6 +409,9 @@ class ExecMode:
         for proc in self.spawners:
             with contextlib.suppress(OSError):
                 proc.chan.send(TERMINATE)
+        for orphan in self.orphans.values():
+            if orphan.kill is None:
+                self._end_orphan(orphan)
 
     async def closed(self) -> None:
         """Once every connection has ended, close the channels and wait for the spawners."""

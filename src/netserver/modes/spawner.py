@@ -27,6 +27,11 @@ client sees the end the moment the command exits, as with tcpserver, and the log
 has no byte counts (proposal D in bench/RESULTS.md: waiting for the spawner to wake up
 and close cost a quarter of the connection rate on a busy machine).
 
+Which command serves which connection is also written in a `Roster`, memory shared
+with the supervisor: if the spawner dies, its commands go on (they now belong to init)
+and the supervisor reads the roster to watch them itself until they end, so their
+connections stay counted (limits, ``--max-conns``) and are logged when they really end.
+
 The spawner reads no byte a client sends and runs as whatever user the supervisor
 already is (after ``--user``). It ignores SIGINT, SIGTERM and SIGHUP, which a terminal
 or a service manager sends the whole group: the supervisor decides when commands end.
@@ -36,13 +41,14 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import mmap
 import os
 import select
 import signal
 import socket
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from .. import tcpinfo
@@ -60,16 +66,58 @@ MAX_RECORDS = 4096 // END.size  # per report packet
 KILL_AFTER = 5.0
 _PEERCRED = struct.Struct("3i")
 FD = struct.Struct("i")  # a descriptor number in SCM_RIGHTS data
+SLOT = struct.Struct("=Qi4x")  # a roster entry: connection id, pid (0: free)
+UNBOUNDED_SLOTS = 65536  # roster size when the server has no connection cap
+
+
+class Roster:
+    """Which command serves which connection: a table of slots in anonymous shared
+    memory, written only by the spawner (free lists stay on its side) and read by the
+    supervisor once the spawner is dead (`entries`).
+
+    No message per command: a slot is written after the spawn and cleared before the
+    reap, so an entry names a process that has not been reaped by the spawner (its pid
+    cannot have been reused). With every slot taken a command is simply not listed:
+    if its spawner dies it is counted out at once, as it ends unwatched.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self.mem = mmap.mmap(-1, max(1, slots) * SLOT.size)  # MAP_SHARED | MAP_ANONYMOUS
+        self.free = list(range(max(1, slots) - 1, -1, -1))
+
+    def put(self, cid: int, pid: int) -> int:
+        """List `pid` as serving connection `cid`; its slot, or -1 when none is free."""
+        if not self.free:
+            return -1
+        slot = self.free.pop()
+        SLOT.pack_into(self.mem, slot * SLOT.size, cid, pid)
+        return slot
+
+    def clear(self, slot: int) -> None:
+        if slot >= 0:
+            SLOT.pack_into(self.mem, slot * SLOT.size, 0, 0)
+            self.free.append(slot)
+
+    def entries(self) -> Iterator[tuple[int, int]]:
+        """(connection id, pid) of every listed command."""
+        for cid, pid in SLOT.iter_unpack(self.mem):
+            if pid > 0:
+                yield cid, pid
+
+    def close(self) -> None:
+        self.mem.close()
 
 
 @dataclass
 class _Running:
-    """One command: its connection id, pid and pidfd, our copy of its socket if kept."""
+    """One command: its connection id, pid and pidfd, our copy of its socket if kept,
+    and its slot in the roster."""
 
     cid: int
     pid: int
     pidfd: int
     sock: socket.socket | None
+    slot: int = -1
     outcome: int = 0
 
 
@@ -86,10 +134,13 @@ class Program:
 class Spawner:
     """The spawner's loop: one `poll` over the channel and the commands' pidfds."""
 
-    def __init__(self, chan: socket.socket, command: Program, log: ServerLog) -> None:
+    def __init__(
+        self, chan: socket.socket, command: Program, log: ServerLog, roster: Roster
+    ) -> None:
         self.chan = chan
         self.command = command
         self.log = log
+        self.roster = roster
         self.poll = select.poll()
         self.running: dict[int, _Running] = {}  # by pidfd
         # when, sequence, pidfd and connection id (a pidfd number is reused), what
@@ -175,7 +226,7 @@ class Spawner:
             sock = None
         if pidfd < 0:
             return
-        run = self.running[pidfd] = _Running(cid, pid, pidfd, sock)
+        run = self.running[pidfd] = _Running(cid, pid, pidfd, sock, self.roster.put(cid, pid))
         self.poll.register(pidfd, select.POLLIN)
         if sock is not None:
             self._after(self.command.timeout or 0.0, run, "idle")
@@ -189,11 +240,14 @@ class Spawner:
         run = self.running.get(pidfd)
         if run is None:
             return
+        self.roster.clear(run.slot)  # before the reap: a listed pid is never a reused one
+        run.slot = -1
         try:
             got, status = os.waitpid(run.pid, os.WNOHANG)
         except ChildProcessError:
             got, status = run.pid, 0
-        if got == 0:
+        if got == 0:  # not ended after all: listed again
+            run.slot = self.roster.put(run.cid, run.pid)
             return
         del self.running[pidfd]
         self.poll.unregister(pidfd)
@@ -291,7 +345,7 @@ def peer_credentials(sock: socket.socket) -> dict[bytes, bytes]:
     }
 
 
-def spawner_main(chan: socket.socket, command: Program, log: ServerLog) -> int:
+def spawner_main(chan: socket.socket, command: Program, log: ServerLog, roster: Roster) -> int:
     """Everything the forked spawner does; returns its exit code (never raises)."""
     signal.set_wakeup_fd(-1)
     for sig in RESET_SIGNALS:
@@ -302,4 +356,4 @@ def spawner_main(chan: socket.socket, command: Program, log: ServerLog) -> int:
     keep = chan.fileno()
     os.closerange(3, keep)
     os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
-    return Spawner(chan, command, log).run()
+    return Spawner(chan, command, log, roster).run()
