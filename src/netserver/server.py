@@ -328,21 +328,26 @@ class Server:
 
     # -- the accept path ---------------------------------------------------------------
     def _accepted(self, sock: socket.socket, addr: object, listener: Listener) -> None:
-        peer = Endpoint.from_sockaddr(sock.family, addr)
-        try:
-            local = Endpoint.from_sockaddr(sock.family, sock.getsockname())
-        except OSError:
-            sock.close()
-            return
-        if local == self._local:
-            local = self._local
-        else:
-            self._local = local
+        peer = Endpoint.from_sockaddr(listener.family, addr)
+        local = listener.local
+        if local is None:  # a wildcard listener: which address did the client reach?
+            try:
+                local = Endpoint.from_sockaddr(listener.family, sock.getsockname())
+            except OSError:
+                sock.close()
+                return
+            if local == self._local:
+                local = self._local
+            else:
+                self._local = local
         proxy = self.proxy
         if proxy is not None and proxy.quick(peer, local) is None:
             self._proxied(sock, peer, local, proxy)
             return
-        sock.setblocking(True)
+        # accept() gives a blocking descriptor; only a default timeout set with
+        # socket.setdefaulttimeout makes the object otherwise (no ioctl when it is not).
+        if sock.gettimeout() is not None:
+            sock.setblocking(True)
         self._admit(sock, peer, local)
 
     def _proxied(

@@ -24,7 +24,7 @@ import os
 import socket
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..endpoint import Endpoint
 from ..errors import ConfigError, UnavailableError, UsageError
@@ -48,11 +48,24 @@ class ListenSpec:
 
 @dataclass
 class Listener:
-    """A bound, listening socket and the endpoint it actually got."""
+    """A bound, listening socket and the endpoint it actually got.
+
+    `family` and `local` are worked out once, for the accept path: `local` is the local
+    end of every connection it accepts when that is known without asking the kernel (a
+    unix socket, or an IP that is not a wildcard), None when each connection must be
+    asked (``getsockname``) which of the host's addresses the client reached.
+    """
 
     sock: socket.socket
     spec: ListenSpec
     endpoint: Endpoint
+    family: int = field(init=False)
+    local: Endpoint | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.family = int(self.sock.family)
+        ip = self.endpoint.ip
+        self.local = self.endpoint if ip is None or not ip.is_unspecified else None
 
     def close(self) -> None:
         """Close the socket and remove a unix socket file this process created (once)."""
