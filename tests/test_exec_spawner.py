@@ -28,6 +28,7 @@ from lifecycle_handlers import (
 )
 
 from netserver.modes.execute import SPAWNERS
+from netserver.modes.spawner import Roster
 
 CAT = ["--", "/bin/cat"]
 
@@ -121,6 +122,26 @@ def test_a_dead_spawners_command_is_ended_at_the_stop(netserver_proc: ServerFact
         assert server.proc.wait(20) == 0
     assert ended(command)
     assert log_count(server.log, "status=terminated") == 1
+
+
+@pytest.mark.slow  # forks: the point is that a child's writes reach the parent
+def test_the_roster_is_written_by_the_spawner_and_read_by_the_supervisor() -> None:
+    """The memory is shared: what a forked process (the spawner) lists, its parent
+    reads; a cleared slot is no longer listed and is used again; a full roster lists
+    no more (those commands are counted out at once if their spawner dies)."""
+    roster = Roster(2)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the spawner's side
+            first = roster.put(7, 1001)
+            roster.put(8, 1002)
+            code = 0 if roster.put(9, 1003) == -1 else 1
+            roster.clear(first)
+            os._exit(code if roster.put(10, 1004) == first else 1)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        assert sorted(roster.entries()) == [(8, 1002), (10, 1004)]
+    finally:
+        roster.close()
 
 
 def test_the_per_source_count_drops_when_the_command_ends(netserver_proc: ServerFactory) -> None:
