@@ -200,7 +200,7 @@ class Spawner:
                 env[name] = value
         if sock is not None and unix:
             env.update(peer_credentials(sock))
-        pidfd = -1
+        pidfd = slot = -1
         try:
             pid = os.posix_spawn(
                 self.command.path,
@@ -213,9 +213,11 @@ class Spawner:
         except OSError as exc:
             self._failed(cid, exc)
         else:
+            slot = self.roster.put(cid, pid)  # at once: the supervisor's view if we die
             try:
                 pidfd = os.pidfd_open(pid)
             except OSError as exc:
+                self.roster.clear(slot)
                 kill_and_reap(pid)
                 self._failed(cid, exc)
         if not keep or pidfd < 0:  # the client sees the end as soon as the command exits
@@ -226,7 +228,7 @@ class Spawner:
             sock = None
         if pidfd < 0:
             return
-        run = self.running[pidfd] = _Running(cid, pid, pidfd, sock, self.roster.put(cid, pid))
+        run = self.running[pidfd] = _Running(cid, pid, pidfd, sock, slot)
         self.poll.register(pidfd, select.POLLIN)
         if sock is not None:
             self._after(self.command.timeout or 0.0, run, "idle")
