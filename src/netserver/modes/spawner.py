@@ -82,14 +82,20 @@ class Roster:
     """
 
     def __init__(self, slots: int) -> None:
-        self.mem = mmap.mmap(-1, max(1, slots) * SLOT.size)  # MAP_SHARED | MAP_ANONYMOUS
-        self.free = list(range(max(1, slots) - 1, -1, -1))
+        self.slots = max(1, slots)
+        self.mem = mmap.mmap(-1, self.slots * SLOT.size)  # MAP_SHARED | MAP_ANONYMOUS
+        self.used = 0  # slots below this have been handed out at least once
+        self.free: list[int] = []  # cleared ones, handed out again first
 
     def put(self, cid: int, pid: int) -> int:
         """List `pid` as serving connection `cid`; its slot, or -1 when none is free."""
-        if not self.free:
+        if self.free:
+            slot = self.free.pop()
+        elif self.used < self.slots:
+            slot = self.used
+            self.used += 1
+        else:
             return -1
-        slot = self.free.pop()
         SLOT.pack_into(self.mem, slot * SLOT.size, cid, pid)
         return slot
 
