@@ -213,13 +213,14 @@ class ExecMode:
         proc = _SpawnerProc(pid, chan, pidfd, roster)
         self.ctx.fds.add(pidfd)
         self.ctx.fds.add(chan.fileno())
-        loop.add_reader(chan.fileno(), self._reports, proc)
+        loop.add_reader(chan.fileno(), self._report, proc)
         self.spawners.append(proc)
         return proc
 
     def _spawner_exited(self, proc: _SpawnerProc, code: int) -> None:
         """The spawner ended: expected at the stop, a failure otherwise (restart it)."""
-        self._reports(proc)  # what it reported before it went
+        for data in packets(proc.chan):  # what it reported before it went
+            self._ended(proc, data)
         self.ctx.loop.remove_reader(proc.chan.fileno())
         self.ctx.loop.remove_writer(proc.chan.fileno())
         self.ctx.fds.discard(proc.pidfd)
@@ -372,22 +373,36 @@ class ExecMode:
         conn.sock.close()
         self._finish(conn)
 
-    def _reports(self, proc: _SpawnerProc) -> None:
-        """The spawner's END records: fill in the log record, count the connection out."""
-        for data in packets(proc.chan):
-            if not data:  # the spawner is gone; its pidfd tells the rest
-                self.ctx.loop.remove_reader(proc.chan.fileno())
-                return
-            for cid, code, bytes_in, bytes_out, outcome in END.iter_unpack(data):
-                conn = proc.sent.pop(cid, None)
-                if conn is None:
-                    continue
-                record = conn.record
-                if bytes_in >= 0:
-                    record.bytes_in, record.bytes_out = bytes_in, bytes_out
-                if record.status == "ok":
-                    record.status = OUTCOMES[outcome] or status_for_exit(code)
-                self._finish(conn)
+    def _report(self, proc: _SpawnerProc) -> None:
+        """One packet of the spawner's END records, when the channel is readable.
+
+        One, not all that wait: the loop calls again while more do, and reading on to
+        EAGAIN cost a failed recv and an exception on nearly every wake-up (the spawner
+        sends one packet per pass of its own loop).
+        """
+        try:
+            data = proc.chan.recv(REPORTS)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        self._ended(proc, data)
+
+    def _ended(self, proc: _SpawnerProc, data: bytes) -> None:
+        """END records: fill in each log record, count the connection out."""
+        if not data:  # the spawner is gone; its pidfd tells the rest
+            self.ctx.loop.remove_reader(proc.chan.fileno())
+            return
+        for cid, code, bytes_in, bytes_out, outcome in END.iter_unpack(data):
+            conn = proc.sent.pop(cid, None)
+            if conn is None:
+                continue
+            record = conn.record
+            if bytes_in >= 0:
+                record.bytes_in, record.bytes_out = bytes_in, bytes_out
+            if record.status == "ok":
+                record.status = OUTCOMES[outcome] or status_for_exit(code)
+            self._finish(conn)
 
     def _finish(self, conn: Accepted) -> None:
         self.ctx.finished(conn)
