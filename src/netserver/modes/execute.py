@@ -127,16 +127,21 @@ def resolve_program(argv: tuple[str, ...]) -> str:
     return path
 
 
+def packet(chan: socket.socket) -> bytes | None:
+    """One packet from a non-blocking SOCK_SEQPACKET channel: None when none waits,
+    b"" when the other end is gone."""
+    try:
+        return chan.recv(REPORTS)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
 def packets(chan: socket.socket) -> Iterator[bytes]:
-    """What a non-blocking SOCK_SEQPACKET channel holds now, a packet at a time;
-    b"" (last) when the other end is gone."""
-    while True:
-        try:
-            data = chan.recv(REPORTS)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
+    """What the channel holds now, a packet at a time; b"" (last) when the other end is
+    gone."""
+    while (data := packet(chan)) is not None:
         yield data
         if not data:
             return
@@ -380,13 +385,9 @@ class ExecMode:
         EAGAIN cost a failed recv and an exception on nearly every wake-up (the spawner
         sends one packet per pass of its own loop).
         """
-        try:
-            data = proc.chan.recv(REPORTS)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        self._ended(proc, data)
+        data = packet(proc.chan)
+        if data is not None:
+            self._ended(proc, data)
 
     def _ended(self, proc: _SpawnerProc, data: bytes) -> None:
         """END records: fill in each log record, count the connection out."""
