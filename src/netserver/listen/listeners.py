@@ -52,8 +52,10 @@ class Listener:
 
     `family` and `local` are worked out once, for the accept path: `local` is the local
     end of every connection it accepts when that is known without asking the kernel (a
-    unix socket, or an IP that is not a wildcard), None when each connection must be
-    asked (``getsockname``) which of the host's addresses the client reached.
+    socket we bound ourselves to a unix path or to an IP that is not a wildcard), None
+    when each connection must be asked (``getsockname``) which address the client
+    reached: a wildcard, or a socket handed to us (``fd:``, systemd), which may be
+    transparent (IP_TRANSPARENT: any destination, whatever it is bound to).
     """
 
     sock: socket.socket
@@ -65,7 +67,8 @@ class Listener:
     def __post_init__(self) -> None:
         self.family = int(self.sock.family)
         ip = self.endpoint.ip
-        self.local = self.endpoint if ip is None or not ip.is_unspecified else None
+        ours = self.spec.kind in ("tcp", "unix")
+        self.local = self.endpoint if ours and (ip is None or not ip.is_unspecified) else None
 
     def close(self) -> None:
         """Close the socket and remove a unix socket file this process created (once)."""
