@@ -28,7 +28,7 @@ from lifecycle_handlers import (
 )
 
 from netserver.modes.execute import SPAWNERS
-from netserver.modes.spawner import Roster
+from netserver.modes.spawner import Program, Roster, spawn
 
 CAT = ["--", "/bin/cat"]
 
@@ -142,6 +142,26 @@ def test_the_roster_is_written_by_the_spawner_and_read_by_the_supervisor() -> No
         assert sorted(roster.entries()) == [(8, 1002), (10, 1004)]
     finally:
         roster.close()
+
+
+@pytest.mark.slow  # starts a command
+def test_a_command_starts_with_every_signal_at_its_default() -> None:
+    """Even a signal the server inherited as ignored (nohup leaves SIGHUP so; here
+    SIGPROF, which no code of the server touches) is not ignored in the command."""
+    before = signal.signal(signal.SIGPROF, signal.SIG_IGN)
+    try:
+        out, into = os.pipe()  # in the socket's place: the command's stdin and stdout
+        pid = spawn(Program("/bin/cat", ("cat", "/proc/self/status"), {}, None), {}, into)
+        os.close(into)
+        with os.fdopen(out, "rb") as stream:
+            status = stream.read().decode()
+        os.waitpid(pid, 0)
+    finally:
+        signal.signal(signal.SIGPROF, before)
+    (mask,) = [int(line[7:], 16) for line in status.splitlines() if line.startswith("SigIgn:")]
+    ignored = {sig for sig in range(1, 65) if mask >> (sig - 1) & 1}
+    # (glibc's posix_spawn itself leaves its two internal signals, 32 and 33, ignored.)
+    assert not ignored & signal.valid_signals()
 
 
 def test_the_per_source_count_drops_when_the_command_ends(netserver_proc: ServerFactory) -> None:
