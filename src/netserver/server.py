@@ -330,7 +330,7 @@ class Server:
     def _accepted(self, sock: socket.socket, addr: object, listener: Listener) -> None:
         peer = Endpoint.from_sockaddr(listener.family, addr)
         local = listener.local
-        if local is None:  # a wildcard listener: which address did the client reach?
+        if local is None:  # a wildcard or a handed-over socket: which address was reached?
             try:
                 local = Endpoint.from_sockaddr(listener.family, sock.getsockname())
             except OSError:
