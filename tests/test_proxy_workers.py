@@ -9,8 +9,11 @@ the client it names, so per-source caps still hold across workers, for that clie
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 
+import pytest
 from conftest import RunningServer, ServerFactory
+from dnsserver import LoopbackDNS, reverse_name
 from lifecycle_handlers import (
     HANDLER_ENV,
     IO_TIMEOUT,
@@ -61,3 +64,38 @@ def test_a_worker_reads_the_header_and_the_cap_counts_the_named_client(
     finally:
         first.close()
     assert "more than 1 connections from 10.9.8.7" in server.log()
+
+
+@pytest.fixture
+def dns() -> Iterator[LoopbackDNS]:
+    with LoopbackDNS() as server:
+        yield server
+
+
+def test_a_rule_that_needs_a_name_judges_the_client_the_header_names(
+    netserver_proc: ServerFactory, dns: LoopbackDNS
+) -> None:
+    """A deny rule by host name needs a lookup of the named client: the supervisor makes
+    it (off its loop, bounded) and judges by the answer, instead of refusing everyone."""
+    for client, name in (("10.9.8.7", "bad.example.test"), ("10.9.8.6", "good.example.test")):
+        dns.set_records(reverse_name(client), "PTR", [name])
+        dns.set_records(name, "A", [client])
+    server = netserver_proc(
+        [
+            "--mode", "async", "--workers", "2", "--listen", "127.0.0.1:0",
+            "--proxy-from", "127.0.0.1", "--deny", "bad.example.test",
+            "--dns-server", f"127.0.0.1:{dns.port}",
+            "--refuse-message", "554 go away", "--handler", "proxy_tls_handlers:async_peer_held",
+        ],
+        env=HANDLER_ENV,
+    )  # fmt: skip
+    with socket.create_connection(server.host_port, timeout=IO_TIMEOUT) as good:
+        good.sendall(HEADER.format(client="10.9.8.6").encode())
+        assert recv_line(good).startswith(b"10.9.8.6:5555 127.0.0.1:25")
+        with socket.create_connection(server.host_port, timeout=IO_TIMEOUT) as bad:
+            bad.sendall(HEADER.format(client="10.9.8.7").encode())
+            assert recv_line(bad) == b"554 go away\r\n"
+            assert bad.recv(1) == b""
+    assert ("7.8.9.10.in-addr.arpa", "PTR") in dns.queries  # the named clients, not
+    assert ("6.8.9.10.in-addr.arpa", "PTR") in dns.queries  # the balancer, were looked up
+    assert wait_until(lambda: 'reason="matched deny rule bad.example.test"' in server.log())

@@ -47,7 +47,7 @@ from .modes.execute import ExecMode, resolve_program
 from .modes.fork import ForkMode
 from .modes.prefork import PoolSize, PreforkMode
 from .modes.thread import ThreadMode
-from .modes.workers import PoolMode, WorkerPool
+from .modes.workers import PoolMode, ProxyAnswer, WorkerPool
 from .readiness import sd_notify
 
 MODES = ("fork", "prefork", "thread", "async")
@@ -397,29 +397,62 @@ class Server:
         with contextlib.suppress(OSError):  # the mode accounts for a connection it failed
             self._admit(sock, conn.record.peer, conn.record.local)
 
-    def _name_proxied(self, conn: Accepted, peer: Endpoint, local: Endpoint) -> str | None:
+    def _name_proxied(
+        self, conn: Accepted, peer: Endpoint, local: Endpoint, verdict: ProxyAnswer
+    ) -> None:
         """A worker read the header: ask the gates and count the client it names.
 
-        Returns None (serve it as `peer`), or for a refusal (logged here) the line the
-        worker sends before it closes ("" for none). There is no lookup on this path: a
-        gate that cannot decide without one refuses (fail closed).
+        `verdict` gets None (serve it as `peer`), or for a refusal (logged here) the
+        line the worker sends before it closes ("" for none). As in `_admit`, every
+        gate's `quick` comes first and the client is counted next; the gates that need
+        a lookup then `judge` it in a task (`_judge_proxied`), so the pool's loop never
+        waits for DNS, and the verdict follows.
         """
-        why: str | None = None
+        later: list[Gate] = []
         for gate in self.gates:
             ruling = gate.quick(peer, local)
             if ruling is None:
-                why = "needs a name lookup, which a client named by a worker does not get"
+                later.append(gate)
             elif isinstance(ruling, Refusal):
-                why = ruling.reason
-            if why is not None:
-                break
-        why = why or self.admission.name(peer)
+                verdict(self._refuse_proxied(peer, ruling.reason))
+                return
+        why = self.admission.name(peer)
         if why is not None:
-            self.log.refused(peer, why)
-            return self.options.refuse_message or ""
+            verdict(self._refuse_proxied(peer, why))
+            return
         conn.record.peer, conn.record.local = peer, local
-        conn.awaiting_proxy = False
-        return None
+        conn.awaiting_proxy = False  # counted against `peer` from now on (`_finished`)
+        if not later:
+            verdict(None)
+            return
+        assert self._loop is not None
+        self._loop.create_task(self._judge_proxied(conn, later, verdict))
+
+    async def _judge_proxied(self, conn: Accepted, gates: list[Gate], verdict: ProxyAnswer) -> None:
+        """`_judge` for a client a worker named. The connection is the worker's by now,
+        so a ruling that must act on it here (tcpd's twist, setenv) cannot be carried out:
+        it refuses (fail closed) and says why."""
+        peer = conn.record.peer
+        try:
+            for gate in gates:
+                ruling = await gate.judge(conn)
+                if isinstance(ruling, Refusal):
+                    verdict(self._refuse_proxied(peer, ruling.reason))
+                    return
+                if isinstance(ruling, Divert):
+                    why = "a rule that diverts (twist, setenv) cannot apply behind PROXY"
+                    verdict(self._refuse_proxied(peer, f"{why} with worker processes"))
+                    return
+        except Exception as exc:  # never leave the worker without a verdict
+            self.log.error("access check failed", peer=str(peer), error=repr(exc))
+            verdict(self._refuse_proxied(peer, "access check failed"))
+            return
+        verdict(None)
+
+    def _refuse_proxied(self, peer: Endpoint, why: str) -> str:
+        """Log a refused client a worker named; the line the worker sends it."""
+        self.log.refused(peer, why)
+        return self.options.refuse_message or ""
 
     def _full(self) -> bool:
         """True when accept should pause: admitted plus PROXY-pending reach max_conns."""

@@ -64,12 +64,15 @@ from .worker import (
     die_with_parent,
 )
 
-__all__ = ["PoolMode", "WorkerApp", "WorkerPool"]
+__all__ = ["PoolMode", "ProxyAnswer", "WorkerApp", "WorkerPool"]
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
-# Judges the client a worker read from a PROXY header: None to serve it, else the line
-# (maybe "") to refuse it with (Server._name_proxied).
-Namer = Callable[[Accepted, Endpoint, Endpoint], "str | None"]
+# The verdict on a client a worker read from a PROXY header: None to serve it, else the
+# line (maybe "") to refuse it with.
+ProxyAnswer = Callable[["str | None"], None]
+# Judges that client (Server._name_proxied) and gives the verdict, at once or, when a
+# gate must look a name up first, later from a task: the pool's loop never waits.
+Namer = Callable[[Accepted, Endpoint, Endpoint, ProxyAnswer], None]
 
 RESTART_FIRST = 0.1  # seconds before replacing a worker that died young
 RESTART_MAX = 30.0
@@ -289,7 +292,8 @@ class WorkerPool:
         """Hand `conn` to the least busy worker; it is queued while none can take it.
 
         With `name`, the worker first reads a PROXY header and asks `name(conn, client,
-        local)` whether to serve the client it names (None) or the line to refuse with.
+        local, verdict)` whether to serve the client it names (None) or the line to
+        refuse with; `verdict` passes the answer on whenever it comes.
         """
         self._next_id += 1
         self.pending.append((self._next_id, _Live(conn, finished, service, name)))
@@ -383,10 +387,14 @@ class WorkerPool:
         """A worker read a PROXY header: the supervisor judges the client it names."""
         cid, _service, peer, local = decode_conn(data)
         live = proc.conns.get(cid)
-        refusal: str | None = ""
-        if live is not None and live.name is not None:
-            refusal = live.name(live.conn, peer, local)
-        self._tell(proc, VERDICT + json.dumps([cid, refusal]).encode())
+
+        def verdict(refusal: str | None) -> None:
+            self._tell(proc, VERDICT + json.dumps([cid, refusal]).encode())
+
+        if live is None or live.name is None:
+            verdict("")
+            return
+        live.name(live.conn, peer, local, verdict)
 
     def active(self, service: str | None = None) -> int:
         """Connections being served (or waiting for a worker), of `service` or all."""
