@@ -33,11 +33,12 @@ from system_users import RUN_AS, ensure_user, needs_root, run_as, shared_dir
 
 from leafmail import config as configuration
 from leafmail.envelope import ClientInfo, Envelope, Recipient
-from leafmail.pickup import MAX_OPEN
+from leafmail.pickup import MAX_OPEN, MAX_OPEN_PER_UID
 from leafmail.spool import CorruptMessage, Spool, SpooledMessage
 from leafmail.spoolcheck import check_spool
 from leafmail.states import QueueState
 from leafmail.submitwire import NoDaemon, Refused, encode_request, socket_path, submit
+from netserver import privileges
 
 USER = "lmtsubmit"
 HOST = "leaf.test"
@@ -427,3 +428,75 @@ def test_the_system_config_comes_after_the_users_own(tmp_path: Path) -> None:
     chosen = tmp_path / "chosen.toml"
     chosen.write_text('spool = "/chosen"\n')
     assert configuration.load(env={**env, "LEAFMAIL_CONFIG": str(chosen)}).spool == "/chosen"
+
+
+# --- per-user limits ------------------------------------------------------------------------
+
+
+@needs_root
+def test_a_user_past_the_rate_limit_gets_75_and_others_are_not_held_back(
+    tmp_path: Path, box: Path, servers: LeafmailFactory
+) -> None:
+    """[pickup] message_rate_limit per rate_time_unit, per uid as the kernel names it."""
+    user = ensure_user(USER)
+    config = box / "leafmail.toml"
+    config.write_text(
+        config.read_text() + '[pickup]\nmessage_rate_limit = 2\nrate_time_unit = "1h"\n'
+    )
+    daemon = start(servers, box)
+    message = b"Subject: cron\n\nhello\n"
+    for _ in range(2):
+        code, _out, err = sendmail_as_user(tmp_path, box, "bob@dst.test", stdin=message)
+        assert code == 0, err
+    code, out, err = sendmail_as_user(tmp_path, box, "bob@dst.test", stdin=message)
+    assert (code, out) == (EX_TEMPFAIL, b"")
+    text = err.decode()
+    assert len(text.splitlines()) == 1 and "Traceback" not in text, text
+    assert f"uid {user.pw_uid} submitted more than 2 messages in 3600 s" in text
+    assert len(queued(box)) == 2  # the refused one was not queued
+    # Root is not counted (it could write the spool itself).
+    submit(socket_path(box / "spool"), envelope(), b"x\r\n", full_name=None, protocol=None)
+    assert len(queued(box)) == 3
+    assert f'msg="local submission refused" uid={user.pw_uid} ' in daemon.log()
+
+
+@needs_root
+def test_one_user_cannot_hold_every_submission_slot(box: Path, servers: LeafmailFactory) -> None:
+    """A user's 17th open submission is refused (75) while root still gets through."""
+    user = ensure_user(USER)
+    start(servers, box)
+    path = socket_path(box / "spool")
+    answer_r, answer_w = os.pipe()
+    release_r, release_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the user: hold MAX_OPEN_PER_UID connections, try one more, wait
+        code = 1
+        try:
+            os.close(answer_r)
+            os.close(release_w)
+            privileges.drop(privileges.resolve(USER))
+            held = []
+            for _ in range(MAX_OPEN_PER_UID):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(10)
+                sock.connect(str(path))
+                held.append(sock)
+            os.write(answer_w, json.dumps(raw_request(path, b"")).encode() + b"\n")
+            os.read(release_r, 1)  # until the test closes its end
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(answer_w)
+    os.close(release_r)
+    try:
+        with os.fdopen(answer_r, "rb") as reader:
+            line = reader.readline()
+        answer = json.loads(line)
+        assert answer["status"] == EX_TEMPFAIL, answer
+        assert f"uid {user.pw_uid} has {MAX_OPEN_PER_UID} submissions open" in str(answer["error"])
+        submit(path, envelope(), b"x\r\n", full_name=None, protocol=None)  # root: served
+    finally:
+        os.close(release_w)
+        _pid, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert len(queued(box)) == 1

@@ -234,9 +234,15 @@ class PickupConfig:
     `enabled` None means: on when `leafmail serve` starts as root (a system daemon, whose
     spool other users cannot write), off for an ordinary user's own daemon, whose
     smarthost account other local users must not get to use.
+    `message_rate_limit` messages per `rate_time_unit` is what one uid may submit.
     """
 
     enabled: bool | None = setting(boolean, None)
+    # Postfix's smtpd_client_message_rate_limit per anvil_rate_time_unit, counted per
+    # submitting uid (leafmail.submitrate); 0: no limit. Root and the daemon's user
+    # are not counted.
+    message_rate_limit: int = setting(_COUNT, 120)
+    rate_time_unit: float = setting(positive(duration), 60.0)
 
 
 TLS_MODES = ("starttls", "smtps", "opportunistic", "none")

@@ -13,9 +13,11 @@ does when it spools by itself: the same address checks, the same header completi
 
 Costs are bounded: the request line (1 MiB) and the message (smtp.max_message_size),
 one deadline for waiting, reading and preparing them, at most MAX_ACTIVE messages
-being read at once and MAX_OPEN connections open, and the parsing runs in a thread,
-never on the event loop. This runs in an unprivileged process: whoever
-serves it reads bytes from any local user.
+being read at once and MAX_OPEN connections open (MAX_OPEN_PER_UID of them one
+user's), `[pickup] message_rate_limit` messages per uid and `rate_time_unit`
+(leafmail.submitrate), and the parsing runs in a thread, never on the event loop.
+This runs in an unprivileged process: whoever serves it reads bytes from any local
+user.
 """
 
 from __future__ import annotations
@@ -41,10 +43,14 @@ from .sendmail.reading import crlf_lines
 from .sendmail.spooling import Submission, build, now
 from .spool import GroupCommitter, SpoolError
 from .spoolcheck import PUBLIC_DIR, PUBLIC_MODE, TRAVERSE
+from .submitrate import SubmitRate
 from .submitwire import HEADER_LIMIT, SubmitRequest, encode_reply, parse_request, socket_path
 
 MAX_ACTIVE = 8  # messages read and prepared at once; more wait for their turn
 MAX_OPEN = 64  # connections at once; past it they are closed unanswered
+# One user's connections at once (root and the daemon's user not counted): past it that
+# user's next one is refused (75), so one user cannot take every slot from the others.
+MAX_OPEN_PER_UID = 16
 READ_TIMEOUT = 60.0  # the client has the whole message in memory before it connects
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _NOTIFY = frozenset({"NEVER", "SUCCESS", "FAILURE", "DELAY"})
@@ -76,6 +82,12 @@ class PickupServer:
         self.path = socket_path(config.spool)
         self._active = asyncio.Semaphore(MAX_ACTIVE)
         self._open = 0
+        self._open_by_uid: dict[int, int] = {}
+        # Built in the queue manager after it dropped privileges: its euid is the
+        # daemon's user, which (like root) may write the spool without the socket.
+        pickup = config.pickup
+        self.exempt = frozenset({0, os.geteuid()})
+        self.rate = SubmitRate(pickup.message_rate_limit, pickup.rate_time_unit, self.exempt)
         self._listener = UnixListener(self.path)
 
     async def start(self) -> bool:
@@ -102,7 +114,8 @@ class PickupServer:
             if self._open > MAX_OPEN:  # the submitter sees no answer: exit 75, nothing lost
                 self.log.info("local submission refused: too many connections")
                 return
-            reply = await self._serve(_peer_uid(writer), reader)
+            uid = _peer_uid(writer)
+            reply = await self._counted(uid, reader)
             if reply is not None:
                 writer.write(encode_reply(reply))
                 await writer.drain()
@@ -114,6 +127,23 @@ class PickupServer:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
+    async def _counted(self, uid: int, reader: asyncio.StreamReader) -> dict[str, object] | None:
+        """`_serve`, counted among `uid`'s open connections (past MAX_OPEN_PER_UID: 75)."""
+        if uid in self.exempt:
+            return await self._serve(uid, reader)
+        open_now = self._open_by_uid.get(uid, 0) + 1
+        if open_now > MAX_OPEN_PER_UID:
+            why = f"uid {uid} has {MAX_OPEN_PER_UID} submissions open already; try again later"
+            self.log.info("local submission refused", uid=uid, reason=why)
+            return {"error": why, "status": EX_TEMPFAIL}
+        self._open_by_uid[uid] = open_now
+        try:
+            return await self._serve(uid, reader)
+        finally:
+            left = self._open_by_uid.pop(uid) - 1
+            if left:
+                self._open_by_uid[uid] = left
+
     async def _serve(self, uid: int, reader: asyncio.StreamReader) -> dict[str, object] | None:
         """One request: the reply to send, or None for a connection that sent nothing."""
         loop = asyncio.get_running_loop()
@@ -123,6 +153,9 @@ class PickupServer:
                 line = await reader.readline()
                 if not line:
                     return None  # a probe (sendmail -bs asks whether anyone listens)
+                over = self.rate.take(uid)  # a request, not a probe: it counts
+                if over is not None:
+                    raise Rejected(over, EX_TEMPFAIL)
                 async with self._active:  # the message itself: MAX_ACTIVE at once
                     request = await loop.run_in_executor(None, _request, line, limit)
                     data = await reader.readexactly(request.size)
