@@ -7,13 +7,13 @@ server's own log lines, never by sleeping.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import socket
 import ssl
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,16 +124,39 @@ def test_command_echo_over_tls_with_backpressure(
         ["--listen", "127.0.0.1:0", "--loop", loop, *certs.flags(), "--", "/bin/cat"]
     )
     payload = bytes(range(256)) * 8192  # 2 MiB: more than every buffer on the way
-    with tls_connect(server, certs) as sock:
-        writer = threading.Thread(target=sock.sendall, args=(payload,))
-        writer.start()
-        got = b""
-        while len(got) < len(payload):
-            data = sock.recv(65536)
-            assert data, "EOF before the echo was complete"
-            got += data
-        writer.join()
+    got = asyncio.run(echo_while_sending(server.host_port, certs.client_context(), payload))
     assert got == payload
+
+
+async def echo_while_sending(
+    address: tuple[str, int], context: ssl.SSLContext, payload: bytes
+) -> bytes:
+    """Send `payload` and read its echo at the same time, on one thread.
+
+    Not an SSLSocket written by one thread while another reads it: OpenSSL's SSL object
+    is not thread-safe, and with a socket timeout (non-blocking underneath) a read that
+    wants more data could see the writer's state and end as a "ragged EOF", b"", about
+    once in 30 runs, while the server was still echoing. asyncio's TLS transport does
+    both directions on one thread.
+    """
+    async with asyncio.timeout(60):
+        reader, writer = await asyncio.open_connection(
+            *address, ssl=context, server_hostname=SERVER_NAME
+        )
+        try:
+            writer.write(payload)  # the transport sends it as the server takes it
+            sending = asyncio.ensure_future(writer.drain())
+            got = bytearray()
+            while len(got) < len(payload):
+                data = await reader.read(65536)
+                assert data, "EOF before the echo was complete"
+                got += data
+            await sending
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+    return bytes(got)
 
 
 @pytest.mark.parametrize("loop", LOOPS)
