@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,9 +93,13 @@ class Envelope:
     smtputf8: bool = False
     ret: str | None = None
     envid: str | None = None
+    # Set only by the queue manager on a forwarded copy (leafmail.expansion): the queue
+    # id of the message whose status record tracks it, so the copy can be settled with
+    # that record outside an attempt (leafmail.forwards). Never taken from a client.
+    forward_of: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        obj = {
             "sender": self.sender,
             "recipients": [r.to_json() for r in self.recipients],
             "client": self.client.to_json(),
@@ -104,10 +109,15 @@ class Envelope:
             "ret": self.ret,
             "envid": self.envid,
         }
+        if self.forward_of is not None:  # only on copies: other files stay as they were
+            obj["forward_of"] = self.forward_of
+        return obj
 
     @classmethod
     def from_json(cls, data: object) -> Envelope:
-        keys = {"sender", "recipients", "client", "received", "body", "smtputf8", "ret", "envid"}
+        keys = _ENVELOPE_KEYS
+        if isinstance(data, dict) and "forward_of" in data:
+            keys = _COPY_KEYS
         obj = record_fields(data, "envelope", keys)
         rcpts = obj["recipients"]
         if not isinstance(rcpts, list) or not rcpts:
@@ -123,7 +133,14 @@ class Envelope:
             obj["smtputf8"],
             _opt_str(obj, "ret"),
             _opt_str(obj, "envid"),
+            _opt_str(obj, "forward_of") if keys is _COPY_KEYS else None,
         )
+
+
+_ENVELOPE_KEYS = frozenset(
+    {"sender", "recipients", "client", "received", "body", "smtputf8", "ret", "envid"}
+)
+_COPY_KEYS = _ENVELOPE_KEYS | {"forward_of"}
 
 
 def _no_constant(name: str) -> object:
@@ -166,7 +183,7 @@ def finite_number(value: object, key: str) -> float:
     return number
 
 
-def record_fields(data: object, what: str, keys: set[str]) -> dict[str, object]:
+def record_fields(data: object, what: str, keys: AbstractSet[str]) -> dict[str, object]:
     """`data` as a dict with exactly these keys (the spool's strict JSON records)."""
     if not isinstance(data, dict) or set(data) != keys:
         raise EnvelopeError(f"{what} record has the wrong fields")

@@ -22,7 +22,10 @@ where its copy is: STAGED and no copy means step 2 never finished (forget the ma
 make a new copy); a copy in hold/ is complete (record FORWARDED if need be, then
 release it); FORWARDED with the copy in the queue or gone means it was released (and
 perhaps already delivered). The copy only leaves hold/ after FORWARDED is durable, so
-"gone" can never be mistaken for "never made": no duplicate, and no loss.
+"gone" can never be mistaken for "never made": no duplicate, and no loss. The copy's
+envelope names its parent (`forward_of`), so the queue tools keep that rule too: before
+they hold, release or requeue a copy they settle its parent as an attempt would, and the
+queue manager settles every copy in hold/ at its start (leafmail.forwards).
 
 `UnrecordedExpansions` is the same interface without a record, for an agent used on its
 own (a test, or a tool), where a copy is simply spooled.
@@ -87,6 +90,7 @@ class RecordedExpansions:
                 replace(r, notify=notify_after_expansion(r.notify)) for r in envelope.recipients
             )
             envelope = replace(envelope, recipients=rcpts)
+        envelope = replace(envelope, forward_of=self.qid)  # whose record tracks the copy
         copy = new_id()
         marks = self.marks.setdefault(index, {})
         for key in keys:
@@ -107,14 +111,28 @@ class RecordedExpansions:
     # -- recovery ------------------------------------------------------------------------
     async def recover(self) -> None:
         """Settle the forwards a crash left between steps (see the module doc)."""
-        pending = [
+        pending = self._pending()
+        if pending:
+            await asyncio.to_thread(self._recover, pending)
+
+    def settle(self) -> list[str]:
+        """`recover` outside an attempt (a queue tool, the queue manager's start; the
+        caller holds the message's lock), with the settled marks written at once, since
+        no attempt will write them: the copies released."""
+        pending = self._pending()
+        if not pending:
+            return []
+        self._recover(pending)
+        self._write()
+        return self.released
+
+    def _pending(self) -> list[tuple[int, TargetMark]]:
+        return [
             (i, mark)
             for i, marks in self.marks.items()
             for mark in marks.values()
             if mark.state in (TargetState.STAGED, TargetState.FORWARDED)
         ]
-        if pending:
-            await asyncio.to_thread(self._recover, pending)
 
     def _recover(self, pending: list[tuple[int, TargetMark]]) -> None:
         held: list[tuple[int, str]] = []

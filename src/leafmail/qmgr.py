@@ -19,6 +19,7 @@ from netserver.modes.workers import WorkerApp
 
 from .config import PickupConfig, QueueConfig, SubmitConfig
 from .control import ControlServer, Respond
+from .forwards import settle_held
 from .localsvc import LocalClient
 from .pickup import PickupServer
 from .privsep import Inherited, become
@@ -106,6 +107,16 @@ class Qmgr:
                 self.auto.notify(qid)
 
     async def _run(self) -> None:
+        # Forwarded copies a crash left in hold/ go out now, not at their parent's next
+        # retry (leafmail.forwards); file work, so in a thread.
+        spool = Spool(self.inherited.spool_path, create=False)
+        try:
+            released = await asyncio.to_thread(settle_held, spool)
+        except OSError as exc:  # the parents' next attempts settle them instead
+            self.log.error("cannot settle forwarded copies in hold/", error=str(exc))
+        else:
+            if released:
+                self.log.info("released forwarded copies a crash left in hold/", count=released)
         tasks = [asyncio.ensure_future(self._count_backlog())]
         if self.auto is not None:
             tasks.append(asyncio.ensure_future(self.auto.serve(self._stopping)))

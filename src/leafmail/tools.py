@@ -16,6 +16,7 @@ from typing import Any
 from netserver.errors import EX_DATAERR, EX_NOUSER, NetserverError
 
 from .envelope import EnvelopeError
+from .forwards import settle_copy
 from .message import UnknownMessage, unfreeze
 from .printable import printable
 from .spool import CorruptMessage, Junk, Spool, valid_id
@@ -113,12 +114,18 @@ def delete(spool: Spool, qid: str) -> None:
 
 
 def hold(spool: Spool, qid: str) -> bool:
-    """Move to hold/; False if it was held already."""
+    """Move to hold/; False if it was held already.
+
+    A forwarded copy's parent is settled first (leafmail.forwards), or its recovery
+    would release the copy again."""
     return _move(spool, qid, (QueueState.QUEUE, QueueState.DEFERRED), QueueState.HOLD)
 
 
 def release(spool: Spool, qid: str) -> bool:
-    """Move from hold/ to queue/, where the runner takes it at once; False if not held."""
+    """Move from hold/ to queue/, where the runner takes it at once; False if not held.
+
+    A forwarded copy a crash left in hold/ is released by settling its parent's
+    record (leafmail.forwards), never behind that record's back."""
     return _move(spool, qid, (QueueState.HOLD,), QueueState.QUEUE)
 
 
@@ -131,8 +138,10 @@ def requeue(spool: Spool, qid: str) -> bool:
     message back into the queue. The arrival time stays, so the queue lifetime still
     counts from the real arrival. Always True.
     """
-    if check_id(spool, qid) is QueueState.CORRUPT:
+    found = check_id(spool, qid)
+    if found is QueueState.CORRUPT:
         raise BadQueueId(f"{qid} is corrupt; inspect it in {spool.root}/corrupt or delete it")
+    settle_copy(spool, qid, found)
     with spool.locked(qid, wait=True) as state:
         if state is None:
             raise NoSuchMessage(f"{qid}: no such message (delivered or deleted meanwhile)")
@@ -159,8 +168,11 @@ def _reset_schedule(spool: Spool, qid: str, state: QueueState) -> None:
 
 
 def _move(spool: Spool, qid: str, sources: tuple[QueueState, ...], target: QueueState) -> bool:
-    if check_id(spool, qid) is QueueState.CORRUPT:
+    found = check_id(spool, qid)
+    if found is QueueState.CORRUPT:
         raise BadQueueId(f"{qid} is corrupt; inspect it in {spool.root}/corrupt or delete it")
+    if qid in settle_copy(spool, qid, found) and target is QueueState.QUEUE:
+        return True  # released by its parent's record, as the daemon would have
     with spool.locked(qid, wait=True) as state:
         if state is None:
             raise NoSuchMessage(f"{qid}: no such message (delivered or deleted meanwhile)")

@@ -1,0 +1,67 @@
+"""Forwarded copies a crash left half-made, settled outside an attempt.
+
+A forwarded copy is committed into hold/ and released by the attempt that made it, in
+recorded steps (leafmail.expansion). A crash between the steps leaves the copy in
+hold/ with its mark STAGED or FORWARDED in the parent message's status, and the next
+attempt of the parent settles it. Until then the copy looks like any held message, and
+the queue tools must not act on it blindly:
+
+* `leafmail release` of a copy whose mark is still STAGED took it out of hold/ before
+  the record said it existed; once it was delivered, the parent's recovery found
+  STAGED and no copy, concluded "never made", and made a second one (a duplicate);
+* `leafmail hold` of a copy whose mark is still FORWARDED was undone by that recovery,
+  which releases every pending copy it finds in hold/.
+
+So a tool that changes a copy first settles its parent, under the parent's lock (it
+waits for an attempt in progress), exactly as the parent's next attempt would, and
+records the result; then it acts on a copy the record no longer waits for. The queue
+manager does the same at its start for every copy in hold/, so a copy made during a
+deferred message's attempt is not kept until that message's next retry. A copy whose
+parent is gone, or settled already, is an ordinary held message.
+"""
+
+from __future__ import annotations
+
+from .envelope import EnvelopeError
+from .expansion import RecordedExpansions
+from .message import UnknownMessage, unfreeze
+from .spool import CorruptMessage, Spool
+from .states import QueueState
+
+
+def parent_of(spool: Spool, qid: str, state: str) -> str | None:
+    """The message whose record tracks `qid`, if `qid` is a forwarded copy."""
+    try:
+        return spool.get(qid, state).envelope.forward_of
+    except (CorruptMessage, KeyError, OSError, ValueError):
+        return None  # gone, or damaged (moved to corrupt/): nothing to settle
+
+
+def settle_parent(spool: Spool, parent: str) -> list[str]:
+    """Settle `parent`'s pending forwards now and record them; the copies released."""
+    with spool.locked(parent, wait=True) as state:
+        if state is None:
+            return []
+        try:
+            message = unfreeze(spool, parent, state)
+        except (UnknownMessage, CorruptMessage, EnvelopeError):
+            return []
+        return RecordedExpansions(spool, parent, message.status).settle()
+
+
+def settle_copy(spool: Spool, qid: str, state: str) -> list[str]:
+    """Before a queue tool changes `qid`: settle its parent if it is a copy."""
+    parent = parent_of(spool, qid, state)
+    return [] if parent is None else settle_parent(spool, parent)
+
+
+def settle_held(spool: Spool) -> int:
+    """At the queue manager's start: settle the parent of every copy in hold/."""
+    released = 0
+    parents: set[str] = set()
+    for qid in spool.ids(QueueState.HOLD):
+        parent = parent_of(spool, qid, QueueState.HOLD)
+        if parent is not None and parent not in parents:
+            parents.add(parent)
+            released += len(settle_parent(spool, parent))
+    return released
