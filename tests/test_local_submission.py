@@ -322,12 +322,14 @@ def test_what_only_the_daemon_knows_is_never_taken_from_the_request(
 ) -> None:
     start(servers, box)
     path = socket_path(box / "spool")
-    qid = submit(path, envelope(), b"Subject: x\r\n\r\nbody\r\n", full_name=None, protocol=None)
+    claimed = envelope(forward_of="0" * 24)  # a queue tool would settle that message
+    qid = submit(path, claimed, b"Subject: x\r\n\r\nbody\r\n", full_name=None, protocol=None)
     (msg,) = queued(box)
     assert msg.qid == qid
     assert trace_uid(msg) == os.geteuid()
     assert msg.envelope.client == ClientInfo(protocol="local")  # no ip, no AUTH, no ESMTPSA
     assert msg.envelope.received != "1999-01-01T00:00:00Z"
+    assert msg.envelope.forward_of is None
 
 
 @pytest.mark.parametrize(
