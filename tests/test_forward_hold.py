@@ -127,21 +127,37 @@ def test_released_by_the_operator_after_a_crash_bob_gets_one_copy(
     assert in_spool(spool) == []
 
 
+@pytest.mark.parametrize(
+    ("step", "said"),
+    [("released", "held"), ("recorded", "already held"), ("committed", "already held")],
+)
 def test_held_by_the_operator_after_a_crash_the_copy_stays_held(
-    sink: Smarthost, tmp_path: Path
+    sink: Smarthost, tmp_path: Path, step: str, said: str
 ) -> None:
     """A copy the operator holds is not released behind their back by the parent's
-    recovery: the hold settles the record first, then holds the copy for good."""
-    spool, qid, copy = killed_mid_forward(tmp_path, sink, "released")
-    assert spool.find(copy) == QueueState.QUEUE
-    assert mark_of(spool, qid) == (TargetState.FORWARDED, copy)
-    assert f"{copy}: held" in queue_tool(tmp_path, spool, "hold", copy)
+    recovery: the hold settles the record first (a copy in hold/ stays there, never
+    passing through the queue), then holds the copy for good."""
+    spool, qid, copy = killed_mid_forward(tmp_path, sink, step)
+    assert f"{copy}: {said}" in queue_tool(tmp_path, spool, "hold", copy)
     assert mark_of(spool, qid) == (TargetState.DELIVERED, copy)
     config = config_for(tmp_path, sink, f"team: {BOB}\n")
     asyncio.run(runner_for(config, spool, FakeClock()).run_once(force=True))
     assert delivery_counts(sink) == {}
     assert in_spool(spool) == [copy]  # the parent is done; the held copy waits
     assert spool.find(copy) == QueueState.HOLD
+
+
+@pytest.mark.parametrize("step", ["committed", "recorded", "released"])
+def test_deleted_by_the_operator_after_a_crash_the_copy_is_not_made_again(
+    sink: Smarthost, tmp_path: Path, step: str
+) -> None:
+    spool, _qid, copy = killed_mid_forward(tmp_path, sink, step)
+    assert f"{copy}: deleted" in queue_tool(tmp_path, spool, "delete", copy)
+    config = config_for(tmp_path, sink, f"team: {BOB}\n")
+    for _ in range(2):
+        asyncio.run(runner_for(config, spool, FakeClock()).run_once(force=True))
+    assert delivery_counts(sink) == {}
+    assert in_spool(spool) == []
 
 
 @pytest.mark.parametrize("step", ["committed", "recorded"])

@@ -115,14 +115,18 @@ class RecordedExpansions:
         if pending:
             await asyncio.to_thread(self._recover, pending)
 
-    def settle(self) -> list[str]:
+    def settle(self, *, release: bool = True) -> list[str]:
         """`recover` outside an attempt (a queue tool, the queue manager's start; the
         caller holds the message's lock), with the settled marks written at once, since
-        no attempt will write them: the copies released."""
+        no attempt will write them: the copies released.
+
+        `release=False` (the operator holds or deletes a copy) records a complete copy
+        in hold/ as forwarded but leaves it there: from then on it is the operator's,
+        and it never passes through the queue, where a runner could take it first."""
         pending = self._pending()
         if not pending:
             return []
-        self._recover(pending)
+        self._recover(pending, release=release)
         self._write()
         return self.released
 
@@ -134,7 +138,7 @@ class RecordedExpansions:
             if mark.state in (TargetState.STAGED, TargetState.FORWARDED)
         ]
 
-    def _recover(self, pending: list[tuple[int, TargetMark]]) -> None:
+    def _recover(self, pending: list[tuple[int, TargetMark]], *, release: bool = True) -> None:
         held: list[tuple[int, str]] = []
         changed = False
         for index, mark in pending:
@@ -151,7 +155,11 @@ class RecordedExpansions:
                 self._released(index, mark)
         if changed:
             self._write()  # FORWARDED is durable before any copy leaves hold/
-        self._release(held)
+        if release:
+            self._release(held)
+            return
+        for index, key in held:  # complete copies, left in hold/ for the operator
+            self._released(index, self.marks[index][key])
 
     def _release(self, targets: list[tuple[int, str]]) -> None:
         for index, key in targets:

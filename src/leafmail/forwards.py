@@ -10,11 +10,15 @@ the queue tools must not act on it blindly:
   the record said it existed; once it was delivered, the parent's recovery found
   STAGED and no copy, concluded "never made", and made a second one (a duplicate);
 * `leafmail hold` of a copy whose mark is still FORWARDED was undone by that recovery,
-  which releases every pending copy it finds in hold/.
+  which releases every pending copy it finds in hold/;
+* `leafmail delete` of a copy whose mark is still STAGED was undone the same way: the
+  recovery found no copy and made a new one.
 
 So a tool that changes a copy first settles its parent, under the parent's lock (it
 waits for an attempt in progress), exactly as the parent's next attempt would, and
-records the result; then it acts on a copy the record no longer waits for. The queue
+records the result; then it acts on a copy the record no longer waits for (hold and
+delete leave a copy that is in hold/ there, recorded as forwarded: it never passes
+through the queue, where a runner could send it before the operator's change). The queue
 manager does the same at its start for every copy in hold/, so a copy made during a
 deferred message's attempt is not kept until that message's next retry. A copy whose
 parent is gone, or settled already, is an ordinary held message.
@@ -37,8 +41,9 @@ def parent_of(spool: Spool, qid: str, state: str) -> str | None:
         return None  # gone, or damaged (moved to corrupt/): nothing to settle
 
 
-def settle_parent(spool: Spool, parent: str) -> list[str]:
-    """Settle `parent`'s pending forwards now and record them; the copies released."""
+def settle_parent(spool: Spool, parent: str, *, release: bool = True) -> list[str]:
+    """Settle `parent`'s pending forwards now and record them; the copies released
+    (`release=False`: complete copies stay in hold/, see RecordedExpansions.settle)."""
     with spool.locked(parent, wait=True) as state:
         if state is None:
             return []
@@ -46,13 +51,13 @@ def settle_parent(spool: Spool, parent: str) -> list[str]:
             message = unfreeze(spool, parent, state)
         except (UnknownMessage, CorruptMessage, EnvelopeError):
             return []
-        return RecordedExpansions(spool, parent, message.status).settle()
+        return RecordedExpansions(spool, parent, message.status).settle(release=release)
 
 
-def settle_copy(spool: Spool, qid: str, state: str) -> list[str]:
+def settle_copy(spool: Spool, qid: str, state: str, *, release: bool = True) -> list[str]:
     """Before a queue tool changes `qid`: settle its parent if it is a copy."""
     parent = parent_of(spool, qid, state)
-    return [] if parent is None else settle_parent(spool, parent)
+    return [] if parent is None else settle_parent(spool, parent, release=release)
 
 
 def settle_held(spool: Spool) -> int:

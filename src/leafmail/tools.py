@@ -104,9 +104,12 @@ def _status_json(status: MessageStatus) -> dict[str, Any]:
 
 
 def delete(spool: Spool, qid: str) -> None:
-    if check_id(spool, qid) is QueueState.CORRUPT:
+    """Remove the message (a forwarded copy's parent settled first: leafmail.forwards)."""
+    found = check_id(spool, qid)
+    if found is QueueState.CORRUPT:
         spool.remove(qid)
         return
+    settle_copy(spool, qid, found, release=False)
     with spool.locked(qid, wait=True) as state:
         if state is None:
             raise NoSuchMessage(f"{qid}: no such message (delivered or deleted meanwhile)")
@@ -171,7 +174,8 @@ def _move(spool: Spool, qid: str, sources: tuple[QueueState, ...], target: Queue
     found = check_id(spool, qid)
     if found is QueueState.CORRUPT:
         raise BadQueueId(f"{qid} is corrupt; inspect it in {spool.root}/corrupt or delete it")
-    if qid in settle_copy(spool, qid, found) and target is QueueState.QUEUE:
+    releasing = target is QueueState.QUEUE
+    if qid in settle_copy(spool, qid, found, release=releasing) and releasing:
         return True  # released by its parent's record, as the daemon would have
     with spool.locked(qid, wait=True) as state:
         if state is None:
