@@ -74,6 +74,8 @@ class PickupServer:
         committer: GroupCommitter,
         log: ServerLog,
         on_spooled: Callable[[str], None] | None = None,
+        *,
+        rate: SubmitRate,
     ) -> None:
         self.config = config
         self.committer = committer
@@ -83,11 +85,8 @@ class PickupServer:
         self._active = asyncio.Semaphore(MAX_ACTIVE)
         self._open = 0
         self._open_by_uid: dict[int, int] = {}
-        # Built in the queue manager after it dropped privileges: its euid is the
-        # daemon's user, which (like root) may write the spool without the socket.
-        pickup = config.pickup
-        self.exempt = frozenset({0, os.geteuid()})
-        self.rate = SubmitRate(pickup.message_rate_limit, pickup.rate_time_unit, self.exempt)
+        self.rate = rate  # [pickup] message_rate_limit per uid
+        self.exempt = rate.exempt  # uids counted by neither limit (root, the daemon's)
         self._listener = UnixListener(self.path)
 
     async def start(self) -> bool:

@@ -26,6 +26,7 @@ from .privsep import Inherited, become
 from .queue import QueueRunner, build_runner
 from .spool import GroupCommitter, Spool
 from .states import DeliveryMode, QueueState, Route
+from .submitrate import SubmitRate
 
 BACKLOG_INTERVAL = 0.5  # seconds between counts of queue/ for the in-flow delay
 
@@ -89,7 +90,15 @@ class Qmgr:
             self.committer = GroupCommitter(spool)
             reachable = dataclasses.replace(self.submit, spool=self.inherited.spool_path)
             notify = self.auto.notify if self.auto is not None else None
-            self.pickup = PickupServer(reachable, self.committer, self.log, on_spooled=notify)
+            # Per uid; not root, nor our own user (after `become`, the daemon's), who
+            # may write the spool without the socket anyway.
+            limits = self.pickup_config
+            rate = SubmitRate(
+                limits.message_rate_limit, limits.rate_time_unit, exempt={0, os.geteuid()}
+            )
+            self.pickup = PickupServer(
+                reachable, self.committer, self.log, on_spooled=notify, rate=rate
+            )
         self._queue_dir = str(spool.path(QueueState.QUEUE, "0" * 24).parent)
         return WorkerApp(start=self._start, run=self._run, close=self._close)
 
