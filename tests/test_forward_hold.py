@@ -15,11 +15,19 @@ import os
 import signal
 import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import FakeClock
-from leafmail_fixtures import CLI_TIMEOUT, clean_env, leafmail_command
+from leafmail_fixtures import (
+    CLI_TIMEOUT,
+    LeafmailFactory,
+    clean_env,
+    leafmail_command,
+    leafmail_servers,
+)
+from lifecycle_handlers import wait_until
 from smarthost import Smarthost, delivery_counts
 from test_expansion import BOB, HOST, MESSAGE, POLICY, SENDER, config_for, in_spool, runner_for
 from test_expansion import tmp_path as tmp_path  # the fixture (a directory VIRTUAL may use)
@@ -32,6 +40,11 @@ from leafmail.states import QueueState
 from leafmail.status import TargetState
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[LeafmailFactory]:
+    yield from leafmail_servers(tmp_path)
 
 
 def stop_here() -> None:
@@ -171,3 +184,16 @@ def test_at_start_the_queue_manager_releases_what_the_crash_left_in_hold(
     assert spool.find(copy) == QueueState.QUEUE
     assert mark_of(spool, qid) == (TargetState.DELIVERED, copy)
     assert settle_held(spool) == 0  # settled once: an operator's later hold would stay
+
+
+def test_a_starting_daemon_releases_what_the_crash_left_in_hold(
+    sink: Smarthost, tmp_path: Path, servers: LeafmailFactory
+) -> None:
+    """`leafmail serve` on that spool (offline: the copy then waits in queue/ for a flush)."""
+    spool, qid, copy = killed_mid_forward(tmp_path, sink, "committed")
+    daemon = servers.spawn(
+        ["--spool", str(spool.root), "--listen", "127.0.0.1:0"], spool_path=spool.root
+    )
+    assert wait_until(lambda: "released forwarded copies a crash left in hold/" in daemon.log())
+    assert spool.find(copy) == QueueState.QUEUE
+    assert mark_of(spool, qid) == (TargetState.DELIVERED, copy)

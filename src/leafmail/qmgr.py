@@ -116,17 +116,10 @@ class Qmgr:
                 self.auto.notify(qid)
 
     async def _run(self) -> None:
-        # Forwarded copies a crash left in hold/ go out now, not at their parent's next
-        # retry (leafmail.forwards); file work, so in a thread.
-        spool = Spool(self.inherited.spool_path, create=False)
-        try:
-            released = await asyncio.to_thread(settle_held, spool)
-        except OSError as exc:  # the parents' next attempts settle them instead
-            self.log.error("cannot settle forwarded copies in hold/", error=str(exc))
-        else:
-            if released:
-                self.log.info("released forwarded copies a crash left in hold/", count=released)
-        tasks = [asyncio.ensure_future(self._count_backlog())]
+        tasks = [
+            asyncio.ensure_future(self._count_backlog()),
+            asyncio.ensure_future(self._settle_held()),
+        ]
         if self.auto is not None:
             tasks.append(asyncio.ensure_future(self.auto.serve(self._stopping)))
         try:
@@ -134,6 +127,19 @@ class Qmgr:
         finally:
             for task in tasks:
                 task.cancel()
+
+    async def _settle_held(self) -> None:
+        """Forwarded copies a crash left in hold/ go out now, not at their parent's next
+        retry (leafmail.forwards). File work, so in a thread, beside the runner: each
+        parent is settled under its lock, which an attempt of it holds too."""
+        spool = Spool(self.inherited.spool_path, create=False)
+        try:
+            released = await asyncio.to_thread(settle_held, spool)
+        except OSError as exc:  # the parents' next attempts settle them instead
+            self.log.error("cannot settle forwarded copies in hold/", error=str(exc))
+            return
+        if released:
+            self.log.info("released forwarded copies a crash left in hold/", count=released)
 
     async def _count_backlog(self) -> None:
         """Publish how many messages wait in queue/ (offline they wait on purpose: 0)."""
