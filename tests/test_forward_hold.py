@@ -67,7 +67,7 @@ class StoppingSpool(Spool):
             stop_here()  # STAGED recorded, the copy in hold/
         return qid
 
-    def move(self, qid: str, src: str, dst: str) -> None:
+    def move(self, qid: str, src: QueueState, dst: QueueState) -> None:
         release = (src, dst) == (QueueState.HOLD, QueueState.QUEUE)
         if self.step == "recorded" and release:
             stop_here()  # FORWARDED recorded, not yet released

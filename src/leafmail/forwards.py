@@ -33,7 +33,7 @@ from .spool import CorruptMessage, Spool
 from .states import QueueState
 
 
-def parent_of(spool: Spool, qid: str, state: str) -> str | None:
+def parent_of(spool: Spool, qid: str, state: QueueState) -> str | None:
     """The message whose record tracks `qid`, if `qid` is a forwarded copy."""
     try:
         return spool.get(qid, state).envelope.forward_of
@@ -54,7 +54,7 @@ def settle_parent(spool: Spool, parent: str, *, release: bool = True) -> list[st
         return RecordedExpansions(spool, parent, message.status).settle(release=release)
 
 
-def settle_copy(spool: Spool, qid: str, state: str, *, release: bool = True) -> list[str]:
+def settle_copy(spool: Spool, qid: str, state: QueueState, *, release: bool = True) -> list[str]:
     """Before a queue tool changes `qid`: settle its parent if it is a copy."""
     parent = parent_of(spool, qid, state)
     return [] if parent is None else settle_parent(spool, parent, release=release)
