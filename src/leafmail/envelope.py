@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Set as AbstractSet
+from collections.abc import Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -183,7 +183,7 @@ def finite_number(value: object, key: str) -> float:
     return number
 
 
-def record_fields(data: object, what: str, keys: AbstractSet[str]) -> dict[str, object]:
+def record_fields(data: object, what: str, keys: Set[str]) -> dict[str, object]:
     """`data` as a dict with exactly these keys (the spool's strict JSON records)."""
     if not isinstance(data, dict) or set(data) != keys:
         raise EnvelopeError(f"{what} record has the wrong fields")
