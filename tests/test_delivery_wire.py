@@ -140,7 +140,7 @@ def test_replies_injected_after_starttls_are_refused(raw: MakeServer) -> None:
     [
         # A line without end is cut off after MAX_LINE octets, long before the timeout.
         ([b"220 mx.test ESMTP\r\n", b"250-" + b"x" * (4 * MAX_LINE)], "reply line too long"),
-        ([b"554 5.3.2 no service for you\r\n"], "greeting 554 5.3.2 no service for you"),
+        ([b"554 5.3.2 no service for you\r\n"], "554 5.3.2 no service for you"),
         ([b"220 mx.test\r\n", b"250-mx.test\r\n550 no\r\n"], "inside a 250 reply"),
         ([b"220 mx.test\r\n", b"250-mx.test\r\n600 no\r\n"], "not an SMTP reply code"),
     ],

@@ -184,7 +184,7 @@ async def open_connection(
     try:
         greeting = (await conn.reply()).reply
         if greeting.code != 220:
-            raise WireError(f"greeting {describe(greeting)}")
+            raise WireError(describe(greeting))
     except BaseException:
         conn.abort()
         raise

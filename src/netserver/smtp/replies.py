@@ -91,6 +91,10 @@ class Reply:
     code: int
     enhanced: str | None
     text: str | tuple[str, ...]
+    # A reply read from a server (the client role) keeps its text exactly as sent, control
+    # characters included, so what the next hop said is recorded as it said it; such a
+    # reply is for reading, and `to_bytes` refuses to put its control characters on a wire.
+    received: bool = field(default=False, kw_only=True, repr=False, compare=False)
     # The rendered reply, made at the first `to_bytes`: most replies are constants sent
     # to every client, so they are rendered once.
     _wire: bytes | None = field(default=None, init=False, repr=False, compare=False)
@@ -103,10 +107,14 @@ class Reply:
                 raise ValueError("3xx replies carry no enhanced status code (RFC 2034)")
             if not _ENHANCED.fullmatch(self.enhanced) or self.enhanced[0] != str(self.code)[0]:
                 raise ValueError(f"enhanced code {self.enhanced!r} does not fit {self.code}")
-        lines = self.lines
-        if not lines:
+        if not self.lines:
             raise ValueError("a reply needs at least one line of text")
-        for line in lines:
+        if not self.received:
+            self._check_text()
+
+    def _check_text(self) -> None:
+        """Refuse a control character, above all CR and LF, in the text (RFC 5321 4.2)."""
+        for line in self.lines:
             if _FORBIDDEN_TEXT.search(line):
                 raise ValueError(f"control character in reply text: {line!r}")
 
@@ -128,6 +136,8 @@ class Reply:
         """Render the reply, one ``code[-| ][enhanced ]text CRLF`` per line."""
         wire = self._wire
         if wire is None:
+            if self.received:
+                self._check_text()
             prefix = f"{self.enhanced} " if self.enhanced else ""
             lines = self.lines
             last = len(lines) - 1

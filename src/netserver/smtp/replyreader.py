@@ -12,8 +12,11 @@ a line longer than `MAX_LINE` octets, a reply of more than `MAX_REPLY_LINES` lin
 4.2), and a continuation line whose code differs from the first (RFC 5321 4.2.1) are a
 `BadReply`, after which the reader refuses everything. Lines may end in CRLF or, as
 Postfix's client tolerates, a bare LF. Text is decoded as UTF-8 (invalid octets
-replaced) and control characters become "?", so reply text can go into a log line or a
-bounce without carrying anything but text.
+replaced) and otherwise kept exactly as the server sent it (a `Reply` marked
+``received``, which `Reply.to_bytes` will not send on): what a reply says is
+recorded as it was (a queue's `--json` shows it exact), and each human-readable output
+escapes control characters where it prints them (the bounce's `clean`, the queue
+tools' `printable`), so no terminal or mail header receives them raw.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ MAX_REPLY: Final = 32768  # octets in one (multi-line) reply
 MAX_REPLY_LINES: Final = 200  # lines in one reply; an EHLO reply has about twenty
 
 _ENHANCED: Final = re.compile(r"([245])\.[0-9]{1,3}\.[0-9]{1,3}(?= |\Z)")
-_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _MEMO_LIMIT: Final = 256  # distinct one-line replies remembered (a server has a few)
 _MEMO_LINE: Final = 512  # longer lines are parsed each time: the memo stays small
 
@@ -41,8 +43,7 @@ class BadReply(Exception):
 
 
 def _text(raw: bytes) -> str:
-    text = raw.decode("utf-8", "replace").rstrip(" \t\r")
-    return _CONTROL.sub("?", text) if _CONTROL.search(text) else text
+    return raw.decode("utf-8", "replace").rstrip(" \t\r")
 
 
 def _head(line: bytes) -> tuple[int, bool]:
@@ -68,7 +69,7 @@ def parse_reply(code: int, lines: list[bytes]) -> Reply:
     if code // 100 != 3 and (match := _ENHANCED.match(texts[0])) and match[1] == str(code)[0]:
         enhanced = match[0]
         texts = [_without(t, enhanced) for t in texts]
-    return Reply(code, enhanced, texts[0] if len(texts) == 1 else tuple(texts))
+    return Reply(code, enhanced, texts[0] if len(texts) == 1 else tuple(texts), received=True)
 
 
 def _without(text: str, enhanced: str) -> str:
