@@ -75,3 +75,18 @@ def test_no_kind_of_received_field_lets_a_recipient_add_a_field() -> None:
     for blob in (local, smtp):
         assert header_section(blob + b"\r\n") == blob
         assert [name for name, _ in fields(blob)] == ["Received"], blob
+
+
+def test_smtputf8_is_needed_for_the_header_section_only() -> None:
+    """Delivery asks for SMTPUTF8 when the header section is not ASCII (RFC 6531): the
+    same header section as everywhere else, so a message with no header fields (it
+    starts with its empty line) whose body opens with UTF-8 does not."""
+    from leafmail.delivery.session import needs_smtputf8
+    from leafmail.envelope import Envelope, Recipient
+
+    envelope = Envelope(sender="a@src.test", recipients=(Recipient("b@dst.test"),))
+    headerless = b"\r\ncaf\xc3\xa9 first paragraph\r\n\r\nsecond\r\n"
+    assert header_section(headerless) == b""
+    assert not needs_smtputf8(envelope, headerless)
+    assert needs_smtputf8(envelope, b"Subject: caf\xc3\xa9\r\n\r\nbody\r\n")
+    assert not needs_smtputf8(envelope, b"Subject: plain\r\n\r\ncaf\xc3\xa9\r\n")

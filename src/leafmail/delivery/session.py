@@ -23,6 +23,7 @@ from netserver.smtp.parameters import xtext_encode
 from netserver.smtp.replies import Reply
 
 from ..envelope import Envelope, Recipient
+from ..trace import header_section
 from . import Handoff, Result, all_results
 from .wire import ClientLink, WireError, describe, message_of
 
@@ -238,8 +239,7 @@ def needs_smtputf8(envelope: Envelope, data: bytes) -> bool:
     addresses = [envelope.sender, *(r.address for r in envelope.recipients)]
     if not all(a.isascii() for a in addresses):
         return True
-    end = data.find(b"\r\n\r\n")
-    return not data[: end if end >= 0 else len(data)].isascii()
+    return not header_section(data).isascii()
 
 
 def has_8bit(data: bytes) -> bool:
