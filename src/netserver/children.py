@@ -129,3 +129,19 @@ def receive_fds(chan: socket.socket, max_msg: int, max_fds: int) -> tuple[bytes,
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds += [fd for (fd,) in _FD.iter_unpack(raw[: len(raw) - len(raw) % _FD.size])]
     return data, fds
+
+
+def receive_ready(
+    chan: socket.socket, max_msg: int, max_fds: int
+) -> tuple[bytes, list[int]] | None:
+    """`receive_fds` on a non-blocking channel: None when nothing is waiting now.
+
+    A channel that fails reads as ended (``b""``, no descriptors), as a closed one does:
+    either way the peer is gone, and the reader of a supervisor's channel ends its work.
+    """
+    try:
+        return receive_fds(chan, max_msg, max_fds)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b"", []

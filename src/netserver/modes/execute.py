@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 
 from ..accepted import Accepted
-from ..children import fork_with_channel, kill_and_reap, run_child, watch_child
+from ..children import fork_with_channel, kill_and_reap, run_child, send_fd, watch_child
 from ..connlog import ConnRecord
 from ..errors import ConfigError
 from ..handlers import Command
@@ -47,7 +47,6 @@ from .spawner import (
     CONN_TCP,
     CONN_UNIX,
     END,
-    FD,
     KILL_AFTER,
     OUTCOMES,
     TERMINATE,
@@ -345,9 +344,8 @@ class ExecMode:
         proc = self._available()
         while proc is not None and self.pending:
             cid, message, conn = self.pending[0]
-            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, FD.pack(conn.sock.fileno()))]
             try:
-                proc.chan.sendmsg([message], rights)
+                send_fd(proc.chan, message, conn.sock.fileno())
             except BlockingIOError:
                 self.ctx.loop.add_writer(proc.chan.fileno(), self._writable, proc)
                 return

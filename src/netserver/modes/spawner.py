@@ -52,7 +52,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from .. import tcpinfo
-from ..children import kill_and_reap, receive_fds
+from ..children import kill_and_reap, receive_ready
 from ..connlog import ServerLog
 from .base import RESET_SIGNALS
 
@@ -65,7 +65,6 @@ MAX_MSG = 65536
 MAX_RECORDS = 4096 // END.size  # per report packet
 KILL_AFTER = 5.0
 _PEERCRED = struct.Struct("3i")
-FD = struct.Struct("i")  # a descriptor number in SCM_RIGHTS data
 SLOT = struct.Struct("=Qi4x")  # a roster entry: connection id, pid (0: free)
 UNBOUNDED_SLOTS = 65536  # roster size when the server has no connection cap
 
@@ -172,12 +171,10 @@ class Spawner:
     # -- messages from the supervisor -----------------------------------------------------
     def _messages(self) -> None:
         while self.listening:
-            try:
-                data, fds = receive_fds(self.chan, MAX_MSG, 2)
-            except (BlockingIOError, InterruptedError):
+            received = receive_ready(self.chan, MAX_MSG, 2)
+            if received is None:
                 return
-            except OSError:
-                data, fds = b"", []
+            data, fds = received
             if not data:  # the supervisor is done (or gone): finish what runs
                 self.listening = False
                 self.poll.unregister(self.chan.fileno())

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from ..accepted import Accepted, FdRegistry
-from ..children import receive_fds
+from ..children import receive_ready
 from ..connlog import ConnRecord, ServerLog
 from ..endpoint import Endpoint
 from ..handlers import LoopHandler
@@ -128,12 +128,10 @@ class Worker:
 
     def _message(self) -> None:
         while True:
-            try:
-                data, fds = receive_fds(self.chan, MAX_MSG, 1)
-            except (BlockingIOError, InterruptedError):
+            received = receive_ready(self.chan, MAX_MSG, 1)
+            if received is None:
                 return
-            except OSError:
-                data, fds = b"", []
+            data, fds = received
             if not data:
                 # The supervisor is gone: end now, as the PR_SET_PDEATHSIG kill would
                 # (no clean-up either way: serve nobody, unsupervised, a moment longer).
