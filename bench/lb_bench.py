@@ -140,11 +140,16 @@ class ViaTarget(ProcessTarget):
 def run_rounds(
     loads: Sequence[Load], rounds: int, messages: int | None, gate: QuietGate
 ) -> list[Sample]:
-    """Each round: a fresh node and HAProxy; every load direct and through, order rotated."""
+    """Each round: a fresh node and HAProxy; every load direct and through, order rotated.
+
+    Each round's tree is kept until the end: deleting it would tax the next round's file
+    creation on ext4 without a journal (`bench.inodes`). Both ways of a round share one
+    spool and nothing is deleted between them, so they pay alike.
+    """
     samples: list[Sample] = []
-    for round_ in range(rounds):
-        with tempfile.TemporaryDirectory(prefix="lb-bench-") as tmp:
-            scratch = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="lb-bench-") as top:
+        for round_ in range(rounds):
+            scratch = Path(tempfile.mkdtemp(prefix=f"round{round_ + 1}-", dir=top))
             with running(node_spec(scratch), scratch) as node:
                 store = scratch / "spool" / "queue"
                 direct = ProcessTarget(node, store)

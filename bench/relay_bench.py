@@ -59,6 +59,7 @@ from pathlib import Path
 
 from . import machine
 from .cpu import machine_cpu, process_cpu
+from .inodes import Cooldown
 from .procs import ROOT, RunningServer, ServerSpec, start, stop
 from .quiet import QuietGate
 from .report import fmt_or_na, median_known, progress, unwind_on_sigterm, write_section
@@ -553,22 +554,35 @@ RUNNERS: dict[str, Callable[[Sample, Path, int, int, float], None]] = {
 }
 
 
-def run_rounds(sides: Sequence[str], args: argparse.Namespace, gate: QuietGate) -> list[Sample]:
-    """Every side `args.rounds` times, the order rotated each round."""
+def run_rounds(
+    sides: Sequence[str], args: argparse.Namespace, gate: QuietGate, scratch: Path
+) -> list[Sample]:
+    """Every side `args.rounds` times, the order rotated each round.
+
+    Every side deletes what it delivers, so each run starts only once the previous
+    run's deletions no longer tax file creation (`bench.inodes`), and each run's tree
+    stays under `scratch` until the benchmark ends: deleting it would tax the next side.
+    """
     samples: list[Sample] = []
     timeout = args.timeout or max(120.0, args.messages / 25)
+    cooldown = Cooldown.for_path(scratch) if args.cooldown else Cooldown(0.0)
     for round_ in range(1, args.rounds + 1):
         k = (round_ - 1) % len(sides)
         for side in [*sides[k:], *sides[:k]]:
             s = Sample(side, round_, args.messages)
-            with tempfile.TemporaryDirectory(prefix=f"relay-bench-{side}-") as tmp:
-                gate.wait()
-                try:
-                    RUNNERS[side](s, Path(tmp), args.size, args.concurrency, timeout)
-                except (Failed, subprocess.SubprocessError, OSError) as exc:
-                    s.problems.append(f"{type(exc).__name__}: {exc}")
+            cooldown.wait()
+            tmp = Path(tempfile.mkdtemp(prefix=f"{side}-{round_}-", dir=scratch))
+            gate.wait()
+            try:
+                RUNNERS[side](s, tmp, args.size, args.concurrency, timeout)
+            except (Failed, subprocess.SubprocessError, OSError) as exc:
+                s.problems.append(f"{type(exc).__name__}: {exc}")
+            finally:
+                cooldown.deleted()
             samples.append(s)
             progress(_line(s))
+    if cooldown.waited:
+        progress(f"waited {cooldown.waited:.0f} s in all for deletions to stop costing")
     return samples
 
 
@@ -771,6 +785,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet-wait", type=float, default=120.0, help="seconds to wait, in all, "
                    "for a quiet machine before runs")  # fmt: skip
     p.add_argument(
+        "--no-cooldown",
+        dest="cooldown",
+        action="store_false",
+        help="start each run at once, even on ext4 without a journal, where the previous "
+        "run's deletions then tax its file creation (bench/inodes.py)",
+    )
+    p.add_argument(
         "--results",
         type=Path,
         nargs="?",
@@ -813,7 +834,11 @@ def main(argv: list[str] | None = None) -> int:
     if not SMTP_SINK.exists():
         raise SystemExit(f"{SMTP_SINK} is missing (Debian package postfix)")
     gate = QuietGate(args.quiet_wait)
-    samples = run_rounds(sides, args, gate) if sides else []
+    samples: list[Sample] = []
+    if sides:
+        with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
+            os.chmod(tmp, 0o711)  # noqa: S103 - search only, for the postfix user
+            samples = run_rounds(sides, args, gate, Path(tmp))
     lines = report(samples, sides, args, gate, notes)
     print("\n".join(lines))
     if args.results:
