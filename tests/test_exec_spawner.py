@@ -11,6 +11,7 @@ import functools
 import os
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from lifecycle_handlers import (
     wait_until,
 )
 
+from netserver.modes.divert import spawn_shell
 from netserver.modes.execute import SPAWNERS
 from netserver.modes.spawner import Program, Roster, spawn
 
@@ -144,14 +146,24 @@ def test_the_roster_is_written_by_the_spawner_and_read_by_the_supervisor() -> No
         roster.close()
 
 
+def _exec_status(into: int) -> int:
+    return spawn(Program("/bin/cat", ("cat", "/proc/self/status"), {}, None), {}, into)
+
+
+def _twist_status(into: int) -> int:
+    return spawn_shell("exec cat /proc/self/status", {}, into)
+
+
 @pytest.mark.slow  # starts a command
-def test_a_command_starts_with_every_signal_at_its_default() -> None:
+@pytest.mark.parametrize("start", [_exec_status, _twist_status], ids=["exec", "twist"])
+def test_a_command_starts_with_every_signal_at_its_default(start: Callable[[int], int]) -> None:
     """Even a signal the server inherited as ignored (nohup leaves SIGHUP so; here
-    SIGPROF, which no code of the server touches) is not ignored in the command."""
+    SIGPROF, which no code of the server touches) is not ignored in the command: an
+    exec command, or a tcpd twist/spawn shell."""
     before = signal.signal(signal.SIGPROF, signal.SIG_IGN)
     try:
         out, into = os.pipe()  # in the socket's place: the command's stdin and stdout
-        pid = spawn(Program("/bin/cat", ("cat", "/proc/self/status"), {}, None), {}, into)
+        pid = start(into)
         os.close(into)
         with os.fdopen(out, "rb") as stream:
             status = stream.read().decode()

@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 
 from ..accepted import Accepted
-from .base import RESET_SIGNALS, ModeContext
+from .base import DEFAULT_SIGNALS, ModeContext
 from .execute import tcp_environ
 from .process import ProcessMode
 
@@ -34,7 +34,7 @@ def spawn_shell(command: str, env: Mapping[str, str], fd: int | None = None) -> 
         ["sh", "-c", command],
         env,
         file_actions=actions,
-        setsigdef=RESET_SIGNALS,
+        setsigdef=DEFAULT_SIGNALS,
         setsigmask=(),
     )
 

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from .. import tcpinfo
 from ..children import kill_and_reap, receive_ready
 from ..connlog import ServerLog
-from .base import RESET_SIGNALS
+from .base import DEFAULT_SIGNALS, RESET_SIGNALS
 
 CONN_TCP, CONN_UNIX, TERMINATE = b"C", b"U", b"T"
 CONN_HEAD = struct.Struct("=cQH")  # kind, connection id, socket family; then the variables
@@ -325,14 +325,6 @@ class Spawner:
         for run in self.running.values():
             run.outcome = TERMINATED
             self._end(run)
-
-
-# Every signal back at its default disposition in the command, not only those the
-# server's own code ignores or catches: one the server's parent left ignored (nohup does
-# that) would stay ignored through the exec. glibc's posix_spawn also makes one system
-# call in the child for a signal given here and two (query, then set) for any other:
-# 62 rt_sigaction per spawn instead of 109.
-DEFAULT_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 
 
 def spawn(command: Program, env: Mapping[bytes, bytes], fd: int) -> int:
