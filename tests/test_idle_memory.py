@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -96,3 +97,32 @@ def test_the_supervisor_keeps_no_socket_or_local_endpoint_per_handed_off_connect
         assert len({id(live.conn.record.peer) for live in lives}) == CLIENTS
 
     _run(ModeSpec("async", workers=1), check)
+
+
+# What `leafmail serve` imports before it forks its processes: each module is in all of
+# them (shared until a process writes near it), so one no process runs is pure cost.
+SERVE_IMPORTS = "import leafmail.cli, leafmail.daemon, sys; print(' '.join(sorted(sys.modules)))"
+NOT_SERVED = (
+    "netserver.cli",  # the netserver command: leafmail needs only netserver.usage
+    "netserver.gates",
+    "netserver.inetd",
+    "netserver.tcpd",
+    "leafmail.bulk",  # the queue tools: a command of their own, never `serve`
+    "leafmail.qshape",
+    "leafmail.tools",
+    "leafmail.aliases",  # only with [local], which imports it where it is used
+)
+
+
+def test_leafmail_serve_imports_no_command_its_processes_never_run() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", SERVE_IMPORTS],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    modules = set(done.stdout.split())
+    assert {"leafmail.daemon", "leafmail.smtpd", "leafmail.qmgr", "netserver.usage"} <= modules
+    loaded = sorted(m for m in modules if m.startswith(NOT_SERVED))
+    assert loaded == []

@@ -50,6 +50,7 @@ CORE = frozenset(
         "stdio",
         "strictconf",
         "tcpinfo",
+        "usage",
     }
 )
 # Subpackages and top-level modules above the core, lowest first.

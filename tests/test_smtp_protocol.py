@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import FrozenInstanceError, dataclass, field
 from typing import Any
 
 import pytest
@@ -1204,6 +1204,19 @@ def test_a_session_has_only_slots() -> None:
     assert not hasattr(protocol, "__dict__")
     with pytest.raises(AttributeError):
         protocol.extra = 1  # type: ignore[attr-defined]
+
+
+def test_the_session_facts_an_idle_client_keeps_have_only_slots() -> None:
+    """The `Session` made at EHLO lives as long as the connection: thousands of idle
+    clients each keep one, so it is an object of slots too (issue 12's idle target)."""
+    protocol = ServerProtocol(CONFIG)
+    protocol.receive_data(b"EHLO client.test\r\n")
+    assert isinstance(protocol.pending, Helo)
+    protocol.accept()
+    assert protocol.session.helo == "client.test" and protocol.session.esmtp
+    assert not hasattr(protocol.session, "__dict__")
+    with pytest.raises(FrozenInstanceError):
+        protocol.session.helo = "other.test"  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(

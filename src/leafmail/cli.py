@@ -27,7 +27,6 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from netserver.cli import UsageParser, add_runtime_flags, exit_status
 from netserver.connlog import ServerLog
 from netserver.errors import (
     EX_DATAERR,
@@ -39,10 +38,10 @@ from netserver.errors import (
 )
 from netserver.readiness import ready_fd_writer
 from netserver.server import loop_factory
+from netserver.usage import UsageParser, add_runtime_flags, exit_status
 
-from . import bulk, control, fanout, listing, qshape, tools
 from . import config as configuration
-from .aliases import Aliases
+from . import control, fanout, listing
 from .auth import hash_password
 from .printable import printable
 from .privsep import spool_owner
@@ -425,6 +424,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def cmd_qshape(args: argparse.Namespace) -> int:
+    from . import qshape  # here, as each tool's own: no process of `serve` runs it
+
     entries = listing.iter_queue(
         _spool(args), _selection(args, (QueueState.QUEUE, QueueState.DEFERRED))
     )
@@ -439,6 +440,8 @@ def cmd_qshape(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from . import tools  # here, as each tool's own: no process of `serve` runs it
+
     info, data = tools.show(_spool(args), args.id)
     head = json.dumps(info, indent=2) + "\n"  # ASCII: JSON escapes the rest
     if args.envelope:
@@ -481,6 +484,8 @@ def cmd_newaliases(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
+        from .aliases import Aliases  # here: no process of `serve` runs this check
+
         table = Aliases(path, config.local_domains).table()
     except ConfigError as exc:  # readable, so the mistake is in its text
         raise AliasesError(str(exc)) from None
@@ -497,6 +502,8 @@ class AliasesError(NetserverError):
 
 def cmd_change(args: argparse.Namespace) -> int:
     """delete / hold / release / requeue what the ids and filters select (leafmail.bulk)."""
+    from . import bulk  # here, as each tool's own: no process of `serve` runs it
+
     spool = _spool(args)
     status, changed = bulk.run(
         args.command,

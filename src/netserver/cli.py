@@ -16,7 +16,6 @@ import ipaddress
 import ssl
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import NoReturn
 
 from . import errors
 from .admit.access import AccessPolicy
@@ -36,15 +35,9 @@ from .tcpd.access import DEFAULT_ALLOW, DEFAULT_DENY, HostsAccess, HostsLoader, 
 from .tcpd.check import check_lines
 from .tcpd.envnames import NameOptions
 from .tcpd.names import ResolverNames
+from .usage import UsageParser, add_runtime_flags, count, exit_status
 
 PROG = "netserver"
-
-
-class UsageParser(argparse.ArgumentParser):
-    """argparse, but usage errors exit 64 (EX_USAGE) instead of 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(errors.EX_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _positive_float(text: str) -> float:
@@ -55,12 +48,6 @@ def _positive_float(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
     return value
-
-
-def _count(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
-    return int(text)
 
 
 def _add_access_flags(p: argparse.ArgumentParser) -> None:
@@ -148,28 +135,6 @@ def _tls_loader(args: argparse.Namespace) -> Callable[[], ssl.SSLContext] | None
     return lambda: load_context(cert, key)
 
 
-def add_runtime_flags(group: argparse._ActionsContainer) -> None:
-    """--log-format, --loop and --ready-fd, which every serving command shares."""
-    group.add_argument(
-        "--log-format",
-        choices=("text", "json"),
-        default="text",
-        help="one line per connection on stderr, as text or JSON",
-    )
-    group.add_argument(
-        "--loop",
-        choices=("auto", "asyncio", "uvloop"),
-        default="auto",
-        help="event loop (default: uvloop if installed)",
-    )
-    group.add_argument(
-        "--ready-fd",
-        type=_count,
-        metavar="FD",
-        help="when listening, write 'READY ADDR ...' to this descriptor and close it",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = UsageParser(
         prog=PROG,
@@ -220,14 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     lim = s.add_argument_group("limits")
     lim.add_argument(
         "--max-conns",
-        type=_count,
+        type=count,
         default=1024,
         metavar="N",
         help="connections at once; more wait in the backlog (default 1024, 0 = no limit)",
     )
     lim.add_argument(
         "--max-per-source",
-        type=_count,
+        type=count,
         default=0,
         metavar="N",
         help="connections at once from one address (default no limit)",
@@ -248,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lim.add_argument(
         "--max-line",
-        type=_count,
+        type=count,
         default=65536,
         metavar="BYTES",
         help="longest line a handler may read (default 65536)",
@@ -262,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--workers",
-        type=_count,
+        type=count,
         default=0,
         metavar="N",
         help="async mode: serve in N worker processes, one event loop each, so a handler "
@@ -271,21 +236,21 @@ def build_parser() -> argparse.ArgumentParser:
     pre = s.add_argument_group("prefork pool")
     pre.add_argument(
         "--workers-min",
-        type=_count,
+        type=count,
         default=2,
         metavar="N",
         help="workers kept running (default 2)",
     )
     pre.add_argument(
         "--workers-max",
-        type=_count,
+        type=count,
         default=32,
         metavar="N",
         help="most workers under load (default 32)",
     )
     pre.add_argument(
         "--recycle",
-        type=_count,
+        type=count,
         default=1000,
         metavar="N",
         help="replace a worker after N connections (default 1000)",
@@ -473,18 +438,6 @@ def _client_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
         return unmap(ipaddress.ip_address(host))
     except ValueError:
         return None
-
-
-def exit_status(prog: str, run: Callable[[], int]) -> int:
-    """Run a command's body: a NetserverError becomes one line on stderr and its sysexits
-    code, Ctrl-C becomes 130; never a traceback for something the user can fix."""
-    try:
-        return run()
-    except errors.NetserverError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:

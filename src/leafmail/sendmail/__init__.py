@@ -29,8 +29,8 @@ import sys
 from collections.abc import Sequence
 from typing import BinaryIO
 
-from netserver.cli import exit_status
 from netserver.errors import EX_OK, UnavailableError, UsageError
+from netserver.usage import exit_status
 
 from .. import config as configuration
 from .. import listing

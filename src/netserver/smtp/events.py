@@ -35,7 +35,7 @@ __all__ = [
 # --- session facts -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per connection, thousands idle at once
 class Session:
     """What is known about the client; reset by STARTTLS (RFC 3207 4.2)."""
 
