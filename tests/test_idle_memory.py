@@ -111,6 +111,7 @@ NOT_SERVED = (
     "leafmail.qshape",
     "leafmail.tools",
     "leafmail.aliases",  # only with [local], which imports it where it is used
+    "email.policy",  # only leafmail.api.submit given an email.message.Message needs it
 )
 
 

@@ -15,7 +15,6 @@ behaves the same when its pickup service is down).
 from __future__ import annotations
 
 import email.message
-import email.policy
 import os
 from collections.abc import Sequence
 
@@ -125,7 +124,9 @@ def _wire_form(message: bytes | email.message.Message) -> bytes:
     """The message with CRLF line ends (a lone CR or LF becomes CRLF), ending in one, and
     without NUL octets (which no next hop may be sent)."""
     if isinstance(message, email.message.Message):
-        message = message.as_bytes(policy=email.policy.SMTP)
+        from email.policy import SMTP  # here: no process of `leafmail serve` needs it
+
+        message = message.as_bytes(policy=SMTP)
     lines = without_nul(message).replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
     if lines[-1] == b"":
         lines.pop()
