@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -134,17 +135,25 @@ def test_clean_tmp_removes_crash_leftovers(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "tmp") == []
 
 
+def _commit_many(committer: GroupCommitter, count: int) -> list[str]:
+    """Commit `count` different messages at once from one loop, then close the committer."""
+
+    async def many() -> list[str]:
+        return await asyncio.gather(
+            *(committer.commit(ENV, DATA + b"%d" % i) for i in range(count))
+        )
+
+    try:
+        return asyncio.run(many())
+    finally:
+        committer.close()
+
+
 def test_group_commit_shares_syncs(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     committer = GroupCommitter(spool)
 
-    async def many() -> list[str]:
-        return await asyncio.gather(*(committer.commit(ENV, DATA + b"%d" % i) for i in range(200)))
-
-    try:
-        qids = asyncio.run(many())
-    finally:
-        committer.close()
+    qids = _commit_many(committer, 200)
     assert len(set(qids)) == 200
     assert sorted(qids) == spool.ids()
     assert committer.committed == 200
@@ -176,13 +185,7 @@ def test_group_commit_writes_in_the_loop_and_syncs_per_batch(tmp_path: Path) -> 
     spool = _WatchedSpool(tmp_path)
     committer = GroupCommitter(spool)
 
-    async def many() -> list[str]:
-        return await asyncio.gather(*(committer.commit(ENV, DATA + b"%d" % i) for i in range(50)))
-
-    try:
-        qids = asyncio.run(many())
-    finally:
-        committer.close()
+    qids = _commit_many(committer, 50)
     assert spool.writers == {threading.main_thread().name}
     assert sum(spool.barriers) == 50 and len(spool.barriers) == committer.batches < 50
     assert sorted(qids) == spool.ids() and os.listdir(tmp_path / "tmp") == []
@@ -200,6 +203,108 @@ def test_group_commit_writes_a_big_message_off_the_loop(tmp_path: Path) -> None:
         committer.close()
     assert threading.main_thread().name not in spool.writers and len(spool.writers) == 1
     assert spool.ids() == [qid] and spool.get(qid).data == big
+
+
+class _Trail:
+    """Records, in order, which thread made each durability step of a commit (wrapping
+    the real system calls, which still run) and how often a thread woke the loop."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, spool_dir: Path) -> None:
+        self.steps: list[tuple[str, str]] = []
+        self.wakeups = 0
+        queue_dir = os.stat(spool_dir / "queue")
+        real_rename, real_fsync, real_fdatasync = os.rename, os.fsync, os.fdatasync
+
+        def rename(src: str, dst: str) -> None:
+            self._note("rename")
+            real_rename(src, dst)
+
+        def fsync(fd: int) -> None:
+            st = os.fstat(fd)
+            same = (st.st_dev, st.st_ino) == (queue_dir.st_dev, queue_dir.st_ino)
+            self._note("fsync queue/" if same else "fsync")
+            real_fsync(fd)
+
+        def fdatasync(fd: int) -> None:
+            self._note("fdatasync")
+            real_fdatasync(fd)
+
+        monkeypatch.setattr(os, "rename", rename)
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+
+    def _note(self, step: str) -> None:
+        self.steps.append((threading.current_thread().name, step))
+
+    def watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Count the calls other threads schedule on `loop` (each one wakes it)."""
+        real = loop.call_soon_threadsafe
+
+        def counted(*args: Any, **kwargs: Any) -> asyncio.Handle:
+            self.wakeups += 1
+            return real(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign,assignment]
+
+
+def test_a_lone_commit_is_one_hop_with_the_same_barriers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One message with nothing else committing: one thread syncs the data, renames the
+    file and fsyncs queue/, in that order, before `commit` returns, and wakes the loop
+    once (the pipeline would hand it to the loop for the rename and to a second thread)."""
+    spool = Spool(tmp_path)
+    committer = GroupCommitter(spool)
+    trail = _Trail(monkeypatch, tmp_path)
+
+    async def one() -> tuple[str, list[tuple[str, str]]]:
+        trail.watch(asyncio.get_running_loop())
+        qid = await committer.commit(ENV, DATA)
+        return qid, list(trail.steps)
+
+    try:
+        qid, steps_at_answer = asyncio.run(one())
+    finally:
+        committer.close()
+    assert steps_at_answer == [
+        ("leafmail-write", "fdatasync"),
+        ("leafmail-write", "rename"),
+        ("leafmail-write", "fsync queue/"),
+    ]
+    assert trail.wakeups == 1
+    assert spool.ids() == [qid] and os.listdir(tmp_path / "tmp") == []
+    assert committer.committed == committer.batches == 1
+
+
+def test_a_crowd_still_goes_through_the_pipeline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches of many keep the pipeline: the loop renames them and the second thread
+    fsyncs queue/, so one batch's directory barrier overlaps the next one's data."""
+    spool = _WatchedSpool(tmp_path)
+    committer = GroupCommitter(spool)
+    trail = _Trail(monkeypatch, tmp_path)
+
+    qids = _commit_many(committer, 50)
+    assert max(spool.barriers) > 1
+    assert (threading.main_thread().name, "rename") in trail.steps
+    assert ("leafmail-publish", "fsync queue/") in trail.steps
+    assert sorted(qids) == spool.ids() and committer.committed == 50
+
+
+def test_a_lone_commit_that_cannot_rename_is_refused(tmp_path: Path) -> None:
+    """A failure on the lone path answers SpoolError (4xx) and leaves no file behind."""
+    spool = Spool(tmp_path)
+    committer = GroupCommitter(spool)
+    os.rename(tmp_path / "queue", tmp_path / "queue.old")
+    (tmp_path / "queue").write_bytes(b"not a directory")  # rename(2) into it: ENOTDIR
+    try:
+        with pytest.raises(SpoolError):
+            asyncio.run(committer.commit(ENV, DATA))
+    finally:
+        committer.close()
+    assert os.listdir(tmp_path / "tmp") == [] and os.listdir(tmp_path / "queue.old") == []
+    assert committer.committed == 0
 
 
 def test_group_commit_reports_failure(tmp_path: Path) -> None:
