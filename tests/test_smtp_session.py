@@ -10,6 +10,7 @@ listener (event-loop mode) with real SMTP clients on loopback.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -170,3 +171,54 @@ def test_a_stop_says_421_to_an_idle_session_and_waits_for_a_transaction() -> Non
             writer.close()
 
     _serve(service, check)
+
+
+def test_the_250_reaches_the_client_before_the_queue_manager_is_told(tmp_path: Path) -> None:
+    """Once the commit is durable the client's 250 goes out at once: the queue manager's
+    announcement (which wakes another process) waits behind it, not the other way round."""
+    spool = Spool(tmp_path / "spool")
+    committer = GroupCommitter(spool)
+    client = socket.socket()
+    client.setblocking(False)
+    waiting_at_announcement: list[bytes] = []
+
+    def announce(qid: str) -> None:
+        try:  # what the client could read right now, left for it to read
+            waiting_at_announcement.append(client.recv(4096, socket.MSG_PEEK))
+        except BlockingIOError:
+            waiting_at_announcement.append(b"")
+
+    service = ReceiveService(
+        ServerConfig(hostname="mx.test"), committer, Policy(), on_spooled=announce
+    )
+
+    async def check(server: Server, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(client, ("127.0.0.1", port))
+        answered = b""
+        for command in (b"EHLO c.test", b"MAIL FROM:<a@c.test>", b"RCPT TO:<b@mx.test>", b"DATA"):
+            answered += await _raw_reply(loop, client)
+            await loop.sock_sendall(client, command + b"\r\n")
+        answered += await _raw_reply(loop, client)
+        assert answered.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+        await loop.sock_sendall(client, b"Subject: s1\r\n\r\nbody\r\n.\r\n")
+        queued = await _raw_reply(loop, client)
+        (qid,) = spool.ids()
+        assert queued == b"250 2.0.0 OK queued as %s\r\n" % qid.encode()
+        assert waiting_at_announcement == [queued]
+        client.close()
+
+    try:
+        _serve(service, check)
+    finally:
+        committer.close()
+
+
+async def _raw_reply(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> bytes:
+    """One reply read from a raw socket (each of these replies is one line)."""
+    got = b""
+    while not got.endswith(b"\r\n") or got.rsplit(b"\r\n", 2)[-2][3:4] == b"-":
+        chunk = await loop.sock_recv(sock, 4096)
+        assert chunk, "connection closed while a reply was expected"
+        got += chunk
+    return got

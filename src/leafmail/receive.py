@@ -172,7 +172,7 @@ class ReceiveService:
 
     async def decide(
         self,
-        conn: LoopConnection,
+        conn: CallbackConnection,
         proto: ServerProtocol,
         facts: CheckContext,
         event: DecisionEvent,
@@ -260,7 +260,11 @@ class ReceiveService:
             self.log.info(message, **fields)
 
     async def _message(
-        self, conn: LoopConnection, proto: ServerProtocol, facts: CheckContext, event: MessageReady
+        self,
+        conn: CallbackConnection,
+        proto: ServerProtocol,
+        facts: CheckContext,
+        event: MessageReady,
     ) -> None:
         facts.data = event.data
         verdict = await self.judge(Stage.END_OF_DATA, facts)
@@ -287,6 +291,11 @@ class ReceiveService:
             proto.reject(SPOOL_FAILED)
             return
         proto.accept(replies.queued(qid))
+        # The 250 goes out now, not when the session's task has ended (a loop turn later,
+        # after the announcement below, which wakes the queue manager's process first).
+        # Nothing else is pending: the session sent its replies before this task began.
+        if not conn.is_lost:
+            conn.write(proto.data_to_send())
         if self.on_spooled is not None:
             self.on_spooled(qid)
 
