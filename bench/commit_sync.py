@@ -4,27 +4,44 @@ Issue 12: for one session the wait is the commit, so the faster barrier for a ba
 one should be used. Each loop creates a 1,500-byte file in tmp/, makes it durable, renames
 it into q/ and makes the rename durable, as `leafmail.spool` does; "fsync" uses
 fdatasync of the file and fsync of the directory, "syncfs" flushes the file system both
-times. Rounds alternate so drift of a shared disk spreads over both.
+times, "mixed" uses fdatasync for the file and syncfs for the rename. Rounds alternate
+so drift of a shared disk spreads over all three.
 
-    python -m bench.commit_sync DIR [--messages 300] [--rounds 3]
+With ``--committer`` it compares the hand-overs instead: one coroutine commits messages
+one at a time through leafmail's `GroupCommitter`, through the two-thread pipeline
+(``alone=False``: the loop, the sync thread, the loop for the rename, the directory
+thread, the loop) and through the one-thread path a lone message takes now
+(``alone=True``). It prints the median wait per commit and, per commit, the process's
+CPU time and voluntary context switches (each one a thread or the loop going to sleep
+and being woken), which a busy machine disturbs far less than the wait.
+
+    python -m bench.commit_sync DIR [--messages 300] [--rounds 3] [--committer]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ctypes
 import ctypes.util
 import os
+import resource
+import statistics
+import tempfile
 import time
 from collections.abc import Callable
+
+from leafmail.envelope import ClientInfo, Envelope, Recipient
+from leafmail.spool import GroupCommitter, Spool
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _SYNCFS: Callable[[int], int] = _LIBC.syncfs
 DATA = b"x" * 1500
+KINDS = ("fsync", "syncfs", "mixed")
 
 
 def run(directory: str, kind: str, count: int) -> float:
-    """Messages per second committed with `kind` ("fsync" or "syncfs")."""
+    """Messages per second committed with `kind` ("fsync", "syncfs" or "mixed")."""
     tmp, queue = os.path.join(directory, "tmp"), os.path.join(directory, "q")
     os.makedirs(tmp, exist_ok=True)
     os.makedirs(queue, exist_ok=True)
@@ -47,7 +64,7 @@ def run(directory: str, kind: str, count: int) -> float:
 
 def barrier(kind: str, fd: int, *, file: bool) -> None:
     """Make what `fd` holds durable the `kind` way."""
-    if kind == "syncfs":
+    if kind == "syncfs" or (kind == "mixed" and not file):
         _SYNCFS(fd)
     elif file:
         os.fdatasync(fd)
@@ -55,14 +72,55 @@ def barrier(kind: str, fd: int, *, file: bool) -> None:
         os.fsync(fd)
 
 
+ENVELOPE = Envelope(
+    sender="a@src.test",
+    recipients=(Recipient("b@example.test", (), None),),
+    client=ClientInfo("127.0.0.1", 40000, "client.test", "ESMTP", None, None),
+    received="2026-12-07T00:00:00Z",
+    body="7BIT",
+)
+
+
+def committer_run(directory: str, alone: bool, count: int) -> str:
+    """Commit `count` messages one after the other; the wait and the cost per commit."""
+    spool = Spool(tempfile.mkdtemp(dir=directory))
+    committer = GroupCommitter(spool, alone=alone)
+    waits: list[float] = []
+
+    async def one_by_one() -> None:
+        for _ in range(count):
+            start = time.perf_counter()
+            await committer.commit(ENVELOPE, DATA)
+            waits.append(time.perf_counter() - start)
+
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        asyncio.run(one_by_one())
+    finally:
+        committer.close()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    user = (after.ru_utime - before.ru_utime) / count * 1e6
+    system = (after.ru_stime - before.ru_stime) / count * 1e6
+    switches = (after.ru_nvcsw - before.ru_nvcsw) / count
+    return (
+        f"{'alone' if alone else 'pipeline'}: wait p50 {statistics.median(waits) * 1e6:,.0f} µs,"
+        f" CPU user {user:,.0f} sys {system:,.0f} µs, {switches:.1f} voluntary switches"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.commit_sync", description=__doc__)
     parser.add_argument("directory", help="a scratch directory on the spool's file system")
     parser.add_argument("--messages", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--committer", action="store_true", help="pipeline against alone")
     args = parser.parse_args(argv)
     for number in range(1, args.rounds + 1):
-        rates = {kind: run(args.directory, kind, args.messages) for kind in ("fsync", "syncfs")}
+        if args.committer:
+            for alone in (False, True):
+                print(f"round {number} {committer_run(args.directory, alone, args.messages)}")
+            continue
+        rates = {kind: run(args.directory, kind, args.messages) for kind in KINDS}
         print(f"round {number}: " + ", ".join(f"{k} {v:.0f} msg/s" for k, v in rates.items()))
 
 
