@@ -857,15 +857,16 @@ class GroupCommitter:
 
         Through the pipeline the same message cost four hand-overs (loop -> this thread
         -> loop for the rename -> the directory thread -> loop), each a wake-up of an
-        idle thread or loop paid in full; with no batch to share them, that was most of
-        a one-session message's CPU. Nothing else waits for this thread meanwhile (the
-        next batch gathers in the queue), so the overlap the pipeline buys is not lost.
+        idle thread or loop, paid by that one message since no batch shares it. The
+        price: a message that arrives meanwhile waits for this directory fsync too
+        before its data sync starts (one barrier of latency); if others came with it,
+        they go through the pipeline together.
         """
         tmp = self.spool._file(TMP, req.qid)
         try:
             self.spool.make_durable([req.fd])
-            os.close(req.fd)
-            req.fd = -1
+            fd, req.fd = req.fd, -1  # closed even if close(2) reports an error
+            os.close(fd)
             os.rename(tmp, self.spool._file(self.state, req.qid))
             os.fsync(self._dir)
         except OSError as exc:
