@@ -80,6 +80,13 @@ def test_command_reader_byte_by_byte(data: bytes, expected: list[CommandLine | L
     assert out == expected
 
 
+def test_an_extended_limit_below_the_default_is_refused() -> None:
+    """Lines within the default limit are never checked against their prefix, which is
+    right only while every extended limit raises the default one."""
+    with pytest.raises(ValueError, match="below the default"):
+        CommandReader(BareNewline.REJECT, 512, {b"NOOP ": 100})
+
+
 def test_command_reader_replace_policy() -> None:
     assert read_lines(b"NO\nOP\r\nA\rB\r\n", BareNewline.REPLACE) == [
         CommandLine(b"NO OP"),

@@ -14,11 +14,14 @@ import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
+
 from leafmail.checks import ACCEPT, AsyncCheck, CheckContext, Reject, Stage, Verdict
 from leafmail.receive import Policy, ReceiveService
 from leafmail.session import ReceiveSession
 from leafmail.spool import GroupCommitter, Spool
 from netserver import CallbackHandler, Server
+from netserver.admit.access import AccessPolicy
 from netserver.modes.eventloop import EventLoopMode
 from netserver.server import RunOptions
 from netserver.smtp import ServerConfig
@@ -144,6 +147,41 @@ def test_a_check_that_waits_holds_pipelined_commands_and_answers_in_order(
         committer.close()
     (queued,) = list(spool.root.joinpath("queue").iterdir())
     assert b"Subject: held" in queued.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("relay_networks", "runs"), [("127.0.0.1/32", False), ("192.0.2.0/24", True)]
+)
+def test_a_trusted_client_skips_the_checks_that_wait(relay_networks: str, runs: bool) -> None:
+    """Every check that waits accepts a trusted client unseen, so for a client in the
+    relay networks none is started: MAIL is answered at once, with no task. Another
+    client's MAIL still goes through them."""
+    judged: list[str] = []
+
+    async def origin(facts: CheckContext) -> Verdict:
+        judged.append(str(facts.sender))
+        return ACCEPT
+
+    checks: list[AsyncCheck] = [origin]
+    policy = Policy(
+        async_stages={Stage.MAIL: checks}, trusted=AccessPolicy(allow=(relay_networks,))
+    )
+    service = ReceiveService(ServerConfig(hostname="mx.test"), None, policy)  # type: ignore[arg-type]
+
+    async def check(server: Server, port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await _reply(reader)
+        writer.write(b"EHLO client.test\r\n")
+        await _reply(reader)
+        writer.write(b"MAIL FROM:<a@client.test>\r\n")
+        assert (await _reply(reader)).startswith(b"250 ")
+        assert not service.running
+        writer.write(b"QUIT\r\n")
+        assert (await _reply(reader)).startswith(b"221 ")
+        writer.close()
+
+    _serve(service, check)
+    assert judged == (["a@client.test"] if runs else [])
 
 
 def test_a_stop_says_421_to_an_idle_session_and_waits_for_a_transaction() -> None:

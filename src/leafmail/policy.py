@@ -74,6 +74,7 @@ def policy_for(config: Config, pool: CheckPool | None = None) -> Policy:
             Stage.END_OF_DATA: end,
         },
         later,
+        trusted=relay,  # each check that waits is given `relay` and accepts its clients
     )
 
 

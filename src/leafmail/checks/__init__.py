@@ -139,7 +139,9 @@ class CheckContext:
 
     def all_tags(self) -> Accept:
         """Every tag kept so far, merged, in the order of the dialogue."""
-        kept = self._tags or {}
+        kept = self._tags
+        if not kept:
+            return ACCEPT  # most messages: no stage tagged anything
         return merge_tags(tag for stage in Stage for tag in kept.get(stage, ()))
 
 

@@ -65,6 +65,7 @@ keeps its session alive, or probes addresses with RCPT and RSET, is closed at
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import replace
@@ -152,6 +153,25 @@ def _bdat_arguments(arg: str) -> tuple[int | None, bool, bool]:
         return size, False, True
     valid = len(parts) == 2 and parts[1].upper() == "LAST"
     return size, valid, valid
+
+
+@functools.lru_cache(maxsize=16)  # a few per server configuration: made once each
+def _keywords(max_size: int, starttls: bool, auth: bool) -> tuple[str, ...]:
+    """The EHLO keywords offered, in the order they are listed."""
+    keywords = [
+        f"SIZE {max_size}",
+        "8BITMIME",
+        "PIPELINING",
+        "ENHANCEDSTATUSCODES",
+        "SMTPUTF8",
+        "CHUNKING",
+        "DSN",
+    ]
+    if starttls:
+        keywords.append("STARTTLS")
+    if auth:
+        keywords.append("AUTH " + " ".join(sasl.MECHANISMS))
+    return tuple(keywords)
 
 
 def _declares_smtputf8(param_text: str) -> bool:
@@ -325,20 +345,8 @@ class ServerProtocol(ProtocolCore):
 
     def _extensions(self) -> tuple[str, ...]:
         """The EHLO keywords for this session (STARTTLS and AUTH depend on it)."""
-        keywords = [
-            f"SIZE {self.config.max_message_size}",
-            "8BITMIME",
-            "PIPELINING",
-            "ENHANCEDSTATUSCODES",
-            "SMTPUTF8",
-            "CHUNKING",
-            "DSN",
-        ]
-        if self.config.tls_available and not self._session.tls:
-            keywords.append("STARTTLS")
-        if self._auth_offered():
-            keywords.append("AUTH " + " ".join(sasl.MECHANISMS))
-        return tuple(keywords)
+        starttls = self.config.tls_available and not self._session.tls
+        return _keywords(self.config.max_message_size, starttls, self._auth_offered())
 
     def _auth_offered(self) -> bool:
         config = self.config

@@ -149,9 +149,12 @@ class CommandReader:
         limit: int = COMMAND_LINE_LIMIT,
         extended: dict[bytes, int] | None = None,
     ) -> None:
+        extended = extended or _NO_EXTENSIONS
+        if min(extended.values(), default=limit) < limit:
+            raise ValueError("an extended line limit must not be below the default one")
         self._policy = policy
         self._limit = limit
-        self._extended = extended or _NO_EXTENSIONS
+        self._extended = extended
         self._discarding = False
         self._skip = 0
 
@@ -175,15 +178,16 @@ class CommandReader:
         end = buf.find(b"\r\n")
         if self._discarding:
             return self._discard(buf, end)
-        limit = self._limit_for(buf)
+        # An extended limit only raises the default one, so a line (or the start of
+        # one) within the default needs no look at its prefix: most lines, every time.
         if end < 0:
-            if len(buf) >= limit:
-                self._discarding = True
-                return self._discard(buf, end)
-            return None
+            if len(buf) < self._limit or len(buf) < self._limit_for(buf):
+                return None
+            self._discarding = True
+            return self._discard(buf, end)
         line = bytes(buf[:end])
         del buf[: end + 2]
-        if end + 2 > limit:
+        if end + 2 > self._limit and end + 2 > self._limit_for(line):
             return LineError(LineErrorKind.TOO_LONG)
         if b"\r" in line or b"\n" in line:
             if self._policy is BareNewline.REJECT:
@@ -191,7 +195,7 @@ class CommandReader:
             line = line.replace(b"\r", b" ").replace(b"\n", b" ")
         return CommandLine(line)
 
-    def _limit_for(self, buf: bytearray) -> int:
+    def _limit_for(self, buf: bytes | bytearray) -> int:
         prefix = bytes(buf[:5]).upper()
         return self._extended.get(prefix, self._limit)
 

@@ -15,7 +15,15 @@ from typing import Final
 __all__ = ["ALLOWED", "TRANSITIONS", "State", "Step", "Verb"]
 
 
-class State(Enum):
+class _Token(Enum):
+    """An enum hashed by identity: its members are looked up in the tables below a few
+    dozen times a message, and `Enum.__hash__` is a Python call that hashes the name.
+    Members are singletons compared by identity, so the identity hash is consistent."""
+
+    __hash__ = object.__hash__
+
+
+class State(_Token):
     """Where the session is.  Each state has its reader (see `ServerProtocol._read`)."""
 
     REFUSED = "refused"  # greeted with 554: only QUIT is accepted (RFC 5321 3.1)
@@ -31,7 +39,7 @@ class State(Enum):
     CLOSED = "closed"
 
 
-class Verb(Enum):
+class Verb(_Token):
     """The commands this server knows."""
 
     HELO = "HELO"
@@ -50,7 +58,7 @@ class Verb(Enum):
     AUTH = "AUTH"
 
 
-class Step(Enum):
+class Step(_Token):
     """What makes the state change; the keys of `TRANSITIONS` with the state."""
 
     HELLO = "hello"  # HELO/EHLO accepted (also resets a transaction)
