@@ -120,7 +120,7 @@ class ReceiveSession(Callbacks):
                 break
             if not service.decide_now(proto, facts, last):
                 self._flush()
-                self._spawn(self._decide_later(last))
+                self._spawn(service.decide(self.conn, proto, facts, last))
                 return
             events = proto.resume()
         self._flush()
@@ -129,11 +129,6 @@ class ReceiveSession(Callbacks):
             self.conn.close()
         elif self.conn.stop_requested and proto.envelope is None:
             self._goodbye(replies.shutting_down(service.smtp.hostname))
-
-    async def _decide_later(self, event: DecisionEvent) -> None:
-        proto = self.proto
-        assert proto is not None
-        await self.service.decide(self.conn, proto, self.facts, event)
 
     async def _start_tls(self) -> None:
         """STARTTLS: the 220 in plaintext, the handshake, then the session starts over.
