@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import ipaddress
 import time
 from collections.abc import Callable, Coroutine
@@ -29,7 +30,7 @@ from typing import Any
 
 from examples.echo import Echo as CallbackEcho
 from examples.echo import async_chunks, async_main
-from netserver.aio import AsyncConnection
+from netserver.aio import AsyncConnection, drive
 from netserver.callbacks import CallbackConnection
 from netserver.endpoint import Endpoint
 from netserver.limits import Limits
@@ -120,7 +121,8 @@ def _task(transport: FakeTransport, handler: CoroutineHandler) -> None:
     limits = Limits()
     conn = AsyncConnection(max_line=limits.max_line, timeout=limits.timeout, peer=PEER, local=LOCAL)
     transport.start(conn)
-    asyncio.get_running_loop().create_task(handler(conn))
+    context = contextvars.copy_context()  # as event-loop mode runs a handler (`drive`)
+    asyncio.get_running_loop().create_task(drive(conn, handler(conn), context), context=context)
 
 
 def callback(transport: FakeTransport) -> None:

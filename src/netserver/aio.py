@@ -14,10 +14,12 @@ in one send. Endpoints, byte counts and the idle timeout are `LoopConnection`'s.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ssl
+import types
 import weakref
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Awaitable, Coroutine, Generator
+from typing import Any, TypeVar
 
 from .endpoint import Endpoint
 from .loopconn import LoopConnection
@@ -26,6 +28,28 @@ from .stdio import DEFAULT_MAX_LINE, LineTooLong
 READ_HIGH_WATER = 262144
 # What the pending read waits for (`AsyncConnection._want`).
 _WAKE, _LINE, _CHUNK = 0, 1, 2
+# What a direct step of the handler's coroutine left for `drive` (`_outcome`'s kind).
+_SEND, _RETURN, _RAISE, _YIELD = 0, 1, 2, 3
+T = TypeVar("T")
+
+
+class _Park:
+    """What a read parked by `drive` yields: only `drive` and `_step` ever see it."""
+
+    __slots__ = ()
+
+
+_PARK = _Park()
+
+# asyncio's map from a loop to its running task, the one `asyncio.current_task` reads
+# and a task step sets (not public: `_step` sets it as a task step does).
+_current_tasks: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] = asyncio.tasks._current_tasks  # type: ignore[attr-defined]
+
+
+@types.coroutine
+def _park() -> Generator[Any, Any, Any]:
+    """Wait, parked, until `AsyncConnection._step` resumes with what the read gets."""
+    return (yield _PARK)
 
 
 def ready_future(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
@@ -60,14 +84,20 @@ class AsyncConnection(LoopConnection):
 
     __slots__ = (
         "_buf",
+        "_coro",
+        "_ctx",
         "_drain_waiter",
+        "_driving",
         "_eof",
+        "_hand",
         "_lost_waiter",
         "_out",
+        "_outcome",
         "_pos",
         "_reading_paused",
         "_ready",
         "_scan",
+        "_task",
         "_waiter",
         "_want",
         "_want_n",
@@ -101,6 +131,15 @@ class AsyncConnection(LoopConnection):
         self._scan = 0
         self._drain_waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
+        # Set while `drive` runs the handler's coroutine (see `drive`): the task and the
+        # context it runs in, the future the task waits on while the coroutine waits on
+        # a read of this connection, and what a direct step left for the task to do.
+        self._task: asyncio.Task[Any] | None = None
+        self._ctx: contextvars.Context | None = None
+        self._coro: Coroutine[Any, Any, Any] | None = None
+        self._hand: asyncio.Future[None] | None = None
+        self._outcome: tuple[int, Any] | None = None
+        self._driving = False
         self.interrupt_on_stop = False
         self.stop_requested = False
 
@@ -108,23 +147,31 @@ class AsyncConnection(LoopConnection):
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
         buf = self._buf
-        waiter = self._waiter
-        if not buf:
-            if waiter is not None:
-                # A read waits, and if these bytes are exactly what it wants (one line,
-                # or at most the chunk asked for), they go over as they are.
-                want = self._want
-                if (
+        hand = self._hand
+        if (
+            hand is not None
+            and not buf
+            and self._want == _CHUNK
+            and len(data) <= self._want_n
+            and not hand.done()
+        ):  # the commonest case of `_answer` below, inlined: a parked chunk read
+            self._hand = None
+            self._step(hand, data, None)
+            return
+        if not buf and (self._hand is not None or self._waiter is not None):
+            # A read waits, and if these bytes are exactly what it wants (one line, or at
+            # most the chunk asked for), they go over as they are.
+            want = self._want
+            if (
+                (want == _CHUNK and len(data) <= self._want_n)
+                or (
                     want == _LINE
                     and data.find(b"\n") == len(data) - 1
                     and len(data) <= self.max_line
-                ) or (want == _CHUNK and len(data) <= self._want_n):
-                    self._waiter = None
-                    try:
-                        waiter.set_result(data)
-                        return
-                    except asyncio.InvalidStateError:  # cancelled with its task: keep them
-                        pass
+                )
+            ) and self._answer(data, None):
+                return
+        if not buf:
             # Kept as they came (never a caller's mutable buffer): reads slice them.
             self._buf = data if type(data) is bytes else bytes(data)
             self._pos = 0
@@ -134,11 +181,16 @@ class AsyncConnection(LoopConnection):
             self._buf = grown
         else:
             buf += data
-        if waiter is not None:
+        if self._waiter is not None or self._hand is not None:
             self._wake()
         # Pause while the handler falls behind; not while a read waits for more (a long
-        # line): that read resumes it anyway (`_wait`).
-        if len(self._buf) > READ_HIGH_WATER and self._waiter is None and self.transport is not None:
+        # line): that read resumes it anyway (`_arm`).
+        if (
+            len(self._buf) > READ_HIGH_WATER
+            and self._waiter is None
+            and self._hand is None
+            and self.transport is not None
+        ):
             self.transport.pause_reading()
             self._reading_paused = True
 
@@ -174,18 +226,17 @@ class AsyncConnection(LoopConnection):
         handler's task wakes once per line, never for a part of one.
         """
         waiter = self._waiter
-        if waiter is None:
-            return
-        if waiter.done():  # cancelled with its task: the bytes stay for the next read
+        if waiter is not None and waiter.done():  # cancelled with its task: bytes stay
             self._waiter = None
+            return
+        if waiter is None and (self._hand is None or self._hand.done()):
             return
         want = self._want
         if want == _LINE:
             try:
                 result: bytes | None = self._line()
             except LineTooLong as exc:
-                self._waiter = None
-                waiter.set_exception(exc)
+                self._answer(None, exc)
                 return
             if result is None:
                 return
@@ -195,8 +246,66 @@ class AsyncConnection(LoopConnection):
             result = self._take(self._want_n)
         else:
             result = None
-        self._waiter = None
-        waiter.set_result(result)
+        self._answer(result, None)
+
+    def _answer(self, result: bytes | None, exc: BaseException | None) -> bool:
+        """Give the waiting read its bytes (or `exc`); False if it was cancelled meanwhile.
+
+        A read parked by `drive` resumes the handler's coroutine here and now, in its
+        task's context and as its task (`_step`); any other read completes its future.
+        """
+        hand = self._hand
+        if hand is None:
+            waiter = self._waiter
+            if waiter is None or waiter.done():
+                return False
+            self._waiter = None
+            if exc is None:
+                waiter.set_result(result)
+            else:
+                waiter.set_exception(exc)
+            return True
+        if hand.done():  # its task was cancelled: `drive` throws that into the read
+            return False
+        self._hand = None
+        self._step(hand, result, exc)
+        return True
+
+    def _step(self, hand: asyncio.Future[None], value: Any, exc: BaseException | None) -> None:
+        """Resume the handler's coroutine with what its parked read gets, as its task.
+
+        The coroutine runs in its task's context, and the task is the loop's current
+        task meanwhile (what ``asyncio.current_task`` reads, set as a task step sets it).
+        If it parks on a read of this connection again, its task goes on waiting on
+        `hand`; anything else it did (finish, fail, wait for something else) is left in
+        `_outcome` for `drive`, in the task, to carry on with. Called while a task runs
+        (a stop asked from one), it leaves the step to its own task instead.
+        """
+        loop, task, coro, ctx = self._loop, self._task, self._coro, self._ctx
+        assert task is not None and coro is not None and ctx is not None
+        current = _current_tasks
+        if loop in current:
+            self._outcome = (_SEND, (value, exc))
+            hand.set_result(None)
+            return
+        current[loop] = task
+        self._driving = True
+        try:
+            yielded = ctx.run(coro.send, value) if exc is None else ctx.run(coro.throw, exc)
+        except StopIteration as stop:
+            self._outcome = (_RETURN, stop.value)
+        except BaseException as error:  # the task raises it (and so logs it)
+            self._outcome = (_RAISE, error)
+        else:
+            if yielded is _PARK:  # it waits on this connection again: stay parked
+                self._hand = hand
+                return
+            self._outcome = (_YIELD, yielded)
+        finally:
+            self._driving = False
+            del current[loop]
+        if not hand.done():
+            hand.set_result(None)
 
     def _line(self) -> bytes | None:
         """Take the next line from the buffer; None if it has not all come yet.
@@ -219,14 +328,16 @@ class AsyncConnection(LoopConnection):
     def request_stop(self) -> None:
         """The server is stopping: interrupt a waiting read if the handler asked for it."""
         self.stop_requested = True
-        waiter = self._waiter
-        if self.interrupt_on_stop and waiter is not None and not waiter.done():
-            self._waiter = None
+        if not self.interrupt_on_stop:
+            return
+        waiter, hand = self._waiter, self._hand
+        if (waiter is not None and not waiter.done()) or (hand is not None and not hand.done()):
             self.interrupt_on_stop = False
-            waiter.set_exception(ServerStopping())
+            self._answer(None, ServerStopping())
 
-    def _wait(self, want: int = _WAKE) -> asyncio.Future[Any]:
-        """A future for `_wake` to complete; it resumes reading if the buffer had paused it."""
+    def _arm(self, want: int) -> None:
+        """Get ready for a read to wait for `want`; it resumes reading if the buffer had
+        paused it. ConnectionResetError after an error, ServerStopping when asked for."""
         if self._error is not None:
             raise ConnectionResetError(str(self._error))
         if self.stop_requested and self.interrupt_on_stop:
@@ -235,10 +346,33 @@ class AsyncConnection(LoopConnection):
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
+        self._want = want
+
+    def _wait(self, want: int = _WAKE) -> asyncio.Future[Any]:
+        """A future for `_wake` to complete (see `_arm`)."""
+        self._arm(want)
         waiter: asyncio.Future[Any] = self._loop.create_future()
         self._waiter = waiter
-        self._want = want
         return waiter
+
+    @types.coroutine
+    def _parked_now(self) -> Generator[Any, Any, Any]:
+        """`_parked`, when `_arm` is done (but for a read awaited outside `drive`)."""
+        if self._driving:
+            return (yield _PARK)
+        return (yield from self._wait(self._want))
+
+    @types.coroutine
+    def _parked(self, want: int) -> Generator[Any, Any, Any]:
+        """A read that waits: parked with `drive` if it drives the awaiting coroutine.
+
+        Decided when awaited, not when made: a read handed to another task (for
+        ``create_task`` or ``wait_for``) runs there, outside `drive`, on a future.
+        """
+        if self._driving:
+            self._arm(want)
+            return (yield _PARK)
+        return (yield from self._wait(want))
 
     def _now(self, data: bytes) -> asyncio.Future[bytes]:
         """A future already holding `data`, for a read the buffer answers at once."""
@@ -303,18 +437,20 @@ class AsyncConnection(LoopConnection):
             and self._error is None
             and not self.stop_requested
             and not self._reading_paused
-        ):  # nothing here: wait for a line (`_wait`, inlined)
+        ):  # nothing here: wait for a line (`_arm`, `_parked` and `_wait`, inlined)
             self._scan = 0
+            self._want = _LINE
+            if self._driving:
+                return await _park()  # type: ignore[no-any-return]
             waiter: asyncio.Future[bytes] = self._loop.create_future()
             self._waiter = waiter
-            self._want = _LINE
             return await waiter
         self._scan = 0
         if self._buf or self._eof:
             line = self._line()
             if line is not None:
                 return line
-        return await self._wait(_LINE)  # type: ignore[no-any-return]
+        return await self._parked(_LINE)  # type: ignore[no-any-return]
 
     def read(self, n: int = -1) -> Awaitable[bytes]:
         """Up to `n` bytes as soon as any are there (all until EOF when `n` < 0)."""
@@ -324,6 +460,10 @@ class AsyncConnection(LoopConnection):
             return self._now(self._take(n))
         self._want_n = n
         if self._error is None and not self.stop_requested and not self._reading_paused:
+            if self._driving:  # `_arm` done above, inlined
+                self._want = _CHUNK
+                return self._parked_now()
+
             waiter: asyncio.Future[bytes] = self._loop.create_future()  # `_wait`, inlined
             self._waiter = waiter
             self._want = _CHUNK
@@ -332,7 +472,7 @@ class AsyncConnection(LoopConnection):
 
     async def _read_all(self) -> bytes:
         while not self._eof:
-            await self._wait()
+            await self._parked(_WAKE)
         return self._take(len(self._own()))
 
     async def readexactly(self, n: int) -> bytes:
@@ -341,7 +481,7 @@ class AsyncConnection(LoopConnection):
             if self._eof:
                 partial = self._take(len(self._buf))
                 raise asyncio.IncompleteReadError(partial, n)
-            await self._wait()
+            await self._parked(_WAKE)
         return self._take(n)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -428,3 +568,80 @@ class AsyncConnection(LoopConnection):
         if not self._lost:
             self._lost_waiter = self._loop.create_future()
             await self._lost_waiter
+
+
+@types.coroutine
+def drive(
+    conn: AsyncConnection, coro: Coroutine[Any, Any, T], context: contextvars.Context
+) -> Generator[Any, Any, T]:
+    """Run `coro` (a handler of `conn`) inside the current task, which runs in `context`.
+
+    ``await drive(conn, handler(conn), context)`` is ``await handler(conn)``, with one
+    difference in cost: while the coroutine waits on a read of `conn`, the read is
+    parked instead of waiting on a future, and ``data_received`` resumes the coroutine
+    itself (`AsyncConnection._step`), as the task and in its context, so a read costs
+    no future and no wake-up of the task through the loop. The task meanwhile waits on
+    one future (`hand`) that only what is not a read of `conn` completes: the coroutine
+    waiting for anything else (a sleep, a lock, ``drain``), ending, or failing. This
+    generator then carries on as a task would, yielding what the coroutine waits for
+    to the task and passing back what the task gets (a result, an exception, a
+    cancellation), so ``current_task``, ``asyncio.timeout``, cancellation, exceptions
+    and context variables behave as in a plain task.
+    """
+    loop = conn._loop
+    conn._task = asyncio.current_task(loop)
+    conn._ctx = context
+    conn._coro = coro
+    value: Any = None
+    exc: BaseException | None = None
+    try:
+        while True:
+            conn._driving = True
+            try:
+                yielded = coro.send(value) if exc is None else coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            finally:
+                conn._driving = False
+            value = exc = None
+            while yielded is _PARK:  # waits on a read of conn: `_step` takes it from here
+                hand: asyncio.Future[None] = loop.create_future()
+                conn._hand = hand
+                try:
+                    yield from hand
+                except GeneratorExit:
+                    raise
+                except BaseException as error:  # the task was cancelled
+                    exc = error
+                conn._hand = None
+                outcome, conn._outcome = conn._outcome, None
+                if outcome is None:  # cancelled while parked: the read raises it
+                    break
+                kind, payload = outcome
+                if kind == _SEND:  # resumed from inside a task: resume it here
+                    value, exc = payload
+                elif kind == _RETURN:
+                    if exc is not None:  # cancelled as it ended, as a task would be
+                        raise exc
+                    return payload  # type: ignore[no-any-return]
+                elif kind == _RAISE:
+                    raise payload
+                else:  # it waits for something else: the task waits for it (below)
+                    yielded = payload
+                    if exc is None:
+                        continue
+                    if yielded is not None:
+                        yielded.cancel()  # cancelled meanwhile: as a task cancels it
+                break
+            else:
+                try:
+                    value = yield yielded
+                except GeneratorExit:
+                    raise
+                except BaseException as error:  # what the task threw in: pass it on
+                    exc = error
+    except GeneratorExit:
+        coro.close()
+        raise
+    finally:
+        conn._task = conn._ctx = conn._coro = conn._hand = conn._outcome = None

@@ -14,9 +14,10 @@ import contextvars
 import ssl
 import sys
 import traceback
+import types
 
 from ..accepted import Accepted
-from ..aio import AsyncConnection
+from ..aio import AsyncConnection, drive
 from ..callbacks import CallbackConnection
 from ..handlers import AsyncHandler, LoopHandler
 from ..listen.tls import handshake_timeout
@@ -53,7 +54,12 @@ class EventLoopMode:
         """Nothing to prepare."""
 
     def dispatch(self, conn: Accepted) -> None:
-        task = self.ctx.loop.create_task(self._serve(conn), name=TASK_NAME)
+        # The task's context is made here (as create_task would) so that `drive` can
+        # resume the handler in it from the connection's callbacks.
+        context = contextvars.copy_context()
+        task = self.ctx.loop.create_task(
+            self._serve(conn, context), name=TASK_NAME, context=context
+        )
         self.tasks.add(task)
         self._empty.clear()
         task.add_done_callback(self._forget_task, context=_CALLBACK_CONTEXT)
@@ -63,7 +69,7 @@ class EventLoopMode:
         if not self.tasks and not self.parked:
             self._empty.set()
 
-    async def _serve(self, conn: Accepted) -> None:
+    async def _serve(self, conn: Accepted, context: contextvars.Context) -> None:
         record = conn.record
         proto = self._protocol(conn)
         self.live.add(proto)
@@ -85,7 +91,11 @@ class EventLoopMode:
                 proto.on_end(self._parked_end)
                 return
             assert isinstance(self.handler, AsyncHandler)
-            await self.handler.func(proto)
+            run = self.handler.func(proto)
+            if isinstance(run, types.CoroutineType):
+                await drive(proto, run, context)
+            else:  # an awaitable of another kind: awaited as it is
+                await run
             await proto.close()
         except asyncio.CancelledError:
             record.status = "terminated"
