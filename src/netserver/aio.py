@@ -356,13 +356,6 @@ class AsyncConnection(LoopConnection):
         return waiter
 
     @types.coroutine
-    def _parked_now(self) -> Generator[Any, Any, Any]:
-        """`_parked`, when `_arm` is done (but for a read awaited outside `drive`)."""
-        if self._driving:
-            return (yield _PARK)
-        return (yield from self._wait(self._want))
-
-    @types.coroutine
     def _parked(self, want: int) -> Generator[Any, Any, Any]:
         """A read that waits: parked with `drive` if it drives the awaiting coroutine.
 
@@ -373,12 +366,6 @@ class AsyncConnection(LoopConnection):
             self._arm(want)
             return (yield _PARK)
         return (yield from self._wait(want))
-
-    def _now(self, data: bytes) -> asyncio.Future[bytes]:
-        """A future already holding `data`, for a read the buffer answers at once."""
-        done: asyncio.Future[bytes] = self._loop.create_future()
-        done.set_result(data)
-        return done
 
     def _own(self) -> bytes | bytearray:
         """The unread bytes from index 0 (what the buffer holds past `_pos`, moved)."""
@@ -452,23 +439,24 @@ class AsyncConnection(LoopConnection):
                 return line
         return await self._parked(_LINE)  # type: ignore[no-any-return]
 
-    def read(self, n: int = -1) -> Awaitable[bytes]:
-        """Up to `n` bytes as soon as any are there (all until EOF when `n` < 0)."""
-        if n < 0:
-            return self._read_all()
-        if self._buf or self._eof:
-            return self._now(self._take(n))
-        self._want_n = n
-        if self._error is None and not self.stop_requested and not self._reading_paused:
-            if self._driving:  # `_arm` done above, inlined
-                self._want = _CHUNK
-                return self._parked_now()
+    @types.coroutine
+    def read(self, n: int = -1) -> Generator[Any, Any, bytes]:
+        """Up to `n` bytes as soon as any are there (all until EOF when `n` < 0).
 
-            waiter: asyncio.Future[bytes] = self._loop.create_future()  # `_wait`, inlined
-            self._waiter = waiter
+        A generator-based coroutine (`types.coroutine`): awaiting it costs one generator
+        and, when the bytes are there, nothing else.
+        """
+        if n < 0:
+            return (yield from self._read_all())  # type: ignore[no-any-return]
+        if self._buf or self._eof:
+            return self._take(n)
+        self._want_n = n
+        if self._driving and (
+            self._error is None and not self.stop_requested and not self._reading_paused
+        ):  # `_arm` and `_parked`, inlined
             self._want = _CHUNK
-            return waiter
-        return self._wait(_CHUNK)
+            return (yield _PARK)  # type: ignore[no-any-return]
+        return (yield from self._parked(_CHUNK))  # type: ignore[no-any-return]
 
     async def _read_all(self) -> bytes:
         while not self._eof:

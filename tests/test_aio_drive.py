@@ -1,0 +1,303 @@
+"""`aio.drive`: a coroutine handler resumed from ``data_received`` keeps a task's semantics.
+
+Event-loop mode runs each coroutine handler through `drive`: while the handler waits on
+a read of its own connection, ``data_received`` resumes it directly (no future, no
+task wake-up through the loop). Everything a handler can see must stay as in a plain
+task: ``current_task`` and ``asyncio.timeout``, cancellation, exceptions, context
+variables, drain's back-pressure, close, and a read handed to another task. Each test
+runs on a real socket pair, on both loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import socket
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import pytest
+import uvloop
+
+from netserver.aio import AsyncConnection, ServerStopping, drive
+
+LOOPS = ["asyncio", "uvloop"]
+VAR: contextvars.ContextVar[str] = contextvars.ContextVar("VAR", default="unset")
+Handler = Callable[[AsyncConnection], Coroutine[Any, Any, Any]]
+Body = Callable[[AsyncConnection, "asyncio.Task[Any]", socket.socket], Awaitable[None]]
+
+
+def run(loop_kind: str, handler: Handler, body: Body) -> None:
+    """Serve one end of a socket pair with `handler` under `drive`; `body` plays the client."""
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        loop = asyncio.get_running_loop()
+        conn = AsyncConnection(timeout=None)
+        transport, _ = await loop.connect_accepted_socket(lambda: conn, ours)
+        context = contextvars.copy_context()  # as event-loop mode makes it
+        coro = drive(conn, handler(conn), context)
+        task: asyncio.Task[Any] = loop.create_task(coro, context=context)
+        try:
+            await asyncio.wait_for(body(conn, task, theirs), 10)
+        finally:
+            task.cancel()
+            transport.close()
+            theirs.close()
+
+    factory = uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())
+
+
+async def recv(peer: socket.socket, n: int) -> bytes:
+    """Exactly `n` bytes from the client socket."""
+    loop = asyncio.get_running_loop()
+    got = b""
+    while len(got) < n:
+        got += await loop.sock_recv(peer, n - len(got))
+    return got
+
+
+async def parked(conn: AsyncConnection) -> None:
+    """Let the loop run until the handler waits, parked, on a read (bounded turns)."""
+    for _ in range(100):
+        if conn._hand is not None:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the handler never parked on a read")
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_a_parked_read_resumes_the_handler_inside_data_received(loop_kind: str) -> None:
+    """The direct path is taken: the handler has answered before data_received returns."""
+    seen: list[bytes] = []
+
+    async def handler(conn: AsyncConnection) -> None:
+        while data := await conn.read(100):
+            seen.append(data)
+
+    async def body(conn: AsyncConnection, task: asyncio.Task[Any], peer: socket.socket) -> None:
+        await parked(conn)
+        loop = asyncio.get_running_loop()
+        during: list[list[bytes]] = []
+
+        def feed() -> None:  # a loop callback, as the transport's read is
+            conn.data_received(b"abc")
+            during.append(list(seen))
+
+        loop.call_soon(feed)
+        await asyncio.sleep(0)  # one turn: feed runs
+        assert during == [[b"abc"]]
+
+    run(loop_kind, handler, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_current_task_and_timeout_work_around_a_parked_read(loop_kind: str) -> None:
+    """current_task is the driving task after a direct resume; asyncio.timeout fires on a
+    parked read, the handler goes on, and the bytes that come later are read whole."""
+    tasks: list[asyncio.Task[Any] | None] = []
+
+    async def handler(conn: AsyncConnection) -> bytes:
+        first = await conn.read(100)
+        tasks.append(asyncio.current_task())
+        try:
+            async with asyncio.timeout(0.05):
+                await conn.read(100)
+        except TimeoutError:
+            tasks.append(asyncio.current_task())
+        conn.write(b"timed out\n")
+        return first + await conn.read(100)
+
+    async def body(conn: AsyncConnection, task: asyncio.Task[Any], peer: socket.socket) -> None:
+        await parked(conn)
+        peer.send(b"one")
+        assert await recv(peer, 10) == b"timed out\n"
+        peer.send(b"two")
+        assert await task == b"onetwo"
+        assert tasks == [task, task]
+        assert task.cancelling() == 0
+
+    run(loop_kind, handler, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_cancelling_the_task_raises_in_the_parked_read(loop_kind: str) -> None:
+    """A cancel (server stop, idle end) raises CancelledError where the handler waits; its
+    cleanup runs and the task ends cancelled."""
+    cleaned: list[bool] = []
+
+    async def handler(conn: AsyncConnection) -> None:
+        try:
+            while await conn.read(100):
+                pass
+        finally:
+            cleaned.append(True)
+
+    async def body(conn: AsyncConnection, task: asyncio.Task[Any], peer: socket.socket) -> None:
+        await parked(conn)
+        peer.send(b"x")  # one direct resume first
+        while conn.bytes_in < 1:
+            await asyncio.sleep(0)
+        await parked(conn)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert cleaned == [True]
+        assert task.cancelled()
+
+    run(loop_kind, handler, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_an_exception_after_a_direct_resume_ends_the_task_with_it(loop_kind: str) -> None:
+    """What the handler raises while resumed from data_received is the task's exception."""
+    boom = ValueError("boom")
+
+    async def handler(conn: AsyncConnection) -> None:
+        await conn.read(100)
+        raise boom
+
+    async def body(conn: AsyncConnection, task: asyncio.Task[Any], peer: socket.socket) -> None:
+        await parked(conn)
+        peer.send(b"x")
+        with pytest.raises(ValueError, match="boom"):
+            await task
+        assert task.exception() is boom
+
+    run(loop_kind, handler, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_context_variables_are_the_tasks_own_across_direct_resumes(loop_kind: str) -> None:
+    """A variable the handler set is still set after a direct resume, and the loop's
+    callbacks (data_received's caller) do not see it."""
+    values: list[str] = []
+    outside: list[str] = []
+
+    async def handler(conn: AsyncConnection) -> None:
+        VAR.set("handler")
+        await conn.read(100)
+        values.append(VAR.get())
+        VAR.set("again")
+        await conn.read(100)
+        values.append(VAR.get())
+
+    async def body(conn: AsyncConnection, task: asyncio.Task[Any], peer: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        for chunk in (b"a", b"b"):
+            await parked(conn)
+            peer.send(chunk)
+            loop.call_soon(lambda: outside.append(VAR.get()))
+            while conn.bytes_in < (1 if chunk == b"a" else 2):
+                await asyncio.sleep(0)
+        await task
+        assert values == ["handler", "again"]
+        assert outside == ["unset", "unset"]
+        assert VAR.get() == "unset"
+
+    run(loop_kind, handler, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_drain_waits_for_the_client_after_a_direct_resume(loop_kind: str) -> None:
+    """A write too big for the buffers makes drain wait (through the task) until the client
+    reads; then the handler parks on its read again and every byte arrives in order."""
+    big = bytes(range(256)) * 16384  # 4 MiB: more than the socket and transport hold
+    drained: list[bool] = []
+
+    async def handler(conn: AsyncConnection) -> None:
+        while await conn.read(100):
+            conn.write(big)
+            waiting = conn.drain()
+            drained.append(conn._drain_waiter is None)
+            await waiting
+            conn.write(b"end")
+
+    async def body(conn: AsyncConnection, task: asyncio.Task[Any], peer: socket.socket) -> None:
+        await parked(conn)
+        peer.send(b"go")
+        assert await recv(peer, len(big) + 3) == big + b"end"
+        await parked(conn)
+        assert drained == [False]  # it did have to wait
+
+    run(loop_kind, handler, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_close_and_end_of_input_after_direct_resumes(loop_kind: str) -> None:
+    """EOF reaches a parked read as b""; the handler's answer, its return value and its
+    close all complete."""
+
+    async def handler(conn: AsyncConnection) -> int:
+        total = 0
+        while data := await conn.read(100):
+            total += len(data)
+        conn.write(b"bye")
+        await conn.close()
+        return total
+
+    async def body(conn: AsyncConnection, task: asyncio.Task[Any], peer: socket.socket) -> None:
+        await parked(conn)
+        peer.send(b"12345")
+        peer.shutdown(socket.SHUT_WR)
+        assert await task == 5
+        assert await recv(peer, 3) == b"bye"
+        assert conn.is_lost
+
+    run(loop_kind, handler, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_a_read_handed_to_another_task_waits_there(loop_kind: str) -> None:
+    """A read made by the handler but awaited by another task (create_task, wait_for) is
+    not parked: it waits on a future there, and lines split across reads come whole."""
+
+    async def handler(conn: AsyncConnection) -> list[bytes]:
+        first = await asyncio.wait_for(conn.readline(), 5)
+        second = await asyncio.get_running_loop().create_task(conn.read(100))
+        return [first, second, await conn.readline()]
+
+    async def body(conn: AsyncConnection, task: asyncio.Task[Any], peer: socket.socket) -> None:
+        peer.send(b"hel")
+        while conn.bytes_in < 3:
+            await asyncio.sleep(0)
+        peer.send(b"lo\n")
+        while conn.bytes_in < 6:
+            await asyncio.sleep(0)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        peer.send(b"chunk")
+        while conn.bytes_in < 11:
+            await asyncio.sleep(0)
+        await parked(conn)
+        peer.send(b"li")
+        peer.send(b"ne\n")
+        assert await task == [b"hello\n", b"chunk", b"line\n"]
+
+    run(loop_kind, handler, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_a_stop_asked_from_another_task_interrupts_a_parked_read(loop_kind: str) -> None:
+    """request_stop, called from a task (the server's stop), raises ServerStopping in the
+    parked read of a handler that asked for it; the handler answers and ends."""
+
+    async def handler(conn: AsyncConnection) -> str:
+        conn.interrupt_on_stop = True
+        try:
+            await conn.readline()
+        except ServerStopping:
+            conn.write(b"421 stopping\r\n")
+            return "stopped"
+        return "read"
+
+    async def body(conn: AsyncConnection, task: asyncio.Task[Any], peer: socket.socket) -> None:
+        await parked(conn)
+        conn.request_stop()  # from this task: the handler's own task takes the step
+        assert await task == "stopped"
+        assert await recv(peer, 14) == b"421 stopping\r\n"
+
+    run(loop_kind, handler, body)
