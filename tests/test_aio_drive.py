@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import pytest
+import trustme
 import uvloop
 
 from netserver.aio import AsyncConnection, ServerStopping, drive
@@ -299,5 +301,40 @@ def test_a_stop_asked_from_another_task_interrupts_a_parked_read(loop_kind: str)
         conn.request_stop()  # from this task: the handler's own task takes the step
         assert await task == "stopped"
         assert await recv(peer, 14) == b"421 stopping\r\n"
+
+    run(loop_kind, handler, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_start_tls_then_parked_reads_on_the_tls_transport(loop_kind: str) -> None:
+    """A driven handler upgrades to TLS (the handshake waits through the task) and its
+    next reads park and resume on the TLS transport's data."""
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+
+    async def handler(conn: AsyncConnection) -> bytes:
+        assert await conn.readline() == b"STARTTLS\n"
+        conn.write(b"go\n")
+        await conn.start_tls(server_ctx)
+        line = await conn.readline()
+        conn.write(line.upper())
+        return line
+
+    def client(peer: socket.socket) -> bytes:
+        peer.setblocking(True)
+        peer.settimeout(5)
+        peer.sendall(b"STARTTLS\n")
+        assert peer.recv(3) == b"go\n"
+        with client_ctx.wrap_socket(peer, server_hostname="localhost") as tls:
+            tls.sendall(b"secret\n")
+            return tls.recv(100)
+
+    async def body(conn: AsyncConnection, task: asyncio.Task[Any], peer: socket.socket) -> None:
+        answer = await asyncio.to_thread(client, peer)
+        assert answer == b"SECRET\n"
+        assert await task == b"secret\n"
 
     run(loop_kind, handler, body)

@@ -78,7 +78,6 @@ class AsyncConnection(LoopConnection):
 
     __slots__ = (
         "_buf",
-        "_coro",
         "_ctx",
         "_drain_waiter",
         "_driving",
@@ -91,6 +90,7 @@ class AsyncConnection(LoopConnection):
         "_reading_paused",
         "_ready",
         "_scan",
+        "_send",
         "_task",
         "_waiter",
         "_want",
@@ -128,9 +128,10 @@ class AsyncConnection(LoopConnection):
         # Set while `drive` runs the handler's coroutine (see `drive`): the task and the
         # context it runs in, the future the task waits on while the coroutine waits on
         # a read of this connection, and what a direct step left for the task to do.
-        self._task: asyncio.Task[Any] | None = None
-        self._ctx: contextvars.Context | None = None
-        self._coro: Coroutine[Any, Any, Any] | None = None
+        # (Typed Any: None when no `drive` runs, read unchecked on the per-read path.)
+        self._task: Any = None  # asyncio.Task
+        self._ctx: Any = None  # contextvars.Context
+        self._send: Any = None  # the coroutine's bound send
         self._hand: asyncio.Future[None] | None = None
         self._outcome: tuple[int, Any] | None = None
         self._driving = False
@@ -275,8 +276,8 @@ class AsyncConnection(LoopConnection):
         `_outcome` for `drive`, in the task, to carry on with. Called while a task runs
         (a stop asked from one), it leaves the step to its own task instead.
         """
-        loop, task, coro, ctx = self._loop, self._task, self._coro, self._ctx
-        assert task is not None and coro is not None and ctx is not None
+        # Set by `drive` whenever `_hand` is (no assert: this is the per-read path).
+        loop, task, send, ctx = self._loop, self._task, self._send, self._ctx
         current = _current_tasks
         if loop in current:
             self._outcome = (_SEND, (value, exc))
@@ -285,7 +286,7 @@ class AsyncConnection(LoopConnection):
         current[loop] = task
         self._driving = True
         try:
-            yielded = ctx.run(coro.send, value) if exc is None else ctx.run(coro.throw, exc)
+            yielded = ctx.run(send, value) if exc is None else ctx.run(send.__self__.throw, exc)
         except StopIteration as stop:
             self._outcome = (_RETURN, stop.value)
         except BaseException as error:  # the task raises it (and so logs it)
@@ -574,7 +575,7 @@ def drive(
     loop = conn._loop
     conn._task = asyncio.current_task(loop)
     conn._ctx = context
-    conn._coro = coro
+    conn._send = coro.send
     value: Any = None
     exc: BaseException | None = None
     try:
@@ -627,4 +628,4 @@ def drive(
         coro.close()
         raise
     finally:
-        conn._task = conn._ctx = conn._coro = conn._hand = conn._outcome = None
+        conn._task = conn._ctx = conn._send = conn._hand = conn._outcome = None
