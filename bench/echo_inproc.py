@@ -11,7 +11,8 @@ feeds the next batch to ``data_received`` through ``call_soon`` (as a read would
     valgrind --tool=callgrind python -m bench.echo_inproc --requests 20000 --only coroutine
 
 The netserver variants are the objects event-loop mode builds: ``coroutine`` is
-``examples.echo:async_main`` on an `AsyncConnection` (default limits) in a task,
+``examples.echo:async_main`` on an `AsyncConnection` (default limits) run by `aio.drive`
+in a task, as event-loop mode runs it,
 ``chunks`` the same with ``examples.echo:async_chunks`` (each read echoed whole),
 ``callback`` is ``examples.echo:Echo`` on a `CallbackConnection`. ``floor`` is the
 cheapest coroutine-per-connection echo there can be (one future per read, nothing else),
