@@ -18,7 +18,7 @@ import contextvars
 import ssl
 import types
 import weakref
-from collections.abc import Awaitable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any, TypeVar
 
 from .endpoint import Endpoint
@@ -41,9 +41,15 @@ class _Park:
 
 _PARK = _Park()
 
-# asyncio's map from a loop to its running task, the one `asyncio.current_task` reads
-# and a task step sets (not public: `_step` sets it as a task step does).
-_current_tasks: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] = asyncio.tasks._current_tasks  # type: ignore[attr-defined]
+# What a task step calls to become, and stop being, the loop's current task (what
+# `asyncio.current_task` returns): `_step` does as a task step does. Not public, but the
+# same functions (C or Python) from 3.11 on, wherever asyncio keeps the current task.
+_enter_task: Callable[[asyncio.AbstractEventLoop, asyncio.Task[Any]], None] = (
+    asyncio.tasks._enter_task
+)
+_leave_task: Callable[[asyncio.AbstractEventLoop, asyncio.Task[Any]], None] = (
+    asyncio.tasks._leave_task
+)
 
 
 def ready_future(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
@@ -278,12 +284,12 @@ class AsyncConnection(LoopConnection):
         """
         # Set by `drive` whenever `_hand` is (no assert: this is the per-read path).
         loop, task, send, ctx = self._loop, self._task, self._send, self._ctx
-        current = _current_tasks
-        if loop in current:
+        try:
+            _enter_task(loop, task)
+        except RuntimeError:  # another task runs (a stop asked from it): ours steps
             self._outcome = (_SEND, (value, exc))
             hand.set_result(None)
             return
-        current[loop] = task
         self._driving = True
         try:
             yielded = ctx.run(send, value) if exc is None else ctx.run(send.__self__.throw, exc)
@@ -298,7 +304,7 @@ class AsyncConnection(LoopConnection):
             self._outcome = (_YIELD, yielded)
         finally:
             self._driving = False
-            del current[loop]
+            _leave_task(loop, task)
         if not hand.done():
             hand.set_result(None)
 
