@@ -422,11 +422,8 @@ class AsyncConnection(LoopConnection):
                 if 0 <= idx < self.max_line:
                     return self._take(idx + 1)
         elif (
-            not self._eof
-            and self._error is None
-            and not self.stop_requested
-            and not self._reading_paused
-        ):  # nothing here: wait for a line (`_arm`, `_parked` and `_wait`, inlined)
+            not self._eof and not self.stop_requested and not self._reading_paused
+        ):  # nothing here: wait for a line (`_arm`, `_parked`, `_wait` inlined; errors set `_eof`)
             self._scan = 0
             self._want = _LINE
             if self._driving:
@@ -453,9 +450,8 @@ class AsyncConnection(LoopConnection):
         if self._buf or self._eof:
             return self._take(n)
         self._want_n = n
-        if self._driving and (
-            self._error is None and not self.stop_requested and not self._reading_paused
-        ):  # `_arm` and `_parked`, inlined
+        # `_arm` and `_parked`, inlined; no error to check: one sets `_eof` (connection_lost)
+        if self._driving and not self.stop_requested and not self._reading_paused:
             self._want = _CHUNK
             return (yield _PARK)  # type: ignore[no-any-return]
         return (yield from self._parked(_CHUNK))  # type: ignore[no-any-return]
