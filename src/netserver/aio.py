@@ -573,6 +573,12 @@ def drive(
     to the task and passing back what the task gets (a result, an exception, a
     cancellation), so ``current_task``, ``asyncio.timeout``, cancellation, exceptions
     and context variables behave as in a plain task.
+
+    A read decides to park by `_driving`, a flag of the connection set while its
+    coroutine is being sent into. A task started eagerly from inside that coroutine
+    (Python 3.12's ``eager_task_factory``, which event-loop mode does not set) would run
+    a read of this connection inside the step and get `_PARK`: such a task must not read
+    this connection on its first step.
     """
     loop = conn._loop
     conn._task = asyncio.current_task(loop)
