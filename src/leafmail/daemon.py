@@ -298,7 +298,7 @@ class Daemon:
         self._hand_sections(config)
         limits = self._limits(config)
         for server in self.servers:
-            server.limits = server.admission.limits = limits
+            server.set_limits(limits)
             if server.tls is not None and settings.tls is not None:  # smtps
                 server.tls = harden(settings.tls)
                 self.pool.set_tls(server.service, server.tls)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from .connlog import ConnRecord
@@ -31,6 +32,9 @@ class Accepted:
     awaiting_proxy: bool = False
     # The supervisor's number for it, in a pool's worker (-1: none, or reported).
     cid: int = -1
+    # Its entry in the limits table shared by the workers, when one accepted it itself
+    # (modes.direct; -1: none, or counted out).
+    entry: int = -1
 
     def __post_init__(self) -> None:
         self.fd = self.sock.fileno()
@@ -52,10 +56,11 @@ class FdRegistry:
     def discard(self, fd: int) -> None:
         self._fds.discard(fd)
 
-    def close_in_child(self, keep: int = -1) -> None:
+    def close_in_child(self, keep: int | Collection[int] = ()) -> None:
         """Close every registered descriptor but `keep` (call only in a forked child)."""
+        kept = (keep,) if isinstance(keep, int) else keep
         for fd in self._fds:
-            if fd != keep:
+            if fd not in kept:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._fds.clear()

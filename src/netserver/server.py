@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -30,18 +31,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from .accepted import Accepted, FdRegistry
+from .admit.access_gate import AccessGate
 from .admit.gate import PASS, Divert, Gate, Refusal
 from .admit.limits import Admission
 from .admit.proxy import ProxyGate
+from .admit.shared import SharedLimits
 from .connlog import ConnRecord, ServerLog
 from .endpoint import Endpoint
 from .errors import ConfigError, NetserverError
 from .handlers import Command, HandlerLike, LoopHandler, as_handler, check_mode
 from .limits import Limits
-from .listen.accept import AcceptLoop
+from .listen.accept import AcceptLoop, local_end, refuse
 from .listen.listeners import Listener, open_listeners, parse_listen
 from .listen.tls import TlsTerminator, harden
 from .modes.base import Mode, ModeContext
+from .modes.direct import DirectService
 from .modes.eventloop import EventLoopMode
 from .modes.execute import ExecMode, resolve_program
 from .modes.fork import ForkMode
@@ -171,7 +175,7 @@ class Server:
                 factory = loop_factory(self.options.loop)
                 pool = WorkerPool(pool, log=self.log, limits=self.limits, loop_factory=factory)
                 owned = True
-            return PoolMode(ctx, pool, self.service, owned=owned)
+            return PoolMode(ctx, pool, self.service, owned=owned, direct=self._direct(pool))
         if isinstance(handler, LoopHandler):
             return EventLoopMode(ctx, handler)
         if self.mode_name == "thread":
@@ -179,6 +183,22 @@ class Server:
         if self.mode_name == "prefork":
             return PreforkMode(ctx, self.pool)
         return ForkMode(ctx)
+
+    def _direct(self, pool: WorkerPool) -> DirectService | None:
+        """Let the workers accept themselves when no gate needs the supervisor (see
+        modes.direct); None to keep the supervisor's accept path."""
+        if not self._quick_only():
+            return None
+        table = SharedLimits(self.limits, pool.seats)
+        gates = tuple(self.gates)
+        return DirectService(self.listeners, table, self.options.refuse_message, gates)
+
+    def _quick_only(self) -> bool:
+        """Every gate decides at once: no PROXY header, only address rules, and no
+        per-source rate (its buckets are not shared)."""
+        if self.proxy is not None or self.limits.rate_per_source:
+            return False
+        return all(isinstance(g, AccessGate) and not g.policy.has_name_rules for g in self.gates)
 
     # -- running -----------------------------------------------------------------------
     def run(self) -> None:
@@ -227,7 +247,8 @@ class Server:
         self._announce()
         for mode in self._modes():
             mode.start()
-        self.acceptor.resume()
+        if not (isinstance(self.mode, PoolMode) and self.mode.direct):
+            self.acceptor.resume()
         try:
             await self._stop.wait()
         finally:
@@ -256,6 +277,30 @@ class Server:
         # operators and scripts wait for, then still ends a reload, as it always has.
         for gate in reversed(self.gates):
             gate.reload(self.log)
+        if isinstance(self.mode, PoolMode) and self.mode.direct is not None and self.gates:
+            self._redirect(self.mode)
+
+    def _redirect(self, mode: PoolMode) -> None:
+        """The workers accepting directly hold the rules they were forked with: start
+        new ones with the reloaded rules, or, when a rule now needs a name lookup,
+        ones that take their connections from us again."""
+        direct = mode.direct
+        assert direct is not None
+        if self._quick_only():
+            mode.set_direct(dataclasses.replace(direct, gates=tuple(self.gates)))
+        else:
+            self.log.info("access rules need name lookups: the supervisor accepts again")
+            mode.set_direct(None)
+            self.acceptor.resume()
+        mode.pool.replace()
+
+    def set_limits(self, limits: Limits) -> None:
+        """Apply `limits` to connections accepted from now on (a pool's workers: to
+        those of the next generation, see `WorkerPool.replace`)."""
+        self.limits = self.admission.limits = limits
+        mode = getattr(self, "mode", None)
+        if isinstance(mode, PoolMode) and mode.direct is not None:
+            mode.direct.table.limits = limits
 
     def reload_tls(self, context: ssl.SSLContext) -> None:
         """Serve new connections with `context` (connections already running keep theirs)."""
@@ -329,17 +374,11 @@ class Server:
     # -- the accept path ---------------------------------------------------------------
     def _accepted(self, sock: socket.socket, addr: object, listener: Listener) -> None:
         peer = Endpoint.from_sockaddr(listener.family, addr)
-        local = listener.local
-        if local is None:  # a wildcard or a handed-over socket: which address was reached?
-            try:
-                local = Endpoint.from_sockaddr(listener.family, sock.getsockname())
-            except OSError:
-                sock.close()
-                return
-            if local == self._local:
-                local = self._local
-            else:
-                self._local = local
+        local = local_end(listener, sock, self._local)
+        if local is None:
+            sock.close()
+            return
+        self._local = local
         proxy = self.proxy
         if proxy is not None and proxy.quick(peer, local) is None:
             self._proxied(sock, peer, local, proxy)
@@ -534,14 +573,7 @@ class Server:
     def _refuse(self, sock: socket.socket, peer: Endpoint, reason: str) -> None:
         """Tell the client (if a message is configured) and close; the server goes on."""
         self.log.refused(peer, reason)
-        message = self.options.refuse_message
-        if message:
-            sock.setblocking(False)
-            with contextlib.suppress(OSError):
-                sock.send(message.encode() + b"\r\n")
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-        sock.close()
+        refuse(sock, self.options.refuse_message)
 
     def _finished(self, conn: Accepted) -> None:
         self.fds.discard(conn.fd)

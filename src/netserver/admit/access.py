@@ -304,6 +304,11 @@ class AccessPolicy:
     def deny(self) -> tuple[Rule, ...]:
         return self._deny
 
+    @property
+    def has_name_rules(self) -> bool:
+        """Whether any rule needs the client's names (and so, maybe, DNS)."""
+        return _has_name_rule(self._allow) or _has_name_rule(self._deny)
+
     def needs_names(self, ip: IPAddress | None) -> bool:
         """Whether the client's names could change the outcome for *ip*.
 

@@ -90,11 +90,7 @@ class Admission:
         self.total -= 1
 
     def _source(self, peer: Endpoint) -> str:
-        """Who a connection counts against: its address, or its IPv6 network."""
-        prefix = self.limits.ipv6_source_prefix
-        if peer.ip is None or peer.ip.version == 4 or prefix >= 128:
-            return peer.host
-        return str(ipaddress.ip_network((peer.ip, prefix), strict=False))
+        return source_key(self.limits, peer)
 
     def _over_source_limits(self, key: str) -> str | None:
         limits = self.limits
@@ -160,3 +156,11 @@ class Admission:
         stale = [k for k, b in self._buckets.items() if b.tokens + (now - b.stamp) * rate >= burst]
         for key in stale:
             del self._buckets[key]
+
+
+def source_key(limits: Limits, peer: Endpoint) -> str:
+    """Who a connection counts against: its address, or its IPv6 network."""
+    prefix = limits.ipv6_source_prefix
+    if peer.ip is None or peer.ip.version == 4 or prefix >= 128:
+        return peer.host
+    return str(ipaddress.ip_network((peer.ip, prefix), strict=False))

@@ -9,11 +9,13 @@ the episode is logged once. Errors that concern only one aborted client are skip
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import socket
 from collections.abc import Callable, Sequence
 
 from ..connlog import ServerLog
+from ..endpoint import Endpoint
 from ..errors import RESOURCE_ERRNOS
 from .listeners import Listener
 
@@ -115,3 +117,28 @@ class AcceptLoop:
     def _retry_now(self) -> None:
         self._retry = None
         self.resume()
+
+
+def local_end(listener: Listener, sock: socket.socket, last: Endpoint) -> Endpoint | None:
+    """The address a client reached: the listener's own, or for a wildcard or a handed-over
+    socket the one the kernel says (None if it cannot); `last` when it is the same, so
+    the connections to one address share one Endpoint (a record lives as long as its
+    connection)."""
+    if listener.local is not None:
+        return listener.local
+    try:
+        local = Endpoint.from_sockaddr(listener.family, sock.getsockname())
+    except OSError:
+        return None
+    return last if local == last else local
+
+
+def refuse(sock: socket.socket, message: str | None) -> None:
+    """Turn a client away: the refusal line if one is configured, then close."""
+    if message:
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.send(message.encode() + b"\r\n")
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()

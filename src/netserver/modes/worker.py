@@ -30,6 +30,7 @@ from ..limits import Limits
 from ..listen.proxy import ProxyError, read_header
 from ..listen.proxy import apply as proxy_endpoints
 from .base import ModeContext
+from .direct import DirectAccept, DirectService
 from .eventloop import EventLoopMode
 from .handoff import decode_conn, encode_conn
 
@@ -58,11 +59,13 @@ class WorkerApp:
 
 @dataclass
 class PoolService:
-    """A server whose connections a pool serves: its handler, TLS and descriptors."""
+    """A server whose connections a pool serves: its handler, TLS and descriptors, and
+    when its workers accept them themselves, its listeners and limits (modes.direct)."""
 
     handler: LoopHandler
     tls: ssl.SSLContext | None
     fds: FdRegistry
+    direct: DirectService | None = None
 
 
 class Worker:
@@ -75,13 +78,16 @@ class Worker:
         services: Mapping[str, PoolService],
         limits: Limits,
         log: ServerLog,
+        seat: int = -1,
     ) -> None:
+        self.seat = seat  # ours in the shared limits tables; -1: accept nothing directly
         self.chan = chan
         self.app = app
         self.services = services
         self.limits = limits
         self.log = log
         self.modes: dict[str, EventLoopMode] = {}
+        self.direct: list[DirectAccept] = []
         self.serving = 0  # connections taken and not yet reported (their `cid` is set)
         self._local = Endpoint()  # shared by the connections to one listener (as server.py)
         self.verdicts: dict[int, asyncio.Future[str | None]] = {}
@@ -94,11 +100,20 @@ class Worker:
         loop = asyncio.get_running_loop()
         registry = FdRegistry()
         for name, service in self.services.items():
+            finished = self._finished
+            acceptor = None
+            if service.direct is not None and self.seat >= 0:
+                service.direct.table.take_seat(self.seat)
+                acceptor = DirectAccept(loop, service.direct, self.log, self._finished)
+                finished = acceptor.finished
+                self.direct.append(acceptor)
             ctx = ModeContext(
-                service.handler, self.limits, self.log, loop, registry, self._finished, "async",
+                service.handler, self.limits, self.log, loop, registry, finished, "async",
                 service.tls,
             )  # fmt: skip
-            self.modes[name] = EventLoopMode(ctx, service.handler)
+            self.modes[name] = mode = EventLoopMode(ctx, service.handler)
+            if acceptor is not None:
+                acceptor.dispatch = mode.dispatch
         self.chan.setblocking(False)
         loop.add_reader(self.chan.fileno(), self._message)
         loop.add_signal_handler(signal.SIGTERM, self._leave, True)
@@ -107,6 +122,9 @@ class Worker:
         try:
             if self.app.start is not None:
                 await self.app.start()
+            if not self.leaving:  # accepting before READY: the pool is ready when we are
+                for acceptor in self.direct:
+                    acceptor.start()
             self.chan.send(READY)
             if self.app.run is not None:
                 task = asyncio.ensure_future(self.app.run())
@@ -223,8 +241,12 @@ class Worker:
             conn.cid = -1
             self.serving -= 1
             self._send_end(cid, conn)
-        if self.leaving and not self.serving:
+        if self.leaving and self._idle():
             self.done.set()
+
+    def _idle(self) -> bool:
+        """Nothing is served: neither a connection handed over nor one we accepted."""
+        return not self.serving and not any(acceptor.open for acceptor in self.direct)
 
     def _send_end(self, cid: int, conn: Accepted) -> None:
         record = conn.record
@@ -254,10 +276,12 @@ class Worker:
     def _leave(self, stop_sessions: bool) -> None:
         """No more connections; with `stop_sessions`, ask the running ones to end."""
         self.leaving = True
+        for acceptor in self.direct:
+            acceptor.stop()
         if stop_sessions:
             for mode in self.modes.values():
                 mode.begin_stop()
-        if not self.serving:
+        if self._idle():
             self.done.set()
 
     def _terminate(self) -> None:

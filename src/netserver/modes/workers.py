@@ -45,6 +45,7 @@ from ..endpoint import Endpoint
 from ..handlers import LoopHandler
 from ..limits import Limits
 from .base import ModeContext, status_for_exit
+from .direct import DirectService
 from .fork import reset_child_signals
 from .handoff import decode_conn, encode_conn
 from .worker import (
@@ -104,6 +105,7 @@ class _Proc:
     chan: socket.socket
     generation: int
     started: float
+    seat: int = -1  # its place in the limits tables of services it accepts for itself
     pidfd: int = -1
     conns: dict[int, _Live] = field(default_factory=dict)
     retiring: bool = False
@@ -125,6 +127,10 @@ class WorkerPool:
         fds: FdRegistry | None = None,
     ) -> None:
         self.count = max(1, count)
+        # Seats in the shared limits tables (modes.direct): one per worker, enough for
+        # a generation being replaced while the next one starts.
+        self.seats = 2 * self.count + 2
+        self._free_seats = list(range(self.seats - 1, -1, -1))
         self.setup = setup
         self.log = log
         self.limits = limits
@@ -149,10 +155,16 @@ class WorkerPool:
 
     # -- set-up ------------------------------------------------------------------------
     def add_service(
-        self, name: str, handler: LoopHandler, tls: ssl.SSLContext | None, fds: FdRegistry
+        self,
+        name: str,
+        handler: LoopHandler,
+        tls: ssl.SSLContext | None,
+        fds: FdRegistry,
+        direct: DirectService | None = None,
     ) -> None:
-        """A server that hands its connections to this pool (its fds close in workers)."""
-        self.services[name] = PoolService(handler, tls, fds)
+        """A server that hands its connections to this pool (its fds close in workers),
+        or with `direct`, whose connections the workers accept themselves."""
+        self.services[name] = PoolService(handler, tls, fds, direct)
 
     def set_tls(self, name: str, tls: ssl.SSLContext | None) -> None:
         """New workers serve `name` with this context (see `replace`)."""
@@ -188,20 +200,26 @@ class WorkerPool:
         # Objects made so far stay out of the collector's way in both processes, so a
         # collection does not touch (and copy) the pages the child shares with us.
         gc.freeze()
+        seat = self._free_seats.pop() if self._free_seats else -1
+        if seat >= 0:
+            for direct in self._direct():
+                direct.table.accepting(True, seat)
         try:
             pid, channel = fork_with_channel(socket.SOCK_SEQPACKET)
         except OSError as exc:
+            self._give_back(seat)
             self._cannot_spawn(exc)
             return None
         if pid == 0:
-            run_child(lambda: self._child(channel, parent_pid))
+            run_child(lambda: self._child(channel, parent_pid, seat))
         channel.setblocking(False)
-        proc = _Proc(pid, channel, self.generation, time.monotonic())
+        proc = _Proc(pid, channel, self.generation, time.monotonic(), seat)
         try:
             proc.pidfd = watch_child(self._loop, pid, lambda code: self._exited(proc, code))
         except OSError as exc:
             kill_and_reap(pid)
             channel.close()
+            self._give_back(seat)
             self._cannot_spawn(exc)
             return None
         self._fds.add(channel.fileno())
@@ -213,19 +231,35 @@ class WorkerPool:
         self.log.info(f"{self.name} started", pid=pid)
         return proc
 
-    def _child(self, chan: socket.socket, parent_pid: int) -> int:
+    def _child(self, chan: socket.socket, parent_pid: int, seat: int) -> int:
         """In the new process: detach from the parent's loop, set up, then serve."""
         reset_child_signals()
         asyncio.events._set_running_loop(None)
         die_with_parent(parent_pid)
-        self._fds.close_in_child(keep=chan.fileno())
+        # A worker with a seat keeps the listeners it accepts on itself.
+        keep = {chan.fileno()}
+        if seat >= 0:
+            keep.update(fd for direct in self._direct() for fd in direct.fds())
+        self._fds.close_in_child(keep)
         for registry in [s.fds for s in self.services.values()] + self._other_fds:
-            registry.close_in_child()
+            registry.close_in_child(keep)
         app = self.setup() if self.setup is not None else WorkerApp()
-        worker = Worker(chan, app, self.services, self.limits, self.log)
+        worker = Worker(chan, app, self.services, self.limits, self.log, seat)
         with asyncio.Runner(loop_factory=self.loop_factory) as runner:
             runner.run(worker.run())
         return 70 if worker.failed else 0
+
+    def _direct(self) -> list[DirectService]:
+        return [s.direct for s in self.services.values() if s.direct is not None]
+
+    def _give_back(self, seat: int) -> None:
+        """A worker's seat is free again: count out whatever it left in the tables."""
+        if seat < 0:
+            return
+        left = sum(direct.table.clear_seat(seat) for direct in self._direct())
+        if left:
+            self.log.info(f"{self.name}'s connections counted out", seat=seat, count=left)
+        self._free_seats.append(seat)
 
     def _cannot_spawn(self, exc: OSError) -> None:
         self.log.error(f"cannot start a {self.name}", error=str(exc))
@@ -239,6 +273,7 @@ class WorkerPool:
         assert self._loop is not None
         self._loop.remove_reader(proc.chan.fileno())
         proc.chan.close()
+        self._give_back(proc.seat)
         for live in proc.conns.values():
             if live.conn.record.status == "ok":
                 live.conn.record.status = status_for_exit(code)
@@ -468,14 +503,28 @@ class WorkerPool:
 class PoolMode:
     """The `Mode` a `Server` uses to hand its connections to a (maybe shared) pool."""
 
-    def __init__(self, ctx: ModeContext, pool: WorkerPool, service: str, *, owned: bool) -> None:
+    def __init__(
+        self,
+        ctx: ModeContext,
+        pool: WorkerPool,
+        service: str,
+        *,
+        owned: bool,
+        direct: DirectService | None = None,
+    ) -> None:
         self.ctx = ctx
         self.pool = pool
         self.service = service
         self.owned = owned
+        self.direct = direct
         self.namer: Namer | None = None  # set by a Server with proxy_from (see server.py)
         assert isinstance(ctx.handler, LoopHandler)
-        pool.add_service(service, ctx.handler, ctx.tls, ctx.fds)
+        pool.add_service(service, ctx.handler, ctx.tls, ctx.fds, direct)
+
+    def set_direct(self, direct: DirectService | None) -> None:
+        """How workers started from now on accept this server's connections."""
+        self.direct = direct
+        self.pool.services[self.service].direct = direct
 
     def start(self) -> None:
         """Start our own pool; a shared one is started by its owner once every server

@@ -1,0 +1,224 @@
+"""Limits held across worker processes that accept on one listener: a shared table.
+
+When the workers of a pool accept their connections themselves (modes.direct), no
+single process sees every connection, so the counts live in memory all of them share:
+a memfd mapped before the workers are forked. Every change is made under one lock, a
+POSIX record lock on that memfd (`lockf`): it is held by a process, so the kernel drops
+it when its holder dies, even by SIGKILL in the middle of an update, and nobody waits
+for a dead worker. A semaphore (multiprocessing's SemLock) would stay taken.
+
+Layout: a head (connections counted in, xinetd's rate window, the pause it started),
+then one record per seat (a worker process: its connections and how many entries of
+its own area it has used), then each seat's area of entries: a 16-byte digest of the
+source a connection counts against, zero when free. A worker writes only its own area,
+so the free list of its entries stays in the worker. The connections from one source
+are counted by searching every seat's used entries for that digest (a memory search,
+stopped as soon as the cap is reached). When a worker dies the supervisor clears its
+seat (`clear_seat`): its connections are counted out at once.
+
+The per-source token bucket (`rate_per_source`) is not kept here: a server with it
+keeps the supervisor's accept path.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import mmap
+import os
+import struct
+import time
+from collections.abc import Callable
+
+from ..endpoint import Endpoint
+from ..limits import Limits
+from .limits import source_key
+
+__all__ = ["FULL", "SharedLimits"]
+
+_HEAD = struct.Struct("=qdqd")  # total, rate window start, its count, paused until
+# A seat's connections, the entries of its area used so far, and whether it accepts now.
+_SEAT = struct.Struct("=qqq")
+ENTRY = 16  # blake2b digest of the source a connection counts against
+# A seat's area, in entries. Not the connection cap, which a reload may raise; pages
+# are touched only as far as a worker has used its area.
+ENTRIES = 65536
+FULL = -1  # `admit`: the global cap is reached; try again when a connection ends
+
+
+class SharedLimits:
+    """`max_conns`, `max_per_source` and the service rate, for processes of one pool.
+
+    `limits` may be replaced (a reload): workers forked afterwards apply the new ones.
+    """
+
+    def __init__(
+        self, limits: Limits, seats: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.limits = limits
+        self.seats = max(1, seats)
+        self.clock = clock
+        self.entries = ENTRIES
+        self._areas = _HEAD.size + self.seats * _SEAT.size
+        size = self._areas + self.seats * self.entries * ENTRY
+        self.fd = os.memfd_create("netserver-limits", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, size)
+        self.mem = mmap.mmap(self.fd, size)  # MAP_SHARED: the forked workers see it
+        _HEAD.pack_into(self.mem, 0, 0, float("-inf"), 0, float("-inf"))
+        self.seat = -1  # ours, in a worker (see `take_seat`)
+        self._free: list[int] = []
+        self._used = 0
+
+    # -- in a worker ----------------------------------------------------------------------
+    def take_seat(self, seat: int) -> None:
+        """This process counts its connections in `seat` (cleared by the supervisor)."""
+        self.seat = seat
+        self._free = []
+        self._used = 0
+
+    def accepting(self, yes: bool, seat: int = -1) -> None:
+        """Say whether the worker in `seat` (ours by default) accepts, or is about to:
+        `busier` leaves clients only to those. The supervisor says it when it forks one,
+        so a client is left to a worker that is still starting, as the supervisor's own
+        accept path would give it the least busy worker, started or not."""
+        seat = self.seat if seat < 0 else seat
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        try:
+            seat_at = _HEAD.size + seat * _SEAT.size
+            open_here, used, _accepting = _SEAT.unpack_from(self.mem, seat_at)
+            _SEAT.pack_into(self.mem, seat_at, open_here, used, int(yes))
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+    def busier(self) -> bool:
+        """A hint without the lock: another accepting worker serves fewer connections,
+        so the next client is left to it (the least busy worker takes each one)."""
+        mine = -1
+        least = None
+        for seat, (open_there, _used, accepting) in enumerate(
+            _SEAT.iter_unpack(self.mem[_HEAD.size : self._areas])
+        ):
+            if seat == self.seat:
+                mine = open_there
+            elif accepting and (least is None or open_there < least):
+                least = open_there
+        return least is not None and mine > least
+
+    @property
+    def full(self) -> bool:
+        """A hint without the lock: the global cap looks reached."""
+        cap = self.limits.max_conns
+        return bool(cap) and _HEAD.unpack_from(self.mem, 0)[0] >= cap
+
+    def admit(self, peer: Endpoint) -> int | str:
+        """Count a connection from `peer` in: its entry, `FULL`, or why it is refused."""
+        key = hashlib.blake2b(source_key(self.limits, peer).encode(), digest_size=ENTRY).digest()
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        try:
+            return self._admit(peer, key)
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+    def _admit(self, peer: Endpoint, key: bytes) -> int | str:
+        limits = self.limits
+        total, start, count, paused = _HEAD.unpack_from(self.mem, 0)
+        if limits.max_conns and total >= limits.max_conns:
+            return FULL
+        if limits.service_rate:
+            why = self._over_rate(start, count, paused)
+            if why is not None:
+                return why
+        cap = limits.max_per_source
+        if cap and self._count(key, cap) >= cap and not (limits.exempt and limits.exempt(peer)):
+            return f"more than {cap} connections from {source_key(limits, peer)}"
+        if self._free:
+            entry = self._free.pop()
+        elif self._used < self.entries:
+            entry = self._used
+            self._used += 1
+        else:
+            return f"more than {self.entries} connections in one worker"
+        self.mem[self._entry(entry) : self._entry(entry) + ENTRY] = key
+        seat_at = _HEAD.size + self.seat * _SEAT.size
+        open_here, _used, accepting = _SEAT.unpack_from(self.mem, seat_at)
+        _SEAT.pack_into(self.mem, seat_at, open_here + 1, self._used, accepting)
+        struct.pack_into("=q", self.mem, 0, total + 1)
+        return entry
+
+    def _over_rate(self, start: float, count: int, paused: float) -> str | None:
+        """xinetd cps, as `Admission._service_over_rate`, with the window in the head."""
+        rate, pause = self.limits.service_rate, self.limits.service_pause
+        now = self.clock()
+        if now < paused:
+            return f"service paused ({rate:g} connections/s exceeded)"
+        if now - start >= 1.0:
+            start, count = now, 0
+        count += 1
+        if count > rate:
+            _HEAD.pack_into(self.mem, 0, self._total(), float("-inf"), 0, now + pause)
+            return f"more than {rate:g} connections/s: service paused for {pause:g}s"
+        _HEAD.pack_into(self.mem, 0, self._total(), start, count, paused)
+        return None
+
+    def _total(self) -> int:
+        total: int = _HEAD.unpack_from(self.mem, 0)[0]
+        return total
+
+    def _entry(self, entry: int, seat: int = -1) -> int:
+        seat = self.seat if seat < 0 else seat
+        return self._areas + (seat * self.entries + entry) * ENTRY
+
+    def _count(self, key: bytes, stop: int) -> int:
+        """Connections from `key` in every seat, counted up to `stop`."""
+        found = 0
+        for seat in range(self.seats):
+            used = _SEAT.unpack_from(self.mem, _HEAD.size + seat * _SEAT.size)[1]
+            start = self._entry(0, seat)
+            end = start + used * ENTRY
+            at = self.mem.find(key, start, end)
+            while at >= 0:
+                if (at - self._areas) % ENTRY == 0:
+                    found += 1
+                    if found >= stop:
+                        return found
+                at = self.mem.find(key, at + 1, end)
+        return found
+
+    def release(self, entry: int) -> None:
+        """Count out the connection counted in at `entry`."""
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        try:
+            at = self._entry(entry)
+            self.mem[at : at + ENTRY] = bytes(ENTRY)
+            seat_at = _HEAD.size + self.seat * _SEAT.size
+            open_here, _used, accepting = _SEAT.unpack_from(self.mem, seat_at)
+            _SEAT.pack_into(self.mem, seat_at, open_here - 1, self._used, accepting)
+            struct.pack_into("=q", self.mem, 0, self._total() - 1)
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+        self._free.append(entry)
+
+    # -- in the supervisor ----------------------------------------------------------------
+    def clear_seat(self, seat: int) -> int:
+        """A worker is gone: count its connections out; how many there were."""
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        try:
+            seat_at = _HEAD.size + seat * _SEAT.size
+            open_there, used, _accepting = _SEAT.unpack_from(self.mem, seat_at)
+            start = self._entry(0, seat)
+            self.mem[start : start + used * ENTRY] = bytes(used * ENTRY)
+            _SEAT.pack_into(self.mem, seat_at, 0, 0, 0)
+            struct.pack_into("=q", self.mem, 0, self._total() - open_there)
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+        count: int = open_there
+        return count
+
+    @property
+    def total(self) -> int:
+        """Connections counted in, by every worker."""
+        return self._total()
+
+    def close(self) -> None:
+        self.mem.close()
+        os.close(self.fd)

@@ -1,0 +1,161 @@
+"""A pool worker accepts its connections itself, as Postfix's smtpd and tcpserver do.
+
+By default the supervisor accepts every connection, judges it and passes it to a worker
+(modes.workers): one more process wakes up, and the descriptor crosses a channel twice
+(there, and the end report back), for each connection. When every gate a server has is
+quick -- only its limits, with no PROXY header to read and no access rule that needs a
+lookup -- nothing the supervisor does needs the supervisor: each worker then watches the
+inherited listening socket, accepts, counts the client in the limits table all workers
+share (admit.shared), and serves it on its own loop. The supervisor still forks, restarts
+and retires the workers, and when one dies it counts that worker's connections out.
+
+The global cap still makes clients wait in the listen backlog: a worker that finds the
+table full stops accepting and looks again when one of its own connections ends, or
+every `RECHECK` seconds (another worker's connection may have ended). A worker that
+accepted a client in the moment the last place was taken holds it, unread, until there
+is room: to that client it is the same as waiting in the backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..accepted import Accepted
+from ..admit.gate import Gate, Refusal
+from ..admit.shared import FULL, SharedLimits
+from ..connlog import ConnRecord, ServerLog
+from ..endpoint import Endpoint
+from ..listen.accept import AcceptLoop, local_end, refuse
+from ..listen.listeners import Listener
+
+__all__ = ["RECHECK", "DirectAccept", "DirectService"]
+
+RECHECK = 0.02  # seconds between looks at a full table
+
+
+@dataclass(frozen=True)
+class DirectService:
+    """What the workers need to accept a server's connections: made before they fork."""
+
+    listeners: list[Listener]
+    table: SharedLimits
+    refuse_message: str | None
+    gates: tuple[Gate, ...] = ()  # each decides in `quick` (server.Server._quick_only)
+
+    def fds(self) -> list[int]:
+        """The listening descriptors a worker keeps."""
+        return [listener.sock.fileno() for listener in self.listeners]
+
+
+class DirectAccept:
+    """One worker's accept on one server's listeners; its connections' ends count out."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        service: DirectService,
+        log: ServerLog,
+        ended: Callable[[Accepted], None],
+    ) -> None:
+        self.loop = loop
+        self.table = service.table
+        self.gates = service.gates
+        self.refuse_message = service.refuse_message
+        self.log = log
+        self.ended = ended  # the worker's own bookkeeping, after ours
+        self.dispatch: Callable[[Accepted], None] = lambda conn: None  # the mode's, once made
+        self.open = 0
+        self.acceptor = AcceptLoop(loop, service.listeners, self._accepted, log)
+        self.acceptor.gate = self._room
+        self._held: tuple[socket.socket, Endpoint, Endpoint] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._local = Endpoint()
+
+    def start(self) -> None:
+        self.table.accepting(True)
+        self.acceptor.resume()
+
+    def stop(self) -> None:
+        """Accept no more: close our copies of the listeners, and a client held for room."""
+        self.acceptor.close()
+        self.table.accepting(False)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._held is not None:
+            self._held[0].close()
+            self._held = None
+
+    def _room(self) -> bool:
+        table = self.table
+        if self._held is None and not table.full and not table.busier():
+            return True
+        self._look_later()
+        return False
+
+    def _accepted(self, sock: socket.socket, addr: object, listener: Listener) -> None:
+        peer = Endpoint.from_sockaddr(listener.family, addr)
+        local = local_end(listener, sock, self._local)
+        if local is None:
+            sock.close()
+            return
+        self._local = local
+        if sock.gettimeout() is not None:
+            sock.setblocking(True)
+        for gate in self.gates:
+            ruling = gate.quick(peer, local)
+            if ruling is None:  # cannot be with address rules; never serve undecided
+                ruling = Refusal("access check needs a lookup")
+            if isinstance(ruling, Refusal):
+                self.log.refused(peer, ruling.reason)
+                refuse(sock, self.refuse_message)
+                return
+        self._admit(sock, peer, local)
+
+    def _admit(self, sock: socket.socket, peer: Endpoint, local: Endpoint) -> None:
+        entry = self.table.admit(peer)
+        if entry == FULL:
+            self._held = (sock, peer, local)
+            self.acceptor.pause()
+            self._look_later()
+            return
+        if isinstance(entry, str):
+            self.log.refused(peer, entry)
+            refuse(sock, self.refuse_message)
+            return
+        conn = Accepted(sock, ConnRecord(peer, local, "async"))
+        conn.fd = -1  # no registry here keeps the number; the socket object has it
+        conn.entry = entry
+        self.open += 1
+        self.dispatch(conn)
+
+    def finished(self, conn: Accepted) -> None:
+        """The mode's end of a connection: count it out, log it, maybe accept again."""
+        if conn.entry >= 0:
+            self.table.release(conn.entry)
+            conn.entry = -1
+            self.open -= 1
+            self.log.connection(conn.record)
+            if self.acceptor.paused and not self.acceptor.closed:
+                self._look()
+        self.ended(conn)
+
+    def _look_later(self) -> None:
+        if self._timer is None and not self.acceptor.closed:
+            self._timer = self.loop.call_later(RECHECK, self._look)
+
+    def _look(self) -> None:
+        """Room again? Serve the client held for it, then accept again."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        held, self._held = self._held, None
+        if held is not None:
+            self._admit(*held)
+        if self._held is None and not self.table.full:
+            self.acceptor.resume()
+        else:
+            self._look_later()
