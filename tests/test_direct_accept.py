@@ -14,7 +14,7 @@ import socket
 import time
 from pathlib import Path
 
-from conftest import ServerFactory
+from conftest import RunningServer, ServerFactory
 from lifecycle_handlers import IO_TIMEOUT
 from test_async_workers import DEADLINE, children, connect, serve
 
@@ -133,3 +133,38 @@ def test_parent_sigkill_ends_workers_and_their_sessions(netserver_proc: ServerFa
     except ConnectionRefusedError:
         return
     raise AssertionError("a connection was accepted after every process died")
+
+
+def test_reloaded_access_rules_reach_the_workers(
+    netserver_proc: ServerFactory, tmp_path: Path
+) -> None:
+    """Workers that accept judge by the rules they were forked with: a reload starts new
+    ones; a rule that needs a name gives the accepting back to the supervisor."""
+    rules = tmp_path / "access"
+    rules.write_text("allow 127.0.0.0/8\n")
+    server, address = serve(netserver_proc, "--access-file", str(rules))
+    connect(address)[0].close()
+    rules.write_text("deny 127.0.0.1\n")
+    server.signal(signal.SIGHUP)
+    wait_log(server, "access rules reloaded")
+    deadline = time.monotonic() + DEADLINE
+    while True:  # the old workers may take a client until they have retired
+        with socket.create_connection(address, timeout=IO_TIMEOUT) as sock:
+            if answers(sock, DEADLINE) == b"":
+                break
+        assert time.monotonic() < deadline, "the new rule never applied"
+    rules.write_text("allow localhost\n")  # a name: the supervisor judges again
+    server.signal(signal.SIGHUP)
+    wait_log(server, "the supervisor accepts again")
+    inode = listener_inode(address[1])
+    deadline = time.monotonic() + DEADLINE
+    while any(holds(pid, inode) for pid in children(server.proc.pid)):
+        assert time.monotonic() < deadline, "a worker still accepts"
+        time.sleep(0.02)
+
+
+def wait_log(server: RunningServer, text: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while text not in server.log():
+        assert time.monotonic() < deadline, f"no {text!r} in the log"
+        time.sleep(0.02)

@@ -1,14 +1,13 @@
 """Async mode with worker processes: every core serves connections, one supervisor decides.
 
-The supervisor (`Server`) still accepts every connection and judges access and limits
-in one place, so per-source caps, rates and the global cap hold exactly across workers.
-It then passes the descriptor (SCM_RIGHTS) to the worker process with the fewest
-connections; each worker runs its own event loop and serves the connection with the
-async handler, and reports the end (bytes, outcome) so the supervisor counts it out.
-Passing descriptors was chosen over workers that accept and ask the supervisor (an
-anvil, as in Postfix): both cost one message per connection, but here the supervisor's
-counters are the only ones, nothing can disagree, and the load goes to the least busy
-worker instead of to whichever process the kernel wakes first.
+When every gate of a server decides at once, the workers accept its connections
+themselves and count them in a table they share (modes.direct, admit.shared): no
+message and no supervisor wake-up per connection. Otherwise (a PROXY header to read, a
+rule that needs a lookup, a per-source rate) the supervisor (`Server`) accepts every
+connection and judges access and limits in one place, then passes the descriptor
+(SCM_RIGHTS) to the worker process with the fewest connections; each worker runs its
+own event loop and serves the connection with the async handler, and reports the end
+(bytes, outcome) so the supervisor counts it out.
 
 A worker is started with `fork` from the supervisor: `setup` runs in the child before it
 takes a connection (drop privileges there, open per-process resources); connections
@@ -432,10 +431,18 @@ class WorkerPool:
         live.name(live.conn, peer, local, verdict)
 
     def active(self, service: str | None = None) -> int:
-        """Connections being served (or waiting for a worker), of `service` or all."""
+        """Connections being served (or waiting for a worker), of `service` or all;
+        with those the workers accepted themselves, which the shared table counts (they
+        end unreported: the count drops, at the latest, when their worker exits)."""
         lives = [live for p in self.procs.values() for live in p.conns.values()]
         lives += [live for _cid, live in self.pending]
-        return sum(1 for live in lives if service is None or live.service == service)
+        handed = sum(1 for live in lives if service is None or live.service == service)
+        tables = [
+            s.direct.table
+            for name, s in self.services.items()
+            if s.direct is not None and (service is None or name == service)
+        ]
+        return handed + sum(table.total for table in tables)
 
     # -- reload and stop ---------------------------------------------------------------------
     def replace(self, *, overlap: bool = True) -> None:
