@@ -7,14 +7,16 @@ POSIX record lock on that memfd (`lockf`): it is held by a process, so the kerne
 it when its holder dies, even by SIGKILL in the middle of an update, and nobody waits
 for a dead worker. A semaphore (multiprocessing's SemLock) would stay taken.
 
-Layout: a head (connections counted in, xinetd's rate window, the pause it started),
-then one record per seat (a worker process: its connections and how many entries of
-its own area it has used), then each seat's area of entries: a 16-byte digest of the
-source a connection counts against, zero when free. A worker writes only its own area,
-so the free list of its entries stays in the worker. The connections from one source
-are counted by searching every seat's used entries for that digest (a memory search,
-stopped as soon as the cap is reached). When a worker dies the supervisor clears its
-seat (`clear_seat`): its connections are counted out at once.
+Layout: a head (xinetd's rate window, the pause it started); three arrays with one
+number per seat (a worker process): its connections, how many entries of its own area
+it has used, and whether it accepts now. The connections counted in are the sum of the
+first: one number per worker is the only count, so a worker killed in the middle of an
+update cannot leave two that disagree. Then each seat's area of entries: a 16-byte
+digest of the source a connection counts against, zero when free. A worker writes only
+its own area, so the free list of its entries stays in the worker. The connections from
+one source are counted by searching every seat's used entries for that digest (a memory
+search, stopped as soon as the cap is reached). When a worker dies the supervisor
+clears its seat (`clear_seat`): its connections are counted out at once.
 
 The per-source token bucket (`rate_per_source`) is not kept here: a server with it
 keeps the supervisor's accept path.
@@ -36,9 +38,8 @@ from .limits import source_key
 
 __all__ = ["FULL", "SharedLimits"]
 
-_HEAD = struct.Struct("=qdqd")  # total, rate window start, its count, paused until
-# A seat's connections, the entries of its area used so far, and whether it accepts now.
-_SEAT = struct.Struct("=qqq")
+_HEAD = struct.Struct("=dqd")  # the rate window's start, its count, the pause's end
+_NUMBER = struct.Struct("=q")
 ENTRY = 16  # blake2b digest of the source a connection counts against
 # A seat's area, in entries. Not the connection cap, which a reload may raise; pages
 # are touched only as far as a worker has used its area.
@@ -59,12 +60,16 @@ class SharedLimits:
         self.seats = max(1, seats)
         self.clock = clock
         self.entries = ENTRIES
-        self._areas = _HEAD.size + self.seats * _SEAT.size
+        self._array = struct.Struct(f"={self.seats}q")  # a number per seat
+        self._open = _HEAD.size  # where each array starts
+        self._used_at = self._open + self._array.size
+        self._accepting_at = self._used_at + self._array.size
+        self._areas = self._accepting_at + self._array.size
         size = self._areas + self.seats * self.entries * ENTRY
         self.fd = os.memfd_create("netserver-limits", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, size)
         self.mem = mmap.mmap(self.fd, size)  # MAP_SHARED: the forked workers see it
-        _HEAD.pack_into(self.mem, 0, 0, float("-inf"), 0, float("-inf"))
+        _HEAD.pack_into(self.mem, 0, float("-inf"), 0, float("-inf"))
         self.seat = -1  # ours, in a worker (see `take_seat`)
         self._free: list[int] = []
         self._used = 0
@@ -82,33 +87,30 @@ class SharedLimits:
         so a client is left to a worker that is still starting, as the supervisor's own
         accept path would give it the least busy worker, started or not."""
         seat = self.seat if seat < 0 else seat
-        fcntl.lockf(self.fd, fcntl.LOCK_EX)
-        try:
-            seat_at = _HEAD.size + seat * _SEAT.size
-            open_here, used, _accepting = _SEAT.unpack_from(self.mem, seat_at)
-            _SEAT.pack_into(self.mem, seat_at, open_here, used, int(yes))
-        finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+        _NUMBER.pack_into(self.mem, self._accepting_at + seat * _NUMBER.size, int(yes))
 
     def busier(self) -> bool:
         """A hint without the lock: another accepting worker serves fewer connections,
         so the next client is left to it (the least busy worker takes each one)."""
-        mine = -1
-        least = None
-        for seat, (open_there, _used, accepting) in enumerate(
-            _SEAT.iter_unpack(self.mem[_HEAD.size : self._areas])
-        ):
-            if seat == self.seat:
-                mine = open_there
-            elif accepting and (least is None or open_there < least):
-                least = open_there
-        return least is not None and mine > least
+        counts = self._array.unpack_from(self.mem, self._open)
+        accepting = self._array.unpack_from(self.mem, self._accepting_at)
+        mine = counts[self.seat]
+        return any(
+            yes and count < mine
+            for seat, (count, yes) in enumerate(zip(counts, accepting, strict=True))
+            if seat != self.seat
+        )
 
     @property
     def full(self) -> bool:
         """A hint without the lock: the global cap looks reached."""
         cap = self.limits.max_conns
-        return bool(cap) and _HEAD.unpack_from(self.mem, 0)[0] >= cap
+        return bool(cap) and self.total >= cap
+
+    @property
+    def total(self) -> int:
+        """Connections counted in, by every worker."""
+        return sum(self._array.unpack_from(self.mem, self._open))
 
     def admit(self, peer: Endpoint) -> int | str:
         """Count a connection from `peer` in: its entry, `FULL`, or why it is refused."""
@@ -121,11 +123,10 @@ class SharedLimits:
 
     def _admit(self, peer: Endpoint, key: bytes) -> int | str:
         limits = self.limits
-        total, start, count, paused = _HEAD.unpack_from(self.mem, 0)
-        if limits.max_conns and total >= limits.max_conns:
+        if limits.max_conns and self.total >= limits.max_conns:
             return FULL
         if limits.service_rate:
-            why = self._over_rate(start, count, paused)
+            why = self._over_rate()
             if why is not None:
                 return why
         cap = limits.max_per_source
@@ -136,17 +137,24 @@ class SharedLimits:
         elif self._used < self.entries:
             entry = self._used
             self._used += 1
+            _NUMBER.pack_into(self.mem, self._used_at + self.seat * _NUMBER.size, self._used)
         else:
             return f"more than {self.entries} connections in one worker"
-        self.mem[self._entry(entry) : self._entry(entry) + ENTRY] = key
-        seat_at = _HEAD.size + self.seat * _SEAT.size
-        open_here, _used, accepting = _SEAT.unpack_from(self.mem, seat_at)
-        _SEAT.pack_into(self.mem, seat_at, open_here + 1, self._used, accepting)
-        struct.pack_into("=q", self.mem, 0, total + 1)
+        at = self._entry(entry)
+        self.mem[at : at + ENTRY] = key
+        self._add(self.seat, 1)
         return entry
 
-    def _over_rate(self, start: float, count: int, paused: float) -> str | None:
+    def _add(self, seat: int, delta: int) -> int:
+        """Change a seat's count of connections; the count before."""
+        at = self._open + seat * _NUMBER.size
+        count: int = _NUMBER.unpack_from(self.mem, at)[0]
+        _NUMBER.pack_into(self.mem, at, count + delta)
+        return count
+
+    def _over_rate(self) -> str | None:
         """xinetd cps, as `Admission._service_over_rate`, with the window in the head."""
+        start, count, paused = _HEAD.unpack_from(self.mem, 0)
         rate, pause = self.limits.service_rate, self.limits.service_pause
         now = self.clock()
         if now < paused:
@@ -155,14 +163,10 @@ class SharedLimits:
             start, count = now, 0
         count += 1
         if count > rate:
-            _HEAD.pack_into(self.mem, 0, self._total(), float("-inf"), 0, now + pause)
+            _HEAD.pack_into(self.mem, 0, float("-inf"), 0, now + pause)
             return f"more than {rate:g} connections/s: service paused for {pause:g}s"
-        _HEAD.pack_into(self.mem, 0, self._total(), start, count, paused)
+        _HEAD.pack_into(self.mem, 0, start, count, paused)
         return None
-
-    def _total(self) -> int:
-        total: int = _HEAD.unpack_from(self.mem, 0)[0]
-        return total
 
     def _entry(self, entry: int, seat: int = -1) -> int:
         seat = self.seat if seat < 0 else seat
@@ -171,8 +175,9 @@ class SharedLimits:
     def _count(self, key: bytes, stop: int) -> int:
         """Connections from `key` in every seat, counted up to `stop`."""
         found = 0
-        for seat in range(self.seats):
-            used = _SEAT.unpack_from(self.mem, _HEAD.size + seat * _SEAT.size)[1]
+        for seat, used in enumerate(self._array.unpack_from(self.mem, self._used_at)):
+            if not used:
+                continue
             start = self._entry(0, seat)
             end = start + used * ENTRY
             at = self.mem.find(key, start, end)
@@ -186,14 +191,11 @@ class SharedLimits:
 
     def release(self, entry: int) -> None:
         """Count out the connection counted in at `entry`."""
+        at = self._entry(entry)
         fcntl.lockf(self.fd, fcntl.LOCK_EX)
         try:
-            at = self._entry(entry)
             self.mem[at : at + ENTRY] = bytes(ENTRY)
-            seat_at = _HEAD.size + self.seat * _SEAT.size
-            open_here, _used, accepting = _SEAT.unpack_from(self.mem, seat_at)
-            _SEAT.pack_into(self.mem, seat_at, open_here - 1, self._used, accepting)
-            struct.pack_into("=q", self.mem, 0, self._total() - 1)
+            self._add(self.seat, -1)
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN)
         self._free.append(entry)
@@ -201,23 +203,19 @@ class SharedLimits:
     # -- in the supervisor ----------------------------------------------------------------
     def clear_seat(self, seat: int) -> int:
         """A worker is gone: count its connections out; how many there were."""
+        used_at = self._used_at + seat * _NUMBER.size
         fcntl.lockf(self.fd, fcntl.LOCK_EX)
         try:
-            seat_at = _HEAD.size + seat * _SEAT.size
-            open_there, used, _accepting = _SEAT.unpack_from(self.mem, seat_at)
+            used: int = _NUMBER.unpack_from(self.mem, used_at)[0]
             start = self._entry(0, seat)
             self.mem[start : start + used * ENTRY] = bytes(used * ENTRY)
-            _SEAT.pack_into(self.mem, seat_at, 0, 0, 0)
-            struct.pack_into("=q", self.mem, 0, self._total() - open_there)
+            _NUMBER.pack_into(self.mem, used_at, 0)
+            _NUMBER.pack_into(self.mem, self._accepting_at + seat * _NUMBER.size, 0)
+            left = self._add(seat, 0)
+            _NUMBER.pack_into(self.mem, self._open + seat * _NUMBER.size, 0)
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN)
-        count: int = open_there
-        return count
-
-    @property
-    def total(self) -> int:
-        """Connections counted in, by every worker."""
-        return self._total()
+        return left
 
     def close(self) -> None:
         self.mem.close()

@@ -127,8 +127,8 @@ class WorkerPool:
     ) -> None:
         self.count = max(1, count)
         # Seats in the shared limits tables (modes.direct): one per worker, enough for
-        # a generation being replaced while the next one starts.
-        self.seats = 2 * self.count + 2
+        # two generations being replaced (their sessions end) while the next one starts.
+        self.seats = 4 * self.count + 4
         self._free_seats = list(range(self.seats - 1, -1, -1))
         self.setup = setup
         self.log = log
@@ -200,6 +200,8 @@ class WorkerPool:
         # collection does not touch (and copy) the pages the child shares with us.
         gc.freeze()
         seat = self._free_seats.pop() if self._free_seats else -1
+        if seat < 0 and self._direct():
+            self.log.error(f"no seat free in the shared limits: this {self.name} accepts nothing")
         if seat >= 0:
             for direct in self._direct():
                 direct.table.accepting(True, seat)

@@ -1,0 +1,83 @@
+"""The limits table that workers accepting on one listener share (admit.shared).
+
+Real processes: a forked child counts its connections in its own seat, and the parent
+sees them in the caps; a child that dies, even holding the lock, leaves nothing stuck.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+
+import pytest
+
+from netserver.admit.shared import FULL, SharedLimits
+from netserver.endpoint import Endpoint
+from netserver.limits import Limits
+
+PEER = Endpoint.from_sockaddr(2, ("192.0.2.1", 4000))
+OTHER = Endpoint.from_sockaddr(2, ("192.0.2.2", 4000))
+THIRD = Endpoint.from_sockaddr(2, ("192.0.2.3", 4000))
+
+pytestmark = pytest.mark.slow  # each test forks a worker of its own
+
+
+def in_child(table: SharedLimits, seat: int, peers: list[Endpoint]) -> list[int]:
+    """Admit `peers` from seat `seat` in a forked process that then exits (never
+    releasing, as a killed worker); the entries it got (-2 for a refusal)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        table.take_seat(seat)
+        got = [table.admit(p) for p in peers]
+        os.write(write, ",".join(str(g if isinstance(g, int) else -2) for g in got).encode())
+        os._exit(0)
+    os.close(write)
+    data = os.read(read, 1024)
+    os.close(read)
+    os.waitpid(pid, 0)
+    return [int(x) for x in data.decode().split(",")]
+
+
+def test_caps_count_every_seat_and_a_dead_seat_is_counted_out() -> None:
+    table = SharedLimits(Limits(max_conns=3, max_per_source=2), seats=2)
+    assert in_child(table, 1, [PEER]) == [0]
+    table.take_seat(0)
+    assert table.total == 1
+    first = table.admit(PEER)
+    assert first == 0
+    refused = table.admit(PEER)  # one here and one in the other seat: the cap is 2
+    assert refused == "more than 2 connections from 192.0.2.1"
+    assert table.admit(OTHER) == 1
+    assert table.admit(THIRD) == FULL  # 3 counted in, 2 of them here
+    assert table.clear_seat(1) == 1  # its worker is gone: its connection counts out
+    assert table.total == 2
+    assert table.admit(PEER) == 2
+    table.release(first)
+    table.release(2)
+    assert table.total == 1
+
+
+def test_the_lock_of_a_killed_holder_is_free() -> None:
+    table = SharedLimits(Limits(max_conns=10), seats=2)
+    pid = os.fork()
+    if pid == 0:
+        fcntl.lockf(table.fd, fcntl.LOCK_EX)
+        os.kill(os.getpid(), signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status)
+    table.take_seat(0)
+    assert table.admit(PEER) == 0  # would wait forever on a lock that stayed taken
+
+
+def test_the_least_busy_accepting_seat_takes_the_next_client() -> None:
+    table = SharedLimits(Limits(), seats=3)
+    table.take_seat(0)
+    table.accepting(True)
+    table.admit(PEER)
+    assert not table.busier()  # nobody else accepts
+    table.accepting(True, seat=2)  # a worker being started counts as accepting
+    assert table.busier()
+    table.clear_seat(2)  # it died: no longer a place to leave clients to
+    assert not table.busier()
