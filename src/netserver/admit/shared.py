@@ -91,18 +91,14 @@ class SharedLimits:
 
     def busier(self) -> bool:
         """A hint without the lock: another accepting worker serves fewer connections,
-        or as many and has the lower seat, so the next client is left to it. The least
-        busy worker takes each client, and between equals always the same one: one
-        session after another stays in one warm worker, and the other is not woken
-        for each (it stops watching the listener for a while, see modes.direct)."""
+        so the next client is left to it (the least busy worker takes each one)."""
         counts = self._array.unpack_from(self.mem, self._open)
         accepting = self._array.unpack_from(self.mem, self._accepting_at)
-        me = self.seat
-        mine = counts[me]
+        mine = counts[self.seat]
         return any(
-            yes and (count < mine or (count == mine and seat < me))
+            yes and count < mine
             for seat, (count, yes) in enumerate(zip(counts, accepting, strict=True))
-            if seat != me
+            if seat != self.seat
         )
 
     @property

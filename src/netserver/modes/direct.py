@@ -9,11 +9,6 @@ inherited listening socket, accepts, counts the client in the limits table all w
 share (admit.shared), and serves it on its own loop. The supervisor still forks, restarts
 and retires the workers, and when one dies it counts that worker's connections out.
 
-Each worker leaves a new client to a less busy one that accepts (between equals, to
-the one with the lower seat, so successive sessions stay in one warm worker): it stops
-watching the listener until one of its own connections ends, or for `RECHECK` seconds,
-so a worker that leaves clients to another is not woken for each of them.
-
 The global cap still makes clients wait in the listen backlog: a worker that finds the
 table full stops accepting and looks again when one of its own connections ends, or
 every `RECHECK` seconds (another worker's connection may have ended). A worker that
