@@ -8,13 +8,17 @@ Real clients on loopback; the handler answers with the pid of the worker serving
 from __future__ import annotations
 
 import os
+import pwd
 import select
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from conftest import RunningServer, ServerFactory
+from leafmail_fixtures import LeafmailFactory, RawSMTP, leafmail_servers
 from lifecycle_handlers import IO_TIMEOUT
 from test_async_workers import DEADLINE, children, connect, serve
 
@@ -168,3 +172,28 @@ def wait_log(server: RunningServer, text: str) -> None:
     while text not in server.log():
         assert time.monotonic() < deadline, f"no {text!r} in the log"
         time.sleep(0.02)
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[LeafmailFactory]:
+    yield from leafmail_servers(tmp_path)
+
+
+def test_leafmail_max_sessions_holds_across_smtpd_workers(servers: LeafmailFactory) -> None:
+    """leafmail's smtpd workers accept themselves: `max_sessions` counts the sessions
+    of both, and a client past it waits for a free place (no greeting, no refusal)."""
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("leafmail")
+        except KeyError:
+            pytest.skip("no leafmail user (.ci/run creates it)")
+    server = servers("[smtp]\nmax_sessions = 2\n[process]\nworkers = 2\n")
+    held = [RawSMTP(server.address()) for _ in range(2)]
+    for raw in held:
+        assert raw.greeting().code == 220
+    third = RawSMTP(server.address())
+    assert answers(third.sock, QUIET) is None  # waits for a place: not refused
+    held[0].close()
+    assert third.greeting().code == 220
+    third.close()
+    held[1].close()
