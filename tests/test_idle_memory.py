@@ -17,6 +17,7 @@ import pytest
 from conftest import ROOT
 
 from netserver import Server
+from netserver.limits import Limits
 from netserver.modes.eventloop import TASK_NAME, EventLoopMode
 from netserver.modes.workers import PoolMode
 from netserver.server import ModeSpec, RunOptions
@@ -44,16 +45,20 @@ async def _echo_clients(port: int) -> list[socket.socket]:
     return socks
 
 
-def _server(spec: ModeSpec, ready: asyncio.Event) -> Server:
+def _server(spec: ModeSpec, ready: asyncio.Event, limits: Limits | None) -> Server:
     """The echo example on port 0; `ready` is set once it listens (its readiness signal)."""
     options = RunOptions(loop="asyncio", signals=False, on_ready=lambda _ends: ready.set())
-    return Server(examples.echo.async_main, "127.0.0.1:0", mode=spec, options=options)
+    return Server(
+        examples.echo.async_main, "127.0.0.1:0", mode=spec, limits=limits, options=options
+    )
 
 
-def _run(spec: ModeSpec, check: Callable[[Server], Awaitable[None]]) -> None:
+def _run(
+    spec: ModeSpec, check: Callable[[Server], Awaitable[None]], limits: Limits | None = None
+) -> None:
     async def main() -> None:
         ready = asyncio.Event()
-        server = _server(spec, ready)
+        server = _server(spec, ready, limits)
         serving = asyncio.create_task(server.serve())
         async with asyncio.timeout(IO_TIMEOUT):
             await ready.wait()
@@ -95,6 +100,19 @@ def test_the_supervisor_keeps_no_socket_or_local_endpoint_per_handed_off_connect
         assert all(live.conn.fd == -1 for live in lives)
         assert len({id(live.conn.record.local) for live in lives}) == 1
         assert len({id(live.conn.record.peer) for live in lives}) == CLIENTS
+
+    # A per-source rate keeps the supervisor's accept and hand-off (modes.direct).
+    _run(ModeSpec("async", workers=1), check, Limits(rate_per_source=1000.0))
+
+
+@pytest.mark.slow  # forks a worker process
+def test_the_supervisor_keeps_nothing_per_connection_its_workers_accept() -> None:
+    async def check(server: Server) -> None:
+        mode = server.mode
+        assert isinstance(mode, PoolMode) and mode.direct is not None
+        assert not [conn for proc in mode.pool.procs.values() for conn in proc.conns]
+        assert server.admission.total == 0
+        assert mode.direct.table.total == CLIENTS  # counted in the workers' table
 
     _run(ModeSpec("async", workers=1), check)
 
