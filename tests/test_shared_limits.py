@@ -76,8 +76,17 @@ def test_the_least_busy_accepting_seat_takes_the_next_client() -> None:
     table.take_seat(0)
     table.accepting(True)
     table.admit(PEER)
-    assert not table.busier()  # nobody else accepts
-    table.accepting(True, seat=2)  # a worker being started counts as accepting
+    assert not table.busier()  # nobody else watches the listener
+    table.take_seat(2)
+    table.accepting(True)  # seat 2 watches and serves nobody: the next client is its
+    table.take_seat(0)
     assert table.busier()
+    table.take_seat(2)
+    table.accepting(False)  # it stopped watching: no client is left to it
+    table.take_seat(0)
+    assert not table.busier()
+    table.take_seat(2)
+    table.accepting(True)
     table.clear_seat(2)  # it died: no longer a place to leave clients to
+    table.take_seat(0)
     assert not table.busier()

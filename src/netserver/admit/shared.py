@@ -9,7 +9,7 @@ for a dead worker. A semaphore (multiprocessing's SemLock) would stay taken.
 
 Layout: a head (xinetd's rate window, the pause it started); three arrays with one
 number per seat (a worker process): its connections, how many entries of its own area
-it has used, and whether it accepts now. The connections counted in are the sum of the
+it has used, and whether it watches the listener now. The connections counted in are the sum of the
 first: one number per worker is the only count, so a worker killed in the middle of an
 update cannot leave two that disagree. Then each seat's area of entries: a 16-byte
 digest of the source a connection counts against, zero when free. A worker writes only
@@ -82,15 +82,16 @@ class SharedLimits:
         self._used = 0
 
     def accepting(self, yes: bool, seat: int = -1) -> None:
-        """Say whether the worker in `seat` (ours by default) accepts, or is about to:
-        `busier` leaves clients only to those. The supervisor says it when it forks one,
-        so a client is left to a worker that is still starting, as the supervisor's own
-        accept path would give it the least busy worker, started or not."""
+        """Say whether the worker in `seat` (ours by default) watches the listener now,
+        or is about to: `busier` leaves clients only to those (one that does not would
+        not take them). The supervisor says it when it forks one, so a client is left to
+        a worker still starting, as its own accept path gives the least busy worker a
+        connection whether it has started or not."""
         seat = self.seat if seat < 0 else seat
         _NUMBER.pack_into(self.mem, self._accepting_at + seat * _NUMBER.size, int(yes))
 
     def busier(self) -> bool:
-        """A hint without the lock: another accepting worker serves fewer connections,
+        """A hint without the lock: another watching worker serves fewer connections,
         so the next client is left to it (the least busy worker takes each one)."""
         counts = self._array.unpack_from(self.mem, self._open)
         accepting = self._array.unpack_from(self.mem, self._accepting_at)

@@ -93,6 +93,10 @@ class DirectAccept:
         table = self.table
         if self._held is None and not table.full and not table.busier():
             return True
+        # Not watching any more: nobody leaves a client to us until we watch again, so
+        # some worker always watches (two that each left clients to the other would
+        # take one per RECHECK between them).
+        table.accepting(False)
         self._look_later()
         return False
 
@@ -120,6 +124,7 @@ class DirectAccept:
         if entry == FULL:
             self._held = (sock, peer, local)
             self.acceptor.pause()
+            self.table.accepting(False)
             self._look_later()
             return
         if isinstance(entry, str):
@@ -156,6 +161,7 @@ class DirectAccept:
         if held is not None:
             self._admit(*held)
         if self._held is None and not self.table.full:
+            self.table.accepting(True)
             self.acceptor.resume()
         else:
             self._look_later()

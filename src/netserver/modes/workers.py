@@ -200,11 +200,11 @@ class WorkerPool:
         # collection does not touch (and copy) the pages the child shares with us.
         gc.freeze()
         seat = self._free_seats.pop() if self._free_seats else -1
-        if seat < 0 and self._direct():
-            self.log.error(f"no seat free in the shared limits: this {self.name} accepts nothing")
-        if seat >= 0:
+        if seat >= 0:  # it will watch the listeners: leave clients to it from now on
             for direct in self._direct():
                 direct.table.accepting(True, seat)
+        if seat < 0 and self._direct():
+            self.log.error(f"no seat free in the shared limits: this {self.name} accepts nothing")
         try:
             pid, channel = fork_with_channel(socket.SOCK_SEQPACKET)
         except OSError as exc:
