@@ -1,4 +1,4 @@
-"""Workers that accept on the listening socket themselves (modes.direct, admit.shared).
+"""Workers that accept on the listening socket themselves (modes.direct, modes.shared).
 
 `netserver serve --mode async --workers 2` with no gate but its limits: the workers
 watch the inherited listener, and the caps hold across them through the shared table.

@@ -1,4 +1,4 @@
-"""The limits table that workers accepting on one listener share (admit.shared).
+"""The limits table that workers accepting on one listener share (modes.shared).
 
 Real processes: a forked child counts its connections in its own seat, and the parent
 sees them in the caps; a child that dies, even holding the lock, leaves nothing stuck.
@@ -12,9 +12,9 @@ import signal
 
 import pytest
 
-from netserver.admit.shared import FULL, SharedLimits
 from netserver.endpoint import Endpoint
 from netserver.limits import Limits
+from netserver.modes.shared import FULL, SharedLimits
 
 PEER = Endpoint.from_sockaddr(2, ("192.0.2.1", 4000))
 OTHER = Endpoint.from_sockaddr(2, ("192.0.2.2", 4000))

@@ -7,6 +7,7 @@ longest line.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,3 +36,11 @@ class Limits:
     # IPv6 clients are counted per network of this length: one host usually has a whole
     # /64 to pick addresses from (Postfix's anvil groups them likewise, by /84).
     ipv6_source_prefix: int = 128
+
+
+def source_key(limits: Limits, peer: Endpoint) -> str:
+    """Who a connection counts against: its address, or its IPv6 network."""
+    prefix = limits.ipv6_source_prefix
+    if peer.ip is None or peer.ip.version == 4 or prefix >= 128:
+        return peer.host
+    return str(ipaddress.ip_network((peer.ip, prefix), strict=False))

@@ -32,10 +32,9 @@ from typing import Any
 
 from .accepted import Accepted, FdRegistry
 from .admit.access_gate import AccessGate
-from .admit.gate import PASS, Divert, Gate, Refusal
+from .admit.gate import PASS, Divert, Gate, Refusal, quick_judge
 from .admit.limits import Admission
 from .admit.proxy import ProxyGate
-from .admit.shared import SharedLimits
 from .connlog import ConnRecord, ServerLog
 from .endpoint import Endpoint
 from .errors import ConfigError, NetserverError
@@ -50,6 +49,7 @@ from .modes.eventloop import EventLoopMode
 from .modes.execute import ExecMode, resolve_program
 from .modes.fork import ForkMode
 from .modes.prefork import PoolSize, PreforkMode
+from .modes.shared import SharedLimits
 from .modes.thread import ThreadMode
 from .modes.workers import PoolMode, ProxyAnswer, WorkerPool
 from .readiness import sd_notify
@@ -190,8 +190,8 @@ class Server:
         if not self._quick_only():
             return None
         table = SharedLimits(self.limits, pool.seats)
-        gates = tuple(self.gates)
-        return DirectService(self.listeners, table, self.options.refuse_message, gates)
+        judge = quick_judge(tuple(self.gates))
+        return DirectService(self.listeners, table, self.options.refuse_message, judge)
 
     def _quick_only(self) -> bool:
         """Every gate decides at once: no PROXY header, only address rules, and no
@@ -287,7 +287,7 @@ class Server:
         direct = mode.direct
         assert direct is not None
         if self._quick_only():
-            mode.set_direct(dataclasses.replace(direct, gates=tuple(self.gates)))
+            mode.set_direct(dataclasses.replace(direct, judge=quick_judge(tuple(self.gates))))
         else:
             self.log.info("access rules need name lookups: the supervisor accepts again")
             mode.set_direct(None)

@@ -26,7 +26,7 @@ from ..connlog import ServerLog
 from ..endpoint import Endpoint
 from ..modes.base import Mode, ModeContext
 
-__all__ = ["PASS", "Divert", "Gate", "Pass", "Refusal", "Ruling"]
+__all__ = ["PASS", "Divert", "Gate", "Pass", "Refusal", "Ruling", "quick_judge"]
 
 
 @final
@@ -78,3 +78,21 @@ class Gate(Protocol):
     async def judge(self, conn: Accepted) -> Ruling:
         """Decide (lookups bounded in time) and carry out what the ruling needs."""
         ...
+
+
+def quick_judge(gates: tuple[Gate, ...]) -> Callable[[Endpoint, Endpoint], str | None]:
+    """The gates' `quick` rulings as one function, for workers that accept themselves
+    (modes.direct): the reason of the first refusal, or None to admit. A gate that cannot
+    decide at once refuses: such a server keeps the supervisor's accept path, so this
+    never happens, and an undecided connection is never served."""
+
+    def judge(peer: Endpoint, local: Endpoint) -> str | None:
+        for gate in gates:
+            ruling = gate.quick(peer, local)
+            if ruling is None:
+                return "access check needs a lookup"
+            if isinstance(ruling, Refusal):
+                return ruling.reason
+        return None
+
+    return judge

@@ -9,7 +9,6 @@ Time is injected so the rate tests need not sleep.
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 from ..accepted import Accepted
 from ..connlog import ServerLog
 from ..endpoint import Endpoint
-from ..limits import Limits
+from ..limits import Limits, source_key
 from ..modes.base import Mode, ModeContext
 from .gate import PASS, Pass, Refusal, Ruling
 
@@ -156,11 +155,3 @@ class Admission:
         stale = [k for k, b in self._buckets.items() if b.tokens + (now - b.stamp) * rate >= burst]
         for key in stale:
             del self._buckets[key]
-
-
-def source_key(limits: Limits, peer: Endpoint) -> str:
-    """Who a connection counts against: its address, or its IPv6 network."""
-    prefix = limits.ipv6_source_prefix
-    if peer.ip is None or peer.ip.version == 4 or prefix >= 128:
-        return peer.host
-    return str(ipaddress.ip_network((peer.ip, prefix), strict=False))

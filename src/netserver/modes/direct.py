@@ -6,7 +6,7 @@ By default the supervisor accepts every connection, judges it and passes it to a
 quick -- only its limits, with no PROXY header to read and no access rule that needs a
 lookup -- nothing the supervisor does needs the supervisor: each worker then watches the
 inherited listening socket, accepts, counts the client in the limits table all workers
-share (admit.shared), and serves it on its own loop. The supervisor still forks, restarts
+share (modes.shared), and serves it on its own loop. The supervisor still forks, restarts
 and retires the workers, and when one dies it counts that worker's connections out.
 
 The global cap still makes clients wait in the listen backlog: a worker that finds the
@@ -24,14 +24,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..accepted import Accepted
-from ..admit.gate import Gate, Refusal
-from ..admit.shared import FULL, SharedLimits
 from ..connlog import ConnRecord, ServerLog
 from ..endpoint import Endpoint
 from ..listen.accept import AcceptLoop, local_end, refuse
 from ..listen.listeners import Listener
+from .shared import FULL, SharedLimits
 
-__all__ = ["RECHECK", "DirectAccept", "DirectService"]
+__all__ = ["RECHECK", "DirectAccept", "DirectService", "Judge"]
+
+# The gates' quick rulings as one function (server builds it: modes never import the
+# gates, which sit above them): why a connection from peer to local is refused, or None.
+Judge = Callable[[Endpoint, Endpoint], str | None]
+
+
+def admit_all(peer: Endpoint, local: Endpoint) -> str | None:
+    """No gate to ask."""
+    return None
+
 
 RECHECK = 0.02  # seconds between looks at a full table
 
@@ -43,7 +52,7 @@ class DirectService:
     listeners: list[Listener]
     table: SharedLimits
     refuse_message: str | None
-    gates: tuple[Gate, ...] = ()  # each decides in `quick` (server.Server._quick_only)
+    judge: Judge = admit_all  # every gate decides in `quick` (server.Server._quick_only)
 
     def fds(self) -> list[int]:
         """The listening descriptors a worker keeps."""
@@ -62,7 +71,7 @@ class DirectAccept:
     ) -> None:
         self.loop = loop
         self.table = service.table
-        self.gates = service.gates
+        self.judge = service.judge
         self.refuse_message = service.refuse_message
         self.log = log
         self.ended = ended  # the worker's own bookkeeping, after ours
@@ -109,14 +118,11 @@ class DirectAccept:
         self._local = local
         if sock.gettimeout() is not None:
             sock.setblocking(True)
-        for gate in self.gates:
-            ruling = gate.quick(peer, local)
-            if ruling is None:  # cannot be with address rules; never serve undecided
-                ruling = Refusal("access check needs a lookup")
-            if isinstance(ruling, Refusal):
-                self.log.refused(peer, ruling.reason)
-                refuse(sock, self.refuse_message)
-                return
+        reason = self.judge(peer, local)
+        if reason is not None:
+            self.log.refused(peer, reason)
+            refuse(sock, self.refuse_message)
+            return
         self._admit(sock, peer, local)
 
     def _admit(self, sock: socket.socket, peer: Endpoint, local: Endpoint) -> None:

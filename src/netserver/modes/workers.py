@@ -1,7 +1,7 @@
 """Async mode with worker processes: every core serves connections, one supervisor decides.
 
 When every gate of a server decides at once, the workers accept its connections
-themselves and count them in a table they share (modes.direct, admit.shared): no
+themselves and count them in a table they share (modes.direct, modes.shared): no
 message and no supervisor wake-up per connection. Otherwise (a PROXY header to read, a
 rule that needs a lookup, a per-source rate) the supervisor (`Server`) accepts every
 connection and judges access and limits in one place, then passes the descriptor

@@ -33,8 +33,7 @@ import time
 from collections.abc import Callable
 
 from ..endpoint import Endpoint
-from ..limits import Limits
-from .limits import source_key
+from ..limits import Limits, source_key
 
 __all__ = ["FULL", "SharedLimits"]
 
