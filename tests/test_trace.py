@@ -7,10 +7,14 @@ own is reduced to printable characters so that it can neither fold nor add a fie
 
 from __future__ import annotations
 
+import ast
 import email
 import email.policy
+from pathlib import Path
 
-from leafmail.trace import header_section, local_received_header, received_header
+from leafmail.checks.rfc5322 import problems
+from leafmail.sendmail.headers import break_long_line
+from leafmail.trace import MAX_LINE, header_section, local_received_header, received_header
 
 WHEN = 1_798_761_600  # Wed, 01 Jan 2027 00:00:00 +0000
 QID = "0123456789ABCDEF01234567"
@@ -90,3 +94,24 @@ def test_smtputf8_is_needed_for_the_header_section_only() -> None:
     assert not needs_smtputf8(envelope, headerless)
     assert needs_smtputf8(envelope, b"Subject: caf\xc3\xa9\r\n\r\nbody\r\n")
     assert not needs_smtputf8(envelope, b"Subject: plain\r\n\r\ncaf\xc3\xa9\r\n")
+
+
+def test_the_rfc5322_line_limit_is_defined_here_only() -> None:
+    """The check and sendmail's line breaking share one 998 (two copies could drift):
+    sendmail's broken lines are exactly what the check lets pass."""
+    src = Path(__file__).resolve().parent.parent / "src" / "leafmail"
+    defining = sorted(
+        str(path.relative_to(src))
+        for path in src.rglob("*.py")
+        for node in ast.parse(path.read_text(encoding="utf-8")).body
+        if isinstance(node, ast.Assign)
+        and any(isinstance(t, ast.Name) and t.id == "MAX_LINE" for t in node.targets)
+    )
+    assert defining == ["trace.py"]
+    head = b"From: a@example.test\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\n"
+    parts = break_long_line(b"x" * (3 * MAX_LINE))
+    assert [len(p) for p in parts] == [MAX_LINE] * 3
+    assert problems(head + b"\r\n".join(parts) + b"\r\n") == []
+    assert problems(head + b"x" * (MAX_LINE + 1) + b"\r\n") == [
+        f"line longer than {MAX_LINE} octets"
+    ]

@@ -10,7 +10,8 @@ from the client is reduced to printable characters so it cannot fold or inject l
 
 `header_section` is where trace fields are read back: the loop checks count Received
 fields at the end of DATA and look for Delivered-To in local delivery, on both sides of
-the spool, so it lives here rather than with either.
+the spool, so it lives here rather than with either; so does `MAX_LINE`, the line limit
+the RFC 5322 check enforces and sendmail's header completion keeps to.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+MAX_LINE = 998  # octets in a line of a message, CRLF not counted (RFC 5322 2.1.1)
 _UNSAFE = re.compile(r"[^\x21-\x7e\u00a0-\U0010ffff]")
 _UNSAFE_KEEP_SPACE = re.compile(r"[^\x20-\x7e\u00a0-\U0010ffff]")
 # Without SMTPUTF8 the message is ASCII (or 8BITMIME), and a UTF-8 EHLO name must not

@@ -30,7 +30,7 @@ from netserver.smtp.parameters import Body, MailParameters
 from netserver.smtp.readers import has_bare_newline
 from netserver.smtp.replies import Reply
 
-from ..trace import header_section
+from ..trace import MAX_LINE, header_section
 from . import (
     ACCEPT,
     AsyncCheck,
@@ -46,7 +46,6 @@ from .headers import Header, RawField, parse_header
 from .jobs import JobRunner, over_budget
 
 TAG_FIELD = "X-Leafmail-RFC5322"
-MAX_LINE = 998  # octets without the CRLF, RFC 5322 2.1.1
 REQUIRED = ("from", "date")
 SINGLETONS = (
     "from",

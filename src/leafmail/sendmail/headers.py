@@ -10,11 +10,11 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ..trace import MAX_LINE
 from .addresses import mailbox, masquerade
 from .context import Context
 from .errors import BadInput
 
-MAX_LINE = 998  # octets without CRLF (RFC 5322 2.1.1); longer body lines are broken
 _HEADER = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
 _NAME_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
