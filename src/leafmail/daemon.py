@@ -232,6 +232,8 @@ class Daemon:
         removed = self.spool.clean_tmp()
         if removed:
             self.log.info("removed unanswered partial messages from tmp/", count=removed)
+        for qid, state in self.spool.settle_duplicates():
+            self.log.info("removed a crash's second name of a message", qid=qid, state=state)
         self.spool.clean_status()
         loop = asyncio.get_running_loop()
         self._install_signals(loop)

@@ -122,6 +122,7 @@ def flush(
         if "error" in final:
             raise UnavailableError(printable(f"the running daemon says: {final['error']}"))
         return EX_TEMPFAIL if final.get("deferred") else EX_OK
+    spool.settle_duplicates()  # no daemon did it at its start (a crash may have left some)
     try:
         with asyncio.Runner(loop_factory=loop_factory("auto")) as loop:  # uvloop if there
             summary = loop.run(

@@ -19,6 +19,7 @@ again by a retry").
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -43,6 +44,7 @@ from test_flush import wait_for
 
 from leafmail.envelope import Envelope, Recipient
 from leafmail.spool import Spool
+from leafmail.states import QueueState
 from leafmail.status import MessageStatus, RcptState
 
 SENDER = "sender@client.test"
@@ -280,3 +282,22 @@ def test_status_write_cut_by_a_kill_leaves_nothing_behind(sink: Smarthost, tmp_p
     assert [g.recipients for g in sink.received] == [["rcpt@a.test"], ["rcpt@b.test"]]
     result = audit(spool)
     assert result.empty(), f"left in the spool after delivery: {result}"
+
+
+@pytest.mark.parametrize("kind", ["serve", "flush"])
+def test_a_message_a_crash_named_in_two_states_is_delivered_once(
+    kind: str, sink: Smarthost, tmp_path: Path
+) -> None:
+    """A crash in the middle of Spool.move, on a filesystem that writes the rename's two
+    directory changes apart, can leave the file named in queue/ and in deferred/. No
+    signal shows when a process is in that window, so the state is made here by hand (a
+    second link: one file, two names, as the crash leaves it). The next start keeps one
+    name, and the message is delivered once, by the daemon as by `flush --no-daemon`."""
+    spool = tmp_path / "spool"
+    store = Spool(spool)
+    data = message_bytes(1, 2_000)
+    qid = store.commit(Envelope(SENDER, (Recipient("rcpt@a.test"),)), data)
+    os.link(store.path(QueueState.QUEUE, qid), store.path(QueueState.DEFERRED, qid))
+    Deliverer(kind, tmp_path, config_for(tmp_path, sink, "smarthost")).finish(spool)
+    assert audit(spool).empty(), audit(spool)
+    assert [(g.content, g.recipients) for g in sink.received] == [(data, ["rcpt@a.test"])]
