@@ -66,12 +66,13 @@ def launch_with_ready_fd(
     env: dict[str, str],
     pass_fds: tuple[int, ...] = (),
     cwd: Path = ROOT,
+    ready_timeout: float = READY_TIMEOUT,
 ) -> tuple[subprocess.Popen[bytes], list[str]]:
     """Start ``argv_for(fd)`` in `cwd`, stdout/stderr to `log_path`; wait for its READY line.
 
     The program is given the write end of a pipe as ``--ready-fd``; returns the process
     and the addresses the READY line names. A program that dies or stays silent for
-    READY_TIMEOUT seconds is killed and its log raised.
+    `ready_timeout` seconds is killed and its log raised.
     """
     read_fd, write_fd = os.pipe()
     with open(log_path, "wb") as log:
@@ -86,7 +87,7 @@ def launch_with_ready_fd(
         )
     os.close(write_fd)
     try:
-        ready, _, _ = select.select([read_fd], [], [], READY_TIMEOUT)
+        ready, _, _ = select.select([read_fd], [], [], ready_timeout)
         line = os.read(read_fd, 4096).decode() if ready else ""
     finally:
         os.close(read_fd)

@@ -184,6 +184,10 @@ class _Handler:
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         envelope.rcpt_options_list = []
+        # A transaction begun under hang_at_data hangs even if its DATA is read after the
+        # flag is cleared: a test that kills the client, then clears the flag, must not
+        # see data the dead client had already sent be accepted by a lagging server.
+        envelope.hang = self.host.behaviour.hang_at_data
         return "250 OK"
 
     async def handle_RCPT(
@@ -203,7 +207,7 @@ class _Handler:
             assert server.transport is not None  # handle_DATA runs on a live connection
             server.transport.close()
             return "421 4.3.0 dropping"  # never seen: the connection is gone
-        if behaviour.hang_at_data:
+        if behaviour.hang_at_data or getattr(envelope, "hang", False):
             await self.host._release.wait()
         if behaviour.data_reply:
             return behaviour.data_reply

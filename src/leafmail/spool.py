@@ -73,6 +73,7 @@ CLOSE_WAIT = 10.0  # seconds `GroupCommitter.close` waits for a loop to rename a
 LOOP_WRITE_MAX = 64 * 1024
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _READ_TRIES = 16  # looks of an unlocked `get` at a message moved after each look
+STOP_WAIT = 1.0  # seconds a look waits for moves to stop (Spool._moves_stopped)
 _FIRST_READ = 64 * 1024  # most messages and every status record fit in one read
 _MAX_READ = 16 * 1024 * 1024
 
@@ -404,7 +405,7 @@ class Spool:
             return None
         state = self._look(qid)
         if state is None:
-            with self._moves_stopped(fcntl.LOCK_EX):
+            with self._moves_stopped():
                 state = self._look(qid)
         return state
 
@@ -419,16 +420,39 @@ class Spool:
         return None
 
     @contextlib.contextmanager
-    def _moves_stopped(self, how: int) -> Iterator[None]:
-        """Hold the spool root's flock: LOCK_SH around a move's rename (moves do not
-        wait for each other), LOCK_EX for a look that no move may pass.
+    def _moving(self) -> Iterator[None]:
+        """Hold the spool root's flock shared around a move's rename (moves do not wait
+        for each other, only for an exact look: `_moves_stopped`).
 
         The root is opened anew each time: a descriptor kept across a fork would share
         its lock with the child, and the two would no longer exclude each other.
         """
         fd = os.open(self.root, _OPEN_DIR)
         try:
-            fcntl.flock(fd, how)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+    @contextlib.contextmanager
+    def _moves_stopped(self) -> Iterator[None]:
+        """Hold the spool root's flock exclusively, so that no move happens meanwhile.
+
+        It waits at most `STOP_WAIT` (a child forked during a rename keeps a copy of
+        the mover's descriptor, and its shared lock, until it closes it); past that the
+        caller looks anyway, which is as good as a look without the lock.
+        """
+        fd = os.open(self.root, _OPEN_DIR)
+        try:
+            deadline = time.monotonic() + STOP_WAIT
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.001)  # a rename holds it for microseconds
             yield
         finally:
             os.close(fd)  # releases the flock
@@ -511,7 +535,7 @@ class Spool:
         that writes the two changes apart), `settle_duplicates` keeps one at the next
         start, so the message is never delivered twice.
         """
-        with self._moves_stopped(fcntl.LOCK_SH):  # (see `find`)
+        with self._moving():  # (see `find`)
             os.rename(self._file(src, qid), self._file(dst, qid))
         self.sync_dir(dst)
 
@@ -720,11 +744,31 @@ class Spool:
             except BlockingIOError:
                 os.close(fd)
                 return None
-            with contextlib.suppress(FileNotFoundError):
-                info = os.fstat(fd)
-                if os.stat(path).st_ino == info.st_ino:
-                    return fd, state, info.st_size
+            info = os.fstat(fd)
+            where = self._where_locked(qid, state, info.st_ino)
+            if where is not None:
+                return fd, where, info.st_size
             os.close(fd)
+        return None
+
+    def _where_locked(self, qid: str, state: QueueState, ino: int) -> QueueState | None:
+        """The state whose `qid` is the locked file `ino`: `state`, as looked up before
+        the lock, or wherever a move made while the lock was awaited put it (no move
+        comes after: movers hold the lock). None if it is gone or corrupt.
+
+        Looking again, instead of starting over, is what lets a queue tool get a
+        message that the runner or another tool keeps moving: starting over, it could
+        lose the race for the lock every time and call the message gone.
+        """
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(self._file(state, qid)).st_ino == ino:
+                return state
+        moved = self.find(qid)
+        if moved is None or moved == QueueState.CORRUPT:
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(self._file(moved, qid)).st_ino == ino:
+                return moved
         return None
 
 

@@ -138,7 +138,8 @@ class Deliverer:
 def kill_mid_data(deliverer: Deliverer, sink: Smarthost) -> int:
     """Kill while the smarthost holds transactions in DATA; returns how many it held.
 
-    The smarthost (aiosmtpd) drops a transaction whose client is gone, so nothing of
+    Every transaction the killed process began keeps hanging, even one whose data the
+    smarthost reads only after the flag is cleared (tests/smarthost.py), so nothing of
     these reaches it: they must all be delivered again after the restart.
     """
     before = sink.data_sessions
@@ -220,6 +221,7 @@ def recipient_states(spool: Path, qid: str) -> list[RcptState]:
     return [r.state for r in status.recipients]
 
 
+@pytest.mark.timeout(180)  # four delivery processes: they took 8-21 s under load
 def test_kill_mid_retry_never_resends_to_delivered_recipients(
     sink: Smarthost, tmp_path: Path
 ) -> None:
