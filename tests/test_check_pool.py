@@ -151,22 +151,44 @@ def greeting_time(server: Leafmail) -> float:
     return waited
 
 
+class StallWatch(threading.Thread):
+    """How late this process's threads got the CPU back while it ran (the largest
+    oversleep of a 10 ms sleep): a stall of the whole machine, not of the server."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.stall = 0.0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            due = time.monotonic() + 0.01
+            time.sleep(0.01)
+            self.stall = max(self.stall, time.monotonic() - due)
+
+
 def check_bounded(server: Leafmail, hostile: bytes, answer: tuple[int, bytes]) -> None:
     """While `hostile` is checked, others get their 220 in time; it gets `answer`."""
     assert send(server, GOOD)[0] == 250  # the pool works, and has its worker
     result: list[tuple[int, bytes]] = []
     sender = threading.Thread(target=lambda: result.append(send(server, hostile)))
+    watch = StallWatch()
     started = time.monotonic()
+    watch.start()
     sender.start()
     waits = []
     while sender.is_alive() and time.monotonic() - started < 30:
         waits.append(greeting_time(server))
     sender.join(30)
+    watch.done.set()
+    watch.join()
     assert result, "the hostile message got no answer"
     code, text = result[0]
     assert (code, text[:5]) == answer, result
     assert waits, "the hostile message was answered before any other client connected"
-    assert max(waits) < 1.0, waits  # generous: a greeting normally takes milliseconds
+    # Generous: a greeting normally takes milliseconds. A stall of the whole machine
+    # (this process's too, as a loaded CI box has) is not the server's doing.
+    assert max(waits) < 1.0 + watch.stall, (waits, watch.stall)
     assert send(server, GOOD)[0] == 250  # a fresh worker checks the next message
     assert "check over budget" in server.log()
 
