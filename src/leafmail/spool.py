@@ -483,18 +483,36 @@ class Spool:
         """Look a message up and read it, unlocked; KeyError if it is not in the spool.
 
         A message moved by another process between the look-up and the open is looked
-        up again (each move waits for a directory fsync, so a handful of tries is
-        plenty), so `leafmail show` finds a message the runner defers or a tool holds.
+        up and opened again with moves stopped (`_open_found`), so `leafmail show` finds
+        a message the runner defers or a tool holds at that moment.
         """
-        for _ in range(_READ_TRIES):
-            state = self.find(qid)
-            if state is None or state == QueueState.CORRUPT:
-                break
+        for attempt in range(_READ_TRIES):
             try:
-                return state, _read_all(self._file(state, qid))
+                found = self._open_found(qid, exact=attempt > 0)
             except FileNotFoundError:
                 continue  # moved (or removed) between the look-up and the open
+            if found is None:
+                break
+            return found[0], _read_open(found[1])
         raise KeyError(qid)
+
+    def _open_found(self, qid: str, *, exact: bool) -> tuple[QueueState, int] | None:
+        """Look a message up and open its file: (state, descriptor), or None if it is
+        gone or corrupt. FileNotFoundError if it went between the look and the open:
+        moved, unless `exact`, which holds moves off from the look to the open (a
+        mover that is quicker than this process, say while it waits for the CPU, could
+        otherwise win every time); removed, either way.
+        """
+        if not exact:
+            state = self.find(qid)
+            if state is None or state == QueueState.CORRUPT:
+                return None
+            return state, os.open(self._file(state, qid), _OPEN_READ)
+        with self._moves_stopped():
+            state = self._look(qid)  # exact: no move can pass it now
+            if state is None or state == QueueState.CORRUPT:
+                return None
+            return state, os.open(self._file(state, qid), _OPEN_READ)
 
     def summary(self, qid: str, state: QueueState) -> MessageSummary:
         """What a listing shows of a message: sender, recipients and size.
@@ -730,15 +748,14 @@ class Spool:
 
         Returns the locked descriptor, the state and the file's size (a committed file
         never changes, so the size stays true while the lock is held)."""
-        for _ in range(8):
-            state = self.find(qid)
-            if state is None or state == QueueState.CORRUPT:
-                return None
-            path = self._file(state, qid)
+        for attempt in range(8):
             try:
-                fd = os.open(path, _OPEN_READ)
+                found = self._open_found(qid, exact=attempt > 0)
             except FileNotFoundError:
                 continue
+            if found is None:
+                return None
+            state, fd = found
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
@@ -820,7 +837,11 @@ def _read_all(path: str) -> bytes:
     (an fdopen, an fstat, a read and a read that finds the end) is skipped: a read that
     returns less than asked is the end of a regular file.
     """
-    fd = os.open(path, _OPEN_READ)
+    return _read_open(os.open(path, _OPEN_READ))
+
+
+def _read_open(fd: int) -> bytes:
+    """The whole of an open file, as `_read_all` reads it; closes `fd`."""
     try:
         size = _FIRST_READ
         chunks = []
