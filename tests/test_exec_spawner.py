@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import ServerFactory
 from lifecycle_handlers import (
+    IO_TIMEOUT,
     children,
     closed_by_peer,
     connect,
@@ -29,7 +30,7 @@ from lifecycle_handlers import (
 )
 
 from netserver.modes.divert import spawn_shell
-from netserver.modes.execute import SPAWNERS
+from netserver.modes.execute import RESTART_MAX, SPAWNERS
 from netserver.modes.spawner import Program, Roster, spawn
 
 CAT = ["--", "/bin/cat"]
@@ -261,10 +262,14 @@ def test_a_spawner_that_keeps_dying_is_replaced_after_a_back_off(
     """Each death is logged; young deaths in a row delay the next start (no fork loop),
     and while there is no spawner a client is refused, never left waiting."""
     server = netserver_proc(["--listen", "127.0.0.1:0", *CAT])
+    # Six young deaths in a row: the last restart waits RESTART_MAX, as long as a plain
+    # wait_until's whole timeout, so each wait for a restart allows for it too.
+    restart = RESTART_MAX + IO_TIMEOUT
     for _ in range(3):
-        spawners = the_spawners(server.proc.pid)
+        assert wait_until(lambda: len(children(server.proc.pid)) == SPAWNERS, restart)
+        spawners = set(children(server.proc.pid))
         for spawner in spawners:
             os.kill(spawner, signal.SIGKILL)
         assert wait_until(functools.partial(all_gone, spawners))
-    assert wait_until(lambda: served(server.host_port))
+    assert wait_until(lambda: served(server.host_port), restart)
     assert log_count(server.log, "spawner process died") == 3 * SPAWNERS
