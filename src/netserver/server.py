@@ -40,7 +40,7 @@ from .endpoint import Endpoint
 from .errors import ConfigError, NetserverError
 from .handlers import Command, HandlerLike, LoopHandler, as_handler, check_mode
 from .limits import Limits
-from .listen.accept import AcceptLoop, local_end, refuse
+from .listen.accept import AcceptLoop, accepted_ends, refuse
 from .listen.listeners import Listener, open_listeners, parse_listen
 from .listen.tls import TlsTerminator, harden
 from .modes.base import Mode, ModeContext
@@ -373,20 +373,15 @@ class Server:
 
     # -- the accept path ---------------------------------------------------------------
     def _accepted(self, sock: socket.socket, addr: object, listener: Listener) -> None:
-        peer = Endpoint.from_sockaddr(listener.family, addr)
-        local = local_end(listener, sock, self._local)
-        if local is None:
-            sock.close()
+        ends = accepted_ends(listener, sock, addr, self._local)
+        if ends is None:
             return
+        peer, local = ends
         self._local = local
         proxy = self.proxy
         if proxy is not None and proxy.quick(peer, local) is None:
             self._proxied(sock, peer, local, proxy)
             return
-        # accept() gives a blocking descriptor; only a default timeout set with
-        # socket.setdefaulttimeout makes the object otherwise (no ioctl when it is not).
-        if sock.gettimeout() is not None:
-            sock.setblocking(True)
         self._admit(sock, peer, local)
 
     def _proxied(

@@ -133,6 +133,25 @@ def local_end(listener: Listener, sock: socket.socket, last: Endpoint) -> Endpoi
     return last if local == last else local
 
 
+def accepted_ends(
+    listener: Listener, sock: socket.socket, addr: object, last: Endpoint
+) -> tuple[Endpoint, Endpoint] | None:
+    """A client just accepted on `listener`: its address and the one it reached
+    (`local_end`), or None, with the socket closed, when the kernel cannot say which.
+
+    accept() gives a blocking descriptor; only a default timeout set with
+    socket.setdefaulttimeout makes the socket object otherwise, so it is put back to
+    blocking then (no system call when it is not).
+    """
+    local = local_end(listener, sock, last)
+    if local is None:
+        sock.close()
+        return None
+    if sock.gettimeout() is not None:
+        sock.setblocking(True)
+    return Endpoint.from_sockaddr(listener.family, addr), local
+
+
 def refuse(sock: socket.socket, message: str | None) -> None:
     """Turn a client away: the refusal line if one is configured, then close."""
     if message:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from ..accepted import Accepted
 from ..connlog import ConnRecord, ServerLog
 from ..endpoint import Endpoint
-from ..listen.accept import AcceptLoop, local_end, refuse
+from ..listen.accept import AcceptLoop, accepted_ends, refuse
 from ..listen.listeners import Listener
 from .shared import FULL, SharedLimits
 
@@ -110,14 +110,11 @@ class DirectAccept:
         return False
 
     def _accepted(self, sock: socket.socket, addr: object, listener: Listener) -> None:
-        peer = Endpoint.from_sockaddr(listener.family, addr)
-        local = local_end(listener, sock, self._local)
-        if local is None:
-            sock.close()
+        ends = accepted_ends(listener, sock, addr, self._local)
+        if ends is None:
             return
+        peer, local = ends
         self._local = local
-        if sock.gettimeout() is not None:
-            sock.setblocking(True)
         reason = self.judge(peer, local)
         if reason is not None:
             self.log.refused(peer, reason)
