@@ -177,6 +177,30 @@ def socket_fds(pid: int) -> int:
     return count
 
 
+def holds_socket(pid: int, inode: str) -> bool:
+    """True if process `pid` has the socket with this inode open."""
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) == f"socket:[{inode}]":
+                return True
+        except OSError:  # closed meanwhile
+            continue
+    return False
+
+
+def all_exit(pidfds: list[int], timeout: float) -> bool:
+    """Wait at most `timeout` s for every process behind `pidfds` (opened before it was
+    signalled, so no pid can be reused meanwhile) to exit; closes them; True if all did."""
+    end = time.monotonic() + timeout
+    left = list(pidfds)
+    while left and time.monotonic() < end:
+        ready, _, _ = select.select(left, [], [], end - time.monotonic())
+        left = [fd for fd in left if fd not in ready]
+    for fd in pidfds:
+        os.close(fd)
+    return not left
+
+
 def _stat_fields(pid: int) -> list[str]:
     """/proc/PID/stat split after the command name (which may hold spaces)."""
     text = Path(f"/proc/{pid}/stat").read_text()

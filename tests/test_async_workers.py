@@ -9,14 +9,13 @@ killing the supervisor ends every worker.
 from __future__ import annotations
 
 import os
-import select
 import signal
 import socket
 import time
 from pathlib import Path
 
 from conftest import RunningServer, ServerFactory
-from lifecycle_handlers import HANDLER_ENV, IO_TIMEOUT
+from lifecycle_handlers import HANDLER_ENV, IO_TIMEOUT, all_exit
 
 DEADLINE = 15.0
 
@@ -98,14 +97,7 @@ def test_a_killed_worker_is_replaced_and_the_supervisor_takes_them_all_down(
     fds = [os.pidfd_open(pid) for pid in workers]
     os.kill(parent, signal.SIGKILL)
     server.proc.wait(IO_TIMEOUT)
-    end = time.monotonic() + DEADLINE
-    left = list(fds)
-    while left and time.monotonic() < end:
-        ready, _, _ = select.select(left, [], [], end - time.monotonic())
-        left = [fd for fd in left if fd not in ready]
-    for fd in fds:
-        os.close(fd)
-    assert not left, "a worker outlived its supervisor"
+    assert all_exit(fds, DEADLINE), "a worker outlived its supervisor"
 
 
 def test_a_worker_holds_every_socket_close_on_exec(netserver_proc: ServerFactory) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import RunningServer, ServerFactory
 from leafmail_fixtures import LeafmailFactory, RawSMTP, leafmail_servers
-from lifecycle_handlers import IO_TIMEOUT
+from lifecycle_handlers import IO_TIMEOUT, all_exit, holds_socket
 from test_async_workers import DEADLINE, children, connect, serve
 
 QUIET = 0.5  # how long a client that must wait is watched for a wrong answer
@@ -31,16 +31,6 @@ def listener_inode(port: int) -> str:
         if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":  # LISTEN
             return fields[9]
     raise AssertionError(f"nothing listens on port {port}")
-
-
-def holds(pid: int, inode: str) -> bool:
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            if os.readlink(fd) == f"socket:[{inode}]":
-                return True
-        except OSError:
-            continue
-    return False
 
 
 def answers(sock: socket.socket, wait: float) -> bytes | None:
@@ -68,7 +58,7 @@ def test_each_worker_accepts_on_the_listener(netserver_proc: ServerFactory) -> N
     inode = listener_inode(address[1])
     workers = children(server.proc.pid)
     assert {pid for _sock, pid in held} == set(workers)  # the least busy took each one
-    assert all(holds(pid, inode) for pid in workers)
+    assert all(holds_socket(pid, inode) for pid in workers)
     for sock, _pid in held:
         sock.close()
 
@@ -120,14 +110,7 @@ def test_parent_sigkill_ends_workers_and_their_sessions(netserver_proc: ServerFa
     fds = [os.pidfd_open(pid) for pid in workers]
     server.proc.kill()
     server.proc.wait(IO_TIMEOUT)
-    deadline = time.monotonic() + DEADLINE
-    left = list(fds)
-    while left and time.monotonic() < deadline:
-        ready, _, _ = select.select(left, [], [], deadline - time.monotonic())
-        left = [fd for fd in left if fd not in ready]
-    for fd in fds:
-        os.close(fd)
-    assert not left, "a worker outlived its supervisor"
+    assert all_exit(fds, DEADLINE), "a worker outlived its supervisor"
     for sock, _pid in held:
         assert answers(sock, DEADLINE) == b""
         sock.close()
@@ -162,7 +145,7 @@ def test_reloaded_access_rules_reach_the_workers(
     wait_log(server, "the supervisor accepts again")
     inode = listener_inode(address[1])
     deadline = time.monotonic() + DEADLINE
-    while any(holds(pid, inode) for pid in children(server.proc.pid)):
+    while any(holds_socket(pid, inode) for pid in children(server.proc.pid)):
         assert time.monotonic() < deadline, "a worker still accepts"
         time.sleep(0.02)
 

@@ -39,6 +39,7 @@ from leafmail_fixtures import (
     toml_string,
     write_config,
 )
+from lifecycle_handlers import holds_socket
 from localusers import remove_scratch, scratch
 from smarthost import Smarthost
 
@@ -233,12 +234,8 @@ def _holder(sock: socket.socket, pids: list[int]) -> int:
             inode = fields[9]
     assert inode is not None
     for pid in pids:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                if os.readlink(fd) == f"socket:[{inode}]":
-                    return pid
-            except OSError:
-                continue
+        if holds_socket(pid, inode):
+            return pid
     raise AssertionError(f"no worker holds socket {inode}")
 
 
