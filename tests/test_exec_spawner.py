@@ -266,7 +266,10 @@ def test_a_spawner_that_keeps_dying_is_replaced_after_a_back_off(
     # wait_until's whole timeout, so each wait for a restart allows for it too.
     restart = RESTART_MAX + IO_TIMEOUT
     for _ in range(3):
-        assert wait_until(lambda: len(children(server.proc.pid)) == SPAWNERS, restart)
+        assert wait_until(lambda: len(children(server.proc.pid)) == SPAWNERS, restart), (
+            f"the server's children and states: {children(server.proc.pid)}; "
+            f"its log ends: {server.log()[-600:]!r}"
+        )
         spawners = set(children(server.proc.pid))
         for spawner in spawners:
             os.kill(spawner, signal.SIGKILL)
