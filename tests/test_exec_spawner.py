@@ -7,10 +7,13 @@ connection out when its command ends, and leave with the server.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import io
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,8 +32,13 @@ from lifecycle_handlers import (
     wait_until,
 )
 
+from netserver.accepted import FdRegistry
+from netserver.connlog import ServerLog
+from netserver.handlers import Command
+from netserver.limits import Limits
+from netserver.modes.base import ModeContext
 from netserver.modes.divert import spawn_shell
-from netserver.modes.execute import RESTART_MAX, SPAWNERS
+from netserver.modes.execute import RESTART_MAX, SPAWNERS, ExecMode
 from netserver.modes.spawner import Program, Roster, spawn
 
 CAT = ["--", "/bin/cat"]
@@ -276,3 +284,33 @@ def test_a_spawner_that_keeps_dying_is_replaced_after_a_back_off(
         assert wait_until(functools.partial(all_gone, spawners))
     assert wait_until(lambda: served(server.host_port), restart)
     assert log_count(server.log, "spawner process died") == 3 * SPAWNERS
+
+
+@pytest.mark.slow  # forks the spawners
+def test_a_back_off_ends_in_a_restart_with_no_client_to_prompt_it() -> None:
+    """The restart timer is asked for again when it fires before the back-off is over.
+
+    The loop's clock is cached and rounded, so a timer set for the back-off may fire
+    just before it ends; `_available` then stops, and without a new timer no spawner
+    would start until a client came (the cause of an intermittent failure above).
+    """
+
+    async def restarted() -> int:
+        loop = asyncio.get_running_loop()
+        log = ServerLog(io.StringIO())
+        ctx = ModeContext(
+            Command(("/bin/true",)), Limits(), log, loop, FdRegistry(), lambda conn: None, "exec"
+        )
+        mode = ExecMode(ctx, Command(("/bin/true",)), "/bin/true")
+        mode._restart_at = time.monotonic() + 0.05  # a back-off under way, no timer set
+        assert mode._available() is None
+        try:
+            deadline = loop.time() + IO_TIMEOUT
+            while len(mode.spawners) < SPAWNERS and loop.time() < deadline:
+                await asyncio.sleep(0.01)  # polls the mode's state: no readiness signal
+            return len(mode.spawners)
+        finally:
+            mode.terminate()
+            await mode.closed()
+
+    assert asyncio.run(restarted()) == SPAWNERS

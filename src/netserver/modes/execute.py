@@ -184,6 +184,7 @@ class ExecMode:
         self._next_id = 0
         self._young_deaths = 0
         self._restart_at = 0.0
+        self._restart: asyncio.TimerHandle | None = None  # starts missing spawners later
         self._empty = asyncio.Event()
         self._empty.set()
         self._gone: asyncio.Event | None = None  # set when the closed spawners have exited
@@ -254,8 +255,7 @@ class ExecMode:
         self._young_deaths = self._young_deaths + 1 if young else 0
         delay = min(RESTART_MAX, 0.1 * 2**self._young_deaths) if self._young_deaths > 1 else 0.0
         self._restart_at = time.monotonic() + delay
-        if not self.stopping:  # at once (or after the back-off), not on the next accept
-            self.ctx.loop.call_later(delay, self._drain)
+        self._restart_later()  # at once (or after the back-off), not on the next accept
 
     def _adopt(self, proc: _SpawnerProc) -> None:
         """Watch the commands a dead spawner lists, and take their connections off it.
@@ -301,10 +301,28 @@ class ExecMode:
         with contextlib.suppress(ProcessLookupError):  # ended (its pidfd says so soon)
             signal.pidfd_send_signal(orphan.pidfd, sig)
 
+    def _restart_later(self) -> None:
+        """Make sure a timer starts the missing spawners once the back-off is over.
+
+        Checked again when it fires: the loop's clock is cached and rounded to
+        milliseconds, so a timer may fire just before `_restart_at`, and a later death
+        may have moved `_restart_at` on; either way `_available` asks for a new timer.
+        Without one, nothing would start a spawner until the next client came.
+        """
+        if self.stopping or self._restart is not None:
+            return
+        wait = max(0.0, self._restart_at - time.monotonic())
+        self._restart = self.ctx.loop.call_later(wait, self._restart_due)
+
+    def _restart_due(self) -> None:
+        self._restart = None
+        self._drain()
+
     def _available(self) -> _SpawnerProc | None:
         """The next spawner in turn; missing ones started again (unless dying young)."""
         while len(self.spawners) < SPAWNERS and not self.stopping:
             if time.monotonic() < self._restart_at:
+                self._restart_later()
                 break
             try:
                 self._start_spawner()
