@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import shlex
 import shutil
 import subprocess
 import sys
@@ -96,3 +97,53 @@ def shared_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _hidden_on_the_way(path: Path) -> list[tuple[Path, str]]:
+    """Each directory on the way to `path` that other users cannot search, with the
+    name of the step below it that leads on."""
+    steps = path.resolve().parts
+    found = []
+    for depth in range(1, len(steps)):
+        above = Path(*steps[:depth])
+        if not os.stat(above).st_mode & 0o001:
+            found.append((above, steps[depth]))
+    return found
+
+
+def as_user_seeing(user: pwd.struct_passwd, paths: list[Path], views: Path) -> list[str]:
+    """A command prefix that runs a program as `user` (every id theirs, no groups) in a
+    private mount namespace where `paths` can be reached.
+
+    A directory on the way that others cannot search (here /root, 0700, which holds the
+    interpreter) is covered there by a searchable tmpfs into which only the steps towards
+    `paths` are bound back from its real contents (kept reachable under `views`, an empty
+    directory of root's). Nothing changes outside the namespace, and the user reaches
+    nothing else under it.
+    """
+
+    def q(path: Path) -> str:
+        return shlex.quote(str(path))
+
+    hidden: dict[Path, set[str]] = {}
+    for path in paths:
+        for above, step in _hidden_on_the_way(path):
+            hidden.setdefault(above, set()).add(step)
+    script = ["set -e"]
+    for number, (above, steps) in enumerate(sorted(hidden.items())):
+        view = views / str(number)
+        view.mkdir()
+        script += [
+            f"mount --bind {q(above)} {q(view)}",
+            f"mount -t tmpfs -o mode=0755 lmt {q(above)}",
+        ]
+        for step in sorted(steps):
+            make = "mkdir" if (above / step).is_dir() else "touch"
+            script += [
+                f"{make} {q(above / step)}",
+                f"mount --bind {q(view / step)} {q(above / step)}",
+            ]
+    script.append(
+        f'exec setpriv --reuid={user.pw_uid} --regid={user.pw_gid} --clear-groups -- "$@"'
+    )
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(script), "sh"]
