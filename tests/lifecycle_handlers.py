@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import socket
 import sys
@@ -148,6 +149,26 @@ def wait_until(predicate: Callable[[], bool], timeout: float = IO_TIMEOUT) -> bo
 
 
 # --------------------------------------------------------------------------- /proc
+
+
+def wait_for_flock_waiter(
+    pid: int, inode: int, check: Callable[[], None] = lambda: None, timeout: float = 10.0
+) -> None:
+    """Wait (bounded) until the kernel lists process `pid` (any of its threads) as
+    waiting for an exclusive flock on `inode`; `check` raises if waiting is pointless.
+
+    /proc/locks marks a blocked waiter with "->"; this is the kernel's own word that the
+    waiter is inside flock(2), so no guessing with sleeps.
+    """
+    deadline = time.monotonic() + timeout
+    pattern = re.compile(rf"-> FLOCK\s+ADVISORY\s+WRITE\s+{pid}\s+\S+:{inode}\s")
+    while time.monotonic() < deadline:
+        if pattern.search(Path("/proc/locks").read_text()):
+            return
+        check()
+        time.sleep(0.02)  # polling a condition the product gives no signal for
+    locks = Path("/proc/locks").read_text()
+    raise AssertionError(f"pid {pid} never waited for the lock on inode {inode}:\n{locks}")
 
 
 def status_field(pid: int, name: str) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 from leafmail_fixtures import clean_env, leafmail_command, run_leafmail
+from lifecycle_handlers import wait_for_flock_waiter
 from smarthost import Smarthost
 
 from leafmail import listing, tools
@@ -426,20 +427,12 @@ def test_cli_tools_wait_for_the_message_lock(tmp_path: Path, spool: Spool) -> No
 
 
 def wait_blocked_on_flock(proc: subprocess.Popen[bytes], inode: int) -> None:
-    """Wait (bounded) until the kernel lists `proc` as waiting for a flock on `inode`.
+    """Wait (bounded) until the kernel lists `proc` as waiting for a flock on `inode`."""
 
-    /proc/locks marks a blocked waiter with "->"; this is the kernel's own word that the
-    tool is inside flock(2), so no guessing with sleeps.
-    """
-    deadline = time.monotonic() + 10.0
-    pattern = re.compile(rf"-> FLOCK\s+ADVISORY\s+WRITE\s+{proc.pid}\s+\S+:{inode}\s")
-    while time.monotonic() < deadline:
-        if pattern.search(Path("/proc/locks").read_text()):
-            return
+    def alive() -> None:
         assert proc.poll() is None, f"exited early: {proc.communicate()}"
-        time.sleep(0.02)  # polling a condition the product gives no signal for
-    locks = Path("/proc/locks").read_text()
-    raise AssertionError(f"pid {proc.pid} never waited for the lock:\n{locks}")
+
+    wait_for_flock_waiter(proc.pid, inode, alive)
 
 
 # --- corrupt files -------------------------------------------------------------------------

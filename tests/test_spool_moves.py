@@ -10,17 +10,22 @@ process must still find the message: it is in exactly one directory at every ins
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from lifecycle_handlers import wait_for_flock_waiter
 
 from leafmail import tools
 from leafmail.envelope import Envelope, Recipient
-from leafmail.spool import Spool
+from leafmail.forwards import settle_parent
+from leafmail.message import unfreeze
+from leafmail.spool import CorruptMessage, Spool, new_id
 from leafmail.states import QueueState
+from leafmail.status import TargetMark, TargetState
 
 ENV = Envelope(sender="a@src.test", recipients=(Recipient("b@example.test"),))
 DATA = b"Subject: hi\r\n\r\nbody\r\n"
@@ -152,3 +157,97 @@ def test_the_queue_tools_find_a_message_that_moves(tmp_path: Path) -> None:
 
     looks, misses = race(tmp_path, use)
     assert misses == 0, f"{misses} of {looks} tool runs missed the moving message"
+
+
+# --- every mover holds the message's lock ------------------------------------------------
+# `settle_duplicates` unlinks a crash's second name only after it has locked both names and
+# checked that each still names the locked file, and `locked` trusts that a file does not
+# move while its lock is held: both rest on every move or removal of a committed file
+# taking that lock. The commit's renames out of tmp/ need none (a new id, known to nobody
+# and under no other name); these are the movers that did not take it.
+
+
+def damage(spool: Spool, qid: str, state: QueueState) -> None:
+    path = spool.path(state, qid)
+    path.write_bytes(path.read_bytes().replace(b"body", b"BODY"))
+
+
+@pytest.mark.parametrize("reader", ["get", "summary"])
+def test_a_damaged_file_someone_holds_is_left_to_them(tmp_path: Path, reader: str) -> None:
+    """`leafmail show` or a listing that finds a file damaged moves it to corrupt/ only
+    under its lock: not from under a tool or `settle_duplicates` holding it (the holder
+    would then act on a name that is gone); the next reader moves it."""
+    spool = Spool(tmp_path)
+    qid = spool.commit(ENV, DATA)
+    damage(spool, qid, QueueState.QUEUE)
+    holder = Spool(tmp_path, create=False)  # another process's view, with its own lock
+
+    def read() -> None:
+        if reader == "get":
+            spool.get(qid)
+        else:
+            spool.summary(qid, QueueState.QUEUE)
+
+    with holder.locked(qid) as state:
+        assert state is QueueState.QUEUE
+        with pytest.raises(CorruptMessage):
+            read()
+        assert names(spool, qid) == [QueueState.QUEUE]
+    with pytest.raises(CorruptMessage):
+        read()
+    assert names(spool, qid) == [QueueState.CORRUPT]
+
+
+def forwarded_to_hold(spool: Spool) -> tuple[str, str]:
+    """A message whose alias expansion forwarded a copy: the copy complete in hold/ and
+    recorded FORWARDED, not yet released (a crash between steps 3 and 4 of
+    leafmail.expansion). Returns (parent, copy)."""
+    parent = spool.commit(ENV, DATA)
+    copy = new_id()
+    status = unfreeze(spool, parent).status
+    rcpt = status.recipients[0]
+    mark = TargetMark("forward:c@far.test", TargetState.FORWARDED, qid=copy)
+    status = status.with_recipient(0, type(rcpt)(targets=(mark,)))
+    spool.write_status(parent, status.to_bytes())
+    copy_env = Envelope(ENV.sender, (Recipient("c@far.test"),), forward_of=parent)
+    spool.commit(copy_env, DATA, copy, state=QueueState.HOLD)
+    return parent, copy
+
+
+def test_releasing_a_forwarded_copy_waits_for_the_copy_lock(tmp_path: Path) -> None:
+    """The release of a forwarded copy from hold/ (its parent's record settled, here by
+    the queue manager's start) holds the parent's lock, and now the copy's too: while
+    another process holds the copy, the release waits in flock(2), then moves it."""
+    spool = Spool(tmp_path)
+    parent, copy = forwarded_to_hold(spool)
+    holder = Spool(tmp_path, create=False)
+    released: list[list[str]] = []
+    settler = threading.Thread(target=lambda: released.append(settle_parent(spool, parent)))
+    with holder.locked(copy) as state:
+        assert state is QueueState.HOLD
+        settler.start()
+        inode = spool.path(QueueState.HOLD, copy).stat().st_ino
+        wait_for_flock_waiter(os.getpid(), inode)
+        assert names(spool, copy) == [QueueState.HOLD]
+    settler.join(10)
+    assert not settler.is_alive() and released == [[copy]]
+    assert names(spool, copy) == [QueueState.QUEUE]
+
+
+def test_deleting_a_corrupt_file_waits_for_its_lock(tmp_path: Path) -> None:
+    """`leafmail delete` of a file in corrupt/ (which `locked` never yields) takes the
+    file's lock itself, so it does not unlink it from under `settle_duplicates`."""
+    spool = Spool(tmp_path)
+    qid = spool.commit(ENV, DATA, state=QueueState.CORRUPT)
+    path = spool.path(QueueState.CORRUPT, qid)
+    deleter = threading.Thread(target=tools.delete, args=(spool, qid))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as `settle_duplicates` locks both names
+        deleter.start()
+        wait_for_flock_waiter(os.getpid(), path.stat().st_ino)
+        assert names(spool, qid) == [QueueState.CORRUPT]
+    finally:
+        os.close(fd)
+    deleter.join(10)
+    assert not deleter.is_alive() and names(spool, qid) == []

@@ -170,12 +170,13 @@ class RecordedExpansions:
 
     def _move_out(self, copy: str) -> bool:
         """Release a copy from hold/ into the queue; False if it was released already
-        (by the copy's other targets, or by the operator)."""
-        try:
-            self.spool.move(copy, QueueState.HOLD, QueueState.QUEUE)
-        except FileNotFoundError:
-            return False
-        return True
+        (by the copy's other targets, or by the operator).
+
+        Under the copy's lock, as every move (`Spool.move_from`): a holder of it (the
+        runner skipping a held message, `settle_duplicates` at a start) is waited for.
+        No holder waits for this parent's lock meanwhile: a tool settles the parent
+        before it locks a copy (leafmail.forwards)."""
+        return self.spool.move_from(copy, QueueState.HOLD, QueueState.QUEUE)
 
     def _released(self, index: int, mark: TargetMark) -> None:
         reply = f"250 2.0.0 forwarded as {mark.qid}"

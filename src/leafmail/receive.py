@@ -295,7 +295,9 @@ class ReceiveService:
         )
         try:
             await self.committer.commit(envelope, added + header + data, qid=qid)
-        except SpoolError:
+        except SpoolError as exc:
+            if self.log is not None:  # the operator must hear of a failing spool
+                self.log.error("message refused: the spool failed", qid=qid, reason=exc.strerror)
             proto.reject(SPOOL_FAILED)
             return
         proto.accept(replies.queued(qid))

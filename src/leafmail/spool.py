@@ -13,10 +13,15 @@ A message file never changes after the commit; what delivery learns goes into it
 record, replaced atomically (write, fsync, rename). Whoever delivers, holds, releases or
 deletes a message first takes an exclusive flock(2) on its file (`Spool.locked`), so the
 daemon's queue runner, `leafmail flush` and the queue tools can run at the same time.
+Every other move or removal of a committed file takes that lock too (a damaged file set
+aside, a forwarded copy released, a failed commit taken back): `settle_duplicates` and
+`locked` rely on no file moving while its lock is held.
 
 The commit: write the file into tmp/ (mode 0600, O_EXCL|O_NOFOLLOW), make it durable,
 rename it into queue/, make the directory durable, and only then report success, so a
-250 is never given for mail a crash could lose. Many sessions commit at once, so
+250 is never given for mail a crash could lose. If that directory sync fails, the file
+is taken back out of queue/ before the 4xx (`Spool.withdraw`), or the runner would
+deliver it besides the client's retry. Many sessions commit at once, so
 `GroupCommitter` makes a whole batch durable with one syncfs(2) and one directory fsync
 instead of two fsyncs per message, and a lone message with fdatasync(2) and one directory
 fsync in one thread.
@@ -79,7 +84,14 @@ _MAX_READ = 16 * 1024 * 1024
 
 
 class SpoolError(OSError):
-    """The spool could not take the message (disk full, permissions): answer 4xx."""
+    """The spool could not take the message (disk full, permissions): answer 4xx.
+
+    `kept` is None when nothing of the message stays in the spool (the client's retry
+    is its only copy); else it names the file that stays and why (see `Spool.withdraw`):
+    that message may be delivered and also sent again by the client.
+    """
+
+    kept: str | None = None
 
 
 class CorruptMessage(Exception):
@@ -279,10 +291,19 @@ class Spool:
             os.fsync(fd)
 
     def publish(self, qids: list[str], state: QueueState = QueueState.QUEUE) -> None:
-        """Rename committed tmp files into `state` and make the renames durable."""
+        """Rename committed tmp files into `state` and make the renames durable.
+
+        If that directory sync fails, the files are taken back out (`withdraw`) before
+        the SpoolError is raised: the caller reports a failure, so a file left in
+        `state` would be delivered besides the copy sent again.
+        """
         for qid in qids:
             os.rename(self._file(TMP, qid), self._file(state, qid))
-        self.sync_dir(state)
+        try:
+            self.sync_dir(state)
+        except OSError as exc:
+            kept = self.withdraw(qids, state)
+            raise _spool_error(exc, "; ".join(kept.values()) or None) from None
 
     def sync_dir(self, state: QueueState) -> None:
         """Make the renames and unlinks in a state directory durable."""
@@ -292,9 +313,71 @@ class Spool:
         """fsync a directory under the root: a queue state, or status/ (not a state)."""
         fd = os.open(self.root / name, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            os.fsync(fd)
+            self.fsync_dir(fd)
         finally:
             os.close(fd)
+
+    def fsync_dir(self, fd: int) -> None:
+        """fsync(2) an open spool directory: every directory barrier of the spool, the
+        group commit's too, goes through here (a test makes one fail by overriding it,
+        as a failing disk does)."""
+        os.fsync(fd)
+
+    def withdraw(self, qids: list[str], state: QueueState) -> dict[str, str]:
+        """Take back messages just renamed into `state` whose directory sync failed.
+
+        The sender is about to hear a temporary failure (4xx, exit 75) and will send
+        the message again, so a file left in `state` would be delivered twice. Each
+        file is unlinked under its lock, as every mover of a message takes it. One
+        that a queue runner already holds (it found the file and is delivering it),
+        or took already, is left to it: taking a message from under a delivery is not
+        allowed, and answering 250 for a file whose name the disk failed to make
+        durable could lose it; the caller still reports the failure (a possible
+        duplicate, never a loss) and says which file stayed. Returns, for each message
+        that stays, a sentence naming it and why.
+        """
+        kept: dict[str, str] = {}
+        taken = False
+        for qid in qids:
+            try:
+                with self._pinned(qid, state, wait=False) as mine:
+                    if mine:
+                        os.unlink(self._file(state, qid))
+                        taken = True
+                    else:
+                        kept[qid] = f"{state}/{qid} stays: a queue runner has it already"
+            except OSError as exc:
+                kept[qid] = f"{state}/{qid} stays: cannot remove it: {exc.strerror}"
+        if taken:
+            with contextlib.suppress(OSError):  # best effort: this disk just failed a sync
+                self._sync(state)
+        return kept
+
+    @contextlib.contextmanager
+    def _pinned(self, qid: str, state: QueueState, *, wait: bool) -> Iterator[bool]:
+        """Hold the lock of the file named `state/qid`, as `locked` does for a message
+        wherever it is: True while the lock is held and the name is still that file;
+        False if it is gone or was moved, or (without `wait`) someone else holds it.
+
+        For a caller that knows where the file is and must not act on it if it is not
+        there any more (a rename into the queue it takes back, a copy it releases from
+        hold/, a damaged file it moves to corrupt/).
+        """
+        path = self._file(state, qid)
+        try:
+            fd = os.open(path, _OPEN_READ)
+        except FileNotFoundError:
+            yield False
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                mine = os.lstat(path).st_ino == os.fstat(fd).st_ino
+            except (BlockingIOError, FileNotFoundError):
+                mine = False
+            yield mine
+        finally:
+            os.close(fd)  # releases the flock
 
     def commit(
         self,
@@ -475,9 +558,26 @@ class Spool:
         try:
             envelope, data = decode(blob)
         except ValueError as exc:
-            self.move(qid, state, QueueState.CORRUPT)
+            self._set_aside(qid, state)
             raise CorruptMessage(f"{qid}: {exc}") from None
         return SpooledMessage(qid, state, envelope, data)
+
+    def _set_aside(self, qid: str, state: QueueState) -> None:
+        """Move a file that failed its self-check to corrupt/, under its lock.
+
+        Read under the caller's lock, it moves at once. Read without it (`leafmail
+        show`, a listing), it moves only if its lock is free: a holder may be moving
+        it (a tool, `settle_duplicates`), and a move behind its back breaks what the
+        holder checked. A file someone holds is left to them; nothing delivers it
+        unread (the runner checks every file under its lock), so the next reader sets
+        it aside.
+        """
+        if qid in self._held:
+            self.move(qid, state, QueueState.CORRUPT)
+            return
+        with self._pinned(qid, state, wait=False) as mine:
+            if mine:
+                self.move(qid, state, QueueState.CORRUPT)
 
     def _find_and_read(self, qid: str) -> tuple[QueueState, bytes]:
         """Look a message up and read it, unlocked; KeyError if it is not in the spool.
@@ -526,7 +626,7 @@ class Spool:
             env, start, end = _checked(blob)
             sender, rcpts = _peek_envelope(env)
         except ValueError as exc:
-            self.move(qid, state, QueueState.CORRUPT)
+            self._set_aside(qid, state)
             raise CorruptMessage(f"{qid}: {exc}") from None
         return MessageSummary(qid, state, sender, rcpts, end - start)
 
@@ -546,6 +646,9 @@ class Spool:
         """Move a message between states, durably (the destination directory's fsync);
         the rename holds the root's shared flock, so an exact `find` can stop moves.
 
+        The caller holds the message's lock (`locked`; `move_from` takes it): what
+        `settle_duplicates` and `_where_locked` check under that lock must stay true.
+
         Only `dst` is fsynced. On a journalling filesystem (ext4, XFS) the rename's two
         directory changes are one transaction, which that fsync commits, so fsyncing
         `src` too would buy nothing; it measured 1.4x-2x the wall time of a move here.
@@ -556,6 +659,15 @@ class Spool:
         with self._moving():  # (see `find`)
             os.rename(self._file(src, qid), self._file(dst, qid))
         self.sync_dir(dst)
+
+    def move_from(self, qid: str, src: QueueState, dst: QueueState) -> bool:
+        """Move a message from `src` to `dst` under its lock, waiting for a holder;
+        False if it is not (any more) in `src`. For a caller that does not hold the
+        message's lock (and must not: flock would wait for itself)."""
+        with self._pinned(qid, src, wait=True) as mine:
+            if mine:
+                self.move(qid, src, dst)
+        return mine
 
     def settle_duplicates(self) -> list[tuple[str, QueueState]]:
         """Keep one of each message a crash left in two state directories; run at start.
@@ -616,7 +728,13 @@ class Spool:
         state = self.find(qid)
         if state is None:
             raise KeyError(qid)
-        os.unlink(self.path(state, qid))
+        if qid in self._held:  # the caller's lock
+            os.unlink(self.path(state, qid))
+        else:  # (`leafmail delete` of a corrupt file, which `locked` never yields)
+            with self._pinned(qid, state, wait=True) as mine:
+                if not mine:
+                    raise KeyError(qid)  # moved or removed meanwhile
+                os.unlink(self.path(state, qid))
         self._unlink_status(qid)
         if durable:
             self.sync_dir(state)
@@ -1049,9 +1167,13 @@ class GroupCommitter:
             fd, req.fd = req.fd, -1  # closed even if close(2) reports an error
             os.close(fd)
             os.rename(tmp, self.spool._file(self.state, req.qid))
-            os.fsync(self._dir)
         except OSError as exc:
             _in_loops([req], functools.partial(self._fail, error=exc))
+            return
+        try:
+            self.spool.fsync_dir(self._dir)
+        except OSError as exc:
+            self._withdraw([req], exc)
             return
         self.batches += 1
         self.committed += 1
@@ -1095,22 +1217,32 @@ class GroupCommitter:
 
     def _publish(self, ready: list[_Request]) -> None:
         try:
-            os.fsync(self._dir)
+            self.spool.fsync_dir(self._dir)
         except OSError as exc:
-            _in_loops(ready, functools.partial(self._fail, error=exc))
+            self._withdraw(ready, exc)
             return
         self.committed += len(ready)
         _in_loops(ready, _answer)
 
-    def _fail(self, requests: list[_Request], error: OSError) -> None:
-        """Answer these sessions 4xx and remove what they left in tmp/ (in their loop)."""
+    def _withdraw(self, requests: list[_Request], error: OSError) -> None:
+        """(thread) The directory sync after the renames failed: take the files back out
+        of the queue (`Spool.withdraw`) before the sessions answer 4xx, or the queue
+        runner would deliver them and the clients send them again."""
+        kept = self.spool.withdraw([req.qid for req in requests], self.state)
+        _in_loops(requests, functools.partial(self._fail, error=error, kept=kept))
+
+    def _fail(
+        self, requests: list[_Request], error: OSError, kept: dict[str, str] | None = None
+    ) -> None:
+        """Answer these sessions 4xx and remove what they left in tmp/ (in their loop);
+        `kept` says which of them stay in the queue all the same, and why."""
         for req in requests:
             if req.fd >= 0:
                 os.close(req.fd)
                 req.fd = -1
             self.spool.discard_tmp(req.qid)
             if not req.future.done():
-                req.future.set_exception(_spool_error(error))
+                req.future.set_exception(_spool_error(error, (kept or {}).get(req.qid)))
 
 
 _T = TypeVar("_T")
@@ -1133,8 +1265,14 @@ def _drain(source: queue.SimpleQueue[_T | None], most: int) -> tuple[list[_T], b
     return items, False
 
 
-def _spool_error(exc: OSError) -> SpoolError:
-    return SpoolError(exc.errno, f"cannot spool: {exc.strerror}")
+def _spool_error(exc: OSError, kept: str | None = None) -> SpoolError:
+    """The SpoolError for `exc`; `kept` says what stays of the message (`Spool.withdraw`)."""
+    text = f"cannot spool: {exc.strerror}"
+    if kept is not None:
+        text += f"; {kept}, so it may also be delivered besides the sender's retry"
+    error = SpoolError(exc.errno, text)
+    error.kept = kept
+    return error
 
 
 def _answer(requests: list[_Request]) -> None:

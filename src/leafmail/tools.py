@@ -107,7 +107,10 @@ def delete(spool: Spool, qid: str) -> None:
     """Remove the message (a forwarded copy's parent settled first: leafmail.forwards)."""
     found = check_id(spool, qid)
     if found is QueueState.CORRUPT:
-        spool.remove(qid)
+        try:
+            spool.remove(qid)  # takes the file's lock itself (nothing else yields it)
+        except KeyError:
+            raise NoSuchMessage(f"{qid}: no such message (deleted meanwhile)") from None
         return
     settle_copy(spool, qid, found, release=False)
     with spool.locked(qid, wait=True) as state:

@@ -29,6 +29,7 @@ import email.message
 import email.policy
 import errno
 import functools
+import io
 import os
 import shutil
 import smtplib
@@ -64,6 +65,7 @@ from leafmail.receive import Policy, ReceiveService
 from leafmail.spool import GroupCommitter, Spool
 from leafmail.states import QueueState
 from netserver import CallbackHandler, Server
+from netserver.connlog import ServerLog
 from netserver.server import RunOptions
 from netserver.smtp import ServerConfig
 
@@ -503,13 +505,17 @@ class FullSpool(Spool):
     `write_tmp` creates the file and writes what still fits before it raises ENOSPC, as
     write(2) does, so a partial file is really left in tmp/ for the committer to clean
     up. `fail_sync` makes the durability barrier fail instead: on filesystems with
-    delayed allocation ENOSPC may surface only at fsync.
+    delayed allocation ENOSPC may surface only at fsync. `fail_queue_sync` makes the
+    next fsync of queue/ fail (EIO), after the rename into it: the commit must take
+    the file back out, or it is delivered besides the client's resend.
     """
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)
         self.free: int | None = None
         self.fail_sync = False
+        self.fail_queue_sync = False
+        self._queue_dir = os.stat(self.root / QueueState.QUEUE)
 
     def write_tmp(self, qid: str, blob: bytes) -> int:
         if self.free is None or len(blob) <= self.free:
@@ -527,12 +533,21 @@ class FullSpool(Spool):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         super().make_durable(fds)
 
+    def fsync_dir(self, fd: int) -> None:
+        info = os.fstat(fd)
+        if self.fail_queue_sync and info.st_ino == self._queue_dir.st_ino:
+            self.fail_queue_sync = False
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        super().fsync_dir(fd)
+
 
 @contextlib.contextmanager
-def in_process_server(spool: Spool) -> Iterator[tuple[str, int]]:
+def in_process_server(spool: Spool, log: ServerLog | None = None) -> Iterator[tuple[str, int]]:
     """leafmail's receive service on a real netserver listener, in a thread of this process."""
     committer = GroupCommitter(spool)
-    service = ReceiveService(ServerConfig(hostname=HOSTNAME), committer, Policy({Stage.MAIL: []}))
+    service = ReceiveService(
+        ServerConfig(hostname=HOSTNAME), committer, Policy({Stage.MAIL: []}), log=log
+    )
     server = Server(
         CallbackHandler(service.session),
         ["127.0.0.1:0"],
@@ -588,6 +603,30 @@ def test_injected_enospc_gets_452_and_leaves_nothing(tmp_path: Path, where: str)
         spooled=2,
         lost=0,
     )
+
+
+def test_a_failed_queue_sync_is_taken_back_so_the_resend_is_the_only_copy(
+    tmp_path: Path,
+) -> None:
+    """The fsync of queue/ after the rename fails: the client hears 452 4.3.1, the file
+    the rename put in queue/ is gone (or the runner would deliver it besides the resend),
+    the failure is logged, and the resend in the same session is the one copy queued."""
+    spool = FullSpool(tmp_path / "spool")
+    log = io.StringIO()
+    body = message(1, 1000)
+    with (
+        in_process_server(spool, ServerLog(log, program="leafmail")) as address,
+        smtplib.SMTP(*address, local_hostname="client.test", timeout=10) as client,
+    ):
+        spool.fail_queue_sync = True
+        assert is_452(*data_reply(client, "bob@dst.test", body))
+        assert not spool.fail_queue_sync  # the failure did happen, after the rename
+        assert spool.ids(QueueState.QUEUE) == [] and os.listdir(spool.root / "tmp") == []
+        code, text = data_reply(client, "bob@dst.test", body)
+        assert code == 250, text
+    assert spool.ids(QueueState.QUEUE) == [queued_id(text)]
+    (line,) = [line for line in log.getvalue().splitlines() if "the spool failed" in line]
+    assert line.startswith("leafmail: error ") and "Input/output error" in line, line
 
 
 def test_injected_enospc_in_one_batch_spares_the_others(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from netserver.errors import CantCreateError, NetserverError, UsageError
 
 from .. import control, submitwire
 from ..envelope import Envelope
-from ..spool import Spool, new_id
+from ..spool import Spool, SpoolError, new_id
 from ..spoolcheck import check_spool
 from ..trace import local_received_header
 from .context import Context
@@ -174,6 +174,8 @@ def _spool_error(exc: OSError, what: str) -> NetserverError:
     reason = exc.strerror or str(exc)
     if exc.errno in _CANTCREAT_ERRNOS:
         return CantCreateError(f"{what}: {reason}")
+    if isinstance(exc, SpoolError) and exc.kept is not None:  # see Spool.withdraw
+        return TryLater(f"{what}: {reason} (see `leafmail queue` before trying again)")
     return TryLater(f"{what}: {reason} (nothing was queued; try again later)")
 
 

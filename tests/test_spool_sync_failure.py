@@ -1,0 +1,167 @@
+"""A directory sync that fails after the rename into the queue: no duplicate, no loss.
+
+The commit renames tmp/QID into queue/ and then fsyncs queue/; only then is the message
+durable and answered 250. When that fsync fails, the sender hears a temporary failure
+and sends the message again, so the file the rename put in queue/ must go, or the queue
+runner delivers it and then the resent one: a duplicate. It is taken back under its
+lock (`Spool.withdraw`). A file a queue runner holds already is left to it, and the
+failure is still reported, naming the file: a possible duplicate, never a loss.
+
+The failure is injected where the spool syncs its directories (`Spool.fsync_dir`), as a
+failing disk would make fsync(2) fail (EIO); the rename before it really happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from leafmail.envelope import Envelope, Recipient
+from leafmail.spool import GroupCommitter, Spool, SpoolError
+from leafmail.states import QueueState
+
+ENV = Envelope(sender="a@src.test", recipients=(Recipient("b@example.test"),))
+DATA = b"Subject: hi\r\n\r\nbody\r\n"
+
+
+class FailingDirSpool(Spool):
+    """A real spool whose next fsync of one state directory fails with EIO.
+
+    Only one fsync fails (`Spool.withdraw`'s own sync of the directory afterwards
+    works); `before_failing` runs just before it fails, with the directory's entries,
+    to let a queue runner find the file first.
+    """
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.failing: QueueState | None = None
+        self.failures = 0
+        self.before_failing: Callable[[list[str]], None] | None = None
+
+    def fsync_dir(self, fd: int) -> None:
+        if self.failing is not None and _same_file(fd, self.root / self.failing):
+            names = sorted(os.listdir(self.root / self.failing))
+            self.failing = None
+            self.failures += 1
+            if self.before_failing is not None:
+                self.before_failing(names)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        super().fsync_dir(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    mine, there = os.fstat(fd), os.stat(path)
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
+
+
+def leftovers(spool: Spool) -> dict[str, list[str]]:
+    """What each of tmp/ and the state directories holds."""
+    return {
+        name: sorted(os.listdir(spool.root / name)) for name in ("tmp", *(s for s in QueueState))
+    }
+
+
+def nothing_but(spool: Spool, state: QueueState, qids: list[str]) -> dict[str, list[str]]:
+    want: dict[str, list[str]] = {name: [] for name in leftovers(spool)}
+    want[state] = sorted(qids)
+    return want
+
+
+def group_commit(spool: Spool, count: int, *, alone: bool) -> list[str | BaseException]:
+    """`count` sessions committing at once through one GroupCommitter."""
+    committer = GroupCommitter(spool, alone=alone)
+
+    async def sessions() -> list[str | BaseException]:
+        return await asyncio.gather(
+            *(committer.commit(ENV, DATA + b"%d\r\n" % i) for i in range(count)),
+            return_exceptions=True,
+        )
+
+    try:
+        return asyncio.run(sessions())
+    finally:
+        committer.close()
+
+
+def test_a_lone_commit_whose_queue_sync_fails_is_taken_back(tmp_path: Path) -> None:
+    """The lone path (one thread: fdatasync, rename, fsync of queue/): the fsync fails,
+    the session gets SpoolError (452), and queue/ holds nothing; the client's resend is
+    then the only copy."""
+    spool = FailingDirSpool(tmp_path)
+    spool.failing = QueueState.QUEUE
+    (failed,) = group_commit(spool, 1, alone=True)
+    assert isinstance(failed, SpoolError), failed
+    assert failed.kept is None and failed.errno == errno.EIO
+    assert spool.failures == 1
+    assert leftovers(spool) == nothing_but(spool, QueueState.QUEUE, [])
+
+    (resent,) = group_commit(spool, 1, alone=True)
+    assert isinstance(resent, str)
+    assert leftovers(spool) == nothing_but(spool, QueueState.QUEUE, [resent])
+
+
+def test_a_batch_whose_queue_sync_fails_is_taken_back(tmp_path: Path) -> None:
+    """The pipeline (the loop renames a batch, a thread fsyncs queue/): every session of
+    the batch whose fsync failed hears SpoolError and has no file in queue/; every
+    session that got its queue id has its file there."""
+    spool = FailingDirSpool(tmp_path)
+    spool.failing = QueueState.QUEUE
+    results = group_commit(spool, 30, alone=False)
+    answered = [r for r in results if isinstance(r, str)]
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert spool.failures == 1 and refused, results
+    assert all(isinstance(r, SpoolError) and r.kept is None for r in refused), refused
+    assert leftovers(spool) == nothing_but(spool, QueueState.QUEUE, answered)
+
+
+@pytest.mark.parametrize("state", [QueueState.QUEUE, QueueState.HOLD])
+def test_a_direct_commit_whose_sync_fails_is_taken_back(tmp_path: Path, state: QueueState) -> None:
+    """`Spool.commit` (sendmail, bounces, and forwarded copies into hold/) the same way:
+    SpoolError (an OSError: exit 75), and no file in `state`."""
+    spool = FailingDirSpool(tmp_path)
+    spool.failing = state
+    with pytest.raises(SpoolError) as raised:
+        spool.commit(ENV, DATA, state=state)
+    assert raised.value.kept is None and spool.failures == 1
+    assert leftovers(spool) == nothing_but(spool, state, [])
+
+
+@pytest.mark.parametrize("path", ["group", "direct"])
+def test_a_message_a_runner_already_holds_stays_and_the_failure_says_so(
+    tmp_path: Path, path: str
+) -> None:
+    """The queue runner found the file in queue/ between the rename and the failed
+    fsync, and holds its lock: the file is its (taking it from under a delivery is not
+    allowed), so it stays, and the sender still hears 4xx (a 250 for a name the disk
+    did not make durable could lose the message; a 4xx can at worst duplicate it). The
+    error names the file that stays, for the log."""
+    spool = FailingDirSpool(tmp_path)
+    runner = Spool(tmp_path, create=False)  # another process's view, with its own locks
+    holding = contextlib.ExitStack()
+
+    def runner_takes_it(names: list[str]) -> None:
+        (qid,) = names
+        assert holding.enter_context(runner.locked(qid)) is QueueState.QUEUE
+
+    spool.failing = QueueState.QUEUE
+    spool.before_failing = runner_takes_it
+    with holding:
+        if path == "group":
+            (failed,) = group_commit(spool, 1, alone=True)
+        else:
+            with pytest.raises(SpoolError) as raised:
+                spool.commit(ENV, DATA)
+            failed = raised.value
+        assert isinstance(failed, SpoolError), failed
+        (qid,) = spool.ids()
+        assert failed.kept == f"queue/{qid} stays: a queue runner has it already"
+        assert failed.strerror is not None and f"queue/{qid} stays" in failed.strerror
+        assert "may also be delivered" in failed.strerror
+        assert runner.get(qid, QueueState.QUEUE).data.startswith(DATA)  # the runner's, whole
+    assert leftovers(spool) == nothing_but(spool, QueueState.QUEUE, [qid])
