@@ -23,7 +23,10 @@ from pathlib import Path
 import pytest
 
 from leafmail.envelope import Envelope, Recipient
-from leafmail.spool import GroupCommitter, Spool, SpoolError
+from leafmail.sendmail import spooling
+from leafmail.sendmail.errors import TryLater
+from leafmail.sendmail.spooling import Submission
+from leafmail.spool import GroupCommitter, Spool, SpoolError, new_id
 from leafmail.states import QueueState
 
 ENV = Envelope(sender="a@src.test", recipients=(Recipient("b@example.test"),))
@@ -71,6 +74,17 @@ def nothing_but(spool: Spool, state: QueueState, qids: list[str]) -> dict[str, l
     want: dict[str, list[str]] = {name: [] for name in leftovers(spool)}
     want[state] = sorted(qids)
     return want
+
+
+def runner_takes_it(runner: Spool, holding: contextlib.ExitStack) -> Callable[[list[str]], None]:
+    """A `before_failing` that has the queue runner (`runner`, another process's view of
+    the spool) lock the one file just renamed, until `holding` closes."""
+
+    def take(names: list[str]) -> None:
+        (qid,) = names
+        assert holding.enter_context(runner.locked(qid)) is QueueState.QUEUE
+
+    return take
 
 
 def group_commit(spool: Spool, count: int, *, alone: bool) -> list[str | BaseException]:
@@ -144,13 +158,8 @@ def test_a_message_a_runner_already_holds_stays_and_the_failure_says_so(
     spool = FailingDirSpool(tmp_path)
     runner = Spool(tmp_path, create=False)  # another process's view, with its own locks
     holding = contextlib.ExitStack()
-
-    def runner_takes_it(names: list[str]) -> None:
-        (qid,) = names
-        assert holding.enter_context(runner.locked(qid)) is QueueState.QUEUE
-
     spool.failing = QueueState.QUEUE
-    spool.before_failing = runner_takes_it
+    spool.before_failing = runner_takes_it(runner, holding)
     with holding:
         if path == "group":
             (failed,) = group_commit(spool, 1, alone=True)
@@ -165,3 +174,26 @@ def test_a_message_a_runner_already_holds_stays_and_the_failure_says_so(
         assert "may also be delivered" in failed.strerror
         assert runner.get(qid, QueueState.QUEUE).data.startswith(DATA)  # the runner's, whole
     assert leftovers(spool) == nothing_but(spool, QueueState.QUEUE, [qid])
+
+
+@pytest.mark.parametrize("runner_has_it", [False, True])
+def test_sendmail_says_whether_a_copy_stayed(tmp_path: Path, runner_has_it: bool) -> None:
+    """`leafmail sendmail` spooling directly exits 75 either way; its line says
+    "nothing was queued" only when that is true, else to look at the queue first."""
+    spool = FailingDirSpool(tmp_path)
+    runner = Spool(tmp_path, create=False)
+    holding = contextlib.ExitStack()
+    spool.failing = QueueState.QUEUE
+    if runner_has_it:
+        spool.before_failing = runner_takes_it(runner, holding)
+    item = Submission(new_id(), ENV, DATA)
+    with holding, pytest.raises(TryLater) as raised:
+        spooling.commit(spool, item)
+    text = str(raised.value)
+    assert raised.value.exit_code == 75
+    if runner_has_it:
+        assert f"queue/{item.qid} stays" in text and "see `leafmail queue`" in text, text
+        assert spool.ids() == [item.qid]
+    else:
+        assert text.endswith("(nothing was queued; try again later)"), text
+        assert spool.ids() == []

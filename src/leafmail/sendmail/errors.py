@@ -12,6 +12,7 @@ class BadInput(NetserverError):
 
 
 class TryLater(NetserverError):
-    """The spool could not take the message now (EX_TEMPFAIL); nothing was queued."""
+    """The spool could not take the message now (EX_TEMPFAIL); its text says if a copy
+    stayed queued all the same (`leafmail.spool.Spool.withdraw`)."""
 
     exit_code = EX_TEMPFAIL
