@@ -42,6 +42,7 @@ CORE = frozenset(
         "errors",
         "handlers",
         "limits",
+        "linger",
         "loopconn",
         "memo",
         "privileges",

@@ -23,7 +23,7 @@ from collections.abc import Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from netserver.callbacks import CallbackConnection, Callbacks
-from netserver.smtp import DecisionEvent, Event, ServerProtocol, StartTLS, replies
+from netserver.smtp import Closed, DecisionEvent, Event, ServerProtocol, StartTLS, replies
 from netserver.smtp.replies import Reply
 from netserver.smtp.states import State
 
@@ -99,7 +99,9 @@ class ReceiveSession(Callbacks):
             service.note("auth blocked", client=str(ip))
         self.proto = ServerProtocol(service.smtp, greeting, tls=self.facts.tls)
         conn.write(self.proto.data_to_send())
-        if conn.stop_requested:
+        if self.proto.closed:  # a 421 greeting closes the channel (RFC 5321 3.8)
+            conn.close_lingering()
+        elif conn.stop_requested:
             self.stop_requested()
 
     async def _greet_later(self) -> None:
@@ -126,7 +128,7 @@ class ReceiveSession(Callbacks):
         self._flush()
         self._track_rate()
         if proto.closed:
-            self.conn.close()
+            self._end(events)
         elif self.conn.stop_requested and proto.envelope is None:
             self._goodbye(replies.shutting_down(service.smtp.hostname))
 
@@ -203,7 +205,18 @@ class ReceiveSession(Callbacks):
         assert proto is not None
         proto.close(reply)
         self._flush()
-        self.conn.close()
+        self.conn.close_lingering()
+
+    def _end(self, events: Sequence[Event]) -> None:
+        """The protocol closed the session. After QUIT's 221 the client has said all it
+        will: close. After a 421 (too many errors), or input after the session was over,
+        it may still be sending, and closed at once with that input unread the
+        connection is reset and the 421 may never be read: close lingering."""
+        last = events[-1] if events else None
+        if isinstance(last, Closed) and last.reply.code == 221:
+            self.conn.close()
+        else:
+            self.conn.close_lingering()
 
     # -- the minimum data rate (Postfix's smtpd_min_data_rate) ----------------------------
     def _track_rate(self) -> None:

@@ -25,6 +25,7 @@ import asyncio
 from collections.abc import Callable
 
 from .endpoint import Endpoint
+from .linger import close_lingering
 from .loopconn import LoopConnection
 
 
@@ -150,6 +151,14 @@ class CallbackConnection(LoopConnection):
         """Close once what was written has been sent."""
         if self.transport is not None:
             self.transport.close()
+
+    def close_lingering(self) -> None:
+        """Close an exchange the client did not end (a refusal, a 421): once what was
+        written is sent, half-close, then drop what the client still sends until it
+        closes too, within netserver.linger's bounds. Closed at once, a connection with
+        unread input is reset, and the client may never read the last line."""
+        if self.transport is not None:
+            close_lingering(self.transport)
 
     def request_stop(self) -> None:
         """The server is stopping: tell the handler (`Callbacks.stop_requested`)."""

@@ -40,7 +40,8 @@ from .endpoint import Endpoint
 from .errors import ConfigError, NetserverError
 from .handlers import Command, HandlerLike, LoopHandler, as_handler, check_mode
 from .limits import Limits
-from .listen.accept import AcceptLoop, accepted_ends, refuse
+from .linger import Lingerer
+from .listen.accept import AcceptLoop, accepted_ends
 from .listen.listeners import Listener, open_listeners, parse_listen
 from .listen.tls import TlsTerminator, harden
 from .modes.base import Mode, ModeContext
@@ -238,6 +239,7 @@ class Server:
         self.acceptor = AcceptLoop(loop, self.listeners, self._accepted, self.log)
         self.acceptor.gate = lambda: not self._full()
         self.terminator = TlsTerminator(fds, self.limits, self.log)
+        self.lingerer = Lingerer(loop, fds)  # refused clients, until they read the refusal
         # Thread and event-loop modes terminate TLS themselves; processes need the relay.
         self._relay_tls = not isinstance(self.mode, ThreadMode | EventLoopMode | PoolMode)
         for listener in self.listeners:
@@ -369,6 +371,7 @@ class Server:
             except TimeoutError:
                 self.log.error("connections still running at exit", active=self._active())
         await self.terminator.closed(RELAY_FLUSH)
+        self.lingerer.close()
         self.log.info("stopped")
 
     # -- the accept path ---------------------------------------------------------------
@@ -425,7 +428,7 @@ class Server:
             self._resume_if_room()
         if isinstance(ruling, Refusal):
             self.log.refused(peer, ruling.reason)
-            sock.close()
+            self.lingerer.refuse(sock, None)
             return
         sock.setblocking(True)
         with contextlib.suppress(OSError):  # the mode accounts for a connection it failed
@@ -566,9 +569,10 @@ class Server:
         self._resume_if_room()
 
     def _refuse(self, sock: socket.socket, peer: Endpoint, reason: str) -> None:
-        """Tell the client (if a message is configured) and close; the server goes on."""
+        """Tell the client (if a message is configured) and close once it has read that
+        (netserver.linger); the server goes on."""
         self.log.refused(peer, reason)
-        refuse(sock, self.options.refuse_message)
+        self.lingerer.refuse(sock, self.options.refuse_message)
 
     def _finished(self, conn: Accepted) -> None:
         self.fds.discard(conn.fd)

@@ -9,7 +9,6 @@ the episode is logged once. Errors that concern only one aborted client are skip
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import socket
 from collections.abc import Callable, Sequence
@@ -150,14 +149,3 @@ def accepted_ends(
     if sock.gettimeout() is not None:
         sock.setblocking(True)
     return Endpoint.from_sockaddr(listener.family, addr), local
-
-
-def refuse(sock: socket.socket, message: str | None) -> None:
-    """Turn a client away: the refusal line if one is configured, then close."""
-    if message:
-        sock.setblocking(False)
-        with contextlib.suppress(OSError):
-            sock.send(message.encode() + b"\r\n")
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    sock.close()

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from ..accepted import Accepted
 from ..connlog import ConnRecord, ServerLog
 from ..endpoint import Endpoint
-from ..listen.accept import AcceptLoop, accepted_ends, refuse
+from ..linger import Lingerer
+from ..listen.accept import AcceptLoop, accepted_ends
 from ..listen.listeners import Listener
 from .shared import FULL, SharedLimits
 
@@ -68,8 +69,10 @@ class DirectAccept:
         service: DirectService,
         log: ServerLog,
         ended: Callable[[Accepted], None],
+        lingerer: Lingerer,
     ) -> None:
         self.loop = loop
+        self.lingerer = lingerer  # the worker's: refused clients drain there
         self.table = service.table
         self.judge = service.judge
         self.refuse_message = service.refuse_message
@@ -118,7 +121,7 @@ class DirectAccept:
         reason = self.judge(peer, local)
         if reason is not None:
             self.log.refused(peer, reason)
-            refuse(sock, self.refuse_message)
+            self.lingerer.refuse(sock, self.refuse_message)
             return
         self._admit(sock, peer, local)
 
@@ -132,7 +135,7 @@ class DirectAccept:
             return
         if isinstance(entry, str):
             self.log.refused(peer, entry)
-            refuse(sock, self.refuse_message)
+            self.lingerer.refuse(sock, self.refuse_message)
             return
         conn = Accepted(sock, ConnRecord(peer, local, "async"))
         conn.fd = -1  # no registry here keeps the number; the socket object has it

@@ -22,11 +22,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from ..accepted import Accepted, FdRegistry
-from ..children import receive_ready
+from ..children import receive_ready, send_fd
 from ..connlog import ConnRecord, ServerLog
 from ..endpoint import Endpoint
 from ..handlers import LoopHandler
 from ..limits import Limits
+from ..linger import Lingerer
 from ..listen.proxy import ProxyError, read_header
 from ..listen.proxy import apply as proxy_endpoints
 from .base import ModeContext
@@ -92,6 +93,7 @@ class Worker:
         self._local = Endpoint()  # shared by the connections to one listener (as server.py)
         self.verdicts: dict[int, asyncio.Future[str | None]] = {}
         self.reading: set[asyncio.Task[None]] = set()
+        self.lingerer: Lingerer | None = None  # made with the loop, in `run`
         self.done = asyncio.Event()
         self.leaving = False
         self.failed = False
@@ -99,12 +101,13 @@ class Worker:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         registry = FdRegistry()
+        lingerer = self.lingerer = Lingerer(loop)
         for name, service in self.services.items():
             finished = self._finished
             acceptor = None
             if service.direct is not None and self.seat >= 0:
                 service.direct.table.take_seat(self.seat)
-                acceptor = DirectAccept(loop, service.direct, self.log, self._finished)
+                acceptor = DirectAccept(loop, service.direct, self.log, self._finished, lingerer)
                 finished = acceptor.finished
                 self.direct.append(acceptor)
             ctx = ModeContext(
@@ -143,6 +146,7 @@ class Worker:
                 self.failed = True
             if self.app.close is not None:
                 await self.app.close()
+            lingerer.close()
 
     def _message(self) -> None:
         while True:
@@ -215,7 +219,8 @@ class Worker:
         peer, local = proxy_endpoints(info, record.peer, record.local)
         waiting: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self.verdicts[cid] = waiting
-        self._send(NAME + encode_conn(cid, "", peer, local))
+        # With the connection: a rule of the supervisor's may write to it (a banner).
+        self._send(NAME + encode_conn(cid, "", peer, local), sock.fileno())
         refusal = await waiting
         if refusal is not None:
             self._drop(conn, "refused", refusal)
@@ -225,13 +230,10 @@ class Worker:
         mode.dispatch(conn)
 
     def _drop(self, conn: Accepted, status: str, line: str | None) -> None:
-        """End a connection that is not served: say `line` if any, close, report it."""
-        if line:
-            with contextlib.suppress(OSError):
-                conn.sock.send(line.encode() + b"\r\n")
-        with contextlib.suppress(OSError):
-            conn.sock.shutdown(socket.SHUT_RDWR)
-        conn.sock.close()
+        """End a connection that is not served: say `line` if any, close once the client
+        has read it (netserver.linger), report it."""
+        assert self.lingerer is not None, "connections come after run() starts"
+        self.lingerer.refuse(conn.sock, line)
         conn.record.status = status
         self._finished(conn)
 
@@ -253,14 +255,15 @@ class Worker:
         head = END_HEAD.pack(END, cid, record.bytes_in or 0, record.bytes_out or 0)
         self._send(head + record.status.encode("ascii", "replace")[:200])
 
-    def _send(self, message: bytes) -> None:
-        """Send now; only when the channel is full, wait for room (never drop a report).
+    def _send(self, message: bytes, fd: int = -1) -> None:
+        """Send now, with descriptor `fd` if one is given; only when the channel is full,
+        wait for room (never drop a report).
 
         One send per report: switching the channel to blocking and back around every
         send cost two more system calls per connection.
         """
         try:
-            self.chan.send(message)
+            self._send_now(message, fd)
             return
         except BlockingIOError:
             pass
@@ -269,9 +272,15 @@ class Worker:
         with contextlib.suppress(OSError):
             self.chan.setblocking(True)
             try:
-                self.chan.send(message)
+                self._send_now(message, fd)
             finally:
                 self.chan.setblocking(False)
+
+    def _send_now(self, message: bytes, fd: int) -> None:
+        if fd < 0:
+            self.chan.send(message)
+        else:
+            send_fd(self.chan, message, fd)
 
     def _leave(self, stop_sessions: bool) -> None:
         """No more connections; with `stop_sessions`, ask the running ones to end."""

@@ -38,7 +38,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..accepted import Accepted, FdRegistry
-from ..children import fork_with_channel, kill_and_reap, run_child, send_fd, watch_child
+from ..children import (
+    fork_with_channel,
+    kill_and_reap,
+    receive_ready,
+    run_child,
+    send_fd,
+    watch_child,
+)
 from ..connlog import ServerLog
 from ..endpoint import Endpoint
 from ..handlers import LoopHandler
@@ -389,15 +396,15 @@ class WorkerPool:
     def _report(self, proc: _Proc) -> None:
         """A worker's message: a connection ended."""
         while True:
-            try:
-                data = proc.chan.recv(MAX_MSG)
-            except (BlockingIOError, InterruptedError):
+            received = receive_ready(proc.chan, MAX_MSG, 1)
+            if received is None:
                 return
-            except OSError:
-                data = b""
+            data, fds = received
             if data[:1] == NAME:
-                self._name(proc, data[1:])
+                self._name(proc, data[1:], fds)
                 continue
+            for fd in fds:  # only a NAME carries one
+                os.close(fd)
             if data == READY:
                 proc.ready = True
                 if all(p.ready for p in self.procs.values()):
@@ -419,18 +426,44 @@ class WorkerPool:
             if proc.retiring and not proc.conns:
                 self._tell(proc, STOP)
 
-    def _name(self, proc: _Proc, data: bytes) -> None:
-        """A worker read a PROXY header: the supervisor judges the client it names."""
+    def _name(self, proc: _Proc, data: bytes, fds: list[int]) -> None:
+        """A worker read a PROXY header: the supervisor judges the client it names.
+
+        The worker sends the connection back with the name: a rule may act on the
+        socket (tcpd's banners, keepalive, linger), which only writes to it. Our copy
+        is closed when the verdict is given, which is when every gate is done with it.
+        """
         cid, _service, peer, local = decode_conn(data)
         live = proc.conns.get(cid)
+        held = self._hold_copy(live, fds)
 
         def verdict(refusal: str | None) -> None:
+            if held is not None:
+                self._release_parent_copy(held)
             self._tell(proc, VERDICT + json.dumps([cid, refusal]).encode())
 
         if live is None or live.name is None:
             verdict("")
             return
         live.name(live.conn, peer, local, verdict)
+
+    def _hold_copy(self, live: _Live | None, fds: list[int]) -> Accepted | None:
+        """The connection a worker sent back with a NAME, as `live`'s socket until the
+        verdict (None, with the descriptor closed, when it cannot be used)."""
+        if not fds:
+            return None
+        if live is None or live.name is None:
+            os.close(fds[0])
+            return None
+        try:
+            sock = socket.socket(fileno=fds[0])
+        except OSError:  # not a socket
+            os.close(fds[0])
+            return None
+        conn = live.conn
+        conn.sock, conn.fd = sock, sock.fileno()
+        self.services[live.service].fds.add(conn.fd)
+        return conn
 
     def active(self, service: str | None = None) -> int:
         """Connections being served (or waiting for a worker), of `service` or all;
