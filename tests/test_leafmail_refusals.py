@@ -1,0 +1,77 @@
+"""leafmail's 421s are read by a client that goes on sending (netserver.linger).
+
+An SMTP client may pipeline, or not notice a 421 before its next command. When the
+server ends a session the client did not end -- too many connections from its address,
+too many errors, a stop -- it writes the 421, half-closes and drains what the client
+still sends before closing, so the client reads the 421 and a clean end, not a reset.
+Real `leafmail serve` processes, real sockets; `finish` checks the end.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from leafmail_fixtures import HOSTNAME, LeafmailFactory, RawSMTP, leafmail_servers
+from lifecycle_handlers import recv_line
+from test_refusal_lines import ROUNDS, finish
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[LeafmailFactory]:
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("leafmail")
+        except KeyError:
+            pytest.skip("no leafmail user (.ci/run creates it)")
+    yield from leafmail_servers(tmp_path)
+
+
+def test_a_client_over_its_sessions_reads_the_421_though_it_spoke_first(
+    servers: LeafmailFactory,
+) -> None:
+    # Loopback is a relay network by default, and those are exempt from the limit.
+    server = servers("[relay]\nrelay_networks = []\n[smtp]\nmax_sessions_per_source = 1\n")
+    with RawSMTP(server.address()) as held:
+        held.greeting()
+        for _ in range(ROUNDS):
+            with socket.create_connection(server.address(), timeout=5.0) as sock:
+                sock.sendall(b"EHLO client.example\r\n")  # before any greeting
+                line = recv_line(sock)
+                assert line.startswith(b"421 4.7.0 ") and b"Too many connections" in line
+                assert finish(sock) == b""
+
+
+def test_a_client_past_max_errors_reads_the_421_and_a_clean_end(
+    servers: LeafmailFactory,
+) -> None:
+    server = servers("[smtp]\nmax_errors = 1\n")
+    for _ in range(ROUNDS):
+        with RawSMTP(server.address()) as raw:
+            raw.greeting()
+            raw.send(b"BOGUS\r\nBOGUS\r\n")
+            assert raw.reply().code == 500
+            closing = raw.reply()
+            assert closing.code == 421, closing
+            assert finish(raw.sock) == b""  # its QUIT came too late, and is dropped
+
+
+def test_a_session_stopped_by_the_server_reads_the_421_and_a_clean_end(
+    servers: LeafmailFactory,
+) -> None:
+    server = servers()
+    raw = RawSMTP(server.address())
+    with raw:
+        raw.greeting()
+        raw.ehlo()
+        server.proc.send_signal(signal.SIGTERM)
+        server.terminated = True
+        closing = raw.reply()
+        assert closing.code == 421 and HOSTNAME in closing.text, closing
+        assert finish(raw.sock) == b""
+    assert server.stop() == 0
