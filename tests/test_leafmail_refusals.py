@@ -17,7 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from leafmail_fixtures import HOSTNAME, LeafmailFactory, RawSMTP, leafmail_servers
+from leafmail_fixtures import (
+    HOSTNAME,
+    LeafmailFactory,
+    RawSMTP,
+    leafmail_servers,
+    make_tls,
+    toml_string,
+)
 from lifecycle_handlers import recv_line
 from test_refusal_lines import ROUNDS, finish
 
@@ -75,3 +82,25 @@ def test_a_session_stopped_by_the_server_reads_the_421_and_a_clean_end(
         assert closing.code == 421 and HOSTNAME in closing.text, closing
         assert finish(raw.sock) == b""
     assert server.stop() == 0
+
+
+def test_over_tls_a_client_past_max_errors_reads_the_421_and_the_close(
+    servers: LeafmailFactory, tmp_path: Path
+) -> None:
+    """TLS has its own half-close, close_notify, after which the TLS layer reads on
+    until the client's (bounded): the transport is closed as it is."""
+    tls = make_tls(tmp_path)
+    server = servers(
+        f"[smtp]\nmax_errors = 1\ntls_cert = {toml_string(tls.cert)}\n"
+        f"tls_key = {toml_string(tls.key)}\n"
+    )
+    with RawSMTP(server.address()) as raw:
+        raw.greeting()
+        raw.ehlo()
+        assert raw.command("STARTTLS").code == 220
+        raw.start_tls(tls.client_context())
+        raw.send(b"BOGUS\r\nBOGUS\r\n")
+        assert raw.reply().code == 500
+        assert raw.reply().code == 421
+        raw.send(b"QUIT\r\n")  # too late: dropped
+        assert raw.sock.recv(64) == b""  # close_notify, well before any timeout

@@ -168,15 +168,18 @@ def close_lingering(
     """Close `transport` once what was written is sent, the way `Lingerer` closes a socket.
 
     Its protocol is told of the end (`connection_lost`) as for any close, and of nothing
-    the client sends meanwhile. A TLS transport cannot half-close: it drains all the same,
-    and its client sees the end when it closes, or after `seconds`.
+    the client sends meanwhile. A TLS transport is closed as it is: its close_notify is
+    TLS's half-close, and asyncio's (and uvloop's) TLS layer reads on until the client's
+    own close_notify, bounded by its shutdown timeout, before closing the socket.
     """
     if transport.is_closing() or isinstance(transport.get_protocol(), _Drain):
         return
+    if not transport.can_write_eof():
+        transport.close()
+        return
     drain = _Drain(transport, transport.get_protocol(), max_bytes)
     transport.set_protocol(drain)
-    if transport.can_write_eof():
-        transport.write_eof()
+    transport.write_eof()
     transport.resume_reading()  # it may have been paused while a task decided
     loop = asyncio.get_running_loop()
     drain.timer = loop.call_later(seconds, transport.close)
