@@ -145,6 +145,7 @@ def test_failures_are_slowed_then_the_source_is_blocked(
     with RawSMTP(server.address()) as again:
         greeting = again.reply()
         assert greeting.code == 421 and "failed logins" in greeting.text, greeting
+        assert again.at_eof()  # a 421 greeting closes the channel (RFC 5321 3.8)
     # Other addresses are not blocked, and relay_networks are exempt.
     for source in ("127.0.0.3", TRUSTED):
         with raw_starttls(server, tls, source) as other:
