@@ -103,10 +103,9 @@ def test_server_takes_at_most_eight_parameters() -> None:
 def test_an_access_gate_refuses_by_address_on_the_accept_path(log: io.StringIO) -> None:
     gate = AccessGate(AccessPolicy(deny=["127.0.0.1"]))
     for address in running(serve([gate], log, message="go away")):
-        # The client sends nothing: bytes it sent before the refusal would still be
-        # unread when the server closes, and the kernel answers that with a reset,
-        # which can overtake the refusal line (seen once in CI).
-        assert exchange(address) == b"go away\r\n"
+        # The client speaks first: the server drains what it sent before closing
+        # (netserver.linger), so no reset overtakes the refusal line.
+        assert exchange(address, b"hello\r\n") == b"go away\r\n"
     assert "refused" in log.getvalue() and "matched deny rule 127.0.0.1" in log.getvalue()
 
 

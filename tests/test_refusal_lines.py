@@ -11,6 +11,7 @@ a reset anywhere fails the test. Real servers on loopback, real sockets.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import socket
 import threading
@@ -22,8 +23,11 @@ import pytest
 from conftest import ServerFactory
 from lifecycle_handlers import HANDLER_ENV, IO_TIMEOUT, connect, recv_line, serve_args, wait_until
 
+from netserver import Callbacks, Server
 from netserver.accepted import FdRegistry
+from netserver.connlog import ServerLog
 from netserver.linger import Lingerer
+from netserver.server import RunOptions
 
 REFUSAL = "554 go away"
 ROUNDS = 10  # a client of this kind saw a reset in 1 to 3 rounds of 3 before (timing)
@@ -68,6 +72,7 @@ DENY = ("--deny", "127.0.0.1", "--refuse-message", REFUSAL)
 PATHS = {
     # the supervisor's accept path, whatever serves the admitted clients
     "fork": serve_args("fork", *DENY),
+    "prefork": serve_args("prefork", *DENY),
     "thread": serve_args("thread", *DENY),
     "async": serve_args("async", *DENY),
     "exec": ["--listen", "127.0.0.1:0", *DENY, "--", "/bin/cat"],
@@ -175,6 +180,38 @@ def test_tcpd_banners_reach_clients_behind_proxy_with_workers(
         assert recv_line(denied) == (REFUSAL + "\r\n").encode()
         assert finish(denied) == b""
     assert "verdict=denied" in server.log()
+
+
+class RefuseOnFirstLine(Callbacks):
+    """Says 421 to whatever the client sends first and ends the exchange itself."""
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.write(b"421 closing\r\n")
+        self.conn.close_lingering()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_callback_connection_closed_lingering_ends_cleanly(loop: str) -> None:
+    """`CallbackConnection.close_lingering` (leafmail's 421s) on either event loop: the
+    client gets the line and a clean end though it goes on sending (with `close` it
+    is reset)."""
+    server = Server(
+        RefuseOnFirstLine,
+        "127.0.0.1:0",
+        log=ServerLog(io.StringIO()),
+        options=RunOptions(loop=loop, signals=False),
+    )
+    (endpoint,) = server.bind()
+    thread = threading.Thread(target=server.run, name="test-close-lingering")
+    thread.start()
+    try:
+        assert server.ready.wait(IO_TIMEOUT)
+        assert endpoint.port is not None
+        refused_cleanly(("127.0.0.1", endpoint.port), b"421 closing\r\n")
+    finally:
+        server.stop()
+        thread.join(IO_TIMEOUT)
+    assert not thread.is_alive()
 
 
 # --- the drain's bounds, on a real loop and real sockets ---------------------------------
