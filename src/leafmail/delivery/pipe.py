@@ -19,13 +19,13 @@ import selectors
 import subprocess
 from collections.abc import Sequence
 
+from netserver.errors import EX_TEMPFAIL
 from netserver.privileges import Identity
 
 from . import Result
 from .asuser import Payload, run_as
 from .local_common import Copy, clean, delivered
 
-EX_TEMPFAIL = 75
 MAX_OUTPUT = 4096  # bytes of a command's stdout/stderr kept; the rest is read and dropped
 COMMAND_PATH = "/usr/local/bin:/usr/bin:/bin"
 

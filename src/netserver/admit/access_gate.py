@@ -20,11 +20,10 @@ from ..errors import NetserverError
 from ..modes.base import Mode, ModeContext
 from ..resolver import Resolver, SystemResolver, confirmed_names
 from .access import AccessPolicy, confirmed_choice
-from .gate import PASS, Pass, Refusal, Ruling
+from .gate import LOOKUP_TIMEOUT, PASS, Pass, Refusal, Ruling
 
-__all__ = ["LOOKUP_TIMEOUT", "AccessGate", "AccessLoader"]
+__all__ = ["AccessGate", "AccessLoader"]
 
-LOOKUP_TIMEOUT = 5.0
 AccessLoader = Callable[[], AccessPolicy]
 
 

@@ -26,7 +26,11 @@ from ..connlog import ServerLog
 from ..endpoint import Endpoint
 from ..modes.base import Mode, ModeContext
 
-__all__ = ["PASS", "Divert", "Gate", "Pass", "Refusal", "Ruling", "quick_judge"]
+__all__ = ["LOOKUP_TIMEOUT", "PASS", "Divert", "Gate", "Pass", "Refusal", "Ruling", "quick_judge"]
+
+# The most a gate's `judge` waits for one name lookup (allow/deny by name, hosts_access,
+# TCPREMOTEHOST): a lookup that does not finish gives no name, as for tcpd.
+LOOKUP_TIMEOUT = 5.0
 
 
 @final

@@ -17,15 +17,13 @@ from ..accepted import Accepted
 from ..connlog import ServerLog
 from ..endpoint import Endpoint
 from ..errors import ConfigError
-from ..listen.proxy import ProxyError, read_header
+from ..listen.proxy import PROXY_TIMEOUT, ProxyError, header_timeout, read_header
 from ..listen.proxy import apply as proxy_endpoints
 from ..modes.base import Mode, ModeContext
 from .access import Rule, parse_rule
 from .gate import PASS, Pass, Refusal, Ruling
 
-__all__ = ["PROXY_TIMEOUT", "ProxyGate"]
-
-PROXY_TIMEOUT = 5.0  # for the whole PROXY header (or the idle timeout, if shorter)
+__all__ = ["ProxyGate"]
 
 
 class ProxyGate:
@@ -48,7 +46,7 @@ class ProxyGate:
         return ip is not None and any(rule.matches(ip, frozenset()) for rule in self.rules)
 
     def start(self, ctx: ModeContext, mode: Mode) -> Sequence[Mode]:
-        self.timeout = min(PROXY_TIMEOUT, ctx.limits.timeout or PROXY_TIMEOUT)
+        self.timeout = header_timeout(ctx.limits.timeout)
         return ()
 
     def reload(self, log: ServerLog) -> None:

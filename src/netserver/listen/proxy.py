@@ -25,7 +25,7 @@ V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_PREFIX = b"PROXY "
 V1_MAX = 107  # the longest v1 line the spec allows, CRLF included
 V2_MAX = 16 + 4096  # the spec allows 64 KiB of TLVs; a balancer sends a few hundred bytes
-READ_TIMEOUT = 5.0
+PROXY_TIMEOUT = 5.0  # for the whole header, or the idle timeout if shorter (`header_timeout`)
 
 _V2_ADDRESS_SIZE = {0x11: 4, 0x21: 16}  # (family << 4 | STREAM): bytes per address
 
@@ -152,7 +152,13 @@ def apply(info: ProxyInfo, peer: Endpoint, local: Endpoint) -> tuple[Endpoint, E
 # -- reading it off a socket --------------------------------------------------------------
 
 
-async def read_header(sock: socket.socket, timeout: float = READ_TIMEOUT) -> ProxyInfo:
+def header_timeout(idle: float | None) -> float:
+    """How long a balancer has for its whole header: PROXY_TIMEOUT, or the server's idle
+    timeout `idle` if that is shorter (None or 0: no idle timeout)."""
+    return min(PROXY_TIMEOUT, idle or PROXY_TIMEOUT)
+
+
+async def read_header(sock: socket.socket, timeout: float = PROXY_TIMEOUT) -> ProxyInfo:
     """Consume exactly the header from non-blocking `sock`; ProxyError if none in time."""
     try:
         async with asyncio.timeout(timeout):

@@ -51,6 +51,10 @@ RESET_SIGNALS = (
 # here and two (query, then set) for any other: 62 rt_sigaction per spawn instead of 109.
 DEFAULT_SIGNALS = frozenset(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
 
+# Seconds between the TERM a server sends a child it ends (a forked handler, a command, a
+# spawner) and the KILL that follows if the child is still there.
+KILL_AFTER = 5.0
+
 
 @dataclass
 class ModeContext:

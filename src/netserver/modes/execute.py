@@ -41,13 +41,12 @@ from ..children import fork_with_channel, kill_and_reap, run_child, send_fd, wat
 from ..connlog import ConnRecord
 from ..errors import ConfigError
 from ..handlers import Command
-from .base import ModeContext, status_for_exit
+from .base import KILL_AFTER, ModeContext, status_for_exit
 from .spawner import (
     CONN_HEAD,
     CONN_TCP,
     CONN_UNIX,
     END,
-    KILL_AFTER,
     OUTCOMES,
     TERMINATE,
     UNBOUNDED_SLOTS,

@@ -18,9 +18,7 @@ from .. import tcpinfo
 from ..accepted import Accepted
 from ..children import kill_and_reap, watch_child
 from ..errors import RESOURCE_ERRNOS
-from .base import ModeContext, status_for_exit
-
-KILL_AFTER = 5.0
+from .base import KILL_AFTER, ModeContext, status_for_exit
 
 
 @dataclass

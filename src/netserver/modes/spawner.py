@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from .. import tcpinfo
 from ..children import kill_and_reap, receive_ready
 from ..connlog import ServerLog
-from .base import DEFAULT_SIGNALS, RESET_SIGNALS
+from .base import DEFAULT_SIGNALS, KILL_AFTER, RESET_SIGNALS
 
 CONN_TCP, CONN_UNIX, TERMINATE = b"C", b"U", b"T"
 CONN_HEAD = struct.Struct("=cQH")  # kind, connection id, socket family; then the variables
@@ -63,7 +63,6 @@ OUTCOMES = ("", "idle-timeout", "terminated", "spawn-failed")  # "": by the exit
 IDLE, TERMINATED, SPAWN_FAILED = 1, 2, 3
 MAX_MSG = 65536
 MAX_RECORDS = 4096 // END.size  # per report packet
-KILL_AFTER = 5.0
 _PEERCRED = struct.Struct("3i")
 SLOT = struct.Struct("=Qi4x")  # a roster entry: connection id, pid (0: free)
 UNBOUNDED_SLOTS = 65536  # roster size when the server has no connection cap

@@ -28,7 +28,7 @@ from ..endpoint import Endpoint
 from ..handlers import LoopHandler
 from ..limits import Limits
 from ..linger import Lingerer
-from ..listen.proxy import ProxyError, read_header
+from ..listen.proxy import ProxyError, header_timeout, read_header
 from ..listen.proxy import apply as proxy_endpoints
 from .base import ModeContext
 from .direct import DirectAccept, DirectService
@@ -39,7 +39,6 @@ CONN, STOP, RETIRE, TERMINATE, END, READY = b"C", b"S", b"R", b"T", b"E", b"Y"
 # A balancer's connection: the worker reads its PROXY header, asks the supervisor to
 # NAME the client it names, and is told the VERDICT (serve it, or the line to refuse with).
 PROXIED, NAME, VERDICT = b"P", b"N", b"V"
-PROXY_TIMEOUT = 5.0
 END_HEAD = struct.Struct("=cQQQ")  # kind, connection id, bytes in, bytes out; then status
 MAX_MSG = 4096
 _PR_SET_PDEATHSIG = 1
@@ -208,7 +207,7 @@ class Worker:
         """Read the balancer's PROXY header here (never in the supervisor), have the
         supervisor judge and count the client it names, then serve it as that client."""
         record, sock = conn.record, conn.sock
-        timeout = min(PROXY_TIMEOUT, self.limits.timeout or PROXY_TIMEOUT)
+        timeout = header_timeout(self.limits.timeout)
         sock.setblocking(False)
         try:
             info = await read_header(sock, timeout)

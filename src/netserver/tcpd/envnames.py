@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..accepted import Accepted
-from ..admit.gate import PASS, Pass, Refusal, Ruling
+from ..admit.gate import LOOKUP_TIMEOUT, PASS, Pass, Refusal, Ruling
 from ..connlog import ConnRecord, ServerLog
 from ..endpoint import Endpoint, IPAddress
 from ..modes.base import Mode, ModeContext
@@ -30,8 +30,6 @@ from .match import hostname_known
 from .names import HostNames, ResolverNames
 
 __all__ = ["LocalNameGate", "NameOptions", "NamesGate"]
-
-LOOKUP_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import struct
 from collections.abc import Sequence
 
 from ..accepted import Accepted
-from ..admit.gate import PASS, Divert, Pass, Refusal, Ruling
+from ..admit.gate import LOOKUP_TIMEOUT, PASS, Divert, Pass, Refusal, Ruling
 from ..children import watch_child
 from ..connlog import ConnRecord, ServerLog
 from ..endpoint import Endpoint
@@ -49,7 +49,6 @@ from .options import Banner, Keepalive, Linger, OptionStep, Spawn
 
 __all__ = ["HostsGate", "send_banner"]
 
-LOOKUP_TIMEOUT = 5.0
 SPAWN_WAIT = 30.0
 BANNER_TIMEOUT = 10.0
 MAX_PASSES = 4
