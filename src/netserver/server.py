@@ -146,6 +146,10 @@ class Server:
             raise ConfigError("worker processes (--workers) need the async mode")
         self.workers = spec.workers
         self.service = spec.service
+        # Made when serving starts (they need the running loop); None until then, so a
+        # reload or new limits that arrive earlier apply to what exists.
+        self.mode_context: ModeContext | None = None
+        self.mode: Mode | None = None
         self._extra: list[Mode] = []  # modes the gates divert connections to
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -228,20 +232,20 @@ class Server:
         ctx = self.mode_context = ModeContext(
             self.handler, self.limits, self.log, loop, fds, self._finished, self.mode_name, self.tls
         )
-        self.mode = self._make_mode(ctx)
-        if isinstance(self.mode, PoolMode):
-            self.mode.namer = self._name_proxied
+        main = self.mode = self._make_mode(ctx)
+        if isinstance(main, PoolMode):
+            main.namer = self._name_proxied
         self._extra = [
             mode
             for gate in (*([self.proxy] if self.proxy else []), *self.gates)
-            for mode in gate.start(ctx, self.mode)
+            for mode in gate.start(ctx, main)
         ]
         self.acceptor = AcceptLoop(loop, self.listeners, self._accepted, self.log)
         self.acceptor.gate = lambda: not self._full()
         self.terminator = TlsTerminator(fds, self.limits, self.log)
         self.lingerer = Lingerer(loop, fds)  # refused clients, until they read the refusal
         # Thread and event-loop modes terminate TLS themselves; processes need the relay.
-        self._relay_tls = not isinstance(self.mode, ThreadMode | EventLoopMode | PoolMode)
+        self._relay_tls = not isinstance(main, ThreadMode | EventLoopMode | PoolMode)
         for listener in self.listeners:
             fds.add(listener.sock.fileno())
         installed = self._install_signals(loop)
@@ -249,7 +253,7 @@ class Server:
         self._announce()
         for mode in self._modes():
             mode.start()
-        if not (isinstance(self.mode, PoolMode) and self.mode.direct):
+        if not (isinstance(main, PoolMode) and main.direct):
             self.acceptor.resume()
         try:
             await self._stop.wait()
@@ -300,19 +304,17 @@ class Server:
         """Apply `limits` to connections accepted from now on (a pool's workers: to
         those of the next generation, see `WorkerPool.replace`)."""
         self.limits = self.admission.limits = limits
-        mode = getattr(self, "mode", None)
-        if isinstance(mode, PoolMode) and mode.direct is not None:
-            mode.direct.table.limits = limits
+        if isinstance(self.mode, PoolMode) and self.mode.direct is not None:
+            self.mode.direct.table.limits = limits
 
     def reload_tls(self, context: ssl.SSLContext) -> None:
         """Serve new connections with `context` (connections already running keep theirs)."""
         self.tls = harden(context)
-        if hasattr(self, "mode_context"):
+        if self.mode_context is not None:
             self.mode_context.tls = self.tls
-        mode = getattr(self, "mode", None)
-        if isinstance(mode, PoolMode):
-            mode.pool.set_tls(self.service, self.tls)
-            mode.pool.replace()  # workers hold the context: new ones get the new one
+        if isinstance(self.mode, PoolMode):
+            self.mode.pool.set_tls(self.service, self.tls)
+            self.mode.pool.replace()  # workers hold the context: new ones get the new one
         self.log.info("TLS context reloaded")
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
@@ -342,7 +344,7 @@ class Server:
 
     def _modes(self) -> list[Mode]:
         """The mode, and the modes the gates divert connections to (tcpd's twist)."""
-        return [self.mode, *self._extra]
+        return [*([] if self.mode is None else [self.mode]), *self._extra]
 
     def _active(self) -> int:
         return sum(mode.active() for mode in self._modes())
@@ -515,6 +517,7 @@ class Server:
             assert self._loop is not None
             self._loop.create_task(self._judge(conn, later))
             return
+        assert self.mode is not None  # connections are accepted only while serving
         self._start(conn, self.mode.dispatch, self._relay_tls)
 
     async def _judge(self, conn: Accepted, gates: list[Gate]) -> None:
@@ -536,6 +539,7 @@ class Server:
         # The mode accounts for the connection even when starting it fails.
         with contextlib.suppress(OSError):
             if divert is None:
+                assert self.mode is not None
                 self._start(conn, self.mode.dispatch, self._relay_tls)
             else:
                 self._start(conn, divert.start, True)
