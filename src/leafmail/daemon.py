@@ -273,7 +273,11 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
 
     def stop(self) -> None:
-        """Stop every listener gracefully; the workers finish, then the queue manager."""
+        """Stop every listener gracefully; the workers finish, then the queue manager.
+        From now on no process that exits is replaced: pkill and service managers signal
+        them all at once, and a queue manager started now would only be stopped again."""
+        for pool in (self.pool, self.qmgr_pool, self.local_pool):
+            pool.stop_replacing()
         for server in self.servers:
             server.stop()
 

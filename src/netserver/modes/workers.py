@@ -147,6 +147,7 @@ class WorkerPool:
         self.pending: deque[tuple[int, _Live]] = deque()
         self.generation = 0
         self.stopping = False
+        self.replacing = True  # a worker that exits is replaced (see `stop_replacing`)
         self.started = False
         # Descriptors no worker may keep: our channels and pidfds, and (shared with
         # other pools of the same supervisor) theirs and the listeners.
@@ -288,9 +289,11 @@ class WorkerPool:
             live.finished(live.conn)
         proc.conns.clear()
         self._changed.set()
-        expected = self.stopping or proc.retiring
-        if expected and not self.stopping and self._current() < self.count:
+        expected = self.stopping or proc.retiring or not self.replacing
+        if expected and self.replacing and self._current() < self.count:
             self._schedule_restart()  # a replacement without overlap: the old one is gone
+        if not (self.replacing or self.stopping or proc.retiring):
+            self.log.info(f"{self.name} exited while stopping; not replaced", pid=proc.pid)
         if not expected:
             self.log.error(f"{self.name} died; replacing it", pid=proc.pid, status=code)
             if time.monotonic() - proc.started < YOUNG:
@@ -306,7 +309,7 @@ class WorkerPool:
 
     def _schedule_restart(self) -> None:
         """Start the missing workers now, or later when workers keep dying young."""
-        if self.stopping or self._loop is None:
+        if not self.replacing or self._loop is None:
             return
         delay = 0.0
         if self._young_deaths > 1:
@@ -314,7 +317,7 @@ class WorkerPool:
         self._loop.call_later(delay, self._restart)
 
     def _restart(self) -> None:
-        if self.stopping:
+        if not self.replacing:
             return
         while self._current() < self.count:
             if self._spawn() is None:
@@ -486,7 +489,7 @@ class WorkerPool:
         Without `overlap` the new workers start only once the old ones are gone (a
         queue manager: two must never run at once).
         """
-        if self.stopping or self._loop is None:
+        if not self.replacing or self._loop is None:
             return
         old = [p for p in self.procs.values() if not p.retiring]
         self.generation += 1
@@ -503,11 +506,18 @@ class WorkerPool:
         with contextlib.suppress(OSError):
             proc.chan.send(what)
 
+    def stop_replacing(self) -> None:
+        """From now on a worker that exits is not replaced, nor the pool renewed by a
+        reload: the owner is stopping and will `begin_stop` this pool in its turn, and a
+        worker may leave before that (pkill signals every process at once)."""
+        self.replacing = False
+
     def begin_stop(self) -> None:
         """Stop handing out connections and ask every worker to end its sessions."""
         if self.stopping:
             return
         self.stopping = True
+        self.replacing = False
         while self.pending:
             _cid, live = self.pending.popleft()
             live.conn.record.status = "not-served"
