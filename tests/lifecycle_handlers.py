@@ -171,6 +171,19 @@ def wait_for_flock_waiter(
     raise AssertionError(f"pid {pid} never waited for the lock on inode {inode}:\n{locks}")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children ...)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").iterdir():
+            children = (task / "children").read_text().split()
+            found += [int(c) for c in children]
+            todo += [int(c) for c in children]
+    return found
+
+
 def status_field(pid: int, name: str) -> int:
     """A numeric field of /proc/PID/status (VmRSS in kB, Threads, ...)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -15,16 +15,17 @@ child. The message of that session is still accepted and stays queued.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from leafmail_fixtures import Leafmail, LeafmailFactory, RawSMTP, leafmail_servers, wait_exit
+from lifecycle_handlers import descendants, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,19 +38,6 @@ def servers(tmp_path: Path) -> Iterator[LeafmailFactory]:
     yield from leafmail_servers(tmp_path)
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid`, from /proc (children, their children ...)."""
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").iterdir():
-            children = [int(c) for c in (task / "children").read_text().split()]
-            found += children
-            todo += children
-    return found
-
-
 def started_lines(log: str) -> list[str]:
     """The parent's "<role> started" lines, one per process it forked."""
     return [line for line in log.splitlines() if re.search(r' started" pid=\d+$', line)]
@@ -59,15 +47,6 @@ def service_pids(server: Leafmail) -> list[int]:
     """The queue manager's and local delivery's pids, from the "processes ready" line."""
     line = next(x for x in server.log().splitlines() if "processes ready" in x)
     return [int(m[1]) for m in re.finditer(r"(?:qmgr|local)=(\d+)", line)]
-
-
-def wait_for(what: str, condition: Callable[[], bool], server: Leafmail) -> None:
-    """Poll the parent's log (its only signal for this) within a deadline."""
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}:\n{server.log()}")
-        time.sleep(0.02)
 
 
 def exit_seen(server: Leafmail, pid: int) -> bool:
@@ -92,12 +71,13 @@ def test_children_that_leave_while_the_parent_stops_are_not_replaced(
         assert smtp.command("DATA").code == 354
         smtp.send(b"Subject: cut short\r\n\r\n")
         server.terminate()
-        wait_for("the parent to stop", lambda: "waiting for connections" in server.log(), server)
+        assert wait_until(lambda: "waiting for connections" in server.log(), DEADLINE), server.log()
         for pid in descendants(server.proc.pid):  # the rest of what pkill does
-            os.kill(pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # one may have left since
+                os.kill(pid, signal.SIGTERM)
         for pid in services:
-            seen = functools.partial(exit_seen, server, pid)
-            wait_for(f"the parent to see {pid} leave", seen, server)
+            # the parent's log is its only signal that it saw the child leave
+            assert wait_until(functools.partial(exit_seen, server, pid), DEADLINE), server.log()
         smtp.send(b"still accepted\r\n.\r\n")
         assert smtp.reply().code == 250
     code = wait_exit(server.proc, 30.0)

@@ -39,7 +39,7 @@ from leafmail_fixtures import (
     toml_string,
     write_config,
 )
-from lifecycle_handlers import holds_socket
+from lifecycle_handlers import descendants, holds_socket
 from localusers import remove_scratch, scratch
 from smarthost import Smarthost
 from system_users import as_user_seeing, ensure_user
@@ -78,19 +78,6 @@ def ids(pid: int) -> tuple[set[int], set[int]]:
     uids = next(x for x in status.splitlines() if x.startswith("Uid:")).split()[1:]
     gids = next(x for x in status.splitlines() if x.startswith("Gid:")).split()[1:]
     return {int(u) for u in uids}, {int(g) for g in gids}
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (children, their children ...)."""
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").iterdir():
-            children = (task / "children").read_text().split()
-            found += [int(c) for c in children]
-            todo += [int(c) for c in children]
-    return found
 
 
 def wait_for(what: str, condition: Callable[[], bool], timeout: float = DEADLINE) -> None:
