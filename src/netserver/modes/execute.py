@@ -14,9 +14,12 @@ That keeps posix_spawn's wait for the exec off the accept path. A spawner that d
 replaced at once, and the commands it left behind are adopted: the supervisor finds them
 in the dead spawner's roster (spawner.Roster) and watches each through a pidfd until it
 ends, so its connection stays counted against the limits, is ended at the stop like any
-other, and is logged (``spawner-died``: the exit code went with the spawner) when it
-really ends. If no spawner can be started, the connection is refused and the accept loop
-backs off (a resource error): the server never takes connections it cannot serve.
+other, and is logged (``spawner-died``) when it really ends. Its exit code and its idle
+timeout went with the spawner: a pidfd tells a process that is not the parent that the
+command ended but not how, and the idle time was read from the spawner's socket copy
+(README.md, "spawner", says why neither is recovered). If no spawner can be started,
+the connection is refused and the accept loop backs off (a resource error): the server
+never takes connections it cannot serve.
 
 A command is run this way in every mode: forking a Python worker only to exec would
 cost a process copy and buy nothing.
