@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from netserver.errors import EX_TEMPFAIL
+
 from .control import socket_name
 from .envelope import Envelope, EnvelopeError, load_json
 
@@ -181,5 +183,5 @@ def _queue_id(line: bytes) -> str:
         return str(reply["queued"])
     if isinstance(reply, dict) and isinstance(reply.get("error"), str):
         status = reply.get("status")
-        raise Refused(reply["error"], status if isinstance(status, int) else 75)
+        raise Refused(reply["error"], status if isinstance(status, int) else EX_TEMPFAIL)
     raise NoDaemon(0, "the daemon's answer makes no sense")

@@ -19,6 +19,8 @@ import traceback
 from collections.abc import Callable
 from typing import NoReturn
 
+from .errors import EX_SOFTWARE
+
 
 def kill_and_reap(pid: int) -> None:
     """End a child we cannot watch, and collect it so it is no zombie."""
@@ -74,8 +76,8 @@ def fork_with_channel(kind: int = socket.SOCK_STREAM) -> tuple[int, socket.socke
 
 def run_child(main: Callable[[], int]) -> NoReturn:
     """In a forked child: run `main` and exit with its code, never unwinding into the
-    parent's code (its event loop, its `finally` blocks); 70 if `main` raised."""
-    code = 70
+    parent's code (its event loop, its `finally` blocks); EX_SOFTWARE if `main` raised."""
+    code = EX_SOFTWARE
     try:
         code = main()
     except BaseException:  # whatever it is: report it, then exit

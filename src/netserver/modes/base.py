@@ -21,6 +21,7 @@ from typing import Protocol
 from ..accepted import Accepted, FdRegistry
 from ..connection import Connection
 from ..connlog import ServerLog
+from ..errors import EX_DATAERR, EX_IOERR, EX_OK, EX_SOFTWARE, EX_TEMPFAIL
 from ..handlers import ConnectionHandler, Handler, StdioHandler
 from ..limits import Limits
 from ..stdio import LineTooLong
@@ -96,7 +97,13 @@ class Mode(Protocol):
 
 # -- running a sync handler (fork, prefork and thread modes) ----------------------------
 
-EXIT_STATUS = {0: "ok", 65: "line-too-long", 74: "client-gone", 75: "idle-timeout", 70: "error"}
+EXIT_STATUS = {
+    EX_OK: "ok",
+    EX_DATAERR: "line-too-long",
+    EX_IOERR: "client-gone",
+    EX_TEMPFAIL: "idle-timeout",
+    EX_SOFTWARE: "error",
+}
 
 
 def status_for_exit(code: int) -> str:
@@ -126,11 +133,11 @@ def run_sync(
             conn.finish()
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except LineTooLong:
-        return 65
+        return EX_DATAERR
     except TimeoutError:
-        return 75
+        return EX_TEMPFAIL
     except (BrokenPipeError, ConnectionResetError, EOFError):
-        return 74  # EOFError: input() found the client gone
+        return EX_IOERR  # EOFError: input() found the client gone
     except Exception:
         traceback.print_exc(file=sys.stderr)
-        return 70
+        return EX_SOFTWARE

@@ -16,6 +16,7 @@ from typing import TextIO
 
 from ..accepted import Accepted
 from ..connection import Connection
+from ..errors import EX_SOFTWARE
 from .base import RESET_SIGNALS, ModeContext, run_sync
 from .process import ProcessMode
 
@@ -69,7 +70,7 @@ class ForkMode(ProcessMode):
     def start_child(self, conn: Accepted) -> int:
         pid = os.fork()
         if pid == 0:
-            code = 70
+            code = EX_SOFTWARE
             try:
                 code = serve_in_child(self.ctx, conn)
             finally:

@@ -23,6 +23,7 @@ from ..accepted import Accepted
 from ..children import fork_with_channel, kill_and_reap, receive_fds, watch_child
 from ..connection import Connection
 from ..endpoint import Endpoint
+from ..errors import EX_SOFTWARE
 from .base import ModeContext, run_sync, status_for_exit
 from .fork import bind_process_stdio, flush_quietly, reset_child_signals
 from .handoff import decode_endpoints, encode_endpoints
@@ -117,7 +118,7 @@ class PreforkMode:
             self._cannot_spawn(exc)
             return None
         if pid == 0:
-            code = 70
+            code = EX_SOFTWARE
             try:
                 code = worker_main(self.ctx, channel, self.size.recycle)
             finally:

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..accepted import Accepted
 from ..connection import Connection
+from ..errors import EX_SOFTWARE
 from ..listen.tls import TlsConnection, accept_in_thread, handshake_timeout
 from ..stdio import ThreadStdio
 from .base import ModeContext, run_sync, status_for_exit
@@ -68,7 +69,7 @@ class ThreadMode:
 
     def _serve(self, conn: Accepted) -> None:
         record = conn.record
-        code = 70
+        code = EX_SOFTWARE
         connection: Connection | None = None
         try:
             connection = self._connect(conn)

@@ -48,6 +48,7 @@ from ..children import (
 )
 from ..connlog import ServerLog
 from ..endpoint import Endpoint
+from ..errors import EX_OK, EX_SOFTWARE
 from ..handlers import LoopHandler
 from ..limits import Limits
 from .base import ModeContext, status_for_exit
@@ -256,7 +257,7 @@ class WorkerPool:
         worker = Worker(chan, app, self.services, self.limits, self.log, seat)
         with asyncio.Runner(loop_factory=self.loop_factory) as runner:
             runner.run(worker.run())
-        return 70 if worker.failed else 0
+        return EX_SOFTWARE if worker.failed else EX_OK
 
     def _direct(self) -> list[DirectService]:
         return [s.direct for s in self.services.values() if s.direct is not None]
