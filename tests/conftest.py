@@ -8,23 +8,44 @@ The test layers (fast, slow) are a plugin of their own: tests/layers.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from smarthost import sink, spool  # noqa: F401 (fixtures: pytest finds them here)
+
+if TYPE_CHECKING:
+    from netserver import Server
 
 pytest_plugins = ["layers", "pytester"]  # the test layers (tests/layers.py); pytester
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 20.0
+
+
+@contextlib.contextmanager
+def served(server: Server) -> Iterator[None]:
+    """`server.run()` on a thread of this process (the main thread keeps the signals)
+    from its ready signal to the end of the block; then stopped, and the thread ends."""
+    thread = threading.Thread(target=server.run, name="test-served")
+    thread.start()
+    try:
+        assert server.ready.wait(READY_TIMEOUT)
+        yield
+    finally:
+        server.stop()
+        thread.join(READY_TIMEOUT)
+    assert not thread.is_alive()
 
 
 @dataclass

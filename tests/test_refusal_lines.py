@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ServerFactory
+from conftest import ServerFactory, served
 from lifecycle_handlers import HANDLER_ENV, IO_TIMEOUT, connect, recv_line, serve_args, wait_until
 
 from netserver import Callbacks, Server
@@ -202,16 +202,9 @@ def test_a_callback_connection_closed_lingering_ends_cleanly(loop: str) -> None:
         options=RunOptions(loop=loop, signals=False),
     )
     (endpoint,) = server.bind()
-    thread = threading.Thread(target=server.run, name="test-close-lingering")
-    thread.start()
-    try:
-        assert server.ready.wait(IO_TIMEOUT)
+    with served(server):
         assert endpoint.port is not None
         refused_cleanly(("127.0.0.1", endpoint.port), b"421 closing\r\n")
-    finally:
-        server.stop()
-        thread.join(IO_TIMEOUT)
-    assert not thread.is_alive()
 
 
 # --- the drain's bounds, on a real loop and real sockets ---------------------------------

@@ -16,11 +16,10 @@ import ast
 import socket
 import ssl
 import sys
-import threading
 from pathlib import Path
 
 import trustme
-from conftest import ROOT
+from conftest import ROOT, served
 from netclient import TIMEOUT
 
 from netserver import Limits, Server
@@ -76,10 +75,7 @@ def test_limits_and_tls_given_before_serving_are_the_ones_served_with() -> None:
     server.set_limits(limits)
     server.reload_tls(server_ctx)
     (endpoint,) = server.bind()
-    thread = threading.Thread(target=server.run, name="test-server-state")
-    thread.start()
-    try:
-        assert server.ready.wait(TIMEOUT)
+    with served(server):
         assert server.mode_context is not None
         assert server.mode_context.limits is limits
         assert server.mode_context.tls is server.tls
@@ -88,7 +84,3 @@ def test_limits_and_tls_given_before_serving_are_the_ones_served_with() -> None:
         with client_ctx.wrap_socket(raw, server_hostname="localhost") as tls:
             tls.sendall(b"over tls\n")
             assert tls.recv(100) == b"over tls\n"
-    finally:
-        server.stop()
-        thread.join(TIMEOUT)
-    assert not thread.is_alive()
