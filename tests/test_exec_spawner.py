@@ -231,14 +231,15 @@ def test_a_copy_of_the_socket_is_kept_only_for_the_idle_timeout(
     a copy, to read the idle time and, at the end, the byte counts from TCP_INFO."""
     server = netserver_proc(["--listen", "127.0.0.1:0", "--timeout", timeout, *CAT])
     spawners = the_spawners(server.proc.pid)
-    # Once started each holds one socket, its channel: nothing inherited from the server.
-    assert wait_until(lambda: all(socket_fds(p) == 1 for p in spawners))
+    # Once started each holds two sockets, its channel and the listener it accepts on
+    # (no gate needs the server): nothing else inherited from the server.
+    assert wait_until(lambda: all(socket_fds(p) == 2 for p in spawners))
     server_sockets = socket_fds(server.proc.pid)
     with connect(server.host_port) as sock:
         assert round_trip(sock) == b"ping\n"
         spawner = serving(server.proc.pid)
         # (It lets go just after the spawn, which may be after the command answered.)
-        assert wait_until(lambda: socket_fds(spawner) == 1 + copies)
+        assert wait_until(lambda: socket_fds(spawner) == 2 + copies)
         assert socket_fds(server.proc.pid) == server_sockets  # the server let go of it
     assert wait_until(lambda: log_count(server.log, "status=ok") == 1)
     assert log_count(server.log, counts) == 1

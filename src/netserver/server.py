@@ -47,7 +47,7 @@ from .listen.tls import TlsTerminator, harden
 from .modes.base import Mode, ModeContext
 from .modes.direct import DirectService
 from .modes.eventloop import EventLoopMode
-from .modes.execute import ExecMode, resolve_program
+from .modes.execute import EXEC_SEATS, ExecMode, resolve_program
 from .modes.fork import ForkMode
 from .modes.prefork import PoolSize, PreforkMode
 from .modes.shared import SharedLimits
@@ -173,7 +173,7 @@ class Server:
     def _make_mode(self, ctx: ModeContext) -> Mode:
         handler = self.handler
         if isinstance(handler, Command):
-            return ExecMode(ctx, handler, self.program)
+            return ExecMode(ctx, handler, self.program, self._exec_direct())
         if isinstance(handler, LoopHandler) and self.workers:
             pool, owned = self.workers, False
             if not isinstance(pool, WorkerPool):
@@ -195,6 +195,15 @@ class Server:
         if not self._quick_only():
             return None
         table = SharedLimits(self.limits, pool.seats)
+        judge = quick_judge(tuple(self.gates))
+        return DirectService(self.listeners, table, self.options.refuse_message, judge)
+
+    def _exec_direct(self) -> DirectService | None:
+        """Let the spawners accept themselves (modes.spawner) when no gate needs the
+        supervisor and there is no TLS to relay; None to keep our accept path."""
+        if self.tls is not None or not self._quick_only():
+            return None
+        table = SharedLimits(self.limits, EXEC_SEATS)
         judge = quick_judge(tuple(self.gates))
         return DirectService(self.listeners, table, self.options.refuse_message, judge)
 
@@ -253,7 +262,7 @@ class Server:
         self._announce()
         for mode in self._modes():
             mode.start()
-        if not (isinstance(main, PoolMode) and main.direct):
+        if not (isinstance(main, PoolMode | ExecMode) and main.direct):
             self.acceptor.resume()
         try:
             await self._stop.wait()
@@ -283,10 +292,11 @@ class Server:
         # operators and scripts wait for, then still ends a reload, as it always has.
         for gate in reversed(self.gates):
             gate.reload(self.log)
-        if isinstance(self.mode, PoolMode) and self.mode.direct is not None and self.gates:
-            self._redirect(self.mode)
+        mode = getattr(self, "mode", None)
+        if isinstance(mode, PoolMode | ExecMode) and mode.direct is not None and self.gates:
+            self._redirect(mode)
 
-    def _redirect(self, mode: PoolMode) -> None:
+    def _redirect(self, mode: PoolMode | ExecMode) -> None:
         """The workers accepting directly hold the rules they were forked with: start
         new ones with the reloaded rules, or, when a rule now needs a name lookup,
         ones that take their connections from us again."""
@@ -298,13 +308,14 @@ class Server:
             self.log.info("access rules need name lookups: the supervisor accepts again")
             mode.set_direct(None)
             self.acceptor.resume()
-        mode.pool.replace()
+        if isinstance(mode, PoolMode):
+            mode.pool.replace()
 
     def set_limits(self, limits: Limits) -> None:
         """Apply `limits` to connections accepted from now on (a pool's workers: to
         those of the next generation, see `WorkerPool.replace`)."""
         self.limits = self.admission.limits = limits
-        if isinstance(self.mode, PoolMode) and self.mode.direct is not None:
+        if isinstance(self.mode, PoolMode | ExecMode) and self.mode.direct is not None:
             self.mode.direct.table.limits = limits
 
     def reload_tls(self, context: ssl.SSLContext) -> None:

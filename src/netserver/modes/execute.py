@@ -21,6 +21,10 @@ command ended but not how, and the idle time was read from the spawner's socket 
 the connection is refused and the accept loop backs off (a resource error): the server
 never takes connections it cannot serve.
 
+When no gate needs the supervisor (`Server._exec_direct`), the spawners accept on the
+listeners themselves instead (see spawner), counting in the table of modes.shared; a
+dead one's seat is given back once the last command it left has ended.
+
 A command is run this way in every mode: forking a Python worker only to exec would
 cost a process copy and buy nothing.
 """
@@ -45,18 +49,21 @@ from ..connlog import ConnRecord
 from ..errors import ConfigError
 from ..handlers import Command
 from .base import KILL_AFTER, ModeContext, status_for_exit
+from .direct import DirectService
 from .spawner import (
     CONN_HEAD,
     CONN_TCP,
     CONN_UNIX,
     END,
     OUTCOMES,
+    STOP_ACCEPTING,
     TERMINATE,
     UNBOUNDED_SLOTS,
     Program,
     Roster,
     peer_credentials,
     spawner_main,
+    ucspi_variables,
 )
 
 # Every ucspi variable is dropped from the inherited environment first, so a command
@@ -86,27 +93,10 @@ STOP_WAIT = 10.0
 # and on a busy machine that wait is most of its time (sampled: 61 % in the vfork wait,
 # 39 % running, 0.5 % idle with one); two overlap their waits.
 SPAWNERS = 2
+# Seats in the shared limits table for spawners that accept themselves: a dead one's
+# seat stays taken while a command it left runs, and its replacement takes another.
+EXEC_SEATS = 8 * SPAWNERS
 _SPAWNER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED, errno.ENOTCONN})
-
-
-def ucspi_variables(record: ConnRecord) -> str:
-    """The ucspi-tcp variables of a connection, as NAME=value separated by NUL.
-
-    TCPREMOTEHOST and TCPLOCALHOST are set only when the name is known (see tcpd.envnames);
-    the UNIXREMOTE* credentials are read from the socket by whoever spawns.
-    """
-    peer, local = record.peer, record.local
-    if peer.ip is None or local.ip is None:
-        return f"PROTO=UNIX\0UNIXLOCALPATH={local.path or ''}"
-    text = (
-        f"PROTO={peer.proto}\0TCPLOCALIP={local.host}\0TCPLOCALPORT={local.port}"
-        f"\0TCPREMOTEIP={peer.host}\0TCPREMOTEPORT={peer.port}"
-    )
-    if record.remote_host is not None:
-        text += f"\0TCPREMOTEHOST={record.remote_host}"
-    if record.local_host is not None:
-        text += f"\0TCPLOCALHOST={record.local_host}"
-    return text
 
 
 def tcp_environ(base: Mapping[str, str], sock: socket.socket, record: ConnRecord) -> dict[str, str]:
@@ -151,7 +141,11 @@ def packets(chan: socket.socket) -> Iterator[bytes]:
 class _SpawnerProc:
     """The supervisor's handle on one spawner process: pid, pidfd, channel, roster."""
 
-    def __init__(self, pid: int, chan: socket.socket, pidfd: int, roster: Roster) -> None:
+    def __init__(
+        self, pid: int, chan: socket.socket, pidfd: int, roster: Roster, seat: int = -1
+    ) -> None:
+        self.seat = seat  # in the shared limits table, when it accepts itself
+        self.retiring = False  # told to stop accepting (a reload): not replaced
         self.pid = pid
         self.chan = chan
         self.pidfd = pidfd
@@ -163,20 +157,41 @@ class _SpawnerProc:
 class _Orphan:
     """A command whose spawner died, watched by the supervisor through its pidfd."""
 
-    def __init__(self, conn: Accepted, pidfd: int) -> None:
-        self.conn = conn
+    def __init__(
+        self,
+        conn: Accepted | None,
+        pidfd: int,
+        seat: int = -1,
+        entry: int = -1,
+        record: ConnRecord | None = None,
+    ) -> None:
+        self.conn = conn  # None: a connection its spawner accepted (counted at seat, entry)
+        self.record = record if conn is None else conn.record
         self.pidfd = pidfd
+        self.seat = seat
+        self.entry = entry
         self.kill: asyncio.TimerHandle | None = None
 
 
 class ExecMode:
     """Serves each connection with a fresh process running the command (via the spawner)."""
 
-    def __init__(self, ctx: ModeContext, command: Command, path: str) -> None:
+    def __init__(
+        self, ctx: ModeContext, command: Command, path: str, direct: DirectService | None = None
+    ) -> None:
         self.ctx = ctx
+        # Spawners that accept on the listeners themselves (modes.direct's table and
+        # judge), each in a seat of its own; a dead one's seat is free again only
+        # once the last command it left has ended.
+        self.direct = direct
+        self.table = direct.table if direct is not None else None
+        self.retired: list[_SpawnerProc] = []  # accepted themselves; exit when done
+        self._seats = list(range(direct.table.seats))[::-1] if direct is not None else []
+        self._orphans_at: dict[int, int] = {}  # seat -> commands left running there
+        self.draining = False  # direct: the spawners were told to stop accepting
         # Filtered once: copying the whole environment per connection was measurable.
         env = {k: v for k, v in os.environb.items() if k not in _UCSPI_BYTES}
-        self.program = Program(path, command.argv, env, ctx.limits.timeout)
+        self.program = Program(path, command.argv, env, ctx.limits.timeout, ctx.mode_name)
         self.spawners: list[_SpawnerProc] = []
         self.orphans: dict[int, _Orphan] = {}  # by pidfd
         self._slots = ctx.limits.max_conns or UNBOUNDED_SLOTS
@@ -199,16 +214,25 @@ class ExecMode:
 
     def _start_spawner(self) -> _SpawnerProc:
         loop = self.ctx.loop
+        direct = self.direct
+        if direct is not None and not self._seats:
+            raise OSError(errno.EAGAIN, "no seat free in the shared limits table")
+        seat = self._seats.pop() if direct is not None else -1
+        if direct is not None:  # what the new spawner takes: no stale hint of its own
+            direct.table.clear_seat(seat)
         gc.freeze()  # keep the collector off the pages the spawner shares with us
         roster = Roster(self._slots)
         try:
             pid, chan = fork_with_channel(socket.SOCK_SEQPACKET)
         except OSError:
             roster.close()
+            self._give_back(seat)
             raise
         if pid == 0:
             asyncio.events._set_running_loop(None)
-            run_child(lambda: spawner_main(chan, self.program, self.ctx.log, roster))
+            if direct is not None:
+                direct.table.take_seat(seat)
+            run_child(lambda: spawner_main(chan, self.program, self.ctx.log, roster, direct))
         chan.setblocking(False)
         try:
             pidfd = watch_child(loop, pid, lambda code: self._spawner_exited(proc, code))
@@ -216,8 +240,9 @@ class ExecMode:
             kill_and_reap(pid)
             chan.close()
             roster.close()
+            self._give_back(seat)
             raise
-        proc = _SpawnerProc(pid, chan, pidfd, roster)
+        proc = _SpawnerProc(pid, chan, pidfd, roster, seat)
         self.ctx.fds.add(pidfd)
         self.ctx.fds.add(chan.fileno())
         loop.add_reader(chan.fileno(), self._report, proc)
@@ -235,6 +260,11 @@ class ExecMode:
         proc.chan.close()
         if proc in self.spawners:
             self.spawners.remove(proc)
+        if proc in self.retired:
+            self.retired.remove(proc)
+        if proc.seat >= 0:
+            self._direct_exited(proc, code)
+            return
         if self._gone is not None and not proc.sent:
             proc.roster.close()
             if not self.spawners:
@@ -253,11 +283,7 @@ class ExecMode:
             conn.record.status = "spawner-died"
             self._finish(conn)
         proc.sent.clear()
-        young = time.monotonic() - proc.started < YOUNG
-        self._young_deaths = self._young_deaths + 1 if young else 0
-        delay = min(RESTART_MAX, 0.1 * 2**self._young_deaths) if self._young_deaths > 1 else 0.0
-        self._restart_at = time.monotonic() + delay
-        self._restart_later()  # at once (or after the back-off), not on the next accept
+        self._back_off(proc)
 
     def _adopt(self, proc: _SpawnerProc) -> None:
         """Watch the commands a dead spawner lists, and take their connections off it.
@@ -283,6 +309,56 @@ class ExecMode:
                 self._end_orphan(orphan)
         proc.roster.close()
 
+    def _direct_exited(self, proc: _SpawnerProc, code: int) -> None:
+        """A spawner that accepted itself ended: its seat counted out, but for the
+        commands it left running, which we watch (as `_adopt`) until each ends."""
+        assert self.table is not None
+        left: dict[int, tuple[int, ConnRecord]] = {}  # entry -> pidfd, record
+        for entry, pid, record in proc.roster.accepted(self.ctx.mode_name):
+            with contextlib.suppress(OSError):  # reaped already: it has ended
+                left[entry] = os.pidfd_open(pid), record
+        proc.roster.close()
+        gone = self.table.clear_seat(proc.seat, keep=left)
+        for entry, (pidfd, record) in left.items():
+            record.status = "spawner-died"  # its exit code went with the spawner
+            orphan = self.orphans[pidfd] = _Orphan(None, pidfd, proc.seat, entry, record)
+            self.ctx.fds.add(pidfd)
+            self.ctx.loop.add_reader(pidfd, self._orphan_ended, orphan)
+            if self.stopping:
+                self._end_orphan(orphan)
+        self._orphans_at[proc.seat] = len(left)
+        self._give_back(proc.seat)
+        retired = self.draining or proc.retiring
+        if code == 0 and retired and not left:
+            self._check_empty()
+            return
+        self.ctx.log.error(
+            "spawner process died; the server watches its commands until they end",
+            pid=proc.pid,
+            status=status_for_exit(code),
+            connections=len(left) + gone,
+            unwatched=gone,
+        )
+        if not retired:
+            self._back_off(proc)
+        self._check_empty()
+
+    def _give_back(self, seat: int) -> None:
+        """The seat is free again once no command a dead spawner left there runs."""
+        if seat >= 0 and not self._orphans_at.get(seat):
+            self._orphans_at.pop(seat, None)
+            self._seats.append(seat)
+            if self.direct is not None and len(self.spawners) < SPAWNERS:
+                self.ctx.loop.call_soon(self._drain)  # one may have waited for a seat
+
+    def _back_off(self, proc: _SpawnerProc) -> None:
+        """A spawner died: replace it at once, or after a back-off if they die young."""
+        young = time.monotonic() - proc.started < YOUNG
+        self._young_deaths = self._young_deaths + 1 if young else 0
+        delay = min(RESTART_MAX, 0.1 * 2**self._young_deaths) if self._young_deaths > 1 else 0.0
+        self._restart_at = time.monotonic() + delay
+        self._restart_later()  # at once (or after the back-off), not on the next accept
+
     def _orphan_ended(self, orphan: _Orphan) -> None:
         self.ctx.loop.remove_reader(orphan.pidfd)
         self.ctx.fds.discard(orphan.pidfd)
@@ -290,11 +366,21 @@ class ExecMode:
         del self.orphans[orphan.pidfd]
         if orphan.kill is not None:
             orphan.kill.cancel()
-        self._finish(orphan.conn)
+        if orphan.conn is not None:
+            self._finish(orphan.conn)
+            return
+        assert self.table is not None
+        self.table.release(orphan.entry, orphan.seat)
+        if orphan.record is not None:
+            self.ctx.log.connection(orphan.record)
+        self._orphans_at[orphan.seat] -= 1
+        self._give_back(orphan.seat)
+        self._check_empty()
 
     def _end_orphan(self, orphan: _Orphan) -> None:
         """TERM now, KILL after KILL_AFTER seconds (as the spawner does for its own)."""
-        orphan.conn.record.status = "terminated"
+        if orphan.record is not None:
+            orphan.record.status = "terminated"
         self._signal(orphan, signal.SIGTERM)
         orphan.kill = self.ctx.loop.call_later(KILL_AFTER, self._signal, orphan, signal.SIGKILL)
 
@@ -322,7 +408,7 @@ class ExecMode:
 
     def _available(self) -> _SpawnerProc | None:
         """The next spawner in turn; missing ones started again (unless dying young)."""
-        while len(self.spawners) < SPAWNERS and not self.stopping:
+        while len(self.spawners) < SPAWNERS and not (self.stopping or self.draining):
             if time.monotonic() < self._restart_at:
                 self._restart_later()
                 break
@@ -425,22 +511,62 @@ class ExecMode:
 
     def _finish(self, conn: Accepted) -> None:
         self.ctx.finished(conn)
-        if not (self.pending or self.orphans or any(proc.sent for proc in self.spawners)):
-            self._empty.set()
+        self._check_empty()
+
+    def _check_empty(self) -> None:
+        """No connection of ours left: none waiting, sent, adopted, or (once stopping)
+        held by a spawner that accepts itself (it exits when its last one ends)."""
+        if self.pending or self.orphans or any(proc.sent for proc in self.spawners):
+            return
+        if self.retired or (self.draining and any(p.seat >= 0 for p in self.spawners)):
+            return
+        self._empty.set()
 
     # -- the Mode contract -------------------------------------------------------------------
     def active(self) -> int:
-        running = sum(len(proc.sent) for proc in self.spawners)
-        return running + len(self.orphans) + len(self.pending)
+        running = sum(len(proc.sent) for proc in self.spawners) + len(self.pending)
+        if self.table is None:
+            return running + len(self.orphans)
+        # A spawner that accepts itself counts its own there, and its orphans stay there.
+        adopted = sum(1 for orphan in self.orphans.values() if orphan.conn is not None)
+        return running + adopted + self.table.total
 
     def begin_stop(self) -> None:
-        """Commands run to their end within the grace period; nothing to tell them."""
+        """Commands run to their end within the grace period; spawners that accept
+        themselves stop accepting, and exit once their last command has ended."""
+        if self.table is None:
+            return
+        self.draining = True
+        self._empty.clear()
+        for proc in self.spawners:
+            if proc.seat >= 0:
+                self._retire(proc)
+        self._check_empty()
+
+    def _retire(self, proc: _SpawnerProc) -> None:
+        with contextlib.suppress(OSError):
+            proc.chan.send(STOP_ACCEPTING)
+        proc.retiring = True
+
+    def set_direct(self, direct: DirectService | None) -> None:
+        """Rules reloaded: the spawners that accept themselves hold the old ones, so
+        they stop accepting (and exit when their commands have ended) and new ones
+        start with `direct`, or, with None, take their connections from us again."""
+        assert self.table is not None and (direct is None or direct.table is self.table)
+        self.direct = direct
+        for proc in [p for p in self.spawners if p.seat >= 0]:
+            self._retire(proc)
+            self.spawners.remove(proc)
+            self.retired.append(proc)
+        self._empty.clear()
+        self._check_empty()
+        self._drain()  # the new ones, at once
 
     def terminate(self) -> None:
         """End every command now: TERM, then KILL a few seconds later (in the spawner)."""
         self.stopping = True
         self._drop_pending("terminated")
-        for proc in self.spawners:
+        for proc in self.spawners + self.retired:
             with contextlib.suppress(OSError):
                 proc.chan.send(TERMINATE)
         for orphan in self.orphans.values():

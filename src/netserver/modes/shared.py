@@ -30,7 +30,7 @@ import mmap
 import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from ..endpoint import Endpoint
 from ..limits import Limits, source_key
@@ -188,33 +188,47 @@ class SharedLimits:
                 found += self.mem[start : start + used * ENTRY].count(key)
         return found
 
-    def release(self, entry: int) -> None:
-        """Count out the connection counted in at `entry`."""
-        at = self._entry(entry)
+    def release(self, entry: int, seat: int = -1) -> None:
+        """Count out the connection counted in at `entry` of our seat, or (the
+        supervisor, for a command a dead spawner left) of `seat`."""
+        own = seat < 0
+        seat = self.seat if own else seat
+        at = self._entry(entry, seat)
         fcntl.lockf(self.fd, fcntl.LOCK_EX)
         try:
             self.mem[at : at + ENTRY] = bytes(ENTRY)
-            self._add(self.seat, -1)
+            self._add(seat, -1)
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN)
-        self._free.append(entry)
+        if own:
+            self._free.append(entry)
 
     # -- in the supervisor ----------------------------------------------------------------
-    def clear_seat(self, seat: int) -> int:
-        """A worker is gone: count its connections out; how many there were."""
+    def clear_seat(self, seat: int, keep: Collection[int] = ()) -> int:
+        """A worker is gone: count its connections out, but for the entries in `keep`
+        (a dead spawner's commands still running, released one by one as they end);
+        how many were counted out."""
         used_at = self._used_at + seat * _NUMBER.size
         fcntl.lockf(self.fd, fcntl.LOCK_EX)
         try:
             used: int = _NUMBER.unpack_from(self.mem, used_at)[0]
             start = self._entry(0, seat)
+            kept = {}
+            for entry in keep:
+                at = self._entry(entry, seat)
+                kept[entry] = self.mem[at : at + ENTRY]
             self.mem[start : start + used * ENTRY] = bytes(used * ENTRY)
-            _NUMBER.pack_into(self.mem, used_at, 0)
+            for entry, key in kept.items():
+                at = self._entry(entry, seat)
+                self.mem[at : at + ENTRY] = key
+            if not kept:
+                _NUMBER.pack_into(self.mem, used_at, 0)
             _NUMBER.pack_into(self.mem, self._accepting_at + seat * _NUMBER.size, 0)
             left = self._add(seat, 0)
-            _NUMBER.pack_into(self.mem, self._open + seat * _NUMBER.size, 0)
+            _NUMBER.pack_into(self.mem, self._open + seat * _NUMBER.size, len(kept))
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN)
-        return left
+        return left - len(kept)
 
     def close(self) -> None:
         self.mem.close()

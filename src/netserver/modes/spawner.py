@@ -32,6 +32,15 @@ with the supervisor: if the spawner dies, its commands go on (they now belong to
 and the supervisor reads the roster to watch them itself until they end, so their
 connections stay counted (limits, ``--max-conns``) and are logged when they really end.
 
+When no gate needs the supervisor (execute.ExecMode with a `DirectService`), each
+spawner also keeps the listening sockets and accepts on them itself, as Postfix's smtpd
+and tcpserver do: it judges the client with the address rules (`DirectService.judge`),
+counts it in the limits table the spawners share (modes.shared; one seat each), spawns
+the command, and when it ends counts it out and writes the log line; its roster then
+names the table entry and the two ends, so the supervisor can carry on if it dies.
+`STOP_ACCEPTING` (a stop, or a reload with other rules) closes its listeners: it exits
+once its last command has ended. So does the end of the channel (the supervisor died).
+
 The spawner reads no byte a client sends and runs as whatever user the supervisor
 already is (after ``--user``). It ignores SIGINT, SIGTERM and SIGHUP, which a terminal
 or a service manager sends the whole group: the supervisor decides when commands end.
@@ -41,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import ipaddress
 import mmap
 import os
 import select
@@ -53,10 +63,15 @@ from dataclasses import dataclass
 
 from .. import tcpinfo
 from ..children import kill_and_reap, receive_ready
-from ..connlog import ServerLog
-from .base import DEFAULT_SIGNALS, KILL_AFTER, RESET_SIGNALS
+from ..connlog import ConnRecord, ServerLog
+from ..endpoint import Endpoint
+from ..listen.accept import local_end, refuse
+from ..listen.listeners import Listener
+from .base import DEFAULT_SIGNALS, KILL_AFTER, RESET_SIGNALS, status_for_exit
+from .direct import RECHECK, DirectService
+from .shared import FULL
 
-CONN_TCP, CONN_UNIX, TERMINATE = b"C", b"U", b"T"
+CONN_TCP, CONN_UNIX, TERMINATE, STOP_ACCEPTING = b"C", b"U", b"T", b"S"
 CONN_HEAD = struct.Struct("=cQH")  # kind, connection id, socket family; then the variables
 END = struct.Struct("=QiqqB")  # connection id, exit code, bytes in, bytes out, outcome
 OUTCOMES = ("", "idle-timeout", "terminated", "spawn-failed")  # "": by the exit code
@@ -65,7 +80,30 @@ MAX_MSG = 65536
 MAX_RECORDS = 4096 // END.size  # per report packet
 _PEERCRED = struct.Struct("3i")
 SLOT = struct.Struct("=Qi4x")  # a roster entry: connection id, pid (0: free)
+# Beside it, for a connection the spawner accepted itself: when, and the two ends
+# (IP version, packed address, port each; version 0: a unix socket).
+FACTS = struct.Struct("=dB16sHB16sH")
 UNBOUNDED_SLOTS = 65536  # roster size when the server has no connection cap
+
+
+def ucspi_variables(record: ConnRecord) -> str:
+    """The ucspi-tcp variables of a connection, as NAME=value separated by NUL.
+
+    TCPREMOTEHOST and TCPLOCALHOST are set only when the name is known (see tcpd.envnames);
+    the UNIXREMOTE* credentials are read from the socket by whoever spawns.
+    """
+    peer, local = record.peer, record.local
+    if peer.ip is None or local.ip is None:
+        return f"PROTO=UNIX\0UNIXLOCALPATH={local.path or ''}"
+    text = (
+        f"PROTO={peer.proto}\0TCPLOCALIP={local.host}\0TCPLOCALPORT={local.port}"
+        f"\0TCPREMOTEIP={peer.host}\0TCPREMOTEPORT={peer.port}"
+    )
+    if record.remote_host is not None:
+        text += f"\0TCPREMOTEHOST={record.remote_host}"
+    if record.local_host is not None:
+        text += f"\0TCPLOCALHOST={record.local_host}"
+    return text
 
 
 class Roster:
@@ -82,11 +120,13 @@ class Roster:
     def __init__(self, slots: int) -> None:
         self.slots = max(1, slots)
         self.mem = mmap.mmap(-1, self.slots * SLOT.size)  # MAP_SHARED | MAP_ANONYMOUS
+        self.facts = mmap.mmap(-1, self.slots * FACTS.size)
         self.used = 0  # slots below this have been handed out at least once
         self.free: list[int] = []  # cleared ones, handed out again first
 
-    def put(self, cid: int, pid: int) -> int:
-        """List `pid` as serving connection `cid`; its slot, or -1 when none is free."""
+    def put(self, cid: int, pid: int, record: ConnRecord | None = None) -> int:
+        """List `pid` as serving connection `cid` (with `record`: one we accepted);
+        its slot, or -1 when none is free."""
         if self.free:
             slot = self.free.pop()
         elif self.used < self.slots:
@@ -94,6 +134,9 @@ class Roster:
             self.used += 1
         else:
             return -1
+        if record is not None:
+            peer, local = _packed(record.peer), _packed(record.local)
+            FACTS.pack_into(self.facts, slot * FACTS.size, record.started, *peer, *local)
         SLOT.pack_into(self.mem, slot * SLOT.size, cid, pid)
         return slot
 
@@ -108,8 +151,32 @@ class Roster:
             if pid > 0:
                 yield cid, pid
 
+    def accepted(self, mode_name: str) -> Iterator[tuple[int, int, ConnRecord]]:
+        """(table entry, pid, log record) of every listed command of a spawner that
+        accepted its connections itself (the record as it was at the spawn)."""
+        for slot, (entry, pid) in enumerate(SLOT.iter_unpack(self.mem)):
+            if pid > 0:
+                started, *ends = FACTS.unpack_from(self.facts, slot * FACTS.size)
+                peer, local = _endpoint(*ends[:3]), _endpoint(*ends[3:])
+                yield entry, pid, ConnRecord(peer, local, mode_name, started)
+
     def close(self) -> None:
         self.mem.close()
+        self.facts.close()
+
+
+def _packed(end: Endpoint) -> tuple[int, bytes, int]:
+    if end.ip is None:
+        return 0, b"", 0
+    return end.ip.version, end.ip.packed, end.port or 0
+
+
+def _endpoint(version: int, packed: bytes, port: int) -> Endpoint:
+    if version == 4:
+        return Endpoint(ipaddress.IPv4Address(packed[:4]), port)
+    if version == 6:
+        return Endpoint(ipaddress.IPv6Address(packed), port)
+    return Endpoint()
 
 
 @dataclass
@@ -117,12 +184,14 @@ class _Running:
     """One command: its connection id, pid and pidfd, our copy of its socket if kept,
     and its slot in the roster."""
 
-    cid: int
+    cid: int  # with `record`: the connection's entry in the shared limits table
     pid: int
     pidfd: int
     sock: socket.socket | None
     slot: int = -1
     outcome: int = 0
+    serial: int = 0  # ours alone: a pidfd number and an entry are both reused
+    record: ConnRecord | None = None  # a connection we accepted ourselves
 
 
 @dataclass(frozen=True)
@@ -133,13 +202,19 @@ class Program:
     argv: tuple[str, ...]
     env: Mapping[bytes, bytes]  # the supervisor's environment without ucspi names
     timeout: float | None  # idle timeout for TCP connections; None or 0: none
+    mode_name: str = "exec"  # the server's, for the log lines of connections we accept
 
 
 class Spawner:
     """The spawner's loop: one `poll` over the channel and the commands' pidfds."""
 
     def __init__(
-        self, chan: socket.socket, command: Program, log: ServerLog, roster: Roster
+        self,
+        chan: socket.socket,
+        command: Program,
+        log: ServerLog,
+        roster: Roster,
+        direct: DirectService | None = None,
     ) -> None:
         self.chan = chan
         self.command = command
@@ -147,35 +222,128 @@ class Spawner:
         self.roster = roster
         self.poll = select.poll()
         self.running: dict[int, _Running] = {}  # by pidfd
-        # when, sequence, pidfd and connection id (a pidfd number is reused), what
+        # when, sequence, pidfd and the command's serial (a pidfd number is reused), what
         self.timers: list[tuple[float, int, int, int, str]] = []
         self._seq = 0
         self.reports: list[bytes] = []
-        self.listening = True
+        self.listening = True  # taking connections (from the channel or the listeners)
+        self.chan_open = True
+        self.direct = direct
+        self.listeners = {} if direct is None else {ln.sock.fileno(): ln for ln in direct.listeners}
+        self._held: tuple[socket.socket, Endpoint, Endpoint] | None = None
+        self._watching = False
+        self._local = Endpoint()
 
     def run(self) -> int:
-        """Serve until the channel is closed and every command has ended."""
+        """Serve until the channel is closed (or, accepting ourselves, we are told to
+        stop accepting) and every command has ended."""
         self.chan.setblocking(False)
         self.poll.register(self.chan.fileno(), select.POLLIN)
+        self._watch(True)
         while self.listening or self.running:
             for fd, _events in self.poll.poll(self._poll_timeout()):
                 if fd == self.chan.fileno():
                     self._messages()
+                elif fd in self.listeners:
+                    self._accept(self.listeners[fd])
                 else:
                     self._exited(fd)
             self._run_timers()
             self._report()
         return 0
 
+    # -- accepting ourselves (modes.direct's table and judge) -----------------------------
+    def _watch(self, yes: bool) -> None:
+        if yes == self._watching or not self.listeners:
+            return
+        self._watching = yes
+        for fd in self.listeners:
+            if yes:
+                self.poll.register(fd, select.POLLIN)
+            else:
+                self.poll.unregister(fd)
+
+    def _stop_accepting(self) -> None:
+        """Our copies of the listeners closed: the port is the supervisor's alone."""
+        self._watch(False)
+        for listener in self.listeners.values():
+            listener.sock.close()
+        self.listeners = {}
+        if self._held is not None:
+            self._held[0].close()
+            self._held = None
+
+    def _accept(self, listener: Listener) -> None:
+        """Clients waiting on `listener`, while the table has room (a burst at most)."""
+        assert self.direct is not None
+        for _ in range(16):
+            if self._held is not None or self.direct.table.full:
+                self._wait_for_room()
+                return
+            try:
+                sock, addr = listener.sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:  # EMFILE and the like: look again a little later
+                self.log.error("accept failed", error=str(exc))
+                self._wait_for_room()
+                return
+            peer = Endpoint.from_sockaddr(listener.family, addr)
+            local = local_end(listener, sock, self._local)
+            if local is None:
+                sock.close()
+                continue
+            self._local = local
+            reason = self.direct.judge(peer, local)
+            if reason is not None:
+                self.log.refused(peer, reason)
+                refuse(sock, self.direct.refuse_message)
+                continue
+            self._admit(sock, peer, local)
+
+    def _admit(self, sock: socket.socket, peer: Endpoint, local: Endpoint) -> None:
+        assert self.direct is not None
+        entry = self.direct.table.admit(peer)
+        if entry == FULL:  # the last place went in the meantime: held, unread
+            self._held = (sock, peer, local)
+            self._wait_for_room()
+            return
+        if isinstance(entry, str):
+            self.log.refused(peer, entry)
+            refuse(sock, self.direct.refuse_message)
+            return
+        record = ConnRecord(peer, local, self.command.mode_name)
+        variables = os.fsencode(ucspi_variables(record))
+        self._spawn(entry, peer.ip is None, variables, sock.detach(), sock.family, record)
+
+    def _wait_for_room(self) -> None:
+        """Full: stop watching; look again when a command ends or after RECHECK."""
+        self._watch(False)
+        self._seq += 1
+        heapq.heappush(self.timers, (time.monotonic() + RECHECK, self._seq, -1, 0, "room"))
+
+    def _room(self) -> None:
+        if not self.listeners or self._watching:
+            return
+        assert self.direct is not None
+        held, self._held = self._held, None
+        if held is not None:
+            self._admit(*held)
+        if self._held is None and not self.direct.table.full:
+            self._watch(True)
+        elif not any(t[4] == "room" for t in self.timers):
+            self._wait_for_room()
+
     # -- messages from the supervisor -----------------------------------------------------
     def _messages(self) -> None:
-        while self.listening:
+        while self.chan_open:
             received = receive_ready(self.chan, MAX_MSG, 2)
             if received is None:
                 return
             data, fds = received
             if not data:  # the supervisor is done (or gone): finish what runs
-                self.listening = False
+                self._stop_accepting()
+                self.listening = self.chan_open = False
                 self.poll.unregister(self.chan.fileno())
                 for fd in fds:
                     os.close(fd)
@@ -183,6 +351,9 @@ class Spawner:
             kind = data[:1]
             if kind == TERMINATE:
                 self._terminate()
+            elif kind == STOP_ACCEPTING:
+                self._stop_accepting()
+                self.listening = False
             elif fds and kind in (CONN_TCP, CONN_UNIX) and len(data) >= CONN_HEAD.size:
                 _kind, cid, family = CONN_HEAD.unpack_from(data)
                 self._spawn(cid, kind == CONN_UNIX, data[CONN_HEAD.size :], fds[0], family)
@@ -190,7 +361,15 @@ class Spawner:
             for fd in fds:
                 os.close(fd)
 
-    def _spawn(self, cid: int, unix: bool, variables: bytes, fd: int, family: int) -> None:
+    def _spawn(
+        self,
+        cid: int,
+        unix: bool,
+        variables: bytes,
+        fd: int,
+        family: int,
+        record: ConnRecord | None = None,
+    ) -> None:
         # A socket object only when one is needed (credentials, the idle timeout), built
         # with family, type and protocol given: no system call to find them out.
         keep = bool(self.command.timeout) and family != socket.AF_UNIX
@@ -206,15 +385,15 @@ class Spawner:
         try:
             pid = spawn(self.command, env, fd)
         except OSError as exc:
-            self._failed(cid, exc)
+            self._failed(cid, exc, record)
         else:
-            slot = self.roster.put(cid, pid)  # at once: the supervisor's view if we die
+            slot = self.roster.put(cid, pid, record)  # at once: the supervisor's view if we die
             try:
                 pidfd = os.pidfd_open(pid)
             except OSError as exc:
                 self.roster.clear(slot)
                 kill_and_reap(pid)
-                self._failed(cid, exc)
+                self._failed(cid, exc, record)
         if not keep or pidfd < 0:  # the client sees the end as soon as the command exits
             if sock is not None:
                 sock.close()
@@ -223,14 +402,26 @@ class Spawner:
             sock = None
         if pidfd < 0:
             return
-        run = self.running[pidfd] = _Running(cid, pid, pidfd, sock, slot)
+        self._seq += 1
+        run = self.running[pidfd] = _Running(cid, pid, pidfd, sock, slot, 0, self._seq, record)
         self.poll.register(pidfd, select.POLLIN)
         if sock is not None:
             self._after(self.command.timeout or 0.0, run, "idle")
 
-    def _failed(self, cid: int, exc: OSError) -> None:
+    def _failed(self, cid: int, exc: OSError, record: ConnRecord | None) -> None:
         self.log.error("cannot start a process", error=str(exc))
-        self.reports.append(END.pack(cid, 0, -1, -1, SPAWN_FAILED))
+        if record is None:
+            self.reports.append(END.pack(cid, 0, -1, -1, SPAWN_FAILED))
+        else:
+            record.status = OUTCOMES[SPAWN_FAILED]
+            self._count_out(cid, record)
+
+    def _count_out(self, entry: int, record: ConnRecord) -> None:
+        """A connection we accepted has ended: out of the table, logged, room again."""
+        assert self.direct is not None
+        self.direct.table.release(entry)
+        self.log.connection(record)
+        self._room()
 
     # -- commands that end -----------------------------------------------------------------
     def _exited(self, pidfd: int) -> None:
@@ -244,7 +435,7 @@ class Spawner:
         except ChildProcessError:
             got, status = run.pid, 0
         if got == 0:  # not ended after all: listed again
-            run.slot = self.roster.put(run.cid, run.pid)
+            run.slot = self.roster.put(run.cid, run.pid, run.record)
             return
         del self.running[pidfd]
         self.poll.unregister(pidfd)
@@ -255,7 +446,14 @@ class Spawner:
             run.sock.close()
         sent, received = (-1, -1) if stats is None else (stats.bytes_sent, stats.bytes_received)
         code = os.waitstatus_to_exitcode(status)
-        self.reports.append(END.pack(run.cid, code, received, sent, run.outcome))
+        record = run.record
+        if record is None:
+            self.reports.append(END.pack(run.cid, code, received, sent, run.outcome))
+            return
+        if received >= 0:
+            record.bytes_in, record.bytes_out = received, sent
+        record.status = OUTCOMES[run.outcome] or status_for_exit(code)
+        self._count_out(run.cid, record)
 
     def _report(self) -> None:
         """Send what ended since the last pass, in as few packets as it takes."""
@@ -280,7 +478,7 @@ class Spawner:
     def _after(self, delay: float, run: _Running, what: str) -> None:
         self._seq += 1
         when = time.monotonic() + delay
-        heapq.heappush(self.timers, (when, self._seq, run.pidfd, run.cid, what))
+        heapq.heappush(self.timers, (when, self._seq, run.pidfd, run.serial, what))
 
     def _poll_timeout(self) -> int | None:
         if not self.timers:
@@ -290,9 +488,12 @@ class Spawner:
     def _run_timers(self) -> None:
         now = time.monotonic()
         while self.timers and self.timers[0][0] <= now:
-            _when, _seq, pidfd, cid, what = heapq.heappop(self.timers)
+            _when, _seq, pidfd, serial, what = heapq.heappop(self.timers)
+            if what == "room":
+                self._room()
+                continue
             run = self.running.get(pidfd)
-            if run is None or run.cid != cid:
+            if run is None or run.serial != serial:
                 continue  # ended (the pidfd number may be another command's now)
             if what == "kill":
                 with contextlib.suppress(ProcessLookupError):
@@ -354,15 +555,27 @@ def peer_credentials(sock: socket.socket) -> dict[bytes, bytes]:
     }
 
 
-def spawner_main(chan: socket.socket, command: Program, log: ServerLog, roster: Roster) -> int:
-    """Everything the forked spawner does; returns its exit code (never raises)."""
+def spawner_main(
+    chan: socket.socket,
+    command: Program,
+    log: ServerLog,
+    roster: Roster,
+    direct: DirectService | None = None,
+) -> int:
+    """Everything the forked spawner does; returns its exit code (never raises).
+
+    With `direct` (its table's seat taken) it keeps the listeners and accepts itself."""
     signal.set_wakeup_fd(-1)
     for sig in RESET_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
-    keep = chan.fileno()
-    os.closerange(3, keep)
-    os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
-    return Spawner(chan, command, log, roster).run()
+    kept = [] if direct is None else [*direct.fds(), direct.table.fd]
+    keep = sorted({chan.fileno(), *kept})
+    low = 3
+    for fd in keep:
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+    return Spawner(chan, command, log, roster, direct).run()
