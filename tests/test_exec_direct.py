@@ -18,6 +18,7 @@ from pathlib import Path
 
 from conftest import ServerFactory
 from lifecycle_handlers import (
+    holds_socket,
     children,
     closed_by_peer,
     connect,
@@ -27,7 +28,7 @@ from lifecycle_handlers import (
     round_trip,
     wait_until,
 )
-from test_direct_accept import holds, listener_inode, wait_log
+from test_direct_accept import listener_inode, wait_log
 from test_exec_spawner import CAT, the_spawners
 
 QUIET = 0.5  # how long a client that must wait is watched for a wrong answer
@@ -37,10 +38,21 @@ QUIET = 0.5  # how long a client that must wait is watched for a wrong answer
 def stopped(pid: int) -> Iterator[None]:
     """`pid` stopped (SIGSTOP) inside the block: it accepts nothing, reaps nothing."""
     os.kill(pid, signal.SIGSTOP)
+    # kill() returns before the stop: a spawner still in epoll_wait can take the next
+    # client's wake-up (EPOLLEXCLUSIVE wakes one waiter) and then stop holding it.
+    assert wait_until(lambda: state(pid) == "T")
     try:
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def state(pid: int) -> str:
+    """The process state letter of `pid` (R, S, T ...; "" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
 
 
 def serving_spawner(server_pid: int, spawners: set[int]) -> int:
@@ -52,10 +64,7 @@ def serving_spawner(server_pid: int, spawners: set[int]) -> int:
 
 def ended(pid: int) -> bool:
     """Exited: reaped, or a zombie nobody has reaped yet (its parent died)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+    return state(pid) in ("Z", "")
 
 
 def refuses_connections(address: tuple[str, int]) -> bool:
@@ -70,7 +79,7 @@ def test_the_spawners_accept_and_the_supervisor_does_not(netserver_proc: ServerF
     server = netserver_proc(["--listen", "127.0.0.1:0", *CAT])
     spawners = the_spawners(server.proc.pid)
     inode = listener_inode(server.host_port[1])
-    assert wait_until(lambda: all(holds(pid, inode) for pid in spawners))
+    assert wait_until(lambda: all(holds_socket(pid, inode) for pid in spawners))
     with connect(server.host_port) as sock:
         assert round_trip(sock) == b"ping\n"
         assert serving_spawner(server.proc.pid, spawners) in spawners
@@ -180,5 +189,5 @@ def test_reloaded_access_rules_reach_the_spawners(
     server.signal(signal.SIGHUP)
     wait_log(server, "the supervisor accepts again")
     inode = listener_inode(server.host_port[1])
-    assert wait_until(lambda: not any(holds(pid, inode) for pid in children(server.proc.pid)))
+    assert wait_until(lambda: not any(holds_socket(pid, inode) for pid in children(server.proc.pid)))
     assert server.stop() == 0
