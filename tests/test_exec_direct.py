@@ -18,10 +18,10 @@ from pathlib import Path
 
 from conftest import ServerFactory
 from lifecycle_handlers import (
-    holds_socket,
     children,
     closed_by_peer,
     connect,
+    holds_socket,
     log_count,
     nothing_arrives,
     recv_line,
@@ -189,5 +189,6 @@ def test_reloaded_access_rules_reach_the_spawners(
     server.signal(signal.SIGHUP)
     wait_log(server, "the supervisor accepts again")
     inode = listener_inode(server.host_port[1])
-    assert wait_until(lambda: not any(holds_socket(pid, inode) for pid in children(server.proc.pid)))
+    pid = server.proc.pid
+    assert wait_until(lambda: not any(holds_socket(p, inode) for p in children(pid)))
     assert server.stop() == 0

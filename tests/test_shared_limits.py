@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import threading
 
 import pytest
 
@@ -90,3 +91,35 @@ def test_the_least_busy_accepting_seat_takes_the_next_client() -> None:
     table.clear_seat(2)  # it died: no longer a place to leave clients to
     table.take_seat(0)
     assert not table.busier()
+
+
+def test_a_release_does_not_wait_for_the_lock() -> None:
+    """Counting out needs no lock (one writer per seat): a worker that ends a
+    connection while another holds the lock goes on at once."""
+    table = SharedLimits(Limits(max_conns=10, max_per_source=5), seats=2)
+    table.take_seat(0)
+    entry = table.admit(PEER)
+    assert entry == 0
+    locked_r, locked_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        fcntl.lockf(table.fd, fcntl.LOCK_EX)
+        os.write(locked_w, b"x")
+        os.read(go_r, 1)
+        os._exit(0)
+    try:
+        assert os.read(locked_r, 1) == b"x"
+        releasing = threading.Thread(target=table.release, args=(entry,))
+        releasing.start()
+        releasing.join(10.0)
+        done = not releasing.is_alive()
+    finally:
+        os.write(go_w, b"x")
+        os.waitpid(pid, 0)
+        releasing.join()
+        for fd in (locked_r, locked_w, go_r, go_w):
+            os.close(fd)
+    assert done  # it did not wait for the other's lock
+    assert table.total == 0
+    assert table.admit(PEER) == 0  # the entry is free again, and the source counted out
