@@ -239,7 +239,7 @@ class Spawner:
         self.chan_open = True
         self.direct = direct
         self.listeners = {} if direct is None else {ln.sock.fileno(): ln for ln in direct.listeners}
-        self._held: tuple[socket.socket, Endpoint, Endpoint] | None = None
+        self._held: tuple[int, int, Endpoint, Endpoint] | None = None  # fd, family, ends
         self._watching = False
         self._local = Endpoint()
 
@@ -279,51 +279,67 @@ class Spawner:
             listener.sock.close()
         self.listeners = {}
         if self._held is not None:
-            self._held[0].close()
+            os.close(self._held[0])
             self._held = None
 
     def _accept(self, listener: Listener) -> None:
-        """Clients waiting on `listener`, while the table has room (a burst at most)."""
+        """Clients waiting on `listener`, while the table has room (a burst at most).
+
+        The descriptor is taken as it comes (`_accept`, the C call under
+        socket.accept): the command needs only the descriptor, and a socket object
+        costs an enum conversion of the family and type, and a getsockname the
+        constructor makes to check the descriptor (a third of the Python and one of
+        the system calls per connection). One is built when it is needed: to ask a
+        wildcard listener's connection which address it reached, or to refuse.
+        """
         assert self.direct is not None
+        family = listener.family
         for _ in range(16):
             if self._held is not None or self.direct.table.full:
                 self._wait_for_room()
                 return
             try:
-                sock, addr = listener.sock.accept()
+                fd, addr = listener.sock._accept()  # type: ignore[attr-defined]  # (above)
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:  # EMFILE and the like: look again a little later
                 self.log.error("accept failed", error=str(exc))
                 self._wait_for_room()
                 return
-            peer = Endpoint.from_sockaddr(listener.family, addr)
-            local = local_end(listener, sock, self._local)
+            peer = Endpoint.from_sockaddr(family, addr)
+            local = listener.local
             if local is None:
-                sock.close()
-                continue
-            self._local = local
+                sock = _wrap(fd, family)
+                local = local_end(listener, sock, self._local)
+                sock.detach()  # the descriptor stays ours: not closed with the object
+                if local is None:
+                    os.close(fd)
+                    continue
+                self._local = local
             reason = self.direct.judge(peer, local)
             if reason is not None:
-                self.log.refused(peer, reason)
-                refuse(sock, self.direct.refuse_message)
+                self._refuse(fd, family, peer, reason)
                 continue
-            self._admit(sock, peer, local)
+            self._admit(fd, family, peer, local)
 
-    def _admit(self, sock: socket.socket, peer: Endpoint, local: Endpoint) -> None:
+    def _refuse(self, fd: int, family: int, peer: Endpoint, reason: str) -> None:
+        assert self.direct is not None
+        self.log.refused(peer, reason)
+        refuse(_wrap(fd, family), self.direct.refuse_message)
+
+    def _admit(self, fd: int, family: int, peer: Endpoint, local: Endpoint) -> None:
         assert self.direct is not None
         entry = self.direct.table.admit(peer)
         if entry == FULL:  # the last place went in the meantime: held, unread
-            self._held = (sock, peer, local)
+            self._held = (fd, family, peer, local)
             self._wait_for_room()
             return
         if isinstance(entry, str):
-            self.log.refused(peer, entry)
-            refuse(sock, self.direct.refuse_message)
+            self._refuse(fd, family, peer, entry)
             return
         record = ConnRecord(peer, local, self.command.mode_name)
         variables = os.fsencode(ucspi_variables(record))
-        self._spawn(entry, peer.ip is None, variables, sock.detach(), sock.family, record)
+        self._spawn(entry, peer.ip is None, variables, fd, family, record)
 
     def _wait_for_room(self) -> None:
         """Full: stop watching; look again when a command ends or after RECHECK."""
@@ -379,10 +395,9 @@ class Spawner:
         family: int,
         record: ConnRecord | None = None,
     ) -> None:
-        # A socket object only when one is needed (credentials, the idle timeout), built
-        # with family, type and protocol given: no system call to find them out.
+        # A socket object only when one is needed (credentials, the idle timeout).
         keep = bool(self.command.timeout) and family != socket.AF_UNIX
-        sock = socket.socket(family, socket.SOCK_STREAM, 0, fd) if keep or unix else None
+        sock = _wrap(fd, family) if keep or unix else None
         env = dict(self.command.env)
         for item in variables.split(b"\0"):
             name, _, value = item.partition(b"=")
@@ -447,8 +462,7 @@ class Spawner:
             run.slot = self.roster.put(run.cid, run.pid, run.record)
             return
         del self.running[pidfd]
-        self.poll.unregister(pidfd)
-        os.close(pidfd)
+        os.close(pidfd)  # which takes it out of the epoll set: nothing else holds it
         stats = None
         if run.sock is not None:
             stats = tcpinfo.read(run.sock)
@@ -535,6 +549,12 @@ class Spawner:
         for run in self.running.values():
             run.outcome = TERMINATED
             self._end(run)
+
+
+def _wrap(fd: int, family: int) -> socket.socket:
+    """A socket object for an accepted descriptor (family and type given: the
+    constructor asks the kernel only to check that it is a socket)."""
+    return socket.socket(family, socket.SOCK_STREAM, 0, fd)
 
 
 def spawn(command: Program, env: Mapping[bytes, bytes], fd: int) -> int:
