@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import socket
 from collections.abc import Iterator
@@ -73,6 +74,37 @@ def refuses_connections(address: tuple[str, int]) -> bool:
     except ConnectionRefusedError:
         return True
     return False
+
+
+def watched_events(pid: int, inode: str) -> list[int]:
+    """The event masks under which `pid`'s epoll sets watch the socket `inode`
+    (from /proc/PID/fdinfo of each epoll descriptor: one ``tfd:`` line per target)."""
+    fds = Path(f"/proc/{pid}/fd")
+    socket_fds = {fd.name for fd in fds.iterdir() if os.readlink(fd) == f"socket:[{inode}]"}
+    masks = []
+    for fd in fds.iterdir():
+        if os.readlink(fd) != "anon_inode:[eventpoll]":
+            continue
+        for line in Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().splitlines():
+            fields = line.split()
+            if fields[:1] == ["tfd:"] and fields[1] in socket_fds:
+                masks.append(int(fields[3], 16))  # tfd: N events: MASK data: ...
+    return masks
+
+
+def test_a_client_wakes_one_waiting_spawner(netserver_proc: ServerFactory) -> None:
+    """Each spawner watches the listener with EPOLLEXCLUSIVE: the kernel wakes one of
+    those waiting for each client, not all of them (with plain poll both woke, and one
+    lost the race to accept)."""
+    server = netserver_proc(["--listen", "127.0.0.1:0", *CAT])
+    spawners = the_spawners(server.proc.pid)
+    inode = listener_inode(server.host_port[1])
+    assert wait_until(lambda: all(watched_events(pid, inode) for pid in spawners))
+    for pid in spawners:
+        (mask,) = watched_events(pid, inode)
+        assert mask & select.EPOLLEXCLUSIVE and mask & select.EPOLLIN
+    with connect(server.host_port) as sock:
+        assert round_trip(sock) == b"ping\n"
 
 
 def test_the_spawners_accept_and_the_supervisor_does_not(netserver_proc: ServerFactory) -> None:

@@ -2,10 +2,11 @@
 
 When the workers of a pool accept their connections themselves (modes.direct), no
 single process sees every connection, so the counts live in memory all of them share:
-a memfd mapped before the workers are forked. Every change is made under one lock, a
+a memfd mapped before the workers are forked. Every admission is made under one lock, a
 POSIX record lock on that memfd (`lockf`): it is held by a process, so the kernel drops
 it when its holder dies, even by SIGKILL in the middle of an update, and nobody waits
-for a dead worker. A semaphore (multiprocessing's SemLock) would stay taken.
+for a dead worker. A semaphore (multiprocessing's SemLock) would stay taken. Counting a
+connection out takes no lock (see `release`).
 
 Layout: a head (xinetd's rate window, the pause it started); three arrays with one
 number per seat (a worker process): its connections, how many entries of its own area
