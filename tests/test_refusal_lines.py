@@ -90,12 +90,17 @@ def test_an_address_refusal_is_read_by_a_client_that_speaks_first(
     assert "matched deny rule 127.0.0.1" in server.log()
 
 
-@pytest.mark.parametrize("mode", ["thread", "workers"])
+@pytest.mark.parametrize("mode", ["thread", "workers", "exec"])
 def test_a_per_source_refusal_is_read_by_a_client_that_speaks_first(
     netserver_proc: ServerFactory, mode: str
 ) -> None:
+    """`workers` and `exec`: the processes that accept refuse (modes.direct, and the
+    exec spawners)."""
     extra = ("--max-per-source", "1", "--refuse-message", REFUSAL)
-    args = serve_args("async", "--workers", "2", *extra) if mode == "workers" else None
+    args = {
+        "workers": serve_args("async", "--workers", "2", *extra),
+        "exec": ["--listen", "127.0.0.1:0", *extra, "--", "/bin/cat"],
+    }.get(mode)
     server = netserver_proc(args or serve_args(mode, *extra), env=HANDLER_ENV)
     with connect(server.host_port) as held:
         held.sendall(b"ping\n")

@@ -25,11 +25,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from .accepted import FdRegistry
 
-__all__ = ["LINGER_BYTES", "LINGER_MAX", "LINGER_SECONDS", "Lingerer", "close_lingering"]
+__all__ = [
+    "LINGER_BYTES",
+    "LINGER_MAX",
+    "LINGER_SECONDS",
+    "Cancellable",
+    "Lingerer",
+    "Reactor",
+    "close_lingering",
+]
 
 LINGER_SECONDS = 5.0  # how long a refused client may go on sending before we close
 LINGER_BYTES = 65536  # how much it may send in that time
@@ -37,11 +47,28 @@ LINGER_MAX = 256  # refused sockets draining at once in one process; past it: cl
 _CHUNK = 16384
 
 
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Reactor(Protocol):
+    """What a `Lingerer` needs of its loop: an asyncio loop, or the exec spawner's own
+    (modes.spawner, which has no asyncio loop)."""
+
+    def add_reader(self, fd: int, callback: Callable[[int], object], arg: int, /) -> None: ...
+
+    def remove_reader(self, fd: int, /) -> bool: ...
+
+    def call_later(
+        self, delay: float, callback: Callable[[int], object], arg: int, /
+    ) -> Cancellable: ...
+
+
 @dataclass(slots=True)
 class _Draining:
     sock: socket.socket
     left: int
-    timer: asyncio.TimerHandle | None = None
+    timer: Cancellable | None = None
 
 
 class Lingerer:
@@ -53,7 +80,7 @@ class Lingerer:
 
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
+        loop: Reactor,
         fds: FdRegistry | None = None,
         *,
         seconds: float = LINGER_SECONDS,

@@ -65,10 +65,12 @@ from .. import tcpinfo
 from ..children import kill_and_reap, receive_ready
 from ..connlog import ConnRecord, ServerLog
 from ..endpoint import Endpoint
-from ..listen.accept import local_end, refuse
+from ..linger import Lingerer
+from ..listen.accept import local_end
 from ..listen.listeners import Listener
 from .base import DEFAULT_SIGNALS, KILL_AFTER, RESET_SIGNALS, status_for_exit
 from .direct import RECHECK, DirectService
+from .reactor import EpollReactor
 from .shared import FULL
 
 CONN_TCP, CONN_UNIX, TERMINATE, STOP_ACCEPTING = b"C", b"U", b"T", b"S"
@@ -230,6 +232,8 @@ class Spawner:
         self.log = log
         self.roster = roster
         self.poll = select.epoll()
+        self.reactor = EpollReactor(self.poll)  # refused clients drain there
+        self.lingerer = Lingerer(self.reactor)
         self.running: dict[int, _Running] = {}  # by pidfd
         # when, sequence, pidfd and the command's serial (a pidfd number is reused), what
         self.timers: list[tuple[float, int, int, int, str]] = []
@@ -255,10 +259,12 @@ class Spawner:
                     self._messages()
                 elif fd in self.listeners:
                     self._accept(self.listeners[fd])
-                else:
+                elif not self.reactor.ready(fd):
                     self._exited(fd)
             self._run_timers()
+            self.reactor.run_due()
             self._report()
+        self.lingerer.close()
         return 0
 
     # -- accepting ourselves (modes.direct's table and judge) -----------------------------
@@ -325,7 +331,7 @@ class Spawner:
     def _refuse(self, fd: int, family: int, peer: Endpoint, reason: str) -> None:
         assert self.direct is not None
         self.log.refused(peer, reason)
-        refuse(_wrap(fd, family), self.direct.refuse_message)
+        self.lingerer.refuse(_wrap(fd, family), self.direct.refuse_message)
 
     def _admit(self, fd: int, family: int, peer: Endpoint, local: Endpoint) -> None:
         assert self.direct is not None
@@ -505,9 +511,13 @@ class Spawner:
 
     def _poll_timeout(self) -> float:
         """Seconds until the first timer (rounded up to epoll's milliseconds); -1: none."""
-        if not self.timers:
+        due = [self.timers[0][0]] if self.timers else []
+        draining = self.reactor.timeout()
+        if draining is not None:
+            due.append(draining)
+        if not due:
             return -1.0
-        return max(0.0, self.timers[0][0] - time.monotonic() + 0.001)
+        return max(0.0, min(due) - time.monotonic() + 0.001)
 
     def _run_timers(self) -> None:
         now = time.monotonic()
