@@ -265,12 +265,17 @@ def test_a_command_that_cannot_start_is_logged_and_the_spawner_goes_on(
     assert the_spawners(server.proc.pid) == spawners
 
 
+@pytest.mark.parametrize("accepting", ["server", "spawners"])
 def test_a_spawner_that_keeps_dying_is_replaced_after_a_back_off(
-    netserver_proc: ServerFactory,
+    netserver_proc: ServerFactory, accepting: str
 ) -> None:
-    """Each death is logged; young deaths in a row delay the next start (no fork loop),
-    and while there is no spawner a client is refused, never left waiting."""
-    server = netserver_proc(["--listen", "127.0.0.1:0", *CAT])
+    """Each death is logged; young deaths in a row delay the next start (no fork loop).
+    While there is no spawner, a client the server accepts is refused, never left
+    waiting; with no gate that needs the server the spawners accept themselves, and a
+    client that comes meanwhile waits in the listen backlog for the next one (as under
+    Postfix's master while a service is throttled)."""
+    server_path = ("--rate-per-source", "1000") if accepting == "server" else ()
+    server = netserver_proc(["--listen", "127.0.0.1:0", *server_path, *CAT])
     # Six young deaths in a row: the last restart waits RESTART_MAX, as long as a plain
     # wait_until's whole timeout, so each wait for a restart allows for it too.
     restart = RESTART_MAX + IO_TIMEOUT
@@ -283,7 +288,11 @@ def test_a_spawner_that_keeps_dying_is_replaced_after_a_back_off(
         for spawner in spawners:
             os.kill(spawner, signal.SIGKILL)
         assert wait_until(functools.partial(all_gone, spawners))
-    assert wait_until(lambda: served(server.host_port), restart)
+    if accepting == "server":
+        assert wait_until(lambda: served(server.host_port), restart)
+    else:
+        with connect(server.host_port, timeout=restart) as sock:  # the back-off, then served
+            assert round_trip(sock) == b"ping\n"
     assert log_count(server.log, "spawner process died") == 3 * SPAWNERS
 
 
