@@ -170,9 +170,9 @@ class _WatchedSpool(Spool):
         self.writers: set[str] = set()
         self.barriers: list[int] = []
 
-    def write_tmp(self, qid: str, blob: bytes) -> int:
+    def write_tmp(self, qid: str, blob: bytes, tmp_dir: int | None = None) -> int:
         self.writers.add(threading.current_thread().name)
-        return super().write_tmp(qid, blob)
+        return super().write_tmp(qid, blob, tmp_dir)
 
     def make_durable(self, fds: list[int]) -> None:
         self.barriers.append(len(fds))
@@ -215,9 +215,9 @@ class _Trail:
         queue_dir = os.stat(spool_dir / "queue")
         real_rename, real_fsync, real_fdatasync = os.rename, os.fsync, os.fdatasync
 
-        def rename(src: str, dst: str) -> None:
+        def rename(src: str, dst: str, **dir_fds: int) -> None:
             self._note("rename")
-            real_rename(src, dst)
+            real_rename(src, dst, **dir_fds)
 
         def fsync(fd: int) -> None:
             st = os.fstat(fd)
@@ -296,22 +296,41 @@ def test_a_lone_commit_that_cannot_rename_is_refused(tmp_path: Path) -> None:
     """A failure on the lone path answers SpoolError (4xx) and leaves no file behind."""
     spool = Spool(tmp_path)
     committer = GroupCommitter(spool)
-    os.rename(tmp_path / "queue", tmp_path / "queue.old")
-    (tmp_path / "queue").write_bytes(b"not a directory")  # rename(2) into it: ENOTDIR
+    qid = new_id()
+    # The committer renames relative to the queue/ it opened, so the failure is put in
+    # there: a non-empty directory under the message's name (rename(2): EISDIR).
+    (tmp_path / "queue" / qid).mkdir()
+    (tmp_path / "queue" / qid / "x").write_bytes(b"")
     try:
         with pytest.raises(SpoolError):
-            asyncio.run(committer.commit(ENV, DATA))
+            asyncio.run(committer.commit(ENV, DATA, qid=qid))
     finally:
         committer.close()
-    assert os.listdir(tmp_path / "tmp") == [] and os.listdir(tmp_path / "queue.old") == []
+    assert os.listdir(tmp_path / "tmp") == [] and os.listdir(tmp_path / "queue") == [qid]
     assert committer.committed == 0
+
+
+@pytest.mark.parametrize("count", [1, 40])  # the lone path, and batches
+def test_the_committer_works_in_the_directories_it_opened(tmp_path: Path, count: int) -> None:
+    """Files are created and renamed relative to tmp/ and queue/ as opened when the
+    committer started, not by walking the spool's path for each message (in the workers
+    that path runs through /proc/self/fd): moving the spool away under a running
+    committer does not stop it, and the messages are in the moved spool's queue/."""
+    spool = Spool(tmp_path / "spool")
+    committer = GroupCommitter(spool)
+    os.rename(tmp_path / "spool", tmp_path / "moved")
+    qids = _commit_many(committer, count)
+    moved = Spool(tmp_path / "moved", create=False)
+    assert sorted(moved.ids()) == sorted(qids) and len(qids) == count
+    assert {moved.get(q).data for q in qids} == {DATA + b"%d" % i for i in range(count)}
+    assert os.listdir(tmp_path / "moved" / "tmp") == []
 
 
 def test_group_commit_reports_failure(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
-    os.rmdir(tmp_path / "tmp")
-    (tmp_path / "tmp").write_bytes(b"not a directory")
     committer = GroupCommitter(spool)
+    os.rmdir(tmp_path / "tmp")  # the committer's tmp/ is gone: no file can be made in it
+    (tmp_path / "tmp").write_bytes(b"not a directory")
     try:
         with pytest.raises(SpoolError):
             asyncio.run(committer.commit(ENV, DATA))

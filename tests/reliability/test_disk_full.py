@@ -517,13 +517,13 @@ class FullSpool(Spool):
         self.fail_queue_sync = False
         self._queue_dir = os.stat(self.root / QueueState.QUEUE)
 
-    def write_tmp(self, qid: str, blob: bytes) -> int:
+    def write_tmp(self, qid: str, blob: bytes, tmp_dir: int | None = None) -> int:
         if self.free is None or len(blob) <= self.free:
-            fd = super().write_tmp(qid, blob)
+            fd = super().write_tmp(qid, blob, tmp_dir)
             if self.free is not None:
                 self.free -= len(blob)
             return fd
-        fd = super().write_tmp(qid, blob[: self.free])
+        fd = super().write_tmp(qid, blob[: self.free], tmp_dir)
         os.close(fd)
         self.free = 0
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
