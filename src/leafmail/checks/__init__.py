@@ -28,7 +28,13 @@ from netserver.smtp.replies import Reply
 
 
 class Stage(Enum):
-    """Where in the dialogue a check runs."""
+    """Where in the dialogue a check runs.
+
+    Hashed by identity (members are singletons): the policy looks each stage up in its
+    tables about a dozen times a message, and `Enum.__hash__` is a Python call.
+    """
+
+    __hash__ = object.__hash__
 
     CONNECT = "connect"
     HELO = "helo"
@@ -150,14 +156,23 @@ AsyncCheck = Callable[[CheckContext], Awaitable[Verdict]]
 
 
 def run_checks(checks: Sequence[Check], session: CheckContext) -> Verdict:
-    """The verdict of the first check that does not accept, else ACCEPT or the tags."""
-    tags: list[Accept] = []
+    """The verdict of the first check that does not accept, else ACCEPT or the tags.
+
+    Most checks accept plainly (ACCEPT itself), and a stage without a tag needs no list
+    and no merge: that is nearly every stage of nearly every message.
+    """
+    tags: list[Accept] | None = None
     for check in checks:
         verdict = check(session)
+        if verdict is ACCEPT:
+            continue
         if not isinstance(verdict, Accept):
             return verdict
-        tags.append(verdict)
-    return merge_tags(tags)
+        if tags is None:
+            tags = [verdict]
+        else:
+            tags.append(verdict)
+    return ACCEPT if tags is None else merge_tags(tags)
 
 
 async def run_async_checks(checks: Sequence[AsyncCheck], session: CheckContext) -> Verdict:
