@@ -90,3 +90,30 @@ def test_a_memo_remembers_no_failure_and_stays_within_its_limit() -> None:
     for key in ("c", "dd", "eee", "ffff"):
         memo(key)
     assert len(memo) <= 3
+
+
+class _CountedKey:
+    """A key that counts how often it is hashed (an address's hash is a Python call)."""
+
+    def __init__(self) -> None:
+        self.hashed = 0
+
+    def __hash__(self) -> int:
+        self.hashed += 1
+        return 7
+
+
+def test_a_memo_answers_the_same_key_object_again_without_hashing_it() -> None:
+    made: list[_CountedKey] = []
+
+    def make(key: _CountedKey) -> int:
+        made.append(key)
+        return len(made)
+
+    memo = BoundedMemo[_CountedKey, int](make, limit=8)
+    one, other = _CountedKey(), _CountedKey()
+    assert memo(one) == 1
+    first = one.hashed  # looked up, then stored
+    assert memo(one) == memo(one) == 1 and one.hashed == first  # not hashed again
+    assert memo(other) == 2 and memo(one) == 1 and made == [one, other]
+    assert one.hashed == first + 1  # after another key: the table again, same answer
