@@ -134,11 +134,16 @@ def valid_id(qid: str) -> bool:
     return bool(_ID.match(qid))
 
 
+# One encoder for every spool file: json.dumps with any option builds a new one per call.
+_ENVELOPE_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+
+
 def encode(envelope: Envelope, data: bytes) -> bytes:
     """The bytes of a spool file for this message."""
-    env = json.dumps(envelope.to_json(), separators=(",", ":"), ensure_ascii=True).encode()
-    digest = hashlib.sha256(env + data).hexdigest()
-    header = b"%s %d %d %s\n" % (MAGIC, len(env), len(data), digest.encode())
+    env = _ENVELOPE_JSON(envelope.to_json()).encode()
+    digest = hashlib.sha256(env)
+    digest.update(data)  # (not env + data: a copy of the message just to hash it)
+    header = b"%s %d %d %s\n" % (MAGIC, len(env), len(data), digest.hexdigest().encode())
     return b"".join((header, env, b"\n", data, TRAILER))
 
 
