@@ -6,6 +6,7 @@ Each cache must give what a fresh computation gives, and stay bounded whoever co
 from __future__ import annotations
 
 import email.utils
+import io
 import ipaddress
 import socket
 from datetime import UTC, datetime
@@ -15,6 +16,7 @@ import pytest
 import netserver.endpoint as endpoint
 from leafmail.trace import received_header
 from netserver.admit.access import KNOWN_DECISIONS, AccessPolicy
+from netserver.connlog import ServerLog
 from netserver.endpoint import Endpoint, parse_ip
 from netserver.memo import BoundedMemo
 from netserver.smtp import replies
@@ -117,3 +119,20 @@ def test_a_memo_answers_the_same_key_object_again_without_hashing_it() -> None:
     assert memo(one) == memo(one) == 1 and one.hashed == first  # not hashed again
     assert memo(other) == 2 and memo(one) == 1 and made == [one, other]
     assert one.hashed == first + 1  # after another key: the table again, same answer
+
+
+def test_the_helo_reply_is_made_once_per_client_name_and_bounded() -> None:
+    """smtp-source and many small clients say HELO, not EHLO: its 250 is kept per name
+    like EHLO's, for at most 256 names (the names are the client's)."""
+    first = replies.helo("mx.test", "client.test")
+    assert replies.helo("mx.test", "client.test") is first
+    assert first.to_bytes() == b"250 mx.test greets client.test\r\n"
+    for n in range(300):
+        replies.helo("mx.test", f"c{n}.test")
+    assert replies.helo.cache_info().currsize <= 256
+
+
+def test_numbers_in_a_log_line_are_written_as_they_are() -> None:
+    out = io.StringIO()
+    ServerLog(out).event("conn", count=3, duration=0.25, tiny=1e-07, who="a b", none=None)
+    assert out.getvalue() == 'netserver: conn count=3 duration=0.25 tiny=1e-07 who="a b" none=-\n'

@@ -113,6 +113,8 @@ _QUOTE = re.compile(r'[ "=\\]')  # a value holding one of these is written quote
 def _text(value: object) -> str:
     if value is None:
         return "-"
+    if type(value) is int or type(value) is float:
+        return str(value)  # digits, a sign, a dot, an exponent, inf, nan: never quoted
     text = str(value)
     if not text or _QUOTE.search(text) or not text.isprintable():
         return json.dumps(text)

@@ -176,14 +176,15 @@ def _greets(hostname: str, client: str) -> str:
     return f"{hostname} greets {client if len(client.encode()) <= 255 else 'you'}"
 
 
+# Clients mostly greet with the same few names, so the reply (checked and rendered once)
+# is kept for the last 256 of them; the names are the client's, so the table is bounded.
+@functools.lru_cache(maxsize=256)
 def helo(hostname: str, client: str) -> Reply:
     """The 250 answer to HELO."""
     return Reply(250, None, _greets(hostname, client))
 
 
-# Clients mostly greet with the same few names, so the reply (checked and rendered once)
-# is kept for the last 256 of them; the names are the client's, so the table is bounded.
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256)  # as `helo`
 def ehlo(hostname: str, client: str, keywords: tuple[str, ...]) -> Reply:
     """The multi-line 250 answer to EHLO: the greeting line, then one extension a line."""
     return Reply(250, None, (_greets(hostname, client), *keywords))
