@@ -2,8 +2,9 @@
 
 1. Echo requests per second in event-loop mode: netserver's handler forms (a coroutine
    reading lines, a coroutine echoing chunks, a callback object echoing chunks) against
-   a bare asyncio Protocol echo server on the default loop and on uvloop; ping-pong,
-   then pipelined.
+   a bare asyncio Protocol echo server on the default loop and on uvloop, and the line
+   handler also against a bare uvloop Protocol answering line by line; ping-pong, then
+   pipelined.
 2. Connections per second running a command per connection: netserver against
    ucspi-tcp's tcpserver, both running ``/bin/echo hi``.
 
@@ -107,6 +108,7 @@ def echo_section(args: argparse.Namespace, log_dir: Path, gate: QuietGate) -> li
             *report.table("req/s", samples),
             "",
             *report.ratio(samples, echo_bench.NETSERVER, echo_bench.BARE_UVLOOP, ECHO_TARGET),
+            *report.ratio(samples, echo_bench.NETSERVER, echo_bench.BARE_UVLOOP_LINES, ECHO_TARGET),
             *report.ratio(samples, echo_bench.NETSERVER, echo_bench.BARE_ASYNCIO, ECHO_TARGET),
             *report.ratio(
                 samples, echo_bench.NETSERVER_CHUNKS, echo_bench.BARE_UVLOOP, ECHO_TARGET

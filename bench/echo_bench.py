@@ -1,6 +1,6 @@
 """Benchmark 1: echo requests per second, netserver's event-loop mode against bare protocols.
 
-Five servers, each its own process on 127.0.0.1 port 0:
+Six servers, each its own process on 127.0.0.1 port 0:
 
 * netserver async: ``netserver serve --mode async --handler examples.echo:async_main``
   (the coroutine form, line by line) with its defaults (uvloop, 300 s idle timeout,
@@ -11,7 +11,10 @@ Five servers, each its own process on 127.0.0.1 port 0:
 * netserver callback: the same with ``--handler examples.echo:Echo`` (the callback form,
   chunks back as they arrive, as the bare servers do);
 * bare asyncio: `bench.echo_server` on the default asyncio loop;
-* bare uvloop: the same protocol on uvloop.
+* bare uvloop: the same protocol on uvloop;
+* bare uvloop lines: `bench.echo_server --lines` on uvloop, a bare protocol answering
+  line by line (each line its own bytes, a read's answers in one send): the like-with-like
+  baseline of the line-by-line coroutine handler.
 
 The same load generator (`bench.echo_load`) drives them all. Rounds are interleaved and
 the server order rotates each round, so slow drift of a noisy machine spreads over all
@@ -33,6 +36,7 @@ NETSERVER_CHUNKS = "netserver async chunks"
 NETSERVER_CALLBACK = "netserver callback"
 BARE_ASYNCIO = "bare asyncio"
 BARE_UVLOOP = "bare uvloop"
+BARE_UVLOOP_LINES = "bare uvloop lines"
 
 
 def netserver_argv(handler: str, fd: int) -> list[str]:
@@ -52,7 +56,7 @@ def netserver_argv(handler: str, fd: int) -> list[str]:
 
 
 def echo_servers() -> list[ServerSpec]:
-    """The five servers, in the order of the first round."""
+    """The six servers, in the order of the first round."""
     return [
         ServerSpec(NETSERVER, lambda fd: netserver_argv("examples.echo:async_main", fd)),
         ServerSpec(NETSERVER_CHUNKS, lambda fd: netserver_argv("examples.echo:async_chunks", fd)),
@@ -67,6 +71,12 @@ def echo_servers() -> list[ServerSpec]:
             BARE_UVLOOP,
             lambda fd: python_module(
                 "bench.echo_server", "--loop", "uvloop", "--ready-fd", str(fd)
+            ),
+        ),
+        ServerSpec(
+            BARE_UVLOOP_LINES,
+            lambda fd: python_module(
+                "bench.echo_server", "--loop", "uvloop", "--lines", "--ready-fd", str(fd)
             ),
         ),
     ]

@@ -16,7 +16,9 @@ in a task, as event-loop mode runs it,
 ``chunks`` the same with ``examples.echo:async_chunks`` (each read echoed whole),
 ``callback`` is ``examples.echo:Echo`` on a `CallbackConnection`. ``floor`` is the
 cheapest coroutine-per-connection echo there can be (one future per read, nothing else),
-the limit of the coroutine form whatever netserver does.
+the limit of the coroutine form whatever netserver does. ``bare_lines`` is the bare
+protocol answering line by line (`bench.echo_server.LineEcho`), the like-with-like
+baseline of ``coroutine``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from netserver.callbacks import CallbackConnection
 from netserver.endpoint import Endpoint
 from netserver.limits import Limits
 
-from .echo_server import Echo
+from .echo_server import Echo, LineEcho
 from .loops import loop_factory
 
 REQUEST = b"request\n"
@@ -108,6 +110,11 @@ def bare(transport: FakeTransport) -> None:
     transport.start(Echo())
 
 
+def bare_lines(transport: FakeTransport) -> None:
+    """The line-by-line baseline: `bench.echo_server.LineEcho`."""
+    transport.start(LineEcho())
+
+
 def coroutine(transport: FakeTransport) -> None:
     """netserver's coroutine form: AsyncConnection and examples.echo:async_main as a task."""
     _task(transport, async_main)
@@ -173,6 +180,7 @@ def floor(transport: FakeTransport) -> None:
 
 VARIANTS: dict[str, Callable[[FakeTransport], None]] = {
     "bare": bare,
+    "bare_lines": bare_lines,
     "floor": floor,
     "coroutine": coroutine,
     "chunks": chunks,
