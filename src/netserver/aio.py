@@ -89,6 +89,7 @@ class AsyncConnection(LoopConnection):
         "_driving",
         "_eof",
         "_hand",
+        "_lines",
         "_lost_waiter",
         "_out",
         "_outcome",
@@ -122,6 +123,9 @@ class AsyncConnection(LoopConnection):
         # Empty (falsy) when all is read; `_pos` means something only for bytes.
         self._buf: bytes | bytearray = b""
         self._pos = 0
+        # Whole lines already split off the front of the buffer for `readline`, last
+        # first (`pop` takes the next): they come before `_buf` (`_unsplit`).
+        self._lines: list[bytes] | None = None
         self._out: list[bytes] = []
         self._eof = False
         self._lost_waiter: asyncio.Future[None] | None = None
@@ -161,17 +165,24 @@ class AsyncConnection(LoopConnection):
             return
         if not buf and (self._hand is not None or self._waiter is not None):
             # A read waits, and if these bytes are exactly what it wants (one line, or at
-            # most the chunk asked for), they go over as they are.
+            # most the chunk asked for), they go over as they are; if they start with a
+            # line and more follows, the line goes over and the rest is split (`_split`).
             want = self._want
-            if (
-                (want == _CHUNK and len(data) <= self._want_n)
-                or (
-                    want == _LINE
-                    and data.find(b"\n") == len(data) - 1
-                    and len(data) <= self.max_line
-                )
-            ) and self._answer(data, None):
-                return
+            if want == _CHUNK:
+                if len(data) <= self._want_n and self._answer(data, None):
+                    return
+            elif want == _LINE and type(data) is bytes:
+                end = data.find(b"\n") + 1
+                if 0 < end <= self.max_line:
+                    if end == len(data):
+                        if self._answer(data, None):
+                            return
+                    else:
+                        self._buf = data
+                        self._pos = 0
+                        if self._answer(self._split(data, 0, end), None):
+                            return
+                        self._lines = None  # the read was cancelled: all stays unread
         if not buf:
             # Kept as they came (never a caller's mutable buffer): reads slice them.
             self._buf = data if type(data) is bytes else bytes(data)
@@ -370,10 +381,51 @@ class AsyncConnection(LoopConnection):
 
     def _own(self) -> bytes | bytearray:
         """The unread bytes from index 0 (what the buffer holds past `_pos`, moved)."""
+        if self._lines:
+            self._unsplit()
         buf = self._buf
         if self._pos and type(buf) is bytes and buf:
             buf = self._buf = bytearray(memoryview(buf)[self._pos :])
         return buf
+
+    def _unsplit(self) -> None:
+        """Put the lines split off for `readline` back in front of the buffer.
+
+        For every read but `readline`, which are rare between lines (a switch to chunks
+        or to a byte count): they then see one buffer, as if nothing had been split.
+        """
+        lines = self._lines
+        assert lines
+        lines.reverse()
+        buf = self._buf
+        lines.append(buf[self._pos :] if type(buf) is bytes else bytes(buf))
+        self._buf = b"".join(lines)
+        self._pos = 0
+        self._lines = None
+
+    def _split(self, buf: bytes, pos: int, end: int) -> bytes:
+        """The line `buf[pos:end]`; the whole lines after it are split off for `readline`.
+
+        Called when a read brought more than one line (pipelined requests): one C call
+        splits them all, so each later `readline` is a `pop`. Only when every line ends
+        with LF (``splitlines`` also ends one at a lone CR) and none is over `max_line`;
+        otherwise the lines are left to be found one by one.
+        """
+        line = buf[pos:end]
+        last = buf.rfind(b"\n") + 1
+        if last > end:
+            lines = buf[end:last].splitlines(True)
+            if len(lines) == buf.count(b"\n", end, last) and (
+                last - end <= self.max_line or max(map(len, lines)) <= self.max_line
+            ):
+                lines.reverse()
+                self._lines = lines
+                end = last
+        if end == len(buf):
+            self._buf = b""
+        else:
+            self._pos = end
+        return line
 
     def _take(self, n: int) -> bytes:
         """The next `n` unread bytes (all of them if fewer), as bytes."""
@@ -405,6 +457,9 @@ class AsyncConnection(LoopConnection):
     @types.coroutine
     def readline(self) -> Generator[Any, Any, bytes]:
         """One line with its LF; b"" at EOF; LineTooLong past `max_line` bytes."""
+        lines = self._lines
+        if lines:  # split off already (`_split`)
+            return lines.pop()
         buf = self._buf
         if buf:  # buffered: `_line` and `_take`, inlined
             if type(buf) is bytes:
@@ -415,8 +470,7 @@ class AsyncConnection(LoopConnection):
                     if idx == len(buf):
                         self._buf = b""
                         return buf[pos:] if pos else buf
-                    self._pos = idx
-                    return buf[pos:idx]
+                    return self._split(buf, pos, idx)
             else:
                 idx = buf.find(b"\n")
                 if 0 <= idx < self.max_line:
@@ -447,6 +501,8 @@ class AsyncConnection(LoopConnection):
         """
         if n < 0:
             return (yield from self._read_all())  # type: ignore[no-any-return]
+        if self._lines:
+            self._unsplit()
         if self._buf or self._eof:
             return self._take(n)
         self._want_n = n
@@ -478,21 +534,21 @@ class AsyncConnection(LoopConnection):
         drops them) and by the next read (EOF, or the error), not by each write.
         """
         out = self._out
-        if out:  # answers are being gathered: this one joins them
-            self.bytes_out += len(data)
-            out.append(bytes(data))
+        if out:  # answers are being gathered: this one joins them (as bytes: a caller's
+            self.bytes_out += len(data)  # bytearray may change before they are sent)
+            out.append(data if type(data) is bytes else bytes(data))
             return
         transport = self.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("connection closed")
         self.bytes_out += len(data)
-        if not self._buf:
+        if not self._buf and not self._lines:
             transport.write(data)  # nothing more to answer yet: send now
             return
         # More input is already here (pipelined requests): answer them all with one send,
         # once the handler has answered what is buffered or waits for something else.
         self._loop.call_soon(self._flush)
-        out.append(bytes(data))
+        out.append(data if type(data) is bytes else bytes(data))
 
     def _flush(self) -> None:
         """Send the answers gathered by `write` in one transport write."""
@@ -536,6 +592,7 @@ class AsyncConnection(LoopConnection):
             raise ConnectionResetError("connection closed")
         self._flush()  # the reply that agreed to TLS goes out in plaintext, first
         self._buf = b""
+        self._lines = None
         loop = self._loop
         transport = await loop.start_tls(
             self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
