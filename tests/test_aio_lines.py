@@ -1,0 +1,238 @@
+"""AsyncConnection's pipelined lines: a read that brought several lines is split once.
+
+`readline` splits every whole line of such a read in one call and hands them out one by
+one; every other read (`read`, `readexactly`, `read()` to EOF) and STARTTLS must see the
+stream as if nothing had been split. These tests mix the reads over random chunkings of
+random streams, with and without `aio.drive` (event-loop mode's way), on real socket pairs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import itertools
+import socket
+import ssl
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+import trustme
+import uvloop
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from netserver.aio import AsyncConnection, drive
+from netserver.stdio import LineTooLong
+
+LOOPS = ["asyncio", "uvloop"]
+Reader = Callable[[AsyncConnection], Coroutine[Any, Any, Any]]
+
+
+def serve(
+    loop_kind: str,
+    reader: Reader,
+    chunks: list[bytes],
+    *,
+    driven: bool = True,
+    max_line: int = 1000,
+    answer: int = 0,
+) -> tuple[Any, bytes]:
+    """Run `reader` on one end of a socket pair, send `chunks` one read each, then EOF.
+
+    Each chunk is sent once the one before has come in, so the reader's reads see these
+    chunks. `driven` runs the reader as event-loop mode does (`drive`), else as a plain
+    task. Returns what the reader returned and the first `answer` bytes it wrote.
+    """
+
+    async def main() -> tuple[Any, bytes]:
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        loop = asyncio.get_running_loop()
+        conn = AsyncConnection(timeout=None, max_line=max_line)
+        transport, _ = await loop.connect_accepted_socket(lambda: conn, ours)
+        context = contextvars.copy_context()
+        coro = drive(conn, reader(conn), context) if driven else reader(conn)
+        task: asyncio.Task[Any] = loop.create_task(coro, context=context)
+        try:
+            sent = 0
+            for chunk in chunks:
+                await loop.sock_sendall(theirs, chunk)
+                sent += len(chunk)
+                for _ in range(10_000):  # until it came in (bounded turns)
+                    if conn.bytes_in >= sent or task.done():
+                        break
+                    await asyncio.sleep(0)
+            theirs.shutdown(socket.SHUT_WR)
+            got = b""
+            while len(got) < answer:
+                more = await asyncio.wait_for(loop.sock_recv(theirs, answer - len(got)), 10)
+                assert more, f"the answer ended after {got!r}"
+                got += more
+            return await asyncio.wait_for(task, 10), got
+        finally:
+            task.cancel()
+            transport.close()
+            theirs.close()
+
+    factory = uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main())
+
+
+# A line of the streams below: bytes with no LF (a lone CR among them now and then), then
+# LF or CRLF. `bytes.splitlines` would also end a line at the lone CR.
+LINE = st.builds(
+    lambda body, cr: body.replace(b"\n", b"") + (b"\r\n" if cr else b"\n"),
+    st.binary(max_size=10) | st.sampled_from([b"a\rb", b"\r", b"x\r\r"]),
+    st.booleans(),
+)
+# What the reader does next: readline, read(n) or readexactly(n).
+STEP = st.tuples(st.sampled_from(["line", "read", "exactly"]), st.integers(1, 12))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lines=st.lists(LINE, max_size=14),
+    tail=st.binary(max_size=5).map(lambda b: b.replace(b"\n", b"")),
+    cuts=st.lists(st.integers(min_value=0, max_value=250), max_size=5),
+    steps=st.lists(STEP, min_size=1, max_size=8),
+    driven=st.booleans(),
+)
+def test_mixed_reads_over_split_lines_read_the_stream_in_order(
+    lines: list[bytes],
+    tail: bytes,
+    cuts: list[int],
+    steps: list[tuple[str, int]],
+    driven: bool,
+) -> None:
+    """Whatever mix of reads follows a read of many lines, each gets what the stream holds next.
+
+    readline gets exactly the next line (the rest at EOF), readexactly exactly the next n
+    bytes, read(n) a non-empty start of what is left, at most n bytes.
+    """
+    stream = b"".join(lines) + tail
+    bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    chunks = [stream[a:b] for a, b in itertools.pairwise(bounds)]
+
+    async def reader(conn: AsyncConnection) -> bool:
+        pos = 0
+        for kind, n in itertools.cycle(steps):
+            if pos == len(stream):
+                assert await conn.readline() == b""
+                assert await conn.read(5) == b""
+                return True
+            if kind == "line":
+                end = stream.find(b"\n", pos) + 1 or len(stream)
+                assert await conn.readline() == stream[pos:end]
+                pos = end
+            elif kind == "exactly" and pos + n <= len(stream):
+                assert await conn.readexactly(n) == stream[pos : pos + n]
+                pos += n
+            else:
+                got = await conn.read(n)
+                assert 0 < len(got) <= n and got == stream[pos : pos + len(got)]
+                pos += len(got)
+        raise AssertionError("unreachable")
+
+    assert serve("uvloop", reader, chunks, driven=driven) == (True, b"")
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+@pytest.mark.parametrize("driven", [True, False])
+def test_split_lines_then_the_rest_to_eof(loop_kind: str, driven: bool) -> None:
+    """read() to EOF after one line of a read of three gets the other two and the rest."""
+
+    async def reader(conn: AsyncConnection) -> tuple[bytes, bytes]:
+        return await conn.readline(), await conn.read()
+
+    got, _ = serve(loop_kind, reader, [b"one\ntwo\nthree\nfo", b"ur"], driven=driven)
+    assert got == (b"one\n", b"two\nthree\nfour")
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+@pytest.mark.parametrize("driven", [True, False])
+def test_a_long_line_among_pipelined_ones_fails_where_it_stands(
+    loop_kind: str, driven: bool
+) -> None:
+    """The lines before a line over max_line are read; that line raises LineTooLong."""
+
+    async def reader(conn: AsyncConnection) -> list[bytes | str]:
+        got: list[bytes | str] = []
+        for _ in range(4):
+            try:
+                got.append(await conn.readline())
+            except LineTooLong:
+                got.append("too long")
+                break
+        return got
+
+    data = b"a\nbb\n" + b"x" * 20 + b"\nc\n"
+    got, _ = serve(loop_kind, reader, [data], driven=driven, max_line=8)
+    assert got == [b"a\n", b"bb\n", "too long"]
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_answers_gathered_for_pipelined_lines_are_the_bytes_written(loop_kind: str) -> None:
+    """A bytearray written while answers are gathered is sent as it was when written."""
+
+    async def echo(conn: AsyncConnection) -> int:
+        scratch = bytearray()
+        count = 0
+        while line := await conn.readline():
+            scratch[:] = line.upper()
+            conn.write(scratch)  # changed again by the next line, before the send
+            count += 1
+            await conn.drain()
+        return count
+
+    data = b"one\ntwo\nthree\n"
+    got = serve(loop_kind, echo, [data], answer=len(data))
+    assert got == (3, data.upper())
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_lines_that_came_with_starttls_are_not_read_after_it(loop_kind: str) -> None:
+    """STARTTLS discards the plaintext that followed the command, split off or not."""
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+
+    async def handler(conn: AsyncConnection) -> bytes:
+        assert await conn.readline() == b"STARTTLS\n"
+        conn.write(b"go\n")
+        await conn.start_tls(server_ctx)
+        line = await conn.readline()
+        conn.write(line.upper())
+        return line
+
+    def client(peer: socket.socket) -> bytes:
+        peer.setblocking(True)
+        peer.settimeout(5)
+        peer.sendall(b"STARTTLS\nINJECTED\nMORE\n")  # one read: the rest is split off
+        assert peer.recv(3) == b"go\n"
+        with client_ctx.wrap_socket(peer, server_hostname="localhost") as tls:
+            tls.sendall(b"secret\n")
+            return tls.recv(100)
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair()
+        loop = asyncio.get_running_loop()
+        conn = AsyncConnection(timeout=None)
+        transport, _ = await loop.connect_accepted_socket(lambda: conn, ours)
+        context = contextvars.copy_context()
+        task = loop.create_task(drive(conn, handler(conn), context), context=context)
+        try:
+            answer = await asyncio.wait_for(asyncio.to_thread(client, theirs), 10)
+            assert answer == b"SECRET\n"
+            assert await asyncio.wait_for(task, 10) == b"secret\n"
+        finally:
+            task.cancel()
+            transport.close()
+            theirs.close()
+
+    factory = uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main())
