@@ -306,9 +306,11 @@ def test_a_stop_asked_from_another_task_interrupts_a_parked_read(loop_kind: str)
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
-def test_start_tls_then_parked_reads_on_the_tls_transport(loop_kind: str) -> None:
+@pytest.mark.parametrize("after", [b"", b"INJECTED\nMORE\n"])
+def test_start_tls_then_parked_reads_on_the_tls_transport(loop_kind: str, after: bytes) -> None:
     """A driven handler upgrades to TLS (the handshake waits through the task) and its
-    next reads park and resume on the TLS transport's data."""
+    next reads park and resume on the TLS transport's data. Plaintext lines that came
+    with the command (`after`, split off with it as pipelined lines) are never read."""
     ca = trustme.CA()
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("localhost").configure_cert(server_ctx)
@@ -326,7 +328,7 @@ def test_start_tls_then_parked_reads_on_the_tls_transport(loop_kind: str) -> Non
     def client(peer: socket.socket) -> bytes:
         peer.setblocking(True)
         peer.settimeout(5)
-        peer.sendall(b"STARTTLS\n")
+        peer.sendall(b"STARTTLS\n" + after)  # one send, one read
         assert peer.recv(3) == b"go\n"
         with client_ctx.wrap_socket(peer, server_hostname="localhost") as tls:
             tls.sendall(b"secret\n")

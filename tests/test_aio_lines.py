@@ -1,9 +1,10 @@
 """AsyncConnection's pipelined lines: a read that brought several lines is split once.
 
 `readline` splits every whole line of such a read in one call and hands them out one by
-one; every other read (`read`, `readexactly`, `read()` to EOF) and STARTTLS must see the
-stream as if nothing had been split. These tests mix the reads over random chunkings of
-random streams, with and without `aio.drive` (event-loop mode's way), on real socket pairs.
+one; every other read (`read`, `readexactly`, `read()` to EOF) must see the stream as if
+nothing had been split (STARTTLS: tests/test_aio_drive.py). These tests mix the reads
+over random chunkings of random streams, with and without `aio.drive` (event-loop mode's
+way), on real socket pairs.
 """
 
 from __future__ import annotations
@@ -12,12 +13,10 @@ import asyncio
 import contextvars
 import itertools
 import socket
-import ssl
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-import trustme
 import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -189,50 +188,3 @@ def test_answers_gathered_for_pipelined_lines_are_the_bytes_written(loop_kind: s
     data = b"one\ntwo\nthree\n"
     got = serve(loop_kind, echo, [data], answer=len(data))
     assert got == (3, data.upper())
-
-
-@pytest.mark.parametrize("loop_kind", LOOPS)
-def test_lines_that_came_with_starttls_are_not_read_after_it(loop_kind: str) -> None:
-    """STARTTLS discards the plaintext that followed the command, split off or not."""
-    ca = trustme.CA()
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("localhost").configure_cert(server_ctx)
-    client_ctx = ssl.create_default_context()
-    ca.configure_trust(client_ctx)
-
-    async def handler(conn: AsyncConnection) -> bytes:
-        assert await conn.readline() == b"STARTTLS\n"
-        conn.write(b"go\n")
-        await conn.start_tls(server_ctx)
-        line = await conn.readline()
-        conn.write(line.upper())
-        return line
-
-    def client(peer: socket.socket) -> bytes:
-        peer.setblocking(True)
-        peer.settimeout(5)
-        peer.sendall(b"STARTTLS\nINJECTED\nMORE\n")  # one read: the rest is split off
-        assert peer.recv(3) == b"go\n"
-        with client_ctx.wrap_socket(peer, server_hostname="localhost") as tls:
-            tls.sendall(b"secret\n")
-            return tls.recv(100)
-
-    async def main() -> None:
-        ours, theirs = socket.socketpair()
-        loop = asyncio.get_running_loop()
-        conn = AsyncConnection(timeout=None)
-        transport, _ = await loop.connect_accepted_socket(lambda: conn, ours)
-        context = contextvars.copy_context()
-        task = loop.create_task(drive(conn, handler(conn), context), context=context)
-        try:
-            answer = await asyncio.wait_for(asyncio.to_thread(client, theirs), 10)
-            assert answer == b"SECRET\n"
-            assert await asyncio.wait_for(task, 10) == b"secret\n"
-        finally:
-            task.cancel()
-            transport.close()
-            theirs.close()
-
-    factory = uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main())
