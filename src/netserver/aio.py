@@ -171,13 +171,13 @@ class AsyncConnection(LoopConnection):
             if want == _CHUNK:
                 if len(data) <= self._want_n and self._answer(data, None):
                     return
-            elif want == _LINE and type(data) is bytes:
+            elif want == _LINE:
                 end = data.find(b"\n") + 1
                 if 0 < end <= self.max_line:
                     if end == len(data):
                         if self._answer(data, None):
                             return
-                    else:
+                    elif type(data) is bytes:
                         self._buf = data
                         self._pos = 0
                         if self._answer(self._split(data, 0, end), None):
@@ -421,6 +421,10 @@ class AsyncConnection(LoopConnection):
                 lines.reverse()
                 self._lines = lines
                 end = last
+                out = self._out
+                if not out:  # their answers will be gathered (`write`) and sent at once
+                    self._loop.call_soon(self._flush)
+                    out.append(b"")
         if end == len(buf):
             self._buf = b""
         else:
@@ -457,9 +461,8 @@ class AsyncConnection(LoopConnection):
     @types.coroutine
     def readline(self) -> Generator[Any, Any, bytes]:
         """One line with its LF; b"" at EOF; LineTooLong past `max_line` bytes."""
-        lines = self._lines
-        if lines:  # split off already (`_split`)
-            return lines.pop()
+        if self._lines:  # split off already (`_split`)
+            return self._lines.pop()
         buf = self._buf
         if buf:  # buffered: `_line` and `_take`, inlined
             if type(buf) is bytes:
@@ -542,7 +545,7 @@ class AsyncConnection(LoopConnection):
         if transport is None or transport.is_closing():
             raise ConnectionResetError("connection closed")
         self.bytes_out += len(data)
-        if not self._buf and not self._lines:
+        if not self._buf:  # (nor lines split off: `_split` started gathering)
             transport.write(data)  # nothing more to answer yet: send now
             return
         # More input is already here (pipelined requests): answer them all with one send,
@@ -554,7 +557,9 @@ class AsyncConnection(LoopConnection):
         """Send the answers gathered by `write` in one transport write."""
         out = self._out
         if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            data = out[0] if len(out) == 1 else b"".join(out)
+            if data:  # (`_split` starts with b"": maybe nothing was written)
+                self.transport.write(data)
         out.clear()
 
     def drain(self) -> Awaitable[None]:
