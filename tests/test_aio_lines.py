@@ -173,9 +173,10 @@ def test_a_long_line_among_pipelined_ones_fails_where_it_stands(
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
 def test_answers_gathered_for_pipelined_lines_are_the_bytes_written(loop_kind: str) -> None:
-    """A bytearray written while answers are gathered is sent as it was when written."""
+    """A bytearray written while answers are gathered is sent as it was when written, and
+    each answer counts in `bytes_out` when written, before the gathered send."""
 
-    async def echo(conn: AsyncConnection) -> int:
+    async def echo(conn: AsyncConnection) -> tuple[int, int]:
         scratch = bytearray()
         count = 0
         while line := await conn.readline():
@@ -183,8 +184,8 @@ def test_answers_gathered_for_pipelined_lines_are_the_bytes_written(loop_kind: s
             conn.write(scratch)  # changed again by the next line, before the send
             count += 1
             await conn.drain()
-        return count
+        return count, conn.bytes_out
 
     data = b"one\ntwo\nthree\n"
     got = serve(loop_kind, echo, [data], answer=len(data))
-    assert got == (3, data.upper())
+    assert got == ((3, len(data)), data.upper())
