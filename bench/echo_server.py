@@ -54,6 +54,9 @@ class LineEcho(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.rest:
             data = self.rest + data
+        elif data.find(b"\n") == len(data) - 1:  # exactly one line: the commonest read
+            self.transport.write(data)
+            return
         answers = []
         start = 0
         end = data.find(b"\n") + 1
