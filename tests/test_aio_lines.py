@@ -21,7 +21,7 @@ import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netserver.aio import AsyncConnection, drive
+from netserver.aio import SPLIT_SPAN, AsyncConnection, drive
 from netserver.stdio import LineTooLong
 
 LOOPS = ["asyncio", "uvloop"]
@@ -189,3 +189,28 @@ def test_answers_gathered_for_pipelined_lines_are_the_bytes_written(loop_kind: s
     data = b"one\ntwo\nthree\n"
     got = serve(loop_kind, echo, [data], answer=len(data))
     assert got == ((3, len(data)), data.upper())
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+@pytest.mark.parametrize("driven", [True, False])
+def test_a_read_of_more_lines_than_one_split_holds_reads_them_all(
+    loop_kind: str, driven: bool
+) -> None:
+    """Lines past `SPLIT_SPAN` bytes of one read are split when the first are read; a
+    read of bytes in the middle sees the stream in order."""
+    lines = [b"%d\n" % i for i in range(3 * SPLIT_SPAN // 3)]
+    data = b"".join(lines)
+    assert len(data) > 2 * SPLIT_SPAN
+
+    async def reader(conn: AsyncConnection) -> list[bytes]:
+        got = [await conn.readline() for _ in range(len(lines) // 2)]
+        got.append(await conn.readexactly(4))
+        while line := await conn.readline():
+            got.append(line)
+        return got
+
+    got, _ = serve(loop_kind, reader, [data], driven=driven)
+    half = b"".join(lines[: len(lines) // 2])
+    assert b"".join(got) == data
+    assert got[: len(lines) // 2] == lines[: len(lines) // 2]
+    assert got[len(lines) // 2] == data[len(half) : len(half) + 4]

@@ -26,6 +26,10 @@ from .loopconn import LoopConnection
 from .stdio import DEFAULT_MAX_LINE, LineTooLong
 
 READ_HIGH_WATER = 262144
+# The most bytes of a read that `readline` splits into lines at once (`_split`): a bound
+# on the objects a read of many short lines makes at once (at most 2,048 lines of one
+# byte, about 90 KB), large enough that pipelined requests are split once per read.
+SPLIT_SPAN = 2048
 # What the pending read waits for (`AsyncConnection._want`).
 _WAKE, _LINE, _CHUNK = 0, 1, 2
 # What a direct step of the handler's coroutine left for `drive` (`_outcome`'s kind).
@@ -407,12 +411,13 @@ class AsyncConnection(LoopConnection):
         """The line `buf[pos:end]`; the whole lines after it are split off for `readline`.
 
         Called when a read brought more than one line (pipelined requests): one C call
-        splits them all, so each later `readline` is a `pop`. Only when every line ends
-        with LF (``splitlines`` also ends one at a lone CR) and none is over `max_line`;
-        otherwise the lines are left to be found one by one.
+        splits those in the next `SPLIT_SPAN` bytes, so each later `readline` is a `pop`
+        (the lines past the span are split when these are read). Only when every line
+        ends with LF (``splitlines`` also ends one at a lone CR) and none is over
+        `max_line`; otherwise the lines are left to be found one by one.
         """
         line = buf[pos:end]
-        last = buf.rfind(b"\n") + 1
+        last = buf.rfind(b"\n", end, end + SPLIT_SPAN) + 1
         if last > end:
             lines = buf[end:last].splitlines(True)
             if len(lines) == buf.count(b"\n", end, last) and (
@@ -545,7 +550,7 @@ class AsyncConnection(LoopConnection):
         if transport is None or transport.is_closing():
             raise ConnectionResetError("connection closed")
         self.bytes_out += len(data)
-        if not self._buf:  # (nor lines split off: `_split` started gathering)
+        if not self._buf:  # (lines split off: `_split` started the gathering)
             transport.write(data)  # nothing more to answer yet: send now
             return
         # More input is already here (pipelined requests): answer them all with one send,
