@@ -580,6 +580,9 @@ class AsyncConnection(LoopConnection):
     async def _drain(self) -> None:
         if len(self._out) > 64:
             self._flush()
+            if self._lines:  # more lines split off: gather their answers too (`_split`)
+                self._loop.call_soon(self._flush)
+                self._out.append(b"")
         waiter = self._drain_waiter
         if waiter is not None:
             await waiter
