@@ -292,7 +292,7 @@ class Server:
         # operators and scripts wait for, then still ends a reload, as it always has.
         for gate in reversed(self.gates):
             gate.reload(self.log)
-        mode = getattr(self, "mode", None)
+        mode = self.mode
         if isinstance(mode, PoolMode | ExecMode) and mode.direct is not None and self.gates:
             self._redirect(mode)
 
