@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import trustme
-import uvloop
+from loop_kinds import run_on
 
 from netserver.aio import AsyncConnection, ServerStopping, drive
 
@@ -48,9 +48,7 @@ def run(loop_kind: str, handler: Handler, body: Body) -> None:
             transport.close()
             theirs.close()
 
-    factory = uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main())
+    run_on(loop_kind, main)
 
 
 async def recv(peer: socket.socket, n: int) -> bytes:

@@ -17,9 +17,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from loop_kinds import run_on
 
 from netserver.aio import SPLIT_SPAN, AsyncConnection, drive
 from netserver.stdio import LineTooLong
@@ -74,9 +74,7 @@ def serve(
             transport.close()
             theirs.close()
 
-    factory = uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main())
+    return run_on(loop_kind, main)
 
 
 # A line of the streams below: bytes with no LF (a lone CR among them now and then), then

@@ -13,9 +13,9 @@ import socket
 from collections.abc import Awaitable, Callable
 
 import pytest
-import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from loop_kinds import run_on
 
 from netserver.aio import AsyncConnection
 
@@ -36,9 +36,7 @@ def run(body: Body, loop_kind: str) -> None:
             transport.close()
             theirs.close()
 
-    factory = uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main())
+    run_on(loop_kind, main)
 
 
 async def waiting(task: asyncio.Task[bytes]) -> None:
