@@ -172,15 +172,25 @@ def wait_for_flock_waiter(
 
 
 def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (children, their children ...)."""
+    """Every process below `pid` (children, their children ...).
+
+    A thread or process that ends while it is read (a worker's thread pool winds down,
+    a child exits) is passed over: it has no children to list any more."""
     found: list[int] = []
     todo = [pid]
     while todo:
         parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").iterdir():
-            children = (task / "children").read_text().split()
-            found += [int(c) for c in children]
-            todo += [int(c) for c in children]
+        try:
+            tasks = list(Path(f"/proc/{parent}/task").iterdir())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for task in tasks:
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            found += children
+            todo += children
     return found
 
 
