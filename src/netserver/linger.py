@@ -139,14 +139,19 @@ class Lingerer:
         entry.sock.close()
 
     def _drain(self, entry: _Draining) -> bool:
-        """Read and drop what has arrived; False once the socket should close (EOF, an
-        error, or the client sent more than its allowance)."""
+        """Drop what has arrived; False once the socket should close (EOF, an error, or
+        the client sent more than its allowance).
+
+        With MSG_TRUNC, Linux's TCP discards the bytes in the kernel and only says how
+        many there were: the supervisor, which may run as root, drains a refused client
+        without its bytes ever entering the process (`_buf` is never written).
+        """
         buf = self._buf
         if buf is None:
             buf = self._buf = bytearray(_CHUNK)
         while entry.left > 0:
             try:
-                got = entry.sock.recv_into(buf, min(_CHUNK, entry.left))
+                got = entry.sock.recv_into(buf, min(_CHUNK, entry.left), socket.MSG_TRUNC)
             except (BlockingIOError, InterruptedError):
                 return True
             except OSError:
