@@ -16,18 +16,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from leafmail.config import Config
 from leafmail.envelope import Envelope, Recipient
+from leafmail.pickup import PickupServer
 from leafmail.sendmail import spooling
 from leafmail.sendmail.errors import TryLater
 from leafmail.sendmail.spooling import Submission
 from leafmail.spool import GroupCommitter, Spool, SpoolError, new_id
 from leafmail.states import QueueState
+from leafmail.submitrate import SubmitRate
+from leafmail.submitwire import Refused, socket_path, submit
+from netserver.connlog import ServerLog
+from netserver.errors import EX_TEMPFAIL
 
 ENV = Envelope(sender="a@src.test", recipients=(Recipient("b@example.test"),))
 DATA = b"Subject: hi\r\n\r\nbody\r\n"
@@ -197,3 +204,42 @@ def test_sendmail_says_whether_a_copy_stayed(tmp_path: Path, runner_has_it: bool
     else:
         assert text.endswith("(nothing was queued; try again later)"), text
         assert spool.ids() == []
+
+
+def test_the_local_submission_socket_logs_a_spool_failure(tmp_path: Path) -> None:
+    """A message handed to the daemon's local submission socket (leafmail.pickup) whose
+    commit fails: the submitter hears 75 and "cannot spool", and the operator reads one
+    error line with the queue id, the uid and the reason, as the SMTP service writes
+    one (tests/reliability/test_disk_full.py); the resend is then the one copy queued."""
+    spool = FailingDirSpool(tmp_path / "spool")
+    config = Config(hostname="mx.test", spool=str(spool.root)).submit
+    log = io.StringIO()
+    path = socket_path(spool.root)
+
+    async def submissions() -> tuple[Refused, str]:
+        committer = GroupCommitter(spool)
+        server = PickupServer(
+            config, committer, ServerLog(log, program="leafmail"), rate=SubmitRate(0, 1.0)
+        )
+        try:
+            assert await server.start()
+            spool.failing = QueueState.QUEUE
+            with pytest.raises(Refused) as refused:
+                await asyncio.to_thread(submit_one, path)
+            assert spool.failures == 1
+            return refused.value, await asyncio.to_thread(submit_one, path)
+        finally:
+            await server.close()
+            committer.close()
+
+    refused, qid = asyncio.run(submissions())
+    assert refused.status == EX_TEMPFAIL and "cannot spool" in str(refused), refused
+    assert leftovers(spool) == nothing_but(spool, QueueState.QUEUE, [qid])
+    (line,) = [line for line in log.getvalue().splitlines() if "the spool failed" in line]
+    assert line.startswith("leafmail: error ") and "Input/output error" in line, line
+    assert f"uid={os.getuid()}" in line and "qid=" in line and f"qid={qid}" not in line, line
+
+
+def submit_one(path: Path) -> str:
+    """`leafmail sendmail`'s own client: one message through the socket at `path`."""
+    return submit(path, ENV, DATA, full_name=None, protocol=None)

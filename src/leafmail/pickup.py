@@ -161,13 +161,22 @@ class PickupServer:
                     identity = Submitter.for_uid(uid)
                     ctx = Context(self.config, identity)
                     item = await loop.run_in_executor(None, prepare, request, data, ctx)
-            qid = await self.committer.commit(item.envelope, item.data, item.qid)
         except Rejected as exc:
             self.log.info("local submission refused", uid=uid, reason=str(exc))
             return {"error": str(exc), "status": exc.status}
         except (TimeoutError, asyncio.IncompleteReadError, ValueError):
             return {"error": "incomplete or over-long request", "status": EX_DATAERR}
+        try:
+            qid = await self.committer.commit(item.envelope, item.data, item.qid)
         except SpoolError as exc:
+            # The operator must hear of a failing spool (the SMTP service logs it the
+            # same way); the reason says whether a copy stayed (see Spool.withdraw).
+            self.log.error(
+                "local submission refused: the spool failed",
+                qid=item.qid,
+                uid=uid,
+                reason=exc.strerror,
+            )
             return {"error": f"cannot spool the message: {exc.strerror}", "status": EX_TEMPFAIL}
         self.log.info("local submission", qid=qid, uid=uid, user=identity.login, size=len(data))
         if self.on_spooled is not None:
