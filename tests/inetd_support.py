@@ -16,7 +16,6 @@ from pathlib import Path
 from conftest import ROOT, RunningServer, launch_with_ready_fd
 
 IS_ROOT = os.geteuid() == 0
-EX_CONFIG = 78
 
 
 def current_user() -> str:

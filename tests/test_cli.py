@@ -19,10 +19,8 @@ from conftest import ROOT
 from dnsserver import LoopbackDNS, reverse_name
 
 from netserver import cli
+from netserver.errors import EX_CONFIG, EX_UNAVAILABLE, EX_USAGE
 
-EX_USAGE = 64
-EX_UNAVAILABLE = 69
-EX_CONFIG = 78
 SERVE = ("serve", "--listen", "127.0.0.1:0")
 ECHO = ("--handler", "examples.echo:main")
 

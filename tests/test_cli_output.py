@@ -27,15 +27,16 @@ from leafmail_fixtures import (
 )
 from smarthost import Greeter, Smarthost
 
+from leafmail.cli import EX_PIPE
 from leafmail.envelope import ClientInfo, Envelope, Recipient
 from leafmail.printable import printable
 from leafmail.spool import Spool
 from leafmail.states import QueueState
+from netserver.errors import EX_CONFIG, EX_DATAERR, EX_TEMPFAIL
 
 SENDER = "alice@src.test"
 CLEAR = "\x1b[2J"  # what a hostile smarthost would like the operator's terminal to do
 TITLE = "\x1b]0;owned\x07"  # and this sets the window title
-EX_DATAERR, EX_CONFIG, EX_PIPE = 65, 78, 141
 TIMEOUT = 20.0
 SCRIPT = Path(sys.executable).with_name("leafmail")  # the installed console script
 
@@ -90,7 +91,7 @@ def test_a_hostile_reply_is_escaped_by_flush_and_queue_and_exact_in_json(
 
     done = run_flush(tmp_path, config)
 
-    assert done.returncode == 75, done.stderr
+    assert done.returncode == EX_TEMPFAIL, done.stderr
     assert "\x1b" not in done.stdout + done.stderr and "\x07" not in done.stdout
     assert done.stdout == f"{qid} deferred: 451 4.2.1 \\x1b[2Jbusy\\x1b]0;owned\\x07\n"
 
@@ -150,7 +151,7 @@ def test_the_progress_bar_and_its_summary_escape_the_reply(tmp_path: Path, spool
         status, screen, summary = run_on_terminal(tmp_path, argv, timeout=TIMEOUT)
     finally:
         overloaded.stop()
-    assert status == 75
+    assert status == EX_TEMPFAIL
     assert "flushing" in screen, screen  # the bar was drawn (with rich's own sequences) ...
     assert CLEAR not in screen and TITLE not in screen  # ... and none from the smarthost
     assert "\x1b" not in summary

@@ -12,6 +12,11 @@ the top level to a literal (a number, a string, bytes, or a tuple of those) is a
 constant, and the same name with the same value in two modules is one constant written
 twice. The same name with different values (a ``MAX_MSG`` per channel) is two
 constants and allowed.
+
+The sysexits codes (``EX_TEMPFAIL`` and the others, netserver.errors) are also the
+codes the tests and benchmarks check commands against; thirteen test modules once wrote
+them out again (``EX_TEMPFAIL = 75`` in six). Outside src/ too, a module imports them:
+any ``EX_*`` name bound to a literal there, tuple unpacking included, is a copy.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parent.parent / "src"
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src"
 PACKAGES = ("netserver", "leafmail")
+OUTSIDE_SRC = ("tests", "bench", "examples")  # where exit codes are imported, never written
 
 
 def constants(source: str) -> dict[str, object]:
@@ -62,6 +69,53 @@ def test_each_constant_is_defined_in_one_module() -> None:
     assert repeated() == {}
 
 
+def exit_codes_written(source: str) -> list[str]:
+    """The ``EX_*`` names the module binds to literals at its top level, unpacked
+    tuples (``EX_A, EX_B = 65, 75``) included."""
+    written: list[str] = []
+    for stmt in ast.parse(source).body:
+        if isinstance(stmt, ast.Assign):
+            pairs = [_pairs(target, stmt.value) for target in stmt.targets]
+        elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+            pairs = [_pairs(stmt.target, stmt.value)]
+        else:
+            continue
+        written += [name for each in pairs for name, value in each if _written_out(value)]
+    return [name for name in written if name.startswith("EX_")]
+
+
+def _pairs(target: ast.expr, value: ast.expr) -> list[tuple[str, ast.expr]]:
+    """(name, value) for a plain or an unpacking assignment of a tuple written out."""
+    if isinstance(target, ast.Name):
+        return [(target.id, value)]
+    sequence = ast.Tuple | ast.List
+    if not (isinstance(target, sequence) and isinstance(value, sequence)):
+        return []
+    if len(target.elts) != len(value.elts):
+        return []
+    return [pair for t, v in zip(target.elts, value.elts, strict=True) for pair in _pairs(t, v)]
+
+
+def _written_out(value: ast.expr) -> bool:
+    """A value made of literals only (``75``, ``128 + 13``): it names nothing it comes from."""
+    named = (ast.Name, ast.Attribute, ast.Call, ast.Subscript)
+    return not any(isinstance(node, named) for node in ast.walk(value))
+
+
+def exit_codes_outside_src(root: Path = ROOT, dirs: tuple[str, ...] = OUTSIDE_SRC) -> list[str]:
+    """``path: NAME`` for each exit code a module outside src/ writes out itself."""
+    return [
+        f"{path.relative_to(root)}: {name}"
+        for folder in dirs
+        for path in sorted((root / folder).rglob("*.py"))
+        for name in exit_codes_written(path.read_text(encoding="utf-8"))
+    ]
+
+
+def test_tests_and_benchmarks_import_the_exit_codes() -> None:
+    assert exit_codes_outside_src() == []
+
+
 # -- the rule can fail -------------------------------------------------------------------
 
 
@@ -94,3 +148,36 @@ def test_a_constant_written_twice_is_found(tmp_path: Path, source: str) -> None:
 def test_what_is_not_a_second_definition_is_not_counted(tmp_path: Path, source: str) -> None:
     src = _tree(tmp_path, "TIMEOUT = 5.0\n", source)
     assert repeated(src, ("pkg",)) == {}
+
+
+@pytest.mark.parametrize(
+    ("source", "names"),
+    [
+        ("EX_TEMPFAIL = 75\n", ["EX_TEMPFAIL"]),
+        ("EX_TEMPFAIL: int = 75\n", ["EX_TEMPFAIL"]),
+        ("EX_DATAERR, EX_TEMPFAIL = 65, 75\n", ["EX_DATAERR", "EX_TEMPFAIL"]),
+        ("EX_PIPE = 128 + 13\n", ["EX_PIPE"]),  # literals combined are still written out
+    ],
+)
+def test_an_exit_code_written_outside_src_is_found(
+    tmp_path: Path, source: str, names: list[str]
+) -> None:
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_x.py").write_text(source)
+    found = exit_codes_outside_src(tmp_path, ("tests",))
+    assert found == [f"tests/test_x.py: {name}" for name in names]
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from netserver.errors import EX_TEMPFAIL\n",
+        "CODE = EX_TEMPFAIL\n",  # a name, not a literal
+        "def f() -> int:\n    EX_TEMPFAIL = 75\n    return EX_TEMPFAIL\n",  # local
+        "TIMEOUT = 75\n",  # not an exit code by its name
+    ],
+)
+def test_an_imported_exit_code_is_not_counted(tmp_path: Path, source: str) -> None:
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_x.py").write_text(source)
+    assert exit_codes_outside_src(tmp_path, ("tests",)) == []

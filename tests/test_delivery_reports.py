@@ -34,7 +34,7 @@ from test_flush import wait_for
 
 from leafmail.config import _build
 from leafmail.states import QueueState
-from netserver.errors import ConfigError
+from netserver.errors import EX_TEMPFAIL, ConfigError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -196,7 +196,7 @@ def test_forward_of_a_partly_deferred_alias_is_sent_once(
     wait_for("dave's copy", lambda: len(sink.received) == 1)
     config = sorted(tmp_path.glob("leafmail-*.toml"))[-1]
     for _ in range(3):  # forced passes: alice defers each time
-        assert run_flush(tmp_path, config).returncode == 75
+        assert run_flush(tmp_path, config).returncode == EX_TEMPFAIL
     assert [r.recipients for r in sink.received] == [["dave@far.test"]]
     (tmp_path / "mail" / "alice").unlink()
     assert run_flush(tmp_path, config).returncode == 0

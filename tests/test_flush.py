@@ -39,10 +39,10 @@ from leafmail.envelope import Envelope, Recipient
 from leafmail.spool import Spool
 from leafmail.states import QueueState
 from leafmail.status import MessageStatus, RcptState
+from netserver.errors import EX_CONFIG, EX_TEMPFAIL
 
 SENDER = "alice@src.test"
 FLUSH_TIMEOUT = 20.0
-EX_TEMPFAIL, EX_CONFIG = 75, 78
 
 
 @pytest.fixture

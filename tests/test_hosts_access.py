@@ -30,6 +30,7 @@ from lifecycle_handlers import (
 
 from netserver import cli
 from netserver.dnsresolver import DnsResolver
+from netserver.errors import EX_CONFIG
 from netserver.handlers import Command, StdioHandler
 from netserver.tcpd.access import HostsAccess, default_daemon_name, load_hosts
 from netserver.tcpd.check import check_lines
@@ -37,8 +38,6 @@ from netserver.tcpd.match import HostInfo, NameNeeded, Request
 from netserver.tcpd.names import FixedHostNames, ResolverNames, verified_name
 from netserver.tcpd.options import Banner, Spawn, percent_x, sanitize
 from netserver.tcpd.parse import HostsSyntaxError, parse_table, split_at
-
-EX_CONFIG = 78
 
 
 def tables(allow: str, deny: str = "") -> HostsAccess:

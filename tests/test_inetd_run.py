@@ -14,8 +14,10 @@ import socket
 from pathlib import Path
 
 import pytest
-from inetd_support import EX_CONFIG, current_user, run_fails, service_pid, start_run, write_config
+from inetd_support import current_user, run_fails, service_pid, start_run, write_config
 from netclient import Client, exchange
+
+from netserver.errors import EX_CONFIG
 
 ME = current_user()
 

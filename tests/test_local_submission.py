@@ -39,10 +39,10 @@ from leafmail.spoolcheck import check_spool
 from leafmail.states import QueueState
 from leafmail.submitwire import NoDaemon, Refused, encode_request, socket_path, submit
 from netserver import privileges
+from netserver.errors import EX_DATAERR, EX_TEMPFAIL, EX_UNAVAILABLE
 
 USER = "lmtsubmit"
 HOST = "leaf.test"
-EX_DATAERR, EX_UNAVAILABLE, EX_TEMPFAIL = 65, 69, 75
 _RECEIVED = re.compile(
     rb"\AReceived: by leaf\.test \(leafmail, from userid (?P<uid>\d+)\)\r\n"
     rb"\t(?:with (?P<proto>[A-Z]+) )?id (?P<qid>[0-9A-F]{24})"

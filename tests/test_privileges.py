@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, ServerFactory
-from inetd_support import EX_CONFIG, IS_ROOT, current_user, run_fails, start_run, write_config
+from inetd_support import IS_ROOT, current_user, run_fails, start_run, write_config
 from netclient import exchange
 
 from netserver import privileges
-from netserver.errors import ConfigError
+from netserver.errors import EX_CONFIG, ConfigError
 
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="dropping privileges needs root")
 ID_COMMAND = 'command = ["/bin/sh", "-c", "id -u; id -g; id -G; echo $USER"]'

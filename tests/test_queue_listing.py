@@ -21,8 +21,7 @@ from leafmail import fanout, listing
 from leafmail.selection import Selection
 from leafmail.spool import Spool, encode, new_id
 from leafmail.states import QueueState
-
-EX_DATAERR, EX_CANTCREAT = 65, 73
+from netserver.errors import EX_CANTCREAT, EX_DATAERR
 
 
 def fill(spool: Spool, count: int, state: QueueState = QueueState.QUEUE) -> list[str]:

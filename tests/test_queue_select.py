@@ -35,9 +35,9 @@ from leafmail.selection import Selection, parse_age
 from leafmail.spool import Spool
 from leafmail.states import QueueState
 from leafmail.status import RcptState
+from netserver.errors import EX_USAGE
 
 DAY = 86400.0
-EX_USAGE = 64
 
 
 def put_from(spool: Spool, sender: str, rcpts: list[str], age: float = 0.0) -> str:

@@ -31,12 +31,12 @@ from leafmail.queue import QueueRunner
 from leafmail.retry import RetryPolicy
 from leafmail.spool import Spool
 from leafmail.states import QueueState
+from netserver.errors import EX_DATAERR, EX_NOUSER
 
 SENDER = "alice@src.test"
 HOUR = 3600.0
 CLI_TIMEOUT = 20.0
 UNKNOWN_ID = "0" * 23 + "A"  # well-formed, never spooled
-EX_DATAERR, EX_NOUSER = 65, 67
 
 
 def body(subject: str) -> bytes:

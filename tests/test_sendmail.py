@@ -46,13 +46,21 @@ from smarthost import Smarthost
 from leafmail import sendmail
 from leafmail.spool import CorruptMessage, Spool, SpooledMessage
 from leafmail.states import QueueState
-from netserver.errors import CantCreateError, NetserverError, UsageError
+from netserver.errors import (
+    EX_CANTCREAT,
+    EX_CONFIG,
+    EX_DATAERR,
+    EX_TEMPFAIL,
+    EX_USAGE,
+    CantCreateError,
+    NetserverError,
+    UsageError,
+)
 
 HOST = "leaf.test"
 LOGIN = pwd.getpwuid(os.getuid()).pw_name
 ME = f"{LOGIN}@{HOST}"
 TIMEOUT = 20.0
-EX_USAGE, EX_DATAERR, EX_CANTCREAT, EX_TEMPFAIL, EX_CONFIG = 64, 65, 73, 75, 78
 
 # Received: by leaf.test (leafmail, from userid UID)\r\n\t[with PROTO ]id QID
 # then either "\r\n\tfor <RCPT>; DATE\r\n" (one recipient) or ";\r\n\tDATE\r\n".

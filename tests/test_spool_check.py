@@ -22,9 +22,8 @@ from system_users import ensure_user, needs_root
 from leafmail.pickup import _open_public
 from leafmail.spool import Spool, SpoolError
 from leafmail.spoolcheck import STATE_DIRS, check_spool
-from netserver.errors import ConfigError
+from netserver.errors import EX_CONFIG, ConfigError
 
-EX_CONFIG = 78
 ME = os.geteuid()
 OTHER = "lmtspool"
 

@@ -197,7 +197,7 @@ def test_sendmail_says_whether_a_copy_stayed(tmp_path: Path, runner_has_it: bool
     with holding, pytest.raises(TryLater) as raised:
         spooling.commit(spool, item)
     text = str(raised.value)
-    assert raised.value.exit_code == 75
+    assert raised.value.exit_code == EX_TEMPFAIL
     if runner_has_it:
         assert f"queue/{item.qid} stays" in text and "see `leafmail queue`" in text, text
         assert spool.ids() == [item.qid]

@@ -46,12 +46,12 @@ from leafmail.envelope import Envelope, Recipient
 from leafmail.spool import Spool
 from leafmail.states import QueueState
 from leafmail.status import MessageStatus, RcptState
+from netserver.errors import EX_TEMPFAIL
 
 SENDER = "sender@client.test"
 MESSAGES = soak.scaled(60, 1500)
 MAX_KILLS = soak.scaled(8, 200)
 CONCURRENCY = 2
-EX_TEMPFAIL = 75
 RUN_TIMEOUT = 60.0
 Spooled = dict[int, tuple[str, bytes, tuple[str, ...]]]  # number -> qid, data, recipients
 

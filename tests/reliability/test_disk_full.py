@@ -66,6 +66,7 @@ from leafmail.spool import GroupCommitter, Spool
 from leafmail.states import QueueState
 from netserver import CallbackHandler, Server
 from netserver.connlog import ServerLog
+from netserver.errors import EX_TEMPFAIL
 from netserver.server import RunOptions
 from netserver.smtp import ServerConfig
 
@@ -73,7 +74,6 @@ SENDER = "alice@src.test"
 NULL = "<>"  # how aiosmtpd records MAIL FROM:<> (the null reverse path)
 TMPFS_SIZE = 2 * 1024 * 1024
 FILLER = "filler"
-EX_TEMPFAIL = 75
 ROUNDS = soak.scaled(2, 20)
 EMPTY: dict[str, list[str]] = {
     name: [] for name in ("tmp", "queue", "deferred", "hold", "corrupt", "status")

@@ -35,10 +35,10 @@ from leafmail.envelope import Envelope, Recipient
 from leafmail.spool import Spool
 from leafmail.states import QueueState
 from leafmail.status import MessageStatus, RcptState
+from netserver.errors import EX_TEMPFAIL
 
 SENDER = "alice@src.test"
 NULL = "<>"  # how aiosmtpd records MAIL FROM:<>
-EX_TEMPFAIL = 75
 COMMAND_TIMEOUT = 0.5
 DEADLINE = 1.0
 LINK = "link"  # the next hop was not reachable: first message deferred, others wait
