@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -104,15 +105,86 @@ def test_messages_reports_corrupt_files_without_raising(tmp_path: Path) -> None:
     assert sum(isinstance(r, CorruptMessage) for r in results) == 1
 
 
-def test_envelope_json_is_strict() -> None:
+def test_envelope_json_is_strict_about_what_it_knows() -> None:
     data = ENV.to_json()
     assert Envelope.from_json(data) == ENV
-    with pytest.raises(EnvelopeError):
-        Envelope.from_json({**data, "extra": 1})
+    with pytest.raises(EnvelopeError, match=r"envelope record .* \(no envid\)"):
+        Envelope.from_json({k: v for k, v in data.items() if k != "envid"})
+    with pytest.raises(EnvelopeError, match=r"client record .* \(no auth, protocol, tls\)"):
+        Envelope.from_json({**data, "client": {"ip": None, "port": None, "helo": None}})
     with pytest.raises(EnvelopeError):
         Envelope.from_json({**data, "recipients": []})
     with pytest.raises(EnvelopeError):
         Envelope.from_json({**data, "smtputf8": "yes"})
+    with pytest.raises(EnvelopeError):
+        Envelope.from_json({**data, "forward_of": 7})
+
+
+# What a newer leafmail may add (the compatibility rule in leafmail.envelope's docstring):
+# a key in the envelope, in its client record and in a recipient's.
+NEWER_KEYS = {"requeued_by": "ops"}
+NEWER_CLIENT_KEYS = {"asn": 64496}
+NEWER_RECIPIENT_KEYS = {"rrvs": "2026-12-01T00:00:00Z"}
+
+
+def newer(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` (an envelope's JSON) with keys only a newer leafmail writes."""
+    return {
+        **data,
+        **NEWER_KEYS,
+        "client": {**data["client"], **NEWER_CLIENT_KEYS},
+        "recipients": [{**r, **NEWER_RECIPIENT_KEYS} for r in data["recipients"]],
+    }
+
+
+class NewerEnvelope(Envelope):
+    """An envelope as a newer leafmail would spool it (through the real commit)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return newer(super().to_json())
+
+
+def test_keys_a_newer_leafmail_added_are_passed_over() -> None:
+    assert Envelope.from_json(newer(ENV.to_json())) == ENV
+    copy = Envelope(ENV.sender, ENV.recipients, forward_of=new_id())
+    assert Envelope.from_json(newer(copy.to_json())) == copy
+
+
+def test_a_spool_file_from_a_newer_leafmail_is_delivered_not_corrupt(tmp_path: Path) -> None:
+    """After a downgrade: the file a newer version committed (the same format, keys this
+    version does not know) is read by the runner's scan, left in queue/, and its bytes
+    stay as they were, so the newer version finds its keys again after an upgrade."""
+    spool = Spool(tmp_path)
+    qid = spool.commit(NewerEnvelope(ENV.sender, ENV.recipients, ENV.client, ENV.received), DATA)
+    blob = (tmp_path / "queue" / qid).read_bytes()
+    assert b'"requeued_by":"ops"' in blob and b'"rrvs"' in blob and b'"asn":64496' in blob
+    (msg,) = list(spool.messages())
+    assert not isinstance(msg, CorruptMessage), msg
+    assert (msg.qid, msg.envelope, msg.data) == (qid, replace(ENV, body="7BIT"), DATA)
+    assert spool.ids(QueueState.CORRUPT) == []
+    assert (tmp_path / "queue" / qid).read_bytes() == blob
+
+
+def test_an_unknown_key_does_not_weaken_the_checksum(tmp_path: Path) -> None:
+    """A newer file whose unknown key was changed after the commit fails its checksum
+    and goes to corrupt/, as any damaged file does."""
+    spool = Spool(tmp_path)
+    qid = spool.commit(NewerEnvelope(ENV.sender, ENV.recipients), DATA)
+    path = tmp_path / "queue" / qid
+    path.write_bytes(path.read_bytes().replace(b'"requeued_by":"ops"', b'"requeued_by":"xyz"'))
+    with pytest.raises(CorruptMessage, match="checksum mismatch"):
+        spool.get(qid)
+    assert spool.ids(QueueState.CORRUPT) == [qid]
+
+
+def test_a_newer_spool_format_is_refused(tmp_path: Path) -> None:
+    """A key that must not be ignored comes with a new format; this reader refuses it."""
+    spool = Spool(tmp_path)
+    qid = spool.commit(ENV, DATA)
+    path = tmp_path / "queue" / qid
+    path.write_bytes(path.read_bytes().replace(b"LEAFMAIL-SPOOL/1 ", b"LEAFMAIL-SPOOL/2 ", 1))
+    with pytest.raises(CorruptMessage, match="unknown version"):
+        spool.get(qid)
 
 
 def test_decode_rejects_bad_envelope_json() -> None:

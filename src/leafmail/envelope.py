@@ -2,7 +2,20 @@
 
 It is plain data with a strict mapping to and from JSON: the spool stores it as JSON, a
 format that cannot run code when loaded (the 1998 spool used a frozen Perl object).
-`from_json` refuses anything that is not exactly what `to_json` writes.
+`from_json` refuses a record that lacks a key `to_json` always writes, or whose values
+have the wrong type.
+
+Keys it does not know it passes over, in the envelope and in its client and recipient
+records: that is the spool's rule for reading what a newer leafmail wrote, so that a
+downgrade does not send its mail to corrupt/ (a leafmail from before this rule moves a
+forwarded copy there, for its `forward_of`). A newer leafmail may add a key to this format only
+if a reader that ignores it still handles the message correctly, at worst knowing less
+(`forward_of` only guides the queue tools, see leafmail.forwards); a key whose meaning
+must not be ignored needs a new spool format (`spool.MAGIC`), which this reader refuses.
+Postfix's queue manager likewise passes over the named attributes (REC_TYPE_ATTR) of a
+queue file that it does not know. The spool's checksum covers the whole envelope,
+unknown keys included, and is checked before any key is read; a spooled file is never
+rewritten, so what this version does not understand stays in it for the next one.
 """
 
 from __future__ import annotations
@@ -31,7 +44,7 @@ class Recipient:
 
     @classmethod
     def from_json(cls, data: object) -> Recipient:
-        obj = record_fields(data, "recipient", {"address", "notify", "orcpt"})
+        obj = known_fields(data, "recipient", _RECIPIENT_KEYS)
         notify = obj["notify"]
         if not isinstance(notify, list) or not all(isinstance(n, str) for n in notify):
             raise EnvelopeError("recipient notify must be a list of strings")
@@ -66,8 +79,7 @@ class ClientInfo:
 
     @classmethod
     def from_json(cls, data: object) -> ClientInfo:
-        keys = {"ip", "port", "helo", "protocol", "tls", "auth"}
-        obj = record_fields(data, "client", keys)
+        obj = known_fields(data, "client", _CLIENT_KEYS)
         port = obj["port"]
         if port is not None and (not isinstance(port, int) or isinstance(port, bool)):
             raise EnvelopeError("client port must be an integer")
@@ -115,10 +127,7 @@ class Envelope:
 
     @classmethod
     def from_json(cls, data: object) -> Envelope:
-        keys = _ENVELOPE_KEYS
-        if isinstance(data, dict) and "forward_of" in data:
-            keys = _COPY_KEYS
-        obj = record_fields(data, "envelope", keys)
+        obj = known_fields(data, "envelope", _ENVELOPE_KEYS)
         rcpts = obj["recipients"]
         if not isinstance(rcpts, list) or not rcpts:
             raise EnvelopeError("envelope needs a non-empty recipient list")
@@ -133,14 +142,16 @@ class Envelope:
             obj["smtputf8"],
             _opt_str(obj, "ret"),
             _opt_str(obj, "envid"),
-            _opt_str(obj, "forward_of") if keys is _COPY_KEYS else None,
+            _opt_str(obj, "forward_of") if "forward_of" in obj else None,  # copies only
         )
 
 
+# The keys `to_json` always writes: a record without one of them is refused.
+_RECIPIENT_KEYS = frozenset({"address", "notify", "orcpt"})
+_CLIENT_KEYS = frozenset({"ip", "port", "helo", "protocol", "tls", "auth"})
 _ENVELOPE_KEYS = frozenset(
     {"sender", "recipients", "client", "received", "body", "smtputf8", "ret", "envid"}
 )
-_COPY_KEYS = _ENVELOPE_KEYS | {"forward_of"}
 
 
 def _no_constant(name: str) -> object:
@@ -181,6 +192,15 @@ def finite_number(value: object, key: str) -> float:
     if not math.isfinite(number):
         raise EnvelopeError(f"{key} must be finite")
     return number
+
+
+def known_fields(data: object, what: str, keys: Set[str]) -> dict[str, object]:
+    """`data` as a dict with at least these keys; others are a newer writer's, passed
+    over (the envelope's compatibility rule, in this module's docstring)."""
+    if not isinstance(data, dict) or not keys <= data.keys():
+        lacking = f" (no {', '.join(sorted(keys - data.keys()))})" if isinstance(data, dict) else ""
+        raise EnvelopeError(f"{what} record has the wrong fields{lacking}")
+    return data
 
 
 def record_fields(data: object, what: str, keys: Set[str]) -> dict[str, object]:
