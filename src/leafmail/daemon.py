@@ -3,8 +3,9 @@
 The model is Postfix's and OpenSMTPD's privilege separation (README, "Processes"):
 
     parent   reads the config, binds every listener, opens the spool, forks and
-             supervises; it accepts connections and applies the session limits, but
-             never reads a byte a client sends
+             supervises; it never reads a byte a client sends (the workers accept and
+             share one table of session limits; behind a balancer, proxy_from, the
+             parent accepts and hands each connection to a worker)
     smtpd xN one event loop each ([process] workers, default one per CPU): sessions,
              checks and their own group commit (leafmail.smtpd); each forks its check
              pool's workers (leafmail.checks.pool) at its first pooled check
