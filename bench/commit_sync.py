@@ -4,8 +4,12 @@ Issue 12: for one session the wait is the commit, so the faster barrier for a ba
 one should be used. Each loop creates a 1,500-byte file in tmp/, makes it durable, renames
 it into q/ and makes the rename durable, as `leafmail.spool` does; "fsync" uses
 fdatasync of the file and fsync of the directory, "syncfs" flushes the file system both
-times, "mixed" uses fdatasync for the file and syncfs for the rename. Rounds alternate
-so drift of a shared disk spreads over all three.
+times, "mixed" uses fdatasync for the file and syncfs for the rename, and "renamed"
+renames the file into q/ first and then makes both durable with one syncfs (the lone
+commit's order since the flush count below). Rounds alternate so drift of a shared disk
+spreads over all four. Each kind also prints the disk's flush requests per message
+(field 16 of /sys/block/DEV/stat, for the disk under DIR), which is what a barrier costs
+on a disk with a write-back cache.
 
 With ``--committer`` it compares the hand-overs instead: one coroutine commits messages
 one at a time through leafmail's `GroupCommitter`, through the two-thread pipeline
@@ -37,29 +41,49 @@ from leafmail.spool import GroupCommitter, Spool
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _SYNCFS: Callable[[int], int] = _LIBC.syncfs
 DATA = b"x" * 1500
-KINDS = ("fsync", "syncfs", "mixed")
+KINDS = ("fsync", "syncfs", "mixed", "renamed")
 
 
-def run(directory: str, kind: str, count: int) -> float:
-    """Messages per second committed with `kind` ("fsync", "syncfs" or "mixed")."""
+def flushes(directory: str) -> int | None:
+    """Flush requests the disk under `directory` has completed (None if not known)."""
+    dev = os.stat(directory).st_dev
+    try:
+        with open(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat") as stat:
+            fields = stat.read().split()
+    except OSError:
+        return None
+    return int(fields[15]) if len(fields) > 15 else None
+
+
+def run(directory: str, kind: str, count: int) -> tuple[float, float | None]:
+    """Messages per second committed with `kind` (one of KINDS), and the disk's flush
+    requests per message meanwhile (anything else writing to that disk adds to them)."""
     tmp, queue = os.path.join(directory, "tmp"), os.path.join(directory, "q")
     os.makedirs(tmp, exist_ok=True)
     os.makedirs(queue, exist_ok=True)
     dir_fd = os.open(queue, os.O_RDONLY | os.O_DIRECTORY)
+    flushed = flushes(directory)
     start = time.perf_counter()
     for n in range(count):
         path = os.path.join(tmp, f"{kind}{n}")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.write(fd, DATA)
+        if kind == "renamed":
+            os.rename(path, os.path.join(queue, f"{kind}{n}"))
+            _SYNCFS(fd)
+            os.close(fd)
+            continue
         barrier(kind, fd, file=True)
         os.close(fd)
         os.rename(path, os.path.join(queue, f"{kind}{n}"))
         barrier(kind, dir_fd, file=False)
     elapsed = time.perf_counter() - start
+    after = flushes(directory)
     os.close(dir_fd)
     for name in os.listdir(queue):
         os.unlink(os.path.join(queue, name))
-    return count / elapsed
+    per = None if flushed is None or after is None else (after - flushed) / count
+    return count / elapsed, per
 
 
 def barrier(kind: str, fd: int, *, file: bool) -> None:
@@ -121,7 +145,12 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"round {number} {committer_run(args.directory, alone, args.messages)}")
             continue
         rates = {kind: run(args.directory, kind, args.messages) for kind in KINDS}
-        print(f"round {number}: " + ", ".join(f"{k} {v:.0f} msg/s" for k, v in rates.items()))
+        print(f"round {number}: " + ", ".join(_shown(k, *v) for k, v in rates.items()))
+
+
+def _shown(kind: str, rate: float, per: float | None) -> str:
+    flushed = "" if per is None else f" ({per:.2f} flushes/msg)"
+    return f"{kind} {rate:.0f} msg/s{flushed}"
 
 
 if __name__ == "__main__":

@@ -8,7 +8,13 @@ scratch tree is deleted as soon as the round ends (what `smtp_bench` did before
 `bench.inodes`), which reproduces the rise of system time on ext4 without a journal;
 without it, the trees are kept until the end.
 
-    python -m bench.smtp_alone [--rounds 4] [--loads s20-10K] [--delete]
+Each line also gives the disk's flush requests per message (field 16 of
+/sys/block/DEV/stat for the disk under the scratch tree; anything else writing to that
+disk adds to it): on a disk with a write-back cache a flush is what a barrier costs.
+``--servers postfix,leafmail`` runs Postfix (smtp_bench's private instance, its
+processes being the master's descendants) in the same rounds, one after the other.
+
+    python -m bench.smtp_alone [--rounds 4] [--loads s20-10K] [--servers leafmail] [--delete]
 """
 
 from __future__ import annotations
@@ -49,6 +55,17 @@ def _role(pid: int, root: int) -> str:
     return "parent" if pid == root else f"pid {pid}"
 
 
+def flushes(directory: Path) -> int:
+    """Flush requests completed by the disk under `directory` (0 where not known)."""
+    dev = os.stat(directory).st_dev
+    try:
+        with open(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat") as stat:
+            fields = stat.read().split()
+    except OSError:
+        return 0
+    return int(fields[15]) if len(fields) > 15 else 0
+
+
 def run(load: Load, port: int, root: int) -> tuple[float, dict[str, tuple[float, float]]]:
     """One smtp-source run: msgs/s, and (user, system) µs/msg of each process that ran."""
     before = times(root)
@@ -70,30 +87,38 @@ def main(argv: list[str] | None = None) -> int:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--rounds", type=int, default=4, choices=range(1, 11), metavar="1..10")
     p.add_argument("--loads", default="s20-10K", help=f"comma-separated, of {', '.join(LOADS)}")
+    p.add_argument("--servers", default="leafmail", help="comma-separated: leafmail, postfix")
     p.add_argument("--delete", action="store_true", help="delete each round's tree at once")
     args = p.parse_args(argv)
+    servers = args.servers.split(",")
+    if not servers or not set(servers) <= {"leafmail", "postfix"}:
+        p.error(f"--servers takes leafmail and postfix, not {args.servers!r}")
     loads = [LOADS[name] for name in args.loads.split(",") if name in LOADS]
     if not loads:
         p.error(f"no known load in {args.loads!r}")
     with tempfile.TemporaryDirectory(prefix="smtp-alone-") as tmp:
+        os.chmod(tmp, 0o711)  # noqa: S103 - search only, for Postfix's own user
         for round_ in range(1, args.rounds + 1):
-            scratch = Path(tempfile.mkdtemp(dir=tmp))
-            with serving("leafmail", scratch) as target:
-                for load in loads:
-                    os.sync()
-                    rate, used = run(load, target.port, target.pid)
-                    total = sum(user + system for user, system in used.values())
-                    split = "; ".join(
-                        f"{name}: user {user:,.0f} sys {system:,.0f}"
-                        for name, (user, system) in used.items()
-                    )
-                    print(
-                        f"round {round_} {load.name}: {rate:,.0f} msg/s, "
-                        f"{total:,.0f} µs/msg ({split})",
-                        flush=True,
-                    )
-            if args.delete:
-                shutil.rmtree(scratch)
+            for server in servers:
+                scratch = Path(tempfile.mkdtemp(dir=tmp))
+                with serving(server, scratch) as target:
+                    for load in loads:
+                        os.sync()
+                        flushed = flushes(scratch)
+                        rate, used = run(load, target.port, target.pid)
+                        per_flush = (flushes(scratch) - flushed) / load.messages
+                        total = sum(user + system for user, system in used.values())
+                        split = "; ".join(
+                            f"{name}: user {user:,.0f} sys {system:,.0f}"
+                            for name, (user, system) in used.items()
+                        )
+                        print(
+                            f"round {round_} {server} {load.name}: {rate:,.0f} msg/s, "
+                            f"{per_flush:.2f} flushes/msg, {total:,.0f} µs/msg ({split})",
+                            flush=True,
+                        )
+                if args.delete:
+                    shutil.rmtree(scratch)
     return 0
 
 
