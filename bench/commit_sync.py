@@ -38,21 +38,12 @@ from collections.abc import Callable
 from leafmail.envelope import ClientInfo, Envelope, Recipient
 from leafmail.spool import GroupCommitter, Spool
 
+from .machine import disk_flushes
+
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _SYNCFS: Callable[[int], int] = _LIBC.syncfs
 DATA = b"x" * 1500
 KINDS = ("fsync", "syncfs", "mixed", "renamed")
-
-
-def flushes(directory: str) -> int | None:
-    """Flush requests the disk under `directory` has completed (None if not known)."""
-    dev = os.stat(directory).st_dev
-    try:
-        with open(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat") as stat:
-            fields = stat.read().split()
-    except OSError:
-        return None
-    return int(fields[15]) if len(fields) > 15 else None
 
 
 def run(directory: str, kind: str, count: int) -> tuple[float, float | None]:
@@ -62,7 +53,7 @@ def run(directory: str, kind: str, count: int) -> tuple[float, float | None]:
     os.makedirs(tmp, exist_ok=True)
     os.makedirs(queue, exist_ok=True)
     dir_fd = os.open(queue, os.O_RDONLY | os.O_DIRECTORY)
-    flushed = flushes(directory)
+    flushed = disk_flushes(directory)
     start = time.perf_counter()
     for n in range(count):
         path = os.path.join(tmp, f"{kind}{n}")
@@ -78,7 +69,7 @@ def run(directory: str, kind: str, count: int) -> tuple[float, float | None]:
         os.rename(path, os.path.join(queue, f"{kind}{n}"))
         barrier(kind, dir_fd, file=False)
     elapsed = time.perf_counter() - start
-    after = flushes(directory)
+    after = disk_flushes(directory)
     os.close(dir_fd)
     for name in os.listdir(queue):
         os.unlink(os.path.join(queue, name))

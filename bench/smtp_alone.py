@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .machine import disk_flushes
 from .smtp_bench import LOADS, Load, serving
 from .smtp_idle import descendants
 
@@ -53,17 +54,6 @@ def times(root: int) -> Times:
 def _role(pid: int, root: int) -> str:
     """ "parent" for the server itself, else its pid (the workers share one command line)."""
     return "parent" if pid == root else f"pid {pid}"
-
-
-def flushes(directory: Path) -> int:
-    """Flush requests completed by the disk under `directory` (0 where not known)."""
-    dev = os.stat(directory).st_dev
-    try:
-        with open(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat") as stat:
-            fields = stat.read().split()
-    except OSError:
-        return 0
-    return int(fields[15]) if len(fields) > 15 else 0
 
 
 def run(load: Load, port: int, root: int) -> tuple[float, dict[str, tuple[float, float]]]:
@@ -104,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                 with serving(server, scratch) as target:
                     for load in loads:
                         os.sync()
-                        flushed = flushes(scratch)
+                        flushed = disk_flushes(scratch) or 0
                         rate, used = run(load, target.port, target.pid)
-                        per_flush = (flushes(scratch) - flushed) / load.messages
+                        per_flush = ((disk_flushes(scratch) or 0) - flushed) / load.messages
                         total = sum(user + system for user, system in used.values())
                         split = "; ".join(
                             f"{name}: user {user:,.0f} sys {system:,.0f}"
