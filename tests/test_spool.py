@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from leafmail import spool as spool_module
 from leafmail.envelope import ClientInfo, Envelope, EnvelopeError, Recipient
 from leafmail.spool import (
     LOOP_WRITE_MAX,
@@ -250,6 +251,10 @@ class _WatchedSpool(Spool):
         self.barriers.append(len(fds))
         super().make_durable(fds)
 
+    def sync_renamed(self, fd: int, dir_fd: int) -> None:
+        self.barriers.append(1)  # a lone message's one barrier (data and name)
+        super().sync_renamed(fd, dir_fd)
+
 
 def test_group_commit_writes_in_the_loop_and_syncs_per_batch(tmp_path: Path) -> None:
     """The session's loop writes the file (its threads would take the interpreter lock
@@ -304,6 +309,14 @@ class _Trail:
         monkeypatch.setattr(os, "rename", rename)
         monkeypatch.setattr(os, "fsync", fsync)
         monkeypatch.setattr(os, "fdatasync", fdatasync)
+        real_syncfs = spool_module._SYNCFS_CHECKED
+        if real_syncfs is not None:
+
+            def syncfs(fd: int) -> int:
+                self._note("syncfs")
+                return real_syncfs(fd)
+
+            monkeypatch.setattr(spool_module, "_SYNCFS_CHECKED", syncfs)
 
     def _note(self, step: str) -> None:
         self.steps.append((threading.current_thread().name, step))
@@ -322,9 +335,12 @@ class _Trail:
 def test_a_lone_commit_is_one_hop_with_the_same_barriers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One message with nothing else committing: one thread syncs the data, renames the
-    file and fsyncs queue/, in that order, before `commit` returns, and wakes the loop
-    once (the pipeline would hand it to the loop for the rename and to a second thread)."""
+    """One message with nothing else committing: one thread renames the file into queue/
+    and makes data and name durable with one syncfs(2) (one flush of the disk's cache,
+    where fdatasync + fsync of queue/ were two) before `commit` returns, and wakes the
+    loop once (the pipeline would hand it to the loop for the rename and to a second
+    thread). Where syncfs would not report a failed write (Linux < 5.8), the two
+    barriers follow the rename."""
     spool = Spool(tmp_path)
     committer = GroupCommitter(spool)
     trail = _Trail(monkeypatch, tmp_path)
@@ -338,14 +354,52 @@ def test_a_lone_commit_is_one_hop_with_the_same_barriers(
         qid, steps_at_answer = asyncio.run(one())
     finally:
         committer.close()
-    assert steps_at_answer == [
-        ("leafmail-write", "fdatasync"),
-        ("leafmail-write", "rename"),
-        ("leafmail-write", "fsync queue/"),
-    ]
+    barriers = ["syncfs"] if spool_module._SYNCFS_CHECKED else ["fdatasync", "fsync queue/"]
+    assert steps_at_answer == [("leafmail-write", step) for step in ["rename", *barriers]]
     assert trail.wakeups == 1
     assert spool.ids() == [qid] and os.listdir(tmp_path / "tmp") == []
     assert committer.committed == committer.batches == 1
+
+
+class _LockCheckingSpool(Spool):
+    """At the lone commit's barrier, asks another process's view of the spool for the
+    file's lock, as a queue runner would."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.runner = Spool(root, create=False)  # its own descriptors, so its own locks
+        self.seen: list[tuple[list[str], QueueState | None]] = []
+
+    def sync_renamed(self, fd: int, dir_fd: int) -> None:
+        names = self.runner.ids()
+        with self.runner.locked(names[0]) as state:
+            self.seen.append((names, state))
+        super().sync_renamed(fd, dir_fd)
+
+
+def test_a_lone_commit_is_locked_until_its_barrier_returned(tmp_path: Path) -> None:
+    """The lone commit renames its file into queue/ before the barrier, under the file's
+    lock: a queue runner that finds it there meanwhile is refused the lock (and skips
+    it), and gets it once the commit has returned."""
+    spool = _LockCheckingSpool(tmp_path)
+    committer = GroupCommitter(spool)
+    try:
+        qid = asyncio.run(committer.commit(ENV, DATA))
+    finally:
+        committer.close()
+    assert spool.seen == [([qid], None)]
+    with spool.runner.locked(qid) as state:
+        assert state is QueueState.QUEUE
+
+
+@pytest.mark.parametrize(
+    ("release", "reports"),
+    [("6.18.44", True), ("5.8.0", True), ("5.7.19", False), ("4.19.0", False), ("x", False)],
+)
+def test_syncfs_is_the_only_barrier_where_it_reports_errors(release: str, reports: bool) -> None:
+    """Before Linux 5.8 syncfs(2) returned 0 even when write-back failed, so there the
+    lone commit keeps fdatasync + fsync of the directory."""
+    assert spool_module._reports_errors(release) is reports
 
 
 def test_a_crowd_still_goes_through_the_pipeline(

@@ -7,8 +7,11 @@ runner delivers it and then the resent one: a duplicate. It is taken back under 
 lock (`Spool.withdraw`). A file a queue runner holds already is left to it, and the
 failure is still reported, naming the file: a possible duplicate, never a loss.
 
-The failure is injected where the spool syncs its directories (`Spool.fsync_dir`), as a
-failing disk would make fsync(2) fail (EIO); the rename before it really happened.
+The failure is injected where the spool syncs its directories (`Spool.fsync_dir`, and
+`Spool.sync_renamed`, the lone commit's one barrier for the data and the name), as a
+failing disk would make fsync(2) or syncfs(2) fail (EIO); the rename before it really
+happened. The lone commit holds the file's lock from before the rename to the end of
+its barrier, so there no runner can have the file, and it is always taken back.
 """
 
 from __future__ import annotations
@@ -55,14 +58,21 @@ class FailingDirSpool(Spool):
         self.before_failing: Callable[[list[str]], None] | None = None
 
     def fsync_dir(self, fd: int) -> None:
-        if self.failing is not None and _same_file(fd, self.root / self.failing):
+        self._maybe_fail(fd)
+        super().fsync_dir(fd)
+
+    def sync_renamed(self, fd: int, dir_fd: int) -> None:
+        self._maybe_fail(dir_fd)
+        super().sync_renamed(fd, dir_fd)
+
+    def _maybe_fail(self, dir_fd: int) -> None:
+        if self.failing is not None and _same_file(dir_fd, self.root / self.failing):
             names = sorted(os.listdir(self.root / self.failing))
             self.failing = None
             self.failures += 1
             if self.before_failing is not None:
                 self.before_failing(names)
             raise OSError(errno.EIO, os.strerror(errno.EIO))
-        super().fsync_dir(fd)
 
 
 def _same_file(fd: int, path: Path) -> bool:
@@ -111,9 +121,9 @@ def group_commit(spool: Spool, count: int, *, alone: bool) -> list[str | BaseExc
 
 
 def test_a_lone_commit_whose_queue_sync_fails_is_taken_back(tmp_path: Path) -> None:
-    """The lone path (one thread: fdatasync, rename, fsync of queue/): the fsync fails,
-    the session gets SpoolError (452), and queue/ holds nothing; the client's resend is
-    then the only copy."""
+    """The lone path (one thread: lock, rename, one barrier for data and name): the
+    barrier fails, the session gets SpoolError (452), and queue/ holds nothing; the
+    client's resend is then the only copy."""
     spool = FailingDirSpool(tmp_path)
     spool.failing = QueueState.QUEUE
     (failed,) = group_commit(spool, 1, alone=True)
@@ -161,7 +171,8 @@ def test_a_message_a_runner_already_holds_stays_and_the_failure_says_so(
     fsync, and holds its lock: the file is its (taking it from under a delivery is not
     allowed), so it stays, and the sender still hears 4xx (a 250 for a name the disk
     did not make durable could lose the message; a 4xx can at worst duplicate it). The
-    error names the file that stays, for the log."""
+    error names the file that stays, for the log. (The pipeline and `Spool.commit`; the
+    lone commit holds the lock meanwhile: see the next test.)"""
     spool = FailingDirSpool(tmp_path)
     runner = Spool(tmp_path, create=False)  # another process's view, with its own locks
     holding = contextlib.ExitStack()
@@ -169,7 +180,7 @@ def test_a_message_a_runner_already_holds_stays_and_the_failure_says_so(
     spool.before_failing = runner_takes_it(runner, holding)
     with holding:
         if path == "group":
-            (failed,) = group_commit(spool, 1, alone=True)
+            (failed,) = group_commit(spool, 1, alone=False)
         else:
             with pytest.raises(SpoolError) as raised:
                 spool.commit(ENV, DATA)
@@ -181,6 +192,28 @@ def test_a_message_a_runner_already_holds_stays_and_the_failure_says_so(
         assert "may also be delivered" in failed.strerror
         assert runner.get(qid, QueueState.QUEUE).data.startswith(DATA)  # the runner's, whole
     assert leftovers(spool) == nothing_but(spool, QueueState.QUEUE, [qid])
+
+
+def test_a_runner_cannot_take_a_lone_commit_before_its_barrier(tmp_path: Path) -> None:
+    """The lone commit locks its file before the rename into queue/ and keeps the lock
+    until its barrier returned: a queue runner that finds the file meanwhile is refused
+    its lock (it skips the file), so when the barrier fails the file is always taken
+    back, and the resend is the only copy."""
+    spool = FailingDirSpool(tmp_path)
+    runner = Spool(tmp_path, create=False)  # another process's view, with its own locks
+    seen: list[QueueState | None] = []
+
+    def runner_tries(names: list[str]) -> None:
+        (qid,) = names  # renamed already, not yet durable
+        with runner.locked(qid) as state:
+            seen.append(state)
+
+    spool.failing = QueueState.QUEUE
+    spool.before_failing = runner_tries
+    (failed,) = group_commit(spool, 1, alone=True)
+    assert seen == [None]  # the runner skipped it
+    assert isinstance(failed, SpoolError) and failed.kept is None, failed
+    assert leftovers(spool) == nothing_but(spool, QueueState.QUEUE, [])
 
 
 @pytest.mark.parametrize("runner_has_it", [False, True])
