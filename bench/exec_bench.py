@@ -9,12 +9,14 @@ Flags, chosen to give both servers the same job:
 
 * tcpserver ``-1 -H -R -l 0 -c 1000``: print the bound port (readiness), no reverse DNS,
   no ident (RFC 1413) lookup, no local name lookup, up to 1000 children;
-* netserver ``--max-conns 1000 --timeout 0``: the same cap; no idle timeout, which
-  tcpserver does not have either. Its per-connection log line stays on (it cannot be
-  turned off); both servers' stderr goes to a file.
+* netserver ``--max-conns 1000 --timeout 0 --quiet``: the same cap; no idle timeout,
+  which tcpserver does not have either; no line per served connection, as tcpserver
+  prints none without ``-v`` (both still log refusals and errors, and there are none
+  here). Both servers' stderr goes to a file.
 
-tcpserver prints nothing per connection by default (no ``-v``), so netserver does
-strictly more work per connection here.
+So both now do the same work per connection: accept, spawn, reap, close, and no log
+line. (Until ``--quiet`` existed netserver could not turn its line off and did strictly
+more; bench/RESULTS.md measures what the line costs.)
 
 netserver starts its commands from a spawner process (see netserver.modes.spawner), whose
 CPU, and that of the commands it reaped, the server CPU figures include (bench.cpu
@@ -71,6 +73,7 @@ def exec_servers(tcpserver: str) -> list[ServerSpec]:
                 "1000",
                 "--timeout",
                 "0",
+                "--quiet",
                 "--ready-fd",
                 str(fd),
                 "--",

@@ -224,3 +224,23 @@ def test_reloaded_access_rules_reach_the_spawners(
     pid = server.proc.pid
     assert wait_until(lambda: not any(holds_socket(p, inode) for p in children(pid)))
     assert server.stop() == 0
+
+
+def test_quiet_drops_the_connection_lines_but_not_the_refusals(
+    netserver_proc: ServerFactory,
+) -> None:
+    """``--quiet``: like tcpserver without -v, no line for a connection that was served;
+    a refusal is still logged. The server is stopped before its log is read, so every
+    line a spawner would have written is there."""
+    args = ["--listen", "127.0.0.1:0", "--quiet", "--max-per-source", "1", *CAT]
+    server = netserver_proc(args)
+    for source in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+        with connect(server.host_port, source=source) as sock:
+            assert round_trip(sock) == b"ping\n"
+    with connect(server.host_port) as held:
+        assert round_trip(held) == b"ping\n"
+        with connect(server.host_port) as over:
+            assert closed_by_peer(over)
+    assert server.stop() == 0
+    assert log_count(server.log, 'reason="more than 1 connections from 127.0.0.1"') == 1
+    assert log_count(server.log, "netserver: conn ") == 0

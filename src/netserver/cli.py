@@ -255,7 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="replace a worker after N connections (default 1000)",
     )
-    add_runtime_flags(s.add_argument_group("logging and start-up"))
+    logging = s.add_argument_group("logging and start-up")
+    add_runtime_flags(logging)
+    logging.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no line per connection that was served (refusals, errors and start/stop "
+        "are still logged), like tcpserver without -v",
+    )
     add_user_flags(s)
 
     c = sub.add_parser(
@@ -380,7 +387,7 @@ def cmd_serve(args: argparse.Namespace, command: list[str]) -> int:
         gates=gates,
         tls=_tls_loader(args),
         limits=limits,
-        log=ServerLog(json_lines=args.log_format == "json"),
+        log=ServerLog(json_lines=args.log_format == "json", connections=not args.quiet),
         options=RunOptions(
             loop=args.loop,
             on_ready=ready_fd_writer(args.ready_fd),

@@ -272,6 +272,11 @@ class AccessPolicy:
         # Decisions on an address alone, remembered: an SMTP server asks the same
         # question of one client at every stage of every message (relay control).
         self._known = BoundedMemo[IPAddress, Decision](self._decide_by_address, KNOWN_DECISIONS)
+        # The accept path's question, `quick`, remembered too (in a 1-tuple: the memo
+        # takes None for "not known yet", and None here means "names are needed").
+        self._quick = BoundedMemo[IPAddress, tuple[Decision | None]](
+            self._quick_by_address, KNOWN_DECISIONS
+        )
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> AccessPolicy:
@@ -327,6 +332,19 @@ class AccessPolicy:
             return names_could_deny
         # Refused unless a name is allowed (a name deny would only confirm that).
         return _has_name_rule(self._allow)
+
+    def quick(self, ip: IPAddress | None) -> Decision | None:
+        """`decide(ip)` when no name could change it (`needs_names` is False), else None.
+
+        Asked of every client on the accept path (a fork-exec spawner asks it per
+        connection), so it is remembered per address as `decide` is: `needs_names`
+        walks the rules twice, several microseconds a connection."""
+        if ip is None:
+            return self.decide(None)
+        return self._quick(ip)[0]
+
+    def _quick_by_address(self, ip: IPAddress) -> tuple[Decision | None]:
+        return (None,) if self.needs_names(ip) else (self._known(ip),)
 
     def decide(self, ip: IPAddress | None, names: frozenset[str] = frozenset()) -> Decision:
         """Judge a client; *names* must already be forward-confirmed.  No I/O here."""

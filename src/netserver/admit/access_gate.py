@@ -49,10 +49,9 @@ class AccessGate:
         log.info("access rules reloaded", rules=self.policy.describe())
 
     def quick(self, peer: Endpoint, local: Endpoint) -> Pass | Refusal | None:
-        policy = self.policy
-        if policy.needs_names(peer.ip):
+        decision = self.policy.quick(peer.ip)
+        if decision is None:  # a name could change it: `judge` looks the names up
             return None
-        decision = policy.decide(peer.ip)
         return PASS if decision.allowed else Refusal(decision.reason)
 
     async def judge(self, conn: Accepted) -> Ruling:
