@@ -265,16 +265,22 @@ def test_a_command_that_cannot_start_is_logged_and_the_spawner_goes_on(
     assert the_spawners(server.proc.pid) == spawners
 
 
+NO_SPAWNER = "421 no service now"
+
+
 @pytest.mark.parametrize("accepting", ["server", "spawners"])
 def test_a_spawner_that_keeps_dying_is_replaced_after_a_back_off(
     netserver_proc: ServerFactory, accepting: str
 ) -> None:
     """Each death is logged; young deaths in a row delay the next start (no fork loop).
     While there is no spawner, a client the server accepts is refused, never left
-    waiting; with no gate that needs the server the spawners accept themselves, and a
-    client that comes meanwhile waits in the listen backlog for the next one (as under
-    Postfix's master while a service is throttled)."""
-    server_path = ("--rate-per-source", "1000") if accepting == "server" else ()
+    waiting, and it reads the refusal line (netserver.linger) before the close; with no
+    gate that needs the server the spawners accept themselves, and a client that comes
+    meanwhile waits in the listen backlog for the next one (as under Postfix's master
+    while a service is throttled)."""
+    server_path = ["--refuse-message", NO_SPAWNER]
+    if accepting == "server":
+        server_path += ["--rate-per-source", "1000"]
     server = netserver_proc(["--listen", "127.0.0.1:0", *server_path, *CAT])
     # Six young deaths in a row: the last restart waits RESTART_MAX, as long as a plain
     # wait_until's whole timeout, so each wait for a restart allows for it too.
@@ -289,6 +295,10 @@ def test_a_spawner_that_keeps_dying_is_replaced_after_a_back_off(
             os.kill(spawner, signal.SIGKILL)
         assert wait_until(functools.partial(all_gone, spawners))
     if accepting == "server":
+        # The last back-off is seconds long (six young deaths): no spawner meanwhile.
+        with connect(server.host_port) as sock:
+            assert read_to_end(sock) == (NO_SPAWNER + "\r\n").encode()
+        assert wait_until(lambda: "status=spawn-failed" in server.log())
         assert wait_until(lambda: served(server.host_port), restart)
     else:
         with connect(server.host_port, timeout=restart) as sock:  # the back-off, then served

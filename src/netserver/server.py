@@ -173,7 +173,7 @@ class Server:
     def _make_mode(self, ctx: ModeContext) -> Mode:
         handler = self.handler
         if isinstance(handler, Command):
-            return ExecMode(ctx, handler, self.program, self._exec_direct())
+            return ExecMode(ctx, handler, self.program, self._exec_direct(), self._refuse_unserved)
         if isinstance(handler, LoopHandler) and self.workers:
             pool, owned = self.workers, False
             if not isinstance(pool, WorkerPool):
@@ -430,7 +430,8 @@ class Server:
         """Take the PROXY header off, then judge the connection as the client it names.
 
         Every rule, limit and log line after this sees the real client; a trusted
-        source that sends no valid header in time is dropped (and logged as itself).
+        source that sends no valid header in time is refused like any client (the
+        refusal line, then a lingering close) and logged as itself.
         """
         sock, peer = conn.sock, conn.record.peer
         try:
@@ -441,7 +442,7 @@ class Server:
             self._resume_if_room()
         if isinstance(ruling, Refusal):
             self.log.refused(peer, ruling.reason)
-            self.lingerer.refuse(sock, None)
+            self.lingerer.refuse(sock, self.options.refuse_message)
             return
         sock.setblocking(True)
         with contextlib.suppress(OSError):  # the mode accounts for a connection it failed
@@ -587,6 +588,11 @@ class Server:
         """Tell the client (if a message is configured) and close once it has read that
         (netserver.linger); the server goes on."""
         self.log.refused(peer, reason)
+        self.lingerer.refuse(sock, self.options.refuse_message)
+
+    def _refuse_unserved(self, sock: socket.socket) -> None:
+        """The refusal line and a lingering close, for an admitted client the mode could
+        not serve (an exec server with no spawner process); the mode logged it."""
         self.lingerer.refuse(sock, self.options.refuse_message)
 
     def _finished(self, conn: Accepted) -> None:

@@ -41,7 +41,7 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from ..accepted import Accepted
 from ..children import fork_with_channel, kill_and_reap, run_child, send_fd, watch_child
@@ -177,9 +177,17 @@ class ExecMode:
     """Serves each connection with a fresh process running the command (via the spawner)."""
 
     def __init__(
-        self, ctx: ModeContext, command: Command, path: str, direct: DirectService | None = None
+        self,
+        ctx: ModeContext,
+        command: Command,
+        path: str,
+        direct: DirectService | None = None,
+        refuse: Callable[[socket.socket], None] | None = None,
     ) -> None:
         self.ctx = ctx
+        # How the server turns a client away (its refusal line, then a lingering close:
+        # netserver.linger), for one it accepted and no spawner can serve; None: close.
+        self.refuse = refuse
         # Spawners that accept on the listeners themselves (modes.direct's table and
         # judge), each in a seat of its own; a dead one's seat is free again only
         # once the last command it left has ended.
@@ -478,9 +486,15 @@ class ExecMode:
             self._end_unsent(self.pending.popleft()[2], status)
 
     def _end_unsent(self, conn: Accepted, status: str) -> None:
+        """A connection no spawner took: counted out and logged; when it could not be
+        started (not when the server stops), the client reads the refusal line, as
+        every other client the server turns away does."""
         conn.record.status = status
-        conn.sock.close()
-        self._finish(conn)
+        self._finish(conn)  # first: it forgets the descriptor, which `refuse` keeps
+        if self.refuse is not None and status == "spawn-failed":
+            self.refuse(conn.sock)
+        else:
+            conn.sock.close()
 
     def _report(self, proc: _SpawnerProc) -> None:
         """One packet of the spawner's END records, when the channel is readable.
