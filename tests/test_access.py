@@ -423,6 +423,10 @@ def test_needs_names(
     policy = AccessPolicy(allow=allow, deny=deny)
     address = ip(client)
     assert policy.needs_names(address) is expected
+    # The accept path's question, remembered per address: the same answer, twice.
+    for _ in range(2):
+        quick = policy.quick(address)
+        assert quick == (None if expected else policy.decide(address))
     if not expected:
         # Skipping the lookup must be safe: no set of names changes the outcome.
         baseline = policy.decide(address).allowed
@@ -432,6 +436,9 @@ def test_needs_names(
 
 def test_needs_names_for_unix_peer() -> None:
     assert not AccessPolicy(allow=[".example.test"]).needs_names(None)
+    assert AccessPolicy(allow=[".example.test"]).quick(None) == Decision(
+        True, None, "unix-socket peer; access rules apply to IP clients"
+    )
 
 
 # --------------------------------------------------------------------------- DNS confirmation

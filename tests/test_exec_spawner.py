@@ -39,7 +39,7 @@ from netserver.limits import Limits
 from netserver.modes.base import ModeContext
 from netserver.modes.divert import spawn_shell
 from netserver.modes.execute import RESTART_MAX, SPAWNERS, ExecMode
-from netserver.modes.spawner import Program, Roster, spawn
+from netserver.modes.spawner import Program, Roster, _variables, spawn
 
 CAT = ["--", "/bin/cat"]
 
@@ -334,3 +334,21 @@ def test_a_back_off_ends_in_a_restart_with_no_client_to_prompt_it() -> None:
             await mode.closed()
 
     assert asyncio.run(restarted()) == SPAWNERS
+
+
+@pytest.mark.parametrize(
+    ("text", "env"),
+    [
+        (b"PROTO=TCP\0TCPREMOTEIP=192.0.2.1", {b"PROTO": b"TCP", b"TCPREMOTEIP": b"192.0.2.1"}),
+        (b"A=b=c\0EMPTY=", {b"A": b"b=c", b"EMPTY": b""}),  # the first "=" splits
+        (b"PROTO=TCP\0NOEQUALS\0X=1", {b"PROTO": b"TCP", b"NOEQUALS": b"", b"X": b"1"}),
+        (b"PROTO=TCP\0=nameless\0\0X=1", {b"PROTO": b"TCP", b"X": b"1"}),  # no empty name
+        (b"", {}),
+    ],
+)
+def test_the_variables_a_spawner_receives_become_the_environment(
+    text: bytes, env: dict[bytes, bytes]
+) -> None:
+    """`_variables`, split in C, keeps the rules of the loop it replaced (posix_spawn
+    refuses an empty name, so none may reach it)."""
+    assert _variables(text) == env

@@ -43,8 +43,8 @@ class ServerLog:
 
     `program` starts each text line and is the ``program`` of each JSON line.
     ``connections=False`` (``netserver serve --quiet``) drops the line of each connection
-    that was served, as tcpserver without ``-v`` prints nothing per connection: on a
-    fork-exec server that line is a tenth of the server's own CPU per connection.
+    that was served, as tcpserver without ``-v`` prints nothing per connection: in an
+    exec spawner that line was a quarter of the Python run per connection (bench/RESULTS.md).
     Refusals, errors and server events are still written: they are rare, and an operator
     needs them.
     """

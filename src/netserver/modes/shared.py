@@ -45,6 +45,19 @@ ENTRY = 16  # blake2b digest of the source a connection counts against
 # are touched only as far as a worker has used its area.
 ENTRIES = 65536
 FULL = -1  # `admit`: the global cap is reached; try again when a connection ends
+_FREE = bytes(ENTRY)  # a free entry
+
+
+class _Seat:
+    """Where one seat's numbers and area lie in the table: worked out once per worker,
+    not twice per connection (its admit and its release)."""
+
+    __slots__ = ("area", "open_at", "used_at")
+
+    def __init__(self, table: SharedLimits, seat: int) -> None:
+        self.open_at = table._open + seat * _NUMBER.size
+        self.used_at = table._used_at + seat * _NUMBER.size
+        self.area = table._entry(0, seat)
 
 
 class SharedLimits:
@@ -73,6 +86,7 @@ class SharedLimits:
         self.seat = -1  # ours, in a worker (see `take_seat`)
         self._free: list[int] = []
         self._used = 0
+        self._mine = _Seat(self, 0)
 
     # -- in a worker ----------------------------------------------------------------------
     def take_seat(self, seat: int) -> None:
@@ -80,6 +94,7 @@ class SharedLimits:
         self.seat = seat
         self._free = []
         self._used = 0
+        self._mine = _Seat(self, seat)
 
     def accepting(self, yes: bool, seat: int = -1) -> None:
         """Say whether the worker in `seat` (ours by default) watches the listener now,
@@ -133,17 +148,18 @@ class SharedLimits:
         cap = limits.max_per_source
         if cap and self._count(key) >= cap and not (limits.exempt and limits.exempt(peer)):
             return f"more than {cap} connections from {source_key(limits, peer)}"
+        mine, mem = self._mine, self.mem
         if self._free:
             entry = self._free.pop()
         elif self._used < self.entries:
             entry = self._used
             self._used += 1
-            _NUMBER.pack_into(self.mem, self._used_at + self.seat * _NUMBER.size, self._used)
+            _NUMBER.pack_into(mem, mine.used_at, self._used)
         else:
             return f"more than {self.entries} connections in one worker"
-        at = self._entry(entry)
-        self.mem[at : at + ENTRY] = key
-        self._add(self.seat, 1)
+        at = mine.area + entry * ENTRY
+        mem[at : at + ENTRY] = key
+        _NUMBER.pack_into(mem, mine.open_at, _NUMBER.unpack_from(mem, mine.open_at)[0] + 1)
         return entry
 
     def _add(self, seat: int, delta: int) -> int:
@@ -199,13 +215,17 @@ class SharedLimits:
         before the count goes down counts the source out a moment early, for a
         connection that has ended. The count is one aligned 8-byte store. That saves
         two fcntl calls per connection (bench/RESULTS.md, exec spawners)."""
-        own = seat < 0
-        seat = self.seat if own else seat
-        at = self._entry(entry, seat)
-        self.mem[at : at + ENTRY] = bytes(ENTRY)
-        self._add(seat, -1)
-        if own:
-            self._free.append(entry)
+        mem = self.mem
+        if seat >= 0:
+            at = self._entry(entry, seat)
+            mem[at : at + ENTRY] = _FREE
+            self._add(seat, -1)
+            return
+        mine = self._mine  # a connection of ours: the hot path, offsets known
+        at = mine.area + entry * ENTRY
+        mem[at : at + ENTRY] = _FREE
+        _NUMBER.pack_into(mem, mine.open_at, _NUMBER.unpack_from(mem, mine.open_at)[0] - 1)
+        self._free.append(entry)
 
     # -- in the supervisor ----------------------------------------------------------------
     def clear_seat(self, seat: int, keep: Collection[int] = ()) -> int:

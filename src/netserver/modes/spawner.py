@@ -52,6 +52,7 @@ import contextlib
 import heapq
 import ipaddress
 import mmap
+import operator
 import os
 import select
 import signal
@@ -64,10 +65,11 @@ from dataclasses import dataclass
 from .. import tcpinfo
 from ..children import kill_and_reap, receive_ready
 from ..connlog import ConnRecord, ServerLog
-from ..endpoint import Endpoint
+from ..endpoint import KNOWN_ADDRESSES, Endpoint, IPAddress
 from ..linger import Lingerer
 from ..listen.accept import local_end
 from ..listen.listeners import Listener
+from ..memo import BoundedMemo
 from .base import DEFAULT_SIGNALS, KILL_AFTER, RESET_SIGNALS, status_for_exit
 from .direct import RECHECK, DirectService
 from .reactor import EpollReactor
@@ -137,8 +139,16 @@ class Roster:
         else:
             return -1
         if record is not None:
-            peer, local = _packed(record.peer), _packed(record.local)
-            FACTS.pack_into(self.facts, slot * FACTS.size, record.started, *peer, *local)
+            peer, local = record.peer, record.local
+            FACTS.pack_into(
+                self.facts,
+                slot * FACTS.size,
+                record.started,
+                *_packed(peer.ip),
+                peer.port or 0,
+                *_packed(local.ip),
+                local.port or 0,
+            )
         SLOT.pack_into(self.mem, slot * SLOT.size, cid, pid)
         return slot
 
@@ -167,10 +177,18 @@ class Roster:
         self.facts.close()
 
 
-def _packed(end: Endpoint) -> tuple[int, bytes, int]:
-    if end.ip is None:
-        return 0, b"", 0
-    return end.ip.version, end.ip.packed, end.port or 0
+def _ip_facts(ip: IPAddress) -> tuple[int, bytes]:
+    return ip.version, ip.packed
+
+
+# An address as the roster stores it, remembered: asked twice per connection, and an
+# address object's `version` and `packed` are Python calls (`packed` converts each time).
+_known_facts = BoundedMemo[IPAddress, tuple[int, bytes]](_ip_facts, KNOWN_ADDRESSES)
+
+
+def _packed(ip: IPAddress | None) -> tuple[int, bytes]:
+    """IP version (0: a unix socket) and packed address, as FACTS holds them."""
+    return (0, b"") if ip is None else _known_facts(ip)
 
 
 def _endpoint(version: int, packed: bytes, port: int) -> Endpoint:
@@ -405,10 +423,7 @@ class Spawner:
         keep = bool(self.command.timeout) and family != socket.AF_UNIX
         sock = _wrap(fd, family) if keep or unix else None
         env = dict(self.command.env)
-        for item in variables.split(b"\0"):
-            name, _, value = item.partition(b"=")
-            if name:
-                env[name] = value
+        env.update(_variables(variables))
         if sock is not None and unix:
             env.update(peer_credentials(sock))
         pidfd = slot = -1
@@ -559,6 +574,30 @@ class Spawner:
         for run in self.running.values():
             run.outcome = TERMINATED
             self._end(run)
+
+
+_NAME_VALUE = operator.methodcaller("split", b"=", 1)
+
+
+def _variables(text: bytes) -> dict[bytes, bytes]:
+    """``NAME=value`` items separated by NUL, as a dict (a name with no ``=``: empty).
+
+    Split in C (`map` of `bytes.split`): a loop of `partition` in Python was a tenth of
+    the spawner's Python work per connection. An item without ``=`` or with no name
+    (never sent: the supervisor and `ucspi_variables` write each one whole) takes the
+    slow path, with the old rules."""
+    try:
+        env: dict[bytes, bytes] = dict(map(_NAME_VALUE, text.split(b"\0")))
+    except ValueError:  # an item without "=", or an empty one
+        env = {b"": b""}
+    if b"" not in env:
+        return env
+    env = {}  # the slow path also drops an empty name (posix_spawn would refuse it)
+    for item in text.split(b"\0"):
+        name, _, value = item.partition(b"=")
+        if name:
+            env[name] = value
+    return env
 
 
 def _wrap(fd: int, family: int) -> socket.socket:
