@@ -16,7 +16,7 @@ import pytest
 import netserver.endpoint as endpoint
 from leafmail.trace import received_header
 from netserver.admit.access import KNOWN_DECISIONS, AccessPolicy
-from netserver.connlog import ServerLog
+from netserver.connlog import ConnRecord, ServerLog
 from netserver.endpoint import Endpoint, parse_ip
 from netserver.memo import BoundedMemo
 from netserver.smtp import replies
@@ -136,3 +136,40 @@ def test_numbers_in_a_log_line_are_written_as_they_are() -> None:
     out = io.StringIO()
     ServerLog(out).event("conn", count=3, duration=0.25, tiny=1e-07, who="a b", none=None)
     assert out.getvalue() == 'netserver: conn count=3 duration=0.25 tiny=1e-07 who="a b" none=-\n'
+
+
+@pytest.mark.parametrize(
+    ("peer", "local", "counts", "status"),
+    [
+        (
+            Endpoint(parse_ip("192.0.2.1"), 4000),
+            Endpoint(parse_ip("127.0.0.1"), 25),
+            (10, 20),
+            "ok",
+        ),
+        (
+            Endpoint(parse_ip("2001:db8::1"), 1),
+            Endpoint(parse_ip("::1"), 7000),
+            (None, None),
+            "exit-3",
+        ),
+        (Endpoint(path='/run/a b"c.sock'), Endpoint(path=""), (0, None), "signal 9"),
+        (Endpoint(path="/tmp/x\x01=y"), Endpoint(path="/tmp/s"), (1, 2), "idle-timeout"),
+    ],
+)
+def test_the_connection_line_is_the_generic_event_line(
+    peer: Endpoint, local: Endpoint, counts: tuple[int | None, int | None], status: str
+) -> None:
+    """`ServerLog.connection` writes its text line directly (it runs per connection);
+    it must be the line the generic `event` writes for the same fields, quoting and all."""
+    record = ConnRecord(peer, local, "exec", bytes_in=counts[0], bytes_out=counts[1])
+    record.status = status
+    fast, generic = io.StringIO(), io.StringIO()
+    ServerLog(fast).connection(record)
+    duration = float(fast.getvalue().split(" duration=", 1)[1].split(" ", 1)[0])
+    fields = {"peer": str(peer), "local": str(local), "mode": "exec", "duration": duration}
+    ServerLog(generic).event("conn", **fields, **{"in": counts[0], "out": counts[1]}, status=status)
+    assert fast.getvalue() == generic.getvalue()
+    quiet = io.StringIO()
+    ServerLog(quiet, connections=False).connection(record)
+    assert quiet.getvalue() == ""

@@ -69,6 +69,9 @@ class ServerLog:
         else:
             parts = [f"{key}={_text(value)}" for key, value in fields.items()]
             line = f"{self.program}: {event} " + " ".join(parts)
+        self._write(line)
+
+    def _write(self, line: str) -> None:
         try:
             self.stream.write(line + "\n")
             self.stream.flush()
@@ -79,13 +82,21 @@ class ServerLog:
         """The line written when a connection ends (none when `connections` is off)."""
         if not self.connections:
             return
+        duration = round(time.monotonic() - record.started, 6)
+        if not self.json_lines:  # the line `_emit` writes, without its dict and loop
+            self._write(
+                f"{self.program}: conn peer={_end(record.peer)} local={_end(record.local)} "
+                f"mode={_text(record.mode)} duration={duration} in={_count(record.bytes_in)} "
+                f"out={_count(record.bytes_out)} status={_text(record.status)}"
+            )
+            return
         self._emit(
             "conn",
             {
                 "peer": str(record.peer),
                 "local": str(record.local),
                 "mode": record.mode,
-                "duration": round(time.monotonic() - record.started, 6),
+                "duration": duration,
                 "in": record.bytes_in,
                 "out": record.bytes_out,
                 "status": record.status,
@@ -117,6 +128,16 @@ def rfc3339(when: float) -> str:
 
 
 _QUOTE = re.compile(r'[ "=\\]')  # a value holding one of these is written quoted
+
+
+def _end(end: Endpoint) -> str:
+    """An endpoint as `_text` writes it: an IP one never needs quotes (digits, dots,
+    colons, brackets), so only a unix path goes through the check."""
+    return str(end) if end.ip is not None else _text(str(end))
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
 
 
 def _text(value: object) -> str:
