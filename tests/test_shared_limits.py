@@ -7,6 +7,7 @@ sees them in the caps; a child that dies, even holding the lock, leaves nothing 
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import os
 import signal
 import threading
@@ -123,3 +124,18 @@ def test_a_release_does_not_wait_for_the_lock() -> None:
     assert done  # it did not wait for the other's lock
     assert table.total == 0
     assert table.admit(PEER) == 0  # the entry is free again, and the source counted out
+
+
+def test_a_source_digest_follows_the_limits_it_was_made_with() -> None:
+    """The digest of a client's source is remembered per address, for the limits it was
+    made with: limits replaced (a reload) with another IPv6 prefix count anew."""
+    table = SharedLimits(Limits(max_conns=10, max_per_source=1), seats=1)
+    table.take_seat(0)
+    one, two = (Endpoint(ipaddress.ip_address(f"2001:db8::{n}"), 1) for n in (1, 2))
+    entries = [table.admit(one), table.admit(two)]  # /128: two sources
+    assert all(isinstance(entry, int) and entry >= 0 for entry in entries)
+    for entry in entries:
+        table.release(int(entry))
+    table.limits = Limits(max_conns=10, max_per_source=1, ipv6_source_prefix=64)
+    assert isinstance(table.admit(one), int)
+    assert table.admit(two) == "more than 1 connections from 2001:db8::/64"

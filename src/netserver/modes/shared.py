@@ -33,8 +33,9 @@ import struct
 import time
 from collections.abc import Callable, Collection
 
-from ..endpoint import Endpoint
+from ..endpoint import Endpoint, IPAddress
 from ..limits import Limits, source_key
+from ..memo import BoundedMemo
 
 __all__ = ["FULL", "SharedLimits"]
 
@@ -46,6 +47,16 @@ ENTRY = 16  # blake2b digest of the source a connection counts against
 ENTRIES = 65536
 FULL = -1  # `admit`: the global cap is reached; try again when a connection ends
 _FREE = bytes(ENTRY)  # a free entry
+KEYS = 4096  # sources whose digest a worker remembers
+
+
+def _digest(source: str) -> bytes:
+    return hashlib.blake2b(source.encode(), digest_size=ENTRY).digest()
+
+
+def _key_memo(limits: Limits) -> BoundedMemo[IPAddress, bytes]:
+    """Each client address's source digest under `limits` (its IPv6 prefix)."""
+    return BoundedMemo(lambda ip: _digest(source_key(limits, Endpoint(ip))), KEYS)
 
 
 class _Seat:
@@ -87,6 +98,7 @@ class SharedLimits:
         self._free: list[int] = []
         self._used = 0
         self._mine = _Seat(self, 0)
+        self._keys_for, self._keys = limits, _key_memo(limits)  # and the limits it is for
 
     # -- in a worker ----------------------------------------------------------------------
     def take_seat(self, seat: int) -> None:
@@ -130,12 +142,21 @@ class SharedLimits:
 
     def admit(self, peer: Endpoint) -> int | str:
         """Count a connection from `peer` in: its entry, `FULL`, or why it is refused."""
-        key = hashlib.blake2b(source_key(self.limits, peer).encode(), digest_size=ENTRY).digest()
+        key = self._key(peer)
         fcntl.lockf(self.fd, fcntl.LOCK_EX)
         try:
             return self._admit(peer, key)
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+    def _key(self, peer: Endpoint) -> bytes:
+        """The digest of the source `peer` counts against, remembered per address (a
+        worker sees the same clients over and over) for the limits it was made with."""
+        if peer.ip is None:
+            return _digest(source_key(self.limits, peer))
+        if self._keys_for is not self.limits:  # replaced (a reload): the prefix may differ
+            self._keys_for, self._keys = self.limits, _key_memo(self.limits)
+        return self._keys(peer.ip)
 
     def _admit(self, peer: Endpoint, key: bytes) -> int | str:
         limits = self.limits
