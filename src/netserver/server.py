@@ -180,7 +180,10 @@ class Server:
                 factory = loop_factory(self.options.loop)
                 pool = WorkerPool(pool, log=self.log, limits=self.limits, loop_factory=factory)
                 owned = True
-            return PoolMode(ctx, pool, self.service, owned=owned, direct=self._direct(pool))
+            direct, refusal = self._direct(pool), self.options.refuse_message
+            return PoolMode(
+                ctx, pool, self.service, owned=owned, direct=direct, refuse_message=refusal
+            )
         if isinstance(handler, LoopHandler):
             return EventLoopMode(ctx, handler)
         if self.mode_name == "thread":
