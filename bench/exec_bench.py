@@ -11,7 +11,7 @@ Flags, chosen to give both servers the same job:
   no ident (RFC 1413) lookup, no local name lookup, up to 1000 children;
 * netserver ``--max-conns 1000 --timeout 0 --quiet``: the same cap; no idle timeout,
   which tcpserver does not have either; no line per served connection, as tcpserver
-  prints none without ``-v`` (both still log refusals and errors, and there are none
+  prints none without ``-v`` (netserver still logs refusals and errors; there are none
   here). Both servers' stderr goes to a file.
 
 So both now do the same work per connection: accept, spawn, reap, close, and no log
