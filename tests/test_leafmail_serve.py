@@ -14,6 +14,7 @@ import os
 import re
 import smtplib
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from leafmail_fixtures import (
     split_received,
     wait_exit,
 )
+from test_check_pool import StallWatch, greeting_time
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -504,6 +506,42 @@ def test_bdat_with_bare_lf_is_refused(servers: LeafmailFactory) -> None:
         assert (reply.code, reply.enhanced) == (554, "5.6.0")
         assert client.command("NOOP").code == 250
     assert_nothing_spooled(server.spool_path)
+
+
+def test_a_bdat_message_of_long_lines_does_not_stall_the_worker(
+    servers: LeafmailFactory,
+) -> None:
+    """The 1000-octet line check of a whole BDAT message runs on the worker's loop, so
+    its cost must follow the message's size. It was a regex that restarted at every
+    octet of a line: about 11 s for these 2 MiB of legal 998-octet lines, with the only
+    worker frozen and no greeting for anyone. Others get their 220 while each message
+    is read and answered, and a 999-octet line is still refused."""
+    server = servers("[process]\nworkers = 1\n")  # the other clients meet the same loop
+    lines = b"Subject: x\r\n\r\n" + (b"x" * 998 + b"\r\n") * 2048
+    codes: list[int] = []
+
+    def send(body: bytes) -> None:
+        with raw(server.address()) as client:
+            client.sock.settimeout(60)  # the answer took 11 s before the fix
+            assert client.command("MAIL FROM:<a@example.test>").code == 250
+            assert client.command("RCPT TO:<bob@mx.test>").code == 250
+            codes.append(client.command(b"BDAT %d LAST\r\n" % len(body) + body[:-2]).code)
+
+    watch = StallWatch()
+    watch.start()
+    waits: list[float] = []
+    for body in (lines, lines + b"y" * 999 + b"\r\n"):
+        sender = threading.Thread(target=send, args=(body,))
+        sender.start()
+        while sender.is_alive():
+            waits.append(greeting_time(server))
+        sender.join()
+    watch.done.set()
+    watch.join()
+    assert codes == [250, 554]
+    # A greeting takes milliseconds; a stall of the whole machine is not the server's.
+    assert max(waits, default=0.0) < 1.0 + watch.stall, (waits, watch.stall)
+    assert len(server.queue_ids()) == 1
 
 
 # --- 4. safety -------------------------------------------------------------------------
