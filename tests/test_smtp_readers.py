@@ -307,6 +307,16 @@ def test_has_bare_newline(data: bytes, bare: bool) -> None:
     assert has_bare_newline(data) is bare
 
 
+_FOUR_OCTETS = bytes(b"\r\n.x"[i % 4] for i in range(256))  # CR and LF dense
+
+
+@given(st.binary(max_size=40).map(lambda b: b.translate(_FOUR_OCTETS)))
+def test_has_bare_newline_agrees_with_its_definition(data: bytes) -> None:
+    """Counts and a search for a lone CR stand for "some CR or LF outside a CRLF"."""
+    pairs_removed = data.replace(b"\r\n", b"")
+    assert has_bare_newline(data) is (b"\r" in pairs_removed or b"\n" in pairs_removed)
+
+
 def test_apply_newline_policy() -> None:
     assert apply_newline_policy(b"a\r\n", BareNewline.REJECT) == b"a\r\n"
     assert apply_newline_policy(b"a\n", BareNewline.REJECT) is None
