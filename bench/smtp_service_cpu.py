@@ -7,7 +7,8 @@ answers the client: `ReceiveService` with `policy_for` of the default config (ch
 this process, as without a check pool) on a netserver listener (event-loop mode, uvloop)
 in this process, driven by smtp-source (a new connection per message, as in
 `smtp_bench`). The committer encodes the spool file, as the real one does, and answers at
-once without touching the disk: the commit is not what this measures.
+once without touching the disk: the commit is not what this measures. The service has
+the workers' settings (`leafmail.smtpd`): the default minimum data rate and a log.
 
 The figure to compare is user time per message, or, deterministic on a loaded machine,
 instructions per message under callgrind (the difference of two runs, which cancels the
@@ -61,10 +62,19 @@ async def measure(runs: list[int], sessions: int, size: int) -> list[str]:
     """Serve on port 0 and run smtp-source once per entry of `runs` (that many messages)."""
     config = Config()
     smtp = config.smtp.server_config("bench.test")
-    service = ReceiveService(smtp, EncodeOnly(), policy_for(config))
+    log = ServerLog(open(os.devnull, "w"))  # noqa: SIM115 (open while the server runs)
+    # As a worker builds it (leafmail.smtpd): the default minimum data rate arms a timer
+    # for each message's data, and the service has a log.
+    service = ReceiveService(
+        smtp,
+        EncodeOnly(),
+        policy_for(config),
+        log=log,
+        min_data_rate=config.smtp.min_data_rate,
+        data_rate_grace=config.smtp.data_rate_grace,
+    )
     ready = asyncio.Event()
     options = RunOptions(loop="uvloop", signals=False, on_ready=lambda _ends: ready.set())
-    log = ServerLog(open(os.devnull, "w"))  # noqa: SIM115 (open while the server runs)
     handler = CallbackHandler(service.session)
     server = Server(handler, "127.0.0.1:0", mode="async", log=log, options=options)
     serving = asyncio.create_task(server.serve())
