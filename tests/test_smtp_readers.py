@@ -317,6 +317,29 @@ def test_has_bare_newline_agrees_with_its_definition(data: bytes) -> None:
     assert has_bare_newline(data) is (b"\r" in pairs_removed or b"\n" in pairs_removed)
 
 
+def _each_bare_newline_made_crlf(data: bytes) -> bytes:
+    """The REPLACE policy's definition, octet by octet."""
+    out, i = bytearray(), 0
+    while i < len(data):
+        if data[i : i + 2] == b"\r\n":
+            out += b"\r\n"
+            i += 2
+        else:
+            out += b"\r\n" if data[i] in b"\r\n" else data[i : i + 1]
+            i += 1
+    return bytes(out)
+
+
+@given(st.binary(max_size=40).map(lambda b: b.translate(_FOUR_OCTETS)))
+def test_the_replace_policy_agrees_with_its_definition(data: bytes) -> None:
+    expected = _each_bare_newline_made_crlf(data)
+    assert apply_newline_policy(data, BareNewline.REPLACE) == expected
+    reader = DataReader(BareNewline.REPLACE, 1 << 20)  # DATA too, in one segment or more
+    end = reader.read(bytearray(b"x" + data.replace(b"\r\n.", b"\r\n..") + b"\r\n.\r\n"))
+    assert end is not None and end.error is None
+    assert end.data == _each_bare_newline_made_crlf(b"x" + data + b"\r\n")
+
+
 def test_apply_newline_policy() -> None:
     assert apply_newline_policy(b"a\r\n", BareNewline.REJECT) == b"a\r\n"
     assert apply_newline_policy(b"a\n", BareNewline.REJECT) is None

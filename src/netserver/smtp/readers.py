@@ -69,7 +69,6 @@ EXTENDED_LINE_LIMITS: dict[bytes, int] = {
 
 _TERMINATOR = b".\r\n"
 _NO_EXTENSIONS: dict[bytes, int] = {}
-_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 # A line that starts with a dot. re finds it 2.5 to 3 times faster than bytearray.find
 # in a 10 KiB body without one (9 against 24 µs, timeit): its search skips to each CR.
 _DOT_LINE = re.compile(rb"\r\n\.")
@@ -120,7 +119,18 @@ def apply_newline_policy(data: bytes, policy: BareNewline) -> bytes | None:
         return data
     if policy is BareNewline.REJECT:
         return None
-    return _BARE.sub(b"\r\n", data)
+    return _crlf_line_ends(data)
+
+
+def _crlf_line_ends(data: bytes) -> bytes:
+    """``data`` with each bare CR or LF made a CRLF (pairs stay as they are).
+
+    Three C-level replaces: pairs to LF, the CRs left (all bare) to LF, then every LF to
+    CRLF. The regex with a look-behind it replaces tried a match at every octet: 26.7 ms
+    a MiB of LF-ended lines against 3.2 ms, run on the event loop for every such message
+    under `BareNewline.REPLACE`.
+    """
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
 
 
 # --- command lines -----------------------------------------------------------------
@@ -348,7 +358,7 @@ class DataReader:
                 if self._policy is BareNewline.REJECT:
                     self._sink.fail(DataError.BARE_NEWLINE)
                 else:
-                    segment = _BARE.sub(b"\r\n", segment)
+                    segment = _crlf_line_ends(segment)
             if self._too_long(segment):
                 self._sink.fail(DataError.LINE_TOO_LONG)
         self._sink.write(segment)
