@@ -112,6 +112,11 @@ LOADS = {
         Load("s1-1K", 1, 1024, 1000),
         Load("s100-1K", 100, 1024, 3000),
         Load("s20-100K", 20, 102400, 1000),
+        # These two part the body's size from the number of sessions (against s20-10K
+        # and s100-1K): at 20 sessions a message costs about twice what it does at 100,
+        # at either size (bench/RESULTS.md, "The DATA path per byte").
+        Load("s20-1K", 20, 1024, 3000),
+        Load("s100-10K", 100, 10240, 3000),
     )
 }
 DEFAULT_LOADS = ("s20-10K", "s1-1K", "s100-1K")
