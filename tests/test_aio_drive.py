@@ -22,6 +22,7 @@ import trustme
 from loop_kinds import run_on
 
 from netserver.aio import AsyncConnection, ServerStopping, drive
+from netserver.stdio import LineTooLong
 
 LOOPS = ["asyncio", "uvloop"]
 VAR: contextvars.ContextVar[str] = contextvars.ContextVar("VAR", default="unset")
@@ -90,6 +91,42 @@ def test_a_parked_read_resumes_the_handler_inside_data_received(loop_kind: str) 
         loop.call_soon(feed)
         await asyncio.sleep(0)  # one turn: feed runs
         assert during == [[b"abc"]]
+
+    run(loop_kind, handler, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_a_parked_line_read_gets_one_whole_line_inside_data_received(loop_kind: str) -> None:
+    """A read that is exactly one line goes straight to a parked readline, up to and
+    including `max_line` bytes; one byte more is LineTooLong, not a line."""
+    seen: list[bytes | str] = []
+
+    async def handler(conn: AsyncConnection) -> None:
+        conn.max_line = 8
+        try:
+            while line := await conn.readline():
+                seen.append(line)
+        except LineTooLong:
+            seen.append("too long")
+
+    async def body(conn: AsyncConnection, task: asyncio.Task[Any], peer: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        during: list[list[bytes | str]] = []
+
+        def feed(data: bytes) -> None:  # a loop callback, as the transport's read is
+            conn.data_received(data)
+            during.append(list(seen))
+
+        for data in (b"a\n", b"1234567\n", b"12345678\n"):
+            await parked(conn)
+            loop.call_soon(feed, data)
+            await asyncio.sleep(0)  # one turn: feed runs
+        assert during == [
+            [b"a\n"],
+            [b"a\n", b"1234567\n"],
+            [b"a\n", b"1234567\n", "too long"],
+        ]
+        await asyncio.wait_for(task, 5)
 
     run(loop_kind, handler, body)
 

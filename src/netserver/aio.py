@@ -154,39 +154,38 @@ class AsyncConnection(LoopConnection):
 
     # -- Protocol callbacks -------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        self.bytes_in += len(data)
+        size = len(data)
+        self.bytes_in += size
         buf = self._buf
         hand = self._hand
-        if (
-            hand is not None
-            and not buf
-            and self._want == _CHUNK
-            and len(data) <= self._want_n
-            and not hand.done()
-        ):  # the commonest case of `_answer` below, inlined: a parked chunk read
-            self._hand = None
-            self._step(hand, data, None)
-            return
-        if not buf and (self._hand is not None or self._waiter is not None):
-            # A read waits, and if these bytes are exactly what it wants (one line, or at
-            # most the chunk asked for), they go over as they are; if they start with a
-            # line and more follows, the line goes over and the rest is split (`_split`).
+        if not buf and (hand is not None or self._waiter is not None):
+            # A read waits, and if these bytes are exactly what it wants (at most the
+            # chunk asked for, or one line), they go over as they are: straight into the
+            # coroutine when `drive` parked the read (`_answer`'s commonest case,
+            # inlined), else through `_answer`. If they start with a line and more
+            # follows, the line goes over and the rest is split (`_split`).
             want = self._want
             if want == _CHUNK:
-                if len(data) <= self._want_n and self._answer(data, None):
-                    return
+                whole = size <= self._want_n
             elif want == _LINE:
                 end = data.find(b"\n") + 1
-                if 0 < end <= self.max_line:
-                    if end == len(data):
-                        if self._answer(data, None):
-                            return
-                    elif type(data) is bytes:
-                        self._buf = data
-                        self._pos = 0
-                        if self._answer(self._split(data, 0, end), None):
-                            return
-                        self._lines = None  # the read was cancelled: all stays unread
+                whole = 0 < end == size <= self.max_line
+                if not whole and 0 < end <= self.max_line and type(data) is bytes:
+                    self._buf = data
+                    self._pos = 0
+                    if self._answer(self._split(data, 0, end), None):
+                        return
+                    self._lines = None  # the read was cancelled: all stays unread
+            else:
+                whole = False
+            if whole:
+                if hand is None:
+                    if self._answer(data, None):
+                        return
+                elif not hand.done():  # (done: its task was cancelled, see `_answer`)
+                    self._hand = None
+                    self._step(hand, data, None)
+                    return
         if not buf:
             # Kept as they came (never a caller's mutable buffer): reads slice them.
             self._buf = data if type(data) is bytes else bytes(data)
@@ -298,7 +297,8 @@ class AsyncConnection(LoopConnection):
         (a stop asked from one), it leaves the step to its own task instead.
         """
         # Set by `drive` whenever `_hand` is (no assert: this is the per-read path).
-        loop, task, send, ctx = self._loop, self._task, self._send, self._ctx
+        loop = self._loop
+        task = self._task
         try:
             _enter_task(loop, task)
         except RuntimeError:  # another task runs (a stop asked from it): ours steps
@@ -307,7 +307,10 @@ class AsyncConnection(LoopConnection):
             return
         self._driving = True
         try:
-            yielded = ctx.run(send, value) if exc is None else ctx.run(send.__self__.throw, exc)
+            if exc is None:
+                yielded = self._ctx.run(self._send, value)
+            else:
+                yielded = self._ctx.run(self._send.__self__.throw, exc)
         except StopIteration as stop:
             self._outcome = (_RETURN, stop.value)
         except BaseException as error:  # the task raises it (and so logs it)
