@@ -60,7 +60,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=8,
         help="requests in flight per connection in the pipelined echo run (0 skips it)",
     )
-    p.add_argument("--clients", type=int, default=1, help="echo load processes (default 1)")
+    p.add_argument(
+        "--clients", type=int, default=1, help="echo load processes (default 1; needs --turn 0)"
+    )
+    p.add_argument(
+        "--turn",
+        type=float,
+        default=0.5,
+        metavar="SECONDS",
+        help="echo: measure the servers, all running, in turns this long, cycling until each "
+        "has had --seconds per round (default 0.5); 0: one window per server per round, each "
+        "server started for its own",
+    )
     p.add_argument(
         "--concurrency", type=int, default=8, help="exec: connections at once (default 8)"
     )
@@ -79,6 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--quiet-wait must be 0..1800 seconds")
     if not (1 <= args.clients <= 4 and args.clients <= args.conns and 0 <= args.depth <= 64):
         p.error("--clients must be 1..4 (at most --conns) and --depth 0..64")
+    if not (0 <= args.turn <= args.seconds and (args.clients == 1 or args.turn == 0)):
+        p.error("--turn must be 0..--seconds, and 0 with more than one --clients")
     return args
 
 
@@ -96,14 +109,20 @@ def echo_section(args: argparse.Namespace, log_dir: Path, gate: QuietGate) -> li
     depths = [1] if args.depth <= 1 else [1, args.depth]
     for depth in depths:
         load = EchoLoad(
-            conns=args.conns, depth=depth, warmup=1.0, seconds=args.seconds, clients=args.clients
+            conns=args.conns,
+            depth=depth,
+            warmup=1.0,
+            seconds=args.seconds,
+            clients=args.clients,
+            turn=args.turn,
         )
         kind = "ping-pong" if depth == 1 else f"pipelined, {depth} requests in flight"
         _progress(f"echo, {kind}:")
         samples = run_echo(load, args.rounds, log_dir, _progress, gate)
         out += [
             f"### {kind.capitalize()}: {load.conns} connections, {load.clients} load process(es), "
-            f"{load.seconds:g} s after {load.warmup:g} s warm-up, {args.rounds} rounds",
+            f"{load.seconds:g} s after {load.warmup:g} s warm-up, {args.rounds} rounds"
+            + (f", in turns of {load.turn:g} s" if load.turn else ""),
             "",
             *report.table("req/s", samples),
             "",
