@@ -9,8 +9,9 @@
    ucspi-tcp's tcpserver, both running ``/bin/echo hi``.
 
 Every server is its own process on 127.0.0.1 port 0 and is stopped when its
-measurement ends, error or not. The output is Markdown (progress goes to stderr), so a
-run can be pasted into bench/RESULTS.md as it is.
+measurement ends, error or not (the echo servers when the echo benchmark ends: they are
+measured in short interleaved turns, `--turn`, see `bench.echo_bench`). The output is
+Markdown (progress goes to stderr), so a run can be pasted into bench/RESULTS.md as it is.
 
     python -m bench                      # everything, 5 to 6 minutes
     python -m bench --only echo --rounds 1 --seconds 2     # a quick look
@@ -66,10 +67,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--turn",
         type=float,
-        default=0.5,
+        default=0.1,
         metavar="SECONDS",
         help="echo: measure the servers, all running, in turns this long, cycling until each "
-        "has had --seconds per round (default 0.5); 0: one window per server per round, each "
+        "has had --seconds per round (default 0.1); 0: one window per server per round, each "
         "server started for its own",
     )
     p.add_argument(

@@ -23,8 +23,8 @@ server at a time, cycling until each has had `seconds` (`bench.echo_load.run_sli
 Why: a single window per server per round, the old way (``turn`` 0, still there to
 compare with), put whatever else happened in those seconds (another process's burst, the
 scheduler putting client and server on one core) on one server only; quiet runs gave
-rounds from 0.69x to 0.98x for one ratio. Turns of half a second spread it over every
-server alike, and with the servers already running a round costs no start-up. In the
+rounds from 0.69x to 0.98x for one ratio. Turns of a tenth of a second spread it over
+every server alike, and with the servers already running a round costs no start-up. In the
 old way the server order rotates each round for the same reason.
 """
 
@@ -99,7 +99,7 @@ class EchoLoad:
     warmup: float = 1.0
     seconds: float = 5.0
     clients: int = 1
-    turn: float = 0.5
+    turn: float = 0.1
 
     def sliced_argv(self, servers: list[tuple[int, int]]) -> list[str]:
         """The one load process of a round measuring every (port, pid) in turns."""

@@ -202,9 +202,10 @@ async def _turn(
     window = None
     await asyncio.sleep(TURN_SETTLE)
     if measure:
-        n0, e0, start = tally.answered, tally.errors, snapshot(server_pid)
+        # (The echo servers are single-threaded and start no processes: `run_time` holds.)
+        n0, e0, start = tally.answered, tally.errors, snapshot(server_pid, precise=True)
         await asyncio.sleep(seconds)
-        n1, e1, end = tally.answered, tally.errors, snapshot(server_pid)
+        n1, e1, end = tally.answered, tally.errors, snapshot(server_pid, precise=True)
         window = measured(n1 - n0, e1 - e0, start, end)
     else:
         await asyncio.sleep(seconds)

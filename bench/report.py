@@ -80,11 +80,17 @@ def ratio(samples: dict[str, list[Sample]], num: str, den: str, target: float) -
     us_a = median_known([s.server_us for s in a])
     us_b = median_known([s.server_us for s in b])
     by_cpu = None if us_a is None or us_b is None or not us_a else us_b / us_a
+    cpu_paired = [
+        y.server_us / x.server_us
+        for x, y in zip(a, b, strict=False)
+        if x.server_us and y.server_us is not None
+    ]
     verdict = "n/a" if headline is None else ("meets" if headline >= target else "below")
     return [
         f"- **{num} / {den}: {fmt_or_na(headline, '.2f')}x** (target ≥ {target:.2f}x: {verdict}); "
         f"per round {', '.join(f'{r:.2f}' for r in paired)}; "
         f"by server CPU per operation {fmt_or_na(by_cpu, '.2f')}x"
+        f" (per round {', '.join(f'{r:.2f}' for r in cpu_paired)})"
     ]
 
 
