@@ -32,20 +32,25 @@ def process_cpu(pid: int) -> float | None:
     return (utime + stime + cutime + cstime) / _TICK
 
 
-def children_of(pid: int) -> list[int]:
-    """The live child processes of `pid` (from /proc/PID/task/*/children)."""
-    found: list[int] = []
+def _per_task(pid: int, name: str) -> list[bytes] | None:
+    """/proc/PID/task/*/NAME of every thread of `pid` still there; None if `pid` is gone."""
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return found
+        return None
+    found: list[bytes] = []
     for task in tasks:
         try:
-            with open(f"/proc/{pid}/task/{task}/children", "rb") as f:
-                found += [int(child) for child in f.read().split()]
+            with open(f"/proc/{pid}/task/{task}/{name}", "rb") as f:
+                found.append(f.read())
         except OSError:
             continue
     return found
+
+
+def children_of(pid: int) -> list[int]:
+    """The live child processes of `pid` (from /proc/PID/task/*/children)."""
+    return [int(child) for raw in _per_task(pid, "children") or [] for child in raw.split()]
 
 
 def tree_cpu(pid: int) -> float | None:
@@ -68,18 +73,10 @@ def run_time(pid: int) -> float | None:
     server whose threads live as long as it does and that reaps no children: a thread
     that ends takes its time with it.
     """
-    total = 0
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
+    stats = _per_task(pid, "schedstat")
+    if stats is None:
         return None
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/schedstat", "rb") as f:
-                total += int(f.read().split()[0])
-        except (OSError, IndexError, ValueError):
-            continue
-    return total / 1e9
+    return sum(int(raw.split()[0]) for raw in stats if raw) / 1e9
 
 
 def machine_cpu() -> tuple[float, float]:
