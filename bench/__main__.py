@@ -91,8 +91,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--quiet-wait must be 0..1800 seconds")
     if not (1 <= args.clients <= 4 and args.clients <= args.conns and 0 <= args.depth <= 64):
         p.error("--clients must be 1..4 (at most --conns) and --depth 0..64")
-    if not (0 <= args.turn <= args.seconds and (args.clients == 1 or args.turn == 0)):
-        p.error("--turn must be 0..--seconds, and 0 with more than one --clients")
+    if not (args.turn == 0 or 0.05 <= args.turn <= args.seconds):
+        p.error("--turn must be 0, or 0.05 to --seconds")
+    if args.clients > 1 and args.turn:
+        p.error("more than one --clients needs --turn 0")
     return args
 
 

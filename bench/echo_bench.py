@@ -177,7 +177,8 @@ def _run_sliced(
         for server in servers:
             probe_echo(server.port)
         argv = load.sliced_argv([(s.port, s.proc.pid) for s in servers])
-        budget = len(servers) * (load.warmup + load.seconds * 1.5 + 5) + 30
+        turns = max(1, round(load.seconds / load.turn))  # as `bench.echo_load` counts them
+        budget = len(servers) * (load.warmup + turns * (load.turn + 0.5)) + 30
         for r in range(rounds):
             busy = gate.wait()
             (result,) = run_load([argv], budget)

@@ -43,6 +43,7 @@ CONNECT_TIMEOUT = 10.0
 MAX_CONNS = 1000
 MAX_SECONDS = 120.0
 MAX_TARGETS = 16
+MIN_SLICE = 0.05  # a turn shorter than its settling time would be mostly settling
 # How long a turn runs before its window opens (from idle to every request in flight),
 # and how long, and how often, the end of a turn waits for the requests in flight.
 TURN_SETTLE = 0.05
@@ -258,8 +259,10 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--warmup and --seconds must be at most {MAX_SECONDS}")
     if len(pids) != len(ports) or (len(ports) > 1 and not args.slice):
         p.error("give --server-pid once per --port, and --slice with more than one --port")
-    if not 0 <= args.slice <= args.seconds or len(ports) > MAX_TARGETS:
-        p.error(f"--slice must be 0..--seconds, and at most {MAX_TARGETS} servers")
+    if not (args.slice == 0 or MIN_SLICE <= args.slice <= args.seconds):
+        p.error(f"--slice must be 0, or {MIN_SLICE:g} to --seconds")
+    if len(ports) > MAX_TARGETS:
+        p.error(f"at most {MAX_TARGETS} servers")
     with asyncio.Runner(loop_factory=loop_factory("uvloop")) as runner:
         if args.slice:
             targets = list(zip(ports, pids, strict=True))
