@@ -13,7 +13,7 @@ measurement ends, error or not (the echo servers when the echo benchmark ends: t
 measured in short interleaved turns, `--turn`, see `bench.echo_bench`). The output is
 Markdown (progress goes to stderr), so a run can be pasted into bench/RESULTS.md as it is.
 
-    python -m bench                      # everything, 5 to 6 minutes
+    python -m bench                      # everything, about 8 minutes
     python -m bench --only echo --rounds 1 --seconds 2     # a quick look
 """
 
