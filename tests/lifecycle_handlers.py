@@ -289,3 +289,24 @@ async def async_pid(conn: AsyncConnection) -> None:
     while line := await conn.readline():
         conn.write(line)
         await conn.drain()
+
+
+LATE_ANSWERS = 100
+"""How many 64 KiB writes `async_pid_answer_late` tries into a closed connection at most."""
+
+
+async def async_pid_answer_late(conn: AsyncConnection) -> None:
+    """Async form that sends its pid, reads to EOF, then answers a client that has gone.
+
+    The client closed its socket, so the first write draws a RST from the client's kernel
+    and a later one fails with EPIPE: that must end this connection (a ConnectionError
+    here), never the worker process and every other connection it serves.
+    """
+    conn.write(f"{os.getpid()}\n".encode())
+    await conn.drain()
+    while await conn.read(65536):
+        pass
+    with contextlib.suppress(ConnectionError):
+        for _ in range(LATE_ANSWERS):
+            conn.write(b"x" * 65536)
+            await conn.drain()

@@ -9,22 +9,25 @@ killing the supervisor ends every worker.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import time
 from pathlib import Path
 
 from conftest import RunningServer, ServerFactory
-from lifecycle_handlers import HANDLER_ENV, IO_TIMEOUT, all_exit
+from lifecycle_handlers import HANDLER_ENV, IO_TIMEOUT, all_exit, wait_until
 
 DEADLINE = 15.0
 
 
-def serve(netserver_proc: ServerFactory, *extra: str) -> tuple[RunningServer, tuple[str, int]]:
+def serve(
+    netserver_proc: ServerFactory, *extra: str, handler: str = "async_pid"
+) -> tuple[RunningServer, tuple[str, int]]:
     server = netserver_proc(
         [
             "--mode", "async", "--workers", "2", "--listen", "127.0.0.1:0",
-            "--handler", "lifecycle_handlers:async_pid", *extra,
+            "--handler", f"lifecycle_handlers:{handler}", *extra,
         ],
         env=HANDLER_ENV,
     )  # fmt: skip
@@ -98,6 +101,32 @@ def test_a_killed_worker_is_replaced_and_the_supervisor_takes_them_all_down(
     os.kill(parent, signal.SIGKILL)
     server.proc.wait(IO_TIMEOUT)
     assert all_exit(fds, DEADLINE), "a worker outlived its supervisor"
+
+
+def test_a_client_gone_mid_answer_ends_its_connection_not_the_worker(
+    netserver_proc: ServerFactory,
+) -> None:
+    """A write into a connection the client has closed is EPIPE, not a SIGPIPE.
+
+    A worker serves many clients from one process, so it keeps Python's SIGPIPE
+    disposition (ignored) instead of the default that a forked handler gets: a client
+    that closes while its answer is being written would otherwise kill the worker and
+    every session in it, which any client can do at will.
+    """
+    server, address = serve(netserver_proc, handler="async_pid_answer_late")
+    sock, pid = connect(address)
+    worker = os.pidfd_open(pid)
+    port = sock.getsockname()[1]
+    sock.sendall(b"bye\n")
+    sock.close()  # the handler answers after this: into a closed socket
+    ended = f"peer=127.0.0.1:{port} "
+    assert wait_until(
+        lambda: ended in server.log() or bool(select.select([worker], [], [], 0)[0]),
+        DEADLINE,
+    ), "the connection neither ended nor killed its worker"
+    assert not select.select([worker], [], [], 0)[0], f"the worker died: {server.log()}"
+    os.close(worker)
+    assert pid in children(server.proc.pid)
 
 
 def test_a_worker_holds_every_socket_close_on_exec(netserver_proc: ServerFactory) -> None:

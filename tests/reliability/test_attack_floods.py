@@ -8,6 +8,7 @@ one source cannot take the service away from the others. Sizes grow under SOAK=1
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from lifecycle_handlers import (
     rss_kb,
     serve_args,
     served,
+    wait_until,
 )
 
 pytestmark = pytest.mark.timeout(soak.scaled(60, 600))
@@ -231,4 +233,32 @@ def test_a_pipelining_client_that_never_reads_does_not_stall_leafmail(
         took = greeted_and_mail_taken(server)
         assert took < PROMPT * 2, took
     soak.record("attack", "never-reading pipelining client (leafmail)", pushed_bytes=pushed,
+                bystander_s=round(took, 3))  # fmt: skip
+
+
+def _ended_or_died(server: Leafmail, ended: str) -> bool:
+    log = server.log()
+    return ended in log or "died" in log
+
+
+def test_a_client_that_closes_under_its_pipelined_replies_kills_no_worker(
+    servers: LeafmailFactory,
+) -> None:
+    """1,000 pipelined EHLOs, then close without reading: the replies go to a closed socket.
+
+    The first write of the 150 KB of replies draws a RST from the client's kernel, and the
+    next one fails with EPIPE. Under a SIGPIPE at its default the smtpd worker died there
+    with every session it served, so any client could kill workers at will.
+    """
+    server = servers()
+    attacks = 3
+    for _ in range(attacks):
+        with connect(server.address(), ATTACKER) as attacker:
+            attacker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            attacker.sendall(b"EHLO attacker.test\r\n" * 1000)
+            ended = f"conn peer={ATTACKER}:{attacker.getsockname()[1]} "
+        assert wait_until(functools.partial(_ended_or_died, server, ended), PROMPT * 5)
+        assert "died" not in server.log(), server.log()
+    took = greeted_and_mail_taken(server)
+    soak.record("attack", "closed under pipelined replies (leafmail)", attacks=attacks,
                 bystander_s=round(took, 3))  # fmt: skip

@@ -246,6 +246,11 @@ class WorkerPool:
     def _child(self, chan: socket.socket, parent_pid: int, seat: int) -> int:
         """In the new process: detach from the parent's loop, set up, then serve."""
         reset_child_signals()
+        # Unlike a forked handler, a worker serves many clients from one process: a write
+        # to one that has gone must fail with EPIPE for that connection alone (Python's
+        # own setting), not raise SIGPIPE, which would end every session in the worker
+        # and let any client that closes early kill workers at will.
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         asyncio.events._set_running_loop(None)
         die_with_parent(parent_pid)
         # A worker with a seat keeps the listeners it accepts on itself.
