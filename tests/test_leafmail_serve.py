@@ -167,6 +167,31 @@ def test_helo_client_gets_with_smtp(servers: LeafmailFactory) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("helo", "written"),
+    [
+        ("a)by(trusted.example", "a?by?trusted.example"),  # closes the comment
+        ("x;Mon,01Jan2001", "x?Mon,01Jan2001"),  # the date would start at the ";"
+        ('<"u"@x>\\', "??u??x??"),
+        ("[IPv6:2001:db8::1]", "[IPv6:2001:db8::1]"),  # an address literal stays whole
+    ],
+)
+def test_an_ehlo_name_cannot_add_structure_to_the_received_field(
+    plain: Leafmail, helo: str, written: str
+) -> None:
+    """Postfix writes " <>()\\";@" of the HELO name as "?": in the Received field they
+    would end the comment, start the date or look like an address. The envelope keeps
+    the name as the client sent it."""
+    with smtp_client(plain) as client:
+        code, _ = client.ehlo(helo)
+        assert code == 250
+        qid = smtplib_send(client, SENDER, ["bob@mx.test"], MESSAGE)
+    msg = plain.message(qid)
+    received, rest = split_received(msg.data)
+    assert (received.helo, rest) == (written, MESSAGE)
+    assert msg.envelope.client.helo == helo
+
+
 def test_dot_stuffed_lines_come_back_unstuffed(servers: LeafmailFactory) -> None:
     server = servers()
     body = (

@@ -25,9 +25,16 @@ from datetime import UTC, datetime
 MAX_LINE = 998  # octets in a line of a message, CRLF not counted (RFC 5322 2.1.1)
 _UNSAFE = re.compile(r"[^\x21-\x7e\u00a0-\U0010ffff]")
 _UNSAFE_KEEP_SPACE = re.compile(r"[^\x20-\x7e\u00a0-\U0010ffff]")
+# Characters with a meaning in the Received field: "(" and ")" around the comment, ";"
+# before the date, "<", ">", '"', "\\" and "@" of addresses. An EHLO name (one token, but
+# any printable one) that held them could close the comment, start the date early or
+# pose as another clause, so readers of the trace would parse text the client wrote.
+# Postfix's smtpd writes the same characters of the HELO name as "?".
+_TRACE_SPECIALS = r'()<>;"\\@'
+_UNSAFE_HELO = re.compile(rf"[^\x21-\x7e\u00a0-\U0010ffff]|[{_TRACE_SPECIALS}]")
 # Without SMTPUTF8 the message is ASCII (or 8BITMIME), and a UTF-8 EHLO name must not
 # make it need SMTPUTF8 at the next hop (RFC 6531), so the name loses what is not ASCII.
-_UNSAFE_ASCII = re.compile(r"[^\x21-\x7e]")
+_UNSAFE_HELO_ASCII = re.compile(rf"[^\x21-\x7e]|[{_TRACE_SPECIALS}]")
 
 
 _last_date: tuple[int, str] = (-1, "")
@@ -69,7 +76,7 @@ def received_header(
 ) -> bytes:
     """The header field, folded, ending in CRLF; UTF-8 only in an SMTPUTF8 message."""
     source = f"[{client_ip}]" if client_ip else "localhost"
-    name = _clean(helo or "unknown", _UNSAFE if utf8 else _UNSAFE_ASCII)
+    name = _clean(helo or "unknown", _UNSAFE_HELO if utf8 else _UNSAFE_HELO_ASCII)
     lines = [f"Received: from {name} ({source})"]
     via = f"by {_clean(hostname)} (leafmail) with {protocol} id {qid}"
     if tls:
