@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import smtplib
 import ssl
 import subprocess
@@ -40,6 +41,7 @@ from leafmail_fixtures import (
     toml_string,
     users_file,
 )
+from lifecycle_handlers import wait_until
 
 from leafmail.auth import load_users
 
@@ -238,6 +240,32 @@ def test_starttls_handshake_with_an_untrusted_client_fails_cleanly(
     with smtp_client(server) as client:
         qid = smtplib_send(client, "a@example.test", ["bob@mx.test"], MESSAGE)
     assert server.queue_ids() == [qid]
+
+
+@pytest.mark.parametrize("listener", ["starttls", "implicit"])
+def test_a_tls_client_that_closes_first_leaves_no_stray_line_in_the_log(
+    server: Leafmail, tls: TLSFiles, listener: str
+) -> None:
+    """A client's close_notify ends its session and writes nothing but leafmail's lines.
+
+    The session keeps its write side open at a plain EOF; a TLS connection cannot be
+    half-closed, and asyncio and uvloop print a warning of their own (outside the log
+    format, JSON included) when a protocol asks for it, once per such client.
+    """
+    if listener == "starttls":
+        client = raw_starttls(server, tls)
+    else:
+        client = RawSMTP(server.address(SMTPS), context=tls.client_context())
+        client.greeting()
+        client.ehlo()
+    port = client.sock.getsockname()[1]
+    assert isinstance(client.sock, ssl.SSLSocket)
+    with contextlib.suppress(OSError):
+        client.sock.unwrap()  # close_notify: the end of the client's input
+    client.close()
+    assert wait_until(lambda: f"peer=127.0.0.1:{port} " in server.log()), server.log()
+    stray = [line for line in server.log().splitlines() if not line.startswith("leafmail: ")]
+    assert stray == []
 
 
 # --- implicit TLS -----------------------------------------------------------------------

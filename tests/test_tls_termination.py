@@ -116,6 +116,24 @@ def test_every_mode_serves_plaintext_handlers_over_tls(
     assert wait_until(lambda: conn_statuses(server).count("ok") == 3)
 
 
+@pytest.mark.parametrize("handler", ["examples.echo:async_main", "examples.echo:Echo"])
+def test_a_client_close_notify_leaves_no_stray_line_in_the_log(
+    netserver_proc: ServerFactory, certs: Certs, handler: str
+) -> None:
+    """After a plain EOF the handler may still answer; a TLS connection cannot stay
+    half-open, and asyncio and uvloop print a warning outside the log format (JSON too)
+    when a protocol asks them to, once per client that sends close_notify first."""
+    args = ["--listen", "127.0.0.1:0", "--mode", "async", "--handler", handler]
+    server = netserver_proc([*args, *certs.flags()], env=HANDLER_ENV)
+    with tls_connect(server, certs) as sock:
+        sock.sendall(b"ping\n")
+        assert recv_line(sock) == b"ping\n"
+        with contextlib.suppress(OSError):
+            sock.unwrap()  # close_notify: the end of the client's input
+    assert wait_until(lambda: len(conn_statuses(server)) == 1), server.log()
+    assert [line for line in server.log().splitlines() if not line.startswith("netserver: ")] == []
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_command_echo_over_tls_with_backpressure(
     netserver_proc: ServerFactory, certs: Certs, loop: str

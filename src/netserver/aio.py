@@ -209,10 +209,10 @@ class AsyncConnection(LoopConnection):
             self.transport.pause_reading()
             self._reading_paused = True
 
-    def eof_received(self) -> bool:
+    def eof_received(self) -> bool | None:
         self._eof = True
         self._wake()
-        return True  # keep the write side open: the handler may still answer
+        return self.keep_open_after_eof()  # the handler may still answer
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

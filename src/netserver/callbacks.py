@@ -96,13 +96,13 @@ class CallbackConnection(LoopConnection):
         except Exception as exc:
             self._fail(exc)
 
-    def eof_received(self) -> bool:
+    def eof_received(self) -> bool | None:
         if self.callbacks is not None:
             try:
                 self.callbacks.eof_received()
             except Exception as exc:
                 self._fail(exc)
-        return True  # the write side stays open until the handler closes it
+        return self.keep_open_after_eof()  # the write side stays open until the handler closes it
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

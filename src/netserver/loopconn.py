@@ -104,6 +104,15 @@ class LoopConnection(asyncio.Protocol):
         """Transport details (``socket``, ``ssl_object``, ...)."""
         return None if self.transport is None else self.transport.get_extra_info(name)
 
+    def keep_open_after_eof(self) -> bool | None:
+        """What eof_received returns to keep the write side open for the handler's answer.
+
+        True on a plain socket. A TLS transport cannot be half-closed: it closes after the
+        client's close_notify whatever the protocol answers, and asyncio and uvloop print
+        a warning for True, a line outside the server's log format, once per client.
+        """
+        return None if self.get_extra_info("sslcontext") is not None else True
+
     def abort(self) -> None:
         """Drop the connection now, discarding unsent data."""
         if self.transport is not None:
