@@ -244,9 +244,9 @@ def _ended_or_died(server: Leafmail, ended: str) -> bool:
 def test_a_client_that_closes_under_its_pipelined_replies_kills_no_worker(
     servers: LeafmailFactory,
 ) -> None:
-    """1,000 pipelined EHLOs, then close without reading: the replies go to a closed socket.
+    """5,000 pipelined EHLOs, then close without reading: the replies go to a closed socket.
 
-    The first write of the 150 KB of replies draws a RST from the client's kernel, and the
+    The first write of the 750 KB of replies draws a RST from the client's kernel, and the
     next one fails with EPIPE. Under a SIGPIPE at its default the smtpd worker died there
     with every session it served, so any client could kill workers at will.
     """
@@ -255,7 +255,7 @@ def test_a_client_that_closes_under_its_pipelined_replies_kills_no_worker(
     for _ in range(attacks):
         with connect(server.address(), ATTACKER) as attacker:
             attacker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            attacker.sendall(b"EHLO attacker.test\r\n" * 1000)
+            attacker.sendall(b"EHLO attacker.test\r\n" * 5000)
             ended = f"conn peer={ATTACKER}:{attacker.getsockname()[1]} "
         assert wait_until(functools.partial(_ended_or_died, server, ended), PROMPT * 5)
         assert "died" not in server.log(), server.log()
