@@ -99,16 +99,3 @@ def test_a_rule_that_needs_a_name_judges_the_client_the_header_names(
     assert ("7.8.9.10.in-addr.arpa", "PTR") in dns.queries  # the named clients, not
     assert ("6.8.9.10.in-addr.arpa", "PTR") in dns.queries  # the balancer, were looked up
     assert wait_until(lambda: 'reason="matched deny rule bad.example.test"' in server.log())
-
-
-def test_a_header_a_worker_cannot_read_is_refused_with_the_line(
-    netserver_proc: ServerFactory,
-) -> None:
-    """The worker that reads the header refuses a bad one itself, with the server's
-    --refuse-message line before a lingering close, as the supervisor does."""
-    server = serve(netserver_proc)
-    with socket.create_connection(server.host_port, timeout=IO_TIMEOUT) as bad:
-        bad.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        assert recv_line(bad) == b"421 too many\r\n"
-        assert bad.recv(1) == b""
-    assert wait_until(lambda: 'reason="PROXY protocol: ' in server.log())

@@ -180,10 +180,7 @@ class Server:
                 factory = loop_factory(self.options.loop)
                 pool = WorkerPool(pool, log=self.log, limits=self.limits, loop_factory=factory)
                 owned = True
-            direct, refusal = self._direct(pool), self.options.refuse_message
-            return PoolMode(
-                ctx, pool, self.service, owned=owned, direct=direct, refuse_message=refusal
-            )
+            return PoolMode(ctx, pool, self.service, owned=owned, direct=self._direct(pool))
         if isinstance(handler, LoopHandler):
             return EventLoopMode(ctx, handler)
         if self.mode_name == "thread":
@@ -433,8 +430,8 @@ class Server:
         """Take the PROXY header off, then judge the connection as the client it names.
 
         Every rule, limit and log line after this sees the real client; a trusted
-        source that sends no valid header in time is refused like any client (the
-        refusal line, then a lingering close) and logged as itself.
+        source that sends no valid header in time is dropped (a lingering close, with
+        no line) and logged as itself.
         """
         sock, peer = conn.sock, conn.record.peer
         try:
@@ -444,8 +441,11 @@ class Server:
             self.fds.discard(conn.fd)
             self._resume_if_room()
         if isinstance(ruling, Refusal):
+            # No line: the peer is a balancer, not a client, and the refusal message
+            # speaks of the client (leafmail's names a connection limit). The PROXY
+            # protocol's receivers drop such a connection, as HAProxy's spec asks.
             self.log.refused(peer, ruling.reason)
-            self.lingerer.refuse(sock, self.options.refuse_message)
+            self.lingerer.refuse(sock, None)
             return
         sock.setblocking(True)
         with contextlib.suppress(OSError):  # the mode accounts for a connection it failed

@@ -66,7 +66,6 @@ class PoolService:
     tls: ssl.SSLContext | None
     fds: FdRegistry
     direct: DirectService | None = None
-    refuse_message: str | None = None  # for a client whose PROXY header a worker cannot read
 
 
 class Worker:
@@ -198,20 +197,15 @@ class Worker:
         conn.cid = cid  # a field, not a map: an idle connection should cost little
         self.serving += 1
         if proxied:
-            refusal = self.services[service].refuse_message
-            serving = self._serve_proxied(cid, mode, conn, refusal)
-            task = asyncio.get_running_loop().create_task(serving)
+            task = asyncio.get_running_loop().create_task(self._serve_proxied(cid, mode, conn))
             self.reading.add(task)
             task.add_done_callback(self.reading.discard)
             return
         mode.dispatch(conn)
 
-    async def _serve_proxied(
-        self, cid: int, mode: EventLoopMode, conn: Accepted, refusal: str | None
-    ) -> None:
+    async def _serve_proxied(self, cid: int, mode: EventLoopMode, conn: Accepted) -> None:
         """Read the balancer's PROXY header here (never in the supervisor), have the
-        supervisor judge and count the client it names, then serve it as that client.
-        A header that cannot be read is refused with the server's `refusal` line."""
+        supervisor judge and count the client it names, then serve it as that client."""
         record, sock = conn.record, conn.sock
         timeout = header_timeout(self.limits.timeout)
         sock.setblocking(False)
@@ -219,7 +213,7 @@ class Worker:
             info = await read_header(sock, timeout)
         except (ProxyError, OSError) as exc:
             self.log.refused(record.peer, f"PROXY protocol: {exc}")
-            self._drop(conn, "proxy-error", refusal)
+            self._drop(conn, "proxy-error", None)
             return
         peer, local = proxy_endpoints(info, record.peer, record.local)
         waiting: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()

@@ -169,12 +169,10 @@ class WorkerPool:
         tls: ssl.SSLContext | None,
         fds: FdRegistry,
         direct: DirectService | None = None,
-        refuse_message: str | None = None,
     ) -> None:
         """A server that hands its connections to this pool (its fds close in workers),
-        or with `direct`, whose connections the workers accept themselves;
-        `refuse_message`: its line for a client a worker refuses itself."""
-        self.services[name] = PoolService(handler, tls, fds, direct, refuse_message)
+        or with `direct`, whose connections the workers accept themselves."""
+        self.services[name] = PoolService(handler, tls, fds, direct)
 
     def set_tls(self, name: str, tls: ssl.SSLContext | None) -> None:
         """New workers serve `name` with this context (see `replace`)."""
@@ -571,7 +569,6 @@ class PoolMode:
         *,
         owned: bool,
         direct: DirectService | None = None,
-        refuse_message: str | None = None,
     ) -> None:
         self.ctx = ctx
         self.pool = pool
@@ -580,7 +577,7 @@ class PoolMode:
         self.direct = direct
         self.namer: Namer | None = None  # set by a Server with proxy_from (see server.py)
         assert isinstance(ctx.handler, LoopHandler)
-        pool.add_service(service, ctx.handler, ctx.tls, ctx.fds, direct, refuse_message)
+        pool.add_service(service, ctx.handler, ctx.tls, ctx.fds, direct)
 
     def set_direct(self, direct: DirectService | None) -> None:
         """How workers started from now on accept this server's connections."""
