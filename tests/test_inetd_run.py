@@ -186,6 +186,7 @@ BAD = [
     ("missing file", f'{ECHO}\nhosts_allow = "nowhere.allow"', "hosts_allow", 6),
     ("missing cert", f'{ECHO}\ntls_cert = "nowhere.pem"', "tls_cert", 6),
     ("bad cps", f'{ECHO}\ncps = "fast"', "cps", 6),
+    ("quiet not a boolean", f"{ECHO}\nquiet = 1", "quiet", 6),
     ("unknown user", 'handler = "examples.echo:main"\nuser = "no-such-user-x"', "user", 5),
     ("bad handler", 'handler = "no_such_module_x:main"', "handler", 5),
 ]
@@ -256,3 +257,52 @@ def test_netserver_run_serves_with_durations_written_with_units(tmp_path: Path) 
             assert idle.read_all() == b""
     finally:
         assert server.stop() == 0
+
+
+GREET = 'command = ["/bin/echo", "hi"]'
+
+
+def conn_lines(log: str, address: str) -> int:
+    """How many connection lines name `address` as the local end."""
+    return sum(
+        1 for line in log.splitlines() if "netserver: conn " in line and f"local={address} " in line
+    )
+
+
+def test_a_quiet_service_writes_no_connection_lines(tmp_path: Path) -> None:
+    """``quiet = true``: that service's served connections are not logged, the other
+    service's are. Lines are counted after the stop, so every line a process would have
+    written is there."""
+    config = write_config(
+        tmp_path, service("loud", GREET) + service("hush", f"{GREET}\nquiet = true")
+    )
+    server = start_run(config, tmp_path)
+    try:
+        loud, hush = server.addresses
+        for address in (loud, loud, hush, hush):
+            assert exchange(address) == b"hi\n"
+    finally:
+        assert server.stop() == 0
+    log = server.log()
+    assert conn_lines(log, loud) == 2, log
+    assert conn_lines(log, hush) == 0, log
+
+
+def test_run_quiet_drops_every_services_connection_lines(tmp_path: Path) -> None:
+    """``netserver run --quiet``: no connection line for any service; a refusal is still
+    logged (one client over a ``per_source = 1`` service's limit)."""
+    body = f'{ECHO}\nper_source = 1\nbanner = "busy"'
+    config = write_config(tmp_path, service("one", GREET) + service("two", body))
+    server = start_run(config, tmp_path, args=("--quiet",))
+    try:
+        one, two = server.addresses
+        assert exchange(one) == b"hi\n"
+        with Client(two) as first:
+            first.send(b"ping\n")
+            assert first.read_line() == b"ping\n"
+            assert refusal(two) == b"busy\r\n"
+    finally:
+        assert server.stop() == 0
+    log = server.log()
+    assert "netserver: conn " not in log, log
+    assert "more than 1 connections from 127.0.0.1" in log, log

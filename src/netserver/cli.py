@@ -35,7 +35,7 @@ from .tcpd.access import DEFAULT_ALLOW, DEFAULT_DENY, HostsAccess, HostsLoader, 
 from .tcpd.check import check_lines
 from .tcpd.envnames import NameOptions
 from .tcpd.names import ResolverNames
-from .usage import UsageParser, add_runtime_flags, count, exit_status
+from .usage import UsageParser, add_quiet_flag, add_runtime_flags, count, exit_status
 
 PROG = "netserver"
 
@@ -257,12 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     logging = s.add_argument_group("logging and start-up")
     add_runtime_flags(logging)
-    logging.add_argument(
-        "--quiet",
-        action="store_true",
-        help="no line per connection that was served (refusals, errors and start/stop "
-        "are still logged), like tcpserver without -v",
-    )
+    add_quiet_flag(logging)
     add_user_flags(s)
 
     c = sub.add_parser(

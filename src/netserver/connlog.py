@@ -42,9 +42,10 @@ class ServerLog:
     """Writes log lines to a stream (stderr by default); ``json_lines=True`` for JSON.
 
     `program` starts each text line and is the ``program`` of each JSON line.
-    ``connections=False`` (``netserver serve --quiet``) drops the line of each connection
-    that was served, as tcpserver without ``-v`` prints nothing per connection: in an
-    exec spawner that line was a quarter of the Python run per connection (bench/RESULTS.md).
+    ``connections=False`` (``netserver serve --quiet``, ``run --quiet``, a service's
+    ``quiet``) drops the line of each connection that was served, as tcpserver without
+    ``-v`` prints nothing per connection: in an exec spawner that line was a quarter of the
+    Python run per connection (bench/RESULTS.md).
     Refusals, errors and server events are still written: they are rare, and an operator
     needs them.
     """
@@ -61,6 +62,13 @@ class ServerLog:
         self.json_lines = json_lines
         self.program = program
         self.connections = connections
+
+    def without_connections(self) -> ServerLog:
+        """The same log (stream, format, program) without the line per connection: a
+        ``netserver run`` service with ``quiet = true`` gets it."""
+        return ServerLog(
+            self.stream, json_lines=self.json_lines, program=self.program, connections=False
+        )
 
     def _emit(self, event: str, fields: dict[str, object]) -> None:
         if self.json_lines:

@@ -52,6 +52,16 @@ def add_runtime_flags(group: argparse._ActionsContainer) -> None:
     )
 
 
+def add_quiet_flag(group: argparse._ActionsContainer, also: str = "") -> None:
+    """--quiet, for netserver's serve and run (leafmail's sessions log what they do)."""
+    group.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no line per connection that was served (refusals, errors and start/stop "
+        f"are still logged), like tcpserver without -v{also}",
+    )
+
+
 def exit_status(prog: str, run: Callable[[], int]) -> int:
     """Run a command's body: a NetserverError becomes one line on stderr and its sysexits
     code, Ctrl-C becomes 130; never a traceback for something the user can fix."""

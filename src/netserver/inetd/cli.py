@@ -16,6 +16,7 @@ from ..connlog import ServerLog
 from ..endpoint import Endpoint
 from ..readiness import ready_fd_writer
 from ..server import Server
+from ..usage import add_quiet_flag
 from .conf_import import ImportOptions, import_inetd, read_services, render
 from .supervisor import run_config
 
@@ -40,7 +41,9 @@ def add_inetd_commands(
         epilog="Exit codes: 0 ok, 64 usage, 69 nothing could be bound, 78 configuration.",
     )
     r.add_argument("config", metavar="CONFIG.toml", help="the services")
-    add_runtime_flags(r.add_argument_group("logging and start-up"))
+    logging = r.add_argument_group("logging and start-up")
+    add_runtime_flags(logging)
+    add_quiet_flag(logging, "; for every service ('quiet = true' in a [[service]]: for that one)")
     i = sub.add_parser(
         "import-inetd",
         help="print an inetd.conf as netserver run TOML",
@@ -87,7 +90,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if writer is not None:
             writer(addresses)
 
-    log = ServerLog(json_lines=args.log_format == "json")
+    log = ServerLog(json_lines=args.log_format == "json", connections=not args.quiet)
     return run_config(args.config, log, args.loop, ready, keep_out)
 
 

@@ -30,6 +30,7 @@ from ..strictconf import (
     Invalid,
     Unfit,
     at_least,
+    boolean,
     duration,
     integer,
     read_file,
@@ -42,7 +43,7 @@ SERVICE_KEYS = frozenset(
         "name", "listen", "mode", "handler", "command", "user", "group", "groups",
         "instances", "per_source", "cps", "cps_wait", "timeout", "allow", "deny",
         "hosts_allow", "hosts_deny", "daemon_name", "banner", "banner_file", "env",
-        "tls_cert", "tls_key", "proxy_from",
+        "tls_cert", "tls_key", "proxy_from", "quiet",
     }
 )  # fmt: skip
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
@@ -70,6 +71,7 @@ class ServiceConfig:
     tls_cert: str = ""
     tls_key: str = ""
     proxy_from: tuple[str, ...] = ()
+    quiet: bool = False  # no line per served connection (as `netserver run --quiet`)
     path: str = ""
     lines: Mapping[str, int] = field(default_factory=dict)
 
@@ -162,6 +164,7 @@ def _build(t: dict[str, Any], base: Path, path: str, lines: Mapping[str, int]) -
         tls_cert=_file(t, "tls_cert", base) or "",
         tls_key=_file(t, "tls_key", base) or "",
         proxy_from=_rules(t, "proxy_from"),
+        quiet=value_of(boolean, t.get("quiet", False), "quiet"),
         path=path,
         lines=lines,
     )

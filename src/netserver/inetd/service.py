@@ -52,7 +52,7 @@ def build_server(service: ServiceConfig, log: ServerLog, loop: str) -> Server:
             gates=gates,
             tls=_tls_loader(service),
             limits=service.limits,
-            log=log,
+            log=log.without_connections() if service.quiet else log,
             options=RunOptions(loop=loop, refuse_message=service.banner),
         )
     except NetserverError as exc:
