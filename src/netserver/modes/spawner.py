@@ -19,7 +19,10 @@ listener, no other client's socket), then serves the channel, a SOCK_SEQPACKET p
 
 For each connection the spawner builds the environment (the supervisor's, filtered of
 stale ucspi names, plus the variables sent), spawns the command with the socket on fd 0
-and 1, watches it through a pidfd, and when it exits reaps it and reports. The
+and 1, and when it exits reaps it and reports. It learns which commands ended from
+SIGCHLD, read from a signalfd in its epoll set (`netserver.childexits`), not from a
+pidfd per command: that was three system calls per connection (pidfd_open, epoll_ctl,
+close), against a read and a `waitid` per wake-up and one `waitid` per command. The
 supervisor closed its own copy of the socket when it sent it. With an idle timeout the
 spawner keeps a copy, to read the idle time from TCP_INFO, and reads the byte counts
 from it at the end; without one (``--timeout 0``) it closes its copy at once, so the
@@ -63,7 +66,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from .. import tcpinfo
-from ..children import kill_and_reap, receive_ready
+from ..childexits import ChildExits
+from ..children import receive_ready
 from ..connlog import ConnRecord, ServerLog
 from ..endpoint import KNOWN_ADDRESSES, Endpoint, IPAddress
 from ..linger import Lingerer
@@ -117,8 +121,12 @@ class Roster:
 
     No message per command: a slot is written after the spawn and cleared before the
     reap, so an entry names a process that has not been reaped by the spawner (its pid
-    cannot have been reused). With every slot taken a command is simply not listed:
-    if its spawner dies it is counted out at once, as it ends unwatched.
+    cannot have been reused). The spawner finds an ended command with
+    ``waitid(WNOWAIT)``, which leaves it a zombie, clears its slot, and only then reaps
+    it (`childexits.ChildExits`): had it reaped first and died before the clear, the
+    supervisor could watch, and at a stop signal, a process that took the pid over. With
+    every slot taken a command is simply not listed: if its spawner dies it is counted
+    out at once, as it ends unwatched.
     """
 
     def __init__(self, slots: int) -> None:
@@ -201,16 +209,15 @@ def _endpoint(version: int, packed: bytes, port: int) -> Endpoint:
 
 @dataclass
 class _Running:
-    """One command: its connection id, pid and pidfd, our copy of its socket if kept,
-    and its slot in the roster."""
+    """One command: its connection id, pid, our copy of its socket if kept, and its
+    slot in the roster."""
 
     cid: int  # with `record`: the connection's entry in the shared limits table
     pid: int
-    pidfd: int
     sock: socket.socket | None
     slot: int = -1
     outcome: int = 0
-    serial: int = 0  # ours alone: a pidfd number and an entry are both reused
+    serial: int = 0  # ours alone: a pid (once reaped) and an entry are both reused
     record: ConnRecord | None = None  # a connection we accepted ourselves
 
 
@@ -226,8 +233,8 @@ class Program:
 
 
 class Spawner:
-    """The spawner's loop: one epoll over the channel, the commands' pidfds and, when it
-    accepts itself, the listeners.
+    """The spawner's loop: one epoll over the channel, the signalfd that tells of ended
+    commands and, when it accepts itself, the listeners.
 
     The listeners are watched with EPOLLEXCLUSIVE: a client wakes one spawner that is
     waiting, not every one (with plain poll both woke for each client and one lost the
@@ -252,8 +259,9 @@ class Spawner:
         self.poll = select.epoll()
         self.reactor = EpollReactor(self.poll)  # refused clients drain there
         self.lingerer = Lingerer(self.reactor)
-        self.running: dict[int, _Running] = {}  # by pidfd
-        # when, sequence, pidfd and the command's serial (a pidfd number is reused), what
+        self.running: dict[int, _Running] = {}  # by pid
+        self.exits = ChildExits()
+        # when, sequence, pid and the command's serial (a pid is reused once reaped), what
         self.timers: list[tuple[float, int, int, int, str]] = []
         self._seq = 0
         self.reports: list[bytes] = []
@@ -270,6 +278,7 @@ class Spawner:
         stop accepting) and every command has ended."""
         self.chan.setblocking(False)
         self.poll.register(self.chan.fileno(), select.EPOLLIN)
+        self.poll.register(self.exits.fd, select.EPOLLIN)
         self._watch(True)
         while self.listening or self.running:
             for fd, _events in self.poll.poll(self._poll_timeout()):
@@ -277,12 +286,15 @@ class Spawner:
                     self._messages()
                 elif fd in self.listeners:
                     self._accept(self.listeners[fd])
-                elif not self.reactor.ready(fd):
-                    self._exited(fd)
+                elif fd == self.exits.fd:
+                    self._reap()
+                else:
+                    self.reactor.ready(fd)
             self._run_timers()
             self.reactor.run_due()
             self._report()
         self.lingerer.close()
+        self.exits.close()
         return 0
 
     # -- accepting ourselves (modes.direct's table and judge) -----------------------------
@@ -426,30 +438,23 @@ class Spawner:
         env.update(_variables(variables))
         if sock is not None and unix:
             env.update(peer_credentials(sock))
-        pidfd = slot = -1
+        pid = 0
         try:
             pid = spawn(self.command, env, fd)
         except OSError as exc:
             self._failed(cid, exc, record)
-        else:
-            slot = self.roster.put(cid, pid, record)  # at once: the supervisor's view if we die
-            try:
-                pidfd = os.pidfd_open(pid)
-            except OSError as exc:
-                self.roster.clear(slot)
-                kill_and_reap(pid)
-                self._failed(cid, exc, record)
-        if not keep or pidfd < 0:  # the client sees the end as soon as the command exits
+        if not keep or not pid:  # the client sees the end as soon as the command exits
             if sock is not None:
                 sock.close()
             else:
                 os.close(fd)
             sock = None
-        if pidfd < 0:
+        if not pid:
             return
+        slot = self.roster.put(cid, pid, record)  # at once: the supervisor's view if we die
         self._seq += 1
-        run = self.running[pidfd] = _Running(cid, pid, pidfd, sock, slot, 0, self._seq, record)
-        self.poll.register(pidfd, select.EPOLLIN)
+        # Reaped only from `_reap`, back in the loop: it is listed before it can be.
+        run = self.running[pid] = _Running(cid, pid, sock, slot, 0, self._seq, record)
         if sock is not None:
             self._after(self.command.timeout or 0.0, run, "idle")
 
@@ -469,27 +474,22 @@ class Spawner:
         self._room()
 
     # -- commands that end -----------------------------------------------------------------
-    def _exited(self, pidfd: int) -> None:
-        run = self.running.get(pidfd)
-        if run is None:
-            return
-        self.roster.clear(run.slot)  # before the reap: a listed pid is never a reused one
-        run.slot = -1
-        try:
-            got, status = os.waitpid(run.pid, os.WNOHANG)
-        except ChildProcessError:
-            got, status = run.pid, 0
-        if got == 0:  # not ended after all: listed again
-            run.slot = self.roster.put(run.cid, run.pid, run.record)
-            return
-        del self.running[pidfd]
-        os.close(pidfd)  # which takes it out of the epoll set: nothing else holds it
+    def _reap(self) -> None:
+        """Every command that has ended: off the roster, then reaped, then reported."""
+        for pid, code in self.exits.ended():
+            run = self.running.pop(pid, None)
+            if run is not None:
+                self.roster.clear(run.slot)  # before the reap: a listed pid is never reused
+            self.exits.reap(pid)
+            if run is not None:
+                self._exited(run, code)
+
+    def _exited(self, run: _Running, code: int) -> None:
         stats = None
         if run.sock is not None:
             stats = tcpinfo.read(run.sock)
             run.sock.close()
         sent, received = (-1, -1) if stats is None else (stats.bytes_sent, stats.bytes_received)
-        code = os.waitstatus_to_exitcode(status)
         record = run.record
         if record is None:
             self.reports.append(END.pack(run.cid, code, received, sent, run.outcome))
@@ -522,7 +522,7 @@ class Spawner:
     def _after(self, delay: float, run: _Running, what: str) -> None:
         self._seq += 1
         when = time.monotonic() + delay
-        heapq.heappush(self.timers, (when, self._seq, run.pidfd, run.serial, what))
+        heapq.heappush(self.timers, (when, self._seq, run.pid, run.serial, what))
 
     def _poll_timeout(self) -> float:
         """Seconds until the first timer (rounded up to epoll's milliseconds); -1: none."""
@@ -537,13 +537,13 @@ class Spawner:
     def _run_timers(self) -> None:
         now = time.monotonic()
         while self.timers and self.timers[0][0] <= now:
-            _when, _seq, pidfd, serial, what = heapq.heappop(self.timers)
+            _when, _seq, pid, serial, what = heapq.heappop(self.timers)
             if what == "room":
                 self._room()
                 continue
-            run = self.running.get(pidfd)
+            run = self.running.get(pid)
             if run is None or run.serial != serial:
-                continue  # ended (the pidfd number may be another command's now)
+                continue  # ended (the pid may be another command's now)
             if what == "kill":
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(run.pid, signal.SIGKILL)
