@@ -34,6 +34,7 @@ CORE = frozenset(
         "accepted",
         "aio",
         "callbacks",
+        "childexits",
         "children",
         "connection",
         "connlog",
