@@ -155,6 +155,12 @@ def test_numbers_in_a_log_line_are_written_as_they_are() -> None:
         ),
         (Endpoint(path='/run/a b"c.sock'), Endpoint(path=""), (0, None), "signal 9"),
         (Endpoint(path="/tmp/x\x01=y"), Endpoint(path="/tmp/s"), (1, 2), "idle-timeout"),
+        (  # an IPv6 zone is any text (the PROXY parser refuses one; this line quotes it)
+            Endpoint(ipaddress.IPv6Address('fe80::1%a"b=c\x1b'), 1),
+            Endpoint(parse_ip("::1"), 25),
+            (3, 4),
+            "ok",
+        ),
     ],
 )
 def test_the_connection_line_is_the_generic_event_line(

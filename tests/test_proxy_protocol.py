@@ -132,6 +132,8 @@ def test_garbage_and_oversized_headers_fail_at_once(data: bytes) -> None:
         v2(1, 0x11, bytes(8)),  # shorter than two IPv4 addresses and ports
         V2_SIGNATURE + b"\x11\x11\x00\x00",  # version 1 in a v2 header
         v2(2, 0x11, bytes(12)),  # unknown command
+        b"PROXY TCP6 fe80::1%eth0 ::1 1 80\r\n",  # an IPv6 zone (inet_pton refuses it)
+        b"PROXY TCP6 ::1 fe80::2%1 1 80\r\n",
     ],
 )
 def test_malformed_headers_are_rejected(header: bytes) -> None:
@@ -251,6 +253,7 @@ def test_untrusted_source_cannot_spoof(netserver_proc: ServerFactory) -> None:
         b"PROXY TCP4 " + b"9" * 200 + b"\r\n",
         V2_SIGNATURE + b"\x21\x11\xff\xff" + bytes(1000),
         b"PROXY TCP4 192.0.2.7 198.51.100.1 99999 80\r\n",
+        b'PROXY TCP6 fe80::1%a"b=c\x1b ::1 1 80\r\n',  # a zone: not inet_ntop's form
     ],
 )
 def test_trusted_source_without_a_valid_header_is_dropped(

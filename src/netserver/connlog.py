@@ -139,9 +139,11 @@ _QUOTE = re.compile(r'[ "=\\]')  # a value holding one of these is written quote
 
 
 def _end(end: Endpoint) -> str:
-    """An endpoint as `_text` writes it: an IP one never needs quotes (digits, dots,
-    colons, brackets), so only a unix path goes through the check."""
-    return str(end) if end.ip is not None else _text(str(end))
+    """An endpoint as `_text` writes it. An IP one needs no quotes (digits, dots, colons,
+    brackets) unless it has an IPv6 zone ("%" and then any text at all), so only a
+    unix path or a zoned address goes through the check."""
+    text = str(end)
+    return text if end.ip is not None and "%" not in text else _text(text)
 
 
 def _count(value: int | None) -> str:

@@ -97,10 +97,16 @@ def _parse_v1(header: bytes) -> ProxyInfo:
 
 
 def _v1_address(text: str, version: int) -> IPAddress:
+    """The address as inet_ntop writes it, which the spec asks for (HAProxy reads it with
+    inet_pton). `ipaddress` also takes an IPv6 zone ("fe80::1%eth0") of any ASCII text,
+    quotes, "=" and control characters included, which would reach the log lines, the
+    per-source limits and a command's TCPREMOTEIP as the balancer wrote it: refused."""
     try:
         ip = ipaddress.ip_address(text)
     except ValueError:
-        raise ProxyError(f"bad address {text[:45]!r} in v1 header") from None
+        ip = None
+    if ip is None or "%" in text:
+        raise ProxyError(f"bad address {text[:45]!r} in v1 header")
     if ip.version != version:
         raise ProxyError(f"address {text!r} is not of the family the v1 header names")
     return ip
