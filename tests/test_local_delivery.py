@@ -19,6 +19,7 @@ import os
 import pwd
 import re
 import select
+import signal
 import stat
 import subprocess
 import sys
@@ -544,6 +545,20 @@ def test_command_exit_codes(
     assert (result.outcome, result.status) == expected
     assert needle in result.text
     assert len(result.text) < 400  # the rest of the output was dropped
+
+
+def test_a_command_gets_sigpipe_at_its_default(tmp_path: Path) -> None:
+    """The delivery child ignores SIGPIPE, as Python and the smtpd/qmgr workers do (a
+    write to a closed pipe is EPIPE there); the command must not inherit that, or
+    `producer | head` in it would run on after head left. sh, not Python: Python ignores
+    SIGPIPE itself at start-up."""
+    out = tmp_path / "sigign"
+    aliases = f"sig: \"|/bin/sh -c 'grep SigIgn: /proc/self/status > {out}'\"\n"
+    assert signal.getsignal(signal.SIGPIPE) is signal.SIG_IGN  # as in a worker
+    agent = make_agent(make_config(tmp_path, aliases=aliases), tmp_path)
+    assert outcomes(deliver(agent, ["sig@mx.test"])) == [DELIVERED]
+    mask = int(out.read_text().split()[1], 16)
+    assert not mask & (1 << (signal.SIGPIPE - 1)), hex(mask)
 
 
 def test_command_timeout_defers_and_kills_it(tmp_path: Path) -> None:
