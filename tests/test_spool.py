@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -361,6 +362,88 @@ def test_a_lone_commit_is_one_hop_with_the_same_barriers(
     assert committer.committed == committer.batches == 1
 
 
+def _one_session() -> int:
+    """An owner's count of open sessions (`GroupCommitter(sessions=...)`): only the one
+    that commits."""
+    return 1
+
+
+def _two_sessions() -> int:
+    return 2
+
+
+def test_the_only_session_commits_on_its_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The only session open in its owner, nothing else in flight: the lone path's steps
+    (rename, one barrier) run on the session's loop, and no thread wakes the loop (the
+    thread's path hands the message over twice, each a cross-CPU wake-up when the two
+    threads are apart)."""
+    spool = Spool(tmp_path)
+    committer = GroupCommitter(spool, sessions=_one_session)
+    trail = _Trail(monkeypatch, tmp_path)
+
+    async def one() -> str:
+        trail.watch(asyncio.get_running_loop())
+        return await committer.commit(ENV, DATA)
+
+    try:
+        qid = asyncio.run(one())
+    finally:
+        committer.close()
+    barriers = ["syncfs"] if spool_module._SYNCFS_CHECKED else ["fdatasync", "fsync queue/"]
+    loop_thread = threading.main_thread().name
+    assert trail.steps == [(loop_thread, step) for step in ["rename", *barriers]]
+    assert trail.wakeups == 0
+    assert spool.ids() == [qid] and os.listdir(tmp_path / "tmp") == []
+    assert spool.get(qid).data == DATA
+    assert committer.committed == committer.batches == 1
+
+
+def test_a_session_among_others_hands_its_commit_to_the_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With another session open the barrier would block it: the commit goes to the
+    thread, as without a count."""
+    spool = Spool(tmp_path)
+    committer = GroupCommitter(spool, sessions=_two_sessions)
+    trail = _Trail(monkeypatch, tmp_path)
+    try:
+        qid = asyncio.run(committer.commit(ENV, DATA))
+    finally:
+        committer.close()
+    assert trail.steps and {thread for thread, _ in trail.steps} == {"leafmail-write"}
+    assert spool.ids() == [qid]
+
+
+def test_a_commit_in_flight_keeps_the_next_one_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session whose client left while its (big) message was being written is no
+    longer counted open, but its commit is in flight: the next session's barrier is
+    left to the threads, not run on the loop, and both messages are spooled."""
+    spool = Spool(tmp_path)
+    committer = GroupCommitter(spool, sessions=_one_session)
+    trail = _Trail(monkeypatch, tmp_path)
+    big = b"x" * (LOOP_WRITE_MAX + 1)
+
+    async def both() -> list[str]:
+        first = asyncio.ensure_future(committer.commit(ENV, big))
+        await asyncio.sleep(0)  # the big one is now being written in a thread
+        second = await committer.commit(ENV, DATA)
+        return [await first, second]
+
+    try:
+        qids = asyncio.run(both())
+    finally:
+        committer.close()
+    # The threads made them durable (the pipeline's renames may run on the loop: no wait).
+    on_loop = {step for thread, step in trail.steps if thread == threading.main_thread().name}
+    assert on_loop <= {"rename"} and len(trail.steps) > len(on_loop)
+    assert sorted(qids) == spool.ids() and os.listdir(tmp_path / "tmp") == []
+    assert [spool.get(q).data for q in qids] == [big, DATA]
+
+
 class _LockCheckingSpool(Spool):
     """At the lone commit's barrier, asks another process's view of the spool for the
     file's lock, as a queue runner would."""
@@ -377,12 +460,15 @@ class _LockCheckingSpool(Spool):
         super().sync_renamed(fd, dir_fd)
 
 
-def test_a_lone_commit_is_locked_until_its_barrier_returned(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sessions", [None, _one_session], ids=["thread", "loop"])
+def test_a_lone_commit_is_locked_until_its_barrier_returned(
+    tmp_path: Path, sessions: Callable[[], int] | None
+) -> None:
     """The lone commit renames its file into queue/ before the barrier, under the file's
     lock: a queue runner that finds it there meanwhile is refused the lock (and skips
-    it), and gets it once the commit has returned."""
+    it), and gets it once the commit has returned. On the loop as in the thread."""
     spool = _LockCheckingSpool(tmp_path)
-    committer = GroupCommitter(spool)
+    committer = GroupCommitter(spool, sessions=sessions)
     try:
         qid = asyncio.run(committer.commit(ENV, DATA))
     finally:
@@ -418,10 +504,13 @@ def test_a_crowd_still_goes_through_the_pipeline(
     assert sorted(qids) == spool.ids() and committer.committed == 50
 
 
-def test_a_lone_commit_that_cannot_rename_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sessions", [None, _one_session], ids=["thread", "loop"])
+def test_a_lone_commit_that_cannot_rename_is_refused(
+    tmp_path: Path, sessions: Callable[[], int] | None
+) -> None:
     """A failure on the lone path answers SpoolError (4xx) and leaves no file behind."""
     spool = Spool(tmp_path)
-    committer = GroupCommitter(spool)
+    committer = GroupCommitter(spool, sessions=sessions)
     qid = new_id()
     # The committer renames relative to the queue/ it opened, so the failure is put in
     # there: a non-empty directory under the message's name (rename(2): EISDIR).

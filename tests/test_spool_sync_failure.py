@@ -104,9 +104,12 @@ def runner_takes_it(runner: Spool, holding: contextlib.ExitStack) -> Callable[[l
     return take
 
 
-def group_commit(spool: Spool, count: int, *, alone: bool) -> list[str | BaseException]:
-    """`count` sessions committing at once through one GroupCommitter."""
-    committer = GroupCommitter(spool, alone=alone)
+def group_commit(
+    spool: Spool, count: int, *, alone: bool, on_loop: bool = False
+) -> list[str | BaseException]:
+    """`count` sessions committing at once through one GroupCommitter; `on_loop`: its
+    owner says one session is open (a lone commit then runs on the loop)."""
+    committer = GroupCommitter(spool, alone=alone, sessions=(lambda: 1) if on_loop else None)
 
     async def sessions() -> list[str | BaseException]:
         return await asyncio.gather(
@@ -120,19 +123,20 @@ def group_commit(spool: Spool, count: int, *, alone: bool) -> list[str | BaseExc
         committer.close()
 
 
-def test_a_lone_commit_whose_queue_sync_fails_is_taken_back(tmp_path: Path) -> None:
-    """The lone path (one thread: lock, rename, one barrier for data and name): the
-    barrier fails, the session gets SpoolError (452), and queue/ holds nothing; the
-    client's resend is then the only copy."""
+@pytest.mark.parametrize("on_loop", [False, True], ids=["thread", "loop"])
+def test_a_lone_commit_whose_queue_sync_fails_is_taken_back(tmp_path: Path, on_loop: bool) -> None:
+    """The lone path (one thread, or the loop of a worker's only session: lock, rename,
+    one barrier for data and name): the barrier fails, the session gets SpoolError
+    (452), and queue/ holds nothing; the client's resend is then the only copy."""
     spool = FailingDirSpool(tmp_path)
     spool.failing = QueueState.QUEUE
-    (failed,) = group_commit(spool, 1, alone=True)
+    (failed,) = group_commit(spool, 1, alone=True, on_loop=on_loop)
     assert isinstance(failed, SpoolError), failed
     assert failed.kept is None and failed.errno == errno.EIO
     assert spool.failures == 1
     assert leftovers(spool) == nothing_but(spool, QueueState.QUEUE, [])
 
-    (resent,) = group_commit(spool, 1, alone=True)
+    (resent,) = group_commit(spool, 1, alone=True, on_loop=on_loop)
     assert isinstance(resent, str)
     assert leftovers(spool) == nothing_but(spool, QueueState.QUEUE, [resent])
 
@@ -194,7 +198,10 @@ def test_a_message_a_runner_already_holds_stays_and_the_failure_says_so(
     assert leftovers(spool) == nothing_but(spool, QueueState.QUEUE, [qid])
 
 
-def test_a_runner_cannot_take_a_lone_commit_before_its_barrier(tmp_path: Path) -> None:
+@pytest.mark.parametrize("on_loop", [False, True], ids=["thread", "loop"])
+def test_a_runner_cannot_take_a_lone_commit_before_its_barrier(
+    tmp_path: Path, on_loop: bool
+) -> None:
     """The lone commit locks its file before the rename into queue/ and keeps the lock
     until its barrier returned: a queue runner that finds the file meanwhile is refused
     its lock (it skips the file), so when the barrier fails the file is always taken
@@ -210,7 +217,7 @@ def test_a_runner_cannot_take_a_lone_commit_before_its_barrier(tmp_path: Path) -
 
     spool.failing = QueueState.QUEUE
     spool.before_failing = runner_tries
-    (failed,) = group_commit(spool, 1, alone=True)
+    (failed,) = group_commit(spool, 1, alone=True, on_loop=on_loop)
     assert seen == [None]  # the runner skipped it
     assert isinstance(failed, SpoolError) and failed.kept is None, failed
     assert leftovers(spool) == nothing_but(spool, QueueState.QUEUE, [])

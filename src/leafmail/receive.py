@@ -56,7 +56,7 @@ from .checks import (
 )
 from .checks.headers import drop_fields
 from .envelope import ClientInfo, Envelope, Recipient
-from .session import ReceiveSession
+from .session import OpenSessions, ReceiveSession
 from .spool import GroupCommitter, SpoolError, new_id
 from .throttle import AuthThrottle, blocked_reply
 from .trace import received_header
@@ -118,6 +118,8 @@ class ReceiveService:
     log: ServerLog | None = None
     min_data_rate: int = 0  # octets a second during DATA/BDAT (0: no minimum)
     data_rate_grace: float = 30.0
+    # Open sessions, shared by the services of one worker (its committer reads it).
+    sessions: OpenSessions = field(default_factory=OpenSessions)
 
     running: set[asyncio.Task[None]] = field(default_factory=set, init=False, repr=False)
 

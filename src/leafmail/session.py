@@ -38,6 +38,24 @@ HOLD_HIGH_WATER = 262144  # bytes held during a task before reading pauses
 _DATA_STATES = frozenset({State.DATA, State.BDAT, State.CHUNKS})
 
 
+class OpenSessions:
+    """How many sessions a worker has open, over all its services (listener roles).
+
+    Its group committer reads it (`GroupCommitter(sessions=...)`): the only session
+    open can have its commit done on the loop, with nobody else to block. A session
+    counts from its greeting until its connection is lost; one whose construction
+    failed never counted.
+    """
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> int:
+        return self.count
+
+
 class ReceiveSession(Callbacks):
     """The SMTP dialogue on one connection, for one `ReceiveService`."""
 
@@ -59,6 +77,7 @@ class ReceiveSession(Callbacks):
             self._spawn(self._greet_later())
         else:
             self._greet(verdict)
+        service.sessions.count += 1  # last: `connection_lost` is called only if we got here
 
     # -- the loop's callbacks -------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -78,6 +97,7 @@ class ReceiveSession(Callbacks):
             self.conn.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self.service.sessions.count -= 1
         self._stop_timer()
 
     def stop_requested(self) -> None:

@@ -28,7 +28,7 @@ from .envelope import Envelope
 from .policy import check_pool, policy_for
 from .privsep import Backlog, Inherited, become
 from .receive import Policy, ReceiveService
-from .session import ReceiveSession
+from .session import OpenSessions, ReceiveSession
 from .spool import GroupCommitter, Spool
 from .throttle import auth_throttle
 
@@ -64,8 +64,15 @@ class PacedCommitter(GroupCommitter):
     end. The message is already durable; only the client's next message is slowed.
     """
 
-    def __init__(self, spool: Spool, backlog: Backlog, threshold: int, log: ServerLog) -> None:
-        super().__init__(spool)
+    def __init__(
+        self,
+        spool: Spool,
+        backlog: Backlog,
+        threshold: int,
+        log: ServerLog,
+        sessions: OpenSessions | None = None,
+    ) -> None:
+        super().__init__(spool, sessions=sessions)
         self.backlog = backlog
         self.threshold = threshold
         self.log = log
@@ -131,8 +138,9 @@ class Smtpd:
         become(inherited.identity)
         spool = Spool(inherited.spool_path, create=False)
         threshold = settings.config.process.in_flow_queue
-        committer = PacedCommitter(spool, inherited.backlog, threshold, inherited.log)
-        self.services = self._services(settings, committer, policy)
+        sessions = OpenSessions()  # every role's: the committer reads it
+        committer = PacedCommitter(spool, inherited.backlog, threshold, inherited.log, sessions)
+        self.services = self._services(settings, committer, policy, sessions)
 
         async def close() -> None:
             for service in self.services.values():
@@ -143,7 +151,11 @@ class Smtpd:
         return WorkerApp(close=close)
 
     def _services(
-        self, settings: SmtpdSettings, committer: GroupCommitter, policy: Policy
+        self,
+        settings: SmtpdSettings,
+        committer: GroupCommitter,
+        policy: Policy,
+        sessions: OpenSessions,
     ) -> dict[str, ReceiveService]:
         """The services of each role (the place for per-worker, unprivileged objects)."""
         has_tls = settings.tls is not None
@@ -168,6 +180,7 @@ class Smtpd:
                 log=self.inherited.log,
                 min_data_rate=smtp.min_data_rate,
                 data_rate_grace=smtp.data_rate_grace,
+                sessions=sessions,
             )
             for role in roles(smtp, has_tls=has_tls)
         }

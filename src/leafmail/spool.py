@@ -1139,6 +1139,11 @@ class GroupCommitter:
     one barrier, then wakes the loop once, for the answer (`_commit_alone`). Batches of
     two or more keep the two barriers of the pipeline (see `_commit_alone` for why the
     lone path does not: it is one flush of the disk's cache instead of two).
+
+    With `sessions` (how many sessions its owner has open on the loop that commits, a
+    count the owner keeps: `leafmail.session.OpenSessions`), a small message of the only
+    session open, with nothing of the committer's in flight, does the lone path's steps
+    on the loop itself, with no thread at all (`_commit_on_loop`).
     """
 
     def __init__(
@@ -1148,10 +1153,14 @@ class GroupCommitter:
         state: QueueState = QueueState.QUEUE,
         *,
         alone: bool = True,
+        sessions: Callable[[], int] | None = None,
     ) -> None:
         self.spool = spool
         self.max_batch = max_batch
         self.alone = alone  # False: every batch goes through the pipeline (bench, tests)
+        # The owner's count of open sessions, all on one loop (None: never on the loop).
+        self.sessions = sessions
+        self._pending = 0  # commits in the threads (counted on the owner's one loop)
         self.state = state
         self.batches = 0
         self.committed = 0
@@ -1176,14 +1185,39 @@ class GroupCommitter:
         the message's own Received header.
         """
         qid = qid or new_id()
-        if len(data) <= LOOP_WRITE_MAX:
-            fd = self._write(qid, envelope, data)
-        else:
+        if len(data) > LOOP_WRITE_MAX:
+            return await self._commit_big(qid, envelope, data)
+        fd = self._write(qid, envelope, data)
+        if self._alone_here():
+            self._commit_on_loop(qid, fd)
+            return qid
+        return await self._handed_over(qid, fd)
+
+    async def _commit_big(self, qid: str, envelope: Envelope, data: bytes) -> str:
+        """A message over `LOOP_WRITE_MAX`: written in a thread, then the threads' path."""
+        self._pending += 1
+        try:
             fd = await asyncio.to_thread(self._write, qid, envelope, data)
+        finally:
+            self._pending -= 1
+        return await self._handed_over(qid, fd)
+
+    async def _handed_over(self, qid: str, fd: int) -> str:
+        """Hand tmp/QID (written, open as `fd`) to the threads; their answer."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
-        self._queue.put(_Request(qid, fd, loop, future))
-        return await future
+        self._pending += 1
+        try:
+            self._queue.put(_Request(qid, fd, loop, future))
+            return await future
+        finally:
+            self._pending -= 1
+
+    def _alone_here(self) -> bool:
+        """Whether the committing session is its owner's only one open and nothing of
+        the committer is in flight: then a barrier on the loop blocks nobody else."""
+        sessions = self.sessions
+        return sessions is not None and self.alone and self._pending == 0 and sessions() <= 1
 
     def _write(self, qid: str, envelope: Envelope, data: bytes) -> int:
         """tmp/QID written (not yet durable); its open descriptor, or SpoolError."""
@@ -1258,31 +1292,60 @@ class GroupCommitter:
         this barrier before its own starts (one barrier of latency); if others came with
         it, they go through the pipeline together.
         """
+        fd, req.fd = req.fd, -1
         try:
-            fcntl.flock(req.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # only in tmp/: never held
-            self._move(req.qid)
-        except OSError as exc:
-            _in_loops([req], functools.partial(self._fail, error=exc))
+            self._lone(req.qid, fd)
+        except SpoolError as exc:
+            _in_loops([req], functools.partial(_refuse, error=exc))
             return
-        try:
-            self.spool.sync_renamed(req.fd, self._dir)
-        except OSError as exc:
-            kept = self.spool.take_back(req.qid, self.state, self._dir, req.fd)
-            self._release(req)
-            _in_loops([req], functools.partial(self._fail, error=exc, kept=_kept(req, kept)))
-            return
-        self._release(req)  # durable: a runner may take it now
-        self.batches += 1
-        self.committed += 1
         _in_loops([req], _answer)
 
-    @staticmethod
-    def _release(req: _Request) -> None:
-        """Close the request's file, which releases its lock; a close(2) error is not a
-        failure of the commit (the barrier already reported the file's writes)."""
-        fd, req.fd = req.fd, -1
-        with contextlib.suppress(OSError):
-            os.close(fd)
+    def _commit_on_loop(self, qid: str, fd: int) -> None:
+        """`_commit_alone`'s steps on the session's own loop, with no thread at all.
+
+        For the only session open in its owner (`sessions`) with no other commit of
+        ours in flight, and a message written on the loop (`LOOP_WRITE_MAX`). The
+        thread's path hands the message over twice (loop -> thread, thread -> loop for
+        the answer), and when the two run on different CPUs each hand-over is a cross-CPU
+        wake-up (dear in a VM: +30 to +400 µs a message, measured with `taskset`, see
+        bench/RESULTS.md). Here there is nobody to hand over to.
+
+        While the barrier runs the loop does nothing else. Nobody waits on it but this
+        session, which waits for the barrier anyway: its owner's other sessions are none
+        (a session that opens meanwhile waits in the listen backlog, or is accepted by
+        another worker, whose loop is not blocked), and its timers (the minimum data
+        rate, the idle timeout) fire late by one barrier, not early. On a sick disk whose
+        barrier takes seconds, it is this worker that waits those seconds, with one
+        session, instead of its thread: the next session that opens meanwhile is served
+        by another worker or after the barrier, and then through the threads. Crash and
+        failure semantics are `_commit_alone`'s: the lock held from before the rename to
+        after the barrier, the file taken back under it if the barrier fails.
+        """
+        self._lone(qid, fd)
+
+    def _lone(self, qid: str, fd: int) -> None:
+        """Lock tmp/QID (open as `fd`), rename it into the queue, one barrier, release;
+        `fd` is closed. A failure raises SpoolError with nothing left in tmp/, and
+        nothing in the queue unless the take-back failed too (which the error says)."""
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # only in tmp/: never held
+                self._move(qid)
+            except OSError as exc:
+                self.spool.discard_tmp(qid)
+                raise _spool_error(exc) from None
+            try:
+                self.spool.sync_renamed(fd, self._dir)
+            except OSError as exc:
+                kept = self.spool.take_back(qid, self.state, self._dir, fd)
+                raise _spool_error(exc, kept) from None
+        finally:
+            # Closing releases the lock: durable now, or taken back. A close(2) error is
+            # not a failure of the commit (the barrier already reported the writes).
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.batches += 1
+        self.committed += 1
 
     # -- the renames (each request's loop) ----------------------------------------------
     def _rename(self, batch: list[_Request]) -> None:
@@ -1384,9 +1447,10 @@ def _spool_error(exc: OSError, kept: str | None = None) -> SpoolError:
     return error
 
 
-def _kept(req: _Request, why: str | None) -> dict[str, str] | None:
-    """`GroupCommitter._fail`'s `kept` for one request whose file stayed (`why`)."""
-    return None if why is None else {req.qid: why}
+def _refuse(requests: list[_Request], error: SpoolError) -> None:
+    for req in requests:
+        if not req.future.done():
+            req.future.set_exception(error)
 
 
 def _answer(requests: list[_Request]) -> None:
