@@ -10,7 +10,9 @@ listener (event-loop mode) with real SMTP clients on loopback.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import pytest
 
 from leafmail.checks import ACCEPT, AsyncCheck, CheckContext, Reject, Stage, Verdict
 from leafmail.receive import Policy, ReceiveService
-from leafmail.session import ReceiveSession
+from leafmail.session import OpenSessions, ReceiveSession
 from leafmail.spool import GroupCommitter, Spool
 from netserver import CallbackHandler, Server
 from netserver.admit.access import AccessPolicy
@@ -260,3 +262,78 @@ async def _raw_reply(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> by
         assert chunk, "connection closed while a reply was expected"
         got += chunk
     return got
+
+
+class _BarrierThreads(Spool):
+    """A real spool that records which thread ran each lone commit's barrier."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.threads: list[str] = []
+
+    def sync_renamed(self, fd: int, dir_fd: int) -> None:
+        self.threads.append(threading.current_thread().name)
+        super().sync_renamed(fd, dir_fd)
+
+
+async def _send_message(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """One transaction on an open session; the reply to the message."""
+    writer.write(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<b@mx.test>\r\nDATA\r\n")
+    codes = [(await _reply(reader))[:3] for _ in range(3)]
+    assert codes == [b"250", b"250", b"354"]
+    writer.write(b"Subject: s1\r\n\r\nbody\r\n.\r\n")
+    return await _reply(reader)
+
+
+async def _greeted(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A new session, greeted and past EHLO."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert (await _reply(reader)).startswith(b"220 ")
+    writer.write(b"EHLO client.test\r\n")
+    assert (await _reply(reader)).startswith(b"250-mx.test")
+    return reader, writer
+
+
+async def _quit(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"QUIT\r\n")
+    assert (await _reply(reader)).startswith(b"221 ")
+    assert await reader.read() == b""
+    writer.close()
+
+
+def test_the_only_session_of_a_worker_commits_on_its_loop(tmp_path: Path) -> None:
+    """The services count their open sessions and the committer reads the count: a
+    message of the only session open is made durable on the loop (no thread to wake),
+    one of a session among others in the commit thread (the barrier would block them);
+    the count follows the sessions' ends, so alone again it is the loop's again."""
+    spool = _BarrierThreads(tmp_path / "spool")
+    sessions = OpenSessions()
+    committer = GroupCommitter(spool, sessions=sessions)
+    service = ReceiveService(
+        ServerConfig(hostname="mx.test"), committer, Policy(), sessions=sessions
+    )
+
+    async def until(count: int) -> None:
+        while sessions() != count:  # the server's side of a close (bounded by the timeout)
+            await asyncio.sleep(0)
+
+    async def check(server: Server, port: int) -> None:
+        one_r, one_w = await _greeted(port)
+        assert sessions() == 1
+        assert (await _send_message(one_r, one_w)).startswith(b"250 ")
+        two_r, two_w = await _greeted(port)
+        assert sessions() == 2
+        assert (await _send_message(one_r, one_w)).startswith(b"250 ")
+        await _quit(two_r, two_w)
+        await until(1)
+        assert (await _send_message(one_r, one_w)).startswith(b"250 ")
+        one_w.close()  # no QUIT: the client just goes
+        await until(0)
+
+    try:
+        _serve(service, check)
+    finally:
+        committer.close()
+    loop_thread = threading.main_thread().name
+    assert spool.threads == [loop_thread, "leafmail-write", loop_thread]
+    assert len(spool.ids()) == 3 and os.listdir(tmp_path / "spool" / "tmp") == []

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import leafmail.smtpd
-from leafmail.config import Config
+from leafmail.config import Config, SmtpConfig
 from leafmail.privsep import Announcer, Backlog, Inherited
 from leafmail.receive import ReceiveService
 from leafmail.smtpd import Smtpd, smtpd_settings
@@ -47,6 +47,35 @@ def test_a_worker_uses_the_policy_the_parent_built(
     try:
         assert all(s.policy is smtpd.settings.policy for s in smtpd.services.values())
         assert all(isinstance(s, ReceiveService) for s in smtpd.services.values())
+    finally:
+        close = app.close
+        assert close is not None
+
+        async def closed() -> None:
+            await close()
+
+        asyncio.run(closed())
+
+
+def test_a_worker_counts_its_sessions_for_its_committer(tmp_path: Path) -> None:
+    """Every role's service of a worker counts into one `OpenSessions`, the one the
+    worker's committer reads (its only open session commits on the loop)."""
+    config = Config(
+        spool=str(tmp_path / "spool"),
+        hostname="mx.test",
+        smtp=SmtpConfig(listen=("127.0.0.1:0",), submission_listen=("127.0.0.1:0",)),
+    )
+    Spool(config.spool)
+    log = ServerLog(io.StringIO(), program="leafmail")
+    inherited = Inherited(config.spool, None, Announcer(), Backlog(), log, SourceTable())
+    smtpd = Smtpd(smtpd_settings(config, None, None, log), inherited)
+    app = smtpd.setup()
+    try:
+        services = list(smtpd.services.values())
+        assert len(services) == 2
+        (committer,) = {id(s.committer): s.committer for s in services}.values()
+        assert committer.sessions is not None
+        assert all(s.sessions is committer.sessions for s in services)
     finally:
         close = app.close
         assert close is not None
