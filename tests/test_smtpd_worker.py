@@ -23,14 +23,26 @@ from leafmail.smtpd import Smtpd, smtpd_settings
 from leafmail.spool import Spool
 from leafmail.throttle import SourceTable
 from netserver.connlog import ServerLog
+from netserver.modes.workers import WorkerApp
 
 
-def _smtpd(tmp_path: Path) -> Smtpd:
-    config = Config(spool=str(tmp_path / "spool"), hostname="mx.test")
+def _smtpd(tmp_path: Path, smtp: SmtpConfig | None = None) -> Smtpd:
+    config = Config(spool=str(tmp_path / "spool"), hostname="mx.test", smtp=smtp or SmtpConfig())
     Spool(config.spool)
     log = ServerLog(io.StringIO(), program="leafmail")
     inherited = Inherited(config.spool, None, Announcer(), Backlog(), log, SourceTable())
     return Smtpd(smtpd_settings(config, None, None, log), inherited)
+
+
+def _close(app: WorkerApp) -> None:
+    """Close a worker's services as the worker does when it stops."""
+    close = app.close
+    assert close is not None
+
+    async def closed() -> None:
+        await close()
+
+    asyncio.run(closed())
 
 
 def test_a_worker_uses_the_policy_the_parent_built(
@@ -48,27 +60,14 @@ def test_a_worker_uses_the_policy_the_parent_built(
         assert all(s.policy is smtpd.settings.policy for s in smtpd.services.values())
         assert all(isinstance(s, ReceiveService) for s in smtpd.services.values())
     finally:
-        close = app.close
-        assert close is not None
-
-        async def closed() -> None:
-            await close()
-
-        asyncio.run(closed())
+        _close(app)
 
 
 def test_a_worker_counts_its_sessions_for_its_committer(tmp_path: Path) -> None:
     """Every role's service of a worker counts into one `OpenSessions`, the one the
     worker's committer reads (its only open session commits on the loop)."""
-    config = Config(
-        spool=str(tmp_path / "spool"),
-        hostname="mx.test",
-        smtp=SmtpConfig(listen=("127.0.0.1:0",), submission_listen=("127.0.0.1:0",)),
-    )
-    Spool(config.spool)
-    log = ServerLog(io.StringIO(), program="leafmail")
-    inherited = Inherited(config.spool, None, Announcer(), Backlog(), log, SourceTable())
-    smtpd = Smtpd(smtpd_settings(config, None, None, log), inherited)
+    smtp = SmtpConfig(listen=("127.0.0.1:0",), submission_listen=("127.0.0.1:0",))
+    smtpd = _smtpd(tmp_path, smtp)
     app = smtpd.setup()
     try:
         services = list(smtpd.services.values())
@@ -77,10 +76,4 @@ def test_a_worker_counts_its_sessions_for_its_committer(tmp_path: Path) -> None:
         assert committer.sessions is not None
         assert all(s.sessions is committer.sessions for s in services)
     finally:
-        close = app.close
-        assert close is not None
-
-        async def closed() -> None:
-            await close()
-
-        asyncio.run(closed())
+        _close(app)
