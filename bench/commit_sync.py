@@ -14,10 +14,12 @@ on a disk with a write-back cache.
 With ``--committer`` it compares the hand-overs instead: one coroutine commits messages
 one at a time through leafmail's `GroupCommitter`, through the two-thread pipeline
 (``alone=False``: the loop, the sync thread, the loop for the rename, the directory
-thread, the loop) and through the one-thread path a lone message takes now
-(``alone=True``). It prints the median wait per commit and, per commit, the process's
-CPU time and voluntary context switches (each one a thread or the loop going to sleep
-and being woken), which a busy machine disturbs far less than the wait.
+thread, the loop), through the one-thread path a lone message takes (``alone=True``),
+and on the loop itself, as the only session open in an smtpd worker does ("loop":
+``sessions`` says one is open; no thread at all). It prints the median wait per
+commit and, per commit, the process's CPU time and voluntary context switches (each one
+a thread or the loop going to sleep and being woken), which a busy machine disturbs far
+less than the wait.
 
     python -m bench.commit_sync DIR [--messages 300] [--rounds 3] [--committer]
 """
@@ -96,10 +98,19 @@ ENVELOPE = Envelope(
 )
 
 
-def committer_run(directory: str, alone: bool, count: int) -> str:
-    """Commit `count` messages one after the other; the wait and the cost per commit."""
+PATHS = ("pipeline", "alone", "loop")
+
+
+def _one_session() -> int:
+    return 1
+
+
+def committer_run(directory: str, path: str, count: int) -> str:
+    """Commit `count` messages one after the other through `path` (one of PATHS); the
+    wait and the cost per commit."""
     spool = Spool(tempfile.mkdtemp(dir=directory))
-    committer = GroupCommitter(spool, alone=alone)
+    sessions = _one_session if path == "loop" else None
+    committer = GroupCommitter(spool, alone=path != "pipeline", sessions=sessions)
     waits: list[float] = []
 
     async def one_by_one() -> None:
@@ -118,7 +129,7 @@ def committer_run(directory: str, alone: bool, count: int) -> str:
     system = (after.ru_stime - before.ru_stime) / count * 1e6
     switches = (after.ru_nvcsw - before.ru_nvcsw) / count
     return (
-        f"{'alone' if alone else 'pipeline'}: wait p50 {statistics.median(waits) * 1e6:,.0f} µs,"
+        f"{path}: wait p50 {statistics.median(waits) * 1e6:,.0f} µs,"
         f" CPU user {user:,.0f} sys {system:,.0f} µs, {switches:.1f} voluntary switches"
     )
 
@@ -128,12 +139,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("directory", help="a scratch directory on the spool's file system")
     parser.add_argument("--messages", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--committer", action="store_true", help="pipeline against alone")
+    parser.add_argument("--committer", action="store_true", help="the committer's paths")
     args = parser.parse_args(argv)
     for number in range(1, args.rounds + 1):
         if args.committer:
-            for alone in (False, True):
-                print(f"round {number} {committer_run(args.directory, alone, args.messages)}")
+            for path in PATHS:
+                print(f"round {number} {committer_run(args.directory, path, args.messages)}")
             continue
         rates = {kind: run(args.directory, kind, args.messages) for kind in KINDS}
         print(f"round {number}: " + ", ".join(_shown(k, *v) for k, v in rates.items()))

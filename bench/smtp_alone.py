@@ -8,7 +8,10 @@ scratch tree is deleted as soon as the round ends (what `smtp_bench` did before
 `bench.inodes`), which reproduces the rise of system time on ext4 without a journal;
 without it, the trees are kept until the end.
 
-Each line also gives the disk's flush requests per message (field 16 of
+Each line also gives the voluntary context switches per message of the server's
+threads (every thread of every process that is alive at both ends of the run; a process
+forked and reaped within it is not counted), the hand-overs between threads and
+processes, each a wake-up, and the disk's flush requests per message (field 16 of
 /sys/block/DEV/stat for the disk under the scratch tree; anything else writing to that
 disk adds to it): on a disk with a write-back cache a flush is what a barrier costs.
 ``--servers postfix,leafmail`` runs Postfix (smtp_bench's private instance, its
@@ -51,24 +54,49 @@ def times(root: int) -> Times:
     return found
 
 
+def switches(root: int) -> int:
+    """Voluntary context switches so far of every thread of `root` and its descendants."""
+    total = 0
+    for pid in descendants(root):
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status", "rb") as f:
+                    status = f.read()
+            except OSError:
+                continue
+            at = status.find(b"\nvoluntary_ctxt_switches:")
+            if at >= 0:
+                total += int(status[at:].split(None, 2)[1])
+    return total
+
+
 def _role(pid: int, root: int) -> str:
     """ "parent" for the server itself, else its pid (the workers share one command line)."""
     return "parent" if pid == root else f"pid {pid}"
 
 
-def run(load: Load, port: int, root: int) -> tuple[float, dict[str, tuple[float, float]]]:
-    """One smtp-source run: msgs/s, and (user, system) µs/msg of each process that ran."""
-    before = times(root)
+PerProcess = dict[str, tuple[float, float]]  # name -> (user, system) µs/msg
+
+
+def run(load: Load, port: int, root: int) -> tuple[float, float, PerProcess]:
+    """One smtp-source run: msgs/s, voluntary switches/msg, and (user, system) µs/msg
+    of each process that ran."""
+    before, switched = times(root), switches(root)
     start = time.perf_counter()
     subprocess.run(load.argv(port, load.messages), check=True, capture_output=True)
     rate = load.messages / (time.perf_counter() - start)
-    per_message: dict[str, tuple[float, float]] = {}
+    per_switch = (switches(root) - switched) / load.messages
+    per_message: PerProcess = {}
     for pid, (name, user, system) in times(root).items():
         _, user0, system0 = before.get(pid, (name, 0.0, 0.0))
         used = ((user - user0) / load.messages * 1e6, (system - system0) / load.messages * 1e6)
         if sum(used) > 0:
             per_message[name] = used
-    return rate, per_message
+    return rate, per_switch, per_message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                     for load in loads:
                         os.sync()
                         flushed = disk_flushes(scratch) or 0
-                        rate, used = run(load, target.port, target.pid)
+                        rate, switched, used = run(load, target.port, target.pid)
                         per_flush = ((disk_flushes(scratch) or 0) - flushed) / load.messages
                         total = sum(user + system for user, system in used.values())
                         split = "; ".join(
@@ -104,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                         )
                         print(
                             f"round {round_} {server} {load.name}: {rate:,.0f} msg/s, "
-                            f"{per_flush:.2f} flushes/msg, {total:,.0f} µs/msg ({split})",
+                            f"{switched:.1f} switches/msg, {per_flush:.2f} flushes/msg, "
+                            f"{total:,.0f} µs/msg ({split})",
                             flush=True,
                         )
                 if args.delete:
