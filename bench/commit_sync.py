@@ -12,11 +12,10 @@ spreads over all four. Each kind also prints the disk's flush requests per messa
 on a disk with a write-back cache.
 
 With ``--committer`` it compares the hand-overs instead: one coroutine commits messages
-one at a time through leafmail's `GroupCommitter`, through the two-thread pipeline
-(``alone=False``: the loop, the sync thread, the loop for the rename, the directory
-thread, the loop), through the one-thread path a lone message takes (``alone=True``),
-and on the loop itself, as the only session open in an smtpd worker does ("loop":
-``sessions`` says one is open; no thread at all). It prints the median wait per
+one at a time through leafmail's `GroupCommitter`, through its sync thread ("thread":
+the loop places the file, the thread makes it durable and wakes the loop) and on the
+loop itself, as the only session open in an smtpd worker does ("loop": ``sessions``
+says one is open; no thread at all). It prints the median wait per
 commit and, per commit, the process's CPU time and voluntary context switches (each one
 a thread or the loop going to sleep and being woken), which a busy machine disturbs far
 less than the wait.
@@ -98,7 +97,7 @@ ENVELOPE = Envelope(
 )
 
 
-PATHS = ("pipeline", "alone", "loop")
+PATHS = ("thread", "loop")
 
 
 def _one_session() -> int:
@@ -110,7 +109,7 @@ def committer_run(directory: str, path: str, count: int) -> str:
     wait and the cost per commit."""
     spool = Spool(tempfile.mkdtemp(dir=directory))
     sessions = _one_session if path == "loop" else None
-    committer = GroupCommitter(spool, alone=path != "pipeline", sessions=sessions)
+    committer = GroupCommitter(spool, sessions=sessions)
     waits: list[float] = []
 
     async def one_by_one() -> None:

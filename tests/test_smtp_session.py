@@ -271,9 +271,9 @@ class _BarrierThreads(Spool):
         super().__init__(root)
         self.threads: list[str] = []
 
-    def sync_renamed(self, fd: int, dir_fd: int) -> None:
+    def sync_renamed(self, fds: list[int], dir_fd: int) -> None:
         self.threads.append(threading.current_thread().name)
-        super().sync_renamed(fd, dir_fd)
+        super().sync_renamed(fds, dir_fd)
 
 
 async def _send_message(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:

@@ -252,9 +252,9 @@ class _WatchedSpool(Spool):
         self.barriers.append(len(fds))
         super().make_durable(fds)
 
-    def sync_renamed(self, fd: int, dir_fd: int) -> None:
-        self.barriers.append(1)  # a lone message's one barrier (data and name)
-        super().sync_renamed(fd, dir_fd)
+    def sync_renamed(self, fds: list[int], dir_fd: int) -> None:
+        self.barriers.append(len(fds))  # a batch's one barrier (data and names)
+        super().sync_renamed(fds, dir_fd)
 
 
 def test_group_commit_writes_in_the_loop_and_syncs_per_batch(tmp_path: Path) -> None:
@@ -356,7 +356,11 @@ def test_a_lone_commit_is_one_hop_with_the_same_barriers(
     finally:
         committer.close()
     barriers = ["syncfs"] if spool_module._SYNCFS_CHECKED else ["fdatasync", "fsync queue/"]
-    assert steps_at_answer == [("leafmail-write", step) for step in ["rename", *barriers]]
+    loop_thread = threading.main_thread().name
+    assert steps_at_answer == [
+        (loop_thread, "rename"),
+        *(("leafmail-write", step) for step in barriers),
+    ]
     assert trail.wakeups == 1
     assert spool.ids() == [qid] and os.listdir(tmp_path / "tmp") == []
     assert committer.committed == committer.batches == 1
@@ -412,7 +416,9 @@ def test_a_session_among_others_hands_its_commit_to_the_thread(
         qid = asyncio.run(committer.commit(ENV, DATA))
     finally:
         committer.close()
-    assert trail.steps and {thread for thread, _ in trail.steps} == {"leafmail-write"}
+    loop_thread = threading.main_thread().name
+    assert trail.steps[0] == (loop_thread, "rename")  # placed by the loop, then
+    assert trail.steps[1:] and {thread for thread, _ in trail.steps[1:]} == {"leafmail-write"}
     assert spool.ids() == [qid]
 
 
@@ -453,11 +459,11 @@ class _LockCheckingSpool(Spool):
         self.runner = Spool(root, create=False)  # its own descriptors, so its own locks
         self.seen: list[tuple[list[str], QueueState | None]] = []
 
-    def sync_renamed(self, fd: int, dir_fd: int) -> None:
+    def sync_renamed(self, fds: list[int], dir_fd: int) -> None:
         names = self.runner.ids()
         with self.runner.locked(names[0]) as state:
             self.seen.append((names, state))
-        super().sync_renamed(fd, dir_fd)
+        super().sync_renamed(fds, dir_fd)
 
 
 @pytest.mark.parametrize("sessions", [None, _one_session], ids=["thread", "loop"])
@@ -488,19 +494,34 @@ def test_syncfs_is_the_only_barrier_where_it_reports_errors(release: str, report
     assert spool_module._reports_errors(release) is reports
 
 
-def test_a_crowd_still_goes_through_the_pipeline(
+def test_a_crowd_shares_one_barrier_a_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Batches of many keep the pipeline: the loop renames them and the second thread
-    fsyncs queue/, so one batch's directory barrier overlaps the next one's data."""
+    """Batches of many take the lone message's shape: each file is renamed into queue/
+    by the loop as it is written (under its lock), and the thread makes the whole batch
+    durable with one barrier (one syncfs: no fsync of queue/ after it, no second
+    thread), then wakes the loop once for the batch."""
     spool = _WatchedSpool(tmp_path)
     committer = GroupCommitter(spool)
     trail = _Trail(monkeypatch, tmp_path)
 
-    qids = _commit_many(committer, 50)
-    assert max(spool.barriers) > 1
-    assert (threading.main_thread().name, "rename") in trail.steps
-    assert ("leafmail-publish", "fsync queue/") in trail.steps
+    async def many() -> list[str]:
+        trail.watch(asyncio.get_running_loop())
+        return await asyncio.gather(*(committer.commit(ENV, DATA + b"%d" % i) for i in range(50)))
+
+    try:
+        qids = asyncio.run(many())
+    finally:
+        committer.close()
+    loop_thread = threading.main_thread().name
+    renames = [thread for thread, step in trail.steps if step == "rename"]
+    assert renames == [loop_thread] * 50
+    barriers = [(thread, step) for thread, step in trail.steps if step != "rename"]
+    assert {thread for thread, _ in barriers} == {"leafmail-write"}
+    assert max(spool.barriers) > 1 and sum(spool.barriers) == 50
+    if spool_module._SYNCFS_CHECKED:
+        assert [step for _, step in barriers] == ["syncfs"] * len(spool.barriers)
+    assert trail.wakeups == len(spool.barriers) == committer.batches
     assert sorted(qids) == spool.ids() and committer.committed == 50
 
 

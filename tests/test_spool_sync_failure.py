@@ -61,9 +61,9 @@ class FailingDirSpool(Spool):
         self._maybe_fail(fd)
         super().fsync_dir(fd)
 
-    def sync_renamed(self, fd: int, dir_fd: int) -> None:
+    def sync_renamed(self, fds: list[int], dir_fd: int) -> None:
         self._maybe_fail(dir_fd)
-        super().sync_renamed(fd, dir_fd)
+        super().sync_renamed(fds, dir_fd)
 
     def _maybe_fail(self, dir_fd: int) -> None:
         if self.failing is not None and _same_file(dir_fd, self.root / self.failing):
@@ -104,12 +104,10 @@ def runner_takes_it(runner: Spool, holding: contextlib.ExitStack) -> Callable[[l
     return take
 
 
-def group_commit(
-    spool: Spool, count: int, *, alone: bool, on_loop: bool = False
-) -> list[str | BaseException]:
+def group_commit(spool: Spool, count: int, *, on_loop: bool = False) -> list[str | BaseException]:
     """`count` sessions committing at once through one GroupCommitter; `on_loop`: its
-    owner says one session is open (a lone commit then runs on the loop)."""
-    committer = GroupCommitter(spool, alone=alone, sessions=(lambda: 1) if on_loop else None)
+    owner says one session is open (each commit then runs on the loop)."""
+    committer = GroupCommitter(spool, sessions=(lambda: 1) if on_loop else None)
 
     async def sessions() -> list[str | BaseException]:
         return await asyncio.gather(
@@ -125,29 +123,29 @@ def group_commit(
 
 @pytest.mark.parametrize("on_loop", [False, True], ids=["thread", "loop"])
 def test_a_lone_commit_whose_queue_sync_fails_is_taken_back(tmp_path: Path, on_loop: bool) -> None:
-    """The lone path (one thread, or the loop of a worker's only session: lock, rename,
-    one barrier for data and name): the barrier fails, the session gets SpoolError
+    """A lone message (lock, rename, one barrier for data and name, in the thread or on
+    the loop of a worker's only session): the barrier fails, the session gets SpoolError
     (452), and queue/ holds nothing; the client's resend is then the only copy."""
     spool = FailingDirSpool(tmp_path)
     spool.failing = QueueState.QUEUE
-    (failed,) = group_commit(spool, 1, alone=True, on_loop=on_loop)
+    (failed,) = group_commit(spool, 1, on_loop=on_loop)
     assert isinstance(failed, SpoolError), failed
     assert failed.kept is None and failed.errno == errno.EIO
     assert spool.failures == 1
     assert leftovers(spool) == nothing_but(spool, QueueState.QUEUE, [])
 
-    (resent,) = group_commit(spool, 1, alone=True, on_loop=on_loop)
+    (resent,) = group_commit(spool, 1, on_loop=on_loop)
     assert isinstance(resent, str)
     assert leftovers(spool) == nothing_but(spool, QueueState.QUEUE, [resent])
 
 
 def test_a_batch_whose_queue_sync_fails_is_taken_back(tmp_path: Path) -> None:
-    """The pipeline (the loop renames a batch, a thread fsyncs queue/): every session of
-    the batch whose fsync failed hears SpoolError and has no file in queue/; every
-    session that got its queue id has its file there."""
+    """Batches (each file renamed into queue/ under its lock, one barrier a batch):
+    every session of the batch whose barrier failed hears SpoolError and has no file in
+    queue/; every session that got its queue id has its file there."""
     spool = FailingDirSpool(tmp_path)
     spool.failing = QueueState.QUEUE
-    results = group_commit(spool, 30, alone=False)
+    results = group_commit(spool, 30)
     answered = [r for r in results if isinstance(r, str)]
     refused = [r for r in results if isinstance(r, BaseException)]
     assert spool.failures == 1 and refused, results
@@ -167,29 +165,22 @@ def test_a_direct_commit_whose_sync_fails_is_taken_back(tmp_path: Path, state: Q
     assert leftovers(spool) == nothing_but(spool, state, [])
 
 
-@pytest.mark.parametrize("path", ["group", "direct"])
-def test_a_message_a_runner_already_holds_stays_and_the_failure_says_so(
-    tmp_path: Path, path: str
-) -> None:
+def test_a_message_a_runner_already_holds_stays_and_the_failure_says_so(tmp_path: Path) -> None:
     """The queue runner found the file in queue/ between the rename and the failed
     fsync, and holds its lock: the file is its (taking it from under a delivery is not
     allowed), so it stays, and the sender still hears 4xx (a 250 for a name the disk
     did not make durable could lose the message; a 4xx can at worst duplicate it). The
-    error names the file that stays, for the log. (The pipeline and `Spool.commit`; the
-    lone commit holds the lock meanwhile: see the next test.)"""
+    error names the file that stays, for the log. (`Spool.commit`; the group commit
+    holds the lock meanwhile: see the next test.)"""
     spool = FailingDirSpool(tmp_path)
     runner = Spool(tmp_path, create=False)  # another process's view, with its own locks
     holding = contextlib.ExitStack()
     spool.failing = QueueState.QUEUE
     spool.before_failing = runner_takes_it(runner, holding)
     with holding:
-        if path == "group":
-            (failed,) = group_commit(spool, 1, alone=False)
-        else:
-            with pytest.raises(SpoolError) as raised:
-                spool.commit(ENV, DATA)
-            failed = raised.value
-        assert isinstance(failed, SpoolError), failed
+        with pytest.raises(SpoolError) as raised:
+            spool.commit(ENV, DATA)
+        failed = raised.value
         (qid,) = spool.ids()
         assert failed.kept == f"queue/{qid} stays: a queue runner has it already"
         assert failed.strerror is not None and f"queue/{qid} stays" in failed.strerror
@@ -198,29 +189,35 @@ def test_a_message_a_runner_already_holds_stays_and_the_failure_says_so(
     assert leftovers(spool) == nothing_but(spool, QueueState.QUEUE, [qid])
 
 
-@pytest.mark.parametrize("on_loop", [False, True], ids=["thread", "loop"])
-def test_a_runner_cannot_take_a_lone_commit_before_its_barrier(
-    tmp_path: Path, on_loop: bool
+@pytest.mark.parametrize(
+    ("count", "on_loop"), [(1, False), (1, True), (8, False)], ids=["thread", "loop", "batch"]
+)
+def test_a_runner_cannot_take_a_group_commit_before_its_barrier(
+    tmp_path: Path, count: int, on_loop: bool
 ) -> None:
-    """The lone commit locks its file before the rename into queue/ and keeps the lock
-    until its barrier returned: a queue runner that finds the file meanwhile is refused
-    its lock (it skips the file), so when the barrier fails the file is always taken
-    back, and the resend is the only copy."""
+    """The committer locks each file before the rename into queue/ and keeps the lock
+    until its barrier returned: a queue runner that finds the files meanwhile is refused
+    their locks (it skips them), so when the barrier fails each file is always taken
+    back, and the resend is the only copy. Alone or in a batch."""
     spool = FailingDirSpool(tmp_path)
     runner = Spool(tmp_path, create=False)  # another process's view, with its own locks
     seen: list[QueueState | None] = []
 
     def runner_tries(names: list[str]) -> None:
-        (qid,) = names  # renamed already, not yet durable
-        with runner.locked(qid) as state:
-            seen.append(state)
+        assert names  # renamed already, not yet durable
+        for qid in names:
+            with runner.locked(qid) as state:
+                seen.append(state)
 
     spool.failing = QueueState.QUEUE
     spool.before_failing = runner_tries
-    (failed,) = group_commit(spool, 1, alone=True, on_loop=on_loop)
-    assert seen == [None]  # the runner skipped it
-    assert isinstance(failed, SpoolError) and failed.kept is None, failed
-    assert leftovers(spool) == nothing_but(spool, QueueState.QUEUE, [])
+    results = group_commit(spool, count, on_loop=on_loop)
+    assert seen and set(seen) == {None}  # the runner skipped every one
+    refused = [r for r in results if isinstance(r, SpoolError)]
+    assert refused and all(r.kept is None for r in refused), results
+    answered = [r for r in results if isinstance(r, str)]
+    assert len(answered) + len(refused) == count
+    assert leftovers(spool) == nothing_but(spool, QueueState.QUEUE, answered)
 
 
 @pytest.mark.parametrize("runner_has_it", [False, True])

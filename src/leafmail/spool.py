@@ -22,10 +22,10 @@ rename it into queue/, make the directory durable, and only then report success,
 250 is never given for mail a crash could lose. If that directory sync fails, the file
 is taken back out of queue/ before the 4xx (`Spool.withdraw`), or the runner would
 deliver it besides the client's retry. Many sessions commit at once, so
-`GroupCommitter` makes a whole batch durable with one syncfs(2) and one directory fsync
-instead of two fsyncs per message. A lone message is renamed into queue/ first, under
-its lock (which keeps the queue runner off it), and made durable, data and name, with
-one syncfs(2): one flush of the disk's cache instead of two (`Spool.sync_renamed`).
+`GroupCommitter` renames each message into queue/ first, under its lock (which keeps the
+queue runner off it), and makes a whole batch durable, data and names, with one
+syncfs(2): one flush of the disk's cache for the batch instead of two per message
+(`Spool.sync_renamed`).
 
 A file is::
 
@@ -46,6 +46,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import itertools
 import json
 import os
 import queue
@@ -358,32 +359,34 @@ class Spool:
         as a failing disk does)."""
         os.fsync(fd)
 
-    def sync_renamed(self, fd: int, dir_fd: int) -> None:
-        """Make a file already renamed into the directory `dir_fd` durable, its data and
-        its name, with one barrier: syncfs(2) on the file, one flush of the disk's cache.
+    def sync_renamed(self, fds: list[int], dir_fd: int) -> None:
+        """Make files already renamed into the directory `dir_fd` durable, their data and
+        their names, with one barrier: syncfs(2), one flush of the disk's cache.
 
         fdatasync(file) and fsync(dir) are two barriers, and on a disk with a write-back
         cache each is a flush request (measured: 2.00 flushes per message against
         Postfix's 1.00 under s1-1K, `bench.smtp_alone --servers postfix,leafmail`).
-        syncfs reports a write-back error that happened since `fd` was opened (Linux
-        5.8 and later), so on the message's own descriptor it fails if the message did
-        not reach the disk. Where it would not say (an older kernel, no syncfs) the two
-        barriers are used, in either order the same promise: nothing is answered until
-        both returned.
+        syncfs reports a write-back error of the file system that happened since the
+        descriptor it is given was opened (Linux 5.8 and later), so `fds[0]` must be the
+        file opened first: then it fails if any of them did not reach the disk. Where
+        it would not say (an older kernel, no syncfs) each file is fdatasync'ed and the
+        directory fsync'ed, in either order the same promise: nothing is answered until
+        every barrier returned.
         """
         self.syncs += 1
         if _SYNCFS_CHECKED is not None:
-            if _SYNCFS_CHECKED(fd) == 0:
+            if _SYNCFS_CHECKED(fds[0]) == 0:
                 return
             err = ctypes.get_errno()
             if err not in (errno.ENOSYS, errno.EINVAL):
                 raise OSError(err, os.strerror(err))
-        os.fdatasync(fd)
+        for fd in fds:
+            os.fdatasync(fd)
         self.fsync_dir(dir_fd)
 
     def take_back(self, qid: str, state: QueueState, dir_fd: int, fd: int) -> str | None:
         """Unlink `qid` from `state` (open as `dir_fd`), whose lock the caller holds on `fd`
-        (a lone commit whose barrier failed: `GroupCommitter._commit_alone`).
+        (a group commit whose barrier failed: `GroupCommitter._barrier`).
 
         No queue runner can have it (it skips a locked file) and no mover can have
         moved it (every mover takes the lock), so the name is still this file; that is
@@ -1112,38 +1115,51 @@ def _plain_entries(dir_fd: int) -> list[str]:
 
 
 @dataclass(slots=True)
-class _Request:
-    """One message on its way: written to tmp/QID (`fd` still open), not yet answered."""
+class _Placed:
+    """A message renamed into its queue state, not yet durable: `fd` holds its lock, so
+    no runner or tool takes it until the barrier has returned and `fd` is closed."""
 
     qid: str
     fd: int
+    order: int  # when its file was opened: the batch's barrier uses the earliest's
+
+
+@dataclass(slots=True)
+class _Request:
+    """A placed message handed to the sync thread, and the session waiting for it."""
+
+    placed: _Placed
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[str]
 
 
 class GroupCommitter:
-    """Commits messages from many sessions in batches that share their durability barriers.
+    """Commits messages from many sessions in batches that share one durability barrier.
 
-    The session's own loop writes a message of up to `LOOP_WRITE_MAX` bytes into tmp/
-    (page cache only: no wait for the disk), so the threads never take the interpreter
-    lock once per message; a bigger one is checksummed and written in a thread. Two threads
-    form a pipeline of barriers: the first makes every file waiting durable with one
-    sync; the loop then renames that batch into queue/; the second makes the renames
-    durable with one directory fsync, and only then do the batch's `commit` calls
-    return. While one batch's renames are being synced, the next batch's data already
-    is. Each thread wakes the loop once per batch, not once per message: under load the
-    loop holds the lock, and every hand-over costs two context switches.
+    Each message is written into tmp/, locked (flock on its open descriptor) and renamed
+    into the queue state at once (`_place`): by the session's own loop for one of up to
+    `LOOP_WRITE_MAX` bytes (page cache and metadata only, no wait for the disk), in a
+    thread for a bigger one. The sync thread then takes every message waiting and makes
+    them durable, data and names, with one barrier (`Spool.sync_renamed`: one syncfs(2),
+    one flush of the disk's cache), and wakes each loop once with its sessions'
+    answers; the loop closes the descriptors, which releases the locks. Two hand-overs
+    and one barrier a batch, where a pipeline of two barriers (the data's, then the
+    directory's) cost four hand-overs and two flushes.
 
-    A batch of one with the pipeline idle (one session, or a quiet server) skips it: the
-    first thread locks the file, renames it into the queue and makes both durable with
-    one barrier, then wakes the loop once, for the answer (`_commit_alone`). Batches of
-    two or more keep the two barriers of the pipeline (see `_commit_alone` for why the
-    lone path does not: it is one flush of the disk's cache instead of two).
+    Until its barrier returned a message is in the queue state but locked: a queue runner
+    skips a locked file (`Spool.locked` with LOCK_NB), a tool waits for it. If the
+    barrier fails, every message of the batch is unlinked under the lock still held
+    (`Spool.take_back`: nobody else can have it) before the sessions hear 4xx, so each
+    client's resend is the only copy. A crash before the barrier returned: no 250 was
+    sent, and the clients send again. What the crash left in the queue is then nothing,
+    whole files (a duplicate at worst) or names whose data did not reach the disk (the
+    order of the disk's writes is its own), which fail their self-check and go to
+    corrupt/ when the runner reads them. Never a loss: the 250 comes after the barrier.
 
     With `sessions` (how many sessions its owner has open on the loop that commits, a
     count the owner keeps: `leafmail.session.OpenSessions`), a small message of the only
-    session open, with nothing of the committer's in flight, does the lone path's steps
-    on the loop itself, with no thread at all (`_commit_on_loop`).
+    session open, with nothing of the committer's in flight, is made durable on the
+    loop itself, with no thread at all (`_commit_on_loop`).
     """
 
     def __init__(
@@ -1152,12 +1168,10 @@ class GroupCommitter:
         max_batch: int = 256,
         state: QueueState = QueueState.QUEUE,
         *,
-        alone: bool = True,
         sessions: Callable[[], int] | None = None,
     ) -> None:
         self.spool = spool
         self.max_batch = max_batch
-        self.alone = alone  # False: every batch goes through the pipeline (bench, tests)
         # The owner's count of open sessions, all on one loop (None: never on the loop).
         self.sessions = sessions
         self._pending = 0  # commits in the threads (counted on the owner's one loop)
@@ -1166,17 +1180,10 @@ class GroupCommitter:
         self.committed = 0
         self._dir = spool.open_dir(state)
         self._tmp = spool.open_dir(TMP)  # files are created and renamed relative to these
+        self._opened = itertools.count()  # next() is atomic: the loop and `to_thread` take
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
-        self._written: queue.SimpleQueue[list[_Request] | None] = queue.SimpleQueue()
-        self._renaming = 0  # batches handed to a loop to rename, not yet back (see close)
-        self._publishing = False  # the directory thread has a batch in hand
-        self._renamed = threading.Condition()
-        self._threads = [
-            threading.Thread(target=self._sync_stage, name="leafmail-write", daemon=True),
-            threading.Thread(target=self._publish_stage, name="leafmail-publish", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._thread = threading.Thread(target=self._sync_stage, name="leafmail-write", daemon=True)
+        self._thread.start()
 
     async def commit(self, envelope: Envelope, data: bytes, qid: str | None = None) -> str:
         """Spool one message durably; returns its queue id or raises SpoolError.
@@ -1187,28 +1194,29 @@ class GroupCommitter:
         qid = qid or new_id()
         if len(data) > LOOP_WRITE_MAX:
             return await self._commit_big(qid, envelope, data)
-        fd = self._write(qid, envelope, data)
+        placed = self._place(qid, envelope, data)
         if self._alone_here():
-            self._commit_on_loop(qid, fd)
+            self._commit_on_loop(placed)
             return qid
-        return await self._handed_over(qid, fd)
+        return await self._handed_over(placed)
 
     async def _commit_big(self, qid: str, envelope: Envelope, data: bytes) -> str:
-        """A message over `LOOP_WRITE_MAX`: written in a thread, then the threads' path."""
+        """A message over `LOOP_WRITE_MAX`: written and placed in a thread, then synced by
+        the sync thread."""
         self._pending += 1
         try:
-            fd = await asyncio.to_thread(self._write, qid, envelope, data)
+            placed = await asyncio.to_thread(self._place, qid, envelope, data)
         finally:
             self._pending -= 1
-        return await self._handed_over(qid, fd)
+        return await self._handed_over(placed)
 
-    async def _handed_over(self, qid: str, fd: int) -> str:
-        """Hand tmp/QID (written, open as `fd`) to the threads; their answer."""
+    async def _handed_over(self, placed: _Placed) -> str:
+        """Hand a placed message to the sync thread; its answer."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[str] = loop.create_future()
         self._pending += 1
         try:
-            self._queue.put(_Request(qid, fd, loop, future))
+            self._queue.put(_Request(placed, loop, future))
             return await future
         finally:
             self._pending -= 1
@@ -1217,96 +1225,41 @@ class GroupCommitter:
         """Whether the committing session is its owner's only one open and nothing of
         the committer is in flight: then a barrier on the loop blocks nobody else."""
         sessions = self.sessions
-        return sessions is not None and self.alone and self._pending == 0 and sessions() <= 1
+        return sessions is not None and self._pending == 0 and sessions() <= 1
 
-    def _write(self, qid: str, envelope: Envelope, data: bytes) -> int:
-        """tmp/QID written (not yet durable); its open descriptor, or SpoolError."""
+    def _place(self, qid: str, envelope: Envelope, data: bytes) -> _Placed:
+        """tmp/QID written, locked and renamed into the queue state (not yet durable);
+        or SpoolError, with nothing left behind."""
+        order = next(self._opened)
         try:
-            return self.spool.write_tmp(qid, encode(envelope, data), self._tmp)
+            fd = self.spool.write_tmp(qid, encode(envelope, data), self._tmp)
         except OSError as exc:
             self.spool.discard_tmp(qid)  # a partial file, if one was left: never answered
             raise _spool_error(exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # only in tmp/: never held
+            os.rename(qid, qid, src_dir_fd=self._tmp, dst_dir_fd=self._dir)
+        except OSError as exc:
+            os.close(fd)
+            self.spool.discard_tmp(qid)
+            raise _spool_error(exc) from None
+        return _Placed(qid, fd, order)
 
     def close(self) -> None:
-        """Finish the requests already queued, then stop both threads."""
+        """Finish the requests already queued, then stop the thread."""
         self._queue.put(None)
-        self._threads[0].join()
-        with self._renamed:  # a batch its loop still has to rename goes first
-            self._renamed.wait_for(lambda: self._renaming == 0, timeout=CLOSE_WAIT)
-        self._written.put(None)
-        self._threads[1].join()
+        self._thread.join()
         os.close(self._dir)
         os.close(self._tmp)
 
-    # -- the data barrier (thread) ------------------------------------------------------------
-    def _sync_stage(self) -> None:
-        while True:
-            batch, stop = _drain(self._queue, self.max_batch)
-            if batch:
-                self._sync_batch(batch)
-            if stop:
-                return
-
-    def _sync_batch(self, batch: list[_Request]) -> None:
-        """Make a batch's data durable, then have its loop rename it into the queue."""
-        if self.alone and len(batch) == 1 and self._pipeline_idle():
-            self._commit_alone(batch[0])
-            return
-        try:
-            self.spool.make_durable([req.fd for req in batch])
-        except OSError as exc:
-            _in_loops(batch, functools.partial(self._fail, error=exc))
-            return
-        self.batches += 1
-        with self._renamed:
-            self._renaming += _in_loops(batch, self._rename)
-
-    def _pipeline_idle(self) -> bool:
-        """No batch between its data sync and its answer (a hint: if one slips past it,
-        the two directory fsyncs overlap, which costs time, never durability)."""
-        return self._renaming == 0 and self._written.empty() and not self._publishing
-
-    def _commit_alone(self, req: _Request) -> None:
-        """A batch of one with no other batch under way: lock, rename into the queue, one
-        barrier (`Spool.sync_renamed`), then one wake-up of the loop for the answer.
-
-        Through the pipeline the same message cost four hand-overs (loop -> this thread
-        -> loop for the rename -> the directory thread -> loop) and two barriers (the
-        data's, then the directory's), each a flush of the disk's cache, paid by that
-        one message since no batch shares them. Here the file is renamed first and one
-        barrier makes its data and its name durable together.
-
-        The file's flock is taken before the rename and held until the barrier returned,
-        so no queue runner or tool can take a file that is in queue/ but not yet durable:
-        they skip a locked file (`Spool.locked`), or wait for it. If the barrier fails,
-        the file is unlinked under that same lock (`Spool.take_back`: nobody else can
-        hold it) before the 4xx, so the client's resend is the only copy.
-
-        A crash before the barrier returned: no 250 was sent, and the client sends the
-        message again. What the crash left in queue/ is then nothing, the whole file (a
-        duplicate at worst), or a file whose name reached the disk before its data (the
-        order of the writes is the disk's), which fails its self-check and goes to
-        corrupt/ when the runner reads it. Never a loss: the 250 comes after the barrier.
-
-        The price of the thread doing it all: a message that arrives meanwhile waits for
-        this barrier before its own starts (one barrier of latency); if others came with
-        it, they go through the pipeline together.
-        """
-        fd, req.fd = req.fd, -1
-        try:
-            self._lone(req.qid, fd)
-        except SpoolError as exc:
-            _in_loops([req], functools.partial(_refuse, error=exc))
-            return
-        _in_loops([req], _answer)
-
-    def _commit_on_loop(self, qid: str, fd: int) -> None:
-        """`_commit_alone`'s steps on the session's own loop, with no thread at all.
+    # -- the barrier ----------------------------------------------------------------------
+    def _commit_on_loop(self, placed: _Placed) -> None:
+        """The barrier of one placed message on the session's own loop, with no thread.
 
         For the only session open in its owner (`sessions`) with no other commit of
         ours in flight, and a message written on the loop (`LOOP_WRITE_MAX`). The
-        thread's path hands the message over twice (loop -> thread, thread -> loop for
-        the answer), and when the two run on different CPUs each hand-over is a cross-CPU
+        thread hands the message over twice (loop -> thread, thread -> loop for the
+        answer), and when the two run on different CPUs each hand-over is a cross-CPU
         wake-up (dear in a VM: +30 to +400 µs a message, measured with `taskset`, see
         bench/RESULTS.md). Here there is nobody to hand over to.
 
@@ -1317,104 +1270,50 @@ class GroupCommitter:
         rate, the idle timeout) fire late by one barrier, not early. On a sick disk whose
         barrier takes seconds, it is this worker that waits those seconds, with one
         session, instead of its thread: the next session that opens meanwhile is served
-        by another worker or after the barrier, and then through the threads. Crash and
-        failure semantics are `_commit_alone`'s: the lock held from before the rename to
-        after the barrier, the file taken back under it if the barrier fails.
+        by another worker or after the barrier, and then through the thread. Crash and
+        failure semantics are the thread's (see the class).
         """
-        self._lone(qid, fd)
-
-    def _lone(self, qid: str, fd: int) -> None:
-        """Lock tmp/QID (open as `fd`), rename it into the queue, one barrier, release;
-        `fd` is closed. A failure raises SpoolError with nothing left in tmp/, and
-        nothing in the queue unless the take-back failed too (which the error says)."""
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # only in tmp/: never held
-                self._move(qid)
-            except OSError as exc:
-                self.spool.discard_tmp(qid)
-                raise _spool_error(exc) from None
-            try:
-                self.spool.sync_renamed(fd, self._dir)
-            except OSError as exc:
-                kept = self.spool.take_back(qid, self.state, self._dir, fd)
-                raise _spool_error(exc, kept) from None
+            failed = self._barrier([placed])
         finally:
-            # Closing releases the lock: durable now, or taken back. A close(2) error is
-            # not a failure of the commit (the barrier already reported the writes).
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.batches += 1
-        self.committed += 1
+            _release([placed])
+        if failed is not None:
+            raise failed[placed.qid]
 
-    # -- the renames (each request's loop) ----------------------------------------------
-    def _rename(self, batch: list[_Request]) -> None:
-        """Rename the synced files into the queue (metadata only: no wait for the disk)."""
-        done: list[_Request] = []
-        try:
-            for req in batch:
-                os.close(req.fd)
-                req.fd = -1
-                try:
-                    self._move(req.qid)
-                except OSError as exc:
-                    self._fail([req], exc)
-                    continue
-                done.append(req)
-        finally:
-            if done:
-                self._written.put(done)
-            with self._renamed:
-                self._renaming -= 1
-                self._renamed.notify_all()
-
-    def _move(self, qid: str) -> None:
-        """tmp/QID into the queue state, relative to the two directories' descriptors (the
-        id was checked when its file was created)."""
-        os.rename(qid, qid, src_dir_fd=self._tmp, dst_dir_fd=self._dir)
-
-    # -- the directory barrier (thread) -----------------------------------------------------
-    def _publish_stage(self) -> None:
+    def _sync_stage(self) -> None:
         while True:
-            batches, stop = _drain(self._written, self.max_batch)
-            ready = [req for batch in batches for req in batch]
-            if ready:
-                self._publishing = True
-                try:
-                    self._publish(ready)
-                finally:
-                    self._publishing = False
+            batch, stop = _drain(self._queue, self.max_batch)
+            if batch:
+                self._sync_batch(batch)
             if stop:
                 return
 
-    def _publish(self, ready: list[_Request]) -> None:
+    def _sync_batch(self, batch: list[_Request]) -> None:
+        """(thread) One barrier for the batch, then one wake-up of each loop."""
+        failed = self._barrier([req.placed for req in batch])
+        if failed is None:
+            _in_loops(batch, _answer)
+        else:
+            _in_loops(batch, functools.partial(_refuse, errors=failed))
+
+    def _barrier(self, batch: list[_Placed]) -> dict[str, SpoolError] | None:
+        """Make a placed batch durable; None, or each message's SpoolError once every
+        one of them was taken back out of the queue under its lock (or the error says
+        which file stayed)."""
+        earliest = min(batch, key=lambda placed: placed.order)  # syncfs reports since its open
+        fds = [earliest.fd] + [placed.fd for placed in batch if placed is not earliest]
         try:
-            self.spool.fsync_dir(self._dir)
+            self.spool.sync_renamed(fds, self._dir)
         except OSError as exc:
-            self._withdraw(ready, exc)
-            return
-        self.committed += len(ready)
-        _in_loops(ready, _answer)
-
-    def _withdraw(self, requests: list[_Request], error: OSError) -> None:
-        """(thread) The directory sync after the renames failed: take the files back out
-        of the queue (`Spool.withdraw`) before the sessions answer 4xx, or the queue
-        runner would deliver them and the clients send them again."""
-        kept = self.spool.withdraw([req.qid for req in requests], self.state)
-        _in_loops(requests, functools.partial(self._fail, error=error, kept=kept))
-
-    def _fail(
-        self, requests: list[_Request], error: OSError, kept: dict[str, str] | None = None
-    ) -> None:
-        """Answer these sessions 4xx and remove what they left in tmp/ (in their loop);
-        `kept` says which of them stay in the queue all the same, and why."""
-        for req in requests:
-            if req.fd >= 0:
-                os.close(req.fd)
-                req.fd = -1
-            self.spool.discard_tmp(req.qid)
-            if not req.future.done():
-                req.future.set_exception(_spool_error(error, (kept or {}).get(req.qid)))
+            return {
+                placed.qid: _spool_error(
+                    exc, self.spool.take_back(placed.qid, self.state, self._dir, placed.fd)
+                )
+                for placed in batch
+            }
+        self.batches += 1
+        self.committed += len(batch)
+        return None
 
 
 _T = TypeVar("_T")
@@ -1447,16 +1346,30 @@ def _spool_error(exc: OSError, kept: str | None = None) -> SpoolError:
     return error
 
 
-def _refuse(requests: list[_Request], error: SpoolError) -> None:
-    for req in requests:
-        if not req.future.done():
-            req.future.set_exception(error)
+def _release(batch: list[_Placed]) -> None:
+    """Close the messages' files, which releases their locks: durable now, or taken back.
+    A close(2) error is not a failure of the commit (the barrier reported the writes)."""
+    for placed in batch:
+        fd, placed.fd = placed.fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _answer(requests: list[_Request]) -> None:
+    """(loop) The batch is durable: release the locks, then answer the sessions."""
+    _release([req.placed for req in requests])
     for req in requests:
         if not req.future.done():
-            req.future.set_result(req.qid)
+            req.future.set_result(req.placed.qid)
+
+
+def _refuse(requests: list[_Request], errors: dict[str, SpoolError]) -> None:
+    """(loop) The barrier failed: release the locks, then each session hears its error."""
+    _release([req.placed for req in requests])
+    for req in requests:
+        if not req.future.done():
+            req.future.set_exception(errors[req.placed.qid])
 
 
 def _in_loops(requests: list[_Request], then: Callable[[list[_Request]], None]) -> int:
@@ -1469,11 +1382,8 @@ def _in_loops(requests: list[_Request], then: Callable[[list[_Request]], None]) 
     for loop, part in parts.items():
         try:
             loop.call_soon_threadsafe(then, part)
-        except RuntimeError:
-            for req in part:  # its loop is closed: nobody waits, leave no descriptor
-                if req.fd >= 0:
-                    os.close(req.fd)
-                    req.fd = -1
+        except RuntimeError:  # its loop is closed: nobody waits, leave no descriptor
+            _release([req.placed for req in part])
             continue
         scheduled += 1
     return scheduled

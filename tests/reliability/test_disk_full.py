@@ -537,12 +537,12 @@ class FullSpool(Spool):
         self._maybe_fail_queue_sync(fd)
         super().fsync_dir(fd)
 
-    def sync_renamed(self, fd: int, dir_fd: int) -> None:
-        """A lone message's one barrier (data and name): either failure hits it."""
+    def sync_renamed(self, fds: list[int], dir_fd: int) -> None:
+        """A batch's one barrier (data and names): either failure hits it."""
         if self.fail_sync:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         self._maybe_fail_queue_sync(dir_fd)
-        super().sync_renamed(fd, dir_fd)
+        super().sync_renamed(fds, dir_fd)
 
     def _maybe_fail_queue_sync(self, dir_fd: int) -> None:
         if self.fail_queue_sync and os.fstat(dir_fd).st_ino == self._queue_dir.st_ino:
