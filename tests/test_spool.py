@@ -237,7 +237,7 @@ def test_group_commit_shares_syncs(tmp_path: Path) -> None:
 
 
 class _WatchedSpool(Spool):
-    """Records which thread writes each file and the files each data barrier covers."""
+    """Records which thread writes each file and the files each barrier covers."""
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)
@@ -247,10 +247,6 @@ class _WatchedSpool(Spool):
     def write_tmp(self, qid: str, blob: bytes, tmp_dir: int | None = None) -> int:
         self.writers.add(threading.current_thread().name)
         return super().write_tmp(qid, blob, tmp_dir)
-
-    def make_durable(self, fds: list[int]) -> None:
-        self.barriers.append(len(fds))
-        super().make_durable(fds)
 
     def sync_renamed(self, fds: list[int], dir_fd: int) -> None:
         self.barriers.append(len(fds))  # a batch's one barrier (data and names)

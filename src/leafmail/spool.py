@@ -311,20 +311,11 @@ class Spool:
             raise ValueError(f"bad spool state: {where}")
         return os.open(self._dirs[where], _OPEN_SUBDIR)
 
-    def make_durable(self, fds: list[int]) -> None:
-        """Flush these files' data to stable storage: one syncfs(2) for a batch."""
+    def make_durable(self, fd: int) -> None:
+        """Flush one file's data to stable storage (a direct `commit`: the group commit
+        makes its batches durable with `sync_renamed`)."""
         self.syncs += 1
-        if len(fds) == 1:
-            os.fdatasync(fds[0])  # one file: cheaper than flushing the whole filesystem
-            return
-        if _SYNCFS is not None and fds:
-            if _SYNCFS(fds[0]) == 0:
-                return
-            err = ctypes.get_errno()
-            if err not in (errno.ENOSYS, errno.EINVAL):
-                raise OSError(err, os.strerror(err))
-        for fd in fds:
-            os.fsync(fd)
+        os.fdatasync(fd)
 
     def publish(self, qids: list[str], state: QueueState = QueueState.QUEUE) -> None:
         """Rename committed tmp files into `state` and make the renames durable.
@@ -477,7 +468,7 @@ class Spool:
         qid = qid or new_id()
         fd = self.write_tmp(qid, encode(envelope, data))
         try:
-            self.make_durable([fd])
+            self.make_durable(fd)
         except BaseException:
             self.discard_tmp(qid)
             raise

@@ -528,10 +528,10 @@ class FullSpool(Spool):
         self.free = 0
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    def make_durable(self, fds: list[int]) -> None:
+    def make_durable(self, fd: int) -> None:
         if self.fail_sync:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        super().make_durable(fds)
+        super().make_durable(fd)
 
     def fsync_dir(self, fd: int) -> None:
         self._maybe_fail_queue_sync(fd)
