@@ -279,6 +279,39 @@ def test_group_commit_writes_a_big_message_off_the_loop(tmp_path: Path) -> None:
     assert spool.ids() == [qid] and spool.get(qid).data == big
 
 
+def test_a_big_commit_whose_session_is_cancelled_is_still_released(tmp_path: Path) -> None:
+    """A session cancelled while its big message is written off the loop: the message is
+    still made durable and its lock released (answering nobody: a duplicate at worst,
+    the client never heard 250), so no file stays locked in queue/, nothing stays in
+    tmp/, and no descriptor stays open."""
+    spool = Spool(tmp_path)
+    runner = Spool(tmp_path, create=False)  # another process's view, with its own locks
+    open_before = len(os.listdir("/proc/self/fd"))
+    committer = GroupCommitter(spool)
+    qid = new_id()
+
+    async def cancelled() -> None:
+        task = asyncio.ensure_future(committer.commit(ENV, b"x" * (LOOP_WRITE_MAX + 1), qid))
+        await asyncio.sleep(0)  # the executor is writing it now
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with asyncio.timeout(10):
+            while True:  # until a runner can take it (bounded by the timeout)
+                with runner.locked(qid) as state:
+                    if state is QueueState.QUEUE:
+                        return
+                await asyncio.sleep(0)
+
+    try:
+        asyncio.run(cancelled())
+    finally:
+        committer.close()
+    assert spool.ids() == [qid] and os.listdir(tmp_path / "tmp") == []
+    assert committer.committed == 1
+    assert len(os.listdir("/proc/self/fd")) == open_before
+
+
 class _Trail:
     """Records, in order, which thread made each durability step of a commit (wrapping
     the real system calls, which still run) and how often a thread woke the loop."""

@@ -1192,14 +1192,32 @@ class GroupCommitter:
         return await self._handed_over(placed)
 
     async def _commit_big(self, qid: str, envelope: Envelope, data: bytes) -> str:
-        """A message over `LOOP_WRITE_MAX`: written and placed in a thread, then synced by
-        the sync thread."""
+        """A message over `LOOP_WRITE_MAX`: written and placed by a thread of the loop's
+        executor, which hands it to the sync thread itself. A session cancelled meanwhile
+        thus never leaves a placed file locked and unsynced: the sync thread makes it
+        durable and the loop releases it, answering nobody (a duplicate at worst)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[str] = loop.create_future()
         self._pending += 1
         try:
-            placed = await asyncio.to_thread(self._place, qid, envelope, data)
+            loop.run_in_executor(None, self._place_off_loop, qid, envelope, data, future)
+            return await future
         finally:
             self._pending -= 1
-        return await self._handed_over(placed)
+
+    def _place_off_loop(
+        self, qid: str, envelope: Envelope, data: bytes, future: asyncio.Future[str]
+    ) -> None:
+        """(executor thread) Place the message and hand it to the sync thread; a failure
+        goes to the session's future."""
+        loop = future.get_loop()
+        try:
+            placed = self._place(qid, envelope, data)
+        except Exception as exc:  # whatever it is, the session must hear it
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits
+                loop.call_soon_threadsafe(_fail_future, future, exc)
+            return
+        self._queue.put(_Request(placed, loop, future))
 
     async def _handed_over(self, placed: _Placed) -> str:
         """Hand a placed message to the sync thread; its answer."""
@@ -1345,6 +1363,11 @@ def _release(batch: list[_Placed]) -> None:
         if fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _fail_future(future: asyncio.Future[str], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
 
 
 def _answer(requests: list[_Request]) -> None:
