@@ -1171,7 +1171,7 @@ class GroupCommitter:
         self.committed = 0
         self._dir = spool.open_dir(state)
         self._tmp = spool.open_dir(TMP)  # files are created and renamed relative to these
-        self._opened = itertools.count()  # next() is atomic: the loop and `to_thread` take
+        self._opened = itertools.count()  # next() is atomic: the loop and executor threads take
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._sync_stage, name="leafmail-write", daemon=True)
         self._thread.start()
