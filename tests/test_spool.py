@@ -312,6 +312,35 @@ def test_a_big_commit_whose_session_is_cancelled_is_still_released(tmp_path: Pat
     assert len(os.listdir("/proc/self/fd")) == open_before
 
 
+class _FirstBarrierFile(Spool):
+    """Records the descriptor each barrier is given first (the one syncfs(2) runs on)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.first: list[int] = []
+
+    def sync_renamed(self, fds: list[int], dir_fd: int) -> None:
+        self.first.append(os.fstat(fds[0]).st_ino)
+        super().sync_renamed(fds, dir_fd)
+
+
+def test_a_batch_barrier_runs_on_the_file_opened_first(tmp_path: Path) -> None:
+    """syncfs(2) reports a write-back error of the file system since its descriptor was
+    opened: the batch's barrier is given the file opened first, so a failure to write
+    any file of the batch is reported, whatever order the batch came in."""
+    spool = _FirstBarrierFile(tmp_path)
+    committer = GroupCommitter(spool)
+    try:
+        early = committer._place(new_id(), ENV, DATA)
+        late = committer._place(new_id(), ENV, DATA + b"later")
+        assert committer._barrier([late, early]) is None
+        assert spool.first == [os.fstat(early.fd).st_ino]
+        spool_module._release([late, early])
+    finally:
+        committer.close()
+    assert sorted(spool.ids()) == sorted([early.qid, late.qid])
+
+
 class _Trail:
     """Records, in order, which thread made each durability step of a commit (wrapping
     the real system calls, which still run) and how often a thread woke the loop."""
