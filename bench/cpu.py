@@ -32,7 +32,7 @@ def process_cpu(pid: int) -> float | None:
     return (utime + stime + cutime + cstime) / _TICK
 
 
-def _per_task(pid: int, name: str) -> list[bytes] | None:
+def per_task(pid: int, name: str) -> list[bytes] | None:
     """/proc/PID/task/*/NAME of every thread of `pid` still there; None if `pid` is gone."""
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
@@ -50,7 +50,7 @@ def _per_task(pid: int, name: str) -> list[bytes] | None:
 
 def children_of(pid: int) -> list[int]:
     """The live child processes of `pid` (from /proc/PID/task/*/children)."""
-    return [int(child) for raw in _per_task(pid, "children") or [] for child in raw.split()]
+    return [int(child) for raw in per_task(pid, "children") or [] for child in raw.split()]
 
 
 def tree_cpu(pid: int) -> float | None:
@@ -73,7 +73,7 @@ def run_time(pid: int) -> float | None:
     server whose threads live as long as it does and that reaps no children: a thread
     that ends takes its time with it.
     """
-    stats = _per_task(pid, "schedstat")
+    stats = per_task(pid, "schedstat")
     if stats is None:
         return None
     return sum(int(raw.split()[0]) for raw in stats if raw) / 1e9

@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .cpu import per_task
 from .machine import disk_flushes
 from .smtp_bench import LOADS, Load, serving
 from .smtp_idle import descendants
@@ -58,16 +59,7 @@ def switches(root: int) -> int:
     """Voluntary context switches so far of every thread of `root` and its descendants."""
     total = 0
     for pid in descendants(root):
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/status", "rb") as f:
-                    status = f.read()
-            except OSError:
-                continue
+        for status in per_task(pid, "status") or []:
             at = status.find(b"\nvoluntary_ctxt_switches:")
             if at >= 0:
                 total += int(status[at:].split(None, 2)[1])
