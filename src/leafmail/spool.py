@@ -73,7 +73,6 @@ _ID = re.compile(r"\A[0-9A-F]{16}[0-9A-F]{8}\Z")
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPEN_SUBDIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC  # tmp/, states
 _OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-CLOSE_WAIT = 10.0  # seconds `GroupCommitter.close` waits for a loop to rename a batch
 # Up to this many bytes of message, `GroupCommitter.commit` checksums and writes the file
 # on the session's loop (tens of microseconds, cheaper than a thread hand-over); a bigger
 # one, whose cost grows with what the client sent, goes to a thread so that the loop's
@@ -226,9 +225,8 @@ def _reports_errors(release: str) -> bool:
     return (major, minor) >= (5, 8)
 
 
-_SYNCFS = _load_syncfs()
-# The lone commit's one barrier: only where a failure is reported (see `sync_renamed`).
-_SYNCFS_CHECKED = _SYNCFS if _reports_errors(os.uname().release.split("-")[0]) else None
+# A group commit's one barrier, only where it reports a failure (see `sync_renamed`).
+_SYNCFS_CHECKED = _load_syncfs() if _reports_errors(os.uname().release.split("-")[0]) else None
 
 
 class Spool:
