@@ -192,6 +192,45 @@ def test_an_ehlo_name_cannot_add_structure_to_the_received_field(
     assert msg.envelope.client.helo == helo
 
 
+@pytest.mark.parametrize(
+    "char",
+    [
+        "\u2028",  # LINE SEPARATOR: some readers end the line there
+        "\u2029",  # PARAGRAPH SEPARATOR
+        "\u202e",  # RIGHT-TO-LEFT OVERRIDE: shows what follows reversed
+        "\u2066",  # LEFT-TO-RIGHT ISOLATE
+        "\u200b",  # ZERO WIDTH SPACE (a format character)
+        "\ufeff",  # ZERO WIDTH NO-BREAK SPACE
+        "\u00ad",  # SOFT HYPHEN (invisible)
+        "\u3000",  # IDEOGRAPHIC SPACE: would split the name for a reader
+        "\ue000",  # private use
+    ],
+)
+def test_an_smtputf8_ehlo_name_or_recipient_keeps_no_unicode_control_in_the_received_field(
+    plain: Leafmail, char: str
+) -> None:
+    """Under SMTPUTF8 the name and the "for" address may be UTF-8, but only graphic
+    characters of it reach the trace: separators, bidi and format controls become "?"
+    as ASCII controls do, and a letter stays. The envelope keeps what the client sent."""
+    helo = f"m\u00fcnchen{char}by.example"
+    rcpt = f"b\u00f6b{char}x@mx.test"
+    with RawSMTP(plain.address()) as client:
+        client.greeting()
+        assert client.command(f"EHLO {helo}").code == 250
+        assert client.command("MAIL FROM:<a@example.test> SMTPUTF8").code == 250
+        assert client.command(f"RCPT TO:<{rcpt}>").code == 250
+        assert client.command("DATA").code == 354
+        reply = client.command(MESSAGE + b".")
+    assert reply.code == 250, reply
+    msg = plain.message(queued_id(reply.text))
+    received, rest = split_received(msg.data)
+    assert rest == MESSAGE
+    assert received.helo == "m\u00fcnchen?by.example"
+    assert received.recipient == "b\u00f6b?x@mx.test"
+    assert msg.envelope.client.helo == helo
+    assert [r.address for r in msg.envelope.recipients] == [rcpt]
+
+
 def test_dot_stuffed_lines_come_back_unstuffed(servers: LeafmailFactory) -> None:
     server = servers()
     body = (

@@ -6,7 +6,8 @@
 
 The "from" name is what the client said in EHLO; the bracketed address is what the
 server saw, so a reader can tell a claimed name from the real origin. Text that came
-from the client is reduced to printable characters so it cannot fold or inject lines.
+from the client is reduced to printable characters so it cannot fold or inject lines,
+and to graphic ones so Unicode separators, bidi or format controls cannot disguise it.
 
 `header_section` is where trace fields are read back: the loop checks count Received
 fields at the end of DATA and look for Delivered-To in local delivery, on both sides of
@@ -19,6 +20,7 @@ from __future__ import annotations
 import email.utils
 import re
 import time
+import unicodedata
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -50,8 +52,27 @@ def _date(second: int) -> str:
     return _last_date[1]
 
 
+# What is not ASCII must also be a graphic character: a letter, mark, number,
+# punctuation or symbol (Unicode categories L, M, N, P, S). The rest -- U+2028 and U+2029
+# (which some readers take for line ends), the bidi controls that reorder what a reader
+# sees (U+202A-202E, U+2066-2069), zero-width and other format characters (Cf), spaces
+# other than ASCII's (Zs), private-use, unassigned and surrogate code points -- would let
+# a client's text look like something else; they become "?" as the ASCII controls do.
+_GRAPHIC = frozenset("LMNPS")
+
+
 def _clean(text: str, pattern: re.Pattern[str] = _UNSAFE) -> str:
-    return pattern.sub("?", text)[:255] or "unknown"
+    cleaned = pattern.sub("?", text)
+    if not cleaned.isascii():
+        cleaned = "".join(_graphic(char) for char in cleaned)
+    return cleaned[:255] or "unknown"
+
+
+def _graphic(char: str) -> str:
+    """`char` if it is ASCII or graphic, else "?" (ASCII was judged by the pattern)."""
+    if char < "\x80" or unicodedata.category(char)[0] in _GRAPHIC:
+        return char
+    return "?"
 
 
 def header_section(data: bytes) -> bytes:
