@@ -15,7 +15,8 @@ run, on the same machine, with the same number of messages:
   after the request) is reported beside postqueue's own.
 * leafmail: a spool of N messages of the same size, sender and recipient, each in
   ``deferred/`` with a status record saying its recipient was deferred, written with
-  the Spool API (``write_tmp`` + ``publish``; the status files in the runner's format).
+  the Spool API (``write_tmp``, a rename and one ``sync_dir`` a batch; the status files in
+  the runner's format).
   Timed: ``leafmail queue --json`` and ``leafmail queue``, the installed command.
 
 Every command's output goes to /dev/null; an untimed run first checks that each side
@@ -94,7 +95,9 @@ def build_spool(root: Path, messages: int, size: int, batch: int = 500) -> Spool
                 last_error="451 4.3.2 try later",
             )
             (status_dir / qid).write_bytes(status.to_bytes())
-        spool.publish(qids, QueueState.DEFERRED)
+        for qid in qids:
+            os.rename(spool.root / "tmp" / qid, spool.path(QueueState.DEFERRED, qid))
+        spool.sync_dir(QueueState.DEFERRED)
     return spool
 
 

@@ -25,14 +25,16 @@ from netserver.errors import EX_CANTCREAT, EX_DATAERR
 
 
 def fill(spool: Spool, count: int, state: QueueState = QueueState.QUEUE) -> list[str]:
-    """`count` real messages, written and published in batches (one sync per batch)."""
+    """`count` real messages, written and renamed into `state` in batches (one directory
+    sync a batch: a fixture, not a commit)."""
     qids: list[str] = []
     blob = encode(envelope(["bob@dst.test", "carol@dst.test"]), b"Subject: s\r\n\r\nhi\r\n")
     while len(qids) < count:
         batch = [new_id() for _ in range(min(500, count - len(qids)))]
         for qid in batch:
             os.close(spool.write_tmp(qid, blob))
-        spool.publish(batch, state)
+            os.rename(spool.root / "tmp" / qid, spool.path(state, qid))
+        spool.sync_dir(state)
         qids += batch
     return qids
 

@@ -4,24 +4,26 @@ The commit renames tmp/QID into queue/ and then fsyncs queue/; only then is the 
 durable and answered 250. When that fsync fails, the sender hears a temporary failure
 and sends the message again, so the file the rename put in queue/ must go, or the queue
 runner delivers it and then the resent one: a duplicate. It is taken back under its
-lock (`Spool.withdraw`). A file a queue runner holds already is left to it, and the
-failure is still reported, naming the file: a possible duplicate, never a loss.
+lock (`Spool.take_back`), which every commit (direct, lone or batched) holds from before
+the rename to the end of its barrier, so no runner can have the file meanwhile. A file
+whose unlink fails too stays, and the failure is still reported, naming the file: a
+possible duplicate, never a loss.
 
 The failure is injected where the spool syncs its directories (`Spool.fsync_dir`, and
-`Spool.sync_renamed`, the lone commit's one barrier for the data and the name), as a
-failing disk would make fsync(2) or syncfs(2) fail (EIO); the rename before it really
-happened. The lone commit holds the file's lock from before the rename to the end of
-its barrier, so there no runner can have the file, and it is always taken back.
+`Spool.sync_renamed`, the commit's one barrier for the data and the name), as a failing
+disk would make fsync(2) or syncfs(2) fail (EIO); the rename before it really happened.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import errno
+import fcntl
 import io
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -46,9 +48,9 @@ DATA = b"Subject: hi\r\n\r\nbody\r\n"
 class FailingDirSpool(Spool):
     """A real spool whose next fsync of one state directory fails with EIO.
 
-    Only one fsync fails (`Spool.withdraw`'s own sync of the directory afterwards
+    Only one fsync fails (`Spool.take_back`'s own sync of the directory afterwards
     works); `before_failing` runs just before it fails, with the directory's entries,
-    to let a queue runner find the file first.
+    to let a queue runner try the file first.
     """
 
     def __init__(self, root: Path) -> None:
@@ -93,15 +95,41 @@ def nothing_but(spool: Spool, state: QueueState, qids: list[str]) -> dict[str, l
     return want
 
 
-def runner_takes_it(runner: Spool, holding: contextlib.ExitStack) -> Callable[[list[str]], None]:
-    """A `before_failing` that has the queue runner (`runner`, another process's view of
-    the spool) lock the one file just renamed, until `holding` closes."""
+@contextlib.contextmanager
+def immutable(directory: Path) -> Iterator[None]:
+    """Make `directory` immutable (chattr +i, FS_IOC_SETFLAGS) while the block runs: the
+    kernel then refuses to unlink anything in it (EPERM), even for root, as a failing or
+    read-only file system refuses a removal."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        flags = array.array("l", [0])
+        try:
+            fcntl.ioctl(fd, _FS_IOC_GETFLAGS, flags, True)
+            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, array.array("l", [flags[0] | _IMMUTABLE]), True)
+        except OSError as exc:  # tmpfs before Linux 6.0, or no CAP_LINUX_IMMUTABLE
+            pytest.skip(f"cannot make {directory} immutable here: {exc.strerror}")
+        try:
+            yield
+        finally:
+            fcntl.ioctl(fd, _FS_IOC_SETFLAGS, flags, True)
+    finally:
+        os.close(fd)
 
-    def take(names: list[str]) -> None:
-        (qid,) = names
-        assert holding.enter_context(runner.locked(qid)) is QueueState.QUEUE
 
-    return take
+_FS_IOC_GETFLAGS = 0x80086601  # linux/fs.h, for a 64-bit long
+_FS_IOC_SETFLAGS = 0x40086602
+_IMMUTABLE = 0x10  # FS_IMMUTABLE_FL
+
+
+def unlink_refused(spool: FailingDirSpool, state: QueueState, stack: contextlib.ExitStack) -> None:
+    """Have the next barrier's failure find `state` immutable (until `stack` closes), so
+    that the file renamed there cannot be taken back."""
+
+    def freeze(names: list[str]) -> None:
+        assert names
+        stack.enter_context(immutable(spool.root / state))
+
+    spool.before_failing = freeze
 
 
 def group_commit(spool: Spool, count: int, *, on_loop: bool = False) -> list[str | BaseException]:
@@ -165,28 +193,50 @@ def test_a_direct_commit_whose_sync_fails_is_taken_back(tmp_path: Path, state: Q
     assert leftovers(spool) == nothing_but(spool, state, [])
 
 
-def test_a_message_a_runner_already_holds_stays_and_the_failure_says_so(tmp_path: Path) -> None:
-    """The queue runner found the file in queue/ between the rename and the failed
-    fsync, and holds its lock: the file is its (taking it from under a delivery is not
-    allowed), so it stays, and the sender still hears 4xx (a 250 for a name the disk
-    did not make durable could lose the message; a 4xx can at worst duplicate it). The
-    error names the file that stays, for the log. (`Spool.commit`; the group commit
-    holds the lock meanwhile: see the next test.)"""
+def test_a_file_whose_unlink_fails_too_stays_and_the_failure_says_so(tmp_path: Path) -> None:
+    """The barrier failed and the unlink that would take the file back fails too: the
+    file stays, and the sender still hears 4xx (a 250 for a name the disk did not make
+    durable could lose the message; a 4xx can at worst duplicate it). The error names
+    the file that stays, for the log."""
     spool = FailingDirSpool(tmp_path)
-    runner = Spool(tmp_path, create=False)  # another process's view, with its own locks
-    holding = contextlib.ExitStack()
     spool.failing = QueueState.QUEUE
-    spool.before_failing = runner_takes_it(runner, holding)
-    with holding:
+    with contextlib.ExitStack() as frozen:
+        unlink_refused(spool, QueueState.QUEUE, frozen)
         with pytest.raises(SpoolError) as raised:
             spool.commit(ENV, DATA)
-        failed = raised.value
-        (qid,) = spool.ids()
-        assert failed.kept == f"queue/{qid} stays: a queue runner has it already"
-        assert failed.strerror is not None and f"queue/{qid} stays" in failed.strerror
-        assert "may also be delivered" in failed.strerror
-        assert runner.get(qid, QueueState.QUEUE).data.startswith(DATA)  # the runner's, whole
+    failed = raised.value
+    (qid,) = spool.ids()
+    assert failed.kept == f"queue/{qid} stays: cannot remove it: Operation not permitted"
+    assert failed.strerror is not None and f"queue/{qid} stays" in failed.strerror
+    assert "may also be delivered" in failed.strerror
+    assert spool.get(qid, QueueState.QUEUE).data.startswith(DATA)  # whole
     assert leftovers(spool) == nothing_but(spool, QueueState.QUEUE, [qid])
+
+
+@pytest.mark.parametrize("state", [QueueState.QUEUE, QueueState.HOLD])
+def test_a_runner_cannot_take_a_direct_commit_before_its_barrier(
+    tmp_path: Path, state: QueueState
+) -> None:
+    """`Spool.commit` locks its file before the rename and keeps the lock until its one
+    barrier returned, as the group commit does: a queue runner (or a release from hold/)
+    that finds the file meanwhile is refused its lock, so when the barrier fails the
+    file is always taken back, and the resend is the only copy."""
+    spool = FailingDirSpool(tmp_path)
+    runner = Spool(tmp_path, create=False)  # another process's view, with its own locks
+    seen: list[QueueState | None] = []
+
+    def runner_tries(names: list[str]) -> None:
+        (qid,) = names  # renamed already, not yet durable
+        with runner.locked(qid) as where:
+            seen.append(where)
+
+    spool.failing = state
+    spool.before_failing = runner_tries
+    with pytest.raises(SpoolError) as raised:
+        spool.commit(ENV, DATA, state=state)
+    assert seen == [None]  # the runner skipped it
+    assert raised.value.kept is None and spool.failures == 1
+    assert leftovers(spool) == nothing_but(spool, state, [])
 
 
 @pytest.mark.parametrize(
@@ -220,22 +270,20 @@ def test_a_runner_cannot_take_a_group_commit_before_its_barrier(
     assert leftovers(spool) == nothing_but(spool, QueueState.QUEUE, answered)
 
 
-@pytest.mark.parametrize("runner_has_it", [False, True])
-def test_sendmail_says_whether_a_copy_stayed(tmp_path: Path, runner_has_it: bool) -> None:
+@pytest.mark.parametrize("copy_stays", [False, True])
+def test_sendmail_says_whether_a_copy_stayed(tmp_path: Path, copy_stays: bool) -> None:
     """`leafmail sendmail` spooling directly exits 75 either way; its line says
     "nothing was queued" only when that is true, else to look at the queue first."""
     spool = FailingDirSpool(tmp_path)
-    runner = Spool(tmp_path, create=False)
-    holding = contextlib.ExitStack()
     spool.failing = QueueState.QUEUE
-    if runner_has_it:
-        spool.before_failing = runner_takes_it(runner, holding)
     item = Submission(new_id(), ENV, DATA)
-    with holding, pytest.raises(TryLater) as raised:
+    with contextlib.ExitStack() as frozen, pytest.raises(TryLater) as raised:
+        if copy_stays:
+            unlink_refused(spool, QueueState.QUEUE, frozen)
         spooling.commit(spool, item)
     text = str(raised.value)
     assert raised.value.exit_code == EX_TEMPFAIL
-    if runner_has_it:
+    if copy_stays:
         assert f"queue/{item.qid} stays" in text and "see `leafmail queue`" in text, text
         assert spool.ids() == [item.qid]
     else:

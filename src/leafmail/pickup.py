@@ -170,7 +170,7 @@ class PickupServer:
             qid = await self.committer.commit(item.envelope, item.data, item.qid)
         except SpoolError as exc:
             # The operator must hear of a failing spool (the SMTP service logs it the
-            # same way); the reason says whether a copy stayed (see Spool.withdraw).
+            # same way); the reason says whether a copy stayed (see Spool.take_back).
             self.log.error(
                 "local submission refused: the spool failed",
                 qid=item.qid,

@@ -17,15 +17,15 @@ Every other move or removal of a committed file takes that lock too (a damaged f
 aside, a forwarded copy released, a failed commit taken back): `settle_duplicates` and
 `locked` rely on no file moving while its lock is held.
 
-The commit: write the file into tmp/ (mode 0600, O_EXCL|O_NOFOLLOW), make it durable,
-rename it into queue/, make the directory durable, and only then report success, so a
-250 is never given for mail a crash could lose. If that directory sync fails, the file
-is taken back out of queue/ before the 4xx (`Spool.withdraw`), or the runner would
-deliver it besides the client's retry. Many sessions commit at once, so
-`GroupCommitter` renames each message into queue/ first, under its lock (which keeps the
-queue runner off it), and makes a whole batch durable, data and names, with one
-syncfs(2): one flush of the disk's cache for the batch instead of two per message
-(`Spool.sync_renamed`).
+The commit: write the file into tmp/ (mode 0600, O_EXCL|O_NOFOLLOW), lock it, rename
+it into queue/, make its data and its name durable with one barrier, and only then
+report success and release the lock, so a 250 is never given for mail a crash could
+lose. The lock keeps the queue runner off the file until then; if the barrier fails,
+the file is taken back out of queue/ under that lock before the 4xx (`Spool.take_back`),
+or the runner would deliver it besides the client's retry. The barrier is syncfs(2),
+one flush of the disk's cache where fdatasync plus a directory fsync are two
+(`Spool.sync_renamed`); many sessions commit at once, so `GroupCommitter` makes a whole
+batch durable with one. `Spool.commit` does the same for one message.
 
 A file is::
 
@@ -89,7 +89,7 @@ class SpoolError(OSError):
     """The spool could not take the message (disk full, permissions): answer 4xx.
 
     `kept` is None when nothing of the message stays in the spool (the client's retry
-    is its only copy); else it names the file that stays and why (see `Spool.withdraw`):
+    is its only copy); else it names the file that stays and why (see `Spool.take_back`):
     that message may be delivered and also sent again by the client.
     """
 
@@ -309,27 +309,6 @@ class Spool:
             raise ValueError(f"bad spool state: {where}")
         return os.open(self._dirs[where], _OPEN_SUBDIR)
 
-    def make_durable(self, fd: int) -> None:
-        """Flush one file's data to stable storage (a direct `commit`: the group commit
-        makes its batches durable with `sync_renamed`)."""
-        self.syncs += 1
-        os.fdatasync(fd)
-
-    def publish(self, qids: list[str], state: QueueState = QueueState.QUEUE) -> None:
-        """Rename committed tmp files into `state` and make the renames durable.
-
-        If that directory sync fails, the files are taken back out (`withdraw`) before
-        the SpoolError is raised: the caller reports a failure, so a file left in
-        `state` would be delivered besides the copy sent again.
-        """
-        for qid in qids:
-            os.rename(self._file(TMP, qid), self._file(state, qid))
-        try:
-            self.sync_dir(state)
-        except OSError as exc:
-            kept = self.withdraw(qids, state)
-            raise _spool_error(exc, "; ".join(kept.values()) or None) from None
-
     def sync_dir(self, state: QueueState) -> None:
         """Make the renames and unlinks in a state directory durable."""
         self._sync(state)
@@ -375,12 +354,12 @@ class Spool:
 
     def take_back(self, qid: str, state: QueueState, dir_fd: int, fd: int) -> str | None:
         """Unlink `qid` from `state` (open as `dir_fd`), whose lock the caller holds on `fd`
-        (a group commit whose barrier failed: `GroupCommitter._barrier`).
+        (a commit whose barrier failed: `commit`, `GroupCommitter._barrier`).
 
         No queue runner can have it (it skips a locked file) and no mover can have
         moved it (every mover takes the lock), so the name is still this file; that is
         checked all the same. Returns None once it is gone, or a sentence naming the
-        file that stays (the unlink failed too), as `withdraw` does.
+        file that stays (the unlink failed too), for the SpoolError's `kept`.
         """
         try:
             if os.stat(qid, dir_fd=dir_fd, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
@@ -392,36 +371,6 @@ class Spool:
         with contextlib.suppress(OSError):  # best effort: this disk just failed a barrier
             self.fsync_dir(dir_fd)
         return None
-
-    def withdraw(self, qids: list[str], state: QueueState) -> dict[str, str]:
-        """Take back messages just renamed into `state` whose directory sync failed.
-
-        The sender is about to hear a temporary failure (4xx, exit 75) and will send
-        the message again, so a file left in `state` would be delivered twice. Each
-        file is unlinked under its lock, as every mover of a message takes it. One
-        that a queue runner already holds (it found the file and is delivering it),
-        or took already, is left to it: taking a message from under a delivery is not
-        allowed, and answering 250 for a file whose name the disk failed to make
-        durable could lose it; the caller still reports the failure (a possible
-        duplicate, never a loss) and says which file stayed. Returns, for each message
-        that stays, a sentence naming it and why.
-        """
-        kept: dict[str, str] = {}
-        taken = False
-        for qid in qids:
-            try:
-                with self._pinned(qid, state, wait=False) as mine:
-                    if mine:
-                        os.unlink(self._file(state, qid))
-                        taken = True
-                    else:
-                        kept[qid] = f"{state}/{qid} stays: a queue runner has it already"
-            except OSError as exc:
-                kept[qid] = f"{state}/{qid} stays: cannot remove it: {exc.strerror}"
-        if taken:
-            with contextlib.suppress(OSError):  # best effort: this disk just failed a sync
-                self._sync(state)
-        return kept
 
     @contextlib.contextmanager
     def _pinned(self, qid: str, state: QueueState, *, wait: bool) -> Iterator[bool]:
@@ -462,22 +411,46 @@ class Spool:
         Pass `qid` (from `new_id`) when the message's own headers must carry it, or when
         the id was recorded before the commit (a forwarded copy, `leafmail.expansion`),
         which also commits into hold/ until that record says it may go.
+
+        The group commit's shape, for one message: tmp/QID is written and locked, renamed
+        into `state`, and made durable, data and name, with one barrier (`sync_renamed`:
+        one flush of the disk's cache where fdatasync plus a directory fsync were two);
+        the lock is released only after it. Meanwhile a queue runner skips the file
+        and a tool waits for it, so if the barrier fails the file is unlinked under the
+        lock still held (`take_back`: nobody else can have it) before the SpoolError,
+        and the caller's retry is the only copy. A crash before the barrier returned
+        left no success reported, and in `state` nothing, the whole file (a duplicate
+        at worst), or a name whose data did not reach the disk, which fails its
+        self-check and is moved to corrupt/ when it is read. Never a loss.
         """
         qid = qid or new_id()
-        fd = self.write_tmp(qid, encode(envelope, data))
+        blob = encode(envelope, data)
+        dir_fd = self.open_dir(state)
         try:
-            self.make_durable(fd)
-        except BaseException:
-            self.discard_tmp(qid)
-            raise
+            fd = self._place(qid, blob, state)
+            try:
+                self.sync_renamed([fd], dir_fd)
+            except OSError as exc:
+                raise _spool_error(exc, self.take_back(qid, state, dir_fd, fd)) from None
+            finally:
+                os.close(fd)  # releases the lock: durable now, or taken back
         finally:
-            os.close(fd)
+            os.close(dir_fd)
+        return qid
+
+    def _place(self, qid: str, blob: bytes, state: QueueState) -> int:
+        """tmp/QID written, locked and renamed into `state` (not yet durable); its open
+        descriptor, which holds the lock. An OSError leaves nothing behind (`write_tmp`
+        removes a partial file itself)."""
+        fd = self.write_tmp(qid, blob)
         try:
-            self.publish([qid], state)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # only in tmp/: never held
+            os.rename(self._file(TMP, qid), self._file(state, qid))
         except BaseException:
+            os.close(fd)
             self.discard_tmp(qid)
             raise
-        return qid
+        return fd
 
     def discard_tmp(self, qid: str) -> None:
         with contextlib.suppress(OSError):
@@ -1344,7 +1317,7 @@ def _drain(source: queue.SimpleQueue[_T | None], most: int) -> tuple[list[_T], b
 
 
 def _spool_error(exc: OSError, kept: str | None = None) -> SpoolError:
-    """The SpoolError for `exc`; `kept` says what stays of the message (`Spool.withdraw`)."""
+    """The SpoolError for `exc`; `kept` says what stays of the message (`Spool.take_back`)."""
     text = f"cannot spool: {exc.strerror}"
     if kept is not None:
         text += f"; {kept}, so it may also be delivered besides the sender's retry"

@@ -528,17 +528,13 @@ class FullSpool(Spool):
         self.free = 0
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    def make_durable(self, fd: int) -> None:
-        if self.fail_sync:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        super().make_durable(fd)
-
     def fsync_dir(self, fd: int) -> None:
         self._maybe_fail_queue_sync(fd)
         super().fsync_dir(fd)
 
     def sync_renamed(self, fds: list[int], dir_fd: int) -> None:
-        """A batch's one barrier (data and names): either failure hits it."""
+        """A commit's one barrier (data and names), a batch's or a lone message's:
+        either failure hits it."""
         if self.fail_sync:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         self._maybe_fail_queue_sync(dir_fd)

@@ -13,6 +13,6 @@ class BadInput(NetserverError):
 
 class TryLater(NetserverError):
     """The spool could not take the message now (EX_TEMPFAIL); its text says if a copy
-    stayed queued all the same (`leafmail.spool.Spool.withdraw`)."""
+    stayed queued all the same (`leafmail.spool.Spool.take_back`)."""
 
     exit_code = EX_TEMPFAIL

@@ -174,7 +174,7 @@ def _spool_error(exc: OSError, what: str) -> NetserverError:
     reason = exc.strerror or str(exc)
     if exc.errno in _CANTCREAT_ERRNOS:
         return CantCreateError(f"{what}: {reason}")
-    if isinstance(exc, SpoolError) and exc.kept is not None:  # see Spool.withdraw
+    if isinstance(exc, SpoolError) and exc.kept is not None:  # see Spool.take_back
         return TryLater(f"{what}: {reason} (see `leafmail queue` before trying again)")
     return TryLater(f"{what}: {reason} (nothing was queued; try again later)")
 
