@@ -43,6 +43,7 @@ from netserver.connlog import ServerLog
 from netserver.errors import CantCreateError, ConfigError, NetserverError
 from netserver.listen.tls import harden
 from netserver.modes.workers import WorkerApp, WorkerPool
+from netserver.refusals import RefusalLines
 from netserver.server import ModeSpec, RunOptions, loop_factory
 
 from .auth import Users, load_users
@@ -214,8 +215,7 @@ class Daemon:
             options=RunOptions(
                 on_ready=self._one_ready,
                 signals=False,
-                refuse_message=f"421 4.7.0 {self.config.hostname} Too many connections "
-                "from your address, try again later",
+                refuse_message=refusal_replies(self.config.hostname),
             ),
         )
 
@@ -350,3 +350,18 @@ def _keep_restart_settings(old: Config, new: Config) -> Config:
         smtps_listen=old.smtp.smtps_listen,
     )
     return dataclasses.replace(new, spool=old.spool, smtp=smtp, process=old.process)
+
+
+def refusal_replies(hostname: str) -> RefusalLines:
+    """The reply a client turned away at connect time reads, for each cause, as Postfix
+    words them: a connection limit is temporary (421 4.7.0: try again later), an access
+    rule is not (554 5.7.1: do not retry), and a failure of ours is temporary (421
+    4.3.0). Today leafmail refuses at connect for its per-source limit
+    (`smtp.max_sessions_per_source`), or when admission itself fails (a defect); it has no
+    connection access rule (relay control is per recipient), so the 554 is for a rule
+    it may be given (README, "Refused at connect")."""
+    return RefusalLines(
+        limit=f"421 4.7.0 {hostname} Too many connections from your address, try again later",
+        access=f"554 5.7.1 {hostname} Access denied",
+        error=f"421 4.3.0 {hostname} Local error in processing, try again later",
+    )

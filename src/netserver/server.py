@@ -54,6 +54,7 @@ from .modes.shared import SharedLimits
 from .modes.thread import ThreadMode
 from .modes.workers import PoolMode, ProxyAnswer, WorkerPool
 from .readiness import sd_notify
+from .refusals import RefusalCause, RefusalLines, refusal_lines
 
 MODES = ("fork", "prefork", "thread", "async")
 RELAY_FLUSH = 2.0  # at exit, how long TLS relays may go on flushing to their clients
@@ -77,12 +78,13 @@ class ModeSpec:
 class RunOptions:
     """How the server runs in its process: the event loop ("auto": uvloop if installed),
     a callback once it listens, whether it handles TERM/INT/HUP itself, and the line a
-    refused client is sent before it is closed (none by default)."""
+    refused client is sent before it is closed: one for every refusal, or one per cause
+    (`RefusalLines`: a limit, a rule, an error); none by default."""
 
     loop: str = "auto"
     on_ready: Callable[[list[Endpoint]], None] | None = None
     signals: bool = True
-    refuse_message: str | None = None
+    refuse_message: str | RefusalLines | None = None
 
 
 class Server:
@@ -115,6 +117,7 @@ class Server:
             resolve_program(self.handler.argv) if isinstance(self.handler, Command) else ""
         )
         self.options = options or RunOptions()
+        self.refusals = refusal_lines(self.options.refuse_message)
         if self.options.loop not in ("auto", "asyncio", "uvloop"):
             raise ConfigError(
                 f"unknown event loop {self.options.loop!r} (use: auto, asyncio, uvloop)"
@@ -196,7 +199,7 @@ class Server:
             return None
         table = SharedLimits(self.limits, pool.seats)
         judge = quick_judge(tuple(self.gates))
-        return DirectService(self.listeners, table, self.options.refuse_message, judge)
+        return DirectService(self.listeners, table, self.refusals, judge)
 
     def _exec_direct(self) -> DirectService | None:
         """Let the spawners accept themselves (modes.spawner) when no gate needs the
@@ -205,7 +208,7 @@ class Server:
             return None
         table = SharedLimits(self.limits, EXEC_SEATS)
         judge = quick_judge(tuple(self.gates))
-        return DirectService(self.listeners, table, self.options.refuse_message, judge)
+        return DirectService(self.listeners, table, self.refusals, judge)
 
     def _quick_only(self) -> bool:
         """Every gate decides at once: no PROXY header, only address rules, and no
@@ -468,11 +471,11 @@ class Server:
             if ruling is None:
                 later.append(gate)
             elif isinstance(ruling, Refusal):
-                verdict(self._refuse_proxied(peer, ruling.reason))
+                verdict(self._refuse_proxied(peer, ruling.reason, ruling.cause))
                 return
         why = self.admission.name(peer)
         if why is not None:
-            verdict(self._refuse_proxied(peer, why))
+            verdict(self._refuse_proxied(peer, why, RefusalCause.LIMIT))
             return
         conn.record.peer, conn.record.local = peer, local
         conn.awaiting_proxy = False  # counted against `peer` from now on (`_finished`)
@@ -491,22 +494,23 @@ class Server:
             for gate in gates:
                 ruling = await gate.judge(conn)
                 if isinstance(ruling, Refusal):
-                    verdict(self._refuse_proxied(peer, ruling.reason))
+                    verdict(self._refuse_proxied(peer, ruling.reason, ruling.cause))
                     return
                 if isinstance(ruling, Divert):
                     why = "a rule that diverts (twist, setenv) cannot apply behind PROXY"
-                    verdict(self._refuse_proxied(peer, f"{why} with worker processes"))
+                    why = f"{why} with worker processes"
+                    verdict(self._refuse_proxied(peer, why, RefusalCause.ERROR))
                     return
         except Exception as exc:  # never leave the worker without a verdict
             self.log.error("access check failed", peer=str(peer), error=repr(exc))
-            verdict(self._refuse_proxied(peer, "access check failed"))
+            verdict(self._refuse_proxied(peer, "access check failed", RefusalCause.ERROR))
             return
         verdict(None)
 
-    def _refuse_proxied(self, peer: Endpoint, why: str) -> str:
+    def _refuse_proxied(self, peer: Endpoint, why: str, cause: RefusalCause) -> str:
         """Log a refused client a worker named; the line the worker sends it."""
         self.log.refused(peer, why)
-        return self.options.refuse_message or ""
+        return self.refusals.line(cause) or ""
 
     def _full(self) -> bool:
         """True when accept should pause: admitted plus PROXY-pending reach max_conns."""
@@ -523,7 +527,7 @@ class Server:
             if ruling is None:
                 later = [gate] if later is None else [*later, gate]
             elif isinstance(ruling, Refusal):
-                self._refuse(sock, peer, ruling.reason)
+                self._refuse(sock, peer, ruling.reason, ruling.cause)
                 return
         conn = Accepted(sock, ConnRecord(peer, local, self.mode_name))
         # Until it ends, no forked child (another client's, or a new worker) may keep it.
@@ -542,14 +546,14 @@ class Server:
             for gate in gates:
                 ruling = await gate.judge(conn)
                 if isinstance(ruling, Refusal):
-                    self._drop(conn, ruling.reason)
+                    self._drop(conn, ruling.reason, ruling.cause)
                     return
                 if isinstance(ruling, Divert):
                     divert = ruling
                     break
         except Exception as exc:  # never leak an admitted connection
             self.log.error("access check failed", peer=str(conn.record.peer), error=repr(exc))
-            self._drop(conn, "access check failed")
+            self._drop(conn, "access check failed", RefusalCause.ERROR)
             return
         # The mode accounts for the connection even when starting it fails.
         with contextlib.suppress(OSError):
@@ -580,23 +584,25 @@ class Server:
         with contextlib.suppress(OSError):  # the mode accounts for a connection it failed
             start(relayed)
 
-    def _drop(self, conn: Accepted, reason: str) -> None:
+    def _drop(self, conn: Accepted, reason: str, cause: RefusalCause) -> None:
         """Refuse a connection that was already admitted and registered."""
         self.admission.release(conn.record.peer)
         self.fds.discard(conn.fd)
-        self._refuse(conn.sock, conn.record.peer, reason)
+        self._refuse(conn.sock, conn.record.peer, reason, cause)
         self._resume_if_room()
 
-    def _refuse(self, sock: socket.socket, peer: Endpoint, reason: str) -> None:
+    def _refuse(
+        self, sock: socket.socket, peer: Endpoint, reason: str, cause: RefusalCause
+    ) -> None:
         """Tell the client (if a message is configured) and close once it has read that
         (netserver.linger); the server goes on."""
         self.log.refused(peer, reason)
-        self.lingerer.refuse(sock, self.options.refuse_message)
+        self.lingerer.refuse(sock, self.refusals.line(cause))
 
     def _refuse_unserved(self, sock: socket.socket) -> None:
         """The refusal line and a lingering close, for an admitted client the mode could
         not serve (an exec server with no spawner process); the mode logged it."""
-        self.lingerer.refuse(sock, self.options.refuse_message)
+        self.lingerer.refuse(sock, self.refusals.error)
 
     def _finished(self, conn: Accepted) -> None:
         self.fds.discard(conn.fd)

@@ -25,6 +25,7 @@ from ..accepted import Accepted
 from ..connlog import ServerLog
 from ..endpoint import Endpoint
 from ..modes.base import Mode, ModeContext
+from ..refusals import RefusalCause
 
 __all__ = ["LOOKUP_TIMEOUT", "PASS", "Divert", "Gate", "Pass", "Refusal", "Ruling", "quick_judge"]
 
@@ -48,9 +49,11 @@ PASS: Final = Pass()
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """The gate refuses the connection; `reason` goes to the "refused" log line."""
+    """The gate refuses the connection; `reason` goes to the "refused" log line, `cause`
+    chooses the line the client is sent (netserver.refusals: a rule's by default)."""
 
     reason: str
+    cause: RefusalCause = RefusalCause.ACCESS
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from ..connlog import ServerLog
 from ..endpoint import Endpoint
 from ..limits import Limits, source_key
 from ..modes.base import Mode, ModeContext
+from ..refusals import RefusalCause
 from .gate import PASS, Pass, Refusal, Ruling
 
 
@@ -50,7 +51,7 @@ class Admission:
     def quick(self, peer: Endpoint, local: Endpoint) -> Pass | Refusal | None:
         """Count the connection in, or refuse it; never undecided."""
         why = self.admit(peer)
-        return PASS if why is None else Refusal(why)
+        return PASS if why is None else Refusal(why, RefusalCause.LIMIT)
 
     async def judge(self, conn: Accepted) -> Ruling:
         return PASS

@@ -29,6 +29,7 @@ from ..endpoint import Endpoint
 from ..linger import Lingerer
 from ..listen.accept import AcceptLoop, accepted_ends
 from ..listen.listeners import Listener
+from ..refusals import RefusalLines
 from .shared import FULL, SharedLimits
 
 __all__ = ["RECHECK", "DirectAccept", "DirectService", "Judge"]
@@ -52,7 +53,7 @@ class DirectService:
 
     listeners: list[Listener]
     table: SharedLimits
-    refuse_message: str | None
+    refusals: RefusalLines  # the judge's refusals are a rule's (ACCESS), the table's LIMIT
     judge: Judge = admit_all  # every gate decides in `quick` (server.Server._quick_only)
 
     def fds(self) -> list[int]:
@@ -75,7 +76,7 @@ class DirectAccept:
         self.lingerer = lingerer  # the worker's: refused clients drain there
         self.table = service.table
         self.judge = service.judge
-        self.refuse_message = service.refuse_message
+        self.refusals = service.refusals
         self.log = log
         self.ended = ended  # the worker's own bookkeeping, after ours
         self.dispatch: Callable[[Accepted], None] = lambda conn: None  # the mode's, once made
@@ -121,7 +122,7 @@ class DirectAccept:
         reason = self.judge(peer, local)
         if reason is not None:
             self.log.refused(peer, reason)
-            self.lingerer.refuse(sock, self.refuse_message)
+            self.lingerer.refuse(sock, self.refusals.access)
             return
         self._admit(sock, peer, local)
 
@@ -135,7 +136,7 @@ class DirectAccept:
             return
         if isinstance(entry, str):
             self.log.refused(peer, entry)
-            self.lingerer.refuse(sock, self.refuse_message)
+            self.lingerer.refuse(sock, self.refusals.limit)
             return
         conn = Accepted(sock, ConnRecord(peer, local, "async"))
         conn.fd = -1  # no registry here keeps the number; the socket object has it

@@ -354,14 +354,13 @@ class Spawner:
                 self._local = local
             reason = self.direct.judge(peer, local)
             if reason is not None:
-                self._refuse(fd, family, peer, reason)
+                self._refuse(fd, family, peer, reason, self.direct.refusals.access)
                 continue
             self._admit(fd, family, peer, local)
 
-    def _refuse(self, fd: int, family: int, peer: Endpoint, reason: str) -> None:
-        assert self.direct is not None
+    def _refuse(self, fd: int, family: int, peer: Endpoint, reason: str, line: str | None) -> None:
         self.log.refused(peer, reason)
-        self.lingerer.refuse(_wrap(fd, family), self.direct.refuse_message)
+        self.lingerer.refuse(_wrap(fd, family), line)
 
     def _admit(self, fd: int, family: int, peer: Endpoint, local: Endpoint) -> None:
         assert self.direct is not None
@@ -371,7 +370,7 @@ class Spawner:
             self._wait_for_room()
             return
         if isinstance(entry, str):
-            self._refuse(fd, family, peer, entry)
+            self._refuse(fd, family, peer, entry, self.direct.refusals.limit)
             return
         record = ConnRecord(peer, local, self.command.mode_name)
         variables = os.fsencode(ucspi_variables(record))

@@ -1,0 +1,138 @@
+"""Each cause of a refusal sends its own line (netserver.refusals), as Postfix answers a
+connection limit (421 4.7.0), an access rule (554 5.7.1) and its own failure (421 4.3.0)
+differently: a client must not retry a denial, and should retry the others.
+
+Real servers on loopback, real sockets: the supervisor's accept path (a rule, a gate that
+fails in its lookup, the per-source cap) and workers that accept themselves
+(modes.direct: a rule and the shared per-source table). The clients come from different
+loopback addresses (127.0.0.1-3), so each meets the cause meant for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+import sys
+from collections.abc import Sequence
+
+import pytest
+from conftest import ROOT
+from netclient import TIMEOUT, split_address
+from test_gates import running
+
+from netserver import AccessPolicy, Limits, Server
+from netserver.accepted import Accepted
+from netserver.admit.access_gate import AccessGate
+from netserver.admit.gate import PASS, Gate, Pass, Refusal, Ruling
+from netserver.connlog import ServerLog
+from netserver.endpoint import Endpoint
+from netserver.modes.base import Mode, ModeContext
+from netserver.modes.workers import PoolMode
+from netserver.refusals import RefusalLines
+from netserver.server import ModeSpec, RunOptions
+
+if str(ROOT) not in sys.path:  # the examples package lives at the project root
+    sys.path.insert(0, str(ROOT))
+import examples.echo
+
+LINES = RefusalLines(limit="421 4.7.0 busy", access="554 5.7.1 denied", error="421 4.3.0 error")
+DENIED, FAILING = "127.0.0.2", "127.0.0.3"
+
+
+class LookupFails:
+    """A gate whose lookup for FAILING raises (a resolver that broke): the server must
+    refuse that client, and say that the fault is its own."""
+
+    def start(self, ctx: ModeContext, mode: Mode) -> Sequence[Mode]:
+        return ()
+
+    def reload(self, log: ServerLog) -> None:
+        pass
+
+    def quick(self, peer: Endpoint, local: Endpoint) -> Pass | Refusal | None:
+        return None if peer.host == FAILING else PASS
+
+    async def judge(self, conn: Accepted) -> Ruling:
+        raise OSError("the lookup broke")
+
+
+def first_line(port: int, source: str) -> bytes:
+    """Connect from `source`, speak first, and read the server's first line."""
+    with socket.create_connection(
+        ("127.0.0.1", port), timeout=TIMEOUT, source_address=(source, 0)
+    ) as sock:
+        sock.sendall(b"ping\r\n")
+        got = bytearray()
+        while b"\n" not in got:
+            chunk = sock.recv(100)
+            if not chunk:
+                break
+            got += chunk
+        return bytes(got)
+
+
+def held(port: int) -> socket.socket:
+    """A served client from 127.0.0.1, kept open: the per-source cap of 1 is then full."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    sock.sendall(b"ping\r\n")
+    assert sock.recv(100) == b"ping\r\n"
+    return sock
+
+
+def test_the_supervisor_sends_each_cause_its_own_line() -> None:
+    log = io.StringIO()
+    gates: list[Gate] = [AccessGate(AccessPolicy(deny=[DENIED])), LookupFails()]
+    server = Server(
+        examples.echo.binary,
+        "127.0.0.1:0",
+        mode="thread",
+        gates=gates,
+        limits=Limits(max_per_source=1),
+        log=ServerLog(log),
+        options=RunOptions(refuse_message=LINES),
+    )
+    for address in running(server):
+        _, port = split_address(address)
+        assert first_line(port, DENIED) == b"554 5.7.1 denied\r\n"
+        assert first_line(port, FAILING) == b"421 4.3.0 error\r\n"
+        with held(port):
+            assert first_line(port, "127.0.0.1") == b"421 4.7.0 busy\r\n"
+    text = log.getvalue()
+    assert "matched deny rule" in text and "access check failed" in text
+    assert "more than 1 connections from 127.0.0.1" in text
+
+
+@pytest.mark.slow  # forks a worker process
+def test_workers_that_accept_themselves_send_each_cause_its_own_line() -> None:
+    """Only quick gates: each worker accepts, asks the rules and the shared table."""
+
+    async def main() -> None:
+        ready = asyncio.Event()
+        server = Server(
+            examples.echo.async_main,
+            "127.0.0.1:0",
+            mode=ModeSpec("async", workers=1),
+            gates=[AccessGate(AccessPolicy(deny=[DENIED]))],
+            limits=Limits(max_per_source=1),
+            log=ServerLog(io.StringIO()),
+            options=RunOptions(
+                loop="asyncio", signals=False, on_ready=lambda _: ready.set(), refuse_message=LINES
+            ),
+        )
+        serving = asyncio.create_task(server.serve())
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                await ready.wait()
+            assert isinstance(server.mode, PoolMode) and server.mode.direct is not None
+            port = server.addresses[0].port
+            assert port is not None
+            assert await asyncio.to_thread(first_line, port, DENIED) == b"554 5.7.1 denied\r\n"
+            with await asyncio.to_thread(held, port):
+                busy = await asyncio.to_thread(first_line, port, "127.0.0.1")
+            assert busy == b"421 4.7.0 busy\r\n"
+        finally:
+            server.stop()
+            await serving
+
+    asyncio.run(main())
