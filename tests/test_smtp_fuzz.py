@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from netserver.smtp import (
@@ -26,6 +26,7 @@ from netserver.smtp import (
     StartTLS,
     State,
 )
+from netserver.smtp.readers import BareNewline
 from netserver.smtp.states import TRANSITIONS
 
 FUZZ = settings(
@@ -353,3 +354,57 @@ def test_only_crlf_dot_crlf_ends_data(noise: bytes) -> None:
     assert protocol.state is State.DATA
     assert protocol.receive_data(noise) == []
     assert protocol.state is State.DATA
+
+
+# --- the reply does not depend on how the input was cut -----------------------------
+
+# Pieces that make each DATA error (NUL, bare CR, bare LF, a long line, too many octets
+# for SMALL's max_message_size) and the ordinary ones around them.
+_PIECES = [b"a", b"\r\n", b"\0", b"\r", b"\n", b".", b"x" * 400, b"\r\n.", b"y" * 150]
+SMALL = ServerConfig("mx.example", max_message_size=1500)
+# Bare newlines made CRLF count towards the size as such, however the reads fall.
+SMALL_REPLACING = ServerConfig(
+    "mx.example", max_message_size=1500, bare_newline=BareNewline.REPLACE
+)
+
+
+def replies(wire: bytes, cuts: list[int], config: ServerConfig = SMALL) -> bytes:
+    """Everything the server sends for `wire` arriving in pieces cut at `cuts`."""
+    protocol = ServerProtocol(config)
+    points = sorted({c for c in cuts if c <= len(wire)})
+    for a, b in zip([0, *points], [*points, len(wire)], strict=True):
+        events = protocol.receive_data(wire[a:b])
+        while events and isinstance(events[-1], DecisionEvent):
+            protocol.accept()
+            events = protocol.resume()
+    return protocol.data_to_send()
+
+
+@FUZZ
+@given(
+    body=st.lists(st.sampled_from(_PIECES), max_size=40).map(b"".join),
+    cuts=st.lists(st.integers(0, 5000), max_size=12),
+    config=st.sampled_from([SMALL, SMALL_REPLACING]),
+)
+@example(body=b"\0\r", cuts=[len(PREFIX) + 7], config=SMALL)  # the NUL, then the bare CR
+def test_a_data_reply_does_not_depend_on_packet_boundaries(
+    body: bytes, cuts: list[int], config: ServerConfig
+) -> None:
+    """The same octets, in one piece or cut anywhere, get the same replies: a message
+    with several faults (a NUL, a bare newline, a long line, too many octets) is
+    answered for the same one however the network delivered it (it was the first one
+    read: a NUL in one read and a bare LF in the next got "NUL", in one read "bare CR
+    or LF")."""
+    wire = PREFIX + b"DATA\r\n" + body + b"\r\n.\r\nQUIT\r\n"
+    assert replies(wire, cuts, config) == replies(wire, [], config)
+
+
+@FUZZ
+@given(
+    body=st.lists(st.sampled_from(_PIECES), max_size=40).map(b"".join),
+    cuts=st.lists(st.integers(0, 5000), max_size=12),
+)
+@example(body=b"\0" + b"x" * 1600, cuts=[len(PREFIX) + 17])  # the NUL, then the size
+def test_a_bdat_reply_does_not_depend_on_packet_boundaries(body: bytes, cuts: list[int]) -> None:
+    wire = PREFIX + b"BDAT %d LAST\r\n" % len(body) + body + b"QUIT\r\n"
+    assert replies(wire, cuts) == replies(wire, [])

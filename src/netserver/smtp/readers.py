@@ -14,7 +14,8 @@ Three readers share one receive buffer (a ``bytearray`` the protocol appends to)
   command.  ``LF.LF``, ``CR.CR`` or ``LF.CRLF`` end nothing.  Bare CR/LF, lines over
   1000 octets (4.5.3.1.6), NUL octets and an over-size message are *recorded* and
   answered after the terminator, as 4.2.5 requires; from the first such error on the
-  body is dropped, so memory never grows past the maximum message size.
+  body is dropped, so memory never grows past the maximum message size. Of several,
+  the reply names the same one however the input was cut into reads (`_RANK`).
 * `ChunkReader` reads exactly the octets a BDAT command announced (RFC 3030); they are
   raw, with no line structure and no stuffing.
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import Enum
+from typing import Final
 
 __all__ = [
     "COMMAND_LINE_LIMIT",
@@ -246,11 +248,27 @@ class DataError(Enum):
     NUL = "NUL octet"
 
 
+# A message with several faults is answered for the one that ranks first here, wherever
+# each is: answering the first one read would make the reply depend on how the network
+# cut the input into reads (a NUL in one read and a bare LF in the next were answered
+# "NUL", both in one read "bare CR or LF"). The octets that SMTP smuggling is made of
+# (bare CR/LF, NUL) come first, then the size, then a long line. Once a fault is found,
+# only those that outrank it are still looked for, so a refused message costs no more
+# than an accepted one.
+_RANK: Final = {
+    DataError.BARE_NEWLINE: 0,
+    DataError.NUL: 1,
+    DataError.TOO_BIG: 2,
+    DataError.LINE_TOO_LONG: 3,
+}
+
+
 class MessageSink:
     """Collects a message body up to ``max_size`` octets, refusing NUL octets.
 
     The first error drops what was collected and everything after it; the size keeps
-    being counted, but memory is never spent on a message that will be refused.
+    being counted, but memory is never spent on a message that will be refused. `error`
+    is the highest-ranked fault found (`_RANK`), whatever the order of the writes.
     """
 
     __slots__ = ("_body", "error", "max_size", "size")
@@ -263,19 +281,19 @@ class MessageSink:
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
-        if self.error is not None:
-            return
-        if self.size > self.max_size:
-            self.fail(DataError.TOO_BIG)
-            return
-        if b"\0" in data:
-            self.fail(DataError.NUL)
-            return
-        self._body += data
+        error = self.error
+        if error is None or _RANK[error] > _RANK[DataError.NUL]:  # a NUL still outranks it
+            if b"\0" in data:
+                self.fail(DataError.NUL)
+            elif self.size > self.max_size:
+                self.fail(DataError.TOO_BIG)
+            elif error is None:
+                self._body += data
 
     def fail(self, error: DataError) -> None:
-        """Record the first error and let go of the body."""
-        if self.error is None:
+        """Record `error` if it outranks what was found so far, and let go of the body."""
+        current = self.error
+        if current is None or _RANK[error] < _RANK[current]:
             self.error = error
             self._body = bytearray()
 
@@ -352,16 +370,24 @@ class DataReader:
         return None
 
     def _take(self, segment: bytes) -> None:
-        # Once the message is known to be refused, only its size is still counted.
-        if self._sink.error is None:
+        sink = self._sink
+        error = sink.error
+        if error is None:
             if has_bare_newline(segment):
                 if self._policy is BareNewline.REJECT:
-                    self._sink.fail(DataError.BARE_NEWLINE)
+                    sink.fail(DataError.BARE_NEWLINE)
                 else:
                     segment = _crlf_line_ends(segment)
             if self._too_long(segment):
-                self._sink.fail(DataError.LINE_TOO_LONG)
-        self._sink.write(segment)
+                sink.fail(DataError.LINE_TOO_LONG)
+        elif error is not DataError.BARE_NEWLINE and has_bare_newline(segment):
+            # A refused message: only a fault that outranks `error` still matters (a
+            # long line never does), and the size, counted as if it were accepted.
+            if self._policy is BareNewline.REJECT:
+                sink.fail(DataError.BARE_NEWLINE)
+            else:
+                segment = _crlf_line_ends(segment)
+        sink.write(segment)
 
     def _too_long(self, segment: bytes) -> bool:
         """Track line lengths across segments; True if any line passed 1000 octets."""
