@@ -328,3 +328,36 @@ def test_the_local_submission_socket_logs_a_spool_failure(tmp_path: Path) -> Non
 def submit_one(path: Path) -> str:
     """`leafmail sendmail`'s own client: one message through the socket at `path`."""
     return submit(path, ENV, DATA, full_name=None, protocol=None)
+
+
+class DataFlushWatch(Spool):
+    """A real spool that notes, at each flush of a file's data before its rename, which
+    state directories hold a name already, and can make that flush fail (EIO)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.seen: list[dict[str, list[str]]] = []
+        self.fail = False
+
+    def make_durable(self, fd: int) -> None:
+        self.seen.append(leftovers(self))
+        if self.fail:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        super().make_durable(fd)
+
+
+def test_a_forwarded_copy_reaches_hold_only_with_its_data_durable(tmp_path: Path) -> None:
+    """expansion's recovery takes a copy found in hold/ for a complete one, so a commit
+    into hold/ flushes the data while the file is still only in tmp/; when that flush
+    fails, nothing is left anywhere. A commit into queue/ has no such flush: its one
+    barrier covers data and name (a damaged name there goes to corrupt/ when read)."""
+    spool = DataFlushWatch(tmp_path)
+    copy = spool.commit(ENV, DATA, new_id(), state=QueueState.HOLD)
+    (before,) = spool.seen
+    assert before["tmp"] == [copy] and before[QueueState.HOLD] == []
+    spool.commit(ENV, DATA)
+    assert len(spool.seen) == 1
+    spool.fail = True
+    with pytest.raises(OSError):
+        spool.commit(ENV, DATA, state=QueueState.HOLD)
+    assert leftovers(spool)["tmp"] == [] and spool.ids(QueueState.HOLD) == [copy]

@@ -25,7 +25,8 @@ the file is taken back out of queue/ under that lock before the 4xx (`Spool.take
 or the runner would deliver it besides the client's retry. The barrier is syncfs(2),
 one flush of the disk's cache where fdatasync plus a directory fsync are two
 (`Spool.sync_renamed`); many sessions commit at once, so `GroupCommitter` makes a whole
-batch durable with one. `Spool.commit` does the same for one message.
+batch durable with one. `Spool.commit` does the same for one message (into hold/, it
+flushes the data before the rename too: see there).
 
 A file is::
 
@@ -309,6 +310,11 @@ class Spool:
             raise ValueError(f"bad spool state: {where}")
         return os.open(self._dirs[where], _OPEN_SUBDIR)
 
+    def make_durable(self, fd: int) -> None:
+        """Flush one file's data to stable storage before its name is published (a
+        commit into hold/: see `commit`); a test makes it fail by overriding it."""
+        os.fdatasync(fd)
+
     def sync_dir(self, state: QueueState) -> None:
         """Make the renames and unlinks in a state directory durable."""
         self._sync(state)
@@ -422,12 +428,17 @@ class Spool:
         left no success reported, and in `state` nothing, the whole file (a duplicate
         at worst), or a name whose data did not reach the disk, which fails its
         self-check and is moved to corrupt/ when it is read. Never a loss.
+
+        Except into hold/: there a forwarded copy's recovery (`leafmail.expansion`) takes
+        a file it finds for a complete copy, which it releases instead of making a new
+        one, so that file's data is made durable before its name (fdatasync, then the
+        rename and the barrier: two flushes, as every commit took before).
         """
         qid = qid or new_id()
         blob = encode(envelope, data)
         dir_fd = self.open_dir(state)
         try:
-            fd = self._place(qid, blob, state)
+            fd = self._place(qid, blob, state, data_first=state is QueueState.HOLD)
             try:
                 self.sync_renamed([fd], dir_fd)
             except OSError as exc:
@@ -438,12 +449,14 @@ class Spool:
             os.close(dir_fd)
         return qid
 
-    def _place(self, qid: str, blob: bytes, state: QueueState) -> int:
-        """tmp/QID written, locked and renamed into `state` (not yet durable); its open
-        descriptor, which holds the lock. An OSError leaves nothing behind (`write_tmp`
-        removes a partial file itself)."""
+    def _place(self, qid: str, blob: bytes, state: QueueState, *, data_first: bool) -> int:
+        """tmp/QID written, locked and renamed into `state` (its name not yet durable;
+        with `data_first`, its data is); its open descriptor, which holds the lock. An
+        OSError leaves nothing behind (`write_tmp` removes a partial file itself)."""
         fd = self.write_tmp(qid, blob)
         try:
+            if data_first:
+                self.make_durable(fd)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # only in tmp/: never held
             os.rename(self._file(TMP, qid), self._file(state, qid))
         except BaseException:
