@@ -14,7 +14,7 @@ import asyncio
 import io
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 from conftest import ROOT
@@ -25,6 +25,7 @@ from netserver import AccessPolicy, Limits, Server
 from netserver.accepted import Accepted
 from netserver.admit.access_gate import AccessGate
 from netserver.admit.gate import PASS, Gate, Pass, Refusal, Ruling
+from netserver.admit.proxy import ProxyGate
 from netserver.connlog import ServerLog
 from netserver.endpoint import Endpoint
 from netserver.modes.base import Mode, ModeContext
@@ -63,20 +64,25 @@ def first_line(port: int, source: str) -> bytes:
         ("127.0.0.1", port), timeout=TIMEOUT, source_address=(source, 0)
     ) as sock:
         sock.sendall(b"ping\r\n")
-        got = bytearray()
-        while b"\n" not in got:
-            chunk = sock.recv(100)
-            if not chunk:
-                break
-            got += chunk
-        return bytes(got)
+        return read_line(sock)
+
+
+def read_line(sock: socket.socket) -> bytes:
+    """What the server sent up to its first LF (or its close)."""
+    got = bytearray()
+    while b"\n" not in got:
+        chunk = sock.recv(100)
+        if not chunk:
+            break
+        got += chunk
+    return bytes(got)
 
 
 def held(port: int) -> socket.socket:
     """A served client from 127.0.0.1, kept open: the per-source cap of 1 is then full."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
     sock.sendall(b"ping\r\n")
-    assert sock.recv(100) == b"ping\r\n"
+    assert read_line(sock) == b"ping\r\n"
     return sock
 
 
@@ -103,9 +109,9 @@ def test_the_supervisor_sends_each_cause_its_own_line() -> None:
     assert "more than 1 connections from 127.0.0.1" in text
 
 
-@pytest.mark.slow  # forks a worker process
-def test_workers_that_accept_themselves_send_each_cause_its_own_line() -> None:
-    """Only quick gates: each worker accepts, asks the rules and the shared table."""
+def with_a_worker(gates: list[Gate], check: Callable[[Server, int], None]) -> None:
+    """Serve the echo example with one worker process, the gates, a per-source cap of 1
+    and LINES; run `check(server, port)` in a thread once it listens, then stop."""
 
     async def main() -> None:
         ready = asyncio.Event()
@@ -113,7 +119,7 @@ def test_workers_that_accept_themselves_send_each_cause_its_own_line() -> None:
             examples.echo.async_main,
             "127.0.0.1:0",
             mode=ModeSpec("async", workers=1),
-            gates=[AccessGate(AccessPolicy(deny=[DENIED]))],
+            gates=gates,
             limits=Limits(max_per_source=1),
             log=ServerLog(io.StringIO()),
             options=RunOptions(
@@ -124,15 +130,47 @@ def test_workers_that_accept_themselves_send_each_cause_its_own_line() -> None:
         try:
             async with asyncio.timeout(TIMEOUT):
                 await ready.wait()
-            assert isinstance(server.mode, PoolMode) and server.mode.direct is not None
             port = server.addresses[0].port
             assert port is not None
-            assert await asyncio.to_thread(first_line, port, DENIED) == b"554 5.7.1 denied\r\n"
-            with await asyncio.to_thread(held, port):
-                busy = await asyncio.to_thread(first_line, port, "127.0.0.1")
-            assert busy == b"421 4.7.0 busy\r\n"
+            await asyncio.to_thread(check, server, port)
         finally:
             server.stop()
             await serving
 
     asyncio.run(main())
+
+
+@pytest.mark.slow  # forks a worker process
+def test_workers_that_accept_themselves_send_each_cause_its_own_line() -> None:
+    """Only quick gates: each worker accepts, asks the rules and the shared table."""
+
+    def check(server: Server, port: int) -> None:
+        assert isinstance(server.mode, PoolMode) and server.mode.direct is not None
+        assert first_line(port, DENIED) == b"554 5.7.1 denied\r\n"
+        with held(port):
+            assert first_line(port, "127.0.0.1") == b"421 4.7.0 busy\r\n"
+
+    with_a_worker([AccessGate(AccessPolicy(deny=[DENIED]))], check)
+
+
+@pytest.mark.slow  # forks a worker process
+def test_a_worker_behind_a_balancer_sends_the_supervisors_line_for_each_cause() -> None:
+    """Behind PROXY the worker reads the header and the supervisor judges the client it
+    names (Server._name_proxied): the worker sends the line of that verdict's cause."""
+    header = b"PROXY TCP4 %s 127.0.0.1 5555 25\r\n"
+
+    def named(port: int, client: bytes) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        sock.sendall(header % client + b"ping\r\n")
+        return sock
+
+    def check(server: Server, port: int) -> None:
+        with named(port, b"10.9.8.7") as denied:
+            assert read_line(denied) == b"554 5.7.1 denied\r\n"
+        with named(port, b"10.9.8.6") as first:
+            assert read_line(first) == b"ping\r\n"  # served: the cap of 1 is full
+            with named(port, b"10.9.8.6") as second:
+                assert read_line(second) == b"421 4.7.0 busy\r\n"
+
+    gates: list[Gate] = [ProxyGate(["127.0.0.1"]), AccessGate(AccessPolicy(deny=["10.9.8.7"]))]
+    with_a_worker(gates, check)
