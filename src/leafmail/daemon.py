@@ -353,10 +353,10 @@ def _keep_restart_settings(old: Config, new: Config) -> Config:
 
 
 def refusal_replies(hostname: str) -> RefusalLines:
-    """The reply a client turned away at connect time reads, for each cause, as Postfix
-    words them: a connection limit is temporary (421 4.7.0: try again later), an access
-    rule is not (554 5.7.1: do not retry), and a failure of ours is temporary (421
-    4.3.0). Today leafmail refuses at connect for its per-source limit
+    """The reply a client turned away at connect time reads, for each cause, with the
+    codes Postfix's smtpd uses: a connection limit is temporary (421 4.7.0: try again
+    later), an access rule is not (554 5.7.1: do not retry), and a failure of ours is
+    temporary (421 4.3.0). Today leafmail refuses at connect for its per-source limit
     (`smtp.max_sessions_per_source`), or when admission itself fails (a defect); it has no
     connection access rule (relay control is per recipient), so the 554 is for a rule
     it may be given (README, "Refused at connect")."""
