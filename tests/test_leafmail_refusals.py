@@ -28,6 +28,9 @@ from leafmail_fixtures import (
 from lifecycle_handlers import recv_line
 from test_refusal_lines import ROUNDS, finish
 
+from leafmail.daemon import refusal_replies
+from netserver.refusals import RefusalCause
+
 
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[LeafmailFactory]:
@@ -104,3 +107,17 @@ def test_over_tls_a_client_past_max_errors_reads_the_421_and_the_close(
         assert raw.reply().code == 421
         raw.send(b"QUIT\r\n")  # too late: dropped
         assert raw.sock.recv(64) == b""  # close_notify, well before any timeout
+
+
+def test_each_refusal_at_connect_has_its_own_reply() -> None:
+    """A limit says try later (421 4.7.0), a rule says do not retry (554 5.7.1), and our
+    own failure says try later (421 4.3.0): three replies whose enhanced code is of the
+    reply's class (RFC 3463), each naming the host (netserver.refusals)."""
+    lines = refusal_replies("mx.test")
+    replies = {cause: lines.line(cause) for cause in RefusalCause}
+    assert replies == {
+        RefusalCause.LIMIT: "421 4.7.0 mx.test Too many connections from your address, "
+        "try again later",
+        RefusalCause.ACCESS: "554 5.7.1 mx.test Access denied",
+        RefusalCause.ERROR: "421 4.3.0 mx.test Local error in processing, try again later",
+    }
