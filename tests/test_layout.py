@@ -48,6 +48,7 @@ CORE = frozenset(
         "memo",
         "privileges",
         "readiness",
+        "refusals",
         "resolver",
         "stdio",
         "strictconf",
