@@ -127,13 +127,19 @@ class ReceiveService:
         """The session on a new connection (netserver's callback handler form)."""
         return ReceiveSession(self, conn)
 
-    def start(self, work: Coroutine[Any, Any, None], done: Callable[[Failure], None]) -> None:
-        """Run a session's `work` as a task; `done` gets its exception, or None.
+    def start(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        work: Coroutine[Any, Any, None],
+        done: Callable[[Failure], None],
+    ) -> None:
+        """Run a session's `work` as a task on its connection's `loop`; `done` gets its
+        exception, or None.
 
         The service keeps the task (the session keeps none) until it ends, so `settle`
         can wait for the commits under way before the spool is closed.
         """
-        task = asyncio.get_running_loop().create_task(work)
+        task = loop.create_task(work)
         self.running.add(task)
         task.add_done_callback(functools.partial(self._ended, done))
 

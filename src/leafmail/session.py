@@ -173,7 +173,7 @@ class ReceiveSession(Callbacks):
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` as a task; input is held until it is done, then fed in order."""
         self.busy = True
-        self.service.start(work, self._done)
+        self.service.start(self.conn.loop, work, self._done)
 
     def _done(self, failure: BaseException | None) -> None:
         """The task ended: on failure end the connection, else carry on with the input."""
@@ -249,7 +249,7 @@ class ReceiveSession(Callbacks):
                 self.rate.track(True)
             if self.timer is None:
                 left = self.rate.remaining() or 0.0
-                self.timer = asyncio.get_running_loop().call_later(max(left, 0.0), self._rate_due)
+                self.timer = self.conn.loop.call_later(max(left, 0.0), self._rate_due)
         elif self.rate is not None:
             self.rate = None
             self._stop_timer()
@@ -261,7 +261,7 @@ class ReceiveSession(Callbacks):
             return  # `_track_rate` sets it again once the task is done
         left = rate.remaining()
         if left is not None and left > 0:
-            self.timer = asyncio.get_running_loop().call_later(left, self._rate_due)
+            self.timer = self.conn.loop.call_later(left, self._rate_due)
             return
         self._goodbye(too_slow(self.service.smtp.hostname))
 

@@ -61,6 +61,13 @@ class LoopConnection(asyncio.Protocol):
         self._idle: _IdleSweep | None = None
         self.timed_out = False
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop serving this connection. A handler that schedules on it per request
+        takes it from here: `asyncio.get_running_loop()` costs a getpid(2) system call
+        each time on Python 3.11 (it checks that the loop was not inherited by fork)."""
+        return self._loop
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         if self.peer.ip is None and self.peer.path is None:  # not given by the server
