@@ -8,6 +8,13 @@ scratch tree is deleted as soon as the round ends (what `smtp_bench` did before
 `bench.inodes`), which reproduces the rise of system time on ext4 without a journal;
 without it, the trees are kept until the end.
 
+Whether the rate is bounded by CPU or by waiting shows in two more figures: the cores
+the whole machine was busy during the run (out of `os.cpu_count()`), and the share of
+the run each process's main thread (an smtpd worker's event loop) spent on a CPU, waiting
+for one (runnable, from /proc/PID/schedstat) and asleep (nothing to do: its sessions wait
+for the client or for a commit). Loops that wait for a CPU on a machine near all its cores
+are CPU-bound; loops asleep with cores idle wait on latency.
+
 Each line also gives the voluntary context switches per message of the server's
 threads (every thread of every process that is alive at both ends of the run; a process
 forked and reaped within it is not counted), the hand-overs between threads and
@@ -31,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .cpu import per_task
+from .cpu import machine_cpu, per_task
 from .machine import disk_flushes
 from .smtp_bench import LOADS, Load, serving
 from .smtp_idle import descendants
@@ -71,16 +78,49 @@ def _role(pid: int, root: int) -> str:
     return "parent" if pid == root else f"pid {pid}"
 
 
+def main_threads(root: int) -> dict[int, tuple[int, int]]:
+    """pid -> (ns on a CPU, ns runnable but waiting for one) of the main thread of
+    `root` and of each descendant (/proc/PID/schedstat is the thread group leader's)."""
+    found = {}
+    for pid in descendants(root):
+        try:
+            with open(f"/proc/{pid}/schedstat", "rb") as f:
+                on_cpu, waiting = f.read().split()[:2]
+        except (OSError, ValueError):
+            continue
+        found[pid] = (int(on_cpu), int(waiting))
+    return found
+
+
+def loop_shares(
+    before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]], wall: float
+) -> str:
+    """ "on a CPU/waiting for one/asleep" percentages of the run for each main thread
+    that was on a CPU for at least a tenth of it (the workers' loops)."""
+    shares = []
+    for pid, (on_cpu, waiting) in after.items():
+        on0, wait0 = before.get(pid, (0, 0))
+        ran, queued = (on_cpu - on0) / 1e9 / wall, (waiting - wait0) / 1e9 / wall
+        if ran >= 0.1:
+            shares.append(f"{ran:.0%}/{queued:.0%}/{max(1.0 - ran - queued, 0.0):.0%}")
+    return " ".join(shares)
+
+
 PerProcess = dict[str, tuple[float, float]]  # name -> (user, system) µs/msg
 
 
-def run(load: Load, port: int, root: int) -> tuple[float, float, PerProcess]:
-    """One smtp-source run: msgs/s, voluntary switches/msg, and (user, system) µs/msg
-    of each process that ran."""
+def run(load: Load, port: int, root: int) -> tuple[float, float, PerProcess, str]:
+    """One smtp-source run: msgs/s, voluntary switches/msg, (user, system) µs/msg of each
+    process that ran, and where the time went (machine busy, loops' shares)."""
     before, switched = times(root), switches(root)
+    sched, busy = main_threads(root), machine_cpu()[0]
     start = time.perf_counter()
     subprocess.run(load.argv(port, load.messages), check=True, capture_output=True)
-    rate = load.messages / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    rate = load.messages / wall
+    cores = (machine_cpu()[0] - busy) / wall
+    where = f"machine {cores:.2f} of {os.cpu_count()} cores busy; loops on a CPU/waiting/asleep "
+    where += loop_shares(sched, main_threads(root), wall)
     per_switch = (switches(root) - switched) / load.messages
     per_message: PerProcess = {}
     for pid, (name, user, system) in times(root).items():
@@ -88,7 +128,7 @@ def run(load: Load, port: int, root: int) -> tuple[float, float, PerProcess]:
         used = ((user - user0) / load.messages * 1e6, (system - system0) / load.messages * 1e6)
         if sum(used) > 0:
             per_message[name] = used
-    return rate, per_switch, per_message
+    return rate, per_switch, per_message, where
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                     for load in loads:
                         os.sync()
                         flushed = disk_flushes(scratch) or 0
-                        rate, switched, used = run(load, target.port, target.pid)
+                        rate, switched, used, where = run(load, target.port, target.pid)
                         per_flush = ((disk_flushes(scratch) or 0) - flushed) / load.messages
                         total = sum(user + system for user, system in used.values())
                         split = "; ".join(
@@ -125,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(
                             f"round {round_} {server} {load.name}: {rate:,.0f} msg/s, "
                             f"{switched:.1f} switches/msg, {per_flush:.2f} flushes/msg, "
-                            f"{total:,.0f} µs/msg ({split})",
+                            f"{total:,.0f} µs/msg ({split}); {where}",
                             flush=True,
                         )
                 if args.delete:
