@@ -480,6 +480,30 @@ def test_a_session_among_others_hands_its_commit_to_the_thread(
     assert spool.ids() == [qid]
 
 
+def _twenty_sessions() -> int:
+    return 20
+
+
+def test_the_messages_of_one_loop_turn_share_one_barrier(tmp_path: Path) -> None:
+    """Sessions of one loop whose messages end in the same turn of it are made durable
+    together, with one barrier: the sync thread is woken at the end of the turn, not at
+    the first message (it then took a batch of one as soon as the loop made a system
+    call, and the others waited for that barrier and then for their own)."""
+    spool = Spool(tmp_path)
+    committer = GroupCommitter(spool, sessions=_twenty_sessions)
+
+    async def together() -> list[str]:
+        return await asyncio.gather(*(committer.commit(ENV, DATA) for _ in range(40)))
+
+    try:
+        qids = asyncio.run(together())
+    finally:
+        committer.close()
+    assert sorted(qids) == spool.ids() and os.listdir(tmp_path / "tmp") == []
+    assert committer.committed == 40
+    assert committer.batches == 1
+
+
 def test_a_commit_in_flight_keeps_the_next_one_off_the_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -40,6 +40,7 @@ no code when loaded.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import ctypes.util
@@ -1114,12 +1115,13 @@ class GroupCommitter:
     Each message is written into tmp/, locked (flock on its open descriptor) and renamed
     into the queue state at once (`_place`): by the session's own loop for one of up to
     `LOOP_WRITE_MAX` bytes (page cache and metadata only, no wait for the disk), in a
-    thread for a bigger one. The sync thread then takes every message waiting and makes
-    them durable, data and names, with one barrier (`Spool.sync_renamed`: one syncfs(2),
-    one flush of the disk's cache), and wakes each loop once with its sessions'
-    answers; the loop closes the descriptors, which releases the locks. Two hand-overs
-    and one barrier a batch, where a pipeline of two barriers (the data's, then the
-    directory's) cost four hand-overs and two flushes.
+    thread for a bigger one. The sync thread, woken once a turn of the owner's loop
+    (`_submit`), then takes every message waiting and makes them durable, data and
+    names, with one barrier (`Spool.sync_renamed`: one syncfs(2), one flush of the
+    disk's cache), and wakes each loop once with its sessions' answers; the loop closes
+    the descriptors, which releases the locks. Two hand-overs and one barrier a batch,
+    where a pipeline of two barriers (the data's, then the directory's) cost four
+    hand-overs and two flushes.
 
     Until its barrier returned a message is in the queue state but locked: a queue runner
     skips a locked file (`Spool.locked` with LOCK_NB), a tool waits for it. If the
@@ -1156,7 +1158,10 @@ class GroupCommitter:
         self._dir = spool.open_dir(state)
         self._tmp = spool.open_dir(TMP)  # files are created and renamed relative to these
         self._opened = itertools.count()  # next() is atomic: the loop and executor threads take
-        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        # Requests for the sync thread (None: stop), and its wake-ups, which say "look".
+        self._requests: collections.deque[_Request | None] = collections.deque()
+        self._wake: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self._wake_due = False  # a wake-up is scheduled at the end of the owner's loop turn
         self._thread = threading.Thread(target=self._sync_stage, name="leafmail-write", daemon=True)
         self._thread.start()
 
@@ -1201,7 +1206,7 @@ class GroupCommitter:
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits
                 loop.call_soon_threadsafe(_fail_future, future, exc)
             return
-        self._queue.put(_Request(placed, loop, future))
+        self._submit(_Request(placed, loop, future))
 
     async def _handed_over(self, placed: _Placed) -> str:
         """Hand a placed message to the sync thread; its answer."""
@@ -1209,10 +1214,33 @@ class GroupCommitter:
         future: asyncio.Future[str] = loop.create_future()
         self._pending += 1
         try:
-            self._queue.put(_Request(placed, loop, future))
+            self._submit(_Request(placed, loop, future), loop)
             return await future
         finally:
             self._pending -= 1
+
+    def _submit(self, request: _Request, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Queue a placed message for the sync thread, and wake it: at once, or, from the
+        owner's one loop (`sessions`), once at the end of the loop's turn.
+
+        The messages a loop's turn places then share a barrier: waking the thread at the
+        first one, as soon as the loop let go of the interpreter lock (its next system
+        call, often placing the second) the thread would take a batch of one and start
+        its barrier, and the others would wait for it to end and then their own. The
+        message is queued here, not at the end of the turn, so `close` still finds
+        every message placed before it, whatever becomes of the session.
+        """
+        self._requests.append(request)
+        if loop is None or self.sessions is None:
+            self._wake.put(True)
+        elif not self._wake_due:
+            self._wake_due = True
+            loop.call_soon(self._wake_now)
+
+    def _wake_now(self) -> None:
+        """(the owner's loop, end of a turn) Wake the sync thread for the turn's messages."""
+        self._wake_due = False
+        self._wake.put(True)
 
     def _alone_here(self) -> bool:
         """Whether the committing session is its owner's only one open and nothing of
@@ -1240,7 +1268,8 @@ class GroupCommitter:
 
     def close(self) -> None:
         """Finish the requests already queued, then stop the thread."""
-        self._queue.put(None)
+        self._requests.append(None)
+        self._wake.put(True)
         self._thread.join()
         os.close(self._dir)
         os.close(self._tmp)
@@ -1274,12 +1303,16 @@ class GroupCommitter:
             raise failed[placed.qid]
 
     def _sync_stage(self) -> None:
+        """(thread) Sleep until woken, then make everything queued durable, batch by batch.
+        A wake-up for requests an earlier batch already took finds none: harmless."""
         while True:
-            batch, stop = _drain(self._queue, self.max_batch)
-            if batch:
-                self._sync_batch(batch)
-            if stop:
-                return
+            self._wake.get()
+            while self._requests:
+                batch, stop = _drain(self._requests, self.max_batch)
+                if batch:
+                    self._sync_batch(batch)
+                if stop:
+                    return
 
     def _sync_batch(self, batch: list[_Request]) -> None:
         """(thread) One barrier for the batch, then one wake-up of each loop."""
@@ -1312,17 +1345,12 @@ class GroupCommitter:
 _T = TypeVar("_T")
 
 
-def _drain(source: queue.SimpleQueue[_T | None], most: int) -> tuple[list[_T], bool]:
-    """Block for one item, then take whatever else is waiting; True once None was seen."""
-    first = source.get()
-    if first is None:
-        return [], True
-    items = [first]
-    while len(items) < most:
-        try:
-            item = source.get_nowait()
-        except queue.Empty:
-            break
+def _drain(source: collections.deque[_T | None], most: int) -> tuple[list[_T], bool]:
+    """Take up to `most` of the items waiting, oldest first; True once None was seen.
+    (popleft and append are atomic: the loops and executor threads append meanwhile.)"""
+    items: list[_T] = []
+    while source and len(items) < most:
+        item = source.popleft()
         if item is None:
             return items, True
         items.append(item)
