@@ -69,11 +69,10 @@ from .. import tcpinfo
 from ..childexits import ChildExits
 from ..children import receive_ready
 from ..connlog import ConnRecord, ServerLog
-from ..endpoint import KNOWN_ADDRESSES, Endpoint, IPAddress
+from ..endpoint import KNOWN_ADDRESSES, Endpoint, IPAddress, parse_ip
 from ..linger import Lingerer
 from ..listen.accept import local_end
 from ..listen.listeners import Listener
-from ..memo import BoundedMemo
 from .base import DEFAULT_SIGNALS, KILL_AFTER, RESET_SIGNALS, status_for_exit
 from .direct import RECHECK, DirectService
 from .reactor import EpollReactor
@@ -136,9 +135,16 @@ class Roster:
         self.used = 0  # slots below this have been handed out at least once
         self.free: list[int] = []  # cleared ones, handed out again first
 
-    def put(self, cid: int, pid: int, record: ConnRecord | None = None) -> int:
-        """List `pid` as serving connection `cid` (with `record`: one we accepted);
-        its slot, or -1 when none is free."""
+    def put(
+        self,
+        cid: int,
+        pid: int,
+        record: ConnRecord | None = None,
+        peer: _Address | None = None,
+        local: _Address | None = None,
+    ) -> int:
+        """List `pid` as serving connection `cid` (with `record` and its two ends'
+        addresses: one we accepted); its slot, or -1 when none is free."""
         if self.free:
             slot = self.free.pop()
         elif self.used < self.slots:
@@ -147,15 +153,18 @@ class Roster:
         else:
             return -1
         if record is not None:
-            peer, local = record.peer, record.local
+            peer = peer or _Address.of(record.peer.ip)
+            local = local or _Address.of(record.local.ip)
             FACTS.pack_into(
                 self.facts,
                 slot * FACTS.size,
                 record.started,
-                *_packed(peer.ip),
-                peer.port or 0,
-                *_packed(local.ip),
-                local.port or 0,
+                peer.version,
+                peer.packed,
+                record.peer.port or 0,
+                local.version,
+                local.packed,
+                record.local.port or 0,
             )
         SLOT.pack_into(self.mem, slot * SLOT.size, cid, pid)
         return slot
@@ -185,18 +194,48 @@ class Roster:
         self.facts.close()
 
 
-def _ip_facts(ip: IPAddress) -> tuple[int, bytes]:
-    return ip.version, ip.packed
+@dataclass(frozen=True, slots=True)
+class _Address:
+    """One address as the spawner writes it, worked out once per address it sees: the
+    ucspi-tcp PROTO and text for the environment, the IP version (0: a unix socket)
+    and packed form for the roster.
+
+    Asking `Endpoint.host`, `ip.version` or `ip.packed` per connection costs a memo
+    look-up keyed by the address object, whose `__hash__` is Python, or a conversion:
+    with a peer and a local end asked in turn, no look-up hit the memo's last key
+    (bench/RESULTS.md, the spawner's Python per connection)."""
+
+    ip: IPAddress | None
+    proto: bytes = b"UNIX"
+    text: bytes = b""
+    version: int = 0
+    packed: bytes = b""
+
+    @classmethod
+    def of(cls, ip: IPAddress | None) -> _Address:
+        if ip is None:
+            return _UNIX
+        proto = b"TCP6" if ip.version == 6 else b"TCP"
+        return cls(ip, proto, str(ip).encode(), ip.version, ip.packed)
 
 
-# An address as the roster stores it, remembered: asked twice per connection, and an
-# address object's `version` and `packed` are Python calls (`packed` converts each time).
-_known_facts = BoundedMemo[IPAddress, tuple[int, bytes]](_ip_facts, KNOWN_ADDRESSES)
+_UNIX = _Address(None)
 
 
-def _packed(ip: IPAddress | None) -> tuple[int, bytes]:
-    """IP version (0: a unix socket) and packed address, as FACTS holds them."""
-    return (0, b"") if ip is None else _known_facts(ip)
+@dataclass(frozen=True, slots=True)
+class _Local:
+    """The end a client reached, as the spawner writes it: its address, and its two
+    variables (TCPLOCALIP, TCPLOCALPORT) ready for the environment."""
+
+    endpoint: Endpoint
+    address: _Address
+    variables: dict[bytes, bytes]
+
+    @classmethod
+    def of(cls, local: Endpoint) -> _Local:
+        address = _Address.of(local.ip)
+        port = str(local.port or 0).encode()
+        return cls(local, address, {b"TCPLOCALIP": address.text, b"TCPLOCALPORT": port})
 
 
 def _endpoint(version: int, packed: bytes, port: int) -> Endpoint:
@@ -269,7 +308,10 @@ class Spawner:
         self.chan_open = True
         self.direct = direct
         self.listeners = {} if direct is None else {ln.sock.fileno(): ln for ln in direct.listeners}
-        self._held: tuple[int, int, Endpoint, Endpoint] | None = None  # fd, family, ends
+        # fd, family, the two ends and the peer's address, of a client held for room
+        self._held: tuple[int, int, Endpoint, Endpoint, _Address] | None = None
+        self._peers: dict[str, _Address] = {}  # client addresses by their text
+        self._locals: dict[int, _Local] = {}  # by id() of the Endpoint
         self._watching = False
         self._local = Endpoint()
 
@@ -342,7 +384,11 @@ class Spawner:
                 self.log.error("accept failed", error=str(exc))
                 self._wait_for_room()
                 return
-            peer = Endpoint.from_sockaddr(family, addr)
+            if family == socket.AF_UNIX:
+                peer, seen = Endpoint.from_sockaddr(family, addr), _UNIX
+            else:  # (host, port[, flow, scope]): the address by its text, known or new
+                seen = self._peers.get(addr[0]) or self._peer(addr[0])
+                peer = Endpoint(seen.ip, addr[1])
             local = listener.local
             if local is None:
                 sock = _wrap(fd, family)
@@ -356,25 +402,62 @@ class Spawner:
             if reason is not None:
                 self._refuse(fd, family, peer, reason, self.direct.refusals.access)
                 continue
-            self._admit(fd, family, peer, local)
+            self._admit(fd, family, peer, local, seen)
+
+    def _peer(self, text: str) -> _Address:
+        """A client address not seen yet (or forgotten): parsed, remembered by its text
+        (at most KNOWN_ADDRESSES of them: emptied when full, as a `BoundedMemo`)."""
+        seen = _Address.of(parse_ip(text.split("%", 1)[0]))
+        if len(self._peers) >= KNOWN_ADDRESSES:
+            self._peers.clear()
+        self._peers[text] = seen
+        return seen
+
+    def _local_of(self, local: Endpoint) -> _Local:
+        """The end a client reached, as we write it: worked out once per Endpoint (a
+        listener's own, or `local_end`'s, which is the same object while it repeats)."""
+        known = self._locals.get(id(local))
+        if known is None or known.endpoint is not local:
+            known = _Local.of(local)
+            if len(self._locals) >= KNOWN_ADDRESSES:
+                self._locals.clear()
+            self._locals[id(local)] = known  # the value holds `local`: its id stays its own
+        return known
 
     def _refuse(self, fd: int, family: int, peer: Endpoint, reason: str, line: str | None) -> None:
         self.log.refused(peer, reason)
         self.lingerer.refuse(_wrap(fd, family), line)
 
-    def _admit(self, fd: int, family: int, peer: Endpoint, local: Endpoint) -> None:
+    def _admit(self, fd: int, family: int, peer: Endpoint, local: Endpoint, seen: _Address) -> None:
         assert self.direct is not None
         entry = self.direct.table.admit(peer)
         if entry == FULL:  # the last place went in the meantime: held, unread
-            self._held = (fd, family, peer, local)
+            self._held = (fd, family, peer, local, seen)
             self._wait_for_room()
             return
         if isinstance(entry, str):
             self._refuse(fd, family, peer, entry, self.direct.refusals.limit)
             return
         record = ConnRecord(peer, local, self.command.mode_name)
-        variables = os.fsencode(ucspi_variables(record))
-        self._spawn(entry, peer.ip is None, variables, fd, family, record)
+        if seen.ip is None or local.ip is None:  # a unix socket
+            env = self._environment(os.fsencode(ucspi_variables(record)))
+            self._spawn(entry, True, env, fd, family, record)
+            return
+        # `ucspi_variables`, in its order, from what is known of both addresses (a
+        # connection accepted here has no host names: those need the supervisor)
+        here = self._local_of(local)
+        env = dict(self.command.env)
+        env[b"PROTO"] = seen.proto
+        env.update(here.variables)
+        env[b"TCPREMOTEIP"] = seen.text
+        env[b"TCPREMOTEPORT"] = b"%d" % (peer.port or 0)
+        self._spawn(entry, False, env, fd, family, record, (seen, here.address))
+
+    def _environment(self, variables: bytes) -> dict[bytes, bytes]:
+        """The command's environment: ours (no stale ucspi names) and `variables`."""
+        env = dict(self.command.env)
+        env.update(_variables(variables))
+        return env
 
     def _wait_for_room(self) -> None:
         """Full: stop watching; look again when a command ends or after RECHECK."""
@@ -416,7 +499,8 @@ class Spawner:
                 self.listening = False
             elif fds and kind in (CONN_TCP, CONN_UNIX) and len(data) >= CONN_HEAD.size:
                 _kind, cid, family = CONN_HEAD.unpack_from(data)
-                self._spawn(cid, kind == CONN_UNIX, data[CONN_HEAD.size :], fds[0], family)
+                env = self._environment(data[CONN_HEAD.size :])
+                self._spawn(cid, kind == CONN_UNIX, env, fds[0], family)
                 fds = fds[1:]
             for fd in fds:
                 os.close(fd)
@@ -425,16 +509,18 @@ class Spawner:
         self,
         cid: int,
         unix: bool,
-        variables: bytes,
+        env: dict[bytes, bytes],
         fd: int,
         family: int,
         record: ConnRecord | None = None,
+        ends: tuple[_Address, _Address] | None = None,
     ) -> None:
+        """Start the command for connection `cid` on `fd` with `env` (the peer's
+        credentials added for a unix socket); with `record`, one we accepted, whose
+        two ends' addresses are `ends` (worked out here if not given)."""
         # A socket object only when one is needed (credentials, the idle timeout).
         keep = bool(self.command.timeout) and family != socket.AF_UNIX
         sock = _wrap(fd, family) if keep or unix else None
-        env = dict(self.command.env)
-        env.update(_variables(variables))
         if sock is not None and unix:
             env.update(peer_credentials(sock))
         pid = 0
@@ -450,7 +536,9 @@ class Spawner:
             sock = None
         if not pid:
             return
-        slot = self.roster.put(cid, pid, record)  # at once: the supervisor's view if we die
+        slot = self.roster.put(
+            cid, pid, record, *(ends or ())
+        )  # at once: the supervisor's view if we die
         self._seq += 1
         # Reaped only from `_reap`, back in the loop: it is listed before it can be.
         run = self.running[pid] = _Running(cid, pid, sock, slot, 0, self._seq, record)
