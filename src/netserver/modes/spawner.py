@@ -75,6 +75,7 @@ from ..listen.accept import local_end
 from ..listen.listeners import Listener
 from .base import DEFAULT_SIGNALS, KILL_AFTER, RESET_SIGNALS, status_for_exit
 from .direct import RECHECK, DirectService
+from .launch import Launcher, Unsupported
 from .reactor import EpollReactor
 from .shared import FULL
 
@@ -300,6 +301,7 @@ class Spawner:
         self.lingerer = Lingerer(self.reactor)
         self.running: dict[int, _Running] = {}  # by pid
         self.exits = ChildExits()
+        self.launcher = Launcher.make(command.path, command.argv, command.env, DEFAULT_SIGNALS)
         # when, sequence, pid and the command's serial (a pid is reused once reaped), what
         self.timers: list[tuple[float, int, int, int, str]] = []
         self._seq = 0
@@ -440,24 +442,16 @@ class Spawner:
             return
         record = ConnRecord(peer, local, self.command.mode_name)
         if seen.ip is None or local.ip is None:  # a unix socket
-            env = self._environment(os.fsencode(ucspi_variables(record)))
-            self._spawn(entry, True, env, fd, family, record)
+            variables = _variables(os.fsencode(ucspi_variables(record)))
+            self._spawn(entry, True, variables, fd, family, record)
             return
         # `ucspi_variables`, in its order, from what is known of both addresses (a
         # connection accepted here has no host names: those need the supervisor)
         here = self._local_of(local)
-        env = dict(self.command.env)
-        env[b"PROTO"] = seen.proto
-        env.update(here.variables)
-        env[b"TCPREMOTEIP"] = seen.text
-        env[b"TCPREMOTEPORT"] = b"%d" % (peer.port or 0)
-        self._spawn(entry, False, env, fd, family, record, (seen, here.address))
-
-    def _environment(self, variables: bytes) -> dict[bytes, bytes]:
-        """The command's environment: ours (no stale ucspi names) and `variables`."""
-        env = dict(self.command.env)
-        env.update(_variables(variables))
-        return env
+        variables = {b"PROTO": seen.proto, **here.variables}
+        variables[b"TCPREMOTEIP"] = seen.text
+        variables[b"TCPREMOTEPORT"] = b"%d" % (peer.port or 0)
+        self._spawn(entry, False, variables, fd, family, record, (seen, here.address))
 
     def _wait_for_room(self) -> None:
         """Full: stop watching; look again when a command ends or after RECHECK."""
@@ -499,8 +493,8 @@ class Spawner:
                 self.listening = False
             elif fds and kind in (CONN_TCP, CONN_UNIX) and len(data) >= CONN_HEAD.size:
                 _kind, cid, family = CONN_HEAD.unpack_from(data)
-                env = self._environment(data[CONN_HEAD.size :])
-                self._spawn(cid, kind == CONN_UNIX, env, fds[0], family)
+                variables = _variables(data[CONN_HEAD.size :])
+                self._spawn(cid, kind == CONN_UNIX, variables, fds[0], family)
                 fds = fds[1:]
             for fd in fds:
                 os.close(fd)
@@ -509,23 +503,23 @@ class Spawner:
         self,
         cid: int,
         unix: bool,
-        env: dict[bytes, bytes],
+        variables: dict[bytes, bytes],
         fd: int,
         family: int,
         record: ConnRecord | None = None,
         ends: tuple[_Address, _Address] | None = None,
     ) -> None:
-        """Start the command for connection `cid` on `fd` with `env` (the peer's
-        credentials added for a unix socket); with `record`, one we accepted, whose
-        two ends' addresses are `ends` (worked out here if not given)."""
+        """Start the command for connection `cid` on `fd`, with `variables` (and the
+        peer's credentials for a unix socket) added to its environment; with `record`,
+        one we accepted, whose two ends' addresses are `ends` (worked out if not given)."""
         # A socket object only when one is needed (credentials, the idle timeout).
         keep = bool(self.command.timeout) and family != socket.AF_UNIX
         sock = _wrap(fd, family) if keep or unix else None
         if sock is not None and unix:
-            env.update(peer_credentials(sock))
+            variables.update(peer_credentials(sock))
         pid = 0
         try:
-            pid = spawn(self.command, env, fd)
+            pid = self._start(variables, fd)
         except OSError as exc:
             self._failed(cid, exc, record)
         if not keep or not pid:  # the client sees the end as soon as the command exits
@@ -544,6 +538,16 @@ class Spawner:
         run = self.running[pid] = _Running(cid, pid, sock, slot, 0, self._seq, record)
         if sock is not None:
             self._after(self.command.timeout or 0.0, run, "idle")
+
+    def _start(self, variables: dict[bytes, bytes], fd: int) -> int:
+        """The command started on `fd`: by the launcher, or by `os.posix_spawn` where
+        the launcher cannot do the same (see modes.launch)."""
+        if self.launcher is not None:
+            with contextlib.suppress(Unsupported):
+                return self.launcher.spawn(fd, variables)
+        env = dict(self.command.env)
+        env.update(variables)
+        return spawn(self.command, env, fd)
 
     def _failed(self, cid: int, exc: OSError, record: ConnRecord | None) -> None:
         self.log.error("cannot start a process", error=str(exc))

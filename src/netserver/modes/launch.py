@@ -1,0 +1,116 @@
+"""Start one program again and again: posix_spawn(3) with what never changes prepared once.
+
+`os.posix_spawn` converts its whole argument list on every call: each variable of the
+environment becomes a new ``NAME=value`` bytes object and a C string (about a thousand
+instructions a variable, a third of an exec spawner's user-space work per connection
+with a 44-variable environment; bench/RESULTS.md), the signal set is rebuilt from the
+Python set, and so is the attribute object. The exec spawner starts the same program
+with the same environment for every connection, only a few ucspi-tcp variables and the
+socket differ: so `Launcher` builds the attributes (signals to default, an empty mask),
+argv and the fixed part of the environment once, as C arrays, and per call writes the
+connection's variables into the slots after the fixed part, adds the two dup2 actions,
+and calls glibc's posix_spawn through ctypes, as leafmail.spool calls syncfs.
+
+The child is started exactly as `os.posix_spawn` starts it (same glibc call, same
+attributes, same file actions); what `spawn` cannot express the same way it does not
+try: a variable whose name is also in the fixed part (the later one must win, as in a
+dict) or more variables than there are slots raise `Unsupported`, and the caller uses
+`os.posix_spawn`. So does a C library without posix_spawn (`Launcher.make` gives None).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Iterable, Mapping, Sequence
+
+__all__ = ["Launcher", "Unsupported"]
+
+_SETSIGDEF, _SETSIGMASK = 0x04, 0x08  # glibc's POSIX_SPAWN_SETSIGDEF, _SETSIGMASK
+# Opaque glibc types, given more room than they take (80, 336 and 128 bytes on x86-64).
+_ACTIONS_SIZE, _ATTR_SIZE, _SIGSET_SIZE = 512, 1024, 256
+SLOTS = 16  # variables a call may add after the fixed environment
+
+
+class Unsupported(Exception):
+    """This call cannot be made the same way as `os.posix_spawn` would: use that."""
+
+
+class Launcher:
+    """posix_spawn of one program, argv and base environment, on a socket as fd 0 and 1."""
+
+    def __init__(
+        self,
+        libc: ctypes.CDLL,
+        path: str,
+        argv: Sequence[str],
+        env: Mapping[bytes, bytes],
+        default_signals: Iterable[int],
+    ) -> None:
+        self._libc = libc
+        self._path = os.fsencode(path)
+        self._argv = (ctypes.c_char_p * (len(argv) + 1))(*map(os.fsencode, argv))
+        fixed = [name + b"=" + value for name, value in env.items()]
+        self._names = frozenset(env)
+        self._fixed = len(fixed)
+        self._envp = (ctypes.c_char_p * (len(fixed) + SLOTS + 1))(*fixed)
+        self._actions = ctypes.create_string_buffer(_ACTIONS_SIZE)
+        self._attr = ctypes.create_string_buffer(_ATTR_SIZE)
+        self._pid = ctypes.c_int()
+        defaults = ctypes.create_string_buffer(_SIGSET_SIZE)
+        mask = ctypes.create_string_buffer(_SIGSET_SIZE)
+        libc.sigemptyset(defaults)
+        libc.sigemptyset(mask)
+        for sig in default_signals:
+            libc.sigaddset(defaults, int(sig))
+        _check(libc.posix_spawnattr_init(self._attr))
+        _check(libc.posix_spawnattr_setsigdefault(self._attr, defaults))
+        _check(libc.posix_spawnattr_setsigmask(self._attr, mask))
+        _check(libc.posix_spawnattr_setflags(self._attr, ctypes.c_short(_SETSIGDEF | _SETSIGMASK)))
+
+    @classmethod
+    def make(
+        cls,
+        path: str,
+        argv: Sequence[str],
+        env: Mapping[bytes, bytes],
+        default_signals: Iterable[int],
+    ) -> Launcher | None:
+        """A launcher, or None where the C library has no posix_spawn to call."""
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.posix_spawn.argtypes = [ctypes.c_void_p] * 6
+            return cls(libc, path, argv, env, default_signals)
+        except (AttributeError, OSError):
+            return None
+
+    def spawn(self, fd: int, variables: Mapping[bytes, bytes]) -> int:
+        """Start the program with `fd` as its stdin and stdout and `variables` added to
+        the environment; its pid. OSError if it cannot start, `Unsupported` if
+        `os.posix_spawn` must do it (see the module's docstring)."""
+        if len(variables) > SLOTS or not self._names.isdisjoint(variables):
+            raise Unsupported
+        envp, at = self._envp, self._fixed
+        for name, value in variables.items():
+            envp[at] = name + b"=" + value
+            at += 1
+        envp[at] = None
+        libc, actions = self._libc, self._actions
+        _check(libc.posix_spawn_file_actions_init(actions))
+        try:
+            _check(libc.posix_spawn_file_actions_adddup2(actions, fd, 0))
+            _check(libc.posix_spawn_file_actions_adddup2(actions, fd, 1))
+            error = libc.posix_spawn(
+                ctypes.byref(self._pid), self._path, actions, self._attr, self._argv, envp
+            )
+        finally:
+            libc.posix_spawn_file_actions_destroy(actions)
+        if error:
+            raise OSError(error, os.strerror(error), os.fsdecode(self._path))
+        return self._pid.value
+
+
+def _check(error: int) -> None:
+    """posix_spawn's functions return an error number (0: done), not -1 and errno."""
+    if error:
+        raise OSError(error, os.strerror(error))
