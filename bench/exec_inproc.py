@@ -37,6 +37,7 @@ from netserver.listen.listeners import Listener, ListenSpec
 from netserver.modes.direct import DirectService
 from netserver.modes.shared import SharedLimits
 from netserver.modes.spawner import Program, Roster, Spawner
+from netserver.refusals import RefusalLines
 
 CLIENTS = 8
 _CLIENT = """
@@ -65,7 +66,8 @@ def spawner(listening: socket.socket, chan: socket.socket) -> Spawner:
     env = {k: v for k, v in os.environb.items() if not k.startswith((b"TCP", b"PROTO"))}
     program = Program("/bin/echo", ("echo", "hi"), env, None)
     log = ServerLog(open(os.devnull, "w"), connections=False)  # noqa: SIM115 (lives with us)
-    return Spawner(chan, program, log, Roster(1000), DirectService([listener], table, None))
+    service = DirectService([listener], table, RefusalLines())
+    return Spawner(chan, program, log, Roster(1000), service)
 
 
 def main() -> None:
