@@ -530,9 +530,8 @@ class Spawner:
             sock = None
         if not pid:
             return
-        slot = self.roster.put(
-            cid, pid, record, *(ends or ())
-        )  # at once: the supervisor's view if we die
+        # Listed at once: the supervisor's view if we die.
+        slot = self.roster.put(cid, pid, record, *(ends or ()))
         self._seq += 1
         # Reaped only from `_reap`, back in the loop: it is listed before it can be.
         run = self.running[pid] = _Running(cid, pid, sock, slot, 0, self._seq, record)
