@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+from collections.abc import Callable
 
 import pytest
 
@@ -97,3 +98,29 @@ def test_a_command_that_cannot_start_raises_as_posix_spawn_does() -> None:
         os.posix_spawn("/nonexistent/command", ["x"], BASE)
     assert ours.value.errno == theirs.value.errno == errno.ENOENT
     assert str(ours.value) == str(theirs.value)
+
+
+def test_a_call_on_another_descriptor_gets_file_actions_for_it() -> None:
+    """The dup2 actions are kept while the descriptor number repeats, and rebuilt when
+    it does not (the command's output must come through the new one)."""
+    one = launcher()
+    used: list[int] = []
+
+    def start(variables: dict[bytes, bytes]) -> Callable[[int], int]:
+        def on(fd: int) -> int:
+            used.append(fd)
+            return one.spawn(fd, variables)
+
+        return on
+
+    first = output_of(start(VARIABLES))
+    again = output_of(start(VARIABLES))
+    held = os.pipe()  # the next pipe gets other numbers
+    try:
+        moved = output_of(start({b"PROTO": b"UNIX"}))
+    finally:
+        os.close(held[0])
+        os.close(held[1])
+    assert used[0] == used[1] != used[2]
+    assert "PROTO=TCP" in first.splitlines() and "PROTO=TCP" in again.splitlines()
+    assert "PROTO=UNIX" in moved.splitlines()

@@ -8,8 +8,9 @@ Python set, and so is the attribute object. The exec spawner starts the same pro
 with the same environment for every connection, only a few ucspi-tcp variables and the
 socket differ: so `Launcher` builds the attributes (signals to default, an empty mask),
 argv and the fixed part of the environment once, as C arrays, and per call writes the
-connection's variables into the slots after the fixed part, adds the two dup2 actions,
-and calls glibc's posix_spawn through ctypes, as leafmail.spool calls syncfs.
+connection's variables into the slots after the fixed part and calls glibc's
+posix_spawn through ctypes, as leafmail.spool calls syncfs. The two dup2 file actions
+are built again only when the socket's descriptor number is not the last call's.
 
 The child is started exactly as `os.posix_spawn` starts it (same glibc call, same
 attributes, same file actions); what `spawn` cannot express the same way it does not
@@ -55,6 +56,7 @@ class Launcher:
         self._fixed = len(fixed)
         self._envp = (ctypes.c_char_p * (len(fixed) + SLOTS + 1))(*fixed)
         self._actions = ctypes.create_string_buffer(_ACTIONS_SIZE)
+        self._actions_fd = -1  # the socket descriptor `_actions` dup2s (-1: none built)
         self._attr = ctypes.create_string_buffer(_ATTR_SIZE)
         self._pid = ctypes.c_int()
         defaults = ctypes.create_string_buffer(_SIGSET_SIZE)
@@ -95,19 +97,32 @@ class Launcher:
             envp[at] = name + b"=" + value
             at += 1
         envp[at] = None
+        actions = self._actions if fd == self._actions_fd else self._dup2_actions(fd)
+        error = self._libc.posix_spawn(
+            ctypes.byref(self._pid), self._path, actions, self._attr, self._argv, envp
+        )
+        if error:
+            raise OSError(error, os.strerror(error), os.fsdecode(self._path))
+        return self._pid.value
+
+    def _dup2_actions(self, fd: int) -> ctypes.Array[ctypes.c_char]:
+        """File actions that make `fd` the child's stdin and stdout, kept for the next
+        call: the spawner closes each socket once its command has started, so the next
+        client's is most often given the same number, and glibc checks each descriptor
+        of a dup2 action against RLIMIT_NOFILE (two getrlimit calls an action)."""
         libc, actions = self._libc, self._actions
+        if self._actions_fd >= 0:
+            libc.posix_spawn_file_actions_destroy(actions)
+            self._actions_fd = -1
         _check(libc.posix_spawn_file_actions_init(actions))
         try:
             _check(libc.posix_spawn_file_actions_adddup2(actions, fd, 0))
             _check(libc.posix_spawn_file_actions_adddup2(actions, fd, 1))
-            error = libc.posix_spawn(
-                ctypes.byref(self._pid), self._path, actions, self._attr, self._argv, envp
-            )
-        finally:
+        except OSError:
             libc.posix_spawn_file_actions_destroy(actions)
-        if error:
-            raise OSError(error, os.strerror(error), os.fsdecode(self._path))
-        return self._pid.value
+            raise
+        self._actions_fd = fd
+        return actions
 
 
 def _check(error: int) -> None:
