@@ -13,10 +13,10 @@ posix_spawn through ctypes, as leafmail.spool calls syncfs. The two dup2 file ac
 are built again only when the socket's descriptor number is not the last call's.
 
 The child is started exactly as `os.posix_spawn` starts it (same glibc call, same
-attributes, same file actions); what `spawn` cannot express the same way it does not
-try: a variable whose name is also in the fixed part (the later one must win, as in a
-dict) or more variables than there are slots raise `Unsupported`, and the caller uses
-`os.posix_spawn`. So does a C library without posix_spawn (`Launcher.make` gives None).
+attributes, same file actions); what the prepared call cannot express the same way is
+left to `os.posix_spawn` (`posix_spawn_on`): a variable whose name is also in the fixed
+part (the later one must win, as in a dict) or more variables than there are slots. So
+is everything where the C library has no posix_spawn (`Launcher.make` gives None).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import ctypes
 import os
 from collections.abc import Iterable, Mapping, Sequence
 
-__all__ = ["Launcher", "Unsupported"]
+__all__ = ["Launcher", "posix_spawn_on"]
 
 _SETSIGDEF, _SETSIGMASK = 0x04, 0x08  # glibc's POSIX_SPAWN_SETSIGDEF, _SETSIGMASK
 # Opaque glibc types, given more room than they take (80, 336 and 128 bytes on x86-64).
@@ -33,8 +33,19 @@ _ACTIONS_SIZE, _ATTR_SIZE, _SIGSET_SIZE = 512, 1024, 256
 SLOTS = 16  # variables a call may add after the fixed environment
 
 
-class Unsupported(Exception):
-    """This call cannot be made the same way as `os.posix_spawn` would: use that."""
+def posix_spawn_on(
+    path: str, argv: tuple[str, ...], env: Mapping[bytes, bytes], fd: int, defaults: Iterable[int]
+) -> int:
+    """`path` started by `os.posix_spawn` with `fd` as its stdin and stdout, the signals
+    in `defaults` at their default and none blocked; its pid, or OSError."""
+    return os.posix_spawn(
+        path,
+        argv,
+        env,
+        file_actions=[(os.POSIX_SPAWN_DUP2, fd, 0), (os.POSIX_SPAWN_DUP2, fd, 1)],
+        setsigdef=defaults,
+        setsigmask=(),
+    )
 
 
 class Launcher:
@@ -49,6 +60,7 @@ class Launcher:
         default_signals: Iterable[int],
     ) -> None:
         self._libc = libc
+        self._program = path, tuple(argv), env, frozenset(default_signals)  # the fallback's
         self._path = os.fsencode(path)
         self._argv = (ctypes.c_char_p * (len(argv) + 1))(*map(os.fsencode, argv))
         fixed = [name + b"=" + value for name, value in env.items()]
@@ -63,7 +75,7 @@ class Launcher:
         mask = ctypes.create_string_buffer(_SIGSET_SIZE)
         libc.sigemptyset(defaults)
         libc.sigemptyset(mask)
-        for sig in default_signals:
+        for sig in self._program[3]:
             libc.sigaddset(defaults, int(sig))
         _check(libc.posix_spawnattr_init(self._attr))
         _check(libc.posix_spawnattr_setsigdefault(self._attr, defaults))
@@ -88,10 +100,10 @@ class Launcher:
 
     def spawn(self, fd: int, variables: Mapping[bytes, bytes]) -> int:
         """Start the program with `fd` as its stdin and stdout and `variables` added to
-        the environment; its pid. OSError if it cannot start, `Unsupported` if
-        `os.posix_spawn` must do it (see the module's docstring)."""
+        the environment; its pid, or OSError if it cannot start."""
         if len(variables) > SLOTS or not self._names.isdisjoint(variables):
-            raise Unsupported
+            path, argv, env, defaults = self._program
+            return posix_spawn_on(path, argv, {**env, **variables}, fd, defaults)
         envp, at = self._envp, self._fixed
         for name, value in variables.items():
             envp[at] = name + b"=" + value

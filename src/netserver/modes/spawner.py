@@ -75,7 +75,7 @@ from ..listen.accept import local_end
 from ..listen.listeners import Listener
 from .base import DEFAULT_SIGNALS, KILL_AFTER, RESET_SIGNALS, status_for_exit
 from .direct import RECHECK, DirectService
-from .launch import Launcher, Unsupported
+from .launch import Launcher, posix_spawn_on
 from .reactor import EpollReactor
 from .shared import FULL
 
@@ -539,11 +539,10 @@ class Spawner:
             self._after(self.command.timeout or 0.0, run, "idle")
 
     def _start(self, variables: dict[bytes, bytes], fd: int) -> int:
-        """The command started on `fd`: by the launcher, or by `os.posix_spawn` where
-        the launcher cannot do the same (see modes.launch)."""
+        """The command started on `fd`: by the launcher, or where the C library has no
+        posix_spawn to call, by `os.posix_spawn` (see modes.launch)."""
         if self.launcher is not None:
-            with contextlib.suppress(Unsupported):
-                return self.launcher.spawn(fd, variables)
+            return self.launcher.spawn(fd, variables)
         env = dict(self.command.env)
         env.update(variables)
         return spawn(self.command, env, fd)
@@ -698,14 +697,7 @@ def _wrap(fd: int, family: int) -> socket.socket:
 
 def spawn(command: Program, env: Mapping[bytes, bytes], fd: int) -> int:
     """Start `command` on the socket `fd` (its stdin and stdout); its pid, or OSError."""
-    return os.posix_spawn(
-        command.path,
-        command.argv,
-        env,
-        file_actions=[(os.POSIX_SPAWN_DUP2, fd, 0), (os.POSIX_SPAWN_DUP2, fd, 1)],
-        setsigdef=DEFAULT_SIGNALS,
-        setsigmask=(),
-    )
+    return posix_spawn_on(command.path, command.argv, env, fd, DEFAULT_SIGNALS)
 
 
 def peer_credentials(sock: socket.socket) -> dict[bytes, bytes]:
