@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import ssl
 import types
 import weakref
@@ -30,8 +31,9 @@ READ_HIGH_WATER = 262144
 # on the objects a read of many short lines makes at once (at most 2,048 lines of one
 # byte, about 90 KB), large enough that pipelined requests are split once per read.
 SPLIT_SPAN = 2048
-# What the pending read waits for (`AsyncConnection._want`).
-_WAKE, _LINE, _CHUNK = 0, 1, 2
+# What the pending read waits for (`AsyncConnection._want`): any change, a line, or (any
+# `n` >= 0) a chunk of at most `n` bytes. One int, so that a chunk read stores one field.
+_WAKE, _LINE = -2, -1
 # What a direct step of the handler's coroutine left for `drive` (`_outcome`'s kind).
 _SEND, _RETURN, _RAISE, _YIELD = 0, 1, 2, 3
 T = TypeVar("T")
@@ -75,6 +77,13 @@ _READY: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[None
 )
 
 
+def _ended(error: BaseException) -> tuple[int, Any]:
+    """What a step of the handler's coroutine that raised `error` leaves for `drive`."""
+    if isinstance(error, StopIteration):
+        return (_RETURN, error.value)
+    return (_RAISE, error)
+
+
 class ServerStopping(Exception):
     """Raised once into a read of a connection whose handler asked to hear of a stop.
 
@@ -88,7 +97,9 @@ class AsyncConnection(LoopConnection):
 
     __slots__ = (
         "_buf",
+        "_coro",
         "_ctx",
+        "_drain_now",
         "_drain_waiter",
         "_driving",
         "_eof",
@@ -99,13 +110,12 @@ class AsyncConnection(LoopConnection):
         "_outcome",
         "_pos",
         "_reading_paused",
-        "_ready",
+        "_resume",
         "_scan",
-        "_send",
+        "_steady",
         "_task",
         "_waiter",
         "_want",
-        "_want_n",
         "interrupt_on_stop",
         "max_line",
         "stop_requested",
@@ -121,7 +131,9 @@ class AsyncConnection(LoopConnection):
     ) -> None:
         super().__init__(timeout=timeout, peer=peer, local=local)
         self.max_line = max_line
-        self._ready = ready_future(self._loop)
+        # What `drain` returns at once: the loop's done future while there is nothing to
+        # wait for (no pause from the transport, no error, few answers gathered), else None.
+        self._drain_now: asyncio.Future[None] | None = ready_future(self._loop)
         # What has come and not been read: a read's own bytes, unread from `_pos` on,
         # or (once a line spans reads) a bytearray gathering it, unread from its start.
         # Empty (falsy) when all is read; `_pos` means something only for bytes.
@@ -135,7 +147,6 @@ class AsyncConnection(LoopConnection):
         self._lost_waiter: asyncio.Future[None] | None = None
         self._waiter: asyncio.Future[Any] | None = None
         self._want = _WAKE
-        self._want_n = 0
         self._scan = 0
         self._drain_waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
@@ -145,10 +156,14 @@ class AsyncConnection(LoopConnection):
         # (Typed Any: None when no `drive` runs, read unchecked on the per-read path.)
         self._task: Any = None  # asyncio.Task
         self._ctx: Any = None  # contextvars.Context
-        self._send: Any = None  # the coroutine's bound send
+        self._coro: Any = None  # the coroutine
+        self._resume: Any = None  # sends a value into it in its context
         self._hand: asyncio.Future[None] | None = None
         self._outcome: tuple[int, Any] | None = None
         self._driving = False
+        # False once a stop is asked for or reading is paused: a read then goes through
+        # `_arm` (a parked read only checks `_driving`, which `_step` sets from this).
+        self._steady = True
         self.interrupt_on_stop = False
         self.stop_requested = False
 
@@ -156,17 +171,16 @@ class AsyncConnection(LoopConnection):
     def data_received(self, data: bytes) -> None:
         size = len(data)
         self.bytes_in += size
-        buf = self._buf
         hand = self._hand
-        if not buf and (hand is not None or self._waiter is not None):
+        if not self._buf and (hand is not None or self._waiter is not None):
             # A read waits, and if these bytes are exactly what it wants (at most the
             # chunk asked for, or one line), they go over as they are: straight into the
-            # coroutine when `drive` parked the read (`_answer`'s commonest case,
-            # inlined), else through `_answer`. If they start with a line and more
+            # coroutine when `drive` parked the read (`_answer` and `_step`'s commonest
+            # case, inlined), else through `_answer`. If they start with a line and more
             # follows, the line goes over and the rest is split (`_split`).
             want = self._want
-            if want == _CHUNK:
-                whole = size <= self._want_n
+            if want >= 0:  # a chunk of at most `want` bytes
+                whole = size <= want
             elif want == _LINE:
                 end = data.find(b"\n") + 1
                 whole = 0 < end == size <= self.max_line
@@ -183,9 +197,30 @@ class AsyncConnection(LoopConnection):
                     if self._answer(data, None):
                         return
                 elif not hand.done():  # (done: its task was cancelled, see `_answer`)
+                    # `_step` with bytes, inlined: this is the per-read path.
                     self._hand = None
-                    self._step(hand, data, None)
+                    loop = self._loop
+                    task = self._task
+                    try:
+                        _enter_task(loop, task)
+                    except RuntimeError:  # called from a task: `_step` hands it over
+                        self._step(hand, data, None)
+                        return
+                    self._driving = self._steady
+                    try:
+                        yielded = self._resume(data)
+                        if yielded is _PARK:  # it waits on this connection again
+                            self._hand = hand
+                            return
+                        self._outcome = (_YIELD, yielded)  # it waits for something else
+                    except BaseException as error:  # it ended or failed: `drive` goes on
+                        self._outcome = _ended(error)
+                    finally:
+                        self._driving = False
+                        _leave_task(loop, task)
+                    hand.set_result(None)
                     return
+        buf = self._buf
         if not buf:
             # Kept as they came (never a caller's mutable buffer): reads slice them.
             self._buf = data if type(data) is bytes else bytes(data)
@@ -208,6 +243,7 @@ class AsyncConnection(LoopConnection):
         ):
             self.transport.pause_reading()
             self._reading_paused = True
+            self._steady = False
 
     def eof_received(self) -> bool | None:
         self._eof = True
@@ -216,6 +252,8 @@ class AsyncConnection(LoopConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if exc is not None:
+            self._drain_now = None  # `_drain` raises the error
         self._eof = True
         self._wake()
         waiter = self._drain_waiter
@@ -227,11 +265,18 @@ class AsyncConnection(LoopConnection):
 
     def pause_writing(self) -> None:
         self._drain_waiter = self._loop.create_future()
+        self._drain_now = None
 
     def resume_writing(self) -> None:
         waiter, self._drain_waiter = self._drain_waiter, None
+        self._may_drain_now()
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _may_drain_now(self) -> None:
+        """Let `drain` return at once again if nothing is left to wait for."""
+        if self._drain_waiter is None and self._error is None and len(self._out) <= 64:
+            self._drain_now = ready_future(self._loop)
 
     # -- internals ----------------------------------------------------------------------
     def _wake(self) -> None:
@@ -255,10 +300,10 @@ class AsyncConnection(LoopConnection):
                 return
             if result is None:
                 return
-        elif want == _CHUNK:
+        elif want >= 0:  # a chunk
             if not self._buf and not self._eof:
                 return
-            result = self._take(self._want_n)
+            result = self._take(want)
         else:
             result = None
         self._answer(result, None)
@@ -305,16 +350,12 @@ class AsyncConnection(LoopConnection):
             self._outcome = (_SEND, (value, exc))
             hand.set_result(None)
             return
-        self._driving = True
+        self._driving = self._steady
         try:
-            if exc is None:
-                yielded = self._ctx.run(self._send, value)
-            else:
-                yielded = self._ctx.run(self._send.__self__.throw, exc)
-        except StopIteration as stop:
-            self._outcome = (_RETURN, stop.value)
-        except BaseException as error:  # the task raises it (and so logs it)
-            self._outcome = (_RAISE, error)
+            # (an exception for the read is rare: a cancel, a stop, an over-long line)
+            yielded = self._resume(value) if exc is None else self._ctx.run(self._coro.throw, exc)
+        except BaseException as error:  # it ended, or failed: the task raises it (and logs it)
+            self._outcome = _ended(error)
         else:
             if yielded is _PARK:  # it waits on this connection again: stay parked
                 self._hand = hand
@@ -347,6 +388,7 @@ class AsyncConnection(LoopConnection):
     def request_stop(self) -> None:
         """The server is stopping: interrupt a waiting read if the handler asked for it."""
         self.stop_requested = True
+        self._steady = self._driving = False
         if not self.interrupt_on_stop:
             return
         waiter, hand = self._waiter, self._hand
@@ -364,6 +406,7 @@ class AsyncConnection(LoopConnection):
             raise ServerStopping()
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
+            self._steady = not self.stop_requested
             self.transport.resume_reading()
         self._want = want
 
@@ -486,9 +529,9 @@ class AsyncConnection(LoopConnection):
                 idx = buf.find(b"\n")
                 if 0 <= idx < self.max_line:
                     return self._take(idx + 1)
-        elif (
-            not self._eof and not self.stop_requested and not self._reading_paused
-        ):  # nothing here: wait for a line (`_arm`, `_parked`, `_wait` inlined; errors set `_eof`)
+        elif not self._eof and self._steady:
+            # nothing here: wait for a line (`_arm`, `_parked`, `_wait` inlined; errors set
+            # `_eof`; `_steady`: no stop asked for, reading not paused)
             self._scan = 0
             self._want = _LINE
             if self._driving:
@@ -516,12 +559,12 @@ class AsyncConnection(LoopConnection):
             self._unsplit()
         if self._buf or self._eof:
             return self._take(n)
-        self._want_n = n
-        # `_arm` and `_parked`, inlined; no error to check: one sets `_eof` (connection_lost)
-        if self._driving and not self.stop_requested and not self._reading_paused:
-            self._want = _CHUNK
+        # `_arm` and `_parked`, inlined; no error to check: one sets `_eof` (connection_lost);
+        # `_driving` is False unless steady (no stop asked for, reading not paused)
+        if self._driving:
+            self._want = n
             return (yield _PARK)  # type: ignore[no-any-return]
-        return (yield from self._parked(_CHUNK))  # type: ignore[no-any-return]
+        return (yield from self._parked(n))  # type: ignore[no-any-return]
 
     async def _read_all(self) -> bytes:
         while not self._eof:
@@ -548,6 +591,8 @@ class AsyncConnection(LoopConnection):
         if out:  # answers are being gathered: this one joins them (as bytes: a caller's
             self.bytes_out += len(data)  # bytearray may change before they are sent)
             out.append(data if type(data) is bytes else bytes(data))
+            if len(out) > 64:  # `drain` sends them (`_drain`)
+                self._drain_now = None
             return
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -569,6 +614,8 @@ class AsyncConnection(LoopConnection):
             if data:  # (`_split` starts with b"": maybe nothing was written)
                 self.transport.write(data)
         out.clear()
+        if self._drain_now is None:
+            self._may_drain_now()
 
     def drain(self) -> Awaitable[None]:
         """Wait while the kernel and transport buffers are full (``await conn.drain()``).
@@ -576,9 +623,7 @@ class AsyncConnection(LoopConnection):
         Not a coroutine: when there is nothing to wait for (nearly always) it returns a
         future that is already done, which costs far less to await than a new coroutine.
         """
-        if self._drain_waiter is None and self._error is None and len(self._out) <= 64:
-            return self._ready
-        return self._drain()
+        return self._drain_now or self._drain()
 
     async def _drain(self) -> None:
         if len(self._out) > 64:
@@ -656,12 +701,14 @@ def drive(
     loop = conn._loop
     conn._task = asyncio.current_task(loop)
     conn._ctx = context
-    conn._send = coro.send
+    conn._coro = coro
+    run: Callable[..., Any] = context.run  # (typeshed's run wants the argument now)
+    conn._resume = functools.partial(run, coro.send)
     value: Any = None
     exc: BaseException | None = None
     try:
         while True:
-            conn._driving = True
+            conn._driving = conn._steady
             try:
                 yielded = coro.send(value) if exc is None else coro.throw(exc)
             except StopIteration as stop:
@@ -709,4 +756,4 @@ def drive(
         coro.close()
         raise
     finally:
-        conn._task = conn._ctx = conn._send = conn._hand = conn._outcome = None
+        conn._task = conn._ctx = conn._coro = conn._resume = conn._hand = conn._outcome = None
