@@ -375,3 +375,92 @@ def test_start_tls_then_parked_reads_on_the_tls_transport(loop_kind: str, after:
         assert await task == b"secret\n"
 
     run(loop_kind, handler, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+@pytest.mark.parametrize("kind", ["line", "chunk"])
+def test_a_stop_asked_while_the_handler_runs_interrupts_its_next_read(
+    loop_kind: str, kind: str
+) -> None:
+    """A stop that comes while the handler runs (here: asked from inside a direct resume)
+    raises ServerStopping in its next read at once, which does not park."""
+
+    async def handler(conn: AsyncConnection) -> str:
+        conn.interrupt_on_stop = True
+        assert await conn.readline() == b"first\n"
+        conn.request_stop()  # as the server's stop would, while the handler runs
+        try:
+            await (conn.readline() if kind == "line" else conn.read(100))
+        except ServerStopping:
+            return "stopped"
+        return "read"
+
+    async def body(conn: AsyncConnection, task: asyncio.Task[Any], peer: socket.socket) -> None:
+        await parked(conn)
+        peer.send(b"first\n")
+        assert await asyncio.wait_for(task, 5) == "stopped"
+
+    run(loop_kind, handler, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_a_handler_that_fell_behind_reads_on_directly_after_the_pause(loop_kind: str) -> None:
+    """Past READ_HIGH_WATER unread bytes reading pauses; the handler's reads resume it, every
+    byte comes in order, and its later reads are resumed from data_received again."""
+    sent = bytes(range(256)) * 2048  # 512 KiB: past the high-water mark
+    go = asyncio.Event()
+    got = bytearray()
+
+    async def handler(conn: AsyncConnection) -> bytes:
+        await go.wait()  # fall behind
+        while len(got) < len(sent):
+            got.extend(await conn.read(65536))
+        return await conn.read(100)
+
+    async def body(conn: AsyncConnection, task: asyncio.Task[Any], peer: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(peer, sent)
+        for _ in range(1000):  # bounded: until the loop has read past the mark
+            if conn._reading_paused:
+                break
+            await asyncio.sleep(0)
+        assert conn._reading_paused
+        go.set()
+        await parked(conn)  # all read: it waits, parked, for more
+        assert bytes(got) == sent
+        peer.send(b"more")
+        assert await asyncio.wait_for(task, 5) == b"more"
+
+    run(loop_kind, handler, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_drain_raises_once_the_connection_is_lost_by_an_error(loop_kind: str) -> None:
+    """Once the client is gone and a write failed, drain raises ConnectionResetError (it
+    no longer returns at once), and so does every later drain."""
+    raised: list[str] = []
+
+    async def handler(conn: AsyncConnection) -> None:
+        await conn.readline()
+        try:
+            for _ in range(100_000):  # bounded: the client is gone, a write fails soon
+                conn.write(b"x" * 65536)
+                await conn.drain()
+                await asyncio.sleep(0)
+        except ConnectionResetError:
+            raised.append("first")
+        while not conn.is_lost:  # bounded by the task's own timeout in `run`
+            await asyncio.sleep(0)
+        assert conn.lost_error is not None
+        with pytest.raises(ConnectionResetError):
+            await conn.drain()
+        raised.append("later")
+
+    async def body(conn: AsyncConnection, task: asyncio.Task[Any], peer: socket.socket) -> None:
+        await parked(conn)
+        peer.send(b"go\n")
+        peer.close()
+        await asyncio.wait_for(task, 5)
+        assert raised == ["first", "later"]
+
+    run(loop_kind, handler, body)
