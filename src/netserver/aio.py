@@ -693,7 +693,10 @@ def drive(
     and context variables behave as in a plain task.
 
     A read decides to park by `_driving`, a flag of the connection set while its
-    coroutine is being sent into. A task started eagerly from inside that coroutine
+    coroutine is being sent into, and only while the connection is steady (`_steady`:
+    no stop asked for, reading not paused); otherwise a read waits on a future, which
+    the task awaits as it would any other, and `_arm` deals with the stop or the pause.
+    A task started eagerly from inside that coroutine
     (Python 3.12's ``eager_task_factory``, which event-loop mode does not set) would run
     a read of this connection inside the step and get `_PARK`: such a task must not read
     this connection on its first step.
