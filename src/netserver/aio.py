@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import ssl
 import types
 import weakref
@@ -97,7 +96,6 @@ class AsyncConnection(LoopConnection):
 
     __slots__ = (
         "_buf",
-        "_coro",
         "_ctx",
         "_drain_now",
         "_drain_waiter",
@@ -110,8 +108,8 @@ class AsyncConnection(LoopConnection):
         "_outcome",
         "_pos",
         "_reading_paused",
-        "_resume",
         "_scan",
+        "_send",
         "_steady",
         "_task",
         "_waiter",
@@ -156,8 +154,7 @@ class AsyncConnection(LoopConnection):
         # (Typed Any: None when no `drive` runs, read unchecked on the per-read path.)
         self._task: Any = None  # asyncio.Task
         self._ctx: Any = None  # contextvars.Context
-        self._coro: Any = None  # the coroutine
-        self._resume: Any = None  # sends a value into it in its context
+        self._send: Any = None  # the coroutine's bound send
         self._hand: asyncio.Future[None] | None = None
         self._outcome: tuple[int, Any] | None = None
         self._driving = False
@@ -208,7 +205,7 @@ class AsyncConnection(LoopConnection):
                         return
                     self._driving = self._steady
                     try:
-                        yielded = self._resume(data)
+                        yielded = self._ctx.run(self._send, data)
                         if yielded is _PARK:  # it waits on this connection again
                             self._hand = hand
                             return
@@ -352,8 +349,10 @@ class AsyncConnection(LoopConnection):
             return
         self._driving = self._steady
         try:
-            # (an exception for the read is rare: a cancel, a stop, an over-long line)
-            yielded = self._resume(value) if exc is None else self._ctx.run(self._coro.throw, exc)
+            if exc is None:
+                yielded = self._ctx.run(self._send, value)
+            else:  # (rare: a cancel, a stop, an over-long line)
+                yielded = self._ctx.run(self._send.__self__.throw, exc)
         except BaseException as error:  # it ended, or failed: the task raises it (and logs it)
             self._outcome = _ended(error)
         else:
@@ -704,9 +703,7 @@ def drive(
     loop = conn._loop
     conn._task = asyncio.current_task(loop)
     conn._ctx = context
-    conn._coro = coro
-    run: Callable[..., Any] = context.run  # (typeshed's run wants the argument now)
-    conn._resume = functools.partial(run, coro.send)
+    conn._send = coro.send
     value: Any = None
     exc: BaseException | None = None
     try:
@@ -759,4 +756,4 @@ def drive(
         coro.close()
         raise
     finally:
-        conn._task = conn._ctx = conn._coro = conn._resume = conn._hand = conn._outcome = None
+        conn._task = conn._ctx = conn._send = conn._hand = conn._outcome = None
