@@ -426,8 +426,12 @@ def test_a_handler_that_fell_behind_reads_on_directly_after_the_pause(loop_kind:
             await asyncio.sleep(0)
         assert conn._reading_paused
         go.set()
-        await parked(conn)  # all read: it waits, parked, for more
+        for _ in range(10_000):  # bounded: until the handler has read it all
+            if len(got) == len(sent):
+                break
+            await asyncio.sleep(0)
         assert bytes(got) == sent
+        await parked(conn)  # it waits, parked, for more
         peer.send(b"more")
         assert await asyncio.wait_for(task, 5) == b"more"
 
@@ -462,5 +466,43 @@ def test_drain_raises_once_the_connection_is_lost_by_an_error(loop_kind: str) ->
         peer.close()
         await asyncio.wait_for(task, 5)
         assert raised == ["first", "later"]
+
+    run(loop_kind, handler, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+@pytest.mark.parametrize("then", ["sleep", "return", "read"])
+def test_a_handler_that_cancels_its_own_task_in_a_direct_resume_is_cancelled(
+    loop_kind: str, then: str
+) -> None:
+    """A handler resumed from data_received that cancels its own task (which then waits on
+    `drive`'s future, so that future is cancelled mid-step) is cancelled as a task would be:
+    at its next await, or as it ends; data_received raises nothing."""
+    reached: list[str] = []
+
+    async def handler(conn: AsyncConnection) -> str:
+        await conn.read(100)
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        reached.append("cancelled itself")
+        if then == "sleep":
+            await asyncio.sleep(0)
+        elif then == "read":
+            await conn.read(100)
+        reached.append("went on")
+        return "ended"
+
+    async def body(conn: AsyncConnection, task: asyncio.Task[Any], peer: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        errors: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+        await parked(conn)
+        peer.send(b"go")
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(task), 5)
+        assert task.cancelled()
+        assert reached == ["cancelled itself"] + (["went on"] if then == "return" else [])
+        assert errors == []
 
     run(loop_kind, handler, body)

@@ -215,7 +215,8 @@ class AsyncConnection(LoopConnection):
                     finally:
                         self._driving = False
                         _leave_task(loop, task)
-                    hand.set_result(None)
+                    if not hand.done():  # (done: it cancelled its own task meanwhile)
+                        hand.set_result(None)
                     return
         buf = self._buf
         if not buf:
