@@ -230,6 +230,45 @@ def _reports_errors(release: str) -> bool:
 # A group commit's one barrier, only where it reports a failure (see `sync_renamed`).
 _SYNCFS_CHECKED = _load_syncfs() if _reports_errors(os.uname().release.split("-")[0]) else None
 
+# File systems whose syncfs(2) ends with the flush of the disk's cache, after the last
+# write it made: their `sync_fs` forces the log, which holds every change of metadata.
+_LOGGED = frozenset({"xfs", "btrfs"})
+
+
+def syncfs_is_a_barrier(
+    path: str | os.PathLike[str], proc: str = "/proc", sys_root: str = "/sys"
+) -> bool:
+    """Whether syncfs(2) alone makes what was written under `path` durable.
+
+    Linux's syncfs writes the inodes, asks the file system's `sync_fs` (which flushes
+    the disk's cache) and only then writes the block device's dirty buffers. On ext4
+    with a journal, XFS or btrfs the metadata is in the log, committed and flushed by
+    `sync_fs`; on ext4 without a journal (this project's bench VM) the inode and
+    directory blocks are those buffers, written after the flush (traced with the
+    block_bio_queue event: WSM of the new file's inode block after the FWS). There, and
+    wherever this cannot tell (another file system, no /proc or /sys), the caller must
+    flush once more (`Spool.sync_renamed`).
+    """
+    dev = os.stat(path).st_dev
+    try:
+        fstype = _fs_type(f"{os.major(dev)}:{os.minor(dev)}", Path(proc, "self/mountinfo"))
+        if fstype != "ext4":
+            return fstype in _LOGGED
+        device = Path(sys_root, f"dev/block/{os.major(dev)}:{os.minor(dev)}").resolve().name
+        task = Path(sys_root, f"fs/ext4/{device}/journal_task").read_text().strip()
+    except OSError:
+        return False
+    return task not in ("", "<none>")
+
+
+def _fs_type(number: str, mountinfo: Path) -> str | None:
+    """The type of the file system mounted from device `number` (MAJOR:MINOR)."""
+    for line in mountinfo.read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[2] == number and " - " in line:
+            return line.split(" - ", 1)[1].split()[0]
+    return None
+
 
 class Spool:
     """A spool directory: commit, list, load, move and remove messages."""
@@ -252,6 +291,8 @@ class Spool:
         elif not (self.root / QueueState.QUEUE).is_dir():
             raise FileNotFoundError(f"{self.root} is not a leafmail spool")
         self.owner = _foreign_owner(self.root)
+        # Whether `sync_renamed` may trust one syncfs (see `syncfs_is_a_barrier`).
+        self.syncfs_complete = syncfs_is_a_barrier(self.root)
 
     def _own(self, fd: int) -> None:
         """Root writing into the daemon user's spool makes the file that user's (or the
@@ -343,7 +384,10 @@ class Spool:
         Postfix's 1.00 under s1-1K, `bench.smtp_alone --servers postfix,leafmail`).
         syncfs reports a write-back error of the file system that happened since the
         descriptor it is given was opened (Linux 5.8 and later), so `fds[0]` must be the
-        file opened first: then it fails if any of them did not reach the disk. Where
+        file opened first: then it fails if any of them did not reach the disk. On a
+        file system where syncfs writes metadata after its flush (ext4 without a
+        journal: `syncfs_is_a_barrier`), the directory's fsync then flushes once more,
+        after those writes returned (two flushes a batch). Where
         it would not say (an older kernel, no syncfs) each file is fdatasync'ed and the
         directory fsync'ed, in either order the same promise: nothing is answered until
         every barrier returned.
@@ -351,6 +395,8 @@ class Spool:
         self.syncs += 1
         if _SYNCFS_CHECKED is not None:
             if _SYNCFS_CHECKED(fds[0]) == 0:
+                if not self.syncfs_complete:  # its last writes came after its flush
+                    self.fsync_dir(dir_fd)  # one flush more, after them
                 return
             err = ctypes.get_errno()
             if err not in (errno.ENOSYS, errno.EINVAL):
