@@ -110,14 +110,15 @@ def test_over_tls_a_client_past_max_errors_reads_the_421_and_the_close(
 
 
 def test_each_refusal_at_connect_has_its_own_reply() -> None:
-    """A limit says try later (421 4.7.0), a rule says do not retry (554 5.7.1), and our
-    own failure says try later (421 4.3.0): three replies whose enhanced code is of the
-    reply's class (RFC 3463), each naming the host (netserver.refusals)."""
+    """A limit (421 4.7.0), a rule (421 4.7.1) and our own failure (421 4.3.0) each have
+    their reply, whose enhanced code is of the reply's class (RFC 3463), each naming the
+    host (netserver.refusals); all are 421, since a 554 at connect would oblige the
+    server to keep the session until QUIT (RFC 5321, 3.1)."""
     lines = refusal_replies("mx.test")
     replies = {cause: lines.line(cause) for cause in RefusalCause}
     assert replies == {
         RefusalCause.LIMIT: "421 4.7.0 mx.test Too many connections from your address, "
         "try again later",
-        RefusalCause.ACCESS: "554 5.7.1 mx.test Access denied",
+        RefusalCause.ACCESS: "421 4.7.1 mx.test Access denied, closing connection",
         RefusalCause.ERROR: "421 4.3.0 mx.test Local error in processing, try again later",
     }

@@ -354,14 +354,17 @@ def _keep_restart_settings(old: Config, new: Config) -> Config:
 
 def refusal_replies(hostname: str) -> RefusalLines:
     """The reply a client turned away at connect time reads, for each cause, with the
-    codes Postfix's smtpd uses: a connection limit is temporary (421 4.7.0: try again
-    later), an access rule is not (554 5.7.1: do not retry), and a failure of ours is
-    temporary (421 4.3.0). Today leafmail refuses at connect for its per-source limit
-    (`smtp.max_sessions_per_source`), or when admission itself fails (a defect); it has no
-    connection access rule (relay control is per recipient), so the 554 is for a rule
-    it may be given (README, "Refused at connect")."""
+    enhanced codes Postfix's smtpd uses: a connection limit (4.7.0), an access rule
+    (4.7.1), a failure of ours (4.3.0). Each is a 421 and a close: RFC 5321 (3.1) lets a
+    554 at connect only with the session kept open until QUIT, answering 503 meanwhile,
+    and a refusal here is made before any worker has the client, where reading its
+    commands would mean reading network input in the parent. Today leafmail refuses at
+    connect for its per-source limit (`smtp.max_sessions_per_source`), or when admission
+    itself fails (a defect); it has no connection access rule (relay control is per
+    recipient), so the access line is for a rule it may be given (README, "Refused at
+    connect")."""
     return RefusalLines(
         limit=f"421 4.7.0 {hostname} Too many connections from your address, try again later",
-        access=f"554 5.7.1 {hostname} Access denied",
+        access=f"421 4.7.1 {hostname} Access denied, closing connection",
         error=f"421 4.3.0 {hostname} Local error in processing, try again later",
     )
