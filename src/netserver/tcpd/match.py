@@ -24,7 +24,6 @@ the accept path) and evaluates again; evaluation is pure, so a retry is harmless
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -43,6 +42,7 @@ __all__ = [
     "list_match",
     "server_match",
     "string_match",
+    "wildcard_match",
 ]
 
 UNKNOWN = "unknown"
@@ -189,7 +189,7 @@ def not_inaddr(pattern: str) -> bool:
 def string_match(pattern: str, text: str) -> bool:
     """tcpd's string_match: wildcards, .suffix, ALL, KNOWN, prefix., exact."""
     if "*" in pattern or "?" in pattern:
-        return _wildcard(pattern).fullmatch(text) is not None
+        return wildcard_match(pattern, text)
     if pattern.startswith("."):
         cut = len(text) - len(pattern)
         return cut > 0 and fold(text[cut:]) == fold(pattern)
@@ -205,11 +205,34 @@ def string_match(pattern: str, text: str) -> bool:
     return _bracketed_v6_equal(pattern, text)
 
 
-@functools.lru_cache(maxsize=1024)
-def _wildcard(pattern: str) -> re.Pattern[str]:
-    """``*`` any run, ``?`` one character; ASCII case is ignored (Debian's matcher)."""
-    parts = (".*" if char == "*" else "." if char == "?" else re.escape(char) for char in pattern)
-    return re.compile("".join(parts), re.ASCII | re.IGNORECASE | re.DOTALL)
+def wildcard_match(pattern: str, text: str) -> bool:
+    """``*`` any run, ``?`` one character; ASCII case is ignored (Debian's matcher).
+
+    The text is a host name from a PTR record, which the client chooses. A regular
+    expression (``.*`` per ``*``) or tcpd's recursive matcher backtracks over every way
+    of placing the stars: ``*-*-*-*.dyn.example.net`` against a 245-character name of
+    hyphens cost a second of CPU per connection, each more star a factor of the name's
+    length. Retrying from the last star only, as here, is enough for ``*`` (what an
+    earlier star would have taken, the last one can take too), so the cost is at most
+    the product of the two lengths.
+    """
+    pattern, text = fold(pattern), fold(text)
+    p = t = 0
+    star = -1  # where the last star seen is in the pattern
+    resume = 0  # the text position that star is tried from next
+    while t < len(text):
+        if p < len(pattern) and pattern[p] == "*":
+            star, resume = p, t
+            p += 1
+        elif p < len(pattern) and pattern[p] in ("?", text[t]):
+            p += 1
+            t += 1
+        elif star >= 0:
+            resume += 1  # the last star takes one more character
+            p, t = star + 1, resume
+        else:
+            return False
+    return pattern.count("*", p) == len(pattern) - p
 
 
 def _bracketed_v6_equal(pattern: str, text: str) -> bool:
