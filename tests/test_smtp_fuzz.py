@@ -84,6 +84,7 @@ FLOWS = [
     b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nRCPT TO:<e@f>\r\nRCPT TO:<g@h>\r\n",
     b"EHLO c\r\nAUTH LOGIN\r\nYQ==\r\nYg==\r\n",
     b"EHLO c\r\nSTARTTLS\r\nEHLO c\r\n",
+    b"EHLO c\r\nMAIL FROM:<a@b> X" + b"Y" * 600 + b"\r\n",
 ]
 token_stream = st.lists(
     st.sampled_from(FLOWS) | st.sampled_from(TOKENS) | st.binary(max_size=40), max_size=30
@@ -98,6 +99,7 @@ def reply_lines(out: bytes) -> int:
     while position < len(out):
         match = REPLY_LINE.match(out, position)
         assert match is not None, out[position:]
+        assert match.end() - position <= 512, "reply line over 512 octets (RFC 5321 4.5.3.1.5)"
         code, separator = match.group(1), match.group(2)
         assert continued is None or continued == code, "multi-line reply changed its code"
         continued = code if separator == b"-" else None

@@ -325,6 +325,16 @@ CONVERSATIONS = [
         id="mail-unknown-param",
     ),
     pytest.param(
+        crlf(EHLO, MAIL + " X" + "Y" * 600),  # found by fuzz/smtp_server.py's review
+        crlf(*EHLO_OUT, "555 5.5.4 Unsupported parameter X" + "Y" * 39 + "..."),
+        id="mail-unknown-long-param-not-echoed-whole",
+    ),
+    pytest.param(
+        crlf(EHLO, MAIL + " \u00e9t\u00e9=1"),
+        crlf(*EHLO_OUT, SYNTAX + "Bad parameter syntax: '\\xe9t\\xe9=1'"),
+        id="mail-param-syntax-echoed-in-ascii",
+    ),
+    pytest.param(
         crlf(EHLO, MAIL + " AUTH=<>"),
         crlf(*EHLO_OUT, "555 5.5.4 Unsupported parameter AUTH"),
         id="mail-auth-param-not-offered",
@@ -1266,3 +1276,21 @@ def test_reply_to_bytes(reply: Reply, wire: bytes) -> None:
 def test_reply_guards(code: int, enhanced: str | None, text: str | tuple[str, ...]) -> None:
     with pytest.raises(ValueError):
         Reply(code, enhanced, text)
+
+
+def test_the_ehlo_greeting_line_fits_512_octets_with_the_longest_names() -> None:
+    """Our name may be a full 253-octet domain; a client's EHLO name of 255 octets was
+    echoed after it, making a 522-octet line (RFC 5321 4.5.3.1.5 allows 512)."""
+    ours = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
+    theirs = ".".join(["e" * 63, "f" * 63, "g" * 63, "h" * 63])
+    assert (len(ours), len(theirs)) == (253, 255)
+    for command in ("EHLO", "HELO"):
+        out = converse(crlf(f"{command} {theirs}"), ServerConfig(ours)).output
+        assert out.startswith(
+            f"250{'-' if command == 'EHLO' else ' '}{ours} greets you\r\n".encode()
+        )
+        assert max(len(line) + 2 for line in out.split(b"\r\n")) <= 512
+    shorter = ".".join(["e" * 63, "f" * 63, "g" * 63, "h" * 53])  # 245: just fits
+    out = converse(crlf(f"EHLO {shorter}"), ServerConfig(ours)).output
+    assert out.startswith(f"250-{ours} greets {shorter}\r\n".encode())
+    assert len(out.split(b"\r\n")[0]) + 2 == 512

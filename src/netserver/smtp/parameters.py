@@ -118,8 +118,10 @@ def parse_parameters(text: str, *, utf8: bool) -> dict[str, str | None]:
             continue
         keyword, equals, value = item.partition("=")
         if not _KEYWORD.fullmatch(keyword):
-            # repr: the item may hold what a reply line must not (a control character)
-            raise RemoteProtocolError(syntax_error(f"Bad parameter syntax: {item[:40]!r}"))
+            # !a (ascii): the item may hold what a reply line must not (a control
+            # character), and reply text is ASCII (RFC 5321 4.2): a client that did not
+            # ask for SMTPUTF8 gets no UTF-8 back
+            raise RemoteProtocolError(syntax_error(f"Bad parameter syntax: {item[:40]!a}"))
         if equals and not _valid_value(value, utf8=utf8):
             raise RemoteProtocolError(syntax_error(f"Bad value for parameter {keyword}"))
         key = keyword.upper()

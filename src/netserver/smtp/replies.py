@@ -171,9 +171,11 @@ def greeting(hostname: str) -> Reply:
 
 
 def _greets(hostname: str, client: str) -> str:
-    # The client's name is echoed only while it is no longer than a domain can be, so
-    # the reply line stays within 512 octets (RFC 5321 4.5.3.1.5).
-    return f"{hostname} greets {client if len(client.encode()) <= 255 else 'you'}"
+    # The client's name is echoed only while it is no longer than a domain can be, and
+    # while "250-", our own name (253 octets at most), " greets " and CRLF leave room
+    # for it: the reply line stays within 512 octets (RFC 5321 4.5.3.1.5).
+    room = min(255, 512 - len("250- greets \r\n") - len(hostname.encode()))
+    return f"{hostname} greets {client if len(client.encode()) <= room else 'you'}"
 
 
 # Clients mostly greet with the same few names, so the reply (checked and rendered once)
@@ -242,8 +244,13 @@ def not_implemented(text: str) -> Reply:
 
 
 def unsupported_parameter(keyword: str) -> Reply:
-    """555: a MAIL/RCPT parameter that is not recognized (RFC 5321 4.1.1.11, RFC 1869)."""
-    return Reply(555, "5.5.4", f"Unsupported parameter {keyword}")
+    """555: a MAIL/RCPT parameter that is not recognized (RFC 5321 4.1.1.11, RFC 1869).
+
+    The keyword is the client's, as long as its command line allows (2,048 octets):
+    echoed whole, it made a reply line longer than the 512 octets of RFC 5321 4.5.3.1.5.
+    """
+    shown = keyword if len(keyword) <= 40 else keyword[:40] + "..."
+    return Reply(555, "5.5.4", f"Unsupported parameter {shown}")
 
 
 # --- fixed replies -----------------------------------------------------------------
