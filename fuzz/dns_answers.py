@@ -3,7 +3,8 @@
 A DNS answer in wire format (dnspython parses it, as the resolver would) is handed to
 the code that reads each record type: MX ordering and the "before self" cut, DNSBL
 address tests, the MTA-STS TXT id, PTR confirmation (`verified_name`). Or the input is
-an MTA-STS reply: its HTTP head and its policy text. Checked: nothing raises but the
+an MTA-STS reply: its HTTP head and its policy text, or a recipient's domain as delivery
+makes it a DNS name. The first octet chooses. Checked: nothing raises but the
 documented errors, and the cost stays bounded (slow inputs kept as ``slow-<sha256>``).
 """
 
@@ -24,7 +25,7 @@ with atheris.instrument_imports():
     from leafmail.checks.dnsbl import _ERROR_CODES, _LISTED
     from leafmail.checks.lookup import address_of
     from leafmail.delivery import mta_sts
-    from leafmail.delivery.mx import MAX_MX_HOSTS, before_self, order_hosts
+    from leafmail.delivery.mx import MAX_MX_HOSTS, before_self, dns_name, order_hosts
     from netserver.tcpd.names import verified_name
 
 SLOW = 0.1  # seconds for one input, instrumented
@@ -73,11 +74,17 @@ def one_input(data: bytes) -> None:
     if not data:
         return
     started = time.perf_counter()
-    if data[0] & 1:
+    kind = data[0] % 3
+    if kind == 0:
         read_answer(data[1:])
-    else:
+    elif kind == 1:
         head, _, body = data[1:].partition(b"\r\n\r\n")
         read_policy(head + b"\r\n\r\n", body.decode("utf-8", "replace"))
+    else:  # a recipient's domain (the client's), as delivery turns it into a DNS name
+        domain = data[1:].decode("utf-8", "replace")
+        name = dns_name(domain)
+        assert name is None or name.is_absolute()
+        mta_sts.mx_matches(domain, "mx1.example")
     keep_if_slow(data, time.perf_counter() - started, SLOW)
 
 
