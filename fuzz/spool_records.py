@@ -1,10 +1,11 @@
 """Fuzz the readers of leafmail's stored and local-socket records.
 
 A crafted spool file (the harness writes a matching checksum, so the fuzzer gets past
-it to the envelope), a status record, a `leafmail sendmail` request line and a control
-request. Checked: only ValueError (EnvelopeError is one) escapes, so one bad file or
-request is set aside instead of stopping a queue run or a service; the listing's peek
-accepts every file the full reader accepts, and reads the same addresses.
+it to the envelope), a status record, a `leafmail sendmail` request line (and the
+envelope check a local user's request then gets) and a control request. Checked: only
+ValueError (EnvelopeError is one) escapes, so one bad file or request is set aside
+instead of stopping a queue run or a service; the listing's peek accepts every file
+the full reader accepts, and reads the same addresses.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import atheris
 from common import run
 
 with atheris.instrument_imports():
-    from leafmail import control, spool, submitwire
+    from leafmail import control, pickup, spool, submitwire
     from leafmail.envelope import Envelope, Recipient
     from leafmail.status import MessageStatus, peek_next_attempt
 
@@ -58,8 +59,12 @@ def one_input(data: bytes) -> None:
             MessageStatus.from_bytes(payload, _ENVELOPE)
         peek_next_attempt(payload)
     elif kind == 3:
-        with contextlib.suppress(ValueError):
-            submitwire.parse_request(payload)
+        try:
+            request = submitwire.parse_request(payload)
+        except ValueError:
+            return
+        with contextlib.suppress(pickup.Rejected):  # what a local user may not ask for
+            pickup.checked_envelope(request.envelope, "mx.example")
     else:
         assert control._command(payload) in (None, "flush", "wake")
 
