@@ -293,7 +293,7 @@ def test_wildcards_mean_what_a_regular_expression_of_them_means(pattern: str, te
 
 @pytest.mark.timeout(20)  # a bound on termination, not a performance figure
 def test_a_long_ptr_name_does_not_make_a_wildcard_pattern_backtrack() -> None:
-    """Found by fuzz/hosts_access.py: a client chooses its PTR name (253 octets, each
+    """Found writing fuzz/hosts_access.py: a client chooses its PTR name (253 octets, each
     label letters, digits and inner hyphens, forward-confirmed by its own DNS). Against
     ``*-*-*-*-*.dyn.example.net`` the name below cost 0.4 s of CPU a connection with
     the regular expression the matcher was, each more star some 25 times that; with

@@ -325,7 +325,7 @@ CONVERSATIONS = [
         id="mail-unknown-param",
     ),
     pytest.param(
-        crlf(EHLO, MAIL + " X" + "Y" * 600),  # found by fuzz/smtp_server.py's review
+        crlf(EHLO, MAIL + " X" + "Y" * 600),  # found writing fuzz/smtp_server.py
         crlf(*EHLO_OUT, "555 5.5.4 Unsupported parameter X" + "Y" * 39 + "..."),
         id="mail-unknown-long-param-not-echoed-whole",
     ),
