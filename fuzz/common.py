@@ -12,8 +12,9 @@ import atheris
 def keep_if_slow(data: bytes, spent: float, limit: float) -> None:
     """Write `data` to ``slow-<sha256>`` in the working directory when `spent` > `limit`.
 
-    One slow run is only a hint (the machine may be busy); fuzz/scaling.py grows such
-    an input and times each size, which says whether its cost is superlinear.
+    `spent` is CPU time (a shared machine makes wall time noise). One slow run is only
+    a hint; fuzz/scaling.py grows such an input and times each size, which says whether
+    its cost is superlinear.
     """
     if spent > limit:
         name = "slow-" + hashlib.sha256(data).hexdigest()

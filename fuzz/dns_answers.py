@@ -73,7 +73,7 @@ def read_policy(head: bytes, text: str) -> None:
 def one_input(data: bytes) -> None:
     if not data:
         return
-    started = time.perf_counter()
+    started = time.process_time()
     kind = data[0] % 3
     if kind == 0:
         read_answer(data[1:])
@@ -85,7 +85,7 @@ def one_input(data: bytes) -> None:
         name = dns_name(domain)
         assert name is None or name.is_absolute()
         mta_sts.mx_matches(domain, "mx1.example")
-    keep_if_slow(data, time.perf_counter() - started, SLOW)
+    keep_if_slow(data, time.process_time() - started, SLOW)
 
 
 if __name__ == "__main__":

@@ -39,9 +39,9 @@ def run_checks(data: bytes, flags: int) -> None:
 def one_input(data: bytes) -> None:
     if not data:
         return
-    started = time.perf_counter()
+    started = time.process_time()
     run_checks(data[1:], data[0])
-    spent = time.perf_counter() - started
+    spent = time.process_time() - started
     keep_if_slow(data, spent, ALLOWANCE + SLOW_PER_OCTET * len(data))
 
 

@@ -4,17 +4,19 @@ The input chooses the configuration, the newline policy, how the client's bytes 
 cut into chunks and how every decision is answered (accept, reject 4xx/5xx, 421).
 Checked for every input: no exception but the engine's documented ones, every reply
 line is ``DDD SP|-`` text ending in CRLF and at most 512 octets (RFC 5321 4.5.3.1.5),
-a multi-line reply keeps one code, and the same bytes fed in one piece get the same
-replies as in chunks (an answer must not depend on packet boundaries).
+a multi-line reply keeps one code, the same bytes fed in one piece get the same
+replies as in chunks (an answer must not depend on packet boundaries), and the CPU
+a session takes stays within a fixed allowance plus a bound per octet.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
+import time
 
 import atheris
-from common import run
+from common import keep_if_slow, run
 
 with atheris.instrument_imports():
     from netserver.smtp import (
@@ -28,6 +30,8 @@ with atheris.instrument_imports():
     )
     from netserver.smtp.replies import Reply
 
+ALLOWANCE = 0.02  # CPU seconds any session may take, instrumented
+PER_OCTET = 20e-6  # and per octet of input: past both, the input is kept as slow
 _LINE = re.compile(rb"([2-5][0-9][0-9])([ -])[^\r\n]*\r\n")
 _POLICIES = list(BareNewline)
 _REJECTIONS = (
@@ -131,7 +135,9 @@ def one_input(data: bytes) -> None:
     body = fdp.ConsumeBytes(fdp.remaining_bytes())
     edges = [0, *[c for c in cuts if 0 < c < len(body)], len(body)]
     chunks = [body[a:b] for a, b in itertools.pairwise(edges)]
+    started = time.process_time()
     chunked, tls_at = _session(config, chunks, answers)
+    keep_if_slow(data, time.process_time() - started, ALLOWANCE + PER_OCTET * len(data))
     _check_replies(chunked)
     whole, whole_tls_at = _session(config, [body], answers)
     if tls_at < len(chunked) or whole_tls_at < len(whole):
