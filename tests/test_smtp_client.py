@@ -189,6 +189,18 @@ def test_a_reply_nothing_asked_for_is_refused() -> None:
         engine.receive_data(b"250 surprise\r\n")
 
 
+@pytest.mark.parametrize("text", [b"a\x01b", b"\x1b[31mred", b"a\rb"])
+def test_a_reply_nothing_asked_for_with_control_characters_is_still_a_bad_reply(
+    text: bytes,
+) -> None:
+    """Found by fuzz/smtp_client.py: the error message rendered the received reply,
+    which refuses control characters, so a hostile next hop got a ValueError out of
+    receive_data (out of the delivery's data_received) instead of a BadReply."""
+    engine = greeted()
+    with pytest.raises(BadReply, match="nothing asked for: 250 "):
+        engine.receive_data(b"250 " + text + b"\r\n")
+
+
 @pytest.mark.parametrize(
     "after", [b"250 injected\r\n", b"250-injected", b"\x16\x03\x01 not a reply yet"]
 )

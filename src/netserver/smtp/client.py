@@ -205,7 +205,10 @@ class ClientProtocol:
             if self.state is _TLS:  # a reply after STARTTLS's 220, in the same read
                 raise BadReply(_EARLY)
             if not pending:
-                raise BadReply(f"a reply nothing asked for: {reply}")
+                # Not str(reply): a received reply may hold control characters, which
+                # its rendering refuses (ValueError), and this must stay a BadReply.
+                said = " ".join(reply.lines)[:80]
+                raise BadReply(f"a reply nothing asked for: {reply.code} {said!r}")
             event = Answered(pending.popleft(), reply)
             self._answered(event)
             events.append(event)
