@@ -64,7 +64,7 @@ def _replay(pieces: list[bytes]) -> list[tuple[Awaited, int, str]]:
             if session.client.state is ClientState.CLOSED:
                 break
             for event in session.client.receive_data(piece):
-                seen.append((event.awaited, event.reply.code, str(event.reply)))
+                seen.append((event.awaited, event.reply.code, repr(event.reply.lines)))
                 session.answered(event)
     except BadReply:
         seen.append((Awaited.GREETING, 0, "BadReply"))
