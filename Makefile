@@ -46,8 +46,8 @@ man: $(STAMP)
 	  --include man/netserver.include --output $(MANDIR)/netserver.8
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples bench
-	$(BIN)/ruff format --check src tests examples bench
+	$(BIN)/ruff check src tests examples bench fuzz
+	$(BIN)/ruff format --check src tests examples bench fuzz
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -127,18 +127,7 @@ class LocalService:
         (size,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
         if size > HEADER_LIMIT:
             raise ValueError("request header too large")
-        head = load_json(await reader.readexactly(size), "request")
-        if not isinstance(head, dict) or not isinstance(head.get("rcpts"), list):
-            raise ValueError("bad request")
-        try:
-            envelope = Envelope.from_json(head.get("envelope"))
-        except EnvelopeError as exc:
-            raise ValueError(str(exc)) from None
-        rcpts = [int(i) for i in head["rcpts"] if 0 <= int(i) < len(envelope.recipients)]
-        known = {
-            int(i): {str(k): _result(v) for k, v in targets.items()}
-            for i, targets in dict(head.get("known") or {}).items()
-        }
+        envelope, rcpts, known = parse_request(load_json(await reader.readexactly(size), "request"))
         (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
         if length > self.max_message_size + DATA_SLACK:
             raise ValueError("message too large")
@@ -282,6 +271,28 @@ def _line(obj: dict[str, Any]) -> bytes:
 
 def _encode(result: Result) -> list[Any]:
     return [result.outcome.value, result.code, result.status, result.text, result.remote]
+
+
+def parse_request(head: Any) -> tuple[Envelope, list[int], dict[int, dict[str, Result]]]:
+    """The envelope, the recipients to deliver and the expansions known so far, from a
+    request's decoded JSON header; ValueError for any other shape. Only the queue
+    manager may ask (SO_PEERCRED), but a malformed value must end that one request with
+    its log line, not escape the connection's task as an unhandled TypeError."""
+    if not isinstance(head, dict) or not isinstance(head.get("rcpts"), list):
+        raise ValueError("bad request")
+    try:
+        envelope = Envelope.from_json(head.get("envelope"))
+    except EnvelopeError as exc:
+        raise ValueError(str(exc)) from None
+    try:
+        rcpts = [int(i) for i in head["rcpts"] if 0 <= int(i) < len(envelope.recipients)]
+        known = {
+            int(i): {str(k): _result(v) for k, v in targets.items()}
+            for i, targets in dict(head.get("known") or {}).items()
+        }
+    except (TypeError, AttributeError, KeyError) as exc:
+        raise ValueError(f"bad request: {exc}") from None
+    return envelope, rcpts, known
 
 
 def _result(raw: Any) -> Result:
