@@ -23,10 +23,11 @@ report success and release the lock, so a 250 is never given for mail a crash co
 lose. The lock keeps the queue runner off the file until then; if the barrier fails,
 the file is taken back out of queue/ under that lock before the 4xx (`Spool.take_back`),
 or the runner would deliver it besides the client's retry. The barrier is syncfs(2),
-one flush of the disk's cache where fdatasync plus a directory fsync are two
-(`Spool.sync_renamed`); many sessions commit at once, so `GroupCommitter` makes a whole
-batch durable with one. `Spool.commit` does the same for one message (into hold/, it
-flushes the data before the rename too: see there).
+one flush of the disk's cache where fdatasync plus a directory fsync are two, followed
+by the directory's fsync where syncfs writes metadata after its flush (ext4 without a
+journal: `syncfs_is_a_barrier`) (`Spool.sync_renamed`); many sessions commit at once,
+so `GroupCommitter` makes a whole batch durable with one. `Spool.commit` does the same
+for one message (into hold/, it flushes the data before the rename too: see there).
 
 A file is::
 
@@ -467,7 +468,8 @@ class Spool:
 
         The group commit's shape, for one message: tmp/QID is written and locked, renamed
         into `state`, and made durable, data and name, with one barrier (`sync_renamed`:
-        one flush of the disk's cache where fdatasync plus a directory fsync were two);
+        one flush of the disk's cache where fdatasync plus a directory fsync were two,
+        on a file system where syncfs alone is a barrier);
         the lock is released only after it. Meanwhile a queue runner skips the file
         and a tool waits for it, so if the barrier fails the file is unlinked under the
         lock still held (`take_back`: nobody else can have it) before the SpoolError,
