@@ -25,6 +25,7 @@ from ..accepted import Accepted
 from ..connlog import ServerLog
 from ..endpoint import Endpoint
 from ..modes.base import Mode, ModeContext
+from ..modes.direct import Judge
 from ..refusals import RefusalCause
 
 __all__ = ["LOOKUP_TIMEOUT", "PASS", "Divert", "Gate", "Pass", "Refusal", "Ruling", "quick_judge"]
@@ -87,19 +88,19 @@ class Gate(Protocol):
         ...
 
 
-def quick_judge(gates: tuple[Gate, ...]) -> Callable[[Endpoint, Endpoint], str | None]:
+def quick_judge(gates: tuple[Gate, ...]) -> Judge:
     """The gates' `quick` rulings as one function, for workers that accept themselves
-    (modes.direct): the reason of the first refusal, or None to admit. A gate that cannot
-    decide at once refuses: such a server keeps the supervisor's accept path, so this
+    (modes.direct): the reason and cause of the first refusal, or None to admit. A gate
+    that cannot decide at once refuses: such a server keeps the supervisor's accept path, so this
     never happens, and an undecided connection is never served."""
 
-    def judge(peer: Endpoint, local: Endpoint) -> str | None:
+    def judge(peer: Endpoint, local: Endpoint) -> tuple[str, RefusalCause] | None:
         for gate in gates:
             ruling = gate.quick(peer, local)
             if ruling is None:
-                return "access check needs a lookup"
+                return "access check needs a lookup", RefusalCause.ACCESS
             if isinstance(ruling, Refusal):
-                return ruling.reason
+                return ruling.reason, ruling.cause
         return None
 
     return judge

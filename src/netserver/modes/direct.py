@@ -29,17 +29,18 @@ from ..endpoint import Endpoint
 from ..linger import Lingerer
 from ..listen.accept import AcceptLoop, accepted_ends
 from ..listen.listeners import Listener
-from ..refusals import RefusalLines
+from ..refusals import RefusalCause, RefusalLines
 from .shared import FULL, SharedLimits
 
 __all__ = ["RECHECK", "DirectAccept", "DirectService", "Judge"]
 
 # The gates' quick rulings as one function (server builds it: modes never import the
-# gates, which sit above them): why a connection from peer to local is refused, or None.
-Judge = Callable[[Endpoint, Endpoint], str | None]
+# gates, which sit above them): why a connection from peer to local is refused and the
+# kind of refusal (which line the client reads), or None.
+Judge = Callable[[Endpoint, Endpoint], tuple[str, RefusalCause] | None]
 
 
-def admit_all(peer: Endpoint, local: Endpoint) -> str | None:
+def admit_all(peer: Endpoint, local: Endpoint) -> tuple[str, RefusalCause] | None:
     """No gate to ask."""
     return None
 
@@ -53,7 +54,7 @@ class DirectService:
 
     listeners: list[Listener]
     table: SharedLimits
-    refusals: RefusalLines  # the judge's refusals are a rule's (ACCESS), the table's LIMIT
+    refusals: RefusalLines  # by the judge's cause; the table's refusals are LIMIT
     judge: Judge = admit_all  # every gate decides in `quick` (server.Server._quick_only)
 
     def fds(self) -> list[int]:
@@ -119,10 +120,11 @@ class DirectAccept:
             return
         peer, local = ends
         self._local = local
-        reason = self.judge(peer, local)
-        if reason is not None:
+        refused = self.judge(peer, local)
+        if refused is not None:
+            reason, cause = refused
             self.log.refused(peer, reason)
-            self.lingerer.refuse(sock, self.refusals.access)
+            self.lingerer.refuse(sock, self.refusals.line(cause))
             return
         self._admit(sock, peer, local)
 

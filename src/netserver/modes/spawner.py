@@ -400,9 +400,10 @@ class Spawner:
                     os.close(fd)
                     continue
                 self._local = local
-            reason = self.direct.judge(peer, local)
-            if reason is not None:
-                self._refuse(fd, family, peer, reason, self.direct.refusals.access)
+            refused = self.direct.judge(peer, local)
+            if refused is not None:
+                reason, cause = refused
+                self._refuse(fd, family, peer, reason, self.direct.refusals.line(cause))
                 continue
             self._admit(fd, family, peer, local, seen)
 
