@@ -21,6 +21,16 @@ def process_cpu(pid: int) -> float | None:
     The children's share (cutime, cstime) counts only children already waited for,
     which is what a forking server's per-connection processes are once they end.
     """
+    split = process_times(pid)
+    return None if split is None else split[0] + split[1]
+
+
+def process_times(pid: int) -> tuple[float, float] | None:
+    """(user, system) seconds of `pid` with its reaped children's; None if it is gone.
+
+    The split says where a change of CPU per message comes from: the server's own code
+    (user) or the kernel working for it (system: sockets, files, the disk's requests).
+    """
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read()
@@ -29,7 +39,7 @@ def process_cpu(pid: int) -> float | None:
     # The command name (field 2) may hold spaces and parentheses: split after the last ")".
     fields = raw[raw.rindex(b")") + 2 :].split()
     utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
-    return (utime + stime + cutime + cstime) / _TICK
+    return (utime + cutime) / _TICK, (stime + cstime) / _TICK
 
 
 def per_task(pid: int, name: str) -> list[bytes] | None:

@@ -25,7 +25,11 @@ makes each new file walk past recently freed inodes, and whoever ran next paid f
 of medians. The report also gives the disk's own rates (`smtp_peers.disk_probe`), since
 the fsync'd peers' figures follow the disk of the day, and the PSS of idle sessions summed
 over the server's processes (`smtp_idle`). Verdicts are against issue 12's targets
-(TARGETS; idle: `smtp_idle.TARGET_MB`).
+(TARGETS; idle: `smtp_idle.TARGET_MB`). Each run's line (and the table) also gives the
+system part of the server's CPU per message, and the line the hypervisor's steal and
+the disk's write requests and KiB per message: when one run of a server costs more
+than another, they say whether its own code, the kernel working for it, the disk or the
+host took the difference.
 
     python -m bench.smtp_bench [--only leafmail,aiosmtpd,aiosmtpd-nostore,postfix]
         [--loads s20-10K,s1-1K,s100-1K] [--rounds 3] [--messages N] [--idle 10000]
@@ -52,8 +56,9 @@ from importlib import metadata
 from pathlib import Path
 
 from . import smtp_idle
-from .cpu import machine_cpu, process_cpu
+from .cpu import machine_cpu, process_times
 from .inodes import Cooldown
+from .machine import disk_writes
 from .procs import RunningServer, running
 from .report import fmt_or_na, median_known, progress, unwind_on_sigterm, write_section
 from .smtp_idle import descendants
@@ -136,6 +141,9 @@ class Sample:
     busy: float
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    server_system: float | None = None  # the system part of server_cpu
+    steal: float = 0.0  # CPU seconds the hypervisor gave our virtual CPUs to others
+    disk: tuple[int, int] | None = None  # write requests and sectors the disk completed
 
     @property
     def rate(self) -> float | None:
@@ -153,6 +161,13 @@ class Sample:
     def server_us(self) -> float | None:
         """Server CPU microseconds per message (all its processes)."""
         return None if self.server_cpu is None else self.server_cpu / self.messages * 1e6
+
+    @property
+    def system_us(self) -> float | None:
+        """The system (kernel) part of `server_us`."""
+        if self.server_system is None:
+            return None
+        return self.server_system / self.messages * 1e6
 
 
 # --- servers under test: what to count before and after a run ---------------------------
@@ -175,10 +190,11 @@ class Target:
         stored = len(os.listdir(self.store)) - mark
         return [] if stored == messages else [f"{stored} of {messages} messages stored"], []
 
-    def cpu(self) -> float | None:
-        """CPU seconds of the server and its descendants (reaped ones through cutime)."""
-        times = [process_cpu(pid) for pid in descendants(self.pid)]
-        return sum(t for t in times if t is not None) if times else None
+    def cpu(self) -> tuple[float, float] | None:
+        """(user, system) CPU seconds of the server and its descendants (reaped ones
+        through cutime and cstime)."""
+        times = [t for t in map(process_times, descendants(self.pid)) if t is not None]
+        return (sum(t[0] for t in times), sum(t[1] for t in times)) if times else None
 
 
 class ProcessTarget(Target):
@@ -256,7 +272,8 @@ def run_load(target: Target, load: Load, messages: int, round_: int) -> Sample:
     """Drive `target` with smtp-source once, timed, then check what it stored."""
     mark = target.mark()
     os.sync()
-    cpu0, busy0 = target.cpu(), machine_cpu()[0]
+    (busy0, steal0), disk0 = machine_cpu(), disk_writes(tempfile.gettempdir())
+    cpu0 = target.cpu()
     client0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     problems: list[str] = []
@@ -274,15 +291,22 @@ def run_load(target: Target, load: Load, messages: int, round_: int) -> Sample:
     except subprocess.TimeoutExpired:
         problems.append("smtp-source timed out")
     seconds = time.perf_counter() - start
-    cpu1, busy1 = target.cpu(), machine_cpu()[0]
+    cpu1, (busy1, steal1) = target.cpu(), machine_cpu()
     client1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     client = (client1.ru_utime + client1.ru_stime) - (client0.ru_utime + client0.ru_stime)
-    server_cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+    os.sync()  # what the run left to write is its own: count it before the next one
+    disk1 = disk_writes(tempfile.gettempdir())
     more, warnings = target.check(mark, messages)
-    return Sample(
-        target.name, load.name, round_, messages, seconds, server_cpu, client, busy1 - busy0,
-        problems + more, warnings,
+    sample = Sample(
+        target.name, load.name, round_, messages, seconds, None, client, busy1 - busy0,
+        problems + more, warnings, steal=steal1 - steal0,
     )  # fmt: skip
+    if cpu0 is not None and cpu1 is not None:
+        sample.server_cpu = sum(cpu1) - sum(cpu0)
+        sample.server_system = cpu1[1] - cpu0[1]
+    if disk0 is not None and disk1 is not None:
+        sample.disk = (disk1[0] - disk0[0], disk1[1] - disk0[1])
+    return sample
 
 
 class QuietGate:
@@ -352,13 +376,23 @@ def run_rounds(
 
 
 def _line(s: Sample) -> str:
+    """One run, as the log shows it while the benchmark goes on: the rate, the server's
+    CPU per message and its system part, and the machine's side (the client, other
+    processes, the hypervisor's steal, the disk's write requests and KiB per message)."""
     rate = "FAILED" if s.rate is None else f"{s.rate:7.1f} msg/s"
     cpu = "" if s.server_us is None else f", server {s.server_us:,.0f} µs/msg"
+    if s.system_us is not None:
+        cpu += f" (sys {s.system_us:,.0f})"
+    disk = ""
+    if s.disk is not None:
+        writes, sectors = (n / s.messages for n in s.disk)
+        disk = f", disk {writes:.1f} writes {sectors / 2:.0f} KiB/msg"
     problems = f"  !! {'; '.join(s.problems)}" if s.problems else ""
     return (
         f"round {s.round} {s.server:17} {s.load:8} {s.messages} msgs in {s.seconds:6.2f}s: "
         f"{rate}{cpu}, smtp-source {s.client_cpu / s.seconds:.2f} cores, "
-        f"others {fmt_or_na(s.others, '.2f')} cores{problems}"
+        f"others {fmt_or_na(s.others, '.2f')} cores, steal {s.steal / s.seconds:.2f}"
+        f"{disk}{problems}"
     )
 
 
@@ -378,7 +412,8 @@ def load_table(samples: Sequence[Sample], load: str, servers: Sequence[str]) -> 
     rows = {name: [s for s in samples if s.server == name and s.load == load] for name in servers}
     rounds = max((len(r) for r in rows.values()), default=0)
     head = ["server", "median msg/s", *(f"round {i + 1}" for i in range(rounds))]
-    head += ["server CPU µs/msg", "smtp-source cores", "other procs' cores", "failed runs"]
+    head += ["server CPU µs/msg", "of it system", "smtp-source cores", "other procs' cores"]
+    head += ["failed runs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, runs in rows.items():
         if not runs:
@@ -387,6 +422,7 @@ def load_table(samples: Sequence[Sample], load: str, servers: Sequence[str]) -> 
         cells += [_round_cell(s) for s in runs] + [""] * (rounds - len(runs))
         cells += [
             fmt_or_na(median_known([s.server_us for s in runs]), ",.0f"),
+            fmt_or_na(median_known([s.system_us for s in runs]), ",.0f"),
             fmt_or_na(median_known([s.client_cpu / s.seconds for s in runs]), ".2f"),
             fmt_or_na(median_known([s.others for s in runs]), ".2f"),
             str(sum(bool(s.problems) for s in runs)),
