@@ -223,15 +223,24 @@ def _commit_many(committer: GroupCommitter, count: int) -> list[str]:
         committer.close()
 
 
-def test_group_commit_shares_syncs(tmp_path: Path) -> None:
-    spool = Spool(tmp_path)
+def test_group_commit_shares_syncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches share their barriers, and `Spool.syncs` counts every barrier system call
+    the commits made (fdatasync, fsync, syncfs: each a flush of the disk's cache), not
+    one a batch whatever the file system needed."""
+    spool = _WatchedSpool(tmp_path)
     committer = GroupCommitter(spool)
+    trail = _Trail(monkeypatch, tmp_path)
 
     qids = _commit_many(committer, 200)
     assert len(set(qids)) == 200
     assert sorted(qids) == spool.ids()
     assert committer.committed == 200
-    assert spool.syncs == committer.batches < 200
+    assert committer.batches == len(spool.barriers) < 200
+    made = [step for _, step in trail.steps if step != "rename"]
+    assert made == [step for files in spool.barriers for step in _one_barrier(spool, files)]
+    assert spool.syncs == len(made)
+    if spool_module._SYNCFS_CHECKED:  # else each file's fdatasync, and the directory's
+        assert len(made) <= 2 * committer.batches
     bodies = {spool.get(q).data for q in qids}
     assert bodies == {DATA + b"%d" % i for i in range(200)}
 
@@ -391,12 +400,16 @@ class _Trail:
         loop.call_soon_threadsafe = counted  # type: ignore[method-assign,assignment]
 
 
-def _one_barrier(spool: Spool) -> list[str]:
-    """The system calls of one barrier on `spool`'s file system: syncfs, and where its
-    flush comes before its last writes (ext4 without a journal) the directory's fsync
-    after it (`Spool.sync_renamed`); fdatasync and fsync where syncfs cannot report."""
+def _one_barrier(spool: Spool, files: int = 1) -> list[str]:
+    """The system calls of one barrier for `files` files on `spool`'s file system: a lone
+    file's fsync where it carries the new name (ext4 without a journal); else syncfs,
+    and where its flush comes before its last writes (ext4 without a journal) the
+    directory's fsync after it (`Spool.sync_renamed`); fdatasync and fsync where syncfs
+    cannot report."""
+    if files == 1 and spool.fsync_carries_name:
+        return ["fsync"]
     if not spool_module._SYNCFS_CHECKED:
-        return ["fdatasync", "fsync queue/"]
+        return ["fdatasync"] * files + ["fsync queue/"]
     return ["syncfs"] if spool.syncfs_complete else ["syncfs", "fsync queue/"]
 
 
@@ -611,7 +624,8 @@ def test_a_crowd_shares_one_barrier_a_batch(
     assert {thread for thread, _ in barriers} == {"leafmail-write"}
     assert max(spool.barriers) > 1 and sum(spool.barriers) == 50
     if spool_module._SYNCFS_CHECKED:
-        assert [step for _, step in barriers] == _one_barrier(spool) * len(spool.barriers)
+        expected = [step for files in spool.barriers for step in _one_barrier(spool, files)]
+        assert [step for _, step in barriers] == expected
     assert trail.wakeups == len(spool.barriers) == committer.batches
     assert sorted(qids) == spool.ids() and committer.committed == 50
 

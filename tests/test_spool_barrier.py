@@ -1,8 +1,12 @@
-"""The commit's barrier: where one syncfs(2) is not enough, a flush follows it.
+"""The commit's barrier: where one syncfs(2) is not enough, a flush follows it; where a
+lone file's fsync carries its new name, that fsync is the barrier.
 
 On ext4 without a journal, syncfs writes the new file's inode block after its flush of
 the disk's cache (traced: bench/RESULTS.md, "syncfs on ext4 without a journal"), so a
-250 answered on its return could name a file whose inode a power cut loses.
+250 answered on its return could name a file whose inode a power cut loses. There a
+file's fsync writes its data, its inode and its new entry's directory block before its
+one flush ("A batch of one on ext4 without a journal"): one flush where syncfs and the
+directory's fsync are two.
 """
 
 from __future__ import annotations
@@ -14,7 +18,14 @@ import pytest
 
 from leafmail import spool as spool_module
 from leafmail.envelope import Envelope, Recipient
-from leafmail.spool import Spool, syncfs_is_a_barrier
+from leafmail.spool import (
+    GroupCommitter,
+    Spool,
+    fsync_carries_new_name,
+    new_id,
+    syncfs_is_a_barrier,
+)
+from leafmail.states import QueueState
 
 ENV = Envelope(sender="a@src.test", recipients=(Recipient("b@example.test"),))
 
@@ -39,26 +50,32 @@ def _fake_system(root: Path, target: Path, fstype: str, journal: str | None) -> 
 
 
 @pytest.mark.parametrize(
-    ("fstype", "journal", "trusted"),
+    ("fstype", "journal", "trusted", "carries"),
     [
-        ("ext4", "jbd2/vdz-8", True),
-        ("ext4", "<none>", False),
-        ("ext4", None, False),
-        ("xfs", None, True),
-        ("btrfs", None, True),
-        ("ext2", None, False),
-        ("tmpfs", None, False),
+        ("ext4", "jbd2/vdz-8", True, False),
+        ("ext4", "<none>", False, True),
+        ("ext4", "", False, True),
+        ("ext4", None, False, False),  # no journal_task entry: cannot tell
+        ("xfs", None, True, False),
+        ("btrfs", None, True, False),
+        ("ext2", None, False, False),
+        ("tmpfs", None, False, False),
     ],
 )
 def test_syncfs_alone_is_trusted_only_where_its_flush_comes_last(
-    tmp_path: Path, fstype: str, journal: str | None, trusted: bool
+    tmp_path: Path, fstype: str, journal: str | None, trusted: bool, carries: bool
 ) -> None:
+    """... and a lone file's fsync carries its new name only on ext4 without a journal."""
     proc, sys_root = _fake_system(tmp_path / "system", tmp_path, fstype, journal)
     assert syncfs_is_a_barrier(tmp_path, proc, sys_root) is trusted
+    assert fsync_carries_new_name(tmp_path, proc, sys_root) is carries
 
 
 def test_an_unreadable_mount_table_means_one_flush_more(tmp_path: Path) -> None:
-    assert syncfs_is_a_barrier(tmp_path, str(tmp_path / "no-proc"), str(tmp_path)) is False
+    """Neither shortcut is taken where the file system cannot be told."""
+    proc, sys_root = str(tmp_path / "no-proc"), str(tmp_path)
+    assert syncfs_is_a_barrier(tmp_path, proc, sys_root) is False
+    assert fsync_carries_new_name(tmp_path, proc, sys_root) is False
 
 
 class _Recorded(Spool):
@@ -91,6 +108,90 @@ def test_a_commit_flushes_again_after_a_syncfs_that_is_no_barrier(
     monkeypatch.setattr(spool_module, "_SYNCFS_CHECKED", syncfs)
     spool = _Recorded(tmp_path / "spool", calls)
     spool.syncfs_complete = complete
+    spool.fsync_carries_name = False  # the syncfs barrier, whatever this disk is
     qid = spool.commit(ENV, b"Subject: hi\r\n\r\nbody\r\n")
     assert calls == expected
     assert spool.get(qid).envelope == ENV
+
+
+def _record_barriers(monkeypatch: pytest.MonkeyPatch, spool_root: Path) -> list[str]:
+    """Every barrier system call from now on, in order, naming what it was given (a
+    file, or which state directory); the real calls still run."""
+    calls: list[str] = []
+    real_fsync, real_fdatasync = os.fsync, os.fdatasync
+    real_syncfs = spool_module._SYNCFS_CHECKED
+
+    def named(fd: int) -> str:
+        st = os.fstat(fd)
+        for name in ("queue", "hold"):
+            there = os.stat(spool_root / name)
+            if (st.st_dev, st.st_ino) == (there.st_dev, there.st_ino):
+                return f"{name}/"
+        return "file"
+
+    def fsync(fd: int) -> None:
+        calls.append(f"fsync {named(fd)}")
+        real_fsync(fd)
+
+    def fdatasync(fd: int) -> None:
+        calls.append(f"fdatasync {named(fd)}")
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    if real_syncfs is not None:
+
+        def syncfs(fd: int) -> int:
+            calls.append("syncfs")
+            return real_syncfs(fd)
+
+        monkeypatch.setattr(spool_module, "_SYNCFS_CHECKED", syncfs)
+    return calls
+
+
+def test_a_lone_file_whose_fsync_carries_its_name_takes_that_one_barrier(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a file's fsync carries its new name (ext4 without a journal), a direct
+    commit is renamed first and then fsync'ed, once: no syncfs, no fsync of queue/. A
+    batch of two keeps the syncfs barrier and the directory's fsync after it."""
+    spool = Spool(tmp_path / "spool")
+    spool.fsync_carries_name, spool.syncfs_complete = True, False
+    calls = _record_barriers(monkeypatch, spool.root)
+    qid = spool.commit(ENV, b"Subject: hi\r\n\r\nbody\r\n")
+    assert calls == ["fsync file"]
+    assert spool.ids() == [qid] and spool.get(qid).envelope == ENV
+    assert spool.syncs == 1
+
+    calls.clear()
+    committer = GroupCommitter(spool)
+    try:
+        placed = [committer._place(qid, ENV, b"x") for qid in (new_id(), new_id())]
+        assert committer._barrier(placed) is None
+        spool_module._release(placed)
+    finally:
+        committer.close()
+    batch = ["syncfs", "fsync queue/"] if spool_module._SYNCFS_CHECKED else None
+    assert calls == (batch or ["fdatasync file", "fdatasync file", "fsync queue/"])
+    assert sorted(spool.ids()) == sorted([qid, *(p.qid for p in placed)])
+
+
+@pytest.mark.parametrize("carries", [True, False])
+def test_syncs_counts_every_barrier_a_direct_commit_makes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, carries: bool
+) -> None:
+    """`Spool.syncs` is the number of barrier system calls (each a flush of the disk's
+    cache): a commit into hold/ makes its data durable before the rename, and that
+    fdatasync counts too."""
+    spool = Spool(tmp_path / "spool")
+    spool.fsync_carries_name = carries
+    calls = _record_barriers(monkeypatch, spool.root)
+    for state in (QueueState.QUEUE, QueueState.HOLD):
+        spool.commit(ENV, b"Subject: hi\r\n\r\nbody\r\n", state=state)
+    assert spool.syncs == len(calls)
+    if carries:
+        assert calls == ["fsync file", "fdatasync file", "fsync file"]
+    elif spool_module._SYNCFS_CHECKED:
+        after = [] if spool.syncfs_complete else ["fsync {}/"]
+        queue, hold = (["syncfs", *(step.format(s) for step in after)] for s in ("queue", "hold"))
+        assert calls == [*queue, "fdatasync file", *hold]

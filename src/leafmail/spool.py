@@ -25,9 +25,11 @@ the file is taken back out of queue/ under that lock before the 4xx (`Spool.take
 or the runner would deliver it besides the client's retry. The barrier is syncfs(2),
 one flush of the disk's cache where fdatasync plus a directory fsync are two, followed
 by the directory's fsync where syncfs writes metadata after its flush (ext4 without a
-journal: `syncfs_is_a_barrier`) (`Spool.sync_renamed`); many sessions commit at once,
-so `GroupCommitter` makes a whole batch durable with one. `Spool.commit` does the same
-for one message (into hold/, it flushes the data before the rename too: see there).
+journal: `syncfs_is_a_barrier`); there a lone file's own fsync, which carries its new
+name, is the one flush (`fsync_carries_new_name`) (`Spool.sync_renamed`); many sessions
+commit at once, so `GroupCommitter` makes a whole batch durable with one. `Spool.commit`
+does the same for one message (into hold/, it flushes the data before the rename too:
+see there).
 
 A file is::
 
@@ -250,16 +252,46 @@ def syncfs_is_a_barrier(
     wherever this cannot tell (another file system, no /proc or /sys), the caller must
     flush once more (`Spool.sync_renamed`).
     """
+    fstype, journal = _file_system(path, proc, sys_root)
+    return fstype in _LOGGED or (fstype == "ext4" and journal is True)
+
+
+def fsync_carries_new_name(
+    path: str | os.PathLike[str], proc: str = "/proc", sys_root: str = "/sys"
+) -> bool:
+    """Whether fsync(2) of a file just created or renamed into a directory under `path`
+    also makes that name durable, with its one flush: ext4 without a journal.
+
+    There every new entry marks its inode (EXT4_STATE_NEWENTRY: `ext4_add_entry`, which
+    a rename into a directory calls too), and the file's fsync then writes, besides its
+    data and its inode block, the dirty blocks and the inode of the directory the file
+    is now in (`ext4_sync_parent`) before the one flush; traced on the bench VM (Linux
+    6.18, block_bio_queue): data, the file's inode block, queue/'s entry block, then the
+    flush, and queue/'s inode block too when the entry made the directory grow. One
+    flush for a lone message where syncfs (whose metadata writes follow its flush here)
+    and the directory's fsync are two (bench/RESULTS.md, "A batch of one on ext4 without
+    a journal"). Elsewhere (a journal's commit holds the name; ext2, tmpfs, or anything
+    this cannot tell) False: a file's fsync is not known to carry its name.
+    """
+    fstype, journal = _file_system(path, proc, sys_root)
+    return fstype == "ext4" and journal is False
+
+
+def _file_system(
+    path: str | os.PathLike[str], proc: str, sys_root: str
+) -> tuple[str | None, bool | None]:
+    """The type of the file system holding `path`, and for ext4 whether it has a journal
+    (None: not ext4, or it cannot tell)."""
     dev = os.stat(path).st_dev
     try:
         fstype = _fs_type(f"{os.major(dev)}:{os.minor(dev)}", Path(proc, "self/mountinfo"))
         if fstype != "ext4":
-            return fstype in _LOGGED
+            return fstype, None
         device = Path(sys_root, f"dev/block/{os.major(dev)}:{os.minor(dev)}").resolve().name
         task = Path(sys_root, f"fs/ext4/{device}/journal_task").read_text().strip()
     except OSError:
-        return False
-    return task not in ("", "<none>")
+        return None, None
+    return fstype, task not in ("", "<none>")
 
 
 def _fs_type(number: str, mountinfo: Path) -> str | None:
@@ -276,6 +308,8 @@ class Spool:
 
     def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
         self.root = Path(root)
+        # Barrier system calls made (fdatasync, fsync, syncfs): each asks the disk to
+        # flush its write-back cache, so a benchmark can set them beside the disk's count.
         self.syncs = 0
         self._held: dict[str, int] = {}  # qid -> descriptor holding its lock
         self._sizes: dict[str, int] = {}  # qid -> its file's size, while it is held
@@ -292,8 +326,10 @@ class Spool:
         elif not (self.root / QueueState.QUEUE).is_dir():
             raise FileNotFoundError(f"{self.root} is not a leafmail spool")
         self.owner = _foreign_owner(self.root)
-        # Whether `sync_renamed` may trust one syncfs (see `syncfs_is_a_barrier`).
+        # Whether `sync_renamed` may trust one syncfs (see `syncfs_is_a_barrier`), and
+        # whether a lone file's fsync makes its new name durable (`fsync_carries_new_name`).
         self.syncfs_complete = syncfs_is_a_barrier(self.root)
+        self.fsync_carries_name = fsync_carries_new_name(self.root)
 
     def _own(self, fd: int) -> None:
         """Root writing into the daemon user's spool makes the file that user's (or the
@@ -356,6 +392,7 @@ class Spool:
     def make_durable(self, fd: int) -> None:
         """Flush one file's data to stable storage before its name is published (a
         commit into hold/: see `commit`); a test makes it fail by overriding it."""
+        self.syncs += 1
         os.fdatasync(fd)
 
     def sync_dir(self, state: QueueState) -> None:
@@ -374,35 +411,44 @@ class Spool:
         """fsync(2) an open spool directory: every directory barrier of the spool, the
         group commit's too, goes through here (a test makes one fail by overriding it,
         as a failing disk does)."""
+        self.syncs += 1
         os.fsync(fd)
 
     def sync_renamed(self, fds: list[int], dir_fd: int) -> None:
         """Make files already renamed into the directory `dir_fd` durable, their data and
-        their names, with one barrier: syncfs(2), one flush of the disk's cache.
+        their names, with as few flushes of the disk's cache as this file system allows.
 
         fdatasync(file) and fsync(dir) are two barriers, and on a disk with a write-back
         cache each is a flush request (measured: 2.00 flushes per message against
         Postfix's 1.00 under s1-1K, `bench.smtp_alone --servers postfix,leafmail`).
-        syncfs reports a write-back error of the file system that happened since the
-        descriptor it is given was opened (Linux 5.8 and later), so `fds[0]` must be the
-        file opened first: then it fails if any of them did not reach the disk. On a
-        file system where syncfs writes metadata after its flush (ext4 without a
-        journal: `syncfs_is_a_barrier`), the directory's fsync then flushes once more,
-        after those writes returned (two flushes a batch). Where
-        it would not say (an older kernel, no syncfs) each file is fdatasync'ed and the
-        directory fsync'ed, in either order the same promise: nothing is answered until
-        every barrier returned.
+        One file on ext4 without a journal: its fsync, which writes the new name's
+        directory block with it before its one flush (`fsync_carries_new_name`). Else
+        syncfs(2), which reports a write-back error of the file system that happened
+        since the descriptor it is given was opened (Linux 5.8 and later), so `fds[0]`
+        must be the file opened first: then it fails if any of them did not reach the
+        disk. On a file system where syncfs writes metadata after its flush (ext4
+        without a journal: `syncfs_is_a_barrier`), the directory's fsync then flushes
+        once more, after those writes returned (two flushes a batch). Where it would not
+        say (an older kernel, no syncfs) each file is fdatasync'ed and the directory
+        fsync'ed, in either order the same promise: nothing is answered until every
+        barrier returned.
         """
-        self.syncs += 1
+        if len(fds) == 1 and self.fsync_carries_name:
+            self.syncs += 1
+            os.fsync(fds[0])  # data, inode, and the directory's new entry; one flush
+            return
         if _SYNCFS_CHECKED is not None:
             if _SYNCFS_CHECKED(fds[0]) == 0:
+                self.syncs += 1
                 if not self.syncfs_complete:  # its last writes came after its flush
                     self.fsync_dir(dir_fd)  # one flush more, after them
                 return
             err = ctypes.get_errno()
             if err not in (errno.ENOSYS, errno.EINVAL):
+                self.syncs += 1
                 raise OSError(err, os.strerror(err))
         for fd in fds:
+            self.syncs += 1
             os.fdatasync(fd)
         self.fsync_dir(dir_fd)
 
@@ -469,7 +515,8 @@ class Spool:
         The group commit's shape, for one message: tmp/QID is written and locked, renamed
         into `state`, and made durable, data and name, with one barrier (`sync_renamed`:
         one flush of the disk's cache where fdatasync plus a directory fsync were two,
-        on a file system where syncfs alone is a barrier);
+        on a file system where syncfs alone is a barrier or where the file's fsync
+        carries its new name);
         the lock is released only after it. Meanwhile a queue runner skips the file
         and a tool waits for it, so if the barrier fails the file is unlinked under the
         lock still held (`take_back`: nobody else can have it) before the SpoolError,
@@ -481,7 +528,7 @@ class Spool:
         Except into hold/: there a forwarded copy's recovery (`leafmail.expansion`) takes
         a file it finds for a complete copy, which it releases instead of making a new
         one, so that file's data is made durable before its name (fdatasync, then the
-        rename and the barrier: two flushes, as every commit took before).
+        rename and the barrier: two flushes or more, each counted in `syncs`).
         """
         qid = qid or new_id()
         blob = encode(envelope, data)
