@@ -23,9 +23,10 @@ one at a time through leafmail's `GroupCommitter`, through its sync thread ("thr
 the loop places the file, the thread makes it durable and wakes the loop) and on the
 loop itself, as the only session open in an smtpd worker does ("loop": ``sessions``
 says one is open; no thread at all). It prints the median wait per
-commit and, per commit, the process's CPU time and voluntary context switches (each one
-a thread or the loop going to sleep and being woken), which a busy machine disturbs far
-less than the wait.
+commit and, per commit, the disk's flushes, the spool's barrier calls (`Spool.syncs`),
+the process's CPU time and voluntary context switches (each one a thread or the loop
+going to sleep and being woken), which a busy machine disturbs far less than the wait.
+(main's `Spool.syncs` counted one a barrier, whatever it made.)
 
     python -m bench.commit_sync DIR [--messages 300] [--rounds 3] [--kinds a,b] [--committer]
 """
@@ -131,6 +132,7 @@ def _one_session() -> int:
 def committer_run(directory: str, path: str, count: int) -> str:
     """Commit `count` messages one after the other through `path` (one of PATHS); the
     wait and the cost per commit."""
+    os.makedirs(directory, exist_ok=True)
     spool = Spool(tempfile.mkdtemp(dir=directory))
     sessions = _one_session if path == "loop" else None
     committer = GroupCommitter(spool, sessions=sessions)
@@ -143,17 +145,21 @@ def committer_run(directory: str, path: str, count: int) -> str:
             waits.append(time.perf_counter() - start)
 
     before = resource.getrusage(resource.RUSAGE_SELF)
+    flushed = disk_flushes(directory)
     try:
         asyncio.run(one_by_one())
     finally:
         committer.close()
     after = resource.getrusage(resource.RUSAGE_SELF)
+    flushes = disk_flushes(directory)
+    per = "" if flushed is None or flushes is None else f", {(flushes - flushed) / count:.2f}"
     user = (after.ru_utime - before.ru_utime) / count * 1e6
     system = (after.ru_stime - before.ru_stime) / count * 1e6
     switches = (after.ru_nvcsw - before.ru_nvcsw) / count
     return (
         f"{path}: wait p50 {statistics.median(waits) * 1e6:,.0f} µs,"
-        f" CPU user {user:,.0f} sys {system:,.0f} µs, {switches:.1f} voluntary switches"
+        f" CPU user {user:,.0f} sys {system:,.0f} µs, {switches:.1f} voluntary switches{per}"
+        f" flushes, {spool.syncs / count:.2f} barrier calls"
     )
 
 
