@@ -78,6 +78,32 @@ def test_an_unreadable_mount_table_means_one_flush_more(tmp_path: Path) -> None:
     assert fsync_carries_new_name(tmp_path, proc, sys_root) is False
 
 
+def test_a_state_directory_with_its_entries_inline_keeps_the_directory_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ext4's inline_data keeps a small directory's entries in its inode, which a file's
+    fsync writes only if it is marked dirty: a spool with such a state directory (or one
+    it cannot ask) does not trust the file's fsync with the name."""
+    monkeypatch.setattr(spool_module, "fsync_carries_new_name", lambda path: True)
+    asked: list[str] = []
+
+    def inline_hold(directory: str) -> bool:
+        asked.append(os.path.basename(directory))
+        return directory.endswith("/hold")
+
+    monkeypatch.setattr(spool_module, "_entries_inline", inline_hold)
+    assert Spool(tmp_path / "a").fsync_carries_name is False
+    assert "queue" in asked and "hold" in asked
+    monkeypatch.setattr(spool_module, "_entries_inline", lambda directory: False)
+    assert Spool(tmp_path / "b").fsync_carries_name is True
+
+
+def test_a_directory_that_cannot_be_asked_counts_as_inline(tmp_path: Path) -> None:
+    assert spool_module._entries_inline(str(tmp_path / "absent")) is True
+    (tmp_path / "link").symlink_to(tmp_path)
+    assert spool_module._entries_inline(str(tmp_path / "link")) is True
+
+
 class _Recorded(Spool):
     """A real spool that notes each directory fsync, in order with the syncfs calls."""
 

@@ -42,6 +42,7 @@ no code when loaded.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import contextlib
@@ -271,10 +272,36 @@ def fsync_carries_new_name(
     flush for a lone message where syncfs (whose metadata writes follow its flush here)
     and the directory's fsync are two (bench/RESULTS.md, "A batch of one on ext4 without
     a journal"). Elsewhere (a journal's commit holds the name; ext2, tmpfs, or anything
-    this cannot tell) False: a file's fsync is not known to carry its name.
+    this cannot tell) False: a file's fsync is not known to carry its name. (A directory
+    with its entries inline in its inode is the spool's to check: `_entries_inline`.)
     """
     fstype, journal = _file_system(path, proc, sys_root)
     return fstype == "ext4" and journal is False
+
+
+# EXT4_INLINE_DATA_FL as FS_IOC_GETFLAGS reports it (lsattr's "N"): a directory whose
+# entries live in its inode, not in blocks of its own (the inline_data feature).
+_INLINE_DATA = 0x10000000
+_FS_IOC_GETFLAGS = 0x80086601
+
+
+def _entries_inline(directory: str) -> bool:
+    """Whether `directory` keeps its entries in its own inode (ext4's inline_data), or
+    this cannot tell: then an entry added to it is a change of the directory's inode,
+    which a file's fsync on ext4 without a journal writes only if that inode is marked
+    dirty; `Spool` keeps the directory's fsync for it (`fsync_carries_name`)."""
+    flags = array.array("i", [0])
+    try:
+        fd = os.open(directory, _OPEN_DIR | os.O_NOFOLLOW)
+    except OSError:
+        return True
+    try:
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, flags, True)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return bool(flags[0] & _INLINE_DATA)
 
 
 def _file_system(
@@ -329,7 +356,11 @@ class Spool:
         # Whether `sync_renamed` may trust one syncfs (see `syncfs_is_a_barrier`), and
         # whether a lone file's fsync makes its new name durable (`fsync_carries_new_name`).
         self.syncfs_complete = syncfs_is_a_barrier(self.root)
-        self.fsync_carries_name = fsync_carries_new_name(self.root)
+        # (Not while a state directory holds its entries inline: an ext4 directory never
+        # goes back to inline once it has blocks, so a later start takes the shortcut.)
+        self.fsync_carries_name = fsync_carries_new_name(self.root) and not any(
+            _entries_inline(self._dirs[state]) for state in QueueState
+        )
 
     def _own(self, fd: int) -> None:
         """Root writing into the daemon user's spool makes the file that user's (or the
