@@ -11,7 +11,9 @@ directory's fsync are two.
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -200,6 +202,29 @@ def test_a_lone_file_whose_fsync_carries_its_name_takes_that_one_barrier(
     batch = ["syncfs", "fsync queue/"] if spool_module._SYNCFS_CHECKED else None
     assert calls == (batch or ["fdatasync file", "fdatasync file", "fsync queue/"])
     assert sorted(spool.ids()) == sorted([qid, *(p.qid for p in placed)])
+
+
+def _one_session() -> int:
+    return 1
+
+
+@pytest.mark.parametrize("sessions", [None, _one_session], ids=["thread", "loop"])
+def test_a_lone_session_commit_takes_the_files_fsync_where_it_carries_the_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sessions: Callable[[], int] | None
+) -> None:
+    """The group commit's batch of one (in its thread, or on the only session's loop)
+    takes the same one barrier as a direct commit where the file's fsync carries its
+    new name."""
+    spool = Spool(tmp_path / "spool")
+    spool.fsync_carries_name, spool.syncfs_complete = True, False
+    calls = _record_barriers(monkeypatch, spool.root)
+    committer = GroupCommitter(spool, sessions=sessions)
+    try:
+        qid = asyncio.run(committer.commit(ENV, b"Subject: hi\r\n\r\nbody\r\n"))
+    finally:
+        committer.close()
+    assert calls == ["fsync file"] and spool.syncs == 1
+    assert spool.ids() == [qid] and spool.get(qid).envelope == ENV
 
 
 @pytest.mark.parametrize("carries", [True, False])
