@@ -12,8 +12,12 @@ directory's fsync are two.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Callable
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -246,3 +250,80 @@ def test_syncs_counts_every_barrier_a_direct_commit_makes(
         after = [] if spool.syncfs_complete else ["fsync {}/"]
         queue, hold = (["syncfs", *(step.format(s) for step in after)] for s in ("queue", "hold"))
         assert calls == [*queue, "fdatasync file", *hold]
+
+
+_TRACING = Path("/sys/kernel/tracing")
+
+
+def _extents(path: Path) -> set[int]:
+    """The 512-byte sectors (as the block layer numbers them on the whole disk) of the
+    4 KiB blocks `filefrag` reports for `path` (a file or a directory)."""
+    out = subprocess.run(
+        ["filefrag", "-v", "-b4096", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+    dev = os.stat(path).st_dev
+    start = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/start")
+    offset = int(start.read_text()) if start.exists() else 0  # a partition's first sector
+    sectors: set[int] = set()
+    for line in out.splitlines():
+        match = re.match(r"\s*\d+:\s*\d+\.\.\s*\d+:\s*(\d+)\.\.\s*(\d+):", line)
+        if match:
+            first, last = int(match.group(1)), int(match.group(2))
+            sectors.update(offset + block * 8 for block in range(first, last + 1))
+    return sectors
+
+
+@contextlib.contextmanager
+def _block_trace(path: Path) -> Iterator[list[tuple[int, str, int]]]:
+    """The block requests queued for the disk under `path` while the block runs, in
+    order, as (pid, rwbs, sector), from a tracefs instance of its own
+    (`block_bio_queue`): this process's, and the kernel's write-back threads' (which
+    may write a file's data before its fsync does)."""
+    instance = _TRACING / "instances" / f"leafmail-test-{os.getpid()}"
+    try:
+        instance.mkdir()
+    except OSError as exc:
+        pytest.skip(f"no tracefs instance here: {exc.strerror}")
+    dev = os.stat(path).st_dev
+    events: list[tuple[int, str, int]] = []
+    try:
+        event = instance / "events" / "block" / "block_bio_queue"
+        whole = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/partition")
+        if not whole.exists():  # a partition's requests are the disk's, on the disk's number
+            (event / "filter").write_text(f"dev == {os.major(dev) << 20 | os.minor(dev)}\n")
+        (event / "enable").write_text("1\n")
+        yield events
+        (event / "enable").write_text("0\n")
+        for line in (instance / "trace").read_text().splitlines():
+            match = re.search(r"-(\d+)\s+\[\d+\].*block_bio_queue: \S+ (\w+) (\d+) \+", line)
+            if match:
+                events.append((int(match.group(1)), match.group(2), int(match.group(3))))
+    finally:
+        instance.rmdir()
+
+
+def test_the_disk_gets_the_lone_files_data_and_name_before_its_one_flush(
+    tmp_path: Path,
+) -> None:
+    """On a real disk where a lone file's fsync carries its name (ext4 without a
+    journal): during one commit the disk is sent the file's data, its inode block and
+    queue/'s entry block, then one flush, and nothing after it (the incomplete
+    syncfs wrote the inode block after its flush: bench/RESULTS.md)."""
+    spool = Spool(tmp_path / "spool")
+    if not spool.fsync_carries_name or shutil.which("filefrag") is None:
+        pytest.skip("needs ext4 without a journal and filefrag")
+    for _ in range(3):  # queue/ and tmp/ past their first entries, as in service
+        spool.commit(ENV, b"Subject: warm\r\n\r\n" + b"w" * 3000)
+    with _block_trace(spool.root) as events:
+        qid = spool.commit(ENV, b"Subject: hi\r\n\r\n" + b"y" * 3000)
+    mine = [(i, rwbs, sector) for i, (pid, rwbs, sector) in enumerate(events) if pid == os.getpid()]
+    flushes = [i for i, rwbs, _ in mine if rwbs.startswith("F")]
+    assert len(flushes) == 1, mine
+    assert [event for event in mine if event[0] > flushes[0]] == []
+    written = {sector for _, rwbs, sector in events[: flushes[0]] if "W" in rwbs}
+    mine_written = {sector for i, rwbs, sector in mine if i < flushes[0] and "W" in rwbs}
+    data = _extents(spool.path(QueueState.QUEUE, qid))
+    directory = _extents(spool.root / "queue")
+    assert data and data <= written  # by the fsync, or by write-back just before it
+    assert directory & mine_written
+    assert mine_written - data - directory  # the inode block
