@@ -19,6 +19,7 @@ import pytest
 from leafmail_fixtures import run_leafmail_text
 from system_users import ensure_user, needs_root
 
+from leafmail.envelope import Envelope, Recipient
 from leafmail.pickup import _open_public
 from leafmail.spool import Spool, SpoolError
 from leafmail.spoolcheck import STATE_DIRS, check_spool
@@ -26,6 +27,12 @@ from netserver.errors import EX_CONFIG, ConfigError
 
 ME = os.geteuid()
 OTHER = "lmtspool"
+
+
+KEPT = Envelope(
+    sender="a@src.test",
+    recipients=(Recipient("b@example.test", ("FAILURE",), None),),
+)
 
 
 def make_spool(path: Path) -> Path:
@@ -262,3 +269,30 @@ def test_queue_tools_refuse_a_world_writable_queue(tmp_path: Path, tool: list[st
     spool = make_spool(tmp_path / "spool")
     (spool / "queue").chmod(0o777)
     refused(run_leafmail_text(tmp_path, *tool, "--spool", str(spool)), "group- or world-writable")
+
+
+def test_clean_tmp_unlinks_a_second_name_whose_link_count_is_right(tmp_path: Path) -> None:
+    """After e2fsck, a rename's unwritten removal is a tmp/ name counted as a second
+    link: unlinking it leaves the committed message whole under its queue name."""
+    spool = Spool(make_spool(tmp_path / "spool"))
+    qid = spool.commit(KEPT, b"Subject: kept\r\n\r\nbody\r\n")
+    os.link(spool.root / "queue" / qid, spool.root / "tmp" / qid)
+    assert spool.clean_tmp() == 1
+    assert spool.tmp_leftovers() == []
+    assert spool.get(qid).data == b"Subject: kept\r\n\r\nbody\r\n"
+
+
+def test_a_tmp_name_of_a_committed_file_counted_once_is_never_unlinked(
+    tmp_path: Path,
+) -> None:
+    """Before e2fsck, the same leftover shares the queue file's inode while the inode
+    counts one link: unlinking it would free the message under its queue name. The
+    tmp/ name's own lstat is then the queue file's (same device, inode, one link)."""
+    spool = Spool(make_spool(tmp_path / "spool"))
+    qid = spool.commit(KEPT, b"Subject: kept\r\n\r\nbody\r\n")
+    counted_once = os.lstat(spool.root / "queue" / qid)
+    assert counted_once.st_nlink == 1
+    assert spool._committed_under_one_link(qid, counted_once)
+    assert not spool._committed_under_one_link("0" * 24, counted_once)
+    with_second_link = os.stat_result((*counted_once[:3], 2, *counted_once[4:]))
+    assert not spool._committed_under_one_link(qid, with_second_link)

@@ -233,6 +233,12 @@ class Daemon:
         removed = self.spool.clean_tmp()
         if removed:
             self.log.info("removed unanswered partial messages from tmp/", count=removed)
+        if kept := self.spool.tmp_leftovers():
+            self.log.error(
+                "kept files in tmp/ that are also committed under one counted link:"
+                " run e2fsck on the spool's file system",
+                count=len(kept),
+            )
         for qid, state in self.spool.settle_duplicates():
             self.log.info("removed a crash's second name of a message", qid=qid, state=state)
         self.spool.clean_status()

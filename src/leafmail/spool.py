@@ -602,14 +602,44 @@ class Spool:
         Never through a symbolic link: tmp/ itself is opened with O_NOFOLLOW (a link
         there is an error, not a directory to empty), and an entry is unlinked by name
         relative to that descriptor, which removes a link, never what it names.
+
+        A name whose file is also named in a queue state while its link count says one
+        is kept (see `tmp_leftovers`): a power cut after a lone commit's one fsync on
+        ext4 without a journal leaves the rename's removal from tmp/ unwritten, and
+        until e2fsck corrects the count, unlinking that name would free the committed
+        message's inode under its queue name.
         """
         count = 0
         with _state_dir(self.root, TMP) as fd:
             for name in _plain_entries(fd):
                 with contextlib.suppress(OSError):
+                    if self._committed_under_one_link(name, os.lstat(name, dir_fd=fd)):
+                        continue
                     os.unlink(name, dir_fd=fd)
                     count += 1
         return count
+
+    def tmp_leftovers(self) -> list[str]:
+        """Names still in tmp/ (after `clean_tmp`: files it would not unlink)."""
+        with _state_dir(self.root, TMP) as fd:
+            return _plain_entries(fd)
+
+    def _committed_under_one_link(self, name: str, info: os.stat_result) -> bool:
+        """True if tmp/NAME's file is a message in a queue state that counts one link.
+
+        Two names with one counted link is a file system that needs e2fsck; with the
+        count right (two), the tmp/ name is an ordinary leftover of the rename.
+        """
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            return False
+        for state in QueueState:
+            try:
+                other = os.lstat(self._dirs[state] + "/" + name)
+            except (OSError, ValueError):
+                continue
+            if (other.st_dev, other.st_ino) == (info.st_dev, info.st_ino):
+                return True
+        return False
 
     # -- reading ------------------------------------------------------------------------
     def ids(self, state: QueueState = QueueState.QUEUE) -> list[str]:
