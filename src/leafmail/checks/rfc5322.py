@@ -7,7 +7,9 @@ What is checked, and why each matters:
 * the address fields (From, Sender, Reply-To, To, Cc, Bcc) parse strictly, with
   `email.headerregistry` (obsolete syntax is accepted, as section 4 requires of
   readers; outright invalid syntax is not), From names at least one mailbox and a
-  From with several mailboxes comes with a Sender;
+  From with several mailboxes comes with a Sender; a long field is parsed in parts
+  cut between addresses, and an address too long to parse in linear time is a
+  problem of its own (leafmail.checks.addresslist);
 * no line longer than 998 octets (2.1.1): the DATA reader already refuses longer
   lines, but a BDAT chunk has no line structure, so they can still arrive that way;
 * no bare CR or LF, and no NUL (2.3): the SMTP readers refuse or replace bare ones
@@ -42,6 +44,7 @@ from . import (
     is_trusted,
     tag_or_reject,
 )
+from .addresslist import PART_SIZE, address_parts
 from .headers import Header, RawField, parse_header
 from .jobs import JobRunner, over_budget
 
@@ -130,41 +133,62 @@ def syntax_problems(header: Header, *, utf8: bool) -> list[str]:
     """Address fields that do not parse, and a Date that is not a date."""
     found = []
     for field in header.fields:
-        if field.key in ADDRESS_FIELDS and not address_field_ok(field, utf8=utf8):
-            found.append(f"bad {_title(field.key)} syntax")
+        if field.key in ADDRESS_FIELDS:
+            problem = address_problem(field, utf8=utf8)
+            found.extend([problem] if problem else [])
         elif field.key == "date" and not date_ok(field.value):
             found.append("bad Date syntax")
     if header.malformed:
         found.append("malformed header line")
     froms = header.named("from")
-    if len(froms) == 1 and _mailbox_count(froms[0]) > 1 and not header.named("sender"):
+    if len(froms) == 1 and _mailbox_count(froms[0], utf8=utf8) > 1 and not header.named("sender"):
         found.append("several From mailboxes without Sender")
     return found
 
 
-def address_field_ok(field: RawField, *, utf8: bool) -> bool:
-    """True when the field parses without invalid syntax; From/Sender need mailboxes."""
+def address_problem(field: RawField, *, utf8: bool) -> str | None:
+    """What is wrong with an address field, or None: bad syntax, From/Sender without
+    their mailboxes, or an address too long to parse (see `addresslist`)."""
+    reading = read_addresses(field, utf8=utf8)
+    if reading is None:
+        return f"{_title(field.key)} address over {PART_SIZE} characters"
+    count, valid = reading
+    if field.key == "from":
+        valid = valid and count >= 1
+    elif field.key == "sender":
+        valid = valid and count == 1
+    return None if valid else f"bad {_title(field.key)} syntax"
+
+
+def read_addresses(field: RawField, *, utf8: bool) -> tuple[int, bool] | None:
+    """How many addresses the field holds and whether its syntax is valid, parsed in
+    bounded parts; None when an address is too long to parse."""
+    parts = address_parts(field.value)
+    if parts is None:
+        return None
+    count, valid = 0, "\ufffd" not in field.value
+    for part in parts:
+        part_count, part_valid = _read_part(field.name, part, utf8=utf8)
+        count, valid = count + part_count, valid and part_valid
+    return count, valid
+
+
+def _read_part(name: str, value: str, *, utf8: bool) -> tuple[int, bool]:
     try:
-        parsed = _REGISTRY(field.name, field.value)
+        parsed = _REGISTRY(name, value)
     except MemoryError:
         raise  # over the worker's memory budget: a temporary answer, not bad syntax
     except Exception:  # the email package may raise on odd input
-        return False
-    if not isinstance(parsed, AddressHeader) or "\ufffd" in field.value:
-        return False
-    for defect in parsed.defects:
-        if isinstance(defect, NonASCIILocalPartDefect):
-            if utf8:
-                continue  # RFC 6532: UTF-8 local parts are fine under SMTPUTF8
-            return False
-        if isinstance(defect, InvalidHeaderDefect):
-            return False
-    count = len(parsed.addresses)
-    if field.key == "from":
-        return count >= 1
-    if field.key == "sender":
-        return count == 1
-    return True
+        return 0, False
+    if not isinstance(parsed, AddressHeader):
+        return 0, False
+    invalid = (
+        isinstance(defect, InvalidHeaderDefect)
+        # RFC 6532: UTF-8 local parts are fine under SMTPUTF8
+        or (isinstance(defect, NonASCIILocalPartDefect) and not utf8)
+        for defect in parsed.defects
+    )
+    return len(parsed.addresses), not any(invalid)
 
 
 def date_ok(value: str) -> bool:
@@ -203,14 +227,9 @@ def eight_bit_problems(data: bytes, params: MailParameters | None) -> list[str]:
     return found
 
 
-def _mailbox_count(field: RawField) -> int:
-    try:
-        parsed = _REGISTRY(field.name, field.value)
-    except MemoryError:
-        raise  # over the worker's memory budget: a temporary answer
-    except Exception:  # already reported as bad syntax
-        return 0
-    return len(parsed.addresses) if isinstance(parsed, AddressHeader) else 0
+def _mailbox_count(field: RawField, *, utf8: bool) -> int:
+    reading = read_addresses(field, utf8=utf8)
+    return reading[0] if reading else 0
 
 
 def _title(key: str) -> str:
