@@ -112,6 +112,32 @@ def test_per_source_limit_sends_the_banner(tmp_path: Path) -> None:
         server.stop()
 
 
+def test_each_cause_gets_its_banner_and_the_rest_the_common_one(tmp_path: Path) -> None:
+    """banner_limit and banner_access beat banner for their cause (netserver.refusals)."""
+    body = f'{ECHO}\nper_source = 1\nbanner = "go away"\nbanner_limit = "421 busy"'
+    denied = f'{ECHO}\ndeny = ["127.0.0.1"]\nbanner = "go away"\nbanner_access = "554 denied"'
+    error = f'{ECHO}\ndeny = ["127.0.0.1"]\nbanner = "go away"\nbanner_error = "421 error"'
+    config = service("busy", body) + service("denied", denied) + service("other", error)
+    server = start_run(write_config(tmp_path, config), tmp_path)
+    try:
+        busy, refusing, other = server.addresses
+        with Client(busy) as first:
+            first.send(b"one\n")
+            assert first.read_line() == b"one\n"
+            assert refusal(busy) == b"421 busy\r\n"
+        assert refusal(refusing) == b"554 denied\r\n"
+        assert refusal(other) == b"go away\r\n"  # a rule's refusal: banner_error is not its
+    finally:
+        server.stop()
+
+
+def test_an_empty_banner_for_a_cause_is_a_config_error(tmp_path: Path) -> None:
+    config = write_config(tmp_path, service("echo", f'{ECHO}\nbanner_limit = ""'))
+    done = run_fails(config)
+    assert done.returncode == EX_CONFIG
+    assert "banner_limit: must be a non-empty string" in done.stderr
+
+
 def test_instances_caps_concurrent_connections(tmp_path: Path) -> None:
     body = f"{ECHO}\ninstances = 1"
     server = start_run(write_config(tmp_path, service("echo", body)), tmp_path)

@@ -15,9 +15,11 @@ import io
 import socket
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, ServerFactory
+from lifecycle_handlers import HANDLER_ENV
 from netclient import TIMEOUT, split_address
 from test_gates import running
 
@@ -174,3 +176,58 @@ def test_a_worker_behind_a_balancer_sends_the_supervisors_line_for_each_cause() 
 
     gates: list[Gate] = [ProxyGate(["127.0.0.1"]), AccessGate(AccessPolicy(deny=["10.9.8.7"]))]
     with_a_worker(gates, check)
+
+
+# --- the command line: --refuse-message and a line per cause ----------------------------
+
+PROXY = b"PROXY TCP4 %s 127.0.0.1 5555 25\r\n"
+CAUSE_FLAGS = {
+    "every cause its own": [
+        *("--refuse-message", "500 fallback", "--refuse-limit", "421 4.7.0 busy"),
+        *("--refuse-access", "554 5.7.1 denied", "--refuse-error", "421 4.3.0 error"),
+    ],
+    "the others fall back": [
+        "--refuse-message",
+        "500 fallback",
+        "--refuse-access",
+        "554 5.7.1 denied",
+    ],
+}
+
+
+@pytest.mark.slow  # forks a worker process
+@pytest.mark.parametrize("flags", sorted(CAUSE_FLAGS))
+def test_the_command_line_sets_the_line_of_each_cause(
+    netserver_proc: ServerFactory, tmp_path: Path, flags: str
+) -> None:
+    """A real `netserver serve` behind a balancer with one worker: the supervisor judges
+    each client the PROXY header names (10.9.8.7 is denied by a rule, 10.9.8.5 meets a
+    hosts.allow twist that cannot be carried out behind PROXY with workers: the server's
+    own failure, and 10.9.8.6 twice is over the per-source cap)."""
+    (tmp_path / "hosts.allow").write_text("svc: 10.9.8.5: twist /bin/echo twisted\n")
+    (tmp_path / "hosts.deny").write_text("")
+    server = netserver_proc(
+        [
+            *("--mode", "async", "--workers", "1", "--listen", "127.0.0.1:0"),
+            *("--proxy-from", "127.0.0.1", "--deny", "10.9.8.7", "--max-per-source", "1"),
+            *("--hosts-allow", str(tmp_path / "hosts.allow"), "--daemon-name", "svc"),
+            *("--hosts-deny", str(tmp_path / "hosts.deny")),
+            *("--handler", "proxy_tls_handlers:async_peer_held", *CAUSE_FLAGS[flags]),
+        ],
+        env=HANDLER_ENV,
+    )
+    own = flags == "every cause its own"
+
+    def line(client: bytes) -> bytes:
+        with socket.create_connection(server.host_port, timeout=TIMEOUT) as sock:
+            sock.sendall(PROXY % client)
+            return read_line(sock)
+
+    assert line(b"10.9.8.7") == b"554 5.7.1 denied\r\n"
+    assert line(b"10.9.8.5") == (b"421 4.3.0 error\r\n" if own else b"500 fallback\r\n")
+    with socket.create_connection(server.host_port, timeout=TIMEOUT) as first:
+        first.sendall(PROXY % b"10.9.8.6")
+        assert read_line(first).startswith(b"10.9.8.6:5555 ")  # served: the cap is full
+        assert line(b"10.9.8.6") == (b"421 4.7.0 busy\r\n" if own else b"500 fallback\r\n")
+    log = server.log()
+    assert "matched deny rule" in log and "cannot apply behind PROXY" in log

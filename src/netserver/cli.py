@@ -29,6 +29,7 @@ from .limits import Limits
 from .listen.tls import load_context
 from .modes.prefork import PoolSize
 from .readiness import ready_fd_writer
+from .refusals import per_cause
 from .resolver import Resolver, SystemResolver, confirmed_names
 from .server import MODES, ModeSpec, RunOptions, Server
 from .tcpd.access import DEFAULT_ALLOW, DEFAULT_DENY, HostsAccess, HostsLoader, load_hosts
@@ -48,6 +49,34 @@ def _positive_float(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
     return value
+
+
+_REFUSAL_FLAGS = (
+    ("--refuse-message", "the line for every refusal, unless its cause has a line below"),
+    (
+        "--refuse-limit",
+        "the line when a limit refuses (--max-per-source, --rate-per-source), "
+        "e.g. '421 4.7.0 too many connections, try later'",
+    ),
+    (
+        "--refuse-access",
+        "the line when a rule refuses (--allow/--deny, --access-file, hosts.allow/"
+        "hosts.deny), e.g. '554 5.7.1 access denied'",
+    ),
+    (
+        "--refuse-error",
+        "the line when the server cannot decide or serve (a failed access check, no "
+        "process to run the command), e.g. '421 4.3.0 try again later'",
+    ),
+)
+
+
+def _add_refusal_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "refusal lines (sent to a refused client before the close; default: none)"
+    )
+    for flag, text in _REFUSAL_FLAGS:
+        g.add_argument(flag, metavar="TEXT", help=text)
 
 
 def _add_access_flags(p: argparse.ArgumentParser) -> None:
@@ -178,9 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the daemon name hosts.allow/hosts.deny rules see (default: the command's "
         "basename, or the handler's module)",
     )
-    s.add_argument(
-        "--refuse-message", metavar="TEXT", help="line sent to a refused client before closing"
-    )
+    _add_refusal_flags(s)
     _add_tls_proxy_flags(s)
     lim = s.add_argument_group("limits")
     lim.add_argument(
@@ -386,7 +413,12 @@ def cmd_serve(args: argparse.Namespace, command: list[str]) -> int:
         options=RunOptions(
             loop=args.loop,
             on_ready=ready_fd_writer(args.ready_fd),
-            refuse_message=args.refuse_message,
+            refuse_message=per_cause(
+                args.refuse_message,
+                limit=args.refuse_limit,
+                access=args.refuse_access,
+                error=args.refuse_error,
+            ),
         ),
     )
     drop_for_serve(args, server)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["RefusalCause", "RefusalLines", "refusal_lines"]
+__all__ = ["RefusalCause", "RefusalLines", "per_cause", "refusal_lines"]
 
 
 class RefusalCause(enum.Enum):
@@ -49,3 +49,20 @@ def refusal_lines(spec: str | RefusalLines | None) -> RefusalLines:
     if spec is None or isinstance(spec, RefusalLines):
         return spec or RefusalLines()
     return RefusalLines(spec, spec, spec)
+
+
+def per_cause(
+    line: str | None,
+    *,
+    limit: str | None = None,
+    access: str | None = None,
+    error: str | None = None,
+) -> RefusalLines:
+    """`line` for every cause, except those given a line of their own: how the command
+    line (``--refuse-message`` and ``--refuse-limit/-access/-error``) and a ``netserver
+    run`` service (``banner`` and ``banner_limit/_access/_error``) say it."""
+    return RefusalLines(
+        line if limit is None else limit,
+        line if access is None else access,
+        line if error is None else error,
+    )

@@ -25,6 +25,7 @@ from ..errors import ConfigError, NetserverError
 from ..limits import Limits
 from ..listen.listeners import parse_listen
 from ..privileges import Identity, resolve
+from ..refusals import RefusalLines, per_cause
 from ..server import MODES
 from ..strictconf import (
     Invalid,
@@ -42,8 +43,8 @@ SERVICE_KEYS = frozenset(
     {
         "name", "listen", "mode", "handler", "command", "user", "group", "groups",
         "instances", "per_source", "cps", "cps_wait", "timeout", "allow", "deny",
-        "hosts_allow", "hosts_deny", "daemon_name", "banner", "banner_file", "env",
-        "tls_cert", "tls_key", "proxy_from", "quiet",
+        "hosts_allow", "hosts_deny", "daemon_name", "banner", "banner_file", "banner_limit",
+        "banner_access", "banner_error", "env", "tls_cert", "tls_key", "proxy_from", "quiet",
     }
 )  # fmt: skip
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
@@ -66,7 +67,7 @@ class ServiceConfig:
     hosts_allow: str | None = None
     hosts_deny: str | None = None
     daemon_name: str = ""
-    banner: str | None = None
+    banner: RefusalLines = field(default_factory=RefusalLines)
     env: Mapping[str, str] = field(default_factory=dict)
     tls_cert: str = ""
     tls_key: str = ""
@@ -159,7 +160,12 @@ def _build(t: dict[str, Any], base: Path, path: str, lines: Mapping[str, int]) -
         hosts_allow=_file(t, "hosts_allow", base),
         hosts_deny=_file(t, "hosts_deny", base),
         daemon_name=_str(t, "daemon_name") or name,
-        banner=_banner(t, base),
+        banner=per_cause(
+            _banner(t, base),
+            limit=_str(t, "banner_limit") or None,
+            access=_str(t, "banner_access") or None,
+            error=_str(t, "banner_error") or None,
+        ),
         env=_env(t),
         tls_cert=_file(t, "tls_cert", base) or "",
         tls_key=_file(t, "tls_key", base) or "",
