@@ -1,7 +1,7 @@
 """The check pool: CPU-heavy per-message checks in worker processes, with a budget.
 
 Header parsing, the RFC 5322 check, DKIM and SPF cost what the client makes them cost
-(a To: field of 30,000 encoded words, a DKIM h= naming thousands of absent fields), so
+(a To: field of 100,000 addresses, a DKIM h= naming thousands of absent fields), so
 they never run on the event loop, and never in a thread that cannot be stopped. Each
 job goes to a worker process (`leafmail.checks.worker`) with a CPU budget (RLIMIT_CPU,
 set by the worker before each job) and a wall-clock budget (kept here). A worker past
