@@ -7,9 +7,13 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
+from lifecycle_handlers import IO_TIMEOUT, connect, read_to_end
 
 from netserver.modes.base import DEFAULT_SIGNALS
 from netserver.modes.launch import SLOTS, Launcher
@@ -125,3 +129,75 @@ def test_a_call_on_another_descriptor_gets_file_actions_for_it() -> None:
     assert used[0] == used[1] != used[2]
     assert "PROTO=TCP" in first.splitlines() and "PROTO=TCP" in again.splitlines()
     assert "PROTO=UNIX" in moved.splitlines()
+
+
+# A spawner that accepts on its own listener, in a process of its own, where the C
+# library offers no posix_spawn through ctypes (so `Launcher.make` gives None): every
+# command is then started by `os.posix_spawn` (`spawner.spawn`). It prints its port,
+# serves until its channel (argv[1], a descriptor) ends, then exits.
+_NO_LIBC_SPAWNER = """
+import ctypes, ipaddress, os, socket, sys, types
+from netserver.connlog import ServerLog
+from netserver.endpoint import Endpoint
+from netserver.limits import Limits
+from netserver.listen.listeners import Listener, ListenSpec
+from netserver.modes import launch
+from netserver.modes.direct import DirectService
+from netserver.modes.shared import SharedLimits
+from netserver.modes.spawner import Program, Roster, Spawner
+from netserver.refusals import RefusalLines
+
+class WithoutPosixSpawn(ctypes.CDLL):  # the C library, as one with no posix_spawn
+    def __getattr__(self, name):
+        if name == "posix_spawn":
+            raise AttributeError(name)
+        return super().__getattr__(name)
+
+# launch's view of ctypes only: netserver.childexits still calls signalfd through it
+launch.ctypes = types.SimpleNamespace(**{**vars(ctypes), "CDLL": WithoutPosixSpawn})
+listening = socket.socket()
+listening.bind(("127.0.0.1", 0))
+listening.listen(8)
+listening.setblocking(False)
+port = listening.getsockname()[1]
+local = Endpoint(ipaddress.ip_address("127.0.0.1"), port)
+spec = ListenSpec(f"127.0.0.1:{port}", "tcp", "127.0.0.1", port)
+table = SharedLimits(Limits(max_conns=10), 1)
+table.take_seat(0)
+service = DirectService([Listener(listening, spec, local)], table, RefusalLines())
+env = {b"PATH": os.environb.get(b"PATH", b"/usr/bin:/bin"), b"LANG": b"C"}
+program = Program(sys.argv[2], tuple(sys.argv[2:]), env, None)
+chan = socket.socket(fileno=int(sys.argv[1]))
+chan.set_inheritable(False)  # as the server's own channel is: not the command's
+spawner = Spawner(chan, program, ServerLog(sys.stderr), Roster(10), service)
+if spawner.launcher is not None:
+    sys.exit("the launcher was made: the fallback is not what runs")
+print(port, flush=True)
+sys.exit(spawner.run())
+"""
+# The command: the client's line from fd 0, then, on fd 1, what it was started with.
+_SHOW = "read line; echo got $line; ls /proc/$$/fd; env"
+
+
+def test_without_the_c_librarys_posix_spawn_a_command_still_runs_on_the_socket() -> None:
+    """The fallback (no glibc posix_spawn through ctypes): the command reads the client
+    on fd 0 and answers on fd 1, holds no descriptor but 0, 1 and 2, and gets the fixed
+    environment and the connection's ucspi-tcp variables."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    argv = [sys.executable, "-c", _NO_LIBC_SPAWNER, str(theirs.fileno()), "/bin/sh", "-c", _SHOW]
+    with ours, subprocess.Popen(argv, stdout=subprocess.PIPE, pass_fds=[theirs.fileno()]) as proc:
+        theirs.close()
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())  # its readiness: the port it listens on
+        with connect(("127.0.0.1", port)) as client:
+            client.sendall(b"hello\n")
+            out = read_to_end(client).decode().splitlines()
+            mine = client.getsockname()
+        ours.close()  # the spawner's channel ends: it exits once the command has
+        assert proc.wait(IO_TIMEOUT) == 0
+    assert out[0] == "got hello"
+    assert [line for line in out[1:] if line.isdigit()] == ["0", "1", "2"]
+    env = dict(line.split("=", 1) for line in out if "=" in line)
+    assert env["PROTO"] == "TCP" and env["LANG"] == "C"
+    assert env["TCPREMOTEIP"] == "127.0.0.1" and env["TCPREMOTEPORT"] == str(mine[1])
+    assert env["TCPLOCALIP"] == "127.0.0.1" and env["TCPLOCALPORT"] == str(port)
