@@ -131,11 +131,14 @@ def test_a_call_on_another_descriptor_gets_file_actions_for_it() -> None:
     assert "PROTO=UNIX" in moved.splitlines()
 
 
-# A spawner that accepts on its own listener, in a process of its own, where the C
-# library offers no posix_spawn through ctypes (so `Launcher.make` gives None): every
-# command is then started by `os.posix_spawn` (`spawner.spawn`). It prints its port,
-# serves until its channel (argv[1], a descriptor) ends, then exits.
-_NO_LIBC_SPAWNER = """
+# A spawner that accepts on its own listener, in a process of its own. It prints its
+# port, serves until its channel (argv[1], a descriptor) ends, then exits. With argv[2]
+# "no-libc" the C library offers it no posix_spawn through ctypes (so `Launcher.make`
+# gives None): every command is then started by `os.posix_spawn` (`spawner.spawn`).
+# With "stale", its fixed environment holds ucspi-tcp names (as a Program made other
+# than by ExecMode, which filters them, may), which the connection's values must win.
+# With "wildcard" it listens on 0.0.0.0, so each client's local end is asked for.
+_SPAWNER = """
 import ctypes, ipaddress, os, socket, sys, types
 from netserver.connlog import ServerLog
 from netserver.endpoint import Endpoint
@@ -147,57 +150,101 @@ from netserver.modes.shared import SharedLimits
 from netserver.modes.spawner import Program, Roster, Spawner
 from netserver.refusals import RefusalLines
 
-class WithoutPosixSpawn(ctypes.CDLL):  # the C library, as one with no posix_spawn
-    def __getattr__(self, name):
-        if name == "posix_spawn":
-            raise AttributeError(name)
-        return super().__getattr__(name)
+def without_posix_spawn(kind):  # the C library, as one with no posix_spawn
+    class Library(kind):
+        def __getattr__(self, name):
+            if name == "posix_spawn":
+                raise AttributeError(name)
+            return super().__getattr__(name)
+    return Library
 
 # launch's view of ctypes only: netserver.childexits still calls signalfd through it
-launch.ctypes = types.SimpleNamespace(**{**vars(ctypes), "CDLL": WithoutPosixSpawn})
+loaders = {"CDLL": without_posix_spawn(ctypes.CDLL), "PyDLL": without_posix_spawn(ctypes.PyDLL)}
+if sys.argv[2] == "no-libc":
+    launch.ctypes = types.SimpleNamespace(**{**vars(ctypes), **loaders})
+host = "0.0.0.0" if sys.argv[2] == "wildcard" else "127.0.0.1"
 listening = socket.socket()
-listening.bind(("127.0.0.1", 0))
+listening.bind((host, 0))
 listening.listen(8)
 listening.setblocking(False)
 port = listening.getsockname()[1]
-local = Endpoint(ipaddress.ip_address("127.0.0.1"), port)
-spec = ListenSpec(f"127.0.0.1:{port}", "tcp", "127.0.0.1", port)
+local = Endpoint(ipaddress.ip_address(host), port)
+spec = ListenSpec(f"{host}:{port}", "tcp", host, port)
 table = SharedLimits(Limits(max_conns=10), 1)
 table.take_seat(0)
 service = DirectService([Listener(listening, spec, local)], table, RefusalLines())
 env = {b"PATH": os.environb.get(b"PATH", b"/usr/bin:/bin"), b"LANG": b"C"}
-program = Program(sys.argv[2], tuple(sys.argv[2:]), env, None)
+if sys.argv[2] == "stale":
+    env.update({b"PROTO": b"stale", b"TCPREMOTEIP": b"192.0.2.99"})
+program = Program(sys.argv[3], tuple(sys.argv[3:]), env, None)
 chan = socket.socket(fileno=int(sys.argv[1]))
 chan.set_inheritable(False)  # as the server's own channel is: not the command's
 spawner = Spawner(chan, program, ServerLog(sys.stderr), Roster(10), service)
-if spawner.launcher is not None:
-    sys.exit("the launcher was made: the fallback is not what runs")
+if (spawner.launcher is None) != (sys.argv[2] == "no-libc"):
+    sys.exit("the launcher was made, or not made, against what is under test")
 print(port, flush=True)
 sys.exit(spawner.run())
 """
-# The command: the client's line from fd 0, then, on fd 1, what it was started with.
-_SHOW = "read line; echo got $line; ls /proc/$$/fd; env"
+# The command: the client's line from fd 0, then, on fd 1, what it was started with
+# (its environment as exec gave it: a shell's `env` would show each name once).
+_SHOW = "read line; echo got $line; ls /proc/$$/fd; tr '\\0' '\\n' </proc/$$/environ"
+
+
+def served_by_spawner(
+    kind: str, hosts: tuple[str, ...] = ("127.0.0.1",)
+) -> tuple[list[list[str]], int, list[int]]:
+    """Clients of `_SPAWNER` of `kind` running `_SHOW`, one after the other, each to
+    one of `hosts`: what each read, line by line; the spawner's port; each one's port."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    argv = [sys.executable, "-c", _SPAWNER, str(theirs.fileno()), kind, "/bin/sh", "-c", _SHOW]
+    outs, ports = [], []
+    with ours, subprocess.Popen(argv, stdout=subprocess.PIPE, pass_fds=[theirs.fileno()]) as proc:
+        theirs.close()
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())  # its readiness: the port it listens on
+        for host in hosts:
+            with connect((host, port)) as client:
+                client.sendall(b"hello\n")
+                outs.append(read_to_end(client).decode().splitlines())
+                ports.append(client.getsockname()[1])
+        ours.close()  # the spawner's channel ends: it exits once the command has
+        assert proc.wait(IO_TIMEOUT) == 0
+    return outs, port, ports
 
 
 def test_without_the_c_librarys_posix_spawn_a_command_still_runs_on_the_socket() -> None:
     """The fallback (no glibc posix_spawn through ctypes): the command reads the client
     on fd 0 and answers on fd 1, holds no descriptor but 0, 1 and 2, and gets the fixed
     environment and the connection's ucspi-tcp variables."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    argv = [sys.executable, "-c", _NO_LIBC_SPAWNER, str(theirs.fileno()), "/bin/sh", "-c", _SHOW]
-    with ours, subprocess.Popen(argv, stdout=subprocess.PIPE, pass_fds=[theirs.fileno()]) as proc:
-        theirs.close()
-        assert proc.stdout is not None
-        port = int(proc.stdout.readline())  # its readiness: the port it listens on
-        with connect(("127.0.0.1", port)) as client:
-            client.sendall(b"hello\n")
-            out = read_to_end(client).decode().splitlines()
-            mine = client.getsockname()
-        ours.close()  # the spawner's channel ends: it exits once the command has
-        assert proc.wait(IO_TIMEOUT) == 0
+    (out,), port, (mine,) = served_by_spawner("no-libc")
     assert out[0] == "got hello"
     assert [line for line in out[1:] if line.isdigit()] == ["0", "1", "2"]
     env = dict(line.split("=", 1) for line in out if "=" in line)
     assert env["PROTO"] == "TCP" and env["LANG"] == "C"
-    assert env["TCPREMOTEIP"] == "127.0.0.1" and env["TCPREMOTEPORT"] == str(mine[1])
+    assert env["TCPREMOTEIP"] == "127.0.0.1" and env["TCPREMOTEPORT"] == str(mine)
     assert env["TCPLOCALIP"] == "127.0.0.1" and env["TCPLOCALPORT"] == str(port)
+
+
+def test_a_connections_variables_win_over_the_same_names_in_the_fixed_environment() -> None:
+    """A client the spawner accepted gets its variables as ready items, written after the
+    fixed environment; where that holds one of their names, each name must still come
+    once, with the connection's value (as in a dict), not twice (as in an envp)."""
+    (out,), _port, (mine,) = served_by_spawner("stale")
+    assert out[0] == "got hello"
+    names = [line.split("=", 1)[0] for line in out if "=" in line]
+    assert names.count("PROTO") == names.count("TCPREMOTEIP") == 1
+    env = dict(line.split("=", 1) for line in out if "=" in line)
+    assert env["PROTO"] == "TCP" and env["TCPREMOTEIP"] == "127.0.0.1"
+    assert env["TCPREMOTEPORT"] == str(mine)
+
+
+def test_each_client_gets_the_local_address_it_reached() -> None:
+    """On a wildcard listener the local end is asked for each client; the spawner keeps
+    the last one's variables while the address repeats, and must not keep them when it
+    changes."""
+    hosts = ("127.0.0.1", "127.0.0.2", "127.0.0.2", "127.0.0.1")
+    outs, port, ports = served_by_spawner("wildcard", hosts)
+    for host, out, mine in zip(hosts, outs, ports, strict=True):
+        env = dict(line.split("=", 1) for line in out if "=" in line)
+        assert (env["TCPLOCALIP"], env["TCPLOCALPORT"]) == (host, str(port))
+        assert env["TCPREMOTEPORT"] == str(mine)

@@ -73,8 +73,8 @@ class ChildExits:
     def reap(pid: int) -> bool:
         """Collect an ended child (after `ended` named it); False if it was not there
         (reaped already: nothing left to collect)."""
-        try:
-            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG)
+        try:  # (waitpid: a tuple back, not waitid's result object, for the same call)
+            os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             return False
         return True

@@ -12,6 +12,13 @@ connection's variables into the slots after the fixed part and calls glibc's
 posix_spawn through ctypes, as leafmail.spool calls syncfs. The two dup2 file actions
 are built again only when the socket's descriptor number is not the last call's.
 
+The call itself is kept cheap, as it runs once per connection: the variables come as
+ready ``NAME=value`` items (`spawn_items`; the exec spawner keeps those of each address
+it has seen), written into the slots by one slice assignment; the arguments are one
+tuple built once; and the function is called without releasing the GIL (`ctypes.PyDLL`):
+the spawner has one thread, so there is nobody to hand it to during the vfork wait,
+and releasing and taking it back was a tenth of the call's instructions.
+
 The child is started exactly as `os.posix_spawn` starts it (same glibc call, same
 attributes, same file actions); what the prepared call cannot express the same way is
 left to `os.posix_spawn` (`posix_spawn_on`): a variable whose name is also in the fixed
@@ -23,7 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 __all__ = ["Launcher", "posix_spawn_on"]
 
@@ -54,6 +61,7 @@ class Launcher:
     def __init__(
         self,
         libc: ctypes.CDLL,
+        posix_spawn: Callable[..., int],
         path: str,
         argv: Sequence[str],
         env: Mapping[bytes, bytes],
@@ -71,6 +79,9 @@ class Launcher:
         self._actions_fd = -1  # the socket descriptor `_actions` dup2s (-1: none built)
         self._attr = ctypes.create_string_buffer(_ATTR_SIZE)
         self._pid = ctypes.c_int()
+        self._call = posix_spawn
+        pid = ctypes.byref(self._pid)
+        self._args = pid, self._path, self._actions, self._attr, self._argv, self._envp
         defaults = ctypes.create_string_buffer(_SIGSET_SIZE)
         mask = ctypes.create_string_buffer(_SIGSET_SIZE)
         libc.sigemptyset(defaults)
@@ -93,8 +104,10 @@ class Launcher:
         """A launcher, or None where the C library has no posix_spawn to call."""
         try:
             libc = ctypes.CDLL(None, use_errno=True)
-            libc.posix_spawn.argtypes = [ctypes.c_void_p] * 6
-            return cls(libc, path, argv, env, default_signals)
+            # As `ctypes.PyDLL` calls it: the GIL held (see the module's docstring); the
+            # arguments are converted by their own types (no `argtypes` to check).
+            posix_spawn = ctypes.PyDLL(None).posix_spawn
+            return cls(libc, posix_spawn, path, argv, env, default_signals)
         except (AttributeError, OSError):
             return None
 
@@ -104,20 +117,26 @@ class Launcher:
         if len(variables) > SLOTS or not self._names.isdisjoint(variables):
             path, argv, env, defaults = self._program
             return posix_spawn_on(path, argv, {**env, **variables}, fd, defaults)
-        envp, at = self._envp, self._fixed
-        for name, value in variables.items():
-            envp[at] = name + b"=" + value
-            at += 1
-        envp[at] = None
-        actions = self._actions if fd == self._actions_fd else self._dup2_actions(fd)
-        error = self._libc.posix_spawn(
-            ctypes.byref(self._pid), self._path, actions, self._attr, self._argv, envp
-        )
+        return self.spawn_items(fd, [name + b"=" + value for name, value in variables.items()])
+
+    def spawn_items(self, fd: int, items: Sequence[bytes]) -> int:
+        """`spawn` with the variables as ``NAME=value`` items, at most `SLOTS` of them,
+        none named as a variable of the fixed environment (the caller's promise: the
+        exec spawner's fixed environment has no ucspi-tcp name)."""
+        if len(items) > SLOTS:
+            return self.spawn(fd, dict(item.split(b"=", 1) for item in items))
+        at = self._fixed
+        end = at + len(items)
+        self._envp[at:end] = items  # type: ignore[call-overload]  # (any sequence: typeshed says list)
+        self._envp[end] = None
+        if fd != self._actions_fd:
+            self._dup2_actions(fd)
+        error = self._call(*self._args)
         if error:
             raise OSError(error, os.strerror(error), os.fsdecode(self._path))
         return self._pid.value
 
-    def _dup2_actions(self, fd: int) -> ctypes.Array[ctypes.c_char]:
+    def _dup2_actions(self, fd: int) -> None:
         """File actions that make `fd` the child's stdin and stdout, kept for the next
         call: the spawner closes each socket once its command has started, so the next
         client's is most often given the same number, and glibc checks each descriptor
@@ -134,7 +153,6 @@ class Launcher:
             libc.posix_spawn_file_actions_destroy(actions)
             raise
         self._actions_fd = fd
-        return actions
 
 
 def _check(error: int) -> None:

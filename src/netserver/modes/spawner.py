@@ -92,6 +92,12 @@ SLOT = struct.Struct("=Qi4x")  # a roster entry: connection id, pid (0: free)
 # (IP version, packed address, port each; version 0: a unix socket).
 FACTS = struct.Struct("=dB16sHB16sH")
 UNBOUNDED_SLOTS = 65536  # roster size when the server has no connection cap
+# The variables of a TCP client the spawner accepted itself, in `ucspi_variables`' order.
+_ACCEPTED_NAMES = frozenset(
+    (b"PROTO", b"TCPLOCALIP", b"TCPLOCALPORT", b"TCPREMOTEIP", b"TCPREMOTEPORT")
+)
+# A command's own variables: by name, or for a TCP client we accepted, as NAME=value items.
+Variables = dict[bytes, bytes] | tuple[bytes, ...]
 
 
 def ucspi_variables(record: ConnRecord) -> str:
@@ -141,11 +147,10 @@ class Roster:
         cid: int,
         pid: int,
         record: ConnRecord | None = None,
-        peer: _Address | None = None,
-        local: _Address | None = None,
+        ends: tuple[_Address, _Address] | None = None,
     ) -> int:
         """List `pid` as serving connection `cid` (with `record` and its two ends'
-        addresses: one we accepted); its slot, or -1 when none is free."""
+        addresses, peer and local: one we accepted); its slot, or -1 when none is free."""
         if self.free:
             slot = self.free.pop()
         elif self.used < self.slots:
@@ -154,8 +159,7 @@ class Roster:
         else:
             return -1
         if record is not None:
-            peer = peer or _Address.of(record.peer.ip)
-            local = local or _Address.of(record.local.ip)
+            peer, local = ends or (_Address.of(record.peer.ip), _Address.of(record.local.ip))
             FACTS.pack_into(
                 self.facts,
                 slot * FACTS.size,
@@ -211,13 +215,17 @@ class _Address:
     text: bytes = b""
     version: int = 0
     packed: bytes = b""
+    proto_item: bytes = b"PROTO=UNIX"  # the environment's items, as a client's address
+    remote_item: bytes = b""  # TCPREMOTEIP=
 
     @classmethod
     def of(cls, ip: IPAddress | None) -> _Address:
         if ip is None:
             return _UNIX
         proto = b"TCP6" if ip.version == 6 else b"TCP"
-        return cls(ip, proto, str(ip).encode(), ip.version, ip.packed)
+        text = str(ip).encode()
+        items = b"PROTO=" + proto, b"TCPREMOTEIP=" + text
+        return cls(ip, proto, text, ip.version, ip.packed, *items)
 
 
 _UNIX = _Address(None)
@@ -226,17 +234,17 @@ _UNIX = _Address(None)
 @dataclass(frozen=True, slots=True)
 class _Local:
     """The end a client reached, as the spawner writes it: its address, and its two
-    variables (TCPLOCALIP, TCPLOCALPORT) ready for the environment."""
+    variables (TCPLOCALIP, TCPLOCALPORT) as items ready for the environment."""
 
     endpoint: Endpoint
     address: _Address
-    variables: dict[bytes, bytes]
+    items: tuple[bytes, bytes]
 
     @classmethod
     def of(cls, local: Endpoint) -> _Local:
         address = _Address.of(local.ip)
-        port = str(local.port or 0).encode()
-        return cls(local, address, {b"TCPLOCALIP": address.text, b"TCPLOCALPORT": port})
+        port = b"TCPLOCALPORT=%d" % (local.port or 0)
+        return cls(local, address, (b"TCPLOCALIP=" + address.text, port))
 
 
 def _endpoint(version: int, packed: bytes, port: int) -> Endpoint:
@@ -247,7 +255,7 @@ def _endpoint(version: int, packed: bytes, port: int) -> Endpoint:
     return Endpoint()
 
 
-@dataclass
+@dataclass(slots=True)
 class _Running:
     """One command: its connection id, pid, our copy of its socket if kept, and its
     slot in the roster."""
@@ -302,6 +310,11 @@ class Spawner:
         self.running: dict[int, _Running] = {}  # by pid
         self.exits = ChildExits()
         self.launcher = Launcher.make(command.path, command.argv, command.env, DEFAULT_SIGNALS)
+        # The items of a client we accepted go to the launcher as they are: none of
+        # their names may be a variable of the fixed environment (which is filtered of
+        # ucspi names: see execute.ExecMode; this is for a Program made otherwise).
+        self._items_fit = _ACCEPTED_NAMES.isdisjoint(command.env)
+        self._timed = bool(command.timeout)  # an idle timeout: our copy of a TCP socket kept
         # when, sequence, pid and the command's serial (a pid is reused once reaped), what
         self.timers: list[tuple[float, int, int, int, str]] = []
         self._seq = 0
@@ -314,6 +327,7 @@ class Spawner:
         self._held: tuple[int, int, Endpoint, Endpoint, _Address] | None = None
         self._peers: dict[str, _Address] = {}  # client addresses by their text
         self._locals: dict[int, _Local] = {}  # by id() of the Endpoint
+        self._here = _Local.of(Endpoint())  # the last one asked for
         self._watching = False
         self._local = Endpoint()
 
@@ -419,12 +433,16 @@ class Spawner:
     def _local_of(self, local: Endpoint) -> _Local:
         """The end a client reached, as we write it: worked out once per Endpoint (a
         listener's own, or `local_end`'s, which is the same object while it repeats)."""
-        known = self._locals.get(id(local))
-        if known is None or known.endpoint is not local:
+        known = self._here
+        if known.endpoint is local:  # the same end as the last client's (most often)
+            return known
+        known = self._locals.get(id(local), known)
+        if known.endpoint is not local:
             known = _Local.of(local)
             if len(self._locals) >= KNOWN_ADDRESSES:
                 self._locals.clear()
             self._locals[id(local)] = known  # the value holds `local`: its id stays its own
+        self._here = known
         return known
 
     def _refuse(self, fd: int, family: int, peer: Endpoint, reason: str, line: str | None) -> None:
@@ -447,12 +465,12 @@ class Spawner:
             self._spawn(entry, True, variables, fd, family, record)
             return
         # `ucspi_variables`, in its order, from what is known of both addresses (a
-        # connection accepted here has no host names: those need the supervisor)
+        # connection accepted here has no host names: those need the supervisor), as
+        # the environment's items: only the port is new for each connection
         here = self._local_of(local)
-        variables = {b"PROTO": seen.proto, **here.variables}
-        variables[b"TCPREMOTEIP"] = seen.text
-        variables[b"TCPREMOTEPORT"] = b"%d" % (peer.port or 0)
-        self._spawn(entry, False, variables, fd, family, record, (seen, here.address))
+        port = b"TCPREMOTEPORT=%d" % (peer.port or 0)
+        items = (seen.proto_item, *here.items, seen.remote_item, port)
+        self._spawn(entry, False, items, fd, family, record, (seen, here.address))
 
     def _wait_for_room(self) -> None:
         """Full: stop watching; look again when a command ends or after RECHECK."""
@@ -504,7 +522,7 @@ class Spawner:
         self,
         cid: int,
         unix: bool,
-        variables: dict[bytes, bytes],
+        variables: Variables,
         fd: int,
         family: int,
         record: ConnRecord | None = None,
@@ -514,9 +532,9 @@ class Spawner:
         peer's credentials for a unix socket) added to its environment; with `record`,
         one we accepted, whose two ends' addresses are `ends` (worked out if not given)."""
         # A socket object only when one is needed (credentials, the idle timeout).
-        keep = bool(self.command.timeout) and family != socket.AF_UNIX
+        keep = self._timed and family != socket.AF_UNIX
         sock = _wrap(fd, family) if keep or unix else None
-        if sock is not None and unix:
+        if sock is not None and unix and isinstance(variables, dict):
             variables.update(peer_credentials(sock))
         pid = 0
         try:
@@ -532,16 +550,20 @@ class Spawner:
         if not pid:
             return
         # Listed at once: the supervisor's view if we die.
-        slot = self.roster.put(cid, pid, record, *(ends or ()))
+        slot = self.roster.put(cid, pid, record, ends)
         self._seq += 1
         # Reaped only from `_reap`, back in the loop: it is listed before it can be.
         run = self.running[pid] = _Running(cid, pid, sock, slot, 0, self._seq, record)
         if sock is not None:
             self._after(self.command.timeout or 0.0, run, "idle")
 
-    def _start(self, variables: dict[bytes, bytes], fd: int) -> int:
+    def _start(self, variables: Variables, fd: int) -> int:
         """The command started on `fd`: by the launcher, or where the C library has no
         posix_spawn to call, by `os.posix_spawn` (see modes.launch)."""
+        if isinstance(variables, tuple):  # items of a client we accepted (TCP)
+            if self.launcher is not None and self._items_fit:
+                return self.launcher.spawn_items(fd, variables)
+            variables = dict(map(_NAME_VALUE, variables))
         if self.launcher is not None:
             return self.launcher.spawn(fd, variables)
         env = dict(self.command.env)
@@ -575,12 +597,12 @@ class Spawner:
                 self._exited(run, code)
 
     def _exited(self, run: _Running, code: int) -> None:
-        stats = None
-        if run.sock is not None:
+        record, sent, received = run.record, -1, -1
+        if run.sock is not None:  # our copy, kept for the idle timeout: the byte counts
             stats = tcpinfo.read(run.sock)
             run.sock.close()
-        sent, received = (-1, -1) if stats is None else (stats.bytes_sent, stats.bytes_received)
-        record = run.record
+            if stats is not None:
+                sent, received = stats.bytes_sent, stats.bytes_received
         if record is None:
             self.reports.append(END.pack(run.cid, code, received, sent, run.outcome))
             return
