@@ -1195,6 +1195,48 @@ def test_read_timeout_hint() -> None:
     assert protocol.read_timeout == 300.0
 
 
+def test_mid_line_says_when_a_command_line_is_part_way_in() -> None:
+    """What a per-line deadline times: a begun line, not the wait between lines."""
+    proto = ServerProtocol(AUTH_CONFIG)
+    assert not proto.mid_line and proto.reads == 0
+    proto.receive_data(b"NO")
+    assert proto.mid_line and proto.reads == 0
+    proto.receive_data(b"OP\r\nNO")  # one line ended, the next began
+    assert proto.mid_line and proto.reads == 1
+    proto.receive_data(b"OP\r\n")
+    assert not proto.mid_line and proto.reads == 2
+    # An over-long line is dropped as it comes: nothing buffered, still part-way in.
+    proto.receive_data(b"X" * 3000)
+    assert proto.mid_line and proto.reads == 2
+    proto.receive_data(b"\r\n")
+    assert not proto.mid_line and proto.reads == 3
+    assert proto.data_to_send().endswith(b"500 5.5.2 Line too long\r\n")
+
+
+def test_mid_line_is_false_while_a_decision_is_pending_and_in_data() -> None:
+    proto = ServerProtocol(AUTH_CONFIG)
+    proto.receive_data(b"EHLO c\r\nMAIL FROM:<a@b.example>\r\nRC")
+    assert proto.pending is not None and not proto.mid_line  # the wait is the server's
+    proto.accept()
+    proto.resume()
+    proto.accept()
+    assert proto.mid_line  # "RC" now waits for its client
+    proto.receive_data(b"PT TO:<c@d.example>\r\n")
+    proto.accept()
+    proto.receive_data(b"DATA\r\n")
+    proto.accept()
+    proto.receive_data(b"Subject: part")
+    assert proto.state is State.DATA and not proto.mid_line  # the data rate's business
+
+
+def test_mid_line_times_auth_lines_too() -> None:
+    proto = ServerProtocol(AUTH_CONFIG)
+    proto.receive_data(b"EHLO c\r\n")
+    proto.accept()
+    proto.receive_data(b"AUTH PLAIN\r\nAGFsaWNl")
+    assert proto.state is State.AUTH and proto.mid_line
+
+
 # --- tables and helpers --------------------------------------------------------------
 
 

@@ -169,6 +169,9 @@ class SmtpConfig:
     # once `data_rate_grace` has passed (0: no minimum).
     min_data_rate: int = setting(_COUNT, 500)
     data_rate_grace: float = setting(duration, 30.0)
+    # Postfix's smtpd_timeout: a client silent this long is closed, and a command line
+    # must arrive whole within this long of its first octet (smtpd_per_record_deadline).
+    timeout: float = setting(positive(duration), 300.0)
     # Load balancers whose connections start with a PROXY v1/v2 header naming the real
     # client (netserver's --proxy-from); nobody else is ever asked for one.
     proxy_from: tuple[str, ...] = setting(strings, ())
@@ -197,6 +200,8 @@ class SmtpConfig:
             auth_enabled=auth_enabled,
             auth_plaintext_allowed=self.allow_plaintext_auth,
             bare_newline=BareNewline.REPLACE if self.bare_lf == "replace" else BareNewline.REJECT,
+            command_timeout=self.timeout,
+            data_timeout=self.timeout,
         )
 
 

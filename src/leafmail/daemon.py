@@ -64,8 +64,6 @@ from .spool import Spool
 from .spoolcheck import check_spool
 from .throttle import SourceTable
 
-SESSION_TIMEOUT = 300.0  # RFC 5321 4.5.3.2: at least five minutes between commands
-
 
 def tls_context(smtp: SmtpConfig) -> ssl.SSLContext | None:
     """The server TLS context from smtp.tls_cert/tls_key, or None when not configured."""
@@ -192,7 +190,7 @@ class Daemon:
         return Limits(
             max_conns=smtp.max_sessions,
             max_per_source=smtp.per_source_sessions,
-            timeout=SESSION_TIMEOUT,
+            timeout=smtp.timeout,  # idle; a line's deadline is the session's (same value)
             # relay_networks are ours (a web app, a NAT): exempt, as Postfix exempts
             # mynetworks from its per-client limits.
             exempt=lambda peer: peer.ip is not None and trusted.decide(peer.ip).allowed,

@@ -13,7 +13,8 @@ works as before: one reply per command, in order, later commands held back by a
 pending decision.
 
 The session also applies the minimum data rate (a timer only while message data is
-read) and answers a server stop with 421 between transactions, as before.
+read), a deadline for each command line (a timer only while a line is part-way in: see
+`_watch_line`), and answers a server stop with 421 between transactions, as before.
 """
 
 from __future__ import annotations
@@ -59,7 +60,19 @@ class OpenSessions:
 class ReceiveSession(Callbacks):
     """The SMTP dialogue on one connection, for one `ReceiveService`."""
 
-    __slots__ = ("busy", "eof", "facts", "held", "paused", "proto", "rate", "service", "timer")
+    __slots__ = (
+        "busy",
+        "eof",
+        "facts",
+        "held",
+        "line_reads",
+        "line_timer",
+        "paused",
+        "proto",
+        "rate",
+        "service",
+        "timer",
+    )
 
     def __init__(self, service: ReceiveService, conn: CallbackConnection) -> None:
         super().__init__(conn)
@@ -72,6 +85,8 @@ class ReceiveSession(Callbacks):
         self.eof = False
         self.rate: DataRate | None = None  # only while message data is read
         self.timer: asyncio.TimerHandle | None = None
+        self.line_timer: asyncio.TimerHandle | None = None  # only while a line is part-way in
+        self.line_reads = 0  # proto.reads when line_timer was set
         verdict = service.judge_now(Stage.CONNECT, self.facts)
         if verdict is None:  # the connect stage waits for DNS
             self._spawn(self._greet_later())
@@ -99,6 +114,7 @@ class ReceiveSession(Callbacks):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.service.sessions.count -= 1
         self._stop_timer()
+        self._stop_line_timer()
 
     def stop_requested(self) -> None:
         proto = self.proto
@@ -147,6 +163,7 @@ class ReceiveSession(Callbacks):
             events = proto.resume()
         self._flush()
         self._track_rate()
+        self._watch_line()
         if proto.closed:
             self._end(events)
         elif self.conn.stop_requested and proto.envelope is None:
@@ -269,3 +286,41 @@ class ReceiveSession(Callbacks):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+    # -- the deadline of a command line (Postfix's smtpd_per_record_deadline) -------------
+    def _watch_line(self) -> None:
+        """Give a command line that has begun `command_timeout` seconds to end.
+
+        The idle timeout counts from the last octet, so alone it lets a client hold a
+        session (and a slot of max_sessions_per_source) for ever with one octet every few
+        minutes and never a CRLF, or inside an over-long line that is being dropped. The
+        deadline counts from the first octet of the line part-way in and starts again
+        once a line has ended; a session between lines or waiting on us has no timer, so
+        an idle session costs nothing more. Message data has the minimum data rate.
+        """
+        proto = self.proto
+        assert proto is not None
+        if not proto.mid_line:
+            self._stop_line_timer()
+            return
+        reads = proto.reads
+        if self.line_timer is not None and reads == self.line_reads:
+            return  # the same line is still coming in: its deadline stands
+        self._stop_line_timer()
+        self.line_reads = reads
+        self.line_timer = self.conn.loop.call_later(
+            self.service.smtp.command_timeout, self._line_due
+        )
+
+    def _line_due(self) -> None:
+        self.line_timer = None
+        proto = self.proto
+        if self.busy or self.conn.is_lost or proto is None or proto.closed:
+            return  # after a task `_run` looks again
+        if proto.mid_line:
+            self._goodbye(replies.timed_out(self.service.smtp.hostname))
+
+    def _stop_line_timer(self) -> None:
+        if self.line_timer is not None:
+            self.line_timer.cancel()
+            self.line_timer = None

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import soak
 from conftest import RunningServer, ServerFactory
-from leafmail_fixtures import Leafmail, LeafmailFactory, RawSMTP, leafmail_servers
+from leafmail_fixtures import Leafmail, LeafmailFactory, RawSMTP, Reply, leafmail_servers
 from lifecycle_handlers import (
     HANDLER_ENV,
     closed_by_peer,
@@ -88,6 +88,71 @@ def test_a_client_silent_mid_line_is_cut_at_the_idle_timeout(
         assert closed_by_peer(sock, 5)
         took = time.monotonic() - start
     assert 0.4 < took < 2.5, took  # 0.5 s, checked every timeout/4
+
+
+# --- slowloris against leafmail: the deadline of a command line ----------------------------
+
+LINE_DEADLINE = '[smtp]\ntimeout = "1s"\n'  # Postfix's smtpd_timeout, made short
+OCTET_EVERY = 0.2  # well inside the idle timeout: only a per-line deadline can cut it
+
+
+def dribbled(client: RawSMTP, data: bytes, every: float = OCTET_EVERY) -> Reply | None:
+    """Send `data` one octet every `every` seconds; the reply that cut it short, if any."""
+    client.sock.settimeout(every)
+    for octet in data:
+        try:
+            client.send(bytes([octet]))
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        with contextlib.suppress(TimeoutError):
+            return client.reply()
+    client.sock.settimeout(PROMPT)
+    return client.reply() if not client.at_eof() else None
+
+
+@pytest.fixture(scope="module")
+def deadline_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Leafmail]:
+    for factory in leafmail_servers(tmp_path_factory.mktemp("line-deadline")):
+        yield factory(LINE_DEADLINE)
+
+
+@pytest.mark.parametrize(
+    "start",
+    [b"", b"X" * 600],  # a line, and an over-long line that is being dropped
+    ids=["command line", "over-long line"],
+)
+def test_a_command_line_dribbled_an_octet_at_a_time_is_cut_at_its_deadline(
+    deadline_server: Leafmail, start: bytes
+) -> None:
+    """One octet every 0.2 s never trips the idle timeout (1 s); before the per-line
+    deadline such a client held its session, and a slot of its source's, for ever."""
+    with RawSMTP(deadline_server.address(), source=ATTACKER) as client:
+        client.greeting()
+        client.ehlo()
+        client.send(start)
+        began = time.monotonic()
+        cut = dribbled(client, b"MAIL FROM:<" + b"a" * 40 + b"@example.org>")
+        took = time.monotonic() - began
+        assert cut is not None, f"not cut after {took:.1f}s"
+        assert (cut.code, cut.enhanced) == (421, "4.4.2"), cut
+        assert client.at_eof()
+    assert 0.9 < took < 1 + PROMPT, took
+
+
+def test_lines_that_each_end_within_the_deadline_are_never_cut(deadline_server: Leafmail) -> None:
+    """A slow client whose every line ends in time keeps its session, even when a new
+    line always begins in the packet that ends the last one: the deadline restarts."""
+    with RawSMTP(deadline_server.address(), source=BYSTANDER) as client:
+        client.greeting()
+        client.ehlo()
+        client.send(b"NO")
+        for _ in range(5):  # 3 s in all, three times the deadline
+            time.sleep(0.6)
+            client.send(b"OP\r\nNO")
+            assert client.reply().code == 250
+        client.send(b"OP\r\n")
+        assert client.reply().code == 250
+        assert client.command("QUIT").code == 221
 
 
 # --- idle floods -------------------------------------------------------------------------

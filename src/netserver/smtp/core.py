@@ -44,6 +44,9 @@ _TLS_SESSION: Final = Session(tls=True)
 _Item = CommandLine | LineError | MessageEnd | ChunkEnd
 
 _S = State
+# States whose input is not command lines: message data is timed by a data rate, and
+# nothing is read during the TLS handshake or after the end.
+_NOT_LINES: Final = frozenset({_S.DATA, _S.BDAT, _S.TLS, _S.CLOSED})
 
 
 class ProtocolCore:
@@ -62,6 +65,7 @@ class ProtocolCore:
         "_mechanism",
         "_out",
         "_pending",
+        "_reads",
         "_sasl_lines",
         "_session",
         "_sink",
@@ -89,6 +93,7 @@ class ProtocolCore:
         self._out: list[bytes] | None = None  # the replies queued
         self._errors = 0
         self._junk = 0
+        self._reads = 0
         self._commands = CommandReader(
             config.bare_newline, COMMAND_LINE_LIMIT, EXTENDED_LINE_LIMITS
         )
@@ -139,6 +144,29 @@ class ProtocolCore:
     def errors(self) -> int:
         """Client errors counted so far."""
         return self._errors
+
+    @property
+    def reads(self) -> int:
+        """How many lines, messages and chunks have been read: a change says a line ended."""
+        return self._reads
+
+    @property
+    def mid_line(self) -> bool:
+        """Whether the client is part-way through a command or AUTH line (or through an
+        over-long line or a refused chunk being dropped) and the next move is its own.
+
+        This is what a per-line deadline times (Postfix's smtpd_per_record_deadline): the
+        idle timeout alone lets a client hold a session for ever with one octet every few
+        minutes. False in DATA and BDAT, whose pace a minimum data rate judges, and while
+        a decision is pending (the wait is then the server's). Every whole line has been
+        taken from the buffer by then, so what is left is the start of one.
+        """
+        if self._pending is not None or self._state in _NOT_LINES:
+            return False
+        if self._buffer:
+            return True
+        reader = self._sasl_lines if self._state is _S.AUTH else self._commands
+        return reader is not None and reader.dropping
 
     @property
     def read_timeout(self) -> float:
@@ -235,4 +263,7 @@ class ProtocolCore:
                 reader = self._commands
         if reader is None:
             raise LocalProtocolError(f"no reader in state {self._state}")
-        return reader.read(self._buffer)
+        item = reader.read(self._buffer)
+        if item is not None:
+            self._reads += 1
+        return item

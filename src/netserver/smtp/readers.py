@@ -187,6 +187,11 @@ class CommandReader:
         """Drop the next ``octets`` octets before looking for lines."""
         self._skip += octets
 
+    @property
+    def dropping(self) -> bool:
+        """Whether it is inside input it drops: an over-long line, or octets to skip."""
+        return self._discarding or self._skip > 0
+
     def reset(self) -> None:
         """Forget a half-read line and pending skips (after STARTTLS)."""
         self._discarding = False
