@@ -1229,6 +1229,15 @@ def test_mid_line_is_false_while_a_decision_is_pending_and_in_data() -> None:
     assert proto.state is State.DATA and not proto.mid_line  # the data rate's business
 
 
+def test_a_refused_chunk_being_skipped_is_data_not_a_line() -> None:
+    proto = ServerProtocol(AUTH_CONFIG)
+    proto.receive_data(b"BDAT 10 LAST\r\nabc")
+    assert proto.data_to_send().endswith(b"503 5.5.1 Send HELO or EHLO first\r\n")
+    assert proto.skipping and not proto.mid_line  # a data rate times these octets
+    proto.receive_data(b"defghijNO")
+    assert not proto.skipping and proto.mid_line  # the chunk is over: "NO" is a line
+
+
 def test_mid_line_times_auth_lines_too() -> None:
     proto = ServerProtocol(AUTH_CONFIG)
     proto.receive_data(b"EHLO c\r\n")

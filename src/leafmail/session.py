@@ -260,7 +260,8 @@ class ReceiveSession(Callbacks):
         """Start the clock when message data begins, forget it when the message ends."""
         proto, service = self.proto, self.service
         assert proto is not None
-        if proto.state in _DATA_STATES and service.min_data_rate > 0:
+        # The octets of a refused BDAT chunk are read and dropped at the same pace.
+        if (proto.state in _DATA_STATES or proto.skipping) and service.min_data_rate > 0:
             if self.rate is None:
                 self.rate = DataRate(service.min_data_rate, service.data_rate_grace)
                 self.rate.track(True)

@@ -92,7 +92,8 @@ def test_a_client_silent_mid_line_is_cut_at_the_idle_timeout(
 
 # --- slowloris against leafmail: the deadline of a command line ----------------------------
 
-LINE_DEADLINE = '[smtp]\ntimeout = "1s"\n'  # Postfix's smtpd_timeout, made short
+# Postfix's smtpd_timeout and smtpd_min_data_rate's grace, made short.
+LINE_DEADLINE = '[smtp]\ntimeout = "1s"\nmin_data_rate = 500\ndata_rate_grace = "1s"\n'
 OCTET_EVERY = 0.2  # well inside the idle timeout: only a per-line deadline can cut it
 
 
@@ -136,6 +137,25 @@ def test_a_command_line_dribbled_an_octet_at_a_time_is_cut_at_its_deadline(
         assert cut is not None, f"not cut after {took:.1f}s"
         assert (cut.code, cut.enhanced) == (421, "4.4.2"), cut
         assert client.at_eof()
+    assert 0.9 < took < 1 + PROMPT, took
+
+
+def test_a_refused_chunk_dribbled_an_octet_at_a_time_is_cut_by_the_data_rate(
+    deadline_server: Leafmail,
+) -> None:
+    """A BDAT chunk out of sequence is refused and its octets read and dropped; they
+    are message data in all but name, timed by the minimum data rate as DATA is (before,
+    only the idle timeout did: one octet every 0.2 s held the session for ever)."""
+    with RawSMTP(deadline_server.address(), source=ATTACKER) as client:
+        client.greeting()
+        client.ehlo()
+        assert client.command("BDAT 100000 LAST").code == 503
+        began = time.monotonic()
+        cut = dribbled(client, b"x" * 50)
+        took = time.monotonic() - began
+        assert cut is not None, f"not cut after {took:.1f}s"
+        assert (cut.code, cut.enhanced) == (421, "4.4.2"), cut
+        assert "Data rate too low" in cut.text
     assert 0.9 < took < 1 + PROMPT, took
 
 

@@ -153,20 +153,27 @@ class ProtocolCore:
     @property
     def mid_line(self) -> bool:
         """Whether the client is part-way through a command or AUTH line (or through an
-        over-long line or a refused chunk being dropped) and the next move is its own.
+        over-long line being dropped) and the next move is its own.
 
         This is what a per-line deadline times (Postfix's smtpd_per_record_deadline): the
         idle timeout alone lets a client hold a session for ever with one octet every few
-        minutes. False in DATA and BDAT, whose pace a minimum data rate judges, and while
-        a decision is pending (the wait is then the server's). Every whole line has been
-        taken from the buffer by then, so what is left is the start of one.
+        minutes. False in DATA and BDAT and while a refused chunk is skipped (`skipping`),
+        whose pace a minimum data rate judges, and while a decision is pending (the wait
+        is then the server's). Every whole line has been taken from the buffer by then,
+        so what is left is the start of one.
         """
-        if self._pending is not None or self._state in _NOT_LINES:
+        if self._pending is not None or self._state in _NOT_LINES or self._commands.skipping:
             return False
         if self._buffer:
             return True
         reader = self._sasl_lines if self._state is _S.AUTH else self._commands
-        return reader is not None and reader.dropping
+        return reader is not None and reader.discarding
+
+    @property
+    def skipping(self) -> bool:
+        """Whether the octets of a refused BDAT chunk are being read and dropped: message
+        data in all but name, so a minimum data rate should time them as it times DATA."""
+        return self._commands.skipping > 0
 
     @property
     def read_timeout(self) -> float:

@@ -188,9 +188,14 @@ class CommandReader:
         self._skip += octets
 
     @property
-    def dropping(self) -> bool:
-        """Whether it is inside input it drops: an over-long line, or octets to skip."""
-        return self._discarding or self._skip > 0
+    def discarding(self) -> bool:
+        """Whether it is inside an over-long line, which it drops as it comes."""
+        return self._discarding
+
+    @property
+    def skipping(self) -> int:
+        """Octets still to drop before the next line (a refused BDAT chunk's)."""
+        return self._skip
 
     def reset(self) -> None:
         """Forget a half-read line and pending skips (after STARTTLS)."""
