@@ -302,7 +302,8 @@ class ReceiveSession(Callbacks):
         proto = self.proto
         assert proto is not None
         if not proto.mid_line:
-            self._stop_line_timer()
+            if self.line_timer is not None:
+                self._stop_line_timer()
             return
         reads = proto.reads
         if self.line_timer is not None and reads == self.line_reads:

@@ -162,11 +162,14 @@ class ProtocolCore:
         is then the server's). Every whole line has been taken from the buffer by then,
         so what is left is the start of one.
         """
-        if self._pending is not None or self._state in _NOT_LINES or self._commands.skipping:
+        if not self._buffer and self._sasl_lines is None and not self._commands.discarding:
+            return False  # between lines, not in AUTH: nearly always, so this comes first
+        state = self._state
+        if self._pending is not None or state in _NOT_LINES or self._commands.skipping:
             return False
         if self._buffer:
             return True
-        reader = self._sasl_lines if self._state is _S.AUTH else self._commands
+        reader = self._sasl_lines if state is _S.AUTH else self._commands
         return reader is not None and reader.discarding
 
     @property
