@@ -17,9 +17,9 @@ from common import keep_if_slow, run
 with atheris.instrument_imports():
     from leafmail.checks.auth import forged_results
     from leafmail.checks.limits import header_limit_problem
-    from leafmail.checks.loops import count_received
     from leafmail.checks.received import chain_problems
     from leafmail.checks.rfc5322 import problems
+    from leafmail.trace import count_received
     from netserver.smtp.parameters import Body, MailParameters
 
 ALLOWANCE = 0.05  # seconds any input may take, instrumented

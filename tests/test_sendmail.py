@@ -592,6 +592,22 @@ def test_a_bad_address_exits_65_naming_it(box: Box, args: tuple[str, ...], named
     assert messages(box) == []
 
 
+def hops(count: int) -> bytes:
+    line = b"Received: from a.test by b.test; Mon, 7 Dec 2026 10:00:00 +0000\n"
+    return line * count + b"Subject: loop\n\nx\n"
+
+
+def test_a_message_over_the_hop_limit_exits_65_and_spools_nothing(box: Box) -> None:
+    """As the end of DATA refuses it (554 5.4.6): a loop through sendmail ends too."""
+    done = run(box, "bob@dst.test", stdin=hops(101))
+    assert done.returncode == EX_DATAERR, done.stderr
+    err = done.stderr.decode()
+    assert err.startswith("leafmail sendmail: too many hops") and err.count("\n") == 1, err
+    assert messages(box) == []
+    ok(run(box, "bob@dst.test", stdin=hops(100)))  # the limit itself is allowed, as by SMTP
+    assert len(messages(box)) == 1
+
+
 def test_a_bad_address_in_a_header_exits_65(box: Box) -> None:
     done = run(box, "-t", stdin=b"To: ok@dst.test, broken@@dst.test\n\nx\n")
     assert done.returncode == EX_DATAERR

@@ -10,9 +10,10 @@ from the client is reduced to printable characters so it cannot fold or inject l
 and to graphic ones so Unicode separators, bidi or format controls cannot disguise it.
 
 `header_section` is where trace fields are read back: the loop checks count Received
-fields at the end of DATA and look for Delivered-To in local delivery, on both sides of
-the spool, so it lives here rather than with either; so does `MAX_LINE`, the line limit
-the RFC 5322 check enforces and sendmail's header completion keeps to.
+fields (`count_received`) at the end of DATA and in sendmail, and look for Delivered-To
+in local delivery, on both sides of the spool, so it lives here rather than with
+either; so does `MAX_LINE`, the line limit the RFC 5322 check enforces and sendmail's
+header completion keeps to.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 MAX_LINE = 998  # octets in a line of a message, CRLF not counted (RFC 5322 2.1.1)
+MAX_HOPS = 100  # Received fields a message may carry before it is taken for a loop
+_RECEIVED = re.compile(rb"^received[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _UNSAFE = re.compile(r"[^\x21-\x7e\u00a0-\U0010ffff]")
 _UNSAFE_KEEP_SPACE = re.compile(r"[^\x20-\x7e\u00a0-\U0010ffff]")
 # Characters with a meaning in the Received field: "(" and ")" around the comment, ";"
@@ -81,6 +84,11 @@ def header_section(data: bytes) -> bytes:
         return b""
     end = data.find(b"\r\n\r\n")
     return data if end < 0 else data[: end + 2]
+
+
+def count_received(data: bytes) -> int:
+    """How many Received header fields the message carries (RFC 5321 6.3's loop count)."""
+    return len(_RECEIVED.findall(header_section(data)))
 
 
 def received_header(

@@ -16,7 +16,7 @@ from .. import control, submitwire
 from ..envelope import Envelope
 from ..spool import Spool, SpoolError, new_id
 from ..spoolcheck import check_spool
-from ..trace import local_received_header
+from ..trace import MAX_HOPS, count_received, local_received_header
 from .context import Context
 from .errors import BadInput, TryLater
 from .headers import Draft, complete
@@ -45,9 +45,19 @@ def build(
     full_name: str | None,
     protocol: str | None,
 ) -> Submission:
-    """Complete the headers, prepend the Received header, set BODY and SMTPUTF8."""
+    """Complete the headers, prepend the Received header, set BODY and SMTPUTF8.
+
+    A message that has made more than MAX_HOPS hops is refused here as at the end of
+    DATA (Postfix's cleanup applies hopcount_limit to sendmail's mail too): Delivered-To
+    stops a loop that comes back to the same recipient, but not one through a |command
+    or a program that resubmits with sendmail to a new recipient each time; each pass
+    adds a Received field, so the count ends it.
+    """
     qid = new_id()
     complete(message, ctx, qid=qid, sender=envelope.sender, name=full_name)
+    content = message.to_bytes()
+    if count_received(content) > MAX_HOPS:
+        raise BadInput(f"too many hops (over {MAX_HOPS} Received fields): mail loop detected")
     addresses = [r.address for r in envelope.recipients]
     trace = local_received_header(
         hostname=ctx.hostname,
@@ -56,7 +66,7 @@ def build(
         recipients=addresses,
         protocol=protocol,
     )
-    data = trace + message.to_bytes()
+    data = trace + content
     utf8 = envelope.smtputf8 or not all(a.isascii() for a in [envelope.sender, *addresses])
     body = "8BITMIME" if envelope.body == "8BITMIME" or not data.isascii() else "7BIT"
     return Submission(qid, replace(envelope, body=body, smtputf8=utf8), data)
