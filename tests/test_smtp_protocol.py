@@ -1181,6 +1181,7 @@ def test_close_from_the_server_side() -> None:
         {"hostname": "h", "max_recipients": 0},
         {"hostname": "h", "max_errors": -1},
         {"hostname": "h", "max_junk_commands": -1},
+        {"hostname": "h", "max_refused_recipients": -1},
         {"hostname": "h", "command_timeout": 0},
     ],
 )
@@ -1193,6 +1194,38 @@ def test_read_timeout_hint() -> None:
     config = ServerConfig(HOST, command_timeout=300.0, data_timeout=600.0)
     protocol = ServerProtocol(config)
     assert protocol.read_timeout == 300.0
+
+
+def in_transaction(config: ServerConfig) -> ServerProtocol:
+    proto = ServerProtocol(config)
+    proto.receive_data(b"EHLO c\r\n")
+    proto.accept()
+    proto.receive_data(b"MAIL FROM:<a@b.example>\r\n")
+    proto.accept()
+    proto.data_to_send()
+    return proto
+
+
+def test_refused_recipients_past_their_limit_end_the_session() -> None:
+    """A directory harvest: each 5xx to RCPT counts; past the limit the answer is 421."""
+    proto = in_transaction(ServerConfig(HOST, max_refused_recipients=2))
+    for expected in (b"550", b"550", b"421"):
+        proto.receive_data(b"RCPT TO:<x@d.example>\r\n")
+        proto.reject(Reply(550, "5.1.1", "No such user"))
+        assert proto.data_to_send()[:3] == expected
+    assert proto.closed and proto.errors == 0  # a count of their own, not max_errors
+
+
+def test_temporary_refusals_and_an_unlimited_engine_never_end_the_session() -> None:
+    proto = in_transaction(ServerConfig(HOST, max_refused_recipients=1))
+    for _ in range(3):
+        proto.receive_data(b"RCPT TO:<x@d.example>\r\n")
+        proto.reject(Reply(450, "4.7.1", "Try later"))  # the server's trouble
+    proto = in_transaction(ServerConfig(HOST))  # 0: no limit, the engine's default
+    for _ in range(50):
+        proto.receive_data(b"RCPT TO:<x@d.example>\r\n")
+        proto.reject(Reply(550, "5.1.1", "No such user"))
+    assert not proto.closed
 
 
 def test_mid_line_says_when_a_command_line_is_part_way_in() -> None:

@@ -156,6 +156,9 @@ class SmtpConfig:
     max_recipients: int = setting(_POSITIVE, 100)
     max_errors: int = setting(_COUNT, 10)
     max_junk_commands: int = setting(_COUNT, 100)
+    # Recipients refused with 5xx in one session before 421 (a directory harvest), as
+    # Postfix's smtpd_hard_error_limit (20) counts them.
+    max_refused_recipients: int = setting(_COUNT, 20)
     max_sessions: int = setting(_POSITIVE, 20000)
     # None: 50 (Postfix's smtpd_client_connection_count_limit), at most half of
     # max_sessions, so that no one address can take every session.
@@ -196,6 +199,7 @@ class SmtpConfig:
             max_recipients=self.max_recipients,
             max_errors=self.max_errors,
             max_junk_commands=self.max_junk_commands,
+            max_refused_recipients=self.max_refused_recipients,
             tls_available=tls_available,
             auth_enabled=auth_enabled,
             auth_plaintext_allowed=self.allow_plaintext_auth,

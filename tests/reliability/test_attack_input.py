@@ -413,6 +413,24 @@ def test_mixed_errors_end_the_session_at_max_errors(servers: LeafmailFactory) ->
     record("mixed error flood, max_errors=5", "421 after the sixth error, closed")
 
 
+def test_refused_recipients_end_the_session_past_their_limit(servers: LeafmailFactory) -> None:
+    """A directory harvest: RCPT after RCPT, each refused for good. Before, 2,000 of
+    them in one session got a 550 each and the session went on (about 400 addresses a
+    second); now the 21st (smtp.max_refused_recipients, 20 by default, as Postfix's
+    smtpd_hard_error_limit) gets 421 and the session ends. max_errors is left high to
+    show the limit is a count of its own."""
+    server = servers(config("reject", "max_errors = 1000\n[relay]\nrelay_networks = []"))
+    with session(server) as client:
+        client.send(
+            f"MAIL FROM:<{SENDER}>\r\n".encode()
+            + b"".join(b"RCPT TO:<u%d@dst.test>\r\n" % i for i in range(100))
+        )
+        got = replies_until_close(client)
+    assert codes(got) == [250] + [550] * 20 + [421]
+    assert {r.enhanced for r in got[1:21]} == {"5.7.1"} and got[-1].enhanced == "4.7.0"
+    record("100 refused recipients", "421 after the 20th refusal, closed")
+
+
 def test_too_many_recipients(servers: LeafmailFactory, tmp_path: Path, sink: Smarthost) -> None:
     """452 4.5.3 past max_recipients, not counted as errors; only the accepted get it."""
     server = servers(config("reject", "max_recipients = 5\nmax_errors = 3"))

@@ -23,6 +23,8 @@ class ServerConfig:
     max_recipients: int = 100  # RFC 5321 4.5.3.1.8: at least 100 must be accepted
     max_errors: int = 20  # 0 = unlimited
     max_junk_commands: int = 100  # NOOP/RSET/VRFY/HELP before they count as errors; 0 = unlimited
+    # RCPTs refused with 5xx in a session before 421 (a directory harvest); 0 = unlimited
+    max_refused_recipients: int = 0
     tls_available: bool = False
     auth_enabled: bool = False
     auth_plaintext_allowed: bool = False  # offer AUTH without TLS (tests, loopback)
@@ -37,7 +39,9 @@ class ServerConfig:
             raise ValueError("max_message_size must be positive")
         if self.max_recipients < 1:
             raise ValueError("max_recipients must be at least 1")
-        if self.max_errors < 0 or self.max_junk_commands < 0:
-            raise ValueError("max_errors and max_junk_commands must not be negative")
+        if min(self.max_errors, self.max_junk_commands, self.max_refused_recipients) < 0:
+            raise ValueError(
+                "max_errors, max_junk_commands and max_refused_recipients must not be negative"
+            )
         if self.command_timeout <= 0 or self.data_timeout <= 0:
             raise ValueError("timeouts must be positive")

@@ -66,6 +66,7 @@ class ProtocolCore:
         "_out",
         "_pending",
         "_reads",
+        "_refused",
         "_sasl_lines",
         "_session",
         "_sink",
@@ -94,6 +95,7 @@ class ProtocolCore:
         self._errors = 0
         self._junk = 0
         self._reads = 0
+        self._refused = 0  # recipients refused with 5xx (max_refused_recipients)
         self._commands = CommandReader(
             config.bare_newline, COMMAND_LINE_LIMIT, EXTENDED_LINE_LIMITS
         )

@@ -55,7 +55,11 @@ Error accounting: every error reply caused by the client (syntax, sequence, unkn
 command, bad line, bad message content, failed or cancelled AUTH) counts; when more
 than ``max_errors`` have been counted the offending command is answered with 421 and
 the session ends.  Policy rejections of MAIL/RCPT and the size and recipient limits
-do not count: a policy that wants to end a session rejects with 421.
+do not count: a policy that wants to end a session rejects with 421.  Recipients
+refused with a 5xx have a count of their own, ``max_refused_recipients`` per session:
+past it the refusal becomes 421 and the session ends, so that one session cannot probe
+addresses without end (a directory harvest; Postfix's smtpd_hard_error_limit counts
+them among its errors).
 
 Junk commands (NOOP, RSET, VRFY, HELP) are free up to ``max_junk_commands`` per
 accepted message; past that each one also counts as an error, so a client that only
@@ -251,12 +255,22 @@ class ServerProtocol(ProtocolCore):
                 if not reply.closes:
                     self._fail(reply)  # failed logins count toward the error limit
                     return
+            case RcptTo() if reply.code >= 500:
+                reply = self._refused_recipient(reply)
             case _:
                 pass
         if reply.closes:
             self._close(reply)
         else:
             self._send(reply)
+
+    def _refused_recipient(self, reply: Reply) -> Reply:
+        """`reply`, or the 421 that ends the session past max_refused_recipients."""
+        self._refused += 1
+        limit = self.config.max_refused_recipients
+        if limit and self._refused > limit:
+            return replies.too_many_errors(self.config.hostname)
+        return reply
 
     def tls_started(self) -> None:
         """The handshake after STARTTLS succeeded: start over, as RFC 3207 4.2 says."""
