@@ -276,7 +276,7 @@ def test_check_errors_in_a_real_process(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "flags"),
     [
-        ((), ("serve", "check")),
+        ((), ("serve", "check", "Exit codes (sysexits): 0 ok, 64 usage, 69", "78")),
         (
             ("serve",),
             (
@@ -300,6 +300,10 @@ def test_check_errors_in_a_real_process(tmp_path: Path) -> None:
             ),
         ),
         (("check",), ("--allow", "--deny", "--name", "--access-file", "address")),
+        (
+            ("import-inetd",),
+            ("--services", "--hosts-allow", "/etc/hosts.allow", "--hosts-deny", "Exit codes"),
+        ),
     ],
 )
 def test_help_exits_0_and_lists_flags(

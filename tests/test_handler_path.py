@@ -31,6 +31,7 @@ def main() -> None:
 # `python -m` puts the directory first itself; the installed script puts its bin/ first.
 LAUNCHERS = {
     "python -m": [sys.executable, "-m", "netserver.cli"],
+    "python -m package": [sys.executable, "-m", "netserver"],
     "script": [str(Path(sys.executable).with_name("netserver"))],
 }
 

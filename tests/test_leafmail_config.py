@@ -433,6 +433,14 @@ def test_help_exits_0(tmp_path: Path, args: list[str]) -> None:
             assert flag in done.stdout
 
 
+def test_show_help_names_the_id_and_the_exit_codes(tmp_path: Path) -> None:
+    done = run_leafmail(tmp_path, "show", "--help")
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.decode().split())
+    assert "ID the queue id, as `leafmail queue` lists it" in text
+    assert "65 for a malformed queue id, 67 when no such message" in text
+
+
 def test_passwd_reads_stdin_and_prints_a_hash(tmp_path: Path) -> None:
     done = run_leafmail(tmp_path, "passwd", "dave", stdin=b"s3cret: with colon\n")
     assert done.returncode == 0, done.stderr
@@ -450,7 +458,19 @@ def test_passwd_reads_stdin_and_prints_a_hash(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("user", "stdin"), [("dave", b"\n"), ("dave", b""), ("da:ve", b"pw\n"), ("da\tve", b"pw\n")]
+    ("user", "stdin"),
+    [
+        ("dave", b"\n"),
+        ("dave", b""),
+        ("da:ve", b"pw\n"),
+        ("da\tve", b"pw\n"),
+        # each would print a line load_users refuses (""), skips ("#") or reads as another
+        # name (" dave" is read as "dave")
+        ("", b"pw\n"),
+        ("#dave", b"pw\n"),
+        (" dave", b"pw\n"),
+        ("dave ", b"pw\n"),
+    ],
 )
 def test_passwd_refuses_empty_passwords_and_bad_names(
     tmp_path: Path, user: str, stdin: bytes

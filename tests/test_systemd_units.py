@@ -8,6 +8,7 @@ warning (an unknown key, a bad value) fails the test, not only errors.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -61,3 +62,13 @@ def test_the_unit_runs_the_parent_as_root_with_a_cut_bounding_set() -> None:
     for cap in caps:
         assert cap in comments, f"{cap} is granted without a reason"
     assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
+
+
+def test_the_drop_ins_the_unit_names_are_shipped() -> None:
+    """A comment that sends the operator to a drop-in names a file that exists."""
+    text = (UNITS / "leafmail.service").read_text()
+    comments = " ".join(line for line in text.splitlines() if line.startswith("#"))
+    named = re.findall(r"[\w.-]+/[\w.-]+\.conf|[\w.-]+\.conf", comments)
+    assert named
+    for name in named:
+        assert (UNITS / name).is_file(), f"the unit names {name}, which is not shipped"

@@ -128,9 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="print a message's envelope, status and content",
         description="Print the envelope and delivery status (as JSON), a blank line, then "
         "the message: exactly as spooled when the output is a file or a pipe, with control "
-        "characters escaped (\\x1b) when it is a terminal, as ls(1) does.",
+        "characters escaped (\\x1b) when it is a terminal, as ls(1) does. Exit 0, 65 for a "
+        "malformed queue id, 67 when no such message is in the spool.",
     )
-    sh.add_argument("id")
+    sh.add_argument("id", metavar="ID", help="the queue id, as `leafmail queue` lists it")
     sh.add_argument("--envelope", action="store_true", help="only the envelope and status")
     for name, what, states in (
         ("delete", "remove messages from the spool (no bounce is sent)", "active, deferred, held"),
@@ -192,9 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
         "passwd",
         help="print a users-file line for SMTP AUTH",
         description="Read a password (from the terminal, or one line of stdin) and print "
-        "USER:HASH for auth.users_file. The password itself is never stored.",
+        "USER:HASH for auth.users_file. The password itself is never stored. Exit 0, 64 "
+        "for an empty password or a user name the users file cannot hold.",
     )
-    p.add_argument("user")
+    p.add_argument(
+        "user",
+        metavar="USER",
+        help="the AUTH user name: printable, no ':', no blank at either end, not starting with #",
+    )
     sm = sub.add_parser(
         "sendmail",
         add_help=False,
@@ -372,10 +378,26 @@ def cmd_passwd(args: argparse.Namespace) -> int:
         password = sys.stdin.readline().rstrip("\r\n")
     if not password:
         raise UsageError("empty password")
-    if ":" in args.user or not args.user.isprintable():
+    if not _users_file_name(args.user):
         raise UsageError(f"bad user name {args.user!r}")
     print(f"{args.user}:{hash_password(password)}")
     return EX_OK
+
+
+def _users_file_name(user: str) -> bool:
+    """Whether `user` reads back from a users-file line as itself.
+
+    load_users splits at the first ':', strips the line and skips one that starts with
+    '#', so an empty name, a ':', a '#' first or blanks at either end would print a
+    line that the daemon refuses, ignores or reads as another name.
+    """
+    return (
+        bool(user)
+        and ":" not in user
+        and user.isprintable()
+        and user == user.strip()
+        and not user.startswith("#")
+    )
 
 
 def cmd_flush(args: argparse.Namespace) -> int:

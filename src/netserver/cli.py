@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Write a TCP server as a function that reads stdin and writes stdout, "
         "or run a command per connection (like inetd, tcpserver).",
+        epilog="Each command's --help says more. Exit codes (sysexits): 0 ok, 64 usage, "
+        "69 unavailable (e.g. an address that cannot be bound), 78 configuration; "
+        "`check ADDRESS` exits 1 for a refused client.",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=UsageParser)
     s = sub.add_parser(

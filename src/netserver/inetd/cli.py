@@ -49,11 +49,23 @@ def add_inetd_commands(
         help="print an inetd.conf as netserver run TOML",
         description="Convert TCP nowait services (tcpd-wrapped ones with their "
         "hosts.allow/hosts.deny) to [[service]] tables on stdout; warn about what is skipped.",
+        epilog="Exit codes: 0 ok (skipped lines are only warned about), 64 usage, "
+        "78 a file that cannot be read.",
     )
     i.add_argument("file", metavar="FILE", help="the inetd.conf to read")
     i.add_argument("--services", metavar="FILE", help="services(5) file for port names")
-    i.add_argument("--hosts-allow", default="/etc/hosts.allow", metavar="FILE")
-    i.add_argument("--hosts-deny", default="/etc/hosts.deny", metavar="FILE")
+    i.add_argument(
+        "--hosts-allow",
+        default="/etc/hosts.allow",
+        metavar="FILE",
+        help="the tcpd rules of the wrapped services (default /etc/hosts.allow)",
+    )
+    i.add_argument(
+        "--hosts-deny",
+        default="/etc/hosts.deny",
+        metavar="FILE",
+        help="and their deny rules (default /etc/hosts.deny)",
+    )
 
 
 def add_user_flags(p: argparse.ArgumentParser) -> None:
