@@ -12,7 +12,8 @@ tcpd      hosts.allow/hosts.deny: parse, match, options, names, and its gate
 server    Server, and the standard gate list the commands build
 smtp      the sans-I/O SMTP engine: above the generic server, which never needs it
 inetd     ``netserver run``
-cli       the ``netserver`` command, then the package's public API
+cli       the ``netserver`` command (``__main__``: ``python -m netserver``), then the
+          package's public API
 
 Gates sit above modes because a gate may divert a connection to a mode of its own
 (tcpd's twist); no mode ever judges a connection. Imports under ``if TYPE_CHECKING:``
@@ -66,7 +67,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"server", "gates"}),
     frozenset({"smtp"}),
     frozenset({"inetd"}),
-    frozenset({"cli"}),
+    frozenset({"cli", "__main__"}),  # __main__: `python -m netserver`
     frozenset({""}),  # netserver/__init__.py: the public API
 )
 
