@@ -371,7 +371,7 @@ class Spool:
     @property
     def control_path(self) -> Path:
         """The running daemon's control socket (leafmail.control)."""
-        return self.root / "control"
+        return control_path(self.root)
 
     def path(self, state: QueueState, qid: str) -> Path:
         return Path(self._file(state, qid))
@@ -1216,6 +1216,12 @@ def _foreign_owner(root: Path) -> tuple[int, int] | None:
 def arrival_time(qid: str) -> float:
     """When a message was spooled: its id starts with the arrival time in nanoseconds."""
     return int(qid[:16], 16) / 1e9
+
+
+def control_path(root: str | Path) -> Path:
+    """The control socket of the daemon of the spool at `root`, without opening it
+    (`leafmail sendmail` asks whether a daemon serves a spool it has not created)."""
+    return Path(root) / "control"
 
 
 @contextlib.contextmanager

@@ -118,7 +118,8 @@ def readable_queue(spool: str) -> None:
 def run(opts: Options) -> int:
     """Dispatch on the mode, with the config from the environment."""
     config = configuration.load()
-    ctx = Context(config.submit, Submitter.current())
+    unconfigured = config.source == "defaults" and not os.environ.get("LEAFMAIL_SPOOL")
+    ctx = Context(config.submit, Submitter.current(), unconfigured)
     match opts.mode:
         case "queue":
             readable_queue(config.spool)

@@ -50,6 +50,9 @@ class Context:
 
     config: SubmitConfig
     identity: Submitter
+    # No config file and no LEAFMAIL_SPOOL: the spool is the XDG default nobody chose,
+    # so mail is queued there only while a daemon serves it (`choose_submitter`).
+    unconfigured: bool = False
 
     @property
     def hostname(self) -> str:

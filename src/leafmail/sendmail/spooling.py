@@ -14,7 +14,7 @@ from netserver.errors import CantCreateError, NetserverError, UsageError
 
 from .. import control, submitwire
 from ..envelope import Envelope
-from ..spool import Spool, SpoolError, new_id
+from ..spool import Spool, SpoolError, control_path, new_id
 from ..spoolcheck import check_spool
 from ..trace import MAX_HOPS, count_received, local_received_header
 from .context import Context
@@ -148,8 +148,27 @@ def choose_submitter(ctx: Context) -> SpoolSubmitter | SocketSubmitter:
     except OSError:  # cannot even look (a private parent directory): not ours
         owner = -1
     if owner == os.geteuid() or (owner is None and _may_create(path)):
+        if ctx.unconfigured:
+            _require_a_daemon(path)
         return SpoolSubmitter(ctx, open_spool(ctx.config.spool))
     return SocketSubmitter(ctx, submitwire.socket_path(path))
+
+
+def _require_a_daemon(path: Path) -> None:
+    """TryLater (75, nothing queued) unless a daemon serves the default spool `path`.
+
+    With no config file and no LEAFMAIL_SPOOL, the spool is the XDG default, which no
+    system daemon reads: a cron job's or a web server's mail left there would be
+    reported sent and never leave. A user who runs `leafmail serve` on it is served; a
+    user who queues on purpose and flushes later says so with a config or the variable.
+    """
+    if control.request(control_path(path), "wake", lambda _line: None) is None:
+        raise TryLater(
+            f"no leafmail is set up for this user: no config file (LEAFMAIL_CONFIG, "
+            f"~/.config/leafmail/leafmail.toml, /etc/leafmail/leafmail.toml) and no "
+            f"daemon serves the default spool {path}; nothing was queued (start "
+            f"`leafmail serve`, or set LEAFMAIL_CONFIG or LEAFMAIL_SPOOL)"
+        )
 
 
 def _may_create(path: Path) -> bool:
