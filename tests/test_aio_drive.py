@@ -132,6 +132,77 @@ def test_a_parked_line_read_gets_one_whole_line_inside_data_received(loop_kind: 
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
+def test_answers_to_a_read_of_whole_lines_are_sent_inside_data_received(loop_kind: str) -> None:
+    """A parked readline given a read of several whole lines (pipelined requests): the
+    handler answers them all and the answers are sent, in one write, before
+    data_received returns, not a loop turn later."""
+
+    async def handler(conn: AsyncConnection) -> None:
+        while line := await conn.readline():
+            conn.write(line.upper())
+            await conn.drain()
+
+    async def body(conn: AsyncConnection, task: asyncio.Task[Any], peer: socket.socket) -> None:
+        await parked(conn)
+        loop = asyncio.get_running_loop()
+        during: list[bytes] = []
+
+        def feed() -> None:  # a loop callback, as the transport's read is
+            conn.data_received(b"one\ntwo\nthree\n")
+            try:
+                during.append(peer.recv(100))
+            except BlockingIOError:
+                during.append(b"")
+
+        loop.call_soon(feed)
+        await asyncio.sleep(0)  # one turn: feed runs
+        assert during == [b"ONE\nTWO\nTHREE\n"]
+
+    run(loop_kind, handler, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+@pytest.mark.parametrize("then", ["wait", "raise", "close"])
+def test_answers_gathered_before_the_handler_stops_are_sent_in_order(
+    loop_kind: str, then: str
+) -> None:
+    """Answers gathered for a read of whole lines go out when the handler stops, whatever
+    stops it: waiting for something else (they go out while it waits), failing, or
+    closing; what it answers after a wait follows them in order."""
+    go = asyncio.Event()
+
+    async def handler(conn: AsyncConnection) -> None:
+        while line := await conn.readline():
+            conn.write(line.upper())
+            await conn.drain()
+            if line == b"two\n":
+                if then == "wait":
+                    await go.wait()
+                elif then == "raise":
+                    raise LookupError("after two")
+                else:
+                    await conn.close()
+                    return
+
+    async def body(conn: AsyncConnection, task: asyncio.Task[Any], peer: socket.socket) -> None:
+        await parked(conn)
+        peer.send(b"one\ntwo\nthree\n")
+        assert await recv(peer, 8) == b"ONE\nTWO\n"
+        if then == "wait":
+            assert not task.done()  # it waits on the event, its first answers sent
+            go.set()
+            assert await recv(peer, 6) == b"THREE\n"
+        elif then == "raise":
+            with pytest.raises(LookupError):
+                await task
+        else:
+            await task
+            assert await asyncio.get_running_loop().sock_recv(peer, 10) == b""
+
+    run(loop_kind, handler, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
 def test_current_task_and_timeout_work_around_a_parked_read(loop_kind: str) -> None:
     """current_task is the driving task after a direct resume; asyncio.timeout fires on a
     parked read, the handler goes on, and the bytes that come later are read whole."""

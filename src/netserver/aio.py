@@ -182,6 +182,8 @@ class AsyncConnection(LoopConnection):
                 end = data.find(b"\n") + 1
                 whole = 0 < end == size <= self.max_line
                 if not whole and 0 < end <= self.max_line and type(data) is bytes:
+                    if hand is not None and self._step_lines(hand, data):
+                        return
                     self._buf = data
                     self._pos = 0
                     if self._answer(self._split(data, 0, end), None):
@@ -366,6 +368,33 @@ class AsyncConnection(LoopConnection):
             _leave_task(loop, task)
         if not hand.done():
             hand.set_result(None)
+
+    def _step_lines(self, hand: asyncio.Future[None], data: bytes) -> bool:
+        """Resume a parked line read with a read of several whole lines; False if not that.
+
+        Pipelined requests, the common case of `_split` for a parked read: a read of at
+        most `SPLIT_SPAN` bytes that ends with a line (none over `max_line`, no lone CR)
+        is split in one call; the read gets the first line and `readline` pops the rest.
+        The answers the handler writes meanwhile are gathered and sent in one transport
+        write as soon as its coroutine stops (it parks again, waits for something else,
+        ends or fails): before the loop waits, with no loop turn (`call_soon`) for it.
+        """
+        size = len(data)
+        if data[-1] != 10 or size > SPLIT_SPAN or size > self.max_line or hand.done():
+            return False
+        lines = data.splitlines(True)
+        if len(lines) != data.count(b"\n"):  # (`splitlines` ends a line at a lone CR too)
+            return False
+        lines.reverse()
+        line = lines.pop()
+        self._lines = lines
+        out = self._out
+        if not out:  # gather the answers (`write`)
+            out.append(b"")
+        self._hand = None
+        self._step(hand, line, None)
+        self._flush()
+        return True
 
     def _line(self) -> bytes | None:
         """Take the next line from the buffer; None if it has not all come yet.
