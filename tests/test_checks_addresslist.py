@@ -11,6 +11,7 @@ with part sizes so small that most commas are cuts.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from email import _encoded_words as encoded_words  # type: ignore[attr-defined]
 from email.headerregistry import HeaderRegistry
 from typing import Any
 
@@ -120,6 +121,14 @@ TOKENS = [
     "u@[1.2.3.4,5]",
     "=?utf-8?q?Doe,_J?= <e@example.test>",
     "=?utf-8?q?a?=",
+    # Encoded-word look-alikes with specials inside: CPython takes the first two as
+    # words only where a token begins, the others never (they do not decode).
+    '=?utf-8?q?"?=',
+    "=?utf-8?q?,?=",
+    '=?a?="x?q?y?=',
+    '=?utf-8?q?="x?=',
+    "=?a?=:b@c?q?y?=",
+    '"=?utf-8?q?a"@b.test,x?="',
     "g: a@example.test, b@example.test;",
     "g:;",
     ":",
@@ -177,3 +186,71 @@ def test_parts_give_the_whole_fields_verdict(elements: list[str], utf8: bool, si
     assert valid == whole_valid, parts
     if valid:  # what an invalid field counts is never used alone
         assert count == whole_count, parts
+
+
+# --- encoded words: read as CPython reads them -----------------------------------------
+
+PAD = ", ".join(f"user{i}@example.org" for i in range(150))
+
+
+def test_a_look_alike_word_that_does_not_decode_hides_no_quote() -> None:
+    """'=?a?=' does not decode, so CPython reads the '"' after it as a quoted string
+    holding the comma; a scan that took it for an encoded word saw no quotes, then an
+    unclosed one, and gave a valid field's check a problem."""
+    value = '=?a?="x?q?y?=, z" <a@b.example>, ' + PAD
+    assert len(value) > PART_SIZE
+    assert not REGISTRY("To", value).defects
+    assert read_addresses(RawField("To", f"To: {value}".encode()), utf8=False) == (151, True)
+    parts = address_parts(value)
+    assert parts is not None and parts[0].startswith('=?a?="x?q?y?=, z" <a@b.example>')
+
+
+def test_a_cut_inside_a_quoted_string_does_not_pass_an_invalid_field() -> None:
+    """An encoded word inside quotes (a defect of its own) that hides the closing '"':
+    a scan that ended the quotes there cut inside them into two parts each valid."""
+    lead = ", ".join(f"user{i}@example.org" for i in range(80))
+    tail = ", ".join(f"other{i}@example.org" for i in range(40))
+    trick = '"=?utf-8?q?a"@b.example,x?=" <c@d.example>, '
+    value = f'{lead}, {trick}{tail}, last" <z@y.example>'
+    assert len(value) > PART_SIZE
+    assert REGISTRY("To", value).defects  # invalid as a whole
+    assert read_addresses(RawField("To", f"To: {value}".encode()), utf8=False) == (
+        whole_reading(value, False)[0],
+        False,
+    )
+
+
+def test_an_encoded_word_with_a_comma_is_one_token() -> None:
+    value = "=?utf-8?q?Doe,_J?= <j@example.test>, " + PAD
+    parts = address_parts(value)
+    assert parts is not None and parts[0].startswith("=?utf-8?q?Doe,_J?= <j@example.test>,")
+    assert read_addresses(RawField("To", f"To: {value}".encode()), utf8=False) == (151, True)
+
+
+LOOK_ALIKES = {
+    "opens": "=?a?q?x " * 12_000 + "?=",
+    "marks": "=?a?q?" * 15_000 + "x?=",
+    "escapes": "=?a?=41 " * 12_000,
+    "words": "=?utf-8?q?a,b?= " * 6_000 + ", x@example.test",
+    "quoted": '"' + "=?utf-8?q?a?= " * 6_000 + '"',
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOOK_ALIKES))
+def test_encoded_words_are_decoded_in_linear_time(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every "=?" of a field may start a word: the text decoded in all stays within a
+    small multiple of the field's length (it was never decoded more than once a
+    stretch between two "?=")."""
+    decoded: list[int] = []
+    real = encoded_words.decode
+
+    def counting(word: str) -> Any:
+        decoded.append(len(word))
+        return real(word)
+
+    monkeypatch.setattr(encoded_words, "decode", counting)
+    value = LOOK_ALIKES[name]
+    address_parts(value)
+    assert sum(decoded) <= 2 * len(value) + 4 * len(decoded)
