@@ -129,6 +129,7 @@ TOKENS = [
     '=?utf-8?q?="x?=',
     "=?a?=:b@c?q?y?=",
     '"=?utf-8?q?a"@b.test,x?="',
+    "b@=?utf-8?q?a?=",
     "g: a@example.test, b@example.test;",
     "g:;",
     ":",
@@ -218,6 +219,18 @@ def test_a_cut_inside_a_quoted_string_does_not_pass_an_invalid_field() -> None:
         whole_reading(value, False)[0],
         False,
     )
+
+
+def test_no_cut_right_after_an_encoded_word() -> None:
+    """CPython finds an encoded word followed by a comma invalid ("missing trailing
+    whitespace"); a part that ended with the word hid that (found by a fuzzer)."""
+    word = "b@=?utf-8?q?a?="
+    lead = "x" * (PART_SIZE - len(word) - len("@y.test, ") - 4) + "@y.test, " + word
+    value = f"{lead},x@y.test, {PAD}"  # the comma after the word ends the first part
+    assert PART_SIZE - 8 < len(lead) <= PART_SIZE
+    assert REGISTRY("To", value).defects
+    reading = read_addresses(RawField("To", f"To: {value}".encode()), utf8=False)
+    assert reading == (153, False)
 
 
 def test_an_encoded_word_with_a_comma_is_one_token() -> None:

@@ -110,7 +110,9 @@ def _list_commas(value: str) -> list[int]:
             group = True
         elif char == ";":
             group = False
-        elif char == "," and not group:
+        elif char == "," and not group and start != word_end:
+            # (Not right after a word: CPython finds a word followed by anything but
+            # white space invalid, and a part ending there would hide that.)
             commas.append(start)
     return commas
 
