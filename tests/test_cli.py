@@ -315,3 +315,20 @@ def test_help_exits_0_and_lists_flags(
     out = capsys.readouterr().out
     for flag in flags:
         assert flag in out
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("554 " + "x" * 4500, ("--refuse-access", "4504 octets, more than 1000")),
+        ("554 a\x07b", ("--refuse-access", "control character")),
+        ("554 \udcff", ("--refuse-access", "not UTF-8")),
+    ],
+)
+def test_a_refusal_line_that_cannot_be_sent_is_a_usage_error(
+    text: str, words: tuple[str, ...]
+) -> None:
+    """Before, a 4,500-octet line started the server, and a client refused behind PROXY
+    with workers never heard it (test_refusal_lines::test_the_longest_refusal_line_...);
+    a line of bytes that are not UTF-8 raised when a client was refused."""
+    assert_usage_error(netserver(*SERVE, *ECHO, "--refuse-access", text), *words)

@@ -138,6 +138,19 @@ def test_an_empty_banner_for_a_cause_is_a_config_error(tmp_path: Path) -> None:
     assert "banner_limit: must be a non-empty string" in done.stderr
 
 
+def test_a_banner_that_cannot_be_sent_is_a_config_error(tmp_path: Path) -> None:
+    """As --refuse-*: over refusals.MAX_LINE_OCTETS, or a control character."""
+    config = write_config(tmp_path, service("echo", f'{ECHO}\nbanner_access = "{"x" * 1001}"'))
+    done = run_fails(config)
+    assert done.returncode == EX_CONFIG
+    assert "banner_access: 1001 octets, more than 1000" in done.stderr
+    (tmp_path / "banner.txt").write_text("554 a\x07b\n")
+    body = f"{ECHO}\nbanner_file = '{tmp_path / 'banner.txt'}'"
+    done = run_fails(write_config(tmp_path, service("echo", body)))
+    assert done.returncode == EX_CONFIG
+    assert "banner_file: holds a control character" in done.stderr
+
+
 def test_instances_caps_concurrent_connections(tmp_path: Path) -> None:
     body = f"{ECHO}\ninstances = 1"
     server = start_run(write_config(tmp_path, service("echo", body)), tmp_path)

@@ -27,6 +27,7 @@ from netserver import Callbacks, Server
 from netserver.accepted import FdRegistry
 from netserver.connlog import ServerLog
 from netserver.linger import Lingerer
+from netserver.refusals import MAX_LINE_OCTETS
 from netserver.server import RunOptions
 
 REFUSAL = "554 go away"
@@ -314,3 +315,37 @@ def test_past_the_cap_a_refused_socket_is_closed_at_once(draining: Draining) -> 
     finally:
         for client in clients:
             client.close()
+
+
+# The longest refusal lines allowed, each in the characters whose JSON form is longest
+# for their UTF-8 octets (three times: "\u00e9" for two octets, a surrogate pair for four).
+LONGEST = {
+    "ascii": "554 " + "x" * (MAX_LINE_OCTETS - 4),
+    "two octets": "554 " + "\u00e9" * ((MAX_LINE_OCTETS - 4) // 2),
+    "three octets": "554 " + "\u20ac" * ((MAX_LINE_OCTETS - 4) // 3),
+    "four octets": "554 " + "\U0001f600" * ((MAX_LINE_OCTETS - 4) // 4),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LONGEST))
+def test_the_longest_refusal_line_reaches_a_client_behind_proxy_with_workers(
+    netserver_proc: ServerFactory, kind: str
+) -> None:
+    """The supervisor's verdict for a proxied client travels to the worker as one
+    message of at most the worker's MAX_MSG; a line of 4,500 octets was cut there, and
+    its client never heard it (the bound, refusals.MAX_LINE_OCTETS, is checked by
+    test_cli::test_a_refusal_line_that_cannot_be_sent_is_a_usage_error)."""
+    line = LONGEST[kind]
+    assert len(line.encode()) <= MAX_LINE_OCTETS
+    server = netserver_proc(
+        [
+            "--mode", "async", "--workers", "1", "--listen", "127.0.0.1:0",
+            "--proxy-from", "127.0.0.1", "--deny", "10.9.8.7",
+            "--refuse-access", line, "--handler", "proxy_tls_handlers:async_peer_held",
+        ],
+        env=HANDLER_ENV,
+    )  # fmt: skip
+    with connect(server.host_port) as sock:
+        sock.sendall(PROXY_HEADER.replace(b"{client}", b"10.9.8.7"))
+        assert recv_line(sock) == (line + "\r\n").encode()
+        assert finish(sock) == b""

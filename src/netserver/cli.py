@@ -29,7 +29,7 @@ from .limits import Limits
 from .listen.tls import load_context
 from .modes.prefork import PoolSize
 from .readiness import ready_fd_writer
-from .refusals import per_cause
+from .refusals import MAX_LINE_OCTETS, per_cause, refusal_problem
 from .resolver import Resolver, SystemResolver, confirmed_names
 from .server import MODES, ModeSpec, RunOptions, Server
 from .tcpd.access import DEFAULT_ALLOW, DEFAULT_DENY, HostsAccess, HostsLoader, load_hosts
@@ -71,12 +71,22 @@ _REFUSAL_FLAGS = (
 )
 
 
+def _refusal_line(text: str) -> str:
+    """A refusal line as given, or a usage error saying why it cannot be one."""
+    problem = refusal_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 def _add_refusal_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
-        "refusal lines (sent to a refused client before the close; default: none)"
+        "refusal lines (sent to a refused client before the close; default: none)",
+        f"Each is UTF-8 text of at most {MAX_LINE_OCTETS} octets with no control "
+        "character but CR, LF and TAB; CRLF is added.",
     )
     for flag, text in _REFUSAL_FLAGS:
-        g.add_argument(flag, metavar="TEXT", help=text)
+        g.add_argument(flag, metavar="TEXT", type=_refusal_line, help=text)
 
 
 def _add_access_flags(p: argparse.ArgumentParser) -> None:

@@ -25,7 +25,7 @@ from ..errors import ConfigError, NetserverError
 from ..limits import Limits
 from ..listen.listeners import parse_listen
 from ..privileges import Identity, resolve
-from ..refusals import RefusalLines, per_cause
+from ..refusals import RefusalLines, per_cause, refusal_problem
 from ..server import MODES
 from ..strictconf import (
     Invalid,
@@ -161,10 +161,10 @@ def _build(t: dict[str, Any], base: Path, path: str, lines: Mapping[str, int]) -
         hosts_deny=_file(t, "hosts_deny", base),
         daemon_name=_str(t, "daemon_name") or name,
         banner=per_cause(
-            _banner(t, base),
-            limit=_str(t, "banner_limit") or None,
-            access=_str(t, "banner_access") or None,
-            error=_str(t, "banner_error") or None,
+            _refusal(t, "banner", _banner(t, base)),
+            limit=_refusal(t, "banner_limit", _str(t, "banner_limit") or None),
+            access=_refusal(t, "banner_access", _str(t, "banner_access") or None),
+            error=_refusal(t, "banner_error", _str(t, "banner_error") or None),
         ),
         env=_env(t),
         tls_cert=_file(t, "tls_cert", base) or "",
@@ -326,6 +326,14 @@ def _banner(t: Mapping[str, Any], base: Path) -> str | None:
         return Path(path).read_text(encoding="utf-8").rstrip("\r\n").replace("\n", "\r\n")
     except (OSError, UnicodeDecodeError) as exc:
         raise Invalid("banner_file", f"{path!r}: {exc}") from None
+
+
+def _refusal(t: Mapping[str, Any], key: str, line: str | None) -> str | None:
+    """`line` if it can be sent as a refusal (`refusals.refusal_problem`)."""
+    problem = None if line is None else refusal_problem(line)
+    if problem is not None:
+        raise Invalid("banner_file" if "banner_file" in t and key == "banner" else key, problem)
+    return line
 
 
 def _env(t: Mapping[str, Any]) -> dict[str, str]:
