@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ServerFactory, served
+from conftest import RunningServer, ServerFactory, served
 from lifecycle_handlers import HANDLER_ENV, IO_TIMEOUT, connect, recv_line, serve_args, wait_until
 
 from netserver import Callbacks, Server
@@ -134,18 +134,23 @@ def test_a_tcpd_refusal_after_a_banner_is_read_by_a_client_that_speaks_first(
 PROXY_HEADER = b"PROXY TCP4 {client} 127.0.0.1 5555 25\r\n"
 
 
+def proxied_workers(netserver_proc: ServerFactory, *flags: str) -> RunningServer:
+    """netserver with two workers behind PROXY from loopback, holding each client."""
+    return netserver_proc(
+        [
+            "--mode", "async", "--workers", "2", "--listen", "127.0.0.1:0",
+            "--proxy-from", "127.0.0.1", *flags,
+            "--handler", "proxy_tls_handlers:async_peer_held",
+        ],
+        env=HANDLER_ENV,
+    )  # fmt: skip
+
+
 def test_a_refusal_behind_proxy_with_workers_is_read_by_a_client_that_speaks_first(
     netserver_proc: ServerFactory,
 ) -> None:
     """The worker that read the PROXY header sends the supervisor's refusal (Worker._drop)."""
-    server = netserver_proc(
-        [
-            "--mode", "async", "--workers", "2", "--listen", "127.0.0.1:0",
-            "--proxy-from", "127.0.0.1", "--max-per-source", "1",
-            "--refuse-message", REFUSAL, "--handler", "proxy_tls_handlers:async_peer_held",
-        ],
-        env=HANDLER_ENV,
-    )  # fmt: skip
+    server = proxied_workers(netserver_proc, "--max-per-source", "1", "--refuse-message", REFUSAL)
     header = PROXY_HEADER.replace(b"{client}", b"10.9.8.7")
     with connect(server.host_port) as first:
         first.sendall(header)
@@ -167,14 +172,11 @@ def test_tcpd_banners_reach_clients_behind_proxy_with_workers(
     (banners / "svc").write_text("Hello %a\n")
     (tmp_path / "hosts.allow").write_text(f"ALL: 10.9.8.6: banners {banners}\n")
     (tmp_path / "hosts.deny").write_text(f"ALL: ALL: banners {banners}\n")
-    server = netserver_proc(
-        [
-            "--mode", "async", "--workers", "2", "--listen", "127.0.0.1:0",
-            "--proxy-from", "127.0.0.1", "--hosts-allow", str(tmp_path / "hosts.allow"),
-            "--hosts-deny", str(tmp_path / "hosts.deny"), "--daemon-name", "svc",
-            "--refuse-message", REFUSAL, "--handler", "proxy_tls_handlers:async_peer_held",
-        ],
-        env=HANDLER_ENV,
+    server = proxied_workers(
+        netserver_proc,
+        "--hosts-allow", str(tmp_path / "hosts.allow"),
+        "--hosts-deny", str(tmp_path / "hosts.deny"),
+        "--daemon-name", "svc", "--refuse-message", REFUSAL,
     )  # fmt: skip
     with connect(server.host_port) as granted:
         granted.sendall(PROXY_HEADER.replace(b"{client}", b"10.9.8.6"))
@@ -337,14 +339,7 @@ def test_the_longest_refusal_line_reaches_a_client_behind_proxy_with_workers(
     test_cli::test_a_refusal_line_that_cannot_be_sent_is_a_usage_error)."""
     line = LONGEST[kind]
     assert len(line.encode()) <= MAX_LINE_OCTETS
-    server = netserver_proc(
-        [
-            "--mode", "async", "--workers", "1", "--listen", "127.0.0.1:0",
-            "--proxy-from", "127.0.0.1", "--deny", "10.9.8.7",
-            "--refuse-access", line, "--handler", "proxy_tls_handlers:async_peer_held",
-        ],
-        env=HANDLER_ENV,
-    )  # fmt: skip
+    server = proxied_workers(netserver_proc, "--deny", "10.9.8.7", "--refuse-access", line)
     with connect(server.host_port) as sock:
         sock.sendall(PROXY_HEADER.replace(b"{client}", b"10.9.8.7"))
         assert recv_line(sock) == (line + "\r\n").encode()
