@@ -52,8 +52,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The whole suite in parallel worker processes (pytest-xdist), one per CPU by default:
+# most tests wait on a daemon, a command or a timeout rather than compute. --dist loadfile
+# keeps each test file in one worker (module fixtures, helpers' users and shared paths);
+# TEST_WORKERS=0 runs it in this process, one test at a time.
+TEST_WORKERS ?= auto
 unit: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The fast layer: tests that stay in this process (no subprocess, no daemon, no fork);
 # tests/conftest.py marks every other test `slow` by rule and fails a fast test that

@@ -197,12 +197,12 @@ def silent_port() -> Iterator[int]:
 
 
 @pytest.fixture
-def closed_port() -> int:
-    """A port nobody listens on (bound, then closed: connecting is refused)."""
+def closed_port() -> Iterator[int]:
+    """A port nobody listens on: bound and held, never listening, so connecting is refused
+    and no other test (`make test` runs files in parallel) can be given it meanwhile."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+        yield sock.getsockname()[1]
 
 
 class ScriptedServer:

@@ -618,6 +618,22 @@ def test_auth_login_challenge_is_sent(server: Leafmail, tls: TLSFiles) -> None:
 # --- sender ownership (smtpd_sender_login_maps + reject_sender_login_mismatch) ---------
 
 
+@pytest.fixture(scope="module")
+def owners_server(
+    material: tuple[TLSFiles, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Leafmail]:
+    """One server for the whole sender-ownership table (a daemon per case cost ~1.5 s
+    each): every case is a session of its own whose login succeeds, and a successful
+    login leaves nothing behind that a later session would see."""
+    directory = tmp_path_factory.mktemp("owners")
+    users = users_file(directory, {"alice": PASSWORD, "bob": "bobs pw", "dave": "daves pw"})
+    factory = LeafmailFactory(directory)
+    try:
+        yield factory(config(material, users=users, smtps=False, submission=False))
+    finally:
+        factory.close()  # and it must exit 0, as each case's own server had to
+
+
 @pytest.mark.parametrize(
     ("user", "password", "sender", "code"),
     [
@@ -635,16 +651,14 @@ def test_auth_login_challenge_is_sent(server: Leafmail, tls: TLSFiles) -> None:
     ],
 )
 def test_a_logged_in_user_sends_only_as_addresses_they_own(
-    servers: LeafmailFactory,
+    owners_server: Leafmail,
     material: tuple[TLSFiles, Path],
-    tmp_path: Path,
     user: str,
     password: str,
     sender: str,
     code: int,
 ) -> None:
-    users = users_file(tmp_path, {"alice": PASSWORD, "bob": "bobs pw", "dave": "daves pw"})
-    server = servers(config(material, users=users, smtps=False, submission=False))
+    server = owners_server
     with raw_starttls(server, material[0]) as client:
         assert client.command("AUTH PLAIN " + b64(f"\0{user}\0{password}")).code == 235
         reply = client.command(f"MAIL FROM:{sender}")
