@@ -132,7 +132,10 @@ def test_no_process_that_reads_the_network_is_root(
     servers: LeafmailFactory, tmp_path: Path
 ) -> None:
     user = _daemon_user()
-    server = servers(local_config(tmp_path, extra="[process]\nworkers = 2\n"))
+    # The check pool only sees mail from outside relay_networks (loopback is inside).
+    checked = '[process]\nworkers = 2\n[checks]\nrfc5322 = "tag"\n'
+    config = local_config(tmp_path, extra=checked)
+    server = servers(config.replace("[relay]\n", "[relay]\nrelay_networks = []\n", 1))
     found = roles(server)
     assert len(found["smtpd"]) == 2 and len(found["qmgr"]) == 1 and len(found["local"]) == 1
     tree = descendants(server.proc.pid)
@@ -152,6 +155,12 @@ def test_no_process_that_reads_the_network_is_root(
     mailbox = tmp_path / "mail" / "alice" / "new"  # written by the root-side service
     wait_for("alice's copy", lambda: mailbox.is_dir() and any(mailbox.iterdir()))
     wait_for("the qmgr's log line", lambda: f"qid={qid} result=delivered" in server.log())
+    # The message was parsed by a check worker, forked by an smtpd worker and kept idle
+    # for the next message: it read the client's bytes too, so it is not root either.
+    checkers = [pid for worker in found["smtpd"] for pid in descendants(worker)]
+    assert checkers, "no check worker under the smtpd workers"
+    for pid in checkers:
+        assert ids(pid) == ({user.pw_uid}, {user.pw_gid}), (pid, ids(pid))
 
 
 def test_a_killed_worker_is_replaced_and_service_goes_on(servers: LeafmailFactory) -> None:
