@@ -227,7 +227,7 @@ def test_group_commit_shares_syncs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     """Batches share their barriers, and `Spool.syncs` counts every barrier system call
     the commits made (fdatasync, fsync, syncfs: each a flush of the disk's cache), not
     one a batch whatever the file system needed."""
-    spool = _WatchedSpool(tmp_path)
+    spool = _WatchedSpool(tmp_path, slow=True)
     committer = GroupCommitter(spool)
     trail = _Trail(monkeypatch, tmp_path)
 
@@ -246,26 +246,43 @@ def test_group_commit_shares_syncs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 class _WatchedSpool(Spool):
-    """Records which thread writes each file and the files each barrier covers."""
+    """Records which thread writes each file and the files each barrier covers.
 
-    def __init__(self, root: Path) -> None:
+    With `slow` each barrier lasts until two more files were written (or 0.2 s passed:
+    the last ones), as a disk's flush outlasts the next messages' arrival under load.
+    Whether batches form then does not depend on how fast the test's file system
+    flushes: on an idle disk, with a lone message's one fsync, the thread could keep up
+    with the loop, and every batch was a batch of one.
+    """
+
+    def __init__(self, root: Path, *, slow: bool = False) -> None:
         super().__init__(root)
         self.writers: set[str] = set()
         self.barriers: list[int] = []
+        self._slow = slow
+        self._written = 0
+        self._wrote = threading.Condition()
 
     def write_tmp(self, qid: str, blob: bytes, tmp_dir: int | None = None) -> int:
         self.writers.add(threading.current_thread().name)
+        with self._wrote:
+            self._written += 1
+            self._wrote.notify_all()
         return super().write_tmp(qid, blob, tmp_dir)
 
     def sync_renamed(self, fds: list[int], dir_fd: int) -> None:
         self.barriers.append(len(fds))  # a batch's one barrier (data and names)
+        if self._slow:
+            with self._wrote:
+                target = self._written + 2
+                self._wrote.wait_for(lambda: self._written >= target, timeout=0.2)
         super().sync_renamed(fds, dir_fd)
 
 
 def test_group_commit_writes_in_the_loop_and_syncs_per_batch(tmp_path: Path) -> None:
     """The session's loop writes the file (its threads would take the interpreter lock
     once per message); the thread makes a whole batch durable with one call."""
-    spool = _WatchedSpool(tmp_path)
+    spool = _WatchedSpool(tmp_path, slow=True)
     committer = GroupCommitter(spool)
 
     qids = _commit_many(committer, 50)
@@ -605,7 +622,7 @@ def test_a_crowd_shares_one_barrier_a_batch(
     by the loop as it is written (under its lock), and the thread makes the whole batch
     durable with one barrier (one syncfs: no fsync of queue/ after it, no second
     thread), then wakes the loop once for the batch."""
-    spool = _WatchedSpool(tmp_path)
+    spool = _WatchedSpool(tmp_path, slow=True)
     committer = GroupCommitter(spool)
     trail = _Trail(monkeypatch, tmp_path)
 

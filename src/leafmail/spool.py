@@ -47,7 +47,6 @@ import asyncio
 import collections
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import functools
@@ -215,7 +214,7 @@ def _peek_envelope(env: bytes) -> tuple[str, tuple[str, ...]]:
 def _load_syncfs() -> Callable[[int], int] | None:
     """libc's syncfs(2): one call makes every file written so far on the filesystem durable."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # the C library this process runs on
         return cast(Callable[[int], int], libc.syncfs)
     except (OSError, AttributeError):
         return None
