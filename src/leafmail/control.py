@@ -99,7 +99,7 @@ class UnixListener:
         """
         path = self.path
         if path.exists() or path.is_symlink():
-            if _answers(path):
+            if answers(path):
                 log.info(f"another leafmail runs on this spool; no {what}", path=str(path))
                 return False
             with contextlib.suppress(OSError):
@@ -158,7 +158,7 @@ def _connect(sock: socket.socket, path: Path) -> None:
         sock.connect(name)
 
 
-def _answers(path: Path) -> bool:
+def answers(path: Path) -> bool:
     """True if a live daemon listens on `path` (a stale socket refuses the connection)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(2.0)

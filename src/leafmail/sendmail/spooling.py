@@ -162,7 +162,7 @@ def _require_a_daemon(path: Path) -> None:
     reported sent and never leave. A user who runs `leafmail serve` on it is served; a
     user who queues on purpose and flushes later says so with a config or the variable.
     """
-    if control.request(control_path(path), "wake", lambda _line: None) is None:
+    if not control.answers(control_path(path)):
         raise TryLater(
             f"no leafmail is set up for this user: no config file (LEAFMAIL_CONFIG, "
             f"~/.config/leafmail/leafmail.toml, /etc/leafmail/leafmail.toml) and no "
