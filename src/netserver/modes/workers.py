@@ -193,8 +193,7 @@ class WorkerPool:
             return
         self.started = True
         self._loop = loop
-        for _ in range(self.count):
-            self._spawn()
+        self._spawn_batch(self.count)
         self._drain_pending()
 
     @property
@@ -202,16 +201,37 @@ class WorkerPool:
         return sorted(self.procs)
 
     # -- the worker processes -------------------------------------------------------------
-    def _spawn(self) -> _Proc | None:
+    def _spawn_batch(self, count: int) -> bool:
+        """Start `count` workers; False if one could not be started.
+
+        Every seat is marked as watching the listeners before the first fork: the first
+        worker may be serving while we still fork the others, and a worker leaves a client
+        only to a seat so marked, so it would otherwise take each client until the next
+        seat is (CI saw both of two clients served by the first worker).
+        """
+        seats = [self._reserve_seat() for _ in range(count)]
+        for at, seat in enumerate(seats):
+            if self._spawn(seat) is None:
+                for rest in seats[at + 1 :]:
+                    self._give_back(rest)
+                return False
+        return True
+
+    def _reserve_seat(self) -> int:
+        """A free seat, marked as watching the listeners (clients are left to it from
+        now on), or -1 when none is free."""
+        seat = self._free_seats.pop() if self._free_seats else -1
+        if seat >= 0:
+            for direct in self._direct():
+                direct.table.accepting(True, seat)
+        return seat
+
+    def _spawn(self, seat: int) -> _Proc | None:
         assert self._loop is not None
         parent_pid = os.getpid()
         # Objects made so far stay out of the collector's way in both processes, so a
         # collection does not touch (and copy) the pages the child shares with us.
         gc.freeze()
-        seat = self._free_seats.pop() if self._free_seats else -1
-        if seat >= 0:  # it will watch the listeners: leave clients to it from now on
-            for direct in self._direct():
-                direct.table.accepting(True, seat)
         if seat < 0 and self._direct():
             self.log.error(f"no seat free in the shared limits: this {self.name} accepts nothing")
         try:
@@ -325,10 +345,8 @@ class WorkerPool:
     def _restart(self) -> None:
         if not self.replacing:
             return
-        while self._current() < self.count:
-            if self._spawn() is None:
-                return
-        self._drain_pending()
+        if self._spawn_batch(self.count - self._current()):
+            self._drain_pending()
 
     def _current(self) -> int:
         return sum(1 for p in self.procs.values() if not p.retiring)
@@ -502,8 +520,7 @@ class WorkerPool:
         for proc in old:
             proc.retiring = True
         if overlap or not old:
-            for _ in range(self.count):
-                self._spawn()
+            self._spawn_batch(self.count)
         for proc in old:
             self._tell(proc, RETIRE if proc.conns else STOP)
         self._drain_pending()
