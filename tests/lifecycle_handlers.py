@@ -222,8 +222,13 @@ def socket_fds(pid: int) -> int:
 
 
 def holds_socket(pid: int, inode: str) -> bool:
-    """True if process `pid` has the socket with this inode open."""
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
+    """True if process `pid` has the socket with this inode open (False once it is gone:
+    a process listed a moment ago as a child may have exited since)."""
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except FileNotFoundError:
+        return False
+    for fd in fds:
         try:
             if os.readlink(fd) == f"socket:[{inode}]":
                 return True
