@@ -1021,6 +1021,19 @@ def test_8bitmime_and_size_are_passed_on(hosts: MakeHost) -> None:
     assert got.content == data
 
 
+def test_8bit_data_received_without_body_goes_on_with_body_8bitmime(hosts: MakeHost) -> None:
+    """8-bit data that its client sent without BODY=8BITMIME (accepted, as Postfix does)
+    is declared at the next hop: RFC 6152 3 has a client send 8-bit data only with
+    BODY=8BITMIME, and a strict server (Postfix's strict_8bitmime) refuses it otherwise."""
+    host = hosts()
+    data = mail("eight", body="caf\u00e9\r\n".encode())
+    results = deliver(SmarthostAgent(settings(host.port)), envelope("bob@example.test"), data)
+    assert results[0].outcome is Outcome.DELIVERED
+    [got] = host.received
+    assert "BODY=8BITMIME" in got.mail_options
+    assert got.content == data
+
+
 def test_7bit_message_has_no_body_parameter(hosts: MakeHost) -> None:
     host = hosts()
     data = mail()

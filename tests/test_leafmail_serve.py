@@ -192,6 +192,23 @@ def test_an_ehlo_name_cannot_add_structure_to_the_received_field(
     assert msg.envelope.client.helo == helo
 
 
+def test_an_ipv6_client_is_an_ipv6_address_literal_in_the_received_field(
+    servers: LeafmailFactory,
+) -> None:
+    """RFC 5321 4.1.3: an IPv6 address literal is "[IPv6:...]" (Postfix writes
+    "[IPv6:::1]"); "[::1]" is not one, so the Received field would not parse as RFC 5321
+    4.4's TCP-info. The envelope keeps the plain address, as the logs and checks use it."""
+    server = servers(listen=("[::1]:0",))
+    with smtp_client(server, "::1") as client:
+        code, _ = client.ehlo(CLIENT)
+        assert code == 250
+        qid = smtplib_send(client, SENDER, ["bob@mx.test"], MESSAGE)
+    msg = server.message(qid)
+    received, rest = split_received(msg.data)
+    assert (received.ip, rest) == ("IPv6:::1", MESSAGE)
+    assert msg.envelope.client.ip == "::1"
+
+
 @pytest.mark.parametrize(
     "char",
     [

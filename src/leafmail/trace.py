@@ -104,7 +104,7 @@ def received_header(
     utf8: bool = False,
 ) -> bytes:
     """The header field, folded, ending in CRLF; UTF-8 only in an SMTPUTF8 message."""
-    source = f"[{client_ip}]" if client_ip else "localhost"
+    source = _address_literal(client_ip) if client_ip else "localhost"
     name = _clean(helo or "unknown", _UNSAFE_HELO if utf8 else _UNSAFE_HELO_ASCII)
     lines = [f"Received: from {name} ({source})"]
     via = f"by {_clean(hostname)} (leafmail) with {protocol} id {qid}"
@@ -112,6 +112,12 @@ def received_header(
         via += " (" + " ".join(_clean(word) for word in tls.split()) + ")"
     lines.append("\t" + via)
     return _finished(lines, recipients, timestamp)
+
+
+def _address_literal(ip: str) -> str:
+    """RFC 5321 4.1.3's address-literal: "[192.0.2.1]", or "[IPv6:2001:db8::1]" (an
+    IPv6 address needs its tag; Postfix writes it so too)."""
+    return f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
 
 
 def local_received_header(

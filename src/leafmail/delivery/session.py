@@ -204,11 +204,16 @@ def cannot_carry(
 def mail_options(
     offered: Mapping[str, str], envelope: Envelope, data: bytes, *, utf8: bool
 ) -> list[str]:
-    """MAIL FROM parameters passed onward: SIZE, BODY, SMTPUTF8, and DSN's RET/ENVID."""
+    """MAIL FROM parameters passed onward: SIZE, BODY, SMTPUTF8, and DSN's RET/ENVID.
+
+    BODY=8BITMIME goes with every message that has 8-bit data, whatever its client
+    declared: leafmail accepts undeclared 8-bit data as Postfix does, but passes it on
+    only as RFC 6152 3 allows, declared (a strict next hop refuses it otherwise).
+    """
     options = []
     if "size" in offered:
         options.append(f"SIZE={len(data)}")
-    if envelope.body.upper() != "7BIT" and "8bitmime" in offered:
+    if "8bitmime" in offered and (envelope.body.upper() != "7BIT" or has_8bit(data)):
         options.append("BODY=8BITMIME")
     if utf8:
         options.append("SMTPUTF8")
