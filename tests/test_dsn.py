@@ -243,6 +243,18 @@ def test_failure_dsn_structure_and_fields() -> None:
     assert (dsn_env.ret, dsn_env.envid) == (None, None)
 
 
+def test_every_date_of_a_dsn_has_a_numeric_zone() -> None:
+    """RFC 5322 3.3: a zone is "+hhmm"; "GMT" is obsolete syntax (4.3), which must not be
+    generated. Postfix writes "+0000 (UTC)"."""
+    _, blob = dsn(envelope(Recipient("bob@example.test")))
+    dates = re.findall(rb"^(?:Date|Arrival-Date|Last-Attempt-Date): (.*)\r$", blob, re.M)
+    assert len(dates) == 3
+    for date in dates:
+        assert re.fullmatch(
+            rb"[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d \+0000", date
+        ), date
+
+
 def test_raw_status_part_matches_the_parsed_one() -> None:
     env = envelope(Recipient("bob@example.test"), Recipient("carol@example.test"))
     _, blob = dsn(env)

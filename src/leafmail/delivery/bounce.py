@@ -30,7 +30,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import format_datetime, formatdate, make_msgid
+from email.utils import format_datetime, make_msgid
 from enum import StrEnum
 
 from ..envelope import LOCAL_PROTOCOL, ClientInfo, Envelope, Recipient
@@ -129,7 +129,7 @@ def build_dsn(
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
         f"To: {_angle(recipient)}",
         f"Subject: {_SUBJECTS[kind] if to is None else _DOUBLE_SUBJECT}",
-        f"Date: {formatdate(now, usegmt=True)}",
+        f"Date: {_date(now)}",  # "+0000": "GMT" is RFC 5322 4.3 obsolete syntax
         f"Message-ID: {make_msgid(domain=hostname)}",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
