@@ -1034,6 +1034,18 @@ def test_8bit_data_received_without_body_goes_on_with_body_8bitmime(hosts: MakeH
     assert got.content == data
 
 
+def test_a_bare_postmaster_goes_on_qualified_with_our_name(hosts: MakeHost) -> None:
+    """RCPT TO:<Postmaster> meant this server's postmaster (RFC 5321 4.1.1.3); sent on
+    bare, the smarthost took it for its own (Postfix qualified it with its own name).
+    It goes on as postmaster@<our name>, as Postfix's append_at_myorigin writes it."""
+    host = hosts()
+    env = envelope("Postmaster", "bob@example.test")
+    results = deliver(SmarthostAgent(settings(host.port)), env, mail())
+    assert [r.outcome for r in results.values()] == [Outcome.DELIVERED] * 2
+    [got] = host.received
+    assert got.recipients == [f"Postmaster@{HELO}", "bob@example.test"]
+
+
 def test_7bit_message_has_no_body_parameter(hosts: MakeHost) -> None:
     host = hosts()
     data = mail()

@@ -440,7 +440,13 @@ class MxAgent:
         attempt.began = True
         try:
             await transaction(
-                link, attempt.envelope, attempt.data, attempt.rcpts, attempt.results, remote
+                link,
+                attempt.envelope,
+                attempt.data,
+                attempt.rcpts,
+                attempt.results,
+                remote,
+                hostname=self.helo,
             )
             await quit_and_drop(link, QUIT_TIMEOUT)
         except (WireError, OSError) as exc:

@@ -66,8 +66,13 @@ async def transaction(
     rcpts: Sequence[int],
     results: dict[int, Result],
     remote: str,
+    *,
+    hostname: str,
 ) -> bool:
     """MAIL, RCPT for each recipient, DATA; fills `results`; True if the connection is reusable.
+
+    `hostname` is this server's name, the domain of a bare ``<Postmaster>`` (see
+    `forward_path`).
 
     A recipient's result is recorded as soon as it is final for this attempt (a RCPT
     refusal), and the accepted ones after the reply to DATA, so if the connection dies
@@ -85,7 +90,7 @@ async def transaction(
     exchange = MailExchange(
         MailCommands(
             mail=path_line(b"MAIL", b"FROM:", envelope.sender, options, encoding),
-            rcpts=tuple(rcpt_line(envelope.recipients[i], dsn, encoding) for i in rcpts),
+            rcpts=tuple(rcpt_line(envelope.recipients[i], dsn, encoding, hostname) for i in rcpts),
             message=data,
             pipelining="pipelining" in offered,
         )
@@ -144,8 +149,20 @@ def rcpt_refused(reply: Reply, remote: str) -> Result:
     return refused(reply, remote)
 
 
-def rcpt_line(rcpt: Recipient, dsn: bool, encoding: str) -> bytes:
-    return path_line(b"RCPT", b"TO:", rcpt.address, rcpt_options(rcpt, dsn), encoding)
+def rcpt_line(rcpt: Recipient, dsn: bool, encoding: str, hostname: str) -> bytes:
+    address = forward_path(rcpt.address, hostname)
+    return path_line(b"RCPT", b"TO:", address, rcpt_options(rcpt, dsn), encoding)
+
+
+def forward_path(address: str, hostname: str) -> str:
+    """The recipient as another server must see it: a bare ``Postmaster`` qualified.
+
+    ``<Postmaster>`` without a domain is the only bare path SMTP allows, and it means the
+    postmaster of the server it was sent to (RFC 5321 4.1.1.3): ours. Passed on bare, the
+    next hop would take it for its own postmaster; qualified with our name it keeps its
+    meaning, as Postfix's append_at_myorigin qualifies it.
+    """
+    return address if "@" in address else f"{address}@{hostname}"
 
 
 def path_line(

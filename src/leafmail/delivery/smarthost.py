@@ -123,7 +123,9 @@ class SmarthostAgent:
         remote = self.settings.remote
         try:
             async with asyncio.timeout(self.settings.deadline):
-                reusable = await transaction(conn.link, envelope, data, rcpts, results, remote)
+                reusable = await transaction(
+                    conn.link, envelope, data, rcpts, results, remote, hostname=self.settings.helo
+                )
         except TimeoutError:
             lost = Result.deferred("4.4.2", f"{remote} did not finish within the deadline", remote)
             results = {**all_results(rcpts, lost), **results}
