@@ -1146,6 +1146,26 @@ def test_dsn_parameters_are_passed_to_a_dsn_capable_next_hop(
     assert spool.find(qid) is None
 
 
+def test_a_utf8_orcpt_is_passed_on_in_rfc6533_escapes(
+    servers: LeafmailFactory, spool: Spool
+) -> None:
+    """ORCPT=utf-8;... (RFC 6533) must go on as it came (RFC 3461 4.2); it was dropped
+    when its address was not ASCII. It goes as utf-8-addr-xtext, ASCII with \\x{HEX}
+    escapes, which a next hop without SMTPUTF8 takes too (this one reads it back)."""
+    nexthop = servers()
+    orcpt = "utf-8;w\u00f8\u00df+1=\\@example.test"
+    env = envelope(Recipient("w@example.test", ("FAILURE",), orcpt))
+    qid = spool.commit(env, mail("utf-8 orcpt"))
+
+    results = send(spool, qid, SmarthostAgent(settings(nexthop.port)))
+
+    assert results is not None
+    assert results["w@example.test"].outcome is Outcome.DELIVERED
+    [msg] = nexthop.messages()
+    [got] = msg.envelope.recipients
+    assert (got.address, got.notify, got.orcpt) == ("w@example.test", ("FAILURE",), orcpt)
+
+
 def test_dsn_parameters_are_left_out_for_a_server_without_dsn(hosts: MakeHost) -> None:
     host = hosts()
     env = envelope(

@@ -33,6 +33,8 @@ from datetime import UTC, datetime
 from email.utils import format_datetime, make_msgid
 from enum import StrEnum
 
+from netserver.smtp.parameters import utf8_addr_xtext
+
 from ..envelope import LOCAL_PROTOCOL, ClientInfo, Envelope, Recipient
 from ..trace import header_section
 from . import Result
@@ -329,16 +331,7 @@ def _original_recipient(orcpt: str, *, utf8: bool) -> str:
     addr_type, semicolon, address = orcpt.partition(";")
     if not semicolon or addr_type.lower() != "utf-8":
         return _clean(orcpt, utf8=utf8)
-    return f"{addr_type};" + "".join(_qchar(c, utf8) for c in address)[:900]
-
-
-def _qchar(char: str, utf8: bool) -> str:
-    point = ord(char)
-    if (0x21 <= point <= 0x7E and char not in "+=\\") or (
-        utf8 and point > 0x7F and char.isprintable()
-    ):
-        return char
-    return f"\\x{{{point:X}}}"
+    return f"{addr_type};" + utf8_addr_xtext(address, unitext=utf8)[:900]
 
 
 def _host_of(remote: str) -> str:

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 from netserver.smtp.client import Answered, Awaited
 from netserver.smtp.mailexchange import MailCommands, MailExchange
-from netserver.smtp.parameters import xtext_encode
+from netserver.smtp.parameters import MAX_ORCPT, utf8_addr_xtext, xtext_encode
 from netserver.smtp.replies import Reply
 
 from ..envelope import Envelope, Recipient
@@ -243,17 +243,33 @@ def mail_options(
 
 
 def rcpt_options(rcpt: Recipient, dsn: bool) -> list[str]:
-    """RCPT TO parameters passed onward when the next hop speaks DSN: NOTIFY and ORCPT."""
+    """RCPT TO parameters passed onward when the next hop speaks DSN: NOTIFY and ORCPT.
+
+    ORCPT goes on as it came (RFC 3461 4.2), re-encoded: xtext, or for the utf-8 type
+    RFC 6533's ``\\x{HEX}`` escapes, which are ASCII whether or not the next hop has
+    SMTPUTF8. One that no longer fits the 500 characters a server must take is left out
+    rather than have the RCPT refused.
+    """
     if not dsn:
         return []
     options = []
     if rcpt.notify:
         options.append("NOTIFY=" + ",".join(rcpt.notify))
     if rcpt.orcpt:
-        addr_type, _, address = rcpt.orcpt.partition(";")
-        if address.isascii():
-            options.append(f"ORCPT={addr_type};{xtext_encode(address)}")
+        options += orcpt_option(rcpt.orcpt)
     return options
+
+
+def orcpt_option(orcpt: str) -> list[str]:
+    """``ORCPT=type;address`` encoded for the wire, or nothing when it cannot go."""
+    addr_type, _, address = orcpt.partition(";")
+    if addr_type.lower() == "utf-8":
+        value = f"{addr_type};{utf8_addr_xtext(address)}"
+    elif address.isascii():
+        value = f"{addr_type};{xtext_encode(address)}"
+    else:
+        return []
+    return [f"ORCPT={value}"] if len(value) <= MAX_ORCPT else []
 
 
 def needs_smtputf8(envelope: Envelope, data: bytes) -> bool:

@@ -36,6 +36,7 @@ __all__ = [
     "mail_parameters",
     "parse_parameters",
     "rcpt_parameters",
+    "utf8_addr_xtext",
     "xtext_decode",
     "xtext_encode",
 ]
@@ -271,6 +272,24 @@ def _decode_unicode_escapes(text: str) -> str:
         return chr(point)
 
     return _UNICODE_ESCAPE.sub(char, text)
+
+
+def utf8_addr_xtext(address: str, *, unitext: bool = False) -> str:
+    r"""An address of ORCPT's type utf-8 as RFC 6533 3 writes it (the inverse of the
+    decoding above): utf-8-addr-xtext, ASCII only, where every character outside QCHAR
+    (33..126 but "+", "=" and "\") is ``\x{HEX}``. With `unitext` (utf-8-addr-unitext,
+    for a message/global-delivery-status) printable non-ASCII stays as it is.
+    """
+    return "".join(_qchar(char, unitext) for char in address)
+
+
+def _qchar(char: str, unitext: bool) -> str:
+    point = ord(char)
+    if (0x21 <= point <= 0x7E and char not in "+=\\") or (
+        unitext and point > 0x7F and char.isprintable()
+    ):
+        return char
+    return f"\\x{{{point:X}}}"
 
 
 # --- xtext -------------------------------------------------------------------------
