@@ -1182,6 +1182,7 @@ def test_close_from_the_server_side() -> None:
         {"hostname": "h", "max_errors": -1},
         {"hostname": "h", "max_junk_commands": -1},
         {"hostname": "h", "max_refused_recipients": -1},
+        {"hostname": "h", "max_recipient_overshoot": -1},
         {"hostname": "h", "command_timeout": 0},
     ],
 )
@@ -1214,6 +1215,39 @@ def test_refused_recipients_past_their_limit_end_the_session() -> None:
         proto.reject(Reply(550, "5.1.1", "No such user"))
         assert proto.data_to_send()[:3] == expected
     assert proto.closed and proto.errors == 0  # a count of their own, not max_errors
+
+
+def test_recipients_past_the_overshoot_limit_count_as_errors() -> None:
+    """452 past max_recipients is free up to max_recipient_overshoot in a transaction;
+    each one after also counts as an error, so the session ends at max_errors."""
+    config = ServerConfig(HOST, max_recipients=1, max_recipient_overshoot=2, max_errors=2)
+    proto = in_transaction(config)
+    got: list[bytes] = []
+    for _ in range(6):
+        proto.receive_data(b"RCPT TO:<x@d.example>\r\n")
+        if proto.pending is not None:
+            proto.accept()
+        got.append(proto.data_to_send()[:3])
+    assert got == [b"250", b"452", b"452", b"452", b"452", b"421"]
+    assert proto.closed and proto.errors == 3
+
+
+def test_the_overshoot_count_starts_again_with_each_transaction() -> None:
+    config = ServerConfig(HOST, max_recipients=1, max_recipient_overshoot=2, max_errors=2)
+    proto = in_transaction(config)
+    for _ in range(3):  # one accepted, two free 452s, then a new transaction
+        proto.receive_data(b"RCPT TO:<x@d.example>\r\n")
+        if proto.pending is not None:
+            proto.accept()
+    proto.receive_data(b"RSET\r\nMAIL FROM:<a@b.example>\r\n")
+    proto.accept()
+    proto.data_to_send()
+    for _ in range(3):
+        proto.receive_data(b"RCPT TO:<x@d.example>\r\n")
+        if proto.pending is not None:
+            proto.accept()
+    assert proto.errors == 0 and not proto.closed
+    assert proto.data_to_send().count(b"452 ") == 2
 
 
 def test_temporary_refusals_and_an_unlimited_engine_never_end_the_session() -> None:

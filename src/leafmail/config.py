@@ -159,6 +159,9 @@ class SmtpConfig:
     # Recipients refused with 5xx in one session before 421 (a directory harvest), as
     # Postfix's smtpd_hard_error_limit (20) counts them.
     max_refused_recipients: int = setting(_COUNT, 20)
+    # RCPTs answered 452 past max_recipients in one transaction before each further one
+    # counts toward max_errors, as Postfix's smtpd_recipient_overshoot_limit (1000).
+    max_recipient_overshoot: int = setting(_COUNT, 1000)
     max_sessions: int = setting(_POSITIVE, 20000)
     # None: 50 (Postfix's smtpd_client_connection_count_limit), at most half of
     # max_sessions, so that no one address can take every session.
@@ -200,6 +203,7 @@ class SmtpConfig:
             max_errors=self.max_errors,
             max_junk_commands=self.max_junk_commands,
             max_refused_recipients=self.max_refused_recipients,
+            max_recipient_overshoot=self.max_recipient_overshoot,
             tls_available=tls_available,
             auth_enabled=auth_enabled,
             auth_plaintext_allowed=self.allow_plaintext_auth,

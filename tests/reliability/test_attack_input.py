@@ -431,6 +431,27 @@ def test_refused_recipients_end_the_session_past_their_limit(servers: LeafmailFa
     record("100 refused recipients", "421 after the 20th refusal, closed")
 
 
+def test_recipients_past_the_overshoot_limit_end_the_session(servers: LeafmailFactory) -> None:
+    """RCPT after RCPT past max_recipients: before, each got 452 for as long as the
+    client went on (2,000 in one session, bounded by nothing but the timeout); now,
+    past smtp.max_recipient_overshoot in one transaction, each 452 also counts as an
+    error (Postfix's smtpd_recipient_overshoot_limit), and past max_errors the answer
+    is 421 and the session ends."""
+    extra = "max_recipients = 5\nmax_recipient_overshoot = 3\nmax_errors = 2"
+    server = servers(config("reject", extra))
+    with session(server) as client:
+        client.send(
+            f"MAIL FROM:<{SENDER}>\r\n".encode()
+            + b"".join(b"RCPT TO:<u%d@dst.test>\r\n" % i for i in range(100))
+        )
+        got = replies_until_close(client)
+    # 5 accepted, 3 overshoot for free, 2 counted as errors, and the third error closes
+    # (the 89 RCPTs after it are never answered)
+    assert codes(got) == [250] + [250] * 5 + [452] * 5 + [421]
+    assert {r.enhanced for r in got[6:11]} == {"4.5.3"} and got[-1].enhanced == "4.7.0"
+    record("100 recipients, max_recipients=5", "421 after 3 + 2 over the limit, closed")
+
+
 def test_too_many_recipients(servers: LeafmailFactory, tmp_path: Path, sink: Smarthost) -> None:
     """452 4.5.3 past max_recipients, not counted as errors; only the accepted get it."""
     server = servers(config("reject", "max_recipients = 5\nmax_errors = 3"))

@@ -25,6 +25,9 @@ class ServerConfig:
     max_junk_commands: int = 100  # NOOP/RSET/VRFY/HELP before they count as errors; 0 = unlimited
     # RCPTs refused with 5xx in a session before 421 (a directory harvest); 0 = unlimited
     max_refused_recipients: int = 0
+    # RCPTs answered 452 past max_recipients in one transaction before each further one
+    # counts as an error (Postfix's smtpd_recipient_overshoot_limit); 0 = never counts
+    max_recipient_overshoot: int = 1000
     tls_available: bool = False
     auth_enabled: bool = False
     auth_plaintext_allowed: bool = False  # offer AUTH without TLS (tests, loopback)
@@ -39,9 +42,16 @@ class ServerConfig:
             raise ValueError("max_message_size must be positive")
         if self.max_recipients < 1:
             raise ValueError("max_recipients must be at least 1")
-        if min(self.max_errors, self.max_junk_commands, self.max_refused_recipients) < 0:
+        counts = (
+            self.max_errors,
+            self.max_junk_commands,
+            self.max_refused_recipients,
+            self.max_recipient_overshoot,
+        )
+        if min(counts) < 0:
             raise ValueError(
-                "max_errors, max_junk_commands and max_refused_recipients must not be negative"
+                "max_errors, max_junk_commands, max_refused_recipients and"
+                " max_recipient_overshoot must not be negative"
             )
         if self.command_timeout <= 0 or self.data_timeout <= 0:
             raise ValueError("timeouts must be positive")

@@ -64,6 +64,7 @@ class ProtocolCore:
         "_junk",
         "_mechanism",
         "_out",
+        "_overshoot",
         "_pending",
         "_reads",
         "_refused",
@@ -96,6 +97,7 @@ class ProtocolCore:
         self._junk = 0
         self._reads = 0
         self._refused = 0  # recipients refused with 5xx (max_refused_recipients)
+        self._overshoot = 0  # RCPTs past max_recipients in this transaction
         self._commands = CommandReader(
             config.bare_newline, COMMAND_LINE_LIMIT, EXTENDED_LINE_LIMITS
         )

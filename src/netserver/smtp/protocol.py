@@ -55,7 +55,10 @@ Error accounting: every error reply caused by the client (syntax, sequence, unkn
 command, bad line, bad message content, failed or cancelled AUTH) counts; when more
 than ``max_errors`` have been counted the offending command is answered with 421 and
 the session ends.  Policy rejections of MAIL/RCPT and the size and recipient limits
-do not count: a policy that wants to end a session rejects with 421.  Recipients
+do not count: a policy that wants to end a session rejects with 421.  The one
+exception is a client that goes on past ``max_recipients``: each such RCPT gets 452,
+and past ``max_recipient_overshoot`` of them in one transaction each also counts as an
+error (Postfix's smtpd_recipient_overshoot_limit), so the 452s are not without end.  Recipients
 refused with a 5xx have a count of their own, ``max_refused_recipients`` per session:
 past it the refusal becomes 421 and the session ends, so that one session cannot probe
 addresses without end (a directory harvest; Postfix's smtpd_hard_error_limit counts
@@ -221,6 +224,7 @@ class ServerProtocol(ProtocolCore):
                 self._accept_helo(event)
             case MailFrom():
                 self._envelope = Transaction(event.sender, event.params)
+                self._overshoot = 0
                 self._step(Step.MAIL)
                 self._send(reply or replies.MAIL_OK)
             case RcptTo():
@@ -393,9 +397,21 @@ class ServerProtocol(ProtocolCore):
         params = rcpt_parameters(raw, utf8=utf8)
         recipient = parse_forward_path(path, utf8=utf8)
         if envelope is not None and len(envelope.recipients) >= self.config.max_recipients:
-            self._send(replies.TOO_MANY_RECIPIENTS)  # RFC 5321 4.5.3.1.10
+            self._overshoot_reply()
             return
         self._decide(RcptTo(recipient, params))
+
+    def _overshoot_reply(self) -> None:
+        """452 to a RCPT past max_recipients (RFC 5321 4.5.3.1.10: the client sends the
+        rest in a later transaction); past max_recipient_overshoot in one transaction each
+        further one also counts as an error, so a client that never stops is closed at
+        max_errors (Postfix's smtpd_recipient_overshoot_limit works the same way)."""
+        self._overshoot += 1
+        limit = self.config.max_recipient_overshoot
+        if limit and self._overshoot > limit:
+            self._fail(replies.TOO_MANY_RECIPIENTS)  # 421 once max_errors is passed
+        else:
+            self._send(replies.TOO_MANY_RECIPIENTS)
 
     def _accept_rcpt(self, event: RcptTo, reply: Reply) -> None:
         envelope = self._envelope
