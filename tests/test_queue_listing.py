@@ -172,13 +172,22 @@ def test_queue_lists_junk_without_following_it(tmp_path: Path, spool: Spool, sec
         assert why in listed[ref]["last_error"]
     assert listed[good]["state"] == "active"
 
-    proc = spool_cli(tmp_path, spool, "queue")
-    assert proc.returncode == 0, proc.stderr
-    text = proc.stdout.decode()
-    assert "\x1b" not in text and "queue/bad\\x1b[31mname" in text
-    assert "queue/\\udcff\\udcfe" in text
-    assert text.count(" junk ") == len(planted)
-    assert text.splitlines()[-1].endswith(f" in {len(planted) + 1} messages")
+    # The footer counts one message and its bytes; the junk apart, as what it is (before,
+    # "in 7 messages", the six stray entries and their sizes included). One process and
+    # forked workers alike (junk is worker 0's share).
+    footer = (
+        f"-- {listed[good]['size']} bytes in 1 message, {len(planted)} junk entries"
+        " (not messages; `leafmail delete --junk` removes them)"
+    )
+    for jobs in ("1", "2"):
+        proc = spool_cli(tmp_path, spool, "queue", "--jobs", jobs)
+        assert proc.returncode == 0, proc.stderr
+        text = proc.stdout.decode()
+        assert "\x1b" not in text and "queue/bad\\x1b[31mname" in text
+        assert "queue/\\udcff\\udcfe" in text
+        *entries, last = text.splitlines()
+        assert sum(" junk " in line for line in entries) == len(planted)
+        assert last == footer, jobs
     assert secret.read_bytes() == b"not for the spool\n"
 
 
@@ -201,7 +210,7 @@ def test_tools_refuse_a_symlink_and_delete_removes_only_the_link(
     assert proc.stdout.decode().splitlines() == [
         f"{link_ref}: deleted",
         "deferred/evil-link: deleted",
-        "-- 2 messages deleted",
+        "-- 0 messages deleted, 2 junk entries deleted",  # not "2 messages": none was one
     ]
     assert not os.path.lexists(spool.root / "queue" / link_id)
     assert not os.path.lexists(spool.root / "deferred" / "evil-link")
@@ -214,11 +223,25 @@ def test_delete_junk_removes_every_junk_entry(tmp_path: Path, spool: Spool, secr
     proc = spool_cli(tmp_path, spool, "delete", "--junk")
     assert proc.returncode == 0, proc.stderr
     no_traceback(proc)
-    assert proc.stdout.decode().splitlines()[-1] == f"-- {len(planted)} messages deleted"
+    last = f"-- 0 messages deleted, {len(planted)} junk entries deleted"
+    assert proc.stdout.decode().splitlines()[-1] == last
     for state in ("queue", "deferred", "hold", "corrupt"):
         assert [n for n in os.listdir(spool.root / state) if n != good] == []
     assert spool.find(good) == "queue"
     assert secret.read_bytes() == b"not for the spool\n"
+
+
+def test_delete_counts_messages_and_junk_apart(tmp_path: Path, spool: Spool, secret: Path) -> None:
+    good = put(spool, ["bob@dst.test"])
+    plant(spool, secret)
+    proc = spool_cli(tmp_path, spool, "delete", good, "deferred/evil-link")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().splitlines() == [
+        f"{good}: deleted",
+        "deferred/evil-link: deleted",
+        "-- 1 message deleted, 1 junk entry deleted",
+    ]
+    assert spool.find(good) is None
 
 
 def test_a_junk_directory_that_is_not_empty_is_reported(tmp_path: Path, spool: Spool) -> None:

@@ -61,6 +61,10 @@ ACTIONS = {
 }
 
 
+# The summary's count of junk entries removed: they are not messages (leafmail.listing).
+JUNK_DELETED = "junk entries deleted"
+
+
 @dataclass
 class ToolReport:
     """Counts per outcome and the first failure's exit status."""
@@ -70,8 +74,9 @@ class ToolReport:
     counts: Counter[str]
     status: int = EX_OK
 
-    def done(self, name: str, word: str) -> None:
-        self.counts[word] += 1
+    def done(self, name: str, word: str, counted: str = "") -> None:
+        """One line for `name`; counted under `word`, or `counted` (junk is no message)."""
+        self.counts[counted or word] += 1
         self.out.write(f"{printable(name)}: {word}\n")
 
     def failed(self, prog: str, message: str, code: int) -> None:
@@ -84,8 +89,14 @@ class ToolReport:
         if not changed and not self.counts:
             return "-- no messages selected\n"
         parts = [f"{changed} message{'s' if changed != 1 else ''} {action.done}"]
-        parts += [f"{n} {word}" for word, n in self.counts.items()]
+        parts += [_counted(n, word) for word, n in self.counts.items()]
         return "-- " + ", ".join(parts) + "\n"
+
+
+def _counted(n: int, word: str) -> str:
+    if word == JUNK_DELETED and n == 1:
+        return "1 junk entry deleted"
+    return f"{n} {word}"
 
 
 def run(
@@ -150,7 +161,7 @@ def _remove_junk(
         why = f"{printable(junk.ref)}: cannot delete: {exc.strerror}"
         report.failed(prog, why, EX_CANTCREAT)
         return
-    report.done(junk.ref, "deleted")
+    report.done(junk.ref, "deleted", JUNK_DELETED)
 
 
 ToolTarget = tuple[str, bool] | Junk

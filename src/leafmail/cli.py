@@ -221,7 +221,8 @@ QUEUE_DESCRIPTION = (
     "streams in directory order (not sorted), as postqueue's does, so it starts at once "
     "and needs little memory however long the queue is. Anything in the spool's state "
     "directories that is not a message file (a symlink, a stray file) is listed as junk "
-    "under STATE/NAME; it is never followed, and `leafmail delete STATE/NAME` removes it."
+    "under STATE/NAME and counted apart from the messages in the last line; it is never "
+    "followed, and `leafmail delete STATE/NAME` removes it."
 )
 NEWALIASES_DESCRIPTION = (
     "Check the aliases file named by local.aliases and print how many aliases it has. "

@@ -11,7 +11,8 @@ its pipe is full. Frames never interleave; the order between workers is arbitrar
 the order of a directory already is.
 
 A frame is a header (kind, payload length, entries, their total size) and the payload:
-``C`` a chunk of rendered entries, ``E`` the worker's end, ``X`` an error text.
+``C`` a chunk of rendered entries, ``E`` the worker's end (its entries: how many of the
+worker's entries were junk, which the footer counts apart), ``X`` an error text.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from netserver.errors import UnavailableError
 
 from .listing import (
     HEADER,
+    JUNK,
     QueueEntry,
     Writer,
     footer,
@@ -78,7 +80,8 @@ def write_listing(
     if as_json:
         out.write("\n]\n" if count else "[]\n")
     else:
-        out.write(footer(count, total))
+        junk = sum(child.junk for child in children)
+        out.write(footer(count - junk, total, junk))
     return count
 
 
@@ -89,6 +92,7 @@ class _Child:
     buffer: bytearray = field(default_factory=bytearray)
     done: bool = False
     error: str = ""
+    junk: int = 0  # how many of its entries were junk (told in its end frame)
 
 
 def _spawn(
@@ -128,16 +132,19 @@ def _share(k: int, n: int) -> Callable[[str], bool]:
 
 def _work(fd: int, entries: Iterator[QueueEntry], as_json: bool, now: float) -> None:
     pending: list[str] = []
-    size = 0
+    size = junk = 0
     for entry in entries:
         pending.append(entry.json() if as_json else text_block(entry, now))
-        size += entry.size
+        if entry.state == JUNK:
+            junk += 1  # not a message: its size is no mail's
+        else:
+            size += entry.size
         if len(pending) >= CHUNK:
             _send_chunk(fd, pending, size, as_json)
             pending, size = [], 0
     if pending:
         _send_chunk(fd, pending, size, as_json)
-    _send(fd, b"E", b"")
+    _send(fd, b"E", b"", junk)
 
 
 def _send_chunk(fd: int, pending: list[str], size: int, as_json: bool) -> None:
@@ -193,6 +200,7 @@ def _frames(child: _Child) -> Iterator[tuple[int, int, str]]:
             yield entries, size, payload.decode(*_ENCODING)
         elif kind == b"E":
             child.done = True
+            child.junk = entries
         else:
             child.error = payload.decode(*_ENCODING)
 

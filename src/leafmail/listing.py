@@ -262,24 +262,33 @@ def text_block(e: QueueEntry, now: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def footer(count: int, total: int) -> str:
-    if not count:
+def footer(messages: int, total: int, junk: int = 0) -> str:
+    """The last line: the messages and their bytes, then the junk entries apart, which
+    are not messages (a stray file's size is not mail waiting to go)."""
+    if not messages and not junk:
         return "Mail queue is empty\n"
-    return f"-- {total} bytes in {count} message{'s' if count != 1 else ''}\n"
+    text = f"{total} bytes in {messages} message{'s' if messages != 1 else ''}"
+    if junk:
+        entries = "entry" if junk == 1 else "entries"
+        text += f", {junk} junk {entries} (not messages; `leafmail delete --junk` removes them)"
+    return f"-- {text}\n"
 
 
 def write_queue(entries: Iterable[QueueEntry], out: Writer, now: float | None = None) -> int:
     """Print the mailq-like listing as the entries come; returns how many there were."""
     now = time.time() if now is None else now
-    count = total = 0
+    count = total = junk = 0
     with Batched(out) as write:
         for e in entries:
             if not count:
                 write(HEADER + "\n")
             count += 1
-            total += e.size
+            if e.state == JUNK:
+                junk += 1
+            else:
+                total += e.size
             write(text_block(e, now))
-    out.write(footer(count, total))
+    out.write(footer(count - junk, total, junk))
     return count
 
 
