@@ -17,7 +17,7 @@ import atheris
 from common import run
 
 with atheris.instrument_imports():
-    from leafmail import control, pickup, spool, submitwire
+    from leafmail import controlserver, pickup, spool, submitwire
     from leafmail.envelope import Envelope, Recipient
     from leafmail.status import MessageStatus, peek_next_attempt
 
@@ -66,7 +66,7 @@ def one_input(data: bytes) -> None:
         with contextlib.suppress(pickup.Rejected):  # what a local user may not ask for
             pickup.checked_envelope(request.envelope, "mx.example")
     else:
-        assert control._command(payload) in (None, "flush", "wake")
+        assert controlserver._command(payload) in (None, "flush", "wake")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ from __future__ import annotations
 import ast
 import email
 import email.policy
+import re
 from pathlib import Path
 
+from leafmail import trace
 from leafmail.checks.rfc5322 import problems
 from leafmail.sendmail.headers import break_long_line
 from leafmail.trace import MAX_LINE, header_section, local_received_header, received_header
@@ -115,3 +117,16 @@ def test_the_rfc5322_line_limit_is_defined_here_only() -> None:
     assert problems(head + b"x" * (MAX_LINE + 1) + b"\r\n") == [
         f"line longer than {MAX_LINE} octets"
     ]
+
+
+def test_the_unsafe_classes_are_the_complement_of_the_graphic_characters() -> None:
+    """The patterns name the few characters they remove (cheap to compile at every start
+    of a leafmail command); over every code point they match exactly the complement of
+    graphic ASCII and U+00A0 onwards (the space kept or not), as their first form did."""
+    every = "".join(map(chr, range(0x110000)))
+    graphic = re.compile(r"[^\x21-\x7e\u00a0-\U0010ffff]")
+    assert trace._UNSAFE.findall(every) == graphic.findall(every)
+    with_space = re.compile(r"[^\x20-\x7e\u00a0-\U0010ffff]")
+    assert trace._UNSAFE_KEEP_SPACE.findall(every) == with_space.findall(every)
+    helo = re.compile(r'[^\x21-\x7e\u00a0-\U0010ffff]|[()<>;"\\@]')
+    assert trace._UNSAFE_HELO.findall(every) == helo.findall(every)

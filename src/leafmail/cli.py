@@ -19,15 +19,11 @@ command quietly with status 141, as the shell reports for a tool killed by SIGPI
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
-import getpass
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
 
-from netserver.connlog import ServerLog
 from netserver.errors import (
     EX_DATAERR,
     EX_OK,
@@ -36,18 +32,14 @@ from netserver.errors import (
     NetserverError,
     UsageError,
 )
-from netserver.readiness import ready_fd_writer
-from netserver.server import loop_factory
 from netserver.usage import UsageParser, add_runtime_flags, exit_status
 
 from . import config as configuration
 from . import control, fanout, listing
-from .auth import hash_password
 from .printable import printable
-from .privsep import spool_owner
 from .selection import STATE_BY_SHOWN_NAME, Selection
 from .spool import Spool
-from .spoolcheck import check_spool
+from .spoolcheck import check_spool, spool_owner
 from .states import DeliveryMode, QueueState
 
 PROG = "leafmail"
@@ -358,7 +350,15 @@ def _serve_config(args: argparse.Namespace) -> configuration.Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .daemon import Daemon  # here, not at the top: the queue tools start faster
+    # Here, not at the top: the daemon's modules (asyncio, every server mode) would cost
+    # each run of `leafmail sendmail` and of the queue tools some 100 ms of CPU.
+    import asyncio
+
+    from netserver.connlog import ServerLog
+    from netserver.readiness import ready_fd_writer
+    from netserver.server import loop_factory
+
+    from .daemon import Daemon
 
     daemon = Daemon(
         _serve_config(args),
@@ -373,6 +373,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
+    import getpass  # here, as each command's own (termios)
+
+    from .auth import hash_password
+
     if sys.stdin.isatty():
         password = getpass.getpass(f"password for {args.user}: ")
     else:
@@ -463,6 +467,8 @@ def cmd_qshape(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    import json
+
     from . import tools  # here, as each tool's own: no process of `serve` runs it
 
     info, data = tools.show(_spool(args), args.id)
@@ -574,19 +580,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(argv: Sequence[str] | None) -> int:
-    from . import sendmail  # here, not at the top: the queue tools start faster
-
     name = os.path.basename(sys.argv[0]) if argv is None else PROG
     words = list(sys.argv[1:] if argv is None else argv)
     if name == "sendmail":
-        return sendmail.main(words, prog="sendmail")  # installed as sendmail
+        return _sendmail(words, prog="sendmail")  # installed as sendmail
     if name in OTHER_NAMES:
         args = OTHER_NAMES[name]().parse_args(words)
         return exit_status(name, lambda: COMMANDS[args.command](args))
     if words[:1] == ["sendmail"]:  # argparse cannot parse -fADDR, -oi, -bs and friends
-        return sendmail.main(words[1:], prog="leafmail sendmail")
+        return _sendmail(words[1:], prog="leafmail sendmail")
     args = build_parser().parse_args(words)
     return exit_status(PROG, lambda: COMMANDS[args.command](args))
+
+
+def _sendmail(words: list[str], prog: str) -> int:
+    from . import sendmail  # here, not at the top: the queue tools start faster
+
+    return sendmail.main(words, prog=prog)
 
 
 def closed_pipe() -> int:

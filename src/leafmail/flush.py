@@ -26,10 +26,9 @@ from . import control
 from .config import ProcessConfig, QueueConfig
 from .message import Attempt, AttemptOutcome
 from .printable import printable
-from .privsep import spool_owner
 from .queue import QueueRunner, build_runner
 from .spool import Spool
-from .spoolcheck import check_spool
+from .spoolcheck import check_spool, spool_owner
 
 
 class Reporter:

@@ -27,8 +27,6 @@ parent is gone, or settled already, is an ordinary held message.
 from __future__ import annotations
 
 from .envelope import EnvelopeError
-from .expansion import RecordedExpansions
-from .message import UnknownMessage, unfreeze
 from .spool import CorruptMessage, Spool
 from .states import QueueState
 
@@ -44,6 +42,12 @@ def parent_of(spool: Spool, qid: str, state: QueueState) -> str | None:
 def settle_parent(spool: Spool, parent: str, *, release: bool = True) -> list[str]:
     """Settle `parent`'s pending forwards now and record them; the copies released
     (`release=False`: complete copies stay in hold/, see RecordedExpansions.settle)."""
+    # Here, not at the top: only a forwarded copy gets this far, and these load the
+    # delivery side (asyncio), which the queue tools, asked about any other message,
+    # have no use for at each start.
+    from .expansion import RecordedExpansions
+    from .message import UnknownMessage, unfreeze
+
     with spool.locked(parent, wait=True) as state:
         if state is None:
             return []

@@ -34,7 +34,7 @@ from netserver.connlog import ServerLog
 from netserver.errors import EX_DATAERR, EX_TEMPFAIL, EX_USAGE, NetserverError
 
 from .config import SubmitConfig
-from .control import UnixListener
+from .controlserver import UnixListener
 from .envelope import LOCAL_PROTOCOL, ClientInfo, Envelope, EnvelopeError, Recipient
 from .sendmail.addresses import mailbox
 from .sendmail.context import Context, Submitter

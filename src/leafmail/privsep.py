@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import mmap
 import os
-import pwd
 import socket
 import struct
 from dataclasses import dataclass
@@ -54,20 +53,6 @@ def process_identity(process: ProcessConfig) -> Identity | None:
     if identity.uid == 0:
         raise ConfigError(f"[process] user {user!r} is root: the workers must not be")
     return identity
-
-
-def spool_owner(spool: str, process: ProcessConfig) -> int:
-    """The uid the spool must belong to for a tool run now: ours; as root, root for a
-    spool root still owns (no daemon has taken it yet), else the daemon's user."""
-    if os.geteuid() != 0:
-        return os.geteuid()
-    with contextlib.suppress(OSError):
-        if os.stat(spool).st_uid == 0:
-            return 0
-    try:
-        return pwd.getpwnam(process.user).pw_uid
-    except KeyError:
-        return 0
 
 
 def become(identity: Identity | None) -> None:

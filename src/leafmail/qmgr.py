@@ -18,7 +18,7 @@ from typing import Any
 from netserver.modes.workers import WorkerApp
 
 from .config import PickupConfig, QueueConfig, SubmitConfig
-from .control import ControlServer, Respond
+from .controlserver import ControlServer, Respond
 from .forwards import settle_held
 from .localsvc import LocalClient
 from .pickup import PickupServer

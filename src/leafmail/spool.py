@@ -43,7 +43,6 @@ no code when loaded.
 from __future__ import annotations
 
 import array
-import asyncio
 import collections
 import contextlib
 import ctypes
@@ -63,11 +62,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from .envelope import Envelope, EnvelopeError, load_json
-from .reaper import Reaper
 from .states import QueueState
+
+if TYPE_CHECKING:  # not at run time: the queue tools and `leafmail sendmail` need neither
+    import asyncio  # (imported by `_running_loop`, on a loop)
+
+    from .reaper import Reaper  # (the queue runner's, set by leafmail.queue)
 
 MAGIC = b"LEAFMAIL-SPOOL/1"
 TRAILER = b"\nLEAFMAIL-END\n"
@@ -1346,7 +1349,7 @@ class GroupCommitter:
         executor, which hands it to the sync thread itself. A session cancelled meanwhile
         thus never leaves a placed file locked and unsynced: the sync thread makes it
         durable and the loop releases it, answering nobody (a duplicate at worst)."""
-        loop = asyncio.get_running_loop()
+        loop = _running_loop()
         future: asyncio.Future[str] = loop.create_future()
         self._pending += 1
         try:
@@ -1371,7 +1374,7 @@ class GroupCommitter:
 
     async def _handed_over(self, placed: _Placed) -> str:
         """Hand a placed message to the sync thread; its answer."""
-        loop = asyncio.get_running_loop()
+        loop = _running_loop()
         future: asyncio.Future[str] = loop.create_future()
         self._pending += 1
         try:
@@ -1536,6 +1539,15 @@ def _release(batch: list[_Placed]) -> None:
         if fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop:
+    """The committing session's loop. asyncio is imported here, where a loop runs and it
+    is loaded already, not with the module: the queue tools and `leafmail sendmail`
+    import this module, and asyncio would cost each of their runs some 40 ms of CPU."""
+    import asyncio
+
+    return asyncio.get_running_loop()
 
 
 def _fail_future(future: asyncio.Future[str], error: BaseException) -> None:

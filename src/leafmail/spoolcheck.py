@@ -26,6 +26,7 @@ another disk); the check applies to the directory it names.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import stat
@@ -33,6 +34,7 @@ from pathlib import Path
 
 from netserver.errors import ConfigError
 
+from .config import ProcessConfig
 from .spool import STATUS, TMP
 from .states import QueueState
 
@@ -165,3 +167,17 @@ def _user(uid: int) -> str:
         return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
     except KeyError:
         return f"uid {uid}"
+
+
+def spool_owner(spool: str, process: ProcessConfig) -> int:
+    """The uid the spool must belong to for a tool run now: ours; as root, root for a
+    spool root still owns (no daemon has taken it yet), else the daemon's user."""
+    if os.geteuid() != 0:
+        return os.geteuid()
+    with contextlib.suppress(OSError):
+        if os.stat(spool).st_uid == 0:
+            return 0
+    try:
+        return pwd.getpwnam(process.user).pw_uid
+    except KeyError:
+        return 0

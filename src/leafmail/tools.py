@@ -17,7 +17,6 @@ from netserver.errors import EX_DATAERR, EX_NOUSER, NetserverError
 
 from .envelope import EnvelopeError
 from .forwards import settle_copy
-from .message import UnknownMessage, unfreeze
 from .printable import printable
 from .spool import CorruptMessage, Junk, Spool, valid_id
 from .states import QueueState
@@ -76,6 +75,10 @@ def find_junk(spool: Spool, word: str) -> Junk | None:
 
 def show(spool: Spool, qid: str) -> tuple[dict[str, Any], bytes]:
     """The envelope and status as JSON-ready data, and the message bytes."""
+    # Here, not at the top: hold, release and delete have no use for the delivery side
+    # that leafmail.message loads (asyncio), at each start.
+    from .message import UnknownMessage, unfreeze
+
     if check_id(spool, qid) is QueueState.CORRUPT:
         raise BadQueueId(f"{qid} failed its self-check; the file is kept in {spool.root}/corrupt")
     try:

@@ -18,7 +18,6 @@ a PTR record can hold anything its owner likes.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import re
 import socket
@@ -170,11 +169,18 @@ class SystemResolver:
     as the system's own timeouts allow: use `DnsResolver` where a bounded wait matters).
     """
 
+    # asyncio is imported in the calls, which run on a loop where it is loaded already:
+    # the pure helpers above are imported by configuration code (leafmail's config,
+    # through access rules) that should not load asyncio at each `leafmail sendmail`.
     async def reverse(self, ip: IPAddress) -> list[str] | None:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, _reverse, str(normalize_ip(ip)))
 
     async def forward(self, name: str, version: int = 0) -> Forward | None:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, _forward, name, version)
 

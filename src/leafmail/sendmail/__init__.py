@@ -35,7 +35,6 @@ from netserver.usage import exit_status
 from .. import config as configuration
 from .. import listing
 from ..envelope import LOCAL_PROTOCOL, ClientInfo, Envelope, Recipient
-from ..flush import flush
 from ..spool import Spool
 from ..states import QueueState
 from .addresses import address_list, masquerade, recipients_from, sender_address
@@ -45,7 +44,6 @@ from .headers import Draft, header_recipients
 from .options import USAGE, Options, parse_options
 from .reading import read_message
 from .rewrite import rewrite_headers
-from .smtp_session import SmtpSession
 from .spooling import _spool_error, choose_submitter, now
 
 __all__ = [
@@ -125,8 +123,14 @@ def run(opts: Options) -> int:
             readable_queue(config.spool)
             return list_queue(ctx)
         case "flush":
+            # Here, as -bs's below: -bm, what cron and git send-email run once a message,
+            # loads neither the delivery agents nor the SMTP server's checks.
+            from ..flush import flush
+
             return flush(config.queue, config.spool, config.process)
         case "smtp":
+            from .smtp_session import SmtpSession
+
             return SmtpSession(ctx, sys.stdin.fileno(), sys.stdout.fileno()).run()
         case _:
             return submit(opts, ctx, sys.stdin.buffer)
