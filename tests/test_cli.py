@@ -83,6 +83,7 @@ def assert_usage_error(result: subprocess.CompletedProcess[str], *words: str) ->
         ((*SERVE, "--mode", "bogus", *ECHO), ("--mode", "bogus")),
         ((*SERVE, "--max-conns", "-1", *ECHO), ("--max-conns",)),
         ((*SERVE, "--timeout", "soon", *ECHO), ("--timeout",)),
+        ((*SERVE, "--restart-max", "0", *ECHO), ("--restart-max", "more than 0")),
         ((*SERVE, "--log-format", "xml", *ECHO), ("--log-format",)),
         (("bogus-command",), ("bogus-command",)),
         ((), ()),

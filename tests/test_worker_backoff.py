@@ -54,3 +54,19 @@ def test_young_deaths_back_off_and_an_old_one_resets() -> None:
     assert loop.delays == sorted(loop.delays) and loop.delays[-1] == RESTART_MAX
     dead_worker(pool, 99, age=3600.0)  # it served an hour: a fresh start
     assert loop.delays[-1] == 0.0
+
+
+def test_the_cap_comes_from_the_limits() -> None:
+    """Limits.restart_max (netserver serve --restart-max) replaces RESTART_MAX."""
+    pool = WorkerPool(
+        1,
+        log=ServerLog(io.StringIO()),
+        limits=Limits(restart_max=0.25),
+        loop_factory=lambda: None,  # type: ignore[arg-type,return-value]
+    )
+    loop = RecordingLoop()
+    pool._loop = loop  # type: ignore[assignment]
+    for pid in range(1, 12):
+        dead_worker(pool, pid, age=0.5)
+    assert loop.delays[:3] == [0.0, RESTART_FIRST, 2 * RESTART_FIRST]  # as before
+    assert max(loop.delays) == loop.delays[-1] == 0.25 < RESTART_MAX

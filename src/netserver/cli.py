@@ -51,6 +51,14 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    """A wait that must be more than nothing (0 would mean no wait at all: a fork loop)."""
+    value = _positive_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+    return value
+
+
 _REFUSAL_FLAGS = (
     ("--refuse-message", "the line for every refusal, unless its cause has a line below"),
     (
@@ -259,6 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest line a handler may read (default 65536)",
     )
     lim.add_argument(
+        "--restart-max",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="longest wait before starting again worker or spawner processes that keep "
+        "dying young; the wait doubles with each such death up to this (default 30 for "
+        "--workers, 5 for a command's spawners, which refuse clients meanwhile)",
+    )
+    lim.add_argument(
         "--grace",
         type=_positive_float,
         default=10.0,
@@ -399,6 +416,7 @@ def cmd_serve(args: argparse.Namespace, command: list[str]) -> int:
         timeout=args.timeout or None,
         max_line=args.max_line or 65536,
         grace=args.grace,
+        restart_max=args.restart_max,
     )
     pool = PoolSize(
         max(1, args.workers_min), max(1, args.workers_max, args.workers_min), max(1, args.recycle)

@@ -36,6 +36,12 @@ class Limits:
     # IPv6 clients are counted per network of this length: one host usually has a whole
     # /64 to pick addresses from (Postfix's anvil groups them likewise, by /84).
     ipv6_source_prefix: int = 128
+    # The longest wait before processes that keep dying young (async workers, exec
+    # spawners) are started again: the wait doubles with each such death up to this, so
+    # a handler that crashes at start is not forked in a loop (Postfix's master waits
+    # service_throttle_time, 60 s). None: the mode's own, 30 s for workers, 5 s for
+    # spawners (a service with no spawner refuses its clients meanwhile).
+    restart_max: float | None = None
 
 
 def source_key(limits: Limits, peer: Endpoint) -> str:

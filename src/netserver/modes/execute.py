@@ -86,7 +86,7 @@ _UCSPI = frozenset(
 )
 _UCSPI_BYTES = frozenset(os.fsencode(name) for name in _UCSPI)
 YOUNG = 1.0  # a spawner that dies sooner than this after its start died young
-RESTART_MAX = 5.0  # the longest wait before starting a spawner again
+RESTART_MAX = 5.0  # the longest wait before starting a spawner again (Limits.restart_max)
 REPORTS = 65536
 STOP_WAIT = 10.0
 # Spawners per command service: posix_spawn holds a spawner until the child has exec'd,
@@ -363,7 +363,10 @@ class ExecMode:
         """A spawner died: replace it at once, or after a back-off if they die young."""
         young = time.monotonic() - proc.started < YOUNG
         self._young_deaths = self._young_deaths + 1 if young else 0
-        delay = min(RESTART_MAX, 0.1 * 2**self._young_deaths) if self._young_deaths > 1 else 0.0
+        delay = 0.0
+        if self._young_deaths > 1:
+            longest = self.ctx.limits.restart_max or RESTART_MAX
+            delay = min(longest, 0.1 * 2**self._young_deaths)
         self._restart_at = time.monotonic() + delay
         self._restart_later()  # at once (or after the back-off), not on the next accept
 

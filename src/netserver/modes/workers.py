@@ -83,7 +83,7 @@ ProxyAnswer = Callable[["str | None"], None]
 Namer = Callable[[Accepted, Endpoint, Endpoint, ProxyAnswer], None]
 
 RESTART_FIRST = 0.1  # seconds before replacing a worker that died young
-RESTART_MAX = 30.0
+RESTART_MAX = 30.0  # the cap of that back-off unless `Limits.restart_max` sets another
 YOUNG = 10.0  # a worker that dies before this age counts towards the back-off
 
 
@@ -339,7 +339,8 @@ class WorkerPool:
             return
         delay = 0.0
         if self._young_deaths > 1:
-            delay = min(RESTART_MAX, RESTART_FIRST * 2 ** (self._young_deaths - 2))
+            longest = self.limits.restart_max or RESTART_MAX  # (limits change on reload)
+            delay = min(longest, RESTART_FIRST * 2 ** (self._young_deaths - 2))
         self._loop.call_later(delay, self._restart)
 
     def _restart(self) -> None:
