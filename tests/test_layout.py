@@ -43,6 +43,7 @@ CORE = frozenset(
         "endpoint",
         "errors",
         "handlers",
+        "lazy",
         "limits",
         "linger",
         "loopconn",
