@@ -577,3 +577,39 @@ def test_a_handler_that_cancels_its_own_task_in_a_direct_resume_is_cancelled(
         assert errors == []
 
     run(loop_kind, handler, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_lines_that_come_after_a_cancelled_line_read_are_read_once_in_order(
+    loop_kind: str,
+) -> None:
+    """A line read cancelled before its bytes came (a timeout around it) leaves a read of
+    several lines and a part of one whole for the next reads: none lost, none read twice."""
+    cancelled = asyncio.Event()
+    got: list[bytes] = []
+
+    async def handler(conn: AsyncConnection) -> None:
+        reader = asyncio.get_running_loop().create_task(conn.readline())
+        await asyncio.sleep(0)  # the read waits in its own task
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        cancelled.set()
+        while conn.bytes_in < 5:  # until the client's one send is here
+            await asyncio.sleep(0.001)
+        got.append(await conn.readline())
+        got.append(await conn.readline())
+        conn.write(b"more\n")
+        got.append(await conn.readline())
+        conn.write(b"done\n")
+        await conn.drain()
+
+    async def body(conn: AsyncConnection, task: asyncio.Task[Any], peer: socket.socket) -> None:
+        await cancelled.wait()
+        await asyncio.get_running_loop().sock_sendall(peer, b"x\ny\nz")
+        assert await recv(peer, 5) == b"more\n"
+        await asyncio.get_running_loop().sock_sendall(peer, b"\n")
+        assert await recv(peer, 5) == b"done\n"
+
+    run(loop_kind, handler, body)
+    assert got == [b"x\n", b"y\n", b"z\n"]

@@ -169,57 +169,46 @@ class AsyncConnection(LoopConnection):
         size = len(data)
         self.bytes_in += size
         hand = self._hand
-        if not self._buf and (hand is not None or self._waiter is not None):
-            # A read waits, and if these bytes are exactly what it wants (at most the
-            # chunk asked for, or one line), they go over as they are: straight into the
-            # coroutine when `drive` parked the read (`_answer` and `_step`'s commonest
-            # case, inlined), else through `_answer`. If they start with a line and more
-            # follows, the line goes over and the rest is split (`_split`).
+        if hand is not None and not self._buf:
+            # `drive` parked the handler's read. If these bytes are exactly what it wants
+            # (one line, or a chunk of at most the size asked for), they go straight into
+            # the coroutine (`_step` with bytes, inlined below: the per-read path, kept to
+            # as few bytecodes as it can be). A read of several lines: `_offer_lines`.
             want = self._want
-            if want >= 0:  # a chunk of at most `want` bytes
-                whole = size <= want
-            elif want == _LINE:
+            if want == -1:  # a line (`_LINE`, written as a constant here)
                 end = data.find(b"\n") + 1
-                whole = 0 < end == size <= self.max_line
-                if not whole and 0 < end <= self.max_line and type(data) is bytes:
-                    if hand is not None and self._step_lines(hand, data):
+                if end != size or size > self.max_line:
+                    if self._offer_lines(hand, data, end):
                         return
-                    self._buf = data
-                    self._pos = 0
-                    if self._answer(self._split(data, 0, end), None):
-                        return
-                    self._lines = None  # the read was cancelled: all stays unread
-            else:
-                whole = False
-            if whole:
-                if hand is None:
-                    if self._answer(data, None):
-                        return
-                elif not hand.done():  # (done: its task was cancelled, see `_answer`)
-                    # `_step` with bytes, inlined: this is the per-read path.
-                    self._hand = None
-                    loop = self._loop
-                    task = self._task
-                    try:
-                        _enter_task(loop, task)
-                    except RuntimeError:  # called from a task: `_step` hands it over
-                        self._step(hand, data, None)
-                        return
-                    self._driving = self._steady
-                    try:
-                        yielded = self._ctx.run(self._send, data)
-                        if yielded is _PARK:  # it waits on this connection again
-                            self._hand = hand
-                            return
-                        self._outcome = (_YIELD, yielded)  # it waits for something else
-                    except BaseException as error:  # it ended or failed: `drive` goes on
-                        self._outcome = _ended(error)
-                    finally:
-                        self._driving = False
-                        _leave_task(loop, task)
-                    if not hand.done():  # (done: it cancelled its own task meanwhile)
-                        hand.set_result(None)
+                    hand = None
+            elif size > want:  # more than the chunk asked for (or `_WAKE`: any change)
+                hand = None
+            if hand is not None and not hand.done():  # (done: its task was cancelled)
+                self._hand = None
+                loop = self._loop
+                task = self._task
+                try:
+                    _enter_task(loop, task)
+                except RuntimeError:  # called from a task: `_step` hands it over
+                    self._step(hand, data, None)
                     return
+                self._driving = self._steady
+                try:
+                    yielded = self._ctx.run(self._send, data)
+                    if yielded is _PARK:  # it waits on this connection again
+                        self._hand = hand
+                        return
+                    self._outcome = (_YIELD, yielded)  # it waits for something else
+                except BaseException as error:  # it ended or failed: `drive` goes on
+                    self._outcome = _ended(error)
+                finally:
+                    self._driving = False
+                    _leave_task(loop, task)
+                if not hand.done():  # (done: it cancelled its own task meanwhile)
+                    hand.set_result(None)
+                return
+        elif self._waiter is not None and not self._buf and self._offer(data, size):
+            return
         buf = self._buf
         if not buf:
             # Kept as they came (never a caller's mutable buffer): reads slice them.
@@ -244,6 +233,35 @@ class AsyncConnection(LoopConnection):
             self.transport.pause_reading()
             self._reading_paused = True
             self._steady = False
+
+    def _offer(self, data: bytes, size: int) -> bool:
+        """Give a read waiting on a future (not parked by `drive`) these bytes if they
+        are what it wants, as they are; False if they go to the buffer instead."""
+        want = self._want
+        if want == _LINE:
+            end = data.find(b"\n") + 1
+            if not 0 < end == size <= self.max_line:
+                return self._offer_lines(None, data, end)
+        elif size > want:  # more than the chunk asked for (or `_WAKE`)
+            return False
+        return self._answer(data, None)
+
+    def _offer_lines(self, hand: asyncio.Future[None] | None, data: bytes, end: int) -> bool:
+        """Give a waiting line read the first line of a read that brought more: the
+        rest is split for the next reads (`_step_lines`, `_split`). False if the read
+        does not start with a whole line, or the waiting read was cancelled: all of it
+        then goes to the buffer, unread."""
+        if not (0 < end <= self.max_line and type(data) is bytes):
+            return False
+        if hand is not None and self._step_lines(hand, data):
+            return True
+        self._buf = data
+        self._pos = 0
+        if self._answer(self._split(data, 0, end), None):
+            return True
+        self._buf = b""  # nothing was read: the caller buffers the read whole
+        self._lines = None
+        return False
 
     def eof_received(self) -> bool | None:
         self._eof = True
