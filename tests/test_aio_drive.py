@@ -613,3 +613,32 @@ def test_lines_that_come_after_a_cancelled_line_read_are_read_once_in_order(
 
     run(loop_kind, handler, body)
     assert got == [b"x\n", b"y\n", b"z\n"]
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_a_read_that_comes_after_the_task_was_cancelled_stays_for_the_next_read(
+    loop_kind: str,
+) -> None:
+    """Bytes that arrive after the task was cancelled and before it woke up are not given
+    to the cancelled read: the read raises the cancel, the bytes stay buffered."""
+    got: list[bytes] = []
+
+    async def handler(conn: AsyncConnection) -> None:
+        try:
+            got.append(await conn.readline())
+        except asyncio.CancelledError:
+            got.append(b"cancelled")
+            got.append(await conn.readline())  # buffered: answered without waiting
+            raise
+
+    async def body(conn: AsyncConnection, task: asyncio.Task[Any], peer: socket.socket) -> None:
+        await parked(conn)
+        loop = asyncio.get_running_loop()
+        # Both in one loop turn, as callbacks (not from a task), before the task wakes up.
+        loop.call_soon(task.cancel)
+        loop.call_soon(conn.data_received, b"late\n")
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(loop_kind, handler, body)
+    assert got == [b"cancelled", b"late\n"]

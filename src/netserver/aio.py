@@ -103,6 +103,7 @@ class AsyncConnection(LoopConnection):
         "_eof",
         "_hand",
         "_lines",
+        "_live_hand",
         "_lost_waiter",
         "_out",
         "_outcome",
@@ -156,6 +157,9 @@ class AsyncConnection(LoopConnection):
         self._ctx: Any = None  # contextvars.Context
         self._send: Any = None  # the coroutine's bound send
         self._hand: asyncio.Future[None] | None = None
+        # The same future while it is not cancelled (`_Hand.cancel` clears it): what a
+        # read parks on again after a direct resume, so no read tests `hand.done()`.
+        self._live_hand: asyncio.Future[None] | None = None
         self._outcome: tuple[int, Any] | None = None
         self._driving = False
         # False once a stop is asked for or reading is paused: a read then goes through
@@ -183,7 +187,7 @@ class AsyncConnection(LoopConnection):
                     hand = None
             elif size > want:  # more than the chunk asked for (or `_WAKE`: any change)
                 hand = None
-            if hand is not None and not hand.done():  # (done: its task was cancelled)
+            if hand is not None:  # (never done: a cancel clears `_hand`, see `_Hand`)
                 self._hand = None
                 loop = self._loop
                 task = self._task
@@ -195,8 +199,8 @@ class AsyncConnection(LoopConnection):
                 self._driving = self._steady
                 try:
                     yielded = self._ctx.run(self._send, data)
-                    if yielded is _PARK:  # it waits on this connection again
-                        self._hand = hand
+                    if yielded is _PARK:  # it waits on this connection again, unless
+                        self._hand = self._live_hand  # its task was cancelled meanwhile
                         return
                     self._outcome = (_YIELD, yielded)  # it waits for something else
                 except BaseException as error:  # it ended or failed: `drive` goes on
@@ -378,7 +382,7 @@ class AsyncConnection(LoopConnection):
             self._outcome = _ended(error)
         else:
             if yielded is _PARK:  # it waits on this connection again: stay parked
-                self._hand = hand
+                self._hand = self._live_hand  # (None if its task was cancelled meanwhile)
                 return
             self._outcome = (_YIELD, yielded)
         finally:
@@ -721,6 +725,30 @@ class AsyncConnection(LoopConnection):
             await self._lost_waiter
 
 
+class _Hand(asyncio.Future[None]):
+    """What `drive`'s task waits on while the handler's coroutine is parked on a read.
+
+    Cancelling it (the task is cancelled: a timeout, a stop) also takes it off the
+    connection at once, so that ``data_received`` never resumes a coroutine whose task
+    was cancelled and yet tests nothing per read: the cancel is raised into the read by
+    `drive` instead, and the bytes stay buffered for the next read.
+    """
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: AsyncConnection, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self._conn = conn
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        conn = self._conn
+        if conn._live_hand is self:
+            conn._live_hand = None
+        if conn._hand is self:
+            conn._hand = None
+        return super().cancel(msg)
+
+
 @types.coroutine
 def drive(
     conn: AsyncConnection, coro: Coroutine[Any, Any, T], context: contextvars.Context
@@ -765,15 +793,15 @@ def drive(
                 conn._driving = False
             value = exc = None
             while yielded is _PARK:  # waits on a read of conn: `_step` takes it from here
-                hand: asyncio.Future[None] = loop.create_future()
-                conn._hand = hand
+                hand = _Hand(conn, loop)
+                conn._hand = conn._live_hand = hand
                 try:
                     yield from hand
                 except GeneratorExit:
                     raise
                 except BaseException as error:  # the task was cancelled
                     exc = error
-                conn._hand = None
+                conn._hand = conn._live_hand = None
                 outcome, conn._outcome = conn._outcome, None
                 if outcome is None:  # cancelled while parked: the read raises it
                     break
@@ -804,4 +832,5 @@ def drive(
         coro.close()
         raise
     finally:
-        conn._task = conn._ctx = conn._send = conn._hand = conn._outcome = None
+        conn._task = conn._ctx = conn._send = conn._hand = conn._live_hand = None
+        conn._outcome = None
