@@ -565,6 +565,12 @@ class AsyncConnection(LoopConnection):
         """One line with its LF; b"" at EOF; LineTooLong past `max_line` bytes."""
         if self._lines:  # split off already (`_split`)
             return self._lines.pop()
+        if self._driving and not self._buf and not self._eof:
+            # nothing here, and `drive` runs the caller: park (`_driving` is set only
+            # while the connection is steady: no stop asked for, reading not paused)
+            self._scan = 0
+            self._want = _LINE
+            return (yield _PARK)  # type: ignore[no-any-return]
         buf = self._buf
         if buf:  # buffered: `_line` and `_take`, inlined
             if type(buf) is bytes:
