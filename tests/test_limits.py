@@ -262,13 +262,22 @@ def test_idle_timeout_of_a_command(netserver_proc: ServerFactory) -> None:
     assert_idle_client_is_closed(server)
 
 
+# The idle timeout of a command kept busy: a gap between two pings as long as this (the
+# test process not scheduled) would make the command idle for real, so it is far longer
+# than a loaded machine keeps a runnable process waiting; pings go every PACE.
+BUSY_IDLE = 1.5
+PACE = 0.05
+
+
 def test_a_busy_command_is_not_idle(netserver_proc: ServerFactory) -> None:
-    server = netserver_proc(["--listen", "127.0.0.1:0", "--timeout", str(IDLE), "--", "/bin/cat"])
+    server = netserver_proc(
+        ["--listen", "127.0.0.1:0", "--timeout", str(BUSY_IDLE), "--", "/bin/cat"]
+    )
     with connect(server.host_port) as sock:
-        deadline = time.monotonic() + 2 * IDLE
+        deadline = time.monotonic() + 2 * BUSY_IDLE
         while time.monotonic() < deadline:
             assert round_trip(sock) == b"ping\n"
-            assert nothing_arrives(sock, IDLE / 3)
+            assert nothing_arrives(sock, PACE)
     assert "idle-timeout" not in server.log()
 
 
