@@ -25,6 +25,11 @@ from netserver import AsyncConnection, Connection
 TESTS_DIR = Path(__file__).resolve().parent
 HANDLER_ENV = {"PYTHONPATH": str(TESTS_DIR)}
 IO_TIMEOUT = 5.0
+# The most `wait_until` waits by default for what must come true (a log line, a child
+# reaped, a state reached). Every caller asserts it does, and the wait ends as soon as
+# it holds, so only a failure takes this long: it is set for a loaded 2-core machine
+# running two test files at once, where a fork or a reap may take seconds.
+WAIT_DEADLINE = 15.0
 
 # --------------------------------------------------------------------------- handlers
 
@@ -138,7 +143,7 @@ def nothing_arrives(sock: socket.socket, within: float) -> bool:
     return not ready
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = IO_TIMEOUT) -> bool:
+def wait_until(predicate: Callable[[], bool], timeout: float = WAIT_DEADLINE) -> bool:
     """Poll *predicate* every 10 ms for at most *timeout* seconds; its last answer."""
     deadline = time.monotonic() + timeout
     while not predicate():
