@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from hypothesis import HealthCheck, settings
 from smarthost import sink, spool  # noqa: F401 (fixtures: pytest finds them here)
 
 if TYPE_CHECKING:
@@ -31,6 +32,13 @@ pytest_plugins = ["layers", "pytester"]  # the test layers (tests/layers.py); py
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 20.0
+
+# Property tests judge what a function returns, never how fast: no per-example deadline
+# (200 ms by default) and no health check on slow generation, both of which a loaded
+# machine trips at random (and report as a flaky failure). A test's own @settings keeps
+# what it says; what it leaves out comes from here.
+settings.register_profile("netserver", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("netserver")
 
 
 @contextlib.contextmanager
