@@ -46,9 +46,13 @@ def connect(address: tuple[str, int]) -> tuple[socket.socket, int]:
 
 
 def children(pid: int) -> list[int]:
+    """The child processes of `pid`, as each of its threads lists those it forked."""
     found: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(c) for c in (task / "children").read_text().split()]
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:  # a thread that ended since the listing forked none now
+            continue
     return found
 
 

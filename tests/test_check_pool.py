@@ -57,7 +57,11 @@ def worker_children() -> list[int]:
     """The pids of this process's children that are check workers, alive or zombie."""
     found = []
     for task in Path("/proc/self/task").iterdir():
-        for pid in (task / "children").read_text().split():
+        try:
+            listed = (task / "children").read_text().split()
+        except FileNotFoundError:  # a thread that ended since the listing
+            continue
+        for pid in listed:
             with contextlib.suppress(OSError):
                 if Path(f"/proc/{pid}/comm").read_bytes().strip() == WORKER_NAME:
                     found.append(int(pid))
