@@ -303,7 +303,7 @@ def test_implicit_tls_with_aiosmtplib(
             use_tls=True,
             tls_context=tls.client_context(),
             local_hostname=CLIENT,
-            timeout=3,
+            timeout=IO_TIMEOUT,
         )
         async with client:
             await client.ehlo()
