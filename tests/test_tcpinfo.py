@@ -20,7 +20,7 @@ from lifecycle_handlers import wait_until
 from netserver import tcpinfo
 
 # tcp_states.h
-ESTABLISHED, FIN_WAIT2, CLOSE, CLOSE_WAIT, LAST_ACK = 1, 5, 7, 8, 9
+ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE, CLOSE_WAIT, LAST_ACK = 1, 4, 5, 7, 8, 9
 # The most an ACK or a state change the kernel owes us is waited for (each wait returns
 # as soon as it comes: a delayed ACK takes 40 ms, more on a loaded machine).
 DEADLINE = 15.0
@@ -111,6 +111,47 @@ def test_sent_count_of_the_connecting_side(pair: tuple[socket.socket, socket.soc
     exchange(client, server, UP, DOWN)
     assert wait_until(lambda: stats(client).bytes_sent >= UP, DEADLINE)
     assert stats(client).bytes_sent == UP
+
+
+def fill(sock: socket.socket) -> int:
+    """Write to `sock` until the kernel takes no more (the peer reads nothing): how much."""
+    chunk = b"q" * 65536
+    written = 0
+    sock.setblocking(False)
+    try:
+        while True:
+            written += sock.send(chunk)
+    except BlockingIOError:
+        return written
+    finally:
+        sock.settimeout(5)
+
+
+def test_data_written_but_not_sent_yet_counts_as_sent(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A child that wrote its last answer and exited while the client's window was full:
+    the supervisor reads the counts then, the kernel sends the rest afterwards, and the
+    client gets all of it. The fork-mode test of a 330 KB echo logged out=258914 of
+    338420 under load, the rest still queued when the child exited."""
+    client, server = pair
+    written = fill(server)  # the client reads nothing: its window closes, data waits
+    assert stats(server).bytes_sent == written
+    assert recv_exactly(client, written) == b"q" * written
+    assert stats(server).bytes_sent == written
+
+
+def test_a_queued_fin_is_not_counted_as_a_byte(pair: tuple[socket.socket, socket.socket]) -> None:
+    """Our FIN waits behind the unsent data (FIN_WAIT1) and takes a sequence number."""
+    client, server = pair
+    written = fill(server)
+    server.shutdown(socket.SHUT_WR)
+    assert tcp_state(server) == FIN_WAIT1
+    assert stats(server).bytes_sent == written
+    assert recv_exactly(client, written) == b"q" * written
+    assert client.recv(1) == b""
+    assert wait_until(lambda: tcp_state(server) == FIN_WAIT2, DEADLINE)
+    assert stats(server).bytes_sent == written
 
 
 def test_peer_fin_is_not_counted_as_a_byte(pair: tuple[socket.socket, socket.socket]) -> None:
