@@ -35,6 +35,10 @@ from lifecycle_handlers import (
 from netserver.modes.execute import SPAWNERS
 
 CONN_LINE = "netserver: conn "
+# Hundreds of connections, a fork for each in some modes: on a quiet machine seconds, but
+# one stress run (-n 4 beside two CPU hogs and the full suite) took the 500 forks of
+# fork-stdio past the suite's 60 s. A bound on a hang, not a performance figure.
+MANY_CONNECTIONS = pytest.mark.timeout(240)
 
 
 def converse(address: tuple[str, int]) -> bool:
@@ -83,6 +87,7 @@ def warmed_up(server: RunningServer) -> None:
     run_clients(server, 1)
 
 
+@MANY_CONNECTIONS
 @pytest.mark.parametrize(
     ("args", "count", "helpers"),
     [
@@ -122,6 +127,7 @@ def test_process_per_connection_leaves_nothing_behind(
     assert log_count(server.log, "status=ok") == count + 1
 
 
+@MANY_CONNECTIONS
 def test_prefork_leaves_nothing_behind(netserver_proc: ServerFactory) -> None:
     """200 connections with workers recycled every 25: old workers are all reaped."""
     server = netserver_proc(
@@ -147,6 +153,7 @@ def test_prefork_leaves_nothing_behind(netserver_proc: ServerFactory) -> None:
     assert log_count(server.log, "status=ok") == 201
 
 
+@MANY_CONNECTIONS
 def test_thread_mode_reuses_threads(netserver_proc: ServerFactory) -> None:
     server = netserver_proc(serve_args("thread"), env=HANDLER_ENV)
     pid = server.proc.pid
@@ -159,6 +166,7 @@ def test_thread_mode_reuses_threads(netserver_proc: ServerFactory) -> None:
     assert fd_count(pid) == fds
 
 
+@MANY_CONNECTIONS
 def test_async_mode_leaves_no_descriptors(netserver_proc: ServerFactory) -> None:
     server = netserver_proc(serve_args("async"), env=HANDLER_ENV)
     pid = server.proc.pid
