@@ -87,7 +87,7 @@ def queued(spool: Path) -> list[str]:
     return sorted(q for state in QueueState for q in s.ids(state))
 
 
-def wait_for(what: str, condition: Callable[[], bool], timeout: float = 10.0) -> None:
+def wait_for(what: str, condition: Callable[[], bool], timeout: float = 20.0) -> None:
     """Poll a condition the product gives no signal for, within a deadline."""
     deadline = time.monotonic() + timeout
     while not condition():
