@@ -49,6 +49,9 @@ from netserver.smtp.addresses import Mailbox
 T = TypeVar("T")
 RELAY = AccessPolicy(allow=["127.0.0.1/32"])
 TIMEOUT = 2.0
+# What a loaded machine may add to lookups bounded by a 0.5 s timeout (the tests that time
+# a dead server; 1 s was once all the room): still short of dnspython's default 5 s lifetime.
+LOADED = 2.5
 LISTED = "192.0.2.66"
 CLEAN = "192.0.2.10"
 SPF_RECORD = '"v=spf1 ip4:192.0.2.0/25 ip6:2001:db8::/32 -all"'
@@ -182,7 +185,7 @@ def test_a_dead_blocklist_costs_at_most_the_timeout(dead_port: int) -> None:
     check = dnsbl_check("reject", ["bl.test"], make_resolver(settings(dead_port, 0.5)), 0.5, RELAY)
     started = time.monotonic()
     assert run(check(client(LISTED))) is ACCEPT
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 0.5 + LOADED
 
 
 def test_one_lookup_per_connection(servers: Callable[..., LoopbackDNS]) -> None:
@@ -271,7 +274,7 @@ def test_temporary_dns_failures_never_refuse(
     assert run(rdns(server, "reject")(client("192.0.2.60"))) is ACCEPT  # SERVFAIL on the PTR
     started = time.monotonic()
     assert run(rdns(dead_port, "reject", 0.5)(client("192.0.2.20"))) is ACCEPT
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 0.5 + LOADED
 
 
 # --- SPF ---------------------------------------------------------------------------------
@@ -342,7 +345,7 @@ def test_spf_on_a_dead_server_is_bounded(dead_port: int) -> None:
     facts = alice()
     started = time.monotonic()
     verdict = run(spf_for(dead_port, "reject", 0.5)(facts))
-    assert time.monotonic() - started < 2.5
+    assert time.monotonic() - started < 1.5 + LOADED
     assert isinstance(verdict, Defer)
     assert facts.auth_results == ["spf=temperror smtp.mailfrom=alice@example.org"]
 
