@@ -29,7 +29,10 @@ from lifecycle_handlers import (
 )
 
 MODES = ["fork", "prefork", "thread", "async"]
-EXIT_WAIT = 10.0
+EXIT_WAIT = 20.0  # a bound on a hang: each wait ends when the server exits
+# The most a stop that must not wait may take on a loaded machine: well below each test's
+# grace period (what waiting would cost), far above what stopping takes on a quiet one.
+PROMPT = 8.0
 
 
 def wait_for_log(server: RunningServer, text: str, count: int = 1) -> None:
@@ -58,7 +61,7 @@ def refused_at_connect(address: tuple[str, int]) -> bool:
 def test_stop_lets_a_running_conversation_finish(
     netserver_proc: ServerFactory, mode: str, sig: int
 ) -> None:
-    server = netserver_proc(serve_args(mode, "--grace", "10"), env=HANDLER_ENV)
+    server = netserver_proc(serve_args(mode, "--grace", "30"), env=HANDLER_ENV)
     with connect(server.host_port) as sock:
         assert round_trip(sock, b"hello\n") == b"hello\n"
         server.signal(sig)
@@ -68,7 +71,7 @@ def test_stop_lets_a_running_conversation_finish(
         assert server.proc.poll() is None, "exited before its client was done"
     started = time.monotonic()
     assert server.proc.wait(EXIT_WAIT) == 0
-    assert time.monotonic() - started < 5.0, "waited for the grace period, not the client"
+    assert time.monotonic() - started < PROMPT, "waited for the grace period, not the client"
     log = server.log()
     assert "status=ok" in log
     assert log.rstrip().endswith("msg=stopped")
@@ -82,7 +85,7 @@ def test_an_idle_server_stops_at_once(netserver_proc: ServerFactory, mode: str) 
     started = time.monotonic()
     server.signal(signal.SIGTERM)
     assert server.proc.wait(EXIT_WAIT) == 0
-    assert time.monotonic() - started < 5.0
+    assert time.monotonic() - started < PROMPT
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -114,9 +117,9 @@ def test_a_second_signal_ends_connections_at_once(netserver_proc: ServerFactory,
         assert round_trip(sock, b"after one\n") == b"after one\n"
         started = time.monotonic()
         server.signal(signal.SIGTERM)
-        assert closed_by_peer(sock, 8.0)
+        assert closed_by_peer(sock, EXIT_WAIT)
         assert server.proc.wait(EXIT_WAIT) == 0
-    assert time.monotonic() - started < 4.0
+    assert time.monotonic() - started < PROMPT
     assert "second stop signal" in server.log()
 
 
