@@ -41,7 +41,12 @@ def config_text(
     """HAProxy's config for `nodes` ("a", "b", ...), as the contrib file has it.
 
     Without `smtpchk` (an implicit-TLS port, where EHLO in clear would fail) the health
-    check only connects.
+    check only connects. Checks run every 100 ms and one failure marks a node DOWN, so a
+    node that is gone (its port refuses) is seen at once; but a check may wait for the
+    greeting and the EHLO reply for `timeout check`: without it the whole check had
+    `inter`, 100 ms, and a node slow to answer on a loaded machine was marked DOWN and
+    HAProxy closed the client's connection (a stress run saw "Connection unexpectedly
+    closed" for the first client of the per-source test).
     """
     check = "    option smtpchk EHLO balancer.test\n" if smtpchk else ""
     servers = "\n".join(
@@ -57,6 +62,7 @@ global
 defaults
     mode tcp
     timeout connect 2s
+    timeout check 5s
     timeout client 60s
     timeout server 60s
     retries 3
