@@ -92,17 +92,33 @@ def refuses_connections(address: tuple[str, int]) -> bool:
 def watched_events(pid: int, inode: str) -> list[int]:
     """The event masks under which `pid`'s epoll sets watch the socket `inode`
     (from /proc/PID/fdinfo of each epoll descriptor: one ``tfd:`` line per target)."""
-    fds = Path(f"/proc/{pid}/fd")
-    socket_fds = {fd.name for fd in fds.iterdir() if os.readlink(fd) == f"socket:[{inode}]"}
+    links = fd_links(pid)
+    socket_fds = {fd for fd, link in links.items() if link == f"socket:[{inode}]"}
     masks = []
-    for fd in fds.iterdir():
-        if os.readlink(fd) != "anon_inode:[eventpoll]":
+    for fd, link in links.items():
+        if link != "anon_inode:[eventpoll]":
             continue
-        for line in Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text().splitlines():
+        try:
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except FileNotFoundError:  # closed since the listing
+            continue
+        for line in info.splitlines():
             fields = line.split()
             if fields[:1] == ["tfd:"] and fields[1] in socket_fds:
                 masks.append(int(fields[3], 16))  # tfd: N events: MASK data: ...
     return masks
+
+
+def fd_links(pid: int) -> dict[str, str]:
+    """What each open descriptor of `pid` is, by number; one closed while it is read (a
+    spawner just forked closes what it does not keep) is left out, not an error."""
+    links = {}
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            links[fd.name] = os.readlink(fd)
+        except FileNotFoundError:
+            continue
+    return links
 
 
 def test_a_client_wakes_one_waiting_spawner(netserver_proc: ServerFactory) -> None:
