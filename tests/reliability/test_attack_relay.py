@@ -211,10 +211,13 @@ def same_mailbox(address: str) -> str:
     """An address as the smarthost's parser shows it: quotes off, domain lower-case.
 
     aiosmtpd unquotes a quoted local part that needs no quotes and lower-cases nothing
-    else; this is only for comparing, never for judging what is local.
+    else; this is only for comparing, never for judging what is local. A bare
+    <Postmaster> goes on as Postmaster@ our hostname (RFC 5321 4.1.1.3), as delivered.
     """
     local, _, domain = address.rpartition("@")
-    return f"{local.strip(chr(34))}@{domain.lower()}" if local else address.lower()
+    if not local:
+        local, domain = address, LOCAL_DOMAIN
+    return f"{local.strip(chr(34))}@{domain.lower()}"
 
 
 def judge(reply: Reply, outcome: str) -> bool:
