@@ -55,22 +55,22 @@ def run_clients(server: RunningServer, count: int, concurrency: int = 1) -> None
         with ThreadPoolExecutor(concurrency) as pool:
             results = list(pool.map(lambda _: converse(server.host_port), range(count)))
     assert all(results), f"{results.count(False)} of {count} conversations failed"
-    assert wait_until(lambda: log_count(server.log, CONN_LINE) == before + count, 10.0)
+    assert wait_until(lambda: log_count(server.log, CONN_LINE) == before + count)
 
 
 def converse_to_its_end(server: RunningServer) -> bool:
     """A conversation, then wait until the server has logged its end.
 
     A client that has closed is not a connection the server has finished: on a loaded
-    machine the server may still be ending several, and each holds a thread (CI-like
-    load saw 6 at once, one client after another). Waiting for each end keeps the
+    machine the server may still be ending several, and each holds a thread (a stress
+    run saw 6 more threads, one client after another). Waiting for each end keeps the
     connections the server serves at once to the clients' concurrency, so a thread
     count above that is a thread not reused, whatever the scheduler did.
     """
     with connect(server.host_port) as sock:
         talked = round_trip(sock) == b"ping\n" and round_trip(sock, b"pong\n") == b"pong\n"
         ended = f"peer=127.0.0.1:{sock.getsockname()[1]} "
-    return talked and wait_until(lambda: ended in server.log(), 10.0)
+    return talked and wait_until(lambda: ended in server.log())
 
 
 def run_clients_to_their_ends(server: RunningServer, count: int, concurrency: int) -> None:
