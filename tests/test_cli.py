@@ -84,6 +84,8 @@ def assert_usage_error(result: subprocess.CompletedProcess[str], *words: str) ->
         ((*SERVE, "--max-conns", "-1", *ECHO), ("--max-conns",)),
         ((*SERVE, "--timeout", "soon", *ECHO), ("--timeout",)),
         ((*SERVE, "--restart-max", "0", *ECHO), ("--restart-max", "more than 0")),
+        ((*SERVE, "--restart-max", "nan", *ECHO), ("--restart-max", "nan")),
+        ((*SERVE, "--restart-max", "inf", *ECHO), ("--restart-max", "inf")),
         ((*SERVE, "--log-format", "xml", *ECHO), ("--log-format",)),
         (("bogus-command",), ("bogus-command",)),
         ((), ()),

@@ -381,6 +381,39 @@ def test_the_back_off_is_capped_by_the_limits(restart_max: float | None, longest
     assert all(low <= longest for low, _ in found)  # never longer
 
 
+@pytest.mark.slow  # an ExecMode may fork spawners once its back-off is over
+def test_a_very_long_run_of_young_deaths_still_waits_the_cap() -> None:
+    """Past 1,024 young deaths in a row (a spawner that cannot start for 85 minutes at
+    5 s apart), 0.1 * 2**n no longer fits a float: the OverflowError left the service
+    without spawners, refusing every client, even after the cause was gone."""
+
+    async def wait() -> tuple[float, float]:
+        """The wait, as the bounds the clock allows: (at least, at most)."""
+        loop = asyncio.get_running_loop()
+        ctx = ModeContext(
+            Command(("/bin/true",)),
+            Limits(),
+            ServerLog(io.StringIO()),
+            loop,
+            FdRegistry(),
+            lambda conn: None,
+            "exec",
+        )
+        mode = ExecMode(ctx, Command(("/bin/true",)), "/bin/true")
+        try:
+            mode._young_deaths = 1100
+            before = time.monotonic()
+            mode._back_off(SimpleNamespace(started=before))  # type: ignore[arg-type]
+            after = time.monotonic()
+            return mode._restart_at - after, mode._restart_at - before
+        finally:
+            mode.terminate()
+            await mode.closed()
+
+    low, high = asyncio.run(wait())
+    assert low <= RESTART_MAX <= high
+
+
 @pytest.mark.parametrize(
     ("text", "env"),
     [

@@ -70,3 +70,20 @@ def test_the_cap_comes_from_the_limits() -> None:
         dead_worker(pool, pid, age=0.5)
     assert loop.delays[:3] == [0.0, RESTART_FIRST, 2 * RESTART_FIRST]  # as before
     assert max(loop.delays) == loop.delays[-1] == 0.25 < RESTART_MAX
+
+
+def test_a_very_long_run_of_young_deaths_still_waits_the_cap() -> None:
+    """A handler that crashes at start for hours: past 1,024 young deaths in a row,
+    RESTART_FIRST * 2**n no longer fits a float, and the OverflowError left the pool
+    without a restart scheduled, for good (30 s apart, that is 8.5 hours)."""
+    pool = WorkerPool(
+        1,
+        log=ServerLog(io.StringIO()),
+        limits=Limits(),
+        loop_factory=lambda: None,  # type: ignore[arg-type,return-value]
+    )
+    loop = RecordingLoop()
+    pool._loop = loop  # type: ignore[assignment]
+    pool._young_deaths = 1100
+    dead_worker(pool, 1, age=0.5)
+    assert loop.delays == [RESTART_MAX]

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
+import math
 import ssl
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -54,6 +55,8 @@ def _positive_float(text: str) -> float:
 def _seconds(text: str) -> float:
     """A wait that must be more than nothing (0 would mean no wait at all: a fork loop)."""
     value = _positive_float(text)
+    if not math.isfinite(value):  # (nan passed the test below and inf never ends)
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
     return value

@@ -366,7 +366,8 @@ class ExecMode:
         delay = 0.0
         if self._young_deaths > 1:
             longest = self.ctx.limits.restart_max or RESTART_MAX
-            delay = min(longest, 0.1 * 2**self._young_deaths)
+            # (the exponent bounded: past 2**1024 the product overflows a float)
+            delay = min(longest, 0.1 * 2 ** min(self._young_deaths, 64))
         self._restart_at = time.monotonic() + delay
         self._restart_later()  # at once (or after the back-off), not on the next accept
 

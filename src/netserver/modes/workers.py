@@ -340,7 +340,8 @@ class WorkerPool:
         delay = 0.0
         if self._young_deaths > 1:
             longest = self.limits.restart_max or RESTART_MAX  # (limits change on reload)
-            delay = min(longest, RESTART_FIRST * 2 ** (self._young_deaths - 2))
+            # (the exponent bounded: past 2**1024 the product overflows a float)
+            delay = min(longest, RESTART_FIRST * 2 ** min(self._young_deaths - 2, 64))
         self._loop.call_later(delay, self._restart)
 
     def _restart(self) -> None:
