@@ -39,15 +39,21 @@ def dead_worker(pool: WorkerPool, pid: int, age: float) -> None:
     pool._exited(proc, -9)
 
 
-def test_young_deaths_back_off_and_an_old_one_resets() -> None:
+def recorded_pool(limits: Limits) -> tuple[WorkerPool, RecordingLoop]:
+    """A pool of one worker that forks nothing, its loop replaced by a recorder."""
     pool = WorkerPool(
         1,
         log=ServerLog(io.StringIO()),
-        limits=Limits(),
+        limits=limits,
         loop_factory=lambda: None,  # type: ignore[arg-type,return-value]
     )
     loop = RecordingLoop()
     pool._loop = loop  # type: ignore[assignment]
+    return pool, loop
+
+
+def test_young_deaths_back_off_and_an_old_one_resets() -> None:
+    pool, loop = recorded_pool(Limits())
     for pid in range(1, 12):
         dead_worker(pool, pid, age=0.5)
     assert loop.delays[:4] == [0.0, RESTART_FIRST, 2 * RESTART_FIRST, 4 * RESTART_FIRST]
@@ -58,14 +64,7 @@ def test_young_deaths_back_off_and_an_old_one_resets() -> None:
 
 def test_the_cap_comes_from_the_limits() -> None:
     """Limits.restart_max (netserver serve --restart-max) replaces RESTART_MAX."""
-    pool = WorkerPool(
-        1,
-        log=ServerLog(io.StringIO()),
-        limits=Limits(restart_max=0.25),
-        loop_factory=lambda: None,  # type: ignore[arg-type,return-value]
-    )
-    loop = RecordingLoop()
-    pool._loop = loop  # type: ignore[assignment]
+    pool, loop = recorded_pool(Limits(restart_max=0.25))
     for pid in range(1, 12):
         dead_worker(pool, pid, age=0.5)
     assert loop.delays[:3] == [0.0, RESTART_FIRST, 2 * RESTART_FIRST]  # as before
@@ -76,14 +75,7 @@ def test_a_very_long_run_of_young_deaths_still_waits_the_cap() -> None:
     """A handler that crashes at start for hours: past 1,024 young deaths in a row,
     RESTART_FIRST * 2**n no longer fits a float, and the OverflowError left the pool
     without a restart scheduled, for good (30 s apart, that is 8.5 hours)."""
-    pool = WorkerPool(
-        1,
-        log=ServerLog(io.StringIO()),
-        limits=Limits(),
-        loop_factory=lambda: None,  # type: ignore[arg-type,return-value]
-    )
-    loop = RecordingLoop()
-    pool._loop = loop  # type: ignore[assignment]
+    pool, loop = recorded_pool(Limits())
     pool._young_deaths = 1100
     dead_worker(pool, 1, age=0.5)
     assert loop.delays == [RESTART_MAX]
