@@ -44,6 +44,18 @@ class Limits:
     restart_max: float | None = None
 
 
+def restart_wait(limits: Limits, young_deaths: int, first: float, longest: float) -> float:
+    """How long to wait before starting again processes of which `young_deaths` in a row
+    died young: none after the first, then `first` doubling with each further one, up to
+    `limits.restart_max` (or the mode's own `longest`). The exponent is bounded: past
+    2**1024 the product no longer fits a float, and the OverflowError left a pool that
+    had crashed at start for hours without a restart for good."""
+    if young_deaths <= 1:
+        return 0.0
+    wait: float = first * 2.0 ** min(young_deaths - 2, 64)
+    return min(limits.restart_max or longest, wait)
+
+
 def source_key(limits: Limits, peer: Endpoint) -> str:
     """Who a connection counts against: its address, or its IPv6 network."""
     prefix = limits.ipv6_source_prefix

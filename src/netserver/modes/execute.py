@@ -48,6 +48,7 @@ from ..children import fork_with_channel, kill_and_reap, run_child, send_fd, wat
 from ..connlog import ConnRecord
 from ..errors import ConfigError
 from ..handlers import Command
+from ..limits import restart_wait
 from .base import KILL_AFTER, ModeContext, status_for_exit
 from .direct import DirectService
 from .spawner import (
@@ -86,6 +87,7 @@ _UCSPI = frozenset(
 )
 _UCSPI_BYTES = frozenset(os.fsencode(name) for name in _UCSPI)
 YOUNG = 1.0  # a spawner that dies sooner than this after its start died young
+RESTART_FIRST = 0.4  # the wait after a second young death in a row, doubling after each
 RESTART_MAX = 5.0  # the longest wait before starting a spawner again (Limits.restart_max)
 REPORTS = 65536
 STOP_WAIT = 10.0
@@ -363,11 +365,7 @@ class ExecMode:
         """A spawner died: replace it at once, or after a back-off if they die young."""
         young = time.monotonic() - proc.started < YOUNG
         self._young_deaths = self._young_deaths + 1 if young else 0
-        delay = 0.0
-        if self._young_deaths > 1:
-            longest = self.ctx.limits.restart_max or RESTART_MAX
-            # (the exponent bounded: past 2**1024 the product overflows a float)
-            delay = min(longest, 0.1 * 2 ** min(self._young_deaths, 64))
+        delay = restart_wait(self.ctx.limits, self._young_deaths, RESTART_FIRST, RESTART_MAX)
         self._restart_at = time.monotonic() + delay
         self._restart_later()  # at once (or after the back-off), not on the next accept
 

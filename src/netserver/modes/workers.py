@@ -50,7 +50,7 @@ from ..connlog import ServerLog
 from ..endpoint import Endpoint
 from ..errors import EX_OK, EX_SOFTWARE
 from ..handlers import LoopHandler
-from ..limits import Limits
+from ..limits import Limits, restart_wait
 from .base import ModeContext, status_for_exit
 from .direct import DirectService
 from .fork import reset_child_signals
@@ -337,11 +337,8 @@ class WorkerPool:
         """Start the missing workers now, or later when workers keep dying young."""
         if not self.replacing or self._loop is None:
             return
-        delay = 0.0
-        if self._young_deaths > 1:
-            longest = self.limits.restart_max or RESTART_MAX  # (limits change on reload)
-            # (the exponent bounded: past 2**1024 the product overflows a float)
-            delay = min(longest, RESTART_FIRST * 2 ** min(self._young_deaths - 2, 64))
+        # (the limits are read now: a reload may have changed them)
+        delay = restart_wait(self.limits, self._young_deaths, RESTART_FIRST, RESTART_MAX)
         self._loop.call_later(delay, self._restart)
 
     def _restart(self) -> None:
