@@ -642,3 +642,78 @@ def test_a_read_that_comes_after_the_task_was_cancelled_stays_for_the_next_read(
 
     run(loop_kind, handler, body)
     assert got == [b"cancelled", b"late\n"]
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+@pytest.mark.parametrize("given", ["stop", "line"])
+def test_a_cancel_after_a_read_was_answered_from_another_task_is_raised_in_it(
+    loop_kind: str, given: str
+) -> None:
+    """A parked read answered from another task (a stop asked from it, or bytes handed
+    over by it) is resumed by its own task; a cancel of that task which lands before it
+    wakes is raised in the read, as in a plain task, and what the read was given (the
+    stop's notice, the line) is not lost: the next read gets it."""
+    got: list[object] = []
+
+    async def handler(conn: AsyncConnection) -> None:
+        conn.interrupt_on_stop = True
+        try:
+            got.append(await conn.readline())
+        except ServerStopping:
+            got.append("stopping")
+        except asyncio.CancelledError:
+            got.append("cancelled")
+            try:
+                got.append(await conn.readline())
+            except ServerStopping:
+                got.append("stopping")
+            raise
+
+    async def body(conn: AsyncConnection, task: asyncio.Task[Any], peer: socket.socket) -> None:
+        await parked(conn)
+        if given == "stop":
+            conn.request_stop()  # from this task: the handler's own task takes the step
+        else:
+            conn.data_received(b"late\n")  # (as an in-process transport may, from a task)
+        assert task.cancel()  # before the handler's task has woken up
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(loop_kind, handler, body)
+    assert got == ["cancelled", "stopping" if given == "stop" else b"late\n"]
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+@pytest.mark.parametrize("how", ["readline", "read"])
+def test_a_cancel_after_a_read_on_a_future_was_answered_keeps_its_bytes(
+    loop_kind: str, how: str
+) -> None:
+    """A read that waits on a future (here in a task of its own, not driven) and is
+    answered with bytes in the same loop turn as its task is cancelled (a timeout that
+    expires as they come) raises the cancel; the bytes stay for the next read."""
+    reader: list[asyncio.Task[bytes]] = []
+    got: list[bytes] = []
+
+    async def handler(conn: AsyncConnection) -> None:
+        loop = asyncio.get_running_loop()
+        read = conn.readline() if how == "readline" else conn.read(100)
+        reader.append(loop.create_task(read))
+        with pytest.raises(asyncio.CancelledError):
+            await reader[0]
+        got.append(await conn.readline())
+
+    async def body(conn: AsyncConnection, task: asyncio.Task[Any], peer: socket.socket) -> None:
+        for _ in range(100):  # until the read waits on its future
+            if conn._waiter is not None:
+                break
+            await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        # Both in one loop turn, as callbacks, before the reader's task wakes up.
+        loop.call_soon(conn.data_received, b"late\n")
+        loop.call_soon(reader[0].cancel)
+        await asyncio.sleep(0)
+        await loop.sock_sendall(peer, b"next\n")
+        await task
+
+    run(loop_kind, handler, body)
+    assert got == [b"late\n"]

@@ -478,7 +478,43 @@ class AsyncConnection(LoopConnection):
         if self._driving:
             self._arm(want)
             return (yield _PARK)
-        return (yield from self._wait(want))
+        waiter = self._wait(want)
+        try:
+            return (yield from waiter)
+        except asyncio.CancelledError:
+            self._unread_waiter(waiter)
+            raise
+
+    def _unread(self, value: Any, exc: BaseException | None) -> None:
+        """Keep what a read was given but never got: its task was cancelled after the
+        read was answered and before the task woke up, so the read raises the cancel
+        (as a plain task's read does) and what it was given waits for the next read.
+
+        The bytes go back in front of what is unread; a stop's notice is asked for
+        again (`_arm` raises it into the next read that waits). An error found in the
+        buffer (LineTooLong) left the buffer as it was: the next read finds it again.
+        """
+        if isinstance(exc, ServerStopping):
+            self.interrupt_on_stop = True
+        elif value:
+            data = bytes(value)
+            lines = self._lines
+            if lines:  # split off after it: it comes first (`pop` takes the last)
+                lines.append(data)
+                return
+            buf = self._buf
+            rest = buf[self._pos :] if type(buf) is bytes else bytes(buf)
+            self._buf = data + rest
+            self._pos = 0
+
+    def _unread_waiter(self, waiter: asyncio.Future[Any]) -> None:
+        """`_unread` what `waiter` holds: its read's task was cancelled (see `_unread`)."""
+        if not waiter.done():  # (a cancel thrown in while it waits: answer it no more)
+            waiter.cancel()
+        if waiter.cancelled():
+            return
+        exc = waiter.exception()  # (retrieved: a lost error is not logged as unheard)
+        self._unread(None if exc is not None else waiter.result(), exc)
 
     def _own(self) -> bytes | bytearray:
         """The unread bytes from index 0 (what the buffer holds past `_pos`, moved)."""
@@ -595,7 +631,11 @@ class AsyncConnection(LoopConnection):
                 return (yield _PARK)  # type: ignore[no-any-return]
             waiter: asyncio.Future[bytes] = self._loop.create_future()
             self._waiter = waiter
-            return (yield from waiter)
+            try:
+                return (yield from waiter)
+            except asyncio.CancelledError:
+                self._unread_waiter(waiter)
+                raise
         self._scan = 0
         if self._buf or self._eof:
             line = self._line()
@@ -813,7 +853,10 @@ def drive(
                     break
                 kind, payload = outcome
                 if kind == _SEND:  # resumed from inside a task: resume it here
-                    value, exc = payload
+                    if exc is None:
+                        value, exc = payload
+                    else:  # cancelled before it woke: the read raises that instead
+                        conn._unread(*payload)
                 elif kind == _RETURN:
                     if exc is not None:  # cancelled as it ended, as a task would be
                         raise exc
