@@ -1062,7 +1062,11 @@ def test_replies_that_raise_no_event_are_sent(servers: LeafmailFactory) -> None:
         assert client.command("NOOP").text == "2.0.0 OK"
         assert client.command("RSET").code == 250
         assert client.command("VRFY bob").code == 252
-        assert client.command("HELP").code == 214
+        help_reply = client.command("HELP")
+        assert help_reply.code == 214
+        # No TLS and no AUTH configured: HELP lists neither (EHLO offers neither).
+        assert "STARTTLS" not in help_reply.text and "AUTH" not in help_reply.text
+        assert "STARTTLS" not in extensions(client.ehlo())
         assert client.command("FOO").code == 500
         assert client.command("RCPT TO:<bob@mx.test>").code == 503
 

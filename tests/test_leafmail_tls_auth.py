@@ -159,6 +159,44 @@ def test_starttls_offered_once_and_received_says_esmtps(server: Leafmail, tls: T
     assert received.tls is not None and received.tls.startswith(("TLSv1.2", "TLSv1.3"))
 
 
+def help_commands(client: smtplib.SMTP) -> set[str]:
+    """The commands HELP lists (its first line, after "Commands:")."""
+    first = client.help().decode().splitlines()[0]
+    label, _, commands = first.partition(" ")
+    assert label == "2.0.0" and commands.startswith("Commands: ")
+    return set(commands.removeprefix("Commands: ").split())
+
+
+def offered(client: smtplib.SMTP) -> set[str]:
+    """What of STARTTLS and AUTH the client's last EHLO was offered."""
+    return {verb for verb in ("STARTTLS", "AUTH") if client.has_extn(verb)}
+
+
+def test_help_lists_starttls_and_auth_only_when_ehlo_offers_them(
+    server: Leafmail, smtps_server: Leafmail, tls: TLSFiles
+) -> None:
+    """Plaintext: STARTTLS, not AUTH; after STARTTLS and over implicit TLS: AUTH, not
+    STARTTLS, as EHLO says in each state (the HELP of a server without TLS or AUTH:
+    test_leafmail_serve)."""
+    with smtp_client(server) as client:
+        client.ehlo()
+        assert offered(client) == {"STARTTLS"}
+        assert help_commands(client) & {"STARTTLS", "AUTH"} == {"STARTTLS"}
+        client.starttls(context=tls.client_context())
+        client.ehlo()
+        assert offered(client) == {"AUTH"}
+        assert help_commands(client) & {"STARTTLS", "AUTH"} == {"AUTH"}
+        client.login("alice", PASSWORD)
+        assert help_commands(client) >= {"HELO", "EHLO", "MAIL", "RCPT", "DATA", "BDAT", "AUTH"}
+    host, port = smtps_server.address(SMTPS)
+    with smtplib.SMTP_SSL(
+        host, port, local_hostname=CLIENT, timeout=IO_TIMEOUT, context=tls.client_context()
+    ) as client:
+        client.ehlo()
+        assert offered(client) == {"AUTH"}
+        assert help_commands(client) & {"STARTTLS", "AUTH"} == {"AUTH"}
+
+
 def test_starttls_forgets_the_plaintext_ehlo(server: Leafmail, tls: TLSFiles) -> None:
     with smtp_client(server) as client:
         client.ehlo("before.test")

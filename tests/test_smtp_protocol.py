@@ -189,8 +189,8 @@ CONVERSATIONS = [
             "250 2.0.0 OK",
             "250 2.0.0 Reset OK",
             *(
-                "214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP"
-                " STARTTLS AUTH",
+                # Neither STARTTLS nor AUTH: this server offers neither.
+                "214-2.0.0 Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP",
                 "214 2.0.0 See RFC 5321 for their use",
             ),
         ),

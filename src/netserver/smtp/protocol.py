@@ -363,8 +363,12 @@ class ServerProtocol(ProtocolCore):
 
     def _extensions(self) -> tuple[str, ...]:
         """The EHLO keywords for this session (STARTTLS and AUTH depend on it)."""
-        starttls = self.config.tls_available and not self._session.tls
-        return _keywords(self.config.max_message_size, starttls, self._auth_offered())
+        return _keywords(
+            self.config.max_message_size, self._starttls_offered(), self._auth_offered()
+        )
+
+    def _starttls_offered(self) -> bool:
+        return self.config.tls_available and not self._session.tls
 
     def _auth_offered(self) -> bool:
         config = self.config
@@ -542,7 +546,7 @@ class ServerProtocol(ProtocolCore):
         self._fail(replies.EXPN_DISABLED)
 
     def _help(self, arg: str) -> None:
-        self._junk_reply(replies.HELP)
+        self._junk_reply(replies.help_commands(self._starttls_offered(), self._auth_offered()))
 
     def _starttls(self, arg: str) -> None:
         if arg:

@@ -41,7 +41,6 @@ __all__ = [
     "DATA_LINE_TOO_LONG",
     "DUPLICATE_PARAMETER",
     "EXPN_DISABLED",
-    "HELP",
     "LINE_TOO_LONG",
     "MAIL_OK",
     "MESSAGE_ACCEPTED",
@@ -64,6 +63,7 @@ __all__ = [
     "ehlo",
     "greeting",
     "helo",
+    "help_commands",
     "not_implemented",
     "queued",
     "shutting_down",
@@ -192,6 +192,19 @@ def ehlo(hostname: str, client: str, keywords: tuple[str, ...]) -> Reply:
     return Reply(250, None, (_greets(hostname, client), *keywords))
 
 
+@functools.lru_cache(maxsize=4)  # one for each of the four answers
+def help_commands(starttls: bool, auth: bool) -> Reply:
+    """The 214 answer to HELP: the commands this session would accept, STARTTLS and
+    AUTH only when EHLO offers them now (listing a command that will be refused misleads
+    clients and scanners; RFC 5321 4.1.1.8 leaves the text to the server)."""
+    commands = "HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP"
+    if starttls:
+        commands += " STARTTLS"
+    if auth:
+        commands += " AUTH"
+    return Reply(214, "2.0.0", ("Commands: " + commands, "See RFC 5321 for their use"))
+
+
 @functools.lru_cache(maxsize=16)
 def closing(hostname: str) -> Reply:
     """The 221 answer to QUIT."""
@@ -264,14 +277,6 @@ START_DATA = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
 READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 VRFY_CANNOT = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
 EXPN_DISABLED = not_implemented("EXPN not available")
-HELP = Reply(
-    214,
-    "2.0.0",
-    (
-        "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH",
-        "See RFC 5321 for their use",
-    ),
-)
 
 UNKNOWN_COMMAND = Reply(500, "5.5.2", "Command not recognized")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
