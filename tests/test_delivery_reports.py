@@ -223,6 +223,10 @@ def test_bounce_of_8bit_mail_passes_a_smarthost_without_8bitmime(
     assert bounce.content.isascii()
     blocks = status_blocks(bounce.content)
     assert (blocks[1]["Action"], blocks[1]["Status"]) == ("failed", "5.6.3")
+    # The smarthost is known by its address: Remote-MTA is its address literal (RFC 3464
+    # 2.3.5), and the diagnostic is ours about it, not a reply it sent (2.3.6).
+    assert blocks[1]["Remote-MTA"] == "dns; [127.0.0.1]"
+    assert blocks[1]["Diagnostic-Code"].startswith("X-Leafmail; 554 5.6.3 ")
     msg = email.message_from_bytes(bounce.content, policy=email.policy.default)
     returned = [p for p in msg.walk() if p.get_content_type() == "text/rfc822-headers"]
     assert len(returned) == 1
@@ -261,6 +265,9 @@ def test_an_undeliverable_bounce_reaches_the_local_postmaster(
     report = path.read_bytes()
     assert b"Subject: Postmaster Copy: Undeliverable Bounce" in report
     assert b"550 5.1.1 and no carol either" in report
+    (carol,) = status_blocks(report)[1:]
+    assert carol["Remote-MTA"] == "dns; [127.0.0.1]"
+    assert carol["Diagnostic-Code"] == "smtp; 550 5.1.1 and no carol either"
     assert sink.received == []
     server.stop()
     assert "undeliverable bounce reported to the postmaster" in server.log()

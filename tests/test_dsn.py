@@ -647,3 +647,88 @@ def test_success_report_fields_and_headers_only() -> None:
         assert [field(b, "Status") for b in blocks[1:]] == ["2.0.0"] * 3
         assert field(blocks[2], "Remote-MTA") == "dns; smarthost.test"
         assert (b"The body of the original." in blob) is whole
+
+
+# --- RFC 3464 grammar of the fields, as a mail program reads them ----------------------
+
+# RFC 3464 2.1.2, 2.2, 2.3 (with RFC 3463's status-code): what each value must look like.
+STATUS_CODE = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
+TYPED = re.compile(r"([A-Za-z0-9-]+); ?(.+)")  # "type ; value" (dns, rfc822, smtp, X-...)
+# A DNS name (RFC 1123), or, only for a host that has none, an address literal
+# (RFC 5321 4.1.3: "[192.0.2.1]", "[IPv6:2001:db8::1]").
+MTA_NAME = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+    r"|\[(?:[0-9]{1,3}(?:\.[0-9]{1,3}){3}|IPv6:[0-9A-Fa-f:.]+)\]"
+)
+
+
+def grammar_checked(blob: bytes) -> list[email.message.Message]:
+    """The status part's blocks as the email package reads them, each field checked
+    against RFC 3464's grammar; the per-recipient blocks are returned."""
+    _, status, _ = parts(blob)
+    per_message, *recipients = blocks_of(status)
+    reporting = TYPED.fullmatch(per_message["Reporting-MTA"])
+    assert reporting and reporting[1] == "dns" and MTA_NAME.fullmatch(reporting[2])
+    for block in recipients:
+        assert TYPED.fullmatch(block["Final-Recipient"])
+        assert block["Action"] in {"failed", "delayed", "delivered", "relayed", "expanded"}
+        assert STATUS_CODE.fullmatch(block["Status"]), block["Status"]
+        diagnostic = TYPED.fullmatch(block["Diagnostic-Code"])
+        assert diagnostic and diagnostic[1] in {"smtp", "X-Leafmail"}
+        if block["Remote-MTA"] is not None:
+            remote = TYPED.fullmatch(block["Remote-MTA"])
+            assert remote and remote[1] == "dns" and MTA_NAME.fullmatch(remote[2]), remote
+    return recipients
+
+
+@pytest.mark.parametrize(
+    ("remote", "want"),
+    [
+        ("mx1.example.net:25", "dns; mx1.example.net"),
+        ("192.0.2.7:25", "dns; [192.0.2.7]"),
+        ("[2001:db8::25]:587", "dns; [IPv6:2001:db8::25]"),
+    ],
+)
+def test_remote_mta_is_the_name_or_an_address_literal(remote: str, want: str) -> None:
+    """Remote-MTA is "dns; name" (RFC 3464 2.3.5): a next hop known only by its address
+    (a smarthost given as an IP) is written as SMTP writes an address literal, never as
+    a bare address that reads as a name (or, for IPv6, as no name at all)."""
+    _, blob = dsn(envelope(), [failure(remote=remote)])
+    (bob,) = grammar_checked(blob)
+    assert bob["Remote-MTA"] == want
+
+
+def test_a_status_is_ascii_digits_whatever_digits_the_reply_had() -> None:
+    """RFC 3464 2.3.4 / RFC 3463: status-code is DIGIT "." 1*3DIGIT "." 1*3DIGIT, ASCII.
+    A reply that starts with other Unicode digits (5.U+0661.U+0661) has no enhanced code: its
+    class's default is the Status, and the reply stays whole in Diagnostic-Code."""
+    _, blob = dsn(envelope(), [failure("5.\u0661.\u0661 no such user")])
+    (bob,) = grammar_checked(blob)
+    assert bob["Status"] == "5.0.0"
+    assert raw_parts(blob)[1][1].isascii()
+
+
+def test_diagnostic_code_smtp_only_for_the_remote_mtas_own_reply() -> None:
+    """Diagnostic-Code's "smtp" type is the reply the remote MTA sent (RFC 3464 2.3.6);
+    what we concluded ourselves about that MTA (it lacks 8BITMIME, the connection broke,
+    the message expired) is ours, with our type, while Remote-MTA still names the MTA."""
+    env = envelope(Recipient("bob@example.test"), Recipient("carol@example.test"))
+    ours = Result.failed("5.6.3", f"{REMOTE} does not support 8BITMIME", REMOTE)
+    _, blob = dsn(env, [failure(), ours])
+    bob, carol = grammar_checked(blob)
+    assert bob["Diagnostic-Code"] == "smtp; 550 5.1.1 no such user"
+    assert carol["Diagnostic-Code"] == f"X-Leafmail; 554 5.6.3 {REMOTE} does not support 8BITMIME"
+    assert bob["Remote-MTA"] == carol["Remote-MTA"] == "dns; smarthost.test"
+    lost = Result.deferred("4.4.2", "connection to smarthost.test:587 lost", REMOTE)
+    _, blob = dsn(envelope(), [lost], delayed=True)
+    (bob,) = grammar_checked(blob)
+    assert bob["Diagnostic-Code"].startswith("X-Leafmail; 451 4.4.2 ")
+
+
+def test_original_envelope_id_is_the_decoded_envid() -> None:
+    """RFC 3464 2.2.1: envelope-id = *text, case and spelling preserved; ENVID's xtext
+    (RFC 3461 4.4) is only how SMTP carries it, decoded when it is received (ENVID=
+    QQ+2B314 is the identifier "QQ+314"), so the field carries the identifier itself."""
+    _, blob = dsn(envelope(envid="Qq+314 a=b"))
+    _, status, _ = parts(blob)
+    assert blocks_of(status)[0]["Original-Envelope-Id"] == "Qq+314 a=b"

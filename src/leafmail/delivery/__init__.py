@@ -18,7 +18,9 @@ from typing import Protocol
 from ..envelope import Envelope
 from ..status import RcptState
 
-_ENHANCED = re.compile(r"\A([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|\Z)")
+# ASCII digits only (RFC 3463's status-code): `\d` would take other scripts' digits too,
+# which a DSN's Status field cannot carry.
+_ENHANCED = re.compile(r"\A([245])\.([0-9]{1,3})\.([0-9]{1,3})(?:\s+|\Z)")
 
 
 class Handoff(StrEnum):
@@ -54,6 +56,10 @@ class Result:
     text: str
     remote: str = ""
     handoff: Handoff = Handoff.FINAL
+    # True when code and text are the reply `remote` sent (`from_reply`), False when they
+    # are ours about it (a broken connection, a missing extension): a DSN's Diagnostic-Code
+    # is of type "smtp" only for the former (RFC 3464 2.3.6).
+    replied: bool = False
 
     @classmethod
     def from_reply(cls, code: int, message: str, remote: str = "") -> Result:
@@ -71,7 +77,7 @@ class Result:
             status, text = f"{match[1]}.{match[2]}.{match[3]}", text[match.end() :]
         else:
             status = {Outcome.DELIVERED: "2.0.0", Outcome.FAILED: "5.0.0"}.get(outcome, "4.0.0")
-        return cls(outcome, code, status, text, remote)
+        return cls(outcome, code, status, text, remote, replied=bool(remote))
 
     @classmethod
     def refused(cls, code: int, message: str, remote: str = "") -> Result:

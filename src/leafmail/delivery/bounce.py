@@ -25,6 +25,7 @@ DoubleBounceAddress and Postfix's notify_classes = bounce do.
 
 from __future__ import annotations
 
+import ipaddress
 import quopri
 import secrets
 from collections.abc import Sequence
@@ -278,10 +279,9 @@ def _status(
             f"Status: {result.status}",
         ]
         if result.remote:
-            block.append(f"Remote-MTA: dns; {clean(_host_of(result.remote))}")
-            block.append(f"Diagnostic-Code: smtp; {clean(result.line)}")
-        else:
-            block.append(f"Diagnostic-Code: X-Leafmail; {clean(result.line)}")
+            block.append(f"Remote-MTA: dns; {clean(_mta_name(result.remote))}")
+        diagnostic = "smtp" if result.replied and result.remote else "X-Leafmail"
+        block.append(f"Diagnostic-Code: {diagnostic}; {clean(result.line)}")
         block.append(f"Last-Attempt-Date: {_date(now)}")
         if action is Action.DELAYED and retry_until is not None:
             block.append(f"Will-Retry-Until: {_date(retry_until)}")
@@ -334,11 +334,20 @@ def _original_recipient(orcpt: str, *, utf8: bool) -> str:
     return f"{addr_type};" + utf8_addr_xtext(address, unitext=utf8)[:900]
 
 
-def _host_of(remote: str) -> str:
-    """The host of "host:port" or "[v6]:port", for Remote-MTA (a name, not an address:port)."""
+def _mta_name(remote: str) -> str:
+    """Remote-MTA's name (RFC 3464 2.3.5) for "host:port" or "[v6]:port": the host's
+    name, or, for a host known only by its address, an address literal as SMTP writes
+    one (RFC 5321 4.1.3): a bare address would read as a name, and a bare IPv6 address
+    is none at all."""
     if remote.startswith("["):
-        return remote[1 : remote.find("]")] if "]" in remote else remote
-    return remote.rsplit(":", 1)[0] if remote.count(":") == 1 else remote
+        host = remote[1 : remote.find("]")] if "]" in remote else remote
+    else:
+        host = remote.rsplit(":", 1)[0] if remote.count(":") == 1 else remote
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    return f"[IPv6:{address}]" if address.version == 6 else f"[{address}]"
 
 
 def _angle(address: str) -> str:
