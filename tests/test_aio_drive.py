@@ -645,7 +645,7 @@ def test_a_read_that_comes_after_the_task_was_cancelled_stays_for_the_next_read(
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
-@pytest.mark.parametrize("given", ["stop", "line"])
+@pytest.mark.parametrize("given", ["stop", "line", "lines"])
 def test_a_cancel_after_a_read_was_answered_from_another_task_is_raised_in_it(
     loop_kind: str, given: str
 ) -> None:
@@ -665,6 +665,8 @@ def test_a_cancel_after_a_read_was_answered_from_another_task_is_raised_in_it(
             got.append("cancelled")
             try:
                 got.append(await conn.readline())
+                if given == "lines":
+                    got.append(await conn.readline())
             except ServerStopping:
                 got.append("stopping")
             raise
@@ -673,18 +675,23 @@ def test_a_cancel_after_a_read_was_answered_from_another_task_is_raised_in_it(
         await parked(conn)
         if given == "stop":
             conn.request_stop()  # from this task: the handler's own task takes the step
-        else:
-            conn.data_received(b"late\n")  # (as an in-process transport may, from a task)
+        else:  # (as an in-process transport may, from a task)
+            conn.data_received(b"late\n" if given == "line" else b"late\nmore\n")
         assert task.cancel()  # before the handler's task has woken up
         with pytest.raises(asyncio.CancelledError):
             await task
 
     run(loop_kind, handler, body)
-    assert got == ["cancelled", "stopping" if given == "stop" else b"late\n"]
+    want: dict[str, list[object]] = {
+        "stop": ["stopping"],
+        "line": [b"late\n"],
+        "lines": [b"late\n", b"more\n"],
+    }
+    assert got == ["cancelled", *want[given]]
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
-@pytest.mark.parametrize("how", ["readline", "read"])
+@pytest.mark.parametrize("how", ["readline", "read", "lines"])
 def test_a_cancel_after_a_read_on_a_future_was_answered_keeps_its_bytes(
     loop_kind: str, how: str
 ) -> None:
@@ -696,11 +703,13 @@ def test_a_cancel_after_a_read_on_a_future_was_answered_keeps_its_bytes(
 
     async def handler(conn: AsyncConnection) -> None:
         loop = asyncio.get_running_loop()
-        read = conn.readline() if how == "readline" else conn.read(100)
+        read = conn.read(100) if how == "read" else conn.readline()
         reader.append(loop.create_task(read))
         with pytest.raises(asyncio.CancelledError):
             await reader[0]
         got.append(await conn.readline())
+        if how == "lines":
+            got.append(await conn.readline())
 
     async def body(conn: AsyncConnection, task: asyncio.Task[Any], peer: socket.socket) -> None:
         for _ in range(100):  # until the read waits on its future
@@ -709,11 +718,11 @@ def test_a_cancel_after_a_read_on_a_future_was_answered_keeps_its_bytes(
             await asyncio.sleep(0)
         loop = asyncio.get_running_loop()
         # Both in one loop turn, as callbacks, before the reader's task wakes up.
-        loop.call_soon(conn.data_received, b"late\n")
+        loop.call_soon(conn.data_received, b"late\nmore\n" if how == "lines" else b"late\n")
         loop.call_soon(reader[0].cancel)
         await asyncio.sleep(0)
         await loop.sock_sendall(peer, b"next\n")
         await task
 
     run(loop_kind, handler, body)
-    assert got == [b"late\n"]
+    assert got == ([b"late\n", b"more\n"] if how == "lines" else [b"late\n"])
