@@ -726,3 +726,42 @@ def test_a_cancel_after_a_read_on_a_future_was_answered_keeps_its_bytes(
 
     run(loop_kind, handler, body)
     assert got == ([b"late\n", b"more\n"] if how == "lines" else [b"late\n"])
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+@pytest.mark.parametrize("then", ["return", "raise", "sleep"])
+def test_a_cancel_after_a_direct_resume_and_before_the_task_wakes_is_not_lost(
+    loop_kind: str, then: str
+) -> None:
+    """data_received resumes the handler, which then ends, fails or waits for something
+    else; its task is cancelled before it wakes to carry that on. As for a task whose
+    step did that just before the cancel: an end becomes the cancel (cancel() said True),
+    a failure stays the failure, a wait raises the cancel in the handler's await."""
+    reached: list[str] = []
+
+    async def handler(conn: AsyncConnection) -> str:
+        line = await conn.readline()
+        reached.append(line.decode())
+        if then == "raise":
+            raise ValueError("failed")
+        if then == "sleep":
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                reached.append("cancelled in sleep")
+                raise
+        return "ended"
+
+    async def body(conn: AsyncConnection, task: asyncio.Task[Any], peer: socket.socket) -> None:
+        await parked(conn)
+        loop = asyncio.get_running_loop()
+        cancelled: list[bool] = []
+        # Both in one loop turn, as callbacks (data_received as the loop calls it).
+        loop.call_soon(conn.data_received, b"go\n")
+        loop.call_soon(lambda: cancelled.append(task.cancel()))
+        with pytest.raises(ValueError if then == "raise" else asyncio.CancelledError):
+            await task
+        assert cancelled == [True]
+
+    run(loop_kind, handler, body)
+    assert reached == ["go\n"] + (["cancelled in sleep"] if then == "sleep" else [])
