@@ -662,3 +662,48 @@ def test_a_status_that_cannot_be_written_does_not_stop_the_pass(
     sink.behaviour.rcpt_replies.clear()
     assert counts(run(runner)) == {"delivered": 1}
     assert spool_is_empty(spool)
+
+
+# --- the wall clock steps back -------------------------------------------------------------
+
+
+def test_a_clock_set_back_does_not_strand_deferred_mail(sink: Smarthost, spool: Spool) -> None:
+    """A message deferred while the clock ran a day fast (then corrected by NTP or the
+    operator) has a next attempt a day ahead of the corrected clock: no schedule of the
+    policy waits longer than retry_max, so it is due again within that, not a day later."""
+    sink.behaviour.rcpt_replies["busy@dst.test"] = "451 4.2.1 mailbox busy"
+    qid = put(spool, ["busy@dst.test"])
+    clock = FakeClock()
+    runner = make_runner(spool, sink.port, clock)
+    assert counts(run(runner)) == {"deferred": 1}
+    assert status_of(spool, qid).next_attempt == pytest.approx(clock.now + 300.0)
+
+    clock.advance(-DAY)  # the clock is stepped back a day
+    sink.behaviour.rcpt_replies.clear()
+    assert runner.next_wakeup(clock.now) == 0.0
+    assert counts(run(runner)) == {"delivered": 1}
+    assert spool_is_empty(spool)
+    assert [r.recipients for r in sink.received] == [["busy@dst.test"]]
+
+
+def test_a_clock_set_back_does_not_extend_the_link_rest(spool: Spool) -> None:
+    """The link-down rest is at most retry_max long, whatever the clock did meanwhile."""
+    down = Greeter("127.0.0.1", 0, b"")
+    port = down.port
+    back: Smarthost | None = None
+    try:
+        put(spool, ["bob@dst.test"])
+        clock = FakeClock()
+        runner = make_runner(spool, port, clock)
+        assert counts(run(runner)) == {"deferred": 1}
+        assert runner.link_wait == 60.0
+        down.stop()
+        back = Smarthost(port=port).start()
+        clock.advance(-DAY)
+        clock.advance(POLICY.maximum + 1.0)  # longer than any rest, on the new clock
+        assert counts(run(runner)) == {"delivered": 1}
+        assert spool_is_empty(spool)
+    finally:
+        down.stop()
+        if back is not None:
+            back.stop()

@@ -184,7 +184,7 @@ async def attempt(
         except CorruptMessage as exc:  # Spool.get moved it to corrupt/
             return Attempt(qid, AttemptOutcome.CORRUPT, {}, str(exc))
         status = message.status
-        if not force and state == QueueState.DEFERRED and status.next_attempt > now:
+        if not force and state == QueueState.DEFERRED and not policy.due(status.next_attempt, now):
             return Attempt(qid, AttemptOutcome.SKIPPED, {})
         expansions = RecordedExpansions(spool, qid, status)
         await expansions.recover()  # copies a crash left in hold/ go out now

@@ -106,7 +106,7 @@ class QueueRunner:
         """New messages first (oldest first), then deferred ones whose time has come."""
         ready = self.spool.ids(QueueState.QUEUE)
         for qid in self.spool.ids(QueueState.DEFERRED):
-            if force or self.next_attempt(qid) <= now:
+            if force or self.policy.due(self.next_attempt(qid), now):
                 ready.append(qid)
         return ready
 
@@ -120,10 +120,24 @@ class QueueRunner:
 
     def next_wakeup(self, now: float) -> float:
         """Seconds until something may be due: the earliest retry, capped by the scan interval."""
-        times = [self.next_attempt(qid) for qid in self.spool.ids(QueueState.DEFERRED)]
+        times = [
+            self._when(self.next_attempt(qid), now) for qid in self.spool.ids(QueueState.DEFERRED)
+        ]
         soonest = min(times, default=now + SCAN_INTERVAL)
-        soonest = max(soonest, self.link_down_until)
+        if self._resting(now):
+            soonest = max(soonest, self.link_down_until)
         return max(0.0, min(soonest - now, SCAN_INTERVAL))
+
+    def _when(self, next_attempt: float, now: float) -> float:
+        """When a message scheduled for `next_attempt` is due: then, or now if the clock
+        was set back since (`RetryPolicy.due`)."""
+        set_back = next_attempt > now and self.policy.due(next_attempt, now)
+        return now if set_back else next_attempt
+
+    def _resting(self, now: float) -> bool:
+        """Whether the link is still left alone at `now`. A rest lasts `link_wait` at most:
+        one that ends further ahead was set by a clock since set back, and is over."""
+        return now < self.link_down_until and self.link_down_until - now <= self.link_wait
 
     # -- passes -------------------------------------------------------------------------
     def notify(self, qid: str) -> None:
@@ -153,7 +167,7 @@ class QueueRunner:
             now = self.clock()
             if force:
                 self.link_down_until = 0.0
-            link_up = now >= self.link_down_until
+            link_up = not self._resting(now)
             work = deque(self.due(now, force=force))
             if not link_up:  # only expiries can happen while the link rests
                 work = deque(q for q in work if self.policy.expired(arrival_time(q), now))
@@ -192,7 +206,7 @@ class QueueRunner:
                 return
             qid = work.popleft()
             now = self.clock()
-            usable = link_up and not summary.link_error and now >= self.link_down_until
+            usable = link_up and not summary.link_error and not self._resting(now)
             if not usable and not self.policy.expired(arrival_time(qid), now):
                 reason = summary.link_error or "next hop unreachable earlier; waiting"
                 done = Attempt(qid, AttemptOutcome.WAITING, {}, f"not tried: {reason}")

@@ -36,6 +36,16 @@ class RetryPolicy:
     def next_attempt(self, arrival: float, attempts: int, now: float) -> float:
         return min(now + self.delay(attempts), self.expires(arrival))
 
+    def due(self, next_attempt: float, now: float) -> bool:
+        """Whether a message scheduled for `next_attempt` may be tried at `now`.
+
+        No schedule of this policy lies more than `maximum` ahead of the clock that made
+        it, so one that does was made by a clock since set back (a fast clock corrected
+        by NTP or by hand): it is due now, not once the clock has caught up again, which
+        could be days with the mail waiting for nothing.
+        """
+        return next_attempt <= now or next_attempt - now > self.maximum
+
     def expires(self, arrival: float) -> float:
         return arrival + self.lifetime
 
