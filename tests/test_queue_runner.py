@@ -10,12 +10,14 @@ the test (with real-time ids) are young, as they would be in production.
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import os
 import random
 import socket
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from conftest import FakeClock
@@ -644,7 +646,8 @@ def test_a_status_that_cannot_be_written_does_not_stop_the_pass(
 ) -> None:
     """A write error for one message (here a directory in the way of its new status
     record) leaves it as it was, and the pass goes on with the others; once the spool is
-    whole again it is tried as usual."""
+    whole again it is tried as usual, after the wait of a first deferral (not at the very
+    next pass: see test_an_attempt_that_cannot_be_recorded_is_not_retried_at_once)."""
     sink.behaviour.rcpt_replies["later@dst.test"] = "451 4.3.0 try later"
     stuck = put(spool, ["later@dst.test"], "stuck")
     fine = put(spool, ["bob@dst.test"], "fine")
@@ -660,6 +663,8 @@ def test_a_status_that_cannot_be_written_does_not_stop_the_pass(
     assert spool.find(fine) is None
     in_the_way.rmdir()
     sink.behaviour.rcpt_replies.clear()
+    assert counts(run(runner)) == {}
+    clock.advance(POLICY.initial)
     assert counts(run(runner)) == {"delivered": 1}
     assert spool_is_empty(spool)
 
@@ -707,3 +712,74 @@ def test_a_clock_set_back_does_not_extend_the_link_rest(spool: Spool) -> None:
         down.stop()
         if back is not None:
             back.stop()
+
+
+# --- a status record that cannot be written (a full disk) -----------------------------------
+
+
+class NoRoomForStatus(Spool):
+    """A spool whose status records cannot be written while `full` (ENOSPC), as on a
+    disk filled to the last block: message files can still be read and unlinked."""
+
+    full = True
+
+    def write_status(self, qid: str, blob: bytes) -> None:
+        if self.full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        super().write_status(qid, blob)
+
+
+def test_a_delivery_that_cannot_be_recorded_is_not_sent_again(
+    sink: Smarthost, tmp_path: Path
+) -> None:
+    """ok@ is accepted but the status saying so cannot be written, and busy@ keeps the
+    message queued. The runner remembers ok@'s result: pass after pass on the full disk
+    it is not sent again (before, one more copy per pass, for as long as the disk stayed
+    full: in the daemon every minute), and once there is room the result is recorded."""
+    sink.behaviour.rcpt_replies["busy@dst.test"] = "451 4.2.1 mailbox busy"
+    spool = NoRoomForStatus(tmp_path / "spool")
+    qid = put(spool, ["ok@dst.test", "busy@dst.test"])
+    clock = FakeClock()
+    runner = make_runner(spool, sink.port, clock)
+    for _ in range(3):
+        assert counts(run(runner)) == {"deferred": 1}
+        assert spool.ids(QueueState.QUEUE) == [qid]  # nothing recorded
+        clock.advance(POLICY.initial)
+    spool.full = False
+    assert counts(run(runner)) == {"deferred": 1}
+    status = status_of(spool, qid)
+    assert [r.state for r in status.recipients] == [RcptState.DELIVERED, RcptState.DEFERRED]
+    sink.behaviour.rcpt_replies.clear()
+    assert counts(run(runner, force=True)) == {"delivered": 1}
+    assert spool_is_empty(spool)
+    got = Counter(r for m in sink.received for r in m.recipients)
+    assert got == {"ok@dst.test": 1, "busy@dst.test": 1}
+
+
+def test_an_attempt_that_cannot_be_recorded_is_not_retried_at_once(
+    sink: Smarthost, tmp_path: Path
+) -> None:
+    """A deferred message whose next attempt has come keeps its old schedule when the
+    new one cannot be written: the daemon's loop (`serve`) must not take it for due
+    again at once (next_wakeup 0: pass after pass with no pause, each one a connection
+    to the next hop) but wait as it would after a recorded deferral."""
+    sink.behaviour.rcpt_replies["busy@dst.test"] = "451 4.2.1 mailbox busy"
+    spool = NoRoomForStatus(tmp_path / "spool")
+    spool.full = False
+    qid = put(spool, ["busy@dst.test"])
+    clock = FakeClock()
+    runner = make_runner(spool, sink.port, clock)
+    assert counts(run(runner)) == {"deferred": 1}
+    clock.now = status_of(spool, qid).next_attempt
+    spool.full = True
+    assert counts(run(runner)) == {"deferred": 1}
+    connections = sink.connections
+    assert runner.next_wakeup(clock.now) > 0.0
+    assert counts(run(runner)) == {}
+    assert sink.connections == connections
+    clock.advance(POLICY.initial)
+    spool.full = False
+    sink.behaviour.rcpt_replies.clear()
+    assert runner.next_wakeup(clock.now) == 0.0
+    assert counts(run(runner)) == {"delivered": 1}
+    assert spool_is_empty(spool)

@@ -30,7 +30,7 @@ import contextlib
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from .config import format_duration
@@ -69,6 +69,47 @@ class Attempt:
     link_down: bool = False  # the next hop could not be reached: stop trying others
     double_bounce: str = ""  # mail from <> failed: where the report about it went
     dropped_bounce: bool = False  # ... and that report itself failed: dropped (logged)
+
+
+@dataclass
+class Unrecorded:
+    """What attempts learned but could not record (a full disk refused the status), kept
+    by a queue runner in memory until a later attempt records it.
+
+    Such an attempt counts as not made, yet a recipient the next hop accepted has the
+    message: tried again as if nothing happened, it would get another copy at every pass
+    for as long as the disk stays full. So its final results are carried into the next
+    attempt of this process (`take`), which sends only to the others and records them
+    all; and the message is not due again before `retry_at` (its old schedule, which
+    says "now", would have the runner try it pass after pass with no pause). A crash
+    loses this memory: then the retry repeats those deliveries once (at least once).
+    """
+
+    limit: int = 10_000  # messages remembered; past it the oldest is forgotten (a copy more)
+    results: dict[str, dict[int, Result]] = field(default_factory=dict)
+    retry_at: dict[str, float] = field(default_factory=dict)
+
+    def keep(self, qid: str, results: dict[int, Result], retry_at: float) -> None:
+        """An attempt of `qid` whose `results` could not be recorded."""
+        final = {i: r for i, r in results.items() if r.outcome is not Outcome.DEFERRED}
+        self.results.pop(qid, None)
+        self.retry_at.pop(qid, None)
+        if final:
+            self.results[qid] = final
+        self.retry_at[qid] = retry_at
+        for memo in (self.results, self.retry_at):
+            while len(memo) > self.limit:
+                del memo[next(iter(memo))]
+
+    def take(self, qid: str, status: MessageStatus) -> dict[int, Result]:
+        """The results to carry into this attempt: those of recipients still open."""
+        carried = self.results.pop(qid, {})
+        return {i: r for i, r in carried.items() if not status.recipients[i].state.final}
+
+    def recorded(self, qid: str) -> None:
+        """An attempt of `qid` was recorded (or it is gone): nothing to remember."""
+        self.results.pop(qid, None)
+        self.retry_at.pop(qid, None)
 
 
 class UnknownMessage(KeyError):
@@ -166,6 +207,7 @@ async def attempt(
     force: bool = False,
     wait: bool = False,
     postmaster: str = "",
+    unrecorded: Unrecorded | None = None,
 ) -> Attempt:
     """One delivery attempt for `qid` under its lock; `agent=None` only expires.
 
@@ -173,6 +215,8 @@ async def attempt(
     LinkDown from the agent is recorded as a deferral of this message (4.4.1) and
     reported with `link_down`, so the runner can stop trying others. `postmaster`
     gets the report about mail from <> that failed ("": dropped, and logged).
+    `unrecorded` (the runner's) carries the results of an earlier attempt that could
+    not be recorded into this one, and keeps this one's if its record fails too.
     """
     with spool.locked(qid, wait=wait) as state:
         if state is None or state == QueueState.HOLD:
@@ -188,35 +232,56 @@ async def attempt(
             return Attempt(qid, AttemptOutcome.SKIPPED, {})
         expansions = RecordedExpansions(spool, qid, status)
         await expansions.recover()  # copies a crash left in hold/ go out now
-        open_rcpts = status.open
-        link_error: LinkDown | None = None
-        if not open_rcpts:
-            results = {}  # all final already (a crash before the removal): just remove
-        elif policy.expired(status.arrival, now):
-            results = expire(open_rcpts, status, policy)
-        elif agent is None:
+        carried = {} if unrecorded is None else unrecorded.take(qid, status)
+        open_rcpts = [i for i in status.open if i not in carried]
+        if open_rcpts and agent is None and not policy.expired(status.arrival, now):
+            if unrecorded is not None and carried:
+                unrecorded.results[qid] = carried  # still to be recorded
             return Attempt(qid, AttemptOutcome.SKIPPED, {}, dsns=tuple(expansions.released))
-        else:
-            try:
-                results = await agent.deliver(
-                    message.envelope, message.data, open_rcpts, expansions
-                )
-            except LinkDown as exc:
-                link_error = exc
-                results = dict.fromkeys(open_rcpts, Result.deferred("4.4.1", str(exc)))
-        done = await record(
-            message,
-            state,
-            results,
-            policy,
-            hostname=hostname,
-            now=now,
-            expansions=expansions,
-            postmaster=postmaster,
-        )
+        results: dict[int, Result] = {}
+        try:
+            results, link_error = await _results(
+                agent, message, open_rcpts, policy, now, expansions
+            )
+            results = {**carried, **results}
+            done = await record(
+                message,
+                state,
+                results,
+                policy,
+                hostname=hostname,
+                now=now,
+                expansions=expansions,
+                postmaster=postmaster,
+            )
+        except Exception:
+            if unrecorded is not None:
+                retry_at = policy.next_attempt(status.arrival, 1, now)
+                unrecorded.keep(qid, {**carried, **results}, retry_at)
+            raise
         if link_error is not None:
             return replace(done, link_down=True, error=str(link_error))
         return done
+
+
+async def _results(
+    agent: Agent | None,
+    message: Message,
+    open_rcpts: list[int],
+    policy: RetryPolicy,
+    now: float,
+    expansions: RecordedExpansions,
+) -> tuple[dict[int, Result], LinkDown | None]:
+    """This attempt's results for the open recipients (expired, or from the agent), and
+    the LinkDown that deferred them all, if one did. `agent` is None only for expiry."""
+    if not open_rcpts:
+        return {}, None  # all final already (a crash before the removal): just remove
+    if policy.expired(message.status.arrival, now) or agent is None:
+        return expire(open_rcpts, message.status, policy), None
+    try:
+        return await agent.deliver(message.envelope, message.data, open_rcpts, expansions), None
+    except LinkDown as exc:
+        return dict.fromkeys(open_rcpts, Result.deferred("4.4.1", str(exc))), exc
 
 
 async def _load(spool: Spool, qid: str, state: QueueState) -> Message:

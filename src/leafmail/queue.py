@@ -40,7 +40,7 @@ from . import reaper
 from .config import QueueConfig
 from .delivery import Agent
 from .delivery.router import build_agent
-from .message import Attempt, AttemptOutcome, attempt
+from .message import Attempt, AttemptOutcome, Unrecorded, attempt
 from .retry import RetryPolicy
 from .spool import Spool, arrival_time
 from .states import QueueState, Route
@@ -100,13 +100,16 @@ class QueueRunner:
         self._pass_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._arrived: deque[str] = deque()
+        self.unrecorded = Unrecorded()  # attempts a full disk kept from being recorded
 
     # -- what is due --------------------------------------------------------------------
     def due(self, now: float, *, force: bool = False) -> list[str]:
         """New messages first (oldest first), then deferred ones whose time has come."""
-        ready = self.spool.ids(QueueState.QUEUE)
+        ready = [
+            q for q in self.spool.ids(QueueState.QUEUE) if force or self._when(q, 0.0, now) <= now
+        ]
         for qid in self.spool.ids(QueueState.DEFERRED):
-            if force or self.policy.due(self.next_attempt(qid), now):
+            if force or self._when(qid, self.next_attempt(qid), now) <= now:
                 ready.append(qid)
         return ready
 
@@ -120,19 +123,22 @@ class QueueRunner:
 
     def next_wakeup(self, now: float) -> float:
         """Seconds until something may be due: the earliest retry, capped by the scan interval."""
-        times = [
-            self._when(self.next_attempt(qid), now) for qid in self.spool.ids(QueueState.DEFERRED)
-        ]
+        deferred = self.spool.ids(QueueState.DEFERRED)
+        times = [self._when(qid, self.next_attempt(qid), now) for qid in deferred]
+        waiting = self.unrecorded.retry_at
+        times += [self._when(q, 0.0, now) for q in self.spool.ids(QueueState.QUEUE) if q in waiting]
         soonest = min(times, default=now + SCAN_INTERVAL)
         if self._resting(now):
             soonest = max(soonest, self.link_down_until)
         return max(0.0, min(soonest - now, SCAN_INTERVAL))
 
-    def _when(self, next_attempt: float, now: float) -> float:
-        """When a message scheduled for `next_attempt` is due: then, or now if the clock
-        was set back since (`RetryPolicy.due`)."""
-        set_back = next_attempt > now and self.policy.due(next_attempt, now)
-        return now if set_back else next_attempt
+    def _when(self, qid: str, next_attempt: float, now: float) -> float:
+        """When a message is due: at its `next_attempt`, or after the wait that follows an
+        attempt that could not be recorded (`Unrecorded`), whichever is later. A time
+        further ahead than any wait of the policy was set by a clock since set back: now
+        (`RetryPolicy.due`)."""
+        when = max(next_attempt, self.unrecorded.retry_at.get(qid, 0.0))
+        return now if when > now and self.policy.due(when, now) else when
 
     def _resting(self, now: float) -> bool:
         """Whether the link is still left alone at `now`. A rest lasts `link_wait` at most:
@@ -148,6 +154,7 @@ class QueueRunner:
     def share_passes_with(self, other: QueueRunner) -> None:
         """Never run a pass at the same time as `other` (a flush waits for a pass)."""
         self._pass_lock = other._pass_lock
+        self.unrecorded = other.unrecorded
 
     def notify_scan(self) -> None:
         """Something changed in the spool behind our back (a release, a sendmail): look."""
@@ -231,14 +238,18 @@ class QueueRunner:
                 now=now,
                 force=force,
                 postmaster=self.postmaster,
+                unrecorded=self.unrecorded,
             )
         except Exception as exc:  # one message must not stop the queue
             # E.g. the disk is full and its status cannot be written. The message stays
-            # where it is, unchanged, and is tried again on the next pass.
+            # where it is, unchanged, and is tried again after a wait; what the attempt
+            # learned is carried into that one (`Unrecorded`).
             error = f"not recorded, will retry: {type(exc).__name__}: {exc}"
             if self.log is not None:
                 self.log.info("delivery error", qid=qid, error=error)
             return Attempt(qid, AttemptOutcome.DEFERRED, {}, error)
+        if done.verdict is not AttemptOutcome.SKIPPED:
+            self.unrecorded.recorded(qid)
         if done.link_down:
             if not summary.link_error:  # once per pass, however many workers found out
                 self._link_failed(done.error, now)
