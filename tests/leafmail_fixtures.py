@@ -132,6 +132,21 @@ def _read_pty(fd: int) -> bytes:
         return b""
 
 
+def start_flush_alone(
+    tmp_path: Path, config: Path, output: int = subprocess.DEVNULL
+) -> subprocess.Popen[bytes]:
+    """``leafmail flush --config CONFIG --no-daemon`` started as its own process, in a
+    clean environment (a test that kills it mid-delivery); `output` takes its stdout
+    and stderr (subprocess.PIPE to read them)."""
+    return subprocess.Popen(
+        leafmail_command("flush", "--config", str(config), "--no-daemon"),
+        cwd=ROOT,
+        env=clean_env(tmp_path),
+        stdout=output,
+        stderr=output,
+    )
+
+
 def run_flush(
     tmp_path: Path, config: Path, *args: str, timeout: float = FLUSH_TIMEOUT
 ) -> subprocess.CompletedProcess[str]:

@@ -23,14 +23,16 @@ from localusers import ROOT, VIRTUAL, virtual_tmp
 from smarthost import Smarthost, delivery_counts
 
 from leafmail.config import Config, _build
+from leafmail.delivery import Outcome, Result
 from leafmail.delivery.router import build_agent
 from leafmail.envelope import Envelope, Recipient
+from leafmail.expansion import RecordedExpansions
 from leafmail.message import Attempt, unfreeze
 from leafmail.queue import QueueRunner
 from leafmail.retry import RetryPolicy
 from leafmail.spool import Spool, new_id
 from leafmail.states import QueueState
-from leafmail.status import TargetMark, TargetState
+from leafmail.status import MessageStatus, RcptState, TargetMark, TargetState
 
 # As root, local delivery forks a child per mailbox write to take the user's ids.
 pytestmark = pytest.mark.slow
@@ -236,3 +238,25 @@ def test_a_double_bounce_forwarded_by_the_postmaster_alias_does_not_loop(
     assert [a.dropped_bounce for a in seen] == [False, False, False, True]
     assert sink.received == []
     assert in_spool(spool) == []
+
+
+def test_settled_records_only_deliveries_that_owe_no_report(tmp_path: Path) -> None:
+    """An early record (`settled`) is only for a plain delivery: a failure's bounce and
+    a success report (NOTIFY=SUCCESS) are committed before the record that makes their
+    recipient final, by the attempt's own record, or a crash could lose the report."""
+    spool = Spool(tmp_path / "spool")
+    rcpts = (
+        Recipient("plain@dst.test"),
+        Recipient("wants@dst.test", notify=("SUCCESS",)),
+        Recipient("refused@dst.test"),
+    )
+    envelope = Envelope("alice@src.test", rcpts)
+    qid = spool.commit(envelope, b"Subject: x\r\n\r\nbody\r\n")
+    record = RecordedExpansions(spool, qid, MessageStatus.fresh(envelope, 0.0), envelope)
+    ok = Result(Outcome.DELIVERED, 250, "2.0.0", "ok")
+    refused = Result(Outcome.FAILED, 550, "5.1.1", "no such user")
+    asyncio.run(record.settled({0: ok, 1: ok, 2: refused}))
+    blob = spool.read_status(qid)
+    assert blob is not None
+    states = [r.state for r in MessageStatus.from_bytes(blob, envelope).recipients]
+    assert states == [RcptState.DELIVERED, RcptState.PENDING, RcptState.PENDING]

@@ -30,6 +30,7 @@ from leafmail_fixtures import (
     smtp_client,
     smtplib_send,
     spawn_leafmail,
+    start_flush_alone,
     toml_string,
     write_config,
 )
@@ -305,13 +306,7 @@ def test_flush_killed_mid_delivery_then_flushed_again(sink: Smarthost, tmp_path:
     spool = tmp_path / "spool"
     (qid,) = spool_commit(spool, 1)
     config = make_config(tmp_path, smarthost=sink.address)
-    proc = subprocess.Popen(
-        leafmail_command("flush", "--config", str(config), "--no-daemon"),
-        cwd=ROOT,
-        env=clean_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = start_flush_alone(tmp_path, config, subprocess.PIPE)
     try:
         wait_for("the message to reach DATA", lambda: sink.data_sessions == 1)
         assert proc.poll() is None

@@ -13,6 +13,7 @@ useradd), which is also the `default_user`, in a tmp_path that user owns.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import mailbox
 import os
@@ -24,6 +25,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -49,6 +51,7 @@ from leafmail.queue import QueueRunner
 from leafmail.retry import RetryPolicy
 from leafmail.spool import Spool
 from leafmail.states import QueueState
+from leafmail.status import MessageStatus, RcptState
 from netserver.errors import ConfigError
 from netserver.smtp.addresses import Mailbox
 
@@ -791,3 +794,66 @@ def test_zero_command_timeout_is_a_config_error() -> None:
 def test_bad_local_path_template_is_a_config_error(path: str) -> None:
     with pytest.raises(ConfigError, match=r"local\.path"):
         _build({"hostname": HOST, "local": {"path": path}}, "test")
+
+
+GATE = """\
+import sys
+sys.stdin.buffer.read()
+with open(sys.argv[1], "rb") as gate:  # blocks until the test opens the FIFO to write
+    gate.read()
+"""
+
+
+def test_a_recipient_delivered_while_another_waits_is_recorded_at_once(tmp_path: Path) -> None:
+    """alice's mailbox takes the message at once; bob's alias runs a command that waits
+    (a slow filter, up to its command_timeout). While it waits, the status record must
+    already say alice has it, or a crash then gives her a second copy at the retry."""
+    gate = tmp_path / "gate"
+    os.mkfifo(gate, 0o666)
+    gate.chmod(0o666)
+    waiter = script(tmp_path, "gate.py", GATE)
+    aliases = f'bob: "|{waiter} {gate}"\n'
+    config = make_config(tmp_path, users=("alice",), aliases=aliases, timeout=60.0)
+    spool = Spool(tmp_path / "spool")
+    agent = build_agent(config.queue, spool)
+    assert agent is not None
+    runner = QueueRunner(spool, agent, RetryPolicy(), hostname=HOST, clock=time.time)
+    qid = spool.commit(
+        Envelope(SENDER, (Recipient("alice@mx.test"), Recipient("bob@mx.test"))), MESSAGE
+    )
+    summary: list[Any] = []
+    passing = threading.Thread(target=lambda: summary.append(asyncio.run(runner.run_once())))
+    passing.start()
+    try:
+        deadline = time.monotonic() + 30.0
+        while recorded_states(spool, qid) != [RcptState.DELIVERED, RcptState.PENDING]:
+            assert time.monotonic() < deadline, f"not recorded: {recorded_states(spool, qid)}"
+            assert passing.is_alive(), f"the pass ended before bob was let go: {summary}"
+            time.sleep(0.01)  # polling a condition, with a bound
+    finally:
+        let_go(gate)
+        passing.join(30.0)
+    assert summary[0].counts["delivered"] == 1
+    assert len(maildir_messages(tmp_path / "alice.maildir")) == 1
+    assert spool.find(qid) is None
+
+
+def let_go(gate: Path) -> None:
+    """Open the FIFO for writing once the command has it open to read, and close it:
+    the command reads its end and exits (opened too early, it would wait for ever)."""
+    deadline = time.monotonic() + 30.0
+    while True:
+        try:
+            os.close(os.open(gate, os.O_WRONLY | os.O_NONBLOCK))
+            return
+        except OSError as exc:
+            if exc.errno != errno.ENXIO or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)  # the command has not opened it yet: poll, with a bound
+
+
+def recorded_states(spool: Spool, qid: str) -> list[RcptState] | None:
+    blob = spool.read_status(qid)
+    if blob is None:
+        return None
+    return [r.state for r in MessageStatus.from_bytes(blob, spool.get(qid).envelope).recipients]

@@ -34,15 +34,16 @@ own (a test, or a tool), where a copy is simply spooled.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from .delivery import Outcome, Result
-from .delivery.bounce import notify_after_expansion
+from .delivery.bounce import notify_after_expansion, wants_dsn
 from .envelope import Envelope
 from .spool import Spool, new_id
 from .states import QueueState
-from .status import MessageStatus, TargetMark, TargetState
+from .status import MessageStatus, RcptState, TargetMark, TargetState
 
 Marks = dict[str, TargetMark]
 
@@ -54,10 +55,14 @@ class RecordedExpansions:
     that attempt writes the record, so read-modify-write here is safe.
     """
 
-    def __init__(self, spool: Spool, qid: str, status: MessageStatus) -> None:
+    def __init__(
+        self, spool: Spool, qid: str, status: MessageStatus, envelope: Envelope | None = None
+    ) -> None:
         self.spool = spool
         self.qid = qid
         self.base = status
+        self.envelope = envelope  # (without it, `settled` records nothing)
+        self.early: dict[int, Result] = {}  # delivered before the attempt's end (`settled`)
         self.marks: dict[int, Marks] = {
             i: {m.key: m for m in r.targets} for i, r in enumerate(status.recipients) if r.targets
         }
@@ -107,6 +112,30 @@ class RecordedExpansions:
         for key in keys:
             self._released(index, marks[key])
         return copy
+
+    async def settled(self, results: Mapping[int, Result]) -> None:
+        """Record now the recipients of `results` that were delivered (the others' own
+        results come with the attempt's record, or the next attempt's). Not a failure,
+        nor a delivery that owes a success report: its DSN is committed before the
+        record that makes it final, or a crash could lose the report. A write that fails
+        (a full disk) changes nothing: the attempt's record says the same later."""
+        envelope = self.envelope
+        if envelope is None:
+            return
+        fresh = {
+            i: r
+            for i, r in results.items()
+            if r.outcome is Outcome.DELIVERED
+            and i not in self.early
+            and 0 <= i < len(self.base.recipients)
+            and not self.base.recipients[i].state.final
+            and not wants_dsn(envelope.sender, envelope.recipients[i], "SUCCESS")
+        }
+        if not fresh:
+            return
+        self.early.update(fresh)
+        with contextlib.suppress(OSError):
+            await self._save()
 
     # -- recovery ------------------------------------------------------------------------
     async def recover(self) -> None:
@@ -191,15 +220,29 @@ class RecordedExpansions:
                 status = status.with_recipient(index, replace(rcpt, targets=marks))
         return status
 
+    def current(self) -> MessageStatus:
+        """The status as it stands in this attempt: the loaded one with the recipients
+        delivered early (`settled`) and the marks."""
+        status = self.base
+        for index, result in self.early.items():
+            rcpt = replace(
+                status.recipients[index],
+                state=RcptState.DELIVERED,
+                reply=result.line,
+                remote=result.remote,
+            )
+            status = status.with_recipient(index, rcpt)
+        return self.merged(status)
+
     def _write(self) -> None:
         """Write the record now (from the recovery's thread: nothing else runs then)."""
-        self.spool.write_status(self.qid, self.merged(self.base).to_bytes())
+        self.spool.write_status(self.qid, self.current().to_bytes())
 
     async def _save(self) -> None:
         """Write the record, one write at a time; the bytes are made on the loop, where
         the marks change, so a write never reads them half-changed."""
         async with self._lock:
-            blob = self.merged(self.base).to_bytes()
+            blob = self.current().to_bytes()
             await asyncio.to_thread(self.spool.write_status, self.qid, blob)
 
 
@@ -220,6 +263,9 @@ class NoRecord:
         self, index: int, keys: Sequence[str], envelope: Envelope, data: bytes
     ) -> str:
         raise OSError("no expansion record to forward with")
+
+    async def settled(self, results: Mapping[int, Result]) -> None:
+        """Nothing to record."""
 
 
 class UnrecordedExpansions(NoRecord):

@@ -29,7 +29,7 @@ import os
 import secrets
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from netserver.connlog import ServerLog
@@ -177,6 +177,9 @@ class RelayedExpansions:
             raise OSError(f"the queue manager could not spool the copy: {answer}")
         return str(answer["qid"])
 
+    async def settled(self, results: Mapping[int, Result]) -> None:
+        self.writer.write(_line({"settled": _encode_results(dict(results))}))
+
 
 class LocalClient:
     """The queue manager's agent for the "local" route: asks the root-side service."""
@@ -253,6 +256,8 @@ async def _conversation(
         elif "record" in message:
             result = _result(message["result"])
             record.record(int(message["record"]), str(message["key"]), result)
+        elif "settled" in message:
+            await record.settled(_settled(message["settled"]))
         elif "forward" in message:
             copy = await reader.readexactly(int(message["size"]))
             envelope = Envelope.from_json(message["envelope"])
@@ -263,6 +268,15 @@ async def _conversation(
             except OSError as exc:
                 writer.write(_line({"error": str(exc)}))
             await writer.drain()
+
+
+def _settled(raw: Any) -> dict[int, Result]:
+    """The results of a "settled" line (`RelayedExpansions.settled`); ValueError if it
+    has another shape, which defers the whole delivery (never a wrong record)."""
+    try:
+        return {int(i): _result(value) for i, value in dict(raw).items()}
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ValueError(f"bad settled line: {exc}") from None
 
 
 def _line(obj: dict[str, Any]) -> bytes:

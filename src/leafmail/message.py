@@ -9,7 +9,9 @@ Order of the durable steps, so that nothing is ever lost:
 
 1. the agent delivers to the recipients still open (or they expire); an alias's
    targets are recorded as they go (`leafmail.expansion`), so a forwarded copy is
-   made exactly once;
+   made exactly once, and so are the recipients of a domain or route done while
+   others still run (`leafmail.delivery.each_settled`: delivered ones that owe no
+   report), so a crash while a slow one takes its time repeats none of them;
 2. DSNs for the recipients that failed now (and success reports that were asked for)
    are committed to the spool, as new messages;
 3. the status record is replaced (write, fsync, rename, fsync the directory);
@@ -230,7 +232,7 @@ async def attempt(
         status = message.status
         if not force and state == QueueState.DEFERRED and not policy.due(status.next_attempt, now):
             return Attempt(qid, AttemptOutcome.SKIPPED, {})
-        expansions = RecordedExpansions(spool, qid, status)
+        expansions = RecordedExpansions(spool, qid, status, message.envelope)
         await expansions.recover()  # copies a crash left in hold/ go out now
         carried = {} if unrecorded is None else unrecorded.take(qid, status)
         open_rcpts = [i for i in status.open if i not in carried]

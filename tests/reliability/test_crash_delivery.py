@@ -29,13 +29,11 @@ from pathlib import Path
 
 import pytest
 import soak
-from conftest import ROOT
 from crash_support import audit, message_bytes, seeded_rng, sequence_number, sigkill
 from leafmail_fixtures import (
-    clean_env,
-    leafmail_command,
     run_flush,
     spawn_leafmail,
+    start_flush_alone,
     toml_string,
     write_config,
 )
@@ -104,13 +102,7 @@ class Deliverer:
             spool = self.tmp_path / "spool"
             self.proc = spawn_leafmail(self.tmp_path, argv, spool_path=spool).proc
         else:
-            self.proc = subprocess.Popen(
-                leafmail_command("flush", "--config", str(self.config), "--no-daemon"),
-                cwd=ROOT,
-                env=clean_env(self.tmp_path),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            self.proc = start_flush_alone(self.tmp_path, self.config)
 
     def kill(self) -> int | None:
         """SIGKILL it (a flush may have finished by itself: 0, or 75)."""

@@ -9,8 +9,9 @@ rather than count a failure against each of them.
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -139,6 +140,39 @@ class Expansions(Protocol):
     ) -> str:
         """Spool the copy for remote targets exactly once; its queue id (OSError: defer)."""
         ...
+
+    async def settled(self, results: Mapping[int, Result]) -> None:
+        """Some recipients have their results while others are still being tried (one
+        domain or route of several is done): record the delivered ones now, so that a
+        crash while the others take their time does not send them the message again."""
+        ...
+
+
+async def each_settled(
+    parts: Sequence[Awaitable[dict[int, Result]]], record: Expansions | None
+) -> dict[int, Result]:
+    """Run the parts of one delivery at once (domains, routes, recipients) and merge
+    their results; each part that ends while others still run hands its results to
+    `record.settled`. The last one does not: the attempt's own record follows at once.
+
+    Without this, what a part delivered is recorded only when the slowest part ends
+    (a domain whose MX hangs in DATA: up to the delivery deadline, 15 minutes), and a
+    crash in that time sends it again.
+    """
+    running = len(parts)
+
+    async def one(part: Awaitable[dict[int, Result]]) -> dict[int, Result]:
+        nonlocal running
+        try:
+            results = await part
+        finally:
+            running -= 1
+        if running and record is not None:
+            await record.settled(results)
+        return results
+
+    done = await asyncio.gather(*(one(part) for part in parts))
+    return {index: result for part in done for index, result in part.items()}
 
 
 class Agent(Protocol):

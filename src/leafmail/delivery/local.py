@@ -78,7 +78,7 @@ from ..envelope import Envelope, Recipient
 from ..expansion import UnrecordedExpansions
 from ..spool import Spool
 from ..trace import header_section
-from . import Expansions, Handoff, Outcome, Result
+from . import Expansions, Handoff, Outcome, Result, each_settled
 from .asuser import Payload, StepError, run_as, run_as_blocking
 from .local_common import (
     Copy,
@@ -247,10 +247,14 @@ class LocalAgent:
         memo = _Memo({}, asyncio.Semaphore(CHILDREN))
         loops = delivered_to(data)
         known = expansions or UnrecordedExpansions(self.spool, self.notify)
-        results = await asyncio.gather(
-            *(self._recipient(envelope, data, i, loops, memo, known) for i in rcpts)
-        )
-        return dict(zip(rcpts, results, strict=True))
+        parts = [
+            self._keyed(i, self._recipient(envelope, data, i, loops, memo, known)) for i in rcpts
+        ]
+        return await each_settled(parts, expansions)
+
+    @staticmethod
+    async def _keyed(index: int, result: Awaitable[Result]) -> dict[int, Result]:
+        return {index: await result}
 
     async def close(self) -> None:
         """Nothing is kept open between messages."""

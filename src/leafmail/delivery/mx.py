@@ -43,7 +43,7 @@ from netserver.connlog import ServerLog
 from ..config import DeliveryConfig, DnsConfig, MxConfig
 from ..dns import make_resolver
 from ..envelope import Envelope
-from . import Expansions, Result, all_results, domain_of
+from . import Expansions, Result, all_results, domain_of, each_settled
 from .mta_sts import PolicyCache, StsMode, StsPolicy, verified_context
 from .session import greet, quit_and_drop, transaction, why
 from .wire import ClientLink, WireError, open_connection
@@ -261,20 +261,18 @@ class MxAgent:
         envelope: Envelope,
         data: bytes,
         rcpts: Sequence[int],
-        expansions: Expansions | None = None,  # no aliases on this route
+        expansions: Expansions | None = None,  # no aliases here: records early results
     ) -> dict[int, Result]:
         groups: dict[str, list[int]] = {}
         for index in rcpts:
             domain = domain_of(envelope.recipients[index].address) or self.helo
             groups.setdefault(domain.lower().rstrip("."), []).append(index)
         slots = asyncio.Semaphore(DOMAIN_CONCURRENCY)  # per call: no loop binding to outlive
-        parts = await asyncio.gather(
-            *(
-                self._domain(_Attempt(domain, envelope, data, idx), slots)
-                for domain, idx in groups.items()
-            )
-        )
-        return {index: result for part in parts for index, result in part.items()}
+        parts = [
+            self._domain(_Attempt(domain, envelope, data, idx), slots)
+            for domain, idx in groups.items()
+        ]
+        return await each_settled(parts, expansions)
 
     async def close(self) -> None:
         """Nothing to close: every connection is closed when its transaction ends."""

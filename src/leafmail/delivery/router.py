@@ -9,14 +9,13 @@ passed on, so the queue runner still rests the link instead of spinning.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Mapping, Sequence
 
 from ..config import QueueConfig, Routing
 from ..envelope import Envelope
 from ..spool import Spool
 from ..states import Route
-from . import Agent, Expansions, LinkDown, Result, all_results, domain_of
+from . import Agent, Expansions, LinkDown, Result, all_results, domain_of, each_settled
 
 
 def route_of(routing: Routing, address: str) -> Route:
@@ -54,13 +53,11 @@ class RoutingAgent:
         if len(groups) == 1:  # the common case needs no task per route
             ((route, indexes),) = groups.items()
             return await self._one_route(route, envelope, data, indexes, expansions, alone=True)
-        parts = await asyncio.gather(
-            *(
-                self._one_route(route, envelope, data, idx, expansions, alone=len(groups) == 1)
-                for route, idx in groups.items()
-            )
-        )
-        return {index: result for part in parts for index, result in part.items()}
+        parts = [
+            self._one_route(route, envelope, data, idx, expansions, alone=False)
+            for route, idx in groups.items()
+        ]
+        return await each_settled(parts, expansions)
 
     async def _one_route(
         self,
