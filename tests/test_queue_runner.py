@@ -783,3 +783,42 @@ def test_an_attempt_that_cannot_be_recorded_is_not_retried_at_once(
     assert runner.next_wakeup(clock.now) == 0.0
     assert counts(run(runner)) == {"delivered": 1}
     assert spool_is_empty(spool)
+
+
+class StatusSyncFails(Spool):
+    """A spool whose next fsync of status/ fails with EIO (a dying disk), after the
+    rename that put the new record in place: the record is there, not known durable."""
+
+    fail_next = False
+
+    def fsync_dir(self, fd: int) -> None:
+        if self.fail_next and os.fstat(fd).st_ino == os.stat(self.root / "status").st_ino:
+            self.fail_next = False
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        super().fsync_dir(fd)
+
+
+def test_a_bounce_is_kept_when_its_record_is_in_place_but_not_synced(
+    sink: Smarthost, tmp_path: Path
+) -> None:
+    """bad@ is refused for good, busy@ deferred: the DSN for bad@ is committed, then the
+    status saying bad@ failed is renamed into place and the fsync of status/ fails. The
+    record is what the next attempt reads (bad@ final: no new DSN), so the DSN already
+    committed must stay, or the sender never hears that bad@ failed."""
+    sink.behaviour.rcpt_replies["bad@dst.test"] = "550 5.1.1 no such user"
+    sink.behaviour.rcpt_replies["busy@dst.test"] = "451 4.2.1 mailbox busy"
+    spool = StatusSyncFails(tmp_path / "spool")
+    qid = put(spool, ["bad@dst.test", "busy@dst.test"])
+    clock = FakeClock()
+    runner = make_runner(spool, sink.port, clock)
+    spool.fail_next = True
+    run(runner)
+    assert not spool.fail_next  # the failure did happen
+    sink.behaviour.rcpt_replies.clear()
+    clock.advance(DAY)
+    run(runner, force=True)
+    assert spool.find(qid) is None
+    bounces = [m for m in sink.received if m.sender == NULL]
+    assert len(bounces) == 1, [m.recipients for m in sink.received]
+    assert b"Final-Recipient: rfc822; bad@dst.test" in bounces[0].content
+    assert spool_is_empty(spool)

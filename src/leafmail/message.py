@@ -41,7 +41,7 @@ from .delivery.bounce import Action, Notice, build_dsn, is_double_bounce, wants_
 from .envelope import Envelope, EnvelopeError
 from .expansion import RecordedExpansions
 from .retry import RetryPolicy
-from .spool import CorruptMessage, Spool, SpooledMessage, arrival_time
+from .spool import CorruptMessage, RecordNotDurable, Spool, SpooledMessage, arrival_time
 from .states import QueueState
 from .status import MessageStatus, RcptState, RcptStatus
 
@@ -483,7 +483,8 @@ def _store(message: Message, state: QueueState, dsns: list[DsnMessage]) -> list[
     DSNs come first so that a crash can only repeat a bounce, never lose one. A status
     write that fails (a full disk) is not a crash: the attempt counts as not made and
     will be repeated, so the DSNs it committed are taken back, or the sender would get
-    one more copy per failed attempt.
+    one more copy per failed attempt; unless the record is in place and only its sync
+    failed (RecordNotDurable): the next attempt reads it and makes no DSN again.
     """
     spool, qid = message.spool, message.qid
     dsn_ids: list[str] = []
@@ -494,6 +495,8 @@ def _store(message: Message, state: QueueState, dsns: list[DsnMessage]) -> list[
             spool.remove(qid, durable=False)
         else:
             spool.write_status(qid, message.status.to_bytes())
+    except RecordNotDurable:
+        raise  # the record says those recipients are final: their DSNs must stay
     except OSError:
         _withdraw(spool, dsn_ids)
         raise

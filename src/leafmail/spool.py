@@ -104,6 +104,16 @@ class SpoolError(OSError):
     kept: str | None = None
 
 
+class RecordNotDurable(OSError):
+    """A status record was put in place (renamed over the old one), but the fsync of
+    status/ after it failed: readers see the new record, which a power cut may undo.
+
+    The caller must act as if it was written (what it promised before it, a committed
+    DSN, stays: the record now says that recipient is final), and as if it may be lost
+    (try again, as for an unwritten record).
+    """
+
+
 class CorruptMessage(Exception):
     """A spool file failed its self-check; it has been moved to corrupt/."""
 
@@ -1006,7 +1016,9 @@ class Spool:
             return None
 
     def write_status(self, qid: str, blob: bytes) -> None:
-        """Replace a message's status record atomically and durably (hold its lock)."""
+        """Replace a message's status record atomically and durably (hold its lock).
+
+        RecordNotDurable if the record is in place but its directory's fsync failed."""
         if not valid_id(qid):
             raise ValueError(f"bad queue id {qid!r}")
         self._unrecorded.discard(qid)
@@ -1029,7 +1041,10 @@ class Spool:
             with contextlib.suppress(OSError):
                 os.unlink(new)  # a full disk must not leave a half record behind
             raise
-        self._sync(STATUS)
+        try:
+            self._sync(STATUS)
+        except OSError as exc:
+            raise RecordNotDurable(exc.errno, f"status/{qid} not synced: {exc.strerror}") from None
 
     def clean_status(self) -> int:
         """Remove status records whose message is gone (left by a crash or a delete).
