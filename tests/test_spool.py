@@ -209,6 +209,26 @@ def test_clean_tmp_removes_crash_leftovers(tmp_path: Path) -> None:
     assert os.listdir(tmp_path / "tmp") == []
 
 
+def test_clean_tmp_leaves_a_commit_in_progress_alone(tmp_path: Path) -> None:
+    """A daemon starting cleans tmp/ while another process may be committing there (a
+    `leafmail sendmail` or `flush --no-daemon` that found no daemon, a moment before):
+    its file, written and not yet renamed, is locked and must stay, or its rename fails
+    and the mail it was spooling is refused (sendmail exits 75, its caller may drop it)."""
+    spool = Spool(tmp_path)
+    envelope = Envelope("a@b.test", (Recipient("c@d.test"),))
+    qid = new_id()
+    fd = spool.write_tmp(qid, encode(envelope, b"Subject: x\r\n\r\nbody\r\n"))
+    try:
+        assert spool.clean_tmp() == 0
+        assert spool.tmp_leftovers() == []  # (not a name kept for e2fsck)
+        os.rename(tmp_path / "tmp" / qid, spool.path(QueueState.QUEUE, qid))
+    finally:
+        os.close(fd)
+    assert spool.get(qid).envelope == envelope
+    os.close(spool.write_tmp(new_id(), b"half a message"))  # a writer that died
+    assert spool.clean_tmp() == 1
+
+
 def _commit_many(committer: GroupCommitter, count: int) -> list[str]:
     """Commit `count` different messages at once from one loop, then close the committer."""
 

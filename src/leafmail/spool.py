@@ -398,9 +398,11 @@ class Spool:
 
     # -- committing ----------------------------------------------------------------------
     def write_tmp(self, qid: str, blob: bytes, tmp_dir: int | None = None) -> int:
-        """Create tmp/QID (0600, never following a link, never reusing a name) and write it.
+        """Create tmp/QID (0600, never following a link, never reusing a name), lock it
+        and write it.
 
-        Returns the open descriptor, which the caller makes durable and closes. `tmp_dir`
+        Returns the open descriptor, which holds the lock; the caller makes the file
+        durable and closes it. `tmp_dir`
         is a descriptor of tmp/ (`open_dir`), which a committer holds: the file is then
         created relative to it, without walking the spool's path for each message.
         """
@@ -410,6 +412,9 @@ class Spool:
         else:
             fd = os.open(qid, _OPEN_NEW, 0o600, dir_fd=tmp_dir)
         try:
+            # Locked before anything is written, so that a daemon starting meanwhile
+            # leaves the file alone (`clean_tmp`); the lock goes with it into the queue.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._own(fd)
             view = memoryview(blob)
             while view:
@@ -596,8 +601,7 @@ class Spool:
         try:
             if data_first:
                 self.make_durable(fd)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # only in tmp/: never held
-            os.rename(self._file(TMP, qid), self._file(state, qid))
+            os.rename(self._file(TMP, qid), self._file(state, qid))  # locked: write_tmp
         except BaseException:
             os.close(fd)
             self.discard_tmp(qid)
@@ -615,6 +619,12 @@ class Spool:
         there is an error, not a directory to empty), and an entry is unlinked by name
         relative to that descriptor, which removes a link, never what it names.
 
+        A file whose lock someone holds is being committed by a process that runs now
+        (`write_tmp` locks it before it writes): a `leafmail sendmail` or `flush
+        --no-daemon` that found no daemon a moment before this one started. It is left
+        to that process, which renames it into the queue or removes it; a crash
+        releases the lock, and the next start removes what it left.
+
         A name whose file is also named in a queue state while its link count says one
         is kept (see `tmp_leftovers`): a power cut after a lone commit's one fsync on
         ext4 without a journal leaves the rename's removal from tmp/ unwritten, and
@@ -627,14 +637,19 @@ class Spool:
                 with contextlib.suppress(OSError):
                     if self._committed_under_one_link(name, os.lstat(name, dir_fd=fd)):
                         continue
-                    os.unlink(name, dir_fd=fd)
-                    count += 1
+                    count += _unlink_unless_locked(name, fd)
         return count
 
     def tmp_leftovers(self) -> list[str]:
-        """Names still in tmp/ (after `clean_tmp`: files it would not unlink)."""
+        """Names in tmp/ that `clean_tmp` keeps because their file is also committed
+        under one counted link (a file system for e2fsck)."""
         with _state_dir(self.root, TMP) as fd:
-            return _plain_entries(fd)
+            kept = []
+            for name in _plain_entries(fd):
+                with contextlib.suppress(OSError):
+                    if self._committed_under_one_link(name, os.lstat(name, dir_fd=fd)):
+                        kept.append(name)
+            return kept
 
     def _committed_under_one_link(self, name: str, info: os.stat_result) -> bool:
         """True if tmp/NAME's file is a message in a queue state that counts one link.
@@ -1178,6 +1193,25 @@ def _junk_reason(mode: int, name: str) -> str:
     return "not a queue file name"
 
 
+def _unlink_unless_locked(name: str, dir_fd: int) -> int:
+    """Unlink tmp/NAME (relative to `dir_fd`) unless a writer holds its lock: 1 if it
+    went, 0 if not. A symbolic link or other non-file goes without a look at what it
+    names (O_NOFOLLOW refuses to open it: unlinked as it is)."""
+    try:
+        fd = os.open(name, _OPEN_READ | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError:
+        os.unlink(name, dir_fd=dir_fd)
+        return 1
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return 0  # being committed right now
+    finally:
+        os.close(fd)  # (a lock taken is released: nobody opens a leftover to write)
+    os.unlink(name, dir_fd=dir_fd)
+    return 1
+
+
 def _read_all(path: str) -> bytes:
     """A whole file, never through a symlink, in as few system calls as it takes.
 
@@ -1437,8 +1471,7 @@ class GroupCommitter:
             self.spool.discard_tmp(qid)  # a partial file, if one was left: never answered
             raise _spool_error(exc) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # only in tmp/: never held
-            os.rename(qid, qid, src_dir_fd=self._tmp, dst_dir_fd=self._dir)
+            os.rename(qid, qid, src_dir_fd=self._tmp, dst_dir_fd=self._dir)  # locked: write_tmp
         except OSError as exc:
             os.close(fd)
             self.spool.discard_tmp(qid)
