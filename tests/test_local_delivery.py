@@ -20,6 +20,7 @@ import os
 import pwd
 import re
 import select
+import shutil
 import signal
 import stat
 import subprocess
@@ -857,3 +858,36 @@ def recorded_states(spool: Spool, qid: str) -> list[RcptState] | None:
     if blob is None:
         return None
     return [r.state for r in MessageStatus.from_bytes(blob, spool.get(qid).envelope).recipients]
+
+
+STRACE = shutil.which("strace")
+_MADE = re.compile(r'^\d+\s+mkdir(?:at)?\((?:\d+<([^>]*)>, )?"([^"]+)", \S+\) = 0', re.M)
+_SYNCED = re.compile(r"^\d+\s+fsync\(\d+<([^>]*)>\) = 0", re.M)
+
+
+@pytest.mark.skipif(STRACE is None, reason="needs strace to see the fsync calls")
+def test_every_directory_a_maildir_delivery_makes_is_synced_in_its_parent(
+    tmp_path: Path,
+) -> None:
+    """A first delivery to a virtual Maildir whose parents do not exist yet: every
+    directory made, the parents too, is followed by an fsync of the directory it was
+    made in, or a power cut on a file system without a journal can forget the parent's
+    entry and with it the mail reported delivered (the spool then has removed it)."""
+    target = tmp_path / "vmail" / "example.test" / "alice" / "Maildir"
+    code = (
+        "from leafmail.delivery.maildir import write_maildir\n"
+        f"write_maildir({str(target)!r}, b'Subject: x\\n\\nbody\\n')\n"
+    )
+    trace = tmp_path / "trace"
+    argv = [str(STRACE), "-f", "-y", "-e", "trace=mkdir,mkdirat,fsync", "-o", str(trace)]
+    subprocess.run([*argv, sys.executable, "-c", code], check=True, timeout=60)
+    text = trace.read_text()
+    made = [(m.start(), os.path.join(m[1] or "", m[2])) for m in _MADE.finditer(text)]
+    synced = [(m.start(), m[1]) for m in _SYNCED.finditer(text)]
+    assert {path for _at, path in made} >= {str(target), str(tmp_path / "vmail")}, text
+    unsynced = [
+        path
+        for at, path in made
+        if not any(when > at and where == os.path.dirname(path) for when, where in synced)
+    ]
+    assert unsynced == [], text

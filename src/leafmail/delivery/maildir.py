@@ -91,7 +91,10 @@ def _write_unique(tmp: int, message: bytes) -> str:
 
 def make_parents(path: str) -> None:
     """Make the missing directories of `path` (0700), each as who we are, or say which
-    one could not be made (OSError with its name)."""
+    one could not be made (OSError with its name). Each new entry is made durable in
+    its parent (fsync), as the Maildir's own are: a delivery reported done must not
+    sit under a directory a power cut forgets (a file system without a journal writes
+    a directory's entries only when that directory is synced)."""
     missing: list[str] = []
     while not os.path.lexists(path):
         missing.append(path)
@@ -106,6 +109,7 @@ def make_parents(path: str) -> None:
             continue
         except OSError as exc:
             raise OSError(exc.errno, f"cannot create {directory}: {exc.strerror}") from None
+        _sync_parent(directory, None)  # or a power cut can lose it, and the mail under it
 
 
 def _open_dir(name: str, dir_fd: int | None = None) -> int:
