@@ -822,3 +822,28 @@ def test_a_bounce_is_kept_when_its_record_is_in_place_but_not_synced(
     assert len(bounces) == 1, [m.recipients for m in sink.received]
     assert b"Final-Recipient: rfc822; bad@dst.test" in bounces[0].content
     assert spool_is_empty(spool)
+
+
+def test_a_message_that_cannot_be_read_is_not_retried_at_once(
+    sink: Smarthost, spool: Spool
+) -> None:
+    """An attempt that fails before anything is sent (its status record cannot be read:
+    a directory in its way here, EIO on a dying disk) must not leave the daemon's loop
+    due again at once either (next_wakeup 0: a pass after pass with no pause)."""
+    sink.behaviour.rcpt_replies["busy@dst.test"] = "451 4.2.1 mailbox busy"
+    qid = put(spool, ["busy@dst.test"])
+    clock = FakeClock()
+    runner = make_runner(spool, sink.port, clock)
+    assert counts(run(runner)) == {"deferred": 1}
+    clock.now = status_of(spool, qid).next_attempt
+    record = spool.root / "status" / qid
+    saved = record.read_bytes()
+    record.unlink()
+    record.mkdir()
+    assert counts(run(runner)) == {"deferred": 1}  # (not recorded: an error)
+    assert runner.next_wakeup(clock.now) > 0.0
+    record.rmdir()
+    record.write_bytes(saved)
+    sink.behaviour.rcpt_replies.clear()
+    clock.advance(POLICY.initial)
+    assert counts(run(runner)) == {"delivered": 1}

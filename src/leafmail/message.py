@@ -95,9 +95,13 @@ class Unrecorded:
         """An attempt of `qid` whose `results` could not be recorded."""
         final = {i: r for i, r in results.items() if r.outcome is not Outcome.DEFERRED}
         self.results.pop(qid, None)
-        self.retry_at.pop(qid, None)
         if final:
             self.results[qid] = final
+        self.wait(qid, retry_at)
+
+    def wait(self, qid: str, retry_at: float) -> None:
+        """`qid` is not due again before `retry_at` (an attempt of it failed)."""
+        self.retry_at.pop(qid, None)
         self.retry_at[qid] = retry_at
         for memo in (self.results, self.retry_at):
             while len(memo) > self.limit:

@@ -247,6 +247,9 @@ class QueueRunner:
             error = f"not recorded, will retry: {type(exc).__name__}: {exc}"
             if self.log is not None:
                 self.log.info("delivery error", qid=qid, error=error)
+            # (Failed before its record, too: its old schedule says "now" all the same.)
+            if self.unrecorded.retry_at.get(qid, 0.0) <= now:
+                self.unrecorded.wait(qid, self.policy.next_attempt(arrival_time(qid), 1, now))
             return Attempt(qid, AttemptOutcome.DEFERRED, {}, error)
         if done.verdict is not AttemptOutcome.SKIPPED:
             self.unrecorded.recorded(qid)
