@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from netserver.smtp.client import Answered, Awaited
 from netserver.smtp.mailexchange import MailCommands, MailExchange
@@ -24,7 +24,7 @@ from netserver.smtp.replies import Reply
 
 from ..envelope import Envelope, Recipient
 from ..trace import header_section
-from . import Handoff, Result, all_results
+from . import Handoff, Outcome, Result, all_results
 from .wire import ClientLink, WireError, describe, message_of
 
 # Bound once: Enum attribute access is slow on CPython 3.11 (see netserver.smtp.client).
@@ -77,12 +77,51 @@ async def transaction(
     A recipient's result is recorded as soon as it is final for this attempt (a RCPT
     refusal), and the accepted ones after the reply to DATA, so if the connection dies
     half-way the caller defers exactly the recipients that have no result yet.
+
+    A server that takes only so many recipients in one transaction refuses the rest as
+    too many (`too_many_recipients`); RFC 5321 4.5.3.1.10 asks a client to be prepared
+    to send the message to them in further transactions, so they go at once in a new
+    one on the same connection (Exim does the same), rather than waiting a retry
+    interval per batch. Each further transaction must deliver to someone: one that
+    delivers to nobody ends the attempt with those recipients deferred, so the rounds
+    are bounded by the number of recipients.
     """
+    job = Outgoing(conn, envelope, data, remote, hostname)
+    pending = rcpts
+    while True:
+        reusable, crowded = await one_transaction(job, pending, results)
+        delivered = any(i in results and results[i].outcome is Outcome.DELIVERED for i in pending)
+        if not (crowded and delivered and reusable):
+            return reusable
+        for i in crowded:
+            del results[i]
+        pending = crowded
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """What every transaction of one attempt shares: the connection and the message."""
+
+    conn: ClientLink
+    envelope: Envelope
+    data: bytes
+    remote: str
+    hostname: str
+
+
+async def one_transaction(
+    job: Outgoing, rcpts: Sequence[int], results: dict[int, Result]
+) -> tuple[bool, list[int]]:
+    """One MAIL ... DATA for `rcpts`, filling `results`.
+
+    Returns whether the connection is reusable, and the recipients refused as too many.
+    """
+    conn, envelope, data, remote = job.conn, job.envelope, job.data, job.remote
     offered = conn.engine.extensions  # from EHLO: keyword (lower case) -> parameters
     refusal = cannot_carry(offered, envelope, data, remote)
     if refusal is not None:
         results.update(all_results(rcpts, refusal))
-        return True
+        return True, []
     utf8 = envelope.smtputf8 and needs_smtputf8(envelope, data)
     encoding = "utf-8" if utf8 else "ascii"
     dsn = "dsn" in offered
@@ -90,19 +129,30 @@ async def transaction(
     exchange = MailExchange(
         MailCommands(
             mail=path_line(b"MAIL", b"FROM:", envelope.sender, options, encoding),
-            rcpts=tuple(rcpt_line(envelope.recipients[i], dsn, encoding, hostname) for i in rcpts),
+            rcpts=tuple(
+                rcpt_line(envelope.recipients[i], dsn, encoding, job.hostname) for i in rcpts
+            ),
             message=data,
             pipelining="pipelining" in offered,
         )
     )
     handoff = Handoff.PASSED if dsn else Handoff.RELAYED  # RFC 3461 5.2.2
+    crowded: list[int] = []
     conn.send(exchange.start())
     while not exchange.finished:
         progress = exchange.receive(await conn.reply())
-        record(exchange, progress.answered, progress.position, rcpts, results, remote, handoff)
+        answered, position = progress.answered, progress.position
+        record(exchange, answered, position, rcpts, results, remote, handoff)
+        if position is not None and crowding(exchange, answered):
+            crowded.append(rcpts[position])
         if progress.send:
             conn.send(progress.send)
-    return exchange.delivered or await reset(conn)
+    return exchange.delivered or await reset(conn), crowded
+
+
+def crowding(exchange: MailExchange, answered: Answered) -> bool:
+    """Whether this reply refused a RCPT of an open transaction as one too many."""
+    return answered.awaited is _RCPT and exchange.mail_ok and too_many_recipients(answered.reply)
 
 
 def record(
@@ -135,6 +185,22 @@ def record(
 
 def refused(reply: Reply, remote: str) -> Result:
     return Result.refused(reply.code, message_of(reply), remote)
+
+
+def too_many_recipients(reply: Reply) -> bool:
+    """Whether a refused RCPT means "no more recipients in this transaction".
+
+    RFC 5321 4.5.3.1.10: a server's limit on RCPT commands is answered 452, and a client
+    should be prepared for 552 from old servers (which `rcpt_refused` defers as 452).
+    RFC 3463's X.5.3 says "too many recipients" whatever the code (OpenSMTPD answers
+    451 4.5.3). A 452 with another enhanced code is about that recipient (452 4.2.2, a
+    full mailbox), and a 5xx other than 552 is a refusal to keep (a site's policy).
+    """
+    if reply.code == 552:
+        return True
+    if reply.code // 100 != 4:
+        return False
+    return reply.enhanced == "4.5.3" if reply.enhanced else reply.code == 452
 
 
 def rcpt_refused(reply: Reply, remote: str) -> Result:
