@@ -314,6 +314,44 @@ class OneConnection:
         self._thread.join(15)
 
 
+class ManyConnections:
+    """`OneConnection` for any number of connections, at once: each is handled by
+    `script(conn, reader)` in a thread of its own; `connections` counts them."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.connections = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._threads: list[threading.Thread] = []
+        self._acceptor = threading.Thread(target=self._accept, daemon=True)
+        self._acceptor.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:  # shut down by close()
+                return
+            self.connections += 1
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(10)
+            self.script(conn, conn.makefile("rb"))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # wakes the accept(), which close alone does not
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._acceptor.join(15)
+        for thread in self._threads:
+            thread.join(15)
+
+
 @dataclass(frozen=True)
 class SinkTLS:
     """A CA and a certificate for 127.0.0.1 (names would need a resolver)."""

@@ -68,6 +68,7 @@ async def transaction(
     remote: str,
     *,
     hostname: str,
+    reused: bool = False,
 ) -> bool:
     """MAIL, RCPT for each recipient, DATA; fills `results`; True if the connection is reusable.
 
@@ -85,11 +86,18 @@ async def transaction(
     interval per batch. Each further transaction must deliver to someone: one that
     delivers to nobody ends the attempt with those recipients deferred, so the rounds
     are bounded by the number of recipients.
+
+    `reused` says the connection has carried a message before this one; a transaction
+    after the first is on such a connection too. There a refusal of MAIL that ends the
+    session's transactions (`spent_session`) raises SessionSpent before anything is
+    recorded for the transaction's recipients: the session, not the message, was
+    refused, and a new connection may take it.
     """
     job = Outgoing(conn, envelope, data, remote, hostname)
     pending = rcpts
     while True:
-        reusable, crowded = await one_transaction(job, pending, results)
+        reusable, crowded = await one_transaction(job, pending, results, reused=reused)
+        reused = True
         delivered = any(i in results and results[i].outcome is Outcome.DELIVERED for i in pending)
         if not (crowded and delivered and reusable):
             return reusable
@@ -109,8 +117,12 @@ class Outgoing:
     hostname: str
 
 
+class SessionSpent(WireError):
+    """A reused connection's MAIL was refused in a way that ends its session's mail."""
+
+
 async def one_transaction(
-    job: Outgoing, rcpts: Sequence[int], results: dict[int, Result]
+    job: Outgoing, rcpts: Sequence[int], results: dict[int, Result], *, reused: bool
 ) -> tuple[bool, list[int]]:
     """One MAIL ... DATA for `rcpts`, filling `results`.
 
@@ -142,6 +154,8 @@ async def one_transaction(
     while not exchange.finished:
         progress = exchange.receive(await conn.reply())
         answered, position = progress.answered, progress.position
+        if reused and answered.awaited is _MAIL and spent_session(answered.reply):
+            raise SessionSpent(f"{remote} ended this session's mail: {describe(answered.reply)}")
         record(exchange, answered, position, rcpts, results, remote, handoff)
         if position is not None and crowding(exchange, answered):
             crowded.append(rcpts[position])
@@ -201,6 +215,17 @@ def too_many_recipients(reply: Reply) -> bool:
     if reply.code // 100 != 4:
         return False
     return reply.enhanced == "4.5.3" if reply.enhanced else reply.code == 452
+
+
+def spent_session(reply: Reply) -> bool:
+    """Whether a refusal of MAIL on a connection that carried mail blames the session.
+
+    421 closes the session (RFC 5321 3.8), whatever it says; an X.5.3 for now is a
+    per-session count reached (OpenSMTPD's `smtp limit max-mails`, default 100, answers
+    452 4.5.3 "Too many messages sent" and keeps the session open). Other refusals of
+    MAIL (a sender's rate, a full disk) would be the same on a new connection.
+    """
+    return reply.code == 421 or (reply.code // 100 == 4 and reply.enhanced == "4.5.3")
 
 
 def rcpt_refused(reply: Reply, remote: str) -> Result:

@@ -24,8 +24,8 @@ from netserver.smtp.client import Awaited
 
 from ..config import DeliveryConfig, delivery_problem, smarthost_password, split_hostport
 from ..envelope import Envelope
-from . import Expansions, LinkDown, Result, all_results
-from .session import command, greet, quit_and_drop, transaction, why
+from . import Expansions, LinkDown, Result
+from .session import SessionSpent, command, greet, quit_and_drop, transaction, why
 from .wire import ClientLink, WireError, describe, open_connection
 
 MAX_USES = 1000  # messages per connection before a fresh one (bounds any server-side state)
@@ -117,24 +117,68 @@ class SmarthostAgent:
         rcpts: Sequence[int],
         expansions: Expansions | None = None,  # no aliases on this route
     ) -> dict[int, Result]:
-        conn = await self._acquire()
+        """Send to `rcpts` on a pooled connection; their results.
+
+        A reused connection whose session is spent (SessionSpent: the server takes no
+        more mail on it) is dropped and the recipients left go on a new connection. On
+        a new connection only a transaction after the first can find the session spent,
+        and a later transaction comes only after one that delivered to someone, so each
+        new connection delivers to at least one recipient: at most one more connection
+        than recipients.
+        """
         results: dict[int, Result] = {}
-        reusable = False
+        pending = rcpts
+        conn = await self._acquire()
+        while await self._attempt(conn, envelope, data, pending, results):
+            pending = [i for i in pending if i not in results]
+            try:
+                conn = await self._connect()
+            except LinkDown as exc:
+                if not results:
+                    raise
+                self._defer(pending, results, str(exc))
+                break
+        return results
+
+    async def _attempt(
+        self,
+        conn: _Conn,
+        envelope: Envelope,
+        data: bytes,
+        rcpts: Sequence[int],
+        results: dict[int, Result],
+    ) -> bool:
+        """One `transaction` on `conn`, under the deadline; True if its session was spent
+        (the recipients left then have no result)."""
+        reusable = spent = False
         remote = self.settings.remote
         try:
             async with asyncio.timeout(self.settings.deadline):
                 reusable = await transaction(
-                    conn.link, envelope, data, rcpts, results, remote, hostname=self.settings.helo
+                    conn.link,
+                    envelope,
+                    data,
+                    rcpts,
+                    results,
+                    remote,
+                    hostname=self.settings.helo,
+                    reused=conn.uses > 0,
                 )
         except TimeoutError:
-            lost = Result.deferred("4.4.2", f"{remote} did not finish within the deadline", remote)
-            results = {**all_results(rcpts, lost), **results}
+            self._defer(rcpts, results, f"{remote} did not finish within the deadline")
+        except SessionSpent:
+            spent = True
         except (WireError, OSError) as exc:
-            lost = Result.deferred("4.4.2", f"connection to {remote} lost: {why(exc)}", remote)
-            results = {**all_results(rcpts, lost), **results}
+            self._defer(rcpts, results, f"connection to {remote} lost: {why(exc)}")
         finally:
             self._release(conn, reusable)
-        return results
+        return spent
+
+    def _defer(self, rcpts: Sequence[int], results: dict[int, Result], reason: str) -> None:
+        """Defer (4.4.2) the recipients of `rcpts` that have no result yet."""
+        lost = Result.deferred("4.4.2", reason, self.settings.remote)
+        for index in rcpts:
+            results.setdefault(index, lost)
 
     async def close(self) -> None:
         """Say QUIT on every idle connection (briefly: a dead peer must not hold us)."""
