@@ -7,6 +7,10 @@ past N in a transaction ``451 4.5.3 Too many recipients: Too many recipients``, 
 `smtp limit max-mails N` (default 100) answers the MAIL past N on one connection
 ``452 4.5.3 Too many recipients: Too many messages sent``, keeping the session open.
 
+Its server-side TLS is broken: Debian's 6.8.0p2 with OpenSSL 3 offers STARTTLS,
+answers ``220 2.0.0 Ready to start TLS`` and then ends every handshake with a fatal
+internal_error alert ("missing private key", OpenSMTPD issues 1171 and 1239).
+
 `OpenSMTPDPeer` is a plain socket server (any number of connections, a thread each)
 that plays those rules with whatever limits a test sets, and records what it saw.
 """
@@ -28,13 +32,15 @@ EHLO = (
     b"250-osmtpd.test Hello client.test [127.0.0.1], pleased to meet you\r\n"
     b"250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SIZE 52428800\r\n250-DSN\r\n250 HELP\r\n"
 )
+# A TLS record: alert (21), version 3.3, length 2, fatal (2) internal_error (80).
+INTERNAL_ERROR_ALERT = b"\x15\x03\x03\x00\x02\x02\x50"
 TOO_MANY_RECIPIENTS = "451 4.5.3 Too many recipients: Too many recipients"
 TOO_MANY_MESSAGES = "452 4.5.3 Too many recipients: Too many messages sent"
 RCPT_OK = "250 2.1.5 Destination address valid: Recipient ok"
 
 
 @dataclass
-class Limits:
+class PeerSetup:
     """How the peer answers (0: no limit)."""
 
     rcpts: int = 0  # recipients a transaction (max-rcpt)
@@ -44,6 +50,7 @@ class Limits:
     every_mail: str = ""  # if set, the reply to every MAIL
     refuse: dict[str, str] = field(default_factory=dict)  # recipient -> its reply
     pipelining: bool = False  # offer PIPELINING; hold MAIL/RCPT replies until DATA
+    broken_tls: bool = False  # offer STARTTLS, then fail every handshake
 
 
 @dataclass
@@ -66,11 +73,12 @@ class _Session:
 class OpenSMTPDPeer:
     """OpenSMTPD's replies under `limits`, on 127.0.0.1:`port`."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: PeerSetup) -> None:
         self.limits = limits
         self.transactions: list[Transaction] = []  # the delivered ones, in order
         self.commands: list[str] = []
         self.mails = 0
+        self.handshakes = 0  # STARTTLS handshakes tried (and failed, broken_tls)
         self._lock = threading.Lock()
         self._server = ManyConnections(self._serve)
         self.port = self._server.port
@@ -92,8 +100,14 @@ class OpenSMTPDPeer:
                 self.commands.append(line)
             verb = line.split(":", 1)[0].split(" ", 1)[0].upper()
             if verb == "EHLO":
-                offer = b"250-PIPELINING\r\n" if self.limits.pipelining else b""
-                send(EHLO.replace(b"250-DSN", offer + b"250-DSN"))
+                send(self._ehlo())
+            elif verb == "STARTTLS" and self.limits.broken_tls:
+                send(b"220 2.0.0 Ready to start TLS\r\n")
+                with self._lock:
+                    self.handshakes += 1
+                conn.recv(4096)  # the ClientHello
+                send(INTERNAL_ERROR_ALERT)
+                return
             elif verb == "QUIT":
                 send(b"221 2.0.0 Bye\r\n")
                 return
@@ -110,6 +124,11 @@ class OpenSMTPDPeer:
                     session.held = b""
                 if reply.startswith("421"):
                     return
+
+    def _ehlo(self) -> bytes:
+        offer = b"250-PIPELINING\r\n" if self.limits.pipelining else b""
+        offer += b"250-STARTTLS\r\n" if self.limits.broken_tls else b""
+        return EHLO.replace(b"250-DSN", offer + b"250-DSN")
 
     def _answer(self, session: _Session, verb: str, line: str) -> str:
         if verb == "MAIL":
@@ -157,10 +176,11 @@ class OpenSMTPDPeer:
         return f"250 2.0.0 {number:08x} Message accepted for delivery\r\n".encode()
 
 
-def plain_agent(port: int) -> SmarthostAgent:
-    """leafmail's smarthost agent for 127.0.0.1:`port`, plaintext, short timeouts."""
+def plain_agent(port: int, tls: str = "none") -> SmarthostAgent:
+    """leafmail's smarthost agent for 127.0.0.1:`port`, plaintext unless `tls` says
+    otherwise, short timeouts."""
     settings = SmarthostSettings(
-        host="127.0.0.1", port=port, helo="client.test", tls="none",
+        host="127.0.0.1", port=port, helo="client.test", tls=tls,
         connect_timeout=5.0, command_timeout=5.0, deadline=15.0,
     )  # fmt: skip
     return SmarthostAgent(settings)

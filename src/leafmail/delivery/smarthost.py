@@ -202,7 +202,22 @@ class SmarthostAgent:
             conn.link.abort()
 
     async def _connect(self) -> _Conn:
-        """Connect, greet, secure and log in, all within connect_timeout, or LinkDown."""
+        """Connect, greet, secure and log in, or LinkDown.
+
+        With opportunistic TLS a STARTTLS handshake that fails costs that connection
+        only: the next one goes without STARTTLS (RFC 7435: encrypt when possible, else
+        send in clear; the MX route does the same). A server can offer STARTTLS and fail
+        every handshake (Debian 12's OpenSMTPD 6.8 with OpenSSL 3 does); without this
+        its mail waited until it expired. No password is at stake: the config refuses a
+        username with opportunistic TLS.
+        """
+        try:
+            return await self._open(secure=True)
+        except _HandshakeFailed:
+            return await self._open(secure=False)
+
+    async def _open(self, *, secure: bool) -> _Conn:
+        """Connect, greet, secure (if `secure`) and log in, all within connect_timeout."""
         s = self.settings
         link: ClientLink | None = None
         try:
@@ -214,7 +229,8 @@ class SmarthostAgent:
                     context=self.tls_context if s.tls == "smtps" else None,
                 )
                 await greet(link, s.helo)
-                await self._secure(link)
+                if secure:
+                    await self._secure(link)
                 await self._login(link)
         except BaseException as exc:
             if link is not None:
@@ -235,8 +251,13 @@ class SmarthostAgent:
             if s.tls == "starttls":
                 raise LinkDown(f"{s.remote} does not offer STARTTLS, which tls = starttls requires")
             return
-        await link.starttls(self.tls_context, s.host)
-        await greet(link, s.helo)
+        try:
+            await link.starttls(self.tls_context, s.host)
+            await greet(link, s.helo)  # with TLS 1.3 a refused handshake shows here
+        except (WireError, OSError) as exc:  # ssl.SSLError is an OSError
+            if s.tls == "opportunistic":
+                raise _HandshakeFailed(why(exc)) from None
+            raise
 
     async def _login(self, link: ClientLink) -> None:
         """AUTH PLAIN (RFC 4616) or LOGIN, over TLS only; LinkDown when refused."""
@@ -260,6 +281,10 @@ class SmarthostAgent:
         if reply.code != 235:
             refusal = describe(reply)
             raise LinkDown(f"{s.remote} refused the login for {s.username!r}: {refusal}")
+
+
+class _HandshakeFailed(Exception):
+    """Opportunistic STARTTLS failed after the server offered it: try in clear."""
 
 
 def _b64_line(value: str) -> bytes:

@@ -1,4 +1,4 @@
-"""A next hop's limits per transaction and per connection, as OpenSMTPD sets them.
+"""OpenSMTPD as the smarthost: its limits per transaction and per connection, its TLS.
 
 Found relaying leafmail through OpenSMTPD 6.8.0p2 (Debian bookworm) on loopback; the
 next hop here is `opensmtpd_peer.OpenSMTPDPeer`, OpenSMTPD 6.8's bytes from a socket.
@@ -18,6 +18,11 @@ open. With ``max-mails 1``, of 8 messages flushed over 4 connections 4 were defe
 with that reply, and the spent connection went back to the pool, so every later
 message given to it was deferred the same way; with the default 100 and concurrency 4,
 a queue run past 400 messages.
+
+Server TLS that fails. Debian 12's OpenSMTPD 6.8.0p2 (OpenSSL 3) offers STARTTLS and
+ends every handshake with an internal_error alert (OpenSMTPD issues 1171, 1239). With
+`tls = "opportunistic"` leafmail deferred every message to it, for good, where the MX
+route retries a failed handshake in plaintext (RFC 7435).
 """
 
 from __future__ import annotations
@@ -29,13 +34,13 @@ import pytest
 from opensmtpd_peer import (
     TOO_MANY_MESSAGES,
     TOO_MANY_RECIPIENTS,
-    Limits,
     OpenSMTPDPeer,
+    PeerSetup,
     envelope_to,
     plain_agent,
 )
 
-from leafmail.delivery import Outcome, Result
+from leafmail.delivery import LinkDown, Outcome, Result
 from leafmail.delivery.smarthost import SmarthostAgent
 
 pytestmark = pytest.mark.timeout(30)
@@ -52,15 +57,15 @@ def peers() -> Iterator[list[OpenSMTPDPeer]]:
         peer.close()
 
 
-def start(started: list[OpenSMTPDPeer], limits: Limits) -> OpenSMTPDPeer:
+def start(started: list[OpenSMTPDPeer], limits: PeerSetup) -> OpenSMTPDPeer:
     peer = OpenSMTPDPeer(limits)
     started.append(peer)
     return peer
 
 
-def deliver(port: int, rcpts: list[str]) -> dict[int, Result]:
+def deliver(port: int, rcpts: list[str], tls: str = "none") -> dict[int, Result]:
     """One SmarthostAgent.deliver of MESSAGE to `rcpts`."""
-    agent = plain_agent(port)
+    agent = plain_agent(port, tls)
 
     async def run() -> dict[int, Result]:
         try:
@@ -94,7 +99,7 @@ def outcomes(results: dict[int, Result]) -> list[Outcome]:
 def test_the_recipients_past_the_limit_go_in_new_transactions_at_once(
     peers: list[OpenSMTPDPeer], over: str, pipelining: bool
 ) -> None:
-    server = start(peers, Limits(rcpts=2, rcpt_over=over, pipelining=pipelining))
+    server = start(peers, PeerSetup(rcpts=2, rcpt_over=over, pipelining=pipelining))
     results = deliver(server.port, rcpts(5))
     assert outcomes(results) == [Outcome.DELIVERED] * 5, [r.line for r in results.values()]
     assert [t.accepted for t in server.transactions] == [
@@ -117,7 +122,7 @@ def test_other_refusals_in_a_transaction_are_final_for_this_attempt(
         "r1@example.test": "550 5.1.1 Invalid recipient",
         "r2@example.test": "452 4.2.2 Mailbox full",
     }
-    server = start(peers, Limits(rcpts=1, refuse=refuse))
+    server = start(peers, PeerSetup(rcpts=1, refuse=refuse))
     results = deliver(server.port, rcpts(4))
     assert [results[i].line for i in range(2)] == [
         "550 5.1.1 Invalid recipient",
@@ -133,7 +138,7 @@ def test_a_transaction_that_delivers_to_nobody_ends_the_attempt(
 ) -> None:
     """A server that calls every recipient one too many never loops the client: the
     recipients are deferred after the one transaction that delivered nothing."""
-    server = start(peers, Limits(refuse={r: TOO_MANY_RECIPIENTS for r in rcpts(3)}))
+    server = start(peers, PeerSetup(refuse={r: TOO_MANY_RECIPIENTS for r in rcpts(3)}))
     results = deliver(server.port, rcpts(3))
     assert outcomes(results) == [Outcome.DEFERRED] * 3
     assert {results[i].line for i in results} == {TOO_MANY_RECIPIENTS}
@@ -177,7 +182,7 @@ def subjects(peer: OpenSMTPDPeer) -> list[bytes]:
 def test_a_spent_session_sends_the_message_on_a_new_connection(
     peers: list[OpenSMTPDPeer], over: str
 ) -> None:
-    peer = start(peers, Limits(messages=2, message_over=over))
+    peer = start(peers, PeerSetup(messages=2, message_over=over))
     results, agent = deliver_in_turn(peer.port, 5)
     assert [r.outcome for r in results] == [Outcome.DELIVERED] * 5, [r.line for r in results]
     assert subjects(peer) == [f"Subject: message {n}".encode() for n in range(1, 6)]
@@ -188,7 +193,7 @@ def test_a_spent_session_sends_the_message_on_a_new_connection(
 def test_a_new_connections_refusal_of_mail_is_the_result(peers: list[OpenSMTPDPeer]) -> None:
     """Only a reused connection is suspected: on a fresh one the same reply defers the
     message, so a server that refuses every MAIL costs one connection a message."""
-    peer = start(peers, Limits(every_mail=TOO_MANY_MESSAGES))
+    peer = start(peers, PeerSetup(every_mail=TOO_MANY_MESSAGES))
     results, _ = deliver_in_turn(peer.port, 1)
     assert results[0].outcome is Outcome.DEFERRED
     assert results[0].line == TOO_MANY_MESSAGES
@@ -198,7 +203,7 @@ def test_a_new_connections_refusal_of_mail_is_the_result(peers: list[OpenSMTPDPe
 def test_other_temporary_refusals_of_mail_are_not_retried(peers: list[OpenSMTPDPeer]) -> None:
     """A refusal about the sender or the load (451 4.7.1) would be the same on a new
     connection: the message is deferred on the reused one, nothing reconnects."""
-    peer = start(peers, Limits(messages=1, message_over="451 4.7.1 sender rate limit exceeded"))
+    peer = start(peers, PeerSetup(messages=1, message_over="451 4.7.1 sender rate limit exceeded"))
     results, agent = deliver_in_turn(peer.port, 2)
     assert [r.outcome for r in results] == [Outcome.DELIVERED, Outcome.DEFERRED]
     assert results[1].line == "451 4.7.1 sender rate limit exceeded"
@@ -211,8 +216,32 @@ def test_a_session_spent_between_recipient_batches_goes_on_a_new_connection(
     """OpenSMTPD with `max-rcpt 2` and `max-mails 1`: a message to three recipients needs
     two transactions and a session allows one, so each message takes two connections
     (and the second message first finds the pooled one spent)."""
-    peer = start(peers, Limits(rcpts=2, messages=1))
+    peer = start(peers, PeerSetup(rcpts=2, messages=1))
     results, agent = deliver_in_turn(peer.port, 2, rcpts=3)
     assert [r.outcome for r in results] == [Outcome.DELIVERED] * 6, [r.line for r in results]
     assert [len(t.accepted) for t in peer.transactions] == [2, 1, 2, 1]
     assert agent.connections == peer.connections == 4
+
+
+# --- server TLS that fails ----------------------------------------------------------
+
+
+def test_opportunistic_tls_goes_on_in_plaintext_when_the_handshake_fails(
+    peers: list[OpenSMTPDPeer],
+) -> None:
+    """The handshake's failure ends that connection; the message goes on a new one
+    without STARTTLS, as RFC 7435 and the MX route do (no password can be lost: the
+    config refuses a username with opportunistic TLS)."""
+    peer = start(peers, PeerSetup(broken_tls=True))
+    results = deliver(peer.port, rcpts(2), tls="opportunistic")
+    assert outcomes(results) == [Outcome.DELIVERED] * 2, [r.line for r in results.values()]
+    assert (peer.connections, peer.handshakes) == (2, 1)
+    assert peer.commands.count("STARTTLS") == 1
+    assert [t.accepted for t in peer.transactions] == [rcpts(2)]
+
+
+def test_required_tls_never_goes_on_in_plaintext(peers: list[OpenSMTPDPeer]) -> None:
+    peer = start(peers, PeerSetup(broken_tls=True))
+    with pytest.raises(LinkDown, match="TLSV1_ALERT_INTERNAL_ERROR"):
+        deliver(peer.port, rcpts(1), tls="starttls")
+    assert (peer.connections, peer.mails) == (1, 0)
