@@ -725,6 +725,18 @@ def test_diagnostic_code_smtp_only_for_the_remote_mtas_own_reply() -> None:
     assert bob["Diagnostic-Code"].startswith("X-Leafmail; 451 4.4.2 ")
 
 
+def test_diagnostic_code_is_the_remote_reply_as_it_came() -> None:
+    """A reply without an enhanced code gets one for Status (the class default, RFC
+    3463), but Diagnostic-Code quotes what the remote MTA said, not our addition
+    (RFC 3464 2.3.6: "the actual diagnostic code issued by the remote MTA"). OpenSMTPD
+    answers an unknown recipient "550 Invalid recipient"."""
+    plain = Result.from_reply(550, "Invalid   recipient", REMOTE)
+    _, blob = dsn(envelope(), [plain])
+    (bob,) = grammar_checked(blob)
+    assert bob["Status"] == "5.0.0"
+    assert bob["Diagnostic-Code"] == "smtp; 550 Invalid recipient"
+
+
 def test_original_envelope_id_is_the_decoded_envid() -> None:
     """RFC 3464 2.2.1: envelope-id = *text, case and spelling preserved; ENVID's xtext
     (RFC 3461 4.4) is only how SMTP carries it, decoded when it is received (ENVID=

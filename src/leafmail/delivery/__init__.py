@@ -57,10 +57,11 @@ class Result:
     text: str
     remote: str = ""
     handoff: Handoff = Handoff.FINAL
-    # True when code and text are the reply `remote` sent (`from_reply`), False when they
-    # are ours about it (a broken connection, a missing extension): a DSN's Diagnostic-Code
-    # is of type "smtp" only for the former (RFC 3464 2.3.6).
-    replied: bool = False
+    # The reply `remote` sent, as it came (one line, `from_reply`); "" when code and text
+    # are ours about it (a broken connection, a missing extension). A DSN's
+    # Diagnostic-Code is of type "smtp" only for the former, and then it is that reply
+    # itself, without the enhanced code we chose when the reply had none (RFC 3464 2.3.6).
+    reply: str = ""
 
     @classmethod
     def from_reply(cls, code: int, message: str, remote: str = "") -> Result:
@@ -78,7 +79,8 @@ class Result:
             status, text = f"{match[1]}.{match[2]}.{match[3]}", text[match.end() :]
         else:
             status = {Outcome.DELIVERED: "2.0.0", Outcome.FAILED: "5.0.0"}.get(outcome, "4.0.0")
-        return cls(outcome, code, status, text, remote, replied=bool(remote))
+        reply = f"{code} {' '.join(message.split())}".rstrip() if remote else ""
+        return cls(outcome, code, status, text, remote, reply=reply)
 
     @classmethod
     def refused(cls, code: int, message: str, remote: str = "") -> Result:

@@ -280,8 +280,10 @@ def _status(
         ]
         if result.remote:
             block.append(f"Remote-MTA: dns; {clean(_mta_name(result.remote))}")
-        diagnostic = "smtp" if result.replied and result.remote else "X-Leafmail"
-        block.append(f"Diagnostic-Code: {diagnostic}; {clean(result.line)}")
+        if result.reply:  # the remote's own words (`Result.reply`)
+            block.append(f"Diagnostic-Code: smtp; {clean(result.reply)}")
+        else:
+            block.append(f"Diagnostic-Code: X-Leafmail; {clean(result.line)}")
         block.append(f"Last-Attempt-Date: {_date(now)}")
         if action is Action.DELAYED and retry_until is not None:
             block.append(f"Will-Retry-Until: {_date(retry_until)}")
