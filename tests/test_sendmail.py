@@ -45,6 +45,7 @@ from smarthost import Smarthost
 
 from leafmail import sendmail
 from leafmail.queue import SCAN_INTERVAL
+from leafmail.sendmail.smtp_session import LocalLineEnds
 from leafmail.spool import CorruptMessage, Spool, SpooledMessage
 from leafmail.states import QueueState
 from netserver.errors import (
@@ -909,6 +910,30 @@ def test_bs_pipelined_dialogue(box: Box) -> None:
     assert msg.qid == qid
     assert rcpts(msg) == [f"postmaster@{HOST}"]
     assert b"\r\n\r\n.stuffed\r\n" in msg.data
+
+
+def test_bs_dialogue_with_lf_line_ends(box: Box) -> None:
+    """A local program that writes its -bs dialogue with LF line ends (as PHP and shell
+    scripts do; Postfix's and Exim's sendmail -bs take them) is answered and queued;
+    before, it got its 220 and no other reply, and sendmail exited 0 with nothing queued."""
+    dialogue = b"EHLO c\nMAIL FROM:<a@src.test>\nRCPT TO:<b@dst.test>\nDATA\n"
+    done = run(box, "-bs", stdin=dialogue + b"Subject: lf\n\n..dot\r\nx\n.\nQUIT\n")
+    assert done.returncode == 0, done.stderr
+    codes = [line[:4] for line in done.stdout.split(b"\r\n") if line[3:4] == b" "]
+    assert codes == [b"220 ", b"250 ", b"250 ", b"250 ", b"354 ", b"250 ", b"221 "]
+    data = only(box).data
+    assert b"\r\nSubject: lf\r\n" in data
+    assert data.endswith(b"\r\n\r\n.dot\r\nx\r\n")
+
+
+def test_bs_line_ends_are_made_crlf_across_reads() -> None:
+    """A CR at the end of one read and its LF at the start of the next stay one CRLF;
+    a bare CR is left for the engine to refuse."""
+    ends = LocalLineEnds()
+    assert ends(b"EHLO a\r") + ends(b"\nNOOP\n") + ends(b"x\ry\r\n") == (
+        b"EHLO a\r\nNOOP\r\nx\ry\r\n"
+    )
+    assert ends(b"\n") == b"\r\n"
 
 
 def test_bs_end_of_input_without_quit_keeps_what_was_committed(box: Box) -> None:

@@ -31,6 +31,29 @@ from .reading import READ_CHUNK
 from .spooling import SocketSubmitter, SpoolSubmitter, choose_submitter, now
 
 
+class LocalLineEnds:
+    """Make each bare LF of a local -bs dialogue a CRLF, across reads.
+
+    A local program may write its SMTP dialogue with LF line ends (PHP and shell
+    scripts do); Postfix's and Exim's sendmail -bs take them. The network service
+    refuses a bare LF, because a next hop may end lines (and DATA) differently than we
+    do: SMTP smuggling. Here the user is the author of what they could submit with -t
+    anyway, so nothing can be smuggled past anyone: without this, such a dialogue got
+    its 220, then no reply to anything, and sendmail exited 0 with nothing queued. A bare
+    CR is left as it is (the engine refuses it, as it does on the network).
+    """
+
+    def __init__(self) -> None:
+        self._cr = False  # the last read ended with CR: its LF may open this one
+
+    def __call__(self, data: bytes) -> bytes:
+        head = b""
+        if self._cr and data[:1] == b"\n":
+            head, data = b"\n", data[1:]
+        self._cr = data.endswith(b"\r")
+        return head + data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
 class SmtpSession:
     """Drives `ServerProtocol` on a pipe pair for a local, already trusted user.
 
@@ -58,13 +81,14 @@ class SmtpSession:
             status = exc.exit_code
             greeting = Reply(421, "4.3.0", f"{self.ctx.hostname} spool unavailable")
         proto = ServerProtocol(self.proto_config, greeting)
+        line_ends = LocalLineEnds()
         try:
             self._send(proto)
             while not proto.closed:
                 data = os.read(self.stdin_fd, READ_CHUNK)  # unbuffered: nothing read before
                 if not data:
                     break
-                self._process(proto, proto.receive_data(data))
+                self._process(proto, proto.receive_data(line_ends(data)))
         except BrokenPipeError:
             pass  # the client went away; what was answered 250 is spooled
         return status
