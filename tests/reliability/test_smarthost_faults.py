@@ -311,7 +311,8 @@ def test_mixed_replies_split_exactly_and_bounce_once(tmp_path: Path, sink_host: 
         "smtp; 550 5.1.1 no such user",
         "smtp; 553 5.1.3 bad address syntax",
     ]
-    assert all(b["Remote-MTA"] == f"dns; {sink_host.host}" for b in blocks), [
+    # The smarthost is known by its address only: an address literal (RFC 3464 2.3.5).
+    assert all(b["Remote-MTA"] == f"dns; [{sink_host.host}]" for b in blocks), [
         str(b) for b in blocks
     ]
 
