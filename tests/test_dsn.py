@@ -744,3 +744,32 @@ def test_original_envelope_id_is_the_decoded_envid() -> None:
     _, blob = dsn(envelope(envid="Qq+314 a=b"))
     _, status, _ = parts(blob)
     assert blocks_of(status)[0]["Original-Envelope-Id"] == "Qq+314 a=b"
+
+
+@pytest.mark.parametrize(
+    ("smtputf8", "report_type"),
+    [(False, "delivery-status"), (True, "global-delivery-status")],
+)
+def test_report_type_names_the_status_parts_subtype(smtputf8: bool, report_type: str) -> None:
+    """RFC 6522 3: report-type is the subtype of the second part, message/global-* too."""
+    _, blob = dsn(envelope(smtputf8=smtputf8))
+    assert parse(blob).get_param("report-type") == report_type
+    assert parts(blob)[1].get_content_type() == f"message/{report_type}"
+
+
+def test_a_utf8_recipient_in_a_plain_report_is_written_as_xtext() -> None:
+    r"""A UTF-8 address in a message/delivery-status is utf-8-addr-xtext (RFC 6533 3): the
+    part is 7-bit as it says, and a mail program reads the address back from the escapes."""
+    env = envelope(Recipient("j\u00f6s\u00e9@example.test"))
+    dsn_env, blob = dsn(env)
+    head, body = raw_parts(blob)[1]
+    assert b"Content-Type: message/delivery-status" in head and body.isascii()
+    final = field(status_blocks(blob)[1], "Final-Recipient")
+    assert final == "utf-8; j\\x{F6}s\\x{E9}@example.test"
+    assert xtext_back(final.split("; ", 1)[1]) == "j\u00f6s\u00e9@example.test"
+    assert blob.isascii() and dsn_env.body == "7BIT"
+
+
+def xtext_back(text: str) -> str:
+    r"""utf-8-addr-xtext decoded as a reader would: each ``\x{HEX}`` is one character."""
+    return re.sub(r"\\x\{([0-9A-F]{2,6})\}", lambda m: chr(int(m.group(1), 16)), text)

@@ -891,3 +891,16 @@ def test_every_directory_a_maildir_delivery_makes_is_synced_in_its_parent(
         if not any(when > at and where == os.path.dirname(path) for when, where in synced)
     ]
     assert unsynced == [], text
+
+
+def test_a_utf8_remote_target_makes_the_forwarded_copy_smtputf8(tmp_path: Path) -> None:
+    """The copy of an ASCII message for a UTF-8 address needs SMTPUTF8 (RFC 6531 3.2):
+    marked so, it is sent with it (or refused by a hop without it) and its bounce uses
+    the RFC 6533 types, instead of a RCPT the client cannot encode."""
+    config = make_config(tmp_path, aliases="alice: j\u00f6s\u00e9@remote.example\n")
+    agent = make_agent(config, tmp_path)
+    assert outcomes(deliver(agent, ["alice@mx.test"])) == [DELIVERED]
+    (qid,) = agent.spool.ids(QueueState.QUEUE)
+    forwarded = agent.spool.get(qid).envelope
+    assert [r.address for r in forwarded.recipients] == ["j\u00f6s\u00e9@remote.example"]
+    assert forwarded.smtputf8 is True

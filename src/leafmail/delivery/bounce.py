@@ -127,7 +127,7 @@ def build_dsn(
     kind = _kind(notices, delayed)
     boundary = _boundary(data)
     original, original_type, encoding = _returned(envelope, data, full=_full(envelope, data, kind))
-    status_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
+    report_type = "global-delivery-status" if utf8 else "delivery-status"
     head = [
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
         f"To: {_angle(recipient)}",
@@ -136,14 +136,15 @@ def build_dsn(
         f"Message-ID: {make_msgid(domain=hostname)}",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
-        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        # report-type names the second part's subtype (RFC 6522 3), global or not.
+        f'Content-Type: multipart/report; report-type={report_type}; boundary="{boundary}"',
     ]
     explanation = _explanation(hostname, notices, kind, utf8=utf8)
     actions = [Action.DELAYED if delayed else n.action for n in notices]
     report = _status(hostname, qid, envelope, notices, actions, arrival, now, retry_until)
     parts = [
         _part("text/plain; charset=utf-8", _cte(explanation), explanation),
-        _part(status_type, "8bit" if utf8 else "7bit", report),
+        _part(f"message/{report_type}", "8bit" if utf8 else "7bit", report),
         _part(original_type, encoding, original),
     ]
     body = b"".join(b"--%s\r\n%s\r\n" % (boundary.encode(), p) for p in parts)
@@ -272,9 +273,8 @@ def _status(
         block = []
         if rcpt.orcpt:
             block.append(f"Original-Recipient: {_original_recipient(rcpt.orcpt, utf8=utf8)}")
-        addr_type = "utf-8" if not rcpt.address.isascii() else "rfc822"
         block += [
-            f"Final-Recipient: {addr_type}; {rcpt.address}",
+            f"Final-Recipient: {_final_recipient(rcpt.address, utf8=utf8)}",
             f"Action: {action.value}",
             f"Status: {result.status}",
         ]
@@ -334,6 +334,19 @@ def _original_recipient(orcpt: str, *, utf8: bool) -> str:
     if not semicolon or addr_type.lower() != "utf-8":
         return _clean(orcpt, utf8=utf8)
     return f"{addr_type};" + utf8_addr_xtext(address, unitext=utf8)[:900]
+
+
+def _final_recipient(address: str, *, utf8: bool) -> str:
+    r"""Final-Recipient's type and address: rfc822 for ASCII, else RFC 6533's utf-8 type.
+
+    A UTF-8 address can reach a report that is not a global one (an ASCII message an
+    alias sent on to it, spooled before such copies were marked SMTPUTF8): there it is
+    utf-8-addr-xtext, ASCII with ``\x{HEX}`` escapes (RFC 6533 3), so the part stays the
+    7-bit message/delivery-status it says it is.
+    """
+    if address.isascii():
+        return f"rfc822; {address}"
+    return f"utf-8; {address if utf8 else utf8_addr_xtext(address)[:900]}"
 
 
 def _mta_name(remote: str) -> str:

@@ -422,7 +422,9 @@ class LocalAgent:
             client=envelope.client,
             received=envelope.received,
             body=envelope.body,
-            smtputf8=envelope.smtputf8,
+            # A UTF-8 target needs SMTPUTF8 at every hop, whatever the original asked for
+            # (RFC 6531 3.2); the sendmail command marks its UTF-8 recipients the same way.
+            smtputf8=envelope.smtputf8 or not all(t.address.isascii() for t in targets),
             ret=envelope.ret,
             envid=envelope.envid,
         )
