@@ -1219,3 +1219,48 @@ def test_expired_message_bounces_without_connecting(closed_port: int, spool: Spo
     assert spool.find(qid) is None
     [dsn] = bounces(spool)
     assert dsn_fields(dsn.data)[1]["Status"] == "4.4.7"
+
+
+def test_the_bounce_of_an_smtputf8_message_goes_back_without_smtputf8_when_it_can(
+    hosts: MakeHost, spool: Spool
+) -> None:
+    """The bounce of an internationalized message to an ASCII sender has ASCII addresses
+    and header fields: it needs no SMTPUTF8 (RFC 6531 3.2's test) and passes the hop
+    that refused the original, its UTF-8 parts carried by 8BITMIME (RFC 6532 3.7 and
+    RFC 6533 6 allow the message/global-* types any transfer encoding). A mail program
+    reads it as a global report."""
+    host = hosts(smtputf8=False)
+    qid = spool.commit(envelope("jösé@example.test", smtputf8=True), mail("Grüße"))
+    agent = SmarthostAgent(settings(host.port))
+    first = send(spool, qid, agent)
+    assert first is not None and first["jösé@example.test"].status == "5.6.7"
+    [dsn] = bounces(spool)
+    again = send(spool, dsn.qid, agent)
+    assert again is not None and again[SENDER].outcome is Outcome.DELIVERED
+    [got] = host.received
+    assert "SMTPUTF8" not in got.mail_options and "BODY=8BITMIME" in got.mail_options
+    report = email.message_from_bytes(got.content, policy=email.policy.default)
+    assert report.get_param("report-type") == "global-delivery-status"
+    assert isinstance(report, email.message.EmailMessage)
+    types = [p.get_content_type() for p in report.iter_parts()]
+    assert types == ["text/plain", "message/global-delivery-status", "message/global"]
+    assert dsn_fields(got.content)[1]["Final-Recipient"] == "utf-8; jösé@example.test"
+
+
+def test_a_bounce_to_a_utf8_sender_is_never_sent_without_smtputf8(
+    hosts: MakeHost, spool: Spool
+) -> None:
+    """A UTF-8 sender cannot be downgraded (RFC 6531 3.2), so its bounce cannot pass a hop
+    without SMTPUTF8: it fails 5.6.7 there, and the postmaster gets the double bounce."""
+    host = hosts(smtputf8=False)
+    sender = "ålice@example.test"
+    qid = spool.commit(envelope("bob@example.test", sender=sender, smtputf8=True), mail())
+    host.behaviour.rcpt_replies = {"bob@example.test": "550 5.1.1 no such user"}
+    agent = SmarthostAgent(settings(host.port))
+    send(spool, qid, agent)
+    [dsn] = bounces(spool)
+    again = send(spool, dsn.qid, agent, postmaster="postmaster@example.test")
+    assert again is not None and again[sender].status == "5.6.7"
+    assert host.received == []
+    [double] = [m for m in bounces(spool) if m.qid != dsn.qid]
+    assert [r.address for r in double.envelope.recipients] == ["postmaster@example.test"]
