@@ -13,8 +13,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import select
 import smtplib
+import socket
 import ssl
+import struct
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -304,6 +307,79 @@ def test_a_tls_client_that_closes_first_leaves_no_stray_line_in_the_log(
     assert wait_until(lambda: f"peer=127.0.0.1:{port} " in server.log()), server.log()
     stray = [line for line in server.log().splitlines() if not line.startswith("leafmail: ")]
     assert stray == []
+
+
+def tls_session(server: Leafmail, tls: TLSFiles, listener: str) -> RawSMTP:
+    """A TLS session after EHLO, by STARTTLS or on the implicit-TLS listener."""
+    if listener == "starttls":
+        return raw_starttls(server, tls)
+    client = RawSMTP(server.address(SMTPS), context=tls.client_context())
+    client.greeting()
+    client.ehlo()
+    return client
+
+
+def hang_up(client: RawSMTP, how: str) -> None:
+    """End a TLS connection as clients do: close_notify first ("unwrap"), a bare close
+    with no close_notify ("close"), or a reset (SO_LINGER 0, "rst") once the server's
+    last reply is in (unread), so the server has read all the client sent."""
+    sock = client.sock
+    assert isinstance(sock, ssl.SSLSocket)
+    if how == "unwrap":
+        with contextlib.suppress(OSError, ValueError):
+            sock.unwrap()
+    elif how == "rst":
+        readable, _, _ = select.select([sock], [], [], IO_TIMEOUT)
+        assert readable, "no reply came"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+
+
+def session_line(server: Leafmail, port: int) -> str:
+    """The log line of the session from client port `port`, once it is written."""
+    mark = f" peer=127.0.0.1:{port} "
+    assert wait_until(lambda: mark in server.log()), server.log()
+    [line] = [line for line in server.log().splitlines() if mark in line]
+    return line
+
+
+HANG_UPS = ["close", "unwrap", "rst"]
+
+
+@pytest.mark.parametrize("how", HANG_UPS)
+@pytest.mark.parametrize("listener", ["starttls", "implicit"])
+def test_a_session_ended_by_quit_is_logged_ok_however_the_client_hangs_up(
+    server: Leafmail, tls: TLSFiles, listener: str, how: str
+) -> None:
+    """Postfix's smtp client sends QUIT and closes without reading the 221 over TLS
+    (smtp_skip_quit_response = yes), with or without close_notify, at times with a
+    reset. The session ended as SMTP ends one, so it is logged status=ok, with no
+    traceback; the 221 it did not read is the client's business."""
+    client = tls_session(server, tls, listener)
+    port = client.sock.getsockname()[1]
+    client.send(b"QUIT\r\n")
+    hang_up(client, how)
+    line = session_line(server, port)
+    assert line.startswith("leafmail: conn ") and line.endswith(" status=ok"), line
+    stray = [line for line in server.log().splitlines() if not line.startswith("leafmail: ")]
+    assert stray == []
+
+
+@pytest.mark.parametrize("how", HANG_UPS)
+@pytest.mark.parametrize("listener", ["starttls", "implicit"])
+def test_a_session_cut_mid_transaction_is_logged_as_cut(
+    server: Leafmail, tls: TLSFiles, listener: str, how: str
+) -> None:
+    """A client gone after RCPT, without QUIT, cut its session short, whether it said
+    close_notify or not: status=client-gone, and nothing was spooled."""
+    client = tls_session(server, tls, listener)
+    port = client.sock.getsockname()[1]
+    assert client.command("MAIL FROM:<a@example.test>").code == 250
+    client.send(b"RCPT TO:<bob@mx.test>\r\n")
+    hang_up(client, how)
+    line = session_line(server, port)
+    assert line.endswith(" status=client-gone"), line
+    assert server.queue_ids() == []
 
 
 # --- implicit TLS -----------------------------------------------------------------------

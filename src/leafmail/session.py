@@ -112,6 +112,13 @@ class ReceiveSession(Callbacks):
             self.conn.close()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        """The connection is gone. Before the session's end (no QUIT answered, no 421
+        sent) the client cut it short, by a clean close too (RFC 5321 4.1.1.10 has it
+        send QUIT first): logged so, as Postfix logs "lost connection". A TLS close
+        without close_notify gets here with no EOF and no error, so this is the place."""
+        proto = self.proto
+        if self.conn.complete is None and (proto is None or not proto.closed):
+            self.conn.complete = False
         self.service.sessions.count -= 1
         self._stop_timer()
         self._stop_line_timer()
@@ -251,6 +258,7 @@ class ReceiveSession(Callbacks):
         connection is reset and the 421 may never be read: close lingering."""
         last = events[-1] if events else None
         if isinstance(last, Closed) and last.reply.code == 221:
+            self.conn.complete = True  # logged as ended, whatever the client does next
             self.conn.close()
         else:
             self.conn.close_lingering()

@@ -33,6 +33,7 @@ class LoopConnection(asyncio.Protocol):
         "_seen",
         "bytes_in",
         "bytes_out",
+        "complete",
         "local",
         "peer",
         "timed_out",
@@ -60,6 +61,12 @@ class LoopConnection(asyncio.Protocol):
         self._seen = 0
         self._idle: _IdleSweep | None = None
         self.timed_out = False
+        # How the handler's own protocol ended, for the log's status: True when it
+        # reached its end (SMTP's QUIT answered), so a reset or a TLS close without
+        # close_notify while the transport is torn down is no "client-gone"; False when
+        # the client left before that end, even by a clean EOF; None when it cannot say
+        # (the transport's own end decides).
+        self.complete: bool | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

@@ -126,7 +126,7 @@ class EventLoopMode:
         record.bytes_in, record.bytes_out = proto.bytes_in, proto.bytes_out
         if proto.timed_out:
             record.status = "idle-timeout"
-        elif record.status == "ok" and proto.lost_error is not None:
+        elif record.status == "ok" and _cut_short(proto):
             record.status = "client-gone"
         self.ctx.finished(conn)
 
@@ -181,6 +181,15 @@ class EventLoopMode:
 
     async def closed(self) -> None:
         await self._empty.wait()
+
+
+def _cut_short(proto: AsyncConnection | CallbackConnection) -> bool:
+    """Whether a connection whose handler ended without error was cut by its client: as
+    its handler says (`LoopConnection.complete`), else if the transport was lost by an
+    error."""
+    if proto.complete is not None:
+        return not proto.complete
+    return proto.lost_error is not None
 
 
 def _status_of(exc: BaseException) -> str:
