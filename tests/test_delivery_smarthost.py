@@ -1264,3 +1264,22 @@ def test_a_bounce_to_a_utf8_sender_is_never_sent_without_smtputf8(
     assert host.received == []
     [double] = [m for m in bounces(spool) if m.qid != dsn.qid]
     assert [r.address for r in double.envelope.recipients] == ["postmaster@example.test"]
+
+
+@pytest.mark.parametrize("smtputf8", [True, False])
+def test_a_utf8_recipient_goes_with_smtputf8_even_in_an_unmarked_envelope(
+    hosts: MakeHost, smtputf8: bool
+) -> None:
+    """An alias's forwarded copy for a UTF-8 address was spooled without the SMTPUTF8
+    mark before such copies got it; its RCPT cannot be written without SMTPUTF8, so it
+    asks for it (RFC 6531 3.2) as a marked one does, or is refused 5.6.7 where absent."""
+    host = hosts(smtputf8=smtputf8)
+    env = envelope("jösé@example.test", smtputf8=False)
+    results = deliver(SmarthostAgent(settings(host.port)), env, mail())
+    if smtputf8:
+        assert results[0].outcome is Outcome.DELIVERED
+        [got] = host.received
+        assert "SMTPUTF8" in got.mail_options and got.recipients == ["jösé@example.test"]
+    else:
+        assert (results[0].outcome, results[0].status) == (Outcome.FAILED, "5.6.7")
+        assert host.received == []

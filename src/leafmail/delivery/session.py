@@ -134,7 +134,7 @@ async def one_transaction(
     if refusal is not None:
         results.update(all_results(rcpts, refusal))
         return True, []
-    utf8 = envelope.smtputf8 and needs_smtputf8(envelope, data)
+    utf8 = sends_smtputf8(envelope, data)
     encoding = "utf-8" if utf8 else "ascii"
     dsn = "dsn" in offered
     options = mail_options(offered, envelope, data, utf8=utf8)
@@ -290,7 +290,7 @@ def cannot_carry(
     8BITMIME bounces 5.6.3 (RFC 6152 3 allows only conversion or a bounce), and a
     message over the server's declared SIZE bounces 5.3.4 (RFC 1870).
     """
-    utf8 = envelope.smtputf8 and needs_smtputf8(envelope, data)
+    utf8 = sends_smtputf8(envelope, data)
     if utf8 and "smtputf8" not in offered:
         return Result.failed(
             "5.6.7", f"{remote} does not support SMTPUTF8, which this message needs", remote
@@ -363,12 +363,26 @@ def orcpt_option(orcpt: str) -> list[str]:
     return [f"ORCPT={value}"] if len(value) <= MAX_ORCPT else []
 
 
+def sends_smtputf8(envelope: Envelope, data: bytes) -> bool:
+    """Whether this transaction needs SMTPUTF8: for a message received with it, when
+    `needs_smtputf8`; for any message, when an address is UTF-8.
+
+    An alias's forwarded copy for a UTF-8 address spooled unmarked (before such copies
+    were marked) has one, and without SMTPUTF8 its RCPT cannot be written at all. 8-bit
+    headers in a message received without SMTPUTF8 are undeclared 8-bit data, passed on
+    as such.
+    """
+    return needs_smtputf8(envelope, data) if envelope.smtputf8 else has_utf8_address(envelope)
+
+
 def needs_smtputf8(envelope: Envelope, data: bytes) -> bool:
     """True when an address or the header section is not ASCII (RFC 6531's test)."""
+    return has_utf8_address(envelope) or not header_section(data).isascii()
+
+
+def has_utf8_address(envelope: Envelope) -> bool:
     addresses = [envelope.sender, *(r.address for r in envelope.recipients)]
-    if not all(a.isascii() for a in addresses):
-        return True
-    return not header_section(data).isascii()
+    return not all(a.isascii() for a in addresses)
 
 
 def has_8bit(data: bytes) -> bool:
