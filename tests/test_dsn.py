@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from leafmail.delivery import Outcome, Result
 from leafmail.delivery.bounce import (
+    DOUBLE_BOUNCE_ENVID,
     FULL_MESSAGE_LIMIT,
     Action,
     Notice,
@@ -31,6 +32,7 @@ from leafmail.delivery.bounce import (
     notify_after_expansion,
     wants_dsn,
 )
+from leafmail.delivery.session import mail_options
 from leafmail.envelope import ClientInfo, Envelope, Recipient
 
 HOSTNAME = "mx.test"
@@ -735,6 +737,27 @@ def test_diagnostic_code_is_the_remote_reply_as_it_came() -> None:
     (bob,) = grammar_checked(blob)
     assert bob["Status"] == "5.0.0"
     assert bob["Diagnostic-Code"] == "smtp; 550 Invalid recipient"
+
+
+def test_the_double_bounce_mark_is_not_sent_to_a_next_hop() -> None:
+    """The ENVID that marks a report to the postmaster about a bounce is ours: it is kept
+    in the spool (local forwarding keeps it) but not passed on in MAIL FROM, where a next
+    hop would see an internal name. Mail from <> with an ENVID of its own keeps it."""
+    env = envelope(sender="")
+    marked, _ = build_dsn(
+        hostname=HOSTNAME,
+        qid=QID,
+        envelope=env,
+        data=ORIGINAL,
+        notices=[Notice(env.recipients[0], failure())],
+        arrival=ARRIVAL,
+        now=NOW,
+        to="postmaster@mx.test",
+    )
+    assert marked.envid == DOUBLE_BOUNCE_ENVID
+    assert mail_options({"dsn": ""}, marked, ORIGINAL, utf8=False) == []
+    own = envelope(sender="", envid="their-id")
+    assert mail_options({"dsn": ""}, own, ORIGINAL, utf8=False) == ["ENVID=their-id"]
 
 
 def test_original_envelope_id_is_the_decoded_envid() -> None:

@@ -25,6 +25,7 @@ from netserver.smtp.replies import Reply
 from ..envelope import Envelope, Recipient
 from ..trace import header_section
 from . import Handoff, Outcome, Result, all_results
+from .bounce import is_double_bounce
 from .wire import ClientLink, WireError, describe, message_of
 
 # Bound once: Enum attribute access is slow on CPython 3.11 (see netserver.smtp.client).
@@ -328,7 +329,7 @@ def mail_options(
     if "dsn" in offered:
         if envelope.ret:
             options.append(f"RET={envelope.ret}")
-        if envelope.envid:
+        if envelope.envid and not is_double_bounce(envelope):  # (our own mark: kept here)
             options.append(f"ENVID={xtext_encode(envelope.envid)}")
     return options
 
