@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,7 +17,9 @@ import pytest
 
 from leafmail.envelope import Envelope, Recipient
 from leafmail.expansion import RecordedExpansions
-from leafmail.localsvc import _conversation, _settled, parse_request
+from leafmail.localsvc import LocalClient, _conversation, _settled, parse_request
+from leafmail.message import AttemptOutcome, attempt
+from leafmail.retry import RetryPolicy
 from leafmail.spool import Spool
 from leafmail.status import MessageStatus, RcptState
 
@@ -83,3 +86,39 @@ def test_a_settled_line_from_the_service_is_recorded_at_once(tmp_path: Path) -> 
 def test_a_settled_line_of_the_wrong_shape_is_a_value_error(value: object) -> None:
     with pytest.raises(ValueError, match="bad settled line"):
         _settled(value)
+
+
+def test_a_recipient_settled_before_the_service_died_stays_delivered(tmp_path: Path) -> None:
+    """The root-side service reports one recipient delivered (a "settled" line) and then
+    dies before its results line (killed, restarted by a reload). The queue manager
+    defers every recipient of that request ("gave no answer"), but the one recorded as
+    delivered has the message: the attempt's own record must not turn it back into a
+    deferral, or the next attempt sends it again."""
+    spool = Spool(tmp_path / "spool")
+    envelope = Envelope.from_json(envelope_json())
+    qid = spool.commit(envelope, b"Subject: x\r\n\r\nbody\r\n")
+    name = str(tmp_path / "local.sock")
+    settled = {"settled": {"0": ["delivered", 250, "2.0.0", "delivered to b", ""]}}
+
+    async def dying_service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        (size,) = struct.unpack("!I", await reader.readexactly(4))
+        await reader.readexactly(size)
+        (length,) = struct.unpack("!I", await reader.readexactly(4))
+        await reader.readexactly(length)
+        writer.write(json.dumps(settled).encode() + b"\n")
+        await writer.drain()
+        writer.close()  # no results line: the service is gone
+
+    async def run() -> None:
+        server = await asyncio.start_unix_server(dying_service, path=name)
+        async with server:
+            done = await attempt(
+                spool, qid, LocalClient(name.encode()), RetryPolicy(), hostname="mx.test", now=1.0
+            )
+        assert done.verdict is AttemptOutcome.DEFERRED
+
+    asyncio.run(run())
+    blob = spool.read_status(qid)
+    assert blob is not None
+    status = MessageStatus.from_bytes(blob, envelope)
+    assert [r.state for r in status.recipients] == [RcptState.DELIVERED, RcptState.DEFERRED]

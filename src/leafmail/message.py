@@ -249,7 +249,10 @@ async def attempt(
             results, link_error = await _results(
                 agent, message, open_rcpts, policy, now, expansions
             )
-            results = {**carried, **results}
+            # A recipient recorded delivered while others ran (`settled`) has the message,
+            # whatever the end of the delivery said of it (a local service that died
+            # before its answer defers all it was asked): the record keeps that fact.
+            results = {**carried, **results, **expansions.early}
             done = await record(
                 message,
                 state,
