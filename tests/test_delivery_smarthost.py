@@ -1283,3 +1283,18 @@ def test_a_utf8_recipient_goes_with_smtputf8_even_in_an_unmarked_envelope(
     else:
         assert (results[0].outcome, results[0].status) == (Outcome.FAILED, "5.6.7")
         assert host.received == []
+
+
+def test_opportunistic_fallback_to_a_server_that_requires_tls_defers(hosts: MakeHost) -> None:
+    """A handshake that fails (here a server with no certificate: no shared cipher; in
+    life also a reset mid-handshake) sends opportunistic TLS on in plaintext. A server
+    that requires TLS answers that session's MAIL "530 Must issue a STARTTLS command
+    first" (RFC 3207 4): the session was refused, not the message, which must wait for
+    a handshake that works and not bounce as a permanent failure."""
+    broken = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # no certificate: every handshake fails
+    host = hosts(tls=broken, require_starttls=True)
+    agent = SmarthostAgent(settings(host.port, tls="opportunistic"))
+    results = deliver(agent, envelope("a@example.test"), mail())
+    assert results[0].outcome is Outcome.DEFERRED, results[0]
+    assert "530 Must issue a STARTTLS command first" in results[0].text
+    assert host.received == []

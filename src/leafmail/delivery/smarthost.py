@@ -99,6 +99,9 @@ def client_tls_context(settings: SmarthostSettings) -> ssl.SSLContext:
 class _Conn:
     link: ClientLink
     uses: int = 0
+    # Why this connection is in plaintext although the server offered STARTTLS (its
+    # handshake failed, opportunistic TLS went on without it); "" otherwise.
+    fallback: str = ""
 
 
 class SmarthostAgent:
@@ -171,6 +174,8 @@ class SmarthostAgent:
         except (WireError, OSError) as exc:
             self._defer(rcpts, results, f"connection to {remote} lost: {why(exc)}")
         finally:
+            if conn.fallback and _tls_required(conn, rcpts, results):
+                reusable = False  # its MAIL is refused for as long as it lasts
             self._release(conn, reusable)
         return spent
 
@@ -213,8 +218,10 @@ class SmarthostAgent:
         """
         try:
             return await self._open(secure=True)
-        except _HandshakeFailed:
-            return await self._open(secure=False)
+        except _HandshakeFailed as exc:
+            conn = await self._open(secure=False)
+            conn.fallback = str(exc)
+            return conn
 
     async def _open(self, *, secure: bool) -> _Conn:
         """Connect, greet, secure (if `secure`) and log in, all within connect_timeout."""
@@ -281,6 +288,22 @@ class SmarthostAgent:
         if reply.code != 235:
             refusal = describe(reply)
             raise LinkDown(f"{s.remote} refused the login for {s.username!r}: {refusal}")
+
+
+def _tls_required(conn: _Conn, rcpts: Sequence[int], results: dict[int, Result]) -> bool:
+    """Defer the recipients a plaintext fallback session got 530 for; True if any did.
+
+    A server that requires TLS answers MAIL in a session without it "530 5.7.0 Must
+    issue a STARTTLS command first" (RFC 3207 4): that refuses the session, whose
+    handshake failed (maybe a reset, for once), not the message, which must not bounce
+    for it but wait for a handshake that works.
+    """
+    refused = [i for i in rcpts if i in results and results[i].code == 530]
+    for index in refused:
+        reply = results[index].reply or results[index].line
+        text = f"{reply} (in plaintext: the STARTTLS handshake failed: {conn.fallback})"
+        results[index] = Result.deferred("4.7.0", text, results[index].remote)
+    return bool(refused)
 
 
 class _HandshakeFailed(Exception):
