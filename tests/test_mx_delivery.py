@@ -513,6 +513,20 @@ def test_plaintext_is_the_last_resort_after_every_opportunistic_handshake_failed
     assert [r.tls for r in mx1.received] == [False]
 
 
+def test_plaintext_after_a_failed_handshake_to_a_host_that_requires_tls_defers(
+    world: MxWorld,
+) -> None:
+    """The plaintext last resort reaches a host that requires TLS: it answers MAIL "530
+    Must issue a STARTTLS command first" (RFC 3207 4). That refuses the session whose
+    handshake failed, not the message: it waits for a handshake that works, no bounce."""
+    world.records("a.test", "MX", "10 mx1.a.test")
+    mx1 = world.mx("mx1.a.test", "127.0.0.2", tls=broken_tls(), require_starttls=True)
+    [result] = deliver(world.agent(), "bob@a.test")
+    assert result.outcome is Outcome.DEFERRED, result
+    assert "530 Must issue a STARTTLS command first" in result.text
+    assert mx1.connections == 2 and not mx1.received
+
+
 # --- the transaction decides ---------------------------------------------------------------------
 
 

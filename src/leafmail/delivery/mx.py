@@ -45,7 +45,7 @@ from ..dns import make_resolver
 from ..envelope import Envelope
 from . import Expansions, Result, all_results, domain_of, each_settled
 from .mta_sts import PolicyCache, StsMode, StsPolicy, verified_context
-from .session import greet, quit_and_drop, transaction, why
+from .session import defer_tls_refusals, greet, quit_and_drop, transaction, why
 from .wire import ClientLink, WireError, open_connection
 
 MAX_MX_HOSTS = 10  # MX hosts considered per domain (the rest are never resolved)
@@ -453,6 +453,9 @@ class MxAgent:
                 attempt.results.setdefault(index, lost)
         finally:
             link.abort()
+            if target.tls is TlsLevel.NONE:  # the last resort after a failed handshake
+                failed = [r for r in attempt.reasons if r.startswith(target.where)]
+                defer_tls_refusals(attempt.rcpts, attempt.results, ", ".join(failed))
 
     def _sts_report(self, domain: str, host: str, reason: str) -> None:
         """MTA-STS testing mode: what enforce would have refused, for the operator."""

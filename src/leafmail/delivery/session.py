@@ -229,6 +229,23 @@ def spent_session(reply: Reply) -> bool:
     return reply.code == 421 or (reply.code // 100 == 4 and reply.enhanced == "4.5.3")
 
 
+def defer_tls_refusals(rcpts: Sequence[int], results: dict[int, Result], handshake: str) -> bool:
+    """Defer the recipients a plaintext session after a failed STARTTLS handshake got
+    530 for (its error: `handshake`); True if any did.
+
+    A server that requires TLS answers MAIL in a session without it "530 5.7.0 Must
+    issue a STARTTLS command first" (RFC 3207 4): that refuses the session, whose
+    handshake failed (maybe a reset, for once), not the message, which must not bounce
+    for it but wait for a handshake that works.
+    """
+    refused = [i for i in rcpts if i in results and results[i].code == 530]
+    for index in refused:
+        reply = results[index].reply or results[index].line
+        text = f"{reply} (in plaintext: the STARTTLS handshake failed: {handshake})"
+        results[index] = Result.deferred("4.7.0", text, results[index].remote)
+    return bool(refused)
+
+
 def rcpt_refused(reply: Reply, remote: str) -> Result:
     """The result of a refused RCPT.
 

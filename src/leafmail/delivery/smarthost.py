@@ -25,7 +25,15 @@ from netserver.smtp.client import Awaited
 from ..config import DeliveryConfig, delivery_problem, smarthost_password, split_hostport
 from ..envelope import Envelope
 from . import Expansions, LinkDown, Result
-from .session import SessionSpent, command, greet, quit_and_drop, transaction, why
+from .session import (
+    SessionSpent,
+    command,
+    defer_tls_refusals,
+    greet,
+    quit_and_drop,
+    transaction,
+    why,
+)
 from .wire import ClientLink, WireError, describe, open_connection
 
 MAX_USES = 1000  # messages per connection before a fresh one (bounds any server-side state)
@@ -174,7 +182,7 @@ class SmarthostAgent:
         except (WireError, OSError) as exc:
             self._defer(rcpts, results, f"connection to {remote} lost: {why(exc)}")
         finally:
-            if conn.fallback and _tls_required(conn, rcpts, results):
+            if conn.fallback and defer_tls_refusals(rcpts, results, conn.fallback):
                 reusable = False  # its MAIL is refused for as long as it lasts
             self._release(conn, reusable)
         return spent
@@ -288,22 +296,6 @@ class SmarthostAgent:
         if reply.code != 235:
             refusal = describe(reply)
             raise LinkDown(f"{s.remote} refused the login for {s.username!r}: {refusal}")
-
-
-def _tls_required(conn: _Conn, rcpts: Sequence[int], results: dict[int, Result]) -> bool:
-    """Defer the recipients a plaintext fallback session got 530 for; True if any did.
-
-    A server that requires TLS answers MAIL in a session without it "530 5.7.0 Must
-    issue a STARTTLS command first" (RFC 3207 4): that refuses the session, whose
-    handshake failed (maybe a reset, for once), not the message, which must not bounce
-    for it but wait for a handshake that works.
-    """
-    refused = [i for i in rcpts if i in results and results[i].code == 530]
-    for index in refused:
-        reply = results[index].reply or results[index].line
-        text = f"{reply} (in plaintext: the STARTTLS handshake failed: {conn.fallback})"
-        results[index] = Result.deferred("4.7.0", text, results[index].remote)
-    return bool(refused)
 
 
 class _HandshakeFailed(Exception):
