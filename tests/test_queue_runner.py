@@ -18,6 +18,7 @@ import socket
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import FakeClock
@@ -29,7 +30,7 @@ from leafmail.envelope import ClientInfo, Envelope, Recipient
 from leafmail.message import Attempt, AttemptOutcome
 from leafmail.queue import SCAN_INTERVAL, PassSummary, QueueRunner
 from leafmail.retry import RetryPolicy
-from leafmail.spool import Spool
+from leafmail.spool import Spool, arrival_time
 from leafmail.states import QueueState
 from leafmail.status import MessageStatus, RcptState
 from netserver.connlog import ServerLog
@@ -783,6 +784,40 @@ def test_an_attempt_that_cannot_be_recorded_is_not_retried_at_once(
     assert runner.next_wakeup(clock.now) == 0.0
     assert counts(run(runner)) == {"delivered": 1}
     assert spool_is_empty(spool)
+
+
+class NoRoomForBounces(Spool):
+    """A spool that cannot take a new message while `full` (ENOSPC): a bounce's commit
+    fails, as it does on a disk filled to the last block."""
+
+    full = False
+
+    def commit(self, *args: Any, **kwargs: Any) -> str:
+        if self.full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().commit(*args, **kwargs)
+
+
+def test_an_expired_message_whose_bounce_cannot_be_spooled_is_not_retried_at_once(
+    sink: Smarthost, tmp_path: Path
+) -> None:
+    """The first retry wait after an attempt that could not be recorded is capped by the
+    expiry like any schedule; for a message past it that cap is in the past, and the
+    daemon's loop (`serve`) found it due again at once: pass after pass with no pause,
+    each one building its bounce and failing to spool it, while the disk stayed full."""
+    spool = NoRoomForBounces(tmp_path / "spool")
+    qid = put(spool, ["late@dst.test"])
+    clock = FakeClock()
+    runner = make_runner(spool, sink.port, clock)
+    clock.now = arrival_time(qid) + POLICY.lifetime + 1.0
+    spool.full = True
+    assert counts(run(runner)) == {"deferred": 1}
+    assert runner.next_wakeup(clock.now) > 0.0
+    assert counts(run(runner)) == {}
+    clock.advance(POLICY.initial)
+    spool.full = False
+    assert "bounced" in counts(run(runner))  # (its bounce, spooled at once, has expired too)
+    assert qid not in spool.ids(QueueState.QUEUE)
 
 
 class StatusSyncFails(Spool):

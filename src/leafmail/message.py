@@ -265,7 +265,7 @@ async def attempt(
             )
         except Exception:
             if unrecorded is not None:
-                retry_at = policy.next_attempt(status.arrival, 1, now)
+                retry_at = policy.after_unrecorded(status.arrival, now)
                 unrecorded.keep(qid, {**carried, **results}, retry_at)
             raise
         if link_error is not None:

@@ -249,7 +249,7 @@ class QueueRunner:
                 self.log.info("delivery error", qid=qid, error=error)
             # (Failed before its record, too: its old schedule says "now" all the same.)
             if self.unrecorded.retry_at.get(qid, 0.0) <= now:
-                self.unrecorded.wait(qid, self.policy.next_attempt(arrival_time(qid), 1, now))
+                self.unrecorded.wait(qid, self.policy.after_unrecorded(arrival_time(qid), now))
             return Attempt(qid, AttemptOutcome.DEFERRED, {}, error)
         if done.verdict is not AttemptOutcome.SKIPPED:
             self.unrecorded.recorded(qid)

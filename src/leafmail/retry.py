@@ -36,6 +36,15 @@ class RetryPolicy:
     def next_attempt(self, arrival: float, attempts: int, now: float) -> float:
         return min(now + self.delay(attempts), self.expires(arrival))
 
+    def after_unrecorded(self, arrival: float, now: float) -> float:
+        """When to try again after an attempt that could not be recorded (a full disk):
+        after the first retry wait, capped by the expiry as any schedule is, unless the
+        message has expired already (its bounce could not be spooled): a cap in the past
+        would have it tried again at once, pass after pass, while the disk stays full."""
+        if self.expired(arrival, now):
+            return now + self.delay(1)
+        return self.next_attempt(arrival, 1, now)
+
     def due(self, next_attempt: float, now: float) -> bool:
         """Whether a message scheduled for `next_attempt` may be tried at `now`.
 
