@@ -10,15 +10,24 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
+from leafmail.delivery import Handoff, Outcome, Result
 from leafmail.envelope import Envelope, Recipient
 from leafmail.expansion import RecordedExpansions
-from leafmail.localsvc import LocalClient, _conversation, _settled, parse_request
-from leafmail.message import AttemptOutcome, attempt
+from leafmail.localsvc import (
+    LocalClient,
+    _conversation,
+    _decode_results,
+    _encode_results,
+    _settled,
+    parse_request,
+)
+from leafmail.message import AttemptOutcome, attempt, success_action
 from leafmail.retry import RetryPolicy
 from leafmail.spool import Spool
 from leafmail.status import MessageStatus, RcptState
@@ -122,3 +131,19 @@ def test_a_recipient_settled_before_the_service_died_stays_delivered(tmp_path: P
     assert blob is not None
     status = MessageStatus.from_bytes(blob, envelope)
     assert [r.state for r in status.recipients] == [RcptState.DELIVERED, RcptState.DEFERRED]
+
+
+def test_a_forward_s_handoff_crosses_the_service_boundary() -> None:
+    """An alias forwarded to one target is delivered with Handoff.PASSED: the copy
+    carries NOTIFY on and reports success itself (RFC 3461 6.2.7.3), so the queue
+    manager must send no success report of its own. The results line must carry that,
+    or under privilege separation a NOTIFY=SUCCESS sender gets two reports: a
+    "delivered" for the alias, and the copy's."""
+    forwarded = replace(
+        Result(Outcome.DELIVERED, 250, "2.0.0", "forwarded to b@example.org as X"),
+        handoff=Handoff.PASSED,
+    )
+    line = json.dumps({"results": _encode_results({0: forwarded})}).encode()
+    [got] = _decode_results(line, [0]).values()
+    assert got == forwarded
+    assert success_action(got, 1) is None

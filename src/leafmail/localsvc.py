@@ -36,7 +36,7 @@ from netserver.connlog import ServerLog
 from netserver.modes.workers import WorkerApp
 
 from .config import QueueConfig
-from .delivery import Agent, Expansions, Outcome, Result, all_results
+from .delivery import Agent, Expansions, Handoff, Outcome, Result, all_results
 from .delivery.router import build_agent
 from .envelope import Envelope, EnvelopeError, load_json
 from .expansion import NoRecord, RecordedExpansions
@@ -284,7 +284,10 @@ def _line(obj: dict[str, Any]) -> bytes:
 
 
 def _encode(result: Result) -> list[Any]:
-    return [result.outcome.value, result.code, result.status, result.text, result.remote]
+    """A result as the wire carries it: every field, the handoff too (a forward's
+    PASSED says the copy reports success itself, not the queue manager)."""
+    fields = [result.outcome.value, result.code, result.status, result.text, result.remote]
+    return [*fields, result.handoff.value, result.reply]
 
 
 def parse_request(head: Any) -> tuple[Envelope, list[int], dict[int, dict[str, Result]]]:
@@ -310,8 +313,19 @@ def parse_request(head: Any) -> tuple[Envelope, list[int], dict[int, dict[str, R
 
 
 def _result(raw: Any) -> Result:
-    outcome, code, status, text, remote = raw
-    return Result(Outcome(outcome), int(code), str(status), str(text), str(remote))
+    """The result `_encode` wrote (ValueError, TypeError or KeyError if not one); one
+    of five fields (a service started before the handoff was sent) is a final one."""
+    outcome, code, status, text, remote, *more = raw
+    handoff, reply = more or (Handoff.FINAL.value, "")
+    return Result(
+        Outcome(outcome),
+        int(code),
+        str(status),
+        str(text),
+        str(remote),
+        Handoff(handoff),
+        str(reply),
+    )
 
 
 def _peer_uid(sock: socket.socket) -> int:
@@ -331,10 +345,7 @@ def _decode_results(reply: bytes, rcpts: Sequence[int]) -> dict[int, Result]:
     try:
         raw = json.loads(reply)["results"]
         for index in rcpts:
-            outcome, code, status, text, remote = raw[str(index)]
-            results[index] = Result(
-                Outcome(outcome), int(code), str(status), str(text), str(remote)
-            )
+            results[index] = _result(raw[str(index)])
     except (ValueError, KeyError, TypeError):
         return results
     return results
