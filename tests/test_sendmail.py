@@ -930,10 +930,33 @@ def test_bs_line_ends_are_made_crlf_across_reads() -> None:
     """A CR at the end of one read and its LF at the start of the next stay one CRLF;
     a bare CR is left for the engine to refuse."""
     ends = LocalLineEnds()
-    assert ends(b"EHLO a\r") + ends(b"\nNOOP\n") + ends(b"x\ry\r\n") == (
+    assert ends(b"EHLO a\n") + ends(b"NOOP\r") + ends(b"\nx\ry\r\n") == (
         b"EHLO a\r\nNOOP\r\nx\ry\r\n"
     )
     assert ends(b"\n") == b"\r\n"
+
+
+def test_bs_line_ends_of_a_crlf_dialogue_are_left_as_they_come() -> None:
+    """The first line end decides, across reads too: a dialogue that starts with CRLF
+    needs nothing made, and its BDAT chunks are octets (a bare LF in one stays)."""
+    ends = LocalLineEnds()
+    assert ends(b"EHL") + ends(b"O a\r") + ends(b"\nBDAT 3\r\na\nb") == (
+        b"EHLO a\r\nBDAT 3\r\na\nb"
+    )
+
+
+def test_bs_bdat_chunk_of_a_crlf_dialogue_is_taken_as_counted(box: Box) -> None:
+    """BDAT counts octets (RFC 3030): a chunk is not lines, and a dialogue written with
+    CRLF needs no line ends made. Its chunk with a bare LF is refused as on the network
+    (smtp.bare_lf = "reject"); before, each of its LFs was made a CRLF first, so the
+    chunk's count ended early: a message cut short by as many octets was queued with
+    250, and its last octets were read as commands."""
+    dialogue = b"EHLO c\r\nMAIL FROM:<a@src.test>\r\nRCPT TO:<b@dst.test>\r\n"
+    done = run(box, "-bs", stdin=dialogue + b"BDAT 13 LAST\r\nSubject: x\nyzQUIT\r\n")
+    assert done.returncode == 0, done.stderr
+    codes = [line[:4] for line in done.stdout.split(b"\r\n") if line[3:4] == b" "]
+    assert codes == [b"220 ", b"250 ", b"250 ", b"250 ", b"554 ", b"221 "], done.stdout
+    assert messages(box) == []
 
 
 def test_bs_end_of_input_without_quit_keeps_what_was_committed(box: Box) -> None:

@@ -41,17 +41,36 @@ class LocalLineEnds:
     anyway, so nothing can be smuggled past anyone: without this, such a dialogue got
     its 220, then no reply to anything, and sendmail exited 0 with nothing queued. A bare
     CR is left as it is (the engine refuses it, as it does on the network).
+
+    The first line end decides: a dialogue that starts with CRLF is passed on as it
+    comes, for it needs nothing made, and BDAT counts octets (RFC 3030), so a bare LF
+    made a CRLF inside a chunk would end the chunk early and cut the message short.
     """
 
     def __init__(self) -> None:
         self._cr = False  # the last read ended with CR: its LF may open this one
+        self._convert: bool | None = None  # None until the first line end is seen
 
     def __call__(self, data: bytes) -> bytes:
+        if self._convert is None:
+            self._convert = self._decide(data)
+        if not self._convert:
+            return data
         head = b""
         if self._cr and data[:1] == b"\n":
             head, data = b"\n", data[1:]
         self._cr = data.endswith(b"\r")
         return head + data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+    def _decide(self, data: bytes) -> bool | None:
+        """Whether the dialogue's line ends are to be made (its first one is a bare LF);
+        None while no line end has come (`_cr` kept for a CR that ends this read)."""
+        end = data.find(b"\n")
+        if end < 0:
+            self._cr = data.endswith(b"\r")
+            return None
+        after_cr = data[end - 1 : end] == b"\r" if end else self._cr
+        return not after_cr
 
 
 class SmtpSession:
