@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
 import stat
 import subprocess
@@ -227,6 +228,22 @@ def test_clean_tmp_leaves_a_commit_in_progress_alone(tmp_path: Path) -> None:
     assert spool.get(qid).envelope == envelope
     os.close(spool.write_tmp(new_id(), b"half a message"))  # a writer that died
     assert spool.clean_tmp() == 1
+
+
+def test_clean_tmp_leaves_a_file_just_created_and_not_yet_locked_alone(tmp_path: Path) -> None:
+    """`write_tmp` creates its file, then locks it: a daemon starting between the two
+    found it unlocked and removed it (or held its lock that moment, and the writer's
+    LOCK_NB failed), and the commit failed. Still empty, it is a file being created:
+    clean_tmp takes no lock on it and leaves it; the writer's lock then comes."""
+    spool = Spool(tmp_path)
+    qid = new_id()
+    fd = os.open(tmp_path / "tmp" / qid, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        assert spool.clean_tmp() == 0
+        assert os.listdir(tmp_path / "tmp") == [qid]
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the writer's next step
+    finally:
+        os.close(fd)
 
 
 def _commit_many(committer: GroupCommitter, count: int) -> list[str]:

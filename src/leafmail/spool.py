@@ -1193,6 +1193,19 @@ def _junk_reason(mode: int, name: str) -> str:
     return "not a queue file name"
 
 
+TMP_CREATING = 60.0  # seconds an empty tmp/ file is taken as one `write_tmp` just made
+
+
+def _being_created(info: os.stat_result) -> bool:
+    """Whether a tmp/ file is one `write_tmp` has made and not yet locked: empty, and
+    made a moment ago (an empty one a writer left when it died goes at a later start).
+    Between its create and its lock the writer has written nothing, so the lock of
+    every file with data settles it; this one must not even be locked, or the writer's
+    LOCK_NB would fail that moment."""
+    fresh = time.time() - info.st_ctime < TMP_CREATING
+    return stat.S_ISREG(info.st_mode) and info.st_size == 0 and fresh
+
+
 def _unlink_unless_locked(name: str, dir_fd: int) -> int:
     """Unlink tmp/NAME (relative to `dir_fd`) unless a writer holds its lock: 1 if it
     went, 0 if not. A symbolic link or other non-file goes without a look at what it
@@ -1203,6 +1216,8 @@ def _unlink_unless_locked(name: str, dir_fd: int) -> int:
         os.unlink(name, dir_fd=dir_fd)
         return 1
     try:
+        if _being_created(os.fstat(fd)):
+            return 0  # no lock taken: the writer's own comes next
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return 0  # being committed right now
