@@ -184,11 +184,13 @@ async def _read_header(sock: socket.socket) -> ProxyInfo:
         if not peek:
             raise ProxyError("connection closed inside the PROXY header")
         total = header_length(buf + peek)
-        # Without the whole header yet, every byte peeked is header: take it all, so the
-        # next wait is for new bytes (peeking alone would spin on a readable socket).
-        buf += _recv_exactly(sock, total - len(buf) if total else len(peek))
-        if total:
+        if total and total <= len(buf) + len(peek):
+            buf += _recv_exactly(sock, total - len(buf))
             return parse(buf)
+        # Without the whole header yet (no CRLF of a v1 line, or fewer bytes than a v2
+        # header's length field says), every byte peeked is header: take it all, so the
+        # next wait is for new bytes (peeking alone would spin on a readable socket).
+        buf += _recv_exactly(sock, len(peek))
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
