@@ -142,6 +142,12 @@ def test_garbage_and_oversized_headers_fail_at_once(data: bytes) -> None:
         v2(1, 0x11, bytes(8)),  # shorter than two IPv4 addresses and ports
         V2_SIGNATURE + b"\x11\x11\x00\x00",  # version 1 in a v2 header
         v2(2, 0x11, bytes(12)),  # unknown command
+        # Address family (high nibble) and protocol (low) out of the spec's lists: it
+        # says these "must be rejected as invalid by receivers" (they were taken as
+        # UNSPEC, the real peer's address used).
+        v2(1, 0x41, bytes(12)),
+        v2(1, 0x13, bytes(12)),
+        v2(1, 0xFF, bytes(12)),
         b"PROXY TCP6 fe80::1%eth0 ::1 1 80\r\n",  # an IPv6 zone (inet_pton refuses it)
         b"PROXY TCP6 ::1 fe80::2%1 1 80\r\n",
     ],
@@ -176,19 +182,21 @@ async def _read_in_two_parts(header: bytes, first: int) -> tuple[ProxyInfo, byte
     """`read_header` on a real loopback TCP connection whose balancer sends `header[:first]`,
     waits until the reader has taken those bytes (or given up), then sends the rest and a
     payload; what it read, and the payload the socket still holds."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        with socket.create_connection(listener.getsockname()) as balancer:
-            server, _ = listener.accept()
-            with server:
-                server.setblocking(False)
-                balancer.sendall(header[:first])
-                await _until(lambda: _pending(server))
-                reading = asyncio.create_task(read_header(server, timeout=BOUND))
-                await _until(lambda: reading.done() or not _pending(server))
-                balancer.sendall(header[first:] + b"payload")
-                info = await reading
-                server.settimeout(BOUND)
-                return info, server.recv(100)
+    with (
+        socket.create_server(("127.0.0.1", 0)) as listener,
+        socket.create_connection(listener.getsockname()) as balancer,
+    ):
+        server, _ = listener.accept()
+        with server:
+            server.setblocking(False)
+            balancer.sendall(header[:first])
+            await _until(lambda: _pending(server))
+            reading = asyncio.create_task(read_header(server, timeout=BOUND))
+            await _until(lambda: reading.done() or not _pending(server))
+            balancer.sendall(header[first:] + b"payload")
+            info = await reading
+            server.settimeout(BOUND)
+            return info, server.recv(100)
 
 
 @pytest.mark.parametrize("first", [10, 16, 20, 27])

@@ -131,6 +131,9 @@ def _parse_v2(header: bytes) -> ProxyInfo:
         return ProxyInfo(2, len(header))
     if command != 1:
         raise ProxyError(f"unknown v2 command {command}")
+    family, transport = header[13] >> 4, header[13] & 0x0F
+    if family > 3 or transport > 2:  # the spec: other values "must be rejected as invalid"
+        raise ProxyError(f"unknown v2 address family and protocol 0x{header[13]:02x}")
     size = _V2_ADDRESS_SIZE.get(header[13])
     if size is None:  # UNSPEC, UNIX, DGRAM: no TCP/IP client to report; TLVs skipped
         return ProxyInfo(2, len(header))
