@@ -84,6 +84,9 @@ def test_v1_spec_examples(header: bytes, ip: str, port: int) -> None:
         b"PROXY UNKNOWN\r\n",
         b"PROXY UNKNOWN ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
         b" ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff 65535 65535\r\n",  # 107 bytes: the maximum
+        # "The receiver must ignore anything presented before the CRLF is found": even
+        # octets that are not ASCII (refused before as "v1 header is not ASCII").
+        b"PROXY UNKNOWN \xff\xfe\x00 junk\r\n",
     ],
 )
 def test_v1_unknown_means_the_real_peer(header: bytes) -> None:

@@ -81,13 +81,15 @@ def parse(header: bytes) -> ProxyInfo:
 def _parse_v1(header: bytes) -> ProxyInfo:
     if not header.endswith(b"\r\n") or len(header) > V1_MAX:
         raise ProxyError("v1 header does not end with CRLF within 107 bytes")
+    if header[:-2].split(b" ", 2)[:2] == [b"PROXY", b"UNKNOWN"]:
+        # The spec: the receiver "must ignore anything presented before the CRLF", so
+        # the rest is not even decoded (a non-ASCII octet there refused the connection).
+        return ProxyInfo(1, len(header))
     try:
         line = header[:-2].decode("ascii")
     except UnicodeDecodeError:
         raise ProxyError("v1 header is not ASCII") from None
     fields = line.split(" ")
-    if fields[:2] == ["PROXY", "UNKNOWN"]:
-        return ProxyInfo(1, len(header))  # the rest of the line is to be ignored
     if len(fields) != 6 or fields[0] != "PROXY" or fields[1] not in ("TCP4", "TCP6"):
         raise ProxyError(f"malformed v1 header {line[:60]!r}")
     version = 4 if fields[1] == "TCP4" else 6
