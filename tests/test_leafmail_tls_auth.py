@@ -481,6 +481,29 @@ def test_implicit_tls_without_auth_cannot_relay(smtps_server: Leafmail, tls: TLS
         assert (code, text[:5]) == (550, b"5.7.1")
 
 
+def test_a_client_over_the_per_source_limit_on_smtps_reads_no_plaintext(
+    servers: LeafmailFactory, material: tuple[TLSFiles, Path]
+) -> None:
+    """The per-source refusal is made before the handshake: on the implicit-TLS listener
+    its 421 line was sent in plaintext, which a TLS client reads as a bad record
+    ("[SSL: WRONG_VERSION_NUMBER]", found with Python's ssl client past
+    max_sessions_per_source); now that client is only closed."""
+    tls = material[0]
+    server = servers(config(material, submission=False, extra_smtp="max_sessions_per_source = 1\n"))
+    host, port = server.address(SMTPS)
+    with smtplib.SMTP_SSL(
+        host, port, local_hostname=CLIENT, timeout=IO_TIMEOUT, context=tls.client_context()
+    ) as held:
+        assert held.noop()[0] == 250  # in session: it holds the source's one place
+        with socket.create_connection((host, port), timeout=IO_TIMEOUT) as refused:
+            got = b""
+            with contextlib.suppress(ConnectionResetError):
+                while data := refused.recv(4096):
+                    got += data
+        assert got == b""
+    assert wait_until(lambda: "more than 1 connections from 127.0.0.1" in server.log())
+
+
 # --- AUTH -------------------------------------------------------------------------------
 
 
