@@ -904,3 +904,55 @@ def test_a_utf8_remote_target_makes_the_forwarded_copy_smtputf8(tmp_path: Path) 
     forwarded = agent.spool.get(qid).envelope
     assert [r.address for r in forwarded.recipients] == ["j\u00f6s\u00e9@remote.example"]
     assert forwarded.smtputf8 is True
+
+
+class NoRoomForStatus(Spool):
+    """A spool whose status records cannot be written while `full` (ENOSPC)."""
+
+    full = True
+
+    def write_status(self, qid: str, blob: bytes) -> None:
+        if self.full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        super().write_status(qid, blob)
+
+
+UNTIL_OPEN = """\
+import os, sys
+sys.stdin.buffer.read()
+sys.exit(0 if os.path.exists(sys.argv[1]) else 75)
+"""
+
+
+def test_an_alias_target_delivered_in_an_unrecorded_attempt_gets_no_copy_again(
+    tmp_path: Path,
+) -> None:
+    """team: alice and a command that says "try later". alice has her copy, but the
+    record saying so cannot be written (a full disk): the runner keeps that mark in
+    memory with the attempt's other results (`message.Unrecorded`), so pass after pass
+    alice gets no copy again, and once there is room the mark is recorded."""
+    flag = tmp_path / "open"
+    waiter = script(tmp_path, "until_open.py", UNTIL_OPEN)
+    config = make_config(tmp_path, aliases=f'team: alice, "|{waiter} {flag}"\n')
+    spool = NoRoomForStatus(tmp_path / "spool")
+    agent = build_agent(config.queue, spool)
+    assert agent is not None
+    clock = [time.time()]
+    policy = RetryPolicy(initial=300.0, maximum=2400.0)
+    runner = QueueRunner(spool, agent, policy, hostname=HOST, clock=lambda: clock[0])
+    qid = spool.commit(Envelope(SENDER, (Recipient("team@mx.test"),)), MESSAGE)
+    for _ in range(3):
+        assert asyncio.run(runner.run_once()).counts["deferred"] == 1
+        assert spool.read_status(qid) is None  # nothing recorded
+        clock[0] += policy.initial
+    assert len(maildir_messages(tmp_path / "alice.maildir")) == 1
+    spool.full = False
+    assert asyncio.run(runner.run_once()).counts["deferred"] == 1
+    blob = spool.read_status(qid)
+    assert blob is not None
+    (team,) = MessageStatus.from_bytes(blob, spool.get(qid).envelope).recipients
+    assert [m.key for m in team.targets if m.state.final] == ["user:alice"]
+    flag.touch()
+    assert asyncio.run(runner.run_once(force=True)).counts["delivered"] == 1
+    assert spool.find(qid) is None
+    assert len(maildir_messages(tmp_path / "alice.maildir")) == 1
