@@ -13,6 +13,7 @@ useradd), which is also the `default_user`, in a tmp_path that user owns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import mailbox
@@ -38,7 +39,7 @@ from localusers import PYTHON, VIRTUAL, give_to_virtual, virtual_tmp
 from leafmail.checks import ACCEPT, Check, CheckContext, Defer, Reject
 from leafmail.checks.recipients import local_recipient_check
 from leafmail.config import Config, _build
-from leafmail.delivery import Outcome, Result
+from leafmail.delivery import Outcome, Result, asuser
 from leafmail.delivery.local import (
     Copy,
     LocalAgent,
@@ -956,3 +957,122 @@ def test_an_alias_target_delivered_in_an_unrecorded_attempt_gets_no_copy_again(
     assert asyncio.run(runner.run_once(force=True)).counts["delivered"] == 1
     assert spool.find(qid) is None
     assert len(maildir_messages(tmp_path / "alice.maildir")) == 1
+
+
+# --- a delivery stopped half-way --------------------------------------------------------
+
+
+def lock_owner(lock: Path) -> int:
+    """The pid the mbox writer put in its dotlock (it holds it, and waits for the
+    fcntl lock next): polled, with a bound, until it is there."""
+    deadline = time.monotonic() + 30.0
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            text = lock.read_text()
+            if text.endswith("\n"):
+                return int(text)
+        assert time.monotonic() < deadline, "the writer never took its dotlock"
+        time.sleep(0.01)  # polling a condition, with a bound
+
+
+def process_state(pid: int) -> str:
+    """'Z' ended, '' reaped, or another state letter; from /proc/PID/stat."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return ""
+    return stat_line.rpartition(")")[2].split()[0]
+
+
+def sigterm_pending(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    masks = [int(line.split()[1], 16) for line in status.splitlines() if "Pnd:" in line]
+    return any(mask & (1 << (signal.SIGTERM - 1)) for mask in masks)
+
+
+def wait_until(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + 30.0
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)  # polling a condition, with a bound
+
+
+@pytest.mark.skipif(STRACE is None, reason="needs strace to stop the writer mid-append")
+def test_a_delivery_stopped_mid_append_leaves_no_part_of_the_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon stopping cancels a local delivery while its writer is half-way through
+    a large mbox entry (strace stops it at the entry of its second write; another
+    program's fcntl lock holds it back until strace is attached). The writer must cut
+    the mbox back and remove its dotlock before it exits (before: it was SIGKILLed, and
+    the mbox kept the first part of the message, under a dotlock left stale for 500 s),
+    so the retry appends the one whole copy the user sees."""
+    monkeypatch.setattr(
+        asuser, "STOP_GRACE", 60.0, raising=False
+    )  # the test resumes the writer itself
+    path, lock = tmp_path / "bob.mbox", tmp_path / "bob.mbox.lock"
+    path.touch(0o600)
+    give_to_virtual(path)
+    big = MESSAGE + b"a line of text to make the message large enough\r\n" * 100_000
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert holder.stdout is not None and holder.stdin is not None
+    assert holder.stdout.readline() == b"locked\n"
+    agent = make_agent(
+        make_config(tmp_path, mailbox_kind="mbox"), tmp_path, locks=LockPolicy(timeout=60)
+    )
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(agent.deliver(Envelope(SENDER, (Recipient("bob@mx.test"),)), big, [0]))
+    ended: list[str] = []
+
+    def run() -> None:
+        try:
+            loop.run_until_complete(task)
+            ended.append("finished")
+        except asyncio.CancelledError:
+            ended.append("cancelled")
+        finally:
+            loop.close()
+
+    passing = threading.Thread(target=run)
+    passing.start()
+    tracer: subprocess.Popen[bytes] | None = None
+    try:
+        writer = lock_owner(lock)
+        inject = "inject=write:signal=SIGSTOP:when=2"
+        argv = [str(STRACE), "-p", str(writer), "-e", "trace=write", "-e", inject]
+        tracer = subprocess.Popen(argv, stderr=subprocess.PIPE)
+        assert tracer.stderr is not None
+        assert b"attached" in tracer.stderr.readline()
+        holder.stdin.close()  # the writer gets the fcntl lock and starts to append
+        seen = b""
+        while b"stopped by SIGSTOP" not in seen:  # the writer ends (lock timeout): EOF
+            line = tracer.stderr.readline()
+            assert line, f"the writer was never stopped: {seen[-500:]!r}"
+            seen += line
+        assert 0 < path.stat().st_size < len(big)  # half-way
+        loop.call_soon_threadsafe(task.cancel)
+        wait_until(
+            lambda: sigterm_pending(writer) or process_state(writer) in ("", "Z"),
+            "the writer was neither asked to stop nor killed",
+        )
+    finally:
+        if tracer is not None:
+            tracer.terminate()  # strace detaches; the writer stays stopped
+            tracer.wait(30)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(writer, signal.SIGCONT)
+        holder.kill()
+        holder.wait(30)
+        passing.join(60)
+    assert ended == ["cancelled"]
+    left = path.stat().st_size
+    assert left == 0, f"the stopped delivery left {left} bytes in the mbox (lock: {lock.exists()})"
+    assert not lock.exists(), "the dotlock was left behind"
+    assert outcomes(deliver(agent, ["bob@mx.test"], big)) == [DELIVERED]
+    (message,) = mbox_messages(path)
+    assert message.as_bytes().endswith(b"a line of text to make the message large enough\n")
