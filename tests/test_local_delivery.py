@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import json
 import mailbox
 import os
@@ -30,6 +31,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ from leafmail.delivery.local import (
     append_mbox,
     mbox_entry,
 )
+from leafmail.delivery.local_common import MailboxLocked
 from leafmail.delivery.router import build_agent
 from leafmail.envelope import Envelope, Recipient
 from leafmail.queue import QueueRunner
@@ -968,9 +971,9 @@ def lock_owner(lock: Path) -> int:
     deadline = time.monotonic() + 30.0
     while True:
         with contextlib.suppress(FileNotFoundError):
-            text = lock.read_text()
-            if text.endswith("\n"):
-                return int(text)
+            first, newline, _ = lock.read_text().partition("\n")
+            if newline:
+                return int(first)
         assert time.monotonic() < deadline, "the writer never took its dotlock"
         time.sleep(0.01)  # polling a condition, with a bound
 
@@ -1041,6 +1044,7 @@ def test_a_delivery_stopped_mid_append_leaves_no_part_of_the_message(
     passing = threading.Thread(target=run)
     passing.start()
     tracer: subprocess.Popen[bytes] | None = None
+    writer = 0
     try:
         writer = lock_owner(lock)
         inject = "inject=write:signal=SIGSTOP:when=2"
@@ -1064,8 +1068,9 @@ def test_a_delivery_stopped_mid_append_leaves_no_part_of_the_message(
         if tracer is not None:
             tracer.terminate()  # strace detaches; the writer stays stopped
             tracer.wait(30)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(writer, signal.SIGCONT)
+        if writer:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(writer, signal.SIGCONT)
         holder.kill()
         holder.wait(30)
         passing.join(60)
@@ -1076,3 +1081,103 @@ def test_a_delivery_stopped_mid_append_leaves_no_part_of_the_message(
     assert outcomes(deliver(agent, ["bob@mx.test"], big)) == [DELIVERED]
     (message,) = mbox_messages(path)
     assert message.as_bytes().endswith(b"a line of text to make the message large enough\n")
+
+
+LINE = b"a line of text to make the message large enough\r\n"
+
+
+def stopping_append(path: str, entry: bytes) -> dict[str, Any]:
+    """In a delivery child: append_mbox, which stops itself (SIGSTOP) at its first write
+    after part of the entry is in the mbox, for the test to kill it there."""
+    write = os.write
+
+    def stop_half_way(fd: int, data: Any) -> int:
+        if os.path.getsize(path) > 0:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return write(fd, data)
+
+    os.write = stop_half_way  # in the forked child only
+    append_mbox(path, entry)
+    return {}
+
+
+def test_a_killed_writers_lock_and_part_entry_are_cleaned_up_by_the_next(tmp_path: Path) -> None:
+    """A writer killed half-way through an entry (SIGKILL: past the stop grace, or by the
+    OOM killer) cannot clean up. The next delivery must not wait out its dotlock (before:
+    held for 500 s, the delivery deferred after its lock timeout) and must cut off the part
+    of an entry it left, so the mbox holds one whole copy."""
+    path, lock = tmp_path / "bob.mbox", tmp_path / "bob.mbox.lock"
+    path.touch(0o600)
+    give_to_virtual(path)
+    agent = make_agent(
+        make_config(tmp_path, mailbox_kind="mbox"), tmp_path, locks=LockPolicy(timeout=15)
+    )
+    box = agent.mailbox("bob")
+    assert not isinstance(box, Result)
+    big = MESSAGE + LINE * 100_000
+    entry = mbox_entry(Copy(SENDER, "bob@mx.test", big), time.time())
+    step = partial(stopping_append, str(path), entry)
+    ended: list[str] = []
+
+    def killed() -> None:
+        try:
+            asyncio.run(asuser.run_as(box.writer, step, timeout=60.0))
+        except asuser.StepError as exc:
+            ended.append(str(exc))
+
+    passing = threading.Thread(target=killed)
+    passing.start()
+    writer = lock_owner(lock)
+    try:
+        wait_until(lambda: process_state(writer) == "T", "the writer never stopped")
+        assert 0 < path.stat().st_size < len(entry)  # half-way
+    finally:
+        os.kill(writer, signal.SIGKILL)
+        passing.join(30)
+    assert ended == ["the delivery process ended without an answer (killed by signal 9)"]
+    assert lock.exists()  # left behind, as any killed writer leaves it
+    assert outcomes(deliver(agent, ["bob@mx.test"], big)) == [DELIVERED]
+    (message,) = mbox_messages(path)
+    assert message.as_bytes().endswith(LINE.replace(b"\r\n", b"\n"))
+    assert not lock.exists()
+
+
+OLD_ENTRY = b"From a@b.test Thu Jan  1 00:00:00 1970\nSubject: old\n\nkept\n\n"
+
+
+@pytest.mark.parametrize(
+    ("left", "kept"),
+    [
+        (lambda e: e[: len(e) // 2], False),  # half of the entry: cut off
+        (lambda e: e, True),  # all of it: perhaps reported delivered, kept
+        (lambda e: b"From someone@else.test" + e[22 : len(e) // 2], True),  # not ours: kept
+    ],
+)
+def test_what_a_dead_writers_lock_says_is_cut_only_when_it_is_there(
+    tmp_path: Path, left: Any, kept: bool
+) -> None:
+    """A lock of ours with no flock (its writer killed) is broken at once; the part of
+    the entry it names is cut off only when the mbox still ends inside that very entry."""
+    path, lock = tmp_path / "bob.mbox", tmp_path / "bob.mbox.lock"
+    entry = mbox_entry(Copy(SENDER, "bob@mx.test", MESSAGE), 0.0)
+    path.write_bytes(OLD_ENTRY + left(entry))
+    inode = path.stat().st_ino
+    lock.write_text(
+        f"1\nleafmail\nappend {inode} {len(OLD_ENTRY)} {len(entry)} {entry[:48].hex()}\n"
+    )
+    append_mbox(
+        str(path), mbox_entry(Copy(SENDER, "bob@mx.test", b"Subject: new\r\n\r\nnew\r\n"), 0.0)
+    )
+    subjects = [m["Subject"] for m in mbox_messages(path)]
+    assert (subjects[0], subjects[-1], len(subjects)) == ("old", "new", 3 if kept else 2)
+    assert not lock.exists()
+
+
+def test_a_lock_of_ours_whose_writer_lives_is_honoured(tmp_path: Path) -> None:
+    path, lock = tmp_path / "bob.mbox", tmp_path / "bob.mbox.lock"
+    lock.write_text("1\nleafmail\n")
+    with open(lock, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a writer that is still at work holds it
+        with pytest.raises(MailboxLocked):
+            append_mbox(str(path), b"From x\n\n", None, LockPolicy(timeout=0.2))
+    assert lock.read_text() == "1\nleafmail\n"
