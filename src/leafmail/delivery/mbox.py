@@ -186,7 +186,8 @@ class _Dotlock:
         """Say in the lock what is about to be appended, for a writer after us to cut
         it off should we be killed half-way."""
         record = Unfinished(inode, size, len(entry), entry[:_HEAD]).line().encode()
-        os.pwrite(self.fd, record, self.header)
+        with contextlib.suppress(OSError):  # a hint for a repair; the append goes on without
+            os.pwrite(self.fd, record, self.header)
 
     def _abandoned(self) -> bool:
         """The lock is one of ours (made by this user) whose writer is gone: its flock
