@@ -579,6 +579,50 @@ def test_command_timeout_defers_and_kills_it(tmp_path: Path) -> None:
     assert has_ended(int(pidfile.read_text()))
 
 
+STUBBORN = """
+import os, signal, sys, threading
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+open(sys.argv[1], "w").write(str(os.getpid()))
+threading.Event().wait()
+"""
+
+
+def test_a_command_that_ignores_the_stop_is_killed_after_the_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command delivery cancelled (the daemon stopping) asks the command to stop
+    (SIGTERM, with its delivery child); one that ignores that is killed once the grace
+    has passed, not left running."""
+    monkeypatch.setattr(asuser, "STOP_GRACE", 0.2)
+    pidfile = tmp_path / "pid"
+    stubborn = script(tmp_path, "stubborn.py", STUBBORN)
+    config = make_config(tmp_path, aliases=f"slow: |{stubborn} {pidfile}\n", timeout=60.0)
+    agent = make_agent(config, tmp_path)
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(
+        agent.deliver(Envelope(SENDER, (Recipient("slow@mx.test"),)), MESSAGE, [0])
+    )
+    ended: list[str] = []
+
+    def run() -> None:
+        try:
+            loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            ended.append("cancelled")
+        finally:
+            loop.close()
+
+    passing = threading.Thread(target=run)
+    passing.start()
+    try:
+        wait_until(lambda: pidfile.exists() and pidfile.read_text() != "", "no command")
+    finally:
+        loop.call_soon_threadsafe(task.cancel)
+        passing.join(30)
+    assert ended == ["cancelled"]
+    assert has_ended(int(pidfile.read_text()))
+
+
 def has_ended(pid: int) -> bool:
     """The process has exited (its pidfd is readable once it has, even as a zombie that
     init has yet to reap: it was killed with its delivery child, its parent)."""
