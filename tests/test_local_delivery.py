@@ -579,6 +579,34 @@ def test_command_timeout_defers_and_kills_it(tmp_path: Path) -> None:
     assert has_ended(int(pidfile.read_text()))
 
 
+class Cancellable:
+    """A delivery run on its own loop in a thread, which the test cancels as the daemon
+    stopping does; `ended` says how it ended."""
+
+    def __init__(self, agent: LocalAgent, rcpt: str, data: bytes) -> None:
+        self.loop = asyncio.new_event_loop()
+        envelope = Envelope(SENDER, (Recipient(rcpt),))
+        self.task = self.loop.create_task(agent.deliver(envelope, data, [0]))
+        self.ended: list[str] = []
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.loop.run_until_complete(self.task)
+            self.ended.append("finished")
+        except asyncio.CancelledError:
+            self.ended.append("cancelled")
+        finally:
+            self.loop.close()
+
+    def cancel(self) -> None:
+        self.loop.call_soon_threadsafe(self.task.cancel)
+
+    def join(self) -> None:
+        self.thread.join(60)
+
+
 STUBBORN = """
 import os, signal, sys, threading
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -597,29 +625,13 @@ def test_a_command_that_ignores_the_stop_is_killed_after_the_grace(
     pidfile = tmp_path / "pid"
     stubborn = script(tmp_path, "stubborn.py", STUBBORN)
     config = make_config(tmp_path, aliases=f"slow: |{stubborn} {pidfile}\n", timeout=60.0)
-    agent = make_agent(config, tmp_path)
-    loop = asyncio.new_event_loop()
-    task = loop.create_task(
-        agent.deliver(Envelope(SENDER, (Recipient("slow@mx.test"),)), MESSAGE, [0])
-    )
-    ended: list[str] = []
-
-    def run() -> None:
-        try:
-            loop.run_until_complete(task)
-        except asyncio.CancelledError:
-            ended.append("cancelled")
-        finally:
-            loop.close()
-
-    passing = threading.Thread(target=run)
-    passing.start()
+    delivery = Cancellable(make_agent(config, tmp_path), "slow@mx.test", MESSAGE)
     try:
         wait_until(lambda: pidfile.exists() and pidfile.read_text() != "", "no command")
     finally:
-        loop.call_soon_threadsafe(task.cancel)
-        passing.join(30)
-    assert ended == ["cancelled"]
+        delivery.cancel()
+        delivery.join()
+    assert delivery.ended == ["cancelled"]
     assert has_ended(int(pidfile.read_text()))
 
 
@@ -1072,21 +1084,7 @@ def test_a_delivery_stopped_mid_append_leaves_no_part_of_the_message(
     agent = make_agent(
         make_config(tmp_path, mailbox_kind="mbox"), tmp_path, locks=LockPolicy(timeout=60)
     )
-    loop = asyncio.new_event_loop()
-    task = loop.create_task(agent.deliver(Envelope(SENDER, (Recipient("bob@mx.test"),)), big, [0]))
-    ended: list[str] = []
-
-    def run() -> None:
-        try:
-            loop.run_until_complete(task)
-            ended.append("finished")
-        except asyncio.CancelledError:
-            ended.append("cancelled")
-        finally:
-            loop.close()
-
-    passing = threading.Thread(target=run)
-    passing.start()
+    delivery = Cancellable(agent, "bob@mx.test", big)
     tracer: subprocess.Popen[bytes] | None = None
     writer = 0
     try:
@@ -1103,7 +1101,7 @@ def test_a_delivery_stopped_mid_append_leaves_no_part_of_the_message(
             assert line, f"the writer was never stopped: {seen[-500:]!r}"
             seen += line
         assert 0 < path.stat().st_size < len(big)  # half-way
-        loop.call_soon_threadsafe(task.cancel)
+        delivery.cancel()
         wait_until(
             lambda: sigterm_pending(writer) or process_state(writer) in ("", "Z"),
             "the writer was neither asked to stop nor killed",
@@ -1117,8 +1115,8 @@ def test_a_delivery_stopped_mid_append_leaves_no_part_of_the_message(
                 os.kill(writer, signal.SIGCONT)
         holder.kill()
         holder.wait(30)
-        passing.join(60)
-    assert ended == ["cancelled"]
+        delivery.join()
+    assert delivery.ended == ["cancelled"]
     left = path.stat().st_size
     assert left == 0, f"the stopped delivery left {left} bytes in the mbox (lock: {lock.exists()})"
     assert not lock.exists(), "the dotlock was left behind"
