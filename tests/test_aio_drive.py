@@ -14,6 +14,7 @@ import asyncio
 import contextvars
 import socket
 import ssl
+import struct
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -765,3 +766,39 @@ def test_a_cancel_after_a_direct_resume_and_before_the_task_wakes_is_not_lost(
 
     run(loop_kind, handler, body)
     assert reached == ["go\n"] + (["cancelled in sleep"] if then == "sleep" else [])
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_a_reset_during_start_tls_ends_the_connection(loop_kind: str) -> None:
+    """A client that resets the TCP connection in the middle of the handshake: the loop's
+    TLS protocol does not pass connection_lost on while the handshake runs, so `close`
+    (what event-loop mode awaits when the handler ends) waited for ever before; found
+    with sslscan --starttls-smtp against leafmail, whose sessions stayed counted the same
+    way. Before, the bounded `close` below timed out."""
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_ctx)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname())
+            ours, _ = listener.accept()
+        conn = AsyncConnection(timeout=None)
+        transport, _ = await loop.connect_accepted_socket(lambda: conn, ours)
+        try:
+            handshake = loop.create_task(conn.start_tls(server_ctx))
+            client.sendall(b"\x16\x03\x01\x00\xf4\x01")  # a ClientHello's first octets
+            for _ in range(20):  # bounded turns: the TLS protocol takes the transport over
+                await asyncio.sleep(0)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()  # a reset
+            with pytest.raises(OSError):  # ConnectionResetError (or an SSL error)
+                await asyncio.wait_for(handshake, 15)
+            await asyncio.wait_for(conn.close(), 15)
+            assert conn.is_lost
+        finally:
+            transport.abort()
+            client.close()
+
+    run_on(loop_kind, main)

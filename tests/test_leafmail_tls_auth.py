@@ -393,16 +393,16 @@ def _has_uvloop() -> bool:
     return True
 
 
-@pytest.mark.parametrize(
-    "loop",
-    [
-        "asyncio",
-        pytest.param(
-            "uvloop",
-            marks=pytest.mark.skipif(not _has_uvloop(), reason="uvloop is not installed"),
-        ),
-    ],
-)
+# The event loops whose TLS transports serve the sessions (uvloop when installed).
+LOOPS = [
+    "asyncio",
+    pytest.param(
+        "uvloop", marks=pytest.mark.skipif(not _has_uvloop(), reason="uvloop is not installed")
+    ),
+]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
 def test_implicit_tls_with_aiosmtplib(
     servers: LeafmailFactory, material: tuple[TLSFiles, Path], loop: str
 ) -> None:
@@ -479,6 +479,64 @@ def test_implicit_tls_without_auth_cannot_relay(smtps_server: Leafmail, tls: TLS
         client.mail("a@example.test")
         code, text = client.rcpt("x@elsewhere.test")
         assert (code, text[:5]) == (550, b"5.7.1")
+
+
+def test_a_client_over_the_per_source_limit_on_smtps_reads_no_plaintext(
+    servers: LeafmailFactory, material: tuple[TLSFiles, Path]
+) -> None:
+    """The per-source refusal is made before the handshake: on the implicit-TLS listener
+    its 421 line was sent in plaintext, which a TLS client reads as a bad record
+    ("[SSL: WRONG_VERSION_NUMBER]", found with Python's ssl client past
+    max_sessions_per_source); now that client is only closed."""
+    tls = material[0]
+    server = servers(config(material, submission=False, extra_smtp="max_sessions_per_source = 1\n"))
+    host, port = server.address(SMTPS)
+    with smtplib.SMTP_SSL(
+        host, port, local_hostname=CLIENT, timeout=IO_TIMEOUT, context=tls.client_context()
+    ) as held:
+        assert held.noop()[0] == 250  # in session: it holds the source's one place
+        with socket.create_connection((host, port), timeout=IO_TIMEOUT) as refused:
+            got = b""
+            with contextlib.suppress(ConnectionResetError):
+                while data := refused.recv(4096):
+                    got += data
+        assert got == b""
+    assert wait_until(lambda: "more than 1 connections from 127.0.0.1" in server.log())
+
+
+def greeted(address: tuple[str, int]) -> bytes:
+    """The first line a new connection from 127.0.0.1 reads (b"" if closed at once)."""
+    with socket.create_connection(address, timeout=IO_TIMEOUT) as sock, sock.makefile("rb") as f:
+        return f.readline()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_client_that_resets_during_the_starttls_handshake_is_counted_out(
+    servers: LeafmailFactory, material: tuple[TLSFiles, Path], loop: str
+) -> None:
+    """A reset in the middle of the STARTTLS handshake ends the session: the loop's TLS
+    protocol does not pass the transport's end on while the handshake runs, so the
+    session was never counted out. Found after sslscan --starttls-smtp: each run left
+    about a dozen sessions counted, its address was refused ("421 4.7.0 ... Too many
+    connections") after four runs, and a graceful stop waited out its grace time for
+    them ("connections still running at exit"). Before, the new connection below read
+    the 421 until the bound ran out."""
+    server = servers(
+        config(material, submission=False, smtps=False, extra_smtp="max_sessions_per_source = 1\n"),
+        args=["--loop", loop],
+    )
+    address = server.address()
+    with socket.create_connection(address, timeout=IO_TIMEOUT) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"220 ")
+        sock.sendall(b"EHLO client.test\r\nSTARTTLS\r\n")
+        while not reader.readline().startswith(b"220 "):
+            pass  # the EHLO reply, then STARTTLS's 220
+        reader.close()  # else it keeps the socket open past the close below
+        sock.sendall(b"\x16\x03\x01\x00\xf4\x01")  # a ClientHello's first octets
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    # closed with SO_LINGER 0: a reset, in the handshake
+    assert wait_until(lambda: greeted(address).startswith(b"220 "))
 
 
 # --- AUTH -------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ useradd), which is also the `default_user`, in a tmp_path that user owns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import fcntl
 import json
 import mailbox
 import os
@@ -29,6 +31,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +41,7 @@ from localusers import PYTHON, VIRTUAL, give_to_virtual, virtual_tmp
 from leafmail.checks import ACCEPT, Check, CheckContext, Defer, Reject
 from leafmail.checks.recipients import local_recipient_check
 from leafmail.config import Config, _build
-from leafmail.delivery import Outcome, Result
+from leafmail.delivery import Outcome, Result, asuser
 from leafmail.delivery.local import (
     Copy,
     LocalAgent,
@@ -46,6 +49,7 @@ from leafmail.delivery.local import (
     append_mbox,
     mbox_entry,
 )
+from leafmail.delivery.local_common import MailboxLocked
 from leafmail.delivery.router import build_agent
 from leafmail.envelope import Envelope, Recipient
 from leafmail.queue import QueueRunner
@@ -575,6 +579,62 @@ def test_command_timeout_defers_and_kills_it(tmp_path: Path) -> None:
     assert has_ended(int(pidfile.read_text()))
 
 
+class Cancellable:
+    """A delivery run on its own loop in a thread, which the test cancels as the daemon
+    stopping does; `ended` says how it ended."""
+
+    def __init__(self, agent: LocalAgent, rcpt: str, data: bytes) -> None:
+        self.loop = asyncio.new_event_loop()
+        envelope = Envelope(SENDER, (Recipient(rcpt),))
+        self.task = self.loop.create_task(agent.deliver(envelope, data, [0]))
+        self.ended: list[str] = []
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.loop.run_until_complete(self.task)
+            self.ended.append("finished")
+        except asyncio.CancelledError:
+            self.ended.append("cancelled")
+        finally:
+            self.loop.close()
+
+    def cancel(self) -> None:
+        self.loop.call_soon_threadsafe(self.task.cancel)
+
+    def join(self) -> None:
+        self.thread.join(60)
+
+
+STUBBORN = """
+import os, signal, sys, threading
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+open(sys.argv[1], "w").write(str(os.getpid()))
+threading.Event().wait()
+"""
+
+
+def test_a_command_that_ignores_the_stop_is_killed_after_the_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command delivery cancelled (the daemon stopping) asks the command to stop
+    (SIGTERM, with its delivery child); one that ignores that is killed once the grace
+    has passed, not left running."""
+    monkeypatch.setattr(asuser, "STOP_GRACE", 0.2)
+    pidfile = tmp_path / "pid"
+    stubborn = script(tmp_path, "stubborn.py", STUBBORN)
+    config = make_config(tmp_path, aliases=f"slow: |{stubborn} {pidfile}\n", timeout=60.0)
+    delivery = Cancellable(make_agent(config, tmp_path), "slow@mx.test", MESSAGE)
+    try:
+        wait_until(lambda: pidfile.exists() and pidfile.read_text() != "", "no command")
+    finally:
+        delivery.cancel()
+        delivery.join()
+    assert delivery.ended == ["cancelled"]
+    assert has_ended(int(pidfile.read_text()))
+
+
 def has_ended(pid: int) -> bool:
     """The process has exited (its pidfd is readable once it has, even as a zombie that
     init has yet to reap: it was killed with its delivery child, its parent)."""
@@ -904,3 +964,262 @@ def test_a_utf8_remote_target_makes_the_forwarded_copy_smtputf8(tmp_path: Path) 
     forwarded = agent.spool.get(qid).envelope
     assert [r.address for r in forwarded.recipients] == ["j\u00f6s\u00e9@remote.example"]
     assert forwarded.smtputf8 is True
+
+
+class NoRoomForStatus(Spool):
+    """A spool whose status records cannot be written while `full` (ENOSPC)."""
+
+    full = True
+
+    def write_status(self, qid: str, blob: bytes) -> None:
+        if self.full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        super().write_status(qid, blob)
+
+
+UNTIL_OPEN = """\
+import os, sys
+sys.stdin.buffer.read()
+sys.exit(0 if os.path.exists(sys.argv[1]) else 75)
+"""
+
+
+def test_an_alias_target_delivered_in_an_unrecorded_attempt_gets_no_copy_again(
+    tmp_path: Path,
+) -> None:
+    """team: alice and a command that says "try later". alice has her copy, but the
+    record saying so cannot be written (a full disk): the runner keeps that mark in
+    memory with the attempt's other results (`message.Unrecorded`), so pass after pass
+    alice gets no copy again, and once there is room the mark is recorded."""
+    flag = tmp_path / "open"
+    waiter = script(tmp_path, "until_open.py", UNTIL_OPEN)
+    config = make_config(tmp_path, aliases=f'team: alice, "|{waiter} {flag}"\n')
+    spool = NoRoomForStatus(tmp_path / "spool")
+    agent = build_agent(config.queue, spool)
+    assert agent is not None
+    clock = [time.time()]
+    policy = RetryPolicy(initial=300.0, maximum=2400.0)
+    runner = QueueRunner(spool, agent, policy, hostname=HOST, clock=lambda: clock[0])
+    qid = spool.commit(Envelope(SENDER, (Recipient("team@mx.test"),)), MESSAGE)
+    for _ in range(3):
+        assert asyncio.run(runner.run_once()).counts["deferred"] == 1
+        assert spool.read_status(qid) is None  # nothing recorded
+        clock[0] += policy.initial
+    assert len(maildir_messages(tmp_path / "alice.maildir")) == 1
+    spool.full = False
+    assert asyncio.run(runner.run_once()).counts["deferred"] == 1
+    blob = spool.read_status(qid)
+    assert blob is not None
+    (team,) = MessageStatus.from_bytes(blob, spool.get(qid).envelope).recipients
+    assert [m.key for m in team.targets if m.state.final] == ["user:alice"]
+    flag.touch()
+    assert asyncio.run(runner.run_once(force=True)).counts["delivered"] == 1
+    assert spool.find(qid) is None
+    assert len(maildir_messages(tmp_path / "alice.maildir")) == 1
+
+
+# --- a delivery stopped half-way --------------------------------------------------------
+
+
+def lock_owner(lock: Path) -> int:
+    """The pid the mbox writer put in its dotlock (it holds it, and waits for the
+    fcntl lock next): polled, with a bound, until it is there."""
+    deadline = time.monotonic() + 30.0
+    while True:
+        with contextlib.suppress(FileNotFoundError):
+            first, newline, _ = lock.read_text().partition("\n")
+            if newline:
+                return int(first)
+        assert time.monotonic() < deadline, "the writer never took its dotlock"
+        time.sleep(0.01)  # polling a condition, with a bound
+
+
+def process_state(pid: int) -> str:
+    """'Z' ended, '' reaped, or another state letter; from /proc/PID/stat."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return ""
+    return stat_line.rpartition(")")[2].split()[0]
+
+
+def sigterm_pending(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    masks = [int(line.split()[1], 16) for line in status.splitlines() if "Pnd:" in line]
+    return any(mask & (1 << (signal.SIGTERM - 1)) for mask in masks)
+
+
+def wait_until(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + 30.0
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)  # polling a condition, with a bound
+
+
+@pytest.mark.skipif(STRACE is None, reason="needs strace to stop the writer mid-append")
+def test_a_delivery_stopped_mid_append_leaves_no_part_of_the_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon stopping cancels a local delivery while its writer is half-way through
+    a large mbox entry (strace stops it at the entry of its second write; another
+    program's fcntl lock holds it back until strace is attached). The writer must cut
+    the mbox back and remove its dotlock before it exits (before: it was SIGKILLed, and
+    the mbox kept the first part of the message, under a dotlock left stale for 500 s),
+    so the retry appends the one whole copy the user sees."""
+    monkeypatch.setattr(
+        asuser, "STOP_GRACE", 60.0, raising=False
+    )  # the test resumes the writer itself
+    path, lock = tmp_path / "bob.mbox", tmp_path / "bob.mbox.lock"
+    path.touch(0o600)
+    give_to_virtual(path)
+    big = MESSAGE + b"a line of text to make the message large enough\r\n" * 100_000
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert holder.stdout is not None and holder.stdin is not None
+    assert holder.stdout.readline() == b"locked\n"
+    agent = make_agent(
+        make_config(tmp_path, mailbox_kind="mbox"), tmp_path, locks=LockPolicy(timeout=60)
+    )
+    delivery = Cancellable(agent, "bob@mx.test", big)
+    tracer: subprocess.Popen[bytes] | None = None
+    writer = 0
+    try:
+        writer = lock_owner(lock)
+        inject = "inject=write:signal=SIGSTOP:when=2"
+        argv = [str(STRACE), "-p", str(writer), "-e", "trace=write", "-e", inject]
+        tracer = subprocess.Popen(argv, stderr=subprocess.PIPE)
+        assert tracer.stderr is not None
+        assert b"attached" in tracer.stderr.readline()
+        holder.stdin.close()  # the writer gets the fcntl lock and starts to append
+        seen = b""
+        while b"stopped by SIGSTOP" not in seen:  # the writer ends (lock timeout): EOF
+            line = tracer.stderr.readline()
+            assert line, f"the writer was never stopped: {seen[-500:]!r}"
+            seen += line
+        assert 0 < path.stat().st_size < len(big)  # half-way
+        delivery.cancel()
+        wait_until(
+            lambda: sigterm_pending(writer) or process_state(writer) in ("", "Z"),
+            "the writer was neither asked to stop nor killed",
+        )
+    finally:
+        if tracer is not None:
+            tracer.terminate()  # strace detaches; the writer stays stopped
+            tracer.wait(30)
+        if writer:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(writer, signal.SIGCONT)
+        holder.kill()
+        holder.wait(30)
+        delivery.join()
+    assert delivery.ended == ["cancelled"]
+    left = path.stat().st_size
+    assert left == 0, f"the stopped delivery left {left} bytes in the mbox (lock: {lock.exists()})"
+    assert not lock.exists(), "the dotlock was left behind"
+    assert outcomes(deliver(agent, ["bob@mx.test"], big)) == [DELIVERED]
+    (message,) = mbox_messages(path)
+    assert message.as_bytes().endswith(b"a line of text to make the message large enough\n")
+
+
+LINE = b"a line of text to make the message large enough\r\n"
+
+
+def stopping_append(path: str, entry: bytes) -> dict[str, Any]:
+    """In a delivery child: append_mbox, which stops itself (SIGSTOP) at its first write
+    after part of the entry is in the mbox, for the test to kill it there."""
+    write = os.write
+
+    def stop_half_way(fd: int, data: Any) -> int:
+        if os.path.getsize(path) > 0:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return write(fd, data)
+
+    os.write = stop_half_way  # in the forked child only
+    append_mbox(path, entry)
+    return {}
+
+
+def test_a_killed_writers_lock_and_part_entry_are_cleaned_up_by_the_next(tmp_path: Path) -> None:
+    """A writer killed half-way through an entry (SIGKILL: past the stop grace, or by the
+    OOM killer) cannot clean up. The next delivery must not wait out its dotlock (before:
+    held for 500 s, the delivery deferred after its lock timeout) and must cut off the part
+    of an entry it left, so the mbox holds one whole copy."""
+    path, lock = tmp_path / "bob.mbox", tmp_path / "bob.mbox.lock"
+    path.touch(0o600)
+    give_to_virtual(path)
+    agent = make_agent(
+        make_config(tmp_path, mailbox_kind="mbox"), tmp_path, locks=LockPolicy(timeout=15)
+    )
+    box = agent.mailbox("bob")
+    assert not isinstance(box, Result)
+    big = MESSAGE + LINE * 100_000
+    entry = mbox_entry(Copy(SENDER, "bob@mx.test", big), time.time())
+    step = partial(stopping_append, str(path), entry)
+    ended: list[str] = []
+
+    def killed() -> None:
+        try:
+            asyncio.run(asuser.run_as(box.writer, step, timeout=60.0))
+        except asuser.StepError as exc:
+            ended.append(str(exc))
+
+    passing = threading.Thread(target=killed)
+    passing.start()
+    writer = lock_owner(lock)
+    try:
+        wait_until(lambda: process_state(writer) == "T", "the writer never stopped")
+        assert 0 < path.stat().st_size < len(entry)  # half-way
+    finally:
+        os.kill(writer, signal.SIGKILL)
+        passing.join(30)
+    assert ended == ["the delivery process ended without an answer (killed by signal 9)"]
+    assert lock.exists()  # left behind, as any killed writer leaves it
+    assert outcomes(deliver(agent, ["bob@mx.test"], big)) == [DELIVERED]
+    (message,) = mbox_messages(path)
+    assert message.as_bytes().endswith(LINE.replace(b"\r\n", b"\n"))
+    assert not lock.exists()
+
+
+OLD_ENTRY = b"From a@b.test Thu Jan  1 00:00:00 1970\nSubject: old\n\nkept\n\n"
+
+
+@pytest.mark.parametrize(
+    ("left", "kept"),
+    [
+        (lambda e: e[: len(e) // 2], False),  # half of the entry: cut off
+        (lambda e: e, True),  # all of it: perhaps reported delivered, kept
+        (lambda e: b"From someone@else.test" + e[22 : len(e) // 2], True),  # not ours: kept
+    ],
+)
+def test_what_a_dead_writers_lock_says_is_cut_only_when_it_is_there(
+    tmp_path: Path, left: Any, kept: bool
+) -> None:
+    """A lock of ours with no flock (its writer killed) is broken at once; the part of
+    the entry it names is cut off only when the mbox still ends inside that very entry."""
+    path, lock = tmp_path / "bob.mbox", tmp_path / "bob.mbox.lock"
+    entry = mbox_entry(Copy(SENDER, "bob@mx.test", MESSAGE), 0.0)
+    path.write_bytes(OLD_ENTRY + left(entry))
+    inode = path.stat().st_ino
+    lock.write_text(
+        f"1\nleafmail\nappend {inode} {len(OLD_ENTRY)} {len(entry)} {entry[:48].hex()}\n"
+    )
+    append_mbox(
+        str(path), mbox_entry(Copy(SENDER, "bob@mx.test", b"Subject: new\r\n\r\nnew\r\n"), 0.0)
+    )
+    subjects = [m["Subject"] for m in mbox_messages(path)]
+    assert (subjects[0], subjects[-1], len(subjects)) == ("old", "new", 3 if kept else 2)
+    assert not lock.exists()
+
+
+def test_a_lock_of_ours_whose_writer_lives_is_honoured(tmp_path: Path) -> None:
+    path, lock = tmp_path / "bob.mbox", tmp_path / "bob.mbox.lock"
+    lock.write_text("1\nleafmail\n")
+    with open(lock, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a writer that is still at work holds it
+        with pytest.raises(MailboxLocked):
+            append_mbox(str(path), b"From x\n\n", None, LockPolicy(timeout=0.2))
+    assert lock.read_text() == "1\nleafmail\n"

@@ -8,10 +8,13 @@ header was believed and that the bytes after it arrive exactly as sent.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
 import socket
 import struct
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,14 @@ from conftest import RunningServer, ServerFactory
 from lifecycle_handlers import HANDLER_ENV, connect, read_to_end, wait_until
 
 from netserver.endpoint import Endpoint
-from netserver.listen.proxy import V2_SIGNATURE, ProxyError, ProxyInfo, header_length, parse
+from netserver.listen.proxy import (
+    V2_SIGNATURE,
+    ProxyError,
+    ProxyInfo,
+    header_length,
+    parse,
+    read_header,
+)
 
 SHOW_AND_ECHO = [
     "--",
@@ -74,6 +84,9 @@ def test_v1_spec_examples(header: bytes, ip: str, port: int) -> None:
         b"PROXY UNKNOWN\r\n",
         b"PROXY UNKNOWN ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
         b" ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff 65535 65535\r\n",  # 107 bytes: the maximum
+        # "The receiver must ignore anything presented before the CRLF is found": even
+        # octets that are not ASCII (refused before as "v1 header is not ASCII").
+        b"PROXY UNKNOWN \xff\xfe\x00 junk\r\n",
     ],
 )
 def test_v1_unknown_means_the_real_peer(header: bytes) -> None:
@@ -132,6 +145,12 @@ def test_garbage_and_oversized_headers_fail_at_once(data: bytes) -> None:
         v2(1, 0x11, bytes(8)),  # shorter than two IPv4 addresses and ports
         V2_SIGNATURE + b"\x11\x11\x00\x00",  # version 1 in a v2 header
         v2(2, 0x11, bytes(12)),  # unknown command
+        # Address family (high nibble) and protocol (low) out of the spec's lists: it
+        # says these "must be rejected as invalid by receivers" (they were taken as
+        # UNSPEC, the real peer's address used).
+        v2(1, 0x41, bytes(12)),
+        v2(1, 0x13, bytes(12)),
+        v2(1, 0xFF, bytes(12)),
         b"PROXY TCP6 fe80::1%eth0 ::1 1 80\r\n",  # an IPv6 zone (inet_pton refuses it)
         b"PROXY TCP6 ::1 fe80::2%1 1 80\r\n",
     ],
@@ -139,6 +158,69 @@ def test_garbage_and_oversized_headers_fail_at_once(data: bytes) -> None:
 def test_malformed_headers_are_rejected(header: bytes) -> None:
     with pytest.raises(ProxyError):
         parse(header)
+
+
+# -- reading a header off a socket --------------------------------------------------------
+
+BOUND = 15.0  # seconds: the upper bound of every wait below (each ends when it holds)
+
+
+def _pending(sock: socket.socket) -> bool:
+    """Whether bytes wait in `sock`'s receive buffer (peeked, not taken)."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Yield to the loop until `condition` holds (at most BOUND seconds)."""
+    deadline = time.monotonic() + BOUND
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        await asyncio.sleep(0.005)
+
+
+async def _read_in_two_parts(header: bytes, first: int) -> tuple[ProxyInfo, bytes]:
+    """`read_header` on a real loopback TCP connection whose balancer sends `header[:first]`,
+    waits until the reader has taken those bytes (or given up), then sends the rest and a
+    payload; what it read, and the payload the socket still holds."""
+    with (
+        socket.create_server(("127.0.0.1", 0)) as listener,
+        socket.create_connection(listener.getsockname()) as balancer,
+    ):
+        server, _ = listener.accept()
+        with server:
+            server.setblocking(False)
+            balancer.sendall(header[:first])
+            await _until(lambda: _pending(server))
+            reading = asyncio.create_task(read_header(server, timeout=BOUND))
+            await _until(lambda: reading.done() or not _pending(server))
+            balancer.sendall(header[first:] + b"payload")
+            info = await reading
+            server.settimeout(BOUND)
+            return info, server.recv(100)
+
+
+@pytest.mark.parametrize("first", [10, 16, 20, 27])
+def test_a_v2_header_that_arrives_in_two_parts_is_waited_for(first: int) -> None:
+    """A v2 header whose first segment holds its length field but not all it announces
+    (16 fixed octets and part of the addresses: a balancer's write cut by the network)
+    is complete once the rest arrives. Before, the reader asked the kernel for the whole
+    header, got only what had come and then EAGAIN: the connection was refused with
+    "[Errno 11] Resource temporarily unavailable" (found with a hand-made probe against
+    `netserver serve --proxy-from`)."""
+    header = v2_tcp4("192.0.2.9", "198.51.100.1", 4444, 80)
+    info, payload = asyncio.run(_read_in_two_parts(header, first))
+    assert info.source == Endpoint(ipaddress.ip_address("192.0.2.9"), 4444)
+    assert payload == b"payload"
+
+
+def test_a_v1_header_that_arrives_in_two_parts_is_waited_for() -> None:
+    header = b"PROXY TCP4 192.0.2.7 198.51.100.1 5555 80\r\n"
+    info, payload = asyncio.run(_read_in_two_parts(header, 20))
+    assert info.source == Endpoint(ipaddress.ip_address("192.0.2.7"), 5555)
+    assert payload == b"payload"
 
 
 # -- real servers -------------------------------------------------------------------------

@@ -644,7 +644,7 @@ def test_usage_errors_exit_64(box: Box, args: tuple[str, ...], message: str) -> 
 
 
 def test_ignored_options_are_accepted(box: Box) -> None:
-    args = ["-v", "-oem", "-odb", "-m", "-n", "-U", "-B", "8BITMIME", "-h", "3"]
+    args = ["-v", "-oem", "-odb", "-m", "-n", "-U", "-B", "8BITMIME", "-h", "3", "-Ac", "-A", "m"]
     ok(run(box, *args, "-L", "x", "bob@dst.test", stdin=b"Subject: x\n\nx\n"))
     assert rcpts(only(box)) == ["bob@dst.test"]
 

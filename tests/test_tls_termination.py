@@ -295,3 +295,36 @@ def test_relay_closes_when_the_client_goes(netserver_proc: ServerFactory, certs:
         assert recv_line(sock) == b"x\n"
         sock.shutdown(socket.SHUT_RDWR)
     assert wait_until(lambda: len(conn_statuses(server)) == 1)
+
+
+def read_all_raw(sock: socket.socket) -> bytes:
+    """Everything a plain socket reads until the server closes (a reset ends it too)."""
+    got = b""
+    with contextlib.suppress(ConnectionResetError):
+        while data := sock.recv(4096):
+            got += data
+    return got
+
+
+@pytest.mark.parametrize("mode", ["thread", "workers", "command"])
+def test_a_refused_client_of_a_tls_server_reads_no_plaintext(
+    netserver_proc: ServerFactory, certs: Certs, mode: str
+) -> None:
+    """A refusal is made before the handshake, so a refusal line would reach the client as
+    plaintext where it waits for a TLS record (Python's ssl: "wrong version number").
+    Found against leafmail's implicit-TLS listener (its per-source limit's 421 line) with
+    a TLS client; before, the refused client here read the --refuse-message line."""
+    extra = (*certs.flags(), "--max-per-source", "1", "--refuse-message", "421 4.7.0 busy")
+    if mode == "command":
+        args = ["--listen", "127.0.0.1:0", *extra, "--", "/bin/cat"]
+    elif mode == "workers":
+        args = serve_args("async", "--workers", "2", *extra)
+    else:
+        args = serve_args(mode, *extra)
+    server = netserver_proc(args, env=HANDLER_ENV)
+    with tls_connect(server, certs) as held:
+        held.sendall(b"ping\n")
+        assert recv_line(held) == b"ping\n"  # served: it holds the source's one place
+        with connect(server.host_port) as refused:
+            assert read_all_raw(refused) == b""
+    assert wait_until(lambda: "more than 1 connections from 127.0.0.1" in server.log())

@@ -137,6 +137,16 @@ class RecordedExpansions:
         with contextlib.suppress(OSError):
             await self._save()
 
+    def carry(self, marks: Mapping[int, Marks]) -> None:
+        """Take the final marks an earlier attempt made but could not record (a full
+        disk: `leafmail.message.Unrecorded`), where the record has none that is final."""
+        for index, carried in marks.items():
+            mine = self.marks.setdefault(index, {})
+            for key, mark in carried.items():
+                known = mine.get(key)
+                if mark.state.final and (known is None or not known.state.final):
+                    mine[key] = mark
+
     # -- recovery ------------------------------------------------------------------------
     async def recover(self) -> None:
         """Settle the forwards a crash left between steps (see the module doc)."""

@@ -39,7 +39,7 @@ from .config import format_duration
 from .delivery import Agent, Handoff, LinkDown, Outcome, Result
 from .delivery.bounce import Action, Notice, build_dsn, is_double_bounce, wants_dsn
 from .envelope import Envelope, EnvelopeError
-from .expansion import RecordedExpansions
+from .expansion import Marks, RecordedExpansions
 from .retry import RetryPolicy
 from .spool import CorruptMessage, RecordNotDurable, Spool, SpooledMessage, arrival_time
 from .states import QueueState
@@ -85,19 +85,40 @@ class Unrecorded:
     all; and the message is not due again before `retry_at` (its old schedule, which
     says "now", would have the runner try it pass after pass with no pause). A crash
     loses this memory: then the retry repeats those deliveries once (at least once).
+
+    The same holds for an alias recipient left open: the targets it already delivered
+    (or failed for good) are marks (`leafmail.expansion`) that only the record keeps, so
+    they are carried too (`marks`), or each pass gives those targets another copy.
     """
 
     limit: int = 10_000  # messages remembered; past it the oldest is forgotten (a copy more)
     results: dict[str, dict[int, Result]] = field(default_factory=dict)
+    marks: dict[str, dict[int, Marks]] = field(default_factory=dict)
     retry_at: dict[str, float] = field(default_factory=dict)
 
-    def keep(self, qid: str, results: dict[int, Result], retry_at: float) -> None:
-        """An attempt of `qid` whose `results` could not be recorded."""
+    def keep(
+        self,
+        qid: str,
+        results: dict[int, Result],
+        retry_at: float,
+        marks: dict[int, Marks] | None = None,
+    ) -> None:
+        """An attempt of `qid` whose `results` (and alias `marks`) could not be recorded."""
         final = {i: r for i, r in results.items() if r.outcome is not Outcome.DEFERRED}
         self.results.pop(qid, None)
         if final:
             self.results[qid] = final
+        self.keep_marks(qid, {i: m for i, m in (marks or {}).items() if i not in final})
         self.wait(qid, retry_at)
+
+    def keep_marks(self, qid: str, marks: dict[int, Marks]) -> None:
+        """The final marks of `marks` (targets delivered or failed for good), for `qid`."""
+        kept = {i: {k: m for k, m in ms.items() if m.state.final} for i, ms in marks.items()}
+        self.marks.pop(qid, None)
+        if kept := {i: ms for i, ms in kept.items() if ms}:
+            self.marks[qid] = kept
+        while len(self.marks) > self.limit:
+            del self.marks[next(iter(self.marks))]
 
     def wait(self, qid: str, retry_at: float) -> None:
         """`qid` is not due again before `retry_at` (an attempt of it failed)."""
@@ -112,9 +133,15 @@ class Unrecorded:
         carried = self.results.pop(qid, {})
         return {i: r for i, r in carried.items() if not status.recipients[i].state.final}
 
+    def take_marks(self, qid: str, status: MessageStatus) -> dict[int, Marks]:
+        """The alias marks to carry into this attempt: those of recipients still open."""
+        carried = self.marks.pop(qid, {})
+        return {i: m for i, m in carried.items() if not status.recipients[i].state.final}
+
     def recorded(self, qid: str) -> None:
         """An attempt of `qid` was recorded (or it is gone): nothing to remember."""
         self.results.pop(qid, None)
+        self.marks.pop(qid, None)
         self.retry_at.pop(qid, None)
 
 
@@ -238,11 +265,16 @@ async def attempt(
             return Attempt(qid, AttemptOutcome.SKIPPED, {})
         expansions = RecordedExpansions(spool, qid, status, message.envelope)
         await expansions.recover()  # copies a crash left in hold/ go out now
-        carried = {} if unrecorded is None else unrecorded.take(qid, status)
+        carried: dict[int, Result] = {}
+        if unrecorded is not None:
+            carried = unrecorded.take(qid, status)
+            expansions.carry(unrecorded.take_marks(qid, status))
         open_rcpts = [i for i in status.open if i not in carried]
         if open_rcpts and agent is None and not policy.expired(status.arrival, now):
-            if unrecorded is not None and carried:
-                unrecorded.results[qid] = carried  # still to be recorded
+            if unrecorded is not None:  # still to be recorded
+                if carried:
+                    unrecorded.results[qid] = carried
+                unrecorded.keep_marks(qid, expansions.marks)
             return Attempt(qid, AttemptOutcome.SKIPPED, {}, dsns=tuple(expansions.released))
         results: dict[int, Result] = {}
         try:
@@ -266,7 +298,7 @@ async def attempt(
         except Exception:
             if unrecorded is not None:
                 retry_at = policy.after_unrecorded(status.arrival, now)
-                unrecorded.keep(qid, {**carried, **results}, retry_at)
+                unrecorded.keep(qid, {**carried, **results}, retry_at, expansions.marks)
             raise
         if link_error is not None:
             return replace(done, link_down=True, error=str(link_error))

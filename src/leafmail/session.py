@@ -187,9 +187,13 @@ class ReceiveSession(Callbacks):
         self._flush()
         self.held = None
         loop = asyncio.get_running_loop()
-        transport = await loop.start_tls(conn.transport, conn, tls, server_side=True)
-        if transport is None:
-            raise ConnectionResetError("connection closed during the TLS handshake")
+        try:
+            transport = await loop.start_tls(conn.transport, conn, tls, server_side=True)
+            if transport is None:  # the connection was lost in the handshake
+                raise ConnectionResetError("connection closed during the TLS handshake")
+        except BaseException as exc:
+            conn.tls_failed(exc)
+            raise
         conn.transport = transport
         proto.tls_started()
         self.facts.reset_for_tls()

@@ -105,6 +105,8 @@ class CallbackConnection(LoopConnection):
         return self.keep_open_after_eof()  # the write side stays open until the handler closes it
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._lost:  # already ended by `tls_failed`; the loop's own call comes late
+            return
         super().connection_lost(exc)
         if self.callbacks is not None:
             try:
@@ -131,6 +133,20 @@ class CallbackConnection(LoopConnection):
         """End the connection because of `exc` (a handler's own task failed, say): the
         first error is kept for the mode to log, as when a callback raises."""
         self._fail(exc)
+
+    def tls_failed(self, exc: BaseException) -> None:
+        """A STARTTLS handshake failed: end the connection here, whatever the loop does.
+
+        Once `loop.start_tls` has raised (or returned None: the connection was lost),
+        the transport under it is closed or closing, but the loop's TLS protocol
+        (asyncio's and uvloop's) passes `connection_lost` on only if the handshake was
+        over: a client that resets the connection in the middle of it (sslscan does,
+        probing protocol versions) was never reported ended, and stayed counted in the
+        server's limits for good."""
+        self._fail(exc)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self.connection_lost(exc if isinstance(exc, Exception) else None)
 
     def _fail(self, exc: BaseException) -> None:
         """A callback raised: keep the first error for the mode to log, drop the connection."""

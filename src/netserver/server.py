@@ -132,6 +132,11 @@ class Server:
         context = self.tls_loader() if self.tls_loader is not None else tls
         assert context is None or isinstance(context, ssl.SSLContext)
         self.tls = harden(context) if context is not None else None
+        if self.tls is not None:
+            # A refusal is made before the handshake, so its line would reach the client
+            # as plaintext where a TLS record belongs ("wrong version number"): a server
+            # that terminates TLS refuses with the close alone.
+            self.refusals = RefusalLines()
         # The PROXY gate says who the client is, so it comes first (and at most once).
         self.proxy = next((g for g in gates if isinstance(g, ProxyGate) and g), None)
         self.gates = [g for g in gates if not isinstance(g, ProxyGate)]

@@ -19,6 +19,14 @@ bounce. This module is that primitive:
   (`run_as_blocking`, for alias expansion, which runs off the loop as a whole). Past the
   deadline the child's process group is killed and TimeoutError is raised.
 
+A step cut short must not leave half its work behind: an mbox keeping the first part of
+an entry shows the user a broken message, followed by the whole one at the retry. So
+when `run_as` is cancelled (the daemon stopping) or times out, the child's process group
+is first asked to stop (SIGTERM): in the child that raises `Stopped` where the step is,
+which unwinds it as any error does (an mbox append is cut back to the size it had, its
+dotlock removed, a Maildir's file in tmp/ unlinked; a command gets the signal too). The
+parent waits for that up to STOP_GRACE seconds, and only then kills the group.
+
 When we are not root, nothing is switched: the step runs as the current user, in a
 child all the same, so that both cases share one code path and one timeout.
 
@@ -47,11 +55,12 @@ from netserver.privileges import Identity, drop
 
 from .local_common import MailboxLocked, UnsafeMailbox, write_all
 
-__all__ = ["Payload", "StepError", "UserStep", "run_as", "run_as_blocking"]
+__all__ = ["Payload", "StepError", "Stopped", "UserStep", "run_as", "run_as_blocking"]
 
 Payload = dict[str, Any]
 UserStep = Callable[[], Payload]
 MAX_REPLY = 8 << 20  # bytes of JSON a step may send back (an include file is 1 MiB at most)
+STOP_GRACE = 5.0  # seconds a child asked to stop has to undo its step before it is killed
 _RESET = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1)
 _KNOWN: dict[str, type[Exception]] = {
     "MailboxLocked": MailboxLocked,
@@ -64,16 +73,28 @@ class StepError(Exception):
     """A step failed in the child in a way that has no better type (or died silently)."""
 
 
+class Stopped(BaseException):
+    """Raised in the child by SIGTERM: the parent gave up on the step (a cancellation or
+    its deadline). A BaseException, like KeyboardInterrupt, so no `except Exception` in
+    a step swallows it, while every `finally` and `except BaseException` runs."""
+
+
 async def run_as(identity: Identity | None, step: UserStep, *, timeout: float) -> Payload:
     """Run `step` in a child as `identity` (None: as we are); its payload, or its error.
 
     The event loop is never blocked: the reply is read through the loop's reader
     callbacks and the exit is noticed through a pidfd.
     """
-    with _spawned(identity, step) as (pid, reply):
+    pid, reply = _spawn(identity, step)
+    try:
         async with asyncio.timeout(timeout):
             raw = await _read_async(reply)
             code = await reaped(pid)
+    except BaseException:
+        os.close(reply)  # a reply half-sent ends with EPIPE, not a child blocked on it
+        await _stop(pid)
+        raise
+    os.close(reply)
     return _decode(raw, code)
 
 
@@ -119,8 +140,12 @@ def _spawn(identity: Identity | None, step: UserStep) -> tuple[int, int]:
 def _child(identity: Identity | None, step: UserStep, write: int) -> None:  # pragma: no cover
     """Take the identity, run the step, send the outcome, exit; nothing returns."""
     try:
+        # Held until the handlers are reset: the daemon's SIGTERM handler, inherited,
+        # would write to its loop's wake-up fd and stop the daemon itself.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         os.setsid()
         _reset_signals()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         os.closerange(3, write)
         os.closerange(write + 1, os.sysconf("SC_OPEN_MAX"))
         if identity is not None:
@@ -135,12 +160,20 @@ def _child(identity: Identity | None, step: UserStep, write: int) -> None:  # pr
 
 
 def _reset_signals() -> None:  # pragma: no cover - runs in the child
-    """The daemon's handlers (and its loop's wake-up fd) must not act in the child."""
+    """The daemon's handlers (and its loop's wake-up fd) must not act in the child;
+    SIGTERM, the parent's request to stop, unwinds the step (`Stopped`)."""
     with contextlib.suppress(ValueError):
         signal.set_wakeup_fd(-1)
     for sig in _RESET:
         signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, _stop_requested)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a closed pipe is EPIPE, as in Python
+
+
+def _stop_requested(signum: int, frame: object) -> None:  # pragma: no cover - in the child
+    """Raise `Stopped` once; a second SIGTERM must not interrupt the undoing."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Stopped("asked to stop")
 
 
 def _describe(exc: BaseException) -> Payload:
@@ -245,6 +278,21 @@ def _read_blocking(fd: int, deadline: float) -> bytes:
         chunks.extend(chunk)
         if len(chunks) > MAX_REPLY:
             raise StepError("the delivery process sent too much")
+
+
+async def _stop(pid: int) -> None:
+    """Ask the child's process group to stop (SIGTERM), give it STOP_GRACE seconds to
+    undo its step and exit, then kill it; cancelled again meanwhile, kill it at once."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    try:
+        async with asyncio.timeout(STOP_GRACE):
+            await reaped(pid)
+    except TimeoutError:
+        _kill_and_reap(pid)
+    except BaseException:
+        _kill_and_reap(pid)
+        raise
 
 
 def _kill_and_reap(pid: int) -> None:

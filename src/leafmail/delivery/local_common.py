@@ -79,11 +79,17 @@ def unix_text(copy: Copy) -> bytes:
 # --- files --------------------------------------------------------------------------
 
 
+WRITE_CHUNK = 1 << 20  # bytes per write(2)
+
+
 def write_all(fd: int, data: bytes) -> None:
-    """Write all of `data` to `fd` (os.write may write less than it is given)."""
+    """Write all of `data` to `fd` (os.write may write less than it is given), a chunk
+    at a time: a write to a regular file is not interrupted by a signal, so a delivery
+    asked to stop (`leafmail.delivery.asuser.Stopped`) stops after one chunk, not after
+    the whole of a large message."""
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view) :]
+        view = view[os.write(fd, view[:WRITE_CHUNK]) :]
 
 
 def open_error(exc: OSError, name: str) -> Exception:

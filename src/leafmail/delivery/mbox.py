@@ -6,6 +6,16 @@ an fcntl lock on the file. ``From`` lines in the message are quoted the mboxrd w
 reader can always undo the quoting. The entry is fsynced, and on any failure the file is
 truncated back to its old size, so it is never left half-written.
 
+A writer that is killed (SIGKILL, past the grace of `leafmail.delivery.asuser`) cannot
+clean up: its dotlock would stay for 500s (every delivery and MUA waiting on it) and part
+of an entry would stay in the mbox. So our dotlock says it is ours (a second line,
+``leafmail``) and its writer holds an flock on it, which the kernel drops when the
+writer dies; before it appends, the writer adds where the entry starts, how long it is
+and its first bytes. A later writer (as the same user) that finds such a lock with no
+flock breaks it at once, and once it holds the mbox's locks cuts off what the dead
+writer left of its entry (only when the file is the same, and ends inside that entry,
+with its first bytes). A whole entry is kept: its delivery may have been reported.
+
 The file is never opened through a symbolic link, and must be a regular file with one
 hard link. This runs as the mailbox's user (`leafmail.delivery.asuser`), so a file we
 make is theirs and the kernel decides where they may make it; when the caller says whose
@@ -36,6 +46,9 @@ from .local_common import (
 
 _FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
 _MBOX = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_PEEK = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_OURS = "leafmail"  # a dotlock's second line: its writer holds an flock on it
+_HEAD = 48  # bytes of an entry's start kept in the dotlock, to recognise what is left of it
 
 
 @dataclass(frozen=True)
@@ -69,28 +82,71 @@ def append_mbox(
     with contextlib.ExitStack() as stack:
         dirfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         stack.callback(os.close, dirfd)
-        stack.enter_context(dotlock(dirfd, base + ".lock", deadline, locks))
+        lock = stack.enter_context(dotlock(dirfd, base + ".lock", deadline, locks))
         fd = _open_mbox(dirfd, base, owner)
         stack.callback(os.close, fd)  # closing releases the fcntl lock
         _wait_for(lambda: _try_lockf(fd), deadline, f"{base} is locked by another program")
-        _append(fd, entry)
+        if lock.unfinished is not None:
+            lock.unfinished.cut(fd)
+        _append(fd, entry, lock.announce)
+
+
+@dataclass(frozen=True)
+class Unfinished:
+    """An append a killed writer began: the mbox's inode, its size before, the entry's
+    length and first bytes (as its dotlock says)."""
+
+    inode: int
+    size: int
+    length: int
+    head: bytes
+
+    @classmethod
+    def parse(cls, line: str) -> Unfinished | None:
+        """``append INODE SIZE LENGTH HEAD-IN-HEX``, or None for anything else."""
+        fields = line.split()
+        if len(fields) != 5 or fields[0] != "append" or not all(f.isdigit() for f in fields[1:4]):
+            return None
+        try:
+            head = bytes.fromhex(fields[4])
+        except ValueError:
+            return None
+        return cls(int(fields[1]), int(fields[2]), int(fields[3]), head)
+
+    def line(self) -> str:
+        return f"append {self.inode} {self.size} {self.length} {self.head.hex()}\n"
+
+    def cut(self, fd: int) -> None:
+        """Cut the mbox back to where the entry began, if it still ends inside it."""
+        info = os.fstat(fd)
+        left = info.st_size - self.size
+        if info.st_ino != self.inode or not 0 < left < self.length:
+            return
+        if os.pread(fd, min(left, len(self.head)), self.size) != self.head[:left]:
+            return  # not what was being written there: changed since, leave it
+        os.ftruncate(fd, self.size)
+        os.fsync(fd)
 
 
 @contextlib.contextmanager
-def dotlock(dirfd: int, name: str, deadline: float, locks: LockPolicy) -> Iterator[None]:
+def dotlock(dirfd: int, name: str, deadline: float, locks: LockPolicy) -> Iterator[_Dotlock]:
     """Hold NAME.lock (made with O_EXCL) in the mailbox's directory, as MUAs expect.
 
-    A lock older than `stale_after` is removed, at most `max_breaks` times. Only our own
-    lock (same inode) is removed at the end.
+    A lock older than `stale_after` is removed, and one of ours whose writer is gone at
+    once, at most `max_breaks` times in all. Only our own lock (same inode) is removed
+    at the end, before its flock is let go.
     """
     taker = _Dotlock(dirfd, name, locks)
     _wait_for(taker.try_take, deadline, f"{name} is held by another program")
     try:
-        yield
+        yield taker
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_ino == taker.inode:
-                os.unlink(name, dir_fd=dirfd)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_ino == taker.inode:
+                    os.unlink(name, dir_fd=dirfd)
+        finally:
+            os.close(taker.fd)
 
 
 class _Dotlock:
@@ -100,22 +156,64 @@ class _Dotlock:
         self.locks = locks
         self.breaks = 0
         self.inode = -1
+        self.fd = -1  # our lock, open and flocked while we hold it
+        self.header = 0  # bytes of it before the append record
+        self.unfinished: Unfinished | None = None  # what a dead writer's lock said
 
     def try_take(self) -> bool:
         try:
             fd = os.open(self.name, CREATE, 0o600, dir_fd=self.dirfd)
         except FileExistsError:
-            if self.breaks < self.locks.max_breaks and self._stale():
+            if self.breaks < self.locks.max_breaks and (self._abandoned() or self._stale()):
                 self.breaks += 1
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.name, dir_fd=self.dirfd)
             return False
         try:
-            os.write(fd, f"{os.getpid()}\n".encode())
+            fcntl.flock(fd, fcntl.LOCK_EX)  # before the content that says it is ours
+            header = f"{os.getpid()}\n{_OURS}\n".encode()
+            write_all(fd, header)
             self.inode = os.fstat(fd).st_ino
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(self.name, dir_fd=self.dirfd)  # made by us (O_EXCL) a moment ago
+            os.close(fd)
+            raise
+        self.fd, self.header = fd, len(header)
+        return True
+
+    def announce(self, inode: int, size: int, entry: bytes) -> None:
+        """Say in the lock what is about to be appended, for a writer after us to cut
+        it off should we be killed half-way."""
+        record = Unfinished(inode, size, len(entry), entry[:_HEAD]).line().encode()
+        with contextlib.suppress(OSError):  # a hint for a repair; the append goes on without
+            os.pwrite(self.fd, record, self.header)
+
+    def _abandoned(self) -> bool:
+        """The lock is one of ours (made by this user) whose writer is gone: its flock
+        went with it. What it was appending is kept for `Unfinished.cut`."""
+        try:
+            fd = os.open(self.name, _PEEK, dir_fd=self.dirfd)
+        except OSError:
+            return False
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+                return False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # its writer is alive
+            lines = os.read(fd, 4096).decode("ascii", "replace").split("\n")
+            if len(lines) < 3 or lines[1] != _OURS:
+                return False
+            current = os.stat(self.name, dir_fd=self.dirfd, follow_symlinks=False)
+            if current.st_ino != info.st_ino:
+                return False  # replaced meanwhile
+            self.unfinished = Unfinished.parse(lines[2])
+            return True
         finally:
             os.close(fd)
-        return True
 
     def _stale(self) -> bool:
         try:
@@ -179,13 +277,17 @@ def _check_mbox(fd: int, name: str, owner: int | None) -> None:
         raise UnsafeMailbox(f"{name} belongs to uid {info.st_uid}, not to uid {owner}")
 
 
-def _append(fd: int, entry: bytes) -> None:
-    """Write the entry after a blank line, fsync; on failure cut back to the old size."""
-    size = os.fstat(fd).st_size
+def _append(fd: int, entry: bytes, announce: Callable[[int, int, bytes], None]) -> None:
+    """Write the entry after a blank line, fsync; on failure cut back to the old size.
+    `announce(inode, size, data)` is told first what goes where."""
+    info = os.fstat(fd)
+    size = info.st_size
     tail = os.pread(fd, 2, max(0, size - 2)) if size else b"\n\n"
     gap = b"" if tail == b"\n\n" else b"\n" if tail.endswith(b"\n") else b"\n\n"
+    data = gap + entry
+    announce(info.st_ino, size, data)
     try:
-        write_all(fd, gap + entry)
+        write_all(fd, data)
         os.fsync(fd)
     except BaseException:
         with contextlib.suppress(OSError):

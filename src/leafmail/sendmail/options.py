@@ -19,7 +19,8 @@ usage: sendmail [OPTION ...] [--] [RECIPIENT ...]
   -R        DSN return: full or hdrs;   -V  DSN envelope id
   -bm       read a message from stdin (the default);  -bs  SMTP on stdin/stdout
   -bp       list the queue;  -q  deliver everything queued now
-  -oX, -v, -m, -n, -U, -G, -B TYPE, -h N, -L LABEL, -O OPT, -X FILE: accepted, ignored
+  -oX, -v, -m, -n, -U, -G, -Ac, -Am, -B TYPE, -h N, -L LABEL, -O OPT, -X FILE:
+            accepted, ignored
 
 Config: $LEAFMAIL_CONFIG, else ~/.config/leafmail/leafmail.toml, else
 /etc/leafmail/leafmail.toml; spool: $LEAFMAIL_SPOOL, else the config. A spool of
@@ -29,9 +30,11 @@ the daemon's socket SPOOL/public/submit. Exit codes: 0 ok (the message is queued
 answers: nothing was queued), 78 configuration or an unsafe spool.
 """
 
-_VALUE_OPTIONS = frozenset("fFrbNRVoBhLOXq")  # options that take a value
+_VALUE_OPTIONS = frozenset("fFrbNRVoABhLOXq")  # options that take a value
 _IGNORED_FLAGS = frozenset("vmnUG")  # verbose, metoo, no aliases, initial submission, gw
-_IGNORED_VALUES = frozenset("BhLOX")  # body type, hop count, log label, option, log file
+# body type, hop count, log label, option, log file; -Ac/-Am (sendmail 8.12's choice of
+# submit.cf or sendmail.cf, which PHP's and other callers' command lines still carry)
+_IGNORED_VALUES = frozenset("ABhLOX")
 _MODES = {"m": "deliver", "s": "smtp", "p": "queue"}
 _NOTIFY = frozenset({"SUCCESS", "FAILURE", "DELAY"})
 

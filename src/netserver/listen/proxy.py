@@ -81,13 +81,15 @@ def parse(header: bytes) -> ProxyInfo:
 def _parse_v1(header: bytes) -> ProxyInfo:
     if not header.endswith(b"\r\n") or len(header) > V1_MAX:
         raise ProxyError("v1 header does not end with CRLF within 107 bytes")
+    if header[:-2].split(b" ", 2)[:2] == [b"PROXY", b"UNKNOWN"]:
+        # The spec: the receiver "must ignore anything presented before the CRLF", so
+        # the rest is not even decoded (a non-ASCII octet there refused the connection).
+        return ProxyInfo(1, len(header))
     try:
         line = header[:-2].decode("ascii")
     except UnicodeDecodeError:
         raise ProxyError("v1 header is not ASCII") from None
     fields = line.split(" ")
-    if fields[:2] == ["PROXY", "UNKNOWN"]:
-        return ProxyInfo(1, len(header))  # the rest of the line is to be ignored
     if len(fields) != 6 or fields[0] != "PROXY" or fields[1] not in ("TCP4", "TCP6"):
         raise ProxyError(f"malformed v1 header {line[:60]!r}")
     version = 4 if fields[1] == "TCP4" else 6
@@ -131,6 +133,9 @@ def _parse_v2(header: bytes) -> ProxyInfo:
         return ProxyInfo(2, len(header))
     if command != 1:
         raise ProxyError(f"unknown v2 command {command}")
+    family, transport = header[13] >> 4, header[13] & 0x0F
+    if family > 3 or transport > 2:  # the spec: other values "must be rejected as invalid"
+        raise ProxyError(f"unknown v2 address family and protocol 0x{header[13]:02x}")
     size = _V2_ADDRESS_SIZE.get(header[13])
     if size is None:  # UNSPEC, UNIX, DGRAM: no TCP/IP client to report; TLVs skipped
         return ProxyInfo(2, len(header))
@@ -184,11 +189,13 @@ async def _read_header(sock: socket.socket) -> ProxyInfo:
         if not peek:
             raise ProxyError("connection closed inside the PROXY header")
         total = header_length(buf + peek)
-        # Without the whole header yet, every byte peeked is header: take it all, so the
-        # next wait is for new bytes (peeking alone would spin on a readable socket).
-        buf += _recv_exactly(sock, total - len(buf) if total else len(peek))
-        if total:
+        if total and total <= len(buf) + len(peek):
+            buf += _recv_exactly(sock, total - len(buf))
             return parse(buf)
+        # Without the whole header yet (no CRLF of a v1 line, or fewer bytes than a v2
+        # header's length field says), every byte peeked is header: take it all, so the
+        # next wait is for new bytes (peeking alone would spin on a readable socket).
+        buf += _recv_exactly(sock, len(peek))
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
