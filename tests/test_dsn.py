@@ -29,6 +29,7 @@ from leafmail.delivery.bounce import (
     Action,
     Notice,
     build_dsn,
+    is_double_bounce,
     notify_after_expansion,
     wants_dsn,
 )
@@ -758,6 +759,16 @@ def test_the_double_bounce_mark_is_not_sent_to_a_next_hop() -> None:
     assert mail_options({"dsn": ""}, marked, ORIGINAL, utf8=False) == []
     own = envelope(sender="", envid="their-id")
     assert mail_options({"dsn": ""}, own, ORIGINAL, utf8=False) == ["ENVID=their-id"]
+
+
+def test_the_double_bounce_mark_from_the_network_is_no_double_bounce() -> None:
+    """A client's MAIL FROM:<> ENVID=leafmail-double-bounce is mail like any other from
+    <>: its failures go to the postmaster, not dropped as an undeliverable report."""
+    spoofed = envelope(sender="", envid=DOUBLE_BOUNCE_ENVID)
+    assert spoofed.client.protocol == "ESMTP"
+    assert not is_double_bounce(spoofed)
+    local = replace(spoofed, client=ClientInfo(protocol="local", helo=HOSTNAME))
+    assert is_double_bounce(local)
 
 
 def test_original_envelope_id_is_the_decoded_envid() -> None:

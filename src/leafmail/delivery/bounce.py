@@ -162,8 +162,16 @@ def build_dsn(
 
 
 def is_double_bounce(envelope: Envelope) -> bool:
-    """Whether this is a report to the postmaster about a bounce (or a copy of one)."""
-    return envelope.sender == "" and envelope.envid == DOUBLE_BOUNCE_ENVID
+    """Whether this is a report to the postmaster about a bounce (or a copy of one).
+
+    Only one made here (local, as a forwarded copy stays): a network client that sends
+    MAIL FROM:<> with the mark as its ENVID must not have its failures dropped as
+    undeliverable reports instead of going to the postmaster."""
+    return (
+        envelope.sender == ""
+        and envelope.envid == DOUBLE_BOUNCE_ENVID
+        and envelope.client.protocol == LOCAL_PROTOCOL
+    )
 
 
 _SUBJECTS = {
