@@ -130,12 +130,16 @@ class Unrecorded:
 
     def take(self, qid: str, status: MessageStatus) -> dict[int, Result]:
         """The results to carry into this attempt: those of recipients still open."""
-        carried = self.results.pop(qid, {})
+        carried = self.results.pop(qid, None)
+        if not carried:  # (the common case: every attempt asks)
+            return {}
         return {i: r for i, r in carried.items() if not status.recipients[i].state.final}
 
     def take_marks(self, qid: str, status: MessageStatus) -> dict[int, Marks]:
         """The alias marks to carry into this attempt: those of recipients still open."""
-        carried = self.marks.pop(qid, {})
+        carried = self.marks.pop(qid, None)
+        if not carried:
+            return {}
         return {i: m for i, m in carried.items() if not status.recipients[i].state.final}
 
     def recorded(self, qid: str) -> None:
@@ -269,7 +273,7 @@ async def attempt(
         if unrecorded is not None:
             carried = unrecorded.take(qid, status)
             expansions.carry(unrecorded.take_marks(qid, status))
-        open_rcpts = [i for i in status.open if i not in carried]
+        open_rcpts = [i for i in status.open if i not in carried] if carried else status.open
         if open_rcpts and agent is None and not policy.expired(status.arrival, now):
             if unrecorded is not None:  # still to be recorded
                 if carried:

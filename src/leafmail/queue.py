@@ -105,9 +105,10 @@ class QueueRunner:
     # -- what is due --------------------------------------------------------------------
     def due(self, now: float, *, force: bool = False) -> list[str]:
         """New messages first (oldest first), then deferred ones whose time has come."""
-        ready = [
-            q for q in self.spool.ids(QueueState.QUEUE) if force or self._when(q, 0.0, now) <= now
-        ]
+        ready = self.spool.ids(QueueState.QUEUE)
+        waiting = self.unrecorded.retry_at
+        if waiting and not force:  # (only an attempt that was not recorded makes one wait)
+            ready = [q for q in ready if q not in waiting or self._when(q, 0.0, now) <= now]
         for qid in self.spool.ids(QueueState.DEFERRED):
             if force or self._when(qid, self.next_attempt(qid), now) <= now:
                 ready.append(qid)
@@ -126,7 +127,9 @@ class QueueRunner:
         deferred = self.spool.ids(QueueState.DEFERRED)
         times = [self._when(qid, self.next_attempt(qid), now) for qid in deferred]
         waiting = self.unrecorded.retry_at
-        times += [self._when(q, 0.0, now) for q in self.spool.ids(QueueState.QUEUE) if q in waiting]
+        if waiting:  # a new message waits only after an attempt that was not recorded
+            queued = self.spool.ids(QueueState.QUEUE)
+            times += [self._when(q, 0.0, now) for q in queued if q in waiting]
         soonest = min(times, default=now + SCAN_INTERVAL)
         if self._resting(now):
             soonest = max(soonest, self.link_down_until)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -99,15 +100,19 @@ async def transaction(
     while True:
         reusable, crowded = await one_transaction(job, pending, results, reused=reused)
         reused = True
-        delivered = any(i in results and results[i].outcome is Outcome.DELIVERED for i in pending)
-        if not (crowded and delivered and reusable):
+        if not (crowded and reusable and _delivered_any(pending, results)):
             return reusable
         for i in crowded:
             del results[i]
         pending = crowded
 
 
-@dataclass(frozen=True)
+def _delivered_any(rcpts: Sequence[int], results: dict[int, Result]) -> bool:
+    """Whether a recipient of `rcpts` was delivered (so a further transaction may follow)."""
+    return any(i in results and results[i].outcome is Outcome.DELIVERED for i in rcpts)
+
+
+@dataclass(slots=True)  # (not frozen: its __init__ would set each field through object)
 class Outgoing:
     """What every transaction of one attempt shares: the connection and the message."""
 
@@ -131,11 +136,11 @@ async def one_transaction(
     """
     conn, envelope, data, remote = job.conn, job.envelope, job.data, job.remote
     offered = conn.engine.extensions  # from EHLO: keyword (lower case) -> parameters
-    refusal = cannot_carry(offered, envelope, data, remote)
+    utf8 = sends_smtputf8(envelope, data)
+    refusal = cannot_carry(offered, envelope, data, remote, utf8=utf8)
     if refusal is not None:
         results.update(all_results(rcpts, refusal))
         return True, []
-    utf8 = sends_smtputf8(envelope, data)
     encoding = "utf-8" if utf8 else "ascii"
     dsn = "dsn" in offered
     options = mail_options(offered, envelope, data, utf8=utf8)
@@ -155,10 +160,11 @@ async def one_transaction(
     while not exchange.finished:
         progress = exchange.receive(await conn.reply())
         answered, position = progress.answered, progress.position
-        if reused and answered.awaited is _MAIL and spent_session(answered.reply):
+        negative = answered.reply.code >= 400  # (the checks below only for a refusal)
+        if negative and reused and answered.awaited is _MAIL and spent_session(answered.reply):
             raise SessionSpent(f"{remote} ended this session's mail: {describe(answered.reply)}")
         record(exchange, answered, position, rcpts, results, remote, handoff)
-        if position is not None and crowding(exchange, answered):
+        if negative and position is not None and crowding(exchange, answered):
             crowded.append(rcpts[position])
         if progress.send:
             conn.send(progress.send)
@@ -299,16 +305,16 @@ async def reset(conn: ClientLink) -> bool:
 
 
 def cannot_carry(
-    offered: Mapping[str, str], envelope: Envelope, data: bytes, remote: str
+    offered: Mapping[str, str], envelope: Envelope, data: bytes, remote: str, *, utf8: bool
 ) -> Result | None:
     """A permanent failure when the next hop lacks an extension this message needs.
 
     Nothing is ever downgraded silently: an internationalized message to a server
     without SMTPUTF8 bounces 5.6.7 (RFC 6531 3.2), 8-bit content to a server without
     8BITMIME bounces 5.6.3 (RFC 6152 3 allows only conversion or a bounce), and a
-    message over the server's declared SIZE bounces 5.3.4 (RFC 1870).
+    message over the server's declared SIZE bounces 5.3.4 (RFC 1870). `utf8`: whether
+    the transaction needs SMTPUTF8 (`sends_smtputf8`, which the caller has at hand).
     """
-    utf8 = sends_smtputf8(envelope, data)
     if utf8 and "smtputf8" not in offered:
         return Result.failed(
             "5.6.7", f"{remote} does not support SMTPUTF8, which this message needs", remote
@@ -399,8 +405,13 @@ def needs_smtputf8(envelope: Envelope, data: bytes) -> bool:
 
 
 def has_utf8_address(envelope: Envelope) -> bool:
-    addresses = [envelope.sender, *(r.address for r in envelope.recipients)]
-    return not all(a.isascii() for a in addresses)
+    """Whether the sender or a recipient is not ASCII (tested in C: this runs for every
+    message)."""
+    addresses = map(_ADDRESS, envelope.recipients)
+    return not (envelope.sender.isascii() and all(map(str.isascii, addresses)))
+
+
+_ADDRESS = operator.attrgetter("address")
 
 
 def has_8bit(data: bytes) -> bool:
