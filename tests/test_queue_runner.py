@@ -27,7 +27,7 @@ from smarthost import Greeter, Smarthost
 from leafmail import tools
 from leafmail.delivery.smarthost import SmarthostAgent, SmarthostSettings
 from leafmail.envelope import ClientInfo, Envelope, Recipient
-from leafmail.message import Attempt, AttemptOutcome
+from leafmail.message import Attempt, AttemptOutcome, Unrecorded
 from leafmail.queue import SCAN_INTERVAL, PassSummary, QueueRunner
 from leafmail.retry import RetryPolicy
 from leafmail.spool import Spool, arrival_time
@@ -882,3 +882,15 @@ def test_a_message_that_cannot_be_read_is_not_retried_at_once(
     sink.behaviour.rcpt_replies.clear()
     clock.advance(POLICY.initial)
     assert counts(run(runner)) == {"delivered": 1}
+
+
+def test_unrecorded_memory_forgets_the_oldest_past_its_limit() -> None:
+    """Past its limit the runner's memory of unrecorded attempts forgets the message
+    remembered longest ago; one that fails again counts as the newest."""
+    memo = Unrecorded(limit=3)
+    for qid in ("a", "b", "c"):
+        memo.wait(qid, 1.0)
+    memo.wait("a", 2.0)  # a again: now the newest
+    memo.wait("d", 3.0)
+    assert list(memo.retry_at) == ["c", "a", "d"]
+    assert memo.retry_at["a"] == 2.0

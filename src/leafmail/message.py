@@ -31,9 +31,11 @@ import asyncio
 import contextlib
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import Any
 
 from .config import format_duration
 from .delivery import Agent, Handoff, LinkDown, Outcome, Result
@@ -92,9 +94,10 @@ class Unrecorded:
     """
 
     limit: int = 10_000  # messages remembered; past it the oldest is forgotten (a copy more)
-    results: dict[str, dict[int, Result]] = field(default_factory=dict)
-    marks: dict[str, dict[int, Marks]] = field(default_factory=dict)
-    retry_at: dict[str, float] = field(default_factory=dict)
+    # Ordered dicts: the oldest entry goes in O(1) (`_forget_oldest`).
+    results: OrderedDict[str, dict[int, Result]] = field(default_factory=OrderedDict)
+    marks: OrderedDict[str, dict[int, Marks]] = field(default_factory=OrderedDict)
+    retry_at: OrderedDict[str, float] = field(default_factory=OrderedDict)
 
     def keep(
         self,
@@ -117,16 +120,14 @@ class Unrecorded:
         self.marks.pop(qid, None)
         if kept := {i: ms for i, ms in kept.items() if ms}:
             self.marks[qid] = kept
-        while len(self.marks) > self.limit:
-            del self.marks[next(iter(self.marks))]
+        _forget_oldest(self.marks, self.limit)
 
     def wait(self, qid: str, retry_at: float) -> None:
         """`qid` is not due again before `retry_at` (an attempt of it failed)."""
         self.retry_at.pop(qid, None)
         self.retry_at[qid] = retry_at
-        for memo in (self.results, self.retry_at):
-            while len(memo) > self.limit:
-                del memo[next(iter(memo))]
+        _forget_oldest(self.results, self.limit)
+        _forget_oldest(self.retry_at, self.limit)
 
     def take(self, qid: str, status: MessageStatus) -> dict[int, Result]:
         """The results to carry into this attempt: those of recipients still open."""
@@ -147,6 +148,15 @@ class Unrecorded:
         self.results.pop(qid, None)
         self.marks.pop(qid, None)
         self.retry_at.pop(qid, None)
+
+
+def _forget_oldest(memo: OrderedDict[str, Any], limit: int) -> None:
+    """Drop the oldest entries of `memo` past `limit`. (With a plain dict, finding the
+    first key scans past the slots of every key deleted before it, until the dict is
+    rebuilt: at the limit each new entry cost a scan of up to `limit` slots, so a pass
+    over a large queue on a full disk was quadratic.)"""
+    while len(memo) > limit:
+        memo.popitem(last=False)
 
 
 class UnknownMessage(KeyError):
