@@ -336,11 +336,16 @@ def hang_up(client: RawSMTP, how: str) -> None:
 
 
 def session_line(server: Leafmail, port: int) -> str:
-    """The log line of the session from client port `port`, once it is written."""
+    """The log line of the session from client port `port`, once it is written whole
+    (up to its newline: a read may catch a write half done)."""
     mark = f" peer=127.0.0.1:{port} "
-    assert wait_until(lambda: mark in server.log()), server.log()
-    [line] = [line for line in server.log().splitlines() if mark in line]
-    return line
+
+    def lines() -> list[str]:
+        return [line for line in server.log().splitlines(keepends=True) if mark in line]
+
+    assert wait_until(lambda: any(line.endswith("\n") for line in lines())), server.log()
+    [line] = lines()
+    return line.rstrip("\n")
 
 
 HANG_UPS = ["close", "unwrap", "rst"]
