@@ -186,15 +186,7 @@ class ReceiveSession(Callbacks):
         assert proto is not None and tls is not None and conn.transport is not None
         self._flush()
         self.held = None
-        loop = asyncio.get_running_loop()
-        try:
-            transport = await loop.start_tls(conn.transport, conn, tls, server_side=True)
-            if transport is None:  # the connection was lost in the handshake
-                raise ConnectionResetError("connection closed during the TLS handshake")
-        except BaseException as exc:
-            conn.tls_failed(exc)
-            raise
-        conn.transport = transport
+        await conn.tls_handshake(tls)
         proto.tls_started()
         self.facts.reset_for_tls()
 

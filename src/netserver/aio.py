@@ -273,7 +273,7 @@ class AsyncConnection(LoopConnection):
         return self.keep_open_after_eof()  # the handler may still answer
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._lost:  # already ended by `_tls_failed`; the loop's own call comes late
+        if self._lost:  # already ended by `tls_failed`; the loop's own call comes late
             return
         super().connection_lost(exc)
         if exc is not None:
@@ -753,28 +753,7 @@ class AsyncConnection(LoopConnection):
         self._flush()  # the reply that agreed to TLS goes out in plaintext, first
         self._buf = b""
         self._lines = None
-        loop = self._loop
-        try:
-            transport = await loop.start_tls(
-                self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
-            )
-            if transport is None:  # the connection was lost in the handshake
-                raise ConnectionResetError("connection closed during the TLS handshake")
-        except BaseException as exc:
-            self._tls_failed(exc)
-            raise
-        self.transport = transport
-
-    def _tls_failed(self, exc: BaseException) -> None:
-        """End the connection once a handshake failed and took the transport with it.
-
-        The loop's TLS protocol (asyncio's and uvloop's) passes `connection_lost` on only
-        if the handshake was over: after a client's reset in the middle of it, `close`
-        waited for an end that never came (as leafmail's sessions did: see
-        `CallbackConnection.tls_failed`)."""
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            self.connection_lost(exc if isinstance(exc, Exception) else None)
+        await self.tls_handshake(context, timeout)
 
     async def close(self) -> None:
         """Send what is queued, close, and wait until the transport is gone."""

@@ -135,18 +135,10 @@ class CallbackConnection(LoopConnection):
         self._fail(exc)
 
     def tls_failed(self, exc: BaseException) -> None:
-        """A STARTTLS handshake failed: end the connection here, whatever the loop does.
-
-        Once `loop.start_tls` has raised (or returned None: the connection was lost),
-        the transport under it is closed or closing, but the loop's TLS protocol
-        (asyncio's and uvloop's) passes `connection_lost` on only if the handshake was
-        over: a client that resets the connection in the middle of it (sslscan does,
-        probing protocol versions) was never reported ended, and stayed counted in the
-        server's limits for good."""
+        """A STARTTLS handshake failed: the error is kept for the mode to log (`_fail`),
+        and the connection ends here, whatever the loop does (`LoopConnection`)."""
         self._fail(exc)
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            self.connection_lost(exc if isinstance(exc, Exception) else None)
+        super().tls_failed(exc)
 
     def _fail(self, exc: BaseException) -> None:
         """A callback raised: keep the first error for the mode to log, drop the connection."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import weakref
 from typing import Any, cast
 
@@ -92,6 +93,35 @@ class LoopConnection(asyncio.Protocol):
         if self._idle is not None:
             self._idle.conns.discard(self)
             self._idle = None
+
+    async def tls_handshake(self, context: ssl.SSLContext, timeout: float | None = None) -> None:
+        """Become the TLS server on this connection (STARTTLS), within `timeout` seconds
+        (None: the loop's default); ConnectionResetError if the connection goes first."""
+        if self.transport is None:
+            raise ConnectionResetError("connection closed")
+        try:
+            transport = await self._loop.start_tls(
+                self.transport, self, context, server_side=True, ssl_handshake_timeout=timeout
+            )
+            if transport is None:  # the connection was lost in the handshake
+                raise ConnectionResetError("connection closed during the TLS handshake")
+        except BaseException as exc:
+            self.tls_failed(exc)
+            raise
+        self.transport = transport
+
+    def tls_failed(self, exc: BaseException) -> None:
+        """A handshake failed: end the connection here if it took the transport with it.
+
+        The loop's TLS protocol (asyncio's and uvloop's) passes `connection_lost` on only
+        if the handshake was over: a client that resets the connection in the middle of
+        it (sslscan does, probing protocol versions) was never reported ended, so it
+        stayed counted in the server's limits and `close` waited for ever. Subclasses
+        whose `connection_lost` does more return at once from a second call (`_lost`).
+        """
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self.connection_lost(exc if isinstance(exc, Exception) else None)
 
     def _check_idle(self, now: float) -> None:
         """Called by the sweep every timeout/4: abort if nothing moved for `timeout`."""
